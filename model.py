@@ -1,0 +1,386 @@
+"""Every method of the paper as a prompt encoder in front of a frozen Hugging Face T5.
+
+A prompt method builds a matrix P' (n, d) from its trainable parameters; `PromptedT5.embed`
+prepends it to T5's encoder input embeddings and extends the attention mask with n ones.
+Nothing else in T5 changes (relative position buckets: no positions to shift). `ft` has no
+prompt and trains all of T5. After training only P' is needed: `save_folded_prompt` stores it.
+
+    python model.py --count                       # the paper's Param column, all sizes
+    python model.py --count --configs DIR         # from local t5-small/base/large config folders
+    python model.py --make-tiny smoke/tiny-t5     # random tiny T5 + offline tokenizer (tests, SMOKE)
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
+ENCODERS = ("mlp", "lstm")
+ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+INITS = ("uniform", "vocab", "label")
+DEFAULTS = {  # paper's main setting (REFERENCE §1)
+    "prompt_length": 10,
+    "hidden_size": {"resprompt": 400, "ept": 1, "ept_star": 1},
+    "broadcast": {"ept": 1, "ept_star": 10},
+}
+
+
+def _check(name, value, valid):
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def init_prompt(rows, d_model, init="uniform", embedding=None, label_ids=None, generator=None):
+    """Initial prompt table (rows, d): Appendix B.4 / Table 6."""
+    _check("init", init, INITS)
+    if init == "uniform":  # U[-0.5, 0.5], Lester et al. 2021
+        return torch.rand(rows, d_model, generator=generator) - 0.5
+    if embedding is None:
+        raise ValueError(f"init {init!r} needs the frozen embedding matrix")
+    embedding = embedding.detach().float().cpu()
+    if init == "vocab":  # rows of the embedding matrix at random token ids
+        ids = torch.randint(0, embedding.size(0), (rows,), generator=generator)
+        return embedding[ids].clone()
+    if not label_ids:
+        raise ValueError("init 'label' needs the task's label token ids")
+    label_rows = embedding[torch.tensor(label_ids)]  # (k, d)
+    if rows == 1:  # EPT's single vector: the mean of the label words
+        return label_rows.mean(0, keepdim=True)
+    return label_rows[torch.arange(rows) % len(label_ids)].clone()  # cycle the label words
+
+
+class PromptTuning(nn.Module):
+    """Lester et al. 2021: the prompt table itself, P' = P."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.prompt = nn.Parameter(table)  # (n, d)
+
+    def forward(self):
+        return self.prompt
+
+
+class PTuning(nn.Module):
+    """Liu et al. 2021 as in HF PEFT: P' = MLP(P) per token, or an LSTM-then-MLP head."""
+
+    def __init__(self, table, encoder="mlp"):
+        super().__init__()
+        d = table.size(1)
+        self.prompt = nn.Parameter(table)  # (n, d)
+        self.encoder = encoder
+        if encoder == "mlp":  # PEFT default: 3 Linear layers with bias, ReLU between
+            self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        else:  # PEFT LSTM variant: 2-layer biLSTM (hidden d), then Linear(2d,2d) -> ReLU -> Linear(2d,d)
+            self.lstm = nn.LSTM(d, d, num_layers=2, bidirectional=True, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
+
+    def forward(self):
+        if self.encoder == "mlp":
+            return self.mlp(self.prompt)
+        return self.mlp(self.lstm(self.prompt.unsqueeze(0))[0].squeeze(0))  # (n, 2d) -> (n, d)
+
+
+class ResPrompt(nn.Module):
+    """Razdaibiedina et al. 2023: one shared bottleneck MLP f, applied twice (tied), one skip."""
+
+    def __init__(self, table, hidden_size=400):
+        super().__init__()
+        d = table.size(1)
+        self.prompt = nn.Parameter(table)  # (n, d)
+        self.down = nn.Linear(d, hidden_size)
+        self.up = nn.Linear(hidden_size, d)
+        self.norm = nn.LayerNorm(d)
+
+    def f(self, x):
+        return self.norm(self.up(torch.relu(self.down(x))))
+
+    def forward(self):
+        return self.f(self.f(self.prompt)) + self.prompt  # P' = f(f(P)) + P
+
+
+class EPTBlock(nn.Module):
+    """One bias-free down-up map d -> h -> d, with the Figure 9 ablation switches."""
+
+    def __init__(self, d_model, hidden_size=1, layer_norm=False, residual=False, activation="none"):
+        super().__init__()
+        self.down = nn.Linear(d_model, hidden_size, bias=False)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(hidden_size, d_model, bias=False)
+        self.norm = nn.LayerNorm(d_model) if layer_norm else nn.Identity()
+        self.residual = residual
+
+    def forward(self, x):
+        y = self.norm(self.up(self.act(self.down(x))))
+        return y + x if self.residual else y
+
+
+class EPT(nn.Module):
+    """This paper: one vector P1 (1, d) through `depth` down-up blocks, broadcast n times.
+
+    `ept` uses n = 1; `ept_star` (EPT*) repeats the same row n = 10 times (Figure 7).
+    """
+
+    def __init__(self, vector, hidden_size=1, broadcast=1, depth=1, **switches):
+        super().__init__()
+        d = vector.size(1)
+        self.prompt = nn.Parameter(vector)  # (1, d)
+        self.blocks = nn.Sequential(*[EPTBlock(d, hidden_size, **switches) for _ in range(depth)])
+        self.broadcast = broadcast
+
+    def forward(self):
+        return self.blocks(self.prompt).expand(self.broadcast, -1)  # (1, d) -> (n, d)
+
+
+class FoldedPrompt(nn.Module):
+    """A fixed P' (n, d): what inference uses once the reparameterization is discarded."""
+
+    def __init__(self, prompt):
+        super().__init__()
+        self.register_buffer("folded", prompt.detach().clone())
+
+    def forward(self):
+        return self.folded
+
+
+def build_prompt_encoder(method, d_model, *, prompt_length=None, encoder="mlp", hidden_size=None,
+                         broadcast=None, layer_norm=False, residual=False, activation="none", depth=1,
+                         init="uniform", embedding=None, label_ids=None, generator=None):
+    """The trainable prompt module of `method`; None for full fine-tuning."""
+    _check("method", method, METHODS)
+    _check("encoder", encoder, ENCODERS)
+    _check("activation", activation, ACTIVATIONS)
+    if method == "ft":
+        return None
+    n = prompt_length or DEFAULTS["prompt_length"]
+    h = hidden_size or DEFAULTS["hidden_size"].get(method)
+    if method in ("ept", "ept_star"):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        vector = init_prompt(1, d_model, init, embedding, label_ids, generator)
+        return EPT(vector, h, broadcast or DEFAULTS["broadcast"][method], depth,
+                   layer_norm=layer_norm, residual=residual, activation=activation)
+    table = init_prompt(n, d_model, init, embedding, label_ids, generator)
+    if method == "pt":
+        return PromptTuning(table)
+    if method == "ptuning":
+        return PTuning(table, encoder)
+    return ResPrompt(table, h)
+
+
+class PromptedT5(nn.Module):
+    """A T5 whose encoder input is [P'; embed(input_ids)]; frozen unless there is no prompt."""
+
+    def __init__(self, t5, prompt_encoder=None):
+        super().__init__()
+        self.t5 = t5
+        self.prompt_encoder = prompt_encoder
+        t5.requires_grad_(prompt_encoder is None)  # `ft` trains T5; prompt methods freeze it
+
+    def prompt(self):
+        return None if self.prompt_encoder is None else self.prompt_encoder()  # (n, d)
+
+    def embed(self, input_ids, attention_mask, prompt=None):
+        """Encoder inputs: prompt rows first, mask extended with ones. The one place P' enters."""
+        x = self.t5.get_input_embeddings()(input_ids)  # (B, L, d)
+        p = self.prompt() if prompt is None else prompt
+        if p is None:
+            return x, attention_mask
+        b = input_ids.size(0)
+        p = p.to(x.dtype).unsqueeze(0).expand(b, -1, -1)  # (B, n, d); trainable params stay fp32
+        mask = torch.cat([attention_mask.new_ones(b, p.size(1)), attention_mask], dim=1)
+        return torch.cat([p, x], dim=1), mask
+
+    def forward(self, input_ids, attention_mask, labels=None, **kwargs):
+        inputs_embeds, mask = self.embed(input_ids, attention_mask)
+        return self.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, **kwargs):
+        inputs_embeds, mask = self.embed(input_ids, attention_mask)
+        return self.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
+
+    def trainable_state_dict(self):
+        """What a checkpoint needs: the prompt encoder, or all of T5 for `ft`."""
+        module = self.t5 if self.prompt_encoder is None else self.prompt_encoder
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def load_trainable_state_dict(self, state):
+        module = self.t5 if self.prompt_encoder is None else self.prompt_encoder
+        module.load_state_dict(state)
+
+
+def count_trainable(module):
+    """Trainable parameters, each shared tensor once (T5's tied embedding counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters() if p.requires_grad}.values())
+
+
+def save_folded_prompt(path, prompt, meta=None):
+    """P' alone (n, d) fp32 + plain metadata, written atomically; loads with weights_only=True."""
+    tmp = f"{path}.tmp"
+    torch.save({"prompt": prompt.detach().float().cpu().contiguous(), "meta": dict(meta or {})}, tmp)
+    os.replace(tmp, path)
+
+
+def load_folded_prompt(path):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["prompt"], state["meta"]
+
+
+# --- loading T5 and its tokenizer: Hub names or local folders -------------------------------------
+
+def _offline_error(what, name, err):
+    return SystemExit(f"model: could not load the {what} {name!r} (the Hugging Face Hub is unreachable "
+                      f"or the name is wrong); pass a local folder instead. ({type(err).__name__})")
+
+
+def load_t5(name_or_dir, random_init=False, seed=0):
+    """T5ForConditionalGeneration from the Hub or a folder; `random_init` builds it from the config."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    try:
+        if random_init:
+            config = T5Config.from_pretrained(name_or_dir)
+            torch.manual_seed(seed)  # random weights are reproducible
+            return T5ForConditionalGeneration(config)
+        return T5ForConditionalGeneration.from_pretrained(name_or_dir)
+    except OSError as err:
+        folder = Path(name_or_dir)
+        if folder.is_dir() and (folder / "config.json").exists() and not random_init:
+            raise SystemExit(f"model: {name_or_dir} has a config but no weights; "
+                             "pass --random-init to build random weights from it (tests, speed only)")
+        raise _offline_error("model", name_or_dir, err)
+
+
+def load_tokenizer(name_or_dir):
+    """The T5 tokenizer; a config-only folder falls back to a tokenizer in its parent folder."""
+    from transformers import AutoTokenizer
+    candidates = [name_or_dir]
+    if Path(name_or_dir).is_dir():
+        candidates.append(str(Path(name_or_dir).parent))
+    for candidate in candidates:
+        try:
+            tok = AutoTokenizer.from_pretrained(candidate)
+        except (OSError, ValueError, TypeError) as err:
+            last = err
+            continue
+        for role, token in (("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
+            if getattr(tok, role) is None:  # a bare tokenizer.json names no special tokens; T5's are fixed
+                setattr(tok, role, token)
+        return tok
+    raise _offline_error("tokenizer", name_or_dir, last)
+
+
+# --- a tiny random T5 for tests and the SMOKE recipe ----------------------------------------------
+
+TINY = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
+            relative_attention_num_buckets=8, relative_attention_max_distance=32)
+
+
+def offline_tokenizer(corpus, vocab_size=600):
+    """A T5-style unigram tokenizer trained offline on `corpus` (pad 0, eos 1, unk 2, appends </s>)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", shrinking_factor=0.75)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _fixture_corpus(root):
+    """Every text field of the fixture files: enough to train a small vocabulary."""
+    lines = []
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file() and path.suffix in (".jsonl", ".tsv", ".txt", ".csv", ".json"):
+            lines += path.read_text(encoding="utf-8", errors="ignore").splitlines()
+    return lines + [str(i) for i in range(10)] + ["0.0 0.2 0.4 0.6 0.8 1.0 2.0 3.0 4.0 5.0"]
+
+
+def make_tiny(out_dir, tokenizer=None, corpus_dir=None, seed=0, **overrides):
+    """Save a random-weight tiny T5 and a tokenizer in `out_dir` (a folder load_t5 can read)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    else:
+        corpus_dir = corpus_dir or Path(__file__).resolve().parent / "tests" / "fixtures" / "raw"
+        tok = offline_tokenizer(_fixture_corpus(corpus_dir))
+    config = T5Config(vocab_size=len(tok), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                      dropout_rate=0.1, **{**TINY, **overrides})
+    torch.manual_seed(seed)
+    t5 = T5ForConditionalGeneration(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t5.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# --- the paper's Param column ----------------------------------------------------------------------
+
+# The real configs' dimensions, for when neither a config folder nor the Hub is at hand.
+SIZES = {"t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8),
+         "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12),
+         "t5-large": dict(d_model=1024, d_ff=4096, num_layers=24, num_heads=16)}
+VARIANTS = [("ft", {}), ("ptuning", {}), ("ptuning", {"encoder": "lstm"}), ("resprompt", {}),
+            ("pt", {}), ("ept", {}), ("ept_star", {})]
+
+
+def variant_label(method, options):
+    return method + ("-lstm" if options.get("encoder") == "lstm" else "")
+
+
+def size_config(size, configs_dir=None):
+    """The config of t5-small/base/large: a local folder, else T5Config with the same dimensions."""
+    from transformers import T5Config
+    folder = Path(configs_dir or "") / size
+    if configs_dir and (folder / "config.json").exists():
+        return T5Config.from_pretrained(folder)
+    return T5Config(vocab_size=32128, d_kv=64, **SIZES[size])
+
+
+def parameter_table(configs_dir=None):
+    """{size: {method label: trainable parameters}}; models are built on the meta device (no memory)."""
+    from transformers import T5ForConditionalGeneration
+    table = {}
+    for size in SIZES:
+        config = size_config(size, configs_dir)
+        with torch.device("meta"):
+            table[size] = {variant_label(m, o): count_trainable(
+                PromptedT5(T5ForConditionalGeneration(config), build_prompt_encoder(m, config.d_model, **o)))
+                for m, o in VARIANTS}
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", action="store_true", help="print the trainable-parameter table")
+    parser.add_argument("--configs", default=None,
+                        help="folder with t5-small/, t5-base/, t5-large/ config folders "
+                             "(default: the real configs' dimensions)")
+    parser.add_argument("--make-tiny", metavar="DIR", help="write a random-weight tiny T5 + tokenizer to DIR")
+    parser.add_argument("--tokenizer", default=None,
+                        help="with --make-tiny: copy this tokenizer (default: train one offline on fixtures)")
+    args = parser.parse_args(argv)
+    if args.make_tiny:
+        print(f"wrote {make_tiny(args.make_tiny, tokenizer=args.tokenizer)}")
+    if args.count:
+        table = parameter_table(args.configs)
+        print(f"{'method':<14}" + "".join(f"{s:>14}" for s in table))
+        for label in [variant_label(m, o) for m, o in VARIANTS]:
+            print(f"{label:<14}" + "".join(f"{table[s][label]:>14,}" for s in table))
+        print(json.dumps(table))
+    if not (args.count or args.make_tiny):
+        parser.print_help(sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Shared test fixtures: the offline material beside the repo and a tiny random T5.
+
+    python -m pytest -q tests          # the whole default suite, offline, CPU
+"""
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"  # ../shared beside the checkout (CI lays a copy there)
+sys.path.insert(0, str(REPO))
+
+import model  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it)")
+    config.addinivalue_line("markers", "slow: longer integration test")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    """../shared, or None when this checkout has none beside it."""
+    return SHARED if SHARED.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(shared_dir):
+    """The real T5 tokenizer folder, or None."""
+    path = SHARED / "data" / "t5"
+    return path if (path / "tokenizer.json").exists() else None
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """A random-weight tiny T5 + tokenizer (the real one when present, else trained offline)."""
+    out = tmp_path_factory.mktemp("tiny-t5")
+    return model.make_tiny(out, tokenizer=str(tokenizer_dir) if tokenizer_dir else None)
