@@ -240,6 +240,8 @@ def _offline_error(what, name, err):
 def load_t5(name_or_dir, random_init=False, seed=0):
     """T5ForConditionalGeneration from the Hub or a folder; `random_init` builds it from the config."""
     from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # one bar per shard is noise in every log
     try:
         if random_init:
             config = T5Config.from_pretrained(name_or_dir)
