@@ -1,0 +1,460 @@
+"""Evaluate a trained run: every metric of the paper, greedy decoding or rank classification.
+
+Reads a run folder written by train.py (config.json, prompt.pt / best.pt / last.pt) and the
+task's data folder written by prepare_data.py (<split>.jsonl, meta.json). Rebuilds T5, the
+tokenizer and P' from config.json alone (a flag that overrides it is announced on stdout), and
+uses only the folded prompt P' (no reparameterization network at inference). Writes
+RUN_DIR/eval/<task>_<split>.metrics.json and .predictions.jsonl (atomically) and prints the metrics.
+
+    python evaluate.py runs/rte_ept_t5-base_s0                           # test split, best checkpoint
+    python evaluate.py runs/rte_ept_t5-base_s0 --split validation --mode rank
+    python evaluate.py runs/rte_ept_t5-base_s0 --task cb                 # zero-shot transfer (Figure 10)
+    python evaluate.py runs/rte_ept_t5-base_s0 --input new.jsonl --output preds.jsonl   # new inputs
+
+train.py imports the metric functions and `predict` / `rank_classify` from here for validation.
+Drivers call `evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None)`.
+"""
+import argparse
+import collections
+import json
+import math
+import os
+import re
+import string
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import model as M
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("run_dir", help="a run folder written by train.py")
+# data
+parser.add_argument("--split", default="test", choices=("test", "validation", "train"), help="which split to score")
+parser.add_argument("--task", default=None, help="evaluate on another task (zero-shot transfer); default: the run's")
+parser.add_argument("--data-dir", default=None, help="data folder (default: the run's config.json data_dir)")
+parser.add_argument("--max-examples", type=int, default=None, help="score only the first N examples (default: all)")
+# model
+parser.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint's prompt to use")
+# evaluation
+parser.add_argument("--mode", default="generate", choices=("generate", "rank"),
+                    help="greedy generation, or rank classification over the label set (never invalid)")
+parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
+# new inputs
+parser.add_argument("--input", default=None, help="jsonl with a 'source' field, or .txt with one input per line")
+parser.add_argument("--output", default=None, help="with --input: where the predictions go (jsonl)")
+
+
+# --- metrics (scores in [0, 100], as the paper prints them) ---------------------------------------
+# Every metric takes (predictions, examples, labels); an empty input scores 0.0 (never NaN in JSON).
+
+def _binary(pred, target, labels, positive="1"):
+    """(predicted positive, truly positive); a prediction outside the label set is the opposite of its
+    target (REFERENCE §2), so it is always wrong."""
+    truth = target == positive
+    return ((pred == positive) if pred in labels else not truth), truth
+
+
+def accuracy(preds, targets):
+    return 100.0 * sum(p == t for p, t in zip(preds, targets)) / len(targets) if targets else 0.0
+
+
+def binary_f1(preds, targets, labels=("0", "1"), positive="1"):
+    tp = fp = fn = 0
+    for p, t in zip(preds, targets):
+        pp, tt = _binary(p, t, labels or ("0", "1"), positive)
+        tp, fp, fn = tp + (pp and tt), fp + (pp and not tt), fn + (tt and not pp)
+    return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0  # no positives anywhere: 0, as sklearn
+
+
+def macro_f1(preds, targets, labels=None):
+    """Mean per-class F1 over the label-set classes that occur in targets or valid predictions; an invalid
+    prediction is a false negative of its target class and a false positive of none."""
+    labels = list(labels) if labels else sorted(set(targets))
+    classes = [c for c in labels if c in set(targets) or c in set(preds)]
+    f1s = []
+    for c in classes:
+        tp = sum(p == c and t == c for p, t in zip(preds, targets))
+        fp = sum(p == c and t != c for p, t in zip(preds, targets))
+        fn = sum(p != c and t == c for p, t in zip(preds, targets))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return 100.0 * sum(f1s) / len(f1s) if f1s else 0.0
+
+
+def matthews_corr(preds, targets, labels=None):
+    """Matthews correlation (Gorodkin's K-class form; the usual MCC for two classes). With two labels an
+    invalid prediction becomes the other label; with more it is a class of its own (always wrong)."""
+    labels = list(labels) if labels else sorted(set(targets))
+    if len(labels) == 2:
+        preds = [p if p in labels else labels[1 - labels.index(t)] if t in labels else p for p, t in zip(preds, targets)]
+    s, c = len(targets), sum(p == t for p, t in zip(preds, targets))
+    pk, tk = collections.Counter(preds), collections.Counter(targets)
+    cov_pt = c * s - sum(pk[k] * tk[k] for k in tk)
+    den = math.sqrt((s * s - sum(v * v for v in pk.values())) * (s * s - sum(v * v for v in tk.values())))
+    return 100.0 * cov_pt / den if den else 0.0  # a constant prediction or target: 0, as sklearn
+
+
+def to_float(text, default=-1.0):
+    """STS-B predictions as numbers; a non-numeric one becomes -1.0, outside the 0..5 range of the gold
+    scores, as the T5 code base's `string_to_float` postprocessor does (Raffel et al. 2020)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return default
+    return value if math.isfinite(value) else default
+
+
+def _pearson(x, y):
+    n = len(x)
+    if n < 2:
+        return 0.0
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0  # constant input: 0, not NaN
+
+
+def _ranks(x):
+    """1-based ranks, ties get their average rank (scipy.stats.rankdata 'average')."""
+    order = sorted(range(len(x)), key=x.__getitem__)
+    ranks = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def pearson(preds, targets):
+    return 100.0 * _pearson([to_float(p) for p in preds], [float(t) for t in targets])
+
+
+def spearman(preds, targets):
+    return 100.0 * _pearson(_ranks([to_float(p) for p in preds]), _ranks([float(t) for t in targets]))
+
+
+def multirc_em(preds, targets, question_ids):
+    """Exact match per question: all of a question's answers right (MultiRC; invalid = wrong)."""
+    right = collections.defaultdict(lambda: True)
+    for p, t, q in zip(preds, targets, question_ids):
+        right[q] = right[q] and p == t
+    return 100.0 * sum(right.values()) / len(right) if right else 0.0
+
+
+def normalize_answer(text):
+    """SQuAD v1.1 normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def _squad_f1(pred, gold):
+    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum((collections.Counter(p) & collections.Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_em(preds, answers):
+    scores = [max(float(normalize_answer(p) == normalize_answer(a)) for a in golds) for p, golds in zip(preds, answers)]
+    return 100.0 * sum(scores) / len(scores) if scores else 0.0
+
+
+def squad_f1(preds, answers):
+    scores = [max(_squad_f1(p, a) for a in golds) for p, golds in zip(preds, answers)]
+    return 100.0 * sum(scores) / len(scores) if scores else 0.0
+
+
+def _answers(ex):
+    return ex.get("answers") or [ex["target"]]  # MRQA rows carry every gold answer
+
+
+METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
+    "acc": lambda p, ex, lab: accuracy(p, [e["target"] for e in ex]),
+    "f1": lambda p, ex, lab: binary_f1(p, [e["target"] for e in ex], lab),
+    "macro_f1": lambda p, ex, lab: macro_f1(p, [e["target"] for e in ex], lab),
+    "mcc": lambda p, ex, lab: matthews_corr(p, [e["target"] for e in ex], lab),
+    "pearson": lambda p, ex, lab: pearson(p, [e["target"] for e in ex]),
+    "spearman": lambda p, ex, lab: spearman(p, [e["target"] for e in ex]),
+    "f1a": lambda p, ex, lab: binary_f1(p, [e["target"] for e in ex], lab),
+    "em": lambda p, ex, lab: multirc_em(p, [e["target"] for e in ex], [e["question_id"] for e in ex]),
+    "squad_em": lambda p, ex, lab: squad_em(p, [_answers(e) for e in ex]),
+    "squad_f1": lambda p, ex, lab: squad_f1(p, [_answers(e) for e in ex]),
+}
+
+
+def compute_metrics(meta, predictions, examples):
+    """{metric: value for meta['metrics']} + 'score' (mean of meta['score']) + counts."""
+    assert len(predictions) == len(examples), (len(predictions), len(examples))
+    labels = meta.get("labels")
+    out = {name: METRICS[name](predictions, examples, labels) for name in meta["metrics"]}
+    out["score"] = sum(out[name] for name in meta["score"]) / len(meta["score"])
+    out["n"] = len(examples)
+    if labels:
+        out["invalid"] = sum(p not in labels for p in predictions)  # predictions outside the label set
+    return out
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+def read_jsonl(path, limit=None):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+                if limit is not None and len(rows) >= limit:
+                    break
+    return rows
+
+
+def write_atomic(path, text):
+    """Write a text file whole or not at all (temp file + os.replace)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+def write_jsonl(path, rows):
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def load_meta(data_dir, task):
+    path = Path(data_dir) / task / "meta.json"
+    if not path.exists():
+        raise SystemExit(f"evaluate: no {path}; run `python prepare_data.py --task {task}` first")
+    return json.loads(path.read_text())
+
+
+# --- batching and decoding ------------------------------------------------------------------------
+
+def autocast(device, dtype):
+    """bf16 autocast when asked (CUDA; T5 overflows in fp16), else nothing: fp32."""
+    if dtype == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def encode(tokenizer, texts, max_length):
+    """Token ids per text, truncated on the right, `</s>` appended by the T5 tokenizer."""
+    if not texts:
+        return []
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def pad(seqs, pad_value, length=None):
+    """Right-pad id lists to their own longest (or `length`): (ids, mask) LongTensors."""
+    length = max(length or 0, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), length), pad_value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def _batches_by_length(ids, batch_size, sort):
+    """Index batches; longest first when sorting, so each batch pads little and OOM shows early."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort else list(range(len(ids)))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_length=256, device="cpu",
+            dtype="fp32", sort_by_length=True):
+    """Greedy decoding of `sources` (strings or token-id lists): batched, sorted by length, at most
+    `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped."""
+    ids = encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
+    out = [""] * len(ids)
+    was_training = model.training
+    model.eval()
+    for batch in _batches_by_length(ids, batch_size, sort_by_length):
+        input_ids, mask = pad([ids[i] for i in batch], tokenizer.pad_token_id)
+        with autocast(device, dtype):
+            gen = model.generate(input_ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1)
+        for i, text in zip(batch, tokenizer.batch_decode(gen, skip_special_tokens=True)):
+            out[i] = text.strip()
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_length=256, device="cpu", dtype="fp32"):
+    """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5; the
+    encoder runs once per example and the decoder scores all labels in the same forward pass."""
+    ids = encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
+    label_ids, _ = pad(encode(tokenizer, labels, max_length), -100)  # (L, T), -100 = no loss
+    n_labels = len(labels)
+    t5 = model.t5
+    out = [""] * len(ids)
+    was_training = model.training
+    model.eval()
+    for batch in _batches_by_length(ids, max(1, batch_size // n_labels), True):
+        input_ids, mask = pad([ids[i] for i in batch], tokenizer.pad_token_id)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        with autocast(device, dtype):
+            embeds, mask = model.embed(input_ids, mask)  # (B, n+S, d), prompt included
+            hidden = t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            target = label_ids.to(device).repeat(len(batch), 1)  # (B*L, T): example-major
+            logits = t5(encoder_outputs=(hidden.repeat_interleave(n_labels, 0),),
+                        attention_mask=mask.repeat_interleave(n_labels, 0),
+                        decoder_input_ids=t5._shift_right(target)).logits
+        nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none")
+        best = nll.sum(1).view(len(batch), n_labels).argmin(1)  # (B,)
+        for i, k in zip(batch, best.tolist()):
+            out[i] = labels[k]
+    model.train(was_training)
+    return out
+
+
+# --- rebuilding a run -----------------------------------------------------------------------------
+
+ENCODER_KEYS = ("prompt_length", "encoder", "hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth")
+
+
+def encoder_kwargs(config):
+    """The build_prompt_encoder options of a run (one name per concept: flag = config key = kwarg)."""
+    return {k: config[k] for k in ENCODER_KEYS}
+
+
+def t5_fingerprint(t5):
+    """A cheap hash of the frozen weights, to check evaluate.py rebuilt the T5 that train.py used."""
+    import hashlib
+    h = hashlib.sha1()
+    for name, p in sorted(t5.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_run(run_dir, checkpoint="best", prompt=None, device=None):
+    """(PromptedT5 with a FoldedPrompt (or fine-tuned T5), tokenizer, config) from a run folder alone."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    device = device or default_device()
+    t5 = M.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
+    tokenizer = M.load_tokenizer(config["tokenizer"])
+    state_path = run_dir / f"{checkpoint}.pt"
+    if config["method"] == "ft":  # the checkpoint holds all of T5
+        t5.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True)["trainable"])
+        net = M.PromptedT5(t5, None)
+    else:
+        if config.get("t5_fingerprint") and t5_fingerprint(t5) != config["t5_fingerprint"]:
+            raise SystemExit(f"evaluate: the T5 rebuilt from {config['model']!r} differs from the one {run_dir} "
+                             "was trained with (fingerprint mismatch)")
+        if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
+            prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
+        elif prompt is None:  # fold P' from the checkpoint's reparameterization network, once
+            encoder = M.build_prompt_encoder(config["method"], t5.config.d_model, **encoder_kwargs(config))
+            encoder.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True)["trainable"])
+            with torch.no_grad():
+                prompt = encoder().detach()
+        net = M.PromptedT5(t5, M.FoldedPrompt(torch.as_tensor(prompt, dtype=torch.float32)))
+    return net.to(device).eval(), tokenizer, config
+
+
+def run_predictions(net, tokenizer, sources, *, mode, labels, max_new_tokens, max_length, batch_size, device, dtype):
+    """Predictions by greedy decoding or, for tasks with a label set, rank classification."""
+    if mode == "rank":
+        if not labels:
+            raise SystemExit("evaluate: --mode rank needs a task with a label set (meta.json 'labels')")
+        return rank_classify(net, tokenizer, sources, labels, batch_size=batch_size, max_length=max_length,
+                             device=device, dtype=dtype)
+    return predict(net, tokenizer, sources, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   max_length=max_length, device=device, dtype=dtype)
+
+
+def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None, *, checkpoint="best",
+                 data_dir=None, batch_size=64, max_examples=None, device=None, write=True, tag=None, quiet=False):
+    """Score a run on `split` of `task` (default: the run's own). `prompt` (l, d) overrides P' (Figure 4);
+    files go to RUN_DIR/eval/<task>_<split>[.<tag>].{metrics.json,predictions.jsonl}; tag defaults to
+    'rank' in rank mode. Returns the metrics dict (with 'score')."""
+    say = (lambda *a: None) if quiet else print
+    net, tokenizer, config = load_run(run_dir, checkpoint, prompt, device)
+    device = device or default_device()
+    dtype = "bf16" if torch.device(device).type == "cuda" else "fp32"  # T5 overflows in fp16
+    task = task or config["task"]
+    data_dir = data_dir or config["data_dir"]
+    if data_dir != config["data_dir"]:
+        say(f"evaluate: --data-dir {data_dir} overrides the run's {config['data_dir']}")
+    meta = load_meta(data_dir, task)
+    max_length = config["max_length"] if task == config["task"] else meta["max_length"]
+    if task != config["task"]:
+        say(f"evaluate: zero-shot transfer of {config['task']}'s prompt to {task} (max_length {max_length})")
+    examples = read_jsonl(Path(data_dir) / task / f"{split}.jsonl", max_examples)
+    t0 = time.time()
+    preds = run_predictions(net, tokenizer, [e["source"] for e in examples], mode=mode, labels=meta.get("labels"),
+                            max_new_tokens=meta["max_target_length"], max_length=max_length,
+                            batch_size=batch_size, device=device, dtype=dtype)
+    seconds = time.time() - t0
+    metrics = {"task": task, "split": split, "mode": mode, "checkpoint": checkpoint, "run": str(run_dir),
+               "train_task": config["task"], "prompt_override": prompt is not None,
+               **compute_metrics(meta, preds, examples), "eval_examples_per_s": len(examples) / max(seconds, 1e-9)}
+    if write:
+        tag = tag or ("rank" if mode == "rank" else None)
+        stem = Path(run_dir) / "eval" / (f"{task}_{split}" + (f".{tag}" if tag else ""))
+        stem.parent.mkdir(exist_ok=True)
+        write_json(f"{stem}.metrics.json", metrics)
+        write_jsonl(f"{stem}.predictions.jsonl", [
+            {"idx": e.get("idx"), "source": e["source"], "target": e["target"], "prediction": p,
+             "correct": p == e["target"]} for e, p in zip(examples, preds)])
+        say(f"evaluate: wrote {stem}.metrics.json and .predictions.jsonl")
+    return metrics
+
+
+def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="generate", batch_size=64,
+                 device=None, data_dir=None):
+    """Run the trained prompt on new inputs: jsonl rows with 'source', or a .txt with one input a line."""
+    net, tokenizer, config = load_run(run_dir, checkpoint, None, device)
+    device = device or default_device()
+    dtype = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if str(input_path).endswith(".jsonl"):
+        rows = read_jsonl(input_path)
+    else:
+        rows = [{"source": line.strip()} for line in Path(input_path).read_text().splitlines() if line.strip()]
+    meta = config["meta"]  # train.py keeps the task's labels and lengths in config.json
+    preds = run_predictions(net, tokenizer, [r["source"] for r in rows], mode=mode, labels=meta.get("labels"),
+                            max_new_tokens=meta["max_target_length"], max_length=config["max_length"],
+                            batch_size=batch_size, device=device, dtype=dtype)
+    write_jsonl(output_path, [{**r, "prediction": p} for r, p in zip(rows, preds)])
+    return preds
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.input:
+        out = args.output or f"{Path(args.input).with_suffix('')}.predictions.jsonl"
+        preds = predict_file(args.run_dir, args.input, out, checkpoint=args.checkpoint, mode=args.mode,
+                             batch_size=args.batch_size)
+        print(f"evaluate: {len(preds)} predictions -> {out}")
+        return preds
+    metrics = evaluate_run(args.run_dir, args.task, args.split, args.mode, checkpoint=args.checkpoint,
+                           data_dir=args.data_dir, batch_size=args.batch_size, max_examples=args.max_examples)
+    print(json.dumps(metrics, indent=1))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
