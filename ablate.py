@@ -1,0 +1,417 @@
+"""The paper's experiment grids as thin drivers over train.py: Tables 1, 2, 4, 6 and Figures 5/12, 7, 8, 9.
+
+Each sub-experiment is a list of train.py argument lists. A run whose folder already holds
+metrics.json is not trained again (an unfinished folder is resumed with --resume), and one row per
+finished run (its configuration, test metrics, trainable parameters, prompt norm) is appended once to
+results/<experiment>.jsonl, which report.py turns into the paper's tables and figures. Run folders
+are named by configuration alone, runs/<task>_<method>_<model>[_<options>]_s<seed>, so a run two
+experiments share (EPT with h = 1 on BoolQ is a Table 1 cell and a Figure 5 point) is trained once.
+Table 3 (few-shot) is fewshot.py, which uses the same machinery.
+
+    python ablate.py table1 --dry-run                 # every run, its status, count and GPU-hour estimate
+    python ablate.py table1                           # Table 1: 13 tasks x 6 methods x 3 sizes x 3 seeds
+    python ablate.py table1 --lr-search               # + the SuperGLUE lr search of Appendix B.2
+    python ablate.py table2                           # Table 2: MRQA + Others, t5-base
+    python ablate.py table4                           # Table 4: ATTEMPT setting (epochs, PT n=100, EPT depth 2)
+    python ablate.py init | hidden | broadcast | lr | structure     # Table 6, Figures 5/12, 7, 8, 9
+    python ablate.py hidden --nproc 4                 # each run on 4 GPUs through torchrun
+    python ablate.py init --model smoke/tiny-t5 --data-dir smoke/data --runs-dir smoke/runs \\
+        --results-dir smoke/results --seeds 0 --max-steps 4 --eval-every 2     # CPU smoke run
+
+Flags this script does not know (--max-steps, --eval-every, --random-init, --batch-size, ...) go to
+train.py unchanged, after the experiment's own, so they win. They are not part of the run name:
+use another --runs-dir when you change them.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import model as M
+
+# --- the paper's task groups and defaults ---------------------------------------------------------
+
+GLUE = ["cola", "mrpc", "rte", "stsb", "mnli", "qnli", "qqp", "sst2"]  # Table 1 column order
+SUPERGLUE = ["boolq", "cb", "wic", "wsc", "multirc"]
+MRQA = ["nq", "hotpotqa", "searchqa", "newsqa"]  # Table 2 column order
+OTHERS = ["winogrande", "yelp", "scitail", "paws"]
+ALL_TASKS = GLUE + SUPERGLUE + MRQA + OTHERS  # the 21 tasks
+SIZES = ["t5-small", "t5-base", "t5-large"]
+SEEDS = [0, 1, 2]  # 3 runs per main result (Table 1 caption)
+PROMPT_LR, FT_LR = 0.3, 1e-5  # Appendix B.2
+LR_GRID = {"prompt": [0.003, 0.01, 0.03, 0.1, 0.3], "ft": [1e-5, 1e-4, 1e-3]}  # SuperGLUE lr search
+HIDDEN = [1, 5, 10, 50, 100, 500, 1000]  # Figures 5 and 12
+STRUCTURES = {"none": {}, "layernorm": {"layer_norm": True}, "residual": {"residual": True},
+              "relu": {"activation": "relu"}, "tanh": {"activation": "tanh"}, "gelu": {"activation": "gelu"}}
+
+# REFERENCE §3 split sizes (train, validation, test): only for the GPU-hour estimate of epoch-based
+# runs and of evaluation when data/<task>/meta.json is not there yet.
+SPLITS = {"cola": (8551, 521, 522), "sst2": (66349, 1000, 872), "mrpc": (3668, 204, 204),
+          "qqp": (353846, 10000, 40430), "stsb": (5749, 750, 750), "mnli": (382702, 10000, 9815),
+          "qnli": (94743, 10000, 5463), "rte": (2490, 138, 139), "boolq": (9427, 1635, 1635),
+          "cb": (250, 28, 28), "wic": (5428, 319, 319), "wsc": (554, 52, 52), "multirc": (26243, 1000, 4848),
+          "nq": (94071, 10000, 12836), "newsqa": (73160, 1000, 4212), "searchqa": (107384, 10000, 16980),
+          "hotpotqa": (71928, 1000, 5901), "winogrande": (39398, 1000, 1267), "yelp": (550000, 10000, 38000),
+          "scitail": (22596, 1000, 1304), "paws": (48401, 1000, 8000)}
+
+# GPU-hour estimate: ASSUMED seconds per optimizer step on one H100/A100-class GPU, bf16, global batch
+# 16, input 256 tokens, prompt methods (frozen T5 still back-propagates to the prompt); not measured.
+SECONDS_PER_STEP = {"t5-small": 0.035, "t5-base": 0.08, "t5-large": 0.2, "other": 0.08}
+FT_FACTOR = 1.5  # full fine-tuning: weight gradients + AdamW state for every T5 parameter
+LONG_INPUT_FACTOR = {"multirc": 1.4, "nq": 2.0, "newsqa": 2.0, "searchqa": 2.0, "hotpotqa": 2.0}  # 348 / 512 tokens
+SECONDS_PER_EVAL_EXAMPLE = {"t5-small": 0.001, "t5-base": 0.002, "t5-large": 0.005, "other": 0.002}  # greedy, batch 64
+QA_DECODE_FACTOR = 5  # MRQA answers are many tokens long; classification targets are one or two
+
+
+# --- one run: options -> name -> train.py argv -> result row --------------------------------------
+
+def defaults(method):
+    """train.py's defaults for `method` (the paper's main setting): what a run name leaves out."""
+    return {"prompt_length": M.DEFAULTS["prompt_length"], "encoder": "mlp",
+            "hidden_size": M.DEFAULTS["hidden_size"].get(method), "broadcast": M.DEFAULTS["broadcast"].get(method),
+            "depth": 1, "init": "uniform", "layer_norm": False, "residual": False, "activation": "none",
+            "lr": FT_LR if method == "ft" else PROMPT_LR, "max_steps": 30000, "epochs": None,
+            "fewshot_k": None, "fewshot_seed": None}
+
+
+NAME_TAGS = [("prompt_length", "n"), ("encoder", ""), ("hidden_size", "h"), ("broadcast", "b"), ("depth", "d"),
+             ("init", "init-"), ("layer_norm", "ln"), ("residual", "res"), ("activation", ""), ("lr", "lr"),
+             ("max_steps", "steps"), ("epochs", "ep"), ("fewshot_k", "k"), ("fewshot_seed", "fs")]
+
+
+def model_tag(model_name):
+    return Path(str(model_name).rstrip("/")).name  # "t5-base", "smoke/tiny-t5" -> "tiny-t5"
+
+
+def run_name(spec):
+    """<task>_<method>_<model>[_<non-default options>]_s<seed>, e.g. boolq_ept_t5-base_h50_s1."""
+    base = defaults(spec["method"])
+    tags = []
+    for key, tag in NAME_TAGS:
+        value = spec.get(key, base[key])
+        if value is None or value == base[key] or (key in ("hidden_size", "broadcast") and
+                                                   spec["method"] not in ("ept", "ept_star", "resprompt")):
+            continue
+        tags.append(tag if value is True else f"{tag}{value:g}" if isinstance(value, float) else f"{tag}{value}")
+    return "_".join([spec["task"], spec["method"], model_tag(spec["model"]), *tags, f"s{spec['seed']}"])
+
+
+def train_argv(spec, out_dir, data_dir=None, extra=()):
+    """train.py's command line for one run: its options as flags (one name per concept), then `extra`."""
+    argv = []
+    for key, value in spec.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if data_dir:
+        argv += ["--data-dir", str(data_dir)]
+    return argv + ["--out-dir", str(out_dir), *extra]
+
+
+def status(run_dir):
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.json").exists():
+        return "done"
+    return "partial" if (run_dir / "config.json").exists() else "todo"
+
+
+def read_jsonl(path):
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_jsonl(path, rows):
+    """Append whole lines (one write, flushed): a crash never leaves half a row behind."""
+    if rows:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def prompt_stats(run_dir):
+    """(mean row norm of the saved P' (Eq. 4 on the best checkpoint's prompt), parameters kept for
+    inference = distinct rows x d: one row for EPT/EPT*, whose rows are copies)."""
+    path = Path(run_dir) / "prompt.pt"
+    if not path.exists():
+        return None, None
+    prompt, _ = M.load_folded_prompt(path)
+    return prompt.norm(dim=1).mean().item(), int(prompt.unique(dim=0).numel())
+
+
+def log_stats(run_dir):
+    """Best validation score and its step, and the last logged prompt norm μ_t, from log.jsonl."""
+    best, best_step, last_norm = None, None, None
+    for event in read_jsonl(Path(run_dir) / "log.jsonl"):
+        if event.get("event") == "eval" and event.get("score") is not None:
+            if best is None or event["score"] > best:
+                best, best_step = event["score"], event.get("step")
+        elif event.get("event") == "train" and event.get("prompt_norm") is not None:
+            last_norm = event["prompt_norm"]
+    return best, best_step, last_norm
+
+
+def result_row(experiment, spec, run_dir, extra_fields=None):
+    """One results row: the full configuration, the test metrics, parameters and prompt norms."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    norm, n_inference = prompt_stats(run_dir)
+    val_score, best_step, last_norm = log_stats(run_dir)
+    return {"experiment": experiment, "run": str(run_dir), **defaults(spec["method"]), **spec,
+            "model_tag": model_tag(spec["model"]), **(extra_fields or {}),
+            "score": metrics.get("score"), "test": metrics, "val_score": val_score, "best_step": best_step,
+            "n_trainable": config.get("n_trainable"), "n_inference": n_inference,
+            "prompt_norm": norm, "final_prompt_norm": last_norm}
+
+
+# --- the GPU-hour estimate --------------------------------------------------------------------------
+
+def _size_key(model_name):
+    tag = model_tag(model_name)
+    return next((s for s in SIZES if s in tag), "other")
+
+
+def _split_sizes(task, data_dir):
+    meta = Path(data_dir or "data") / task / "meta.json"
+    if meta.exists():
+        splits = json.loads(meta.read_text()).get("splits", {})
+        return splits.get("train", 0), splits.get("validation", 0), splits.get("test", 0)
+    return SPLITS.get(task, (10000, 1000, 1000))
+
+
+def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=1000):
+    """GPU-hours of one run under the assumptions above (ideal scaling: the same on 1 or N GPUs)."""
+    size = _size_key(spec["model"])
+    train, val, test = _split_sizes(spec["task"], data_dir)
+    if spec.get("fewshot_k"):
+        train = spec["fewshot_k"] * 3
+    steps = (spec["epochs"] * math.ceil(train / batch_size) if spec.get("epochs")
+             else spec.get("max_steps", defaults(spec["method"])["max_steps"]))
+    step_s = SECONDS_PER_STEP[size] * LONG_INPUT_FACTOR.get(spec["task"], 1.0)
+    step_s *= FT_FACTOR if spec["method"] == "ft" else 1.0
+    decode = QA_DECODE_FACTOR if spec["task"] in MRQA else 1
+    eval_s = (math.ceil(steps / eval_every) * val + test) * SECONDS_PER_EVAL_EXAMPLE[size] * decode
+    return (steps * step_s + eval_s) / 3600
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+def train_one(argv, nproc=1):
+    """One train.py run: in this process, or on `nproc` GPUs through torchrun."""
+    if nproc > 1:
+        cmd = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(Path(__file__).with_name("train.py"))]
+        subprocess.run(cmd + argv, check=True)
+    else:
+        import train  # imported late: --dry-run and report-only use need no training stack
+        train.main(argv)
+
+
+def run_experiment(experiment, specs, args, extra=()):
+    """Train what is missing, append a row per finished run to results/<experiment>.jsonl; (rows, failed).
+
+    `specs`: train.py options per run (task, method, model, seed, ...) and "_row", extra result
+    columns that are not train.py options (the swept value)."""
+    runs_dir, results = Path(args.runs_dir), Path(args.results_dir) / f"{experiment}.jsonl"
+    plan = {}
+    for s in specs:  # the same configuration twice (e.g. a shared default) is one run
+        options = {k: v for k, v in s.items() if k != "_row"}
+        plan.setdefault(run_name(options), (options, s.get("_row"), runs_dir / run_name(options)))
+    if args.dry_run:
+        return dry_run(experiment, plan, args, extra)
+    done = {row["run"] for row in read_jsonl(results)}
+    trained, failed, rows = 0, [], []
+    for i, (name, (options, fields, run_dir)) in enumerate(plan.items(), 1):
+        state = status(run_dir)
+        if state != "done":
+            print(f"[{experiment} {i}/{len(plan)}] train {name}" + (" (resume)" if state == "partial" else ""),
+                  flush=True)
+            argv = train_argv(options, run_dir, args.data_dir, [*extra, *(["--resume"] if state == "partial" else [])])
+            t0 = time.time()
+            try:
+                train_one(argv, args.nproc)
+            except (Exception, SystemExit):  # one broken run does not stop the grid; reported at the end
+                traceback.print_exc()
+            trained += status(run_dir) == "done"
+            print(f"[{experiment} {i}/{len(plan)}] {name}: {time.time() - t0:.1f}s", flush=True)
+        if status(run_dir) != "done":
+            failed.append(name)
+            continue
+        row = result_row(experiment, options, run_dir, fields)
+        rows.append(row)
+        if str(run_dir) not in done:
+            append_jsonl(results, [row])
+            done.add(str(run_dir))
+    print(f"{experiment}: {len(plan)} runs, {trained} trained now, {len(rows) - trained} already finished, "
+          f"{len(failed)} failed -> {results}")
+    if failed:
+        print(f"{experiment}: FAILED: {' '.join(failed)}", file=sys.stderr)
+    return rows, failed
+
+
+def dry_run(experiment, plan, args, extra):
+    """List every run with its status and estimated GPU-hours; one parseable summary line at the end."""
+    batch = _extra_value(extra, "--batch-size", 16, int)
+    eval_every = _extra_value(extra, "--eval-every", 1000, int)
+    max_steps = _extra_value(extra, "--max-steps", None, int)
+    total = todo = 0.0
+    n_todo = 0
+    for name, (spec, _, run_dir) in plan.items():
+        spec = {**spec, **({"max_steps": max_steps} if max_steps and not spec.get("epochs") else {})}
+        hours = estimate_hours(spec, args.data_dir, batch, eval_every)
+        state = status(run_dir)
+        total += hours
+        if state != "done":
+            todo += hours
+            n_todo += 1
+        print(f"  {state:<7} {hours:7.2f} GPU-h  {name}")
+    print(f"DRY-RUN {experiment} runs={len(plan)} to_train={n_todo} gpu_hours={todo:.1f} (all runs: {total:.1f}; "
+          f"wall time ~ GPU-hours / {args.nproc} with NPROC={args.nproc}, assuming ideal scaling)")
+    return [], []
+
+
+def _extra_value(extra, flag, default, cast):
+    extra = list(extra)
+    values = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == flag]
+    return cast(values[-1]) if values else default
+
+
+# --- the experiments ----------------------------------------------------------------------------
+# Each returns a list of specs: train.py options, plus "_row" (extra result columns, e.g. the swept
+# value under the name "variant") that is not a train.py option.
+
+def spec(task, method, model, seed, _row=None, **options):
+    return {"task": task, "method": method, "model": model, "seed": seed, **options, **({"_row": _row} if _row else {})}
+
+
+def table1(args):
+    """Table 1: GLUE + SuperGLUE x every method x every size; --lr-search adds the SuperGLUE lr grid."""
+    specs = []
+    for model in args.models or SIZES:
+        for task in args.tasks or GLUE + SUPERGLUE:
+            for method in args.methods or M.METHODS:
+                lrs = [None]
+                if args.lr_search and task in SUPERGLUE:  # Appendix B.2: searched for the SuperGLUE results
+                    lrs = LR_GRID["ft" if method == "ft" else "prompt"]
+                for value in lrs:
+                    for seed in args.seeds or SEEDS:
+                        specs.append(spec(task, method, model, seed, **({"lr": value} if value else {})))
+    return specs
+
+
+def table2(args):
+    """Table 2: MRQA and Others on t5-base, every method."""
+    return [spec(task, method, model, seed) for model in args.models or [args.model]
+            for task in args.tasks or MRQA + OTHERS for method in args.methods or M.METHODS
+            for seed in args.seeds or SEEDS]
+
+
+def attempt_epochs(task, data_dir):
+    """ATTEMPT (Asai et al. 2022): 20 epochs for training sets under 10K examples, else 10."""
+    return 20 if _split_sizes(task, data_dir)[0] < 10000 else 10
+
+
+def table4(args):
+    """Table 4, ATTEMPT setting: epochs instead of steps; PT with 100 tokens; EPT/EPT* one block deeper."""
+    options = {"pt": {"prompt_length": 100}, "ept": {"depth": 2}, "ept_star": {"depth": 2}}
+    return [spec(task, method, args.model, seed, epochs=args.epochs or attempt_epochs(task, args.data_dir),
+                 **options.get(method, {}))
+            for task in args.tasks or ["multirc", "boolq", "wic", "wsc", "cb"]
+            for method in args.methods or ["pt", "ept", "ept_star"] for seed in args.seeds or SEEDS]
+
+
+def init(args):
+    """Table 6: EPT's P1 initialised uniform / from random vocabulary rows / from the label words."""
+    return [spec(task, method, args.model, seed, init=kind, _row={"variant": kind})
+            for task in args.tasks or ["boolq", "cb", "rte", "wsc"] for method in args.methods or ["ept"]
+            for kind in args.values or M.INITS for seed in args.seeds or SEEDS]
+
+
+def hidden(args):
+    """Figures 5 (BoolQ, RTE) and 12 (WSC, CB, WiC): EPT's hidden size h."""
+    return [spec(task, method, args.model, seed, hidden_size=h, _row={"variant": h})
+            for task in args.tasks or ["boolq", "rte", "wsc", "cb", "wic"] for method in args.methods or ["ept"]
+            for h in args.values or HIDDEN for seed in args.seeds or SEEDS]
+
+
+def broadcast(args):
+    """Figure 7: EPT* broadcast length 1..10 on MultiRC and CoLA."""
+    return [spec(task, "ept_star", args.model, seed, broadcast=n, _row={"variant": n})
+            for task in args.tasks or ["multirc", "cola"] for n in args.values or range(1, 11)
+            for seed in args.seeds or SEEDS]
+
+
+def lr(args):
+    """Figure 8: learning-rate robustness of PT, ResPrompt, EPT, EPT* on the 5 SuperGLUE tasks."""
+    return [spec(task, method, args.model, seed, lr=value, _row={"variant": value}) for task in args.tasks or SUPERGLUE
+            for method in args.methods or ["pt", "resprompt", "ept", "ept_star"]
+            for value in args.values or LR_GRID["prompt"] for seed in args.seeds or SEEDS]
+
+
+def structure(args):
+    """Figure 9: EPT with LayerNorm / residual / a non-linearity added, on the 5 SuperGLUE tasks."""
+    return [spec(task, "ept", args.model, seed, **STRUCTURES[name], _row={"variant": name})
+            for task in args.tasks or SUPERGLUE for name in args.values or STRUCTURES
+            for seed in args.seeds or SEEDS]
+
+
+EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": init, "hidden": hidden,
+               "broadcast": broadcast, "lr": lr, "structure": structure}
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which table or figure's grid")
+# data
+parser.add_argument("--tasks", nargs="+", default=None, help="subset of the experiment's tasks (default: the paper's)")
+parser.add_argument("--data-dir", default="data", help="prepare_data.py output folder")
+# model
+parser.add_argument("--model", default="t5-base", help="T5 for the single-size experiments (name or folder)")
+parser.add_argument("--models", nargs="+", default=None,
+                    help="table1/table2: T5 sizes (default: t5-small t5-base t5-large / t5-base)")
+parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, help="subset of the methods")
+# sweep
+parser.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default: 0 1 2)")
+parser.add_argument("--values", nargs="+", default=None,
+                    help="subset of the swept values (hidden sizes, broadcast lengths, lrs, structure names)")
+parser.add_argument("--lr-search", action="store_true",
+                    help="table1: every lr of the Appendix B.2 grid on SuperGLUE (report keeps the best by validation)")
+parser.add_argument("--epochs", type=int, default=None, help="table4: epochs for every task (default: ATTEMPT's 20/10)")
+# execution and output
+parser.add_argument("--nproc", type=int, default=1, help="GPUs per run; > 1 launches train.py with torchrun")
+parser.add_argument("--runs-dir", default="runs", help="where run folders go")
+parser.add_argument("--results-dir", default="results", help="where <experiment>.jsonl goes")
+parser.add_argument("--dry-run", action="store_true", help="list the runs and the GPU-hour estimate; train nothing")
+
+
+def parse_values(experiment, values):
+    if values is None:
+        return None
+    cast = {"hidden": int, "broadcast": int, "lr": float}.get(experiment, str)
+    return [cast(v) for v in values]
+
+
+def main(argv=None):
+    args, extra = parser.parse_known_args(argv)
+    args.values = parse_values(args.experiment, args.values)
+    rows, failed = run_experiment(args.experiment, EXPERIMENTS[args.experiment](args), args, extra)
+    if rows:
+        import report  # the same table report.py writes, printed here
+        print(report.experiment_table(args.experiment, rows))
+    if failed:
+        sys.exit(1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Analyses of trained runs: the paper's Figures 2/11, 3, 4, 10 and Appendix A.1, as JSON for report.py.
+
+Reads the run folders listed in results/table1.jsonl and results/table2.jsonl (ablate.py; the main
+runs at the paper's default lr, seed 0 unless --seed) and writes results/analysis/<name>.json:
+
+    norms       Figures 2, 11  mu_t (Eq. 4) every step and the validation score every eval (log.jsonl),
+                               mean over the seeds present
+    cosine      Figure 3       cosine similarity between the n rows of P' (prompt.pt)
+    subset      Figure 4       one trained row P'_i repeated l = 1..10 times, scored on test without retraining
+    transfer    Figure 10      cosine similarity between tasks' EPT* prompts, and task A's prompt scored
+                               on task B (zero-shot) as a ratio of B's own score
+    neighbours  Appendix A.1   nearest vocabulary tokens (cosine) of every distinct prompt row
+
+    python analyze.py all                                    # everything, t5-base runs
+    python analyze.py norms --tasks boolq rte                # one analysis
+    python analyze.py transfer --max-examples 1000           # cap each zero-shot evaluation
+    python analyze.py all --model tiny-t5 --results-dir smoke/results --data-dir smoke/data   # SMOKE
+
+Analyses whose runs are missing are skipped with a message; report.py then notes the figure as missing.
+"""
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+import ablate
+import model as M
+
+FIG2_TASKS = ["boolq", "rte"]
+FIG11_TASKS = ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2", "wic"]  # GLUE 7 + WiC (Appendix C)
+NORM_METHODS = ["pt", "resprompt", "ptuning"]  # Figures 2, 3, 4, 11
+NEIGHBOUR_METHODS = ["pt", "resprompt", "ptuning", "ept", "ept_star"]
+MAX_POINTS = 600  # mu_t is logged every step (30K): keep this many points per curve
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("analysis", choices=("norms", "cosine", "subset", "transfer", "neighbours", "all"))
+# data
+parser.add_argument("--results-dir", default="results", help="where table1.jsonl / table2.jsonl are; output goes "
+                                                              "to <results-dir>/analysis/")
+parser.add_argument("--data-dir", default=None, help="data folder for evaluations (default: each run's)")
+parser.add_argument("--tasks", nargs="+", default=None, help="tasks (default: the paper's per figure)")
+# runs
+parser.add_argument("--model", default="t5-base", help="model tag of the runs (folder name for a local model)")
+parser.add_argument("--methods", nargs="+", default=None, help="methods (default: the paper's per figure)")
+parser.add_argument("--seed", type=int, default=0, help="the run to analyse where one is needed")
+# evaluation
+parser.add_argument("--row", type=int, default=0, help="subset: which row P'_i to repeat")
+parser.add_argument("--lengths", nargs="+", type=int, default=list(range(1, 11)), help="subset: repeat counts l")
+parser.add_argument("--max-examples", type=int, default=None, help="subset/transfer: score the first N test rows")
+parser.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+parser.add_argument("--top-k", type=int, default=5, help="neighbours: tokens per prompt row")
+
+
+# --- run selection -------------------------------------------------------------------------------
+
+def main_runs(results_dir, model, experiments=("table1", "table2")):
+    """Result rows of the main grid at the paper's default lr, for one model tag."""
+    rows = []
+    for experiment in experiments:
+        for row in ablate.read_jsonl(Path(results_dir) / f"{experiment}.jsonl"):
+            if row.get("model_tag") == model and row.get("lr") == ablate.defaults(row["method"])["lr"]:
+                rows.append(row)
+    return rows
+
+
+def pick(rows, task, method, seed=None):
+    """Rows of (task, method), one seed or all; a run listed twice counts once."""
+    found = {r["run"]: r for r in rows if r["task"] == task and r["method"] == method
+             and (seed is None or r["seed"] == seed)}
+    return list(found.values())
+
+
+def write_json(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+    print(f"analyze: wrote {path}")
+
+
+# --- Figures 2, 11: mu_t and validation score over steps -------------------------------------------
+
+def read_curves(run_dir):
+    """(steps, mu_t per step, eval steps, validation scores) from one run's log.jsonl."""
+    steps, norms, eval_steps, scores = [], [], [], []
+    for event in ablate.read_jsonl(Path(run_dir) / "log.jsonl"):
+        if event.get("event") == "train" and event.get("prompt_norm") is not None:
+            steps.append(event["step"])
+            norms.append(event["prompt_norm"])
+        elif event.get("event") == "eval" and event.get("split", "validation") == "validation":
+            eval_steps.append(event["step"])
+            scores.append(event["score"])
+    return steps, norms, eval_steps, scores
+
+
+def _mean_by_step(series):
+    """Mean over runs at each step that every run logged (a resumed run logs each step once)."""
+    maps = [dict(zip(s, v)) for s, v in series if s]
+    if not maps:
+        return [], []
+    common = sorted(set.intersection(*(set(m) for m in maps)))
+    return common, [sum(m[s] for m in maps) / len(maps) for s in common]
+
+
+def downsample(steps, values, max_points=MAX_POINTS):
+    if len(steps) <= max_points:
+        return steps, values
+    stride = math.ceil(len(steps) / max_points)
+    keep = sorted(set(range(0, len(steps), stride)) | {len(steps) - 1})  # always keep the last step
+    return [steps[i] for i in keep], [values[i] for i in keep]
+
+
+def norm_curves(rows, tasks, methods):
+    out = {}
+    for task in tasks:
+        for method in methods:
+            runs = pick(rows, task, method)
+            if not runs:
+                continue
+            curves = [read_curves(r["run"]) for r in runs]
+            steps, norms = downsample(*_mean_by_step([(c[0], c[1]) for c in curves]))
+            eval_steps, scores = _mean_by_step([(c[2], c[3]) for c in curves])
+            out.setdefault(task, {})[method] = {"step": steps, "prompt_norm": norms, "eval_step": eval_steps,
+                                                "score": scores, "seeds": sorted(r["seed"] for r in runs)}
+    return out
+
+
+# --- Figure 3: cosine similarity between prompt rows -----------------------------------------------
+
+def cosine_matrix(prompt):
+    """(n, n) cosine similarities between the rows of P' (n, d)."""
+    unit = torch.nn.functional.normalize(prompt.float(), dim=1)
+    return unit @ unit.T
+
+
+def prompt_cosines(rows, tasks, methods, seed):
+    out = {}
+    for task in tasks:
+        for method in methods:
+            for row in pick(rows, task, method, seed):
+                prompt, _ = M.load_folded_prompt(Path(row["run"]) / "prompt.pt")
+                out.setdefault(task, {})[method] = {"cosine": cosine_matrix(prompt).tolist(),
+                                                    "norms": prompt.norm(dim=1).tolist(), "run": row["run"]}
+    return out
+
+
+# --- Figure 4: one row broadcast l times, no retraining --------------------------------------------
+
+def subset_broadcast(rows, tasks, methods, seed, row_index, lengths, data_dir=None, max_examples=None, batch_size=64):
+    import evaluate
+    out = {}
+    for task in tasks:
+        for method in methods:
+            for row in pick(rows, task, method, seed):
+                prompt, _ = M.load_folded_prompt(Path(row["run"]) / "prompt.pt")
+                single = prompt[row_index % prompt.size(0)]  # (d,)
+                scores = [evaluate.evaluate_run(row["run"], split="test", prompt=single.expand(n, -1).clone(),
+                                                data_dir=data_dir, max_examples=max_examples, batch_size=batch_size,
+                                                write=False, quiet=True)["score"] for n in lengths]
+                original = evaluate.evaluate_run(row["run"], split="test", data_dir=data_dir, max_examples=max_examples,
+                                                 batch_size=batch_size, write=False, quiet=True)["score"]  # whole P'
+                out.setdefault(task, {})[method] = {"lengths": list(lengths), "score": scores, "original": original,
+                                                    "row": row_index, "row_norm": single.norm().item(), "run": row["run"]}
+                print(f"analyze: subset {task} {method}: " + " ".join(f"{s:.1f}" for s in scores)
+                      + f" (full prompt {original:.1f})")
+    return out
+
+
+# --- Figure 10: cross-task similarity and zero-shot transfer -----------------------------------------
+
+def task_transfer(rows, tasks, seed, data_dir=None, max_examples=None, batch_size=64, method="ept_star"):
+    """Cosine similarity between tasks' (single, broadcast) EPT* rows, and score(A's prompt on B) / score(B's own)."""
+    import evaluate
+    runs = {t: pick(rows, t, method, seed) for t in tasks}
+    tasks = [t for t in tasks if runs[t]]
+    if not tasks:
+        return {}
+    vectors = torch.stack([M.load_folded_prompt(Path(runs[t][0]["run"]) / "prompt.pt")[0][0] for t in tasks])
+    own, score, ratio = {}, [], []
+    for b in tasks:  # B's own score, on the same examples as the transfers to B
+        own[b] = evaluate.evaluate_run(runs[b][0]["run"], split="test", data_dir=data_dir, max_examples=max_examples,
+                                       batch_size=batch_size, write=False, quiet=True)["score"]
+    for a in tasks:
+        score.append([])
+        ratio.append([])
+        for b in tasks:
+            s = own[b] if a == b else evaluate.evaluate_run(
+                runs[a][0]["run"], task=b, split="test", data_dir=data_dir, max_examples=max_examples,
+                batch_size=batch_size, write=False, quiet=True)["score"]
+            score[-1].append(s)
+            ratio[-1].append(s / own[b] if own[b] and own[b] > 0 else None)  # undefined when B scores <= 0
+        print(f"analyze: transfer from {a}: " + " ".join(f"{b}={s:.1f}" for b, s in zip(tasks, score[-1])))
+    return {"tasks": tasks, "method": method, "cosine": cosine_matrix(vectors).tolist(), "score": score,
+            "ratio": ratio, "own": [own[t] for t in tasks], "note": "row = prompt's task A, column = evaluated task B"}
+
+
+# --- Appendix A.1: nearest vocabulary neighbours ---------------------------------------------------
+
+def nearest_tokens(prompt, embedding, tokenizer, k=5):
+    """Per row of P': the k tokens whose embeddings are closest in cosine, [(token, cosine), ...]."""
+    sims = torch.nn.functional.normalize(prompt.float(), dim=1) @ torch.nn.functional.normalize(
+        embedding.float(), dim=1).T  # (n, V)
+    sims = sims[:, :len(tokenizer)]  # T5 pads its embedding matrix beyond the vocabulary
+    values, ids = sims.topk(min(k, sims.size(1)), dim=1)
+    return [[(tokenizer.convert_ids_to_tokens(int(i)), round(float(v), 4)) for v, i in zip(vs, is_)]
+            for vs, is_ in zip(values, ids)]
+
+
+def neighbours(rows, tasks, methods, seed, k=5):
+    out, cache = {}, {}
+    for task in tasks:
+        for method in methods:
+            for row in pick(rows, task, method, seed):
+                config = json.loads((Path(row["run"]) / "config.json").read_text())
+                key = (config["model"], config["random_init"], config["seed"] if config["random_init"] else None)
+                if key not in cache:  # the frozen embedding matrix the prompt was trained against
+                    t5 = M.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
+                    cache[key] = (t5.get_input_embeddings().weight.detach(), M.load_tokenizer(config["tokenizer"]))
+                embedding, tokenizer = cache[key]
+                prompt, _ = M.load_folded_prompt(Path(row["run"]) / "prompt.pt")
+                distinct = prompt.unique(dim=0) if prompt.size(0) > 1 and method in ("ept", "ept_star") else prompt
+                out.setdefault(task, {})[method] = {
+                    "rows": [{"row": i, "norm": p.norm().item(), "neighbours": nb}
+                             for i, (p, nb) in enumerate(zip(distinct, nearest_tokens(distinct, embedding, tokenizer, k)))],
+                    "labels": (config.get("meta") or {}).get("labels"), "run": row["run"],
+                    "random_init": config["random_init"]}
+    return out
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    rows = main_runs(args.results_dir, args.model)
+    out_dir = Path(args.results_dir) / "analysis"
+    todo = ["norms", "cosine", "subset", "transfer", "neighbours"] if args.analysis == "all" else [args.analysis]
+    if not rows:
+        print(f"analyze: no main-grid rows for model {args.model!r} in {args.results_dir}/table1.jsonl, table2.jsonl; "
+              "nothing to analyse")
+        return {}
+    written = {}
+    for name in todo:
+        if name == "norms":
+            result = norm_curves(rows, args.tasks or FIG2_TASKS + FIG11_TASKS, args.methods or NORM_METHODS)
+        elif name == "cosine":
+            result = prompt_cosines(rows, args.tasks or ["boolq"], args.methods or NORM_METHODS + ["ept_star"], args.seed)
+        elif name == "subset":
+            result = subset_broadcast(rows, args.tasks or FIG2_TASKS, args.methods or NORM_METHODS, args.seed, args.row,
+                                      args.lengths, args.data_dir, args.max_examples, args.batch_size)
+        elif name == "transfer":
+            result = task_transfer(rows, args.tasks or ablate.ALL_TASKS, args.seed, args.data_dir, args.max_examples,
+                                   args.batch_size)
+        else:
+            result = neighbours(rows, args.tasks or ["boolq"], args.methods or NEIGHBOUR_METHODS, args.seed, args.top_k)
+        if not result:
+            print(f"analyze: {name}: no finished runs for it among {args.model!r} rows; skipped")
+            continue
+        write_json(out_dir / f"{name}.json", {"model": args.model, "seed": args.seed, name: result})
+        written[name] = result
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Export a trained prompt as a Hugging Face PEFT prompt-tuning adapter, without importing PEFT.
+
+Reads RUN_DIR/config.json and the folded P' (prompt.pt, the best checkpoint; or last.pt folded once)
+and writes OUT_DIR/adapter_model.safetensors ({"prompt_embeddings": P' (n, d) float32}) and
+OUT_DIR/adapter_config.json (a PromptTuningConfig), the two files PEFT's save_pretrained writes and
+PeftModel.from_pretrained reads, plus a README.md saying where the prompt came from. Each file is
+written atomically, the config last. The format followed is PEFT 0.17 (see docs/experiments.md):
+
+- num_transformer_submodules is written as 1. PEFT fills in 2 for SEQ_2_SEQ_LM only when the field
+  is null; with 2 it would expect 2n rows and prepend the second n to the *decoder* inputs in
+  forward() (generate() uses the first n only). Our prompt enters the encoder alone, which is what
+  PEFT does with 1, in forward() and in generate().
+- EPT's P' is the same row broadcast n times (n = 1 for EPT, 10 for EPT*): the adapter stores the n
+  rows as they enter the encoder; PEFT has no notion of a broadcast.
+
+    python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star
+    python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star --checkpoint last
+
+With PEFT installed, the adapter loads as
+    model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained("t5-base"), "exports/rte_ept_star")
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import model as M
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME
+PROMPT_KEY = "prompt_embeddings"  # get_peft_model_state_dict / set_peft_model_state_dict key for prompt learning
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("run_dir", help="a run folder written by train.py (a prompt method, not ft)")
+parser.add_argument("out_dir", help="the adapter folder to write")
+parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                    help="best: prompt.pt as saved; last: fold last.pt's prompt encoder once")
+parser.add_argument("--base-model", default=None,
+                    help="base_model_name_or_path to write (default: the run's --model)")
+
+
+def t5_dimensions(name_or_dir):
+    """(num_layers, num_heads) of the base T5: its config file if reachable, else the known sizes."""
+    from transformers import T5Config
+    try:
+        config = T5Config.from_pretrained(name_or_dir)
+        return config.num_layers, config.num_heads
+    except (OSError, ValueError):
+        size = M.SIZES.get(Path(str(name_or_dir)).name)
+        return (size["num_layers"], size["num_heads"]) if size else (None, None)
+
+
+def folded_prompt(run_dir, checkpoint="best"):
+    """P' (n, d) float32 of a run: prompt.pt, or the prompt encoder of last.pt run once."""
+    run_dir = Path(run_dir)
+    if checkpoint == "best":
+        if not (run_dir / "prompt.pt").exists():
+            raise SystemExit(f"export: {run_dir} has no prompt.pt (an ft run, or training did not finish)")
+        return M.load_folded_prompt(run_dir / "prompt.pt")[0].float()
+    import evaluate  # rebuilds T5 + the prompt exactly as evaluation does
+    net, _, _ = evaluate.load_run(run_dir, "last", device="cpu")
+    return net.prompt().detach().float().cpu()
+
+
+def adapter_config(prompt, base_model, num_layers, num_heads):
+    """PEFT's PromptTuningConfig.to_dict() fields (PEFT 0.17; every field also known to PEFT >= 0.7)."""
+    return {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model,
+        "inference_mode": True,  # save_pretrained always writes True
+        "num_attention_heads": num_heads,
+        "num_layers": num_layers,
+        "num_transformer_submodules": 1,  # encoder only: see the module docstring
+        "num_virtual_tokens": prompt.size(0),
+        "peft_type": "PROMPT_TUNING",
+        "prompt_tuning_init": "RANDOM",  # how PEFT would initialise it; irrelevant once weights load
+        "prompt_tuning_init_text": None,
+        "revision": None,
+        "task_type": "SEQ_2_SEQ_LM",
+        "token_dim": prompt.size(1),
+        "tokenizer_kwargs": None,
+        "tokenizer_name_or_path": None,
+    }
+
+
+def _write_atomic(path, write):
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def export(run_dir, out_dir, checkpoint="best", base_model=None):
+    """Write the adapter folder; returns (config dict, prompt tensor)."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    if config["method"] == "ft":
+        raise SystemExit(f"export: {run_dir} is full fine-tuning: there is no prompt to export")
+    prompt = folded_prompt(run_dir, checkpoint).contiguous()  # (n, d)
+    base_model = base_model or config["model"]
+    num_layers, num_heads = t5_dimensions(base_model)
+    peft_config = adapter_config(prompt, base_model, num_layers, num_heads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / ADAPTER_WEIGHTS, lambda p: save_file({PROMPT_KEY: prompt}, str(p), metadata={"format": "pt"}))
+    metrics = {}
+    if (run_dir / "metrics.json").exists():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    readme = (f"# {config['method']} prompt for {config['task']}\n\n"
+              f"Exported from `{run_dir}` ({checkpoint} checkpoint) by export.py: a PEFT PROMPT_TUNING adapter "
+              f"for `{base_model}`, {prompt.size(0)} virtual token(s) of dimension {prompt.size(1)}, "
+              f"encoder only (num_transformer_submodules 1).\n\n"
+              f"Test score of the run: {metrics.get('score', 'n/a')}. Training method: {config['method']}, "
+              f"{config.get('n_trainable', '?')} trainable parameters; only the folded prompt P' is kept.\n")
+    _write_atomic(out_dir / "README.md", lambda p: p.write_text(readme))
+    _write_atomic(out_dir / ADAPTER_CONFIG,  # last: a folder with a config has complete weights
+                  lambda p: p.write_text(json.dumps(peft_config, indent=2, sort_keys=True)))  # as PEFT writes it
+    return peft_config, prompt
+
+
+def load_adapter(out_dir):
+    """(adapter_config dict, prompt_embeddings tensor): what PEFT's loader reads from the folder."""
+    out_dir = Path(out_dir)
+    return json.loads((out_dir / ADAPTER_CONFIG).read_text()), load_file(str(out_dir / ADAPTER_WEIGHTS))[PROMPT_KEY]
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    peft_config, prompt = export(args.run_dir, args.out_dir, args.checkpoint, args.base_model)
+    print(f"export: {args.out_dir}/{ADAPTER_WEIGHTS} ({PROMPT_KEY} {tuple(prompt.shape)}) and {ADAPTER_CONFIG} "
+          f"(PROMPT_TUNING, SEQ_2_SEQ_LM, {peft_config['num_virtual_tokens']} virtual tokens)")
+    return peft_config
+
+
+if __name__ == "__main__":
+    main()

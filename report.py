@@ -1,0 +1,587 @@
+"""Every result -> the paper's tables (markdown + CSV) and figures (PNG) in one folder with an index.
+
+Reads results/<experiment>.jsonl (ablate.py, fewshot.py: one row per run) and
+results/analysis/<name>.json (analyze.py). Writes report/: table1..table4, table6 as .md and .csv
+(mean ± std over seeds, the Avg column, trainable parameters per task), fig2..fig12 as .png, the
+Appendix A.1 neighbours as .md, and index.md linking (and showing) all of it. A table cell without
+results reads "–"; a figure without results is skipped with a note in index.md, never a crash.
+
+    python report.py                                        # results/ -> report/
+    python report.py --results smoke/results --out smoke/report
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import ablate
+import model as M
+
+LABELS = {"ft": "FT", "ptuning": "P-Tuning", "resprompt": "ResPrompt", "pt": "PT", "ept": "EPT", "ept_star": "EPT*"}
+METHOD_ORDER = ["ft", "ptuning", "resprompt", "pt", "ept", "ept_star"]  # the paper's row order
+TASK_LABELS = {"cola": "CoLA", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "mnli": "MNLI", "qnli": "QNLI",
+               "qqp": "QQP", "sst2": "SST-2", "boolq": "BoolQ", "cb": "CB", "wic": "WiC", "wsc": "WSC",
+               "multirc": "MultiRC", "nq": "NQ", "hotpotqa": "HP", "searchqa": "SQA", "newsqa": "News",
+               "winogrande": "WG", "yelp": "Yelp", "scitail": "SciTail", "paws": "PAWS"}
+METRIC_LABELS = {"cola": "Matt", "stsb": "Pearson", "cb": "Acc/F1", "multirc": "F1a", **{t: "F1" for t in ablate.MRQA}}
+SIZE_ORDER = ["t5-large", "t5-base", "t5-small"]  # Table 1 lists Large first
+DASH = "–"
+COLORS = {"ft": "tab:gray", "ptuning": "tab:green", "resprompt": "tab:orange", "pt": "tab:blue", "ept": "tab:red",
+          "ept_star": "tab:purple"}
+# Table 4 rows the paper quotes from ATTEMPT (Asai et al. 2022) and that are not rerun here:
+# (method, params train/inference, MultiRC, BoolQ, WiC, WSC, CB, Avg)
+TABLE4_QUOTED = [("Fine-tuning", "220M/-", 73.9, 81.5, 70.8, 62.2, 75.0, 72.7),
+                 ("Adapter", "1.9M/-", 75.5, 82.1, 67.0, 61.5, 81.0, 73.4),
+                 ("AdapterDrop", "1.1M/-", 75.3, 82.3, 67.7, 62.2, 73.8, 72.3),
+                 ("BitFit", "280K/-", 74.7, 79.9, 68.2, 54.5, 72.6, 70.0),
+                 ("ATTEMPT", "232K/-", 72.9, 77.0, 66.9, 52.5, 72.6, 68.4),
+                 ("SPoT", "77K/-", 73.0, 77.4, 58.4, 61.5, 36.9, 61.4)]
+TABLE4_TASKS = ["multirc", "boolq", "wic", "wsc", "cb"]
+INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)", "label": "Label (label words)"}
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--results", default="results", help="folder of <experiment>.jsonl and analysis/")
+parser.add_argument("--out", default="report", help="report folder to write")
+parser.add_argument("--model", default=None,
+                    help="model tag of the single-size tables/figures (default: t5-base if present, else the most common)")
+
+
+# --- numbers -----------------------------------------------------------------------------------------
+
+def mean_std(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None, None, 0
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std, len(values)
+
+
+def cell(values, std=True):
+    mean, sd, n = mean_std(values)
+    if mean is None:
+        return DASH
+    return f"{mean:.1f} ± {sd:.1f}" if std and n > 1 else f"{mean:.1f}"
+
+
+def human(n):
+    """Parameter counts as the paper prints them (truncated): 2304 -> 2.3K, 1779456 -> 1.7M."""
+    if n is None:
+        return DASH
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            v = n / div
+            return (f"{math.floor(v * 10) / 10:g}" if v < 100 else f"{int(v)}") + unit
+    return str(n)
+
+
+def dedupe(rows):
+    """One row per run folder (the last one written wins)."""
+    return list({r["run"]: r for r in rows}.values())
+
+
+def scores(rows, **where):
+    return [r["score"] for r in rows if all(r.get(k) == v for k, v in where.items())]
+
+
+def select_best_lr(rows):
+    """Appendix B.2's lr search: per (model, task, method) keep the lr with the best mean validation score."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["model_tag"], r["task"], r["method"]), {}).setdefault(r["lr"], []).append(r)
+    kept = []
+    for by_lr in groups.values():
+        best = max(by_lr, key=lambda lr: mean_std([r.get("val_score") for r in by_lr[lr]])[0] or -math.inf)
+        kept += by_lr[best]
+    return kept
+
+
+def ordered(values, order):
+    return [v for v in order if v in values] + sorted(v for v in values if v not in order)
+
+
+def params_of(rows, model_tag, method):
+    """Trainable parameters per task: the runs' n_trainable, else model.parameter_table for a known size."""
+    counts = {r["n_trainable"] for r in rows if r["model_tag"] == model_tag and r["method"] == method
+              and r.get("n_trainable")}
+    if counts:
+        return human(max(counts))
+    if model_tag in M.SIZES:
+        return human(_param_table()[model_tag].get(method))
+    return DASH
+
+
+_PARAMS = {}
+
+
+def _param_table():
+    if not _PARAMS:
+        _PARAMS.update(M.parameter_table())
+    return _PARAMS
+
+
+# --- tables: each returns (markdown, csv rows) ----------------------------------------------------------
+
+def markdown(header, body):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in body]) + "\n"
+
+
+def avg_cell(rows, tasks, **where):
+    """Mean over tasks of the per-task mean over seeds; '†' when some task has no result."""
+    means = [mean_std(scores(rows, task=t, **where))[0] for t in tasks]
+    present = [m for m in means if m is not None]
+    if not present:
+        return DASH
+    return f"{sum(present) / len(present):.1f}" + ("" if len(present) == len(tasks) else "†")
+
+
+def grid_table(rows, groups, title_cols=("Model", "Method", "Param")):
+    """Tables 1 and 2: one row per (model, method), per-task mean ± std, an Avg per task group."""
+    rows = dedupe(rows)
+    header = list(title_cols)
+    for name, tasks in groups:
+        header += [f"{TASK_LABELS[t]} ({METRIC_LABELS.get(t, 'Acc')})" for t in tasks] + [f"{name} Avg"]
+    body, long = [], []
+    for tag in ordered({r["model_tag"] for r in rows}, SIZE_ORDER):
+        for method in ordered({r["method"] for r in rows if r["model_tag"] == tag}, METHOD_ORDER):
+            line = [tag, LABELS.get(method, method), params_of(rows, tag, method)]
+            for _, tasks in groups:
+                for t in tasks:
+                    values = scores(rows, model_tag=tag, method=method, task=t)
+                    line.append(cell(values))
+                    mean, sd, n = mean_std(values)
+                    long.append({"model": tag, "method": method, "task": t, "mean": mean, "std": sd, "seeds": n})
+                line.append(avg_cell(rows, tasks, model_tag=tag, method=method))
+            body.append(line)
+    return markdown(header, body), long
+
+
+def table1(rows):
+    rows = select_best_lr(dedupe(rows))
+    return grid_table(rows, [("GLUE", ablate.GLUE), ("SuperGLUE", ablate.SUPERGLUE)])
+
+
+def table2(rows):
+    return grid_table(rows, [("MRQA", ablate.MRQA), ("Others", ablate.OTHERS)])
+
+
+def table3(rows):
+    """Few-shot: rows (benchmark, k), a column per method; cell = mean over the benchmark's tasks of the
+    per-task mean over seeds (the paper's layout), then a per-task detail table."""
+    rows = dedupe(rows)
+    methods = ordered({r["method"] for r in rows}, METHOD_ORDER)
+    header = ["Benchmark", "k-shot", *[LABELS[m] for m in methods]]
+    body, long = [], []
+    for name, tasks in (("SuperGLUE", ablate.SUPERGLUE), ("GLUE", ablate.GLUE)):
+        for k in sorted({r["fewshot_k"] for r in rows}):
+            body.append([name, k, *[avg_cell(rows, tasks, method=m, fewshot_k=k) for m in methods]])
+    detail_header = ["k", "Task", *[LABELS[m] for m in methods]]
+    detail = []
+    for k in sorted({r["fewshot_k"] for r in rows}):
+        for t in ablate.SUPERGLUE + ablate.GLUE:
+            if any(r["task"] == t and r["fewshot_k"] == k for r in rows):
+                detail.append([k, TASK_LABELS[t], *[cell(scores(rows, method=m, task=t, fewshot_k=k)) for m in methods]])
+                for m in methods:
+                    mean, sd, n = mean_std(scores(rows, method=m, task=t, fewshot_k=k))
+                    long.append({"k": k, "task": t, "method": m, "mean": mean, "std": sd, "seeds": n})
+    return markdown(header, body) + "\nPer task (mean ± std over seeds):\n\n" + markdown(detail_header, detail), long
+
+
+def table4(rows):
+    rows = dedupe(rows)
+    header = ["Method", "Params (train/inference)", *[TASK_LABELS[t] for t in TABLE4_TASKS], "Avg"]
+    body, long = [], []
+    for method in ordered({r["method"] for r in rows}, ["pt", "ept", "ept_star"]):
+        mine = [r for r in rows if r["method"] == method]
+        n_train = max((r["n_trainable"] or 0) for r in mine) or None
+        n_inf = max((r["n_inference"] or 0) for r in mine) or None
+        label = LABELS[method] + (f" (n={mine[0]['prompt_length']})" if method == "pt" else
+                                  f" (depth {mine[0]['depth']})" if method in ("ept", "ept_star") else "")
+        line = [label, f"{human(n_train)}/{human(n_inf)}"]
+        for t in TABLE4_TASKS:
+            line.append(cell(scores(mine, task=t)))
+            mean, sd, n = mean_std(scores(mine, task=t))
+            long.append({"method": method, "task": t, "mean": mean, "std": sd, "seeds": n})
+        body.append(line + [avg_cell(mine, TABLE4_TASKS)])
+    quoted = markdown(header, [[m, p, *[f"{v:.1f}" for v in vals]] for m, p, *vals in TABLE4_QUOTED])
+    return (markdown(header, body) + "\nRows the paper quotes from ATTEMPT (Asai et al. 2022), not rerun here:\n\n"
+            + quoted), long
+
+
+def table6(rows):
+    rows = dedupe(rows)
+    tasks = ["boolq", "cb", "rte", "wsc"]
+    header = ["Init. / Task", *[TASK_LABELS[t] for t in tasks], "Avg"]
+    body, long = [], []
+    for kind in ordered({r["init"] for r in rows}, list(INIT_LABELS)):
+        body.append([INIT_LABELS.get(kind, kind), *[cell(scores(rows, init=kind, task=t)) for t in tasks],
+                     avg_cell(rows, tasks, init=kind)])
+        long += [{"init": kind, "task": t, **dict(zip(("mean", "std", "seeds"), mean_std(scores(rows, init=kind, task=t))))}
+                 for t in tasks]
+    return markdown(header, body), long
+
+
+def sweep_table(rows):
+    """Ablation sweeps (Figures 5, 7, 8, 9): rows (method, swept value), a column per task."""
+    rows = dedupe(rows)
+    tasks = ordered({r["task"] for r in rows}, ablate.ALL_TASKS)
+    header = ["Method", "Value", *[TASK_LABELS.get(t, t) for t in tasks], "Avg"]
+    body, long = [], []
+    for method in ordered({r["method"] for r in rows}, METHOD_ORDER):
+        values = {r["variant"] for r in rows if r["method"] == method}
+        for v in sorted(values, key=lambda x: (isinstance(x, str), x)):
+            body.append([LABELS[method], v, *[cell(scores(rows, method=method, variant=v, task=t)) for t in tasks],
+                         avg_cell(rows, tasks, method=method, variant=v)])
+            long += [{"method": method, "value": v, "task": t,
+                      **dict(zip(("mean", "std", "seeds"), mean_std(scores(rows, method=method, variant=v, task=t))))}
+                     for t in tasks]
+    return markdown(header, body), long
+
+
+TABLES = {"table1": ("Table 1: GLUE and SuperGLUE (mean ± std over seeds)", "table1", table1),
+          "table2": ("Table 2: MRQA and Others, t5-base (mean ± std over seeds)", "table2", table2),
+          "table3": ("Table 3: few-shot, t5-base (mean over tasks of the mean over seeds)", "fewshot", table3),
+          "table4": ("Table 4: 5 SuperGLUE tasks in the ATTEMPT setting, t5-base", "table4", table4),
+          "table6": ("Table 6: EPT prompt initialisation, t5-base", "init", table6)}
+EXPERIMENT_TABLE = {"table1": table1, "table2": table2, "fewshot": table3, "table4": table4, "init": table6}
+
+
+def experiment_table(experiment, rows):
+    """The table a driver prints after its runs: the paper's layout, or a sweep pivot."""
+    return EXPERIMENT_TABLE.get(experiment, sweep_table)(rows)[0]
+
+
+def write_csv(path, long):
+    buf = io.StringIO()
+    if long:
+        writer = csv.DictWriter(buf, fieldnames=list(long[0]))
+        writer.writeheader()
+        writer.writerows(long)
+    write_text(path, buf.getvalue())
+
+
+def write_text(path, text):
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- figures: each returns a list of written file names, or raises Missing ----------------------------
+
+class Missing(Exception):
+    """A figure's results are not there: index.md says so, nothing else happens."""
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out, name):
+    path = Path(out) / name
+    tmp = path.with_name(f".{name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    os.replace(tmp, path)
+    return name
+
+
+def load_analysis(results, name):
+    path = Path(results) / "analysis" / f"{name}.json"
+    if not path.exists():
+        raise Missing(f"no {path} (run `python analyze.py {name}`)")
+    return json.loads(path.read_text())[name]
+
+
+def fig_norms(results, out, tasks, name, title):
+    """Figures 2 / 11: (a) mu_t over steps, (b) validation score over steps, one line per method."""
+    curves = load_analysis(results, "norms")
+    tasks = [t for t in tasks if t in curves]
+    if not tasks:
+        raise Missing("no norm curves for these tasks in analysis/norms.json")
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4 * len(tasks), 6.5), squeeze=False)
+    for j, task in enumerate(tasks):
+        for method in ordered(set(curves[task]), METHOD_ORDER):
+            c = curves[task][method]
+            axes[0, j].plot(c["step"], c["prompt_norm"], color=COLORS.get(method), label=LABELS[method])
+            axes[1, j].plot(c["eval_step"], c["score"], color=COLORS.get(method), marker="o", ms=3, label=LABELS[method])
+        axes[0, j].set_yscale("log")
+        axes[0, j].set_title(f"{TASK_LABELS.get(task, task)}: (a) prompt norm")
+        axes[0, j].set_xlabel("training step t")
+        axes[0, j].set_ylabel("μ_t (mean L2 norm of P' rows, log)")
+        axes[1, j].set_title(f"{TASK_LABELS.get(task, task)}: (b) validation score")
+        axes[1, j].set_xlabel("training step t")
+        axes[1, j].set_ylabel("validation score")
+        axes[0, j].legend(fontsize=8)
+        axes[1, j].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return [_save(fig, out, name)]
+
+
+def fig3(results, out):
+    """Figure 3: cosine similarity between the prompt rows, one heatmap per method."""
+    data = load_analysis(results, "cosine")
+    task = "boolq" if "boolq" in data else next(iter(data))
+    methods = ordered(set(data[task]), METHOD_ORDER)
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        m = data[task][method]["cosine"]
+        im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
+        if len(m) <= 12:
+            for i, row in enumerate(m):
+                for j, v in enumerate(row):
+                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6)
+        ax.set_title(f"{LABELS[method]} ({TASK_LABELS.get(task, task)})")
+        ax.set_xlabel("prompt row j")
+        ax.set_ylabel("prompt row i")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
+    return [_save(fig, out, "fig3_prompt_cosine.png")]
+
+
+def fig4(results, out):
+    """Figure 4: one row P'_i repeated l times (solid) vs the whole prompt (dotted), per method."""
+    data = load_analysis(results, "subset")
+    tasks = ordered(set(data), ["boolq", "rte"])
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in ordered(set(data[task]), METHOD_ORDER):
+            d = data[task][method]
+            ax.plot(d["lengths"], d["score"], color=COLORS.get(method), marker="o", ms=3,
+                    label=f"{LABELS[method]}: P'_{d['row']} × l")
+            ax.axhline(d["original"], color=COLORS.get(method), ls=":", label=f"{LABELS[method]}: full prompt")
+        ax.set_title(TASK_LABELS.get(task, task))
+        ax.set_xlabel("concatenated length l")
+        ax.set_ylabel("test score")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return [_save(fig, out, "fig4_subset_broadcast.png")]
+
+
+def _sweep_rows(results, experiment):
+    rows = dedupe(ablate.read_jsonl(Path(results) / f"{experiment}.jsonl"))
+    if not rows:
+        raise Missing(f"no {Path(results) / experiment}.jsonl (run `python ablate.py {experiment}`)")
+    return rows
+
+
+def _sweep_axes(rows, tasks, name, xlabel, logx, title, methods=None, band=True):
+    """One subplot per task (+ the average): mean over seeds per swept value, ± std band, a line per method."""
+    tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
+    if not tasks:
+        raise Missing(f"no rows for {name}")
+    methods = methods or ordered({r["method"] for r in rows}, METHOD_ORDER)
+    panels = tasks + (["Avg"] if len(tasks) > 1 else [])
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], panels):
+        for method in methods:
+            xs = sorted({r["variant"] for r in rows if r["method"] == method})
+            ys, sds = [], []
+            for x in xs:
+                if task == "Avg":  # mean over tasks of the per-task mean
+                    means = [mean_std(scores(rows, method=method, variant=x, task=t))[0] for t in tasks]
+                    ys.append(sum(means) / len(means) if None not in means else float("nan"))
+                    sds.append(0.0)
+                else:
+                    m, sd, _ = mean_std(scores(rows, method=method, variant=x, task=task))
+                    ys.append(float("nan") if m is None else m)
+                    sds.append(sd or 0.0)
+            ax.plot(xs, ys, marker="o", ms=3, color=COLORS.get(method), label=LABELS[method])
+            if band and task != "Avg":
+                ax.fill_between(xs, [y - s for y, s in zip(ys, sds)], [y + s for y, s in zip(ys, sds)],
+                                color=COLORS.get(method), alpha=0.2)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_title(TASK_LABELS.get(task, task) if task != "Avg" else "Average")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test score")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def fig5_12(results, out):
+    rows = _sweep_rows(results, "hidden")
+    names = []
+    for tasks, name, title in ((["boolq", "rte"], "fig5_hidden_size.png", "Figure 5: EPT hidden size h (mean ± std)"),
+                               (["wsc", "cb", "wic"], "fig12_hidden_size.png", "Figure 12: EPT hidden size h (mean ± std)")):
+        try:
+            names.append(_save(_sweep_axes(rows, tasks, name, "hidden size h", True, title), out, name))
+        except Missing:
+            pass
+    if not names:
+        raise Missing("hidden.jsonl has none of the Figure 5/12 tasks")
+    return names
+
+
+def fig7(results, out):
+    rows = _sweep_rows(results, "broadcast")
+    fig = _sweep_axes(rows, ["multirc", "cola"], "broadcast", "broadcast length n", False,
+                      "Figure 7: EPT* broadcast length (mean ± std)")
+    return [_save(fig, out, "fig7_broadcast.png")]
+
+
+def fig8(results, out):
+    rows = _sweep_rows(results, "lr")
+    fig = _sweep_axes(rows, ablate.SUPERGLUE, "lr", "learning rate", True, "Figure 8: learning rate", band=False)
+    return [_save(fig, out, "fig8_learning_rate.png")]
+
+
+def fig9(results, out):
+    """Figure 9: (left) score per added structure on the SuperGLUE tasks; (right) norm vs score on BoolQ."""
+    rows = _sweep_rows(results, "structure")
+    names = ordered({r["variant"] for r in rows}, list(ablate.STRUCTURES))
+    tasks = [t for t in ablate.SUPERGLUE if any(r["task"] == t for r in rows)]
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(names)
+    panels = tasks + ["Avg"]
+    for i, name in enumerate(names):
+        ys = [mean_std(scores(rows, variant=name, task=t))[0] for t in tasks]
+        ys = [float("nan") if y is None else y for y in ys]
+        ys.append(sum(ys) / len(ys) if ys else float("nan"))
+        left.bar([p + i * width for p in range(len(panels))], ys, width, label=name)
+    left.set_xticks([p + width * (len(names) - 1) / 2 for p in range(len(panels))],
+                    [TASK_LABELS.get(t, t) for t in panels])
+    left.set_ylabel("test score")
+    left.set_title("EPT + one structure (mean over seeds)")
+    left.legend(fontsize=7)
+    task = "boolq" if "boolq" in tasks else tasks[0]
+    for i, name in enumerate(names):
+        mine = [r for r in rows if r["variant"] == name and r["task"] == task]
+        x = mean_std([r["score"] for r in mine])[0]
+        y = mean_std([r.get("final_prompt_norm") or r.get("prompt_norm") for r in mine])[0]
+        if x is not None and y is not None:
+            right.scatter([x], [y], s=40, color=f"C{i}", label=name)
+            right.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    right.set_yscale("log")
+    right.set_xlabel(f"test score ({TASK_LABELS.get(task, task)})")
+    right.set_ylabel("final prompt norm μ_T (log)")
+    right.set_title(f"norm vs score on {TASK_LABELS.get(task, task)}")
+    right.legend(fontsize=7)
+    fig.suptitle("Figure 9: EPT structure ablation")
+    fig.tight_layout()
+    return [_save(fig, out, "fig9_structure.png")]
+
+
+def fig10(results, out):
+    data = load_analysis(results, "transfer")
+    labels = [TASK_LABELS.get(t, t) for t in data["tasks"]]
+    plt = _plt()
+    n = len(labels)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 0.9 * n + 4), max(4.5, 0.45 * n + 2)))
+    ratio = [[float("nan") if v is None else min(max(v, 0.0), 1.0) for v in row] for row in data["ratio"]]
+    for ax, matrix, title, vmin in ((left, data["cosine"], "cosine similarity of EPT* prompts", -1),
+                                    (right, ratio, "zero-shot score ratio (A's prompt on B / B's own), clipped to [0, 1]", 0)):
+        im = ax.imshow(matrix, vmin=vmin, vmax=1, cmap="viridis")
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), labels, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        if n <= 21:
+            for i, row in enumerate(matrix):
+                for j, v in enumerate(row):
+                    if v == v:  # not NaN
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="w" if v < 0.5 else "k")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    left.set_xlabel("task")
+    left.set_ylabel("task")
+    right.set_xlabel("evaluated task B")
+    right.set_ylabel("prompt's task A")
+    fig.suptitle("Figure 10: cross-task prompt similarity and zero-shot transfer")
+    fig.tight_layout()
+    return [_save(fig, out, "fig10_transfer.png")]
+
+
+def neighbours_md(results, out):
+    data = load_analysis(results, "neighbours")
+    lines = ["# Appendix A.1: nearest vocabulary neighbours (cosine) of each prompt row\n"]
+    for task, methods in data.items():
+        for method in ordered(set(methods), METHOD_ORDER):
+            d = methods[method]
+            labels = set(d.get("labels") or [])
+            note = " (random-weight T5: neighbours are meaningless)" if d.get("random_init") else ""
+            lines.append(f"\n## {TASK_LABELS.get(task, task)}, {LABELS[method]}{note}\n")
+            body = [[r["row"], f"{r['norm']:.3g}",
+                     ", ".join(f"**{tok}**" if tok.replace("▁", "") in labels else tok for tok, _ in r["neighbours"]),
+                     ", ".join(f"{c:.2f}" for _, c in r["neighbours"])] for r in d["rows"]]
+            lines.append(markdown(["row", "norm", "nearest tokens (label words in bold)", "cosine"], body))
+    write_text(Path(out) / "neighbours.md", "\n".join(lines))
+    return ["neighbours.md"]
+
+
+FIGURES = [("Figure 2: prompt norm μ_t and validation score over steps (BoolQ, RTE)",
+            lambda r, o: fig_norms(r, o, ["boolq", "rte"], "fig2_norms.png", "Figure 2: PT vs reparameterized prompts")),
+           ("Figure 3: cosine similarity between prompt rows (BoolQ)", fig3),
+           ("Figure 4: one prompt row broadcast l times, no retraining", fig4),
+           ("Figures 5 and 12: EPT hidden size", fig5_12),
+           ("Figure 7: EPT* broadcast length", fig7),
+           ("Figure 8: learning-rate robustness", fig8),
+           ("Figure 9: structure ablation and norm vs score", fig9),
+           ("Figure 10: cross-task similarity and zero-shot transfer", fig10),
+           ("Figure 11: prompt norm and score on GLUE + WiC",
+            lambda r, o: fig_norms(r, o, ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2", "wic"],
+                                   "fig11_norms.png", "Figure 11: prompt norm and score")),
+           ("Appendix A.1: nearest vocabulary neighbours", neighbours_md)]
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    results, out = Path(args.results), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = ["# EPT reproduction: report\n", f"Generated by `python report.py --results {results} --out {out}` "
+             "from the results rows of ablate.py / fewshot.py and the analyses of analyze.py. "
+             "Scores in [0, 100]; '–' = no result; '†' = average over the tasks present only.\n"]
+    missing = []
+    for key, (title, experiment, build) in TABLES.items():
+        rows = ablate.read_jsonl(results / f"{experiment}.jsonl")
+        index.append(f"\n## {title}\n")
+        if not rows:
+            missing.append(f"{title}: no {results / experiment}.jsonl")
+            index.append(f"*Missing: no `{results / experiment}.jsonl` yet.*\n")
+            continue
+        md, long = build(rows)
+        write_text(out / f"{key}.md", f"# {title}\n\n{md}")
+        write_csv(out / f"{key}.csv", long)
+        index.append(f"[{key}.md]({key}.md) · [{key}.csv]({key}.csv)\n\n{md}")
+    for experiment in ("hidden", "broadcast", "lr", "structure"):  # the numbers behind Figures 5/12, 7, 8, 9
+        rows = ablate.read_jsonl(results / f"{experiment}.jsonl")
+        if rows:
+            md, long = sweep_table(rows)
+            write_text(out / f"sweep_{experiment}.md", f"# {experiment} sweep (mean ± std over seeds)\n\n{md}")
+            write_csv(out / f"sweep_{experiment}.csv", long)
+    for title, build in FIGURES:
+        index.append(f"\n## {title}\n")
+        try:
+            names = build(results, out)
+        except Missing as why:
+            missing.append(f"{title}: {why}")
+            index.append(f"*Skipped: {why}.*\n")
+            continue
+        for name in names:
+            index.append(f"[{name}]({name})\n" if name.endswith(".md") else f"![{name}]({name})\n")
+    sweeps = [f"[sweep_{e}.md](sweep_{e}.md)" for e in ("hidden", "broadcast", "lr", "structure")
+              if (out / f"sweep_{e}.md").exists()]
+    if sweeps:
+        index.append("\n## Numbers behind the sweep figures\n\n" + " · ".join(sweeps) + "\n")
+    write_text(out / "index.md", "\n".join(index))
+    print(f"report: wrote {out}/index.md" + (f"; missing: {len(missing)}" if missing else ""))
+    for m in missing:
+        print(f"report: missing {m}")
+    return missing
+
+
+if __name__ == "__main__":
+    main()
