@@ -1,0 +1,584 @@
+"""Turn the 21 tasks of the EPT paper into text-to-text JSONL files with the paper's splits.
+
+Reads the Hugging Face Hub datasets of REFERENCE §3 (`datasets.load_dataset`), or, with
+`--source DIR`, a folder of the official distribution files (one sub-folder per task; the file
+names are in docs/data.md). Writes, per task:
+
+    data/<task>/train.jsonl, validation.jsonl, test.jsonl   {"source", "target", "label", "idx", ...}
+    data/<task>/train_k{K}_seed{S}.jsonl                    few-shot sets (Table 3), with --fewshot
+    data/<task>/meta.json                                   origin, sizes, labels, metrics, lengths
+
+Splits follow Appendix B.1 from a fixed data seed (separate from the training seed).
+
+    python prepare_data.py --tasks rte cb                      # from the Hub
+    python prepare_data.py --tasks all --source raw/ --tokenizer t5-base
+    python prepare_data.py --tasks superglue glue --fewshot 4 16 32 --fewshot-seeds 0 1 2 3 4 5
+    python prepare_data.py --source tests/fixtures/raw --tasks all --out smoke/data   # CPU smoke data
+
+A task whose meta.json exists is skipped unless --overwrite; a failed run leaves it untouched.
+"""
+import argparse
+import csv
+import functools
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# data
+g = parser.add_argument_group("data")
+g.add_argument("--tasks", nargs="+", default=["all"],
+               help="task names, group names (glue, superglue, mrqa, others) or 'all'")
+g.add_argument("--source", default=None, metavar="DIR",
+               help="folder of official files, one sub-folder per task (docs/data.md); default: the Hub")
+g.add_argument("--data-seed", type=int, default=42, help="seed of the validation/test draws (Appendix B.1)")
+g.add_argument("--tokenizer", default="t5-base", metavar="NAME_OR_DIR",
+               help="T5 tokenizer for token-length statistics and max_target_length")
+# few-shot (Table 3)
+g = parser.add_argument_group("few-shot (Table 3)")
+g.add_argument("--fewshot", nargs="*", type=int, default=[], metavar="K",
+               help="examples per class (in all for STS-B and MRQA); none by default")
+g.add_argument("--fewshot-seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5], metavar="S",
+               help="one few-shot set per seed and K")
+# output
+g = parser.add_argument_group("output")
+g.add_argument("--out", default="data", help="output folder; one sub-folder per task")
+g.add_argument("--overwrite", action="store_true", help="rebuild tasks that already have a meta.json")
+
+
+# ---------------------------------------------------------------------------- templates (REFERENCE §3)
+# Every converter maps one row in the Hub schema (DATA-SCHEMAS.md) and its position in the split
+# to a record; the local readers below first map the official files onto that same schema.
+
+def pairs(*cols, label=lambda r: r["label"], idx="idx"):
+    """Classification: source = `name: value` joined by spaces, target = str(label id)."""
+    cols = [c if isinstance(c, tuple) else (c, c) for c in cols]  # (template name, Hub column)
+
+    def convert(row, i):
+        y = label(row)
+        return {"source": " ".join(f"{name}: {row[col]}" for name, col in cols), "target": str(y),
+                "label": y, "idx": row[idx] if idx else i}  # tasks without an id column: position
+    return convert
+
+
+def stsb(row, i):
+    y = round(float(row["label"]), 5)  # the Hub stores float32: 3.8 -> 3.7999999523
+    if not 0 <= y <= 5:
+        raise ValueError(f"label {y} is outside the STS-B range 0..5")
+    return {"source": f"sentence1: {row['sentence1']} sentence2: {row['sentence2']}",
+            "target": f"{round(y * 5) / 5:.1f}", "label": y, "idx": row["idx"]}  # the 0.2 grid, as T5
+
+
+def mark_span(text, span, index, mark):
+    """T5's WSC marking: `mark span mark` around the span starting at word `index`."""
+    return re.sub(rf"^((?:\S+\s){{{index}}})({re.escape(span)})", rf"\1{mark} \2 {mark}", text)
+
+
+def wsc(row, i):
+    text = mark_span(row["text"], row["span1_text"], row["span1_index"], "*")
+    span2 = row["span2_index"] + 2 * (row["span1_index"] < row["span2_index"])  # the two '*' words
+    text = mark_span(text, row["span2_text"], span2, "#")
+    return {"source": f"text: {text}", "target": str(row["label"]), "label": row["label"], "idx": row["idx"]}
+
+
+def remove_markup(text):
+    return re.sub(r"</?b>", "", text.replace("<br>", " "))  # T5's MultiRC remove_markup
+
+
+def multirc(row, i):
+    q, a, p = (remove_markup(row[k]) for k in ("question", "answer", "paragraph"))
+    return {"source": f"question: {q} answer: {a} paragraph: {p}", "target": str(row["label"]),
+            "label": row["label"], "idx": row["idx"]["answer"], "question_id": row["idx"]["question"]}
+
+
+@functools.cache
+def _punctuation():
+    """T5's [^_\\s\\p{N}\\p{L}\\p{M}] spelled out for Python's re (it has no \\p{..} classes)."""
+    keep = lambda c: c == "_" or c.isspace() or unicodedata.category(c)[0] in "LNM"
+    ranges, start = [], None
+    for cp in range(sys.maxunicode + 2):
+        pad = cp <= sys.maxunicode and not keep(chr(cp))
+        if pad and start is None:
+            start = cp
+        elif not pad and start is not None:
+            ranges.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
+            start = None
+    return re.compile(f"([{''.join(ranges)}])")
+
+
+def pad_punctuation(text):
+    """T5's MRQA pad_punctuation: spaces around every punctuation character, whitespace collapsed."""
+    return re.sub(r"\s+", " ", _punctuation().sub(r" \1 ", text)).strip()
+
+
+def mrqa(row, i):
+    answers = [pad_punctuation(a) for a in row["answers"]]
+    return {"source": f"question: {pad_punctuation(row['question'])} context: {pad_punctuation(row['context'])}",
+            "target": answers[0], "label": row["answers"][0], "idx": row["qid"], "answers": answers}
+
+
+def label_of(mapping, value):
+    if value not in mapping:
+        raise ValueError(f"label {value!r} is not one of {', '.join(map(repr, mapping))}")
+    return mapping[value]
+
+
+ENTAIL = {"entailment": 0, "not_entailment": 1}
+MNLI = {"entailment": 0, "neutral": 1, "contradiction": 2}
+CB = {"entailment": 0, "contradiction": 1, "neutral": 2}
+BOOL = {False: 0, True: 1}
+SCITAIL = {"entailment": 0, "neutral": 1}
+
+
+# ---------------------------------------------------------------------------- official files -> Hub rows
+
+def read(path, parse, fmt="json", names=None):
+    """Parse `path` line by line (every official format here keeps one record per line) into Hub rows.
+
+    fmt: json | tsv (read as HF does: tab, csv.QUOTE_NONE) | csv; names: columns of a header-less file.
+    parse(record, n) returns a list of rows, n = the record's position. Errors name file and line.
+    """
+    rows, n = [], 0
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                if fmt == "json":
+                    rec = json.loads(line)
+                else:
+                    fields = next(csv.reader([line], delimiter="\t" if fmt == "tsv" else ",",
+                                             quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL))
+                    if names is None:
+                        names = fields  # header line
+                        continue
+                    if len(fields) < len(names):
+                        raise ValueError(f"{len(fields)} columns, expected {len(names)}")
+                    rec = dict(zip(names, fields))
+                new = parse(rec, n)
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+                raise SystemExit(f"prepare_data: {path}:{lineno}: bad row ({type(e).__name__}: {e})") from None
+            for row in new:
+                row["_at"] = f"{path}:{lineno}"  # for error messages further down
+            rows += new
+            n += 1
+    return rows
+
+
+def per_split(parse, fmt="json", names=None):
+    """Reader for tasks with one train file and one labelled held-out file."""
+    return lambda found: (read(found["train"], parse, fmt, names), read(found["eval"], parse, fmt, names))
+
+
+def by_suffix(**parsers):
+    """Reader for tasks whose files come in two formats, told apart by suffix: {suffix: (parse, fmt, names)}."""
+    one = lambda p: read(p, *parsers[p.suffix.lstrip(".")])
+    return lambda found: (one(found["train"]), one(found["eval"]))
+
+
+def read_mrpc(found):
+    """As HF: train and validation both from msr_paraphrase_train.txt, validation = the pairs in dev_ids.tsv."""
+    dev = {(r["id1"], r["id2"]) for r in read(found["dev_ids"], lambda r, n: [dict(r)], "tsv", ("id1", "id2"))}
+    rows = read(found["train"], lambda r, n: [{
+        "sentence1": r["#1 String"], "sentence2": r["#2 String"], "label": int(r["Quality"]), "idx": n,
+        "dev": (r["#1 ID"], r["#2 ID"]) in dev}], "tsv")
+    return [r for r in rows if not r["dev"]], [r for r in rows if r["dev"]]
+
+
+def read_wsc(r, n):
+    ex = {"text": r["text"], **{k: r["target"][k] for k in ("span1_index", "span2_index", "span1_text", "span2_text")}}
+    return [{**fix_wst(ex), "idx": r["idx"], "label": label_of(BOOL, r["label"])}]
+
+
+def fix_wst(ex):
+    """HF super_glue `_fix_wst` (the wsc.fixed config): make span texts substrings of the text."""
+    for k in ("span1", "span2"):
+        text, index = ex[k + "_text"], ex[k + "_index"]
+        if text in ex["text"] or text in ("Kamenev and Zinoviev", "Kamenev, Zinoviev, and Stalin"):
+            continue  # fine already, or not fixable (intervening words)
+        if "theyscold" in text:
+            ex["span2_index"] = 10  # as HF (its text.replace there is a no-op)
+        first_word = ex["text"].split()[index]
+        text = (text[0].lower() if first_word[0].islower() else text[0].upper()) + text[1:]
+        ex[k + "_text"] = text.rstrip(".").replace("\n", " ")
+    return ex
+
+
+def read_multirc(r, n):
+    """One row per answer option, flattened passage -> question -> answer in file order (as HF)."""
+    return [{"paragraph": r["passage"]["text"], "question": q["question"], "answer": a["text"],
+             "label": label_of(BOOL, bool(a["label"])),
+             "idx": {"paragraph": r["idx"], "question": q["idx"], "answer": a["idx"]}}
+            for q in r["passage"]["questions"] for a in q["answers"]]
+
+
+def read_mrqa(r, n):
+    if "header" in r:
+        return []  # MRQA files open with {"header": {"dataset", "split"}}
+    return [{"context": r["context"].strip(), "qid": qa["qid"], "question": qa["question"].strip(),
+             "answers": qa["answers"]} for qa in r["qas"]]
+
+
+GLUE_PAIR = lambda a, b, label=int, col="label": lambda r, n: [
+    {a: r[a], b: r[b], "label": label(r[col]), "idx": n}]  # GLUE tsv: HF's idx is the row number
+SUPERGLUE_RTE = lambda r, n: [{"sentence1": r["premise"], "sentence2": r["hypothesis"],
+                               "label": label_of(ENTAIL, r["label"]), "idx": r["idx"]}]
+
+
+# ---------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    benchmark: str                     # glue | superglue | mrqa | others
+    hub_id: str
+    hub_config: str | None
+    convert: Callable                  # (Hub row, position) -> record
+    labels: tuple | None               # target strings; None for open targets (STS-B, MRQA)
+    metrics: tuple                     # every metric evaluate.py reports
+    score: tuple                       # the table score: mean of these (Table 1 caption)
+    folder: str                        # sub-folder of --source
+    files: dict                        # role -> accepted file names, relative to one folder
+    read_local: Callable               # found files -> (train rows, held-out rows) in the Hub schema
+    eval_split: str = "validation"     # the labelled Hub split that becomes test or is halved
+    max_length: int = 256              # input tokens incl. </s>, before the prompt (Appendix B.2)
+    subset: str | None = None          # MRQA: the `subset` value to keep
+
+
+TRAIN_DEV = {"train": ("train.tsv",), "eval": ("dev.tsv",)}
+SUPERGLUE = {"train": ("train.jsonl",), "eval": ("val.jsonl",)}
+ACC, BIN = ("acc",), ("0", "1")
+
+
+def _tasks():
+    glue = lambda name, convert, local, labels=BIN, metrics=ACC, score=None, files=TRAIN_DEV, **kw: Task(
+        name, "glue", "nyu-mll/glue", name, convert, labels, metrics, score or metrics, name, files, local, **kw)
+    sg = lambda name, convert, local, labels=BIN, metrics=ACC, score=None, config=None, **kw: Task(
+        name, "superglue", "aps/super_glue", config or name, convert, labels, metrics, score or metrics, name,
+        SUPERGLUE, per_split(local), **kw)
+    yield glue("cola", pairs("sentence"), per_split(
+        lambda r, n: [{"sentence": r["sentence"], "label": int(r["label"]), "idx": n}], "tsv",
+        ("code", "label", "mark", "sentence")), metrics=("mcc",))
+    yield glue("sst2", pairs("sentence"), per_split(
+        lambda r, n: [{"sentence": r["sentence"], "label": int(r["label"]), "idx": n}], "tsv"))
+    yield glue("mrpc", pairs("sentence1", "sentence2"), read_mrpc, metrics=("acc", "f1"),
+               files={"train": ("msr_paraphrase_train.txt",), "dev_ids": ("dev_ids.tsv",)})
+    yield glue("qqp", pairs("question1", "question2"),
+               per_split(GLUE_PAIR("question1", "question2", col="is_duplicate"), "tsv"), metrics=("acc", "f1"))
+    yield glue("stsb", stsb, per_split(GLUE_PAIR("sentence1", "sentence2", float, "score"), "tsv"),
+               labels=None, metrics=("pearson", "spearman"), score=("pearson",))
+    yield glue("mnli", pairs("premise", "hypothesis"), per_split(lambda r, n: [
+        {"premise": r["sentence1"], "hypothesis": r["sentence2"], "label": label_of(MNLI, r["gold_label"]), "idx": n}],
+        "tsv"), labels=("0", "1", "2"), files={"train": ("train.tsv",), "eval": ("dev_matched.tsv",)},
+        eval_split="validation_matched")
+    yield glue("qnli", pairs("question", "sentence"),
+               per_split(GLUE_PAIR("question", "sentence", functools.partial(label_of, ENTAIL)), "tsv"))
+    yield glue("rte", pairs("sentence1", "sentence2"), by_suffix(
+        tsv=(GLUE_PAIR("sentence1", "sentence2", functools.partial(label_of, ENTAIL)), "tsv"),
+        jsonl=(SUPERGLUE_RTE, "json")),  # GLUE tsv or SuperGLUE jsonl (same examples)
+        files={"train": ("train.tsv", "train.jsonl"), "eval": ("dev.tsv", "val.jsonl")})
+    yield sg("boolq", pairs("question", "passage"), lambda r, n: [
+        {"question": r["question"], "passage": r["passage"], "idx": r["idx"], "label": label_of(BOOL, r["label"])}])
+    yield sg("cb", pairs("premise", "hypothesis"), lambda r, n: [
+        {"premise": r["premise"], "hypothesis": r["hypothesis"], "idx": r["idx"], "label": label_of(CB, r["label"])}],
+        labels=("0", "1", "2"), metrics=("acc", "macro_f1"))
+    yield sg("wic", pairs("sentence1", "sentence2", "word"), lambda r, n: [
+        {**{k: r[k] for k in ("word", "sentence1", "sentence2", "start1", "start2", "end1", "end2", "idx")},
+         "label": label_of(BOOL, r["label"])}])
+    yield sg("wsc", wsc, read_wsc, config="wsc.fixed")
+    yield sg("multirc", multirc, read_multirc, metrics=("f1a", "em"), score=("f1a",), max_length=348)
+    for name, subset in (("nq", "NaturalQuestionsShort"), ("newsqa", "NewsQA"), ("searchqa", "SearchQA"),
+                         ("hotpotqa", "HotpotQA")):
+        yield Task(name, "mrqa", "mrqa-workshop/mrqa", "plain_text", mrqa, None, ("squad_f1", "squad_em"),
+                   ("squad_f1",), f"mrqa/{name}",
+                   {"train": (f"train/{subset}.jsonl.gz", f"train/{subset}.jsonl"),
+                    "eval": (f"dev/{subset}.jsonl.gz", f"dev/{subset}.jsonl")},
+                   per_split(read_mrqa), max_length=512, subset=subset)
+    yield Task("winogrande", "others", "allenai/winogrande", "winogrande_xl",
+               pairs("sentence", ("option0", "option1"), ("option1", "option2"),
+                     label=lambda r: label_of({"1": 0, "2": 1}, r["answer"]), idx=None),  # answer - 1
+               BIN, ACC, ACC, "winogrande", {"train": ("train_xl.jsonl",), "eval": ("dev.jsonl",)},
+               per_split(lambda r, n: [{k: r[k] for k in ("sentence", "option1", "option2", "answer")}]))
+    yield Task("yelp", "others", "fancyzhx/yelp_polarity", "plain_text", pairs(("sentence", "text"), idx=None),
+               BIN, ACC, ACC, "yelp_polarity", {"train": ("train.csv",), "eval": ("test.csv",)},
+               per_split(lambda r, n: [{"text": r["text"].replace('"', '""').strip(),  # HF keeps "" escapes
+                                        "label": label_of({"1": 0, "2": 1}, r["label"])}], "csv", ("label", "text")),
+               eval_split="test")
+    yield Task("scitail", "others", "allenai/scitail", "snli_format",
+               pairs(("premise", "sentence1"), ("hypothesis", "sentence2"),
+                     label=lambda r: label_of(SCITAIL, r["gold_label"]), idx=None),
+               BIN, ACC, ACC, "scitail",
+               {"train": ("snli_format/scitail_1.0_train.txt", "tsv_format/scitail_1.0_train.tsv"),
+                "eval": ("snli_format/scitail_1.0_dev.txt", "tsv_format/scitail_1.0_dev.tsv")},
+               by_suffix(txt=(lambda r, n: [{k: r[k] for k in ("sentence1", "sentence2", "gold_label")}], "json"),
+                         tsv=(lambda r, n: [{"sentence1": r["premise"], "sentence2": r["hypothesis"], "gold_label":
+                              label_of({"entails": "entailment", "neutral": "neutral"}, r["label"])}],
+                              "tsv", ("premise", "hypothesis", "label"))))
+    yield Task("paws", "others", "google-research-datasets/paws", "labeled_final", pairs("sentence1", "sentence2", idx="id"),
+               BIN, ACC, ACC, "paws", {"train": ("final/train.tsv",), "eval": ("final/dev.tsv",)},
+               per_split(lambda r, n: [{"id": int(r["id"]), "sentence1": r["sentence1"], "sentence2": r["sentence2"],
+                                        "label": int(r["label"])}], "tsv"))
+
+
+TASKS = {t.name: t for t in _tasks()}
+GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b] for b in ("glue", "superglue", "mrqa", "others")}
+
+
+# ---------------------------------------------------------------------------- loading
+
+def find_files(task, root):
+    """The first folder (shallowest first) under root/<task folder> that holds one accepted file per role."""
+    folder = root / task.folder
+    dirs = sorted([folder, *(p for p in folder.rglob("*") if p.is_dir())], key=lambda p: (len(p.parts), str(p)))
+    for d in dirs if folder.is_dir() else []:
+        found = {role: next((d / f for f in names if (d / f).is_file()), None) for role, names in task.files.items()}
+        if all(found.values()):
+            return found
+    need = " + ".join(" or ".join(names) for names in task.files.values())
+    if not folder.is_dir():
+        raise SystemExit(f"prepare_data: {task.name}: missing folder {folder} (expected {need} in it; see docs/data.md)")
+    absent = [names for names in task.files.values() if not any(any(folder.rglob(Path(f).name)) for f in names)]
+    what = f"missing {' or '.join(absent[0])}" if absent else "no one folder holds all of the files"
+    raise SystemExit(f"prepare_data: {task.name}: {what} under {folder} (expected {need}; see docs/data.md)")
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_local(task, root):
+    found = find_files(task, root)
+    print(f"{task.name}: local files {', '.join(map(str, found.values()))}")
+    train, held = task.read_local(found)
+    source = {"kind": "local", "hub_id": task.hub_id, "config": task.hub_config, "revision": None, "commit": None,
+              "files": [str(p) for p in found.values()], "sha256": {str(p): sha256(p) for p in found.values()}}
+    return train, held, source
+
+
+def hub_commit(hub_id, revision):
+    """The commit the revision resolves to, for meta.json (None when it cannot be asked)."""
+    try:
+        import huggingface_hub
+        return huggingface_hub.HfApi().dataset_info(hub_id, revision=revision).sha
+    except Exception:
+        return None
+
+
+def load_hub(task):
+    import datasets
+    print(f"{task.name}: loading {task.hub_id} ({task.hub_config}) from the Hugging Face Hub")
+    ds = error = None
+    for revision, kwargs in (("main", {"name": task.hub_config}), ("refs/convert/parquet", {"data_dir": task.hub_config})):
+        try:  # datasets >= 4 refuses repos that still carry a loading script: then their parquet conversion
+            ds = datasets.load_dataset(task.hub_id, revision=revision, **kwargs)
+            break
+        except Exception as e:
+            error = e
+            if isinstance(e, ConnectionError):  # no network: the fallback would fail the same way
+                break
+    if ds is None:
+        raise SystemExit(f"prepare_data: cannot load {task.hub_id} ({task.hub_config}) from the Hugging Face Hub "
+                         f"({type(error).__name__}); pass --source DIR with the official files (see docs/data.md)")
+    splits = [ds["train"], ds[task.eval_split]]
+    if task.subset:  # MRQA: one dataset holds all subsets
+        splits = [s.filter(lambda v: v == task.subset, input_columns="subset") for s in splits]
+    source = {"kind": "hub", "hub_id": task.hub_id, "config": task.hub_config, "revision": revision,
+              "commit": hub_commit(task.hub_id, revision), "files": [], "sha256": {}}
+    return splits[0].to_list(), splits[1].to_list(), source
+
+
+# ---------------------------------------------------------------------------- records, splits, few-shot
+
+def to_records(task, rows, where):
+    """The one code path from Hub-schema rows (either source) to records; bad rows name their origin."""
+    records = []
+    for i, row in enumerate(rows):
+        try:
+            rec = task.convert(row, i)
+            if task.labels and rec["target"] not in task.labels:
+                raise ValueError(f"label {rec['label']!r} is outside the label set {', '.join(task.labels)}")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            at = row.get("_at", f"{where} row {i}") if isinstance(row, dict) else f"{where} row {i}"
+            raise SystemExit(f"prepare_data: {task.name}: {at}: bad row ({type(e).__name__}: {e})") from None
+        records.append(rec)
+    return records
+
+
+def draw(records, n, rng):
+    """Shuffle and cut: (about n records, the rest). MultiRC draws whole questions (all their answers)."""
+    groups = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.get("question_id", i), []).append(r)
+    keys = list(groups)
+    rng.shuffle(keys)
+    drawn, rest = [], []
+    for k in keys:
+        (drawn if len(drawn) < n else rest).extend(groups[k])
+    return drawn, rest
+
+
+def split(train, held, seed):
+    """Appendix B.1: (train, validation, test) from the original train and labelled held-out split."""
+    rng = random.Random(seed)
+    if len(train) < 10_000:  # small: the original validation, shuffled and halved, gives validation and test
+        validation, test = draw(held, len(held) // 2, rng)
+        return train, validation, test
+    validation, train = draw(train, 1_000 if len(train) < 100_000 else 10_000, rng)  # test = original validation
+    return train, validation, held
+
+
+def fewshot(task, train, k, seed):
+    """Table 3: k examples per class (k in all for open targets) from the training split, fixed per seed."""
+    rng = random.Random(seed)
+    if task.labels is None:
+        return rng.sample(train, min(k, len(train)))
+    picked = []
+    for label in task.labels:
+        pool = [r for r in train if r["target"] == label]
+        picked += rng.sample(pool, min(k, len(pool)))
+    rng.shuffle(picked)
+    return picked
+
+
+# ---------------------------------------------------------------------------- tokens and files
+
+@functools.cache
+def load_tokenizer(name):
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise SystemExit(f"prepare_data: cannot load the T5 tokenizer {name!r} ({type(e).__name__}); "
+                         f"pass --tokenizer DIR, a folder with the T5 tokenizer.json or spiece.model") from None
+
+
+def source_lengths(tokenizer, texts):
+    """{text: tokens, </s> included}. T5's tokenizer splits at whitespace before SentencePiece, so a text's
+    length is the sum over its words: tokenizing each distinct word once is ~6x faster on MultiRC-sized data
+    (equal to full tokenization on every raw file here; str.split also splits at \x1c-\x1f, which T5 does not)."""
+    words = sorted({w for t in texts for w in t.split()})
+    size = dict(zip(words, map(len, tokenizer(words, add_special_tokens=False)["input_ids"]))) if words else {}
+    special = len(tokenizer("")["input_ids"])
+    return {t: special + sum(size[w] for w in t.split()) for t in texts}
+
+
+def token_stats(lengths, max_length):
+    """p50/p95/max of the source length in tokens (before the prompt) and how many exceed max_length."""
+    lengths = sorted(lengths)
+    rank = lambda q: lengths[max(0, -(-len(lengths) * q // 100) - 1)]  # nearest-rank percentile
+    return {"p50": rank(50), "p95": rank(95), "max": lengths[-1], "truncated": sum(n > max_length for n in lengths)}
+
+
+def jsonl(records):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def write_task(out, name, files):
+    """Write every file into a temporary folder beside out/<name>, then swap it in: a failure at any point
+    leaves the previous out/<name> as it was."""
+    tmp, old = out / f".{name}.{os.getpid()}.tmp", out / f".{name}.{os.getpid()}.old"
+    for p in (tmp, old):
+        shutil.rmtree(p, ignore_errors=True)  # left by a killed run
+    try:
+        tmp.mkdir()
+        for fname, text in files.items():  # meta.json last: its presence marks a finished task
+            (tmp / fname).write_text(text, encoding="utf-8")
+        if (out / name).exists():
+            os.replace(out / name, old)
+        os.replace(tmp, out / name)
+    except BaseException:
+        if old.exists() and not (out / name).exists():
+            os.replace(old, out / name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(task, args, out):
+    if args.source:
+        train_rows, held_rows, source = load_local(task, Path(args.source))
+    else:
+        train_rows, held_rows, source = load_hub(task)
+    where = f"{task.hub_id} {task.hub_config}"
+    train = to_records(task, train_rows, f"{where} train")
+    held = to_records(task, held_rows, f"{where} {task.eval_split}")
+    splits = dict(zip(("train", "validation", "test"), split(train, held, args.data_seed)))
+    for name, records in splits.items():
+        if not records:
+            raise SystemExit(f"prepare_data: {task.name}: the {name} split is empty; the source has too few rows")
+    shots = {f"k{k}_seed{s}": fewshot(task, splits["train"], k, s) for k in args.fewshot for s in args.fewshot_seeds}
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    length = source_lengths(tokenizer, {r["source"] for records in splits.values() for r in records})
+    stats = {name: token_stats([length[r["source"]] for r in records], task.max_length) for name, records in splits.items()}
+    targets = sorted({r["target"] for records in splits.values() for r in records})
+    max_target_length = max(len(ids) for ids in tokenizer(targets)["input_ids"])
+
+    files = {f"{name}.jsonl": jsonl(records) for name, records in splits.items()}
+    files.update({f"train_{key}.jsonl": jsonl(records) for key, records in shots.items()})
+    meta = {"task": task.name, "benchmark": task.benchmark, "source": source,
+            "splits": {name: len(records) for name, records in splits.items()},
+            "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
+            "score": list(task.score), "max_length": task.max_length, "max_target_length": max_target_length,
+            "data_seed": args.data_seed, "token_stats": stats,
+            "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records)} for key, records in shots.items()}}
+    files["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+    write_task(out, task.name, files)
+
+    for name, records in splits.items():
+        s = stats[name]
+        labels = (" ".join(f"{y}:{c}" for y, c in sorted(Counter(r["target"] for r in records).items()))
+                  if task.labels else f"{len({r['target'] for r in records})} distinct targets")
+        print(f"  {name:<10} {len(records):>7}  {labels}  tokens p50/p95/max {s['p50']}/{s['p95']}/{s['max']}, "
+              f"{s['truncated']} over {task.max_length}")
+    if shots:
+        print(f"  few-shot   {', '.join(f'{key} ({len(r)})' for key, r in shots.items())}")
+    print(f"  -> {out / task.name}  (max_target_length {max_target_length})")
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    names = []
+    for name in args.tasks:
+        expanded = list(TASKS) if name == "all" else GROUPS.get(name, [name])
+        for t in expanded:
+            if t not in TASKS:
+                parser.error(f"unknown task {t!r}; valid: {', '.join(TASKS)} (or all, {', '.join(GROUPS)})")
+            if t not in names:
+                names.append(t)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = {f"k{k}_seed{s}" for k in args.fewshot for s in args.fewshot_seeds}
+    todo = []
+    for name in names:  # decide every skip before any work, so a clash stops the run before it writes
+        meta_path = out / name / "meta.json"
+        if args.overwrite or not meta_path.exists():
+            todo.append(name)
+            continue
+        meta = json.loads(meta_path.read_text())
+        if meta["data_seed"] != args.data_seed or not keys <= set(meta["fewshot"]):
+            raise SystemExit(f"prepare_data: {out / name} was prepared with data seed {meta['data_seed']} and "
+                             f"few-shot sets {sorted(meta['fewshot']) or 'none'}; pass --overwrite to rebuild it")
+        print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")
+    if todo:
+        load_tokenizer(args.tokenizer)  # fail before any download
+    for name in todo:
+        prepare(TASKS[name], args, out)
+
+
+if __name__ == "__main__":
+    main()
