@@ -128,14 +128,18 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def append_jsonl(path, rows):
+def append_lines(path, lines):
     """Append whole lines (one write, flushed): a crash never leaves half a row behind."""
-    if rows:
+    if lines:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
+
+
+def append_jsonl(path, rows):
+    append_lines(path, [json.dumps(r) + "\n" for r in rows])
 
 
 def prompt_stats(run_dir):
@@ -167,8 +171,14 @@ def result_row(experiment, spec, run_dir, extra_fields=None):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     norm, n_inference = prompt_stats(run_dir)
     val_score, best_step, last_norm = log_stats(run_dir)
-    return {"experiment": experiment, "run": str(run_dir), **defaults(spec["method"]), **spec,
-            "model_tag": model_tag(spec["model"]), **(extra_fields or {}),
+    options = {**defaults(spec["method"]), **spec}
+    for key in options:  # what train.py actually ran with (pass-through flags included) wins over the spec
+        if config.get(key) is not None:
+            options[key] = config[key]
+    if not options["fewshot_k"]:
+        options["fewshot_seed"] = None
+    return {"experiment": experiment, "run": str(run_dir), **options, "model_tag": model_tag(spec["model"]),
+            **(extra_fields or {}),
             "score": metrics.get("score"), "test": metrics, "val_score": val_score, "best_step": best_step,
             "n_trainable": config.get("n_trainable"), "n_inference": n_inference,
             "prompt_norm": norm, "final_prompt_norm": last_norm}
@@ -206,11 +216,13 @@ def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=1000):
 
 # --- the driver ----------------------------------------------------------------------------------
 
-def train_one(argv, nproc=1):
-    """One train.py run: in this process, or on `nproc` GPUs through torchrun."""
+def train_one(argv, nproc=1, fresh_process=False):
+    """One train.py run: in this process, in a fresh python process, or on `nproc` GPUs through torchrun."""
+    script = str(Path(__file__).with_name("train.py"))
     if nproc > 1:
-        cmd = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(Path(__file__).with_name("train.py"))]
-        subprocess.run(cmd + argv, check=True)
+        subprocess.run(["torchrun", "--standalone", f"--nproc_per_node={nproc}", script, *argv], check=True)
+    elif fresh_process:
+        subprocess.run([sys.executable, script, *argv], check=True)
     else:
         import train  # imported late: --dry-run and report-only use need no training stack
         train.main(argv)
@@ -238,7 +250,7 @@ def run_experiment(experiment, specs, args, extra=()):
             argv = train_argv(options, run_dir, args.data_dir, [*extra, *(["--resume"] if state == "partial" else [])])
             t0 = time.time()
             try:
-                train_one(argv, args.nproc)
+                train_one(argv, args.nproc, args.subprocess)
             except (Exception, SystemExit):  # one broken run does not stop the grid; reported at the end
                 traceback.print_exc()
             trained += status(run_dir) == "done"
@@ -265,6 +277,7 @@ def dry_run(experiment, plan, args, extra):
     max_steps = _extra_value(extra, "--max-steps", None, int)
     total = todo = 0.0
     n_todo = 0
+    lines = []
     for name, (spec, _, run_dir) in plan.items():
         spec = {**spec, **({"max_steps": max_steps} if max_steps and not spec.get("epochs") else {})}
         hours = estimate_hours(spec, args.data_dir, batch, eval_every)
@@ -274,6 +287,8 @@ def dry_run(experiment, plan, args, extra):
             todo += hours
             n_todo += 1
         print(f"  {state:<7} {hours:7.2f} GPU-h  {name}")
+        lines.append(f"{experiment}\t{state}\t{hours:.4f}\t{name}\n")
+    append_lines(Path(args.results_dir) / "dry_run.tsv", lines)  # run_all.sh sums it, each run once
     print(f"DRY-RUN {experiment} runs={len(plan)} to_train={n_todo} gpu_hours={todo:.1f} (all runs: {total:.1f}; "
           f"wall time ~ GPU-hours / {args.nproc} with NPROC={args.nproc}, assuming ideal scaling)")
     return [], []
@@ -387,11 +402,21 @@ parser.add_argument("--values", nargs="+", default=None,
 parser.add_argument("--lr-search", action="store_true",
                     help="table1: every lr of the Appendix B.2 grid on SuperGLUE (report keeps the best by validation)")
 parser.add_argument("--epochs", type=int, default=None, help="table4: epochs for every task (default: ATTEMPT's 20/10)")
-# execution and output
-parser.add_argument("--nproc", type=int, default=1, help="GPUs per run; > 1 launches train.py with torchrun")
-parser.add_argument("--runs-dir", default="runs", help="where run folders go")
-parser.add_argument("--results-dir", default="results", help="where <experiment>.jsonl goes")
-parser.add_argument("--dry-run", action="store_true", help="list the runs and the GPU-hour estimate; train nothing")
+
+
+def add_execution_args(parser):
+    """The flags every driver shares: how runs are launched and where their files go."""
+    group = parser.add_argument_group("execution and output")
+    group.add_argument("--nproc", type=int, default=1, help="GPUs per run; > 1 launches train.py with torchrun")
+    group.add_argument("--subprocess", action="store_true",
+                       help="run each train.py in a fresh process (default: train.main in this process)")
+    group.add_argument("--runs-dir", default="runs", help="where run folders go")
+    group.add_argument("--results-dir", default="results", help="where <experiment>.jsonl goes")
+    group.add_argument("--dry-run", action="store_true",
+                       help="list the runs and the GPU-hour estimate (also appended to <results-dir>/dry_run.tsv)")
+
+
+add_execution_args(parser)
 
 
 def parse_values(experiment, values):

@@ -36,11 +36,7 @@ parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, hel
 # sweep
 parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS, help="few-shot sample and training seeds")
 parser.add_argument("--steps", type=int, default=STEPS, help="training steps (paper: 10,000)")
-# execution and output
-parser.add_argument("--nproc", type=int, default=1, help="GPUs per run; > 1 launches train.py with torchrun")
-parser.add_argument("--runs-dir", default="runs", help="where run folders go")
-parser.add_argument("--results-dir", default="results", help="where fewshot.jsonl goes")
-parser.add_argument("--dry-run", action="store_true", help="list the runs and the GPU-hour estimate; train nothing")
+ablate.add_execution_args(parser)  # --nproc, --subprocess, --runs-dir, --results-dir, --dry-run
 
 
 def specs(args):

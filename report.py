@@ -483,8 +483,10 @@ def fig10(results, out):
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 0.9 * n + 4), max(4.5, 0.45 * n + 2)))
     ratio = [[float("nan") if v is None else min(max(v, 0.0), 1.0) for v in row] for row in data["ratio"]]
     for ax, matrix, title, vmin in ((left, data["cosine"], "cosine similarity of EPT* prompts", -1),
-                                    (right, ratio, "zero-shot score ratio (A's prompt on B / B's own), clipped to [0, 1]", 0)):
-        im = ax.imshow(matrix, vmin=vmin, vmax=1, cmap="viridis")
+                                    (right, ratio, "zero-shot score ratio (A's prompt on B / B's own), clipped to [0, 1];\n"
+                                     "gray: undefined (B's own score <= 0)", 0)):
+        cmap = _plt().get_cmap("viridis").with_extremes(bad="lightgray")  # ratio undefined: B's own score <= 0
+        im = ax.imshow(matrix, vmin=vmin, vmax=1, cmap=cmap)
         ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(n), labels, fontsize=7)
         ax.set_title(title, fontsize=9)

@@ -1,0 +1,336 @@
+"""The experiment layer: drivers (ablate.py, fewshot.py), analyses, report and PEFT export, on a tiny T5.
+
+    python -m pytest -q tests/test_experiments.py                 # ~1 minute on 2 CPU cores
+    EPT_SMOKE=1 python -m pytest -q tests/test_experiments.py -k smoke   # + the whole SMOKE recipe (minutes)
+
+Real tiny runs (prepare_data.py on the repository's fixture files, a random tiny T5, a few steps)
+go through the real CLIs; the numbers are noise, the files and their contracts are what is checked:
+run enumeration and names, resume (a second call trains nothing), results rows, the PEFT adapter
+files (names, keys, shapes, config fields) and PEFT's own forward/generate logic on them, the
+analyses on hand-made and trained runs, and a report that never crashes on missing results.
+"""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import ablate
+import analyze
+import export
+import fewshot
+import model as M
+import report
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
+         "--batch-size", "4"]
+# PEFT 0.17 PromptTuningConfig.to_dict() keys (PeftConfigMixin + PeftConfig + PromptLearningConfig +
+# PromptTuningConfig); PEFT drops (with a warning) keys it does not know, so an exported config must
+# stay within these.
+PEFT_PROMPT_TUNING_FIELDS = {"auto_mapping", "base_model_name_or_path", "revision", "peft_type", "task_type",
+                             "inference_mode", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                             "num_attention_heads", "num_layers", "modules_to_save", "prompt_tuning_init",
+                             "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs", "peft_version"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny T5 gains nothing from threads, and oversubscribed threads on a busy machine slow it 30x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_model_dir):
+    """prepare_data.py on the fixture files of a few tasks, with k = 4 few-shot samples."""
+    import prepare_data
+    out = tmp_path_factory.mktemp("data")
+    prepare_data.main(["--source", str(REPO / "tests" / "fixtures" / "raw"), "--tasks", "rte", "cb", "stsb",
+                       "--out", str(out), "--tokenizer", str(tiny_model_dir), "--fewshot", "4", "--fewshot-seeds", "0"])
+    return out
+
+
+def driver_args(tiny_model_dir, data_dir, root):
+    return ["--data-dir", str(data_dir), "--runs-dir", str(root / "runs"), "--results-dir", str(root / "results")]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, tiny_model_dir, data_dir):
+    """A small Table 1 grid, trained once: rte and cb x pt, ptuning, ept, ept_star, seed 0."""
+    root = tmp_path_factory.mktemp("grid")
+    ablate.main(["table1", "--models", str(tiny_model_dir), "--tasks", "rte", "cb", "--methods", "pt", "ptuning",
+                 "ept", "ept_star", "--seeds", "0", *driver_args(tiny_model_dir, data_dir, root), *TRAIN])
+    return root
+
+
+def count_training(monkeypatch):
+    calls = []
+    real = train.main
+    monkeypatch.setattr(train, "main", lambda argv=None: calls.append(list(argv)) or real(argv))
+    return calls
+
+
+# --- enumeration, names, dry run ---------------------------------------------------------------
+
+def test_run_names_share_defaults_and_argv_is_train_py_s():
+    main = ablate.run_name(ablate.spec("boolq", "ept", "t5-base", 0))
+    assert main == "boolq_ept_t5-base_s0"
+    assert ablate.run_name(ablate.spec("boolq", "ept", "t5-base", 0, hidden_size=1, lr=0.3, init="uniform")) == main
+    assert ablate.run_name(ablate.spec("boolq", "ept", "t5-base", 1, hidden_size=50)) == "boolq_ept_t5-base_h50_s1"
+    assert ablate.run_name(ablate.spec("cb", "ft", "x/t5-small", 0, lr=1e-3, fewshot_k=16, fewshot_seed=2,
+                                       max_steps=10000)) == "cb_ft_t5-small_lr0.001_steps10000_k16_fs2_s0"
+    assert ablate.run_name(ablate.spec("cola", "ept_star", "t5-base", 0, broadcast=10)) == "cola_ept_star_t5-base_s0"
+    # every experiment's every run is a valid train.py command line (no flag train.py does not know)
+    for name, build in ablate.EXPERIMENTS.items():
+        args = ablate.parser.parse_args([name, "--lr-search"])
+        for spec in build(args) + fewshot.specs(fewshot.parser.parse_args([])):
+            options = {k: v for k, v in spec.items() if k != "_row"}
+            parsed, unknown = train.parser.parse_known_args(ablate.train_argv(options, "runs/x", "data"))
+            assert not unknown, unknown
+            assert parsed.task == spec["task"] and parsed.method == spec["method"] and parsed.seed == spec["seed"]
+
+
+def test_dry_run_counts_the_paper_grids(tmp_path, capsys):
+    expected = {"table1": 702, "table2": 144, "table4": 45, "init": 36, "hidden": 105, "broadcast": 60, "lr": 300,
+                "structure": 90}
+    for name, n in expected.items():
+        ablate.main([name, "--dry-run", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+        assert f"DRY-RUN {name} runs={n} to_train={n} " in capsys.readouterr().out
+    fewshot.main(["--dry-run", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    assert "DRY-RUN fewshot runs=1404 to_train=1404 " in capsys.readouterr().out  # 13 tasks x 3 k x 6 methods x 6 seeds
+    plan = (tmp_path / "dry_run.tsv").read_text().splitlines()
+    assert len(plan) == sum(expected.values()) + 1404
+    assert all(float(line.split("\t")[2]) > 0 for line in plan)  # a GPU-hour estimate per run
+    assert not (tmp_path / "runs").exists()  # a dry run trains nothing
+
+
+# --- drivers: train, collect, resume -------------------------------------------------------------
+
+def test_driver_trains_once_then_resumes_nothing(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    calls = count_training(monkeypatch)
+    argv = ["init", "--model", str(tiny_model_dir), "--tasks", "rte", "--seeds", "0",
+            *driver_args(tiny_model_dir, data_dir, tmp_path), *TRAIN]
+    rows = ablate.main(argv)
+    assert len(calls) == 3 and len(rows) == 3  # uniform, vocab, label
+    results = tmp_path / "results" / "init.jsonl"
+    lines = results.read_text().splitlines()
+    assert len(lines) == 3
+    row = json.loads(lines[0])
+    assert row["experiment"] == "init" and row["task"] == "rte" and row["method"] == "ept"
+    assert row["variant"] == "uniform" and row["max_steps"] == 3  # what train.py ran with, pass-through included
+    assert row["n_trainable"] == 2 * 32 + 32 and row["n_inference"] == 32  # EPT, d = 32, h = 1: one row kept
+    assert row["prompt_norm"] > 0 and row["final_prompt_norm"] > 0 and "score" in row["test"]
+    assert row["run"].endswith("rte_ept_tiny-t5_s0") or row["run"].endswith(f"rte_ept_{Path(tiny_model_dir).name}_s0")
+
+    calls.clear()
+    ablate.main(argv)  # all finished: nothing trains, no row is appended twice
+    assert calls == []
+    assert results.read_text().splitlines() == lines
+
+    (Path(row["run"]) / "metrics.json").unlink()  # an unfinished run is resumed from its last.pt
+    ablate.main(argv)
+    assert len(calls) == 1 and "--resume" in calls[0]
+    assert (Path(row["run"]) / "metrics.json").exists()
+    assert len(results.read_text().splitlines()) == 3
+
+
+def test_fewshot_driver_uses_the_k_shot_sample(tiny_model_dir, data_dir, tmp_path):
+    rows = fewshot.main(["--model", str(tiny_model_dir), "--tasks", "rte", "--shots", "4", "--seeds", "0",
+                         "--methods", "ept", "ft", *driver_args(tiny_model_dir, data_dir, tmp_path), *TRAIN])
+    assert {r["method"] for r in rows} == {"ept", "ft"}
+    for r in rows:
+        config = json.loads((Path(r["run"]) / "config.json").read_text())
+        assert config["train_file"].endswith("train_k4_seed0.jsonl") and config["train_size"] == 8  # 4 per class
+        assert r["fewshot_k"] == 4 and r["fewshot_seed"] == 0
+        assert config["lr"] == (1e-3 if r["method"] == "ft" else 0.3)  # Appendix B.2, few-shot
+    assert "k-shot" in report.experiment_table("fewshot", rows)
+
+
+# --- PEFT export ---------------------------------------------------------------------------------
+
+def peft_forward(t5, peft_config, prompt_embeddings, input_ids, attention_mask, labels):
+    """PeftModelForSeq2SeqLM.forward for PROMPT_TUNING (PEFT 0.17), transcribed: what PEFT does with the files."""
+    n = peft_config["num_virtual_tokens"]
+    embedding = torch.nn.Embedding(n * peft_config["num_transformer_submodules"], peft_config["token_dim"])
+    embedding.load_state_dict({"weight": prompt_embeddings}, strict=True)  # set_peft_model_state_dict
+    prompts = embedding.weight.unsqueeze(0).repeat(input_ids.size(0), 1, 1)  # get_prompt, inference_mode
+    inputs_embeds = torch.cat((prompts[:, :n], t5.get_input_embeddings()(input_ids)), dim=1)
+    mask = torch.cat((torch.ones(input_ids.size(0), n, dtype=attention_mask.dtype), attention_mask), dim=1)
+    assert peft_config["num_transformer_submodules"] == 1  # else PEFT prepends prompts[:, n:] to the decoder
+    return t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels)
+
+
+def test_export_writes_what_peft_loads(grid, tiny_model_dir, tmp_path):
+    run = grid / "runs" / f"rte_ept_star_{Path(tiny_model_dir).name}_s0"
+    out = tmp_path / "adapter"
+    export.main([str(run), str(out)])
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    config, weights = export.load_adapter(out)
+    assert set(config) <= PEFT_PROMPT_TUNING_FIELDS
+    assert config["peft_type"] == "PROMPT_TUNING" and config["task_type"] == "SEQ_2_SEQ_LM"
+    assert config["num_virtual_tokens"] == 10 and config["token_dim"] == 32 and config["inference_mode"] is True
+    assert config["num_transformer_submodules"] == 1 and config["prompt_tuning_init"] == "RANDOM"
+    assert config["num_layers"] == 2 and config["num_attention_heads"] == 4  # from the tiny T5's config
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    from safetensors import safe_open
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert list(f.keys()) == ["prompt_embeddings"] and f.metadata() == {"format": "pt"}
+    prompt, _ = M.load_folded_prompt(run / "prompt.pt")
+    assert weights.dtype == torch.float32 and weights.shape == (10, 32)
+    assert torch.equal(weights, prompt)  # bitwise the folded P'
+    assert torch.equal(weights, weights[:1].expand(10, -1))  # EPT*: one row broadcast
+
+    # PEFT's forward on the exported files == our PromptedT5 with the folded prompt
+    t5 = M.load_t5(str(tiny_model_dir)).eval()
+    ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([[10, 1], [11, 1]])
+    ours = M.PromptedT5(t5, M.FoldedPrompt(prompt)).eval()
+    torch.testing.assert_close(peft_forward(t5, config, weights, ids, mask, labels).loss,
+                               ours(ids, mask, labels=labels).loss, rtol=0, atol=0)
+
+    last = tmp_path / "adapter_last"
+    export.main([str(run), str(last), "--checkpoint", "last"])  # folds last.pt's encoder once
+    assert export.load_adapter(last)[1].shape == (10, 32)
+
+
+def test_export_refuses_full_fine_tuning(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"method": "ft", "model": "t5-base", "task": "rte"}))
+    with pytest.raises(SystemExit, match="no prompt"):
+        export.export(tmp_path, tmp_path / "out")
+
+
+# --- analyses ------------------------------------------------------------------------------------
+
+def test_cosine_of_identical_rows_is_one_and_norm_curves_read_the_log(tmp_path):
+    row = torch.randn(1, 16)
+    torch.testing.assert_close(analyze.cosine_matrix(row.expand(10, -1)), torch.ones(10, 10))
+    eye = analyze.cosine_matrix(torch.eye(4) * 3)
+    torch.testing.assert_close(eye, torch.eye(4))
+    runs = []
+    for seed, scale in ((0, 1.0), (1, 3.0)):  # two seeds: the curves are their mean
+        run = tmp_path / f"rte_pt_s{seed}"
+        run.mkdir()
+        events = [{"event": "setup", "step": 0}]
+        for step in range(1, 5):
+            events.append({"event": "train", "step": step, "loss": 1.0, "prompt_norm": scale * step})
+            if step % 2 == 0:
+                events.append({"event": "eval", "step": step, "split": "validation", "score": scale * 10 * step})
+        events.append({"event": "end", "step": 4})
+        (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        runs.append({"run": str(run), "task": "rte", "method": "pt", "seed": seed})
+    steps, norms, eval_steps, scores = analyze.read_curves(runs[0]["run"])
+    assert steps == [1, 2, 3, 4] and norms == [1.0, 2.0, 3.0, 4.0] and eval_steps == [2, 4] and scores == [20, 40]
+    curves = analyze.norm_curves(runs, ["rte"], ["pt"])["rte"]["pt"]
+    assert curves["prompt_norm"] == [2.0, 4.0, 6.0, 8.0] and curves["score"] == [40.0, 80.0]
+    assert curves["seeds"] == [0, 1]
+    s, v = analyze.downsample(list(range(1000)), list(range(1000)), max_points=100)
+    assert len(s) <= 101 and s[-1] == 999 and s[0] == 0
+
+
+def test_analyses_of_trained_runs(grid, tiny_model_dir, data_dir):
+    tag = Path(tiny_model_dir).name
+    written = analyze.main(["all", "--model", tag, "--results-dir", str(grid / "results"),
+                            "--tasks", "rte", "cb", "--methods", "pt", "ptuning", "ept_star", "--lengths", "1", "2",
+                            "--max-examples", "4", "--top-k", "3"])
+    assert set(written) == {"norms", "cosine", "subset", "transfer", "neighbours"}
+    analysis = grid / "results" / "analysis"
+    norms = json.loads((analysis / "norms.json").read_text())["norms"]
+    assert len(norms["rte"]["pt"]["step"]) == 3 and len(norms["rte"]["pt"]["eval_step"]) == 2  # steps 1..3; eval 2, 3
+    cosine = json.loads((analysis / "cosine.json").read_text())["cosine"]
+    assert torch.allclose(torch.tensor(cosine["rte"]["ept_star"]["cosine"]), torch.ones(10, 10), atol=1e-5)
+    assert len(cosine["rte"]["pt"]["cosine"]) == 10
+    subset = json.loads((analysis / "subset.json").read_text())["subset"]
+    assert subset["rte"]["ptuning"]["lengths"] == [1, 2] and len(subset["rte"]["ptuning"]["score"]) == 2
+    transfer = json.loads((analysis / "transfer.json").read_text())["transfer"]
+    assert transfer["tasks"] == ["rte", "cb"] and len(transfer["score"]) == 2 and len(transfer["cosine"][0]) == 2
+    assert transfer["cosine"][0][0] == pytest.approx(1.0, abs=1e-5)
+    neighbours = json.loads((analysis / "neighbours.json").read_text())["neighbours"]
+    assert len(neighbours["rte"]["pt"]["rows"]) == 10 and len(neighbours["rte"]["ept_star"]["rows"]) == 1
+    assert len(neighbours["rte"]["pt"]["rows"][0]["neighbours"]) == 3
+
+
+def test_subset_broadcast_of_identical_rows_reproduces_the_whole_prompt(grid, tiny_model_dir):
+    """EPT*'s P' is one row x 10: repeating row 0 ten times is the same prompt, hence the same predictions."""
+    import evaluate
+    run = grid / "runs" / f"rte_ept_star_{Path(tiny_model_dir).name}_s0"
+    prompt, _ = M.load_folded_prompt(run / "prompt.pt")
+    whole = evaluate.evaluate_run(run, split="test", write=False, quiet=True, max_examples=6)
+    again = evaluate.evaluate_run(run, split="test", prompt=prompt[0].expand(10, -1).clone(), write=False,
+                                  quiet=True, max_examples=6)
+    assert whole["score"] == again["score"]
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def test_report_on_nothing_notes_every_missing_item(tmp_path):
+    missing = report.main(["--results", str(tmp_path / "none"), "--out", str(tmp_path / "report")])
+    index = (tmp_path / "report" / "index.md").read_text()
+    assert len(missing) == len(report.TABLES) + len(report.FIGURES)
+    assert index.count("*Missing") == len(report.TABLES) and index.count("*Skipped") == len(report.FIGURES)
+    assert not list((tmp_path / "report").glob("*.png"))
+
+
+def fake_row(experiment, task, method, seed, score, **kw):
+    row = {"experiment": experiment, "run": f"runs/{task}_{method}_{seed}_{kw}", "task": task, "method": method,
+           "seed": seed, "score": score, "model_tag": "t5-base", "lr": ablate.defaults(method)["lr"],
+           "n_trainable": 2304 if method.startswith("ept") else 7680, "n_inference": 768, "val_score": score,
+           "prompt_norm": 10.0, "final_prompt_norm": 12.0, "prompt_length": 10, "depth": 1, "init": "uniform",
+           "fewshot_k": None}
+    return {**row, **kw}
+
+
+def test_report_tables_and_figures_from_rows(tmp_path):
+    results = tmp_path / "results"
+    rows = [fake_row("table1", "rte", "ept", s, 70.0 + 2 * s) for s in range(3)]
+    rows += [fake_row("table1", "rte", "pt", 0, 50.0), fake_row("table1", "cb", "pt", 0, 40.0, lr=0.01, val_score=1.0),
+             fake_row("table1", "cb", "pt", 0, 45.0, lr=0.1, val_score=9.0, run="runs/cb_pt_lr0.1")]
+    rows += [fake_row("hidden", t, "ept", s, 60.0 + h / 100 + s, variant=h, hidden_size=h, run=f"r/{t}{h}{s}")
+             for t in ("boolq", "rte", "wsc") for h in (1, 10, 100) for s in (0, 1)]
+    rows += [fake_row("structure", "boolq", "ept", 0, 60.0 + i, variant=v, run=f"r/s{v}")
+             for i, v in enumerate(ablate.STRUCTURES)]
+    for experiment in ("table1", "hidden", "structure"):
+        ablate.append_jsonl(results / f"{experiment}.jsonl", [r for r in rows if r["experiment"] == experiment])
+    missing = report.main(["--results", str(results), "--out", str(tmp_path / "report")])
+    table1 = (tmp_path / "report" / "table1.md").read_text()
+    assert "| t5-base | EPT | 2.3K | – | – | 72.0 ± 2.0 |" in table1  # CoLA, MRPC missing; RTE mean ± std
+    assert "| t5-base | PT | 7.6K |" in table1 and "45.0" in table1 and "40.0" not in table1  # best-by-validation lr
+    for png in ("fig5_hidden_size.png", "fig12_hidden_size.png", "fig9_structure.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 10_000
+    assert "fig12_hidden_size.png" in (tmp_path / "report" / "index.md").read_text()
+    assert any("Table 2" in m for m in missing) and not any("Figures 5 and 12" in m for m in missing)
+    assert report.human(2304) == "2.3K" and report.human(1779456) == "1.7M" and report.human(624784) == "624K"
+
+
+def test_report_draws_analysis_figures(grid, tmp_path, tiny_model_dir):
+    tag = Path(tiny_model_dir).name
+    analyze.main(["norms", "--model", tag, "--results-dir", str(grid / "results"), "--tasks", "rte", "cb"])
+    analyze.main(["cosine", "--model", tag, "--results-dir", str(grid / "results"), "--tasks", "rte"])
+    report.main(["--results", str(grid / "results"), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "fig2_norms.png").exists() and (tmp_path / "report" / "fig3_prompt_cosine.png").exists()
+    assert "| tiny" in (tmp_path / "report" / "table1.md").read_text() or tag in (tmp_path / "report" / "table1.md").read_text()
+
+
+# --- the whole recipe ----------------------------------------------------------------------------
+
+REPORT_FILES = ["index.md", "table1.md", "table1.csv", "table2.md", "table3.md", "table4.md", "table6.md",
+                "fig2_norms.png", "fig3_prompt_cosine.png", "fig4_subset_broadcast.png", "fig5_hidden_size.png",
+                "fig7_broadcast.png", "fig8_learning_rate.png", "fig9_structure.png", "fig10_transfer.png",
+                "fig11_norms.png", "fig12_hidden_size.png", "neighbours.md"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("EPT_SMOKE") != "1", reason="the whole SMOKE recipe takes minutes: EPT_SMOKE=1")
+def test_smoke_recipe_produces_every_table_and_figure():
+    subprocess.run(["bash", "run_all.sh"], cwd=REPO, env={**os.environ, "SMOKE": "1"}, check=True)
+    out = REPO / "smoke" / "report"
+    for name in REPORT_FILES:
+        assert (out / name).exists(), name
+    assert "Skipped" not in (out / "index.md").read_text() and "Missing" not in (out / "index.md").read_text()
+    assert (REPO / "smoke" / "exports").is_dir()
