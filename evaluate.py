@@ -396,7 +396,7 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     device = device or default_device()
     dtype = "bf16" if torch.device(device).type == "cuda" else "fp32"  # T5 overflows in fp16
     task = task or config["task"]
-    data_dir = data_dir or config["data_dir"]
+    data_dir = str(data_dir or config["data_dir"])
     if data_dir != config["data_dir"]:
         say(f"evaluate: --data-dir {data_dir} overrides the run's {config['data_dir']}")
     meta = load_meta(data_dir, task)

@@ -352,7 +352,7 @@ def main(argv=None):
         pad_to = (args.max_length, max(meta["max_target_length"], max(map(len, train_tgt)))) if args.pad_to_max_length else (None, None)
         steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last batch of an epoch may be partial
         if args.epochs is not None:
-            args.max_steps = math.ceil(args.epochs * steps_per_epoch)
+            args.max_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
         per_rank = math.ceil(args.batch_size / world_size)
         micro_batch_size = min(args.micro_batch_size or per_rank, per_rank)
         grad_accum_steps = math.ceil(per_rank / micro_batch_size)
@@ -506,8 +506,8 @@ def main(argv=None):
                 loss_sum += nll.detach()
             if world_size > 1:
                 dist.all_reduce(loss_sum)
-            loss = loss_sum.item() / n_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+            loss, grad_norm = torch.stack([loss_sum / n_tokens, grad_norm.float()]).tolist()  # one host sync
             lr = scheduler.get_last_lr()[0]
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 optimizer.step()
