@@ -7,9 +7,11 @@ PeftModel.from_pretrained reads, plus a README.md saying where the prompt came f
 written atomically, the config last. The format followed is PEFT 0.17 (see docs/experiments.md):
 
 - num_transformer_submodules is written as 1. PEFT fills in 2 for SEQ_2_SEQ_LM only when the field
-  is null; with 2 it would expect 2n rows and prepend the second n to the *decoder* inputs in
-  forward() (generate() uses the first n only). Our prompt enters the encoder alone, which is what
-  PEFT does with 1, in forward() and in generate().
+  is null, and then expects a table of 2n rows: recent PEFT (the 0.15-0.17 sources read) uses only
+  the first n for PROMPT_TUNING, older PEFT (e.g. 0.5) prepended the second n to the *decoder*
+  inputs in forward() (generate() always used the first n only). Our prompt enters the encoder
+  alone, which is what every version does with 1, in forward() and in generate(); the table then
+  holds exactly our n rows and loads with strict=True.
 - EPT's P' is the same row broadcast n times (n = 1 for EPT, 10 for EPT*): the adapter stores the n
   rows as they enter the encoder; PEFT has no notion of a broadcast.
 

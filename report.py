@@ -40,6 +40,40 @@ TABLE4_QUOTED = [("Fine-tuning", "220M/-", 73.9, 81.5, 70.8, 62.2, 75.0, 72.7),
                  ("ATTEMPT", "232K/-", 72.9, 77.0, 66.9, 52.5, 72.6, 68.4),
                  ("SPoT", "77K/-", 73.0, 77.4, 58.4, 61.5, 36.9, 61.4)]
 TABLE4_TASKS = ["multirc", "boolq", "wic", "wsc", "cb"]
+# The paper's own numbers, printed under each table for comparison: (model, method, Param, scores in
+# our column order; "?" where the extracted paper text lost the number).
+PAPER_TABLE1 = [
+    ("t5-large", "ft", "770M", "61.7 89.4 88.5 91.9 89.7 94.4 91.4 95.9 87.9 85.8 88.6 71.9 85.3 79.9 82.3"),
+    ("t5-large", "ptuning", "3.1M", "58.0 88.1 85.4 91.2 88.2 94.1 90.9 95.2 86.4 82.9 87.0 68.8 60.9 79.1 75.7"),
+    ("t5-large", "resprompt", "832K", "54.8 88.2 85.9 91.5 66.1 93.8 90.8 95.0 83.2 82.1 51.2 69.2 61.5 78.2 68.4"),
+    ("t5-large", "pt", "10K", "0.7 74.9 50.8 91.2 35.7 89.7 88.5 87.4 64.9 62.9 58.6 55.7 60.9 59.8 59.6"),
+    ("t5-large", "ept", "3K", "56.8 87.9 85.1 91.1 84.4 93.6 91.0 95.4 85.7 82.2 89.1 67.2 61.5 78.7 75.7"),
+    ("t5-large", "ept_star", "3K", "54.3 87.9 85.4 91.2 87.2 93.8 91.0 95.3 85.8 82.4 95.4 69.1 62.2 79.1 77.6"),
+    ("t5-base", "ft", "220M", "59.8 87.9 81.8 90.6 85.9 93.1 90.4 94.2 85.5 82.8 87.6 67.9 61.5 74.9 75.0"),
+    ("t5-base", "ptuning", "1.7M", "47.2 85.7 76.3 89.7 83.0 92.8 90.3 93.5 82.3 78.8 88.3 67.0 60.3 73.6 73.6"),
+    ("t5-base", "resprompt", "624K", "34.1 85.8 65.7 90.3 72.6 92.6 89.4 90.3 77.6 76.0 64.2 65.1 61.5 66.4 66.7"),
+    ("t5-base", "pt", "7.6K", "0.0 67.6 56.6 90.2 48.8 69.7 65.9 84.7 60.4 62.1 59.2 53.0 61.5 59.6 59.1"),
+    ("t5-base", "ept", "2.3K", "0.0 82.9 68.8 89.7 69.3 92.7 90.2 93.0 73.3 75.5 73.1 65.6 62.2 59.7 67.2"),
+    ("t5-base", "ept_star", "2.3K", "41.0 85.0 75.8 89.7 76.1 92.6 90.4 93.8 80.5 77.0 82.7 65.3 58.3 72.4 71.1"),
+    ("t5-small", "ft", "60M", "36.3 85.9 67.9 88.8 78.8 90.4 88.1 91.1 78.4 76.5 77.8 66.6 51.3 68.4 68.1"),
+    ("t5-small", "ptuning", "793K", "0.0 84.2 65.0 86.6 75.5 89.4 88.3 89.1 72.3 71.1 64.5 65.6 59.6 65.7 65.3"),
+    ("t5-small", "resprompt", "416K", "0.0 80.9 61.4 85.9 62.1 88.9 88.2 88.1 69.4 61.9 58.4 50.6 59.0 59.3 57.8"),
+    ("t5-small", "pt", "5.1K", "2.8 75.6 52.3 85.6 41.5 87.2 85.8 82.0 64.1 61.8 55.2 48.7 62.2 60.0 57.6"),
+    ("t5-small", "ept", "1.5K", "0.8 78.0 57.6 85.6 62.7 87.7 87.8 83.4 68.0 61.9 59.1 51.8 59.6 63.7 59.2"),
+    ("t5-small", "ept_star", "1.5K", "0.0 82.8 65.9 86.3 68.7 89.0 88.2 88.8 71.2 68.0 59.2 60.4 60.3 65.5 62.7")]
+PAPER_TABLE2 = [("t5-base", "ft", "220M", "75.0 78.7 80.2 66.7 75.1 59.1 97.0 94.9 94.2 86.3"),
+                ("t5-base", "ptuning", "1.7M", "66.1 72.9 71.3 61.8 68.0 48.6 95.8 91.3 89.0 81.2"),
+                ("t5-base", "resprompt", "624K", "64.9 72.7 67.5 60.3 66.3 48.9 95.1 88.4 74.6 76.7"),
+                ("t5-base", "pt", "7.6K", "64.7 71.6 66.7 60.4 65.8 48.5 93.7 68.0 55.7 66.5"),
+                ("t5-base", "ept", "2.3K", "64.4 72.3 68.2 60.2 66.3 48.9 93.8 89.0 77.2 77.3"),
+                ("t5-base", "ept_star", "2.3K", "? ? ? ? ? ? ? 90.1 84.8 79.6")]
+PAPER_TABLE3 = [("SuperGLUE", 4, "53.1 56.3 53.0 53.9 55.8 54.3"), ("SuperGLUE", 16, "56.8 60.2 51.2 54.2 57.9 57.1"),
+                ("SuperGLUE", 32, "58.5 59.9 54.0 52.9 58.2 59.3"), ("GLUE", 4, "57.2 63.9 46.8 48.9 60.7 60.8"),
+                ("GLUE", 16, "59.0 64.2 49.8 50.6 65.3 65.7"), ("GLUE", 32, "61.8 69.1 56.2 52.9 69.6 69.0")]
+PAPER_TABLE4 = [("PT", "77K/-", "56.5 61.9 48.1 62.2 50.0 55.7"), ("EPT", "2.3K/768", "67.9 70.3 55.8 61.5 61.9 63.5"),
+                ("EPT*", "2.3K/768", "73.3 76.7 65.2 62.2 67.9 69.1")]
+PAPER_TABLE6 = [("uniform", "75.7 72.5 70.5 65.4 71.0"), ("vocab", "75.4 77.6 69.8 63.5 71.6"),
+                ("label", "75.1 75.5 67.6 63.5 70.4")]
 INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)", "label": "Label (label words)"}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,13 +194,21 @@ def grid_table(rows, groups, title_cols=("Model", "Method", "Param")):
     return markdown(header, body), long
 
 
+def paper_block(header, body):
+    return "\nThe paper's numbers, for comparison:\n\n" + markdown(header, body)
+
+
 def table1(rows):
     rows = select_best_lr(dedupe(rows))
-    return grid_table(rows, [("GLUE", ablate.GLUE), ("SuperGLUE", ablate.SUPERGLUE)])
+    md, long = grid_table(rows, [("GLUE", ablate.GLUE), ("SuperGLUE", ablate.SUPERGLUE)])
+    header = md.splitlines()[0].strip("| ").split(" | ")
+    return md + paper_block(header, [[m, LABELS[k], p, *v.split()] for m, k, p, v in PAPER_TABLE1]), long
 
 
 def table2(rows):
-    return grid_table(rows, [("MRQA", ablate.MRQA), ("Others", ablate.OTHERS)])
+    md, long = grid_table(rows, [("MRQA", ablate.MRQA), ("Others", ablate.OTHERS)])
+    header = md.splitlines()[0].strip("| ").split(" | ")
+    return md + paper_block(header, [[m, LABELS[k], p, *v.split()] for m, k, p, v in PAPER_TABLE2]), long
 
 
 def table3(rows):
@@ -188,7 +230,10 @@ def table3(rows):
                 for m in methods:
                     mean, sd, n = mean_std(scores(rows, method=m, task=t, fewshot_k=k))
                     long.append({"k": k, "task": t, "method": m, "mean": mean, "std": sd, "seeds": n})
-    return markdown(header, body) + "\nPer task (mean ± std over seeds):\n\n" + markdown(detail_header, detail), long
+    paper = paper_block(["Benchmark", "k-shot", *[LABELS[m] for m in METHOD_ORDER]],
+                        [[b, k, *v.split()] for b, k, v in PAPER_TABLE3])
+    return (markdown(header, body) + paper + "\nPer task (mean ± std over seeds):\n\n"
+            + markdown(detail_header, detail)), long
 
 
 def table4(rows):
@@ -208,8 +253,8 @@ def table4(rows):
             long.append({"method": method, "task": t, "mean": mean, "std": sd, "seeds": n})
         body.append(line + [avg_cell(mine, TABLE4_TASKS)])
     quoted = markdown(header, [[m, p, *[f"{v:.1f}" for v in vals]] for m, p, *vals in TABLE4_QUOTED])
-    return (markdown(header, body) + "\nRows the paper quotes from ATTEMPT (Asai et al. 2022), not rerun here:\n\n"
-            + quoted), long
+    return (markdown(header, body) + paper_block(header, [[m, p, *v.split()] for m, p, v in PAPER_TABLE4])
+            + "\nRows the paper quotes from ATTEMPT (Asai et al. 2022), not rerun here:\n\n" + quoted), long
 
 
 def table6(rows):
@@ -222,7 +267,7 @@ def table6(rows):
                      avg_cell(rows, tasks, init=kind)])
         long += [{"init": kind, "task": t, **dict(zip(("mean", "std", "seeds"), mean_std(scores(rows, init=kind, task=t))))}
                  for t in tasks]
-    return markdown(header, body), long
+    return markdown(header, body) + paper_block(header, [[INIT_LABELS[k], *v.split()] for k, v in PAPER_TABLE6]), long
 
 
 def sweep_table(rows):
@@ -243,10 +288,10 @@ def sweep_table(rows):
 
 
 TABLES = {"table1": ("Table 1: GLUE and SuperGLUE (mean ± std over seeds)", "table1", table1),
-          "table2": ("Table 2: MRQA and Others, t5-base (mean ± std over seeds)", "table2", table2),
-          "table3": ("Table 3: few-shot, t5-base (mean over tasks of the mean over seeds)", "fewshot", table3),
-          "table4": ("Table 4: 5 SuperGLUE tasks in the ATTEMPT setting, t5-base", "table4", table4),
-          "table6": ("Table 6: EPT prompt initialisation, t5-base", "init", table6)}
+          "table2": ("Table 2: MRQA and Others (mean ± std over seeds)", "table2", table2),
+          "table3": ("Table 3: few-shot (mean over tasks of the mean over seeds)", "fewshot", table3),
+          "table4": ("Table 4: 5 SuperGLUE tasks in the ATTEMPT setting", "table4", table4),
+          "table6": ("Table 6: EPT prompt initialisation (mean ± std over seeds)", "init", table6)}
 EXPERIMENT_TABLE = {"table1": table1, "table2": table2, "fewshot": table3, "table4": table4, "init": table6}
 
 
@@ -306,21 +351,27 @@ def fig_norms(results, out, tasks, name, title):
     if not tasks:
         raise Missing("no norm curves for these tasks in analysis/norms.json")
     plt = _plt()
-    fig, axes = plt.subplots(2, len(tasks), figsize=(4 * len(tasks), 6.5), squeeze=False)
-    for j, task in enumerate(tasks):
+    cols = min(4, len(tasks))  # at most 4 tasks side by side: (a) norms above (b) scores
+    groups = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(2 * groups, cols, figsize=(4 * cols, 3.3 * 2 * groups), squeeze=False)
+    for k in range(len(tasks), groups * cols):  # the last group's empty places
+        axes[2 * (k // cols), k % cols].axis("off")
+        axes[2 * (k // cols) + 1, k % cols].axis("off")
+    for k, task in enumerate(tasks):
+        top, bottom = axes[2 * (k // cols), k % cols], axes[2 * (k // cols) + 1, k % cols]
         for method in ordered(set(curves[task]), METHOD_ORDER):
             c = curves[task][method]
-            axes[0, j].plot(c["step"], c["prompt_norm"], color=COLORS.get(method), label=LABELS[method])
-            axes[1, j].plot(c["eval_step"], c["score"], color=COLORS.get(method), marker="o", ms=3, label=LABELS[method])
-        axes[0, j].set_yscale("log")
-        axes[0, j].set_title(f"{TASK_LABELS.get(task, task)}: (a) prompt norm")
-        axes[0, j].set_xlabel("training step t")
-        axes[0, j].set_ylabel("μ_t (mean L2 norm of P' rows, log)")
-        axes[1, j].set_title(f"{TASK_LABELS.get(task, task)}: (b) validation score")
-        axes[1, j].set_xlabel("training step t")
-        axes[1, j].set_ylabel("validation score")
-        axes[0, j].legend(fontsize=8)
-        axes[1, j].legend(fontsize=8)
+            top.plot(c["step"], c["prompt_norm"], color=COLORS.get(method), label=LABELS[method])
+            bottom.plot(c["eval_step"], c["score"], color=COLORS.get(method), marker="o", ms=3, label=LABELS[method])
+        top.set_yscale("log")
+        top.set_title(f"{TASK_LABELS.get(task, task)}: (a) prompt norm")
+        top.set_xlabel("training step t")
+        top.set_ylabel("μ_t (mean L2 norm of P' rows, log)")
+        bottom.set_title(f"{TASK_LABELS.get(task, task)}: (b) validation score")
+        bottom.set_xlabel("training step t")
+        bottom.set_ylabel("validation score")
+        top.legend(fontsize=8)
+        bottom.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return [_save(fig, out, name)]
@@ -382,8 +433,12 @@ def _sweep_axes(rows, tasks, name, xlabel, logx, title, methods=None, band=True)
     methods = methods or ordered({r["method"] for r in rows}, METHOD_ORDER)
     panels = tasks + (["Avg"] if len(tasks) > 1 else [])
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], panels):
+    cols = len(panels) if len(panels) <= 4 else 3
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.8 * cols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, task in zip(axes.flat, panels):
         for method in methods:
             xs = sorted({r["variant"] for r in rows if r["method"] == method})
             ys, sds = [], []
@@ -456,7 +511,7 @@ def fig9(results, out):
                     [TASK_LABELS.get(t, t) for t in panels])
     left.set_ylabel("test score")
     left.set_title("EPT + one structure (mean over seeds)")
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     task = "boolq" if "boolq" in tasks else tasks[0]
     for i, name in enumerate(names):
         mine = [r for r in rows if r["variant"] == name and r["task"] == task]
@@ -505,6 +560,11 @@ def fig10(results, out):
     return [_save(fig, out, "fig10_transfer.png")]
 
 
+def _token(tok):
+    """A vocabulary piece as markdown-safe code: escapes (tabs, newlines) visible, no table-breaking pipes."""
+    return "`" + json.dumps(tok, ensure_ascii=False)[1:-1].replace("|", "\\|").replace("`", "'") + "`"
+
+
 def neighbours_md(results, out):
     data = load_analysis(results, "neighbours")
     lines = ["# Appendix A.1: nearest vocabulary neighbours (cosine) of each prompt row\n"]
@@ -515,7 +575,8 @@ def neighbours_md(results, out):
             note = " (random-weight T5: neighbours are meaningless)" if d.get("random_init") else ""
             lines.append(f"\n## {TASK_LABELS.get(task, task)}, {LABELS[method]}{note}\n")
             body = [[r["row"], f"{r['norm']:.3g}",
-                     ", ".join(f"**{tok}**" if tok.replace("▁", "") in labels else tok for tok, _ in r["neighbours"]),
+                     ", ".join(f"**{_token(tok)}**" if tok.replace("▁", "") in labels else _token(tok)
+                               for tok, _ in r["neighbours"]),
                      ", ".join(f"{c:.2f}" for _, c in r["neighbours"])] for r in d["rows"]]
             lines.append(markdown(["row", "norm", "nearest tokens (label words in bold)", "cosine"], body))
     write_text(Path(out) / "neighbours.md", "\n".join(lines))
@@ -555,6 +616,8 @@ def main(argv=None):
             index.append(f"*Missing: no `{results / experiment}.jsonl` yet.*\n")
             continue
         md, long = build(rows)
+        tags = sorted({r.get("model_tag", "?") for r in rows})
+        md = f"*Model: {', '.join(tags)}; {len(dedupe(rows))} runs.*\n\n{md}"
         write_text(out / f"{key}.md", f"# {title}\n\n{md}")
         write_csv(out / f"{key}.csv", long)
         index.append(f"[{key}.md]({key}.md) · [{key}.csv]({key}.csv)\n\n{md}")
