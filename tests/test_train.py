@@ -120,6 +120,29 @@ def test_end_to_end_train_then_evaluate(data_dir, tiny_model_dir, tmp_path):
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.skipif(not (REPO / "prepare_data.py").exists() or not (REPO / "tests/fixtures/raw/multirc").is_dir(),
+                    reason="prepare_data.py and its fixtures are not in this checkout")
+def test_prepare_data_then_train_then_evaluate_multirc_fewshot(tiny_model_dir, tmp_path):
+    """The three real CLIs in a row on prepare_data's MultiRC fixture: few-shot file (4 rows < batch 8: one
+    partial batch per epoch), F1a/EM grouped by question_id, rank-mode evaluation."""
+    data = tmp_path / "data"
+    run_cli("prepare_data.py", ["--source", "tests/fixtures/raw", "--tasks", "multirc", "--out", str(data),
+                                "--tokenizer", str(tiny_model_dir), "--fewshot", "2", "--fewshot-seeds", "0"],
+            env={"HF_HUB_OFFLINE": "1"})
+    run = tmp_path / "run"
+    run_cli("train.py", ["--task", "multirc", "--data-dir", str(data), "--model", str(tiny_model_dir), "--out-dir",
+                         str(run), "--fewshot-k", "2", "--fewshot-seed", "0", "--batch-size", "8", "--max-steps", "4",
+                         "--eval-every", "2", "--method", "ept_star"])
+    config = json.loads((run / "config.json").read_text())
+    assert config["train_size"] == 4 and config["steps_per_epoch"] == 1 and config["max_length"] == 348
+    assert [e["epoch"] for e in events(run, "train")] == [1, 2, 3, 4]  # one (partial) batch per epoch
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"f1a", "em", "score"} <= set(metrics) and metrics["score"] == metrics["f1a"]
+    run_cli("evaluate.py", [str(run), "--mode", "rank"])
+    ranked = json.loads((run / "eval" / "multirc_test.rank.metrics.json").read_text())
+    assert ranked["invalid"] == 0 and ranked["n"] == metrics["n"]
+
+
 def test_frozen_t5_unchanged_and_prompt_trained(data_dir, tiny_model_dir, tmp_path):
     out = train.main(argv(data_dir, tiny_model_dir, tmp_path / "run", "--method", "pt", "--max-steps", 5,
                           "--eval-every", 5, "--no-test"))
