@@ -20,7 +20,10 @@ Table 3 (few-shot) is fewshot.py, which uses the same machinery.
 
 Flags this script does not know (--max-steps, --eval-every, --random-init, --batch-size, ...) go to
 train.py unchanged, after the experiment's own, so they win. They are not part of the run name:
-use another --runs-dir when you change them.
+use another --runs-dir when you change them. --subprocess runs each train.py in a fresh process
+(frees GPU memory and cached data between runs); --dry-run also appends its plan to
+<results-dir>/dry_run.tsv, which run_all.sh sums counting each shared run once. docs/experiments.md
+lists every setting and the per-step times the GPU-hour estimate assumes.
 """
 import argparse
 import json
@@ -203,8 +206,6 @@ def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=1000):
     """GPU-hours of one run under the assumptions above (ideal scaling: the same on 1 or N GPUs)."""
     size = _size_key(spec["model"])
     train, val, test = _split_sizes(spec["task"], data_dir)
-    if spec.get("fewshot_k"):
-        train = spec["fewshot_k"] * 3
     steps = (spec["epochs"] * math.ceil(train / batch_size) if spec.get("epochs")
              else spec.get("max_steps", defaults(spec["method"])["max_steps"]))
     step_s = SECONDS_PER_STEP[size] * LONG_INPUT_FACTOR.get(spec["task"], 1.0)

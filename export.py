@@ -26,7 +26,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 import model as M

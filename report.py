@@ -79,8 +79,6 @@ INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--results", default="results", help="folder of <experiment>.jsonl and analysis/")
 parser.add_argument("--out", default="report", help="report folder to write")
-parser.add_argument("--model", default=None,
-                    help="model tag of the single-size tables/figures (default: t5-base if present, else the most common)")
 
 
 # --- numbers -----------------------------------------------------------------------------------------
