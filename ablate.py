@@ -264,6 +264,9 @@ def run_experiment(experiment, specs, args, extra=()):
         if str(run_dir) not in done:
             append_jsonl(results, [row])
             done.add(str(run_dir))
+        if args.prune_ft_checkpoints and options["method"] == "ft":  # full T5 + AdamW state, twice per run
+            for name_ in ("best.pt", "last.pt"):
+                (run_dir / name_).unlink(missing_ok=True)
     print(f"{experiment}: {len(plan)} runs, {trained} trained now, {len(rows) - trained} already finished, "
           f"{len(failed)} failed -> {results}")
     if failed:
@@ -413,6 +416,9 @@ def add_execution_args(parser):
                        help="run each train.py in a fresh process (default: train.main in this process)")
     group.add_argument("--runs-dir", default="runs", help="where run folders go")
     group.add_argument("--results-dir", default="results", help="where <experiment>.jsonl goes")
+    group.add_argument("--prune-ft-checkpoints", action="store_true",
+                       help="delete best.pt/last.pt of finished ft runs once their row is written "
+                            "(weights + AdamW state: ~2.7 GB each for t5-base, ~9 GB for t5-large)")
     group.add_argument("--dry-run", action="store_true",
                        help="list the runs and the GPU-hour estimate (also appended to <results-dir>/dry_run.tsv)")
 

@@ -2,11 +2,12 @@
 # EPT: Explosive Prompt Tuning -- every table and figure of the paper, one section each.
 #
 # Hardware: the paper used 10 RTX A6000s. Estimate for this recipe (DRY_RUN=1 prints it): about
-# 3,500 distinct runs, ~2,500 GPU-hours on H100/A100-class GPUs under the per-step times assumed in ablate.py
-# (Table 1 with the SuperGLUE lr search is 60% of it), plus the Figure 10 transfer evaluations.
-# Disk: each prompt run keeps ~2 small checkpoints; each `ft` run keeps 2 full T5 checkpoints
-# (t5-large: ~9 GB per run). Needs the Hugging Face Hub (t5-small/base/large and the datasets) or
-# local copies (prepare_data.py --source, --model DIR).
+# 3,500 distinct runs, ~2,500 GPU-hours on H100/A100-class GPUs under the per-step times assumed in
+# ablate.py (Table 1 with the SuperGLUE lr search is ~70% of it), plus the Figure 10 transfer
+# evaluations. Disk: prompt runs keep small checkpoints; an `ft` run's best.pt/last.pt hold T5 and
+# its AdamW state (~2.7 GB each on t5-base, ~9 GB on t5-large, ~3 TB over the recipe), so this
+# recipe deletes them once the run's metrics are collected (--prune-ft-checkpoints). Needs the
+# Hugging Face Hub (t5-small/base/large and the datasets) or local copies (prepare_data.py --source).
 #
 #   bash run_all.sh                  # everything; resumable: rerun after a crash, finished runs are skipped
 #   NPROC=4 bash run_all.sh          # each run on 4 GPUs through torchrun (global batch stays 16)
@@ -33,7 +34,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
 else
   ROOT=.
   MODEL=t5-base SIZES="t5-small t5-base t5-large" SEEDS="" FEWSHOT="" LR_SEARCH="--lr-search" TRAIN="" EPOCHS=""
-  LAUNCH="--subprocess"  # a fresh process per run: GPU memory and tokenized data are freed between runs
+  LAUNCH="--subprocess --prune-ft-checkpoints"  # a fresh process per run frees GPU memory and cached data
 fi
 DATA=$ROOT/data RUNS=$ROOT/runs RESULTS=$ROOT/results REPORT=$ROOT/report
 COMMON="--data-dir $DATA --runs-dir $RUNS --results-dir $RESULTS --nproc $NPROC $LAUNCH $DRY"

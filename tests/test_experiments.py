@@ -142,9 +142,12 @@ def test_driver_trains_once_then_resumes_nothing(tiny_model_dir, data_dir, tmp_p
 
 def test_fewshot_driver_uses_the_k_shot_sample(tiny_model_dir, data_dir, tmp_path):
     rows = fewshot.main(["--model", str(tiny_model_dir), "--tasks", "rte", "--shots", "4", "--seeds", "0",
-                         "--methods", "ept", "ft", *driver_args(tiny_model_dir, data_dir, tmp_path), *TRAIN])
+                         "--methods", "ept", "ft", "--prune-ft-checkpoints",
+                         *driver_args(tiny_model_dir, data_dir, tmp_path), *TRAIN])
     assert {r["method"] for r in rows} == {"ept", "ft"}
     for r in rows:
+        assert (Path(r["run"]) / "best.pt").exists() == (r["method"] != "ft")  # ft checkpoints pruned
+        assert (Path(r["run"]) / "metrics.json").exists()
         config = json.loads((Path(r["run"]) / "config.json").read_text())
         assert config["train_file"].endswith("train_k4_seed0.jsonl") and config["train_size"] == 8  # 4 per class
         assert r["fewshot_k"] == 4 and r["fewshot_seed"] == 0
@@ -213,6 +216,13 @@ def test_cosine_of_identical_rows_is_one_and_norm_curves_read_the_log(tmp_path):
     torch.testing.assert_close(analyze.cosine_matrix(row.expand(10, -1)), torch.ones(10, 10))
     eye = analyze.cosine_matrix(torch.eye(4) * 3)
     torch.testing.assert_close(eye, torch.eye(4))
+    handmade = tmp_path / "boolq_ept_star_s0"  # a run folder holding only prompt.pt: 10 copies of one row
+    handmade.mkdir()
+    M.save_folded_prompt(handmade / "prompt.pt", row.expand(10, -1), {"task": "boolq"})
+    heat = analyze.prompt_cosines([{"run": str(handmade), "task": "boolq", "method": "ept_star", "seed": 0}],
+                                  ["boolq"], ["ept_star"], seed=0)["boolq"]["ept_star"]
+    torch.testing.assert_close(torch.tensor(heat["cosine"]), torch.ones(10, 10))
+    assert heat["norms"] == pytest.approx([row.norm().item()] * 10)
     runs = []
     for seed, scale in ((0, 1.0), (1, 3.0)):  # two seeds: the curves are their mean
         run = tmp_path / f"rte_pt_s{seed}"
