@@ -258,6 +258,16 @@ def token_nll(model, shift_right, input_ids, mask, labels, amp):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
+def set_dropout(t5, rate):
+    """T5's dropout rate everywhere: the nn.Dropout modules and the float rate HF's attention keeps."""
+    t5.config.dropout_rate = rate
+    for module in t5.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = rate
+
+
 def label_token_ids(tokenizer, labels):
     """Token ids of the label words for --init label (the bare '▁' piece of '▁', '0' dropped)."""
     ids = [i for seq in tokenizer(list(labels), add_special_tokens=False)["input_ids"] for i in seq
@@ -362,12 +372,7 @@ def main(argv=None):
         if len(tokenizer) > t5.config.vocab_size:
             raise SystemExit(f"train: tokenizer has {len(tokenizer)} tokens, the model {t5.config.vocab_size}")
         if args.dropout is not None:
-            t5.config.dropout_rate = args.dropout
-            for module in t5.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = args.dropout
-                elif isinstance(getattr(module, "dropout", None), float):  # HF attention keeps a float rate
-                    module.dropout = args.dropout
+            set_dropout(t5, args.dropout)
         fingerprint = E.t5_fingerprint(t5)
         labels = meta.get("labels")
         if args.init == "label" and not labels:
