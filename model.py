@@ -260,8 +260,11 @@ def load_tokenizer(name_or_dir):
     """The T5 tokenizer; a config-only folder falls back to a tokenizer in its parent folder."""
     from transformers import AutoTokenizer
     candidates = [name_or_dir]
-    if Path(name_or_dir).is_dir():
-        candidates.append(str(Path(name_or_dir).parent))
+    folder = Path(name_or_dir)
+    if folder.is_dir():  # a folder without a vocabulary (a bare config) borrows its parent's
+        candidates = [str(d) for d in (folder, folder.parent)
+                      if (d / "tokenizer.json").exists() or (d / "spiece.model").exists()] or candidates
+    last = None
     for candidate in candidates:
         try:
             tok = AutoTokenizer.from_pretrained(candidate)

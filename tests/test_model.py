@@ -220,3 +220,10 @@ def test_count_cli(capsys):
     model.main(["--count"])
     out = capsys.readouterr().out
     assert "60,506,624" in out and "2,304" in out and "48,280,576" in out
+
+
+def test_config_only_folder_borrows_the_parent_tokenizer(tokenizer_dir):
+    if tokenizer_dir is None:
+        pytest.skip("needs ../shared/data/t5")
+    tok = model.load_tokenizer(tokenizer_dir / "t5-small")  # config + tokenizer_config, no vocabulary
+    assert len(tok) == 32100 and tok("hello world").input_ids == [21820, 296, 1]
