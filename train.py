@@ -468,7 +468,8 @@ def main(argv=None):
         shift_right = raw_model.t5._shift_right
         timed = {"examples": 0, "tokens": 0, "seconds": 0.0}
         warm_steps = 2 if max_steps - start_step >= 10 else 0
-        pbar = tqdm(total=max_steps, initial=step, disable=not master_process, dynamic_ncols=True, desc=out_dir.name)
+        pbar = tqdm(total=max_steps, initial=step, dynamic_ncols=True, desc=out_dir.name,
+                    **({} if master_process else {"disable": True}))  # rank 0 only; TQDM_DISABLE=1 still works
         while True:
             last_step = step == max_steps
             fresh = not (resume_path and step == start_step)  # the resumed step was validated before the kill
