@@ -1,0 +1,285 @@
+"""Issue 6: the fast paths change the speed, never the results. bench.py measures the speed; this file proves
+the results equal the plain path's: own-longest padding vs --pad-to-max-length (loss and gradients),
+--group-by-length (a reordering only), batched sorted greedy decoding with early stop vs one example at a time
+(and vs the reference's unsorted pad-to-max decoding), rank classification vs brute force, bf16 and
+torch.compile on CUDA (skipped without it), and bench.py itself end to end on tiny data.
+
+    python -m pytest -q tests/test_fastpaths.py        # offline, CPU, well under a minute on 2 idle cores
+
+Dropout is OFF wherever two paths are compared: its masks are drawn per tensor element, so a batch padded to
+the max length draws different masks for the same real tokens than the same batch padded to its own longest.
+With dropout off the two paths compute the same function; the tolerance is float rounding (1e-5 relative).
+"""
+import copy
+import json
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench
+import evaluate as E
+import model as M
+import train
+
+WORDS = "good bad fine awful great poor nice sad happy dull the movie plot was not very".split()
+MAX_LENGTH = 40
+
+
+def no_dropout(t5):
+    """As train.py --dropout 0: nn.Dropout modules and the float rate HF's attention keeps."""
+    for module in t5.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = 0.0
+    return t5
+
+
+def write_task(root, n=(48, 16, 16), seed=0):
+    """A toy binary task in prepare_data.py's format (DESIGN.md), lengths 2..30 words so padding matters."""
+    rng = random.Random(seed)
+    task = Path(root) / "toy"
+    task.mkdir(parents=True, exist_ok=True)
+    for split, size in zip(("train", "validation", "test"), n):
+        rows = []
+        for i in range(size):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(2, 30))]
+            y = int("good" in words)
+            rows.append({"source": "sentence: " + " ".join(words), "target": str(y), "label": y, "idx": i})
+        (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta = {"task": "toy", "benchmark": "test", "source": {"kind": "local", "files": []},
+            "splits": dict(zip(("train", "validation", "test"), n)), "labels": ["0", "1"], "metrics": ["acc"],
+            "score": ["acc"], "max_length": MAX_LENGTH, "max_target_length": 3, "data_seed": seed,
+            "token_stats": {}, "fewshot": {}}
+    (task / "meta.json").write_text(json.dumps(meta))
+    return Path(root)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_task(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def toy(data_dir, tiny_model_dir):
+    """(tokenizer, source ids, target ids, lengths) of the toy training split, via train.py's cached tokenizer."""
+    tok = M.load_tokenizer(str(tiny_model_dir))
+    _, src, tgt = train.load_split(data_dir / "toy" / "train.jsonl", tok, MAX_LENGTH)
+    return tok, src, tgt, [len(s) + len(t) for s, t in zip(src, tgt)]
+
+
+def prompted(tiny_model_dir, method, seed=0):
+    t5 = no_dropout(M.load_t5(str(tiny_model_dir)))
+    torch.manual_seed(seed)
+    encoder = M.build_prompt_encoder(method, t5.config.d_model, generator=torch.Generator().manual_seed(seed))
+    return M.PromptedT5(t5, encoder).train()  # train mode, as train.py: only the dropout rate is 0
+
+
+# --- training: padding and ordering --------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["pt", "ept", "resprompt", "ft"])
+def test_pad_to_longest_gives_the_pad_to_max_loss_and_gradients(toy, tiny_model_dir, method):
+    tok, src, tgt, _ = toy
+    net = prompted(tiny_model_dir, method)
+    params = [p for p in net.parameters() if p.requires_grad]
+    idx = list(range(8))
+    pad_max = (MAX_LENGTH, 6)
+    assert max(len(src[i]) for i in idx) < MAX_LENGTH  # the max-padded batch really is longer
+
+    def loss_and_grads(pad_to):
+        net.zero_grad(set_to_none=True)
+        batch = train.collate(idx, src, tgt, tok.pad_token_id, pad_to)
+        nll = train.token_nll(net, net.t5._shift_right, *batch, nullcontext())
+        nll.backward()
+        return nll.item(), [p.grad.clone() for p in params]
+
+    own, own_grads = loss_and_grads((None, None))
+    padded, padded_grads = loss_and_grads(pad_max)
+    assert padded == pytest.approx(own, rel=1e-5)
+    for g_own, g_pad in zip(own_grads, padded_grads):
+        assert torch.allclose(g_own, g_pad, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in own_grads)  # the gradients compared are not all zero
+
+
+@pytest.mark.parametrize("method,tol", [("pt", 1e-4), ("ept_star", 1e-3)])
+def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_dir, method, tol):
+    """bench.train_step (train.py's step) for 4 steps at lr 0.3: own-longest and pad-to-max give the same
+    losses and reach the same prompt. The prompt tolerance is relative to its scale: Adam divides by sqrt(v),
+    so rounding-level gradient differences grow with each step, more through EPT's product P1 W_down W_up."""
+    tok, src, tgt, _ = toy
+    net = prompted(tiny_model_dir, method)
+    start = copy.deepcopy(net.prompt_encoder.state_dict())
+    initial = net.prompt().detach().clone()
+    prompts, losses = [], []
+    for pad_to in ((None, None), (MAX_LENGTH, 6)):
+        net.prompt_encoder.load_state_dict(start)
+        params = [p for p in net.prompt_encoder.parameters()]
+        optimizer, scheduler = bench.make_optimizer(params, 0.3, 0.01, False, 100)
+        run = [bench.train_step(net, net, list(range(8 * k, 8 * k + 8)), src, tgt, tok.pad_token_id, pad_to,
+                                nullcontext(), "cpu", params, optimizer, scheduler)[0] for k in range(4)]
+        losses.append(run)
+        prompts.append(net.prompt().detach().clone())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert (prompts[0] - prompts[1]).abs().max() <= tol * prompts[0].abs().max()
+    assert (prompts[0] - initial).abs().max() > 100 * tol * prompts[0].abs().max()  # it did train, visibly
+
+
+def test_group_by_length_only_reorders(toy, tiny_model_dir):
+    """Each epoch: the same examples as the plain order, mega-batch by mega-batch, sorted longest first
+    inside it; and with fixed weights the epoch's summed loss is the same."""
+    tok, src, tgt, lengths = toy
+    n, bs = len(src), 4  # mega-batch = 50 * 4 = 200 > 48 rows: one mega-batch, and with bs 1: 50-row ones
+    for epoch in range(3):
+        plain = train.epoch_order(n, 7, epoch, bs)
+        grouped = train.epoch_order(n, 7, epoch, bs, lengths)
+        assert sorted(grouped.tolist()) == list(range(n))
+        assert [lengths[i] for i in grouped] == sorted((lengths[i] for i in plain), reverse=True)
+    small = train.epoch_order(n, 7, 0, 1, lengths)  # mega-batches of 50 rows: the last one is partial
+    assert sorted(small.tolist()) == list(range(n))
+    net = prompted(tiny_model_dir, "pt").eval()
+    plain, grouped = train.epoch_order(n, 7, 0, bs), train.epoch_order(n, 7, 0, bs, lengths)
+    with torch.no_grad():
+        total = [sum(train.token_nll(net, net.t5._shift_right, *train.collate(order[k:k + bs].tolist(), src, tgt,
+                                                                              tok.pad_token_id), nullcontext()).item()
+                     for k in range(0, n, bs)) for order in (plain, grouped)]
+    assert total[1] == pytest.approx(total[0], rel=1e-5)
+    # bench.py's (b) regroups the timed examples the same way: the same multiset as (a) and (c)
+    timed = plain[:32]
+    regrouped = timed[train.epoch_order(len(timed), 0, 0, bs, [lengths[i] for i in timed])]
+    assert sorted(regrouped.tolist()) == sorted(timed.tolist())
+
+
+# --- evaluation: decoding and rank classification --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def decoder_net(tiny_model_dir):
+    """A prompted tiny T5 whose </s> output row copies (x1.01) the row of the token it most often starts
+    with: those rows stop after one step, the others run to max_new_tokens. A random T5 alone never stops."""
+    t5 = M.load_t5(str(tiny_model_dir))
+    t5.lm_head.weight = torch.nn.Parameter(t5.lm_head.weight.detach().clone())  # untie: inputs stay the same
+    prompt = torch.randn(3, t5.config.d_model, generator=torch.Generator().manual_seed(0)) * 5
+    net = M.PromptedT5(t5, M.FoldedPrompt(prompt)).eval()
+    tok = M.load_tokenizer(str(tiny_model_dir))
+    rng = random.Random(1)
+    sources = ["sentence: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(20)]
+    ids = E.encode(tok, sources, MAX_LENGTH)
+    with torch.no_grad():
+        first = [net.generate(*E.pad([i], tok.pad_token_id), max_new_tokens=1, do_sample=False)[0, 1].item() for i in ids]
+        common = max(set(first), key=first.count)
+        t5.lm_head.weight[tok.eos_token_id] = 1.01 * t5.lm_head.weight[common]
+    return net, tok, ids
+
+
+def test_batched_sorted_greedy_equals_one_at_a_time(decoder_net):
+    net, tok, ids = decoder_net
+    single = [E.predict(net, tok, [i], max_new_tokens=5, batch_size=1)[0] for i in ids]
+    assert "" in single and any(len(tok(p, add_special_tokens=False)["input_ids"]) >= 4 for p in single), \
+        "the fixture should give rows that stop at once and rows that run to max_new_tokens"
+    steps = bench.count_decode_steps(net)
+    batched = E.predict(net, tok, ids, max_new_tokens=5, batch_size=6)  # sorted, 4 batches, mixed stops
+    assert batched == single
+    assert max(steps) == 5 and all(s <= 5 for s in steps)
+    # the reference's decoding (data order, padded to the max length) gives the same strings too
+    assert bench.reference_predict(net, tok, ids, batch_size=6, pad_length=MAX_LENGTH, device="cpu", dtype="fp32",
+                                   max_new_tokens=5) == single
+    net.generate = type(net).generate.__get__(net)  # undo the counter
+
+
+def test_early_stop_when_every_row_is_done(decoder_net):
+    """A batch whose rows all emit </s> first stops after one step, whatever max_new_tokens allows."""
+    net, tok, ids = decoder_net
+    done = [i for i in ids if E.predict(net, tok, [i], max_new_tokens=5, batch_size=1)[0] == ""]
+    steps = bench.count_decode_steps(net)
+    assert E.predict(net, tok, done, max_new_tokens=5, batch_size=64) == [""] * len(done)
+    assert steps == [1]
+    net.generate = type(net).generate.__get__(net)
+
+
+@pytest.mark.parametrize("labels", [["0", "1"], ["0", "1", "2"], ["entailment", "not entailment", "1"]])
+def test_rank_classify_picks_the_lowest_loss_label(decoder_net, labels):
+    """Labels of different token lengths (padded with -100 in the batched pass), several batches."""
+    net, tok, ids = decoder_net
+    got = E.rank_classify(net, tok, ids, labels, batch_size=5)
+    assert set(got) <= set(labels)  # never invalid
+    for source, pred in zip(ids, got):  # brute force: one unpadded forward per (example, label)
+        x, mask = E.pad([source], tok.pad_token_id)
+        losses = []
+        for label in labels:
+            y = torch.tensor([tok(label)["input_ids"]])
+            with torch.no_grad():
+                logits = net(x, mask, decoder_input_ids=net.t5._shift_right(y)).logits
+            losses.append(F.cross_entropy(logits[0], y[0], reduction="sum").item())
+        assert pred == labels[int(np.argmin(losses))]
+
+
+# --- bench.py itself ---------------------------------------------------------------------------------------
+
+def test_flop_formula_counts_every_linear_weight_once(tiny_model_dir):
+    """One encoder and one decoder token: the linear FLOPs are 2 x every nn.Linear weight of T5 (lm_head too)."""
+    t5 = M.load_t5(str(tiny_model_dir))
+    weights = sum(m.weight.numel() for m in t5.modules() if isinstance(m, torch.nn.Linear))
+    linear, _ = bench.forward_flops(t5.config, 1, 1)
+    assert linear == 2 * weights
+    assert bench.train_flops(t5.config, 10, 3, full=True) > bench.train_flops(t5.config, 10, 3, full=False)
+
+
+def test_bench_end_to_end(data_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench.main(["--method", "ept", "--model", str(tiny_model_dir), "--task", "toy", "--data-dir", str(data_dir),
+                         "--steps", "3", "--warmup", "1", "--batch-size", "8", "--eval-examples", "24",
+                         "--eval-batch-size", "8", "--eval-repeats", "1", "--dropout", "0", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["config"] for r in saved["train"]] == ["own_longest", "group_by_length", "pad_to_max_length"]
+    a, b, c = saved["train"]
+    assert a["examples"] == b["examples"] == c["examples"] == 24
+    assert c["padding_fraction"] > a["padding_fraction"] >= b["padding_fraction"]
+    assert saved["train_flop_ceiling"] > 1
+    assert saved["loss_max_rel_diff_a_vs_c"] < 1e-5  # dropout off: the same losses, padded or not
+    assert all(r["peak_memory_kind"] == "cpu_peak_rss_delta" and r["peak_memory_mib"] >= 0 for r in saved["train"])
+    ev = {r["config"]: r for r in saved["eval"]}
+    assert set(ev) == {"generate_sorted", "rank", "reference", "reference_short"}
+    assert ev["generate_sorted"]["decode_steps_per_batch"] <= 3 < ev["reference"]["decode_steps_per_batch"] <= 19
+    assert ev["reference_short"]["agreement_with_1"] == 1.0  # same decoding length: the same predictions
+    assert set(result["speedups"]) >= {"train own_longest", "train group_by_length", "eval generate_sorted", "eval rank"}
+
+
+# --- CUDA only -----------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_bf16_autocast_loss_close_to_fp32(toy, tiny_model_dir):
+    tok, src, tgt, _ = toy
+    net = prompted(tiny_model_dir, "ept").cuda()
+    batch = [t.cuda() for t in train.collate(list(range(8)), src, tgt, tok.pad_token_id)]
+    with torch.no_grad():
+        fp32 = train.token_nll(net, net.t5._shift_right, *batch, nullcontext()).item()
+        bf16 = train.token_nll(net, net.t5._shift_right, *batch, E.autocast("cuda", "bf16")).item()
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+
+
+@pytest.mark.gpu
+def test_compile_gives_the_eager_loss_and_gradients(toy, tiny_model_dir):
+    tok, src, tgt, _ = toy
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # train.main may have switched it on in this process
+    try:
+        net = prompted(tiny_model_dir, "pt").cuda()
+        compiled = torch.compile(net)
+        out = []
+        for model in (net, compiled, compiled):  # compiled twice: two shapes, the dynamic-shape recompile too
+            for idx in (list(range(8)), list(range(8, 16))):
+                net.zero_grad(set_to_none=True)
+                batch = [t.cuda() for t in train.collate(idx, src, tgt, tok.pad_token_id)]
+                nll = train.token_nll(model, net.t5._shift_right, *batch, nullcontext())
+                nll.backward()
+                out.append((nll.item(), net.prompt_encoder.prompt.grad.clone()))
+        for k in range(2, len(out)):
+            ref_loss, ref_grad = out[k % 2]
+            assert out[k][0] == pytest.approx(ref_loss, rel=1e-4)
+            assert torch.allclose(out[k][1], ref_grad, rtol=1e-3, atol=1e-5)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
