@@ -229,8 +229,9 @@ def train_step(model, raw_model, idx, source_ids, target_ids, pad_id, pad_to, am
     nll = train.token_nll(model, raw_model.t5._shift_right, input_ids.to(device), mask.to(device), target.to(device),
                           amp) * 1.0
     (nll * (1 / n_tokens)).backward()  # train.py: nll * (world_size / n_tokens), world_size 1
-    loss = nll.detach().item() / n_tokens
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf).item()
+    loss_sum = nll.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    loss, grad_norm = torch.stack([loss_sum / n_tokens, grad_norm.float()]).tolist()  # train.py: one host sync
     if math.isfinite(loss) and math.isfinite(grad_norm):
         optimizer.step()
         scheduler.step()
@@ -439,12 +440,7 @@ def main(argv=None):
     # --- model: as train.py builds it
     t5 = M.load_t5(args.model, random_init=args.random_init, seed=args.seed)
     if args.dropout is not None:  # as train.py --dropout
-        t5.config.dropout_rate = args.dropout
-        for module in t5.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = args.dropout
-            elif isinstance(getattr(module, "dropout", None), float):
-                module.dropout = args.dropout
+        train.set_dropout(t5, args.dropout)
     torch.manual_seed(args.seed)
     encoder = M.build_prompt_encoder(args.method, t5.config.d_model, prompt_length=args.prompt_length,
                                      encoder=args.encoder, embedding=t5.get_input_embeddings().weight,

@@ -31,12 +31,7 @@ MAX_LENGTH = 40
 
 
 def no_dropout(t5):
-    """As train.py --dropout 0: nn.Dropout modules and the float rate HF's attention keeps."""
-    for module in t5.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        elif isinstance(getattr(module, "dropout", None), float):
-            module.dropout = 0.0
+    train.set_dropout(t5, 0.0)  # as train.py --dropout 0 (nn.Dropout and the float rate HF's attention keeps)
     return t5
 
 
