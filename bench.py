@@ -89,7 +89,7 @@ group.add_argument("--encoder", default="mlp", choices=M.ENCODERS, help="ptuning
 group = parser.add_argument_group("optimisation")
 group.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (the paper's 16)")
 group.add_argument("--steps", type=int, default=20, help="timed optimizer steps per training config")
-group.add_argument("--warmup", type=int, default=2, help="untimed steps before each training config (allocator, compile)")
+group.add_argument("--warmup", type=int, default=2, help="untimed steps per training config first (allocator, compile)")
 group.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
 group.add_argument("--seed", type=int, default=0, help="seeds the T5 weights, the prompt, the data order and dropout")
 group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
@@ -113,7 +113,7 @@ group.add_argument("--json", default=None, help="also write every figure to this
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets; first match of the device name wins.
 PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("A100", 312.0),
-                    ("L40S", 362.0), ("L4", 121.0))
+                    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
 
 
 def peak_tflops(device, dtype, override=None):
