@@ -219,28 +219,12 @@ def make_optimizer(params, lr, weight_decay, fused, max_steps):
     return optimizer, scheduler
 
 
-def train_step(model, raw_model, idx, source_ids, target_ids, pad_id, pad_to, amp, device, params, optimizer,
-               scheduler, max_grad_norm=1.0):
-    """One optimizer step as train.py's loop body runs it on one rank without accumulation (train.py has no
-    step function to import): collate, summed NLL scaled by 1/target tokens, backward, clip, AdamW, schedule,
-    prompt norm. Returns (loss, grad_norm, padded tokens)."""
-    n_tokens = sum(len(target_ids[i]) for i in idx)
-    input_ids, mask, target = train.collate(idx, source_ids, target_ids, pad_id, pad_to)
-    nll = train.token_nll(model, raw_model.t5._shift_right, input_ids.to(device), mask.to(device), target.to(device),
-                          amp) * 1.0
-    (nll * (1 / n_tokens)).backward()  # train.py: nll * (world_size / n_tokens), world_size 1
-    loss_sum = nll.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-    loss, grad_norm = torch.stack([loss_sum / n_tokens, grad_norm.float()]).tolist()  # train.py: one host sync
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        prompt = raw_model.prompt()
-        if prompt is not None:
-            prompt.float().norm(dim=1).mean().item()  # train.py logs mu_t (Eq. 4) every step: same sync
-    return loss, grad_norm, input_ids.numel() + target.numel()
+def run_step(model, raw_model, idx, args, pad_to, optimizer, scheduler):
+    """train.train_step on one rank, the whole batch in one micro-batch: (loss, padded tokens)."""
+    loss, _, _, _, padded = train.train_step(
+        model, raw_model, optimizer, scheduler, idx, (args["source_ids"], args["target_ids"], args["pad_id"]),
+        amp=args["amp"], device=args["device"], micro_batch_size=len(idx), pad_to=pad_to)
+    return loss, padded
 
 
 class TrainConfig:
@@ -265,8 +249,7 @@ class TrainConfig:
             torch.cuda.set_rng_state(self.rng[1])
         sync(args["device"])
         t0 = time.perf_counter()
-        loss, _, padded = train_step(model, raw_model, idx, args["source_ids"], args["target_ids"], args["pad_id"],
-                                     self.pad_to, args["amp"], args["device"], self.params, self.optimizer, self.scheduler)
+        loss, padded = run_step(model, raw_model, idx, args, self.pad_to, self.optimizer, self.scheduler)
         sync(args["device"])
         if timed:
             self.seconds.append(time.perf_counter() - t0)
@@ -287,8 +270,7 @@ def measure_train_memory(batches, pad_to, raw_model, model, init_state, args, lr
     with PeakMemory(args["device"]) as mem:
         optimizer, scheduler = make_optimizer(params, lr, 0.01, args["device"].startswith("cuda"), 30000)
         for _ in range(2):
-            train_step(model, raw_model, big, src, tgt, args["pad_id"], pad_to, args["amp"], args["device"], params,
-                       optimizer, scheduler)
+            run_step(model, raw_model, big, args, pad_to, optimizer, scheduler)
         del optimizer, scheduler
     module.load_state_dict(init_state)
     return mem.mib, mem.kind

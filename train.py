@@ -258,6 +258,50 @@ def token_nll(model, shift_right, input_ids, mask, labels, amp):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
+def train_step(model, raw_model, optimizer, scheduler, batch, data, *, amp, device, micro_batch_size,
+               pad_to=(None, None), max_grad_norm=1.0, rank=0, world_size=1):
+    """One optimizer step on the global `batch` (indices into data = (source ids, target ids, pad id)).
+
+    This rank takes batch[rank::world_size] in micro-batches of `micro_batch_size` (gradient accumulation);
+    each micro-batch's summed target NLL is scaled by world_size / (the global batch's target tokens), so
+    DDP's average over ranks gives the token-mean loss of the whole batch. Then clipping at `max_grad_norm`
+    (0 = off), AdamW and the schedule; a non-finite loss or gradient norm skips the update (the caller
+    stops the run). `model` is what runs the forward (raw_model, compiled and/or DDP-wrapped).
+    Returns (loss, grad norm, lr of this step, mean prompt row norm mu_t of Eq. 4 or None, padded tokens).
+    """
+    source_ids, target_ids, pad_id = data
+    n_tokens = sum(len(target_ids[i]) for i in batch)  # global target tokens: every rank knows them
+    shard = batch[rank::world_size]
+    n_micro = math.ceil(math.ceil(len(batch) / world_size) / micro_batch_size)  # the same on every rank
+    loss_sum = torch.zeros((), device=device)
+    padded = 0
+    for micro in range(n_micro):
+        idx = shard[micro * micro_batch_size:(micro + 1) * micro_batch_size]
+        weight = 1.0 if idx else 0.0  # a rank short of examples still joins DDP's all-reduce
+        input_ids, mask, labels = collate(idx or batch[:1], source_ids, target_ids, pad_id, pad_to)
+        padded += input_ids.numel() + labels.numel()
+        if world_size > 1:
+            model.require_backward_grad_sync = micro == n_micro - 1
+        nll = token_nll(model, raw_model.t5._shift_right, input_ids.to(device), mask.to(device), labels.to(device),
+                        amp) * weight
+        (nll * (world_size / n_tokens)).backward()
+        loss_sum += nll.detach()
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    loss, grad_norm = torch.stack([loss_sum / n_tokens, grad_norm.float()]).tolist()  # one host sync
+    lr = scheduler.get_last_lr()[0]
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        prompt = raw_model.prompt()
+        prompt_norm = None if prompt is None else prompt.float().norm(dim=1).mean().item()  # Eq. (4)
+    return loss, grad_norm, lr, prompt_norm, padded
+
+
 def set_dropout(t5, rate):
     """T5's dropout rate everywhere: the nn.Dropout modules and the float rate HF's attention keeps."""
     t5.config.dropout_rate = rate
@@ -365,7 +409,7 @@ def main(argv=None):
             args.max_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
         per_rank = math.ceil(args.batch_size / world_size)
         micro_batch_size = min(args.micro_batch_size or per_rank, per_rank)
-        grad_accum_steps = math.ceil(per_rank / micro_batch_size)
+        grad_accum_steps = math.ceil(per_rank / micro_batch_size)  # train_step's micro-batches, for the log
 
         # --- model: frozen T5 (+ prompt encoder), all seeded
         t5 = M.load_t5(args.model, random_init=args.random_init, seed=args.seed)
@@ -465,7 +509,6 @@ def main(argv=None):
         # --- the loop: validate/save at the top (so the last step always is), then one optimizer step
         save_every = args.save_every or args.eval_every
         order = epoch_order(n_train, args.seed, epoch, args.batch_size, lengths if args.group_by_length else None)
-        shift_right = raw_model.t5._shift_right
         timed = {"examples": 0, "tokens": 0, "seconds": 0.0}
         warm_steps = 2 if max_steps - start_step >= 10 else 0
         pbar = tqdm(total=max_steps, initial=step, dynamic_ncols=True, desc=out_dir.name,
@@ -498,30 +541,10 @@ def main(argv=None):
             # one optimizer step on the global batch order[index:index+batch_size], sharded rank::world_size
             t0 = time.time()
             batch = order[index:index + args.batch_size].tolist()
-            n_tokens = sum(len(train_tgt[i]) for i in batch)  # global target tokens: every rank knows them
-            shard = batch[rank::world_size]
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(grad_accum_steps):
-                idx = shard[micro * micro_batch_size:(micro + 1) * micro_batch_size]
-                weight = 1.0 if idx else 0.0  # a rank short of examples still joins DDP's all-reduce
-                input_ids, mask, target = collate(idx or batch[:1], train_src, train_tgt, tokenizer.pad_token_id, pad_to)
-                if world_size > 1:
-                    model.require_backward_grad_sync = micro == grad_accum_steps - 1
-                nll = token_nll(model, shift_right, input_ids.to(device), mask.to(device), target.to(device), amp) * weight
-                (nll * (world_size / n_tokens)).backward()  # DDP averages over ranks: x world_size gives the global mean
-                loss_sum += nll.detach()
-            if world_size > 1:
-                dist.all_reduce(loss_sum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-            loss, grad_norm = torch.stack([loss_sum / n_tokens, grad_norm.float()]).tolist()  # one host sync
-            lr = scheduler.get_last_lr()[0]
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                optimizer.step()
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                prompt = raw_model.prompt()
-                prompt_norm = None if prompt is None else prompt.float().norm(dim=1).mean().item()  # Eq. (4)
+            loss, grad_norm, lr, prompt_norm, _ = train_step(
+                model, raw_model, optimizer, scheduler, batch, (train_src, train_tgt, tokenizer.pad_token_id),
+                amp=amp, device=device, micro_batch_size=micro_batch_size, pad_to=pad_to,
+                max_grad_norm=args.max_grad_norm, rank=rank, world_size=world_size)
             step += 1
             index += len(batch)
             if index >= n_train:  # next epoch: a fresh order, a function of (seed, epoch) alone

@@ -103,7 +103,7 @@ def test_pad_to_longest_gives_the_pad_to_max_loss_and_gradients(toy, tiny_model_
 
 @pytest.mark.parametrize("method,tol", [("pt", 1e-4), ("ept_star", 1e-3)])
 def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_dir, method, tol):
-    """bench.train_step (train.py's step) for 4 steps at lr 0.3: own-longest and pad-to-max give the same
+    """train.train_step (bench.py runs it too) for 4 steps at lr 0.3: own-longest and pad-to-max give the same
     losses and reach the same prompt. The prompt tolerance is relative to its scale: Adam divides by sqrt(v),
     so rounding-level gradient differences grow with each step, more through EPT's product P1 W_down W_up."""
     tok, src, tgt, _ = toy
@@ -115,8 +115,9 @@ def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_di
         net.prompt_encoder.load_state_dict(start)
         params = [p for p in net.prompt_encoder.parameters()]
         optimizer, scheduler = bench.make_optimizer(params, 0.3, 0.01, False, 100)
-        run = [bench.train_step(net, net, list(range(8 * k, 8 * k + 8)), src, tgt, tok.pad_token_id, pad_to,
-                                nullcontext(), "cpu", params, optimizer, scheduler)[0] for k in range(4)]
+        run = [train.train_step(net, net, optimizer, scheduler, list(range(8 * k, 8 * k + 8)),
+                                (src, tgt, tok.pad_token_id), amp=nullcontext(), device="cpu", micro_batch_size=8,
+                                pad_to=pad_to)[0] for k in range(4)]
         losses.append(run)
         prompts.append(net.prompt().detach().clone())
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
@@ -176,13 +177,34 @@ def test_batched_sorted_greedy_equals_one_at_a_time(decoder_net):
     assert "" in single and any(len(tok(p, add_special_tokens=False)["input_ids"]) >= 4 for p in single), \
         "the fixture should give rows that stop at once and rows that run to max_new_tokens"
     steps = bench.count_decode_steps(net)
-    batched = E.predict(net, tok, ids, max_new_tokens=5, batch_size=6)  # sorted, 4 batches, mixed stops
+    batched = E.predict(net, tok, ids, max_new_tokens=5, batch_size=6)  # sorted, budgeted, mixed stops
     assert batched == single
     assert max(steps) == 5 and all(s <= 5 for s in steps)
     # the reference's decoding (data order, padded to the max length) gives the same strings too
     assert bench.reference_predict(net, tok, ids, batch_size=6, pad_length=MAX_LENGTH, device="cpu", dtype="fp32",
                                    max_new_tokens=5) == single
     net.generate = type(net).generate.__get__(net)  # undo the counter
+
+
+def test_eval_batches_sorted_within_a_token_budget():
+    """Every index once; longest first; at most batch_size rows; rows x longest row within batch_size x the
+    median length unless the batch is at its floor of batch_size // 4 rows; unsorted = plain data order."""
+    rng = random.Random(0)
+    ids = [[5] * rng.choice([3, 8, 20, 200]) for _ in range(101)]
+    for bs in (1, 4, 16, 64):
+        batches = E._batches_by_length(ids, bs, True)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(len(ids)))
+        assert [len(ids[i]) for i in flat] == sorted(map(len, ids), reverse=True)
+        budget = bs * sorted(map(len, ids))[len(ids) // 2]
+        for b in batches:
+            assert len(b) <= bs
+            assert len(b) <= max(bs // 4, 1) or len(b) * len(ids[b[0]]) <= budget
+        long = [b for b in batches if len(ids[b[0]]) == 200]
+        if bs >= 16:  # the long tail in smaller batches than the short rows: the point of the budget
+            assert max(map(len, long)) < max(map(len, batches))
+    assert E._batches_by_length(ids, 16, False) == [list(range(i, min(i + 16, 101))) for i in range(0, 101, 16)]
+    assert E._batches_by_length([], 16, True) == []
 
 
 def test_early_stop_when_every_row_is_done(decoder_net):
