@@ -7,8 +7,11 @@ Training (the real step: train.py's collate, token_nll, loss scaling, clipping, 
 same `--steps` batches of `--batch-size` examples drawn from train.py's epoch-0 order, same seeds, each config
 with its own copy of the initial prompt (all of T5 for ft), its own optimizer and dropout RNG; `--warmup`
 untimed steps first, then the timed steps INTERLEAVED (a, b, c, a, b, c, ...) so that other work on a shared
-machine slows the three alike; the peak memory of each config is measured afterwards, alone (a fresh
-optimizer, two steps on its largest padded batch):
+machine slows the three alike. On CUDA (--warm-shapes, default there) every config first runs its timed
+batches once untimed: the first step at a new input length costs ~0.2 s more on an H200 (probably kernels
+loaded and chosen on first use), a one-off per shape that a run of thousands of steps amortizes but that would
+dominate 50 steps of varying lengths; that first pass is kept as "cold" figures. The peak memory of each
+config is measured afterwards, alone (a fresh optimizer, two steps on its largest padded batch):
   (a) ours: every batch padded to its own longest row
   (b) ours + --group-by-length: the SAME examples regrouped by train.py's epoch_order (sorted longest first
       within a mega-batch), so batches hold similar lengths
@@ -90,6 +93,8 @@ group = parser.add_argument_group("optimisation")
 group.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (the paper's 16)")
 group.add_argument("--steps", type=int, default=20, help="timed optimizer steps per training config")
 group.add_argument("--warmup", type=int, default=2, help="untimed steps per training config first (allocator, compile)")
+group.add_argument("--warm-shapes", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the timed batches once untimed first (default: on CUDA only; see the docstring)")
 group.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
 group.add_argument("--seed", type=int, default=0, help="seeds the T5 weights, the prompt, the data order and dropout")
 group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
@@ -240,9 +245,9 @@ class TrainConfig:
         self.optimizer, self.scheduler = make_optimizer(self.params, lr, 0.01, device.startswith("cuda"), 30000)
         gen = torch.Generator().manual_seed(seed)  # the same dropout stream start for every config
         self.rng = (gen.get_state(), torch.cuda.get_rng_state(device) if device.startswith("cuda") else None)
-        self.seconds, self.losses, self.padded = [], [], 0
+        self.seconds, self.losses, self.padded, self.cold_seconds = [], [], 0, []
 
-    def step(self, idx, raw_model, model, args, timed):
+    def step(self, idx, raw_model, model, args, timed, cold=False):
         setattr(raw_model, self.attr, self.module)
         torch.set_rng_state(self.rng[0])
         if self.rng[1] is not None:
@@ -251,6 +256,8 @@ class TrainConfig:
         t0 = time.perf_counter()
         loss, padded = run_step(model, raw_model, idx, args, self.pad_to, self.optimizer, self.scheduler)
         sync(args["device"])
+        if cold:
+            self.cold_seconds.append(time.perf_counter() - t0)
         if timed:
             self.seconds.append(time.perf_counter() - t0)
             self.losses.append(loss)
@@ -309,7 +316,9 @@ def train_row(cfg, args, n_prompt, full, t5_config):
             "examples_per_s": examples / seconds, "real_tokens_per_s": real / seconds,
             "padded_tokens_per_s": cfg.padded / seconds, "padding_fraction": 1 - real / cfg.padded,
             "useful_tflops": useful / seconds / 1e12, "hardware_tflops": hardware / seconds / 1e12,
-            "mean_loss": float(np.mean(cfg.losses)), "losses": cfg.losses, "step_seconds": cfg.seconds}
+            "mean_loss": float(np.mean(cfg.losses)), "losses": cfg.losses, "step_seconds": cfg.seconds,
+            "cold_step_seconds": cfg.cold_seconds,
+            "cold_examples_per_s": examples / sum(cfg.cold_seconds) if cfg.cold_seconds else None}
 
 
 # --- evaluation -------------------------------------------------------------------------------------
@@ -367,6 +376,9 @@ def print_tables(result):
             print(line + f"{r['examples_per_s'] / ref:>7.2f}")
         print(f"TFLOP/s: useful (real tokens; hardware, padded: "
               + ", ".join(f"{r['hardware_tflops']:.4f}" for r in result["train"]) + f"); peak: {result['peak_source']}")
+        if result["train"][0]["cold_examples_per_s"]:
+            print("cold (first pass over the same batches, --warm-shapes) ex/s: "
+                  + ", ".join(f"{r['label'][:3]} {r['cold_examples_per_s']:.2f}" for r in result["train"]))
         print("padding over the whole epoch 0 as train.py orders it: "
               + ", ".join(f"{r['label'][:3]} {100 * r['epoch_padding_fraction']:.1f}%" for r in result["train"]))
         print(f"FLOP ceiling: (c)'s FLOPs per example / the real ones, whole training split = "
@@ -402,6 +414,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     lr = args.lr if args.lr is not None else (1e-5 if args.method == "ft" else 0.3)
+    warm_shapes = device == "cuda" if args.warm_shapes is None else args.warm_shapes
 
     # --- data: train.py's tokenization (cached) and epoch-0 order
     meta = E.load_meta(args.data_dir, args.task)
@@ -450,9 +463,14 @@ def main(argv=None):
                    for (name, label), (batches, pad_to) in zip(names, specs)]
         print(f"bench: training, {args.warmup} warm-up + {args.steps} timed steps per config, interleaved step by step",
               flush=True)
-        for idx in as_batches(warm):  # warm-up: every config's shapes once (allocator, compile)
+        for idx in as_batches(warm):  # warm-up: allocator, compile, lazy init
             for cfg in configs:
                 cfg.step(idx, raw_model, model, shared, timed=False)
+        if warm_shapes:  # each timed batch's shapes once, untimed: first-use costs that a long run amortizes
+            print("bench: --warm-shapes: one untimed pass over the timed batches first", flush=True)
+            for j in range(args.steps):
+                for cfg in configs:
+                    cfg.step(cfg.batches[j], raw_model, model, shared, timed=False, cold=True)
         for j in range(args.steps):  # interleaved: a load spike on a shared machine hits every config alike
             for cfg in configs:
                 cfg.step(cfg.batches[j], raw_model, model, shared, timed=True)
