@@ -16,6 +16,7 @@ Drivers call `evaluate_run(run_dir, task=None, split="test", mode="generate", pr
 """
 import argparse
 import collections
+import inspect
 import json
 import math
 import os
@@ -270,15 +271,19 @@ def pad(seqs, pad_value, length=None):
     return ids, mask
 
 
-def _batches_by_length(ids, batch_size, sort):
+def _batches_by_length(ids, batch_size, sort, token_budget=False):
     """Index batches of at most `batch_size` rows. Sorted: longest first (each batch pads little, an OOM
-    shows at once), and with a token budget: a batch also closes before its rows x its longest row would
-    pass batch_size x the median length, so the few long inputs come in smaller batches (never under a
-    quarter of batch_size rows) instead of padding a full batch to their length, and short ones in full
-    batches. On a CPU time follows the tokens computed: RTE at batch 64 decodes 1.4x faster for it."""
+    shows at once). With `token_budget` a batch also closes before its rows x its longest row would pass
+    batch_size x the median length, so the few long inputs come in smaller batches (never under a quarter
+    of batch_size rows) instead of padding a full batch to their length. That pays where time follows the
+    tokens computed, a CPU (RTE at batch 64: 1.4x faster); on a GPU time follows the number of batches
+    (each decoder step is a near-fixed launch cost at these sizes) and it costs 1.4x there (H200), so the
+    callers use it off CUDA only."""
     if not sort:
         return [list(range(i, min(i + batch_size, len(ids)))) for i in range(0, len(ids), batch_size)]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    if not token_budget:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     budget = batch_size * (sorted(map(len, ids))[len(ids) // 2] if ids else 0)
     min_rows = max(1, batch_size // 4)
     batches, batch = [], []
@@ -299,7 +304,7 @@ def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_len
     out = [""] * len(ids)
     was_training = model.training
     model.eval()
-    for batch in _batches_by_length(ids, batch_size, sort_by_length):
+    for batch in _batches_by_length(ids, batch_size, sort_by_length, token_budget=not str(device).startswith("cuda")):
         input_ids, mask = pad([ids[i] for i in batch], tokenizer.pad_token_id)
         with autocast(device, dtype):
             gen = model.generate(input_ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
@@ -311,29 +316,47 @@ def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_len
 
 
 @torch.no_grad()
+def label_nll(model, input_ids, mask, label_ids):
+    """(B, L) summed NLL (incl. `</s>`) of each of the L label sequences `label_ids` (L, T; -100 = padding)
+    for each of the B inputs. The encoder runs once per input; the decoder's first step (the start token,
+    shared by every label) runs once per input too and fills the cache, cross-attention keys and values
+    included, which is then repeated for the L labels: the label tokens are scored in one more decoder pass
+    without recomputing cross-attention over the input for every label."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    t5, n_labels = model.t5, label_ids.size(0)
+    embeds, mask = model.embed(input_ids, mask)  # (B, n+S, d), prompt included
+    hidden = t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    start = torch.full((len(input_ids), 1), t5.config.decoder_start_token_id, device=input_ids.device)
+    cache_arg = "cache" if "cache" in inspect.signature(t5.forward).parameters else "past_key_values"  # renamed in 5.2x
+    first = t5(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=start, use_cache=True,
+               **{cache_arg: EncoderDecoderCache(DynamicCache(), DynamicCache())})
+    logits = first.logits.repeat_interleave(n_labels, 0)  # (B*L, 1, V): example-major
+    target = label_ids.repeat(len(input_ids), 1)  # (B*L, T)
+    if target.size(1) > 1:
+        cache = getattr(first, cache_arg)
+        cache.batch_repeat_interleave(n_labels)
+        rest = t5(encoder_outputs=(hidden.repeat_interleave(n_labels, 0),), attention_mask=mask.repeat_interleave(n_labels, 0),
+                  decoder_input_ids=target[:, :-1].masked_fill(target[:, :-1] == -100, t5.config.pad_token_id),
+                  use_cache=True, **{cache_arg: cache})
+        logits = torch.cat([logits, rest.logits], 1)  # (B*L, T, V)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none")
+    return nll.sum(1).view(len(input_ids), n_labels)
+
+
+@torch.no_grad()
 def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_length=256, device="cpu", dtype="fp32"):
-    """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5; the
-    encoder runs once per example and the decoder scores all labels in the same forward pass."""
+    """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5, scored by
+    `label_nll` for a batch of inputs at a time; never an invalid prediction."""
     ids = encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
     label_ids, _ = pad(encode(tokenizer, labels, max_length), -100)  # (L, T), -100 = no loss
-    n_labels = len(labels)
-    t5 = model.t5
     out = [""] * len(ids)
     was_training = model.training
     model.eval()
-    for batch in _batches_by_length(ids, max(1, batch_size // n_labels), True):
+    for batch in _batches_by_length(ids, max(1, batch_size // len(labels)), True, not str(device).startswith("cuda")):
         input_ids, mask = pad([ids[i] for i in batch], tokenizer.pad_token_id)
-        input_ids, mask = input_ids.to(device), mask.to(device)
         with autocast(device, dtype):
-            embeds, mask = model.embed(input_ids, mask)  # (B, n+S, d), prompt included
-            hidden = t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-            target = label_ids.to(device).repeat(len(batch), 1)  # (B*L, T): example-major
-            logits = t5(encoder_outputs=(hidden.repeat_interleave(n_labels, 0),),
-                        attention_mask=mask.repeat_interleave(n_labels, 0),
-                        decoder_input_ids=t5._shift_right(target)).logits
-        nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none")
-        best = nll.sum(1).view(len(batch), n_labels).argmin(1)  # (B,)
-        for i, k in zip(batch, best.tolist()):
+            nll = label_nll(model, input_ids.to(device), mask.to(device), label_ids.to(device))
+        for i, k in zip(batch, nll.argmin(1).tolist()):
             out[i] = labels[k]
     model.train(was_training)
     return out

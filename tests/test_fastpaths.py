@@ -187,12 +187,15 @@ def test_batched_sorted_greedy_equals_one_at_a_time(decoder_net):
 
 
 def test_eval_batches_sorted_within_a_token_budget():
-    """Every index once; longest first; at most batch_size rows; rows x longest row within batch_size x the
-    median length unless the batch is at its floor of batch_size // 4 rows; unsorted = plain data order."""
+    """Sorted: longest first in full batches. With the token budget (CPU): every index once, longest first,
+    at most batch_size rows, rows x longest row within batch_size x the median length unless the batch is at
+    its floor of batch_size // 4 rows. Unsorted: plain data order."""
     rng = random.Random(0)
     ids = [[5] * rng.choice([3, 8, 20, 200]) for _ in range(101)]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # sorted() is stable: ties keep data order
     for bs in (1, 4, 16, 64):
-        batches = E._batches_by_length(ids, bs, True)
+        assert E._batches_by_length(ids, bs, True) == [order[i:i + bs] for i in range(0, len(ids), bs)]
+        batches = E._batches_by_length(ids, bs, True, token_budget=True)
         flat = [i for b in batches for i in b]
         assert sorted(flat) == list(range(len(ids)))
         assert [len(ids[i]) for i in flat] == sorted(map(len, ids), reverse=True)
@@ -204,7 +207,7 @@ def test_eval_batches_sorted_within_a_token_budget():
         if bs >= 16:  # the long tail in smaller batches than the short rows: the point of the budget
             assert max(map(len, long)) < max(map(len, batches))
     assert E._batches_by_length(ids, 16, False) == [list(range(i, min(i + 16, 101))) for i in range(0, 101, 16)]
-    assert E._batches_by_length([], 16, True) == []
+    assert E._batches_by_length([], 16, True) == E._batches_by_length([], 16, True, True) == []
 
 
 def test_early_stop_when_every_row_is_done(decoder_net):
@@ -235,6 +238,23 @@ def test_rank_classify_picks_the_lowest_loss_label(decoder_net, labels):
 
 
 # --- bench.py itself ---------------------------------------------------------------------------------------
+
+def test_label_nll_equals_one_forward_per_label(decoder_net):
+    """label_nll (shared first decoder step, cached cross-attention repeated per label) gives each label's
+    summed NLL as a plain teacher-forced forward does, for labels of different token lengths."""
+    net, tok, ids = decoder_net
+    labels = ["0", "1", "not entailment", "2.4"]
+    label_ids, _ = E.pad(E.encode(tok, labels, MAX_LENGTH), -100)
+    assert len(set((label_ids != -100).sum(1).tolist())) > 1  # different lengths: padding inside the label batch
+    batch = ids[:5]
+    input_ids, mask = E.pad(batch, tok.pad_token_id)
+    got = E.label_nll(net, input_ids, mask, label_ids)
+    for b, source in enumerate(batch):
+        for k, label in enumerate(E.encode(tok, labels, MAX_LENGTH)):
+            with torch.no_grad():
+                out = net(torch.tensor([source]), torch.ones(1, len(source), dtype=torch.long), labels=torch.tensor([label]))
+            assert got[b, k].item() == pytest.approx(out.loss.item() * len(label), rel=1e-4, abs=1e-4)
+
 
 def test_flop_formula_counts_every_linear_weight_once(tiny_model_dir):
     """One encoder and one decoder token: the linear FLOPs are 2 x every nn.Linear weight of T5 (lm_head too)."""
