@@ -3,7 +3,7 @@
 Reads data/<task>/{train,validation,test}.jsonl + meta.json (prepare_data.py) and a T5. Writes nothing but
 the optional --json file; prints two tables and the speedup ratios.
 
-Training (the real step: train.py's collate, token_nll, loss scaling, clipping, AdamW and schedule), on the
+Training (the real step: train.train_step, as train.py's loop runs it), on the
 same `--steps` batches of `--batch-size` examples drawn from train.py's epoch-0 order, same seeds, each config
 with its own copy of the initial prompt (all of T5 for ft), its own optimizer and dropout RNG; `--warmup`
 untimed steps first, then the timed steps INTERLEAVED (a, b, c, a, b, c, ...) so that other work on a shared
@@ -20,7 +20,8 @@ Evaluation (the same held-out examples: validation rows, then test rows, first -
 warm-up on 8 examples per config, then --eval-repeats rounds over the configs, the median time kept):
   (1) evaluate.predict: batched greedy decoding sorted by length, max_new_tokens = meta max_target_length,
       each row stops at </s>
-  (2) evaluate.rank_classify: one encoder pass per example, every label scored in one decoder pass
+  (2) evaluate.rank_classify: one encoder pass per example, every label scored in one decoder pass (after a
+      first step shared by the labels, evaluate.label_nll)
   (3) reference: batches in data order, inputs padded to --max-length, HF generate(max_length=20), which stops
       only when every row of a batch has emitted </s> (HF's own early stop, nothing else)
   (3b) (3) with max_new_tokens as in (1): how much of (1)'s gain is padding and order alone. A random-weight
