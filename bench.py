@@ -216,15 +216,6 @@ def sync(device):
 
 # --- training: train.py's step -------------------------------------------------------------------------
 
-def make_optimizer(params, lr, weight_decay, fused, max_steps):
-    """AdamW + linear decay exactly as train.py builds them (no decay on biases/norms, no warm-up)."""
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (max_steps - s) / max(1, max_steps)))
-    return optimizer, scheduler
-
-
 def run_step(model, raw_model, idx, args, pad_to, optimizer, scheduler):
     """train.train_step on one rank, the whole batch in one micro-batch: (loss, padded tokens)."""
     loss, _, _, _, padded = train.train_step(
@@ -243,7 +234,7 @@ class TrainConfig:
         self.module = copy.deepcopy(getattr(raw_model, self.attr))
         self.module.load_state_dict(init_state)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = make_optimizer(self.params, lr, 0.01, device.startswith("cuda"), 30000)
+        self.optimizer, self.scheduler = train.make_optimizer(self.params, lr, 0.01, device.startswith("cuda"), 30000)
         gen = torch.Generator().manual_seed(seed)  # the same dropout stream start for every config
         self.rng = (gen.get_state(), torch.cuda.get_rng_state(device) if device.startswith("cuda") else None)
         self.seconds, self.losses, self.padded, self.cold_seconds = [], [], 0, []
@@ -257,10 +248,11 @@ class TrainConfig:
         t0 = time.perf_counter()
         loss, padded = run_step(model, raw_model, idx, args, self.pad_to, self.optimizer, self.scheduler)
         sync(args["device"])
+        seconds = time.perf_counter() - t0
         if cold:
-            self.cold_seconds.append(time.perf_counter() - t0)
+            self.cold_seconds.append(seconds)
         if timed:
-            self.seconds.append(time.perf_counter() - t0)
+            self.seconds.append(seconds)
             self.losses.append(loss)
             self.padded += padded
         self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(args["device"]) if self.rng[1] is not None else None)
@@ -276,7 +268,7 @@ def measure_train_memory(batches, pad_to, raw_model, model, init_state, args, lr
     module = getattr(raw_model, attr)
     params = [p for p in module.parameters() if p.requires_grad]
     with PeakMemory(args["device"]) as mem:
-        optimizer, scheduler = make_optimizer(params, lr, 0.01, args["device"].startswith("cuda"), 30000)
+        optimizer, scheduler = train.make_optimizer(params, lr, 0.01, args["device"].startswith("cuda"), 30000)
         for _ in range(2):
             run_step(model, raw_model, big, args, pad_to, optimizer, scheduler)
         del optimizer, scheduler

@@ -258,6 +258,19 @@ def token_nll(model, shift_right, input_ids, mask, labels, amp):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
+def make_optimizer(params, lr, weight_decay, fused, max_steps, warmup_steps=0):
+    """AdamW (weight decay not on biases/norms, as the HF Trainer) and HF's get_linear_schedule_with_warmup:
+    linear warm-up over `warmup_steps`, then linear decay to 0 at `max_steps`."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused)
+
+    def lr_lambda(s):
+        if s < warmup_steps:
+            return s / max(1, warmup_steps)
+        return max(0.0, (max_steps - s) / max(1, max_steps - warmup_steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
 def train_step(model, raw_model, optimizer, scheduler, batch, data, *, amp, device, micro_batch_size,
                pad_to=(None, None), max_grad_norm=1.0, rank=0, world_size=1):
     """One optimizer step on the global `batch` (indices into data = (source ids, target ids, pad id)).
@@ -430,14 +443,9 @@ def main(argv=None):
         raw_model.train()  # T5's dropout stays active though frozen, as under the HF Trainer (REFERENCE §2)
         params = [p for p in raw_model.parameters() if p.requires_grad]
         n_trainable = M.count_trainable(raw_model)
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},  # HF Trainer:
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on biases/norms
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, fused=device_type == "cuda")
-        warmup, max_steps = args.warmup_steps, args.max_steps
-
-        def lr_lambda(s):  # HF get_linear_schedule_with_warmup: linear decay to 0
-            return s / max(1, warmup) if s < warmup else max(0.0, (max_steps - s) / max(1, max_steps - warmup))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        max_steps = args.max_steps
+        optimizer, scheduler = make_optimizer(params, args.lr, args.weight_decay, device_type == "cuda", max_steps,
+                                              args.warmup_steps)
 
         # --- state: fresh or from last.pt
         step, epoch, index, best_score, best_step = 0, 0, 0, -math.inf, None

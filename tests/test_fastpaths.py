@@ -114,7 +114,7 @@ def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_di
     for pad_to in ((None, None), (MAX_LENGTH, 6)):
         net.prompt_encoder.load_state_dict(start)
         params = [p for p in net.prompt_encoder.parameters()]
-        optimizer, scheduler = bench.make_optimizer(params, 0.3, 0.01, False, 100)
+        optimizer, scheduler = train.make_optimizer(params, 0.3, 0.01, False, 100)
         run = [train.train_step(net, net, optimizer, scheduler, list(range(8 * k, 8 * k + 8)),
                                 (src, tgt, tok.pad_token_id), amp=nullcontext(), device="cpu", micro_batch_size=8,
                                 pad_to=pad_to)[0] for k in range(4)]
