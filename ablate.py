@@ -26,60 +26,57 @@ use another --runs-dir when you change them. --subprocess runs each train.py in 
 lists every setting and the per-step times the GPU-hour estimate assumes.
 """
 import argparse
+import functools
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
+import files
 import model as M
+import prepare_data as P
+import runs
 
-# --- the paper's task groups and defaults ---------------------------------------------------------
+# --- the paper's task groups (prepare_data.py's registry, in the paper's column order) and grids ----------
 
-GLUE = ["cola", "mrpc", "rte", "stsb", "mnli", "qnli", "qqp", "sst2"]  # Table 1 column order
-SUPERGLUE = ["boolq", "cb", "wic", "wsc", "multirc"]
-MRQA = ["nq", "hotpotqa", "searchqa", "newsqa"]  # Table 2 column order
-OTHERS = ["winogrande", "yelp", "scitail", "paws"]
-ALL_TASKS = GLUE + SUPERGLUE + MRQA + OTHERS  # the 21 tasks
+GLUE, SUPERGLUE, MRQA, OTHERS = (P.GROUPS[g] for g in ("glue", "superglue", "mrqa", "others"))
+ALL_TASKS = list(P.TASKS)  # the 21 tasks
 SIZES = ["t5-small", "t5-base", "t5-large"]
 SEEDS = [0, 1, 2]  # 3 runs per main result (Table 1 caption)
-PROMPT_LR, FT_LR = 0.3, 1e-5  # Appendix B.2
 LR_GRID = {"prompt": [0.003, 0.01, 0.03, 0.1, 0.3], "ft": [1e-5, 1e-4, 1e-3]}  # SuperGLUE lr search
 HIDDEN = [1, 5, 10, 50, 100, 500, 1000]  # Figures 5 and 12
 STRUCTURES = {"none": {}, "layernorm": {"layer_norm": True}, "residual": {"residual": True},
               "relu": {"activation": "relu"}, "tanh": {"activation": "tanh"}, "gelu": {"activation": "gelu"}}
 
-# REFERENCE §3 split sizes (train, validation, test): only for the GPU-hour estimate of epoch-based
-# runs and of evaluation when data/<task>/meta.json is not there yet.
-SPLITS = {"cola": (8551, 521, 522), "sst2": (66349, 1000, 872), "mrpc": (3668, 204, 204),
-          "qqp": (353846, 10000, 40430), "stsb": (5749, 750, 750), "mnli": (382702, 10000, 9815),
-          "qnli": (94743, 10000, 5463), "rte": (2490, 138, 139), "boolq": (9427, 1635, 1635),
-          "cb": (250, 28, 28), "wic": (5428, 319, 319), "wsc": (554, 52, 52), "multirc": (26243, 1000, 4848),
-          "nq": (94071, 10000, 12836), "newsqa": (73160, 1000, 4212), "searchqa": (107384, 10000, 16980),
-          "hotpotqa": (71928, 1000, 5901), "winogrande": (39398, 1000, 1267), "yelp": (550000, 10000, 38000),
-          "scitail": (22596, 1000, 1304), "paws": (48401, 1000, 8000)}
-
-# GPU-hour estimate: ASSUMED seconds per optimizer step on one H100/A100-class GPU, bf16, global batch
-# 16, input 256 tokens, prompt methods (frozen T5 still back-propagates to the prompt); not measured.
-SECONDS_PER_STEP = {"t5-small": 0.035, "t5-base": 0.08, "t5-large": 0.2, "other": 0.08}
-FT_FACTOR = 1.5  # full fine-tuning: weight gradients + AdamW state for every T5 parameter
-LONG_INPUT_FACTOR = {"multirc": 1.4, "nq": 2.0, "newsqa": 2.0, "searchqa": 2.0, "hotpotqa": 2.0}  # 348 / 512 tokens
-SECONDS_PER_EVAL_EXAMPLE = {"t5-small": 0.001, "t5-base": 0.002, "t5-large": 0.005, "other": 0.002}  # greedy, batch 64
-QA_DECODE_FACTOR = 5  # MRQA answers are many tokens long; classification targets are one or two
+# --- the GPU-hour estimate: measured step times ------------------------------------------------------
+# Seconds per optimizer step at batch 16, measured by bench.py on one NVIDIA H200 (docs/gpu/run2_*.json:
+# random-weight t5-base, bf16 autocast, after an untimed pass over the same shapes). The GPU waits on the
+# host at this batch size, so a step costs about the same at any input length (RTE 0.0746 s, SST-2 0.0687 s):
+# prompt methods 16 / 214.5 ex/s (RTE, ept); ft 16 / 132.3 ex/s (RTE, ft). t5-small and t5-large were not
+# measured: host-bound time follows the number of layers (6, 12, 24 per stack), so they are t5-base's
+# scaled by 0.5 and 2. tests/test_experiments.py checks these numbers against the JSON files.
+MEASURED_STEP_S = {"prompt": 16 / 214.49, "ft": 16 / 132.27}  # t5-base, H200, docs/gpu/run2_rte_{ept,ft}.json
+LAYER_SCALE = {"t5-small": 0.5, "t5-base": 1.0, "t5-large": 2.0, "other": 1.0}
+MEASURED_EVAL_S = 1 / 733.1  # greedy decoding, batch 64, t5-base RTE, per example (docs/gpu/run2_rte_ept.json)
+QA_DECODE_FACTOR = 5  # MRQA answers are many tokens long, classification targets one or two (assumed)
 
 
 # --- one run: options -> name -> train.py argv -> result row --------------------------------------
 
 def defaults(method):
-    """train.py's defaults for `method` (the paper's main setting): what a run name leaves out."""
-    return {"prompt_length": M.DEFAULTS["prompt_length"], "encoder": "mlp",
-            "hidden_size": M.DEFAULTS["hidden_size"].get(method), "broadcast": M.DEFAULTS["broadcast"].get(method),
-            "depth": 1, "init": "uniform", "layer_norm": False, "residual": False, "activation": "none",
-            "lr": FT_LR if method == "ft" else PROMPT_LR, "max_steps": 30000, "epochs": None,
-            "fewshot_k": None, "fewshot_seed": None}
+    """train.py's defaults for `method` (the paper's main setting), read from train.py's own parser and
+    resolve(): what a run name leaves out. The few-shot sample always shows in a name (no default)."""
+    return dict(_defaults(method))
+
+
+@functools.cache
+def _defaults(method):
+    import train
+    args = train.resolve(train.parser.parse_args(["--method", method]))
+    return {**{key: getattr(args, key) for key, _ in NAME_TAGS}, "fewshot_seed": None}
 
 
 NAME_TAGS = [("prompt_length", "n"), ("encoder", ""), ("hidden_size", "h"), ("broadcast", "b"), ("depth", "d"),
@@ -117,34 +114,6 @@ def train_argv(spec, out_dir, data_dir=None, extra=()):
     return argv + ["--out-dir", str(out_dir), *extra]
 
 
-def status(run_dir):
-    run_dir = Path(run_dir)
-    if (run_dir / "metrics.json").exists():
-        return "done"
-    return "partial" if (run_dir / "config.json").exists() else "todo"
-
-
-def read_jsonl(path):
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def append_lines(path, lines):
-    """Append whole lines (one write, flushed): a crash never leaves half a row behind."""
-    if lines:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def append_jsonl(path, rows):
-    append_lines(path, [json.dumps(r) + "\n" for r in rows])
-
-
 def prompt_stats(run_dir):
     """(mean row norm of the saved P' (Eq. 4 on the best checkpoint's prompt), parameters kept for
     inference = distinct rows x d: one row for EPT/EPT*, whose rows are copies)."""
@@ -158,7 +127,7 @@ def prompt_stats(run_dir):
 def log_stats(run_dir):
     """Best validation score and its step, and the last logged prompt norm μ_t, from log.jsonl."""
     best, best_step, last_norm = None, None, None
-    for event in read_jsonl(Path(run_dir) / "log.jsonl"):
+    for event in files.read_jsonl(Path(run_dir) / "log.jsonl", what="run log", torn_tail_ok=True, missing_ok=True):
         if event.get("event") == "eval" and event.get("score") is not None:
             if best is None or event["score"] > best:
                 best, best_step = event["score"], event.get("step")
@@ -197,21 +166,20 @@ def _size_key(model_name):
 def _split_sizes(task, data_dir):
     meta = Path(data_dir or "data") / task / "meta.json"
     if meta.exists():
-        splits = json.loads(meta.read_text()).get("splits", {})
+        splits = files.read_json(meta, "task description").get("splits", {})
         return splits.get("train", 0), splits.get("validation", 0), splits.get("test", 0)
-    return SPLITS.get(task, (10000, 1000, 1000))
+    return P.PAPER_SPLITS.get(task, (10000, 1000, 1000))
 
 
 def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=1000):
-    """GPU-hours of one run under the assumptions above (ideal scaling: the same on 1 or N GPUs)."""
-    size = _size_key(spec["model"])
+    """GPU-hours of one run from the measured step times above (ideal scaling: the same on 1 or N GPUs)."""
+    scale = LAYER_SCALE[_size_key(spec["model"])]
     train, val, test = _split_sizes(spec["task"], data_dir)
     steps = (spec["epochs"] * math.ceil(train / batch_size) if spec.get("epochs")
              else spec.get("max_steps", defaults(spec["method"])["max_steps"]))
-    step_s = SECONDS_PER_STEP[size] * LONG_INPUT_FACTOR.get(spec["task"], 1.0)
-    step_s *= FT_FACTOR if spec["method"] == "ft" else 1.0
+    step_s = MEASURED_STEP_S["ft" if spec["method"] == "ft" else "prompt"] * scale * batch_size / 16
     decode = QA_DECODE_FACTOR if spec["task"] in MRQA else 1
-    eval_s = (math.ceil(steps / eval_every) * val + test) * SECONDS_PER_EVAL_EXAMPLE[size] * decode
+    eval_s = (math.ceil(steps / eval_every) * val + test) * MEASURED_EVAL_S * scale * decode
     return (steps * step_s + eval_s) / 3600
 
 
@@ -241,10 +209,10 @@ def run_experiment(experiment, specs, args, extra=()):
         plan.setdefault(run_name(options), (options, s.get("_row"), runs_dir / run_name(options)))
     if args.dry_run:
         return dry_run(experiment, plan, args, extra)
-    done = {row["run"] for row in read_jsonl(results)}
+    done = {row["run"] for row in files.read_jsonl(results, what="results file", missing_ok=True)}
     trained, failed, rows = 0, [], []
     for i, (name, (options, fields, run_dir)) in enumerate(plan.items(), 1):
-        state = status(run_dir)
+        state = runs.status(run_dir)
         if state != "done":
             print(f"[{experiment} {i}/{len(plan)}] train {name}" + (" (resume)" if state == "partial" else ""),
                   flush=True)
@@ -254,15 +222,15 @@ def run_experiment(experiment, specs, args, extra=()):
                 train_one(argv, args.nproc, args.subprocess)
             except (Exception, SystemExit):  # one broken run does not stop the grid; reported at the end
                 traceback.print_exc()
-            trained += status(run_dir) == "done"
+            trained += runs.status(run_dir) == "done"
             print(f"[{experiment} {i}/{len(plan)}] {name}: {time.time() - t0:.1f}s", flush=True)
-        if status(run_dir) != "done":
+        if runs.status(run_dir) != "done":
             failed.append(name)
             continue
         row = result_row(experiment, options, run_dir, fields)
         rows.append(row)
         if str(run_dir) not in done:
-            append_jsonl(results, [row])
+            files.append_jsonl(results, [row])
             done.add(str(run_dir))
         if args.prune_ft_checkpoints and options["method"] == "ft":  # full T5 + AdamW state, twice per run
             for name_ in ("best.pt", "last.pt"):
@@ -285,14 +253,14 @@ def dry_run(experiment, plan, args, extra):
     for name, (spec, _, run_dir) in plan.items():
         spec = {**spec, **({"max_steps": max_steps} if max_steps and not spec.get("epochs") else {})}
         hours = estimate_hours(spec, args.data_dir, batch, eval_every)
-        state = status(run_dir)
+        state = runs.status(run_dir)
         total += hours
         if state != "done":
             todo += hours
             n_todo += 1
         print(f"  {state:<7} {hours:7.2f} GPU-h  {name}")
         lines.append(f"{experiment}\t{state}\t{hours:.4f}\t{name}\n")
-    append_lines(Path(args.results_dir) / "dry_run.tsv", lines)  # run_all.sh sums it, each run once
+    files.append_lines(Path(args.results_dir) / "dry_run.tsv", lines)  # run_all.sh sums it, each run once
     print(f"DRY-RUN {experiment} runs={len(plan)} to_train={n_todo} gpu_hours={todo:.1f} (all runs: {total:.1f}; "
           f"wall time ~ GPU-hours / {args.nproc} with NPROC={args.nproc}, assuming ideal scaling)")
     return [], []

@@ -13,21 +13,21 @@ runs at the paper's default lr, seed 0 unless --seed) and writes results/analysi
 
     python analyze.py all                                    # everything, t5-base runs
     python analyze.py norms --tasks boolq rte                # one analysis
-    python analyze.py transfer --max-examples 1000           # cap each zero-shot evaluation
+    python analyze.py transfer --max-eval-examples 1000           # cap each zero-shot evaluation
     python analyze.py all --model tiny-t5 --results-dir smoke/results --data-dir smoke/data   # SMOKE
 
 Analyses whose runs are missing are skipped with a message; report.py then notes the figure as missing.
 """
 import argparse
-import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
 import ablate
+import files
 import model as M
+import pretrained
 
 FIG2_TASKS = ["boolq", "rte"]
 FIG11_TASKS = ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2", "wic"]  # GLUE 7 + WiC (Appendix C)
@@ -49,7 +49,7 @@ parser.add_argument("--seed", type=int, default=0, help="the run to analyse wher
 # evaluation
 parser.add_argument("--row", type=int, default=0, help="subset: which row P'_i to repeat")
 parser.add_argument("--lengths", nargs="+", type=int, default=list(range(1, 11)), help="subset: repeat counts l")
-parser.add_argument("--max-examples", type=int, default=None, help="subset/transfer: score the first N test rows")
+parser.add_argument("--max-eval-examples", type=int, default=None, help="subset/transfer: score the first N test rows")
 parser.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
 parser.add_argument("--top-k", type=int, default=5, help="neighbours: tokens per prompt row")
 
@@ -60,7 +60,7 @@ def main_runs(results_dir, model, experiments=("table1", "table2")):
     """Result rows of the main grid at the paper's default lr, for one model tag."""
     rows = []
     for experiment in experiments:
-        for row in ablate.read_jsonl(Path(results_dir) / f"{experiment}.jsonl"):
+        for row in files.read_jsonl(Path(results_dir) / f"{experiment}.jsonl", what="results file", missing_ok=True):
             if row.get("model_tag") == model and row.get("lr") == ablate.defaults(row["method"])["lr"]:
                 rows.append(row)
     return rows
@@ -76,9 +76,7 @@ def pick(rows, task, method, seed=None):
 def write_json(path, obj):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    files.write_json(path, obj)
     print(f"analyze: wrote {path}")
 
 
@@ -87,7 +85,7 @@ def write_json(path, obj):
 def read_curves(run_dir):
     """(steps, mu_t per step, eval steps, validation scores) from one run's log.jsonl."""
     steps, norms, eval_steps, scores = [], [], [], []
-    for event in ablate.read_jsonl(Path(run_dir) / "log.jsonl"):
+    for event in files.read_jsonl(Path(run_dir) / "log.jsonl", what="run log", torn_tail_ok=True):
         if event.get("event") == "train" and event.get("prompt_norm") is not None:
             steps.append(event["step"])
             norms.append(event["prompt_norm"])
@@ -215,11 +213,11 @@ def neighbours(rows, tasks, methods, seed, k=5):
     for task in tasks:
         for method in methods:
             for row in pick(rows, task, method, seed):
-                config = json.loads((Path(row["run"]) / "config.json").read_text())
+                config = files.read_json(Path(row["run"]) / "config.json", "run configuration")
                 key = (config["model"], config["random_init"], config["seed"] if config["random_init"] else None)
                 if key not in cache:  # the frozen embedding matrix the prompt was trained against
-                    t5 = M.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
-                    cache[key] = (t5.get_input_embeddings().weight.detach(), M.load_tokenizer(config["tokenizer"]))
+                    t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
+                    cache[key] = (t5.get_input_embeddings().weight.detach(), pretrained.load_tokenizer(config["tokenizer"]))
                 embedding, tokenizer = cache[key]
                 prompt, _ = M.load_folded_prompt(Path(row["run"]) / "prompt.pt")
                 distinct = prompt.unique(dim=0) if prompt.size(0) > 1 and method in ("ept", "ept_star") else prompt
@@ -250,9 +248,9 @@ def main(argv=None):
             result = prompt_cosines(rows, args.tasks or ["boolq"], args.methods or NORM_METHODS + ["ept_star"], args.seed)
         elif name == "subset":
             result = subset_broadcast(rows, args.tasks or FIG2_TASKS, args.methods or NORM_METHODS, args.seed, args.row,
-                                      args.lengths, args.data_dir, args.max_examples, args.batch_size)
+                                      args.lengths, args.data_dir, args.max_eval_examples, args.batch_size)
         elif name == "transfer":
-            result = task_transfer(rows, args.tasks or ablate.ALL_TASKS, args.seed, args.data_dir, args.max_examples,
+            result = task_transfer(rows, args.tasks or ablate.ALL_TASKS, args.seed, args.data_dir, args.max_eval_examples,
                                    args.batch_size)
         else:
             result = neighbours(rows, args.tasks or ["boolq"], args.methods or NEIGHBOUR_METHODS, args.seed, args.top_k)

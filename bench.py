@@ -1,21 +1,21 @@
-"""Speed benchmark (issue 6): our fast paths against the reference stack's behaviour, side by side in one run.
+"""Speed benchmark: our fast paths against the reference stack's behaviour, side by side in one run.
 
 Reads data/<task>/{train,validation,test}.jsonl + meta.json (prepare_data.py) and a T5. Writes nothing but
 the optional --json file; prints two tables and the speedup ratios.
 
 Training (the real step: train.train_step, as train.py's loop runs it), on the
 same `--steps` batches of `--batch-size` examples drawn from train.py's epoch-0 order, same seeds, each config
-with its own copy of the initial prompt (all of T5 for ft), its own optimizer and dropout RNG; `--warmup`
+with its own copy of the initial prompt (all of T5 for ft), its own optimizer and dropout RNG; `--untimed-steps`
 untimed steps first, then the timed steps INTERLEAVED (a, b, c, a, b, c, ...) so that other work on a shared
 machine slows the three alike. On CUDA (--warm-shapes, default there) every config first runs its timed
-batches once untimed: the first step at a new input length costs ~0.2 s more on an H200 (probably kernels
-loaded and chosen on first use), a one-off per shape that a run of thousands of steps amortizes but that would
-dominate 50 steps of varying lengths; that first pass is kept as "cold" figures. The peak memory of each
+batches once untimed: the first step at a new input length costs more on a GPU (kernels loaded and chosen on
+first use), a one-off per shape that a run of thousands of steps amortizes but that would dominate 50 steps of
+varying lengths; that first pass is kept as "cold" figures. The peak memory of each
 config is measured afterwards, alone (a fresh optimizer, two steps on its largest padded batch):
   (a) ours: every batch padded to its own longest row
   (b) ours + --group-by-length: the SAME examples regrouped by train.py's epoch_order (sorted longest first
       within a mega-batch), so batches hold similar lengths
-  (c) reference stack: every input padded to --max-length (256), as --pad-to-max-length does
+  (c) reference stack: every input padded to --max-length (256) and every label to the longest target
 Evaluation (the same held-out examples: validation rows, then test rows, first --eval-examples; one untimed
 warm-up on 8 examples per config, then --eval-repeats rounds over the configs, the median time kept):
   (1) evaluate.predict: batched greedy decoding sorted by length, max_new_tokens = meta max_target_length,
@@ -51,16 +51,15 @@ The fraction of peak uses --peak-tflops, else the card's dense bf16 peak from PE
         --task rte --data-dir /tmp/benchdata --steps 20 --threads 1 --json bench_rte_ept.json
     # one GPU: t5-base with bf16 autocast (and optionally --compile); ept against ft for peak memory
     python bench.py --method ept --model ../shared/data/t5/t5-base --random-init --tokenizer ../shared/data/t5 \\
-        --task rte --data-dir /tmp/benchdata --steps 50 --warmup 5 --dtype bf16
+        --task rte --data-dir /tmp/benchdata --steps 50 --untimed-steps 5 --dtype bf16
     python bench.py --method ft  --model ../shared/data/t5/t5-base --random-init --tokenizer ../shared/data/t5 \\
-        --task rte --data-dir /tmp/benchdata --steps 50 --warmup 5 --dtype bf16 --skip-eval
+        --task rte --data-dir /tmp/benchdata --steps 50 --untimed-steps 5 --dtype bf16 --skip-eval
 """
 import argparse
 import copy
 import ctypes
 import gc
 import json
-import math
 import os
 import platform
 import threading
@@ -70,8 +69,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import batching as B
 import evaluate as E
+import files
 import model as M
+import pretrained
+import runtime
 import train
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,12 +96,12 @@ group.add_argument("--encoder", default="mlp", choices=M.ENCODERS, help="ptuning
 group = parser.add_argument_group("optimisation")
 group.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (the paper's 16)")
 group.add_argument("--steps", type=int, default=20, help="timed optimizer steps per training config")
-group.add_argument("--warmup", type=int, default=2, help="untimed steps per training config first (allocator, compile)")
+group.add_argument("--untimed-steps", type=int, default=2, help="untimed steps per training config first (allocator, compile)")
 group.add_argument("--warm-shapes", action=argparse.BooleanOptionalAction, default=None,
                    help="run the timed batches once untimed first (default: on CUDA only; see the docstring)")
 group.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
 group.add_argument("--seed", type=int, default=0, help="seeds the T5 weights, the prompt, the data order and dropout")
-group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
+group.add_argument("--dtype", default="fp32", choices=runtime.DTYPES, help="as train.py --dtype: fp32 (the paper's), tf32, bf16")
 group.add_argument("--compile", action="store_true", help="torch.compile the training forward, as train.py --compile")
 group.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: torch's, one per core); 1 on cores shared with other jobs, "
@@ -216,12 +219,27 @@ def sync(device):
 
 # --- training: train.py's step -------------------------------------------------------------------------
 
+class PaddedData(train.TrainData):
+    """train.TrainData whose batches are padded to `pad_to` (None: the batch's own longest row), counting the
+    padded input + label tokens it hands out: how bench.py runs the reference stack's padding through
+    train.train_step unchanged."""
+
+    def __init__(self, source_ids, target_ids, pad_id, pad_to):
+        super().__init__(source_ids, target_ids, pad_id)
+        self.pad_to, self.padded = pad_to, 0
+
+    def batch(self, idx):
+        input_ids, mask, labels = B.collate(idx, self.source_ids, self.target_ids, self.pad_id, self.pad_to)
+        self.padded += input_ids.numel() + labels.numel()
+        return input_ids, mask, labels
+
+
 def run_step(model, raw_model, idx, args, pad_to, optimizer, scheduler):
     """train.train_step on one rank, the whole batch in one micro-batch: (loss, padded tokens)."""
-    loss, _, _, _, padded = train.train_step(
-        model, raw_model, optimizer, scheduler, idx, (args["source_ids"], args["target_ids"], args["pad_id"]),
-        amp=args["amp"], device=args["device"], micro_batch_size=len(idx), pad_to=pad_to)
-    return loss, padded
+    data = PaddedData(args["source_ids"], args["target_ids"], args["pad_id"], pad_to)
+    loss, *_ = train.train_step(model, raw_model, optimizer, scheduler, idx, data, amp=args["amp"],
+                                device=args["device"], micro_batch_size=len(idx))
+    return loss, data.padded
 
 
 class TrainConfig:
@@ -326,8 +344,8 @@ def reference_predict(model, tokenizer, ids, *, batch_size, pad_length, device, 
     was_training = model.training
     model.eval()
     for start in range(0, len(ids), batch_size):
-        input_ids, mask = E.pad(ids[start:start + batch_size], tokenizer.pad_token_id, pad_length)
-        with E.autocast(device, dtype):
+        input_ids, mask = B.pad(ids[start:start + batch_size], tokenizer.pad_token_id, pad_length)
+        with runtime.autocast(device, dtype):
             gen = model.generate(input_ids.to(device), mask.to(device), do_sample=False, num_beams=1, **limit)
         out += [text.strip() for text in tokenizer.batch_decode(gen, skip_special_tokens=True)]
     model.train(was_training)
@@ -355,7 +373,7 @@ def print_tables(result):
           f"({result['machine']['torch_threads']} threads), torch {result['machine']['torch']}")
     if result["train"]:
         peak = result["peak_tflops"]
-        print(f"\ntraining: batch {a['batch_size']}, {a['steps']} timed steps per config after {a['warmup']} warm-up, "
+        print(f"\ntraining: batch {a['batch_size']}, {a['steps']} timed steps per config after {a['untimed_steps']} warm-up, "
               f"interleaved; {result['n_trainable']:,} trainable parameters; memory = {result['train'][0]['peak_memory_kind']}")
         head = f"{'config':<30}{'ex/s':>8}{'real tok/s':>11}{'pad tok/s':>10}{'pad %':>6}{'peak MiB':>9}{'TFLOP/s':>9}"
         print(head + (f"{'MFU %':>7}{'HFU %':>7}" if peak else "") + f"{'x (c)':>7}")
@@ -398,35 +416,29 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.dtype == "auto":
-        dtype = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    else:
-        dtype = args.dtype
-    amp = E.autocast(device, dtype)
-    if device == "cuda":  # as train.py
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    dtype = args.dtype
+    amp = runtime.set_precision(dtype, device)  # as train.py
     lr = args.lr if args.lr is not None else (1e-5 if args.method == "ft" else 0.3)
     warm_shapes = device == "cuda" if args.warm_shapes is None else args.warm_shapes
 
     # --- data: train.py's tokenization (cached) and epoch-0 order
-    meta = E.load_meta(args.data_dir, args.task)
+    meta = files.load_meta(args.data_dir, args.task)
     max_length = args.max_length or meta["max_length"]
-    tokenizer = M.load_tokenizer(args.tokenizer or args.model)
+    tokenizer = pretrained.load_tokenizer(args.tokenizer or args.model)
     data = Path(args.data_dir) / args.task
-    _, train_src, train_tgt = train.load_split(data / "train.jsonl", tokenizer, max_length)
+    _, train_src, train_tgt = B.load_split(data / "train.jsonl", tokenizer, max_length)
     pad_id = tokenizer.pad_token_id
     lengths = [len(s) + len(t) for s, t in zip(train_src, train_tgt)]
     bs, n_timed = args.batch_size, args.steps * args.batch_size
-    order = train.epoch_order(len(train_src), args.seed, 0, bs)
-    order = np.resize(order, n_timed + args.warmup * bs)  # a tiny train file wraps around
+    order = B.epoch_order(len(train_src), args.seed, 0, bs)
+    order = np.resize(order, n_timed + args.untimed_steps * bs)  # a tiny train file wraps around
     timed, warm = order[:n_timed], order[n_timed:]
-    grouped = timed[train.epoch_order(len(timed), args.seed, 0, bs, [lengths[i] for i in timed])]  # same examples
+    grouped = timed[B.epoch_order(len(timed), args.seed, 0, bs, [lengths[i] for i in timed])]  # same examples
     as_batches = lambda o: [o[i:i + bs].tolist() for i in range(0, len(o), bs)]  # noqa: E731
-    pad_max = (max_length, max(meta["max_target_length"], max(map(len, train_tgt))))  # train.py --pad-to-max-length
+    pad_max = (max_length, max(meta["max_target_length"], max(map(len, train_tgt))))  # the reference stack's padding
 
     # --- model: as train.py builds it
-    t5 = M.load_t5(args.model, random_init=args.random_init, seed=args.seed)
+    t5 = pretrained.load_t5(args.model, random_init=args.random_init, seed=args.seed)
     if args.dropout is not None:  # as train.py --dropout
         train.set_dropout(t5, args.dropout)
     torch.manual_seed(args.seed)
@@ -454,7 +466,7 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         configs = [TrainConfig(name, label, batches, pad_to, raw_model, init_state, lr, args.seed, device)
                    for (name, label), (batches, pad_to) in zip(names, specs)]
-        print(f"bench: training, {args.warmup} warm-up + {args.steps} timed steps per config, interleaved step by step",
+        print(f"bench: training, {args.untimed_steps} warm-up + {args.steps} timed steps per config, interleaved step by step",
               flush=True)
         for idx in as_batches(warm):  # warm-up: allocator, compile, lazy init
             for cfg in configs:
@@ -476,9 +488,9 @@ def main(argv=None):
                 batches, pad_to, raw_model, model, init_state, shared, lr)
         result["train"] = rows
         n = len(train_src)  # the whole epoch 0 as train.py orders it: is the timed sample representative?
-        for row, order_e, pad_to in ((rows[0], train.epoch_order(n, args.seed, 0, bs), (None, None)),
-                                     (rows[1], train.epoch_order(n, args.seed, 0, bs, lengths), (None, None)),
-                                     (rows[2], train.epoch_order(n, args.seed, 0, bs), pad_max)):
+        for row, order_e, pad_to in ((rows[0], B.epoch_order(n, args.seed, 0, bs), (None, None)),
+                                     (rows[1], B.epoch_order(n, args.seed, 0, bs, lengths), (None, None)),
+                                     (rows[2], B.epoch_order(n, args.seed, 0, bs), pad_max)):
             row["epoch_padding_fraction"] = padding_fraction(as_batches(order_e), train_src, train_tgt, pad_to)
         result["train_flop_ceiling"] = flop_ceiling(t5.config, train_src, train_tgt, n_prompt, encoder is None, pad_max)
         ref = rows[-1]
@@ -499,7 +511,7 @@ def main(argv=None):
         ids = []
         for split in ("validation", "test"):
             if len(ids) < args.eval_examples and (data / f"{split}.jsonl").exists():
-                ids += train.load_split(data / f"{split}.jsonl", tokenizer, max_length)[1]
+                ids += B.load_split(data / f"{split}.jsonl", tokenizer, max_length)[1]
         ids = ids[:args.eval_examples]
         steps = count_decode_steps(net)
         new_tokens = meta["max_target_length"]

@@ -7,44 +7,47 @@ uses only the folded prompt P' (no reparameterization network at inference). Wri
 RUN_DIR/eval/<task>_<split>.metrics.json and .predictions.jsonl (atomically) and prints the metrics.
 
     python evaluate.py runs/rte_ept_t5-base_s0                           # test split, best checkpoint
-    python evaluate.py runs/rte_ept_t5-base_s0 --split validation --mode rank
+    python evaluate.py runs/rte_ept_t5-base_s0 --split validation --eval-mode rank
     python evaluate.py runs/rte_ept_t5-base_s0 --task cb                 # zero-shot transfer (Figure 10)
     python evaluate.py runs/rte_ept_t5-base_s0 --input new.jsonl --output preds.jsonl   # new inputs
 
-train.py imports the metric functions and `predict` / `rank_classify` from here for validation.
-Drivers call `evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None)`.
+train.py validates with `run_predictions` and `compute_metrics` from here; the drivers and analyses
+call `evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None)`.
 """
 import argparse
 import collections
 import inspect
 import json
 import math
-import os
 import re
 import string
-import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import batching as B
+import cli
+import files
 import model as M
+import pretrained
+import runtime as R
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("run_dir", help="a run folder written by train.py")
 # data
 parser.add_argument("--split", default="test", choices=("test", "validation", "train"), help="which split to score")
-parser.add_argument("--task", default=None, help="evaluate on another task (zero-shot transfer); default: the run's")
+parser.add_argument("--task", default=None, type=cli.name, help="evaluate on another task (zero-shot transfer); default: the run's")
 parser.add_argument("--data-dir", default=None, help="data folder (default: the run's config.json data_dir)")
-parser.add_argument("--max-examples", type=int, default=None, help="score only the first N examples (default: all)")
+parser.add_argument("--max-eval-examples", type=cli.positive_int, default=None,
+                    help="score only the first N examples (default: all)")
 # model
 parser.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint's prompt to use")
 # evaluation
-parser.add_argument("--mode", default="generate", choices=("generate", "rank"),
+parser.add_argument("--eval-mode", default="generate", choices=("generate", "rank"),
                     help="greedy generation, or rank classification over the label set (never invalid)")
-parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
+parser.add_argument("--eval-batch-size", type=cli.positive_int, default=64, help="examples per forward pass")
 # new inputs
 parser.add_argument("--input", default=None, help="jsonl with a 'source' field, or .txt with one input per line")
 parser.add_argument("--output", default=None, help="with --input: where the predictions go (jsonl)")
@@ -207,106 +210,20 @@ def compute_metrics(meta, predictions, examples):
     return out
 
 
-# --- files ----------------------------------------------------------------------------------------
-
-def read_jsonl(path, limit=None):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-                if limit is not None and len(rows) >= limit:
-                    break
-    return rows
-
-
-def write_atomic(path, text):
-    """Write a text file whole or not at all (temp file + os.replace)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    write_atomic(path, json.dumps(obj, indent=1) + "\n")
-
-
-def write_jsonl(path, rows):
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def load_meta(data_dir, task):
-    path = Path(data_dir) / task / "meta.json"
-    if not path.exists():
-        raise SystemExit(f"evaluate: no {path}; run `python prepare_data.py --task {task}` first")
-    return json.loads(path.read_text())
-
-
-# --- batching and decoding ------------------------------------------------------------------------
-
-def autocast(device, dtype):
-    """bf16 autocast when asked (CUDA; T5 overflows in fp16), else nothing: fp32."""
-    if dtype == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def encode(tokenizer, texts, max_length):
-    """Token ids per text, truncated on the right, `</s>` appended by the T5 tokenizer."""
-    if not texts:
-        return []
-    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-
-
-def pad(seqs, pad_value, length=None):
-    """Right-pad id lists to their own longest (or `length`): (ids, mask) LongTensors."""
-    length = max(length or 0, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), length), pad_value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        mask[i, :len(s)] = 1
-    return ids, mask
-
-
-def _batches_by_length(ids, batch_size, sort, token_budget=False):
-    """Index batches of at most `batch_size` rows. Sorted: longest first (each batch pads little, an OOM
-    shows at once). With `token_budget` a batch also closes before its rows x its longest row would pass
-    batch_size x the median length, so the few long inputs come in smaller batches (never under a quarter
-    of batch_size rows) instead of padding a full batch to their length. That pays where time follows the
-    tokens computed, a CPU (RTE at batch 64: 1.4x faster); on a GPU time follows the number of batches
-    (each decoder step is a near-fixed launch cost at these sizes) and it costs 1.4x there (H200), so the
-    callers use it off CUDA only."""
-    if not sort:
-        return [list(range(i, min(i + batch_size, len(ids)))) for i in range(0, len(ids), batch_size)]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    if not token_budget:
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    budget = batch_size * (sorted(map(len, ids))[len(ids) // 2] if ids else 0)
-    min_rows = max(1, batch_size // 4)
-    batches, batch = [], []
-    for i in order:
-        if len(batch) == batch_size or (len(batch) >= min_rows and (len(batch) + 1) * len(ids[batch[0]]) > budget):
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    return batches + [batch] if batch else batches
-
+# --- decoding ------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_length=256, device="cpu",
             dtype="fp32", sort_by_length=True):
     """Greedy decoding of `sources` (strings or token-id lists): batched, sorted by length, at most
     `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped."""
-    ids = encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
+    ids = B.encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
     out = [""] * len(ids)
     was_training = model.training
     model.eval()
-    for batch in _batches_by_length(ids, batch_size, sort_by_length, token_budget=not str(device).startswith("cuda")):
-        input_ids, mask = pad([ids[i] for i in batch], tokenizer.pad_token_id)
-        with autocast(device, dtype):
+    for batch in B.batches_by_length(ids, batch_size, sort_by_length, token_budget=not str(device).startswith("cuda")):
+        input_ids, mask = B.pad([ids[i] for i in batch], tokenizer.pad_token_id)
+        with R.autocast(device, dtype):
             gen = model.generate(input_ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, num_beams=1)
         for i, text in zip(batch, tokenizer.batch_decode(gen, skip_special_tokens=True)):
@@ -347,14 +264,14 @@ def label_nll(model, input_ids, mask, label_ids):
 def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_length=256, device="cpu", dtype="fp32"):
     """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5, scored by
     `label_nll` for a batch of inputs at a time; never an invalid prediction."""
-    ids = encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
-    label_ids, _ = pad(encode(tokenizer, labels, max_length), -100)  # (L, T), -100 = no loss
+    ids = B.encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
+    label_ids, _ = B.pad(B.encode(tokenizer, labels, max_length), -100)  # (L, T), -100 = no loss
     out = [""] * len(ids)
     was_training = model.training
     model.eval()
-    for batch in _batches_by_length(ids, max(1, batch_size // len(labels)), True, not str(device).startswith("cuda")):
-        input_ids, mask = pad([ids[i] for i in batch], tokenizer.pad_token_id)
-        with autocast(device, dtype):
+    for batch in B.batches_by_length(ids, max(1, batch_size // len(labels)), True, not str(device).startswith("cuda")):
+        input_ids, mask = B.pad([ids[i] for i in batch], tokenizer.pad_token_id)
+        with R.autocast(device, dtype):
             nll = label_nll(model, input_ids.to(device), mask.to(device), label_ids.to(device))
         for i, k in zip(batch, nll.argmin(1).tolist()):
             out[i] = labels[k]
@@ -364,59 +281,53 @@ def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_lengt
 
 # --- rebuilding a run -----------------------------------------------------------------------------
 
-ENCODER_KEYS = ("prompt_length", "encoder", "hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth")
-
-
-def encoder_kwargs(config):
-    """The build_prompt_encoder options of a run (one name per concept: flag = config key = kwarg)."""
-    return {k: config[k] for k in ENCODER_KEYS}
-
-
-def t5_fingerprint(t5):
-    """A cheap hash of the frozen weights, to check evaluate.py rebuilt the T5 that train.py used."""
-    import hashlib
-    h = hashlib.sha1()
-    for name, p in sorted(t5.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     """(PromptedT5 with a FoldedPrompt (or fine-tuned T5), tokenizer, config) from a run folder alone."""
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    device = device or default_device()
-    t5 = M.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
-    tokenizer = M.load_tokenizer(config["tokenizer"])
+    if not (run_dir / "config.json").exists():
+        raise files.FileFault(f"{run_dir} is not a run folder (no config.json); train.py writes one")
+    config = files.read_json(run_dir / "config.json", "run configuration")
+    device = device or R.default_device()
+    t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
+    tokenizer = pretrained.load_tokenizer(config["tokenizer"])
     state_path = run_dir / f"{checkpoint}.pt"
     if config["method"] == "ft":  # the checkpoint holds all of T5
-        t5.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True)["trainable"])
+        if not state_path.exists():
+            raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); was it pruned?")
+        t5.load_state_dict(files.load_torch(state_path)["trainable"])
         net = M.PromptedT5(t5, None)
     else:
-        if config.get("t5_fingerprint") and t5_fingerprint(t5) != config["t5_fingerprint"]:
-            raise SystemExit(f"evaluate: the T5 rebuilt from {config['model']!r} differs from the one {run_dir} "
+        if config.get("t5_fingerprint") and pretrained.t5_fingerprint(t5) != config["t5_fingerprint"]:
+            raise SystemExit(f"the T5 rebuilt from {config['model']!r} differs from the one {run_dir} "
                              "was trained with (fingerprint mismatch)")
         if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
             prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
         elif prompt is None:  # fold P' from the checkpoint's reparameterization network, once
-            encoder = M.build_prompt_encoder(config["method"], t5.config.d_model, **encoder_kwargs(config))
-            encoder.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True)["trainable"])
+            if not state_path.exists():
+                raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; the run has not "
+                                      "finished a validation yet")
+            encoder = M.build_prompt_encoder(config["method"], t5.config.d_model, **M.prompt_options(config))
+            encoder.load_state_dict(files.load_torch(state_path)["trainable"])
             with torch.no_grad():
                 prompt = encoder().detach()
-        net = M.PromptedT5(t5, M.FoldedPrompt(torch.as_tensor(prompt, dtype=torch.float32)))
+        prompt = torch.as_tensor(prompt, dtype=torch.float32)
+        if not torch.isfinite(prompt).all():
+            raise SystemExit(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
+        net = M.PromptedT5(t5, M.FoldedPrompt(prompt))
     return net.to(device).eval(), tokenizer, config
+
+
+def run_dtype(config, device):
+    """The precision a run was trained in (config.json), on this device: bf16 needs CUDA."""
+    dtype = config.get("dtype", "fp32")
+    return dtype if torch.device(device).type == "cuda" else "fp32"
 
 
 def run_predictions(net, tokenizer, sources, *, mode, labels, max_new_tokens, max_length, batch_size, device, dtype):
     """Predictions by greedy decoding or, for tasks with a label set, rank classification."""
     if mode == "rank":
         if not labels:
-            raise SystemExit("evaluate: --mode rank needs a task with a label set (meta.json 'labels')")
+            raise SystemExit("--eval-mode rank needs a task with a label set (meta.json 'labels')")
         return rank_classify(net, tokenizer, sources, labels, batch_size=batch_size, max_length=max_length,
                              device=device, dtype=dtype)
     return predict(net, tokenizer, sources, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -430,19 +341,19 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     'rank' in rank mode. Returns the metrics dict (with 'score')."""
     say = (lambda *a: None) if quiet else print
     net, tokenizer, config = load_run(run_dir, checkpoint, prompt, device)
-    device = device or default_device()
-    dtype = "bf16" if torch.device(device).type == "cuda" else "fp32"  # T5 overflows in fp16
+    device = device or R.default_device()
+    dtype = run_dtype(config, device)
     task = task or config["task"]
     data_dir = str(data_dir or config["data_dir"])
     if data_dir != config["data_dir"]:
         say(f"evaluate: --data-dir {data_dir} overrides the run's {config['data_dir']}")
-    meta = load_meta(data_dir, task)
+    meta = files.load_meta(data_dir, task)
     max_length = config["max_length"] if task == config["task"] else meta["max_length"]
     if task != config["task"]:
         say(f"evaluate: zero-shot transfer of {config['task']}'s prompt to {task} (max_length {max_length})")
-    examples = read_jsonl(Path(data_dir) / task / f"{split}.jsonl", max_examples)
+    examples, source_ids, _ = B.load_split(Path(data_dir) / task / f"{split}.jsonl", tokenizer, max_length, max_examples)
     t0 = time.time()
-    preds = run_predictions(net, tokenizer, [e["source"] for e in examples], mode=mode, labels=meta.get("labels"),
+    preds = run_predictions(net, tokenizer, source_ids, mode=mode, labels=meta.get("labels"),
                             max_new_tokens=meta["max_target_length"], max_length=max_length,
                             batch_size=batch_size, device=device, dtype=dtype)
     seconds = time.time() - t0
@@ -453,29 +364,41 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
         tag = tag or ("rank" if mode == "rank" else None)
         stem = Path(run_dir) / "eval" / (f"{task}_{split}" + (f".{tag}" if tag else ""))
         stem.parent.mkdir(exist_ok=True)
-        write_json(f"{stem}.metrics.json", metrics)
-        write_jsonl(f"{stem}.predictions.jsonl", [
+        files.write_jsonl(f"{stem}.predictions.jsonl", [
             {"idx": e.get("idx"), "source": e["source"], "target": e["target"], "prediction": p,
              "correct": p == e["target"]} for e, p in zip(examples, preds)])
+        files.write_json(f"{stem}.metrics.json", metrics)
         say(f"evaluate: wrote {stem}.metrics.json and .predictions.jsonl")
     return metrics
 
 
-def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="generate", batch_size=64,
-                 device=None, data_dir=None):
-    """Run the trained prompt on new inputs: jsonl rows with 'source', or a .txt with one input a line."""
-    net, tokenizer, config = load_run(run_dir, checkpoint, None, device)
-    device = device or default_device()
-    dtype = "bf16" if torch.device(device).type == "cuda" else "fp32"
-    if str(input_path).endswith(".jsonl"):
-        rows = read_jsonl(input_path)
+def read_inputs(path):
+    """New inputs: a .jsonl of objects with a 'source' string, or a text file with one input a line."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        rows = files.read_jsonl(path, what="input file")
+        bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r.get("source"), str)), None)
+        if bad:
+            raise files.FileFault(f"{path}: row {bad} has no 'source' string; each row needs one")
     else:
-        rows = [{"source": line.strip()} for line in Path(input_path).read_text().splitlines() if line.strip()]
+        rows = [{"source": line.strip()} for line in files.read_text(path, "input file").splitlines() if line.strip()]
+    if not rows:
+        raise files.FileFault(f"{path} holds no inputs")
+    return rows
+
+
+def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="generate", batch_size=64, device=None):
+    """Run the trained prompt on new inputs: jsonl rows with 'source', or a .txt with one input a line."""
+    rows = read_inputs(input_path)
+    if Path(output_path).resolve() == Path(input_path).resolve():
+        raise SystemExit(f"--output {output_path} is the input file; name another file")
+    net, tokenizer, config = load_run(run_dir, checkpoint, None, device)
+    device = device or R.default_device()
     meta = config["meta"]  # train.py keeps the task's labels and lengths in config.json
     preds = run_predictions(net, tokenizer, [r["source"] for r in rows], mode=mode, labels=meta.get("labels"),
                             max_new_tokens=meta["max_target_length"], max_length=config["max_length"],
-                            batch_size=batch_size, device=device, dtype=dtype)
-    write_jsonl(output_path, [{**r, "prediction": p} for r, p in zip(rows, preds)])
+                            batch_size=batch_size, device=device, dtype=run_dtype(config, device))
+    files.write_jsonl(output_path, [{**r, "prediction": p} for r, p in zip(rows, preds)])
     return preds
 
 
@@ -483,12 +406,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.input:
         out = args.output or f"{Path(args.input).with_suffix('')}.predictions.jsonl"
-        preds = predict_file(args.run_dir, args.input, out, checkpoint=args.checkpoint, mode=args.mode,
-                             batch_size=args.batch_size)
+        preds = predict_file(args.run_dir, args.input, out, checkpoint=args.checkpoint, mode=args.eval_mode,
+                             batch_size=args.eval_batch_size)
         print(f"evaluate: {len(preds)} predictions -> {out}")
         return preds
-    metrics = evaluate_run(args.run_dir, args.task, args.split, args.mode, checkpoint=args.checkpoint,
-                           data_dir=args.data_dir, batch_size=args.batch_size, max_examples=args.max_examples)
+    metrics = evaluate_run(args.run_dir, args.task, args.split, args.eval_mode, checkpoint=args.checkpoint,
+                           data_dir=args.data_dir, batch_size=args.eval_batch_size, max_examples=args.max_eval_examples)
     print(json.dumps(metrics, indent=1))
     return metrics
 

@@ -23,11 +23,11 @@ With PEFT installed, the adapter loads as
 """
 import argparse
 import json
-import os
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+import files
 import model as M
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
@@ -87,16 +87,10 @@ def adapter_config(prompt, base_model, num_layers, num_heads):
     }
 
 
-def _write_atomic(path, write):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export(run_dir, out_dir, checkpoint="best", base_model=None):
     """Write the adapter folder; returns (config dict, prompt tensor)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = files.read_json(run_dir / "config.json", "run configuration")
     if config["method"] == "ft":
         raise SystemExit(f"export: {run_dir} is full fine-tuning: there is no prompt to export")
     prompt = folded_prompt(run_dir, checkpoint).contiguous()  # (n, d)
@@ -104,19 +98,19 @@ def export(run_dir, out_dir, checkpoint="best", base_model=None):
     num_layers, num_heads = t5_dimensions(base_model)
     peft_config = adapter_config(prompt, base_model, num_layers, num_heads)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / ADAPTER_WEIGHTS, lambda p: save_file({PROMPT_KEY: prompt}, str(p), metadata={"format": "pt"}))
+    files.write_with(out_dir / ADAPTER_WEIGHTS, lambda p: save_file({PROMPT_KEY: prompt}, str(p), metadata={"format": "pt"}))
     metrics = {}
     if (run_dir / "metrics.json").exists():
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = files.read_json(run_dir / "metrics.json", "test metrics")
     readme = (f"# {config['method']} prompt for {config['task']}\n\n"
               f"Exported from `{run_dir}` ({checkpoint} checkpoint) by export.py: a PEFT PROMPT_TUNING adapter "
               f"for `{base_model}`, {prompt.size(0)} virtual token(s) of dimension {prompt.size(1)}, "
               f"encoder only (num_transformer_submodules 1).\n\n"
               f"Test score of the run: {metrics.get('score', 'n/a')}. Training method: {config['method']}, "
               f"{config.get('n_trainable', '?')} trainable parameters; only the folded prompt P' is kept.\n")
-    _write_atomic(out_dir / "README.md", lambda p: p.write_text(readme))
-    _write_atomic(out_dir / ADAPTER_CONFIG,  # last: a folder with a config has complete weights
-                  lambda p: p.write_text(json.dumps(peft_config, indent=2, sort_keys=True)))  # as PEFT writes it
+    files.write_text(out_dir / "README.md", readme)
+    files.write_text(out_dir / ADAPTER_CONFIG,  # last: a folder with a config has complete weights
+                     json.dumps(peft_config, indent=2, sort_keys=True))  # as PEFT writes it
     return peft_config, prompt
 
 

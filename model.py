@@ -7,16 +7,17 @@ prompt and trains all of T5. After training only P' is needed: `save_folded_prom
 
     python model.py --count                       # the paper's Param column, all sizes
     python model.py --count --configs DIR         # from local t5-small/base/large config folders
-    python model.py --make-tiny smoke/tiny-t5     # random tiny T5 + offline tokenizer (tests, SMOKE)
+
+Loading T5 and its tokenizer (Hub or folder) and the tiny random T5 of the tests live in pretrained.py.
 """
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+import files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
 ENCODERS = ("mlp", "lstm")
@@ -220,112 +221,27 @@ def count_trainable(module):
 
 def save_folded_prompt(path, prompt, meta=None):
     """P' alone (n, d) fp32 + plain metadata, written atomically; loads with weights_only=True."""
-    tmp = f"{path}.tmp"
-    torch.save({"prompt": prompt.detach().float().cpu().contiguous(), "meta": dict(meta or {})}, tmp)
-    os.replace(tmp, path)
+    files.save_torch(path, {"prompt": prompt.detach().float().cpu().contiguous(), "meta": dict(meta or {})})
 
 
 def load_folded_prompt(path):
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state["prompt"], state["meta"]
+    state = files.load_torch(path, "folded prompt")
+    if not isinstance(state, dict) or not torch.is_tensor(state.get("prompt")) or state["prompt"].dim() != 2:
+        raise files.FileFault(f"{path} is not a folded prompt (a dict with an (n, d) 'prompt' tensor)")
+    if not torch.isfinite(state["prompt"]).all():
+        raise files.FileFault(f"the prompt in {path} holds NaN or inf values; retrain the run")
+    return state["prompt"], state.get("meta", {})
 
 
-# --- loading T5 and its tokenizer: Hub names or local folders -------------------------------------
-
-def _offline_error(what, name, err):
-    return SystemExit(f"model: could not load the {what} {name!r} (the Hugging Face Hub is unreachable "
-                      f"or the name is wrong); pass a local folder instead. ({type(err).__name__})")
-
-
-def load_t5(name_or_dir, random_init=False, seed=0):
-    """T5ForConditionalGeneration from the Hub or a folder; `random_init` builds it from the config."""
-    from transformers import T5Config, T5ForConditionalGeneration
-    from transformers.utils import logging
-    logging.disable_progress_bar()  # one bar per shard is noise in every log
-    try:
-        if random_init:
-            config = T5Config.from_pretrained(name_or_dir)
-            torch.manual_seed(seed)  # random weights are reproducible
-            return T5ForConditionalGeneration(config)
-        return T5ForConditionalGeneration.from_pretrained(name_or_dir)
-    except OSError as err:
-        folder = Path(name_or_dir)
-        if folder.is_dir() and (folder / "config.json").exists() and not random_init:
-            raise SystemExit(f"model: {name_or_dir} has a config but no weights; "
-                             "pass --random-init to build random weights from it (tests, speed only)")
-        raise _offline_error("model", name_or_dir, err)
+# The options of build_prompt_encoder, named as train.py's flags and config.json's keys, with their
+# defaults: a run folder written before an option existed is rebuilt with the option's default.
+PROMPT_OPTIONS = {"prompt_length": None, "encoder": "mlp", "hidden_size": None, "broadcast": None,
+                  "layer_norm": False, "residual": False, "activation": "none", "depth": 1}
 
 
-def load_tokenizer(name_or_dir):
-    """The T5 tokenizer; a config-only folder falls back to a tokenizer in its parent folder."""
-    from transformers import AutoTokenizer
-    candidates = [name_or_dir]
-    folder = Path(name_or_dir)
-    if folder.is_dir():  # a folder without a vocabulary (a bare config) borrows its parent's
-        candidates = [str(d) for d in (folder, folder.parent)
-                      if (d / "tokenizer.json").exists() or (d / "spiece.model").exists()] or candidates
-    last = None
-    for candidate in candidates:
-        try:
-            tok = AutoTokenizer.from_pretrained(candidate)
-        except (OSError, ValueError, TypeError) as err:
-            last = err
-            continue
-        for role, token in (("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
-            if getattr(tok, role) is None:  # a bare tokenizer.json names no special tokens; T5's are fixed
-                setattr(tok, role, token)
-        return tok
-    raise _offline_error("tokenizer", name_or_dir, last)
-
-
-# --- a tiny random T5 for tests and the SMOKE recipe ----------------------------------------------
-
-TINY = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
-            relative_attention_num_buckets=8, relative_attention_max_distance=32)
-
-
-def offline_tokenizer(corpus, vocab_size=600):
-    """A T5-style unigram tokenizer trained offline on `corpus` (pad 0, eos 1, unk 2, appends </s>)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", shrinking_factor=0.75)
-    tok.train_from_iterator(corpus, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def _fixture_corpus(root):
-    """Every text field of the fixture files: enough to train a small vocabulary."""
-    lines = []
-    for path in sorted(Path(root).rglob("*")):
-        if path.is_file() and path.suffix in (".jsonl", ".tsv", ".txt", ".csv", ".json"):
-            lines += path.read_text(encoding="utf-8", errors="ignore").splitlines()
-    return lines + [str(i) for i in range(10)] + ["0.0 0.2 0.4 0.6 0.8 1.0 2.0 3.0 4.0 5.0"]
-
-
-def make_tiny(out_dir, tokenizer=None, corpus_dir=None, seed=0, **overrides):
-    """Save a random-weight tiny T5 and a tokenizer in `out_dir` (a folder load_t5 can read)."""
-    from transformers import T5Config, T5ForConditionalGeneration
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    else:
-        corpus_dir = corpus_dir or Path(__file__).resolve().parent / "tests" / "fixtures" / "raw"
-        tok = offline_tokenizer(_fixture_corpus(corpus_dir))
-    config = T5Config(vocab_size=len(tok), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-                      dropout_rate=0.1, **{**TINY, **overrides})
-    torch.manual_seed(seed)
-    t5 = T5ForConditionalGeneration(config)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t5.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def prompt_options(config):
+    """The build_prompt_encoder options recorded in a run's config.json."""
+    return {k: config.get(k, default) for k, default in PROMPT_OPTIONS.items()}
 
 
 # --- the paper's Param column ----------------------------------------------------------------------
@@ -366,25 +282,16 @@ def parameter_table(configs_dir=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", action="store_true", help="print the trainable-parameter table")
+    parser.add_argument("--count", action="store_true", required=True, help="print the trainable-parameter table")
     parser.add_argument("--configs", default=None,
                         help="folder with t5-small/, t5-base/, t5-large/ config folders "
                              "(default: the real configs' dimensions)")
-    parser.add_argument("--make-tiny", metavar="DIR", help="write a random-weight tiny T5 + tokenizer to DIR")
-    parser.add_argument("--tokenizer", default=None,
-                        help="with --make-tiny: copy this tokenizer (default: train one offline on fixtures)")
     args = parser.parse_args(argv)
-    if args.make_tiny:
-        print(f"wrote {make_tiny(args.make_tiny, tokenizer=args.tokenizer)}")
-    if args.count:
-        table = parameter_table(args.configs)
-        print(f"{'method':<14}" + "".join(f"{s:>14}" for s in table))
-        for label in [variant_label(m, o) for m, o in VARIANTS]:
-            print(f"{label:<14}" + "".join(f"{table[s][label]:>14,}" for s in table))
-        print(json.dumps(table))
-    if not (args.count or args.make_tiny):
-        parser.print_help(sys.stderr)
-        sys.exit(2)
+    table = parameter_table(args.configs)
+    print(f"{'method':<14}" + "".join(f"{s:>14}" for s in table))
+    for label in [variant_label(m, o) for m, o in VARIANTS]:
+        print(f"{label:<14}" + "".join(f"{table[s][label]:>14,}" for s in table))
+    print(json.dumps(table))
 
 
 if __name__ == "__main__":

@@ -272,18 +272,16 @@ GLUE, SUPERGLUE = "nyu-mll/glue", "aps/super_glue"
 GLUE_FILES = {"train": ("train.tsv",), "eval": ("dev.tsv",)}
 SUPERGLUE_FILES = {"train": ("train.jsonl",), "eval": ("val.jsonl",)}
 entail, boolean = functools.partial(label_of, ENTAIL), functools.partial(label_of, BOOL)
-MRQA_SUBSETS = {"nq": "NaturalQuestionsShort", "newsqa": "NewsQA", "searchqa": "SearchQA", "hotpotqa": "HotpotQA"}
+MRQA_SUBSETS = {"nq": "NaturalQuestionsShort", "hotpotqa": "HotpotQA", "searchqa": "SearchQA", "newsqa": "NewsQA"}
 
 _TASKS = [
     Task("cola", "glue", GLUE, "cola", pairs("sentence"), per_split(glue_row("sentence", label=int), "tsv",
          ("code", "label", "mark", "sentence")), GLUE_FILES, metrics=("mcc",)),  # train/dev have no header
-    Task("sst2", "glue", GLUE, "sst2", pairs("sentence"), per_split(glue_row("sentence", label=int), "tsv"),
-         GLUE_FILES),
     Task("mrpc", "glue", GLUE, "mrpc", pairs("sentence1", "sentence2"), read_mrpc,
          {"train": ("msr_paraphrase_train.txt",), "dev_ids": ("dev_ids.tsv",)}, metrics=("acc", "f1")),
-    Task("qqp", "glue", GLUE, "qqp", pairs("question1", "question2"),
-         per_split(glue_row("question1", "question2", label=int, col="is_duplicate"), "tsv"), GLUE_FILES,
-         metrics=("acc", "f1")),
+    Task("rte", "glue", GLUE, "rte", pairs("sentence1", "sentence2"),  # GLUE tsv or SuperGLUE jsonl, per file
+         by_suffix(tsv=(glue_row("sentence1", "sentence2", label=entail), "tsv"), jsonl=(superglue_rte, "json")),
+         {"train": ("train.tsv", "train.jsonl"), "eval": ("dev.tsv", "val.jsonl")}),
     Task("stsb", "glue", GLUE, "stsb", stsb,
          per_split(glue_row("sentence1", "sentence2", label=float, col="score"), "tsv"), GLUE_FILES,
          labels=None, metrics=("pearson", "spearman"), score=("pearson",)),
@@ -294,9 +292,11 @@ _TASKS = [
          eval_split="validation_matched"),
     Task("qnli", "glue", GLUE, "qnli", pairs("question", "sentence"),
          per_split(glue_row("question", "sentence", label=entail), "tsv"), GLUE_FILES),
-    Task("rte", "glue", GLUE, "rte", pairs("sentence1", "sentence2"),  # GLUE tsv or SuperGLUE jsonl, per file
-         by_suffix(tsv=(glue_row("sentence1", "sentence2", label=entail), "tsv"), jsonl=(superglue_rte, "json")),
-         {"train": ("train.tsv", "train.jsonl"), "eval": ("dev.tsv", "val.jsonl")}),
+    Task("qqp", "glue", GLUE, "qqp", pairs("question1", "question2"),
+         per_split(glue_row("question1", "question2", label=int, col="is_duplicate"), "tsv"), GLUE_FILES,
+         metrics=("acc", "f1")),
+    Task("sst2", "glue", GLUE, "sst2", pairs("sentence"), per_split(glue_row("sentence", label=int), "tsv"),
+         GLUE_FILES),
     Task("boolq", "superglue", SUPERGLUE, "boolq", pairs("question", "passage"),
          per_split(jsonl_row("question", "passage", "idx", label=boolean)), SUPERGLUE_FILES),
     Task("cb", "superglue", SUPERGLUE, "cb", pairs("premise", "hypothesis"),
@@ -336,6 +336,15 @@ _TASKS = [
          {"train": ("final/train.tsv",), "eval": ("final/dev.tsv",)}),
 ]
 TASKS = {t.name: t for t in _TASKS}
+# The split sizes (train, validation, test) Appendix B.1 gives (docs/paper.md): the GPU-hour estimate uses them
+# before a task is prepared; tests/test_prepare_data.py checks the prepared files against its own copy.
+PAPER_SPLITS = {"cola": (8551, 521, 522), "sst2": (66349, 1000, 872), "mrpc": (3668, 204, 204),
+                "qqp": (353846, 10000, 40430), "stsb": (5749, 750, 750), "mnli": (382702, 10000, 9815),
+                "qnli": (94743, 10000, 5463), "rte": (2490, 138, 139), "boolq": (9427, 1635, 1635),
+                "cb": (250, 28, 28), "wic": (5428, 319, 319), "wsc": (554, 52, 52), "multirc": (26243, 1000, 4848),
+                "nq": (94071, 10000, 12836), "newsqa": (73160, 1000, 4212), "searchqa": (107384, 10000, 16980),
+                "hotpotqa": (71928, 1000, 5901), "winogrande": (39398, 1000, 1267), "yelp": (550000, 10000, 38000),
+                "scitail": (22596, 1000, 1304), "paws": (48401, 1000, 8000)}  # in the paper's column order (Tables 1 and 2): drivers and report follow it
 GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b] for b in ("glue", "superglue", "mrqa", "others")}
 
 
@@ -461,11 +470,11 @@ def fewshot(task, train, k, seed):
 
 @functools.cache
 def load_tokenizer(name):
+    import pretrained
     try:
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as e:
-        raise SystemExit(f"prepare_data: cannot load the T5 tokenizer {name!r} ({type(e).__name__}); "
+        return pretrained.load_tokenizer(name)
+    except SystemExit as e:
+        raise SystemExit(f"prepare_data: cannot load the T5 tokenizer {name!r} ({e}); "
                          f"pass --tokenizer DIR, a folder with the T5 tokenizer.json or spiece.model") from None
 
 

@@ -14,11 +14,13 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 
-import ablate
+import files
 import model as M
+import prepare_data as P
+
+GLUE, SUPERGLUE, MRQA, OTHERS = (P.GROUPS[g] for g in ("glue", "superglue", "mrqa", "others"))
 
 LABELS = {"ft": "FT", "ptuning": "P-Tuning", "resprompt": "ResPrompt", "pt": "PT", "ept": "EPT", "ept_star": "EPT*"}
 METHOD_ORDER = ["ft", "ptuning", "resprompt", "pt", "ept", "ept_star"]  # the paper's row order
@@ -26,7 +28,7 @@ TASK_LABELS = {"cola": "CoLA", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "m
                "qqp": "QQP", "sst2": "SST-2", "boolq": "BoolQ", "cb": "CB", "wic": "WiC", "wsc": "WSC",
                "multirc": "MultiRC", "nq": "NQ", "hotpotqa": "HP", "searchqa": "SQA", "newsqa": "News",
                "winogrande": "WG", "yelp": "Yelp", "scitail": "SciTail", "paws": "PAWS"}
-METRIC_LABELS = {"cola": "Matt", "stsb": "Pearson", "cb": "Acc/F1", "multirc": "F1a", **{t: "F1" for t in ablate.MRQA}}
+METRIC_LABELS = {"cola": "Matt", "stsb": "Pearson", "cb": "Acc/F1", "multirc": "F1a", **{t: "F1" for t in MRQA}}
 SIZE_ORDER = ["t5-large", "t5-base", "t5-small"]  # Table 1 lists Large first
 DASH = "–"
 COLORS = {"ft": "tab:gray", "ptuning": "tab:green", "resprompt": "tab:orange", "pt": "tab:blue", "ept": "tab:red",
@@ -74,6 +76,8 @@ PAPER_TABLE4 = [("PT", "77K/-", "56.5 61.9 48.1 62.2 50.0 55.7"), ("EPT", "2.3K/
                 ("EPT*", "2.3K/768", "73.3 76.7 65.2 62.2 67.9 69.1")]
 PAPER_TABLE6 = [("uniform", "75.7 72.5 70.5 65.4 71.0"), ("vocab", "75.4 77.6 69.8 63.5 71.6"),
                 ("label", "75.1 75.5 67.6 63.5 70.4")]
+STRUCTURE_LABELS = {"none": "None", "layernorm": "LayerNorm", "residual": "Residual", "relu": "ReLU",
+                    "tanh": "Tanh", "gelu": "GELU"}  # Figure 9's order
 INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)", "label": "Label (label words)"}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,13 +202,13 @@ def paper_block(header, body):
 
 def table1(rows):
     rows = select_best_lr(dedupe(rows))
-    md, long = grid_table(rows, [("GLUE", ablate.GLUE), ("SuperGLUE", ablate.SUPERGLUE)])
+    md, long = grid_table(rows, [("GLUE", GLUE), ("SuperGLUE", SUPERGLUE)])
     header = md.splitlines()[0].strip("| ").split(" | ")
     return md + paper_block(header, [[m, LABELS[k], p, *v.split()] for m, k, p, v in PAPER_TABLE1]), long
 
 
 def table2(rows):
-    md, long = grid_table(rows, [("MRQA", ablate.MRQA), ("Others", ablate.OTHERS)])
+    md, long = grid_table(rows, [("MRQA", MRQA), ("Others", OTHERS)])
     header = md.splitlines()[0].strip("| ").split(" | ")
     return md + paper_block(header, [[m, LABELS[k], p, *v.split()] for m, k, p, v in PAPER_TABLE2]), long
 
@@ -216,13 +220,13 @@ def table3(rows):
     methods = ordered({r["method"] for r in rows}, METHOD_ORDER)
     header = ["Benchmark", "k-shot", *[LABELS[m] for m in methods]]
     body, long = [], []
-    for name, tasks in (("SuperGLUE", ablate.SUPERGLUE), ("GLUE", ablate.GLUE)):
+    for name, tasks in (("SuperGLUE", SUPERGLUE), ("GLUE", GLUE)):
         for k in sorted({r["fewshot_k"] for r in rows}):
             body.append([name, k, *[avg_cell(rows, tasks, method=m, fewshot_k=k) for m in methods]])
     detail_header = ["k", "Task", *[LABELS[m] for m in methods]]
     detail = []
     for k in sorted({r["fewshot_k"] for r in rows}):
-        for t in ablate.SUPERGLUE + ablate.GLUE:
+        for t in SUPERGLUE + GLUE:
             if any(r["task"] == t and r["fewshot_k"] == k for r in rows):
                 detail.append([k, TASK_LABELS[t], *[cell(scores(rows, method=m, task=t, fewshot_k=k)) for m in methods]])
                 for m in methods:
@@ -271,7 +275,7 @@ def table6(rows):
 def sweep_table(rows):
     """Ablation sweeps (Figures 5, 7, 8, 9): rows (method, swept value), a column per task."""
     rows = dedupe(rows)
-    tasks = ordered({r["task"] for r in rows}, ablate.ALL_TASKS)
+    tasks = ordered({r["task"] for r in rows}, list(P.TASKS))
     header = ["Method", "Value", *[TASK_LABELS.get(t, t) for t in tasks], "Avg"]
     body, long = [], []
     for method in ordered({r["method"] for r in rows}, METHOD_ORDER):
@@ -308,9 +312,7 @@ def write_csv(path, long):
 
 
 def write_text(path, text):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    files.write_text(path, text)
 
 
 # --- figures: each returns a list of written file names, or raises Missing ----------------------------
@@ -327,11 +329,10 @@ def _plt():
 
 
 def _save(fig, out, name):
-    path = Path(out) / name
-    tmp = path.with_name(f".{name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    os.replace(tmp, path)
+    try:
+        files.write_with(Path(out) / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        _plt().close(fig)
     return name
 
 
@@ -339,7 +340,7 @@ def load_analysis(results, name):
     path = Path(results) / "analysis" / f"{name}.json"
     if not path.exists():
         raise Missing(f"no {path} (run `python analyze.py {name}`)")
-    return json.loads(path.read_text())[name]
+    return files.read_json(path, "analysis result")[name]
 
 
 def fig_norms(results, out, tasks, name, title):
@@ -417,7 +418,7 @@ def fig4(results, out):
 
 
 def _sweep_rows(results, experiment):
-    rows = dedupe(ablate.read_jsonl(Path(results) / f"{experiment}.jsonl"))
+    rows = dedupe(files.read_jsonl(Path(results) / f"{experiment}.jsonl", what="results file", missing_ok=True))
     if not rows:
         raise Missing(f"no {Path(results) / experiment}.jsonl (run `python ablate.py {experiment}`)")
     return rows
@@ -487,15 +488,15 @@ def fig7(results, out):
 
 def fig8(results, out):
     rows = _sweep_rows(results, "lr")
-    fig = _sweep_axes(rows, ablate.SUPERGLUE, "lr", "learning rate", True, "Figure 8: learning rate", band=False)
+    fig = _sweep_axes(rows, SUPERGLUE, "lr", "learning rate", True, "Figure 8: learning rate", band=False)
     return [_save(fig, out, "fig8_learning_rate.png")]
 
 
 def fig9(results, out):
     """Figure 9: (left) score per added structure on the SuperGLUE tasks; (right) norm vs score on BoolQ."""
     rows = _sweep_rows(results, "structure")
-    names = ordered({r["variant"] for r in rows}, list(ablate.STRUCTURES))
-    tasks = [t for t in ablate.SUPERGLUE if any(r["task"] == t for r in rows)]
+    names = ordered({r["variant"] for r in rows}, list(STRUCTURE_LABELS))
+    tasks = [t for t in SUPERGLUE if any(r["task"] == t for r in rows)]
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / len(names)
@@ -607,7 +608,7 @@ def main(argv=None):
              "Scores in [0, 100]; '–' = no result; '†' = average over the tasks present only.\n"]
     missing = []
     for key, (title, experiment, build) in TABLES.items():
-        rows = ablate.read_jsonl(results / f"{experiment}.jsonl")
+        rows = files.read_jsonl(results / f"{experiment}.jsonl", what="results file", missing_ok=True)
         index.append(f"\n## {title}\n")
         if not rows:
             missing.append(f"{title}: no {results / experiment}.jsonl")
@@ -620,7 +621,7 @@ def main(argv=None):
         write_csv(out / f"{key}.csv", long)
         index.append(f"[{key}.md]({key}.md) · [{key}.csv]({key}.csv)\n\n{md}")
     for experiment in ("hidden", "broadcast", "lr", "structure"):  # the numbers behind Figures 5/12, 7, 8, 9
-        rows = ablate.read_jsonl(results / f"{experiment}.jsonl")
+        rows = files.read_jsonl(results / f"{experiment}.jsonl", what="results file", missing_ok=True)
         if rows:
             md, long = sweep_table(rows)
             write_text(out / f"sweep_{experiment}.md", f"# {experiment} sweep (mean ± std over seeds)\n\n{md}")

@@ -6,12 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import pretrained  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # ../shared beside the checkout (CI lays a copy there)
 sys.path.insert(0, str(REPO))
 
-import model  # noqa: E402
 
 
 def pytest_configure(config):
@@ -44,4 +44,4 @@ def tokenizer_dir(shared_dir):
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """A random-weight tiny T5 + tokenizer (the real one when present, else trained offline)."""
     out = tmp_path_factory.mktemp("tiny-t5")
-    return model.make_tiny(out, tokenizer=str(tokenizer_dir) if tokenizer_dir else None)
+    return pretrained.make_tiny(out, tokenizer=str(tokenizer_dir) if tokenizer_dir else None)

@@ -9,6 +9,7 @@ import torch
 
 import evaluate as E
 import model as M
+import pretrained
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -98,8 +99,8 @@ def test_compute_metrics_score_is_the_mean_of_the_score_metrics():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    t5 = M.load_t5(str(tiny_model_dir))
-    tok = M.load_tokenizer(str(tiny_model_dir))
+    t5 = pretrained.load_t5(str(tiny_model_dir))
+    tok = pretrained.load_tokenizer(str(tiny_model_dir))
     prompt = torch.randn(3, t5.config.d_model, generator=torch.Generator().manual_seed(0)) * 5
     return M.PromptedT5(t5, M.FoldedPrompt(prompt)).eval(), tok
 

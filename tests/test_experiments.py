@@ -24,6 +24,8 @@ import fewshot
 import model as M
 import report
 import train
+import files
+import pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -190,7 +192,7 @@ def test_export_writes_what_peft_loads(grid, tiny_model_dir, tmp_path):
     assert torch.equal(weights, weights[:1].expand(10, -1))  # EPT*: one row broadcast
 
     # PEFT's forward on the exported files == our PromptedT5 with the folded prompt
-    t5 = M.load_t5(str(tiny_model_dir)).eval()
+    t5 = pretrained.load_t5(str(tiny_model_dir)).eval()
     ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
     mask = (ids != 0).long()
     labels = torch.tensor([[10, 1], [11, 1]])
@@ -248,7 +250,7 @@ def test_analyses_of_trained_runs(grid, tiny_model_dir, data_dir):
     tag = Path(tiny_model_dir).name
     written = analyze.main(["all", "--model", tag, "--results-dir", str(grid / "results"),
                             "--tasks", "rte", "cb", "--methods", "pt", "ptuning", "ept_star", "--lengths", "1", "2",
-                            "--max-examples", "4", "--top-k", "3"])
+                            "--max-eval-examples", "4", "--top-k", "3"])
     assert set(written) == {"norms", "cosine", "subset", "transfer", "neighbours"}
     analysis = grid / "results" / "analysis"
     norms = json.loads((analysis / "norms.json").read_text())["norms"]
@@ -306,7 +308,7 @@ def test_report_tables_and_figures_from_rows(tmp_path):
     rows += [fake_row("structure", "boolq", "ept", 0, 60.0 + i, variant=v, run=f"r/s{v}")
              for i, v in enumerate(ablate.STRUCTURES)]
     for experiment in ("table1", "hidden", "structure"):
-        ablate.append_jsonl(results / f"{experiment}.jsonl", [r for r in rows if r["experiment"] == experiment])
+        files.append_jsonl(results / f"{experiment}.jsonl", [r for r in rows if r["experiment"] == experiment])
     missing = report.main(["--results", str(results), "--out", str(tmp_path / "report")])
     table1 = (tmp_path / "report" / "table1.md").read_text().split("The paper's numbers")[0]  # ours, not the paper's
     assert "| t5-base | EPT | 2.3K | – | – | 72.0 ± 2.0 |" in table1  # CoLA, MRPC missing; RTE mean ± std

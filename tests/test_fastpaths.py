@@ -1,5 +1,5 @@
 """Issue 6: the fast paths change the speed, never the results. bench.py measures the speed; this file proves
-the results equal the plain path's: own-longest padding vs --pad-to-max-length (loss and gradients),
+the results equal the plain path's: own-longest padding vs padding to the max length (loss and gradients),
 --group-by-length (a reordering only), batched sorted greedy decoding with early stop vs one example at a time
 (and vs the reference's unsorted pad-to-max decoding), rank classification vs brute force, bf16 and
 torch.compile on CUDA (skipped without it), and bench.py itself end to end on tiny data.
@@ -25,6 +25,9 @@ import bench
 import evaluate as E
 import model as M
 import train
+import batching as B
+import pretrained
+import runtime
 
 WORDS = "good bad fine awful great poor nice sad happy dull the movie plot was not very".split()
 MAX_LENGTH = 40
@@ -63,13 +66,13 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def toy(data_dir, tiny_model_dir):
     """(tokenizer, source ids, target ids, lengths) of the toy training split, via train.py's cached tokenizer."""
-    tok = M.load_tokenizer(str(tiny_model_dir))
-    _, src, tgt = train.load_split(data_dir / "toy" / "train.jsonl", tok, MAX_LENGTH)
+    tok = pretrained.load_tokenizer(str(tiny_model_dir))
+    _, src, tgt = B.load_split(data_dir / "toy" / "train.jsonl", tok, MAX_LENGTH)
     return tok, src, tgt, [len(s) + len(t) for s, t in zip(src, tgt)]
 
 
 def prompted(tiny_model_dir, method, seed=0):
-    t5 = no_dropout(M.load_t5(str(tiny_model_dir)))
+    t5 = no_dropout(pretrained.load_t5(str(tiny_model_dir)))
     torch.manual_seed(seed)
     encoder = M.build_prompt_encoder(method, t5.config.d_model, generator=torch.Generator().manual_seed(seed))
     return M.PromptedT5(t5, encoder).train()  # train mode, as train.py: only the dropout rate is 0
@@ -88,7 +91,7 @@ def test_pad_to_longest_gives_the_pad_to_max_loss_and_gradients(toy, tiny_model_
 
     def loss_and_grads(pad_to):
         net.zero_grad(set_to_none=True)
-        batch = train.collate(idx, src, tgt, tok.pad_token_id, pad_to)
+        batch = B.collate(idx, src, tgt, tok.pad_token_id, pad_to)
         nll = train.token_nll(net, net.t5._shift_right, *batch, nullcontext())
         nll.backward()
         return nll.item(), [p.grad.clone() for p in params]
@@ -115,9 +118,9 @@ def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_di
         net.prompt_encoder.load_state_dict(start)
         params = [p for p in net.prompt_encoder.parameters()]
         optimizer, scheduler = train.make_optimizer(params, 0.3, 0.01, False, 100)
-        run = [train.train_step(net, net, optimizer, scheduler, list(range(8 * k, 8 * k + 8)),
-                                (src, tgt, tok.pad_token_id), amp=nullcontext(), device="cpu", micro_batch_size=8,
-                                pad_to=pad_to)[0] for k in range(4)]
+        data = bench.PaddedData(src, tgt, tok.pad_token_id, pad_to)
+        run = [train.train_step(net, net, optimizer, scheduler, list(range(8 * k, 8 * k + 8)), data,
+                                amp=nullcontext(), device="cpu", micro_batch_size=8)[0] for k in range(4)]
         losses.append(run)
         prompts.append(net.prompt().detach().clone())
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
@@ -131,22 +134,22 @@ def test_group_by_length_only_reorders(toy, tiny_model_dir):
     tok, src, tgt, lengths = toy
     n, bs = len(src), 4  # mega-batch = 50 * 4 = 200 > 48 rows: one mega-batch, and with bs 1: 50-row ones
     for epoch in range(3):
-        plain = train.epoch_order(n, 7, epoch, bs)
-        grouped = train.epoch_order(n, 7, epoch, bs, lengths)
+        plain = B.epoch_order(n, 7, epoch, bs)
+        grouped = B.epoch_order(n, 7, epoch, bs, lengths)
         assert sorted(grouped.tolist()) == list(range(n))
         assert [lengths[i] for i in grouped] == sorted((lengths[i] for i in plain), reverse=True)
-    small = train.epoch_order(n, 7, 0, 1, lengths)  # mega-batches of 50 rows: the last one is partial
+    small = B.epoch_order(n, 7, 0, 1, lengths)  # mega-batches of 50 rows: the last one is partial
     assert sorted(small.tolist()) == list(range(n))
     net = prompted(tiny_model_dir, "pt").eval()
-    plain, grouped = train.epoch_order(n, 7, 0, bs), train.epoch_order(n, 7, 0, bs, lengths)
+    plain, grouped = B.epoch_order(n, 7, 0, bs), B.epoch_order(n, 7, 0, bs, lengths)
     with torch.no_grad():
-        total = [sum(train.token_nll(net, net.t5._shift_right, *train.collate(order[k:k + bs].tolist(), src, tgt,
+        total = [sum(train.token_nll(net, net.t5._shift_right, *B.collate(order[k:k + bs].tolist(), src, tgt,
                                                                               tok.pad_token_id), nullcontext()).item()
                      for k in range(0, n, bs)) for order in (plain, grouped)]
     assert total[1] == pytest.approx(total[0], rel=1e-5)
     # bench.py's (b) regroups the timed examples the same way: the same multiset as (a) and (c)
     timed = plain[:32]
-    regrouped = timed[train.epoch_order(len(timed), 0, 0, bs, [lengths[i] for i in timed])]
+    regrouped = timed[B.epoch_order(len(timed), 0, 0, bs, [lengths[i] for i in timed])]
     assert sorted(regrouped.tolist()) == sorted(timed.tolist())
 
 
@@ -156,16 +159,16 @@ def test_group_by_length_only_reorders(toy, tiny_model_dir):
 def decoder_net(tiny_model_dir):
     """A prompted tiny T5 whose </s> output row copies (x1.01) the row of the token it most often starts
     with: those rows stop after one step, the others run to max_new_tokens. A random T5 alone never stops."""
-    t5 = M.load_t5(str(tiny_model_dir))
+    t5 = pretrained.load_t5(str(tiny_model_dir))
     t5.lm_head.weight = torch.nn.Parameter(t5.lm_head.weight.detach().clone())  # untie: inputs stay the same
     prompt = torch.randn(3, t5.config.d_model, generator=torch.Generator().manual_seed(0)) * 5
     net = M.PromptedT5(t5, M.FoldedPrompt(prompt)).eval()
-    tok = M.load_tokenizer(str(tiny_model_dir))
+    tok = pretrained.load_tokenizer(str(tiny_model_dir))
     rng = random.Random(1)
     sources = ["sentence: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(20)]
-    ids = E.encode(tok, sources, MAX_LENGTH)
+    ids = B.encode(tok, sources, MAX_LENGTH)
     with torch.no_grad():
-        first = [net.generate(*E.pad([i], tok.pad_token_id), max_new_tokens=1, do_sample=False)[0, 1].item() for i in ids]
+        first = [net.generate(*B.pad([i], tok.pad_token_id), max_new_tokens=1, do_sample=False)[0, 1].item() for i in ids]
         common = max(set(first), key=first.count)
         t5.lm_head.weight[tok.eos_token_id] = 1.01 * t5.lm_head.weight[common]
     return net, tok, ids
@@ -194,8 +197,8 @@ def test_eval_batches_sorted_within_a_token_budget():
     ids = [[5] * rng.choice([3, 8, 20, 200]) for _ in range(101)]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # sorted() is stable: ties keep data order
     for bs in (1, 4, 16, 64):
-        assert E._batches_by_length(ids, bs, True) == [order[i:i + bs] for i in range(0, len(ids), bs)]
-        batches = E._batches_by_length(ids, bs, True, token_budget=True)
+        assert B.batches_by_length(ids, bs, True) == [order[i:i + bs] for i in range(0, len(ids), bs)]
+        batches = B.batches_by_length(ids, bs, True, token_budget=True)
         flat = [i for b in batches for i in b]
         assert sorted(flat) == list(range(len(ids)))
         assert [len(ids[i]) for i in flat] == sorted(map(len, ids), reverse=True)
@@ -206,8 +209,8 @@ def test_eval_batches_sorted_within_a_token_budget():
         long = [b for b in batches if len(ids[b[0]]) == 200]
         if bs >= 16:  # the long tail in smaller batches than the short rows: the point of the budget
             assert max(map(len, long)) < max(map(len, batches))
-    assert E._batches_by_length(ids, 16, False) == [list(range(i, min(i + 16, 101))) for i in range(0, 101, 16)]
-    assert E._batches_by_length([], 16, True) == E._batches_by_length([], 16, True, True) == []
+    assert B.batches_by_length(ids, 16, False) == [list(range(i, min(i + 16, 101))) for i in range(0, 101, 16)]
+    assert B.batches_by_length([], 16, True) == B.batches_by_length([], 16, True, True) == []
 
 
 def test_early_stop_when_every_row_is_done(decoder_net):
@@ -227,7 +230,7 @@ def test_rank_classify_picks_the_lowest_loss_label(decoder_net, labels):
     got = E.rank_classify(net, tok, ids, labels, batch_size=5)
     assert set(got) <= set(labels)  # never invalid
     for source, pred in zip(ids, got):  # brute force: one unpadded forward per (example, label)
-        x, mask = E.pad([source], tok.pad_token_id)
+        x, mask = B.pad([source], tok.pad_token_id)
         losses = []
         for label in labels:
             y = torch.tensor([tok(label)["input_ids"]])
@@ -244,13 +247,13 @@ def test_label_nll_equals_one_forward_per_label(decoder_net):
     summed NLL as a plain teacher-forced forward does, for labels of different token lengths."""
     net, tok, ids = decoder_net
     labels = ["0", "1", "not entailment", "2.4"]
-    label_ids, _ = E.pad(E.encode(tok, labels, MAX_LENGTH), -100)
+    label_ids, _ = B.pad(B.encode(tok, labels, MAX_LENGTH), -100)
     assert len(set((label_ids != -100).sum(1).tolist())) > 1  # different lengths: padding inside the label batch
     batch = ids[:5]
-    input_ids, mask = E.pad(batch, tok.pad_token_id)
+    input_ids, mask = B.pad(batch, tok.pad_token_id)
     got = E.label_nll(net, input_ids, mask, label_ids)
     for b, source in enumerate(batch):
-        for k, label in enumerate(E.encode(tok, labels, MAX_LENGTH)):
+        for k, label in enumerate(B.encode(tok, labels, MAX_LENGTH)):
             with torch.no_grad():
                 out = net(torch.tensor([source]), torch.ones(1, len(source), dtype=torch.long), labels=torch.tensor([label]))
             assert got[b, k].item() == pytest.approx(out.loss.item() * len(label), rel=1e-4, abs=1e-4)
@@ -258,7 +261,7 @@ def test_label_nll_equals_one_forward_per_label(decoder_net):
 
 def test_flop_formula_counts_every_linear_weight_once(tiny_model_dir):
     """One encoder and one decoder token: the linear FLOPs are 2 x every nn.Linear weight of T5 (lm_head too)."""
-    t5 = M.load_t5(str(tiny_model_dir))
+    t5 = pretrained.load_t5(str(tiny_model_dir))
     weights = sum(m.weight.numel() for m in t5.modules() if isinstance(m, torch.nn.Linear))
     linear, _ = bench.forward_flops(t5.config, 1, 1)
     assert linear == 2 * weights
@@ -268,7 +271,7 @@ def test_flop_formula_counts_every_linear_weight_once(tiny_model_dir):
 def test_bench_end_to_end(data_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
     result = bench.main(["--method", "ept", "--model", str(tiny_model_dir), "--task", "toy", "--data-dir", str(data_dir),
-                         "--steps", "3", "--warmup", "1", "--batch-size", "8", "--eval-examples", "24",
+                         "--steps", "3", "--untimed-steps", "1", "--batch-size", "8", "--eval-examples", "24",
                          "--eval-batch-size", "8", "--eval-repeats", "1", "--dropout", "0", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert [r["config"] for r in saved["train"]] == ["own_longest", "group_by_length", "pad_to_max_length"]
@@ -291,10 +294,10 @@ def test_bench_end_to_end(data_dir, tiny_model_dir, tmp_path):
 def test_bf16_autocast_loss_close_to_fp32(toy, tiny_model_dir):
     tok, src, tgt, _ = toy
     net = prompted(tiny_model_dir, "ept").cuda()
-    batch = [t.cuda() for t in train.collate(list(range(8)), src, tgt, tok.pad_token_id)]
+    batch = [t.cuda() for t in B.collate(list(range(8)), src, tgt, tok.pad_token_id)]
     with torch.no_grad():
         fp32 = train.token_nll(net, net.t5._shift_right, *batch, nullcontext()).item()
-        bf16 = train.token_nll(net, net.t5._shift_right, *batch, E.autocast("cuda", "bf16")).item()
+        bf16 = train.token_nll(net, net.t5._shift_right, *batch, runtime.autocast("cuda", "bf16")).item()
     assert bf16 == pytest.approx(fp32, rel=2e-2)
 
 
@@ -310,7 +313,7 @@ def test_compile_gives_the_eager_loss_and_gradients(toy, tiny_model_dir):
         for model in (net, compiled, compiled):  # compiled twice: two shapes, the dynamic-shape recompile too
             for idx in (list(range(8)), list(range(8, 16))):
                 net.zero_grad(set_to_none=True)
-                batch = [t.cuda() for t in train.collate(idx, src, tgt, tok.pad_token_id)]
+                batch = [t.cuda() for t in B.collate(idx, src, tgt, tok.pad_token_id)]
                 nll = train.token_nll(model, net.t5._shift_right, *batch, nullcontext())
                 nll.backward()
                 out.append((nll.item(), net.prompt_encoder.prompt.grad.clone()))

@@ -4,7 +4,7 @@
     python -m pytest -q tests/test_train.py -m "not slow"  # skip the torchrun and SIGKILL tests
 
 Covers: files and log lines of a run, evaluate.py on it (also zero-shot transfer and new inputs), frozen
-T5 weights bitwise unchanged, loss independent of padding (also --pad-to-max-length and gradient
+T5 weights bitwise unchanged, loss independent of padding (also padding to the max length and gradient
 accumulation), SIGKILL + --resume == uninterrupted, the non-finite guard on a real overflow, the run
 lock, and 2-process torchrun (gloo) == 1 process with the same global batch.
 """
@@ -12,17 +12,20 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 
-import evaluate as E
 import model as M
 import train
+import batching as B
+import pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "good bad fine awful great poor nice sad happy dull".split()
@@ -111,7 +114,7 @@ def test_end_to_end_train_then_evaluate(data_dir, tiny_model_dir, tmp_path):
     assert again["score"] == metrics["score"] and again["acc"] == metrics["acc"]
     preds = [json.loads(line) for line in (run / "eval" / "toy_test.predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 12 and {"source", "target", "prediction"} <= set(preds[0])
-    out = run_cli("evaluate.py", [str(run), "--task", "toy2", "--mode", "rank", "--split", "validation"]).stdout
+    out = run_cli("evaluate.py", [str(run), "--task", "toy2", "--eval-mode", "rank", "--split", "validation"]).stdout
     assert "zero-shot transfer" in out
     transfer = json.loads((run / "eval" / "toy2_validation.rank.metrics.json").read_text())
     assert transfer["train_task"] == "toy" and transfer["invalid"] == 0  # rank mode is never invalid
@@ -138,7 +141,7 @@ def test_prepare_data_then_train_then_evaluate_multirc_fewshot(tiny_model_dir, t
     assert [e["epoch"] for e in events(run, "train")] == [1, 2, 3, 4]  # one (partial) batch per epoch
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"f1a", "em", "score"} <= set(metrics) and metrics["score"] == metrics["f1a"]
-    run_cli("evaluate.py", [str(run), "--mode", "rank"])
+    run_cli("evaluate.py", [str(run), "--eval-mode", "rank"])
     ranked = json.loads((run / "eval" / "multirc_test.rank.metrics.json").read_text())
     assert ranked["invalid"] == 0 and ranked["n"] == metrics["n"]
 
@@ -146,7 +149,7 @@ def test_prepare_data_then_train_then_evaluate_multirc_fewshot(tiny_model_dir, t
 def test_frozen_t5_unchanged_and_prompt_trained(data_dir, tiny_model_dir, tmp_path):
     out = train.main(argv(data_dir, tiny_model_dir, tmp_path / "run", "--method", "pt", "--max-steps", 5,
                           "--eval-every", 5, "--no-test"))
-    fresh = M.load_t5(str(tiny_model_dir))
+    fresh = pretrained.load_t5(str(tiny_model_dir))
     trained = out["model"].t5.state_dict()
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, trained[name]), name  # bitwise
@@ -158,14 +161,14 @@ def test_frozen_t5_unchanged_and_prompt_trained(data_dir, tiny_model_dir, tmp_pa
 
 
 def test_loss_independent_of_padding(data_dir, tiny_model_dir):
-    tok = M.load_tokenizer(str(tiny_model_dir))
-    net = M.PromptedT5(M.load_t5(str(tiny_model_dir)), M.build_prompt_encoder("ept_star", 32)).eval()
-    _, src, tgt = train.load_split(data_dir / "toy" / "train.jsonl", tok, 32)
+    tok = pretrained.load_tokenizer(str(tiny_model_dir))
+    net = M.PromptedT5(pretrained.load_t5(str(tiny_model_dir)), M.build_prompt_encoder("ept_star", 32)).eval()
+    _, src, tgt = B.load_split(data_dir / "toy" / "train.jsonl", tok, 32)
     idx = list(range(8))
     shift = net.t5._shift_right
-    own = train.token_nll(net, shift, *train.collate(idx, src, tgt, tok.pad_token_id), train.nullcontext())
-    padded = train.token_nll(net, shift, *train.collate(idx, src, tgt, tok.pad_token_id, (32, 7)), train.nullcontext())
-    alone = sum(train.token_nll(net, shift, *train.collate([i], src, tgt, tok.pad_token_id), train.nullcontext())
+    own = train.token_nll(net, shift, *B.collate(idx, src, tgt, tok.pad_token_id), nullcontext())
+    padded = train.token_nll(net, shift, *B.collate(idx, src, tgt, tok.pad_token_id, (32, 7)), nullcontext())
+    alone = sum(train.token_nll(net, shift, *B.collate([i], src, tgt, tok.pad_token_id), nullcontext())
                 for i in idx)
     assert max(map(len, (src[i] for i in idx))) < 32  # the padded batch really is longer
     assert padded.item() == pytest.approx(own.item(), rel=1e-5)
@@ -173,37 +176,38 @@ def test_loss_independent_of_padding(data_dir, tiny_model_dir):
 
 
 def test_fast_paths_give_the_plain_losses(data_dir, tiny_model_dir, tmp_path):
-    """Own-longest padding vs --pad-to-max-length, and gradient accumulation vs one batch (dropout off)."""
+    """Gradient accumulation vs one batch (dropout off), through the CLI. (Own-longest padding vs padding to
+    the max length, through the same train_step: tests/test_fastpaths.py.)"""
     common = ("--max-steps", 6, "--eval-every", 6, "--no-test", "--dropout", 0)
     runs = {name: train.main(argv(data_dir, tiny_model_dir, tmp_path / name, *common, *extra))
-            for name, extra in (("plain", ()), ("padmax", ("--pad-to-max-length",)), ("accum", ("--micro-batch-size", 3)))}
+            for name, extra in (("plain", ()), ("accum", ("--micro-batch-size", 3)))}
     assert runs["accum"]["config"]["grad_accum_steps"] == 3
     plain = [e["loss"] for e in events(tmp_path / "plain", "train")]
-    for name in ("padmax", "accum"):
+    for name in ("accum",):
         assert [e["loss"] for e in events(tmp_path / name, "train")] == pytest.approx(plain, rel=1e-5)
         assert torch.allclose(runs[name]["model"].prompt(), runs["plain"]["model"].prompt(), rtol=1e-4, atol=1e-5)
 
 
 def test_tokenized_splits_are_cached(data_dir, tiny_model_dir):
-    tok = M.load_tokenizer(str(tiny_model_dir))
+    tok = pretrained.load_tokenizer(str(tiny_model_dir))
     path = data_dir / "toy" / "validation.jsonl"
-    first = train.tokenize_file(path, tok, 16)
-    assert train.tokenize_file(path, tok, 16) is first  # memory
-    train._TOKENIZED.clear()
+    first = B.tokenize_file(path, tok, 16)
+    assert B.tokenize_file(path, tok, 16) is first  # memory
+    B._TOKENIZED.clear()
     assert list((data_dir / "toy" / "cache").glob("validation.*.L16.pt"))
-    assert train.tokenize_file(path, tok, 16) == first  # disk
+    assert B.tokenize_file(path, tok, 16) == first  # disk
     assert all(len(s) <= 16 and s[-1] == tok.eos_token_id for s in first[0])
 
 
 def test_run_folder_lock_and_refusals(data_dir, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.lock").write_text(f"{train.socket.gethostname()} {os.getpid()}\n")  # a live writer: this process
+    (run / "run.lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live writer: this process
     with pytest.raises(SystemExit, match="being written"):
         train.main(argv(data_dir, tiny_model_dir, run, "--max-steps", 1))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (run / "run.lock").write_text(f"{train.socket.gethostname()} {dead.pid}\n")  # stale: its process is gone
+    (run / "run.lock").write_text(f"{socket.gethostname()} {dead.pid}\n")  # stale: its process is gone
     train.main(argv(data_dir, tiny_model_dir, run, "--max-steps", 2, "--eval-every", 2, "--no-test"))
     assert not (run / "run.lock").exists()
     with pytest.raises(SystemExit, match="--resume"):  # a finished folder is never silently overwritten

@@ -1,0 +1,140 @@
+"""From a split file to padded tensors: tokenization (cached), the data order, and padding.
+
+Inputs are truncated on the right to max_length and end with `</s>` (the T5 tokenizer appends it);
+a batch is padded to its own longest row, never to max_length; label padding is -100 (no loss).
+"""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import files
+import pretrained
+
+
+def encode(tokenizer, texts, max_length):
+    """Token ids per text, truncated on the right, `</s>` appended by the T5 tokenizer."""
+    if not texts:
+        return []
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def pad(seqs, pad_value, length=None):
+    """Right-pad id lists to their own longest (or `length`): (ids, mask) LongTensors."""
+    length = max(length or 0, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), length), pad_value, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def collate(idx, source_ids, target_ids, pad_id, pad_to=(None, None)):
+    """A training batch (input ids, mask, labels) padded to its own longest row (or to `pad_to`)."""
+    input_ids, mask = pad([source_ids[i] for i in idx], pad_id, pad_to[0])
+    labels, _ = pad([target_ids[i] for i in idx], -100, pad_to[1])
+    return input_ids, mask, labels
+
+
+# --- a split file, tokenized once ------------------------------------------------------------------
+
+_TOKENIZED = {}  # (file, content, tokenizer, max_length) -> (source ids, target ids)
+
+
+def _cache_rows(state, key):
+    return [t.tolist() for t in torch.split(state[f"{key}_ids"], state[f"{key}_lengths"].tolist())]
+
+
+def tokenize_file(path, tokenizer, max_length):
+    """Token ids of a split's sources and targets, cached in memory and in <data>/<task>/cache/, keyed by
+    the file's content, the tokenizer and max_length. A damaged cache file is rebuilt, never trusted."""
+    path = Path(path)
+    try:
+        digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+    except OSError:
+        files.read_text(path, "split file")  # the one-sentence error
+        raise
+    key = (str(path.resolve()), digest, pretrained.tokenizer_fingerprint(tokenizer), max_length)
+    if key in _TOKENIZED:
+        return _TOKENIZED[key]
+    rows = files.read_jsonl(path, what="split file")
+    cache = path.parent / "cache" / f"{path.stem}.{digest}.{key[2]}.L{max_length}.pt"
+    ids = None
+    if cache.exists():
+        try:
+            state = files.load_torch(cache, "tokenization cache")
+            ids = (_cache_rows(state, "source"), _cache_rows(state, "target"))
+            if len(ids[0]) != len(rows) or len(ids[1]) != len(rows):
+                ids = None
+        except (SystemExit, KeyError, RuntimeError, AttributeError, TypeError):
+            ids = None
+        if ids is None:
+            print(f"batching: {cache} is damaged; tokenizing {path.name} again")
+    if ids is None:
+        ids = (encode(tokenizer, [r["source"] for r in rows], max_length),
+               tokenizer([r["target"] for r in rows])["input_ids"] if rows else [])
+        state = {f"{k}_{what}": torch.tensor([x for s in seqs for x in s] if what == "ids" else [len(s) for s in seqs],
+                                             dtype=torch.int32)
+                 for k, seqs in zip(("source", "target"), ids) for what in ("ids", "lengths")}
+        try:  # a read-only data folder just means no disk cache
+            cache.parent.mkdir(exist_ok=True)
+            files.save_torch(cache, state)
+        except (OSError, SystemExit):
+            pass
+    _TOKENIZED[key] = ids
+    return ids
+
+
+def load_split(path, tokenizer, max_length, limit=None):
+    """(examples, source ids, target ids) of one split file, the first `limit` rows."""
+    examples = files.read_jsonl(path, limit, what="split file")
+    for number, row in enumerate(examples, 1):
+        if not isinstance(row.get("source"), str) or not isinstance(row.get("target"), str):
+            raise files.FileFault(f"{path}: row {number} lacks a 'source' or 'target' string; "
+                                  "rebuild the task with prepare_data.py")
+    source_ids, target_ids = tokenize_file(path, tokenizer, max_length)
+    return examples, source_ids[:len(examples)], target_ids[:len(examples)]
+
+
+def label_token_ids(tokenizer, labels):
+    """Token ids of the label words for --init label (the bare '▁' piece of '▁', '0' dropped)."""
+    ids = [i for seq in tokenizer(list(labels), add_special_tokens=False)["input_ids"] for i in seq
+           if tokenizer.decode([i]).strip()]
+    return list(dict.fromkeys(ids))
+
+
+# --- orders ------------------------------------------------------------------------------------------
+
+def epoch_order(n, seed, epoch, batch_size, lengths=None):
+    """The example order of one epoch, a pure function of (seed, epoch): a resumed run sees the same data.
+    With `lengths`, each shuffled mega-batch of 50 batches is sorted longest first (HF group_by_length)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    if lengths is None:
+        return order
+    mega = 50 * batch_size
+    return np.concatenate([sorted(order[i:i + mega], key=lambda j: -lengths[j]) for i in range(0, n, mega)])
+
+
+def batches_by_length(ids, batch_size, sort, token_budget=False):
+    """Index batches of at most `batch_size` rows for decoding. Sorted: longest first, so each batch pads
+    little. With `token_budget` a batch also closes before its rows x its longest row would pass
+    batch_size x the median length, so the few long inputs come in smaller batches (never under a quarter
+    of batch_size rows) instead of padding a full batch to their length. That helps where time follows the
+    tokens computed (a CPU); where it follows the number of batches (a GPU) it does not, so the callers use
+    it off CUDA only (docs/speed.md has the measurements)."""
+    if not sort:
+        return [list(range(i, min(i + batch_size, len(ids)))) for i in range(0, len(ids), batch_size)]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    if not token_budget:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    budget = batch_size * (sorted(map(len, ids))[len(ids) // 2] if ids else 0)
+    min_rows = max(1, batch_size // 4)
+    batches, batch = [], []
+    for i in order:
+        if len(batch) == batch_size or (len(batch) >= min_rows and (len(batch) + 1) * len(ids[batch[0]]) > budget):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches

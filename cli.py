@@ -1,0 +1,35 @@
+"""Value types for the stages' command lines: a wrong value is one argparse error, before any work."""
+import argparse
+import math
+import re
+
+
+def _number(cast, low=None, high=None, low_open=False, name="value"):
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {name}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high}")
+        return value
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1, name="positive integer")
+nonnegative_int = _number(int, 0, name="non-negative integer")
+positive_float = _number(float, 0.0, low_open=True, name="positive number")
+nonnegative_float = _number(float, 0.0, name="non-negative number")
+probability = _number(float, 0.0, 1.0, name="probability in [0, 1]")
+
+
+def name(text):
+    """A task or run name: letters, digits, '_', '-', '.'; never a path (it becomes part of file paths)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text) or ".." in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a task name (a name like rte or boolq, not a path)")
+    return text

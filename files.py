@@ -1,0 +1,185 @@
+"""The project's files on disk: one reader and one writer per kind of file, shared by every stage.
+
+Every writer is atomic: it writes a temporary file beside the target and renames it over the target
+(`os.replace`), so a file is either its old self or wholly new, even under SIGKILL or a full disk.
+Every reader fails with one sentence naming the file and what is wrong with it (missing, not JSON,
+truncated, not UTF-8, unreadable), never with a traceback. The kinds:
+
+    JSON            config.json, meta.json, metrics.json, results/analysis/*.json
+    JSONL           data splits, log.jsonl, results/*.jsonl, predictions
+    torch           best.pt, last.pt, prompt.pt, the tokenization cache (weights_only-loadable)
+    appended JSONL  results/*.jsonl: whole lines appended under a lock, so workers never tear a row
+"""
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+
+class FileFault(SystemExit):
+    """A file that is missing, damaged or cannot be written: one sentence, exit status 1."""
+
+    def __init__(self, message):
+        super().__init__(message)
+
+
+def why(err):
+    if isinstance(err, FileNotFoundError):
+        return "it does not exist"
+    if isinstance(err, IsADirectoryError):
+        return "it is a folder, not a file"
+    if isinstance(err, PermissionError):
+        return "permission denied"
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return "the disk is full"
+    if isinstance(err, OSError) and err.errno == errno.EROFS:
+        return "the file system is read-only"
+    if isinstance(err, OSError):
+        return err.strerror or type(err).__name__
+    return str(err)
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def read_text(path, what="file"):
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise FileFault(f"cannot read the {what} {path}: byte {err.start} is not UTF-8") from None
+    except OSError as err:
+        raise FileFault(f"cannot read the {what} {path}: {why(err)}") from None
+
+
+def read_json(path, what="JSON file"):
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FileFault(f"the {what} {path} is not valid JSON (line {err.lineno}: {err.msg}); "
+                        "restore or regenerate it") from None
+
+
+def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_ok=False):
+    """The rows of a JSONL file (the first `limit`). `torn_tail_ok`: a last line without its newline that
+    is not valid JSON is the half-written line of a killed writer, and is dropped (log.jsonl).
+    `missing_ok`: a file that does not exist yet has no rows (results files)."""
+    if missing_ok and not Path(path).exists():
+        return []
+    text = read_text(path, what)
+    rows = []
+    lines = text.split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if torn_tail_ok and number == len(lines):  # no newline after it: the writer was killed mid-line
+                break
+            raise FileFault(f"the {what} {path} is damaged: line {number} is not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise FileFault(f"the {what} {path} is damaged: line {number} is not a JSON object")
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def load_torch(path, what="checkpoint"):
+    """torch.load(weights_only=True) on the CPU; a truncated or foreign file is one sentence."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise FileFault(f"cannot read the {what} {path}: {why(err)}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError) as err:
+        raise FileFault(f"the {what} {path} is damaged (truncated or not a checkpoint of this project: "
+                        f"{type(err).__name__})") from None
+
+
+def load_meta(data_dir, task):
+    """data/<task>/meta.json, written by prepare_data.py."""
+    path = Path(data_dir) / task / "meta.json"
+    if not path.exists():
+        raise FileFault(f"no {path}; run `python prepare_data.py --tasks {task} --out {data_dir}` first")
+    return read_json(path, "task description")
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def write_with(path, save):
+    """Atomic write through `save(tmp_path)` (torch.save, savefig, safetensors, ...); a failure leaves the
+    old file as it was, removes the temporary one, and is one sentence."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise FileFault(f"cannot write {path}: {why(err)}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path, text):
+    def save(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return write_with(path, save)
+
+
+def write_json(path, obj):
+    return write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path, rows):
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def save_torch(path, obj):
+    return write_with(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock on `path`.lock (flock) for a read-check-append sequence of several processes."""
+    lock_path = Path(f"{path}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def append_lines(path, lines):
+    """Append whole lines in one write (O_APPEND, flushed to disk): a crash never leaves half a line, and
+    concurrent appenders (workers) never interleave inside a line."""
+    if not lines:
+        return
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, "".join(lines).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise FileFault(f"cannot append to {path}: {why(err)}") from None
+
+
+def append_jsonl(path, rows):
+    append_lines(path, [json.dumps(r, ensure_ascii=False) + "\n" for r in rows])

@@ -1,0 +1,148 @@
+"""T5 and its tokenizer: from the Hugging Face Hub or a local folder, and a tiny random one for tests.
+
+    python pretrained.py --make-tiny smoke/tiny-t5          # random tiny T5 + tokenizer trained offline
+    python pretrained.py --make-tiny DIR --tokenizer ../shared/data/t5   # ... with the real T5 vocabulary
+
+Every loader fails with one sentence when the Hub is unreachable or a folder lacks what it needs.
+"""
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _offline_error(what, name, err):
+    return SystemExit(f"could not load the {what} {name!r} (the Hugging Face Hub is unreachable "
+                      f"or the name is wrong); pass a local folder instead. ({type(err).__name__})")
+
+
+def load_t5(name_or_dir, random_init=False, seed=0):
+    """T5ForConditionalGeneration from the Hub or a folder; `random_init` builds it from the config."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # one bar per shard is noise in every log
+    try:
+        if random_init:
+            config = T5Config.from_pretrained(name_or_dir)
+            torch.manual_seed(seed)  # random weights are reproducible
+            return T5ForConditionalGeneration(config)
+        return T5ForConditionalGeneration.from_pretrained(name_or_dir)
+    except OSError as err:
+        folder = Path(name_or_dir)
+        if folder.is_dir() and (folder / "config.json").exists() and not random_init:
+            raise SystemExit(f"{name_or_dir} has a config but no weights; "
+                             "pass --random-init to build random weights from it (tests, speed only)")
+        raise _offline_error("model", name_or_dir, err)
+    except ValueError as err:  # a config.json that is not a T5's
+        raise SystemExit(f"{name_or_dir} does not hold a T5 model ({err})".split("\n")[0])
+
+
+def _has_vocabulary(folder):
+    return (folder / "tokenizer.json").exists() or (folder / "spiece.model").exists()
+
+
+def load_tokenizer(name_or_dir, say=print):
+    """The T5 tokenizer of a Hub name or a folder. A folder without a vocabulary (a bare config, as in
+    ../shared/data/t5/t5-small) takes its parent's, and says so; with neither, it is an error."""
+    from transformers import AutoTokenizer
+    folder = Path(name_or_dir)
+    candidate = name_or_dir
+    if folder.is_dir() and not _has_vocabulary(folder):
+        if not _has_vocabulary(folder.parent):
+            raise SystemExit(f"{name_or_dir} holds no tokenizer (no tokenizer.json or spiece.model); "
+                             "pass --tokenizer DIR with the T5 tokenizer")
+        candidate = str(folder.parent)
+        say(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} (--tokenizer to choose)")
+    try:
+        tok = AutoTokenizer.from_pretrained(candidate)
+    except (OSError, ValueError, TypeError) as err:
+        raise _offline_error("tokenizer", name_or_dir, err)
+    for role, token in (("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
+        if getattr(tok, role) is None:  # a bare tokenizer.json names no special tokens; T5's are fixed
+            setattr(tok, role, token)
+    probe = tok("the cat sat on the mat")["input_ids"]
+    if all(i == tok.unk_token_id for i in probe[:-1]):
+        raise SystemExit(f"the tokenizer from {name_or_dir!r} maps plain English to <unk>; pass --tokenizer DIR "
+                         "with the T5 tokenizer")
+    return tok
+
+
+def t5_fingerprint(t5):
+    """A cheap hash of the frozen weights, to check that evaluate.py rebuilt the T5 that train.py used."""
+    h = hashlib.sha1()
+    for name, p in sorted(t5.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer):
+    """A hash of the tokenizer's whole definition: the key of the tokenization cache."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else f"{type(tokenizer).__name__} {len(tokenizer)} {tokenizer.name_or_path}"
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+# --- a tiny random T5 for tests and the SMOKE recipe ----------------------------------------------
+
+TINY = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
+            relative_attention_num_buckets=8, relative_attention_max_distance=32)
+
+
+def offline_tokenizer(corpus, vocab_size=600):
+    """A T5-style unigram tokenizer trained offline on `corpus` (pad 0, eos 1, unk 2, appends </s>)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", shrinking_factor=0.75)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _fixture_corpus(root):
+    """Every text field of the fixture files: enough to train a small vocabulary."""
+    lines = []
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file() and path.suffix in (".jsonl", ".tsv", ".txt", ".csv", ".json"):
+            lines += path.read_text(encoding="utf-8", errors="ignore").splitlines()
+    return lines + [str(i) for i in range(10)] + ["0.0 0.2 0.4 0.6 0.8 1.0 2.0 3.0 4.0 5.0"]
+
+
+def make_tiny(out_dir, tokenizer=None, corpus_dir=None, seed=0, **overrides):
+    """Save a random-weight tiny T5 and a tokenizer in `out_dir` (a folder load_t5 can read)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    else:
+        corpus_dir = corpus_dir or Path(__file__).resolve().parent / "tests" / "fixtures" / "raw"
+        tok = offline_tokenizer(_fixture_corpus(corpus_dir))
+    config = T5Config(vocab_size=len(tok), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                      dropout_rate=0.1, **{**TINY, **overrides})
+    torch.manual_seed(seed)
+    t5 = T5ForConditionalGeneration(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t5.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--make-tiny", metavar="DIR", required=True, help="write a random-weight tiny T5 + tokenizer to DIR")
+    parser.add_argument("--tokenizer", default=None,
+                        help="copy this tokenizer (default: train one offline on the test fixtures)")
+    args = parser.parse_args(argv)
+    print(f"wrote {make_tiny(args.make_tiny, tokenizer=args.tokenizer)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
