@@ -58,7 +58,7 @@ parser.add_argument("--output", default=None, help="with --input: where the pred
 
 def _binary(pred, target, labels, positive="1"):
     """(predicted positive, truly positive); a prediction outside the label set is the opposite of its
-    target (REFERENCE §2), so it is always wrong."""
+    target (docs/paper.md, "Training"), so it is always wrong."""
     truth = target == positive
     return ((pred == positive) if pred in labels else not truth), truth
 

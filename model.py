@@ -23,7 +23,7 @@ METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
 ENCODERS = ("mlp", "lstm")
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 INITS = ("uniform", "vocab", "label")
-DEFAULTS = {  # paper's main setting (REFERENCE §1)
+DEFAULTS = {  # the main setting (docs/paper.md, "Methods")
     "prompt_length": 10,
     "hidden_size": {"resprompt": 400, "ept": 1, "ept_star": 1},
     "broadcast": {"ept": 1, "ept_star": 10},

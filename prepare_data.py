@@ -1,6 +1,6 @@
 """Turn the 21 tasks of the EPT paper into text-to-text JSONL files with the paper's splits.
 
-Reads the Hugging Face Hub datasets of REFERENCE §3 (`datasets.load_dataset`), or, with
+Reads the Hugging Face Hub datasets of docs/paper.md ("Tasks") (`datasets.load_dataset`), or, with
 `--source DIR`, a folder of the official distribution files (one sub-folder per task; the file
 names are in docs/data.md). Writes, per task:
 
@@ -56,7 +56,7 @@ g.add_argument("--out", default="data", help="output folder; one sub-folder per 
 g.add_argument("--overwrite", action="store_true", help="rebuild tasks that already have a meta.json")
 
 
-# ---------------------------------------------------------------------------- templates (REFERENCE §3)
+# ---------------------------------------------------------------------------- templates (docs/paper.md, "Tasks")
 # Every converter maps one row in the Hub schema (DATA-SCHEMAS.md) and its position in the split
 # to a record; the local readers below first map the official files onto that same schema.
 
@@ -313,7 +313,7 @@ _TASKS = [
            labels=None, metrics=("squad_f1", "squad_em"), score=("squad_f1",), folder=f"mrqa/{name}",
            max_length=512, subset=sub) for name, sub in MRQA_SUBSETS.items()),
     Task("winogrande", "others", "allenai/winogrande", "winogrande_xl",
-         pairs("sentence", ("option0", "option1"), ("option1", "option2"),  # both options shown (REFERENCE §3)
+         pairs("sentence", ("option0", "option1"), ("option1", "option2"),  # both options shown (docs/paper.md)
                label=lambda r: label_of({"1": 0, "2": 1}, r["answer"]), idx=None),  # target = answer - 1
          per_split(jsonl_row("sentence", "option1", "option2", "answer")),
          {"train": ("train_xl.jsonl",), "eval": ("dev.jsonl",)}),

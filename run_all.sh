@@ -12,6 +12,7 @@
 #   bash run_all.sh                  # everything; resumable: rerun after a crash, finished runs are skipped
 #   NPROC=4 bash run_all.sh          # each run on 4 GPUs through torchrun (global batch stays 16)
 #   DRY_RUN=1 bash run_all.sh        # list every run with its status, counts and GPU-hour estimate
+#   DTYPE=bf16 bash run_all.sh       # bf16 autocast: faster, not the paper's precision (fp32, the default)
 #   SMOKE=1 bash run_all.sh          # the whole recipe tiny on a CPU in a few minutes -> smoke/report/
 #
 # SMOKE: a random-weight tiny T5 with a tokenizer trained offline (SMOKE_TOKENIZER=DIR uses a real
@@ -36,6 +37,7 @@ else
   MODEL=t5-base SIZES="t5-small t5-base t5-large" SEEDS="" FEWSHOT="" LR_SEARCH="--lr-search" TRAIN="" EPOCHS=""
   LAUNCH="--subprocess --prune-ft-checkpoints"  # a fresh process per run frees GPU memory and cached data
 fi
+TRAIN="$TRAIN ${DTYPE:+--dtype $DTYPE}"  # DTYPE=bf16|tf32: faster, not the paper's fp32 (the default)
 DATA=$ROOT/data RUNS=$ROOT/runs RESULTS=$ROOT/results REPORT=$ROOT/report
 COMMON="--data-dir $DATA --runs-dir $RUNS --results-dir $RESULTS --nproc $NPROC $LAUNCH $DRY"
 TAG=$(basename "$MODEL")

@@ -10,7 +10,7 @@ import model
 from model import METHODS, FoldedPrompt, PromptedT5, build_prompt_encoder, count_trainable
 import pretrained
 
-# REFERENCE.md §1: the paper's Param column, reproduced exactly.
+# docs/paper.md, "Methods": the paper's Param column, reproduced exactly.
 EXPECTED = {
     "t5-small": {"ft": 60_506_624, "ptuning": 793_088, "ptuning-lstm": 12_081_664, "resprompt": 416_656,
                  "pt": 5_120, "ept": 1_536, "ept_star": 1_536},

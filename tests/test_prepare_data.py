@@ -389,7 +389,7 @@ def test_missing_tokenizer_is_one_clear_message(tmp_path):
     assert not (tmp_path / "out/cb").exists()
 
 
-# ---------------------------------------------------------------------------- the real files (REFERENCE §3)
+# ---------------------------------------------------------------------------- the real files (docs/paper.md, "Tasks")
 
 @pytest.mark.skipif(not RAW.is_dir(), reason="needs ../shared/data/raw")
 def test_split_sizes_on_the_official_files(tmp_path):

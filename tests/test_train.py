@@ -284,3 +284,26 @@ def test_cuda_bf16_run(data_dir, tiny_model_dir, tmp_path):
     assert out["config"]["dtype"] == "bf16" and out["config"]["device"].startswith("cuda")
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in events(tmp_path / "run", "train"))
     assert events(tmp_path / "run", "end")[0]["peak_memory_kind"] == "cuda_max_memory_allocated"
+
+
+def test_live_curves_are_optional_and_fed_the_logged_events(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """--tensorboard / --wandb: off by default; a clear error without the package; with it, every numeric
+    value of every log.jsonl event reaches the tracker at its step (log.jsonl stays the record)."""
+    import importlib.util
+    import types
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(SystemExit, match="pip install tensorboard"):
+            train.main(argv(data_dir, tiny_model_dir, tmp_path / "tb", "--max-steps", 2, "--tensorboard"))
+        assert not (tmp_path / "tb" / "config.json").exists()  # nothing written before the refusal
+    logged = []
+    fake = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(
+        log=lambda values, step: logged.append((step, values)), config=kw["config"]))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    train.main(argv(data_dir, tiny_model_dir, tmp_path / "wb", "--max-steps", 3, "--eval-every", 3, "--no-test",
+                    "--wandb", "proj"))
+    losses = [(e["step"], e["loss"]) for e in events(tmp_path / "wb", "train")]
+    assert [(s, v["train/loss"]) for s, v in logged if "train/loss" in v] == losses
+    assert any("eval/score" in v for _, v in logged)
+    plain = tmp_path / "plain"
+    train.main(argv(data_dir, tiny_model_dir, plain, "--max-steps", 1, "--no-test"))
+    assert not (plain / "tensorboard").exists() and json.loads((plain / "config.json").read_text())["wandb"] is None
