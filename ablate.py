@@ -23,7 +23,7 @@ train.py unchanged, after the experiment's own, so they win. They are not part o
 use another --runs-dir when you change them. --subprocess runs each train.py in a fresh process
 (frees GPU memory and cached data between runs); --dry-run also appends its plan to
 <results-dir>/dry_run.tsv, which run_all.sh sums counting each shared run once. docs/experiments.md
-lists every setting and the per-step times the GPU-hour estimate assumes.
+lists every setting and the measured step times the GPU-hour estimate rests on.
 """
 import argparse
 import functools

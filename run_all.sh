@@ -2,8 +2,8 @@
 # EPT: Explosive Prompt Tuning -- every table and figure of the paper, one section each.
 #
 # Hardware: the paper used 10 RTX A6000s. Estimate for this recipe (DRY_RUN=1 prints it): about
-# 3,500 distinct runs, ~2,500 GPU-hours on H100/A100-class GPUs under the per-step times assumed in
-# ablate.py (Table 1 with the SuperGLUE lr search is ~70% of it), plus the Figure 10 transfer
+# 3,528 distinct runs, ~1,980 GPU-hours on one H200 per run, from step times measured there (ablate.py,
+# docs/experiments.md) (Table 1 with the SuperGLUE lr search is ~70% of it), plus the Figure 10 transfer
 # evaluations. Disk: prompt runs keep small checkpoints; an `ft` run's best.pt/last.pt hold T5 and
 # its AdamW state (~2.7 GB each on t5-base, ~9 GB on t5-large, ~3 TB over the recipe), so this
 # recipe deletes them once the run's metrics are collected (--prune-ft-checkpoints). Needs the

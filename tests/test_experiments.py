@@ -346,3 +346,13 @@ def test_smoke_recipe_produces_every_table_and_figure():
         assert (out / name).exists(), name
     assert "Skipped" not in (out / "index.md").read_text() and "Missing" not in (out / "index.md").read_text()
     assert (REPO / "smoke" / "exports").is_dir()
+
+
+def test_gpu_hour_estimate_rests_on_the_measured_step_times():
+    """ablate.MEASURED_STEP_S / MEASURED_EVAL_S are the figures bench.py measured on the H200 (docs/gpu)."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "gpu"
+    ept, ft = (json.loads((docs / f"run2_rte_{m}.json").read_text()) for m in ("ept", "ft"))
+    assert "H200" in json.dumps(ept["machine"]) and ept["args"]["batch_size"] == 16
+    assert ablate.MEASURED_STEP_S["prompt"] == pytest.approx(16 / ept["train"][0]["examples_per_s"], rel=1e-3)
+    assert ablate.MEASURED_STEP_S["ft"] == pytest.approx(16 / ft["train"][0]["examples_per_s"], rel=1e-3)
+    assert ablate.MEASURED_EVAL_S == pytest.approx(1 / ept["eval"][0]["examples_per_s"], rel=1e-3)
