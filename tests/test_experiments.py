@@ -97,7 +97,7 @@ def test_run_names_share_defaults_and_argv_is_train_py_s():
 
 
 def test_dry_run_counts_the_paper_grids(tmp_path, capsys):
-    expected = {"table1": 702, "table2": 144, "table4": 45, "init": 36, "hidden": 105, "broadcast": 60, "lr": 300,
+    expected = {"table1": 702, "table2": 144, "table4": 45, "init": 36, "hidden": 105, "broadcast": 60, "lr": 600,
                 "structure": 90}
     for name, n in expected.items():
         ablate.main([name, "--dry-run", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])

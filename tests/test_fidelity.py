@@ -87,6 +87,67 @@ def test_extra_layer_sits_between_down_and_up_and_trains():
     assert set(M.build_prompt_encoder("ept", 16).state_dict()) == {"prompt", "blocks.0.down.weight", "blocks.0.up.weight"}
 
 
+def test_table4_specs_use_the_extra_layer_when_train_py_has_it(monkeypatch):
+    args = ablate.parser.parse_args(["table4"])
+    monkeypatch.setattr(ablate, "train_accepts", lambda flag: flag == "--extra-layer")
+    specs = ablate.table4(args)
+    ept = [s for s in specs if s["method"] in ("ept", "ept_star")]
+    assert len(specs) == 45 and ept and all(s.get("extra_layer") is True and "depth" not in s for s in ept)
+    assert ablate.run_name(ept[0]) == "multirc_ept_t5-base_x1_ep10_ev1641_s0"
+    assert "--extra-layer" in ablate.train_argv({k: v for k, v in ept[0].items()}, "runs/x")
+    monkeypatch.setattr(ablate, "train_accepts", lambda flag: False)  # an older train.py: the old stand-in, said
+    assert all(s.get("depth") == 2 for s in ablate.table4(args) if s["method"] != "pt")
+
+
+def test_result_rows_of_old_runs_default_the_new_options(tmp_path):
+    run = tmp_path / "cb_ept_t5-base_s0"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"task": "cb", "method": "ept", "depth": 1, "n_trainable": 2304}))
+    (run / "metrics.json").write_text(json.dumps({"score": 50.0}))
+    row = ablate.result_row("table1", ablate.spec("cb", "ept", "t5-base", 0), run)
+    assert row["extra_layer"] is False and row["eval_every"] == 1000
+
+
+# --- 3. Table 4: validated every epoch, the best epoch kept -------------------------------------------
+
+def test_table4_validates_every_epoch_from_meta_sizes(root):
+    args = ablate.parser.parse_args(["table4", "--data-dir", str(root / "data"), "--methods", "pt"])
+    cb = [s for s in ablate.table4(args) if s["task"] == "cb"]
+    train = json.loads((root / "data" / "cb" / "meta.json").read_text())["splits"]["train"]
+    assert {s["eval_every"] for s in cb} == {math.ceil(train / 16)} and {s["epochs"] for s in cb} == {20}
+    multirc = [s for s in ablate.table4(args) if s["task"] == "multirc"]  # no meta.json there: REFERENCE §3 sizes
+    assert {(s["eval_every"], s["epochs"]) for s in multirc} == {(math.ceil(26243 / 16), 10)}
+    # the GPU-hour estimate counts the 20 validations (was: one, at the last step)
+    spec = ablate.spec("wsc", "pt", "t5-base", 0, epochs=20, eval_every=35)
+    extra = (20 - 1) * 52 * ablate.SECONDS_PER_EVAL_EXAMPLE["t5-base"] / 3600
+    assert ablate.estimate_hours(spec) - ablate.estimate_hours({**spec, "eval_every": 1000}) == pytest.approx(extra)
+
+
+def test_table4_run_validates_at_each_epoch_end_and_keeps_the_best(root, tiny_model_dir):
+    rows = ablate.main(["table4", "--model", str(tiny_model_dir), "--tasks", "cb", "--methods", "pt", "--seeds", "0",
+                        "--epochs", "2", *driver(root), "--batch-size", "4", "--max-eval-examples", "6",
+                        "--eval-batch-size", "8"])
+    (row,) = rows
+    per_epoch = math.ceil(json.loads((root / "data" / "cb" / "meta.json").read_text())["splits"]["train"] / 4)
+    evals = [e for e in ablate.read_jsonl(Path(row["run"]) / "log.jsonl") if e.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [per_epoch, 2 * per_epoch] and row["eval_every"] == per_epoch
+    best = max(evals, key=lambda e: e["score"])  # first of equal scores: train.py keeps a strict improvement
+    assert row["best_step"] == best["step"] and f"_ev{per_epoch}_" in row["run"]
+
+
+# --- 4. Figure 8 on t5-base and t5-large, from Table 1's lr-search runs --------------------------------
+
+def test_figure8_grid_has_both_sizes_and_shares_table1_runs(tmp_path, capsys):
+    lr_specs = ablate.lr(ablate.parser.parse_args(["lr"]))
+    names = {ablate.run_name({k: v for k, v in s.items() if k != "_row"}) for s in lr_specs}
+    assert len(names) == 600 and {s["model"] for s in lr_specs} == {"t5-base", "t5-large"}
+    table1 = {ablate.run_name(s) for s in ablate.table1(ablate.parser.parse_args(["table1", "--lr-search"]))}
+    assert names <= table1  # every Figure 8 run is a Table 1 lr-search run: nothing new to train
+    assert {s["model"] for s in ablate.lr(ablate.parser.parse_args(["lr", "--model", "x/t5-small"]))} == {"x/t5-small"}
+    ablate.main(["lr", "--dry-run", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    assert "DRY-RUN lr runs=600 to_train=600 " in capsys.readouterr().out
+
+
 # --- 6. "vocab" init: the 5,000 most frequent pieces ---------------------------------------------------
 
 def test_vocab_init_samples_the_first_5000_ordinary_pieces():
