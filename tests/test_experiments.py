@@ -249,7 +249,7 @@ def test_analyses_of_trained_runs(grid, tiny_model_dir, data_dir):
     written = analyze.main(["all", "--model", tag, "--results-dir", str(grid / "results"),
                             "--tasks", "rte", "cb", "--methods", "pt", "ptuning", "ept_star", "--lengths", "1", "2",
                             "--max-examples", "4", "--top-k", "3"])
-    assert set(written) == {"norms", "cosine", "subset", "transfer", "neighbours"}
+    assert set(written) == {"norms", "cosine", "subset", "transfer", "neighbours", "directions"}
     analysis = grid / "results" / "analysis"
     norms = json.loads((analysis / "norms.json").read_text())["norms"]
     assert len(norms["rte"]["pt"]["step"]) == 3 and len(norms["rte"]["pt"]["eval_step"]) == 2  # steps 1..3; eval 2, 3
@@ -264,6 +264,8 @@ def test_analyses_of_trained_runs(grid, tiny_model_dir, data_dir):
     neighbours = json.loads((analysis / "neighbours.json").read_text())["neighbours"]
     assert len(neighbours["rte"]["pt"]["rows"]) == 10 and len(neighbours["rte"]["ept_star"]["rows"]) == 1
     assert len(neighbours["rte"]["pt"]["rows"][0]["neighbours"]) == 3
+    directions = json.loads((analysis / "directions.json").read_text())["directions"]
+    assert sorted(r for g in directions["rte"]["ptuning"]["groups"] for r in g["rows"]) == list(range(10))
 
 
 def test_subset_broadcast_of_identical_rows_reproduces_the_whole_prompt(grid, tiny_model_dir):

@@ -167,3 +167,18 @@ def test_vocab_range_is_t5s_ordinary_pieces(tokenizer_dir):
     first, last = M.VOCAB_FIRST_PIECE, M.VOCAB_FIRST_PIECE + M.VOCAB_SAMPLE_SIZE - 1
     assert tok.convert_ids_to_tokens(list(range(first))) == ["<pad>", "</s>", "<unk>"]
     assert not any(t.startswith("<extra_id") for t in tok.convert_ids_to_tokens(list(range(first, last + 1))))
+
+
+# --- 9. Appendix A.1: P-Tuning's positive and negative prompts -----------------------------------------
+
+def test_two_directions_splits_opposite_rows_and_keeps_one_direction_whole():
+    g = torch.Generator().manual_seed(0)
+    v, w = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    rows = torch.stack([v + 0.1 * torch.randn(32, generator=g) for _ in range(6)]
+                       + [-v + w + 0.1 * torch.randn(32, generator=g) for _ in range(4)])
+    perm = torch.randperm(10, generator=g)
+    assign = analyze.two_directions(rows[perm])
+    truth = (perm >= 6).long().tolist()
+    assert assign == truth or assign == [1 - a for a in truth]
+    assert analyze.two_directions(v.expand(10, -1)) == [0] * 10  # EPT*'s copies: one direction
+    assert analyze.two_directions(v[None]) == [0]
