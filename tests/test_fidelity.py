@@ -87,6 +87,16 @@ def test_extra_layer_sits_between_down_and_up_and_trains():
     assert set(M.build_prompt_encoder("ept", 16).state_dict()) == {"prompt", "blocks.0.down.weight", "blocks.0.up.weight"}
 
 
+def test_table4_report_params_cell_reads_2_3k(tmp_path):
+    rows = [{"experiment": "table4", "run": f"r/{t}{m}", "task": t, "method": m, "seed": 0, "score": 60.0,
+             "model_tag": "t5-base", "n_trainable": 2305 if m != "pt" else 76800, "n_inference": 768 if m != "pt" else 76800,
+             "prompt_length": 100 if m == "pt" else 10, "depth": 1, "extra_layer": m != "pt"}
+            for t in report.TABLE4_TASKS for m in ("pt", "ept", "ept_star")]
+    md = report.table4(rows)[0].split("The paper's numbers")[0]
+    assert "| EPT (+1x1 layer) | 2.3K/768 |" in md and "| EPT* (+1x1 layer) | 2.3K/768 |" in md
+    assert "| PT (n=100) | 76.8K/76.8K |" in md
+
+
 def test_table4_specs_use_the_extra_layer_when_train_py_has_it(monkeypatch):
     args = ablate.parser.parse_args(["table4"])
     monkeypatch.setattr(ablate, "train_accepts", lambda flag: flag == "--extra-layer")
@@ -148,6 +158,17 @@ def test_figure8_grid_has_both_sizes_and_shares_table1_runs(tmp_path, capsys):
     assert "DRY-RUN lr runs=600 to_train=600 " in capsys.readouterr().out
 
 
+def test_figure8_draws_one_row_per_size_and_never_mixes_them(tmp_path):
+    rows = [{"experiment": "lr", "run": f"r/{tag}{t}{m}{v}", "task": t, "method": m, "seed": 0, "variant": v,
+             "score": (80.0 if tag == "t5-large" else 60.0) + v, "model_tag": tag, "lr": v}
+            for tag in ("t5-base", "t5-large") for t in ablate.SUPERGLUE for m in ("pt", "ept") for v in (0.01, 0.3)]
+    ablate.append_jsonl(tmp_path / "results" / "lr.jsonl", rows)
+    report.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "fig8_learning_rate.png").stat().st_size > 10_000
+    sweep = (tmp_path / "report" / "sweep_lr.md").read_text()
+    assert "| t5-base | EPT | 0.3 | 60.3 |" in sweep and "| t5-large | EPT | 0.3 | 80.3 |" in sweep
+
+
 # --- 6. "vocab" init: the 5,000 most frequent pieces ---------------------------------------------------
 
 def test_vocab_init_samples_the_first_5000_ordinary_pieces():
@@ -169,6 +190,37 @@ def test_vocab_range_is_t5s_ordinary_pieces(tokenizer_dir):
     assert not any(t.startswith("<extra_id") for t in tok.convert_ids_to_tokens(list(range(first, last + 1))))
 
 
+# --- 7. Figure 1 and 8. Table 5 ---------------------------------------------------------------------
+
+def test_figure1_superglue_averages_per_size_and_parameters(tmp_path):
+    rows = [{"experiment": "table1", "run": f"r/{tag}{t}{m}", "task": t, "method": m, "seed": 0, "lr": 0.3,
+             "score": base + i, "val_score": 1.0, "model_tag": tag, "n_trainable": n}
+            for tag, base in (("t5-small", 50.0), ("t5-base", 60.0), ("t5-large", 70.0))
+            for m, n in (("pt", 7680), ("ept", 2304)) for i, t in enumerate(ablate.SUPERGLUE)]
+    rows.append({**rows[0], "run": "r/cola", "task": "cola", "score": 0.0})  # GLUE: not in the SuperGLUE average
+    avgs = report.superglue_averages(rows)
+    assert avgs[("t5-base", "ept")] == (62.0, True, 2304) and avgs[("t5-large", "pt")] == (72.0, True, 7680)
+    ablate.append_jsonl(tmp_path / "results" / "table1.jsonl", rows)
+    report.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "fig1_superglue.png").stat().st_size > 10_000
+    assert "fig1_superglue.png" in (tmp_path / "report" / "index.md").read_text()
+
+
+def test_table5_reads_meta_json_in_the_papers_layout(root, tmp_path):
+    (root / "results").mkdir(exist_ok=True)  # report finds <results>/../data
+    names = report.table5_md(root / "results", tmp_path)
+    md = (tmp_path / "table5.md").read_text()
+    assert names == ["table5.md"]
+    assert "| Benchmark | Dataset | Type | |Train| | |Valid| | |Test| | Metric |" in md
+    for task in ("cb", "mrpc", "qqp", "wsc"):
+        meta = json.loads((root / "data" / task / "meta.json").read_text())
+        sizes = " | ".join(f"{meta['splits'][s]:,}" for s in ("train", "validation", "test"))
+        assert f"| {report.TASK_LABELS[task]} | {meta['task_type']} | {sizes} |" in md
+    assert "| MRPC | paraphrase |" in md and md.count("| Acc; also F1 |") == 2  # MRPC, QQP
+    assert "| CB | NLI |" in md and "Acc / F1 (macro) (mean)" in md and "| WSC | coref./common. |" in md
+    assert md.index("| SuperGLUE | CB") < md.index("| GLUE | MRPC")
+
+
 # --- 9. Appendix A.1: P-Tuning's positive and negative prompts -----------------------------------------
 
 def test_two_directions_splits_opposite_rows_and_keeps_one_direction_whole():
@@ -182,3 +234,34 @@ def test_two_directions_splits_opposite_rows_and_keeps_one_direction_whole():
     assert assign == truth or assign == [1 - a for a in truth]
     assert analyze.two_directions(v.expand(10, -1)) == [0] * 10  # EPT*'s copies: one direction
     assert analyze.two_directions(v[None]) == [0]
+
+
+def test_directions_analysis_names_the_label_aligned_group_and_scores_each_alone(root, tiny_model_dir, tmp_path):
+    ablate.main(["table1", "--models", str(tiny_model_dir), "--tasks", "cb", "--methods", "ptuning", "--seeds", "0",
+                 *driver(root), *TRAIN])
+    (row,) = [r for r in ablate.read_jsonl(root / "results" / "table1.jsonl") if r["method"] == "ptuning"]
+    config, embedding, tokenizer = analyze.frozen_embedding(row["run"], {})
+    labels = analyze.label_vectors(config["meta"]["labels"], embedding, tokenizer)
+    g = torch.Generator().manual_seed(1)
+    other = torch.randn(embedding.size(1), generator=g)
+    # hand-made P': rows 1, 4, 7 along label "1"'s embedding, the rest along an unrelated direction
+    prompt = torch.stack([labels["1"] * 3 if i in (1, 4, 7) else other + 0.05 * torch.randn_like(other)
+                          for i in range(10)])
+    M.save_folded_prompt(Path(row["run"]) / "prompt.pt", prompt)
+    out = analyze.main(["directions", "--model", Path(tiny_model_dir).name, "--results-dir", str(root / "results"),
+                        "--tasks", "cb", "--max-examples", "6", "--batch-size", "8"])["directions"]["cb"]["ptuning"]
+    positive, negative = out["groups"]
+    assert (positive["name"], positive["rows"]) == ("positive", [1, 4, 7])
+    assert negative["name"] == "negative" and negative["rows"] == [0, 2, 3, 5, 6, 8, 9]
+    assert positive["label_cosine"]["1"] == pytest.approx(1.0, abs=1e-5)
+    assert positive["label_cosine_max"] > negative["label_cosine_max"]
+    alone = evaluate.evaluate_run(row["run"], split="test", prompt=prompt[[1, 4, 7]], max_examples=6, batch_size=8,
+                                  write=False, quiet=True)["score"]
+    full = evaluate.evaluate_run(row["run"], split="test", max_examples=6, batch_size=8, write=False, quiet=True)
+    assert positive["score"] == alone and out["full_score"] == full["score"]
+    report.main(["--results", str(root / "results"), "--out", str(tmp_path / "report")])
+    index = (tmp_path / "report" / "index.md").read_text()
+    assert (tmp_path / "report" / "figA1_directions.png").stat().st_size > 10_000
+    assert "| CB | P-Tuning | positive | 1 4 7 |" in index and "| CB | P-Tuning | full prompt |" in index
+    assert "## Table 5: task details" in index and "| GLUE | MRPC | paraphrase |" in index
+    assert "fig1_superglue.png" in index
