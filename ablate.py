@@ -12,8 +12,9 @@ Table 3 (few-shot) is fewshot.py, which uses the same machinery.
     python ablate.py table1                           # Table 1: 13 tasks x 6 methods x 3 sizes x 3 seeds
     python ablate.py table1 --lr-search               # + the SuperGLUE lr search of Appendix B.2
     python ablate.py table2                           # Table 2: MRQA + Others, t5-base
-    python ablate.py table4                           # Table 4: ATTEMPT setting (epochs, PT n=100, EPT depth 2)
+    python ablate.py table4                           # Table 4: ATTEMPT setting (epochs, PT n=100, EPT + 1x1 layer)
     python ablate.py init | hidden | broadcast | lr | structure     # Table 6, Figures 5/12, 7, 8, 9
+    python ablate.py lr --models t5-base              # Figure 8 for one size (default: t5-base and t5-large)
     python ablate.py hidden --nproc 4                 # each run on 4 GPUs through torchrun
     python ablate.py init --model smoke/tiny-t5 --data-dir smoke/data --runs-dir smoke/runs \\
         --results-dir smoke/results --seeds 0 --max-steps 4 --eval-every 2     # CPU smoke run
@@ -47,6 +48,8 @@ ALL_TASKS = list(P.TASKS)  # the 21 tasks
 SIZES = ["t5-small", "t5-base", "t5-large"]
 SEEDS = [0, 1, 2]  # 3 runs per main result (Table 1 caption)
 LR_GRID = {"prompt": [0.003, 0.01, 0.03, 0.1, 0.3], "ft": [1e-5, 1e-4, 1e-3]}  # SuperGLUE lr search
+FIG8_SIZES = ["t5-base", "t5-large"]  # §5.3: "... on both T5-base and T5-Large"
+BATCH_SIZE = 16  # Appendix B.2; Table 4's steps per epoch follow the batch actually passed to train.py
 HIDDEN = [1, 5, 10, 50, 100, 500, 1000]  # Figures 5 and 12
 STRUCTURES = {"none": {}, "layernorm": {"layer_norm": True}, "residual": {"residual": True},
               "relu": {"activation": "relu"}, "tanh": {"activation": "tanh"}, "gelu": {"activation": "gelu"}}
@@ -80,8 +83,9 @@ def _defaults(method):
 
 
 NAME_TAGS = [("prompt_length", "n"), ("encoder", ""), ("hidden_size", "h"), ("broadcast", "b"), ("depth", "d"),
-             ("init", "init-"), ("layer_norm", "ln"), ("residual", "res"), ("activation", ""), ("lr", "lr"),
-             ("max_steps", "steps"), ("epochs", "ep"), ("fewshot_k", "k"), ("fewshot_seed", "fs")]
+             ("extra_layer", "x1"), ("init", "init-"), ("layer_norm", "ln"), ("residual", "res"), ("activation", ""),
+             ("lr", "lr"), ("max_steps", "steps"), ("epochs", "ep"), ("eval_every", "ev"), ("fewshot_k", "k"),
+             ("fewshot_seed", "fs")]
 
 
 def model_tag(model_name):
@@ -171,8 +175,11 @@ def _split_sizes(task, data_dir):
     return P.PAPER_SPLITS.get(task, (10000, 1000, 1000))
 
 
-def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=1000):
-    """GPU-hours of one run from the measured step times above (ideal scaling: the same on 1 or N GPUs)."""
+def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=None):
+    """GPU-hours of one run from the measured step times above (ideal scaling: the same on 1 or N GPUs).
+
+    Validations: every `eval_every` steps (default: the run's own, e.g. once per epoch in Table 4)."""
+    eval_every = eval_every or spec.get("eval_every") or defaults(spec["method"])["eval_every"]
     scale = LAYER_SCALE[_size_key(spec["model"])]
     train, val, test = _split_sizes(spec["task"], data_dir)
     steps = (spec["epochs"] * math.ceil(train / batch_size) if spec.get("epochs")
@@ -245,7 +252,7 @@ def run_experiment(experiment, specs, args, extra=()):
 def dry_run(experiment, plan, args, extra):
     """List every run with its status and estimated GPU-hours; one parseable summary line at the end."""
     batch = _extra_value(extra, "--batch-size", 16, int)
-    eval_every = _extra_value(extra, "--eval-every", 1000, int)
+    eval_every = _extra_value(extra, "--eval-every", None, int)  # None: each run's own (Table 4: per epoch)
     max_steps = _extra_value(extra, "--max-steps", None, int)
     total = todo = 0.0
     n_todo = 0
@@ -307,11 +314,20 @@ def attempt_epochs(task, data_dir):
     return 20 if _split_sizes(task, data_dir)[0] < 10000 else 10
 
 
+def steps_per_epoch(task, data_dir, batch_size=BATCH_SIZE):
+    """Optimizer steps in one pass over the training split (meta.json; train.py counts the same way)."""
+    return math.ceil(_split_sizes(task, data_dir)[0] / batch_size)
+
+
 def table4(args):
-    """Table 4, ATTEMPT setting: epochs instead of steps; PT with 100 tokens; EPT/EPT* one block deeper."""
-    options = {"pt": {"prompt_length": 100}, "ept": {"depth": 2}, "ept_star": {"depth": 2}}
+    """Table 4, ATTEMPT setting: epochs instead of steps, validated every epoch (the best epoch is kept, as
+    ATTEMPT does); PT with 100 tokens; EPT/EPT* with one extra 1x1 layer. §5.4: "an additional MLP layer is
+    stacked for EPT and EPT*"; Table 4's 2.3K/768 on t5-base is the main 2,304 + 1: one bias-free 1x1 layer
+    between down and up (d -> 1 -> 1 -> d), train.py's --extra-layer."""
+    options = {"pt": {"prompt_length": 100}, "ept": {"extra_layer": True}, "ept_star": {"extra_layer": True}}
+    batch = getattr(args, "batch_size", None) or BATCH_SIZE
     return [spec(task, method, args.model, seed, epochs=args.epochs or attempt_epochs(task, args.data_dir),
-                 **options.get(method, {}))
+                 eval_every=steps_per_epoch(task, args.data_dir, batch), **options.get(method, {}))
             for task in args.tasks or ["multirc", "boolq", "wic", "wsc", "cb"]
             for method in args.methods or ["pt", "ept", "ept_star"] for seed in args.seeds or SEEDS]
 
@@ -338,9 +354,11 @@ def broadcast(args):
 
 
 def lr(args):
-    """Figure 8: learning-rate robustness of PT, ResPrompt, EPT, EPT* on the 5 SuperGLUE tasks."""
-    return [spec(task, method, args.model, seed, lr=value, _row={"variant": value}) for task in args.tasks or SUPERGLUE
-            for method in args.methods or ["pt", "resprompt", "ept", "ept_star"]
+    """Figure 8: learning-rate robustness of PT, ResPrompt, EPT, EPT* on the 5 SuperGLUE tasks, on t5-base and
+    t5-large (§5.3). These are the runs of Table 1's SuperGLUE lr search (same names): trained once."""
+    models = args.models or ([args.model] if args.model != parser.get_default("model") else FIG8_SIZES)
+    return [spec(task, method, model, seed, lr=value, _row={"variant": value}) for model in models
+            for task in args.tasks or SUPERGLUE for method in args.methods or ["pt", "resprompt", "ept", "ept_star"]
             for value in args.values or LR_GRID["prompt"] for seed in args.seeds or SEEDS]
 
 
@@ -365,7 +383,8 @@ parser.add_argument("--data-dir", default="data", help="prepare_data.py output f
 # model
 parser.add_argument("--model", default="t5-base", help="T5 for the single-size experiments (name or folder)")
 parser.add_argument("--models", nargs="+", default=None,
-                    help="table1/table2: T5 sizes (default: t5-small t5-base t5-large / t5-base)")
+                    help="table1/table2/lr: T5 sizes (default: t5-small t5-base t5-large / t5-base / "
+                         "t5-base t5-large, or --model when given)")
 parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, help="subset of the methods")
 # sweep
 parser.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default: 0 1 2)")
@@ -404,6 +423,7 @@ def parse_values(experiment, values):
 def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     args.values = parse_values(args.experiment, args.values)
+    args.batch_size = _extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4: steps per epoch
     rows, failed = run_experiment(args.experiment, EXPERIMENTS[args.experiment](args), args, extra)
     if rows:
         import report  # the same table report.py writes, printed here

@@ -10,10 +10,13 @@ runs at the paper's default lr, seed 0 unless --seed) and writes results/analysi
     transfer    Figure 10      cosine similarity between tasks' EPT* prompts, and task A's prompt scored
                                on task B (zero-shot) as a ratio of B's own score
     neighbours  Appendix A.1   nearest vocabulary tokens (cosine) of every distinct prompt row
+    directions  Appendix A.1   P-Tuning's rows in two directions (spherical 2-means): each group's cosine to
+                               the label words' embeddings, and the test score of each group alone
 
     python analyze.py all                                    # everything, t5-base runs
     python analyze.py norms --tasks boolq rte                # one analysis
-    python analyze.py transfer --max-eval-examples 1000           # cap each zero-shot evaluation
+    python analyze.py transfer --max-eval-examples 1000      # cap each zero-shot evaluation
+    python analyze.py directions --tasks boolq rte           # A.1: P-Tuning's positive / negative prompts
     python analyze.py all --model tiny-t5 --results-dir smoke/results --data-dir smoke/data   # SMOKE
 
 Analyses whose runs are missing are skipped with a message; report.py then notes the figure as missing.
@@ -36,7 +39,7 @@ NEIGHBOUR_METHODS = ["pt", "resprompt", "ptuning", "ept", "ept_star"]
 MAX_POINTS = 600  # mu_t is logged every step (30K): keep this many points per curve
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("analysis", choices=("norms", "cosine", "subset", "transfer", "neighbours", "all"))
+parser.add_argument("analysis", choices=("norms", "cosine", "subset", "transfer", "neighbours", "directions", "all"))
 # data
 parser.add_argument("--results-dir", default="results", help="where table1.jsonl / table2.jsonl are; output goes "
                                                               "to <results-dir>/analysis/")
@@ -49,8 +52,9 @@ parser.add_argument("--seed", type=int, default=0, help="the run to analyse wher
 # evaluation
 parser.add_argument("--row", type=int, default=0, help="subset: which row P'_i to repeat")
 parser.add_argument("--lengths", nargs="+", type=int, default=list(range(1, 11)), help="subset: repeat counts l")
-parser.add_argument("--max-eval-examples", type=int, default=None, help="subset/transfer: score the first N test rows")
-parser.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+parser.add_argument("--max-eval-examples", type=int, default=None,
+                    help="subset/transfer/directions: score the first N test rows")
+parser.add_argument("--eval-batch-size", type=int, default=64, help="examples per decoding batch")
 parser.add_argument("--top-k", type=int, default=5, help="neighbours: tokens per prompt row")
 
 
@@ -208,17 +212,22 @@ def nearest_tokens(prompt, embedding, tokenizer, k=5):
             for vs, is_ in zip(values, ids)]
 
 
+def frozen_embedding(run_dir, cache):
+    """(run config, the frozen embedding matrix the prompt was trained against, its tokenizer), cached per T5."""
+    config = files.read_json(Path(run_dir) / "config.json", "run configuration")
+    key = (config["model"], config["random_init"], config["seed"] if config["random_init"] else None)
+    if key not in cache:
+        t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
+        cache[key] = (t5.get_input_embeddings().weight.detach(), pretrained.load_tokenizer(config["tokenizer"]))
+    return (config, *cache[key])
+
+
 def neighbours(rows, tasks, methods, seed, k=5):
     out, cache = {}, {}
     for task in tasks:
         for method in methods:
             for row in pick(rows, task, method, seed):
-                config = files.read_json(Path(row["run"]) / "config.json", "run configuration")
-                key = (config["model"], config["random_init"], config["seed"] if config["random_init"] else None)
-                if key not in cache:  # the frozen embedding matrix the prompt was trained against
-                    t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
-                    cache[key] = (t5.get_input_embeddings().weight.detach(), pretrained.load_tokenizer(config["tokenizer"]))
-                embedding, tokenizer = cache[key]
+                config, embedding, tokenizer = frozen_embedding(row["run"], cache)
                 prompt, _ = M.load_folded_prompt(Path(row["run"]) / "prompt.pt")
                 distinct = prompt.unique(dim=0) if prompt.size(0) > 1 and method in ("ept", "ept_star") else prompt
                 out.setdefault(task, {})[method] = {
@@ -229,13 +238,102 @@ def neighbours(rows, tasks, methods, seed, k=5):
     return out
 
 
+# --- Appendix A.1 (second half): P-Tuning's two directions ----------------------------------------
+# "In P-Tuning ... two distinct directions of prompt vectors were identified: one closely aligned with
+# output labels (positive prompts contribute significantly to performance) and the other not closely
+# aligned with output labels (negative prompts do not contribute to performance)."
+
+def two_directions(prompt, iterations=100):
+    """Group the rows of P' (n, d) by direction: spherical 2-means (k-means on unit vectors, cosine), started
+    from the two least similar rows. -> [0 or 1 per row]; all 0 when every row points the same way.
+
+    Two clusters rather than the sign of each row's cosine to the mean row: with two groups of equal size and
+    opposite directions the mean row is ~0 and its sign arbitrary; the clusters do not depend on it."""
+    unit = torch.nn.functional.normalize(prompt.float(), dim=1)
+    n = unit.size(0)
+    sim = unit @ unit.T
+    i, j = divmod(int(sim.argmin()), n)
+    if n < 2 or sim[i, j] > 1 - 1e-6:  # one row, or all rows parallel: a single direction
+        return [0] * n
+    centres, assign = unit[[i, j]], None
+    for _ in range(iterations):
+        new = (unit @ centres.T).argmax(dim=1)  # (n,) nearest centre by cosine
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        centres = torch.stack([torch.nn.functional.normalize(unit[assign == k].sum(0), dim=0) if (assign == k).any()
+                               else centres[k] for k in range(2)])
+    return assign.tolist()
+
+
+def label_vectors(labels, embedding, tokenizer):
+    """One vector per label word: the mean embedding of its pieces, the bare '▁' piece dropped (as --init label)."""
+    out = {}
+    for label in labels:
+        ids = [i for i in tokenizer(label, add_special_tokens=False)["input_ids"] if tokenizer.decode([i]).strip()]
+        if ids:
+            out[label] = embedding[torch.tensor(ids)].float().mean(0)  # (d,)
+    return out
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def prompt_directions(rows, tasks, methods, seed, data_dir=None, max_examples=None, batch_size=64):
+    """Per run: the two direction groups of P', each group's cosine to the label words, and the test score of
+    the whole prompt and of each group alone (its rows in their original order, no retraining). The group
+    closer to the label words (mean over its rows of the highest label cosine) is "positive"."""
+    import evaluate
+    out, cache = {}, {}
+    for task in tasks:
+        for method in methods:
+            for row in pick(rows, task, method, seed):
+                config, embedding, tokenizer = frozen_embedding(row["run"], cache)
+                labels = (config.get("meta") or {}).get("labels")
+                if not labels:
+                    print(f"analyze: directions {task}: no label words (open targets); skipped")
+                    continue
+                prompt, _ = M.load_folded_prompt(Path(row["run"]) / "prompt.pt")
+                vectors = label_vectors(labels, embedding, tokenizer)
+                unit = torch.nn.functional.normalize(prompt.float(), dim=1)
+                label_cos = {lab: (unit @ torch.nn.functional.normalize(v, dim=0)).tolist() for lab, v in vectors.items()}
+                best_cos = [max(label_cos[lab][r] for lab in label_cos) for r in range(prompt.size(0))]
+                assign = two_directions(prompt)
+                score = lambda p: evaluate.evaluate_run(row["run"], split="test", prompt=p, data_dir=data_dir,
+                                                        max_examples=max_examples, batch_size=batch_size,
+                                                        write=False, quiet=True)["score"]
+                groups = []
+                for k in sorted(set(assign)):
+                    idx = [r for r, a in enumerate(assign) if a == k]
+                    sub = unit[idx]
+                    groups.append({"rows": idx, "label_cosine": {lab: _mean([c[r] for r in idx]) for lab, c in label_cos.items()},
+                                   "label_cosine_max": _mean([best_cos[r] for r in idx]),
+                                   "within_cosine": (sub @ sub.T).mean().item(),
+                                   "norm": prompt[idx].norm(dim=1).mean().item(), "score": score(prompt[idx].clone())})
+                groups.sort(key=lambda g: -g["label_cosine_max"])
+                for g, name in zip(groups, ("positive", "negative")):
+                    g["name"] = name if len(groups) == 2 else "all rows (one direction)"
+                between = (unit[groups[0]["rows"]] @ unit[groups[1]["rows"]].T).mean().item() if len(groups) == 2 else None
+                out.setdefault(task, {})[method] = {
+                    "groups": groups, "full_score": score(prompt.clone()), "between_cosine": between,
+                    "row_label_cosine": best_cos, "row_norm": prompt.norm(dim=1).tolist(), "assign": assign,
+                    "labels": list(vectors), "method": "spherical 2-means (cosine), started from the least similar rows",
+                    "run": row["run"], "random_init": config["random_init"]}
+                print(f"analyze: directions {task} {method}: full {out[task][method]['full_score']:.1f}; "
+                      + "; ".join(f"{g['name']} rows {g['rows']} label cos {g['label_cosine_max']:.2f} "
+                                  f"score {g['score']:.1f}" for g in groups))
+    return out
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parser.parse_args(argv)
     rows = main_runs(args.results_dir, args.model)
     out_dir = Path(args.results_dir) / "analysis"
-    todo = ["norms", "cosine", "subset", "transfer", "neighbours"] if args.analysis == "all" else [args.analysis]
+    todo = (["norms", "cosine", "subset", "transfer", "neighbours", "directions"] if args.analysis == "all"
+            else [args.analysis])
     if not rows:
         print(f"analyze: no main-grid rows for model {args.model!r} in {args.results_dir}/table1.jsonl, table2.jsonl; "
               "nothing to analyse")
@@ -248,12 +346,15 @@ def main(argv=None):
             result = prompt_cosines(rows, args.tasks or ["boolq"], args.methods or NORM_METHODS + ["ept_star"], args.seed)
         elif name == "subset":
             result = subset_broadcast(rows, args.tasks or FIG2_TASKS, args.methods or NORM_METHODS, args.seed, args.row,
-                                      args.lengths, args.data_dir, args.max_eval_examples, args.batch_size)
+                                      args.lengths, args.data_dir, args.max_eval_examples, args.eval_batch_size)
         elif name == "transfer":
             result = task_transfer(rows, args.tasks or ablate.ALL_TASKS, args.seed, args.data_dir, args.max_eval_examples,
-                                   args.batch_size)
-        else:
+                                   args.eval_batch_size)
+        elif name == "neighbours":
             result = neighbours(rows, args.tasks or ["boolq"], args.methods or NEIGHBOUR_METHODS, args.seed, args.top_k)
+        else:
+            result = prompt_directions(rows, args.tasks or ["boolq"], args.methods or ["ptuning"], args.seed,
+                                       args.data_dir, args.max_eval_examples, args.eval_batch_size)
         if not result:
             print(f"analyze: {name}: no finished runs for it among {args.model!r} rows; skipped")
             continue

@@ -23,6 +23,10 @@ METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
 ENCODERS = ("mlp", "lstm")
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 INITS = ("uniform", "vocab", "label")
+# "vocab" init (Table 6) follows Lester et al. 2021: token ids drawn from the 5,000 most frequent pieces.
+# T5's SentencePiece ids are ordered by piece score, so those are the first 5,000 ordinary ids: after
+# pad 0, eos 1, unk 2, and far below the 100 sentinels (32,000+) and the 28 unused rows past 32,100.
+VOCAB_FIRST_PIECE, VOCAB_SAMPLE_SIZE = 3, 5000
 DEFAULTS = {  # the main setting (docs/paper.md, "Methods")
     "prompt_length": 10,
     "hidden_size": {"resprompt": 400, "ept": 1, "ept_star": 1},
@@ -43,8 +47,9 @@ def init_prompt(rows, d_model, init="uniform", embedding=None, label_ids=None, g
     if embedding is None:
         raise ValueError(f"init {init!r} needs the frozen embedding matrix")
     embedding = embedding.detach().float().cpu()
-    if init == "vocab":  # rows of the embedding matrix at random token ids
-        ids = torch.randint(0, embedding.size(0), (rows,), generator=generator)
+    if init == "vocab":  # rows of the embedding matrix at ids drawn from the 5,000 most frequent pieces
+        high = min(VOCAB_FIRST_PIECE + VOCAB_SAMPLE_SIZE, embedding.size(0))  # a tiny vocabulary: all of it
+        ids = torch.randint(VOCAB_FIRST_PIECE, high, (rows,), generator=generator)
         return embedding[ids].clone()
     if not label_ids:
         raise ValueError("init 'label' needs the task's label token ids")
@@ -104,18 +109,23 @@ class ResPrompt(nn.Module):
 
 
 class EPTBlock(nn.Module):
-    """One bias-free down-up map d -> h -> d, with the Figure 9 ablation switches."""
+    """One bias-free down-up map d -> h -> d, with the Figure 9 ablation switches.
 
-    def __init__(self, d_model, hidden_size=1, layer_norm=False, residual=False, activation="none"):
+    `extra_layer` puts one bias-free h -> h layer between down and up (d -> 1 -> 1 -> d): Table 4's
+    "additional MLP layer" (§5.4), whose Param cell (2.3K on t5-base) is the main count + h*h = 2,305."""
+
+    def __init__(self, d_model, hidden_size=1, layer_norm=False, residual=False, activation="none",
+                 extra_layer=False):
         super().__init__()
         self.down = nn.Linear(d_model, hidden_size, bias=False)
+        self.extra = nn.Linear(hidden_size, hidden_size, bias=False) if extra_layer else nn.Identity()
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(hidden_size, d_model, bias=False)
         self.norm = nn.LayerNorm(d_model) if layer_norm else nn.Identity()
         self.residual = residual
 
     def forward(self, x):
-        y = self.norm(self.up(self.act(self.down(x))))
+        y = self.norm(self.up(self.act(self.extra(self.down(x)))))
         return y + x if self.residual else y
 
 
@@ -149,7 +159,7 @@ class FoldedPrompt(nn.Module):
 
 def build_prompt_encoder(method, d_model, *, prompt_length=None, encoder="mlp", hidden_size=None,
                          broadcast=None, layer_norm=False, residual=False, activation="none", depth=1,
-                         init="uniform", embedding=None, label_ids=None, generator=None):
+                         extra_layer=False, init="uniform", embedding=None, label_ids=None, generator=None):
     """The trainable prompt module of `method`; None for full fine-tuning."""
     _check("method", method, METHODS)
     _check("encoder", encoder, ENCODERS)
@@ -162,8 +172,8 @@ def build_prompt_encoder(method, d_model, *, prompt_length=None, encoder="mlp", 
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         vector = init_prompt(1, d_model, init, embedding, label_ids, generator)
-        return EPT(vector, h, broadcast or DEFAULTS["broadcast"][method], depth,
-                   layer_norm=layer_norm, residual=residual, activation=activation)
+        return EPT(vector, h, broadcast or DEFAULTS["broadcast"][method], depth, layer_norm=layer_norm,
+                   residual=residual, activation=activation, extra_layer=bool(extra_layer))
     table = init_prompt(n, d_model, init, embedding, label_ids, generator)
     if method == "pt":
         return PromptTuning(table)
@@ -236,7 +246,7 @@ def load_folded_prompt(path):
 # The options of build_prompt_encoder, named as train.py's flags and config.json's keys, with their
 # defaults: a run folder written before an option existed is rebuilt with the option's default.
 PROMPT_OPTIONS = {"prompt_length": None, "encoder": "mlp", "hidden_size": None, "broadcast": None,
-                  "layer_norm": False, "residual": False, "activation": "none", "depth": 1}
+                  "layer_norm": False, "residual": False, "activation": "none", "depth": 1, "extra_layer": False}
 
 
 def prompt_options(config):
@@ -252,10 +262,11 @@ SIZES = {"t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8),
          "t5-large": dict(d_model=1024, d_ff=4096, num_layers=24, num_heads=16)}
 VARIANTS = [("ft", {}), ("ptuning", {}), ("ptuning", {"encoder": "lstm"}), ("resprompt", {}),
             ("pt", {}), ("ept", {}), ("ept_star", {})]
+TABLE4_VARIANTS = [("ept", {"extra_layer": True})]  # Table 4's EPT/EPT*: one extra 1x1 layer (§5.4), 2.3K on base
 
 
 def variant_label(method, options):
-    return method + ("-lstm" if options.get("encoder") == "lstm" else "")
+    return method + ("-lstm" if options.get("encoder") == "lstm" else "") + ("+layer" if options.get("extra_layer") else "")
 
 
 def size_config(size, configs_dir=None):
@@ -267,16 +278,17 @@ def size_config(size, configs_dir=None):
     return T5Config(vocab_size=32128, d_kv=64, **SIZES[size])
 
 
-def parameter_table(configs_dir=None):
+def parameter_table(configs_dir=None, variants=None):
     """{size: {method label: trainable parameters}}; models are built on the meta device (no memory)."""
     from transformers import T5ForConditionalGeneration
+    variants = VARIANTS if variants is None else variants
     table = {}
     for size in SIZES:
         config = size_config(size, configs_dir)
         with torch.device("meta"):
             table[size] = {variant_label(m, o): count_trainable(
                 PromptedT5(T5ForConditionalGeneration(config), build_prompt_encoder(m, config.d_model, **o)))
-                for m, o in VARIANTS}
+                for m, o in variants}
     return table
 
 
@@ -287,9 +299,10 @@ def main(argv=None):
                         help="folder with t5-small/, t5-base/, t5-large/ config folders "
                              "(default: the real configs' dimensions)")
     args = parser.parse_args(argv)
-    table = parameter_table(args.configs)
+    variants = VARIANTS + TABLE4_VARIANTS
+    table = parameter_table(args.configs, variants)
     print(f"{'method':<14}" + "".join(f"{s:>14}" for s in table))
-    for label in [variant_label(m, o) for m, o in VARIANTS]:
+    for label in [variant_label(m, o) for m, o in variants]:
         print(f"{label:<14}" + "".join(f"{table[s][label]:>14,}" for s in table))
     print(json.dumps(table))
 

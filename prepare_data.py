@@ -269,6 +269,12 @@ class Task:
 
 
 GLUE, SUPERGLUE = "nyu-mll/glue", "aps/super_glue"
+# Table 5's "Type" column, in its caption's words: NLI natural language inference, coref. coreference
+# resolution, common. commonsense, QA question answering, WSD word sense disambiguation.
+TASK_TYPES = {"cola": "acceptability", "sst2": "sentiment", "mrpc": "paraphrase", "qqp": "paraphrase",
+              "stsb": "sentence similarity", "mnli": "NLI", "qnli": "NLI", "rte": "NLI", "boolq": "QA", "cb": "NLI",
+              "wic": "WSD", "wsc": "coref./common.", "multirc": "QA", "nq": "QA", "newsqa": "QA", "searchqa": "QA",
+              "hotpotqa": "QA", "winogrande": "common.", "yelp": "sentiment", "scitail": "NLI", "paws": "paraphrase"}
 GLUE_FILES = {"train": ("train.tsv",), "eval": ("dev.tsv",)}
 SUPERGLUE_FILES = {"train": ("train.jsonl",), "eval": ("val.jsonl",)}
 entail, boolean = functools.partial(label_of, ENTAIL), functools.partial(label_of, BOOL)
@@ -278,7 +284,8 @@ _TASKS = [
     Task("cola", "glue", GLUE, "cola", pairs("sentence"), per_split(glue_row("sentence", label=int), "tsv",
          ("code", "label", "mark", "sentence")), GLUE_FILES, metrics=("mcc",)),  # train/dev have no header
     Task("mrpc", "glue", GLUE, "mrpc", pairs("sentence1", "sentence2"), read_mrpc,
-         {"train": ("msr_paraphrase_train.txt",), "dev_ids": ("dev_ids.tsv",)}, metrics=("acc", "f1")),
+         {"train": ("msr_paraphrase_train.txt",), "dev_ids": ("dev_ids.tsv",)}, metrics=("acc", "f1"),
+         score=("acc",)),  # Table 1's header reads "MRPC Acc"; F1 is still reported
     Task("rte", "glue", GLUE, "rte", pairs("sentence1", "sentence2"),  # GLUE tsv or SuperGLUE jsonl, per file
          by_suffix(tsv=(glue_row("sentence1", "sentence2", label=entail), "tsv"), jsonl=(superglue_rte, "json")),
          {"train": ("train.tsv", "train.jsonl"), "eval": ("dev.tsv", "val.jsonl")}),
@@ -294,7 +301,7 @@ _TASKS = [
          per_split(glue_row("question", "sentence", label=entail), "tsv"), GLUE_FILES),
     Task("qqp", "glue", GLUE, "qqp", pairs("question1", "question2"),
          per_split(glue_row("question1", "question2", label=int, col="is_duplicate"), "tsv"), GLUE_FILES,
-         metrics=("acc", "f1")),
+         metrics=("acc", "f1"), score=("acc",)),  # Table 1's header reads "QQP Acc"; F1 is still reported
     Task("sst2", "glue", GLUE, "sst2", pairs("sentence"), per_split(glue_row("sentence", label=int), "tsv"),
          GLUE_FILES),
     Task("boolq", "superglue", SUPERGLUE, "boolq", pairs("question", "passage"),
@@ -547,7 +554,7 @@ def prepare(task, args, out):
 
     files = {f"{name}.jsonl": jsonl(records) for name, records in splits.items()}
     files.update({f"train_{key}.jsonl": jsonl(records) for key, records in shots.items()})
-    meta = {"task": task.name, "benchmark": task.benchmark, "source": source,
+    meta = {"task": task.name, "benchmark": task.benchmark, "task_type": TASK_TYPES[task.name], "source": source,
             "splits": {name: len(records) for name, records in splits.items()},
             "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
             "score": list(task.score), "max_length": task.max_length, "max_target_length": max_target_length,

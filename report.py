@@ -1,10 +1,11 @@
 """Every result -> the paper's tables (markdown + CSV) and figures (PNG) in one folder with an index.
 
-Reads results/<experiment>.jsonl (ablate.py, fewshot.py: one row per run) and
-results/analysis/<name>.json (analyze.py). Writes report/: table1..table4, table6 as .md and .csv
-(mean ± std over seeds, the Avg column, trainable parameters per task), fig2..fig12 as .png, the
-Appendix A.1 neighbours as .md, and index.md linking (and showing) all of it. A table cell without
-results reads "–"; a figure without results is skipped with a note in index.md, never a crash.
+Reads results/<experiment>.jsonl (ablate.py, fewshot.py: one row per run), results/analysis/<name>.json
+(analyze.py) and the tasks' meta.json (Table 5; the data folder is the one the Table 1/2 runs were trained
+on, from their config.json). Writes report/: table1..table6 as .md and .csv (mean ± std over seeds, the Avg
+column, trainable parameters per task), fig1..fig12 as .png, the Appendix A.1 neighbours and P-Tuning
+directions as .md (+ a figure), and index.md linking (and showing) all of it. A table cell without results
+reads "–"; a figure without results is skipped with a note in index.md, never a crash.
 
     python report.py                                        # results/ -> report/
     python report.py --results smoke/results --out smoke/report
@@ -30,6 +31,7 @@ TASK_LABELS = {"cola": "CoLA", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "m
                "winogrande": "WG", "yelp": "Yelp", "scitail": "SciTail", "paws": "PAWS"}
 METRIC_LABELS = {"cola": "Matt", "stsb": "Pearson", "cb": "Acc/F1", "multirc": "F1a", **{t: "F1" for t in MRQA}}
 SIZE_ORDER = ["t5-large", "t5-base", "t5-small"]  # Table 1 lists Large first
+MODEL_ORDER = SIZE_ORDER[::-1]  # figures: small to large
 DASH = "–"
 COLORS = {"ft": "tab:gray", "ptuning": "tab:green", "resprompt": "tab:orange", "pt": "tab:blue", "ept": "tab:red",
           "ept_star": "tab:purple"}
@@ -247,7 +249,7 @@ def table4(rows):
         n_train = max((r["n_trainable"] or 0) for r in mine) or None
         n_inf = max((r["n_inference"] or 0) for r in mine) or None
         label = LABELS[method] + (f" (n={mine[0]['prompt_length']})" if method == "pt" else
-                                  f" (depth {mine[0]['depth']})" if method in ("ept", "ept_star") else "")
+                                  f" ({_ept_structure(mine[0])})" if method in ("ept", "ept_star") else "")
         line = [label, f"{human(n_train)}/{human(n_inf)}"]
         for t in TABLE4_TASKS:
             line.append(cell(scores(mine, task=t)))
@@ -257,6 +259,12 @@ def table4(rows):
     quoted = markdown(header, [[m, p, *[f"{v:.1f}" for v in vals]] for m, p, *vals in TABLE4_QUOTED])
     return (markdown(header, body) + paper_block(header, [[m, p, *v.split()] for m, p, v in PAPER_TABLE4])
             + "\nRows the paper quotes from ATTEMPT (Asai et al. 2022), not rerun here:\n\n" + quoted), long
+
+
+def _ept_structure(row):
+    """Table 4's EPT/EPT* structure as run: the extra 1x1 layer (§5.4) and/or whole stacked blocks."""
+    parts = (["+1x1 layer"] if row.get("extra_layer") else []) + ([f"depth {row['depth']}"] if row.get("depth", 1) != 1 else [])
+    return ", ".join(parts) or "main structure"
 
 
 def table6(rows):
@@ -276,16 +284,21 @@ def sweep_table(rows):
     """Ablation sweeps (Figures 5, 7, 8, 9): rows (method, swept value), a column per task."""
     rows = dedupe(rows)
     tasks = ordered({r["task"] for r in rows}, list(P.TASKS))
-    header = ["Method", "Value", *[TASK_LABELS.get(t, t) for t in tasks], "Avg"]
+    tags = ordered({r.get("model_tag") for r in rows}, MODEL_ORDER)
+    several = len(tags) > 1  # Figure 8: t5-base and t5-large, never averaged together
+    header = ["Model"] * several + ["Method", "Value", *[TASK_LABELS.get(t, t) for t in tasks], "Avg"]
     body, long = [], []
-    for method in ordered({r["method"] for r in rows}, METHOD_ORDER):
-        values = {r["variant"] for r in rows if r["method"] == method}
-        for v in sorted(values, key=lambda x: (isinstance(x, str), x)):
-            body.append([LABELS[method], v, *[cell(scores(rows, method=method, variant=v, task=t)) for t in tasks],
-                         avg_cell(rows, tasks, method=method, variant=v)])
-            long += [{"method": method, "value": v, "task": t,
-                      **dict(zip(("mean", "std", "seeds"), mean_std(scores(rows, method=method, variant=v, task=t))))}
-                     for t in tasks]
+    for tag in tags:
+        mine = [r for r in rows if r.get("model_tag") == tag]
+        for method in ordered({r["method"] for r in mine}, METHOD_ORDER):
+            values = {r["variant"] for r in mine if r["method"] == method}
+            for v in sorted(values, key=lambda x: (isinstance(x, str), x)):
+                body.append([tag] * several + [LABELS[method], v,
+                                               *[cell(scores(mine, method=method, variant=v, task=t)) for t in tasks],
+                                               avg_cell(mine, tasks, method=method, variant=v)])
+                long += [{**({"model": tag} if several else {}), "method": method, "value": v, "task": t,
+                          **dict(zip(("mean", "std", "seeds"), mean_std(scores(mine, method=method, variant=v, task=t))))}
+                         for t in tasks]
     return markdown(header, body), long
 
 
@@ -429,7 +442,6 @@ def _sweep_axes(rows, tasks, name, xlabel, logx, title, methods=None, band=True)
     tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
     if not tasks:
         raise Missing(f"no rows for {name}")
-    methods = methods or ordered({r["method"] for r in rows}, METHOD_ORDER)
     panels = tasks + (["Avg"] if len(tasks) > 1 else [])
     plt = _plt()
     cols = len(panels) if len(panels) <= 4 else 3
@@ -437,7 +449,16 @@ def _sweep_axes(rows, tasks, name, xlabel, logx, title, methods=None, band=True)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.8 * cols, 3.6 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax, task in zip(axes.flat, panels):
+    _sweep_panels(list(axes.flat), rows, tasks, panels, xlabel, logx, methods, band)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _sweep_panels(axes, rows, tasks, panels, xlabel, logx, methods=None, band=True, prefix=""):
+    """Draw one panel per task (or "Avg") into `axes`."""
+    methods = methods or ordered({r["method"] for r in rows}, METHOD_ORDER)
+    for ax, task in zip(axes, panels):
         for method in methods:
             xs = sorted({r["variant"] for r in rows if r["method"] == method})
             ys, sds = [], []
@@ -456,13 +477,10 @@ def _sweep_axes(rows, tasks, name, xlabel, logx, title, methods=None, band=True)
                                 color=COLORS.get(method), alpha=0.2)
         if logx:
             ax.set_xscale("log")
-        ax.set_title(TASK_LABELS.get(task, task) if task != "Avg" else "Average")
+        ax.set_title(prefix + (TASK_LABELS.get(task, task) if task != "Avg" else "Average"))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test score")
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
 
 
 def fig5_12(results, out):
@@ -487,8 +505,20 @@ def fig7(results, out):
 
 
 def fig8(results, out):
+    """Figure 8: one row of panels (5 SuperGLUE tasks + average) per T5 size; §5.3 reads both t5-base and t5-large."""
     rows = _sweep_rows(results, "lr")
-    fig = _sweep_axes(rows, SUPERGLUE, "lr", "learning rate", True, "Figure 8: learning rate", band=False)
+    tags = ordered({r.get("model_tag") for r in rows}, MODEL_ORDER)
+    tasks = [t for t in SUPERGLUE if any(r["task"] == t for r in rows)]
+    if not tasks:
+        raise Missing("lr.jsonl has none of the 5 SuperGLUE tasks")
+    panels = tasks + (["Avg"] if len(tasks) > 1 else [])
+    plt = _plt()
+    fig, axes = plt.subplots(len(tags), len(panels), figsize=(3.6 * len(panels), 3.4 * len(tags)), squeeze=False)
+    for ax_row, tag in zip(axes, tags):
+        _sweep_panels(list(ax_row), [r for r in rows if r.get("model_tag") == tag], tasks, panels, "learning rate",
+                      True, band=False, prefix=f"{tag}: ")
+    fig.suptitle("Figure 8: learning rate (" + ", ".join(tags) + ")")
+    fig.tight_layout()
     return [_save(fig, out, "fig8_learning_rate.png")]
 
 
@@ -582,7 +612,167 @@ def neighbours_md(results, out):
     return ["neighbours.md"]
 
 
-FIGURES = [("Figure 2: prompt norm μ_t and validation score over steps (BoolQ, RTE)",
+# --- Figure 1: SuperGLUE average across sizes and against trainable parameters -------------------------
+
+def superglue_averages(rows):
+    """{(model tag, method): (SuperGLUE Avg as Table 1 computes it, complete?, trainable parameters)}."""
+    out = {}
+    for tag in {r["model_tag"] for r in rows}:
+        for method in {r["method"] for r in rows if r["model_tag"] == tag}:
+            means = [mean_std(scores(rows, model_tag=tag, method=method, task=t))[0] for t in SUPERGLUE]
+            present = [m for m in means if m is not None]
+            if present:
+                counts = [r["n_trainable"] for r in rows if r["model_tag"] == tag and r["method"] == method
+                          and r.get("n_trainable")]
+                params = max(counts) if counts else (_param_table()[tag].get(method) if tag in M.SIZES else None)
+                out[(tag, method)] = (sum(present) / len(present), len(present) == len(means), params)
+    return out
+
+
+def fig1(results, out):
+    """Figure 1 from Table 1's runs (best lr by validation, as Table 1): (top) SuperGLUE average per method
+    across T5 sizes; (bottom) the same scores against trainable parameters, log scale."""
+    rows = select_best_lr(dedupe(files.read_jsonl(Path(results) / "table1.jsonl", what="results file", missing_ok=True)))
+    avgs = superglue_averages(rows)
+    if not avgs:
+        raise Missing(f"no SuperGLUE rows in {Path(results) / 'table1.jsonl'} (run `python ablate.py table1`)")
+    tags = ordered({t for t, _ in avgs}, MODEL_ORDER)
+    methods = ordered({m for _, m in avgs}, METHOD_ORDER)
+    plt = _plt()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.5, 1.6 * len(tags) * len(methods) / 3), 8))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        xs = [k + i * width for k, tag in enumerate(tags) if (tag, method) in avgs]
+        ys = [avgs[(tag, method)][0] for tag in tags if (tag, method) in avgs]
+        partial = [not avgs[(tag, method)][1] for tag in tags if (tag, method) in avgs]
+        top.bar(xs, ys, width, color=COLORS.get(method), label=LABELS[method],
+                edgecolor=["k" if p else COLORS.get(method) for p in partial])
+    top.set_xticks([k + width * (len(methods) - 1) / 2 for k in range(len(tags))], tags)
+    top.set_ylabel("SuperGLUE average (test)")
+    top.set_title("SuperGLUE average per method and T5 size (black edge: some tasks missing)", fontsize=9)
+    top.legend(fontsize=7, ncol=min(6, len(methods)))
+    markers = dict(zip(tags, "os^Dv<>"))
+    for (tag, method), (avg, _, params) in avgs.items():
+        if params:
+            bottom.scatter([params], [avg], color=COLORS.get(method), marker=markers[tag], s=45,
+                           label=f"{LABELS[method]} ({tag})")
+    bottom.set_xscale("log")
+    bottom.set_xlabel("trainable parameters (log)")
+    bottom.set_ylabel("SuperGLUE average (test)")
+    bottom.set_title("score vs trainable parameters", fontsize=9)
+    bottom.legend(fontsize=6, ncol=3)
+    fig.suptitle("Figure 1: EPT / EPT* against PT, ResPrompt, P-Tuning and FT on SuperGLUE")
+    fig.tight_layout()
+    return [_save(fig, out, "fig1_superglue.png")]
+
+
+# --- Table 5: task details from each task's meta.json -------------------------------------------------
+
+METRIC_NAMES = {"acc": "Acc", "f1": "F1", "mcc": "Matthews corr.", "pearson": "Pearson", "spearman": "Spearman",
+                "macro_f1": "F1 (macro)", "f1a": "F1a", "em": "EM", "squad_f1": "F1", "squad_em": "EM"}
+BENCHMARK_LABELS = {"superglue": "SuperGLUE", "glue": "GLUE", "mrqa": "MRQA", "others": "Others"}
+
+
+def data_dirs(results):
+    """The data folders the Table 1/2 runs were trained on (their config.json), then <results>/../data."""
+    found = []
+    for experiment in ("table1", "table2"):
+        for row in files.read_jsonl(Path(results) / f"{experiment}.jsonl", what="results file", missing_ok=True):
+            config = Path(row["run"]) / "config.json"
+            if config.exists():
+                found.append(files.read_json(config, "run configuration").get("data_dir"))
+    return list(dict.fromkeys([d for d in found if d] + [str(Path(results).parent / "data")]))
+
+
+def table5_md(results, out):
+    """Table 5 in the paper's layout: per benchmark, each task's type, split sizes and metric (selection metric
+    first; the others are reported too), read from data/<task>/meta.json."""
+    metas = {}
+    for task in list(P.TASKS):
+        for folder in data_dirs(results):
+            path = Path(folder) / task / "meta.json"
+            if path.exists():
+                metas[task] = files.read_json(path, "task description")
+                break
+    if not metas:
+        raise Missing("no data/<task>/meta.json next to the results or in the runs' data folders "
+                      "(run `python prepare_data.py`)")
+    header = ["Benchmark", "Dataset", "Type", "|Train|", "|Valid|", "|Test|", "Metric"]
+    body, long = [], []
+    for bench, tasks in (("superglue", SUPERGLUE), ("glue", GLUE), ("mrqa", MRQA),
+                         ("others", OTHERS)):
+        for t in (t for t in tasks if t in metas):
+            m = metas[t]
+            score = [METRIC_NAMES.get(x, x) for x in m["score"]]
+            other = [METRIC_NAMES.get(x, x) for x in m["metrics"] if x not in m["score"]]
+            metric = (" / ".join(score) + (" (mean)" if len(score) > 1 else "")
+                      + (f"; also {', '.join(other)}" if other else ""))
+            sizes = [m["splits"].get(s) for s in ("train", "validation", "test")]
+            body.append([BENCHMARK_LABELS[bench], TASK_LABELS[t], m.get("task_type", DASH),
+                         *[f"{n:,}" for n in sizes], metric])
+            long.append({"benchmark": bench, "task": t, "type": m.get("task_type"), "train": sizes[0],
+                         "validation": sizes[1], "test": sizes[2], "score": "+".join(m["score"]),
+                         "metrics": "+".join(m["metrics"])})
+    md = markdown(header, body) + ("\nNLI: natural language inference; coref.: coreference resolution; common.: "
+                                   "commonsense; QA: question answering; WSD: word sense disambiguation. Sizes are "
+                                   "this preparation's (Appendix B.1 split rule).\n")
+    write_text(Path(out) / "table5.md", "# Table 5: task details\n\n" + md)
+    write_csv(Path(out) / "table5.csv", long)
+    return ["table5.md"]
+
+
+# --- Appendix A.1, second half: P-Tuning's positive and negative prompts -----------------------------
+
+def directions(results, out):
+    """A table (directions.md) and a figure: per run, the two direction groups of P-Tuning's rows, each group's
+    cosine to the label words, and the test score of each group alone against the whole prompt."""
+    data = load_analysis(results, "directions")
+    runs = [(task, method, d) for task, methods in data.items() for method, d in methods.items()]
+    if not runs:
+        raise Missing("analysis/directions.json holds no run")
+    header = ["Task", "Method", "Prompt", "Rows", "Mean cosine (within group; full: between groups)",
+              "Cosine to label words (per label)", "Max label cosine", "Test score"]
+    body = []
+    plt = _plt()
+    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.3 * len(runs)), squeeze=False)
+    for (task, method, d), (left, right) in zip(runs, axes):
+        name = f"{TASK_LABELS.get(task, task)}, {LABELS.get(method, method)}"
+        body.append([TASK_LABELS.get(task, task), LABELS.get(method, method), "full prompt",
+                     len(d["assign"]), DASH if d["between_cosine"] is None else f"{d['between_cosine']:.2f}",
+                     DASH, DASH, f"{d['full_score']:.1f}"])
+        for g in d["groups"]:
+            body.append([TASK_LABELS.get(task, task), LABELS.get(method, method), g["name"],
+                         " ".join(map(str, g["rows"])), f"{g['within_cosine']:.2f}",
+                         ", ".join(f"{_token(lab)} {c:.2f}" for lab, c in g["label_cosine"].items()),
+                         f"{g['label_cosine_max']:.2f}", f"{g['score']:.1f}"])
+        group_of = {r: g["name"] for g in d["groups"] for r in g["rows"]}
+        colors = {"positive": "tab:red", "negative": "tab:blue"}
+        left.bar(range(len(d["assign"])), d["row_label_cosine"],
+                 color=[colors.get(group_of[r], "tab:gray") for r in range(len(d["assign"]))])
+        left.axhline(0, color="k", lw=0.5)
+        left.set_xlabel("prompt row i (red: positive group, blue: negative)")
+        left.set_ylabel("max cosine to a label word")
+        left.set_title(f"{name}: rows by direction", fontsize=9)
+        bars = [("full", d["full_score"], "tab:gray")] + [(g["name"], g["score"], colors.get(g["name"], "tab:gray"))
+                                                           for g in d["groups"]]
+        right.bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
+        right.set_ylabel("test score")
+        right.set_title(f"{name}: each group alone (no retraining)", fontsize=9)
+    fig.suptitle("Appendix A.1: P-Tuning's two prompt directions (spherical 2-means)")
+    fig.tight_layout()
+    note = ("Groups: spherical 2-means on the rows of P' (cosine), started from the two least similar rows; the "
+            "group with the higher mean of its rows' best label-word cosine is *positive*. Each group is scored "
+            "alone (its rows, in order, as the whole prompt), without retraining."
+            + (" Random-weight T5: the numbers are noise." if any(d.get("random_init") for _, _, d in runs) else ""))
+    write_text(Path(out) / "directions.md", "# Appendix A.1: P-Tuning's positive and negative prompts\n\n"
+               + note + "\n\n" + markdown(header, body))
+    return [_save(fig, out, "figA1_directions.png"), "directions.md"]
+
+
+INLINE = {"table5.md", "directions.md"}  # short tables shown in index.md, not only linked
+
+FIGURES = [("Figure 1: SuperGLUE average across T5 sizes and against trainable parameters", fig1),
+           ("Figure 2: prompt norm μ_t and validation score over steps (BoolQ, RTE)",
             lambda r, o: fig_norms(r, o, ["boolq", "rte"], "fig2_norms.png", "Figure 2: PT vs reparameterized prompts")),
            ("Figure 3: cosine similarity between prompt rows (BoolQ)", fig3),
            ("Figure 4: one prompt row broadcast l times, no retraining", fig4),
@@ -594,7 +784,9 @@ FIGURES = [("Figure 2: prompt norm μ_t and validation score over steps (BoolQ, 
            ("Figure 11: prompt norm and score on GLUE + WiC",
             lambda r, o: fig_norms(r, o, ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2", "wic"],
                                    "fig11_norms.png", "Figure 11: prompt norm and score")),
-           ("Appendix A.1: nearest vocabulary neighbours", neighbours_md)]
+           ("Appendix A.1: nearest vocabulary neighbours", neighbours_md),
+           ("Appendix A.1: P-Tuning's positive and negative prompts", directions),
+           ("Table 5: task details", table5_md)]
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -636,6 +828,8 @@ def main(argv=None):
             continue
         for name in names:
             index.append(f"[{name}]({name})\n" if name.endswith(".md") else f"![{name}]({name})\n")
+            if name in INLINE:  # drop the file's own "# title" line: the section has it
+                index.append((out / name).read_text().split("\n", 2)[2] + "\n")
     sweeps = [f"[sweep_{e}.md](sweep_{e}.md)" for e in ("hidden", "broadcast", "lr", "structure")
               if (out / f"sweep_{e}.md").exists()]
     if sweeps:

@@ -28,13 +28,13 @@ NPROC=${NPROC:-1}
 DRY=${DRY_RUN:+--dry-run}
 if [[ "${SMOKE:-0}" == 1 ]]; then
   ROOT=smoke
-  MODEL=smoke/tiny-t5 SIZES=smoke/tiny-t5 SEEDS="--seeds 0" FEWSHOT="--shots 4 --seeds 0 1" LR_SEARCH=""
+  MODEL=smoke/tiny-t5 SIZES=smoke/tiny-t5 LR_SIZES=smoke/tiny-t5 SEEDS="--seeds 0" FEWSHOT="--shots 4 --seeds 0 1" LR_SEARCH=""
   TRAIN="--max-steps 6 --eval-every 3 --batch-size 4 --max-eval-examples 8 --eval-batch-size 8"
   EPOCHS="--epochs 1" LAUNCH=""
   export OMP_NUM_THREADS=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 else
   ROOT=.
-  MODEL=t5-base SIZES="t5-small t5-base t5-large" SEEDS="" FEWSHOT="" LR_SEARCH="--lr-search" TRAIN="" EPOCHS=""
+  MODEL=t5-base SIZES="t5-small t5-base t5-large" LR_SIZES="t5-base t5-large" SEEDS="" FEWSHOT="" LR_SEARCH="--lr-search" TRAIN="" EPOCHS=""
   LAUNCH="--subprocess --prune-ft-checkpoints"  # a fresh process per run frees GPU memory and cached data
 fi
 TRAIN="$TRAIN ${DTYPE:+--dtype $DTYPE}"  # DTYPE=bf16|tf32: faster, not the paper's fp32 (the default)
@@ -51,7 +51,8 @@ elif [[ -z "$DRY" ]]; then
   python prepare_data.py --tasks all --out $DATA --tokenizer t5-base --fewshot 4 16 32 --fewshot-seeds 0 1 2 3 4 5
 fi
 
-# --- Table 1: GLUE + SuperGLUE, 6 methods x 3 sizes x 3 seeds (+ the SuperGLUE lr search of Appendix B.2)
+# --- Table 1: GLUE + SuperGLUE, 6 methods x 3 sizes x 3 seeds (+ the SuperGLUE lr search of Appendix B.2);
+#     Figure 1 is drawn from these runs by report.py
 python ablate.py table1 --models $SIZES $LR_SEARCH $SEEDS $COMMON $TRAIN
 
 # --- Table 2: MRQA + Others on t5-base
@@ -60,7 +61,8 @@ python ablate.py table2 --model $MODEL $SEEDS $COMMON $TRAIN
 # --- Table 3: few-shot k = 4, 16, 32 on the 13 tasks, 6 seeds, 10K steps
 python fewshot.py --model $MODEL $FEWSHOT $COMMON $TRAIN
 
-# --- Table 4: 5 SuperGLUE tasks in the ATTEMPT setting (20/10 epochs, PT n = 100, EPT depth 2)
+# --- Table 4: 5 SuperGLUE tasks in the ATTEMPT setting (20/10 epochs validated every epoch, PT n = 100,
+#     EPT/EPT* with one extra 1x1 layer)
 python ablate.py table4 --model $MODEL $EPOCHS $SEEDS $COMMON $TRAIN
 
 # --- Table 6: EPT prompt initialisation (uniform / vocabulary / label words)
@@ -72,8 +74,9 @@ python ablate.py hidden --model $MODEL $SEEDS $COMMON $TRAIN
 # --- Figure 7: EPT* broadcast length 1..10 on MultiRC and CoLA
 python ablate.py broadcast --model $MODEL $SEEDS $COMMON $TRAIN
 
-# --- Figure 8: learning rates {0.003 .. 0.3} for PT, ResPrompt, EPT, EPT*
-python ablate.py lr --model $MODEL $SEEDS $COMMON $TRAIN
+# --- Figure 8: learning rates {0.003 .. 0.3} for PT, ResPrompt, EPT, EPT* on t5-base and t5-large (§5.3);
+#     the same runs as Table 1's SuperGLUE lr search, so nothing new trains here after Table 1
+python ablate.py lr --models $LR_SIZES $SEEDS $COMMON $TRAIN
 
 # --- Figure 9: EPT + LayerNorm / residual / ReLU / tanh / GELU
 python ablate.py structure --model $MODEL $SEEDS $COMMON $TRAIN
@@ -85,12 +88,13 @@ if [[ -n "$DRY" ]]; then  # every run once, though several sections share it
   exit 0
 fi
 
-# --- Figures 2, 3, 4, 10, 11 and Appendix A.1: analyses of the t5-base main runs (Figure 10 scores
-#     each task's EPT* prompt on all 21 test sets: 420 evaluations)
+# --- Figures 2, 3, 4, 10, 11 and Appendix A.1 (neighbours; P-Tuning's two directions, each scored alone):
+#     analyses of the t5-base main runs (Figure 10 scores each task's EPT* prompt on all 21 test sets: 420
+#     evaluations)
 python analyze.py all --model $TAG --results-dir $RESULTS
 
 # --- Export: an EPT* prompt as a Hugging Face PEFT prompt-tuning adapter
 python export.py $RUNS/rte_ept_star_${TAG}_s0 $ROOT/exports/rte_ept_star_${TAG}
 
-# --- Report: every table (markdown + CSV) and figure (PNG) -> report/index.md
+# --- Report: every table (markdown + CSV) and figure (PNG) -> report/index.md; Table 5 from data/<task>/meta.json
 python report.py --results $RESULTS --out $REPORT

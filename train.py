@@ -67,7 +67,9 @@ group.add_argument("--broadcast", type=cli.positive_int, default=None, help="EPT
 group.add_argument("--layer-norm", action="store_true", help="EPT ablation: LayerNorm after the up layer (Figure 9)")
 group.add_argument("--residual", action="store_true", help="EPT ablation: add P1 back (Figure 9)")
 group.add_argument("--activation", default="none", choices=tuple(M.ACTIVATIONS), help="EPT ablation: between down and up")
-group.add_argument("--depth", type=cli.positive_int, default=1, help="stacked EPT down-up blocks")
+group.add_argument("--depth", type=cli.positive_int, default=1, help="stacked EPT down-up blocks (whole blocks)")
+group.add_argument("--extra-layer", action="store_true",
+                   help="EPT: one bias-free h -> h layer between down and up (Table 4: d -> 1 -> 1 -> d, 2.3K on t5-base)")
 group.add_argument("--init", default="uniform", choices=M.INITS, help="prompt init (Table 6)")
 group.add_argument("--dropout", type=cli.probability, default=None, help="override T5's dropout rate (default: the config's, 0.1)")
 group = parser.add_argument_group("optimisation")

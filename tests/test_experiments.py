@@ -99,7 +99,7 @@ def test_run_names_share_defaults_and_argv_is_train_py_s():
 
 
 def test_dry_run_counts_the_paper_grids(tmp_path, capsys):
-    expected = {"table1": 702, "table2": 144, "table4": 45, "init": 36, "hidden": 105, "broadcast": 60, "lr": 300,
+    expected = {"table1": 702, "table2": 144, "table4": 45, "init": 36, "hidden": 105, "broadcast": 60, "lr": 600,
                 "structure": 90}
     for name, n in expected.items():
         ablate.main([name, "--dry-run", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
@@ -251,7 +251,7 @@ def test_analyses_of_trained_runs(grid, tiny_model_dir, data_dir):
     written = analyze.main(["all", "--model", tag, "--results-dir", str(grid / "results"),
                             "--tasks", "rte", "cb", "--methods", "pt", "ptuning", "ept_star", "--lengths", "1", "2",
                             "--max-eval-examples", "4", "--top-k", "3"])
-    assert set(written) == {"norms", "cosine", "subset", "transfer", "neighbours"}
+    assert set(written) == {"norms", "cosine", "subset", "transfer", "neighbours", "directions"}
     analysis = grid / "results" / "analysis"
     norms = json.loads((analysis / "norms.json").read_text())["norms"]
     assert len(norms["rte"]["pt"]["step"]) == 3 and len(norms["rte"]["pt"]["eval_step"]) == 2  # steps 1..3; eval 2, 3
@@ -266,6 +266,8 @@ def test_analyses_of_trained_runs(grid, tiny_model_dir, data_dir):
     neighbours = json.loads((analysis / "neighbours.json").read_text())["neighbours"]
     assert len(neighbours["rte"]["pt"]["rows"]) == 10 and len(neighbours["rte"]["ept_star"]["rows"]) == 1
     assert len(neighbours["rte"]["pt"]["rows"][0]["neighbours"]) == 3
+    directions = json.loads((analysis / "directions.json").read_text())["directions"]
+    assert sorted(r for g in directions["rte"]["ptuning"]["groups"] for r in g["rows"]) == list(range(10))
 
 
 def test_subset_broadcast_of_identical_rows_reproduces_the_whole_prompt(grid, tiny_model_dir):
@@ -334,7 +336,8 @@ def test_report_draws_analysis_figures(grid, tmp_path, tiny_model_dir):
 REPORT_FILES = ["index.md", "table1.md", "table1.csv", "table2.md", "table3.md", "table4.md", "table6.md",
                 "fig2_norms.png", "fig3_prompt_cosine.png", "fig4_subset_broadcast.png", "fig5_hidden_size.png",
                 "fig7_broadcast.png", "fig8_learning_rate.png", "fig9_structure.png", "fig10_transfer.png",
-                "fig11_norms.png", "fig12_hidden_size.png", "neighbours.md"]
+                "fig11_norms.png", "fig12_hidden_size.png", "neighbours.md",
+                "fig1_superglue.png", "table5.md", "table5.csv", "figA1_directions.png", "directions.md"]
 
 
 @pytest.mark.slow

@@ -161,8 +161,8 @@ def test_pad_punctuation_keeps_letters_numbers_marks_underscore():
 def test_meta(fixture_data):
     for name, task in TASKS.items():
         meta = json.loads((fixture_data / name / "meta.json").read_text())
-        assert set(meta) == {"task", "benchmark", "source", "splits", "labels", "metrics", "score", "max_length",
-                             "max_target_length", "data_seed", "token_stats", "fewshot"}
+        assert set(meta) == {"task", "benchmark", "task_type", "source", "splits", "labels", "metrics", "score",
+                             "max_length", "max_target_length", "data_seed", "token_stats", "fewshot"}
         assert meta["splits"] == {s: len(read(fixture_data, name, s)) for s in ("train", "validation", "test")}
         assert meta["source"]["kind"] == "local" and len(meta["source"]["sha256"]) == len(meta["source"]["files"])
         assert set(meta["token_stats"]) == {"train", "validation", "test"} and meta["data_seed"] == 42
@@ -174,7 +174,8 @@ def test_meta(fixture_data):
     assert (meta("nq")["metrics"], meta("nq")["score"], meta("nq")["max_length"], meta("nq")["labels"]) == (
         ["squad_f1", "squad_em"], ["squad_f1"], 512, None)
     assert (meta("stsb")["score"], meta("cb")["score"], meta("cola")["score"]) == (["pearson"], ["acc", "macro_f1"], ["mcc"])
-    assert (meta("mrpc")["score"], meta("cb")["labels"], meta("rte")["max_target_length"]) == (["acc", "f1"], ["0", "1", "2"], 3)
+    assert (meta("mrpc")["score"], meta("cb")["labels"], meta("rte")["max_target_length"]) == (["acc"], ["0", "1", "2"], 3)
+    assert (meta("qqp")["metrics"], meta("qqp")["score"]) == (["acc", "f1"], ["acc"])  # Table 1: "MRPC Acc", "QQP Acc"
 
 
 def test_multirc_splits_whole_questions(fixture_data):
