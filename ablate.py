@@ -28,7 +28,6 @@ lists every setting and the measured step times the GPU-hour estimate rests on.
 """
 import argparse
 import functools
-import json
 import math
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import time
 import traceback
 from pathlib import Path
 
+import cli
 import files
 import model as M
 import prepare_data as P
@@ -143,8 +143,8 @@ def log_stats(run_dir):
 def result_row(experiment, spec, run_dir, extra_fields=None):
     """One results row: the full configuration, the test metrics, parameters and prompt norms."""
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = files.read_json(run_dir / "config.json", "run configuration")
+    metrics = files.read_json(run_dir / "metrics.json", "test metrics")
     norm, n_inference = prompt_stats(run_dir)
     val_score, best_step, last_norm = log_stats(run_dir)
     options = {**defaults(spec["method"]), **spec}
@@ -378,7 +378,8 @@ EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": ini
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which table or figure's grid")
 # data
-parser.add_argument("--tasks", nargs="+", default=None, help="subset of the experiment's tasks (default: the paper's)")
+parser.add_argument("--tasks", nargs="+", type=cli.name, default=None,
+                    help="subset of the experiment's tasks (default: the paper's)")
 parser.add_argument("--data-dir", default="data", help="prepare_data.py output folder")
 # model
 parser.add_argument("--model", default="t5-base", help="T5 for the single-size experiments (name or folder)")
@@ -387,18 +388,19 @@ parser.add_argument("--models", nargs="+", default=None,
                          "t5-base t5-large, or --model when given)")
 parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, help="subset of the methods")
 # sweep
-parser.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default: 0 1 2)")
+parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=None, help="training seeds (default: 0 1 2)")
 parser.add_argument("--values", nargs="+", default=None,
                     help="subset of the swept values (hidden sizes, broadcast lengths, lrs, structure names)")
 parser.add_argument("--lr-search", action="store_true",
                     help="table1: every lr of the Appendix B.2 grid on SuperGLUE (report keeps the best by validation)")
-parser.add_argument("--epochs", type=int, default=None, help="table4: epochs for every task (default: ATTEMPT's 20/10)")
+parser.add_argument("--epochs", type=cli.positive_int, default=None,
+                    help="table4: epochs for every task (default: ATTEMPT's 20/10)")
 
 
 def add_execution_args(parser):
     """The flags every driver shares: how runs are launched and where their files go."""
     group = parser.add_argument_group("execution and output")
-    group.add_argument("--nproc", type=int, default=1, help="GPUs per run; > 1 launches train.py with torchrun")
+    group.add_argument("--nproc", type=cli.positive_int, default=1, help="GPUs per run; > 1 launches train.py with torchrun")
     group.add_argument("--subprocess", action="store_true",
                        help="run each train.py in a fresh process (default: train.main in this process)")
     group.add_argument("--runs-dir", default="runs", help="where run folders go")
@@ -413,16 +415,47 @@ def add_execution_args(parser):
 add_execution_args(parser)
 
 
-def parse_values(experiment, values):
+def _one_of(valid):
+    def parse(text):
+        if text not in valid:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(valid)}")
+        return text
+    return parse
+
+
+VALUE_TYPES = {"hidden": cli.positive_int, "broadcast": cli.positive_int, "lr": cli.positive_float,
+               "init": _one_of(M.INITS), "structure": _one_of(list(STRUCTURES))}  # what --values sweeps
+
+
+def parse_values(experiment, values, parser=parser):
+    """--values as the experiment's swept type, each checked: a wrong one is one argparse error."""
     if values is None:
         return None
-    cast = {"hidden": int, "broadcast": int, "lr": float}.get(experiment, str)
-    return [cast(v) for v in values]
+    if experiment not in VALUE_TYPES:
+        parser.error(f"--values sweeps {', '.join(VALUE_TYPES)} only; {experiment} has no swept value")
+    try:
+        return [VALUE_TYPES[experiment](v) for v in values]
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"argument --values: {err}")
+
+
+def check_args(parser, args, extra):
+    """Before any run: the tasks exist and the flags passed through to train.py are train.py's, with valid
+    values (else every run of the grid would fail the same way, one after another)."""
+    import train
+    _, unknown = train.parser.parse_known_args(list(extra))  # a wrong value: train.py's argparse error, now
+    if unknown:
+        parser.error(f"unrecognized arguments (neither this script's nor train.py's): {' '.join(unknown)}")
+    for task in args.tasks or []:
+        if task not in P.TASKS and not (Path(args.data_dir) / task / "meta.json").exists():
+            parser.error(f"unknown task {task!r} (not one of the paper's and no {Path(args.data_dir) / task}/meta.json); "
+                         f"tasks: {', '.join(P.TASKS)}")
 
 
 def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     args.values = parse_values(args.experiment, args.values)
+    check_args(parser, args, extra)
     args.batch_size = _extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4: steps per epoch
     rows, failed = run_experiment(args.experiment, EXPERIMENTS[args.experiment](args), args, extra)
     if rows:

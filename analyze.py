@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 
 import ablate
+import cli
 import files
 import model as M
 import pretrained
+import runs
 
 FIG2_TASKS = ["boolq", "rte"]
 FIG11_TASKS = ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2", "wic"]  # GLUE 7 + WiC (Appendix C)
@@ -44,27 +46,36 @@ parser.add_argument("analysis", choices=("norms", "cosine", "subset", "transfer"
 parser.add_argument("--results-dir", default="results", help="where table1.jsonl / table2.jsonl are; output goes "
                                                               "to <results-dir>/analysis/")
 parser.add_argument("--data-dir", default=None, help="data folder for evaluations (default: each run's)")
-parser.add_argument("--tasks", nargs="+", default=None, help="tasks (default: the paper's per figure)")
+parser.add_argument("--tasks", nargs="+", type=cli.name, default=None, help="tasks (default: the paper's per figure)")
 # runs
 parser.add_argument("--model", default="t5-base", help="model tag of the runs (folder name for a local model)")
-parser.add_argument("--methods", nargs="+", default=None, help="methods (default: the paper's per figure)")
-parser.add_argument("--seed", type=int, default=0, help="the run to analyse where one is needed")
+parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, help="methods (default: the paper's per figure)")
+parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="the run to analyse where one is needed")
 # evaluation
-parser.add_argument("--row", type=int, default=0, help="subset: which row P'_i to repeat")
-parser.add_argument("--lengths", nargs="+", type=int, default=list(range(1, 11)), help="subset: repeat counts l")
-parser.add_argument("--max-eval-examples", type=int, default=None,
+parser.add_argument("--row", type=cli.nonnegative_int, default=0, help="subset: which row P'_i to repeat")
+parser.add_argument("--lengths", nargs="+", type=cli.positive_int, default=list(range(1, 11)), help="subset: repeat counts l")
+parser.add_argument("--max-eval-examples", type=cli.positive_int, default=None,
                     help="subset/transfer/directions: score the first N test rows")
-parser.add_argument("--eval-batch-size", type=int, default=64, help="examples per decoding batch")
-parser.add_argument("--top-k", type=int, default=5, help="neighbours: tokens per prompt row")
+parser.add_argument("--eval-batch-size", type=cli.positive_int, default=64, help="examples per decoding batch")
+parser.add_argument("--top-k", type=cli.positive_int, default=5, help="neighbours: tokens per prompt row")
 
 
 # --- run selection -------------------------------------------------------------------------------
+
+ROW_KEYS = ("run", "task", "method", "seed", "model_tag", "lr")  # what a results row must hold to be analysed
+
 
 def main_runs(results_dir, model, experiments=("table1", "table2")):
     """Result rows of the main grid at the paper's default lr, for one model tag."""
     rows = []
     for experiment in experiments:
-        for row in files.read_jsonl(Path(results_dir) / f"{experiment}.jsonl", what="results file", missing_ok=True):
+        path = Path(results_dir) / f"{experiment}.jsonl"
+        for number, row in enumerate(files.read_jsonl(path, what="results file", missing_ok=True), 1):
+            missing = [k for k in ROW_KEYS if k not in row]
+            if missing or row["method"] not in M.METHODS:
+                raise files.FileFault(f"the results file {path} is damaged: row {number} has no "
+                                      f"{', '.join(missing) or 'known method'}; delete that line and rerun "
+                                      f"`python ablate.py {experiment}` to write it again")
             if row.get("model_tag") == model and row.get("lr") == ablate.defaults(row["method"])["lr"]:
                 rows.append(row)
     return rows
@@ -79,7 +90,7 @@ def pick(rows, task, method, seed=None):
 
 def write_json(path, obj):
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    files.make_dir(path.parent, "analysis folder")
     files.write_json(path, obj)
     print(f"analyze: wrote {path}")
 
@@ -214,7 +225,7 @@ def nearest_tokens(prompt, embedding, tokenizer, k=5):
 
 def frozen_embedding(run_dir, cache):
     """(run config, the frozen embedding matrix the prompt was trained against, its tokenizer), cached per T5."""
-    config = files.read_json(Path(run_dir) / "config.json", "run configuration")
+    config = runs.read_config(run_dir)
     key = (config["model"], config["random_init"], config["seed"] if config["random_init"] else None)
     if key not in cache:
         t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
@@ -330,16 +341,20 @@ def prompt_directions(rows, tasks, methods, seed, data_dir=None, max_examples=No
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if not Path(args.results_dir).is_dir():
+        raise SystemExit(f"analyze: no results folder {args.results_dir}; run ablate.py first or pass --results-dir")
     rows = main_runs(args.results_dir, args.model)
     out_dir = Path(args.results_dir) / "analysis"
     todo = (["norms", "cosine", "subset", "transfer", "neighbours", "directions"] if args.analysis == "all"
             else [args.analysis])
     if not rows:
-        print(f"analyze: no main-grid rows for model {args.model!r} in {args.results_dir}/table1.jsonl, table2.jsonl; "
-              "nothing to analyse")
-        return {}
+        tags = sorted({r["model_tag"] for e in ("table1", "table2") for r in files.read_jsonl(
+            Path(args.results_dir) / f"{e}.jsonl", what="results file", missing_ok=True)})
+        raise SystemExit(f"analyze: no main-grid rows for model {args.model!r} in {args.results_dir}/table1.jsonl, "
+                         "table2.jsonl; " + (f"the rows there are for {', '.join(tags)}: pass --model" if tags else
+                                             "run `python ablate.py table1` (or table2) first"))
     written = {}
-    for name in todo:
+    for name in todo:  # every analysis computed first, then all written: a failure leaves the old files as they were
         if name == "norms":
             result = norm_curves(rows, args.tasks or FIG2_TASKS + FIG11_TASKS, args.methods or NORM_METHODS)
         elif name == "cosine":
@@ -358,8 +373,9 @@ def main(argv=None):
         if not result:
             print(f"analyze: {name}: no finished runs for it among {args.model!r} rows; skipped")
             continue
-        write_json(out_dir / f"{name}.json", {"model": args.model, "seed": args.seed, name: result})
         written[name] = result
+    for name, result in written.items():
+        write_json(out_dir / f"{name}.json", {"model": args.model, "seed": args.seed, name: result})
     return written
 
 

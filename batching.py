@@ -98,6 +98,25 @@ def load_split(path, tokenizer, max_length, limit=None):
     return examples, source_ids[:len(examples)], target_ids[:len(examples)]
 
 
+def check_split(meta, name, examples, path, limited):
+    """A split file must still match its meta.json: rows present, the row count (unless `limited`), targets in
+    the label set. An edited or half-copied split is one sentence, never a silent change of the experiment."""
+    fix = "rebuild the task with prepare_data.py --overwrite"
+    if not examples:
+        why = "; the best checkpoint would be chosen by chance" if name == "validation" else ""
+        raise files.FileFault(f"{path} holds no rows{why}: {fix}")
+    sizes = meta.get("splits") if name in ("train", "validation", "test") else \
+        {name: (meta.get("fewshot") or {}).get(name, {}).get("size")}
+    expected = (sizes or {}).get(name)
+    if not limited and expected is not None and expected != len(examples):
+        raise files.FileFault(f"{path} has {len(examples)} rows but meta.json says {expected}; the data was "
+                              f"edited or half-copied: {fix}")
+    labels = meta.get("labels")
+    bad = [e.get("target") for e in examples if labels and e.get("target") not in labels]
+    if bad:
+        raise files.FileFault(f"{path} has the target {bad[0]!r}, outside the task's labels {labels}: {fix}")
+
+
 def label_token_ids(tokenizer, labels):
     """Token ids of the label words for --init label (the bare '▁' piece of '▁', '0' dropped)."""
     ids = [i for seq in tokenizer(list(labels), add_special_tokens=False)["input_ids"] for i in seq

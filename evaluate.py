@@ -32,6 +32,7 @@ import cli
 import files
 import model as M
 import pretrained
+import runs
 import runtime as R
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,6 +199,14 @@ METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
 }
 
 
+def check_metrics(meta, path):
+    """meta.json names only metrics this file computes (an edited one would fail after the whole run)."""
+    unknown = [m for m in meta["metrics"] if m not in METRICS]
+    if unknown:
+        raise files.FileFault(f"{path} names unknown metrics {unknown}; known: {', '.join(METRICS)}. "
+                              "Rebuild the task with prepare_data.py --overwrite")
+
+
 def compute_metrics(meta, predictions, examples):
     """{metric: value for meta['metrics']} + 'score' (mean of meta['score']) + counts."""
     assert len(predictions) == len(examples), (len(predictions), len(examples))
@@ -284,9 +293,7 @@ def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_lengt
 def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     """(PromptedT5 with a FoldedPrompt (or fine-tuned T5), tokenizer, config) from a run folder alone."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise files.FileFault(f"{run_dir} is not a run folder (no config.json); train.py writes one")
-    config = files.read_json(run_dir / "config.json", "run configuration")
+    config = runs.read_config(run_dir)
     device = device or R.default_device()
     t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
     tokenizer = pretrained.load_tokenizer(config["tokenizer"])
@@ -294,27 +301,42 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     if config["method"] == "ft":  # the checkpoint holds all of T5
         if not state_path.exists():
             raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); was it pruned?")
-        t5.load_state_dict(files.load_torch(state_path)["trainable"])
+        load_state(t5, files.load_torch(state_path), state_path)
         net = M.PromptedT5(t5, None)
     else:
         if config.get("t5_fingerprint") and pretrained.t5_fingerprint(t5) != config["t5_fingerprint"]:
             raise SystemExit(f"the T5 rebuilt from {config['model']!r} differs from the one {run_dir} "
-                             "was trained with (fingerprint mismatch)")
+                             "was trained with (fingerprint mismatch); restore that model or retrain the run")
         if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
             prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
         elif prompt is None:  # fold P' from the checkpoint's reparameterization network, once
             if not state_path.exists():
                 raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; the run has not "
                                       "finished a validation yet")
-            encoder = M.build_prompt_encoder(config["method"], t5.config.d_model, **M.prompt_options(config))
-            encoder.load_state_dict(files.load_torch(state_path)["trainable"])
+            try:
+                encoder = M.build_prompt_encoder(config["method"], t5.config.d_model, **M.prompt_options(config))
+            except ValueError as err:
+                raise files.FileFault(f"{run_dir / 'config.json'} has a wrong prompt option ({err})") from None
+            load_state(encoder, files.load_torch(state_path), state_path)
             with torch.no_grad():
                 prompt = encoder().detach()
         prompt = torch.as_tensor(prompt, dtype=torch.float32)
         if not torch.isfinite(prompt).all():
             raise SystemExit(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
+        if prompt.dim() != 2 or prompt.size(1) != t5.config.d_model:
+            raise SystemExit(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but {config['model']} "
+                             f"needs (n, {t5.config.d_model}); it belongs to another model")
         net = M.PromptedT5(t5, M.FoldedPrompt(prompt))
     return net.to(device).eval(), tokenizer, config
+
+
+def load_state(module, checkpoint, path):
+    """A checkpoint's trainable state into `module`; another model's checkpoint is one sentence."""
+    try:
+        module.load_state_dict(checkpoint["trainable"])
+    except (RuntimeError, KeyError, TypeError, IndexError) as err:
+        raise files.FileFault(f"{path} does not fit the model its config.json builds ({type(err).__name__}); "
+                              "it belongs to another run") from None
 
 
 def run_dtype(config, device):
@@ -348,10 +370,15 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     if data_dir != config["data_dir"]:
         say(f"evaluate: --data-dir {data_dir} overrides the run's {config['data_dir']}")
     meta = files.load_meta(data_dir, task)
+    check_metrics(meta, Path(data_dir) / task / "meta.json")
+    if mode == "rank" and not meta.get("labels"):
+        raise SystemExit(f"evaluate: --eval-mode rank needs a task with a label set; {task} has open targets")
     max_length = config["max_length"] if task == config["task"] else meta["max_length"]
     if task != config["task"]:
         say(f"evaluate: zero-shot transfer of {config['task']}'s prompt to {task} (max_length {max_length})")
-    examples, source_ids, _ = B.load_split(Path(data_dir) / task / f"{split}.jsonl", tokenizer, max_length, max_examples)
+    split_file = Path(data_dir) / task / f"{split}.jsonl"
+    examples, source_ids, _ = B.load_split(split_file, tokenizer, max_length, max_examples)
+    B.check_split(meta, split, examples, split_file, max_examples is not None)
     t0 = time.time()
     preds = run_predictions(net, tokenizer, source_ids, mode=mode, labels=meta.get("labels"),
                             max_new_tokens=meta["max_target_length"], max_length=max_length,
@@ -363,7 +390,7 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     if write:
         tag = tag or ("rank" if mode == "rank" else None)
         stem = Path(run_dir) / "eval" / (f"{task}_{split}" + (f".{tag}" if tag else ""))
-        stem.parent.mkdir(exist_ok=True)
+        files.make_dir(stem.parent, "evaluation folder")
         files.write_jsonl(f"{stem}.predictions.jsonl", [
             {"idx": e.get("idx"), "source": e["source"], "target": e["target"], "prediction": p,
              "correct": p == e["target"]} for e, p in zip(examples, preds)])
@@ -372,9 +399,15 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     return metrics
 
 
+TEXT_SUFFIXES = ("", ".txt", ".text", ".tsv", ".csv", ".md")  # read as one input a line
+
+
 def read_inputs(path):
     """New inputs: a .jsonl of objects with a 'source' string, or a text file with one input a line."""
     path = Path(path)
+    if path.suffix not in (".jsonl", *TEXT_SUFFIXES):
+        raise files.FileFault(f"--input {path}: a {path.suffix} file is neither a .jsonl of {{\"source\": ...}} "
+                              "rows nor a text file with one input a line; convert it to one of those")
     if path.suffix == ".jsonl":
         rows = files.read_jsonl(path, what="input file")
         bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r.get("source"), str)), None)

@@ -3,8 +3,8 @@
 Reads RUN_DIR/config.json and the folded P' (prompt.pt, the best checkpoint; or last.pt folded once)
 and writes OUT_DIR/adapter_model.safetensors ({"prompt_embeddings": P' (n, d) float32}) and
 OUT_DIR/adapter_config.json (a PromptTuningConfig), the two files PEFT's save_pretrained writes and
-PeftModel.from_pretrained reads, plus a README.md saying where the prompt came from. Each file is
-written atomically, the config last. The format followed is PEFT 0.17 (see docs/experiments.md):
+PeftModel.from_pretrained reads, plus a README.md saying where the prompt came from. The folder is
+written beside and swapped in whole, so an old adapter is never left half-replaced. The format followed is PEFT 0.17 (see docs/experiments.md):
 
 - num_transformer_submodules is written as 1. PEFT fills in 2 for SEQ_2_SEQ_LM only when the field
   is null, and then expects a table of 2n rows: recent PEFT (the 0.15-0.17 sources read) uses only
@@ -17,6 +17,10 @@ written atomically, the config last. The format followed is PEFT 0.17 (see docs/
 
     python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star
     python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star --checkpoint last
+    python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star --overwrite   # replace an old export
+
+An existing adapter folder is left alone unless --overwrite; a folder that holds other files than an
+adapter's is never written into.
 
 With PEFT installed, the adapter loads as
     model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained("t5-base"), "exports/rte_ept_star")
@@ -29,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 import files
 import model as M
+import runs
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME
@@ -41,6 +46,7 @@ parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
                     help="best: prompt.pt as saved; last: fold last.pt's prompt encoder once")
 parser.add_argument("--base-model", default=None,
                     help="base_model_name_or_path to write (default: the run's --model)")
+parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing adapter folder")
 
 
 def t5_dimensions(name_or_dir):
@@ -87,30 +93,52 @@ def adapter_config(prompt, base_model, num_layers, num_heads):
     }
 
 
-def export(run_dir, out_dir, checkpoint="best", base_model=None):
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md")
+
+
+def check_out_dir(out_dir, overwrite):
+    """The adapter folder may be new or empty; an existing adapter only with --overwrite; else refused."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"export: {out_dir} is a file; name a folder for the adapter")
+    present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if not present:
+        return
+    if ADAPTER_CONFIG not in present or not set(present) <= set(ADAPTER_FILES):
+        raise SystemExit(f"export: {out_dir} already holds {', '.join(present[:5])}, not an adapter export; "
+                         "name a new or empty folder")
+    if not overwrite:
+        raise SystemExit(f"export: {out_dir} already holds an adapter; pass --overwrite to replace it "
+                         "or name another folder")
+
+
+def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False):
     """Write the adapter folder; returns (config dict, prompt tensor)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    config = files.read_json(run_dir / "config.json", "run configuration")
+    config = runs.read_config(run_dir, ("task", "method", "model"))
+    check_out_dir(out_dir, overwrite)
     if config["method"] == "ft":
         raise SystemExit(f"export: {run_dir} is full fine-tuning: there is no prompt to export")
     prompt = folded_prompt(run_dir, checkpoint).contiguous()  # (n, d)
     base_model = base_model or config["model"]
     num_layers, num_heads = t5_dimensions(base_model)
     peft_config = adapter_config(prompt, base_model, num_layers, num_heads)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files.write_with(out_dir / ADAPTER_WEIGHTS, lambda p: save_file({PROMPT_KEY: prompt}, str(p), metadata={"format": "pt"}))
     metrics = {}
     if (run_dir / "metrics.json").exists():
         metrics = files.read_json(run_dir / "metrics.json", "test metrics")
+        metrics = metrics if isinstance(metrics, dict) else {}
     readme = (f"# {config['method']} prompt for {config['task']}\n\n"
               f"Exported from `{run_dir}` ({checkpoint} checkpoint) by export.py: a PEFT PROMPT_TUNING adapter "
               f"for `{base_model}`, {prompt.size(0)} virtual token(s) of dimension {prompt.size(1)}, "
               f"encoder only (num_transformer_submodules 1).\n\n"
               f"Test score of the run: {metrics.get('score', 'n/a')}. Training method: {config['method']}, "
               f"{config.get('n_trainable', '?')} trainable parameters; only the folded prompt P' is kept.\n")
-    files.write_text(out_dir / "README.md", readme)
-    files.write_text(out_dir / ADAPTER_CONFIG,  # last: a folder with a config has complete weights
-                     json.dumps(peft_config, indent=2, sort_keys=True))  # as PEFT writes it
+
+    def fill(tmp):  # the whole folder is swapped in at once: an old adapter stays whole if anything fails
+        save_file({PROMPT_KEY: prompt}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))  # as PEFT writes it
+    files.make_dir(out_dir.parent, "folder")
+    files.write_folder(out_dir, fill)
     return peft_config, prompt
 
 
@@ -122,7 +150,7 @@ def load_adapter(out_dir):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    peft_config, prompt = export(args.run_dir, args.out_dir, args.checkpoint, args.base_model)
+    peft_config, prompt = export(args.run_dir, args.out_dir, args.checkpoint, args.base_model, args.overwrite)
     print(f"export: {args.out_dir}/{ADAPTER_WEIGHTS} ({PROMPT_KEY} {tuple(prompt.shape)}) and {ADAPTER_CONFIG} "
           f"(PROMPT_TUNING, SEQ_2_SEQ_LM, {peft_config['num_virtual_tokens']} virtual tokens)")
     return peft_config

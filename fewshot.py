@@ -16,8 +16,10 @@ Unknown flags go to train.py unchanged (after this script's, so they win).
 """
 import argparse
 import sys
+from pathlib import Path
 
 import ablate
+import cli
 import model as M
 
 SHOTS = [4, 16, 32]
@@ -27,15 +29,15 @@ LR = {"ft": 1e-3, "prompt": 0.3}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # data
-parser.add_argument("--tasks", nargs="+", default=None, help="subset of the 13 tasks (default: all)")
-parser.add_argument("--shots", nargs="+", type=int, default=SHOTS, help="k examples per class")
+parser.add_argument("--tasks", nargs="+", type=cli.name, default=None, help="subset of the 13 tasks (default: all)")
+parser.add_argument("--shots", nargs="+", type=cli.positive_int, default=SHOTS, help="k examples per class")
 parser.add_argument("--data-dir", default="data", help="prepare_data.py output (with --fewshot files)")
 # model
 parser.add_argument("--model", default="t5-base", help="T5 name or folder")
 parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, help="subset of the methods")
 # sweep
-parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS, help="few-shot sample and training seeds")
-parser.add_argument("--steps", type=int, default=STEPS, help="training steps (paper: 10,000)")
+parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=SEEDS, help="few-shot sample and training seeds")
+parser.add_argument("--steps", type=cli.positive_int, default=STEPS, help="training steps (paper: 10,000)")
 ablate.add_execution_args(parser)  # --nproc, --subprocess, --runs-dir, --results-dir, --dry-run
 
 
@@ -46,8 +48,22 @@ def specs(args):
             for method in args.methods or M.METHODS for seed in args.seeds]
 
 
+def check_samples(args):
+    """Every k-shot sample this grid trains on is prepared (else each of its runs would fail alike)."""
+    tasks = args.tasks or ablate.GLUE + ablate.SUPERGLUE
+    missing = [Path(args.data_dir) / t / f"train_k{k}_seed{s}.jsonl" for t in tasks for k in args.shots
+               for s in args.seeds if not (Path(args.data_dir) / t / f"train_k{k}_seed{s}.jsonl").exists()]
+    if missing:
+        parser.error(f"no {missing[0]} ({len(missing)} samples missing); prepare them first: python prepare_data.py "
+                     f"--tasks {' '.join(tasks)} --out {args.data_dir} --fewshot {' '.join(map(str, args.shots))} "
+                     f"--fewshot-seeds {' '.join(map(str, args.seeds))} --overwrite")
+
+
 def main(argv=None):
     args, extra = parser.parse_known_args(argv)
+    ablate.check_args(parser, args, extra)
+    if not args.dry_run:
+        check_samples(args)
     rows, failed = ablate.run_experiment("fewshot", specs(args), args, extra)
     if rows:
         import report

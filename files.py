@@ -5,6 +5,7 @@ Every writer is atomic: it writes a temporary file beside the target and renames
 Every reader fails with one sentence naming the file and what is wrong with it (missing, not JSON,
 truncated, not UTF-8, unreadable), never with a traceback. The kinds:
 
+    folder          data/<task>/, an exported adapter: filled beside, then swapped in whole
     JSON            config.json, meta.json, metrics.json, results/analysis/*.json
     JSONL           data splits, log.jsonl, results/*.jsonl, predictions
     torch           best.pt, last.pt, prompt.pt, the tokenization cache (weights_only-loadable)
@@ -16,6 +17,7 @@ import fcntl
 import json
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -34,6 +36,10 @@ def why(err):
         return "it does not exist"
     if isinstance(err, IsADirectoryError):
         return "it is a folder, not a file"
+    if isinstance(err, NotADirectoryError):
+        return "a part of the path is a file, not a folder"
+    if isinstance(err, FileExistsError):
+        return "a file of that name is in the way"
     if isinstance(err, PermissionError):
         return "permission denied"
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
@@ -65,10 +71,12 @@ def read_json(path, what="JSON file"):
                         "restore or regenerate it") from None
 
 
-def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_ok=False):
+def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_ok=False, fix=None):
     """The rows of a JSONL file (the first `limit`). `torn_tail_ok`: a last line without its newline that
     is not valid JSON is the half-written line of a killed writer, and is dropped (log.jsonl).
-    `missing_ok`: a file that does not exist yet has no rows (results files)."""
+    `missing_ok`: a file that does not exist yet has no rows (results files). `fix`: the way out, named
+    in the message when a line is damaged."""
+    fix = f"; {fix}" if fix else ""
     if missing_ok and not Path(path).exists():
         return []
     text = read_text(path, what)
@@ -82,32 +90,60 @@ def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_
         except json.JSONDecodeError as err:
             if torn_tail_ok and number == len(lines):  # no newline after it: the writer was killed mid-line
                 break
-            raise FileFault(f"the {what} {path} is damaged: line {number} is not valid JSON ({err.msg})") from None
+            raise FileFault(f"the {what} {path} is damaged: line {number} is not valid JSON ({err.msg}){fix}") from None
         if not isinstance(row, dict):
-            raise FileFault(f"the {what} {path} is damaged: line {number} is not a JSON object")
+            raise FileFault(f"the {what} {path} is damaged: line {number} is not a JSON object{fix}")
         rows.append(row)
         if limit is not None and len(rows) >= limit:
             break
     return rows
 
 
-def load_torch(path, what="checkpoint"):
-    """torch.load(weights_only=True) on the CPU; a truncated or foreign file is one sentence."""
+def load_torch(path, what="checkpoint", fix=None):
+    """torch.load(weights_only=True) on the CPU; a truncated or foreign file is one sentence (`fix`: the way out)."""
+    fix = f"; {fix}" if fix else ""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as err:
-        raise FileFault(f"cannot read the {what} {path}: {why(err)}") from None
+        if err.errno not in (None, errno.EINVAL):  # EINVAL: torch seeking in a truncated archive
+            raise FileFault(f"cannot read the {what} {path}: {why(err)}") from None
+        raise FileFault(f"the {what} {path} is damaged (truncated or not a checkpoint of this project: "
+                        f"{type(err).__name__}){fix}") from None
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError) as err:
         raise FileFault(f"the {what} {path} is damaged (truncated or not a checkpoint of this project: "
-                        f"{type(err).__name__})") from None
+                        f"{type(err).__name__}){fix}") from None
+
+
+META_KEYS = {"splits": dict, "labels": (list, type(None)), "metrics": list, "score": list, "max_length": int,
+             "max_target_length": int}  # what the later stages read from meta.json
 
 
 def load_meta(data_dir, task):
-    """data/<task>/meta.json, written by prepare_data.py."""
+    """data/<task>/meta.json, written by prepare_data.py, with the keys the later stages read."""
     path = Path(data_dir) / task / "meta.json"
     if not path.exists():
         raise FileFault(f"no {path}; run `python prepare_data.py --tasks {task} --out {data_dir}` first")
-    return read_json(path, "task description")
+    meta = read_json(path, "task description")
+    meta = meta if isinstance(meta, dict) else {}
+    bad = [k for k, kind in META_KEYS.items() if k not in meta or not isinstance(meta[k], kind)]
+    bad += [k for k in ("max_length", "max_target_length") if k not in bad and meta[k] < 1]
+    bad += [] if bad or (meta["score"] and set(meta["score"]) <= set(meta["metrics"])) else ["score"]
+    if bad:
+        raise FileFault(f"the task description {path} has a missing or wrong {', '.join(bad)}; rebuild it with "
+                        f"`python prepare_data.py --tasks {task} --out {data_dir} --overwrite`")
+    return meta
+
+
+def make_dir(path, what="folder"):
+    """mkdir -p with one sentence when it cannot be made (read-only disk, a file in the way)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FileFault(f"cannot create the {what} {path}: a file of that name is in the way") from None
+    except OSError as err:
+        raise FileFault(f"cannot create the {what} {path}: {why(err)}") from None
+    return path
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -121,12 +157,22 @@ def write_with(path, save):
         save(tmp)
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise FileFault(f"cannot write {path}: {why(err)}") from None
+        _remove(tmp)
+        reason = why(err)
+        if isinstance(err, FileNotFoundError) and not path.parent.is_dir():
+            reason = f"the folder {path.parent} does not exist"
+        raise FileFault(f"cannot write {path}: {reason}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     return path
+
+
+def _remove(path):
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a read-only folder: nothing was left in it either
+        pass
 
 
 def write_text(path, text):
@@ -147,15 +193,61 @@ def write_jsonl(path, rows):
 
 
 def save_torch(path, obj):
-    return write_with(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp):
+        failure = None
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a full disk as a RuntimeError
+            failure = (str(err).splitlines() or [""])[0]
+        if failure is not None:  # raised outside the except: its traceback would keep the writer's file open
+            space = os.statvfs(tmp.parent)
+            full = space.f_bavail * space.f_frsize < 2**20
+            raise OSError(errno.ENOSPC if full else errno.EIO,
+                          "No space left on device" if full else f"torch.save failed: {failure}")
+    return write_with(path, save)
+
+
+def write_folder(path, fill):
+    """A whole folder at once: `fill(tmp)` writes the files into a temporary folder beside `path`, which then
+    takes the place of the old folder. Any failure (a full disk, a bad value) leaves the old folder as it was."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileFault(f"cannot write the folder {path}: a file of that name is in the way")
+    tmp, old = path.with_name(f".{path.name}.{os.getpid()}.tmp"), path.with_name(f".{path.name}.{os.getpid()}.old")
+    try:
+        for p in (tmp, old):
+            shutil.rmtree(p, ignore_errors=True)  # left by a killed run
+        tmp.mkdir()
+        fill(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except OSError as err:
+        _restore(path, tmp, old)
+        raise FileFault(f"cannot write {path}: {why(err)}") from None
+    except BaseException:
+        _restore(path, tmp, old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _restore(path, tmp, old):
+    if old.exists() and not path.exists():
+        os.replace(old, path)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def locked(path):
     """An exclusive lock on `path`.lock (flock) for a read-check-append sequence of several processes."""
     lock_path = Path(f"{path}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
+    make_dir(lock_path.parent)
+    try:
+        f = open(lock_path, "a")
+    except OSError as err:
+        raise FileFault(f"cannot write {lock_path}: {why(err)}") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -166,14 +166,16 @@ def build_prompt_encoder(method, d_model, *, prompt_length=None, encoder="mlp", 
     _check("activation", activation, ACTIVATIONS)
     if method == "ft":
         return None
-    n = prompt_length or DEFAULTS["prompt_length"]
-    h = hidden_size or DEFAULTS["hidden_size"].get(method)
+    n = DEFAULTS["prompt_length"] if prompt_length is None else prompt_length  # None = default; 0 is an error
+    h = DEFAULTS["hidden_size"].get(method) if hidden_size is None else hidden_size
+    b = DEFAULTS["broadcast"].get(method) if broadcast is None else broadcast
+    for name, value in (("prompt_length", n), ("hidden_size", h), ("broadcast", b), ("depth", depth)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if method in ("ept", "ept_star"):
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
         vector = init_prompt(1, d_model, init, embedding, label_ids, generator)
-        return EPT(vector, h, broadcast or DEFAULTS["broadcast"][method], depth, layer_norm=layer_norm,
-                   residual=residual, activation=activation, extra_layer=bool(extra_layer))
+        return EPT(vector, h, b, depth, layer_norm=layer_norm, residual=residual, activation=activation,
+                   extra_layer=bool(extra_layer))
     table = init_prompt(n, d_model, init, embedding, label_ids, generator)
     if method == "pt":
         return PromptTuning(table)
@@ -274,6 +276,7 @@ def size_config(size, configs_dir=None):
     from transformers import T5Config
     folder = Path(configs_dir or "") / size
     if configs_dir and (folder / "config.json").exists():
+        files.read_json(folder / "config.json", "model configuration")  # damaged JSON: one sentence
         return T5Config.from_pretrained(folder)
     return T5Config(vocab_size=32128, d_kv=64, **SIZES[size])
 

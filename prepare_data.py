@@ -23,16 +23,17 @@ import functools
 import gzip
 import hashlib
 import json
-import os
 import random
 import re
-import shutil
 import sys
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import cli
+import files
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 # data
@@ -41,14 +42,14 @@ g.add_argument("--tasks", nargs="+", default=["all"],
                help="task names, group names (glue, superglue, mrqa, others) or 'all'")
 g.add_argument("--source", default=None, metavar="DIR",
                help="folder of official files, one sub-folder per task (docs/data.md); default: the Hub")
-g.add_argument("--data-seed", type=int, default=42, help="seed of the validation/test draws (Appendix B.1)")
+g.add_argument("--data-seed", type=cli.nonnegative_int, default=42, help="seed of the validation/test draws (Appendix B.1)")
 g.add_argument("--tokenizer", default="t5-base", metavar="NAME_OR_DIR",
                help="T5 tokenizer for token-length statistics and max_target_length")
 # few-shot (Table 3)
 g = parser.add_argument_group("few-shot (Table 3)")
-g.add_argument("--fewshot", nargs="*", type=int, default=[], metavar="K",
+g.add_argument("--fewshot", nargs="*", type=cli.positive_int, default=[], metavar="K",
                help="examples per class (in all for STS-B and MRQA); none by default")
-g.add_argument("--fewshot-seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5], metavar="S",
+g.add_argument("--fewshot-seeds", nargs="+", type=cli.nonnegative_int, default=[0, 1, 2, 3, 4, 5], metavar="S",
                help="one few-shot set per seed and K")
 # output
 g = parser.add_argument_group("output")
@@ -149,30 +150,62 @@ def read(path, parse, fmt="json", names=None):
     parse(record, n) returns a list of rows, n = the record's position. Errors name file and line.
     """
     rows, n = [], 0
-    with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                if fmt == "json":
-                    rec = json.loads(line)
-                else:
-                    fields = next(csv.reader([line], delimiter="\t" if fmt == "tsv" else ",",
-                                             quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL))
-                    if names is None:
-                        names = fields  # header line
-                        continue
-                    if len(fields) < len(names):
-                        raise ValueError(f"{len(fields)} columns, expected {len(names)}")
-                    rec = dict(zip(names, fields))
-                new = parse(rec, n)
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-                raise SystemExit(f"prepare_data: {path}:{lineno}: bad row ({type(e).__name__}: {e})") from None
-            for row in new:
-                row["_at"] = f"{path}:{lineno}"  # for error messages further down
-            rows += new
-            n += 1
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            if fmt == "json":
+                rec = json.loads(line)
+            else:
+                fields = next(csv.reader([line], delimiter="\t" if fmt == "tsv" else ",",
+                                         quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL))
+                if names is None:
+                    names = fields  # header line
+                    continue
+                if len(fields) < len(names):
+                    raise ValueError(f"{len(fields)} columns, expected {len(names)}")
+                rec = dict(zip(names, fields))
+            new = parse(rec, n)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, csv.Error) as e:
+            raise SystemExit(f"prepare_data: {path}:{lineno}: bad row ({type(e).__name__}: {e})") from None
+        for row in new:
+            row["_at"] = f"{path}:{lineno}"  # for error messages further down
+        rows += new
+        n += 1
     return rows
+
+
+def _opener(path):
+    return gzip.open if path.name.endswith(".gz") else open
+
+
+def _lines(path):
+    """(line number, text) of an official file, gzip or not. Bytes that are not UTF-8, a truncated .gz or an
+    unreadable file are one sentence naming the file (and the line and byte), never a traceback."""
+    lineno = 0
+    try:
+        with _opener(path)(path, "rt", encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                yield lineno, line
+    except UnicodeDecodeError:
+        raise SystemExit(f"prepare_data: {path}: {_first_bad_byte(path)} is not UTF-8; the file is damaged or in "
+                         "another encoding: convert it to UTF-8 or fetch it again") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; EOFError: a truncated .gz
+        reason = "it is truncated" if isinstance(e, EOFError) else files.why(e)
+        raise SystemExit(f"prepare_data: cannot read {path} (after line {lineno}): {reason}; fetch it again") from None
+
+
+def _first_bad_byte(path):
+    """'line L, byte B (0xXX)' of the first byte of `path` that is not UTF-8 (B counts from the file's start)."""
+    offset = 0
+    with _opener(path)(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {lineno}, byte {offset + e.start} (0x{raw[e.start]:02x})"
+            offset += len(raw)
+    return "a byte"
 
 
 def per_split(parse, fmt="json", names=None):
@@ -511,25 +544,13 @@ def jsonl(records):
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def write_task(out, name, files):
+def write_task(out, name, texts):
     """Write every file into a temporary folder beside out/<name>, then swap it in: a failure at any point
-    leaves the previous out/<name> as it was."""
-    tmp, old = out / f".{name}.{os.getpid()}.tmp", out / f".{name}.{os.getpid()}.old"
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)  # left by a killed run
-    try:
-        tmp.mkdir()
-        for fname, text in files.items():  # meta.json last: its presence marks a finished task
+    (a full disk included) leaves the previous out/<name> as it was."""
+    def fill(tmp):
+        for fname, text in texts.items():  # meta.json last: its presence marks a finished task
             (tmp / fname).write_text(text, encoding="utf-8")
-        if (out / name).exists():
-            os.replace(out / name, old)
-        os.replace(tmp, out / name)
-    except BaseException:
-        if old.exists() and not (out / name).exists():
-            os.replace(old, out / name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    files.write_folder(out / name, fill)
 
 
 def prepare(task, args, out):
@@ -552,16 +573,16 @@ def prepare(task, args, out):
     targets = sorted({r["target"] for records in splits.values() for r in records})
     max_target_length = max(len(ids) for ids in tokenizer(targets)["input_ids"])
 
-    files = {f"{name}.jsonl": jsonl(records) for name, records in splits.items()}
-    files.update({f"train_{key}.jsonl": jsonl(records) for key, records in shots.items()})
+    texts = {f"{name}.jsonl": jsonl(records) for name, records in splits.items()}
+    texts.update({f"train_{key}.jsonl": jsonl(records) for key, records in shots.items()})
     meta = {"task": task.name, "benchmark": task.benchmark, "task_type": TASK_TYPES[task.name], "source": source,
             "splits": {name: len(records) for name, records in splits.items()},
             "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
             "score": list(task.score), "max_length": task.max_length, "max_target_length": max_target_length,
             "data_seed": args.data_seed, "token_stats": stats,
             "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records)} for key, records in shots.items()}}
-    files["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    write_task(out, task.name, files)
+    texts["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+    write_task(out, task.name, texts)
 
     for name, records in splits.items():
         s = stats[name]
@@ -584,8 +605,7 @@ def main(argv=None):
                 parser.error(f"unknown task {t!r}; valid: {', '.join(TASKS)} (or all, {', '.join(GROUPS)})")
             if t not in names:
                 names.append(t)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = files.make_dir(args.out, "output folder")
     keys = {f"k{k}_seed{s}" for k in args.fewshot for s in args.fewshot_seeds}
     todo = []
     for name in names:  # decide every skip before any work, so a clash stops the run before it writes
@@ -593,8 +613,11 @@ def main(argv=None):
         if args.overwrite or not meta_path.exists():
             todo.append(name)
             continue
-        meta = json.loads(meta_path.read_text())
-        if meta["data_seed"] != args.data_seed or not keys <= set(meta["fewshot"]):
+        meta = files.read_json(meta_path, "task description")
+        if not isinstance(meta, dict) or not isinstance(meta.get("fewshot"), dict):
+            raise SystemExit(f"prepare_data: {meta_path} is not a task description of this project; "
+                             "pass --overwrite to rebuild it")
+        if meta.get("data_seed") != args.data_seed or not keys <= set(meta["fewshot"]):
             raise SystemExit(f"prepare_data: {out / name} was prepared with data seed {meta['data_seed']} and "
                              f"few-shot sets {sorted(meta['fewshot']) or 'none'}; pass --overwrite to rebuild it")
         print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")

@@ -12,10 +12,30 @@ from pathlib import Path
 
 import torch
 
+import files
+
 
 def _offline_error(what, name, err):
     return SystemExit(f"could not load the {what} {name!r} (the Hugging Face Hub is unreachable "
                       f"or the name is wrong); pass a local folder instead. ({type(err).__name__})")
+
+
+def local_folder(name_or_dir, what="model"):
+    """The folder `name_or_dir` names, or None for a Hub name. A file, or a path that does not exist (absolute,
+    relative with ./ or ../, or deeper than a Hub 'org/name'), is one sentence here, not a Hub lookup."""
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SystemExit(f"{name_or_dir} is a file; pass the {what} folder that holds it")
+    text = str(name_or_dir)
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+        raise SystemExit(f"no {what} folder {name_or_dir} (it does not exist); check the path")
+    return None
+
+
+def _first_line(err):
+    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def load_t5(name_or_dir, random_init=False, seed=0):
@@ -23,20 +43,29 @@ def load_t5(name_or_dir, random_init=False, seed=0):
     from transformers import T5Config, T5ForConditionalGeneration
     from transformers.utils import logging
     logging.disable_progress_bar()  # one bar per shard is noise in every log
+    folder = local_folder(name_or_dir)
+    if folder is not None:
+        if not (folder / "config.json").exists():
+            raise SystemExit(f"{name_or_dir} holds no config.json: it is not a T5 model folder")
+        files.read_json(folder / "config.json", "model configuration")  # damaged JSON: one sentence
     try:
         if random_init:
             config = T5Config.from_pretrained(name_or_dir)
             torch.manual_seed(seed)  # random weights are reproducible
             return T5ForConditionalGeneration(config)
         return T5ForConditionalGeneration.from_pretrained(name_or_dir)
-    except OSError as err:
-        folder = Path(name_or_dir)
-        if folder.is_dir() and (folder / "config.json").exists() and not random_init:
+    except Exception as err:  # the library's many error types, at the one boundary where files become a model
+        if isinstance(err, ValueError):  # a config.json that is not a T5's
+            raise SystemExit(f"{name_or_dir} does not hold a T5 model ({_first_line(err)})") from None
+        if folder is None:
+            if isinstance(err, OSError):
+                raise _offline_error("model", name_or_dir, err)
+            raise
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise SystemExit(f"{name_or_dir} has a config but no weights; "
                              "pass --random-init to build random weights from it (tests, speed only)")
-        raise _offline_error("model", name_or_dir, err)
-    except ValueError as err:  # a config.json that is not a T5's
-        raise SystemExit(f"{name_or_dir} does not hold a T5 model ({err})".split("\n")[0])
+        raise SystemExit(f"the model in {name_or_dir} cannot be loaded, its files are damaged or not a T5's "
+                         f"({type(err).__name__}: {_first_line(err)}); restore the folder") from None
 
 
 def _has_vocabulary(folder):
@@ -47,9 +76,9 @@ def load_tokenizer(name_or_dir, say=print):
     """The T5 tokenizer of a Hub name or a folder. A folder without a vocabulary (a bare config, as in
     ../shared/data/t5/t5-small) takes its parent's, and says so; with neither, it is an error."""
     from transformers import AutoTokenizer
-    folder = Path(name_or_dir)
+    folder = local_folder(name_or_dir, "tokenizer")
     candidate = name_or_dir
-    if folder.is_dir() and not _has_vocabulary(folder):
+    if folder is not None and not _has_vocabulary(folder):
         if not _has_vocabulary(folder.parent):
             raise SystemExit(f"{name_or_dir} holds no tokenizer (no tokenizer.json or spiece.model); "
                              "pass --tokenizer DIR with the T5 tokenizer")
@@ -57,8 +86,14 @@ def load_tokenizer(name_or_dir, say=print):
         say(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} (--tokenizer to choose)")
     try:
         tok = AutoTokenizer.from_pretrained(candidate)
-    except (OSError, ValueError, TypeError) as err:
-        raise _offline_error("tokenizer", name_or_dir, err)
+    except Exception as err:  # as in load_t5: the library's error types, at the boundary
+        if folder is None:
+            if isinstance(err, (OSError, ValueError, TypeError)):
+                raise _offline_error("tokenizer", name_or_dir, err)
+            raise
+        raise SystemExit(f"the tokenizer in {candidate} cannot be loaded, its files are damaged or not a "
+                         f"tokenizer's ({type(err).__name__}: {_first_line(err)}); pass --tokenizer DIR "
+                         "with the T5 tokenizer") from None
     for role, token in (("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
         if getattr(tok, role) is None:  # a bare tokenizer.json names no special tokens; T5's are fixed
             setattr(tok, role, token)
@@ -128,10 +163,12 @@ def make_tiny(out_dir, tokenizer=None, corpus_dir=None, seed=0, **overrides):
                       dropout_rate=0.1, **{**TINY, **overrides})
     torch.manual_seed(seed)
     t5 = T5ForConditionalGeneration(config)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t5.save_pretrained(out)
-    tok.save_pretrained(out)
+    out = files.make_dir(out_dir, "model folder")
+    try:
+        t5.save_pretrained(out)
+        tok.save_pretrained(out)
+    except OSError as err:
+        raise files.FileFault(f"cannot write the tiny model into {out}: {files.why(err)}") from None
     return out
 
 

@@ -23,6 +23,8 @@
 # every table and figure gets drawn.
 set -euo pipefail
 cd "$(dirname "$0")"
+# a failing stage stops the recipe with one line naming it (its own message is just above)
+trap 'echo "run_all.sh: stage failed (exit $?) at line $LINENO: $BASH_COMMAND; fix it and rerun (finished runs are skipped)" >&2' ERR
 
 NPROC=${NPROC:-1}
 DRY=${DRY_RUN:+--dry-run}
@@ -94,7 +96,7 @@ fi
 python analyze.py all --model $TAG --results-dir $RESULTS
 
 # --- Export: an EPT* prompt as a Hugging Face PEFT prompt-tuning adapter
-python export.py $RUNS/rte_ept_star_${TAG}_s0 $ROOT/exports/rte_ept_star_${TAG}
+python export.py $RUNS/rte_ept_star_${TAG}_s0 $ROOT/exports/rte_ept_star_${TAG} --overwrite  # a rerun re-exports
 
 # --- Report: every table (markdown + CSV) and figure (PNG) -> report/index.md; Table 5 from data/<task>/meta.json
 python report.py --results $RESULTS --out $REPORT

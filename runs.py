@@ -14,6 +14,28 @@ import files
 RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "metrics.json")
 
 
+CONFIG_KEYS = ("task", "method", "model", "tokenizer", "random_init", "seed", "data_dir", "max_length", "meta")
+
+
+def read_config(run_dir, keys=CONFIG_KEYS):
+    """A run's config.json holding `keys` (what the later stages rebuild the run from); one sentence if not."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise files.FileFault(f"no run folder {run_dir} ({'a file' if run_dir.exists() else 'it does not exist'}); "
+                              "pass a folder train.py wrote")
+    if not (run_dir / "config.json").exists():
+        raise files.FileFault(f"{run_dir} is not a run folder (no config.json); pass a folder train.py wrote")
+    config = files.read_json(run_dir / "config.json", "run configuration")
+    missing = [k for k in keys if not isinstance(config, dict) or k not in config]
+    if {"task", "method"} <= set(missing):
+        raise files.FileFault(f"{run_dir} is not a run folder (its config.json is not train.py's, a model's "
+                              "perhaps); pass a folder train.py wrote")
+    if missing:
+        raise files.FileFault(f"{run_dir / 'config.json'} is not a train.py run configuration (no "
+                              f"{', '.join(missing)}); pass a folder train.py wrote")
+    return config
+
+
 def status(run_dir):
     """'done' (metrics.json written), 'partial' (started: config.json) or 'todo'."""
     run_dir = Path(run_dir)
@@ -42,7 +64,8 @@ def finished(run_dir):
     if not (run_dir / "log.jsonl").exists() or not (run_dir / "config.json").exists():
         return False
     events = files.read_jsonl(run_dir / "log.jsonl", what="run log", torn_tail_ok=True)
-    no_test = files.read_json(run_dir / "config.json", "run configuration").get("no_test")
+    config = files.read_json(run_dir / "config.json", "run configuration")
+    no_test = isinstance(config, dict) and config.get("no_test")
     return bool(no_test and events and events[-1].get("event") == "end")
 
 

@@ -104,6 +104,9 @@ group.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="
 group.add_argument("--wandb", default=None, metavar="PROJECT", help="also log curves to Weights & Biases; needs wandb")
 
 
+CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score", "best_step"}
+
+
 class NonFiniteError(SystemExit):
     """A NaN/inf loss, gradient, prompt or weight: the run stops (exit status 1) with best.pt and the log intact."""
 
@@ -149,9 +152,7 @@ def open_run_folder(out_dir, resume, overwrite, say):
         raise SystemExit(f"train: {out_dir} has results but no last.pt to resume from; "
                          "pass --overwrite to train it again")
     if resume and existing:  # killed before its first checkpoint: nothing to continue
-        say(f"train: --resume, but {out_dir} has no last.pt yet: starting from scratch")
-        for f in existing:
-            (out_dir / f).unlink()
+        say(f"train: --resume, but {out_dir} has no last.pt yet: starting from scratch")  # start_log replaces them
     return None
 
 
@@ -159,7 +160,8 @@ def trim_log(path, step):
     """On resume: keep the events up to the checkpoint's step; what a killed run logged after it is redone
     (a half-written last line included)."""
     if path.exists():
-        keep = [e for e in files.read_jsonl(path, what="run log", torn_tail_ok=True)
+        keep = [e for e in files.read_jsonl(path, what="run log", torn_tail_ok=True,
+                                            fix="repair or delete that line, then --resume again")
                 if e.get("step", 0) <= step and e.get("event") != "end"]
         files.write_jsonl(path, keep)
 
@@ -167,14 +169,28 @@ def trim_log(path, step):
 def open_log(path, trackers):
     """log(event): one JSON line per event, flushed, and the same event to the optional trackers.
     No path (ranks other than 0): events go nowhere."""
-    f = open(path, "a", buffering=1) if path else None
+    try:
+        f = open(path, "a", buffering=1) if path else None
+    except OSError as err:
+        raise files.FileFault(f"train: cannot write {path}: {files.why(err)}") from None
 
     def log(event):
         if f:
-            f.write(json.dumps(event) + "\n")
+            try:
+                f.write(json.dumps(event) + "\n")
+            except OSError as err:  # a full disk mid-run: one sentence; a torn last line is dropped on --resume
+                raise files.FileFault(f"train: cannot write {path}: {files.why(err)}; free space, then "
+                                      "--resume") from None
         for track in trackers:
             track(event)
-    log.close = f.close if f else (lambda: None)
+
+    def close():
+        try:
+            if f:
+                f.close()
+        except OSError as err:  # the last buffered line could not be written
+            raise files.FileFault(f"train: cannot write {path}: {files.why(err)}") from None
+    log.close = close
     return log
 
 
@@ -238,21 +254,7 @@ def prepare_if_missing(data_dir, task, tokenizer, say):
     prepare_data.main(["--tasks", task, "--out", str(data_dir), "--tokenizer", tokenizer])
 
 
-def check_split(meta, name, examples, path, limited):
-    """A split file must still match its meta.json: row count (unless limited) and targets in the label set."""
-    if not examples:
-        raise SystemExit(f"train: {path} is empty; the best checkpoint would be chosen by chance. "
-                         "Rebuild the task with prepare_data.py --overwrite")
-    expected = meta.get("splits", {}).get(name) if name in ("train", "validation", "test") else \
-        meta.get("fewshot", {}).get(name, {}).get("size")
-    if not limited and expected is not None and expected != len(examples):
-        raise SystemExit(f"train: {path} has {len(examples)} rows but meta.json says {expected}; the data was "
-                         "edited or half-copied: rebuild it with prepare_data.py --overwrite")
-    labels = meta.get("labels")
-    bad = next((e["target"] for e in examples if labels and e["target"] not in labels), None)
-    if bad is not None:
-        raise SystemExit(f"train: {path} has the target {bad!r}, outside the task's labels {labels}; "
-                         "rebuild it with prepare_data.py --overwrite")
+check_split = B.check_split  # a split file against its meta.json (batching.py)
 
 
 class TrainData:
@@ -469,6 +471,7 @@ def load_task(args, ranks, say):
     if ranks.world_size > 1:
         dist.barrier()
     meta = files.load_meta(args.data_dir, args.task)
+    E.check_metrics(meta, Path(args.data_dir) / args.task / "meta.json")
     if args.eval_mode == "rank" and not meta.get("labels"):
         raise SystemExit(f"train: --eval-mode rank needs a label set; {args.task} has open targets")
     args.max_length = args.max_length or meta["max_length"]
@@ -482,6 +485,9 @@ def load_task(args, ranks, say):
     check_split(meta, split, train_examples, train_file, args.max_train_examples is not None)
     val_examples, val_src, _ = B.load_split(folder / "validation.jsonl", tokenizer, args.max_length, args.max_eval_examples)
     check_split(meta, "validation", val_examples, folder / "validation.jsonl", args.max_eval_examples is not None)
+    if not args.no_test:  # checked now, not after hours of training
+        check_split(meta, "test", files.read_jsonl(folder / "test.jsonl", args.max_eval_examples, what="split file"),
+                    folder / "test.jsonl", args.max_eval_examples is not None)
     return SimpleNamespace(tokenizer=tokenizer, meta=meta, folder=folder, train_file=train_file,
                            data=TrainData(train_src, train_tgt, tokenizer.pad_token_id),
                            lengths=[len(s) + len(t) for s, t in zip(train_src, train_tgt)],  # real tokens per example
@@ -522,13 +528,24 @@ def build_run(args, task, ranks, resume_path, say):
                           grad_accum_steps=math.ceil(per_rank / min(args.micro_batch_size or per_rank, per_rank)),
                           steps_per_epoch=steps_per_epoch, resumed=resume_path is not None)
     if resume_path:
-        ckpt = files.load_torch(resume_path)
+        ckpt = files.load_torch(resume_path, fix="pass --overwrite to start over")
+        if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+            raise files.FileFault(f"train: {resume_path} is not a training checkpoint (it lacks "
+                                  f"{', '.join(sorted(CHECKPOINT_KEYS - set(ckpt if isinstance(ckpt, dict) else ())))}); "
+                                  "pass --overwrite to start over")
         if ckpt["step"] > args.max_steps:
             raise SystemExit(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps {args.max_steps}; "
                              "resume with the same or a larger --max-steps, or --overwrite to start over")
-        raw_model.load_trainable_state_dict(ckpt["trainable"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        try:
+            raw_model.load_trainable_state_dict(ckpt["trainable"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"train: {resume_path} holds another model or optimizer than these settings build "
+                             f"({type(err).__name__}); resume with the run's own --method and prompt options "
+                             f"(its config.json), or --overwrite to start over") from None
+        if not weights_finite(run.params):
+            raise SystemExit(f"train: {resume_path} holds NaN or inf weights; --overwrite to start over")
         run.step, run.best_score, run.best_step = ckpt["step"], ckpt["best_score"], ckpt["best_step"]
         run.order = DataOrder(len(task.data), args.seed, args.batch_size, run.order.lengths, **ckpt["data"])
         run.rng = ckpt["rng"][ranks.rank] if len(ckpt["rng"]) == ranks.world_size else None
@@ -551,13 +568,19 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say):
     if ranks.master:
         if resume_path and (out_dir / "config.json").exists():
             before = files.read_json(out_dir / "config.json", "run configuration")
+            before = before if isinstance(before, dict) else {}
             changed = {k: (before.get(k), v) for k, v in run.config.items() if before.get(k) != v and k != "resume"}
             if changed:
                 say(f"train: resuming with changed settings (was, now): {changed}")
         trackers = open_trackers(args, out_dir, run.config)
-        files.write_json(out_dir / "config.json", run.config)
-        if resume_path:
+        for name in runs.RUN_FILES:  # temporary files of a writer killed mid-save (files.write_with); we hold the lock
+            for tmp in out_dir.glob(f".{name}.tmp*"):
+                tmp.unlink(missing_ok=True)
+        if resume_path:  # the log first: a damaged one stops the resume before config.json changes
             trim_log(out_dir / "log.jsonl", run.step)
+        else:  # a fresh start: the log of a run killed before its first checkpoint goes only now
+            (out_dir / "log.jsonl").unlink(missing_ok=True)
+        files.write_json(out_dir / "config.json", run.config)
         log = open_log(out_dir / "log.jsonl", trackers)
     log({"event": "resume" if resume_path else "setup", "step": run.step, "device": ranks.device,
          "world_size": ranks.world_size, "dtype": args.dtype, "n_trainable": run.config["n_trainable"],
@@ -584,6 +607,8 @@ def train_loop(args, out_dir, task, run, log, ranks):
         seed_everything(args.seed + ranks.rank + 1_000_003 * step)  # fresh run: seed + rank
 
     def checkpoint(*names):
+        if not weights_finite(run.params):  # never a NaN/inf state on disk (full fine-tuning can get there)
+            stop(["weights"], scheduler.get_last_lr()[0])
         rngs = [rng_state()]
         if ranks.world_size > 1:
             rngs = [None] * ranks.world_size

@@ -7,6 +7,7 @@ Offline: the Hub is replaced by a fake `datasets.load_dataset`. Needs the real T
 ../shared/data/t5 (skips without it); the split-size test also needs ../shared/data/raw.
 """
 import csv
+import errno
 import gzip
 import json
 import shutil
@@ -17,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import files  # noqa: E402
 import prepare_data  # noqa: E402
 from prepare_data import GROUPS, TASKS, main, pad_punctuation, to_records  # noqa: E402
 
@@ -376,10 +378,10 @@ def test_failed_run_leaves_prepared_data_intact(broken, tmp_path, monkeypatch):
     assert snapshot(out) == before
     (broken / "cb/val.jsonl").write_text((FIXTURES / "cb/val.jsonl").read_text())
 
-    def replace(src, dst):  # the swap itself fails
-        raise OSError("disk full")
-    monkeypatch.setattr(prepare_data.os, "replace", replace)
-    with pytest.raises(OSError, match="disk full"):
+    def replace(src, dst):  # the swap itself fails: one sentence, not a traceback
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(SystemExit, match=r"cannot write .*cb: the disk is full"):
         run("--tasks", "cb", "--out", out, "--overwrite", "--data-seed", 3, source=broken)
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["cb"]
 
