@@ -82,7 +82,7 @@ def _defaults(method):
     return {**{key: getattr(args, key) for key, _ in NAME_TAGS}, "fewshot_seed": None}
 
 
-NAME_TAGS = [("prompt_length", "n"), ("encoder", ""), ("hidden_size", "h"), ("broadcast", "b"), ("depth", "d"),
+NAME_TAGS = [("prompt_length", "n"), ("reparam", ""), ("hidden_size", "h"), ("broadcast", "b"), ("depth", "d"),
              ("extra_layer", "x1"), ("init", "init-"), ("layer_norm", "ln"), ("residual", "res"), ("activation", ""),
              ("lr", "lr"), ("max_steps", "steps"), ("epochs", "ep"), ("eval_every", "ev"), ("fewshot_k", "k"),
              ("fewshot_seed", "fs")]
@@ -144,6 +144,7 @@ def result_row(experiment, spec, run_dir, extra_fields=None):
     """One results row: the full configuration, the test metrics, parameters and prompt norms."""
     run_dir = Path(run_dir)
     config = files.read_json(run_dir / "config.json", "run configuration")
+    config = {**config, **M.prompt_options(config)}  # older runs' option names and missing options
     metrics = files.read_json(run_dir / "metrics.json", "test metrics")
     norm, n_inference = prompt_stats(run_dir)
     val_score, best_step, last_norm = log_stats(run_dir)

@@ -91,7 +91,7 @@ group.add_argument("--tokenizer", default=None, help="Hub name or folder of the 
 group.add_argument("--random-init", action="store_true", help="random T5 weights from the config (speed only)")
 group.add_argument("--method", default="ept", choices=M.METHODS, help="ft = full fine-tuning, else a prompt method")
 group.add_argument("--prompt-length", type=int, default=10, help="prompt rows n for pt/ptuning/resprompt")
-group.add_argument("--encoder", default="mlp", choices=M.ENCODERS, help="ptuning's reparameterization network")
+group.add_argument("--reparam", default="mlp", choices=M.REPARAMS, help="ptuning's reparameterization network")
 # optimisation
 group = parser.add_argument_group("optimisation")
 group.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (the paper's 16)")
@@ -248,7 +248,7 @@ class TrainConfig:
 
     def __init__(self, name, label, batches, pad_to, raw_model, init_state, lr, seed, device):
         self.name, self.label, self.batches, self.pad_to = name, label, batches, pad_to
-        self.attr = "t5" if raw_model.prompt_encoder is None else "prompt_encoder"
+        self.attr = "t5" if raw_model.prompt_module is None else "prompt_module"
         self.module = copy.deepcopy(getattr(raw_model, self.attr))
         self.module.load_state_dict(init_state)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -279,7 +279,7 @@ class TrainConfig:
 def measure_train_memory(batches, pad_to, raw_model, model, init_state, args, lr):
     """Peak memory of one config alone: a fresh optimizer, two steps on its largest padded batch (the
     optimizer state appears at the first step, the steady peak at the second), on the shared model itself."""
-    attr = "t5" if raw_model.prompt_encoder is None else "prompt_encoder"
+    attr = "t5" if raw_model.prompt_module is None else "prompt_module"
     src, tgt = args["source_ids"], args["target_ids"]
     big = max(batches, key=lambda b: len(b) * (max(pad_to[0] or 0, max(len(src[i]) for i in b))
                                                 + max(pad_to[1] or 0, max(len(tgt[i]) for i in b))))
@@ -442,12 +442,12 @@ def main(argv=None):
     if args.dropout is not None:  # as train.py --dropout
         train.set_dropout(t5, args.dropout)
     torch.manual_seed(args.seed)
-    encoder = M.build_prompt_encoder(args.method, t5.config.d_model, prompt_length=args.prompt_length,
-                                     encoder=args.encoder, embedding=t5.get_input_embeddings().weight,
+    module = M.build_prompt_module(args.method, t5.config.d_model, prompt_length=args.prompt_length,
+                                     reparam=args.reparam, embedding=t5.get_input_embeddings().weight,
                                      generator=torch.Generator().manual_seed(args.seed))
-    raw_model = M.PromptedT5(t5, encoder).to(device)
+    raw_model = M.PromptedT5(t5, module).to(device)
     raw_model.train()  # T5's dropout active, as in train.py
-    n_prompt = 0 if encoder is None else encoder().size(0)
+    n_prompt = 0 if module is None else module().size(0)
     init_state = {k: v.cpu() for k, v in raw_model.trainable_state_dict().items()}  # on CPU: not in the GPU peak
     peak, peak_source = peak_tflops(device, dtype, args.peak_tflops)
     result = {"args": vars(args), "machine": machine(device), "dtype": dtype, "n_trainable": M.count_trainable(raw_model),
@@ -459,7 +459,7 @@ def main(argv=None):
     if not args.skip_train:
         model = torch.compile(raw_model) if args.compile else raw_model
         shared = dict(source_ids=train_src, target_ids=train_tgt, pad_id=pad_id, amp=amp, device=device)
-        original = raw_model.t5 if encoder is None else raw_model.prompt_encoder
+        original = raw_model.t5 if module is None else raw_model.prompt_module
         names = (("own_longest", "(a) pad to batch's longest"), ("group_by_length", "(b) (a) + --group-by-length"),
                  ("pad_to_max_length", f"(c) reference: pad to {max_length}"))
         specs = ((as_batches(timed), (None, None)), (as_batches(grouped), (None, None)), (as_batches(timed), pad_max))
@@ -479,7 +479,7 @@ def main(argv=None):
         for j in range(args.steps):  # interleaved: a load spike on a shared machine hits every config alike
             for cfg in configs:
                 cfg.step(cfg.batches[j], raw_model, model, shared, timed=True)
-        rows = [train_row(cfg, shared, n_prompt, encoder is None, t5.config) for cfg in configs]
+        rows = [train_row(cfg, shared, n_prompt, module is None, t5.config) for cfg in configs]
         setattr(raw_model, configs[0].attr, original)
         del configs, cfg  # free the copies (and their optimizer state) before measuring memory config by config
         for row, (batches, pad_to) in zip(rows, specs):
@@ -492,7 +492,7 @@ def main(argv=None):
                                      (rows[1], B.epoch_order(n, args.seed, 0, bs, lengths), (None, None)),
                                      (rows[2], B.epoch_order(n, args.seed, 0, bs), pad_max)):
             row["epoch_padding_fraction"] = padding_fraction(as_batches(order_e), train_src, train_tgt, pad_to)
-        result["train_flop_ceiling"] = flop_ceiling(t5.config, train_src, train_tgt, n_prompt, encoder is None, pad_max)
+        result["train_flop_ceiling"] = flop_ceiling(t5.config, train_src, train_tgt, n_prompt, module is None, pad_max)
         ref = rows[-1]
         for row in rows[:-1]:
             result["speedups"][f"train {row['config']}"] = row["examples_per_s"] / ref["examples_per_s"]

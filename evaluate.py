@@ -314,12 +314,12 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
                 raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; the run has not "
                                       "finished a validation yet")
             try:
-                encoder = M.build_prompt_encoder(config["method"], t5.config.d_model, **M.prompt_options(config))
+                module = M.build_prompt_module(config["method"], t5.config.d_model, **M.prompt_options(config))
             except ValueError as err:
                 raise files.FileFault(f"{run_dir / 'config.json'} has a wrong prompt option ({err})") from None
-            load_state(encoder, files.load_torch(state_path), state_path)
+            load_state(module, files.load_torch(state_path), state_path)
             with torch.no_grad():
-                prompt = encoder().detach()
+                prompt = module().detach()
         prompt = torch.as_tensor(prompt, dtype=torch.float32)
         if not torch.isfinite(prompt).all():
             raise SystemExit(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")

@@ -43,7 +43,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("run_dir", help="a run folder written by train.py (a prompt method, not ft)")
 parser.add_argument("out_dir", help="the adapter folder to write")
 parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
-                    help="best: prompt.pt as saved; last: fold last.pt's prompt encoder once")
+                    help="best: prompt.pt as saved; last: fold last.pt's prompt module once")
 parser.add_argument("--base-model", default=None,
                     help="base_model_name_or_path to write (default: the run's --model)")
 parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing adapter folder")
@@ -61,7 +61,7 @@ def t5_dimensions(name_or_dir):
 
 
 def folded_prompt(run_dir, checkpoint="best"):
-    """P' (n, d) float32 of a run: prompt.pt, or the prompt encoder of last.pt run once."""
+    """P' (n, d) float32 of a run: prompt.pt, or the prompt module of last.pt run once."""
     run_dir = Path(run_dir)
     if checkpoint == "best":
         if not (run_dir / "prompt.pt").exists():

@@ -1,4 +1,4 @@
-"""Every method of the paper as a prompt encoder in front of a frozen Hugging Face T5.
+"""Every method of the paper as a prompt module in front of a frozen Hugging Face T5.
 
 A prompt method builds a matrix P' (n, d) from its trainable parameters; `PromptedT5.embed`
 prepends it to T5's encoder input embeddings and extends the attention mask with n ones.
@@ -20,7 +20,7 @@ import torch.nn as nn
 import files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
-ENCODERS = ("mlp", "lstm")
+REPARAMS = ("mlp", "lstm")
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 INITS = ("uniform", "vocab", "label")
 # "vocab" init (Table 6) follows Lester et al. 2021: token ids drawn from the 5,000 most frequent pieces.
@@ -73,19 +73,19 @@ class PromptTuning(nn.Module):
 class PTuning(nn.Module):
     """Liu et al. 2021 as in HF PEFT: P' = MLP(P) per token, or an LSTM-then-MLP head."""
 
-    def __init__(self, table, encoder="mlp"):
+    def __init__(self, table, reparam="mlp"):
         super().__init__()
         d = table.size(1)
         self.prompt = nn.Parameter(table)  # (n, d)
-        self.encoder = encoder
-        if encoder == "mlp":  # PEFT default: 3 Linear layers with bias, ReLU between
+        self.reparam = reparam
+        if reparam == "mlp":  # PEFT default: 3 Linear layers with bias, ReLU between
             self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
         else:  # PEFT LSTM variant: 2-layer biLSTM (hidden d), then Linear(2d,2d) -> ReLU -> Linear(2d,d)
             self.lstm = nn.LSTM(d, d, num_layers=2, bidirectional=True, batch_first=True)
             self.mlp = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
 
     def forward(self):
-        if self.encoder == "mlp":
+        if self.reparam == "mlp":
             return self.mlp(self.prompt)
         return self.mlp(self.lstm(self.prompt.unsqueeze(0))[0].squeeze(0))  # (n, 2d) -> (n, d)
 
@@ -157,12 +157,12 @@ class FoldedPrompt(nn.Module):
         return self.folded
 
 
-def build_prompt_encoder(method, d_model, *, prompt_length=None, encoder="mlp", hidden_size=None,
+def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", hidden_size=None,
                          broadcast=None, layer_norm=False, residual=False, activation="none", depth=1,
                          extra_layer=False, init="uniform", embedding=None, label_ids=None, generator=None):
     """The trainable prompt module of `method`; None for full fine-tuning."""
     _check("method", method, METHODS)
-    _check("encoder", encoder, ENCODERS)
+    _check("reparam", reparam, REPARAMS)
     _check("activation", activation, ACTIVATIONS)
     if method == "ft":
         return None
@@ -180,21 +180,21 @@ def build_prompt_encoder(method, d_model, *, prompt_length=None, encoder="mlp", 
     if method == "pt":
         return PromptTuning(table)
     if method == "ptuning":
-        return PTuning(table, encoder)
+        return PTuning(table, reparam)
     return ResPrompt(table, h)
 
 
 class PromptedT5(nn.Module):
     """A T5 whose encoder input is [P'; embed(input_ids)]; frozen unless there is no prompt."""
 
-    def __init__(self, t5, prompt_encoder=None):
+    def __init__(self, t5, prompt_module=None):
         super().__init__()
         self.t5 = t5
-        self.prompt_encoder = prompt_encoder
-        t5.requires_grad_(prompt_encoder is None)  # `ft` trains T5; prompt methods freeze it
+        self.prompt_module = prompt_module
+        t5.requires_grad_(prompt_module is None)  # `ft` trains T5; prompt methods freeze it
 
     def prompt(self):
-        return None if self.prompt_encoder is None else self.prompt_encoder()  # (n, d)
+        return None if self.prompt_module is None else self.prompt_module()  # (n, d)
 
     def embed(self, input_ids, attention_mask, prompt=None):
         """Encoder inputs: prompt rows first, mask extended with ones. The one place P' enters."""
@@ -217,12 +217,12 @@ class PromptedT5(nn.Module):
         return self.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
     def trainable_state_dict(self):
-        """What a checkpoint needs: the prompt encoder, or all of T5 for `ft`."""
-        module = self.t5 if self.prompt_encoder is None else self.prompt_encoder
+        """What a checkpoint needs: the prompt module, or all of T5 for `ft`."""
+        module = self.t5 if self.prompt_module is None else self.prompt_module
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     def load_trainable_state_dict(self, state):
-        module = self.t5 if self.prompt_encoder is None else self.prompt_encoder
+        module = self.t5 if self.prompt_module is None else self.prompt_module
         module.load_state_dict(state)
 
 
@@ -245,14 +245,16 @@ def load_folded_prompt(path):
     return state["prompt"], state.get("meta", {})
 
 
-# The options of build_prompt_encoder, named as train.py's flags and config.json's keys, with their
+# The options of build_prompt_module, named as train.py's flags and config.json's keys, with their
 # defaults: a run folder written before an option existed is rebuilt with the option's default.
-PROMPT_OPTIONS = {"prompt_length": None, "encoder": "mlp", "hidden_size": None, "broadcast": None,
+PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, "broadcast": None,
                   "layer_norm": False, "residual": False, "activation": "none", "depth": 1, "extra_layer": False}
 
 
 def prompt_options(config):
-    """The build_prompt_encoder options recorded in a run's config.json."""
+    """The build_prompt_module options recorded in a run's config.json. Run folders written before the
+    P-Tuning network was called `reparam` name it `encoder`."""
+    config = {"reparam": config["encoder"], **config} if "encoder" in config else config
     return {k: config.get(k, default) for k, default in PROMPT_OPTIONS.items()}
 
 
@@ -262,13 +264,13 @@ def prompt_options(config):
 SIZES = {"t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8),
          "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12),
          "t5-large": dict(d_model=1024, d_ff=4096, num_layers=24, num_heads=16)}
-VARIANTS = [("ft", {}), ("ptuning", {}), ("ptuning", {"encoder": "lstm"}), ("resprompt", {}),
+VARIANTS = [("ft", {}), ("ptuning", {}), ("ptuning", {"reparam": "lstm"}), ("resprompt", {}),
             ("pt", {}), ("ept", {}), ("ept_star", {})]
 TABLE4_VARIANTS = [("ept", {"extra_layer": True})]  # Table 4's EPT/EPT*: one extra 1x1 layer (§5.4), 2.3K on base
 
 
 def variant_label(method, options):
-    return method + ("-lstm" if options.get("encoder") == "lstm" else "") + ("+layer" if options.get("extra_layer") else "")
+    return method + ("-lstm" if options.get("reparam") == "lstm" else "") + ("+layer" if options.get("extra_layer") else "")
 
 
 def size_config(size, configs_dir=None):
@@ -290,7 +292,7 @@ def parameter_table(configs_dir=None, variants=None):
         config = size_config(size, configs_dir)
         with torch.device("meta"):
             table[size] = {variant_label(m, o): count_trainable(
-                PromptedT5(T5ForConditionalGeneration(config), build_prompt_encoder(m, config.d_model, **o)))
+                PromptedT5(T5ForConditionalGeneration(config), build_prompt_module(m, config.d_model, **o)))
                 for m, o in variants}
     return table
 

@@ -61,7 +61,7 @@ group.add_argument("--random-init", action="store_true", help="random T5 weights
 group.add_argument("--method", default="ept", choices=M.METHODS, help="ft = full fine-tuning, else a prompt method")
 group.add_argument("--prompt-length", type=cli.positive_int, default=M.DEFAULTS["prompt_length"],
                    help="prompt rows n for pt/ptuning/resprompt")
-group.add_argument("--encoder", default="mlp", choices=M.ENCODERS, help="ptuning's reparameterization network")
+group.add_argument("--reparam", default="mlp", choices=M.REPARAMS, help="ptuning's reparameterization network")
 group.add_argument("--hidden-size", type=cli.positive_int, default=None, help="EPT h / ResPrompt bottleneck (default: 1 / 400)")
 group.add_argument("--broadcast", type=cli.positive_int, default=None, help="EPT rows n (default: 1 ept, 10 ept_star)")
 group.add_argument("--layer-norm", action="store_true", help="EPT ablation: LayerNorm after the up layer (Figure 9)")
@@ -510,7 +510,7 @@ def build_run(args, task, ranks, resume_path, say):
     if args.init == "label" and not labels:
         raise SystemExit(f"train: --init label needs a task with a label set; {args.task} has none")
     torch.manual_seed(args.seed)  # default-initialised layers (Linear, LSTM) are seeded too
-    prompt_module = M.build_prompt_encoder(
+    prompt_module = M.build_prompt_module(
         args.method, t5.config.d_model, **M.prompt_options(vars(args)), init=args.init,
         embedding=t5.get_input_embeddings().weight,
         label_ids=B.label_token_ids(task.tokenizer, labels) if labels else None,

@@ -201,7 +201,7 @@ def test_export_writes_what_peft_loads(grid, tiny_model_dir, tmp_path):
                                ours(ids, mask, labels=labels).loss, rtol=0, atol=0)
 
     last = tmp_path / "adapter_last"
-    export.main([str(run), str(last), "--checkpoint", "last"])  # folds last.pt's encoder once
+    export.main([str(run), str(last), "--checkpoint", "last"])  # folds last.pt's prompt module once
     assert export.load_adapter(last)[1].shape == (10, 32)
 
 

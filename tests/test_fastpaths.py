@@ -74,8 +74,8 @@ def toy(data_dir, tiny_model_dir):
 def prompted(tiny_model_dir, method, seed=0):
     t5 = no_dropout(pretrained.load_t5(str(tiny_model_dir)))
     torch.manual_seed(seed)
-    encoder = M.build_prompt_encoder(method, t5.config.d_model, generator=torch.Generator().manual_seed(seed))
-    return M.PromptedT5(t5, encoder).train()  # train mode, as train.py: only the dropout rate is 0
+    module = M.build_prompt_module(method, t5.config.d_model, generator=torch.Generator().manual_seed(seed))
+    return M.PromptedT5(t5, module).train()  # train mode, as train.py: only the dropout rate is 0
 
 
 # --- training: padding and ordering --------------------------------------------------------------------
@@ -111,12 +111,12 @@ def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_di
     so rounding-level gradient differences grow with each step, more through EPT's product P1 W_down W_up."""
     tok, src, tgt, _ = toy
     net = prompted(tiny_model_dir, method)
-    start = copy.deepcopy(net.prompt_encoder.state_dict())
+    start = copy.deepcopy(net.prompt_module.state_dict())
     initial = net.prompt().detach().clone()
     prompts, losses = [], []
     for pad_to in ((None, None), (MAX_LENGTH, 6)):
-        net.prompt_encoder.load_state_dict(start)
-        params = [p for p in net.prompt_encoder.parameters()]
+        net.prompt_module.load_state_dict(start)
+        params = [p for p in net.prompt_module.parameters()]
         optimizer, scheduler = train.make_optimizer(params, 0.3, 0.01, False, 100)
         data = bench.PaddedData(src, tgt, tok.pad_token_id, pad_to)
         run = [train.train_step(net, net, optimizer, scheduler, list(range(8 * k, 8 * k + 8)), data,
@@ -316,7 +316,7 @@ def test_compile_gives_the_eager_loss_and_gradients(toy, tiny_model_dir):
                 batch = [t.cuda() for t in B.collate(idx, src, tgt, tok.pad_token_id)]
                 nll = train.token_nll(model, net.t5._shift_right, *batch, nullcontext())
                 nll.backward()
-                out.append((nll.item(), net.prompt_encoder.prompt.grad.clone()))
+                out.append((nll.item(), net.prompt_module.prompt.grad.clone()))
         for k in range(2, len(out)):
             ref_loss, ref_grad = out[k % 2]
             assert out[k][0] == pytest.approx(ref_loss, rel=1e-4)

@@ -186,9 +186,9 @@ def test_a_wrong_flag_is_one_argparse_error(module, args, tmp_path, capsys):
 def test_zero_is_never_the_default_in_the_prompt_builder():
     for option in ("prompt_length", "hidden_size", "broadcast", "depth"):
         with pytest.raises(ValueError, match=f"{option} must be an integer >= 1"):
-            M.build_prompt_encoder("ept_star" if option != "prompt_length" else "pt", 8, **{option: 0})
-    assert M.build_prompt_encoder("ept_star", 8)().shape == (10, 8)  # None: the paper's defaults
-    assert M.build_prompt_encoder("pt", 8, prompt_length=3)().shape == (3, 8)
+            M.build_prompt_module("ept_star" if option != "prompt_length" else "pt", 8, **{option: 0})
+    assert M.build_prompt_module("ept_star", 8)().shape == (10, 8)  # None: the paper's defaults
+    assert M.build_prompt_module("pt", 8, prompt_length=3)().shape == (3, 8)
 
 
 # --- paths: missing, wrong kind, not what the stage expects ----------------------------------------

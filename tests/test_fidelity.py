@@ -71,14 +71,14 @@ def test_table4_extra_layer_counts_the_papers_2_3k():
     table = M.parameter_table(None, M.TABLE4_VARIANTS)
     assert {size: table[size]["ept+layer"] for size in table} == {"t5-small": 1537, "t5-base": 2305, "t5-large": 3073}
     for method in ("ept", "ept_star"):
-        enc = M.build_prompt_encoder(method, 768, extra_layer=True)
+        enc = M.build_prompt_module(method, 768, extra_layer=True)
         assert M.count_trainable(enc) == 2305 and report.human(2305) == "2.3K"
-        assert M.count_trainable(M.build_prompt_encoder(method, 768, depth=2)) == 3840  # --depth: whole blocks
+        assert M.count_trainable(M.build_prompt_module(method, 768, depth=2)) == 3840  # --depth: whole blocks
     assert report.human(3840) == "3.8K"
 
 
 def test_extra_layer_sits_between_down_and_up_and_trains():
-    enc = M.build_prompt_encoder("ept_star", 16, extra_layer=True, generator=torch.Generator().manual_seed(0))
+    enc = M.build_prompt_module("ept_star", 16, extra_layer=True, generator=torch.Generator().manual_seed(0))
     blk = enc.blocks[0]
     assert blk.extra.weight.shape == (1, 1)
     p = enc()
@@ -87,7 +87,7 @@ def test_extra_layer_sits_between_down_and_up_and_trains():
     p.pow(2).sum().backward()
     assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in enc.parameters())
     # the default EPT has no extra tensor: checkpoints written before the option load unchanged
-    assert set(M.build_prompt_encoder("ept", 16).state_dict()) == {"prompt", "blocks.0.down.weight", "blocks.0.up.weight"}
+    assert set(M.build_prompt_module("ept", 16).state_dict()) == {"prompt", "blocks.0.down.weight", "blocks.0.up.weight"}
 
 
 def test_table4_report_params_cell_reads_2_3k(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 import model
-from model import METHODS, FoldedPrompt, PromptedT5, build_prompt_encoder, count_trainable
+from model import METHODS, FoldedPrompt, PromptedT5, build_prompt_module, count_trainable
 import pretrained
 
 # docs/paper.md, "Methods": the paper's Param column, reproduced exactly.
@@ -48,7 +48,7 @@ def test_parameter_counts_without_config_folders():
 
 @pytest.mark.parametrize("method", METHODS[1:])
 def test_prompt_shape_and_every_parameter_gets_a_gradient(method):
-    m = PromptedT5(tiny_t5(), build_prompt_encoder(method, TINY.d_model))
+    m = PromptedT5(tiny_t5(), build_prompt_module(method, TINY.d_model))
     n = 1 if method == "ept" else 10
     assert m.prompt().shape == (n, TINY.d_model)
     ids, mask, labels = batch()
@@ -59,10 +59,10 @@ def test_prompt_shape_and_every_parameter_gets_a_gradient(method):
 
 
 def test_parameters_registered_in_forward_order():
-    enc = build_prompt_encoder("resprompt", TINY.d_model)
+    enc = build_prompt_module("resprompt", TINY.d_model)
     assert [k for k, _ in enc.named_parameters()] == [
         "prompt", "down.weight", "down.bias", "up.weight", "up.bias", "norm.weight", "norm.bias"]
-    enc = build_prompt_encoder("ept", TINY.d_model)
+    enc = build_prompt_module("ept", TINY.d_model)
     assert [k for k, _ in enc.named_parameters()] == ["prompt", "blocks.0.down.weight", "blocks.0.up.weight"]
 
 
@@ -95,15 +95,15 @@ def adamw_steps(m, steps=3):
 
 @pytest.mark.parametrize("method", ["pt", "ptuning", "resprompt", "ept", "ept_star"])
 def test_training_moves_only_the_prompt(method):
-    m = PromptedT5(tiny_t5(), build_prompt_encoder(method, TINY.d_model))
+    m = PromptedT5(tiny_t5(), build_prompt_module(method, TINY.d_model))
     m.train()  # dropout active, as under the Trainer
     t5_before = {k: v.clone() for k, v in m.t5.state_dict().items()}
-    prompt_before = {k: v.clone() for k, v in m.prompt_encoder.state_dict().items()}
+    prompt_before = {k: v.clone() for k, v in m.prompt_module.state_dict().items()}
     adamw_steps(m)
     assert all(torch.equal(t5_before[k], v) for k, v in m.t5.state_dict().items())
-    assert all(not torch.equal(prompt_before[k], v) for k, v in m.prompt_encoder.state_dict().items()
+    assert all(not torch.equal(prompt_before[k], v) for k, v in m.prompt_module.state_dict().items()
                if not k.startswith("norm"))  # every weight moved (LayerNorm too, checked as a whole below)
-    assert any(not torch.equal(prompt_before[k], v) for k, v in m.prompt_encoder.state_dict().items())
+    assert any(not torch.equal(prompt_before[k], v) for k, v in m.prompt_module.state_dict().items())
 
 
 def test_full_fine_tuning_trains_t5():
@@ -116,14 +116,14 @@ def test_full_fine_tuning_trains_t5():
 
 
 def test_ept_star_rows_identical_and_broadcast_length():
-    p = build_prompt_encoder("ept_star", 8)()
+    p = build_prompt_module("ept_star", 8)()
     assert p.shape == (10, 8) and torch.equal(p, p[:1].expand(10, -1))
-    assert build_prompt_encoder("ept", 8, broadcast=4)().shape == (4, 8)
+    assert build_prompt_module("ept", 8, broadcast=4)().shape == (4, 8)
 
 
 def test_folded_prompt_reproduces_outputs_exactly(tmp_path):
     t5 = tiny_t5().eval()
-    trained = PromptedT5(t5, build_prompt_encoder("resprompt", TINY.d_model)).eval()
+    trained = PromptedT5(t5, build_prompt_module("resprompt", TINY.d_model)).eval()
     model.save_folded_prompt(tmp_path / "prompt.pt", trained.prompt(), {"method": "resprompt"})
     prompt, meta = model.load_folded_prompt(tmp_path / "prompt.pt")
     assert meta == {"method": "resprompt"} and prompt.dtype == torch.float32
@@ -136,9 +136,9 @@ def test_folded_prompt_reproduces_outputs_exactly(tmp_path):
 
 
 def test_trainable_state_roundtrip_is_bitwise(tmp_path):
-    a = PromptedT5(tiny_t5(), build_prompt_encoder("ptuning", TINY.d_model, encoder="lstm"))
+    a = PromptedT5(tiny_t5(), build_prompt_module("ptuning", TINY.d_model, reparam="lstm"))
     torch.save(a.trainable_state_dict(), tmp_path / "s.pt")
-    b = PromptedT5(tiny_t5(), build_prompt_encoder("ptuning", TINY.d_model, encoder="lstm",
+    b = PromptedT5(tiny_t5(), build_prompt_module("ptuning", TINY.d_model, reparam="lstm",
                                                    generator=torch.Generator().manual_seed(7)))
     b.load_trainable_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert torch.equal(a.prompt(), b.prompt())
@@ -149,7 +149,7 @@ def test_trainable_state_roundtrip_is_bitwise(tmp_path):
     ({"activation": "gelu"}, 0), ({"depth": 2}, 2 * 16 * 1), ({"hidden_size": 5}, 2 * 16 * 4),
 ])
 def test_ept_structure_switches_add_the_right_parameters(switches, extra):
-    enc = build_prompt_encoder("ept", 16, **switches)
+    enc = build_prompt_module("ept", 16, **switches)
     assert count_trainable(enc) == 3 * 16 + extra
     if switches.get("residual"):  # P' = up(down(P1)) + P1
         blk = enc.blocks[0]
@@ -159,38 +159,38 @@ def test_ept_structure_switches_add_the_right_parameters(switches, extra):
 def test_inits():
     emb = torch.randn(50, 8)
     g = torch.Generator().manual_seed(0)
-    uni = build_prompt_encoder("pt", 8, generator=g).prompt
+    uni = build_prompt_module("pt", 8, generator=g).prompt
     assert uni.min() >= -0.5 and uni.max() <= 0.5 and uni.std() > 0.2
-    vocab = build_prompt_encoder("pt", 8, init="vocab", embedding=emb).prompt
+    vocab = build_prompt_module("pt", 8, init="vocab", embedding=emb).prompt
     assert all(any(torch.equal(row, e) for e in emb) for row in vocab)
-    label = build_prompt_encoder("pt", 8, prompt_length=4, init="label", embedding=emb, label_ids=[3, 7]).prompt
+    label = build_prompt_module("pt", 8, prompt_length=4, init="label", embedding=emb, label_ids=[3, 7]).prompt
     assert torch.equal(label, emb[[3, 7, 3, 7]])
-    ept = build_prompt_encoder("ept", 8, init="label", embedding=emb, label_ids=[3, 7]).prompt
+    ept = build_prompt_module("ept", 8, init="label", embedding=emb, label_ids=[3, 7]).prompt
     torch.testing.assert_close(ept, emb[[3, 7]].mean(0, keepdim=True))
 
 
 @pytest.mark.parametrize("kwargs, names", [
     ({"method": "lora"}, "ft, pt, ptuning, resprompt, ept, ept_star"),
-    ({"method": "ptuning", "encoder": "gru"}, "mlp, lstm"),
+    ({"method": "ptuning", "reparam": "gru"}, "mlp, lstm"),
     ({"method": "ept", "activation": "swish"}, "none, relu, tanh, gelu"),
     ({"method": "ept", "init": "zeros"}, "uniform, vocab, label"),
 ])
 def test_unknown_method_or_option_lists_the_valid_ones(kwargs, names):
     method = kwargs.pop("method")
     with pytest.raises(ValueError, match=names):
-        build_prompt_encoder(method, 8, **kwargs)
+        build_prompt_module(method, 8, **kwargs)
 
 
 def test_vocab_init_without_embedding_is_a_clear_error():
     with pytest.raises(ValueError, match="embedding"):
-        build_prompt_encoder("ept", 8, init="vocab")
+        build_prompt_module("ept", 8, init="vocab")
 
 
 def test_tiny_model_folder_loads(tiny_model_dir):
     t5, tok = pretrained.load_t5(tiny_model_dir), pretrained.load_tokenizer(tiny_model_dir)
     enc = tok(["sentence: a good movie"], return_tensors="pt")
     assert enc.input_ids[0, -1].item() == tok.eos_token_id == 1 and tok.pad_token_id == 0
-    m = PromptedT5(t5, build_prompt_encoder("ept_star", t5.config.d_model))
+    m = PromptedT5(t5, build_prompt_module("ept_star", t5.config.d_model))
     assert m.generate(enc.input_ids, enc.attention_mask, max_new_tokens=2).shape[0] == 1
 
 
@@ -228,3 +228,10 @@ def test_config_only_folder_borrows_the_parent_tokenizer(tokenizer_dir):
         pytest.skip("needs ../shared/data/t5")
     tok = pretrained.load_tokenizer(tokenizer_dir / "t5-small")  # config + tokenizer_config, no vocabulary
     assert len(tok) == 32100 and tok("hello world").input_ids == [21820, 296, 1]
+
+
+def test_old_run_configs_name_the_reparameterization_encoder():
+    """Run folders written before `--reparam` (then `--encoder`) rebuild with the same network."""
+    assert model.prompt_options({"method": "ptuning", "encoder": "lstm"})["reparam"] == "lstm"
+    assert model.prompt_options({"method": "ptuning", "reparam": "lstm"})["reparam"] == "lstm"
+    assert model.prompt_options({"method": "ept"})["extra_layer"] is False  # a key older runs lack: its default

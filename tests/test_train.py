@@ -154,15 +154,15 @@ def test_frozen_t5_unchanged_and_prompt_trained(data_dir, tiny_model_dir, tmp_pa
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, trained[name]), name  # bitwise
     torch.manual_seed(0)
-    initial = M.build_prompt_encoder("pt", 32, generator=torch.Generator().manual_seed(0)).prompt
-    assert not torch.allclose(initial, out["model"].prompt_encoder.prompt.detach())
+    initial = M.build_prompt_module("pt", 32, generator=torch.Generator().manual_seed(0)).prompt
+    assert not torch.allclose(initial, out["model"].prompt_module.prompt.detach())
     assert out["config"]["n_trainable"] == 10 * 32
     assert "metrics.json" not in os.listdir(tmp_path / "run")  # --no-test
 
 
 def test_loss_independent_of_padding(data_dir, tiny_model_dir):
     tok = pretrained.load_tokenizer(str(tiny_model_dir))
-    net = M.PromptedT5(pretrained.load_t5(str(tiny_model_dir)), M.build_prompt_encoder("ept_star", 32)).eval()
+    net = M.PromptedT5(pretrained.load_t5(str(tiny_model_dir)), M.build_prompt_module("ept_star", 32)).eval()
     _, src, tgt = B.load_split(data_dir / "toy" / "train.jsonl", tok, 32)
     idx = list(range(8))
     shift = net.t5._shift_right
