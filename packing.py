@@ -1,0 +1,660 @@
+"""Many prompt runs share one frozen T5 (issue 13): one packed step is one optimizer step of every run.
+
+R prompt runs on one task and one T5 (any mix of pt / ptuning / resprompt / ept / ept_star, any prompt
+lengths; `ft` trains T5 itself and is never packed). Each run keeps everything a solo train.py run has:
+its prompt module, its own data order (train.epoch_order with its own seed), its own batch and
+micro-batch sizes, its own AdamW + linear schedule (train.make_optimizer), its own clipping at 1.0 on its
+own gradient norm, its own prompt norm mu_t, its own non-finite guard and its own checkpoint (the keys
+of train.py's last.pt / best.pt). What the runs share is the frozen T5 and therefore the forward and
+backward passes: every run's global batch is concatenated, and example i carries the prompt of its run.
+
+Why this is exact (docs/packing.md has the long form):
+  * prompts of different lengths are LEFT-padded with zero rows whose attention mask is 0. T5 has no
+    absolute positions (relative buckets only), so shifting the real rows of an example by k positions
+    changes nothing, and masked keys get exactly zero attention weight (T5's additive mask is the dtype's
+    minimum), in the encoder and in the decoder's cross-attention alike;
+  * T5 treats the examples of a batch independently, so the per-example summed target NLL is the same in a
+    pack as alone, and the objective sum_r (sum of run r's target NLL / run r's target tokens) has, for the
+    parameters of run r (disjoint from the others'), exactly run r's solo gradient;
+  * clipping, AdamW, the schedule and mu_t are per run (batched with multi-tensor ops, same formulas).
+With dropout 0 in fp32 a packed run equals its solo run within float rounding (tests/test_packing.py).
+With dropout on, the runs of a pack draw their masks from one shared stream, so they differ from their solo
+runs in the dropout random numbers only.
+
+    python packing.py --bench                       # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
+    python packing.py --bench --runs 1 8 --batch-size 16 --length 128 --threads 2
+
+API: make_run(t5, method, ...) -> Run; Pack(t5, runs, data, ...).step() -> {run name: step record};
+Run.checkpoint_state(rng, world_size) / Run.load_checkpoint_state(state); PackedT5 (the shared forward);
+clip_grad_norms_ and adamw_step (per-run clipping and AdamW in a few multi-tensor calls); grid (run specs).
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as M
+import train
+
+CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score", "best_step",
+                   "world_size")  # train.py's last.pt / best.pt
+
+
+# --- one run of a pack ----------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Run:
+    """One prompt run inside a pack: its module, optimizer, schedule, data position and bookkeeping.
+
+    `step`, `epoch`, `index` (into that epoch's order), `best_score` and `best_step` mean what they mean in
+    train.py. `stopped` is None while the run trains, "nonfinite" once its guard fired (it left the pack),
+    or "done" at max_steps. `config` is free for the caller (its run spec, written to config.json)."""
+    name: str
+    encoder: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    seed: int = 0
+    batch_size: int = 16
+    max_steps: int = 30000
+    micro_batch_size: int | None = None  # examples per forward pass on one rank (None: the rank's whole shard)
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    group_by_length: bool = False
+    config: dict = field(default_factory=dict)
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+    best_score: float = -math.inf
+    best_step: int | None = None
+    stopped: str | None = None
+    _order: tuple = field(default=(None, None), repr=False)  # (epoch, order) cache
+
+    @property
+    def params(self):
+        """The trainable parameters in the optimizer's order (what train_step clips)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @property
+    def training(self):
+        return self.stopped is None and self.step < self.max_steps
+
+    def order(self, n_train, lengths=None):
+        """This epoch's example order: train.epoch_order(n, seed, epoch, batch_size[, lengths])."""
+        if self._order[0] != self.epoch:
+            self._order = (self.epoch, train.epoch_order(n_train, self.seed, self.epoch, self.batch_size,
+                                                         lengths if self.group_by_length else None))
+        return self._order[1]
+
+    def next_batch(self, n_train, lengths=None):
+        """The global batch of the next step: order[index:index + batch_size], as train.py's loop takes it."""
+        return self.order(n_train, lengths)[self.index:self.index + self.batch_size].tolist()
+
+    def advance(self, n_examples, n_train):
+        """After a step: move the data position as train.py does (a fresh epoch once the split is used up)."""
+        self.step += 1
+        self.index += n_examples
+        if self.index >= n_train:
+            self.epoch, self.index = self.epoch + 1, 0
+
+    @torch.no_grad()
+    def prompt(self):
+        """P' (n, d) now: a detached fp32 copy."""
+        return self.encoder().detach().float().clone()
+
+    def prompted(self, t5):
+        """A PromptedT5 of this run on the shared T5 (for validation, generation, saving prompt.pt)."""
+        return M.PromptedT5(t5, self.encoder)
+
+    def checkpoint_state(self, rng=None, world_size=1):
+        """This run's last.pt / best.pt, in train.py's format (weights_only-loadable). `rng`: the list of
+        per-rank RNG states (train.rng_state(), gathered under DDP); a pack has one RNG, shared by its runs."""
+        return {"step": self.step,
+                "trainable": {k: v.detach().clone() for k, v in self.encoder.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": list(rng or []), "data": {"epoch": self.epoch, "index": self.index},
+                "best_score": self.best_score, "best_step": self.best_step, "world_size": world_size}
+
+    def load_checkpoint_state(self, state):
+        """Continue from a checkpoint of this run (from a pack or from a solo train.py run)."""
+        self.encoder.load_state_dict(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.index = state["step"], state["data"]["epoch"], state["data"]["index"]
+        self.best_score, self.best_step = state["best_score"], state["best_step"]
+        self._order = (None, None)
+
+
+def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, micro_batch_size=None,
+             weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0, group_by_length=False, init="uniform",
+             label_ids=None, fused=None, name=None, config=None, **encoder_options):
+    """A Run built as train.py builds a solo run: torch.manual_seed(seed), then the prompt encoder with a
+    generator seeded by `seed`, on T5's device; AdamW + schedule from train.make_optimizer (fused on CUDA).
+    `encoder_options`: model.build_prompt_encoder's (prompt_length, encoder, hidden_size, broadcast,
+    layer_norm, residual, activation, depth)."""
+    if method == "ft":
+        raise ValueError("packing: ft trains T5 itself and cannot share it; run it alone with train.py")
+    device = t5.get_input_embeddings().weight.device
+    lr = 0.3 if lr is None else lr  # Appendix B.2: every prompt method
+    torch.manual_seed(seed)  # default-initialised layers (Linear, LSTM) as in train.py
+    encoder = M.build_prompt_encoder(method, t5.config.d_model, **encoder_options, init=init,
+                                     embedding=t5.get_input_embeddings().weight, label_ids=label_ids,
+                                     generator=torch.Generator().manual_seed(seed)).to(device)
+    fused = device.type == "cuda" if fused is None else fused
+    optimizer, scheduler = train.make_optimizer([p for p in encoder.parameters() if p.requires_grad], lr,
+                                                weight_decay, fused, max_steps, warmup_steps)
+    name = name or f"{method}_s{seed}_lr{lr:g}"
+    return Run(name, encoder, optimizer, scheduler, seed=seed, batch_size=batch_size, max_steps=max_steps,
+               micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, group_by_length=group_by_length,
+               config=dict(config or {}, method=method, seed=seed, lr=lr, **encoder_options))
+
+
+def grid(**options):
+    """Run specs as the product of per-option value lists, in order (the last option varies fastest):
+    grid(method=["pt", "ept"], seed=[0, 1], lr=[0.3]) -> 4 dicts. A scalar is a one-value list."""
+    keys = list(options)
+    values = [v if isinstance(v, (list, tuple)) else [v] for v in options.values()]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+# --- the shared forward ---------------------------------------------------------------------------
+
+class PackedT5(nn.Module):
+    """One frozen T5 and R prompt encoders; example i of a batch gets the prompt of run `run_ids[i]`.
+
+    P'_r (n_r, d) are stacked LEFT-padded to the longest n with zero rows whose attention mask is 0, so
+    example i's encoder input is [0 ... 0; P'_r; embed(x_i)] with mask [0 ... 0; 1 ... 1; mask_i]. Only the
+    `active` runs' prompts are computed (all of them in every forward: under DDP every trainable parameter
+    of an active run then gets a gradient, zero when none of its examples is in this micro-batch)."""
+
+    def __init__(self, t5, encoders):
+        super().__init__()
+        self.t5 = t5
+        self.encoders = nn.ModuleList(encoders)
+        t5.requires_grad_(False)
+        self.active = list(range(len(encoders)))
+
+    def set_active(self, run_ids):
+        self.active = list(run_ids)
+
+    def prompts(self):
+        """(P (A, n_max, d) fp32, mask (A, n_max) long) of the active runs, in `active` order."""
+        outs = [self.encoders[i]() for i in self.active]
+        lengths = [p.size(0) for p in outs]
+        n_max = max(lengths)
+        if min(lengths) == n_max:
+            return torch.stack(outs), torch.ones(len(outs), n_max, dtype=torch.long, device=outs[0].device)
+        stacked = torch.stack([F.pad(p, (0, 0, n_max - p.size(0), 0)) for p in outs])  # rows first: left pad
+        pad = torch.tensor([n_max - n for n in lengths], device=outs[0].device)
+        mask = (torch.arange(n_max, device=pad.device)[None, :] >= pad[:, None]).long()
+        return stacked, mask
+
+    def slots(self, run_ids):
+        """Positions in `active` of the runs `run_ids` (LongTensor (B,) of run ids)."""
+        lookup = torch.full((len(self.encoders),), -1, dtype=torch.long)
+        lookup[torch.tensor(self.active, dtype=torch.long)] = torch.arange(len(self.active))
+        slots = lookup[run_ids.cpu()]
+        if (slots < 0).any():
+            raise ValueError(f"packing: examples of runs that are not active: {sorted(set(run_ids[slots < 0].tolist()))}")
+        return slots
+
+    def embed(self, input_ids, attention_mask, run_ids, prompts=None):
+        """Encoder inputs: each example's run prompt first (left-padded), the mask extended to match."""
+        x = self.t5.get_input_embeddings()(input_ids)  # (B, L, d)
+        stacked, pmask = self.prompts() if prompts is None else prompts
+        slots = self.slots(run_ids).to(x.device)
+        p = stacked.to(x.dtype).index_select(0, slots)  # (B, n_max, d); trainable params stay fp32
+        mask = pmask.index_select(0, slots).to(attention_mask.dtype)
+        return torch.cat([p, x], dim=1), torch.cat([mask, attention_mask], dim=1)
+
+    def forward(self, input_ids, attention_mask, run_ids, labels=None, **kwargs):
+        inputs_embeds, mask = self.embed(input_ids, attention_mask, run_ids)
+        return self.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, run_ids, **kwargs):
+        inputs_embeds, mask = self.embed(input_ids, attention_mask, run_ids)
+        return self.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
+
+
+# --- per-run clipping and AdamW, batched ----------------------------------------------------------
+
+def clip_grad_norms_(param_lists, max_norms):
+    """torch.nn.utils.clip_grad_norm_ on each list of parameters separately, in a few multi-tensor calls:
+    one _foreach_norm over every gradient, per-list totals by index_add, one _foreach_mul_ by each list's
+    coefficient min(1, max_norm / (total + 1e-6)). max_norm <= 0 means no clipping. Returns the (R,) total
+    norms before clipping (non-finite where a gradient is), on the gradients' device, without a host sync."""
+    grads, owner = [], []
+    for r, params in enumerate(param_lists):
+        for p in params:
+            if p.grad is not None:
+                grads.append(p.grad)
+                owner.append(r)
+    if not grads:
+        return torch.zeros(len(param_lists))
+    device = grads[0].device
+    norms = torch.stack(torch._foreach_norm(grads)).float()
+    owner = torch.tensor(owner, device=device)
+    total = torch.zeros(len(param_lists), device=device).index_add_(0, owner, norms.square()).sqrt()
+    limits = torch.tensor([m if m > 0 else math.inf for m in max_norms], device=device)
+    coef = (limits / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(coef.index_select(0, owner).to(grads[0].dtype).unbind()))
+    return total
+
+
+_PLAIN = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
+
+
+def _plain_adamw(optimizer):
+    """A torch AdamW whose step adamw_step can batch (no amsgrad/maximize/capturable, float lr)."""
+    return isinstance(optimizer, torch.optim.AdamW) and all(
+        group.get(k, v) == v and not isinstance(group["lr"], torch.Tensor) and
+        group.get("decoupled_weight_decay", True) for group in optimizer.param_groups for k, v in _PLAIN.items())
+
+
+def _scalar_dtype():
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def adamw_step(optimizers):
+    """optimizer.step() of many torch.optim.AdamW at once: the same update (torch's multi-tensor formulas,
+    each tensor with its own group's lr and weight decay, each parameter with its own step count), in a few
+    _foreach calls over all of them instead of one Python step per optimizer. Optimizers built with
+    fused=True go through torch._fused_adamw_, one call per (device, dtype, lr, weight decay) group. The
+    optimizer state stays in each optimizer (its state_dict is what it would be after .step()); anything
+    else (amsgrad, capturable, a tensor lr, another optimizer) falls back to its own .step()."""
+    foreach = defaultdict(lambda: [[] for _ in range(7)])  # (device, dtype, betas, eps) -> lists
+    fused = defaultdict(lambda: [[] for _ in range(5)])  # (device, dtype, lr, wd, betas, eps) -> lists
+    for opt in optimizers:
+        if not _plain_adamw(opt):
+            opt.step()
+            continue
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or torch.is_complex(p):
+                    raise ValueError("adamw_step: sparse gradients and complex parameters are not supported")
+                state = opt.state[p]
+                if not state:  # lazy state, as torch's Adam._init_group
+                    state["step"] = (torch.zeros((), dtype=_scalar_dtype(), device=p.device) if group["fused"]
+                                     else torch.tensor(0.0, dtype=_scalar_dtype()))
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                beta1, beta2 = group["betas"]
+                if group["fused"]:
+                    lists = fused[(p.device, p.dtype, group["lr"], group["weight_decay"], beta1, beta2, group["eps"])]
+                    for lst, x in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                        lst.append(x)
+                else:
+                    lists = foreach[(p.device, p.dtype, beta1, beta2, group["eps"])]
+                    for lst, x in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                              group["lr"], group["weight_decay"])):
+                        lst.append(x)
+        opt._opt_called = True  # what the wrapped .step() records (the LR scheduler's order check)
+    for (_, _, lr, weight_decay, beta1, beta2, eps), (params, grads, exp_avgs, exp_avg_sqs, steps) in fused.items():
+        torch._foreach_add_(steps, 1)
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+    for (_, _, beta1, beta2, eps), (params, grads, exp_avgs, exp_avg_sqs, steps, lrs, wds) in foreach.items():
+        cpu_steps = all(s.is_cpu for s in steps)
+        torch._foreach_add_(steps, torch.tensor(1.0) if cpu_steps else 1)
+        if any(wd != 0 for wd in wds):
+            torch._foreach_mul_(params, [1 - lr * wd for lr, wd in zip(lrs, wds)])  # decoupled weight decay
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        counts = torch.stack([s.cpu() for s in steps]).tolist() if cpu_steps else [s.item() for s in steps]
+        step_size = [-lr / (1 - beta1 ** n) for lr, n in zip(lrs, counts)]
+        bias_correction2_sqrt = [(1 - beta2 ** n) ** 0.5 for n in counts]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+
+
+# --- the pack -------------------------------------------------------------------------------------
+
+class Pack:
+    """R runs training together on one frozen T5 and one training split.
+
+    data = (source ids, target ids, pad id) of the training split: lists of token-id lists, as train.py holds them.
+    `wrap(packed)` returns the module that runs the forward (PackedT5 itself by default; DDP and/or
+    torch.compile around it); it is called again whenever the set of training runs changes, because
+    DDP must not hold parameters that stop receiving gradients (the leaving run's parameters are set
+    requires_grad=False first). `amp`: the autocast context (train.py: evaluate.autocast(device, dtype)).
+    Forward passes: by default packed micro-batch m is every run's m-th micro-batch (its own
+    micro_batch_size, as train_step splits its shard); with `max_rows`, the rank's examples of all runs are
+    instead sorted longest first (`sort_by_length`, default on) and cut into forward passes of at most
+    `max_rows` examples, which pads much less when lengths vary and keeps every run's data order (the
+    gradient of a sum of per-example losses does not depend on how the examples are grouped).
+    `batched`: clipping, AdamW and mu_t batched over the runs (clip_grad_norms_, adamw_step) or, False,
+    train_step's per-run calls in a loop (the reference; same results within float rounding)."""
+
+    def __init__(self, t5, runs, data, *, device=None, amp=None, rank=0, world_size=1, pad_to=(None, None),
+                 max_rows=None, sort_by_length=True, batched=True, wrap=None):
+        names = [r.name for r in runs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"packing: run names must be unique: {names}")
+        self.t5, self.runs, self.data = t5, list(runs), data
+        self.device = device or t5.get_input_embeddings().weight.device
+        self.amp = amp or nullcontext()
+        self.rank, self.world_size, self.pad_to = rank, world_size, pad_to
+        self.max_rows, self.sort_by_length, self.batched = max_rows, sort_by_length, batched
+        self.wrap = wrap or (lambda packed: packed)
+        self.packed = PackedT5(t5, [r.encoder for r in self.runs])
+        source_ids, target_ids, _ = data
+        self.n_train = len(source_ids)
+        self.lengths = [len(s) + len(t) for s, t in zip(source_ids, target_ids)]  # as train.py (group_by_length)
+        self.model = None
+        self._wrapped_for = None
+        self.timings = {}
+
+    @property
+    def training(self):
+        """The runs that take part in the next step (not stopped, below their max_steps)."""
+        return [r for r in self.runs if r.training]
+
+    def stop(self, run, reason):
+        """Take `run` out of the pack (its parameters freeze; the others go on)."""
+        run.stopped = reason
+        run.encoder.requires_grad_(False)
+
+    def _sync(self, runs):
+        ids = [self.runs.index(r) for r in runs]
+        if ids != self._wrapped_for:  # the set of training runs changed: DDP must see only the live ones
+            for r in self.runs:
+                if not r.training:
+                    r.encoder.requires_grad_(False)
+            self.packed.set_active(ids)
+            self.model = self.wrap(self.packed)
+            self._wrapped_for = ids
+        return ids
+
+    def step(self):
+        """One optimizer step of every training run on its own next global batch. Returns {run name: record}
+        with record = {"step", "loss", "lr" (of this step), "grad_norm" (before clipping), "prompt_norm"
+        (mu_t after the step), "epoch", "examples", "tokens", "nonfinite" (names of the non-finite values,
+        [] when all are finite)}, the fields of train.py's "train" and "nonfinite" log events. A run with a
+        non-finite loss or gradient norm is not updated (as train_step) and, like one with a non-finite mu_t,
+        leaves the pack (stopped = "nonfinite"); a run reaching max_steps leaves it as "done"."""
+        runs = self.training
+        if not runs:
+            return {}
+        ids = self._sync(runs)
+        batches = [r.next_batch(self.n_train, self.lengths) for r in runs]
+        stats = self._step(runs, ids, batches)
+        records = {}
+        for r, batch, (loss, grad_norm, lr, prompt_norm) in zip(runs, batches, stats):
+            r.advance(len(batch), self.n_train)
+            bad = [k for k, v in (("loss", loss), ("grad_norm", grad_norm), ("prompt_norm", prompt_norm))
+                   if not math.isfinite(v)]
+            records[r.name] = {"step": r.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                               "prompt_norm": prompt_norm, "epoch": r.epoch, "examples": len(batch),
+                               "tokens": sum(self.lengths[i] for i in batch), "nonfinite": bad}
+            if bad:
+                self.stop(r, "nonfinite")
+            elif r.step >= r.max_steps:
+                r.stopped = "done"
+        return records
+
+    def _plan(self, runs, batches):
+        """This rank's forward passes: lists of (slot, example index, weight). Their number is the same on
+        every rank (DDP: one synchronised backward, the last); a pass without an example of this rank is a
+        zero-weight stand-in, as in train_step."""
+        ws, rank = self.world_size, self.rank
+        if self.max_rows:
+            def entries(k):
+                out = [(s, i) for s, b in enumerate(batches) for i in b[k::ws]]
+                if self.sort_by_length:
+                    out.sort(key=lambda e: -self.lengths[e[1]])  # stable: ties keep run, then data order
+                return out
+            mine = entries(rank)
+            n_passes = max(math.ceil(len(entries(k)) / self.max_rows) for k in range(ws))
+            chunks = [mine[k * self.max_rows:(k + 1) * self.max_rows] for k in range(n_passes)]
+        else:
+            micro = [min(r.micro_batch_size or math.ceil(r.batch_size / ws), math.ceil(r.batch_size / ws))
+                     for r in runs]
+            n_passes = max(math.ceil(math.ceil(len(b) / ws) / mb) for b, mb in zip(batches, micro))
+            shards = [b[rank::ws] for b in batches]
+            chunks = [[(s, i) for s, (shard, mb) in enumerate(zip(shards, micro)) for i in shard[m * mb:(m + 1) * mb]]
+                      for m in range(n_passes)]
+        stand_in = [(0, batches[0][0], 0.0)]
+        return [[(s, i, 1.0) for s, i in chunk] if chunk else stand_in for chunk in chunks or [[]]]
+
+    def _step(self, runs, ids, batches):
+        source_ids, target_ids, pad_id = self.data
+        device, ws = self.device, self.world_size
+        t0 = time.perf_counter()
+        # per-run global target tokens (every rank holds the data, so every rank knows them)
+        n_tokens = torch.tensor([sum(len(target_ids[i]) for i in b) for b in batches], dtype=torch.float32,
+                                device=device)
+        scale = ws / n_tokens  # DDP averages over ranks: x world_size gives the sum, / tokens the token mean
+        loss_sums = torch.zeros(len(runs), device=device)
+        plan = self._plan(runs, batches)
+        shift_right = self.t5._shift_right
+        padded = 0
+        for k, chunk in enumerate(plan):
+            slots = torch.tensor([s for s, _, _ in chunk], device=device)
+            weight = torch.tensor([w for _, _, w in chunk], device=device)
+            input_ids, mask, labels = train.collate([i for _, i, _ in chunk], source_ids, target_ids, pad_id,
+                                                    self.pad_to)
+            padded += input_ids.numel() + labels.numel()
+            run_ids = torch.tensor([ids[s] for s, _, _ in chunk])
+            if ws > 1:
+                self.model.require_backward_grad_sync = k == len(plan) - 1
+            labels = labels.to(device)
+            with self.amp:
+                logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), run_ids=run_ids,
+                                    decoder_input_ids=shift_right(labels), use_cache=False).logits
+            nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                  reduction="none").view(labels.shape).sum(1) * weight  # (B,) per example
+            (nll * scale.index_select(0, slots)).sum().backward()
+            loss_sums.index_add_(0, slots, nll.detach())
+        if ws > 1:
+            dist.all_reduce(loss_sums)
+        t1 = time.perf_counter()
+        param_lists = [r.params for r in runs]
+        if self.batched:
+            grad_norms = clip_grad_norms_(param_lists, [r.max_grad_norm for r in runs])
+        else:
+            grad_norms = torch.stack([torch.nn.utils.clip_grad_norm_(ps, r.max_grad_norm if r.max_grad_norm > 0
+                                                                     else math.inf).float()
+                                      for r, ps in zip(runs, param_lists)])
+        losses, norms = torch.stack([loss_sums / n_tokens, grad_norms.to(device)]).tolist()  # one host sync
+        lrs = [r.scheduler.get_last_lr()[0] for r in runs]
+        finite = [math.isfinite(a) and math.isfinite(b) for a, b in zip(losses, norms)]
+        stepping = [r for r, ok in zip(runs, finite) if ok]
+        if self.batched:
+            adamw_step([r.optimizer for r in stepping])
+        else:
+            for r in stepping:
+                r.optimizer.step()
+        for r in stepping:
+            r.scheduler.step()
+        for ps in param_lists:
+            for p in ps:
+                p.grad = None
+        with torch.no_grad():  # mu_t (Eq. 4): the mean row norm of each run's P', real rows only
+            if self.batched:
+                stacked, pmask = self.packed.prompts()
+                mu = ((stacked.float().norm(dim=-1) * pmask).sum(1) / pmask.sum(1)).tolist()
+            else:
+                mu = [r.encoder().float().norm(dim=1).mean().item() for r in runs]
+        t2 = time.perf_counter()
+        self.timings = {"forward_backward_s": t1 - t0, "update_s": t2 - t1, "forward_passes": len(plan),
+                        "padded_tokens": padded}
+        return list(zip(losses, norms, lrs, mu))
+
+    def checkpoint_states(self, rng=None):
+        """{run name: that run's last.pt state} for every run (train.py's keys)."""
+        return {r.name: r.checkpoint_state(rng, self.world_size) for r in self.runs}
+
+
+# --- CPU benchmark --------------------------------------------------------------------------------
+
+def _synthetic(n, length, target_length, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = [torch.randint(3, vocab, (length - 1,), generator=g).tolist() + [1] for _ in range(n)]
+    tgt = [torch.randint(3, vocab, (target_length - 1,), generator=g).tolist() + [1] for _ in range(n)]
+    return src, tgt
+
+
+def _load():
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def bench(config, runs=(1, 4, 16, 32), batch_size=16, length=82, target_length=2, methods=("ept",), steps=1,
+          warmup=0, threads=1, max_rows=None, lr=0.3, device="cpu", dtype="fp32"):
+    """Time packed steps for each R in `runs`: a random-weight T5 built from `config` (training mode, its
+    dropout on), synthetic inputs of `length` ids and targets of `target_length` ids (</s> included; no
+    padding), `batch_size` examples per run, the runs cycling through `methods` with seeds 0..R-1. One
+    untimed step of a 1-run pack first (first-use costs), then per R `warmup` untimed and `steps` timed steps.
+    `max_rows`: examples per forward pass (None: every run's batch in one pass). `device`/`dtype` (fp32 or
+    bf16 autocast) for a GPU; the step ends with a host sync, so wall times are complete. One dict per R."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config.from_pretrained(config)).to(device).train()
+    amp = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    src, tgt = _synthetic(max(runs) * batch_size * (steps + warmup + 1), length, target_length, t5.config.vocab_size)
+
+    def pack_of(r):
+        return Pack(t5, [make_run(t5, methods[i % len(methods)], seed=i, lr=lr, batch_size=batch_size, max_steps=1000)
+                         for i in range(r)], (src, tgt, 0), max_rows=max_rows, amp=amp)
+    pack_of(1).step()
+    # the baseline: one solo run's step, as train.py takes it (PromptedT5 + train.train_step)
+    solo = make_run(t5, methods[0], seed=0, lr=lr, batch_size=batch_size, max_steps=1000)
+    net = M.PromptedT5(t5, solo.encoder)
+    t0, c0 = time.perf_counter(), time.process_time()
+    train.train_step(net, net, solo.optimizer, solo.scheduler, solo.next_batch(len(src)), (src, tgt, 0),
+                     amp=amp, device=device, micro_batch_size=batch_size)
+    solo_s, solo_cpu = time.perf_counter() - t0, time.process_time() - c0
+    rows = []
+    for r in runs:
+        pack = pack_of(r)
+        for _ in range(warmup):
+            pack.step()
+        load = _load()
+        seconds, cpu, update = 0.0, 0.0, 0.0
+        for _ in range(steps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            pack.step()
+            seconds += time.perf_counter() - t0
+            cpu += time.process_time() - c0
+            update += pack.timings["update_s"]
+        rows.append({"runs": r, "examples_per_step": r * batch_size, "step_s": seconds / steps, "cpu_s": cpu / steps,
+                     "examples_per_s": r * batch_size * steps / seconds, "update_ms": 1e3 * update / steps,
+                     "forward_passes": pack.timings["forward_passes"], "load_before": load, "load_after": _load()})
+    for row in rows:  # against train.train_step's solo step; process CPU time is less sensitive to other jobs
+        row.update(solo_step_s=solo_s, solo_cpu_s=solo_cpu, step_vs_solo=row["step_s"] / solo_s,
+                   cpu_vs_solo=row["cpu_s"] / solo_cpu, speedup_vs_solo=row["runs"] * solo_s / row["step_s"],
+                   cpu_speedup_vs_solo=row["runs"] * solo_cpu / row["cpu_s"])
+    return rows
+
+
+def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprompt"), repeats=20, fused=None):
+    """What the per-run update costs for `r` runs, without any forward: per-run clipping, AdamW, schedule,
+    zeroing and mu_t on random gradients, batched (clip_grad_norms_, adamw_step, one mu_t pass) against
+    train_step's per-run calls in a loop; the two interleaved, the median of `repeats` in milliseconds."""
+    variants = {}
+    for batched in (True, False):
+        runs = [make_run(t5, methods[i % len(methods)], seed=i, max_steps=1000, fused=fused) for i in range(r)]
+        variants["batched" if batched else "loop"] = (batched, runs, PackedT5(t5, [x.encoder for x in runs]))
+    times = defaultdict(list)
+    for k in range(repeats + 1):
+        for name, (batched, runs, packed) in variants.items():
+            for x in runs:
+                for p in x.params:
+                    p.grad = torch.randn_like(p) * 1e-2
+            t0 = time.perf_counter()
+            param_lists = [x.params for x in runs]
+            if batched:
+                clip_grad_norms_(param_lists, [1.0] * r).tolist()
+                adamw_step([x.optimizer for x in runs])
+            else:
+                [torch.nn.utils.clip_grad_norm_(ps, 1.0).item() for ps in param_lists]
+                for x in runs:
+                    x.optimizer.step()
+            for x in runs:
+                x.scheduler.step()
+            for ps in param_lists:
+                for p in ps:
+                    p.grad = None
+            with torch.no_grad():
+                if batched:
+                    stacked, pmask = packed.prompts()
+                    ((stacked.norm(dim=-1) * pmask).sum(1) / pmask.sum(1)).tolist()
+                else:
+                    [x.encoder().norm(dim=1).mean().item() for x in runs]
+            if k:
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", action="store_true", help="time one packed step for each R in --runs")
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "shared/data/t5/t5-small"),
+                        help="T5 config folder (random weights are built from it; default ../shared/data/t5/t5-small)")
+    parser.add_argument("--runs", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per run per step")
+    parser.add_argument("--length", type=int, default=82,
+                        help="input ids per example, </s> included (82 + 2 target ids = RTE's mean of 84 real tokens)")
+    parser.add_argument("--target-length", type=int, default=2, help="target ids per example (</s> included)")
+    parser.add_argument("--methods", nargs="+", default=["ept"], help="the runs cycle through these methods")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per R")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed steps per R (a 1-run step always comes first)")
+    parser.add_argument("--max-rows", type=int, default=16,
+                        help="examples per forward pass (default 16, one solo batch; 0: every run's batch in one pass)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU session)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast, as train.py on CUDA")
+    parser.add_argument("--update-runs", type=int, default=32, help="R for the update-overhead measurement (0: skip)")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if not args.bench:
+        parser.print_help()
+        return
+    t_start = time.time()
+    rows = bench(args.config, args.runs, args.batch_size, args.length, args.target_length, tuple(args.methods),
+                 args.steps, args.warmup, args.threads, args.max_rows or None, device=args.device, dtype=args.dtype)
+    print(f"packed step, random-weight {Path(args.config).name}, {args.device} {args.dtype}, {args.threads} thread(s), "
+          f"{args.batch_size} examples "
+          f"per run, {args.length} input + {args.target_length} target ids, methods {' '.join(args.methods)}, "
+          f"{args.max_rows or 'all'} rows per forward pass, {args.steps} timed step(s) per R")
+    print(f"one solo step (train.train_step): {rows[0]['solo_step_s']:.2f} s wall, {rows[0]['solo_cpu_s']:.2f} s CPU")
+    print(f"{'R':>4} {'examples':>9} {'passes':>7} {'step s':>8} {'ex/s':>7} {'step/solo':>10} {'R solo/pack':>12} "
+          f"{'CPU s':>7} {'CPU/solo':>9} {'R solo/pack CPU':>16} {'update ms':>10} {'load':>11}")
+    for row in rows:
+        print(f"{row['runs']:>4} {row['examples_per_step']:>9} {row['forward_passes']:>7} {row['step_s']:>8.2f} "
+              f"{row['examples_per_s']:>7.2f} {row['step_vs_solo']:>10.2f} {row['speedup_vs_solo']:>11.2f}x "
+              f"{row['cpu_s']:>7.2f} {row['cpu_vs_solo']:>9.2f} {row['cpu_speedup_vs_solo']:>15.2f}x "
+              f"{row['update_ms']:>10.2f} {row['load_before']!s:>5}/{row['load_after']!s:<5}")
+    result = {"steps": rows, "args": vars(args), "torch": torch.__version__}
+    if args.update_runs:
+        from transformers import T5Config, T5ForConditionalGeneration
+        t5 = T5ForConditionalGeneration(T5Config.from_pretrained(args.config)).to(args.device)
+        for label, methods in (("mixed", ("pt", "ept", "ept_star", "ptuning", "resprompt")), ("small", ("pt", "ept"))):
+            update = bench_update(t5, args.update_runs, methods)
+            result[f"update_ms_{label}"] = update
+            print(f"update of {args.update_runs} runs ({'/'.join(methods)} cycled: clip + AdamW + schedule + zero + "
+                  f"mu_t, no forward): batched {update['batched']:.2f} ms, per-run loop {update['loop']:.2f} ms")
+    result["total_s"] = time.time() - t_start
+    print(f"total {result['total_s']:.0f} s; 1-minute load average now {_load()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
