@@ -2,7 +2,7 @@
 
 R prompt runs on one task and one T5 (any mix of pt / ptuning / resprompt / ept / ept_star, any prompt
 lengths; `ft` trains T5 itself and is never packed). Each run keeps everything a solo train.py run has:
-its prompt module, its own data order (train.epoch_order with its own seed), its own batch and
+its prompt module, its own data order (batching.epoch_order with its own seed), its own batch and
 micro-batch sizes, its own AdamW + linear schedule (train.make_optimizer), its own clipping at 1.0 on its
 own gradient norm, its own prompt norm mu_t, its own non-finite guard and its own checkpoint (the keys
 of train.py's last.pt / best.pt). What the runs share is the frozen T5 and therefore the forward and
@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import batching as B
 import model as M
 import train
 
@@ -61,7 +62,7 @@ class Run:
     train.py. `stopped` is None while the run trains, "nonfinite" once its guard fired (it left the pack),
     or "done" at max_steps. `config` is free for the caller (its run spec, written to config.json)."""
     name: str
-    encoder: nn.Module
+    module: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     seed: int = 0
@@ -89,9 +90,9 @@ class Run:
         return self.stopped is None and self.step < self.max_steps
 
     def order(self, n_train, lengths=None):
-        """This epoch's example order: train.epoch_order(n, seed, epoch, batch_size[, lengths])."""
+        """This epoch's example order: B.epoch_order(n, seed, epoch, batch_size[, lengths])."""
         if self._order[0] != self.epoch:
-            self._order = (self.epoch, train.epoch_order(n_train, self.seed, self.epoch, self.batch_size,
+            self._order = (self.epoch, B.epoch_order(n_train, self.seed, self.epoch, self.batch_size,
                                                          lengths if self.group_by_length else None))
         return self._order[1]
 
@@ -109,24 +110,24 @@ class Run:
     @torch.no_grad()
     def prompt(self):
         """P' (n, d) now: a detached fp32 copy."""
-        return self.encoder().detach().float().clone()
+        return self.module().detach().float().clone()
 
     def prompted(self, t5):
         """A PromptedT5 of this run on the shared T5 (for validation, generation, saving prompt.pt)."""
-        return M.PromptedT5(t5, self.encoder)
+        return M.PromptedT5(t5, self.module)
 
     def checkpoint_state(self, rng=None, world_size=1):
         """This run's last.pt / best.pt, in train.py's format (weights_only-loadable). `rng`: the list of
         per-rank RNG states (train.rng_state(), gathered under DDP); a pack has one RNG, shared by its runs."""
         return {"step": self.step,
-                "trainable": {k: v.detach().clone() for k, v in self.encoder.state_dict().items()},
+                "trainable": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": list(rng or []), "data": {"epoch": self.epoch, "index": self.index},
                 "best_score": self.best_score, "best_step": self.best_step, "world_size": world_size}
 
     def load_checkpoint_state(self, state):
         """Continue from a checkpoint of this run (from a pack or from a solo train.py run)."""
-        self.encoder.load_state_dict(state["trainable"])
+        self.module.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.index = state["step"], state["data"]["epoch"], state["data"]["index"]
@@ -136,26 +137,26 @@ class Run:
 
 def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, micro_batch_size=None,
              weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0, group_by_length=False, init="uniform",
-             label_ids=None, fused=None, name=None, config=None, **encoder_options):
-    """A Run built as train.py builds a solo run: torch.manual_seed(seed), then the prompt encoder with a
+             label_ids=None, fused=None, name=None, config=None, **module_options):
+    """A Run built as train.py builds a solo run: torch.manual_seed(seed), then the prompt module with a
     generator seeded by `seed`, on T5's device; AdamW + schedule from train.make_optimizer (fused on CUDA).
-    `encoder_options`: model.build_prompt_encoder's (prompt_length, encoder, hidden_size, broadcast,
+    `module_options`: model.build_prompt_module's (prompt_length, module, hidden_size, broadcast,
     layer_norm, residual, activation, depth)."""
     if method == "ft":
         raise ValueError("packing: ft trains T5 itself and cannot share it; run it alone with train.py")
     device = t5.get_input_embeddings().weight.device
     lr = 0.3 if lr is None else lr  # Appendix B.2: every prompt method
     torch.manual_seed(seed)  # default-initialised layers (Linear, LSTM) as in train.py
-    encoder = M.build_prompt_encoder(method, t5.config.d_model, **encoder_options, init=init,
+    module = M.build_prompt_module(method, t5.config.d_model, **module_options, init=init,
                                      embedding=t5.get_input_embeddings().weight, label_ids=label_ids,
                                      generator=torch.Generator().manual_seed(seed)).to(device)
     fused = device.type == "cuda" if fused is None else fused
-    optimizer, scheduler = train.make_optimizer([p for p in encoder.parameters() if p.requires_grad], lr,
+    optimizer, scheduler = train.make_optimizer([p for p in module.parameters() if p.requires_grad], lr,
                                                 weight_decay, fused, max_steps, warmup_steps)
     name = name or f"{method}_s{seed}_lr{lr:g}"
-    return Run(name, encoder, optimizer, scheduler, seed=seed, batch_size=batch_size, max_steps=max_steps,
+    return Run(name, module, optimizer, scheduler, seed=seed, batch_size=batch_size, max_steps=max_steps,
                micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, group_by_length=group_by_length,
-               config=dict(config or {}, method=method, seed=seed, lr=lr, **encoder_options))
+               config=dict(config or {}, method=method, seed=seed, lr=lr, **module_options))
 
 
 def grid(**options):
@@ -169,26 +170,26 @@ def grid(**options):
 # --- the shared forward ---------------------------------------------------------------------------
 
 class PackedT5(nn.Module):
-    """One frozen T5 and R prompt encoders; example i of a batch gets the prompt of run `run_ids[i]`.
+    """One frozen T5 and R prompt modules; example i of a batch gets the prompt of run `run_ids[i]`.
 
     P'_r (n_r, d) are stacked LEFT-padded to the longest n with zero rows whose attention mask is 0, so
     example i's encoder input is [0 ... 0; P'_r; embed(x_i)] with mask [0 ... 0; 1 ... 1; mask_i]. Only the
     `active` runs' prompts are computed (all of them in every forward: under DDP every trainable parameter
     of an active run then gets a gradient, zero when none of its examples is in this micro-batch)."""
 
-    def __init__(self, t5, encoders):
+    def __init__(self, t5, modules):
         super().__init__()
         self.t5 = t5
-        self.encoders = nn.ModuleList(encoders)
+        self.prompt_modules = nn.ModuleList(modules)
         t5.requires_grad_(False)
-        self.active = list(range(len(encoders)))
+        self.active = list(range(len(modules)))
 
     def set_active(self, run_ids):
         self.active = list(run_ids)
 
     def prompts(self):
         """(P (A, n_max, d) fp32, mask (A, n_max) long) of the active runs, in `active` order."""
-        outs = [self.encoders[i]() for i in self.active]
+        outs = [self.prompt_modules[i]() for i in self.active]
         lengths = [p.size(0) for p in outs]
         n_max = max(lengths)
         if min(lengths) == n_max:
@@ -200,7 +201,7 @@ class PackedT5(nn.Module):
 
     def slots(self, run_ids):
         """Positions in `active` of the runs `run_ids` (LongTensor (B,) of run ids)."""
-        lookup = torch.full((len(self.encoders),), -1, dtype=torch.long)
+        lookup = torch.full((len(self.prompt_modules),), -1, dtype=torch.long)
         lookup[torch.tensor(self.active, dtype=torch.long)] = torch.arange(len(self.active))
         slots = lookup[run_ids.cpu()]
         if (slots < 0).any():
@@ -352,7 +353,7 @@ class Pack:
         self.rank, self.world_size, self.pad_to = rank, world_size, pad_to
         self.max_rows, self.sort_by_length, self.batched = max_rows, sort_by_length, batched
         self.wrap = wrap or (lambda packed: packed)
-        self.packed = PackedT5(t5, [r.encoder for r in self.runs])
+        self.packed = PackedT5(t5, [r.module for r in self.runs])
         source_ids, target_ids, _ = data
         self.n_train = len(source_ids)
         self.lengths = [len(s) + len(t) for s, t in zip(source_ids, target_ids)]  # as train.py (group_by_length)
@@ -368,14 +369,14 @@ class Pack:
     def stop(self, run, reason):
         """Take `run` out of the pack (its parameters freeze; the others go on)."""
         run.stopped = reason
-        run.encoder.requires_grad_(False)
+        run.module.requires_grad_(False)
 
     def _sync(self, runs):
         ids = [self.runs.index(r) for r in runs]
         if ids != self._wrapped_for:  # the set of training runs changed: DDP must see only the live ones
             for r in self.runs:
                 if not r.training:
-                    r.encoder.requires_grad_(False)
+                    r.module.requires_grad_(False)
             self.packed.set_active(ids)
             self.model = self.wrap(self.packed)
             self._wrapped_for = ids
@@ -447,7 +448,7 @@ class Pack:
         for k, chunk in enumerate(plan):
             slots = torch.tensor([s for s, _, _ in chunk], device=device)
             weight = torch.tensor([w for _, _, w in chunk], device=device)
-            input_ids, mask, labels = train.collate([i for _, i, _ in chunk], source_ids, target_ids, pad_id,
+            input_ids, mask, labels = B.collate([i for _, i, _ in chunk], source_ids, target_ids, pad_id,
                                                     self.pad_to)
             padded += input_ids.numel() + labels.numel()
             run_ids = torch.tensor([ids[s] for s, _, _ in chunk])
@@ -490,7 +491,7 @@ class Pack:
                 stacked, pmask = self.packed.prompts()
                 mu = ((stacked.float().norm(dim=-1) * pmask).sum(1) / pmask.sum(1)).tolist()
             else:
-                mu = [r.encoder().float().norm(dim=1).mean().item() for r in runs]
+                mu = [r.module().float().norm(dim=1).mean().item() for r in runs]
         t2 = time.perf_counter()
         self.timings = {"forward_backward_s": t1 - t0, "update_s": t2 - t1, "forward_passes": len(plan),
                         "padded_tokens": padded}
@@ -535,9 +536,9 @@ def bench(config, runs=(1, 4, 16, 32), batch_size=16, length=82, target_length=2
     pack_of(1).step()
     # the baseline: one solo run's step, as train.py takes it (PromptedT5 + train.train_step)
     solo = make_run(t5, methods[0], seed=0, lr=lr, batch_size=batch_size, max_steps=1000)
-    net = M.PromptedT5(t5, solo.encoder)
+    net = M.PromptedT5(t5, solo.module)
     t0, c0 = time.perf_counter(), time.process_time()
-    train.train_step(net, net, solo.optimizer, solo.scheduler, solo.next_batch(len(src)), (src, tgt, 0),
+    train.train_step(net, net, solo.optimizer, solo.scheduler, solo.next_batch(len(src)), train.TrainData(src, tgt, 0),
                      amp=amp, device=device, micro_batch_size=batch_size)
     solo_s, solo_cpu = time.perf_counter() - t0, time.process_time() - c0
     rows = []
@@ -570,7 +571,7 @@ def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprom
     variants = {}
     for batched in (True, False):
         runs = [make_run(t5, methods[i % len(methods)], seed=i, max_steps=1000, fused=fused) for i in range(r)]
-        variants["batched" if batched else "loop"] = (batched, runs, PackedT5(t5, [x.encoder for x in runs]))
+        variants["batched" if batched else "loop"] = (batched, runs, PackedT5(t5, [x.module for x in runs]))
     times = defaultdict(list)
     for k in range(repeats + 1):
         for name, (batched, runs, packed) in variants.items():
@@ -596,7 +597,7 @@ def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprom
                     stacked, pmask = packed.prompts()
                     ((stacked.norm(dim=-1) * pmask).sum(1) / pmask.sum(1)).tolist()
                 else:
-                    [x.encoder().norm(dim=1).mean().item() for x in runs]
+                    [x.module().norm(dim=1).mean().item() for x in runs]
             if k:
                 times[name].append(time.perf_counter() - t0)
     return {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}

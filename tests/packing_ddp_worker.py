@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import model as M  # noqa: E402
+import pretrained  # noqa: E402
 import packing as P  # noqa: E402
 
 SPECS = [dict(name="a", method="pt", seed=0, lr=0.3, batch_size=5, prompt_length=6),  # 5 over 2 ranks: uneven
@@ -29,7 +29,7 @@ def tiny_t5():
     from transformers import T5Config, T5ForConditionalGeneration
     torch.manual_seed(0)
     config = T5Config(vocab_size=64, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
-                      **M.TINY)
+                      **pretrained.TINY)
     return T5ForConditionalGeneration(config).train()
 
 
@@ -54,7 +54,7 @@ def main(out):
     for step in range(1, STEPS + 1):
         if step == POISON_AT:
             with torch.no_grad():
-                runs[1].encoder.prompt[0, 0] = float("nan")
+                runs[1].module.prompt[0, 0] = float("nan")
         records.append(pack.step())
     if rank == 0:
         torch.save({"records": records, "prompts": {r.name: r.prompt() for r in runs},

