@@ -16,6 +16,7 @@ Unknown flags go to train.py unchanged (after this script's, so they win).
 """
 import argparse
 import sys
+from pathlib import Path
 
 import ablate
 import model as M
@@ -36,7 +37,7 @@ parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, hel
 # sweep
 parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS, help="few-shot sample and training seeds")
 parser.add_argument("--steps", type=int, default=STEPS, help="training steps (paper: 10,000)")
-ablate.add_execution_args(parser)  # --nproc, --subprocess, --runs-dir, --results-dir, --dry-run
+ablate.add_execution_args(parser)  # --nproc, --gpus, --workers, --subprocess, --runs-dir, --results-dir, --dry-run
 
 
 def specs(args):
@@ -48,8 +49,9 @@ def specs(args):
 
 def main(argv=None):
     args, extra = parser.parse_known_args(argv)
+    args.command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
     rows, failed = ablate.run_experiment("fewshot", specs(args), args, extra)
-    if rows:
+    if rows and args.worker is None:
         import report
         print(report.experiment_table("fewshot", rows))
     if failed:
