@@ -284,10 +284,14 @@ def launch_workers(experiment, args, devices, session):
             pumps.append(threading.Thread(target=pump, args=(proc, f"[w{i}{' gpu ' + dev if dev else ''}] "),
                                           daemon=True))
             pumps[-1].start()
-        for i, proc in enumerate(procs):
-            code = proc.wait()
-            if code:
-                print(f"{experiment}: worker {i} exited with status {code}", flush=True)
+        running = dict(enumerate(procs))
+        while running:  # reaped as soon as they end: a dead worker's pid must not linger (runs._alive)
+            for i, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[i]
+                    if proc.returncode:
+                        print(f"{experiment}: worker {i} exited with status {proc.returncode}", flush=True)
+            time.sleep(0.2)
         for t in pumps:
             t.join()
     except BaseException:

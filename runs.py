@@ -107,13 +107,19 @@ def takeover_timeout():
 
 
 def _alive(pid):
+    """The process exists and is not a zombie (a dead child its parent has not reaped yet, or an orphan under
+    a PID 1 that never reaps, as in some containers: its pid exists, but it writes nothing any more)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): existing is alive
 
 
 class Busy(SystemExit):
@@ -277,20 +283,17 @@ def acquire_lock(run_dir, say=print, heartbeat=True, inherit=None):
         try:
             if _create(path, text):
                 return Lock(path, text, say, heartbeat)
+            owner = read_owner(path)
+            if owner is None:
+                continue  # released just now
+            adopt = bool(inherit) and owner.text == inherit
+            if not adopt and not owner.stale():
+                raise Busy(f"{run_dir} is being written by {owner} ({path}); if that run is dead, delete {path} "
+                           f"(a lock from another host is taken over after {lock_timeout():g} s without a heartbeat)")
+            if _take_over(path, owner, text, say, adopt=adopt):
+                return Lock(path, text, say, heartbeat)
         except OSError as err:
             raise files.FileFault(f"cannot write in {run_dir}: {files.why(err)}") from None
-        owner = read_owner(path)
-        if owner is None:
-            continue  # released just now
-        if inherit and owner.text == inherit:
-            if _take_over(path, owner, text, say, adopt=True):
-                return Lock(path, text, say, heartbeat)
-            continue
-        if not owner.stale():
-            raise Busy(f"{run_dir} is being written by {owner} ({path}); if that run is dead, delete {path} "
-                       f"(a lock from another host is taken over after {lock_timeout():g} s without a heartbeat)")
-        if _take_over(path, owner, text, say):
-            return Lock(path, text, say, heartbeat)
     raise Busy(f"{run_dir} is being taken over by another worker ({path})")
 
 

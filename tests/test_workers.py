@@ -284,6 +284,20 @@ def test_heartbeat_keeps_the_lock_fresh_and_notices_a_takeover(tmp_path, monkeyp
     assert not path.exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_dead_child_not_yet_reaped_holds_nothing(tmp_path):
+    """A worker that died before its launcher reaped it is a zombie: its pid exists, its lock is stale."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while time.time() < deadline and b") Z" not in Path(f"/proc/{child.pid}/stat").read_bytes():
+        time.sleep(0.02)
+    (tmp_path / "run.lock").write_text(f"{socket.gethostname()} {child.pid} tok\n")
+    assert runs.holder(tmp_path) is None
+    (tmp_path / "run.lock").write_text(f"{socket.gethostname()} {os.getpid()} tok\n")
+    assert runs.holder(tmp_path).pid == str(os.getpid())
+    child.wait()
+
+
 def test_a_claimed_lock_is_adopted_by_train_py_only(tmp_path, monkeypatch):
     """A worker takes the lock, then starts train.py, which adopts that lock (and no other)."""
     claim = runs.acquire_lock(tmp_path, heartbeat=False)
