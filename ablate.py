@@ -215,13 +215,19 @@ def run_experiment(experiment, specs, args, extra=()):
         plan.setdefault(run_name(options), (options, s.get("_row"), runs_dir / run_name(options)))
     if args.dry_run:
         return dry_run(experiment, plan, args, extra)
-    devices = worker_devices(args)
+    devices = worker_devices(args) if args.worker is None else [None]  # a worker is pinned by its launcher
     # the session: failures recorded since its start are not retried by its workers (a later call retries them)
     session = float(os.environ.get("EPT_SESSION_START") or time.time())
     done_before = {name for name, (_, _, run_dir) in plan.items() if runs.status(run_dir) == "done"}
-    if len(devices) > 1 and args.worker is None:
-        launch_workers(experiment, args, devices, session)  # returns when every worker has ended
-    return work(experiment, plan, args, extra, session, done_before)
+    broken = 0
+    if len(devices) > 1:
+        broken = launch_workers(experiment, args, devices, session)  # returns when every worker has ended
+    rows, failed = work(experiment, plan, args, extra, session, done_before)  # (the launcher: collects)
+    if broken:
+        print(f"{experiment}: {broken} worker(s) broke (see their output above); this process finished their runs",
+              file=sys.stderr)
+        failed = [*failed, f"({broken} broken worker(s))"]
+    return rows, failed
 
 
 # --- several workers on one plan ---------------------------------------------------------------------
@@ -254,7 +260,8 @@ def worker_devices(args):
 
 def launch_workers(experiment, args, devices, session):
     """Start one worker process per entry of `devices` (its own process group, pinned to its GPUs, output
-    prefixed with its name) and wait for all of them. Ctrl-C or SIGTERM stops them all."""
+    prefixed with its name) and wait for all of them; the number that broke (a non-zero exit: a worker
+    whose loop ends exits 0 even when runs failed). Ctrl-C or SIGTERM stops them all."""
     if not getattr(args, "command", None):
         raise SystemExit("launch_workers needs args.command (the driver's command line; main() sets it)")
     env = {**os.environ, "EPT_SESSION_START": repr(session)}
@@ -284,16 +291,18 @@ def launch_workers(experiment, args, devices, session):
             pumps.append(threading.Thread(target=pump, args=(proc, f"[w{i}{' gpu ' + dev if dev else ''}] "),
                                           daemon=True))
             pumps[-1].start()
-        running = dict(enumerate(procs))
+        running, broken = dict(enumerate(procs)), 0
         while running:  # reaped as soon as they end: a dead worker's pid must not linger (runs._alive)
             for i, proc in list(running.items()):
                 if proc.poll() is not None:
                     del running[i]
                     if proc.returncode:
+                        broken += 1
                         print(f"{experiment}: worker {i} exited with status {proc.returncode}", flush=True)
             time.sleep(0.2)
         for t in pumps:
             t.join()
+        return broken
     except BaseException:
         for proc in procs:
             if proc.poll() is None:
@@ -596,7 +605,7 @@ def main(argv=None):
     if rows and args.worker is None:
         import report  # the same table report.py writes, printed here
         print(report.experiment_table(args.experiment, rows))
-    if failed:
+    if failed and args.worker is None:  # a worker's failed runs are its launcher's to report
         sys.exit(1)
     return rows
 

@@ -54,7 +54,7 @@ def main(argv=None):
     if rows and args.worker is None:
         import report
         print(report.experiment_table("fewshot", rows))
-    if failed:
+    if failed and args.worker is None:  # a worker's failed runs are its launcher's to report
         sys.exit(1)
     return rows
 
