@@ -29,8 +29,11 @@ lists every setting and the measured step times the GPU-hour estimate rests on.
 import argparse
 import functools
 import math
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -209,69 +212,252 @@ def run_experiment(experiment, specs, args, extra=()):
     """Train what is missing, append a row per finished run to results/<experiment>.jsonl; (rows, failed).
 
     `specs`: train.py options per run (task, method, model, seed, ...) and "_row", extra result
-    columns that are not train.py options (the swept value)."""
-    runs_dir, results = Path(args.runs_dir), Path(args.results_dir) / f"{experiment}.jsonl"
+    columns that are not train.py options (the swept value). With --gpus G / --workers N this process
+    starts the workers (each the same command with --worker I), waits for them, then collects; a worker
+    (or a plain single call) works through the plan itself (work())."""
+    runs_dir = Path(args.runs_dir)
     plan = {}
     for s in specs:  # the same configuration twice (e.g. a shared default) is one run
         options = {k: v for k, v in s.items() if k != "_row"}
         plan.setdefault(run_name(options), (options, s.get("_row"), runs_dir / run_name(options)))
     if args.dry_run:
         return dry_run(experiment, plan, args, extra)
-    done = {row["run"] for row in files.read_jsonl(results, what="results file", missing_ok=True)}
-    trained, failed, rows = 0, [], []
-    for i, (name, (options, fields, run_dir)) in enumerate(plan.items(), 1):
-        state = runs.status(run_dir)
-        if state != "done":
-            print(f"[{experiment} {i}/{len(plan)}] train {name}" + (" (resume)" if state == "partial" else ""),
-                  flush=True)
-            argv = train_argv(options, run_dir, args.data_dir, [*extra, *(["--resume"] if state == "partial" else [])])
-            t0 = time.time()
-            try:
-                train_one(argv, args.nproc, args.subprocess)
-            except (Exception, SystemExit):  # one broken run does not stop the grid; reported at the end
-                traceback.print_exc()
-            trained += runs.status(run_dir) == "done"
-            print(f"[{experiment} {i}/{len(plan)}] {name}: {time.time() - t0:.1f}s", flush=True)
-        if runs.status(run_dir) != "done":
-            failed.append(name)
-            continue
-        row = result_row(experiment, options, run_dir, fields)
-        rows.append(row)
-        if str(run_dir) not in done:
-            files.append_jsonl(results, [row])
-            done.add(str(run_dir))
-        if args.prune_ft_checkpoints and options["method"] == "ft":  # full T5 + AdamW state, twice per run
-            for name_ in ("best.pt", "last.pt"):
-                (run_dir / name_).unlink(missing_ok=True)
-    print(f"{experiment}: {len(plan)} runs, {trained} trained now, {len(rows) - trained} already finished, "
-          f"{len(failed)} failed -> {results}")
-    if failed:
-        print(f"{experiment}: FAILED: {' '.join(failed)}", file=sys.stderr)
+    devices = worker_devices(args) if args.worker is None else [None]  # a worker is pinned by its launcher
+    # the session: failures recorded since its start are not retried by its workers (a later call retries them)
+    session = float(os.environ.get("EPT_SESSION_START") or time.time())
+    done_before = {name for name, (_, _, run_dir) in plan.items() if runs.status(run_dir) == "done"}
+    broken = 0
+    if len(devices) > 1:
+        broken = launch_workers(experiment, args, devices, session)  # returns when every worker has ended
+    rows, failed = work(experiment, plan, args, extra, session, done_before)  # (the launcher: collects)
+    if broken:
+        print(f"{experiment}: {broken} worker(s) broke (see their output above); this process finished their runs",
+              file=sys.stderr)
+        failed = [*failed, f"({broken} broken worker(s))"]
     return rows, failed
 
 
-def dry_run(experiment, plan, args, extra):
-    """List every run with its status and estimated GPU-hours; one parseable summary line at the end."""
+# --- several workers on one plan ---------------------------------------------------------------------
+# A worker is the driver's own command (with --worker I; a single call is one worker): it walks the plan,
+# longest run first, skips runs that are finished, failed in this session or held by a live process, and
+# claims each other run by taking its folder's lock (runs.acquire_lock: a dead writer's stale lock is taken
+# over, race-free), then starts train.py, which adopts the lock, keeps it fresh and resumes a partial run.
+# At the end of the plan it waits for the runs others hold until every run is finished or failed. Rows are
+# appended under the results file's lock, once per run folder. The unit claimed is one run folder; a pack
+# of runs trained by one process would be claimed by taking each of its folders' locks the same way.
+
+def worker_devices(args):
+    """One entry per worker: the CUDA_VISIBLE_DEVICES it gets ("0", "2,3" with --nproc 2), or None (not
+    pinned: --workers N without --gpus, e.g. CPU workers)."""
+    nproc = args.nproc
+    if not args.gpus:
+        return [None] * (args.workers or 1)
+    if args.gpus % nproc:
+        raise SystemExit(f"--gpus {args.gpus} is not a multiple of --nproc {nproc} (GPUs per run)")
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    visible = visible or [str(i) for i in range(args.gpus)]
+    if len(visible) < args.gpus:
+        raise SystemExit(f"--gpus {args.gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: {','.join(visible)}")
+    n = args.gpus // nproc
+    if args.workers not in (None, n):
+        raise SystemExit(f"--workers {args.workers} with --gpus {args.gpus} --nproc {nproc}: that is {n} workers; "
+                         "pass one of --workers and --gpus")
+    return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(n)]
+
+
+def launch_workers(experiment, args, devices, session):
+    """Start one worker process per entry of `devices` (its own process group, pinned to its GPUs, output
+    prefixed with its name) and wait for all of them; the number that broke (a non-zero exit: a worker
+    whose loop ends exits 0 even when runs failed). Ctrl-C or SIGTERM stops them all."""
+    if not getattr(args, "command", None):
+        raise SystemExit("launch_workers needs args.command (the driver's command line; main() sets it)")
+    env = {**os.environ, "EPT_SESSION_START": repr(session)}
+    env.setdefault("TQDM_DISABLE", "1")  # N progress bars on one terminal are noise; log.jsonl has every step
+    out_lock = threading.Lock()
+    procs, pumps = [], []
+    print(f"{experiment}: {len(devices)} workers" + (f" on GPUs {' | '.join(devices)}" if devices[0] else ""),
+          flush=True)
+
+    def pump(proc, prefix):
+        for line in proc.stdout:
+            with out_lock:
+                sys.stdout.write(prefix + line)
+                sys.stdout.flush()
+
+    old_term = signal.getsignal(signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:  # SIGTERM (scancel, kill): stop the workers too, not only this process
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        for i, dev in enumerate(devices):
+            cmd = [*args.command, "--worker", str(i)]  # --subprocess or not, as this call was asked
+            proc = subprocess.Popen(cmd, env={**env, **({"CUDA_VISIBLE_DEVICES": dev} if dev else {})},
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                    start_new_session=True)
+            procs.append(proc)
+            pumps.append(threading.Thread(target=pump, args=(proc, f"[w{i}{' gpu ' + dev if dev else ''}] "),
+                                          daemon=True))
+            pumps[-1].start()
+        running, broken = dict(enumerate(procs)), 0
+        while running:  # reaped as soon as they end: a dead worker's pid must not linger (runs._alive)
+            for i, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[i]
+                    if proc.returncode:
+                        broken += 1
+                        print(f"{experiment}: worker {i} exited with status {proc.returncode}", flush=True)
+            time.sleep(0.2)
+        for t in pumps:
+            t.join()
+        return broken
+    except BaseException:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)  # the worker and the train.py it runs
+        for proc in procs:
+            proc.wait()
+        raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def plan_hours(plan, args, extra):
+    """Estimated GPU-hours of each run of the plan (with the pass-through --max-steps, --batch-size, ...)."""
     batch = _extra_value(extra, "--batch-size", 16, int)
     eval_every = _extra_value(extra, "--eval-every", None, int)  # None: each run's own (Table 4: per epoch)
     max_steps = _extra_value(extra, "--max-steps", None, int)
-    total = todo = 0.0
+    hours = {}
+    for name, (spec, _, _) in plan.items():
+        spec = {**spec, **({"max_steps": max_steps} if max_steps and not spec.get("epochs") else {})}
+        hours[name] = estimate_hours(spec, args.data_dir, batch, eval_every)
+    return hours
+
+
+def append_row_once(results, row):
+    """Append `row` to the results file unless a row of its run folder is there: checked and written under
+    the file's lock, so concurrent workers never double a row (one write per row: never a torn one)."""
+    with files.locked(results):
+        if any(r.get("run") == row["run"] for r in files.read_jsonl(results, what="results file", missing_ok=True)):
+            return False
+        files.append_jsonl(results, [row])
+        return True
+
+
+def work(experiment, plan, args, extra, session, done_before=()):
+    """One worker's loop over the plan (see above); (rows in plan order, failed run names)."""
+    results = Path(args.results_dir) / f"{experiment}.jsonl"
+    who = experiment if args.worker is None else f"{experiment} w{args.worker}"
+    hours = plan_hours(plan, args, extra)
+    order = sorted(plan, key=lambda name: -hours[name])  # longest first: the last runs to end are short ones
+    if args.worker:  # worker I starts at the I-th run: workers started together do not all race for one run
+        shift = args.worker % len(order) if order else 0
+        order = order[shift:] + order[:shift]
+    pending = dict.fromkeys(order)
+    rows, failed, waited_for, trained_here = {}, [], None, 0
+    while pending:
+        busy = []
+        for name in list(pending):
+            options, fields, run_dir = plan[name]
+            if runs.status(run_dir) != "done":
+                outcome = claim_and_train(who, name, options, run_dir, args, extra, session,
+                                          len(plan) - len(pending) + 1, len(plan))
+                if outcome == "busy":
+                    busy.append(name)
+                    continue
+                if outcome == "failed":
+                    failed.append(name)
+                    del pending[name]
+                    continue
+                trained_here += outcome == "trained"
+            row = result_row(experiment, options, run_dir, fields)
+            append_row_once(results, row)
+            rows[name] = row
+            del pending[name]
+            runs.clear_failed(run_dir)
+            if args.prune_ft_checkpoints and options["method"] == "ft":  # full T5 + AdamW state, twice per run
+                for name_ in ("best.pt", "last.pt"):
+                    (run_dir / name_).unlink(missing_ok=True)
+        if pending:  # only runs other live processes hold are left: wait for them (the report needs them all)
+            if busy != waited_for:
+                print(f"[{who}] waiting for {len(busy)} run(s) held by other workers: {' '.join(busy[:5])}"
+                      + (" ..." if len(busy) > 5 else ""), flush=True)
+                waited_for = busy
+            time.sleep(args.poll)
+    ordered = [rows[name] for name in plan if name in rows]
+    trained = len(set(rows) - set(done_before))  # by this process, its workers, or other nodes' workers
+    print(f"{who}: {len(plan)} runs, {trained} trained now" + (f" ({trained_here} by this worker)" if args.worker is not None else "")
+          + f", {len(rows) - trained} already finished, {len(failed)} failed -> {results}", flush=True)
+    if failed:
+        print(f"{who}: FAILED: {' '.join(failed)}", file=sys.stderr)
+    return ordered, failed
+
+
+def claim_and_train(who, name, options, run_dir, args, extra, session, i, n):
+    """Claim one unfinished run by taking its folder's lock, and train it: 'done', 'busy' (another live process
+    holds it), 'failed' or 'trained'. train.py (in this process, a fresh one, or torchrun's rank 0) adopts the lock."""
+    if runs.failed_since(run_dir, session) or runs.holder(run_dir):
+        return "failed" if runs.failed_since(run_dir, session) else "busy"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = runs.acquire_lock(run_dir, say=lambda message: print(f"[{who}] {message}", flush=True),
+                                 heartbeat=False)  # train.py adopts it within seconds and keeps it fresh
+    except runs.Busy:
+        return "busy"
+    t0, error = time.time(), None
+    try:
+        state = runs.status(run_dir)  # looked at again now that nobody else can change it
+        record = runs.failed_since(run_dir, session)
+        if state == "done" or record:
+            return "done" if state == "done" else "failed"
+        print(f"[{who} {i}/{n}] train {name}" + (" (resume)" if state == "partial" else ""), flush=True)
+        argv = train_argv(options, run_dir, args.data_dir, [*extra, *(["--resume"] if state == "partial" else [])])
+        with runs.handed_to_child(lock):
+            train_one(argv, args.nproc, args.subprocess)
+    except (Exception, SystemExit) as err:  # one broken run does not stop the grid; reported at the end
+        error = err
+        if not isinstance(err, subprocess.CalledProcessError):  # a subprocess printed its own error
+            traceback.print_exc()
+    finally:
+        lock.release()  # a no-op once train.py has adopted (and released) it
+    if runs.status(run_dir) == "done":
+        print(f"[{who} {i}/{n}] {name}: {time.time() - t0:.1f}s", flush=True)
+        return "trained"
+    if runs.holder(run_dir):  # this process was judged dead and the run taken over (a heartbeat missed)
+        return "busy"
+    runs.mark_failed(run_dir, repr(error))
+    return "failed"
+
+
+def dry_run(experiment, plan, args, extra):
+    """List every run with its status and estimated GPU-hours, then one parseable summary line with the
+    wall time on the GPUs given (--gpus, or --workers x --nproc)."""
+    hours = plan_hours(plan, args, extra)
+    total = todo = longest = 0.0
     n_todo = 0
     lines = []
     for name, (spec, _, run_dir) in plan.items():
-        spec = {**spec, **({"max_steps": max_steps} if max_steps and not spec.get("epochs") else {})}
-        hours = estimate_hours(spec, args.data_dir, batch, eval_every)
         state = runs.status(run_dir)
-        total += hours
+        total += hours[name]
         if state != "done":
-            todo += hours
+            todo += hours[name]
             n_todo += 1
-        print(f"  {state:<7} {hours:7.2f} GPU-h  {name}")
-        lines.append(f"{experiment}\t{state}\t{hours:.4f}\t{name}\n")
+            longest = max(longest, hours[name])
+        print(f"  {state:<7} {hours[name]:7.2f} GPU-h  {name}")
+        lines.append(f"{experiment}\t{state}\t{hours[name]:.4f}\t{name}\n")
     files.append_lines(Path(args.results_dir) / "dry_run.tsv", lines)  # run_all.sh sums it, each run once
-    print(f"DRY-RUN {experiment} runs={len(plan)} to_train={n_todo} gpu_hours={todo:.1f} (all runs: {total:.1f}; "
-          f"wall time ~ GPU-hours / {args.nproc} with NPROC={args.nproc}, assuming ideal scaling)")
+    gpus, workers = len(worker_devices(args)) * args.nproc, len(worker_devices(args))
+    low, high = wall_hours(todo, longest, gpus, args.nproc)
+    print(f"DRY-RUN {experiment} runs={len(plan)} to_train={n_todo} gpu_hours={todo:.1f} (all runs: {total:.1f}); "
+          f"wall ~{low:.1f}-{high:.1f} h on {gpus} GPU(s) = {workers} worker(s) x {args.nproc} "
+          f"(longest run {longest / args.nproc:.1f} h; ideal scaling within a run assumed)")
     return [], []
+
+
+def wall_hours(gpu_hours, longest, gpus, nproc):
+    """Wall time of runs totalling `gpu_hours` on `gpus` GPUs, `nproc` per run: at least max(gpu_hours /
+    gpus, the longest run), and, workers taking the next free run, at most gpu_hours / gpus + the longest."""
+    return max(gpu_hours / gpus, longest / nproc), gpu_hours / gpus + longest / nproc
 
 
 def _extra_value(extra, flag, default, cast):
@@ -410,7 +596,16 @@ def add_execution_args(parser):
                        help="delete best.pt/last.pt of finished ft runs once their row is written "
                             "(weights + AdamW state: ~2.7 GB each for t5-base, ~9 GB for t5-large)")
     group.add_argument("--dry-run", action="store_true",
-                       help="list the runs and the GPU-hour estimate (also appended to <results-dir>/dry_run.tsv)")
+                       help="list the runs, the GPU-hour estimate and the wall time on the GPUs given "
+                            "(also appended to <results-dir>/dry_run.tsv)")
+    group.add_argument("--gpus", type=cli.positive_int, default=None,
+                       help="one worker per --nproc GPUs, each pinned to its own (the first G of CUDA_VISIBLE_DEVICES), "
+                            "sharing the plan; this process waits for them all")
+    group.add_argument("--workers", type=cli.positive_int, default=None,
+                       help="N worker processes sharing the plan, not pinned (CPU; default 1: this process)")
+    group.add_argument("--poll", type=cli.positive_float, default=5.0,
+                       help="seconds between looks at runs other workers hold, at the end of the plan")
+    group.add_argument("--worker", type=cli.nonnegative_int, default=None, help=argparse.SUPPRESS)  # set by the launcher
 
 
 add_execution_args(parser)
@@ -455,14 +650,15 @@ def check_args(parser, args, extra):
 
 def main(argv=None):
     args, extra = parser.parse_known_args(argv)
+    args.command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
     args.values = parse_values(args.experiment, args.values)
     check_args(parser, args, extra)
     args.batch_size = _extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4: steps per epoch
     rows, failed = run_experiment(args.experiment, EXPERIMENTS[args.experiment](args), args, extra)
-    if rows:
+    if rows and args.worker is None:
         import report  # the same table report.py writes, printed here
         print(report.experiment_table(args.experiment, rows))
-    if failed:
+    if failed and args.worker is None:  # a worker's failed runs are its launcher's to report
         sys.exit(1)
     return rows
 

@@ -1,4 +1,4 @@
-"""Many prompt runs share one frozen T5 (issue 13): one packed step is one optimizer step of every run.
+"""Many prompt runs share one frozen T5: one packed step is one optimizer step of every run.
 
 R prompt runs on one task and one T5 (any mix of pt / ptuning / resprompt / ept / ept_star, any prompt
 lengths; `ft` trains T5 itself and is never packed). Each run keeps everything a solo train.py run has:

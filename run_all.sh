@@ -10,10 +10,17 @@
 # Hugging Face Hub (t5-small/base/large and the datasets) or local copies (prepare_data.py --source).
 #
 #   bash run_all.sh                  # everything; resumable: rerun after a crash, finished runs are skipped
-#   NPROC=4 bash run_all.sh          # each run on 4 GPUs through torchrun (global batch stays 16)
-#   DRY_RUN=1 bash run_all.sh        # list every run with its status, counts and GPU-hour estimate
+#   GPUS=8 bash run_all.sh           # one worker per GPU, each pinned to its GPU, all on one plan per section
+#   GPUS=8 NPROC=2 bash run_all.sh   # 4 workers, each run on 2 GPUs through torchrun (global batch stays 16)
+#   NPROC=4 bash run_all.sh          # one run at a time, on 4 GPUs through torchrun
+#   DRY_RUN=1 GPUS=8 bash run_all.sh # every run with its status, counts, GPU-hours and the wall time on 8 GPUs
+#   PART=setup|train|report bash run_all.sh   # one part: data; the training sections; analyses + report
 #   DTYPE=bf16 bash run_all.sh       # bf16 autocast: faster, not the paper's precision (fp32, the default)
 #   SMOKE=1 bash run_all.sh          # the whole recipe tiny on a CPU in a few minutes -> smoke/report/
+#
+# Workers: each section's driver starts GPUS/NPROC workers that claim runs from the section's plan through
+# the run folders' locks, and waits for them all before the next section; workers on several nodes sharing
+# the file system work the same way (docs/experiments.md has the SLURM job-array recipe).
 #
 # SMOKE: a random-weight tiny T5 with a tokenizer trained offline (SMOKE_TOKENIZER=DIR uses a real
 # one), the fixture files in tests/fixtures/raw, 6 training steps, 1 seed where the paper uses 3
@@ -27,7 +34,11 @@ cd "$(dirname "$0")"
 trap 'echo "run_all.sh: stage failed (exit $?) at line $LINENO: $BASH_COMMAND; fix it and rerun (finished runs are skipped)" >&2' ERR
 
 NPROC=${NPROC:-1}
+GPUS=${GPUS:-}                 # GPUs of this node to fill: GPUS/NPROC workers (unset: one run at a time)
+PART=${PART:-all}              # all | setup | train | report
 DRY=${DRY_RUN:+--dry-run}
+case $PART in all|setup|train|report) ;; *) echo "PART=$PART: use all, setup, train or report" >&2; exit 2;; esac
+part() { [[ $PART == all || $PART == "$1" ]]; }
 if [[ "${SMOKE:-0}" == 1 ]]; then
   ROOT=smoke
   MODEL=smoke/tiny-t5 SIZES=smoke/tiny-t5 LR_SIZES=smoke/tiny-t5 SEEDS="--seeds 0" FEWSHOT="--shots 4 --seeds 0 1" LR_SEARCH=""
@@ -41,18 +52,19 @@ else
 fi
 TRAIN="$TRAIN ${DTYPE:+--dtype $DTYPE}"  # DTYPE=bf16|tf32: faster, not the paper's fp32 (the default)
 DATA=$ROOT/data RUNS=$ROOT/runs RESULTS=$ROOT/results REPORT=$ROOT/report
-COMMON="--data-dir $DATA --runs-dir $RUNS --results-dir $RESULTS --nproc $NPROC $LAUNCH $DRY"
+COMMON="--data-dir $DATA --runs-dir $RUNS --results-dir $RESULTS --nproc $NPROC ${GPUS:+--gpus $GPUS} $LAUNCH $DRY"
 TAG=$(basename "$MODEL")
 [[ -n "$DRY" ]] && rm -f "$RESULTS/dry_run.tsv"
 
 # --- Setup: the T5 (SMOKE: a tiny random one) and the 21 tasks' data (+ few-shot samples)
-if [[ -z "$DRY" && "${SMOKE:-0}" == 1 ]]; then
+if part setup && [[ -z "$DRY" && "${SMOKE:-0}" == 1 ]]; then
   [[ -f $MODEL/config.json ]] || python pretrained.py --make-tiny $MODEL ${SMOKE_TOKENIZER:+--tokenizer $SMOKE_TOKENIZER}
   python prepare_data.py --source tests/fixtures/raw --tasks all --out $DATA --tokenizer $MODEL --fewshot 4 --fewshot-seeds 0 1
-elif [[ -z "$DRY" ]]; then
+elif part setup && [[ -z "$DRY" ]]; then
   python prepare_data.py --tasks all --out $DATA --tokenizer t5-base --fewshot 4 16 32 --fewshot-seeds 0 1 2 3 4 5
 fi
 
+if part train || [[ -n "$DRY" ]]; then
 # --- Table 1: GLUE + SuperGLUE, 6 methods x 3 sizes x 3 seeds (+ the SuperGLUE lr search of Appendix B.2);
 #     Figure 1 is drawn from these runs by report.py
 python ablate.py table1 --models $SIZES $LR_SEARCH $SEEDS $COMMON $TRAIN
@@ -82,13 +94,20 @@ python ablate.py lr --models $LR_SIZES $SEEDS $COMMON $TRAIN
 
 # --- Figure 9: EPT + LayerNorm / residual / ReLU / tanh / GELU
 python ablate.py structure --model $MODEL $SEEDS $COMMON $TRAIN
+fi
 
-if [[ -n "$DRY" ]]; then  # every run once, though several sections share it
-  awk -F'\t' '!seen[$4]++ { n++; h += $3; if ($2 != "done") { t++; th += $3 } }
-    END { printf "DRY-RUN TOTAL: %d distinct runs, %d to train, ~%.0f GPU-hours to go (%.0f in all)\n", n, t, th, h }' \
+if [[ -n "$DRY" ]]; then  # every run once, in the first section that lists it (the one that trains it)
+  # wall time: the sections run one after another; within one, workers take the next free run, so it lasts
+  # between max(its GPU-hours / GPUs, its longest run) and GPU-hours / GPUs + its longest run
+  awk -F'\t' -v G="${GPUS:-$NPROC}" -v P="$NPROC" '!seen[$4]++ { n++; h += $3; if ($2 != "done") {
+      t++; th += $3; s[$1] += $3; if ($3 > m[$1]) m[$1] = $3 } }
+    END { for (e in s) { a = s[e] / G; b = m[e] / P; lo += (a > b ? a : b); hi += a + b }
+      printf "DRY-RUN TOTAL: %d distinct runs, %d to train, ~%.0f GPU-hours to go (%.0f in all); ", n, t, th, h
+      printf "wall ~%.0f-%.0f h on %d GPU(s) = %d worker(s) x %d GPU(s)\n", lo, hi, G, G / P, P }' \
     "$RESULTS/dry_run.tsv"
   exit 0
 fi
+part report || exit 0
 
 # --- Figures 2, 3, 4, 10, 11 and Appendix A.1 (neighbours; P-Tuning's two directions, each scored alone):
 #     analyses of the t5-base main runs (Figure 10 scores each task's EPT* prompt on all 21 test sets: 420

@@ -20,6 +20,7 @@ of ranks or micro-batches (docs/training.md).
 import argparse
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -436,7 +437,8 @@ def main(argv=None):
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise files.FileFault(f"train: cannot create {out_dir}: {files.why(err)}") from None
-        lock = runs.acquire_lock(out_dir, say)
+        # its heartbeat thread keeps it fresh while this process lives; a driver's worker may have taken it for us
+        lock = runs.acquire_lock(out_dir, say, inherit=os.environ.get(runs.INHERIT_ENV))
     try:
         resume_path = open_run_folder(out_dir, args.resume, args.overwrite, say) if ranks.master else None
         if world_size > 1:
@@ -446,6 +448,7 @@ def main(argv=None):
             return {"out_dir": str(out_dir), "finished": True}
         task = load_task(args, ranks, say)
         run = build_run(args, task, ranks, resume_path, say)
+        run.lock = lock  # checked before every step and write: a lock taken over means stop
         log = start_log(args, out_dir, run, task, ranks, resume_path, say)
         try:
             train_loop(args, out_dir, task, run, log, ranks)
@@ -454,7 +457,7 @@ def main(argv=None):
             log.close()
     finally:
         if lock:
-            lock.unlink(missing_ok=True)
+            lock.release()
 
 
 def broadcast_object(obj):
@@ -631,6 +634,8 @@ def train_loop(args, out_dir, task, run, log, ranks):
     pbar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, desc=out_dir.name,
                 **({} if ranks.master else {"disable": True}))  # rank 0 only; TQDM_DISABLE=1 still works
     while True:
+        if run.lock:
+            run.lock.check()  # another worker judged this process dead and took the folder over: write nothing
         last_step = step == args.max_steps
         due = step > start_step or (step > 0 and not run.resumed)  # the resumed step was validated before the kill
         if due and (step % args.eval_every == 0 or last_step):
@@ -675,6 +680,8 @@ def finish(args, out_dir, task, run, log, ranks, say):
     """The end: the best checkpoint folded into P' (prompt.pt) and scored on test (metrics.json)."""
     if ranks.world_size > 1:
         dist.barrier()  # best.pt is complete on disk
+    if run.lock:
+        run.lock.check()
     raw_model = run.raw_model
     raw_model.load_trainable_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
     with torch.no_grad():

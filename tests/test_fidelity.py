@@ -1,4 +1,4 @@
-"""The paper, exactly (issue 10): each test pins a number or a sentence of the paper.
+"""The paper, exactly: each test pins a number or a sentence of the paper.
 
     python -m pytest -q tests/test_fidelity.py          # ~1 minute on 2 CPU cores
 
