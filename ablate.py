@@ -85,27 +85,14 @@ def _defaults(method):
     return {**{key: getattr(args, key) for key, _ in NAME_TAGS}, "fewshot_seed": None}
 
 
-NAME_TAGS = [("prompt_length", "n"), ("reparam", ""), ("hidden_size", "h"), ("broadcast", "b"), ("depth", "d"),
-             ("extra_layer", "x1"), ("init", "init-"), ("layer_norm", "ln"), ("residual", "res"), ("activation", ""),
-             ("lr", "lr"), ("max_steps", "steps"), ("epochs", "ep"), ("eval_every", "ev"), ("fewshot_k", "k"),
-             ("fewshot_seed", "fs")]
-
-
-def model_tag(model_name):
-    return Path(str(model_name).rstrip("/")).name  # "t5-base", "smoke/tiny-t5" -> "tiny-t5"
+NAME_TAGS = runs.NAME_TAGS
+model_tag = runs.model_tag
 
 
 def run_name(spec):
-    """<task>_<method>_<model>[_<non-default options>]_s<seed>, e.g. boolq_ept_t5-base_h50_s1."""
-    base = defaults(spec["method"])
-    tags = []
-    for key, tag in NAME_TAGS:
-        value = spec.get(key, base[key])
-        if value is None or value == base[key] or (key in ("hidden_size", "broadcast") and
-                                                   spec["method"] not in ("ept", "ept_star", "resprompt")):
-            continue
-        tags.append(tag if value is True else f"{tag}{value:g}" if isinstance(value, float) else f"{tag}{value}")
-    return "_".join([spec["task"], spec["method"], model_tag(spec["model"]), *tags, f"s{spec['seed']}"])
+    """<task>_<method>_<model>[_<non-default options>]_s<seed>, e.g. boolq_ept_t5-base_h50_s1 (runs.run_name
+    against train.py's defaults)."""
+    return runs.run_name(spec, defaults(spec["method"]))
 
 
 def train_argv(spec, out_dir, data_dir=None, extra=()):
