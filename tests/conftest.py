@@ -45,3 +45,14 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """A random-weight tiny T5 + tokenizer (the real one when present, else trained offline)."""
     out = tmp_path_factory.mktemp("tiny-t5")
     return pretrained.make_tiny(out, tokenizer=str(tokenizer_dir) if tokenizer_dir else None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A tiny T5 gains nothing from threads, and oversubscribed threads on a busy machine slow it 30x.
+    Modules that train tiny models use it: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

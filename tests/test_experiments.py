@@ -39,13 +39,7 @@ PEFT_PROMPT_TUNING_FIELDS = {"auto_mapping", "base_model_name_or_path", "revisio
                              "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs", "peft_version"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny T5 gains nothing from threads, and oversubscribed threads on a busy machine slow it 30x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

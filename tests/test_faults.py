@@ -32,7 +32,7 @@ import prepare_data
 import pretrained
 import report
 import train
-from test_train import argv, write_task
+from test_train import argv, data_dir  # noqa: F401 (data_dir is a fixture shared with test_train)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "raw"
@@ -123,20 +123,9 @@ def read_only(tmp_path):
             p.chmod(0o755)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_task(d, "toy")
-    write_task(d, "toy2", template="premise: {} hypothesis: fine", seed=1)
-    return d
 
 
 @pytest.fixture(scope="module")

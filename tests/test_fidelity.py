@@ -31,12 +31,7 @@ TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "-
          "--batch-size", "4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
