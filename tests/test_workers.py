@@ -1,6 +1,6 @@
 """Several workers on one plan: the run-folder lock (heartbeat, race-free takeover), the drivers' workers.
 
-    python -m pytest -q tests/test_workers.py          # ~1.5 minutes on 2 CPU cores
+    python -m pytest -q tests/test_workers.py          # ~70 s on 2 CPU cores
 
 Workers are real processes (the drivers' own command line, as a GPU node or a SLURM task runs them) on a
 tiny random T5, a few steps per run: 2 and 3 workers train every run exactly once and give one worker's
@@ -136,7 +136,19 @@ def test_sigkilled_worker_is_taken_over_and_nothing_is_lost_or_doubled(tiny_mode
     assert not list(target.glob("*lock*"))
 
 
-def test_a_run_that_fails_is_tried_once_per_session(tiny_model_dir, data_dir, tmp_path):
+def test_each_worker_a_torchrun_group(tiny_model_dir, data_dir, tmp_path):
+    """--gpus 4 --nproc 2: 2 workers, each run a 2-rank torchrun group (gloo here) that adopts its worker's lock."""
+    argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--gpus", 4, "--nproc", 2, "--values", "uniform", "vocab")
+    out = finish(driver(*argv))
+    assert "init: 2 workers on GPUs 0,1 | 2,3" in out and "exited with status" not in out
+    assert {line.split()[0] for line in out.splitlines() if "] train rte_" in line} == {"[w0", "[w1"}
+    for run in (tmp_path / "runs").iterdir():
+        assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert_trained_once(tmp_path, 2)
+    assert len(results(tmp_path)) == 2
+
+
+def test_a_run_that_fails_is_tried_once_per_session(tiny_model_dir, data_dir, tmp_path, capsys):
     """STS-B has no label words, so --init label fails: one worker tries it, records failed.json, and neither
     the other worker nor the final collection tries it again; a later call does."""
     argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--workers", 2, "--values", "uniform", "label")
@@ -149,9 +161,11 @@ def test_a_run_that_fails_is_tried_once_per_session(tiny_model_dir, data_dir, tm
     assert json.loads((failed / runs.FAILED).read_text())["reason"] and not (failed / "run.lock").exists()
     assert f"FAILED: {failed.name}" in out and "init: 2 runs, 1 trained now, 0 already finished, 1 failed" in out
     assert len(files.read_jsonl(tmp_path / "results" / "init.jsonl")) == 1
-    proc = driver(*argv)  # a new call (a new session) tries it again
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 1 and out.count(f"] train {failed.name}") == 1
+    i = argv.index("--workers")
+    del argv[i:i + 2]
+    with pytest.raises(SystemExit):  # a new call (a new session; here one worker in this process) tries it again
+        ablate.main(argv)
+    assert capsys.readouterr().out.count(f"] train {failed.name}") == 1
 
 
 # --- the lock -----------------------------------------------------------------------------------------
