@@ -385,7 +385,7 @@ def print_tables(result):
             if peak:
                 line += f"{100 * r['useful_tflops'] / peak:>7.2f}{100 * r['hardware_tflops'] / peak:>7.2f}"
             print(line + f"{r['examples_per_s'] / ref:>7.2f}")
-        print(f"TFLOP/s: useful (real tokens; hardware, padded: "
+        print("TFLOP/s: useful (real tokens; hardware, padded: "
               + ", ".join(f"{r['hardware_tflops']:.4f}" for r in result["train"]) + f"); peak: {result['peak_source']}")
         if result["train"][0]["cold_examples_per_s"]:
             print("cold (first pass over the same batches, --warm-shapes) ex/s: "
