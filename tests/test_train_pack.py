@@ -141,3 +141,21 @@ def test_sigkill_of_a_pack_then_resume_equals_uninterrupted(data_dir, tiny_model
         assert torch.equal(M.load_folded_prompt(whole / n / "prompt.pt")[0],
                            M.load_folded_prompt(broken / n / "prompt.pt")[0])
         assert not (broken / n / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_pack_two_processes_equal_one(data_dir, tiny_model_dir, tmp_path):
+    """A pack of 2 under torchrun (2 gloo ranks x 4 examples of each run) == the same pack in one process."""
+    flags = ("--max-steps", 3, "--eval-every", 3, "--dropout", 0, "--eval-mode", "rank", "--method", "pt", "ept")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli("train.py", argv(data_dir, tiny_model_dir, one, *flags))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "train.py"), *argv(data_dir, tiny_model_dir, two, *flags)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in one.iterdir())
+    assert len(names) == 2 and sorted(p.name for p in two.iterdir()) == names
+    for n in names:
+        assert json.loads((two / n / "config.json").read_text())["world_size"] == 2
+        assert_same_run(one / n, two / n)
