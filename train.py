@@ -10,6 +10,8 @@ the best checkpoint) and metrics.json (test metrics of the best checkpoint).
     torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star   # global batch 16
     python train.py --task rte --method ept --dtype bf16    # bf16 autocast: faster, not the paper's fp32
     python train.py --task rte --method ept --resume        # continue a killed run from its last.pt
+    # a pack: 3 x 3 x 2 = 18 prompt runs sharing one T5, one folder each under --out-dir (docs/training.md)
+    python train.py --task rte --method pt ept ept_star --seed 0 1 2 --lr 0.3 0.1 --out-dir runs/rte_sweep
     # CPU smoke run: random-weight t5-small from the real config, 30 steps
     python train.py --method ept --model ../shared/data/t5/t5-small --random-init \\
         --tokenizer ../shared/data/t5 --max-steps 30 --eval-every 30 --max-eval-examples 32
