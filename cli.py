@@ -33,3 +33,11 @@ def name(text):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text) or ".." in text:
         raise argparse.ArgumentTypeError(f"{text!r} is not a task name (a name like rte or boolq, not a path)")
     return text
+
+
+class Sweep(argparse.Action):
+    """An option that takes one value or several (nargs="+"): one value is stored as itself (a solo run,
+    the option as it always was), several as a list (train.py: one run per value, the runs their product)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))

@@ -10,6 +10,8 @@ the best checkpoint) and metrics.json (test metrics of the best checkpoint).
     torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star   # global batch 16
     python train.py --task rte --method ept --dtype bf16    # bf16 autocast: faster, not the paper's fp32
     python train.py --task rte --method ept --resume        # continue a killed run from its last.pt
+    # a pack: 3 x 3 x 2 = 18 prompt runs sharing one T5, one folder each under --out-dir (docs/training.md)
+    python train.py --task rte --method pt ept ept_star --seed 0 1 2 --lr 0.3 0.1 --out-dir runs/rte_sweep
     # CPU smoke run: random-weight t5-small from the real config, 30 steps
     python train.py --method ept --model ../shared/data/t5/t5-small --random-init \\
         --tokenizer ../shared/data/t5 --max-steps 30 --eval-every 30 --max-eval-examples 32
@@ -18,6 +20,8 @@ Loss: the mean over the non-pad target tokens of the whole global batch, the sam
 of ranks or micro-batches (docs/training.md).
 """
 import argparse
+import functools
+import itertools
 import json
 import math
 import os
@@ -59,22 +63,23 @@ group = parser.add_argument_group("model")
 group.add_argument("--model", default="t5-base", help="Hub name or local folder of the (frozen) T5")
 group.add_argument("--tokenizer", default=None, help="Hub name or folder of the tokenizer (default: --model)")
 group.add_argument("--random-init", action="store_true", help="random T5 weights from the config (tests, speed only)")
-group.add_argument("--method", default="ept", choices=M.METHODS, help="ft = full fine-tuning, else a prompt method")
-group.add_argument("--prompt-length", type=cli.positive_int, default=M.DEFAULTS["prompt_length"],
+group.add_argument("--method", default="ept", choices=M.METHODS, nargs="+", action=cli.Sweep,
+                   help="ft = full fine-tuning, else a prompt method (several: a pack; ft never)")
+group.add_argument("--prompt-length", type=cli.positive_int, default=M.DEFAULTS["prompt_length"], nargs="+", action=cli.Sweep,
                    help="prompt rows n for pt/ptuning/resprompt")
-group.add_argument("--reparam", default="mlp", choices=M.REPARAMS, help="ptuning's reparameterization network")
-group.add_argument("--hidden-size", type=cli.positive_int, default=None, help="EPT h / ResPrompt bottleneck (default: 1 / 400)")
-group.add_argument("--broadcast", type=cli.positive_int, default=None, help="EPT rows n (default: 1 ept, 10 ept_star)")
+group.add_argument("--reparam", default="mlp", choices=M.REPARAMS, nargs="+", action=cli.Sweep, help="ptuning's reparameterization network")
+group.add_argument("--hidden-size", type=cli.positive_int, default=None, nargs="+", action=cli.Sweep, help="EPT h / ResPrompt bottleneck (default: 1 / 400)")
+group.add_argument("--broadcast", type=cli.positive_int, default=None, nargs="+", action=cli.Sweep, help="EPT rows n (default: 1 ept, 10 ept_star)")
 group.add_argument("--layer-norm", action="store_true", help="EPT ablation: LayerNorm after the up layer (Figure 9)")
 group.add_argument("--residual", action="store_true", help="EPT ablation: add P1 back (Figure 9)")
-group.add_argument("--activation", default="none", choices=tuple(M.ACTIVATIONS), help="EPT ablation: between down and up")
-group.add_argument("--depth", type=cli.positive_int, default=1, help="stacked EPT down-up blocks (whole blocks)")
+group.add_argument("--activation", default="none", choices=tuple(M.ACTIVATIONS), nargs="+", action=cli.Sweep, help="EPT ablation: between down and up")
+group.add_argument("--depth", type=cli.positive_int, default=1, nargs="+", action=cli.Sweep, help="stacked EPT down-up blocks (whole blocks)")
 group.add_argument("--extra-layer", action="store_true",
                    help="EPT: one bias-free h -> h layer between down and up (Table 4: d -> 1 -> 1 -> d, 2.3K on t5-base)")
-group.add_argument("--init", default="uniform", choices=M.INITS, help="prompt init (Table 6)")
+group.add_argument("--init", default="uniform", choices=M.INITS, nargs="+", action=cli.Sweep, help="prompt init (Table 6)")
 group.add_argument("--dropout", type=cli.probability, default=None, help="override T5's dropout rate (default: the config's, 0.1)")
 group = parser.add_argument_group("optimisation")
-group.add_argument("--lr", type=cli.positive_float, default=None, help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
+group.add_argument("--lr", type=cli.positive_float, default=None, nargs="+", action=cli.Sweep, help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
 group.add_argument("--weight-decay", type=cli.nonnegative_float, default=0.01, help="AdamW weight decay (not on biases/norms)")
 group.add_argument("--warmup-steps", type=cli.nonnegative_int, default=0, help="linear lr warm-up steps before the decay to 0")
 group.add_argument("--max-grad-norm", type=cli.nonnegative_float, default=1.0, help="gradient-norm clipping (0 = off)")
@@ -83,7 +88,7 @@ group.add_argument("--micro-batch-size", type=cli.positive_int, default=None,
                    help="examples per forward pass on one rank; gradient accumulation above it (default: batch/ranks)")
 group.add_argument("--max-steps", type=cli.positive_int, default=30000, help="optimizer steps")
 group.add_argument("--epochs", type=cli.positive_float, default=None, help="train this many epochs instead of --max-steps (Table 4)")
-group.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seeds prompt init, data order, dropout (and random T5 weights)")
+group.add_argument("--seed", type=cli.nonnegative_int, default=0, nargs="+", action=cli.Sweep, help="seeds prompt init, data order, dropout (and random T5 weights)")
 group.add_argument("--dtype", default="fp32", choices=runtime.DTYPES,
                    help="fp32 (the paper's), tf32 or bf16 autocast (speed; not the paper's setting)")
 group.add_argument("--compile", action="store_true", help="torch.compile the training forward")
@@ -96,13 +101,25 @@ group.add_argument("--eval-mode", default="generate", choices=("generate", "rank
                    help="greedy generation, or rank classification over the label set")
 group.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
 group = parser.add_argument_group("output")
-group.add_argument("--out-dir", default=None, help="run folder (default: runs/{task}_{method}_{model}_s{seed})")
+group.add_argument("--out-dir", default=None,
+                   help="run folder (default: runs/{task}_{method}_{model}_s{seed}); of a pack: the parent folder "
+                        "(default: runs) of one folder per run, named as runs.run_name names it")
 group.add_argument("--save-every", type=cli.positive_int, default=None, help="also write last.pt every N steps (default: --eval-every)")
 group.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
 group.add_argument("--overwrite", action="store_true", help="delete an existing run folder's files first")
 group.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
                    help="also log curves to TensorBoard (default DIR: <out-dir>/tensorboard); needs tensorboard")
 group.add_argument("--wandb", default=None, metavar="PROJECT", help="also log curves to Weights & Biases; needs wandb")
+group = parser.add_argument_group("packs: several prompt runs on one T5 (docs/training.md, \"Packs\")")
+group.add_argument("--runs", default=None, metavar="FILE",
+                   help="a JSON list of per-run option dicts ({\"method\": \"ept\", \"seed\": 1, \"lr\": 0.1}, "
+                        "optionally \"out_dir\"); the flags give the options the runs share")
+group.add_argument("--pack-max-rows", type=cli.positive_int, default=None, metavar="K",
+                   help="a pack's examples per forward pass, sorted by length (default: every run's micro-batches)")
+PACK_OPTIONS = ("runs", "pack_max_rows")  # not options of a run: never in its config.json
+SWEEP = ("method", "seed", "lr", "prompt_length", "hidden_size", "broadcast", "init", "reparam", "activation", "depth")
+PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "warmup_steps", "max_grad_norm",
+                   "max_steps", "epochs", "eval_every", "save_every")  # what --runs may set per run
 
 
 CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score", "best_step"}
@@ -424,21 +441,19 @@ class Throughput:
 # --- the run ------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = resolve(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    runs_file, max_rows = (vars(args).pop(k) for k in PACK_OPTIONS)
+    specs = sweep(args, runs_file)
     rank, local_rank, world_size, device = runtime.setup_distributed()
     ranks = SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device, master=rank == 0)
     say = print if ranks.master else (lambda *a, **k: None)
+    if runs_file is not None or len(specs) > 1:
+        return main_pack(args, specs, ranks, say, max_rows)
+    args = resolve(args)
 
     # --- the run folder: one writer (lock); fresh, resumed or overwritten; nothing written before the checks
     out_dir = Path(args.out_dir)
-    lock = None
-    if ranks.master:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise files.FileFault(f"train: cannot create {out_dir}: {files.why(err)}") from None
-        # its heartbeat thread keeps it fresh while this process lives; a driver's worker may have taken it for us
-        lock = runs.acquire_lock(out_dir, say, inherit=os.environ.get(runs.INHERIT_ENV))
+    lock = claim_folder(out_dir, say) if ranks.master else None
     try:
         resume_path = open_run_folder(out_dir, args.resume, args.overwrite, say) if ranks.master else None
         if world_size > 1:
@@ -458,6 +473,192 @@ def main(argv=None):
     finally:
         if lock:
             lock.release()
+
+
+def claim_folder(out_dir, say):
+    """Create the run folder and take its lock (runs.Busy when a live process holds it). Its heartbeat thread
+    keeps it fresh while this process lives; a driver's worker may have taken it for us (runs.INHERIT_ENV)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise files.FileFault(f"train: cannot create {out_dir}: {files.why(err)}") from None
+    return runs.acquire_lock(out_dir, say, inherit=os.environ.get(runs.INHERIT_ENV))
+
+
+# --- a pack: several prompt runs on one T5 (packing.py does the math) --------------------------------
+
+@functools.cache
+def _defaults(method):
+    args = resolve(parser.parse_args(["--method", method]))
+    return {**{key: getattr(args, key) for key, _ in runs.NAME_TAGS}, "fewshot_seed": None}
+
+
+def defaults(method):
+    """train.py's defaults for `method`, read from its own parser and resolve(): what a run name leaves out.
+    The few-shot sample always shows in a name (no default)."""
+    return dict(_defaults(method))
+
+
+def pack_run_name(args):
+    """The folder name of a resolved run of a pack (runs.run_name against defaults(method))."""
+    spec = {k: v for k, v in vars(args).items() if args.fewshot_k or k != "fewshot_seed"}
+    return runs.run_name(spec, defaults(args.method))
+
+
+def per_run_value(key, value):
+    """A --runs FILE value checked and converted as the command line would take it; one sentence if not."""
+    action = next(a for a in parser._actions if a.dest == key)
+    if action.nargs == 0:  # a flag (store_true)
+        if not isinstance(value, bool):
+            raise SystemExit(f"train: --runs: {key} must be true or false, not {value!r}")
+        return value
+    if value is None:
+        return None
+    try:
+        value = action.type(str(value)) if action.type else value
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+        raise SystemExit(f"train: --runs: {key}: {err}") from None
+    if action.choices is not None and value not in action.choices:
+        raise SystemExit(f"train: --runs: {key} {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def sweep(args, runs_file=None):
+    """The runs asked for, unresolved: the product of the sweep options' values (the last varies fastest),
+    or --runs FILE's list, each dict over the command line's options."""
+    if runs_file is None:
+        lists = [[v] if not isinstance(v := getattr(args, k), list) else v for k in SWEEP]
+        return [argparse.Namespace(**{**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None})  # --out-dir: the parent
+                for combo in itertools.product(*lists)]
+    rows = files.read_json(Path(runs_file), "run list")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise SystemExit(f"train: --runs {runs_file} must hold a non-empty JSON list of option dicts")
+    swept = [k for k in SWEEP if isinstance(getattr(args, k), list)]
+    if swept:
+        raise SystemExit(f"train: --runs gives the runs; the flags give only what they share: one value for "
+                         f"--{', --'.join(k.replace('_', '-') for k in swept)}")
+    specs = []
+    for row in rows:
+        spec = argparse.Namespace(**vars(args))
+        for key, value in row.items():
+            if key == "out_dir":
+                spec.out_dir = str(value)
+            elif key in PER_RUN:
+                setattr(spec, key, per_run_value(key, value))
+            elif key in vars(args) and per_run_value(key, value) == getattr(args, key):
+                pass  # a shared option, the same as the command line's
+            elif key in vars(args):
+                raise SystemExit(f"train: --runs: {key} is shared by the runs of a pack (one task, data and T5): "
+                                 f"give it once on the command line, not {value!r} for one run")
+            else:
+                raise SystemExit(f"train: --runs: unknown option {key!r} (train.py's option names, with underscores)")
+        spec.out_dir = row.get("out_dir")
+        specs.append(spec)
+    return specs
+
+
+def resolve_pack(args, specs):
+    """The pack's runs resolved, each with its own folder: its "out_dir", or <--out-dir>/<run name>."""
+    parent = Path(args.out_dir or "runs")
+    for spec in specs:
+        if spec.method == "ft":
+            raise SystemExit("train: ft trains T5 itself and cannot share it with other runs in a pack; "
+                             "train it alone (one --method ft run)")
+        named = spec.out_dir is not None
+        resolve(spec)
+        if not named:
+            spec.out_dir = str(parent / pack_run_name(spec))
+    folders = [str(Path(s.out_dir).resolve()) for s in specs]
+    if len(set(folders)) < len(folders):
+        raise SystemExit(f"train: two runs of the pack share a folder ({', '.join(sorted({f for f in folders if folders.count(f) > 1}))}); "
+                         "give them different options or out_dir")
+    if args.random_init and len({s.seed for s in specs}) > 1:
+        raise SystemExit("train: --random-init builds T5's weights from the seed, and a pack shares one T5: "
+                         "one seed per pack, or real weights")
+    return specs
+
+
+def open_pack_folders(args, specs, say):
+    """Each run's folder claimed and checked as a solo run's (open_run_folder): a finished run is skipped, a
+    run another live process holds is left out; one line each. Returns the runs to train (with .lock and
+    .resume_path); the locks taken so far are in `args.pack_locks` for the caller to release."""
+    jobs = []
+    for spec in specs:
+        out_dir = Path(spec.out_dir)
+        try:
+            lock = claim_folder(out_dir, say)
+        except runs.Busy as err:
+            say(f"train: left out of the pack: {err}")
+            continue
+        args.pack_locks.append(lock)
+        resume_path = None if args.overwrite or not runs.finished(out_dir) else "finished"
+        if resume_path is None:
+            resume_path = open_run_folder(out_dir, args.resume, args.overwrite, say)
+        if resume_path == "finished":
+            say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); skipped")
+            lock.release()
+            continue
+        jobs.append(SimpleNamespace(args=spec, out_dir=out_dir, lock=lock, resume_path=resume_path))
+    return jobs
+
+
+def main_pack(args, specs, ranks, say, max_rows=None):
+    """Several prompt runs at once on one task and one T5: their folders, the shared task and T5, the pack."""
+    specs = resolve_pack(args, specs)
+    args.pack_locks = []
+    try:
+        jobs = open_pack_folders(args, specs, say) if ranks.master else None
+        if ranks.world_size > 1:
+            kept = broadcast_object(None if jobs is None else [(specs.index(j.args), j.resume_path) for j in jobs])
+            if not ranks.master:
+                jobs = [SimpleNamespace(args=specs[i], out_dir=Path(specs[i].out_dir), lock=None, resume_path=r)
+                        for i, r in kept]
+        if not jobs:
+            say(f"train: nothing left to train of the {len(specs)} runs")
+            return {"runs": {}, "finished": True}
+        task = load_task(jobs[0].args, ranks, say)
+        for job in jobs:
+            job.args.max_length = jobs[0].args.max_length
+        pack = build_pack(jobs, task, ranks, say, max_rows)
+        return train_pack(jobs, task, pack, ranks, say)
+    finally:
+        for lock in args.pack_locks:
+            lock.release()
+
+
+def build_pack(jobs, task, ranks, say, max_rows=None):
+    """The shared T5 and every run's prompt module, optimizer and schedule (packing.make_run: built as
+    build_run builds a solo run's), fresh or from its own last.pt; each run's config.json and log.jsonl."""
+    import packing
+    first = jobs[0].args
+    t5 = load_frozen_t5(first, task, first.seed).to(ranks.device)
+    t5.train()  # T5's dropout stays active though frozen, as in a solo run
+    names = [job.out_dir.name for job in jobs]
+    for job in jobs:
+        a = job.args
+        job.steps_per_epoch, job.micro_batch_size, job.grad_accum_steps = batch_plan(a, len(task.data), ranks.world_size)
+        job.run = packing.make_run(
+            t5, a.method, seed=a.seed, lr=a.lr, max_steps=a.max_steps, batch_size=a.batch_size,
+            micro_batch_size=job.micro_batch_size, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
+            max_grad_norm=a.max_grad_norm, group_by_length=a.group_by_length, init=a.init,
+            label_ids=label_ids(a, task), name=str(job.out_dir), **M.prompt_options(vars(a)))
+        job.raw_model = job.run.prompted(t5)  # what validate, start_log and finish take
+        job.rng, job.resumed = None, job.resume_path is not None
+        if job.resume_path:
+            ckpt = read_checkpoint(job.resume_path, a.max_steps)
+            restore(lambda: job.run.load_checkpoint_state(ckpt), job.resume_path, job.run.params)
+            job.rng = rank_rng(ckpt, ranks, say)
+        job.step = job.run.step
+        job.log = start_log(a, job.out_dir, job, task, ranks, job.resume_path, say,
+                            extra={"pack": {"size": len(jobs), "runs": names}})
+    compiled = torch.compile if first.compile else (lambda m: m)
+    wrap = compiled
+    if ranks.world_size > 1:
+        wrap = lambda packed: DDP(compiled(packed), broadcast_buffers=False,  # noqa: E731
+                                  device_ids=[ranks.local_rank] if ranks.device.startswith("cuda") else None)
+    return packing.Pack(t5, [job.run for job in jobs], (task.data.source_ids, task.data.target_ids, task.data.pad_id),
+                        device=ranks.device, amp=runtime.set_precision(first.dtype, ranks.device), rank=ranks.rank,
+                        world_size=ranks.world_size, max_rows=max_rows, wrap=wrap)
 
 
 def broadcast_object(obj):
@@ -497,26 +698,69 @@ def load_task(args, ranks, say):
                            val_examples=val_examples, val_src=val_src)
 
 
-def build_run(args, task, ranks, resume_path, say):
-    """The seeded model (frozen T5 + prompt module), AdamW + schedule and the data order: fresh, or as
-    last.pt left them (read whole and checked before anything in the run folder changes)."""
-    steps_per_epoch = math.ceil(len(task.data) / args.batch_size)  # the last batch of an epoch may be partial
+def batch_plan(args, n_train, world_size):
+    """(steps per epoch, micro-batch size, accumulation steps) of a run; --epochs becomes args.max_steps."""
+    steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last batch of an epoch may be partial
     if args.epochs is not None:
         args.max_steps = math.ceil(args.epochs * steps_per_epoch)
-    per_rank = math.ceil(args.batch_size / ranks.world_size)
-    t5 = pretrained.load_t5(args.model, random_init=args.random_init, seed=args.seed)
+    per_rank = math.ceil(args.batch_size / world_size)
+    micro_batch_size = min(args.micro_batch_size or per_rank, per_rank)
+    return steps_per_epoch, micro_batch_size, math.ceil(per_rank / micro_batch_size)
+
+
+def load_frozen_t5(args, task, seed):
+    """The T5 (random weights from `seed` with --random-init), checked against the tokenizer, its dropout set."""
+    t5 = pretrained.load_t5(args.model, random_init=args.random_init, seed=seed)
     if len(task.tokenizer) > t5.config.vocab_size:
         raise SystemExit(f"train: the tokenizer has {len(task.tokenizer)} tokens, the model {t5.config.vocab_size}")
     if args.dropout is not None:
         set_dropout(t5, args.dropout)
+    return t5
+
+
+def label_ids(args, task):
+    """The label tokens --init label starts from (None without a label set)."""
     labels = task.meta.get("labels")
     if args.init == "label" and not labels:
         raise SystemExit(f"train: --init label needs a task with a label set; {args.task} has none")
+    return B.label_token_ids(task.tokenizer, labels) if labels else None
+
+
+def read_checkpoint(resume_path, max_steps):
+    """A last.pt read whole and checked (its keys, its step) before anything in the run folder changes."""
+    ckpt = files.load_torch(resume_path, fix="pass --overwrite to start over")
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+        raise files.FileFault(f"train: {resume_path} is not a training checkpoint (it lacks "
+                              f"{', '.join(sorted(CHECKPOINT_KEYS - set(ckpt if isinstance(ckpt, dict) else ())))}); "
+                              "pass --overwrite to start over")
+    if ckpt["step"] > max_steps:
+        raise SystemExit(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps {max_steps}; "
+                         "resume with the same or a larger --max-steps, or --overwrite to start over")
+    return ckpt
+
+
+def restore(load, resume_path, params):
+    """load() the checkpoint's trainable state, optimizer and schedule; one sentence when they do not fit."""
+    try:
+        load()
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"train: {resume_path} holds another model or optimizer than these settings build "
+                         f"({type(err).__name__}); resume with the run's own --method and prompt options "
+                         f"(its config.json), or --overwrite to start over") from None
+    if not weights_finite(params):
+        raise SystemExit(f"train: {resume_path} holds NaN or inf weights; --overwrite to start over")
+
+
+def build_run(args, task, ranks, resume_path, say):
+    """The seeded model (frozen T5 + prompt module), AdamW + schedule and the data order: fresh, or as
+    last.pt left them (read whole and checked before anything in the run folder changes)."""
+    steps_per_epoch, micro_batch_size, grad_accum_steps = batch_plan(args, len(task.data), ranks.world_size)
+    t5 = load_frozen_t5(args, task, args.seed)
+    labels = label_ids(args, task)
     torch.manual_seed(args.seed)  # default-initialised layers (Linear, LSTM) are seeded too
     prompt_module = M.build_prompt_module(
         args.method, t5.config.d_model, **M.prompt_options(vars(args)), init=args.init,
-        embedding=t5.get_input_embeddings().weight,
-        label_ids=B.label_token_ids(task.tokenizer, labels) if labels else None,
+        embedding=t5.get_input_embeddings().weight, label_ids=labels,
         generator=torch.Generator().manual_seed(args.seed))
     raw_model = M.PromptedT5(t5, prompt_module).to(ranks.device)
     raw_model.train()  # T5's dropout stays active though frozen, as under the HF Trainer (docs/paper.md)
@@ -527,38 +771,33 @@ def build_run(args, task, ranks, resume_path, say):
                           step=0, best_score=-math.inf, best_step=None, rng=None,
                           order=DataOrder(len(task.data), args.seed, args.batch_size,
                                           task.lengths if args.group_by_length else None),
-                          micro_batch_size=min(args.micro_batch_size or per_rank, per_rank),
-                          grad_accum_steps=math.ceil(per_rank / min(args.micro_batch_size or per_rank, per_rank)),
+                          micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
                           steps_per_epoch=steps_per_epoch, resumed=resume_path is not None)
     if resume_path:
-        ckpt = files.load_torch(resume_path, fix="pass --overwrite to start over")
-        if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
-            raise files.FileFault(f"train: {resume_path} is not a training checkpoint (it lacks "
-                                  f"{', '.join(sorted(CHECKPOINT_KEYS - set(ckpt if isinstance(ckpt, dict) else ())))}); "
-                                  "pass --overwrite to start over")
-        if ckpt["step"] > args.max_steps:
-            raise SystemExit(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps {args.max_steps}; "
-                             "resume with the same or a larger --max-steps, or --overwrite to start over")
-        try:
+        ckpt = read_checkpoint(resume_path, args.max_steps)
+
+        def load():
             raw_model.load_trainable_state_dict(ckpt["trainable"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as err:
-            raise SystemExit(f"train: {resume_path} holds another model or optimizer than these settings build "
-                             f"({type(err).__name__}); resume with the run's own --method and prompt options "
-                             f"(its config.json), or --overwrite to start over") from None
-        if not weights_finite(run.params):
-            raise SystemExit(f"train: {resume_path} holds NaN or inf weights; --overwrite to start over")
+        restore(load, resume_path, run.params)
         run.step, run.best_score, run.best_step = ckpt["step"], ckpt["best_score"], ckpt["best_step"]
         run.order = DataOrder(len(task.data), args.seed, args.batch_size, run.order.lengths, **ckpt["data"])
-        run.rng = ckpt["rng"][ranks.rank] if len(ckpt["rng"]) == ranks.world_size else None
-        if run.rng is None:
-            say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: RNG reseeded")
+        run.rng = rank_rng(ckpt, ranks, say)
     return run
 
 
-def start_log(args, out_dir, run, task, ranks, resume_path, say):
-    """config.json (rewritten) and log.jsonl (trimmed to the checkpoint on resume, then appended)."""
+def rank_rng(ckpt, ranks, say):
+    """This rank's RNG state in a checkpoint, or None (reseed) when another number of ranks wrote it."""
+    if len(ckpt["rng"]) == ranks.world_size:
+        return ckpt["rng"][ranks.rank]
+    say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: RNG reseeded")
+    return None
+
+
+def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
+    """config.json (rewritten; `extra`: more keys, a pack's) and log.jsonl (trimmed to the checkpoint on
+    resume, then appended)."""
     run.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
                   "n_trainable": M.count_trainable(run.raw_model),
                   "t5_fingerprint": pretrained.t5_fingerprint(run.raw_model.t5), "train_file": str(task.train_file),
@@ -566,7 +805,7 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say):
                   "steps_per_epoch": run.steps_per_epoch, "micro_batch_size": run.micro_batch_size,
                   "grad_accum_steps": run.grad_accum_steps,
                   "meta": {k: task.meta.get(k) for k in ("labels", "metrics", "score", "max_length", "max_target_length")},
-                  "torch": torch.__version__}
+                  "torch": torch.__version__, **(extra or {})}
     log = open_log(None, [])
     if ranks.master:
         if resume_path and (out_dir / "config.json").exists():
@@ -595,6 +834,50 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say):
     return log
 
 
+def top_of_step(args, step, start_step, resumed):
+    """What the loop does at the top of `step` before training on: "eval" (validate, then best.pt if
+    improved and last.pt), "save" (last.pt) or None. A resumed step was validated before the kill."""
+    due = step > start_step or (step > 0 and not resumed)
+    if due and (step % args.eval_every == 0 or step == args.max_steps):
+        return "eval"
+    if due and step % (args.save_every or args.eval_every) == 0:
+        return "save"
+    return None
+
+
+def validate_and_log(args, task, net, ranks, log, step):
+    """Score `net` on the validation split and log the "eval" event; returns the metrics."""
+    t0 = time.time()
+    metrics = validate(net, task.tokenizer, task.meta, task.val_examples, task.val_src, ranks, **decoding(args))
+    seconds = time.time() - t0
+    log({"event": "eval", "step": step, "split": "validation", **metrics, "eval_time_s": seconds,
+         "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
+    return metrics
+
+
+def train_event(step, loss, lr, grad_norm, prompt_norm, epoch, examples, tokens, seconds):
+    """The "train" log event of one optimizer step."""
+    return {"event": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "prompt_norm": prompt_norm,
+            "epoch": epoch, "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds}
+
+
+def nonfinite_stop(log, out_dir, step, what, lr, best_step):
+    """Log the "nonfinite" event of a run that must stop; returns the NonFiniteError that says why."""
+    log({"event": "nonfinite", "step": step, "what": what})
+    kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
+            f"no checkpoint was saved; log.jsonl in {out_dir} records it")
+    return NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); stopped. {kept}")
+
+
+def rank_rng_states(ranks):
+    """Every rank's RNG state (gathered under DDP), as a checkpoint keeps them."""
+    rngs = [rng_state()]
+    if ranks.world_size > 1:
+        rngs = [None] * ranks.world_size
+        dist.all_gather_object(rngs, rng_state())
+    return rngs
+
+
 def train_loop(args, out_dir, task, run, log, ranks):
     """The paper's loop: validate and save at the top (so the last step always is), then one optimizer step."""
     raw_model, optimizer, scheduler, order = run.raw_model, run.optimizer, run.scheduler, run.order
@@ -612,10 +895,7 @@ def train_loop(args, out_dir, task, run, log, ranks):
     def checkpoint(*names):
         if not weights_finite(run.params):  # never a NaN/inf state on disk (full fine-tuning can get there)
             stop(["weights"], scheduler.get_last_lr()[0])
-        rngs = [rng_state()]
-        if ranks.world_size > 1:
-            rngs = [None] * ranks.world_size
-            dist.all_gather_object(rngs, rng_state())
+        rngs = rank_rng_states(ranks)
         state = {"step": step, "trainable": raw_model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": rngs, "data": order.state(),
                  "best_score": best_score, "best_step": best_step, "world_size": ranks.world_size}
@@ -624,12 +904,8 @@ def train_loop(args, out_dir, task, run, log, ranks):
                 files.save_torch(out_dir / name, state)
 
     def stop(what, lr):
-        log({"event": "nonfinite", "step": step, "what": what})
-        kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
-                f"no checkpoint was saved; log.jsonl in {out_dir} records it")
-        raise NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); stopped. {kept}")
+        raise nonfinite_stop(log, out_dir, step, what, lr, best_step)
 
-    save_every = args.save_every or args.eval_every
     throughput = Throughput(warm=2 if args.max_steps - start_step >= 10 else 0)
     pbar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, desc=out_dir.name,
                 **({} if ranks.master else {"disable": True}))  # rank 0 only; TQDM_DISABLE=1 still works
@@ -637,22 +913,17 @@ def train_loop(args, out_dir, task, run, log, ranks):
         if run.lock:
             run.lock.check()  # another worker judged this process dead and took the folder over: write nothing
         last_step = step == args.max_steps
-        due = step > start_step or (step > 0 and not run.resumed)  # the resumed step was validated before the kill
-        if due and (step % args.eval_every == 0 or last_step):
+        due = top_of_step(args, step, start_step, run.resumed)
+        if due == "eval":
             if not weights_finite(run.params):
                 stop(["weights"], scheduler.get_last_lr()[0])
-            t0 = time.time()
-            metrics = validate(raw_model, task.tokenizer, task.meta, task.val_examples, task.val_src, ranks,
-                               **decoding(args))
-            seconds = time.time() - t0
-            log({"event": "eval", "step": step, "split": "validation", **metrics, "eval_time_s": seconds,
-                 "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
+            metrics = validate_and_log(args, task, raw_model, ranks, log, step)
             pbar.set_postfix(score=f"{metrics['score']:.2f}")
             improved = metrics["score"] > best_score
             if improved:
                 best_score, best_step = metrics["score"], step
             checkpoint(*(["best.pt"] if improved else []), "last.pt")
-        elif due and step % save_every == 0:
+        elif due == "save":
             checkpoint("last.pt")
         if last_step:
             break
@@ -666,14 +937,92 @@ def train_loop(args, out_dir, task, run, log, ranks):
         step += 1
         seconds, tokens = time.time() - t0, sum(task.lengths[i] for i in batch)
         throughput.add(len(batch), tokens, seconds)
-        log({"event": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "prompt_norm": prompt_norm,
-             "epoch": order.epoch, "examples_per_s": len(batch) / seconds, "tokens_per_s": tokens / seconds})
+        log(train_event(step, loss, lr, grad_norm, prompt_norm, order.epoch, len(batch), tokens, seconds))
         pbar.update(1)
         pbar.set_postfix(loss=f"{loss:.4f}", norm=f"{prompt_norm:.3g}" if prompt_norm is not None else "-")
         if nonfinite(loss, grad_norm, prompt_norm):
             stop(nonfinite(loss, grad_norm, prompt_norm), lr)
     pbar.close()
     run.step, run.best_score, run.best_step, run.throughput = step, best_score, best_step, throughput.summary(ranks.device)
+
+
+def train_pack(jobs, task, pack, ranks, say):
+    """train_loop for the runs of a pack (a packing.Pack): at the top of each step every run validates and
+    saves as train_loop does (its own --eval-every / --save-every / --max-steps), a run at its last step
+    finishes (prompt.pt, metrics.json), then one packed step trains every run still training. A non-finite
+    run stops alone (its "nonfinite" event, its lock released); the others go on. Returns {folder: result}."""
+    for job in jobs:
+        job.start_step = job.run.step
+        job.meter = Throughput(warm=2 if job.args.max_steps - job.start_step >= 10 else 0)
+    rngs = [job.rng for job in sorted(jobs, key=lambda j: j.run.step) if job.rng is not None]
+    if rngs:  # one RNG for the pack (dropout): that of the run furthest behind
+        set_rng_state(rngs[0])
+    else:
+        seed_everything(jobs[0].args.seed + ranks.rank + 1_000_003 * min(job.run.step for job in jobs))
+    live, results, faults = list(jobs), {}, []
+
+    def stop(job, what, lr):
+        pack.stop(job.run, "nonfinite")
+        faults.append(str(nonfinite_stop(job.log, job.out_dir, job.run.step, what, lr, job.run.best_step)))
+        say(faults[-1])
+        live.remove(job)
+        results[str(job.out_dir)] = {"out_dir": str(job.out_dir), "stopped": "nonfinite"}
+        job.log.close()
+        if job.lock:
+            job.lock.release()
+
+    def checkpoint(job, *names):
+        if not weights_finite(job.run.params):
+            return stop(job, ["weights"], job.run.scheduler.get_last_lr()[0])
+        state = job.run.checkpoint_state(rank_rng_states(ranks), ranks.world_size)
+        if ranks.master:
+            for name in names:
+                files.save_torch(job.out_dir / name, state)
+
+    pbar = tqdm(total=max(job.args.max_steps for job in jobs), initial=min(job.run.step for job in jobs),
+                dynamic_ncols=True, desc=f"pack of {len(jobs)}", **({} if ranks.master else {"disable": True}))
+    while live:
+        for job in list(live):
+            run = job.run
+            if job.lock:
+                job.lock.check()
+            due = top_of_step(job.args, run.step, job.start_step, job.resumed)
+            if due == "eval":
+                metrics = validate_and_log(job.args, task, job.raw_model, ranks, job.log, run.step)
+                improved = metrics["score"] > run.best_score
+                if improved:
+                    run.best_score, run.best_step = metrics["score"], run.step
+                checkpoint(job, *(["best.pt"] if improved else []), "last.pt")
+            elif due == "save":
+                checkpoint(job, "last.pt")
+            if job in live and run.step == job.args.max_steps:
+                live.remove(job)
+                job.step, job.best_score, job.best_step = run.step, run.best_score, run.best_step
+                job.throughput = job.meter.summary(ranks.device)
+                try:
+                    results[str(job.out_dir)] = finish(job.args, job.out_dir, task, job, job.log, ranks, say)
+                finally:
+                    job.log.close()
+                    if job.lock:
+                        job.lock.release()
+        if not live:
+            break
+        t0 = time.time()
+        records = pack.step()
+        seconds = time.time() - t0
+        for job in list(live):
+            r = records[job.run.name]
+            job.meter.add(r["examples"], r["tokens"], seconds)
+            job.log(train_event(r["step"], r["loss"], r["lr"], r["grad_norm"], r["prompt_norm"], r["epoch"],
+                                r["examples"], r["tokens"], seconds))
+            if r["nonfinite"]:
+                stop(job, r["nonfinite"], r["lr"])
+        pbar.update(1)
+    pbar.close()
+    if faults:
+        raise NonFiniteError(f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others "
+                             f"finished. " + " ".join(faults))
+    return {"runs": results}
 
 
 def finish(args, out_dir, task, run, log, ranks, say):
