@@ -73,6 +73,7 @@ import batching as B
 import evaluate as E
 import files
 import model as M
+import optim
 import pretrained
 import runtime
 import train
@@ -252,7 +253,7 @@ class TrainConfig:
         self.module = copy.deepcopy(getattr(raw_model, self.attr))
         self.module.load_state_dict(init_state)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = train.make_optimizer(self.params, lr, 0.01, device.startswith("cuda"), 30000)
+        self.optimizer, self.scheduler = optim.make_optimizer(self.params, lr, 0.01, device.startswith("cuda"), 30000)
         gen = torch.Generator().manual_seed(seed)  # the same dropout stream start for every config
         self.rng = (gen.get_state(), torch.cuda.get_rng_state(device) if device.startswith("cuda") else None)
         self.seconds, self.losses, self.padded, self.cold_seconds = [], [], 0, []
@@ -286,7 +287,7 @@ def measure_train_memory(batches, pad_to, raw_model, model, init_state, args, lr
     module = getattr(raw_model, attr)
     params = [p for p in module.parameters() if p.requires_grad]
     with PeakMemory(args["device"]) as mem:
-        optimizer, scheduler = train.make_optimizer(params, lr, 0.01, args["device"].startswith("cuda"), 30000)
+        optimizer, scheduler = optim.make_optimizer(params, lr, 0.01, args["device"].startswith("cuda"), 30000)
         for _ in range(2):
             run_step(model, raw_model, big, args, pad_to, optimizer, scheduler)
         del optimizer, scheduler

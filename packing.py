@@ -3,7 +3,7 @@
 R prompt runs on one task and one T5 (any mix of pt / ptuning / resprompt / ept / ept_star, any prompt
 lengths; `ft` trains T5 itself and is never packed). Each run keeps everything a solo train.py run has:
 its prompt module, its own data order (batching.epoch_order with its own seed), its own batch and
-micro-batch sizes, its own AdamW + linear schedule (train.make_optimizer), its own clipping at 1.0 on its
+micro-batch sizes, its own AdamW + linear schedule (optim.make_optimizer), its own clipping at 1.0 on its
 own gradient norm, its own prompt norm mu_t, its own non-finite guard and its own checkpoint (the keys
 of train.py's last.pt / best.pt). What the runs share is the frozen T5 and therefore the forward and
 backward passes: every run's global batch is concatenated, and example i carries the prompt of its run.
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 import batching as B
 import model as M
+import optim
 import train
 
 CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score", "best_step",
@@ -118,7 +119,7 @@ class Run:
 
     def checkpoint_state(self, rng=None, world_size=1):
         """This run's last.pt / best.pt, in train.py's format (weights_only-loadable). `rng`: the list of
-        per-rank RNG states (train.rng_state(), gathered under DDP); a pack has one RNG, shared by its runs."""
+        per-rank RNG states (runtime.rng_state(), gathered under DDP); a pack has one RNG, shared by its runs."""
         return {"step": self.step,
                 "trainable": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -139,7 +140,7 @@ def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, mic
              weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0, group_by_length=False, init="uniform",
              label_ids=None, fused=None, name=None, config=None, **module_options):
     """A Run built as train.py builds a solo run: torch.manual_seed(seed), then the prompt module with a
-    generator seeded by `seed`, on T5's device; AdamW + schedule from train.make_optimizer (fused on CUDA).
+    generator seeded by `seed`, on T5's device; AdamW + schedule from optim.make_optimizer (fused on CUDA).
     `module_options`: model.build_prompt_module's (prompt_length, module, hidden_size, broadcast,
     layer_norm, residual, activation, depth)."""
     if method == "ft":
@@ -151,7 +152,7 @@ def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, mic
                                      embedding=t5.get_input_embeddings().weight, label_ids=label_ids,
                                      generator=torch.Generator().manual_seed(seed)).to(device)
     fused = device.type == "cuda" if fused is None else fused
-    optimizer, scheduler = train.make_optimizer([p for p in module.parameters() if p.requires_grad], lr,
+    optimizer, scheduler = optim.make_optimizer([p for p in module.parameters() if p.requires_grad], lr,
                                                 weight_decay, fused, max_steps, warmup_steps)
     name = name or f"{method}_s{seed}_lr{lr:g}"
     return Run(name, module, optimizer, scheduler, seed=seed, batch_size=batch_size, max_steps=max_steps,

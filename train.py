@@ -25,14 +25,12 @@ import itertools
 import json
 import math
 import os
-import random
 import resource
 import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -47,6 +45,8 @@ import model as M
 import pretrained
 import runs
 import runtime
+from optim import make_optimizer
+from runtime import rng_state, seed_everything, set_rng_state
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 group = parser.add_argument_group("data")
@@ -234,30 +234,6 @@ def open_trackers(args, out_dir, config):
     return trackers
 
 
-def rng_state():
-    """Every RNG as tensors and plain values (weights_only-loadable)."""
-    version, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(mt), gauss], "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 # --- data ---------------------------------------------------------------------------------------------
 
 def prepare_if_missing(data_dir, task, tokenizer, say):
@@ -318,20 +294,6 @@ def token_nll(model, shift_right, input_ids, mask, labels, amp):
     with amp:
         logits = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=shift_right(labels), use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-
-
-def make_optimizer(params, lr, weight_decay, fused, max_steps, warmup_steps=0):
-    """AdamW (weight decay not on biases/norms, as the HF Trainer) and HF's get_linear_schedule_with_warmup:
-    linear warm-up over `warmup_steps`, then linear decay to 0 at `max_steps`."""
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused)
-
-    def lr_lambda(s):
-        if s < warmup_steps:
-            return s / max(1, warmup_steps)
-        return max(0.0, (max_steps - s) / max(1, max_steps - warmup_steps))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 
 def train_step(model, raw_model, optimizer, scheduler, batch, data, *, amp, device, micro_batch_size,

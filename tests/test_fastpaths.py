@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import bench
 import evaluate as E
 import model as M
+import optim
 import train
 import batching as B
 import pretrained
@@ -117,7 +118,7 @@ def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_di
     for pad_to in ((None, None), (MAX_LENGTH, 6)):
         net.prompt_module.load_state_dict(start)
         params = [p for p in net.prompt_module.parameters()]
-        optimizer, scheduler = train.make_optimizer(params, 0.3, 0.01, False, 100)
+        optimizer, scheduler = optim.make_optimizer(params, 0.3, 0.01, False, 100)
         data = bench.PaddedData(src, tgt, tok.pad_token_id, pad_to)
         run = [train.train_step(net, net, optimizer, scheduler, list(range(8 * k, 8 * k + 8)), data,
                                 amp=nullcontext(), device="cpu", micro_batch_size=8)[0] for k in range(4)]

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 import batching as B
 import model as M
+import runtime
+import optim
 import pretrained
 import packing as P
 import train
@@ -37,6 +39,9 @@ SPECS = [dict(method="pt", seed=0, lr=0.3, batch_size=4, prompt_length=10),
          dict(method="ept", seed=1, lr=0.1, batch_size=4, max_grad_norm=0.05),
          dict(method="ptuning", seed=2, lr=0.03, batch_size=3, micro_batch_size=2, prompt_length=4),
          dict(method="resprompt", seed=3, lr=0.3, batch_size=5, prompt_length=5, warmup_steps=2)]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # packing.bench sets the thread count; restored after
 
 
 def tiny_t5(dropout=0.0):
@@ -168,7 +173,7 @@ def _param_sets(fused_flags, lrs, seed=0):
     for k, (fused, lr) in enumerate(zip(fused_flags, lrs)):
         params = [torch.nn.Parameter(torch.randn(3 + k, 4, generator=g)), torch.nn.Parameter(torch.randn(4, generator=g)),
                   torch.nn.Parameter(torch.randn(2, 2, generator=g))]
-        optimizer, scheduler = train.make_optimizer(params, lr, 0.01, fused, max_steps=10, warmup_steps=k % 2)
+        optimizer, scheduler = optim.make_optimizer(params, lr, 0.01, fused, max_steps=10, warmup_steps=k % 2)
         sets.append((params, optimizer, scheduler))
     return sets
 
@@ -313,7 +318,7 @@ def test_checkpoints_have_train_py_keys_and_resume_exactly(t5, data, tmp_path):
     first = fresh()
     pack = P.Pack(t5, first, data)
     got = [pack.step() for _ in range(2)]
-    rng = [train.rng_state()] if hasattr(train, "rng_state") else []
+    rng = [runtime.rng_state()] if hasattr(runtime, "rng_state") else []
     for name, state in pack.checkpoint_states(rng).items():
         assert tuple(state) == P.CHECKPOINT_KEYS
         (tmp_path / name).mkdir()
@@ -381,7 +386,7 @@ def test_pack_run_equals_train_py_run_and_its_checkpoint(tiny_model_dir, tmp_pat
     pack = P.Pack(t5, runs, (src, tgt, tokenizer.pad_token_id))
     got = [pack.step()["ept"] for _ in range(3)]
     assert_same_records(got, solo_log, "ept vs train.py")
-    state = runs[0].checkpoint_state([train.rng_state()] if hasattr(train, "rng_state") else [])
+    state = runs[0].checkpoint_state([runtime.rng_state()] if hasattr(runtime, "rng_state") else [])
     assert set(state) == set(solo_ckpt)
     for key, value in solo_ckpt["trainable"].items():
         assert torch.allclose(state["trainable"][key], value, **TOL), key
