@@ -637,6 +637,7 @@ def claim_and_train_pack(who, candidates, limit, plan, args, extra, session, i, 
         runs_file = Path(args.results_dir) / "packs" / f"{names[0]}.{os.getpid()}.json"
         argv, entries = pack_argv([plan[x][0] for x in names], [plan[x][2] for x in names],
                                   [claimed[x][1] == "partial" for x in names], args.data_dir, extra, runs_file)
+        runs_file.parent.mkdir(parents=True, exist_ok=True)
         files.write_json(runs_file, entries)
         with handed_to_child_all([claimed[x][0] for x in names]):
             train_one(argv, args.nproc, args.subprocess)
