@@ -541,23 +541,42 @@ def bench(config, runs=(1, 4, 16, 32), batch_size=16, length=82, target_length=2
     train.train_step(net, net, solo.optimizer, solo.scheduler, solo.next_batch(len(src)), train.TrainData(src, tgt, 0),
                      amp=amp, device=device, micro_batch_size=batch_size)
     solo_s, solo_cpu = time.perf_counter() - t0, time.process_time() - c0
+    import bench as BENCH
+    prompt_rows = max(x.prompt().shape[0] for x in pack_of(1).runs)
+    flops_per_example = BENCH.train_flops(t5.config, length + prompt_rows, target_length, False)
+    cuda = torch.device(device).type == "cuda"
     rows = []
     for r in runs:
-        pack = pack_of(r)
-        for _ in range(warmup):
-            pack.step()
-        load = _load()
-        seconds, cpu, update = 0.0, 0.0, 0.0
-        for _ in range(steps):
-            t0, c0 = time.perf_counter(), time.process_time()
-            pack.step()
-            seconds += time.perf_counter() - t0
-            cpu += time.process_time() - c0
-            update += pack.timings["update_s"]
+        try:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            pack = pack_of(r)
+            for _ in range(warmup):
+                pack.step()
+            load = _load()
+            seconds, cpu, update = 0.0, 0.0, 0.0
+            for _ in range(steps):
+                t0, c0 = time.perf_counter(), time.process_time()
+                pack.step()
+                seconds += time.perf_counter() - t0
+                cpu += time.process_time() - c0
+                update += pack.timings["update_s"]
+            passes = pack.timings["forward_passes"]
+        except torch.OutOfMemoryError:  # R until memory: the first R that does not fit ends the sweep
+            rows.append({"runs": r, "oom": True})
+            break
+        finally:
+            pack = None  # its runs' optimizer state and activations go before the next R
         rows.append({"runs": r, "examples_per_step": r * batch_size, "step_s": seconds / steps, "cpu_s": cpu / steps,
                      "examples_per_s": r * batch_size * steps / seconds, "update_ms": 1e3 * update / steps,
-                     "forward_passes": pack.timings["forward_passes"], "load_before": load, "load_after": _load()})
+                     "tflops": r * batch_size * flops_per_example / (seconds / steps) / 1e12,
+                     "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+                     "forward_passes": passes, "load_before": load,
+                     "load_after": _load()})
     for row in rows:  # against train.train_step's solo step; process CPU time is less sensitive to other jobs
+        if row.get("oom"):
+            continue
         row.update(solo_step_s=solo_s, solo_cpu_s=solo_cpu, step_vs_solo=row["step_s"] / solo_s,
                    cpu_vs_solo=row["cpu_s"] / solo_cpu, speedup_vs_solo=row["runs"] * solo_s / row["step_s"],
                    cpu_speedup_vs_solo=row["runs"] * solo_cpu / row["cpu_s"])
@@ -603,6 +622,9 @@ def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprom
     return {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
+PEAK_TFLOPS = {("cuda", "bf16"): 989.0, ("cuda", "fp32"): 67.0}  # H200 dense (fp32: no tensor cores, no TF32)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", action="store_true", help="time one packed step for each R in --runs")
@@ -622,6 +644,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU session)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast, as train.py on CUDA")
     parser.add_argument("--update-runs", type=int, default=32, help="R for the update-overhead measurement (0: skip)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak for the MFU column (default: an H200's, on cuda: 989 bf16, 67 fp32)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if not args.bench:
@@ -636,12 +660,20 @@ def main(argv=None):
           f"{args.max_rows or 'all'} rows per forward pass, {args.steps} timed step(s) per R")
     print(f"one solo step (train.train_step): {rows[0]['solo_step_s']:.2f} s wall, {rows[0]['solo_cpu_s']:.2f} s CPU")
     print(f"{'R':>4} {'examples':>9} {'passes':>7} {'step s':>8} {'ex/s':>7} {'step/solo':>10} {'R solo/pack':>12} "
-          f"{'CPU s':>7} {'CPU/solo':>9} {'R solo/pack CPU':>16} {'update ms':>10} {'load':>11}")
+          f"{'CPU s':>7} {'CPU/solo':>9} {'R solo/pack CPU':>16} {'update ms':>10} {'load':>11} {'TFLOP/s':>7} {'MFU':>6} "
+          f"{'peak MiB':>8}")
+    peak = args.peak_tflops or PEAK_TFLOPS.get((args.device.split(":")[0], args.dtype))
     for row in rows:
+        if row.get("oom"):
+            print(f"{row['runs']:>4}  out of memory")
+            continue
+        row["mfu"] = row["tflops"] / peak if peak else None
         print(f"{row['runs']:>4} {row['examples_per_step']:>9} {row['forward_passes']:>7} {row['step_s']:>8.2f} "
               f"{row['examples_per_s']:>7.2f} {row['step_vs_solo']:>10.2f} {row['speedup_vs_solo']:>11.2f}x "
               f"{row['cpu_s']:>7.2f} {row['cpu_vs_solo']:>9.2f} {row['cpu_speedup_vs_solo']:>15.2f}x "
-              f"{row['update_ms']:>10.2f} {row['load_before']!s:>5}/{row['load_after']!s:<5}")
+              f"{row['update_ms']:>10.2f} {row['load_before']!s:>5}/{row['load_after']!s:<5} "
+              f"{row['tflops']:>7.2f} {'-' if row['mfu'] is None else format(row['mfu'], '.1%'):>6} "
+              f"{'-' if row['peak_mib'] is None else format(row['peak_mib'], '.0f'):>8}")
     result = {"steps": rows, "args": vars(args), "torch": torch.__version__}
     if args.update_runs:
         from transformers import T5Config, T5ForConditionalGeneration
