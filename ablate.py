@@ -25,6 +25,10 @@ use another --runs-dir when you change them. --subprocess runs each train.py in 
 (frees GPU memory and cached data between runs); --dry-run also appends its plan to
 <results-dir>/dry_run.tsv, which run_all.sh sums counting each shared run once. docs/experiments.md
 lists every setting and the measured step times the GPU-hour estimate rests on.
+
+On a GPU, prompt runs that share task, model, data and schedule are trained in packs, several runs on one
+frozen T5 in one `train.py --runs FILE` call (--pack-size; default: what fits the GPU, 1 on a CPU); the dry
+run also lists the packs and the GPU-hours unpacked and packed at fp32 and bf16 (packed: a model).
 """
 import argparse
 import contextlib
