@@ -25,6 +25,10 @@ use another --runs-dir when you change them. --subprocess runs each train.py in 
 (frees GPU memory and cached data between runs); --dry-run also appends its plan to
 <results-dir>/dry_run.tsv, which run_all.sh sums counting each shared run once. docs/experiments.md
 lists every setting and the measured step times the GPU-hour estimate rests on.
+
+On a GPU, prompt runs that share task, model, data and schedule are trained in packs, several runs on one
+frozen T5 in one `train.py --runs FILE` call (--pack-size; default: what fits the GPU, 1 on a CPU); the dry
+run also lists the packs and the GPU-hours unpacked and packed at fp32 and bf16 (packed: a model).
 """
 import argparse
 import functools
@@ -181,6 +185,128 @@ def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=None):
     return (steps * step_s + eval_s) / 3600
 
 
+# --- packing: several prompt runs in one train.py call (one frozen T5; packing.py, docs/packing.md) ------
+# A pack is runs that may share one T5 forward: same task, same T5, same data (the few-shot sample) and the
+# same schedule; every other option (method, seed, lr, prompt length, hidden size, ...) is per run. The
+# driver's data dir, max length and pass-through train.py flags are the same for every run of one call, so
+# they are shared by construction. `ft` trains T5 itself and is never packed.
+
+PACK_KEYS = ("task", "model", "fewshot_k", "fewshot_seed", "epochs", "max_steps", "eval_every", "batch_size")
+MAX_PACK = 16  # a pack's step is R x 16 examples: past 16 runs a GPU is compute-bound (see the cost model)
+# The --pack-size rule on CUDA: runs that fit in 80 % of the card's memory after T5's weights, at the memory of
+# one prompt run of batch 16 (activations for the backward, fp32; docs/speed.md measured ept on t5-base RTE at
+# 3.0 GB peak on an H200 with the weights), capped at MAX_PACK. 80 GB: 16 for t5-small/base, 8 for t5-large.
+RUN_GB = {"t5-small": 1.5, "t5-base": 3.0, "t5-large": 7.0, "other": 3.0}
+WEIGHTS_GB = {"t5-small": 0.25, "t5-base": 0.9, "t5-large": 3.0, "other": 1.0}
+ASSUMED_GPU_GB = 141  # the H200 the step times were measured on: what a dry run sizes packs for
+
+
+def pack_key(options):
+    """What runs of one pack must share (None: `ft`, never packed)."""
+    if options["method"] == "ft":
+        return None
+    return tuple((k, options.get(k)) for k in PACK_KEYS)
+
+
+def memory_pack_size(model, gpu_gb):
+    """Runs per pack that fit a GPU of `gpu_gb` GB (the rule above); at least 1."""
+    size = _size_key(model)
+    return max(1, min(MAX_PACK, int(0.8 * (gpu_gb - WEIGHTS_GB[size]) / RUN_GB[size])))
+
+
+def pack_size(args, model, device=None):
+    """--pack-size, else: on CUDA the memory rule for this worker's GPU; on a CPU 1 (no packing: a CPU is
+    FLOP-bound, a pack of R costs R solo steps; docs/packing.md). `device` "dry": the assumed H200."""
+    if getattr(args, "pack_size", None):
+        return args.pack_size
+    if device == "dry":
+        return memory_pack_size(model, ASSUMED_GPU_GB)
+    import torch
+    if torch.cuda.is_available():
+        return memory_pack_size(model, torch.cuda.get_device_properties(0).total_memory / 1e9)
+    return 1
+
+
+def make_packs(plan, names, size_of):
+    """The runs `names` (in that order) grouped into packs: runs of one pack_key, at most size_of(model) per
+    pack, each pack in the order of its first run; `ft` and size 1 give packs of one."""
+    packs, open_ = [], {}
+    for name in names:
+        options = plan[name][0]
+        key, limit = pack_key(options), size_of(options["model"])
+        if key is None or limit <= 1:
+            packs.append([name])
+            continue
+        if key not in open_:
+            open_[key] = []
+            packs.append(open_[key])
+        open_[key].append(name)
+        if len(open_[key]) >= limit:
+            del open_[key]
+    return packs
+
+
+# The packed GPU-hour model (not measured: no GPU was lent to the work that added it). A GPU step of a pack
+# of R runs costs max(host floor, R x compute per run): the floor is the measured solo step (MEASURED_STEP_S:
+# bf16, where the H200 waits on the host), compute is the step's FLOPs (bench.train_flops: RTE-like inputs,
+# 1.4 TFLOP per t5-base step of 16) over the card's dense peak x an assumed utilisation. Solo runs cost
+# max(floor, compute) the same way, which at bf16 is the measured step. Validation is per run, unpacked.
+PEAK_TFLOPS = {"bf16": 989.0, "fp32": 67.0}  # H200 dense: bf16 tensor cores; fp32 without TF32 (no tensor cores)
+ASSUMED_UTILISATION = 0.4
+ASSUMED_TOKENS = (200, 3)  # source tokens computed per example (RTE padded to the batch's longest + prompt), target
+T5_SHAPES = {"t5-small": (512, 2048, 8, 6), "t5-base": (768, 3072, 12, 12), "t5-large": (1024, 4096, 16, 24)}
+
+
+@functools.cache
+def step_flops(size, full, batch_size=16):
+    """FLOPs of one training step of `batch_size` examples (bench.py's formula; `full`: ft's weight gradients)."""
+    import types
+    import bench
+    d, ff, heads, layers = T5_SHAPES.get(size, T5_SHAPES["t5-base"])
+    cfg = types.SimpleNamespace(d_model=d, d_ff=ff, num_heads=heads, d_kv=64, vocab_size=32128, is_gated_act=False,
+                                num_layers=layers, num_decoder_layers=layers)
+    return bench.train_flops(cfg, *ASSUMED_TOKENS, full) * batch_size
+
+
+def floor_seconds(spec, batch_size=16):
+    """The measured (host-bound, bf16) seconds of one solo step: estimate_hours' step time."""
+    return MEASURED_STEP_S["ft" if spec["method"] == "ft" else "prompt"] * LAYER_SCALE[_size_key(spec["model"])] \
+        * batch_size / 16
+
+
+def step_seconds(spec, precision, runs=1, batch_size=16):
+    """Modelled seconds of one optimizer step of `runs` packed runs like `spec` (1: a solo run)."""
+    size = _size_key(spec["model"])
+    ft = spec["method"] == "ft"
+    floor = floor_seconds(spec, batch_size)
+    compute = step_flops(size, ft, batch_size) / (PEAK_TFLOPS[precision] * 1e12 * ASSUMED_UTILISATION)
+    return max(floor, runs * compute)
+
+
+def pack_hours(plan, pack, hours, args, extra, precision):
+    """{run: (unpacked GPU-hours, its share of the pack's GPU-hours = the pack's / R)} at `precision`;
+    `hours`: plan_hours (the measured estimate, whose validation part is kept as it is, per run)."""
+    batch = _extra_value(extra, "--batch-size", 16, int)
+    unpacked, eval_h, steps = {}, {}, {}
+    for name in pack:
+        spec = plan[name][0]
+        steps[name] = run_steps(spec, args, extra)
+        eval_h[name] = hours[name] - steps[name] * floor_seconds(spec, batch) / 3600
+        unpacked[name] = steps[name] * step_seconds(spec, precision, 1, batch) / 3600 + eval_h[name]
+    train_h = max(steps.values()) * step_seconds(plan[pack[0]][0], precision, len(pack), batch) / 3600
+    share = (train_h + sum(eval_h.values())) / len(pack)
+    return {name: (unpacked[name], share) for name in pack}
+
+
+def run_steps(spec, args, extra):
+    """Optimizer steps of one run as estimate_hours counts them (with the pass-through --max-steps)."""
+    batch = _extra_value(extra, "--batch-size", 16, int)
+    max_steps = _extra_value(extra, "--max-steps", None, int)
+    if spec.get("epochs"):
+        return spec["epochs"] * math.ceil(_split_sizes(spec["task"], args.data_dir)[0] / batch)
+    return max_steps or spec.get("max_steps", defaults(spec["method"])["max_steps"])
+
+
 # --- the driver ----------------------------------------------------------------------------------
 
 def train_one(argv, nproc=1, fresh_process=False):
@@ -331,6 +457,18 @@ def append_row_once(results, row):
         return True
 
 
+def collect(experiment, plan, name, args, results, rows):
+    """A finished run's row: appended once to the results file, kept in `rows`; ft checkpoints pruned."""
+    options, fields, run_dir = plan[name]
+    row = result_row(experiment, options, run_dir, fields)
+    append_row_once(results, row)
+    rows[name] = row
+    runs.clear_failed(run_dir)
+    if args.prune_ft_checkpoints and options["method"] == "ft":  # full T5 + AdamW state, twice per run
+        for name_ in ("best.pt", "last.pt"):
+            (run_dir / name_).unlink(missing_ok=True)
+
+
 def work(experiment, plan, args, extra, session, done_before=()):
     """One worker's loop over the plan (see above); (rows in plan order, failed run names)."""
     results = Path(args.results_dir) / f"{experiment}.jsonl"
@@ -342,29 +480,38 @@ def work(experiment, plan, args, extra, session, done_before=()):
         order = order[shift:] + order[:shift]
     pending = dict.fromkeys(order)
     rows, failed, waited_for, trained_here = {}, [], None, 0
+    sizes = {}  # model -> runs per pack on this worker's device
     while pending:
         busy = []
         for name in list(pending):
+            if name not in pending or name in busy:
+                continue  # trained in an earlier pack of this pass / found held in this pass
             options, fields, run_dir = plan[name]
             if runs.status(run_dir) != "done":
-                outcome = claim_and_train(who, name, options, run_dir, args, extra, session,
-                                          len(plan) - len(pending) + 1, len(plan))
-                if outcome == "busy":
-                    busy.append(name)
-                    continue
-                if outcome == "failed":
-                    failed.append(name)
-                    del pending[name]
-                    continue
-                trained_here += outcome == "trained"
-            row = result_row(experiment, options, run_dir, fields)
-            append_row_once(results, row)
-            rows[name] = row
+                limit = sizes.setdefault(options["model"], pack_size(args, options["model"]))
+                mates = []
+                if limit > 1 and pack_key(options) is not None:  # the next runs of its kind, still to do
+                    mates = [m for m in pending if m != name and m not in busy
+                             and pack_key(plan[m][0]) == pack_key(options) and runs.status(plan[m][2]) != "done"]
+                if mates:
+                    outcomes = claim_and_train_pack(who, [name, *mates], limit, plan, args, extra, session,
+                                                    len(plan) - len(pending) + 1, len(plan))
+                else:
+                    outcomes = {name: claim_and_train(who, name, options, run_dir, args, extra, session,
+                                                      len(plan) - len(pending) + 1, len(plan))}
+                for n, outcome in outcomes.items():
+                    if outcome == "busy":
+                        busy.append(n)
+                    elif outcome == "failed":
+                        failed.append(n)
+                        del pending[n]
+                    else:
+                        trained_here += outcome == "trained"
+                        collect(experiment, plan, n, args, results, rows)
+                        del pending[n]
+                continue
+            collect(experiment, plan, name, args, results, rows)
             del pending[name]
-            runs.clear_failed(run_dir)
-            if args.prune_ft_checkpoints and options["method"] == "ft":  # full T5 + AdamW state, twice per run
-                for name_ in ("best.pt", "last.pt"):
-                    (run_dir / name_).unlink(missing_ok=True)
         if pending:  # only runs other live processes hold are left: wait for them (the report needs them all)
             if busy != waited_for:
                 print(f"[{who}] waiting for {len(busy)} run(s) held by other workers: {' '.join(busy[:5])}"
@@ -416,28 +563,137 @@ def claim_and_train(who, name, options, run_dir, args, extra, session, i, n):
     return "failed"
 
 
+# A pack is claimed as a run is: each of its runs by its folder's lock, in the walk's order, up to the pack
+# size; a run another process holds (or that failed in this session, or finished meanwhile) is left out of
+# it. One claimed run goes the solo path above; several go to one train.py --runs FILE call, which adopts
+# their locks: EPT_RUN_LOCK then holds the texts of all of them, one per line (each lock text is one line),
+# and train.py adopts a folder's lock whose text is one of those lines.
+
+PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed")  # on the command line; the rest per run
+
+
+def pack_argv(specs, run_dirs, resume, data_dir, extra, runs_file):
+    """train.py's command line for a pack, and the --runs FILE content: the shared options as flags, per run
+    its other options (train.py's option names), out_dir and resume."""
+    shared = {k: specs[0][k] for k in PACK_SHARED if specs[0].get(k) is not None}
+    entries = []
+    for spec, run_dir, again in zip(specs, run_dirs, resume):
+        entry = {k: v for k, v in spec.items() if k not in shared and v is not None and v is not False}
+        entries.append({**entry, "out_dir": str(run_dir), **({"resume": True} if again else {})})
+    argv = train_argv(shared, "-", data_dir, [*extra, "--runs", str(runs_file)])
+    i = argv.index("--out-dir")
+    return argv[:i] + argv[i + 2:], entries
+
+
+def claim_and_train_pack(who, candidates, limit, plan, args, extra, session, i, n):
+    """Claim up to `limit` of `candidates` (unfinished runs of one pack_key, walk order) by their locks and
+    train them as one pack: {run: 'done' | 'busy' | 'failed' | 'trained'}; runs not looked at are absent."""
+    outcomes, claimed = {}, {}
+    say = lambda message: print(f"[{who}] {message}", flush=True)  # noqa: E731
+    for name in candidates:
+        if len(claimed) >= limit:
+            break
+        run_dir = plan[name][2]
+        if runs.failed_since(run_dir, session):
+            outcomes[name] = "failed"
+            continue
+        if runs.holder(run_dir):
+            outcomes[name] = "busy"
+            continue
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = runs.acquire_lock(run_dir, say=say, heartbeat=False)
+        except runs.Busy:
+            outcomes[name] = "busy"
+            continue
+        state = runs.status(run_dir)  # looked at again now that nobody else can change it
+        if state == "done" or runs.failed_since(run_dir, session):
+            lock.release()
+            outcomes[name] = "done" if state == "done" else "failed"
+            continue
+        claimed[name] = (lock, state)
+    if len(claimed) == 1:  # a pack of one: today's solo path
+        (name, (lock, _)), = claimed.items()
+        lock.release()
+        outcomes[name] = claim_and_train(who, name, plan[name][0], plan[name][2], args, extra, session, i, n)
+        return outcomes
+    if not claimed:
+        return outcomes
+    names = list(claimed)
+    t0, error = time.time(), None
+    try:
+        print(f"[{who} {i}/{n}] train a pack of {len(names)}: {' '.join(names)}", flush=True)
+        runs_file = Path(args.results_dir) / "packs" / f"{names[0]}.{os.getpid()}.json"
+        argv, entries = pack_argv([plan[x][0] for x in names], [plan[x][2] for x in names],
+                                  [claimed[x][1] == "partial" for x in names], args.data_dir, extra, runs_file)
+        runs_file.parent.mkdir(parents=True, exist_ok=True)
+        files.write_json(runs_file, entries)
+        with runs.handed_to_child(*[claimed[x][0] for x in names]):
+            train_one(argv, args.nproc, args.subprocess)
+    except (Exception, SystemExit) as err:  # one broken pack does not stop the grid; reported at the end
+        error = err
+        if not isinstance(err, subprocess.CalledProcessError):
+            traceback.print_exc()
+    finally:
+        for lock, _ in claimed.values():
+            lock.release()  # a no-op once train.py has adopted (and released) it
+    for name in names:
+        run_dir = plan[name][2]
+        if runs.status(run_dir) == "done":
+            outcomes[name] = "trained"
+        elif runs.holder(run_dir):
+            outcomes[name] = "busy"
+        else:
+            runs.mark_failed(run_dir, repr(error or "the pack ended without this run's metrics"))
+            outcomes[name] = "failed"
+    print(f"[{who} {i}/{n}] pack of {len(names)}: {time.time() - t0:.1f}s", flush=True)
+    return outcomes
+
+
 def dry_run(experiment, plan, args, extra):
-    """List every run with its status and estimated GPU-hours, then one parseable summary line with the
-    wall time on the GPUs given (--gpus, or --workers x --nproc)."""
+    """List every run with its status and estimated GPU-hours, the packs the runs still to do would be trained
+    in, then parseable summary lines: the wall time on the GPUs given (--gpus, or --workers x --nproc), and
+    the GPU-hours unpacked and packed at fp32 and bf16 (packed: a model, see PEAK_TFLOPS)."""
     hours = plan_hours(plan, args, extra)
     total = todo = longest = 0.0
     n_todo = 0
+    states = {name: runs.status(run_dir) for name, (_, _, run_dir) in plan.items()}
+    todo_names = sorted((n for n in plan if states[n] != "done"), key=lambda n: -hours[n])  # as work() walks it
+    packs = make_packs(plan, todo_names, lambda model: pack_size(args, model, "dry"))
+    figures = {name: {p: (hours[name], hours[name]) for p in PEAK_TFLOPS} for name in plan}  # done: no packing
+    pack_of = {}
+    for i, pack in enumerate(packs):
+        for precision in PEAK_TFLOPS:
+            for name, pair in pack_hours(plan, pack, hours, args, extra, precision).items():
+                figures[name][precision] = pair
+        for name in pack:
+            pack_of[name] = i
     lines = []
     for name, (spec, _, run_dir) in plan.items():
-        state = runs.status(run_dir)
+        state = states[name]
         total += hours[name]
         if state != "done":
             todo += hours[name]
             n_todo += 1
             longest = max(longest, hours[name])
-        print(f"  {state:<7} {hours[name]:7.2f} GPU-h  {name}")
-        lines.append(f"{experiment}\t{state}\t{hours[name]:.4f}\t{name}\n")
+        where = f"  pack {pack_of[name]} ({len(packs[pack_of[name]])} runs)" if name in pack_of else ""
+        print(f"  {state:<7} {hours[name]:7.2f} GPU-h  {name}{where}")
+        f32, b16 = figures[name]["fp32"], figures[name]["bf16"]
+        lines.append(f"{experiment}\t{state}\t{hours[name]:.4f}\t{name}\t{f32[0]:.4f}\t{f32[1]:.4f}\t{b16[0]:.4f}"
+                     f"\t{b16[1]:.4f}\t{pack_of.get(name, '')}\n")
     files.append_lines(Path(args.results_dir) / "dry_run.tsv", lines)  # run_all.sh sums it, each run once
     gpus, workers = len(worker_devices(args)) * args.nproc, len(worker_devices(args))
     low, high = wall_hours(todo, longest, gpus, args.nproc)
     print(f"DRY-RUN {experiment} runs={len(plan)} to_train={n_todo} gpu_hours={todo:.1f} (all runs: {total:.1f}); "
           f"wall ~{low:.1f}-{high:.1f} h on {gpus} GPU(s) = {workers} worker(s) x {args.nproc} "
           f"(longest run {longest / args.nproc:.1f} h; ideal scaling within a run assumed)")
+    sums = {p: [sum(figures[n][p][k] for n in todo_names) for k in (0, 1)] for p in PEAK_TFLOPS}
+    sizes = sorted({len(p) for p in packs}, reverse=True)
+    print(f"DRY-RUN-PACKS {experiment} to_train={n_todo} packs={len(packs)} (sizes {'/'.join(map(str, sizes)) or '-'}; "
+          f"--pack-size {args.pack_size or 'for a ' + str(ASSUMED_GPU_GB) + ' GB GPU'}) GPU-hours to go: "
+          f"fp32 {sums['fp32'][0]:.1f} unpacked, {sums['fp32'][1]:.1f} packed; "
+          f"bf16 {sums['bf16'][0]:.1f} unpacked, {sums['bf16'][1]:.1f} packed "
+          f"(packed and fp32 figures: a FLOP model at {ASSUMED_UTILISATION:.0%} of the H200's peak, not measured)")
     return [], []
 
 
@@ -592,6 +848,10 @@ def add_execution_args(parser):
                        help="N worker processes sharing the plan, not pinned (CPU; default 1: this process)")
     group.add_argument("--poll", type=cli.positive_float, default=5.0,
                        help="seconds between looks at runs other workers hold, at the end of the plan")
+    group.add_argument("--pack-size", type=cli.positive_int, default=None,
+                       help="prompt runs trained together on one frozen T5 (one train.py --runs call; same task, "
+                            "model, data, schedule; never ft); default: on CUDA as many as fit the GPU's memory "
+                            "(16 for t5-small/base, 8 for t5-large at 80 GB), on a CPU 1 (no packing)")
     group.add_argument("--worker", type=cli.nonnegative_int, default=None, help=argparse.SUPPRESS)  # set by the launcher
 
 

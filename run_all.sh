@@ -99,11 +99,15 @@ fi
 if [[ -n "$DRY" ]]; then  # every run once, in the first section that lists it (the one that trains it)
   # wall time: the sections run one after another; within one, workers take the next free run, so it lasts
   # between max(its GPU-hours / GPUs, its longest run) and GPU-hours / GPUs + its longest run
+  # columns 5-8: GPU-hours fp32 unpacked, fp32 packed, bf16 unpacked, bf16 packed (packed, and fp32: ablate.py's
+  # FLOP model of a pack's step, not measured on a GPU yet; scripts/gpu_check.sh measures it)
   awk -F'\t' -v G="${GPUS:-$NPROC}" -v P="$NPROC" '!seen[$4]++ { n++; h += $3; if ($2 != "done") {
-      t++; th += $3; s[$1] += $3; if ($3 > m[$1]) m[$1] = $3 } }
+      t++; th += $3; s[$1] += $3; if ($3 > m[$1]) m[$1] = $3; fu += $5; fp += $6; bu += $7; bp += $8 } }
     END { for (e in s) { a = s[e] / G; b = m[e] / P; lo += (a > b ? a : b); hi += a + b }
       printf "DRY-RUN TOTAL: %d distinct runs, %d to train, ~%.0f GPU-hours to go (%.0f in all); ", n, t, th, h
-      printf "wall ~%.0f-%.0f h on %d GPU(s) = %d worker(s) x %d GPU(s)\n", lo, hi, G, G / P, P }' \
+      printf "wall ~%.0f-%.0f h on %d GPU(s) = %d worker(s) x %d GPU(s)\n", lo, hi, G, G / P, P
+      printf "DRY-RUN TOTAL GPU-hours to go: fp32 (the paper) ~%.0f unpacked, ~%.0f packed; bf16 ~%.0f unpacked, ", fu, fp, bu
+      printf "~%.0f packed (wall ~%.0f h on %d GPU(s)); packed and fp32 figures are a model until measured on a GPU\n", bp, bp / G, G }' \
     "$RESULTS/dry_run.tsv"
   exit 0
 fi

@@ -322,8 +322,9 @@ INHERIT_ENV = "EPT_RUN_LOCK"  # the text of the lock a driver's worker took for 
 def acquire_lock(run_dir, say=print, heartbeat=True, inherit=None):
     """Take run_dir/run.lock (one writer per run folder) and start its heartbeat; a stale lock is taken
     over. Raises Busy when a live process (or a claimant taking a stale lock over) holds it. `inherit`: the
-    text of a lock taken for this process by its parent (a driver's worker claims a run before it starts
-    train.py, so no other worker starts it meanwhile); that lock is adopted: rewritten as this process's."""
+    texts of the locks taken for this process by its parent, one a line (a driver's worker claims a run, or
+    a pack's runs, before it starts train.py, so no other worker starts them meanwhile); such a lock is
+    adopted: rewritten as this process's."""
     path = Path(run_dir) / LOCK_NAME
     text = _my_text()
     for _ in range(5):
@@ -333,7 +334,7 @@ def acquire_lock(run_dir, say=print, heartbeat=True, inherit=None):
             owner = read_owner(path)
             if owner is None:
                 continue  # released just now
-            adopt = bool(inherit) and owner.text == inherit
+            adopt = bool(inherit) and owner.text.strip() in {line.strip() for line in inherit.splitlines()}
             if not adopt and not owner.stale():
                 raise Busy(f"{run_dir} is being written by {owner} ({path}); if that run is dead, delete {path} "
                            f"(a lock from another host is taken over after {lock_timeout():g} s without a heartbeat)")
@@ -345,11 +346,11 @@ def acquire_lock(run_dir, say=print, heartbeat=True, inherit=None):
 
 
 @contextlib.contextmanager
-def handed_to_child(lock):
-    """EPT_RUN_LOCK set to `lock`'s text while the block runs: the train.py started in it (a subprocess,
-    torchrun's rank 0, or train.main in this process) adopts the lock instead of meeting it as Busy."""
+def handed_to_child(*locks):
+    """EPT_RUN_LOCK set to the locks' texts (one a line) while the block runs: the train.py started in it (a
+    subprocess, torchrun's rank 0, or train.main in this process) adopts them instead of meeting them as Busy."""
     before = os.environ.get(INHERIT_ENV)
-    os.environ[INHERIT_ENV] = lock.text
+    os.environ[INHERIT_ENV] = "".join(lock.text if lock.text.endswith("\n") else lock.text + "\n" for lock in locks)
     try:
         yield
     finally:

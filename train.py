@@ -42,6 +42,7 @@ import cli
 import evaluate as E
 import files
 import model as M
+import packing
 import pretrained
 import runs
 import runtime
@@ -591,7 +592,6 @@ def main_pack(args, specs, ranks, say, max_rows=None):
 def build_pack(jobs, task, ranks, say, max_rows=None):
     """The shared T5 and every run's prompt module, optimizer and schedule (packing.make_run: built as
     build_run builds a solo run's), fresh or from its own last.pt; each run's config.json and log.jsonl."""
-    import packing
     first = jobs[0].args
     t5 = load_frozen_t5(first, task, first.seed).to(ranks.device)
     t5.train()  # T5's dropout stays active though frozen, as in a solo run

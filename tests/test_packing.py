@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import batching as B
+import bench_pack
 import model as M
 import runtime
 import optim
@@ -430,12 +431,12 @@ def test_ddp_two_processes_equal_one(tmp_path):
 
 
 def test_bench_runs(tiny_model_dir):
-    rows = P.bench(str(tiny_model_dir), runs=(1, 2), batch_size=2, length=8, target_length=2, methods=("ept", "pt"),
+    rows = bench_pack.bench(str(tiny_model_dir), runs=(1, 2), batch_size=2, length=8, target_length=2, methods=("ept", "pt"),
                    max_rows=3)
     assert [r["runs"] for r in rows] == [1, 2] and rows[0]["solo_step_s"] > 0
     assert [r["forward_passes"] for r in rows] == [1, 2]  # 2 and 4 examples, at most 3 per forward pass
     assert all(r["examples_per_s"] > 0 and r["step_s"] > 0 for r in rows)
-    update = P.bench_update(pretrained.load_t5(str(tiny_model_dir)), r=3, repeats=2)
+    update = bench_pack.bench_update(pretrained.load_t5(str(tiny_model_dir)), r=3, repeats=2)
     assert set(update) == {"batched", "loop"}
 
 
