@@ -18,7 +18,7 @@ import torch
 
 import model as M
 import train
-from packing import Pack, PackedT5, adamw_step, clip_grad_norms_, make_run
+from packing import Pack, PackedT5, clip_runs, make_run, step_runs
 
 # --- the benchmark --------------------------------------------------------------------------------
 
@@ -116,25 +116,8 @@ def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprom
                 for p in x.params:
                     p.grad = torch.randn_like(p) * 1e-2
             t0 = time.perf_counter()
-            param_lists = [x.params for x in runs]
-            if batched:
-                clip_grad_norms_(param_lists, [1.0] * r).tolist()
-                adamw_step([x.optimizer for x in runs])
-            else:
-                [torch.nn.utils.clip_grad_norm_(ps, 1.0).item() for ps in param_lists]
-                for x in runs:
-                    x.optimizer.step()
-            for x in runs:
-                x.scheduler.step()
-            for ps in param_lists:
-                for p in ps:
-                    p.grad = None
-            with torch.no_grad():
-                if batched:
-                    stacked, pmask = packed.prompts()
-                    ((stacked.norm(dim=-1) * pmask).sum(1) / pmask.sum(1)).tolist()
-                else:
-                    [x.module().norm(dim=1).mean().item() for x in runs]
+            clip_runs(runs, batched).tolist()  # the pack's own update code (Pack.step), without the forward
+            step_runs(runs, runs, packed, batched)
             if k:
                 times[name].append(time.perf_counter() - t0)
     return {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}

@@ -319,6 +319,35 @@ def adamw_step(optimizers):
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
 
 
+def clip_runs(runs, batched=True):
+    """Clip each run's gradients at its own max_grad_norm (0 = off); (R,) grad norms before clipping."""
+    param_lists = [r.params for r in runs]
+    if batched:
+        return clip_grad_norms_(param_lists, [r.max_grad_norm for r in runs])
+    return torch.stack([torch.nn.utils.clip_grad_norm_(ps, r.max_grad_norm if r.max_grad_norm > 0 else math.inf).float()
+                        for r, ps in zip(runs, param_lists)])
+
+
+def step_runs(runs, stepping, packed, batched=True):
+    """AdamW and the schedule for the runs in `stepping` (those whose loss and gradient are finite), every
+    run's gradients dropped, and mu_t (Eq. 4) of each run: the mean row norm of its P', real rows only."""
+    if batched:
+        adamw_step([r.optimizer for r in stepping])
+    else:
+        for r in stepping:
+            r.optimizer.step()
+    for r in stepping:
+        r.scheduler.step()
+    for r in runs:
+        for p in r.params:
+            p.grad = None
+    with torch.no_grad():
+        if batched:
+            stacked, pmask = packed.prompts()
+            return ((stacked.float().norm(dim=-1) * pmask).sum(1) / pmask.sum(1)).tolist()
+        return [r.module().float().norm(dim=1).mean().item() for r in runs]
+
+
 # --- the pack -------------------------------------------------------------------------------------
 
 class Pack:
@@ -460,33 +489,11 @@ class Pack:
         if ws > 1:
             dist.all_reduce(loss_sums)
         t1 = time.perf_counter()
-        param_lists = [r.params for r in runs]
-        if self.batched:
-            grad_norms = clip_grad_norms_(param_lists, [r.max_grad_norm for r in runs])
-        else:
-            grad_norms = torch.stack([torch.nn.utils.clip_grad_norm_(ps, r.max_grad_norm if r.max_grad_norm > 0
-                                                                     else math.inf).float()
-                                      for r, ps in zip(runs, param_lists)])
+        grad_norms = clip_runs(runs, self.batched)
         losses, norms = torch.stack([loss_sums / n_tokens, grad_norms.to(device)]).tolist()  # one host sync
         lrs = [r.scheduler.get_last_lr()[0] for r in runs]
         finite = [math.isfinite(a) and math.isfinite(b) for a, b in zip(losses, norms)]
-        stepping = [r for r, ok in zip(runs, finite) if ok]
-        if self.batched:
-            adamw_step([r.optimizer for r in stepping])
-        else:
-            for r in stepping:
-                r.optimizer.step()
-        for r in stepping:
-            r.scheduler.step()
-        for ps in param_lists:
-            for p in ps:
-                p.grad = None
-        with torch.no_grad():  # mu_t (Eq. 4): the mean row norm of each run's P', real rows only
-            if self.batched:
-                stacked, pmask = self.packed.prompts()
-                mu = ((stacked.float().norm(dim=-1) * pmask).sum(1) / pmask.sum(1)).tolist()
-            else:
-                mu = [r.module().float().norm(dim=1).mean().item() for r in runs]
+        mu = step_runs(runs, [r for r, ok in zip(runs, finite) if ok], self.packed, self.batched)
         t2 = time.perf_counter()
         self.timings = {"forward_backward_s": t1 - t0, "update_s": t2 - t1, "forward_passes": len(plan),
                         "padded_tokens": padded}
