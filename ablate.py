@@ -77,16 +77,9 @@ QA_DECODE_FACTOR = 5  # MRQA answers are many tokens long, classification target
 # --- one run: options -> name -> train.py argv -> result row --------------------------------------
 
 def defaults(method):
-    """train.py's defaults for `method` (the paper's main setting), read from train.py's own parser and
-    resolve(): what a run name leaves out. The few-shot sample always shows in a name (no default)."""
-    return dict(_defaults(method))
-
-
-@functools.cache
-def _defaults(method):
-    import train
-    args = train.resolve(train.parser.parse_args(["--method", method]))
-    return {**{key: getattr(args, key) for key, _ in NAME_TAGS}, "fewshot_seed": None}
+    """train.py's defaults for `method` (the paper's main setting): what a run name leaves out (train.defaults)."""
+    import train  # imported late: report-only and dry-run use need no training stack
+    return train.defaults(method)
 
 
 NAME_TAGS = runs.NAME_TAGS
