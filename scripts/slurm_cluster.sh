@@ -88,7 +88,7 @@ start() {
   install
   write_conf
   # munged runs as the munge user; the Debian package creates the key on install
-  [[ -f /etc/munge/munge.key ]] || { mungekey --create >/dev/null 2>&1 || die "no munge key and mungekey failed."; }
+  [[ -f /etc/munge/munge.key ]] || mungekey --create >/dev/null 2>&1 || die "no munge key, and mungekey failed."
   chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key
   mkdir -p /run/munge /var/log/munge /var/lib/munge
   chown munge:munge /run/munge /var/log/munge /var/lib/munge
@@ -100,12 +100,13 @@ start() {
   alive /run/slurmd.pid || slurmd || die "slurmd did not start (see $LOGS/slurmd.log)."
   local t state
   for (( t = 0; t < WAIT_S; t++ )); do
-    alive /run/slurmd.pid || die "slurmd stopped (see $LOGS/slurmd.log)."
     state=$(node_state)
-    case $state in
-      idle|mix|alloc|comp) echo "slurm_cluster: node $(hostname -s) is $state"; return 0 ;;
-      drain*|down*) scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 ;;
-    esac
+    if [[ $state =~ ^(idle|mix|alloc|comp)$ ]] && alive /run/slurmd.pid; then
+      echo "slurm_cluster: node $(hostname -s) is $state"; return 0
+    fi
+    # the pid file appears a moment after slurmd forked
+    (( t < 5 )) || alive /run/slurmd.pid || die "slurmd stopped (see $LOGS/slurmd.log)."
+    [[ $state == drain* || $state == down* ]] && scontrol update nodename="$(hostname -s)" state=resume
     sleep 1
   done
   die "the node is '${state:-not listed}' after ${WAIT_S}s, not idle (see $LOGS/slurmctld.log and $LOGS/slurmd.log)."
