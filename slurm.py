@@ -6,10 +6,10 @@ folder. A unit is idempotent: it exits 0 when its unit is finished (or was finis
 non-zero when it failed, and on SIGTERM it checkpoints and exits non-zero, so that running it again
 resumes it. The collect command (a shell line) appends every finished run's row once and reports.
 
-    import slurm
-    slurm.submit("results/table1.plan", "python ablate.py table1 --collect",
-                 time="4:00:00", max_parallel=16)       # writes table1.sbatch beside the plan, submits
-    # by hand: sbatch results/table1.sbatch; one unit without SLURM: SLURM_ARRAY_TASK_ID=3 bash ...
+    python slurm.py results/table1.plan --collect "python ablate.py table1 --lr-search --collect" \
+        --time 12:00:00 --max-parallel 16              # writes results/table1.sbatch, submits it
+    slurm.submit("results/table1.plan", collect_cmd, time="12:00:00", max_parallel=16)   # the same
+    # again by hand: sbatch results/table1.sbatch; one unit without SLURM: SLURM_ARRAY_TASK_ID=3 bash ...
 
 What the array script does (the text `sbatch_script` writes is meant to be read):
 - `--array=0-(N-1)%M`: task i runs line i+1 of the plan (`sed -n`), at most M at once;
@@ -22,12 +22,14 @@ What the array script does (the text `sbatch_script` writes is meant to be read)
 The collect job is submitted with `--dependency=afterany:<array>`: it runs when every task ended,
 whether it finished, failed or was cancelled.
 """
+import argparse
 import re
 import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
+import cli
 import files
 
 SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write last.pt and exit
@@ -166,37 +168,43 @@ def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, 
     return "\n".join(lines) + "\n"
 
 
-def _sbatch(script, what):
-    """Submit one script; its job id, or one sentence."""
+def _sbatch(text, path, what):
+    """Submit a script (on sbatch's stdin), then write it to `path`; its job id, or one sentence and
+    nothing written."""
     if shutil.which("sbatch") is None:
         raise SystemExit("sbatch is not on PATH: --slurm needs a SLURM cluster's commands here "
                          "(a test cluster on this machine, as root: bash scripts/slurm_cluster.sh start)")
-    done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise SystemExit(f"sbatch refused {what} {script}: {reason}")
+        raise SystemExit(f"sbatch refused {what} ({path.name}): {reason}")
+    files.write_text(path, text)
     return done.stdout.strip().split(";")[0]  # --parsable: "<id>" or "<id>;<cluster>"
 
 
 def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
-    """Write <plan>.sbatch beside the plan, submit it as one job array, then the collect job after it
-    (afterany); print the job ids and how to follow them. Returns (array_id, collect_id)."""
+    """Submit the plan as one job array, then the collect job after it (afterany); write both scripts
+    beside the plan (<plan>.sbatch, <plan>.collect.sbatch); print the job ids and how to follow them.
+    Returns (array_id, collect_id)."""
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):
         raise SystemExit(f"the plan {plan} has an empty line: every line must be a unit")
     job_name = job_name or plan.stem
-    logs = files.make_dir(Path(log_dir or plan.parent / "slurm-logs").resolve(), "log folder")
-    array_file = plan.with_name(plan.stem + ".sbatch")
-    files.write_text(array_file, sbatch_script(plan, len(units), job_name=job_name, log_dir=logs,
-                                               **opts))
-    array_id = _sbatch(array_file, "the job array")
-    collect_file = plan.with_name(plan.stem + ".collect.sbatch")
+    logs = Path(log_dir or plan.parent / "slurm-logs").resolve()
+    array_text = sbatch_script(plan, len(units), job_name=job_name, log_dir=logs, **opts)
+    fresh = not logs.exists()
+    files.make_dir(logs, "log folder")  # SLURM does not create the folder of --output
+    try:
+        array_id = _sbatch(array_text, plan.with_name(plan.stem + ".sbatch"), "the job array")
+    except SystemExit:
+        if fresh:
+            logs.rmdir()
+        raise
     shared = {k: opts[k] for k in ("partition", "extra", "workdir") if k in opts}
     try:
-        files.write_text(collect_file, collect_script(collect_cmd, array_id, job_name=job_name,
-                                                      log_dir=logs, **shared))
-        collect_id = _sbatch(collect_file, "the collect job")
+        collect_text = collect_script(collect_cmd, array_id, job_name=job_name, log_dir=logs, **shared)
+        collect_id = _sbatch(collect_text, plan.with_name(plan.stem + ".collect.sbatch"), "the collect job")
     except SystemExit as err:
         raise SystemExit(f"{err} (the array {array_id} was submitted and runs without it: "
                          f"scancel {array_id}, or collect by hand later: {collect_cmd})") from None
@@ -210,3 +218,33 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
           f"  stop:    scancel {array_id} {collect_id}   (running units checkpoint; "
           f"submitting the same plan again finishes what is left)", flush=True)
     return array_id, collect_id
+
+
+parser = argparse.ArgumentParser(description="Submit a plan file to SLURM: one job array, then the collect job.")
+parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
+parser.add_argument("--collect", required=True, metavar="CMD",
+                    help="the shell line that collects and reports after every task ended")
+parser.add_argument("--job-name", help="default: the plan's name without .plan")
+parser.add_argument("--log-dir", help="the tasks' logs (default: slurm-logs/ beside the plan)")
+parser.add_argument("--partition", help="default: the cluster's default partition")
+parser.add_argument("--time", help="each task's time limit (SLURM's format: 4:00:00, 1-12, ...)")
+parser.add_argument("--gpus-per-task", type=cli.nonnegative_int, default=1,
+                    help="GPUs per unit (--gres=gpu:N; 0: no GPU line)")
+parser.add_argument("--cpus-per-task", type=cli.positive_int)
+parser.add_argument("--max-parallel", type=cli.positive_int, help="tasks at once (--array=...%%M)")
+parser.add_argument("--signal-s", type=cli.positive_int, default=SIGNAL_S,
+                    help="USR1 this many seconds before the time limit: the unit checkpoints, the task requeues")
+parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
+                    help="an #SBATCH line of both jobs, e.g. --sbatch-option=--account=nlp (repeatable)")
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    submit(args.plan, args.collect, job_name=args.job_name, log_dir=args.log_dir,
+           partition=args.partition, time=args.time, gpus_per_task=args.gpus_per_task,
+           cpus_per_task=args.cpus_per_task, max_parallel=args.max_parallel,
+           signal_s=args.signal_s, extra=args.sbatch_option)
+
+
+if __name__ == "__main__":
+    main()

@@ -87,8 +87,35 @@ def test_submit_one_sentence_errors(tmp_path, monkeypatch):
     sbatch = tmp_path / "bin" / "sbatch"
     sbatch.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpu' >&2\nexit 1\n")
     sbatch.chmod(0o755)
-    with pytest.raises(SystemExit, match="sbatch refused the job array .*: sbatch: error: invalid partition"):
+    with pytest.raises(SystemExit, match=r"sbatch refused the job array \(p.sbatch\): sbatch: error: invalid"):
         slurm.submit(plan, "true", gpus_per_task=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "p.plan"]  # nothing written
+
+
+def test_submit_writes_both_scripts_and_says_how_to_follow(tmp_path, monkeypatch, capsys):
+    """The command line, against an sbatch that only records its calls: the array first, then the
+    collect job naming the array's id in its afterany dependency."""
+    (tmp_path / "bin").mkdir()
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\ncat >> {tmp_path}/stdin\n"
+                      f"wc -l < {tmp_path}/calls | awk '{{print 40 + $1 \";cluster\"}}'\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    plan = write_plan(tmp_path / "table1.plan", ["true", "false"])
+    slurm.main([str(plan), "--collect", "echo collected", "--gpus-per-task", "0", "--max-parallel", "1",
+                "--sbatch-option=--account=nlp"])
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["--parsable", "--parsable"]  # each script on stdin, written once submitted
+    out = capsys.readouterr().out
+    assert "array job 41 (2 units, 1 at once), collect job 42 after it" in out
+    assert "squeue -j 41,42" in out and f"{tmp_path}/slurm-logs/table1-41_<task>.log" in out
+    assert "scancel 41 42" in out
+    array = (tmp_path / "table1.sbatch").read_text()
+    assert "#SBATCH --array=0-1%1" in array and "#SBATCH --account=nlp" in array
+    collect = (tmp_path / "table1.collect.sbatch").read_text()
+    assert "#SBATCH --dependency=afterany:41" in collect and "#SBATCH --account=nlp" in collect
+    assert collect.rstrip().endswith("echo collected")
+    assert (tmp_path / "stdin").read_text() == array + collect
 
 
 def test_script_forwards_sigterm_without_slurm(tmp_path):
