@@ -110,13 +110,17 @@ unit=$(sed -n "$((task + 1))p" "$plan")
 echo "== $(date -Is) task $task of ${SLURM_ARRAY_JOB_ID:-(no job)}," \
      "start $((${SLURM_RESTART_COUNT:-0} + 1)), on $(hostname): $unit"
 
-# USR1: the time limit is near (--signal); TERM: scancel, preemption or scontrol requeue. Either way
-# the unit gets SIGTERM, writes its checkpoint and exits; the shell waits for it (it runs in the
-# background, since bash runs a trap only between commands).
+# USR1: the time limit is near (--signal); TERM: scancel, preemption or scontrol requeue; INT: Ctrl-C
+# when run by hand. Each sends SIGTERM to every process of the unit: train.py writes its checkpoint and
+# exits, and this shell waits for it (the unit runs in the background: bash runs a trap only between
+# commands). setsid gives the unit its own process group, so the signal reaches train.py behind a
+# `cd ... &&`; the unit's bash outlives SIGTERM (trap :) until train.py has exited.
 got= n=0
-trap 'got=USR1 n=$((n + 1)); kill -TERM "$pid" 2>/dev/null' USR1
-trap 'got=TERM n=$((n + 1)); kill -TERM "$pid" 2>/dev/null' TERM
-bash -c "$unit" &
+stop() { got=$1 n=$((n + 1)); kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; }
+trap 'stop USR1' USR1
+trap 'stop TERM' TERM
+trap 'stop INT' INT
+setsid bash -c "trap : TERM; $unit" &
 pid=$!
 while :; do
   seen=$n; wait "$pid"; rc=$?

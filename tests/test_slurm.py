@@ -26,7 +26,10 @@ CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
 
 
 def fake(root, name, steps, *flags):
-    return " ".join([sys.executable, str(FAKE), str(root), name, str(steps), *flags])
+    """A plan line like the drivers' (`cd FOLDER && python ...`), where bash stays the unit's parent, as
+    older bash does for every such line (bash 5.1+ execs the last command of a list): `|| exit $?`."""
+    return " ".join(["cd", str(REPO), "&&", sys.executable, str(FAKE), str(root), name, str(steps), *flags,
+                     "|| exit $?"])
 
 
 def write_plan(path, lines):
@@ -128,13 +131,19 @@ def test_script_forwards_sigterm_without_slurm(tmp_path):
     shell = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
     steps = tmp_path / "u1" / "steps.log"
     wait_for(lambda: steps.exists() and len(steps.read_text().split()) >= 2, 20, "the unit's steps")
-    shell.send_signal(signal.SIGTERM)
+    shell.send_signal(signal.SIGTERM)  # the batch shell alone, as --signal=B: and Ctrl-C (SIGINT) do
     out, _ = shell.communicate(timeout=20)
     assert shell.returncode == 143, out
     assert "unit stopped by SIGTERM" in out
     assert not (tmp_path / "u0").exists()  # line 2 ran, not line 1
     done = int((tmp_path / "u1" / "ckpt").read_text())
     assert done == len(steps.read_text().split())  # checkpointed after the step in progress
+    shell = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    wait_for(lambda: len(steps.read_text().split()) >= done + 2, 20, "the resumed unit's steps")
+    shell.send_signal(signal.SIGINT)
+    out, _ = shell.communicate(timeout=20)
+    assert shell.returncode == 143 and "unit stopped by SIGINT" in out, out
+    assert [int(s) for s in steps.read_text().split()] == list(range(int((tmp_path / "u1" / "ckpt").read_text())))
 
 
 # --- a real cluster ----------------------------------------------------------------------------------
