@@ -37,7 +37,7 @@ SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write la
 
 def time_seconds(text):
     """A SLURM time limit ('90', '4:00:00', '1-12', '2-00:30:00', ...) in seconds; None for unlimited."""
-    if text.upper() in ("INFINITE", "UNLIMITED"):
+    if text.upper() in ("INFINITE", "UNLIMITED", "0"):  # SLURM: a limit of 0 is no limit
         return None
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
     if not m:
@@ -208,7 +208,8 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
     shared = {k: opts[k] for k in ("partition", "extra", "workdir") if k in opts}
     try:
         collect_text = collect_script(collect_cmd, array_id, job_name=job_name, log_dir=logs, **shared)
-        collect_id = _sbatch(collect_text, plan.with_name(plan.stem + ".collect.sbatch"), "the collect job")
+        collect_file = plan.with_name(plan.stem + ".collect.sbatch")
+        collect_id = _sbatch(collect_text, collect_file, "the collect job")
     except SystemExit as err:
         raise SystemExit(f"{err} (the array {array_id} was submitted and runs without it: "
                          f"scancel {array_id}, or collect by hand later: {collect_cmd})") from None
@@ -224,7 +225,8 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
     return array_id, collect_id
 
 
-parser = argparse.ArgumentParser(description="Submit a plan file to SLURM: one job array, then the collect job.")
+parser = argparse.ArgumentParser(
+    description="Submit a plan file to SLURM: one job array, then the collect job after it.")
 parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
 parser.add_argument("--collect", required=True, metavar="CMD",
                     help="the shell line that collects and reports after every task ended")
@@ -237,7 +239,8 @@ parser.add_argument("--gpus-per-task", type=cli.nonnegative_int, default=1,
 parser.add_argument("--cpus-per-task", type=cli.positive_int)
 parser.add_argument("--max-parallel", type=cli.positive_int, help="tasks at once (--array=...%%M)")
 parser.add_argument("--signal-s", type=cli.positive_int, default=SIGNAL_S,
-                    help="USR1 this many seconds before the time limit: the unit checkpoints, the task requeues")
+                    help="USR1 this many seconds before the time limit: the unit checkpoints, "
+                         "the task requeues")
 parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
                     help="an #SBATCH line of both jobs, e.g. --sbatch-option=--account=nlp (repeatable)")
 

@@ -109,7 +109,8 @@ start() {
     [[ $state == drain* || $state == down* ]] && scontrol update nodename="$(hostname -s)" state=resume
     sleep 1
   done
-  die "the node is '${state:-not listed}' after ${WAIT_S}s, not idle (see $LOGS/slurmctld.log and $LOGS/slurmd.log)."
+  die "the node is '${state:-not listed}' after ${WAIT_S}s, not idle" \
+      "(see $LOGS/slurmctld.log and $LOGS/slurmd.log)."
 }
 
 stop() {

@@ -62,7 +62,7 @@ def test_sbatch_script_text(tmp_path):
 
 @pytest.mark.parametrize("text, seconds", [("90", 5400), ("10:30", 630), ("4:00:00", 14400),
                                            ("1-12", 129600), ("2-00:30:00", 174600),
-                                           ("UNLIMITED", None)])
+                                           ("UNLIMITED", None), ("0", None)])
 def test_time_seconds(text, seconds):
     assert slurm.time_seconds(text) == seconds
 
@@ -143,7 +143,8 @@ def test_script_forwards_sigterm_without_slurm(tmp_path):
     shell.send_signal(signal.SIGINT)
     out, _ = shell.communicate(timeout=20)
     assert shell.returncode == 143 and "unit stopped by SIGINT" in out, out
-    assert [int(s) for s in steps.read_text().split()] == list(range(int((tmp_path / "u1" / "ckpt").read_text())))
+    resumed = int((tmp_path / "u1" / "ckpt").read_text())
+    assert [int(s) for s in steps.read_text().split()] == list(range(resumed))  # each step once
 
 
 # --- a real cluster ----------------------------------------------------------------------------------
@@ -276,7 +277,8 @@ def test_cancelled_plan_finishes_when_submitted_again(cluster, tmp_path):
     """scancel of the whole array (and its collect job) mid-run; the same plan submitted again finishes
     what was left: the interrupted units resume, the finished one is not run again."""
     root = tmp_path / "units"
-    plan = write_plan(tmp_path / "p.plan", [fake(root, "u0", 2), fake(root, "u1", 60), fake(root, "u2", 60)])
+    plan = write_plan(tmp_path / "p.plan",
+                      [fake(root, "u0", 2), fake(root, "u1", 60), fake(root, "u2", 60)])
     collect_cmd = f"{sys.executable} {FAKE} --collect {root}"
     array, collect = slurm.submit(plan, collect_cmd, gpus_per_task=0, max_parallel=2)
     steps = root / "u1" / "steps.log"
