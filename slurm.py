@@ -58,6 +58,10 @@ def _option(value, what):
     return text
 
 
+def _units(n):
+    return f"{n} unit{'s' if n != 1 else ''}"
+
+
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
                   gpus_per_task=1, max_parallel=None, extra=(), cpus_per_task=None,
                   signal_s=SIGNAL_S, workdir=None):
@@ -74,7 +78,7 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
     array = f"0-{n_units - 1}" + (f"%{max_parallel}" if max_parallel else "")
     lines = [
         "#!/bin/bash",
-        f"# {name}: the {n_units} units of {plan}, one SLURM array task each (task i runs line i+1).",
+        f"# {name}: the {_units(n_units)} of {plan}, one SLURM array task each (task i runs line i+1).",
         "# Written by slurm.py. Submit again with `sbatch <this file>`: a finished unit exits at once,",
         "# an interrupted one resumes. One unit without SLURM: SLURM_ARRAY_TASK_ID=i bash <this file>.",
         f"#SBATCH --job-name={name}",
@@ -214,8 +218,7 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
         raise SystemExit(f"{err} (the array {array_id} was submitted and runs without it: "
                          f"scancel {array_id}, or collect by hand later: {collect_cmd})") from None
     at_once = f", {opts['max_parallel']} at once" if opts.get("max_parallel") else ""
-    count = f"{len(units)} unit{'s' if len(units) > 1 else ''}"
-    print(f"submitted {job_name}: array job {array_id} ({count}{at_once}), "
+    print(f"submitted {job_name}: array job {array_id} ({_units(len(units))}{at_once}), "
           f"collect job {collect_id} after it\n"
           f"  follow:  squeue -j {array_id},{collect_id}\n"
           f"  logs:    {logs}/{job_name}-{array_id}_<task>.log, "

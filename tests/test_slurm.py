@@ -295,3 +295,20 @@ def test_cancelled_plan_finishes_when_submitted_again(cluster, tmp_path):
             list(range(2 if name == "u0" else 60))
     assert len((root / "u0" / "starts.log").read_text().splitlines()) == 1
     assert json.loads((root / "collected.json").read_text())["done"] == ["u0", "u1", "u2"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("EPT_SLURM_SLOW") != "1", reason="a minute or two: EPT_SLURM_SLOW=1")
+def test_time_limit_signal_requeues_and_resumes(cluster, tmp_path):
+    """SLURM's own --signal=B:USR1 at a real time limit (2 min, the signal 60 s before it, which SLURM
+    may send up to 60 s early): the task requeues itself and its unit resumes until it finishes."""
+    root = tmp_path / "units"
+    plan = write_plan(tmp_path / "p.plan", [fake(root, "u0", 600)])  # 60 s of steps: over one start
+    array, collect = slurm.submit(plan, f"{sys.executable} {FAKE} --collect {root}", gpus_per_task=0,
+                                  time="2", signal_s=60)
+    wait_gone(array, collect, timeout=300)
+    starts = len((root / "u0" / "starts.log").read_text().splitlines())
+    assert starts >= 2
+    check_resumed(root, "u0", 600, starts=starts)
+    log = (tmp_path / "slurm-logs" / f"p-{array}_0.log").read_text()
+    assert log.count("time limit near") == starts - 1 and "unit finished" in log, log
