@@ -1,0 +1,260 @@
+"""A plan file on SLURM: one job array (one unit, i.e. one line of the plan, per array task) and a
+collect job that runs after every task ended.
+
+A plan is a UTF-8 text file, one unit a line, each a complete bash command that can run from any
+folder. A unit is idempotent: it exits 0 when its unit is finished (or was finished already),
+non-zero when it failed, and on SIGTERM it checkpoints and exits non-zero, so that running it again
+resumes it. The collect command (a shell line) appends every finished run's row once and reports.
+
+    python slurm.py results/table1.plan --collect "python ablate.py table1 --lr-search --collect" \
+        --time 12:00:00 --max-parallel 16              # writes results/table1.sbatch, submits it
+    slurm.submit("results/table1.plan", collect_cmd, time="12:00:00", max_parallel=16)   # the same
+    # again by hand: sbatch results/table1.sbatch; one unit without SLURM: SLURM_ARRAY_TASK_ID=3 bash ...
+
+What the array script does (the text `sbatch_script` writes is meant to be read):
+- `--array=0-(N-1)%M`: task i runs line i+1 of the plan (`sed -n`), at most M at once;
+- one GPU per task (`--gres=gpu:1`, SLURM sets CUDA_VISIBLE_DEVICES to it);
+- `--requeue`, and `--signal=B:USR1@S`: S seconds before the time limit SLURM sends USR1 to the batch
+  shell only; the shell forwards SIGTERM to the unit, waits for its checkpoint, and requeues its own
+  task (`scontrol requeue <array>_<task>`), which starts again from the plan line and resumes;
+- on SIGTERM (scancel, preemption, scontrol requeue) the shell forwards SIGTERM the same way; SLURM
+  allows KillWait seconds (30 by default) before SIGKILL.
+The collect job is submitted with `--dependency=afterany:<array>`: it runs when every task ended,
+whether it finished, failed or was cancelled.
+"""
+import argparse
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import cli
+import files
+
+SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write last.pt and exit
+
+
+def time_seconds(text):
+    """A SLURM time limit ('90', '4:00:00', '1-12', '2-00:30:00', ...) in seconds; None for unlimited."""
+    if text.upper() in ("INFINITE", "UNLIMITED", "0"):  # SLURM: a limit of 0 is no limit
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not m:
+        raise SystemExit(f"{text!r} is not a SLURM time limit (minutes, H:MM:SS or D-HH:MM:SS)")
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        return ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    if c is not None:  # hours:minutes:seconds
+        return (a * 60 + b) * 60 + c
+    return a * 60 + (b or 0)  # minutes[:seconds]
+
+
+def _option(value, what):
+    """A value for an #SBATCH line: sbatch splits those lines at spaces and reads one line each."""
+    text = str(value)
+    if not text or re.search(r"\s", text):
+        raise SystemExit(f"the {what} {text!r} cannot go on an #SBATCH line (it is empty or has spaces)")
+    return text
+
+
+def _units(n):
+    return f"{n} unit{'s' if n != 1 else ''}"
+
+
+def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
+                  gpus_per_task=1, max_parallel=None, extra=(), cpus_per_task=None,
+                  signal_s=SIGNAL_S, workdir=None):
+    """The job array's sbatch script: task i runs line i+1 of the plan. gpus_per_task=0: no GPU line."""
+    if n_units < 1:
+        raise SystemExit(f"the plan {plan_path} has no units: nothing to submit")
+    limit = time_seconds(time) if time else None
+    if limit is not None and limit <= signal_s:
+        raise SystemExit(f"the time limit {time} is not longer than the {signal_s} s the unit gets "
+                         f"to checkpoint before it (signal_s)")
+    plan, logs = Path(plan_path).resolve(), Path(log_dir).resolve()
+    workdir = Path(workdir or Path.cwd()).resolve()
+    name = _option(job_name, "job name")
+    array = f"0-{n_units - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    lines = [
+        "#!/bin/bash",
+        f"# {name}: the {_units(n_units)} of {plan}, one SLURM array task each (task i runs line i+1).",
+        "# Written by slurm.py. Submit again with `sbatch <this file>`: a finished unit exits at once,",
+        "# an interrupted one resumes. One unit without SLURM: SLURM_ARRAY_TASK_ID=i bash <this file>.",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --array={array}",
+        "#SBATCH --ntasks=1",
+    ]
+    if cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
+    if gpus_per_task:
+        lines.append(f"#SBATCH --gres=gpu:{gpus_per_task}")
+    if partition:
+        lines.append(f"#SBATCH --partition={_option(partition, 'partition')}")
+    if time:
+        lines.append(f"#SBATCH --time={_option(time, 'time limit')}")
+    lines += [
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{signal_s}",
+        f"#SBATCH --chdir={_option(workdir, 'working folder')}",
+        f"#SBATCH --output={_option(logs, 'log folder')}/{name}-%A_%a.log",
+        "#SBATCH --open-mode=append",  # a requeued task adds to its log instead of replacing it
+    ]
+    for option in extra:
+        lines.append(f"#SBATCH {_option(option, 'sbatch option')}")
+    lines.append(_BODY.replace("PLAN", shlex.quote(str(plan))))
+    return "\n".join(lines) + "\n"
+
+
+_BODY = r"""
+plan=PLAN
+task=${SLURM_ARRAY_TASK_ID:?"run under sbatch, or set SLURM_ARRAY_TASK_ID=i for line i+1"}
+unit=$(sed -n "$((task + 1))p" "$plan")
+[ -n "$unit" ] || { echo "no line $((task + 1)) in $plan" >&2; exit 2; }
+echo "== $(date -Is) task $task of ${SLURM_ARRAY_JOB_ID:-(no job)}," \
+     "start $((${SLURM_RESTART_COUNT:-0} + 1)), on $(hostname): $unit"
+
+# USR1: the time limit is near (--signal); TERM: scancel, preemption or scontrol requeue; INT: Ctrl-C
+# when run by hand. Each sends SIGTERM to every process of the unit: train.py writes its checkpoint and
+# exits, and this shell waits for it (the unit runs in the background: bash runs a trap only between
+# commands). setsid gives the unit its own process group, so the signal reaches train.py behind a
+# `cd ... &&`; the unit's bash outlives SIGTERM (trap :) until train.py has exited.
+got= n=0
+stop() { got=$1 n=$((n + 1)); kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; }
+trap 'stop USR1' USR1
+trap 'stop TERM' TERM
+trap 'stop INT' INT
+setsid bash -c "trap : TERM; $unit" &
+pid=$!
+while :; do
+  seen=$n; wait "$pid"; rc=$?
+  if [ "$rc" -le 128 ] || [ "$n" = "$seen" ]; then break; fi  # the unit's status, not a trap's
+done
+
+if [ "$rc" -eq 0 ]; then
+  echo "== $(date -Is) unit finished"
+elif [ "$got" = USR1 ] && [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
+  echo "== $(date -Is) time limit near: unit stopped (exit $rc); requeueing this task to resume it"
+  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${task}"
+elif [ -n "$got" ]; then
+  echo "== $(date -Is) unit stopped by SIG$got (exit $rc); it resumes when run again"
+else
+  echo "== $(date -Is) unit failed (exit $rc): $unit"
+fi
+exit "$rc"
+"""
+
+
+def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, extra=(),
+                   workdir=None):
+    """The collect job's sbatch script: after every task of the array ended (afterany), the task
+    states SLURM still holds, then the collect command."""
+    logs = Path(log_dir).resolve()
+    workdir = Path(workdir or Path.cwd()).resolve()
+    name = _option(job_name, "job name")
+    lines = [
+        "#!/bin/bash",
+        f"# {name}: collect and report once every task of array {array_id} ended (afterany:",
+        "# finished, failed or cancelled). Written by slurm.py.",
+        f"#SBATCH --job-name={name}-collect",
+        f"#SBATCH --dependency=afterany:{array_id}",
+        "#SBATCH --ntasks=1",
+    ]
+    if partition:
+        lines.append(f"#SBATCH --partition={_option(partition, 'partition')}")
+    lines += [f"#SBATCH --chdir={_option(workdir, 'working folder')}",
+              f"#SBATCH --output={_option(logs, 'log folder')}/{name}-collect-%j.log"]
+    lines += [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra
+              if not option.startswith(("--gres", "--gpus", "--array", "--signal"))]
+    lines += [
+        "",
+        f"echo \"== array {array_id}: task states (as long as SLURM keeps them, MinJobAge)\"",
+        f"squeue --noheader --states=all --jobs={array_id} --format='task %K: %T' | sort -V",
+        "echo \"== $(date -Is) collect\"",
+        collect_cmd,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _sbatch(text, path, what):
+    """Submit a script (on sbatch's stdin), then write it to `path`; its job id, or one sentence and
+    nothing written."""
+    if shutil.which("sbatch") is None:
+        raise SystemExit("sbatch is not on PATH: --slurm needs a SLURM cluster's commands here "
+                         "(a test cluster on this machine, as root: bash scripts/slurm_cluster.sh start)")
+    done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise SystemExit(f"sbatch refused {what} ({path.name}): {reason}")
+    files.write_text(path, text)
+    return done.stdout.strip().split(";")[0]  # --parsable: "<id>" or "<id>;<cluster>"
+
+
+def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
+    """Submit the plan as one job array, then the collect job after it (afterany); write both scripts
+    beside the plan (<plan>.sbatch, <plan>.collect.sbatch); print the job ids and how to follow them.
+    Returns (array_id, collect_id)."""
+    plan = Path(plan_path).resolve()
+    units = files.read_text(plan, "plan").splitlines()
+    if any(not line.strip() for line in units):
+        raise SystemExit(f"the plan {plan} has an empty line: every line must be a unit")
+    job_name = job_name or plan.stem
+    logs = Path(log_dir or plan.parent / "slurm-logs").resolve()
+    array_text = sbatch_script(plan, len(units), job_name=job_name, log_dir=logs, **opts)
+    fresh = not logs.exists()
+    files.make_dir(logs, "log folder")  # SLURM does not create the folder of --output
+    try:
+        array_id = _sbatch(array_text, plan.with_name(plan.stem + ".sbatch"), "the job array")
+    except SystemExit:
+        if fresh:
+            logs.rmdir()
+        raise
+    shared = {k: opts[k] for k in ("partition", "extra", "workdir") if k in opts}
+    try:
+        collect_text = collect_script(collect_cmd, array_id, job_name=job_name, log_dir=logs, **shared)
+        collect_file = plan.with_name(plan.stem + ".collect.sbatch")
+        collect_id = _sbatch(collect_text, collect_file, "the collect job")
+    except SystemExit as err:
+        raise SystemExit(f"{err} (the array {array_id} was submitted and runs without it: "
+                         f"scancel {array_id}, or collect by hand later: {collect_cmd})") from None
+    at_once = f", {opts['max_parallel']} at once" if opts.get("max_parallel") else ""
+    print(f"submitted {job_name}: array job {array_id} ({_units(len(units))}{at_once}), "
+          f"collect job {collect_id} after it\n"
+          f"  follow:  squeue -j {array_id},{collect_id}\n"
+          f"  logs:    {logs}/{job_name}-{array_id}_<task>.log, "
+          f"{logs}/{job_name}-collect-{collect_id}.log\n"
+          f"  stop:    scancel {array_id} {collect_id}   (running units checkpoint; "
+          f"submitting the same plan again finishes what is left)", flush=True)
+    return array_id, collect_id
+
+
+parser = argparse.ArgumentParser(
+    description="Submit a plan file to SLURM: one job array, then the collect job after it.")
+parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
+parser.add_argument("--collect", required=True, metavar="CMD",
+                    help="the shell line that collects and reports after every task ended")
+parser.add_argument("--job-name", help="default: the plan's name without .plan")
+parser.add_argument("--log-dir", help="the tasks' logs (default: slurm-logs/ beside the plan)")
+parser.add_argument("--partition", help="default: the cluster's default partition")
+parser.add_argument("--time", help="each task's time limit (SLURM's format: 4:00:00, 1-12, ...)")
+parser.add_argument("--gpus-per-task", type=cli.nonnegative_int, default=1,
+                    help="GPUs per unit (--gres=gpu:N; 0: no GPU line)")
+parser.add_argument("--cpus-per-task", type=cli.positive_int)
+parser.add_argument("--max-parallel", type=cli.positive_int, help="tasks at once (--array=...%%M)")
+parser.add_argument("--signal-s", type=cli.positive_int, default=SIGNAL_S,
+                    help="USR1 this many seconds before the time limit: the unit checkpoints, "
+                         "the task requeues")
+parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
+                    help="an #SBATCH line of both jobs, e.g. --sbatch-option=--account=nlp (repeatable)")
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    submit(args.plan, args.collect, job_name=args.job_name, log_dir=args.log_dir,
+           partition=args.partition, time=args.time, gpus_per_task=args.gpus_per_task,
+           cpus_per_task=args.cpus_per_task, max_parallel=args.max_parallel,
+           signal_s=args.signal_s, extra=args.sbatch_option)
+
+
+if __name__ == "__main__":
+    main()
