@@ -136,6 +136,23 @@ def test_driver_trains_once_then_resumes_nothing(tiny_model_dir, data_dir, tmp_p
     assert len(results.read_text().splitlines()) == 3
 
 
+def test_fewshot_driver_warns_about_samples_of_the_old_rule(tmp_path, capsys):
+    """Samples drawn k per class (meta.json without the rule) are used as they are, with one warning."""
+    for task, rule in (("rte", None), ("cb", "k in all, classes balanced")):
+        (tmp_path / task).mkdir()
+        (tmp_path / task / "train_k4_seed0.jsonl").write_text("")
+        entry = {"file": "train_k4_seed0.jsonl", "size": 8, **({"rule": rule} if rule else {})}
+        (tmp_path / task / "meta.json").write_text(json.dumps({"fewshot": {"k4_seed0": entry}}))
+    args = fewshot.parser.parse_args(["--data-dir", str(tmp_path), "--tasks", "rte", "cb", "--shots", "4",
+                                      "--seeds", "0"])
+    fewshot.check_samples(args)
+    err = capsys.readouterr().err
+    assert "samples of rte in" in err and "k examples per class" in err and "--tasks rte --out" in err
+    args.tasks = ["cb"]
+    fewshot.check_samples(args)
+    assert capsys.readouterr().err == ""
+
+
 def test_fewshot_driver_uses_the_k_shot_sample(tiny_model_dir, data_dir, tmp_path):
     rows = fewshot.main(["--model", str(tiny_model_dir), "--tasks", "rte", "--shots", "4", "--seeds", "0",
                          "--methods", "ept", "ft", "--prune-ft-checkpoints",
@@ -145,7 +162,7 @@ def test_fewshot_driver_uses_the_k_shot_sample(tiny_model_dir, data_dir, tmp_pat
         assert (Path(r["run"]) / "best.pt").exists() == (r["method"] != "ft")  # ft checkpoints pruned
         assert (Path(r["run"]) / "metrics.json").exists()
         config = json.loads((Path(r["run"]) / "config.json").read_text())
-        assert config["train_file"].endswith("train_k4_seed0.jsonl") and config["train_size"] == 8  # 4 per class
+        assert config["train_file"].endswith("train_k4_seed0.jsonl") and config["train_size"] == 4  # k in all
         assert r["fewshot_k"] == 4 and r["fewshot_seed"] == 0
         assert config["lr"] == (1e-3 if r["method"] == "ft" else 0.3)  # Appendix B.2, few-shot
     assert "k-shot" in report.experiment_table("fewshot", rows)
