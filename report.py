@@ -79,7 +79,7 @@ PAPER_TABLE4 = [("PT", "77K/-", "56.5 61.9 48.1 62.2 50.0 55.7"), ("EPT", "2.3K/
 PAPER_TABLE6 = [("uniform", "75.7 72.5 70.5 65.4 71.0"), ("vocab", "75.4 77.6 69.8 63.5 71.6"),
                 ("label", "75.1 75.5 67.6 63.5 70.4")]
 STRUCTURE_LABELS = {"none": "None", "layernorm": "LayerNorm", "residual": "Residual", "relu": "ReLU",
-                    "tanh": "Tanh", "gelu": "GELU"}  # Figure 9's order
+                    "tanh": "Tanh", "sigmoid": "Sigmoid"}  # Figure 9's order
 INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)", "label": "Label (label words)"}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -92,7 +92,7 @@ python ablate.py broadcast --model $MODEL $SEEDS $COMMON $TRAIN
 #     the same runs as Table 1's SuperGLUE lr search, so nothing new trains here after Table 1
 python ablate.py lr --models $LR_SIZES $SEEDS $COMMON $TRAIN
 
-# --- Figure 9: EPT + LayerNorm / residual / ReLU / tanh / GELU
+# --- Figure 9: EPT + LayerNorm / residual / ReLU / Tanh / Sigmoid
 python ablate.py structure --model $MODEL $SEEDS $COMMON $TRAIN
 fi
 

@@ -82,6 +82,8 @@ def test_run_names_share_defaults_and_argv_is_train_py_s():
     assert ablate.run_name(ablate.spec("cb", "ft", "x/t5-small", 0, lr=1e-3, fewshot_k=16, fewshot_seed=2,
                                        max_steps=10000)) == "cb_ft_t5-small_lr0.001_steps10000_k16_fs2_s0"
     assert ablate.run_name(ablate.spec("cola", "ept_star", "t5-base", 0, broadcast=10)) == "cola_ept_star_t5-base_s0"
+    assert [ablate.run_name(ablate.spec("boolq", "ept", "t5-base", 0, **ablate.STRUCTURES[v]))
+            for v in ("relu", "tanh", "sigmoid")] == [f"boolq_ept_t5-base_{a}_s0" for a in ("relu", "tanh", "sigmoid")]
     # every experiment's every run is a valid train.py command line (no flag train.py does not know)
     for name, build in ablate.EXPERIMENTS.items():
         args = ablate.parser.parse_args([name, "--lr-search"])
