@@ -29,7 +29,7 @@ TASK_LABELS = {"cola": "CoLA", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "m
                "qqp": "QQP", "sst2": "SST-2", "boolq": "BoolQ", "cb": "CB", "wic": "WiC", "wsc": "WSC",
                "multirc": "MultiRC", "nq": "NQ", "hotpotqa": "HP", "searchqa": "SQA", "newsqa": "News",
                "winogrande": "WG", "yelp": "Yelp", "scitail": "SciTail", "paws": "PAWS"}
-METRIC_LABELS = {"cola": "Matt", "stsb": "Pearson", "cb": "Acc/F1", "multirc": "F1a", **{t: "F1" for t in MRQA}}
+METRIC_LABELS = {"cola": "Matt", "stsb": "Pearson", "cb": "F1/Acc", "multirc": "F1a", **{t: "F1" for t in MRQA}}
 SIZE_ORDER = ["t5-large", "t5-base", "t5-small"]  # Table 1 lists Large first
 MODEL_ORDER = SIZE_ORDER[::-1]  # figures: small to large
 DASH = "–"
