@@ -445,7 +445,8 @@ def append_row_once(results, row):
     """Append `row` to the results file unless a row of its run folder is there: checked and written under
     the file's lock, so concurrent workers never double a row (one write per row: never a torn one)."""
     with files.locked(results):
-        if any(r.get("run") == row["run"] for r in files.read_jsonl(results, what="results file", missing_ok=True)):
+        if any(r.get("run") == row["run"] for r in files.read_jsonl(results, what="results file", missing_ok=True,
+                                                                     fix=files.RESULTS_FIX)):
             return False
         files.append_jsonl(results, [row])
         return True

@@ -99,7 +99,7 @@ def read_rows(results, experiment):
     """results/<experiment>.jsonl ([] when absent), each row holding what the tables read: a hand-edited or
     foreign row is one sentence naming its line, never a KeyError in the middle of a table."""
     path = Path(results) / f"{experiment}.jsonl"
-    rows = files.read_jsonl(path, what="results file", missing_ok=True)
+    rows = files.read_jsonl(path, what="results file", missing_ok=True, fix=files.RESULTS_FIX)
     for number, row in enumerate(rows, 1):
         missing = [k for k in (*ROW_KEYS, *EXPERIMENT_KEYS.get(experiment, ())) if k not in row]
         score = row.get("score")
