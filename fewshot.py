@@ -32,7 +32,8 @@ LR = {"ft": 1e-3, "prompt": 0.3}
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # data
 parser.add_argument("--tasks", nargs="+", type=cli.name, default=None, help="subset of the 13 tasks (default: all)")
-parser.add_argument("--shots", nargs="+", type=cli.positive_int, default=SHOTS, help="k examples in all, the classes balanced (prepare_data.py)")
+parser.add_argument("--shots", nargs="+", type=cli.positive_int, default=SHOTS,
+                    help="k examples in all, the classes balanced (prepare_data.py)")
 parser.add_argument("--data-dir", default="data", help="prepare_data.py output (with --fewshot files)")
 # model
 parser.add_argument("--model", default="t5-base", help="T5 name or folder")

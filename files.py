@@ -91,7 +91,8 @@ def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_
             if torn_tail_ok and number == len(lines):  # no newline after it: the writer was killed mid-line
                 break
             cut = " (the last line, without its newline: cut short)" if number == len(lines) else ""
-            raise FileFault(f"the {what} {path} is damaged: line {number}{cut} is not valid JSON ({err.msg}){fix}") from None
+            raise FileFault(f"the {what} {path} is damaged: line {number}{cut} is not valid JSON "
+                            f"({err.msg}){fix}") from None
         if not isinstance(row, dict):
             raise FileFault(f"the {what} {path} is damaged: line {number} is not a JSON object{fix}")
         rows.append(row)

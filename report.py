@@ -147,6 +147,11 @@ def over_seeds(rows):
     return "mean ± std over seeds" if len({r.get("seed") for r in rows}) > 1 else "1 seed"
 
 
+def _spread(rows):
+    """A figure title's short form of over_seeds: the band is a std only where there are several seeds."""
+    return "mean ± std" if over_seeds(rows) != "1 seed" else "1 seed"
+
+
 def cell(values, std=True):
     mean, sd, n = mean_std(values)
     if mean is None:
@@ -555,9 +560,10 @@ def _sweep_panels(axes, rows, tasks, panels, xlabel, logx, methods=None, band=Tr
 def fig5_12(results, out):
     rows = _sweep_rows(results, "hidden")
     names = []
-    spread = "mean ± std" if over_seeds(rows) != "1 seed" else "1 seed"
+    spread = _spread(rows)
     for tasks, name, title in ((["boolq", "rte"], "fig5_hidden_size.png", f"Figure 5: EPT hidden size h ({spread})"),
-                               (["wsc", "cb", "wic"], "fig12_hidden_size.png", f"Figure 12: EPT hidden size h ({spread})")):
+                               (["wsc", "cb", "wic"], "fig12_hidden_size.png",
+                                f"Figure 12: EPT hidden size h ({spread})")):
         try:
             names.append(_save(_sweep_axes(rows, tasks, name, "hidden size h", True, title), out, name))
         except Missing:
@@ -570,7 +576,7 @@ def fig5_12(results, out):
 def fig7(results, out):
     rows = _sweep_rows(results, "broadcast")
     fig = _sweep_axes(rows, ["multirc", "cola"], "broadcast", "broadcast length n", False,
-                      f"Figure 7: EPT* broadcast length ({'mean ± std' if over_seeds(rows) != '1 seed' else '1 seed'})")
+                      f"Figure 7: EPT* broadcast length ({_spread(rows)})")
     for ax in fig.axes:
         _integer_ticks(ax)
     return [_save(fig, out, "fig7_broadcast.png")]

@@ -355,7 +355,8 @@ def test_report_tables_and_figures_from_rows(tmp_path):
     rows += [fake_row("structure", "boolq", "ept", 0, 60.0 + i, variant=v, run=f"r/s{v}")
              for i, v in enumerate(ablate.STRUCTURES)]
     rows += [fake_row("lr", t, m, 0, 50.0 + i, variant=lr, lr=lr, run=f"r/lr{t}{m}{lr}")
-             for t in ("boolq", "cb", "wic", "wsc", "multirc") for m in ("pt", "ept") for i, lr in enumerate((0.01, 0.3))]
+             for t in ("boolq", "cb", "wic", "wsc", "multirc") for m in ("pt", "ept")
+             for i, lr in enumerate((0.01, 0.3))]
     for experiment in ("table1", "hidden", "structure", "lr"):
         files.append_jsonl(results / f"{experiment}.jsonl", [r for r in rows if r["experiment"] == experiment])
     for task, sizes in (("rte", (2490, 138, 139)), ("cb", (250, 28, 28))):  # Table 5 reads <results>/../data
