@@ -62,13 +62,9 @@ def check_samples(args):
                      f"--tasks {' '.join(tasks)} --out {args.data_dir} --fewshot {' '.join(map(str, args.shots))} "
                      f"--fewshot-seeds {' '.join(map(str, args.seeds))} --overwrite")
     wanted = {f"k{k}_seed{s}" for k in args.shots for s in args.seeds}
-    old = [t for t in tasks if set(P.old_fewshot_sets(_meta(Path(args.data_dir) / t))) & wanted]
-    if old:
-        print(f"fewshot: warning: the few-shot samples of {', '.join(old)} in {args.data_dir} were drawn with an "
-              f"older rule, k examples per class (the paper's Table 3: k in all, classes balanced); prepared files "
-              f"are rebuilt only with --overwrite: python prepare_data.py --tasks {' '.join(old)} --out "
-              f"{args.data_dir} --fewshot {' '.join(map(str, args.shots))} --fewshot-seeds "
-              f"{' '.join(map(str, args.seeds))} --overwrite", file=sys.stderr)
+    old = {t: sorted(set(P.old_fewshot_sets(_meta(Path(args.data_dir) / t))) & wanted) for t in tasks}
+    if warning := P.old_fewshot_warning(args.data_dir, old):
+        print(f"fewshot: {warning}", file=sys.stderr)
 
 
 def _meta(folder):

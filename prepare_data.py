@@ -526,18 +526,18 @@ def old_fewshot_sets(meta):
                   if not isinstance(entry, dict) or entry.get("rule") != FEWSHOT_RULE)
 
 
-def old_fewshot_warning(meta, folder, only=None):
-    """One line for a task folder whose few-shot files (of `only`, when given) were drawn k per class (None when
-    none was)."""
-    old = [key for key in old_fewshot_sets(meta) if only is None or key in only]
+def old_fewshot_warning(data_dir, old):
+    """One line for the few-shot sets drawn k per class, `old` = {task: [set keys]} under `data_dir` (None when
+    there are none): what they are and the command that redraws them."""
+    old = {task: keys for task, keys in old.items() if keys}
     if not old:
         return None
-    named = [re.fullmatch(r"k(\d+)_seed(\d+)", key) for key in old]
+    named = [re.fullmatch(r"k(\d+)_seed(\d+)", key) for keys in old.values() for key in keys]
     ks, seeds = (sorted({int(m[i]) for m in named if m}) for i in (1, 2))
-    return (f"warning: the few-shot files of {folder} ({', '.join(old)}) were drawn with an older rule, k examples "
-            f"per class, where the paper's Table 3 uses k in all, classes balanced; prepared files are rebuilt "
-            f"only with --overwrite: python prepare_data.py --tasks {Path(folder).name} --out {Path(folder).parent} "
-            f"--fewshot {' '.join(map(str, ks))} --fewshot-seeds {' '.join(map(str, seeds))} --overwrite")
+    return (f"warning: the few-shot files of {', '.join(old)} in {data_dir} were drawn with an older rule, k examples "
+            f"per class, where the paper's Table 3 uses k in all, classes balanced; prepared files are rebuilt only "
+            f"with --overwrite: python prepare_data.py --tasks {' '.join(old)} --out {data_dir} --fewshot "
+            f"{' '.join(map(str, ks))} --fewshot-seeds {' '.join(map(str, seeds))} --overwrite")
 
 
 # ---------------------------------------------------------------------------- tokens and files
@@ -643,7 +643,7 @@ def main(argv=None):
                 names.append(t)
     out = files.make_dir(args.out, "output folder")
     keys = {f"k{k}_seed{s}" for k in args.fewshot for s in args.fewshot_seeds}
-    todo = []
+    todo, old = [], {}
     for name in names:  # decide every skip before any work, so a clash stops the run before it writes
         meta_path = out / name / "meta.json"
         if args.overwrite or not meta_path.exists():
@@ -657,8 +657,9 @@ def main(argv=None):
             raise SystemExit(f"prepare_data: {out / name} was prepared with data seed {meta['data_seed']} and "
                              f"few-shot sets {sorted(meta['fewshot']) or 'none'}; pass --overwrite to rebuild it")
         print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")
-        if warning := old_fewshot_warning(meta, out / name):
-            print(f"prepare_data: {warning}", file=sys.stderr)
+        old[name] = old_fewshot_sets(meta)
+    if warning := old_fewshot_warning(out, old):  # one line for all of them
+        print(f"prepare_data: {warning}", file=sys.stderr)
     if todo:
         load_tokenizer(args.tokenizer)  # fail before any download
     for name in todo:

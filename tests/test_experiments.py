@@ -150,7 +150,7 @@ def test_fewshot_driver_warns_about_samples_of_the_old_rule(tmp_path, capsys):
                                       "--seeds", "0"])
     fewshot.check_samples(args)
     err = capsys.readouterr().err
-    assert "samples of rte in" in err and "k examples per class" in err and "--tasks rte --out" in err
+    assert "files of rte in" in err and "k examples per class" in err and "--tasks rte --out" in err
     args.tasks = ["cb"]
     fewshot.check_samples(args)
     assert capsys.readouterr().err == ""
