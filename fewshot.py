@@ -1,8 +1,8 @@
-"""Table 3: few-shot adaptation, k in {4, 16, 32} examples (in all, classes balanced) on the 13 GLUE + SuperGLUE tasks.
+"""Table 3: few-shot adaptation on the 13 GLUE + SuperGLUE tasks, k in {4, 16, 32} examples in all.
 
 A thin driver over train.py (the machinery is ablate.py's): every method on t5-base, six seeds (the
-k-shot sample `train_k{K}_seed{S}.jsonl` of prepare_data.py and the training seed are both S),
-10,000 steps, lr 0.3 for prompts and 1e-3 for fine-tuning (Appendix B.2); validation and test as in
+k-shot sample `train_k{K}_seed{S}.jsonl` of prepare_data.py, classes balanced, and the training seed are
+both S), 10,000 steps, lr 0.3 for prompts and 1e-3 for fine-tuning (Appendix B.2); validation and test as in
 the full-data setting. Finished runs are skipped; one row per run goes to results/fewshot.jsonl.
 
     python prepare_data.py --tasks all --out data --fewshot 4 16 32 --fewshot-seeds 0 1 2 3 4 5

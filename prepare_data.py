@@ -508,7 +508,7 @@ def fewshot(task, train, k, seed):
     pools = {label: [r for r in train if r["target"] == label] for label in task.labels}
     order = list(task.labels)
     rng.shuffle(order)
-    quota, left = dict.fromkeys(order, 0), min(k, len(train))
+    quota, left = dict.fromkeys(order, 0), min(k, sum(map(len, pools.values())))
     while left:  # one row per class per round, in the seed's order, while the class has rows
         for label in order:
             if left and quota[label] < len(pools[label]):
