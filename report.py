@@ -619,11 +619,11 @@ def fig9(results, out):
         ys = [mean_std(scores(rows, variant=name, task=t))[0] for t in tasks]
         ys = [float("nan") if y is None else y for y in ys]
         ys.append(sum(ys) / len(ys) if ys else float("nan"))
-        left.bar([p + i * width for p in range(len(panels))], ys, width, label=name)
+        left.bar([p + i * width for p in range(len(panels))], ys, width, label=STRUCTURE_LABELS.get(name, name))
     left.set_xticks([p + width * (len(names) - 1) / 2 for p in range(len(panels))],
                     [TASK_LABELS.get(t, t) for t in panels])
     left.set_ylabel("test score")
-    left.set_title("EPT + one structure (mean over seeds)")
+    left.set_title(f"EPT + one structure ({'mean over seeds' if over_seeds(rows) != '1 seed' else '1 seed'})")
     left.legend(fontsize=7, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     task = "boolq" if "boolq" in tasks else tasks[0]
     for i, name in enumerate(names):
@@ -631,8 +631,9 @@ def fig9(results, out):
         x = mean_std([r["score"] for r in mine])[0]
         y = mean_std([r.get("final_prompt_norm") or r.get("prompt_norm") for r in mine])[0]
         if x is not None and y is not None:
-            right.scatter([x], [y], s=40, color=f"C{i}", label=name)
-            right.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+            label = STRUCTURE_LABELS.get(name, name)
+            right.scatter([x], [y], s=40, color=f"C{i}", label=label)
+            right.annotate(label, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     right.set_yscale("log")
     right.set_xlabel(f"test score ({TASK_LABELS.get(task, task)})")
     right.set_ylabel("final prompt norm μ_T (log)")
