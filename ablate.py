@@ -59,7 +59,8 @@ FIG8_SIZES = ["t5-base", "t5-large"]  # §5.3: "... on both T5-base and T5-Large
 BATCH_SIZE = 16  # Appendix B.2; Table 4's steps per epoch follow the batch actually passed to train.py
 HIDDEN = [1, 5, 10, 50, 100, 500, 1000]  # Figures 5 and 12
 STRUCTURES = {"none": {}, "layernorm": {"layer_norm": True}, "residual": {"residual": True},
-              "relu": {"activation": "relu"}, "tanh": {"activation": "tanh"}, "gelu": {"activation": "gelu"}}
+              "relu": {"activation": "relu"}, "tanh": {"activation": "tanh"},
+              "sigmoid": {"activation": "sigmoid"}}  # Figure 9: ReLU, Tanh, Sigmoid (the public EPT code's three)
 
 # --- the GPU-hour estimate: measured step times ------------------------------------------------------
 # Seconds per optimizer step at batch 16, measured by bench.py on one NVIDIA H200 (docs/gpu/run2_*.json:
@@ -444,7 +445,8 @@ def append_row_once(results, row):
     """Append `row` to the results file unless a row of its run folder is there: checked and written under
     the file's lock, so concurrent workers never double a row (one write per row: never a torn one)."""
     with files.locked(results):
-        if any(r.get("run") == row["run"] for r in files.read_jsonl(results, what="results file", missing_ok=True)):
+        if any(r.get("run") == row["run"] for r in files.read_jsonl(results, what="results file", missing_ok=True,
+                                                                     fix=files.RESULTS_FIX)):
             return False
         files.append_jsonl(results, [row])
         return True

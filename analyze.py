@@ -70,7 +70,8 @@ def main_runs(results_dir, model, experiments=("table1", "table2")):
     rows = []
     for experiment in experiments:
         path = Path(results_dir) / f"{experiment}.jsonl"
-        for number, row in enumerate(files.read_jsonl(path, what="results file", missing_ok=True), 1):
+        rows_here = files.read_jsonl(path, what="results file", missing_ok=True, fix=files.RESULTS_FIX)
+        for number, row in enumerate(rows_here, 1):
             missing = [k for k in ROW_KEYS if k not in row]
             if missing or row["method"] not in M.METHODS:
                 raise files.FileFault(f"the results file {path} is damaged: row {number} has no "

@@ -142,7 +142,8 @@ def main(argv=None):
                         help="examples per forward pass (default 16, one solo batch; 0: every run's batch in one pass)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU session)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast, as train.py on CUDA")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                        help="fp32: train.py's default and the paper's; bf16: autocast, as train.py --dtype bf16")
     parser.add_argument("--update-runs", type=int, default=32, help="R for the update-overhead measurement (0: skip)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak for the MFU column (default: an H200's, on cuda: 989 bf16, 67 fp32)")

@@ -1,8 +1,8 @@
-"""Table 3: few-shot adaptation, k in {4, 16, 32} examples per class on the 13 GLUE + SuperGLUE tasks.
+"""Table 3: few-shot adaptation on the 13 GLUE + SuperGLUE tasks, k in {4, 16, 32} examples in all.
 
 A thin driver over train.py (the machinery is ablate.py's): every method on t5-base, six seeds (the
-k-shot sample `train_k{K}_seed{S}.jsonl` of prepare_data.py and the training seed are both S),
-10,000 steps, lr 0.3 for prompts and 1e-3 for fine-tuning (Appendix B.2); validation and test as in
+k-shot sample `train_k{K}_seed{S}.jsonl` of prepare_data.py, classes balanced, and the training seed are
+both S), 10,000 steps, lr 0.3 for prompts and 1e-3 for fine-tuning (Appendix B.2); validation and test as in
 the full-data setting. Finished runs are skipped; one row per run goes to results/fewshot.jsonl.
 
     python prepare_data.py --tasks all --out data --fewshot 4 16 32 --fewshot-seeds 0 1 2 3 4 5
@@ -15,12 +15,14 @@ the full-data setting. Finished runs are skipped; one row per run goes to result
 Unknown flags go to train.py unchanged (after this script's, so they win).
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import ablate
 import cli
 import model as M
+import prepare_data as P
 
 SHOTS = [4, 16, 32]
 SEEDS = [0, 1, 2, 3, 4, 5]  # "averaged over 6 runs" (Table 3)
@@ -30,7 +32,8 @@ LR = {"ft": 1e-3, "prompt": 0.3}
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # data
 parser.add_argument("--tasks", nargs="+", type=cli.name, default=None, help="subset of the 13 tasks (default: all)")
-parser.add_argument("--shots", nargs="+", type=cli.positive_int, default=SHOTS, help="k examples per class")
+parser.add_argument("--shots", nargs="+", type=cli.positive_int, default=SHOTS,
+                    help="k examples in all, the classes balanced (prepare_data.py)")
 parser.add_argument("--data-dir", default="data", help="prepare_data.py output (with --fewshot files)")
 # model
 parser.add_argument("--model", default="t5-base", help="T5 name or folder")
@@ -49,7 +52,8 @@ def specs(args):
 
 
 def check_samples(args):
-    """Every k-shot sample this grid trains on is prepared (else each of its runs would fail alike)."""
+    """Every k-shot sample this grid trains on is prepared (else each of its runs would fail alike); samples
+    drawn with the old rule (k per class) are used as they are, with a warning that names the rebuild."""
     tasks = args.tasks or ablate.GLUE + ablate.SUPERGLUE
     missing = [Path(args.data_dir) / t / f"train_k{k}_seed{s}.jsonl" for t in tasks for k in args.shots
                for s in args.seeds if not (Path(args.data_dir) / t / f"train_k{k}_seed{s}.jsonl").exists()]
@@ -57,6 +61,18 @@ def check_samples(args):
         parser.error(f"no {missing[0]} ({len(missing)} samples missing); prepare them first: python prepare_data.py "
                      f"--tasks {' '.join(tasks)} --out {args.data_dir} --fewshot {' '.join(map(str, args.shots))} "
                      f"--fewshot-seeds {' '.join(map(str, args.seeds))} --overwrite")
+    wanted = {f"k{k}_seed{s}" for k in args.shots for s in args.seeds}
+    old = {t: sorted(set(P.old_fewshot_sets(_meta(Path(args.data_dir) / t))) & wanted) for t in tasks}
+    if warning := P.old_fewshot_warning(args.data_dir, old):
+        print(f"fewshot: {warning}", file=sys.stderr)
+
+
+def _meta(folder):
+    """A task folder's meta.json as prepare_data wrote it ({} when absent or unreadable: train.py says why)."""
+    try:
+        return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def main(argv=None):

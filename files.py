@@ -90,7 +90,9 @@ def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_
         except json.JSONDecodeError as err:
             if torn_tail_ok and number == len(lines):  # no newline after it: the writer was killed mid-line
                 break
-            raise FileFault(f"the {what} {path} is damaged: line {number} is not valid JSON ({err.msg}){fix}") from None
+            cut = " (the last line, without its newline: cut short)" if number == len(lines) else ""
+            raise FileFault(f"the {what} {path} is damaged: line {number}{cut} is not valid JSON "
+                            f"({err.msg}){fix}") from None
         if not isinstance(row, dict):
             raise FileFault(f"the {what} {path} is damaged: line {number} is not a JSON object{fix}")
         rows.append(row)
@@ -257,20 +259,27 @@ def locked(path):
 
 def append_lines(path, lines):
     """Append whole lines in one write (O_APPEND, flushed to disk): a crash never leaves half a line, and
-    concurrent appenders (workers) never interleave inside a line."""
+    concurrent appenders (workers) never interleave inside a line. A file whose last line lost its newline (an
+    editor, a copy) gets one first, so the new line never glues onto it."""
     if not lines:
         return
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, "".join(lines).encode())
+            size = os.fstat(fd).st_size
+            fresh = "\n" if size and os.pread(fd, 1, size - 1) != b"\n" else ""
+            os.write(fd, (fresh + "".join(lines)).encode())
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as err:
         raise FileFault(f"cannot append to {path}: {why(err)}") from None
+
+
+RESULTS_FIX = ("delete that line and rerun the experiment's driver (ablate.py / fewshot.py): it writes the row of "
+               "each finished run that has none")
 
 
 def append_jsonl(path, rows):

@@ -21,7 +21,7 @@ import files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
 REPARAMS = ("mlp", "lstm")
-ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}  # Figure 9's three
 INITS = ("uniform", "vocab", "label")
 # "vocab" init (Table 6) follows Lester et al. 2021: token ids drawn from the 5,000 most frequent pieces.
 # T5's SentencePiece ids are ordered by piece score, so those are the first 5,000 ordinary ids: after

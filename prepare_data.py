@@ -48,7 +48,7 @@ g.add_argument("--tokenizer", default="t5-base", metavar="NAME_OR_DIR",
 # few-shot (Table 3)
 g = parser.add_argument_group("few-shot (Table 3)")
 g.add_argument("--fewshot", nargs="*", type=cli.positive_int, default=[], metavar="K",
-               help="examples per class (in all for STS-B and MRQA); none by default")
+               help="examples in all, the classes balanced (Table 3); none by default")
 g.add_argument("--fewshot-seeds", nargs="+", type=cli.nonnegative_int, default=[0, 1, 2, 3, 4, 5], metavar="S",
                help="one few-shot set per seed and K")
 # output
@@ -493,17 +493,51 @@ def split(train, held, seed):
     return train, validation, held
 
 
+FEWSHOT_RULE = "k in all, classes balanced"  # meta.json's "rule" of each few-shot set; absent: the old k per class
+
+
 def fewshot(task, train, k, seed):
-    """Table 3: k examples per class (k in all for open targets) from the training split, fixed per seed."""
+    """Table 3 (§5.2): k examples in all from the training split, the classes balanced, fixed per seed.
+
+    Each class gets k // C rows; the k % C left over go one each to the first classes of an order the seed
+    shuffles (so over the seeds no class is favoured). A class with too few rows gives all it has and its
+    share passes on round-robin to the others. Open targets (STS-B, MRQA): k drawn from the whole split."""
     rng = random.Random(seed)
     if task.labels is None:
         return rng.sample(train, min(k, len(train)))
-    picked = []
-    for label in task.labels:
-        pool = [r for r in train if r["target"] == label]
-        picked += rng.sample(pool, min(k, len(pool)))
+    pools = {label: [r for r in train if r["target"] == label] for label in task.labels}
+    order = list(task.labels)
+    rng.shuffle(order)
+    quota, left = dict.fromkeys(order, 0), min(k, sum(map(len, pools.values())))
+    while left:  # one row per class per round, in the seed's order, while the class has rows
+        for label in order:
+            if left and quota[label] < len(pools[label]):
+                quota[label] += 1
+                left -= 1
+    picked = [r for label in task.labels for r in rng.sample(pools[label], quota[label])]
     rng.shuffle(picked)
     return picked
+
+
+def old_fewshot_sets(meta):
+    """The few-shot sets of a meta.json drawn with the old rule (k per class), which Table 3 does not use."""
+    sets = meta.get("fewshot") if isinstance(meta, dict) else None
+    return sorted(key for key, entry in (sets if isinstance(sets, dict) else {}).items()
+                  if not isinstance(entry, dict) or entry.get("rule") != FEWSHOT_RULE)
+
+
+def old_fewshot_warning(data_dir, old):
+    """One line for the few-shot sets drawn k per class, `old` = {task: [set keys]} under `data_dir` (None when
+    there are none): what they are and the command that redraws them."""
+    old = {task: keys for task, keys in old.items() if keys}
+    if not old:
+        return None
+    named = [re.fullmatch(r"k(\d+)_seed(\d+)", key) for keys in old.values() for key in keys]
+    ks, seeds = (sorted({int(m[i]) for m in named if m}) for i in (1, 2))
+    return (f"warning: the few-shot files of {', '.join(old)} in {data_dir} were drawn with an older rule, k examples "
+            f"per class, where the paper's Table 3 uses k in all, classes balanced; prepared files are rebuilt only "
+            f"with --overwrite: python prepare_data.py --tasks {' '.join(old)} --out {data_dir} --fewshot "
+            f"{' '.join(map(str, ks))} --fewshot-seeds {' '.join(map(str, seeds))} --overwrite")
 
 
 # ---------------------------------------------------------------------------- tokens and files
@@ -580,7 +614,9 @@ def prepare(task, args, out):
             "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
             "score": list(task.score), "max_length": task.max_length, "max_target_length": max_target_length,
             "data_seed": args.data_seed, "token_stats": stats,
-            "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records)} for key, records in shots.items()}}
+            "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records), "rule": FEWSHOT_RULE,
+                              "classes": dict(sorted(Counter(r["target"] for r in records).items()))
+                              if task.labels else None} for key, records in shots.items()}}
     texts["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
     write_task(out, task.name, texts)
 
@@ -607,7 +643,7 @@ def main(argv=None):
                 names.append(t)
     out = files.make_dir(args.out, "output folder")
     keys = {f"k{k}_seed{s}" for k in args.fewshot for s in args.fewshot_seeds}
-    todo = []
+    todo, old = [], {}
     for name in names:  # decide every skip before any work, so a clash stops the run before it writes
         meta_path = out / name / "meta.json"
         if args.overwrite or not meta_path.exists():
@@ -621,6 +657,9 @@ def main(argv=None):
             raise SystemExit(f"prepare_data: {out / name} was prepared with data seed {meta['data_seed']} and "
                              f"few-shot sets {sorted(meta['fewshot']) or 'none'}; pass --overwrite to rebuild it")
         print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")
+        old[name] = old_fewshot_sets(meta)
+    if warning := old_fewshot_warning(out, old):  # one line for all of them
+        print(f"prepare_data: {warning}", file=sys.stderr)
     if todo:
         load_tokenizer(args.tokenizer)  # fail before any download
     for name in todo:

@@ -29,7 +29,7 @@ TASK_LABELS = {"cola": "CoLA", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "m
                "qqp": "QQP", "sst2": "SST-2", "boolq": "BoolQ", "cb": "CB", "wic": "WiC", "wsc": "WSC",
                "multirc": "MultiRC", "nq": "NQ", "hotpotqa": "HP", "searchqa": "SQA", "newsqa": "News",
                "winogrande": "WG", "yelp": "Yelp", "scitail": "SciTail", "paws": "PAWS"}
-METRIC_LABELS = {"cola": "Matt", "stsb": "Pearson", "cb": "Acc/F1", "multirc": "F1a", **{t: "F1" for t in MRQA}}
+METRIC_LABELS = {"cola": "Matt", "stsb": "Pearson", "cb": "F1/Acc", "multirc": "F1a", **{t: "F1" for t in MRQA}}
 SIZE_ORDER = ["t5-large", "t5-base", "t5-small"]  # Table 1 lists Large first
 MODEL_ORDER = SIZE_ORDER[::-1]  # figures: small to large
 DASH = "–"
@@ -79,12 +79,14 @@ PAPER_TABLE4 = [("PT", "77K/-", "56.5 61.9 48.1 62.2 50.0 55.7"), ("EPT", "2.3K/
 PAPER_TABLE6 = [("uniform", "75.7 72.5 70.5 65.4 71.0"), ("vocab", "75.4 77.6 69.8 63.5 71.6"),
                 ("label", "75.1 75.5 67.6 63.5 70.4")]
 STRUCTURE_LABELS = {"none": "None", "layernorm": "LayerNorm", "residual": "Residual", "relu": "ReLU",
-                    "tanh": "Tanh", "gelu": "GELU"}  # Figure 9's order
+                    "tanh": "Tanh", "sigmoid": "Sigmoid"}  # Figure 9's order
 INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)", "label": "Label (label words)"}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--results", default="results", help="folder of <experiment>.jsonl and analysis/")
 parser.add_argument("--out", default="report", help="report folder to write")
+parser.add_argument("--smoke", action="store_true", help="mark the report as a SMOKE report (numbers are noise); "
+                    "also done when the runs used a random-weight or tiny T5")
 
 
 # --- reading the results rows ------------------------------------------------------------------------
@@ -99,7 +101,7 @@ def read_rows(results, experiment):
     """results/<experiment>.jsonl ([] when absent), each row holding what the tables read: a hand-edited or
     foreign row is one sentence naming its line, never a KeyError in the middle of a table."""
     path = Path(results) / f"{experiment}.jsonl"
-    rows = files.read_jsonl(path, what="results file", missing_ok=True)
+    rows = files.read_jsonl(path, what="results file", missing_ok=True, fix=files.RESULTS_FIX)
     for number, row in enumerate(rows, 1):
         missing = [k for k in (*ROW_KEYS, *EXPERIMENT_KEYS.get(experiment, ())) if k not in row]
         score = row.get("score")
@@ -108,6 +110,25 @@ def read_rows(results, experiment):
                                   f"{'no ' + ', '.join(missing) if missing else f'the score {score!r}'}; delete that "
                                   f"line and rerun the experiment's driver (ablate.py / fewshot.py) to write it again")
     return rows
+
+
+def smoke_reason(results, forced=False):
+    """What makes this report's numbers noise ('a random-weight tiny T5', ...), or None for a real report: the
+    runs' config.json says random_init, or their T5 folder is far below t5-small (d_model under 256)."""
+    seen = set()
+    for experiment in EXPERIMENT_KEYS:
+        for row in read_rows(results, experiment):
+            config_path = Path(row["run"]) / "config.json"
+            if row["model_tag"] in seen or not config_path.exists():
+                continue
+            seen.add(row["model_tag"])
+            config = files.read_json(config_path, "run configuration")
+            model_config = Path(str(config.get("model"))) / "config.json"
+            d_model = files.read_json(model_config, "model configuration").get("d_model", 512) \
+                if model_config.is_file() else 512
+            if config.get("random_init") or d_model < 256:
+                return f"a random-weight {'tiny ' if d_model < 256 else ''}T5 ({row['model_tag']})"
+    return "a random-weight tiny T5" if forced else None
 
 
 # --- numbers -----------------------------------------------------------------------------------------
@@ -119,6 +140,16 @@ def mean_std(values):
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return mean, std, len(values)
+
+
+def over_seeds(rows):
+    """How a heading names its cells: "mean ± std over seeds" only where there are several seeds to spread."""
+    return "mean ± std over seeds" if len({r.get("seed") for r in rows}) > 1 else "1 seed"
+
+
+def _spread(rows):
+    """A figure title's short form of over_seeds: the band is a std only where there are several seeds."""
+    return "mean ± std" if over_seeds(rows) != "1 seed" else "1 seed"
 
 
 def cell(values, std=True):
@@ -187,8 +218,10 @@ def _param_table():
 # --- tables: each returns (markdown, csv rows) ----------------------------------------------------------
 
 def markdown(header, body):
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in body]) + "\n"
+    """A GFM table; a '|' inside a cell is escaped (Table 5's |Train|, a vocabulary piece) so it splits no cell."""
+    esc = lambda c: str(c).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(esc, row)) + " |" for row in body]) + "\n"
 
 
 def avg_cell(rows, tasks, **where):
@@ -259,7 +292,7 @@ def table3(rows):
                     long.append({"k": k, "task": t, "method": m, "mean": mean, "std": sd, "seeds": n})
     paper = paper_block(["Benchmark", "k-shot", *[LABELS[m] for m in METHOD_ORDER]],
                         [[b, k, *v.split()] for b, k, v in PAPER_TABLE3])
-    return (markdown(header, body) + paper + "\nPer task (mean ± std over seeds):\n\n"
+    return (markdown(header, body) + paper + f"\nPer task ({over_seeds(rows)}):\n\n"
             + markdown(detail_header, detail)), long
 
 
@@ -325,11 +358,17 @@ def sweep_table(rows):
     return markdown(header, body), long
 
 
-TABLES = {"table1": ("Table 1: GLUE and SuperGLUE (mean ± std over seeds)", "table1", table1),
-          "table2": ("Table 2: MRQA and Others (mean ± std over seeds)", "table2", table2),
-          "table3": ("Table 3: few-shot (mean over tasks of the mean over seeds)", "fewshot", table3),
+# titles: {seeds} becomes "mean ± std over seeds" or "1 seed" (over_seeds), {fewshot_seeds} "of the mean over seeds"
+TABLES = {"table1": ("Table 1: GLUE and SuperGLUE ({seeds})", "table1", table1),
+          "table2": ("Table 2: MRQA and Others ({seeds})", "table2", table2),
+          "table3": ("Table 3: few-shot (mean over tasks{fewshot_seeds})", "fewshot", table3),
           "table4": ("Table 4: 5 SuperGLUE tasks in the ATTEMPT setting", "table4", table4),
-          "table6": ("Table 6: EPT prompt initialisation (mean ± std over seeds)", "init", table6)}
+          "table6": ("Table 6: EPT prompt initialisation ({seeds})", "init", table6)}
+
+
+def title_for(title, rows):
+    several = over_seeds(rows) != "1 seed"
+    return title.format(seeds=over_seeds(rows), fewshot_seeds=" of the mean over seeds" if several else "; 1 seed")
 EXPERIMENT_TABLE = {"table1": table1, "table2": table2, "fewshot": table3, "table4": table4, "init": table6}
 
 
@@ -362,6 +401,12 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _integer_ticks(ax):
+    """Steps, lengths and counts are whole numbers: no 2.5 on their axis."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(fig, out, name):
@@ -402,6 +447,8 @@ def fig_norms(results, out, tasks, name, title):
             top.plot(c["step"], c["prompt_norm"], color=COLORS.get(method), label=LABELS[method])
             bottom.plot(c["eval_step"], c["score"], color=COLORS.get(method), marker="o", ms=3, label=LABELS[method])
         top.set_yscale("log")
+        _integer_ticks(top)
+        _integer_ticks(bottom)
         top.set_title(f"{TASK_LABELS.get(task, task)}: (a) prompt norm")
         top.set_xlabel("training step t")
         top.set_ylabel("μ_t (mean L2 norm of P' rows, log)")
@@ -449,6 +496,7 @@ def fig4(results, out):
                     label=f"{LABELS[method]}: P'_{d['row']} × l")
             ax.axhline(d["original"], color=COLORS.get(method), ls=":", label=f"{LABELS[method]}: full prompt")
         ax.set_title(TASK_LABELS.get(task, task))
+        _integer_ticks(ax)
         ax.set_xlabel("concatenated length l")
         ax.set_ylabel("test score")
         ax.legend(fontsize=7)
@@ -512,8 +560,10 @@ def _sweep_panels(axes, rows, tasks, panels, xlabel, logx, methods=None, band=Tr
 def fig5_12(results, out):
     rows = _sweep_rows(results, "hidden")
     names = []
-    for tasks, name, title in ((["boolq", "rte"], "fig5_hidden_size.png", "Figure 5: EPT hidden size h (mean ± std)"),
-                               (["wsc", "cb", "wic"], "fig12_hidden_size.png", "Figure 12: EPT hidden size h (mean ± std)")):
+    spread = _spread(rows)
+    for tasks, name, title in ((["boolq", "rte"], "fig5_hidden_size.png", f"Figure 5: EPT hidden size h ({spread})"),
+                               (["wsc", "cb", "wic"], "fig12_hidden_size.png",
+                                f"Figure 12: EPT hidden size h ({spread})")):
         try:
             names.append(_save(_sweep_axes(rows, tasks, name, "hidden size h", True, title), out, name))
         except Missing:
@@ -526,7 +576,9 @@ def fig5_12(results, out):
 def fig7(results, out):
     rows = _sweep_rows(results, "broadcast")
     fig = _sweep_axes(rows, ["multirc", "cola"], "broadcast", "broadcast length n", False,
-                      "Figure 7: EPT* broadcast length (mean ± std)")
+                      f"Figure 7: EPT* broadcast length ({_spread(rows)})")
+    for ax in fig.axes:
+        _integer_ticks(ax)
     return [_save(fig, out, "fig7_broadcast.png")]
 
 
@@ -539,9 +591,15 @@ def fig8(results, out):
         raise Missing("lr.jsonl has none of the 5 SuperGLUE tasks")
     panels = tasks + (["Avg"] if len(tasks) > 1 else [])
     plt = _plt()
-    fig, axes = plt.subplots(len(tags), len(panels), figsize=(3.6 * len(panels), 3.4 * len(tags)), squeeze=False)
-    for ax_row, tag in zip(axes, tags):
-        _sweep_panels(list(ax_row), [r for r in rows if r.get("model_tag") == tag], tasks, panels, "learning rate",
+    cols = min(3, len(panels))  # a grid, not six panels in a row: each size takes ceil(panels / 3) rows
+    per_tag = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(per_tag * len(tags), cols, figsize=(3.8 * cols, 3.4 * per_tag * len(tags)),
+                             squeeze=False)
+    for k, tag in enumerate(tags):
+        mine = list(axes[k * per_tag:(k + 1) * per_tag].flat)
+        for ax in mine[len(panels):]:
+            ax.axis("off")
+        _sweep_panels(mine, [r for r in rows if r.get("model_tag") == tag], tasks, panels, "learning rate",
                       True, band=False, prefix=f"{tag}: ")
     fig.suptitle("Figure 8: learning rate (" + ", ".join(tags) + ")")
     fig.tight_layout()
@@ -561,11 +619,11 @@ def fig9(results, out):
         ys = [mean_std(scores(rows, variant=name, task=t))[0] for t in tasks]
         ys = [float("nan") if y is None else y for y in ys]
         ys.append(sum(ys) / len(ys) if ys else float("nan"))
-        left.bar([p + i * width for p in range(len(panels))], ys, width, label=name)
+        left.bar([p + i * width for p in range(len(panels))], ys, width, label=STRUCTURE_LABELS.get(name, name))
     left.set_xticks([p + width * (len(names) - 1) / 2 for p in range(len(panels))],
                     [TASK_LABELS.get(t, t) for t in panels])
     left.set_ylabel("test score")
-    left.set_title("EPT + one structure (mean over seeds)")
+    left.set_title(f"EPT + one structure ({'mean over seeds' if over_seeds(rows) != '1 seed' else '1 seed'})")
     left.legend(fontsize=7, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     task = "boolq" if "boolq" in tasks else tasks[0]
     for i, name in enumerate(names):
@@ -573,8 +631,9 @@ def fig9(results, out):
         x = mean_std([r["score"] for r in mine])[0]
         y = mean_std([r.get("final_prompt_norm") or r.get("prompt_norm") for r in mine])[0]
         if x is not None and y is not None:
-            right.scatter([x], [y], s=40, color=f"C{i}", label=name)
-            right.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+            label = STRUCTURE_LABELS.get(name, name)
+            right.scatter([x], [y], s=40, color=f"C{i}", label=label)
+            right.annotate(label, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     right.set_yscale("log")
     right.set_xlabel(f"test score ({TASK_LABELS.get(task, task)})")
     right.set_ylabel("final prompt norm μ_T (log)")
@@ -617,7 +676,7 @@ def fig10(results, out):
 
 def _token(tok):
     """A vocabulary piece as markdown-safe code: escapes (tabs, newlines) visible, no table-breaking pipes."""
-    return "`" + json.dumps(tok, ensure_ascii=False)[1:-1].replace("|", "\\|").replace("`", "'") + "`"
+    return "`" + json.dumps(tok, ensure_ascii=False)[1:-1].replace("`", "'") + "`"  # markdown() escapes '|'
 
 
 def neighbours_md(results, out):
@@ -822,13 +881,23 @@ def main(argv=None):
     results, out = Path(args.results), Path(args.out)
     if results.exists() and not results.is_dir():
         raise SystemExit(f"report: --results {results} is a file; pass the folder of <experiment>.jsonl files")
+    if not results.exists():
+        raise files.FileFault(f"report: there is no results folder {results}; run the experiments first "
+                              "(run_all.sh, ablate.py, fewshot.py) or pass --results DIR with their results")
     files.make_dir(out, "report folder")
-    index = ["# EPT reproduction: report\n", f"Generated by `python report.py --results {results} --out {out}` "
-             "from the results rows of ablate.py / fewshot.py and the analyses of analyze.py. "
-             "Scores in [0, 100]; '–' = no result; '†' = average over the tasks present only.\n"]
+    index = ["# EPT reproduction: report\n"]
+    noise = smoke_reason(results, args.smoke)
+    if noise:
+        index.append(f"> **SMOKE report: the numbers are noise.** These runs used {noise}, trained for a few steps on "
+                     "the test fixtures: the report shows that every table and figure of the recipe is drawn, not "
+                     "what EPT scores. Scores of 0.0 (and CoLA's -100, a constant prediction) are expected.\n")
+    index.append(f"Generated by `python report.py --results {results} --out {out}` "
+                 "from the results rows of ablate.py / fewshot.py and the analyses of analyze.py. "
+                 "Scores in [0, 100]; '–' = no result; '†' = average over the tasks present only.\n")
     missing = []
     for key, (title, experiment, build) in TABLES.items():
         rows = read_rows(results, experiment)
+        title = title_for(title, rows or [{"seed": 0}, {"seed": 1}])  # no rows: the general wording
         index.append(f"\n## {title}\n")
         if not rows:
             missing.append(f"{title}: no {results / experiment}.jsonl")
@@ -844,7 +913,7 @@ def main(argv=None):
         rows = read_rows(results, experiment)
         if rows:
             md, long = sweep_table(rows)
-            write_text(out / f"sweep_{experiment}.md", f"# {experiment} sweep (mean ± std over seeds)\n\n{md}")
+            write_text(out / f"sweep_{experiment}.md", f"# {experiment} sweep ({over_seeds(rows)})\n\n{md}")
             write_csv(out / f"sweep_{experiment}.csv", long)
     for title, build in FIGURES:
         index.append(f"\n## {title}\n")

@@ -649,6 +649,11 @@ def load_task(args, ranks, say):
                          f"--out {args.data_dir} --overwrite --fewshot {args.fewshot_k} --fewshot-seeds {args.fewshot_seed}`")
     train_examples, train_src, train_tgt = B.load_split(train_file, tokenizer, args.max_length, args.max_train_examples)
     check_split(meta, split, train_examples, train_file, args.max_train_examples is not None)
+    if args.fewshot_k and ranks.master:
+        import prepare_data  # the few-shot rule's home
+        old = [split] if split in prepare_data.old_fewshot_sets(meta) else []
+        if warning := prepare_data.old_fewshot_warning(args.data_dir, {args.task: old}):
+            say(f"train: {warning}")
     val_examples, val_src, _ = B.load_split(folder / "validation.jsonl", tokenizer, args.max_length, args.max_eval_examples)
     check_split(meta, "validation", val_examples, folder / "validation.jsonl", args.max_eval_examples is not None)
     if not args.no_test:  # checked now, not after hours of training

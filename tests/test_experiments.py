@@ -11,6 +11,7 @@ analyses on hand-made and trained runs, and a report that never crashes on missi
 """
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def test_run_names_share_defaults_and_argv_is_train_py_s():
     assert ablate.run_name(ablate.spec("cb", "ft", "x/t5-small", 0, lr=1e-3, fewshot_k=16, fewshot_seed=2,
                                        max_steps=10000)) == "cb_ft_t5-small_lr0.001_steps10000_k16_fs2_s0"
     assert ablate.run_name(ablate.spec("cola", "ept_star", "t5-base", 0, broadcast=10)) == "cola_ept_star_t5-base_s0"
+    assert [ablate.run_name(ablate.spec("boolq", "ept", "t5-base", 0, **ablate.STRUCTURES[v]))
+            for v in ("relu", "tanh", "sigmoid")] == [f"boolq_ept_t5-base_{a}_s0" for a in ("relu", "tanh", "sigmoid")]
     # every experiment's every run is a valid train.py command line (no flag train.py does not know)
     for name, build in ablate.EXPERIMENTS.items():
         args = ablate.parser.parse_args([name, "--lr-search"])
@@ -136,6 +139,23 @@ def test_driver_trains_once_then_resumes_nothing(tiny_model_dir, data_dir, tmp_p
     assert len(results.read_text().splitlines()) == 3
 
 
+def test_fewshot_driver_warns_about_samples_of_the_old_rule(tmp_path, capsys):
+    """Samples drawn k per class (meta.json without the rule) are used as they are, with one warning."""
+    for task, rule in (("rte", None), ("cb", "k in all, classes balanced")):
+        (tmp_path / task).mkdir()
+        (tmp_path / task / "train_k4_seed0.jsonl").write_text("")
+        entry = {"file": "train_k4_seed0.jsonl", "size": 8, **({"rule": rule} if rule else {})}
+        (tmp_path / task / "meta.json").write_text(json.dumps({"fewshot": {"k4_seed0": entry}}))
+    args = fewshot.parser.parse_args(["--data-dir", str(tmp_path), "--tasks", "rte", "cb", "--shots", "4",
+                                      "--seeds", "0"])
+    fewshot.check_samples(args)
+    err = capsys.readouterr().err
+    assert "files of rte in" in err and "k examples per class" in err and "--tasks rte --out" in err
+    args.tasks = ["cb"]
+    fewshot.check_samples(args)
+    assert capsys.readouterr().err == ""
+
+
 def test_fewshot_driver_uses_the_k_shot_sample(tiny_model_dir, data_dir, tmp_path):
     rows = fewshot.main(["--model", str(tiny_model_dir), "--tasks", "rte", "--shots", "4", "--seeds", "0",
                          "--methods", "ept", "ft", "--prune-ft-checkpoints",
@@ -145,7 +165,7 @@ def test_fewshot_driver_uses_the_k_shot_sample(tiny_model_dir, data_dir, tmp_pat
         assert (Path(r["run"]) / "best.pt").exists() == (r["method"] != "ft")  # ft checkpoints pruned
         assert (Path(r["run"]) / "metrics.json").exists()
         config = json.loads((Path(r["run"]) / "config.json").read_text())
-        assert config["train_file"].endswith("train_k4_seed0.jsonl") and config["train_size"] == 8  # 4 per class
+        assert config["train_file"].endswith("train_k4_seed0.jsonl") and config["train_size"] == 4  # k in all
         assert r["fewshot_k"] == 4 and r["fewshot_seed"] == 0
         assert config["lr"] == (1e-3 if r["method"] == "ft" else 0.3)  # Appendix B.2, few-shot
     assert "k-shot" in report.experiment_table("fewshot", rows)
@@ -277,7 +297,38 @@ def test_subset_broadcast_of_identical_rows_reproduces_the_whole_prompt(grid, ti
 
 # --- report --------------------------------------------------------------------------------------
 
+def gfm_table_problems(text):
+    """Where `text` (markdown) holds a table line ('|' first) that markdown-it-py's GFM tables do not read as a
+    table row, or a row whose cells (unescaped '|') differ in number from its table's header: [] when none."""
+    from markdown_it import MarkdownIt
+    lines, problems = text.splitlines(), []
+    cells = lambda line: len(re.split(r"(?<!\\)\|", line.strip()[1:-1]))
+    tables = [t.map for t in MarkdownIt("commonmark").enable("table").parse(text) if t.type == "table_open"]
+    covered = {n for start, end in tables for n in range(start, end)}
+    problems += [f"line {n + 1} is no table row: {line[:60]}" for n, line in enumerate(lines)
+                 if line.startswith("|") and n not in covered]
+    for start, end in tables:
+        problems += [f"line {n + 1} has {cells(lines[n])} cells, its header {cells(lines[start])}"
+                     for n in range(start, end) if cells(lines[n]) != cells(lines[start])]
+    return problems
+
+
+def test_the_table_checker_finds_a_split_header():
+    good = "| a | \\|Train\\| |\n|---|---|\n| 1 | 2 |\n"
+    assert gfm_table_problems(good) == []
+    assert gfm_table_problems(good.replace("\\|", "|"))  # |Train| unescaped: 4 header cells, 2 columns
+    assert gfm_table_problems(good + "| 1 | 2 | 3 |\n")
+
+
+def test_report_refuses_a_results_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        report.main(["--results", str(tmp_path / "none"), "--out", str(tmp_path / "report")])
+    assert str(exc.value.code).startswith("report: there is no results folder") and "\n" not in str(exc.value.code)
+    assert not (tmp_path / "report").exists()  # nothing written
+
+
 def test_report_on_nothing_notes_every_missing_item(tmp_path):
+    (tmp_path / "none").mkdir()
     missing = report.main(["--results", str(tmp_path / "none"), "--out", str(tmp_path / "report")])
     index = (tmp_path / "report" / "index.md").read_text()
     assert len(missing) == len(report.TABLES) + len(report.FIGURES)
@@ -303,9 +354,26 @@ def test_report_tables_and_figures_from_rows(tmp_path):
              for t in ("boolq", "rte", "wsc") for h in (1, 10, 100) for s in (0, 1)]
     rows += [fake_row("structure", "boolq", "ept", 0, 60.0 + i, variant=v, run=f"r/s{v}")
              for i, v in enumerate(ablate.STRUCTURES)]
-    for experiment in ("table1", "hidden", "structure"):
+    rows += [fake_row("lr", t, m, 0, 50.0 + i, variant=lr, lr=lr, run=f"r/lr{t}{m}{lr}")
+             for t in ("boolq", "cb", "wic", "wsc", "multirc") for m in ("pt", "ept")
+             for i, lr in enumerate((0.01, 0.3))]
+    for experiment in ("table1", "hidden", "structure", "lr"):
         files.append_jsonl(results / f"{experiment}.jsonl", [r for r in rows if r["experiment"] == experiment])
+    for task, sizes in (("rte", (2490, 138, 139)), ("cb", (250, 28, 28))):  # Table 5 reads <results>/../data
+        meta = {"splits": dict(zip(("train", "validation", "test"), sizes)), "score": ["acc"], "metrics": ["acc"],
+                "task_type": "NLI"}
+        (tmp_path / "data" / task).mkdir(parents=True)
+        (tmp_path / "data" / task / "meta.json").write_text(json.dumps(meta))
     missing = report.main(["--results", str(results), "--out", str(tmp_path / "report")])
+    for md in (tmp_path / "report").glob("*.md"):  # every table parses as a GFM table (markdown-it-py)
+        assert gfm_table_problems(md.read_text()) == [], md.name
+    assert "| \\|Train\\| | \\|Valid\\| | \\|Test\\| |" in (tmp_path / "report" / "table5.md").read_text()
+    index = (tmp_path / "report" / "index.md").read_text()
+    assert "## Table 1: GLUE and SuperGLUE (mean ± std over seeds)" in index and "SMOKE" not in index
+    assert "# structure sweep (1 seed)" in (tmp_path / "report" / "sweep_structure.md").read_text()
+    from PIL import Image
+    width, height = Image.open(tmp_path / "report" / "fig8_learning_rate.png").size
+    assert width < 2.5 * height  # 5 tasks + the average in a 3-wide grid, not six panels in a row
     table1 = (tmp_path / "report" / "table1.md").read_text().split("The paper's numbers")[0]  # ours, not the paper's
     assert "| t5-base | EPT | 2.3K | – | – | 72.0 ± 2.0 |" in table1  # CoLA, MRPC missing; RTE mean ± std
     assert "| t5-base | PT | 7.6K |" in table1 and "45.0" in table1 and "40.0" not in table1  # best-by-validation lr
@@ -341,7 +409,11 @@ def test_smoke_recipe_produces_every_table_and_figure():
     out = REPO / "smoke" / "report"
     for name in REPORT_FILES:
         assert (out / name).exists(), name
-    assert "Skipped" not in (out / "index.md").read_text() and "Missing" not in (out / "index.md").read_text()
+    index = (out / "index.md").read_text()
+    assert "Skipped" not in index and "Missing" not in index
+    assert "SMOKE report: the numbers are noise" in index and "## Table 1: GLUE and SuperGLUE (1 seed)" in index
+    for md in out.glob("*.md"):  # every table renders: markdown-it-py's GFM tables read each one
+        assert gfm_table_problems(md.read_text()) == [], md.name
     assert (REPO / "smoke" / "exports").is_dir()
 
 

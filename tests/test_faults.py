@@ -26,6 +26,7 @@ import ablate
 import analyze
 import evaluate
 import export
+import files
 import fewshot
 import model as M
 import prepare_data
@@ -487,6 +488,34 @@ def test_report_on_damaged_results(tmp_path):
     (results / "analysis" / "cosine.json").write_text('{"model": "t5-base"}')
     fails(report.main, ["--results", str(results), "--out", str(tmp_path / "report")],
           match=r"cosine\.json holds no 'cosine' results; rerun")
+
+
+def test_a_row_appended_after_a_last_line_without_newline_starts_a_fresh_line(tmp_path):
+    """An editor or a copy that drops the final newline must not glue the next row onto the last one."""
+    results = tmp_path / "results" / "init.jsonl"
+    results.parent.mkdir()
+    results.write_text('{"run": "a", "score": 1}\n{"run": "b", "score": 2}')  # the last newline lost
+    assert ablate.append_row_once(results, {"run": "c", "score": 3})
+    files.append_jsonl(results, [{"run": "d", "score": 4}])
+    files.append_lines(tmp_path / "new.tsv", ["x\n"])  # an empty or new file gets no leading newline
+    assert (tmp_path / "new.tsv").read_text() == "x\n"
+    assert [json.loads(line)["run"] for line in results.read_text().splitlines()] == ["a", "b", "c", "d"]
+    assert not ablate.append_row_once(results, {"run": "b", "score": 2})  # once per run, as before
+
+
+def test_a_results_file_cut_short_is_one_sentence_naming_the_line_and_the_way_out(tmp_path):
+    """A last line cut mid-row (a truncated copy): the drivers and report.py refuse the file in one sentence that
+    names the line and the fix, and change nothing (deleting the line is safe: the row is written again)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    row = {"run": "r", "task": "rte", "method": "ept", "seed": 0, "score": 1.0, "model_tag": "t5-base", "init": "vocab"}
+    text = json.dumps(row) + "\n" + json.dumps({**row, "run": "s"})[:30]
+    (results / "init.jsonl").write_text(text)
+    for call in (lambda: ablate.append_row_once(results / "init.jsonl", {**row, "run": "t"}),
+                 lambda: report.main(["--results", str(results), "--out", str(tmp_path / "report")])):
+        fails(call, match=r"init\.jsonl is damaged: line 2 \(the last line, without its newline: cut short\) is "
+                          r"not valid JSON .*delete that line and rerun the experiment's driver")
+        assert (results / "init.jsonl").read_text() == text
 
 
 # --- non-finite values: never validated, saved or used ------------------------------------------------

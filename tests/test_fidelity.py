@@ -207,7 +207,7 @@ def test_table5_reads_meta_json_in_the_papers_layout(root, tmp_path):
     names = report.table5_md(root / "results", tmp_path)
     md = (tmp_path / "table5.md").read_text()
     assert names == ["table5.md"]
-    assert "| Benchmark | Dataset | Type | |Train| | |Valid| | |Test| | Metric |" in md
+    assert "| Benchmark | Dataset | Type | \\|Train\\| | \\|Valid\\| | \\|Test\\| | Metric |" in md  # GFM-escaped |Train|
     for task in ("cb", "mrpc", "qqp", "wsc"):
         meta = json.loads((root / "data" / task / "meta.json").read_text())
         sizes = " | ".join(f"{meta['splits'][s]:,}" for s in ("train", "validation", "test"))

@@ -146,7 +146,7 @@ def test_trainable_state_roundtrip_is_bitwise(tmp_path):
 
 @pytest.mark.parametrize("switches, extra", [
     ({}, 0), ({"layer_norm": True}, 2 * 16), ({"residual": True}, 0), ({"activation": "relu"}, 0),
-    ({"activation": "gelu"}, 0), ({"depth": 2}, 2 * 16 * 1), ({"hidden_size": 5}, 2 * 16 * 4),
+    ({"activation": "sigmoid"}, 0), ({"depth": 2}, 2 * 16 * 1), ({"hidden_size": 5}, 2 * 16 * 4),
 ])
 def test_ept_structure_switches_add_the_right_parameters(switches, extra):
     enc = build_prompt_module("ept", 16, **switches)
@@ -154,6 +154,16 @@ def test_ept_structure_switches_add_the_right_parameters(switches, extra):
     if switches.get("residual"):  # P' = up(down(P1)) + P1
         blk = enc.blocks[0]
         torch.testing.assert_close(enc(), blk.up(blk.down(enc.prompt)) + enc.prompt)
+
+
+def test_figure9_nonlinearities_are_relu_tanh_sigmoid():
+    """Figure 9's three (the paper names ReLU and "three types"; the public EPT code has ReLU, Tanh, Sigmoid)."""
+    assert set(model.ACTIVATIONS) == {"none", "relu", "tanh", "sigmoid"}
+    for name, fn in (("relu", torch.relu), ("tanh", torch.tanh), ("sigmoid", torch.sigmoid)):
+        enc = build_prompt_module("ept", 16, hidden_size=3, activation=name, generator=torch.Generator().manual_seed(0))
+        blk = enc.blocks[0]
+        torch.testing.assert_close(enc(), blk.up(fn(blk.down(enc.prompt))))
+    assert isinstance(build_prompt_module("ept", 16, activation="sigmoid").blocks[0].act, torch.nn.Sigmoid)
 
 
 def test_inits():
@@ -172,7 +182,7 @@ def test_inits():
 @pytest.mark.parametrize("kwargs, names", [
     ({"method": "lora"}, "ft, pt, ptuning, resprompt, ept, ept_star"),
     ({"method": "ptuning", "reparam": "gru"}, "mlp, lstm"),
-    ({"method": "ept", "activation": "swish"}, "none, relu, tanh, gelu"),
+    ({"method": "ept", "activation": "swish"}, "none, relu, tanh, sigmoid"),
     ({"method": "ept", "init": "zeros"}, "uniform, vocab, label"),
 ])
 def test_unknown_method_or_option_lists_the_valid_ones(kwargs, names):

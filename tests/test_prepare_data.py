@@ -168,9 +168,11 @@ def test_meta(fixture_data):
         assert meta["splits"] == {s: len(read(fixture_data, name, s)) for s in ("train", "validation", "test")}
         assert meta["source"]["kind"] == "local" and len(meta["source"]["sha256"]) == len(meta["source"]["files"])
         assert set(meta["token_stats"]) == {"train", "validation", "test"} and meta["data_seed"] == 42
-        for key, entry in meta["fewshot"].items():  # k=4 per class works on every fixture
+        for key, entry in meta["fewshot"].items():  # k = 4 in all (§5.2) on every fixture
             shots = read(fixture_data, name, f"train_{key}")
-            assert entry["size"] == len(shots) == 4 * (len(task.labels) if task.labels else 1)
+            assert entry["size"] == len(shots) == 4 and entry["rule"] == prepare_data.FEWSHOT_RULE
+            assert entry["classes"] == ({y: sum(r["target"] == y for r in shots) for y in sorted(task.labels)
+                                         if any(r["target"] == y for r in shots)} if task.labels else None)
     meta = lambda t: json.loads((fixture_data / t / "meta.json").read_text())
     assert (meta("multirc")["metrics"], meta("multirc")["score"], meta("multirc")["max_length"]) == (["f1a", "em"], ["f1a"], 348)
     assert (meta("nq")["metrics"], meta("nq")["score"], meta("nq")["max_length"], meta("nq")["labels"]) == (
@@ -309,8 +311,67 @@ def test_fewshot_sets_are_balanced_and_differ_by_seed(fixture_data):
         train = {json.dumps(r) for r in read(fixture_data, task)}
         a, b = (read(fixture_data, task, f"train_k4_seed{s}") for s in (0, 1))
         assert {json.dumps(r) for r in a} <= train and {r["idx"] for r in a} != {r["idx"] for r in b}
+        assert len(a) == len(b) == 4  # k in all (§5.2), not k per class
         if TASKS[task].labels:
-            assert all(sum(r["target"] == y for r in a) == 4 for y in TASKS[task].labels)
+            counts = [sum(r["target"] == y for r in a) for y in TASKS[task].labels]
+            assert max(counts) - min(counts) <= 1
+
+
+def synthetic_train(labels, per_class):
+    return [{"source": f"s{y}_{i}", "target": y, "label": y, "idx": f"{y}_{i}"}
+            for y, n in zip(labels, per_class) for i in range(n)]
+
+
+# the sample size per task kind and k: binary (RTE), CB and MNLI (3 classes), STS-B (open targets)
+@pytest.mark.parametrize("task", ["rte", "cb", "mnli", "stsb"])
+@pytest.mark.parametrize("k", [4, 16, 32])
+def test_fewshot_draws_k_in_all_with_the_classes_balanced(task, k):
+    labels = TASKS[task].labels
+    train = (synthetic_train(labels, [50] * len(labels)) if labels else
+             [{"source": f"s{i}", "target": f"{i % 26 / 5:.1f}", "label": i % 26 / 5, "idx": i} for i in range(100)])
+    extra = set()
+    for seed in range(8):
+        shots = prepare_data.fewshot(TASKS[task], train, k, seed)
+        assert len(shots) == k and len({r["idx"] for r in shots}) == k
+        assert shots == prepare_data.fewshot(TASKS[task], train, k, seed)  # fixed per seed
+        assert shots != prepare_data.fewshot(TASKS[task], train, k, seed + 100)
+        if labels:
+            counts = {y: sum(r["target"] == y for r in shots) for y in labels}
+            assert max(counts.values()) - min(counts.values()) <= (0 if k % len(labels) == 0 else 1)
+            assert min(counts.values()) == k // len(labels)
+            extra |= {y for y, c in counts.items() if c > k // len(labels)}
+    if labels and k % len(labels):  # the remainder goes to classes in an order the seed shuffles
+        assert len(extra) > 1
+
+
+def test_fewshot_class_too_small_passes_its_share_on():
+    train = synthetic_train(("0", "1", "2"), [1, 40, 40])
+    shots = prepare_data.fewshot(TASKS["cb"], train, 16, 0)
+    counts = sorted(sum(r["target"] == y for r in shots) for y in ("0", "1", "2"))
+    assert counts == [1, 7, 8] and len(shots) == 16
+    assert len(prepare_data.fewshot(TASKS["cb"], train[:5], 16, 0)) == 5  # fewer rows than k: all of them
+
+
+def test_fewshot_files_of_the_old_rule_are_kept_with_a_warning(tmp_path, capsys):
+    run("--tasks", "cb", "--out", tmp_path, "--fewshot", 4, "--fewshot-seeds", 0)
+    meta = json.loads((tmp_path / "cb/meta.json").read_text())
+    assert meta["fewshot"]["k4_seed0"]["rule"] == prepare_data.FEWSHOT_RULE
+    assert sum(meta["fewshot"]["k4_seed0"]["classes"].values()) == 4
+    del meta["fewshot"]["k4_seed0"]["rule"]  # as prepare_data.py wrote it before the rule was recorded
+    (tmp_path / "cb/meta.json").write_text(json.dumps(meta))
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    run("--tasks", "cb", "--out", tmp_path, "--fewshot", 4, "--fewshot-seeds", 0)
+    err = capsys.readouterr().err
+    assert "k examples per class" in err and "only with --overwrite" in err and err.count("warning") == 1
+    assert f"--tasks cb --out {tmp_path} --fewshot 4 --fewshot-seeds 0 --overwrite" in err
+    assert snapshot(tmp_path) == before  # kept as they are
+    assert prepare_data.old_fewshot_sets(meta) == ["k4_seed0"]
+    assert prepare_data.old_fewshot_warning(tmp_path, {"cb": [], "rte": []}) is None
+    run("--tasks", "cb", "--out", tmp_path, "--fewshot", 4, "--fewshot-seeds", 0, "--overwrite")
+    assert "per class" not in capsys.readouterr().err
+    run("--tasks", "cb", "--out", tmp_path, "--fewshot", 4, "--fewshot-seeds", 0)
+    assert "per class" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- skipping and bad input

@@ -126,15 +126,15 @@ def test_end_to_end_train_then_evaluate(data_dir, tiny_model_dir, tmp_path):
 @pytest.mark.skipif(not (REPO / "prepare_data.py").exists() or not (REPO / "tests/fixtures/raw/multirc").is_dir(),
                     reason="prepare_data.py and its fixtures are not in this checkout")
 def test_prepare_data_then_train_then_evaluate_multirc_fewshot(tiny_model_dir, tmp_path):
-    """The three real CLIs in a row on prepare_data's MultiRC fixture: few-shot file (4 rows < batch 8: one
+    """The three real CLIs in a row on prepare_data's MultiRC fixture: few-shot file (k = 4 in all < batch 8: one
     partial batch per epoch), F1a/EM grouped by question_id, rank-mode evaluation."""
     data = tmp_path / "data"
     run_cli("prepare_data.py", ["--source", "tests/fixtures/raw", "--tasks", "multirc", "--out", str(data),
-                                "--tokenizer", str(tiny_model_dir), "--fewshot", "2", "--fewshot-seeds", "0"],
+                                "--tokenizer", str(tiny_model_dir), "--fewshot", "4", "--fewshot-seeds", "0"],
             env={"HF_HUB_OFFLINE": "1"})
     run = tmp_path / "run"
     run_cli("train.py", ["--task", "multirc", "--data-dir", str(data), "--model", str(tiny_model_dir), "--out-dir",
-                         str(run), "--fewshot-k", "2", "--fewshot-seed", "0", "--batch-size", "8", "--max-steps", "4",
+                         str(run), "--fewshot-k", "4", "--fewshot-seed", "0", "--batch-size", "8", "--max-steps", "4",
                          "--eval-every", "2", "--method", "ept_star"])
     config = json.loads((run / "config.json").read_text())
     assert config["train_size"] == 4 and config["steps_per_epoch"] == 1 and config["max_length"] == 348
@@ -144,6 +144,12 @@ def test_prepare_data_then_train_then_evaluate_multirc_fewshot(tiny_model_dir, t
     run_cli("evaluate.py", [str(run), "--eval-mode", "rank"])
     ranked = json.loads((run / "eval" / "multirc_test.rank.metrics.json").read_text())
     assert ranked["invalid"] == 0 and ranked["n"] == metrics["n"]
+    meta = json.loads((data / "multirc" / "meta.json").read_text())
+    del meta["fewshot"]["k4_seed0"]["rule"]  # a sample drawn k per class, before the rule was recorded
+    (data / "multirc" / "meta.json").write_text(json.dumps(meta))
+    proc = run_cli("train.py", ["--task", "multirc", "--data-dir", str(data), "--model", str(tiny_model_dir),
+                                "--out-dir", str(tmp_path / "old"), "--fewshot-k", "4", "--max-steps", "1", "--no-test"])
+    assert "train: warning: the few-shot files of multirc" in proc.stdout and "--overwrite" in proc.stdout
 
 
 def test_frozen_t5_unchanged_and_prompt_trained(data_dir, tiny_model_dir, tmp_path):
