@@ -15,7 +15,7 @@ Table 3 (few-shot) is fewshot.py, which uses the same machinery.
     python ablate.py table4                           # Table 4: ATTEMPT setting (epochs, PT n=100, EPT + 1x1 layer)
     python ablate.py init | hidden | broadcast | lr | structure     # Table 6, Figures 5/12, 7, 8, 9
     python ablate.py lr --models t5-base              # Figure 8 for one size (default: t5-base and t5-large)
-    python ablate.py hidden --nproc 4                 # each run on 4 GPUs through torchrun
+    python ablate.py hidden --nproc 4                 # each unit on 4 GPUs through torchrun
     python ablate.py init --model smoke/tiny-t5 --data-dir smoke/data --runs-dir smoke/runs \\
         --results-dir smoke/results --seeds 0 --max-steps 4 --eval-every 2     # CPU smoke run
 
@@ -29,6 +29,15 @@ lists every setting and the measured step times the GPU-hour estimate rests on.
 On a GPU, prompt runs that share task, model, data and schedule are trained in packs, several runs on one
 frozen T5 in one `train.py --runs FILE` call (--pack-size; default: what fits the GPU, 1 on a CPU); the dry
 run also lists the packs and the GPU-hours unpacked and packed at fp32 and bf16 (packed: a model).
+
+The plan: each call writes <results-dir>/<experiment>.plan, one unit (a pack or a solo run) a line, each a
+complete shell command that any engine may run (idempotent: `train.py ... --resume`), then runs its units:
+here one after another, or with --gpus G on G / --nproc pinned child processes (a local pool), and appends
+each finished run's row once (the collect step; `--collect` alone does only that). Ctrl-C stops everything
+(exit 130); the same command again resumes.
+
+    python ablate.py hidden --gpus 8                  # 8 children, one per GPU, units longest first
+    python ablate.py hidden --collect                 # rows of the finished runs, once, and the table
 """
 import argparse
 import contextlib
@@ -212,7 +221,7 @@ def memory_pack_size(model, gpu_gb):
 
 
 def pack_size(args, model, device=None):
-    """--pack-size, else: on CUDA the memory rule for this worker's GPU; on a CPU 1 (no packing: a CPU is
+    """--pack-size, else: on CUDA the memory rule for this machine's GPU 0; on a CPU 1 (no packing: a CPU is
     FLOP-bound, a pack of R costs R solo steps; docs/packing.md). `device` "dry": the assumed H200."""
     if getattr(args, "pack_size", None):
         return args.pack_size

@@ -9,7 +9,7 @@ truncated, not UTF-8, unreadable), never with a traceback. The kinds:
     JSON            config.json, meta.json, metrics.json, results/analysis/*.json
     JSONL           data splits, log.jsonl, results/*.jsonl, predictions
     torch           best.pt, last.pt, prompt.pt, the tokenization cache (weights_only-loadable)
-    appended JSONL  results/*.jsonl: whole lines appended under a lock, so workers never tear a row
+    appended JSONL  results/*.jsonl: whole lines appended under a lock, so two appenders never tear a row
 """
 import contextlib
 import errno
@@ -257,7 +257,7 @@ def locked(path):
 
 def append_lines(path, lines):
     """Append whole lines in one write (O_APPEND, flushed to disk): a crash never leaves half a line, and
-    concurrent appenders (workers) never interleave inside a line."""
+    concurrent appenders never interleave inside a line."""
     if not lines:
         return
     path = Path(path)

@@ -35,7 +35,7 @@ cd "$(dirname "$0")"
 trap 'echo "run_all.sh: stage failed (exit $?) at line $LINENO: $BASH_COMMAND; fix it and rerun (finished runs are skipped)" >&2' ERR
 
 NPROC=${NPROC:-1}
-GPUS=${GPUS:-}                 # GPUs of this node to fill: GPUS/NPROC workers (unset: one run at a time)
+GPUS=${GPUS:-}                 # GPUs of this node to fill: GPUS/NPROC pool children (unset: one unit at a time)
 PART=${PART:-all}              # all | setup | train | report
 DRY=${DRY_RUN:+--dry-run}
 case $PART in all|setup|train|report) ;; *) echo "PART=$PART: use all, setup, train or report" >&2; exit 2;; esac
