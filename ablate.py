@@ -338,8 +338,9 @@ def pack_argv(specs, run_dirs, data_dir, extra, runs_file):
 class Unit:
     """One line of the plan: its runs (names), train.py's argv, how long it takes, and its shell line."""
 
-    def __init__(self, names, argv, hours, nproc):
+    def __init__(self, names, argv, hours, nproc, runs_file=None, runs_text=None):
         self.names, self.argv, self.hours = names, argv, hours
+        self.runs_file, self.runs_text = runs_file, runs_text  # a pack's --runs file, written with the plan
         script = str(Path(__file__).with_name("train.py"))
         launcher = [sys.executable] if nproc == 1 else ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
         self.command = [*launcher, script, *argv]
@@ -352,7 +353,7 @@ class Unit:
 def make_units(plan, args, extra):
     """The plan's units, longest first (a pack lasts as long as its longest run): packs of the runs of one
     pack_key (pack_size on this machine), made over every run, finished or not, so that the same grid always
-    gives the same units; each pack's --runs file written once, named by its content."""
+    gives the same units; each pack's --runs file named by its content (write_plan writes it)."""
     hours = plan_hours(plan, args, extra)
     order = sorted(plan, key=lambda name: -hours[name])
     units = []
@@ -364,11 +365,9 @@ def make_units(plan, args, extra):
             argv, entries = pack_argv(specs, dirs, args.data_dir, [*extra, "--resume"], Path("-"))
             text = json.dumps(entries, indent=1) + "\n"
             runs_file = Path(args.results_dir) / "packs" / f"{hashlib.sha1(text.encode()).hexdigest()[:16]}.json"
-            if not runs_file.exists():
-                runs_file.parent.mkdir(parents=True, exist_ok=True)
-                files.write_text(runs_file, text)
             argv[argv.index("--runs") + 1] = str(runs_file)
-        units.append(Unit(names, argv, max(hours[n] for n in names), args.nproc))
+        units.append(Unit(names, argv, max(hours[n] for n in names), args.nproc,
+                          *((runs_file, text) if len(names) > 1 else ())))
         units[-1].index = len(units) - 1  # its line in the plan file (0-based: an array task's index)
     return units
 
@@ -388,9 +387,13 @@ def write_plan(path, units):
             i = next((i for i, (a, b) in enumerate(zip(lines, text.splitlines())) if a != b), min(len(lines), len(units)))
             raise SystemExit(f"{path} holds another plan (line {i + 1} differs: another grid, flags, pack size or "
                              f"folder); delete it to plan again, or pass another --results-dir")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_text(path, text)
+    for unit in units:  # the packs' runs files first: a plan line never names a missing file
+        if unit.runs_file is not None and not unit.runs_file.exists():
+            unit.runs_file.parent.mkdir(parents=True, exist_ok=True)
+            files.write_text(unit.runs_file, unit.runs_text)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_text(path, text)
 
 
 def collect_command(args):
@@ -863,6 +866,9 @@ def check_args(parser, args, extra):
     _, unknown = train.parser.parse_known_args(list(extra))  # a wrong value: train.py's argparse error, now
     if unknown:
         parser.error(f"unrecognized arguments (neither this script's nor train.py's): {' '.join(unknown)}")
+    if "--overwrite" in extra:
+        parser.error("--overwrite would start every run of the plan over at each rerun; delete the run folders "
+                     "to train them again")
     for task in args.tasks or []:
         if task not in P.TASKS and not (Path(args.data_dir) / task / "meta.json").exists():
             parser.error(f"unknown task {task!r} (not one of the paper's and no {Path(args.data_dir) / task}/meta.json); "
