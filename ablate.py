@@ -418,6 +418,9 @@ def run_experiment(experiment, specs, args, extra=()):
         units = make_units(plan, args, extra)
         path = plan_path(args, experiment)
         write_plan(path, units)
+        if args.slurm:
+            submit_slurm(experiment, path, args)
+            return [], []
         todo = [unit for unit in units if not unit.finished(plan)]
         print(f"{experiment}: plan {path}: {len(units)} unit(s), {len(todo)} to run", flush=True)
         if args.gpus:
@@ -426,6 +429,18 @@ def run_experiment(experiment, specs, args, extra=()):
             failed = [n for i, unit in enumerate(todo) for n in run_unit(experiment, unit, args, i + 1, len(todo))]
     rows, missing = collect(experiment, plan, args)
     return rows, sorted(set(failed) | set(missing))
+
+
+def submit_slurm(experiment, path, args):
+    """--slurm: the plan as one SLURM job array (task i runs line i) and the collect command as a job after it
+    (slurm.py writes the sbatch scripts beside the plan and prints the job ids and how to follow them)."""
+    try:
+        import slurm
+    except ImportError:
+        raise SystemExit("--slurm needs slurm.py beside this script, which this checkout lacks") from None
+    slurm.submit(path, collect_command(args), job_name=f"ept-{experiment}", partition=args.slurm_partition,
+                 time=args.slurm_time, gpus_per_task=args.slurm_gpus or args.nproc,
+                 max_parallel=args.slurm_max_tasks, extra=args.slurm_option)
 
 
 def run_unit(experiment, unit, args, i, n):
@@ -660,7 +675,7 @@ def dry_run(experiment, plan, args, extra):
     packed = any(len(p) > 1 for p in packs)
     units = [sum(figures[n][precision][1] for n in pack) for pack in packs]
     todo_h = sum(units)
-    slots = (args.gpus or args.nproc) // args.nproc
+    slots = args.slurm_max_tasks or (args.gpus or args.nproc) // args.nproc
     low, high = wall_hours(todo_h, max(units, default=0.0), slots * args.nproc, args.nproc)
     print(f"DRY-RUN {experiment} runs={len(plan)} to_train={n_todo} gpu_hours={todo_h:.1f} at {precision} "
           f"({'packed' if packed else 'unpacked'}; measured bf16 unpacked: {todo:.1f}, all runs: {total:.1f}); "
@@ -823,6 +838,19 @@ def add_execution_args(parser):
     group.add_argument("--gpus", type=cli.positive_int, default=None,
                        help="a local pool: G / --nproc child processes, each pinned to its own GPUs (the first G of "
                             "CUDA_VISIBLE_DEVICES), take the plan's units longest first; then this process collects")
+    group.add_argument("--slurm", action="store_true",
+                       help="write the plan and submit it to SLURM: one job array (task i runs line i, one unit "
+                            "each, requeued on preemption) and the collect step as a job after it; prints the job "
+                            "ids and how to follow them")
+    group.add_argument("--slurm-partition", default=None, help="--slurm: the partition (default: the cluster's)")
+    group.add_argument("--slurm-time", default=None, metavar="LIMIT",
+                       help="--slurm: each task's time limit (4:00:00, 1-12, ...); a unit checkpoints before it")
+    group.add_argument("--slurm-gpus", type=cli.positive_int, default=None, metavar="N",
+                       help="--slurm: GPUs per task (default: --nproc)")
+    group.add_argument("--slurm-max-tasks", type=cli.positive_int, default=None, metavar="M",
+                       help="--slurm: array tasks at once (--array=0-(N-1)%%M); --dry-run: the wall time for M")
+    group.add_argument("--slurm-option", action="append", default=[], metavar="OPT",
+                       help="--slurm: an extra #SBATCH option, e.g. --slurm-option=--account=nlp (repeatable)")
     group.add_argument("--collect", action="store_true",
                        help="train nothing: append every finished run's row once to <results-dir>/<experiment>.jsonl "
                             "and print the table (an engine's last job); exit 1 while runs are not finished")
@@ -866,6 +894,8 @@ def check_args(parser, args, extra):
     _, unknown = train.parser.parse_known_args(list(extra))  # a wrong value: train.py's argparse error, now
     if unknown:
         parser.error(f"unrecognized arguments (neither this script's nor train.py's): {' '.join(unknown)}")
+    if args.slurm and args.gpus:
+        parser.error("--slurm hands each unit to its own array task; --gpus is for one node without SLURM: pass one")
     if "--overwrite" in extra:
         parser.error("--overwrite would start every run of the plan over at each rerun; delete the run folders "
                      "to train them again")

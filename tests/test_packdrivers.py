@@ -149,6 +149,11 @@ def test_dry_run_packed_hours_are_the_model(tmp_path, capsys):
     assert (f"fp32 {sums[4]:.1f} unpacked, {sums[5]:.1f} packed; bf16 {sums[6]:.1f} unpacked, {sums[7]:.1f} packed"
             in out)
     assert "packs=6 (sizes 4/1; --pack-size 4)" in out and "not measured" in out
+    assert f"gpu_hours={sums[5]:.1f} at fp32 (packed;" in out  # the headline: the default precision, named
+    ablate.main(["hidden", "--tasks", "rte", "--dry-run", "--pack-size", "4", *common, "--dtype", "bf16",
+                 "--slurm-max-tasks", "3"])
+    out = capsys.readouterr().out
+    assert f"gpu_hours={sums[7]:.1f} at bf16 (packed;" in out and "or 3 SLURM array tasks at once" in out
     assert sums[7] < sums[6] / 2.5  # bf16 packs of 4: the host floor is shared by 4 runs
 
 

@@ -130,6 +130,23 @@ def _plan(argv):
     return plan, args, extra
 
 
+def test_slurm_submits_the_plan_and_the_collect_line(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """--slurm calls slurm.submit(plan, collect line, ...) and trains nothing here (slurm.py's own tests run
+    the array on a real SLURM)."""
+    import types
+    calls = []
+    monkeypatch.setitem(sys.modules, "slurm", types.SimpleNamespace(submit=lambda *a, **k: calls.append((a, k))))
+    argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--slurm", "--slurm-time", "1:00:00", "--slurm-max-tasks", 2)
+    assert ablate.main(argv) == []
+    (plan, collect), options = calls[0]
+    assert plan == tmp_path / "results" / "init.plan" and len(plan.read_text().splitlines()) == 3
+    assert collect.startswith(f"cd {os.getcwd()} && ") and collect.endswith(" --collect")
+    assert options["time"] == "1:00:00" and options["max_parallel"] == 2 and options["gpus_per_task"] == 1
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit):  # --slurm and --gpus: one of them
+        ablate.main([*argv, "--gpus", "2"])
+
+
 # --- the pool -----------------------------------------------------------------------------------------
 
 def test_two_children_equal_the_in_process_run(in_process, tiny_model_dir, data_dir, tmp_path):
@@ -198,6 +215,25 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resume_logs_each_step_once(t
     assert [e["step"] for e in events(cut, "train")] == [e["step"] for e in events(whole, "train")]
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, cut))
     assert a["score"] == b["score"] and a["best_step"] == b["best_step"]
+
+
+def test_sigusr1_stops_a_pack_with_status_138_and_resume_continues_every_run(tiny_model_dir, data_dir, tmp_path):
+    command = [sys.executable, "train.py", "--task", "rte", "--method", "pt", "ept", "--model", str(tiny_model_dir),
+               "--data-dir", str(data_dir), "--max-steps", "40", "--eval-every", "20", "--save-every", "20",
+               "--max-eval-examples", "6", "--eval-batch-size", "8", "--batch-size", "4", "--no-test",
+               "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: any(len(events(p.parent, "train")) >= 3 for p in tmp_path.glob("*/log.jsonl")), proc)
+    proc.send_signal(signal.SIGUSR1)
+    out = finish(proc, status=138)
+    assert "SIGUSR1 received: stopped at step" in out and "(exit status 138)" in out
+    folders = sorted(tmp_path.iterdir())
+    assert len(folders) == 2 and not list(tmp_path.glob(f"*/{runs.LOCK_NAME}"))
+    steps = {torch.load(f / "last.pt", weights_only=True)["step"] for f in folders}
+    assert len(steps) == 1 and 0 < steps.pop() < 40  # every live run saved at the same step boundary
+    subprocess.run([*command, "--resume"], cwd=REPO, env=ENV, check=True, capture_output=True)
+    for run in folders:
+        assert [e["step"] for e in events(run, "train")] == list(range(1, 41)) and runs.finished(run)
 
 
 # --- the one-host lock ------------------------------------------------------------------------------
