@@ -160,6 +160,17 @@ def test_two_children_equal_the_in_process_run(in_process, tiny_model_dir, data_
     assert "init: 3 runs, 3 finished (3 rows added now), 0 not finished" in out
 
 
+def test_each_child_a_torchrun_group(tiny_model_dir, data_dir, tmp_path):
+    """--gpus 4 --nproc 2: 2 children, each unit a 2-rank torchrun group (gloo here)."""
+    argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--gpus", 4, "--nproc", 2, "--values", "uniform", "vocab")
+    out = finish(driver(*argv))
+    assert "2 unit(s) on 2 child process(es), GPUs 0,1 | 2,3" in out and "resuming it once" not in out
+    assert "torchrun --standalone --nproc_per_node=2" in (tmp_path / "results" / "init.plan").read_text()
+    for run in (tmp_path / "runs").iterdir():
+        assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert_steps_once(tmp_path, 2)
+
+
 def test_a_sigkilled_child_is_resumed_nothing_lost_or_doubled(tiny_model_dir, data_dir, tmp_path):
     argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--gpus", 2, "--max-steps", 40, "--save-every", 2,
                      "--eval-every", 20)
