@@ -32,6 +32,7 @@ import resource
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -143,7 +144,6 @@ _stop_signal = []  # the signal received, set by the handler, read at each step 
 def stop_on_signals():
     """SIGTERM / SIGUSR1 ask the loop to checkpoint and stop at its next step boundary (main thread only: a
     thread cannot install handlers, and then the caller's handlers stay)."""
-    import threading
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -1029,11 +1029,11 @@ def train_pack(jobs, task, pack, ranks, say):
             break
         sig = stop_requested(ranks)
         if sig:  # preempted or cancelled: every live run's state at this step boundary, then stop
-            for job in live:
+            for job in list(live):  # (a run found non-finite here leaves `live`)
                 checkpoint(job, "last.pt")
             for job in live:
                 job.log.close()
-            raise stopped(sig, min(job.run.step for job in live), " ".join(str(j.out_dir) for j in live))
+            raise stopped(sig, min((job.run.step for job in live), default=0), " ".join(str(j.out_dir) for j in live))
         t0 = time.time()
         records = pack.step()
         seconds = time.time() - t0
@@ -1091,7 +1091,8 @@ if __name__ == "__main__":
     try:
         main()
     except Stopped as err:  # the line says why and how to resume; the status says "stopped by a signal"
-        print(err, file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", 0)) == 0:  # once under torchrun
+            print(err, file=sys.stderr, flush=True)
         sys.exit(err.status)
     if dist.is_initialized():
         dist.destroy_process_group()
