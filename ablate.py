@@ -384,7 +384,8 @@ def write_plan(path, units):
         old = path.read_text(encoding="utf-8")
         if old != text:
             lines = old.splitlines()
-            i = next((i for i, (a, b) in enumerate(zip(lines, text.splitlines())) if a != b), min(len(lines), len(units)))
+            pairs = enumerate(zip(lines, text.splitlines()))
+            i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
             raise SystemExit(f"{path} holds another plan (line {i + 1} differs: another grid, flags, pack size or "
                              f"folder); delete it to plan again, or pass another --results-dir")
     for unit in units:  # the packs' runs files first: a plan line never names a missing file
@@ -676,11 +677,12 @@ def dry_run(experiment, plan, args, extra):
     units = [sum(figures[n][precision][1] for n in pack) for pack in packs]
     todo_h = sum(units)
     slots = args.slurm_max_tasks or (args.gpus or args.nproc) // args.nproc
-    low, high = wall_hours(todo_h, max(units, default=0.0), slots * args.nproc, args.nproc)
+    longest_unit = max(units, default=0.0)
+    low, high = wall_hours(todo_h, longest_unit, slots * args.nproc, args.nproc)
     print(f"DRY-RUN {experiment} runs={len(plan)} to_train={n_todo} gpu_hours={todo_h:.1f} at {precision} "
           f"({'packed' if packed else 'unpacked'}; measured bf16 unpacked: {todo:.1f}, all runs: {total:.1f}); "
           f"wall ~{low:.1f}-{high:.1f} h with {slots} unit(s) at once x {args.nproc} GPU(s) (--gpus "
-          f"{slots * args.nproc}, or {slots} SLURM array tasks at once; longest unit {max(units, default=0.0) / args.nproc:.1f} h; "
+          f"{slots * args.nproc}, or {slots} SLURM array tasks at once; longest unit {longest_unit / args.nproc:.1f} h; "
           f"ideal scaling within a run assumed)")
     sizes = sorted({len(p) for p in packs}, reverse=True)
     print(f"DRY-RUN-PACKS {experiment} to_train={n_todo} packs={len(packs)} (sizes {'/'.join(map(str, sizes)) or '-'}; "

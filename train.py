@@ -1033,7 +1033,8 @@ def train_pack(jobs, task, pack, ranks, say):
                 checkpoint(job, "last.pt")
             for job in live:
                 job.log.close()
-            raise stopped(sig, min((job.run.step for job in live), default=0), " ".join(str(j.out_dir) for j in live))
+            folders = " ".join(str(job.out_dir) for job in live)
+            raise stopped(sig, min((job.run.step for job in live), default=0), folders)
         t0 = time.time()
         records = pack.step()
         seconds = time.time() - t0
