@@ -444,6 +444,9 @@ def submit_slurm(experiment, path, args):
                  max_parallel=args.slurm_max_tasks, extra=args.slurm_option)
 
 
+STOP_STATUSES = (128 + signal.SIGTERM, 128 + signal.SIGUSR1)  # train.py stopped by a signal, last.pt written
+
+
 def run_unit(experiment, unit, args, i, n):
     """One unit in this process (train.main), or as its command (--subprocess, torchrun); its failed runs.
     A signal that stops train.py (SIGTERM, SIGUSR1) stops the driver with train.py's status."""
@@ -451,25 +454,23 @@ def run_unit(experiment, unit, args, i, n):
     t0 = time.time()
     what = f"a pack of {len(unit.names)}: {' '.join(unit.names)}" if len(unit.names) > 1 else unit.names[0]
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
-    try:
-        if args.nproc > 1 or args.subprocess:
-            status = run_command(unit.command)
-            if status in (128 + signal.SIGTERM, 128 + signal.SIGUSR1, -signal.SIGTERM, -signal.SIGINT):
-                raise SystemExit(status)  # train.py said why and how to resume
-            if status:
-                raise subprocess.CalledProcessError(status, unit.command)
-        else:
+    if args.nproc > 1 or args.subprocess:
+        status = run_command(unit.command)
+        if status in STOP_STATUSES or -status in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            raise SystemExit(status if status > 0 else 128 - status)  # train.py said why and how to resume
+        if status:  # the child printed its error
+            print(f"[{experiment} {i}/{n}] unit {unit.index} failed (exit status {status})", file=sys.stderr)
+    else:
+        try:
             train.main(unit.argv)
-    except train.Stopped as err:
-        print(err, file=sys.stderr, flush=True)
-        raise SystemExit(err.status) from None
-    except (Exception, SystemExit) as err:  # one broken unit does not stop the grid; reported at the end
-        if isinstance(err, SystemExit) and err.code in (128 + signal.SIGTERM, 128 + signal.SIGUSR1, 130):
-            raise
-        if isinstance(err, SystemExit):
+        except train.Stopped as err:
             print(err, file=sys.stderr, flush=True)
-        elif not isinstance(err, subprocess.CalledProcessError):  # a subprocess printed its own error
-            traceback.print_exc()
+            raise SystemExit(err.status) from None
+        except (Exception, SystemExit) as err:  # one broken unit does not stop the grid; reported at the end
+            if isinstance(err, SystemExit):
+                print(err, file=sys.stderr, flush=True)
+            else:
+                traceback.print_exc()
     print(f"[{experiment} {i}/{n}] {time.time() - t0:.1f}s", flush=True)
     return [name for name in unit.names if not runs.finished(unit_dir(unit, name))]
 
