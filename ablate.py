@@ -15,7 +15,7 @@ Table 3 (few-shot) is fewshot.py, which uses the same machinery.
     python ablate.py table4                           # Table 4: ATTEMPT setting (epochs, PT n=100, EPT + 1x1 layer)
     python ablate.py init | hidden | broadcast | lr | structure     # Table 6, Figures 5/12, 7, 8, 9
     python ablate.py lr --models t5-base              # Figure 8 for one size (default: t5-base and t5-large)
-    python ablate.py hidden --nproc 4                 # each run on 4 GPUs through torchrun
+    python ablate.py hidden --nproc 4                 # each unit on 4 GPUs through torchrun
     python ablate.py init --model smoke/tiny-t5 --data-dir smoke/data --runs-dir smoke/runs \\
         --results-dir smoke/results --seeds 0 --max-steps 4 --eval-every 2     # CPU smoke run
 
@@ -29,11 +29,24 @@ lists every setting and the measured step times the GPU-hour estimate rests on.
 On a GPU, prompt runs that share task, model, data and schedule are trained in packs, several runs on one
 frozen T5 in one `train.py --runs FILE` call (--pack-size; default: what fits the GPU, 1 on a CPU); the dry
 run also lists the packs and the GPU-hours unpacked and packed at fp32 and bf16 (packed: a model).
+
+The plan: each call writes <results-dir>/<experiment>.plan, one unit (a pack or a solo run) a line, each a
+complete shell command that any engine may run (idempotent: `train.py ... --resume`), then runs its units:
+here one after another, or with --gpus G on G / --nproc pinned child processes (a local pool), and appends
+each finished run's row once (the collect step; `--collect` alone does only that). Ctrl-C stops everything
+(exit 130); the same command again resumes.
+
+    python ablate.py hidden --gpus 8                  # 8 children, one per GPU, units longest first
+    python ablate.py hidden --collect                 # rows of the finished runs, once, and the table
 """
 import argparse
+import contextlib
 import functools
+import hashlib
+import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -209,7 +222,7 @@ def memory_pack_size(model, gpu_gb):
 
 
 def pack_size(args, model, device=None):
-    """--pack-size, else: on CUDA the memory rule for this worker's GPU; on a CPU 1 (no packing: a CPU is
+    """--pack-size, else: on CUDA the memory rule for this machine's GPU 0; on a CPU 1 (no packing: a CPU is
     FLOP-bound, a pack of R costs R solo steps; docs/packing.md). `device` "dry": the assumed H200."""
     if getattr(args, "pack_size", None):
         return args.pack_size
@@ -301,27 +314,100 @@ def run_steps(spec, args, extra):
     return max_steps or spec.get("max_steps", defaults(spec["method"])["max_steps"])
 
 
-# --- the driver ----------------------------------------------------------------------------------
+# --- the driver: a plan of units, run in this process, by a local pool (--gpus), or by any engine ---------
+# A unit is a pack of prompt runs or a solo run, and one complete shell line of the plan file
+# <results-dir>/<experiment>.plan (docs/experiments.md, "The plan"): `cd <cwd> && python train.py ... --resume`,
+# which is idempotent (a finished run exits at once, a half-done one resumes from last.pt, a fresh one starts;
+# a pack's --runs file is named by its content). Units train; they write no result rows: the collect step
+# (run_experiment after the units, or `--collect` alone, e.g. as an engine's last job) appends every finished
+# run's row once, under the results file's lock.
 
-def train_one(argv, nproc=1, fresh_process=False):
-    """One train.py run: in this process, in a fresh python process, or on `nproc` GPUs through torchrun."""
-    script = str(Path(__file__).with_name("train.py"))
-    if nproc > 1:
-        subprocess.run(["torchrun", "--standalone", f"--nproc_per_node={nproc}", script, *argv], check=True)
-    elif fresh_process:
-        subprocess.run([sys.executable, script, *argv], check=True)
-    else:
-        import train  # imported late: --dry-run and report-only use need no training stack
-        train.main(argv)
+PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed")  # on the command line; the rest per run
+
+
+def pack_argv(specs, run_dirs, data_dir, extra, runs_file):
+    """train.py's command line for a pack, and the --runs FILE content: the shared options as flags, per run
+    its other options (train.py's option names) and out_dir."""
+    shared = {k: specs[0][k] for k in PACK_SHARED if specs[0].get(k) is not None}
+    entries = [{**{k: v for k, v in spec.items() if k not in shared and v is not None and v is not False},
+                "out_dir": str(run_dir)} for spec, run_dir in zip(specs, run_dirs)]
+    argv = train_argv(shared, "-", data_dir, [*extra, "--runs", str(runs_file)])
+    i = argv.index("--out-dir")
+    return argv[:i] + argv[i + 2:], entries
+
+
+class Unit:
+    """One line of the plan: its runs (names), train.py's argv, how long it takes, and its shell line."""
+
+    def __init__(self, names, argv, hours, nproc, runs_file=None, runs_text=None):
+        self.names, self.argv, self.hours = names, argv, hours
+        self.runs_file, self.runs_text = runs_file, runs_text  # a pack's --runs file, written with the plan
+        script = str(Path(__file__).with_name("train.py"))
+        launcher = [sys.executable] if nproc == 1 else ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
+        self.command = [*launcher, script, *argv]
+        self.line = f"cd {shlex.quote(os.getcwd())} && {shlex.join(self.command)}"
+
+    def finished(self, plan):
+        return all(runs.finished(plan[name][2]) for name in self.names)
+
+
+def make_units(plan, args, extra):
+    """The plan's units, longest first (a pack lasts as long as its longest run): packs of the runs of one
+    pack_key (pack_size on this machine), made over every run, finished or not, so that the same grid always
+    gives the same units; each pack's --runs file named by its content (write_plan writes it)."""
+    hours = plan_hours(plan, args, extra)
+    order = sorted(plan, key=lambda name: -hours[name])
+    units = []
+    for names in make_packs(plan, order, lambda model: pack_size(args, model)):
+        specs, dirs = [plan[n][0] for n in names], [plan[n][2] for n in names]
+        if len(names) == 1:
+            argv = train_argv(specs[0], dirs[0], args.data_dir, [*extra, "--resume"])
+        else:
+            argv, entries = pack_argv(specs, dirs, args.data_dir, [*extra, "--resume"], Path("-"))
+            text = json.dumps(entries, indent=1) + "\n"
+            runs_file = Path(args.results_dir) / "packs" / f"{hashlib.sha1(text.encode()).hexdigest()[:16]}.json"
+            argv[argv.index("--runs") + 1] = str(runs_file)
+        units.append(Unit(names, argv, max(hours[n] for n in names), args.nproc,
+                          *((runs_file, text) if len(names) > 1 else ())))
+        units[-1].index = len(units) - 1  # its line in the plan file (0-based: an array task's index)
+    return units
+
+
+def plan_path(args, experiment):
+    return Path(args.results_dir) / f"{experiment}.plan"
+
+
+def write_plan(path, units):
+    """The plan file, written once: a rerun of the same grid finds the same lines; another grid in the same
+    results folder is refused (line i of a plan must keep its meaning for an engine's index)."""
+    text = "".join(unit.line + "\n" for unit in units)
+    if path.exists():
+        old = path.read_text(encoding="utf-8")
+        if old != text:
+            lines = old.splitlines()
+            pairs = enumerate(zip(lines, text.splitlines()))
+            i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
+            raise SystemExit(f"{path} holds another plan (line {i + 1} differs: another grid, flags, pack size or "
+                             f"folder); delete it to plan again, or pass another --results-dir")
+    for unit in units:  # the packs' runs files first: a plan line never names a missing file
+        if unit.runs_file is not None and not unit.runs_file.exists():
+            unit.runs_file.parent.mkdir(parents=True, exist_ok=True)
+            files.write_text(unit.runs_file, unit.runs_text)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_text(path, text)
+
+
+def collect_command(args):
+    """The shell line that appends every finished run's row once (and prints the experiment's table)."""
+    return f"cd {shlex.quote(os.getcwd())} && {shlex.join([*args.command, '--collect'])}"
 
 
 def run_experiment(experiment, specs, args, extra=()):
-    """Train what is missing, append a row per finished run to results/<experiment>.jsonl; (rows, failed).
+    """Train what is missing (units in this process, or by a pool of --gpus), then collect: (rows, problems).
 
-    `specs`: train.py options per run (task, method, model, seed, ...) and "_row", extra result
-    columns that are not train.py options (the swept value). With --gpus G / --workers N this process
-    starts the workers (each the same command with --worker I), waits for them, then collects; a worker
-    (or a plain single call) works through the plan itself (work())."""
+    `specs`: train.py options per run (task, method, model, seed, ...) and "_row", extra result columns that
+    are not train.py options (the swept value). --collect only collects; --dry-run only estimates."""
     runs_dir = Path(args.runs_dir)
     plan = {}
     for s in specs:  # the same configuration twice (e.g. a shared default) is one run
@@ -329,60 +415,121 @@ def run_experiment(experiment, specs, args, extra=()):
         plan.setdefault(run_name(options), (options, s.get("_row"), runs_dir / run_name(options)))
     if args.dry_run:
         return dry_run(experiment, plan, args, extra)
-    devices = worker_devices(args) if args.worker is None else [None]  # a worker is pinned by its launcher
-    # the session: failures recorded since its start are not retried by its workers (a later call retries them)
-    session = float(os.environ.get("EPT_SESSION_START") or time.time())
-    done_before = {name for name, (_, _, run_dir) in plan.items() if runs.status(run_dir) == "done"}
-    broken = 0
-    if len(devices) > 1:
-        broken = launch_workers(experiment, args, devices, session)  # returns when every worker has ended
-    rows, failed = work(experiment, plan, args, extra, session, done_before)  # (the launcher: collects)
-    if broken:
-        print(f"{experiment}: {broken} worker(s) broke (see their output above); this process finished their runs",
-              file=sys.stderr)
-        failed = [*failed, f"({broken} broken worker(s))"]
-    return rows, failed
+    failed = []
+    if not getattr(args, "collect", False):
+        units = make_units(plan, args, extra)
+        path = plan_path(args, experiment)
+        write_plan(path, units)
+        if args.slurm:
+            submit_slurm(experiment, path, args)
+            return [], []
+        todo = [unit for unit in units if not unit.finished(plan)]
+        print(f"{experiment}: plan {path}: {len(units)} unit(s), {len(todo)} to run", flush=True)
+        if args.gpus:
+            failed = run_pool(experiment, todo, args, pool_devices(args))
+        else:
+            failed = [n for i, unit in enumerate(todo) for n in run_unit(experiment, unit, args, i + 1, len(todo))]
+    rows, missing = collect(experiment, plan, args)
+    return rows, sorted(set(failed) | set(missing))
 
 
-# --- several workers on one plan ---------------------------------------------------------------------
-# A worker is the driver's own command (with --worker I; a single call is one worker): it walks the plan,
-# longest run first, skips runs that are finished, failed in this session or held by a live process, and
-# claims each other run by taking its folder's lock (runs.acquire_lock: a dead writer's stale lock is taken
-# over, race-free), then starts train.py, which adopts the lock, keeps it fresh and resumes a partial run.
-# At the end of the plan it waits for the runs others hold until every run is finished or failed. Rows are
-# appended under the results file's lock, once per run folder. The unit claimed is one run folder; a pack
-# of runs trained by one process would be claimed by taking each of its folders' locks the same way.
+def submit_slurm(experiment, path, args):
+    """--slurm: the plan as one SLURM job array (task i runs line i) and the collect command as a job after it
+    (slurm.py writes the sbatch scripts beside the plan and prints the job ids and how to follow them)."""
+    try:
+        import slurm
+    except ImportError:
+        raise SystemExit("--slurm needs slurm.py beside this script, which this checkout lacks") from None
+    slurm.submit(path, collect_command(args), job_name=f"ept-{experiment}", partition=args.slurm_partition,
+                 time=args.slurm_time, gpus_per_task=args.slurm_gpus or args.nproc,
+                 max_parallel=args.slurm_max_tasks, extra=args.slurm_option)
 
-def worker_devices(args):
-    """One entry per worker: the CUDA_VISIBLE_DEVICES it gets ("0", "2,3" with --nproc 2), or None (not
-    pinned: --workers N without --gpus, e.g. CPU workers)."""
+
+STOP_STATUSES = (128 + signal.SIGTERM, 128 + signal.SIGUSR1)  # train.py stopped by a signal, last.pt written
+
+
+def run_unit(experiment, unit, args, i, n):
+    """One unit in this process (train.main), or as its command (--subprocess, torchrun); its failed runs.
+    A signal that stops train.py (SIGTERM, SIGUSR1) stops the driver with train.py's status."""
+    import train  # imported late: --dry-run and report-only use need no training stack
+    t0 = time.time()
+    what = f"a pack of {len(unit.names)}: {' '.join(unit.names)}" if len(unit.names) > 1 else unit.names[0]
+    print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
+    if args.nproc > 1 or args.subprocess:
+        status = run_command(unit.command)
+        if status in STOP_STATUSES or -status in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            raise SystemExit(status if status > 0 else 128 - status)  # train.py said why and how to resume
+        if status:  # the child printed its error
+            print(f"[{experiment} {i}/{n}] unit {unit.index} failed (exit status {status})", file=sys.stderr)
+    else:
+        try:
+            train.main(unit.argv)
+        except train.Stopped as err:
+            print(err, file=sys.stderr, flush=True)
+            raise SystemExit(err.status) from None
+        except (Exception, SystemExit) as err:  # one broken unit does not stop the grid; reported at the end
+            if isinstance(err, SystemExit):
+                print(err, file=sys.stderr, flush=True)
+            else:
+                traceback.print_exc()
+    print(f"[{experiment} {i}/{n}] {time.time() - t0:.1f}s", flush=True)
+    return [name for name in unit.names if not runs.finished(unit_dir(unit, name))]
+
+
+def unit_dir(unit, name):
+    return Path(unit.argv[unit.argv.index("--out-dir") + 1]) if "--out-dir" in unit.argv else \
+        Path(next(e["out_dir"] for e in files.read_json(Path(unit.argv[unit.argv.index("--runs") + 1]))
+                  if Path(e["out_dir"]).name == name))
+
+
+def run_command(command):
+    """A unit's command as a child process; SIGTERM/SIGUSR1/SIGINT to this driver are passed on to it (it
+    checkpoints and stops); its exit status."""
+    proc = subprocess.Popen(command, start_new_session=True)
+    forward = {sig: signal.signal(sig, lambda sig, _: os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT
+                                                                    else sig))
+               for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
+
+
+# --- the local pool: --gpus G ------------------------------------------------------------------------
+# One launcher (this process) hands the units, longest first, to G / --nproc child processes, each pinned to its
+# own GPUs with CUDA_VISIBLE_DEVICES. Only the launcher hands out work, so the children need no locks. A child
+# that dies has its unit started once more (it resumes from last.pt); Ctrl-C (or SIGTERM) stops every child,
+# which checkpoints; a rerun of the same command resumes whatever was left, whoever stopped.
+
+def pool_devices(args):
+    """One entry per child: the CUDA_VISIBLE_DEVICES it gets ("0", or "2,3" with --nproc 2)."""
     nproc = args.nproc
-    if not args.gpus:
-        return [None] * (args.workers or 1)
     if args.gpus % nproc:
         raise SystemExit(f"--gpus {args.gpus} is not a multiple of --nproc {nproc} (GPUs per run)")
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     visible = visible or [str(i) for i in range(args.gpus)]
     if len(visible) < args.gpus:
         raise SystemExit(f"--gpus {args.gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: {','.join(visible)}")
-    n = args.gpus // nproc
-    if args.workers not in (None, n):
-        raise SystemExit(f"--workers {args.workers} with --gpus {args.gpus} --nproc {nproc}: that is {n} workers; "
-                         "pass one of --workers and --gpus")
-    return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(n)]
+    return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(args.gpus // nproc)]
 
 
-def launch_workers(experiment, args, devices, session):
-    """Start one worker process per entry of `devices` (its own process group, pinned to its GPUs, output
-    prefixed with its name) and wait for all of them; the number that broke (a non-zero exit: a worker
-    whose loop ends exits 0 even when runs failed). Ctrl-C or SIGTERM stops them all."""
-    if not getattr(args, "command", None):
-        raise SystemExit("launch_workers needs args.command (the driver's command line; main() sets it)")
-    env = {**os.environ, "EPT_SESSION_START": repr(session)}
-    env.setdefault("TQDM_DISABLE", "1")  # N progress bars on one terminal are noise; log.jsonl has every step
+def _group_gone(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def run_pool(experiment, units, args, devices):
+    """Run `units` (longest first) on len(devices) children; the runs of units that failed twice."""
+    queue, running, retried, failed = list(units), {}, set(), []
+    env = {**os.environ}
+    env.setdefault("TQDM_DISABLE", "1")  # G progress bars on one terminal are noise; log.jsonl has every step
     out_lock = threading.Lock()
-    procs, pumps = [], []
-    print(f"{experiment}: {len(devices)} workers" + (f" on GPUs {' | '.join(devices)}" if devices[0] else ""),
+    print(f"{experiment}: {len(units)} unit(s) on {len(devices)} child process(es), GPUs {' | '.join(devices)}",
           flush=True)
 
     def pump(proc, prefix):
@@ -391,42 +538,61 @@ def launch_workers(experiment, args, devices, session):
                 sys.stdout.write(prefix + line)
                 sys.stdout.flush()
 
-    old_term = signal.getsignal(signal.SIGTERM)
+    def start(slot, unit):
+        i = unit.index
+        proc = subprocess.Popen(unit.command, env={**env, "CUDA_VISIBLE_DEVICES": devices[slot]},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                start_new_session=True)  # its own group: Ctrl-C reaches it through us only
+        thread = threading.Thread(target=pump, args=(proc, f"[u{i} gpu {devices[slot]}] "), daemon=True)
+        thread.start()
+        running[slot] = (proc, unit, thread)
+        print(f"{experiment}: unit {i} ({' '.join(unit.names)}) -> GPU {devices[slot]}", flush=True)
+
     in_main = threading.current_thread() is threading.main_thread()
-    if in_main:  # SIGTERM (scancel, kill): stop the workers too, not only this process
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    old_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main else None
     try:
-        for i, dev in enumerate(devices):
-            cmd = [*args.command, "--worker", str(i)]  # --subprocess or not, as this call was asked
-            proc = subprocess.Popen(cmd, env={**env, **({"CUDA_VISIBLE_DEVICES": dev} if dev else {})},
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                    start_new_session=True)
-            procs.append(proc)
-            pumps.append(threading.Thread(target=pump, args=(proc, f"[w{i}{' gpu ' + dev if dev else ''}] "),
-                                          daemon=True))
-            pumps[-1].start()
-        running, broken = dict(enumerate(procs)), 0
-        while running:  # reaped as soon as they end: a dead worker's pid must not linger (runs._alive)
-            for i, proc in list(running.items()):
-                if proc.poll() is not None:
-                    del running[i]
-                    if proc.returncode:
-                        broken += 1
-                        print(f"{experiment}: worker {i} exited with status {proc.returncode}", flush=True)
+        while queue or running:
+            for slot in range(len(devices)):
+                if slot not in running and queue:
+                    start(slot, queue.pop(0))
+            for slot, (proc, unit, thread) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                thread.join()
+                del running[slot]
+                i = unit.index
+                if proc.returncode == 0 and unit.finished(plan_of_unit(unit)):
+                    print(f"{experiment}: unit {i} done", flush=True)
+                elif i not in retried:
+                    retried.add(i)
+                    print(f"{experiment}: unit {i} ended with status {proc.returncode}; resuming it once", flush=True)
+                    queue.insert(0, unit)
+                else:
+                    print(f"{experiment}: unit {i} failed again (status {proc.returncode}): {' '.join(unit.names)}",
+                          file=sys.stderr, flush=True)
+                    failed += unit.names
             time.sleep(0.2)
-        for t in pumps:
-            t.join()
-        return broken
-    except BaseException:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)  # the worker and the train.py it runs
-        for proc in procs:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every child checkpoints and stops
+        for proc, _, _ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc, _, thread in running.values():
             proc.wait()
-        raise
+            thread.join()
+            while not _group_gone(proc.pid):  # torchrun's ranks, if any, finish their checkpoint too
+                time.sleep(0.1)
+        print(f"{experiment}: stopped; every child wrote last.pt. Run the same command again to resume.",
+              file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old_term)
+    return failed
+
+
+def plan_of_unit(unit):
+    """{name: (None, None, run folder)}: what Unit.finished needs, from the unit's own argv."""
+    return {name: (None, None, unit_dir(unit, name)) for name in unit.names}
 
 
 def plan_hours(plan, args, extra):
@@ -443,7 +609,7 @@ def plan_hours(plan, args, extra):
 
 def append_row_once(results, row):
     """Append `row` to the results file unless a row of its run folder is there: checked and written under
-    the file's lock, so concurrent workers never double a row (one write per row: never a torn one)."""
+    the file's lock, so two collect steps at once never double a row (one write per row: never a torn one)."""
     with files.locked(results):
         if any(r.get("run") == row["run"] for r in files.read_jsonl(results, what="results file", missing_ok=True,
                                                                      fix=files.RESULTS_FIX)):
@@ -452,202 +618,31 @@ def append_row_once(results, row):
         return True
 
 
-def collect(experiment, plan, name, args, results, rows):
-    """A finished run's row: appended once to the results file, kept in `rows`; ft checkpoints pruned."""
-    options, fields, run_dir = plan[name]
-    row = result_row(experiment, options, run_dir, fields)
-    append_row_once(results, row)
-    rows[name] = row
-    runs.clear_failed(run_dir)
-    if args.prune_ft_checkpoints and options["method"] == "ft":  # full T5 + AdamW state, twice per run
-        for name_ in ("best.pt", "last.pt"):
-            (run_dir / name_).unlink(missing_ok=True)
-
-
-def work(experiment, plan, args, extra, session, done_before=()):
-    """One worker's loop over the plan (see above); (rows in plan order, failed run names)."""
+def collect(experiment, plan, args):
+    """Every finished run's row appended once to results/<experiment>.jsonl (ft checkpoints pruned with
+    --prune-ft-checkpoints); (rows in plan order, runs not finished)."""
     results = Path(args.results_dir) / f"{experiment}.jsonl"
-    who = experiment if args.worker is None else f"{experiment} w{args.worker}"
-    hours = plan_hours(plan, args, extra)
-    order = sorted(plan, key=lambda name: -hours[name])  # longest first: the last runs to end are short ones
-    if args.worker:  # worker I starts at the I-th run: workers started together do not all race for one run
-        shift = args.worker % len(order) if order else 0
-        order = order[shift:] + order[:shift]
-    pending = dict.fromkeys(order)
-    rows, failed, waited_for, trained_here = {}, [], None, 0
-    sizes = {}  # model -> runs per pack on this worker's device
-    while pending:
-        busy = []
-        for name in list(pending):
-            if name not in pending or name in busy:
-                continue  # trained in an earlier pack of this pass / found held in this pass
-            options, fields, run_dir = plan[name]
-            if runs.status(run_dir) != "done":
-                limit = sizes.setdefault(options["model"], pack_size(args, options["model"]))
-                mates = []
-                if limit > 1 and pack_key(options) is not None:  # the next runs of its kind, still to do
-                    mates = [m for m in pending if m != name and m not in busy
-                             and pack_key(plan[m][0]) == pack_key(options) and runs.status(plan[m][2]) != "done"]
-                if mates:
-                    outcomes = claim_and_train_pack(who, [name, *mates], limit, plan, args, extra, session,
-                                                    len(plan) - len(pending) + 1, len(plan))
-                else:
-                    outcomes = {name: claim_and_train(who, name, options, run_dir, args, extra, session,
-                                                      len(plan) - len(pending) + 1, len(plan))}
-                for n, outcome in outcomes.items():
-                    if outcome == "busy":
-                        busy.append(n)
-                    elif outcome == "failed":
-                        failed.append(n)
-                        del pending[n]
-                    else:
-                        trained_here += outcome == "trained"
-                        collect(experiment, plan, n, args, results, rows)
-                        del pending[n]
-                continue
-            collect(experiment, plan, name, args, results, rows)
-            del pending[name]
-        if pending:  # only runs other live processes hold are left: wait for them (the report needs them all)
-            if busy != waited_for:
-                print(f"[{who}] waiting for {len(busy)} run(s) held by other workers: {' '.join(busy[:5])}"
-                      + (" ..." if len(busy) > 5 else ""), flush=True)
-                waited_for = busy
-            time.sleep(args.poll)
-    ordered = [rows[name] for name in plan if name in rows]
-    trained = len(set(rows) - set(done_before))  # by this process, its workers, or other nodes' workers
-    print(f"{who}: {len(plan)} runs, {trained} trained now" + (f" ({trained_here} by this worker)" if args.worker is not None else "")
-          + f", {len(rows) - trained} already finished, {len(failed)} failed -> {results}", flush=True)
-    if failed:
-        print(f"{who}: FAILED: {' '.join(failed)}", file=sys.stderr)
-    return ordered, failed
-
-
-def claim_and_train(who, name, options, run_dir, args, extra, session, i, n):
-    """Claim one unfinished run by taking its folder's lock, and train it: 'done', 'busy' (another live process
-    holds it), 'failed' or 'trained'. train.py (in this process, a fresh one, or torchrun's rank 0) adopts the lock."""
-    if runs.failed_since(run_dir, session) or runs.holder(run_dir):
-        return "failed" if runs.failed_since(run_dir, session) else "busy"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = runs.acquire_lock(run_dir, say=lambda message: print(f"[{who}] {message}", flush=True),
-                                 heartbeat=False)  # train.py adopts it within seconds and keeps it fresh
-    except runs.Busy:
-        return "busy"
-    t0, error = time.time(), None
-    try:
-        state = runs.status(run_dir)  # looked at again now that nobody else can change it
-        record = runs.failed_since(run_dir, session)
-        if state == "done" or record:
-            return "done" if state == "done" else "failed"
-        print(f"[{who} {i}/{n}] train {name}" + (" (resume)" if state == "partial" else ""), flush=True)
-        argv = train_argv(options, run_dir, args.data_dir, [*extra, *(["--resume"] if state == "partial" else [])])
-        with runs.handed_to_child(lock):
-            train_one(argv, args.nproc, args.subprocess)
-    except (Exception, SystemExit) as err:  # one broken run does not stop the grid; reported at the end
-        error = err
-        if not isinstance(err, subprocess.CalledProcessError):  # a subprocess printed its own error
-            traceback.print_exc()
-    finally:
-        lock.release()  # a no-op once train.py has adopted (and released) it
-    if runs.status(run_dir) == "done":
-        print(f"[{who} {i}/{n}] {name}: {time.time() - t0:.1f}s", flush=True)
-        return "trained"
-    if runs.holder(run_dir):  # this process was judged dead and the run taken over (a heartbeat missed)
-        return "busy"
-    runs.mark_failed(run_dir, repr(error))
-    return "failed"
-
-
-# A pack is claimed as a run is: each of its runs by its folder's lock, in the walk's order, up to the pack
-# size; a run another process holds (or that failed in this session, or finished meanwhile) is left out of
-# it. One claimed run goes the solo path above; several go to one train.py --runs FILE call, which adopts
-# their locks: EPT_RUN_LOCK then holds the texts of all of them, one per line (each lock text is one line),
-# and train.py adopts a folder's lock whose text is one of those lines.
-
-PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed")  # on the command line; the rest per run
-
-
-def pack_argv(specs, run_dirs, resume, data_dir, extra, runs_file):
-    """train.py's command line for a pack, and the --runs FILE content: the shared options as flags, per run
-    its other options (train.py's option names), out_dir and resume."""
-    shared = {k: specs[0][k] for k in PACK_SHARED if specs[0].get(k) is not None}
-    entries = []
-    for spec, run_dir, again in zip(specs, run_dirs, resume):
-        entry = {k: v for k, v in spec.items() if k not in shared and v is not None and v is not False}
-        entries.append({**entry, "out_dir": str(run_dir), **({"resume": True} if again else {})})
-    argv = train_argv(shared, "-", data_dir, [*extra, "--runs", str(runs_file)])
-    i = argv.index("--out-dir")
-    return argv[:i] + argv[i + 2:], entries
-
-
-def claim_and_train_pack(who, candidates, limit, plan, args, extra, session, i, n):
-    """Claim up to `limit` of `candidates` (unfinished runs of one pack_key, walk order) by their locks and
-    train them as one pack: {run: 'done' | 'busy' | 'failed' | 'trained'}; runs not looked at are absent."""
-    outcomes, claimed = {}, {}
-    say = lambda message: print(f"[{who}] {message}", flush=True)  # noqa: E731
-    for name in candidates:
-        if len(claimed) >= limit:
-            break
-        run_dir = plan[name][2]
-        if runs.failed_since(run_dir, session):
-            outcomes[name] = "failed"
+    rows, missing, added = [], [], 0
+    for name, (options, fields, run_dir) in plan.items():
+        if runs.status(run_dir) != "done":
+            missing.append(name)
             continue
-        if runs.holder(run_dir):
-            outcomes[name] = "busy"
-            continue
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock = runs.acquire_lock(run_dir, say=say, heartbeat=False)
-        except runs.Busy:
-            outcomes[name] = "busy"
-            continue
-        state = runs.status(run_dir)  # looked at again now that nobody else can change it
-        if state == "done" or runs.failed_since(run_dir, session):
-            lock.release()
-            outcomes[name] = "done" if state == "done" else "failed"
-            continue
-        claimed[name] = (lock, state)
-    if len(claimed) == 1:  # a pack of one: today's solo path
-        (name, (lock, _)), = claimed.items()
-        lock.release()
-        outcomes[name] = claim_and_train(who, name, plan[name][0], plan[name][2], args, extra, session, i, n)
-        return outcomes
-    if not claimed:
-        return outcomes
-    names = list(claimed)
-    t0, error = time.time(), None
-    try:
-        print(f"[{who} {i}/{n}] train a pack of {len(names)}: {' '.join(names)}", flush=True)
-        runs_file = Path(args.results_dir) / "packs" / f"{names[0]}.{os.getpid()}.json"
-        argv, entries = pack_argv([plan[x][0] for x in names], [plan[x][2] for x in names],
-                                  [claimed[x][1] == "partial" for x in names], args.data_dir, extra, runs_file)
-        runs_file.parent.mkdir(parents=True, exist_ok=True)
-        files.write_json(runs_file, entries)
-        with runs.handed_to_child(*[claimed[x][0] for x in names]):
-            train_one(argv, args.nproc, args.subprocess)
-    except (Exception, SystemExit) as err:  # one broken pack does not stop the grid; reported at the end
-        error = err
-        if not isinstance(err, subprocess.CalledProcessError):
-            traceback.print_exc()
-    finally:
-        for lock, _ in claimed.values():
-            lock.release()  # a no-op once train.py has adopted (and released) it
-    for name in names:
-        run_dir = plan[name][2]
-        if runs.status(run_dir) == "done":
-            outcomes[name] = "trained"
-        elif runs.holder(run_dir):
-            outcomes[name] = "busy"
-        else:
-            runs.mark_failed(run_dir, repr(error or "the pack ended without this run's metrics"))
-            outcomes[name] = "failed"
-    print(f"[{who} {i}/{n}] pack of {len(names)}: {time.time() - t0:.1f}s", flush=True)
-    return outcomes
+        row = result_row(experiment, options, run_dir, fields)
+        added += append_row_once(results, row)
+        rows.append(row)
+        if args.prune_ft_checkpoints and options["method"] == "ft":  # full T5 + AdamW state, twice per run
+            for file in ("best.pt", "last.pt"):
+                (run_dir / file).unlink(missing_ok=True)
+    print(f"{experiment}: {len(plan)} runs, {len(rows)} finished ({added} rows added now), {len(missing)} not "
+          f"finished -> {results}", flush=True)
+    if missing:
+        print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): {' '.join(missing)}", file=sys.stderr)
+    return rows, missing
 
 
 def dry_run(experiment, plan, args, extra):
     """List every run with its status and estimated GPU-hours, the packs the runs still to do would be trained
-    in, then parseable summary lines: the wall time on the GPUs given (--gpus, or --workers x --nproc), and
+    in, then parseable summary lines: the wall time on the GPUs given (--gpus), and
     the GPU-hours unpacked and packed at fp32 and bf16 (packed: a model, see PEAK_TFLOPS)."""
     hours = plan_hours(plan, args, extra)
     total = todo = longest = 0.0
@@ -677,12 +672,21 @@ def dry_run(experiment, plan, args, extra):
         lines.append(f"{experiment}\t{state}\t{hours[name]:.4f}\t{name}\t{f32[0]:.4f}\t{f32[1]:.4f}\t{b16[0]:.4f}"
                      f"\t{b16[1]:.4f}\t{pack_of.get(name, '')}\n")
     files.append_lines(Path(args.results_dir) / "dry_run.tsv", lines)  # run_all.sh sums it, each run once
-    gpus, workers = len(worker_devices(args)) * args.nproc, len(worker_devices(args))
-    low, high = wall_hours(todo, longest, gpus, args.nproc)
-    print(f"DRY-RUN {experiment} runs={len(plan)} to_train={n_todo} gpu_hours={todo:.1f} (all runs: {total:.1f}); "
-          f"wall ~{low:.1f}-{high:.1f} h on {gpus} GPU(s) = {workers} worker(s) x {args.nproc} "
-          f"(longest run {longest / args.nproc:.1f} h; ideal scaling within a run assumed)")
     sums = {p: [sum(figures[n][p][k] for n in todo_names) for k in (0, 1)] for p in PEAK_TFLOPS}
+    # the headline: the precision this call trains at (train.py's default fp32 unless --dtype bf16), packed as
+    # this call packs (GPU-hours of a unit: its runs' shares; a pack of one is a solo run)
+    precision = "bf16" if _extra_value(extra, "--dtype", "fp32", str) == "bf16" else "fp32"
+    packed = any(len(p) > 1 for p in packs)
+    units = [sum(figures[n][precision][1] for n in pack) for pack in packs]
+    todo_h = sum(units)
+    slots = args.slurm_max_tasks or (args.gpus or args.nproc) // args.nproc
+    longest_unit = max(units, default=0.0)
+    low, high = wall_hours(todo_h, longest_unit, slots * args.nproc, args.nproc)
+    print(f"DRY-RUN {experiment} runs={len(plan)} to_train={n_todo} gpu_hours={todo_h:.1f} at {precision} "
+          f"({'packed' if packed else 'unpacked'}; measured bf16 unpacked: {todo:.1f}, all runs: {total:.1f}); "
+          f"wall ~{low:.1f}-{high:.1f} h with {slots} unit(s) at once x {args.nproc} GPU(s) (--gpus "
+          f"{slots * args.nproc}, or {slots} SLURM array tasks at once; longest unit {longest_unit / args.nproc:.1f} h; "
+          f"ideal scaling within a run assumed)")
     sizes = sorted({len(p) for p in packs}, reverse=True)
     print(f"DRY-RUN-PACKS {experiment} to_train={n_todo} packs={len(packs)} (sizes {'/'.join(map(str, sizes)) or '-'}; "
           f"--pack-size {args.pack_size or 'for a ' + str(ASSUMED_GPU_GB) + ' GB GPU'}) GPU-hours to go: "
@@ -693,8 +697,8 @@ def dry_run(experiment, plan, args, extra):
 
 
 def wall_hours(gpu_hours, longest, gpus, nproc):
-    """Wall time of runs totalling `gpu_hours` on `gpus` GPUs, `nproc` per run: at least max(gpu_hours /
-    gpus, the longest run), and, workers taking the next free run, at most gpu_hours / gpus + the longest."""
+    """Wall time of units totalling `gpu_hours` on `gpus` GPUs, `nproc` per unit: at least max(gpu_hours /
+    gpus, the longest unit), and, each free slot taking the next unit, at most gpu_hours / gpus + the longest."""
     return max(gpu_hours / gpus, longest / nproc), gpu_hours / gpus + longest / nproc
 
 
@@ -837,17 +841,28 @@ def add_execution_args(parser):
                        help="list the runs, the GPU-hour estimate and the wall time on the GPUs given "
                             "(also appended to <results-dir>/dry_run.tsv)")
     group.add_argument("--gpus", type=cli.positive_int, default=None,
-                       help="one worker per --nproc GPUs, each pinned to its own (the first G of CUDA_VISIBLE_DEVICES), "
-                            "sharing the plan; this process waits for them all")
-    group.add_argument("--workers", type=cli.positive_int, default=None,
-                       help="N worker processes sharing the plan, not pinned (CPU; default 1: this process)")
-    group.add_argument("--poll", type=cli.positive_float, default=5.0,
-                       help="seconds between looks at runs other workers hold, at the end of the plan")
+                       help="a local pool: G / --nproc child processes, each pinned to its own GPUs (the first G of "
+                            "CUDA_VISIBLE_DEVICES), take the plan's units longest first; then this process collects")
+    group.add_argument("--slurm", action="store_true",
+                       help="write the plan and submit it to SLURM: one job array (task i runs line i, one unit "
+                            "each, requeued on preemption) and the collect step as a job after it; prints the job "
+                            "ids and how to follow them")
+    group.add_argument("--slurm-partition", default=None, help="--slurm: the partition (default: the cluster's)")
+    group.add_argument("--slurm-time", default=None, metavar="LIMIT",
+                       help="--slurm: each task's time limit (4:00:00, 1-12, ...); a unit checkpoints before it")
+    group.add_argument("--slurm-gpus", type=cli.positive_int, default=None, metavar="N",
+                       help="--slurm: GPUs per task (default: --nproc)")
+    group.add_argument("--slurm-max-tasks", type=cli.positive_int, default=None, metavar="M",
+                       help="--slurm: array tasks at once (--array=0-(N-1)%%M); --dry-run: the wall time for M")
+    group.add_argument("--slurm-option", action="append", default=[], metavar="OPT",
+                       help="--slurm: an extra #SBATCH option, e.g. --slurm-option=--account=nlp (repeatable)")
+    group.add_argument("--collect", action="store_true",
+                       help="train nothing: append every finished run's row once to <results-dir>/<experiment>.jsonl "
+                            "and print the table (an engine's last job); exit 1 while runs are not finished")
     group.add_argument("--pack-size", type=cli.positive_int, default=None,
                        help="prompt runs trained together on one frozen T5 (one train.py --runs call; same task, "
                             "model, data, schedule; never ft); default: on CUDA as many as fit the GPU's memory "
                             "(16 for t5-small/base, 8 for t5-large at 80 GB), on a CPU 1 (no packing)")
-    group.add_argument("--worker", type=cli.nonnegative_int, default=None, help=argparse.SUPPRESS)  # set by the launcher
 
 
 add_execution_args(parser)
@@ -884,6 +899,11 @@ def check_args(parser, args, extra):
     _, unknown = train.parser.parse_known_args(list(extra))  # a wrong value: train.py's argparse error, now
     if unknown:
         parser.error(f"unrecognized arguments (neither this script's nor train.py's): {' '.join(unknown)}")
+    if args.slurm and args.gpus:
+        parser.error("--slurm hands each unit to its own array task; --gpus is for one node without SLURM: pass one")
+    if "--overwrite" in extra:
+        parser.error("--overwrite would start every run of the plan over at each rerun; delete the run folders "
+                     "to train them again")
     for task in args.tasks or []:
         if task not in P.TASKS and not (Path(args.data_dir) / task / "meta.json").exists():
             parser.error(f"unknown task {task!r} (not one of the paper's and no {Path(args.data_dir) / task}/meta.json); "
@@ -896,11 +916,21 @@ def main(argv=None):
     args.values = parse_values(args.experiment, args.values)
     check_args(parser, args, extra)
     args.batch_size = _extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4: steps per epoch
-    rows, failed = run_experiment(args.experiment, EXPERIMENTS[args.experiment](args), args, extra)
-    if rows and args.worker is None:
+    rows = run_driver(args.experiment, EXPERIMENTS[args.experiment](args), args, extra)
+    return rows
+
+
+def run_driver(experiment, specs, args, extra):
+    """run_experiment, then the experiment's table; exit 1 when runs are not finished, 130 on Ctrl-C."""
+    try:
+        rows, failed = run_experiment(experiment, specs, args, extra)
+    except KeyboardInterrupt:
+        print(f"{experiment}: interrupted; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    if rows and not args.dry_run:
         import report  # the same table report.py writes, printed here
-        print(report.experiment_table(args.experiment, rows))
-    if failed and args.worker is None:  # a worker's failed runs are its launcher's to report
+        print(report.experiment_table(experiment, rows))
+    if failed:
         sys.exit(1)
     return rows
 

@@ -41,7 +41,7 @@ parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, hel
 # sweep
 parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=SEEDS, help="few-shot sample and training seeds")
 parser.add_argument("--steps", type=cli.positive_int, default=STEPS, help="training steps (paper: 10,000)")
-ablate.add_execution_args(parser)  # --nproc, --gpus, --workers, --subprocess, --runs-dir, --results-dir, --dry-run
+ablate.add_execution_args(parser)  # --nproc, --gpus, --collect, --subprocess, --runs-dir, --results-dir, --dry-run
 
 
 def specs(args):
@@ -78,16 +78,10 @@ def _meta(folder):
 def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     ablate.check_args(parser, args, extra)
-    if not args.dry_run:
+    if not args.dry_run and not args.collect:
         check_samples(args)
     args.command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
-    rows, failed = ablate.run_experiment("fewshot", specs(args), args, extra)
-    if rows and args.worker is None:
-        import report
-        print(report.experiment_table("fewshot", rows))
-    if failed and args.worker is None:  # a worker's failed runs are its launcher's to report
-        sys.exit(1)
-    return rows
+    return ablate.run_driver("fewshot", specs(args), args, extra)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ truncated, not UTF-8, unreadable), never with a traceback. The kinds:
     JSON            config.json, meta.json, metrics.json, results/analysis/*.json
     JSONL           data splits, log.jsonl, results/*.jsonl, predictions
     torch           best.pt, last.pt, prompt.pt, the tokenization cache (weights_only-loadable)
-    appended JSONL  results/*.jsonl: whole lines appended under a lock, so workers never tear a row
+    appended JSONL  results/*.jsonl: whole lines appended under a lock, so two appenders never tear a row
 """
 import contextlib
 import errno
@@ -259,7 +259,7 @@ def locked(path):
 
 def append_lines(path, lines):
     """Append whole lines in one write (O_APPEND, flushed to disk): a crash never leaves half a line, and
-    concurrent appenders (workers) never interleave inside a line. A file whose last line lost its newline (an
+    concurrent appenders never interleave inside a line. A file whose last line lost its newline (an
     editor, a copy) gets one first, so the new line never glues onto it."""
     if not lines:
         return

@@ -10,17 +10,18 @@
 # Hugging Face Hub (t5-small/base/large and the datasets) or local copies (prepare_data.py --source).
 #
 #   bash run_all.sh                  # everything; resumable: rerun after a crash, finished runs are skipped
-#   GPUS=8 bash run_all.sh           # one worker per GPU, each pinned to its GPU, all on one plan per section
-#   GPUS=8 NPROC=2 bash run_all.sh   # 4 workers, each run on 2 GPUs through torchrun (global batch stays 16)
+#   GPUS=8 bash run_all.sh           # a local pool: 8 child processes, each pinned to its GPU, one plan per section
+#   GPUS=8 NPROC=2 bash run_all.sh   # 4 children, each unit on 2 GPUs through torchrun (global batch stays 16)
 #   NPROC=4 bash run_all.sh          # one run at a time, on 4 GPUs through torchrun
 #   DRY_RUN=1 GPUS=8 bash run_all.sh # every run with its status, counts, GPU-hours and the wall time on 8 GPUs
 #   PART=setup|train|report bash run_all.sh   # one part: data; the training sections; analyses + report
 #   DTYPE=bf16 bash run_all.sh       # bf16 autocast: faster, not the paper's precision (fp32, the default)
 #   SMOKE=1 bash run_all.sh          # the whole recipe tiny on a CPU in a few minutes -> smoke/report/
 #
-# Workers: each section's driver starts GPUS/NPROC workers that claim runs from the section's plan through
-# the run folders' locks, and waits for them all before the next section; workers on several nodes sharing
-# the file system work the same way (docs/experiments.md has the SLURM job-array recipe).
+# Plans: each section's driver writes its plan, results/<experiment>.plan (one unit a line: a pack of prompt
+# runs or a solo run, a complete shell command), runs it (in this process, or GPUS/NPROC pool children that
+# take the units longest first), then appends each finished run's row once. Any engine can run the same lines
+# (docs/experiments.md, "The plan"); Ctrl-C stops everything, a rerun resumes what was left.
 #
 # SMOKE: a random-weight tiny T5 with a tokenizer trained offline (SMOKE_TOKENIZER=DIR uses a real
 # one), the fixture files in tests/fixtures/raw, 6 training steps, 1 seed where the paper uses 3
@@ -34,7 +35,7 @@ cd "$(dirname "$0")"
 trap 'echo "run_all.sh: stage failed (exit $?) at line $LINENO: $BASH_COMMAND; fix it and rerun (finished runs are skipped)" >&2' ERR
 
 NPROC=${NPROC:-1}
-GPUS=${GPUS:-}                 # GPUs of this node to fill: GPUS/NPROC workers (unset: one run at a time)
+GPUS=${GPUS:-}                 # GPUs of this node to fill: GPUS/NPROC pool children (unset: one unit at a time)
 PART=${PART:-all}              # all | setup | train | report
 DRY=${DRY_RUN:+--dry-run}
 case $PART in all|setup|train|report) ;; *) echo "PART=$PART: use all, setup, train or report" >&2; exit 2;; esac
@@ -98,18 +99,24 @@ python ablate.py structure --model $MODEL $SEEDS $COMMON $TRAIN
 fi
 
 if [[ -n "$DRY" ]]; then  # every run once, in the first section that lists it (the one that trains it)
-  # wall time: the sections run one after another; within one, workers take the next free run, so it lasts
-  # between max(its GPU-hours / GPUs, its longest run) and GPU-hours / GPUs + its longest run
-  # columns 5-8: GPU-hours fp32 unpacked, fp32 packed, bf16 unpacked, bf16 packed (packed, and fp32: ablate.py's
-  # FLOP model of a pack's step, not measured on a GPU yet; scripts/gpu_check.sh measures it)
-  awk -F'\t' -v G="${GPUS:-$NPROC}" -v P="$NPROC" '!seen[$4]++ { n++; h += $3; if ($2 != "done") {
-      t++; th += $3; s[$1] += $3; if ($3 > m[$1]) m[$1] = $3; fu += $5; fp += $6; bu += $7; bp += $8 } }
+  # The headline is the precision this recipe trains at (DTYPE, default fp32: the paper's), packed as the drivers
+  # pack on a GPU (columns 5-8: GPU-hours fp32 unpacked, fp32 packed, bf16 unpacked, bf16 packed; packed, and fp32,
+  # are ablate.py's FLOP model of a step, not measured on a GPU yet; scripts/gpu_check.sh measures it; column 3:
+  # the measured bf16 step, unpacked). Wall time: the sections run one after another; within one, GPUS/NPROC
+  # children (or as many SLURM array tasks at once) take the next unit (column 9: its pack), so a section lasts
+  # between max(its GPU-hours / GPUs, its longest unit / NPROC) and GPU-hours / GPUs + its longest unit / NPROC.
+  awk -F'\t' -v G="${GPUS:-$NPROC}" -v P="$NPROC" -v D="${DTYPE:-fp32}" 'BEGIN { c = (D == "bf16" ? 8 : 6) }
+    !seen[$4]++ { n++; h += $3; if ($2 != "done") {
+      t++; th += $c; s[$1] += $c; u[$1 SUBSEP $9] += $c; if (u[$1 SUBSEP $9] > m[$1]) m[$1] = u[$1 SUBSEP $9]
+      tm += $3; fu += $5; fp += $6; bu += $7; bp += $8 } }
     END { for (e in s) { a = s[e] / G; b = m[e] / P; lo += (a > b ? a : b); hi += a + b }
-      printf "DRY-RUN TOTAL: %d distinct runs, %d to train, ~%.0f GPU-hours to go (%.0f in all); ", n, t, th, h
-      printf "wall ~%.0f-%.0f h on %d GPU(s) = %d worker(s) x %d GPU(s)\n", lo, hi, G, G / P, P
-      printf "DRY-RUN TOTAL GPU-hours to go: fp32 (the paper) ~%.0f unpacked, ~%.0f packed; bf16 ~%.0f unpacked, ", fu, fp, bu
-      printf "~%.0f packed (wall ~%.0f h on %d GPU(s)); packed and fp32 figures are a model until measured on a GPU\n", bp, bp / G, G }' \
-    "$RESULTS/dry_run.tsv"
+      printf "DRY-RUN TOTAL: %d distinct runs, %d to train, ~%.0f GPU-hours to go at %s (%s; packed), ", n, t, th, \
+        (D == "bf16" ? "bf16" : "fp32"), (D == "bf16" ? "DTYPE=bf16" : "the default precision, the paper\047s")
+      printf "wall ~%.0f-%.0f h on %d GPU(s) = %d unit(s) at once x %d GPU(s) (or %d SLURM array tasks at once)\n", \
+        lo, hi, G, G / P, P, G / P
+      printf "DRY-RUN TOTAL GPU-hours to go: fp32 ~%.0f packed, ~%.0f unpacked; bf16 ~%.0f packed, ~%.0f unpacked ", fp, fu, bp, bu
+      printf "(measured bf16 step, unpacked: ~%.0f; %.0f for all runs); packed and fp32 figures are a model until ", tm, h
+      printf "measured on a GPU\n" }' "$RESULTS/dry_run.tsv"
   exit 0
 fi
 part report || exit 0

@@ -10,6 +10,8 @@ the best checkpoint) and metrics.json (test metrics of the best checkpoint).
     torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star   # global batch 16
     python train.py --task rte --method ept --dtype bf16    # bf16 autocast: faster, not the paper's fp32
     python train.py --task rte --method ept --resume        # continue a killed run from its last.pt
+    # SIGTERM / SIGUSR1 (preemption, scancel, SLURM's warning signal): last.pt at the next step boundary,
+    # then exit 143 / 138 (128 + the signal); --resume continues from there, no step logged twice
     # a pack: 3 x 3 x 2 = 18 prompt runs sharing one T5, one folder each under --out-dir (docs/training.md)
     python train.py --task rte --method pt ept ept_star --seed 0 1 2 --lr 0.3 0.1 --out-dir runs/rte_sweep
     # CPU smoke run: random-weight t5-small from the real config, 30 steps
@@ -20,6 +22,7 @@ Loss: the mean over the non-pad target tokens of the whole global batch, the sam
 of ranks or micro-batches (docs/training.md).
 """
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -27,6 +30,9 @@ import math
 import os
 import resource
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,10 +126,52 @@ group.add_argument("--pack-max-rows", type=cli.positive_int, default=None, metav
 PACK_OPTIONS = ("runs", "pack_max_rows")  # not options of a run: never in its config.json
 SWEEP = ("method", "seed", "lr", "prompt_length", "hidden_size", "broadcast", "init", "reparam", "activation", "depth")
 PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "warmup_steps", "max_grad_norm",
-                   "max_steps", "epochs", "eval_every", "save_every")  # what --runs may set per run
+                   "max_steps", "epochs", "eval_every", "save_every", "resume")  # what --runs may set per run
 
 
 CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score", "best_step"}
+
+
+class Stopped(SystemExit):
+    """SIGTERM or SIGUSR1 arrived: last.pt was written at a step boundary; exit status 128 + the signal."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_stop_signal = []  # the signal received, set by the handler, read at each step boundary
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM / SIGUSR1 ask the loop to checkpoint and stop at its next step boundary (main thread only: a
+    thread cannot install handlers, and then the caller's handlers stay)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _stop_signal.clear()
+    before = {sig: signal.signal(sig, lambda sig, _: _stop_signal.append(sig)) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def stop_requested(ranks):
+    """The signal to stop on, agreed by every rank (one may have received it a step later), or None."""
+    sig = _stop_signal[0] if _stop_signal else 0
+    if ranks.world_size > 1:
+        box = torch.tensor([int(sig)], device=ranks.device if ranks.device.startswith("cuda") else "cpu")
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        sig = int(box.item())
+    return sig or None
+
+
+def stopped(sig, step, folders):
+    name = signal.Signals(sig).name
+    err = Stopped(f"train: {name} received: stopped at step {step}, last.pt written in {folders}; run the "
+                  f"same command with --resume to continue (exit status {128 + sig})")
+    err.status = 128 + sig
+    return err
 
 
 class NonFiniteError(SystemExit):
@@ -410,23 +458,27 @@ def main(argv=None):
     rank, local_rank, world_size, device = runtime.setup_distributed()
     ranks = SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device, master=rank == 0)
     say = print if ranks.master else (lambda *a, **k: None)
-    if runs_file is not None or len(specs) > 1:
-        return main_pack(args, specs, ranks, say, max_rows)
-    args = resolve(args)
+    with stop_on_signals():
+        if runs_file is not None or len(specs) > 1:
+            return main_pack(args, specs, ranks, say, max_rows)
+        return main_run(resolve(args), ranks, say)
+
+
+def main_run(args, ranks, say):
+    """One run: its folder, task, model and loop."""
 
     # --- the run folder: one writer (lock); fresh, resumed or overwritten; nothing written before the checks
     out_dir = Path(args.out_dir)
     lock = claim_folder(out_dir, say) if ranks.master else None
     try:
         resume_path = open_run_folder(out_dir, args.resume, args.overwrite, say) if ranks.master else None
-        if world_size > 1:
+        if ranks.world_size > 1:
             resume_path = broadcast_object(resume_path)
         if resume_path == "finished":
             say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); nothing to do")
             return {"out_dir": str(out_dir), "finished": True}
         task = load_task(args, ranks, say)
         run = build_run(args, task, ranks, resume_path, say)
-        run.lock = lock  # checked before every step and write: a lock taken over means stop
         log = start_log(args, out_dir, run, task, ranks, resume_path, say)
         try:
             train_loop(args, out_dir, task, run, log, ranks)
@@ -439,13 +491,12 @@ def main(argv=None):
 
 
 def claim_folder(out_dir, say):
-    """Create the run folder and take its lock (runs.Busy when a live process holds it). Its heartbeat thread
-    keeps it fresh while this process lives; a driver's worker may have taken it for us (runs.INHERIT_ENV)."""
+    """Create the run folder and take its lock (runs.Busy, one sentence, when a live process holds it)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise files.FileFault(f"train: cannot create {out_dir}: {files.why(err)}") from None
-    return runs.acquire_lock(out_dir, say, inherit=os.environ.get(runs.INHERIT_ENV))
+    return runs.acquire_lock(out_dir, say)
 
 
 # --- a pack: several prompt runs on one T5 (packing.py does the math) --------------------------------
@@ -543,8 +594,9 @@ def resolve_pack(args, specs):
 
 def open_pack_folders(args, specs, say):
     """Each run's folder claimed and checked as a solo run's (open_run_folder): a finished run is skipped, a
-    run another live process holds is left out; one line each. Returns the runs to train (with .lock and
-    .resume_path); the locks taken so far are in `args.pack_locks` for the caller to release."""
+    run another live process holds is left out (`args.left_out`); one line each. Returns the runs to train
+    (with .lock and .resume_path); the locks taken so far are in `args.pack_locks` for the caller to release.
+    --resume, or a run's own "resume": true, resumes the runs that have a last.pt."""
     jobs = []
     for spec in specs:
         out_dir = Path(spec.out_dir)
@@ -552,11 +604,12 @@ def open_pack_folders(args, specs, say):
             lock = claim_folder(out_dir, say)
         except runs.Busy as err:
             say(f"train: left out of the pack: {err}")
+            args.left_out.append(str(out_dir))
             continue
         args.pack_locks.append(lock)
         resume_path = None if args.overwrite or not runs.finished(out_dir) else "finished"
         if resume_path is None:
-            resume_path = open_run_folder(out_dir, args.resume, args.overwrite, say)
+            resume_path = open_run_folder(out_dir, args.resume or spec.resume, args.overwrite, say)
         if resume_path == "finished":
             say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); skipped")
             lock.release()
@@ -568,7 +621,7 @@ def open_pack_folders(args, specs, say):
 def main_pack(args, specs, ranks, say, max_rows=None):
     """Several prompt runs at once on one task and one T5: their folders, the shared task and T5, the pack."""
     specs = resolve_pack(args, specs)
-    args.pack_locks = []
+    args.pack_locks, args.left_out = [], []
     try:
         jobs = open_pack_folders(args, specs, say) if ranks.master else None
         if ranks.world_size > 1:
@@ -578,12 +631,17 @@ def main_pack(args, specs, ranks, say, max_rows=None):
                         for i, r in kept]
         if not jobs:
             say(f"train: nothing left to train of the {len(specs)} runs")
-            return {"runs": {}, "finished": True}
-        task = load_task(jobs[0].args, ranks, say)
-        for job in jobs:
-            job.args.max_length = jobs[0].args.max_length
-        pack = build_pack(jobs, task, ranks, say, max_rows)
-        return train_pack(jobs, task, pack, ranks, say)
+            result = {"runs": {}, "finished": True}
+        else:
+            task = load_task(jobs[0].args, ranks, say)
+            for job in jobs:
+                job.args.max_length = jobs[0].args.max_length
+            pack = build_pack(jobs, task, ranks, say, max_rows)
+            result = train_pack(jobs, task, pack, ranks, say)
+        if args.left_out:  # the pack is not finished: its command must not read as done
+            raise runs.Busy(f"train: {len(args.left_out)} run(s) of the pack were left out, held by another "
+                            f"process: {' '.join(args.left_out)}; run the same command again once it is done")
+        return result
     finally:
         for lock in args.pack_locks:
             lock.release()
@@ -877,8 +935,6 @@ def train_loop(args, out_dir, task, run, log, ranks):
     pbar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, desc=out_dir.name,
                 **({} if ranks.master else {"disable": True}))  # rank 0 only; TQDM_DISABLE=1 still works
     while True:
-        if run.lock:
-            run.lock.check()  # another worker judged this process dead and took the folder over: write nothing
         last_step = step == args.max_steps
         due = top_of_step(args, step, start_step, run.resumed)
         if due == "eval":
@@ -894,6 +950,10 @@ def train_loop(args, out_dir, task, run, log, ranks):
             checkpoint("last.pt")
         if last_step:
             break
+        sig = stop_requested(ranks)
+        if sig:  # preempted or cancelled: the state of this step boundary, then stop
+            checkpoint("last.pt")
+            raise stopped(sig, step, out_dir)
 
         t0 = time.time()
         batch = order.next_batch()
@@ -951,8 +1011,6 @@ def train_pack(jobs, task, pack, ranks, say):
     while live:
         for job in list(live):
             run = job.run
-            if job.lock:
-                job.lock.check()
             due = top_of_step(job.args, run.step, job.start_step, job.resumed)
             if due == "eval":
                 metrics = validate_and_log(job.args, task, job.raw_model, ranks, job.log, run.step)
@@ -974,6 +1032,14 @@ def train_pack(jobs, task, pack, ranks, say):
                         job.lock.release()
         if not live:
             break
+        sig = stop_requested(ranks)
+        if sig:  # preempted or cancelled: every live run's state at this step boundary, then stop
+            for job in list(live):  # (a run found non-finite here leaves `live`)
+                checkpoint(job, "last.pt")
+            for job in live:
+                job.log.close()
+            folders = " ".join(str(job.out_dir) for job in live)
+            raise stopped(sig, min((job.run.step for job in live), default=0), folders)
         t0 = time.time()
         records = pack.step()
         seconds = time.time() - t0
@@ -996,8 +1062,6 @@ def finish(args, out_dir, task, run, log, ranks, say):
     """The end: the best checkpoint folded into P' (prompt.pt) and scored on test (metrics.json)."""
     if ranks.world_size > 1:
         dist.barrier()  # best.pt is complete on disk
-    if run.lock:
-        run.lock.check()
     raw_model = run.raw_model
     raw_model.load_trainable_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
     with torch.no_grad():
@@ -1030,6 +1094,11 @@ def finish(args, out_dir, task, run, log, ranks, say):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Stopped as err:  # the line says why and how to resume; the status says "stopped by a signal"
+        if int(os.environ.get("RANK", 0)) == 0:  # once under torchrun
+            print(err, file=sys.stderr, flush=True)
+        sys.exit(err.status)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -4,14 +4,16 @@
 
 The grouping and the dry-run arithmetic need no training. The driver tests train a tiny T5 for a few
 steps: one through a stand-in for `train.py --runs` (each entry of the runs file trained by train.main
-alone, adopting its lock from EPT_RUN_LOCK's lines), which checks the driver's side (claims by lock, a
-held run left out of a pack, one row per run, equal rows with packing off), and one through train.py's
-own --runs, skipped until train.py has it.
+alone), which checks the driver's side (units of packs, one row per run, equal rows with packing off), one
+through train.py's own --runs, and one that SIGKILLs a driver mid-pack and runs the same command again.
 """
 import json
 import math
 import os
-import threading
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import torch
 
 import ablate
 import fewshot
+import files
 import runs
 import train
 
@@ -104,12 +107,12 @@ def test_pack_argv_shares_the_data_and_gives_each_run_its_folder(tmp_path):
     specs = [ablate.spec("cb", "ept", "t5-base", 0, fewshot_k=4, fewshot_seed=0, max_steps=10000, lr=0.3),
              ablate.spec("cb", "pt", "t5-base", 0, fewshot_k=4, fewshot_seed=0, max_steps=10000, lr=0.3)]
     dirs = [tmp_path / ablate.run_name(s) for s in specs]
-    argv, entries = ablate.pack_argv(specs, dirs, [False, True], "data", ["--dtype", "bf16"], tmp_path / "p.json")
+    argv, entries = ablate.pack_argv(specs, dirs, "data", ["--dtype", "bf16"], tmp_path / "p.json")
     assert "--out-dir" not in argv and argv[-2:] == ["--runs", str(tmp_path / "p.json")]
     assert argv[argv.index("--fewshot-k") + 1] == "4" and argv[argv.index("--task") + 1] == "cb"
     assert "--dtype" in argv and "--method" not in argv and "--seed" not in argv
     assert entries[0] == {"method": "ept", "seed": 0, "max_steps": 10000, "lr": 0.3, "out_dir": str(dirs[0])}
-    assert entries[1]["resume"] is True and entries[1]["out_dir"].endswith("cb_pt_t5-base_steps10000_k4_fs0_s0")
+    assert entries[1]["out_dir"].endswith("cb_pt_t5-base_steps10000_k4_fs0_s0") and "resume" not in entries[1]
     # every entry's keys are train.py options
     for entry in entries:
         assert all(f"--{k.replace('_', '-')}" in train.parser._option_string_actions for k in entry)
@@ -146,6 +149,11 @@ def test_dry_run_packed_hours_are_the_model(tmp_path, capsys):
     assert (f"fp32 {sums[4]:.1f} unpacked, {sums[5]:.1f} packed; bf16 {sums[6]:.1f} unpacked, {sums[7]:.1f} packed"
             in out)
     assert "packs=6 (sizes 4/1; --pack-size 4)" in out and "not measured" in out
+    assert f"gpu_hours={sums[5]:.1f} at fp32 (packed;" in out  # the headline: the default precision, named
+    ablate.main(["hidden", "--tasks", "rte", "--dry-run", "--pack-size", "4", *common, "--dtype", "bf16",
+                 "--slurm-max-tasks", "3"])
+    out = capsys.readouterr().out
+    assert f"gpu_hours={sums[7]:.1f} at bf16 (packed;" in out and "or 3 SLURM array tasks at once" in out
     assert sums[7] < sums[6] / 2.5  # bf16 packs of 4: the host floor is shared by 4 runs
 
 
@@ -173,39 +181,29 @@ def data_dir(tmp_path_factory, tiny_model_dir):
     return out
 
 
-def fake_pack_cli(calls, on_call=None):
-    """A stand-in for train.py --runs FILE: each entry trained alone by train.main (shared flags + its own),
-    adopting the lock the driver took for it (EPT_RUN_LOCK holds one lock text per line)."""
+def fake_pack_cli(calls):
+    """A stand-in for train.py --runs FILE: each entry trained alone by train.main (shared flags + its own)."""
     real = train.main
 
-    def train_one(argv, nproc=1, fresh_process=False):
+    def main(argv):
         argv = list(argv)
-        if on_call:
-            on_call()
         if "--runs" not in argv:
-            calls.append(("solo", argv[argv.index("--out-dir") + 1]))
+            calls.append(("solo", Path(argv[argv.index("--out-dir") + 1]).name))
             return real(argv)
         i = argv.index("--runs")
         entries = json.loads(Path(argv[i + 1]).read_text())
         shared = argv[:i] + argv[i + 2:]
         calls.append(("pack", [Path(e["out_dir"]).name for e in entries]))
-        texts = os.environ[runs.INHERIT_ENV].splitlines(keepends=True)
         for entry in entries:
-            owner = runs.read_owner(Path(entry["out_dir"]) / runs.LOCK_NAME)
-            assert owner is not None and owner.text in texts  # the driver holds it for this call
-            own = ablate.train_argv({k: v for k, v in entry.items() if k not in ("out_dir", "resume")},
-                                    entry["out_dir"], None, [*shared, *(["--resume"] if entry.get("resume") else [])])
-            os.environ[runs.INHERIT_ENV] = owner.text
-            real(own)
-    return train_one
+            real(ablate.train_argv({k: v for k, v in entry.items() if k != "out_dir"}, entry["out_dir"], None, shared))
+    return main
 
 
 def rows_without_paths(rows):
     return sorted((json.dumps({k: v for k, v in r.items() if k != "run"}, sort_keys=True, default=str) for r in rows))
 
 
-def test_driver_trains_in_packs_claims_by_lock_and_writes_the_same_rows(tiny_model_dir, data_dir, tmp_path,
-                                                                        monkeypatch):
+def test_driver_trains_in_packs_and_writes_the_same_rows(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     grid = ["hidden", "--model", str(tiny_model_dir), "--tasks", "rte", "--values", "1", "5", "--seeds", "0", "1",
             "--data-dir", str(data_dir)]
     solo = ablate.main([*grid, "--runs-dir", str(tmp_path / "a" / "runs"), "--results-dir", str(tmp_path / "a" / "res"),
@@ -213,33 +211,47 @@ def test_driver_trains_in_packs_claims_by_lock_and_writes_the_same_rows(tiny_mod
     assert len(solo) == 4
 
     root = tmp_path / "b"
-    args = ablate.parser.parse_args(grid)
-    args.values = ablate.parse_values("hidden", args.values)
-    names = [ablate.run_name({k: v for k, v in s.items() if k != "_row"}) for s in ablate.hidden(args)]
-    held_dir = root / "runs" / names[1]  # h1 s1: the second run of the walk
-    held_dir.mkdir(parents=True)
-    held = runs.acquire_lock(held_dir, heartbeat=False)  # another live process holds this run
-    safety = threading.Timer(120, held.release)  # never wait forever if the driver trains nothing
-    safety.start()
     calls = []
-    monkeypatch.setattr(ablate, "train_one", fake_pack_cli(calls, on_call=held.release))  # freed at the 1st call
-    try:
-        packed = ablate.main([*grid, "--runs-dir", str(root / "runs"), "--results-dir", str(root / "res"),
-                              "--pack-size", "2", "--poll", "0.1", *TRAIN])
-    finally:
-        safety.cancel()
-    # the held run is left out of the first pack (h1 s0 + h5 s0), then the others alone: h5 s1 in the same
-    # pass (its only mate was found held in this pass), h1 s1 in the next pass once it is free
-    assert calls == [("pack", [names[0], names[2]]), ("solo", str(root / "runs" / names[3])), ("solo", str(held_dir))]
+    monkeypatch.setattr(train, "main", fake_pack_cli(calls))
+    packed = ablate.main([*grid, "--runs-dir", str(root / "runs"), "--results-dir", str(root / "res"),
+                          "--pack-size", "2", *TRAIN])
+    assert [kind for kind, _ in calls] == ["pack", "pack"] and sorted(n for _, p in calls for n in p) == \
+        sorted(Path(r["run"]).name for r in solo)
     assert rows_without_paths(packed) == rows_without_paths(solo)
     assert len((root / "res" / "hidden.jsonl").read_text().splitlines()) == 4  # one row per run
-    assert all(not (root / "runs" / ablate.run_name({k: v for k, v in s.items() if k != "_row"}) / runs.LOCK_NAME)
-               .exists() for s in ablate.hidden(args))  # every lock released
+    assert not list((root / "runs").glob(f"*/{runs.LOCK_NAME}"))  # every lock released
 
     calls.clear()  # a second call trains nothing
     again = ablate.main([*grid, "--runs-dir", str(root / "runs"), "--results-dir", str(root / "res"),
                          "--pack-size", "2", *TRAIN])
     assert calls == [] and rows_without_paths(again) == rows_without_paths(solo)
+    assert len((root / "res" / "hidden.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_driver_killed_mid_pack_resumes_through_the_same_command(tiny_model_dir, data_dir, tmp_path):
+    """The bug of issue 17: an interrupted pack's runs must resume through train.py --runs (it once refused the
+    "resume" key the driver wrote). SIGKILL the driver mid-pack, run the same command: the rows equal an
+    uninterrupted run's, every step logged once."""
+    grid = ["init", "--model", str(tiny_model_dir), "--tasks", "rte", "--methods", "ept", "--seeds", "0",
+            "--values", "uniform", "vocab", "--data-dir", str(data_dir), "--pack-size", "2", *TRAIN,
+            "--max-steps", "40", "--save-every", "2", "--eval-every", "20"]
+    whole = ablate.main([*grid, "--runs-dir", str(tmp_path / "a" / "runs"), "--results-dir", str(tmp_path / "a" / "r")])
+    cut = [*grid, "--runs-dir", str(tmp_path / "b" / "runs"), "--results-dir", str(tmp_path / "b" / "r")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "ablate.py"), *cut], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and len(list((tmp_path / "b" / "runs").glob("*/last.pt"))) < 2:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no checkpoint, no lock released
+    out = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert not list((tmp_path / "b" / "runs").glob("*/metrics.json")), "the pack finished before the kill"
+    again = ablate.main(cut)  # the same command: the pack resumes from each run's last.pt
+    assert rows_without_paths(again) == rows_without_paths(whole)
+    for run in (tmp_path / "b" / "runs").iterdir():
+        steps = [e["step"] for e in files.read_jsonl(run / "log.jsonl") if e["event"] == "train"]
+        assert steps == list(range(1, 41)) and not (run / runs.LOCK_NAME).exists()
 
 
 @pytest.mark.skipif(not HAS_RUNS, reason="train.py --runs lands with the pack CLI")

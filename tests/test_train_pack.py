@@ -92,11 +92,19 @@ def test_runs_file_faults_skips_and_refusals(data_dir, tiny_model_dir, tmp_path)
         assert (run / "metrics.json").exists() and [e["step"] for e in events(run, "eval")] == [1, 2, 3]
         assert json.loads((run / "config.json").read_text())["pack"]["size"] == 3
 
-    # again with --resume: the finished runs are skipped, one held by a live process is left out
+    # again with --resume: the finished runs are skipped, one held by a live process is left out, and the
+    # command fails (its unit is not finished) naming the held folder
     (out / "bad" / "run.lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")
-    proc = run_cli("train.py", argv(data_dir, tiny_model_dir, out, *flags, "--resume"))
+    proc = run_cli("train.py", argv(data_dir, tiny_model_dir, out, *flags, "--resume"), check=False)
     assert proc.stdout.count("skipped") == 2 and "left out of the pack" in proc.stdout
-    assert "nothing left to train" in proc.stdout
+    assert "nothing left to train" in proc.stdout and proc.returncode == 1
+    assert f"1 run(s) of the pack were left out, held by another process: {out / 'bad'}" in proc.stderr
+    (out / "bad" / "run.lock").unlink()
+    resumed = tmp_path / "resume.json"  # a run's own "resume": true (the drivers once wrote it; now accepted)
+    resumed.write_text(json.dumps([{"method": "ept", "seed": 2, "hidden_size": 2, "resume": True}]))
+    proc = run_cli("train.py", argv(data_dir, tiny_model_dir, out, "--max-steps", 3, "--eval-every", 1,
+                                    "--runs", resumed))
+    assert "skipped" in proc.stdout
 
     refusals = {"ft trains T5 itself": ("--method", "ept", "ft"),
                 "shared by the runs": ("--runs", tmp_path / "shared.json"),

@@ -1,0 +1,278 @@
+"""The engine: plan files, the local pool (--gpus), train.py's stop on SIGTERM, the one-host run lock.
+
+    python -m pytest -q tests/test_pool.py          # ~2-3 min on 2 CPU cores
+
+Children are real processes (the plan's own lines, as a GPU node or an engine runs them) on a tiny random T5,
+a few steps per run: 2 children give the in-process results; a SIGKILLed child's unit is resumed with nothing
+lost or doubled; SIGINT of the launcher stops every child; SIGTERM stops train.py at a step boundary with
+last.pt written and exit status 143, and --resume logs every step once.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ablate
+import files
+import runs
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
+         "--batch-size", "4", "--dropout", "0"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+COMPARED = ("score", "test", "val_score", "best_step", "prompt_norm", "final_prompt_norm", "n_trainable", "variant",
+            "task", "method", "seed", "init")
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the children's OMP_NUM_THREADS=1: the same arithmetic
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_model_dir):
+    import prepare_data
+    out = tmp_path_factory.mktemp("data")
+    prepare_data.main(["--source", str(REPO / "tests" / "fixtures" / "raw"), "--tasks", "rte", "--out", str(out),
+                       "--tokenizer", str(tiny_model_dir)])
+    return out
+
+
+def plan_argv(tiny_model_dir, data_dir, root, *extra):
+    """Table 6's grid on RTE, one seed: 3 runs (init uniform, vocab, label)."""
+    return ["init", "--model", str(tiny_model_dir), "--tasks", "rte", "--seeds", "0", "--data-dir", str(data_dir),
+            "--runs-dir", str(root / "runs"), "--results-dir", str(root / "results"), *TRAIN, *map(str, extra)]
+
+
+def driver(*argv, **kw):
+    return subprocess.Popen([sys.executable, str(REPO / "ablate.py"), *map(str, argv)], cwd=REPO, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def finish(proc, timeout=300, status=0):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == status, out[-4000:]
+    return out
+
+
+def events(run_dir, kind):
+    return [e for e in files.read_jsonl(Path(run_dir) / "log.jsonl") if e["event"] == kind]
+
+
+def results(root):
+    rows = files.read_jsonl(root / "results" / "init.jsonl")
+    assert len({r["run"] for r in rows}) == len(rows), "a doubled row"
+    return {Path(r["run"]).name: {k: r.get(k) for k in COMPARED} for r in rows}
+
+
+def assert_steps_once(root, n, steps=3):
+    folders = sorted((root / "runs").iterdir())
+    assert len(folders) == n
+    for run in folders:
+        assert runs.status(run) == "done"
+        assert [e["step"] for e in events(run, "train")] == list(range(1, steps + 1)), run.name  # no step twice
+        assert not (run / runs.LOCK_NAME).exists()
+
+
+def wait_for(predicate, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("timed out" if proc.poll() is None else f"ended first: {proc.communicate()[0][-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_model_dir, data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    ablate.main(plan_argv(tiny_model_dir, data_dir, root))  # the plain driver: every unit in this process
+    assert_steps_once(root, 3)
+    return results(root)
+
+
+# --- the plan -----------------------------------------------------------------------------------------
+
+def test_plan_lines_run_by_hand_from_anywhere_idempotent_and_collected_once(tiny_model_dir, data_dir, tmp_path,
+                                                                              in_process):
+    """One line per unit, written once; a line run twice (from another folder) trains nothing twice; --collect
+    appends each finished run's row once; another grid in the same results folder is refused."""
+    argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--pack-size", "2")
+    units = ablate.make_units(*_plan(argv))
+    ablate.write_plan(tmp_path / "results" / "init.plan", units)
+    lines = (tmp_path / "results" / "init.plan").read_text().splitlines()
+    assert len(lines) == 2 and sorted(len(u.names) for u in units) == [1, 2]  # a pack of 2 and a solo run
+    for line in [*lines, lines[0]]:  # each by hand from /, the first twice
+        done = subprocess.run(["bash", "-c", line], cwd="/", env=ENV, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "finished already" in done.stdout
+    assert not (tmp_path / "results" / "init.jsonl").exists()  # units write no rows
+    for _ in range(2):
+        ablate.main([*argv, "--collect"])
+    assert results(tmp_path) == in_process and len(files.read_jsonl(tmp_path / "results" / "init.jsonl")) == 3
+    assert_steps_once(tmp_path, 3)
+    ablate.main(argv)  # the same grid again: the same plan, nothing to train
+    assert (tmp_path / "results" / "init.plan").read_text().splitlines() == lines
+    with pytest.raises(SystemExit, match="holds another plan .*delete it"):
+        ablate.main([*argv[:argv.index("--seeds")], "--seeds", "1", *argv[argv.index("--seeds") + 2:]])
+
+
+def _plan(argv):
+    args, extra = ablate.parser.parse_known_args(argv)
+    args.values = ablate.parse_values(args.experiment, args.values)
+    plan = {}
+    for s in ablate.init(args):
+        options = {k: v for k, v in s.items() if k != "_row"}
+        plan[ablate.run_name(options)] = (options, s.get("_row"), Path(args.runs_dir) / ablate.run_name(options))
+    return plan, args, extra
+
+
+def test_slurm_submits_the_plan_and_the_collect_line(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """--slurm calls slurm.submit(plan, collect line, ...) and trains nothing here (slurm.py's own tests run
+    the array on a real SLURM)."""
+    import types
+    calls = []
+    monkeypatch.setitem(sys.modules, "slurm", types.SimpleNamespace(submit=lambda *a, **k: calls.append((a, k))))
+    argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--slurm", "--slurm-time", "1:00:00", "--slurm-max-tasks", 2)
+    assert ablate.main(argv) == []
+    (plan, collect), options = calls[0]
+    assert plan == tmp_path / "results" / "init.plan" and len(plan.read_text().splitlines()) == 3
+    assert collect.startswith(f"cd {os.getcwd()} && ") and collect.endswith(" --collect")
+    assert options["time"] == "1:00:00" and options["max_parallel"] == 2 and options["gpus_per_task"] == 1
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit):  # --slurm and --gpus: one of them
+        ablate.main([*argv, "--gpus", "2"])
+
+
+# --- the pool -----------------------------------------------------------------------------------------
+
+def test_two_children_equal_the_in_process_run(in_process, tiny_model_dir, data_dir, tmp_path):
+    """--gpus 2 on a CPU: 2 children pinned to "GPUs" 0 and 1 (CUDA_VISIBLE_DEVICES means nothing here)."""
+    out = finish(driver(*plan_argv(tiny_model_dir, data_dir, tmp_path, "--gpus", 2)))
+    assert "3 unit(s) on 2 child process(es), GPUs 0 | 1" in out and "resuming it once" not in out
+    assert {line.split()[1] for line in out.splitlines() if line.startswith("[u")} == {"gpu"}
+    assert {line.split()[2] for line in out.splitlines() if line.startswith("[u")} == {"0]", "1]"}
+    assert_steps_once(tmp_path, 3)
+    assert results(tmp_path) == in_process  # same scores, norms and steps as one process
+    assert "init: 3 runs, 3 finished (3 rows added now), 0 not finished" in out
+
+
+def test_each_child_a_torchrun_group(tiny_model_dir, data_dir, tmp_path):
+    """--gpus 4 --nproc 2: 2 children, each unit a 2-rank torchrun group (gloo here)."""
+    argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--gpus", 4, "--nproc", 2, "--values", "uniform", "vocab")
+    out = finish(driver(*argv))
+    assert "2 unit(s) on 2 child process(es), GPUs 0,1 | 2,3" in out and "resuming it once" not in out
+    assert "torchrun --standalone --nproc_per_node=2" in (tmp_path / "results" / "init.plan").read_text()
+    for run in (tmp_path / "runs").iterdir():
+        assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert_steps_once(tmp_path, 2)
+
+
+def test_a_sigkilled_child_is_resumed_nothing_lost_or_doubled(tiny_model_dir, data_dir, tmp_path):
+    argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--gpus", 2, "--max-steps", 40, "--save-every", 2,
+                     "--eval-every", 20)
+    launcher = driver(*argv)
+    target = wait_for(lambda: next((p.parent for p in (tmp_path / "runs").glob("*/last.pt")), None), launcher)
+    pid = int(runs.read_owner(target / runs.LOCK_NAME).pid)  # the child's train.py
+    os.kill(pid, signal.SIGKILL)
+    out = finish(launcher)
+    assert out.count("resuming it once") == 1 and "took over the stale lock" in out
+    resumed = events(target, "resume")
+    assert len(resumed) == 1 and 0 < resumed[0]["step"] < 40
+    assert_steps_once(tmp_path, 3, steps=40)
+    assert len(results(tmp_path)) == 3
+
+
+def test_sigint_stops_every_child_and_a_rerun_resumes(tiny_model_dir, data_dir, tmp_path):
+    argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--gpus", 2, "--max-steps", 400, "--save-every", 50,
+                     "--eval-every", 400)
+    launcher = driver(*argv)
+    held = wait_for(lambda: [p for p in (tmp_path / "runs").glob("*/log.jsonl")
+                             if p.stat().st_size and (p.parent / runs.LOCK_NAME).exists()][:2]
+                    if len(list((tmp_path / "runs").glob("*/log.jsonl"))) >= 2 else None, launcher)
+    pids = [int(runs.read_owner(p.parent / runs.LOCK_NAME).pid) for p in held]
+    launcher.send_signal(signal.SIGINT)
+    out = finish(launcher, status=130)
+    assert "stopped; every child wrote last.pt. Run the same command again to resume." in out
+    assert not any(runs._alive(pid) for pid in pids)  # every child ended before the launcher
+    stopped = [p.parent for p in held]
+    assert all((run / "last.pt").exists() and not (run / runs.LOCK_NAME).exists() for run in stopped)
+    assert "SIGTERM received: stopped at step" in out
+
+
+# --- train.py on SIGTERM --------------------------------------------------------------------------------
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_resume_logs_each_step_once(tiny_model_dir, data_dir, tmp_path):
+    common = ["--task", "rte", "--method", "ept", "--model", str(tiny_model_dir), "--data-dir", str(data_dir),
+              "--max-steps", "60", "--eval-every", "30", "--save-every", "30", "--max-eval-examples", "6",
+              "--eval-batch-size", "8", "--batch-size", "4", "--dropout", "0"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run([sys.executable, "train.py", *common, "--out-dir", str(whole)], cwd=REPO, env=ENV, check=True,
+                   capture_output=True)
+    proc = subprocess.Popen([sys.executable, "train.py", *common, "--out-dir", str(cut)], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (cut / "log.jsonl").exists() and len(events(cut, "train")) >= 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc, status=143)
+    step = torch.load(cut / "last.pt", weights_only=True)["step"]
+    assert f"SIGTERM received: stopped at step {step}, last.pt written in {cut}" in out and 0 < step < 60
+    assert [e["step"] for e in events(cut, "train")] == list(range(1, step + 1))  # the step boundary
+    assert not (cut / runs.LOCK_NAME).exists() and not (cut / "metrics.json").exists()
+    subprocess.run([sys.executable, "train.py", *common, "--out-dir", str(cut), "--resume"], cwd=REPO, env=ENV,
+                   check=True, capture_output=True)
+    assert [e["step"] for e in events(cut, "train")] == [e["step"] for e in events(whole, "train")]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, cut))
+    assert a["score"] == b["score"] and a["best_step"] == b["best_step"]
+
+
+def test_sigusr1_stops_a_pack_with_status_138_and_resume_continues_every_run(tiny_model_dir, data_dir, tmp_path):
+    command = [sys.executable, "train.py", "--task", "rte", "--method", "pt", "ept", "--model", str(tiny_model_dir),
+               "--data-dir", str(data_dir), "--max-steps", "40", "--eval-every", "20", "--save-every", "20",
+               "--max-eval-examples", "6", "--eval-batch-size", "8", "--batch-size", "4", "--no-test",
+               "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: any(len(events(p.parent, "train")) >= 3 for p in tmp_path.glob("*/log.jsonl")), proc)
+    proc.send_signal(signal.SIGUSR1)
+    out = finish(proc, status=138)
+    assert "SIGUSR1 received: stopped at step" in out and "(exit status 138)" in out
+    folders = sorted(tmp_path.iterdir())
+    assert len(folders) == 2 and not list(tmp_path.glob(f"*/{runs.LOCK_NAME}"))
+    steps = {torch.load(f / "last.pt", weights_only=True)["step"] for f in folders}
+    assert len(steps) == 1 and 0 < steps.pop() < 40  # every live run saved at the same step boundary
+    subprocess.run([*command, "--resume"], cwd=REPO, env=ENV, check=True, capture_output=True)
+    for run in folders:
+        assert [e["step"] for e in events(run, "train")] == list(range(1, 41)) and runs.finished(run)
+
+
+# --- the one-host lock ------------------------------------------------------------------------------
+
+def test_a_run_started_twice_gets_one_sentence_and_a_dead_holder_is_taken_over(tmp_path):
+    lock = runs.acquire_lock(tmp_path, say=lambda m: None)
+    with pytest.raises(runs.Busy, match=f"{tmp_path} is being written by pid {os.getpid()} on .*delete "):
+        runs.acquire_lock(tmp_path, say=lambda m: None)
+    lock.release()
+    assert not (tmp_path / runs.LOCK_NAME).exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / runs.LOCK_NAME).write_text(f"{os.uname().nodename} {dead.pid} -\n")
+    said = []
+    runs.acquire_lock(tmp_path, say=said.append).release()
+    assert said and "took over the stale lock" in said[0]
+    (tmp_path / runs.LOCK_NAME).write_text(f"another-host 1 -\n")  # another host's lock: not ours to judge
+    with pytest.raises(runs.Busy):
+        runs.acquire_lock(tmp_path, say=said.append)
+
+
+def test_pool_devices():
+    args = ablate.parser.parse_args(["init", "--gpus", "4", "--nproc", "2"])
+    os.environ["CUDA_VISIBLE_DEVICES"] = "4,5,6,7"
+    try:
+        assert ablate.pool_devices(args) == ["4,5", "6,7"]  # each child a 2-GPU torchrun group
+    finally:
+        del os.environ["CUDA_VISIBLE_DEVICES"]
+    assert ablate.pool_devices(ablate.parser.parse_args(["init", "--gpus", "3"])) == ["0", "1", "2"]
+    with pytest.raises(SystemExit, match="not a multiple"):
+        ablate.pool_devices(ablate.parser.parse_args(["init", "--gpus", "3", "--nproc", "2"]))
