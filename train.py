@@ -616,7 +616,7 @@ def build_pack(jobs, task, ranks, say, max_rows=None):
     compiled = torch.compile if first.compile else (lambda m: m)
     wrap = compiled
     if ranks.world_size > 1:
-        wrap = lambda packed: DDP(compiled(packed), broadcast_buffers=False,  # noqa: E731
+        wrap = lambda packed: DDP(compiled(packed), forward_sync_buffers=False,  # noqa: E731
                                   device_ids=[ranks.local_rank] if ranks.device.startswith("cuda") else None)
     return packing.Pack(t5, [job.run for job in jobs], (task.data.source_ids, task.data.target_ids, task.data.pad_id),
                         device=ranks.device, amp=runtime.set_precision(first.dtype, ranks.device), rank=ranks.rank,
@@ -847,8 +847,10 @@ def train_loop(args, out_dir, task, run, log, ranks):
     amp = runtime.set_precision(args.dtype, ranks.device)
     model = torch.compile(raw_model) if args.compile else raw_model
     if ranks.world_size > 1:
+        # no buffer sync before each forward (T5's buffers never change); the deprecated broadcast_buffers
+        # said the same with a FutureWarning
         model = DDP(model, device_ids=[ranks.local_rank] if ranks.device.startswith("cuda") else None,
-                    broadcast_buffers=False)
+                    forward_sync_buffers=False)
     if run.rng is not None:  # the dropout stream differs per rank
         set_rng_state(run.rng)
     else:
