@@ -40,7 +40,7 @@ NORM_METHODS = ["pt", "resprompt", "ptuning"]  # Figures 2, 3, 4, 11
 NEIGHBOUR_METHODS = ["pt", "resprompt", "ptuning", "ept", "ept_star"]
 MAX_POINTS = 600  # mu_t is logged every step (30K): keep this many points per curve
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("analysis", choices=("norms", "cosine", "subset", "transfer", "neighbours", "directions", "all"))
 # data
 parser.add_argument("--results-dir", default="results", help="where table1.jsonl / table2.jsonl are; output goes "

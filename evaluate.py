@@ -35,7 +35,7 @@ import pretrained
 import runs
 import runtime as R
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("run_dir", help="a run folder written by train.py")
 # data
 parser.add_argument("--split", default="test", choices=("test", "validation", "train"), help="which split to score")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import cli
 import files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
@@ -298,7 +299,7 @@ def parameter_table(configs_dir=None, variants=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--count", action="store_true", required=True, help="print the trainable-parameter table")
     parser.add_argument("--configs", default=None,
                         help="folder with t5-small/, t5-base/, t5-large/ config folders "

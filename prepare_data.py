@@ -35,7 +35,7 @@ from typing import Callable
 import cli
 import files
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
 # data
 g = parser.add_argument_group("data")
 g.add_argument("--tasks", nargs="+", default=["all"],

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import files
 
 
@@ -173,7 +174,7 @@ def make_tiny(out_dir, tokenizer=None, corpus_dir=None, seed=0, **overrides):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--make-tiny", metavar="DIR", required=True, help="write a random-weight tiny T5 + tokenizer to DIR")
     parser.add_argument("--tokenizer", default=None,
                         help="copy this tokenizer (default: train one offline on the test fixtures)")

@@ -49,7 +49,7 @@ import runtime
 from optim import make_optimizer
 from runtime import rng_state, seed_everything, set_rng_state
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 group = parser.add_argument_group("data")
 group.add_argument("--task", default="rte", type=cli.name,
                    help="task name (default: rte, the paper's running example); data/<task>/ is prepared if missing")
