@@ -431,6 +431,8 @@ def hub_commit(hub_id, revision):
 
 
 def load_hub(task):
+    import pretrained
+    pretrained.hub_reachable()  # unreachable: the local cache only, no retries
     import datasets
     print(f"{task.name}: loading {task.hub_id} ({task.hub_config}) from the Hugging Face Hub")
     ds = error = None
@@ -442,9 +444,8 @@ def load_hub(task):
             error = e
             if isinstance(e, ConnectionError):  # no network: the fallback would fail the same way
                 break
-    if ds is None:
-        raise SystemExit(f"prepare_data: cannot load {task.hub_id} ({task.hub_config}) from the Hugging Face Hub "
-                         f"({type(error).__name__}); pass --source DIR with the official files (see docs/data.md)")
+    if ds is None:  # pretrained's sentence: why, and --source DIR (the official files, docs/data.md)
+        raise SystemExit(f"prepare_data: {pretrained.offline_error('dataset', f'{task.hub_id} ({task.hub_config})', error)}")
     splits = [ds["train"], ds[task.eval_split]]
     if task.subset:  # MRQA: one dataset holds all subsets
         splits = [s.filter(lambda v: v == task.subset, input_columns="subset") for s in splits]
@@ -513,9 +514,8 @@ def load_tokenizer(name):
     import pretrained
     try:
         return pretrained.load_tokenizer(name)
-    except SystemExit as e:
-        raise SystemExit(f"prepare_data: cannot load the T5 tokenizer {name!r} ({e}); "
-                         f"pass --tokenizer DIR, a folder with the T5 tokenizer.json or spiece.model") from None
+    except SystemExit as e:  # pretrained's sentence names the flag (--tokenizer DIR)
+        raise SystemExit(f"prepare_data: {e}") from None
 
 
 def source_lengths(tokenizer, texts):
@@ -605,7 +605,7 @@ def main(argv=None):
                 parser.error(f"unknown task {t!r}; valid: {', '.join(TASKS)} (or all, {', '.join(GROUPS)})")
             if t not in names:
                 names.append(t)
-    out = files.make_dir(args.out, "output folder")
+    out = Path(args.out)  # created once the tokenizer has loaded: a failed start leaves nothing behind
     keys = {f"k{k}_seed{s}" for k in args.fewshot for s in args.fewshot_seeds}
     todo = []
     for name in names:  # decide every skip before any work, so a clash stops the run before it writes
@@ -623,6 +623,7 @@ def main(argv=None):
         print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")
     if todo:
         load_tokenizer(args.tokenizer)  # fail before any download
+        out = files.make_dir(out, "output folder")
     for name in todo:
         prepare(TASKS[name], args, out)
 

@@ -6,8 +6,13 @@
 Every loader fails with one sentence when the Hub is unreachable or a folder lacks what it needs.
 """
 import argparse
+import functools
 import hashlib
+import os
+import socket
 import sys
+import threading
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -16,9 +21,53 @@ import cli
 import files
 
 
-def _offline_error(what, name, err):
-    return SystemExit(f"could not load the {what} {name!r} (the Hugging Face Hub is unreachable "
-                      f"or the name is wrong); pass a local folder instead. ({type(err).__name__})")
+PROBE_SECONDS = 3.0
+offline_reason = None  # why hub_reachable() found the Hub out of reach
+FLAGS = {"model": "--model DIR, a local T5 folder", "tokenizer": "--tokenizer DIR, a folder with the T5 tokenizer",
+         "dataset": "--source DIR, a folder of the official files (docs/data.md)"}
+
+
+@functools.cache
+def hub_reachable():
+    """One quick probe of the Hub (HF_ENDPOINT, or the proxy in front of it): a TCP connection within
+    PROBE_SECONDS. Without an answer, or with HF_HUB_OFFLINE=1 set, this process reads the Hub's local cache
+    only (HF_HUB_OFFLINE=1 from here on): a name that is not cached fails at once, not after the Hub
+    client's ~50 s of "Retrying in Ns" lines."""
+    global offline_reason
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        offline_reason = "HF_HUB_OFFLINE is set"
+        return False
+    target = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
+              or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    url = urllib.parse.urlparse(target if "://" in target else f"http://{target}")
+    answered = []
+
+    def probe():  # in a thread: a DNS lookup has no timeout of its own
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=PROBE_SECONDS).close()
+            answered.append(True)
+        except (OSError, ValueError):
+            pass
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(PROBE_SECONDS)
+    if not answered:
+        offline_reason = f"the Hugging Face Hub ({url.hostname}) cannot be reached"
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for the Hub libraries imported from now on, and those already loaded:
+        for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+            if module in sys.modules:
+                setattr(sys.modules[module], name, True)
+    return bool(answered)
+
+
+def offline_error(what, name, err=None):
+    """The one sentence for a Hub name that could not be loaded: why, and the flag that takes a folder."""
+    if not hub_reachable():
+        why = f"{offline_reason} and it is not in the local cache"
+    else:
+        why = "the Hub has no such name, or refused it" + (f" ({type(err).__name__})" if err is not None else "")
+    return SystemExit(f"could not load the {what} {name!r}: {why}; pass {FLAGS[what]}")
 
 
 def local_folder(name_or_dir, what="model"):
@@ -49,6 +98,8 @@ def load_t5(name_or_dir, random_init=False, seed=0):
         if not (folder / "config.json").exists():
             raise SystemExit(f"{name_or_dir} holds no config.json: it is not a T5 model folder")
         files.read_json(folder / "config.json", "model configuration")  # damaged JSON: one sentence
+    else:
+        hub_reachable()  # unreachable: the cache only, no retries
     try:
         if random_init:
             config = T5Config.from_pretrained(name_or_dir)
@@ -60,7 +111,7 @@ def load_t5(name_or_dir, random_init=False, seed=0):
             raise SystemExit(f"{name_or_dir} does not hold a T5 model ({_first_line(err)})") from None
         if folder is None:
             if isinstance(err, OSError):
-                raise _offline_error("model", name_or_dir, err)
+                raise offline_error("model", name_or_dir, err)
             raise
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise SystemExit(f"{name_or_dir} has a config but no weights; "
@@ -85,12 +136,14 @@ def load_tokenizer(name_or_dir, say=print):
                              "pass --tokenizer DIR with the T5 tokenizer")
         candidate = str(folder.parent)
         say(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} (--tokenizer to choose)")
+    if folder is None:
+        hub_reachable()  # unreachable: the cache only, no retries
     try:
         tok = AutoTokenizer.from_pretrained(candidate)
     except Exception as err:  # as in load_t5: the library's error types, at the boundary
         if folder is None:
             if isinstance(err, (OSError, ValueError, TypeError)):
-                raise _offline_error("tokenizer", name_or_dir, err)
+                raise offline_error("tokenizer", name_or_dir, err)
             raise
         raise SystemExit(f"the tokenizer in {candidate} cannot be loaded, its files are damaged or not a "
                          f"tokenizer's ({type(err).__name__}: {_first_line(err)}); pass --tokenizer DIR "

@@ -214,7 +214,8 @@ def open_log(path, trackers):
 
 
 def open_trackers(args, out_dir, config):
-    """Live curves in TensorBoard and/or Weights & Biases, off unless asked; log.jsonl stays the record."""
+    """Live curves in TensorBoard and/or Weights & Biases, off unless asked; log.jsonl stays the record.
+    Every package is checked and W&B started before TensorBoard writes its file: a failed start leaves none."""
     trackers = []
     numbers = lambda e: {f"{e['event']}/{k}": v for k, v in e.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
@@ -223,15 +224,20 @@ def open_trackers(args, out_dir, config):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise SystemExit("train: --tensorboard needs the tensorboard package: pip install tensorboard") from None
-        writer = SummaryWriter(args.tensorboard or str(out_dir / "tensorboard"))
-        trackers.append(lambda e: [writer.add_scalar(k, v, e.get("step", 0)) for k, v in numbers(e).items()])
     if args.wandb is not None:
         try:
             import wandb
         except ImportError:
             raise SystemExit("train: --wandb needs the wandb package: pip install wandb") from None
-        wandb_run = wandb.init(project=args.wandb, name=out_dir.name, config=config, dir=str(out_dir))
+        try:
+            wandb_run = wandb.init(project=args.wandb, name=out_dir.name, config=config, dir=str(out_dir))
+        except Exception as err:  # wandb's many error types (no login, no network), at its one boundary
+            raise SystemExit(f"train: --wandb could not start a Weights & Biases run ({type(err).__name__}: "
+                             f"{pretrained._first_line(err)}); run `wandb login`, or WANDB_MODE=offline") from None
         trackers.append(lambda e: wandb_run.log(numbers(e), step=e.get("step", 0)))
+    if args.tensorboard is not None:
+        writer = SummaryWriter(args.tensorboard or str(out_dir / "tensorboard"))
+        trackers.append(lambda e: [writer.add_scalar(k, v, e.get("step", 0)) for k, v in numbers(e).items()])
     return trackers
 
 
@@ -416,6 +422,7 @@ def main(argv=None):
 
     # --- the run folder: one writer (lock); fresh, resumed or overwritten; nothing written before the checks
     out_dir = Path(args.out_dir)
+    created = new_folders(out_dir)
     lock = claim_folder(out_dir, say) if ranks.master else None
     try:
         resume_path = open_run_folder(out_dir, args.resume, args.overwrite, say) if ranks.master else None
@@ -436,6 +443,21 @@ def main(argv=None):
     finally:
         if lock:
             lock.release()
+            remove_if_empty(created)
+
+
+def new_folders(out_dir):
+    """The folders that creating `out_dir` makes, deepest first (what a failed start takes away again)."""
+    return [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+
+
+def remove_if_empty(folders):
+    """A start that failed before writing anything (offline, bad input) leaves no empty folder behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only an empty folder: a run's files, or another process's, keep it
+        except OSError:
+            return
 
 
 def claim_folder(out_dir, say):
@@ -569,6 +591,7 @@ def main_pack(args, specs, ranks, say, max_rows=None):
     """Several prompt runs at once on one task and one T5: their folders, the shared task and T5, the pack."""
     specs = resolve_pack(args, specs)
     args.pack_locks = []
+    created = [folder for spec in specs for folder in new_folders(Path(spec.out_dir))]
     try:
         jobs = open_pack_folders(args, specs, say) if ranks.master else None
         if ranks.world_size > 1:
@@ -587,6 +610,9 @@ def main_pack(args, specs, ranks, say, max_rows=None):
     finally:
         for lock in args.pack_locks:
             lock.release()
+        if ranks.master:
+            for folder in created:
+                remove_if_empty([folder])
 
 
 def build_pack(jobs, task, ranks, say, max_rows=None):

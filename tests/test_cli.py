@@ -5,12 +5,15 @@ an offline or bad start (once, under torchrun too), and nothing on disk after a 
 """
 import argparse
 import importlib
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from test_train import argv, data_dir  # noqa: F401 (data_dir is a fixture shared with test_train)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("ablate", "analyze", "bench", "bench_pack", "evaluate", "export", "fewshot", "model", "prepare_data",
@@ -68,3 +71,86 @@ def test_helper_scripts_help(script):
     assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
     if "profile_step" in script:
         assert "(default: 300)" in out.stdout
+
+
+# --- offline: one quick probe, one sentence naming the flag, no retries ----------------------------------
+
+def offline_env():
+    """No route to the Hub whatever this machine's network: an endpoint nothing listens on, no proxy."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                                   "HTTPS_PROXY", "ALL_PROXY", "HTTP_PROXY")}
+    return {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": os.environ.get("HF_HOME_EMPTY", "/nonexistent-hf-home"),
+            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_offline_hub_fails_fast_with_the_flag(tmp_path):
+    """A Hub name for the model, the tokenizer or a dataset, with no Hub: the one sentence naming the flag
+    (--model DIR, --tokenizer DIR, --source DIR) in under 5 s of loading, and no "Retrying in" lines."""
+    code = ("import sys, time, datasets, pretrained, prepare_data\n"  # imported first: the time is the load's
+            "from transformers import AutoTokenizer, T5ForConditionalGeneration\n"
+            "for what, call in (('model', lambda: pretrained.load_t5('t5-small')),\n"
+            "                   ('tokenizer', lambda: pretrained.load_tokenizer('t5-small')),\n"
+            "                   ('dataset', lambda: prepare_data.load_hub(prepare_data.TASKS['rte']))):\n"
+            "    t0 = time.time()\n"
+            "    try:\n"
+            "        call()\n"
+            "    except SystemExit as err:\n"
+            "        print(what, f'{time.time() - t0:.2f}', err, sep='\\t')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=offline_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert "Retrying" not in out.stdout + out.stderr and "Traceback" not in out.stderr, out.stderr
+    lines = dict((w, (float(t), msg)) for w, t, msg in (line.split("\t") for line in out.stdout.splitlines()
+                                                        if "\t" in line))
+    assert set(lines) == {"model", "tokenizer", "dataset"}, out.stdout + out.stderr
+    for what, flag in (("model", "--model DIR"), ("tokenizer", "--tokenizer DIR"), ("dataset", "--source DIR")):
+        seconds, message = lines[what]
+        assert seconds < 5, f"{what}: {seconds} s offline"
+        assert flag in message and "cannot be reached" in message and message.count("could not") == 1, message
+
+
+def test_offline_cli_one_sentence_nothing_written(tmp_path):
+    """train.py and prepare_data.py offline: exit 1, one sentence, no retries, and no folder left behind."""
+    for argv, flag in ((["train.py", "--task", "rte", "--data-dir", "d", "--out-dir", "runs/x"], "--tokenizer DIR"),
+                       (["prepare_data.py", "--tasks", "rte", "--out", "d"], "--tokenizer DIR")):
+        out = subprocess.run([sys.executable, str(REPO / argv[0]), *argv[1:]], cwd=tmp_path, env=offline_env(),
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1, out.stderr
+        assert flag in out.stderr and "Retrying" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert list(tmp_path.iterdir()) == [], f"{argv[0]} left {list(tmp_path.iterdir())}"
+
+
+# --- a failed start leaves nothing behind --------------------------------------------------------------
+
+def test_failed_start_leaves_no_folder(tmp_path, data_dir, tiny_model_dir):
+    """An offline --model (the tokenizer is a folder), a missing model folder, a pack with one: no run folder,
+    no runs/ parent, exit 1 with one sentence."""
+    cases = [(["--model", "t5-small", "--tokenizer", str(tiny_model_dir)], "--model DIR"),
+             (["--model", str(tmp_path / "no-such-model")], "does not exist"),
+             (["--model", "t5-small", "--tokenizer", str(tiny_model_dir), "--seed", "0", "1"], "--model DIR")]
+    for extra, words in cases:
+        out_dir = tmp_path / "runs" / "deep" / "x"
+        args = [*argv(data_dir, tiny_model_dir, out_dir, "--max-steps", 2), *extra]
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=offline_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "runs").exists(), f"{extra}: {sorted(tmp_path.rglob('*'))}"
+
+
+def test_failed_wandb_leaves_no_folder(tmp_path, data_dir, tiny_model_dir):
+    """--wandb that cannot start (here: a wandb whose init fails, as without a login), with --tensorboard:
+    one sentence, and neither a run folder nor a TensorBoard file."""
+    stub = tmp_path / "stub"
+    (stub / "wandb").mkdir(parents=True)
+    (stub / "wandb" / "__init__.py").write_text("def init(**kw):\n    raise RuntimeError('api key not configured')\n")
+    (stub / "tensorboard").mkdir()  # torch.utils.tensorboard imports only when the package is missing: fake it
+    out_dir = tmp_path / "runs" / "x"
+    env = {**offline_env(), "PYTHONPATH": f"{stub}{os.pathsep}{REPO}"}
+    has_tb = subprocess.run([sys.executable, "-c", "import torch.utils.tensorboard"], env=env,
+                            capture_output=True).returncode == 0
+    args = [*argv(data_dir, tiny_model_dir, out_dir, "--max-steps", 2), "--wandb", "p",
+            *(["--tensorboard"] if has_tb else [])]
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "--wandb could not start" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists(), sorted(tmp_path.rglob("*"))
