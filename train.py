@@ -20,7 +20,9 @@ Loss: the mean over the non-pad target tokens of the whole global batch, the sam
 of ranks or micro-batches (docs/training.md).
 """
 import argparse
+import contextlib
 import functools
+import io
 import itertools
 import json
 import math
@@ -410,31 +412,38 @@ class Throughput:
 # --- the run ------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
+        args = parser.parse_args(argv)  # a usage error: rank 0's message only
     runs_file, max_rows = (vars(args).pop(k) for k in PACK_OPTIONS)
-    specs = sweep(args, runs_file)
     rank, local_rank, world_size, device = runtime.setup_distributed()
     ranks = SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device, master=rank == 0)
     say = print if ranks.master else (lambda *a, **k: None)
+    # Under torchrun every check runs on rank 0 first (runtime.master_first): a failure is one sentence from
+    # rank 0, and the other ranks exit 1 without a word.
+    first = functools.partial(runtime.master_first, rank=rank, world_size=world_size)
+    specs = first(lambda: sweep(args, runs_file), everyone=True)
     if runs_file is not None or len(specs) > 1:
         return main_pack(args, specs, ranks, say, max_rows)
     args = resolve(args)
 
     # --- the run folder: one writer (lock); fresh, resumed or overwritten; nothing written before the checks
     out_dir = Path(args.out_dir)
-    created = new_folders(out_dir)
-    lock = claim_folder(out_dir, say) if ranks.master else None
+    created, lock = new_folders(out_dir), None
+
+    def open_folder():
+        nonlocal lock
+        lock = claim_folder(out_dir, say)
+        return open_run_folder(out_dir, args.resume, args.overwrite, say)
     try:
-        resume_path = open_run_folder(out_dir, args.resume, args.overwrite, say) if ranks.master else None
-        if world_size > 1:
-            resume_path = broadcast_object(resume_path)
+        resume_path = first(open_folder)
         if resume_path == "finished":
             say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); nothing to do")
             return {"out_dir": str(out_dir), "finished": True}
-        task = load_task(args, ranks, say)
-        run = build_run(args, task, ranks, resume_path, say)
+        task = first(lambda: load_task(args, ranks, say), everyone=True)
+        run = first(lambda: build_run(args, task, ranks, resume_path, say), everyone=True)
         run.lock = lock  # checked before every step and write: a lock taken over means stop
-        log = start_log(args, out_dir, run, task, ranks, resume_path, say)
+        log = first(lambda: start_log(args, out_dir, run, task, ranks, resume_path, say), everyone=True)
         try:
             train_loop(args, out_dir, task, run, log, ranks)
             return finish(args, out_dir, task, run, log, ranks, say)
@@ -589,23 +598,28 @@ def open_pack_folders(args, specs, say):
 
 def main_pack(args, specs, ranks, say, max_rows=None):
     """Several prompt runs at once on one task and one T5: their folders, the shared task and T5, the pack."""
-    specs = resolve_pack(args, specs)
+    first = functools.partial(runtime.master_first, rank=ranks.rank, world_size=ranks.world_size)
+    specs = first(lambda: resolve_pack(args, specs), everyone=True)
     args.pack_locks = []
     created = [folder for spec in specs for folder in new_folders(Path(spec.out_dir))]
     try:
-        jobs = open_pack_folders(args, specs, say) if ranks.master else None
-        if ranks.world_size > 1:
-            kept = broadcast_object(None if jobs is None else [(specs.index(j.args), j.resume_path) for j in jobs])
-            if not ranks.master:
-                jobs = [SimpleNamespace(args=specs[i], out_dir=Path(specs[i].out_dir), lock=None, resume_path=r)
-                        for i, r in kept]
+        jobs = None
+
+        def open_folders():
+            nonlocal jobs
+            jobs = open_pack_folders(args, specs, say)
+            return [(specs.index(j.args), j.resume_path) for j in jobs]
+        kept = first(open_folders)
+        if not ranks.master:
+            jobs = [SimpleNamespace(args=specs[i], out_dir=Path(specs[i].out_dir), lock=None, resume_path=r)
+                    for i, r in kept]
         if not jobs:
             say(f"train: nothing left to train of the {len(specs)} runs")
             return {"runs": {}, "finished": True}
-        task = load_task(jobs[0].args, ranks, say)
+        task = first(lambda: load_task(jobs[0].args, ranks, say), everyone=True)
         for job in jobs:
             job.args.max_length = jobs[0].args.max_length
-        pack = build_pack(jobs, task, ranks, say, max_rows)
+        pack = first(lambda: build_pack(jobs, task, ranks, say, max_rows), everyone=True)
         return train_pack(jobs, task, pack, ranks, say)
     finally:
         for lock in args.pack_locks:
@@ -649,19 +663,12 @@ def build_pack(jobs, task, ranks, say, max_rows=None):
                         world_size=ranks.world_size, max_rows=max_rows, wrap=wrap)
 
 
-def broadcast_object(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def load_task(args, ranks, say):
-    """The task's meta.json, tokenizer, training split (token ids) and validation split, checked."""
+    """The task's meta.json, tokenizer, training split (token ids) and validation split, checked. Under torchrun
+    rank 0 runs it first (runtime.master_first), so the data is prepared before the other ranks read it."""
     tokenizer = pretrained.load_tokenizer(args.tokenizer, say)
     if ranks.master:
         prepare_if_missing(args.data_dir, args.task, args.tokenizer, say)
-    if ranks.world_size > 1:
-        dist.barrier()
     meta = files.load_meta(args.data_dir, args.task)
     E.check_metrics(meta, Path(args.data_dir) / args.task / "meta.json")
     if args.eval_mode == "rank" and not meta.get("labels"):
@@ -893,8 +900,8 @@ def train_loop(args, out_dir, task, run, log, ranks):
             for name in names:
                 files.save_torch(out_dir / name, state)
 
-    def stop(what, lr):
-        raise nonfinite_stop(log, out_dir, step, what, lr, best_step)
+    def stop(what, lr):  # every rank sees the same all-reduced loss: rank 0 says it
+        raise runtime.quiet_unless_master(nonfinite_stop(log, out_dir, step, what, lr, best_step), ranks.rank)
 
     throughput = Throughput(warm=2 if args.max_steps - start_step >= 10 else 0)
     pbar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, desc=out_dir.name,
@@ -1010,8 +1017,9 @@ def train_pack(jobs, task, pack, ranks, say):
         pbar.update(1)
     pbar.close()
     if faults:
-        raise NonFiniteError(f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others "
-                             f"finished. " + " ".join(faults))
+        raise runtime.quiet_unless_master(NonFiniteError(
+            f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others finished. "
+            + " ".join(faults)), ranks.rank)
     return {"runs": results}
 
 
@@ -1053,6 +1061,8 @@ def finish(args, out_dir, task, run, log, ranks, say):
 
 
 if __name__ == "__main__":
-    main()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        main()
+    finally:  # also after a failure: every rank stopped at the same point (runtime.master_first)
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -154,3 +154,28 @@ def test_failed_wandb_leaves_no_folder(tmp_path, data_dir, tiny_model_dir):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "--wandb could not start" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists(), sorted(tmp_path.rglob("*"))
+
+
+# --- torchrun: one sentence from rank 0, every rank out cleanly ------------------------------------------
+
+def test_torchrun_failure_is_one_sentence(tmp_path, data_dir, tiny_model_dir):
+    """2 gloo ranks: a check only rank 0 makes (the run folder holds files), one every rank makes (an offline
+    --model) and a pack's: the sentence once, no rank's traceback, nothing but torchrun's own summary after."""
+    (tmp_path / "runs" / "held").mkdir(parents=True)
+    (tmp_path / "runs" / "held" / "log.jsonl").write_text("{}\n")
+    offline = ["--model", "t5-small", "--tokenizer", str(tiny_model_dir)]
+    for out, extra, sentence in (("held", [], "already holds log.jsonl"),
+                                 ("new", offline, "pass --model DIR"),
+                                 ("pack", [*offline, "--seed", "0", "1"], "pass --model DIR")):
+        args = argv(data_dir, tiny_model_dir, tmp_path / "runs" / out, "--max-steps", 2, *extra)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(REPO / "train.py"), *args], cwd=tmp_path, env=offline_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        text = proc.stdout + proc.stderr
+        ours = re.split(r"^[EW]\d{4} .*failed \(exitcode", proc.stderr, maxsplit=1, flags=re.M)[0]
+        assert text.count(sentence) == 1, text
+        assert "Traceback" not in ours and "Connection closed" not in text, ours
+        assert [line for line in ours.splitlines() if line.strip() and not re.match(r"[EWI]\d{4} ", line)] == \
+            [line for line in ours.splitlines() if sentence in line], ours
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["held"]
