@@ -390,15 +390,30 @@ GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b] for b in ("glu
 
 # ---------------------------------------------------------------------------- loading
 
+SAMPLE_FOLDER = re.compile(r"(?i)(k-?shot|few-?shot|\d+-shot|^\d+-\d+$)")  # LM-BFF's k-shot/<TASK>/16-42/, ...
+
+
 def find_files(task, root):
-    """The first folder (shallowest first) under root/<task folder> that holds one accepted file per role."""
+    """The first folder (shallowest first) under root/<task folder> that holds one accepted file per role.
+    Few-shot sample folders (k-shot-16-42/, 16-42/) and several candidate folders at one depth are refused:
+    they are subsets, not the official distribution, and would build a train split of a few dozen rows."""
     folder, need = root / task.folder, " + ".join(" or ".join(names) for names in task.files.values())
     if not folder.is_dir():
         raise SystemExit(f"prepare_data: {task.name}: missing folder {folder} (expected {need} in it; see docs/data.md)")
+    candidates = []
     for d in sorted([folder, *(p for p in folder.rglob("*") if p.is_dir())], key=lambda p: (len(p.parts), str(p))):
         found = {role: next((d / f for f in names if (d / f).is_file()), None) for role, names in task.files.items()}
-        if all(found.values()):
-            return found
+        if all(found.values()) and (not candidates or len(d.parts) == len(candidates[0][0].parts)):
+            candidates.append((d, found))
+    if candidates:
+        d, found = candidates[0]
+        samples = [c for c, _ in candidates if any(SAMPLE_FOLDER.search(part) for part in c.relative_to(root).parts)]
+        if len(candidates) > 1 or samples:
+            names = ", ".join(str(c.relative_to(folder)) for c, _ in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
+            raise SystemExit(f"prepare_data: {task.name}: found {need} in {'few-shot sample' if samples else 'several'} "
+                             f"folders under {folder} ({names}), expected the official full distribution in one "
+                             "folder; pass --source DIR with the official files (docs/data.md)")
+        return found
     absent = [names for names in task.files.values() if not any(any(folder.rglob(Path(f).name)) for f in names)]
     what = f"missing {' or '.join(absent[0])}" if absent else "no one folder holds all of the files"
     raise SystemExit(f"prepare_data: {task.name}: {what} under {folder} (expected {need}; see docs/data.md)")
@@ -621,6 +636,8 @@ def main(argv=None):
             raise SystemExit(f"prepare_data: {out / name} was prepared with data seed {meta['data_seed']} and "
                              f"few-shot sets {sorted(meta['fewshot']) or 'none'}; pass --overwrite to rebuild it")
         print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")
+    for name in todo if args.source else []:  # a missing file or a few-shot folder: refused before any work
+        find_files(TASKS[name], Path(args.source))
     if todo:
         load_tokenizer(args.tokenizer)  # fail before any download
         out = files.make_dir(out, "output folder")

@@ -56,6 +56,9 @@ group = parser.add_argument_group("data")
 group.add_argument("--task", default="rte", type=cli.name,
                    help="task name (default: rte, the paper's running example); data/<task>/ is prepared if missing")
 group.add_argument("--data-dir", default="data", help="folder holding <task>/meta.json and the split files")
+group.add_argument("--source", default=None, metavar="DIR",
+                   help="a missing data/<task>/ is prepared from this folder of official files (prepare_data.py "
+                        "--source), not the Hub")
 group.add_argument("--fewshot-k", type=cli.positive_int, default=None, help="train on train_k{K}_seed{S}.jsonl (Table 3)")
 group.add_argument("--fewshot-seed", type=cli.nonnegative_int, default=0, help="which few-shot sample (S above)")
 group.add_argument("--max-length", type=cli.positive_int, default=None,
@@ -177,6 +180,22 @@ def open_run_folder(out_dir, resume, overwrite, say):
     return None
 
 
+def refuse_more_steps(out_dir, args):
+    """A finished run asked for more training (--resume with a larger --max-steps or --epochs) is refused: its lr
+    decayed linearly to 0 at its last step, and training on would need a schedule that is neither the old
+    run's nor a fresh run of the new length (docs/training.md, "Resume")."""
+    config = files.read_json(out_dir / "config.json", "run configuration")
+    config = config if isinstance(config, dict) else {}
+    for flag, key in (("--epochs", "epochs"), ("--max-steps", "max_steps")):
+        was, now = config.get(key), getattr(args, key)
+        if key == "max_steps" and (args.epochs is not None or config.get("epochs") is not None):
+            continue  # an epoch count decides the steps
+        if now is not None and (was is None or now > was):
+            raise SystemExit(f"train: {out_dir} finished with {flag} {was}; {flag} {now} asks for more, but its lr "
+                             f"schedule ended at 0 there: keep {flag} {was}, or --overwrite to train {flag} {now} "
+                             "from scratch (or another --out-dir)")
+
+
 def trim_log(path, step):
     """On resume: keep the events up to the checkpoint's step; what a killed run logged after it is redone
     (a half-written last line included)."""
@@ -245,16 +264,18 @@ def open_trackers(args, out_dir, config):
 
 # --- data ---------------------------------------------------------------------------------------------
 
-def prepare_if_missing(data_dir, task, tokenizer, say):
-    """data/<task>/ prepared on first use by prepare_data.py's own code (from the Hub)."""
+def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
+    """data/<task>/ prepared on first use by prepare_data.py's own code (from the Hub, or --source DIR)."""
     if (Path(data_dir) / task / "meta.json").exists():
         return
     import prepare_data
     if task not in prepare_data.TASKS:
         raise SystemExit(f"train: unknown task {task!r} and no {Path(data_dir) / task / 'meta.json'}; "
                          f"tasks: {', '.join(prepare_data.TASKS)}")
-    say(f"train: {Path(data_dir) / task} is not prepared yet; preparing it now (python prepare_data.py --tasks {task})")
-    prepare_data.main(["--tasks", task, "--out", str(data_dir), "--tokenizer", tokenizer])
+    command = ["--tasks", task, "--out", str(data_dir), "--tokenizer", tokenizer, *(["--source", source] if source else [])]
+    say(f"train: {Path(data_dir) / task} is not prepared yet; preparing it now (python prepare_data.py "
+        f"{' '.join(command)})")
+    prepare_data.main(command)
 
 
 check_split = B.check_split  # a split file against its meta.json (batching.py)
@@ -434,7 +455,10 @@ def main(argv=None):
     def open_folder():
         nonlocal lock
         lock = claim_folder(out_dir, say)
-        return open_run_folder(out_dir, args.resume, args.overwrite, say)
+        resume_path = open_run_folder(out_dir, args.resume, args.overwrite, say)
+        if resume_path == "finished":
+            refuse_more_steps(out_dir, args)
+        return resume_path
     try:
         resume_path = first(open_folder)
         if resume_path == "finished":
@@ -588,6 +612,8 @@ def open_pack_folders(args, specs, say):
         resume_path = None if args.overwrite or not runs.finished(out_dir) else "finished"
         if resume_path is None:
             resume_path = open_run_folder(out_dir, args.resume, args.overwrite, say)
+        if resume_path == "finished" and args.resume:
+            refuse_more_steps(out_dir, spec)
         if resume_path == "finished":
             say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); skipped")
             lock.release()
@@ -668,7 +694,7 @@ def load_task(args, ranks, say):
     rank 0 runs it first (runtime.master_first), so the data is prepared before the other ranks read it."""
     tokenizer = pretrained.load_tokenizer(args.tokenizer, say)
     if ranks.master:
-        prepare_if_missing(args.data_dir, args.task, args.tokenizer, say)
+        prepare_if_missing(args.data_dir, args.task, args.tokenizer, say, args.source)
     meta = files.load_meta(args.data_dir, args.task)
     E.check_metrics(meta, Path(args.data_dir) / args.task / "meta.json")
     if args.eval_mode == "rank" and not meta.get("labels"):

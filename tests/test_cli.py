@@ -179,3 +179,42 @@ def test_torchrun_failure_is_one_sentence(tmp_path, data_dir, tiny_model_dir):
         assert [line for line in ours.splitlines() if line.strip() and not re.match(r"[EWI]\d{4} ", line)] == \
             [line for line in ours.splitlines() if sentence in line], ours
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["held"]
+
+
+def test_train_first_use_preparation_takes_source(tmp_path, tiny_model_dir):
+    """train.py on a task not prepared yet: offline, the sentence names --source DIR, which train.py takes;
+    with it the task is prepared from the official files and the run trains."""
+    base = [sys.executable, str(REPO / "train.py"), "--task", "rte", "--data-dir", "d", "--model", str(tiny_model_dir),
+            "--out-dir", "runs/x", "--max-steps", "1", "--eval-every", "1", "--max-eval-examples", "4", "--no-test"]
+    proc = subprocess.run(base, cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "pass --source DIR" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = subprocess.run([*base, "--source", str(REPO / "tests" / "fixtures" / "raw")], cwd=tmp_path,
+                          env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "prepare_data.py --tasks rte --out d" in proc.stdout and "--source" in proc.stdout
+    assert (tmp_path / "d" / "rte" / "meta.json").exists() and (tmp_path / "runs" / "x" / "log.jsonl").exists()
+
+
+# --- a finished run asked for more -----------------------------------------------------------------------
+
+def folder_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_resume_finished_run_with_more_steps_is_refused(tmp_path, data_dir, tiny_model_dir, one_thread):
+    """--resume of a finished run with a larger --max-steps: one sentence naming the flag and both values,
+    nothing changed; the same --max-steps: finished, nothing to do; a pack holding it: refused the same way."""
+    import train
+    out = tmp_path / "run"
+    flags = ("--max-steps", 2, "--eval-every", 2, "--max-eval-examples", 4)
+    train.main(argv(data_dir, tiny_model_dir, out, *flags))
+    before = folder_bytes(out)
+    with pytest.raises(SystemExit, match=r"finished with --max-steps 2; --max-steps 4 asks for more.*--overwrite"):
+        train.main(argv(data_dir, tiny_model_dir, out, *flags, "--resume", "--max-steps", 4))
+    assert train.main(argv(data_dir, tiny_model_dir, out, *flags, "--resume"))["finished"]
+    runs_file = tmp_path / "runs.json"
+    runs_file.write_text('[{"method": "ept", "out_dir": "%s"}, {"method": "pt", "out_dir": "%s"}]'
+                         % (out, tmp_path / "other"))
+    with pytest.raises(SystemExit, match=r"--max-steps 4 asks for more"):
+        train.main(argv(data_dir, tiny_model_dir, tmp_path, *flags, "--resume", "--max-steps", 4, "--runs", runs_file))
+    assert folder_bytes(out) == before and not (tmp_path / "other").exists()
