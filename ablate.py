@@ -323,8 +323,10 @@ def run_experiment(experiment, specs, args, extra=()):
     (or a plain single call) works through the plan itself (work())."""
     runs_dir = Path(args.runs_dir)
     plan = {}
+    through = passed_through(extra)
     for s in specs:  # the same configuration twice (e.g. a shared default) is one run
         options = {k: v for k, v in s.items() if k != "_row"}
+        options.update({k: v for k, v in through.items() if not (k == "max_steps" and options.get("epochs"))})
         plan.setdefault(run_name(options), (options, s.get("_row"), runs_dir / run_name(options)))
     if args.dry_run:
         return dry_run(experiment, plan, args, extra)
@@ -694,6 +696,17 @@ def wall_hours(gpu_hours, longest, gpus, nproc):
     """Wall time of runs totalling `gpu_hours` on `gpus` GPUs, `nproc` per run: at least max(gpu_hours /
     gpus, the longest run), and, workers taking the next free run, at most gpu_hours / gpus + the longest."""
     return max(gpu_hours / gpus, longest / nproc), gpu_hours / gpus + longest / nproc
+
+
+def passed_through(extra):
+    """The run-name options among the pass-through flags (--max-steps 6, --eval-every 3, ...), typed as train.py
+    takes them: they win over the experiment's own values, so a run's name and its --runs entry say what
+    it trains (a SMOKE few-shot run of 6 steps is ..._steps6_..., not the driver's 10,000)."""
+    import train
+    flags = {a.split("=")[0] for a in extra if a.startswith("--")}
+    values = vars(train.parser.parse_known_args(list(extra))[0])
+    return {key: values[key] for key, _ in NAME_TAGS
+            if "--" + key.replace("_", "-") in flags and not isinstance(values[key], list)}
 
 
 def _extra_value(extra, flag, default, cast):

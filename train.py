@@ -108,8 +108,9 @@ group.add_argument("--eval-mode", default="generate", choices=("generate", "rank
 group.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
 group = parser.add_argument_group("output")
 group.add_argument("--out-dir", default=None,
-                   help="run folder (default: runs/{task}_{method}_{model}_s{seed}); of a pack: the parent folder "
-                        "(default: runs) of one folder per run, named as runs.run_name names it")
+                   help="run folder (default: runs/<run name>, e.g. runs/rte_ept_t5-base_s0: the options that differ "
+                        "from the defaults are in the name, docs/training.md); of a pack: the parent folder (default: "
+                        "runs) of one folder per run, named by the same rule")
 group.add_argument("--save-every", type=cli.positive_int, default=None, help="also write last.pt every N steps (default: --eval-every)")
 group.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
 group.add_argument("--overwrite", action="store_true", help="delete an existing run folder's files first")
@@ -144,9 +145,6 @@ def resolve(args):
     if args.broadcast is None:
         args.broadcast = M.DEFAULTS["broadcast"].get(args.method)
     args.tokenizer = args.tokenizer or args.model
-    if args.out_dir is None:
-        fewshot = f"_k{args.fewshot_k}fs{args.fewshot_seed}" if args.fewshot_k else ""
-        args.out_dir = f"runs/{args.task}{fewshot}_{args.method}_{Path(args.model).name}_s{args.seed}"
     return args
 
 
@@ -447,6 +445,7 @@ def main(argv=None):
     if runs_file is not None or len(specs) > 1:
         return main_pack(args, specs, ranks, say, max_rows)
     args = resolve(args)
+    args.out_dir = args.out_dir or str(Path("runs") / pack_run_name(args))  # one naming rule, solo or pack
 
     # --- the run folder: one writer (lock); fresh, resumed or overwritten; nothing written before the checks
     out_dir = Path(args.out_dir)
@@ -546,8 +545,12 @@ def sweep(args, runs_file=None):
     or --runs FILE's list, each dict over the command line's options."""
     if runs_file is None:
         lists = [[v] if not isinstance(v := getattr(args, k), list) else v for k in SWEEP]
-        return [argparse.Namespace(**{**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None})  # --out-dir: the parent
-                for combo in itertools.product(*lists)]
+        specs = {}
+        for combo in itertools.product(*lists):
+            spec = {**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None}  # --out-dir: the parent
+            spec.update({k: parser.get_default(k) for k in M.METHOD_OPTIONS if not M.applies(k, spec["method"])})
+            specs.setdefault(tuple(map(repr, spec.values())), argparse.Namespace(**spec))  # EPT x 2 lengths: once
+        return list(specs.values())
     rows = files.read_json(Path(runs_file), "run list")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise SystemExit(f"train: --runs {runs_file} must hold a non-empty JSON list of option dicts")
@@ -1078,7 +1081,7 @@ def finish(args, out_dir, task, run, log, ranks, say):
     t = run.throughput
     log({"event": "end", "step": run.step, **t, "best_step": run.best_step, "best_score": run.best_score,
          "test_score": test["score"] if test else None})
-    say(f"train: done. best validation {run.best_score:.2f} at step {run.best_step}"
+    say(f"train: done {out_dir.name}: best validation {run.best_score:.2f} at step {run.best_step}"
         + (f", test {test['score']:.2f}" if test else "")
         + f"; {t['train_examples_per_s']:.1f} examples/s, {t['train_tokens_per_s']:.0f} tokens/s, "
         f"peak memory {t['peak_memory_mb']:.0f} MiB ({t['peak_memory_kind']})")

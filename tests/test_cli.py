@@ -218,3 +218,53 @@ def test_resume_finished_run_with_more_steps_is_refused(tmp_path, data_dir, tiny
     with pytest.raises(SystemExit, match=r"--max-steps 4 asks for more"):
         train.main(argv(data_dir, tiny_model_dir, tmp_path, *flags, "--resume", "--max-steps", 4, "--runs", runs_file))
     assert folder_bytes(out) == before and not (tmp_path / "other").exists()
+
+
+# --- run names: one rule, what runs, only what applies -----------------------------------------------------
+
+def test_solo_and_sweep_runs_are_named_by_one_rule(tmp_path, data_dir, tiny_model_dir, one_thread, monkeypatch,
+                                                   capsys):
+    """The same flags name a solo run's folder as they name a sweep's (runs/..._steps2_ev2_s0), and each
+    "done" line names its run."""
+    import train
+    monkeypatch.chdir(tmp_path)
+    flags = ["--task", "toy", "--data-dir", str(data_dir), "--model", str(tiny_model_dir), "--batch-size", "8",
+             "--max-steps", "2", "--eval-every", "2", "--max-eval-examples", "4", "--no-test"]
+    train.main([*flags, "--seed", "0"])
+    train.main([*flags, "--seed", "1", "2"])
+    model = Path(tiny_model_dir).name
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [f"toy_ept_{model}_steps2_ev2_s{s}" for s in range(3)]
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train: done")]
+    assert [line.split(":")[1].split()[-1] for line in done] == [f"toy_ept_{model}_steps2_ev2_s{s}" for s in range(3)]
+
+
+def test_options_that_do_not_apply_neither_multiply_nor_name_runs():
+    """--method pt ept --prompt-length 5 10: PT twice (n5 and the default n10), EPT once (it has no prompt
+    length); --hidden-size does not name a PT run; model.APPLIES decides."""
+    import model as M
+    import train
+    args = train.parser.parse_args(["--task", "rte", "--method", "pt", "ept", "--prompt-length", "5", "10",
+                                    "--model", "t5-base"])
+    specs = train.resolve_pack(args, train.sweep(args))
+    assert [Path(s.out_dir).name for s in specs] == ["rte_pt_t5-base_n5_s0", "rte_pt_t5-base_s0", "rte_ept_t5-base_s0"]
+    args = train.parser.parse_args(["--method", "pt", "ept", "ptuning", "--hidden-size", "1", "5", "--reparam",
+                                    "mlp", "lstm"])
+    names = [Path(s.out_dir).name for s in train.resolve_pack(args, train.sweep(args))]
+    assert names == ["rte_pt_t5-base_s0", "rte_ept_t5-base_s0", "rte_ept_t5-base_h5_s0", "rte_ptuning_t5-base_s0",
+                     "rte_ptuning_t5-base_lstm_s0"]
+    assert all(M.applies(k, "ept") for k in ("hidden_size", "broadcast", "depth")) and not M.applies("prompt_length", "ept")
+
+
+def test_driver_names_say_what_runs(tmp_path, capsys):
+    """A pass-through --max-steps / --eval-every wins over the driver's own value, in the name too: a SMOKE
+    few-shot run of 6 steps is ..._steps6_ev3_k4_fs0_s0, not ..._steps10000_..."""
+    import ablate
+    import fewshot
+    assert ablate.passed_through(["--max-steps", "6", "--eval-every=3", "--dtype", "bf16"]) == \
+        {"max_steps": 6, "eval_every": 3}
+    fewshot.main(["--dry-run", "--tasks", "cb", "--shots", "4", "--seeds", "0", "--methods", "ept", "--model", "t5-base",
+                  "--data-dir", str(tmp_path / "d"), "--runs-dir", str(tmp_path / "runs"), "--results-dir",
+                  str(tmp_path / "r"), "--max-steps", "6", "--eval-every", "3"])
+    out = capsys.readouterr().out
+    assert "cb_ept_t5-base_steps6_ev3_k4_fs0_s0" in out, out
+    assert "steps10000" not in out

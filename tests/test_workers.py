@@ -156,7 +156,7 @@ def test_a_run_that_fails_is_tried_once_per_session(tiny_model_dir, data_dir, tm
     proc = driver(*argv)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "exited with status" not in out, out[-3000:]
-    failed = tmp_path / "runs" / f"stsb_ept_{Path(tiny_model_dir).name}_init-label_s0"
+    failed = tmp_path / "runs" / f"stsb_ept_{Path(tiny_model_dir).name}_init-label_steps3_ev2_s0"
     assert out.count(f"] train {failed.name}") == 1  # tried once, by one worker
     assert json.loads((failed / runs.FAILED).read_text())["reason"] and not (failed / "run.lock").exists()
     assert f"FAILED: {failed.name}" in out and "init: 2 runs, 1 trained now, 0 already finished, 1 failed" in out
