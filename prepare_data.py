@@ -471,10 +471,20 @@ def load_hub(task):
 
 # ---------------------------------------------------------------------------- records, splits, few-shot
 
+BAR_ROWS = 20000  # fewer rows take well under a few seconds: no progress bar
+
+
+def progress(items, desc, unit="rows", rows=None):
+    """`items` with a progress bar on stderr when they stand for many rows (TQDM_DISABLE=1 turns it off)."""
+    from tqdm import tqdm
+    many = (len(items) if rows is None else rows) >= BAR_ROWS
+    return tqdm(items, desc=desc, unit=unit, dynamic_ncols=True, leave=False) if many else items
+
+
 def to_records(task, rows, where):
     """The one code path from Hub-schema rows (either source) to records; bad rows name their origin."""
     records = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(progress(rows, f"{task.name}: {where}")):
         try:
             rec = task.convert(row, i)
             if task.labels and rec["target"] not in task.labels:
@@ -544,7 +554,8 @@ def source_lengths(tokenizer, texts):
     special = len(tokenizer("")["input_ids"])
     lengths = {t: special + sum(size[w] for w in t.split()) for t in texts}
     if any(lengths[t] != n for t, n in whole(texts[::max(1, len(texts) // 200)])):
-        lengths = {t: n for i in range(0, len(texts), 4096) for t, n in whole(texts[i:i + 4096])}
+        lengths = {t: n for i in progress(range(0, len(texts), 4096), "token lengths", "chunks", len(texts))
+                   for t, n in whole(texts[i:i + 4096])}
     return lengths
 
 

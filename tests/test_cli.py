@@ -268,3 +268,29 @@ def test_driver_names_say_what_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cb_ept_t5-base_steps6_ev3_k4_fs0_s0" in out, out
     assert "steps10000" not in out
+
+
+# --- progress bars ------------------------------------------------------------------------------------------
+
+def test_progress_bars_for_long_work_and_tqdm_disable(tiny_model_dir, capfd):
+    """evaluate.py's decoding and prepare_data's row conversion draw a bar on stderr (none inside train.py's
+    validation, none for a few rows), and TQDM_DISABLE=1 (read when tqdm is imported) turns them off."""
+    import evaluate
+    import prepare_data
+    import pretrained
+    net = __import__("model").PromptedT5(pretrained.load_t5(str(tiny_model_dir)))
+    tok = pretrained.load_tokenizer(str(tiny_model_dir))
+    rows = [{"sentence1": "a b", "sentence2": "c", "label": 0, "idx": i} for i in range(prepare_data.BAR_ROWS)]
+    capfd.readouterr()
+    evaluate.predict(net, tok, ["one two", "three"], max_new_tokens=2, progress="evaluate toy test")
+    prepare_data.to_records(prepare_data.TASKS["rte"], rows, "train")
+    prepare_data.to_records(prepare_data.TASKS["rte"], rows[:10], "small")
+    evaluate.predict(net, tok, ["one two", "three"], max_new_tokens=2)  # train.py's validation: no bar
+    err = capfd.readouterr().err
+    assert "evaluate toy test" in err and "rte: train" in err and "rte: small" not in err, err
+    assert err.count("evaluate") == err.count("evaluate toy test")
+    code = ("import prepare_data as P\n"
+            "P.to_records(P.TASKS['rte'], [dict(sentence1='a', sentence2='b', label=0, idx=i) for i in range(P.BAR_ROWS)], 'train')")
+    out = subprocess.run([sys.executable, "-c", code], env={**offline_env(), "TQDM_DISABLE": "1"}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "rte: train" not in out.stderr, out.stderr
