@@ -215,7 +215,8 @@ def test_driver_trains_in_packs_claims_by_lock_and_writes_the_same_rows(tiny_mod
     root = tmp_path / "b"
     args = ablate.parser.parse_args(grid)
     args.values = ablate.parse_values("hidden", args.values)
-    names = [ablate.run_name({k: v for k, v in s.items() if k != "_row"}) for s in ablate.hidden(args)]
+    through = ablate.passed_through(TRAIN)  # --max-steps 3 --eval-every 2 name the runs too
+    names = [ablate.run_name({**{k: v for k, v in s.items() if k != "_row"}, **through}) for s in ablate.hidden(args)]
     held_dir = root / "runs" / names[1]  # h1 s1: the second run of the walk
     held_dir.mkdir(parents=True)
     held = runs.acquire_lock(held_dir, heartbeat=False)  # another live process holds this run
@@ -233,8 +234,7 @@ def test_driver_trains_in_packs_claims_by_lock_and_writes_the_same_rows(tiny_mod
     assert calls == [("pack", [names[0], names[2]]), ("solo", str(root / "runs" / names[3])), ("solo", str(held_dir))]
     assert rows_without_paths(packed) == rows_without_paths(solo)
     assert len((root / "res" / "hidden.jsonl").read_text().splitlines()) == 4  # one row per run
-    assert all(not (root / "runs" / ablate.run_name({k: v for k, v in s.items() if k != "_row"}) / runs.LOCK_NAME)
-               .exists() for s in ablate.hidden(args))  # every lock released
+    assert all(not (root / "runs" / name / runs.LOCK_NAME).exists() for name in names)  # every lock released
 
     calls.clear()  # a second call trains nothing
     again = ablate.main([*grid, "--runs-dir", str(root / "runs"), "--results-dir", str(root / "res"),
