@@ -228,8 +228,10 @@ def frozen_embedding(run_dir, cache):
     config = runs.read_config(run_dir)
     key = (config["model"], config["random_init"], config["seed"] if config["random_init"] else None)
     if key not in cache:
-        t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
-        cache[key] = (t5.get_input_embeddings().weight.detach(), pretrained.load_tokenizer(config["tokenizer"]))
+        t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
+                                fix=pretrained.RUN_FIX)
+        tokenizer = pretrained.load_tokenizer(config["tokenizer"], fix=pretrained.RUN_FIX)
+        cache[key] = (t5.get_input_embeddings().weight.detach(), tokenizer)
     return (config, *cache[key])
 
 

@@ -310,8 +310,9 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
     device = device or R.default_device()
-    t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
-    tokenizer = pretrained.load_tokenizer(config["tokenizer"])
+    t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
+                            fix=pretrained.RUN_FIX)
+    tokenizer = pretrained.load_tokenizer(config["tokenizer"], fix=pretrained.RUN_FIX)
     state_path = run_dir / f"{checkpoint}.pt"
     if config["method"] == "ft":  # the checkpoint holds all of T5
         if not state_path.exists():

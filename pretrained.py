@@ -61,13 +61,17 @@ def hub_reachable():
     return bool(answered)
 
 
-def offline_error(what, name, err=None):
-    """The one sentence for a Hub name that could not be loaded: why, and the flag that takes a folder."""
+RUN_FIX = "a run trained on a Hub name needs it in the local Hugging Face cache (HF_HOME): load it once online"
+
+
+def offline_error(what, name, err=None, fix=None):
+    """The one sentence for a Hub name that could not be loaded: why, and the way out (by default the flag that
+    takes a folder; `fix` where there is no such flag: a run folder's config.json names the model)."""
     if not hub_reachable():
         why = f"{offline_reason} and it is not in the local cache"
     else:
         why = "the Hub has no such name, or refused it" + (f" ({type(err).__name__})" if err is not None else "")
-    return SystemExit(f"could not load the {what} {name!r}: {why}; pass {FLAGS[what]}")
+    return SystemExit(f"could not load the {what} {name!r}: {why}; {fix or 'pass ' + FLAGS[what]}")
 
 
 def local_folder(name_or_dir, what="model"):
@@ -88,8 +92,9 @@ def _first_line(err):
     return (str(err).strip().splitlines() or [""])[0][:200]
 
 
-def load_t5(name_or_dir, random_init=False, seed=0):
-    """T5ForConditionalGeneration from the Hub or a folder; `random_init` builds it from the config."""
+def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
+    """T5ForConditionalGeneration from the Hub or a folder; `random_init` builds it from the config. `fix`: the
+    way out an offline failure names (default: --model DIR)."""
     from transformers import T5Config, T5ForConditionalGeneration
     from transformers.utils import logging
     logging.disable_progress_bar()  # one bar per shard is noise in every log
@@ -111,7 +116,7 @@ def load_t5(name_or_dir, random_init=False, seed=0):
             raise SystemExit(f"{name_or_dir} does not hold a T5 model ({_first_line(err)})") from None
         if folder is None:
             if isinstance(err, OSError):
-                raise offline_error("model", name_or_dir, err)
+                raise offline_error("model", name_or_dir, err, fix)
             raise
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise SystemExit(f"{name_or_dir} has a config but no weights; "
@@ -124,7 +129,7 @@ def _has_vocabulary(folder):
     return (folder / "tokenizer.json").exists() or (folder / "spiece.model").exists()
 
 
-def load_tokenizer(name_or_dir, say=print):
+def load_tokenizer(name_or_dir, say=print, fix=None):
     """The T5 tokenizer of a Hub name or a folder. A folder without a vocabulary (a bare config, as in
     ../shared/data/t5/t5-small) takes its parent's, and says so; with neither, it is an error."""
     from transformers import AutoTokenizer
@@ -143,7 +148,7 @@ def load_tokenizer(name_or_dir, say=print):
     except Exception as err:  # as in load_t5: the library's error types, at the boundary
         if folder is None:
             if isinstance(err, (OSError, ValueError, TypeError)):
-                raise offline_error("tokenizer", name_or_dir, err)
+                raise offline_error("tokenizer", name_or_dir, err, fix)
             raise
         raise SystemExit(f"the tokenizer in {candidate} cannot be loaded, its files are damaged or not a "
                          f"tokenizer's ({type(err).__name__}: {_first_line(err)}); pass --tokenizer DIR "

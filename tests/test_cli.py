@@ -90,7 +90,8 @@ def test_offline_hub_fails_fast_with_the_flag(tmp_path):
             "from transformers import AutoTokenizer, T5ForConditionalGeneration\n"
             "for what, call in (('model', lambda: pretrained.load_t5('t5-small')),\n"
             "                   ('tokenizer', lambda: pretrained.load_tokenizer('t5-small')),\n"
-            "                   ('dataset', lambda: prepare_data.load_hub(prepare_data.TASKS['rte']))):\n"
+            "                   ('dataset', lambda: prepare_data.load_hub(prepare_data.TASKS['rte'])),\n"
+            "                   ('run', lambda: pretrained.load_t5('t5-small', fix=pretrained.RUN_FIX))):\n"
             "    t0 = time.time()\n"
             "    try:\n"
             "        call()\n"
@@ -101,8 +102,10 @@ def test_offline_hub_fails_fast_with_the_flag(tmp_path):
     assert "Retrying" not in out.stdout + out.stderr and "Traceback" not in out.stderr, out.stderr
     lines = dict((w, (float(t), msg)) for w, t, msg in (line.split("\t") for line in out.stdout.splitlines()
                                                         if "\t" in line))
-    assert set(lines) == {"model", "tokenizer", "dataset"}, out.stdout + out.stderr
-    for what, flag in (("model", "--model DIR"), ("tokenizer", "--tokenizer DIR"), ("dataset", "--source DIR")):
+    assert set(lines) == {"model", "tokenizer", "dataset", "run"}, out.stdout + out.stderr
+    # evaluate.py and analyze.py rebuild a run's T5 from its config.json: no flag, the cache is the way out
+    for what, flag in (("model", "--model DIR"), ("tokenizer", "--tokenizer DIR"), ("dataset", "--source DIR"),
+                       ("run", "HF_HOME")):
         seconds, message = lines[what]
         assert seconds < 5, f"{what}: {seconds} s offline"
         assert flag in message and "cannot be reached" in message and message.count("could not") == 1, message
