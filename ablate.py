@@ -410,8 +410,10 @@ def run_experiment(experiment, specs, args, extra=()):
     are not train.py options (the swept value). --collect only collects; --dry-run only estimates."""
     runs_dir = Path(args.runs_dir)
     plan = {}
+    through = passed_through(extra)
     for s in specs:  # the same configuration twice (e.g. a shared default) is one run
         options = {k: v for k, v in s.items() if k != "_row"}
+        options.update({k: v for k, v in through.items() if not (k == "max_steps" and options.get("epochs"))})
         plan.setdefault(run_name(options), (options, s.get("_row"), runs_dir / run_name(options)))
     if args.dry_run:
         return dry_run(experiment, plan, args, extra)
@@ -702,6 +704,17 @@ def wall_hours(gpu_hours, longest, gpus, nproc):
     return max(gpu_hours / gpus, longest / nproc), gpu_hours / gpus + longest / nproc
 
 
+def passed_through(extra):
+    """The run-name options among the pass-through flags (--max-steps 6, --eval-every 3, ...), typed as train.py
+    takes them: they win over the experiment's own values, so a run's name and its --runs entry say what
+    it trains (a SMOKE few-shot run of 6 steps is ..._steps6_..., not the driver's 10,000)."""
+    import train
+    flags = {a.split("=")[0] for a in extra if a.startswith("--")}
+    values = vars(train.parser.parse_known_args(list(extra))[0])
+    return {key: values[key] for key, _ in NAME_TAGS
+            if "--" + key.replace("_", "-") in flags and not isinstance(values[key], list)}
+
+
 def _extra_value(extra, flag, default, cast):
     extra = list(extra)
     values = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == flag]
@@ -804,7 +817,7 @@ EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": ini
 
 # --- command line ---------------------------------------------------------------------------------
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which table or figure's grid")
 # data
 parser.add_argument("--tasks", nargs="+", type=cli.name, default=None,

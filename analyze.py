@@ -40,7 +40,7 @@ NORM_METHODS = ["pt", "resprompt", "ptuning"]  # Figures 2, 3, 4, 11
 NEIGHBOUR_METHODS = ["pt", "resprompt", "ptuning", "ept", "ept_star"]
 MAX_POINTS = 600  # mu_t is logged every step (30K): keep this many points per curve
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("analysis", choices=("norms", "cosine", "subset", "transfer", "neighbours", "directions", "all"))
 # data
 parser.add_argument("--results-dir", default="results", help="where table1.jsonl / table2.jsonl are; output goes "
@@ -229,8 +229,10 @@ def frozen_embedding(run_dir, cache):
     config = runs.read_config(run_dir)
     key = (config["model"], config["random_init"], config["seed"] if config["random_init"] else None)
     if key not in cache:
-        t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
-        cache[key] = (t5.get_input_embeddings().weight.detach(), pretrained.load_tokenizer(config["tokenizer"]))
+        t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
+                                fix=pretrained.RUN_FIX)
+        tokenizer = pretrained.load_tokenizer(config["tokenizer"], fix=pretrained.RUN_FIX)
+        cache[key] = (t5.get_input_embeddings().weight.detach(), tokenizer)
     return (config, *cache[key])
 
 

@@ -70,6 +70,7 @@ import numpy as np
 import torch
 
 import batching as B
+import cli
 import evaluate as E
 import files
 import model as M
@@ -78,7 +79,7 @@ import pretrained
 import runtime
 import train
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 # data
 group = parser.add_argument_group("data")
 group.add_argument("--task", required=True, help="task name: data/<task>/ written by prepare_data.py")

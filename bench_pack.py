@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import model as M
 import train
 from packing import Pack, PackedT5, clip_runs, make_run, step_runs
@@ -127,10 +128,10 @@ PEAK_TFLOPS = {("cuda", "bf16"): 989.0, ("cuda", "fp32"): 67.0}  # H200 dense (f
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "shared/data/t5/t5-small"),
                         help="T5 config folder (random weights are built from it; default ../shared/data/t5/t5-small)")
-    parser.add_argument("--runs", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--runs", type=int, nargs="+", default=[1, 4, 16, 32], help="pack sizes R to time")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per run per step")
     parser.add_argument("--length", type=int, default=82,
                         help="input ids per example, </s> included (82 + 2 target ids = RTE's mean of 84 real tokens)")
@@ -140,7 +141,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=0, help="untimed steps per R (a 1-run step always comes first)")
     parser.add_argument("--max-rows", type=int, default=16,
                         help="examples per forward pass (default 16, one solo batch; 0: every run's batch in one pass)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU session)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                         help="fp32: train.py's default and the paper's; bf16: autocast, as train.py --dtype bf16")

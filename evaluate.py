@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import batching as B
 import cli
@@ -35,7 +36,7 @@ import pretrained
 import runs
 import runtime as R
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("run_dir", help="a run folder written by train.py")
 # data
 parser.add_argument("--split", default="test", choices=("test", "validation", "train"), help="which split to score")
@@ -222,14 +223,22 @@ def compute_metrics(meta, predictions, examples):
 # --- decoding ------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def progress_bar(n, desc):
+    """A bar over `n` examples on stderr, or none when `desc` is None (inside train.py's own bar);
+    TQDM_DISABLE=1 turns it off."""
+    return tqdm(total=n, desc=desc, unit="ex", dynamic_ncols=True, **({"disable": True} if desc is None else {}))
+
+
 def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_length=256, device="cpu",
-            dtype="fp32", sort_by_length=True):
+            dtype="fp32", sort_by_length=True, progress=None):
     """Greedy decoding of `sources` (strings or token-id lists): batched, sorted by length, at most
-    `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped."""
+    `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped. `progress`: the
+    label of a progress bar (None: no bar)."""
     ids = B.encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
     out = [""] * len(ids)
     was_training = model.training
     model.eval()
+    bar = progress_bar(len(ids), progress)
     for batch in B.batches_by_length(ids, batch_size, sort_by_length, token_budget=not str(device).startswith("cuda")):
         input_ids, mask = B.pad([ids[i] for i in batch], tokenizer.pad_token_id)
         with R.autocast(device, dtype):
@@ -237,6 +246,8 @@ def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_len
                                  do_sample=False, num_beams=1)
         for i, text in zip(batch, tokenizer.batch_decode(gen, skip_special_tokens=True)):
             out[i] = text.strip()
+        bar.update(len(batch))
+    bar.close()
     model.train(was_training)
     return out
 
@@ -270,7 +281,8 @@ def label_nll(model, input_ids, mask, label_ids):
 
 
 @torch.no_grad()
-def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_length=256, device="cpu", dtype="fp32"):
+def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_length=256, device="cpu", dtype="fp32",
+                  progress=None):
     """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5, scored by
     `label_nll` for a batch of inputs at a time; never an invalid prediction."""
     ids = B.encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
@@ -278,12 +290,15 @@ def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_lengt
     out = [""] * len(ids)
     was_training = model.training
     model.eval()
+    bar = progress_bar(len(ids), progress)
     for batch in B.batches_by_length(ids, max(1, batch_size // len(labels)), True, not str(device).startswith("cuda")):
         input_ids, mask = B.pad([ids[i] for i in batch], tokenizer.pad_token_id)
         with R.autocast(device, dtype):
             nll = label_nll(model, input_ids.to(device), mask.to(device), label_ids.to(device))
         for i, k in zip(batch, nll.argmin(1).tolist()):
             out[i] = labels[k]
+        bar.update(len(batch))
+    bar.close()
     model.train(was_training)
     return out
 
@@ -295,8 +310,9 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
     device = device or R.default_device()
-    t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"])
-    tokenizer = pretrained.load_tokenizer(config["tokenizer"])
+    t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
+                            fix=pretrained.RUN_FIX)
+    tokenizer = pretrained.load_tokenizer(config["tokenizer"], fix=pretrained.RUN_FIX)
     state_path = run_dir / f"{checkpoint}.pt"
     if config["method"] == "ft":  # the checkpoint holds all of T5
         if not state_path.exists():
@@ -345,15 +361,16 @@ def run_dtype(config, device):
     return dtype if torch.device(device).type == "cuda" else "fp32"
 
 
-def run_predictions(net, tokenizer, sources, *, mode, labels, max_new_tokens, max_length, batch_size, device, dtype):
+def run_predictions(net, tokenizer, sources, *, mode, labels, max_new_tokens, max_length, batch_size, device, dtype,
+                    progress=None):
     """Predictions by greedy decoding or, for tasks with a label set, rank classification."""
     if mode == "rank":
         if not labels:
             raise SystemExit("--eval-mode rank needs a task with a label set (meta.json 'labels')")
         return rank_classify(net, tokenizer, sources, labels, batch_size=batch_size, max_length=max_length,
-                             device=device, dtype=dtype)
+                             device=device, dtype=dtype, progress=progress)
     return predict(net, tokenizer, sources, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                   max_length=max_length, device=device, dtype=dtype)
+                   max_length=max_length, device=device, dtype=dtype, progress=progress)
 
 
 def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None, *, checkpoint="best",
@@ -382,7 +399,8 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     t0 = time.time()
     preds = run_predictions(net, tokenizer, source_ids, mode=mode, labels=meta.get("labels"),
                             max_new_tokens=meta["max_target_length"], max_length=max_length,
-                            batch_size=batch_size, device=device, dtype=dtype)
+                            batch_size=batch_size, device=device, dtype=dtype,
+                            progress=None if quiet else f"evaluate {task} {split}")
     seconds = time.time() - t0
     metrics = {"task": task, "split": split, "mode": mode, "checkpoint": checkpoint, "run": str(run_dir),
                "train_task": config["task"], "prompt_override": prompt is not None,
@@ -430,7 +448,7 @@ def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="g
     meta = config["meta"]  # train.py keeps the task's labels and lengths in config.json
     preds = run_predictions(net, tokenizer, [r["source"] for r in rows], mode=mode, labels=meta.get("labels"),
                             max_new_tokens=meta["max_target_length"], max_length=config["max_length"],
-                            batch_size=batch_size, device=device, dtype=run_dtype(config, device))
+                            batch_size=batch_size, device=device, dtype=run_dtype(config, device), progress="predict")
     files.write_jsonl(output_path, [{**r, "prediction": p} for r, p in zip(rows, preds)])
     return preds
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+import cli
 import files
 import model as M
 import runs
@@ -39,7 +40,7 @@ ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME
 PROMPT_KEY = "prompt_embeddings"  # get_peft_model_state_dict / set_peft_model_state_dict key for prompt learning
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("run_dir", help="a run folder written by train.py (a prompt method, not ft)")
 parser.add_argument("out_dir", help="the adapter folder to write")
 parser.add_argument("--checkpoint", default="best", choices=("best", "last"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import cli
 import files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
@@ -251,6 +252,19 @@ PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, 
                   "layer_norm": False, "residual": False, "activation": "none", "depth": 1, "extra_layer": False}
 
 
+# The options each method's prompt module takes (build_prompt_module); the others do not change the run, so
+# they neither multiply a sweep's runs nor appear in its name (train.sweep, runs.run_name).
+EPT_OPTIONS = ("hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth", "extra_layer", "init")
+APPLIES = {"ft": (), "pt": ("prompt_length", "init"), "ptuning": ("prompt_length", "reparam", "init"),
+           "resprompt": ("prompt_length", "hidden_size", "init"), "ept": EPT_OPTIONS, "ept_star": EPT_OPTIONS}
+METHOD_OPTIONS = (*PROMPT_OPTIONS, "init")  # what APPLIES decides about; training options apply to every method
+
+
+def applies(option, method):
+    """False for a prompt option `method` ignores (EPT has no --prompt-length, PT no --hidden-size)."""
+    return option not in METHOD_OPTIONS or option in APPLIES[method]
+
+
 def prompt_options(config):
     """The build_prompt_module options recorded in a run's config.json. Run folders written before the
     P-Tuning network was called `reparam` name it `encoder`."""
@@ -298,7 +312,7 @@ def parameter_table(configs_dir=None, variants=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--count", action="store_true", required=True, help="print the trainable-parameter table")
     parser.add_argument("--configs", default=None,
                         help="folder with t5-small/, t5-base/, t5-large/ config folders "

@@ -35,7 +35,7 @@ from typing import Callable
 import cli
 import files
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
 # data
 g = parser.add_argument_group("data")
 g.add_argument("--tasks", nargs="+", default=["all"],
@@ -390,15 +390,30 @@ GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b] for b in ("glu
 
 # ---------------------------------------------------------------------------- loading
 
+SAMPLE_FOLDER = re.compile(r"(?i)(k-?shot|few-?shot|\d+-shot|^\d+-\d+$)")  # LM-BFF's k-shot/<TASK>/16-42/, ...
+
+
 def find_files(task, root):
-    """The first folder (shallowest first) under root/<task folder> that holds one accepted file per role."""
+    """The first folder (shallowest first) under root/<task folder> that holds one accepted file per role.
+    Few-shot sample folders (k-shot-16-42/, 16-42/) and several candidate folders at one depth are refused:
+    they are subsets, not the official distribution, and would build a train split of a few dozen rows."""
     folder, need = root / task.folder, " + ".join(" or ".join(names) for names in task.files.values())
     if not folder.is_dir():
         raise SystemExit(f"prepare_data: {task.name}: missing folder {folder} (expected {need} in it; see docs/data.md)")
+    candidates = []
     for d in sorted([folder, *(p for p in folder.rglob("*") if p.is_dir())], key=lambda p: (len(p.parts), str(p))):
         found = {role: next((d / f for f in names if (d / f).is_file()), None) for role, names in task.files.items()}
-        if all(found.values()):
-            return found
+        if all(found.values()) and (not candidates or len(d.parts) == len(candidates[0][0].parts)):
+            candidates.append((d, found))
+    if candidates:
+        d, found = candidates[0]
+        samples = [c for c, _ in candidates if any(SAMPLE_FOLDER.search(part) for part in c.relative_to(root).parts)]
+        if len(candidates) > 1 or samples:
+            names = ", ".join(str(c.relative_to(folder)) for c, _ in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
+            raise SystemExit(f"prepare_data: {task.name}: found {need} in {'few-shot sample' if samples else 'several'} "
+                             f"folders under {folder} ({names}), expected the official full distribution in one "
+                             "folder; pass --source DIR with the official files (docs/data.md)")
+        return found
     absent = [names for names in task.files.values() if not any(any(folder.rglob(Path(f).name)) for f in names)]
     what = f"missing {' or '.join(absent[0])}" if absent else "no one folder holds all of the files"
     raise SystemExit(f"prepare_data: {task.name}: {what} under {folder} (expected {need}; see docs/data.md)")
@@ -431,6 +446,8 @@ def hub_commit(hub_id, revision):
 
 
 def load_hub(task):
+    import pretrained
+    pretrained.hub_reachable()  # unreachable: the local cache only, no retries
     import datasets
     print(f"{task.name}: loading {task.hub_id} ({task.hub_config}) from the Hugging Face Hub")
     ds = error = None
@@ -442,9 +459,8 @@ def load_hub(task):
             error = e
             if isinstance(e, ConnectionError):  # no network: the fallback would fail the same way
                 break
-    if ds is None:
-        raise SystemExit(f"prepare_data: cannot load {task.hub_id} ({task.hub_config}) from the Hugging Face Hub "
-                         f"({type(error).__name__}); pass --source DIR with the official files (see docs/data.md)")
+    if ds is None:  # pretrained's sentence: why, and --source DIR (the official files, docs/data.md)
+        raise SystemExit(f"prepare_data: {pretrained.offline_error('dataset', f'{task.hub_id} ({task.hub_config})', error)}")
     splits = [ds["train"], ds[task.eval_split]]
     if task.subset:  # MRQA: one dataset holds all subsets
         splits = [s.filter(lambda v: v == task.subset, input_columns="subset") for s in splits]
@@ -455,10 +471,20 @@ def load_hub(task):
 
 # ---------------------------------------------------------------------------- records, splits, few-shot
 
+BAR_ROWS = 20000  # fewer rows take well under a few seconds: no progress bar
+
+
+def progress(items, desc, unit="rows", rows=None):
+    """`items` with a progress bar on stderr when they stand for many rows (TQDM_DISABLE=1 turns it off)."""
+    from tqdm import tqdm
+    many = (len(items) if rows is None else rows) >= BAR_ROWS
+    return tqdm(items, desc=desc, unit=unit, dynamic_ncols=True, leave=False) if many else items
+
+
 def to_records(task, rows, where):
     """The one code path from Hub-schema rows (either source) to records; bad rows name their origin."""
     records = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(progress(rows, f"{task.name}: {where}")):
         try:
             rec = task.convert(row, i)
             if task.labels and rec["target"] not in task.labels:
@@ -547,9 +573,8 @@ def load_tokenizer(name):
     import pretrained
     try:
         return pretrained.load_tokenizer(name)
-    except SystemExit as e:
-        raise SystemExit(f"prepare_data: cannot load the T5 tokenizer {name!r} ({e}); "
-                         f"pass --tokenizer DIR, a folder with the T5 tokenizer.json or spiece.model") from None
+    except SystemExit as e:  # pretrained's sentence names the flag (--tokenizer DIR)
+        raise SystemExit(f"prepare_data: {e}") from None
 
 
 def source_lengths(tokenizer, texts):
@@ -563,7 +588,8 @@ def source_lengths(tokenizer, texts):
     special = len(tokenizer("")["input_ids"])
     lengths = {t: special + sum(size[w] for w in t.split()) for t in texts}
     if any(lengths[t] != n for t, n in whole(texts[::max(1, len(texts) // 200)])):
-        lengths = {t: n for i in range(0, len(texts), 4096) for t, n in whole(texts[i:i + 4096])}
+        lengths = {t: n for i in progress(range(0, len(texts), 4096), "token lengths", "chunks", len(texts))
+                   for t, n in whole(texts[i:i + 4096])}
     return lengths
 
 
@@ -641,7 +667,7 @@ def main(argv=None):
                 parser.error(f"unknown task {t!r}; valid: {', '.join(TASKS)} (or all, {', '.join(GROUPS)})")
             if t not in names:
                 names.append(t)
-    out = files.make_dir(args.out, "output folder")
+    out = Path(args.out)  # created once the tokenizer has loaded: a failed start leaves nothing behind
     keys = {f"k{k}_seed{s}" for k in args.fewshot for s in args.fewshot_seeds}
     todo, old = [], {}
     for name in names:  # decide every skip before any work, so a clash stops the run before it writes
@@ -660,8 +686,11 @@ def main(argv=None):
         old[name] = old_fewshot_sets(meta)
     if warning := old_fewshot_warning(out, old):  # one line for all of them
         print(f"prepare_data: {warning}", file=sys.stderr)
+    for name in todo if args.source else []:  # a missing file or a few-shot folder: refused before any work
+        find_files(TASKS[name], Path(args.source))
     if todo:
         load_tokenizer(args.tokenizer)  # fail before any download
+        out = files.make_dir(out, "output folder")
     for name in todo:
         prepare(TASKS[name], args, out)
 

@@ -6,18 +6,72 @@
 Every loader fails with one sentence when the Hub is unreachable or a folder lacks what it needs.
 """
 import argparse
+import functools
 import hashlib
+import os
+import socket
 import sys
+import threading
+import urllib.parse
 from pathlib import Path
 
 import torch
 
+import cli
 import files
 
 
-def _offline_error(what, name, err):
-    return SystemExit(f"could not load the {what} {name!r} (the Hugging Face Hub is unreachable "
-                      f"or the name is wrong); pass a local folder instead. ({type(err).__name__})")
+PROBE_SECONDS = 3.0
+offline_reason = None  # why hub_reachable() found the Hub out of reach
+FLAGS = {"model": "--model DIR, a local T5 folder", "tokenizer": "--tokenizer DIR, a folder with the T5 tokenizer",
+         "dataset": "--source DIR, a folder of the official files (docs/data.md)"}
+
+
+@functools.cache
+def hub_reachable():
+    """One quick probe of the Hub (HF_ENDPOINT, or the proxy in front of it): a TCP connection within
+    PROBE_SECONDS. Without an answer, or with HF_HUB_OFFLINE=1 set, this process reads the Hub's local cache
+    only (HF_HUB_OFFLINE=1 from here on): a name that is not cached fails at once, not after the Hub
+    client's ~50 s of "Retrying in Ns" lines."""
+    global offline_reason
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        offline_reason = "HF_HUB_OFFLINE is set"
+        return False
+    target = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
+              or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    url = urllib.parse.urlparse(target if "://" in target else f"http://{target}")
+    answered = []
+
+    def probe():  # in a thread: a DNS lookup has no timeout of its own
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=PROBE_SECONDS).close()
+            answered.append(True)
+        except (OSError, ValueError):
+            pass
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(PROBE_SECONDS)
+    if not answered:
+        offline_reason = f"the Hugging Face Hub ({url.hostname}) cannot be reached"
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for the Hub libraries imported from now on, and those already loaded:
+        for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+            if module in sys.modules:
+                setattr(sys.modules[module], name, True)
+    return bool(answered)
+
+
+RUN_FIX = "a run trained on a Hub name needs it in the local Hugging Face cache (HF_HOME): load it once online"
+
+
+def offline_error(what, name, err=None, fix=None):
+    """The one sentence for a Hub name that could not be loaded: why, and the way out (by default the flag that
+    takes a folder; `fix` where there is no such flag: a run folder's config.json names the model)."""
+    if not hub_reachable():
+        why = f"{offline_reason} and it is not in the local cache"
+    else:
+        why = "the Hub has no such name, or refused it" + (f" ({type(err).__name__})" if err is not None else "")
+    return SystemExit(f"could not load the {what} {name!r}: {why}; {fix or 'pass ' + FLAGS[what]}")
 
 
 def local_folder(name_or_dir, what="model"):
@@ -38,8 +92,9 @@ def _first_line(err):
     return (str(err).strip().splitlines() or [""])[0][:200]
 
 
-def load_t5(name_or_dir, random_init=False, seed=0):
-    """T5ForConditionalGeneration from the Hub or a folder; `random_init` builds it from the config."""
+def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
+    """T5ForConditionalGeneration from the Hub or a folder; `random_init` builds it from the config. `fix`: the
+    way out an offline failure names (default: --model DIR)."""
     from transformers import T5Config, T5ForConditionalGeneration
     from transformers.utils import logging
     logging.disable_progress_bar()  # one bar per shard is noise in every log
@@ -48,6 +103,8 @@ def load_t5(name_or_dir, random_init=False, seed=0):
         if not (folder / "config.json").exists():
             raise SystemExit(f"{name_or_dir} holds no config.json: it is not a T5 model folder")
         files.read_json(folder / "config.json", "model configuration")  # damaged JSON: one sentence
+    else:
+        hub_reachable()  # unreachable: the cache only, no retries
     try:
         if random_init:
             config = T5Config.from_pretrained(name_or_dir)
@@ -59,7 +116,7 @@ def load_t5(name_or_dir, random_init=False, seed=0):
             raise SystemExit(f"{name_or_dir} does not hold a T5 model ({_first_line(err)})") from None
         if folder is None:
             if isinstance(err, OSError):
-                raise _offline_error("model", name_or_dir, err)
+                raise offline_error("model", name_or_dir, err, fix)
             raise
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise SystemExit(f"{name_or_dir} has a config but no weights; "
@@ -72,7 +129,7 @@ def _has_vocabulary(folder):
     return (folder / "tokenizer.json").exists() or (folder / "spiece.model").exists()
 
 
-def load_tokenizer(name_or_dir, say=print):
+def load_tokenizer(name_or_dir, say=print, fix=None):
     """The T5 tokenizer of a Hub name or a folder. A folder without a vocabulary (a bare config, as in
     ../shared/data/t5/t5-small) takes its parent's, and says so; with neither, it is an error."""
     from transformers import AutoTokenizer
@@ -84,12 +141,14 @@ def load_tokenizer(name_or_dir, say=print):
                              "pass --tokenizer DIR with the T5 tokenizer")
         candidate = str(folder.parent)
         say(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} (--tokenizer to choose)")
+    if folder is None:
+        hub_reachable()  # unreachable: the cache only, no retries
     try:
         tok = AutoTokenizer.from_pretrained(candidate)
     except Exception as err:  # as in load_t5: the library's error types, at the boundary
         if folder is None:
             if isinstance(err, (OSError, ValueError, TypeError)):
-                raise _offline_error("tokenizer", name_or_dir, err)
+                raise offline_error("tokenizer", name_or_dir, err, fix)
             raise
         raise SystemExit(f"the tokenizer in {candidate} cannot be loaded, its files are damaged or not a "
                          f"tokenizer's ({type(err).__name__}: {_first_line(err)}); pass --tokenizer DIR "
@@ -173,7 +232,7 @@ def make_tiny(out_dir, tokenizer=None, corpus_dir=None, seed=0, **overrides):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--make-tiny", metavar="DIR", required=True, help="write a random-weight tiny T5 + tokenizer to DIR")
     parser.add_argument("--tokenizer", default=None,
                         help="copy this tokenizer (default: train one offline on the test fixtures)")

@@ -17,6 +17,7 @@ import json
 import math
 from pathlib import Path
 
+import cli
 import files
 import model as M
 import prepare_data as P
@@ -82,7 +83,7 @@ STRUCTURE_LABELS = {"none": "None", "layernorm": "LayerNorm", "residual": "Resid
                     "tanh": "Tanh", "sigmoid": "Sigmoid"}  # Figure 9's order
 INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)", "label": "Label (label words)"}
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("--results", default="results", help="folder of <experiment>.jsonl and analysis/")
 parser.add_argument("--out", default="report", help="report folder to write")
 parser.add_argument("--smoke", action="store_true", help="mark the report as a SMOKE report (numbers are noise); "

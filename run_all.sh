@@ -44,13 +44,14 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   ROOT=smoke
   MODEL=smoke/tiny-t5 SIZES=smoke/tiny-t5 LR_SIZES=smoke/tiny-t5 SEEDS="--seeds 0" FEWSHOT="--shots 4 --seeds 0 1" LR_SEARCH=""
   TRAIN="--max-steps 6 --eval-every 3 --batch-size 4 --max-eval-examples 8 --eval-batch-size 8"
+  NAMED="_steps6_ev3"  # a run's name carries the options that differ from train.py's defaults (docs/training.md)
   EPOCHS="--epochs 1" LAUNCH="" REPORT_FLAGS="--smoke"  # index.md says the numbers are noise
   export OMP_NUM_THREADS=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 else
   ROOT=.
   MODEL=t5-base SIZES="t5-small t5-base t5-large" LR_SIZES="t5-base t5-large" SEEDS="" FEWSHOT="" LR_SEARCH="--lr-search" TRAIN="" EPOCHS=""
   LAUNCH="--subprocess --prune-ft-checkpoints"  # a fresh process per run frees GPU memory and cached data
-  REPORT_FLAGS=""
+  REPORT_FLAGS="" NAMED=""
 fi
 TRAIN="$TRAIN ${DTYPE:+--dtype $DTYPE}"  # DTYPE=bf16|tf32: faster, not the paper's fp32 (the default)
 DATA=$ROOT/data RUNS=$ROOT/runs RESULTS=$ROOT/results REPORT=$ROOT/report
@@ -127,7 +128,7 @@ part report || exit 0
 python analyze.py all --model $TAG --results-dir $RESULTS
 
 # --- Export: an EPT* prompt as a Hugging Face PEFT prompt-tuning adapter
-python export.py $RUNS/rte_ept_star_${TAG}_s0 $ROOT/exports/rte_ept_star_${TAG} --overwrite  # a rerun re-exports
+python export.py $RUNS/rte_ept_star_${TAG}${NAMED}_s0 $ROOT/exports/rte_ept_star_${TAG} --overwrite  # a rerun re-exports
 
 # --- Report: every table (markdown + CSV) and figure (PNG) -> report/index.md; Table 5 from data/<task>/meta.json
 python report.py --results $RESULTS --out $REPORT $REPORT_FLAGS

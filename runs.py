@@ -10,8 +10,10 @@ import socket
 from pathlib import Path
 
 import files
+import model as M
 
-# A run folder's name: <task>_<method>_<model>[_<options that differ from train.py's defaults>]_s<seed>.
+# A run folder's name, for a solo run, a pack's runs and the drivers' alike:
+# <task>_<method>_<model>[_<options that differ from train.py's defaults and apply to the method>]_s<seed>.
 NAME_TAGS = [("prompt_length", "n"), ("reparam", ""), ("hidden_size", "h"), ("broadcast", "b"), ("depth", "d"),
              ("extra_layer", "x1"), ("init", "init-"), ("layer_norm", "ln"), ("residual", "res"), ("activation", ""),
              ("lr", "lr"), ("max_steps", "steps"), ("epochs", "ep"), ("eval_every", "ev"), ("fewshot_k", "k"),
@@ -28,8 +30,7 @@ def run_name(spec, defaults):
     tags = []
     for key, tag in NAME_TAGS:
         value = spec.get(key, defaults[key])
-        if value is None or value == defaults[key] or (key in ("hidden_size", "broadcast") and
-                                                       spec["method"] not in ("ept", "ept_star", "resprompt")):
+        if value is None or value == defaults[key] or not M.applies(key, spec["method"]):
             continue
         tags.append(tag if value is True else f"{tag}{value:g}" if isinstance(value, float) else f"{tag}{value}")
     return "_".join([spec["task"], spec["method"], model_tag(spec["model"]), *tags, f"s{spec['seed']}"])

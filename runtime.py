@@ -29,6 +29,42 @@ def setup_distributed():
     return rank, local_rank, world_size, device
 
 
+class PeerStopped(SystemExit):
+    """Rank 0 stopped the run and printed why; this rank exits 1 without repeating the sentence."""
+
+    def __init__(self):
+        super().__init__(1)
+
+
+def master_first(fn, rank, world_size, everyone=False):
+    """fn() on rank 0, then (everyone) on the other ranks, or (not everyone) its result sent to them. Rank 0
+    tells the others whether it got through before they go on: a check that fails fails on rank 0 first, it
+    prints the one sentence, and every other rank exits 1 quietly (PeerStopped) instead of waiting on a
+    collective rank 0 never joins (gloo's "Connection closed by peer" tracebacks). One rank: just fn()."""
+    if world_size == 1:
+        return fn()
+    if rank != 0:
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        failed, result = box[0]
+        if failed:
+            raise PeerStopped()
+        return fn() if everyone else result
+    failed, result = True, None
+    try:
+        result = fn()
+        failed = False
+        return result
+    finally:  # a failure on rank 0 (its sentence, or a bug's traceback) still answers the others
+        dist.broadcast_object_list([(failed, None if everyone or failed else result)], src=0)
+
+
+def quiet_unless_master(err, rank):
+    """The error to raise for a failure every rank meets alike (a non-finite loss, all-reduced): rank 0's
+    sentence, the other ranks' exit 1 without it."""
+    return err if rank == 0 else PeerStopped()
+
+
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 

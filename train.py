@@ -24,6 +24,7 @@ of ranks or micro-batches (docs/training.md).
 import argparse
 import contextlib
 import functools
+import io
 import itertools
 import json
 import math
@@ -55,11 +56,14 @@ import runtime
 from optim import make_optimizer
 from runtime import rng_state, seed_everything, set_rng_state
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 group = parser.add_argument_group("data")
 group.add_argument("--task", default="rte", type=cli.name,
                    help="task name (default: rte, the paper's running example); data/<task>/ is prepared if missing")
 group.add_argument("--data-dir", default="data", help="folder holding <task>/meta.json and the split files")
+group.add_argument("--source", default=None, metavar="DIR",
+                   help="a missing data/<task>/ is prepared from this folder of official files (prepare_data.py "
+                        "--source), not the Hub")
 group.add_argument("--fewshot-k", type=cli.positive_int, default=None, help="train on train_k{K}_seed{S}.jsonl (Table 3)")
 group.add_argument("--fewshot-seed", type=cli.nonnegative_int, default=0, help="which few-shot sample (S above)")
 group.add_argument("--max-length", type=cli.positive_int, default=None,
@@ -109,8 +113,9 @@ group.add_argument("--eval-mode", default="generate", choices=("generate", "rank
 group.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
 group = parser.add_argument_group("output")
 group.add_argument("--out-dir", default=None,
-                   help="run folder (default: runs/{task}_{method}_{model}_s{seed}); of a pack: the parent folder "
-                        "(default: runs) of one folder per run, named as runs.run_name names it")
+                   help="run folder (default: runs/<run name>, e.g. runs/rte_ept_t5-base_s0: the options that differ "
+                        "from the defaults are in the name, docs/training.md); of a pack: the parent folder (default: "
+                        "runs) of one folder per run, named by the same rule")
 group.add_argument("--save-every", type=cli.positive_int, default=None, help="also write last.pt every N steps (default: --eval-every)")
 group.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
 group.add_argument("--overwrite", action="store_true", help="delete an existing run folder's files first")
@@ -187,9 +192,6 @@ def resolve(args):
     if args.broadcast is None:
         args.broadcast = M.DEFAULTS["broadcast"].get(args.method)
     args.tokenizer = args.tokenizer or args.model
-    if args.out_dir is None:
-        fewshot = f"_k{args.fewshot_k}fs{args.fewshot_seed}" if args.fewshot_k else ""
-        args.out_dir = f"runs/{args.task}{fewshot}_{args.method}_{Path(args.model).name}_s{args.seed}"
     return args
 
 
@@ -221,6 +223,22 @@ def open_run_folder(out_dir, resume, overwrite, say):
     if resume and existing:  # killed before its first checkpoint: nothing to continue
         say(f"train: --resume, but {out_dir} has no last.pt yet: starting from scratch")  # start_log replaces them
     return None
+
+
+def refuse_more_steps(out_dir, args):
+    """A finished run asked for more training (--resume with a larger --max-steps or --epochs) is refused: its lr
+    decayed linearly to 0 at its last step, and training on would need a schedule that is neither the old
+    run's nor a fresh run of the new length (docs/training.md, "Resume")."""
+    config = files.read_json(out_dir / "config.json", "run configuration")
+    config = config if isinstance(config, dict) else {}
+    for flag, key in (("--epochs", "epochs"), ("--max-steps", "max_steps")):
+        was, now = config.get(key), getattr(args, key)
+        if key == "max_steps" and (args.epochs is not None or config.get("epochs") is not None):
+            continue  # an epoch count decides the steps
+        if now is not None and (was is None or now > was):
+            raise SystemExit(f"train: {out_dir} finished with {flag} {was}; {flag} {now} asks for more, but its lr "
+                             f"schedule ended at 0 there: keep {flag} {was}, or --overwrite to train {flag} {now} "
+                             "from scratch (or another --out-dir)")
 
 
 def trim_log(path, step):
@@ -262,7 +280,8 @@ def open_log(path, trackers):
 
 
 def open_trackers(args, out_dir, config):
-    """Live curves in TensorBoard and/or Weights & Biases, off unless asked; log.jsonl stays the record."""
+    """Live curves in TensorBoard and/or Weights & Biases, off unless asked; log.jsonl stays the record.
+    Every package is checked and W&B started before TensorBoard writes its file: a failed start leaves none."""
     trackers = []
     numbers = lambda e: {f"{e['event']}/{k}": v for k, v in e.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
@@ -271,30 +290,37 @@ def open_trackers(args, out_dir, config):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise SystemExit("train: --tensorboard needs the tensorboard package: pip install tensorboard") from None
-        writer = SummaryWriter(args.tensorboard or str(out_dir / "tensorboard"))
-        trackers.append(lambda e: [writer.add_scalar(k, v, e.get("step", 0)) for k, v in numbers(e).items()])
     if args.wandb is not None:
         try:
             import wandb
         except ImportError:
             raise SystemExit("train: --wandb needs the wandb package: pip install wandb") from None
-        wandb_run = wandb.init(project=args.wandb, name=out_dir.name, config=config, dir=str(out_dir))
+        try:
+            wandb_run = wandb.init(project=args.wandb, name=out_dir.name, config=config, dir=str(out_dir))
+        except Exception as err:  # wandb's many error types (no login, no network), at its one boundary
+            raise SystemExit(f"train: --wandb could not start a Weights & Biases run ({type(err).__name__}: "
+                             f"{pretrained._first_line(err)}); run `wandb login`, or WANDB_MODE=offline") from None
         trackers.append(lambda e: wandb_run.log(numbers(e), step=e.get("step", 0)))
+    if args.tensorboard is not None:
+        writer = SummaryWriter(args.tensorboard or str(out_dir / "tensorboard"))
+        trackers.append(lambda e: [writer.add_scalar(k, v, e.get("step", 0)) for k, v in numbers(e).items()])
     return trackers
 
 
 # --- data ---------------------------------------------------------------------------------------------
 
-def prepare_if_missing(data_dir, task, tokenizer, say):
-    """data/<task>/ prepared on first use by prepare_data.py's own code (from the Hub)."""
+def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
+    """data/<task>/ prepared on first use by prepare_data.py's own code (from the Hub, or --source DIR)."""
     if (Path(data_dir) / task / "meta.json").exists():
         return
     import prepare_data
     if task not in prepare_data.TASKS:
         raise SystemExit(f"train: unknown task {task!r} and no {Path(data_dir) / task / 'meta.json'}; "
                          f"tasks: {', '.join(prepare_data.TASKS)}")
-    say(f"train: {Path(data_dir) / task} is not prepared yet; preparing it now (python prepare_data.py --tasks {task})")
-    prepare_data.main(["--tasks", task, "--out", str(data_dir), "--tokenizer", tokenizer])
+    command = ["--tasks", task, "--out", str(data_dir), "--tokenizer", tokenizer, *(["--source", source] if source else [])]
+    say(f"train: {Path(data_dir) / task} is not prepared yet; preparing it now (python prepare_data.py "
+        f"{' '.join(command)})")
+    prepare_data.main(command)
 
 
 check_split = B.check_split  # a split file against its meta.json (batching.py)
@@ -452,34 +478,47 @@ class Throughput:
 # --- the run ------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
+        args = parser.parse_args(argv)  # a usage error: rank 0's message only
     runs_file, max_rows = (vars(args).pop(k) for k in PACK_OPTIONS)
-    specs = sweep(args, runs_file)
     rank, local_rank, world_size, device = runtime.setup_distributed()
     ranks = SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device, master=rank == 0)
     say = print if ranks.master else (lambda *a, **k: None)
+    first = functools.partial(runtime.master_first, rank=rank, world_size=world_size)
+    specs = first(lambda: sweep(args, runs_file), everyone=True)
     with stop_on_signals():
         if runs_file is not None or len(specs) > 1:
             return main_pack(args, specs, ranks, say, max_rows)
-        return main_run(resolve(args), ranks, say)
+        args = resolve(args)
+        args.out_dir = args.out_dir or str(Path("runs") / pack_run_name(args))  # one naming rule, solo or pack
+        return main_run(args, ranks, say)
 
 
 def main_run(args, ranks, say):
-    """One run: its folder, task, model and loop."""
+    """One run: its folder, task, model and loop. Under torchrun every check runs on rank 0 first
+    (runtime.master_first): a failure is one sentence from rank 0, and the other ranks exit 1 without a word."""
+    first = functools.partial(runtime.master_first, rank=ranks.rank, world_size=ranks.world_size)
 
     # --- the run folder: one writer (lock); fresh, resumed or overwritten; nothing written before the checks
     out_dir = Path(args.out_dir)
-    lock = claim_folder(out_dir, say) if ranks.master else None
+    created, lock = new_folders(out_dir), None
+
+    def open_folder():
+        nonlocal lock
+        lock = claim_folder(out_dir, say)
+        resume_path = open_run_folder(out_dir, args.resume, args.overwrite, say)
+        if resume_path == "finished":
+            refuse_more_steps(out_dir, args)
+        return resume_path
     try:
-        resume_path = open_run_folder(out_dir, args.resume, args.overwrite, say) if ranks.master else None
-        if ranks.world_size > 1:
-            resume_path = broadcast_object(resume_path)
+        resume_path = first(open_folder)
         if resume_path == "finished":
             say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); nothing to do")
             return {"out_dir": str(out_dir), "finished": True}
-        task = load_task(args, ranks, say)
-        run = build_run(args, task, ranks, resume_path, say)
-        log = start_log(args, out_dir, run, task, ranks, resume_path, say)
+        task = first(lambda: load_task(args, ranks, say), everyone=True)
+        run = first(lambda: build_run(args, task, ranks, resume_path, say), everyone=True)
+        log = first(lambda: start_log(args, out_dir, run, task, ranks, resume_path, say), everyone=True)
         try:
             train_loop(args, out_dir, task, run, log, ranks)
             return finish(args, out_dir, task, run, log, ranks, say)
@@ -488,6 +527,21 @@ def main_run(args, ranks, say):
     finally:
         if lock:
             lock.release()
+            remove_if_empty(created)
+
+
+def new_folders(out_dir):
+    """The folders that creating `out_dir` makes, deepest first (what a failed start takes away again)."""
+    return [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+
+
+def remove_if_empty(folders):
+    """A start that failed before writing anything (offline, bad input) leaves no empty folder behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only an empty folder: a run's files, or another process's, keep it
+        except OSError:
+            return
 
 
 def claim_folder(out_dir, say):
@@ -542,8 +596,12 @@ def sweep(args, runs_file=None):
     or --runs FILE's list, each dict over the command line's options."""
     if runs_file is None:
         lists = [[v] if not isinstance(v := getattr(args, k), list) else v for k in SWEEP]
-        return [argparse.Namespace(**{**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None})  # --out-dir: the parent
-                for combo in itertools.product(*lists)]
+        specs = {}
+        for combo in itertools.product(*lists):
+            spec = {**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None}  # --out-dir: the parent
+            spec.update({k: parser.get_default(k) for k in M.METHOD_OPTIONS if not M.applies(k, spec["method"])})
+            specs.setdefault(tuple(map(repr, spec.values())), argparse.Namespace(**spec))  # EPT x 2 lengths: once
+        return list(specs.values())
     rows = files.read_json(Path(runs_file), "run list")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise SystemExit(f"train: --runs {runs_file} must hold a non-empty JSON list of option dicts")
@@ -610,6 +668,8 @@ def open_pack_folders(args, specs, say):
         resume_path = None if args.overwrite or not runs.finished(out_dir) else "finished"
         if resume_path is None:
             resume_path = open_run_folder(out_dir, args.resume or spec.resume, args.overwrite, say)
+        if resume_path == "finished" and (args.resume or spec.resume):
+            refuse_more_steps(out_dir, spec)
         if resume_path == "finished":
             say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); skipped")
             lock.release()
@@ -620,23 +680,29 @@ def open_pack_folders(args, specs, say):
 
 def main_pack(args, specs, ranks, say, max_rows=None):
     """Several prompt runs at once on one task and one T5: their folders, the shared task and T5, the pack."""
-    specs = resolve_pack(args, specs)
+    first = functools.partial(runtime.master_first, rank=ranks.rank, world_size=ranks.world_size)
+    specs = first(lambda: resolve_pack(args, specs), everyone=True)
     args.pack_locks, args.left_out = [], []
+    created = [folder for spec in specs for folder in new_folders(Path(spec.out_dir))]
     try:
-        jobs = open_pack_folders(args, specs, say) if ranks.master else None
-        if ranks.world_size > 1:
-            kept = broadcast_object(None if jobs is None else [(specs.index(j.args), j.resume_path) for j in jobs])
-            if not ranks.master:
-                jobs = [SimpleNamespace(args=specs[i], out_dir=Path(specs[i].out_dir), lock=None, resume_path=r)
-                        for i, r in kept]
+        jobs = None
+
+        def open_folders():
+            nonlocal jobs
+            jobs = open_pack_folders(args, specs, say)
+            return [(specs.index(j.args), j.resume_path) for j in jobs]
+        kept = first(open_folders)
+        if not ranks.master:
+            jobs = [SimpleNamespace(args=specs[i], out_dir=Path(specs[i].out_dir), lock=None, resume_path=r)
+                    for i, r in kept]
         if not jobs:
             say(f"train: nothing left to train of the {len(specs)} runs")
             result = {"runs": {}, "finished": True}
         else:
-            task = load_task(jobs[0].args, ranks, say)
+            task = first(lambda: load_task(jobs[0].args, ranks, say), everyone=True)
             for job in jobs:
                 job.args.max_length = jobs[0].args.max_length
-            pack = build_pack(jobs, task, ranks, say, max_rows)
+            pack = first(lambda: build_pack(jobs, task, ranks, say, max_rows), everyone=True)
             result = train_pack(jobs, task, pack, ranks, say)
         if args.left_out:  # the pack is not finished: its command must not read as done
             raise runs.Busy(f"train: {len(args.left_out)} run(s) of the pack were left out, held by another "
@@ -645,6 +711,9 @@ def main_pack(args, specs, ranks, say, max_rows=None):
     finally:
         for lock in args.pack_locks:
             lock.release()
+        if ranks.master:
+            for folder in created:
+                remove_if_empty([folder])
 
 
 def build_pack(jobs, task, ranks, say, max_rows=None):
@@ -674,26 +743,19 @@ def build_pack(jobs, task, ranks, say, max_rows=None):
     compiled = torch.compile if first.compile else (lambda m: m)
     wrap = compiled
     if ranks.world_size > 1:
-        wrap = lambda packed: DDP(compiled(packed), broadcast_buffers=False,  # noqa: E731
+        wrap = lambda packed: DDP(compiled(packed), forward_sync_buffers=False,  # noqa: E731
                                   device_ids=[ranks.local_rank] if ranks.device.startswith("cuda") else None)
     return packing.Pack(t5, [job.run for job in jobs], (task.data.source_ids, task.data.target_ids, task.data.pad_id),
                         device=ranks.device, amp=runtime.set_precision(first.dtype, ranks.device), rank=ranks.rank,
                         world_size=ranks.world_size, max_rows=max_rows, wrap=wrap)
 
 
-def broadcast_object(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def load_task(args, ranks, say):
-    """The task's meta.json, tokenizer, training split (token ids) and validation split, checked."""
+    """The task's meta.json, tokenizer, training split (token ids) and validation split, checked. Under torchrun
+    rank 0 runs it first (runtime.master_first), so the data is prepared before the other ranks read it."""
     tokenizer = pretrained.load_tokenizer(args.tokenizer, say)
     if ranks.master:
-        prepare_if_missing(args.data_dir, args.task, args.tokenizer, say)
-    if ranks.world_size > 1:
-        dist.barrier()
+        prepare_if_missing(args.data_dir, args.task, args.tokenizer, say, args.source)
     meta = files.load_meta(args.data_dir, args.task)
     E.check_metrics(meta, Path(args.data_dir) / args.task / "meta.json")
     if args.eval_mode == "rank" and not meta.get("labels"):
@@ -910,8 +972,10 @@ def train_loop(args, out_dir, task, run, log, ranks):
     amp = runtime.set_precision(args.dtype, ranks.device)
     model = torch.compile(raw_model) if args.compile else raw_model
     if ranks.world_size > 1:
+        # no buffer sync before each forward (T5's buffers never change); the deprecated broadcast_buffers
+        # said the same with a FutureWarning
         model = DDP(model, device_ids=[ranks.local_rank] if ranks.device.startswith("cuda") else None,
-                    broadcast_buffers=False)
+                    forward_sync_buffers=False)
     if run.rng is not None:  # the dropout stream differs per rank
         set_rng_state(run.rng)
     else:
@@ -928,8 +992,8 @@ def train_loop(args, out_dir, task, run, log, ranks):
             for name in names:
                 files.save_torch(out_dir / name, state)
 
-    def stop(what, lr):
-        raise nonfinite_stop(log, out_dir, step, what, lr, best_step)
+    def stop(what, lr):  # every rank sees the same all-reduced loss: rank 0 says it
+        raise runtime.quiet_unless_master(nonfinite_stop(log, out_dir, step, what, lr, best_step), ranks.rank)
 
     throughput = Throughput(warm=2 if args.max_steps - start_step >= 10 else 0)
     pbar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, desc=out_dir.name,
@@ -1053,8 +1117,9 @@ def train_pack(jobs, task, pack, ranks, say):
         pbar.update(1)
     pbar.close()
     if faults:
-        raise NonFiniteError(f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others "
-                             f"finished. " + " ".join(faults))
+        raise runtime.quiet_unless_master(NonFiniteError(
+            f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others finished. "
+            + " ".join(faults)), ranks.rank)
     return {"runs": results}
 
 
@@ -1085,7 +1150,7 @@ def finish(args, out_dir, task, run, log, ranks, say):
     t = run.throughput
     log({"event": "end", "step": run.step, **t, "best_step": run.best_step, "best_score": run.best_score,
          "test_score": test["score"] if test else None})
-    say(f"train: done. best validation {run.best_score:.2f} at step {run.best_step}"
+    say(f"train: done {out_dir.name}: best validation {run.best_score:.2f} at step {run.best_step}"
         + (f", test {test['score']:.2f}" if test else "")
         + f"; {t['train_examples_per_s']:.1f} examples/s, {t['train_tokens_per_s']:.0f} tokens/s, "
         f"peak memory {t['peak_memory_mb']:.0f} MiB ({t['peak_memory_kind']})")
@@ -1100,5 +1165,6 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0:  # once under torchrun
             print(err, file=sys.stderr, flush=True)
         sys.exit(err.status)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finally:  # also after a failure: every rank stopped at the same point (runtime.master_first)
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,8 +1,9 @@
 """torch.compile over two length buckets on the CPU: the tiny 2 + 2-layer T5, ept, batch 2, inputs of 16 and 32 ids
 alternating; eager vs compiled ms per train_step (docs/speed.md, "Packing").  python scripts/compile_buckets.py"""
-import sys, time, contextlib, torch
+import argparse, sys, time, contextlib, torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-import model as M, packing, pretrained, train
+import cli, model as M, packing, pretrained, train
+argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter).parse_args()  # --help, no options
 from transformers import T5Config, T5ForConditionalGeneration
 torch.set_num_threads(1); torch.manual_seed(0)
 cfg = T5Config(vocab_size=32128, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **pretrained.TINY)

@@ -125,7 +125,8 @@ def test_driver_trains_once_then_resumes_nothing(tiny_model_dir, data_dir, tmp_p
     assert row["variant"] == "uniform" and row["max_steps"] == 3  # what train.py ran with, pass-through included
     assert row["n_trainable"] == 2 * 32 + 32 and row["n_inference"] == 32  # EPT, d = 32, h = 1: one row kept
     assert row["prompt_norm"] > 0 and row["final_prompt_norm"] > 0 and "score" in row["test"]
-    assert row["run"].endswith("rte_ept_tiny-t5_s0") or row["run"].endswith(f"rte_ept_{Path(tiny_model_dir).name}_s0")
+    # the pass-through --max-steps 3 --eval-every 2 are in the name: it says what trained
+    assert row["run"].endswith(f"rte_ept_{Path(tiny_model_dir).name}_steps3_ev2_s0")
 
     calls.clear()
     ablate.main(argv)  # all finished: nothing trains, no row is appended twice
@@ -186,7 +187,7 @@ def peft_forward(t5, peft_config, prompt_embeddings, input_ids, attention_mask, 
 
 
 def test_export_writes_what_peft_loads(grid, tiny_model_dir, tmp_path):
-    run = grid / "runs" / f"rte_ept_star_{Path(tiny_model_dir).name}_s0"
+    run = grid / "runs" / f"rte_ept_star_{Path(tiny_model_dir).name}_steps3_ev2_s0"
     out = tmp_path / "adapter"
     export.main([str(run), str(out)])
     assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
@@ -287,7 +288,7 @@ def test_analyses_of_trained_runs(grid, tiny_model_dir, data_dir):
 def test_subset_broadcast_of_identical_rows_reproduces_the_whole_prompt(grid, tiny_model_dir):
     """EPT*'s P' is one row x 10: repeating row 0 ten times is the same prompt, hence the same predictions."""
     import evaluate
-    run = grid / "runs" / f"rte_ept_star_{Path(tiny_model_dir).name}_s0"
+    run = grid / "runs" / f"rte_ept_star_{Path(tiny_model_dir).name}_steps3_ev2_s0"
     prompt, _ = M.load_folded_prompt(run / "prompt.pt")
     whole = evaluate.evaluate_run(run, split="test", write=False, quiet=True, max_examples=6)
     again = evaluate.evaluate_run(run, split="test", prompt=prompt[0].expand(10, -1).clone(), write=False,

@@ -390,7 +390,7 @@ def test_edited_data_is_refused_before_training(edit, message, data_dir, tiny_mo
     edit(data / "toy")
     run = tmp_path / "run"
     fails(train.main, argv(data, tiny_model_dir, run, *STEPS), match=message)
-    assert not [p for p in run.iterdir()]  # refused before anything was written
+    assert not run.exists()  # refused before anything was written, the folder included
 
 
 def test_evaluate_checks_the_split_too(done_run, data_dir, tmp_path):

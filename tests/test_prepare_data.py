@@ -286,7 +286,8 @@ def test_unreachable_hub_says_pass_source(monkeypatch, tmp_path):
         calls.append(kwargs)
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    with pytest.raises(SystemExit, match=r"^prepare_data: cannot load nyu-mll/glue \(rte\).*pass --source DIR") as e:
+    with pytest.raises(SystemExit, match=r"^prepare_data: could not load the dataset 'nyu-mll/glue \(rte\)'.*pass "
+                                         r"--source DIR") as e:
         run("--tasks", "rte", "--out", tmp_path, source=None)
     assert "\n" not in str(e.value) and len(calls) == 1 and not (tmp_path / "rte").exists()
 
@@ -448,9 +449,25 @@ def test_failed_run_leaves_prepared_data_intact(broken, tmp_path, monkeypatch):
 
 
 def test_missing_tokenizer_is_one_clear_message(tmp_path):
-    with pytest.raises(SystemExit, match=r"^prepare_data: cannot load the T5 tokenizer .*pass --tokenizer DIR"):
+    with pytest.raises(SystemExit, match=r"^prepare_data: .*tokenizer.*pass --tokenizer DIR") as e:
         main(["--tasks", "cb", "--out", str(tmp_path / "out"), "--source", str(FIXTURES), "--tokenizer", str(tmp_path)])
-    assert not (tmp_path / "out/cb").exists()
+    assert str(e.value).count("tokenizer DIR") == 1 and str(e.value).count(":") <= 2  # one sentence, not two nested
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", [("k-shot-16-42",), ("16-42", "16-13"), ("full", "full-copy")])
+def test_fewshot_sample_folders_are_refused(tmp_path, layout):
+    """--source over MNLI/k-shot-16-42/ (or LM-BFF's 16-42/, 16-13/, or two candidate folders): one sentence
+    naming what was found and what was expected, and nothing written; the official layout still works."""
+    for sub in layout:
+        shutil.copytree(FIXTURES / "mnli", tmp_path / "src" / "mnli" / sub)
+    with pytest.raises(SystemExit, match=r"^prepare_data: mnli: found train.tsv \+ dev_matched.tsv in .*folders under "
+                                         r".*expected the official full distribution in one folder") as e:
+        run("--tasks", "mnli", "--out", tmp_path / "out", source=tmp_path / "src")
+    assert all(sub in str(e.value) for sub in layout) and not (tmp_path / "out").exists()
+    shutil.copytree(FIXTURES / "mnli", tmp_path / "official" / "mnli" / "glue" / "MNLI")  # one nested folder: fine
+    run("--tasks", "mnli", "--out", tmp_path / "out", source=tmp_path / "official")
+    assert read(tmp_path / "out", "mnli")
 
 
 # ---------------------------------------------------------------------------- the real files (docs/paper.md, "Tasks")
