@@ -403,18 +403,23 @@ def collect_command(args):
     return f"cd {shlex.quote(os.getcwd())} && {shlex.join([*args.command, '--collect'])}"
 
 
+def plan_runs(specs, args, extra=()):
+    """{run name: (train.py options, extra result columns, run folder)}: the pass-through flags that name runs
+    win over the experiment's values, and the same configuration twice (a shared default) is one run."""
+    plan, through = {}, passed_through(extra)
+    for s in specs:
+        options = {k: v for k, v in s.items() if k != "_row"}
+        options.update({k: v for k, v in through.items() if not (k == "max_steps" and options.get("epochs"))})
+        plan.setdefault(run_name(options), (options, s.get("_row"), Path(args.runs_dir) / run_name(options)))
+    return plan
+
+
 def run_experiment(experiment, specs, args, extra=()):
     """Train what is missing (units in this process, or by a pool of --gpus), then collect: (rows, problems).
 
     `specs`: train.py options per run (task, method, model, seed, ...) and "_row", extra result columns that
     are not train.py options (the swept value). --collect only collects; --dry-run only estimates."""
-    runs_dir = Path(args.runs_dir)
-    plan = {}
-    through = passed_through(extra)
-    for s in specs:  # the same configuration twice (e.g. a shared default) is one run
-        options = {k: v for k, v in s.items() if k != "_row"}
-        options.update({k: v for k, v in through.items() if not (k == "max_steps" and options.get("epochs"))})
-        plan.setdefault(run_name(options), (options, s.get("_row"), runs_dir / run_name(options)))
+    plan = plan_runs(specs, args, extra)
     if args.dry_run:
         return dry_run(experiment, plan, args, extra)
     failed = []

@@ -123,11 +123,7 @@ def test_plan_lines_run_by_hand_from_anywhere_idempotent_and_collected_once(tiny
 def _plan(argv):
     args, extra = ablate.parser.parse_known_args(argv)
     args.values = ablate.parse_values(args.experiment, args.values)
-    plan = {}
-    for s in ablate.init(args):
-        options = {k: v for k, v in s.items() if k != "_row"}
-        plan[ablate.run_name(options)] = (options, s.get("_row"), Path(args.runs_dir) / ablate.run_name(options))
-    return plan, args, extra
+    return ablate.plan_runs(ablate.init(args), args, extra), args, extra
 
 
 def test_slurm_submits_the_plan_and_the_collect_line(tiny_model_dir, data_dir, tmp_path, monkeypatch):
