@@ -792,8 +792,52 @@ def structure(args):
             for seed in args.seeds or SEEDS]
 
 
+# The steering benchmark (docs/experiments.md): every method on a small frozen backbone that knows two toy tasks
+# and does one by default (scripts/build_backbone.py); the task asks for the other one. Its own short schedule:
+# prompts at the paper's lr 0.3, ft at 1e-3 (1e-5, the paper's, barely moves a model trained from scratch in
+# 300 steps); --values sweeps the lr of PT, EPT and EPT* (STEER_LRS by default) beside the main grid.
+STEER_BACKBONE = str(Path(__file__).resolve().parent / "tests" / "fixtures" / "steer_backbone")
+STEER_TASK = "steer_comma"
+STEER_SCHEDULE = {"max_steps": 300, "eval_every": 50, "batch_size": 32}
+STEER_LRS = [0.03, 3.0]  # beside the default 0.3: EPT's explosive norm may want another lr at this scale
+STEER_SWEPT = ["pt", "ept", "ept_star"]
+
+
+def steer_model(args):
+    return args.model if args.model != parser.get_default("model") else STEER_BACKBONE
+
+
+def steer(args):
+    """The steering benchmark: every method x seed at its default lr (ft: 1e-3), plus the lr sweep."""
+    model, specs = steer_model(args), []
+    for task in args.tasks or [STEER_TASK]:
+        for method in args.methods or M.METHODS:
+            for seed in args.seeds or SEEDS:
+                specs.append(spec(task, method, model, seed, **STEER_SCHEDULE, **({"lr": 1e-3} if method == "ft" else {})))
+                for value in (args.values or STEER_LRS) if method in STEER_SWEPT else []:
+                    specs.append(spec(task, method, model, seed, lr=value, **STEER_SCHEDULE))
+    return specs
+
+
+def steer_floor(args):
+    """The no-prompt floor: the frozen backbone on the steering task's validation and test splits, one row
+    (method "none") in results/steer.jsonl, written once per model and task."""
+    import evaluate
+    model, results = steer_model(args), Path(args.results_dir) / "steer.jsonl"
+    done = {r.get("run") for r in files.read_jsonl(results, what="results file", missing_ok=True)}
+    for task in args.tasks or [STEER_TASK]:
+        key = f"{model}#no-prompt#{task}"
+        if key in done:
+            continue
+        val, test = (evaluate.evaluate_frozen(model, task, split, args.data_dir) for split in ("validation", "test"))
+        files.append_jsonl(results, [{"experiment": "steer", "run": key, "task": task, "method": "none", "seed": None,
+                                      "model": model, "model_tag": model_tag(model), "score": test["score"],
+                                      "test": test, "val_score": val["score"], "n_trainable": 0, "n_inference": 0}])
+        print(f"steer: no-prompt floor on {task}: validation {val['score']:.1f}, test {test['score']:.1f}")
+
+
 EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": init, "hidden": hidden,
-               "broadcast": broadcast, "lr": lr, "structure": structure}
+               "broadcast": broadcast, "lr": lr, "structure": structure, "steer": steer}
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -859,7 +903,7 @@ def _one_of(valid):
     return parse
 
 
-VALUE_TYPES = {"hidden": cli.positive_int, "broadcast": cli.positive_int, "lr": cli.positive_float,
+VALUE_TYPES = {"hidden": cli.positive_int, "broadcast": cli.positive_int, "lr": cli.positive_float, "steer": cli.positive_float,
                "init": _one_of(M.INITS), "structure": _one_of(list(STRUCTURES))}  # what --values sweeps
 
 
@@ -883,7 +927,7 @@ def check_args(parser, args, extra):
     if unknown:
         parser.error(f"unrecognized arguments (neither this script's nor train.py's): {' '.join(unknown)}")
     for task in args.tasks or []:
-        if task not in P.TASKS and not (Path(args.data_dir) / task / "meta.json").exists():
+        if task not in P.TASKS and task not in P.STEER_TASKS and not (Path(args.data_dir) / task / "meta.json").exists():
             parser.error(f"unknown task {task!r} (not one of the paper's and no {Path(args.data_dir) / task}/meta.json); "
                          f"tasks: {', '.join(P.TASKS)}")
 
@@ -895,6 +939,8 @@ def main(argv=None):
     check_args(parser, args, extra)
     args.batch_size = _extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4: steps per epoch
     rows, failed = run_experiment(args.experiment, EXPERIMENTS[args.experiment](args), args, extra)
+    if args.experiment == "steer" and not args.dry_run and args.worker is None:
+        steer_floor(args)  # after the runs: the data is prepared by then
     if rows and args.worker is None:
         import report  # the same table report.py writes, printed here
         print(report.experiment_table(args.experiment, rows))

@@ -242,7 +242,7 @@ def prepare_if_missing(data_dir, task, tokenizer, say):
     if (Path(data_dir) / task / "meta.json").exists():
         return
     import prepare_data
-    if task not in prepare_data.TASKS:
+    if task not in prepare_data.TASKS and task not in prepare_data.STEER_TASKS:
         raise SystemExit(f"train: unknown task {task!r} and no {Path(data_dir) / task / 'meta.json'}; "
                          f"tasks: {', '.join(prepare_data.TASKS)}")
     say(f"train: {Path(data_dir) / task} is not prepared yet; preparing it now (python prepare_data.py --tasks {task})")
