@@ -795,10 +795,11 @@ def structure(args):
 # The steering benchmark (docs/experiments.md): every method on a small frozen backbone that knows two toy tasks
 # and does one by default (scripts/build_backbone.py); the task asks for the other one. Its own short schedule:
 # prompts at the paper's lr 0.3, ft at 1e-3 (1e-5, the paper's, barely moves a model trained from scratch in
-# 300 steps); --values sweeps the lr of PT, EPT and EPT* (STEER_LRS by default) beside the main grid.
-STEER_BACKBONE = str(Path(__file__).resolve().parent / "tests" / "fixtures" / "steer_backbone")
+# 100 steps); --values sweeps the lr of PT, EPT and EPT* (STEER_LRS by default) beside the main grid, with
+# the first seed only (a sweep shows where a method learns; the main grid's 3 seeds its spread).
+STEER_BACKBONE = str(Path(__file__).resolve().parent / "tests" / "fixtures" / "steer" / "backbone")
 STEER_TASK = "steer_comma"
-STEER_SCHEDULE = {"max_steps": 300, "eval_every": 50, "batch_size": 32}
+STEER_SCHEDULE = {"max_steps": 100, "eval_every": 10, "batch_size": 32}
 STEER_LRS = [0.03, 3.0]  # beside the default 0.3: EPT's explosive norm may want another lr at this scale
 STEER_SWEPT = ["pt", "ept", "ept_star"]
 
@@ -809,31 +810,42 @@ def steer_model(args):
 
 def steer(args):
     """The steering benchmark: every method x seed at its default lr (ft: 1e-3), plus the lr sweep."""
-    model, specs = steer_model(args), []
+    model, seeds, specs = steer_model(args), args.seeds or SEEDS, []
     for task in args.tasks or [STEER_TASK]:
         for method in args.methods or M.METHODS:
-            for seed in args.seeds or SEEDS:
+            for seed in seeds:
                 specs.append(spec(task, method, model, seed, **STEER_SCHEDULE, **({"lr": 1e-3} if method == "ft" else {})))
-                for value in (args.values or STEER_LRS) if method in STEER_SWEPT else []:
-                    specs.append(spec(task, method, model, seed, lr=value, **STEER_SCHEDULE))
+            for value in (args.values or STEER_LRS) if method in STEER_SWEPT else []:
+                specs.append(spec(task, method, model, seeds[0], lr=value, **STEER_SCHEDULE))
     return specs
+
+
+def steer_prepare(args):
+    """The steering task's data, prepared once before any worker starts (train.py would prepare it on first
+    use, but several workers at once would race), with the backbone's tokenizer."""
+    for task in args.tasks or [STEER_TASK]:
+        if not (Path(args.data_dir) / task / "meta.json").exists():
+            P.main(["--tasks", task, "--out", str(args.data_dir), "--tokenizer", steer_model(args)])
 
 
 def steer_floor(args):
     """The no-prompt floor: the frozen backbone on the steering task's validation and test splits, one row
-    (method "none") in results/steer.jsonl, written once per model and task."""
+    (method "none") per model and task in results/steer.jsonl, written once; returns those rows."""
     import evaluate
     model, results = steer_model(args), Path(args.results_dir) / "steer.jsonl"
-    done = {r.get("run") for r in files.read_jsonl(results, what="results file", missing_ok=True)}
+    done = {r.get("run"): r for r in files.read_jsonl(results, what="results file", missing_ok=True)}
+    rows = []
     for task in args.tasks or [STEER_TASK]:
         key = f"{model}#no-prompt#{task}"
-        if key in done:
-            continue
-        val, test = (evaluate.evaluate_frozen(model, task, split, args.data_dir) for split in ("validation", "test"))
-        files.append_jsonl(results, [{"experiment": "steer", "run": key, "task": task, "method": "none", "seed": None,
-                                      "model": model, "model_tag": model_tag(model), "score": test["score"],
-                                      "test": test, "val_score": val["score"], "n_trainable": 0, "n_inference": 0}])
-        print(f"steer: no-prompt floor on {task}: validation {val['score']:.1f}, test {test['score']:.1f}")
+        if key not in done:
+            val, test = (evaluate.evaluate_frozen(model, task, split, args.data_dir) for split in ("validation", "test"))
+            done[key] = {"experiment": "steer", "run": key, "task": task, "method": "none", "seed": None, "model": model,
+                         "model_tag": model_tag(model), "score": test["score"], "test": test, "val_score": val["score"],
+                         "n_trainable": 0, "n_inference": 0}
+            files.append_jsonl(results, [done[key]])
+        rows.append(done[key])
+        print(f"steer: no-prompt floor on {task}: validation {done[key]['val_score']:.1f}, test {done[key]['score']:.1f}")
+    return rows
 
 
 EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": init, "hidden": hidden,
@@ -938,9 +950,12 @@ def main(argv=None):
     args.values = parse_values(args.experiment, args.values)
     check_args(parser, args, extra)
     args.batch_size = _extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4: steps per epoch
+    steering = args.experiment == "steer" and not args.dry_run and args.worker is None
+    if steering:
+        steer_prepare(args)
     rows, failed = run_experiment(args.experiment, EXPERIMENTS[args.experiment](args), args, extra)
-    if args.experiment == "steer" and not args.dry_run and args.worker is None:
-        steer_floor(args)  # after the runs: the data is prepared by then
+    if steering:
+        rows = steer_floor(args) + rows
     if rows and args.worker is None:
         import report  # the same table report.py writes, printed here
         print(report.experiment_table(args.experiment, rows))

@@ -389,7 +389,7 @@ GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b] for b in ("glu
 
 
 # ---------------------------------------------------------------------------- the steering benchmark
-# Toy tasks over shipped sentences (tests/fixtures/raw/steer, written by scripts/build_backbone.py): a small
+# Toy tasks over shipped sentences (tests/fixtures/steer/sentences, written by scripts/build_backbone.py): a small
 # backbone is trained on all of them, each selected by a prefix ("comma: <sentence>"), and does STEER_DEFAULT
 # on a bare sentence. A steering task gives the bare sentence and asks for another task: a prompt has to learn
 # to select it (docs/experiments.md, "The steering benchmark"). Not one of the paper's 21 tasks: not in TASKS.
@@ -401,7 +401,7 @@ def steer_words(sentence):
 STEER_RULES = {"long": lambda s: int(len(steer_words(s)) >= 8),  # 8 words or more
                "comma": lambda s: int("," in s)}                   # contains a comma
 STEER_DEFAULT = "long"  # what the backbone does without a prefix
-STEER_SOURCE = Path(__file__).resolve().parent / "tests" / "fixtures" / "raw"  # the shipped sentences
+STEER_SOURCE = Path(__file__).resolve().parent / "tests" / "fixtures" / "steer"  # the shipped sentences
 
 
 def steer_row(rule):
@@ -413,7 +413,7 @@ def steer_record(row, i):
 
 
 STEER_TASKS = {f"steer_{rule}": Task(f"steer_{rule}", "steer", "", None, steer_record,
-                                     per_split(steer_row(rule), "tsv"), GLUE_FILES, folder="steer")
+                                     per_split(steer_row(rule), "tsv"), GLUE_FILES, folder="sentences")
                for rule in STEER_RULES if rule != STEER_DEFAULT}
 TASK_TYPES.update({name: "steering (toy)" for name in STEER_TASKS})
 

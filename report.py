@@ -829,7 +829,8 @@ def steer_table(rows):
     for r in (r for r in rows if r["method"] == "none"):
         body.append(["no prompt (frozen backbone's default)", DASH, 0, 0, f"{r['val_score']:.1f}", f"{r['score']:.1f}",
                      DASH, DASH])
-        long.append({"method": "none", "lr": None, "val_mean": r["val_score"], "test_mean": r["score"]})
+        long.append({"method": "none", "lr": None, "n_trainable": 0, "val_mean": r["val_score"], "val_std": None,
+                     "test_mean": r["score"], "test_std": None, "final_prompt_norm": None, "seeds": None})
     trained = [r for r in rows if r["method"] != "none"]
     for method in ordered({r["method"] for r in trained}, METHOD_ORDER):
         for lr in sorted({r.get("lr") for r in trained if r["method"] == method}, key=lambda v: (v is None, v or 0)):

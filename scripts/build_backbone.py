@@ -2,10 +2,10 @@
 by a prefix, so that a prompt on the frozen model has to learn to select one (docs/experiments.md, "The
 steering benchmark").
 
-    python scripts/build_backbone.py --out steer/backbone          # ~1 minute on one CPU thread
-    python scripts/build_backbone.py --write-sentences tests/fixtures/raw   # regenerate the shipped sentences
+    python scripts/build_backbone.py --out steer/backbone          # ~2 minutes on one CPU thread
+    python scripts/build_backbone.py --write-sentences tests/fixtures/steer   # regenerate the sentences
 
-The tasks are prepare_data.STEER_RULES over the sentences in <source>/steer/{train,dev}.tsv: trained on
+The tasks are prepare_data.STEER_RULES over the sentences in <source>/sentences/{train,dev}.tsv: trained on
 train.tsv as "<task>: <sentence>" and, for STEER_DEFAULT, also as the bare sentence. The folder holds the
 config, weights and tokenizer (`--model DIR` reads it like any other) and backbone.json: the settings and
 the accuracy on the dev sentences of each task with its prefix and without (the floor a prompt starts from).
@@ -57,9 +57,9 @@ def sentence(rng, long, comma):
 
 
 def write_sentences(root, n_train=4000, n_dev=400, seed=0):
-    """<root>/steer/{train,dev}.tsv: one `sentence` column, the four (long, comma) cells equally often."""
+    """<root>/sentences/{train,dev}.tsv: one `sentence` column, the four (long, comma) cells equally often."""
     rng = random.Random(seed)
-    folder = files.make_dir(Path(root) / "steer", "sentence folder")
+    folder = files.make_dir(Path(root) / "sentences", "sentence folder")
     for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
         rows = [sentence(rng, i % 2 == 0, i // 2 % 2 == 0) for i in range(n)]
         rng.shuffle(rows)
@@ -114,7 +114,7 @@ def build(out, source=P.STEER_SOURCE, seed=0, steps=1500, batch_size=32, lr=1e-3
     from transformers.utils import logging
     logging.disable_progress_bar()
     torch.manual_seed(seed)
-    train, dev = (read_sentences(Path(source) / "steer" / f) for f in ("train.tsv", "dev.tsv"))
+    train, dev = (read_sentences(Path(source) / "sentences" / f) for f in ("train.tsv", "dev.tsv"))
     tokenizer = word_tokenizer(train + [f"{t}:" for t in P.STEER_RULES] + ["0 1"])
     config = T5Config(vocab_size=len(tokenizer), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
                       dropout_rate=0.1, **SIZE)
@@ -156,10 +156,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", metavar="DIR", help="write the backbone model folder here")
     parser.add_argument("--source", default=str(P.STEER_SOURCE), metavar="DIR",
-                        help="folder holding steer/{train,dev}.tsv (default: the shipped fixture)")
+                        help="folder holding sentences/{train,dev}.tsv (default: the shipped tests/fixtures/steer)")
     parser.add_argument("--seed", type=int, default=0, help="weights, tokenizer and data order")
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--write-sentences", metavar="DIR", help="(re)write DIR/steer/{train,dev}.tsv and stop")
+    parser.add_argument("--write-sentences", metavar="DIR", help="(re)write DIR/sentences/{train,dev}.tsv and stop")
     args = parser.parse_args(argv)
     if args.write_sentences:
         print(f"wrote {write_sentences(args.write_sentences)}")

@@ -1,5 +1,5 @@
 """The steering benchmark's checks (docs/experiments.md, "The steering benchmark"): on the shipped frozen
-backbone (tests/fixtures/steer_backbone, built by scripts/build_backbone.py) a prompt must learn to select the
+backbone (tests/fixtures/steer/backbone, built by scripts/build_backbone.py) a prompt must learn to select the
 task the backbone does not do by default. A prompt whose gradient, init scale, optimizer group or schedule is
 broken stays at the no-prompt floor here, and a training loop that touches the frozen weights shows.
 
@@ -17,7 +17,7 @@ import prepare_data  # noqa: E402
 import pretrained  # noqa: E402
 import train  # noqa: E402
 
-BACKBONE = Path(__file__).resolve().parent / "fixtures" / "steer_backbone"
+BACKBONE = Path(__file__).resolve().parent / "fixtures" / "steer" / "backbone"
 TASK = "steer_comma"
 STEPS = 30
 # Measured (2-core VM, 30 steps, batch 32, lr 0.3, seed 0; solo and packed alike): floor 45.5, PT 100.0,
