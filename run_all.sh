@@ -98,8 +98,9 @@ python ablate.py structure --model $MODEL $SEEDS $COMMON $TRAIN
 # --- The steering benchmark (not in the paper; docs/experiments.md): every method on a small frozen backbone
 #     that prompts can steer (tests/fixtures/steer/backbone), 3 seeds + an lr sweep + the no-prompt floor, at its
 #     own 100-step schedule (not $TRAIN's), in SMOKE too: there it is the one table whose numbers mean something.
-#     About 3 minutes on 2 idle CPU cores (2 workers); report.py draws its table and mu_t figure
-python ablate.py steer $COMMON $([[ "${SMOKE:-0}" == 1 && -z "$GPUS" ]] && echo --workers 2)
+#     About 3 minutes on 2 CPU cores (2 workers); report.py draws its table and mu_t figure. Left out of the
+#     dry run, whose counts are the paper's grid
+[[ -n "$DRY" ]] || python ablate.py steer $COMMON $([[ "${SMOKE:-0}" == 1 && -z "$GPUS" ]] && echo --workers 2)
 fi
 
 if [[ -n "$DRY" ]]; then  # every run once, in the first section that lists it (the one that trains it)
