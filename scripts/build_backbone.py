@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import batching as B  # noqa: E402
+import cli  # noqa: E402
 import files  # noqa: E402
 import optim  # noqa: E402
 import prepare_data as P  # noqa: E402
@@ -68,6 +69,9 @@ def write_sentences(root, n_train=4000, n_dev=400, seed=0):
 
 
 def read_sentences(path):
+    if not Path(path).is_file():
+        raise SystemExit(f"build_backbone: no {path}; pass --source DIR holding sentences/train.tsv and dev.tsv "
+                         f"(shipped in {P.STEER_SOURCE}, or written by --write-sentences DIR)")
     rows = [r["sentence"] for r in P.read(Path(path), lambda r, n: [{"sentence": r["sentence"].strip()}], "tsv")]
     if not rows:
         raise SystemExit(f"build_backbone: {path} holds no sentences")
@@ -157,8 +161,8 @@ def main(argv=None):
     parser.add_argument("--out", metavar="DIR", help="write the backbone model folder here")
     parser.add_argument("--source", default=str(P.STEER_SOURCE), metavar="DIR",
                         help="folder holding sentences/{train,dev}.tsv (default: the shipped tests/fixtures/steer)")
-    parser.add_argument("--seed", type=int, default=0, help="weights, tokenizer and data order")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="weights, sentence order and dropout")
+    parser.add_argument("--steps", type=cli.positive_int, default=1500, help="optimizer steps (batch 32)")
     parser.add_argument("--write-sentences", metavar="DIR", help="(re)write DIR/sentences/{train,dev}.tsv and stop")
     args = parser.parse_args(argv)
     if args.write_sentences:
@@ -166,6 +170,10 @@ def main(argv=None):
         return
     if not args.out:
         parser.error("pass --out DIR (or --write-sentences DIR)")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "backbone.json").exists()):
+        raise SystemExit(f"build_backbone: {out} exists and is not a backbone folder this script wrote; "
+                         "choose another --out (the folder is replaced as a whole)")
     torch.set_num_threads(1)  # deterministic, and a model this small gains nothing from more
     result = build(args.out, args.source, args.seed, args.steps)
     print(json.dumps(result["dev_accuracy"]))
