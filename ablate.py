@@ -16,6 +16,7 @@ Table 3 (few-shot) is fewshot.py, which uses the same machinery.
     python ablate.py init | hidden | broadcast | lr | structure     # Table 6, Figures 5/12, 7, 8, 9
     python ablate.py lr --models t5-base              # Figure 8 for one size (default: t5-base and t5-large)
     python ablate.py hidden --nproc 4                 # each run on 4 GPUs through torchrun
+    python ablate.py steer                            # the steering benchmark (not in the paper; docs/experiments.md)
     python ablate.py init --model smoke/tiny-t5 --data-dir smoke/data --runs-dir smoke/runs \\
         --results-dir smoke/results --seeds 0 --max-steps 4 --eval-every 2     # CPU smoke run
 

@@ -863,7 +863,7 @@ def _steer_curves(run):
 
 def steer_section(results, out):
     """steer.md (+ csv) and steer_fig2.png: μ_t and the validation score over steps, seed 0 of each method
-    at each lr (the default lr solid), the no-prompt floor dashed."""
+    at each lr (the default lr solid, a lower one dashed, a higher one dotted), the no-prompt floor in black."""
     rows = read_rows(results, "steer")
     if not rows:
         raise Missing(f"no {Path(results) / 'steer'}.jsonl (run `python ablate.py steer`)")
@@ -884,10 +884,10 @@ def steer_section(results, out):
             continue
         if r.get("seed") != 0:
             continue
-        main = r.get("lr") == defaults.get(r["method"], 0.3)
+        main, lr = defaults.get(r["method"], 0.3), r.get("lr") or 0.0
         (steps, norm), (eval_steps, score) = _steer_curves(r["run"])
-        label = f"{LABELS[r['method']]} lr {r.get('lr'):g}"
-        style = dict(color=COLORS.get(r["method"]), ls="-" if main else ":", lw=1.5 if main else 1, label=label)
+        style = dict(color=COLORS.get(r["method"]), ls="-" if lr == main else "--" if lr < main else ":",
+                     lw=1.5 if lr == main else 1, label=f"{LABELS[r['method']]} lr {lr:g}")
         if norm:
             top.plot(steps, norm, **style)
         bottom.plot(eval_steps, score, marker="o", ms=3, **style)
