@@ -898,7 +898,7 @@ def steer_section(results, out):
     bottom.set_title("(b) validation accuracy (seed 0)")
     bottom.set_xlabel("training step t")
     bottom.set_ylabel("accuracy (%)")
-    bottom.legend(fontsize=7, ncol=2)
+    bottom.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle("Steering benchmark: prompts on a frozen toy backbone")
     fig.tight_layout()
     return ["steer.md", _save(fig, out, "steer_fig2.png")]
