@@ -104,3 +104,25 @@ def test_prompts_steer_as_one_pack(data, tmp_path, captured):
     assert min(pt) >= PT_MIN and min(pt) >= floor + 25, f"PT did not learn to steer in the pack: {pt}"
     assert max(ept) >= EPT_MIN and max(ept) >= floor + 10, f"EPT stayed at the floor in the pack: {ept}"
     assert_frozen(captured)
+
+
+def test_ablate_steer_writes_the_floor_and_the_report(data, tmp_path):
+    """The driver's path end to end, tiny: one PT run (2 steps), the no-prompt floor row, report.py's table
+    and figure; a second call trains nothing and writes no second floor row."""
+    import ablate
+    import report
+    argv = ["steer", "--methods", "pt", "--seeds", "0", "--values", "3", "--data-dir", str(data),
+            "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
+            "--max-steps", "2", "--eval-every", "2"]
+    rows = ablate.main(argv)
+    assert [r["method"] for r in rows] == ["none", "pt", "pt"] and sorted(r.get("lr") for r in rows[1:]) == [0.3, 3.0]
+    floor = rows[0]
+    assert floor["n_trainable"] == 0 and floor["score"] == evaluate.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
+    ablate.main(argv)
+    lines = (tmp_path / "results" / "steer.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    (tmp_path / "report").mkdir()
+    names = report.steer_section(tmp_path / "results", tmp_path / "report")
+    assert names == ["steer.md", "steer_fig2.png"] and (tmp_path / "report" / "steer_fig2.png").stat().st_size > 0
+    md = (tmp_path / "report" / "steer.md").read_text()
+    assert "no prompt" in md and "| PT | 0.3 |" in md and "| PT | 3 |" in md
