@@ -16,7 +16,7 @@ Table 3 (few-shot) is fewshot.py, which uses the same machinery.
     python ablate.py init | hidden | broadcast | lr | structure     # Table 6, Figures 5/12, 7, 8, 9
     python ablate.py lr --models t5-base              # Figure 8 for one size (default: t5-base and t5-large)
     python ablate.py hidden --nproc 4                 # each run on 4 GPUs through torchrun
-    python ablate.py steer                            # the steering benchmark (not in the paper; docs/experiments.md)
+    python ablate.py steer                            # the steering benchmark (docs/experiments.md)
     python ablate.py init --model smoke/tiny-t5 --data-dir smoke/data --runs-dir smoke/runs \\
         --results-dir smoke/results --seeds 0 --max-steps 4 --eval-every 2     # CPU smoke run
 
@@ -815,7 +815,8 @@ def steer(args):
     for task in args.tasks or [STEER_TASK]:
         for method in args.methods or M.METHODS:
             for seed in seeds:
-                specs.append(spec(task, method, model, seed, **STEER_SCHEDULE, **({"lr": 1e-3} if method == "ft" else {})))
+                ft_lr = {"lr": 1e-3} if method == "ft" else {}
+                specs.append(spec(task, method, model, seed, **STEER_SCHEDULE, **ft_lr))
             for value in (args.values or STEER_LRS) if method in STEER_SWEPT else []:
                 specs.append(spec(task, method, model, seeds[0], lr=value, **STEER_SCHEDULE))
     return specs
@@ -839,13 +840,15 @@ def steer_floor(args):
     for task in args.tasks or [STEER_TASK]:
         key = f"{model}#no-prompt#{task}"
         if key not in done:
-            val, test = (evaluate.evaluate_frozen(model, task, split, args.data_dir) for split in ("validation", "test"))
-            done[key] = {"experiment": "steer", "run": key, "task": task, "method": "none", "seed": None, "model": model,
-                         "model_tag": model_tag(model), "score": test["score"], "test": test, "val_score": val["score"],
-                         "n_trainable": 0, "n_inference": 0}
+            val, test = (evaluate.evaluate_frozen(model, task, split, args.data_dir)
+                         for split in ("validation", "test"))
+            done[key] = {"experiment": "steer", "run": key, "task": task, "method": "none", "seed": None,
+                         "model": model, "model_tag": model_tag(model), "score": test["score"], "test": test,
+                         "val_score": val["score"], "n_trainable": 0, "n_inference": 0}
             files.append_jsonl(results, [done[key]])
         rows.append(done[key])
-        print(f"steer: no-prompt floor on {task}: validation {done[key]['val_score']:.1f}, test {done[key]['score']:.1f}")
+        print(f"steer: no-prompt floor on {task}: validation {done[key]['val_score']:.1f}, "
+              f"test {done[key]['score']:.1f}")
     return rows
 
 
@@ -916,8 +919,8 @@ def _one_of(valid):
     return parse
 
 
-VALUE_TYPES = {"hidden": cli.positive_int, "broadcast": cli.positive_int, "lr": cli.positive_float, "steer": cli.positive_float,
-               "init": _one_of(M.INITS), "structure": _one_of(list(STRUCTURES))}  # what --values sweeps
+VALUE_TYPES = {"hidden": cli.positive_int, "broadcast": cli.positive_int, "lr": cli.positive_float,
+               "steer": cli.positive_float, "init": _one_of(M.INITS), "structure": _one_of(list(STRUCTURES))}  # what --values sweeps
 
 
 def parse_values(experiment, values, parser=parser):
@@ -940,7 +943,8 @@ def check_args(parser, args, extra):
     if unknown:
         parser.error(f"unrecognized arguments (neither this script's nor train.py's): {' '.join(unknown)}")
     for task in args.tasks or []:
-        if task not in P.TASKS and task not in P.STEER_TASKS and not (Path(args.data_dir) / task / "meta.json").exists():
+        known = task in P.TASKS or task in P.STEER_TASKS
+        if not known and not (Path(args.data_dir) / task / "meta.json").exists():
             parser.error(f"unknown task {task!r} (not one of the paper's and no {Path(args.data_dir) / task}/meta.json); "
                          f"tasks: {', '.join(P.TASKS)}")
 
