@@ -16,6 +16,7 @@ Table 3 (few-shot) is fewshot.py, which uses the same machinery.
     python ablate.py init | hidden | broadcast | lr | structure     # Table 6, Figures 5/12, 7, 8, 9
     python ablate.py lr --models t5-base              # Figure 8 for one size (default: t5-base and t5-large)
     python ablate.py hidden --nproc 4                 # each unit on 4 GPUs through torchrun
+    python ablate.py steer                            # the steering benchmark (docs/experiments.md)
     python ablate.py init --model smoke/tiny-t5 --data-dir smoke/data --runs-dir smoke/runs \\
         --results-dir smoke/results --seeds 0 --max-steps 4 --eval-every 2     # CPU smoke run
 
@@ -816,8 +817,67 @@ def structure(args):
             for seed in args.seeds or SEEDS]
 
 
+# The steering benchmark (docs/experiments.md): every method on a small frozen backbone that knows two toy tasks
+# and does one by default (scripts/build_backbone.py); the task asks for the other one. Its own short schedule:
+# prompts at the paper's lr 0.3, ft at 1e-3 (1e-5, the paper's, barely moves a model trained from scratch in
+# 100 steps); --values sweeps the lr of PT, EPT and EPT* (STEER_LRS by default) beside the main grid, with
+# the first seed only (a sweep shows where a method learns; the main grid's 3 seeds its spread).
+STEER_BACKBONE = str(Path(__file__).resolve().parent / "tests" / "fixtures" / "steer" / "backbone")
+STEER_TASK = "steer_comma"
+STEER_SCHEDULE = {"max_steps": 100, "eval_every": 10, "batch_size": 32}
+STEER_LRS = [0.03, 3.0]  # beside the default 0.3: EPT's explosive norm may want another lr at this scale
+STEER_SWEPT = ["pt", "ept", "ept_star"]
+
+
+def steer_model(args):
+    return args.model if args.model != parser.get_default("model") else STEER_BACKBONE
+
+
+def steer(args):
+    """The steering benchmark: every method x seed at its default lr (ft: 1e-3), plus the lr sweep."""
+    model, seeds, specs = steer_model(args), args.seeds or SEEDS, []
+    for task in args.tasks or [STEER_TASK]:
+        for method in args.methods or M.METHODS:
+            for seed in seeds:
+                ft_lr = {"lr": 1e-3} if method == "ft" else {}
+                specs.append(spec(task, method, model, seed, **STEER_SCHEDULE, **ft_lr))
+            for value in (args.values or STEER_LRS) if method in STEER_SWEPT else []:
+                specs.append(spec(task, method, model, seeds[0], lr=value, **STEER_SCHEDULE))
+    return specs
+
+
+def steer_prepare(args):
+    """The steering task's data, prepared once before any worker starts (train.py would prepare it on first
+    use, but several workers at once would race), with the backbone's tokenizer."""
+    for task in args.tasks or [STEER_TASK]:
+        if not (Path(args.data_dir) / task / "meta.json").exists():
+            P.main(["--tasks", task, "--out", str(args.data_dir), "--tokenizer", steer_model(args)])
+
+
+def steer_floor(args):
+    """The no-prompt floor: the frozen backbone on the steering task's validation and test splits, one row
+    (method "none") per model and task in results/steer.jsonl, written once; returns those rows."""
+    import evaluate
+    model, results = steer_model(args), Path(args.results_dir) / "steer.jsonl"
+    done = {r.get("run"): r for r in files.read_jsonl(results, what="results file", missing_ok=True)}
+    rows = []
+    for task in args.tasks or [STEER_TASK]:
+        key = f"{model}#no-prompt#{task}"
+        if key not in done:
+            val, test = (evaluate.evaluate_frozen(model, task, split, args.data_dir)
+                         for split in ("validation", "test"))
+            done[key] = {"experiment": "steer", "run": key, "task": task, "method": "none", "seed": None,
+                         "model": model, "model_tag": model_tag(model), "score": test["score"], "test": test,
+                         "val_score": val["score"], "n_trainable": 0, "n_inference": 0}
+            files.append_jsonl(results, [done[key]])
+        rows.append(done[key])
+        print(f"steer: no-prompt floor on {task}: validation {done[key]['val_score']:.1f}, "
+              f"test {done[key]['score']:.1f}")
+    return rows
+
+
 EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": init, "hidden": hidden,
-               "broadcast": broadcast, "lr": lr, "structure": structure}
+               "broadcast": broadcast, "lr": lr, "structure": structure, "steer": steer}
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -895,7 +955,7 @@ def _one_of(valid):
 
 
 VALUE_TYPES = {"hidden": cli.positive_int, "broadcast": cli.positive_int, "lr": cli.positive_float,
-               "init": _one_of(M.INITS), "structure": _one_of(list(STRUCTURES))}  # what --values sweeps
+               "steer": cli.positive_float, "init": _one_of(M.INITS), "structure": _one_of(list(STRUCTURES))}  # what --values sweeps
 
 
 def parse_values(experiment, values, parser=parser):
@@ -923,7 +983,8 @@ def check_args(parser, args, extra):
         parser.error("--overwrite would start every run of the plan over at each rerun; delete the run folders "
                      "to train them again")
     for task in args.tasks or []:
-        if task not in P.TASKS and not (Path(args.data_dir) / task / "meta.json").exists():
+        known = task in P.TASKS or task in P.STEER_TASKS
+        if not known and not (Path(args.data_dir) / task / "meta.json").exists():
             parser.error(f"unknown task {task!r} (not one of the paper's and no {Path(args.data_dir) / task}/meta.json); "
                          f"tasks: {', '.join(P.TASKS)}")
 
@@ -934,17 +995,23 @@ def main(argv=None):
     args.values = parse_values(args.experiment, args.values)
     check_args(parser, args, extra)
     args.batch_size = _extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4: steps per epoch
-    rows = run_driver(args.experiment, EXPERIMENTS[args.experiment](args), args, extra)
-    return rows
+    steering = args.experiment == "steer" and not args.dry_run
+    if steering:
+        steer_prepare(args)  # once, before any unit: several at once would race to prepare it
+    floor = steer_floor if steering and not args.slurm else None  # --slurm: its collect job adds the floor
+    return run_driver(args.experiment, EXPERIMENTS[args.experiment](args), args, extra, floor)
 
 
-def run_driver(experiment, specs, args, extra):
-    """run_experiment, then the experiment's table; exit 1 when runs are not finished, 130 on Ctrl-C."""
+def run_driver(experiment, specs, args, extra, floor=None):
+    """run_experiment, then the experiment's table (after the rows of `floor(args)`, a baseline that is not
+    a run); exit 1 when runs are not finished, 130 on Ctrl-C."""
     try:
         rows, failed = run_experiment(experiment, specs, args, extra)
     except KeyboardInterrupt:
         print(f"{experiment}: interrupted; run the same command again to resume", file=sys.stderr)
         raise SystemExit(130) from None
+    if floor:
+        rows = floor(args) + rows
     if rows and not args.dry_run:
         import report  # the same table report.py writes, printed here
         print(report.experiment_table(experiment, rows))

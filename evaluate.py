@@ -417,6 +417,23 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     return metrics
 
 
+@torch.no_grad()
+def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None):
+    """The frozen T5 `model` alone, no prompt and no run folder (the steering benchmark's floor): its
+    metrics on `split` of `task` (greedy decoding, fp32)."""
+    device = device or R.default_device()
+    net = M.PromptedT5(pretrained.load_t5(model), None).to(device).eval()
+    tokenizer = pretrained.load_tokenizer(model)
+    meta = files.load_meta(data_dir, task)
+    split_file = Path(data_dir) / task / f"{split}.jsonl"
+    examples, source_ids, _ = B.load_split(split_file, tokenizer, meta["max_length"])
+    B.check_split(meta, split, examples, split_file, False)
+    preds = run_predictions(net, tokenizer, source_ids, mode="generate", labels=meta.get("labels"),
+                            max_new_tokens=meta["max_target_length"], max_length=meta["max_length"],
+                            batch_size=batch_size, device=device, dtype="fp32")
+    return {"task": task, "split": split, "model": str(model), **compute_metrics(meta, preds, examples)}
+
+
 TEXT_SUFFIXES = ("", ".txt", ".text", ".tsv", ".csv", ".md")  # read as one input a line
 
 

@@ -388,6 +388,36 @@ PAPER_SPLITS = {"cola": (8551, 521, 522), "sst2": (66349, 1000, 872), "mrpc": (3
 GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b] for b in ("glue", "superglue", "mrqa", "others")}
 
 
+# ---------------------------------------------------------------------------- the steering benchmark
+# Toy tasks over shipped sentences (tests/fixtures/steer/sentences, written by scripts/build_backbone.py): a small
+# backbone is trained on all of them, each selected by a prefix ("comma: <sentence>"), and does STEER_DEFAULT
+# on a bare sentence. A steering task gives the bare sentence and asks for another task: a prompt has to learn
+# to select it (docs/experiments.md, "The steering benchmark"). Not one of the paper's 21 tasks: not in TASKS.
+
+def steer_words(sentence):
+    return [w for w in sentence.split() if any(c.isalnum() for c in w)]
+
+
+STEER_RULES = {"long": lambda s: int(len(steer_words(s)) >= 8),  # 8 words or more
+               "comma": lambda s: int("," in s)}                   # contains a comma
+STEER_DEFAULT = "long"  # what the backbone does without a prefix
+STEER_SOURCE = Path(__file__).resolve().parent / "tests" / "fixtures" / "steer"  # the shipped sentences
+
+
+def steer_row(rule):
+    return lambda r, n: [{"sentence": r["sentence"].strip(), "label": STEER_RULES[rule](r["sentence"]), "idx": n}]
+
+
+def steer_record(row, i):
+    return {"source": row["sentence"], "target": str(row["label"]), "label": row["label"], "idx": row["idx"]}
+
+
+STEER_TASKS = {f"steer_{rule}": Task(f"steer_{rule}", "steer", "", None, steer_record,
+                                     per_split(steer_row(rule), "tsv"), GLUE_FILES, folder="sentences")
+               for rule in STEER_RULES if rule != STEER_DEFAULT}
+TASK_TYPES.update({name: "steering (toy)" for name in STEER_TASKS})
+
+
 # ---------------------------------------------------------------------------- loading
 
 SAMPLE_FOLDER = re.compile(r"(?i)(k-?shot|few-?shot|\d+-shot|^\d+-\d+$)")  # LM-BFF's k-shot/<TASK>/16-42/, ...
@@ -614,8 +644,8 @@ def write_task(out, name, texts):
 
 
 def prepare(task, args, out):
-    if args.source:
-        train_rows, held_rows, source = load_local(task, Path(args.source))
+    if args.source or task.benchmark == "steer":  # the steering sentences ship with the repository
+        train_rows, held_rows, source = load_local(task, Path(args.source or STEER_SOURCE))
     else:
         train_rows, held_rows, source = load_hub(task)
     where = f"{task.hub_id} {task.hub_config}"
@@ -663,8 +693,9 @@ def main(argv=None):
     for name in args.tasks:
         expanded = list(TASKS) if name == "all" else GROUPS.get(name, [name])
         for t in expanded:
-            if t not in TASKS:
-                parser.error(f"unknown task {t!r}; valid: {', '.join(TASKS)} (or all, {', '.join(GROUPS)})")
+            if t not in TASKS and t not in STEER_TASKS:
+                parser.error(f"unknown task {t!r}; valid: {', '.join(TASKS)} (or all, {', '.join(GROUPS)}; "
+                             f"the steering benchmark: {', '.join(STEER_TASKS)})")
             if t not in names:
                 names.append(t)
     out = Path(args.out)  # created once the tokenizer has loaded: a failed start leaves nothing behind
@@ -692,7 +723,7 @@ def main(argv=None):
         load_tokenizer(args.tokenizer)  # fail before any download
         out = files.make_dir(out, "output folder")
     for name in todo:
-        prepare(TASKS[name], args, out)
+        prepare(TASKS.get(name) or STEER_TASKS[name], args, out)
 
 
 if __name__ == "__main__":

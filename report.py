@@ -875,6 +875,100 @@ FIGURES = [("Figure 1: SuperGLUE average across T5 sizes and against trainable p
            ("Table 5: task details", table5_md)]
 
 
+# --- the steering benchmark (ablate.py steer; docs/experiments.md): a small Table 1 and Figure 2 on a toy backbone
+
+STEER_TITLE = "Steering benchmark (toy backbone, not the paper's numbers): Table 1 and Figure 2 in small"
+
+
+def steer_table(rows):
+    """Per (method, lr): parameters, validation and test accuracy (mean ± std over seeds), final μ_t; the
+    no-prompt floor first. Validation is the best checkpoint's, test is scored at that checkpoint."""
+    rows = dedupe(rows)
+    header = ["Method", "lr", "Steps", "Params", "Valid acc", "Test acc", "final μ_t", "Seeds"]
+    body, long = [], []
+    for r in (r for r in rows if r["method"] == "none"):
+        body.append(["no prompt (frozen backbone's default)", DASH, 0, 0, f"{r['val_score']:.1f}", f"{r['score']:.1f}",
+                     DASH, DASH])
+        long.append({"method": "none", "lr": None, "n_trainable": 0, "val_mean": r["val_score"], "val_std": None,
+                     "test_mean": r["score"], "test_std": None, "final_prompt_norm": None, "seeds": None})
+    trained = [r for r in rows if r["method"] != "none"]
+    for method in ordered({r["method"] for r in trained}, METHOD_ORDER):
+        for lr in sorted({r.get("lr") for r in trained if r["method"] == method}, key=lambda v: (v is None, v or 0)):
+            mine = [r for r in trained if r["method"] == method and r.get("lr") == lr]
+            val, test = mean_std([r.get("val_score") for r in mine]), mean_std([r["score"] for r in mine])
+            norm = mean_std([r.get("final_prompt_norm") for r in mine])[0]
+            steps = sorted({r.get("max_steps") for r in mine} - {None})
+            body.append([LABELS[method], f"{lr:g}" if lr else DASH, "/".join(map(str, steps)) or DASH,
+                         human(max((r.get("n_trainable") or 0) for r in mine)),
+                         cell([r.get("val_score") for r in mine]), cell([r["score"] for r in mine]),
+                         f"{norm:.3g}" if norm is not None else DASH, len(mine)])
+            long.append({"method": method, "lr": lr, "n_trainable": max((r.get("n_trainable") or 0) for r in mine),
+                         "val_mean": val[0], "val_std": val[1], "test_mean": test[0], "test_std": test[1],
+                         "final_prompt_norm": norm, "seeds": len(mine)})
+    return markdown(header, body), long
+
+
+def _steer_curves(run):
+    """(steps, μ_t) and (eval steps, validation scores) of one run folder's log.jsonl."""
+    norm, score = ([], []), ([], [])
+    for e in files.read_jsonl(Path(run) / "log.jsonl", what="run log", torn_tail_ok=True, missing_ok=True):
+        if e.get("event") == "train" and e.get("prompt_norm") is not None:
+            norm[0].append(e["step"])
+            norm[1].append(e["prompt_norm"])
+        elif e.get("event") == "eval" and e.get("score") is not None:
+            score[0].append(e["step"])
+            score[1].append(e["score"])
+    return norm, score
+
+
+def steer_section(results, out):
+    """steer.md (+ csv) and steer_fig2.png: μ_t and the validation score over steps, seed 0 of each method
+    at each lr (the default lr solid, a lower one dashed, a higher one dotted), the no-prompt floor in black."""
+    rows = read_rows(results, "steer")
+    if not rows:
+        raise Missing(f"no {Path(results) / 'steer'}.jsonl (run `python ablate.py steer`)")
+    md, long = steer_table(rows)
+    tags = sorted({r.get("model_tag", "?") for r in rows})
+    md = (f"*Backbone: {', '.join(tags)}; task: {', '.join(sorted({r['task'] for r in rows}))}; "
+          f"{len(dedupe(rows))} rows. Accuracy in %. A toy check that each method learns to steer a frozen model; "
+          "it does not reproduce the paper's numbers (docs/experiments.md).*\n\n" + md)
+    write_text(Path(out) / "steer.md", f"# {STEER_TITLE}\n\n{md}")
+    write_csv(Path(out) / "steer.csv", long)
+    plt = _plt()
+    fig, (top, bottom) = plt.subplots(1, 2, figsize=(11, 4))
+    defaults = {m: lr for m, lr in (("ft", 1e-3),)}
+    for r in sorted(dedupe(rows), key=lambda r: (METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER
+                                                 else -1, r.get("lr") or 0)):
+        if r["method"] == "none":
+            bottom.axhline(r["val_score"], color="black", ls="--", lw=1, label="no prompt")
+            continue
+        if r.get("seed") != 0:
+            continue
+        main, lr = defaults.get(r["method"], 0.3), r.get("lr") or 0.0
+        (steps, norm), (eval_steps, score) = _steer_curves(r["run"])
+        style = dict(color=COLORS.get(r["method"]), ls="-" if lr == main else "--" if lr < main else ":",
+                     lw=1.5 if lr == main else 1, label=f"{LABELS[r['method']]} lr {lr:g}")
+        if norm:
+            top.plot(steps, norm, **style)
+        bottom.plot(eval_steps, score, marker="o", ms=3, **style)
+    top.set_yscale("log")
+    top.set_title("(a) prompt norm μ_t (seed 0)")
+    top.set_xlabel("training step t")
+    top.set_ylabel("μ_t (mean L2 norm of P' rows, log)")
+    bottom.set_title("(b) validation accuracy (seed 0)")
+    bottom.set_xlabel("training step t")
+    bottom.set_ylabel("accuracy (%)")
+    bottom.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("Steering benchmark: prompts on a frozen toy backbone")
+    fig.tight_layout()
+    return ["steer.md", _save(fig, out, "steer_fig2.png")]
+
+
+FIGURES.append((STEER_TITLE, steer_section))
+INLINE.add("steer.md")
+EXPERIMENT_TABLE["steer"] = steer_table
+
+
 # --- the report ------------------------------------------------------------------------------------
 
 def main(argv=None):

@@ -314,7 +314,7 @@ def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
     if (Path(data_dir) / task / "meta.json").exists():
         return
     import prepare_data
-    if task not in prepare_data.TASKS:
+    if task not in prepare_data.TASKS and task not in prepare_data.STEER_TASKS:
         raise SystemExit(f"train: unknown task {task!r} and no {Path(data_dir) / task / 'meta.json'}; "
                          f"tasks: {', '.join(prepare_data.TASKS)}")
     command = ["--tasks", task, "--out", str(data_dir), "--tokenizer", tokenizer, *(["--source", source] if source else [])]

@@ -400,7 +400,8 @@ REPORT_FILES = ["index.md", "table1.md", "table1.csv", "table2.md", "table3.md",
                 "fig2_norms.png", "fig3_prompt_cosine.png", "fig4_subset_broadcast.png", "fig5_hidden_size.png",
                 "fig7_broadcast.png", "fig8_learning_rate.png", "fig9_structure.png", "fig10_transfer.png",
                 "fig11_norms.png", "fig12_hidden_size.png", "neighbours.md",
-                "fig1_superglue.png", "table5.md", "table5.csv", "figA1_directions.png", "directions.md"]
+                "fig1_superglue.png", "table5.md", "table5.csv", "figA1_directions.png", "directions.md",
+                "steer.md", "steer.csv", "steer_fig2.png"]
 
 
 @pytest.mark.slow
