@@ -102,8 +102,7 @@ python ablate.py structure --model $MODEL $SEEDS $COMMON $TRAIN
 #     that prompts can steer (tests/fixtures/steer/backbone), 3 seeds + an lr sweep + the no-prompt floor, at its
 #     own 100-step schedule (not $TRAIN's), in SMOKE too: there it is the one table whose numbers mean something.
 #     About 3 minutes on 2 CPU cores (SMOKE: a pool of 2 processes, --gpus 2, which on a CPU uses no GPU);
-#     report.py draws its table and mu_t figure. Left out of the
-#     dry run, whose counts are the paper's grid
+#     report.py draws its table and mu_t figure. Left out of the dry run, whose counts are the paper's grid
 [[ -n "$DRY" ]] || python ablate.py steer $COMMON $([[ "${SMOKE:-0}" == 1 && -z "$GPUS" ]] && echo --gpus 2)
 fi
 
