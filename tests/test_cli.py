@@ -275,21 +275,21 @@ def test_driver_names_say_what_runs(tmp_path, capsys):
 
 # --- progress bars ------------------------------------------------------------------------------------------
 
-def test_progress_bars_for_long_work_and_tqdm_disable(tiny_model_dir, capfd):
+def test_progress_bars_for_long_work_and_tqdm_disable(tiny_model_dir):
     """evaluate.py's decoding and prepare_data's row conversion draw a bar on stderr (none inside train.py's
     validation, none for a few rows), and TQDM_DISABLE=1 (read when tqdm is imported) turns them off."""
-    import evaluate
-    import prepare_data
-    import pretrained
-    net = __import__("model").PromptedT5(pretrained.load_t5(str(tiny_model_dir)))
-    tok = pretrained.load_tokenizer(str(tiny_model_dir))
-    rows = [{"sentence1": "a b", "sentence2": "c", "label": 0, "idx": i} for i in range(prepare_data.BAR_ROWS)]
-    capfd.readouterr()
-    evaluate.predict(net, tok, ["one two", "three"], max_new_tokens=2, progress="evaluate toy test")
-    prepare_data.to_records(prepare_data.TASKS["rte"], rows, "train")
-    prepare_data.to_records(prepare_data.TASKS["rte"], rows[:10], "small")
-    evaluate.predict(net, tok, ["one two", "three"], max_new_tokens=2)  # train.py's validation: no bar
-    err = capfd.readouterr().err
+    code = ("import evaluate, model, prepare_data as P, pretrained\n"
+            f"net = model.PromptedT5(pretrained.load_t5({str(tiny_model_dir)!r}))\n"
+            f"tok = pretrained.load_tokenizer({str(tiny_model_dir)!r})\n"
+            "rows = [dict(sentence1='a b', sentence2='c', label=0, idx=i) for i in range(P.BAR_ROWS)]\n"
+            "evaluate.predict(net, tok, ['one two', 'three'], max_new_tokens=2, progress='evaluate toy test')\n"
+            "P.to_records(P.TASKS['rte'], rows, 'train')\n"
+            "P.to_records(P.TASKS['rte'], rows[:10], 'small')\n"
+            "evaluate.predict(net, tok, ['one two', 'three'], max_new_tokens=2)  # train.py's validation: no bar\n")
+    env = {k: v for k, v in offline_env().items() if k != "TQDM_DISABLE"}  # a bar whatever the caller's env
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    err = done.stderr
+    assert done.returncode == 0, err[-3000:]
     assert "evaluate toy test" in err and "rte: train" in err and "rte: small" not in err, err
     assert err.count("evaluate") == err.count("evaluate toy test")
     code = ("import prepare_data as P\n"
