@@ -633,10 +633,14 @@ def collect(experiment, plan, args):
         if args.prune_ft_checkpoints and options["method"] == "ft":  # full T5 + AdamW state, twice per run
             for file in ("best.pt", "last.pt"):
                 (run_dir / file).unlink(missing_ok=True)
+    failed = {name: runs.failure(plan[name][2]) for name in missing if runs.status(plan[name][2]) == "failed"}
     print(f"{experiment}: {len(plan)} runs, {len(rows)} finished ({added} rows added now), {len(missing)} not "
-          f"finished -> {results}", flush=True)
-    if missing:
-        print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): {' '.join(missing)}", file=sys.stderr)
+          f"finished{f' ({len(failed)} failed)' if failed else ''} -> {results}", flush=True)
+    for name, why in failed.items():  # stopped for good: running the unit again fails the same way
+        print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
+    if len(missing) > len(failed):
+        print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): "
+              f"{' '.join(n for n in missing if n not in failed)}", file=sys.stderr)
     return rows, missing
 
 
