@@ -441,7 +441,7 @@ def submit_slurm(experiment, path, args):
     except ImportError:
         raise SystemExit("--slurm needs slurm.py beside this script, which this checkout lacks") from None
     slurm.submit(path, collect_command(args), job_name=f"ept-{experiment}", partition=args.slurm_partition,
-                 time=args.slurm_time, gpus_per_task=args.slurm_gpus or args.nproc,
+                 time=args.slurm_time, gpus_per_task=args.nproc if args.slurm_gpus is None else args.slurm_gpus,
                  max_parallel=args.slurm_max_tasks, extra=args.slurm_option)
 
 
@@ -854,8 +854,8 @@ def add_execution_args(parser):
     group.add_argument("--slurm-partition", default=None, help="--slurm: the partition (default: the cluster's)")
     group.add_argument("--slurm-time", default=None, metavar="LIMIT",
                        help="--slurm: each task's time limit (4:00:00, 1-12, ...); a unit checkpoints before it")
-    group.add_argument("--slurm-gpus", type=cli.positive_int, default=None, metavar="N",
-                       help="--slurm: GPUs per task (default: --nproc)")
+    group.add_argument("--slurm-gpus", type=cli.nonnegative_int, default=None, metavar="N",
+                       help="--slurm: GPUs per task (default: --nproc; 0: no GPU request, a CPU cluster)")
     group.add_argument("--slurm-max-tasks", type=cli.positive_int, default=None, metavar="M",
                        help="--slurm: array tasks at once (--array=0-(N-1)%%M); --dry-run: the wall time for M")
     group.add_argument("--slurm-option", action="append", default=[], metavar="OPT",

@@ -22,7 +22,6 @@ import slurm
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = Path(__file__).resolve().with_name("fake_unit.py")
-CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
 
 
 def fake(root, name, steps, *flags):
@@ -169,36 +168,6 @@ def wait_gone(*ids, timeout=60):
     except AssertionError:
         subprocess.run(["scancel", *ids])
         raise
-
-
-@pytest.fixture(scope="session")
-def cluster():
-    """The one-node test cluster: used when it runs, started when this is root (and SLURM installed, or
-    EPT_SLURM_TESTS=1 to install it), stopped again if this started it."""
-    required = os.environ.get("EPT_SLURM_TESTS") == "1"
-    ours = Path("/etc/slurm/slurm.conf").is_file() and \
-        "written by scripts/slurm_cluster.sh" in Path("/etc/slurm/slurm.conf").read_text()
-    if shutil.which("sinfo") and ours and subprocess.run(["bash", str(CLUSTER), "status"],
-                                                         capture_output=True).returncode == 0:
-        yield
-        return
-    reason = None
-    if shutil.which("sinfo") and not ours and subprocess.run(["sinfo"], capture_output=True).returncode == 0:
-        reason = "a SLURM cluster answers here that is not scripts/slurm_cluster.sh's; no test jobs for it"
-    elif os.geteuid() != 0:
-        reason = "no test cluster runs and starting one needs root (bash scripts/slurm_cluster.sh start)"
-    elif not shutil.which("sbatch") and not required:
-        reason = "SLURM is not installed (EPT_SLURM_TESTS=1 installs it with apt-get, as .ci/run does)"
-    if reason is None:
-        started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True)
-        if started.returncode == 0:
-            yield
-            subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True)
-            return
-        reason = f"scripts/slurm_cluster.sh start failed: {started.stderr.strip()}"
-    if required:
-        pytest.fail(f"EPT_SLURM_TESTS=1 but {reason}")
-    pytest.skip(reason)
 
 
 def test_four_tasks_run_at_once(cluster, tmp_path):
