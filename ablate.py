@@ -442,7 +442,7 @@ def submit_slurm(experiment, path, args):
         raise SystemExit("--slurm needs slurm.py beside this script, which this checkout lacks") from None
     slurm.submit(path, collect_command(args), job_name=f"ept-{experiment}", partition=args.slurm_partition,
                  time=args.slurm_time, gpus_per_task=args.nproc if args.slurm_gpus is None else args.slurm_gpus,
-                 max_parallel=args.slurm_max_tasks, extra=args.slurm_option)
+                 max_parallel=args.slurm_max_tasks, extra=args.slurm_option, after=args.slurm_after)
 
 
 STOP_STATUSES = (128 + signal.SIGTERM, 128 + signal.SIGUSR1)  # train.py stopped by a signal, last.pt written
@@ -858,6 +858,9 @@ def add_execution_args(parser):
                        help="--slurm: GPUs per task (default: --nproc; 0: no GPU request, a CPU cluster)")
     group.add_argument("--slurm-max-tasks", type=cli.positive_int, default=None, metavar="M",
                        help="--slurm: array tasks at once (--array=0-(N-1)%%M); --dry-run: the wall time for M")
+    group.add_argument("--slurm-after", action="append", default=[], metavar="JOBID",
+                       help="--slurm: start the array once this job ended (afterany), e.g. an earlier section's "
+                            "array that trains runs this grid shares (repeatable)")
     group.add_argument("--slurm-option", action="append", default=[], metavar="OPT",
                        help="--slurm: an extra #SBATCH option, e.g. --slurm-option=--account=nlp (repeatable)")
     group.add_argument("--collect", action="store_true",

@@ -57,6 +57,9 @@ def test_sbatch_script_text(tmp_path):
     assert not any(k in bare for k in ("--gres", "--gpus", "--partition", "--time", "--cpus"))
     assert "--gres=gpu:2" in slurm.sbatch_script(tmp_path / "t", 1, job_name="x", log_dir=tmp_path,
                                                  gpus_per_task=2)
+    assert "--dependency" not in bare  # after=: an earlier plan's array, each ended however it ended
+    assert "#SBATCH --dependency=afterany:7:9_2\n" in slurm.sbatch_script(
+        tmp_path / "t", 1, job_name="x", log_dir=tmp_path, after=["7", "9_2"])
 
 
 @pytest.mark.parametrize("text, seconds", [("90", 5400), ("10:30", 630), ("4:00:00", 14400),
@@ -71,6 +74,7 @@ def test_time_seconds(text, seconds):
     ({"time": "four hours"}, "not a SLURM time limit"),
     ({"partition": "a b"}, "cannot go on an #SBATCH line"),
     ({"extra": ["--qos=high\n#SBATCH --x"]}, "cannot go on an #SBATCH line"),
+    ({"after": ["7 --x"]}, "not a SLURM job id"),
 ])
 def test_sbatch_script_refuses(tmp_path, kw, message):
     with pytest.raises(SystemExit, match=message):
@@ -105,15 +109,16 @@ def test_submit_writes_both_scripts_and_says_how_to_follow(tmp_path, monkeypatch
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     plan = write_plan(tmp_path / "table1.plan", ["true", "false"])
     slurm.main([str(plan), "--collect", "echo collected", "--gpus-per-task", "0", "--max-parallel", "1",
-                "--sbatch-option=--account=nlp"])
+                "--sbatch-option=--account=nlp", "--after", "39"])
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls == ["--parsable", "--parsable"]  # each script on stdin, written once submitted
     out = capsys.readouterr().out
-    assert "array job 41 (2 units, 1 at once), collect job 42 after it" in out
+    assert "array job 41 (2 units, 1 at once, after job 39), collect job 42 after it" in out
     assert "squeue -j 41,42" in out and f"{tmp_path}/slurm-logs/table1-41_<task>.log" in out
     assert "scancel 41 42" in out
     array = (tmp_path / "table1.sbatch").read_text()
     assert "#SBATCH --array=0-1%1" in array and "#SBATCH --account=nlp" in array
+    assert "#SBATCH --dependency=afterany:39" in array
     collect = (tmp_path / "table1.collect.sbatch").read_text()
     assert "#SBATCH --dependency=afterany:41" in collect and "#SBATCH --account=nlp" in collect
     assert collect.rstrip().endswith("echo collected")
