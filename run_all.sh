@@ -45,7 +45,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 # a failing stage stops the recipe with one line naming it (its own message is just above)
-trap 'echo "run_all.sh: stage failed (exit $?) at line $LINENO: $BASH_COMMAND; fix it and rerun (finished runs are skipped)" >&2' ERR
+trap 'echo "run_all.sh: stage failed (exit $?) at line $LINENO: ${STAGE:-$BASH_COMMAND}; fix it and rerun" \
+  "(finished runs are skipped)" >&2' ERR
 
 NPROC=${NPROC:-1}
 GPUS=${GPUS:-}                 # GPUs of this node to fill: GPUS/NPROC pool children (unset: one unit at a time)
@@ -56,7 +57,8 @@ ALL_SECTIONS="table1 table2 fewshot table4 init hidden broadcast lr structure"
 SECTIONS=${SECTIONS:-$ALL_SECTIONS}
 case $PART in all|setup|train|report) ;; *) echo "PART=$PART: use all, setup, train or report" >&2; exit 2;; esac
 for s in $SECTIONS; do
-  [[ " $ALL_SECTIONS " == *" $s "* ]] || { echo "SECTIONS: no section $s (sections: $ALL_SECTIONS)" >&2; exit 2; }
+  [[ " $ALL_SECTIONS " == *" $s "* ]] || { echo "SECTIONS: no section $s (sections: $ALL_SECTIONS)" >&2
+                                           exit 2; }
 done
 if [[ $SLURM == 1 && -n $GPUS ]]; then
   echo "SLURM=1 hands each unit to its own array task; GPUS is for one node without SLURM: set one" >&2; exit 2
@@ -91,11 +93,14 @@ ARRAY="" COLLECTS=""  # SLURM=1: the last section's array job, and every section
 section() {
   local name=$1 out collect; shift
   [[ " $SECTIONS " == *" $name "* ]] || return 0
-  if [[ $SLURM != 1 || -n "$DRY" ]]; then "$@"; return; fi
+  # a failing driver returns its status here (`|| return`), and the ERR trap names STAGE
+  STAGE="$*"
+  if [[ $SLURM != 1 || -n "$DRY" ]]; then "$@" || return; STAGE=; return; fi
   out=$(mktemp)
-  "$@" $SUBMIT ${ARRAY:+--slurm-after $ARRAY} | tee "$out"
-  read -r ARRAY collect < <(sed -n 's/^submitted .*: array job \([0-9]*\) .*, collect job \([0-9]*\) after/\1 \2/p' \
-                              "$out") || true
+  "$@" $SUBMIT ${ARRAY:+--slurm-after $ARRAY} | tee "$out" || return
+  STAGE=
+  read -r ARRAY collect < <(sed -n \
+    's/^submitted .*: array job \([0-9]*\) .*, collect job \([0-9]*\) after/\1 \2/p' "$out") || true
   rm -f "$out"
   [[ -n $collect ]] || { echo "run_all.sh: no job ids in $name's submission (above)" >&2; exit 1; }
   COLLECTS+=${COLLECTS:+:}$collect
@@ -168,11 +173,13 @@ part report || exit 0
 if [[ $SLURM == 1 ]]; then  # the analyses and report (this script's report part) as a job after the sections
   mkdir -p $RESULTS/slurm-logs
   job=$(sbatch --parsable --job-name=ept-report --output=$PWD/$RESULTS/slurm-logs/ept-report-%j.log \
-    --chdir=$PWD ${COLLECTS:+--dependency=afterany:$COLLECTS} ${SLURM_PARTITION:+--partition=$SLURM_PARTITION} \
+    --chdir=$PWD ${COLLECTS:+--dependency=afterany:$COLLECTS} \
+    ${SLURM_PARTITION:+--partition=$SLURM_PARTITION} \
     ${SLURM_TIME:+--time=$SLURM_TIME} $([[ $SLURM_GPUS == 0 ]] || echo --gres=gpu:1) ${SLURM_OPTS:-} \
     --wrap "SLURM=0 PART=report bash run_all.sh")
-  echo "submitted ept-report: job ${job%%;*}${COLLECTS:+ after the collect jobs ${COLLECTS//:/ }} (analyses and report)"
-  echo "  follow:  squeue -u ${USER:-$(id -un)}    log: $RESULTS/slurm-logs/ept-report-${job%%;*}.log    report: $REPORT/index.md"
+  job=${job%%;*}
+  echo "submitted ept-report: job $job${COLLECTS:+ after the collect jobs ${COLLECTS//:/ }} (analyses and report)"
+  echo "  follow:  squeue -u ${USER:-$(id -un)}   log: $RESULTS/slurm-logs/ept-report-$job.log   report: $REPORT/index.md"
   exit 0
 fi
 

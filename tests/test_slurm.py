@@ -9,7 +9,6 @@ checkpoint and exit. Each cluster test takes seconds; every wait is bounded.
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -13,7 +13,6 @@ Every wait is bounded; a test that times out cancels its jobs.
 """
 import contextlib
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
