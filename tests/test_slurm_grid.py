@@ -92,9 +92,9 @@ def task_of(root, experiment, run_dir):
 
 def test_grid_on_slurm_equals_in_process_with_a_requeue_and_a_failed_unit(
         cluster, tiny_model_dir, data_dir, tmp_path, unit_env, capsys):
-    steps = 40
+    steps = 150  # ~3 s of steps on a tiny T5: time to requeue the task mid-run
     argv = lambda root: grid("lr", tiny_model_dir, data_dir, root, "--values", "0.3", "0.1", "1e30",  # noqa: E731
-                             "--max-steps", steps, "--eval-every", 20)
+                             "--max-steps", steps, "--eval-every", 75)
     here, there = tmp_path / "here", tmp_path / "slurm"
     with pytest.raises(SystemExit) as stop:  # the lr 1e30 run fails in this process too: exit 1
         ablate.main(argv(here))
@@ -135,7 +135,7 @@ def test_grid_on_slurm_equals_in_process_with_a_requeue_and_a_failed_unit(
 
 def test_cancelled_array_then_the_same_command_finishes_what_was_left(
         cluster, tiny_model_dir, data_dir, tmp_path, unit_env, capsys):
-    steps = 150
+    steps = 300
     argv = grid("init", tiny_model_dir, data_dir, tmp_path, "--values", "uniform", "vocab", "--max-steps", steps,
                 "--eval-every", steps)
     array, collect = submit(argv, capsys)
