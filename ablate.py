@@ -638,6 +638,11 @@ def collect(experiment, plan, args):
           f"finished{f' ({len(failed)} failed)' if failed else ''} -> {results}", flush=True)
     for name, why in failed.items():  # stopped for good: running the unit again fails the same way
         print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
+    failed_file = Path(args.results_dir) / f"{experiment}.failed.json"  # report.py lists them in index.md
+    if failed:
+        files.write_json(failed_file, {str(plan[name][2]): why for name, why in failed.items()})
+    else:
+        failed_file.unlink(missing_ok=True)
     if len(missing) > len(failed):
         print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): "
               f"{' '.join(n for n in missing if n not in failed)}", file=sys.stderr)

@@ -129,6 +129,9 @@ def test_grid_on_slurm_equals_in_process_with_a_requeue_and_a_failed_unit(
     assert states == {f"task {k}": "FAILED" if k == j else "COMPLETED" for k in range(3)}, report  # all ended
     assert "lr: 3 runs, 2 finished (2 rows added now), 1 not finished (1 failed)" in report, report
     assert f"lr: FAILED {bad.name}: train: non-finite prompt_norm at step 1" in report
+    assert files.read_json(there / "results" / "lr.failed.json") == {str(bad): runs.failure(bad)}
+    import report  # which lists it in index.md (test_experiments.py)
+    assert report.failed_runs(there / "results") == [("lr", str(bad), runs.failure(bad))]
     for run in (there / "runs").iterdir():
         assert not (run / runs.LOCK_NAME).exists()
 
