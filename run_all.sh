@@ -100,7 +100,7 @@ section() {
   "$@" $SUBMIT ${ARRAY:+--slurm-after $ARRAY} | tee "$out" || return
   STAGE=
   read -r ARRAY collect < <(sed -n \
-    's/^submitted .*: array job \([0-9]*\) .*, collect job \([0-9]*\) after/\1 \2/p' "$out") || true
+    's/^submitted .*: array job \([0-9]*\) .*, collect job \([0-9]*\) after it$/\1 \2/p' "$out") || true
   rm -f "$out"
   [[ -n $collect ]] || { echo "run_all.sh: no job ids in $name's submission (above)" >&2; exit 1; }
   COLLECTS+=${COLLECTS:+:}$collect

@@ -9,6 +9,7 @@ checkpoint and exit. Each cluster test takes seconds; every wait is bounded.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -285,3 +286,36 @@ def test_time_limit_signal_requeues_and_resumes(cluster, tmp_path):
     check_resumed(root, "u0", 600, starts=starts)
     log = (tmp_path / "slurm-logs" / f"p-{array}_0.log").read_text()
     assert log.count("time limit near") == starts - 1 and "unit finished" in log, log
+
+
+def test_run_all_slurm_submits_the_sections_in_order_then_the_report(tmp_path):
+    """SLURM=1 bash run_all.sh, with stand-in drivers that print slurm.py's "submitted" line and a stand-in
+    sbatch: each section's driver gets --slurm and the pass-throughs, each array after the previous
+    section's (--slurm-after), and the report job after every collect job."""
+    shutil.copy(REPO / "run_all.sh", tmp_path)
+    calls = tmp_path / "calls"
+    stand_in = ("import os, sys\n"
+                f"f = open({str(calls)!r}, 'a'); f.write(' '.join(sys.argv) + '\\n'); f.close()\n"
+                f"n = len(open({str(calls)!r}).read().splitlines())\n"
+                "print(f'submitted ept-x: array job {100 + 2 * n} (3 units), collect job {101 + 2 * n} after it')\n")
+    for name in ("ablate.py", "fewshot.py", "prepare_data.py"):
+        (tmp_path / name).write_text(stand_in)
+    (tmp_path / "bin").mkdir()
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/sbatch.args\necho '999;cluster'\n")
+    sbatch.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM": "1",
+           "SECTIONS": "table1 lr", "SLURM_TIME": "1:00:00", "SLURM_OPTS": "--account=nlp --qos=x"}
+    done = subprocess.run(["bash", str(tmp_path / "run_all.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    table1, lr = calls.read_text().splitlines()[1:]  # after prepare_data.py (setup)
+    assert table1.startswith("ablate.py table1 ") and lr.startswith("ablate.py lr ")
+    for call in (table1, lr):
+        assert "--slurm --slurm-gpus 1 --slurm-time 1:00:00 --slurm-option=--account=nlp --slurm-option=--qos=x" \
+            in call
+    assert "--slurm-after" not in table1 and lr.endswith("--slurm-after 104")  # table1's array
+    args = (tmp_path / "sbatch.args").read_text().splitlines()
+    assert "--dependency=afterany:105:107" in args and "--gres=gpu:1" in args and "--time=1:00:00" in args
+    assert args[-2:] == ["--wrap", "SLURM=0 PART=report bash run_all.sh"] and "--account=nlp" in args
+    assert "submitted ept-report: job 999 after the collect jobs 105 107" in done.stdout
