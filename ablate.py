@@ -449,8 +449,8 @@ def submit_slurm(experiment, path, args):
     except ImportError:
         raise SystemExit("--slurm needs slurm.py beside this script, which this checkout lacks") from None
     slurm.submit(path, collect_command(args), job_name=f"ept-{experiment}", partition=args.slurm_partition,
-                 time=args.slurm_time, gpus_per_task=args.slurm_gpus or args.nproc,
-                 max_parallel=args.slurm_max_tasks, extra=args.slurm_option)
+                 time=args.slurm_time, gpus_per_task=args.nproc if args.slurm_gpus is None else args.slurm_gpus,
+                 max_parallel=args.slurm_max_tasks, extra=args.slurm_option, after=args.slurm_after)
 
 
 STOP_STATUSES = (128 + signal.SIGTERM, 128 + signal.SIGUSR1)  # train.py stopped by a signal, last.pt written
@@ -641,10 +641,19 @@ def collect(experiment, plan, args):
         if args.prune_ft_checkpoints and options["method"] == "ft":  # full T5 + AdamW state, twice per run
             for file in ("best.pt", "last.pt"):
                 (run_dir / file).unlink(missing_ok=True)
+    failed = {name: runs.failure(plan[name][2]) for name in missing if runs.status(plan[name][2]) == "failed"}
     print(f"{experiment}: {len(plan)} runs, {len(rows)} finished ({added} rows added now), {len(missing)} not "
-          f"finished -> {results}", flush=True)
-    if missing:
-        print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): {' '.join(missing)}", file=sys.stderr)
+          f"finished{f' ({len(failed)} failed)' if failed else ''} -> {results}", flush=True)
+    for name, why in failed.items():  # stopped for good: running the unit again fails the same way
+        print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
+    failed_file = Path(args.results_dir) / f"{experiment}.failed.json"  # report.py lists them in index.md
+    if failed:
+        files.write_json(failed_file, {str(plan[name][2]): why for name, why in failed.items()})
+    else:
+        failed_file.unlink(missing_ok=True)
+    if len(missing) > len(failed):
+        print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): "
+              f"{' '.join(n for n in missing if n not in failed)}", file=sys.stderr)
     return rows, missing
 
 
@@ -928,10 +937,13 @@ def add_execution_args(parser):
     group.add_argument("--slurm-partition", default=None, help="--slurm: the partition (default: the cluster's)")
     group.add_argument("--slurm-time", default=None, metavar="LIMIT",
                        help="--slurm: each task's time limit (4:00:00, 1-12, ...); a unit checkpoints before it")
-    group.add_argument("--slurm-gpus", type=cli.positive_int, default=None, metavar="N",
-                       help="--slurm: GPUs per task (default: --nproc)")
+    group.add_argument("--slurm-gpus", type=cli.nonnegative_int, default=None, metavar="N",
+                       help="--slurm: GPUs per task (default: --nproc; 0: no GPU request, a CPU cluster)")
     group.add_argument("--slurm-max-tasks", type=cli.positive_int, default=None, metavar="M",
                        help="--slurm: array tasks at once (--array=0-(N-1)%%M); --dry-run: the wall time for M")
+    group.add_argument("--slurm-after", action="append", default=[], metavar="JOBID",
+                       help="--slurm: start the array once this job ended (afterany), e.g. an earlier section's "
+                            "array that trains runs this grid shares (repeatable)")
     group.add_argument("--slurm-option", action="append", default=[], metavar="OPT",
                        help="--slurm: an extra #SBATCH option, e.g. --slurm-option=--account=nlp (repeatable)")
     group.add_argument("--collect", action="store_true",
@@ -998,7 +1010,8 @@ def main(argv=None):
     steering = args.experiment == "steer" and not args.dry_run
     if steering:
         steer_prepare(args)  # once, before any unit: several at once would race to prepare it
-    floor = steer_floor if steering and not args.slurm else None  # --slurm: its collect job adds the floor
+    submit_only = args.slurm and not args.collect  # --slurm submits; its collect job adds the floor
+    floor = steer_floor if steering and not submit_only else None
     return run_driver(args.experiment, EXPERIMENTS[args.experiment](args), args, extra, floor)
 
 

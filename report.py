@@ -5,7 +5,9 @@ Reads results/<experiment>.jsonl (ablate.py, fewshot.py: one row per run), resul
 on, from their config.json). Writes report/: table1..table6 as .md and .csv (mean ± std over seeds, the Avg
 column, trainable parameters per task), fig1..fig12 as .png, the Appendix A.1 neighbours and P-Tuning
 directions as .md (+ a figure), and index.md linking (and showing) all of it. A table cell without results
-reads "–"; a figure without results is skipped with a note in index.md, never a crash.
+reads "–"; a figure without results is skipped with a note in index.md, never a crash. Runs the drivers'
+collect step found failed (results/<experiment>.failed.json) are listed with the reason under "Runs that
+failed".
 
     python report.py                                        # results/ -> report/
     python report.py --results smoke/results --out smoke/report
@@ -1026,11 +1028,27 @@ def main(argv=None):
               if (out / f"sweep_{e}.md").exists()]
     if sweeps:
         index.append("\n## Numbers behind the sweep figures\n\n" + " · ".join(sweeps) + "\n")
+    failed = failed_runs(results)
+    if failed:
+        index.append("\n## Runs that failed\n\nNot in any table: each stopped for good (its folder's failed.txt "
+                     "says why; train it again, e.g. with other settings, and rerun the experiment's driver).\n")
+        index += [f"- {experiment}: `{run}`: {why}" for experiment, run, why in failed]
     write_text(out / "index.md", "\n".join(index))
-    print(f"report: wrote {out}/index.md" + (f"; missing: {len(missing)}" if missing else ""))
+    print(f"report: wrote {out}/index.md" + (f"; missing: {len(missing)}" if missing else "")
+          + (f"; failed runs: {len(failed)}" if failed else ""))
     for m in missing:
         print(f"report: missing {m}")
+    for experiment, run, why in failed:
+        print(f"report: failed {experiment} {run}: {why}")
     return missing
+
+
+def failed_runs(results):
+    """(experiment, run folder, why) of every run a driver's collect step found failed
+    (<experiment>.failed.json, rewritten by each collect)."""
+    return [(path.name[:-len(".failed.json")], run, why)
+            for path in sorted(Path(results).glob("*.failed.json"))
+            for run, why in files.read_json(path, "failed-runs list").items()]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     log.jsonl     one JSON object per event (train/eval/end)   prompt.pt     the folded P' of best.pt
     best.pt       trainable state at the best validation       last.pt       the latest state (resume)
     run.lock      "<host> <pid> <SLURM job>" of the one process writing the folder (a one-host guard)
+    failed.txt    why the run stopped for good (a non-finite loss, gradient, prompt or weights): one sentence;
+                  removed when the run starts again (--resume, --overwrite)
 """
 import os
 import socket
@@ -36,7 +38,8 @@ def run_name(spec, defaults):
     return "_".join([spec["task"], spec["method"], model_tag(spec["model"]), *tags, f"s{spec['seed']}"])
 
 
-RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "metrics.json")
+FAILED_NAME = "failed.txt"
+RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "metrics.json", FAILED_NAME)
 LOCK_NAME = "run.lock"
 
 
@@ -63,11 +66,24 @@ def read_config(run_dir, keys=CONFIG_KEYS):
 
 
 def status(run_dir):
-    """'done' (metrics.json written), 'partial' (started: config.json) or 'todo'."""
+    """'done' (metrics.json written), 'failed' (failed.txt: stopped for good), 'partial' (started:
+    config.json) or 'todo'."""
     run_dir = Path(run_dir)
     if (run_dir / "metrics.json").exists():
         return "done"
+    if (run_dir / FAILED_NAME).exists():
+        return "failed"
     return "partial" if (run_dir / "config.json").exists() else "todo"
+
+
+def failure(run_dir):
+    """Why the run failed (failed.txt's sentence), or None: it did not fail, or it was started again since."""
+    try:
+        return (Path(run_dir) / FAILED_NAME).read_text(encoding="utf-8", errors="replace").strip() or "failed"
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        return f"failed ({FAILED_NAME} unreadable: {files.why(err)})"
 
 
 def is_run_folder(run_dir):

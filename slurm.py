@@ -20,7 +20,8 @@ What the array script does (the text `sbatch_script` writes is meant to be read)
 - on SIGTERM (scancel, preemption, scontrol requeue) the shell forwards SIGTERM the same way; SLURM
   allows KillWait seconds (30 by default) before SIGKILL.
 The collect job is submitted with `--dependency=afterany:<array>`: it runs when every task ended,
-whether it finished, failed or was cancelled.
+whether it finished, failed or was cancelled. `after=[ids]` (--after) makes the array itself wait until
+those jobs ended (afterany), e.g. an earlier section's array that trains runs this plan shares.
 """
 import argparse
 import re
@@ -58,14 +59,22 @@ def _option(value, what):
     return text
 
 
+def _job_id(text):
+    if not re.fullmatch(r"\d+(_\d+)?", str(text)):
+        raise SystemExit(f"{text!r} is not a SLURM job id (a number, as sbatch prints it)")
+    return str(text)
+
+
 def _units(n):
     return f"{n} unit{'s' if n != 1 else ''}"
 
 
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
                   gpus_per_task=1, max_parallel=None, extra=(), cpus_per_task=None,
-                  signal_s=SIGNAL_S, workdir=None):
-    """The job array's sbatch script: task i runs line i+1 of the plan. gpus_per_task=0: no GPU line."""
+                  signal_s=SIGNAL_S, workdir=None, after=()):
+    """The job array's sbatch script: task i runs line i+1 of the plan. gpus_per_task=0: no GPU line.
+    after: job ids the array waits for (afterany: until each ended, however), e.g. an earlier plan that
+    shares runs with this one."""
     if n_units < 1:
         raise SystemExit(f"the plan {plan_path} has no units: nothing to submit")
     limit = time_seconds(time) if time else None
@@ -85,6 +94,8 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
         f"#SBATCH --array={array}",
         "#SBATCH --ntasks=1",
     ]
+    if after:
+        lines.append(f"#SBATCH --dependency=afterany:{':'.join(_job_id(j) for j in after)}")
     if cpus_per_task:
         lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
     if gpus_per_task:
@@ -218,7 +229,8 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
         raise SystemExit(f"{err} (the array {array_id} was submitted and runs without it: "
                          f"scancel {array_id}, or collect by hand later: {collect_cmd})") from None
     at_once = f", {opts['max_parallel']} at once" if opts.get("max_parallel") else ""
-    print(f"submitted {job_name}: array job {array_id} ({_units(len(units))}{at_once}), "
+    after = f", after job {' '.join(opts['after'])}" if opts.get("after") else ""
+    print(f"submitted {job_name}: array job {array_id} ({_units(len(units))}{at_once}{after}), "
           f"collect job {collect_id} after it\n"
           f"  follow:  squeue -j {array_id},{collect_id}\n"
           f"  logs:    {logs}/{job_name}-{array_id}_<task>.log, "
@@ -244,6 +256,9 @@ parser.add_argument("--max-parallel", type=cli.positive_int, help="tasks at once
 parser.add_argument("--signal-s", type=cli.positive_int, default=SIGNAL_S,
                     help="USR1 this many seconds before the time limit: the unit checkpoints, "
                          "the task requeues")
+parser.add_argument("--after", action="append", default=[], metavar="JOBID",
+                    help="start the array once this job ended (afterany), e.g. an earlier plan's array "
+                         "that shares runs with this one (repeatable)")
 parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
                     help="an #SBATCH line of both jobs, e.g. --sbatch-option=--account=nlp (repeatable)")
 
@@ -253,7 +268,7 @@ def main(argv=None):
     submit(args.plan, args.collect, job_name=args.job_name, log_dir=args.log_dir,
            partition=args.partition, time=args.time, gpus_per_task=args.gpus_per_task,
            cpus_per_task=args.cpus_per_task, max_parallel=args.max_parallel,
-           signal_s=args.signal_s, extra=args.sbatch_option)
+           signal_s=args.signal_s, extra=args.sbatch_option, after=args.after)
 
 
 if __name__ == "__main__":

@@ -905,6 +905,7 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
         for name in runs.RUN_FILES:  # temporary files of a writer killed mid-save (files.write_with); we hold the lock
             for tmp in out_dir.glob(f".{name}.tmp*"):
                 tmp.unlink(missing_ok=True)
+        (out_dir / runs.FAILED_NAME).unlink(missing_ok=True)  # started again: its last failure is history
         if resume_path:  # the log first: a damaged one stops the resume before config.json changes
             trim_log(out_dir / "log.jsonl", run.step)
         else:  # a fresh start: the log of a run killed before its first checkpoint goes only now
@@ -948,12 +949,16 @@ def train_event(step, loss, lr, grad_norm, prompt_norm, epoch, examples, tokens,
             "epoch": epoch, "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds}
 
 
-def nonfinite_stop(log, out_dir, step, what, lr, best_step):
-    """Log the "nonfinite" event of a run that must stop; returns the NonFiniteError that says why."""
+def nonfinite_stop(log, out_dir, step, what, lr, best_step, master=True):
+    """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0; start_log
+    removes it when the run starts again); returns the NonFiniteError that says why."""
     log({"event": "nonfinite", "step": step, "what": what})
     kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
             f"no checkpoint was saved; log.jsonl in {out_dir} records it")
-    return NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); stopped. {kept}")
+    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); stopped. {kept}")
+    if master:
+        files.write_text(out_dir / runs.FAILED_NAME, f"{err}\n")
+    return err
 
 
 def rank_rng_states(ranks):
@@ -993,7 +998,8 @@ def train_loop(args, out_dir, task, run, log, ranks):
                 files.save_torch(out_dir / name, state)
 
     def stop(what, lr):  # every rank sees the same all-reduced loss: rank 0 says it
-        raise runtime.quiet_unless_master(nonfinite_stop(log, out_dir, step, what, lr, best_step), ranks.rank)
+        err = nonfinite_stop(log, out_dir, step, what, lr, best_step, ranks.master)
+        raise runtime.quiet_unless_master(err, ranks.rank)
 
     throughput = Throughput(warm=2 if args.max_steps - start_step >= 10 else 0)
     pbar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, desc=out_dir.name,
@@ -1054,7 +1060,8 @@ def train_pack(jobs, task, pack, ranks, say):
 
     def stop(job, what, lr):
         pack.stop(job.run, "nonfinite")
-        faults.append(str(nonfinite_stop(job.log, job.out_dir, job.run.step, what, lr, job.run.best_step)))
+        faults.append(str(nonfinite_stop(job.log, job.out_dir, job.run.step, what, lr, job.run.best_step,
+                                         ranks.master)))
         say(faults[-1])
         live.remove(job)
         results[str(job.out_dir)] = {"out_dir": str(job.out_dir), "stopped": "nonfinite"}

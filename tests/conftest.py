@@ -2,6 +2,9 @@
 
     python -m pytest -q tests          # the whole default suite, offline, CPU
 """
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import pretrained  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # ../shared beside the checkout (CI lays a copy there)
+CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
 sys.path.insert(0, str(REPO))
 
 
@@ -56,3 +60,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The one-node test cluster: used when it runs, started when this is root (and SLURM installed, or
+    EPT_SLURM_TESTS=1 to install it), stopped again if this started it."""
+    required = os.environ.get("EPT_SLURM_TESTS") == "1"
+    ours = Path("/etc/slurm/slurm.conf").is_file() and \
+        "written by scripts/slurm_cluster.sh" in Path("/etc/slurm/slurm.conf").read_text()
+    if shutil.which("sinfo") and ours and subprocess.run(["bash", str(CLUSTER), "status"],
+                                                         capture_output=True).returncode == 0:
+        yield
+        return
+    reason = None
+    if shutil.which("sinfo") and not ours and subprocess.run(["sinfo"], capture_output=True).returncode == 0:
+        reason = "a SLURM cluster answers here that is not scripts/slurm_cluster.sh's; no test jobs for it"
+    elif os.geteuid() != 0:
+        reason = "no test cluster runs and starting one needs root (bash scripts/slurm_cluster.sh start)"
+    elif not shutil.which("sbatch") and not required:
+        reason = "SLURM is not installed (EPT_SLURM_TESTS=1 installs it with apt-get, as .ci/run does)"
+    if reason is None:
+        started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True)
+        if started.returncode == 0:
+            yield
+            subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True)
+            return
+        reason = f"scripts/slurm_cluster.sh start failed: {started.stderr.strip()}"
+    if required:
+        pytest.fail(f"EPT_SLURM_TESTS=1 but {reason}")
+    pytest.skip(reason)

@@ -335,6 +335,18 @@ def test_report_on_nothing_notes_every_missing_item(tmp_path):
     assert len(missing) == len(report.TABLES) + len(report.FIGURES)
     assert index.count("*Missing") == len(report.TABLES) and index.count("*Skipped") == len(report.FIGURES)
     assert not list((tmp_path / "report").glob("*.png"))
+    assert "Runs that failed" not in index
+
+
+def test_report_lists_the_runs_the_collect_step_found_failed(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "lr.failed.json").write_text(json.dumps({"runs/rte_ept_t5-base_lr1e+30_s0": "train: "
+                                                                     "non-finite prompt_norm at step 1 ..."}))
+    report.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "report")])
+    index = (tmp_path / "report" / "index.md").read_text()
+    assert "## Runs that failed" in index
+    assert "- lr: `runs/rte_ept_t5-base_lr1e+30_s0`: train: non-finite prompt_norm at step 1 ..." in index
+    assert "report: failed lr runs/rte_ept_t5-base_lr1e+30_s0: train: non-finite" in capsys.readouterr().out
 
 
 def fake_row(experiment, task, method, seed, score, **kw):

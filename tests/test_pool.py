@@ -272,3 +272,20 @@ def test_pool_devices():
     assert ablate.pool_devices(ablate.parser.parse_args(["init", "--gpus", "3"])) == ["0", "1", "2"]
     with pytest.raises(SystemExit, match="not a multiple"):
         ablate.pool_devices(ablate.parser.parse_args(["init", "--gpus", "3", "--nproc", "2"]))
+
+
+# --- a failed run says why in its folder ------------------------------------------------------------
+
+def test_a_nonfinite_run_writes_failed_txt_and_a_new_start_clears_it(tiny_model_dir, data_dir, tmp_path):
+    """lr 1e30: a non-finite prompt norm at step 1; failed.txt holds train.py's sentence and runs.status says
+    'failed' (test_slurm_grid.py: the collect step names it); started again (--resume), the marker goes."""
+    import train
+    run = tmp_path / "run"
+    common = ["--task", "rte", "--method", "ept", "--model", str(tiny_model_dir), "--data-dir", str(data_dir),
+              "--out-dir", str(run), *TRAIN]
+    with pytest.raises(train.NonFiniteError) as err:
+        train.main([*common, "--lr", "1e30"])
+    assert runs.status(run) == "failed" and runs.failure(run) == str(err.value)
+    assert "non-finite prompt_norm at step 1" in runs.failure(run)
+    train.main([*common, "--lr", "0.3", "--resume"])  # no last.pt: it starts over, and finishes
+    assert runs.status(run) == "done" and runs.failure(run) is None and not (run / runs.FAILED_NAME).exists()

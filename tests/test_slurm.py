@@ -22,7 +22,6 @@ import slurm
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = Path(__file__).resolve().with_name("fake_unit.py")
-CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
 
 
 def fake(root, name, steps, *flags):
@@ -58,6 +57,9 @@ def test_sbatch_script_text(tmp_path):
     assert not any(k in bare for k in ("--gres", "--gpus", "--partition", "--time", "--cpus"))
     assert "--gres=gpu:2" in slurm.sbatch_script(tmp_path / "t", 1, job_name="x", log_dir=tmp_path,
                                                  gpus_per_task=2)
+    assert "--dependency" not in bare  # after=: an earlier plan's array, each ended however it ended
+    assert "#SBATCH --dependency=afterany:7:9_2\n" in slurm.sbatch_script(
+        tmp_path / "t", 1, job_name="x", log_dir=tmp_path, after=["7", "9_2"])
 
 
 @pytest.mark.parametrize("text, seconds", [("90", 5400), ("10:30", 630), ("4:00:00", 14400),
@@ -72,6 +74,7 @@ def test_time_seconds(text, seconds):
     ({"time": "four hours"}, "not a SLURM time limit"),
     ({"partition": "a b"}, "cannot go on an #SBATCH line"),
     ({"extra": ["--qos=high\n#SBATCH --x"]}, "cannot go on an #SBATCH line"),
+    ({"after": ["7 --x"]}, "not a SLURM job id"),
 ])
 def test_sbatch_script_refuses(tmp_path, kw, message):
     with pytest.raises(SystemExit, match=message):
@@ -106,15 +109,16 @@ def test_submit_writes_both_scripts_and_says_how_to_follow(tmp_path, monkeypatch
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     plan = write_plan(tmp_path / "table1.plan", ["true", "false"])
     slurm.main([str(plan), "--collect", "echo collected", "--gpus-per-task", "0", "--max-parallel", "1",
-                "--sbatch-option=--account=nlp"])
+                "--sbatch-option=--account=nlp", "--after", "39"])
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls == ["--parsable", "--parsable"]  # each script on stdin, written once submitted
     out = capsys.readouterr().out
-    assert "array job 41 (2 units, 1 at once), collect job 42 after it" in out
+    assert "array job 41 (2 units, 1 at once, after job 39), collect job 42 after it" in out
     assert "squeue -j 41,42" in out and f"{tmp_path}/slurm-logs/table1-41_<task>.log" in out
     assert "scancel 41 42" in out
     array = (tmp_path / "table1.sbatch").read_text()
     assert "#SBATCH --array=0-1%1" in array and "#SBATCH --account=nlp" in array
+    assert "#SBATCH --dependency=afterany:39" in array
     collect = (tmp_path / "table1.collect.sbatch").read_text()
     assert "#SBATCH --dependency=afterany:41" in collect and "#SBATCH --account=nlp" in collect
     assert collect.rstrip().endswith("echo collected")
@@ -169,36 +173,6 @@ def wait_gone(*ids, timeout=60):
     except AssertionError:
         subprocess.run(["scancel", *ids])
         raise
-
-
-@pytest.fixture(scope="session")
-def cluster():
-    """The one-node test cluster: used when it runs, started when this is root (and SLURM installed, or
-    EPT_SLURM_TESTS=1 to install it), stopped again if this started it."""
-    required = os.environ.get("EPT_SLURM_TESTS") == "1"
-    ours = Path("/etc/slurm/slurm.conf").is_file() and \
-        "written by scripts/slurm_cluster.sh" in Path("/etc/slurm/slurm.conf").read_text()
-    if shutil.which("sinfo") and ours and subprocess.run(["bash", str(CLUSTER), "status"],
-                                                         capture_output=True).returncode == 0:
-        yield
-        return
-    reason = None
-    if shutil.which("sinfo") and not ours and subprocess.run(["sinfo"], capture_output=True).returncode == 0:
-        reason = "a SLURM cluster answers here that is not scripts/slurm_cluster.sh's; no test jobs for it"
-    elif os.geteuid() != 0:
-        reason = "no test cluster runs and starting one needs root (bash scripts/slurm_cluster.sh start)"
-    elif not shutil.which("sbatch") and not required:
-        reason = "SLURM is not installed (EPT_SLURM_TESTS=1 installs it with apt-get, as .ci/run does)"
-    if reason is None:
-        started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True)
-        if started.returncode == 0:
-            yield
-            subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True)
-            return
-        reason = f"scripts/slurm_cluster.sh start failed: {started.stderr.strip()}"
-    if required:
-        pytest.fail(f"EPT_SLURM_TESTS=1 but {reason}")
-    pytest.skip(reason)
 
 
 def test_four_tasks_run_at_once(cluster, tmp_path):
@@ -312,3 +286,36 @@ def test_time_limit_signal_requeues_and_resumes(cluster, tmp_path):
     check_resumed(root, "u0", 600, starts=starts)
     log = (tmp_path / "slurm-logs" / f"p-{array}_0.log").read_text()
     assert log.count("time limit near") == starts - 1 and "unit finished" in log, log
+
+
+def test_run_all_slurm_submits_the_sections_in_order_then_the_report(tmp_path):
+    """SLURM=1 bash run_all.sh, with stand-in drivers that print slurm.py's "submitted" line and a stand-in
+    sbatch: each section's driver gets --slurm and the pass-throughs, each array after the previous
+    section's (--slurm-after), and the report job after every collect job."""
+    shutil.copy(REPO / "run_all.sh", tmp_path)
+    calls = tmp_path / "calls"
+    stand_in = ("import os, sys\n"
+                f"f = open({str(calls)!r}, 'a'); f.write(' '.join(sys.argv) + '\\n'); f.close()\n"
+                f"n = len(open({str(calls)!r}).read().splitlines())\n"
+                "print(f'submitted ept-x: array job {100 + 2 * n} (3 units), collect job {101 + 2 * n} after it')\n")
+    for name in ("ablate.py", "fewshot.py", "prepare_data.py"):
+        (tmp_path / name).write_text(stand_in)
+    (tmp_path / "bin").mkdir()
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/sbatch.args\necho '999;cluster'\n")
+    sbatch.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM": "1",
+           "SECTIONS": "table1 lr", "SLURM_TIME": "1:00:00", "SLURM_OPTS": "--account=nlp --qos=x"}
+    done = subprocess.run(["bash", str(tmp_path / "run_all.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    table1, lr = calls.read_text().splitlines()[1:]  # after prepare_data.py (setup)
+    assert table1.startswith("ablate.py table1 ") and lr.startswith("ablate.py lr ")
+    for call in (table1, lr):
+        assert "--slurm --slurm-gpus 1 --slurm-time 1:00:00 --slurm-option=--account=nlp --slurm-option=--qos=x" \
+            in call
+    assert "--slurm-after" not in table1 and lr.endswith("--slurm-after 104")  # table1's array
+    args = (tmp_path / "sbatch.args").read_text().splitlines()
+    assert "--dependency=afterany:105:107" in args and "--gres=gpu:1" in args and "--time=1:00:00" in args
+    assert args[-2:] == ["--wrap", "SLURM=0 PART=report bash run_all.sh"] and "--account=nlp" in args
+    assert "submitted ept-report: job 999 after the collect jobs 105 107" in done.stdout
