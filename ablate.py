@@ -448,6 +448,9 @@ def submit_slurm(experiment, path, args):
         import slurm
     except ImportError:
         raise SystemExit("--slurm needs slurm.py beside this script, which this checkout lacks") from None
+    if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU sized the packs
+        print(f"{experiment}: note: this machine has no GPU, so each unit is one run; pass --pack-size N "
+              "(PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit on the cluster's GPUs", flush=True)
     slurm.submit(path, collect_command(args), job_name=f"ept-{experiment}", partition=args.slurm_partition,
                  time=args.slurm_time, gpus_per_task=args.nproc if args.slurm_gpus is None else args.slurm_gpus,
                  max_parallel=args.slurm_max_tasks, extra=args.slurm_option, after=args.slurm_after)
