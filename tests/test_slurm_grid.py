@@ -102,8 +102,9 @@ def test_grid_on_slurm_equals_in_process_with_a_requeue_and_a_failed_unit(
     capsys.readouterr()
     array, collect = submit(argv(there), capsys)
     tag = tiny_model_dir.name
-    target = there / "runs" / f"rte_ept_{tag}_s0"  # lr 0.3, ept's default: no lr tag
-    bad = there / "runs" / f"rte_ept_{tag}_lr1e+30_s0"
+    named = f"steps{steps}_ev75_s0"  # the pass-through flags name the runs (docs/training.md, "Run names")
+    target = there / "runs" / f"rte_ept_{tag}_{named}"  # lr 0.3, ept's default: no lr tag
+    bad = there / "runs" / f"rte_ept_{tag}_lr1e+30_{named}"
     with cancelled_on_error(array, collect):
         i = task_of(there, "lr", target)
         wait_for(lambda: (target / "log.jsonl").exists() and len(train_steps(target)) >= 3, 60,
