@@ -143,11 +143,13 @@ def log_stats(run_dir):
 
 
 def result_row(experiment, spec, run_dir, extra_fields=None):
-    """One results row: the full configuration, the test metrics, parameters and prompt norms."""
+    """One results row: the full configuration, the test metrics, parameters and prompt norms. A --no-test run
+    is a finished run too: its row has "tested": false and no score (None), never a missing row."""
     run_dir = Path(run_dir)
     config = files.read_json(run_dir / "config.json", "run configuration")
     config = {**config, **M.prompt_options(config)}  # older runs' option names and missing options
-    metrics = files.read_json(run_dir / "metrics.json", "test metrics")
+    tested = not config.get("no_test")  # a --no-test run finished without a test score: its row says so
+    metrics = files.read_json(run_dir / "metrics.json", "test metrics") if tested else {}
     norm, n_inference = prompt_stats(run_dir)
     val_score, best_step, last_norm = log_stats(run_dir)
     options = {**defaults(spec["method"]), **spec}
@@ -158,7 +160,7 @@ def result_row(experiment, spec, run_dir, extra_fields=None):
         options["fewshot_seed"] = None
     return {"experiment": experiment, "run": str(run_dir), **options, "model_tag": model_tag(spec["model"]),
             **(extra_fields or {}),
-            "score": metrics.get("score"), "test": metrics, "val_score": val_score, "best_step": best_step,
+            "score": metrics.get("score"), "test": metrics if tested else None, "tested": tested, "val_score": val_score, "best_step": best_step,
             "n_trainable": config.get("n_trainable"), "n_inference": n_inference,
             "prompt_norm": norm, "final_prompt_norm": last_norm}
 
@@ -464,7 +466,11 @@ def run_unit(experiment, unit, args, i, n):
     what = f"a pack of {len(unit.names)}: {' '.join(unit.names)}" if len(unit.names) > 1 else unit.names[0]
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
     if args.nproc > 1 or args.subprocess:
-        status = run_command(unit.command)
+        status, interrupted = run_command(unit.command)
+        if interrupted:  # Ctrl-C: the child was asked to checkpoint (SIGTERM) and has stopped
+            print(f"{experiment}: interrupted (Ctrl-C): unit {unit.index} stopped at a step boundary, last.pt "
+                  "written; run the same command again to resume", file=sys.stderr, flush=True)
+            raise SystemExit(130)
         if status in STOP_STATUSES or -status in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             raise SystemExit(status if status > 0 else 128 - status)  # train.py said why and how to resume
         if status:  # the child printed its error
@@ -472,8 +478,12 @@ def run_unit(experiment, unit, args, i, n):
     else:
         try:
             train.main(unit.argv)
-        except train.Stopped as err:
-            print(err, file=sys.stderr, flush=True)
+            if train._stop_signal:  # it came during the unit's last steps, which finished: stop before the next
+                raise train.stopped(train._stop_signal[0], "-", " ".join(unit.names))
+        except train.Stopped as err:  # train.py's line says --resume; the driver's command resumes by itself
+            name = signal.Signals(err.status - 128).name
+            print(f"{experiment}: {name} received: unit {unit.index} stopped at a step boundary, last.pt written; "
+                  "run the same command again to resume", file=sys.stderr, flush=True)
             raise SystemExit(err.status) from None
         except (Exception, SystemExit) as err:  # one broken unit does not stop the grid; reported at the end
             if isinstance(err, SystemExit):
@@ -492,14 +502,18 @@ def unit_dir(unit, name):
 
 def run_command(command):
     """A unit's command as a child process; SIGTERM/SIGUSR1/SIGINT to this driver are passed on to it (it
-    checkpoints and stops); its exit status."""
+    checkpoints and stops); (its exit status, whether Ctrl-C stopped it)."""
     proc = subprocess.Popen(command, start_new_session=True)
-    forward = {sig: signal.signal(sig, lambda sig, _: os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT
-                                                                    else sig))
-               for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)} \
+    got = []
+
+    def forward_signal(sig, _):
+        got.append(sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+    forward = {sig: signal.signal(sig, forward_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)} \
         if threading.current_thread() is threading.main_thread() else {}
     try:
-        return proc.wait()
+        return proc.wait(), signal.SIGINT in got
     finally:
         for sig, handler in forward.items():
             signal.signal(sig, handler)
@@ -640,7 +654,11 @@ def collect(experiment, plan, args):
         rows.append(row)
         if args.prune_ft_checkpoints and options["method"] == "ft":  # full T5 + AdamW state, twice per run
             for file in ("best.pt", "last.pt"):
-                (run_dir / file).unlink(missing_ok=True)
+                try:
+                    (run_dir / file).unlink(missing_ok=True)
+                except OSError as err:  # a read-only runs folder: the row is written, the checkpoint stays
+                    raise files.FileFault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}: "
+                                          f"{files.why(err)}; its row is written, rerun without the flag") from None
     print(f"{experiment}: {len(plan)} runs, {len(rows)} finished ({added} rows added now), {len(missing)} not "
           f"finished -> {results}", flush=True)
     if missing:
@@ -711,14 +729,15 @@ def wall_hours(gpu_hours, longest, gpus, nproc):
 
 
 def passed_through(extra):
-    """The run-name options among the pass-through flags (--max-steps 6, --eval-every 3, ...), typed as train.py
-    takes them: they win over the experiment's own values, so a run's name and its --runs entry say what
-    it trains (a SMOKE few-shot run of 6 steps is ..._steps6_..., not the driver's 10,000)."""
+    """The per-run options among the pass-through flags (--max-steps 6, --eval-every 3, --warmup-steps 0, ...:
+    the run-name options and whatever a --runs entry may set), typed as train.py takes them: they win over the
+    experiment's own values, so a run's name and its --runs entry say what it trains, at any pack size (a
+    SMOKE few-shot run of 6 steps is ..._steps6_..., not the driver's 10,000)."""
     import train
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(train.parser.parse_known_args(list(extra))[0])
-    return {key: values[key] for key, _ in NAME_TAGS
-            if "--" + key.replace("_", "-") in flags and not isinstance(values[key], list)}
+    keys = dict.fromkeys([key for key, _ in NAME_TAGS] + [k for k in train.PER_RUN if k != "resume"])
+    return {key: values[key] for key in keys if key in values and "--" + key.replace("_", "-") in flags}
 
 
 def _extra_value(extra, flag, default, cast):
@@ -910,8 +929,8 @@ def add_execution_args(parser):
     group.add_argument("--nproc", type=cli.positive_int, default=1, help="GPUs per run; > 1 launches train.py with torchrun")
     group.add_argument("--subprocess", action="store_true",
                        help="run each train.py in a fresh process (default: train.main in this process)")
-    group.add_argument("--runs-dir", default="runs", help="where run folders go")
-    group.add_argument("--results-dir", default="results", help="where <experiment>.jsonl goes")
+    group.add_argument("--runs-dir", type=cli.folder, default="runs", help="where run folders go")
+    group.add_argument("--results-dir", type=cli.folder, default="results", help="where <experiment>.jsonl goes")
     group.add_argument("--prune-ft-checkpoints", action="store_true",
                        help="delete best.pt/last.pt of finished ft runs once their row is written "
                             "(weights + AdamW state: ~2.7 GB each for t5-base, ~9 GB for t5-large)")
@@ -974,11 +993,17 @@ def check_args(parser, args, extra):
     """Before any run: the tasks exist and the flags passed through to train.py are train.py's, with valid
     values (else every run of the grid would fail the same way, one after another)."""
     import train
-    _, unknown = train.parser.parse_known_args(list(extra))  # a wrong value: train.py's argparse error, now
+    flags, unknown = train.parser.parse_known_args(list(extra))  # a wrong value: train.py's argparse error, now
     if unknown:
         parser.error(f"unrecognized arguments (neither this script's nor train.py's): {' '.join(unknown)}")
     if args.slurm and args.gpus:
         parser.error("--slurm hands each unit to its own array task; --gpus is for one node without SLURM: pass one")
+    swept = [k for k in train.SWEEP if isinstance(getattr(flags, k), list)]
+    if swept:  # train.py would train a pack of them inside each run's folder
+        flag = "--" + swept[0].replace("_", "-")
+        parser.error(f"{flag} {' '.join(map(str, getattr(flags, swept[0])))}: a driver passes one value to every run; "
+                     f"the experiment sweeps its own values (--values, --seeds, --methods), or run train.py {flag} "
+                     "with several values yourself")
     if "--overwrite" in extra:
         parser.error("--overwrite would start every run of the plan over at each rerun; delete the run folders "
                      "to train them again")
@@ -1021,4 +1046,8 @@ def run_driver(experiment, specs, args, extra, floor=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside a unit (planning, collecting): nothing half-written
+        print("ablate: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
+        sys.exit(130)

@@ -85,4 +85,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside a unit (planning, collecting): nothing half-written
+        print("fewshot: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
+        sys.exit(130)

@@ -63,9 +63,10 @@ def read_config(run_dir, keys=CONFIG_KEYS):
 
 
 def status(run_dir):
-    """'done' (metrics.json written), 'partial' (started: config.json) or 'todo'."""
+    """'done' (finished: metrics.json written, or its --no-test log ended), 'partial' (started: config.json)
+    or 'todo'."""
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.json").exists():
+    if finished(run_dir):
         return "done"
     return "partial" if (run_dir / "config.json").exists() else "todo"
 
