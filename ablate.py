@@ -901,7 +901,8 @@ EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": ini
 
 # --- command line ---------------------------------------------------------------------------------
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+# no abbreviations: --lr (train.py's, passed through) must not be read as --lr-search, nor --seed as --seeds
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter, allow_abbrev=False)
 parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which table or figure's grid")
 # data
 parser.add_argument("--tasks", nargs="+", type=cli.name, default=None,
@@ -920,7 +921,8 @@ parser.add_argument("--values", nargs="+", default=None,
 parser.add_argument("--lr-search", action="store_true",
                     help="table1: every lr of the Appendix B.2 grid on SuperGLUE (report keeps the best by validation)")
 parser.add_argument("--epochs", type=cli.positive_int, default=None,
-                    help="table4: epochs for every task (default: ATTEMPT's 20/10)")
+                    help="table4: epochs for every task (default: ATTEMPT's 20/10); the other experiments pass it "
+                         "to train.py as every run's --epochs")
 
 
 def add_execution_args(parser):
@@ -998,6 +1000,10 @@ def check_args(parser, args, extra):
         parser.error(f"unrecognized arguments (neither this script's nor train.py's): {' '.join(unknown)}")
     if args.slurm and args.gpus:
         parser.error("--slurm hands each unit to its own array task; --gpus is for one node without SLURM: pass one")
+    own = {"--task": "--tasks", "--method": "--methods", "--seed": "--seeds"}
+    given = [a.split("=")[0] for a in extra if a.split("=")[0] in own]
+    if given:  # train.py would train every run of the grid with it, under the grid's names
+        parser.error(f"{given[0]} is the grid's own: pass {own[given[0]]} (this script's flag) instead")
     swept = [k for k in train.SWEEP if isinstance(getattr(flags, k), list)]
     if swept:  # train.py would train a pack of them inside each run's folder
         flag = "--" + swept[0].replace("_", "-")
@@ -1018,6 +1024,8 @@ def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     args.command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
     args.values = parse_values(args.experiment, args.values)
+    if args.epochs is not None and args.experiment != "table4":  # train.py's own --epochs, for the other grids
+        extra = [*extra, "--epochs", str(args.epochs)]
     check_args(parser, args, extra)
     args.batch_size = _extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4: steps per epoch
     steering = args.experiment == "steer" and not args.dry_run

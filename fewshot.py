@@ -29,7 +29,8 @@ SEEDS = [0, 1, 2, 3, 4, 5]  # "averaged over 6 runs" (Table 3)
 STEPS = 10000
 LR = {"ft": 1e-3, "prompt": 0.3}
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+# no abbreviations: --lr (train.py's, passed through) must not be read as --lr-search, nor --seed as --seeds
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter, allow_abbrev=False)
 # data
 parser.add_argument("--tasks", nargs="+", type=cli.name, default=None, help="subset of the 13 tasks (default: all)")
 parser.add_argument("--shots", nargs="+", type=cli.positive_int, default=SHOTS,

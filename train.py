@@ -498,7 +498,8 @@ def main(argv=None):
     with stop_on_signals():
         if runs_file is not None or len(specs) > 1:
             return main_pack(args, specs, ranks, say, max_rows)
-        args = resolve(args)
+        args = resolve(argparse.Namespace(**{**vars(specs[0]), "out_dir": args.out_dir}))  # what sweep() left:
+        # an option that does not apply to the method at its default, as in a pack (config.json says what ran)
         args.out_dir = args.out_dir or str(Path("runs") / pack_run_name(args))  # one naming rule, solo or pack
         if problem := cli.run_folder_problem(args.out_dir):
             raise SystemExit(f"train: --out-dir {problem}")
