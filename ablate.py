@@ -1059,3 +1059,5 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C outside a unit (planning, collecting): nothing half-written
         print("ablate: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
         sys.exit(130)
+    finally:  # a further Ctrl-C while exiting: no traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

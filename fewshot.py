@@ -16,6 +16,7 @@ Unknown flags go to train.py unchanged (after this script's, so they win).
 """
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -91,3 +92,5 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C outside a unit (planning, collecting): nothing half-written
         print("fewshot: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
         sys.exit(130)
+    finally:  # a further Ctrl-C while exiting: no traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -144,10 +144,14 @@ class Stopped(SystemExit):
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _stop_signal = []  # the signal received, set by the handler, read at each step boundary
+_stopping = []  # set once the run stops (Stopped raised, or a second Ctrl-C): later signals wait for the cleanup
 
 
 def _on_signal(sig, _):
+    if _stopping:  # the locks are being released and the files closed: let that finish
+        return
     if sig == signal.SIGINT and signal.SIGINT in _stop_signal:  # Ctrl-C twice: stop now (files stay whole)
+        _stopping.append(sig)
         raise KeyboardInterrupt
     if sig == signal.SIGINT:
         print("train: Ctrl-C: stopping at the next step boundary, after writing last.pt (Ctrl-C again to stop "
@@ -164,6 +168,7 @@ def stop_on_signals():
         yield
         return
     _stop_signal.clear()
+    _stopping.clear()
     before = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
     try:
         yield
@@ -183,6 +188,7 @@ def stop_requested(ranks):
 
 
 def stopped(sig, step, folders):
+    _stopping.append(sig)
     name = signal.Signals(sig).name
     err = Stopped(f"train: {name} received: stopped at step {step}, last.pt written in {folders}; run the "
                   f"same command with --resume to continue (exit status {128 + sig})")
@@ -1204,10 +1210,12 @@ if __name__ == "__main__":
     try:
         main()
     except Stopped as err:  # the line says why and how to resume; the status says "stopped by a signal"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C while exiting: no traceback
         if int(os.environ.get("RANK", 0)) == 0:  # once under torchrun
             print(err, file=sys.stderr, flush=True)
         sys.exit(err.status)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: locks released, files whole
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if int(os.environ.get("RANK", 0)) == 0:
             print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: run the same command "
                   "with --resume to continue", file=sys.stderr, flush=True)

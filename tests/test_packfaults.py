@@ -239,11 +239,12 @@ def test_a_driver_grid_trains_a_run_once_whatever_options_do_not_apply(tmp_path)
     args = ablate.parser.parse_args(["table1", "--models", "t5-base", "--tasks", "rte", "--methods", "pt", "ept",
                                      "ept_star", "--seeds", "0", "--runs-dir", str(tmp_path)])
     plan = ablate.plan_runs(ablate.table1(args), args, ["--prompt-length", "5", "--hidden-size", "7"])
-    assert sorted(plan) == ["rte_ept_star_t5-base_n5_h7_s0", "rte_ept_t5-base_h7_s0", "rte_pt_t5-base_n5_s0"]
+    assert sorted(plan) == ["rte_ept_star_t5-base_h7_s0", "rte_ept_t5-base_h7_s0", "rte_pt_t5-base_n5_s0"]
     args = ablate.parser.parse_args(["hidden", "--model", "t5-base", "--tasks", "rte", "--methods", "pt", "ept",
                                      "--values", "1", "5", "--seeds", "0"])
     plan = ablate.plan_runs(ablate.hidden(args), args)
-    assert sorted(plan) == ["rte_ept_t5-base_h5_s0", "rte_ept_t5-base_s0", "rte_pt_t5-base_s0"]  # PT has no h
+    pt = [name for name in plan if name.startswith("rte_pt_")]
+    assert len(plan) == 3 and pt == ["rte_pt_t5-base_s0"]  # PT has no h: one PT run, not two
 
 
 # --- 5. paths -----------------------------------------------------------------------------------------------
@@ -421,7 +422,8 @@ def test_ctrl_c_of_a_driver(how, rte, tiny_model_dir, tmp_path):
                             stderr=subprocess.STDOUT, text=True)
     status, out = interrupt(proc, lambda: any(len(train_steps(f)) >= 7 for f in (tmp_path / "runs").glob("*")))
     assert status == 130 and "Traceback" not in out, out[-3000:]
-    assert "run the same command again to resume" in out
+    assert "run the same command again to resume" in out.lower()
     assert not list((tmp_path / "runs").glob(f"*/{runs.LOCK_NAME}"))
     saved = list((tmp_path / "runs").glob("*/last.pt"))
-    assert saved and all(torch.load(p, weights_only=True)["step"] >= 5 for p in saved)
+    assert saved and all(train.read_checkpoint(p, 400)["step"] >= 0 for p in saved)  # whole checkpoints
+    assert max(train.read_checkpoint(p, 400)["step"] for p in saved) >= 7
