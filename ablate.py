@@ -21,8 +21,10 @@ Table 3 (few-shot) is fewshot.py, which uses the same machinery.
         --results-dir smoke/results --seeds 0 --max-steps 4 --eval-every 2     # CPU smoke run
 
 Flags this script does not know (--max-steps, --eval-every, --random-init, --batch-size, ...) go to
-train.py unchanged, after the experiment's own, so they win. They are not part of the run name:
-use another --runs-dir when you change them. --subprocess runs each train.py in a fresh process
+train.py unchanged, after the experiment's own, so they win, at any --pack-size (a pack's --runs entries
+carry them too). Those that name runs (--max-steps, --eval-every, --lr, ...) show in the run name; for the
+others (--batch-size, --dropout, ...) use another --runs-dir when you change them. One value each: a sweep
+(--hidden-size 1 5) is refused, and so are --task/--method/--seed (--tasks/--methods/--seeds). --subprocess runs each train.py in a fresh process
 (frees GPU memory and cached data between runs); --dry-run also appends its plan to
 <results-dir>/dry_run.tsv, which run_all.sh sums counting each shared run once. docs/experiments.md
 lists every setting and the measured step times the GPU-hour estimate rests on.
