@@ -153,7 +153,7 @@ def _on_signal(sig, _):
     if sig == signal.SIGINT and signal.SIGINT in _stop_signal:  # Ctrl-C twice: stop now (files stay whole)
         _stopping.append(sig)
         raise KeyboardInterrupt
-    if sig == signal.SIGINT:
+    if sig == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:
         print("train: Ctrl-C: stopping at the next step boundary, after writing last.pt (Ctrl-C again to stop "
               "at once)", file=sys.stderr, flush=True)
     _stop_signal.append(sig)
