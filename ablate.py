@@ -21,8 +21,10 @@ Table 3 (few-shot) is fewshot.py, which uses the same machinery.
         --results-dir smoke/results --seeds 0 --max-steps 4 --eval-every 2     # CPU smoke run
 
 Flags this script does not know (--max-steps, --eval-every, --random-init, --batch-size, ...) go to
-train.py unchanged, after the experiment's own, so they win. They are not part of the run name:
-use another --runs-dir when you change them. --subprocess runs each train.py in a fresh process
+train.py unchanged, after the experiment's own, so they win, at any --pack-size (a pack's --runs entries
+carry them too). Those that name runs (--max-steps, --eval-every, --lr, ...) show in the run name; for the
+others (--batch-size, --dropout, ...) use another --runs-dir when you change them. One value each: a sweep
+(--hidden-size 1 5) is refused, and so are --task/--method/--seed (--tasks/--methods/--seeds). --subprocess runs each train.py in a fresh process
 (frees GPU memory and cached data between runs); --dry-run also appends its plan to
 <results-dir>/dry_run.tsv, which run_all.sh sums counting each shared run once. docs/experiments.md
 lists every setting and the measured step times the GPU-hour estimate rests on.
@@ -143,11 +145,13 @@ def log_stats(run_dir):
 
 
 def result_row(experiment, spec, run_dir, extra_fields=None):
-    """One results row: the full configuration, the test metrics, parameters and prompt norms."""
+    """One results row: the full configuration, the test metrics, parameters and prompt norms. A --no-test run
+    is a finished run too: its row has "tested": false and no score (None), never a missing row."""
     run_dir = Path(run_dir)
     config = files.read_json(run_dir / "config.json", "run configuration")
     config = {**config, **M.prompt_options(config)}  # older runs' option names and missing options
-    metrics = files.read_json(run_dir / "metrics.json", "test metrics")
+    tested = not config.get("no_test")  # a --no-test run finished without a test score: its row says so
+    metrics = files.read_json(run_dir / "metrics.json", "test metrics") if tested else {}
     norm, n_inference = prompt_stats(run_dir)
     val_score, best_step, last_norm = log_stats(run_dir)
     options = {**defaults(spec["method"]), **spec}
@@ -158,7 +162,7 @@ def result_row(experiment, spec, run_dir, extra_fields=None):
         options["fewshot_seed"] = None
     return {"experiment": experiment, "run": str(run_dir), **options, "model_tag": model_tag(spec["model"]),
             **(extra_fields or {}),
-            "score": metrics.get("score"), "test": metrics, "val_score": val_score, "best_step": best_step,
+            "score": metrics.get("score"), "test": metrics if tested else None, "tested": tested, "val_score": val_score, "best_step": best_step,
             "n_trainable": config.get("n_trainable"), "n_inference": n_inference,
             "prompt_norm": norm, "final_prompt_norm": last_norm}
 
@@ -467,7 +471,11 @@ def run_unit(experiment, unit, args, i, n):
     what = f"a pack of {len(unit.names)}: {' '.join(unit.names)}" if len(unit.names) > 1 else unit.names[0]
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
     if args.nproc > 1 or args.subprocess:
-        status = run_command(unit.command)
+        status, interrupted = run_command(unit.command)
+        if interrupted:  # Ctrl-C: the child was asked to checkpoint (SIGTERM) and has stopped
+            print(f"{experiment}: interrupted (Ctrl-C): unit {unit.index} stopped at a step boundary, last.pt "
+                  "written; run the same command again to resume", file=sys.stderr, flush=True)
+            raise SystemExit(130)
         if status in STOP_STATUSES or -status in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             raise SystemExit(status if status > 0 else 128 - status)  # train.py said why and how to resume
         if status:  # the child printed its error
@@ -475,8 +483,12 @@ def run_unit(experiment, unit, args, i, n):
     else:
         try:
             train.main(unit.argv)
-        except train.Stopped as err:
-            print(err, file=sys.stderr, flush=True)
+            if train._stop_signal:  # it came during the unit's last steps, which finished: stop before the next
+                raise train.stopped(train._stop_signal[0], "-", " ".join(unit.names))
+        except train.Stopped as err:  # train.py's line says --resume; the driver's command resumes by itself
+            name = signal.Signals(err.status - 128).name
+            print(f"{experiment}: {name} received: unit {unit.index} stopped at a step boundary, last.pt written; "
+                  "run the same command again to resume", file=sys.stderr, flush=True)
             raise SystemExit(err.status) from None
         except (Exception, SystemExit) as err:  # one broken unit does not stop the grid; reported at the end
             if isinstance(err, SystemExit):
@@ -495,14 +507,18 @@ def unit_dir(unit, name):
 
 def run_command(command):
     """A unit's command as a child process; SIGTERM/SIGUSR1/SIGINT to this driver are passed on to it (it
-    checkpoints and stops); its exit status."""
+    checkpoints and stops); (its exit status, whether Ctrl-C stopped it)."""
     proc = subprocess.Popen(command, start_new_session=True)
-    forward = {sig: signal.signal(sig, lambda sig, _: os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT
-                                                                    else sig))
-               for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)} \
+    got = []
+
+    def forward_signal(sig, _):
+        got.append(sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+    forward = {sig: signal.signal(sig, forward_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)} \
         if threading.current_thread() is threading.main_thread() else {}
     try:
-        return proc.wait()
+        return proc.wait(), signal.SIGINT in got
     finally:
         for sig, handler in forward.items():
             signal.signal(sig, handler)
@@ -643,7 +659,11 @@ def collect(experiment, plan, args):
         rows.append(row)
         if args.prune_ft_checkpoints and options["method"] == "ft":  # full T5 + AdamW state, twice per run
             for file in ("best.pt", "last.pt"):
-                (run_dir / file).unlink(missing_ok=True)
+                try:
+                    (run_dir / file).unlink(missing_ok=True)
+                except OSError as err:  # a read-only runs folder: the row is written, the checkpoint stays
+                    raise files.FileFault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}: "
+                                          f"{files.why(err)}; its row is written, rerun without the flag") from None
     failed = {name: runs.failure(plan[name][2]) for name in missing if runs.status(plan[name][2]) == "failed"}
     print(f"{experiment}: {len(plan)} runs, {len(rows)} finished ({added} rows added now), {len(missing)} not "
           f"finished{f' ({len(failed)} failed)' if failed else ''} -> {results}", flush=True)
@@ -723,14 +743,15 @@ def wall_hours(gpu_hours, longest, gpus, nproc):
 
 
 def passed_through(extra):
-    """The run-name options among the pass-through flags (--max-steps 6, --eval-every 3, ...), typed as train.py
-    takes them: they win over the experiment's own values, so a run's name and its --runs entry say what
-    it trains (a SMOKE few-shot run of 6 steps is ..._steps6_..., not the driver's 10,000)."""
+    """The per-run options among the pass-through flags (--max-steps 6, --eval-every 3, --warmup-steps 0, ...:
+    the run-name options and whatever a --runs entry may set), typed as train.py takes them: they win over the
+    experiment's own values, so a run's name and its --runs entry say what it trains, at any pack size (a
+    SMOKE few-shot run of 6 steps is ..._steps6_..., not the driver's 10,000)."""
     import train
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(train.parser.parse_known_args(list(extra))[0])
-    return {key: values[key] for key, _ in NAME_TAGS
-            if "--" + key.replace("_", "-") in flags and not isinstance(values[key], list)}
+    keys = dict.fromkeys([key for key, _ in NAME_TAGS] + [k for k in train.PER_RUN if k != "resume"])
+    return {key: values[key] for key in keys if key in values and "--" + key.replace("_", "-") in flags}
 
 
 def _extra_value(extra, flag, default, cast):
@@ -894,7 +915,8 @@ EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": ini
 
 # --- command line ---------------------------------------------------------------------------------
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+# no abbreviations: --lr (train.py's, passed through) must not be read as --lr-search, nor --seed as --seeds
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter, allow_abbrev=False)
 parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which table or figure's grid")
 # data
 parser.add_argument("--tasks", nargs="+", type=cli.name, default=None,
@@ -913,7 +935,8 @@ parser.add_argument("--values", nargs="+", default=None,
 parser.add_argument("--lr-search", action="store_true",
                     help="table1: every lr of the Appendix B.2 grid on SuperGLUE (report keeps the best by validation)")
 parser.add_argument("--epochs", type=cli.positive_int, default=None,
-                    help="table4: epochs for every task (default: ATTEMPT's 20/10)")
+                    help="table4: epochs for every task (default: ATTEMPT's 20/10); the other experiments pass it "
+                         "to train.py as every run's --epochs")
 
 
 def add_execution_args(parser):
@@ -922,8 +945,8 @@ def add_execution_args(parser):
     group.add_argument("--nproc", type=cli.positive_int, default=1, help="GPUs per run; > 1 launches train.py with torchrun")
     group.add_argument("--subprocess", action="store_true",
                        help="run each train.py in a fresh process (default: train.main in this process)")
-    group.add_argument("--runs-dir", default="runs", help="where run folders go")
-    group.add_argument("--results-dir", default="results", help="where <experiment>.jsonl goes")
+    group.add_argument("--runs-dir", type=cli.folder, default="runs", help="where run folders go")
+    group.add_argument("--results-dir", type=cli.folder, default="results", help="where <experiment>.jsonl goes")
     group.add_argument("--prune-ft-checkpoints", action="store_true",
                        help="delete best.pt/last.pt of finished ft runs once their row is written "
                             "(weights + AdamW state: ~2.7 GB each for t5-base, ~9 GB for t5-large)")
@@ -989,11 +1012,21 @@ def check_args(parser, args, extra):
     """Before any run: the tasks exist and the flags passed through to train.py are train.py's, with valid
     values (else every run of the grid would fail the same way, one after another)."""
     import train
-    _, unknown = train.parser.parse_known_args(list(extra))  # a wrong value: train.py's argparse error, now
+    flags, unknown = train.parser.parse_known_args(list(extra))  # a wrong value: train.py's argparse error, now
     if unknown:
         parser.error(f"unrecognized arguments (neither this script's nor train.py's): {' '.join(unknown)}")
     if args.slurm and args.gpus:
         parser.error("--slurm hands each unit to its own array task; --gpus is for one node without SLURM: pass one")
+    own = {"--task": "--tasks", "--method": "--methods", "--seed": "--seeds"}
+    given = [a.split("=")[0] for a in extra if a.split("=")[0] in own]
+    if given:  # train.py would train every run of the grid with it, under the grid's names
+        parser.error(f"{given[0]} is the grid's own: pass {own[given[0]]} (this script's flag) instead")
+    swept = [k for k in train.SWEEP if isinstance(getattr(flags, k), list)]
+    if swept:  # train.py would train a pack of them inside each run's folder
+        flag = "--" + swept[0].replace("_", "-")
+        parser.error(f"{flag} {' '.join(map(str, getattr(flags, swept[0])))}: a driver passes one value to every run; "
+                     f"the experiment sweeps its own values (--values, --seeds, --methods), or run train.py {flag} "
+                     "with several values yourself")
     if "--overwrite" in extra:
         parser.error("--overwrite would start every run of the plan over at each rerun; delete the run folders "
                      "to train them again")
@@ -1008,6 +1041,8 @@ def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     args.command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
     args.values = parse_values(args.experiment, args.values)
+    if args.epochs is not None and args.experiment != "table4":  # train.py's own --epochs, for the other grids
+        extra = [*extra, "--epochs", str(args.epochs)]
     check_args(parser, args, extra)
     args.batch_size = _extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4: steps per epoch
     steering = args.experiment == "steer" and not args.dry_run
@@ -1037,4 +1072,10 @@ def run_driver(experiment, specs, args, extra, floor=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside a unit (planning, collecting): nothing half-written
+        print("ablate: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    finally:  # a further Ctrl-C while exiting: no traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -2,6 +2,7 @@
 import argparse
 import math
 import re
+from pathlib import Path
 
 
 def _number(cast, low=None, high=None, low_open=False, name="value"):
@@ -33,6 +34,25 @@ def name(text):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text) or ".." in text:
         raise argparse.ArgumentTypeError(f"{text!r} is not a task name (a name like rte or boolq, not a path)")
     return text
+
+
+def folder(text):
+    """A folder path, never empty ('' would silently mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path would mean the current folder; name a folder")
+    return text
+
+
+def run_folder_problem(value):
+    """Why `value` cannot be a run folder (not a string, empty, or no folder name of its own: '.', '/', 'x/..'),
+    or None. A run's files would otherwise land in the current folder or a parent."""
+    if not isinstance(value, str):
+        return f"must be a folder path (a string), not {value!r}"
+    if not value.strip():
+        return "is empty: it would mean the current folder; name the run's own folder"
+    if Path(value).name in ("", ".", ".."):
+        return f"{value!r} names no folder of its own (the current folder or a parent); name the run's own folder"
+    return None
 
 
 class Sweep(argparse.Action):

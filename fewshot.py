@@ -16,6 +16,7 @@ Unknown flags go to train.py unchanged (after this script's, so they win).
 """
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -29,7 +30,8 @@ SEEDS = [0, 1, 2, 3, 4, 5]  # "averaged over 6 runs" (Table 3)
 STEPS = 10000
 LR = {"ft": 1e-3, "prompt": 0.3}
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+# no abbreviations: --lr (train.py's, passed through) must not be read as --lr-search, nor --seed as --seeds
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter, allow_abbrev=False)
 # data
 parser.add_argument("--tasks", nargs="+", type=cli.name, default=None, help="subset of the 13 tasks (default: all)")
 parser.add_argument("--shots", nargs="+", type=cli.positive_int, default=SHOTS,
@@ -85,4 +87,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside a unit (planning, collecting): nothing half-written
+        print("fewshot: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    finally:  # a further Ctrl-C while exiting: no traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

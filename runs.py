@@ -66,10 +66,10 @@ def read_config(run_dir, keys=CONFIG_KEYS):
 
 
 def status(run_dir):
-    """'done' (metrics.json written), 'failed' (failed.txt: stopped for good), 'partial' (started:
-    config.json) or 'todo'."""
+    """'done' (finished: metrics.json written, or its --no-test log ended), 'failed' (failed.txt: stopped
+    for good), 'partial' (started: config.json) or 'todo'."""
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.json").exists():
+    if finished(run_dir):
         return "done"
     if (run_dir / FAILED_NAME).exists():
         return "failed"

@@ -112,7 +112,7 @@ group.add_argument("--eval-mode", default="generate", choices=("generate", "rank
                    help="greedy generation, or rank classification over the label set")
 group.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
 group = parser.add_argument_group("output")
-group.add_argument("--out-dir", default=None,
+group.add_argument("--out-dir", type=cli.folder, default=None,
                    help="run folder (default: runs/<run name>, e.g. runs/rte_ept_t5-base_s0: the options that differ "
                         "from the defaults are in the name, docs/training.md); of a pack: the parent folder (default: "
                         "runs) of one folder per run, named by the same rule")
@@ -138,22 +138,38 @@ CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "data",
 
 
 class Stopped(SystemExit):
-    """SIGTERM or SIGUSR1 arrived: last.pt was written at a step boundary; exit status 128 + the signal."""
+    """SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) arrived: last.pt was written at a step boundary; exit status 128 + the
+    signal (130 for Ctrl-C)."""
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _stop_signal = []  # the signal received, set by the handler, read at each step boundary
+_stopping = []  # set once the run stops (Stopped raised, or a second Ctrl-C): later signals wait for the cleanup
+
+
+def _on_signal(sig, _):
+    if _stopping:  # the locks are being released and the files closed: let that finish
+        return
+    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:  # Ctrl-C twice: stop now (files stay whole)
+        _stopping.append(sig)
+        raise KeyboardInterrupt
+    if sig == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:
+        print("train: Ctrl-C: stopping at the next step boundary, after writing last.pt (Ctrl-C again to stop "
+              "at once)", file=sys.stderr, flush=True)
+    _stop_signal.append(sig)
 
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGTERM / SIGUSR1 ask the loop to checkpoint and stop at its next step boundary (main thread only: a
-    thread cannot install handlers, and then the caller's handlers stay)."""
+    """SIGTERM / SIGUSR1 / SIGINT ask the loop to checkpoint and stop at its next step boundary; a second Ctrl-C
+    stops at once (KeyboardInterrupt: every file is written atomically, so last.pt is the previous one, whole).
+    Main thread only: a thread cannot install handlers, and then the caller's handlers stay."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _stop_signal.clear()
-    before = {sig: signal.signal(sig, lambda sig, _: _stop_signal.append(sig)) for sig in STOP_SIGNALS}
+    _stopping.clear()
+    before = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -172,6 +188,7 @@ def stop_requested(ranks):
 
 
 def stopped(sig, step, folders):
+    _stopping.append(sig)
     name = signal.Signals(sig).name
     err = Stopped(f"train: {name} received: stopped at step {step}, last.pt written in {folders}; run the "
                   f"same command with --resume to continue (exit status {128 + sig})")
@@ -198,18 +215,15 @@ def resolve(args):
 # --- the run folder ---------------------------------------------------------------------------------
 
 def open_run_folder(out_dir, resume, overwrite, say):
-    """Decide what happens to an existing folder before anything is written. Returns the checkpoint to
-    resume from, or None for a fresh start; 'finished' when a resumed run has already ended."""
+    """Decide what happens to an existing folder; nothing is written or deleted here (start_log does that, after
+    every check). Returns the checkpoint to resume from, or None for a fresh start; 'finished' when a resumed
+    run has already ended."""
     existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
     if overwrite and existing:
         if not runs.is_run_folder(out_dir):
             raise SystemExit(f"train: {out_dir} is not a run folder written by train.py; --overwrite "
                              "deletes only run folders: choose another --out-dir")
-        say(f"train: --overwrite: deleting {', '.join(existing)} in {out_dir}")
-        for f in existing:
-            (out_dir / f).unlink()
-        shutil.rmtree(out_dir / "eval", ignore_errors=True)
-        return None
+        return None  # start_log deletes them, once every check of every run has passed
     if existing and not resume:
         raise SystemExit(f"train: {out_dir} already holds {', '.join(existing)}; "
                          "pass --resume to continue it or --overwrite to start over")
@@ -490,8 +504,11 @@ def main(argv=None):
     with stop_on_signals():
         if runs_file is not None or len(specs) > 1:
             return main_pack(args, specs, ranks, say, max_rows)
-        args = resolve(args)
+        args = resolve(argparse.Namespace(**{**vars(specs[0]), "out_dir": args.out_dir}))  # what sweep() left:
+        # an option that does not apply to the method at its default, as in a pack (config.json says what ran)
         args.out_dir = args.out_dir or str(Path("runs") / pack_run_name(args))  # one naming rule, solo or pack
+        if problem := cli.run_folder_problem(args.out_dir):
+            raise SystemExit(f"train: --out-dir {problem}")
         return main_run(args, ranks, say)
 
 
@@ -614,7 +631,8 @@ def sweep(args, runs_file=None):
         spec = argparse.Namespace(**vars(args))
         for key, value in row.items():
             if key == "out_dir":
-                spec.out_dir = str(value)
+                if problem := cli.run_folder_problem(value):
+                    raise SystemExit(f"train: --runs {runs_file}: out_dir {problem}")
             elif key in PER_RUN:
                 setattr(spec, key, per_run_value(key, value))
             elif key in vars(args) and per_run_value(key, value) == getattr(args, key):
@@ -625,6 +643,9 @@ def sweep(args, runs_file=None):
             else:
                 raise SystemExit(f"train: --runs: unknown option {key!r} (train.py's option names, with underscores)")
         spec.out_dir = row.get("out_dir")
+        # as on the command line: an option that does not apply to the run's method keeps its default (a
+        # pass-through --prompt-length is no EPT setting), so a run's config.json is the same in a pack or alone
+        vars(spec).update({k: parser.get_default(k) for k in M.METHOD_OPTIONS if not M.applies(k, spec.method)})
         specs.append(spec)
     return specs
 
@@ -718,7 +739,8 @@ def main_pack(args, specs, ranks, say, max_rows=None):
 
 def build_pack(jobs, task, ranks, say, max_rows=None):
     """The shared T5 and every run's prompt module, optimizer and schedule (packing.make_run: built as
-    build_run builds a solo run's), fresh or from its own last.pt; each run's config.json and log.jsonl."""
+    build_run builds a solo run's), fresh or from its own last.pt; each run's config.json and log.jsonl,
+    written only once every run's checks have passed (a refusal for one run changes no run's files)."""
     first = jobs[0].args
     t5 = load_frozen_t5(first, task, first.seed).to(ranks.device)
     t5.train()  # T5's dropout stays active though frozen, as in a solo run
@@ -738,7 +760,10 @@ def build_pack(jobs, task, ranks, say, max_rows=None):
             restore(lambda: job.run.load_checkpoint_state(ckpt), job.resume_path, job.run.params)
             job.rng = rank_rng(ckpt, ranks, say)
         job.step = job.run.step
-        job.log = start_log(a, job.out_dir, job, task, ranks, job.resume_path, say,
+        if job.resume_path and ranks.master:
+            check_resume_files(job.out_dir)
+    for job in jobs:  # every run checked: only now does any run's folder change
+        job.log = start_log(job.args, job.out_dir, job, task, ranks, job.resume_path, say,
                             extra={"pack": {"size": len(jobs), "runs": names}})
     compiled = torch.compile if first.compile else (lambda m: m)
     wrap = compiled
@@ -909,7 +934,7 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
         if resume_path:  # the log first: a damaged one stops the resume before config.json changes
             trim_log(out_dir / "log.jsonl", run.step)
         else:  # a fresh start: the log of a run killed before its first checkpoint goes only now
-            (out_dir / "log.jsonl").unlink(missing_ok=True)
+            clear_run_files(out_dir, args.overwrite, say)
         files.write_json(out_dir / "config.json", run.config)
         log = open_log(out_dir / "log.jsonl", trackers)
     log({"event": "resume" if resume_path else "setup", "step": run.step, "device": ranks.device,
@@ -920,6 +945,29 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
         f"{len(task.data)} examples, {args.max_steps} steps, {ranks.world_size} rank(s) on {ranks.device}, "
         f"{args.dtype} -> {out_dir}")
     return log
+
+
+def clear_run_files(out_dir, overwrite, say):
+    """A fresh start, after every check passed: --overwrite deletes the old run's files (open_run_folder checked
+    that train.py wrote them); otherwise only the log of a run killed before its first checkpoint is left."""
+    existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
+    if overwrite and (existing or (out_dir / "eval").exists()):
+        say(f"train: --overwrite: deleting {', '.join(existing + ['eval/'] * (out_dir / 'eval').exists())} "
+            f"in {out_dir}")
+        for f in existing:
+            (out_dir / f).unlink()
+        shutil.rmtree(out_dir / "eval", ignore_errors=True)
+    (out_dir / "log.jsonl").unlink(missing_ok=True)
+
+
+def check_resume_files(out_dir):
+    """What start_log reads of a resumed run (config.json, log.jsonl), read now: a pack refuses a damaged one
+    before any of its runs' files change."""
+    if (out_dir / "config.json").exists():
+        files.read_json(out_dir / "config.json", "run configuration")
+    if (out_dir / "log.jsonl").exists():
+        files.read_jsonl(out_dir / "log.jsonl", what="run log", torn_tail_ok=True,
+                         fix="repair or delete that line, then --resume again")
 
 
 def top_of_step(args, step, start_step, resumed):
@@ -1169,9 +1217,16 @@ if __name__ == "__main__":
     try:
         main()
     except Stopped as err:  # the line says why and how to resume; the status says "stopped by a signal"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C while exiting: no traceback
         if int(os.environ.get("RANK", 0)) == 0:  # once under torchrun
             print(err, file=sys.stderr, flush=True)
         sys.exit(err.status)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: locks released, files whole
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: run the same command "
+                  "with --resume to continue", file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:  # also after a failure: every rank stopped at the same point (runtime.master_first)
         if dist.is_initialized():
             dist.destroy_process_group()
