@@ -1071,11 +1071,17 @@ def run_driver(experiment, specs, args, extra, floor=None):
     return rows
 
 
-if __name__ == "__main__":
+def run_cli(main, name):
+    """A driver's entry point: Ctrl-C outside a unit (planning, collecting) leaves nothing half-written, so it
+    is one line and exit 130."""
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C outside a unit (planning, collecting): nothing half-written
-        print("ablate: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
         sys.exit(130)
     finally:  # a further Ctrl-C while exiting: no traceback
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+if __name__ == "__main__":
+    run_cli(main, "ablate")

@@ -16,7 +16,6 @@ Unknown flags go to train.py unchanged (after this script's, so they win).
 """
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -87,10 +86,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C outside a unit (planning, collecting): nothing half-written
-        print("fewshot: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
-    finally:  # a further Ctrl-C while exiting: no traceback
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ablate.run_cli(main, "fewshot")

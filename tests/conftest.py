@@ -51,6 +51,16 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     return pretrained.make_tiny(out, tokenizer=str(tokenizer_dir) if tokenizer_dir else None)
 
 
+@pytest.fixture(scope="session")
+def rte_data_dir(tmp_path_factory, tiny_model_dir):
+    """RTE's fixture rows prepared with the tiny T5's tokenizer, once: the drivers' tests train on it (read only)."""
+    import prepare_data
+    out = tmp_path_factory.mktemp("rte-data")
+    prepare_data.main(["--source", str(REPO / "tests" / "fixtures" / "raw"), "--tasks", "rte", "--out", str(out),
+                       "--tokenizer", str(tiny_model_dir)])
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """A tiny T5 gains nothing from threads, and oversubscribed threads on a busy machine slow it 30x.

@@ -173,12 +173,8 @@ def test_dry_run_packs_only_what_is_left(tmp_path, capsys):
 # --- a driver run in packs ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tiny_model_dir):
-    import prepare_data
-    out = tmp_path_factory.mktemp("data")
-    prepare_data.main(["--source", str(REPO / "tests" / "fixtures" / "raw"), "--tasks", "rte", "--out", str(out),
-                       "--tokenizer", str(tiny_model_dir)])
-    return out
+def data_dir(rte_data_dir):
+    return rte_data_dir
 
 
 def fake_pack_cli(calls):

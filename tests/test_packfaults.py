@@ -42,12 +42,8 @@ def toy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rte(tmp_path_factory, tiny_model_dir):
-    import prepare_data
-    out = tmp_path_factory.mktemp("rte")
-    prepare_data.main(["--source", str(REPO / "tests" / "fixtures" / "raw"), "--tasks", "rte", "--out", str(out),
-                       "--tokenizer", str(tiny_model_dir)])
-    return out
+def rte(rte_data_dir):
+    return rte_data_dir
 
 
 def tree(folder):

@@ -32,12 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # as the children's OMP_NUM_
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tiny_model_dir):
-    import prepare_data
-    out = tmp_path_factory.mktemp("data")
-    prepare_data.main(["--source", str(REPO / "tests" / "fixtures" / "raw"), "--tasks", "rte", "--out", str(out),
-                       "--tokenizer", str(tiny_model_dir)])
-    return out
+def data_dir(rte_data_dir):
+    return rte_data_dir
 
 
 def plan_argv(tiny_model_dir, data_dir, root, *extra):
