@@ -58,16 +58,14 @@ import time
 import traceback
 from pathlib import Path
 
-import cli
-import files
 import model as M
-import prepare_data as P
-import runs
+import prepare_data
+from ept import cli, files, runs
 
 # --- the paper's task groups (prepare_data.py's registry, in the paper's column order) and grids ----------
 
-GLUE, SUPERGLUE, MRQA, OTHERS = (P.GROUPS[g] for g in ("glue", "superglue", "mrqa", "others"))
-ALL_TASKS = list(P.TASKS)  # the 21 tasks
+GLUE, SUPERGLUE, MRQA, OTHERS = (prepare_data.GROUPS[g] for g in ("glue", "superglue", "mrqa", "others"))
+ALL_TASKS = list(prepare_data.TASKS)  # the 21 tasks
 SIZES = ["t5-small", "t5-base", "t5-large"]
 SEEDS = [0, 1, 2]  # 3 runs per main result (Table 1 caption)
 LR_GRID = {"prompt": [0.003, 0.01, 0.03, 0.1, 0.3], "ft": [1e-5, 1e-4, 1e-3]}  # SuperGLUE lr search
@@ -179,7 +177,7 @@ def _split_sizes(task, data_dir):
     if meta.exists():
         splits = files.read_json(meta, "task description").get("splits", {})
         return splits.get("train", 0), splits.get("validation", 0), splits.get("test", 0)
-    return P.PAPER_SPLITS.get(task, (10000, 1000, 1000))
+    return prepare_data.PAPER_SPLITS.get(task, (10000, 1000, 1000))
 
 
 def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=None):
@@ -273,6 +271,7 @@ T5_SHAPES = {"t5-small": (512, 2048, 8, 6), "t5-base": (768, 3072, 12, 12), "t5-
 def step_flops(size, full, batch_size=16):
     """FLOPs of one training step of `batch_size` examples (bench.py's formula; `full`: ft's weight gradients)."""
     import types
+
     import bench
     d, ff, heads, layers = T5_SHAPES.get(size, T5_SHAPES["t5-base"])
     cfg = types.SimpleNamespace(d_model=d, d_ff=ff, num_heads=heads, d_kv=64, vocab_size=32128, is_gated_act=False,
@@ -449,7 +448,7 @@ def submit_slurm(experiment, path, args):
     """--slurm: the plan as one SLURM job array (task i runs line i) and the collect command as a job after it
     (slurm.py writes the sbatch scripts beside the plan and prints the job ids and how to follow them)."""
     try:
-        import slurm
+        from ept import slurm
     except ImportError:
         raise SystemExit("--slurm needs slurm.py beside this script, which this checkout lacks") from None
     if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU sized the packs
@@ -884,7 +883,7 @@ def steer_prepare(args):
     use, but several workers at once would race), with the backbone's tokenizer."""
     for task in args.tasks or [STEER_TASK]:
         if not (Path(args.data_dir) / task / "meta.json").exists():
-            P.main(["--tasks", task, "--out", str(args.data_dir), "--tokenizer", steer_model(args)])
+            prepare_data.main(["--tasks", task, "--out", str(args.data_dir), "--tokenizer", steer_model(args)])
 
 
 def steer_floor(args):
@@ -1031,10 +1030,10 @@ def check_args(parser, args, extra):
         parser.error("--overwrite would start every run of the plan over at each rerun; delete the run folders "
                      "to train them again")
     for task in args.tasks or []:
-        known = task in P.TASKS or task in P.STEER_TASKS
+        known = task in prepare_data.TASKS or task in prepare_data.STEER_TASKS
         if not known and not (Path(args.data_dir) / task / "meta.json").exists():
             parser.error(f"unknown task {task!r} (not one of the paper's and no {Path(args.data_dir) / task}/meta.json); "
-                         f"tasks: {', '.join(P.TASKS)}")
+                         f"tasks: {', '.join(prepare_data.TASKS)}")
 
 
 def main(argv=None):

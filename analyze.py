@@ -28,11 +28,8 @@ from pathlib import Path
 import torch
 
 import ablate
-import cli
-import files
 import model as M
-import pretrained
-import runs
+from ept import cli, files, pretrained, runs
 
 FIG2_TASKS = ["boolq", "rte"]
 FIG11_TASKS = ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2", "wic"]  # GLUE 7 + WiC (Appendix C)

@@ -28,13 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import batching as B
-import cli
-import files
 import model as M
-import pretrained
-import runs
-import runtime as R
+from ept import batching, cli, files, pretrained, runs, runtime
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("run_dir", help="a run folder written by train.py")
@@ -234,14 +229,14 @@ def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_len
     """Greedy decoding of `sources` (strings or token-id lists): batched, sorted by length, at most
     `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped. `progress`: the
     label of a progress bar (None: no bar)."""
-    ids = B.encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
+    ids = batching.encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
     out = [""] * len(ids)
     was_training = model.training
     model.eval()
     bar = progress_bar(len(ids), progress)
-    for batch in B.batches_by_length(ids, batch_size, sort_by_length, token_budget=not str(device).startswith("cuda")):
-        input_ids, mask = B.pad([ids[i] for i in batch], tokenizer.pad_token_id)
-        with R.autocast(device, dtype):
+    for batch in batching.batches_by_length(ids, batch_size, sort_by_length, token_budget=not str(device).startswith("cuda")):
+        input_ids, mask = batching.pad([ids[i] for i in batch], tokenizer.pad_token_id)
+        with runtime.autocast(device, dtype):
             gen = model.generate(input_ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, num_beams=1)
         for i, text in zip(batch, tokenizer.batch_decode(gen, skip_special_tokens=True)):
@@ -285,15 +280,15 @@ def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_lengt
                   progress=None):
     """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5, scored by
     `label_nll` for a batch of inputs at a time; never an invalid prediction."""
-    ids = B.encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
-    label_ids, _ = B.pad(B.encode(tokenizer, labels, max_length), -100)  # (L, T), -100 = no loss
+    ids = batching.encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
+    label_ids, _ = batching.pad(batching.encode(tokenizer, labels, max_length), -100)  # (L, T), -100 = no loss
     out = [""] * len(ids)
     was_training = model.training
     model.eval()
     bar = progress_bar(len(ids), progress)
-    for batch in B.batches_by_length(ids, max(1, batch_size // len(labels)), True, not str(device).startswith("cuda")):
-        input_ids, mask = B.pad([ids[i] for i in batch], tokenizer.pad_token_id)
-        with R.autocast(device, dtype):
+    for batch in batching.batches_by_length(ids, max(1, batch_size // len(labels)), True, not str(device).startswith("cuda")):
+        input_ids, mask = batching.pad([ids[i] for i in batch], tokenizer.pad_token_id)
+        with runtime.autocast(device, dtype):
             nll = label_nll(model, input_ids.to(device), mask.to(device), label_ids.to(device))
         for i, k in zip(batch, nll.argmin(1).tolist()):
             out[i] = labels[k]
@@ -309,7 +304,7 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     """(PromptedT5 with a FoldedPrompt (or fine-tuned T5), tokenizer, config) from a run folder alone."""
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
-    device = device or R.default_device()
+    device = device or runtime.default_device()
     t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
                             fix=pretrained.RUN_FIX)
     tokenizer = pretrained.load_tokenizer(config["tokenizer"], fix=pretrained.RUN_FIX)
@@ -380,7 +375,7 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     'rank' in rank mode. Returns the metrics dict (with 'score')."""
     say = (lambda *a: None) if quiet else print
     net, tokenizer, config = load_run(run_dir, checkpoint, prompt, device)
-    device = device or R.default_device()
+    device = device or runtime.default_device()
     dtype = run_dtype(config, device)
     task = task or config["task"]
     data_dir = str(data_dir or config["data_dir"])
@@ -394,8 +389,8 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     if task != config["task"]:
         say(f"evaluate: zero-shot transfer of {config['task']}'s prompt to {task} (max_length {max_length})")
     split_file = Path(data_dir) / task / f"{split}.jsonl"
-    examples, source_ids, _ = B.load_split(split_file, tokenizer, max_length, max_examples)
-    B.check_split(meta, split, examples, split_file, max_examples is not None)
+    examples, source_ids, _ = batching.load_split(split_file, tokenizer, max_length, max_examples)
+    batching.check_split(meta, split, examples, split_file, max_examples is not None)
     t0 = time.time()
     preds = run_predictions(net, tokenizer, source_ids, mode=mode, labels=meta.get("labels"),
                             max_new_tokens=meta["max_target_length"], max_length=max_length,
@@ -421,13 +416,13 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
 def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None):
     """The frozen T5 `model` alone, no prompt and no run folder (the steering benchmark's floor): its
     metrics on `split` of `task` (greedy decoding, fp32)."""
-    device = device or R.default_device()
+    device = device or runtime.default_device()
     net = M.PromptedT5(pretrained.load_t5(model), None).to(device).eval()
     tokenizer = pretrained.load_tokenizer(model)
     meta = files.load_meta(data_dir, task)
     split_file = Path(data_dir) / task / f"{split}.jsonl"
-    examples, source_ids, _ = B.load_split(split_file, tokenizer, meta["max_length"])
-    B.check_split(meta, split, examples, split_file, False)
+    examples, source_ids, _ = batching.load_split(split_file, tokenizer, meta["max_length"])
+    batching.check_split(meta, split, examples, split_file, False)
     preds = run_predictions(net, tokenizer, source_ids, mode="generate", labels=meta.get("labels"),
                             max_new_tokens=meta["max_target_length"], max_length=meta["max_length"],
                             batch_size=batch_size, device=device, dtype="fp32")
@@ -461,7 +456,7 @@ def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="g
     if Path(output_path).resolve() == Path(input_path).resolve():
         raise SystemExit(f"--output {output_path} is the input file; name another file")
     net, tokenizer, config = load_run(run_dir, checkpoint, None, device)
-    device = device or R.default_device()
+    device = device or runtime.default_device()
     meta = config["meta"]  # train.py keeps the task's labels and lengths in config.json
     preds = run_predictions(net, tokenizer, [r["source"] for r in rows], mode=mode, labels=meta.get("labels"),
                             max_new_tokens=meta["max_target_length"], max_length=config["max_length"],

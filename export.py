@@ -31,10 +31,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-import cli
-import files
 import model as M
-import runs
+from ept import cli, files, runs
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import cli
-import files
+from ept import cli, files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
 REPARAMS = ("mlp", "lstm")

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import cli
-import files
+from ept import cli, files
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
 # data
@@ -476,7 +475,7 @@ def hub_commit(hub_id, revision):
 
 
 def load_hub(task):
-    import pretrained
+    from ept import pretrained
     pretrained.hub_reachable()  # unreachable: the local cache only, no retries
     import datasets
     print(f"{task.name}: loading {task.hub_id} ({task.hub_config}) from the Hugging Face Hub")
@@ -600,7 +599,7 @@ def old_fewshot_warning(data_dir, old):
 
 @functools.cache
 def load_tokenizer(name):
-    import pretrained
+    from ept import pretrained
     try:
         return pretrained.load_tokenizer(name)
     except SystemExit as e:  # pretrained's sentence names the flag (--tokenizer DIR)

@@ -44,17 +44,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import batching as B
-import cli
-import evaluate as E
-import files
+import evaluate
 import model as M
-import packing
-import pretrained
-import runs
-import runtime
-from optim import make_optimizer
-from runtime import rng_state, seed_everything, set_rng_state
+from ept import batching, cli, files, multirun, pretrained, runs, runtime
+from ept.optim import make_optimizer
+from ept.runtime import rng_state, seed_everything, set_rng_state
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 group = parser.add_argument_group("data")
@@ -337,7 +331,7 @@ def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
     prepare_data.main(command)
 
 
-check_split = B.check_split  # a split file against its meta.json (batching.py)
+check_split = batching.check_split  # a split file against its meta.json (batching.py)
 
 
 class TrainData:
@@ -353,7 +347,7 @@ class TrainData:
         return sum(len(self.target_ids[i]) for i in idx)
 
     def batch(self, idx):
-        return B.collate(idx, self.source_ids, self.target_ids, self.pad_id)
+        return batching.collate(idx, self.source_ids, self.target_ids, self.pad_id)
 
 
 class DataOrder:
@@ -362,14 +356,14 @@ class DataOrder:
     def __init__(self, n, seed, batch_size, lengths=None, epoch=0, index=0):
         self.n, self.seed, self.batch_size, self.lengths = n, seed, batch_size, lengths
         self.epoch, self.index = epoch, index
-        self.order = B.epoch_order(n, seed, epoch, batch_size, lengths)
+        self.order = batching.epoch_order(n, seed, epoch, batch_size, lengths)
 
     def next_batch(self):
         batch = self.order[self.index:self.index + self.batch_size].tolist()  # the last one may be partial
         self.index += len(batch)
         if self.index >= self.n:
             self.epoch, self.index = self.epoch + 1, 0
-            self.order = B.epoch_order(self.n, self.seed, self.epoch, self.batch_size, self.lengths)
+            self.order = batching.epoch_order(self.n, self.seed, self.epoch, self.batch_size, self.lengths)
         return batch
 
     def state(self):
@@ -451,7 +445,7 @@ def set_dropout(t5, rate):
 def validate(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batch_size, max_length, dtype):
     """Scores of `net` on a split. Every rank decodes a strided shard; predictions are gathered so each rank
     scores the whole split (never an average of per-rank scores)."""
-    preds = E.run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], mode=mode,
+    preds = evaluate.run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], mode=mode,
                               labels=meta.get("labels"), max_new_tokens=meta["max_target_length"],
                               max_length=max_length, batch_size=batch_size, device=ranks.device, dtype=dtype)
     if ranks.world_size > 1:
@@ -460,7 +454,7 @@ def validate(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batch_s
         preds = [None] * len(examples)
         for r, part in enumerate(shards):
             preds[r::ranks.world_size] = part
-    return E.compute_metrics(meta, preds, examples)
+    return evaluate.compute_metrics(meta, preds, examples)
 
 
 def decoding(args):
@@ -570,7 +564,7 @@ def claim_folder(out_dir, say):
     return runs.acquire_lock(out_dir, say)
 
 
-# --- a pack: several prompt runs on one T5 (packing.py does the math) --------------------------------
+# --- a pack: several prompt runs on one T5 (multirun.py does the math) --------------------------------
 
 @functools.cache
 def _defaults(method):
@@ -738,7 +732,7 @@ def main_pack(args, specs, ranks, say, max_rows=None):
 
 
 def build_pack(jobs, task, ranks, say, max_rows=None):
-    """The shared T5 and every run's prompt module, optimizer and schedule (packing.make_run: built as
+    """The shared T5 and every run's prompt module, optimizer and schedule (multirun.make_run: built as
     build_run builds a solo run's), fresh or from its own last.pt; each run's config.json and log.jsonl,
     written only once every run's checks have passed (a refusal for one run changes no run's files)."""
     first = jobs[0].args
@@ -748,7 +742,7 @@ def build_pack(jobs, task, ranks, say, max_rows=None):
     for job in jobs:
         a = job.args
         job.steps_per_epoch, job.micro_batch_size, job.grad_accum_steps = batch_plan(a, len(task.data), ranks.world_size)
-        job.run = packing.make_run(
+        job.run = multirun.make_run(
             t5, a.method, seed=a.seed, lr=a.lr, max_steps=a.max_steps, batch_size=a.batch_size,
             micro_batch_size=job.micro_batch_size, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
             max_grad_norm=a.max_grad_norm, group_by_length=a.group_by_length, init=a.init,
@@ -770,7 +764,7 @@ def build_pack(jobs, task, ranks, say, max_rows=None):
     if ranks.world_size > 1:
         wrap = lambda packed: DDP(compiled(packed), forward_sync_buffers=False,  # noqa: E731
                                   device_ids=[ranks.local_rank] if ranks.device.startswith("cuda") else None)
-    return packing.Pack(t5, [job.run for job in jobs], (task.data.source_ids, task.data.target_ids, task.data.pad_id),
+    return multirun.Pack(t5, [job.run for job in jobs], (task.data.source_ids, task.data.target_ids, task.data.pad_id),
                         device=ranks.device, amp=runtime.set_precision(first.dtype, ranks.device), rank=ranks.rank,
                         world_size=ranks.world_size, max_rows=max_rows, wrap=wrap)
 
@@ -782,7 +776,7 @@ def load_task(args, ranks, say):
     if ranks.master:
         prepare_if_missing(args.data_dir, args.task, args.tokenizer, say, args.source)
     meta = files.load_meta(args.data_dir, args.task)
-    E.check_metrics(meta, Path(args.data_dir) / args.task / "meta.json")
+    evaluate.check_metrics(meta, Path(args.data_dir) / args.task / "meta.json")
     if args.eval_mode == "rank" and not meta.get("labels"):
         raise SystemExit(f"train: --eval-mode rank needs a label set; {args.task} has open targets")
     args.max_length = args.max_length or meta["max_length"]
@@ -792,14 +786,14 @@ def load_task(args, ranks, say):
     if not train_file.exists():
         raise SystemExit(f"train: no {train_file}; prepare it with `python prepare_data.py --tasks {args.task} "
                          f"--out {args.data_dir} --overwrite --fewshot {args.fewshot_k} --fewshot-seeds {args.fewshot_seed}`")
-    train_examples, train_src, train_tgt = B.load_split(train_file, tokenizer, args.max_length, args.max_train_examples)
+    train_examples, train_src, train_tgt = batching.load_split(train_file, tokenizer, args.max_length, args.max_train_examples)
     check_split(meta, split, train_examples, train_file, args.max_train_examples is not None)
     if args.fewshot_k and ranks.master:
         import prepare_data  # the few-shot rule's home
         old = [split] if split in prepare_data.old_fewshot_sets(meta) else []
         if warning := prepare_data.old_fewshot_warning(args.data_dir, {args.task: old}):
             say(f"train: {warning}")
-    val_examples, val_src, _ = B.load_split(folder / "validation.jsonl", tokenizer, args.max_length, args.max_eval_examples)
+    val_examples, val_src, _ = batching.load_split(folder / "validation.jsonl", tokenizer, args.max_length, args.max_eval_examples)
     check_split(meta, "validation", val_examples, folder / "validation.jsonl", args.max_eval_examples is not None)
     if not args.no_test:  # checked now, not after hours of training
         check_split(meta, "test", files.read_jsonl(folder / "test.jsonl", args.max_eval_examples, what="split file"),
@@ -835,7 +829,7 @@ def label_ids(args, task):
     labels = task.meta.get("labels")
     if args.init == "label" and not labels:
         raise SystemExit(f"train: --init label needs a task with a label set; {args.task} has none")
-    return B.label_token_ids(task.tokenizer, labels) if labels else None
+    return batching.label_token_ids(task.tokenizer, labels) if labels else None
 
 
 def read_checkpoint(resume_path, max_steps):
@@ -1092,7 +1086,7 @@ def train_loop(args, out_dir, task, run, log, ranks):
 
 
 def train_pack(jobs, task, pack, ranks, say):
-    """train_loop for the runs of a pack (a packing.Pack): at the top of each step every run validates and
+    """train_loop for the runs of a pack (a multirun.Pack): at the top of each step every run validates and
     saves as train_loop does (its own --eval-every / --save-every / --max-steps), a run at its last step
     finishes (prompt.pt, metrics.json), then one packed step trains every run still training. A non-finite
     run stops alone (its "nonfinite" event, its lock released); the others go on. Returns {folder: result}."""
@@ -1195,7 +1189,7 @@ def finish(args, out_dir, task, run, log, ranks, say):
     test = None
     if not args.no_test:
         test_file = task.folder / "test.jsonl"
-        examples, source_ids, _ = B.load_split(test_file, task.tokenizer, args.max_length, args.max_eval_examples)
+        examples, source_ids, _ = batching.load_split(test_file, task.tokenizer, args.max_length, args.max_eval_examples)
         check_split(task.meta, "test", examples, test_file, args.max_eval_examples is not None)
         metrics = validate(net, task.tokenizer, task.meta, examples, source_ids, ranks, **decoding(args))
         test = {"task": args.task, "split": "test", "mode": args.eval_mode, "checkpoint": "best",

@@ -25,7 +25,7 @@ for d in "${HF_HOME:-}" ~/.cache/huggingface /root/.cache/huggingface "$CFG"; do
 done
 [[ $DEV == cuda ]] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
-run() { echo "== $*"; timeout 240 python bench_pack.py --device $DEV "$@" || echo "(exit $?)"; }
+run() { echo "== $*"; timeout 240 python scripts/bench_pack.py --device $DEV "$@" || echo "(exit $?)"; }
 if [[ $DEV == cuda ]]; then
   run --config "$BASE" --dtype bf16 --runs 1 4 16 32 64 128 $SMALL --json "$OUTDIR/t5-base_bf16.json"
   run --config "$BASE" --dtype fp32 --runs 1 4 16 32 64 $SMALL --update-runs 0 --json "$OUTDIR/t5-base_fp32.json"

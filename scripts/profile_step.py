@@ -2,23 +2,34 @@
 
     python scripts/profile_step.py 300 16 82    # steps, batch, input length (docs/speed.md, "Packing")
 """
-import argparse, cProfile, pstats, sys, time, collections
+import argparse
+import collections
+import cProfile
+import pstats
+import sys
+import time
+
 import torch
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-import cli, model as M, packing, pretrained, train
+import model as M
+import train
+from ept import cli, multirun, pretrained
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("steps", nargs="?", type=cli.positive_int, default=300, help="timed steps")
 parser.add_argument("batch", nargs="?", type=cli.positive_int, default=16, help="examples per step")
 parser.add_argument("length", nargs="?", type=cli.positive_int, default=82, help="input ids per example")
 args = parser.parse_args()
 from transformers import T5Config, T5ForConditionalGeneration
+
 torch.set_num_threads(1); torch.manual_seed(0)
 cfg = T5Config(vocab_size=32128, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **pretrained.TINY)
 t5 = T5ForConditionalGeneration(cfg).train()
 B, L = args.batch, args.length
-src, tgt = packing._synthetic(B * 400, L, 2, 32128)
+src, tgt = multirun._synthetic(B * 400, L, 2, 32128)
 data = train.TrainData(src, tgt, 0)
-run = packing.make_run(t5, "ept", seed=0, lr=0.3, batch_size=B, max_steps=100000)
+run = multirun.make_run(t5, "ept", seed=0, lr=0.3, batch_size=B, max_steps=100000)
 net = M.PromptedT5(t5, run.module)
 def step():
     train.train_step(net, net, run.optimizer, run.scheduler, run.next_batch(len(src)), data,

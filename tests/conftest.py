@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import pretrained  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # ../shared beside the checkout (CI lays a copy there)
 CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))  # the benchmarks, tested like the stages
+from ept import pretrained  # noqa: E402
 
 
 

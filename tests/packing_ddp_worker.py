@@ -16,8 +16,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pretrained  # noqa: E402
-import packing as P  # noqa: E402
+from ept import (
+    multirun,  # noqa: E402
+    pretrained,  # noqa: E402
+)
 
 SPECS = [dict(name="a", method="pt", seed=0, lr=0.3, batch_size=5, prompt_length=6),  # 5 over 2 ranks: uneven
          dict(name="b", method="ept", seed=1, lr=0.1, batch_size=4),
@@ -47,9 +49,9 @@ def main(out):
         dist.init_process_group("gloo")
     t5 = tiny_t5()
     src, tgt = synthetic()
-    runs = [P.make_run(t5, max_steps=STEPS + 1, **spec) for spec in SPECS]
+    runs = [multirun.make_run(t5, max_steps=STEPS + 1, **spec) for spec in SPECS]
     wrap = (lambda packed: DDP(packed)) if world_size > 1 else None
-    pack = P.Pack(t5, runs, (src, tgt, 0), rank=rank, world_size=world_size, wrap=wrap)
+    pack = multirun.Pack(t5, runs, (src, tgt, 0), rank=rank, world_size=world_size, wrap=wrap)
     records = []
     for step in range(1, STEPS + 1):
         if step == POISON_AT:

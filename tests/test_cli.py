@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_train import argv, data_dir  # noqa: F401 (data_dir is a fixture shared with test_train)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("ablate", "analyze", "bench", "bench_pack", "evaluate", "export", "fewshot", "model", "prepare_data",
-           "pretrained", "report", "train")
+           "ept.pretrained", "report", "train")
 
 
 def help_parser(module_name):
@@ -86,7 +85,7 @@ def offline_env():
 def test_offline_hub_fails_fast_with_the_flag(tmp_path):
     """A Hub name for the model, the tokenizer or a dataset, with no Hub: the one sentence naming the flag
     (--model DIR, --tokenizer DIR, --source DIR) in under 5 s of loading, and no "Retrying in" lines."""
-    code = ("import sys, time, datasets, pretrained, prepare_data\n"  # imported first: the time is the load's
+    code = ("import sys, time, datasets, prepare_data; from ept import pretrained\n"  # imported first: the time is the load's
             "from transformers import AutoTokenizer, T5ForConditionalGeneration\n"
             "for what, call in (('model', lambda: pretrained.load_t5('t5-small')),\n"
             "                   ('tokenizer', lambda: pretrained.load_tokenizer('t5-small')),\n"
@@ -278,7 +277,7 @@ def test_driver_names_say_what_runs(tmp_path, capsys):
 def test_progress_bars_for_long_work_and_tqdm_disable(tiny_model_dir):
     """evaluate.py's decoding and prepare_data's row conversion draw a bar on stderr (none inside train.py's
     validation, none for a few rows), and TQDM_DISABLE=1 (read when tqdm is imported) turns them off."""
-    code = ("import evaluate, model, prepare_data as P, pretrained\n"
+    code = ("import evaluate, model, prepare_data as P; from ept import pretrained\n"
             f"net = model.PromptedT5(pretrained.load_t5({str(tiny_model_dir)!r}))\n"
             f"tok = pretrained.load_tokenizer({str(tiny_model_dir)!r})\n"
             "rows = [dict(sentence1='a b', sentence2='c', label=0, idx=i) for i in range(P.BAR_ROWS)]\n"

@@ -25,8 +25,7 @@ import fewshot
 import model as M
 import report
 import train
-import files
-import pretrained
+from ept import files, pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",

@@ -22,13 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import bench
-import evaluate as E
+import evaluate
 import model as M
-import optim
 import train
-import batching as B
-import pretrained
-import runtime
+from ept import batching, optim, pretrained, runtime
 
 WORDS = "good bad fine awful great poor nice sad happy dull the movie plot was not very".split()
 MAX_LENGTH = 40
@@ -68,7 +65,7 @@ def data_dir(tmp_path_factory):
 def toy(data_dir, tiny_model_dir):
     """(tokenizer, source ids, target ids, lengths) of the toy training split, via train.py's cached tokenizer."""
     tok = pretrained.load_tokenizer(str(tiny_model_dir))
-    _, src, tgt = B.load_split(data_dir / "toy" / "train.jsonl", tok, MAX_LENGTH)
+    _, src, tgt = batching.load_split(data_dir / "toy" / "train.jsonl", tok, MAX_LENGTH)
     return tok, src, tgt, [len(s) + len(t) for s, t in zip(src, tgt)]
 
 
@@ -92,7 +89,7 @@ def test_pad_to_longest_gives_the_pad_to_max_loss_and_gradients(toy, tiny_model_
 
     def loss_and_grads(pad_to):
         net.zero_grad(set_to_none=True)
-        batch = B.collate(idx, src, tgt, tok.pad_token_id, pad_to)
+        batch = batching.collate(idx, src, tgt, tok.pad_token_id, pad_to)
         nll = train.token_nll(net, net.t5._shift_right, *batch, nullcontext())
         nll.backward()
         return nll.item(), [p.grad.clone() for p in params]
@@ -135,22 +132,22 @@ def test_group_by_length_only_reorders(toy, tiny_model_dir):
     tok, src, tgt, lengths = toy
     n, bs = len(src), 4  # mega-batch = 50 * 4 = 200 > 48 rows: one mega-batch, and with bs 1: 50-row ones
     for epoch in range(3):
-        plain = B.epoch_order(n, 7, epoch, bs)
-        grouped = B.epoch_order(n, 7, epoch, bs, lengths)
+        plain = batching.epoch_order(n, 7, epoch, bs)
+        grouped = batching.epoch_order(n, 7, epoch, bs, lengths)
         assert sorted(grouped.tolist()) == list(range(n))
         assert [lengths[i] for i in grouped] == sorted((lengths[i] for i in plain), reverse=True)
-    small = B.epoch_order(n, 7, 0, 1, lengths)  # mega-batches of 50 rows: the last one is partial
+    small = batching.epoch_order(n, 7, 0, 1, lengths)  # mega-batches of 50 rows: the last one is partial
     assert sorted(small.tolist()) == list(range(n))
     net = prompted(tiny_model_dir, "pt").eval()
-    plain, grouped = B.epoch_order(n, 7, 0, bs), B.epoch_order(n, 7, 0, bs, lengths)
+    plain, grouped = batching.epoch_order(n, 7, 0, bs), batching.epoch_order(n, 7, 0, bs, lengths)
     with torch.no_grad():
-        total = [sum(train.token_nll(net, net.t5._shift_right, *B.collate(order[k:k + bs].tolist(), src, tgt,
+        total = [sum(train.token_nll(net, net.t5._shift_right, *batching.collate(order[k:k + bs].tolist(), src, tgt,
                                                                               tok.pad_token_id), nullcontext()).item()
                      for k in range(0, n, bs)) for order in (plain, grouped)]
     assert total[1] == pytest.approx(total[0], rel=1e-5)
     # bench.py's (b) regroups the timed examples the same way: the same multiset as (a) and (c)
     timed = plain[:32]
-    regrouped = timed[B.epoch_order(len(timed), 0, 0, bs, [lengths[i] for i in timed])]
+    regrouped = timed[batching.epoch_order(len(timed), 0, 0, bs, [lengths[i] for i in timed])]
     assert sorted(regrouped.tolist()) == sorted(timed.tolist())
 
 
@@ -167,9 +164,9 @@ def decoder_net(tiny_model_dir):
     tok = pretrained.load_tokenizer(str(tiny_model_dir))
     rng = random.Random(1)
     sources = ["sentence: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(20)]
-    ids = B.encode(tok, sources, MAX_LENGTH)
+    ids = batching.encode(tok, sources, MAX_LENGTH)
     with torch.no_grad():
-        first = [net.generate(*B.pad([i], tok.pad_token_id), max_new_tokens=1, do_sample=False)[0, 1].item() for i in ids]
+        first = [net.generate(*batching.pad([i], tok.pad_token_id), max_new_tokens=1, do_sample=False)[0, 1].item() for i in ids]
         common = max(set(first), key=first.count)
         t5.lm_head.weight[tok.eos_token_id] = 1.01 * t5.lm_head.weight[common]
     return net, tok, ids
@@ -177,11 +174,11 @@ def decoder_net(tiny_model_dir):
 
 def test_batched_sorted_greedy_equals_one_at_a_time(decoder_net):
     net, tok, ids = decoder_net
-    single = [E.predict(net, tok, [i], max_new_tokens=5, batch_size=1)[0] for i in ids]
+    single = [evaluate.predict(net, tok, [i], max_new_tokens=5, batch_size=1)[0] for i in ids]
     assert "" in single and any(len(tok(p, add_special_tokens=False)["input_ids"]) >= 4 for p in single), \
         "the fixture should give rows that stop at once and rows that run to max_new_tokens"
     steps = bench.count_decode_steps(net)
-    batched = E.predict(net, tok, ids, max_new_tokens=5, batch_size=6)  # sorted, budgeted, mixed stops
+    batched = evaluate.predict(net, tok, ids, max_new_tokens=5, batch_size=6)  # sorted, budgeted, mixed stops
     assert batched == single
     assert max(steps) == 5 and all(s <= 5 for s in steps)
     # the reference's decoding (data order, padded to the max length) gives the same strings too
@@ -198,8 +195,8 @@ def test_eval_batches_sorted_within_a_token_budget():
     ids = [[5] * rng.choice([3, 8, 20, 200]) for _ in range(101)]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # sorted() is stable: ties keep data order
     for bs in (1, 4, 16, 64):
-        assert B.batches_by_length(ids, bs, True) == [order[i:i + bs] for i in range(0, len(ids), bs)]
-        batches = B.batches_by_length(ids, bs, True, token_budget=True)
+        assert batching.batches_by_length(ids, bs, True) == [order[i:i + bs] for i in range(0, len(ids), bs)]
+        batches = batching.batches_by_length(ids, bs, True, token_budget=True)
         flat = [i for b in batches for i in b]
         assert sorted(flat) == list(range(len(ids)))
         assert [len(ids[i]) for i in flat] == sorted(map(len, ids), reverse=True)
@@ -210,16 +207,16 @@ def test_eval_batches_sorted_within_a_token_budget():
         long = [b for b in batches if len(ids[b[0]]) == 200]
         if bs >= 16:  # the long tail in smaller batches than the short rows: the point of the budget
             assert max(map(len, long)) < max(map(len, batches))
-    assert B.batches_by_length(ids, 16, False) == [list(range(i, min(i + 16, 101))) for i in range(0, 101, 16)]
-    assert B.batches_by_length([], 16, True) == B.batches_by_length([], 16, True, True) == []
+    assert batching.batches_by_length(ids, 16, False) == [list(range(i, min(i + 16, 101))) for i in range(0, 101, 16)]
+    assert batching.batches_by_length([], 16, True) == batching.batches_by_length([], 16, True, True) == []
 
 
 def test_early_stop_when_every_row_is_done(decoder_net):
     """A batch whose rows all emit </s> first stops after one step, whatever max_new_tokens allows."""
     net, tok, ids = decoder_net
-    done = [i for i in ids if E.predict(net, tok, [i], max_new_tokens=5, batch_size=1)[0] == ""]
+    done = [i for i in ids if evaluate.predict(net, tok, [i], max_new_tokens=5, batch_size=1)[0] == ""]
     steps = bench.count_decode_steps(net)
-    assert E.predict(net, tok, done, max_new_tokens=5, batch_size=64) == [""] * len(done)
+    assert evaluate.predict(net, tok, done, max_new_tokens=5, batch_size=64) == [""] * len(done)
     assert steps == [1]
     net.generate = type(net).generate.__get__(net)
 
@@ -228,10 +225,10 @@ def test_early_stop_when_every_row_is_done(decoder_net):
 def test_rank_classify_picks_the_lowest_loss_label(decoder_net, labels):
     """Labels of different token lengths (padded with -100 in the batched pass), several batches."""
     net, tok, ids = decoder_net
-    got = E.rank_classify(net, tok, ids, labels, batch_size=5)
+    got = evaluate.rank_classify(net, tok, ids, labels, batch_size=5)
     assert set(got) <= set(labels)  # never invalid
     for source, pred in zip(ids, got):  # brute force: one unpadded forward per (example, label)
-        x, mask = B.pad([source], tok.pad_token_id)
+        x, mask = batching.pad([source], tok.pad_token_id)
         losses = []
         for label in labels:
             y = torch.tensor([tok(label)["input_ids"]])
@@ -248,13 +245,13 @@ def test_label_nll_equals_one_forward_per_label(decoder_net):
     summed NLL as a plain teacher-forced forward does, for labels of different token lengths."""
     net, tok, ids = decoder_net
     labels = ["0", "1", "not entailment", "2.4"]
-    label_ids, _ = B.pad(B.encode(tok, labels, MAX_LENGTH), -100)
+    label_ids, _ = batching.pad(batching.encode(tok, labels, MAX_LENGTH), -100)
     assert len(set((label_ids != -100).sum(1).tolist())) > 1  # different lengths: padding inside the label batch
     batch = ids[:5]
-    input_ids, mask = B.pad(batch, tok.pad_token_id)
-    got = E.label_nll(net, input_ids, mask, label_ids)
+    input_ids, mask = batching.pad(batch, tok.pad_token_id)
+    got = evaluate.label_nll(net, input_ids, mask, label_ids)
     for b, source in enumerate(batch):
-        for k, label in enumerate(B.encode(tok, labels, MAX_LENGTH)):
+        for k, label in enumerate(batching.encode(tok, labels, MAX_LENGTH)):
             with torch.no_grad():
                 out = net(torch.tensor([source]), torch.ones(1, len(source), dtype=torch.long), labels=torch.tensor([label]))
             assert got[b, k].item() == pytest.approx(out.loss.item() * len(label), rel=1e-4, abs=1e-4)
@@ -295,7 +292,7 @@ def test_bench_end_to_end(data_dir, tiny_model_dir, tmp_path):
 def test_bf16_autocast_loss_close_to_fp32(toy, tiny_model_dir):
     tok, src, tgt, _ = toy
     net = prompted(tiny_model_dir, "ept").cuda()
-    batch = [t.cuda() for t in B.collate(list(range(8)), src, tgt, tok.pad_token_id)]
+    batch = [t.cuda() for t in batching.collate(list(range(8)), src, tgt, tok.pad_token_id)]
     with torch.no_grad():
         fp32 = train.token_nll(net, net.t5._shift_right, *batch, nullcontext()).item()
         bf16 = train.token_nll(net, net.t5._shift_right, *batch, runtime.autocast("cuda", "bf16")).item()
@@ -314,7 +311,7 @@ def test_compile_gives_the_eager_loss_and_gradients(toy, tiny_model_dir):
         for model in (net, compiled, compiled):  # compiled twice: two shapes, the dynamic-shape recompile too
             for idx in (list(range(8)), list(range(8, 16))):
                 net.zero_grad(set_to_none=True)
-                batch = [t.cuda() for t in B.collate(idx, src, tgt, tok.pad_token_id)]
+                batch = [t.cuda() for t in batching.collate(idx, src, tgt, tok.pad_token_id)]
                 nll = train.token_nll(model, net.t5._shift_right, *batch, nullcontext())
                 nll.backward()
                 out.append((nll.item(), net.prompt_module.prompt.grad.clone()))

@@ -21,19 +21,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import argv, data_dir  # noqa: F401 (data_dir is a fixture shared with test_train)
 
 import ablate
 import analyze
 import evaluate
 import export
-import files
 import fewshot
 import model as M
 import prepare_data
-import pretrained
 import report
 import train
-from test_train import argv, data_dir  # noqa: F401 (data_dir is a fixture shared with test_train)
+from ept import files, pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "raw"
@@ -330,7 +329,7 @@ def test_a_half_written_last_log_line_does_not_block_resume(done_run, data_dir, 
 
 def test_a_damaged_tokenization_cache_is_rebuilt(data_dir, tiny_model_dir, tmp_path, capsys):
     data = copy_data(data_dir, tmp_path)
-    import batching
+    from ept import batching
     tok = pretrained.load_tokenizer(tiny_model_dir)
     path = data / "toy" / "validation.jsonl"
     good = batching.tokenize_file(path, tok, 32)

@@ -19,12 +19,11 @@ import torch
 import ablate
 import analyze
 import evaluate
-import files
 import model as M
-import pretrained
 import prepare_data
 import report
 import train
+from ept import files, pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",

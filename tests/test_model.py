@@ -7,8 +7,8 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 import model
+from ept import pretrained
 from model import METHODS, FoldedPrompt, PromptedT5, build_prompt_module, count_trainable
-import pretrained
 
 # docs/paper.md, "Methods": the paper's Param column, reproduced exactly.
 EXPECTED = {

@@ -21,9 +21,8 @@ import torch
 
 import ablate
 import fewshot
-import files
-import runs
 import train
+from ept import files, runs
 
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
          "--batch-size", "4", "--dropout", "0"]

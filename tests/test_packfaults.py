@@ -22,13 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import ablate
-import files
-import runs
-import train
 from test_faults import fails, read_only  # noqa: F401 (read_only is a fixture)
 from test_train import argv, write_task
+
+import ablate
+import train
+from ept import files, runs
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}

@@ -1,4 +1,4 @@
-"""packing.py: many prompt runs on one frozen T5 give, run by run, what each run gives alone.
+"""multirun.py: many prompt runs on one frozen T5 give, run by run, what each run gives alone.
 
     python -m pytest -q tests/test_packing.py          # ~1 minute on 2 CPU cores (torchrun test included)
 
@@ -21,14 +21,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import batching as B
 import bench_pack
 import model as M
-import runtime
-import optim
-import pretrained
-import packing as P
 import train
+from ept import batching, multirun, optim, pretrained, runtime
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -42,7 +38,7 @@ SPECS = [dict(method="pt", seed=0, lr=0.3, batch_size=4, prompt_length=10),
          dict(method="resprompt", seed=3, lr=0.3, batch_size=5, prompt_length=5, warmup_steps=2)]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # packing.bench sets the thread count; restored after
+pytestmark = pytest.mark.usefixtures("one_thread")  # multirun.bench sets the thread count; restored after
 
 
 def tiny_t5(dropout=0.0):
@@ -75,7 +71,7 @@ def data():
 
 def solo_run(t5, data, spec, steps=STEPS, poison_at=None, fused=None):
     """The run trained alone: PromptedT5 + train.train_step, batches as train.py's loop takes them."""
-    run = P.make_run(t5, max_steps=steps + 1, fused=fused, **spec)
+    run = multirun.make_run(t5, max_steps=steps + 1, fused=fused, **spec)
     net = M.PromptedT5(t5, run.module)
     per_rank = run.batch_size
     records = []
@@ -116,13 +112,13 @@ def per_example_nll(logits, labels):
 
 def packed_losses_and_grads(t5, runs, data, per_run=2, unmask_padding=False):
     src, tgt, pad = data
-    packed = P.PackedT5(t5, [r.module for r in runs])
+    packed = multirun.PackedT5(t5, [r.module for r in runs])
     if unmask_padding:  # the negative control: padding rows attended to
         prompts = packed.prompts
         packed.prompts = lambda: (prompts()[0], torch.ones_like(prompts()[1]))
     idx = list(range(per_run * len(runs)))
     run_ids = torch.tensor([k // per_run for k in idx])
-    input_ids, mask, labels = B.collate(idx, src, tgt, pad)
+    input_ids, mask, labels = batching.collate(idx, src, tgt, pad)
     logits = packed(input_ids, mask, run_ids, decoder_input_ids=t5._shift_right(labels), use_cache=False).logits
     nll = per_example_nll(logits, labels)
     nll.sum().backward()
@@ -139,12 +135,12 @@ def test_left_padded_prompts_equal_each_prompt_alone(t5, data):
     specs = [dict(method="ept", seed=1), dict(method="pt", seed=0, prompt_length=10),
              dict(method="ptuning", seed=2, prompt_length=3), dict(method="resprompt", seed=3, prompt_length=5),
              dict(method="ept_star", seed=4)]
-    runs = [P.make_run(t5, **s) for s in specs]
+    runs = [multirun.make_run(t5, **s) for s in specs]
     nll, grads = packed_losses_and_grads(t5, runs, data)
     for k, run in enumerate(runs):
         net = M.PromptedT5(t5, run.module)
         idx = [2 * k, 2 * k + 1]
-        input_ids, mask, labels = B.collate(idx, src, tgt, pad)
+        input_ids, mask, labels = batching.collate(idx, src, tgt, pad)
         logits = net(input_ids, mask, decoder_input_ids=t5._shift_right(labels), use_cache=False).logits
         solo = per_example_nll(logits, labels)
         solo.sum().backward()
@@ -158,10 +154,10 @@ def test_left_padded_prompts_equal_each_prompt_alone(t5, data):
 
 
 def test_packed_model_rejects_examples_of_inactive_runs(t5, data):
-    runs = [P.make_run(t5, "ept", seed=s) for s in (0, 1)]
-    packed = P.PackedT5(t5, [r.module for r in runs])
+    runs = [multirun.make_run(t5, "ept", seed=s) for s in (0, 1)]
+    packed = multirun.PackedT5(t5, [r.module for r in runs])
     packed.set_active([1])
-    input_ids, mask, _ = B.collate([0], *data)
+    input_ids, mask, _ = batching.collate([0], *data)
     with pytest.raises(ValueError, match="not active"):
         packed.embed(input_ids, mask, torch.tensor([0]))
 
@@ -189,7 +185,7 @@ def test_clip_grad_norms_equals_clip_grad_norm_per_run():
     pa[-1].grad = None  # a parameter without a gradient is skipped, as torch does
     pb[-1].grad = None
     limits = [1.0, 1.0, 0.0, 5.0]  # 0 = no clipping
-    norms = P.clip_grad_norms_([ps for ps, _, _ in a], limits)
+    norms = multirun.clip_grad_norms_([ps for ps, _, _ in a], limits)
     for (ps, _, _), limit, norm in zip(b, limits, norms):
         want = torch.nn.utils.clip_grad_norm_(ps, limit if limit > 0 else float("inf"))
         assert close(norm, want)
@@ -216,7 +212,7 @@ def test_adamw_step_equals_each_optimizer_step(fused):
                 for x, y in zip(pa, pb):
                     x.grad = torch.randn(x.shape, generator=g)
                     y.grad = x.grad.clone()
-            P.adamw_step([opt for _, opt, _ in a])
+            multirun.adamw_step([opt for _, opt, _ in a])
             for _, opt, sched in b:
                 opt.step()
             for (_, _, sa), (_, _, sb) in zip(a, b):
@@ -245,8 +241,8 @@ def test_adamw_step_equals_each_optimizer_step(fused):
                          ids=["batched", "looped", "sorted-rows", "fused-adamw"])
 def test_pack_equals_each_run_alone(t5, data, batched, max_rows, fused):
     """4 runs for 5 steps (11 examples: every run crosses an epoch boundary) == each run alone."""
-    runs = [P.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", fused=fused, **s) for k, s in enumerate(SPECS)]
-    pack = P.Pack(t5, runs, data, batched=batched, max_rows=max_rows)
+    runs = [multirun.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", fused=fused, **s) for k, s in enumerate(SPECS)]
+    pack = multirun.Pack(t5, runs, data, batched=batched, max_rows=max_rows)
     steps = [pack.step() for _ in range(STEPS)]
     assert all(len(s) == len(SPECS) for s in steps)
     for k, spec in enumerate(SPECS):
@@ -267,15 +263,15 @@ def test_pack_equals_each_run_alone(t5, data, batched, max_rows, fused):
     ept = [s["r1"] for s in steps]
     assert min(r["grad_norm"] for r in ept) > SPECS[1]["max_grad_norm"]
     assert len({steps[1][f"r{k}"]["lr"] for k in range(4)}) == 4
-    fresh = P.make_run(t5, **SPECS[0])
+    fresh = multirun.make_run(t5, **SPECS[0])
     assert not torch.allclose(runs[0].prompt(), fresh.prompt(), atol=1e-3)
 
 
 def test_nonfinite_run_leaves_the_pack_and_the_others_go_on(t5, data):
     """A NaN put into run 2's prompt before step 3: that step's loss/grad norm are NaN, the run is not updated
     and leaves the pack; the other three are still equal to their solo runs through step 5."""
-    runs = [P.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", **s) for k, s in enumerate(SPECS)]
-    pack = P.Pack(t5, runs, data)
+    runs = [multirun.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", **s) for k, s in enumerate(SPECS)]
+    pack = multirun.Pack(t5, runs, data)
     steps = []
     for step in range(1, STEPS + 1):
         if step == 3:
@@ -298,8 +294,8 @@ def test_nonfinite_run_leaves_the_pack_and_the_others_go_on(t5, data):
 
 
 def test_runs_finish_at_their_own_max_steps(t5, data):
-    runs = [P.make_run(t5, "ept", seed=0, max_steps=2, name="short"), P.make_run(t5, "pt", seed=1, max_steps=4, name="long")]
-    pack = P.Pack(t5, runs, data)
+    runs = [multirun.make_run(t5, "ept", seed=0, max_steps=2, name="short"), multirun.make_run(t5, "pt", seed=1, max_steps=4, name="long")]
+    pack = multirun.Pack(t5, runs, data)
     seen = [sorted(pack.step()) for _ in range(5)]
     assert seen == [["long", "short"], ["long", "short"], ["long"], ["long"], []]
     assert runs[0].stopped == "done" and runs[1].stopped == "done"
@@ -311,24 +307,24 @@ def test_runs_finish_at_their_own_max_steps(t5, data):
 def test_checkpoints_have_train_py_keys_and_resume_exactly(t5, data, tmp_path):
     """4 steps straight == 2 steps, every run to its own last.pt (weights_only), a fresh pack from them, 2 more."""
     def fresh():
-        return [P.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", **s) for k, s in enumerate(SPECS)]
+        return [multirun.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", **s) for k, s in enumerate(SPECS)]
     straight = fresh()
-    pack = P.Pack(t5, straight, data)
+    pack = multirun.Pack(t5, straight, data)
     want = [pack.step() for _ in range(4)]
 
     first = fresh()
-    pack = P.Pack(t5, first, data)
+    pack = multirun.Pack(t5, first, data)
     got = [pack.step() for _ in range(2)]
     rng = [runtime.rng_state()] if hasattr(runtime, "rng_state") else []
     for name, state in pack.checkpoint_states(rng).items():
-        assert tuple(state) == P.CHECKPOINT_KEYS
+        assert tuple(state) == multirun.CHECKPOINT_KEYS
         (tmp_path / name).mkdir()
         torch.save(state, tmp_path / name / "last.pt")
     resumed = fresh()
     for run in resumed:
         run.load_checkpoint_state(torch.load(tmp_path / run.name / "last.pt", weights_only=True))
     assert [r.step for r in resumed] == [2] * 4
-    pack = P.Pack(t5, resumed, data)
+    pack = multirun.Pack(t5, resumed, data)
     got += [pack.step() for _ in range(2)]
     for k in range(4):
         assert_same_records([s[f"r{k}"] for s in got], [s[f"r{k}"] for s in want], f"r{k}")
@@ -382,9 +378,9 @@ def test_pack_run_equals_train_py_run_and_its_checkpoint(tiny_model_dir, tmp_pat
     rows = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines()]
     src = tokenizer([r["source"] for r in rows], truncation=True, max_length=32)["input_ids"]
     tgt = tokenizer([r["target"] for r in rows])["input_ids"]
-    runs = [P.make_run(t5, "ept", seed=3, lr=0.1, batch_size=5, max_steps=3, name="ept"),
-            P.make_run(t5, "pt", seed=0, lr=0.3, batch_size=4, max_steps=3, name="pt")]
-    pack = P.Pack(t5, runs, (src, tgt, tokenizer.pad_token_id))
+    runs = [multirun.make_run(t5, "ept", seed=3, lr=0.1, batch_size=5, max_steps=3, name="ept"),
+            multirun.make_run(t5, "pt", seed=0, lr=0.3, batch_size=4, max_steps=3, name="pt")]
+    pack = multirun.Pack(t5, runs, (src, tgt, tokenizer.pad_token_id))
     got = [pack.step()["ept"] for _ in range(3)]
     assert_same_records(got, solo_log, "ept vs train.py")
     state = runs[0].checkpoint_state([runtime.rng_state()] if hasattr(runtime, "rng_state") else [])
@@ -398,7 +394,7 @@ def test_pack_run_equals_train_py_run_and_its_checkpoint(tiny_model_dir, tmp_pat
         assert set(state["optimizer"]["state"][k]) == set(s)
         for key in s:
             assert torch.allclose(state["optimizer"]["state"][k][key], s[key], **TOL), key
-    other = P.make_run(t5, "ept", seed=9, lr=0.1, batch_size=5, max_steps=3)
+    other = multirun.make_run(t5, "ept", seed=9, lr=0.1, batch_size=5, max_steps=3)
     other.load_checkpoint_state(solo_ckpt)  # a solo checkpoint continues in a pack
     assert torch.allclose(other.prompt(), runs[0].prompt(), **TOL) and other.step == 3
 
@@ -441,9 +437,9 @@ def test_bench_runs(tiny_model_dir):
 
 
 def test_grid_and_ft():
-    specs = P.grid(method=["pt", "ept", "ept_star"], seed=[0, 1, 2], lr=[0.3, 0.1])
+    specs = multirun.grid(method=["pt", "ept", "ept_star"], seed=[0, 1, 2], lr=[0.3, 0.1])
     assert len(specs) == 18 and specs[0] == {"method": "pt", "seed": 0, "lr": 0.3}
     assert specs[1] == {"method": "pt", "seed": 0, "lr": 0.1} and specs[-1] == {"method": "ept_star", "seed": 2, "lr": 0.1}
-    assert P.grid(method="ept", seed=[0, 1]) == [{"method": "ept", "seed": 0}, {"method": "ept", "seed": 1}]
+    assert multirun.grid(method="ept", seed=[0, 1]) == [{"method": "ept", "seed": 0}, {"method": "ept", "seed": 1}]
     with pytest.raises(ValueError, match="ft"):
-        P.make_run(tiny_t5(), "ft")
+        multirun.make_run(tiny_t5(), "ft")

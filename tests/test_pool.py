@@ -19,8 +19,7 @@ import pytest
 import torch
 
 import ablate
-import files
-import runs
+from ept import files, runs
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",

@@ -18,8 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import files  # noqa: E402
 import prepare_data  # noqa: E402
+from ept import files  # noqa: E402
 from prepare_data import GROUPS, TASKS, main, pad_punctuation, to_records  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "raw"

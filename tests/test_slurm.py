@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import slurm
+from ept import slurm
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = Path(__file__).resolve().with_name("fake_unit.py")

@@ -16,11 +16,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_slurm import squeue, wait_for, wait_gone
 
 import ablate
-import files
-import runs
-from test_slurm import squeue, wait_for, wait_gone
+from ept import files, runs
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-eval-examples", "6", "--eval-batch-size", "8", "--batch-size", "4", "--dropout", "0"]

@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
 import prepare_data  # noqa: E402
-import pretrained  # noqa: E402
 import train  # noqa: E402
+from ept import pretrained  # noqa: E402
 
 BACKBONE = Path(__file__).resolve().parent / "fixtures" / "steer" / "backbone"
 TASK = "steer_comma"

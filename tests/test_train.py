@@ -24,8 +24,7 @@ import torch
 
 import model as M
 import train
-import batching as B
-import pretrained
+from ept import batching, pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "good bad fine awful great poor nice sad happy dull".split()
@@ -169,12 +168,12 @@ def test_frozen_t5_unchanged_and_prompt_trained(data_dir, tiny_model_dir, tmp_pa
 def test_loss_independent_of_padding(data_dir, tiny_model_dir):
     tok = pretrained.load_tokenizer(str(tiny_model_dir))
     net = M.PromptedT5(pretrained.load_t5(str(tiny_model_dir)), M.build_prompt_module("ept_star", 32)).eval()
-    _, src, tgt = B.load_split(data_dir / "toy" / "train.jsonl", tok, 32)
+    _, src, tgt = batching.load_split(data_dir / "toy" / "train.jsonl", tok, 32)
     idx = list(range(8))
     shift = net.t5._shift_right
-    own = train.token_nll(net, shift, *B.collate(idx, src, tgt, tok.pad_token_id), nullcontext())
-    padded = train.token_nll(net, shift, *B.collate(idx, src, tgt, tok.pad_token_id, (32, 7)), nullcontext())
-    alone = sum(train.token_nll(net, shift, *B.collate([i], src, tgt, tok.pad_token_id), nullcontext())
+    own = train.token_nll(net, shift, *batching.collate(idx, src, tgt, tok.pad_token_id), nullcontext())
+    padded = train.token_nll(net, shift, *batching.collate(idx, src, tgt, tok.pad_token_id, (32, 7)), nullcontext())
+    alone = sum(train.token_nll(net, shift, *batching.collate([i], src, tgt, tok.pad_token_id), nullcontext())
                 for i in idx)
     assert max(map(len, (src[i] for i in idx))) < 32  # the padded batch really is longer
     assert padded.item() == pytest.approx(own.item(), rel=1e-5)
@@ -197,11 +196,11 @@ def test_fast_paths_give_the_plain_losses(data_dir, tiny_model_dir, tmp_path):
 def test_tokenized_splits_are_cached(data_dir, tiny_model_dir):
     tok = pretrained.load_tokenizer(str(tiny_model_dir))
     path = data_dir / "toy" / "validation.jsonl"
-    first = B.tokenize_file(path, tok, 16)
-    assert B.tokenize_file(path, tok, 16) is first  # memory
-    B._TOKENIZED.clear()
+    first = batching.tokenize_file(path, tok, 16)
+    assert batching.tokenize_file(path, tok, 16) is first  # memory
+    batching._TOKENIZED.clear()
     assert list((data_dir / "toy" / "cache").glob("validation.*.L16.pt"))
-    assert B.tokenize_file(path, tok, 16) == first  # disk
+    assert batching.tokenize_file(path, tok, 16) == first  # disk
     assert all(len(s) <= 16 and s[-1] == tok.eos_token_id for s in first[0])
 
 

@@ -17,10 +17,10 @@ import time
 
 import pytest
 import torch
+from test_train import REPO, argv, events, run_cli, write_task
 
 import model as M
 import train
-from test_train import REPO, argv, events, run_cli, write_task
 
 COMMON = ("--max-steps", 4, "--eval-every", 2, "--dropout", 0)
 

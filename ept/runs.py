@@ -11,8 +11,8 @@ import os
 import socket
 from pathlib import Path
 
-import files
 import model as M
+from ept import files
 
 # A run folder's name, for a solo run, a pack's runs and the drivers' alike:
 # <task>_<method>_<model>[_<options that differ from train.py's defaults and apply to the method>]_s<seed>.

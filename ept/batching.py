@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import files
-import pretrained
+from ept import files, pretrained
 
 
 def encode(tokenizer, texts, max_length):

@@ -1,7 +1,7 @@
 """T5 and its tokenizer: from the Hugging Face Hub or a local folder, and a tiny random one for tests.
 
-    python pretrained.py --make-tiny smoke/tiny-t5          # random tiny T5 + tokenizer trained offline
-    python pretrained.py --make-tiny DIR --tokenizer ../shared/data/t5   # ... with the real T5 vocabulary
+    python -m ept.pretrained --make-tiny smoke/tiny-t5          # random tiny T5 + tokenizer trained offline
+    python -m ept.pretrained --make-tiny DIR --tokenizer ../shared/data/t5   # ... with the real T5 vocabulary
 
 Every loader fails with one sentence when the Hub is unreachable or a folder lacks what it needs.
 """
@@ -17,9 +17,7 @@ from pathlib import Path
 
 import torch
 
-import cli
-import files
-
+from ept import cli, files
 
 PROBE_SECONDS = 3.0
 offline_reason = None  # why hub_reachable() found the Hub out of reach
@@ -187,7 +185,15 @@ TINY = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_
 
 def offline_tokenizer(corpus, vocab_size=600):
     """A T5-style unigram tokenizer trained offline on `corpus` (pad 0, eos 1, unk 2, appends </s>)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
@@ -216,7 +222,7 @@ def make_tiny(out_dir, tokenizer=None, corpus_dir=None, seed=0, **overrides):
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     else:
-        corpus_dir = corpus_dir or Path(__file__).resolve().parent / "tests" / "fixtures" / "raw"
+        corpus_dir = corpus_dir or Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "raw"
         tok = offline_tokenizer(_fixture_corpus(corpus_dir))
     config = T5Config(vocab_size=len(tok), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
                       dropout_rate=0.1, **{**TINY, **overrides})
@@ -232,7 +238,7 @@ def make_tiny(out_dir, tokenizer=None, corpus_dir=None, seed=0, **overrides):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m ept.pretrained", description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--make-tiny", metavar="DIR", required=True, help="write a random-weight tiny T5 + tokenizer to DIR")
     parser.add_argument("--tokenizer", default=None,
                         help="copy this tokenizer (default: train one offline on the test fixtures)")

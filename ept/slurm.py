@@ -6,7 +6,7 @@ folder. A unit is idempotent: it exits 0 when its unit is finished (or was finis
 non-zero when it failed, and on SIGTERM it checkpoints and exits non-zero, so that running it again
 resumes it. The collect command (a shell line) appends every finished run's row once and reports.
 
-    python slurm.py results/table1.plan --collect "python ablate.py table1 --lr-search --collect" \
+    python -m ept.slurm results/table1.plan --collect "python ablate.py table1 --lr-search --collect" \
         --time 12:00:00 --max-parallel 16              # writes results/table1.sbatch, submits it
     slurm.submit("results/table1.plan", collect_cmd, time="12:00:00", max_parallel=16)   # the same
     # again by hand: sbatch results/table1.sbatch; one unit without SLURM: SLURM_ARRAY_TASK_ID=3 bash ...
@@ -30,8 +30,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import cli
-import files
+from ept import cli, files
 
 SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write last.pt and exit
 
@@ -88,7 +87,7 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
     lines = [
         "#!/bin/bash",
         f"# {name}: the {_units(n_units)} of {plan}, one SLURM array task each (task i runs line i+1).",
-        "# Written by slurm.py. Submit again with `sbatch <this file>`: a finished unit exits at once,",
+        "# Written by ept/slurm.py. Submit again with `sbatch <this file>`: a finished unit exits at once,",
         "# an interrupted one resumes. One unit without SLURM: SLURM_ARRAY_TASK_ID=i bash <this file>.",
         f"#SBATCH --job-name={name}",
         f"#SBATCH --array={array}",
@@ -166,7 +165,7 @@ def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, 
     lines = [
         "#!/bin/bash",
         f"# {name}: collect and report once every task of array {array_id} ended (afterany:",
-        "# finished, failed or cancelled). Written by slurm.py.",
+        "# finished, failed or cancelled). Written by ept/slurm.py.",
         f"#SBATCH --job-name={name}-collect",
         f"#SBATCH --dependency=afterany:{array_id}",
         "#SBATCH --ntasks=1",
@@ -241,6 +240,7 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
 
 
 parser = argparse.ArgumentParser(
+    prog="python -m ept.slurm",
     description="Submit a plan file to SLURM: one job array, then the collect job after it.")
 parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
 parser.add_argument("--collect", required=True, metavar="CMD",

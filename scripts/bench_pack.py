@@ -1,14 +1,15 @@
 """The packing benchmark: packed steps of R prompt runs on one frozen T5 against R solo train.py steps.
 
-    python bench_pack.py                          # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
-    python bench_pack.py --runs 1 8 --batch-size 16 --length 128 --threads 2
-    python bench_pack.py --device cuda --dtype bf16 --max-rows 0 --config ../shared/data/t5/t5-base   # a GPU
+    python scripts/bench_pack.py                          # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
+    python scripts/bench_pack.py --runs 1 8 --batch-size 16 --length 128 --threads 2
+    python scripts/bench_pack.py --device cuda --dtype bf16 --max-rows 0 --config ../shared/data/t5/t5-base   # a GPU
 
 docs/packing.md and docs/speed.md have the measured figures and the machine each came from.
 """
 import argparse
 import json
 import os
+import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-import cli
-import model as M
-import train
-from packing import Pack, PackedT5, clip_runs, make_run, step_runs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
+import model as M  # noqa: E402
+import train  # noqa: E402
+from ept import cli  # noqa: E402
+from ept.multirun import Pack, PackedT5, clip_runs, make_run, step_runs  # noqa: E402
 
 # --- the benchmark --------------------------------------------------------------------------------
 
@@ -60,9 +62,9 @@ def bench(config, runs=(1, 4, 16, 32), batch_size=16, length=82, target_length=2
     train.train_step(net, net, solo.optimizer, solo.scheduler, solo.next_batch(len(src)), train.TrainData(src, tgt, 0),
                      amp=amp, device=device, micro_batch_size=batch_size)
     solo_s, solo_cpu = time.perf_counter() - t0, time.process_time() - c0
-    import bench as BENCH
+    import bench
     prompt_rows = max(x.prompt().shape[0] for x in pack_of(1).runs)
-    flops_per_example = BENCH.train_flops(t5.config, length + prompt_rows, target_length, False)
+    flops_per_example = bench.train_flops(t5.config, length + prompt_rows, target_length, False)
     cuda = torch.device(device).type == "cuda"
     rows = []
     for r in runs:
@@ -129,7 +131,7 @@ PEAK_TFLOPS = {("cuda", "bf16"): 989.0, ("cuda", "fp32"): 67.0}  # H200 dense (f
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    parser.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "shared/data/t5/t5-small"),
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "shared/data/t5/t5-small"),
                         help="T5 config folder (random weights are built from it; default ../shared/data/t5/t5-small)")
     parser.add_argument("--runs", type=int, nargs="+", default=[1, 4, 16, 32], help="pack sizes R to time")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per run per step")

@@ -21,7 +21,7 @@ With dropout 0 in fp32 a packed run equals its solo run within float rounding (t
 With dropout on, the runs of a pack draw their masks from one shared stream, so they differ from their solo
 runs in the dropout random numbers only.
 
-    python bench_pack.py                            # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
+    python scripts/bench_pack.py                            # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
 
 API: make_run(t5, method, ...) -> Run; Pack(t5, runs, data, ...).step() -> {run name: step record};
 Run.checkpoint_state(rng, world_size) / Run.load_checkpoint_state(state); PackedT5 (the shared forward);
@@ -39,9 +39,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import batching as B
 import model as M
-import optim
+from ept import batching, optim
 
 CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score", "best_step",
                    "world_size")  # train.py's last.pt / best.pt
@@ -85,9 +84,9 @@ class Run:
         return self.stopped is None and self.step < self.max_steps
 
     def order(self, n_train, lengths=None):
-        """This epoch's example order: B.epoch_order(n, seed, epoch, batch_size[, lengths])."""
+        """This epoch's example order: batching.epoch_order(n, seed, epoch, batch_size[, lengths])."""
         if self._order[0] != self.epoch:
-            self._order = (self.epoch, B.epoch_order(n_train, self.seed, self.epoch, self.batch_size,
+            self._order = (self.epoch, batching.epoch_order(n_train, self.seed, self.epoch, self.batch_size,
                                                          lengths if self.group_by_length else None))
         return self._order[1]
 
@@ -472,7 +471,7 @@ class Pack:
         for k, chunk in enumerate(plan):
             slots = torch.tensor([s for s, _, _ in chunk], device=device)
             weight = torch.tensor([w for _, _, w in chunk], device=device)
-            input_ids, mask, labels = B.collate([i for _, i, _ in chunk], source_ids, target_ids, pad_id,
+            input_ids, mask, labels = batching.collate([i for _, i, _ in chunk], source_ids, target_ids, pad_id,
                                                     self.pad_to)
             padded += input_ids.numel() + labels.numel()
             run_ids = torch.tensor([ids[s] for s, _, _ in chunk])

@@ -47,12 +47,12 @@ The fraction of peak uses --peak-tflops, else the card's dense bf16 peak from PE
 
     # CPU, as docs/speed.md was measured (2 shared cores: --threads 1; 10-15 minutes per run there)
     python prepare_data.py --source ../shared/data/raw --tasks rte sst2 --out /tmp/benchdata --tokenizer ../shared/data/t5
-    python bench.py --method ept --model ../shared/data/t5/t5-small --random-init --tokenizer ../shared/data/t5 \\
+    python scripts/bench.py --method ept --model ../shared/data/t5/t5-small --random-init --tokenizer ../shared/data/t5 \\
         --task rte --data-dir /tmp/benchdata --steps 20 --threads 1 --json bench_rte_ept.json
     # one GPU: t5-base with bf16 autocast (and optionally --compile); ept against ft for peak memory
-    python bench.py --method ept --model ../shared/data/t5/t5-base --random-init --tokenizer ../shared/data/t5 \\
+    python scripts/bench.py --method ept --model ../shared/data/t5/t5-base --random-init --tokenizer ../shared/data/t5 \\
         --task rte --data-dir /tmp/benchdata --steps 50 --untimed-steps 5 --dtype bf16
-    python bench.py --method ft  --model ../shared/data/t5/t5-base --random-init --tokenizer ../shared/data/t5 \\
+    python scripts/bench.py --method ft  --model ../shared/data/t5/t5-base --random-init --tokenizer ../shared/data/t5 \\
         --task rte --data-dir /tmp/benchdata --steps 50 --untimed-steps 5 --dtype bf16 --skip-eval
 """
 import argparse
@@ -63,21 +63,18 @@ import json
 import os
 import platform
 import threading
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import batching as B
-import cli
-import evaluate as E
-import files
-import model as M
-import optim
-import pretrained
-import runtime
-import train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
+import evaluate  # noqa: E402
+import model as M  # noqa: E402
+import train  # noqa: E402
+from ept import batching, cli, files, optim, pretrained, runtime  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 # data
@@ -231,7 +228,7 @@ class PaddedData(train.TrainData):
         self.pad_to, self.padded = pad_to, 0
 
     def batch(self, idx):
-        input_ids, mask, labels = B.collate(idx, self.source_ids, self.target_ids, self.pad_id, self.pad_to)
+        input_ids, mask, labels = batching.collate(idx, self.source_ids, self.target_ids, self.pad_id, self.pad_to)
         self.padded += input_ids.numel() + labels.numel()
         return input_ids, mask, labels
 
@@ -346,7 +343,7 @@ def reference_predict(model, tokenizer, ids, *, batch_size, pad_length, device, 
     was_training = model.training
     model.eval()
     for start in range(0, len(ids), batch_size):
-        input_ids, mask = B.pad(ids[start:start + batch_size], tokenizer.pad_token_id, pad_length)
+        input_ids, mask = batching.pad(ids[start:start + batch_size], tokenizer.pad_token_id, pad_length)
         with runtime.autocast(device, dtype):
             gen = model.generate(input_ids.to(device), mask.to(device), do_sample=False, num_beams=1, **limit)
         out += [text.strip() for text in tokenizer.batch_decode(gen, skip_special_tokens=True)]
@@ -428,14 +425,14 @@ def main(argv=None):
     max_length = args.max_length or meta["max_length"]
     tokenizer = pretrained.load_tokenizer(args.tokenizer or args.model)
     data = Path(args.data_dir) / args.task
-    _, train_src, train_tgt = B.load_split(data / "train.jsonl", tokenizer, max_length)
+    _, train_src, train_tgt = batching.load_split(data / "train.jsonl", tokenizer, max_length)
     pad_id = tokenizer.pad_token_id
     lengths = [len(s) + len(t) for s, t in zip(train_src, train_tgt)]
     bs, n_timed = args.batch_size, args.steps * args.batch_size
-    order = B.epoch_order(len(train_src), args.seed, 0, bs)
+    order = batching.epoch_order(len(train_src), args.seed, 0, bs)
     order = np.resize(order, n_timed + args.untimed_steps * bs)  # a tiny train file wraps around
     timed, warm = order[:n_timed], order[n_timed:]
-    grouped = timed[B.epoch_order(len(timed), args.seed, 0, bs, [lengths[i] for i in timed])]  # same examples
+    grouped = timed[batching.epoch_order(len(timed), args.seed, 0, bs, [lengths[i] for i in timed])]  # same examples
     as_batches = lambda o: [o[i:i + bs].tolist() for i in range(0, len(o), bs)]  # noqa: E731
     pad_max = (max_length, max(meta["max_target_length"], max(map(len, train_tgt))))  # the reference stack's padding
 
@@ -490,9 +487,9 @@ def main(argv=None):
                 batches, pad_to, raw_model, model, init_state, shared, lr)
         result["train"] = rows
         n = len(train_src)  # the whole epoch 0 as train.py orders it: is the timed sample representative?
-        for row, order_e, pad_to in ((rows[0], B.epoch_order(n, args.seed, 0, bs), (None, None)),
-                                     (rows[1], B.epoch_order(n, args.seed, 0, bs, lengths), (None, None)),
-                                     (rows[2], B.epoch_order(n, args.seed, 0, bs), pad_max)):
+        for row, order_e, pad_to in ((rows[0], batching.epoch_order(n, args.seed, 0, bs), (None, None)),
+                                     (rows[1], batching.epoch_order(n, args.seed, 0, bs, lengths), (None, None)),
+                                     (rows[2], batching.epoch_order(n, args.seed, 0, bs), pad_max)):
             row["epoch_padding_fraction"] = padding_fraction(as_batches(order_e), train_src, train_tgt, pad_to)
         result["train_flop_ceiling"] = flop_ceiling(t5.config, train_src, train_tgt, n_prompt, module is None, pad_max)
         ref = rows[-1]
@@ -513,16 +510,16 @@ def main(argv=None):
         ids = []
         for split in ("validation", "test"):
             if len(ids) < args.eval_examples and (data / f"{split}.jsonl").exists():
-                ids += B.load_split(data / f"{split}.jsonl", tokenizer, max_length)[1]
+                ids += batching.load_split(data / f"{split}.jsonl", tokenizer, max_length)[1]
         ids = ids[:args.eval_examples]
         steps = count_decode_steps(net)
         new_tokens = meta["max_target_length"]
         kw = dict(batch_size=args.eval_batch_size, device=device, dtype=dtype)
         configs = [("generate_sorted", f"(1) batched greedy, sorted, max_new_tokens={new_tokens}",
-                    lambda x: E.predict(net, tokenizer, x, max_new_tokens=new_tokens, max_length=max_length, **kw))]
+                    lambda x: evaluate.predict(net, tokenizer, x, max_new_tokens=new_tokens, max_length=max_length, **kw))]
         if meta.get("labels"):
             configs.append(("rank", "(2) rank classification",
-                            lambda x: E.rank_classify(net, tokenizer, x, meta["labels"], max_length=max_length, **kw)))
+                            lambda x: evaluate.rank_classify(net, tokenizer, x, meta["labels"], max_length=max_length, **kw)))
         configs += [("reference", f"(3) reference: data order, pad {max_length}, max_length {args.reference_max_length}",
                      lambda x: reference_predict(net, tokenizer, x, pad_length=max_length,
                                                  max_length=args.reference_max_length, **kw)),
