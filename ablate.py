@@ -60,12 +60,12 @@ from pathlib import Path
 
 import model as M
 import prepare_data
-from ept import cli, files, runs
+from ept import cli, files, options, registry, runs, signals
 
 # --- the paper's task groups (prepare_data.py's registry, in the paper's column order) and grids ----------
 
-GLUE, SUPERGLUE, MRQA, OTHERS = (prepare_data.GROUPS[g] for g in ("glue", "superglue", "mrqa", "others"))
-ALL_TASKS = list(prepare_data.TASKS)  # the 21 tasks
+GLUE, SUPERGLUE, MRQA, OTHERS = (registry.GROUPS[g] for g in ("glue", "superglue", "mrqa", "others"))
+ALL_TASKS = list(registry.TASKS)  # the 21 tasks
 SIZES = ["t5-small", "t5-base", "t5-large"]
 SEEDS = [0, 1, 2]  # 3 runs per main result (Table 1 caption)
 LR_GRID = {"prompt": [0.003, 0.01, 0.03, 0.1, 0.3], "ft": [1e-5, 1e-4, 1e-3]}  # SuperGLUE lr search
@@ -92,9 +92,8 @@ QA_DECODE_FACTOR = 5  # MRQA answers are many tokens long, classification target
 # --- one run: options -> name -> train.py argv -> result row --------------------------------------
 
 def defaults(method):
-    """train.py's defaults for `method` (the paper's main setting): what a run name leaves out (train.defaults)."""
-    import train  # imported late: report-only and dry-run use need no training stack
-    return train.defaults(method)
+    """train.py's defaults for `method` (the paper's main setting): what a run name leaves out (options.defaults)."""
+    return options.defaults(method)
 
 
 NAME_TAGS = runs.NAME_TAGS
@@ -177,7 +176,7 @@ def _split_sizes(task, data_dir):
     if meta.exists():
         splits = files.read_json(meta, "task description").get("splits", {})
         return splits.get("train", 0), splits.get("validation", 0), splits.get("test", 0)
-    return prepare_data.PAPER_SPLITS.get(task, (10000, 1000, 1000))
+    return registry.PAPER_SPLITS.get(task, (10000, 1000, 1000))
 
 
 def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=None):
@@ -482,9 +481,9 @@ def run_unit(experiment, unit, args, i, n):
     else:
         try:
             train.main(unit.argv)
-            if train._stop_signal:  # it came during the unit's last steps, which finished: stop before the next
-                raise train.stopped(train._stop_signal[0], "-", " ".join(unit.names))
-        except train.Stopped as err:  # train.py's line says --resume; the driver's command resumes by itself
+            if signals._stop_signal:  # it came during the unit's last steps, which finished: stop before the next
+                raise signals.stopped(signals._stop_signal[0], "-", " ".join(unit.names))
+        except signals.Stopped as err:  # train.py's line says --resume; the driver's command resumes by itself
             name = signal.Signals(err.status - 128).name
             print(f"{experiment}: {name} received: unit {unit.index} stopped at a step boundary, last.pt written; "
                   "run the same command again to resume", file=sys.stderr, flush=True)
@@ -746,10 +745,9 @@ def passed_through(extra):
     the run-name options and whatever a --runs entry may set), typed as train.py takes them: they win over the
     experiment's own values, so a run's name and its --runs entry say what it trains, at any pack size (a
     SMOKE few-shot run of 6 steps is ..._steps6_..., not the driver's 10,000)."""
-    import train
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
-    values = vars(train.parser.parse_known_args(list(extra))[0])
-    keys = dict.fromkeys([key for key, _ in NAME_TAGS] + [k for k in train.PER_RUN if k != "resume"])
+    values = vars(options.parser.parse_known_args(list(extra))[0])
+    keys = dict.fromkeys([key for key, _ in NAME_TAGS] + [k for k in options.PER_RUN if k != "resume"])
     return {key: values[key] for key in keys if key in values and "--" + key.replace("_", "-") in flags}
 
 
@@ -1010,8 +1008,7 @@ def parse_values(experiment, values, parser=parser):
 def check_args(parser, args, extra):
     """Before any run: the tasks exist and the flags passed through to train.py are train.py's, with valid
     values (else every run of the grid would fail the same way, one after another)."""
-    import train
-    flags, unknown = train.parser.parse_known_args(list(extra))  # a wrong value: train.py's argparse error, now
+    flags, unknown = options.parser.parse_known_args(list(extra))  # a wrong value: train.py's argparse error, now
     if unknown:
         parser.error(f"unrecognized arguments (neither this script's nor train.py's): {' '.join(unknown)}")
     if args.slurm and args.gpus:
@@ -1020,7 +1017,7 @@ def check_args(parser, args, extra):
     given = [a.split("=")[0] for a in extra if a.split("=")[0] in own]
     if given:  # train.py would train every run of the grid with it, under the grid's names
         parser.error(f"{given[0]} is the grid's own: pass {own[given[0]]} (this script's flag) instead")
-    swept = [k for k in train.SWEEP if isinstance(getattr(flags, k), list)]
+    swept = [k for k in options.SWEEP if isinstance(getattr(flags, k), list)]
     if swept:  # train.py would train a pack of them inside each run's folder
         flag = "--" + swept[0].replace("_", "-")
         parser.error(f"{flag} {' '.join(map(str, getattr(flags, swept[0])))}: a driver passes one value to every run; "
@@ -1030,10 +1027,10 @@ def check_args(parser, args, extra):
         parser.error("--overwrite would start every run of the plan over at each rerun; delete the run folders "
                      "to train them again")
     for task in args.tasks or []:
-        known = task in prepare_data.TASKS or task in prepare_data.STEER_TASKS
+        known = registry.known(task)
         if not known and not (Path(args.data_dir) / task / "meta.json").exists():
             parser.error(f"unknown task {task!r} (not one of the paper's and no {Path(args.data_dir) / task}/meta.json); "
-                         f"tasks: {', '.join(prepare_data.TASKS)}")
+                         f"tasks: {', '.join(registry.TASKS)}")
 
 
 def main(argv=None):

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import ablate
 import model as M
-import prepare_data
-from ept import cli
+from ept import cli, registry
 
 SHOTS = [4, 16, 32]
 SEEDS = [0, 1, 2, 3, 4, 5]  # "averaged over 6 runs" (Table 3)
@@ -63,8 +62,8 @@ def check_samples(args):
                      f"--tasks {' '.join(tasks)} --out {args.data_dir} --fewshot {' '.join(map(str, args.shots))} "
                      f"--fewshot-seeds {' '.join(map(str, args.seeds))} --overwrite")
     wanted = {f"k{k}_seed{s}" for k in args.shots for s in args.seeds}
-    old = {t: sorted(set(prepare_data.old_fewshot_sets(_meta(Path(args.data_dir) / t))) & wanted) for t in tasks}
-    if warning := prepare_data.old_fewshot_warning(args.data_dir, old):
+    old = {t: sorted(set(registry.old_fewshot_sets(_meta(Path(args.data_dir) / t))) & wanted) for t in tasks}
+    if warning := registry.old_fewshot_warning(args.data_dir, old):
         print(f"fewshot: {warning}", file=sys.stderr)
 
 

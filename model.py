@@ -252,7 +252,7 @@ PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, 
 
 
 # The options each method's prompt module takes (build_prompt_module); the others do not change the run, so
-# they neither multiply a sweep's runs nor appear in its name (train.sweep, runs.run_name).
+# they neither multiply a sweep's runs nor appear in its name (options.sweep, runs.run_name).
 EPT_OPTIONS = ("hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth", "extra_layer", "init")
 APPLIES = {"ft": (), "pt": ("prompt_length", "init"), "ptuning": ("prompt_length", "reparam", "init"),
            "resprompt": ("prompt_length", "hidden_size", "init"), "ept": EPT_OPTIONS, "ept_star": EPT_OPTIONS}

@@ -20,10 +20,9 @@ import math
 from pathlib import Path
 
 import model as M
-import prepare_data
-from ept import cli, files
+from ept import cli, files, registry
 
-GLUE, SUPERGLUE, MRQA, OTHERS = (prepare_data.GROUPS[g] for g in ("glue", "superglue", "mrqa", "others"))
+GLUE, SUPERGLUE, MRQA, OTHERS = (registry.GROUPS[g] for g in ("glue", "superglue", "mrqa", "others"))
 
 LABELS = {"ft": "FT", "ptuning": "P-Tuning", "resprompt": "ResPrompt", "pt": "PT", "ept": "EPT", "ept_star": "EPT*"}
 METHOD_ORDER = ["ft", "ptuning", "resprompt", "pt", "ept", "ept_star"]  # the paper's row order
@@ -341,7 +340,7 @@ def table6(rows):
 def sweep_table(rows):
     """Ablation sweeps (Figures 5, 7, 8, 9): rows (method, swept value), a column per task."""
     rows = dedupe(rows)
-    tasks = ordered({r["task"] for r in rows}, list(prepare_data.TASKS))
+    tasks = ordered({r["task"] for r in rows}, list(registry.TASKS))
     tags = ordered({r.get("model_tag") for r in rows}, MODEL_ORDER)
     several = len(tags) > 1  # Figure 8: t5-base and t5-large, never averaged together
     header = ["Model"] * several + ["Method", "Value", *[TASK_LABELS.get(t, t) for t in tasks], "Avg"]
@@ -775,7 +774,7 @@ def table5_md(results, out):
     """Table 5 in the paper's layout: per benchmark, each task's type, split sizes and metric (selection metric
     first; the others are reported too), read from data/<task>/meta.json."""
     metas = {}
-    for task in list(prepare_data.TASKS):
+    for task in list(registry.TASKS):
         for folder in data_dirs(results):
             path = Path(folder) / task / "meta.json"
             if path.exists():

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import functools
 import io
-import itertools
 import json
 import math
 import os
@@ -33,7 +32,6 @@ import resource
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,164 +44,28 @@ from tqdm import tqdm
 
 import evaluate
 import model as M
-from ept import batching, cli, files, multirun, pretrained, runs, runtime
+from ept import (
+    batching,
+    cli,
+    files,
+    multirun,
+    options,
+    pretrained,
+    registry,
+    runs,
+    runtime,
+    signals,
+)
 from ept.optim import make_optimizer
 from ept.runtime import rng_state, seed_everything, set_rng_state
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-group = parser.add_argument_group("data")
-group.add_argument("--task", default="rte", type=cli.name,
-                   help="task name (default: rte, the paper's running example); data/<task>/ is prepared if missing")
-group.add_argument("--data-dir", default="data", help="folder holding <task>/meta.json and the split files")
-group.add_argument("--source", default=None, metavar="DIR",
-                   help="a missing data/<task>/ is prepared from this folder of official files (prepare_data.py "
-                        "--source), not the Hub")
-group.add_argument("--fewshot-k", type=cli.positive_int, default=None, help="train on train_k{K}_seed{S}.jsonl (Table 3)")
-group.add_argument("--fewshot-seed", type=cli.nonnegative_int, default=0, help="which few-shot sample (S above)")
-group.add_argument("--max-length", type=cli.positive_int, default=None,
-                   help="max input tokens before the prompt (default: meta.json's)")
-group.add_argument("--max-train-examples", type=cli.positive_int, default=None, help="use only the first N training rows")
-group.add_argument("--max-eval-examples", type=cli.positive_int, default=None, help="score only the first N validation/test rows")
-group = parser.add_argument_group("model")
-group.add_argument("--model", default="t5-base", help="Hub name or local folder of the (frozen) T5")
-group.add_argument("--tokenizer", default=None, help="Hub name or folder of the tokenizer (default: --model)")
-group.add_argument("--random-init", action="store_true", help="random T5 weights from the config (tests, speed only)")
-group.add_argument("--method", default="ept", choices=M.METHODS, nargs="+", action=cli.Sweep,
-                   help="ft = full fine-tuning, else a prompt method (several: a pack; ft never)")
-group.add_argument("--prompt-length", type=cli.positive_int, default=M.DEFAULTS["prompt_length"], nargs="+", action=cli.Sweep,
-                   help="prompt rows n for pt/ptuning/resprompt")
-group.add_argument("--reparam", default="mlp", choices=M.REPARAMS, nargs="+", action=cli.Sweep, help="ptuning's reparameterization network")
-group.add_argument("--hidden-size", type=cli.positive_int, default=None, nargs="+", action=cli.Sweep, help="EPT h / ResPrompt bottleneck (default: 1 / 400)")
-group.add_argument("--broadcast", type=cli.positive_int, default=None, nargs="+", action=cli.Sweep, help="EPT rows n (default: 1 ept, 10 ept_star)")
-group.add_argument("--layer-norm", action="store_true", help="EPT ablation: LayerNorm after the up layer (Figure 9)")
-group.add_argument("--residual", action="store_true", help="EPT ablation: add P1 back (Figure 9)")
-group.add_argument("--activation", default="none", choices=tuple(M.ACTIVATIONS), nargs="+", action=cli.Sweep, help="EPT ablation: between down and up")
-group.add_argument("--depth", type=cli.positive_int, default=1, nargs="+", action=cli.Sweep, help="stacked EPT down-up blocks (whole blocks)")
-group.add_argument("--extra-layer", action="store_true",
-                   help="EPT: one bias-free h -> h layer between down and up (Table 4: d -> 1 -> 1 -> d, 2.3K on t5-base)")
-group.add_argument("--init", default="uniform", choices=M.INITS, nargs="+", action=cli.Sweep, help="prompt init (Table 6)")
-group.add_argument("--dropout", type=cli.probability, default=None, help="override T5's dropout rate (default: the config's, 0.1)")
-group = parser.add_argument_group("optimisation")
-group.add_argument("--lr", type=cli.positive_float, default=None, nargs="+", action=cli.Sweep, help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
-group.add_argument("--weight-decay", type=cli.nonnegative_float, default=0.01, help="AdamW weight decay (not on biases/norms)")
-group.add_argument("--warmup-steps", type=cli.nonnegative_int, default=0, help="linear lr warm-up steps before the decay to 0")
-group.add_argument("--max-grad-norm", type=cli.nonnegative_float, default=1.0, help="gradient-norm clipping (0 = off)")
-group.add_argument("--batch-size", type=cli.positive_int, default=16, help="GLOBAL batch (examples per step, all ranks)")
-group.add_argument("--micro-batch-size", type=cli.positive_int, default=None,
-                   help="examples per forward pass on one rank; gradient accumulation above it (default: batch/ranks)")
-group.add_argument("--max-steps", type=cli.positive_int, default=30000, help="optimizer steps")
-group.add_argument("--epochs", type=cli.positive_float, default=None, help="train this many epochs instead of --max-steps (Table 4)")
-group.add_argument("--seed", type=cli.nonnegative_int, default=0, nargs="+", action=cli.Sweep, help="seeds prompt init, data order, dropout (and random T5 weights)")
-group.add_argument("--dtype", default="fp32", choices=runtime.DTYPES,
-                   help="fp32 (the paper's), tf32 or bf16 autocast (speed; not the paper's setting)")
-group.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-group.add_argument("--group-by-length", action="store_true",
-                   help="batch similar lengths together within shuffled mega-batches of 50 batches (changes data order)")
-group = parser.add_argument_group("evaluation")
-group.add_argument("--eval-every", type=cli.positive_int, default=1000, help="validate every N steps (and at the last step)")
-group.add_argument("--eval-batch-size", type=cli.positive_int, default=64, help="examples per decoding batch")
-group.add_argument("--eval-mode", default="generate", choices=("generate", "rank"),
-                   help="greedy generation, or rank classification over the label set")
-group.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
-group = parser.add_argument_group("output")
-group.add_argument("--out-dir", type=cli.folder, default=None,
-                   help="run folder (default: runs/<run name>, e.g. runs/rte_ept_t5-base_s0: the options that differ "
-                        "from the defaults are in the name, docs/training.md); of a pack: the parent folder (default: "
-                        "runs) of one folder per run, named by the same rule")
-group.add_argument("--save-every", type=cli.positive_int, default=None, help="also write last.pt every N steps (default: --eval-every)")
-group.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
-group.add_argument("--overwrite", action="store_true", help="delete an existing run folder's files first")
-group.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
-                   help="also log curves to TensorBoard (default DIR: <out-dir>/tensorboard); needs tensorboard")
-group.add_argument("--wandb", default=None, metavar="PROJECT", help="also log curves to Weights & Biases; needs wandb")
-group = parser.add_argument_group("packs: several prompt runs on one T5 (docs/training.md, \"Packs\")")
-group.add_argument("--runs", default=None, metavar="FILE",
-                   help="a JSON list of per-run option dicts ({\"method\": \"ept\", \"seed\": 1, \"lr\": 0.1}, "
-                        "optionally \"out_dir\"); the flags give the options the runs share")
-group.add_argument("--pack-max-rows", type=cli.positive_int, default=None, metavar="K",
-                   help="a pack's examples per forward pass, sorted by length (default: every run's micro-batches)")
-PACK_OPTIONS = ("runs", "pack_max_rows")  # not options of a run: never in its config.json
-SWEEP = ("method", "seed", "lr", "prompt_length", "hidden_size", "broadcast", "init", "reparam", "activation", "depth")
-PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "warmup_steps", "max_grad_norm",
-                   "max_steps", "epochs", "eval_every", "save_every", "resume")  # what --runs may set per run
-
+options.parser.description = __doc__  # the flags live in ept/options.py: the drivers plan runs by them
 
 CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score", "best_step"}
 
 
-class Stopped(SystemExit):
-    """SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) arrived: last.pt was written at a step boundary; exit status 128 + the
-    signal (130 for Ctrl-C)."""
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-_stop_signal = []  # the signal received, set by the handler, read at each step boundary
-_stopping = []  # set once the run stops (Stopped raised, or a second Ctrl-C): later signals wait for the cleanup
-
-
-def _on_signal(sig, _):
-    if _stopping:  # the locks are being released and the files closed: let that finish
-        return
-    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:  # Ctrl-C twice: stop now (files stay whole)
-        _stopping.append(sig)
-        raise KeyboardInterrupt
-    if sig == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:
-        print("train: Ctrl-C: stopping at the next step boundary, after writing last.pt (Ctrl-C again to stop "
-              "at once)", file=sys.stderr, flush=True)
-    _stop_signal.append(sig)
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM / SIGUSR1 / SIGINT ask the loop to checkpoint and stop at its next step boundary; a second Ctrl-C
-    stops at once (KeyboardInterrupt: every file is written atomically, so last.pt is the previous one, whole).
-    Main thread only: a thread cannot install handlers, and then the caller's handlers stay."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _stop_signal.clear()
-    _stopping.clear()
-    before = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-
-
-def stop_requested(ranks):
-    """The signal to stop on, agreed by every rank (one may have received it a step later), or None."""
-    sig = _stop_signal[0] if _stop_signal else 0
-    if ranks.world_size > 1:
-        box = torch.tensor([int(sig)], device=ranks.device if ranks.device.startswith("cuda") else "cpu")
-        dist.all_reduce(box, op=dist.ReduceOp.MAX)
-        sig = int(box.item())
-    return sig or None
-
-
-def stopped(sig, step, folders):
-    _stopping.append(sig)
-    name = signal.Signals(sig).name
-    err = Stopped(f"train: {name} received: stopped at step {step}, last.pt written in {folders}; run the "
-                  f"same command with --resume to continue (exit status {128 + sig})")
-    err.status = 128 + sig
-    return err
-
-
 class NonFiniteError(SystemExit):
     """A NaN/inf loss, gradient, prompt or weight: the run stops (exit status 1) with best.pt and the log intact."""
-
-
-def resolve(args):
-    """Fill the defaults that depend on the method (the one place they live; ablate.py names runs by them)."""
-    if args.lr is None:
-        args.lr = 1e-5 if args.method == "ft" else 0.3  # Appendix B.2
-    if args.hidden_size is None:
-        args.hidden_size = M.DEFAULTS["hidden_size"].get(args.method)
-    if args.broadcast is None:
-        args.broadcast = M.DEFAULTS["broadcast"].get(args.method)
-    args.tokenizer = args.tokenizer or args.model
-    return args
 
 
 # --- the run folder ---------------------------------------------------------------------------------
@@ -322,9 +184,9 @@ def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
     if (Path(data_dir) / task / "meta.json").exists():
         return
     import prepare_data
-    if task not in prepare_data.TASKS and task not in prepare_data.STEER_TASKS:
+    if not registry.known(task):
         raise SystemExit(f"train: unknown task {task!r} and no {Path(data_dir) / task / 'meta.json'}; "
-                         f"tasks: {', '.join(prepare_data.TASKS)}")
+                         f"tasks: {', '.join(registry.TASKS)}")
     command = ["--tasks", task, "--out", str(data_dir), "--tokenizer", tokenizer, *(["--source", source] if source else [])]
     say(f"train: {Path(data_dir) / task} is not prepared yet; preparing it now (python prepare_data.py "
         f"{' '.join(command)})")
@@ -488,19 +350,19 @@ class Throughput:
 def main(argv=None):
     rank = int(os.environ.get("RANK", 0))
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
-        args = parser.parse_args(argv)  # a usage error: rank 0's message only
-    runs_file, max_rows = (vars(args).pop(k) for k in PACK_OPTIONS)
+        args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
+    runs_file, max_rows = (vars(args).pop(k) for k in options.PACK_OPTIONS)
     rank, local_rank, world_size, device = runtime.setup_distributed()
     ranks = SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device, master=rank == 0)
     say = print if ranks.master else (lambda *a, **k: None)
     first = functools.partial(runtime.master_first, rank=rank, world_size=world_size)
-    specs = first(lambda: sweep(args, runs_file), everyone=True)
-    with stop_on_signals():
+    specs = first(lambda: options.sweep(args, runs_file), everyone=True)
+    with signals.stop_on_signals():
         if runs_file is not None or len(specs) > 1:
             return main_pack(args, specs, ranks, say, max_rows)
-        args = resolve(argparse.Namespace(**{**vars(specs[0]), "out_dir": args.out_dir}))  # what sweep() left:
+        args = options.resolve(argparse.Namespace(**{**vars(specs[0]), "out_dir": args.out_dir}))  # what options.sweep() left:
         # an option that does not apply to the method at its default, as in a pack (config.json says what ran)
-        args.out_dir = args.out_dir or str(Path("runs") / pack_run_name(args))  # one naming rule, solo or pack
+        args.out_dir = args.out_dir or str(Path("runs") / options.run_name(args))  # one naming rule, solo or pack
         if problem := cli.run_folder_problem(args.out_dir):
             raise SystemExit(f"train: --out-dir {problem}")
         return main_run(args, ranks, say)
@@ -566,104 +428,6 @@ def claim_folder(out_dir, say):
 
 # --- a pack: several prompt runs on one T5 (multirun.py does the math) --------------------------------
 
-@functools.cache
-def _defaults(method):
-    args = resolve(parser.parse_args(["--method", method]))
-    return {**{key: getattr(args, key) for key, _ in runs.NAME_TAGS}, "fewshot_seed": None}
-
-
-def defaults(method):
-    """train.py's defaults for `method`, read from its own parser and resolve(): what a run name leaves out.
-    The few-shot sample always shows in a name (no default)."""
-    return dict(_defaults(method))
-
-
-def pack_run_name(args):
-    """The folder name of a resolved run of a pack (runs.run_name against defaults(method))."""
-    spec = {k: v for k, v in vars(args).items() if args.fewshot_k or k != "fewshot_seed"}
-    return runs.run_name(spec, defaults(args.method))
-
-
-def per_run_value(key, value):
-    """A --runs FILE value checked and converted as the command line would take it; one sentence if not."""
-    action = next(a for a in parser._actions if a.dest == key)
-    if action.nargs == 0:  # a flag (store_true)
-        if not isinstance(value, bool):
-            raise SystemExit(f"train: --runs: {key} must be true or false, not {value!r}")
-        return value
-    if value is None:
-        return None
-    try:
-        value = action.type(str(value)) if action.type else value
-    except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
-        raise SystemExit(f"train: --runs: {key}: {err}") from None
-    if action.choices is not None and value not in action.choices:
-        raise SystemExit(f"train: --runs: {key} {value!r} is not one of {', '.join(map(str, action.choices))}")
-    return value
-
-
-def sweep(args, runs_file=None):
-    """The runs asked for, unresolved: the product of the sweep options' values (the last varies fastest),
-    or --runs FILE's list, each dict over the command line's options."""
-    if runs_file is None:
-        lists = [[v] if not isinstance(v := getattr(args, k), list) else v for k in SWEEP]
-        specs = {}
-        for combo in itertools.product(*lists):
-            spec = {**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None}  # --out-dir: the parent
-            spec.update({k: parser.get_default(k) for k in M.METHOD_OPTIONS if not M.applies(k, spec["method"])})
-            specs.setdefault(tuple(map(repr, spec.values())), argparse.Namespace(**spec))  # EPT x 2 lengths: once
-        return list(specs.values())
-    rows = files.read_json(Path(runs_file), "run list")
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise SystemExit(f"train: --runs {runs_file} must hold a non-empty JSON list of option dicts")
-    swept = [k for k in SWEEP if isinstance(getattr(args, k), list)]
-    if swept:
-        raise SystemExit(f"train: --runs gives the runs; the flags give only what they share: one value for "
-                         f"--{', --'.join(k.replace('_', '-') for k in swept)}")
-    specs = []
-    for row in rows:
-        spec = argparse.Namespace(**vars(args))
-        for key, value in row.items():
-            if key == "out_dir":
-                if problem := cli.run_folder_problem(value):
-                    raise SystemExit(f"train: --runs {runs_file}: out_dir {problem}")
-            elif key in PER_RUN:
-                setattr(spec, key, per_run_value(key, value))
-            elif key in vars(args) and per_run_value(key, value) == getattr(args, key):
-                pass  # a shared option, the same as the command line's
-            elif key in vars(args):
-                raise SystemExit(f"train: --runs: {key} is shared by the runs of a pack (one task, data and T5): "
-                                 f"give it once on the command line, not {value!r} for one run")
-            else:
-                raise SystemExit(f"train: --runs: unknown option {key!r} (train.py's option names, with underscores)")
-        spec.out_dir = row.get("out_dir")
-        # as on the command line: an option that does not apply to the run's method keeps its default (a
-        # pass-through --prompt-length is no EPT setting), so a run's config.json is the same in a pack or alone
-        vars(spec).update({k: parser.get_default(k) for k in M.METHOD_OPTIONS if not M.applies(k, spec.method)})
-        specs.append(spec)
-    return specs
-
-
-def resolve_pack(args, specs):
-    """The pack's runs resolved, each with its own folder: its "out_dir", or <--out-dir>/<run name>."""
-    parent = Path(args.out_dir or "runs")
-    for spec in specs:
-        if spec.method == "ft":
-            raise SystemExit("train: ft trains T5 itself and cannot share it with other runs in a pack; "
-                             "train it alone (one --method ft run)")
-        named = spec.out_dir is not None
-        resolve(spec)
-        if not named:
-            spec.out_dir = str(parent / pack_run_name(spec))
-    folders = [str(Path(s.out_dir).resolve()) for s in specs]
-    if len(set(folders)) < len(folders):
-        raise SystemExit(f"train: two runs of the pack share a folder ({', '.join(sorted({f for f in folders if folders.count(f) > 1}))}); "
-                         "give them different options or out_dir")
-    if args.random_init and len({s.seed for s in specs}) > 1:
-        raise SystemExit("train: --random-init builds T5's weights from the seed, and a pack shares one T5: "
-                         "one seed per pack, or real weights")
-    return specs
-
 
 def open_pack_folders(args, specs, say):
     """Each run's folder claimed and checked as a solo run's (open_run_folder): a finished run is skipped, a
@@ -696,7 +460,7 @@ def open_pack_folders(args, specs, say):
 def main_pack(args, specs, ranks, say, max_rows=None):
     """Several prompt runs at once on one task and one T5: their folders, the shared task and T5, the pack."""
     first = functools.partial(runtime.master_first, rank=ranks.rank, world_size=ranks.world_size)
-    specs = first(lambda: resolve_pack(args, specs), everyone=True)
+    specs = first(lambda: options.resolve_pack(args, specs), everyone=True)
     args.pack_locks, args.left_out = [], []
     created = [folder for spec in specs for folder in new_folders(Path(spec.out_dir))]
     try:
@@ -789,9 +553,8 @@ def load_task(args, ranks, say):
     train_examples, train_src, train_tgt = batching.load_split(train_file, tokenizer, args.max_length, args.max_train_examples)
     check_split(meta, split, train_examples, train_file, args.max_train_examples is not None)
     if args.fewshot_k and ranks.master:
-        import prepare_data  # the few-shot rule's home
-        old = [split] if split in prepare_data.old_fewshot_sets(meta) else []
-        if warning := prepare_data.old_fewshot_warning(args.data_dir, {args.task: old}):
+        old = [split] if split in registry.old_fewshot_sets(meta) else []
+        if warning := registry.old_fewshot_warning(args.data_dir, {args.task: old}):
             say(f"train: {warning}")
     val_examples, val_src, _ = batching.load_split(folder / "validation.jsonl", tokenizer, args.max_length, args.max_eval_examples)
     check_split(meta, "validation", val_examples, folder / "validation.jsonl", args.max_eval_examples is not None)
@@ -997,7 +760,7 @@ def nonfinite_stop(log, out_dir, step, what, lr, best_step, master=True):
     log({"event": "nonfinite", "step": step, "what": what})
     kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
             f"no checkpoint was saved; log.jsonl in {out_dir} records it")
-    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); stopped. {kept}")
+    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); signals.stopped. {kept}")
     if master:
         files.write_text(out_dir / runs.FAILED_NAME, f"{err}\n")
     return err
@@ -1062,10 +825,10 @@ def train_loop(args, out_dir, task, run, log, ranks):
             checkpoint("last.pt")
         if last_step:
             break
-        sig = stop_requested(ranks)
+        sig = signals.stop_requested(ranks)
         if sig:  # preempted or cancelled: the state of this step boundary, then stop
             checkpoint("last.pt")
-            raise stopped(sig, step, out_dir)
+            raise signals.stopped(sig, step, out_dir)
 
         t0 = time.time()
         batch = order.next_batch()
@@ -1145,14 +908,14 @@ def train_pack(jobs, task, pack, ranks, say):
                         job.lock.release()
         if not live:
             break
-        sig = stop_requested(ranks)
+        sig = signals.stop_requested(ranks)
         if sig:  # preempted or cancelled: every live run's state at this step boundary, then stop
             for job in list(live):  # (a run found non-finite here leaves `live`)
                 checkpoint(job, "last.pt")
             for job in live:
                 job.log.close()
             folders = " ".join(str(job.out_dir) for job in live)
-            raise stopped(sig, min((job.run.step for job in live), default=0), folders)
+            raise signals.stopped(sig, min((job.run.step for job in live), default=0), folders)
         t0 = time.time()
         records = pack.step()
         seconds = time.time() - t0
@@ -1167,7 +930,7 @@ def train_pack(jobs, task, pack, ranks, say):
     pbar.close()
     if faults:
         raise runtime.quiet_unless_master(NonFiniteError(
-            f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others finished. "
+            f"train: {len(faults)} of the {len(jobs)} runs of the pack signals.stopped; the others finished. "
             + " ".join(faults)), ranks.rank)
     return {"runs": results}
 
@@ -1210,7 +973,7 @@ def finish(args, out_dir, task, run, log, ranks, say):
 if __name__ == "__main__":
     try:
         main()
-    except Stopped as err:  # the line says why and how to resume; the status says "stopped by a signal"
+    except signals.Stopped as err:  # the line says why and how to resume; the status says "stopped by a signal"
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C while exiting: no traceback
         if int(os.environ.get("RANK", 0)) == 0:  # once under torchrun
             print(err, file=sys.stderr, flush=True)
@@ -1221,6 +984,6 @@ if __name__ == "__main__":
             print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: run the same command "
                   "with --resume to continue", file=sys.stderr, flush=True)
         sys.exit(130)
-    finally:  # also after a failure: every rank stopped at the same point (runtime.master_first)
+    finally:  # also after a failure: every rank signals.stopped at the same point (runtime.master_first)
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -62,8 +62,8 @@ import gc
 import json
 import os
 import platform
-import threading
 import sys
+import threading
 import time
 from pathlib import Path
 

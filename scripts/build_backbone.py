@@ -5,7 +5,7 @@ steering benchmark").
     python scripts/build_backbone.py --out steer/backbone          # ~2 minutes on one CPU thread
     python scripts/build_backbone.py --write-sentences tests/fixtures/steer   # regenerate the sentences
 
-The tasks are prepare_data.STEER_RULES over the sentences in <source>/sentences/{train,dev}.tsv: trained on
+The tasks are registry.STEER_RULES over the sentences in <source>/sentences/{train,dev}.tsv: trained on
 train.tsv as "<task>: <sentence>" and, for STEER_DEFAULT, also as the bare sentence. The folder holds the
 config, weights and tokenizer (`--model DIR` reads it like any other) and backbone.json: the settings and
 the accuracy on the dev sentences of each task with its prefix and without (the floor a prompt starts from).
@@ -21,13 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import prepare_data  # noqa: E402
-from ept import (
-    batching,  # noqa: E402
-    cli,  # noqa: E402
-    files,  # noqa: E402
-    optim,  # noqa: E402
-)
+from ept import batching, cli, files, optim, registry  # noqa: E402
 
 # A model small enough to ship as a test fixture (~1 MB) and to build in about a minute.
 SIZE = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=3, num_decoder_layers=2,
@@ -73,8 +67,8 @@ def write_sentences(root, n_train=4000, n_dev=400, seed=0):
 def read_sentences(path):
     if not Path(path).is_file():
         raise SystemExit(f"build_backbone: no {path}; pass --source DIR holding sentences/train.tsv and dev.tsv "
-                         f"(shipped in {prepare_data.STEER_SOURCE}, or written by --write-sentences DIR)")
-    rows = [r["sentence"] for r in prepare_data.read(Path(path), lambda r, n: [{"sentence": r["sentence"].strip()}], "tsv")]
+                         f"(shipped in {registry.STEER_SOURCE}, or written by --write-sentences DIR)")
+    rows = [r["sentence"] for r in registry.read(Path(path), lambda r, n: [{"sentence": r["sentence"].strip()}], "tsv")]
     if not rows:
         raise SystemExit(f"build_backbone: {path} holds no sentences")
     return rows
@@ -97,7 +91,7 @@ def word_tokenizer(corpus):
 
 def examples(sentences, task, prefix=True):
     """(source, target) pairs of one task: "<task>: <sentence>" -> "0"/"1" (the bare sentence without prefix)."""
-    rule = prepare_data.STEER_RULES[task]
+    rule = registry.STEER_RULES[task]
     return [(f"{task}: {s}" if prefix else s, str(rule(s))) for s in sentences]
 
 
@@ -112,20 +106,20 @@ def scores(t5, tokenizer, sentences):
     """Accuracy (%) of each task on `sentences` with its prefix and on the bare sentence."""
     return {task: {"with_prefix": round(accuracy(t5, tokenizer, examples(sentences, task)), 2),
                    "without_prefix": round(accuracy(t5, tokenizer, examples(sentences, task, False)), 2)}
-            for task in prepare_data.STEER_RULES}
+            for task in registry.STEER_RULES}
 
 
-def build(out, source=prepare_data.STEER_SOURCE, seed=0, steps=1500, batch_size=32, lr=1e-3, say=print):
+def build(out, source=registry.STEER_SOURCE, seed=0, steps=1500, batch_size=32, lr=1e-3, say=print):
     from transformers import T5Config, T5ForConditionalGeneration
     from transformers.utils import logging
     logging.disable_progress_bar()
     torch.manual_seed(seed)
     train, dev = (read_sentences(Path(source) / "sentences" / f) for f in ("train.tsv", "dev.tsv"))
-    tokenizer = word_tokenizer(train + [f"{t}:" for t in prepare_data.STEER_RULES] + ["0 1"])
+    tokenizer = word_tokenizer(train + [f"{t}:" for t in registry.STEER_RULES] + ["0 1"])
     config = T5Config(vocab_size=len(tokenizer), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
                       dropout_rate=0.1, **SIZE)
     t5 = T5ForConditionalGeneration(config)
-    pairs = [p for task in prepare_data.STEER_RULES for p in examples(train, task)] + examples(train, prepare_data.STEER_DEFAULT, False)
+    pairs = [p for task in registry.STEER_RULES for p in examples(train, task)] + examples(train, registry.STEER_DEFAULT, False)
     src = batching.encode(tokenizer, [s for s, _ in pairs], 64)
     tgt = batching.encode(tokenizer, [y for _, y in pairs], 4)
     params = list(t5.parameters())
@@ -146,7 +140,7 @@ def build(out, source=prepare_data.STEER_SOURCE, seed=0, steps=1500, batch_size=
             say(f"step {step}/{steps}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
     t5.eval()
     result = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "size": SIZE,
-              "vocab_size": len(tokenizer), "default_task": prepare_data.STEER_DEFAULT, "tasks": list(prepare_data.STEER_RULES),
+              "vocab_size": len(tokenizer), "default_task": registry.STEER_DEFAULT, "tasks": list(registry.STEER_RULES),
               "train_sentences": len(train), "dev_sentences": len(dev), "seconds": round(time.time() - t0, 1),
               "dev_accuracy": scores(t5, tokenizer, dev)}
 
@@ -161,7 +155,7 @@ def build(out, source=prepare_data.STEER_SOURCE, seed=0, steps=1500, batch_size=
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", metavar="DIR", help="write the backbone model folder here")
-    parser.add_argument("--source", default=str(prepare_data.STEER_SOURCE), metavar="DIR",
+    parser.add_argument("--source", default=str(registry.STEER_SOURCE), metavar="DIR",
                         help="folder holding sentences/{train,dev}.tsv (default: the shipped tests/fixtures/steer)")
     parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="weights, sentence order and dropout")
     parser.add_argument("--steps", type=cli.positive_int, default=1500, help="optimizer steps (batch 32)")

@@ -18,7 +18,6 @@ sys.path.insert(0, str(REPO / "scripts"))  # the benchmarks, tested like the sta
 from ept import pretrained  # noqa: E402
 
 
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it)")
     config.addinivalue_line("markers", "slow: longer integration test")

@@ -89,7 +89,7 @@ def test_offline_hub_fails_fast_with_the_flag(tmp_path):
             "from transformers import AutoTokenizer, T5ForConditionalGeneration\n"
             "for what, call in (('model', lambda: pretrained.load_t5('t5-small')),\n"
             "                   ('tokenizer', lambda: pretrained.load_tokenizer('t5-small')),\n"
-            "                   ('dataset', lambda: prepare_data.load_hub(prepare_data.TASKS['rte'])),\n"
+            "                   ('dataset', lambda: prepare_data.load_hub(registry.TASKS['rte'])),\n"
             "                   ('run', lambda: pretrained.load_t5('t5-small', fix=pretrained.RUN_FIX))):\n"
             "    t0 = time.time()\n"
             "    try:\n"
@@ -244,14 +244,13 @@ def test_options_that_do_not_apply_neither_multiply_nor_name_runs():
     """--method pt ept --prompt-length 5 10: PT twice (n5 and the default n10), EPT once (it has no prompt
     length); --hidden-size does not name a PT run; model.APPLIES decides."""
     import model as M
-    import train
-    args = train.parser.parse_args(["--task", "rte", "--method", "pt", "ept", "--prompt-length", "5", "10",
+    args = options.parser.parse_args(["--task", "rte", "--method", "pt", "ept", "--prompt-length", "5", "10",
                                     "--model", "t5-base"])
-    specs = train.resolve_pack(args, train.sweep(args))
+    specs = options.resolve_pack(args, options.sweep(args))
     assert [Path(s.out_dir).name for s in specs] == ["rte_pt_t5-base_n5_s0", "rte_pt_t5-base_s0", "rte_ept_t5-base_s0"]
-    args = train.parser.parse_args(["--method", "pt", "ept", "ptuning", "--hidden-size", "1", "5", "--reparam",
+    args = options.parser.parse_args(["--method", "pt", "ept", "ptuning", "--hidden-size", "1", "5", "--reparam",
                                     "mlp", "lstm"])
-    names = [Path(s.out_dir).name for s in train.resolve_pack(args, train.sweep(args))]
+    names = [Path(s.out_dir).name for s in options.resolve_pack(args, options.sweep(args))]
     assert names == ["rte_pt_t5-base_s0", "rte_ept_t5-base_s0", "rte_ept_t5-base_h5_s0", "rte_ptuning_t5-base_s0",
                      "rte_ptuning_t5-base_lstm_s0"]
     assert all(M.applies(k, "ept") for k in ("hidden_size", "broadcast", "depth")) and not M.applies("prompt_length", "ept")

@@ -89,7 +89,7 @@ def test_run_names_share_defaults_and_argv_is_train_py_s():
         args = ablate.parser.parse_args([name, "--lr-search"])
         for spec in build(args) + fewshot.specs(fewshot.parser.parse_args([])):
             options = {k: v for k, v in spec.items() if k != "_row"}
-            parsed, unknown = train.parser.parse_known_args(ablate.train_argv(options, "runs/x", "data"))
+            parsed, unknown = options.parser.parse_known_args(ablate.train_argv(options, "runs/x", "data"))
             assert not unknown, unknown
             assert parsed.task == spec["task"] and parsed.method == spec["method"] and parsed.seed == spec["seed"]
 

@@ -22,8 +22,7 @@ import evaluate
 import model as M
 import prepare_data
 import report
-import train
-from ept import files, pretrained
+from ept import files, options, pretrained, registry
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -56,7 +55,7 @@ def test_mrpc_and_qqp_score_is_accuracy_and_f1_is_still_reported(root):
         metrics = evaluate.compute_metrics(meta, ["1", "0", "0", "0"], [{"target": t} for t in ("1", "1", "0", "0")])
         assert metrics["score"] == pytest.approx(75.0) and metrics["acc"] == pytest.approx(75.0)
         assert metrics["f1"] == pytest.approx(200 / 3)
-    assert prepare_data.TASKS["cb"].score == ("acc", "macro_f1")  # only CB is "F1/Acc"
+    assert registry.TASKS["cb"].score == ("acc", "macro_f1")  # only CB is "F1/Acc"
 
 
 # --- 2. Table 4's extra layer: d -> 1 -> 1 -> d, 2,305 parameters on t5-base --------------------------
@@ -101,7 +100,7 @@ def test_table4_specs_use_the_extra_layer():
     assert len(specs) == 45 and ept and all(s.get("extra_layer") is True and "depth" not in s for s in ept)
     assert ablate.run_name(ept[0]) == "multirc_ept_t5-base_x1_ep10_ev1641_s0"
     argv = ablate.train_argv({k: v for k, v in ept[0].items()}, "runs/x")
-    assert "--extra-layer" in argv and train.parser.parse_args(argv).extra_layer  # a flag train.py knows
+    assert "--extra-layer" in argv and options.parser.parse_args(argv).extra_layer  # a flag train.py knows
 
 
 def test_result_rows_of_old_runs_default_the_new_options(tmp_path):
@@ -120,7 +119,7 @@ def test_table4_validates_every_epoch_from_meta_sizes(root):
     cb = [s for s in ablate.table4(args) if s["task"] == "cb"]
     n_train = json.loads((root / "data" / "cb" / "meta.json").read_text())["splits"]["train"]
     assert {s["eval_every"] for s in cb} == {math.ceil(n_train / 16)} and {s["epochs"] for s in cb} == {20}
-    multirc = [s for s in ablate.table4(args) if s["task"] == "multirc"]  # no meta.json there: the paper's sizes (prepare_data.PAPER_SPLITS)
+    multirc = [s for s in ablate.table4(args) if s["task"] == "multirc"]  # no meta.json there: the paper's sizes (registry.PAPER_SPLITS)
     assert {(s["eval_every"], s["epochs"]) for s in multirc} == {(math.ceil(26243 / 16), 10)}
     # the GPU-hour estimate counts the 20 validations (was: one, at the last step)
     spec = ablate.spec("wsc", "pt", "t5-base", 0, epochs=20, eval_every=35)

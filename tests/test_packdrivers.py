@@ -8,7 +8,6 @@ alone), which checks the driver's side (units of packs, one row per run, equal r
 through train.py's own --runs, and one that SIGKILLs a driver mid-pack and runs the same command again.
 """
 import json
-import math
 import os
 import signal
 import subprocess
@@ -22,12 +21,12 @@ import torch
 import ablate
 import fewshot
 import train
-from ept import files, runs
+from ept import files, options, runs
 
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
          "--batch-size", "4", "--dropout", "0"]
 REPO = Path(__file__).resolve().parents[1]
-HAS_RUNS = "--runs" in train.parser._option_string_actions
+HAS_RUNS = "--runs" in options.parser._option_string_actions
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -114,7 +113,7 @@ def test_pack_argv_shares_the_data_and_gives_each_run_its_folder(tmp_path):
     assert entries[1]["out_dir"].endswith("cb_pt_t5-base_steps10000_k4_fs0_s0") and "resume" not in entries[1]
     # every entry's keys are train.py options
     for entry in entries:
-        assert all(f"--{k.replace('_', '-')}" in train.parser._option_string_actions for k in entry)
+        assert all(f"--{k.replace('_', '-')}" in options.parser._option_string_actions for k in entry)
 
 
 # --- the dry run's arithmetic ---------------------------------------------------------------------------

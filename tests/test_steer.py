@@ -4,7 +4,6 @@ task the backbone does not do by default. A prompt whose gradient, init scale, o
 broken stays at the no-prompt floor here, and a training loop that touches the frozen weights shows.
 
 Thresholds come from measured numbers with a margin (docs/experiments.md lists them)."""
-import os
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
 import prepare_data  # noqa: E402
 import train  # noqa: E402
-from ept import pretrained  # noqa: E402
+from ept import pretrained, registry  # noqa: E402
 
 BACKBONE = Path(__file__).resolve().parent / "fixtures" / "steer" / "backbone"
 TASK = "steer_comma"
@@ -73,7 +72,7 @@ def test_backbone_fixture_states_its_accuracy():
     """The shipped backbone does its default task without a prefix and the steering target only with one."""
     meta = train.files.read_json(BACKBONE / "backbone.json", "backbone description")
     acc = meta["dev_accuracy"]
-    assert meta["default_task"] == prepare_data.STEER_DEFAULT
+    assert meta["default_task"] == registry.STEER_DEFAULT
     assert acc["comma"]["with_prefix"] >= 95 and acc["comma"]["without_prefix"] <= 60
     assert acc["long"]["with_prefix"] >= 85 and acc["long"]["without_prefix"] >= 85
 

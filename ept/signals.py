@@ -1,0 +1,75 @@
+"""Stopping a run cleanly: SIGTERM, SIGUSR1 (preemption, scancel, SLURM's warning) and Ctrl-C ask the training loop
+to write last.pt at its next step boundary and stop; a second Ctrl-C stops at once (every file is written
+atomically, so the last checkpoint stays whole).
+"""
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+
+
+class Stopped(SystemExit):
+    """SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) arrived: last.pt was written at a step boundary; exit status 128 + the
+    signal (130 for Ctrl-C)."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+_stop_signal = []  # the signal received, set by the handler, read at each step boundary
+
+
+_stopping = []  # set once the run stops (Stopped raised, or a second Ctrl-C): later signals wait for the cleanup
+
+
+def _on_signal(sig, _):
+    if _stopping:  # the locks are being released and the files closed: let that finish
+        return
+    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:  # Ctrl-C twice: stop now (files stay whole)
+        _stopping.append(sig)
+        raise KeyboardInterrupt
+    if sig == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:
+        print("train: Ctrl-C: stopping at the next step boundary, after writing last.pt (Ctrl-C again to stop "
+              "at once)", file=sys.stderr, flush=True)
+    _stop_signal.append(sig)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM / SIGUSR1 / SIGINT ask the loop to checkpoint and stop at its next step boundary; a second Ctrl-C
+    stops at once (KeyboardInterrupt: every file is written atomically, so last.pt is the previous one, whole).
+    Main thread only: a thread cannot install handlers, and then the caller's handlers stay."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _stop_signal.clear()
+    _stopping.clear()
+    before = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def stop_requested(ranks):
+    """The signal to stop on, agreed by every rank (one may have received it a step later), or None."""
+    sig = _stop_signal[0] if _stop_signal else 0
+    if ranks.world_size > 1:
+        box = torch.tensor([int(sig)], device=ranks.device if ranks.device.startswith("cuda") else "cpu")
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        sig = int(box.item())
+    return sig or None
+
+
+def stopped(sig, step, folders):
+    _stopping.append(sig)
+    name = signal.Signals(sig).name
+    err = Stopped(f"train: {name} received: stopped at step {step}, last.pt written in {folders}; run the "
+                  f"same command with --resume to continue (exit status {128 + sig})")
+    err.status = 128 + sig
+    return err
