@@ -60,7 +60,7 @@ from pathlib import Path
 
 import model as M
 import prepare_data
-from ept import cli, files, options, registry, runs, signals
+from ept import cli, decoding, files, options, registry, runs, signals, tables
 
 # --- the paper's task groups (prepare_data.py's registry, in the paper's column order) and grids ----------
 
@@ -887,14 +887,13 @@ def steer_prepare(args):
 def steer_floor(args):
     """The no-prompt floor: the frozen backbone on the steering task's validation and test splits, one row
     (method "none") per model and task in results/steer.jsonl, written once; returns those rows."""
-    import evaluate
     model, results = steer_model(args), Path(args.results_dir) / "steer.jsonl"
     done = {r.get("run"): r for r in files.read_jsonl(results, what="results file", missing_ok=True)}
     rows = []
     for task in args.tasks or [STEER_TASK]:
         key = f"{model}#no-prompt#{task}"
         if key not in done:
-            val, test = (evaluate.evaluate_frozen(model, task, split, args.data_dir)
+            val, test = (decoding.evaluate_frozen(model, task, split, args.data_dir)
                          for split in ("validation", "test"))
             done[key] = {"experiment": "steer", "run": key, "task": task, "method": "none", "seed": None,
                          "model": model, "model_tag": model_tag(model), "score": test["score"], "test": test,
@@ -1060,8 +1059,7 @@ def run_driver(experiment, specs, args, extra, floor=None):
     if floor:
         rows = floor(args) + rows
     if rows and not args.dry_run:
-        import report  # the same table report.py writes, printed here
-        print(report.experiment_table(experiment, rows))
+        print(tables.experiment_table(experiment, rows))  # the table report.py writes
     if failed:
         sys.exit(1)
     return rows

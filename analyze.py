@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 
-import ablate
 import model as M
-from ept import cli, files, pretrained, runs
+from ept import cli, decoding, files, options, pretrained, registry, runs
 
 FIG2_TASKS = ["boolq", "rte"]
 FIG11_TASKS = ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2", "wic"]  # GLUE 7 + WiC (Appendix C)
@@ -74,7 +73,7 @@ def main_runs(results_dir, model, experiments=("table1", "table2")):
                 raise files.FileFault(f"the results file {path} is damaged: row {number} has no "
                                       f"{', '.join(missing) or 'known method'}; delete that line and rerun "
                                       f"`python ablate.py {experiment}` to write it again")
-            if row.get("model_tag") == model and row.get("lr") == ablate.defaults(row["method"])["lr"]:
+            if row.get("model_tag") == model and row.get("lr") == options.defaults(row["method"])["lr"]:
                 rows.append(row)
     return rows
 
@@ -162,17 +161,16 @@ def prompt_cosines(rows, tasks, methods, seed):
 # --- Figure 4: one row broadcast l times, no retraining --------------------------------------------
 
 def subset_broadcast(rows, tasks, methods, seed, row_index, lengths, data_dir=None, max_examples=None, batch_size=64):
-    import evaluate
     out = {}
     for task in tasks:
         for method in methods:
             for row in pick(rows, task, method, seed):
                 prompt, _ = M.load_folded_prompt(Path(row["run"]) / "prompt.pt")
                 single = prompt[row_index % prompt.size(0)]  # (d,)
-                scores = [evaluate.evaluate_run(row["run"], split="test", prompt=single.expand(n, -1).clone(),
+                scores = [decoding.evaluate_run(row["run"], split="test", prompt=single.expand(n, -1).clone(),
                                                 data_dir=data_dir, max_examples=max_examples, batch_size=batch_size,
                                                 write=False, quiet=True)["score"] for n in lengths]
-                original = evaluate.evaluate_run(row["run"], split="test", data_dir=data_dir, max_examples=max_examples,
+                original = decoding.evaluate_run(row["run"], split="test", data_dir=data_dir, max_examples=max_examples,
                                                  batch_size=batch_size, write=False, quiet=True)["score"]  # whole P'
                 out.setdefault(task, {})[method] = {"lengths": list(lengths), "score": scores, "original": original,
                                                     "row": row_index, "row_norm": single.norm().item(), "run": row["run"]}
@@ -185,7 +183,6 @@ def subset_broadcast(rows, tasks, methods, seed, row_index, lengths, data_dir=No
 
 def task_transfer(rows, tasks, seed, data_dir=None, max_examples=None, batch_size=64, method="ept_star"):
     """Cosine similarity between tasks' (single, broadcast) EPT* rows, and score(A's prompt on B) / score(B's own)."""
-    import evaluate
     runs = {t: pick(rows, t, method, seed) for t in tasks}
     tasks = [t for t in tasks if runs[t]]
     if not tasks:
@@ -193,13 +190,13 @@ def task_transfer(rows, tasks, seed, data_dir=None, max_examples=None, batch_siz
     vectors = torch.stack([M.load_folded_prompt(Path(runs[t][0]["run"]) / "prompt.pt")[0][0] for t in tasks])
     own, score, ratio = {}, [], []
     for b in tasks:  # B's own score, on the same examples as the transfers to B
-        own[b] = evaluate.evaluate_run(runs[b][0]["run"], split="test", data_dir=data_dir, max_examples=max_examples,
+        own[b] = decoding.evaluate_run(runs[b][0]["run"], split="test", data_dir=data_dir, max_examples=max_examples,
                                        batch_size=batch_size, write=False, quiet=True)["score"]
     for a in tasks:
         score.append([])
         ratio.append([])
         for b in tasks:
-            s = own[b] if a == b else evaluate.evaluate_run(
+            s = own[b] if a == b else decoding.evaluate_run(
                 runs[a][0]["run"], task=b, split="test", data_dir=data_dir, max_examples=max_examples,
                 batch_size=batch_size, write=False, quiet=True)["score"]
             score[-1].append(s)
@@ -295,7 +292,6 @@ def prompt_directions(rows, tasks, methods, seed, data_dir=None, max_examples=No
     """Per run: the two direction groups of P', each group's cosine to the label words, and the test score of
     the whole prompt and of each group alone (its rows in their original order, no retraining). The group
     closer to the label words (mean over its rows of the highest label cosine) is "positive"."""
-    import evaluate
     out, cache = {}, {}
     for task in tasks:
         for method in methods:
@@ -311,7 +307,7 @@ def prompt_directions(rows, tasks, methods, seed, data_dir=None, max_examples=No
                 label_cos = {lab: (unit @ torch.nn.functional.normalize(v, dim=0)).tolist() for lab, v in vectors.items()}
                 best_cos = [max(label_cos[lab][r] for lab in label_cos) for r in range(prompt.size(0))]
                 assign = two_directions(prompt)
-                score = lambda p: evaluate.evaluate_run(row["run"], split="test", prompt=p, data_dir=data_dir,
+                score = lambda p: decoding.evaluate_run(row["run"], split="test", prompt=p, data_dir=data_dir,
                                                         max_examples=max_examples, batch_size=batch_size,
                                                         write=False, quiet=True)["score"]
                 groups = []
@@ -363,7 +359,7 @@ def main(argv=None):
             result = subset_broadcast(rows, args.tasks or FIG2_TASKS, args.methods or NORM_METHODS, args.seed, args.row,
                                       args.lengths, args.data_dir, args.max_eval_examples, args.eval_batch_size)
         elif name == "transfer":
-            result = task_transfer(rows, args.tasks or ablate.ALL_TASKS, args.seed, args.data_dir, args.max_eval_examples,
+            result = task_transfer(rows, args.tasks or list(registry.TASKS), args.seed, args.data_dir, args.max_eval_examples,
                                    args.eval_batch_size)
         elif name == "neighbours":
             result = neighbours(rows, args.tasks or ["boolq"], args.methods or NEIGHBOUR_METHODS, args.seed, args.top_k)

@@ -42,12 +42,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import evaluate
 import model as M
 from ept import (
     batching,
     cli,
+    decoding,
     files,
+    metrics,
     multirun,
     options,
     pretrained,
@@ -307,7 +308,7 @@ def set_dropout(t5, rate):
 def validate(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batch_size, max_length, dtype):
     """Scores of `net` on a split. Every rank decodes a strided shard; predictions are gathered so each rank
     scores the whole split (never an average of per-rank scores)."""
-    preds = evaluate.run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], mode=mode,
+    preds = decoding.run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], mode=mode,
                               labels=meta.get("labels"), max_new_tokens=meta["max_target_length"],
                               max_length=max_length, batch_size=batch_size, device=ranks.device, dtype=dtype)
     if ranks.world_size > 1:
@@ -316,7 +317,7 @@ def validate(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batch_s
         preds = [None] * len(examples)
         for r, part in enumerate(shards):
             preds[r::ranks.world_size] = part
-    return evaluate.compute_metrics(meta, preds, examples)
+    return metrics.compute_metrics(meta, preds, examples)
 
 
 def decoding(args):
@@ -540,7 +541,7 @@ def load_task(args, ranks, say):
     if ranks.master:
         prepare_if_missing(args.data_dir, args.task, args.tokenizer, say, args.source)
     meta = files.load_meta(args.data_dir, args.task)
-    evaluate.check_metrics(meta, Path(args.data_dir) / args.task / "meta.json")
+    metrics.check_metrics(meta, Path(args.data_dir) / args.task / "meta.json")
     if args.eval_mode == "rank" and not meta.get("labels"):
         raise SystemExit(f"train: --eval-mode rank needs a label set; {args.task} has open targets")
     args.max_length = args.max_length or meta["max_length"]

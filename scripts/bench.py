@@ -18,10 +18,10 @@ config is measured afterwards, alone (a fresh optimizer, two steps on its larges
   (c) reference stack: every input padded to --max-length (256) and every label to the longest target
 Evaluation (the same held-out examples: validation rows, then test rows, first --eval-examples; one untimed
 warm-up on 8 examples per config, then --eval-repeats rounds over the configs, the median time kept):
-  (1) evaluate.predict: batched greedy decoding sorted by length, max_new_tokens = meta max_target_length,
+  (1) decoding.predict: batched greedy decoding sorted by length, max_new_tokens = meta max_target_length,
       each row stops at </s>
-  (2) evaluate.rank_classify: one encoder pass per example, every label scored in one decoder pass (after a
-      first step shared by the labels, evaluate.label_nll)
+  (2) decoding.rank_classify: one encoder pass per example, every label scored in one decoder pass (after a
+      first step shared by the labels, decoding.label_nll)
   (3) reference: batches in data order, inputs padded to --max-length, HF generate(max_length=20), which stops
       only when every row of a batch has emitted </s> (HF's own early stop, nothing else)
   (3b) (3) with max_new_tokens as in (1): how much of (1)'s gain is padding and order alone. A random-weight
@@ -71,10 +71,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
-import evaluate  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
-from ept import batching, cli, files, optim, pretrained, runtime  # noqa: E402
+from ept import batching, cli, decoding, files, optim, pretrained, runtime  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 # data
@@ -516,10 +515,10 @@ def main(argv=None):
         new_tokens = meta["max_target_length"]
         kw = dict(batch_size=args.eval_batch_size, device=device, dtype=dtype)
         configs = [("generate_sorted", f"(1) batched greedy, sorted, max_new_tokens={new_tokens}",
-                    lambda x: evaluate.predict(net, tokenizer, x, max_new_tokens=new_tokens, max_length=max_length, **kw))]
+                    lambda x: decoding.predict(net, tokenizer, x, max_new_tokens=new_tokens, max_length=max_length, **kw))]
         if meta.get("labels"):
             configs.append(("rank", "(2) rank classification",
-                            lambda x: evaluate.rank_classify(net, tokenizer, x, meta["labels"], max_length=max_length, **kw)))
+                            lambda x: decoding.rank_classify(net, tokenizer, x, meta["labels"], max_length=max_length, **kw)))
         configs += [("reference", f"(3) reference: data order, pad {max_length}, max_length {args.reference_max_length}",
                      lambda x: reference_predict(net, tokenizer, x, pad_length=max_length,
                                                  max_length=args.reference_max_length, **kw)),

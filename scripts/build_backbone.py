@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ept import batching, cli, files, optim, registry  # noqa: E402
+from ept import batching, cli, decoding, files, optim, registry  # noqa: E402
 
 # A model small enough to ship as a test fixture (~1 MB) and to build in about a minute.
 SIZE = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=3, num_decoder_layers=2,
@@ -96,9 +96,8 @@ def examples(sentences, task, prefix=True):
 
 
 def accuracy(t5, tokenizer, pairs):
-    import evaluate
     import model as M
-    preds = evaluate.predict(M.PromptedT5(t5, None), tokenizer, [s for s, _ in pairs], max_new_tokens=3)
+    preds = decoding.predict(M.PromptedT5(t5, None), tokenizer, [s for s, _ in pairs], max_new_tokens=3)
     return 100.0 * sum(p == y for p, (_, y) in zip(preds, pairs)) / len(pairs)
 
 

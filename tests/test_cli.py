@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from test_train import argv, data_dir  # noqa: F401 (data_dir is a fixture shared with test_train)
 
+from ept import options
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("ablate", "analyze", "bench", "bench_pack", "evaluate", "export", "fewshot", "model", "prepare_data",
            "ept.pretrained", "report", "train")
@@ -276,14 +278,14 @@ def test_driver_names_say_what_runs(tmp_path, capsys):
 def test_progress_bars_for_long_work_and_tqdm_disable(tiny_model_dir):
     """evaluate.py's decoding and prepare_data's row conversion draw a bar on stderr (none inside train.py's
     validation, none for a few rows), and TQDM_DISABLE=1 (read when tqdm is imported) turns them off."""
-    code = ("import evaluate, model, prepare_data as P; from ept import pretrained\n"
+    code = ("import model, prepare_data as P; from ept import decoding, pretrained\n"
             f"net = model.PromptedT5(pretrained.load_t5({str(tiny_model_dir)!r}))\n"
             f"tok = pretrained.load_tokenizer({str(tiny_model_dir)!r})\n"
             "rows = [dict(sentence1='a b', sentence2='c', label=0, idx=i) for i in range(P.BAR_ROWS)]\n"
-            "evaluate.predict(net, tok, ['one two', 'three'], max_new_tokens=2, progress='evaluate toy test')\n"
+            "decoding.predict(net, tok, ['one two', 'three'], max_new_tokens=2, progress='evaluate toy test')\n"
             "P.to_records(P.TASKS['rte'], rows, 'train')\n"
             "P.to_records(P.TASKS['rte'], rows[:10], 'small')\n"
-            "evaluate.predict(net, tok, ['one two', 'three'], max_new_tokens=2)  # train.py's validation: no bar\n")
+            "decoding.predict(net, tok, ['one two', 'three'], max_new_tokens=2)  # train.py's validation: no bar\n")
     env = {k: v for k, v in offline_env().items() if k != "TQDM_DISABLE"}  # a bar whatever the caller's env
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     err = done.stderr

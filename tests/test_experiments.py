@@ -25,7 +25,7 @@ import fewshot
 import model as M
 import report
 import train
-from ept import files, pretrained
+from ept import decoding, files, pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -286,11 +286,10 @@ def test_analyses_of_trained_runs(grid, tiny_model_dir, data_dir):
 
 def test_subset_broadcast_of_identical_rows_reproduces_the_whole_prompt(grid, tiny_model_dir):
     """EPT*'s P' is one row x 10: repeating row 0 ten times is the same prompt, hence the same predictions."""
-    import evaluate
     run = grid / "runs" / f"rte_ept_star_{Path(tiny_model_dir).name}_steps3_ev2_s0"
     prompt, _ = M.load_folded_prompt(run / "prompt.pt")
-    whole = evaluate.evaluate_run(run, split="test", write=False, quiet=True, max_examples=6)
-    again = evaluate.evaluate_run(run, split="test", prompt=prompt[0].expand(10, -1).clone(), write=False,
+    whole = decoding.evaluate_run(run, split="test", write=False, quiet=True, max_examples=6)
+    again = decoding.evaluate_run(run, split="test", prompt=prompt[0].expand(10, -1).clone(), write=False,
                                   quiet=True, max_examples=6)
     assert whole["score"] == again["score"]
 

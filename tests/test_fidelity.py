@@ -18,11 +18,10 @@ import torch
 
 import ablate
 import analyze
-import evaluate
 import model as M
 import prepare_data
 import report
-from ept import files, options, pretrained, registry
+from ept import decoding, files, metrics, options, pretrained, registry
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -52,9 +51,9 @@ def test_mrpc_and_qqp_score_is_accuracy_and_f1_is_still_reported(root):
         meta = json.loads((root / "data" / task / "meta.json").read_text())
         assert meta["score"] == ["acc"] and meta["metrics"] == ["acc", "f1"]
         # 3 of 4 right, F1 of the positive class 2/3: the score is the accuracy, not their mean
-        metrics = evaluate.compute_metrics(meta, ["1", "0", "0", "0"], [{"target": t} for t in ("1", "1", "0", "0")])
-        assert metrics["score"] == pytest.approx(75.0) and metrics["acc"] == pytest.approx(75.0)
-        assert metrics["f1"] == pytest.approx(200 / 3)
+        scores = metrics.compute_metrics(meta, ["1", "0", "0", "0"], [{"target": t} for t in ("1", "1", "0", "0")])
+        assert scores["score"] == pytest.approx(75.0) and scores["acc"] == pytest.approx(75.0)
+        assert scores["f1"] == pytest.approx(200 / 3)
     assert registry.TASKS["cb"].score == ("acc", "macro_f1")  # only CB is "F1/Acc"
 
 
@@ -249,9 +248,9 @@ def test_directions_analysis_names_the_label_aligned_group_and_scores_each_alone
     assert negative["name"] == "negative" and negative["rows"] == [0, 2, 3, 5, 6, 8, 9]
     assert positive["label_cosine"]["1"] == pytest.approx(1.0, abs=1e-5)
     assert positive["label_cosine_max"] > negative["label_cosine_max"]
-    alone = evaluate.evaluate_run(row["run"], split="test", prompt=prompt[[1, 4, 7]], max_examples=6, batch_size=8,
+    alone = decoding.evaluate_run(row["run"], split="test", prompt=prompt[[1, 4, 7]], max_examples=6, batch_size=8,
                                   write=False, quiet=True)["score"]
-    full = evaluate.evaluate_run(row["run"], split="test", max_examples=6, batch_size=8, write=False, quiet=True)
+    full = decoding.evaluate_run(row["run"], split="test", max_examples=6, batch_size=8, write=False, quiet=True)
     assert positive["score"] == alone and out["full_score"] == full["score"]
     report.main(["--results", str(root / "results"), "--out", str(tmp_path / "report")])
     index = (tmp_path / "report" / "index.md").read_text()

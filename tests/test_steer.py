@@ -11,10 +11,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluate  # noqa: E402
 import prepare_data  # noqa: E402
 import train  # noqa: E402
-from ept import pretrained, registry  # noqa: E402
+from ept import decoding, pretrained, registry  # noqa: E402
 
 BACKBONE = Path(__file__).resolve().parent / "fixtures" / "steer" / "backbone"
 TASK = "steer_comma"
@@ -78,7 +77,7 @@ def test_backbone_fixture_states_its_accuracy():
 
 
 def test_prompts_steer_the_frozen_backbone(data, tmp_path, captured):
-    floor = evaluate.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
+    floor = decoding.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
     assert floor <= FLOOR_MAX, f"the backbone already does the steering task without a prompt ({floor:.1f})"
     run(data, tmp_path / "pt", "pt")
     run(data, tmp_path / "ept", "ept")
@@ -93,7 +92,7 @@ def test_prompts_steer_as_one_pack(data, tmp_path, captured):
     """PT and EPT over 4 seeds trained as one pack (a sweep: one frozen T5, per-example prompts). EPT's one row
     steers on about half of the seeds at this scale (docs/experiments.md), so the pack asks it of its best seed;
     a broken prompt path leaves every seed at the floor."""
-    floor = evaluate.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
+    floor = decoding.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
     run(data, tmp_path / "pack", "pt", "ept", seeds=("0", "1", "2", "3"))
     found = {p.name: score(p) for p in (tmp_path / "pack").iterdir() if (p / "metrics.json").exists()}
     pt = [v for k, v in sorted(found.items()) if "_pt_" in k]
@@ -116,7 +115,7 @@ def test_ablate_steer_writes_the_floor_and_the_report(data, tmp_path):
     rows = ablate.main(argv)
     assert [r["method"] for r in rows] == ["none", "pt", "pt"] and sorted(r.get("lr") for r in rows[1:]) == [0.3, 3.0]
     floor = rows[0]
-    assert floor["n_trainable"] == 0 and floor["score"] == evaluate.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
+    assert floor["n_trainable"] == 0 and floor["score"] == decoding.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
     ablate.main(argv)
     lines = (tmp_path / "results" / "steer.jsonl").read_text().splitlines()
     assert len(lines) == 3
