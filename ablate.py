@@ -60,7 +60,7 @@ from pathlib import Path
 
 import model as M
 import prepare_data
-from ept import cli, decoding, files, options, registry, runs, signals, tables
+from ept import cli, decoding, errors, files, options, registry, runs, signals, tables
 
 # --- the paper's task groups (prepare_data.py's registry, in the paper's column order) and grids ----------
 
@@ -390,7 +390,7 @@ def write_plan(path, units):
             lines = old.splitlines()
             pairs = enumerate(zip(lines, text.splitlines()))
             i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
-            raise SystemExit(f"{path} holds another plan (line {i + 1} differs: another grid, flags, pack size or "
+            raise errors.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, flags, pack size or "
                              f"folder); delete it to plan again, or pass another --results-dir")
     for unit in units:  # the packs' runs files first: a plan line never names a missing file
         if unit.runs_file is not None and not unit.runs_file.exists():
@@ -449,7 +449,7 @@ def submit_slurm(experiment, path, args):
     try:
         from ept import slurm
     except ImportError:
-        raise SystemExit("--slurm needs slurm.py beside this script, which this checkout lacks") from None
+        raise errors.Failure("--slurm needs slurm.py beside this script, which this checkout lacks") from None
     if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU sized the packs
         print(f"{experiment}: note: this machine has no GPU, so each unit is one run; pass --pack-size N "
               "(PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit on the cluster's GPUs", flush=True)
@@ -482,17 +482,17 @@ def run_unit(experiment, unit, args, i, n):
         try:
             train.main(unit.argv)
             if signals._stop_signal:  # it came during the unit's last steps, which finished: stop before the next
-                raise signals.stopped(signals._stop_signal[0], "-", " ".join(unit.names))
-        except signals.Stopped as err:  # train.py's line says --resume; the driver's command resumes by itself
-            name = signal.Signals(err.status - 128).name
-            print(f"{experiment}: {name} received: unit {unit.index} stopped at a step boundary, last.pt written; "
-                  "run the same command again to resume", file=sys.stderr, flush=True)
-            raise SystemExit(err.status) from None
-        except (Exception, SystemExit) as err:  # one broken unit does not stop the grid; reported at the end
-            if isinstance(err, SystemExit):
+                raise SystemExit(128 + signals._stop_signal[0])
+        except SystemExit as err:  # train.py printed its sentence; a signal stops the driver, a fault this unit
+            if err.code in (*STOP_STATUSES, 128 + signal.SIGINT):
+                name = signal.Signals(err.code - 128).name
+                print(f"{experiment}: {name} received: unit {unit.index} stopped at a step boundary, last.pt "
+                      "written; run the same command again to resume", file=sys.stderr, flush=True)
+                raise SystemExit(err.code) from None
+            if isinstance(err.code, str):
                 print(err, file=sys.stderr, flush=True)
-            else:
-                traceback.print_exc()
+        except Exception:  # one broken unit does not stop the grid; reported at the end
+            traceback.print_exc()
     print(f"[{experiment} {i}/{n}] {time.time() - t0:.1f}s", flush=True)
     return [name for name in unit.names if not runs.finished(unit_dir(unit, name))]
 
@@ -532,11 +532,11 @@ def pool_devices(args):
     """One entry per child: the CUDA_VISIBLE_DEVICES it gets ("0", or "2,3" with --nproc 2)."""
     nproc = args.nproc
     if args.gpus % nproc:
-        raise SystemExit(f"--gpus {args.gpus} is not a multiple of --nproc {nproc} (GPUs per run)")
+        raise errors.Failure(f"--gpus {args.gpus} is not a multiple of --nproc {nproc} (GPUs per run)")
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     visible = visible or [str(i) for i in range(args.gpus)]
     if len(visible) < args.gpus:
-        raise SystemExit(f"--gpus {args.gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: {','.join(visible)}")
+        raise errors.Failure(f"--gpus {args.gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: {','.join(visible)}")
     return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(args.gpus // nproc)]
 
 
@@ -1032,6 +1032,7 @@ def check_args(parser, args, extra):
                          f"tasks: {', '.join(registry.TASKS)}")
 
 
+@errors.script
 def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     args.command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]

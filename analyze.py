@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import model as M
-from ept import cli, decoding, files, options, pretrained, registry, runs
+from ept import cli, decoding, errors, files, options, pretrained, registry, runs
 
 FIG2_TASKS = ["boolq", "rte"]
 FIG11_TASKS = ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2", "wic"]  # GLUE 7 + WiC (Appendix C)
@@ -335,10 +335,11 @@ def prompt_directions(rows, tasks, methods, seed, data_dir=None, max_examples=No
 
 # --- command line ---------------------------------------------------------------------------------
 
+@errors.script
 def main(argv=None):
     args = parser.parse_args(argv)
     if not Path(args.results_dir).is_dir():
-        raise SystemExit(f"analyze: no results folder {args.results_dir}; run ablate.py first or pass --results-dir")
+        raise errors.Failure(f"analyze: no results folder {args.results_dir}; run ablate.py first or pass --results-dir")
     rows = main_runs(args.results_dir, args.model)
     out_dir = Path(args.results_dir) / "analysis"
     todo = (["norms", "cosine", "subset", "transfer", "neighbours", "directions"] if args.analysis == "all"
@@ -346,7 +347,7 @@ def main(argv=None):
     if not rows:
         tags = sorted({r["model_tag"] for e in ("table1", "table2") for r in files.read_jsonl(
             Path(args.results_dir) / f"{e}.jsonl", what="results file", missing_ok=True)})
-        raise SystemExit(f"analyze: no main-grid rows for model {args.model!r} in {args.results_dir}/table1.jsonl, "
+        raise errors.Failure(f"analyze: no main-grid rows for model {args.model!r} in {args.results_dir}/table1.jsonl, "
                          "table2.jsonl; " + (f"the rows there are for {', '.join(tags)}: pass --model" if tags else
                                              "run `python ablate.py table1` (or table2) first"))
     written = {}

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ept import cli, decoding, files, runtime
+from ept import cli, decoding, errors, files, runtime
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("run_dir", help="a run folder written by train.py")
@@ -64,7 +64,7 @@ def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="g
     """Run the trained prompt on new inputs: jsonl rows with 'source', or a .txt with one input a line."""
     rows = read_inputs(input_path)
     if Path(output_path).resolve() == Path(input_path).resolve():
-        raise SystemExit(f"--output {output_path} is the input file; name another file")
+        raise errors.Failure(f"--output {output_path} is the input file; name another file")
     net, tokenizer, config = decoding.load_run(run_dir, checkpoint, None, device)
     device = device or runtime.default_device()
     meta = config["meta"]  # train.py keeps the task's labels and lengths in config.json
@@ -75,6 +75,7 @@ def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="g
     return preds
 
 
+@errors.script
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.input:

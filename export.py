@@ -32,7 +32,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 import model as M
-from ept import cli, decoding, files, runs
+from ept import cli, decoding, errors, files, runs
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME
@@ -64,7 +64,7 @@ def folded_prompt(run_dir, checkpoint="best"):
     run_dir = Path(run_dir)
     if checkpoint == "best":
         if not (run_dir / "prompt.pt").exists():
-            raise SystemExit(f"export: {run_dir} has no prompt.pt (an ft run, or training did not finish)")
+            raise errors.Failure(f"export: {run_dir} has no prompt.pt (an ft run, or training did not finish)")
         return M.load_folded_prompt(run_dir / "prompt.pt")[0].float()
     net, _, _ = decoding.load_run(run_dir, "last", device="cpu")
     return net.prompt().detach().float().cpu()
@@ -97,15 +97,15 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md")
 def check_out_dir(out_dir, overwrite):
     """The adapter folder may be new or empty; an existing adapter only with --overwrite; else refused."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise SystemExit(f"export: {out_dir} is a file; name a folder for the adapter")
+        raise errors.Failure(f"export: {out_dir} is a file; name a folder for the adapter")
     present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     if not present:
         return
     if ADAPTER_CONFIG not in present or not set(present) <= set(ADAPTER_FILES):
-        raise SystemExit(f"export: {out_dir} already holds {', '.join(present[:5])}, not an adapter export; "
+        raise errors.Failure(f"export: {out_dir} already holds {', '.join(present[:5])}, not an adapter export; "
                          "name a new or empty folder")
     if not overwrite:
-        raise SystemExit(f"export: {out_dir} already holds an adapter; pass --overwrite to replace it "
+        raise errors.Failure(f"export: {out_dir} already holds an adapter; pass --overwrite to replace it "
                          "or name another folder")
 
 
@@ -115,7 +115,7 @@ def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False
     config = runs.read_config(run_dir, ("task", "method", "model"))
     check_out_dir(out_dir, overwrite)
     if config["method"] == "ft":
-        raise SystemExit(f"export: {run_dir} is full fine-tuning: there is no prompt to export")
+        raise errors.Failure(f"export: {run_dir} is full fine-tuning: there is no prompt to export")
     prompt = folded_prompt(run_dir, checkpoint).contiguous()  # (n, d)
     base_model = base_model or config["model"]
     num_layers, num_heads = t5_dimensions(base_model)
@@ -146,6 +146,7 @@ def load_adapter(out_dir):
     return json.loads((out_dir / ADAPTER_CONFIG).read_text()), load_file(str(out_dir / ADAPTER_WEIGHTS))[PROMPT_KEY]
 
 
+@errors.script
 def main(argv=None):
     args = parser.parse_args(argv)
     peft_config, prompt = export(args.run_dir, args.out_dir, args.checkpoint, args.base_model, args.overwrite)

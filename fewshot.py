@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ablate
 import model as M
-from ept import cli, registry
+from ept import cli, errors, registry
 
 SHOTS = [4, 16, 32]
 SEEDS = [0, 1, 2, 3, 4, 5]  # "averaged over 6 runs" (Table 3)
@@ -75,6 +75,7 @@ def _meta(folder):
         return {}
 
 
+@errors.script
 def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     ablate.check_args(parser, args, extra)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ept import cli, files
+from ept import cli, errors, files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
 REPARAMS = ("mlp", "lstm")
@@ -310,6 +310,7 @@ def parameter_table(configs_dir=None, variants=None):
     return table
 
 
+@errors.script
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--count", action="store_true", required=True, help="print the trainable-parameter table")

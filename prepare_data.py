@@ -27,7 +27,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ept import cli, files, registry
+from ept import cli, errors, files, registry
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
 # data
@@ -62,7 +62,7 @@ def find_files(task, root):
     they are subsets, not the official distribution, and would build a train split of a few dozen rows."""
     folder, need = root / task.folder, " + ".join(" or ".join(names) for names in task.files.values())
     if not folder.is_dir():
-        raise SystemExit(f"prepare_data: {task.name}: missing folder {folder} (expected {need} in it; see docs/data.md)")
+        raise errors.Failure(f"prepare_data: {task.name}: missing folder {folder} (expected {need} in it; see docs/data.md)")
     candidates = []
     for d in sorted([folder, *(p for p in folder.rglob("*") if p.is_dir())], key=lambda p: (len(p.parts), str(p))):
         found = {role: next((d / f for f in names if (d / f).is_file()), None) for role, names in task.files.items()}
@@ -73,13 +73,13 @@ def find_files(task, root):
         samples = [c for c, _ in candidates if any(SAMPLE_FOLDER.search(part) for part in c.relative_to(root).parts)]
         if len(candidates) > 1 or samples:
             names = ", ".join(str(c.relative_to(folder)) for c, _ in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
-            raise SystemExit(f"prepare_data: {task.name}: found {need} in {'few-shot sample' if samples else 'several'} "
+            raise errors.Failure(f"prepare_data: {task.name}: found {need} in {'few-shot sample' if samples else 'several'} "
                              f"folders under {folder} ({names}), expected the official full distribution in one "
                              "folder; pass --source DIR with the official files (docs/data.md)")
         return found
     absent = [names for names in task.files.values() if not any(any(folder.rglob(Path(f).name)) for f in names)]
     what = f"missing {' or '.join(absent[0])}" if absent else "no one folder holds all of the files"
-    raise SystemExit(f"prepare_data: {task.name}: {what} under {folder} (expected {need}; see docs/data.md)")
+    raise errors.Failure(f"prepare_data: {task.name}: {what} under {folder} (expected {need}; see docs/data.md)")
 
 
 def sha256(path):
@@ -123,7 +123,7 @@ def load_hub(task):
             if isinstance(e, ConnectionError):  # no network: the fallback would fail the same way
                 break
     if ds is None:  # pretrained's sentence: why, and --source DIR (the official files, docs/data.md)
-        raise SystemExit(f"prepare_data: {pretrained.offline_error('dataset', f'{task.hub_id} ({task.hub_config})', error)}")
+        raise errors.Failure(f"prepare_data: {pretrained.offline_error('dataset', f'{task.hub_id} ({task.hub_config})', error)}")
     splits = [ds["train"], ds[task.eval_split]]
     if task.subset:  # MRQA: one dataset holds all subsets
         splits = [s.filter(lambda v: v == task.subset, input_columns="subset") for s in splits]
@@ -154,7 +154,7 @@ def to_records(task, rows, where):
                 raise ValueError(f"label {rec['label']!r} is outside the label set {', '.join(task.labels)}")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             at = row.get("_at", f"{where} row {i}")  # file:line for local rows
-            raise SystemExit(f"prepare_data: {task.name}: {at}: bad row ({type(e).__name__}: {e})") from None
+            raise errors.Failure(f"prepare_data: {task.name}: {at}: bad row ({type(e).__name__}: {e})") from None
         records.append(rec)
     return records
 
@@ -215,8 +215,8 @@ def load_tokenizer(name):
     from ept import pretrained
     try:
         return pretrained.load_tokenizer(name)
-    except SystemExit as e:  # pretrained's sentence names the flag (--tokenizer DIR)
-        raise SystemExit(f"prepare_data: {e}") from None
+    except errors.Failure as e:  # pretrained's sentence names the flag (--tokenizer DIR)
+        raise errors.Failure(f"prepare_data: {e}") from None
 
 
 def source_lengths(tokenizer, texts):
@@ -266,7 +266,7 @@ def prepare(task, args, out):
     splits = dict(zip(("train", "validation", "test"), split(train, held, args.data_seed)))
     for name, records in splits.items():
         if not records:
-            raise SystemExit(f"prepare_data: {task.name}: the {name} split is empty; the source has too few rows")
+            raise errors.Failure(f"prepare_data: {task.name}: the {name} split is empty; the source has too few rows")
     shots = {f"k{k}_seed{s}": fewshot(task, splits["train"], k, s) for k in args.fewshot for s in args.fewshot_seeds}
 
     tokenizer = load_tokenizer(args.tokenizer)
@@ -299,6 +299,7 @@ def prepare(task, args, out):
     print(f"  -> {out / task.name}  (max_target_length {max_target_length})")
 
 
+@errors.script
 def main(argv=None):
     args = parser.parse_args(argv)
     names = []
@@ -320,10 +321,10 @@ def main(argv=None):
             continue
         meta = files.read_json(meta_path, "task description")
         if not isinstance(meta, dict) or not isinstance(meta.get("fewshot"), dict):
-            raise SystemExit(f"prepare_data: {meta_path} is not a task description of this project; "
+            raise errors.Failure(f"prepare_data: {meta_path} is not a task description of this project; "
                              "pass --overwrite to rebuild it")
         if meta.get("data_seed") != args.data_seed or not keys <= set(meta["fewshot"]):
-            raise SystemExit(f"prepare_data: {out / name} was prepared with data seed {meta['data_seed']} and "
+            raise errors.Failure(f"prepare_data: {out / name} was prepared with data seed {meta['data_seed']} and "
                              f"few-shot sets {sorted(meta['fewshot']) or 'none'}; pass --overwrite to rebuild it")
         print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")
         old[name] = registry.old_fewshot_sets(meta)

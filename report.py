@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 import model as M
-from ept import cli, files, registry, tables
+from ept import cli, errors, files, registry, tables
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("--results", default="results", help="folder of <experiment>.jsonl and analysis/")
@@ -590,11 +590,12 @@ INLINE.add("steer.md")
 
 # --- the report ------------------------------------------------------------------------------------
 
+@errors.script
 def main(argv=None):
     args = parser.parse_args(argv)
     results, out = Path(args.results), Path(args.out)
     if results.exists() and not results.is_dir():
-        raise SystemExit(f"report: --results {results} is a file; pass the folder of <experiment>.jsonl files")
+        raise errors.Failure(f"report: --results {results} is a file; pass the folder of <experiment>.jsonl files")
     if not results.exists():
         raise files.FileFault(f"report: there is no results folder {results}; run the experiments first "
                               "(run_all.sh, ablate.py, fewshot.py) or pass --results DIR with their results")

@@ -31,6 +31,7 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from tqdm import tqdm
 
 import model as M
 from ept import (
+    errors,
     batching,
     cli,
     decoding,
@@ -65,7 +67,7 @@ options.parser.description = __doc__  # the flags live in ept/options.py: the dr
 CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score", "best_step"}
 
 
-class NonFiniteError(SystemExit):
+class NonFiniteError(errors.Failure):
     """A NaN/inf loss, gradient, prompt or weight: the run stops (exit status 1) with best.pt and the log intact."""
 
 
@@ -78,18 +80,18 @@ def open_run_folder(out_dir, resume, overwrite, say):
     existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
     if overwrite and existing:
         if not runs.is_run_folder(out_dir):
-            raise SystemExit(f"train: {out_dir} is not a run folder written by train.py; --overwrite "
+            raise errors.Failure(f"train: {out_dir} is not a run folder written by train.py; --overwrite "
                              "deletes only run folders: choose another --out-dir")
         return None  # start_log deletes them, once every check of every run has passed
     if existing and not resume:
-        raise SystemExit(f"train: {out_dir} already holds {', '.join(existing)}; "
+        raise errors.Failure(f"train: {out_dir} already holds {', '.join(existing)}; "
                          "pass --resume to continue it or --overwrite to start over")
     if resume and runs.finished(out_dir):
         return "finished"
     if resume and (out_dir / "last.pt").exists():
         return out_dir / "last.pt"
     if resume and {"best.pt", "prompt.pt", "metrics.json"} & set(existing):
-        raise SystemExit(f"train: {out_dir} has results but no last.pt to resume from; "
+        raise errors.Failure(f"train: {out_dir} has results but no last.pt to resume from; "
                          "pass --overwrite to train it again")
     if resume and existing:  # killed before its first checkpoint: nothing to continue
         say(f"train: --resume, but {out_dir} has no last.pt yet: starting from scratch")  # start_log replaces them
@@ -107,7 +109,7 @@ def refuse_more_steps(out_dir, args):
         if key == "max_steps" and (args.epochs is not None or config.get("epochs") is not None):
             continue  # an epoch count decides the steps
         if now is not None and (was is None or now > was):
-            raise SystemExit(f"train: {out_dir} finished with {flag} {was}; {flag} {now} asks for more, but its lr "
+            raise errors.Failure(f"train: {out_dir} finished with {flag} {was}; {flag} {now} asks for more, but its lr "
                              f"schedule ended at 0 there: keep {flag} {was}, or --overwrite to train {flag} {now} "
                              "from scratch (or another --out-dir)")
 
@@ -160,16 +162,16 @@ def open_trackers(args, out_dir, config):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise SystemExit("train: --tensorboard needs the tensorboard package: pip install tensorboard") from None
+            raise errors.Failure("train: --tensorboard needs the tensorboard package: pip install tensorboard") from None
     if args.wandb is not None:
         try:
             import wandb
         except ImportError:
-            raise SystemExit("train: --wandb needs the wandb package: pip install wandb") from None
+            raise errors.Failure("train: --wandb needs the wandb package: pip install wandb") from None
         try:
             wandb_run = wandb.init(project=args.wandb, name=out_dir.name, config=config, dir=str(out_dir))
         except Exception as err:  # wandb's many error types (no login, no network), at its one boundary
-            raise SystemExit(f"train: --wandb could not start a Weights & Biases run ({type(err).__name__}: "
+            raise errors.Failure(f"train: --wandb could not start a Weights & Biases run ({type(err).__name__}: "
                              f"{pretrained._first_line(err)}); run `wandb login`, or WANDB_MODE=offline") from None
         trackers.append(lambda e: wandb_run.log(numbers(e), step=e.get("step", 0)))
     if args.tensorboard is not None:
@@ -181,17 +183,19 @@ def open_trackers(args, out_dir, config):
 # --- data ---------------------------------------------------------------------------------------------
 
 def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
-    """data/<task>/ prepared on first use by prepare_data.py's own code (from the Hub, or --source DIR)."""
+    """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command (the Hub, or
+    --source DIR): stages link by files on disk."""
     if (Path(data_dir) / task / "meta.json").exists():
         return
-    import prepare_data
     if not registry.known(task):
-        raise SystemExit(f"train: unknown task {task!r} and no {Path(data_dir) / task / 'meta.json'}; "
-                         f"tasks: {', '.join(registry.TASKS)}")
+        raise errors.Failure(f"train: unknown task {task!r} and no {Path(data_dir) / task / 'meta.json'}; "
+                             f"tasks: {', '.join(registry.TASKS)}")
     command = ["--tasks", task, "--out", str(data_dir), "--tokenizer", tokenizer, *(["--source", source] if source else [])]
     say(f"train: {Path(data_dir) / task} is not prepared yet; preparing it now (python prepare_data.py "
-        f"{' '.join(command)})")
-    prepare_data.main(command)
+        f"{' '.join(command)})", flush=True)
+    script = Path(__file__).with_name("prepare_data.py")
+    if subprocess.run([sys.executable, str(script), *command]).returncode:
+        raise errors.Failure(f"train: {Path(data_dir) / task} could not be prepared (prepare_data.py said why above)")
 
 
 check_split = batching.check_split  # a split file against its meta.json (batching.py)
@@ -348,6 +352,7 @@ class Throughput:
 
 # --- the run ------------------------------------------------------------------------------------------
 
+@errors.script
 def main(argv=None):
     rank = int(os.environ.get("RANK", 0))
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
@@ -365,7 +370,7 @@ def main(argv=None):
         # an option that does not apply to the method at its default, as in a pack (config.json says what ran)
         args.out_dir = args.out_dir or str(Path("runs") / options.run_name(args))  # one naming rule, solo or pack
         if problem := cli.run_folder_problem(args.out_dir):
-            raise SystemExit(f"train: --out-dir {problem}")
+            raise errors.Failure(f"train: --out-dir {problem}")
         return main_run(args, ranks, say)
 
 
@@ -543,13 +548,13 @@ def load_task(args, ranks, say):
     meta = files.load_meta(args.data_dir, args.task)
     metrics.check_metrics(meta, Path(args.data_dir) / args.task / "meta.json")
     if args.eval_mode == "rank" and not meta.get("labels"):
-        raise SystemExit(f"train: --eval-mode rank needs a label set; {args.task} has open targets")
+        raise errors.Failure(f"train: --eval-mode rank needs a label set; {args.task} has open targets")
     args.max_length = args.max_length or meta["max_length"]
     folder = Path(args.data_dir) / args.task
     split = f"k{args.fewshot_k}_seed{args.fewshot_seed}" if args.fewshot_k else "train"
     train_file = folder / (f"train_{split}.jsonl" if args.fewshot_k else "train.jsonl")
     if not train_file.exists():
-        raise SystemExit(f"train: no {train_file}; prepare it with `python prepare_data.py --tasks {args.task} "
+        raise errors.Failure(f"train: no {train_file}; prepare it with `python prepare_data.py --tasks {args.task} "
                          f"--out {args.data_dir} --overwrite --fewshot {args.fewshot_k} --fewshot-seeds {args.fewshot_seed}`")
     train_examples, train_src, train_tgt = batching.load_split(train_file, tokenizer, args.max_length, args.max_train_examples)
     check_split(meta, split, train_examples, train_file, args.max_train_examples is not None)
@@ -582,7 +587,7 @@ def load_frozen_t5(args, task, seed):
     """The T5 (random weights from `seed` with --random-init), checked against the tokenizer, its dropout set."""
     t5 = pretrained.load_t5(args.model, random_init=args.random_init, seed=seed)
     if len(task.tokenizer) > t5.config.vocab_size:
-        raise SystemExit(f"train: the tokenizer has {len(task.tokenizer)} tokens, the model {t5.config.vocab_size}")
+        raise errors.Failure(f"train: the tokenizer has {len(task.tokenizer)} tokens, the model {t5.config.vocab_size}")
     if args.dropout is not None:
         set_dropout(t5, args.dropout)
     return t5
@@ -592,7 +597,7 @@ def label_ids(args, task):
     """The label tokens --init label starts from (None without a label set)."""
     labels = task.meta.get("labels")
     if args.init == "label" and not labels:
-        raise SystemExit(f"train: --init label needs a task with a label set; {args.task} has none")
+        raise errors.Failure(f"train: --init label needs a task with a label set; {args.task} has none")
     return batching.label_token_ids(task.tokenizer, labels) if labels else None
 
 
@@ -604,7 +609,7 @@ def read_checkpoint(resume_path, max_steps):
                               f"{', '.join(sorted(CHECKPOINT_KEYS - set(ckpt if isinstance(ckpt, dict) else ())))}); "
                               "pass --overwrite to start over")
     if ckpt["step"] > max_steps:
-        raise SystemExit(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps {max_steps}; "
+        raise errors.Failure(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps {max_steps}; "
                          "resume with the same or a larger --max-steps, or --overwrite to start over")
     return ckpt
 
@@ -614,11 +619,11 @@ def restore(load, resume_path, params):
     try:
         load()
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"train: {resume_path} holds another model or optimizer than these settings build "
+        raise errors.Failure(f"train: {resume_path} holds another model or optimizer than these settings build "
                          f"({type(err).__name__}); resume with the run's own --method and prompt options "
                          f"(its config.json), or --overwrite to start over") from None
     if not weights_finite(params):
-        raise SystemExit(f"train: {resume_path} holds NaN or inf weights; --overwrite to start over")
+        raise errors.Failure(f"train: {resume_path} holds NaN or inf weights; --overwrite to start over")
 
 
 def build_run(args, task, ranks, resume_path, say):
@@ -974,17 +979,15 @@ def finish(args, out_dir, task, run, log, ranks, say):
 if __name__ == "__main__":
     try:
         main()
-    except signals.Stopped as err:  # the line says why and how to resume; the status says "stopped by a signal"
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C while exiting: no traceback
-        if int(os.environ.get("RANK", 0)) == 0:  # once under torchrun
-            print(err, file=sys.stderr, flush=True)
-        sys.exit(err.status)
+    except SystemExit:  # a stop or a failure, its sentence printed: a further Ctrl-C while exiting is ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: locks released, files whole
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if int(os.environ.get("RANK", 0)) == 0:
             print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: run the same command "
                   "with --resume to continue", file=sys.stderr, flush=True)
         sys.exit(130)
-    finally:  # also after a failure: every rank signals.stopped at the same point (runtime.master_first)
+    finally:  # also after a failure: every rank stopped at the same point (runtime.master_first)
         if dist.is_initialized():
             dist.destroy_process_group()

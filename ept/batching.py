@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ept import files, pretrained
+from ept import errors, files, pretrained
 
 
 def encode(tokenizer, texts, max_length):
@@ -67,7 +67,7 @@ def tokenize_file(path, tokenizer, max_length):
             ids = (_cache_rows(state, "source"), _cache_rows(state, "target"))
             if len(ids[0]) != len(rows) or len(ids[1]) != len(rows):
                 ids = None
-        except (SystemExit, KeyError, RuntimeError, AttributeError, TypeError):
+        except (errors.Failure, KeyError, RuntimeError, AttributeError, TypeError):
             ids = None
         if ids is None:
             print(f"batching: {cache} is damaged; tokenizing {path.name} again")
@@ -80,7 +80,7 @@ def tokenize_file(path, tokenizer, max_length):
         try:  # a read-only data folder just means no disk cache
             cache.parent.mkdir(exist_ok=True)
             files.save_torch(cache, state)
-        except (OSError, SystemExit):
+        except (OSError, errors.Failure):
             pass
     _TOKENIZED[key] = ids
     return ids

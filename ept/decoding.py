@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
-from ept import batching, files, metrics, pretrained, runs, runtime
+from ept import batching, errors, files, metrics, pretrained, runs, runtime
 
 
 @torch.no_grad()
@@ -112,7 +112,7 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
         net = M.PromptedT5(t5, None)
     else:
         if config.get("t5_fingerprint") and pretrained.t5_fingerprint(t5) != config["t5_fingerprint"]:
-            raise SystemExit(f"the T5 rebuilt from {config['model']!r} differs from the one {run_dir} "
+            raise errors.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one {run_dir} "
                              "was trained with (fingerprint mismatch); restore that model or retrain the run")
         if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
             prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
@@ -129,9 +129,9 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
                 prompt = module().detach()
         prompt = torch.as_tensor(prompt, dtype=torch.float32)
         if not torch.isfinite(prompt).all():
-            raise SystemExit(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
+            raise errors.Failure(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
         if prompt.dim() != 2 or prompt.size(1) != t5.config.d_model:
-            raise SystemExit(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but {config['model']} "
+            raise errors.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but {config['model']} "
                              f"needs (n, {t5.config.d_model}); it belongs to another model")
         net = M.PromptedT5(t5, M.FoldedPrompt(prompt))
     return net.to(device).eval(), tokenizer, config
@@ -157,7 +157,7 @@ def run_predictions(net, tokenizer, sources, *, mode, labels, max_new_tokens, ma
     """Predictions by greedy decoding or, for tasks with a label set, rank classification."""
     if mode == "rank":
         if not labels:
-            raise SystemExit("--eval-mode rank needs a task with a label set (meta.json 'labels')")
+            raise errors.Failure("--eval-mode rank needs a task with a label set (meta.json 'labels')")
         return rank_classify(net, tokenizer, sources, labels, batch_size=batch_size, max_length=max_length,
                              device=device, dtype=dtype, progress=progress)
     return predict(net, tokenizer, sources, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -180,7 +180,7 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     meta = files.load_meta(data_dir, task)
     metrics.check_metrics(meta, Path(data_dir) / task / "meta.json")
     if mode == "rank" and not meta.get("labels"):
-        raise SystemExit(f"evaluate: --eval-mode rank needs a task with a label set; {task} has open targets")
+        raise errors.Failure(f"evaluate: --eval-mode rank needs a task with a label set; {task} has open targets")
     max_length = config["max_length"] if task == config["task"] else meta["max_length"]
     if task != config["task"]:
         say(f"evaluate: zero-shot transfer of {config['task']}'s prompt to {task} (max_length {max_length})")

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
+from ept import errors
 
-class FileFault(SystemExit):
+
+class FileFault(errors.Failure):
     """A file that is missing, damaged or cannot be written: one sentence, exit status 1."""
-
-    def __init__(self, message):
-        super().__init__(message)
 
 
 def why(err):

@@ -7,7 +7,7 @@ import itertools
 from pathlib import Path
 
 import model as M
-from ept import cli, files, runs, runtime
+from ept import cli, errors, files, runs, runtime
 
 parser = argparse.ArgumentParser(prog="train.py", formatter_class=cli.HelpFormatter)  # train.py sets its text
 group = parser.add_argument_group("data")
@@ -124,16 +124,16 @@ def per_run_value(key, value):
     action = next(a for a in parser._actions if a.dest == key)
     if action.nargs == 0:  # a flag (store_true)
         if not isinstance(value, bool):
-            raise SystemExit(f"train: --runs: {key} must be true or false, not {value!r}")
+            raise errors.Failure(f"train: --runs: {key} must be true or false, not {value!r}")
         return value
     if value is None:
         return None
     try:
         value = action.type(str(value)) if action.type else value
     except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
-        raise SystemExit(f"train: --runs: {key}: {err}") from None
+        raise errors.Failure(f"train: --runs: {key}: {err}") from None
     if action.choices is not None and value not in action.choices:
-        raise SystemExit(f"train: --runs: {key} {value!r} is not one of {', '.join(map(str, action.choices))}")
+        raise errors.Failure(f"train: --runs: {key} {value!r} is not one of {', '.join(map(str, action.choices))}")
     return value
 
 
@@ -150,10 +150,10 @@ def sweep(args, runs_file=None):
         return list(specs.values())
     rows = files.read_json(Path(runs_file), "run list")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise SystemExit(f"train: --runs {runs_file} must hold a non-empty JSON list of option dicts")
+        raise errors.Failure(f"train: --runs {runs_file} must hold a non-empty JSON list of option dicts")
     swept = [k for k in SWEEP if isinstance(getattr(args, k), list)]
     if swept:
-        raise SystemExit(f"train: --runs gives the runs; the flags give only what they share: one value for "
+        raise errors.Failure(f"train: --runs gives the runs; the flags give only what they share: one value for "
                          f"--{', --'.join(k.replace('_', '-') for k in swept)}")
     specs = []
     for row in rows:
@@ -161,16 +161,16 @@ def sweep(args, runs_file=None):
         for key, value in row.items():
             if key == "out_dir":
                 if problem := cli.run_folder_problem(value):
-                    raise SystemExit(f"train: --runs {runs_file}: out_dir {problem}")
+                    raise errors.Failure(f"train: --runs {runs_file}: out_dir {problem}")
             elif key in PER_RUN:
                 setattr(spec, key, per_run_value(key, value))
             elif key in vars(args) and per_run_value(key, value) == getattr(args, key):
                 pass  # a shared option, the same as the command line's
             elif key in vars(args):
-                raise SystemExit(f"train: --runs: {key} is shared by the runs of a pack (one task, data and T5): "
+                raise errors.Failure(f"train: --runs: {key} is shared by the runs of a pack (one task, data and T5): "
                                  f"give it once on the command line, not {value!r} for one run")
             else:
-                raise SystemExit(f"train: --runs: unknown option {key!r} (train.py's option names, with underscores)")
+                raise errors.Failure(f"train: --runs: unknown option {key!r} (train.py's option names, with underscores)")
         spec.out_dir = row.get("out_dir")
         # as on the command line: an option that does not apply to the run's method keeps its default (a
         # pass-through --prompt-length is no EPT setting), so a run's config.json is the same in a pack or alone
@@ -184,7 +184,7 @@ def resolve_pack(args, specs):
     parent = Path(args.out_dir or "runs")
     for spec in specs:
         if spec.method == "ft":
-            raise SystemExit("train: ft trains T5 itself and cannot share it with other runs in a pack; "
+            raise errors.Failure("train: ft trains T5 itself and cannot share it with other runs in a pack; "
                              "train it alone (one --method ft run)")
         named = spec.out_dir is not None
         resolve(spec)
@@ -192,9 +192,9 @@ def resolve_pack(args, specs):
             spec.out_dir = str(parent / run_name(spec))
     folders = [str(Path(s.out_dir).resolve()) for s in specs]
     if len(set(folders)) < len(folders):
-        raise SystemExit(f"train: two runs of the pack share a folder ({', '.join(sorted({f for f in folders if folders.count(f) > 1}))}); "
+        raise errors.Failure(f"train: two runs of the pack share a folder ({', '.join(sorted({f for f in folders if folders.count(f) > 1}))}); "
                          "give them different options or out_dir")
     if args.random_init and len({s.seed for s in specs}) > 1:
-        raise SystemExit("train: --random-init builds T5's weights from the seed, and a pack shares one T5: "
+        raise errors.Failure("train: --random-init builds T5's weights from the seed, and a pack shares one T5: "
                          "one seed per pack, or real weights")
     return specs

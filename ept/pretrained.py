@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ept import cli, files
+from ept import cli, errors, files
 
 PROBE_SECONDS = 3.0
 offline_reason = None  # why hub_reachable() found the Hub out of reach
@@ -69,7 +69,7 @@ def offline_error(what, name, err=None, fix=None):
         why = f"{offline_reason} and it is not in the local cache"
     else:
         why = "the Hub has no such name, or refused it" + (f" ({type(err).__name__})" if err is not None else "")
-    return SystemExit(f"could not load the {what} {name!r}: {why}; {fix or 'pass ' + FLAGS[what]}")
+    return errors.Failure(f"could not load the {what} {name!r}: {why}; {fix or 'pass ' + FLAGS[what]}")
 
 
 def local_folder(name_or_dir, what="model"):
@@ -79,10 +79,10 @@ def local_folder(name_or_dir, what="model"):
     if path.is_dir():
         return path
     if path.exists():
-        raise SystemExit(f"{name_or_dir} is a file; pass the {what} folder that holds it")
+        raise errors.Failure(f"{name_or_dir} is a file; pass the {what} folder that holds it")
     text = str(name_or_dir)
     if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
-        raise SystemExit(f"no {what} folder {name_or_dir} (it does not exist); check the path")
+        raise errors.Failure(f"no {what} folder {name_or_dir} (it does not exist); check the path")
     return None
 
 
@@ -99,7 +99,7 @@ def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
     folder = local_folder(name_or_dir)
     if folder is not None:
         if not (folder / "config.json").exists():
-            raise SystemExit(f"{name_or_dir} holds no config.json: it is not a T5 model folder")
+            raise errors.Failure(f"{name_or_dir} holds no config.json: it is not a T5 model folder")
         files.read_json(folder / "config.json", "model configuration")  # damaged JSON: one sentence
     else:
         hub_reachable()  # unreachable: the cache only, no retries
@@ -111,15 +111,15 @@ def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
         return T5ForConditionalGeneration.from_pretrained(name_or_dir)
     except Exception as err:  # the library's many error types, at the one boundary where files become a model
         if isinstance(err, ValueError):  # a config.json that is not a T5's
-            raise SystemExit(f"{name_or_dir} does not hold a T5 model ({_first_line(err)})") from None
+            raise errors.Failure(f"{name_or_dir} does not hold a T5 model ({_first_line(err)})") from None
         if folder is None:
             if isinstance(err, OSError):
                 raise offline_error("model", name_or_dir, err, fix)
             raise
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-            raise SystemExit(f"{name_or_dir} has a config but no weights; "
+            raise errors.Failure(f"{name_or_dir} has a config but no weights; "
                              "pass --random-init to build random weights from it (tests, speed only)")
-        raise SystemExit(f"the model in {name_or_dir} cannot be loaded, its files are damaged or not a T5's "
+        raise errors.Failure(f"the model in {name_or_dir} cannot be loaded, its files are damaged or not a T5's "
                          f"({type(err).__name__}: {_first_line(err)}); restore the folder") from None
 
 
@@ -135,7 +135,7 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
     candidate = name_or_dir
     if folder is not None and not _has_vocabulary(folder):
         if not _has_vocabulary(folder.parent):
-            raise SystemExit(f"{name_or_dir} holds no tokenizer (no tokenizer.json or spiece.model); "
+            raise errors.Failure(f"{name_or_dir} holds no tokenizer (no tokenizer.json or spiece.model); "
                              "pass --tokenizer DIR with the T5 tokenizer")
         candidate = str(folder.parent)
         say(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} (--tokenizer to choose)")
@@ -148,7 +148,7 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
             if isinstance(err, (OSError, ValueError, TypeError)):
                 raise offline_error("tokenizer", name_or_dir, err, fix)
             raise
-        raise SystemExit(f"the tokenizer in {candidate} cannot be loaded, its files are damaged or not a "
+        raise errors.Failure(f"the tokenizer in {candidate} cannot be loaded, its files are damaged or not a "
                          f"tokenizer's ({type(err).__name__}: {_first_line(err)}); pass --tokenizer DIR "
                          "with the T5 tokenizer") from None
     for role, token in (("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
@@ -156,7 +156,7 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
             setattr(tok, role, token)
     probe = tok("the cat sat on the mat")["input_ids"]
     if all(i == tok.unk_token_id for i in probe[:-1]):
-        raise SystemExit(f"the tokenizer from {name_or_dir!r} maps plain English to <unk>; pass --tokenizer DIR "
+        raise errors.Failure(f"the tokenizer from {name_or_dir!r} maps plain English to <unk>; pass --tokenizer DIR "
                          "with the T5 tokenizer")
     return tok
 
@@ -237,6 +237,7 @@ def make_tiny(out_dir, tokenizer=None, corpus_dir=None, seed=0, **overrides):
     return out
 
 
+@errors.script
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m ept.pretrained", description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--make-tiny", metavar="DIR", required=True, help="write a random-weight tiny T5 + tokenizer to DIR")

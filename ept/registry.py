@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ept import files
+from ept import errors, files
 
 # ---------------------------------------------------------------------------- templates (docs/paper.md, "Tasks")
 # Every converter maps one row in the Hub schema (DATA-SCHEMAS.md) and its position in the split
@@ -127,7 +127,7 @@ def read(path, parse, fmt="json", names=None):
                 rec = dict(zip(names, fields))
             new = parse(rec, n)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, csv.Error) as e:
-            raise SystemExit(f"prepare_data: {path}:{lineno}: bad row ({type(e).__name__}: {e})") from None
+            raise errors.Failure(f"prepare_data: {path}:{lineno}: bad row ({type(e).__name__}: {e})") from None
         for row in new:
             row["_at"] = f"{path}:{lineno}"  # for error messages further down
         rows += new
@@ -148,11 +148,11 @@ def _lines(path):
             for lineno, line in enumerate(f, 1):
                 yield lineno, line
     except UnicodeDecodeError:
-        raise SystemExit(f"prepare_data: {path}: {_first_bad_byte(path)} is not UTF-8; the file is damaged or in "
+        raise errors.Failure(f"prepare_data: {path}: {_first_bad_byte(path)} is not UTF-8; the file is damaged or in "
                          "another encoding: convert it to UTF-8 or fetch it again") from None
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; EOFError: a truncated .gz
         reason = "it is truncated" if isinstance(e, EOFError) else files.why(e)
-        raise SystemExit(f"prepare_data: cannot read {path} (after line {lineno}): {reason}; fetch it again") from None
+        raise errors.Failure(f"prepare_data: cannot read {path} (after line {lineno}): {reason}; fetch it again") from None
 
 
 def _first_bad_byte(path):

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 import model as M
-from ept import files
+from ept import errors, files
 
 # A run folder's name, for a solo run, a pack's runs and the drivers' alike:
 # <task>_<method>_<model>[_<options that differ from train.py's defaults and apply to the method>]_s<seed>.
@@ -94,7 +94,7 @@ def is_run_folder(run_dir):
                        for p in Path(run_dir).iterdir())
     try:
         keys = files.read_json(config)
-    except SystemExit:
+    except errors.Failure:
         return False
     return isinstance(keys, dict) and {"task", "method", "n_trainable"} <= set(keys)
 
@@ -143,7 +143,7 @@ def engine_job():
     return env.get("SLURM_JOB_ID") or "-"
 
 
-class Busy(SystemExit):
+class Busy(errors.Failure):
     """Another live process holds the run folder."""
 
 

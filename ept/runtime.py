@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ept import errors
+
 DTYPES = ("fp32", "tf32", "bf16")
 
 
@@ -29,11 +31,8 @@ def setup_distributed():
     return rank, local_rank, world_size, device
 
 
-class PeerStopped(SystemExit):
+class PeerStopped(errors.Failure):
     """Rank 0 stopped the run and printed why; this rank exits 1 without repeating the sentence."""
-
-    def __init__(self):
-        super().__init__(1)
 
 
 def master_first(fn, rank, world_size, everyone=False):

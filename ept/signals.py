@@ -11,8 +11,10 @@ import threading
 import torch
 import torch.distributed as dist
 
+from ept import errors
 
-class Stopped(SystemExit):
+
+class Stopped(errors.Failure):
     """SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) arrived: last.pt was written at a step boundary; exit status 128 + the
     signal (130 for Ctrl-C)."""
 
@@ -67,9 +69,10 @@ def stop_requested(ranks):
 
 
 def stopped(sig, step, folders):
+    """The Stopped to raise: rank 0 says why and how to resume; every rank exits 128 + the signal."""
     _stopping.append(sig)
     name = signal.Signals(sig).name
-    err = Stopped(f"train: {name} received: stopped at step {step}, last.pt written in {folders}; run the "
-                  f"same command with --resume to continue (exit status {128 + sig})")
-    err.status = 128 + sig
-    return err
+    said = int(os.environ.get("RANK", 0)) == 0  # once under torchrun
+    return Stopped(f"train: {name} received: stopped at step {step}, last.pt written in {folders}; run the "
+                   f"same command with --resume to continue (exit status {128 + sig})" if said else "",
+                   status=128 + sig)

@@ -30,7 +30,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ept import cli, files
+from ept import cli, errors, files
 
 SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write last.pt and exit
 
@@ -41,7 +41,7 @@ def time_seconds(text):
         return None
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
     if not m:
-        raise SystemExit(f"{text!r} is not a SLURM time limit (minutes, H:MM:SS or D-HH:MM:SS)")
+        raise errors.Failure(f"{text!r} is not a SLURM time limit (minutes, H:MM:SS or D-HH:MM:SS)")
     days, a, b, c = (int(g) if g else None for g in m.groups())
     if days is not None:  # days-hours[:minutes[:seconds]]
         return ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
@@ -54,13 +54,13 @@ def _option(value, what):
     """A value for an #SBATCH line: sbatch splits those lines at spaces and reads one line each."""
     text = str(value)
     if not text or re.search(r"\s", text):
-        raise SystemExit(f"the {what} {text!r} cannot go on an #SBATCH line (it is empty or has spaces)")
+        raise errors.Failure(f"the {what} {text!r} cannot go on an #SBATCH line (it is empty or has spaces)")
     return text
 
 
 def _job_id(text):
     if not re.fullmatch(r"\d+(_\d+)?", str(text)):
-        raise SystemExit(f"{text!r} is not a SLURM job id (a number, as sbatch prints it)")
+        raise errors.Failure(f"{text!r} is not a SLURM job id (a number, as sbatch prints it)")
     return str(text)
 
 
@@ -75,10 +75,10 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
     after: job ids the array waits for (afterany: until each ended, however), e.g. an earlier plan that
     shares runs with this one."""
     if n_units < 1:
-        raise SystemExit(f"the plan {plan_path} has no units: nothing to submit")
+        raise errors.Failure(f"the plan {plan_path} has no units: nothing to submit")
     limit = time_seconds(time) if time else None
     if limit is not None and limit <= signal_s:
-        raise SystemExit(f"the time limit {time} is not longer than the {signal_s} s the unit gets "
+        raise errors.Failure(f"the time limit {time} is not longer than the {signal_s} s the unit gets "
                          f"to checkpoint before it (signal_s)")
     plan, logs = Path(plan_path).resolve(), Path(log_dir).resolve()
     workdir = Path(workdir or Path.cwd()).resolve()
@@ -190,12 +190,12 @@ def _sbatch(text, path, what):
     """Submit a script (on sbatch's stdin), then write it to `path`; its job id, or one sentence and
     nothing written."""
     if shutil.which("sbatch") is None:
-        raise SystemExit("sbatch is not on PATH: --slurm needs a SLURM cluster's commands here "
+        raise errors.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands here "
                          "(a test cluster on this machine, as root: bash scripts/slurm_cluster.sh start)")
     done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise SystemExit(f"sbatch refused {what} ({path.name}): {reason}")
+        raise errors.Failure(f"sbatch refused {what} ({path.name}): {reason}")
     files.write_text(path, text)
     return done.stdout.strip().split(";")[0]  # --parsable: "<id>" or "<id>;<cluster>"
 
@@ -207,7 +207,7 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):
-        raise SystemExit(f"the plan {plan} has an empty line: every line must be a unit")
+        raise errors.Failure(f"the plan {plan} has an empty line: every line must be a unit")
     job_name = job_name or plan.stem
     logs = Path(log_dir or plan.parent / "slurm-logs").resolve()
     array_text = sbatch_script(plan, len(units), job_name=job_name, log_dir=logs, **opts)
@@ -215,7 +215,7 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
     files.make_dir(logs, "log folder")  # SLURM does not create the folder of --output
     try:
         array_id = _sbatch(array_text, plan.with_name(plan.stem + ".sbatch"), "the job array")
-    except SystemExit:
+    except errors.Failure:
         if fresh:
             logs.rmdir()
         raise
@@ -224,8 +224,8 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
         collect_text = collect_script(collect_cmd, array_id, job_name=job_name, log_dir=logs, **shared)
         collect_file = plan.with_name(plan.stem + ".collect.sbatch")
         collect_id = _sbatch(collect_text, collect_file, "the collect job")
-    except SystemExit as err:
-        raise SystemExit(f"{err} (the array {array_id} was submitted and runs without it: "
+    except errors.Failure as err:
+        raise errors.Failure(f"{err} (the array {array_id} was submitted and runs without it: "
                          f"scancel {array_id}, or collect by hand later: {collect_cmd})") from None
     at_once = f", {opts['max_parallel']} at once" if opts.get("max_parallel") else ""
     after = f", after job {' '.join(opts['after'])}" if opts.get("after") else ""
@@ -263,6 +263,7 @@ parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPT
                     help="an #SBATCH line of both jobs, e.g. --sbatch-option=--account=nlp (repeatable)")
 
 
+@errors.script
 def main(argv=None):
     args = parser.parse_args(argv)
     submit(args.plan, args.collect, job_name=args.job_name, log_dir=args.log_dir,

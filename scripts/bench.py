@@ -73,7 +73,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import model as M  # noqa: E402
 import train  # noqa: E402
-from ept import batching, cli, decoding, files, optim, pretrained, runtime  # noqa: E402
+from ept import batching, cli, decoding, errors, files, optim, pretrained, runtime  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 # data
@@ -409,6 +409,7 @@ def print_tables(result):
           + " / ".join(f"{v[0]:.1f}" for v in result["load_average"].values()))
 
 
+@errors.script
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import model as M  # noqa: E402
 import train  # noqa: E402
-from ept import cli  # noqa: E402
+from ept import cli, errors  # noqa: E402
 from ept.multirun import Pack, PackedT5, clip_runs, make_run, step_runs  # noqa: E402
 
 # --- the benchmark --------------------------------------------------------------------------------
@@ -129,6 +129,7 @@ def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprom
 PEAK_TFLOPS = {("cuda", "bf16"): 989.0, ("cuda", "fp32"): 67.0}  # H200 dense (fp32: no tensor cores, no TF32)
 
 
+@errors.script
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "shared/data/t5/t5-small"),

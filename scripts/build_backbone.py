@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ept import batching, cli, decoding, files, optim, registry  # noqa: E402
+from ept import batching, cli, decoding, errors, files, optim, registry  # noqa: E402
 
 # A model small enough to ship as a test fixture (~1 MB) and to build in about a minute.
 SIZE = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=3, num_decoder_layers=2,
@@ -66,11 +66,11 @@ def write_sentences(root, n_train=4000, n_dev=400, seed=0):
 
 def read_sentences(path):
     if not Path(path).is_file():
-        raise SystemExit(f"build_backbone: no {path}; pass --source DIR holding sentences/train.tsv and dev.tsv "
+        raise errors.Failure(f"build_backbone: no {path}; pass --source DIR holding sentences/train.tsv and dev.tsv "
                          f"(shipped in {registry.STEER_SOURCE}, or written by --write-sentences DIR)")
     rows = [r["sentence"] for r in registry.read(Path(path), lambda r, n: [{"sentence": r["sentence"].strip()}], "tsv")]
     if not rows:
-        raise SystemExit(f"build_backbone: {path} holds no sentences")
+        raise errors.Failure(f"build_backbone: {path} holds no sentences")
     return rows
 
 
@@ -151,6 +151,7 @@ def build(out, source=registry.STEER_SOURCE, seed=0, steps=1500, batch_size=32, 
     return result
 
 
+@errors.script
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", metavar="DIR", help="write the backbone model folder here")
@@ -167,7 +168,7 @@ def main(argv=None):
         parser.error("pass --out DIR (or --write-sentences DIR)")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "backbone.json").exists()):
-        raise SystemExit(f"build_backbone: {out} exists and is not a backbone folder this script wrote; "
+        raise errors.Failure(f"build_backbone: {out} exists and is not a backbone folder this script wrote; "
                          "choose another --out (the folder is replaced as a whole)")
     torch.set_num_threads(1)  # deterministic, and a model this small gains nothing from more
     result = build(args.out, args.source, args.seed, args.steps)

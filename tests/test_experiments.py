@@ -25,7 +25,7 @@ import fewshot
 import model as M
 import report
 import train
-from ept import decoding, files, pretrained
+from ept import decoding, errors, files, pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -221,7 +221,7 @@ def test_export_writes_what_peft_loads(grid, tiny_model_dir, tmp_path):
 
 def test_export_refuses_full_fine_tuning(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"method": "ft", "model": "t5-base", "task": "rte"}))
-    with pytest.raises(SystemExit, match="no prompt"):
+    with pytest.raises(errors.Failure, match="no prompt"):
         export.export(tmp_path, tmp_path / "out")
 
 

@@ -1,23 +1,33 @@
-"""The layout docs/DESIGN.md describes: no import cycle among the project's modules (lazy imports count)."""
+"""The layout docs/DESIGN.md draws: the stages on top, the machinery beneath them in ept/.
+
+Stages link by files on disk, so no stage imports another. model.py is the one exception: it is the
+methods themselves (as nanoGPT's train.py imports its model.py), so every stage and ept/ may import it.
+ept/ imports no stage but model.py, and nothing has an import cycle (lazy imports count).
+"""
 import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+STAGES = {"prepare_data", "model", "train", "evaluate", "fewshot", "ablate", "analyze", "report", "export"}
 
 
-def project_imports():
-    """{module: project modules it imports anywhere in its text (top level or inside a function)}."""
-    modules = {p.stem for p in REPO.glob("*.py")}
-    graph = {}
-    for path in REPO.glob("*.py"):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module.split(".")[0])
-        graph[path.stem] = names & modules - {path.stem}
-    return graph
+def imports(path):
+    """The top-level names a file imports anywhere in its text (top level or inside a function);
+    `from ept import files` counts as ept.files."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {f"{node.module}.{a.name}" for a in node.names} if node.module == "ept" else {node.module}
+    return names
+
+
+def project_graph():
+    """{module: the project modules it imports}, over the top-level scripts and ept/."""
+    paths = {p.stem: p for p in REPO.glob("*.py")}
+    paths |= {f"ept.{p.stem}": p for p in (REPO / "ept").glob("*.py") if p.stem != "__init__"}
+    return {name: {m for m in imports(path) if m in paths} - {name} for name, path in paths.items()}
 
 
 def find_cycle(graph):
@@ -37,12 +47,27 @@ def find_cycle(graph):
     return next((c for u in sorted(graph) if u not in state and (c := visit(u))), None)
 
 
+def test_the_top_level_holds_the_stages_only():
+    assert {p.stem for p in REPO.glob("*.py")} == STAGES
+    assert {p.name for p in (REPO / "scripts").glob("bench*.py")} == {"bench.py", "bench_pack.py"}
+
+
+def test_no_stage_imports_another():
+    graph = project_graph()
+    assert {"train", "ablate", "ept.files", "ept.options"} <= set(graph)  # the walk saw both levels
+    for name, deps in graph.items():
+        stages = {d for d in deps if d in STAGES} - {"model"}
+        assert not stages, f"{name} imports the stage(s) {sorted(stages)}: stages link by files"
+
+
 def test_no_import_cycles():
-    graph = project_imports()
-    assert {"train", "model", "files", "report", "ablate"} <= set(graph)  # the walk saw the modules
+    graph = project_graph()
     assert find_cycle(graph) is None, find_cycle(graph)
 
 
-def test_the_cycle_finder_finds_one():
+def test_the_checks_can_fail(tmp_path):
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    script = tmp_path / "x.py"
+    script.write_text("import train\nfrom ept import files, tables\n\ndef f():\n    import evaluate\n")
+    assert imports(script) == {"train", "ept.files", "ept.tables", "evaluate"}

@@ -7,7 +7,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 import model
-from ept import pretrained
+from ept import errors, pretrained
 from model import METHODS, FoldedPrompt, PromptedT5, build_prompt_module, count_trainable
 
 # docs/paper.md, "Methods": the paper's Param column, reproduced exactly.
@@ -215,7 +215,7 @@ def test_offline_tokenizer_when_no_real_one(tmp_path):
 
 def test_config_folder_without_weights_says_random_init(tmp_path):
     TINY.save_pretrained(tmp_path)
-    with pytest.raises(SystemExit, match="--random-init"):
+    with pytest.raises(errors.Failure, match="--random-init"):
         pretrained.load_t5(tmp_path)
     assert pretrained.load_t5(tmp_path, random_init=True).config.d_model == 16
 
@@ -223,7 +223,7 @@ def test_config_folder_without_weights_says_random_init(tmp_path):
 def test_unreachable_hub_is_one_sentence(monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait in tests
-    with pytest.raises(SystemExit, match=r"^could not load the model .*; pass --model DIR"):
+    with pytest.raises(errors.Failure, match=r"^could not load the model .*; pass --model DIR"):
         pretrained.load_t5("no-such-org/no-such-t5")
 
 

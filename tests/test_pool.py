@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ablate
-from ept import files, runs
+from ept import errors, files, runs
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -265,7 +265,7 @@ def test_pool_devices():
     finally:
         del os.environ["CUDA_VISIBLE_DEVICES"]
     assert ablate.pool_devices(ablate.parser.parse_args(["init", "--gpus", "3"])) == ["0", "1", "2"]
-    with pytest.raises(SystemExit, match="not a multiple"):
+    with pytest.raises(errors.Failure, match="not a multiple"):
         ablate.pool_devices(ablate.parser.parse_args(["init", "--gpus", "3", "--nproc", "2"]))
 
 

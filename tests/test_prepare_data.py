@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prepare_data  # noqa: E402
-from ept import files, registry  # noqa: E402
+from ept import errors, files, registry  # noqa: E402
 from ept.registry import GROUPS, TASKS, pad_punctuation  # noqa: E402
 from prepare_data import main, to_records  # noqa: E402
 
@@ -287,14 +287,14 @@ def test_unreachable_hub_says_pass_source(monkeypatch, tmp_path):
         calls.append(kwargs)
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    with pytest.raises(SystemExit, match=r"^prepare_data: could not load the dataset 'nyu-mll/glue \(rte\)'.*pass "
+    with pytest.raises(errors.Failure, match=r"^prepare_data: could not load the dataset 'nyu-mll/glue \(rte\)'.*pass "
                                          r"--source DIR") as e:
         run("--tasks", "rte", "--out", tmp_path, source=None)
     assert "\n" not in str(e.value) and len(calls) == 1 and not (tmp_path / "rte").exists()
 
 
 def test_hub_label_outside_the_label_set():
-    with pytest.raises(SystemExit, match=r"cb: hub row 1: .*label 3 is outside the label set 0, 1, 2"):
+    with pytest.raises(errors.Failure, match=r"cb: hub row 1: .*label 3 is outside the label set 0, 1, 2"):
         to_records(TASKS["cb"], [CASES["cb"][3], {**CASES["cb"][3], "label": 3}], "hub")
 
 

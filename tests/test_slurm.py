@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ept import slurm
+from ept import errors, slurm
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = Path(__file__).resolve().with_name("fake_unit.py")
@@ -77,23 +77,23 @@ def test_time_seconds(text, seconds):
     ({"after": ["7 --x"]}, "not a SLURM job id"),
 ])
 def test_sbatch_script_refuses(tmp_path, kw, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(errors.Failure, match=message):
         slurm.sbatch_script(tmp_path / "t.plan", 2, job_name="x", log_dir=tmp_path, **kw)
 
 
 def test_submit_one_sentence_errors(tmp_path, monkeypatch):
     plan = write_plan(tmp_path / "p.plan", ["true", "", "true"])
-    with pytest.raises(SystemExit, match="has an empty line"):
+    with pytest.raises(errors.Failure, match="has an empty line"):
         slurm.submit(plan, "true", gpus_per_task=0)
     plan = write_plan(tmp_path / "p.plan", ["true"])
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no sbatch
-    with pytest.raises(SystemExit, match="sbatch is not on PATH"):
+    with pytest.raises(errors.Failure, match="sbatch is not on PATH"):
         slurm.submit(plan, "true", gpus_per_task=0)
     (tmp_path / "bin").mkdir()
     sbatch = tmp_path / "bin" / "sbatch"
     sbatch.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpu' >&2\nexit 1\n")
     sbatch.chmod(0o755)
-    with pytest.raises(SystemExit, match=r"sbatch refused the job array \(p.sbatch\): sbatch: error: invalid"):
+    with pytest.raises(errors.Failure, match=r"sbatch refused the job array \(p.sbatch\): sbatch: error: invalid"):
         slurm.submit(plan, "true", gpus_per_task=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "p.plan"]  # nothing written
 

@@ -1,0 +1,36 @@
+"""What goes wrong in a way the user can fix, and the one place a script turns it into its exit.
+
+The support code raises `Failure` (bad input, a missing, damaged, busy or unwritable file, a run that
+stopped): an ordinary exception whose message is one sentence. A stage's `main` is wrapped in `script`,
+which prints that sentence on stderr and exits non-zero, so `python train.py ...` fails in one line and
+a caller of `train.main(argv)` sees the usual SystemExit.
+"""
+import functools
+import sys
+
+
+class Failure(Exception):
+    """A problem the user can fix: one sentence; `status` is the exit status the script ends with."""
+
+    status = 1
+
+    def __init__(self, message="", status=None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+def script(main):
+    """A script's `main(argv=None)`: a Failure becomes its sentence on stderr and a non-zero exit. A
+    Failure without a message (a rank whose rank 0 already said why) exits without a word."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Failure as err:
+            if str(err) and err.status == 1:
+                raise SystemExit(str(err)) from None  # Python prints it: the sentence and status 1
+            if str(err):
+                print(err, file=sys.stderr, flush=True)
+            raise SystemExit(err.status) from None
+    return run
