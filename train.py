@@ -25,11 +25,9 @@ import argparse
 import contextlib
 import functools
 import io
-import json
 import math
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +53,7 @@ from ept import (
     options,
     pretrained,
     registry,
+    runfolder,
     runs,
     runtime,
     signals,
@@ -64,120 +63,12 @@ from ept.runtime import rng_state, seed_everything, set_rng_state
 
 options.parser.description = __doc__  # the flags live in ept/options.py: the drivers plan runs by them
 
-CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score", "best_step"}
-
 
 class NonFiniteError(errors.Failure):
     """A NaN/inf loss, gradient, prompt or weight: the run stops (exit status 1) with best.pt and the log intact."""
 
 
 # --- the run folder ---------------------------------------------------------------------------------
-
-def open_run_folder(out_dir, resume, overwrite, say):
-    """Decide what happens to an existing folder; nothing is written or deleted here (start_log does that, after
-    every check). Returns the checkpoint to resume from, or None for a fresh start; 'finished' when a resumed
-    run has already ended."""
-    existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
-    if overwrite and existing:
-        if not runs.is_run_folder(out_dir):
-            raise errors.Failure(f"train: {out_dir} is not a run folder written by train.py; --overwrite "
-                             "deletes only run folders: choose another --out-dir")
-        return None  # start_log deletes them, once every check of every run has passed
-    if existing and not resume:
-        raise errors.Failure(f"train: {out_dir} already holds {', '.join(existing)}; "
-                         "pass --resume to continue it or --overwrite to start over")
-    if resume and runs.finished(out_dir):
-        return "finished"
-    if resume and (out_dir / "last.pt").exists():
-        return out_dir / "last.pt"
-    if resume and {"best.pt", "prompt.pt", "metrics.json"} & set(existing):
-        raise errors.Failure(f"train: {out_dir} has results but no last.pt to resume from; "
-                         "pass --overwrite to train it again")
-    if resume and existing:  # killed before its first checkpoint: nothing to continue
-        say(f"train: --resume, but {out_dir} has no last.pt yet: starting from scratch")  # start_log replaces them
-    return None
-
-
-def refuse_more_steps(out_dir, args):
-    """A finished run asked for more training (--resume with a larger --max-steps or --epochs) is refused: its lr
-    decayed linearly to 0 at its last step, and training on would need a schedule that is neither the old
-    run's nor a fresh run of the new length (docs/training.md, "Resume")."""
-    config = files.read_json(out_dir / "config.json", "run configuration")
-    config = config if isinstance(config, dict) else {}
-    for flag, key in (("--epochs", "epochs"), ("--max-steps", "max_steps")):
-        was, now = config.get(key), getattr(args, key)
-        if key == "max_steps" and (args.epochs is not None or config.get("epochs") is not None):
-            continue  # an epoch count decides the steps
-        if now is not None and (was is None or now > was):
-            raise errors.Failure(f"train: {out_dir} finished with {flag} {was}; {flag} {now} asks for more, but its lr "
-                             f"schedule ended at 0 there: keep {flag} {was}, or --overwrite to train {flag} {now} "
-                             "from scratch (or another --out-dir)")
-
-
-def trim_log(path, step):
-    """On resume: keep the events up to the checkpoint's step; what a killed run logged after it is redone
-    (a half-written last line included)."""
-    if path.exists():
-        keep = [e for e in files.read_jsonl(path, what="run log", torn_tail_ok=True,
-                                            fix="repair or delete that line, then --resume again")
-                if e.get("step", 0) <= step and e.get("event") != "end"]
-        files.write_jsonl(path, keep)
-
-
-def open_log(path, trackers):
-    """log(event): one JSON line per event, flushed, and the same event to the optional trackers.
-    No path (ranks other than 0): events go nowhere."""
-    try:
-        f = open(path, "a", buffering=1) if path else None
-    except OSError as err:
-        raise files.FileFault(f"train: cannot write {path}: {files.why(err)}") from None
-
-    def log(event):
-        if f:
-            try:
-                f.write(json.dumps(event) + "\n")
-            except OSError as err:  # a full disk mid-run: one sentence; a torn last line is dropped on --resume
-                raise files.FileFault(f"train: cannot write {path}: {files.why(err)}; free space, then "
-                                      "--resume") from None
-        for track in trackers:
-            track(event)
-
-    def close():
-        try:
-            if f:
-                f.close()
-        except OSError as err:  # the last buffered line could not be written
-            raise files.FileFault(f"train: cannot write {path}: {files.why(err)}") from None
-    log.close = close
-    return log
-
-
-def open_trackers(args, out_dir, config):
-    """Live curves in TensorBoard and/or Weights & Biases, off unless asked; log.jsonl stays the record.
-    Every package is checked and W&B started before TensorBoard writes its file: a failed start leaves none."""
-    trackers = []
-    numbers = lambda e: {f"{e['event']}/{k}": v for k, v in e.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-    if args.tensorboard is not None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise errors.Failure("train: --tensorboard needs the tensorboard package: pip install tensorboard") from None
-    if args.wandb is not None:
-        try:
-            import wandb
-        except ImportError:
-            raise errors.Failure("train: --wandb needs the wandb package: pip install wandb") from None
-        try:
-            wandb_run = wandb.init(project=args.wandb, name=out_dir.name, config=config, dir=str(out_dir))
-        except Exception as err:  # wandb's many error types (no login, no network), at its one boundary
-            raise errors.Failure(f"train: --wandb could not start a Weights & Biases run ({type(err).__name__}: "
-                             f"{pretrained._first_line(err)}); run `wandb login`, or WANDB_MODE=offline") from None
-        trackers.append(lambda e: wandb_run.log(numbers(e), step=e.get("step", 0)))
-    if args.tensorboard is not None:
-        writer = SummaryWriter(args.tensorboard or str(out_dir / "tensorboard"))
-        trackers.append(lambda e: [writer.add_scalar(k, v, e.get("step", 0)) for k, v in numbers(e).items()])
-    return trackers
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -293,11 +184,6 @@ def nonfinite(loss=None, grad_norm=None, prompt_norm=None):
             if v is not None and not math.isfinite(v)]
 
 
-def weights_finite(params):
-    """All trainable weights finite (full fine-tuning can blow up with a finite loss): one reduction."""
-    return bool(torch.stack([n.float() for n in torch._foreach_norm(params)]).isfinite().all()) if params else True
-
-
 def set_dropout(t5, rate):
     """T5's dropout rate everywhere: the nn.Dropout modules and the float rate HF's attention keeps."""
     t5.config.dropout_rate = rate
@@ -381,14 +267,14 @@ def main_run(args, ranks, say):
 
     # --- the run folder: one writer (lock); fresh, resumed or overwritten; nothing written before the checks
     out_dir = Path(args.out_dir)
-    created, lock = new_folders(out_dir), None
+    created, lock = runfolder.new_folders(out_dir), None
 
     def open_folder():
         nonlocal lock
-        lock = claim_folder(out_dir, say)
-        resume_path = open_run_folder(out_dir, args.resume, args.overwrite, say)
+        lock = runfolder.claim_folder(out_dir, say)
+        resume_path = runfolder.open_run_folder(out_dir, args.resume, args.overwrite, say)
         if resume_path == "finished":
-            refuse_more_steps(out_dir, args)
+            runfolder.refuse_more_steps(out_dir, args)
         return resume_path
     try:
         resume_path = first(open_folder)
@@ -397,7 +283,7 @@ def main_run(args, ranks, say):
             return {"out_dir": str(out_dir), "finished": True}
         task = first(lambda: load_task(args, ranks, say), everyone=True)
         run = first(lambda: build_run(args, task, ranks, resume_path, say), everyone=True)
-        log = first(lambda: start_log(args, out_dir, run, task, ranks, resume_path, say), everyone=True)
+        log = first(lambda: runfolder.start_log(args, out_dir, run, task, ranks, resume_path, say), everyone=True)
         try:
             train_loop(args, out_dir, task, run, log, ranks)
             return finish(args, out_dir, task, run, log, ranks, say)
@@ -406,30 +292,7 @@ def main_run(args, ranks, say):
     finally:
         if lock:
             lock.release()
-            remove_if_empty(created)
-
-
-def new_folders(out_dir):
-    """The folders that creating `out_dir` makes, deepest first (what a failed start takes away again)."""
-    return [p for p in (out_dir, *out_dir.parents) if not p.exists()]
-
-
-def remove_if_empty(folders):
-    """A start that failed before writing anything (offline, bad input) leaves no empty folder behind."""
-    for folder in folders:
-        try:
-            folder.rmdir()  # only an empty folder: a run's files, or another process's, keep it
-        except OSError:
-            return
-
-
-def claim_folder(out_dir, say):
-    """Create the run folder and take its lock (runs.Busy, one sentence, when a live process holds it)."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise files.FileFault(f"train: cannot create {out_dir}: {files.why(err)}") from None
-    return runs.acquire_lock(out_dir, say)
+            runfolder.remove_if_empty(created)
 
 
 # --- a pack: several prompt runs on one T5 (multirun.py does the math) --------------------------------
@@ -444,7 +307,7 @@ def open_pack_folders(args, specs, say):
     for spec in specs:
         out_dir = Path(spec.out_dir)
         try:
-            lock = claim_folder(out_dir, say)
+            lock = runfolder.claim_folder(out_dir, say)
         except runs.Busy as err:
             say(f"train: left out of the pack: {err}")
             args.left_out.append(str(out_dir))
@@ -452,9 +315,9 @@ def open_pack_folders(args, specs, say):
         args.pack_locks.append(lock)
         resume_path = None if args.overwrite or not runs.finished(out_dir) else "finished"
         if resume_path is None:
-            resume_path = open_run_folder(out_dir, args.resume or spec.resume, args.overwrite, say)
+            resume_path = runfolder.open_run_folder(out_dir, args.resume or spec.resume, args.overwrite, say)
         if resume_path == "finished" and (args.resume or spec.resume):
-            refuse_more_steps(out_dir, spec)
+            runfolder.refuse_more_steps(out_dir, spec)
         if resume_path == "finished":
             say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); skipped")
             lock.release()
@@ -468,7 +331,7 @@ def main_pack(args, specs, ranks, say, max_rows=None):
     first = functools.partial(runtime.master_first, rank=ranks.rank, world_size=ranks.world_size)
     specs = first(lambda: options.resolve_pack(args, specs), everyone=True)
     args.pack_locks, args.left_out = [], []
-    created = [folder for spec in specs for folder in new_folders(Path(spec.out_dir))]
+    created = [folder for spec in specs for folder in runfolder.new_folders(Path(spec.out_dir))]
     try:
         jobs = None
 
@@ -498,7 +361,7 @@ def main_pack(args, specs, ranks, say, max_rows=None):
             lock.release()
         if ranks.master:
             for folder in created:
-                remove_if_empty([folder])
+                runfolder.remove_if_empty([folder])
 
 
 def build_pack(jobs, task, ranks, say, max_rows=None):
@@ -520,14 +383,14 @@ def build_pack(jobs, task, ranks, say, max_rows=None):
         job.raw_model = job.run.prompted(t5)  # what validate, start_log and finish take
         job.rng, job.resumed = None, job.resume_path is not None
         if job.resume_path:
-            ckpt = read_checkpoint(job.resume_path, a.max_steps)
-            restore(lambda: job.run.load_checkpoint_state(ckpt), job.resume_path, job.run.params)
-            job.rng = rank_rng(ckpt, ranks, say)
+            ckpt = runfolder.read_checkpoint(job.resume_path, a.max_steps)
+            runfolder.restore(lambda: job.run.load_checkpoint_state(ckpt), job.resume_path, job.run.params)
+            job.rng = runfolder.rank_rng(ckpt, ranks, say)
         job.step = job.run.step
         if job.resume_path and ranks.master:
-            check_resume_files(job.out_dir)
+            runfolder.check_resume_files(job.out_dir)
     for job in jobs:  # every run checked: only now does any run's folder change
-        job.log = start_log(job.args, job.out_dir, job, task, ranks, job.resume_path, say,
+        job.log = runfolder.start_log(job.args, job.out_dir, job, task, ranks, job.resume_path, say,
                             extra={"pack": {"size": len(jobs), "runs": names}})
     compiled = torch.compile if first.compile else (lambda m: m)
     wrap = compiled
@@ -601,31 +464,6 @@ def label_ids(args, task):
     return batching.label_token_ids(task.tokenizer, labels) if labels else None
 
 
-def read_checkpoint(resume_path, max_steps):
-    """A last.pt read whole and checked (its keys, its step) before anything in the run folder changes."""
-    ckpt = files.load_torch(resume_path, fix="pass --overwrite to start over")
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
-        raise files.FileFault(f"train: {resume_path} is not a training checkpoint (it lacks "
-                              f"{', '.join(sorted(CHECKPOINT_KEYS - set(ckpt if isinstance(ckpt, dict) else ())))}); "
-                              "pass --overwrite to start over")
-    if ckpt["step"] > max_steps:
-        raise errors.Failure(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps {max_steps}; "
-                         "resume with the same or a larger --max-steps, or --overwrite to start over")
-    return ckpt
-
-
-def restore(load, resume_path, params):
-    """load() the checkpoint's trainable state, optimizer and schedule; one sentence when they do not fit."""
-    try:
-        load()
-    except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise errors.Failure(f"train: {resume_path} holds another model or optimizer than these settings build "
-                         f"({type(err).__name__}); resume with the run's own --method and prompt options "
-                         f"(its config.json), or --overwrite to start over") from None
-    if not weights_finite(params):
-        raise errors.Failure(f"train: {resume_path} holds NaN or inf weights; --overwrite to start over")
-
-
 def build_run(args, task, ranks, resume_path, say):
     """The seeded model (frozen T5 + prompt module), AdamW + schedule and the data order: fresh, or as
     last.pt left them (read whole and checked before anything in the run folder changes)."""
@@ -649,88 +487,17 @@ def build_run(args, task, ranks, resume_path, say):
                           micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
                           steps_per_epoch=steps_per_epoch, resumed=resume_path is not None)
     if resume_path:
-        ckpt = read_checkpoint(resume_path, args.max_steps)
+        ckpt = runfolder.read_checkpoint(resume_path, args.max_steps)
 
         def load():
             raw_model.load_trainable_state_dict(ckpt["trainable"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-        restore(load, resume_path, run.params)
+        runfolder.restore(load, resume_path, run.params)
         run.step, run.best_score, run.best_step = ckpt["step"], ckpt["best_score"], ckpt["best_step"]
         run.order = DataOrder(len(task.data), args.seed, args.batch_size, run.order.lengths, **ckpt["data"])
-        run.rng = rank_rng(ckpt, ranks, say)
+        run.rng = runfolder.rank_rng(ckpt, ranks, say)
     return run
-
-
-def rank_rng(ckpt, ranks, say):
-    """This rank's RNG state in a checkpoint, or None (reseed) when another number of ranks wrote it."""
-    if len(ckpt["rng"]) == ranks.world_size:
-        return ckpt["rng"][ranks.rank]
-    say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: RNG reseeded")
-    return None
-
-
-def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
-    """config.json (rewritten; `extra`: more keys, a pack's) and log.jsonl (trimmed to the checkpoint on
-    resume, then appended)."""
-    run.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
-                  "n_trainable": M.count_trainable(run.raw_model),
-                  "t5_fingerprint": pretrained.t5_fingerprint(run.raw_model.t5), "train_file": str(task.train_file),
-                  "train_size": len(task.data), "validation_size": len(task.val_examples),
-                  "steps_per_epoch": run.steps_per_epoch, "micro_batch_size": run.micro_batch_size,
-                  "grad_accum_steps": run.grad_accum_steps,
-                  "meta": {k: task.meta.get(k) for k in ("labels", "metrics", "score", "max_length", "max_target_length")},
-                  "torch": torch.__version__, **(extra or {})}
-    log = open_log(None, [])
-    if ranks.master:
-        if resume_path and (out_dir / "config.json").exists():
-            before = files.read_json(out_dir / "config.json", "run configuration")
-            before = before if isinstance(before, dict) else {}
-            changed = {k: (before.get(k), v) for k, v in run.config.items() if before.get(k) != v and k != "resume"}
-            if changed:
-                say(f"train: resuming with changed settings (was, now): {changed}")
-        trackers = open_trackers(args, out_dir, run.config)
-        for name in runs.RUN_FILES:  # temporary files of a writer killed mid-save (files.write_with); we hold the lock
-            for tmp in out_dir.glob(f".{name}.tmp*"):
-                tmp.unlink(missing_ok=True)
-        (out_dir / runs.FAILED_NAME).unlink(missing_ok=True)  # started again: its last failure is history
-        if resume_path:  # the log first: a damaged one stops the resume before config.json changes
-            trim_log(out_dir / "log.jsonl", run.step)
-        else:  # a fresh start: the log of a run killed before its first checkpoint goes only now
-            clear_run_files(out_dir, args.overwrite, say)
-        files.write_json(out_dir / "config.json", run.config)
-        log = open_log(out_dir / "log.jsonl", trackers)
-    log({"event": "resume" if resume_path else "setup", "step": run.step, "device": ranks.device,
-         "world_size": ranks.world_size, "dtype": args.dtype, "n_trainable": run.config["n_trainable"],
-         "train_size": len(task.data), "steps_per_epoch": run.steps_per_epoch, "max_steps": args.max_steps,
-         "grad_accum_steps": run.grad_accum_steps})
-    say(f"train: {args.method} on {args.task}, {run.config['n_trainable']:,} trainable parameters, "
-        f"{len(task.data)} examples, {args.max_steps} steps, {ranks.world_size} rank(s) on {ranks.device}, "
-        f"{args.dtype} -> {out_dir}")
-    return log
-
-
-def clear_run_files(out_dir, overwrite, say):
-    """A fresh start, after every check passed: --overwrite deletes the old run's files (open_run_folder checked
-    that train.py wrote them); otherwise only the log of a run killed before its first checkpoint is left."""
-    existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
-    if overwrite and (existing or (out_dir / "eval").exists()):
-        say(f"train: --overwrite: deleting {', '.join(existing + ['eval/'] * (out_dir / 'eval').exists())} "
-            f"in {out_dir}")
-        for f in existing:
-            (out_dir / f).unlink()
-        shutil.rmtree(out_dir / "eval", ignore_errors=True)
-    (out_dir / "log.jsonl").unlink(missing_ok=True)
-
-
-def check_resume_files(out_dir):
-    """What start_log reads of a resumed run (config.json, log.jsonl), read now: a pack refuses a damaged one
-    before any of its runs' files change."""
-    if (out_dir / "config.json").exists():
-        files.read_json(out_dir / "config.json", "run configuration")
-    if (out_dir / "log.jsonl").exists():
-        files.read_jsonl(out_dir / "log.jsonl", what="run log", torn_tail_ok=True,
-                         fix="repair or delete that line, then --resume again")
 
 
 def top_of_step(args, step, start_step, resumed):
@@ -798,7 +565,7 @@ def train_loop(args, out_dir, task, run, log, ranks):
         seed_everything(args.seed + ranks.rank + 1_000_003 * step)  # fresh run: seed + rank
 
     def checkpoint(*names):
-        if not weights_finite(run.params):  # never a NaN/inf state on disk (full fine-tuning can get there)
+        if not runfolder.weights_finite(run.params):  # never a NaN/inf state on disk (full fine-tuning can get there)
             stop(["weights"], scheduler.get_last_lr()[0])
         rngs = rank_rng_states(ranks)
         state = {"step": step, "trainable": raw_model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
@@ -819,7 +586,7 @@ def train_loop(args, out_dir, task, run, log, ranks):
         last_step = step == args.max_steps
         due = top_of_step(args, step, start_step, run.resumed)
         if due == "eval":
-            if not weights_finite(run.params):
+            if not runfolder.weights_finite(run.params):
                 stop(["weights"], scheduler.get_last_lr()[0])
             metrics = validate_and_log(args, task, raw_model, ranks, log, step)
             pbar.set_postfix(score=f"{metrics['score']:.2f}")
@@ -881,7 +648,7 @@ def train_pack(jobs, task, pack, ranks, say):
             job.lock.release()
 
     def checkpoint(job, *names):
-        if not weights_finite(job.run.params):
+        if not runfolder.weights_finite(job.run.params):
             return stop(job, ["weights"], job.run.scheduler.get_last_lr()[0])
         state = job.run.checkpoint_state(rank_rng_states(ranks), ranks.world_size)
         if ranks.master:

@@ -27,7 +27,7 @@ from test_train import argv, write_task
 
 import ablate
 import train
-from ept import files, runs
+from ept import files, runfolder, runs
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
@@ -402,7 +402,7 @@ def test_ctrl_c_of_train_py(kind, toy, tiny_model_dir, tmp_path):
     assert "run the same command with --resume" in out
     for run in folders():
         assert not (run / runs.LOCK_NAME).exists() and not list(run.glob(".*.tmp*"))
-        step = train.read_checkpoint(run / "last.pt", 400)["step"]  # whole, a checkpoint --resume takes
+        step = runfolder.read_checkpoint(run / "last.pt", 400)["step"]  # whole, a checkpoint --resume takes
         assert step >= 5
         if "twice" not in kind:
             assert train_steps(run)[-1] == step  # stopped at the step boundary it saved
@@ -420,5 +420,5 @@ def test_ctrl_c_of_a_driver(how, rte, tiny_model_dir, tmp_path):
     assert "run the same command again to resume" in out.lower()
     assert not list((tmp_path / "runs").glob(f"*/{runs.LOCK_NAME}"))
     saved = list((tmp_path / "runs").glob("*/last.pt"))
-    assert saved and all(train.read_checkpoint(p, 400)["step"] >= 0 for p in saved)  # whole checkpoints
-    assert max(train.read_checkpoint(p, 400)["step"] for p in saved) >= 7
+    assert saved and all(runfolder.read_checkpoint(p, 400)["step"] >= 0 for p in saved)  # whole checkpoints
+    assert max(runfolder.read_checkpoint(p, 400)["step"] for p in saved) >= 7
