@@ -25,7 +25,7 @@ import fewshot
 import model as M
 import report
 import train
-from ept import decoding, errors, files, pretrained
+from ept import decoding, errors, files, options, pretrained, tables
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -88,8 +88,8 @@ def test_run_names_share_defaults_and_argv_is_train_py_s():
     for name, build in ablate.EXPERIMENTS.items():
         args = ablate.parser.parse_args([name, "--lr-search"])
         for spec in build(args) + fewshot.specs(fewshot.parser.parse_args([])):
-            options = {k: v for k, v in spec.items() if k != "_row"}
-            parsed, unknown = options.parser.parse_known_args(ablate.train_argv(options, "runs/x", "data"))
+            run_options = {k: v for k, v in spec.items() if k != "_row"}
+            parsed, unknown = options.parser.parse_known_args(ablate.train_argv(run_options, "runs/x", "data"))
             assert not unknown, unknown
             assert parsed.task == spec["task"] and parsed.method == spec["method"] and parsed.seed == spec["seed"]
 
@@ -168,7 +168,7 @@ def test_fewshot_driver_uses_the_k_shot_sample(tiny_model_dir, data_dir, tmp_pat
         assert config["train_file"].endswith("train_k4_seed0.jsonl") and config["train_size"] == 4  # k in all
         assert r["fewshot_k"] == 4 and r["fewshot_seed"] == 0
         assert config["lr"] == (1e-3 if r["method"] == "ft" else 0.3)  # Appendix B.2, few-shot
-    assert "k-shot" in report.experiment_table("fewshot", rows)
+    assert "k-shot" in tables.experiment_table("fewshot", rows)
 
 
 # --- PEFT export ---------------------------------------------------------------------------------
@@ -330,8 +330,8 @@ def test_report_on_nothing_notes_every_missing_item(tmp_path):
     (tmp_path / "none").mkdir()
     missing = report.main(["--results", str(tmp_path / "none"), "--out", str(tmp_path / "report")])
     index = (tmp_path / "report" / "index.md").read_text()
-    assert len(missing) == len(report.TABLES) + len(report.FIGURES)
-    assert index.count("*Missing") == len(report.TABLES) and index.count("*Skipped") == len(report.FIGURES)
+    assert len(missing) == len(tables.TABLES) + len(report.FIGURES)
+    assert index.count("*Missing") == len(tables.TABLES) and index.count("*Skipped") == len(report.FIGURES)
     assert not list((tmp_path / "report").glob("*.png"))
     assert "Runs that failed" not in index
 
@@ -392,7 +392,7 @@ def test_report_tables_and_figures_from_rows(tmp_path):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
     assert "fig12_hidden_size.png" in (tmp_path / "report" / "index.md").read_text()
     assert any("Table 2" in m for m in missing) and not any("Figures 5 and 12" in m for m in missing)
-    assert report.human(2304) == "2.3K" and report.human(1779456) == "1.7M" and report.human(624784) == "624K"
+    assert tables.human(2304) == "2.3K" and tables.human(1779456) == "1.7M" and tables.human(624784) == "624K"
 
 
 def test_report_draws_analysis_figures(grid, tmp_path, tiny_model_dir):

@@ -21,7 +21,7 @@ import analyze
 import model as M
 import prepare_data
 import report
-from ept import decoding, files, metrics, options, pretrained, registry
+from ept import decoding, files, metrics, options, pretrained, registry, tables
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -64,9 +64,9 @@ def test_table4_extra_layer_counts_the_papers_2_3k():
     assert {size: table[size]["ept+layer"] for size in table} == {"t5-small": 1537, "t5-base": 2305, "t5-large": 3073}
     for method in ("ept", "ept_star"):
         enc = M.build_prompt_module(method, 768, extra_layer=True)
-        assert M.count_trainable(enc) == 2305 and report.human(2305) == "2.3K"
+        assert M.count_trainable(enc) == 2305 and tables.human(2305) == "2.3K"
         assert M.count_trainable(M.build_prompt_module(method, 768, depth=2)) == 3840  # --depth: whole blocks
-    assert report.human(3840) == "3.8K"
+    assert tables.human(3840) == "3.8K"
 
 
 def test_extra_layer_sits_between_down_and_up_and_trains():
@@ -86,8 +86,8 @@ def test_table4_report_params_cell_reads_2_3k(tmp_path):
     rows = [{"experiment": "table4", "run": f"r/{t}{m}", "task": t, "method": m, "seed": 0, "score": 60.0,
              "model_tag": "t5-base", "n_trainable": 2305 if m != "pt" else 76800, "n_inference": 768 if m != "pt" else 76800,
              "prompt_length": 100 if m == "pt" else 10, "depth": 1, "extra_layer": m != "pt"}
-            for t in report.TABLE4_TASKS for m in ("pt", "ept", "ept_star")]
-    md = report.table4(rows)[0].split("The paper's numbers")[0]
+            for t in tables.TABLE4_TASKS for m in ("pt", "ept", "ept_star")]
+    md = tables.table4(rows)[0].split("The paper's numbers")[0]
     assert "| EPT (+1x1 layer) | 2.3K/768 |" in md and "| EPT* (+1x1 layer) | 2.3K/768 |" in md
     assert "| PT (n=100) | 76.8K/76.8K |" in md
 
@@ -208,7 +208,7 @@ def test_table5_reads_meta_json_in_the_papers_layout(root, tmp_path):
     for task in ("cb", "mrpc", "qqp", "wsc"):
         meta = json.loads((root / "data" / task / "meta.json").read_text())
         sizes = " | ".join(f"{meta['splits'][s]:,}" for s in ("train", "validation", "test"))
-        assert f"| {report.TASK_LABELS[task]} | {meta['task_type']} | {sizes} |" in md
+        assert f"| {tables.TASK_LABELS[task]} | {meta['task_type']} | {sizes} |" in md
     assert "| MRPC | paraphrase |" in md and md.count("| Acc; also F1 |") == 2  # MRPC, QQP
     assert "| CB | NLI |" in md and "Acc / F1 (macro) (mean)" in md and "| WSC | coref./common. |" in md
     assert md.index("| SuperGLUE | CB") < md.index("| GLUE | MRPC")
