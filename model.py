@@ -196,15 +196,20 @@ class PromptedT5(nn.Module):
     def prompt(self):
         return None if self.prompt_module is None else self.prompt_module()  # (n, d)
 
-    def embed(self, input_ids, attention_mask, prompt=None):
-        """Encoder inputs: prompt rows first, mask extended with ones. The one place P' enters."""
+    def embed(self, input_ids, attention_mask, prompt=None, prompt_mask=None):
+        """Encoder inputs: prompt rows first, the mask extended to match. The one place P' enters.
+
+        `prompt`: P' (n, d) for every example (default: this model's), or (B, n, d), one per example
+        (a pack's runs). `prompt_mask` (B, n): 0 on padding rows of a shorter prompt; default all 1."""
         x = self.t5.get_input_embeddings()(input_ids)  # (B, L, d)
         p = self.prompt() if prompt is None else prompt
         if p is None:
             return x, attention_mask
         b = input_ids.size(0)
-        p = p.to(x.dtype).unsqueeze(0).expand(b, -1, -1)  # (B, n, d); trainable params stay fp32
-        mask = torch.cat([attention_mask.new_ones(b, p.size(1)), attention_mask], dim=1)
+        p = p.to(x.dtype).expand(b, -1, -1)  # (n, d) or (B, n, d) -> (B, n, d); params stay fp32
+        if prompt_mask is None:
+            prompt_mask = attention_mask.new_ones(b, p.size(1))
+        mask = torch.cat([prompt_mask.to(attention_mask.dtype), attention_mask], dim=1)
         return torch.cat([p, x], dim=1), mask
 
     def forward(self, input_ids, attention_mask, labels=None, **kwargs):

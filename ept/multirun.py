@@ -16,21 +16,22 @@ Why this is exact (docs/packing.md has the long form):
   * T5 treats the examples of a batch independently, so the per-example summed target NLL is the same in a
     pack as alone, and the objective sum_r (sum of run r's target NLL / run r's target tokens) has, for the
     parameters of run r (disjoint from the others'), exactly run r's solo gradient;
-  * clipping, AdamW, the schedule and mu_t are per run (batched with multi-tensor ops, same formulas).
+  * clipping (clip_grad_norm_), AdamW, the schedule and mu_t are per run, as in train_step.
 With dropout 0 in fp32 a packed run equals its solo run within float rounding (tests/test_packing.py).
 With dropout on, the runs of a pack draw their masks from one shared stream, so they differ from their solo
 runs in the dropout random numbers only.
 
-    python scripts/bench_pack.py                            # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
+Each run keeps its own torch.optim.AdamW and LambdaLR, stepped one run after another: its optimizer and
+scheduler state_dicts are then a solo run's (a pack run resumes solo and back), and one AdamW with a
+group per run would batch nothing, since torch's AdamW steps one parameter group at a time.
+
+    python scripts/bench_pack.py        # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
 
 API: make_run(t5, method, ...) -> Run; Pack(t5, runs, data, ...).step() -> {run name: step record};
-Run.checkpoint_state(rng, world_size) / Run.load_checkpoint_state(state); PackedT5 (the shared forward);
-clip_grad_norms_ and adamw_step (per-run clipping and AdamW in a few multi-tensor calls); grid (run specs).
+Run.checkpoint_state(rng, world_size) / Run.load_checkpoint_state(state); PackedT5 (the shared forward).
 """
-import itertools
 import math
 import time
-from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -134,8 +135,7 @@ def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, mic
              label_ids=None, fused=None, name=None, config=None, **module_options):
     """A Run built as train.py builds a solo run: torch.manual_seed(seed), then the prompt module with a
     generator seeded by `seed`, on T5's device; AdamW + schedule from optim.make_optimizer (fused on CUDA).
-    `module_options`: model.build_prompt_module's (prompt_length, module, hidden_size, broadcast,
-    layer_norm, residual, activation, depth)."""
+    `module_options`: model.build_prompt_module's (the keys of model.PROMPT_OPTIONS)."""
     if method == "ft":
         raise ValueError("packing: ft trains T5 itself and cannot share it; run it alone with train.py")
     device = t5.get_input_embeddings().weight.device
@@ -153,14 +153,6 @@ def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, mic
                config=dict(config or {}, method=method, seed=seed, lr=lr, **module_options))
 
 
-def grid(**options):
-    """Run specs as the product of per-option value lists, in order (the last option varies fastest):
-    grid(method=["pt", "ept"], seed=[0, 1], lr=[0.3]) -> 4 dicts. A scalar is a one-value list."""
-    keys = list(options)
-    values = [v if isinstance(v, (list, tuple)) else [v] for v in options.values()]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
-
-
 # --- the shared forward ---------------------------------------------------------------------------
 
 class PackedT5(nn.Module):
@@ -173,9 +165,9 @@ class PackedT5(nn.Module):
 
     def __init__(self, t5, modules):
         super().__init__()
-        self.t5 = t5
-        self.prompt_modules = nn.ModuleList(modules)
-        t5.requires_grad_(False)
+        # A PromptedT5 whose prompt module is the list of the runs' modules: it freezes T5, and its
+        # embed prepends the per-example prompts built here, so a pack and a solo run share one prepend.
+        self.prompted = M.PromptedT5(t5, nn.ModuleList(modules))
         self.active = list(range(len(modules)))
 
     def set_active(self, run_ids):
@@ -183,7 +175,7 @@ class PackedT5(nn.Module):
 
     def prompts(self):
         """(P (A, n_max, d) fp32, mask (A, n_max) long) of the active runs, in `active` order."""
-        outs = [self.prompt_modules[i]() for i in self.active]
+        outs = [self.prompted.prompt_module[i]() for i in self.active]
         lengths = [p.size(0) for p in outs]
         n_max = max(lengths)
         if min(lengths) == n_max:
@@ -195,156 +187,51 @@ class PackedT5(nn.Module):
 
     def slots(self, run_ids):
         """Positions in `active` of the runs `run_ids` (LongTensor (B,) of run ids)."""
-        lookup = torch.full((len(self.prompt_modules),), -1, dtype=torch.long)
+        lookup = torch.full((len(self.prompted.prompt_module),), -1, dtype=torch.long)
         lookup[torch.tensor(self.active, dtype=torch.long)] = torch.arange(len(self.active))
         slots = lookup[run_ids.cpu()]
         if (slots < 0).any():
-            raise ValueError(f"packing: examples of runs that are not active: {sorted(set(run_ids[slots < 0].tolist()))}")
+            inactive = sorted(set(run_ids[slots < 0].tolist()))
+            raise ValueError(f"packing: examples of runs that are not active: {inactive}")
         return slots
 
     def embed(self, input_ids, attention_mask, run_ids, prompts=None):
         """Encoder inputs: each example's run prompt first (left-padded), the mask extended to match."""
-        x = self.t5.get_input_embeddings()(input_ids)  # (B, L, d)
         stacked, pmask = self.prompts() if prompts is None else prompts
-        slots = self.slots(run_ids).to(x.device)
-        p = stacked.to(x.dtype).index_select(0, slots)  # (B, n_max, d); trainable params stay fp32
-        mask = pmask.index_select(0, slots).to(attention_mask.dtype)
-        return torch.cat([p, x], dim=1), torch.cat([mask, attention_mask], dim=1)
+        slots = self.slots(run_ids).to(stacked.device)
+        return self.prompted.embed(input_ids, attention_mask, stacked.index_select(0, slots),
+                                   pmask.index_select(0, slots))  # (B, n_max, d), (B, n_max)
 
     def forward(self, input_ids, attention_mask, run_ids, labels=None, **kwargs):
         inputs_embeds, mask = self.embed(input_ids, attention_mask, run_ids)
-        return self.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels, **kwargs)
+        return self.prompted.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels,
+                                **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, run_ids, **kwargs):
         inputs_embeds, mask = self.embed(input_ids, attention_mask, run_ids)
-        return self.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
+        return self.prompted.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
 
-# --- per-run clipping and AdamW, batched ----------------------------------------------------------
+# --- the per-run update ---------------------------------------------------------------------------
 
-def clip_grad_norms_(param_lists, max_norms):
-    """torch.nn.utils.clip_grad_norm_ on each list of parameters separately, in a few multi-tensor calls:
-    one _foreach_norm over every gradient, per-list totals by index_add, one _foreach_mul_ by each list's
-    coefficient min(1, max_norm / (total + 1e-6)). max_norm <= 0 means no clipping. Returns the (R,) total
-    norms before clipping (non-finite where a gradient is), on the gradients' device, without a host sync."""
-    grads, owner = [], []
-    for r, params in enumerate(param_lists):
-        for p in params:
-            if p.grad is not None:
-                grads.append(p.grad)
-                owner.append(r)
-    if not grads:
-        return torch.zeros(len(param_lists))
-    device = grads[0].device
-    norms = torch.stack(torch._foreach_norm(grads)).float()
-    owner = torch.tensor(owner, device=device)
-    total = torch.zeros(len(param_lists), device=device).index_add_(0, owner, norms.square()).sqrt()
-    limits = torch.tensor([m if m > 0 else math.inf for m in max_norms], device=device)
-    coef = (limits / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, list(coef.index_select(0, owner).to(grads[0].dtype).unbind()))
-    return total
+def clip_runs(runs):
+    """Clip each run's gradients at its own max_grad_norm (0 = off), as train_step does; (R,) norms
+    before clipping."""
+    return torch.stack([torch.nn.utils.clip_grad_norm_(r.params, r.max_grad_norm if r.max_grad_norm > 0
+                                                       else math.inf).float() for r in runs])
 
 
-_PLAIN = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
-
-
-def _plain_adamw(optimizer):
-    """A torch AdamW whose step adamw_step can batch (no amsgrad/maximize/capturable, float lr)."""
-    return isinstance(optimizer, torch.optim.AdamW) and all(
-        group.get(k, v) == v and not isinstance(group["lr"], torch.Tensor) and
-        group.get("decoupled_weight_decay", True) for group in optimizer.param_groups for k, v in _PLAIN.items())
-
-
-def _scalar_dtype():
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-@torch.no_grad()
-def adamw_step(optimizers):
-    """optimizer.step() of many torch.optim.AdamW at once: the same update (torch's multi-tensor formulas,
-    each tensor with its own group's lr and weight decay, each parameter with its own step count), in a few
-    _foreach calls over all of them instead of one Python step per optimizer. Optimizers built with
-    fused=True go through torch._fused_adamw_, one call per (device, dtype, lr, weight decay) group. The
-    optimizer state stays in each optimizer (its state_dict is what it would be after .step()); anything
-    else (amsgrad, capturable, a tensor lr, another optimizer) falls back to its own .step()."""
-    foreach = defaultdict(lambda: [[] for _ in range(7)])  # (device, dtype, betas, eps) -> lists
-    fused = defaultdict(lambda: [[] for _ in range(5)])  # (device, dtype, lr, wd, betas, eps) -> lists
-    for opt in optimizers:
-        if not _plain_adamw(opt):
-            opt.step()
-            continue
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse or torch.is_complex(p):
-                    raise ValueError("adamw_step: sparse gradients and complex parameters are not supported")
-                state = opt.state[p]
-                if not state:  # lazy state, as torch's Adam._init_group
-                    state["step"] = (torch.zeros((), dtype=_scalar_dtype(), device=p.device) if group["fused"]
-                                     else torch.tensor(0.0, dtype=_scalar_dtype()))
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                beta1, beta2 = group["betas"]
-                if group["fused"]:
-                    lists = fused[(p.device, p.dtype, group["lr"], group["weight_decay"], beta1, beta2, group["eps"])]
-                    for lst, x in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
-                        lst.append(x)
-                else:
-                    lists = foreach[(p.device, p.dtype, beta1, beta2, group["eps"])]
-                    for lst, x in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                              group["lr"], group["weight_decay"])):
-                        lst.append(x)
-        opt._opt_called = True  # what the wrapped .step() records (the LR scheduler's order check)
-    for (_, _, lr, weight_decay, beta1, beta2, eps), (params, grads, exp_avgs, exp_avg_sqs, steps) in fused.items():
-        torch._foreach_add_(steps, 1)
-        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
-                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
-    for (_, _, beta1, beta2, eps), (params, grads, exp_avgs, exp_avg_sqs, steps, lrs, wds) in foreach.items():
-        cpu_steps = all(s.is_cpu for s in steps)
-        torch._foreach_add_(steps, torch.tensor(1.0) if cpu_steps else 1)
-        if any(wd != 0 for wd in wds):
-            torch._foreach_mul_(params, [1 - lr * wd for lr, wd in zip(lrs, wds)])  # decoupled weight decay
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        counts = torch.stack([s.cpu() for s in steps]).tolist() if cpu_steps else [s.item() for s in steps]
-        step_size = [-lr / (1 - beta1 ** n) for lr, n in zip(lrs, counts)]
-        bias_correction2_sqrt = [(1 - beta2 ** n) ** 0.5 for n in counts]
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
-
-
-def clip_runs(runs, batched=True):
-    """Clip each run's gradients at its own max_grad_norm (0 = off); (R,) grad norms before clipping."""
-    param_lists = [r.params for r in runs]
-    if batched:
-        return clip_grad_norms_(param_lists, [r.max_grad_norm for r in runs])
-    return torch.stack([torch.nn.utils.clip_grad_norm_(ps, r.max_grad_norm if r.max_grad_norm > 0 else math.inf).float()
-                        for r, ps in zip(runs, param_lists)])
-
-
-def step_runs(runs, stepping, packed, batched=True):
-    """AdamW and the schedule for the runs in `stepping` (those whose loss and gradient are finite), every
-    run's gradients dropped, and mu_t (Eq. 4) of each run: the mean row norm of its P', real rows only."""
-    if batched:
-        adamw_step([r.optimizer for r in stepping])
-    else:
-        for r in stepping:
-            r.optimizer.step()
+def step_runs(runs, stepping):
+    """AdamW and the schedule for the runs in `stepping` (those whose loss and gradient are finite),
+    every run's gradients dropped, and mu_t (Eq. 4) of each run: the mean row norm of its P'."""
     for r in stepping:
+        r.optimizer.step()
         r.scheduler.step()
     for r in runs:
-        for p in r.params:
-            p.grad = None
+        r.optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        if batched:
-            stacked, pmask = packed.prompts()
-            return ((stacked.float().norm(dim=-1) * pmask).sum(1) / pmask.sum(1)).tolist()
-        return [r.module().float().norm(dim=1).mean().item() for r in runs]
+        return torch.stack([r.module().float().norm(dim=1).mean() for r in runs]).tolist()  # one sync
 
 
 # --- the pack -------------------------------------------------------------------------------------
@@ -356,17 +243,15 @@ class Pack:
     `wrap(packed)` returns the module that runs the forward (PackedT5 itself by default; DDP and/or
     torch.compile around it); it is called again whenever the set of training runs changes, because
     DDP must not hold parameters that stop receiving gradients (the leaving run's parameters are set
-    requires_grad=False first). `amp`: the autocast context (train.py: evaluate.autocast(device, dtype)).
+    requires_grad=False first). `amp`: the autocast context (train.py: runtime.autocast(device, dtype)).
     Forward passes: by default packed micro-batch m is every run's m-th micro-batch (its own
     micro_batch_size, as train_step splits its shard); with `max_rows`, the rank's examples of all runs are
     instead sorted longest first (`sort_by_length`, default on) and cut into forward passes of at most
     `max_rows` examples, which pads much less when lengths vary and keeps every run's data order (the
-    gradient of a sum of per-example losses does not depend on how the examples are grouped).
-    `batched`: clipping, AdamW and mu_t batched over the runs (clip_grad_norms_, adamw_step) or, False,
-    train_step's per-run calls in a loop (the reference; same results within float rounding)."""
+    gradient of a sum of per-example losses does not depend on how the examples are grouped)."""
 
-    def __init__(self, t5, runs, data, *, device=None, amp=None, rank=0, world_size=1, pad_to=(None, None),
-                 max_rows=None, sort_by_length=True, batched=True, wrap=None):
+    def __init__(self, t5, runs, data, *, device=None, amp=None, rank=0, world_size=1,
+                 pad_to=(None, None), max_rows=None, sort_by_length=True, wrap=None):
         names = [r.name for r in runs]
         if len(set(names)) != len(names):
             raise ValueError(f"packing: run names must be unique: {names}")
@@ -374,7 +259,7 @@ class Pack:
         self.device = device or t5.get_input_embeddings().weight.device
         self.amp = amp or nullcontext()
         self.rank, self.world_size, self.pad_to = rank, world_size, pad_to
-        self.max_rows, self.sort_by_length, self.batched = max_rows, sort_by_length, batched
+        self.max_rows, self.sort_by_length = max_rows, sort_by_length
         self.wrap = wrap or (lambda packed: packed)
         self.packed = PackedT5(t5, [r.module for r in self.runs])
         source_ids, target_ids, _ = data
@@ -488,16 +373,12 @@ class Pack:
         if ws > 1:
             dist.all_reduce(loss_sums)
         t1 = time.perf_counter()
-        grad_norms = clip_runs(runs, self.batched)
+        grad_norms = clip_runs(runs)
         losses, norms = torch.stack([loss_sums / n_tokens, grad_norms.to(device)]).tolist()  # one host sync
         lrs = [r.scheduler.get_last_lr()[0] for r in runs]
         finite = [math.isfinite(a) and math.isfinite(b) for a, b in zip(losses, norms)]
-        mu = step_runs(runs, [r for r, ok in zip(runs, finite) if ok], self.packed, self.batched)
+        mu = step_runs(runs, [r for r, ok in zip(runs, finite) if ok])
         t2 = time.perf_counter()
         self.timings = {"forward_backward_s": t1 - t0, "update_s": t2 - t1, "forward_passes": len(plan),
                         "padded_tokens": padded}
         return list(zip(losses, norms, lrs, mu))
-
-    def checkpoint_states(self, rng=None):
-        """{run name: that run's last.pt state} for every run (train.py's keys)."""
-        return {r.name: r.checkpoint_state(rng, self.world_size) for r in self.runs}

@@ -1,6 +1,6 @@
 """The packing benchmark: packed steps of R prompt runs on one frozen T5 against R solo train.py steps.
 
-    python scripts/bench_pack.py                          # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
+    python scripts/bench_pack.py              # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
     python scripts/bench_pack.py --runs 1 8 --batch-size 16 --length 128 --threads 2
     python scripts/bench_pack.py --device cuda --dtype bf16 --max-rows 0 --config ../shared/data/t5/t5-base   # a GPU
 
@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and e
 import model as M  # noqa: E402
 import train  # noqa: E402
 from ept import cli, errors  # noqa: E402
-from ept.multirun import Pack, PackedT5, clip_runs, make_run, step_runs  # noqa: E402
+from ept.multirun import Pack, clip_runs, make_run, step_runs  # noqa: E402
 
 # --- the benchmark --------------------------------------------------------------------------------
 
@@ -104,26 +103,22 @@ def bench(config, runs=(1, 4, 16, 32), batch_size=16, length=82, target_length=2
     return rows
 
 
-def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprompt"), repeats=20, fused=None):
-    """What the per-run update costs for `r` runs, without any forward: per-run clipping, AdamW, schedule,
-    zeroing and mu_t on random gradients, batched (clip_grad_norms_, adamw_step, one mu_t pass) against
-    train_step's per-run calls in a loop; the two interleaved, the median of `repeats` in milliseconds."""
-    variants = {}
-    for batched in (True, False):
-        runs = [make_run(t5, methods[i % len(methods)], seed=i, max_steps=1000, fused=fused) for i in range(r)]
-        variants["batched" if batched else "loop"] = (batched, runs, PackedT5(t5, [x.module for x in runs]))
-    times = defaultdict(list)
-    for k in range(repeats + 1):
-        for name, (batched, runs, packed) in variants.items():
-            for x in runs:
-                for p in x.params:
-                    p.grad = torch.randn_like(p) * 1e-2
-            t0 = time.perf_counter()
-            clip_runs(runs, batched).tolist()  # the pack's own update code (Pack.step), without the forward
-            step_runs(runs, runs, packed, batched)
-            if k:
-                times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}
+def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprompt"), repeats=20,
+                 fused=None):
+    """What the per-run update costs for `r` runs, without any forward: the pack's own clipping, AdamW,
+    schedule, zeroing and mu_t (Pack.step's update) on random gradients; the median of `repeats`, in ms."""
+    runs = [make_run(t5, methods[i % len(methods)], seed=i, max_steps=1000, fused=fused) for i in range(r)]
+    times = []
+    for k in range(repeats + 1):  # the first: the optimizers' lazy state
+        for x in runs:
+            for p in x.params:
+                p.grad = torch.randn_like(p) * 1e-2
+        t0 = time.perf_counter()
+        clip_runs(runs).tolist()  # the host sync Pack.step makes
+        step_runs(runs, runs)
+        if k:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
 
 
 PEAK_TFLOPS = {("cuda", "bf16"): 989.0, ("cuda", "fp32"): 67.0}  # H200 dense (fp32: no tensor cores, no TF32)
@@ -183,8 +178,8 @@ def main(argv=None):
         for label, methods in (("mixed", ("pt", "ept", "ept_star", "ptuning", "resprompt")), ("small", ("pt", "ept"))):
             update = bench_update(t5, args.update_runs, methods)
             result[f"update_ms_{label}"] = update
-            print(f"update of {args.update_runs} runs ({'/'.join(methods)} cycled: clip + AdamW + schedule + zero + "
-                  f"mu_t, no forward): batched {update['batched']:.2f} ms, per-run loop {update['loop']:.2f} ms")
+            print(f"update of {args.update_runs} runs ({'/'.join(methods)} cycled: clip + AdamW + "
+                  f"schedule + zero + mu_t, no forward): {update:.2f} ms")
     result["total_s"] = time.time() - t_start
     print(f"total {result['total_s']:.0f} s; 1-minute load average now {_load()}")
     if args.json:
