@@ -31,7 +31,12 @@ DEFAULTS = {  # the main setting (docs/paper.md, "Methods")
     "prompt_length": 10,
     "hidden_size": {"resprompt": 400, "ept": 1, "ept_star": 1},
     "broadcast": {"ept": 1, "ept_star": 10},
+    "lr": {"ft": 1e-5, "prompt": 0.3},  # Appendix B.2
 }
+
+
+def default_lr(method):
+    return DEFAULTS["lr"]["ft" if method == "ft" else "prompt"]
 
 
 def _check(name, value, valid):

@@ -19,15 +19,15 @@ the best checkpoint) and metrics.json (test metrics of the best checkpoint).
         --tokenizer ../shared/data/t5 --max-steps 30 --eval-every 30 --max-eval-examples 32
 
 Loss: the mean over the non-pad target tokens of the whole global batch, the same whatever the number
-of ranks or micro-batches (docs/training.md).
+of ranks or micro-batches (docs/training.md). One run or a pack, the loop is the same: each run is an
+ept.multirun.Run (its module, AdamW, schedule, data position), and one ept.multirun.Pack step trains
+them all on one frozen T5 (a lone run is a pack of one; `ft` trains T5 itself, always alone).
 """
-import argparse
 import contextlib
 import functools
 import io
 import math
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -37,29 +37,12 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
-from ept import (
-    errors,
-    batching,
-    cli,
-    decoding,
-    files,
-    metrics,
-    multirun,
-    options,
-    pretrained,
-    registry,
-    runfolder,
-    runs,
-    runtime,
-    signals,
-)
-from ept.optim import make_optimizer
-from ept.runtime import rng_state, seed_everything, set_rng_state
+from ept import batching, decoding, errors, files, metrics, multirun, options, pretrained  # noqa: I001
+from ept import registry, runfolder, runs, runtime, signals
 
 options.parser.description = __doc__  # the flags live in ept/options.py: the drivers plan runs by them
 
@@ -68,10 +51,209 @@ class NonFiniteError(errors.Failure):
     """A NaN/inf loss, gradient, prompt or weight: the run stops (exit status 1) with best.pt and the log intact."""
 
 
-# --- the run folder ---------------------------------------------------------------------------------
+@errors.script
+def main(argv=None):
+    """Parse; claim and check every run's folder; load the task and build the runs; train; finish each."""
+    rank = int(os.environ.get("RANK", 0))
+    with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
+        args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
+    runs_file, max_rows = (vars(args).pop(k) for k in options.PACK_OPTIONS)
+    rank, local_rank, world_size, device = runtime.setup_distributed()
+    ranks = SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+                            master=rank == 0)
+    say = print if ranks.master else (lambda *a, **k: None)
+    # every check runs on rank 0 first: a failure is one sentence from rank 0, the others exit quietly
+    first = functools.partial(runtime.master_first, rank=rank, world_size=world_size)
+    specs = first(lambda: options.sweep(args, runs_file), everyone=True)
+    packed = runs_file is not None or len(specs) > 1
+    specs = first(lambda: options.resolve_runs(args, specs, packed), everyone=True)
+    created = sorted({f for s in specs for f in runfolder.new_folders(Path(s.out_dir))}, key=lambda f: -len(f.parts))
+    jobs, left_out = [], []
+    with signals.stop_on_signals():
+        try:
+            kept = first(lambda: open_folders(args, specs, packed, jobs, left_out, say))
+            if not ranks.master:  # rank 0 claimed the folders; the others learn which runs train
+                jobs[:] = [SimpleNamespace(args=specs[i], out_dir=Path(specs[i].out_dir), lock=None,
+                                           resume_path=r) for i, r in kept]
+            if not jobs:
+                if packed:
+                    say(f"train: nothing left to train of the {len(specs)} runs")
+                return {"runs": {}, "finished": True} if packed else {"out_dir": specs[0].out_dir, "finished": True}
+            task = first(lambda: load_task(jobs[0].args, ranks, say), everyone=True)
+            pack = first(lambda: build(jobs, task, ranks, say, packed, max_rows), everyone=True)
+            results = train(jobs, task, pack, ranks, say)
+        finally:
+            for job in jobs:
+                close(job)
+            for folder in created if ranks.master else []:  # a failed start leaves no empty folder
+                runfolder.remove_if_empty([folder])
+    if left_out:  # the pack is not finished: its command must not read as done
+        raise runs.Busy(f"train: {len(left_out)} run(s) of the pack were left out, held by another "
+                        f"process: {' '.join(left_out)}; run the same command again once it is done")
+    return {"runs": results} if packed else results[str(jobs[0].out_dir)]
 
 
-# --- data ---------------------------------------------------------------------------------------------
+# --- the loop -----------------------------------------------------------------------------------------
+
+def train(jobs, task, pack, ranks, say):
+    """The paper's loop for every run of the pack: at the top of each step a run validates and saves as its
+    --eval-every / --save-every say (so its last step always is), and finishes at its last step; then one
+    pack step trains every run still training. A non-finite run stops alone; the others go on."""
+    restore_rng(jobs, ranks)
+    live, results, faults = list(jobs), {}, []
+    bar = tqdm(total=max(j.args.max_steps for j in jobs), initial=min(j.run.step for j in jobs),
+               dynamic_ncols=True, desc=jobs[0].out_dir.name if len(jobs) == 1 else f"pack of {len(jobs)}",
+               **({} if ranks.master else {"disable": True}))  # rank 0 only; TQDM_DISABLE=1 still works
+
+    def drop(job, what, lr):
+        pack.stop(job.run, "nonfinite")
+        faults.append(str(nonfinite_stop(job, what, lr, ranks.master)))
+        live.remove(job)
+        results[str(job.out_dir)] = {"out_dir": str(job.out_dir), "stopped": "nonfinite"}
+        close(job)
+
+    while live:
+        for job in list(live):
+            run, due = job.run, top_of_step(job)
+            if due and not runfolder.weights_finite(run.params):  # never a NaN/inf state on disk
+                drop(job, ["weights"], run.scheduler.get_last_lr()[0])
+                continue
+            if due == "eval":
+                score = validate_and_log(job, task, ranks)["score"]
+                bar.set_postfix(score=f"{score:.2f}")
+                improved = score > run.best_score
+                if improved:
+                    run.best_score, run.best_step = score, run.step
+                save(job, ranks, *(["best.pt"] if improved else []), "last.pt")
+            elif due == "save":
+                save(job, ranks, "last.pt")
+            if run.step == job.args.max_steps:
+                live.remove(job)
+                results[str(job.out_dir)] = finish(job, task, ranks, say)
+                close(job)
+        if not live:
+            break
+        if sig := signals.stop_requested(ranks):  # preempted or cancelled: last.pt of every live run, then stop
+            for job in list(live):
+                if runfolder.weights_finite(job.run.params):
+                    save(job, ranks, "last.pt")
+            raise signals.stopped(sig, min(j.run.step for j in live), " ".join(str(j.out_dir) for j in live))
+        t0 = time.time()
+        records = pack.step()
+        seconds = time.time() - t0
+        for job in list(live):
+            r = records[job.run.name]
+            job.meter.add(r["examples"], r["tokens"], seconds)
+            job.log(train_event(r, seconds))
+            if r["nonfinite"]:
+                drop(job, r["nonfinite"], r["lr"])
+        bar.update(1)
+        if len(jobs) == 1 and live:
+            bar.set_postfix(loss=f"{r['loss']:.4f}", norm="-" if r["prompt_norm"] is None else f"{r['prompt_norm']:.3g}")
+    bar.close()
+    if faults:
+        message = faults[0] if len(jobs) == 1 else (f"train: {len(faults)} of the {len(jobs)} runs of the pack "
+                                                     "stopped; the others finished. " + " ".join(faults))
+        raise runtime.quiet_unless_master(NonFiniteError(message), ranks.rank)
+    return results
+
+
+def top_of_step(job):
+    """What the loop does at the top of a run's step before training on: "eval" (validate, then best.pt if
+    improved and last.pt), "save" (last.pt) or None. A resumed step was validated before the kill."""
+    args, step = job.args, job.run.step
+    due = step > job.start_step or (step > 0 and not job.resumed)
+    if due and (step % args.eval_every == 0 or step == args.max_steps):
+        return "eval"
+    if due and step % (args.save_every or args.eval_every) == 0:
+        return "save"
+    return None
+
+
+def validate_and_log(job, task, ranks):
+    """Score the run on the validation split and log the "eval" event; returns the metrics."""
+    t0 = time.time()
+    scores = decoding.score_split(job.net, task.tokenizer, task.meta, task.val_examples, task.val_src, ranks,
+                                  **decoding.decode_options(job.args))
+    seconds = time.time() - t0
+    job.log({"event": "eval", "step": job.run.step, "split": "validation", **scores, "eval_time_s": seconds,
+             "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
+    return scores
+
+
+def save(job, ranks, *names):
+    """The run's last.pt / best.pt (rank 0 writes; every rank's RNG state is in it)."""
+    rngs = [runtime.rng_state()]
+    if ranks.world_size > 1:
+        rngs = [None] * ranks.world_size
+        dist.all_gather_object(rngs, runtime.rng_state())
+    state = job.run.checkpoint_state(rngs, ranks.world_size)
+    if ranks.master:
+        for name in names:
+            files.save_torch(job.out_dir / name, state)
+
+
+def train_event(r, seconds):
+    """The "train" log event of one optimizer step (r: the run's record of the pack step)."""
+    return {"event": "train", "step": r["step"], "loss": r["loss"], "lr": r["lr"], "grad_norm": r["grad_norm"],
+            "prompt_norm": r["prompt_norm"], "epoch": r["epoch"], "examples_per_s": r["examples"] / seconds,
+            "tokens_per_s": r["tokens"] / seconds}
+
+
+def nonfinite_stop(job, what, lr, master=True):
+    """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0; start_log
+    removes it when the run starts again); returns the NonFiniteError that says why."""
+    step, best_step, out_dir = job.run.step, job.run.best_step, job.out_dir
+    job.log({"event": "nonfinite", "step": step, "what": what})
+    kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
+            f"no checkpoint was saved; log.jsonl in {out_dir} records it")
+    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); stopped. {kept}")
+    if master:
+        files.write_text(out_dir / runs.FAILED_NAME, f"{err}\n")
+    return err
+
+
+def close(job):
+    """A run that left the loop: its log closed and its folder's lock released (once)."""
+    if getattr(job, "log", None):
+        job.log.close()
+        job.log = None
+    if job.lock:
+        job.lock.release()
+        job.lock = None
+
+
+# --- the runs: folders, task, model ------------------------------------------------------------------
+
+def open_folders(args, specs, packed, jobs, left_out, say):
+    """Each run's folder claimed and checked (runfolder.open_run_folder); appends the runs to train to `jobs`
+    (with .lock and .resume_path); returns their (index, resume path). A lone run another live process holds
+    is refused (runs.Busy); a pack leaves it out (`left_out`) and skips its finished runs. --resume, or a
+    run's own "resume": true, resumes the runs that have a last.pt."""
+    for i, spec in enumerate(specs):
+        out_dir, resume = Path(spec.out_dir), args.resume or spec.resume
+        try:
+            lock = runfolder.claim_folder(out_dir, say)
+        except runs.Busy as err:
+            if not packed:
+                raise
+            say(f"train: left out of the pack: {err}")
+            left_out.append(str(out_dir))
+            continue
+        job = SimpleNamespace(args=spec, out_dir=out_dir, lock=lock, index=i)
+        jobs.append(job)
+        skip = packed and not args.overwrite and runs.finished(out_dir)
+        job.resume_path = "finished" if skip else runfolder.open_run_folder(out_dir, resume, args.overwrite, say)
+        if job.resume_path == "finished":
+            if resume:
+                runfolder.refuse_more_steps(out_dir, spec)
+            say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); "
+                + ("skipped" if packed else "nothing to do"))
+            close(jobs.pop())
+    return [(job.index, job.resume_path) for job in jobs]
+
+
+# --- the task -----------------------------------------------------------------------------------------
 
 def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
     """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command (the Hub, or
@@ -92,316 +274,6 @@ def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
 check_split = batching.check_split  # a split file against its meta.json (batching.py)
 
 
-class TrainData:
-    """The training split as token ids; `batch(idx)` is a padded (input ids, mask, labels) batch."""
-
-    def __init__(self, source_ids, target_ids, pad_id):
-        self.source_ids, self.target_ids, self.pad_id = source_ids, target_ids, pad_id
-
-    def __len__(self):
-        return len(self.source_ids)
-
-    def tokens(self, idx):
-        return sum(len(self.target_ids[i]) for i in idx)
-
-    def batch(self, idx):
-        return batching.collate(idx, self.source_ids, self.target_ids, self.pad_id)
-
-
-class DataOrder:
-    """Where the loop is in the data: (epoch, index) into an order that is a pure function of (seed, epoch)."""
-
-    def __init__(self, n, seed, batch_size, lengths=None, epoch=0, index=0):
-        self.n, self.seed, self.batch_size, self.lengths = n, seed, batch_size, lengths
-        self.epoch, self.index = epoch, index
-        self.order = batching.epoch_order(n, seed, epoch, batch_size, lengths)
-
-    def next_batch(self):
-        batch = self.order[self.index:self.index + self.batch_size].tolist()  # the last one may be partial
-        self.index += len(batch)
-        if self.index >= self.n:
-            self.epoch, self.index = self.epoch + 1, 0
-            self.order = batching.epoch_order(self.n, self.seed, self.epoch, self.batch_size, self.lengths)
-        return batch
-
-    def state(self):
-        return {"epoch": self.epoch, "index": self.index}
-
-
-# --- one optimizer step -----------------------------------------------------------------------------
-
-def token_nll(model, shift_right, input_ids, mask, labels, amp):
-    """Summed cross-entropy over the non-pad target tokens (fp32), so the caller decides the mean."""
-    with amp:
-        logits = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=shift_right(labels), use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-
-
-def train_step(model, raw_model, optimizer, scheduler, batch, data, *, amp, device, micro_batch_size,
-               max_grad_norm=1.0, rank=0, world_size=1):
-    """One optimizer step on the global `batch` (indices into `data`, a TrainData).
-
-    This rank takes batch[rank::world_size] in micro-batches of `micro_batch_size` (gradient accumulation);
-    each micro-batch's summed target NLL is scaled by world_size / (the global batch's target tokens), so
-    DDP's average over ranks gives the token-mean loss of the whole batch. Then clipping at `max_grad_norm`
-    (0 = off), AdamW and the schedule; a non-finite loss or gradient norm skips the update (the caller
-    stops the run). `model` runs the forward (raw_model, compiled and/or DDP-wrapped).
-    Returns (loss, grad norm, lr of this step, mean prompt row norm mu_t of Eq. 4 or None).
-    """
-    n_tokens = data.tokens(batch)  # global target tokens: every rank knows them
-    shard = batch[rank::world_size]
-    n_micro = math.ceil(math.ceil(len(batch) / world_size) / micro_batch_size)  # the same on every rank
-    loss_sum = torch.zeros((), device=device)
-    for micro in range(n_micro):
-        idx = shard[micro * micro_batch_size:(micro + 1) * micro_batch_size]
-        weight = 1.0 if idx else 0.0  # a rank short of examples still joins DDP's all-reduce
-        input_ids, mask, labels = data.batch(idx or batch[:1])
-        if world_size > 1:
-            model.require_backward_grad_sync = micro == n_micro - 1
-        nll = token_nll(model, raw_model.t5._shift_right, input_ids.to(device), mask.to(device), labels.to(device),
-                        amp) * weight
-        (nll * (world_size / n_tokens)).backward()
-        loss_sum += nll.detach()
-    if world_size > 1:
-        dist.all_reduce(loss_sum)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-    loss, grad_norm = torch.stack([loss_sum / n_tokens, grad_norm.float()]).tolist()  # one host sync
-    lr = scheduler.get_last_lr()[0]
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        prompt = raw_model.prompt()
-        prompt_norm = None if prompt is None else prompt.float().norm(dim=1).mean().item()  # Eq. (4)
-    return loss, grad_norm, lr, prompt_norm
-
-
-def nonfinite(loss=None, grad_norm=None, prompt_norm=None):
-    """The names of the non-finite values among a step's loss, gradient norm and prompt norm."""
-    return [name for name, v in (("loss", loss), ("grad_norm", grad_norm), ("prompt_norm", prompt_norm))
-            if v is not None and not math.isfinite(v)]
-
-
-def set_dropout(t5, rate):
-    """T5's dropout rate everywhere: the nn.Dropout modules and the float rate HF's attention keeps."""
-    t5.config.dropout_rate = rate
-    for module in t5.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = rate
-        elif isinstance(getattr(module, "dropout", None), float):
-            module.dropout = rate
-
-
-@torch.no_grad()
-def validate(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batch_size, max_length, dtype):
-    """Scores of `net` on a split. Every rank decodes a strided shard; predictions are gathered so each rank
-    scores the whole split (never an average of per-rank scores)."""
-    preds = decoding.run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], mode=mode,
-                              labels=meta.get("labels"), max_new_tokens=meta["max_target_length"],
-                              max_length=max_length, batch_size=batch_size, device=ranks.device, dtype=dtype)
-    if ranks.world_size > 1:
-        shards = [None] * ranks.world_size
-        dist.all_gather_object(shards, preds)
-        preds = [None] * len(examples)
-        for r, part in enumerate(shards):
-            preds[r::ranks.world_size] = part
-    return metrics.compute_metrics(meta, preds, examples)
-
-
-def decode_options(args):
-    """How validation and test decode: the run's eval mode, batch size, input length and precision."""
-    return {"mode": args.eval_mode, "batch_size": args.eval_batch_size, "max_length": args.max_length, "dtype": args.dtype}
-
-
-class Throughput:
-    """Examples and tokens per second over the steady-state steps (the first `warm` steps are skipped)."""
-
-    def __init__(self, warm):
-        self.warm, self.steps, self.examples, self.tokens, self.seconds = warm, 0, 0, 0, 0.0
-
-    def add(self, examples, tokens, seconds):
-        self.steps += 1
-        if self.steps > self.warm:
-            self.examples, self.tokens, self.seconds = self.examples + examples, self.tokens + tokens, self.seconds + seconds
-
-    def summary(self, device):
-        if device.startswith("cuda"):
-            peak_mb, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
-        else:
-            peak_mb, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
-        return {"train_examples_per_s": self.examples / max(self.seconds, 1e-9),
-                "train_tokens_per_s": self.tokens / max(self.seconds, 1e-9), "train_time_s": self.seconds,
-                "timed_steps": max(0, self.steps - self.warm), "peak_memory_mb": peak_mb, "peak_memory_kind": kind}
-
-
-# --- the run ------------------------------------------------------------------------------------------
-
-@errors.script
-def main(argv=None):
-    rank = int(os.environ.get("RANK", 0))
-    with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
-        args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
-    runs_file, max_rows = (vars(args).pop(k) for k in options.PACK_OPTIONS)
-    rank, local_rank, world_size, device = runtime.setup_distributed()
-    ranks = SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device, master=rank == 0)
-    say = print if ranks.master else (lambda *a, **k: None)
-    first = functools.partial(runtime.master_first, rank=rank, world_size=world_size)
-    specs = first(lambda: options.sweep(args, runs_file), everyone=True)
-    with signals.stop_on_signals():
-        if runs_file is not None or len(specs) > 1:
-            return main_pack(args, specs, ranks, say, max_rows)
-        args = options.resolve(argparse.Namespace(**{**vars(specs[0]), "out_dir": args.out_dir}))  # what options.sweep() left:
-        # an option that does not apply to the method at its default, as in a pack (config.json says what ran)
-        args.out_dir = args.out_dir or str(Path("runs") / options.run_name(args))  # one naming rule, solo or pack
-        if problem := cli.run_folder_problem(args.out_dir):
-            raise errors.Failure(f"train: --out-dir {problem}")
-        return main_run(args, ranks, say)
-
-
-def main_run(args, ranks, say):
-    """One run: its folder, task, model and loop. Under torchrun every check runs on rank 0 first
-    (runtime.master_first): a failure is one sentence from rank 0, and the other ranks exit 1 without a word."""
-    first = functools.partial(runtime.master_first, rank=ranks.rank, world_size=ranks.world_size)
-
-    # --- the run folder: one writer (lock); fresh, resumed or overwritten; nothing written before the checks
-    out_dir = Path(args.out_dir)
-    created, lock = runfolder.new_folders(out_dir), None
-
-    def open_folder():
-        nonlocal lock
-        lock = runfolder.claim_folder(out_dir, say)
-        resume_path = runfolder.open_run_folder(out_dir, args.resume, args.overwrite, say)
-        if resume_path == "finished":
-            runfolder.refuse_more_steps(out_dir, args)
-        return resume_path
-    try:
-        resume_path = first(open_folder)
-        if resume_path == "finished":
-            say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); nothing to do")
-            return {"out_dir": str(out_dir), "finished": True}
-        task = first(lambda: load_task(args, ranks, say), everyone=True)
-        run = first(lambda: build_run(args, task, ranks, resume_path, say), everyone=True)
-        log = first(lambda: runfolder.start_log(args, out_dir, run, task, ranks, resume_path, say), everyone=True)
-        try:
-            train_loop(args, out_dir, task, run, log, ranks)
-            return finish(args, out_dir, task, run, log, ranks, say)
-        finally:
-            log.close()
-    finally:
-        if lock:
-            lock.release()
-            runfolder.remove_if_empty(created)
-
-
-# --- a pack: several prompt runs on one T5 (multirun.py does the math) --------------------------------
-
-
-def open_pack_folders(args, specs, say):
-    """Each run's folder claimed and checked as a solo run's (open_run_folder): a finished run is skipped, a
-    run another live process holds is left out (`args.left_out`); one line each. Returns the runs to train
-    (with .lock and .resume_path); the locks taken so far are in `args.pack_locks` for the caller to release.
-    --resume, or a run's own "resume": true, resumes the runs that have a last.pt."""
-    jobs = []
-    for spec in specs:
-        out_dir = Path(spec.out_dir)
-        try:
-            lock = runfolder.claim_folder(out_dir, say)
-        except runs.Busy as err:
-            say(f"train: left out of the pack: {err}")
-            args.left_out.append(str(out_dir))
-            continue
-        args.pack_locks.append(lock)
-        resume_path = None if args.overwrite or not runs.finished(out_dir) else "finished"
-        if resume_path is None:
-            resume_path = runfolder.open_run_folder(out_dir, args.resume or spec.resume, args.overwrite, say)
-        if resume_path == "finished" and (args.resume or spec.resume):
-            runfolder.refuse_more_steps(out_dir, spec)
-        if resume_path == "finished":
-            say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); skipped")
-            lock.release()
-            continue
-        jobs.append(SimpleNamespace(args=spec, out_dir=out_dir, lock=lock, resume_path=resume_path))
-    return jobs
-
-
-def main_pack(args, specs, ranks, say, max_rows=None):
-    """Several prompt runs at once on one task and one T5: their folders, the shared task and T5, the pack."""
-    first = functools.partial(runtime.master_first, rank=ranks.rank, world_size=ranks.world_size)
-    specs = first(lambda: options.resolve_pack(args, specs), everyone=True)
-    args.pack_locks, args.left_out = [], []
-    created = [folder for spec in specs for folder in runfolder.new_folders(Path(spec.out_dir))]
-    try:
-        jobs = None
-
-        def open_folders():
-            nonlocal jobs
-            jobs = open_pack_folders(args, specs, say)
-            return [(specs.index(j.args), j.resume_path) for j in jobs]
-        kept = first(open_folders)
-        if not ranks.master:
-            jobs = [SimpleNamespace(args=specs[i], out_dir=Path(specs[i].out_dir), lock=None, resume_path=r)
-                    for i, r in kept]
-        if not jobs:
-            say(f"train: nothing left to train of the {len(specs)} runs")
-            result = {"runs": {}, "finished": True}
-        else:
-            task = first(lambda: load_task(jobs[0].args, ranks, say), everyone=True)
-            for job in jobs:
-                job.args.max_length = jobs[0].args.max_length
-            pack = first(lambda: build_pack(jobs, task, ranks, say, max_rows), everyone=True)
-            result = train_pack(jobs, task, pack, ranks, say)
-        if args.left_out:  # the pack is not finished: its command must not read as done
-            raise runs.Busy(f"train: {len(args.left_out)} run(s) of the pack were left out, held by another "
-                            f"process: {' '.join(args.left_out)}; run the same command again once it is done")
-        return result
-    finally:
-        for lock in args.pack_locks:
-            lock.release()
-        if ranks.master:
-            for folder in created:
-                runfolder.remove_if_empty([folder])
-
-
-def build_pack(jobs, task, ranks, say, max_rows=None):
-    """The shared T5 and every run's prompt module, optimizer and schedule (multirun.make_run: built as
-    build_run builds a solo run's), fresh or from its own last.pt; each run's config.json and log.jsonl,
-    written only once every run's checks have passed (a refusal for one run changes no run's files)."""
-    first = jobs[0].args
-    t5 = load_frozen_t5(first, task, first.seed).to(ranks.device)
-    t5.train()  # T5's dropout stays active though frozen, as in a solo run
-    names = [job.out_dir.name for job in jobs]
-    for job in jobs:
-        a = job.args
-        job.steps_per_epoch, job.micro_batch_size, job.grad_accum_steps = batch_plan(a, len(task.data), ranks.world_size)
-        job.run = multirun.make_run(
-            t5, a.method, seed=a.seed, lr=a.lr, max_steps=a.max_steps, batch_size=a.batch_size,
-            micro_batch_size=job.micro_batch_size, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
-            max_grad_norm=a.max_grad_norm, group_by_length=a.group_by_length, init=a.init,
-            label_ids=label_ids(a, task), name=str(job.out_dir), **M.prompt_options(vars(a)))
-        job.raw_model = job.run.prompted(t5)  # what validate, start_log and finish take
-        job.rng, job.resumed = None, job.resume_path is not None
-        if job.resume_path:
-            ckpt = runfolder.read_checkpoint(job.resume_path, a.max_steps)
-            runfolder.restore(lambda: job.run.load_checkpoint_state(ckpt), job.resume_path, job.run.params)
-            job.rng = runfolder.rank_rng(ckpt, ranks, say)
-        job.step = job.run.step
-        if job.resume_path and ranks.master:
-            runfolder.check_resume_files(job.out_dir)
-    for job in jobs:  # every run checked: only now does any run's folder change
-        job.log = runfolder.start_log(job.args, job.out_dir, job, task, ranks, job.resume_path, say,
-                            extra={"pack": {"size": len(jobs), "runs": names}})
-    compiled = torch.compile if first.compile else (lambda m: m)
-    wrap = compiled
-    if ranks.world_size > 1:
-        wrap = lambda packed: DDP(compiled(packed), forward_sync_buffers=False,  # noqa: E731
-                                  device_ids=[ranks.local_rank] if ranks.device.startswith("cuda") else None)
-    return multirun.Pack(t5, [job.run for job in jobs], (task.data.source_ids, task.data.target_ids, task.data.pad_id),
-                        device=ranks.device, amp=runtime.set_precision(first.dtype, ranks.device), rank=ranks.rank,
-                        world_size=ranks.world_size, max_rows=max_rows, wrap=wrap)
-
-
 def load_task(args, ranks, say):
     """The task's meta.json, tokenizer, training split (token ids) and validation split, checked. Under torchrun
     rank 0 runs it first (runtime.master_first), so the data is prepared before the other ranks read it."""
@@ -420,19 +292,18 @@ def load_task(args, ranks, say):
         raise errors.Failure(f"train: no {train_file}; prepare it with `python prepare_data.py --tasks {args.task} "
                          f"--out {args.data_dir} --overwrite --fewshot {args.fewshot_k} --fewshot-seeds {args.fewshot_seed}`")
     train_examples, train_src, train_tgt = batching.load_split(train_file, tokenizer, args.max_length, args.max_train_examples)
-    check_split(meta, split, train_examples, train_file, args.max_train_examples is not None)
+    batching.check_split(meta, split, train_examples, train_file, args.max_train_examples is not None)
     if args.fewshot_k and ranks.master:
         old = [split] if split in registry.old_fewshot_sets(meta) else []
         if warning := registry.old_fewshot_warning(args.data_dir, {args.task: old}):
             say(f"train: {warning}")
     val_examples, val_src, _ = batching.load_split(folder / "validation.jsonl", tokenizer, args.max_length, args.max_eval_examples)
-    check_split(meta, "validation", val_examples, folder / "validation.jsonl", args.max_eval_examples is not None)
+    batching.check_split(meta, "validation", val_examples, folder / "validation.jsonl", args.max_eval_examples is not None)
     if not args.no_test:  # checked now, not after hours of training
-        check_split(meta, "test", files.read_jsonl(folder / "test.jsonl", args.max_eval_examples, what="split file"),
+        batching.check_split(meta, "test", files.read_jsonl(folder / "test.jsonl", args.max_eval_examples, what="split file"),
                     folder / "test.jsonl", args.max_eval_examples is not None)
     return SimpleNamespace(tokenizer=tokenizer, meta=meta, folder=folder, train_file=train_file,
-                           data=TrainData(train_src, train_tgt, tokenizer.pad_token_id),
-                           lengths=[len(s) + len(t) for s, t in zip(train_src, train_tgt)],  # real tokens per example
+                           data=(train_src, train_tgt, tokenizer.pad_token_id),
                            val_examples=val_examples, val_src=val_src)
 
 
@@ -452,7 +323,7 @@ def load_frozen_t5(args, task, seed):
     if len(task.tokenizer) > t5.config.vocab_size:
         raise errors.Failure(f"train: the tokenizer has {len(task.tokenizer)} tokens, the model {t5.config.vocab_size}")
     if args.dropout is not None:
-        set_dropout(t5, args.dropout)
+        pretrained.set_dropout(t5, args.dropout)
     return t5
 
 
@@ -464,255 +335,62 @@ def label_ids(args, task):
     return batching.label_token_ids(task.tokenizer, labels) if labels else None
 
 
-def build_run(args, task, ranks, resume_path, say):
-    """The seeded model (frozen T5 + prompt module), AdamW + schedule and the data order: fresh, or as
-    last.pt left them (read whole and checked before anything in the run folder changes)."""
-    steps_per_epoch, micro_batch_size, grad_accum_steps = batch_plan(args, len(task.data), ranks.world_size)
-    t5 = load_frozen_t5(args, task, args.seed)
-    labels = label_ids(args, task)
-    torch.manual_seed(args.seed)  # default-initialised layers (Linear, LSTM) are seeded too
-    prompt_module = M.build_prompt_module(
-        args.method, t5.config.d_model, **M.prompt_options(vars(args)), init=args.init,
-        embedding=t5.get_input_embeddings().weight, label_ids=labels,
-        generator=torch.Generator().manual_seed(args.seed))
-    raw_model = M.PromptedT5(t5, prompt_module).to(ranks.device)
-    raw_model.train()  # T5's dropout stays active though frozen, as under the HF Trainer (docs/paper.md)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(params, args.lr, args.weight_decay, ranks.device.startswith("cuda"),
-                                          args.max_steps, args.warmup_steps)
-    run = SimpleNamespace(raw_model=raw_model, params=params, optimizer=optimizer, scheduler=scheduler,
-                          step=0, best_score=-math.inf, best_step=None, rng=None,
-                          order=DataOrder(len(task.data), args.seed, args.batch_size,
-                                          task.lengths if args.group_by_length else None),
-                          micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
-                          steps_per_epoch=steps_per_epoch, resumed=resume_path is not None)
-    if resume_path:
-        ckpt = runfolder.read_checkpoint(resume_path, args.max_steps)
-
-        def load():
-            raw_model.load_trainable_state_dict(ckpt["trainable"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-        runfolder.restore(load, resume_path, run.params)
-        run.step, run.best_score, run.best_step = ckpt["step"], ckpt["best_score"], ckpt["best_step"]
-        run.order = DataOrder(len(task.data), args.seed, args.batch_size, run.order.lengths, **ckpt["data"])
-        run.rng = runfolder.rank_rng(ckpt, ranks, say)
-    return run
-
-
-def top_of_step(args, step, start_step, resumed):
-    """What the loop does at the top of `step` before training on: "eval" (validate, then best.pt if
-    improved and last.pt), "save" (last.pt) or None. A resumed step was validated before the kill."""
-    due = step > start_step or (step > 0 and not resumed)
-    if due and (step % args.eval_every == 0 or step == args.max_steps):
-        return "eval"
-    if due and step % (args.save_every or args.eval_every) == 0:
-        return "save"
-    return None
-
-
-def validate_and_log(args, task, net, ranks, log, step):
-    """Score `net` on the validation split and log the "eval" event; returns the metrics."""
-    t0 = time.time()
-    metrics = validate(net, task.tokenizer, task.meta, task.val_examples, task.val_src, ranks, **decode_options(args))
-    seconds = time.time() - t0
-    log({"event": "eval", "step": step, "split": "validation", **metrics, "eval_time_s": seconds,
-         "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
-    return metrics
-
-
-def train_event(step, loss, lr, grad_norm, prompt_norm, epoch, examples, tokens, seconds):
-    """The "train" log event of one optimizer step."""
-    return {"event": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "prompt_norm": prompt_norm,
-            "epoch": epoch, "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds}
-
-
-def nonfinite_stop(log, out_dir, step, what, lr, best_step, master=True):
-    """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0; start_log
-    removes it when the run starts again); returns the NonFiniteError that says why."""
-    log({"event": "nonfinite", "step": step, "what": what})
-    kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
-            f"no checkpoint was saved; log.jsonl in {out_dir} records it")
-    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); signals.stopped. {kept}")
-    if master:
-        files.write_text(out_dir / runs.FAILED_NAME, f"{err}\n")
-    return err
-
-
-def rank_rng_states(ranks):
-    """Every rank's RNG state (gathered under DDP), as a checkpoint keeps them."""
-    rngs = [rng_state()]
-    if ranks.world_size > 1:
-        rngs = [None] * ranks.world_size
-        dist.all_gather_object(rngs, rng_state())
-    return rngs
-
-
-def train_loop(args, out_dir, task, run, log, ranks):
-    """The paper's loop: validate and save at the top (so the last step always is), then one optimizer step."""
-    raw_model, optimizer, scheduler, order = run.raw_model, run.optimizer, run.scheduler, run.order
-    step, best_score, best_step, start_step = run.step, run.best_score, run.best_step, run.step
-    amp = runtime.set_precision(args.dtype, ranks.device)
-    model = torch.compile(raw_model) if args.compile else raw_model
-    if ranks.world_size > 1:
-        # no buffer sync before each forward (T5's buffers never change); the deprecated broadcast_buffers
-        # said the same with a FutureWarning
-        model = DDP(model, device_ids=[ranks.local_rank] if ranks.device.startswith("cuda") else None,
-                    forward_sync_buffers=False)
-    if run.rng is not None:  # the dropout stream differs per rank
-        set_rng_state(run.rng)
-    else:
-        seed_everything(args.seed + ranks.rank + 1_000_003 * step)  # fresh run: seed + rank
-
-    def checkpoint(*names):
-        if not runfolder.weights_finite(run.params):  # never a NaN/inf state on disk (full fine-tuning can get there)
-            stop(["weights"], scheduler.get_last_lr()[0])
-        rngs = rank_rng_states(ranks)
-        state = {"step": step, "trainable": raw_model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": rngs, "data": order.state(),
-                 "best_score": best_score, "best_step": best_step, "world_size": ranks.world_size}
-        if ranks.master:
-            for name in names:
-                files.save_torch(out_dir / name, state)
-
-    def stop(what, lr):  # every rank sees the same all-reduced loss: rank 0 says it
-        err = nonfinite_stop(log, out_dir, step, what, lr, best_step, ranks.master)
-        raise runtime.quiet_unless_master(err, ranks.rank)
-
-    throughput = Throughput(warm=2 if args.max_steps - start_step >= 10 else 0)
-    pbar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, desc=out_dir.name,
-                **({} if ranks.master else {"disable": True}))  # rank 0 only; TQDM_DISABLE=1 still works
-    while True:
-        last_step = step == args.max_steps
-        due = top_of_step(args, step, start_step, run.resumed)
-        if due == "eval":
-            if not runfolder.weights_finite(run.params):
-                stop(["weights"], scheduler.get_last_lr()[0])
-            metrics = validate_and_log(args, task, raw_model, ranks, log, step)
-            pbar.set_postfix(score=f"{metrics['score']:.2f}")
-            improved = metrics["score"] > best_score
-            if improved:
-                best_score, best_step = metrics["score"], step
-            checkpoint(*(["best.pt"] if improved else []), "last.pt")
-        elif due == "save":
-            checkpoint("last.pt")
-        if last_step:
-            break
-        sig = signals.stop_requested(ranks)
-        if sig:  # preempted or cancelled: the state of this step boundary, then stop
-            checkpoint("last.pt")
-            raise signals.stopped(sig, step, out_dir)
-
-        t0 = time.time()
-        batch = order.next_batch()
-        loss, grad_norm, lr, prompt_norm = train_step(
-            model, raw_model, optimizer, scheduler, batch, task.data, amp=amp, device=ranks.device,
-            micro_batch_size=run.micro_batch_size, max_grad_norm=args.max_grad_norm,
-            rank=ranks.rank, world_size=ranks.world_size)
-        step += 1
-        seconds, tokens = time.time() - t0, sum(task.lengths[i] for i in batch)
-        throughput.add(len(batch), tokens, seconds)
-        log(train_event(step, loss, lr, grad_norm, prompt_norm, order.epoch, len(batch), tokens, seconds))
-        pbar.update(1)
-        pbar.set_postfix(loss=f"{loss:.4f}", norm=f"{prompt_norm:.3g}" if prompt_norm is not None else "-")
-        if nonfinite(loss, grad_norm, prompt_norm):
-            stop(nonfinite(loss, grad_norm, prompt_norm), lr)
-    pbar.close()
-    run.step, run.best_score, run.best_step, run.throughput = step, best_score, best_step, throughput.summary(ranks.device)
-
-
-def train_pack(jobs, task, pack, ranks, say):
-    """train_loop for the runs of a pack (a multirun.Pack): at the top of each step every run validates and
-    saves as train_loop does (its own --eval-every / --save-every / --max-steps), a run at its last step
-    finishes (prompt.pt, metrics.json), then one packed step trains every run still training. A non-finite
-    run stops alone (its "nonfinite" event, its lock released); the others go on. Returns {folder: result}."""
+def build(jobs, task, ranks, say, packed, max_rows=None):
+    """The T5 the runs share and each run (multirun.make_run: its prompt module, or T5 itself for ft, its
+    AdamW and schedule), fresh or from its own last.pt; each run's config.json and log.jsonl are written
+    only once every run's checks have passed (a refusal for one run changes no run's files)."""
+    first = jobs[0].args
+    t5 = load_frozen_t5(first, task, first.seed).to(ranks.device)
+    t5.train()  # T5's dropout stays active though frozen, as under the HF Trainer (docs/paper.md)
     for job in jobs:
-        job.start_step = job.run.step
-        job.meter = Throughput(warm=2 if job.args.max_steps - job.start_step >= 10 else 0)
+        a, job.resumed = job.args, job.resume_path is not None
+        a.max_length = first.max_length
+        job.steps_per_epoch, job.micro_batch_size, job.grad_accum_steps = batch_plan(
+            a, len(task.data[0]), ranks.world_size)
+        job.run = multirun.make_run(
+            t5, a.method, seed=a.seed, lr=a.lr, max_steps=a.max_steps, batch_size=a.batch_size,
+            micro_batch_size=job.micro_batch_size, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
+            max_grad_norm=a.max_grad_norm, group_by_length=a.group_by_length, init=a.init,
+            label_ids=label_ids(a, task), name=str(job.out_dir), **M.prompt_options(vars(a)))
+        job.net = job.raw_model = job.run.prompted(t5)  # what validation, start_log and finish take
+        job.rng = None
+        if job.resume_path:
+            ckpt = runfolder.read_checkpoint(job.resume_path, a.max_steps)
+            runfolder.restore(lambda: job.run.load_checkpoint_state(ckpt), job.resume_path, job.run.params)
+            job.rng = runfolder.rank_rng(ckpt, ranks, say)
+            if ranks.master:
+                runfolder.check_resume_files(job.out_dir)
+        job.step = job.start_step = job.run.step
+        job.meter = runtime.Throughput(warm=2 if a.max_steps - job.start_step >= 10 else 0)
+    extra = {"pack": {"size": len(jobs), "runs": [j.out_dir.name for j in jobs]}} if packed else None
+    for job in jobs:  # every run checked: only now does any run's folder change
+        job.log = runfolder.start_log(job.args, job.out_dir, job, task, ranks, job.resume_path, say, extra=extra)
+    compiled = torch.compile if first.compile else (lambda m: m)
+    wrap = compiled
+    if ranks.world_size > 1:  # no buffer sync before each forward: T5's buffers never change
+        wrap = lambda net: DDP(compiled(net), forward_sync_buffers=False,  # noqa: E731
+                               device_ids=[ranks.local_rank] if ranks.device.startswith("cuda") else None)
+    return multirun.Pack(t5, [job.run for job in jobs], task.data, device=ranks.device,
+                         amp=runtime.set_precision(first.dtype, ranks.device), rank=ranks.rank,
+                         world_size=ranks.world_size, max_rows=max_rows, wrap=wrap)
+
+
+def restore_rng(jobs, ranks):
+    """One RNG for the pack (dropout): that of the run furthest behind, or seed + rank for a fresh start."""
     rngs = [job.rng for job in sorted(jobs, key=lambda j: j.run.step) if job.rng is not None]
-    if rngs:  # one RNG for the pack (dropout): that of the run furthest behind
-        set_rng_state(rngs[0])
+    if rngs:
+        runtime.set_rng_state(rngs[0])
     else:
-        seed_everything(jobs[0].args.seed + ranks.rank + 1_000_003 * min(job.run.step for job in jobs))
-    live, results, faults = list(jobs), {}, []
-
-    def stop(job, what, lr):
-        pack.stop(job.run, "nonfinite")
-        faults.append(str(nonfinite_stop(job.log, job.out_dir, job.run.step, what, lr, job.run.best_step,
-                                         ranks.master)))
-        say(faults[-1])
-        live.remove(job)
-        results[str(job.out_dir)] = {"out_dir": str(job.out_dir), "stopped": "nonfinite"}
-        job.log.close()
-        if job.lock:
-            job.lock.release()
-
-    def checkpoint(job, *names):
-        if not runfolder.weights_finite(job.run.params):
-            return stop(job, ["weights"], job.run.scheduler.get_last_lr()[0])
-        state = job.run.checkpoint_state(rank_rng_states(ranks), ranks.world_size)
-        if ranks.master:
-            for name in names:
-                files.save_torch(job.out_dir / name, state)
-
-    pbar = tqdm(total=max(job.args.max_steps for job in jobs), initial=min(job.run.step for job in jobs),
-                dynamic_ncols=True, desc=f"pack of {len(jobs)}", **({} if ranks.master else {"disable": True}))
-    while live:
-        for job in list(live):
-            run = job.run
-            due = top_of_step(job.args, run.step, job.start_step, job.resumed)
-            if due == "eval":
-                metrics = validate_and_log(job.args, task, job.raw_model, ranks, job.log, run.step)
-                improved = metrics["score"] > run.best_score
-                if improved:
-                    run.best_score, run.best_step = metrics["score"], run.step
-                checkpoint(job, *(["best.pt"] if improved else []), "last.pt")
-            elif due == "save":
-                checkpoint(job, "last.pt")
-            if job in live and run.step == job.args.max_steps:
-                live.remove(job)
-                job.step, job.best_score, job.best_step = run.step, run.best_score, run.best_step
-                job.throughput = job.meter.summary(ranks.device)
-                try:
-                    results[str(job.out_dir)] = finish(job.args, job.out_dir, task, job, job.log, ranks, say)
-                finally:
-                    job.log.close()
-                    if job.lock:
-                        job.lock.release()
-        if not live:
-            break
-        sig = signals.stop_requested(ranks)
-        if sig:  # preempted or cancelled: every live run's state at this step boundary, then stop
-            for job in list(live):  # (a run found non-finite here leaves `live`)
-                checkpoint(job, "last.pt")
-            for job in live:
-                job.log.close()
-            folders = " ".join(str(job.out_dir) for job in live)
-            raise signals.stopped(sig, min((job.run.step for job in live), default=0), folders)
-        t0 = time.time()
-        records = pack.step()
-        seconds = time.time() - t0
-        for job in list(live):
-            r = records[job.run.name]
-            job.meter.add(r["examples"], r["tokens"], seconds)
-            job.log(train_event(r["step"], r["loss"], r["lr"], r["grad_norm"], r["prompt_norm"], r["epoch"],
-                                r["examples"], r["tokens"], seconds))
-            if r["nonfinite"]:
-                stop(job, r["nonfinite"], r["lr"])
-        pbar.update(1)
-    pbar.close()
-    if faults:
-        raise runtime.quiet_unless_master(NonFiniteError(
-            f"train: {len(faults)} of the {len(jobs)} runs of the pack signals.stopped; the others finished. "
-            + " ".join(faults)), ranks.rank)
-    return {"runs": results}
+        runtime.seed_everything(jobs[0].args.seed + ranks.rank + 1_000_003 * min(j.run.step for j in jobs))
 
 
-def finish(args, out_dir, task, run, log, ranks, say):
-    """The end: the best checkpoint folded into P' (prompt.pt) and scored on test (metrics.json)."""
+def finish(job, task, ranks, say):
+    """The end of a run: the best checkpoint folded into P' (prompt.pt) and scored on test (metrics.json)."""
+    args, out_dir, run, log = job.args, job.out_dir, job.run, job.log
+    job.throughput = job.meter.summary(ranks.device)
     if ranks.world_size > 1:
         dist.barrier()  # best.pt is complete on disk
-    raw_model = run.raw_model
+    raw_model = job.net
     raw_model.load_trainable_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
     with torch.no_grad():
         prompt = raw_model.prompt()
@@ -726,13 +404,14 @@ def finish(args, out_dir, task, run, log, ranks, say):
     if not args.no_test:
         test_file = task.folder / "test.jsonl"
         examples, source_ids, _ = batching.load_split(test_file, task.tokenizer, args.max_length, args.max_eval_examples)
-        check_split(task.meta, "test", examples, test_file, args.max_eval_examples is not None)
-        metrics = validate(net, task.tokenizer, task.meta, examples, source_ids, ranks, **decode_options(args))
+        batching.check_split(task.meta, "test", examples, test_file, args.max_eval_examples is not None)
+        scores = decoding.score_split(net, task.tokenizer, task.meta, examples, source_ids, ranks,
+                                      **decoding.decode_options(args))
         test = {"task": args.task, "split": "test", "mode": args.eval_mode, "checkpoint": "best",
-                "best_step": run.best_step, "validation_score": run.best_score, **metrics}
+                "best_step": run.best_step, "validation_score": run.best_score, **scores}
         if ranks.master:
             files.write_json(out_dir / "metrics.json", test)
-    t = run.throughput
+    t = job.throughput
     log({"event": "end", "step": run.step, **t, "best_step": run.best_step, "best_score": run.best_score,
          "test_score": test["score"] if test else None})
     say(f"train: done {out_dir.name}: best validation {run.best_score:.2f} at step {run.best_step}"
@@ -740,7 +419,7 @@ def finish(args, out_dir, task, run, log, ranks, say):
         + f"; {t['train_examples_per_s']:.1f} examples/s, {t['train_tokens_per_s']:.0f} tokens/s, "
         f"peak memory {t['peak_memory_mb']:.0f} MiB ({t['peak_memory_kind']})")
     return {"out_dir": str(out_dir), "best_step": run.best_step, "best_score": run.best_score, "metrics": test,
-            "throughput": t, "config": run.config, "model": raw_model}
+            "throughput": t, "config": job.config, "model": raw_model}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -223,3 +224,24 @@ def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None)
                             max_new_tokens=meta["max_target_length"], max_length=meta["max_length"],
                             batch_size=batch_size, device=device, dtype="fp32")
     return {"task": task, "split": split, "model": str(model), **metrics.compute_metrics(meta, preds, examples)}
+
+
+@torch.no_grad()
+def score_split(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batch_size, max_length, dtype):
+    """Scores of `net` on a split. Every rank decodes a strided shard; predictions are gathered so each rank
+    scores the whole split (never an average of per-rank scores)."""
+    preds = run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], mode=mode,
+                              labels=meta.get("labels"), max_new_tokens=meta["max_target_length"],
+                              max_length=max_length, batch_size=batch_size, device=ranks.device, dtype=dtype)
+    if ranks.world_size > 1:
+        shards = [None] * ranks.world_size
+        dist.all_gather_object(shards, preds)
+        preds = [None] * len(examples)
+        for r, part in enumerate(shards):
+            preds[r::ranks.world_size] = part
+    return metrics.compute_metrics(meta, preds, examples)
+
+
+def decode_options(args):
+    """How validation and test decode: the run's eval mode, batch size, input length and precision."""
+    return {"mode": args.eval_mode, "batch_size": args.eval_batch_size, "max_length": args.max_length, "dtype": args.dtype}

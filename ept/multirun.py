@@ -51,7 +51,8 @@ CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data",
 
 @dataclass(eq=False)
 class Run:
-    """One prompt run inside a pack: its module, optimizer, schedule, data position and bookkeeping.
+    """One run of train.py: its module, optimizer, schedule, data position and bookkeeping. A prompt
+    run's module is its prompt module; full fine-tuning's (`full`) is T5 itself, alone in its pack.
 
     `step`, `epoch`, `index` (into that epoch's order), `best_score` and `best_step` mean what they mean in
     train.py. `stopped` is None while the run trains, "nonfinite" once its guard fired (it left the pack),
@@ -73,6 +74,7 @@ class Run:
     best_score: float = -math.inf
     best_step: int | None = None
     stopped: str | None = None
+    full: bool = False  # ft: `module` is T5, there is no prompt
     _order: tuple = field(default=(None, None), repr=False)  # (epoch, order) cache
 
     @property
@@ -104,12 +106,12 @@ class Run:
 
     @torch.no_grad()
     def prompt(self):
-        """P' (n, d) now: a detached fp32 copy."""
-        return self.module().detach().float().clone()
+        """P' (n, d) now: a detached fp32 copy (None for ft)."""
+        return None if self.full else self.module().detach().float().clone()
 
     def prompted(self, t5):
         """A PromptedT5 of this run on the shared T5 (for validation, generation, saving prompt.pt)."""
-        return M.PromptedT5(t5, self.module)
+        return M.PromptedT5(t5, None if self.full else self.module)
 
     def checkpoint_state(self, rng=None, world_size=1):
         """This run's last.pt / best.pt, in train.py's format (weights_only-loadable). `rng`: the list of
@@ -133,24 +135,23 @@ class Run:
 def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, micro_batch_size=None,
              weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0, group_by_length=False, init="uniform",
              label_ids=None, fused=None, name=None, config=None, **module_options):
-    """A Run built as train.py builds a solo run: torch.manual_seed(seed), then the prompt module with a
-    generator seeded by `seed`, on T5's device; AdamW + schedule from optim.make_optimizer (fused on CUDA).
+    """A Run: torch.manual_seed(seed), then the prompt module with a generator seeded by `seed`, on T5's
+    device (ft: T5 itself, unfrozen); AdamW + schedule from optim.make_optimizer (fused on CUDA).
     `module_options`: model.build_prompt_module's (the keys of model.PROMPT_OPTIONS)."""
-    if method == "ft":
-        raise ValueError("packing: ft trains T5 itself and cannot share it; run it alone with train.py")
     device = t5.get_input_embeddings().weight.device
-    lr = 0.3 if lr is None else lr  # Appendix B.2: every prompt method
-    torch.manual_seed(seed)  # default-initialised layers (Linear, LSTM) as in train.py
+    lr = M.default_lr(method) if lr is None else lr
+    torch.manual_seed(seed)  # default-initialised layers (Linear, LSTM) are seeded too
     module = M.build_prompt_module(method, t5.config.d_model, **module_options, init=init,
-                                     embedding=t5.get_input_embeddings().weight, label_ids=label_ids,
-                                     generator=torch.Generator().manual_seed(seed)).to(device)
+                                   embedding=t5.get_input_embeddings().weight, label_ids=label_ids,
+                                   generator=torch.Generator().manual_seed(seed))
+    module = t5.requires_grad_(True) if module is None else module.to(device)
     fused = device.type == "cuda" if fused is None else fused
     optimizer, scheduler = optim.make_optimizer([p for p in module.parameters() if p.requires_grad], lr,
                                                 weight_decay, fused, max_steps, warmup_steps)
     name = name or f"{method}_s{seed}_lr{lr:g}"
     return Run(name, module, optimizer, scheduler, seed=seed, batch_size=batch_size, max_steps=max_steps,
                micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, group_by_length=group_by_length,
-               config=dict(config or {}, method=method, seed=seed, lr=lr, **module_options))
+               full=method == "ft", config=dict(config or {}, method=method, seed=seed, lr=lr, **module_options))
 
 
 # --- the shared forward ---------------------------------------------------------------------------
@@ -167,14 +168,18 @@ class PackedT5(nn.Module):
         super().__init__()
         # A PromptedT5 whose prompt module is the list of the runs' modules: it freezes T5, and its
         # embed prepends the per-example prompts built here, so a pack and a solo run share one prepend.
-        self.prompted = M.PromptedT5(t5, nn.ModuleList(modules))
+        # No modules: full fine-tuning, T5 trains and there is no prompt.
+        self.prompted = M.PromptedT5(t5, nn.ModuleList(modules) if modules else None)
         self.active = list(range(len(modules)))
 
     def set_active(self, run_ids):
         self.active = list(run_ids)
 
     def prompts(self):
-        """(P (A, n_max, d) fp32, mask (A, n_max) long) of the active runs, in `active` order."""
+        """(P (A, n_max, d) fp32, mask (A, n_max) long) of the active runs, in `active` order; None
+        without prompts (ft)."""
+        if self.prompted.prompt_module is None:
+            return None
         outs = [self.prompted.prompt_module[i]() for i in self.active]
         lengths = [p.size(0) for p in outs]
         n_max = max(lengths)
@@ -197,7 +202,10 @@ class PackedT5(nn.Module):
 
     def embed(self, input_ids, attention_mask, run_ids, prompts=None):
         """Encoder inputs: each example's run prompt first (left-padded), the mask extended to match."""
-        stacked, pmask = self.prompts() if prompts is None else prompts
+        prompts = self.prompts() if prompts is None else prompts
+        if prompts is None:
+            return self.prompted.embed(input_ids, attention_mask)
+        stacked, pmask = prompts
         slots = self.slots(run_ids).to(stacked.device)
         return self.prompted.embed(input_ids, attention_mask, stacked.index_select(0, slots),
                                    pmask.index_select(0, slots))  # (B, n_max, d), (B, n_max)
@@ -231,7 +239,9 @@ def step_runs(runs, stepping):
     for r in runs:
         r.optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        return torch.stack([r.module().float().norm(dim=1).mean() for r in runs]).tolist()  # one sync
+        norms = [r.module().float().norm(dim=1).mean() for r in runs if not r.full]
+        norms = iter(torch.stack(norms).tolist() if norms else [])  # one host sync
+        return [None if r.full else next(norms) for r in runs]
 
 
 # --- the pack -------------------------------------------------------------------------------------
@@ -261,7 +271,9 @@ class Pack:
         self.rank, self.world_size, self.pad_to = rank, world_size, pad_to
         self.max_rows, self.sort_by_length = max_rows, sort_by_length
         self.wrap = wrap or (lambda packed: packed)
-        self.packed = PackedT5(t5, [r.module for r in self.runs])
+        if any(r.full for r in self.runs) and len(self.runs) > 1:
+            raise ValueError("packing: ft trains T5 itself and cannot share it with other runs")
+        self.packed = PackedT5(t5, [r.module for r in self.runs if not r.full])
         source_ids, target_ids, _ = data
         self.n_train = len(source_ids)
         self.lengths = [len(s) + len(t) for s, t in zip(source_ids, target_ids)]  # as train.py (group_by_length)
@@ -307,7 +319,7 @@ class Pack:
         for r, batch, (loss, grad_norm, lr, prompt_norm) in zip(runs, batches, stats):
             r.advance(len(batch), self.n_train)
             bad = [k for k, v in (("loss", loss), ("grad_norm", grad_norm), ("prompt_norm", prompt_norm))
-                   if not math.isfinite(v)]
+                   if v is not None and not math.isfinite(v)]
             records[r.name] = {"step": r.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                "prompt_norm": prompt_norm, "epoch": r.epoch, "examples": len(batch),
                                "tokens": sum(self.lengths[i] for i in batch), "nonfinite": bad}

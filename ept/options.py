@@ -92,7 +92,7 @@ PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "war
 def resolve(args):
     """Fill the defaults that depend on the method (the one place they live; ablate.py names runs by them)."""
     if args.lr is None:
-        args.lr = 1e-5 if args.method == "ft" else 0.3  # Appendix B.2
+        args.lr = M.default_lr(args.method)
     if args.hidden_size is None:
         args.hidden_size = M.DEFAULTS["hidden_size"].get(args.method)
     if args.broadcast is None:
@@ -198,3 +198,16 @@ def resolve_pack(args, specs):
         raise errors.Failure("train: --random-init builds T5's weights from the seed, and a pack shares one T5: "
                          "one seed per pack, or real weights")
     return specs
+
+
+def resolve_runs(args, specs, packed):
+    """The runs of a command line, resolved, each with its folder: a lone run's is --out-dir or
+    runs/<run name>; a pack's are each entry's "out_dir", or <--out-dir or runs>/<run name>."""
+    if packed:
+        return resolve_pack(args, specs)
+    run = resolve(argparse.Namespace(**{**vars(specs[0]), "out_dir": args.out_dir}))
+    run.out_dir = run.out_dir or str(Path("runs") / run_name(run))  # one naming rule, alone or in a pack
+    if problem := cli.run_folder_problem(run.out_dir):
+        raise errors.Failure(f"train: --out-dir {problem}")
+    return [run]
+

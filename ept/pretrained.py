@@ -249,3 +249,13 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def set_dropout(t5, rate):
+    """T5's dropout rate everywhere: the nn.Dropout modules and the float rate HF's attention keeps."""
+    t5.config.dropout_rate = rate
+    for module in t5.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = rate

@@ -189,7 +189,7 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
     run.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
                   "n_trainable": M.count_trainable(run.raw_model),
                   "t5_fingerprint": pretrained.t5_fingerprint(run.raw_model.t5), "train_file": str(task.train_file),
-                  "train_size": len(task.data), "validation_size": len(task.val_examples),
+                  "train_size": len(task.data[0]), "validation_size": len(task.val_examples),
                   "steps_per_epoch": run.steps_per_epoch, "micro_batch_size": run.micro_batch_size,
                   "grad_accum_steps": run.grad_accum_steps,
                   "meta": {k: task.meta.get(k) for k in ("labels", "metrics", "score", "max_length", "max_target_length")},
@@ -215,10 +215,10 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
         log = open_log(out_dir / "log.jsonl", trackers)
     log({"event": "resume" if resume_path else "setup", "step": run.step, "device": ranks.device,
          "world_size": ranks.world_size, "dtype": args.dtype, "n_trainable": run.config["n_trainable"],
-         "train_size": len(task.data), "steps_per_epoch": run.steps_per_epoch, "max_steps": args.max_steps,
+         "train_size": len(task.data[0]), "steps_per_epoch": run.steps_per_epoch, "max_steps": args.max_steps,
          "grad_accum_steps": run.grad_accum_steps})
     say(f"train: {args.method} on {args.task}, {run.config['n_trainable']:,} trainable parameters, "
-        f"{len(task.data)} examples, {args.max_steps} steps, {ranks.world_size} rank(s) on {ranks.device}, "
+        f"{len(task.data[0])} examples, {args.max_steps} steps, {ranks.world_size} rank(s) on {ranks.device}, "
         f"{args.dtype} -> {out_dir}")
     return log
 

@@ -8,6 +8,7 @@ Precision (one name everywhere: --dtype, config.json "dtype"):
 """
 import os
 import random
+import resource
 from contextlib import nullcontext
 
 import numpy as np
@@ -107,3 +108,24 @@ def seed_everything(seed):
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
+
+
+class Throughput:
+    """Examples and tokens per second over the steady-state steps (the first `warm` steps are skipped)."""
+
+    def __init__(self, warm):
+        self.warm, self.steps, self.examples, self.tokens, self.seconds = warm, 0, 0, 0, 0.0
+
+    def add(self, examples, tokens, seconds):
+        self.steps += 1
+        if self.steps > self.warm:
+            self.examples, self.tokens, self.seconds = self.examples + examples, self.tokens + tokens, self.seconds + seconds
+
+    def summary(self, device):
+        if device.startswith("cuda"):
+            peak_mb, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+        else:
+            peak_mb, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
+        return {"train_examples_per_s": self.examples / max(self.seconds, 1e-9),
+                "train_tokens_per_s": self.tokens / max(self.seconds, 1e-9), "train_time_s": self.seconds,
+                "timed_steps": max(0, self.steps - self.warm), "peak_memory_mb": peak_mb, "peak_memory_kind": kind}
