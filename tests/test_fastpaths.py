@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import bench
 import model as M
-import train
+import reference
 from ept import batching, decoding, optim, pretrained, runtime
 
 WORDS = "good bad fine awful great poor nice sad happy dull the movie plot was not very".split()
@@ -31,7 +31,7 @@ MAX_LENGTH = 40
 
 
 def no_dropout(t5):
-    train.set_dropout(t5, 0.0)  # as train.py --dropout 0 (nn.Dropout and the float rate HF's attention keeps)
+    pretrained.set_dropout(t5, 0.0)  # as train.py --dropout 0 (nn.Dropout and the float rate HF's attention keeps)
     return t5
 
 
@@ -89,7 +89,7 @@ def test_pad_to_longest_gives_the_pad_to_max_loss_and_gradients(toy, tiny_model_
     def loss_and_grads(pad_to):
         net.zero_grad(set_to_none=True)
         batch = batching.collate(idx, src, tgt, tok.pad_token_id, pad_to)
-        nll = train.token_nll(net, net.t5._shift_right, *batch, nullcontext())
+        nll = reference.token_nll(net, net.t5._shift_right, *batch, nullcontext())
         nll.backward()
         return nll.item(), [p.grad.clone() for p in params]
 
@@ -103,7 +103,7 @@ def test_pad_to_longest_gives_the_pad_to_max_loss_and_gradients(toy, tiny_model_
 
 @pytest.mark.parametrize("method,tol", [("pt", 1e-4), ("ept_star", 1e-3)])
 def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_dir, method, tol):
-    """train.train_step (bench.py runs it too) for 4 steps at lr 0.3: own-longest and pad-to-max give the same
+    """reference.train_step (bench.py runs it too) for 4 steps at lr 0.3: own-longest and pad-to-max give the same
     losses and reach the same prompt. The prompt tolerance is relative to its scale: Adam divides by sqrt(v),
     so rounding-level gradient differences grow with each step, more through EPT's product P1 W_down W_up."""
     tok, src, tgt, _ = toy
@@ -116,7 +116,7 @@ def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_di
         params = [p for p in net.prompt_module.parameters()]
         optimizer, scheduler = optim.make_optimizer(params, 0.3, 0.01, False, 100)
         data = bench.PaddedData(src, tgt, tok.pad_token_id, pad_to)
-        run = [train.train_step(net, net, optimizer, scheduler, list(range(8 * k, 8 * k + 8)), data,
+        run = [reference.train_step(net, net, optimizer, scheduler, list(range(8 * k, 8 * k + 8)), data,
                                 amp=nullcontext(), device="cpu", micro_batch_size=8)[0] for k in range(4)]
         losses.append(run)
         prompts.append(net.prompt().detach().clone())
@@ -140,7 +140,7 @@ def test_group_by_length_only_reorders(toy, tiny_model_dir):
     net = prompted(tiny_model_dir, "pt").eval()
     plain, grouped = batching.epoch_order(n, 7, 0, bs), batching.epoch_order(n, 7, 0, bs, lengths)
     with torch.no_grad():
-        total = [sum(train.token_nll(net, net.t5._shift_right, *batching.collate(order[k:k + bs].tolist(), src, tgt,
+        total = [sum(reference.token_nll(net, net.t5._shift_right, *batching.collate(order[k:k + bs].tolist(), src, tgt,
                                                                               tok.pad_token_id), nullcontext()).item()
                      for k in range(0, n, bs)) for order in (plain, grouped)]
     assert total[1] == pytest.approx(total[0], rel=1e-5)
@@ -293,8 +293,8 @@ def test_bf16_autocast_loss_close_to_fp32(toy, tiny_model_dir):
     net = prompted(tiny_model_dir, "ept").cuda()
     batch = [t.cuda() for t in batching.collate(list(range(8)), src, tgt, tok.pad_token_id)]
     with torch.no_grad():
-        fp32 = train.token_nll(net, net.t5._shift_right, *batch, nullcontext()).item()
-        bf16 = train.token_nll(net, net.t5._shift_right, *batch, runtime.autocast("cuda", "bf16")).item()
+        fp32 = reference.token_nll(net, net.t5._shift_right, *batch, nullcontext()).item()
+        bf16 = reference.token_nll(net, net.t5._shift_right, *batch, runtime.autocast("cuda", "bf16")).item()
     assert bf16 == pytest.approx(fp32, rel=2e-2)
 
 
@@ -311,7 +311,7 @@ def test_compile_gives_the_eager_loss_and_gradients(toy, tiny_model_dir):
             for idx in (list(range(8)), list(range(8, 16))):
                 net.zero_grad(set_to_none=True)
                 batch = [t.cuda() for t in batching.collate(idx, src, tgt, tok.pad_token_id)]
-                nll = train.token_nll(model, net.t5._shift_right, *batch, nullcontext())
+                nll = reference.token_nll(model, net.t5._shift_right, *batch, nullcontext())
                 nll.backward()
                 out.append((nll.item(), net.prompt_module.prompt.grad.clone()))
         for k in range(2, len(out)):

