@@ -1,6 +1,6 @@
 """Table 3: few-shot adaptation on the 13 GLUE + SuperGLUE tasks, k in {4, 16, 32} examples in all.
 
-A thin driver over train.py (the machinery is ablate.py's): every method on t5-base, six seeds (the
+A thin driver over train.py (the machinery is ept/drivers.py's, as for ablate.py): every method on t5-base, six seeds (the
 k-shot sample `train_k{K}_seed{S}.jsonl` of prepare_data.py, classes balanced, and the training seed are
 both S), 10,000 steps, lr 0.3 for prompts and 1e-3 for fine-tuning (Appendix B.2); validation and test as in
 the full-data setting. Finished runs are skipped; one row per run goes to results/fewshot.jsonl.
@@ -19,10 +19,10 @@ import json
 import sys
 from pathlib import Path
 
-import ablate
 import model as M
-from ept import cli, errors, registry
+from ept import cli, drivers, errors, plans, registry
 
+TASKS = registry.GROUPS["glue"] + registry.GROUPS["superglue"]  # the 13 of Table 1
 SHOTS = [4, 16, 32]
 SEEDS = [0, 1, 2, 3, 4, 5]  # "averaged over 6 runs" (Table 3)
 STEPS = 10000
@@ -41,20 +41,20 @@ parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, hel
 # sweep
 parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=SEEDS, help="few-shot sample and training seeds")
 parser.add_argument("--steps", type=cli.positive_int, default=STEPS, help="training steps (paper: 10,000)")
-ablate.add_execution_args(parser)  # --nproc, --gpus, --collect, --subprocess, --runs-dir, --results-dir, --dry-run
+drivers.add_execution_args(parser)  # --nproc, --gpus, --collect, --subprocess, --runs-dir, --results-dir, --dry-run
 
 
 def specs(args):
-    return [ablate.spec(task, method, args.model, seed, fewshot_k=k, fewshot_seed=seed, max_steps=args.steps,
+    return [plans.spec(task, method, args.model, seed, fewshot_k=k, fewshot_seed=seed, max_steps=args.steps,
                         lr=LR["ft" if method == "ft" else "prompt"], _row={"variant": k})
-            for k in args.shots for task in args.tasks or ablate.GLUE + ablate.SUPERGLUE
+            for k in args.shots for task in args.tasks or TASKS
             for method in args.methods or M.METHODS for seed in args.seeds]
 
 
 def check_samples(args):
     """Every k-shot sample this grid trains on is prepared (else each of its runs would fail alike); samples
     drawn with the old rule (k per class) are used as they are, with a warning that names the rebuild."""
-    tasks = args.tasks or ablate.GLUE + ablate.SUPERGLUE
+    tasks = args.tasks or TASKS
     missing = [Path(args.data_dir) / t / f"train_k{k}_seed{s}.jsonl" for t in tasks for k in args.shots
                for s in args.seeds if not (Path(args.data_dir) / t / f"train_k{k}_seed{s}.jsonl").exists()]
     if missing:
@@ -77,13 +77,12 @@ def _meta(folder):
 
 @errors.script
 def main(argv=None):
-    args, extra = parser.parse_known_args(argv)
-    ablate.check_args(parser, args, extra)
+    args, extra = drivers.parse(parser, argv, __file__)
+    drivers.check_args(parser, args, extra)
     if not args.dry_run and not args.collect:
         check_samples(args)
-    args.command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
-    return ablate.run_driver("fewshot", specs(args), args, extra)
+    return drivers.run_driver("fewshot", specs(args), args, extra)
 
 
 if __name__ == "__main__":
-    ablate.run_cli(main, "fewshot")
+    drivers.run_cli(main, "fewshot")
