@@ -324,7 +324,7 @@ def validate(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batch_s
     return metrics.compute_metrics(meta, preds, examples)
 
 
-def decoding(args):
+def decode_settings(args):
     """How validation and test decode: the run's eval mode, batch size, input length and precision."""
     return {"mode": args.eval_mode, "batch_size": args.eval_batch_size, "max_length": args.max_length, "dtype": args.dtype}
 
@@ -747,7 +747,7 @@ def top_of_step(args, step, start_step, resumed):
 def validate_and_log(args, task, net, ranks, log, step):
     """Score `net` on the validation split and log the "eval" event; returns the metrics."""
     t0 = time.time()
-    metrics = validate(net, task.tokenizer, task.meta, task.val_examples, task.val_src, ranks, **decoding(args))
+    metrics = validate(net, task.tokenizer, task.meta, task.val_examples, task.val_src, ranks, **decode_settings(args))
     seconds = time.time() - t0
     log({"event": "eval", "step": step, "split": "validation", **metrics, "eval_time_s": seconds,
          "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
@@ -766,7 +766,7 @@ def nonfinite_stop(log, out_dir, step, what, lr, best_step, master=True):
     log({"event": "nonfinite", "step": step, "what": what})
     kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
             f"no checkpoint was saved; log.jsonl in {out_dir} records it")
-    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); signals.stopped. {kept}")
+    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); stopped. {kept}")
     if master:
         files.write_text(out_dir / runs.FAILED_NAME, f"{err}\n")
     return err
@@ -936,7 +936,7 @@ def train_pack(jobs, task, pack, ranks, say):
     pbar.close()
     if faults:
         raise runtime.quiet_unless_master(NonFiniteError(
-            f"train: {len(faults)} of the {len(jobs)} runs of the pack signals.stopped; the others finished. "
+            f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others finished. "
             + " ".join(faults)), ranks.rank)
     return {"runs": results}
 
@@ -960,7 +960,7 @@ def finish(args, out_dir, task, run, log, ranks, say):
         test_file = task.folder / "test.jsonl"
         examples, source_ids, _ = batching.load_split(test_file, task.tokenizer, args.max_length, args.max_eval_examples)
         check_split(task.meta, "test", examples, test_file, args.max_eval_examples is not None)
-        metrics = validate(net, task.tokenizer, task.meta, examples, source_ids, ranks, **decoding(args))
+        metrics = validate(net, task.tokenizer, task.meta, examples, source_ids, ranks, **decode_settings(args))
         test = {"task": args.task, "split": "test", "mode": args.eval_mode, "checkpoint": "best",
                 "best_step": run.best_step, "validation_score": run.best_score, **metrics}
         if ranks.master:
