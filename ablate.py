@@ -1,46 +1,39 @@
-"""The paper's experiment grids as thin drivers over train.py: Tables 1, 2, 4, 6 and Figures 5/12, 7, 8, 9.
+"""The paper's experiment grids over train.py: Tables 1, 2, 4, 6 and Figures 5/12, 7, 8, 9.
 
-Each sub-experiment is a list of train.py argument lists. A run whose folder already holds
-metrics.json is not trained again (an unfinished folder is resumed with --resume), and one row per
-finished run (its configuration, test metrics, trainable parameters, prompt norm) is appended once to
+Each experiment is a list of runs (train.py options). A run whose folder already holds metrics.json
+is not trained again (an unfinished folder is resumed with --resume), and one row per finished run
+(its configuration, test metrics, trainable parameters, prompt norm) is appended once to
 results/<experiment>.jsonl, which report.py turns into the paper's tables and figures. Run folders
 are named by configuration alone, runs/<task>_<method>_<model>[_<options>]_s<seed>, so a run two
 experiments share (EPT with h = 1 on BoolQ is a Table 1 cell and a Figure 5 point) is trained once.
-Table 3 (few-shot) is fewshot.py, which uses the same machinery.
+Table 3 (few-shot) is fewshot.py. Both share the driver in ept/drivers.py: the plan, the units, the
+pool, the collect step and the GPU-hour estimate live there (docs/experiments.md).
 
-    python ablate.py table1 --dry-run                 # every run, its status, count and GPU-hour estimate
-    python ablate.py table1                           # Table 1: 13 tasks x 6 methods x 3 sizes x 3 seeds
-    python ablate.py table1 --lr-search               # + the SuperGLUE lr search of Appendix B.2
-    python ablate.py table2                           # Table 2: MRQA + Others, t5-base
-    python ablate.py table4                           # Table 4: ATTEMPT setting (epochs, PT n=100, EPT + 1x1 layer)
-    python ablate.py init | hidden | broadcast | lr | structure     # Table 6, Figures 5/12, 7, 8, 9
-    python ablate.py lr --models t5-base              # Figure 8 for one size (default: t5-base and t5-large)
-    python ablate.py hidden --nproc 4                 # each unit on 4 GPUs through torchrun
-    python ablate.py steer                            # the steering benchmark (docs/experiments.md)
+    python ablate.py table1 --dry-run       # every run, its status, count and GPU-hour estimate
+    python ablate.py table1                 # Table 1: 13 tasks x 6 methods x 3 sizes x 3 seeds
+    python ablate.py table1 --lr-search     # + the SuperGLUE lr search of Appendix B.2
+    python ablate.py table2                 # Table 2: MRQA + Others, t5-base
+    python ablate.py table4                 # Table 4: ATTEMPT setting (epochs, PT n=100, ...)
+    python ablate.py init | hidden | broadcast | lr | structure   # Table 6, Figures 5/12, 7, 8, 9
+    python ablate.py lr --models t5-base    # Figure 8 for one size (default: t5-base and t5-large)
+    python ablate.py hidden --nproc 4       # each unit on 4 GPUs through torchrun
+    python ablate.py steer                  # the steering benchmark (docs/experiments.md)
+    python ablate.py hidden --gpus 8        # 8 children, one per GPU, units longest first
+    python ablate.py hidden --collect       # rows of the finished runs, once, and the table
     python ablate.py init --model smoke/tiny-t5 --data-dir smoke/data --runs-dir smoke/runs \\
         --results-dir smoke/results --seeds 0 --max-steps 4 --eval-every 2     # CPU smoke run
 
 Flags this script does not know (--max-steps, --eval-every, --random-init, --batch-size, ...) go to
-train.py unchanged, after the experiment's own, so they win, at any --pack-size (a pack's --runs entries
-carry them too). Those that name runs (--max-steps, --eval-every, --lr, ...) show in the run name; for the
-others (--batch-size, --dropout, ...) use another --runs-dir when you change them. One value each: a sweep
-(--hidden-size 1 5) is refused, and so are --task/--method/--seed (--tasks/--methods/--seeds). --subprocess runs each train.py in a fresh process
-(frees GPU memory and cached data between runs); --dry-run also appends its plan to
-<results-dir>/dry_run.tsv, which run_all.sh sums counting each shared run once. docs/experiments.md
-lists every setting and the measured step times the GPU-hour estimate rests on.
+train.py unchanged, after the experiment's own, so they win, at any --pack-size (a pack's --runs
+entries carry them too). Those that name runs (--max-steps, --eval-every, --lr, ...) show in the
+run name; for the others (--batch-size, --dropout, ...) use another --runs-dir when you change
+them. One value each: a sweep (--hidden-size 1 5) is refused, and so are --task/--method/--seed
+(--tasks/--methods/--seeds).
 
-On a GPU, prompt runs that share task, model, data and schedule are trained in packs, several runs on one
-frozen T5 in one `train.py --runs FILE` call (--pack-size; default: what fits the GPU, 1 on a CPU); the dry
-run also lists the packs and the GPU-hours unpacked and packed at fp32 and bf16 (packed: a model).
-
-The plan: each call writes <results-dir>/<experiment>.plan, one unit (a pack or a solo run) a line, each a
-complete shell command that any engine may run (idempotent: `train.py ... --resume`), then runs its units:
-here one after another, or with --gpus G on G / --nproc pinned child processes (a local pool), and appends
-each finished run's row once (the collect step; `--collect` alone does only that). Ctrl-C stops everything
-(exit 130); the same command again resumes.
-
-    python ablate.py hidden --gpus 8                  # 8 children, one per GPU, units longest first
-    python ablate.py hidden --collect                 # rows of the finished runs, once, and the table
+Each call writes <results-dir>/<experiment>.plan, one unit (a pack of prompt runs on one frozen T5,
+or a solo run) a line, each a complete shell command that any engine may run, then runs its units
+(here, on a local pool with --gpus, or on SLURM with --slurm) and appends each finished run's row
+once. Ctrl-C stops everything (exit 130); the same command again resumes.
 """
 import argparse
 import math
@@ -51,19 +44,20 @@ from pathlib import Path
 import model as M
 from ept import cli, costs, decoding, drivers, errors, files, plans, registry, runs
 
-# --- the paper's task groups (the registry, in the paper's column order) and grids -------------------
+# --- the paper's task groups (the registry, in the paper's column order) and grids ---------------
 
-GLUE, SUPERGLUE, MRQA, OTHERS = (registry.GROUPS[g] for g in ("glue", "superglue", "mrqa", "others"))
+GLUE, SUPERGLUE, MRQA, OTHERS = (registry.GROUPS[g]
+                                 for g in ("glue", "superglue", "mrqa", "others"))
 ALL_TASKS = list(registry.TASKS)  # the 21 tasks
 SIZES = ["t5-small", "t5-base", "t5-large"]
 SEEDS = [0, 1, 2]  # 3 runs per main result (Table 1 caption)
-LR_GRID = {"prompt": [0.003, 0.01, 0.03, 0.1, 0.3], "ft": [1e-5, 1e-4, 1e-3]}  # SuperGLUE lr search
+LR_GRID = {"prompt": [0.003, 0.01, 0.03, 0.1, 0.3], "ft": [1e-5, 1e-4, 1e-3]}  # SuperGLUE search
 FIG8_SIZES = ["t5-base", "t5-large"]  # §5.3: "... on both T5-base and T5-Large"
-BATCH_SIZE = 16  # Appendix B.2; Table 4's steps per epoch follow the batch actually passed to train.py
+BATCH_SIZE = 16  # Appendix B.2; Table 4's steps per epoch follow the batch train.py is given
 HIDDEN = [1, 5, 10, 50, 100, 500, 1000]  # Figures 5 and 12
 STRUCTURES = {"none": {}, "layernorm": {"layer_norm": True}, "residual": {"residual": True},
               "relu": {"activation": "relu"}, "tanh": {"activation": "tanh"},
-              "sigmoid": {"activation": "sigmoid"}}  # Figure 9: ReLU, Tanh, Sigmoid (the public EPT code's three)
+              "sigmoid": {"activation": "sigmoid"}}  # Figure 9 (the public EPT code's three)
 
 
 # --- the experiments ----------------------------------------------------------------------------
@@ -74,17 +68,19 @@ spec = plans.spec
 
 
 def table1(args):
-    """Table 1: GLUE + SuperGLUE x every method x every size; --lr-search adds the SuperGLUE lr grid."""
+    """Table 1: GLUE + SuperGLUE x every method x every size; --lr-search adds the SuperGLUE
+    lrs."""
     specs = []
     for model in args.models or SIZES:
         for task in args.tasks or GLUE + SUPERGLUE:
             for method in args.methods or M.METHODS:
                 lrs = [None]
-                if args.lr_search and task in SUPERGLUE:  # Appendix B.2: searched for the SuperGLUE results
+                if args.lr_search and task in SUPERGLUE:  # Appendix B.2: searched for SuperGLUE
                     lrs = LR_GRID["ft" if method == "ft" else "prompt"]
                 for value in lrs:
                     for seed in args.seeds or SEEDS:
-                        specs.append(spec(task, method, model, seed, **({"lr": value} if value else {})))
+                        lr_option = {"lr": value} if value else {}
+                        specs.append(spec(task, method, model, seed, **lr_option))
     return specs
 
 
@@ -101,34 +97,41 @@ def attempt_epochs(task, data_dir):
 
 
 def steps_per_epoch(task, data_dir, batch_size=BATCH_SIZE):
-    """Optimizer steps in one pass over the training split (meta.json; train.py counts the same way)."""
+    """Optimizer steps in one pass over the training split (meta.json; train.py counts alike)."""
     return math.ceil(costs.split_sizes(task, data_dir)[0] / batch_size)
 
 
 def table4(args):
-    """Table 4, ATTEMPT setting: epochs instead of steps, validated every epoch (the best epoch is kept, as
-    ATTEMPT does); PT with 100 tokens; EPT/EPT* with one extra 1x1 layer. §5.4: "an additional MLP layer is
-    stacked for EPT and EPT*"; Table 4's 2.3K/768 on t5-base is the main 2,304 + 1: one bias-free 1x1 layer
-    between down and up (d -> 1 -> 1 -> d), train.py's --extra-layer."""
-    options = {"pt": {"prompt_length": 100}, "ept": {"extra_layer": True}, "ept_star": {"extra_layer": True}}
+    """Table 4, ATTEMPT setting: epochs instead of steps, validated every epoch (the best epoch is
+    kept, as ATTEMPT does); PT with 100 tokens; EPT/EPT* with one extra 1x1 layer. §5.4: "an
+    additional MLP layer is stacked for EPT and EPT*"; Table 4's 2.3K/768 on t5-base is the main
+    2,304 + 1: one bias-free 1x1 layer between down and up (d -> 1 -> 1 -> d), --extra-layer."""
+    per_method = {"pt": {"prompt_length": 100}, "ept": {"extra_layer": True},
+                  "ept_star": {"extra_layer": True}}
     batch = getattr(args, "batch_size", None) or BATCH_SIZE
-    return [spec(task, method, args.model, seed, epochs=args.epochs or attempt_epochs(task, args.data_dir),
-                 eval_every=steps_per_epoch(task, args.data_dir, batch), **options.get(method, {}))
+    return [spec(task, method, args.model, seed,
+                 epochs=args.epochs or attempt_epochs(task, args.data_dir),
+                 eval_every=steps_per_epoch(task, args.data_dir, batch),
+                 **per_method.get(method, {}))
             for task in args.tasks or ["multirc", "boolq", "wic", "wsc", "cb"]
-            for method in args.methods or ["pt", "ept", "ept_star"] for seed in args.seeds or SEEDS]
+            for method in args.methods or ["pt", "ept", "ept_star"]
+            for seed in args.seeds or SEEDS]
 
 
 def init(args):
-    """Table 6: EPT's P1 initialised uniform / from random vocabulary rows / from the label words."""
+    """Table 6: EPT's P1 initialised uniform / from random vocabulary rows / from the label
+    words."""
     return [spec(task, method, args.model, seed, init=kind, _row={"variant": kind})
-            for task in args.tasks or ["boolq", "cb", "rte", "wsc"] for method in args.methods or ["ept"]
+            for task in args.tasks or ["boolq", "cb", "rte", "wsc"]
+            for method in args.methods or ["ept"]
             for kind in args.values or M.INITS for seed in args.seeds or SEEDS]
 
 
 def hidden(args):
     """Figures 5 (BoolQ, RTE) and 12 (WSC, CB, WiC): EPT's hidden size h."""
     return [spec(task, method, args.model, seed, hidden_size=h, _row={"variant": h})
-            for task in args.tasks or ["boolq", "rte", "wsc", "cb", "wic"] for method in args.methods or ["ept"]
+            for task in args.tasks or ["boolq", "rte", "wsc", "cb", "wic"]
+            for method in args.methods or ["ept"]
             for h in args.values or HIDDEN for seed in args.seeds or SEEDS]
 
 
@@ -140,30 +143,35 @@ def broadcast(args):
 
 
 def lr(args):
-    """Figure 8: learning-rate robustness of PT, ResPrompt, EPT, EPT* on the 5 SuperGLUE tasks, on t5-base and
-    t5-large (§5.3). These are the runs of Table 1's SuperGLUE lr search (same names): trained once."""
-    models = args.models or ([args.model] if args.model != parser.get_default("model") else FIG8_SIZES)
+    """Figure 8: learning-rate robustness of PT, ResPrompt, EPT, EPT* on the 5 SuperGLUE tasks, on
+    t5-base and t5-large (§5.3). These are the runs of Table 1's SuperGLUE lr search (same names):
+    trained once."""
+    given = args.model != parser.get_default("model")
+    models = args.models or ([args.model] if given else FIG8_SIZES)
     return [spec(task, method, model, seed, lr=value, _row={"variant": value}) for model in models
-            for task in args.tasks or SUPERGLUE for method in args.methods or ["pt", "resprompt", "ept", "ept_star"]
+            for task in args.tasks or SUPERGLUE
+            for method in args.methods or ["pt", "resprompt", "ept", "ept_star"]
             for value in args.values or LR_GRID["prompt"] for seed in args.seeds or SEEDS]
 
 
 def structure(args):
-    """Figure 9: EPT with LayerNorm / residual / a non-linearity added, on the 5 SuperGLUE tasks."""
+    """Figure 9: EPT with LayerNorm / residual / a non-linearity added, on the 5 SuperGLUE
+    tasks."""
     return [spec(task, "ept", args.model, seed, **STRUCTURES[name], _row={"variant": name})
             for task in args.tasks or SUPERGLUE for name in args.values or STRUCTURES
             for seed in args.seeds or SEEDS]
 
 
-# The steering benchmark (docs/experiments.md): every method on a small frozen backbone that knows two toy tasks
-# and does one by default (scripts/build_backbone.py); the task asks for the other one. Its own short schedule:
-# prompts at the paper's lr 0.3, ft at 1e-3 (1e-5, the paper's, barely moves a model trained from scratch in
-# 100 steps); --values sweeps the lr of PT, EPT and EPT* (STEER_LRS by default) beside the main grid, with
-# the first seed only (a sweep shows where a method learns; the main grid's 3 seeds its spread).
+# The steering benchmark (docs/experiments.md): every method on a small frozen backbone that knows
+# two toy tasks and does one by default (scripts/build_backbone.py); the task asks for the other
+# one. Its own short schedule: prompts at the paper's lr 0.3, ft at 1e-3 (1e-5, the paper's, barely
+# moves a model trained from scratch in 100 steps); --values sweeps the lr of PT, EPT and EPT*
+# (STEER_LRS by default) beside the main grid, with the first seed only (a sweep shows where a
+# method learns; the main grid's 3 seeds its spread).
 STEER_BACKBONE = str(Path(__file__).resolve().parent / "tests" / "fixtures" / "steer" / "backbone")
 STEER_TASK = "steer_comma"
 STEER_SCHEDULE = {"max_steps": 100, "eval_every": 10, "batch_size": 32}
-STEER_LRS = [0.03, 3.0]  # beside the default 0.3: EPT's explosive norm may want another lr at this scale
+STEER_LRS = [0.03, 3.0]  # beside the default 0.3: EPT's explosive norm may want another lr here
 STEER_SWEPT = ["pt", "ept", "ept_star"]
 
 
@@ -172,7 +180,8 @@ def steer_model(args):
 
 
 def steer(args):
-    """The steering benchmark: every method x seed at its default lr (ft: 1e-3), plus the lr sweep."""
+    """The steering benchmark: every method x seed at its default lr (ft: 1e-3), plus the lr
+    sweep."""
     model, seeds, specs = steer_model(args), args.seeds or SEEDS, []
     for task in args.tasks or [STEER_TASK]:
         for method in args.methods or M.METHODS:
@@ -185,33 +194,37 @@ def steer(args):
 
 
 def steer_prepare(args):
-    """The steering task's data, prepared once before any worker starts (train.py would prepare it on
-    first use, but several workers at once would race), with the backbone's tokenizer, by the
+    """The steering task's data, prepared once before any worker starts (train.py would prepare it
+    on first use, but several workers at once would race), with the backbone's tokenizer, by the
     prepare_data.py stage run as a command."""
     for task in args.tasks or [STEER_TASK]:
         if (Path(args.data_dir) / task / "meta.json").exists():
             continue
-        command = [sys.executable, str(Path(__file__).with_name("prepare_data.py")), "--tasks", task,
-                   "--out", str(args.data_dir), "--tokenizer", steer_model(args)]
+        script = Path(__file__).with_name("prepare_data.py")
+        command = [sys.executable, str(script), "--tasks", task, "--out", str(args.data_dir),
+                   "--tokenizer", steer_model(args)]
         if subprocess.run(command).returncode:
             raise errors.Failure(f"steer: {Path(args.data_dir) / task} could not be prepared "
                                  "(prepare_data.py said why above)")
 
 
 def steer_floor(args):
-    """The no-prompt floor: the frozen backbone on the steering task's validation and test splits, one row
-    (method "none") per model and task in results/steer.jsonl, written once; returns those rows."""
+    """The no-prompt floor: the frozen backbone on the steering task's validation and test splits,
+    one row (method "none") per model and task in results/steer.jsonl, written once; returns
+    them."""
     model, results = steer_model(args), Path(args.results_dir) / "steer.jsonl"
-    done = {r.get("run"): r for r in files.read_jsonl(results, what="results file", missing_ok=True)}
+    written = files.read_jsonl(results, what="results file", missing_ok=True)
+    done = {r.get("run"): r for r in written}
     rows = []
     for task in args.tasks or [STEER_TASK]:
         key = f"{model}#no-prompt#{task}"
         if key not in done:
             val, test = (decoding.evaluate_frozen(model, task, split, args.data_dir)
                          for split in ("validation", "test"))
-            done[key] = {"experiment": "steer", "run": key, "task": task, "method": "none", "seed": None,
-                         "model": model, "model_tag": runs.model_tag(model), "score": test["score"], "test": test,
-                         "val_score": val["score"], "n_trainable": 0, "n_inference": 0}
+            done[key] = {"experiment": "steer", "run": key, "task": task, "method": "none",
+                         "seed": None, "model": model, "model_tag": runs.model_tag(model),
+                         "score": test["score"], "test": test, "val_score": val["score"],
+                         "n_trainable": 0, "n_inference": 0}
             files.append_jsonl(results, [done[key]])
         rows.append(done[key])
         print(f"steer: no-prompt floor on {task}: validation {done[key]['val_score']:.1f}, "
@@ -219,57 +232,65 @@ def steer_floor(args):
     return rows
 
 
-EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": init, "hidden": hidden,
+EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": init,
+               "hidden": hidden,
                "broadcast": broadcast, "lr": lr, "structure": structure, "steer": steer}
 
 
 # --- command line -----------------------------------------------------------------------------
 
-# no abbreviations: --lr (train.py's, passed through) must not be read as --lr-search, nor --seed as --seeds
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter, allow_abbrev=False)
+# no abbreviations: --lr (train.py's, passed through) must not be read as --lr-search, nor --seed
+# as
+# --seeds
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter,
+                                 allow_abbrev=False)
 parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which table or figure's grid")
 # data
 parser.add_argument("--tasks", nargs="+", type=cli.name, default=None,
                     help="subset of the experiment's tasks (default: the paper's)")
 parser.add_argument("--data-dir", default="data", help="prepare_data.py output folder")
 # model
-parser.add_argument("--model", default="t5-base", help="T5 for the single-size experiments (name or folder)")
+parser.add_argument("--model", default="t5-base",
+                    help="T5 for the single-size experiments (name or folder)")
 parser.add_argument("--models", nargs="+", default=None,
-                    help="table1/table2/lr: T5 sizes (default: t5-small t5-base t5-large / t5-base / "
-                         "t5-base t5-large, or --model when given)")
-parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, help="subset of the methods")
+                    help="table1/table2/lr: T5 sizes (default: t5-small t5-base t5-large / "
+                         "t5-base / t5-base t5-large, or --model when given)")
+parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS,
+                    help="subset of the methods")
 # sweep
-parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=None, help="training seeds (default: 0 1 2)")
+parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=None,
+                    help="training seeds (default: 0 1 2)")
 parser.add_argument("--values", nargs="+", default=None,
-                    help="subset of the swept values (hidden sizes, broadcast lengths, lrs, structure names)")
+                    help="subset of the swept values (hidden sizes, broadcast lengths, lrs, "
+                         "structure names)")
 parser.add_argument("--lr-search", action="store_true",
-                    help="table1: every lr of the Appendix B.2 grid on SuperGLUE (report keeps the best by validation)")
+                    help="table1: every lr of the Appendix B.2 grid on SuperGLUE (report keeps "
+                         "the best by validation)")
 parser.add_argument("--epochs", type=cli.positive_int, default=None,
-                    help="table4: epochs for every task (default: ATTEMPT's 20/10); the other experiments pass it "
-                         "to train.py as every run's --epochs")
-
-
+                    help="table4: epochs for every task (default: ATTEMPT's 20/10); the other "
+                         "experiments pass it to train.py as every run's --epochs")
 drivers.add_execution_args(parser)
 
 VALUE_TYPES = {"hidden": cli.positive_int, "broadcast": cli.positive_int, "lr": cli.positive_float,
-               "steer": cli.positive_float, "init": drivers.one_of(M.INITS), "structure": drivers.one_of(list(STRUCTURES))}  # what --values sweeps
-
+               "steer": cli.positive_float, "init": drivers.one_of(M.INITS),
+               "structure": drivers.one_of(list(STRUCTURES))}  # what --values sweeps
 
 
 @errors.script
 def main(argv=None):
     args, extra = drivers.parse(parser, argv, __file__)
     args.values = drivers.parse_values(parser, VALUE_TYPES, args.experiment, args.values)
-    if args.epochs is not None and args.experiment != "table4":  # train.py's --epochs, for the others
+    if args.epochs is not None and args.experiment != "table4":  # train.py's --epochs for the rest
         extra = [*extra, "--epochs", str(args.epochs)]
     drivers.check_args(parser, args, extra)
-    args.batch_size = costs.extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4: steps/epoch
+    args.batch_size = costs.extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4's epochs
     steering = args.experiment == "steer" and not args.dry_run
     if steering:
         steer_prepare(args)  # once, before any unit: several at once would race to prepare it
-    submit_only = args.slurm and not args.collect  # --slurm submits; its collect job adds the floor
+    submit_only = args.slurm and not args.collect  # --slurm submits; its collect job adds it
     floor = steer_floor if steering and not submit_only else None
-    return drivers.run_driver(args.experiment, EXPERIMENTS[args.experiment](args), args, extra, floor)
+    specs = EXPERIMENTS[args.experiment](args)
+    return drivers.run_driver(args.experiment, specs, args, extra, floor)
 
 
 if __name__ == "__main__":

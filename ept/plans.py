@@ -2,13 +2,12 @@
 
 A grid is a list of specs (train.py options per run, plus "_row": extra result columns such as the
 swept value). The plan maps each run's name to (options, extra columns, run folder); the same
-configuration twice (a shared default) is one run. A unit is a pack of prompt runs or a solo run, and
-one complete shell line of the plan file <results-dir>/<experiment>.plan (docs/experiments.md, "The
-plan"): `cd <cwd> && python train.py ... --resume`, which is idempotent (a finished run exits at once,
-a half-done one resumes from last.pt, a fresh one starts; a pack's --runs file is named by its
-content). Units train; they write no result rows: the collect step appends every finished run's row
-once, under the results file's lock.
-"""
+configuration twice (a shared default) is one run. A unit is a pack of prompt runs or a solo run,
+and one complete shell line of the plan file <results-dir>/<experiment>.plan (docs/experiments.md,
+"The plan"): `cd <cwd> && python train.py ... --resume`, which is idempotent (a finished run exits
+at once, a half-done one resumes from last.pt, a fresh one starts; a pack's --runs file is named by
+its content). Units train; they write no result rows: the collect step appends every finished run's
+row once, under the results file's lock. """
 import hashlib
 import json
 import os
@@ -20,11 +19,12 @@ import model as M
 from ept import costs, errors, files, options, runs
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
-PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed")  # on the command line; the rest per run
+PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed")  # as flags; the rest per run
 
 
 def spec(task, method, model, seed, _row=None, **settings):
-    """One run of a grid: train.py options, and `_row`, extra result columns that are not options."""
+    """One run of a grid: train.py options, and `_row`, extra result columns that are not
+    options."""
     return {"task": task, "method": method, "model": model, "seed": seed, **settings,
             **({"_row": _row} if _row else {})}
 
@@ -35,7 +35,7 @@ def run_name(settings):
     return runs.run_name(settings, options.defaults(settings["method"]))
 
 
-# --- train.py's command lines ------------------------------------------------------------------------
+# --- train.py's command lines --------------------------------------------------------------------
 
 def train_argv(settings, out_dir, data_dir=None, extra=()):
     """train.py's command line for one run: its options as flags (one name per concept), then
@@ -53,10 +53,11 @@ def train_argv(settings, out_dir, data_dir=None, extra=()):
 
 
 def pack_argv(specs, run_dirs, data_dir, extra, runs_file):
-    """train.py's command line for a pack, and the --runs FILE content: the shared options as flags,
-    per run its other options (train.py's option names) and out_dir."""
+    """train.py's command line for a pack, and the --runs FILE content: the shared options as
+    flags, per run its other options (train.py's option names) and out_dir."""
     shared = {k: specs[0][k] for k in PACK_SHARED if specs[0].get(k) is not None}
-    entries = [{**{k: v for k, v in s.items() if k not in shared and v is not None and v is not False},
+    entries = [{**{k: v for k, v in s.items()
+                   if k not in shared and v is not None and v is not False},
                 "out_dir": str(run_dir)} for s, run_dir in zip(specs, run_dirs)]
     argv = train_argv(shared, "-", data_dir, [*extra, "--runs", str(runs_file)])
     i = argv.index("--out-dir")
@@ -65,20 +66,23 @@ def pack_argv(specs, run_dirs, data_dir, extra, runs_file):
 
 def passed_through(extra):
     """The per-run options among the pass-through flags (--max-steps 6, --eval-every 3, ...: the
-    run-name options and whatever a --runs entry may set), typed as train.py takes them: they win over
-    the experiment's own values, so a run's name and its --runs entry say what it trains, at any pack
-    size (a SMOKE few-shot run of 6 steps is ..._steps6_..., not the driver's 10,000)."""
+    run-name options and whatever a --runs entry may set), typed as train.py takes them: they win
+    over the experiment's own values, so a run's name and its --runs entry say what it trains, at
+    any pack size (a SMOKE few-shot run of 6 steps is ..._steps6_..., not the driver's 10,000)."""
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
-    keys = dict.fromkeys([key for key, _ in runs.NAME_TAGS] + [k for k in options.PER_RUN if k != "resume"])
-    return {key: values[key] for key in keys if key in values and "--" + key.replace("_", "-") in flags}
+    keys = dict.fromkeys([key for key, _ in runs.NAME_TAGS]
+                         + [k for k in options.PER_RUN if k != "resume"])
+    return {key: values[key] for key in keys
+            if key in values and "--" + key.replace("_", "-") in flags}
 
 
-# --- the plan ----------------------------------------------------------------------------------------
+# --- the plan ------------------------------------------------------------------------------------
 
 def plan_runs(specs, args, extra=()):
-    """{run name: (train.py options, extra result columns, run folder)}: the pass-through flags that
-    name runs win over the experiment's values, and the same configuration twice is one run."""
+    """{run name: (train.py options, extra result columns, run folder)}: the pass-through flags
+    that name runs win over the experiment's values, and the same configuration twice is one
+    run."""
     plan, through = {}, passed_through(extra)
     for s in specs:
         settings = {k: v for k, v in s.items() if k != "_row"}
@@ -95,9 +99,10 @@ class Unit:
 
     def __init__(self, names, dirs, argv, hours, nproc, runs_file=None, runs_text=None):
         self.names, self.dirs, self.argv, self.hours = names, dirs, argv, hours
-        self.runs_file, self.runs_text = runs_file, runs_text  # a pack's --runs file, written with the plan
+        self.runs_file, self.runs_text = runs_file, runs_text  # a pack's --runs file (write_plan)
         self.index = None
-        launcher = [sys.executable] if nproc == 1 else ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
+        torchrun = ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
+        launcher = [sys.executable] if nproc == 1 else torchrun
         self.command = [*launcher, str(TRAIN_SCRIPT), *argv]
         self.line = f"cd {shlex.quote(os.getcwd())} && {shlex.join(self.command)}"
 
@@ -109,10 +114,10 @@ class Unit:
 
 
 def make_units(plan, args, extra):
-    """The plan's units, longest first (a pack lasts as long as its longest run): packs of the runs of
-    one pack_key (pack_size on this machine), made over every run, finished or not, so that the same
-    grid always gives the same units; each pack's --runs file named by its content (write_plan writes
-    it)."""
+    """The plan's units, longest first (a pack lasts as long as its longest run): packs of the runs
+    of one pack_key (pack_size on this machine), made over every run, finished or not, so that the
+    same grid always gives the same units; each pack's --runs file named by its content (write_plan
+    writes it)."""
     hours = costs.plan_hours(plan, args.data_dir, extra)
     order = sorted(plan, key=lambda name: -hours[name])
     units = []
@@ -139,8 +144,9 @@ def plan_path(args, experiment):
 
 
 def write_plan(path, units):
-    """The plan file, written once: a rerun of the same grid finds the same lines; another grid in the
-    same results folder is refused (line i of a plan must keep its meaning for an engine's index)."""
+    """The plan file, written once: a rerun of the same grid finds the same lines; another grid in
+    the same results folder is refused (line i of a plan must keep its meaning for an engine's
+    index)."""
     text = "".join(unit.line + "\n" for unit in units)
     if path.exists():
         old = path.read_text(encoding="utf-8")
@@ -148,9 +154,9 @@ def write_plan(path, units):
             lines = old.splitlines()
             pairs = enumerate(zip(lines, text.splitlines()))
             i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
-            raise errors.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, flags, "
-                                f"pack size or folder); delete it to plan again, or pass another "
-                                f"--results-dir")
+            raise errors.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
+                                 f"flags, pack size or folder); delete it to plan again, or pass "
+                                 f"another --results-dir")
     for unit in units:  # the packs' runs files first: a plan line never names a missing file
         if unit.runs_file is not None and not unit.runs_file.exists():
             unit.runs_file.parent.mkdir(parents=True, exist_ok=True)
@@ -161,11 +167,12 @@ def write_plan(path, units):
 
 
 def collect_command(args):
-    """The shell line that appends every finished run's row once (and prints the experiment's table)."""
+    """The shell line that appends every finished run's row once (and prints the experiment's
+    table)."""
     return f"cd {shlex.quote(os.getcwd())} && {shlex.join([*args.command, '--collect'])}"
 
 
-# --- result rows -------------------------------------------------------------------------------------
+# --- result rows ---------------------------------------------------------------------------------
 
 def prompt_stats(run_dir):
     """(mean row norm of the saved P' (Eq. 4 on the best checkpoint's prompt), parameters kept for
@@ -202,7 +209,7 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
     norm, n_inference = prompt_stats(run_dir)
     val_score, best_step, last_norm = log_stats(run_dir)
     ran = {**options.defaults(settings["method"]), **settings}
-    for key in ran:  # what train.py actually ran with (pass-through flags included) wins over the spec
+    for key in ran:  # what train.py ran with (pass-through flags included) wins over the spec
         if config.get(key) is not None:
             ran[key] = config[key]
     if not ran["fewshot_k"]:
@@ -210,15 +217,18 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
     return {"experiment": experiment, "run": str(run_dir), **ran,
             "model_tag": runs.model_tag(settings["model"]), **(extra_fields or {}),
             "score": metrics.get("score"), "test": metrics if tested else None, "tested": tested,
-            "val_score": val_score, "best_step": best_step, "n_trainable": config.get("n_trainable"),
-            "n_inference": n_inference, "prompt_norm": norm, "final_prompt_norm": last_norm}
+            "val_score": val_score, "best_step": best_step,
+            "n_trainable": config.get("n_trainable"), "n_inference": n_inference,
+            "prompt_norm": norm, "final_prompt_norm": last_norm}
 
 
 def append_row_once(results, row):
-    """Append `row` to the results file unless a row of its run folder is there: checked and written
-    under the file's lock, so two collect steps at once never double a row (one write per row)."""
+    """Append `row` to the results file unless a row of its run folder is there: checked and
+    written under the file's lock, so two collect steps at once never double a row (one write per
+    row)."""
     with files.locked(results):
-        rows = files.read_jsonl(results, what="results file", missing_ok=True, fix=files.RESULTS_FIX)
+        rows = files.read_jsonl(results, what="results file", missing_ok=True,
+                                fix=files.RESULTS_FIX)
         if any(r.get("run") == row["run"] for r in rows):
             return False
         files.append_jsonl(results, [row])
@@ -237,13 +247,13 @@ def collect(experiment, plan, args):
         row = result_row(experiment, settings, run_dir, fields)
         added += append_row_once(results, row)
         rows.append(row)
-        if args.prune_ft_checkpoints and settings["method"] == "ft":  # full T5 + AdamW state, twice
+        if args.prune_ft_checkpoints and settings["method"] == "ft":  # T5 + AdamW state, twice
             prune_checkpoints(run_dir)
     failed = {name: runs.failure(plan[name][2]) for name in missing
               if runs.status(plan[name][2]) == "failed"}
+    failures = f" ({len(failed)} failed)" if failed else ""
     print(f"{experiment}: {len(plan)} runs, {len(rows)} finished ({added} rows added now), "
-          f"{len(missing)} not finished{f' ({len(failed)} failed)' if failed else ''} -> {results}",
-          flush=True)
+          f"{len(missing)} not finished{failures} -> {results}", flush=True)
     for name, why in failed.items():  # stopped for good: running the unit again fails the same way
         print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
     failed_file = Path(args.results_dir) / f"{experiment}.failed.json"  # report.py lists them
@@ -263,4 +273,5 @@ def prune_checkpoints(run_dir):
             (run_dir / file).unlink(missing_ok=True)
         except OSError as err:  # a read-only runs folder: the row is written, the checkpoint stays
             raise files.FileFault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}: "
-                                  f"{files.why(err)}; its row is written, rerun without the flag") from None
+                                  f"{files.why(err)}; its row is written, rerun without the "
+                                  "flag") from None
