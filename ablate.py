@@ -48,7 +48,6 @@ from ept import cli, costs, decoding, drivers, errors, files, plans, registry, r
 
 GLUE, SUPERGLUE, MRQA, OTHERS = (registry.GROUPS[g]
                                  for g in ("glue", "superglue", "mrqa", "others"))
-ALL_TASKS = list(registry.TASKS)  # the 21 tasks
 SIZES = ["t5-small", "t5-base", "t5-large"]
 SEEDS = [0, 1, 2]  # 3 runs per main result (Table 1 caption)
 LR_GRID = {"prompt": [0.003, 0.01, 0.03, 0.1, 0.3], "ft": [1e-5, 1e-4, 1e-3]}  # SuperGLUE search
