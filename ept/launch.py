@@ -7,7 +7,8 @@ SystemExit). In this process the imports (torch, transformers: several seconds a
 CPU) are paid once per grid rather than once per unit, which is what keeps a CPU grid of many short
 runs (SMOKE) fast; a child frees GPU memory and cached data between runs, which is what run_all.sh
 wants on GPUs. Either way the driver imports no stage: train.py is a file it runs, as any engine
-would. """
+would.
+"""
 import contextlib
 import os
 import runpy

@@ -7,7 +7,8 @@ and one complete shell line of the plan file <results-dir>/<experiment>.plan (do
 "The plan"): `cd <cwd> && python train.py ... --resume`, which is idempotent (a finished run exits
 at once, a half-done one resumes from last.pt, a fresh one starts; a pack's --runs file is named by
 its content). Units train; they write no result rows: the collect step appends every finished run's
-row once, under the results file's lock. """
+row once, under the results file's lock.
+"""
 import hashlib
 import json
 import os
