@@ -1,16 +1,17 @@
 """Table 3: few-shot adaptation on the 13 GLUE + SuperGLUE tasks, k in {4, 16, 32} examples in all.
 
-A thin driver over train.py (the machinery is ablate.py's): every method on t5-base, six seeds (the
-k-shot sample `train_k{K}_seed{S}.jsonl` of prepare_data.py, classes balanced, and the training seed are
-both S), 10,000 steps, lr 0.3 for prompts and 1e-3 for fine-tuning (Appendix B.2); validation and test as in
-the full-data setting. Finished runs are skipped; one row per run goes to results/fewshot.jsonl.
+A thin driver over train.py (the machinery is ept/drivers.py's, as for ablate.py): every method on
+t5-base, six seeds (the k-shot sample `train_k{K}_seed{S}.jsonl` of prepare_data.py, classes
+balanced, and the training seed are both S), 10,000 steps, lr 0.3 for prompts and 1e-3 for
+fine-tuning (Appendix B.2); validation and test as in the full-data setting. Finished runs are
+skipped; one row per run goes to results/fewshot.jsonl.
 
     python prepare_data.py --tasks all --out data --fewshot 4 16 32 --fewshot-seeds 0 1 2 3 4 5
     python fewshot.py --dry-run                     # 1,404 runs and the GPU-hour estimate
     python fewshot.py                               # Table 3
     python fewshot.py --shots 16 --tasks rte cb --nproc 2   # a slice, 2 GPUs per run (torchrun)
     python fewshot.py --model smoke/tiny-t5 --data-dir smoke/data --runs-dir smoke/runs \\
-        --results-dir smoke/results --shots 4 --seeds 0 1 --max-steps 4 --eval-every 2   # CPU smoke
+        --results-dir smoke/results --shots 4 --seeds 0 1 --max-steps 4 --eval-every 2  # CPU
 
 Unknown flags go to train.py unchanged (after this script's, so they win).
 """
@@ -19,56 +20,73 @@ import json
 import sys
 from pathlib import Path
 
-import ablate
 import model as M
-from ept import cli, errors, registry
+from ept import cli, drivers, errors, plans, registry
 
+TASKS = registry.GROUPS["glue"] + registry.GROUPS["superglue"]  # the 13 of Table 1
 SHOTS = [4, 16, 32]
 SEEDS = [0, 1, 2, 3, 4, 5]  # "averaged over 6 runs" (Table 3)
 STEPS = 10000
 LR = {"ft": 1e-3, "prompt": 0.3}
 
-# no abbreviations: --lr (train.py's, passed through) must not be read as --lr-search, nor --seed as --seeds
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter, allow_abbrev=False)
+# no abbreviations: --lr (train.py's, passed through) must not be read as --lr-search, nor --seed
+# as --seeds
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter,
+                                 allow_abbrev=False)
 # data
-parser.add_argument("--tasks", nargs="+", type=cli.name, default=None, help="subset of the 13 tasks (default: all)")
+parser.add_argument("--tasks", nargs="+", type=cli.name, default=None, help="subset of the 13 "
+                                                                            "tasks (default: "
+                                                                            "all)")
 parser.add_argument("--shots", nargs="+", type=cli.positive_int, default=SHOTS,
                     help="k examples in all, the classes balanced (prepare_data.py)")
-parser.add_argument("--data-dir", default="data", help="prepare_data.py output (with --fewshot files)")
+parser.add_argument("--data-dir", default="data", help="prepare_data.py output (with --fewshot "
+                                                       "files)")
 # model
 parser.add_argument("--model", default="t5-base", help="T5 name or folder")
-parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, help="subset of the methods")
+parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, help="subset of the "
+                                                                                  "methods")
 # sweep
-parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=SEEDS, help="few-shot sample and training seeds")
-parser.add_argument("--steps", type=cli.positive_int, default=STEPS, help="training steps (paper: 10,000)")
-ablate.add_execution_args(parser)  # --nproc, --gpus, --collect, --subprocess, --runs-dir, --results-dir, --dry-run
+parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=SEEDS, help="few-shot "
+                                                                                        "sample "
+                                                                                        "and "
+                                                                                        "training "
+                                                                                        "seeds")
+parser.add_argument("--steps", type=cli.positive_int, default=STEPS, help="training steps "
+                                                                          "(paper: 10,000)")
+drivers.add_execution_args(parser)  # --nproc, --gpus, --collect, --runs-dir, --dry-run, ...
 
 
 def specs(args):
-    return [ablate.spec(task, method, args.model, seed, fewshot_k=k, fewshot_seed=seed, max_steps=args.steps,
-                        lr=LR["ft" if method == "ft" else "prompt"], _row={"variant": k})
-            for k in args.shots for task in args.tasks or ablate.GLUE + ablate.SUPERGLUE
+    return [plans.spec(task, method, args.model, seed, fewshot_k=k, fewshot_seed=seed,
+                       max_steps=args.steps, lr=LR["ft" if method == "ft" else "prompt"],
+                       _row={"variant": k})
+            for k in args.shots for task in args.tasks or TASKS
             for method in args.methods or M.METHODS for seed in args.seeds]
 
 
 def check_samples(args):
-    """Every k-shot sample this grid trains on is prepared (else each of its runs would fail alike); samples
-    drawn with the old rule (k per class) are used as they are, with a warning that names the rebuild."""
-    tasks = args.tasks or ablate.GLUE + ablate.SUPERGLUE
-    missing = [Path(args.data_dir) / t / f"train_k{k}_seed{s}.jsonl" for t in tasks for k in args.shots
-               for s in args.seeds if not (Path(args.data_dir) / t / f"train_k{k}_seed{s}.jsonl").exists()]
+    """Every k-shot sample this grid trains on is prepared (else each of its runs would fail
+    alike); samples drawn with the old rule (k per class) are used as they are, with a warning that
+    names the rebuild."""
+    tasks = args.tasks or TASKS
+    samples = [Path(args.data_dir) / t / f"train_k{k}_seed{s}.jsonl"
+               for t in tasks for k in args.shots for s in args.seeds]
+    missing = [path for path in samples if not path.exists()]
     if missing:
-        parser.error(f"no {missing[0]} ({len(missing)} samples missing); prepare them first: python prepare_data.py "
-                     f"--tasks {' '.join(tasks)} --out {args.data_dir} --fewshot {' '.join(map(str, args.shots))} "
+        parser.error(f"no {missing[0]} ({len(missing)} samples missing); prepare them first: "
+                     f"python prepare_data.py --tasks {' '.join(tasks)} --out {args.data_dir} "
+                     f"--fewshot {' '.join(map(str, args.shots))} "
                      f"--fewshot-seeds {' '.join(map(str, args.seeds))} --overwrite")
     wanted = {f"k{k}_seed{s}" for k in args.shots for s in args.seeds}
-    old = {t: sorted(set(registry.old_fewshot_sets(_meta(Path(args.data_dir) / t))) & wanted) for t in tasks}
+    old = {t: sorted(set(registry.old_fewshot_sets(_meta(Path(args.data_dir) / t))) & wanted)
+           for t in tasks}
     if warning := registry.old_fewshot_warning(args.data_dir, old):
         print(f"fewshot: {warning}", file=sys.stderr)
 
 
 def _meta(folder):
-    """A task folder's meta.json as prepare_data wrote it ({} when absent or unreadable: train.py says why)."""
+    """A task folder's meta.json as prepare_data wrote it ({} when absent or unreadable: train.py
+    says why)."""
     try:
         return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -77,13 +95,12 @@ def _meta(folder):
 
 @errors.script
 def main(argv=None):
-    args, extra = parser.parse_known_args(argv)
-    ablate.check_args(parser, args, extra)
+    args, extra = drivers.parse(parser, argv, __file__)
+    drivers.check_args(parser, args, extra)
     if not args.dry_run and not args.collect:
         check_samples(args)
-    args.command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
-    return ablate.run_driver("fewshot", specs(args), args, extra)
+    return drivers.run_driver("fewshot", specs(args), args, extra)
 
 
 if __name__ == "__main__":
-    ablate.run_cli(main, "fewshot")
+    drivers.run_cli(main, "fewshot")

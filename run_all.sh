@@ -160,7 +160,7 @@ fi
 if [[ -n "$DRY" ]]; then  # every run once, in the first section that lists it (the one that trains it)
   # The headline is the precision this recipe trains at (DTYPE, default fp32: the paper's), packed as the drivers
   # pack on a GPU (columns 5-8: GPU-hours fp32 unpacked, fp32 packed, bf16 unpacked, bf16 packed; packed, and fp32,
-  # are ablate.py's FLOP model of a step, not measured on a GPU yet; scripts/gpu_check.sh measures it; column 3:
+  # are the FLOP model of a step (ept/costs.py), not measured on a GPU yet; scripts/gpu_check.sh measures it; column 3:
   # the measured bf16 step, unpacked). Wall time: the sections run one after another; within one, GPUS/NPROC
   # children (or as many SLURM array tasks at once) take the next unit (column 9: its pack), so a section lasts
   # between max(its GPU-hours / GPUs, its longest unit / NPROC) and GPU-hours / GPUs + its longest unit / NPROC.

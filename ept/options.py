@@ -90,7 +90,7 @@ PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "war
 
 
 def resolve(args):
-    """Fill the defaults that depend on the method (the one place they live; ablate.py names runs by them)."""
+    """Fill the defaults that depend on the method (the one place they live; plans.run_name names runs by them)."""
     if args.lr is None:
         args.lr = M.default_lr(args.method)
     if args.hidden_size is None:

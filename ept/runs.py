@@ -28,7 +28,7 @@ def model_tag(model_name):
 
 def run_name(spec, defaults):
     """The folder name of the run `spec` (task, method, model, seed + options); `defaults`: train.py's
-    defaults for its method (ablate.defaults), which the name leaves out, e.g. boolq_ept_t5-base_h50_s1."""
+    defaults for its method (options.defaults), which the name leaves out, e.g. boolq_ept_t5-base_h50_s1."""
     tags = []
     for key, tag in NAME_TAGS:
         value = spec.get(key, defaults[key])

@@ -58,6 +58,12 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
+def received():
+    """The stop signal received during the last run (None: none): a run that finished its last steps
+    after it still stops the caller (a driver) before its next run."""
+    return _stop_signal[0] if _stop_signal else None
+
+
 def stop_requested(ranks):
     """The signal to stop on, agreed by every rank (one may have received it a step later), or None."""
     sig = _stop_signal[0] if _stop_signal else 0

@@ -72,7 +72,7 @@ INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)
 
 # --- reading the results rows ------------------------------------------------------------------------
 
-ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")  # every results row (ablate.result_row)
+ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")  # every results row (plans.result_row)
 EXPERIMENT_KEYS = {"table1": ("lr",), "fewshot": ("fewshot_k",), "table4": ("n_trainable", "n_inference",
                    "prompt_length", "depth"), "init": ("init",), "hidden": ("variant",), "broadcast": ("variant",),
                    "lr": ("variant",), "structure": ("variant",)}

@@ -73,7 +73,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import model as M  # noqa: E402
 import train  # noqa: E402
-from ept import batching, cli, decoding, errors, files, optim, pretrained, runtime  # noqa: E402
+from ept import batching, cli, costs, decoding, errors, files, optim, pretrained, runtime  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 # data
@@ -148,19 +148,7 @@ def machine(device):
 
 # --- FLOPs (module docstring) -----------------------------------------------------------------------
 
-def forward_flops(cfg, S, T):
-    """(linear, attention) forward FLOPs of one example with S encoder and T decoder tokens."""
-    d, i, V = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.vocab_size
-    F = (3 if cfg.is_gated_act else 2) * d * cfg.d_ff
-    L_enc, L_dec = cfg.num_layers, cfg.num_decoder_layers
-    linear = 2 * (S * L_enc * (4 * d * i + F) + T * L_dec * (6 * d * i + F) + S * L_dec * 2 * d * i + T * d * V)
-    attention = 4 * i * (L_enc * S * S + L_dec * (T * T + T * S))
-    return linear, attention
-
-
-def train_flops(cfg, S, T, full):
-    linear, attention = forward_flops(cfg, S, T)
-    return (3 if full else 2) * linear + 3 * attention
+forward_flops, train_flops = costs.forward_flops, costs.train_flops  # shared with the GPU-hour model
 
 
 # --- memory -----------------------------------------------------------------------------------------
