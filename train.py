@@ -24,7 +24,6 @@ ept.multirun.Run (its module, AdamW, schedule, data position), and one ept.multi
 them all on one frozen T5 (a lone run is a pack of one; `ft` trains T5 itself, always alone).
 """
 import contextlib
-import functools
 import io
 import math
 import os
@@ -58,35 +57,24 @@ def main(argv=None):
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
         args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
     runs_file, max_rows = (vars(args).pop(k) for k in options.PACK_OPTIONS)
-    rank, local_rank, world_size, device = runtime.setup_distributed()
-    ranks = SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
-                            master=rank == 0)
+    ranks = runtime.ranks()  # ranks.first(check): rank 0 first, so a failure is one sentence from rank 0
     say = print if ranks.master else (lambda *a, **k: None)
-    # every check runs on rank 0 first: a failure is one sentence from rank 0, the others exit quietly
-    first = functools.partial(runtime.master_first, rank=rank, world_size=world_size)
-    specs = first(lambda: options.sweep(args, runs_file), everyone=True)
+    specs = ranks.first(lambda: options.sweep(args, runs_file), everyone=True)
     packed = runs_file is not None or len(specs) > 1
-    specs = first(lambda: options.resolve_runs(args, specs, packed), everyone=True)
-    created = sorted({f for s in specs for f in runfolder.new_folders(Path(s.out_dir))}, key=lambda f: -len(f.parts))
+    specs = ranks.first(lambda: options.resolve_runs(args, specs, packed), everyone=True)
     jobs, left_out = [], []
-    with signals.stop_on_signals():
-        try:
-            kept = first(lambda: open_folders(args, specs, packed, jobs, left_out, say))
-            if not ranks.master:  # rank 0 claimed the folders; the others learn which runs train
-                jobs[:] = [SimpleNamespace(args=specs[i], out_dir=Path(specs[i].out_dir), lock=None,
-                                           resume_path=r) for i, r in kept]
-            if not jobs:
-                if packed:
-                    say(f"train: nothing left to train of the {len(specs)} runs")
-                return {"runs": {}, "finished": True} if packed else {"out_dir": specs[0].out_dir, "finished": True}
-            task = first(lambda: load_task(jobs[0].args, ranks, say), everyone=True)
-            pack = first(lambda: build(jobs, task, ranks, say, packed, max_rows), everyone=True)
-            results = train(jobs, task, pack, ranks, say)
-        finally:
-            for job in jobs:
-                close(job)
-            for folder in created if ranks.master else []:  # a failed start leaves no empty folder
-                runfolder.remove_if_empty([folder])
+    with signals.stop_on_signals(), runfolder.cleanup([s.out_dir for s in specs], jobs, ranks.master):
+        kept = ranks.first(lambda: open_folders(args, specs, packed, jobs, left_out, say))
+        if not ranks.master:  # rank 0 claimed the folders; the others learn which runs train
+            jobs[:] = [SimpleNamespace(args=specs[i], out_dir=Path(specs[i].out_dir), lock=None,
+                                       resume_path=r) for i, r in kept]
+        if not jobs:
+            if packed:
+                say(f"train: nothing left to train of the {len(specs)} runs")
+            return {"runs": {}, "finished": True} if packed else {"out_dir": specs[0].out_dir, "finished": True}
+        task = ranks.first(lambda: load_task(jobs[0].args, ranks, say), everyone=True)
+        pack = ranks.first(lambda: build(jobs, task, ranks, say, packed, max_rows), everyone=True)
+        results = train(jobs, task, pack, ranks, say)
     if left_out:  # the pack is not finished: its command must not read as done
         raise runs.Busy(f"train: {len(left_out)} run(s) of the pack were left out, held by another "
                         f"process: {' '.join(left_out)}; run the same command again once it is done")
@@ -105,41 +93,30 @@ def train(jobs, task, pack, ranks, say):
                dynamic_ncols=True, desc=jobs[0].out_dir.name if len(jobs) == 1 else f"pack of {len(jobs)}",
                **({} if ranks.master else {"disable": True}))  # rank 0 only; TQDM_DISABLE=1 still works
 
-    def drop(job, what, lr):
+    def drop(job, what, lr):  # a non-finite run stops alone
         pack.stop(job.run, "nonfinite")
         faults.append(str(nonfinite_stop(job, what, lr, ranks.master)))
         live.remove(job)
         results[str(job.out_dir)] = {"out_dir": str(job.out_dir), "stopped": "nonfinite"}
-        close(job)
+        runfolder.close(job)
 
     while live:
         for job in list(live):
-            run, due = job.run, top_of_step(job)
-            if due and not runfolder.weights_finite(run.params):  # never a NaN/inf state on disk
+            run = job.run
+            if not validate_and_save(job, task, ranks, bar):
                 drop(job, ["weights"], run.scheduler.get_last_lr()[0])
-                continue
-            if due == "eval":
-                score = validate_and_log(job, task, ranks)["score"]
-                bar.set_postfix(score=f"{score:.2f}")
-                improved = score > run.best_score
-                if improved:
-                    run.best_score, run.best_step = score, run.step
-                save(job, ranks, *(["best.pt"] if improved else []), "last.pt")
-            elif due == "save":
-                save(job, ranks, "last.pt")
-            if run.step == job.args.max_steps:
+            elif run.step == job.args.max_steps:
                 live.remove(job)
                 results[str(job.out_dir)] = finish(job, task, ranks, say)
-                close(job)
+                runfolder.close(job)
         if not live:
             break
-        if sig := signals.stop_requested(ranks):  # preempted or cancelled: last.pt of every live run, then stop
-            for job in list(live):
-                if runfolder.weights_finite(job.run.params):
-                    save(job, ranks, "last.pt")
+        if sig := signals.stop_requested(ranks):  # preempted or cancelled: every live run's last.pt
+            for job in live:
+                runfolder.save_checkpoint(job, ranks, "last.pt")
             raise signals.stopped(sig, min(j.run.step for j in live), " ".join(str(j.out_dir) for j in live))
         t0 = time.time()
-        records = pack.step()
+        records = pack.step()  # one optimizer step of every live run
         seconds = time.time() - t0
         for job in list(live):
             r = records[job.run.name]
@@ -149,7 +126,8 @@ def train(jobs, task, pack, ranks, say):
                 drop(job, r["nonfinite"], r["lr"])
         bar.update(1)
         if len(jobs) == 1 and live:
-            bar.set_postfix(loss=f"{r['loss']:.4f}", norm="-" if r["prompt_norm"] is None else f"{r['prompt_norm']:.3g}")
+            norm = r["prompt_norm"]
+            bar.set_postfix(loss=f"{r['loss']:.4f}", norm="-" if norm is None else f"{norm:.3g}")
     bar.close()
     if faults:
         message = faults[0] if len(jobs) == 1 else (f"train: {len(faults)} of the {len(jobs)} runs of the pack "
@@ -158,16 +136,26 @@ def train(jobs, task, pack, ranks, say):
     return results
 
 
-def top_of_step(job):
-    """What the loop does at the top of a run's step before training on: "eval" (validate, then best.pt if
-    improved and last.pt), "save" (last.pt) or None. A resumed step was validated before the kill."""
-    args, step = job.args, job.run.step
-    due = step > job.start_step or (step > 0 and not job.resumed)
-    if due and (step % args.eval_every == 0 or step == args.max_steps):
-        return "eval"
-    if due and step % (args.save_every or args.eval_every) == 0:
-        return "save"
-    return None
+def validate_and_save(job, task, ranks, bar):
+    """The top of a run's step: validate (then best.pt if improved, and last.pt) every --eval-every steps
+    and at the last, or save last.pt every --save-every steps; a resumed step was validated before the
+    kill. False when the run's weights are not finite: it must stop (never a NaN/inf state on disk)."""
+    args, run = job.args, job.run
+    due = run.step > job.start_step or (run.step > 0 and not job.resumed)
+    evaluate = due and (run.step % args.eval_every == 0 or run.step == args.max_steps)
+    if not (evaluate or due and run.step % (args.save_every or args.eval_every) == 0):
+        return True
+    if not runfolder.weights_finite(run.params):
+        return False
+    improved = False
+    if evaluate:
+        score = validate_and_log(job, task, ranks)["score"]
+        bar.set_postfix(score=f"{score:.2f}")
+        improved = score > run.best_score
+        if improved:
+            run.best_score, run.best_step = score, run.step
+    runfolder.save_checkpoint(job, ranks, *(["best.pt"] if improved else []), "last.pt")
+    return True
 
 
 def validate_and_log(job, task, ranks):
@@ -179,18 +167,6 @@ def validate_and_log(job, task, ranks):
     job.log({"event": "eval", "step": job.run.step, "split": "validation", **scores, "eval_time_s": seconds,
              "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
     return scores
-
-
-def save(job, ranks, *names):
-    """The run's last.pt / best.pt (rank 0 writes; every rank's RNG state is in it)."""
-    rngs = [runtime.rng_state()]
-    if ranks.world_size > 1:
-        rngs = [None] * ranks.world_size
-        dist.all_gather_object(rngs, runtime.rng_state())
-    state = job.run.checkpoint_state(rngs, ranks.world_size)
-    if ranks.master:
-        for name in names:
-            files.save_torch(job.out_dir / name, state)
 
 
 def train_event(r, seconds):
@@ -211,16 +187,6 @@ def nonfinite_stop(job, what, lr, master=True):
     if master:
         files.write_text(out_dir / runs.FAILED_NAME, f"{err}\n")
     return err
-
-
-def close(job):
-    """A run that left the loop: its log closed and its folder's lock released (once)."""
-    if getattr(job, "log", None):
-        job.log.close()
-        job.log = None
-    if job.lock:
-        job.lock.release()
-        job.lock = None
 
 
 # --- the runs: folders, task, model ------------------------------------------------------------------
@@ -249,7 +215,7 @@ def open_folders(args, specs, packed, jobs, left_out, say):
                 runfolder.refuse_more_steps(out_dir, spec)
             say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); "
                 + ("skipped" if packed else "nothing to do"))
-            close(jobs.pop())
+            runfolder.close(jobs.pop())
     return [(job.index, job.resume_path) for job in jobs]
 
 

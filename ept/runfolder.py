@@ -3,13 +3,16 @@
 
 The files themselves are ept/runs.py's (names, status, lock); train.py calls these in order.
 """
+import contextlib
 import json
 import shutil
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import model as M
-from ept import errors, files, pretrained, runs
+from ept import errors, files, pretrained, runs, runtime
 
 
 CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score", "best_step"}
@@ -244,3 +247,43 @@ def check_resume_files(out_dir):
     if (out_dir / "log.jsonl").exists():
         files.read_jsonl(out_dir / "log.jsonl", what="run log", torn_tail_ok=True,
                          fix="repair or delete that line, then --resume again")
+
+
+def save_checkpoint(job, ranks, *names):
+    """A run's last.pt / best.pt (rank 0 writes; every rank's RNG state is in it). Weights that are not
+    finite are never saved: the caller stops such a run (train.py)."""
+    if not weights_finite(job.run.params):
+        return
+    rngs = [runtime.rng_state()]
+    if ranks.world_size > 1:
+        rngs = [None] * ranks.world_size
+        dist.all_gather_object(rngs, runtime.rng_state())
+    state = job.run.checkpoint_state(rngs, ranks.world_size)
+    if ranks.master:
+        for name in names:
+            files.save_torch(job.out_dir / name, state)
+
+
+def close(job):
+    """A run that left the loop: its log closed and its folder's lock released (once)."""
+    if getattr(job, "log", None):
+        job.log.close()
+        job.log = None
+    if job.lock:
+        job.lock.release()
+        job.lock = None
+
+
+@contextlib.contextmanager
+def cleanup(out_dirs, jobs, master):
+    """Whatever happens inside: every job closed at the end, and (rank 0) the folders this command created
+    that are still empty removed, so a start that failed (offline, bad input) leaves nothing behind."""
+    created = sorted({f for d in out_dirs for f in new_folders(Path(d))}, key=lambda f: -len(f.parts))
+    try:
+        yield
+    finally:
+        for job in jobs:
+            close(job)
+        for folder in created if master else []:
+            remove_if_empty([folder])
+

@@ -6,10 +6,12 @@ Precision (one name everywhere: --dtype, config.json "dtype"):
     bf16  bf16 autocast around the forward passes, trainable parameters and loss in fp32 (CUDA; T5
           overflows in fp16). A speed option, not the paper's setting.
 """
+import functools
 import os
 import random
 import resource
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -30,6 +32,15 @@ def setup_distributed():
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return rank, local_rank, world_size, device
+
+
+def ranks():
+    """This process's place under torchrun: rank, local_rank, world_size, device, master, and
+    first(check, everyone=False): master_first on these ranks."""
+    rank, local_rank, world_size, device = setup_distributed()
+    return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+                           master=rank == 0,
+                           first=functools.partial(master_first, rank=rank, world_size=world_size))
 
 
 class PeerStopped(errors.Failure):
