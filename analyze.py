@@ -1,16 +1,20 @@
-"""Analyses of trained runs: the paper's Figures 2/11, 3, 4, 10 and Appendix A.1, as JSON for report.py.
+"""Analyses of trained runs: the paper's Figures 2/11, 3, 4, 10 and Appendix A.1, as JSON for
+report.py.
 
 Reads the run folders listed in results/table1.jsonl and results/table2.jsonl (ablate.py; the main
 runs at the paper's default lr, seed 0 unless --seed) and writes results/analysis/<name>.json:
 
-    norms       Figures 2, 11  mu_t (Eq. 4) every step and the validation score every eval (log.jsonl),
+    norms       Figures 2, 11  mu_t (Eq. 4) every step and the validation score every eval
+    (log.jsonl),
                                mean over the seeds present
-    cosine      Figure 3       cosine similarity between the n rows of P' (prompt.pt)
-    subset      Figure 4       one trained row P'_i repeated l = 1..10 times, scored on test without retraining
-    transfer    Figure 10      cosine similarity between tasks' EPT* prompts, and task A's prompt scored
+    cosine      Figure 3       cosine similarity between the n rows of P' (prompt.pt) subset
+    Figure 4       one trained row P'_i repeated l = 1..10 times, scored on test without retraining
+    transfer    Figure 10      cosine similarity between tasks' EPT* prompts, and task A's prompt
+    scored
                                on task B (zero-shot) as a ratio of B's own score
     neighbours  Appendix A.1   nearest vocabulary tokens (cosine) of every distinct prompt row
-    directions  Appendix A.1   P-Tuning's rows in two directions (spherical 2-means): each group's cosine to
+    directions  Appendix A.1   P-Tuning's rows in two directions (spherical 2-means): each group's
+    cosine to
                                the label words' embeddings, and the test score of each group alone
 
     python analyze.py all                                    # everything, t5-base runs
@@ -19,7 +23,8 @@ runs at the paper's default lr, seed 0 unless --seed) and writes results/analysi
     python analyze.py directions --tasks boolq rte           # A.1: P-Tuning's positive / negative prompts
     python analyze.py all --model tiny-t5 --results-dir smoke/results --data-dir smoke/data   # SMOKE
 
-Analyses whose runs are missing are skipped with a message; report.py then notes the figure as missing.
+Analyses whose runs are missing are skipped with a message; report.py then notes the figure as
+missing.
 """
 import argparse
 import math
@@ -31,7 +36,8 @@ import model as M
 from ept import cli, decoding, errors, files, options, pretrained, registry, runs
 
 FIG2_TASKS = ["boolq", "rte"]
-FIG11_TASKS = ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2", "wic"]  # GLUE 7 + WiC (Appendix C)
+# GLUE 7 + WiC (Appendix C)
+FIG11_TASKS = ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2", "wic"]
 NORM_METHODS = ["pt", "resprompt", "ptuning"]  # Figures 2, 3, 4, 11
 NEIGHBOUR_METHODS = ["pt", "resprompt", "ptuning", "ept", "ept_star"]
 MAX_POINTS = 600  # mu_t is logged every step (30K): keep this many points per curve
@@ -58,7 +64,8 @@ parser.add_argument("--top-k", type=cli.positive_int, default=5, help="neighbour
 
 # --- run selection -------------------------------------------------------------------------------
 
-ROW_KEYS = ("run", "task", "method", "seed", "model_tag", "lr")  # what a results row must hold to be analysed
+# what a results row must hold to be analysed
+ROW_KEYS = ("run", "task", "method", "seed", "model_tag", "lr")
 
 
 def main_runs(results_dir, model, experiments=("table1", "table2")):
@@ -92,7 +99,7 @@ def write_json(path, obj):
     print(f"analyze: wrote {path}")
 
 
-# --- Figures 2, 11: mu_t and validation score over steps -------------------------------------------
+# --- Figures 2, 11: mu_t and validation score over steps ------------------------------------------
 
 def read_curves(run_dir):
     """(steps, mu_t per step, eval steps, validation scores) from one run's log.jsonl."""
@@ -139,7 +146,7 @@ def norm_curves(rows, tasks, methods):
     return out
 
 
-# --- Figure 3: cosine similarity between prompt rows -----------------------------------------------
+# --- Figure 3: cosine similarity between prompt rows ----------------------------------------------
 
 def cosine_matrix(prompt):
     """(n, n) cosine similarities between the rows of P' (n, d)."""
@@ -158,7 +165,7 @@ def prompt_cosines(rows, tasks, methods, seed):
     return out
 
 
-# --- Figure 4: one row broadcast l times, no retraining --------------------------------------------
+# --- Figure 4: one row broadcast l times, no retraining -------------------------------------------
 
 def subset_broadcast(rows, tasks, methods, seed, row_index, lengths, data_dir=None, max_examples=None, batch_size=64):
     out = {}
@@ -171,7 +178,8 @@ def subset_broadcast(rows, tasks, methods, seed, row_index, lengths, data_dir=No
                                                 data_dir=data_dir, max_examples=max_examples, batch_size=batch_size,
                                                 write=False, quiet=True)["score"] for n in lengths]
                 original = decoding.evaluate_run(row["run"], split="test", data_dir=data_dir, max_examples=max_examples,
-                                                 batch_size=batch_size, write=False, quiet=True)["score"]  # whole P'
+                                                 # whole P'
+                                                 batch_size=batch_size, write=False, quiet=True)["score"]
                 out.setdefault(task, {})[method] = {"lengths": list(lengths), "score": scores, "original": original,
                                                     "row": row_index, "row_norm": single.norm().item(), "run": row["run"]}
                 print(f"analyze: subset {task} {method}: " + " ".join(f"{s:.1f}" for s in scores)
@@ -179,10 +187,11 @@ def subset_broadcast(rows, tasks, methods, seed, row_index, lengths, data_dir=No
     return out
 
 
-# --- Figure 10: cross-task similarity and zero-shot transfer -----------------------------------------
+# --- Figure 10: cross-task similarity and zero-shot transfer --------------------------------------
 
 def task_transfer(rows, tasks, seed, data_dir=None, max_examples=None, batch_size=64, method="ept_star"):
-    """Cosine similarity between tasks' (single, broadcast) EPT* rows, and score(A's prompt on B) / score(B's own)."""
+    """Cosine similarity between tasks' (single, broadcast) EPT* rows, and score(A's prompt on B) /
+    score(B's own)."""
     runs = {t: pick(rows, t, method, seed) for t in tasks}
     tasks = [t for t in tasks if runs[t]]
     if not tasks:
@@ -200,16 +209,18 @@ def task_transfer(rows, tasks, seed, data_dir=None, max_examples=None, batch_siz
                 runs[a][0]["run"], task=b, split="test", data_dir=data_dir, max_examples=max_examples,
                 batch_size=batch_size, write=False, quiet=True)["score"]
             score[-1].append(s)
-            ratio[-1].append(s / own[b] if own[b] and own[b] > 0 else None)  # undefined when B scores <= 0
+            # undefined when B scores <= 0
+            ratio[-1].append(s / own[b] if own[b] and own[b] > 0 else None)
         print(f"analyze: transfer from {a}: " + " ".join(f"{b}={s:.1f}" for b, s in zip(tasks, score[-1])))
     return {"tasks": tasks, "method": method, "cosine": cosine_matrix(vectors).tolist(), "score": score,
             "ratio": ratio, "own": [own[t] for t in tasks], "note": "row = prompt's task A, column = evaluated task B"}
 
 
-# --- Appendix A.1: nearest vocabulary neighbours ---------------------------------------------------
+# --- Appendix A.1: nearest vocabulary neighbours --------------------------------------------------
 
 def nearest_tokens(prompt, embedding, tokenizer, k=5):
-    """Per row of P': the k tokens whose embeddings are closest in cosine, [(token, cosine), ...]."""
+    """Per row of P': the k tokens whose embeddings are closest in cosine, [(token, cosine),
+    ...]."""
     sims = torch.nn.functional.normalize(prompt.float(), dim=1) @ torch.nn.functional.normalize(
         embedding.float(), dim=1).T  # (n, V)
     sims = sims[:, :len(tokenizer)]  # T5 pads its embedding matrix beyond the vocabulary
@@ -219,7 +230,8 @@ def nearest_tokens(prompt, embedding, tokenizer, k=5):
 
 
 def frozen_embedding(run_dir, cache):
-    """(run config, the frozen embedding matrix the prompt was trained against, its tokenizer), cached per T5."""
+    """(run config, the frozen embedding matrix the prompt was trained against, its tokenizer),
+    cached per T5."""
     config = runs.read_config(run_dir)
     key = (config["model"], config["random_init"], config["seed"] if config["random_init"] else None)
     if key not in cache:
@@ -247,16 +259,18 @@ def neighbours(rows, tasks, methods, seed, k=5):
 
 
 # --- Appendix A.1 (second half): P-Tuning's two directions ----------------------------------------
-# "In P-Tuning ... two distinct directions of prompt vectors were identified: one closely aligned with
-# output labels (positive prompts contribute significantly to performance) and the other not closely
-# aligned with output labels (negative prompts do not contribute to performance)."
+# "In P-Tuning ... two distinct directions of prompt vectors were identified: one closely aligned
+# with output labels (positive prompts contribute significantly to performance) and the other not
+# closely aligned with output labels (negative prompts do not contribute to performance)."
 
 def two_directions(prompt, iterations=100):
-    """Group the rows of P' (n, d) by direction: spherical 2-means (k-means on unit vectors, cosine), started
-    from the two least similar rows. -> [0 or 1 per row]; all 0 when every row points the same way.
+    """Group the rows of P' (n, d) by direction: spherical 2-means (k-means on unit vectors,
+    cosine), started from the two least similar rows. -> [0 or 1 per row]; all 0 when every row
+    points the same way.
 
-    Two clusters rather than the sign of each row's cosine to the mean row: with two groups of equal size and
-    opposite directions the mean row is ~0 and its sign arbitrary; the clusters do not depend on it."""
+    Two clusters rather than the sign of each row's cosine to the mean row: with two groups of equal
+    size and opposite directions the mean row is ~0 and its sign arbitrary; the clusters do not
+    depend on it."""
     unit = torch.nn.functional.normalize(prompt.float(), dim=1)
     n = unit.size(0)
     sim = unit @ unit.T
@@ -275,7 +289,8 @@ def two_directions(prompt, iterations=100):
 
 
 def label_vectors(labels, embedding, tokenizer):
-    """One vector per label word: the mean embedding of its pieces, the bare '▁' piece dropped (as --init label)."""
+    """One vector per label word: the mean embedding of its pieces, the bare '▁' piece dropped (as
+    --init label)."""
     out = {}
     for label in labels:
         ids = [i for i in tokenizer(label, add_special_tokens=False)["input_ids"] if tokenizer.decode([i]).strip()]
@@ -289,9 +304,10 @@ def _mean(values):
 
 
 def prompt_directions(rows, tasks, methods, seed, data_dir=None, max_examples=None, batch_size=64):
-    """Per run: the two direction groups of P', each group's cosine to the label words, and the test score of
-    the whole prompt and of each group alone (its rows in their original order, no retraining). The group
-    closer to the label words (mean over its rows of the highest label cosine) is "positive"."""
+    """Per run: the two direction groups of P', each group's cosine to the label words, and the test
+    score of the whole prompt and of each group alone (its rows in their original order, no
+    retraining). The group closer to the label words (mean over its rows of the highest label
+    cosine) is "positive"."""
     out, cache = {}, {}
     for task in tasks:
         for method in methods:
@@ -351,7 +367,8 @@ def main(argv=None):
                          "table2.jsonl; " + (f"the rows there are for {', '.join(tags)}: pass --model" if tags else
                                              "run `python ablate.py table1` (or table2) first"))
     written = {}
-    for name in todo:  # every analysis computed first, then all written: a failure leaves the old files as they were
+    # every analysis computed first, then all written: a failure leaves the old files as they were
+    for name in todo:
         if name == "norms":
             result = norm_curves(rows, args.tasks or FIG2_TASKS + FIG11_TASKS, args.methods or NORM_METHODS)
         elif name == "cosine":

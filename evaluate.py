@@ -43,7 +43,8 @@ TEXT_SUFFIXES = ("", ".txt", ".text", ".tsv", ".csv", ".md")  # read as one inpu
 
 
 def read_inputs(path):
-    """New inputs: a .jsonl of objects with a 'source' string, or a text file with one input a line."""
+    """New inputs: a .jsonl of objects with a 'source' string, or a text file with one input a
+    line."""
     path = Path(path)
     if path.suffix not in (".jsonl", *TEXT_SUFFIXES):
         raise files.FileFault(f"--input {path}: a {path.suffix} file is neither a .jsonl of {{\"source\": ...}} "
@@ -61,7 +62,8 @@ def read_inputs(path):
 
 
 def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="generate", batch_size=64, device=None):
-    """Run the trained prompt on new inputs: jsonl rows with 'source', or a .txt with one input a line."""
+    """Run the trained prompt on new inputs: jsonl rows with 'source', or a .txt with one input a
+    line."""
     rows = read_inputs(input_path)
     if Path(output_path).resolve() == Path(input_path).resolve():
         raise errors.Failure(f"--output {output_path} is the input file; name another file")

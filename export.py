@@ -4,7 +4,8 @@ Reads RUN_DIR/config.json and the folded P' (prompt.pt, the best checkpoint; or 
 and writes OUT_DIR/adapter_model.safetensors ({"prompt_embeddings": P' (n, d) float32}) and
 OUT_DIR/adapter_config.json (a PromptTuningConfig), the two files PEFT's save_pretrained writes and
 PeftModel.from_pretrained reads, plus a README.md saying where the prompt came from. The folder is
-written beside and swapped in whole, so an old adapter is never left half-replaced. The format followed is PEFT 0.17 (see docs/experiments.md):
+written beside and swapped in whole, so an old adapter is never left half-replaced. The format
+followed is PEFT 0.17 (see docs/experiments.md):
 
 - num_transformer_submodules is written as 1. PEFT fills in 2 for SEQ_2_SEQ_LM only when the field
   is null, and then expects a table of 2n rows: recent PEFT (the 0.15-0.17 sources read) uses only
@@ -23,7 +24,8 @@ An existing adapter folder is left alone unless --overwrite; a folder that holds
 adapter's is never written into.
 
 With PEFT installed, the adapter loads as
-    model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained("t5-base"), "exports/rte_ept_star")
+    model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained("t5-base"),
+    "exports/rte_ept_star")
 """
 import argparse
 import json
@@ -36,7 +38,8 @@ from ept import cli, decoding, errors, files, runs
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME
-PROMPT_KEY = "prompt_embeddings"  # get_peft_model_state_dict / set_peft_model_state_dict key for prompt learning
+# get_peft_model_state_dict / set_peft_model_state_dict key for prompt learning
+PROMPT_KEY = "prompt_embeddings"
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("run_dir", help="a run folder written by train.py (a prompt method, not ft)")
@@ -49,7 +52,8 @@ parser.add_argument("--overwrite", action="store_true", help="replace the files 
 
 
 def t5_dimensions(name_or_dir):
-    """(num_layers, num_heads) of the base T5: its config file if reachable, else the known sizes."""
+    """(num_layers, num_heads) of the base T5: its config file if reachable, else the known
+    sizes."""
     from transformers import T5Config
     try:
         config = T5Config.from_pretrained(name_or_dir)
@@ -71,7 +75,8 @@ def folded_prompt(run_dir, checkpoint="best"):
 
 
 def adapter_config(prompt, base_model, num_layers, num_heads):
-    """PEFT's PromptTuningConfig.to_dict() fields (PEFT 0.17; every field also known to PEFT >= 0.7)."""
+    """PEFT's PromptTuningConfig.to_dict() fields (PEFT 0.17; every field also known to PEFT >=
+    0.7)."""
     return {
         "auto_mapping": None,
         "base_model_name_or_path": base_model,
@@ -81,7 +86,8 @@ def adapter_config(prompt, base_model, num_layers, num_heads):
         "num_transformer_submodules": 1,  # encoder only: see the module docstring
         "num_virtual_tokens": prompt.size(0),
         "peft_type": "PROMPT_TUNING",
-        "prompt_tuning_init": "RANDOM",  # how PEFT would initialise it; irrelevant once weights load
+        # how PEFT would initialise it; irrelevant once weights load
+        "prompt_tuning_init": "RANDOM",
         "prompt_tuning_init_text": None,
         "revision": None,
         "task_type": "SEQ_2_SEQ_LM",
@@ -95,7 +101,8 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md")
 
 
 def check_out_dir(out_dir, overwrite):
-    """The adapter folder may be new or empty; an existing adapter only with --overwrite; else refused."""
+    """The adapter folder may be new or empty; an existing adapter only with --overwrite; else
+    refused."""
     if out_dir.exists() and not out_dir.is_dir():
         raise errors.Failure(f"export: {out_dir} is a file; name a folder for the adapter")
     present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
@@ -131,10 +138,12 @@ def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False
               f"Test score of the run: {metrics.get('score', 'n/a')}. Training method: {config['method']}, "
               f"{config.get('n_trainable', '?')} trainable parameters; only the folded prompt P' is kept.\n")
 
-    def fill(tmp):  # the whole folder is swapped in at once: an old adapter stays whole if anything fails
+    # the whole folder is swapped in at once: an old adapter stays whole if anything fails
+    def fill(tmp):
         save_file({PROMPT_KEY: prompt}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / "README.md").write_text(readme, encoding="utf-8")
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))  # as PEFT writes it
+        # as PEFT writes it
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
     files.make_dir(out_dir.parent, "folder")
     files.write_folder(out_dir, fill)
     return peft_config, prompt

@@ -8,7 +8,8 @@ prompt and trains all of T5. After training only P' is needed: `save_folded_prom
     python model.py --count                       # the paper's Param column, all sizes
     python model.py --count --configs DIR         # from local t5-small/base/large config folders
 
-Loading T5 and its tokenizer (Hub or folder) and the tiny random T5 of the tests live in pretrained.py.
+Loading T5 and its tokenizer (Hub or folder) and the tiny random T5 of the tests live in
+ept/pretrained.py.
 """
 import argparse
 import json
@@ -21,11 +22,13 @@ from ept import cli, errors, files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
 REPARAMS = ("mlp", "lstm")
-ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}  # Figure 9's three
+# Figure 9's three
+ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 INITS = ("uniform", "vocab", "label")
-# "vocab" init (Table 6) follows Lester et al. 2021: token ids drawn from the 5,000 most frequent pieces.
-# T5's SentencePiece ids are ordered by piece score, so those are the first 5,000 ordinary ids: after
-# pad 0, eos 1, unk 2, and far below the 100 sentinels (32,000+) and the 28 unused rows past 32,100.
+# "vocab" init (Table 6) follows Lester et al. 2021: token ids drawn from the 5,000 most frequent
+# pieces. T5's SentencePiece ids are ordered by piece score, so those are the first 5,000 ordinary
+# ids: after pad 0, eos 1, unk 2, and far below the 100 sentinels (32,000+) and the 28 unused rows
+# past 32,100.
 VOCAB_FIRST_PIECE, VOCAB_SAMPLE_SIZE = 3, 5000
 DEFAULTS = {  # the main setting (docs/paper.md, "Methods")
     "prompt_length": 10,
@@ -52,8 +55,10 @@ def init_prompt(rows, d_model, init="uniform", embedding=None, label_ids=None, g
     if embedding is None:
         raise ValueError(f"init {init!r} needs the frozen embedding matrix")
     embedding = embedding.detach().float().cpu()
-    if init == "vocab":  # rows of the embedding matrix at ids drawn from the 5,000 most frequent pieces
-        high = min(VOCAB_FIRST_PIECE + VOCAB_SAMPLE_SIZE, embedding.size(0))  # a tiny vocabulary: all of it
+    # rows of the embedding matrix at ids drawn from the 5,000 most frequent pieces
+    if init == "vocab":
+        # a tiny vocabulary: all of it
+        high = min(VOCAB_FIRST_PIECE + VOCAB_SAMPLE_SIZE, embedding.size(0))
         ids = torch.randint(VOCAB_FIRST_PIECE, high, (rows,), generator=generator)
         return embedding[ids].clone()
     if not label_ids:
@@ -85,7 +90,8 @@ class PTuning(nn.Module):
         self.reparam = reparam
         if reparam == "mlp":  # PEFT default: 3 Linear layers with bias, ReLU between
             self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
-        else:  # PEFT LSTM variant: 2-layer biLSTM (hidden d), then Linear(2d,2d) -> ReLU -> Linear(2d,d)
+        # PEFT LSTM variant: 2-layer biLSTM (hidden d), then Linear(2d,2d) -> ReLU -> Linear(2d,d)
+        else:
             self.lstm = nn.LSTM(d, d, num_layers=2, bidirectional=True, batch_first=True)
             self.mlp = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
 
@@ -117,7 +123,8 @@ class EPTBlock(nn.Module):
     """One bias-free down-up map d -> h -> d, with the Figure 9 ablation switches.
 
     `extra_layer` puts one bias-free h -> h layer between down and up (d -> 1 -> 1 -> d): Table 4's
-    "additional MLP layer" (§5.4), whose Param cell (2.3K on t5-base) is the main count + h*h = 2,305."""
+    "additional MLP layer" (§5.4), whose Param cell (2.3K on t5-base) is the main count + h*h =
+    2,305."""
 
     def __init__(self, d_model, hidden_size=1, layer_norm=False, residual=False, activation="none",
                  extra_layer=False):
@@ -171,7 +178,8 @@ def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", h
     _check("activation", activation, ACTIVATIONS)
     if method == "ft":
         return None
-    n = DEFAULTS["prompt_length"] if prompt_length is None else prompt_length  # None = default; 0 is an error
+    # None = default; 0 is an error
+    n = DEFAULTS["prompt_length"] if prompt_length is None else prompt_length
     h = DEFAULTS["hidden_size"].get(method) if hidden_size is None else hidden_size
     b = DEFAULTS["broadcast"].get(method) if broadcast is None else broadcast
     for name, value in (("prompt_length", n), ("hidden_size", h), ("broadcast", b), ("depth", depth)):
@@ -205,7 +213,8 @@ class PromptedT5(nn.Module):
         """Encoder inputs: prompt rows first, the mask extended to match. The one place P' enters.
 
         `prompt`: P' (n, d) for every example (default: this model's), or (B, n, d), one per example
-        (a pack's runs). `prompt_mask` (B, n): 0 on padding rows of a shorter prompt; default all 1."""
+        (a pack's runs). `prompt_mask` (B, n): 0 on padding rows of a shorter prompt; default all
+        1."""
         x = self.t5.get_input_embeddings()(input_ids)  # (B, L, d)
         p = self.prompt() if prompt is None else prompt
         if p is None:
@@ -261,27 +270,30 @@ PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, 
                   "layer_norm": False, "residual": False, "activation": "none", "depth": 1, "extra_layer": False}
 
 
-# The options each method's prompt module takes (build_prompt_module); the others do not change the run, so
-# they neither multiply a sweep's runs nor appear in its name (options.sweep, runs.run_name).
+# The options each method's prompt module takes (build_prompt_module); the others do not change the
+# run, so they neither multiply a sweep's runs nor appear in its name (options.sweep,
+# runs.run_name).
 EPT_OPTIONS = ("hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth", "extra_layer", "init")
 APPLIES = {"ft": (), "pt": ("prompt_length", "init"), "ptuning": ("prompt_length", "reparam", "init"),
            "resprompt": ("prompt_length", "hidden_size", "init"), "ept": EPT_OPTIONS, "ept_star": EPT_OPTIONS}
-METHOD_OPTIONS = (*PROMPT_OPTIONS, "init")  # what APPLIES decides about; training options apply to every method
+# what APPLIES decides about; training options apply to every method
+METHOD_OPTIONS = (*PROMPT_OPTIONS, "init")
 
 
 def applies(option, method):
-    """False for a prompt option `method` ignores (EPT has no --prompt-length, PT no --hidden-size)."""
+    """False for a prompt option `method` ignores (EPT has no --prompt-length, PT no
+    --hidden-size)."""
     return option not in METHOD_OPTIONS or option in APPLIES[method]
 
 
 def prompt_options(config):
-    """The build_prompt_module options recorded in a run's config.json. Run folders written before the
-    P-Tuning network was called `reparam` name it `encoder`."""
+    """The build_prompt_module options recorded in a run's config.json. Run folders written before
+    the P-Tuning network was called `reparam` name it `encoder`."""
     config = {"reparam": config["encoder"], **config} if "encoder" in config else config
     return {k: config.get(k, default) for k, default in PROMPT_OPTIONS.items()}
 
 
-# --- the paper's Param column ----------------------------------------------------------------------
+# --- the paper's Param column ---------------------------------------------------------------------
 
 # The real configs' dimensions, for when neither a config folder nor the Hub is at hand.
 SIZES = {"t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8),
@@ -289,7 +301,8 @@ SIZES = {"t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8),
          "t5-large": dict(d_model=1024, d_ff=4096, num_layers=24, num_heads=16)}
 VARIANTS = [("ft", {}), ("ptuning", {}), ("ptuning", {"reparam": "lstm"}), ("resprompt", {}),
             ("pt", {}), ("ept", {}), ("ept_star", {})]
-TABLE4_VARIANTS = [("ept", {"extra_layer": True})]  # Table 4's EPT/EPT*: one extra 1x1 layer (§5.4), 2.3K on base
+# Table 4's EPT/EPT*: one extra 1x1 layer (§5.4), 2.3K on base
+TABLE4_VARIANTS = [("ept", {"extra_layer": True})]
 
 
 def variant_label(method, options):
@@ -307,7 +320,8 @@ def size_config(size, configs_dir=None):
 
 
 def parameter_table(configs_dir=None, variants=None):
-    """{size: {method label: trainable parameters}}; models are built on the meta device (no memory)."""
+    """{size: {method label: trainable parameters}}; models are built on the meta device (no
+    memory)."""
     from transformers import T5ForConditionalGeneration
     variants = VARIANTS if variants is None else variants
     table = {}

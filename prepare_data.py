@@ -4,9 +4,10 @@ Reads the Hugging Face Hub datasets of docs/paper.md ("Tasks") (`datasets.load_d
 `--source DIR`, a folder of the official distribution files (one sub-folder per task; the file
 names are in docs/data.md). Writes, per task:
 
-    data/<task>/train.jsonl, validation.jsonl, test.jsonl   {"source", "target", "label", "idx", ...}
-    data/<task>/train_k{K}_seed{S}.jsonl                    few-shot sets (Table 3), with --fewshot
-    data/<task>/meta.json                                   origin, sizes, labels, metrics, lengths
+    data/<task>/train.jsonl, validation.jsonl, test.jsonl   {"source", "target", "label", "idx",
+    ...} data/<task>/train_k{K}_seed{S}.jsonl                    few-shot sets (Table 3), with
+    --fewshot data/<task>/meta.json                                   origin, sizes, labels,
+    metrics, lengths
 
 Splits follow Appendix B.1 from a fixed data seed (separate from the training seed).
 
@@ -53,13 +54,15 @@ g.add_argument("--overwrite", action="store_true", help="rebuild tasks that alre
 
 # ---------------------------------------------------------------------------- loading
 
-SAMPLE_FOLDER = re.compile(r"(?i)(k-?shot|few-?shot|\d+-shot|^\d+-\d+$)")  # LM-BFF's k-shot/<TASK>/16-42/, ...
+# LM-BFF's k-shot/<TASK>/16-42/, ...
+SAMPLE_FOLDER = re.compile(r"(?i)(k-?shot|few-?shot|\d+-shot|^\d+-\d+$)")
 
 
 def find_files(task, root):
-    """The first folder (shallowest first) under root/<task folder> that holds one accepted file per role.
-    Few-shot sample folders (k-shot-16-42/, 16-42/) and several candidate folders at one depth are refused:
-    they are subsets, not the official distribution, and would build a train split of a few dozen rows."""
+    """The first folder (shallowest first) under root/<task folder> that holds one accepted file per
+    role. Few-shot sample folders (k-shot-16-42/, 16-42/) and several candidate folders at one depth
+    are refused: they are subsets, not the official distribution, and would build a train split of a
+    few dozen rows."""
     folder, need = root / task.folder, " + ".join(" or ".join(names) for names in task.files.values())
     if not folder.is_dir():
         raise errors.Failure(f"prepare_data: {task.name}: missing folder {folder} (expected {need} in it; see docs/data.md)")
@@ -115,14 +118,17 @@ def load_hub(task):
     print(f"{task.name}: loading {task.hub_id} ({task.hub_config}) from the Hugging Face Hub")
     ds = error = None
     for revision, kwargs in (("main", {"name": task.hub_config}), ("refs/convert/parquet", {"data_dir": task.hub_config})):
-        try:  # datasets >= 4 refuses repos that still carry a loading script: then their parquet conversion
+        # datasets >= 4 refuses repos that still carry a loading script: then their parquet
+        # conversion
+        try:
             ds = datasets.load_dataset(task.hub_id, revision=revision, **kwargs)
             break
         except Exception as e:
             error = e
             if isinstance(e, ConnectionError):  # no network: the fallback would fail the same way
                 break
-    if ds is None:  # pretrained's sentence: why, and --source DIR (the official files, docs/data.md)
+    # pretrained's sentence: why, and --source DIR (the official files, docs/data.md)
+    if ds is None:
         raise errors.Failure(f"prepare_data: {pretrained.offline_error('dataset', f'{task.hub_id} ({task.hub_config})', error)}")
     splits = [ds["train"], ds[task.eval_split]]
     if task.subset:  # MRQA: one dataset holds all subsets
@@ -132,20 +138,22 @@ def load_hub(task):
     return splits[0].to_list(), splits[1].to_list(), source
 
 
-# ---------------------------------------------------------------------------- records, splits, few-shot
+# ---------------------------------------------------------------------------- records, splits, few-
 
 BAR_ROWS = 20000  # fewer rows take well under a few seconds: no progress bar
 
 
 def progress(items, desc, unit="rows", rows=None):
-    """`items` with a progress bar on stderr when they stand for many rows (TQDM_DISABLE=1 turns it off)."""
+    """`items` with a progress bar on stderr when they stand for many rows (TQDM_DISABLE=1 turns it
+    off)."""
     from tqdm import tqdm
     many = (len(items) if rows is None else rows) >= BAR_ROWS
     return tqdm(items, desc=desc, unit=unit, dynamic_ncols=True, leave=False) if many else items
 
 
 def to_records(task, rows, where):
-    """The one code path from Hub-schema rows (either source) to records; bad rows name their origin."""
+    """The one code path from Hub-schema rows (either source) to records; bad rows name their
+    origin."""
     records = []
     for i, row in enumerate(progress(rows, f"{task.name}: {where}")):
         try:
@@ -160,7 +168,8 @@ def to_records(task, rows, where):
 
 
 def draw(records, n, rng):
-    """Shuffle and cut: (about n records, the rest). MultiRC draws whole questions (all their answers)."""
+    """Shuffle and cut: (about n records, the rest). MultiRC draws whole questions (all their
+    answers)."""
     groups = {}
     for i, r in enumerate(records):
         groups.setdefault(r.get("question_id", i), []).append(r)
@@ -173,23 +182,28 @@ def draw(records, n, rng):
 
 
 def split(train, held, seed):
-    """Appendix B.1: (train, validation, test) from the original train and labelled held-out split."""
+    """Appendix B.1: (train, validation, test) from the original train and labelled held-out
+    split."""
     rng = random.Random(seed)
-    if len(train) < 10_000:  # small: the original validation, shuffled and halved, gives validation and test
+    # small: the original validation, shuffled and halved, gives validation and test
+    if len(train) < 10_000:
         validation, test = draw(held, len(held) // 2, rng)
         return train, validation, test
-    validation, train = draw(train, 1_000 if len(train) < 100_000 else 10_000, rng)  # test = original validation
+    # test = original validation
+    validation, train = draw(train, 1_000 if len(train) < 100_000 else 10_000, rng)
     return train, validation, held
 
 
 
 
 def fewshot(task, train, k, seed):
-    """Table 3 (§5.2): k examples in all from the training split, the classes balanced, fixed per seed.
+    """Table 3 (§5.2): k examples in all from the training split, the classes balanced, fixed per
+    seed.
 
-    Each class gets k // C rows; the k % C left over go one each to the first classes of an order the seed
-    shuffles (so over the seeds no class is favoured). A class with too few rows gives all it has and its
-    share passes on round-robin to the others. Open targets (STS-B, MRQA): k drawn from the whole split."""
+    Each class gets k // C rows; the k % C left over go one each to the first classes of an order
+    the seed shuffles (so over the seeds no class is favoured). A class with too few rows gives all
+    it has and its share passes on round-robin to the others. Open targets (STS-B, MRQA): k drawn
+    from the whole split."""
     rng = random.Random(seed)
     if task.labels is None:
         return rng.sample(train, min(k, len(train)))
@@ -220,9 +234,10 @@ def load_tokenizer(name):
 
 
 def source_lengths(tokenizer, texts):
-    """{text: tokens, </s> included}. T5's tokenizer splits at whitespace before SentencePiece, so a text's length
-    is the sum over its words: tokenizing each distinct word once is ~6x faster on MultiRC-sized data. A sample is
-    checked against whole-text tokenization, which replaces the sum for tokenizers where they differ."""
+    """{text: tokens, </s> included}. T5's tokenizer splits at whitespace before SentencePiece, so a
+    text's length is the sum over its words: tokenizing each distinct word once is ~6x faster on
+    MultiRC-sized data. A sample is checked against whole-text tokenization, which replaces the sum
+    for tokenizers where they differ."""
     texts = sorted(texts)
     whole = lambda chunk: zip(chunk, map(len, tokenizer(chunk)["input_ids"]))
     words = sorted({w for t in texts for w in t.split()})
@@ -236,7 +251,8 @@ def source_lengths(tokenizer, texts):
 
 
 def token_stats(lengths, max_length):
-    """p50/p95/max of the source length in tokens (before the prompt) and how many exceed max_length."""
+    """p50/p95/max of the source length in tokens (before the prompt) and how many exceed
+    max_length."""
     lengths = sorted(lengths)
     rank = lambda q: lengths[max(0, -(-len(lengths) * q // 100) - 1)]  # nearest-rank percentile
     return {"p50": rank(50), "p95": rank(95), "max": lengths[-1], "truncated": sum(n > max_length for n in lengths)}
@@ -247,8 +263,8 @@ def jsonl(records):
 
 
 def write_task(out, name, texts):
-    """Write every file into a temporary folder beside out/<name>, then swap it in: a failure at any point
-    (a full disk included) leaves the previous out/<name> as it was."""
+    """Write every file into a temporary folder beside out/<name>, then swap it in: a failure at any
+    point (a full disk included) leaves the previous out/<name> as it was."""
     def fill(tmp):
         for fname, text in texts.items():  # meta.json last: its presence marks a finished task
             (tmp / fname).write_text(text, encoding="utf-8")
@@ -311,10 +327,12 @@ def main(argv=None):
                              f"the steering benchmark: {', '.join(registry.STEER_TASKS)})")
             if t not in names:
                 names.append(t)
-    out = Path(args.out)  # created once the tokenizer has loaded: a failed start leaves nothing behind
+    # created once the tokenizer has loaded: a failed start leaves nothing behind
+    out = Path(args.out)
     keys = {f"k{k}_seed{s}" for k in args.fewshot for s in args.fewshot_seeds}
     todo, old = [], {}
-    for name in names:  # decide every skip before any work, so a clash stops the run before it writes
+    # decide every skip before any work, so a clash stops the run before it writes
+    for name in names:
         meta_path = out / name / "meta.json"
         if args.overwrite or not meta_path.exists():
             todo.append(name)
@@ -330,7 +348,8 @@ def main(argv=None):
         old[name] = registry.old_fewshot_sets(meta)
     if warning := registry.old_fewshot_warning(out, old):  # one line for all of them
         print(f"prepare_data: {warning}", file=sys.stderr)
-    for name in todo if args.source else []:  # a missing file or a few-shot folder: refused before any work
+    # a missing file or a few-shot folder: refused before any work
+    for name in todo if args.source else []:
         find_files(registry.TASKS[name], Path(args.source))
     if todo:
         load_tokenizer(args.tokenizer)  # fail before any download

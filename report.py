@@ -1,13 +1,14 @@
-"""Every result -> the paper's tables (markdown + CSV) and figures (PNG) in one folder with an index.
+"""Every result -> the paper's tables (markdown + CSV) and figures (PNG) in one folder with an
+index.
 
-Reads results/<experiment>.jsonl (ablate.py, fewshot.py: one row per run), results/analysis/<name>.json
-(analyze.py) and the tasks' meta.json (Table 5; the data folder is the one the Table 1/2 runs were trained
-on, from their config.json). Writes report/: table1..table6 as .md and .csv (mean ± std over seeds, the Avg
-column, trainable parameters per task), fig1..fig12 as .png, the Appendix A.1 neighbours and P-Tuning
-directions as .md (+ a figure), and index.md linking (and showing) all of it. A table cell without results
-reads "–"; a figure without results is skipped with a note in index.md, never a crash. Runs the drivers'
-collect step found failed (results/<experiment>.failed.json) are listed with the reason under "Runs that
-failed".
+Reads results/<experiment>.jsonl (ablate.py, fewshot.py: one row per run),
+results/analysis/<name>.json (analyze.py) and the tasks' meta.json (Table 5; the data folder is the
+one the Table 1/2 runs were trained on, from their config.json). Writes report/: table1..table6 as
+.md and .csv (mean ± std over seeds, the Avg column, trainable parameters per task), fig1..fig12 as
+.png, the Appendix A.1 neighbours and P-Tuning directions as .md (+ a figure), and index.md linking
+(and showing) all of it. A table cell without results reads "–"; a figure without results is skipped
+with a note in index.md, never a crash. Runs the drivers' collect step found failed
+(results/<experiment>.failed.json) are listed with the reason under "Runs that failed".
 
     python report.py                                        # results/ -> report/
     python report.py --results smoke/results --out smoke/report
@@ -41,7 +42,7 @@ def write_text(path, text):
     files.write_text(path, text)
 
 
-# --- figures: each returns a list of written file names, or raises Missing ----------------------------
+# --- figures: each returns a list of written file names, or raises Missing ------------------------
 
 class Missing(Exception):
     """A figure's results are not there: index.md says so, nothing else happens."""
@@ -163,7 +164,8 @@ def _sweep_rows(results, experiment):
 
 
 def _sweep_axes(rows, tasks, name, xlabel, logx, title, methods=None, band=True):
-    """One subplot per task (+ the average): mean over seeds per swept value, ± std band, a line per method."""
+    """One subplot per task (+ the average): mean over seeds per swept value, ± std band, a line per
+    method."""
     tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
     if not tasks:
         raise Missing(f"no rows for {name}")
@@ -234,7 +236,8 @@ def fig7(results, out):
 
 
 def fig8(results, out):
-    """Figure 8: one row of panels (5 SuperGLUE tasks + average) per T5 size; §5.3 reads both t5-base and t5-large."""
+    """Figure 8: one row of panels (5 SuperGLUE tasks + average) per T5 size; §5.3 reads both
+    t5-base and t5-large."""
     rows = _sweep_rows(results, "lr")
     tags = tables.ordered({r.get("model_tag") for r in rows}, tables.MODEL_ORDER)
     tasks = [t for t in tables.SUPERGLUE if any(r["task"] == t for r in rows)]
@@ -242,7 +245,8 @@ def fig8(results, out):
         raise Missing("lr.jsonl has none of the 5 SuperGLUE tasks")
     panels = tasks + (["Avg"] if len(tasks) > 1 else [])
     plt = _plt()
-    cols = min(3, len(panels))  # a grid, not six panels in a row: each size takes ceil(panels / 3) rows
+    # a grid, not six panels in a row: each size takes ceil(panels / 3) rows
+    cols = min(3, len(panels))
     per_tag = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(per_tag * len(tags), cols, figsize=(3.8 * cols, 3.4 * per_tag * len(tags)),
                              squeeze=False)
@@ -258,7 +262,8 @@ def fig8(results, out):
 
 
 def fig9(results, out):
-    """Figure 9: (left) score per added structure on the SuperGLUE tasks; (right) norm vs score on BoolQ."""
+    """Figure 9: (left) score per added structure on the SuperGLUE tasks; (right) norm vs score on
+    BoolQ."""
     rows = _sweep_rows(results, "structure")
     names = tables.ordered({r["variant"] for r in rows}, list(tables.STRUCTURE_LABELS))
     tasks = [t for t in tables.SUPERGLUE if any(r["task"] == t for r in rows)]
@@ -305,7 +310,8 @@ def fig10(results, out):
     for ax, matrix, title, vmin in ((left, data["cosine"], "cosine similarity of EPT* prompts", -1),
                                     (right, ratio, "zero-shot score ratio (A's prompt on B / B's own), clipped to [0, 1];\n"
                                      "gray: undefined (B's own score <= 0)", 0)):
-        cmap = _plt().get_cmap("viridis").with_extremes(bad="lightgray")  # ratio undefined: B's own score <= 0
+        # ratio undefined: B's own score <= 0
+        cmap = _plt().get_cmap("viridis").with_extremes(bad="lightgray")
         im = ax.imshow(matrix, vmin=vmin, vmax=1, cmap=cmap)
         ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(n), labels, fontsize=7)
@@ -326,8 +332,10 @@ def fig10(results, out):
 
 
 def _token(tok):
-    """A vocabulary piece as markdown-safe code: escapes (tabs, newlines) visible, no table-breaking pipes."""
-    return "`" + json.dumps(tok, ensure_ascii=False)[1:-1].replace("`", "'") + "`"  # markdown() escapes '|'
+    """A vocabulary piece as markdown-safe code: escapes (tabs, newlines) visible, no table-breaking
+    pipes."""
+    # markdown() escapes '|'
+    return "`" + json.dumps(tok, ensure_ascii=False)[1:-1].replace("`", "'") + "`"
 
 
 def neighbours_md(results, out):
@@ -348,10 +356,11 @@ def neighbours_md(results, out):
     return ["neighbours.md"]
 
 
-# --- Figure 1: SuperGLUE average across sizes and against trainable parameters -------------------------
+# --- Figure 1: SuperGLUE average across sizes and against trainable parameters --------------------
 
 def superglue_averages(rows):
-    """{(model tag, method): (SuperGLUE Avg as Table 1 computes it, complete?, trainable parameters)}."""
+    """{(model tag, method): (SuperGLUE Avg as Table 1 computes it, complete?, trainable
+    parameters)}."""
     out = {}
     for tag in {r["model_tag"] for r in rows}:
         for method in {r["method"] for r in rows if r["model_tag"] == tag}:
@@ -366,8 +375,8 @@ def superglue_averages(rows):
 
 
 def fig1(results, out):
-    """Figure 1 from Table 1's runs (best lr by validation, as Table 1): (top) SuperGLUE average per method
-    across T5 sizes; (bottom) the same scores against trainable parameters, log scale."""
+    """Figure 1 from Table 1's runs (best lr by validation, as Table 1): (top) SuperGLUE average per
+    method across T5 sizes; (bottom) the same scores against trainable parameters, log scale."""
     rows = tables.select_best_lr(tables.dedupe(files.read_jsonl(Path(results) / "table1.jsonl", what="results file", missing_ok=True)))
     avgs = superglue_averages(rows)
     if not avgs:
@@ -402,7 +411,7 @@ def fig1(results, out):
     return [_save(fig, out, "fig1_superglue.png")]
 
 
-# --- Table 5: task details from each task's meta.json -------------------------------------------------
+# --- Table 5: task details from each task's meta.json ---------------------------------------------
 
 METRIC_NAMES = {"acc": "Acc", "f1": "F1", "mcc": "Matthews corr.", "pearson": "Pearson", "spearman": "Spearman",
                 "macro_f1": "F1 (macro)", "f1a": "F1a", "em": "EM", "squad_f1": "F1", "squad_em": "EM"}
@@ -410,7 +419,8 @@ BENCHMARK_LABELS = {"superglue": "SuperGLUE", "glue": "GLUE", "mrqa": "MRQA", "o
 
 
 def data_dirs(results):
-    """The data folders the Table 1/2 runs were trained on (their config.json), then <results>/../data."""
+    """The data folders the Table 1/2 runs were trained on (their config.json), then
+    <results>/../data."""
     found = []
     for experiment in ("table1", "table2"):
         for row in files.read_jsonl(Path(results) / f"{experiment}.jsonl", what="results file", missing_ok=True):
@@ -421,8 +431,8 @@ def data_dirs(results):
 
 
 def table5_md(results, out):
-    """Table 5 in the paper's layout: per benchmark, each task's type, split sizes and metric (selection metric
-    first; the others are reported too), read from data/<task>/meta.json."""
+    """Table 5 in the paper's layout: per benchmark, each task's type, split sizes and metric
+    (selection metric first; the others are reported too), read from data/<task>/meta.json."""
     metas = {}
     for task in list(registry.TASKS):
         for folder in data_dirs(results):
@@ -457,11 +467,12 @@ def table5_md(results, out):
     return ["table5.md"]
 
 
-# --- Appendix A.1, second half: P-Tuning's positive and negative prompts -----------------------------
+# --- Appendix A.1, second half: P-Tuning's positive and negative prompts --------------------------
 
 def directions(results, out):
-    """A table (directions.md) and a figure: per run, the two direction groups of P-Tuning's rows, each group's
-    cosine to the label words, and the test score of each group alone against the whole prompt."""
+    """A table (directions.md) and a figure: per run, the two direction groups of P-Tuning's rows,
+    each group's cosine to the label words, and the test score of each group alone against the whole
+    prompt."""
     data = load_analysis(results, "directions")
     runs = [(task, method, d) for task, methods in data.items() for method, d in methods.items()]
     if not runs:
@@ -525,7 +536,7 @@ FIGURES = [("Figure 1: SuperGLUE average across T5 sizes and against trainable p
            ("Table 5: task details", table5_md)]
 
 
-# --- the steering benchmark (ablate.py steer; docs/experiments.md): a small Table 1 and Figure 2 on a toy backbone
+# --- the steering benchmark (ablate.py steer; docs/experiments.md): a small Table 1 and Figure 2 on
 
 
 def _steer_curves(run):
@@ -542,8 +553,9 @@ def _steer_curves(run):
 
 
 def steer_section(results, out):
-    """steer.md (+ csv) and steer_fig2.png: μ_t and the validation score over steps, seed 0 of each method
-    at each lr (the default lr solid, a lower one dashed, a higher one dotted), the no-prompt floor in black."""
+    """steer.md (+ csv) and steer_fig2.png: μ_t and the validation score over steps, seed 0 of each
+    method at each lr (the default lr solid, a lower one dashed, a higher one dotted), the no-prompt
+    floor in black."""
     rows = tables.read_rows(results, "steer")
     if not rows:
         raise Missing(f"no {Path(results) / 'steer'}.jsonl (run `python ablate.py steer`)")
@@ -588,7 +600,7 @@ FIGURES.append((tables.STEER_TITLE, steer_section))
 INLINE.add("steer.md")
 
 
-# --- the report ------------------------------------------------------------------------------------
+# --- the report -----------------------------------------------------------------------------------
 
 @errors.script
 def main(argv=None):
@@ -612,7 +624,8 @@ def main(argv=None):
     missing = []
     for key, (title, experiment, build) in tables.TABLES.items():
         rows = tables.read_rows(results, experiment)
-        title = tables.title_for(title, rows or [{"seed": 0}, {"seed": 1}])  # no rows: the general wording
+        # no rows: the general wording
+        title = tables.title_for(title, rows or [{"seed": 0}, {"seed": 1}])
         index.append(f"\n## {title}\n")
         if not rows:
             missing.append(f"{title}: no {results / experiment}.jsonl")
@@ -624,7 +637,8 @@ def main(argv=None):
         write_text(out / f"{key}.md", f"# {title}\n\n{md}")
         write_csv(out / f"{key}.csv", long)
         index.append(f"[{key}.md]({key}.md) · [{key}.csv]({key}.csv)\n\n{md}")
-    for experiment in ("hidden", "broadcast", "lr", "structure"):  # the numbers behind Figures 5/12, 7, 8, 9
+    # the numbers behind Figures 5/12, 7, 8, 9
+    for experiment in ("hidden", "broadcast", "lr", "structure"):
         rows = tables.read_rows(results, experiment)
         if rows:
             md, long = tables.sweep_table(rows)

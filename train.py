@@ -18,10 +18,11 @@ the best checkpoint) and metrics.json (test metrics of the best checkpoint).
     python train.py --method ept --model ../shared/data/t5/t5-small --random-init \\
         --tokenizer ../shared/data/t5 --max-steps 30 --eval-every 30 --max-eval-examples 32
 
-Loss: the mean over the non-pad target tokens of the whole global batch, the same whatever the number
-of ranks or micro-batches (docs/training.md). One run or a pack, the loop is the same: each run is an
-ept.multirun.Run (its module, AdamW, schedule, data position), and one ept.multirun.Pack step trains
-them all on one frozen T5 (a lone run is a pack of one; `ft` trains T5 itself, always alone).
+Loss: the mean over the non-pad target tokens of the whole global batch, the same whatever the
+number of ranks or micro-batches (docs/training.md). One run or a pack, the loop is the same: each
+run is an ept.multirun.Run (its module, AdamW, schedule, data position), and one ept.multirun.Pack
+step trains them all on one frozen T5 (a lone run is a pack of one; `ft` trains T5 itself, always
+alone).
 """
 import contextlib
 import io
@@ -43,21 +44,25 @@ import model as M
 from ept import batching, decoding, errors, files, metrics, multirun, options, pretrained  # noqa: I001
 from ept import registry, runfolder, runs, runtime, signals
 
-options.parser.description = __doc__  # the flags live in ept/options.py: the drivers plan runs by them
+# the flags live in ept/options.py: the drivers plan runs by them
+options.parser.description = __doc__
 
 
 class NonFiniteError(errors.Failure):
-    """A NaN/inf loss, gradient, prompt or weight: the run stops (exit status 1) with best.pt and the log intact."""
+    """A NaN/inf loss, gradient, prompt or weight: the run stops (exit status 1) with best.pt and
+    the log intact."""
 
 
 @errors.script
 def main(argv=None):
-    """Parse; claim and check every run's folder; load the task and build the runs; train; finish each."""
+    """Parse; claim and check every run's folder; load the task and build the runs; train; finish
+    each."""
     rank = int(os.environ.get("RANK", 0))
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
         args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
     runs_file, max_rows = (vars(args).pop(k) for k in options.PACK_OPTIONS)
-    ranks = runtime.ranks()  # ranks.first(check): rank 0 first, so a failure is one sentence from rank 0
+    # ranks.first(check): rank 0 first, so a failure is one sentence from rank 0
+    ranks = runtime.ranks()
     say = print if ranks.master else (lambda *a, **k: None)
     specs = ranks.first(lambda: options.sweep(args, runs_file), everyone=True)
     packed = runs_file is not None or len(specs) > 1
@@ -81,17 +86,19 @@ def main(argv=None):
     return {"runs": results} if packed else results[str(jobs[0].out_dir)]
 
 
-# --- the loop -----------------------------------------------------------------------------------------
+# --- the loop -------------------------------------------------------------------------------------
 
 def train(jobs, task, pack, ranks, say):
-    """The paper's loop for every run of the pack: at the top of each step a run validates and saves as its
-    --eval-every / --save-every say (so its last step always is), and finishes at its last step; then one
-    pack step trains every run still training. A non-finite run stops alone; the others go on."""
+    """The paper's loop for every run of the pack: at the top of each step a run validates and saves
+    as its --eval-every / --save-every say (so its last step always is), and finishes at its last
+    step; then one pack step trains every run still training. A non-finite run stops alone; the
+    others go on."""
     restore_rng(jobs, ranks)
     live, results, faults = list(jobs), {}, []
     bar = tqdm(total=max(j.args.max_steps for j in jobs), initial=min(j.run.step for j in jobs),
                dynamic_ncols=True, desc=jobs[0].out_dir.name if len(jobs) == 1 else f"pack of {len(jobs)}",
-               **({} if ranks.master else {"disable": True}))  # rank 0 only; TQDM_DISABLE=1 still works
+               # rank 0 only; TQDM_DISABLE=1 still works
+               **({} if ranks.master else {"disable": True}))
 
     def drop(job, what, lr):  # a non-finite run stops alone
         pack.stop(job.run, "nonfinite")
@@ -137,9 +144,10 @@ def train(jobs, task, pack, ranks, say):
 
 
 def validate_and_save(job, task, ranks, bar):
-    """The top of a run's step: validate (then best.pt if improved, and last.pt) every --eval-every steps
-    and at the last, or save last.pt every --save-every steps; a resumed step was validated before the
-    kill. False when the run's weights are not finite: it must stop (never a NaN/inf state on disk)."""
+    """The top of a run's step: validate (then best.pt if improved, and last.pt) every --eval-every
+    steps and at the last, or save last.pt every --save-every steps; a resumed step was validated
+    before the kill. False when the run's weights are not finite: it must stop (never a NaN/inf
+    state on disk)."""
     args, run = job.args, job.run
     due = run.step > job.start_step or (run.step > 0 and not job.resumed)
     evaluate = due and (run.step % args.eval_every == 0 or run.step == args.max_steps)
@@ -177,8 +185,8 @@ def train_event(r, seconds):
 
 
 def nonfinite_stop(job, what, lr, master=True):
-    """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0; start_log
-    removes it when the run starts again); returns the NonFiniteError that says why."""
+    """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0;
+    start_log removes it when the run starts again); returns the NonFiniteError that says why."""
     step, best_step, out_dir = job.run.step, job.run.best_step, job.out_dir
     job.log({"event": "nonfinite", "step": step, "what": what})
     kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
@@ -189,13 +197,13 @@ def nonfinite_stop(job, what, lr, master=True):
     return err
 
 
-# --- the runs: folders, task, model ------------------------------------------------------------------
+# --- the runs: folders, task, model ---------------------------------------------------------------
 
 def open_folders(args, specs, packed, jobs, left_out, say):
-    """Each run's folder claimed and checked (runfolder.open_run_folder); appends the runs to train to `jobs`
-    (with .lock and .resume_path); returns their (index, resume path). A lone run another live process holds
-    is refused (runs.Busy); a pack leaves it out (`left_out`) and skips its finished runs. --resume, or a
-    run's own "resume": true, resumes the runs that have a last.pt."""
+    """Each run's folder claimed and checked (runfolder.open_run_folder); appends the runs to train
+    to `jobs` (with .lock and .resume_path); returns their (index, resume path). A lone run another
+    live process holds is refused (runs.Busy); a pack leaves it out (`left_out`) and skips its
+    finished runs. --resume, or a run's own "resume": true, resumes the runs that have a last.pt."""
     for i, spec in enumerate(specs):
         out_dir, resume = Path(spec.out_dir), args.resume or spec.resume
         try:
@@ -219,11 +227,11 @@ def open_folders(args, specs, packed, jobs, left_out, say):
     return [(job.index, job.resume_path) for job in jobs]
 
 
-# --- the task -----------------------------------------------------------------------------------------
+# --- the task -------------------------------------------------------------------------------------
 
 def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
-    """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command (the Hub, or
-    --source DIR): stages link by files on disk."""
+    """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command (the Hub,
+    or --source DIR): stages link by files on disk."""
     if (Path(data_dir) / task / "meta.json").exists():
         return
     if not registry.known(task):
@@ -241,8 +249,9 @@ check_split = batching.check_split  # a split file against its meta.json (batchi
 
 
 def load_task(args, ranks, say):
-    """The task's meta.json, tokenizer, training split (token ids) and validation split, checked. Under torchrun
-    rank 0 runs it first (runtime.master_first), so the data is prepared before the other ranks read it."""
+    """The task's meta.json, tokenizer, training split (token ids) and validation split, checked.
+    Under torchrun rank 0 runs it first (runtime.master_first), so the data is prepared before the
+    other ranks read it."""
     tokenizer = pretrained.load_tokenizer(args.tokenizer, say)
     if ranks.master:
         prepare_if_missing(args.data_dir, args.task, args.tokenizer, say, args.source)
@@ -274,8 +283,10 @@ def load_task(args, ranks, say):
 
 
 def batch_plan(args, n_train, world_size):
-    """(steps per epoch, micro-batch size, accumulation steps) of a run; --epochs becomes args.max_steps."""
-    steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last batch of an epoch may be partial
+    """(steps per epoch, micro-batch size, accumulation steps) of a run; --epochs becomes
+    args.max_steps."""
+    # the last batch of an epoch may be partial
+    steps_per_epoch = math.ceil(n_train / args.batch_size)
     if args.epochs is not None:
         args.max_steps = math.ceil(args.epochs * steps_per_epoch)
     per_rank = math.ceil(args.batch_size / world_size)
@@ -284,7 +295,8 @@ def batch_plan(args, n_train, world_size):
 
 
 def load_frozen_t5(args, task, seed):
-    """The T5 (random weights from `seed` with --random-init), checked against the tokenizer, its dropout set."""
+    """The T5 (random weights from `seed` with --random-init), checked against the tokenizer, its
+    dropout set."""
     t5 = pretrained.load_t5(args.model, random_init=args.random_init, seed=seed)
     if len(task.tokenizer) > t5.config.vocab_size:
         raise errors.Failure(f"train: the tokenizer has {len(task.tokenizer)} tokens, the model {t5.config.vocab_size}")
@@ -302,9 +314,10 @@ def label_ids(args, task):
 
 
 def build(jobs, task, ranks, say, packed, max_rows=None):
-    """The T5 the runs share and each run (multirun.make_run: its prompt module, or T5 itself for ft, its
-    AdamW and schedule), fresh or from its own last.pt; each run's config.json and log.jsonl are written
-    only once every run's checks have passed (a refusal for one run changes no run's files)."""
+    """The T5 the runs share and each run (multirun.make_run: its prompt module, or T5 itself for
+    ft, its AdamW and schedule), fresh or from its own last.pt; each run's config.json and log.jsonl
+    are written only once every run's checks have passed (a refusal for one run changes no run's
+    files)."""
     first = jobs[0].args
     t5 = load_frozen_t5(first, task, first.seed).to(ranks.device)
     t5.train()  # T5's dropout stays active though frozen, as under the HF Trainer (docs/paper.md)
@@ -342,7 +355,8 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
 
 
 def restore_rng(jobs, ranks):
-    """One RNG for the pack (dropout): that of the run furthest behind, or seed + rank for a fresh start."""
+    """One RNG for the pack (dropout): that of the run furthest behind, or seed + rank for a fresh
+    start."""
     rngs = [job.rng for job in sorted(jobs, key=lambda j: j.run.step) if job.rng is not None]
     if rngs:
         runtime.set_rng_state(rngs[0])
@@ -351,7 +365,8 @@ def restore_rng(jobs, ranks):
 
 
 def finish(job, task, ranks, say):
-    """The end of a run: the best checkpoint folded into P' (prompt.pt) and scored on test (metrics.json)."""
+    """The end of a run: the best checkpoint folded into P' (prompt.pt) and scored on test
+    (metrics.json)."""
     args, out_dir, run, log = job.args, job.out_dir, job.run, job.log
     job.throughput = job.meter.summary(ranks.device)
     if ranks.world_size > 1:
@@ -391,10 +406,12 @@ def finish(job, task, ranks, say):
 if __name__ == "__main__":
     try:
         main()
-    except SystemExit:  # a stop or a failure, its sentence printed: a further Ctrl-C while exiting is ignored
+    # a stop or a failure, its sentence printed: a further Ctrl-C while exiting is ignored
+    except SystemExit:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: locks released, files whole
+    # a second Ctrl-C, or one outside the loop: locks released, files whole
+    except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if int(os.environ.get("RANK", 0)) == 0:
             print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: run the same command "

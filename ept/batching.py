@@ -37,7 +37,7 @@ def collate(idx, source_ids, target_ids, pad_id, pad_to=(None, None)):
     return input_ids, mask, labels
 
 
-# --- a split file, tokenized once ------------------------------------------------------------------
+# --- a split file, tokenized once -----------------------------------------------------------------
 
 _TOKENIZED = {}  # (file, content, tokenizer, max_length) -> (source ids, target ids)
 
@@ -47,8 +47,9 @@ def _cache_rows(state, key):
 
 
 def tokenize_file(path, tokenizer, max_length):
-    """Token ids of a split's sources and targets, cached in memory and in <data>/<task>/cache/, keyed by
-    the file's content, the tokenizer and max_length. A damaged cache file is rebuilt, never trusted."""
+    """Token ids of a split's sources and targets, cached in memory and in <data>/<task>/cache/,
+    keyed by the file's content, the tokenizer and max_length. A damaged cache file is rebuilt,
+    never trusted."""
     path = Path(path)
     try:
         digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
@@ -98,8 +99,9 @@ def load_split(path, tokenizer, max_length, limit=None):
 
 
 def check_split(meta, name, examples, path, limited):
-    """A split file must still match its meta.json: rows present, the row count (unless `limited`), targets in
-    the label set. An edited or half-copied split is one sentence, never a silent change of the experiment."""
+    """A split file must still match its meta.json: rows present, the row count (unless `limited`),
+    targets in the label set. An edited or half-copied split is one sentence, never a silent change
+    of the experiment."""
     fix = "rebuild the task with prepare_data.py --overwrite"
     if not examples:
         why = "; the best checkpoint would be chosen by chance" if name == "validation" else ""
@@ -123,11 +125,12 @@ def label_token_ids(tokenizer, labels):
     return list(dict.fromkeys(ids))
 
 
-# --- orders ------------------------------------------------------------------------------------------
+# --- orders ---------------------------------------------------------------------------------------
 
 def epoch_order(n, seed, epoch, batch_size, lengths=None):
-    """The example order of one epoch, a pure function of (seed, epoch): a resumed run sees the same data.
-    With `lengths`, each shuffled mega-batch of 50 batches is sorted longest first (HF group_by_length)."""
+    """The example order of one epoch, a pure function of (seed, epoch): a resumed run sees the same
+    data. With `lengths`, each shuffled mega-batch of 50 batches is sorted longest first (HF
+    group_by_length)."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
     if lengths is None:
         return order
@@ -136,12 +139,12 @@ def epoch_order(n, seed, epoch, batch_size, lengths=None):
 
 
 def batches_by_length(ids, batch_size, sort, token_budget=False):
-    """Index batches of at most `batch_size` rows for decoding. Sorted: longest first, so each batch pads
-    little. With `token_budget` a batch also closes before its rows x its longest row would pass
-    batch_size x the median length, so the few long inputs come in smaller batches (never under a quarter
-    of batch_size rows) instead of padding a full batch to their length. That helps where time follows the
-    tokens computed (a CPU); where it follows the number of batches (a GPU) it does not, so the callers use
-    it off CUDA only (docs/speed.md has the measurements)."""
+    """Index batches of at most `batch_size` rows for decoding. Sorted: longest first, so each batch
+    pads little. With `token_budget` a batch also closes before its rows x its longest row would
+    pass batch_size x the median length, so the few long inputs come in smaller batches (never under
+    a quarter of batch_size rows) instead of padding a full batch to their length. That helps where
+    time follows the tokens computed (a CPU); where it follows the number of batches (a GPU) it does
+    not, so the callers use it off CUDA only (docs/speed.md has the measurements)."""
     if not sort:
         return [list(range(i, min(i + batch_size, len(ids)))) for i in range(0, len(ids), batch_size)]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))

@@ -1,4 +1,5 @@
-"""Value types for the stages' command lines: a wrong value is one argparse error, before any work."""
+"""Value types for the stages' command lines: a wrong value is one argparse error, before any
+work."""
 import argparse
 import math
 import re
@@ -30,7 +31,8 @@ probability = _number(float, 0.0, 1.0, name="probability in [0, 1]")
 
 
 def name(text):
-    """A task or run name: letters, digits, '_', '-', '.'; never a path (it becomes part of file paths)."""
+    """A task or run name: letters, digits, '_', '-', '.'; never a path (it becomes part of file
+    paths)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text) or ".." in text:
         raise argparse.ArgumentTypeError(f"{text!r} is not a task name (a name like rte or boolq, not a path)")
     return text
@@ -44,8 +46,8 @@ def folder(text):
 
 
 def run_folder_problem(value):
-    """Why `value` cannot be a run folder (not a string, empty, or no folder name of its own: '.', '/', 'x/..'),
-    or None. A run's files would otherwise land in the current folder or a parent."""
+    """Why `value` cannot be a run folder (not a string, empty, or no folder name of its own: '.',
+    '/', 'x/..'), or None. A run's files would otherwise land in the current folder or a parent."""
     if not isinstance(value, str):
         return f"must be a folder path (a string), not {value!r}"
     if not value.strip():
@@ -56,16 +58,18 @@ def run_folder_problem(value):
 
 
 class Sweep(argparse.Action):
-    """An option that takes one value or several (nargs="+"): one value is stored as itself (a solo run,
-    the option as it always was), several as a list (train.py: one run per value, the runs their product)."""
+    """An option that takes one value or several (nargs="+"): one value is stored as itself (a solo
+    run, the option as it always was), several as a list (train.py: one run per value, the runs
+    their product)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help keeps the module docstring's layout and shows every option's default, unless its help names it
-    already or there is none to show (a flag, or None: the help says what is used instead)."""
+    """--help keeps the module docstring's layout and shows every option's default, unless its help
+    names it already or there is none to show (a flag, or None: the help says what is used
+    instead)."""
 
     def _get_help_string(self, action):
         text = action.help or ""

@@ -1,7 +1,8 @@
-"""Decoding a prompted T5 and scoring it: greedy generation, rank classification, a run rebuilt from its folder.
+"""Decoding a prompted T5 and scoring it: greedy generation, rank classification, a run rebuilt from
+its folder.
 
-train.py validates with `run_predictions` + `metrics.compute_metrics`; evaluate.py, the analyses and the
-drivers call `evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None)`.
+train.py validates with `run_predictions` + `metrics.compute_metrics`; evaluate.py, the analyses and
+the drivers call `evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None)`.
 """
 import inspect
 import time
@@ -26,8 +27,8 @@ def progress_bar(n, desc):
 def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_length=256, device="cpu",
             dtype="fp32", sort_by_length=True, progress=None):
     """Greedy decoding of `sources` (strings or token-id lists): batched, sorted by length, at most
-    `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped. `progress`: the
-    label of a progress bar (None: no bar)."""
+    `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped.
+    `progress`: the label of a progress bar (None: no bar)."""
     ids = batching.encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
     out = [""] * len(ids)
     was_training = model.training
@@ -48,17 +49,19 @@ def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_len
 
 @torch.no_grad()
 def label_nll(model, input_ids, mask, label_ids):
-    """(B, L) summed NLL (incl. `</s>`) of each of the L label sequences `label_ids` (L, T; -100 = padding)
-    for each of the B inputs. The encoder runs once per input; the decoder's first step (the start token,
-    shared by every label) runs once per input too and fills the cache, cross-attention keys and values
-    included, which is then repeated for the L labels: the label tokens are scored in one more decoder pass
-    without recomputing cross-attention over the input for every label."""
+    """(B, L) summed NLL (incl. `</s>`) of each of the L label sequences `label_ids` (L, T; -100 =
+    padding) for each of the B inputs. The encoder runs once per input; the decoder's first step
+    (the start token, shared by every label) runs once per input too and fills the cache,
+    cross-attention keys and values included, which is then repeated for the L labels: the label
+    tokens are scored in one more decoder pass without recomputing cross-attention over the input
+    for every label."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
     t5, n_labels = model.t5, label_ids.size(0)
     embeds, mask = model.embed(input_ids, mask)  # (B, n+S, d), prompt included
     hidden = t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     start = torch.full((len(input_ids), 1), t5.config.decoder_start_token_id, device=input_ids.device)
-    cache_arg = "cache" if "cache" in inspect.signature(t5.forward).parameters else "past_key_values"  # renamed in 5.2x
+    # renamed in 5.2x
+    cache_arg = "cache" if "cache" in inspect.signature(t5.forward).parameters else "past_key_values"
     first = t5(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=start, use_cache=True,
                **{cache_arg: EncoderDecoderCache(DynamicCache(), DynamicCache())})
     logits = first.logits.repeat_interleave(n_labels, 0)  # (B*L, 1, V): example-major
@@ -77,10 +80,11 @@ def label_nll(model, input_ids, mask, label_ids):
 @torch.no_grad()
 def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_length=256, device="cpu", dtype="fp32",
                   progress=None):
-    """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5, scored by
-    `label_nll` for a batch of inputs at a time; never an invalid prediction."""
+    """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5,
+    scored by `label_nll` for a batch of inputs at a time; never an invalid prediction."""
     ids = batching.encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
-    label_ids, _ = batching.pad(batching.encode(tokenizer, labels, max_length), -100)  # (L, T), -100 = no loss
+    # (L, T), -100 = no loss
+    label_ids, _ = batching.pad(batching.encode(tokenizer, labels, max_length), -100)
     out = [""] * len(ids)
     was_training = model.training
     model.eval()
@@ -98,7 +102,8 @@ def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_lengt
 
 
 def load_run(run_dir, checkpoint="best", prompt=None, device=None):
-    """(PromptedT5 with a FoldedPrompt (or fine-tuned T5), tokenizer, config) from a run folder alone."""
+    """(PromptedT5 with a FoldedPrompt (or fine-tuned T5), tokenizer, config) from a run folder
+    alone."""
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
     device = device or runtime.default_device()
@@ -167,9 +172,9 @@ def run_predictions(net, tokenizer, sources, *, mode, labels, max_new_tokens, ma
 
 def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None, *, checkpoint="best",
                  data_dir=None, batch_size=64, max_examples=None, device=None, write=True, tag=None, quiet=False):
-    """Score a run on `split` of `task` (default: the run's own). `prompt` (l, d) overrides P' (Figure 4);
-    files go to RUN_DIR/eval/<task>_<split>[.<tag>].{result.json,predictions.jsonl}; tag defaults to
-    'rank' in rank mode. Returns the result dict (with 'score')."""
+    """Score a run on `split` of `task` (default: the run's own). `prompt` (l, d) overrides P'
+    (Figure 4); files go to RUN_DIR/eval/<task>_<split>[.<tag>].{result.json,predictions.jsonl}; tag
+    defaults to 'rank' in rank mode. Returns the result dict (with 'score')."""
     say = (lambda *a: None) if quiet else print
     net, tokenizer, config = load_run(run_dir, checkpoint, prompt, device)
     device = device or runtime.default_device()
@@ -211,8 +216,8 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
 
 @torch.no_grad()
 def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None):
-    """The frozen T5 `model` alone, no prompt and no run folder (the steering benchmark's floor): its
-    metrics on `split` of `task` (greedy decoding, fp32)."""
+    """The frozen T5 `model` alone, no prompt and no run folder (the steering benchmark's floor):
+    its metrics on `split` of `task` (greedy decoding, fp32)."""
     device = device or runtime.default_device()
     net = M.PromptedT5(pretrained.load_t5(model), None).to(device).eval()
     tokenizer = pretrained.load_tokenizer(model)
@@ -228,8 +233,8 @@ def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None)
 
 @torch.no_grad()
 def score_split(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batch_size, max_length, dtype):
-    """Scores of `net` on a split. Every rank decodes a strided shard; predictions are gathered so each rank
-    scores the whole split (never an average of per-rank scores)."""
+    """Scores of `net` on a split. Every rank decodes a strided shard; predictions are gathered so
+    each rank scores the whole split (never an average of per-rank scores)."""
     preds = run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], mode=mode,
                               labels=meta.get("labels"), max_new_tokens=meta["max_target_length"],
                               max_length=max_length, batch_size=batch_size, device=ranks.device, dtype=dtype)
@@ -243,5 +248,6 @@ def score_split(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batc
 
 
 def decode_options(args):
-    """How validation and test decode: the run's eval mode, batch size, input length and precision."""
+    """How validation and test decode: the run's eval mode, batch size, input length and
+    precision."""
     return {"mode": args.eval_mode, "batch_size": args.eval_batch_size, "max_length": args.max_length, "dtype": args.dtype}

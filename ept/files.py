@@ -5,11 +5,11 @@ Every writer is atomic: it writes a temporary file beside the target and renames
 Every reader fails with one sentence naming the file and what is wrong with it (missing, not JSON,
 truncated, not UTF-8, unreadable), never with a traceback. The kinds:
 
-    folder          data/<task>/, an exported adapter: filled beside, then swapped in whole
-    JSON            config.json, meta.json, metrics.json, results/analysis/*.json
-    JSONL           data splits, log.jsonl, results/*.jsonl, predictions
-    torch           best.pt, last.pt, prompt.pt, the tokenization cache (weights_only-loadable)
-    appended JSONL  results/*.jsonl: whole lines appended under a lock, so two appenders never tear a row
+    folder          data/<task>/, an exported adapter: filled beside, then swapped in whole JSON
+    config.json, meta.json, metrics.json, results/analysis/*.json JSONL           data splits,
+    log.jsonl, results/*.jsonl, predictions torch           best.pt, last.pt, prompt.pt, the
+    tokenization cache (weights_only-loadable) appended JSONL  results/*.jsonl: whole lines appended
+    under a lock, so two appenders never tear a row
 """
 import contextlib
 import errno
@@ -71,10 +71,10 @@ def read_json(path, what="JSON file"):
 
 
 def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_ok=False, fix=None):
-    """The rows of a JSONL file (the first `limit`). `torn_tail_ok`: a last line without its newline that
-    is not valid JSON is the half-written line of a killed writer, and is dropped (log.jsonl).
-    `missing_ok`: a file that does not exist yet has no rows (results files). `fix`: the way out, named
-    in the message when a line is damaged."""
+    """The rows of a JSONL file (the first `limit`). `torn_tail_ok`: a last line without its newline
+    that is not valid JSON is the half-written line of a killed writer, and is dropped (log.jsonl).
+    `missing_ok`: a file that does not exist yet has no rows (results files). `fix`: the way out,
+    named in the message when a line is damaged."""
     fix = f"; {fix}" if fix else ""
     if missing_ok and not Path(path).exists():
         return []
@@ -87,7 +87,8 @@ def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            if torn_tail_ok and number == len(lines):  # no newline after it: the writer was killed mid-line
+            # no newline after it: the writer was killed mid-line
+            if torn_tail_ok and number == len(lines):
                 break
             cut = " (the last line, without its newline: cut short)" if number == len(lines) else ""
             raise FileFault(f"the {what} {path} is damaged: line {number}{cut} is not valid JSON "
@@ -101,7 +102,8 @@ def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_
 
 
 def load_torch(path, what="checkpoint", fix=None):
-    """torch.load(weights_only=True) on the CPU; a truncated or foreign file is one sentence (`fix`: the way out)."""
+    """torch.load(weights_only=True) on the CPU; a truncated or foreign file is one sentence (`fix`:
+    the way out)."""
     fix = f"; {fix}" if fix else ""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -150,8 +152,8 @@ def make_dir(path, what="folder"):
 # --- writing -------------------------------------------------------------------------------------
 
 def write_with(path, save):
-    """Atomic write through `save(tmp_path)` (torch.save, savefig, safetensors, ...); a failure leaves the
-    old file as it was, removes the temporary one, and is one sentence."""
+    """Atomic write through `save(tmp_path)` (torch.save, savefig, safetensors, ...); a failure
+    leaves the old file as it was, removes the temporary one, and is one sentence."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -200,7 +202,8 @@ def save_torch(path, obj):
             torch.save(obj, tmp)
         except RuntimeError as err:  # torch's zip writer reports a full disk as a RuntimeError
             failure = (str(err).splitlines() or [""])[0]
-        if failure is not None:  # raised outside the except: its traceback would keep the writer's file open
+        # raised outside the except: its traceback would keep the writer's file open
+        if failure is not None:
             space = os.statvfs(tmp.parent)
             full = space.f_bavail * space.f_frsize < 2**20
             raise OSError(errno.ENOSPC if full else errno.EIO,
@@ -209,8 +212,9 @@ def save_torch(path, obj):
 
 
 def write_folder(path, fill):
-    """A whole folder at once: `fill(tmp)` writes the files into a temporary folder beside `path`, which then
-    takes the place of the old folder. Any failure (a full disk, a bad value) leaves the old folder as it was."""
+    """A whole folder at once: `fill(tmp)` writes the files into a temporary folder beside `path`,
+    which then takes the place of the old folder. Any failure (a full disk, a bad value) leaves the
+    old folder as it was."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileFault(f"cannot write the folder {path}: a file of that name is in the way")
@@ -241,7 +245,8 @@ def _restore(path, tmp, old):
 
 @contextlib.contextmanager
 def locked(path):
-    """An exclusive lock on `path`.lock (flock) for a read-check-append sequence of several processes."""
+    """An exclusive lock on `path`.lock (flock) for a read-check-append sequence of several
+    processes."""
     lock_path = Path(f"{path}.lock")
     make_dir(lock_path.parent)
     try:
@@ -257,9 +262,9 @@ def locked(path):
 
 
 def append_lines(path, lines):
-    """Append whole lines in one write (O_APPEND, flushed to disk): a crash never leaves half a line, and
-    concurrent appenders never interleave inside a line. A file whose last line lost its newline (an
-    editor, a copy) gets one first, so the new line never glues onto it."""
+    """Append whole lines in one write (O_APPEND, flushed to disk): a crash never leaves half a
+    line, and concurrent appenders never interleave inside a line. A file whose last line lost its
+    newline (an editor, a copy) gets one first, so the new line never glues onto it."""
     if not lines:
         return
     path = Path(path)

@@ -1,4 +1,5 @@
-"""Every metric of the paper, scored in [0, 100] as the paper prints them (docs/DESIGN.md lists the names).
+"""Every metric of the paper, scored in [0, 100] as the paper prints them (docs/DESIGN.md lists the
+names).
 
 Every metric takes (predictions, examples, labels); an empty input scores 0.0 (never NaN in JSON).
 """
@@ -11,8 +12,8 @@ from ept import files
 
 
 def _binary(pred, target, labels, positive="1"):
-    """(predicted positive, truly positive); a prediction outside the label set is the opposite of its
-    target (docs/paper.md, "Training"), so it is always wrong."""
+    """(predicted positive, truly positive); a prediction outside the label set is the opposite of
+    its target (docs/paper.md, "Training"), so it is always wrong."""
     truth = target == positive
     return ((pred == positive) if pred in labels else not truth), truth
 
@@ -26,12 +27,13 @@ def binary_f1(preds, targets, labels=("0", "1"), positive="1"):
     for p, t in zip(preds, targets):
         pp, tt = _binary(p, t, labels or ("0", "1"), positive)
         tp, fp, fn = tp + (pp and tt), fp + (pp and not tt), fn + (tt and not pp)
-    return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0  # no positives anywhere: 0, as sklearn
+    # no positives anywhere: 0, as sklearn
+    return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
 def macro_f1(preds, targets, labels=None):
-    """Mean per-class F1 over the label-set classes that occur in targets or valid predictions; an invalid
-    prediction is a false negative of its target class and a false positive of none."""
+    """Mean per-class F1 over the label-set classes that occur in targets or valid predictions; an
+    invalid prediction is a false negative of its target class and a false positive of none."""
     labels = list(labels) if labels else sorted(set(targets))
     classes = [c for c in labels if c in set(targets) or c in set(preds)]
     f1s = []
@@ -44,8 +46,9 @@ def macro_f1(preds, targets, labels=None):
 
 
 def matthews_corr(preds, targets, labels=None):
-    """Matthews correlation (Gorodkin's K-class form; the usual MCC for two classes). With two labels an
-    invalid prediction becomes the other label; with more it is a class of its own (always wrong)."""
+    """Matthews correlation (Gorodkin's K-class form; the usual MCC for two classes). With two
+    labels an invalid prediction becomes the other label; with more it is a class of its own (always
+    wrong)."""
     labels = list(labels) if labels else sorted(set(targets))
     if len(labels) == 2:
         preds = [p if p in labels else labels[1 - labels.index(t)] if t in labels else p for p, t in zip(preds, targets)]
@@ -57,8 +60,8 @@ def matthews_corr(preds, targets, labels=None):
 
 
 def to_float(text, default=-1.0):
-    """STS-B predictions as numbers; a non-numeric one becomes -1.0, outside the 0..5 range of the gold
-    scores, as the T5 code base's `string_to_float` postprocessor does (Raffel et al. 2020)."""
+    """STS-B predictions as numbers; a non-numeric one becomes -1.0, outside the 0..5 range of the
+    gold scores, as the T5 code base's `string_to_float` postprocessor does (Raffel et al. 2020)."""
     try:
         value = float(text)
     except (TypeError, ValueError):
@@ -153,7 +156,8 @@ METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
 
 
 def check_metrics(meta, path):
-    """meta.json names only metrics this file computes (an edited one would fail after the whole run)."""
+    """meta.json names only metrics this file computes (an edited one would fail after the whole
+    run)."""
     unknown = [m for m in meta["metrics"] if m not in METRICS]
     if unknown:
         raise files.FileFault(f"{path} names unknown metrics {unknown}; known: {', '.join(METRICS)}. "
@@ -168,5 +172,6 @@ def compute_metrics(meta, predictions, examples):
     out["score"] = sum(out[name] for name in meta["score"]) / len(meta["score"])
     out["n"] = len(examples)
     if labels:
-        out["invalid"] = sum(p not in labels for p in predictions)  # predictions outside the label set
+        # predictions outside the label set
+        out["invalid"] = sum(p not in labels for p in predictions)
     return out

@@ -1,34 +1,37 @@
 """Many prompt runs share one frozen T5: one packed step is one optimizer step of every run.
 
-R prompt runs on one task and one T5 (any mix of pt / ptuning / resprompt / ept / ept_star, any prompt
-lengths; `ft` trains T5 itself and is never packed). Each run keeps everything a solo train.py run has:
-its prompt module, its own data order (batching.epoch_order with its own seed), its own batch and
-micro-batch sizes, its own AdamW + linear schedule (optim.make_optimizer), its own clipping at 1.0 on its
-own gradient norm, its own prompt norm mu_t, its own non-finite guard and its own checkpoint (the keys
-of train.py's last.pt / best.pt). What the runs share is the frozen T5 and therefore the forward and
-backward passes: every run's global batch is concatenated, and example i carries the prompt of its run.
+R prompt runs on one task and one T5 (any mix of pt / ptuning / resprompt / ept / ept_star, any
+prompt lengths; `ft` trains T5 itself and is never packed). Each run keeps everything a solo
+train.py run has: its prompt module, its own data order (batching.epoch_order with its own seed),
+its own batch and micro-batch sizes, its own AdamW + linear schedule (optim.make_optimizer), its own
+clipping at 1.0 on its own gradient norm, its own prompt norm mu_t, its own non-finite guard and its
+own checkpoint (the keys of train.py's last.pt / best.pt). What the runs share is the frozen T5 and
+therefore the forward and backward passes: every run's global batch is concatenated, and example i
+carries the prompt of its run.
 
 Why this is exact (docs/packing.md has the long form):
   * prompts of different lengths are LEFT-padded with zero rows whose attention mask is 0. T5 has no
-    absolute positions (relative buckets only), so shifting the real rows of an example by k positions
-    changes nothing, and masked keys get exactly zero attention weight (T5's additive mask is the dtype's
-    minimum), in the encoder and in the decoder's cross-attention alike;
-  * T5 treats the examples of a batch independently, so the per-example summed target NLL is the same in a
-    pack as alone, and the objective sum_r (sum of run r's target NLL / run r's target tokens) has, for the
-    parameters of run r (disjoint from the others'), exactly run r's solo gradient;
+    absolute positions (relative buckets only), so shifting the real rows of an example by k
+    positions changes nothing, and masked keys get exactly zero attention weight (T5's additive mask
+    is the dtype's minimum), in the encoder and in the decoder's cross-attention alike;
+  * T5 treats the examples of a batch independently, so the per-example summed target NLL is the
+    same in a pack as alone, and the objective sum_r (sum of run r's target NLL / run r's target
+    tokens) has, for the parameters of run r (disjoint from the others'), exactly run r's solo
+    gradient;
   * clipping (clip_grad_norm_), AdamW, the schedule and mu_t are per run, as in train_step.
-With dropout 0 in fp32 a packed run equals its solo run within float rounding (tests/test_packing.py).
-With dropout on, the runs of a pack draw their masks from one shared stream, so they differ from their solo
-runs in the dropout random numbers only.
+With dropout 0 in fp32 a packed run equals its solo run within float rounding
+(tests/test_packing.py). With dropout on, the runs of a pack draw their masks from one shared
+stream, so they differ from their solo runs in the dropout random numbers only.
 
-Each run keeps its own torch.optim.AdamW and LambdaLR, stepped one run after another: its optimizer and
-scheduler state_dicts are then a solo run's (a pack run resumes solo and back), and one AdamW with a
-group per run would batch nothing, since torch's AdamW steps one parameter group at a time.
+Each run keeps its own torch.optim.AdamW and LambdaLR, stepped one run after another: its optimizer
+and scheduler state_dicts are then a solo run's (a pack run resumes solo and back), and one AdamW
+with a group per run would batch nothing, since torch's AdamW steps one parameter group at a time.
 
     python scripts/bench_pack.py        # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
 
 API: make_run(t5, method, ...) -> Run; Pack(t5, runs, data, ...).step() -> {run name: step record};
-Run.checkpoint_state(rng, world_size) / Run.load_checkpoint_state(state); PackedT5 (the shared forward).
+Run.checkpoint_state(rng, world_size) / Run.load_checkpoint_state(state); PackedT5 (the shared
+forward).
 """
 import math
 import time
@@ -54,9 +57,10 @@ class Run:
     """One run of train.py: its module, optimizer, schedule, data position and bookkeeping. A prompt
     run's module is its prompt module; full fine-tuning's (`full`) is T5 itself, alone in its pack.
 
-    `step`, `epoch`, `index` (into that epoch's order), `best_score` and `best_step` mean what they mean in
-    train.py. `stopped` is None while the run trains, "nonfinite" once its guard fired (it left the pack),
-    or "done" at max_steps. `config` is free for the caller (its run spec, written to config.json)."""
+    `step`, `epoch`, `index` (into that epoch's order), `best_score` and `best_step` mean what they
+    mean in train.py. `stopped` is None while the run trains, "nonfinite" once its guard fired (it
+    left the pack), or "done" at max_steps. `config` is free for the caller (its run spec, written
+    to config.json)."""
     name: str
     module: nn.Module
     optimizer: torch.optim.Optimizer
@@ -64,7 +68,8 @@ class Run:
     seed: int = 0
     batch_size: int = 16
     max_steps: int = 30000
-    micro_batch_size: int | None = None  # examples per forward pass on one rank (None: the rank's whole shard)
+    # examples per forward pass on one rank (None: the rank's whole shard)
+    micro_batch_size: int | None = None
     max_grad_norm: float = 1.0  # 0 = no clipping
     group_by_length: bool = False
     config: dict = field(default_factory=dict)
@@ -87,18 +92,21 @@ class Run:
         return self.stopped is None and self.step < self.max_steps
 
     def order(self, n_train, lengths=None):
-        """This epoch's example order: batching.epoch_order(n, seed, epoch, batch_size[, lengths])."""
+        """This epoch's example order: batching.epoch_order(n, seed, epoch, batch_size[,
+        lengths])."""
         if self._order[0] != self.epoch:
             self._order = (self.epoch, batching.epoch_order(n_train, self.seed, self.epoch, self.batch_size,
                                                          lengths if self.group_by_length else None))
         return self._order[1]
 
     def next_batch(self, n_train, lengths=None):
-        """The global batch of the next step: order[index:index + batch_size], as train.py's loop takes it."""
+        """The global batch of the next step: order[index:index + batch_size], as train.py's loop
+        takes it."""
         return self.order(n_train, lengths)[self.index:self.index + self.batch_size].tolist()
 
     def advance(self, n_examples, n_train):
-        """After a step: move the data position as train.py does (a fresh epoch once the split is used up)."""
+        """After a step: move the data position as train.py does (a fresh epoch once the split is
+        used up)."""
         self.step += 1
         self.index += n_examples
         if self.index >= n_train:
@@ -110,12 +118,14 @@ class Run:
         return None if self.full else self.module().detach().float().clone()
 
     def prompted(self, t5):
-        """A PromptedT5 of this run on the shared T5 (for validation, generation, saving prompt.pt)."""
+        """A PromptedT5 of this run on the shared T5 (for validation, generation, saving
+        prompt.pt)."""
         return M.PromptedT5(t5, None if self.full else self.module)
 
     def checkpoint_state(self, rng=None, world_size=1):
-        """This run's last.pt / best.pt, in train.py's format (weights_only-loadable). `rng`: the list of
-        per-rank RNG states (runtime.rng_state(), gathered under DDP); a pack has one RNG, shared by its runs."""
+        """This run's last.pt / best.pt, in train.py's format (weights_only-loadable). `rng`: the
+        list of per-rank RNG states (runtime.rng_state(), gathered under DDP); a pack has one RNG,
+        shared by its runs."""
         return {"step": self.step,
                 "trainable": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -135,9 +145,9 @@ class Run:
 def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, micro_batch_size=None,
              weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0, group_by_length=False, init="uniform",
              label_ids=None, fused=None, name=None, config=None, **module_options):
-    """A Run: torch.manual_seed(seed), then the prompt module with a generator seeded by `seed`, on T5's
-    device (ft: T5 itself, unfrozen); AdamW + schedule from optim.make_optimizer (fused on CUDA).
-    `module_options`: model.build_prompt_module's (the keys of model.PROMPT_OPTIONS)."""
+    """A Run: torch.manual_seed(seed), then the prompt module with a generator seeded by `seed`, on
+    T5's device (ft: T5 itself, unfrozen); AdamW + schedule from optim.make_optimizer (fused on
+    CUDA). `module_options`: model.build_prompt_module's (the keys of model.PROMPT_OPTIONS)."""
     device = t5.get_input_embeddings().weight.device
     lr = M.default_lr(method) if lr is None else lr
     torch.manual_seed(seed)  # default-initialised layers (Linear, LSTM) are seeded too
@@ -159,16 +169,17 @@ def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, mic
 class PackedT5(nn.Module):
     """One frozen T5 and R prompt modules; example i of a batch gets the prompt of run `run_ids[i]`.
 
-    P'_r (n_r, d) are stacked LEFT-padded to the longest n with zero rows whose attention mask is 0, so
-    example i's encoder input is [0 ... 0; P'_r; embed(x_i)] with mask [0 ... 0; 1 ... 1; mask_i]. Only the
-    `active` runs' prompts are computed (all of them in every forward: under DDP every trainable parameter
-    of an active run then gets a gradient, zero when none of its examples is in this micro-batch)."""
+    P'_r (n_r, d) are stacked LEFT-padded to the longest n with zero rows whose attention mask is 0,
+    so example i's encoder input is [0 ... 0; P'_r; embed(x_i)] with mask [0 ... 0; 1 ... 1;
+    mask_i]. Only the `active` runs' prompts are computed (all of them in every forward: under DDP
+    every trainable parameter of an active run then gets a gradient, zero when none of its examples
+    is in this micro-batch)."""
 
     def __init__(self, t5, modules):
         super().__init__()
         # A PromptedT5 whose prompt module is the list of the runs' modules: it freezes T5, and its
-        # embed prepends the per-example prompts built here, so a pack and a solo run share one prepend.
-        # No modules: full fine-tuning, T5 trains and there is no prompt.
+        # embed prepends the per-example prompts built here, so a pack and a solo run share one
+        # prepend. No modules: full fine-tuning, T5 trains and there is no prompt.
         self.prompted = M.PromptedT5(t5, nn.ModuleList(modules) if modules else None)
         self.active = list(range(len(modules)))
 
@@ -185,7 +196,8 @@ class PackedT5(nn.Module):
         n_max = max(lengths)
         if min(lengths) == n_max:
             return torch.stack(outs), torch.ones(len(outs), n_max, dtype=torch.long, device=outs[0].device)
-        stacked = torch.stack([F.pad(p, (0, 0, n_max - p.size(0), 0)) for p in outs])  # rows first: left pad
+        # rows first: left pad
+        stacked = torch.stack([F.pad(p, (0, 0, n_max - p.size(0), 0)) for p in outs])
         pad = torch.tensor([n_max - n for n in lengths], device=outs[0].device)
         mask = (torch.arange(n_max, device=pad.device)[None, :] >= pad[:, None]).long()
         return stacked, mask
@@ -201,7 +213,8 @@ class PackedT5(nn.Module):
         return slots
 
     def embed(self, input_ids, attention_mask, run_ids, prompts=None):
-        """Encoder inputs: each example's run prompt first (left-padded), the mask extended to match."""
+        """Encoder inputs: each example's run prompt first (left-padded), the mask extended to
+        match."""
         prompts = self.prompts() if prompts is None else prompts
         if prompts is None:
             return self.prompted.embed(input_ids, attention_mask)
@@ -249,16 +262,17 @@ def step_runs(runs, stepping):
 class Pack:
     """R runs training together on one frozen T5 and one training split.
 
-    data = (source ids, target ids, pad id) of the training split: lists of token-id lists, as train.py holds them.
-    `wrap(packed)` returns the module that runs the forward (PackedT5 itself by default; DDP and/or
-    torch.compile around it); it is called again whenever the set of training runs changes, because
-    DDP must not hold parameters that stop receiving gradients (the leaving run's parameters are set
-    requires_grad=False first). `amp`: the autocast context (train.py: runtime.autocast(device, dtype)).
-    Forward passes: by default packed micro-batch m is every run's m-th micro-batch (its own
-    micro_batch_size, as train_step splits its shard); with `max_rows`, the rank's examples of all runs are
-    instead sorted longest first (`sort_by_length`, default on) and cut into forward passes of at most
-    `max_rows` examples, which pads much less when lengths vary and keeps every run's data order (the
-    gradient of a sum of per-example losses does not depend on how the examples are grouped)."""
+    data = (source ids, target ids, pad id) of the training split: lists of token-id lists, as
+    train.py holds them. `wrap(packed)` returns the module that runs the forward (PackedT5 itself by
+    default; DDP and/or torch.compile around it); it is called again whenever the set of training
+    runs changes, because DDP must not hold parameters that stop receiving gradients (the leaving
+    run's parameters are set requires_grad=False first). `amp`: the autocast context (train.py:
+    runtime.autocast(device, dtype)). Forward passes: by default packed micro-batch m is every run's
+    m-th micro-batch (its own micro_batch_size, as train_step splits its shard); with `max_rows`,
+    the rank's examples of all runs are instead sorted longest first (`sort_by_length`, default on)
+    and cut into forward passes of at most `max_rows` examples, which pads much less when lengths
+    vary and keeps every run's data order (the gradient of a sum of per-example losses does not
+    depend on how the examples are grouped)."""
 
     def __init__(self, t5, runs, data, *, device=None, amp=None, rank=0, world_size=1,
                  pad_to=(None, None), max_rows=None, sort_by_length=True, wrap=None):
@@ -276,7 +290,8 @@ class Pack:
         self.packed = PackedT5(t5, [r.module for r in self.runs if not r.full])
         source_ids, target_ids, _ = data
         self.n_train = len(source_ids)
-        self.lengths = [len(s) + len(t) for s, t in zip(source_ids, target_ids)]  # as train.py (group_by_length)
+        # as train.py (group_by_length)
+        self.lengths = [len(s) + len(t) for s, t in zip(source_ids, target_ids)]
         self.model = None
         self._wrapped_for = None
         self.timings = {}
@@ -293,7 +308,8 @@ class Pack:
 
     def _sync(self, runs):
         ids = [self.runs.index(r) for r in runs]
-        if ids != self._wrapped_for:  # the set of training runs changed: DDP must see only the live ones
+        # the set of training runs changed: DDP must see only the live ones
+        if ids != self._wrapped_for:
             for r in self.runs:
                 if not r.training:
                     r.module.requires_grad_(False)
@@ -303,12 +319,13 @@ class Pack:
         return ids
 
     def step(self):
-        """One optimizer step of every training run on its own next global batch. Returns {run name: record}
-        with record = {"step", "loss", "lr" (of this step), "grad_norm" (before clipping), "prompt_norm"
-        (mu_t after the step), "epoch", "examples", "tokens", "nonfinite" (names of the non-finite values,
-        [] when all are finite)}, the fields of train.py's "train" and "nonfinite" log events. A run with a
-        non-finite loss or gradient norm is not updated (as train_step) and, like one with a non-finite mu_t,
-        leaves the pack (stopped = "nonfinite"); a run reaching max_steps leaves it as "done"."""
+        """One optimizer step of every training run on its own next global batch. Returns {run name:
+        record} with record = {"step", "loss", "lr" (of this step), "grad_norm" (before clipping),
+        "prompt_norm" (mu_t after the step), "epoch", "examples", "tokens", "nonfinite" (names of
+        the non-finite values, [] when all are finite)}, the fields of train.py's "train" and
+        "nonfinite" log events. A run with a non-finite loss or gradient norm is not updated (as
+        train_step) and, like one with a non-finite mu_t, leaves the pack (stopped = "nonfinite"); a
+        run reaching max_steps leaves it as "done"."""
         runs = self.training
         if not runs:
             return {}
@@ -330,15 +347,16 @@ class Pack:
         return records
 
     def _plan(self, runs, batches):
-        """This rank's forward passes: lists of (slot, example index, weight). Their number is the same on
-        every rank (DDP: one synchronised backward, the last); a pass without an example of this rank is a
-        zero-weight stand-in, as in train_step."""
+        """This rank's forward passes: lists of (slot, example index, weight). Their number is the
+        same on every rank (DDP: one synchronised backward, the last); a pass without an example of
+        this rank is a zero-weight stand-in, as in train_step."""
         ws, rank = self.world_size, self.rank
         if self.max_rows:
             def entries(k):
                 out = [(s, i) for s, b in enumerate(batches) for i in b[k::ws]]
                 if self.sort_by_length:
-                    out.sort(key=lambda e: -self.lengths[e[1]])  # stable: ties keep run, then data order
+                    # stable: ties keep run, then data order
+                    out.sort(key=lambda e: -self.lengths[e[1]])
                 return out
             mine = entries(rank)
             n_passes = max(math.ceil(len(entries(k)) / self.max_rows) for k in range(ws))
@@ -360,7 +378,8 @@ class Pack:
         # per-run global target tokens (every rank holds the data, so every rank knows them)
         n_tokens = torch.tensor([sum(len(target_ids[i]) for i in b) for b in batches], dtype=torch.float32,
                                 device=device)
-        scale = ws / n_tokens  # DDP averages over ranks: x world_size gives the sum, / tokens the token mean
+        # DDP averages over ranks: x world_size gives the sum, / tokens the token mean
+        scale = ws / n_tokens
         loss_sums = torch.zeros(len(runs), device=device)
         plan = self._plan(runs, batches)
         shift_right = self.t5._shift_right
@@ -379,14 +398,16 @@ class Pack:
                 logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), run_ids=run_ids,
                                     decoder_input_ids=shift_right(labels), use_cache=False).logits
             nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                  reduction="none").view(labels.shape).sum(1) * weight  # (B,) per example
+                                  # (B,) per example
+                                  reduction="none").view(labels.shape).sum(1) * weight
             (nll * scale.index_select(0, slots)).sum().backward()
             loss_sums.index_add_(0, slots, nll.detach())
         if ws > 1:
             dist.all_reduce(loss_sums)
         t1 = time.perf_counter()
         grad_norms = clip_runs(runs)
-        losses, norms = torch.stack([loss_sums / n_tokens, grad_norms.to(device)]).tolist()  # one host sync
+        # one host sync
+        losses, norms = torch.stack([loss_sums / n_tokens, grad_norms.to(device)]).tolist()
         lrs = [r.scheduler.get_last_lr()[0] for r in runs]
         finite = [math.isfinite(a) and math.isfinite(b) for a, b in zip(losses, norms)]
         mu = step_runs(runs, [r for r, ok in zip(runs, finite) if ok])

@@ -1,4 +1,5 @@
-"""The optimizer and schedule of the paper's training, as the HF Trainer sets them up (docs/paper.md, "Training").
+"""The optimizer and schedule of the paper's training, as the HF Trainer sets them up
+(docs/paper.md, "Training").
 
 Used by train.py (one run), packing.py (each run of a pack) and bench.py.
 """
@@ -6,8 +7,9 @@ import torch
 
 
 def make_optimizer(params, lr, weight_decay, fused, max_steps, warmup_steps=0):
-    """AdamW (weight decay not on biases/norms, as the HF Trainer) and HF's get_linear_schedule_with_warmup:
-    linear warm-up over `warmup_steps`, then linear decay to 0 at `max_steps`."""
+    """AdamW (weight decay not on biases/norms, as the HF Trainer) and HF's
+    get_linear_schedule_with_warmup: linear warm-up over `warmup_steps`, then linear decay to 0 at
+    `max_steps`."""
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused)

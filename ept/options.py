@@ -1,5 +1,6 @@
-"""train.py's options: its flags and defaults, the runs a command line asks for (a sweep or --runs FILE),
-and each run's folder name. The drivers plan their runs by the same rules, so this is their one home.
+"""train.py's options: its flags and defaults, the runs a command line asks for (a sweep or --runs
+FILE), and each run's folder name. The drivers plan their runs by the same rules, so this is their
+one home.
 """
 import argparse
 import functools
@@ -9,7 +10,8 @@ from pathlib import Path
 import model as M
 from ept import cli, errors, files, runs, runtime
 
-parser = argparse.ArgumentParser(prog="train.py", formatter_class=cli.HelpFormatter)  # train.py sets its text
+# train.py sets its text
+parser = argparse.ArgumentParser(prog="train.py", formatter_class=cli.HelpFormatter)
 group = parser.add_argument_group("data")
 group.add_argument("--task", default="rte", type=cli.name,
                    help="task name (default: rte, the paper's running example); data/<task>/ is prepared if missing")
@@ -84,13 +86,15 @@ group.add_argument("--pack-max-rows", type=cli.positive_int, default=None, metav
 PACK_OPTIONS = ("runs", "pack_max_rows")  # not options of a run: never in its config.json
 SWEEP = ("method", "seed", "lr", "prompt_length", "hidden_size", "broadcast", "init", "reparam", "activation", "depth")
 PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "warmup_steps", "max_grad_norm",
-                   "max_steps", "epochs", "eval_every", "save_every", "resume")  # what --runs may set per run
+                   # what --runs may set per run
+                   "max_steps", "epochs", "eval_every", "save_every", "resume")
 
 
 
 
 def resolve(args):
-    """Fill the defaults that depend on the method (the one place they live; plans.run_name names runs by them)."""
+    """Fill the defaults that depend on the method (the one place they live; plans.run_name names
+    runs by them)."""
     if args.lr is None:
         args.lr = M.default_lr(args.method)
     if args.hidden_size is None:
@@ -108,8 +112,8 @@ def _defaults(method):
 
 
 def defaults(method):
-    """train.py's defaults for `method`, read from its own parser and resolve(): what a run name leaves out.
-    The few-shot sample always shows in a name (no default)."""
+    """train.py's defaults for `method`, read from its own parser and resolve(): what a run name
+    leaves out. The few-shot sample always shows in a name (no default)."""
     return dict(_defaults(method))
 
 
@@ -120,7 +124,8 @@ def run_name(args):
 
 
 def per_run_value(key, value):
-    """A --runs FILE value checked and converted as the command line would take it; one sentence if not."""
+    """A --runs FILE value checked and converted as the command line would take it; one sentence if
+    not."""
     action = next(a for a in parser._actions if a.dest == key)
     if action.nargs == 0:  # a flag (store_true)
         if not isinstance(value, bool):
@@ -138,15 +143,17 @@ def per_run_value(key, value):
 
 
 def sweep(args, runs_file=None):
-    """The runs asked for, unresolved: the product of the sweep options' values (the last varies fastest),
-    or --runs FILE's list, each dict over the command line's options."""
+    """The runs asked for, unresolved: the product of the sweep options' values (the last varies
+    fastest), or --runs FILE's list, each dict over the command line's options."""
     if runs_file is None:
         lists = [[v] if not isinstance(v := getattr(args, k), list) else v for k in SWEEP]
         specs = {}
         for combo in itertools.product(*lists):
-            spec = {**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None}  # --out-dir: the parent
+            # --out-dir: the parent
+            spec = {**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None}
             spec.update({k: parser.get_default(k) for k in M.METHOD_OPTIONS if not M.applies(k, spec["method"])})
-            specs.setdefault(tuple(map(repr, spec.values())), argparse.Namespace(**spec))  # EPT x 2 lengths: once
+            # EPT x 2 lengths: once
+            specs.setdefault(tuple(map(repr, spec.values())), argparse.Namespace(**spec))
         return list(specs.values())
     rows = files.read_json(Path(runs_file), "run list")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
@@ -172,15 +179,17 @@ def sweep(args, runs_file=None):
             else:
                 raise errors.Failure(f"train: --runs: unknown option {key!r} (train.py's option names, with underscores)")
         spec.out_dir = row.get("out_dir")
-        # as on the command line: an option that does not apply to the run's method keeps its default (a
-        # pass-through --prompt-length is no EPT setting), so a run's config.json is the same in a pack or alone
+        # as on the command line: an option that does not apply to the run's method keeps its
+        # default (a pass-through --prompt-length is no EPT setting), so a run's config.json is the
+        # same in a pack or alone
         vars(spec).update({k: parser.get_default(k) for k in M.METHOD_OPTIONS if not M.applies(k, spec.method)})
         specs.append(spec)
     return specs
 
 
 def resolve_pack(args, specs):
-    """The pack's runs resolved, each with its own folder: its "out_dir", or <--out-dir>/<run name>."""
+    """The pack's runs resolved, each with its own folder: its "out_dir", or <--out-dir>/<run
+    name>."""
     parent = Path(args.out_dir or "runs")
     for spec in specs:
         if spec.method == "ft":
@@ -206,7 +215,8 @@ def resolve_runs(args, specs, packed):
     if packed:
         return resolve_pack(args, specs)
     run = resolve(argparse.Namespace(**{**vars(specs[0]), "out_dir": args.out_dir}))
-    run.out_dir = run.out_dir or str(Path("runs") / run_name(run))  # one naming rule, alone or in a pack
+    # one naming rule, alone or in a pack
+    run.out_dir = run.out_dir or str(Path("runs") / run_name(run))
     if problem := cli.run_folder_problem(run.out_dir):
         raise errors.Failure(f"train: --out-dir {problem}")
     return [run]

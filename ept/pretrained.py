@@ -1,4 +1,5 @@
-"""T5 and its tokenizer: from the Hugging Face Hub or a local folder, and a tiny random one for tests.
+"""T5 and its tokenizer: from the Hugging Face Hub or a local folder, and a tiny random one for
+tests.
 
     python -m ept.pretrained --make-tiny smoke/tiny-t5          # random tiny T5 + tokenizer trained offline
     python -m ept.pretrained --make-tiny DIR --tokenizer ../shared/data/t5   # ... with the real T5 vocabulary
@@ -27,10 +28,10 @@ FLAGS = {"model": "--model DIR, a local T5 folder", "tokenizer": "--tokenizer DI
 
 @functools.cache
 def hub_reachable():
-    """One quick probe of the Hub (HF_ENDPOINT, or the proxy in front of it): a TCP connection within
-    PROBE_SECONDS. Without an answer, or with HF_HUB_OFFLINE=1 set, this process reads the Hub's local cache
-    only (HF_HUB_OFFLINE=1 from here on): a name that is not cached fails at once, not after the Hub
-    client's ~50 s of "Retrying in Ns" lines."""
+    """One quick probe of the Hub (HF_ENDPOINT, or the proxy in front of it): a TCP connection
+    within PROBE_SECONDS. Without an answer, or with HF_HUB_OFFLINE=1 set, this process reads the
+    Hub's local cache only (HF_HUB_OFFLINE=1 from here on): a name that is not cached fails at once,
+    not after the Hub client's ~50 s of "Retrying in Ns" lines."""
     global offline_reason
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         offline_reason = "HF_HUB_OFFLINE is set"
@@ -52,7 +53,8 @@ def hub_reachable():
     thread.join(PROBE_SECONDS)
     if not answered:
         offline_reason = f"the Hugging Face Hub ({url.hostname}) cannot be reached"
-        os.environ["HF_HUB_OFFLINE"] = "1"  # for the Hub libraries imported from now on, and those already loaded:
+        # for the Hub libraries imported from now on, and those already loaded:
+        os.environ["HF_HUB_OFFLINE"] = "1"
         for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
             if module in sys.modules:
                 setattr(sys.modules[module], name, True)
@@ -63,8 +65,9 @@ RUN_FIX = "a run trained on a Hub name needs it in the local Hugging Face cache 
 
 
 def offline_error(what, name, err=None, fix=None):
-    """The one sentence for a Hub name that could not be loaded: why, and the way out (by default the flag that
-    takes a folder; `fix` where there is no such flag: a run folder's config.json names the model)."""
+    """The one sentence for a Hub name that could not be loaded: why, and the way out (by default
+    the flag that takes a folder; `fix` where there is no such flag: a run folder's config.json
+    names the model)."""
     if not hub_reachable():
         why = f"{offline_reason} and it is not in the local cache"
     else:
@@ -73,8 +76,9 @@ def offline_error(what, name, err=None, fix=None):
 
 
 def local_folder(name_or_dir, what="model"):
-    """The folder `name_or_dir` names, or None for a Hub name. A file, or a path that does not exist (absolute,
-    relative with ./ or ../, or deeper than a Hub 'org/name'), is one sentence here, not a Hub lookup."""
+    """The folder `name_or_dir` names, or None for a Hub name. A file, or a path that does not exist
+    (absolute, relative with ./ or ../, or deeper than a Hub 'org/name'), is one sentence here, not
+    a Hub lookup."""
     path = Path(name_or_dir)
     if path.is_dir():
         return path
@@ -91,8 +95,8 @@ def _first_line(err):
 
 
 def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
-    """T5ForConditionalGeneration from the Hub or a folder; `random_init` builds it from the config. `fix`: the
-    way out an offline failure names (default: --model DIR)."""
+    """T5ForConditionalGeneration from the Hub or a folder; `random_init` builds it from the config.
+    `fix`: the way out an offline failure names (default: --model DIR)."""
     from transformers import T5Config, T5ForConditionalGeneration
     from transformers.utils import logging
     logging.disable_progress_bar()  # one bar per shard is noise in every log
@@ -109,7 +113,8 @@ def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
             torch.manual_seed(seed)  # random weights are reproducible
             return T5ForConditionalGeneration(config)
         return T5ForConditionalGeneration.from_pretrained(name_or_dir)
-    except Exception as err:  # the library's many error types, at the one boundary where files become a model
+    # the library's many error types, at the one boundary where files become a model
+    except Exception as err:
         if isinstance(err, ValueError):  # a config.json that is not a T5's
             raise errors.Failure(f"{name_or_dir} does not hold a T5 model ({_first_line(err)})") from None
         if folder is None:
@@ -128,8 +133,8 @@ def _has_vocabulary(folder):
 
 
 def load_tokenizer(name_or_dir, say=print, fix=None):
-    """The T5 tokenizer of a Hub name or a folder. A folder without a vocabulary (a bare config, as in
-    ../shared/data/t5/t5-small) takes its parent's, and says so; with neither, it is an error."""
+    """The T5 tokenizer of a Hub name or a folder. A folder without a vocabulary (a bare config, as
+    in ../shared/data/t5/t5-small) takes its parent's, and says so; with neither, it is an error."""
     from transformers import AutoTokenizer
     folder = local_folder(name_or_dir, "tokenizer")
     candidate = name_or_dir
@@ -152,7 +157,8 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
                          f"tokenizer's ({type(err).__name__}: {_first_line(err)}); pass --tokenizer DIR "
                          "with the T5 tokenizer") from None
     for role, token in (("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
-        if getattr(tok, role) is None:  # a bare tokenizer.json names no special tokens; T5's are fixed
+        # a bare tokenizer.json names no special tokens; T5's are fixed
+        if getattr(tok, role) is None:
             setattr(tok, role, token)
     probe = tok("the cat sat on the mat")["input_ids"]
     if all(i == tok.unk_token_id for i in probe[:-1]):
@@ -162,7 +168,8 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
 
 
 def t5_fingerprint(t5):
-    """A cheap hash of the frozen weights, to check that evaluate.py rebuilt the T5 that train.py used."""
+    """A cheap hash of the frozen weights, to check that evaluate.py rebuilt the T5 that train.py
+    used."""
     h = hashlib.sha1()
     for name, p in sorted(t5.state_dict().items()):
         h.update(name.encode())
@@ -184,7 +191,8 @@ TINY = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_
 
 
 def offline_tokenizer(corpus, vocab_size=600):
-    """A T5-style unigram tokenizer trained offline on `corpus` (pad 0, eos 1, unk 2, appends </s>)."""
+    """A T5-style unigram tokenizer trained offline on `corpus` (pad 0, eos 1, unk 2, appends
+    </s>)."""
     from tokenizers import (
         Tokenizer,
         decoders,
@@ -252,7 +260,8 @@ if __name__ == "__main__":
 
 
 def set_dropout(t5, rate):
-    """T5's dropout rate everywhere: the nn.Dropout modules and the float rate HF's attention keeps."""
+    """T5's dropout rate everywhere: the nn.Dropout modules and the float rate HF's attention
+    keeps."""
     t5.config.dropout_rate = rate
     for module in t5.modules():
         if isinstance(module, torch.nn.Dropout):

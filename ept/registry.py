@@ -17,7 +17,7 @@ from typing import Callable
 
 from ept import errors, files
 
-# ---------------------------------------------------------------------------- templates (docs/paper.md, "Tasks")
+# ---------------------------------------------------------------------------- templates (docs/paper
 # Every converter maps one row in the Hub schema (DATA-SCHEMAS.md) and its position in the split
 # to a record; the local readers below first map the official files onto that same schema.
 
@@ -37,7 +37,8 @@ def stsb(row, i):
     if not 0 <= y <= 5:
         raise ValueError(f"label {y} is outside the STS-B range 0..5")
     return {"source": f"sentence1: {row['sentence1']} sentence2: {row['sentence2']}",
-            "target": f"{round(y * 5) / 5:.1f}", "label": y, "idx": row["idx"]}  # the 0.2 grid, as T5
+            # the 0.2 grid, as T5
+            "target": f"{round(y * 5) / 5:.1f}", "label": y, "idx": row["idx"]}
 
 
 def mark_span(text, span, index, mark):
@@ -78,7 +79,8 @@ def _punctuation():
 
 
 def pad_punctuation(text):
-    """T5's MRQA pad_punctuation: spaces around every punctuation character, whitespace collapsed."""
+    """T5's MRQA pad_punctuation: spaces around every punctuation character, whitespace
+    collapsed."""
     return re.sub(r"\s+", " ", _punctuation().sub(r" \1 ", text)).strip()
 
 
@@ -101,13 +103,15 @@ BOOL = {False: 0, True: 1}
 SCITAIL = {"entailment": 0, "neutral": 1}
 
 
-# ---------------------------------------------------------------------------- official files -> Hub rows
+# ---------------------------------------------------------------------------- official files -> Hub
 
 def read(path, parse, fmt="json", names=None):
-    """Parse `path` line by line (every official format here keeps one record per line) into Hub rows.
+    """Parse `path` line by line (every official format here keeps one record per line) into Hub
+    rows.
 
-    fmt: json | tsv (read as HF does: tab, csv.QUOTE_NONE) | csv; names: columns of a header-less file.
-    parse(record, n) returns a list of rows, n = the record's position. Errors name file and line.
+    fmt: json | tsv (read as HF does: tab, csv.QUOTE_NONE) | csv; names: columns of a header-less
+    file. parse(record, n) returns a list of rows, n = the record's position. Errors name file and
+    line.
     """
     rows, n = [], 0
     for lineno, line in _lines(path):
@@ -140,8 +144,9 @@ def _opener(path):
 
 
 def _lines(path):
-    """(line number, text) of an official file, gzip or not. Bytes that are not UTF-8, a truncated .gz or an
-    unreadable file are one sentence naming the file (and the line and byte), never a traceback."""
+    """(line number, text) of an official file, gzip or not. Bytes that are not UTF-8, a truncated
+    .gz or an unreadable file are one sentence naming the file (and the line and byte), never a
+    traceback."""
     lineno = 0
     try:
         with _opener(path)(path, "rt", encoding="utf-8-sig") as f:
@@ -156,7 +161,8 @@ def _lines(path):
 
 
 def _first_bad_byte(path):
-    """'line L, byte B (0xXX)' of the first byte of `path` that is not UTF-8 (B counts from the file's start)."""
+    """'line L, byte B (0xXX)' of the first byte of `path` that is not UTF-8 (B counts from the
+    file's start)."""
     offset = 0
     with _opener(path)(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -174,13 +180,15 @@ def per_split(parse, fmt="json", names=None):
 
 
 def by_suffix(**parsers):
-    """Reader for tasks whose files come in two formats, told apart by suffix: {suffix: (parse, fmt, names)}."""
+    """Reader for tasks whose files come in two formats, told apart by suffix: {suffix: (parse, fmt,
+    names)}."""
     one = lambda p: read(p, *parsers[p.suffix.lstrip(".")])
     return lambda found: (one(found["train"]), one(found["eval"]))
 
 
 def read_mrpc(found):
-    """As HF: train and validation both from msr_paraphrase_train.txt, validation = the pairs in dev_ids.tsv."""
+    """As HF: train and validation both from msr_paraphrase_train.txt, validation = the pairs in
+    dev_ids.tsv."""
     dev = {(r["id1"], r["id2"]) for r in read(found["dev_ids"], lambda r, n: [dict(r)], "tsv", ("id1", "id2"))}
     rows = read(found["train"], lambda r, n: [{
         "sentence1": r["#1 String"], "sentence2": r["#2 String"], "label": int(r["Quality"]), "idx": n,
@@ -223,7 +231,8 @@ def read_mrqa(r, n):
 
 
 def glue_row(*cols, label, col="label"):
-    """GLUE tsv record -> Hub row: columns (Hub name, or (Hub name, tsv name)), label mapped; idx = row number (HF)."""
+    """GLUE tsv record -> Hub row: columns (Hub name, or (Hub name, tsv name)), label mapped; idx =
+    row number (HF)."""
     cols = [c if isinstance(c, tuple) else (c, c) for c in cols]
     return lambda r, n: [{**{hub: r[raw] for hub, raw in cols}, "label": label(r[col]), "idx": n}]
 
@@ -247,13 +256,17 @@ class Task:
     hub_id: str
     hub_config: str | None
     convert: Callable                  # (Hub row, position in its split) -> record
-    read_local: Callable               # found files -> (train rows, held-out rows) in the Hub schema
-    files: dict                        # role -> accepted file names, relative to one folder of --source
+    # found files -> (train rows, held-out rows) in the Hub schema
+    read_local: Callable
+    # role -> accepted file names, relative to one folder of --source
+    files: dict
     labels: tuple | None = ("0", "1")  # target strings; None for open targets (STS-B, MRQA)
     metrics: tuple = ("acc",)          # every metric evaluate.py reports
-    score: tuple = ()                  # the table score: mean of these (Table 1 caption); default: metrics
+    # the table score: mean of these (Table 1 caption); default: metrics
+    score: tuple = ()
     folder: str = ""                   # sub-folder of --source; default: the name
-    eval_split: str = "validation"     # the labelled Hub split that is halved or becomes test (Appendix B.1)
+    # the labelled Hub split that is halved or becomes test (Appendix B.1)
+    eval_split: str = "validation"
     max_length: int = 256              # input tokens incl. </s>, before the prompt (Appendix B.2)
     subset: str | None = None          # MRQA: the `subset` value to keep
 
@@ -262,8 +275,8 @@ class Task:
 
 
 GLUE, SUPERGLUE = "nyu-mll/glue", "aps/super_glue"
-# Table 5's "Type" column, in its caption's words: NLI natural language inference, coref. coreference
-# resolution, common. commonsense, QA question answering, WSD word sense disambiguation.
+# Table 5's "Type" column, in its caption's words: NLI natural language inference, coref.
+# coreference resolution, common. commonsense, QA question answering, WSD word sense disambiguation.
 TASK_TYPES = {"cola": "acceptability", "sst2": "sentiment", "mrpc": "paraphrase", "qqp": "paraphrase",
               "stsb": "sentence similarity", "mnli": "NLI", "qnli": "NLI", "rte": "NLI", "boolq": "QA", "cb": "NLI",
               "wic": "WSD", "wsc": "coref./common.", "multirc": "QA", "nq": "QA", "newsqa": "QA", "searchqa": "QA",
@@ -275,11 +288,13 @@ MRQA_SUBSETS = {"nq": "NaturalQuestionsShort", "hotpotqa": "HotpotQA", "searchqa
 
 _TASKS = [
     Task("cola", "glue", GLUE, "cola", pairs("sentence"), per_split(glue_row("sentence", label=int), "tsv",
-         ("code", "label", "mark", "sentence")), GLUE_FILES, metrics=("mcc",)),  # train/dev have no header
+         # train/dev have no header
+         ("code", "label", "mark", "sentence")), GLUE_FILES, metrics=("mcc",)),
     Task("mrpc", "glue", GLUE, "mrpc", pairs("sentence1", "sentence2"), read_mrpc,
          {"train": ("msr_paraphrase_train.txt",), "dev_ids": ("dev_ids.tsv",)}, metrics=("acc", "f1"),
          score=("acc",)),  # Table 1's header reads "MRPC Acc"; F1 is still reported
-    Task("rte", "glue", GLUE, "rte", pairs("sentence1", "sentence2"),  # GLUE tsv or SuperGLUE jsonl, per file
+    # GLUE tsv or SuperGLUE jsonl, per file
+    Task("rte", "glue", GLUE, "rte", pairs("sentence1", "sentence2"),
          by_suffix(tsv=(glue_row("sentence1", "sentence2", label=entail), "tsv"), jsonl=(superglue_rte, "json")),
          {"train": ("train.tsv", "train.jsonl"), "eval": ("dev.tsv", "val.jsonl")}),
     Task("stsb", "glue", GLUE, "stsb", stsb,
@@ -294,7 +309,8 @@ _TASKS = [
          per_split(glue_row("question", "sentence", label=entail), "tsv"), GLUE_FILES),
     Task("qqp", "glue", GLUE, "qqp", pairs("question1", "question2"),
          per_split(glue_row("question1", "question2", label=int, col="is_duplicate"), "tsv"), GLUE_FILES,
-         metrics=("acc", "f1"), score=("acc",)),  # Table 1's header reads "QQP Acc"; F1 is still reported
+         # Table 1's header reads "QQP Acc"; F1 is still reported
+         metrics=("acc", "f1"), score=("acc",)),
     Task("sst2", "glue", GLUE, "sst2", pairs("sentence"), per_split(glue_row("sentence", label=int), "tsv"),
          GLUE_FILES),
     Task("boolq", "superglue", SUPERGLUE, "boolq", pairs("question", "passage"),
@@ -313,12 +329,15 @@ _TASKS = [
            labels=None, metrics=("squad_f1", "squad_em"), score=("squad_f1",), folder=f"mrqa/{name}",
            max_length=512, subset=sub) for name, sub in MRQA_SUBSETS.items()),
     Task("winogrande", "others", "allenai/winogrande", "winogrande_xl",
-         pairs("sentence", ("option0", "option1"), ("option1", "option2"),  # both options shown (docs/paper.md)
-               label=lambda r: label_of({"1": 0, "2": 1}, r["answer"]), idx=None),  # target = answer - 1
+         # both options shown (docs/paper.md)
+         pairs("sentence", ("option0", "option1"), ("option1", "option2"),
+               # target = answer - 1
+               label=lambda r: label_of({"1": 0, "2": 1}, r["answer"]), idx=None),
          per_split(jsonl_row("sentence", "option1", "option2", "answer")),
          {"train": ("train_xl.jsonl",), "eval": ("dev.jsonl",)}),
     Task("yelp", "others", "fancyzhx/yelp_polarity", "plain_text", pairs(("sentence", "text"), idx=None),
-         per_split(lambda r, n: [{"text": r["text"].replace('"', '""').strip(),  # HF keeps the "" escapes
+         # HF keeps the "" escapes
+         per_split(lambda r, n: [{"text": r["text"].replace('"', '""').strip(),
                                   "label": label_of({"1": 0, "2": 1}, r["label"])}], "csv", ("label", "text")),
          {"train": ("train.csv",), "eval": ("test.csv",)}, folder="yelp_polarity", eval_split="test"),
     Task("scitail", "others", "allenai/scitail", "snli_format",
@@ -336,23 +355,26 @@ _TASKS = [
          {"train": ("final/train.tsv",), "eval": ("final/dev.tsv",)}),
 ]
 TASKS = {t.name: t for t in _TASKS}
-# The split sizes (train, validation, test) Appendix B.1 gives (docs/paper.md): the GPU-hour estimate uses them
-# before a task is prepared; tests/test_prepare_data.py checks the prepared files against its own copy.
+# The split sizes (train, validation, test) Appendix B.1 gives (docs/paper.md): the GPU-hour
+# estimate uses them before a task is prepared; tests/test_prepare_data.py checks the prepared files
+# against its own copy.
 PAPER_SPLITS = {"cola": (8551, 521, 522), "sst2": (66349, 1000, 872), "mrpc": (3668, 204, 204),
                 "qqp": (353846, 10000, 40430), "stsb": (5749, 750, 750), "mnli": (382702, 10000, 9815),
                 "qnli": (94743, 10000, 5463), "rte": (2490, 138, 139), "boolq": (9427, 1635, 1635),
                 "cb": (250, 28, 28), "wic": (5428, 319, 319), "wsc": (554, 52, 52), "multirc": (26243, 1000, 4848),
                 "nq": (94071, 10000, 12836), "newsqa": (73160, 1000, 4212), "searchqa": (107384, 10000, 16980),
                 "hotpotqa": (71928, 1000, 5901), "winogrande": (39398, 1000, 1267), "yelp": (550000, 10000, 38000),
-                "scitail": (22596, 1000, 1304), "paws": (48401, 1000, 8000)}  # in the paper's column order (Tables 1 and 2): drivers and report follow it
+                # in the paper's column order (Tables 1 and 2): drivers and report follow it
+                "scitail": (22596, 1000, 1304), "paws": (48401, 1000, 8000)}
 GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b] for b in ("glue", "superglue", "mrqa", "others")}
 
 
-# ---------------------------------------------------------------------------- the steering benchmark
-# Toy tasks over shipped sentences (tests/fixtures/steer/sentences, written by scripts/build_backbone.py): a small
-# backbone is trained on all of them, each selected by a prefix ("comma: <sentence>"), and does STEER_DEFAULT
-# on a bare sentence. A steering task gives the bare sentence and asks for another task: a prompt has to learn
-# to select it (docs/experiments.md, "The steering benchmark"). Not one of the paper's 21 tasks: not in TASKS.
+# ---------------------------------------------------------------------------- the steering benchmar
+# Toy tasks over shipped sentences (tests/fixtures/steer/sentences, written by
+# scripts/build_backbone.py): a small backbone is trained on all of them, each selected by a prefix
+# ("comma: <sentence>"), and does STEER_DEFAULT on a bare sentence. A steering task gives the bare
+# sentence and asks for another task: a prompt has to learn to select it (docs/experiments.md, "The
+# steering benchmark"). Not one of the paper's 21 tasks: not in TASKS.
 
 def steer_words(sentence):
     return [w for w in sentence.split() if any(c.isalnum() for c in w)]
@@ -361,7 +383,8 @@ def steer_words(sentence):
 STEER_RULES = {"long": lambda s: int(len(steer_words(s)) >= 8),  # 8 words or more
                "comma": lambda s: int("," in s)}                   # contains a comma
 STEER_DEFAULT = "long"  # what the backbone does without a prefix
-STEER_SOURCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "steer"  # the shipped sentences
+# the shipped sentences
+STEER_SOURCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "steer"
 
 
 def steer_row(rule):
@@ -384,19 +407,21 @@ def known(task):
 
 
 # ---------------------------------------------------------------------------- the few-shot rule
-FEWSHOT_RULE = "k in all, classes balanced"  # meta.json's "rule" of each few-shot set; absent: the old k per class
+# meta.json's "rule" of each few-shot set; absent: the old k per class
+FEWSHOT_RULE = "k in all, classes balanced"
 
 
 def old_fewshot_sets(meta):
-    """The few-shot sets of a meta.json drawn with the old rule (k per class), which Table 3 does not use."""
+    """The few-shot sets of a meta.json drawn with the old rule (k per class), which Table 3 does
+    not use."""
     sets = meta.get("fewshot") if isinstance(meta, dict) else None
     return sorted(key for key, entry in (sets if isinstance(sets, dict) else {}).items()
                   if not isinstance(entry, dict) or entry.get("rule") != FEWSHOT_RULE)
 
 
 def old_fewshot_warning(data_dir, old):
-    """One line for the few-shot sets drawn k per class, `old` = {task: [set keys]} under `data_dir` (None when
-    there are none): what they are and the command that redraws them."""
+    """One line for the few-shot sets drawn k per class, `old` = {task: [set keys]} under `data_dir`
+    (None when there are none): what they are and the command that redraws them."""
     old = {task: keys for task, keys in old.items() if keys}
     if not old:
         return None

@@ -19,9 +19,9 @@ CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "data",
 
 
 def open_run_folder(out_dir, resume, overwrite, say):
-    """Decide what happens to an existing folder; nothing is written or deleted here (start_log does that, after
-    every check). Returns the checkpoint to resume from, or None for a fresh start; 'finished' when a resumed
-    run has already ended."""
+    """Decide what happens to an existing folder; nothing is written or deleted here (start_log does
+    that, after every check). Returns the checkpoint to resume from, or None for a fresh start;
+    'finished' when a resumed run has already ended."""
     existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
     if overwrite and existing:
         if not runs.is_run_folder(out_dir):
@@ -39,14 +39,15 @@ def open_run_folder(out_dir, resume, overwrite, say):
         raise errors.Failure(f"train: {out_dir} has results but no last.pt to resume from; "
                          "pass --overwrite to train it again")
     if resume and existing:  # killed before its first checkpoint: nothing to continue
-        say(f"train: --resume, but {out_dir} has no last.pt yet: starting from scratch")  # start_log replaces them
+        # start_log replaces them
+        say(f"train: --resume, but {out_dir} has no last.pt yet: starting from scratch")
     return None
 
 
 def refuse_more_steps(out_dir, args):
-    """A finished run asked for more training (--resume with a larger --max-steps or --epochs) is refused: its lr
-    decayed linearly to 0 at its last step, and training on would need a schedule that is neither the old
-    run's nor a fresh run of the new length (docs/training.md, "Resume")."""
+    """A finished run asked for more training (--resume with a larger --max-steps or --epochs) is
+    refused: its lr decayed linearly to 0 at its last step, and training on would need a schedule
+    that is neither the old run's nor a fresh run of the new length (docs/training.md, "Resume")."""
     config = files.read_json(out_dir / "config.json", "run configuration")
     config = config if isinstance(config, dict) else {}
     for flag, key in (("--epochs", "epochs"), ("--max-steps", "max_steps")):
@@ -60,8 +61,8 @@ def refuse_more_steps(out_dir, args):
 
 
 def trim_log(path, step):
-    """On resume: keep the events up to the checkpoint's step; what a killed run logged after it is redone
-    (a half-written last line included)."""
+    """On resume: keep the events up to the checkpoint's step; what a killed run logged after it is
+    redone (a half-written last line included)."""
     if path.exists():
         keep = [e for e in files.read_jsonl(path, what="run log", torn_tail_ok=True,
                                             fix="repair or delete that line, then --resume again")
@@ -81,7 +82,8 @@ def open_log(path, trackers):
         if f:
             try:
                 f.write(json.dumps(event) + "\n")
-            except OSError as err:  # a full disk mid-run: one sentence; a torn last line is dropped on --resume
+            # a full disk mid-run: one sentence; a torn last line is dropped on --resume
+            except OSError as err:
                 raise files.FileFault(f"train: cannot write {path}: {files.why(err)}; free space, then "
                                       "--resume") from None
         for track in trackers:
@@ -98,8 +100,9 @@ def open_log(path, trackers):
 
 
 def open_trackers(args, out_dir, config):
-    """Live curves in TensorBoard and/or Weights & Biases, off unless asked; log.jsonl stays the record.
-    Every package is checked and W&B started before TensorBoard writes its file: a failed start leaves none."""
+    """Live curves in TensorBoard and/or Weights & Biases, off unless asked; log.jsonl stays the
+    record. Every package is checked and W&B started before TensorBoard writes its file: a failed
+    start leaves none."""
     trackers = []
     numbers = lambda e: {f"{e['event']}/{k}": v for k, v in e.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
@@ -115,7 +118,8 @@ def open_trackers(args, out_dir, config):
             raise errors.Failure("train: --wandb needs the wandb package: pip install wandb") from None
         try:
             wandb_run = wandb.init(project=args.wandb, name=out_dir.name, config=config, dir=str(out_dir))
-        except Exception as err:  # wandb's many error types (no login, no network), at its one boundary
+        # wandb's many error types (no login, no network), at its one boundary
+        except Exception as err:
             raise errors.Failure(f"train: --wandb could not start a Weights & Biases run ({type(err).__name__}: "
                              f"{pretrained._first_line(err)}); run `wandb login`, or WANDB_MODE=offline") from None
         trackers.append(lambda e: wandb_run.log(numbers(e), step=e.get("step", 0)))
@@ -126,17 +130,20 @@ def open_trackers(args, out_dir, config):
 
 
 def weights_finite(params):
-    """All trainable weights finite (full fine-tuning can blow up with a finite loss): one reduction."""
+    """All trainable weights finite (full fine-tuning can blow up with a finite loss): one
+    reduction."""
     return bool(torch.stack([n.float() for n in torch._foreach_norm(params)]).isfinite().all()) if params else True
 
 
 def new_folders(out_dir):
-    """The folders that creating `out_dir` makes, deepest first (what a failed start takes away again)."""
+    """The folders that creating `out_dir` makes, deepest first (what a failed start takes away
+    again)."""
     return [p for p in (out_dir, *out_dir.parents) if not p.exists()]
 
 
 def remove_if_empty(folders):
-    """A start that failed before writing anything (offline, bad input) leaves no empty folder behind."""
+    """A start that failed before writing anything (offline, bad input) leaves no empty folder
+    behind."""
     for folder in folders:
         try:
             folder.rmdir()  # only an empty folder: a run's files, or another process's, keep it
@@ -145,7 +152,8 @@ def remove_if_empty(folders):
 
 
 def claim_folder(out_dir, say):
-    """Create the run folder and take its lock (runs.Busy, one sentence, when a live process holds it)."""
+    """Create the run folder and take its lock (runs.Busy, one sentence, when a live process holds
+    it)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -154,7 +162,8 @@ def claim_folder(out_dir, say):
 
 
 def read_checkpoint(resume_path, max_steps):
-    """A last.pt read whole and checked (its keys, its step) before anything in the run folder changes."""
+    """A last.pt read whole and checked (its keys, its step) before anything in the run folder
+    changes."""
     ckpt = files.load_torch(resume_path, fix="pass --overwrite to start over")
     if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
         raise files.FileFault(f"train: {resume_path} is not a training checkpoint (it lacks "
@@ -167,7 +176,8 @@ def read_checkpoint(resume_path, max_steps):
 
 
 def restore(load, resume_path, params):
-    """load() the checkpoint's trainable state, optimizer and schedule; one sentence when they do not fit."""
+    """load() the checkpoint's trainable state, optimizer and schedule; one sentence when they do
+    not fit."""
     try:
         load()
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
@@ -179,7 +189,8 @@ def restore(load, resume_path, params):
 
 
 def rank_rng(ckpt, ranks, say):
-    """This rank's RNG state in a checkpoint, or None (reseed) when another number of ranks wrote it."""
+    """This rank's RNG state in a checkpoint, or None (reseed) when another number of ranks wrote
+    it."""
     if len(ckpt["rng"]) == ranks.world_size:
         return ckpt["rng"][ranks.rank]
     say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: RNG reseeded")
@@ -187,8 +198,8 @@ def rank_rng(ckpt, ranks, say):
 
 
 def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
-    """config.json (rewritten; `extra`: more keys, a pack's) and log.jsonl (trimmed to the checkpoint on
-    resume, then appended)."""
+    """config.json (rewritten; `extra`: more keys, a pack's) and log.jsonl (trimmed to the
+    checkpoint on resume, then appended)."""
     run.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
                   "n_trainable": M.count_trainable(run.raw_model),
                   "t5_fingerprint": pretrained.t5_fingerprint(run.raw_model.t5), "train_file": str(task.train_file),
@@ -206,10 +217,12 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
             if changed:
                 say(f"train: resuming with changed settings (was, now): {changed}")
         trackers = open_trackers(args, out_dir, run.config)
-        for name in runs.RUN_FILES:  # temporary files of a writer killed mid-save (files.write_with); we hold the lock
+        # temporary files of a writer killed mid-save (files.write_with); we hold the lock
+        for name in runs.RUN_FILES:
             for tmp in out_dir.glob(f".{name}.tmp*"):
                 tmp.unlink(missing_ok=True)
-        (out_dir / runs.FAILED_NAME).unlink(missing_ok=True)  # started again: its last failure is history
+        # started again: its last failure is history
+        (out_dir / runs.FAILED_NAME).unlink(missing_ok=True)
         if resume_path:  # the log first: a damaged one stops the resume before config.json changes
             trim_log(out_dir / "log.jsonl", run.step)
         else:  # a fresh start: the log of a run killed before its first checkpoint goes only now
@@ -227,8 +240,9 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
 
 
 def clear_run_files(out_dir, overwrite, say):
-    """A fresh start, after every check passed: --overwrite deletes the old run's files (open_run_folder checked
-    that train.py wrote them); otherwise only the log of a run killed before its first checkpoint is left."""
+    """A fresh start, after every check passed: --overwrite deletes the old run's files
+    (open_run_folder checked that train.py wrote them); otherwise only the log of a run killed
+    before its first checkpoint is left."""
     existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
     if overwrite and (existing or (out_dir / "eval").exists()):
         say(f"train: --overwrite: deleting {', '.join(existing + ['eval/'] * (out_dir / 'eval').exists())} "
@@ -240,8 +254,8 @@ def clear_run_files(out_dir, overwrite, say):
 
 
 def check_resume_files(out_dir):
-    """What start_log reads of a resumed run (config.json, log.jsonl), read now: a pack refuses a damaged one
-    before any of its runs' files change."""
+    """What start_log reads of a resumed run (config.json, log.jsonl), read now: a pack refuses a
+    damaged one before any of its runs' files change."""
     if (out_dir / "config.json").exists():
         files.read_json(out_dir / "config.json", "run configuration")
     if (out_dir / "log.jsonl").exists():
@@ -250,8 +264,8 @@ def check_resume_files(out_dir):
 
 
 def save_checkpoint(job, ranks, *names):
-    """A run's last.pt / best.pt (rank 0 writes; every rank's RNG state is in it). Weights that are not
-    finite are never saved: the caller stops such a run (train.py)."""
+    """A run's last.pt / best.pt (rank 0 writes; every rank's RNG state is in it). Weights that are
+    not finite are never saved: the caller stops such a run (train.py)."""
     if not weights_finite(job.run.params):
         return
     rngs = [runtime.rng_state()]
@@ -276,8 +290,9 @@ def close(job):
 
 @contextlib.contextmanager
 def cleanup(out_dirs, jobs, master):
-    """Whatever happens inside: every job closed at the end, and (rank 0) the folders this command created
-    that are still empty removed, so a start that failed (offline, bad input) leaves nothing behind."""
+    """Whatever happens inside: every job closed at the end, and (rank 0) the folders this command
+    created that are still empty removed, so a start that failed (offline, bad input) leaves nothing
+    behind."""
     created = sorted({f for d in out_dirs for f in new_folders(Path(d))}, key=lambda f: -len(f.parts))
     try:
         yield

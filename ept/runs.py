@@ -1,10 +1,12 @@
-"""A run folder (train.py writes it, every later stage reads it): its files, its lock and its status.
+"""A run folder (train.py writes it, every later stage reads it): its files, its lock and its
+status.
 
     config.json   every setting of the run, resolved          metrics.json  test metrics of best.pt
-    log.jsonl     one JSON object per event (train/eval/end)   prompt.pt     the folded P' of best.pt
-    best.pt       trainable state at the best validation       last.pt       the latest state (resume)
-    run.lock      "<host> <pid> <SLURM job>" of the one process writing the folder (a one-host guard)
-    failed.txt    why the run stopped for good (a non-finite loss, gradient, prompt or weights): one sentence;
+    log.jsonl     one JSON object per event (train/eval/end)   prompt.pt     the folded P' of
+    best.pt best.pt       trainable state at the best validation       last.pt       the latest
+    state (resume) run.lock      "<host> <pid> <SLURM job>" of the one process writing the folder (a
+    one-host guard) failed.txt    why the run stopped for good (a non-finite loss, gradient, prompt
+    or weights): one sentence;
                   removed when the run starts again (--resume, --overwrite)
 """
 import os
@@ -15,7 +17,8 @@ import model as M
 from ept import errors, files
 
 # A run folder's name, for a solo run, a pack's runs and the drivers' alike:
-# <task>_<method>_<model>[_<options that differ from train.py's defaults and apply to the method>]_s<seed>.
+# <task>_<method>_<model>[_<options that differ from train.py's defaults and apply to the
+# method>]_s<seed>.
 NAME_TAGS = [("prompt_length", "n"), ("reparam", ""), ("hidden_size", "h"), ("broadcast", "b"), ("depth", "d"),
              ("extra_layer", "x1"), ("init", "init-"), ("layer_norm", "ln"), ("residual", "res"), ("activation", ""),
              ("lr", "lr"), ("max_steps", "steps"), ("epochs", "ep"), ("eval_every", "ev"), ("fewshot_k", "k"),
@@ -27,8 +30,9 @@ def model_tag(model_name):
 
 
 def run_name(spec, defaults):
-    """The folder name of the run `spec` (task, method, model, seed + options); `defaults`: train.py's
-    defaults for its method (options.defaults), which the name leaves out, e.g. boolq_ept_t5-base_h50_s1."""
+    """The folder name of the run `spec` (task, method, model, seed + options); `defaults`:
+    train.py's defaults for its method (options.defaults), which the name leaves out, e.g.
+    boolq_ept_t5-base_h50_s1."""
     tags = []
     for key, tag in NAME_TAGS:
         value = spec.get(key, defaults[key])
@@ -47,7 +51,8 @@ CONFIG_KEYS = ("task", "method", "model", "tokenizer", "random_init", "seed", "d
 
 
 def read_config(run_dir, keys=CONFIG_KEYS):
-    """A run's config.json holding `keys` (what the later stages rebuild the run from); one sentence if not."""
+    """A run's config.json holding `keys` (what the later stages rebuild the run from); one sentence
+    if not."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise files.FileFault(f"no run folder {run_dir} ({'a file' if run_dir.exists() else 'it does not exist'}); "
@@ -66,8 +71,8 @@ def read_config(run_dir, keys=CONFIG_KEYS):
 
 
 def status(run_dir):
-    """'done' (finished: metrics.json written, or its --no-test log ended), 'failed' (failed.txt: stopped
-    for good), 'partial' (started: config.json) or 'todo'."""
+    """'done' (finished: metrics.json written, or its --no-test log ended), 'failed' (failed.txt:
+    stopped for good), 'partial' (started: config.json) or 'todo'."""
     run_dir = Path(run_dir)
     if finished(run_dir):
         return "done"
@@ -77,7 +82,8 @@ def status(run_dir):
 
 
 def failure(run_dir):
-    """Why the run failed (failed.txt's sentence), or None: it did not fail, or it was started again since."""
+    """Why the run failed (failed.txt's sentence), or None: it did not fail, or it was started again
+    since."""
     try:
         return (Path(run_dir) / FAILED_NAME).read_text(encoding="utf-8", errors="replace").strip() or "failed"
     except FileNotFoundError:
@@ -87,7 +93,8 @@ def failure(run_dir):
 
 
 def is_run_folder(run_dir):
-    """True for an empty folder or one whose config.json train.py wrote (what --overwrite may clear)."""
+    """True for an empty folder or one whose config.json train.py wrote (what --overwrite may
+    clear)."""
     config = Path(run_dir) / "config.json"
     if not config.exists():
         return not any(p.name not in (*RUN_FILES, "eval") and not p.name.lstrip(".").startswith(LOCK_NAME)
@@ -112,12 +119,13 @@ def finished(run_dir):
     return bool(no_test and events and events[-1].get("event") == "end")
 
 
-# --- the lock: one writer per run folder, on one host ------------------------------------------------
-# run.lock holds "<host> <pid> <job>": the process writing the folder, and the engine's id of the unit it runs
-# (SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID or SLURM_JOB_ID; "-" outside SLURM). Units are handed out by one
-# launcher or by an engine (docs/experiments.md), so the lock only guards against starting the same run twice
-# by hand. It is free when absent, when its pid is gone on this host, or when it names this process's own
-# SLURM job (a requeued task whose first run died with its node: SLURM runs a task once at a time).
+# --- the lock: one writer per run folder, on one host ---------------------------------------------
+# run.lock holds "<host> <pid> <job>": the process writing the folder, and the engine's id of the
+# unit it runs (SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID or SLURM_JOB_ID; "-" outside SLURM). Units
+# are handed out by one launcher or by an engine (docs/experiments.md), so the lock only guards
+# against starting the same run twice by hand. It is free when absent, when its pid is gone on this
+# host, or when it names this process's own SLURM job (a requeued task whose first run died with its
+# node: SLURM runs a task once at a time).
 
 
 def _alive(pid):
@@ -196,8 +204,8 @@ class Lock:
 
 
 def acquire_lock(run_dir, say=print):
-    """Take run_dir/run.lock (O_EXCL); a stale one is replaced with a line saying so. Raises Busy (one sentence
-    naming the folder and the holder) when a live process holds it."""
+    """Take run_dir/run.lock (O_EXCL); a stale one is replaced with a line saying so. Raises Busy
+    (one sentence naming the folder and the holder) when a live process holds it."""
     path = Path(run_dir) / LOCK_NAME
     text = f"{socket.gethostname()} {os.getpid()} {engine_job()}\n"
     for _ in range(3):

@@ -1,9 +1,10 @@
 """Where and how the model runs: the device, the ranks of a torchrun group, and the precision.
 
 Precision (one name everywhere: --dtype, config.json "dtype"):
-    fp32  the paper's setting (the HF Trainer's default: fp32, TF32 off as PyTorch leaves it); default
-    tf32  fp32 weights and activations, matmuls on TF32 tensor cores (CUDA; on a CPU it is fp32)
-    bf16  bf16 autocast around the forward passes, trainable parameters and loss in fp32 (CUDA; T5
+    fp32  the paper's setting (the HF Trainer's default: fp32, TF32 off as PyTorch leaves it);
+    default tf32  fp32 weights and activations, matmuls on TF32 tensor cores (CUDA; on a CPU it is
+    fp32) bf16  bf16 autocast around the forward passes, trainable parameters and loss in fp32
+    (CUDA; T5
           overflows in fp16). A speed option, not the paper's setting.
 """
 import functools
@@ -48,10 +49,11 @@ class PeerStopped(errors.Failure):
 
 
 def master_first(fn, rank, world_size, everyone=False):
-    """fn() on rank 0, then (everyone) on the other ranks, or (not everyone) its result sent to them. Rank 0
-    tells the others whether it got through before they go on: a check that fails fails on rank 0 first, it
-    prints the one sentence, and every other rank exits 1 quietly (PeerStopped) instead of waiting on a
-    collective rank 0 never joins (gloo's "Connection closed by peer" tracebacks). One rank: just fn()."""
+    """fn() on rank 0, then (everyone) on the other ranks, or (not everyone) its result sent to
+    them. Rank 0 tells the others whether it got through before they go on: a check that fails fails
+    on rank 0 first, it prints the one sentence, and every other rank exits 1 quietly (PeerStopped)
+    instead of waiting on a collective rank 0 never joins (gloo's "Connection closed by peer"
+    tracebacks). One rank: just fn()."""
     if world_size == 1:
         return fn()
     if rank != 0:
@@ -71,8 +73,8 @@ def master_first(fn, rank, world_size, everyone=False):
 
 
 def quiet_unless_master(err, rank):
-    """The error to raise for a failure every rank meets alike (a non-finite loss, all-reduced): rank 0's
-    sentence, the other ranks' exit 1 without it."""
+    """The error to raise for a failure every rank meets alike (a non-finite loss, all-reduced):
+    rank 0's sentence, the other ranks' exit 1 without it."""
     return err if rank == 0 else PeerStopped()
 
 
@@ -81,7 +83,8 @@ def default_device():
 
 
 def set_precision(dtype, device):
-    """Apply `dtype` to the process (TF32 switches); returns the autocast context of the forward passes."""
+    """Apply `dtype` to the process (TF32 switches); returns the autocast context of the forward
+    passes."""
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
         torch.backends.cudnn.allow_tf32 = dtype == "tf32"
@@ -95,7 +98,7 @@ def autocast(device, dtype):
     return nullcontext()
 
 
-# --- the process's random state: saved in checkpoints, restored on resume -----------------------------
+# --- the process's random state: saved in checkpoints, restored on resume -------------------------
 
 def rng_state():
     """Every RNG as tensors and plain values (weights_only-loadable)."""
@@ -122,7 +125,8 @@ def seed_everything(seed):
 
 
 class Throughput:
-    """Examples and tokens per second over the steady-state steps (the first `warm` steps are skipped)."""
+    """Examples and tokens per second over the steady-state steps (the first `warm` steps are
+    skipped)."""
 
     def __init__(self, warm):
         self.warm, self.steps, self.examples, self.tokens, self.seconds = warm, 0, 0, 0, 0.0

@@ -1,6 +1,6 @@
-"""Stopping a run cleanly: SIGTERM, SIGUSR1 (preemption, scancel, SLURM's warning) and Ctrl-C ask the training loop
-to write last.pt at its next step boundary and stop; a second Ctrl-C stops at once (every file is written
-atomically, so the last checkpoint stays whole).
+"""Stopping a run cleanly: SIGTERM, SIGUSR1 (preemption, scancel, SLURM's warning) and Ctrl-C ask
+the training loop to write last.pt at its next step boundary and stop; a second Ctrl-C stops at once
+(every file is written atomically, so the last checkpoint stays whole).
 """
 import contextlib
 import os
@@ -15,8 +15,8 @@ from ept import errors
 
 
 class Stopped(errors.Failure):
-    """SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) arrived: last.pt was written at a step boundary; exit status 128 + the
-    signal (130 for Ctrl-C)."""
+    """SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) arrived: last.pt was written at a step boundary; exit
+    status 128 + the signal (130 for Ctrl-C)."""
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -25,13 +25,15 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _stop_signal = []  # the signal received, set by the handler, read at each step boundary
 
 
-_stopping = []  # set once the run stops (Stopped raised, or a second Ctrl-C): later signals wait for the cleanup
+# set once the run stops (Stopped raised, or a second Ctrl-C): later signals wait for the cleanup
+_stopping = []
 
 
 def _on_signal(sig, _):
     if _stopping:  # the locks are being released and the files closed: let that finish
         return
-    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:  # Ctrl-C twice: stop now (files stay whole)
+    # Ctrl-C twice: stop now (files stay whole)
+    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:
         _stopping.append(sig)
         raise KeyboardInterrupt
     if sig == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:
@@ -42,9 +44,10 @@ def _on_signal(sig, _):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGTERM / SIGUSR1 / SIGINT ask the loop to checkpoint and stop at its next step boundary; a second Ctrl-C
-    stops at once (KeyboardInterrupt: every file is written atomically, so last.pt is the previous one, whole).
-    Main thread only: a thread cannot install handlers, and then the caller's handlers stay."""
+    """SIGTERM / SIGUSR1 / SIGINT ask the loop to checkpoint and stop at its next step boundary; a
+    second Ctrl-C stops at once (KeyboardInterrupt: every file is written atomically, so last.pt is
+    the previous one, whole). Main thread only: a thread cannot install handlers, and then the
+    caller's handlers stay."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -65,7 +68,8 @@ def received():
 
 
 def stop_requested(ranks):
-    """The signal to stop on, agreed by every rank (one may have received it a step later), or None."""
+    """The signal to stop on, agreed by every rank (one may have received it a step later), or
+    None."""
     sig = _stop_signal[0] if _stop_signal else 0
     if ranks.world_size > 1:
         box = torch.tensor([int(sig)], device=ranks.device if ranks.device.startswith("cuda") else "cpu")
@@ -75,7 +79,8 @@ def stop_requested(ranks):
 
 
 def stopped(sig, step, folders):
-    """The Stopped to raise: rank 0 says why and how to resume; every rank exits 128 + the signal."""
+    """The Stopped to raise: rank 0 says why and how to resume; every rank exits 128 + the
+    signal."""
     _stopping.append(sig)
     name = signal.Signals(sig).name
     said = int(os.environ.get("RANK", 0)) == 0  # once under torchrun

@@ -14,14 +14,16 @@ resumes it. The collect command (a shell line) appends every finished run's row 
 What the array script does (the text `sbatch_script` writes is meant to be read):
 - `--array=0-(N-1)%M`: task i runs line i+1 of the plan (`sed -n`), at most M at once;
 - one GPU per task (`--gres=gpu:1`, SLURM sets CUDA_VISIBLE_DEVICES to it);
-- `--requeue`, and `--signal=B:USR1@S`: S seconds before the time limit SLURM sends USR1 to the batch
-  shell only; the shell forwards SIGTERM to the unit, waits for its checkpoint, and requeues its own
-  task (`scontrol requeue <array>_<task>`), which starts again from the plan line and resumes;
+- `--requeue`, and `--signal=B:USR1@S`: S seconds before the time limit SLURM sends USR1 to the
+  batch shell only; the shell forwards SIGTERM to the unit, waits for its checkpoint, and requeues
+  its own task (`scontrol requeue <array>_<task>`), which starts again from the plan line and
+  resumes;
 - on SIGTERM (scancel, preemption, scontrol requeue) the shell forwards SIGTERM the same way; SLURM
   allows KillWait seconds (30 by default) before SIGKILL.
 The collect job is submitted with `--dependency=afterany:<array>`: it runs when every task ended,
-whether it finished, failed or was cancelled. `after=[ids]` (--after) makes the array itself wait until
-those jobs ended (afterany), e.g. an earlier section's array that trains runs this plan shares.
+whether it finished, failed or was cancelled. `after=[ids]` (--after) makes the array itself wait
+until those jobs ended (afterany), e.g. an earlier section's array that trains runs this plan
+shares.
 """
 import argparse
 import re
@@ -36,7 +38,8 @@ SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write la
 
 
 def time_seconds(text):
-    """A SLURM time limit ('90', '4:00:00', '1-12', '2-00:30:00', ...) in seconds; None for unlimited."""
+    """A SLURM time limit ('90', '4:00:00', '1-12', '2-00:30:00', ...) in seconds; None for
+    unlimited."""
     if text.upper() in ("INFINITE", "UNLIMITED", "0"):  # SLURM: a limit of 0 is no limit
         return None
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
@@ -71,9 +74,9 @@ def _units(n):
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
                   gpus_per_task=1, max_parallel=None, extra=(), cpus_per_task=None,
                   signal_s=SIGNAL_S, workdir=None, after=()):
-    """The job array's sbatch script: task i runs line i+1 of the plan. gpus_per_task=0: no GPU line.
-    after: job ids the array waits for (afterany: until each ended, however), e.g. an earlier plan that
-    shares runs with this one."""
+    """The job array's sbatch script: task i runs line i+1 of the plan. gpus_per_task=0: no GPU
+    line. after: job ids the array waits for (afterany: until each ended, however), e.g. an earlier
+    plan that shares runs with this one."""
     if n_units < 1:
         raise errors.Failure(f"the plan {plan_path} has no units: nothing to submit")
     limit = time_seconds(time) if time else None
@@ -201,9 +204,9 @@ def _sbatch(text, path, what):
 
 
 def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
-    """Submit the plan as one job array, then the collect job after it (afterany); write both scripts
-    beside the plan (<plan>.sbatch, <plan>.collect.sbatch); print the job ids and how to follow them.
-    Returns (array_id, collect_id)."""
+    """Submit the plan as one job array, then the collect job after it (afterany); write both
+    scripts beside the plan (<plan>.sbatch, <plan>.collect.sbatch); print the job ids and how to
+    follow them. Returns (array_id, collect_id)."""
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):

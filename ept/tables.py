@@ -1,7 +1,8 @@
-"""The paper's tables from the results rows (one row per run, ept/drivers.py): markdown and long-form rows.
+"""The paper's tables from the results rows (one row per run, ept/drivers.py): markdown and
+long-form rows.
 
-report.py writes them to report/ (with the figures); a driver prints its experiment's table when its runs
-are collected (`experiment_table`).
+report.py writes them to report/ (with the figures); a driver prints its experiment's table when its
+runs are collected (`experiment_table`).
 """
 import math
 from pathlib import Path
@@ -70,17 +71,19 @@ STRUCTURE_LABELS = {"none": "None", "layernorm": "LayerNorm", "residual": "Resid
                     "tanh": "Tanh", "sigmoid": "Sigmoid"}  # Figure 9's order
 INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)", "label": "Label (label words)"}
 
-# --- reading the results rows ------------------------------------------------------------------------
+# --- reading the results rows ---------------------------------------------------------------------
 
-ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")  # every results row (plans.result_row)
+# every results row (plans.result_row)
+ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")
 EXPERIMENT_KEYS = {"table1": ("lr",), "fewshot": ("fewshot_k",), "table4": ("n_trainable", "n_inference",
                    "prompt_length", "depth"), "init": ("init",), "hidden": ("variant",), "broadcast": ("variant",),
                    "lr": ("variant",), "structure": ("variant",)}
 
 
 def read_rows(results, experiment):
-    """results/<experiment>.jsonl ([] when absent), each row holding what the tables read: a hand-edited or
-    foreign row is one sentence naming its line, never a KeyError in the middle of a table."""
+    """results/<experiment>.jsonl ([] when absent), each row holding what the tables read: a
+    hand-edited or foreign row is one sentence naming its line, never a KeyError in the middle of a
+    table."""
     path = Path(results) / f"{experiment}.jsonl"
     rows = files.read_jsonl(path, what="results file", missing_ok=True, fix=files.RESULTS_FIX)
     for number, row in enumerate(rows, 1):
@@ -94,8 +97,9 @@ def read_rows(results, experiment):
 
 
 def smoke_reason(results, forced=False):
-    """What makes this report's numbers noise ('a random-weight tiny T5', ...), or None for a real report: the
-    runs' config.json says random_init, or their T5 folder is far below t5-small (d_model under 256)."""
+    """What makes this report's numbers noise ('a random-weight tiny T5', ...), or None for a real
+    report: the runs' config.json says random_init, or their T5 folder is far below t5-small
+    (d_model under 256)."""
     seen = set()
     for experiment in EXPERIMENT_KEYS:
         for row in read_rows(results, experiment):
@@ -112,7 +116,7 @@ def smoke_reason(results, forced=False):
     return "a random-weight tiny T5" if forced else None
 
 
-# --- numbers -----------------------------------------------------------------------------------------
+# --- numbers --------------------------------------------------------------------------------------
 
 def mean_std(values):
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -124,12 +128,14 @@ def mean_std(values):
 
 
 def over_seeds(rows):
-    """How a heading names its cells: "mean ± std over seeds" only where there are several seeds to spread."""
+    """How a heading names its cells: "mean ± std over seeds" only where there are several seeds to
+    spread."""
     return "mean ± std over seeds" if len({r.get("seed") for r in rows}) > 1 else "1 seed"
 
 
 def spread(rows):
-    """A figure title's short form of over_seeds: the band is a std only where there are several seeds."""
+    """A figure title's short form of over_seeds: the band is a std only where there are several
+    seeds."""
     return "mean ± std" if over_seeds(rows) != "1 seed" else "1 seed"
 
 
@@ -161,7 +167,8 @@ def scores(rows, **where):
 
 
 def select_best_lr(rows):
-    """Appendix B.2's lr search: per (model, task, method) keep the lr with the best mean validation score."""
+    """Appendix B.2's lr search: per (model, task, method) keep the lr with the best mean validation
+    score."""
     groups = {}
     for r in rows:
         groups.setdefault((r["model_tag"], r["task"], r["method"]), {}).setdefault(r["lr"], []).append(r)
@@ -177,7 +184,8 @@ def ordered(values, order):
 
 
 def params_of(rows, model_tag, method):
-    """Trainable parameters per task: the runs' n_trainable, else model.parameter_table for a known size."""
+    """Trainable parameters per task: the runs' n_trainable, else model.parameter_table for a known
+    size."""
     counts = {r["n_trainable"] for r in rows if r["model_tag"] == model_tag and r["method"] == method
               and r.get("n_trainable")}
     if counts:
@@ -196,10 +204,11 @@ def param_table():
     return _PARAMS
 
 
-# --- tables: each returns (markdown, csv rows) ----------------------------------------------------------
+# --- tables: each returns (markdown, csv rows) ----------------------------------------------------
 
 def markdown(header, body):
-    """A GFM table; a '|' inside a cell is escaped (Table 5's |Train|, a vocabulary piece) so it splits no cell."""
+    """A GFM table; a '|' inside a cell is escaped (Table 5's |Train|, a vocabulary piece) so it
+    splits no cell."""
     esc = lambda c: str(c).replace("|", "\\|")
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(map(esc, row)) + " |" for row in body]) + "\n"
@@ -253,8 +262,8 @@ def table2(rows):
 
 
 def table3(rows):
-    """Few-shot: rows (benchmark, k), a column per method; cell = mean over the benchmark's tasks of the
-    per-task mean over seeds (the paper's layout), then a per-task detail table."""
+    """Few-shot: rows (benchmark, k), a column per method; cell = mean over the benchmark's tasks of
+    the per-task mean over seeds (the paper's layout), then a per-task detail table."""
     rows = dedupe(rows)
     methods = ordered({r["method"] for r in rows}, METHOD_ORDER)
     header = ["Benchmark", "k-shot", *[LABELS[m] for m in methods]]
@@ -299,7 +308,8 @@ def table4(rows):
 
 
 def _ept_structure(row):
-    """Table 4's EPT/EPT* structure as run: the extra 1x1 layer (§5.4) and/or whole stacked blocks."""
+    """Table 4's EPT/EPT* structure as run: the extra 1x1 layer (§5.4) and/or whole stacked
+    blocks."""
     parts = (["+1x1 layer"] if row.get("extra_layer") else []) + ([f"depth {row['depth']}"] if row.get("depth", 1) != 1 else [])
     return ", ".join(parts) or "main structure"
 
@@ -339,7 +349,8 @@ def sweep_table(rows):
     return markdown(header, body), long
 
 
-# titles: {seeds} becomes "mean ± std over seeds" or "1 seed" (over_seeds), {fewshot_seeds} "of the mean over seeds"
+# titles: {seeds} becomes "mean ± std over seeds" or "1 seed" (over_seeds), {fewshot_seeds} "of the
+# mean over seeds"
 TABLES = {"table1": ("Table 1: GLUE and SuperGLUE ({seeds})", "table1", table1),
           "table2": ("Table 2: MRQA and Others ({seeds})", "table2", table2),
           "table3": ("Table 3: few-shot (mean over tasks{fewshot_seeds})", "fewshot", table3),
@@ -362,8 +373,9 @@ STEER_TITLE = "Steering benchmark (toy backbone, not the paper's numbers): Table
 
 
 def steer_table(rows):
-    """Per (method, lr): parameters, validation and test accuracy (mean ± std over seeds), final μ_t; the
-    no-prompt floor first. Validation is the best checkpoint's, test is scored at that checkpoint."""
+    """Per (method, lr): parameters, validation and test accuracy (mean ± std over seeds), final
+    μ_t; the no-prompt floor first. Validation is the best checkpoint's, test is scored at that
+    checkpoint."""
     rows = dedupe(rows)
     header = ["Method", "lr", "Steps", "Params", "Valid acc", "Test acc", "final μ_t", "Seeds"]
     body, long = [], []
