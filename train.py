@@ -7,13 +7,13 @@ state, optimizer, scheduler, RNG, data position; weights_only-loadable), prompt.
 the best checkpoint) and metrics.json (test metrics of the best checkpoint).
 
     python train.py --method ept                  # EPT on RTE, t5-base: the paper's setting
-    torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star   # global batch 16
-    python train.py --task rte --method ept --dtype bf16    # bf16 autocast: faster, not the paper's fp32
+    torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star  # global batch 16
+    python train.py --task rte --method ept --dtype bf16   # bf16 autocast: not the paper's fp32
     python train.py --task rte --method ept --resume        # continue a killed run from its last.pt
-    # SIGTERM / SIGUSR1 (preemption, scancel, SLURM's warning signal): last.pt at the next step boundary,
+    # SIGTERM / SIGUSR1 (preemption, scancel, SLURM's warning): last.pt at the next step boundary,
     # then exit 143 / 138 (128 + the signal); --resume continues from there, no step logged twice
-    # a pack: 3 x 3 x 2 = 18 prompt runs sharing one T5, one folder each under --out-dir (docs/training.md)
-    python train.py --task rte --method pt ept ept_star --seed 0 1 2 --lr 0.3 0.1 --out-dir runs/rte_sweep
+    # a pack: 3 x 3 x 2 = 18 prompt runs sharing one T5, a folder each under --out-dir (docs/training.md)
+    python train.py --task rte --method pt ept ept_star --seed 0 1 2 --lr 0.3 0.1 --out-dir runs/sweep
     # CPU smoke run: random-weight t5-small from the real config, 30 steps
     python train.py --method ept --model ../shared/data/t5/t5-small --random-init \\
         --tokenizer ../shared/data/t5 --max-steps 30 --eval-every 30 --max-eval-examples 32
@@ -25,8 +25,8 @@ step trains them all on one frozen T5 (a lone run is a pack of one; `ft` trains 
 alone).
 """
 import contextlib
+import functools
 import io
-import math
 import os
 import signal
 import subprocess
@@ -41,8 +41,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
-from ept import batching, decoding, errors, files, metrics, multirun, options, pretrained  # noqa: I001
-from ept import registry, runfolder, runs, runtime, signals
+from ept import batching, decoding, errors, files, metrics, multirun, options  # noqa: I001
+from ept import pretrained, registry, runfolder, runs, runtime, signals
 
 # the flags live in ept/options.py: the drivers plan runs by them
 options.parser.description = __doc__
@@ -68,7 +68,8 @@ def main(argv=None):
     packed = runs_file is not None or len(specs) > 1
     specs = ranks.first(lambda: options.resolve_runs(args, specs, packed), everyone=True)
     jobs, left_out = [], []
-    with signals.stop_on_signals(), runfolder.cleanup([s.out_dir for s in specs], jobs, ranks.master):
+    folders = [s.out_dir for s in specs]
+    with signals.stop_on_signals(), runfolder.cleanup(folders, jobs, ranks.master):
         kept = ranks.first(lambda: open_folders(args, specs, packed, jobs, left_out, say))
         if not ranks.master:  # rank 0 claimed the folders; the others learn which runs train
             jobs[:] = [SimpleNamespace(args=specs[i], out_dir=Path(specs[i].out_dir), lock=None,
@@ -76,7 +77,8 @@ def main(argv=None):
         if not jobs:
             if packed:
                 say(f"train: nothing left to train of the {len(specs)} runs")
-            return {"runs": {}, "finished": True} if packed else {"out_dir": specs[0].out_dir, "finished": True}
+                return {"runs": {}, "finished": True}
+            return {"out_dir": specs[0].out_dir, "finished": True}
         task = ranks.first(lambda: load_task(jobs[0].args, ranks, say), everyone=True)
         pack = ranks.first(lambda: build(jobs, task, ranks, say, packed, max_rows), everyone=True)
         results = train(jobs, task, pack, ranks, say)
@@ -95,9 +97,9 @@ def train(jobs, task, pack, ranks, say):
     others go on."""
     restore_rng(jobs, ranks)
     live, results, faults = list(jobs), {}, []
+    desc = jobs[0].out_dir.name if len(jobs) == 1 else f"pack of {len(jobs)}"
     bar = tqdm(total=max(j.args.max_steps for j in jobs), initial=min(j.run.step for j in jobs),
-               dynamic_ncols=True, desc=jobs[0].out_dir.name if len(jobs) == 1 else f"pack of {len(jobs)}",
-               # rank 0 only; TQDM_DISABLE=1 still works
+               desc=desc, dynamic_ncols=True,  # rank 0 only; TQDM_DISABLE=1 still works
                **({} if ranks.master else {"disable": True}))
 
     def drop(job, what, lr):  # a non-finite run stops alone
@@ -121,7 +123,8 @@ def train(jobs, task, pack, ranks, say):
         if sig := signals.stop_requested(ranks):  # preempted or cancelled: every live run's last.pt
             for job in live:
                 runfolder.save_checkpoint(job, ranks, "last.pt")
-            raise signals.stopped(sig, min(j.run.step for j in live), " ".join(str(j.out_dir) for j in live))
+            folders = " ".join(str(j.out_dir) for j in live)
+            raise signals.stopped(sig, min(j.run.step for j in live), folders)
         t0 = time.time()
         records = pack.step()  # one optimizer step of every live run
         seconds = time.time() - t0
@@ -137,8 +140,9 @@ def train(jobs, task, pack, ranks, say):
             bar.set_postfix(loss=f"{r['loss']:.4f}", norm="-" if norm is None else f"{norm:.3g}")
     bar.close()
     if faults:
-        message = faults[0] if len(jobs) == 1 else (f"train: {len(faults)} of the {len(jobs)} runs of the pack "
-                                                     "stopped; the others finished. " + " ".join(faults))
+        message = faults[0] if len(jobs) == 1 else (
+            f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others finished. "
+            + " ".join(faults))
         raise runtime.quiet_unless_master(NonFiniteError(message), ranks.rank)
     return results
 
@@ -169,18 +173,20 @@ def validate_and_save(job, task, ranks, bar):
 def validate_and_log(job, task, ranks):
     """Score the run on the validation split and log the "eval" event; returns the metrics."""
     t0 = time.time()
-    scores = decoding.score_split(job.net, task.tokenizer, task.meta, task.val_examples, task.val_src, ranks,
-                                  **decoding.decode_options(job.args))
+    scores = decoding.score_split(job.net, task.tokenizer, task.meta, task.val_examples, task.val_src,
+                                  ranks, **decoding.decode_options(job.args))
     seconds = time.time() - t0
-    job.log({"event": "eval", "step": job.run.step, "split": "validation", **scores, "eval_time_s": seconds,
+    job.log({"event": "eval", "step": job.run.step, "split": "validation", **scores,
+             "eval_time_s": seconds,
              "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
     return scores
 
 
 def train_event(r, seconds):
     """The "train" log event of one optimizer step (r: the run's record of the pack step)."""
-    return {"event": "train", "step": r["step"], "loss": r["loss"], "lr": r["lr"], "grad_norm": r["grad_norm"],
-            "prompt_norm": r["prompt_norm"], "epoch": r["epoch"], "examples_per_s": r["examples"] / seconds,
+    return {"event": "train", "step": r["step"], "loss": r["loss"], "lr": r["lr"],
+            "grad_norm": r["grad_norm"], "prompt_norm": r["prompt_norm"], "epoch": r["epoch"],
+            "examples_per_s": r["examples"] / seconds,
             "tokens_per_s": r["tokens"] / seconds}
 
 
@@ -191,7 +197,8 @@ def nonfinite_stop(job, what, lr, master=True):
     job.log({"event": "nonfinite", "step": step, "what": what})
     kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
             f"no checkpoint was saved; log.jsonl in {out_dir} records it")
-    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); stopped. {kept}")
+    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); "
+                         f"stopped. {kept}")
     if master:
         files.write_text(out_dir / runs.FAILED_NAME, f"{err}\n")
     return err
@@ -217,7 +224,8 @@ def open_folders(args, specs, packed, jobs, left_out, say):
         job = SimpleNamespace(args=spec, out_dir=out_dir, lock=lock, index=i)
         jobs.append(job)
         skip = packed and not args.overwrite and runs.finished(out_dir)
-        job.resume_path = "finished" if skip else runfolder.open_run_folder(out_dir, resume, args.overwrite, say)
+        job.resume_path = ("finished" if skip else
+                           runfolder.open_run_folder(out_dir, resume, args.overwrite, say))
         if job.resume_path == "finished":
             if resume:
                 runfolder.refuse_more_steps(out_dir, spec)
@@ -234,15 +242,17 @@ def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
     or --source DIR): stages link by files on disk."""
     if (Path(data_dir) / task / "meta.json").exists():
         return
+    folder = Path(data_dir) / task
     if not registry.known(task):
-        raise errors.Failure(f"train: unknown task {task!r} and no {Path(data_dir) / task / 'meta.json'}; "
+        raise errors.Failure(f"train: unknown task {task!r} and no {folder / 'meta.json'}; "
                              f"tasks: {', '.join(registry.TASKS)}")
-    command = ["--tasks", task, "--out", str(data_dir), "--tokenizer", tokenizer, *(["--source", source] if source else [])]
-    say(f"train: {Path(data_dir) / task} is not prepared yet; preparing it now (python prepare_data.py "
+    command = ["--tasks", task, "--out", str(data_dir), "--tokenizer", tokenizer,
+               *(["--source", source] if source else [])]
+    say(f"train: {folder} is not prepared yet; preparing it now (python prepare_data.py "
         f"{' '.join(command)})", flush=True)
     script = Path(__file__).with_name("prepare_data.py")
     if subprocess.run([sys.executable, str(script), *command]).returncode:
-        raise errors.Failure(f"train: {Path(data_dir) / task} could not be prepared (prepare_data.py said why above)")
+        raise errors.Failure(f"train: {folder} could not be prepared (prepare_data.py said why above)")
 
 
 check_split = batching.check_split  # a split file against its meta.json (batching.py)
@@ -258,59 +268,33 @@ def load_task(args, ranks, say):
     meta = files.load_meta(args.data_dir, args.task)
     metrics.check_metrics(meta, Path(args.data_dir) / args.task / "meta.json")
     if args.eval_mode == "rank" and not meta.get("labels"):
-        raise errors.Failure(f"train: --eval-mode rank needs a label set; {args.task} has open targets")
+        raise errors.Failure(f"train: --eval-mode rank needs a label set; {args.task} has open "
+                             "targets")
     args.max_length = args.max_length or meta["max_length"]
     folder = Path(args.data_dir) / args.task
     split = f"k{args.fewshot_k}_seed{args.fewshot_seed}" if args.fewshot_k else "train"
     train_file = folder / (f"train_{split}.jsonl" if args.fewshot_k else "train.jsonl")
     if not train_file.exists():
-        raise errors.Failure(f"train: no {train_file}; prepare it with `python prepare_data.py --tasks {args.task} "
-                         f"--out {args.data_dir} --overwrite --fewshot {args.fewshot_k} --fewshot-seeds {args.fewshot_seed}`")
-    train_examples, train_src, train_tgt = batching.load_split(train_file, tokenizer, args.max_length, args.max_train_examples)
-    batching.check_split(meta, split, train_examples, train_file, args.max_train_examples is not None)
+        raise errors.Failure(f"train: no {train_file}; prepare it with `python prepare_data.py --tasks "
+                             f"{args.task} --out {args.data_dir} --overwrite --fewshot {args.fewshot_k} "
+                             f"--fewshot-seeds {args.fewshot_seed}`")
+    limit, eval_limit = args.max_train_examples, args.max_eval_examples
+    train_examples, train_src, train_tgt = batching.load_split(train_file, tokenizer, args.max_length,
+                                                               limit)
+    batching.check_split(meta, split, train_examples, train_file, limit is not None)
     if args.fewshot_k and ranks.master:
         old = [split] if split in registry.old_fewshot_sets(meta) else []
         if warning := registry.old_fewshot_warning(args.data_dir, {args.task: old}):
             say(f"train: {warning}")
-    val_examples, val_src, _ = batching.load_split(folder / "validation.jsonl", tokenizer, args.max_length, args.max_eval_examples)
-    batching.check_split(meta, "validation", val_examples, folder / "validation.jsonl", args.max_eval_examples is not None)
+    val_file = folder / "validation.jsonl"
+    val_examples, val_src, _ = batching.load_split(val_file, tokenizer, args.max_length, eval_limit)
+    batching.check_split(meta, "validation", val_examples, val_file, eval_limit is not None)
     if not args.no_test:  # checked now, not after hours of training
-        batching.check_split(meta, "test", files.read_jsonl(folder / "test.jsonl", args.max_eval_examples, what="split file"),
-                    folder / "test.jsonl", args.max_eval_examples is not None)
+        test_rows = files.read_jsonl(folder / "test.jsonl", eval_limit, what="split file")
+        batching.check_split(meta, "test", test_rows, folder / "test.jsonl", eval_limit is not None)
     return SimpleNamespace(tokenizer=tokenizer, meta=meta, folder=folder, train_file=train_file,
                            data=(train_src, train_tgt, tokenizer.pad_token_id),
                            val_examples=val_examples, val_src=val_src)
-
-
-def batch_plan(args, n_train, world_size):
-    """(steps per epoch, micro-batch size, accumulation steps) of a run; --epochs becomes
-    args.max_steps."""
-    # the last batch of an epoch may be partial
-    steps_per_epoch = math.ceil(n_train / args.batch_size)
-    if args.epochs is not None:
-        args.max_steps = math.ceil(args.epochs * steps_per_epoch)
-    per_rank = math.ceil(args.batch_size / world_size)
-    micro_batch_size = min(args.micro_batch_size or per_rank, per_rank)
-    return steps_per_epoch, micro_batch_size, math.ceil(per_rank / micro_batch_size)
-
-
-def load_frozen_t5(args, task, seed):
-    """The T5 (random weights from `seed` with --random-init), checked against the tokenizer, its
-    dropout set."""
-    t5 = pretrained.load_t5(args.model, random_init=args.random_init, seed=seed)
-    if len(task.tokenizer) > t5.config.vocab_size:
-        raise errors.Failure(f"train: the tokenizer has {len(task.tokenizer)} tokens, the model {t5.config.vocab_size}")
-    if args.dropout is not None:
-        pretrained.set_dropout(t5, args.dropout)
-    return t5
-
-
-def label_ids(args, task):
-    """The label tokens --init label starts from (None without a label set)."""
-    labels = task.meta.get("labels")
-    if args.init == "label" and not labels:
-        raise errors.Failure(f"train: --init label needs a task with a label set; {args.task} has none")
-    return batching.label_token_ids(task.tokenizer, labels) if labels else None
 
 
 def build(jobs, task, ranks, say, packed, max_rows=None):
@@ -319,36 +303,43 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
     are written only once every run's checks have passed (a refusal for one run changes no run's
     files)."""
     first = jobs[0].args
-    t5 = load_frozen_t5(first, task, first.seed).to(ranks.device)
+    t5 = pretrained.load_t5(first.model, random_init=first.random_init, seed=first.seed)
+    pretrained.check_vocab(task.tokenizer, t5, first.dropout)
+    t5 = t5.to(ranks.device)
     t5.train()  # T5's dropout stays active though frozen, as under the HF Trainer (docs/paper.md)
     for job in jobs:
         a, job.resumed = job.args, job.resume_path is not None
         a.max_length = first.max_length
-        job.steps_per_epoch, job.micro_batch_size, job.grad_accum_steps = batch_plan(
+        job.steps_per_epoch, job.micro_batch_size, job.grad_accum_steps = options.batch_plan(
             a, len(task.data[0]), ranks.world_size)
         job.run = multirun.make_run(
             t5, a.method, seed=a.seed, lr=a.lr, max_steps=a.max_steps, batch_size=a.batch_size,
-            micro_batch_size=job.micro_batch_size, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
+            micro_batch_size=job.micro_batch_size, weight_decay=a.weight_decay,
+            warmup_steps=a.warmup_steps,
             max_grad_norm=a.max_grad_norm, group_by_length=a.group_by_length, init=a.init,
-            label_ids=label_ids(a, task), name=str(job.out_dir), **M.prompt_options(vars(a)))
+            label_ids=batching.label_ids(task.tokenizer, task.meta, a.init, a.task), name=str(job.out_dir), **M.prompt_options(vars(a)))
         job.net = job.raw_model = job.run.prompted(t5)  # what validation, start_log and finish take
         job.rng = None
         if job.resume_path:
             ckpt = runfolder.read_checkpoint(job.resume_path, a.max_steps)
-            runfolder.restore(lambda: job.run.load_checkpoint_state(ckpt), job.resume_path, job.run.params)
+            load = functools.partial(job.run.load_checkpoint_state, ckpt)
+            runfolder.restore(load, job.resume_path, job.run.params)
             job.rng = runfolder.rank_rng(ckpt, ranks, say)
             if ranks.master:
                 runfolder.check_resume_files(job.out_dir)
         job.step = job.start_step = job.run.step
         job.meter = runtime.Throughput(warm=2 if a.max_steps - job.start_step >= 10 else 0)
-    extra = {"pack": {"size": len(jobs), "runs": [j.out_dir.name for j in jobs]}} if packed else None
+    names = [j.out_dir.name for j in jobs]
+    extra = {"pack": {"size": len(jobs), "runs": names}} if packed else None
     for job in jobs:  # every run checked: only now does any run's folder change
-        job.log = runfolder.start_log(job.args, job.out_dir, job, task, ranks, job.resume_path, say, extra=extra)
+        job.log = runfolder.start_log(job.args, job.out_dir, job, task, ranks, job.resume_path, say,
+                                      extra=extra)
     compiled = torch.compile if first.compile else (lambda m: m)
     wrap = compiled
     if ranks.world_size > 1:  # no buffer sync before each forward: T5's buffers never change
         wrap = lambda net: DDP(compiled(net), forward_sync_buffers=False,  # noqa: E731
-                               device_ids=[ranks.local_rank] if ranks.device.startswith("cuda") else None)
+                               device_ids=[ranks.local_rank] if ranks.device.startswith("cuda")
+                               else None)
     return multirun.Pack(t5, [job.run for job in jobs], task.data, device=ranks.device,
                          amp=runtime.set_precision(first.dtype, ranks.device), rank=ranks.rank,
                          world_size=ranks.world_size, max_rows=max_rows, wrap=wrap)
@@ -361,7 +352,8 @@ def restore_rng(jobs, ranks):
     if rngs:
         runtime.set_rng_state(rngs[0])
     else:
-        runtime.seed_everything(jobs[0].args.seed + ranks.rank + 1_000_003 * min(j.run.step for j in jobs))
+        step = min(j.run.step for j in jobs)
+        runtime.seed_everything(jobs[0].args.seed + ranks.rank + 1_000_003 * step)
 
 
 def finish(job, task, ranks, say):
@@ -379,13 +371,14 @@ def finish(job, task, ranks, say):
     if prompt is not None:
         net = M.PromptedT5(raw_model.t5, M.FoldedPrompt(prompt.float()))  # inference needs only P'
         if ranks.master:
-            M.save_folded_prompt(out_dir / "prompt.pt", prompt, {"task": args.task, "method": args.method,
-                                                                 "step": run.best_step, "score": run.best_score})
+            M.save_folded_prompt(out_dir / "prompt.pt", prompt, {
+                "task": args.task, "method": args.method, "step": run.best_step, "score": run.best_score})
     test = None
     if not args.no_test:
         test_file = task.folder / "test.jsonl"
-        examples, source_ids, _ = batching.load_split(test_file, task.tokenizer, args.max_length, args.max_eval_examples)
-        batching.check_split(task.meta, "test", examples, test_file, args.max_eval_examples is not None)
+        limit = args.max_eval_examples
+        examples, source_ids, _ = batching.load_split(test_file, task.tokenizer, args.max_length, limit)
+        batching.check_split(task.meta, "test", examples, test_file, limit is not None)
         scores = decoding.score_split(net, task.tokenizer, task.meta, examples, source_ids, ranks,
                                       **decoding.decode_options(args))
         test = {"task": args.task, "split": "test", "mode": args.eval_mode, "checkpoint": "best",
@@ -393,13 +386,15 @@ def finish(job, task, ranks, say):
         if ranks.master:
             files.write_json(out_dir / "metrics.json", test)
     t = job.throughput
-    log({"event": "end", "step": run.step, **t, "best_step": run.best_step, "best_score": run.best_score,
+    log({"event": "end", "step": run.step, **t, "best_step": run.best_step,
+         "best_score": run.best_score,
          "test_score": test["score"] if test else None})
     say(f"train: done {out_dir.name}: best validation {run.best_score:.2f} at step {run.best_step}"
         + (f", test {test['score']:.2f}" if test else "")
         + f"; {t['train_examples_per_s']:.1f} examples/s, {t['train_tokens_per_s']:.0f} tokens/s, "
         f"peak memory {t['peak_memory_mb']:.0f} MiB ({t['peak_memory_kind']})")
-    return {"out_dir": str(out_dir), "best_step": run.best_step, "best_score": run.best_score, "metrics": test,
+    return {"out_dir": str(out_dir), "best_step": run.best_step, "best_score": run.best_score,
+            "metrics": test,
             "throughput": t, "config": job.config, "model": raw_model}
 
 
@@ -414,7 +409,8 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if int(os.environ.get("RANK", 0)) == 0:
-            print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: run the same command "
+            print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: "
+                  "run the same command "
                   "with --resume to continue", file=sys.stderr, flush=True)
         sys.exit(130)
     finally:  # also after a failure: every rank stopped at the same point (runtime.master_first)

@@ -159,3 +159,12 @@ def batches_by_length(ids, batch_size, sort, token_budget=False):
             batch = []
         batch.append(i)
     return batches + [batch] if batch else batches
+
+
+def label_ids(tokenizer, meta, init, task):
+    """The label tokens `--init label` starts from (None without a label set)."""
+    labels = meta.get("labels")
+    if init == "label" and not labels:
+        raise errors.Failure(f"train: --init label needs a task with a label set; {task} has none")
+    return label_token_ids(tokenizer, labels) if labels else None
+

@@ -5,6 +5,7 @@ one home.
 import argparse
 import functools
 import itertools
+import math
 from pathlib import Path
 
 import model as M
@@ -221,3 +222,14 @@ def resolve_runs(args, specs, packed):
         raise errors.Failure(f"train: --out-dir {problem}")
     return [run]
 
+
+def batch_plan(args, n_train, world_size):
+    """(steps per epoch, micro-batch size, accumulation steps) of a run; --epochs becomes
+    args.max_steps."""
+    # the last batch of an epoch may be partial
+    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    if args.epochs is not None:
+        args.max_steps = math.ceil(args.epochs * steps_per_epoch)
+    per_rank = math.ceil(args.batch_size / world_size)
+    micro_batch_size = min(args.micro_batch_size or per_rank, per_rank)
+    return steps_per_epoch, micro_batch_size, math.ceil(per_rank / micro_batch_size)

@@ -268,3 +268,13 @@ def set_dropout(t5, rate):
             module.p = rate
         elif isinstance(getattr(module, "dropout", None), float):
             module.dropout = rate
+
+
+def check_vocab(tokenizer, t5, dropout=None):
+    """A T5 checked against the tokenizer it will read, its dropout rate set (None: the config's)."""
+    if len(tokenizer) > t5.config.vocab_size:
+        raise errors.Failure(f"train: the tokenizer has {len(tokenizer)} tokens, the model "
+                             f"{t5.config.vocab_size}")
+    if dropout is not None:
+        set_dropout(t5, dropout)
+
