@@ -74,18 +74,21 @@ def main(argv=None):
         if not ranks.master:  # rank 0 claimed the folders; the others learn which runs train
             jobs[:] = [SimpleNamespace(args=specs[i], out_dir=Path(specs[i].out_dir), lock=None,
                                        resume_path=r) for i, r in kept]
-        if not jobs:
-            if packed:
-                say(f"train: nothing left to train of the {len(specs)} runs")
-                return {"runs": {}, "finished": True}
+        if not jobs and not packed:
             return {"out_dir": specs[0].out_dir, "finished": True}
-        task = ranks.first(lambda: load_task(jobs[0].args, ranks, say), everyone=True)
-        pack = ranks.first(lambda: build(jobs, task, ranks, say, packed, max_rows), everyone=True)
-        results = train(jobs, task, pack, ranks, say)
+        results = {}
+        if not jobs:
+            say(f"train: nothing left to train of the {len(specs)} runs")
+        else:
+            task = ranks.first(lambda: load_task(jobs[0].args, ranks, say), everyone=True)
+            pack = ranks.first(lambda: build(jobs, task, ranks, say, packed, max_rows), everyone=True)
+            results = train(jobs, task, pack, ranks, say)
     if left_out:  # the pack is not finished: its command must not read as done
         raise runs.Busy(f"train: {len(left_out)} run(s) of the pack were left out, held by another "
                         f"process: {' '.join(left_out)}; run the same command again once it is done")
-    return {"runs": results} if packed else results[str(jobs[0].out_dir)]
+    if not packed:
+        return results[str(jobs[0].out_dir)]
+    return {"runs": results, **({} if jobs else {"finished": True})}
 
 
 # --- the loop -------------------------------------------------------------------------------------

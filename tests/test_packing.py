@@ -368,5 +368,9 @@ def test_bench_runs(tiny_model_dir):
 
 
 def test_ft_cannot_be_packed():
+    """ft is a Run whose module is T5 itself: alone it is a pack of one, beside another run refused."""
+    t5 = tiny_t5()
+    ft = multirun.make_run(t5, "ft", name="ft")
+    assert ft.full and ft.prompt() is None and ft.module is t5
     with pytest.raises(ValueError, match="ft"):
-        multirun.make_run(tiny_t5(), "ft")
+        multirun.Pack(t5, [ft, multirun.make_run(t5, "ept", name="ept")], ([[3, 1]], [[1]], 0))
