@@ -1,59 +1,73 @@
 """Speed benchmark: our fast paths against the reference stack's behaviour, side by side in one run.
 
-Reads data/<task>/{train,validation,test}.jsonl + meta.json (prepare_data.py) and a T5. Writes nothing but
-the optional --json file; prints two tables and the speedup ratios.
+Reads data/<task>/{train,validation,test}.jsonl + meta.json (prepare_data.py) and a T5. Writes
+nothing but the optional --json file; prints two tables and the speedup ratios.
 
-Training (the real step: the one train.py's loop runs for a lone run, a multirun.Pack of one run), on the
-same `--steps` batches of `--batch-size` examples drawn from train.py's epoch-0 order, same seeds, each config
-with its own copy of the initial prompt (all of T5 for ft), its own optimizer and dropout RNG; `--untimed-steps`
-untimed steps first, then the timed steps INTERLEAVED (a, b, c, a, b, c, ...) so that other work on a shared
-machine slows the three alike. On CUDA (--warm-shapes, default there) every config first runs its timed
-batches once untimed: the first step at a new input length costs more on a GPU (kernels loaded and chosen on
-first use), a one-off per shape that a run of thousands of steps amortizes but that would dominate 50 steps of
-varying lengths; that first pass is kept as "cold" figures. The peak memory of each
-config is measured afterwards, alone (a fresh optimizer, two steps on its largest padded batch):
+Training: the real step, the one train.py's loop takes for a lone run (a multirun.Pack of one run,
+built by multirun.make_run as train.py builds it), on the same `--steps` batches of `--batch-size`
+examples drawn from train.py's epoch-0 order, same seeds. Each config has its own run (a fresh
+prompt module from the same seed, a copy of T5 for ft), its own optimizer and dropout RNG;
+`--untimed-steps` untimed steps first, then the timed steps INTERLEAVED (a, b, c, a, b, c, ...) so
+that other work on a shared machine slows the three alike. On CUDA (--warm-shapes, default there)
+every config first runs its timed batches once untimed: the first step at a new input length costs
+more on a GPU (kernels loaded and chosen on first use), a one-off per shape that a run of thousands
+of steps amortizes but that would dominate 50 steps of varying lengths; that first pass is kept as
+"cold" figures. The peak memory of each config is measured afterwards, alone (a fresh run and
+optimizer, two steps on its largest padded batch):
   (a) ours: every batch padded to its own longest row
-  (b) ours + --group-by-length: the SAME examples regrouped by train.py's epoch_order (sorted longest first
-      within a mega-batch), so batches hold similar lengths
-  (c) reference stack: every input padded to --max-length (256) and every label to the longest target
-Evaluation (the same held-out examples: validation rows, then test rows, first --eval-examples; one untimed
-warm-up on 8 examples per config, then --eval-repeats rounds over the configs, the median time kept):
-  (1) decoding.predict: batched greedy decoding sorted by length, max_new_tokens = meta max_target_length,
-      each row stops at </s>
-  (2) decoding.rank_classify: one encoder pass per example, every label scored in one decoder pass (after a
-      first step shared by the labels, decoding.label_nll)
-  (3) reference: batches in data order, inputs padded to --max-length, HF generate(max_length=20), which stops
-      only when every row of a batch has emitted </s> (HF's own early stop, nothing else)
-  (3b) (3) with max_new_tokens as in (1): how much of (1)'s gain is padding and order alone. A random-weight
-      T5 almost never emits </s>, so (3) runs all 19 decoder steps; a TRAINED model writes "0</s>" and HF
-      stops after 3, like (3b). (3b) is the honest figure for trained models.
+  (b) ours + --group-by-length: the SAME examples regrouped by train.py's epoch_order (sorted
+      longest first within a mega-batch), so batches hold similar lengths
+  (c) reference stack: every input padded to --max-length (256) and every label to the longest
+      target (the pack's pad_to)
+Evaluation (the same held-out examples: validation rows, then test rows, first --eval-examples; one
+untimed warm-up on 8 examples per config, then --eval-repeats rounds over the configs, the median
+time kept):
+  (1) decoding.predict: batched greedy decoding sorted by length, max_new_tokens = meta
+      max_target_length, each row stops at </s>
+  (2) decoding.rank_classify: one encoder pass per example, every label scored in one decoder pass
+      (after a first step shared by the labels, decoding.label_nll)
+  (3) reference: batches in data order, inputs padded to --max-length, HF generate(max_length=20),
+      which stops only when every row of a batch has emitted </s> (HF's own early stop alone)
+  (3b) (3) with max_new_tokens as in (1): how much of (1)'s gain is padding and order alone. A
+      random-weight T5 almost never emits </s>, so (3) runs all 19 decoder steps; a TRAINED model
+      writes "0</s>" and HF stops after 3, like (3b). (3b) is the honest figure for trained models.
 
-Examples/s counts examples; real tokens = source + target ids of each example (</s> included, prompt rows
-excluded); padded tokens = the input and label tensors' sizes (prompt rows excluded, the same n everywhere).
-Peak memory: CUDA torch.cuda.max_memory_allocated over the config (model, optimizer state and activations
-included); CPU the peak resident set size over the config minus the RSS before it (sampled every 5 ms after
-gc + malloc_trim), i.e. what the config adds on top of the loaded model. The 1-minute load average is
-recorded at the start, after training and at the end: on a shared machine it says how busy the cores were.
+Examples/s counts examples; real tokens = source + target ids of each example (</s> included,
+prompt rows excluded); padded tokens = the input and label tensors' sizes (prompt rows excluded, the
+same n everywhere). Peak memory: CUDA torch.cuda.max_memory_allocated over the config (model,
+optimizer state and activations included); CPU the peak resident set size over the config minus the
+RSS before it (sampled every 5 ms after gc + malloc_trim), i.e. what the config adds on top of the
+loaded model. The 1-minute load average is recorded at the start, after training and at the end:
+on a shared machine it says how busy the cores were.
 
-FLOPs (training, per example; S = encoder tokens incl. the prompt, T = decoder tokens, 2 FLOPs per MAC):
-  linear    = 2 * [S * L_enc * (4 d i + F) + T * L_dec * (4 d i + 2 d i + F) + S * L_dec * 2 d i + T * d V]
-              (i = heads * d_kv; F = 2 d d_ff, 3 d d_ff gated; cross-attention K/V run on encoder tokens)
+FLOPs (training, per example; S = encoder tokens incl. the prompt, T = decoder tokens, 2 FLOPs per
+MAC; ept/costs.py):
+  linear    = 2 * [S * L_enc * (4 d i + F) + T * L_dec * (4 d i + 2 d i + F) + S * L_dec * 2 d i
+                   + T * d V]
+              (i = heads * d_kv; F = 2 d d_ff, 3 d d_ff gated; cross-attn K/V on encoder tokens)
   attention = 4 i * (L_enc S^2 + L_dec (T^2 + T S))           (QK^T and AV)
-  step      = 3 * linear + 3 * attention   for ft   (backward = activation grads + weight grads = 2x forward)
-            = 2 * linear + 3 * attention   for prompt methods (frozen T5: activation grads only, no weight
-                                             grads, so the linear layers' backward costs 1x forward)
-"useful" TFLOP/s counts real tokens (MFU), "hardware" TFLOP/s counts padded tokens (what the chip computed).
-The fraction of peak uses --peak-tflops, else the card's dense bf16 peak from PEAK_BF16_TFLOPS (CUDA + bf16).
+  step      = 3 * linear + 3 * attention   for ft (backward = activation + weight grads = 2x
+                                           forward)
+            = 2 * linear + 3 * attention   for prompt methods (frozen T5: activation grads only,
+                                           no weight grads: the linear layers' backward is 1x
+                                           forward)
+"useful" TFLOP/s counts real tokens (MFU), "hardware" TFLOP/s padded ones (what the chip computed).
+The fraction of peak uses --peak-tflops, else the card's dense bf16 peak from PEAK_BF16_TFLOPS
+(CUDA + bf16).
 
     # CPU, as docs/speed.md was measured (2 shared cores: --threads 1; 10-15 minutes per run there)
-    python prepare_data.py --source ../shared/data/raw --tasks rte sst2 --out /tmp/benchdata --tokenizer ../shared/data/t5
-    python scripts/bench.py --method ept --model ../shared/data/t5/t5-small --random-init --tokenizer ../shared/data/t5 \\
-        --task rte --data-dir /tmp/benchdata --steps 20 --threads 1 --json bench_rte_ept.json
+    python prepare_data.py --source ../shared/data/raw --tasks rte sst2 --out /tmp/benchdata \\
+        --tokenizer ../shared/data/t5
+    python scripts/bench.py --method ept --model ../shared/data/t5/t5-small --random-init \\
+        --tokenizer ../shared/data/t5 --task rte --data-dir /tmp/benchdata --steps 20 --threads 1 \\
+        --json bench_rte_ept.json
     # one GPU: t5-base with bf16 autocast (and optionally --compile); ept against ft for peak memory
-    python scripts/bench.py --method ept --model ../shared/data/t5/t5-base --random-init --tokenizer ../shared/data/t5 \\
-        --task rte --data-dir /tmp/benchdata --steps 50 --untimed-steps 5 --dtype bf16
-    python scripts/bench.py --method ft  --model ../shared/data/t5/t5-base --random-init --tokenizer ../shared/data/t5 \\
-        --task rte --data-dir /tmp/benchdata --steps 50 --untimed-steps 5 --dtype bf16 --skip-eval
+    python scripts/bench.py --method ept --model ../shared/data/t5/t5-base --random-init \\
+        --tokenizer ../shared/data/t5 --task rte --data-dir /tmp/benchdata --steps 50 \\
+        --untimed-steps 5 --dtype bf16
+    python scripts/bench.py --method ft  --model ../shared/data/t5/t5-base --random-init \\
+        --tokenizer ../shared/data/t5 --task rte --data-dir /tmp/benchdata --steps 50 \\
+        --untimed-steps 5 --dtype bf16 --skip-eval
 """
 import argparse
 import copy
@@ -80,49 +94,73 @@ from ept import runtime  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 # data
 group = parser.add_argument_group("data")
-group.add_argument("--task", required=True, help="task name: data/<task>/ written by prepare_data.py")
-group.add_argument("--data-dir", default="data", help="folder holding <task>/meta.json and the split files")
-group.add_argument("--max-length", type=int, default=None, help="max input tokens (default: meta.json's, 256)")
-group.add_argument("--eval-examples", type=int, default=256, help="held-out examples to decode (validation, then test)")
+group.add_argument("--task", required=True,
+                   help="task name: data/<task>/ written by prepare_data.py")
+group.add_argument("--data-dir", default="data",
+                   help="folder holding <task>/meta.json and the split files")
+group.add_argument("--max-length", type=int, default=None,
+                   help="max input tokens (default: meta.json's, 256)")
+group.add_argument("--eval-examples", type=int, default=256,
+                   help="held-out examples to decode (validation, then test)")
 # model
 group = parser.add_argument_group("model")
 group.add_argument("--model", default="t5-base", help="Hub name or local folder of the T5")
-group.add_argument("--tokenizer", default=None, help="Hub name or folder of the tokenizer (default: --model)")
-group.add_argument("--random-init", action="store_true", help="random T5 weights from the config (speed only)")
-group.add_argument("--method", default="ept", choices=M.METHODS, help="ft = full fine-tuning, else a prompt method")
-group.add_argument("--prompt-length", type=int, default=10, help="prompt rows n for pt/ptuning/resprompt")
-group.add_argument("--reparam", default="mlp", choices=M.REPARAMS, help="ptuning's reparameterization network")
+group.add_argument("--tokenizer", default=None,
+                   help="Hub name or folder of the tokenizer (default: --model)")
+group.add_argument("--random-init", action="store_true",
+                   help="random T5 weights from the config (speed only)")
+group.add_argument("--method", default="ept", choices=M.METHODS,
+                   help="ft = full fine-tuning, else a prompt method")
+group.add_argument("--prompt-length", type=int, default=10,
+                   help="prompt rows n for pt/ptuning/resprompt")
+group.add_argument("--reparam", default="mlp", choices=M.REPARAMS,
+                   help="ptuning's reparameterization network")
 # optimisation
 group = parser.add_argument_group("optimisation")
-group.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (the paper's 16)")
-group.add_argument("--steps", type=int, default=20, help="timed optimizer steps per training config")
-group.add_argument("--untimed-steps", type=int, default=2, help="untimed steps per training config first (allocator, compile)")
+group.add_argument("--batch-size", type=int, default=16,
+                   help="examples per optimizer step (the paper's 16)")
+group.add_argument("--steps", type=int, default=20,
+                   help="timed optimizer steps per training config")
+group.add_argument("--untimed-steps", type=int, default=2,
+                   help="untimed steps per training config first (allocator, compile)")
 group.add_argument("--warm-shapes", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the timed batches once untimed first (default: on CUDA only; see the docstring)")
-group.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
-group.add_argument("--seed", type=int, default=0, help="seeds the T5 weights, the prompt, the data order and dropout")
-group.add_argument("--dtype", default="fp32", choices=runtime.DTYPES, help="as train.py --dtype: fp32 (the paper's), tf32, bf16")
-group.add_argument("--compile", action="store_true", help="torch.compile the training forward, as train.py --compile")
+                   help="run the timed batches once untimed first (default: on CUDA only; see the "
+                        "docstring)")
+group.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
+group.add_argument("--seed", type=int, default=0,
+                   help="seeds the T5 weights, the prompt, the data order and dropout")
+group.add_argument("--dtype", default="fp32", choices=runtime.DTYPES,
+                   help="as train.py --dtype: fp32 (the paper's), tf32, bf16")
+group.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward, as train.py --compile")
 group.add_argument("--threads", type=int, default=None,
-                   help="CPU intra-op threads (default: torch's, one per core); 1 on cores shared with other jobs, "
-                        "where threads waiting for each other at every op swamp small batches (docs/speed.md)")
+                   help="CPU intra-op threads (default: torch's, one per core); 1 on cores shared "
+                        "with other jobs, where threads waiting for each other at every op swamp "
+                        "small batches (docs/speed.md)")
 group.add_argument("--dropout", type=float, default=None,
-                   help="override T5's dropout (default: the config's 0.1); with 0, (a) and (c) must give the same losses")
+                   help="override T5's dropout (default: the config's 0.1); with 0, (a) and (c) "
+                        "must give the same losses")
 # evaluation
 group = parser.add_argument_group("evaluation")
-group.add_argument("--eval-batch-size", type=int, default=64, help="examples per decoding batch, every eval config")
-group.add_argument("--reference-max-length", type=int, default=20, help="HF generate's max_length in (3) (HF default 20)")
-group.add_argument("--eval-repeats", type=int, default=3, help="rounds over the evaluation configs; the median is kept")
+group.add_argument("--eval-batch-size", type=int, default=64,
+                   help="examples per decoding batch, every eval config")
+group.add_argument("--reference-max-length", type=int, default=20,
+                   help="HF generate's max_length in (3) (HF default 20)")
+group.add_argument("--eval-repeats", type=int, default=3,
+                   help="rounds over the evaluation configs; the median is kept")
 group.add_argument("--skip-train", action="store_true", help="only the evaluation configs")
 group.add_argument("--skip-eval", action="store_true", help="only the training configs")
 # output
 group = parser.add_argument_group("output")
-group.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for the fraction (default: table)")
+group.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for the fraction (default: table)")
 group.add_argument("--json", default=None, help="also write every figure to this JSON file")
 
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets; first match of the device name wins.
-PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("A100", 312.0),
-                    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets; the first match of the
+# device name wins.
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+                    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
 
 
 def peak_tflops(device, dtype, override=None):
@@ -141,19 +179,21 @@ def peak_tflops(device, dtype, override=None):
 def machine(device):
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"device": device, "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
-            "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
+    return {"device": device, "gpu": gpu, "cpu": cpu, "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-# --- FLOPs (module docstring) -----------------------------------------------------------------------
+# --- FLOPs (module docstring) -------------------------------------------------------------------
 
-forward_flops, train_flops = costs.forward_flops, costs.train_flops  # shared with the GPU-hour model
+forward_flops, train_flops = costs.forward_flops, costs.train_flops  # one home: the cost model's
 
 
-# --- memory -----------------------------------------------------------------------------------------
+# --- memory --------------------------------------------------------------------------------------
 
 def _rss():
     with open("/proc/self/statm") as f:
@@ -161,7 +201,8 @@ def _rss():
 
 
 class PeakMemory:
-    """CUDA: max_memory_allocated over the block. CPU: peak RSS over the block minus RSS at its start."""
+    """CUDA: max_memory_allocated over the block. CPU: peak RSS over the block minus RSS at its
+    start."""
 
     def __init__(self, device):
         self.cuda = device.startswith("cuda")
@@ -208,8 +249,8 @@ def sync(device):
 # --- training: train.py's step -------------------------------------------------------------------
 
 class FedRun(multirun.Run):
-    """A multirun.Run whose next batch is the one the benchmark hands it (`batch`), not its own epoch
-    order: the three configs then train on the same examples, in the orders bench.py sets."""
+    """A multirun.Run whose next batch is the one the benchmark hands it (`batch`), not its own
+    epoch order: the three configs then train on the same examples, in the orders bench.py sets."""
     batch = None
 
     @classmethod
@@ -221,9 +262,10 @@ class FedRun(multirun.Run):
 
 
 def lone_pack(t5, ctx, pad_to):
-    """train.py's step for one run: a fresh run (multirun.make_run, as train.py builds it: the prompt
-    module, or T5 itself for ft, and its AdamW + schedule) in a multirun.Pack of one, every batch
-    padded to `pad_to` ((None, None): to its own longest row), under --compile compiled as train.py."""
+    """train.py's step for one run: a fresh run (multirun.make_run, as train.py builds it: the
+    prompt module, or T5 itself for ft, and its AdamW + schedule) in a multirun.Pack of one, every
+    batch padded to `pad_to` ((None, None): to its own longest row), compiled as train.py
+    --compile compiles it."""
     run = multirun.make_run(t5, ctx.method, seed=ctx.seed, lr=ctx.lr, batch_size=ctx.batch_size,
                             max_steps=30000, **ctx.module_options)
     return multirun.Pack(t5, [FedRun.of(run)], ctx.data, amp=ctx.amp, pad_to=pad_to,
@@ -231,7 +273,8 @@ def lone_pack(t5, ctx, pad_to):
 
 
 def feed_step(pack, idx):
-    """One step of the pack's lone run on the examples `idx`: (loss, padded input + label tokens)."""
+    """One step of the pack's lone run on the examples `idx`: (loss, padded input + label
+    tokens)."""
     run = pack.runs[0]
     run.batch = idx
     record = pack.step()[run.name]
@@ -248,7 +291,7 @@ class TrainConfig:
     def __init__(self, name, label, batches, pad_to, t5, ctx):
         self.name, self.label, self.batches, self.pad_to = name, label, batches, pad_to
         self.pack = lone_pack(copy.deepcopy(t5) if ctx.full else t5, ctx, pad_to)
-        gen = torch.Generator().manual_seed(ctx.seed)  # the same dropout stream start for every config
+        gen = torch.Generator().manual_seed(ctx.seed)  # every config: the same dropout stream
         cuda = ctx.device.startswith("cuda")
         self.rng = (gen.get_state(), torch.cuda.get_rng_state(ctx.device) if cuda else None)
         self.seconds, self.losses, self.padded, self.cold_seconds = [], [], 0, []
@@ -279,7 +322,9 @@ def measure_train_memory(batches, pad_to, t5, ctx):
     src, tgt = ctx.data[:2]
     big = max(batches, key=lambda b: len(b) * (max(pad_to[0] or 0, max(len(src[i]) for i in b))
                                                 + max(pad_to[1] or 0, max(len(tgt[i]) for i in b))))
-    start = {k: v.detach().to("cpu", copy=True) for k, v in t5.state_dict().items()} if ctx.full else None
+    start = None
+    if ctx.full:
+        start = {k: v.detach().to("cpu", copy=True) for k, v in t5.state_dict().items()}
     with PeakMemory(ctx.device) as mem:
         pack = lone_pack(t5, ctx, pad_to)
         for _ in range(2):
@@ -316,7 +361,7 @@ def train_row(cfg, ctx, t5_config):
     examples = sum(len(b) for b in cfg.batches)
     real = sum(len(src[i]) + len(tgt[i]) for b in cfg.batches for i in b)
     useful = hardware = 0
-    for b in cfg.batches:  # FLOPs: real lengths per example, and the padded shapes the chip computed
+    for b in cfg.batches:  # FLOPs: real lengths per example, and the padded shapes computed
         S_pad = max(cfg.pad_to[0] or 0, max(len(src[i]) for i in b)) + n_prompt
         T_pad = max(cfg.pad_to[1] or 0, max(len(tgt[i]) for i in b))
         useful += sum(train_flops(t5_config, len(src[i]) + n_prompt, len(tgt[i]), full) for i in b)
@@ -326,7 +371,8 @@ def train_row(cfg, ctx, t5_config):
             "real_tokens_per_s": real / seconds, "padded_tokens_per_s": cfg.padded / seconds,
             "padding_fraction": 1 - real / cfg.padded,
             "useful_tflops": useful / seconds / 1e12, "hardware_tflops": hardware / seconds / 1e12,
-            "mean_loss": float(np.mean(cfg.losses)), "losses": cfg.losses, "step_seconds": cfg.seconds,
+            "mean_loss": float(np.mean(cfg.losses)), "losses": cfg.losses,
+            "step_seconds": cfg.seconds,
             "cold_step_seconds": cfg.cold_seconds,
             "cold_examples_per_s": examples / sum(cfg.cold_seconds) if cfg.cold_seconds else None}
 
@@ -355,7 +401,7 @@ def time_configs(configs, warm, args, device, warm_shapes):
         for j in range(args.steps):
             for cfg in configs:
                 cfg.step(cfg.batches[j], device, timed=False, cold=True)
-    for j in range(args.steps):  # interleaved: a load spike on a shared machine hits every config alike
+    for j in range(args.steps):  # interleaved: a load spike hits every config alike
         for cfg in configs:
             cfg.step(cfg.batches[j], device, timed=True)
 
@@ -365,7 +411,8 @@ def bench_train(args, ctx, t5, result):
     warm, timed, grouped = train_orders(args, ctx)
     bs = args.batch_size
     specs = (("own_longest", "(a) pad to batch's longest", as_batches(timed, bs), (None, None)),
-             ("group_by_length", "(b) (a) + --group-by-length", as_batches(grouped, bs), (None, None)),
+             ("group_by_length", "(b) (a) + --group-by-length", as_batches(grouped, bs),
+              (None, None)),
              ("pad_to_max_length", f"(c) reference: pad to {ctx.max_length}", as_batches(timed, bs),
               ctx.pad_max))
     configs = [TrainConfig(*spec, t5, ctx) for spec in specs]
@@ -376,7 +423,8 @@ def bench_train(args, ctx, t5, result):
     del configs  # free the copies (and optimizer state) before measuring memory config by config
     for row, (_, _, batches, pad_to) in zip(rows, specs):
         print(f"bench: peak memory of {row['label']} ...", flush=True)
-        row["peak_memory_mib"], row["peak_memory_kind"] = measure_train_memory(batches, pad_to, t5, ctx)
+        memory = measure_train_memory(batches, pad_to, t5, ctx)
+        row["peak_memory_mib"], row["peak_memory_kind"] = memory
     result["train"] = rows
     summarize_train(result, args, ctx, t5.config)
 
@@ -391,7 +439,8 @@ def summarize_train(result, args, ctx, t5_config):
                                 (None, None)),
                                (rows[2], plain, ctx.pad_max)):
         row["epoch_padding_fraction"] = padding_fraction(as_batches(order, bs), src, tgt, pad_to)
-    result["train_flop_ceiling"] = flop_ceiling(t5_config, src, tgt, ctx.n_prompt, ctx.full, ctx.pad_max)
+    result["train_flop_ceiling"] = flop_ceiling(t5_config, src, tgt, ctx.n_prompt, ctx.full,
+                                                ctx.pad_max)
     ref = rows[-1]
     for row in rows[:-1]:
         result["speedups"][f"train {row['config']}"] = row["examples_per_s"] / ref["examples_per_s"]
@@ -402,11 +451,11 @@ def summarize_train(result, args, ctx, t5_config):
                                                  for a, c in zip(rows[0]["losses"], ref["losses"]))
 
 
-# --- evaluation -------------------------------------------------------------------------------------
+# --- evaluation ----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def reference_predict(model, tokenizer, ids, *, batch_size, pad_length, device, dtype, max_length=20,
-                      max_new_tokens=None):
+def reference_predict(model, tokenizer, ids, *, batch_size, pad_length, device, dtype,
+                      max_length=20, max_new_tokens=None):
     """The reference stack's decoding: batches in data order, every input padded to `pad_length`, HF
     generate with max_length (HF default 20), which stops early only when every row of the batch has
     emitted </s>."""
@@ -415,17 +464,19 @@ def reference_predict(model, tokenizer, ids, *, batch_size, pad_length, device, 
     was_training = model.training
     model.eval()
     for start in range(0, len(ids), batch_size):
-        input_ids, mask = batching.pad(ids[start:start + batch_size], tokenizer.pad_token_id, pad_length)
+        batch = ids[start:start + batch_size]
+        input_ids, mask = batching.pad(batch, tokenizer.pad_token_id, pad_length)
         with runtime.autocast(device, dtype):
-            gen = model.generate(input_ids.to(device), mask.to(device), do_sample=False, num_beams=1,
-                                 **limit)
+            gen = model.generate(input_ids.to(device), mask.to(device), do_sample=False,
+                                 num_beams=1, **limit)
         out += [text.strip() for text in tokenizer.batch_decode(gen, skip_special_tokens=True)]
     model.train(was_training)
     return out
 
 
 def count_decode_steps(net):
-    """Wrap net.generate to record the new tokens of every batch (the output has the start token first)."""
+    """Wrap net.generate to record the new tokens of every batch (the output has the start token
+    first)."""
     steps, generate = [], net.generate
 
     def counted(*args, **kwargs):
@@ -437,7 +488,8 @@ def count_decode_steps(net):
 
 
 def eval_configs(args, ctx, net):
-    """(name, label, predict(ids)) of the evaluation configs (1), (2) if the task has labels, (3), (3b)."""
+    """(name, label, predict(ids)) of the evaluation configs (1), (2) if the task has labels, (3)
+    and (3b)."""
     tokenizer, meta, max_length = ctx.tokenizer, ctx.meta, ctx.max_length
     new_tokens = meta["max_target_length"]
     kw = dict(batch_size=args.eval_batch_size, device=ctx.device, dtype=args.dtype)
@@ -451,7 +503,8 @@ def eval_configs(args, ctx, net):
     ref = args.reference_max_length
     return configs + [
         ("reference", f"(3) reference: data order, pad {max_length}, max_length {ref}",
-         lambda x: reference_predict(net, tokenizer, x, pad_length=max_length, max_length=ref, **kw)),
+         lambda x: reference_predict(net, tokenizer, x, pad_length=max_length, max_length=ref,
+                                     **kw)),
         ("reference_short", f"(3b) reference padding+order, max_new_tokens={new_tokens}",
          lambda x: reference_predict(net, tokenizer, x, pad_length=max_length,
                                      max_new_tokens=new_tokens, **kw))]
@@ -495,7 +548,8 @@ def bench_eval(args, ctx, net, result):
         result["eval"].append({
             "config": name, "label": label, "examples": len(ids), "seconds": seconds,
             "examples_per_s": len(ids) / seconds, "round_seconds": [r[0] for r in runs[name]],
-            "decode_steps_per_batch": runs[name][0][2], "peak_memory_mib": max(r[1] for r in runs[name]),
+            "decode_steps_per_batch": runs[name][0][2],
+            "peak_memory_mib": max(r[1] for r in runs[name]),
             "peak_memory_kind": mem.kind, "agreement_with_1": same})
     ref = next(r for r in result["eval"] if r["config"] == "reference")["examples_per_s"]
     for row in result["eval"]:
@@ -503,12 +557,13 @@ def bench_eval(args, ctx, net, result):
             result["speedups"][f"eval {row['config']}"] = row["examples_per_s"] / ref
 
 
-# --- output -----------------------------------------------------------------------------------------
+# --- output --------------------------------------------------------------------------------------
 
 def print_tables(result):
     a, m = result["args"], result["machine"]
     print(f"\nbench: {a['method']} on {a['task']}, {Path(a['model']).name}"
-          f"{' (random init)' if a['random_init'] else ''}, {result['dtype']}, {m['gpu'] or m['cpu']} "
+          f"{' (random init)' if a['random_init'] else ''}, {result['dtype']}, "
+          f"{m['gpu'] or m['cpu']} "
           f"({m['torch_threads']} threads), torch {m['torch']}")
     if result["train"]:
         print_train_table(result)
@@ -522,10 +577,11 @@ def print_tables(result):
 def print_train_table(result):
     a, rows, peak = result["args"], result["train"], result["peak_tflops"]
     print(f"\ntraining: batch {a['batch_size']}, {a['steps']} timed steps per config after "
-          f"{a['untimed_steps']} warm-up, interleaved; {result['n_trainable']:,} trainable parameters; "
+          f"{a['untimed_steps']} warm-up, interleaved; {result['n_trainable']:,} trainable "
+          f"parameters; "
           f"memory = {rows[0]['peak_memory_kind']}")
-    head = (f"{'config':<30}{'ex/s':>8}{'real tok/s':>11}{'pad tok/s':>10}{'pad %':>6}{'peak MiB':>9}"
-            f"{'TFLOP/s':>9}")
+    head = (f"{'config':<30}{'ex/s':>8}{'real tok/s':>11}{'pad tok/s':>10}{'pad %':>6}"
+            f"{'peak MiB':>9}{'TFLOP/s':>9}")
     print(head + (f"{'MFU %':>7}{'HFU %':>7}" if peak else "") + f"{'x (c)':>7}")
     ref = rows[-1]["examples_per_s"]
     for r in rows:
@@ -533,17 +589,20 @@ def print_train_table(result):
                 f"{r['padded_tokens_per_s']:>10.0f}{100 * r['padding_fraction']:>6.1f}"
                 f"{r['peak_memory_mib']:>9.0f}{r['useful_tflops']:>9.4f}")
         if peak:
-            line += f"{100 * r['useful_tflops'] / peak:>7.2f}{100 * r['hardware_tflops'] / peak:>7.2f}"
+            line += (f"{100 * r['useful_tflops'] / peak:>7.2f}"
+                     f"{100 * r['hardware_tflops'] / peak:>7.2f}")
         print(line + f"{r['examples_per_s'] / ref:>7.2f}")
     print("TFLOP/s: useful (real tokens; hardware, padded: "
-          + ", ".join(f"{r['hardware_tflops']:.4f}" for r in rows) + f"); peak: {result['peak_source']}")
+          + ", ".join(f"{r['hardware_tflops']:.4f}" for r in rows)
+          + f"); peak: {result['peak_source']}")
     if rows[0]["cold_examples_per_s"]:
         print("cold (first pass over the same batches, --warm-shapes) ex/s: "
               + ", ".join(f"{r['label'][:3]} {r['cold_examples_per_s']:.2f}" for r in rows))
     print("padding over the whole epoch 0 as train.py orders it: "
           + ", ".join(f"{r['label'][:3]} {100 * r['epoch_padding_fraction']:.1f}%" for r in rows))
     print(f"FLOP ceiling: (c)'s FLOPs per example / the real ones, whole training split = "
-          f"{result['train_flop_ceiling']:.2f}x (the most padding removal can give at equal FLOP/s)")
+          f"{result['train_flop_ceiling']:.2f}x (the most padding removal can give at equal "
+          "FLOP/s)")
     if "loss_max_rel_diff_a_vs_c" in result:
         print(f"dropout 0: (a) vs (c) losses, max relative difference "
               f"{result['loss_max_rel_diff_a_vs_c']:.2e}")
@@ -552,7 +611,8 @@ def print_train_table(result):
 def print_eval_table(result):
     a, rows = result["args"], result["eval"]
     print(f"\nevaluation: {rows[0]['examples']} held-out examples, batch {a['eval_batch_size']}, "
-          f"median of {a['eval_repeats']} interleaved rounds; memory = {rows[0]['peak_memory_kind']}")
+          f"median of {a['eval_repeats']} interleaved rounds; memory = "
+          f"{rows[0]['peak_memory_kind']}")
     print(f"{'config':<50}{'ex/s':>8}{'seconds':>9}{'steps/batch':>12}{'peak MiB':>9}{'x (3)':>7}"
           f"{'same as (1)':>12}")
     ref = next(r for r in rows if r["config"] == "reference")["examples_per_s"]
@@ -563,11 +623,12 @@ def print_eval_table(result):
               f"{r['peak_memory_mib']:>9.0f}{r['examples_per_s'] / ref:>7.2f}{same:>12}")
 
 
-# --- the benchmark ----------------------------------------------------------------------------------
+# --- the benchmark -------------------------------------------------------------------------------
 
 def setup(args):
     """What both benchmarks share (ctx): device, precision, the task's training split tokenized as
-    train.py does, the run's options, and the T5 as train.py builds it (training mode, dropout on)."""
+    train.py does, the run's options, and the T5 as train.py builds it (training mode, dropout
+    on)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = files.load_meta(args.data_dir, args.task)
     max_length = args.max_length or meta["max_length"]
@@ -575,7 +636,8 @@ def setup(args):
     folder = Path(args.data_dir) / args.task
     _, src, tgt = batching.load_split(folder / "train.jsonl", tokenizer, max_length)
     ctx = SimpleNamespace(
-        device=device, amp=runtime.set_precision(args.dtype, device), meta=meta, max_length=max_length,
+        device=device, amp=runtime.set_precision(args.dtype, device), meta=meta,
+        max_length=max_length,
         tokenizer=tokenizer, folder=folder, data=(src, tgt, tokenizer.pad_token_id),
         lengths=[len(s) + len(t) for s, t in zip(src, tgt)],
         pad_max=(max_length, max(meta["max_target_length"], max(map(len, tgt)))),  # the reference's
@@ -601,7 +663,8 @@ def main(argv=None):
     peak, peak_source = peak_tflops(ctx.device, args.dtype, args.peak_tflops)
     result = {"args": vars(args), "machine": machine(ctx.device), "dtype": args.dtype,
               "n_trainable": M.count_trainable(start.module), "n_prompt": ctx.n_prompt,
-              "peak_tflops": peak, "peak_source": peak_source, "train": [], "eval": [], "speedups": {},
+              "peak_tflops": peak, "peak_source": peak_source, "train": [], "eval": [],
+              "speedups": {},
               "load_average": {"start": os.getloadavg()}}  # shared machine: how busy the cores were
     print(f"bench: {args.method} on {args.task}: {len(ctx.data[0])} training rows, "
           f"{result['n_trainable']:,} trainable parameters, {ctx.device} {args.dtype}, "
