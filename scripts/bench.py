@@ -637,8 +637,8 @@ def setup(args):
     _, src, tgt = batching.load_split(folder / "train.jsonl", tokenizer, max_length)
     ctx = SimpleNamespace(
         device=device, amp=runtime.set_precision(args.dtype, device), meta=meta,
-        max_length=max_length,
-        tokenizer=tokenizer, folder=folder, data=(src, tgt, tokenizer.pad_token_id),
+        tokenizer=tokenizer, max_length=max_length, folder=folder,
+        data=(src, tgt, tokenizer.pad_token_id),
         lengths=[len(s) + len(t) for s, t in zip(src, tgt)],
         pad_max=(max_length, max(meta["max_target_length"], max(map(len, tgt)))),  # the reference's
         method=args.method, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
@@ -664,8 +664,7 @@ def main(argv=None):
     result = {"args": vars(args), "machine": machine(ctx.device), "dtype": args.dtype,
               "n_trainable": M.count_trainable(start.module), "n_prompt": ctx.n_prompt,
               "peak_tflops": peak, "peak_source": peak_source, "train": [], "eval": [],
-              "speedups": {},
-              "load_average": {"start": os.getloadavg()}}  # shared machine: how busy the cores were
+              "speedups": {}, "load_average": {"start": os.getloadavg()}}  # how busy the cores were
     print(f"bench: {args.method} on {args.task}: {len(ctx.data[0])} training rows, "
           f"{result['n_trainable']:,} trainable parameters, {ctx.device} {args.dtype}, "
           f"{torch.get_num_threads()} threads")
