@@ -1,36 +1,61 @@
-"""torch.compile over two length buckets on the CPU: the tiny 2 + 2-layer T5, ept, batch 2, inputs of 16 and 32 ids
-alternating; eager vs compiled ms per train_step (docs/speed.md, "Packing").  python scripts/compile_buckets.py"""
+"""torch.compile over two length buckets on the CPU: eager vs compiled ms per training step.
+
+The tiny 2 + 2-layer T5, one `ept` run, batch 2, inputs of 16 and 32 ids alternating. The step is
+train.py's for one run: a multirun.Pack of that one run (a lone run is a pack of one), compiled as
+train.py --compile does (torch.compile around the pack's forward module). docs/speed.md, "Packing".
+
+    python scripts/compile_buckets.py
+"""
 import argparse
-import contextlib
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-import model as M
-import train
-from ept import cli, multirun, pretrained
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
+from bench import FedRun  # noqa: E402
+from bench_pack import synthetic  # noqa: E402
+from ept import cli, multirun, pretrained  # noqa: E402
 
-argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter).parse_args()  # --help, no options
-from transformers import T5Config, T5ForConditionalGeneration
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+B, N = 2, 50  # batch size; examples per length bucket
 
-torch.set_num_threads(1); torch.manual_seed(0)
-cfg = T5Config(vocab_size=32128, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **pretrained.TINY)
-t5 = T5ForConditionalGeneration(cfg).train()
-B = 2
-datas = [train.TrainData(*multirun._synthetic(B * 50, L, 2, 32128)[:2], 0) for L in (16, 32)]  # two length buckets
-run = multirun.make_run(t5, "ept", seed=0, lr=0.3, batch_size=B, max_steps=100000)
-net = M.PromptedT5(t5, run.module)
-def steps(model, n):
+
+def steps(pack, n):
+    """Mean seconds per step over n steps, the batch alternating between the two length buckets."""
     t0 = time.perf_counter()
     for i in range(n):
-        d = datas[i % 2]
-        train.train_step(model, net, run.optimizer, run.scheduler, run.next_batch(B * 50), d, amp=contextlib.nullcontext(), device="cpu", micro_batch_size=B)
+        start = (i % 2) * N + (i // 2 * B) % N  # bucket i % 2, its examples in turn
+        pack.runs[0].batch = list(range(start, start + B))
+        pack.step()
     return (time.perf_counter() - t0) / n
-steps(net, 20); eager = steps(net, 200)
-comp = torch.compile(net)
-t0 = time.perf_counter(); steps(comp, 4); ctime = time.perf_counter() - t0
-c = steps(comp, 200)
-eager2 = steps(net, 200)
-print(f"batch {B}, 2 length buckets (16/32 ids): eager {eager*1e3:.1f} / {eager2*1e3:.1f} ms/step, compiled {c*1e3:.1f} ms/step, first 4 compiled steps (compile) {ctime:.0f} s")
+
+
+def main():
+    parser.parse_args()  # --help; no options
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=32128, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0,
+                   eos_token_id=1, **pretrained.TINY)
+    t5 = T5ForConditionalGeneration(cfg).train()
+    short, long = synthetic(N, 16, 2, 32128), synthetic(N, 32, 2, 32128)
+    data = (short[0] + long[0], short[1] + long[1], 0)  # bucket 0: ids 0..N-1, bucket 1: N..2N-1
+    run = FedRun.of(multirun.make_run(t5, "ept", seed=0, lr=0.3, batch_size=B, max_steps=100000))
+    eager_pack = multirun.Pack(t5, [run], data)
+    compiled_pack = multirun.Pack(t5, [run], data, wrap=torch.compile)  # the same run, compiled
+    steps(eager_pack, 20)
+    eager = steps(eager_pack, 200)
+    t0 = time.perf_counter()
+    steps(compiled_pack, 4)
+    compile_s = time.perf_counter() - t0
+    compiled = steps(compiled_pack, 200)
+    eager2 = steps(eager_pack, 200)
+    print(f"batch {B}, 2 length buckets (16/32 ids): eager {eager * 1e3:.1f} / {eager2 * 1e3:.1f} "
+          f"ms/step, compiled {compiled * 1e3:.1f} ms/step, first 4 compiled steps (compile) "
+          f"{compile_s:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,11 +10,11 @@ Dropout is OFF wherever two paths are compared: its masks are drawn per tensor e
 the max length draws different masks for the same real tokens than the same batch padded to its own longest.
 With dropout off the two paths compute the same function; the tolerance is float rounding (1e-5 relative).
 """
-import copy
 import json
 import random
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import bench
 import model as M
 import reference
-from ept import batching, decoding, optim, pretrained, runtime
+from ept import batching, decoding, pretrained, runtime
 
 WORDS = "good bad fine awful great poor nice sad happy dull the movie plot was not very".split()
 MAX_LENGTH = 40
@@ -103,26 +103,26 @@ def test_pad_to_longest_gives_the_pad_to_max_loss_and_gradients(toy, tiny_model_
 
 @pytest.mark.parametrize("method,tol", [("pt", 1e-4), ("ept_star", 1e-3)])
 def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_dir, method, tol):
-    """reference.train_step (bench.py runs it too) for 4 steps at lr 0.3: own-longest and pad-to-max give the same
-    losses and reach the same prompt. The prompt tolerance is relative to its scale: Adam divides by sqrt(v),
-    so rounding-level gradient differences grow with each step, more through EPT's product P1 W_down W_up."""
+    """bench.py's training step (train.py's: a multirun.Pack of one run) for 4 steps at lr 0.3:
+    own-longest and pad-to-max give the same losses and reach the same prompt. The prompt tolerance
+    is relative to its scale: Adam divides by sqrt(v), so rounding-level gradient differences grow
+    with each step, more through EPT's product P1 W_down W_up."""
     tok, src, tgt, _ = toy
-    net = prompted(tiny_model_dir, method)
-    start = copy.deepcopy(net.prompt_module.state_dict())
-    initial = net.prompt().detach().clone()
-    prompts, losses = [], []
+    t5 = no_dropout(pretrained.load_t5(str(tiny_model_dir))).train()
+    ctx = SimpleNamespace(method=method, seed=0, lr=0.3, batch_size=8, module_options={},
+                          data=(src, tgt, tok.pad_token_id), amp=nullcontext(), compile=False)
+    prompts, losses, padded = [], [], []
     for pad_to in ((None, None), (MAX_LENGTH, 6)):
-        net.prompt_module.load_state_dict(start)
-        params = [p for p in net.prompt_module.parameters()]
-        optimizer, scheduler = optim.make_optimizer(params, 0.3, 0.01, False, 100)
-        data = bench.PaddedData(src, tgt, tok.pad_token_id, pad_to)
-        run = [reference.train_step(net, net, optimizer, scheduler, list(range(8 * k, 8 * k + 8)), data,
-                                amp=nullcontext(), device="cpu", micro_batch_size=8)[0] for k in range(4)]
-        losses.append(run)
-        prompts.append(net.prompt().detach().clone())
+        pack = bench.lone_pack(t5, ctx, pad_to)
+        initial = pack.runs[0].prompt()
+        steps = [bench.feed_step(pack, list(range(8 * k, 8 * k + 8))) for k in range(4)]
+        losses.append([loss for loss, _ in steps])
+        padded.append(sum(n for _, n in steps))
+        prompts.append(pack.runs[0].prompt())
+    assert padded[1] == 4 * 8 * (MAX_LENGTH + 6) > padded[0]  # (c) really ran padded batches
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert (prompts[0] - prompts[1]).abs().max() <= tol * prompts[0].abs().max()
-    assert (prompts[0] - initial).abs().max() > 100 * tol * prompts[0].abs().max()  # it did train, visibly
+    assert (prompts[0] - initial).abs().max() > 100 * tol * prompts[0].abs().max()  # it did train
 
 
 def test_group_by_length_only_reorders(toy, tiny_model_dir):
