@@ -1,6 +1,6 @@
 """The packing benchmark: packed steps of R prompt runs on one frozen T5 against R solo train.py steps.
 
-    python bench_pack.py              # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
+    python bench_pack.py            # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
     python bench_pack.py --runs 1 8 --batch-size 16 --length 128 --threads 2
     python bench_pack.py --device cuda --dtype bf16 --max-rows 0 --config ../shared/data/t5/t5-base   # a GPU
 
@@ -103,9 +103,11 @@ def bench(config, runs=(1, 4, 16, 32), batch_size=16, length=82, target_length=2
 
 def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprompt"), repeats=20,
                  fused=None):
-    """What the per-run update costs for `r` runs, without any forward: the pack's own clipping, AdamW,
-    schedule, zeroing and mu_t (Pack.step's update) on random gradients; the median of `repeats`, in ms."""
-    runs = [make_run(t5, methods[i % len(methods)], seed=i, max_steps=1000, fused=fused) for i in range(r)]
+    """What the per-run update costs for `r` runs, without any forward: the pack's own clipping,
+    AdamW, schedule, zeroing and mu_t (Pack.step's update) on random gradients; the median of
+    `repeats`, in ms."""
+    runs = [make_run(t5, methods[i % len(methods)], seed=i, max_steps=1000, fused=fused)
+            for i in range(r)]
     times = []
     for k in range(repeats + 1):  # the first: the optimizers' lazy state
         for x in runs:

@@ -200,8 +200,9 @@ class PromptedT5(nn.Module):
     def embed(self, input_ids, attention_mask, prompt=None, prompt_mask=None):
         """Encoder inputs: prompt rows first, the mask extended to match. The one place P' enters.
 
-        `prompt`: P' (n, d) for every example (default: this model's), or (B, n, d), one per example
-        (a pack's runs). `prompt_mask` (B, n): 0 on padding rows of a shorter prompt; default all 1."""
+        `prompt`: P' (n, d) for every example (default: this model's), or (B, n, d), one per
+        example (a pack's runs). `prompt_mask` (B, n): 0 on the padding rows of a shorter prompt,
+        default all 1."""
         x = self.t5.get_input_embeddings()(input_ids)  # (B, L, d)
         p = self.prompt() if prompt is None else prompt
         if p is None:

@@ -21,14 +21,15 @@ With dropout 0 in fp32 a packed run equals its solo run within float rounding (t
 With dropout on, the runs of a pack draw their masks from one shared stream, so they differ from their solo
 runs in the dropout random numbers only.
 
-Each run keeps its own torch.optim.AdamW and LambdaLR, stepped one run after another: its optimizer and
-scheduler state_dicts are then a solo run's (a pack run resumes solo and back), and one AdamW with a
-group per run would batch nothing, since torch's AdamW steps one parameter group at a time.
+Each run keeps its own torch.optim.AdamW and LambdaLR, stepped one run after another: its optimizer
+and scheduler state_dicts are then a solo run's (a pack run resumes solo and back), and one AdamW
+with a group per run would batch nothing, since torch's AdamW steps one parameter group at a time.
 
     python bench_pack.py        # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
 
 API: make_run(t5, method, ...) -> Run; Pack(t5, runs, data, ...).step() -> {run name: step record};
-Run.checkpoint_state(rng, world_size) / Run.load_checkpoint_state(state); PackedT5 (the shared forward).
+Run.checkpoint_state(rng, world_size) / Run.load_checkpoint_state(state);
+PackedT5 (the shared forward); clip_runs and step_runs (the per-run update).
 """
 import math
 import time
@@ -48,7 +49,7 @@ CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data",
                    "world_size")  # train.py's last.pt / best.pt
 
 
-# --- one run of a pack ----------------------------------------------------------------------------
+# --- one run of a pack ---------------------------------------------------------------------------
 
 @dataclass(eq=False)
 class Run:
@@ -154,7 +155,7 @@ def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, mic
                config=dict(config or {}, method=method, seed=seed, lr=lr, **module_options))
 
 
-# --- the shared forward ---------------------------------------------------------------------------
+# --- the shared forward --------------------------------------------------------------------------
 
 class PackedT5(nn.Module):
     """One frozen T5 and R prompt modules; example i of a batch gets the prompt of run `run_ids[i]`.
@@ -166,8 +167,8 @@ class PackedT5(nn.Module):
 
     def __init__(self, t5, modules):
         super().__init__()
-        # A PromptedT5 whose prompt module is the list of the runs' modules: it freezes T5, and its
-        # embed prepends the per-example prompts built here, so a pack and a solo run share one prepend.
+        # A PromptedT5 whose prompt module is the list of the runs' modules: it freezes T5, and
+        # its embed prepends the per-example prompts built here (one prepend for packs and solo).
         self.prompted = M.PromptedT5(t5, nn.ModuleList(modules))
         self.active = list(range(len(modules)))
 
@@ -211,31 +212,34 @@ class PackedT5(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, run_ids, **kwargs):
         inputs_embeds, mask = self.embed(input_ids, attention_mask, run_ids)
-        return self.prompted.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
+        t5 = self.prompted.t5
+        return t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
 
-# --- the per-run update ---------------------------------------------------------------------------
+# --- the per-run update --------------------------------------------------------------------------
 
 def clip_runs(runs):
     """Clip each run's gradients at its own max_grad_norm (0 = off), as train_step does; (R,) norms
     before clipping."""
-    return torch.stack([torch.nn.utils.clip_grad_norm_(r.params, r.max_grad_norm if r.max_grad_norm > 0
-                                                       else math.inf).float() for r in runs])
+    clip = torch.nn.utils.clip_grad_norm_
+    return torch.stack([clip(r.params, r.max_grad_norm if r.max_grad_norm > 0 else math.inf)
+                        for r in runs]).float()
 
 
 def step_runs(runs, stepping):
-    """AdamW and the schedule for the runs in `stepping` (those whose loss and gradient are finite),
-    every run's gradients dropped, and mu_t (Eq. 4) of each run: the mean row norm of its P'."""
+    """AdamW and the schedule of the runs in `stepping` (loss and gradient finite), every run's
+    gradients dropped; returns each run's mu_t (Eq. 4), the mean row norm of its P'."""
     for r in stepping:
         r.optimizer.step()
         r.scheduler.step()
     for r in runs:
         r.optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        return torch.stack([r.module().float().norm(dim=1).mean() for r in runs]).tolist()  # one sync
+        mu = torch.stack([r.module().float().norm(dim=1).mean() for r in runs])
+        return mu.tolist()  # one host sync for all runs
 
 
-# --- the pack -------------------------------------------------------------------------------------
+# --- the pack ------------------------------------------------------------------------------------
 
 class Pack:
     """R runs training together on one frozen T5 and one training split.
@@ -244,7 +248,7 @@ class Pack:
     `wrap(packed)` returns the module that runs the forward (PackedT5 itself by default; DDP and/or
     torch.compile around it); it is called again whenever the set of training runs changes, because
     DDP must not hold parameters that stop receiving gradients (the leaving run's parameters are set
-    requires_grad=False first). `amp`: the autocast context (train.py: runtime.autocast(device, dtype)).
+    requires_grad=False first). `amp`: the autocast context (runtime.autocast(device, dtype)).
     Forward passes: by default packed micro-batch m is every run's m-th micro-batch (its own
     micro_batch_size, as train_step splits its shard); with `max_rows`, the rank's examples of all runs are
     instead sorted longest first (`sort_by_length`, default on) and cut into forward passes of at most

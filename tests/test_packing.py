@@ -2,11 +2,12 @@
 
     python -m pytest -q tests/test_packing.py          # ~1 minute on 2 CPU cores (torchrun test included)
 
-Covers: left-padded prompts of different lengths == each prompt alone (and the padding rows must be masked:
-a negative control), a pack of 4 runs (pt n=10, ept n=1, ptuning, resprompt; different seeds, lrs, batch and micro-batch
-sizes, a warm-up, clipping engaged) == each run trained alone by train.train_step for 5 steps, a non-finite
-run leaving the pack while the others go on unchanged, per-run checkpoints (train.py's keys) and resume,
-a pack run == the same run trained by train.py's CLI, DDP on 2 processes (gloo) == 1 process, the benchmark.
+Covers: left-padded prompts of different lengths == each prompt alone (and the padding rows must be
+masked: a negative control), a pack of 4 runs (pt n=10, ept n=1, ptuning, resprompt; different
+seeds, lrs, batch and micro-batch sizes, a warm-up, clipping engaged) == each run trained alone by
+train.train_step for 5 steps, a non-finite run leaving the pack while the others go on unchanged,
+per-run checkpoints (train.py's keys) and resume, a pack run == the same run trained by train.py's
+CLI, DDP on 2 processes (gloo) == 1 process, the benchmark.
 """
 import json
 import os
