@@ -20,8 +20,10 @@ runs at the paper's default lr, seed 0 unless --seed) and writes results/analysi
     python analyze.py all                                    # everything, t5-base runs
     python analyze.py norms --tasks boolq rte                # one analysis
     python analyze.py transfer --max-eval-examples 1000      # cap each zero-shot evaluation
-    python analyze.py directions --tasks boolq rte           # A.1: P-Tuning's positive / negative prompts
-    python analyze.py all --model tiny-t5 --results-dir smoke/results --data-dir smoke/data   # SMOKE
+    # A.1: P-Tuning's positive / negative prompts:
+    python analyze.py directions --tasks boolq rte
+    # SMOKE:
+    python analyze.py all --model tiny-t5 --results-dir smoke/results --data-dir smoke/data
 
 Analyses whose runs are missing are skipped with a message; report.py then notes the figure as
 missing.
@@ -43,23 +45,34 @@ NEIGHBOUR_METHODS = ["pt", "resprompt", "ptuning", "ept", "ept_star"]
 MAX_POINTS = 600  # mu_t is logged every step (30K): keep this many points per curve
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-parser.add_argument("analysis", choices=("norms", "cosine", "subset", "transfer", "neighbours", "directions", "all"))
+parser.add_argument("analysis", choices=("norms", "cosine", "subset", "transfer", "neighbours",
+                                         "directions", "all"))
 # data
-parser.add_argument("--results-dir", default="results", help="where table1.jsonl / table2.jsonl are; output goes "
-                                                              "to <results-dir>/analysis/")
-parser.add_argument("--data-dir", default=None, help="data folder for evaluations (default: each run's)")
-parser.add_argument("--tasks", nargs="+", type=cli.name, default=None, help="tasks (default: the paper's per figure)")
+parser.add_argument("--results-dir", default="results",
+                    help="where table1.jsonl / table2.jsonl are; output goes "
+                         "to <results-dir>/analysis/")
+parser.add_argument("--data-dir", default=None,
+                    help="data folder for evaluations (default: each run's)")
+parser.add_argument("--tasks", nargs="+", type=cli.name, default=None,
+                    help="tasks (default: the paper's per figure)")
 # runs
-parser.add_argument("--model", default="t5-base", help="model tag of the runs (folder name for a local model)")
-parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, help="methods (default: the paper's per figure)")
-parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="the run to analyse where one is needed")
+parser.add_argument("--model", default="t5-base",
+                    help="model tag of the runs (folder name for a local model)")
+parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS,
+                    help="methods (default: the paper's per figure)")
+parser.add_argument("--seed", type=cli.nonnegative_int, default=0,
+                    help="the run to analyse where one is needed")
 # evaluation
-parser.add_argument("--row", type=cli.nonnegative_int, default=0, help="subset: which row P'_i to repeat")
-parser.add_argument("--lengths", nargs="+", type=cli.positive_int, default=list(range(1, 11)), help="subset: repeat counts l")
+parser.add_argument("--row", type=cli.nonnegative_int, default=0,
+                    help="subset: which row P'_i to repeat")
+parser.add_argument("--lengths", nargs="+", type=cli.positive_int, default=list(range(1, 11)),
+                    help="subset: repeat counts l")
 parser.add_argument("--max-eval-examples", type=cli.positive_int, default=None,
                     help="subset/transfer/directions: score the first N test rows")
-parser.add_argument("--eval-batch-size", type=cli.positive_int, default=64, help="examples per decoding batch")
-parser.add_argument("--top-k", type=cli.positive_int, default=5, help="neighbours: tokens per prompt row")
+parser.add_argument("--eval-batch-size", type=cli.positive_int, default=64,
+                    help="examples per decoding batch")
+parser.add_argument("--top-k", type=cli.positive_int, default=5,
+                    help="neighbours: tokens per prompt row")
 
 
 # --- run selection -------------------------------------------------------------------------------
@@ -73,14 +86,17 @@ def main_runs(results_dir, model, experiments=("table1", "table2")):
     rows = []
     for experiment in experiments:
         path = Path(results_dir) / f"{experiment}.jsonl"
-        rows_here = files.read_jsonl(path, what="results file", missing_ok=True, fix=files.RESULTS_FIX)
+        rows_here = files.read_jsonl(path, what="results file", missing_ok=True,
+                                     fix=files.RESULTS_FIX)
         for number, row in enumerate(rows_here, 1):
             missing = [k for k in ROW_KEYS if k not in row]
             if missing or row["method"] not in M.METHODS:
                 raise files.FileFault(f"the results file {path} is damaged: row {number} has no "
-                                      f"{', '.join(missing) or 'known method'}; delete that line and rerun "
+                                      f"{', '.join(missing) or 'known method'}; "
+                                      "delete that line and rerun "
                                       f"`python ablate.py {experiment}` to write it again")
-            if row.get("model_tag") == model and row.get("lr") == options.defaults(row["method"])["lr"]:
+            if (row.get("model_tag") == model
+                    and row.get("lr") == options.defaults(row["method"])["lr"]):
                 rows.append(row)
     return rows
 
@@ -141,8 +157,9 @@ def norm_curves(rows, tasks, methods):
             curves = [read_curves(r["run"]) for r in runs]
             steps, norms = downsample(*_mean_by_step([(c[0], c[1]) for c in curves]))
             eval_steps, scores = _mean_by_step([(c[2], c[3]) for c in curves])
-            out.setdefault(task, {})[method] = {"step": steps, "prompt_norm": norms, "eval_step": eval_steps,
-                                                "score": scores, "seeds": sorted(r["seed"] for r in runs)}
+            out.setdefault(task, {})[method] = {"step": steps, "prompt_norm": norms,
+                                                "eval_step": eval_steps, "score": scores,
+                                                "seeds": sorted(r["seed"] for r in runs)}
     return out
 
 
@@ -161,27 +178,35 @@ def prompt_cosines(rows, tasks, methods, seed):
             for row in pick(rows, task, method, seed):
                 prompt, _ = M.load_folded_prompt(Path(row["run"]) / "prompt.pt")
                 out.setdefault(task, {})[method] = {"cosine": cosine_matrix(prompt).tolist(),
-                                                    "norms": prompt.norm(dim=1).tolist(), "run": row["run"]}
+                                                    "norms": prompt.norm(dim=1).tolist(),
+                                                    "run": row["run"]}
     return out
 
 
 # --- Figure 4: one row broadcast l times, no retraining -------------------------------------------
 
-def subset_broadcast(rows, tasks, methods, seed, row_index, lengths, data_dir=None, max_examples=None, batch_size=64):
+def subset_broadcast(rows, tasks, methods, seed, row_index, lengths, data_dir=None,
+                     max_examples=None, batch_size=64):
     out = {}
     for task in tasks:
         for method in methods:
             for row in pick(rows, task, method, seed):
                 prompt, _ = M.load_folded_prompt(Path(row["run"]) / "prompt.pt")
                 single = prompt[row_index % prompt.size(0)]  # (d,)
-                scores = [decoding.evaluate_run(row["run"], split="test", prompt=single.expand(n, -1).clone(),
-                                                data_dir=data_dir, max_examples=max_examples, batch_size=batch_size,
-                                                write=False, quiet=True)["score"] for n in lengths]
-                original = decoding.evaluate_run(row["run"], split="test", data_dir=data_dir, max_examples=max_examples,
+                scores = [decoding.evaluate_run(row["run"], split="test",
+                                                prompt=single.expand(n, -1).clone(),
+                                                data_dir=data_dir, max_examples=max_examples,
+                                                batch_size=batch_size, write=False,
+                                                quiet=True)["score"] for n in lengths]
+                original = decoding.evaluate_run(row["run"], split="test", data_dir=data_dir,
+                                                 max_examples=max_examples,
                                                  # whole P'
-                                                 batch_size=batch_size, write=False, quiet=True)["score"]
-                out.setdefault(task, {})[method] = {"lengths": list(lengths), "score": scores, "original": original,
-                                                    "row": row_index, "row_norm": single.norm().item(), "run": row["run"]}
+                                                 batch_size=batch_size, write=False,
+                                                 quiet=True)["score"]
+                out.setdefault(task, {})[method] = {"lengths": list(lengths), "score": scores,
+                                                    "original": original, "row": row_index,
+                                                    "row_norm": single.norm().item(),
+                                                    "run": row["run"]}
                 print(f"analyze: subset {task} {method}: " + " ".join(f"{s:.1f}" for s in scores)
                       + f" (full prompt {original:.1f})")
     return out
@@ -189,31 +214,36 @@ def subset_broadcast(rows, tasks, methods, seed, row_index, lengths, data_dir=No
 
 # --- Figure 10: cross-task similarity and zero-shot transfer --------------------------------------
 
-def task_transfer(rows, tasks, seed, data_dir=None, max_examples=None, batch_size=64, method="ept_star"):
+def task_transfer(rows, tasks, seed, data_dir=None, max_examples=None, batch_size=64,
+                  method="ept_star"):
     """Cosine similarity between tasks' (single, broadcast) EPT* rows, and score(A's prompt on B) /
     score(B's own)."""
     runs = {t: pick(rows, t, method, seed) for t in tasks}
     tasks = [t for t in tasks if runs[t]]
     if not tasks:
         return {}
-    vectors = torch.stack([M.load_folded_prompt(Path(runs[t][0]["run"]) / "prompt.pt")[0][0] for t in tasks])
+    vectors = torch.stack([M.load_folded_prompt(Path(runs[t][0]["run"]) / "prompt.pt")[0][0]
+                           for t in tasks])
     own, score, ratio = {}, [], []
     for b in tasks:  # B's own score, on the same examples as the transfers to B
-        own[b] = decoding.evaluate_run(runs[b][0]["run"], split="test", data_dir=data_dir, max_examples=max_examples,
-                                       batch_size=batch_size, write=False, quiet=True)["score"]
+        own[b] = decoding.evaluate_run(runs[b][0]["run"], split="test", data_dir=data_dir,
+                                       max_examples=max_examples, batch_size=batch_size,
+                                       write=False, quiet=True)["score"]
     for a in tasks:
         score.append([])
         ratio.append([])
         for b in tasks:
             s = own[b] if a == b else decoding.evaluate_run(
-                runs[a][0]["run"], task=b, split="test", data_dir=data_dir, max_examples=max_examples,
-                batch_size=batch_size, write=False, quiet=True)["score"]
+                runs[a][0]["run"], task=b, split="test", data_dir=data_dir,
+                max_examples=max_examples, batch_size=batch_size, write=False, quiet=True)["score"]
             score[-1].append(s)
             # undefined when B scores <= 0
             ratio[-1].append(s / own[b] if own[b] and own[b] > 0 else None)
-        print(f"analyze: transfer from {a}: " + " ".join(f"{b}={s:.1f}" for b, s in zip(tasks, score[-1])))
-    return {"tasks": tasks, "method": method, "cosine": cosine_matrix(vectors).tolist(), "score": score,
-            "ratio": ratio, "own": [own[t] for t in tasks], "note": "row = prompt's task A, column = evaluated task B"}
+        print(f"analyze: transfer from {a}: "
+              + " ".join(f"{b}={s:.1f}" for b, s in zip(tasks, score[-1])))
+    return {"tasks": tasks, "method": method, "cosine": cosine_matrix(vectors).tolist(),
+            "score": score, "ratio": ratio, "own": [own[t] for t in tasks],
+            "note": "row = prompt's task A, column = evaluated task B"}
 
 
 # --- Appendix A.1: nearest vocabulary neighbours --------------------------------------------------
@@ -233,9 +263,11 @@ def frozen_embedding(run_dir, cache):
     """(run config, the frozen embedding matrix the prompt was trained against, its tokenizer),
     cached per T5."""
     config = runs.read_config(run_dir)
-    key = (config["model"], config["random_init"], config["seed"] if config["random_init"] else None)
+    key = (config["model"], config["random_init"],
+           config["seed"] if config["random_init"] else None)
     if key not in cache:
-        t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
+        t5 = pretrained.load_t5(config["model"], random_init=config["random_init"],
+                                seed=config["seed"],
                                 fix=pretrained.RUN_FIX)
         tokenizer = pretrained.load_tokenizer(config["tokenizer"], fix=pretrained.RUN_FIX)
         cache[key] = (t5.get_input_embeddings().weight.detach(), tokenizer)
@@ -249,10 +281,12 @@ def neighbours(rows, tasks, methods, seed, k=5):
             for row in pick(rows, task, method, seed):
                 config, embedding, tokenizer = frozen_embedding(row["run"], cache)
                 prompt, _ = M.load_folded_prompt(Path(row["run"]) / "prompt.pt")
-                distinct = prompt.unique(dim=0) if prompt.size(0) > 1 and method in ("ept", "ept_star") else prompt
+                distinct = (prompt.unique(dim=0)
+                            if prompt.size(0) > 1 and method in ("ept", "ept_star") else prompt)
                 out.setdefault(task, {})[method] = {
                     "rows": [{"row": i, "norm": p.norm().item(), "neighbours": nb}
-                             for i, (p, nb) in enumerate(zip(distinct, nearest_tokens(distinct, embedding, tokenizer, k)))],
+                             for i, (p, nb) in enumerate(zip(
+                                 distinct, nearest_tokens(distinct, embedding, tokenizer, k)))],
                     "labels": (config.get("meta") or {}).get("labels"), "run": row["run"],
                     "random_init": config["random_init"]}
     return out
@@ -283,8 +317,8 @@ def two_directions(prompt, iterations=100):
         if assign is not None and torch.equal(new, assign):
             break
         assign = new
-        centres = torch.stack([torch.nn.functional.normalize(unit[assign == k].sum(0), dim=0) if (assign == k).any()
-                               else centres[k] for k in range(2)])
+        centres = torch.stack([torch.nn.functional.normalize(unit[assign == k].sum(0), dim=0)
+                               if (assign == k).any() else centres[k] for k in range(2)])
     return assign.tolist()
 
 
@@ -293,7 +327,8 @@ def label_vectors(labels, embedding, tokenizer):
     --init label)."""
     out = {}
     for label in labels:
-        ids = [i for i in tokenizer(label, add_special_tokens=False)["input_ids"] if tokenizer.decode([i]).strip()]
+        ids = [i for i in tokenizer(label, add_special_tokens=False)["input_ids"]
+               if tokenizer.decode([i]).strip()]
         if ids:
             out[label] = embedding[torch.tensor(ids)].float().mean(0)  # (d,)
     return out
@@ -320,31 +355,43 @@ def prompt_directions(rows, tasks, methods, seed, data_dir=None, max_examples=No
                 prompt, _ = M.load_folded_prompt(Path(row["run"]) / "prompt.pt")
                 vectors = label_vectors(labels, embedding, tokenizer)
                 unit = torch.nn.functional.normalize(prompt.float(), dim=1)
-                label_cos = {lab: (unit @ torch.nn.functional.normalize(v, dim=0)).tolist() for lab, v in vectors.items()}
-                best_cos = [max(label_cos[lab][r] for lab in label_cos) for r in range(prompt.size(0))]
+                label_cos = {lab: (unit @ torch.nn.functional.normalize(v, dim=0)).tolist()
+                             for lab, v in vectors.items()}
+                best_cos = [max(label_cos[lab][r] for lab in label_cos)
+                            for r in range(prompt.size(0))]
                 assign = two_directions(prompt)
-                score = lambda p: decoding.evaluate_run(row["run"], split="test", prompt=p, data_dir=data_dir,
-                                                        max_examples=max_examples, batch_size=batch_size,
+                score = lambda p: decoding.evaluate_run(row["run"], split="test", prompt=p,
+                                                        data_dir=data_dir,
+                                                        max_examples=max_examples,
+                                                        batch_size=batch_size,
                                                         write=False, quiet=True)["score"]
                 groups = []
                 for k in sorted(set(assign)):
                     idx = [r for r, a in enumerate(assign) if a == k]
                     sub = unit[idx]
-                    groups.append({"rows": idx, "label_cosine": {lab: _mean([c[r] for r in idx]) for lab, c in label_cos.items()},
+                    groups.append({"rows": idx,
+                                   "label_cosine": {lab: _mean([c[r] for r in idx])
+                                                    for lab, c in label_cos.items()},
                                    "label_cosine_max": _mean([best_cos[r] for r in idx]),
                                    "within_cosine": (sub @ sub.T).mean().item(),
-                                   "norm": prompt[idx].norm(dim=1).mean().item(), "score": score(prompt[idx].clone())})
+                                   "norm": prompt[idx].norm(dim=1).mean().item(),
+                                   "score": score(prompt[idx].clone())})
                 groups.sort(key=lambda g: -g["label_cosine_max"])
                 for g, name in zip(groups, ("positive", "negative")):
                     g["name"] = name if len(groups) == 2 else "all rows (one direction)"
-                between = (unit[groups[0]["rows"]] @ unit[groups[1]["rows"]].T).mean().item() if len(groups) == 2 else None
+                between = ((unit[groups[0]["rows"]] @ unit[groups[1]["rows"]].T).mean().item()
+                           if len(groups) == 2 else None)
                 out.setdefault(task, {})[method] = {
-                    "groups": groups, "full_score": score(prompt.clone()), "between_cosine": between,
-                    "row_label_cosine": best_cos, "row_norm": prompt.norm(dim=1).tolist(), "assign": assign,
-                    "labels": list(vectors), "method": "spherical 2-means (cosine), started from the least similar rows",
+                    "groups": groups, "full_score": score(prompt.clone()),
+                    "between_cosine": between, "row_label_cosine": best_cos,
+                    "row_norm": prompt.norm(dim=1).tolist(), "assign": assign,
+                    "labels": list(vectors),
+                    "method": "spherical 2-means (cosine), started from the least similar rows",
                     "run": row["run"], "random_init": config["random_init"]}
-                print(f"analyze: directions {task} {method}: full {out[task][method]['full_score']:.1f}; "
-                      + "; ".join(f"{g['name']} rows {g['rows']} label cos {g['label_cosine_max']:.2f} "
+                print(f"analyze: directions {task} {method}: "
+                      f"full {out[task][method]['full_score']:.1f}; "
+                      + "; ".join(f"{g['name']} rows {g['rows']} "
+                                  f"label cos {g['label_cosine_max']:.2f} "
                                   f"score {g['score']:.1f}" for g in groups))
     return out
 
@@ -355,34 +402,41 @@ def prompt_directions(rows, tasks, methods, seed, data_dir=None, max_examples=No
 def main(argv=None):
     args = parser.parse_args(argv)
     if not Path(args.results_dir).is_dir():
-        raise errors.Failure(f"analyze: no results folder {args.results_dir}; run ablate.py first or pass --results-dir")
+        raise errors.Failure(f"analyze: no results folder {args.results_dir}; "
+                             "run ablate.py first or pass --results-dir")
     rows = main_runs(args.results_dir, args.model)
     out_dir = Path(args.results_dir) / "analysis"
-    todo = (["norms", "cosine", "subset", "transfer", "neighbours", "directions"] if args.analysis == "all"
-            else [args.analysis])
+    todo = (["norms", "cosine", "subset", "transfer", "neighbours", "directions"]
+            if args.analysis == "all" else [args.analysis])
     if not rows:
         tags = sorted({r["model_tag"] for e in ("table1", "table2") for r in files.read_jsonl(
             Path(args.results_dir) / f"{e}.jsonl", what="results file", missing_ok=True)})
-        raise errors.Failure(f"analyze: no main-grid rows for model {args.model!r} in {args.results_dir}/table1.jsonl, "
-                         "table2.jsonl; " + (f"the rows there are for {', '.join(tags)}: pass --model" if tags else
-                                             "run `python ablate.py table1` (or table2) first"))
+        raise errors.Failure(f"analyze: no main-grid rows for model {args.model!r} in "
+                             f"{args.results_dir}/table1.jsonl, table2.jsonl; "
+                             + (f"the rows there are for {', '.join(tags)}: pass --model" if tags
+                                else "run `python ablate.py table1` (or table2) first"))
     written = {}
     # every analysis computed first, then all written: a failure leaves the old files as they were
     for name in todo:
         if name == "norms":
-            result = norm_curves(rows, args.tasks or FIG2_TASKS + FIG11_TASKS, args.methods or NORM_METHODS)
+            result = norm_curves(rows, args.tasks or FIG2_TASKS + FIG11_TASKS,
+                                 args.methods or NORM_METHODS)
         elif name == "cosine":
-            result = prompt_cosines(rows, args.tasks or ["boolq"], args.methods or NORM_METHODS + ["ept_star"], args.seed)
+            result = prompt_cosines(rows, args.tasks or ["boolq"],
+                                    args.methods or NORM_METHODS + ["ept_star"], args.seed)
         elif name == "subset":
-            result = subset_broadcast(rows, args.tasks or FIG2_TASKS, args.methods or NORM_METHODS, args.seed, args.row,
-                                      args.lengths, args.data_dir, args.max_eval_examples, args.eval_batch_size)
+            result = subset_broadcast(rows, args.tasks or FIG2_TASKS, args.methods or NORM_METHODS,
+                                      args.seed, args.row, args.lengths, args.data_dir,
+                                      args.max_eval_examples, args.eval_batch_size)
         elif name == "transfer":
-            result = task_transfer(rows, args.tasks or list(registry.TASKS), args.seed, args.data_dir, args.max_eval_examples,
-                                   args.eval_batch_size)
+            result = task_transfer(rows, args.tasks or list(registry.TASKS), args.seed,
+                                   args.data_dir, args.max_eval_examples, args.eval_batch_size)
         elif name == "neighbours":
-            result = neighbours(rows, args.tasks or ["boolq"], args.methods or NEIGHBOUR_METHODS, args.seed, args.top_k)
+            result = neighbours(rows, args.tasks or ["boolq"], args.methods or NEIGHBOUR_METHODS,
+                                args.seed, args.top_k)
         else:
-            result = prompt_directions(rows, args.tasks or ["boolq"], args.methods or ["ptuning"], args.seed,
+            result = prompt_directions(rows, args.tasks or ["boolq"], args.methods or ["ptuning"],
+                                       args.seed,
                                        args.data_dir, args.max_eval_examples, args.eval_batch_size)
         if not result:
             print(f"analyze: {name}: no finished runs for it among {args.model!r} rows; skipped")

@@ -6,9 +6,9 @@ tokenizer and P' from config.json alone (a flag that overrides it is announced o
 uses only the folded prompt P' (no reparameterization network at inference). Writes
 RUN_DIR/eval/<task>_<split>.metrics.json and .predictions.jsonl (atomically) and prints the metrics.
 
-    python evaluate.py runs/rte_ept_t5-base_s0                           # test split, best checkpoint
+    python evaluate.py runs/rte_ept_t5-base_s0                 # test split, best checkpoint
     python evaluate.py runs/rte_ept_t5-base_s0 --split validation --eval-mode rank
-    python evaluate.py runs/rte_ept_t5-base_s0 --task cb                 # zero-shot transfer (Figure 10)
+    python evaluate.py runs/rte_ept_t5-base_s0 --task cb       # zero-shot transfer (Figure 10)
     python evaluate.py runs/rte_ept_t5-base_s0 --input new.jsonl --output preds.jsonl   # new inputs
 
 train.py validates with `run_predictions` and `compute_metrics` from here; the drivers and analyses
@@ -23,19 +23,26 @@ from ept import cli, decoding, errors, files, runtime
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("run_dir", help="a run folder written by train.py")
 # data
-parser.add_argument("--split", default="test", choices=("test", "validation", "train"), help="which split to score")
-parser.add_argument("--task", default=None, type=cli.name, help="evaluate on another task (zero-shot transfer); default: the run's")
-parser.add_argument("--data-dir", default=None, help="data folder (default: the run's config.json data_dir)")
+parser.add_argument("--split", default="test", choices=("test", "validation", "train"),
+                    help="which split to score")
+parser.add_argument("--task", default=None, type=cli.name,
+                    help="evaluate on another task (zero-shot transfer); default: the run's")
+parser.add_argument("--data-dir", default=None,
+                    help="data folder (default: the run's config.json data_dir)")
 parser.add_argument("--max-eval-examples", type=cli.positive_int, default=None,
                     help="score only the first N examples (default: all)")
 # model
-parser.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint's prompt to use")
+parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                    help="which checkpoint's prompt to use")
 # evaluation
 parser.add_argument("--eval-mode", default="generate", choices=("generate", "rank"),
-                    help="greedy generation, or rank classification over the label set (never invalid)")
-parser.add_argument("--eval-batch-size", type=cli.positive_int, default=64, help="examples per forward pass")
+                    help="greedy generation, or rank classification over the label set "
+                         "(never invalid)")
+parser.add_argument("--eval-batch-size", type=cli.positive_int, default=64,
+                    help="examples per forward pass")
 # new inputs
-parser.add_argument("--input", default=None, help="jsonl with a 'source' field, or .txt with one input per line")
+parser.add_argument("--input", default=None,
+                    help="jsonl with a 'source' field, or .txt with one input per line")
 parser.add_argument("--output", default=None, help="with --input: where the predictions go (jsonl)")
 
 
@@ -47,21 +54,24 @@ def read_inputs(path):
     line."""
     path = Path(path)
     if path.suffix not in (".jsonl", *TEXT_SUFFIXES):
-        raise files.FileFault(f"--input {path}: a {path.suffix} file is neither a .jsonl of {{\"source\": ...}} "
-                              "rows nor a text file with one input a line; convert it to one of those")
+        raise files.FileFault(f"--input {path}: a {path.suffix} file is neither a .jsonl of "
+                              "{\"source\": ...} rows nor a text file with one input a line; "
+                              "convert it to one of those")
     if path.suffix == ".jsonl":
         rows = files.read_jsonl(path, what="input file")
         bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r.get("source"), str)), None)
         if bad:
             raise files.FileFault(f"{path}: row {bad} has no 'source' string; each row needs one")
     else:
-        rows = [{"source": line.strip()} for line in files.read_text(path, "input file").splitlines() if line.strip()]
+        rows = [{"source": line.strip()}
+                for line in files.read_text(path, "input file").splitlines() if line.strip()]
     if not rows:
         raise files.FileFault(f"{path} holds no inputs")
     return rows
 
 
-def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="generate", batch_size=64, device=None):
+def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="generate",
+                 batch_size=64, device=None):
     """Run the trained prompt on new inputs: jsonl rows with 'source', or a .txt with one input a
     line."""
     rows = read_inputs(input_path)
@@ -70,9 +80,12 @@ def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="g
     net, tokenizer, config = decoding.load_run(run_dir, checkpoint, None, device)
     device = device or runtime.default_device()
     meta = config["meta"]  # train.py keeps the task's labels and lengths in config.json
-    preds = decoding.run_predictions(net, tokenizer, [r["source"] for r in rows], mode=mode, labels=meta.get("labels"),
-                            max_new_tokens=meta["max_target_length"], max_length=config["max_length"],
-                            batch_size=batch_size, device=device, dtype=decoding.run_dtype(config, device), progress="predict")
+    preds = decoding.run_predictions(net, tokenizer, [r["source"] for r in rows], mode=mode,
+                                     labels=meta.get("labels"),
+                                     max_new_tokens=meta["max_target_length"],
+                                     max_length=config["max_length"], batch_size=batch_size,
+                                     device=device, dtype=decoding.run_dtype(config, device),
+                                     progress="predict")
     files.write_jsonl(output_path, [{**r, "prediction": p} for r, p in zip(rows, preds)])
     return preds
 
@@ -82,12 +95,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.input:
         out = args.output or f"{Path(args.input).with_suffix('')}.predictions.jsonl"
-        preds = predict_file(args.run_dir, args.input, out, checkpoint=args.checkpoint, mode=args.eval_mode,
+        preds = predict_file(args.run_dir, args.input, out, checkpoint=args.checkpoint,
+                             mode=args.eval_mode,
                              batch_size=args.eval_batch_size)
         print(f"evaluate: {len(preds)} predictions -> {out}")
         return preds
-    metrics = decoding.evaluate_run(args.run_dir, args.task, args.split, args.eval_mode, checkpoint=args.checkpoint,
-                           data_dir=args.data_dir, batch_size=args.eval_batch_size, max_examples=args.max_eval_examples)
+    metrics = decoding.evaluate_run(args.run_dir, args.task, args.split, args.eval_mode,
+                                    checkpoint=args.checkpoint, data_dir=args.data_dir,
+                                    batch_size=args.eval_batch_size,
+                                    max_examples=args.max_eval_examples)
     print(json.dumps(metrics, indent=1))
     return metrics
 

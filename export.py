@@ -18,7 +18,8 @@ followed is PEFT 0.17 (see docs/experiments.md):
 
     python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star
     python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star --checkpoint last
-    python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star --overwrite   # replace an old export
+    # replace an old export:
+    python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star --overwrite
 
 An existing adapter folder is left alone unless --overwrite; a folder that holds other files than an
 adapter's is never written into.
@@ -48,7 +49,8 @@ parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
                     help="best: prompt.pt as saved; last: fold last.pt's prompt module once")
 parser.add_argument("--base-model", default=None,
                     help="base_model_name_or_path to write (default: the run's --model)")
-parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing adapter folder")
+parser.add_argument("--overwrite", action="store_true",
+                    help="replace the files of an existing adapter folder")
 
 
 def t5_dimensions(name_or_dir):
@@ -68,7 +70,8 @@ def folded_prompt(run_dir, checkpoint="best"):
     run_dir = Path(run_dir)
     if checkpoint == "best":
         if not (run_dir / "prompt.pt").exists():
-            raise errors.Failure(f"export: {run_dir} has no prompt.pt (an ft run, or training did not finish)")
+            raise errors.Failure(f"export: {run_dir} has no prompt.pt "
+                                 "(an ft run, or training did not finish)")
         return M.load_folded_prompt(run_dir / "prompt.pt")[0].float()
     net, _, _ = decoding.load_run(run_dir, "last", device="cpu")
     return net.prompt().detach().float().cpu()
@@ -109,11 +112,11 @@ def check_out_dir(out_dir, overwrite):
     if not present:
         return
     if ADAPTER_CONFIG not in present or not set(present) <= set(ADAPTER_FILES):
-        raise errors.Failure(f"export: {out_dir} already holds {', '.join(present[:5])}, not an adapter export; "
-                         "name a new or empty folder")
+        raise errors.Failure(f"export: {out_dir} already holds {', '.join(present[:5])}, "
+                             "not an adapter export; name a new or empty folder")
     if not overwrite:
-        raise errors.Failure(f"export: {out_dir} already holds an adapter; pass --overwrite to replace it "
-                         "or name another folder")
+        raise errors.Failure(f"export: {out_dir} already holds an adapter; "
+                             "pass --overwrite to replace it or name another folder")
 
 
 def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False):
@@ -132,11 +135,14 @@ def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False
         metrics = files.read_json(run_dir / "metrics.json", "test metrics")
         metrics = metrics if isinstance(metrics, dict) else {}
     readme = (f"# {config['method']} prompt for {config['task']}\n\n"
-              f"Exported from `{run_dir}` ({checkpoint} checkpoint) by export.py: a PEFT PROMPT_TUNING adapter "
-              f"for `{base_model}`, {prompt.size(0)} virtual token(s) of dimension {prompt.size(1)}, "
+              f"Exported from `{run_dir}` ({checkpoint} checkpoint) by export.py: "
+              f"a PEFT PROMPT_TUNING adapter for `{base_model}`, {prompt.size(0)} virtual "
+              f"token(s) of dimension {prompt.size(1)}, "
               f"encoder only (num_transformer_submodules 1).\n\n"
-              f"Test score of the run: {metrics.get('score', 'n/a')}. Training method: {config['method']}, "
-              f"{config.get('n_trainable', '?')} trainable parameters; only the folded prompt P' is kept.\n")
+              f"Test score of the run: {metrics.get('score', 'n/a')}. "
+              f"Training method: {config['method']}, "
+              f"{config.get('n_trainable', '?')} trainable parameters; "
+              f"only the folded prompt P' is kept.\n")
 
     # the whole folder is swapped in at once: an old adapter stays whole if anything fails
     def fill(tmp):
@@ -152,14 +158,17 @@ def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False
 def load_adapter(out_dir):
     """(adapter_config dict, prompt_embeddings tensor): what PEFT's loader reads from the folder."""
     out_dir = Path(out_dir)
-    return json.loads((out_dir / ADAPTER_CONFIG).read_text()), load_file(str(out_dir / ADAPTER_WEIGHTS))[PROMPT_KEY]
+    return (json.loads((out_dir / ADAPTER_CONFIG).read_text()),
+            load_file(str(out_dir / ADAPTER_WEIGHTS))[PROMPT_KEY])
 
 
 @errors.script
 def main(argv=None):
     args = parser.parse_args(argv)
-    peft_config, prompt = export(args.run_dir, args.out_dir, args.checkpoint, args.base_model, args.overwrite)
-    print(f"export: {args.out_dir}/{ADAPTER_WEIGHTS} ({PROMPT_KEY} {tuple(prompt.shape)}) and {ADAPTER_CONFIG} "
+    peft_config, prompt = export(args.run_dir, args.out_dir, args.checkpoint, args.base_model,
+                                 args.overwrite)
+    print(f"export: {args.out_dir}/{ADAPTER_WEIGHTS} ({PROMPT_KEY} {tuple(prompt.shape)}) "
+          f"and {ADAPTER_CONFIG} "
           f"(PROMPT_TUNING, SEQ_2_SEQ_LM, {peft_config['num_virtual_tokens']} virtual tokens)")
     return peft_config
 

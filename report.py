@@ -6,8 +6,8 @@ results/analysis/<name>.json (analyze.py) and the tasks' meta.json (Table 5; the
 one the Table 1/2 runs were trained on, from their config.json). Writes report/: table1..table6 as
 .md and .csv (mean ± std over seeds, the Avg column, trainable parameters per task), fig1..fig12 as
 .png, the Appendix A.1 neighbours and P-Tuning directions as .md (+ a figure), and index.md linking
-(and showing) all of it. A table cell without results reads "–"; a figure without results is skipped
-with a note in index.md, never a crash. Runs the drivers' collect step found failed
+(and showing) all of it. A table cell without results reads "–"; a figure without results is
+skipped with a note in index.md, never a crash. Runs the drivers' collect step found failed
 (results/<experiment>.failed.json) are listed with the reason under "Runs that failed".
 
     python report.py                                        # results/ -> report/
@@ -24,10 +24,12 @@ import model as M
 from ept import cli, errors, files, registry, tables
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-parser.add_argument("--results", default="results", help="folder of <experiment>.jsonl and analysis/")
+parser.add_argument("--results", default="results",
+                    help="folder of <experiment>.jsonl and analysis/")
 parser.add_argument("--out", default="report", help="report folder to write")
-parser.add_argument("--smoke", action="store_true", help="mark the report as a SMOKE report (numbers are noise); "
-                    "also done when the runs used a random-weight or tiny T5")
+parser.add_argument("--smoke", action="store_true",
+                    help="mark the report as a SMOKE report (numbers are noise); "
+                         "also done when the runs used a random-weight or tiny T5")
 
 def write_csv(path, long):
     buf = io.StringIO()
@@ -63,7 +65,8 @@ def _integer_ticks(ax):
 
 def _save(fig, out, name):
     try:
-        files.write_with(Path(out) / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+        files.write_with(Path(out) / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110,
+                                                                   bbox_inches="tight"))
     finally:
         _plt().close(fig)
     return name
@@ -75,7 +78,8 @@ def load_analysis(results, name):
         raise Missing(f"no {path} (run `python analyze.py {name}`)")
     data = files.read_json(path, "analysis result")
     if not isinstance(data, dict) or not isinstance(data.get(name), dict) or not data[name]:
-        raise files.FileFault(f"the analysis result {path} holds no {name!r} results; rerun `python analyze.py {name}`")
+        raise files.FileFault(f"the analysis result {path} holds no {name!r} results; "
+                              f"rerun `python analyze.py {name}`")
     return data[name]
 
 
@@ -96,8 +100,10 @@ def fig_norms(results, out, tasks, name, title):
         top, bottom = axes[2 * (k // cols), k % cols], axes[2 * (k // cols) + 1, k % cols]
         for method in tables.ordered(set(curves[task]), tables.METHOD_ORDER):
             c = curves[task][method]
-            top.plot(c["step"], c["prompt_norm"], color=tables.COLORS.get(method), label=tables.LABELS[method])
-            bottom.plot(c["eval_step"], c["score"], color=tables.COLORS.get(method), marker="o", ms=3, label=tables.LABELS[method])
+            top.plot(c["step"], c["prompt_norm"], color=tables.COLORS.get(method),
+                     label=tables.LABELS[method])
+            bottom.plot(c["eval_step"], c["score"], color=tables.COLORS.get(method), marker="o",
+                        ms=3, label=tables.LABELS[method])
         top.set_yscale("log")
         _integer_ticks(top)
         _integer_ticks(bottom)
@@ -146,7 +152,8 @@ def fig4(results, out):
             d = data[task][method]
             ax.plot(d["lengths"], d["score"], color=tables.COLORS.get(method), marker="o", ms=3,
                     label=f"{tables.LABELS[method]}: P'_{d['row']} × l")
-            ax.axhline(d["original"], color=tables.COLORS.get(method), ls=":", label=f"{tables.LABELS[method]}: full prompt")
+            ax.axhline(d["original"], color=tables.COLORS.get(method), ls=":",
+                       label=f"{tables.LABELS[method]}: full prompt")
         ax.set_title(tables.TASK_LABELS.get(task, task))
         _integer_ticks(ax)
         ax.set_xlabel("concatenated length l")
@@ -159,13 +166,14 @@ def fig4(results, out):
 def _sweep_rows(results, experiment):
     rows = tables.dedupe(tables.read_rows(results, experiment))
     if not rows:
-        raise Missing(f"no {Path(results) / experiment}.jsonl (run `python ablate.py {experiment}`)")
+        raise Missing(f"no {Path(results) / experiment}.jsonl "
+                      f"(run `python ablate.py {experiment}`)")
     return rows
 
 
 def _sweep_axes(rows, tasks, name, xlabel, logx, title, methods=None, band=True):
-    """One subplot per task (+ the average): mean over seeds per swept value, ± std band, a line per
-    method."""
+    """One subplot per task (+ the average): mean over seeds per swept value, ± std band, a line
+    per method."""
     tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
     if not tasks:
         raise Missing(f"no rows for {name}")
@@ -191,16 +199,20 @@ def _sweep_panels(axes, rows, tasks, panels, xlabel, logx, methods=None, band=Tr
             ys, sds = [], []
             for x in xs:
                 if task == "Avg":  # mean over tasks of the per-task mean
-                    means = [tables.mean_std(tables.scores(rows, method=method, variant=x, task=t))[0] for t in tasks]
+                    means = [tables.mean_std(tables.scores(rows, method=method, variant=x,
+                                                           task=t))[0] for t in tasks]
                     ys.append(sum(means) / len(means) if None not in means else float("nan"))
                     sds.append(0.0)
                 else:
-                    m, sd, _ = tables.mean_std(tables.scores(rows, method=method, variant=x, task=task))
+                    m, sd, _ = tables.mean_std(tables.scores(rows, method=method, variant=x,
+                                                             task=task))
                     ys.append(float("nan") if m is None else m)
                     sds.append(sd or 0.0)
-            ax.plot(xs, ys, marker="o", ms=3, color=tables.COLORS.get(method), label=tables.LABELS[method])
+            ax.plot(xs, ys, marker="o", ms=3, color=tables.COLORS.get(method),
+                    label=tables.LABELS[method])
             if band and task != "Avg":
-                ax.fill_between(xs, [y - s for y, s in zip(ys, sds)], [y + s for y, s in zip(ys, sds)],
+                ax.fill_between(xs, [y - s for y, s in zip(ys, sds)],
+                                [y + s for y, s in zip(ys, sds)],
                                 color=tables.COLORS.get(method), alpha=0.2)
         if logx:
             ax.set_xscale("log")
@@ -214,11 +226,13 @@ def fig5_12(results, out):
     rows = _sweep_rows(results, "hidden")
     names = []
     spread = tables.spread(rows)
-    for tasks, name, title in ((["boolq", "rte"], "fig5_hidden_size.png", f"Figure 5: EPT hidden size h ({spread})"),
+    for tasks, name, title in ((["boolq", "rte"], "fig5_hidden_size.png",
+                                f"Figure 5: EPT hidden size h ({spread})"),
                                (["wsc", "cb", "wic"], "fig12_hidden_size.png",
                                 f"Figure 12: EPT hidden size h ({spread})")):
         try:
-            names.append(_save(_sweep_axes(rows, tasks, name, "hidden size h", True, title), out, name))
+            names.append(_save(_sweep_axes(rows, tasks, name, "hidden size h", True, title), out,
+                               name))
         except Missing:
             pass
     if not names:
@@ -248,14 +262,14 @@ def fig8(results, out):
     # a grid, not six panels in a row: each size takes ceil(panels / 3) rows
     cols = min(3, len(panels))
     per_tag = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(per_tag * len(tags), cols, figsize=(3.8 * cols, 3.4 * per_tag * len(tags)),
-                             squeeze=False)
+    fig, axes = plt.subplots(per_tag * len(tags), cols,
+                             figsize=(3.8 * cols, 3.4 * per_tag * len(tags)), squeeze=False)
     for k, tag in enumerate(tags):
         mine = list(axes[k * per_tag:(k + 1) * per_tag].flat)
         for ax in mine[len(panels):]:
             ax.axis("off")
-        _sweep_panels(mine, [r for r in rows if r.get("model_tag") == tag], tasks, panels, "learning rate",
-                      True, band=False, prefix=f"{tag}: ")
+        _sweep_panels(mine, [r for r in rows if r.get("model_tag") == tag], tasks, panels,
+                      "learning rate", True, band=False, prefix=f"{tag}: ")
     fig.suptitle("Figure 8: learning rate (" + ", ".join(tags) + ")")
     fig.tight_layout()
     return [_save(fig, out, "fig8_learning_rate.png")]
@@ -275,11 +289,13 @@ def fig9(results, out):
         ys = [tables.mean_std(tables.scores(rows, variant=name, task=t))[0] for t in tasks]
         ys = [float("nan") if y is None else y for y in ys]
         ys.append(sum(ys) / len(ys) if ys else float("nan"))
-        left.bar([p + i * width for p in range(len(panels))], ys, width, label=tables.STRUCTURE_LABELS.get(name, name))
+        left.bar([p + i * width for p in range(len(panels))], ys, width,
+                 label=tables.STRUCTURE_LABELS.get(name, name))
     left.set_xticks([p + width * (len(names) - 1) / 2 for p in range(len(panels))],
                     [tables.TASK_LABELS.get(t, t) for t in panels])
     left.set_ylabel("test score")
-    left.set_title(f"EPT + one structure ({'mean over seeds' if tables.over_seeds(rows) != '1 seed' else '1 seed'})")
+    left.set_title("EPT + one structure "
+                   f"({'mean over seeds' if tables.over_seeds(rows) != '1 seed' else '1 seed'})")
     left.legend(fontsize=7, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     task = "boolq" if "boolq" in tasks else tasks[0]
     for i, name in enumerate(names):
@@ -306,9 +322,11 @@ def fig10(results, out):
     plt = _plt()
     n = len(labels)
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 0.9 * n + 4), max(4.5, 0.45 * n + 2)))
-    ratio = [[float("nan") if v is None else min(max(v, 0.0), 1.0) for v in row] for row in data["ratio"]]
+    ratio = [[float("nan") if v is None else min(max(v, 0.0), 1.0) for v in row]
+             for row in data["ratio"]]
     for ax, matrix, title, vmin in ((left, data["cosine"], "cosine similarity of EPT* prompts", -1),
-                                    (right, ratio, "zero-shot score ratio (A's prompt on B / B's own), clipped to [0, 1];\n"
+                                    (right, ratio, "zero-shot score ratio (A's prompt on B / "
+                                     "B's own), clipped to [0, 1];\n"
                                      "gray: undefined (B's own score <= 0)", 0)):
         # ratio undefined: B's own score <= 0
         cmap = _plt().get_cmap("viridis").with_extremes(bad="lightgray")
@@ -320,7 +338,8 @@ def fig10(results, out):
             for i, row in enumerate(matrix):
                 for j, v in enumerate(row):
                     if v == v:  # not NaN
-                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="w" if v < 0.5 else "k")
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5,
+                                color="w" if v < 0.5 else "k")
         fig.colorbar(im, ax=ax, shrink=0.8)
     left.set_xlabel("task")
     left.set_ylabel("task")
@@ -346,12 +365,14 @@ def neighbours_md(results, out):
             d = methods[method]
             labels = set(d.get("labels") or [])
             note = " (random-weight T5: neighbours are meaningless)" if d.get("random_init") else ""
-            lines.append(f"\n## {tables.TASK_LABELS.get(task, task)}, {tables.LABELS[method]}{note}\n")
+            lines.append(f"\n## {tables.TASK_LABELS.get(task, task)}, "
+                         f"{tables.LABELS[method]}{note}\n")
             body = [[r["row"], f"{r['norm']:.3g}",
-                     ", ".join(f"**{_token(tok)}**" if tok.replace("▁", "") in labels else _token(tok)
-                               for tok, _ in r["neighbours"]),
+                     ", ".join(f"**{_token(tok)}**" if tok.replace("▁", "") in labels
+                               else _token(tok) for tok, _ in r["neighbours"]),
                      ", ".join(f"{c:.2f}" for _, c in r["neighbours"])] for r in d["rows"]]
-            lines.append(tables.markdown(["row", "norm", "nearest tokens (label words in bold)", "cosine"], body))
+            lines.append(tables.markdown(["row", "norm", "nearest tokens (label words in bold)",
+                                          "cosine"], body))
     write_text(Path(out) / "neighbours.md", "\n".join(lines))
     return ["neighbours.md"]
 
@@ -364,27 +385,34 @@ def superglue_averages(rows):
     out = {}
     for tag in {r["model_tag"] for r in rows}:
         for method in {r["method"] for r in rows if r["model_tag"] == tag}:
-            means = [tables.mean_std(tables.scores(rows, model_tag=tag, method=method, task=t))[0] for t in tables.SUPERGLUE]
+            means = [tables.mean_std(tables.scores(rows, model_tag=tag, method=method, task=t))[0]
+                     for t in tables.SUPERGLUE]
             present = [m for m in means if m is not None]
             if present:
-                counts = [r["n_trainable"] for r in rows if r["model_tag"] == tag and r["method"] == method
+                counts = [r["n_trainable"] for r in rows
+                          if r["model_tag"] == tag and r["method"] == method
                           and r.get("n_trainable")]
-                params = max(counts) if counts else (tables.param_table()[tag].get(method) if tag in M.SIZES else None)
-                out[(tag, method)] = (sum(present) / len(present), len(present) == len(means), params)
+                params = max(counts) if counts else (tables.param_table()[tag].get(method)
+                                                     if tag in M.SIZES else None)
+                out[(tag, method)] = (sum(present) / len(present), len(present) == len(means),
+                                      params)
     return out
 
 
 def fig1(results, out):
     """Figure 1 from Table 1's runs (best lr by validation, as Table 1): (top) SuperGLUE average per
     method across T5 sizes; (bottom) the same scores against trainable parameters, log scale."""
-    rows = tables.select_best_lr(tables.dedupe(files.read_jsonl(Path(results) / "table1.jsonl", what="results file", missing_ok=True)))
+    rows = tables.select_best_lr(tables.dedupe(files.read_jsonl(
+        Path(results) / "table1.jsonl", what="results file", missing_ok=True)))
     avgs = superglue_averages(rows)
     if not avgs:
-        raise Missing(f"no SuperGLUE rows in {Path(results) / 'table1.jsonl'} (run `python ablate.py table1`)")
+        raise Missing(f"no SuperGLUE rows in {Path(results) / 'table1.jsonl'} "
+                      "(run `python ablate.py table1`)")
     tags = tables.ordered({t for t, _ in avgs}, tables.MODEL_ORDER)
     methods = tables.ordered({m for _, m in avgs}, tables.METHOD_ORDER)
     plt = _plt()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.5, 1.6 * len(tags) * len(methods) / 3), 8))
+    fig, (top, bottom) = plt.subplots(2, 1,
+                                      figsize=(max(6.5, 1.6 * len(tags) * len(methods) / 3), 8))
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
         xs = [k + i * width for k, tag in enumerate(tags) if (tag, method) in avgs]
@@ -394,13 +422,14 @@ def fig1(results, out):
                 edgecolor=["k" if p else tables.COLORS.get(method) for p in partial])
     top.set_xticks([k + width * (len(methods) - 1) / 2 for k in range(len(tags))], tags)
     top.set_ylabel("SuperGLUE average (test)")
-    top.set_title("SuperGLUE average per method and T5 size (black edge: some tasks missing)", fontsize=9)
+    top.set_title("SuperGLUE average per method and T5 size (black edge: some tasks missing)",
+                  fontsize=9)
     top.legend(fontsize=7, ncol=min(6, len(methods)))
     markers = dict(zip(tags, "os^Dv<>"))
     for (tag, method), (avg, _, params) in avgs.items():
         if params:
-            bottom.scatter([params], [avg], color=tables.COLORS.get(method), marker=markers[tag], s=45,
-                           label=f"{tables.LABELS[method]} ({tag})")
+            bottom.scatter([params], [avg], color=tables.COLORS.get(method), marker=markers[tag],
+                           s=45, label=f"{tables.LABELS[method]} ({tag})")
     bottom.set_xscale("log")
     bottom.set_xlabel("trainable parameters (log)")
     bottom.set_ylabel("SuperGLUE average (test)")
@@ -413,8 +442,9 @@ def fig1(results, out):
 
 # --- Table 5: task details from each task's meta.json ---------------------------------------------
 
-METRIC_NAMES = {"acc": "Acc", "f1": "F1", "mcc": "Matthews corr.", "pearson": "Pearson", "spearman": "Spearman",
-                "macro_f1": "F1 (macro)", "f1a": "F1a", "em": "EM", "squad_f1": "F1", "squad_em": "EM"}
+METRIC_NAMES = {"acc": "Acc", "f1": "F1", "mcc": "Matthews corr.", "pearson": "Pearson",
+                "spearman": "Spearman", "macro_f1": "F1 (macro)", "f1a": "F1a", "em": "EM",
+                "squad_f1": "F1", "squad_em": "EM"}
 BENCHMARK_LABELS = {"superglue": "SuperGLUE", "glue": "GLUE", "mrqa": "MRQA", "others": "Others"}
 
 
@@ -423,7 +453,8 @@ def data_dirs(results):
     <results>/../data."""
     found = []
     for experiment in ("table1", "table2"):
-        for row in files.read_jsonl(Path(results) / f"{experiment}.jsonl", what="results file", missing_ok=True):
+        for row in files.read_jsonl(Path(results) / f"{experiment}.jsonl", what="results file",
+                                    missing_ok=True):
             config = Path(row["run"]) / "config.json"
             if config.exists():
                 found.append(files.read_json(config, "run configuration").get("data_dir"))
@@ -445,8 +476,8 @@ def table5_md(results, out):
                       "(run `python prepare_data.py`)")
     header = ["Benchmark", "Dataset", "Type", "|Train|", "|Valid|", "|Test|", "Metric"]
     body, long = [], []
-    for bench, tasks in (("superglue", tables.SUPERGLUE), ("glue", tables.GLUE), ("mrqa", tables.MRQA),
-                         ("others", tables.OTHERS)):
+    for bench, tasks in (("superglue", tables.SUPERGLUE), ("glue", tables.GLUE),
+                         ("mrqa", tables.MRQA), ("others", tables.OTHERS)):
         for t in (t for t in tasks if t in metas):
             m = metas[t]
             score = [METRIC_NAMES.get(x, x) for x in m["score"]]
@@ -454,14 +485,16 @@ def table5_md(results, out):
             metric = (" / ".join(score) + (" (mean)" if len(score) > 1 else "")
                       + (f"; also {', '.join(other)}" if other else ""))
             sizes = [m["splits"].get(s) for s in ("train", "validation", "test")]
-            body.append([BENCHMARK_LABELS[bench], tables.TASK_LABELS[t], m.get("task_type", tables.DASH),
-                         *[f"{n:,}" for n in sizes], metric])
-            long.append({"benchmark": bench, "task": t, "type": m.get("task_type"), "train": sizes[0],
-                         "validation": sizes[1], "test": sizes[2], "score": "+".join(m["score"]),
-                         "metrics": "+".join(m["metrics"])})
-    md = tables.markdown(header, body) + ("\nNLI: natural language inference; coref.: coreference resolution; common.: "
-                                   "commonsense; QA: question answering; WSD: word sense disambiguation. Sizes are "
-                                   "this preparation's (Appendix B.1 split rule).\n")
+            body.append([BENCHMARK_LABELS[bench], tables.TASK_LABELS[t],
+                         m.get("task_type", tables.DASH), *[f"{n:,}" for n in sizes], metric])
+            long.append({"benchmark": bench, "task": t, "type": m.get("task_type"),
+                         "train": sizes[0], "validation": sizes[1], "test": sizes[2],
+                         "score": "+".join(m["score"]), "metrics": "+".join(m["metrics"])})
+    md = tables.markdown(header, body) + ("\nNLI: natural language inference; "
+                                          "coref.: coreference resolution; common.: "
+                                          "commonsense; QA: question answering; "
+                                          "WSD: word sense disambiguation. Sizes are "
+                                          "this preparation's (Appendix B.1 split rule).\n")
     write_text(Path(out) / "table5.md", "# Table 5: task details\n\n" + md)
     write_csv(Path(out) / "table5.csv", long)
     return ["table5.md"]
@@ -477,20 +510,23 @@ def directions(results, out):
     runs = [(task, method, d) for task, methods in data.items() for method, d in methods.items()]
     if not runs:
         raise Missing("analysis/directions.json holds no run")
-    header = ["Task", "Method", "Prompt", "Rows", "Mean cosine (within group; full: between groups)",
+    header = ["Task", "Method", "Prompt", "Rows",
+              "Mean cosine (within group; full: between groups)",
               "Cosine to label words (per label)", "Max label cosine", "Test score"]
     body = []
     plt = _plt()
     fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.3 * len(runs)), squeeze=False)
     for (task, method, d), (left, right) in zip(runs, axes):
         name = f"{tables.TASK_LABELS.get(task, task)}, {tables.LABELS.get(method, method)}"
-        body.append([tables.TASK_LABELS.get(task, task), tables.LABELS.get(method, method), "full prompt",
-                     len(d["assign"]), tables.DASH if d["between_cosine"] is None else f"{d['between_cosine']:.2f}",
+        body.append([tables.TASK_LABELS.get(task, task), tables.LABELS.get(method, method),
+                     "full prompt", len(d["assign"]),
+                     tables.DASH if d["between_cosine"] is None else f"{d['between_cosine']:.2f}",
                      tables.DASH, tables.DASH, f"{d['full_score']:.1f}"])
         for g in d["groups"]:
-            body.append([tables.TASK_LABELS.get(task, task), tables.LABELS.get(method, method), g["name"],
-                         " ".join(map(str, g["rows"])), f"{g['within_cosine']:.2f}",
-                         ", ".join(f"{_token(lab)} {c:.2f}" for lab, c in g["label_cosine"].items()),
+            body.append([tables.TASK_LABELS.get(task, task), tables.LABELS.get(method, method),
+                         g["name"], " ".join(map(str, g["rows"])), f"{g['within_cosine']:.2f}",
+                         ", ".join(f"{_token(lab)} {c:.2f}"
+                                   for lab, c in g["label_cosine"].items()),
                          f"{g['label_cosine_max']:.2f}", f"{g['score']:.1f}"])
         group_of = {r: g["name"] for g in d["groups"] for r in g["rows"]}
         colors = {"positive": "tab:red", "negative": "tab:blue"}
@@ -500,18 +536,22 @@ def directions(results, out):
         left.set_xlabel("prompt row i (red: positive group, blue: negative)")
         left.set_ylabel("max cosine to a label word")
         left.set_title(f"{name}: rows by direction", fontsize=9)
-        bars = [("full", d["full_score"], "tab:gray")] + [(g["name"], g["score"], colors.get(g["name"], "tab:gray"))
+        bars = [("full", d["full_score"], "tab:gray")] + [(g["name"], g["score"],
+                                                            colors.get(g["name"], "tab:gray"))
                                                            for g in d["groups"]]
         right.bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
         right.set_ylabel("test score")
         right.set_title(f"{name}: each group alone (no retraining)", fontsize=9)
     fig.suptitle("Appendix A.1: P-Tuning's two prompt directions (spherical 2-means)")
     fig.tight_layout()
-    note = ("Groups: spherical 2-means on the rows of P' (cosine), started from the two least similar rows; the "
-            "group with the higher mean of its rows' best label-word cosine is *positive*. Each group is scored "
+    note = ("Groups: spherical 2-means on the rows of P' (cosine), started from the two least "
+            "similar rows; the group with the higher mean of its rows' best label-word cosine is "
+            "*positive*. Each group is scored "
             "alone (its rows, in order, as the whole prompt), without retraining."
-            + (" Random-weight T5: the numbers are noise." if any(d.get("random_init") for _, _, d in runs) else ""))
-    write_text(Path(out) / "directions.md", "# Appendix A.1: P-Tuning's positive and negative prompts\n\n"
+            + (" Random-weight T5: the numbers are noise."
+               if any(d.get("random_init") for _, _, d in runs) else ""))
+    write_text(Path(out) / "directions.md",
+               "# Appendix A.1: P-Tuning's positive and negative prompts\n\n"
                + note + "\n\n" + tables.markdown(header, body))
     return [_save(fig, out, "figA1_directions.png"), "directions.md"]
 
@@ -520,7 +560,8 @@ INLINE = {"table5.md", "directions.md"}  # short tables shown in index.md, not o
 
 FIGURES = [("Figure 1: SuperGLUE average across T5 sizes and against trainable parameters", fig1),
            ("Figure 2: prompt norm μ_t and validation score over steps (BoolQ, RTE)",
-            lambda r, o: fig_norms(r, o, ["boolq", "rte"], "fig2_norms.png", "Figure 2: PT vs reparameterized prompts")),
+            lambda r, o: fig_norms(r, o, ["boolq", "rte"], "fig2_norms.png",
+                                   "Figure 2: PT vs reparameterized prompts")),
            ("Figure 3: cosine similarity between prompt rows (BoolQ)", fig3),
            ("Figure 4: one prompt row broadcast l times, no retraining", fig4),
            ("Figures 5 and 12: EPT hidden size", fig5_12),
@@ -529,7 +570,8 @@ FIGURES = [("Figure 1: SuperGLUE average across T5 sizes and against trainable p
            ("Figure 9: structure ablation and norm vs score", fig9),
            ("Figure 10: cross-task similarity and zero-shot transfer", fig10),
            ("Figure 11: prompt norm and score on GLUE + WiC",
-            lambda r, o: fig_norms(r, o, ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2", "wic"],
+            lambda r, o: fig_norms(r, o, ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2",
+                                          "wic"],
                                    "fig11_norms.png", "Figure 11: prompt norm and score")),
            ("Appendix A.1: nearest vocabulary neighbours", neighbours_md),
            ("Appendix A.1: P-Tuning's positive and negative prompts", directions),
@@ -542,7 +584,8 @@ FIGURES = [("Figure 1: SuperGLUE average across T5 sizes and against trainable p
 def _steer_curves(run):
     """(steps, μ_t) and (eval steps, validation scores) of one run folder's log.jsonl."""
     norm, score = ([], []), ([], [])
-    for e in files.read_jsonl(Path(run) / "log.jsonl", what="run log", torn_tail_ok=True, missing_ok=True):
+    for e in files.read_jsonl(Path(run) / "log.jsonl", what="run log", torn_tail_ok=True,
+                              missing_ok=True):
         if e.get("event") == "train" and e.get("prompt_norm") is not None:
             norm[0].append(e["step"])
             norm[1].append(e["prompt_norm"])
@@ -562,15 +605,18 @@ def steer_section(results, out):
     md, long = tables.steer_table(rows)
     tags = sorted({r.get("model_tag", "?") for r in rows})
     md = (f"*Backbone: {', '.join(tags)}; task: {', '.join(sorted({r['task'] for r in rows}))}; "
-          f"{len(tables.dedupe(rows))} rows. Accuracy in %. A toy check that each method learns to steer a frozen model; "
+          f"{len(tables.dedupe(rows))} rows. Accuracy in %. "
+          "A toy check that each method learns to steer a frozen model; "
           "it does not reproduce the paper's numbers (docs/experiments.md).*\n\n" + md)
     write_text(Path(out) / "steer.md", f"# {tables.STEER_TITLE}\n\n{md}")
     write_csv(Path(out) / "steer.csv", long)
     plt = _plt()
     fig, (top, bottom) = plt.subplots(1, 2, figsize=(11, 4))
     defaults = {m: lr for m, lr in (("ft", 1e-3),)}
-    for r in sorted(tables.dedupe(rows), key=lambda r: (tables.METHOD_ORDER.index(r["method"]) if r["method"] in tables.METHOD_ORDER
-                                                 else -1, r.get("lr") or 0)):
+    for r in sorted(tables.dedupe(rows),
+                    key=lambda r: (tables.METHOD_ORDER.index(r["method"])
+                                   if r["method"] in tables.METHOD_ORDER else -1,
+                                   r.get("lr") or 0)):
         if r["method"] == "none":
             bottom.axhline(r["val_score"], color="black", ls="--", lw=1, label="no prompt")
             continue
@@ -578,7 +624,8 @@ def steer_section(results, out):
             continue
         main, lr = defaults.get(r["method"], 0.3), r.get("lr") or 0.0
         (steps, norm), (eval_steps, score) = _steer_curves(r["run"])
-        style = dict(color=tables.COLORS.get(r["method"]), ls="-" if lr == main else "--" if lr < main else ":",
+        style = dict(color=tables.COLORS.get(r["method"]),
+                     ls="-" if lr == main else "--" if lr < main else ":",
                      lw=1.5 if lr == main else 1, label=f"{tables.LABELS[r['method']]} lr {lr:g}")
         if norm:
             top.plot(steps, norm, **style)
@@ -607,20 +654,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     results, out = Path(args.results), Path(args.out)
     if results.exists() and not results.is_dir():
-        raise errors.Failure(f"report: --results {results} is a file; pass the folder of <experiment>.jsonl files")
+        raise errors.Failure(f"report: --results {results} is a file; "
+                             "pass the folder of <experiment>.jsonl files")
     if not results.exists():
-        raise files.FileFault(f"report: there is no results folder {results}; run the experiments first "
-                              "(run_all.sh, ablate.py, fewshot.py) or pass --results DIR with their results")
+        raise files.FileFault(f"report: there is no results folder {results}; "
+                              "run the experiments first (run_all.sh, ablate.py, fewshot.py) "
+                              "or pass --results DIR with their results")
     files.make_dir(out, "report folder")
     index = ["# EPT reproduction: report\n"]
     noise = tables.smoke_reason(results, args.smoke)
     if noise:
-        index.append(f"> **SMOKE report: the numbers are noise.** These runs used {noise}, trained for a few steps on "
-                     "the test fixtures: the report shows that every table and figure of the recipe is drawn, not "
-                     "what EPT scores. Scores of 0.0 (and CoLA's -100, a constant prediction) are expected.\n")
+        index.append(f"> **SMOKE report: the numbers are noise.** These runs used {noise}, "
+                     "trained for a few steps on the test fixtures: the report shows that every "
+                     "table and figure of the recipe is drawn, not what EPT scores. "
+                     "Scores of 0.0 (and CoLA's -100, a constant prediction) are expected.\n")
     index.append(f"Generated by `python report.py --results {results} --out {out}` "
                  "from the results rows of ablate.py / fewshot.py and the analyses of analyze.py. "
-                 "Scores in [0, 100]; '–' = no result; '†' = average over the tasks present only.\n")
+                 "Scores in [0, 100]; '–' = no result; "
+                 "'†' = average over the tasks present only.\n")
     missing = write_tables(results, out, index)
     missing += write_figures(results, out, index)
     sweeps = [f"[sweep_{e}.md](sweep_{e}.md)" for e in ("hidden", "broadcast", "lr", "structure")
@@ -629,8 +680,9 @@ def main(argv=None):
         index.append("\n## Numbers behind the sweep figures\n\n" + " · ".join(sweeps) + "\n")
     failed = failed_runs(results)
     if failed:
-        index.append("\n## Runs that failed\n\nNot in any table: each stopped for good (its folder's failed.txt "
-                     "says why; train it again, e.g. with other settings, and rerun the experiment's driver).\n")
+        index.append("\n## Runs that failed\n\nNot in any table: each stopped for good "
+                     "(its folder's failed.txt says why; train it again, e.g. with other "
+                     "settings, and rerun the experiment's driver).\n")
         index += [f"- {experiment}: `{run}`: {why}" for experiment, run, why in failed]
     write_text(out / "index.md", "\n".join(index))
     print(f"report: wrote {out}/index.md" + (f"; missing: {len(missing)}" if missing else "")
@@ -666,7 +718,8 @@ def write_tables(results, out, index):
         rows = tables.read_rows(results, experiment)
         if rows:
             md, long = tables.sweep_table(rows)
-            write_text(out / f"sweep_{experiment}.md", f"# {experiment} sweep ({tables.over_seeds(rows)})\n\n{md}")
+            write_text(out / f"sweep_{experiment}.md",
+                       f"# {experiment} sweep ({tables.over_seeds(rows)})\n\n{md}")
             write_csv(out / f"sweep_{experiment}.csv", long)
     return missing
 

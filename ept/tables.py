@@ -10,20 +10,24 @@ from pathlib import Path
 import model as M
 from ept import files, registry
 
-GLUE, SUPERGLUE, MRQA, OTHERS = (registry.GROUPS[g] for g in ("glue", "superglue", "mrqa", "others"))
+GLUE, SUPERGLUE, MRQA, OTHERS = (registry.GROUPS[g]
+                                 for g in ("glue", "superglue", "mrqa", "others"))
 
-LABELS = {"ft": "FT", "ptuning": "P-Tuning", "resprompt": "ResPrompt", "pt": "PT", "ept": "EPT", "ept_star": "EPT*"}
+LABELS = {"ft": "FT", "ptuning": "P-Tuning", "resprompt": "ResPrompt", "pt": "PT", "ept": "EPT",
+          "ept_star": "EPT*"}
 METHOD_ORDER = ["ft", "ptuning", "resprompt", "pt", "ept", "ept_star"]  # the paper's row order
-TASK_LABELS = {"cola": "CoLA", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "mnli": "MNLI", "qnli": "QNLI",
-               "qqp": "QQP", "sst2": "SST-2", "boolq": "BoolQ", "cb": "CB", "wic": "WiC", "wsc": "WSC",
-               "multirc": "MultiRC", "nq": "NQ", "hotpotqa": "HP", "searchqa": "SQA", "newsqa": "News",
-               "winogrande": "WG", "yelp": "Yelp", "scitail": "SciTail", "paws": "PAWS"}
-METRIC_LABELS = {"cola": "Matt", "stsb": "Pearson", "cb": "F1/Acc", "multirc": "F1a", **{t: "F1" for t in MRQA}}
+TASK_LABELS = {"cola": "CoLA", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "mnli": "MNLI",
+               "qnli": "QNLI", "qqp": "QQP", "sst2": "SST-2", "boolq": "BoolQ", "cb": "CB",
+               "wic": "WiC", "wsc": "WSC", "multirc": "MultiRC", "nq": "NQ", "hotpotqa": "HP",
+               "searchqa": "SQA", "newsqa": "News", "winogrande": "WG", "yelp": "Yelp",
+               "scitail": "SciTail", "paws": "PAWS"}
+METRIC_LABELS = {"cola": "Matt", "stsb": "Pearson", "cb": "F1/Acc", "multirc": "F1a",
+                 **{t: "F1" for t in MRQA}}
 SIZE_ORDER = ["t5-large", "t5-base", "t5-small"]  # Table 1 lists Large first
 MODEL_ORDER = SIZE_ORDER[::-1]  # figures: small to large
 DASH = "–"
-COLORS = {"ft": "tab:gray", "ptuning": "tab:green", "resprompt": "tab:orange", "pt": "tab:blue", "ept": "tab:red",
-          "ept_star": "tab:purple"}
+COLORS = {"ft": "tab:gray", "ptuning": "tab:green", "resprompt": "tab:orange", "pt": "tab:blue",
+          "ept": "tab:red", "ept_star": "tab:purple"}
 # Table 4 rows the paper quotes from ATTEMPT (Asai et al. 2022) and that are not rerun here:
 # (method, params train/inference, MultiRC, BoolQ, WiC, WSC, CB, Avg)
 TABLE4_QUOTED = [("Fine-tuning", "220M/-", 73.9, 81.5, 70.8, 62.2, 75.0, 72.7),
@@ -36,47 +40,73 @@ TABLE4_TASKS = ["multirc", "boolq", "wic", "wsc", "cb"]
 # The paper's own numbers, printed under each table for comparison: (model, method, Param, scores in
 # our column order; "?" where the extracted paper text lost the number).
 PAPER_TABLE1 = [
-    ("t5-large", "ft", "770M", "61.7 89.4 88.5 91.9 89.7 94.4 91.4 95.9 87.9 85.8 88.6 71.9 85.3 79.9 82.3"),
-    ("t5-large", "ptuning", "3.1M", "58.0 88.1 85.4 91.2 88.2 94.1 90.9 95.2 86.4 82.9 87.0 68.8 60.9 79.1 75.7"),
-    ("t5-large", "resprompt", "832K", "54.8 88.2 85.9 91.5 66.1 93.8 90.8 95.0 83.2 82.1 51.2 69.2 61.5 78.2 68.4"),
-    ("t5-large", "pt", "10K", "0.7 74.9 50.8 91.2 35.7 89.7 88.5 87.4 64.9 62.9 58.6 55.7 60.9 59.8 59.6"),
-    ("t5-large", "ept", "3K", "56.8 87.9 85.1 91.1 84.4 93.6 91.0 95.4 85.7 82.2 89.1 67.2 61.5 78.7 75.7"),
-    ("t5-large", "ept_star", "3K", "54.3 87.9 85.4 91.2 87.2 93.8 91.0 95.3 85.8 82.4 95.4 69.1 62.2 79.1 77.6"),
-    ("t5-base", "ft", "220M", "59.8 87.9 81.8 90.6 85.9 93.1 90.4 94.2 85.5 82.8 87.6 67.9 61.5 74.9 75.0"),
-    ("t5-base", "ptuning", "1.7M", "47.2 85.7 76.3 89.7 83.0 92.8 90.3 93.5 82.3 78.8 88.3 67.0 60.3 73.6 73.6"),
-    ("t5-base", "resprompt", "624K", "34.1 85.8 65.7 90.3 72.6 92.6 89.4 90.3 77.6 76.0 64.2 65.1 61.5 66.4 66.7"),
-    ("t5-base", "pt", "7.6K", "0.0 67.6 56.6 90.2 48.8 69.7 65.9 84.7 60.4 62.1 59.2 53.0 61.5 59.6 59.1"),
-    ("t5-base", "ept", "2.3K", "0.0 82.9 68.8 89.7 69.3 92.7 90.2 93.0 73.3 75.5 73.1 65.6 62.2 59.7 67.2"),
-    ("t5-base", "ept_star", "2.3K", "41.0 85.0 75.8 89.7 76.1 92.6 90.4 93.8 80.5 77.0 82.7 65.3 58.3 72.4 71.1"),
-    ("t5-small", "ft", "60M", "36.3 85.9 67.9 88.8 78.8 90.4 88.1 91.1 78.4 76.5 77.8 66.6 51.3 68.4 68.1"),
-    ("t5-small", "ptuning", "793K", "0.0 84.2 65.0 86.6 75.5 89.4 88.3 89.1 72.3 71.1 64.5 65.6 59.6 65.7 65.3"),
-    ("t5-small", "resprompt", "416K", "0.0 80.9 61.4 85.9 62.1 88.9 88.2 88.1 69.4 61.9 58.4 50.6 59.0 59.3 57.8"),
-    ("t5-small", "pt", "5.1K", "2.8 75.6 52.3 85.6 41.5 87.2 85.8 82.0 64.1 61.8 55.2 48.7 62.2 60.0 57.6"),
-    ("t5-small", "ept", "1.5K", "0.8 78.0 57.6 85.6 62.7 87.7 87.8 83.4 68.0 61.9 59.1 51.8 59.6 63.7 59.2"),
-    ("t5-small", "ept_star", "1.5K", "0.0 82.8 65.9 86.3 68.7 89.0 88.2 88.8 71.2 68.0 59.2 60.4 60.3 65.5 62.7")]
+    ("t5-large", "ft", "770M",
+     "61.7 89.4 88.5 91.9 89.7 94.4 91.4 95.9 87.9 85.8 88.6 71.9 85.3 79.9 82.3"),
+    ("t5-large", "ptuning", "3.1M",
+     "58.0 88.1 85.4 91.2 88.2 94.1 90.9 95.2 86.4 82.9 87.0 68.8 60.9 79.1 75.7"),
+    ("t5-large", "resprompt", "832K",
+     "54.8 88.2 85.9 91.5 66.1 93.8 90.8 95.0 83.2 82.1 51.2 69.2 61.5 78.2 68.4"),
+    ("t5-large", "pt", "10K",
+     "0.7 74.9 50.8 91.2 35.7 89.7 88.5 87.4 64.9 62.9 58.6 55.7 60.9 59.8 59.6"),
+    ("t5-large", "ept", "3K",
+     "56.8 87.9 85.1 91.1 84.4 93.6 91.0 95.4 85.7 82.2 89.1 67.2 61.5 78.7 75.7"),
+    ("t5-large", "ept_star", "3K",
+     "54.3 87.9 85.4 91.2 87.2 93.8 91.0 95.3 85.8 82.4 95.4 69.1 62.2 79.1 77.6"),
+    ("t5-base", "ft", "220M",
+     "59.8 87.9 81.8 90.6 85.9 93.1 90.4 94.2 85.5 82.8 87.6 67.9 61.5 74.9 75.0"),
+    ("t5-base", "ptuning", "1.7M",
+     "47.2 85.7 76.3 89.7 83.0 92.8 90.3 93.5 82.3 78.8 88.3 67.0 60.3 73.6 73.6"),
+    ("t5-base", "resprompt", "624K",
+     "34.1 85.8 65.7 90.3 72.6 92.6 89.4 90.3 77.6 76.0 64.2 65.1 61.5 66.4 66.7"),
+    ("t5-base", "pt", "7.6K",
+     "0.0 67.6 56.6 90.2 48.8 69.7 65.9 84.7 60.4 62.1 59.2 53.0 61.5 59.6 59.1"),
+    ("t5-base", "ept", "2.3K",
+     "0.0 82.9 68.8 89.7 69.3 92.7 90.2 93.0 73.3 75.5 73.1 65.6 62.2 59.7 67.2"),
+    ("t5-base", "ept_star", "2.3K",
+     "41.0 85.0 75.8 89.7 76.1 92.6 90.4 93.8 80.5 77.0 82.7 65.3 58.3 72.4 71.1"),
+    ("t5-small", "ft", "60M",
+     "36.3 85.9 67.9 88.8 78.8 90.4 88.1 91.1 78.4 76.5 77.8 66.6 51.3 68.4 68.1"),
+    ("t5-small", "ptuning", "793K",
+     "0.0 84.2 65.0 86.6 75.5 89.4 88.3 89.1 72.3 71.1 64.5 65.6 59.6 65.7 65.3"),
+    ("t5-small", "resprompt", "416K",
+     "0.0 80.9 61.4 85.9 62.1 88.9 88.2 88.1 69.4 61.9 58.4 50.6 59.0 59.3 57.8"),
+    ("t5-small", "pt", "5.1K",
+     "2.8 75.6 52.3 85.6 41.5 87.2 85.8 82.0 64.1 61.8 55.2 48.7 62.2 60.0 57.6"),
+    ("t5-small", "ept", "1.5K",
+     "0.8 78.0 57.6 85.6 62.7 87.7 87.8 83.4 68.0 61.9 59.1 51.8 59.6 63.7 59.2"),
+    ("t5-small", "ept_star", "1.5K",
+     "0.0 82.8 65.9 86.3 68.7 89.0 88.2 88.8 71.2 68.0 59.2 60.4 60.3 65.5 62.7")]
 PAPER_TABLE2 = [("t5-base", "ft", "220M", "75.0 78.7 80.2 66.7 75.1 59.1 97.0 94.9 94.2 86.3"),
                 ("t5-base", "ptuning", "1.7M", "66.1 72.9 71.3 61.8 68.0 48.6 95.8 91.3 89.0 81.2"),
-                ("t5-base", "resprompt", "624K", "64.9 72.7 67.5 60.3 66.3 48.9 95.1 88.4 74.6 76.7"),
+                ("t5-base", "resprompt", "624K",
+                 "64.9 72.7 67.5 60.3 66.3 48.9 95.1 88.4 74.6 76.7"),
                 ("t5-base", "pt", "7.6K", "64.7 71.6 66.7 60.4 65.8 48.5 93.7 68.0 55.7 66.5"),
                 ("t5-base", "ept", "2.3K", "64.4 72.3 68.2 60.2 66.3 48.9 93.8 89.0 77.2 77.3"),
                 ("t5-base", "ept_star", "2.3K", "? ? ? ? ? ? ? 90.1 84.8 79.6")]
-PAPER_TABLE3 = [("SuperGLUE", 4, "53.1 56.3 53.0 53.9 55.8 54.3"), ("SuperGLUE", 16, "56.8 60.2 51.2 54.2 57.9 57.1"),
-                ("SuperGLUE", 32, "58.5 59.9 54.0 52.9 58.2 59.3"), ("GLUE", 4, "57.2 63.9 46.8 48.9 60.7 60.8"),
-                ("GLUE", 16, "59.0 64.2 49.8 50.6 65.3 65.7"), ("GLUE", 32, "61.8 69.1 56.2 52.9 69.6 69.0")]
-PAPER_TABLE4 = [("PT", "77K/-", "56.5 61.9 48.1 62.2 50.0 55.7"), ("EPT", "2.3K/768", "67.9 70.3 55.8 61.5 61.9 63.5"),
+PAPER_TABLE3 = [("SuperGLUE", 4, "53.1 56.3 53.0 53.9 55.8 54.3"),
+                ("SuperGLUE", 16, "56.8 60.2 51.2 54.2 57.9 57.1"),
+                ("SuperGLUE", 32, "58.5 59.9 54.0 52.9 58.2 59.3"),
+                ("GLUE", 4, "57.2 63.9 46.8 48.9 60.7 60.8"),
+                ("GLUE", 16, "59.0 64.2 49.8 50.6 65.3 65.7"),
+                ("GLUE", 32, "61.8 69.1 56.2 52.9 69.6 69.0")]
+PAPER_TABLE4 = [("PT", "77K/-", "56.5 61.9 48.1 62.2 50.0 55.7"),
+                ("EPT", "2.3K/768", "67.9 70.3 55.8 61.5 61.9 63.5"),
                 ("EPT*", "2.3K/768", "73.3 76.7 65.2 62.2 67.9 69.1")]
 PAPER_TABLE6 = [("uniform", "75.7 72.5 70.5 65.4 71.0"), ("vocab", "75.4 77.6 69.8 63.5 71.6"),
                 ("label", "75.1 75.5 67.6 63.5 70.4")]
-STRUCTURE_LABELS = {"none": "None", "layernorm": "LayerNorm", "residual": "Residual", "relu": "ReLU",
-                    "tanh": "Tanh", "sigmoid": "Sigmoid"}  # Figure 9's order
-INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)", "label": "Label (label words)"}
+# Figure 9's order
+STRUCTURE_LABELS = {"none": "None", "layernorm": "LayerNorm", "residual": "Residual",
+                    "relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}
+INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)",
+               "label": "Label (label words)"}
 
 # --- reading the results rows ---------------------------------------------------------------------
 
 # every results row (plans.result_row)
 ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")
-EXPERIMENT_KEYS = {"table1": ("lr",), "fewshot": ("fewshot_k",), "table4": ("n_trainable", "n_inference",
-                   "prompt_length", "depth"), "init": ("init",), "hidden": ("variant",), "broadcast": ("variant",),
+EXPERIMENT_KEYS = {"table1": ("lr",), "fewshot": ("fewshot_k",),
+                   "table4": ("n_trainable", "n_inference", "prompt_length", "depth"),
+                   "init": ("init",), "hidden": ("variant",), "broadcast": ("variant",),
                    "lr": ("variant",), "structure": ("variant",)}
 
 
@@ -89,10 +119,13 @@ def read_rows(results, experiment):
     for number, row in enumerate(rows, 1):
         missing = [k for k in (*ROW_KEYS, *EXPERIMENT_KEYS.get(experiment, ())) if k not in row]
         score = row.get("score")
-        if missing or not (score is None or isinstance(score, (int, float)) and not isinstance(score, bool)):
-            raise files.FileFault(f"the results file {path} is damaged: row {number} has "
-                                  f"{'no ' + ', '.join(missing) if missing else f'the score {score!r}'}; delete that "
-                                  f"line and rerun the experiment's driver (ablate.py / fewshot.py) to write it again")
+        if missing or not (score is None
+                           or isinstance(score, (int, float)) and not isinstance(score, bool)):
+            raise files.FileFault(
+                f"the results file {path} is damaged: row {number} has "
+                f"{'no ' + ', '.join(missing) if missing else f'the score {score!r}'}; delete that "
+                f"line and rerun the experiment's driver (ablate.py / fewshot.py) "
+                f"to write it again")
     return rows
 
 
@@ -123,7 +156,8 @@ def mean_std(values):
     if not values:
         return None, None, 0
     mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+           if len(values) > 1 else 0.0)
     return mean, std, len(values)
 
 
@@ -171,10 +205,12 @@ def select_best_lr(rows):
     score."""
     groups = {}
     for r in rows:
-        groups.setdefault((r["model_tag"], r["task"], r["method"]), {}).setdefault(r["lr"], []).append(r)
+        groups.setdefault((r["model_tag"], r["task"], r["method"]), {}).setdefault(
+            r["lr"], []).append(r)
     kept = []
     for by_lr in groups.values():
-        best = max(by_lr, key=lambda lr: mean_std([r.get("val_score") for r in by_lr[lr]])[0] or -math.inf)
+        best = max(by_lr, key=lambda lr: (mean_std([r.get("val_score") for r in by_lr[lr]])[0]
+                                          or -math.inf))
         kept += by_lr[best]
     return kept
 
@@ -186,8 +222,8 @@ def ordered(values, order):
 def params_of(rows, model_tag, method):
     """Trainable parameters per task: the runs' n_trainable, else model.parameter_table for a known
     size."""
-    counts = {r["n_trainable"] for r in rows if r["model_tag"] == model_tag and r["method"] == method
-              and r.get("n_trainable")}
+    counts = {r["n_trainable"] for r in rows
+              if r["model_tag"] == model_tag and r["method"] == method and r.get("n_trainable")}
     if counts:
         return human(max(counts))
     if model_tag in M.SIZES:
@@ -210,7 +246,8 @@ def markdown(header, body):
     """A GFM table; a '|' inside a cell is escaped (Table 5's |Train|, a vocabulary piece) so it
     splits no cell."""
     esc = lambda c: str(c).replace("|", "\\|")
-    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = ["| " + " | ".join(map(esc, header)) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(map(esc, row)) + " |" for row in body]) + "\n"
 
 
@@ -228,7 +265,8 @@ def grid_table(rows, groups, title_cols=("Model", "Method", "Param")):
     rows = dedupe(rows)
     header = list(title_cols)
     for name, tasks in groups:
-        header += [f"{TASK_LABELS[t]} ({METRIC_LABELS.get(t, 'Acc')})" for t in tasks] + [f"{name} Avg"]
+        header += ([f"{TASK_LABELS[t]} ({METRIC_LABELS.get(t, 'Acc')})" for t in tasks]
+                   + [f"{name} Avg"])
     body, long = [], []
     for tag in ordered({r["model_tag"] for r in rows}, SIZE_ORDER):
         for method in ordered({r["method"] for r in rows if r["model_tag"] == tag}, METHOD_ORDER):
@@ -238,7 +276,8 @@ def grid_table(rows, groups, title_cols=("Model", "Method", "Param")):
                     values = scores(rows, model_tag=tag, method=method, task=t)
                     line.append(cell(values))
                     mean, sd, n = mean_std(values)
-                    long.append({"model": tag, "method": method, "task": t, "mean": mean, "std": sd, "seeds": n})
+                    long.append({"model": tag, "method": method, "task": t, "mean": mean,
+                                 "std": sd, "seeds": n})
                 line.append(avg_cell(rows, tasks, model_tag=tag, method=method))
             body.append(line)
     return markdown(header, body), long
@@ -252,13 +291,15 @@ def table1(rows):
     rows = select_best_lr(dedupe(rows))
     md, long = grid_table(rows, [("GLUE", GLUE), ("SuperGLUE", SUPERGLUE)])
     header = md.splitlines()[0].strip("| ").split(" | ")
-    return md + paper_block(header, [[m, LABELS[k], p, *v.split()] for m, k, p, v in PAPER_TABLE1]), long
+    return md + paper_block(header, [[m, LABELS[k], p, *v.split()]
+                                     for m, k, p, v in PAPER_TABLE1]), long
 
 
 def table2(rows):
     md, long = grid_table(rows, [("MRQA", MRQA), ("Others", OTHERS)])
     header = md.splitlines()[0].strip("| ").split(" | ")
-    return md + paper_block(header, [[m, LABELS[k], p, *v.split()] for m, k, p, v in PAPER_TABLE2]), long
+    return md + paper_block(header, [[m, LABELS[k], p, *v.split()]
+                                     for m, k, p, v in PAPER_TABLE2]), long
 
 
 def table3(rows):
@@ -276,10 +317,13 @@ def table3(rows):
     for k in sorted({r["fewshot_k"] for r in rows}):
         for t in SUPERGLUE + GLUE:
             if any(r["task"] == t and r["fewshot_k"] == k for r in rows):
-                detail.append([k, TASK_LABELS[t], *[cell(scores(rows, method=m, task=t, fewshot_k=k)) for m in methods]])
+                detail.append([k, TASK_LABELS[t],
+                               *[cell(scores(rows, method=m, task=t, fewshot_k=k))
+                                 for m in methods]])
                 for m in methods:
                     mean, sd, n = mean_std(scores(rows, method=m, task=t, fewshot_k=k))
-                    long.append({"k": k, "task": t, "method": m, "mean": mean, "std": sd, "seeds": n})
+                    long.append({"k": k, "task": t, "method": m, "mean": mean, "std": sd,
+                                 "seeds": n})
     paper = paper_block(["Benchmark", "k-shot", *[LABELS[m] for m in METHOD_ORDER]],
                         [[b, k, *v.split()] for b, k, v in PAPER_TABLE3])
     return (markdown(header, body) + paper + f"\nPer task ({over_seeds(rows)}):\n\n"
@@ -295,22 +339,27 @@ def table4(rows):
         n_train = max((r["n_trainable"] or 0) for r in mine) or None
         n_inf = max((r["n_inference"] or 0) for r in mine) or None
         label = LABELS[method] + (f" (n={mine[0]['prompt_length']})" if method == "pt" else
-                                  f" ({_ept_structure(mine[0])})" if method in ("ept", "ept_star") else "")
+                                  f" ({_ept_structure(mine[0])})" if method in ("ept", "ept_star")
+                                  else "")
         line = [label, f"{human(n_train)}/{human(n_inf)}"]
         for t in TABLE4_TASKS:
             line.append(cell(scores(mine, task=t)))
             mean, sd, n = mean_std(scores(mine, task=t))
             long.append({"method": method, "task": t, "mean": mean, "std": sd, "seeds": n})
         body.append(line + [avg_cell(mine, TABLE4_TASKS)])
-    quoted = markdown(header, [[m, p, *[f"{v:.1f}" for v in vals]] for m, p, *vals in TABLE4_QUOTED])
-    return (markdown(header, body) + paper_block(header, [[m, p, *v.split()] for m, p, v in PAPER_TABLE4])
-            + "\nRows the paper quotes from ATTEMPT (Asai et al. 2022), not rerun here:\n\n" + quoted), long
+    quoted = markdown(header, [[m, p, *[f"{v:.1f}" for v in vals]]
+                               for m, p, *vals in TABLE4_QUOTED])
+    return (markdown(header, body)
+            + paper_block(header, [[m, p, *v.split()] for m, p, v in PAPER_TABLE4])
+            + "\nRows the paper quotes from ATTEMPT (Asai et al. 2022), not rerun here:\n\n"
+            + quoted), long
 
 
 def _ept_structure(row):
     """Table 4's EPT/EPT* structure as run: the extra 1x1 layer (§5.4) and/or whole stacked
     blocks."""
-    parts = (["+1x1 layer"] if row.get("extra_layer") else []) + ([f"depth {row['depth']}"] if row.get("depth", 1) != 1 else [])
+    parts = ((["+1x1 layer"] if row.get("extra_layer") else [])
+             + ([f"depth {row['depth']}"] if row.get("depth", 1) != 1 else []))
     return ", ".join(parts) or "main structure"
 
 
@@ -320,11 +369,14 @@ def table6(rows):
     header = ["Init. / Task", *[TASK_LABELS[t] for t in tasks], "Avg"]
     body, long = [], []
     for kind in ordered({r["init"] for r in rows}, list(INIT_LABELS)):
-        body.append([INIT_LABELS.get(kind, kind), *[cell(scores(rows, init=kind, task=t)) for t in tasks],
+        body.append([INIT_LABELS.get(kind, kind),
+                     *[cell(scores(rows, init=kind, task=t)) for t in tasks],
                      avg_cell(rows, tasks, init=kind)])
-        long += [{"init": kind, "task": t, **dict(zip(("mean", "std", "seeds"), mean_std(scores(rows, init=kind, task=t))))}
+        long += [{"init": kind, "task": t,
+                  **dict(zip(("mean", "std", "seeds"), mean_std(scores(rows, init=kind, task=t))))}
                  for t in tasks]
-    return markdown(header, body) + paper_block(header, [[INIT_LABELS[k], *v.split()] for k, v in PAPER_TABLE6]), long
+    return markdown(header, body) + paper_block(header, [[INIT_LABELS[k], *v.split()]
+                                                         for k, v in PAPER_TABLE6]), long
 
 
 def sweep_table(rows):
@@ -333,7 +385,8 @@ def sweep_table(rows):
     tasks = ordered({r["task"] for r in rows}, list(registry.TASKS))
     tags = ordered({r.get("model_tag") for r in rows}, MODEL_ORDER)
     several = len(tags) > 1  # Figure 8: t5-base and t5-large, never averaged together
-    header = ["Model"] * several + ["Method", "Value", *[TASK_LABELS.get(t, t) for t in tasks], "Avg"]
+    header = ["Model"] * several + ["Method", "Value", *[TASK_LABELS.get(t, t) for t in tasks],
+                                    "Avg"]
     body, long = [], []
     for tag in tags:
         mine = [r for r in rows if r.get("model_tag") == tag]
@@ -341,10 +394,13 @@ def sweep_table(rows):
             values = {r["variant"] for r in mine if r["method"] == method}
             for v in sorted(values, key=lambda x: (isinstance(x, str), x)):
                 body.append([tag] * several + [LABELS[method], v,
-                                               *[cell(scores(mine, method=method, variant=v, task=t)) for t in tasks],
+                                               *[cell(scores(mine, method=method, variant=v,
+                                                             task=t)) for t in tasks],
                                                avg_cell(mine, tasks, method=method, variant=v)])
-                long += [{**({"model": tag} if several else {}), "method": method, "value": v, "task": t,
-                          **dict(zip(("mean", "std", "seeds"), mean_std(scores(mine, method=method, variant=v, task=t))))}
+                long += [{**({"model": tag} if several else {}), "method": method, "value": v,
+                          "task": t,
+                          **dict(zip(("mean", "std", "seeds"),
+                                     mean_std(scores(mine, method=method, variant=v, task=t))))}
                          for t in tasks]
     return markdown(header, body), long
 
@@ -360,8 +416,10 @@ TABLES = {"table1": ("Table 1: GLUE and SuperGLUE ({seeds})", "table1", table1),
 
 def title_for(title, rows):
     several = over_seeds(rows) != "1 seed"
-    return title.format(seeds=over_seeds(rows), fewshot_seeds=" of the mean over seeds" if several else "; 1 seed")
-EXPERIMENT_TABLE = {"table1": table1, "table2": table2, "fewshot": table3, "table4": table4, "init": table6}
+    return title.format(seeds=over_seeds(rows),
+                        fewshot_seeds=" of the mean over seeds" if several else "; 1 seed")
+EXPERIMENT_TABLE = {"table1": table1, "table2": table2, "fewshot": table3, "table4": table4,
+                    "init": table6}
 
 
 def experiment_table(experiment, rows):
@@ -369,7 +427,8 @@ def experiment_table(experiment, rows):
     return EXPERIMENT_TABLE.get(experiment, sweep_table)(rows)[0]
 
 
-STEER_TITLE = "Steering benchmark (toy backbone, not the paper's numbers): Table 1 and Figure 2 in small"
+STEER_TITLE = ("Steering benchmark (toy backbone, not the paper's numbers): "
+               "Table 1 and Figure 2 in small")
 
 
 def steer_table(rows):
@@ -380,23 +439,29 @@ def steer_table(rows):
     header = ["Method", "lr", "Steps", "Params", "Valid acc", "Test acc", "final μ_t", "Seeds"]
     body, long = [], []
     for r in (r for r in rows if r["method"] == "none"):
-        body.append(["no prompt (frozen backbone's default)", DASH, 0, 0, f"{r['val_score']:.1f}", f"{r['score']:.1f}",
-                     DASH, DASH])
-        long.append({"method": "none", "lr": None, "n_trainable": 0, "val_mean": r["val_score"], "val_std": None,
-                     "test_mean": r["score"], "test_std": None, "final_prompt_norm": None, "seeds": None})
+        body.append(["no prompt (frozen backbone's default)", DASH, 0, 0, f"{r['val_score']:.1f}",
+                     f"{r['score']:.1f}", DASH, DASH])
+        long.append({"method": "none", "lr": None, "n_trainable": 0, "val_mean": r["val_score"],
+                     "val_std": None, "test_mean": r["score"], "test_std": None,
+                     "final_prompt_norm": None, "seeds": None})
     trained = [r for r in rows if r["method"] != "none"]
     for method in ordered({r["method"] for r in trained}, METHOD_ORDER):
-        for lr in sorted({r.get("lr") for r in trained if r["method"] == method}, key=lambda v: (v is None, v or 0)):
+        for lr in sorted({r.get("lr") for r in trained if r["method"] == method},
+                         key=lambda v: (v is None, v or 0)):
             mine = [r for r in trained if r["method"] == method and r.get("lr") == lr]
-            val, test = mean_std([r.get("val_score") for r in mine]), mean_std([r["score"] for r in mine])
+            val, test = (mean_std([r.get("val_score") for r in mine]),
+                         mean_std([r["score"] for r in mine]))
             norm = mean_std([r.get("final_prompt_norm") for r in mine])[0]
             steps = sorted({r.get("max_steps") for r in mine} - {None})
-            body.append([LABELS[method], f"{lr:g}" if lr else DASH, "/".join(map(str, steps)) or DASH,
+            body.append([LABELS[method], f"{lr:g}" if lr else DASH,
+                         "/".join(map(str, steps)) or DASH,
                          human(max((r.get("n_trainable") or 0) for r in mine)),
                          cell([r.get("val_score") for r in mine]), cell([r["score"] for r in mine]),
                          f"{norm:.3g}" if norm is not None else DASH, len(mine)])
-            long.append({"method": method, "lr": lr, "n_trainable": max((r.get("n_trainable") or 0) for r in mine),
-                         "val_mean": val[0], "val_std": val[1], "test_mean": test[0], "test_std": test[1],
+            long.append({"method": method, "lr": lr,
+                         "n_trainable": max((r.get("n_trainable") or 0) for r in mine),
+                         "val_mean": val[0], "val_std": val[1], "test_mean": test[0],
+                         "test_std": test[1],
                          "final_prompt_norm": norm, "seeds": len(mine)})
     return markdown(header, body), long
 
