@@ -221,7 +221,8 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
                             progress=None if quiet else f"evaluate {task} {split}")
     seconds = time.time() - t0
     result = {"task": task, "split": split, "mode": mode, "checkpoint": checkpoint,
-              "run": str(run_dir), "train_task": config["task"], "prompt_override": prompt is not None,
+              "run": str(run_dir), "train_task": config["task"],
+              "prompt_override": prompt is not None,
               **metrics.compute_metrics(meta, preds, examples),
               "eval_examples_per_s": len(examples) / max(seconds, 1e-9)}
     if write:
