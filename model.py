@@ -89,7 +89,8 @@ class PTuning(nn.Module):
         self.prompt = nn.Parameter(table)  # (n, d)
         self.reparam = reparam
         if reparam == "mlp":  # PEFT default: 3 Linear layers with bias, ReLU between
-            self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+            self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(),
+                                     nn.Linear(d, d))
         # PEFT LSTM variant: 2-layer biLSTM (hidden d), then Linear(2d,2d) -> ReLU -> Linear(2d,d)
         else:
             self.lstm = nn.LSTM(d, d, num_layers=2, bidirectional=True, batch_first=True)
@@ -130,7 +131,8 @@ class EPTBlock(nn.Module):
                  extra_layer=False):
         super().__init__()
         self.down = nn.Linear(d_model, hidden_size, bias=False)
-        self.extra = nn.Linear(hidden_size, hidden_size, bias=False) if extra_layer else nn.Identity()
+        self.extra = (nn.Linear(hidden_size, hidden_size, bias=False) if extra_layer
+                      else nn.Identity())
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(hidden_size, d_model, bias=False)
         self.norm = nn.LayerNorm(d_model) if layer_norm else nn.Identity()
@@ -170,8 +172,9 @@ class FoldedPrompt(nn.Module):
 
 
 def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", hidden_size=None,
-                         broadcast=None, layer_norm=False, residual=False, activation="none", depth=1,
-                         extra_layer=False, init="uniform", embedding=None, label_ids=None, generator=None):
+                         broadcast=None, layer_norm=False, residual=False, activation="none",
+                         depth=1, extra_layer=False, init="uniform", embedding=None,
+                         label_ids=None, generator=None):
     """The trainable prompt module of `method`; None for full fine-tuning."""
     _check("method", method, METHODS)
     _check("reparam", reparam, REPARAMS)
@@ -182,13 +185,15 @@ def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", h
     n = DEFAULTS["prompt_length"] if prompt_length is None else prompt_length
     h = DEFAULTS["hidden_size"].get(method) if hidden_size is None else hidden_size
     b = DEFAULTS["broadcast"].get(method) if broadcast is None else broadcast
-    for name, value in (("prompt_length", n), ("hidden_size", h), ("broadcast", b), ("depth", depth)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+    for name, value in (("prompt_length", n), ("hidden_size", h), ("broadcast", b),
+                        ("depth", depth)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if method in ("ept", "ept_star"):
         vector = init_prompt(1, d_model, init, embedding, label_ids, generator)
-        return EPT(vector, h, b, depth, layer_norm=layer_norm, residual=residual, activation=activation,
-                   extra_layer=bool(extra_layer))
+        return EPT(vector, h, b, depth, layer_norm=layer_norm, residual=residual,
+                   activation=activation, extra_layer=bool(extra_layer))
     table = init_prompt(n, d_model, init, embedding, label_ids, generator)
     if method == "pt":
         return PromptTuning(table)
@@ -247,18 +252,22 @@ class PromptedT5(nn.Module):
 
 def count_trainable(module):
     """Trainable parameters, each shared tensor once (T5's tied embedding counts once)."""
-    return sum(p.numel() for p in {id(p): p for p in module.parameters() if p.requires_grad}.values())
+    return sum(p.numel()
+               for p in {id(p): p for p in module.parameters() if p.requires_grad}.values())
 
 
 def save_folded_prompt(path, prompt, meta=None):
     """P' alone (n, d) fp32 + plain metadata, written atomically; loads with weights_only=True."""
-    files.save_torch(path, {"prompt": prompt.detach().float().cpu().contiguous(), "meta": dict(meta or {})})
+    files.save_torch(path, {"prompt": prompt.detach().float().cpu().contiguous(),
+                            "meta": dict(meta or {})})
 
 
 def load_folded_prompt(path):
     state = files.load_torch(path, "folded prompt")
-    if not isinstance(state, dict) or not torch.is_tensor(state.get("prompt")) or state["prompt"].dim() != 2:
-        raise files.FileFault(f"{path} is not a folded prompt (a dict with an (n, d) 'prompt' tensor)")
+    if (not isinstance(state, dict) or not torch.is_tensor(state.get("prompt"))
+            or state["prompt"].dim() != 2):
+        raise files.FileFault(f"{path} is not a folded prompt "
+                              "(a dict with an (n, d) 'prompt' tensor)")
     if not torch.isfinite(state["prompt"]).all():
         raise files.FileFault(f"the prompt in {path} holds NaN or inf values; retrain the run")
     return state["prompt"], state.get("meta", {})
@@ -267,15 +276,19 @@ def load_folded_prompt(path):
 # The options of build_prompt_module, named as train.py's flags and config.json's keys, with their
 # defaults: a run folder written before an option existed is rebuilt with the option's default.
 PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, "broadcast": None,
-                  "layer_norm": False, "residual": False, "activation": "none", "depth": 1, "extra_layer": False}
+                  "layer_norm": False, "residual": False, "activation": "none", "depth": 1,
+                  "extra_layer": False}
 
 
 # The options each method's prompt module takes (build_prompt_module); the others do not change the
 # run, so they neither multiply a sweep's runs nor appear in its name (options.sweep,
 # runs.run_name).
-EPT_OPTIONS = ("hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth", "extra_layer", "init")
-APPLIES = {"ft": (), "pt": ("prompt_length", "init"), "ptuning": ("prompt_length", "reparam", "init"),
-           "resprompt": ("prompt_length", "hidden_size", "init"), "ept": EPT_OPTIONS, "ept_star": EPT_OPTIONS}
+EPT_OPTIONS = ("hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth",
+               "extra_layer", "init")
+APPLIES = {"ft": (), "pt": ("prompt_length", "init"),
+           "ptuning": ("prompt_length", "reparam", "init"),
+           "resprompt": ("prompt_length", "hidden_size", "init"),
+           "ept": EPT_OPTIONS, "ept_star": EPT_OPTIONS}
 # what APPLIES decides about; training options apply to every method
 METHOD_OPTIONS = (*PROMPT_OPTIONS, "init")
 
@@ -306,7 +319,8 @@ TABLE4_VARIANTS = [("ept", {"extra_layer": True})]
 
 
 def variant_label(method, options):
-    return method + ("-lstm" if options.get("reparam") == "lstm" else "") + ("+layer" if options.get("extra_layer") else "")
+    return (method + ("-lstm" if options.get("reparam") == "lstm" else "")
+            + ("+layer" if options.get("extra_layer") else ""))
 
 
 def size_config(size, configs_dir=None):
@@ -329,7 +343,8 @@ def parameter_table(configs_dir=None, variants=None):
         config = size_config(size, configs_dir)
         with torch.device("meta"):
             table[size] = {variant_label(m, o): count_trainable(
-                PromptedT5(T5ForConditionalGeneration(config), build_prompt_module(m, config.d_model, **o)))
+                PromptedT5(T5ForConditionalGeneration(config),
+                           build_prompt_module(m, config.d_model, **o)))
                 for m, o in variants}
     return table
 
@@ -337,7 +352,8 @@ def parameter_table(configs_dir=None, variants=None):
 @errors.script
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    parser.add_argument("--count", action="store_true", required=True, help="print the trainable-parameter table")
+    parser.add_argument("--count", action="store_true", required=True,
+                        help="print the trainable-parameter table")
     parser.add_argument("--configs", default=None,
                         help="folder with t5-small/, t5-base/, t5-large/ config folders "
                              "(default: the real configs' dimensions)")

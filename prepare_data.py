@@ -14,7 +14,8 @@ Splits follow Appendix B.1 from a fixed data seed (separate from the training se
     python prepare_data.py --tasks rte cb                      # from the Hub
     python prepare_data.py --tasks all --source raw/ --tokenizer t5-base
     python prepare_data.py --tasks superglue glue --fewshot 4 16 32 --fewshot-seeds 0 1 2 3 4 5
-    python prepare_data.py --source tests/fixtures/raw --tasks all --out smoke/data   # CPU smoke data
+    # CPU smoke data
+    python prepare_data.py --source tests/fixtures/raw --tasks all --out smoke/data
 
 A task whose meta.json exists is skipped unless --overwrite; a failed run leaves it untouched.
 """
@@ -30,26 +31,30 @@ from pathlib import Path
 
 from ept import cli, errors, files, registry
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=cli.HelpFormatter)
 # data
 g = parser.add_argument_group("data")
 g.add_argument("--tasks", nargs="+", default=["all"],
                help="task names, group names (glue, superglue, mrqa, others) or 'all'")
 g.add_argument("--source", default=None, metavar="DIR",
-               help="folder of official files, one sub-folder per task (docs/data.md); default: the Hub")
-g.add_argument("--data-seed", type=cli.nonnegative_int, default=42, help="seed of the validation/test draws (Appendix B.1)")
+               help="folder of official files, one sub-folder per task (docs/data.md); "
+                    "default: the Hub")
+g.add_argument("--data-seed", type=cli.nonnegative_int, default=42,
+               help="seed of the validation/test draws (Appendix B.1)")
 g.add_argument("--tokenizer", default="t5-base", metavar="NAME_OR_DIR",
                help="T5 tokenizer for token-length statistics and max_target_length")
 # few-shot (Table 3)
 g = parser.add_argument_group("few-shot (Table 3)")
 g.add_argument("--fewshot", nargs="*", type=cli.positive_int, default=[], metavar="K",
                help="examples in all, the classes balanced (Table 3); none by default")
-g.add_argument("--fewshot-seeds", nargs="+", type=cli.nonnegative_int, default=[0, 1, 2, 3, 4, 5], metavar="S",
-               help="one few-shot set per seed and K")
+g.add_argument("--fewshot-seeds", nargs="+", type=cli.nonnegative_int, default=[0, 1, 2, 3, 4, 5],
+               metavar="S", help="one few-shot set per seed and K")
 # output
 g = parser.add_argument_group("output")
 g.add_argument("--out", default="data", help="output folder; one sub-folder per task")
-g.add_argument("--overwrite", action="store_true", help="rebuild tasks that already have a meta.json")
+g.add_argument("--overwrite", action="store_true",
+               help="rebuild tasks that already have a meta.json")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -63,26 +68,36 @@ def find_files(task, root):
     role. Few-shot sample folders (k-shot-16-42/, 16-42/) and several candidate folders at one depth
     are refused: they are subsets, not the official distribution, and would build a train split of a
     few dozen rows."""
-    folder, need = root / task.folder, " + ".join(" or ".join(names) for names in task.files.values())
+    folder, need = (root / task.folder,
+                    " + ".join(" or ".join(names) for names in task.files.values()))
     if not folder.is_dir():
-        raise errors.Failure(f"prepare_data: {task.name}: missing folder {folder} (expected {need} in it; see docs/data.md)")
+        raise errors.Failure(f"prepare_data: {task.name}: missing folder {folder} "
+                             f"(expected {need} in it; see docs/data.md)")
     candidates = []
-    for d in sorted([folder, *(p for p in folder.rglob("*") if p.is_dir())], key=lambda p: (len(p.parts), str(p))):
-        found = {role: next((d / f for f in names if (d / f).is_file()), None) for role, names in task.files.items()}
+    for d in sorted([folder, *(p for p in folder.rglob("*") if p.is_dir())],
+                    key=lambda p: (len(p.parts), str(p))):
+        found = {role: next((d / f for f in names if (d / f).is_file()), None)
+                 for role, names in task.files.items()}
         if all(found.values()) and (not candidates or len(d.parts) == len(candidates[0][0].parts)):
             candidates.append((d, found))
     if candidates:
         d, found = candidates[0]
-        samples = [c for c, _ in candidates if any(SAMPLE_FOLDER.search(part) for part in c.relative_to(root).parts)]
+        samples = [c for c, _ in candidates
+                   if any(SAMPLE_FOLDER.search(part) for part in c.relative_to(root).parts)]
         if len(candidates) > 1 or samples:
-            names = ", ".join(str(c.relative_to(folder)) for c, _ in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
-            raise errors.Failure(f"prepare_data: {task.name}: found {need} in {'few-shot sample' if samples else 'several'} "
-                             f"folders under {folder} ({names}), expected the official full distribution in one "
-                             "folder; pass --source DIR with the official files (docs/data.md)")
+            names = (", ".join(str(c.relative_to(folder)) for c, _ in candidates[:4])
+                     + (", ..." if len(candidates) > 4 else ""))
+            raise errors.Failure(f"prepare_data: {task.name}: found {need} in "
+                                 f"{'few-shot sample' if samples else 'several'} folders under "
+                                 f"{folder} ({names}), expected the official full distribution in "
+                                 "one folder; pass --source DIR with the official files "
+                                 "(docs/data.md)")
         return found
-    absent = [names for names in task.files.values() if not any(any(folder.rglob(Path(f).name)) for f in names)]
+    absent = [names for names in task.files.values()
+              if not any(any(folder.rglob(Path(f).name)) for f in names)]
     what = f"missing {' or '.join(absent[0])}" if absent else "no one folder holds all of the files"
-    raise errors.Failure(f"prepare_data: {task.name}: {what} under {folder} (expected {need}; see docs/data.md)")
+    raise errors.Failure(f"prepare_data: {task.name}: {what} under {folder} "
+                         f"(expected {need}; see docs/data.md)")
 
 
 def sha256(path):
@@ -97,8 +112,9 @@ def load_local(task, root):
     found = find_files(task, root)
     print(f"{task.name}: local files {', '.join(map(str, found.values()))}")
     train, held = task.read_local(found)
-    source = {"kind": "local", "hub_id": task.hub_id, "config": task.hub_config, "revision": None, "commit": None,
-              "files": [str(p) for p in found.values()], "sha256": {str(p): sha256(p) for p in found.values()}}
+    source = {"kind": "local", "hub_id": task.hub_id, "config": task.hub_config, "revision": None,
+              "commit": None, "files": [str(p) for p in found.values()],
+              "sha256": {str(p): sha256(p) for p in found.values()}}
     return train, held, source
 
 
@@ -117,7 +133,8 @@ def load_hub(task):
     import datasets
     print(f"{task.name}: loading {task.hub_id} ({task.hub_config}) from the Hugging Face Hub")
     ds = error = None
-    for revision, kwargs in (("main", {"name": task.hub_config}), ("refs/convert/parquet", {"data_dir": task.hub_config})):
+    for revision, kwargs in (("main", {"name": task.hub_config}),
+                             ("refs/convert/parquet", {"data_dir": task.hub_config})):
         # datasets >= 4 refuses repos that still carry a loading script: then their parquet
         # conversion
         try:
@@ -129,7 +146,8 @@ def load_hub(task):
                 break
     # pretrained's sentence: why, and --source DIR (the official files, docs/data.md)
     if ds is None:
-        raise errors.Failure(f"prepare_data: {pretrained.offline_error('dataset', f'{task.hub_id} ({task.hub_config})', error)}")
+        why = pretrained.offline_error("dataset", f"{task.hub_id} ({task.hub_config})", error)
+        raise errors.Failure(f"prepare_data: {why}")
     splits = [ds["train"], ds[task.eval_split]]
     if task.subset:  # MRQA: one dataset holds all subsets
         splits = [s.filter(lambda v: v == task.subset, input_columns="subset") for s in splits]
@@ -159,10 +177,12 @@ def to_records(task, rows, where):
         try:
             rec = task.convert(row, i)
             if task.labels and rec["target"] not in task.labels:
-                raise ValueError(f"label {rec['label']!r} is outside the label set {', '.join(task.labels)}")
+                raise ValueError(f"label {rec['label']!r} is outside the label set "
+                                 f"{', '.join(task.labels)}")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             at = row.get("_at", f"{where} row {i}")  # file:line for local rows
-            raise errors.Failure(f"prepare_data: {task.name}: {at}: bad row ({type(e).__name__}: {e})") from None
+            raise errors.Failure(f"prepare_data: {task.name}: {at}: bad row "
+                                 f"({type(e).__name__}: {e})") from None
         records.append(rec)
     return records
 
@@ -245,7 +265,8 @@ def source_lengths(tokenizer, texts):
     special = len(tokenizer("")["input_ids"])
     lengths = {t: special + sum(size[w] for w in t.split()) for t in texts}
     if any(lengths[t] != n for t, n in whole(texts[::max(1, len(texts) // 200)])):
-        lengths = {t: n for i in progress(range(0, len(texts), 4096), "token lengths", "chunks", len(texts))
+        lengths = {t: n for i in progress(range(0, len(texts), 4096), "token lengths", "chunks",
+                                          len(texts))
                    for t, n in whole(texts[i:i + 4096])}
     return lengths
 
@@ -255,7 +276,8 @@ def token_stats(lengths, max_length):
     max_length."""
     lengths = sorted(lengths)
     rank = lambda q: lengths[max(0, -(-len(lengths) * q // 100) - 1)]  # nearest-rank percentile
-    return {"p50": rank(50), "p95": rank(95), "max": lengths[-1], "truncated": sum(n > max_length for n in lengths)}
+    return {"p50": rank(50), "p95": rank(95), "max": lengths[-1],
+            "truncated": sum(n > max_length for n in lengths)}
 
 
 def jsonl(records):
@@ -282,23 +304,30 @@ def prepare(task, args, out):
     splits = dict(zip(("train", "validation", "test"), split(train, held, args.data_seed)))
     for name, records in splits.items():
         if not records:
-            raise errors.Failure(f"prepare_data: {task.name}: the {name} split is empty; the source has too few rows")
-    shots = {f"k{k}_seed{s}": fewshot(task, splits["train"], k, s) for k in args.fewshot for s in args.fewshot_seeds}
+            raise errors.Failure(f"prepare_data: {task.name}: the {name} split is empty; "
+                                 "the source has too few rows")
+    shots = {f"k{k}_seed{s}": fewshot(task, splits["train"], k, s)
+             for k in args.fewshot for s in args.fewshot_seeds}
 
     tokenizer = load_tokenizer(args.tokenizer)
-    length = source_lengths(tokenizer, {r["source"] for records in splits.values() for r in records})
-    stats = {name: token_stats([length[r["source"]] for r in records], task.max_length) for name, records in splits.items()}
+    length = source_lengths(tokenizer,
+                            {r["source"] for records in splits.values() for r in records})
+    stats = {name: token_stats([length[r["source"]] for r in records], task.max_length)
+             for name, records in splits.items()}
     targets = sorted({r["target"] for records in splits.values() for r in records})
     max_target_length = max(len(ids) for ids in tokenizer(targets)["input_ids"])
 
     texts = {f"{name}.jsonl": jsonl(records) for name, records in splits.items()}
     texts.update({f"train_{key}.jsonl": jsonl(records) for key, records in shots.items()})
-    meta = {"task": task.name, "benchmark": task.benchmark, "task_type": registry.TASK_TYPES[task.name], "source": source,
+    meta = {"task": task.name, "benchmark": task.benchmark,
+            "task_type": registry.TASK_TYPES[task.name], "source": source,
             "splits": {name: len(records) for name, records in splits.items()},
             "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
-            "score": list(task.score), "max_length": task.max_length, "max_target_length": max_target_length,
+            "score": list(task.score), "max_length": task.max_length,
+            "max_target_length": max_target_length,
             "data_seed": args.data_seed, "token_stats": stats,
-            "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records), "rule": registry.FEWSHOT_RULE,
+            "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records),
+                              "rule": registry.FEWSHOT_RULE,
                               "classes": dict(sorted(Counter(r["target"] for r in records).items()))
                               if task.labels else None} for key, records in shots.items()}}
     texts["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
@@ -306,10 +335,11 @@ def prepare(task, args, out):
 
     for name, records in splits.items():
         s = stats[name]
-        labels = (" ".join(f"{y}:{c}" for y, c in sorted(Counter(r["target"] for r in records).items()))
+        labels = (" ".join(f"{y}:{c}"
+                           for y, c in sorted(Counter(r["target"] for r in records).items()))
                   if task.labels else f"{len({r['target'] for r in records})} distinct targets")
-        print(f"  {name:<10} {len(records):>7}  {labels}  tokens p50/p95/max {s['p50']}/{s['p95']}/{s['max']}, "
-              f"{s['truncated']} over {task.max_length}")
+        print(f"  {name:<10} {len(records):>7}  {labels}  tokens p50/p95/max "
+              f"{s['p50']}/{s['p95']}/{s['max']}, {s['truncated']} over {task.max_length}")
     if shots:
         print(f"  few-shot   {', '.join(f'{key} ({len(r)})' for key, r in shots.items())}")
     print(f"  -> {out / task.name}  (max_target_length {max_target_length})")
@@ -323,7 +353,8 @@ def main(argv=None):
         expanded = list(registry.TASKS) if name == "all" else registry.GROUPS.get(name, [name])
         for t in expanded:
             if not registry.known(t):
-                parser.error(f"unknown task {t!r}; valid: {', '.join(registry.TASKS)} (or all, {', '.join(registry.GROUPS)}; "
+                parser.error(f"unknown task {t!r}; valid: {', '.join(registry.TASKS)} "
+                             f"(or all, {', '.join(registry.GROUPS)}; "
                              f"the steering benchmark: {', '.join(registry.STEER_TASKS)})")
             if t not in names:
                 names.append(t)
@@ -339,11 +370,13 @@ def main(argv=None):
             continue
         meta = files.read_json(meta_path, "task description")
         if not isinstance(meta, dict) or not isinstance(meta.get("fewshot"), dict):
-            raise errors.Failure(f"prepare_data: {meta_path} is not a task description of this project; "
-                             "pass --overwrite to rebuild it")
+            raise errors.Failure(f"prepare_data: {meta_path} is not a task description of this "
+                                 "project; pass --overwrite to rebuild it")
         if meta.get("data_seed") != args.data_seed or not keys <= set(meta["fewshot"]):
-            raise errors.Failure(f"prepare_data: {out / name} was prepared with data seed {meta['data_seed']} and "
-                             f"few-shot sets {sorted(meta['fewshot']) or 'none'}; pass --overwrite to rebuild it")
+            raise errors.Failure(f"prepare_data: {out / name} was prepared with data seed "
+                                 f"{meta['data_seed']} and few-shot sets "
+                                 f"{sorted(meta['fewshot']) or 'none'}; pass --overwrite to "
+                                 "rebuild it")
         print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")
         old[name] = registry.old_fewshot_sets(meta)
     if warning := registry.old_fewshot_warning(out, old):  # one line for all of them

@@ -21,24 +21,27 @@ from ept import batching, errors, files, metrics, pretrained, runs, runtime
 def progress_bar(n, desc):
     """A bar over `n` examples on stderr, or none when `desc` is None (inside train.py's own bar);
     TQDM_DISABLE=1 turns it off."""
-    return tqdm(total=n, desc=desc, unit="ex", dynamic_ncols=True, **({"disable": True} if desc is None else {}))
+    return tqdm(total=n, desc=desc, unit="ex", dynamic_ncols=True,
+                **({"disable": True} if desc is None else {}))
 
 
-def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_length=256, device="cpu",
-            dtype="fp32", sort_by_length=True, progress=None):
+def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_length=256,
+            device="cpu", dtype="fp32", sort_by_length=True, progress=None):
     """Greedy decoding of `sources` (strings or token-id lists): batched, sorted by length, at most
     `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped.
     `progress`: the label of a progress bar (None: no bar)."""
-    ids = batching.encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
+    ids = (batching.encode(tokenizer, sources, max_length)
+           if sources and isinstance(sources[0], str) else sources)
     out = [""] * len(ids)
     was_training = model.training
     model.eval()
     bar = progress_bar(len(ids), progress)
-    for batch in batching.batches_by_length(ids, batch_size, sort_by_length, token_budget=not str(device).startswith("cuda")):
+    for batch in batching.batches_by_length(ids, batch_size, sort_by_length,
+                                            token_budget=not str(device).startswith("cuda")):
         input_ids, mask = batching.pad([ids[i] for i in batch], tokenizer.pad_token_id)
         with runtime.autocast(device, dtype):
-            gen = model.generate(input_ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1)
+            gen = model.generate(input_ids.to(device), mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         for i, text in zip(batch, tokenizer.batch_decode(gen, skip_special_tokens=True)):
             out[i] = text.strip()
         bar.update(len(batch))
@@ -59,37 +62,44 @@ def label_nll(model, input_ids, mask, label_ids):
     t5, n_labels = model.t5, label_ids.size(0)
     embeds, mask = model.embed(input_ids, mask)  # (B, n+S, d), prompt included
     hidden = t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    start = torch.full((len(input_ids), 1), t5.config.decoder_start_token_id, device=input_ids.device)
+    start = torch.full((len(input_ids), 1), t5.config.decoder_start_token_id,
+                       device=input_ids.device)
     # renamed in 5.2x
-    cache_arg = "cache" if "cache" in inspect.signature(t5.forward).parameters else "past_key_values"
-    first = t5(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=start, use_cache=True,
-               **{cache_arg: EncoderDecoderCache(DynamicCache(), DynamicCache())})
+    cache_arg = ("cache" if "cache" in inspect.signature(t5.forward).parameters
+                 else "past_key_values")
+    first = t5(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=start,
+               use_cache=True, **{cache_arg: EncoderDecoderCache(DynamicCache(), DynamicCache())})
     logits = first.logits.repeat_interleave(n_labels, 0)  # (B*L, 1, V): example-major
     target = label_ids.repeat(len(input_ids), 1)  # (B*L, T)
     if target.size(1) > 1:
         cache = getattr(first, cache_arg)
         cache.batch_repeat_interleave(n_labels)
-        rest = t5(encoder_outputs=(hidden.repeat_interleave(n_labels, 0),), attention_mask=mask.repeat_interleave(n_labels, 0),
-                  decoder_input_ids=target[:, :-1].masked_fill(target[:, :-1] == -100, t5.config.pad_token_id),
+        rest = t5(encoder_outputs=(hidden.repeat_interleave(n_labels, 0),),
+                  attention_mask=mask.repeat_interleave(n_labels, 0),
+                  decoder_input_ids=target[:, :-1].masked_fill(target[:, :-1] == -100,
+                                                               t5.config.pad_token_id),
                   use_cache=True, **{cache_arg: cache})
         logits = torch.cat([logits, rest.logits], 1)  # (B*L, T, V)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none")
+    nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100,
+                          reduction="none")
     return nll.sum(1).view(len(input_ids), n_labels)
 
 
 @torch.no_grad()
-def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_length=256, device="cpu", dtype="fp32",
-                  progress=None):
+def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_length=256,
+                  device="cpu", dtype="fp32", progress=None):
     """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5,
     scored by `label_nll` for a batch of inputs at a time; never an invalid prediction."""
-    ids = batching.encode(tokenizer, sources, max_length) if sources and isinstance(sources[0], str) else sources
+    ids = (batching.encode(tokenizer, sources, max_length)
+           if sources and isinstance(sources[0], str) else sources)
     # (L, T), -100 = no loss
     label_ids, _ = batching.pad(batching.encode(tokenizer, labels, max_length), -100)
     out = [""] * len(ids)
     was_training = model.training
     model.eval()
     bar = progress_bar(len(ids), progress)
-    for batch in batching.batches_by_length(ids, max(1, batch_size // len(labels)), True, not str(device).startswith("cuda")):
+    for batch in batching.batches_by_length(ids, max(1, batch_size // len(labels)), True,
+                                            not str(device).startswith("cuda")):
         input_ids, mask = batching.pad([ids[i] for i in batch], tokenizer.pad_token_id)
         with runtime.autocast(device, dtype):
             nll = label_nll(model, input_ids.to(device), mask.to(device), label_ids.to(device))
@@ -113,32 +123,39 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     state_path = run_dir / f"{checkpoint}.pt"
     if config["method"] == "ft":  # the checkpoint holds all of T5
         if not state_path.exists():
-            raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); was it pruned?")
+            raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); "
+                                  "was it pruned?")
         load_state(t5, files.load_torch(state_path), state_path)
         net = M.PromptedT5(t5, None)
     else:
-        if config.get("t5_fingerprint") and pretrained.t5_fingerprint(t5) != config["t5_fingerprint"]:
-            raise errors.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one {run_dir} "
-                             "was trained with (fingerprint mismatch); restore that model or retrain the run")
+        if (config.get("t5_fingerprint")
+                and pretrained.t5_fingerprint(t5) != config["t5_fingerprint"]):
+            raise errors.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one "
+                                 f"{run_dir} was trained with (fingerprint mismatch); restore that "
+                                 "model or retrain the run")
         if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
             prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
         elif prompt is None:  # fold P' from the checkpoint's reparameterization network, once
             if not state_path.exists():
-                raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; the run has not "
-                                      "finished a validation yet")
+                raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; "
+                                      "the run has not finished a validation yet")
             try:
-                module = M.build_prompt_module(config["method"], t5.config.d_model, **M.prompt_options(config))
+                module = M.build_prompt_module(config["method"], t5.config.d_model,
+                                               **M.prompt_options(config))
             except ValueError as err:
-                raise files.FileFault(f"{run_dir / 'config.json'} has a wrong prompt option ({err})") from None
+                raise files.FileFault(f"{run_dir / 'config.json'} has a wrong prompt option "
+                                      f"({err})") from None
             load_state(module, files.load_torch(state_path), state_path)
             with torch.no_grad():
                 prompt = module().detach()
         prompt = torch.as_tensor(prompt, dtype=torch.float32)
         if not torch.isfinite(prompt).all():
-            raise errors.Failure(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
+            raise errors.Failure(f"the prompt of {run_dir} holds NaN or inf values; "
+                                 "retrain the run")
         if prompt.dim() != 2 or prompt.size(1) != t5.config.d_model:
-            raise errors.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but {config['model']} "
-                             f"needs (n, {t5.config.d_model}); it belongs to another model")
+            raise errors.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but "
+                                 f"{config['model']} needs (n, {t5.config.d_model}); it belongs "
+                                 "to another model")
         net = M.PromptedT5(t5, M.FoldedPrompt(prompt))
     return net.to(device).eval(), tokenizer, config
 
@@ -148,8 +165,8 @@ def load_state(module, checkpoint, path):
     try:
         module.load_state_dict(checkpoint["trainable"])
     except (RuntimeError, KeyError, TypeError, IndexError) as err:
-        raise files.FileFault(f"{path} does not fit the model its config.json builds ({type(err).__name__}); "
-                              "it belongs to another run") from None
+        raise files.FileFault(f"{path} does not fit the model its config.json builds "
+                              f"({type(err).__name__}); it belongs to another run") from None
 
 
 def run_dtype(config, device):
@@ -158,20 +175,22 @@ def run_dtype(config, device):
     return dtype if torch.device(device).type == "cuda" else "fp32"
 
 
-def run_predictions(net, tokenizer, sources, *, mode, labels, max_new_tokens, max_length, batch_size, device, dtype,
-                    progress=None):
+def run_predictions(net, tokenizer, sources, *, mode, labels, max_new_tokens, max_length,
+                    batch_size, device, dtype, progress=None):
     """Predictions by greedy decoding or, for tasks with a label set, rank classification."""
     if mode == "rank":
         if not labels:
-            raise errors.Failure("--eval-mode rank needs a task with a label set (meta.json 'labels')")
-        return rank_classify(net, tokenizer, sources, labels, batch_size=batch_size, max_length=max_length,
-                             device=device, dtype=dtype, progress=progress)
+            raise errors.Failure("--eval-mode rank needs a task with a label set "
+                                 "(meta.json 'labels')")
+        return rank_classify(net, tokenizer, sources, labels, batch_size=batch_size,
+                             max_length=max_length, device=device, dtype=dtype, progress=progress)
     return predict(net, tokenizer, sources, max_new_tokens=max_new_tokens, batch_size=batch_size,
                    max_length=max_length, device=device, dtype=dtype, progress=progress)
 
 
-def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None, *, checkpoint="best",
-                 data_dir=None, batch_size=64, max_examples=None, device=None, write=True, tag=None, quiet=False):
+def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None, *,
+                 checkpoint="best", data_dir=None, batch_size=64, max_examples=None, device=None,
+                 write=True, tag=None, quiet=False):
     """Score a run on `split` of `task` (default: the run's own). `prompt` (l, d) overrides P'
     (Figure 4); files go to RUN_DIR/eval/<task>_<split>[.<tag>].{result.json,predictions.jsonl}; tag
     defaults to 'rank' in rank mode. Returns the result dict (with 'score')."""
@@ -186,10 +205,12 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     meta = files.load_meta(data_dir, task)
     metrics.check_metrics(meta, Path(data_dir) / task / "meta.json")
     if mode == "rank" and not meta.get("labels"):
-        raise errors.Failure(f"evaluate: --eval-mode rank needs a task with a label set; {task} has open targets")
+        raise errors.Failure(f"evaluate: --eval-mode rank needs a task with a label set; {task} "
+                             "has open targets")
     max_length = config["max_length"] if task == config["task"] else meta["max_length"]
     if task != config["task"]:
-        say(f"evaluate: zero-shot transfer of {config['task']}'s prompt to {task} (max_length {max_length})")
+        say(f"evaluate: zero-shot transfer of {config['task']}'s prompt to {task} "
+            f"(max_length {max_length})")
     split_file = Path(data_dir) / task / f"{split}.jsonl"
     examples, source_ids, _ = batching.load_split(split_file, tokenizer, max_length, max_examples)
     batching.check_split(meta, split, examples, split_file, max_examples is not None)
@@ -199,9 +220,11 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
                             batch_size=batch_size, device=device, dtype=dtype,
                             progress=None if quiet else f"evaluate {task} {split}")
     seconds = time.time() - t0
-    result = {"task": task, "split": split, "mode": mode, "checkpoint": checkpoint, "run": str(run_dir),
-               "train_task": config["task"], "prompt_override": prompt is not None,
-               **metrics.compute_metrics(meta, preds, examples), "eval_examples_per_s": len(examples) / max(seconds, 1e-9)}
+    result = {"task": task, "split": split, "mode": mode, "checkpoint": checkpoint,
+              "run": str(run_dir), "train_task": config["task"],
+              "prompt_override": prompt is not None,
+              **metrics.compute_metrics(meta, preds, examples),
+              "eval_examples_per_s": len(examples) / max(seconds, 1e-9)}
     if write:
         tag = tag or ("rank" if mode == "rank" else None)
         stem = Path(run_dir) / "eval" / (f"{task}_{split}" + (f".{tag}" if tag else ""))
@@ -228,16 +251,19 @@ def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None)
     preds = run_predictions(net, tokenizer, source_ids, mode="generate", labels=meta.get("labels"),
                             max_new_tokens=meta["max_target_length"], max_length=meta["max_length"],
                             batch_size=batch_size, device=device, dtype="fp32")
-    return {"task": task, "split": split, "model": str(model), **metrics.compute_metrics(meta, preds, examples)}
+    return {"task": task, "split": split, "model": str(model),
+            **metrics.compute_metrics(meta, preds, examples)}
 
 
 @torch.no_grad()
-def score_split(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batch_size, max_length, dtype):
+def score_split(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batch_size,
+                max_length, dtype):
     """Scores of `net` on a split. Every rank decodes a strided shard; predictions are gathered so
     each rank scores the whole split (never an average of per-rank scores)."""
     preds = run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], mode=mode,
-                              labels=meta.get("labels"), max_new_tokens=meta["max_target_length"],
-                              max_length=max_length, batch_size=batch_size, device=ranks.device, dtype=dtype)
+                            labels=meta.get("labels"), max_new_tokens=meta["max_target_length"],
+                            max_length=max_length, batch_size=batch_size, device=ranks.device,
+                            dtype=dtype)
     if ranks.world_size > 1:
         shards = [None] * ranks.world_size
         dist.all_gather_object(shards, preds)
@@ -250,4 +276,5 @@ def score_split(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batc
 def decode_options(args):
     """How validation and test decode: the run's eval mode, batch size, input length and
     precision."""
-    return {"mode": args.eval_mode, "batch_size": args.eval_batch_size, "max_length": args.max_length, "dtype": args.dtype}
+    return {"mode": args.eval_mode, "batch_size": args.eval_batch_size,
+            "max_length": args.max_length, "dtype": args.dtype}

@@ -15,80 +15,118 @@ from ept import cli, errors, files, runs, runtime
 parser = argparse.ArgumentParser(prog="train.py", formatter_class=cli.HelpFormatter)
 group = parser.add_argument_group("data")
 group.add_argument("--task", default="rte", type=cli.name,
-                   help="task name (default: rte, the paper's running example); data/<task>/ is prepared if missing")
-group.add_argument("--data-dir", default="data", help="folder holding <task>/meta.json and the split files")
+                   help="task name (default: rte, the paper's running example); data/<task>/ is "
+                        "prepared if missing")
+group.add_argument("--data-dir", default="data",
+                   help="folder holding <task>/meta.json and the split files")
 group.add_argument("--source", default=None, metavar="DIR",
-                   help="a missing data/<task>/ is prepared from this folder of official files (prepare_data.py "
-                        "--source), not the Hub")
-group.add_argument("--fewshot-k", type=cli.positive_int, default=None, help="train on train_k{K}_seed{S}.jsonl (Table 3)")
-group.add_argument("--fewshot-seed", type=cli.nonnegative_int, default=0, help="which few-shot sample (S above)")
+                   help="a missing data/<task>/ is prepared from this folder of official files "
+                        "(prepare_data.py --source), not the Hub")
+group.add_argument("--fewshot-k", type=cli.positive_int, default=None,
+                   help="train on train_k{K}_seed{S}.jsonl (Table 3)")
+group.add_argument("--fewshot-seed", type=cli.nonnegative_int, default=0,
+                   help="which few-shot sample (S above)")
 group.add_argument("--max-length", type=cli.positive_int, default=None,
                    help="max input tokens before the prompt (default: meta.json's)")
-group.add_argument("--max-train-examples", type=cli.positive_int, default=None, help="use only the first N training rows")
-group.add_argument("--max-eval-examples", type=cli.positive_int, default=None, help="score only the first N validation/test rows")
+group.add_argument("--max-train-examples", type=cli.positive_int, default=None,
+                   help="use only the first N training rows")
+group.add_argument("--max-eval-examples", type=cli.positive_int, default=None,
+                   help="score only the first N validation/test rows")
 group = parser.add_argument_group("model")
 group.add_argument("--model", default="t5-base", help="Hub name or local folder of the (frozen) T5")
-group.add_argument("--tokenizer", default=None, help="Hub name or folder of the tokenizer (default: --model)")
-group.add_argument("--random-init", action="store_true", help="random T5 weights from the config (tests, speed only)")
+group.add_argument("--tokenizer", default=None,
+                   help="Hub name or folder of the tokenizer (default: --model)")
+group.add_argument("--random-init", action="store_true",
+                   help="random T5 weights from the config (tests, speed only)")
 group.add_argument("--method", default="ept", choices=M.METHODS, nargs="+", action=cli.Sweep,
                    help="ft = full fine-tuning, else a prompt method (several: a pack; ft never)")
-group.add_argument("--prompt-length", type=cli.positive_int, default=M.DEFAULTS["prompt_length"], nargs="+", action=cli.Sweep,
-                   help="prompt rows n for pt/ptuning/resprompt")
-group.add_argument("--reparam", default="mlp", choices=M.REPARAMS, nargs="+", action=cli.Sweep, help="ptuning's reparameterization network")
-group.add_argument("--hidden-size", type=cli.positive_int, default=None, nargs="+", action=cli.Sweep, help="EPT h / ResPrompt bottleneck (default: 1 / 400)")
-group.add_argument("--broadcast", type=cli.positive_int, default=None, nargs="+", action=cli.Sweep, help="EPT rows n (default: 1 ept, 10 ept_star)")
-group.add_argument("--layer-norm", action="store_true", help="EPT ablation: LayerNorm after the up layer (Figure 9)")
+group.add_argument("--prompt-length", type=cli.positive_int, default=M.DEFAULTS["prompt_length"],
+                   nargs="+", action=cli.Sweep, help="prompt rows n for pt/ptuning/resprompt")
+group.add_argument("--reparam", default="mlp", choices=M.REPARAMS, nargs="+", action=cli.Sweep,
+                   help="ptuning's reparameterization network")
+group.add_argument("--hidden-size", type=cli.positive_int, default=None, nargs="+",
+                   action=cli.Sweep, help="EPT h / ResPrompt bottleneck (default: 1 / 400)")
+group.add_argument("--broadcast", type=cli.positive_int, default=None, nargs="+", action=cli.Sweep,
+                   help="EPT rows n (default: 1 ept, 10 ept_star)")
+group.add_argument("--layer-norm", action="store_true",
+                   help="EPT ablation: LayerNorm after the up layer (Figure 9)")
 group.add_argument("--residual", action="store_true", help="EPT ablation: add P1 back (Figure 9)")
-group.add_argument("--activation", default="none", choices=tuple(M.ACTIVATIONS), nargs="+", action=cli.Sweep, help="EPT ablation: between down and up")
-group.add_argument("--depth", type=cli.positive_int, default=1, nargs="+", action=cli.Sweep, help="stacked EPT down-up blocks (whole blocks)")
+group.add_argument("--activation", default="none", choices=tuple(M.ACTIVATIONS), nargs="+",
+                   action=cli.Sweep, help="EPT ablation: between down and up")
+group.add_argument("--depth", type=cli.positive_int, default=1, nargs="+", action=cli.Sweep,
+                   help="stacked EPT down-up blocks (whole blocks)")
 group.add_argument("--extra-layer", action="store_true",
-                   help="EPT: one bias-free h -> h layer between down and up (Table 4: d -> 1 -> 1 -> d, 2.3K on t5-base)")
-group.add_argument("--init", default="uniform", choices=M.INITS, nargs="+", action=cli.Sweep, help="prompt init (Table 6)")
-group.add_argument("--dropout", type=cli.probability, default=None, help="override T5's dropout rate (default: the config's, 0.1)")
+                   help="EPT: one bias-free h -> h layer between down and up "
+                        "(Table 4: d -> 1 -> 1 -> d, 2.3K on t5-base)")
+group.add_argument("--init", default="uniform", choices=M.INITS, nargs="+", action=cli.Sweep,
+                   help="prompt init (Table 6)")
+group.add_argument("--dropout", type=cli.probability, default=None,
+                   help="override T5's dropout rate (default: the config's, 0.1)")
 group = parser.add_argument_group("optimisation")
-group.add_argument("--lr", type=cli.positive_float, default=None, nargs="+", action=cli.Sweep, help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
-group.add_argument("--weight-decay", type=cli.nonnegative_float, default=0.01, help="AdamW weight decay (not on biases/norms)")
-group.add_argument("--warmup-steps", type=cli.nonnegative_int, default=0, help="linear lr warm-up steps before the decay to 0")
-group.add_argument("--max-grad-norm", type=cli.nonnegative_float, default=1.0, help="gradient-norm clipping (0 = off)")
-group.add_argument("--batch-size", type=cli.positive_int, default=16, help="GLOBAL batch (examples per step, all ranks)")
+group.add_argument("--lr", type=cli.positive_float, default=None, nargs="+", action=cli.Sweep,
+                   help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
+group.add_argument("--weight-decay", type=cli.nonnegative_float, default=0.01,
+                   help="AdamW weight decay (not on biases/norms)")
+group.add_argument("--warmup-steps", type=cli.nonnegative_int, default=0,
+                   help="linear lr warm-up steps before the decay to 0")
+group.add_argument("--max-grad-norm", type=cli.nonnegative_float, default=1.0,
+                   help="gradient-norm clipping (0 = off)")
+group.add_argument("--batch-size", type=cli.positive_int, default=16,
+                   help="GLOBAL batch (examples per step, all ranks)")
 group.add_argument("--micro-batch-size", type=cli.positive_int, default=None,
-                   help="examples per forward pass on one rank; gradient accumulation above it (default: batch/ranks)")
+                   help="examples per forward pass on one rank; gradient accumulation above it "
+                        "(default: batch/ranks)")
 group.add_argument("--max-steps", type=cli.positive_int, default=30000, help="optimizer steps")
-group.add_argument("--epochs", type=cli.positive_float, default=None, help="train this many epochs instead of --max-steps (Table 4)")
-group.add_argument("--seed", type=cli.nonnegative_int, default=0, nargs="+", action=cli.Sweep, help="seeds prompt init, data order, dropout (and random T5 weights)")
+group.add_argument("--epochs", type=cli.positive_float, default=None,
+                   help="train this many epochs instead of --max-steps (Table 4)")
+group.add_argument("--seed", type=cli.nonnegative_int, default=0, nargs="+", action=cli.Sweep,
+                   help="seeds prompt init, data order, dropout (and random T5 weights)")
 group.add_argument("--dtype", default="fp32", choices=runtime.DTYPES,
-                   help="fp32 (the paper's), tf32 or bf16 autocast (speed; not the paper's setting)")
+                   help="fp32 (the paper's), tf32 or bf16 autocast "
+                        "(speed; not the paper's setting)")
 group.add_argument("--compile", action="store_true", help="torch.compile the training forward")
 group.add_argument("--group-by-length", action="store_true",
-                   help="batch similar lengths together within shuffled mega-batches of 50 batches (changes data order)")
+                   help="batch similar lengths together within shuffled mega-batches of 50 batches "
+                        "(changes data order)")
 group = parser.add_argument_group("evaluation")
-group.add_argument("--eval-every", type=cli.positive_int, default=1000, help="validate every N steps (and at the last step)")
-group.add_argument("--eval-batch-size", type=cli.positive_int, default=64, help="examples per decoding batch")
+group.add_argument("--eval-every", type=cli.positive_int, default=1000,
+                   help="validate every N steps (and at the last step)")
+group.add_argument("--eval-batch-size", type=cli.positive_int, default=64,
+                   help="examples per decoding batch")
 group.add_argument("--eval-mode", default="generate", choices=("generate", "rank"),
                    help="greedy generation, or rank classification over the label set")
 group.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
 group = parser.add_argument_group("output")
 group.add_argument("--out-dir", type=cli.folder, default=None,
-                   help="run folder (default: runs/<run name>, e.g. runs/rte_ept_t5-base_s0: the options that differ "
-                        "from the defaults are in the name, docs/training.md); of a pack: the parent folder (default: "
-                        "runs) of one folder per run, named by the same rule")
-group.add_argument("--save-every", type=cli.positive_int, default=None, help="also write last.pt every N steps (default: --eval-every)")
+                   help="run folder (default: runs/<run name>, e.g. runs/rte_ept_t5-base_s0: the "
+                        "options that differ from the defaults are in the name, docs/training.md); "
+                        "of a pack: the parent folder (default: runs) of one folder per run, named "
+                        "by the same rule")
+group.add_argument("--save-every", type=cli.positive_int, default=None,
+                   help="also write last.pt every N steps (default: --eval-every)")
 group.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
-group.add_argument("--overwrite", action="store_true", help="delete an existing run folder's files first")
+group.add_argument("--overwrite", action="store_true",
+                   help="delete an existing run folder's files first")
 group.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
-                   help="also log curves to TensorBoard (default DIR: <out-dir>/tensorboard); needs tensorboard")
-group.add_argument("--wandb", default=None, metavar="PROJECT", help="also log curves to Weights & Biases; needs wandb")
-group = parser.add_argument_group("packs: several prompt runs on one T5 (docs/training.md, \"Packs\")")
+                   help="also log curves to TensorBoard (default DIR: <out-dir>/tensorboard); "
+                        "needs tensorboard")
+group.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log curves to Weights & Biases; needs wandb")
+group = parser.add_argument_group("packs: several prompt runs on one T5 "
+                                  "(docs/training.md, \"Packs\")")
 group.add_argument("--runs", default=None, metavar="FILE",
-                   help="a JSON list of per-run option dicts ({\"method\": \"ept\", \"seed\": 1, \"lr\": 0.1}, "
-                        "optionally \"out_dir\"); the flags give the options the runs share")
+                   help="a JSON list of per-run option dicts ({\"method\": \"ept\", \"seed\": 1, "
+                        "\"lr\": 0.1}, optionally \"out_dir\"); the flags give the options the "
+                        "runs share")
 group.add_argument("--pack-max-rows", type=cli.positive_int, default=None, metavar="K",
-                   help="a pack's examples per forward pass, sorted by length (default: every run's micro-batches)")
+                   help="a pack's examples per forward pass, sorted by length "
+                        "(default: every run's micro-batches)")
 PACK_OPTIONS = ("runs", "pack_max_rows")  # not options of a run: never in its config.json
-SWEEP = ("method", "seed", "lr", "prompt_length", "hidden_size", "broadcast", "init", "reparam", "activation", "depth")
-PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "warmup_steps", "max_grad_norm",
-                   # what --runs may set per run
-                   "max_steps", "epochs", "eval_every", "save_every", "resume")
+SWEEP = ("method", "seed", "lr", "prompt_length", "hidden_size", "broadcast", "init", "reparam",
+         "activation", "depth")
+# what --runs may set per run
+PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "warmup_steps",
+                   "max_grad_norm", "max_steps", "epochs", "eval_every", "save_every", "resume")
 
 
 
@@ -139,7 +177,8 @@ def per_run_value(key, value):
     except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
         raise errors.Failure(f"train: --runs: {key}: {err}") from None
     if action.choices is not None and value not in action.choices:
-        raise errors.Failure(f"train: --runs: {key} {value!r} is not one of {', '.join(map(str, action.choices))}")
+        raise errors.Failure(f"train: --runs: {key} {value!r} is not one of "
+                             f"{', '.join(map(str, action.choices))}")
     return value
 
 
@@ -152,17 +191,19 @@ def sweep(args, runs_file=None):
         for combo in itertools.product(*lists):
             # --out-dir: the parent
             spec = {**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None}
-            spec.update({k: parser.get_default(k) for k in M.METHOD_OPTIONS if not M.applies(k, spec["method"])})
+            spec.update({k: parser.get_default(k) for k in M.METHOD_OPTIONS
+                         if not M.applies(k, spec["method"])})
             # EPT x 2 lengths: once
             specs.setdefault(tuple(map(repr, spec.values())), argparse.Namespace(**spec))
         return list(specs.values())
     rows = files.read_json(Path(runs_file), "run list")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise errors.Failure(f"train: --runs {runs_file} must hold a non-empty JSON list of option dicts")
+        raise errors.Failure(f"train: --runs {runs_file} must hold a non-empty JSON list of "
+                             "option dicts")
     swept = [k for k in SWEEP if isinstance(getattr(args, k), list)]
     if swept:
-        raise errors.Failure(f"train: --runs gives the runs; the flags give only what they share: one value for "
-                         f"--{', --'.join(k.replace('_', '-') for k in swept)}")
+        raise errors.Failure("train: --runs gives the runs; the flags give only what they share: "
+                             f"one value for --{', --'.join(k.replace('_', '-') for k in swept)}")
     specs = []
     for row in rows:
         spec = argparse.Namespace(**vars(args))
@@ -175,15 +216,18 @@ def sweep(args, runs_file=None):
             elif key in vars(args) and per_run_value(key, value) == getattr(args, key):
                 pass  # a shared option, the same as the command line's
             elif key in vars(args):
-                raise errors.Failure(f"train: --runs: {key} is shared by the runs of a pack (one task, data and T5): "
-                                 f"give it once on the command line, not {value!r} for one run")
+                raise errors.Failure(f"train: --runs: {key} is shared by the runs of a pack "
+                                     "(one task, data and T5): give it once on the command line, "
+                                     f"not {value!r} for one run")
             else:
-                raise errors.Failure(f"train: --runs: unknown option {key!r} (train.py's option names, with underscores)")
+                raise errors.Failure(f"train: --runs: unknown option {key!r} (train.py's option "
+                                     "names, with underscores)")
         spec.out_dir = row.get("out_dir")
         # as on the command line: an option that does not apply to the run's method keeps its
         # default (a pass-through --prompt-length is no EPT setting), so a run's config.json is the
         # same in a pack or alone
-        vars(spec).update({k: parser.get_default(k) for k in M.METHOD_OPTIONS if not M.applies(k, spec.method)})
+        vars(spec).update({k: parser.get_default(k) for k in M.METHOD_OPTIONS
+                           if not M.applies(k, spec.method)})
         specs.append(spec)
     return specs
 
@@ -194,19 +238,21 @@ def resolve_pack(args, specs):
     parent = Path(args.out_dir or "runs")
     for spec in specs:
         if spec.method == "ft":
-            raise errors.Failure("train: ft trains T5 itself and cannot share it with other runs in a pack; "
-                             "train it alone (one --method ft run)")
+            raise errors.Failure("train: ft trains T5 itself and cannot share it with other runs "
+                                 "in a pack; train it alone (one --method ft run)")
         named = spec.out_dir is not None
         resolve(spec)
         if not named:
             spec.out_dir = str(parent / run_name(spec))
     folders = [str(Path(s.out_dir).resolve()) for s in specs]
     if len(set(folders)) < len(folders):
-        raise errors.Failure(f"train: two runs of the pack share a folder ({', '.join(sorted({f for f in folders if folders.count(f) > 1}))}); "
-                         "give them different options or out_dir")
+        raise errors.Failure(
+            "train: two runs of the pack share a folder "
+            f"({', '.join(sorted({f for f in folders if folders.count(f) > 1}))}); "
+            "give them different options or out_dir")
     if args.random_init and len({s.seed for s in specs}) > 1:
-        raise errors.Failure("train: --random-init builds T5's weights from the seed, and a pack shares one T5: "
-                         "one seed per pack, or real weights")
+        raise errors.Failure("train: --random-init builds T5's weights from the seed, and a pack "
+                             "shares one T5: one seed per pack, or real weights")
     return specs
 
 

@@ -1,8 +1,10 @@
 """T5 and its tokenizer: from the Hugging Face Hub or a local folder, and a tiny random one for
 tests.
 
-    python -m ept.pretrained --make-tiny smoke/tiny-t5          # random tiny T5 + tokenizer trained offline
-    python -m ept.pretrained --make-tiny DIR --tokenizer ../shared/data/t5   # ... with the real T5 vocabulary
+    # a random tiny T5 + a tokenizer trained offline
+    python -m ept.pretrained --make-tiny smoke/tiny-t5
+    # ... with the real T5 vocabulary
+    python -m ept.pretrained --make-tiny DIR --tokenizer ../shared/data/t5
 
 Every loader fails with one sentence when the Hub is unreachable or a folder lacks what it needs.
 """
@@ -22,7 +24,8 @@ from ept import cli, errors, files
 
 PROBE_SECONDS = 3.0
 offline_reason = None  # why hub_reachable() found the Hub out of reach
-FLAGS = {"model": "--model DIR, a local T5 folder", "tokenizer": "--tokenizer DIR, a folder with the T5 tokenizer",
+FLAGS = {"model": "--model DIR, a local T5 folder",
+         "tokenizer": "--tokenizer DIR, a folder with the T5 tokenizer",
          "dataset": "--source DIR, a folder of the official files (docs/data.md)"}
 
 
@@ -36,15 +39,17 @@ def hub_reachable():
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         offline_reason = "HF_HUB_OFFLINE is set"
         return False
-    target = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
-              or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    target = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+              or os.environ.get("ALL_PROXY") or os.environ.get("HF_ENDPOINT")
+              or "https://huggingface.co")
     url = urllib.parse.urlparse(target if "://" in target else f"http://{target}")
     answered = []
 
     def probe():  # in a thread: a DNS lookup has no timeout of its own
         try:
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                     timeout=PROBE_SECONDS).close()
+            socket.create_connection(
+                (url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                timeout=PROBE_SECONDS).close()
             answered.append(True)
         except (OSError, ValueError):
             pass
@@ -55,13 +60,15 @@ def hub_reachable():
         offline_reason = f"the Hugging Face Hub ({url.hostname}) cannot be reached"
         # for the Hub libraries imported from now on, and those already loaded:
         os.environ["HF_HUB_OFFLINE"] = "1"
-        for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+        for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+                             ("datasets.config", "HF_HUB_OFFLINE")):
             if module in sys.modules:
                 setattr(sys.modules[module], name, True)
     return bool(answered)
 
 
-RUN_FIX = "a run trained on a Hub name needs it in the local Hugging Face cache (HF_HOME): load it once online"
+RUN_FIX = ("a run trained on a Hub name needs it in the local Hugging Face cache (HF_HOME): "
+           "load it once online")
 
 
 def offline_error(what, name, err=None, fix=None):
@@ -71,8 +78,10 @@ def offline_error(what, name, err=None, fix=None):
     if not hub_reachable():
         why = f"{offline_reason} and it is not in the local cache"
     else:
-        why = "the Hub has no such name, or refused it" + (f" ({type(err).__name__})" if err is not None else "")
-    return errors.Failure(f"could not load the {what} {name!r}: {why}; {fix or 'pass ' + FLAGS[what]}")
+        why = "the Hub has no such name, or refused it" + (f" ({type(err).__name__})"
+                                                           if err is not None else "")
+    return errors.Failure(f"could not load the {what} {name!r}: {why}; "
+                          f"{fix or 'pass ' + FLAGS[what]}")
 
 
 def local_folder(name_or_dir, what="model"):
@@ -116,16 +125,18 @@ def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
     # the library's many error types, at the one boundary where files become a model
     except Exception as err:
         if isinstance(err, ValueError):  # a config.json that is not a T5's
-            raise errors.Failure(f"{name_or_dir} does not hold a T5 model ({_first_line(err)})") from None
+            raise errors.Failure(f"{name_or_dir} does not hold a T5 model "
+                                 f"({_first_line(err)})") from None
         if folder is None:
             if isinstance(err, OSError):
                 raise offline_error("model", name_or_dir, err, fix)
             raise
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-            raise errors.Failure(f"{name_or_dir} has a config but no weights; "
-                             "pass --random-init to build random weights from it (tests, speed only)")
-        raise errors.Failure(f"the model in {name_or_dir} cannot be loaded, its files are damaged or not a T5's "
-                         f"({type(err).__name__}: {_first_line(err)}); restore the folder") from None
+            raise errors.Failure(f"{name_or_dir} has a config but no weights; pass --random-init "
+                                 "to build random weights from it (tests, speed only)")
+        raise errors.Failure(f"the model in {name_or_dir} cannot be loaded, its files are damaged "
+                             f"or not a T5's ({type(err).__name__}: {_first_line(err)}); "
+                             "restore the folder") from None
 
 
 def _has_vocabulary(folder):
@@ -140,10 +151,11 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
     candidate = name_or_dir
     if folder is not None and not _has_vocabulary(folder):
         if not _has_vocabulary(folder.parent):
-            raise errors.Failure(f"{name_or_dir} holds no tokenizer (no tokenizer.json or spiece.model); "
-                             "pass --tokenizer DIR with the T5 tokenizer")
+            raise errors.Failure(f"{name_or_dir} holds no tokenizer (no tokenizer.json or "
+                                 "spiece.model); pass --tokenizer DIR with the T5 tokenizer")
         candidate = str(folder.parent)
-        say(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} (--tokenizer to choose)")
+        say(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} "
+            "(--tokenizer to choose)")
     if folder is None:
         hub_reachable()  # unreachable: the cache only, no retries
     try:
@@ -153,17 +165,18 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
             if isinstance(err, (OSError, ValueError, TypeError)):
                 raise offline_error("tokenizer", name_or_dir, err, fix)
             raise
-        raise errors.Failure(f"the tokenizer in {candidate} cannot be loaded, its files are damaged or not a "
-                         f"tokenizer's ({type(err).__name__}: {_first_line(err)}); pass --tokenizer DIR "
-                         "with the T5 tokenizer") from None
+        raise errors.Failure(f"the tokenizer in {candidate} cannot be loaded, its files are "
+                             f"damaged or not a tokenizer's ({type(err).__name__}: "
+                             f"{_first_line(err)}); pass --tokenizer DIR with the T5 "
+                             "tokenizer") from None
     for role, token in (("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
         # a bare tokenizer.json names no special tokens; T5's are fixed
         if getattr(tok, role) is None:
             setattr(tok, role, token)
     probe = tok("the cat sat on the mat")["input_ids"]
     if all(i == tok.unk_token_id for i in probe[:-1]):
-        raise errors.Failure(f"the tokenizer from {name_or_dir!r} maps plain English to <unk>; pass --tokenizer DIR "
-                         "with the T5 tokenizer")
+        raise errors.Failure(f"the tokenizer from {name_or_dir!r} maps plain English to <unk>; "
+                             "pass --tokenizer DIR with the T5 tokenizer")
     return tok
 
 
@@ -180,7 +193,8 @@ def t5_fingerprint(t5):
 def tokenizer_fingerprint(tokenizer):
     """A hash of the tokenizer's whole definition: the key of the tokenization cache."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else f"{type(tokenizer).__name__} {len(tokenizer)} {tokenizer.name_or_path}"
+    text = (backend.to_str() if backend is not None
+            else f"{type(tokenizer).__name__} {len(tokenizer)} {tokenizer.name_or_path}")
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -207,12 +221,14 @@ def offline_tokenizer(corpus, vocab_size=600):
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size,
+                                      special_tokens=["<pad>", "</s>", "<unk>"],
                                       unk_token="<unk>", shrinking_factor=0.75)
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
 
 
 def _fixture_corpus(root):
@@ -230,7 +246,8 @@ def make_tiny(out_dir, tokenizer=None, corpus_dir=None, seed=0, **overrides):
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     else:
-        corpus_dir = corpus_dir or Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "raw"
+        corpus_dir = (corpus_dir
+                      or Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "raw")
         tok = offline_tokenizer(_fixture_corpus(corpus_dir))
     config = T5Config(vocab_size=len(tok), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
                       dropout_rate=0.1, **{**TINY, **overrides})
@@ -247,10 +264,13 @@ def make_tiny(out_dir, tokenizer=None, corpus_dir=None, seed=0, **overrides):
 
 @errors.script
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m ept.pretrained", description=__doc__, formatter_class=cli.HelpFormatter)
-    parser.add_argument("--make-tiny", metavar="DIR", required=True, help="write a random-weight tiny T5 + tokenizer to DIR")
+    parser = argparse.ArgumentParser(prog="python -m ept.pretrained", description=__doc__,
+                                     formatter_class=cli.HelpFormatter)
+    parser.add_argument("--make-tiny", metavar="DIR", required=True,
+                        help="write a random-weight tiny T5 + tokenizer to DIR")
     parser.add_argument("--tokenizer", default=None,
-                        help="copy this tokenizer (default: train one offline on the test fixtures)")
+                        help="copy this tokenizer "
+                             "(default: train one offline on the test fixtures)")
     args = parser.parse_args(argv)
     print(f"wrote {make_tiny(args.make_tiny, tokenizer=args.tokenizer)}")
 
@@ -271,7 +291,8 @@ def set_dropout(t5, rate):
 
 
 def check_vocab(tokenizer, t5, dropout=None):
-    """A T5 checked against the tokenizer it will read, its dropout rate set (None: the config's)."""
+    """A T5 checked against the tokenizer it will read, its dropout rate set (None: the
+    config's)."""
     if len(tokenizer) > t5.config.vocab_size:
         raise errors.Failure(f"train: the tokenizer has {len(tokenizer)} tokens, the model "
                              f"{t5.config.vocab_size}")

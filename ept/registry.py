@@ -50,7 +50,8 @@ def wsc(row, i):
     text = mark_span(row["text"], row["span1_text"], row["span1_index"], "*")
     span2 = row["span2_index"] + 2 * (row["span1_index"] < row["span2_index"])  # the two '*' words
     text = mark_span(text, row["span2_text"], span2, "#")
-    return {"source": f"text: {text}", "target": str(row["label"]), "label": row["label"], "idx": row["idx"]}
+    return {"source": f"text: {text}", "target": str(row["label"]), "label": row["label"],
+            "idx": row["idx"]}
 
 
 def remove_markup(text):
@@ -60,7 +61,8 @@ def remove_markup(text):
 def multirc(row, i):
     q, a, p = (remove_markup(row[k]) for k in ("question", "answer", "paragraph"))
     return {"source": f"question: {q} answer: {a} paragraph: {p}", "target": str(row["label"]),
-            "label": row["label"], "idx": row["idx"]["answer"], "question_id": row["idx"]["question"]}
+            "label": row["label"], "idx": row["idx"]["answer"],
+            "question_id": row["idx"]["question"]}
 
 
 @functools.cache
@@ -86,7 +88,8 @@ def pad_punctuation(text):
 
 def mrqa(row, i):
     answers = [pad_punctuation(a) for a in row["answers"]]
-    return {"source": f"question: {pad_punctuation(row['question'])} context: {pad_punctuation(row['context'])}",
+    return {"source": f"question: {pad_punctuation(row['question'])} "
+                      f"context: {pad_punctuation(row['context'])}",
             "target": answers[0], "label": row["answers"][0], "idx": row["qid"], "answers": answers}
 
 
@@ -121,8 +124,9 @@ def read(path, parse, fmt="json", names=None):
             if fmt == "json":
                 rec = json.loads(line)
             else:
-                fields = next(csv.reader([line], delimiter="\t" if fmt == "tsv" else ",",
-                                         quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL))
+                fields = next(csv.reader(
+                    [line], delimiter="\t" if fmt == "tsv" else ",",
+                    quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL))
                 if names is None:
                     names = fields  # header line
                     continue
@@ -131,7 +135,8 @@ def read(path, parse, fmt="json", names=None):
                 rec = dict(zip(names, fields))
             new = parse(rec, n)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, csv.Error) as e:
-            raise errors.Failure(f"prepare_data: {path}:{lineno}: bad row ({type(e).__name__}: {e})") from None
+            raise errors.Failure(f"prepare_data: {path}:{lineno}: bad row "
+                                 f"({type(e).__name__}: {e})") from None
         for row in new:
             row["_at"] = f"{path}:{lineno}"  # for error messages further down
         rows += new
@@ -153,11 +158,13 @@ def _lines(path):
             for lineno, line in enumerate(f, 1):
                 yield lineno, line
     except UnicodeDecodeError:
-        raise errors.Failure(f"prepare_data: {path}: {_first_bad_byte(path)} is not UTF-8; the file is damaged or in "
-                         "another encoding: convert it to UTF-8 or fetch it again") from None
+        raise errors.Failure(f"prepare_data: {path}: {_first_bad_byte(path)} is not UTF-8; the "
+                             "file is damaged or in another encoding: convert it to UTF-8 or fetch "
+                             "it again") from None
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; EOFError: a truncated .gz
         reason = "it is truncated" if isinstance(e, EOFError) else files.why(e)
-        raise errors.Failure(f"prepare_data: cannot read {path} (after line {lineno}): {reason}; fetch it again") from None
+        raise errors.Failure(f"prepare_data: cannot read {path} (after line {lineno}): {reason}; "
+                             "fetch it again") from None
 
 
 def _first_bad_byte(path):
@@ -176,7 +183,8 @@ def _first_bad_byte(path):
 
 def per_split(parse, fmt="json", names=None):
     """Reader for tasks with one train file and one labelled held-out file."""
-    return lambda found: (read(found["train"], parse, fmt, names), read(found["eval"], parse, fmt, names))
+    return lambda found: (read(found["train"], parse, fmt, names),
+                          read(found["eval"], parse, fmt, names))
 
 
 def by_suffix(**parsers):
@@ -189,15 +197,17 @@ def by_suffix(**parsers):
 def read_mrpc(found):
     """As HF: train and validation both from msr_paraphrase_train.txt, validation = the pairs in
     dev_ids.tsv."""
-    dev = {(r["id1"], r["id2"]) for r in read(found["dev_ids"], lambda r, n: [dict(r)], "tsv", ("id1", "id2"))}
+    dev = {(r["id1"], r["id2"])
+           for r in read(found["dev_ids"], lambda r, n: [dict(r)], "tsv", ("id1", "id2"))}
     rows = read(found["train"], lambda r, n: [{
-        "sentence1": r["#1 String"], "sentence2": r["#2 String"], "label": int(r["Quality"]), "idx": n,
-        "dev": (r["#1 ID"], r["#2 ID"]) in dev}], "tsv")
+        "sentence1": r["#1 String"], "sentence2": r["#2 String"], "label": int(r["Quality"]),
+        "idx": n, "dev": (r["#1 ID"], r["#2 ID"]) in dev}], "tsv")
     return [r for r in rows if not r["dev"]], [r for r in rows if r["dev"]]
 
 
 def read_wsc(r, n):
-    ex = {"text": r["text"], **{k: r["target"][k] for k in ("span1_index", "span2_index", "span1_text", "span2_text")}}
+    ex = {"text": r["text"],
+          **{k: r["target"][k] for k in ("span1_index", "span2_index", "span1_text", "span2_text")}}
     return [{**fix_wst(ex), "idx": r["idx"], "label": label_of(BOOL, r["label"])}]
 
 
@@ -239,12 +249,13 @@ def glue_row(*cols, label, col="label"):
 
 def jsonl_row(*keys, label=None):
     """jsonl record -> Hub row: keys copied, the label mapped by `label` (when given)."""
-    return lambda r, n: [{**{k: r[k] for k in keys}, **({"label": label(r["label"])} if label else {})}]
+    return lambda r, n: [{**{k: r[k] for k in keys},
+                          **({"label": label(r["label"])} if label else {})}]
 
 
 def superglue_rte(r, n):
-    return [{"sentence1": r["premise"], "sentence2": r["hypothesis"], "label": label_of(ENTAIL, r["label"]),
-             "idx": r["idx"]}]
+    return [{"sentence1": r["premise"], "sentence2": r["hypothesis"],
+             "label": label_of(ENTAIL, r["label"]), "idx": r["idx"]}]
 
 
 # ---------------------------------------------------------------------------- the registry
@@ -277,25 +288,30 @@ class Task:
 GLUE, SUPERGLUE = "nyu-mll/glue", "aps/super_glue"
 # Table 5's "Type" column, in its caption's words: NLI natural language inference, coref.
 # coreference resolution, common. commonsense, QA question answering, WSD word sense disambiguation.
-TASK_TYPES = {"cola": "acceptability", "sst2": "sentiment", "mrpc": "paraphrase", "qqp": "paraphrase",
-              "stsb": "sentence similarity", "mnli": "NLI", "qnli": "NLI", "rte": "NLI", "boolq": "QA", "cb": "NLI",
-              "wic": "WSD", "wsc": "coref./common.", "multirc": "QA", "nq": "QA", "newsqa": "QA", "searchqa": "QA",
-              "hotpotqa": "QA", "winogrande": "common.", "yelp": "sentiment", "scitail": "NLI", "paws": "paraphrase"}
+TASK_TYPES = {"cola": "acceptability", "sst2": "sentiment", "mrpc": "paraphrase",
+              "qqp": "paraphrase", "stsb": "sentence similarity", "mnli": "NLI", "qnli": "NLI",
+              "rte": "NLI", "boolq": "QA", "cb": "NLI", "wic": "WSD", "wsc": "coref./common.",
+              "multirc": "QA", "nq": "QA", "newsqa": "QA", "searchqa": "QA", "hotpotqa": "QA",
+              "winogrande": "common.", "yelp": "sentiment", "scitail": "NLI", "paws": "paraphrase"}
 GLUE_FILES = {"train": ("train.tsv",), "eval": ("dev.tsv",)}
 SUPERGLUE_FILES = {"train": ("train.jsonl",), "eval": ("val.jsonl",)}
 entail, boolean = functools.partial(label_of, ENTAIL), functools.partial(label_of, BOOL)
-MRQA_SUBSETS = {"nq": "NaturalQuestionsShort", "hotpotqa": "HotpotQA", "searchqa": "SearchQA", "newsqa": "NewsQA"}
+MRQA_SUBSETS = {"nq": "NaturalQuestionsShort", "hotpotqa": "HotpotQA", "searchqa": "SearchQA",
+                "newsqa": "NewsQA"}
 
 _TASKS = [
-    Task("cola", "glue", GLUE, "cola", pairs("sentence"), per_split(glue_row("sentence", label=int), "tsv",
+    Task("cola", "glue", GLUE, "cola", pairs("sentence"),
          # train/dev have no header
-         ("code", "label", "mark", "sentence")), GLUE_FILES, metrics=("mcc",)),
+         per_split(glue_row("sentence", label=int), "tsv", ("code", "label", "mark", "sentence")),
+         GLUE_FILES, metrics=("mcc",)),
     Task("mrpc", "glue", GLUE, "mrpc", pairs("sentence1", "sentence2"), read_mrpc,
-         {"train": ("msr_paraphrase_train.txt",), "dev_ids": ("dev_ids.tsv",)}, metrics=("acc", "f1"),
-         score=("acc",)),  # Table 1's header reads "MRPC Acc"; F1 is still reported
+         {"train": ("msr_paraphrase_train.txt",), "dev_ids": ("dev_ids.tsv",)},
+         # Table 1's header reads "MRPC Acc"; F1 is still reported
+         metrics=("acc", "f1"), score=("acc",)),
     # GLUE tsv or SuperGLUE jsonl, per file
     Task("rte", "glue", GLUE, "rte", pairs("sentence1", "sentence2"),
-         by_suffix(tsv=(glue_row("sentence1", "sentence2", label=entail), "tsv"), jsonl=(superglue_rte, "json")),
+         by_suffix(tsv=(glue_row("sentence1", "sentence2", label=entail), "tsv"),
+                   jsonl=(superglue_rte, "json")),
          {"train": ("train.tsv", "train.jsonl"), "eval": ("dev.tsv", "val.jsonl")}),
     Task("stsb", "glue", GLUE, "stsb", stsb,
          per_split(glue_row("sentence1", "sentence2", label=float, col="score"), "tsv"), GLUE_FILES,
@@ -308,26 +324,29 @@ _TASKS = [
     Task("qnli", "glue", GLUE, "qnli", pairs("question", "sentence"),
          per_split(glue_row("question", "sentence", label=entail), "tsv"), GLUE_FILES),
     Task("qqp", "glue", GLUE, "qqp", pairs("question1", "question2"),
-         per_split(glue_row("question1", "question2", label=int, col="is_duplicate"), "tsv"), GLUE_FILES,
+         per_split(glue_row("question1", "question2", label=int, col="is_duplicate"), "tsv"),
          # Table 1's header reads "QQP Acc"; F1 is still reported
-         metrics=("acc", "f1"), score=("acc",)),
-    Task("sst2", "glue", GLUE, "sst2", pairs("sentence"), per_split(glue_row("sentence", label=int), "tsv"),
-         GLUE_FILES),
+         GLUE_FILES, metrics=("acc", "f1"), score=("acc",)),
+    Task("sst2", "glue", GLUE, "sst2", pairs("sentence"),
+         per_split(glue_row("sentence", label=int), "tsv"), GLUE_FILES),
     Task("boolq", "superglue", SUPERGLUE, "boolq", pairs("question", "passage"),
          per_split(jsonl_row("question", "passage", "idx", label=boolean)), SUPERGLUE_FILES),
     Task("cb", "superglue", SUPERGLUE, "cb", pairs("premise", "hypothesis"),
-         per_split(jsonl_row("premise", "hypothesis", "idx", label=functools.partial(label_of, CB))),
+         per_split(jsonl_row("premise", "hypothesis", "idx",
+                             label=functools.partial(label_of, CB))),
          SUPERGLUE_FILES, labels=("0", "1", "2"), metrics=("acc", "macro_f1")),
     Task("wic", "superglue", SUPERGLUE, "wic", pairs("sentence1", "sentence2", "word"),
-         per_split(jsonl_row("word", "sentence1", "sentence2", "start1", "start2", "end1", "end2", "idx",
-                             label=boolean)), SUPERGLUE_FILES),
+         per_split(jsonl_row("word", "sentence1", "sentence2", "start1", "start2", "end1", "end2",
+                             "idx", label=boolean)), SUPERGLUE_FILES),
     Task("wsc", "superglue", SUPERGLUE, "wsc.fixed", wsc, per_split(read_wsc), SUPERGLUE_FILES),
-    Task("multirc", "superglue", SUPERGLUE, "multirc", multirc, per_split(read_multirc), SUPERGLUE_FILES,
-         metrics=("f1a", "em"), score=("f1a",), max_length=348),
+    Task("multirc", "superglue", SUPERGLUE, "multirc", multirc, per_split(read_multirc),
+         SUPERGLUE_FILES, metrics=("f1a", "em"), score=("f1a",), max_length=348),
     *(Task(name, "mrqa", "mrqa-workshop/mrqa", "plain_text", mrqa, per_split(read_mrqa),
-           {"train": (f"train/{sub}.jsonl.gz", f"train/{sub}.jsonl"), "eval": (f"dev/{sub}.jsonl.gz", f"dev/{sub}.jsonl")},
-           labels=None, metrics=("squad_f1", "squad_em"), score=("squad_f1",), folder=f"mrqa/{name}",
-           max_length=512, subset=sub) for name, sub in MRQA_SUBSETS.items()),
+           {"train": (f"train/{sub}.jsonl.gz", f"train/{sub}.jsonl"),
+            "eval": (f"dev/{sub}.jsonl.gz", f"dev/{sub}.jsonl")},
+           labels=None, metrics=("squad_f1", "squad_em"), score=("squad_f1",),
+           folder=f"mrqa/{name}", max_length=512, subset=sub)
+      for name, sub in MRQA_SUBSETS.items()),
     Task("winogrande", "others", "allenai/winogrande", "winogrande_xl",
          # both options shown (docs/paper.md)
          pairs("sentence", ("option0", "option1"), ("option1", "option2"),
@@ -335,23 +354,29 @@ _TASKS = [
                label=lambda r: label_of({"1": 0, "2": 1}, r["answer"]), idx=None),
          per_split(jsonl_row("sentence", "option1", "option2", "answer")),
          {"train": ("train_xl.jsonl",), "eval": ("dev.jsonl",)}),
-    Task("yelp", "others", "fancyzhx/yelp_polarity", "plain_text", pairs(("sentence", "text"), idx=None),
+    Task("yelp", "others", "fancyzhx/yelp_polarity", "plain_text",
+         pairs(("sentence", "text"), idx=None),
          # HF keeps the "" escapes
          per_split(lambda r, n: [{"text": r["text"].replace('"', '""').strip(),
-                                  "label": label_of({"1": 0, "2": 1}, r["label"])}], "csv", ("label", "text")),
-         {"train": ("train.csv",), "eval": ("test.csv",)}, folder="yelp_polarity", eval_split="test"),
+                                  "label": label_of({"1": 0, "2": 1}, r["label"])}],
+                   "csv", ("label", "text")),
+         {"train": ("train.csv",), "eval": ("test.csv",)}, folder="yelp_polarity",
+         eval_split="test"),
     Task("scitail", "others", "allenai/scitail", "snli_format",
          pairs(("premise", "sentence1"), ("hypothesis", "sentence2"),
                label=lambda r: label_of(SCITAIL, r["gold_label"]), idx=None),
          by_suffix(txt=(jsonl_row("sentence1", "sentence2", "gold_label"), "json"),
-                   tsv=(lambda r, n: [{"sentence1": r["premise"], "sentence2": r["hypothesis"], "gold_label":
-                                       label_of({"entails": "entailment", "neutral": "neutral"}, r["label"])}],
+                   tsv=(lambda r, n: [{
+                            "sentence1": r["premise"], "sentence2": r["hypothesis"],
+                            "gold_label": label_of({"entails": "entailment", "neutral": "neutral"},
+                                                   r["label"])}],
                         "tsv", ("premise", "hypothesis", "label"))),
          {"train": ("snli_format/scitail_1.0_train.txt", "tsv_format/scitail_1.0_train.tsv"),
           "eval": ("snli_format/scitail_1.0_dev.txt", "tsv_format/scitail_1.0_dev.tsv")}),
-    Task("paws", "others", "google-research-datasets/paws", "labeled_final", pairs("sentence1", "sentence2", idx="id"),
-         per_split(lambda r, n: [{"id": int(r["id"]), "sentence1": r["sentence1"], "sentence2": r["sentence2"],
-                                  "label": int(r["label"])}], "tsv"),
+    Task("paws", "others", "google-research-datasets/paws", "labeled_final",
+         pairs("sentence1", "sentence2", idx="id"),
+         per_split(lambda r, n: [{"id": int(r["id"]), "sentence1": r["sentence1"],
+                                  "sentence2": r["sentence2"], "label": int(r["label"])}], "tsv"),
          {"train": ("final/train.tsv",), "eval": ("final/dev.tsv",)}),
 ]
 TASKS = {t.name: t for t in _TASKS}
@@ -359,14 +384,17 @@ TASKS = {t.name: t for t in _TASKS}
 # estimate uses them before a task is prepared; tests/test_prepare_data.py checks the prepared files
 # against its own copy.
 PAPER_SPLITS = {"cola": (8551, 521, 522), "sst2": (66349, 1000, 872), "mrpc": (3668, 204, 204),
-                "qqp": (353846, 10000, 40430), "stsb": (5749, 750, 750), "mnli": (382702, 10000, 9815),
-                "qnli": (94743, 10000, 5463), "rte": (2490, 138, 139), "boolq": (9427, 1635, 1635),
-                "cb": (250, 28, 28), "wic": (5428, 319, 319), "wsc": (554, 52, 52), "multirc": (26243, 1000, 4848),
-                "nq": (94071, 10000, 12836), "newsqa": (73160, 1000, 4212), "searchqa": (107384, 10000, 16980),
-                "hotpotqa": (71928, 1000, 5901), "winogrande": (39398, 1000, 1267), "yelp": (550000, 10000, 38000),
+                "qqp": (353846, 10000, 40430), "stsb": (5749, 750, 750),
+                "mnli": (382702, 10000, 9815), "qnli": (94743, 10000, 5463),
+                "rte": (2490, 138, 139), "boolq": (9427, 1635, 1635), "cb": (250, 28, 28),
+                "wic": (5428, 319, 319), "wsc": (554, 52, 52), "multirc": (26243, 1000, 4848),
+                "nq": (94071, 10000, 12836), "newsqa": (73160, 1000, 4212),
+                "searchqa": (107384, 10000, 16980), "hotpotqa": (71928, 1000, 5901),
+                "winogrande": (39398, 1000, 1267), "yelp": (550000, 10000, 38000),
                 # in the paper's column order (Tables 1 and 2): drivers and report follow it
                 "scitail": (22596, 1000, 1304), "paws": (48401, 1000, 8000)}
-GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b] for b in ("glue", "superglue", "mrqa", "others")}
+GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b]
+          for b in ("glue", "superglue", "mrqa", "others")}
 
 
 # ---------------------------------------------------------------------------- the steering benchmar
@@ -388,15 +416,18 @@ STEER_SOURCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "ste
 
 
 def steer_row(rule):
-    return lambda r, n: [{"sentence": r["sentence"].strip(), "label": STEER_RULES[rule](r["sentence"]), "idx": n}]
+    return lambda r, n: [{"sentence": r["sentence"].strip(),
+                          "label": STEER_RULES[rule](r["sentence"]), "idx": n}]
 
 
 def steer_record(row, i):
-    return {"source": row["sentence"], "target": str(row["label"]), "label": row["label"], "idx": row["idx"]}
+    return {"source": row["sentence"], "target": str(row["label"]), "label": row["label"],
+            "idx": row["idx"]}
 
 
 STEER_TASKS = {f"steer_{rule}": Task(f"steer_{rule}", "steer", "", None, steer_record,
-                                     per_split(steer_row(rule), "tsv"), GLUE_FILES, folder="sentences")
+                                     per_split(steer_row(rule), "tsv"), GLUE_FILES,
+                                     folder="sentences")
                for rule in STEER_RULES if rule != STEER_DEFAULT}
 TASK_TYPES.update({name: "steering (toy)" for name in STEER_TASKS})
 
@@ -427,7 +458,8 @@ def old_fewshot_warning(data_dir, old):
         return None
     named = [re.fullmatch(r"k(\d+)_seed(\d+)", key) for keys in old.values() for key in keys]
     ks, seeds = (sorted({int(m[i]) for m in named if m}) for i in (1, 2))
-    return (f"warning: the few-shot files of {', '.join(old)} in {data_dir} were drawn with an older rule, k examples "
-            f"per class, where the paper's Table 3 uses k in all, classes balanced; prepared files are rebuilt only "
-            f"with --overwrite: python prepare_data.py --tasks {' '.join(old)} --out {data_dir} --fewshot "
-            f"{' '.join(map(str, ks))} --fewshot-seeds {' '.join(map(str, seeds))} --overwrite")
+    return (f"warning: the few-shot files of {', '.join(old)} in {data_dir} were drawn with an "
+            "older rule, k examples per class, where the paper's Table 3 uses k in all, classes "
+            "balanced; prepared files are rebuilt only with --overwrite: python prepare_data.py "
+            f"--tasks {' '.join(old)} --out {data_dir} --fewshot {' '.join(map(str, ks))} "
+            f"--fewshot-seeds {' '.join(map(str, seeds))} --overwrite")
