@@ -7,13 +7,16 @@ state, optimizer, scheduler, RNG, data position; weights_only-loadable), prompt.
 the best checkpoint) and metrics.json (test metrics of the best checkpoint).
 
     python train.py --method ept                  # EPT on RTE, t5-base: the paper's setting
-    torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star  # global batch 16
+    # 4 GPUs, global batch 16
+    torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star
     python train.py --task rte --method ept --dtype bf16   # bf16 autocast: not the paper's fp32
     python train.py --task rte --method ept --resume        # continue a killed run from its last.pt
     # SIGTERM / SIGUSR1 (preemption, scancel, SLURM's warning): last.pt at the next step boundary,
     # then exit 143 / 138 (128 + the signal); --resume continues from there, no step logged twice
-    # a pack: 3 x 3 x 2 = 18 prompt runs sharing one T5, a folder each under --out-dir (docs/training.md)
-    python train.py --task rte --method pt ept ept_star --seed 0 1 2 --lr 0.3 0.1 --out-dir runs/sweep
+    # a pack: 3 x 3 x 2 = 18 prompt runs sharing one T5, a folder each under --out-dir
+    # (docs/training.md)
+    python train.py --task rte --method pt ept ept_star --seed 0 1 2 --lr 0.3 0.1 \\
+        --out-dir runs/sweep
     # CPU smoke run: random-weight t5-small from the real config, 30 steps
     python train.py --method ept --model ../shared/data/t5/t5-small --random-init \\
         --tokenizer ../shared/data/t5 --max-steps 30 --eval-every 30 --max-eval-examples 32
@@ -81,11 +84,13 @@ def main(argv=None):
             say(f"train: nothing left to train of the {len(specs)} runs")
         else:
             task = ranks.first(lambda: load_task(jobs[0].args, ranks, say), everyone=True)
-            pack = ranks.first(lambda: build(jobs, task, ranks, say, packed, max_rows), everyone=True)
+            pack = ranks.first(lambda: build(jobs, task, ranks, say, packed, max_rows),
+                               everyone=True)
             results = train(jobs, task, pack, ranks, say)
     if left_out:  # the pack is not finished: its command must not read as done
-        raise runs.Busy(f"train: {len(left_out)} run(s) of the pack were left out, held by another "
-                        f"process: {' '.join(left_out)}; run the same command again once it is done")
+        raise runs.Busy(f"train: {len(left_out)} run(s) of the pack were left out, held by "
+                        f"another process: {' '.join(left_out)}; run the same command again "
+                        "once it is done")
     if not packed:
         return results[str(jobs[0].out_dir)]
     return {"runs": results, **({} if jobs else {"finished": True})}
@@ -144,8 +149,8 @@ def train(jobs, task, pack, ranks, say):
     bar.close()
     if faults:
         message = faults[0] if len(jobs) == 1 else (
-            f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others finished. "
-            + " ".join(faults))
+            f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others "
+            "finished. " + " ".join(faults))
         raise runtime.quiet_unless_master(NonFiniteError(message), ranks.rank)
     return results
 
@@ -176,8 +181,8 @@ def validate_and_save(job, task, ranks, bar):
 def validate_and_log(job, task, ranks):
     """Score the run on the validation split and log the "eval" event; returns the metrics."""
     t0 = time.time()
-    scores = decoding.score_split(job.net, task.tokenizer, task.meta, task.val_examples, task.val_src,
-                                  ranks, **decoding.decode_options(job.args))
+    scores = decoding.score_split(job.net, task.tokenizer, task.meta, task.val_examples,
+                                  task.val_src, ranks, **decoding.decode_options(job.args))
     seconds = time.time() - t0
     job.log({"event": "eval", "step": job.run.step, "split": "validation", **scores,
              "eval_time_s": seconds,
@@ -255,7 +260,8 @@ def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
         f"{' '.join(command)})", flush=True)
     script = Path(__file__).with_name("prepare_data.py")
     if subprocess.run([sys.executable, str(script), *command]).returncode:
-        raise errors.Failure(f"train: {folder} could not be prepared (prepare_data.py said why above)")
+        raise errors.Failure(f"train: {folder} could not be prepared "
+                             "(prepare_data.py said why above)")
 
 
 check_split = batching.check_split  # a split file against its meta.json (batching.py)
@@ -278,12 +284,12 @@ def load_task(args, ranks, say):
     split = f"k{args.fewshot_k}_seed{args.fewshot_seed}" if args.fewshot_k else "train"
     train_file = folder / (f"train_{split}.jsonl" if args.fewshot_k else "train.jsonl")
     if not train_file.exists():
-        raise errors.Failure(f"train: no {train_file}; prepare it with `python prepare_data.py --tasks "
-                             f"{args.task} --out {args.data_dir} --overwrite --fewshot {args.fewshot_k} "
-                             f"--fewshot-seeds {args.fewshot_seed}`")
+        raise errors.Failure(f"train: no {train_file}; prepare it with `python prepare_data.py "
+                             f"--tasks {args.task} --out {args.data_dir} --overwrite --fewshot "
+                             f"{args.fewshot_k} --fewshot-seeds {args.fewshot_seed}`")
     limit, eval_limit = args.max_train_examples, args.max_eval_examples
-    train_examples, train_src, train_tgt = batching.load_split(train_file, tokenizer, args.max_length,
-                                                               limit)
+    train_examples, train_src, train_tgt = batching.load_split(train_file, tokenizer,
+                                                               args.max_length, limit)
     batching.check_split(meta, split, train_examples, train_file, limit is not None)
     if args.fewshot_k and ranks.master:
         old = [split] if split in registry.old_fewshot_sets(meta) else []
@@ -318,9 +324,10 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
         job.run = multirun.make_run(
             t5, a.method, seed=a.seed, lr=a.lr, max_steps=a.max_steps, batch_size=a.batch_size,
             micro_batch_size=job.micro_batch_size, weight_decay=a.weight_decay,
-            warmup_steps=a.warmup_steps,
-            max_grad_norm=a.max_grad_norm, group_by_length=a.group_by_length, init=a.init,
-            label_ids=batching.label_ids(task.tokenizer, task.meta, a.init, a.task), name=str(job.out_dir), **M.prompt_options(vars(a)))
+            warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm,
+            group_by_length=a.group_by_length, init=a.init,
+            label_ids=batching.label_ids(task.tokenizer, task.meta, a.init, a.task),
+            name=str(job.out_dir), **M.prompt_options(vars(a)))
         job.net = job.raw_model = job.run.prompted(t5)  # what validation, start_log and finish take
         job.rng = None
         if job.resume_path:
@@ -375,12 +382,14 @@ def finish(job, task, ranks, say):
         net = M.PromptedT5(raw_model.t5, M.FoldedPrompt(prompt.float()))  # inference needs only P'
         if ranks.master:
             M.save_folded_prompt(out_dir / "prompt.pt", prompt, {
-                "task": args.task, "method": args.method, "step": run.best_step, "score": run.best_score})
+                "task": args.task, "method": args.method, "step": run.best_step,
+                "score": run.best_score})
     test = None
     if not args.no_test:
         test_file = task.folder / "test.jsonl"
         limit = args.max_eval_examples
-        examples, source_ids, _ = batching.load_split(test_file, task.tokenizer, args.max_length, limit)
+        examples, source_ids, _ = batching.load_split(test_file, task.tokenizer, args.max_length,
+                                                      limit)
         batching.check_split(task.meta, "test", examples, test_file, limit is not None)
         scores = decoding.score_split(net, task.tokenizer, task.meta, examples, source_ids, ranks,
                                       **decoding.decode_options(args))

@@ -75,8 +75,8 @@ def tokenize_file(path, tokenizer, max_length):
     if ids is None:
         ids = (encode(tokenizer, [r["source"] for r in rows], max_length),
                tokenizer([r["target"] for r in rows])["input_ids"] if rows else [])
-        state = {f"{k}_{what}": torch.tensor([x for s in seqs for x in s] if what == "ids" else [len(s) for s in seqs],
-                                             dtype=torch.int32)
+        state = {f"{k}_{what}": torch.tensor([x for s in seqs for x in s] if what == "ids"
+                                             else [len(s) for s in seqs], dtype=torch.int32)
                  for k, seqs in zip(("source", "target"), ids) for what in ("ids", "lengths")}
         try:  # a read-only data folder just means no disk cache
             cache.parent.mkdir(exist_ok=True)
@@ -110,12 +110,13 @@ def check_split(meta, name, examples, path, limited):
         {name: (meta.get("fewshot") or {}).get(name, {}).get("size")}
     expected = (sizes or {}).get(name)
     if not limited and expected is not None and expected != len(examples):
-        raise files.FileFault(f"{path} has {len(examples)} rows but meta.json says {expected}; the data was "
-                              f"edited or half-copied: {fix}")
+        raise files.FileFault(f"{path} has {len(examples)} rows but meta.json says {expected}; "
+                              f"the data was edited or half-copied: {fix}")
     labels = meta.get("labels")
     bad = [e.get("target") for e in examples if labels and e.get("target") not in labels]
     if bad:
-        raise files.FileFault(f"{path} has the target {bad[0]!r}, outside the task's labels {labels}: {fix}")
+        raise files.FileFault(f"{path} has the target {bad[0]!r}, outside the task's labels "
+                              f"{labels}: {fix}")
 
 
 def label_token_ids(tokenizer, labels):
@@ -135,7 +136,8 @@ def epoch_order(n, seed, epoch, batch_size, lengths=None):
     if lengths is None:
         return order
     mega = 50 * batch_size
-    return np.concatenate([sorted(order[i:i + mega], key=lambda j: -lengths[j]) for i in range(0, n, mega)])
+    return np.concatenate([sorted(order[i:i + mega], key=lambda j: -lengths[j])
+                           for i in range(0, n, mega)])
 
 
 def batches_by_length(ids, batch_size, sort, token_budget=False):
@@ -146,7 +148,8 @@ def batches_by_length(ids, batch_size, sort, token_budget=False):
     time follows the tokens computed (a CPU); where it follows the number of batches (a GPU) it does
     not, so the callers use it off CUDA only (docs/speed.md has the measurements)."""
     if not sort:
-        return [list(range(i, min(i + batch_size, len(ids)))) for i in range(0, len(ids), batch_size)]
+        return [list(range(i, min(i + batch_size, len(ids))))
+                for i in range(0, len(ids), batch_size)]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     if not token_budget:
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -154,7 +157,8 @@ def batches_by_length(ids, batch_size, sort, token_budget=False):
     min_rows = max(1, batch_size // 4)
     batches, batch = [], []
     for i in order:
-        if len(batch) == batch_size or (len(batch) >= min_rows and (len(batch) + 1) * len(ids[batch[0]]) > budget):
+        if len(batch) == batch_size or (len(batch) >= min_rows
+                                        and (len(batch) + 1) * len(ids[batch[0]]) > budget):
             batches.append(batch)
             batch = []
         batch.append(i)

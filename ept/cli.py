@@ -34,14 +34,16 @@ def name(text):
     """A task or run name: letters, digits, '_', '-', '.'; never a path (it becomes part of file
     paths)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text) or ".." in text:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a task name (a name like rte or boolq, not a path)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a task name (a name like rte or boolq, "
+                                         "not a path)")
     return text
 
 
 def folder(text):
     """A folder path, never empty ('' would silently mean the current folder)."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path would mean the current folder; name a folder")
+        raise argparse.ArgumentTypeError("an empty path would mean the current folder; "
+                                         "name a folder")
     return text
 
 
@@ -53,7 +55,8 @@ def run_folder_problem(value):
     if not value.strip():
         return "is empty: it would mean the current folder; name the run's own folder"
     if Path(value).name in ("", ".", ".."):
-        return f"{value!r} names no folder of its own (the current folder or a parent); name the run's own folder"
+        return (f"{value!r} names no folder of its own (the current folder or a parent); "
+                "name the run's own folder")
     return None
 
 

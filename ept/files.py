@@ -94,7 +94,8 @@ def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_
             raise FileFault(f"the {what} {path} is damaged: line {number}{cut} is not valid JSON "
                             f"({err.msg}){fix}") from None
         if not isinstance(row, dict):
-            raise FileFault(f"the {what} {path} is damaged: line {number} is not a JSON object{fix}")
+            raise FileFault(f"the {what} {path} is damaged: line {number} is not a JSON "
+                            f"object{fix}")
         rows.append(row)
         if limit is not None and len(rows) >= limit:
             break
@@ -110,30 +111,35 @@ def load_torch(path, what="checkpoint", fix=None):
     except OSError as err:
         if err.errno not in (None, errno.EINVAL):  # EINVAL: torch seeking in a truncated archive
             raise FileFault(f"cannot read the {what} {path}: {why(err)}") from None
-        raise FileFault(f"the {what} {path} is damaged (truncated or not a checkpoint of this project: "
-                        f"{type(err).__name__}){fix}") from None
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError) as err:
-        raise FileFault(f"the {what} {path} is damaged (truncated or not a checkpoint of this project: "
-                        f"{type(err).__name__}){fix}") from None
+        raise FileFault(f"the {what} {path} is damaged (truncated or not a checkpoint of this "
+                        f"project: {type(err).__name__}){fix}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            KeyError) as err:
+        raise FileFault(f"the {what} {path} is damaged (truncated or not a checkpoint of this "
+                        f"project: {type(err).__name__}){fix}") from None
 
 
-META_KEYS = {"splits": dict, "labels": (list, type(None)), "metrics": list, "score": list, "max_length": int,
-             "max_target_length": int}  # what the later stages read from meta.json
+# what the later stages read from meta.json
+META_KEYS = {"splits": dict, "labels": (list, type(None)), "metrics": list, "score": list,
+             "max_length": int, "max_target_length": int}
 
 
 def load_meta(data_dir, task):
     """data/<task>/meta.json, written by prepare_data.py, with the keys the later stages read."""
     path = Path(data_dir) / task / "meta.json"
     if not path.exists():
-        raise FileFault(f"no {path}; run `python prepare_data.py --tasks {task} --out {data_dir}` first")
+        raise FileFault(f"no {path}; run `python prepare_data.py --tasks {task} --out {data_dir}` "
+                        "first")
     meta = read_json(path, "task description")
     meta = meta if isinstance(meta, dict) else {}
     bad = [k for k, kind in META_KEYS.items() if k not in meta or not isinstance(meta[k], kind)]
     bad += [k for k in ("max_length", "max_target_length") if k not in bad and meta[k] < 1]
-    bad += [] if bad or (meta["score"] and set(meta["score"]) <= set(meta["metrics"])) else ["score"]
+    bad += ([] if bad or (meta["score"] and set(meta["score"]) <= set(meta["metrics"]))
+            else ["score"])
     if bad:
-        raise FileFault(f"the task description {path} has a missing or wrong {', '.join(bad)}; rebuild it with "
-                        f"`python prepare_data.py --tasks {task} --out {data_dir} --overwrite`")
+        raise FileFault(f"the task description {path} has a missing or wrong {', '.join(bad)}; "
+                        f"rebuild it with `python prepare_data.py --tasks {task} --out {data_dir} "
+                        "--overwrite`")
     return meta
 
 
@@ -143,7 +149,8 @@ def make_dir(path, what="folder"):
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise FileFault(f"cannot create the {what} {path}: a file of that name is in the way") from None
+        raise FileFault(f"cannot create the {what} {path}: "
+                        "a file of that name is in the way") from None
     except OSError as err:
         raise FileFault(f"cannot create the {what} {path}: {why(err)}") from None
     return path
@@ -218,7 +225,8 @@ def write_folder(path, fill):
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileFault(f"cannot write the folder {path}: a file of that name is in the way")
-    tmp, old = path.with_name(f".{path.name}.{os.getpid()}.tmp"), path.with_name(f".{path.name}.{os.getpid()}.old")
+    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.tmp"),
+                path.with_name(f".{path.name}.{os.getpid()}.old"))
     try:
         for p in (tmp, old):
             shutil.rmtree(p, ignore_errors=True)  # left by a killed run
@@ -282,8 +290,8 @@ def append_lines(path, lines):
         raise FileFault(f"cannot append to {path}: {why(err)}") from None
 
 
-RESULTS_FIX = ("delete that line and rerun the experiment's driver (ablate.py / fewshot.py): it writes the row of "
-               "each finished run that has none")
+RESULTS_FIX = ("delete that line and rerun the experiment's driver (ablate.py / fewshot.py): it "
+               "writes the row of each finished run that has none")
 
 
 def append_jsonl(path, rows):

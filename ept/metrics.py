@@ -51,11 +51,13 @@ def matthews_corr(preds, targets, labels=None):
     wrong)."""
     labels = list(labels) if labels else sorted(set(targets))
     if len(labels) == 2:
-        preds = [p if p in labels else labels[1 - labels.index(t)] if t in labels else p for p, t in zip(preds, targets)]
+        preds = [p if p in labels else labels[1 - labels.index(t)] if t in labels else p
+                 for p, t in zip(preds, targets)]
     s, c = len(targets), sum(p == t for p, t in zip(preds, targets))
     pk, tk = collections.Counter(preds), collections.Counter(targets)
     cov_pt = c * s - sum(pk[k] * tk[k] for k in tk)
-    den = math.sqrt((s * s - sum(v * v for v in pk.values())) * (s * s - sum(v * v for v in tk.values())))
+    den = math.sqrt((s * s - sum(v * v for v in pk.values()))
+                    * (s * s - sum(v * v for v in tk.values())))
     return 100.0 * cov_pt / den if den else 0.0  # a constant prediction or target: 0, as sklearn
 
 
@@ -99,7 +101,8 @@ def pearson(preds, targets):
 
 
 def spearman(preds, targets):
-    return 100.0 * _pearson(_ranks([to_float(p) for p in preds]), _ranks([float(t) for t in targets]))
+    return 100.0 * _pearson(_ranks([to_float(p) for p in preds]),
+                            _ranks([float(t) for t in targets]))
 
 
 def multirc_em(preds, targets, question_ids):
@@ -128,7 +131,8 @@ def _squad_f1(pred, gold):
 
 
 def squad_em(preds, answers):
-    scores = [max(float(normalize_answer(p) == normalize_answer(a)) for a in golds) for p, golds in zip(preds, answers)]
+    scores = [max(float(normalize_answer(p) == normalize_answer(a)) for a in golds)
+              for p, golds in zip(preds, answers)]
     return 100.0 * sum(scores) / len(scores) if scores else 0.0
 
 
@@ -149,7 +153,8 @@ METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
     "pearson": lambda p, ex, lab: pearson(p, [e["target"] for e in ex]),
     "spearman": lambda p, ex, lab: spearman(p, [e["target"] for e in ex]),
     "f1a": lambda p, ex, lab: binary_f1(p, [e["target"] for e in ex], lab),
-    "em": lambda p, ex, lab: multirc_em(p, [e["target"] for e in ex], [e["question_id"] for e in ex]),
+    "em": lambda p, ex, lab: multirc_em(p, [e["target"] for e in ex],
+                                        [e["question_id"] for e in ex]),
     "squad_em": lambda p, ex, lab: squad_em(p, [_answers(e) for e in ex]),
     "squad_f1": lambda p, ex, lab: squad_f1(p, [_answers(e) for e in ex]),
 }
@@ -160,7 +165,8 @@ def check_metrics(meta, path):
     run)."""
     unknown = [m for m in meta["metrics"] if m not in METRICS]
     if unknown:
-        raise files.FileFault(f"{path} names unknown metrics {unknown}; known: {', '.join(METRICS)}. "
+        raise files.FileFault(f"{path} names unknown metrics {unknown}; "
+                              f"known: {', '.join(METRICS)}. "
                               "Rebuild the task with prepare_data.py --overwrite")
 
 

@@ -27,7 +27,7 @@ Each run keeps its own torch.optim.AdamW and LambdaLR, stepped one run after ano
 and scheduler state_dicts are then a solo run's (a pack run resumes solo and back), and one AdamW
 with a group per run would batch nothing, since torch's AdamW steps one parameter group at a time.
 
-    python scripts/bench_pack.py        # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
+    python scripts/bench_pack.py  # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
 
 API: make_run(t5, method, ...) -> Run; Pack(t5, runs, data, ...).step() -> {run name: step record};
 Run.checkpoint_state(rng, world_size) / Run.load_checkpoint_state(state); PackedT5 (the shared
@@ -46,8 +46,10 @@ import torch.nn.functional as F
 import model as M
 from ept import batching, optim
 
-CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score", "best_step",
-                   "world_size")  # train.py's last.pt / best.pt
+# train.py's last.pt / best.pt, as Run.checkpoint_state writes them (runfolder.read_checkpoint
+# checks them on --resume)
+CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score",
+                   "best_step", "world_size")
 
 
 # --- one run of a pack ----------------------------------------------------------------------------
@@ -95,8 +97,9 @@ class Run:
         """This epoch's example order: batching.epoch_order(n, seed, epoch, batch_size[,
         lengths])."""
         if self._order[0] != self.epoch:
-            self._order = (self.epoch, batching.epoch_order(n_train, self.seed, self.epoch, self.batch_size,
-                                                         lengths if self.group_by_length else None))
+            self._order = (self.epoch,
+                           batching.epoch_order(n_train, self.seed, self.epoch, self.batch_size,
+                                                lengths if self.group_by_length else None))
         return self._order[1]
 
     def next_batch(self, n_train, lengths=None):
@@ -130,21 +133,23 @@ class Run:
                 "trainable": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": list(rng or []), "data": {"epoch": self.epoch, "index": self.index},
-                "best_score": self.best_score, "best_step": self.best_step, "world_size": world_size}
+                "best_score": self.best_score, "best_step": self.best_step,
+                "world_size": world_size}
 
     def load_checkpoint_state(self, state):
         """Continue from a checkpoint of this run (from a pack or from a solo train.py run)."""
         self.module.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.index = state["step"], state["data"]["epoch"], state["data"]["index"]
+        self.step, self.epoch, self.index = (state["step"], state["data"]["epoch"],
+                                             state["data"]["index"])
         self.best_score, self.best_step = state["best_score"], state["best_step"]
         self._order = (None, None)
 
 
 def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, micro_batch_size=None,
-             weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0, group_by_length=False, init="uniform",
-             label_ids=None, fused=None, name=None, config=None, **module_options):
+             weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0, group_by_length=False,
+             init="uniform", label_ids=None, fused=None, name=None, config=None, **module_options):
     """A Run: torch.manual_seed(seed), then the prompt module with a generator seeded by `seed`, on
     T5's device (ft: T5 itself, unfrozen); AdamW + schedule from optim.make_optimizer (fused on
     CUDA). `module_options`: model.build_prompt_module's (the keys of model.PROMPT_OPTIONS)."""
@@ -156,12 +161,13 @@ def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, mic
                                    generator=torch.Generator().manual_seed(seed))
     module = t5.requires_grad_(True) if module is None else module.to(device)
     fused = device.type == "cuda" if fused is None else fused
-    optimizer, scheduler = optim.make_optimizer([p for p in module.parameters() if p.requires_grad], lr,
-                                                weight_decay, fused, max_steps, warmup_steps)
+    optimizer, scheduler = optim.make_optimizer([p for p in module.parameters() if p.requires_grad],
+                                                lr, weight_decay, fused, max_steps, warmup_steps)
     name = name or f"{method}_s{seed}_lr{lr:g}"
-    return Run(name, module, optimizer, scheduler, seed=seed, batch_size=batch_size, max_steps=max_steps,
-               micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm, group_by_length=group_by_length,
-               full=method == "ft", config=dict(config or {}, method=method, seed=seed, lr=lr, **module_options))
+    return Run(name, module, optimizer, scheduler, seed=seed, batch_size=batch_size,
+               max_steps=max_steps, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm,
+               group_by_length=group_by_length, full=method == "ft",
+               config=dict(config or {}, method=method, seed=seed, lr=lr, **module_options))
 
 
 # --- the shared forward ---------------------------------------------------------------------------
@@ -195,7 +201,8 @@ class PackedT5(nn.Module):
         lengths = [p.size(0) for p in outs]
         n_max = max(lengths)
         if min(lengths) == n_max:
-            return torch.stack(outs), torch.ones(len(outs), n_max, dtype=torch.long, device=outs[0].device)
+            return torch.stack(outs), torch.ones(len(outs), n_max, dtype=torch.long,
+                                                 device=outs[0].device)
         # rows first: left pad
         stacked = torch.stack([F.pad(p, (0, 0, n_max - p.size(0), 0)) for p in outs])
         pad = torch.tensor([n_max - n for n in lengths], device=outs[0].device)
@@ -239,8 +246,8 @@ class PackedT5(nn.Module):
 def clip_runs(runs):
     """Clip each run's gradients at its own max_grad_norm (0 = off), as train_step does; (R,) norms
     before clipping."""
-    return torch.stack([torch.nn.utils.clip_grad_norm_(r.params, r.max_grad_norm if r.max_grad_norm > 0
-                                                       else math.inf).float() for r in runs])
+    return torch.stack([torch.nn.utils.clip_grad_norm_(
+        r.params, r.max_grad_norm if r.max_grad_norm > 0 else math.inf).float() for r in runs])
 
 
 def step_runs(runs, stepping):
@@ -335,7 +342,8 @@ class Pack:
         records = {}
         for r, batch, (loss, grad_norm, lr, prompt_norm) in zip(runs, batches, stats):
             r.advance(len(batch), self.n_train)
-            bad = [k for k, v in (("loss", loss), ("grad_norm", grad_norm), ("prompt_norm", prompt_norm))
+            bad = [k for k, v in (("loss", loss), ("grad_norm", grad_norm),
+                                  ("prompt_norm", prompt_norm))
                    if v is not None and not math.isfinite(v)]
             records[r.name] = {"step": r.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                "prompt_norm": prompt_norm, "epoch": r.epoch, "examples": len(batch),
@@ -362,12 +370,12 @@ class Pack:
             n_passes = max(math.ceil(len(entries(k)) / self.max_rows) for k in range(ws))
             chunks = [mine[k * self.max_rows:(k + 1) * self.max_rows] for k in range(n_passes)]
         else:
-            micro = [min(r.micro_batch_size or math.ceil(r.batch_size / ws), math.ceil(r.batch_size / ws))
-                     for r in runs]
+            micro = [min(r.micro_batch_size or math.ceil(r.batch_size / ws),
+                         math.ceil(r.batch_size / ws)) for r in runs]
             n_passes = max(math.ceil(math.ceil(len(b) / ws) / mb) for b, mb in zip(batches, micro))
             shards = [b[rank::ws] for b in batches]
-            chunks = [[(s, i) for s, (shard, mb) in enumerate(zip(shards, micro)) for i in shard[m * mb:(m + 1) * mb]]
-                      for m in range(n_passes)]
+            chunks = [[(s, i) for s, (shard, mb) in enumerate(zip(shards, micro))
+                       for i in shard[m * mb:(m + 1) * mb]] for m in range(n_passes)]
         stand_in = [(0, batches[0][0], 0.0)]
         return [[(s, i, 1.0) for s, i in chunk] if chunk else stand_in for chunk in chunks or [[]]]
 
@@ -376,8 +384,8 @@ class Pack:
         device, ws = self.device, self.world_size
         t0 = time.perf_counter()
         # per-run global target tokens (every rank holds the data, so every rank knows them)
-        n_tokens = torch.tensor([sum(len(target_ids[i]) for i in b) for b in batches], dtype=torch.float32,
-                                device=device)
+        n_tokens = torch.tensor([sum(len(target_ids[i]) for i in b) for b in batches],
+                                dtype=torch.float32, device=device)
         # DDP averages over ranks: x world_size gives the sum, / tokens the token mean
         scale = ws / n_tokens
         loss_sums = torch.zeros(len(runs), device=device)
@@ -387,16 +395,17 @@ class Pack:
         for k, chunk in enumerate(plan):
             slots = torch.tensor([s for s, _, _ in chunk], device=device)
             weight = torch.tensor([w for _, _, w in chunk], device=device)
-            input_ids, mask, labels = batching.collate([i for _, i, _ in chunk], source_ids, target_ids, pad_id,
-                                                    self.pad_to)
+            input_ids, mask, labels = batching.collate([i for _, i, _ in chunk], source_ids,
+                                                       target_ids, pad_id, self.pad_to)
             padded += input_ids.numel() + labels.numel()
             run_ids = torch.tensor([ids[s] for s, _, _ in chunk])
             if ws > 1:
                 self.model.require_backward_grad_sync = k == len(plan) - 1
             labels = labels.to(device)
             with self.amp:
-                logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), run_ids=run_ids,
-                                    decoder_input_ids=shift_right(labels), use_cache=False).logits
+                logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                    run_ids=run_ids, decoder_input_ids=shift_right(labels),
+                                    use_cache=False).logits
             nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                   # (B,) per example
                                   reduction="none").view(labels.shape).sum(1) * weight
@@ -412,6 +421,6 @@ class Pack:
         finite = [math.isfinite(a) and math.isfinite(b) for a, b in zip(losses, norms)]
         mu = step_runs(runs, [r for r, ok in zip(runs, finite) if ok])
         t2 = time.perf_counter()
-        self.timings = {"forward_backward_s": t1 - t0, "update_s": t2 - t1, "forward_passes": len(plan),
-                        "padded_tokens": padded}
+        self.timings = {"forward_backward_s": t1 - t0, "update_s": t2 - t1,
+                        "forward_passes": len(plan), "padded_tokens": padded}
         return list(zip(losses, norms, lrs, mu))

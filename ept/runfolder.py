@@ -12,10 +12,7 @@ import torch
 import torch.distributed as dist
 
 import model as M
-from ept import errors, files, pretrained, runs, runtime
-
-
-CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score", "best_step"}
+from ept import errors, files, multirun, pretrained, runs, runtime
 
 
 def open_run_folder(out_dir, resume, overwrite, say):
@@ -25,8 +22,8 @@ def open_run_folder(out_dir, resume, overwrite, say):
     existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
     if overwrite and existing:
         if not runs.is_run_folder(out_dir):
-            raise errors.Failure(f"train: {out_dir} is not a run folder written by train.py; --overwrite "
-                             "deletes only run folders: choose another --out-dir")
+            raise errors.Failure(f"train: {out_dir} is not a run folder written by train.py; "
+                                 "--overwrite deletes only run folders: choose another --out-dir")
         return None  # start_log deletes them, once every check of every run has passed
     if existing and not resume:
         raise errors.Failure(f"train: {out_dir} already holds {', '.join(existing)}; "
@@ -55,9 +52,10 @@ def refuse_more_steps(out_dir, args):
         if key == "max_steps" and (args.epochs is not None or config.get("epochs") is not None):
             continue  # an epoch count decides the steps
         if now is not None and (was is None or now > was):
-            raise errors.Failure(f"train: {out_dir} finished with {flag} {was}; {flag} {now} asks for more, but its lr "
-                             f"schedule ended at 0 there: keep {flag} {was}, or --overwrite to train {flag} {now} "
-                             "from scratch (or another --out-dir)")
+            raise errors.Failure(f"train: {out_dir} finished with {flag} {was}; {flag} {now} asks "
+                                 f"for more, but its lr schedule ended at 0 there: keep {flag} "
+                                 f"{was}, or --overwrite to train {flag} {now} from scratch (or "
+                                 "another --out-dir)")
 
 
 def trim_log(path, step):
@@ -84,8 +82,8 @@ def open_log(path, trackers):
                 f.write(json.dumps(event) + "\n")
             # a full disk mid-run: one sentence; a torn last line is dropped on --resume
             except OSError as err:
-                raise files.FileFault(f"train: cannot write {path}: {files.why(err)}; free space, then "
-                                      "--resume") from None
+                raise files.FileFault(f"train: cannot write {path}: {files.why(err)}; free space, "
+                                      "then --resume") from None
         for track in trackers:
             track(event)
 
@@ -110,29 +108,35 @@ def open_trackers(args, out_dir, config):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise errors.Failure("train: --tensorboard needs the tensorboard package: pip install tensorboard") from None
+            raise errors.Failure("train: --tensorboard needs the tensorboard package: "
+                                 "pip install tensorboard") from None
     if args.wandb is not None:
         try:
             import wandb
         except ImportError:
-            raise errors.Failure("train: --wandb needs the wandb package: pip install wandb") from None
+            raise errors.Failure("train: --wandb needs the wandb package: "
+                                 "pip install wandb") from None
         try:
-            wandb_run = wandb.init(project=args.wandb, name=out_dir.name, config=config, dir=str(out_dir))
+            wandb_run = wandb.init(project=args.wandb, name=out_dir.name, config=config,
+                                   dir=str(out_dir))
         # wandb's many error types (no login, no network), at its one boundary
         except Exception as err:
-            raise errors.Failure(f"train: --wandb could not start a Weights & Biases run ({type(err).__name__}: "
-                             f"{pretrained._first_line(err)}); run `wandb login`, or WANDB_MODE=offline") from None
+            raise errors.Failure(f"train: --wandb could not start a Weights & Biases run "
+                                 f"({type(err).__name__}: {pretrained._first_line(err)}); run "
+                                 "`wandb login`, or WANDB_MODE=offline") from None
         trackers.append(lambda e: wandb_run.log(numbers(e), step=e.get("step", 0)))
     if args.tensorboard is not None:
         writer = SummaryWriter(args.tensorboard or str(out_dir / "tensorboard"))
-        trackers.append(lambda e: [writer.add_scalar(k, v, e.get("step", 0)) for k, v in numbers(e).items()])
+        trackers.append(lambda e: [writer.add_scalar(k, v, e.get("step", 0))
+                                   for k, v in numbers(e).items()])
     return trackers
 
 
 def weights_finite(params):
     """All trainable weights finite (full fine-tuning can blow up with a finite loss): one
     reduction."""
-    return bool(torch.stack([n.float() for n in torch._foreach_norm(params)]).isfinite().all()) if params else True
+    return (bool(torch.stack([n.float() for n in torch._foreach_norm(params)]).isfinite().all())
+            if params else True)
 
 
 def new_folders(out_dir):
@@ -165,13 +169,15 @@ def read_checkpoint(resume_path, max_steps):
     """A last.pt read whole and checked (its keys, its step) before anything in the run folder
     changes."""
     ckpt = files.load_torch(resume_path, fix="pass --overwrite to start over")
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+    # the keys Run.checkpoint_state writes (multirun.py, the format's home)
+    missing = set(multirun.CHECKPOINT_KEYS) - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
         raise files.FileFault(f"train: {resume_path} is not a training checkpoint (it lacks "
-                              f"{', '.join(sorted(CHECKPOINT_KEYS - set(ckpt if isinstance(ckpt, dict) else ())))}); "
-                              "pass --overwrite to start over")
+                              f"{', '.join(sorted(missing))}); pass --overwrite to start over")
     if ckpt["step"] > max_steps:
-        raise errors.Failure(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps {max_steps}; "
-                         "resume with the same or a larger --max-steps, or --overwrite to start over")
+        raise errors.Failure(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps "
+                             f"{max_steps}; resume with the same or a larger --max-steps, or "
+                             "--overwrite to start over")
     return ckpt
 
 
@@ -181,11 +187,13 @@ def restore(load, resume_path, params):
     try:
         load()
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise errors.Failure(f"train: {resume_path} holds another model or optimizer than these settings build "
-                         f"({type(err).__name__}); resume with the run's own --method and prompt options "
-                         f"(its config.json), or --overwrite to start over") from None
+        raise errors.Failure(f"train: {resume_path} holds another model or optimizer than these "
+                             f"settings build ({type(err).__name__}); resume with the run's own "
+                             "--method and prompt options (its config.json), or --overwrite to "
+                             "start over") from None
     if not weights_finite(params):
-        raise errors.Failure(f"train: {resume_path} holds NaN or inf weights; --overwrite to start over")
+        raise errors.Failure(f"train: {resume_path} holds NaN or inf weights; --overwrite to "
+                             "start over")
 
 
 def rank_rng(ckpt, ranks, say):
@@ -193,7 +201,8 @@ def rank_rng(ckpt, ranks, say):
     it."""
     if len(ckpt["rng"]) == ranks.world_size:
         return ckpt["rng"][ranks.rank]
-    say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: RNG reseeded")
+    say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: "
+        "RNG reseeded")
     return None
 
 
@@ -202,18 +211,21 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
     checkpoint on resume, then appended)."""
     run.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
                   "n_trainable": M.count_trainable(run.raw_model),
-                  "t5_fingerprint": pretrained.t5_fingerprint(run.raw_model.t5), "train_file": str(task.train_file),
+                  "t5_fingerprint": pretrained.t5_fingerprint(run.raw_model.t5),
+                  "train_file": str(task.train_file),
                   "train_size": len(task.data[0]), "validation_size": len(task.val_examples),
                   "steps_per_epoch": run.steps_per_epoch, "micro_batch_size": run.micro_batch_size,
                   "grad_accum_steps": run.grad_accum_steps,
-                  "meta": {k: task.meta.get(k) for k in ("labels", "metrics", "score", "max_length", "max_target_length")},
+                  "meta": {k: task.meta.get(k) for k in ("labels", "metrics", "score",
+                                                         "max_length", "max_target_length")},
                   "torch": torch.__version__, **(extra or {})}
     log = open_log(None, [])
     if ranks.master:
         if resume_path and (out_dir / "config.json").exists():
             before = files.read_json(out_dir / "config.json", "run configuration")
             before = before if isinstance(before, dict) else {}
-            changed = {k: (before.get(k), v) for k, v in run.config.items() if before.get(k) != v and k != "resume"}
+            changed = {k: (before.get(k), v) for k, v in run.config.items()
+                       if before.get(k) != v and k != "resume"}
             if changed:
                 say(f"train: resuming with changed settings (was, now): {changed}")
         trackers = open_trackers(args, out_dir, run.config)
@@ -230,12 +242,13 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
         files.write_json(out_dir / "config.json", run.config)
         log = open_log(out_dir / "log.jsonl", trackers)
     log({"event": "resume" if resume_path else "setup", "step": run.step, "device": ranks.device,
-         "world_size": ranks.world_size, "dtype": args.dtype, "n_trainable": run.config["n_trainable"],
-         "train_size": len(task.data[0]), "steps_per_epoch": run.steps_per_epoch, "max_steps": args.max_steps,
+         "world_size": ranks.world_size, "dtype": args.dtype,
+         "n_trainable": run.config["n_trainable"], "train_size": len(task.data[0]),
+         "steps_per_epoch": run.steps_per_epoch, "max_steps": args.max_steps,
          "grad_accum_steps": run.grad_accum_steps})
     say(f"train: {args.method} on {args.task}, {run.config['n_trainable']:,} trainable parameters, "
-        f"{len(task.data[0])} examples, {args.max_steps} steps, {ranks.world_size} rank(s) on {ranks.device}, "
-        f"{args.dtype} -> {out_dir}")
+        f"{len(task.data[0])} examples, {args.max_steps} steps, {ranks.world_size} rank(s) on "
+        f"{ranks.device}, {args.dtype} -> {out_dir}")
     return log
 
 
@@ -245,8 +258,8 @@ def clear_run_files(out_dir, overwrite, say):
     before its first checkpoint is left."""
     existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
     if overwrite and (existing or (out_dir / "eval").exists()):
-        say(f"train: --overwrite: deleting {', '.join(existing + ['eval/'] * (out_dir / 'eval').exists())} "
-            f"in {out_dir}")
+        say(f"train: --overwrite: deleting "
+            f"{', '.join(existing + ['eval/'] * (out_dir / 'eval').exists())} in {out_dir}")
         for f in existing:
             (out_dir / f).unlink()
         shutil.rmtree(out_dir / "eval", ignore_errors=True)
@@ -293,7 +306,8 @@ def cleanup(out_dirs, jobs, master):
     """Whatever happens inside: every job closed at the end, and (rank 0) the folders this command
     created that are still empty removed, so a start that failed (offline, bad input) leaves nothing
     behind."""
-    created = sorted({f for d in out_dirs for f in new_folders(Path(d))}, key=lambda f: -len(f.parts))
+    created = sorted({f for d in out_dirs for f in new_folders(Path(d))},
+                     key=lambda f: -len(f.parts))
     try:
         yield
     finally:

@@ -19,10 +19,10 @@ from ept import errors, files
 # A run folder's name, for a solo run, a pack's runs and the drivers' alike:
 # <task>_<method>_<model>[_<options that differ from train.py's defaults and apply to the
 # method>]_s<seed>.
-NAME_TAGS = [("prompt_length", "n"), ("reparam", ""), ("hidden_size", "h"), ("broadcast", "b"), ("depth", "d"),
-             ("extra_layer", "x1"), ("init", "init-"), ("layer_norm", "ln"), ("residual", "res"), ("activation", ""),
-             ("lr", "lr"), ("max_steps", "steps"), ("epochs", "ep"), ("eval_every", "ev"), ("fewshot_k", "k"),
-             ("fewshot_seed", "fs")]
+NAME_TAGS = [("prompt_length", "n"), ("reparam", ""), ("hidden_size", "h"), ("broadcast", "b"),
+             ("depth", "d"), ("extra_layer", "x1"), ("init", "init-"), ("layer_norm", "ln"),
+             ("residual", "res"), ("activation", ""), ("lr", "lr"), ("max_steps", "steps"),
+             ("epochs", "ep"), ("eval_every", "ev"), ("fewshot_k", "k"), ("fewshot_seed", "fs")]
 
 
 def model_tag(model_name):
@@ -38,16 +38,20 @@ def run_name(spec, defaults):
         value = spec.get(key, defaults[key])
         if value is None or value == defaults[key] or not M.applies(key, spec["method"]):
             continue
-        tags.append(tag if value is True else f"{tag}{value:g}" if isinstance(value, float) else f"{tag}{value}")
-    return "_".join([spec["task"], spec["method"], model_tag(spec["model"]), *tags, f"s{spec['seed']}"])
+        tags.append(tag if value is True else f"{tag}{value:g}" if isinstance(value, float)
+                    else f"{tag}{value}")
+    return "_".join([spec["task"], spec["method"], model_tag(spec["model"]), *tags,
+                     f"s{spec['seed']}"])
 
 
 FAILED_NAME = "failed.txt"
-RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "metrics.json", FAILED_NAME)
+RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "metrics.json",
+             FAILED_NAME)
 LOCK_NAME = "run.lock"
 
 
-CONFIG_KEYS = ("task", "method", "model", "tokenizer", "random_init", "seed", "data_dir", "max_length", "meta")
+CONFIG_KEYS = ("task", "method", "model", "tokenizer", "random_init", "seed", "data_dir",
+               "max_length", "meta")
 
 
 def read_config(run_dir, keys=CONFIG_KEYS):
@@ -55,15 +59,17 @@ def read_config(run_dir, keys=CONFIG_KEYS):
     if not."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise files.FileFault(f"no run folder {run_dir} ({'a file' if run_dir.exists() else 'it does not exist'}); "
+        raise files.FileFault(f"no run folder {run_dir} "
+                              f"({'a file' if run_dir.exists() else 'it does not exist'}); "
                               "pass a folder train.py wrote")
     if not (run_dir / "config.json").exists():
-        raise files.FileFault(f"{run_dir} is not a run folder (no config.json); pass a folder train.py wrote")
+        raise files.FileFault(f"{run_dir} is not a run folder (no config.json); pass a folder "
+                              "train.py wrote")
     config = files.read_json(run_dir / "config.json", "run configuration")
     missing = [k for k in keys if not isinstance(config, dict) or k not in config]
     if {"task", "method"} <= set(missing):
-        raise files.FileFault(f"{run_dir} is not a run folder (its config.json is not train.py's, a model's "
-                              "perhaps); pass a folder train.py wrote")
+        raise files.FileFault(f"{run_dir} is not a run folder (its config.json is not train.py's, "
+                              "a model's perhaps); pass a folder train.py wrote")
     if missing:
         raise files.FileFault(f"{run_dir / 'config.json'} is not a train.py run configuration (no "
                               f"{', '.join(missing)}); pass a folder train.py wrote")
@@ -85,7 +91,8 @@ def failure(run_dir):
     """Why the run failed (failed.txt's sentence), or None: it did not fail, or it was started again
     since."""
     try:
-        return (Path(run_dir) / FAILED_NAME).read_text(encoding="utf-8", errors="replace").strip() or "failed"
+        return ((Path(run_dir) / FAILED_NAME).read_text(encoding="utf-8", errors="replace").strip()
+                or "failed")
     except FileNotFoundError:
         return None
     except OSError as err:
@@ -97,7 +104,8 @@ def is_run_folder(run_dir):
     clear)."""
     config = Path(run_dir) / "config.json"
     if not config.exists():
-        return not any(p.name not in (*RUN_FILES, "eval") and not p.name.lstrip(".").startswith(LOCK_NAME)
+        return not any(p.name not in (*RUN_FILES, "eval")
+                       and not p.name.lstrip(".").startswith(LOCK_NAME)
                        for p in Path(run_dir).iterdir())
     try:
         keys = files.read_json(config)
@@ -163,13 +171,15 @@ class Owner:
         self.host, self.pid, self.job = (text.split() + ["?", "?", "-"])[:3]
 
     def __str__(self):
-        return f"pid {self.pid} on {self.host}" + (f" (SLURM job {self.job})" if self.job != "-" else "")
+        return f"pid {self.pid} on {self.host}" + (f" (SLURM job {self.job})"
+                                                   if self.job != "-" else "")
 
     def stale(self):
         """True when the writer is gone (see above)."""
         if self.job != "-" and self.job == engine_job():
             return True
-        return self.host == socket.gethostname() and self.pid.isdigit() and not _alive(int(self.pid))
+        return (self.host == socket.gethostname() and self.pid.isdigit()
+                and not _alive(int(self.pid)))
 
 
 def read_owner(path):
@@ -216,8 +226,9 @@ def acquire_lock(run_dir, say=print):
             if owner is None:
                 continue  # released just now
             if not owner.stale():
-                raise Busy(f"train: {run_dir} is being written by {owner}; wait for it, or, if that process is "
-                           f"gone (another host's lock cannot be checked from here), delete {path}")
+                raise Busy(f"train: {run_dir} is being written by {owner}; wait for it, or, if "
+                           f"that process is gone (another host's lock cannot be checked from "
+                           f"here), delete {path}")
             say(f"train: {run_dir}: took over the stale lock of {owner}")
             path.unlink(missing_ok=True)
             continue

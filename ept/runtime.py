@@ -104,8 +104,10 @@ def rng_state():
     """Every RNG as tensors and plain values (weights_only-loadable)."""
     version, mt, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(mt), gauss], "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {"python": [version, list(mt), gauss],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
@@ -134,13 +136,16 @@ class Throughput:
     def add(self, examples, tokens, seconds):
         self.steps += 1
         if self.steps > self.warm:
-            self.examples, self.tokens, self.seconds = self.examples + examples, self.tokens + tokens, self.seconds + seconds
+            self.examples, self.tokens, self.seconds = (
+                self.examples + examples, self.tokens + tokens, self.seconds + seconds)
 
     def summary(self, device):
         if device.startswith("cuda"):
-            peak_mb, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+            peak_mb, kind = (torch.cuda.max_memory_allocated(device) / 2**20,
+                             "cuda_max_memory_allocated")
         else:
             peak_mb, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
         return {"train_examples_per_s": self.examples / max(self.seconds, 1e-9),
-                "train_tokens_per_s": self.tokens / max(self.seconds, 1e-9), "train_time_s": self.seconds,
-                "timed_steps": max(0, self.steps - self.warm), "peak_memory_mb": peak_mb, "peak_memory_kind": kind}
+                "train_tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+                "train_time_s": self.seconds, "timed_steps": max(0, self.steps - self.warm),
+                "peak_memory_mb": peak_mb, "peak_memory_kind": kind}

@@ -37,8 +37,8 @@ def _on_signal(sig, _):
         _stopping.append(sig)
         raise KeyboardInterrupt
     if sig == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:
-        print("train: Ctrl-C: stopping at the next step boundary, after writing last.pt (Ctrl-C again to stop "
-              "at once)", file=sys.stderr, flush=True)
+        print("train: Ctrl-C: stopping at the next step boundary, after writing last.pt (Ctrl-C "
+              "again to stop at once)", file=sys.stderr, flush=True)
     _stop_signal.append(sig)
 
 
@@ -72,7 +72,8 @@ def stop_requested(ranks):
     None."""
     sig = _stop_signal[0] if _stop_signal else 0
     if ranks.world_size > 1:
-        box = torch.tensor([int(sig)], device=ranks.device if ranks.device.startswith("cuda") else "cpu")
+        box = torch.tensor([int(sig)],
+                           device=ranks.device if ranks.device.startswith("cuda") else "cpu")
         dist.all_reduce(box, op=dist.ReduceOp.MAX)
         sig = int(box.item())
     return sig or None
@@ -84,6 +85,7 @@ def stopped(sig, step, folders):
     _stopping.append(sig)
     name = signal.Signals(sig).name
     said = int(os.environ.get("RANK", 0)) == 0  # once under torchrun
-    return Stopped(f"train: {name} received: stopped at step {step}, last.pt written in {folders}; run the "
-                   f"same command with --resume to continue (exit status {128 + sig})" if said else "",
+    return Stopped(f"train: {name} received: stopped at step {step}, last.pt written in "
+                   f"{folders}; run the same command with --resume to continue (exit status "
+                   f"{128 + sig})" if said else "",
                    status=128 + sig)

@@ -6,10 +6,12 @@ folder. A unit is idempotent: it exits 0 when its unit is finished (or was finis
 non-zero when it failed, and on SIGTERM it checkpoints and exits non-zero, so that running it again
 resumes it. The collect command (a shell line) appends every finished run's row once and reports.
 
-    python -m ept.slurm results/table1.plan --collect "python ablate.py table1 --lr-search --collect" \
+    python -m ept.slurm results/table1.plan \
+        --collect "python ablate.py table1 --lr-search --collect" \
         --time 12:00:00 --max-parallel 16              # writes results/table1.sbatch, submits it
     slurm.submit("results/table1.plan", collect_cmd, time="12:00:00", max_parallel=16)   # the same
-    # again by hand: sbatch results/table1.sbatch; one unit without SLURM: SLURM_ARRAY_TASK_ID=3 bash ...
+    # again by hand: sbatch results/table1.sbatch;
+    # one unit without SLURM: SLURM_ARRAY_TASK_ID=3 bash ...
 
 What the array script does (the text `sbatch_script` writes is meant to be read):
 - `--array=0-(N-1)%M`: task i runs line i+1 of the plan (`sed -n`), at most M at once;
@@ -57,7 +59,8 @@ def _option(value, what):
     """A value for an #SBATCH line: sbatch splits those lines at spaces and reads one line each."""
     text = str(value)
     if not text or re.search(r"\s", text):
-        raise errors.Failure(f"the {what} {text!r} cannot go on an #SBATCH line (it is empty or has spaces)")
+        raise errors.Failure(f"the {what} {text!r} cannot go on an #SBATCH line (it is empty or "
+                             "has spaces)")
     return text
 
 
@@ -81,17 +84,20 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
         raise errors.Failure(f"the plan {plan_path} has no units: nothing to submit")
     limit = time_seconds(time) if time else None
     if limit is not None and limit <= signal_s:
-        raise errors.Failure(f"the time limit {time} is not longer than the {signal_s} s the unit gets "
-                         f"to checkpoint before it (signal_s)")
+        raise errors.Failure(f"the time limit {time} is not longer than the {signal_s} s the unit "
+                             f"gets to checkpoint before it (signal_s)")
     plan, logs = Path(plan_path).resolve(), Path(log_dir).resolve()
     workdir = Path(workdir or Path.cwd()).resolve()
     name = _option(job_name, "job name")
     array = f"0-{n_units - 1}" + (f"%{max_parallel}" if max_parallel else "")
     lines = [
         "#!/bin/bash",
-        f"# {name}: the {_units(n_units)} of {plan}, one SLURM array task each (task i runs line i+1).",
-        "# Written by ept/slurm.py. Submit again with `sbatch <this file>`: a finished unit exits at once,",
-        "# an interrupted one resumes. One unit without SLURM: SLURM_ARRAY_TASK_ID=i bash <this file>.",
+        f"# {name}: the {_units(n_units)} of {plan}, one SLURM array task each "
+        "(task i runs line i+1).",
+        "# Written by ept/slurm.py. Submit again with `sbatch <this file>`: a finished unit exits "
+        "at once,",
+        "# an interrupted one resumes. One unit without SLURM: SLURM_ARRAY_TASK_ID=i "
+        "bash <this file>.",
         f"#SBATCH --job-name={name}",
         f"#SBATCH --array={array}",
         "#SBATCH --ntasks=1",
@@ -127,11 +133,11 @@ unit=$(sed -n "$((task + 1))p" "$plan")
 echo "== $(date -Is) task $task of ${SLURM_ARRAY_JOB_ID:-(no job)}," \
      "start $((${SLURM_RESTART_COUNT:-0} + 1)), on $(hostname): $unit"
 
-# USR1: the time limit is near (--signal); TERM: scancel, preemption or scontrol requeue; INT: Ctrl-C
-# when run by hand. Each sends SIGTERM to every process of the unit: train.py writes its checkpoint and
-# exits, and this shell waits for it (the unit runs in the background: bash runs a trap only between
-# commands). setsid gives the unit its own process group, so the signal reaches train.py behind a
-# `cd ... &&`; the unit's bash outlives SIGTERM (trap :) until train.py has exited.
+# USR1: the time limit is near (--signal); TERM: scancel, preemption or scontrol requeue; INT:
+# Ctrl-C when run by hand. Each sends SIGTERM to every process of the unit: train.py writes its
+# checkpoint and exits, and this shell waits for it (the unit runs in the background: bash runs a
+# trap only between commands). setsid gives the unit its own process group, so the signal reaches
+# train.py behind a `cd ... &&`; the unit's bash outlives SIGTERM (trap :) until train.py exits.
 got= n=0
 stop() { got=$1 n=$((n + 1)); kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; }
 trap 'stop USR1' USR1
@@ -193,8 +199,9 @@ def _sbatch(text, path, what):
     """Submit a script (on sbatch's stdin), then write it to `path`; its job id, or one sentence and
     nothing written."""
     if shutil.which("sbatch") is None:
-        raise errors.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands here "
-                         "(a test cluster on this machine, as root: bash scripts/slurm_cluster.sh start)")
+        raise errors.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
+                             "here (a test cluster on this machine, as root: "
+                             "bash scripts/slurm_cluster.sh start)")
     done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
@@ -224,7 +231,8 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
         raise
     shared = {k: opts[k] for k in ("partition", "extra", "workdir") if k in opts}
     try:
-        collect_text = collect_script(collect_cmd, array_id, job_name=job_name, log_dir=logs, **shared)
+        collect_text = collect_script(collect_cmd, array_id, job_name=job_name, log_dir=logs,
+                                      **shared)
         collect_file = plan.with_name(plan.stem + ".collect.sbatch")
         collect_id = _sbatch(collect_text, collect_file, "the collect job")
     except errors.Failure as err:
@@ -260,10 +268,11 @@ parser.add_argument("--signal-s", type=cli.positive_int, default=SIGNAL_S,
                     help="USR1 this many seconds before the time limit: the unit checkpoints, "
                          "the task requeues")
 parser.add_argument("--after", action="append", default=[], metavar="JOBID",
-                    help="start the array once this job ended (afterany), e.g. an earlier plan's array "
-                         "that shares runs with this one (repeatable)")
+                    help="start the array once this job ended (afterany), e.g. an earlier plan's "
+                         "array that shares runs with this one (repeatable)")
 parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
-                    help="an #SBATCH line of both jobs, e.g. --sbatch-option=--account=nlp (repeatable)")
+                    help="an #SBATCH line of both jobs, e.g. --sbatch-option=--account=nlp "
+                         "(repeatable)")
 
 
 @errors.script
