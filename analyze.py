@@ -5,25 +5,22 @@ Reads the run folders listed in results/table1.jsonl and results/table2.jsonl (a
 runs at the paper's default lr, seed 0 unless --seed) and writes results/analysis/<name>.json:
 
     norms       Figures 2, 11  mu_t (Eq. 4) every step and the validation score every eval
-    (log.jsonl),
-                               mean over the seeds present
-    cosine      Figure 3       cosine similarity between the n rows of P' (prompt.pt) subset
-    Figure 4       one trained row P'_i repeated l = 1..10 times, scored on test without retraining
+                               (log.jsonl), mean over the seeds present
+    cosine      Figure 3       cosine similarity between the n rows of P' (prompt.pt)
+    subset      Figure 4       one trained row P'_i repeated l = 1..10 times, scored on test
+                               without retraining
     transfer    Figure 10      cosine similarity between tasks' EPT* prompts, and task A's prompt
-    scored
-                               on task B (zero-shot) as a ratio of B's own score
+                               scored on task B (zero-shot) as a ratio of B's own score
     neighbours  Appendix A.1   nearest vocabulary tokens (cosine) of every distinct prompt row
     directions  Appendix A.1   P-Tuning's rows in two directions (spherical 2-means): each group's
-    cosine to
-                               the label words' embeddings, and the test score of each group alone
+                               cosine to the label words' embeddings, and the test score of each
+                               group alone
 
-    python analyze.py all                                    # everything, t5-base runs
-    python analyze.py norms --tasks boolq rte                # one analysis
-    python analyze.py transfer --max-eval-examples 1000      # cap each zero-shot evaluation
-    # A.1: P-Tuning's positive / negative prompts:
-    python analyze.py directions --tasks boolq rte
-    # SMOKE:
-    python analyze.py all --model tiny-t5 --results-dir smoke/results --data-dir smoke/data
+    python analyze.py all                                  # everything, t5-base runs
+    python analyze.py norms --tasks boolq rte              # one analysis
+    python analyze.py transfer --max-eval-examples 1000    # cap each zero-shot evaluation
+    python analyze.py directions --tasks boolq rte         # A.1: P-Tuning's +/- prompts
+    python analyze.py all --model tiny-t5 --results-dir smoke/results --data-dir smoke/data  # SMOKE
 
 Analyses whose runs are missing are skipped with a message; report.py then notes the figure as
 missing.

@@ -4,18 +4,16 @@ Reads the Hugging Face Hub datasets of docs/paper.md ("Tasks") (`datasets.load_d
 `--source DIR`, a folder of the official distribution files (one sub-folder per task; the file
 names are in docs/data.md). Writes, per task:
 
-    data/<task>/train.jsonl, validation.jsonl, test.jsonl   {"source", "target", "label", "idx",
-    ...} data/<task>/train_k{K}_seed{S}.jsonl                    few-shot sets (Table 3), with
-    --fewshot data/<task>/meta.json                                   origin, sizes, labels,
-    metrics, lengths
+    data/<task>/train.jsonl, validation.jsonl, test.jsonl   {"source", "target", "label", "idx"}
+    data/<task>/train_k{K}_seed{S}.jsonl                    few-shot sets (Table 3), with --fewshot
+    data/<task>/meta.json                                   origin, sizes, labels, metrics, lengths
 
 Splits follow Appendix B.1 from a fixed data seed (separate from the training seed).
 
     python prepare_data.py --tasks rte cb                      # from the Hub
     python prepare_data.py --tasks all --source raw/ --tokenizer t5-base
     python prepare_data.py --tasks superglue glue --fewshot 4 16 32 --fewshot-seeds 0 1 2 3 4 5
-    # CPU smoke data
-    python prepare_data.py --source tests/fixtures/raw --tasks all --out smoke/data
+    python prepare_data.py --source tests/fixtures/raw --tasks all --out smoke/data   # CPU smoke
 
 A task whose meta.json exists is skipped unless --overwrite; a failed run leaves it untouched.
 """
@@ -57,7 +55,7 @@ g.add_argument("--overwrite", action="store_true",
                help="rebuild tasks that already have a meta.json")
 
 
-# ---------------------------------------------------------------------------- loading
+# --- loading --------------------------------------------------------------------------------------
 
 # LM-BFF's k-shot/<TASK>/16-42/, ...
 SAMPLE_FOLDER = re.compile(r"(?i)(k-?shot|few-?shot|\d+-shot|^\d+-\d+$)")
@@ -156,7 +154,7 @@ def load_hub(task):
     return splits[0].to_list(), splits[1].to_list(), source
 
 
-# ---------------------------------------------------------------------------- records, splits, few-
+# --- records, splits, few-shot --------------------------------------------------------------------
 
 BAR_ROWS = 20000  # fewer rows take well under a few seconds: no progress bar
 
@@ -242,7 +240,7 @@ def fewshot(task, train, k, seed):
 
 
 
-# ---------------------------------------------------------------------------- tokens and files
+# --- tokens and files -----------------------------------------------------------------------------
 
 @functools.cache
 def load_tokenizer(name):

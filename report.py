@@ -578,7 +578,7 @@ FIGURES = [("Figure 1: SuperGLUE average across T5 sizes and against trainable p
            ("Table 5: task details", table5_md)]
 
 
-# --- the steering benchmark (ablate.py steer; docs/experiments.md): a small Table 1 and Figure 2 on
+# --- the steering benchmark (ablate.py steer; docs/experiments.md): Table 1 and Figure 2 in small
 
 
 def _steer_curves(run):

@@ -5,11 +5,12 @@ Every writer is atomic: it writes a temporary file beside the target and renames
 Every reader fails with one sentence naming the file and what is wrong with it (missing, not JSON,
 truncated, not UTF-8, unreadable), never with a traceback. The kinds:
 
-    folder          data/<task>/, an exported adapter: filled beside, then swapped in whole JSON
-    config.json, meta.json, metrics.json, results/analysis/*.json JSONL           data splits,
-    log.jsonl, results/*.jsonl, predictions torch           best.pt, last.pt, prompt.pt, the
-    tokenization cache (weights_only-loadable) appended JSONL  results/*.jsonl: whole lines appended
-    under a lock, so two appenders never tear a row
+    folder          data/<task>/, an exported adapter: filled beside, then swapped in whole
+    JSON            config.json, meta.json, metrics.json, results/analysis/*.json
+    JSONL           data splits, log.jsonl, results/*.jsonl, predictions
+    torch           best.pt, last.pt, prompt.pt, the tokenization cache (weights_only-loadable)
+    appended JSONL  results/*.jsonl: whole lines appended under a lock (two appenders never tear
+                    a row)
 """
 import contextlib
 import errno

@@ -1,13 +1,13 @@
-"""Many prompt runs share one frozen T5: one packed step is one optimizer step of every run.
+"""Runs on one frozen T5: one pack step is one optimizer step of every run. train.py trains every
+run this way, a lone run as a pack of one (`ft` too: its Run's module is T5 itself, never shared).
 
 R prompt runs on one task and one T5 (any mix of pt / ptuning / resprompt / ept / ept_star, any
-prompt lengths; `ft` trains T5 itself and is never packed). Each run keeps everything a solo
-train.py run has: its prompt module, its own data order (batching.epoch_order with its own seed),
-its own batch and micro-batch sizes, its own AdamW + linear schedule (optim.make_optimizer), its own
-clipping at 1.0 on its own gradient norm, its own prompt norm mu_t, its own non-finite guard and its
-own checkpoint (the keys of train.py's last.pt / best.pt). What the runs share is the frozen T5 and
-therefore the forward and backward passes: every run's global batch is concatenated, and example i
-carries the prompt of its run.
+prompt lengths). Each run keeps everything a run alone has: its prompt module, its own data order
+(batching.epoch_order with its own seed), its own batch and micro-batch sizes, its own AdamW +
+linear schedule (optim.make_optimizer), its own clipping at 1.0 on its own gradient norm, its own
+prompt norm mu_t, its own non-finite guard and its own checkpoint (the keys of train.py's last.pt /
+best.pt). What the runs share is the frozen T5 and therefore the forward and backward passes: every
+run's global batch is concatenated, and example i carries the prompt of its run.
 
 Why this is exact (docs/packing.md has the long form):
   * prompts of different lengths are LEFT-padded with zero rows whose attention mask is 0. T5 has no
@@ -18,8 +18,8 @@ Why this is exact (docs/packing.md has the long form):
     same in a pack as alone, and the objective sum_r (sum of run r's target NLL / run r's target
     tokens) has, for the parameters of run r (disjoint from the others'), exactly run r's solo
     gradient;
-  * clipping (clip_grad_norm_), AdamW, the schedule and mu_t are per run, as in train_step.
-With dropout 0 in fp32 a packed run equals its solo run within float rounding
+  * clipping (clip_grad_norm_), AdamW, the schedule and mu_t are per run (tests/reference.py).
+With dropout 0 in fp32 a packed run equals the same run alone within float rounding
 (tests/test_packing.py). With dropout on, the runs of a pack draw their masks from one shared
 stream, so they differ from their solo runs in the dropout random numbers only.
 
@@ -86,7 +86,7 @@ class Run:
 
     @property
     def params(self):
-        """The trainable parameters in the optimizer's order (what train_step clips)."""
+        """The trainable parameters in the optimizer's order (what clip_runs clips)."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     @property
@@ -244,8 +244,8 @@ class PackedT5(nn.Module):
 # --- the per-run update ---------------------------------------------------------------------------
 
 def clip_runs(runs):
-    """Clip each run's gradients at its own max_grad_norm (0 = off), as train_step does; (R,) norms
-    before clipping."""
+    """Clip each run's gradients at its own max_grad_norm (0 = off), as the reference one-run step
+    does; (R,) norms before clipping."""
     return torch.stack([torch.nn.utils.clip_grad_norm_(
         r.params, r.max_grad_norm if r.max_grad_norm > 0 else math.inf).float() for r in runs])
 
@@ -275,7 +275,7 @@ class Pack:
     runs changes, because DDP must not hold parameters that stop receiving gradients (the leaving
     run's parameters are set requires_grad=False first). `amp`: the autocast context (train.py:
     runtime.autocast(device, dtype)). Forward passes: by default packed micro-batch m is every run's
-    m-th micro-batch (its own micro_batch_size, as train_step splits its shard); with `max_rows`,
+    m-th micro-batch (its own micro_batch_size, each rank taking its shard); with `max_rows`,
     the rank's examples of all runs are instead sorted longest first (`sort_by_length`, default on)
     and cut into forward passes of at most `max_rows` examples, which pads much less when lengths
     vary and keeps every run's data order (the gradient of a sum of per-example losses does not
@@ -330,9 +330,9 @@ class Pack:
         record} with record = {"step", "loss", "lr" (of this step), "grad_norm" (before clipping),
         "prompt_norm" (mu_t after the step), "epoch", "examples", "tokens", "nonfinite" (names of
         the non-finite values, [] when all are finite)}, the fields of train.py's "train" and
-        "nonfinite" log events. A run with a non-finite loss or gradient norm is not updated (as
-        train_step) and, like one with a non-finite mu_t, leaves the pack (stopped = "nonfinite"); a
-        run reaching max_steps leaves it as "done"."""
+        "nonfinite" log events. A run with a non-finite loss or gradient norm is not updated and,
+        like one with a non-finite mu_t, leaves the pack (stopped = "nonfinite"); a run reaching
+        max_steps leaves it as "done"."""
         runs = self.training
         if not runs:
             return {}
@@ -357,7 +357,7 @@ class Pack:
     def _plan(self, runs, batches):
         """This rank's forward passes: lists of (slot, example index, weight). Their number is the
         same on every rank (DDP: one synchronised backward, the last); a pass without an example of
-        this rank is a zero-weight stand-in, as in train_step."""
+        this rank is a zero-weight stand-in (DDP needs every rank in every pass)."""
         ws, rank = self.world_size, self.rank
         if self.max_rows:
             def entries(k):

@@ -17,7 +17,7 @@ from typing import Callable
 
 from ept import errors, files
 
-# ---------------------------------------------------------------------------- templates (docs/paper
+# --- templates (docs/paper.md, "Tasks") -----------------------------------------------------------
 # Every converter maps one row in the Hub schema (DATA-SCHEMAS.md) and its position in the split
 # to a record; the local readers below first map the official files onto that same schema.
 
@@ -106,7 +106,7 @@ BOOL = {False: 0, True: 1}
 SCITAIL = {"entailment": 0, "neutral": 1}
 
 
-# ---------------------------------------------------------------------------- official files -> Hub
+# --- official files -> Hub rows -------------------------------------------------------------------
 
 def read(path, parse, fmt="json", names=None):
     """Parse `path` line by line (every official format here keeps one record per line) into Hub
@@ -258,7 +258,7 @@ def superglue_rte(r, n):
              "label": label_of(ENTAIL, r["label"]), "idx": r["idx"]}]
 
 
-# ---------------------------------------------------------------------------- the registry
+# --- the registry ---------------------------------------------------------------------------------
 
 @dataclass
 class Task:
@@ -397,7 +397,7 @@ GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b]
           for b in ("glue", "superglue", "mrqa", "others")}
 
 
-# ---------------------------------------------------------------------------- the steering benchmar
+# --- the steering benchmark -----------------------------------------------------------------------
 # Toy tasks over shipped sentences (tests/fixtures/steer/sentences, written by
 # scripts/build_backbone.py): a small backbone is trained on all of them, each selected by a prefix
 # ("comma: <sentence>"), and does STEER_DEFAULT on a bare sentence. A steering task gives the bare
@@ -437,7 +437,7 @@ def known(task):
     return task in TASKS or task in STEER_TASKS
 
 
-# ---------------------------------------------------------------------------- the few-shot rule
+# --- the few-shot rule ----------------------------------------------------------------------------
 # meta.json's "rule" of each few-shot set; absent: the old k per class
 FEWSHOT_RULE = "k in all, classes balanced"
 

@@ -1,13 +1,14 @@
-"""A run folder (train.py writes it, every later stage reads it): its files, its lock and its
-status.
+"""A run folder (train.py writes it, every later stage reads it): its files, lock and status.
 
-    config.json   every setting of the run, resolved          metrics.json  test metrics of best.pt
-    log.jsonl     one JSON object per event (train/eval/end)   prompt.pt     the folded P' of
-    best.pt best.pt       trainable state at the best validation       last.pt       the latest
-    state (resume) run.lock      "<host> <pid> <SLURM job>" of the one process writing the folder (a
-    one-host guard) failed.txt    why the run stopped for good (a non-finite loss, gradient, prompt
-    or weights): one sentence;
-                  removed when the run starts again (--resume, --overwrite)
+    config.json   every setting of the run, resolved
+    log.jsonl     one JSON object per event (train/eval/end)
+    best.pt       trainable state at the best validation
+    last.pt       the latest state (resume)
+    prompt.pt     the folded P' of best.pt
+    metrics.json  test metrics of best.pt
+    run.lock      "<host> <pid> <SLURM job>" of the one process writing the folder (one host)
+    failed.txt    why the run stopped for good (a non-finite loss, gradient, prompt or weights): one
+                  sentence; removed when the run starts again (--resume, --overwrite)
 """
 import os
 import socket

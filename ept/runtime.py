@@ -1,10 +1,9 @@
 """Where and how the model runs: the device, the ranks of a torchrun group, and the precision.
 
 Precision (one name everywhere: --dtype, config.json "dtype"):
-    fp32  the paper's setting (the HF Trainer's default: fp32, TF32 off as PyTorch leaves it);
-    default tf32  fp32 weights and activations, matmuls on TF32 tensor cores (CUDA; on a CPU it is
-    fp32) bf16  bf16 autocast around the forward passes, trainable parameters and loss in fp32
-    (CUDA; T5
+    fp32  the paper's setting (the HF Trainer's: fp32, TF32 off as PyTorch leaves it); default
+    tf32  fp32 weights and activations, matmuls on TF32 tensor cores (CUDA; on a CPU it is fp32)
+    bf16  bf16 autocast around the forward passes, trainable parameters and loss in fp32 (CUDA; T5
           overflows in fp16). A speed option, not the paper's setting.
 """
 import functools
