@@ -129,8 +129,9 @@ def train(jobs, task, pack, ranks, say):
         if not live:
             break
         if sig := signals.stop_requested(ranks):  # preempted or cancelled: every live run's last.pt
-            for job in live:
-                runfolder.save_checkpoint(job, ranks, "last.pt")
+            for job in live:  # never a NaN/inf state on disk
+                if runfolder.weights_finite(job.run.params):
+                    runfolder.save_checkpoint(job, ranks, "last.pt")
             folders = " ".join(str(j.out_dir) for j in live)
             raise signals.stopped(sig, min(j.run.step for j in live), folders)
         t0 = time.time()
@@ -248,9 +249,9 @@ def open_folders(args, specs, packed, jobs, left_out, say):
 def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
     """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command (the Hub,
     or --source DIR): stages link by files on disk."""
-    if (Path(data_dir) / task / "meta.json").exists():
-        return
     folder = Path(data_dir) / task
+    if (folder / "meta.json").exists():
+        return
     if not registry.known(task):
         raise errors.Failure(f"train: unknown task {task!r} and no {folder / 'meta.json'}; "
                              f"tasks: {', '.join(registry.TASKS)}")
@@ -262,9 +263,6 @@ def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
     if subprocess.run([sys.executable, str(script), *command]).returncode:
         raise errors.Failure(f"train: {folder} could not be prepared "
                              "(prepare_data.py said why above)")
-
-
-check_split = batching.check_split  # a split file against its meta.json (batching.py)
 
 
 def load_task(args, ranks, say):
@@ -328,7 +326,7 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
             group_by_length=a.group_by_length, init=a.init,
             label_ids=batching.label_ids(task.tokenizer, task.meta, a.init, a.task),
             name=str(job.out_dir), **M.prompt_options(vars(a)))
-        job.net = job.raw_model = job.run.prompted(t5)  # what validation, start_log and finish take
+        job.net = job.run.prompted(t5)  # what validation, start_log and finish take
         job.rng = None
         if job.resume_path:
             ckpt = runfolder.read_checkpoint(job.resume_path, a.max_steps)
@@ -373,13 +371,13 @@ def finish(job, task, ranks, say):
     job.throughput = job.meter.summary(ranks.device)
     if ranks.world_size > 1:
         dist.barrier()  # best.pt is complete on disk
-    raw_model = job.net
-    raw_model.load_trainable_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
+    trained = job.net
+    trained.load_trainable_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
     with torch.no_grad():
-        prompt = raw_model.prompt()
-    net = raw_model
+        prompt = trained.prompt()
+    net = trained
     if prompt is not None:
-        net = M.PromptedT5(raw_model.t5, M.FoldedPrompt(prompt.float()))  # inference needs only P'
+        net = M.PromptedT5(trained.t5, M.FoldedPrompt(prompt.float()))  # inference needs only P'
         if ranks.master:
             M.save_folded_prompt(out_dir / "prompt.pt", prompt, {
                 "task": args.task, "method": args.method, "step": run.best_step,
@@ -406,24 +404,20 @@ def finish(job, task, ranks, say):
         + f"; {t['train_examples_per_s']:.1f} examples/s, {t['train_tokens_per_s']:.0f} tokens/s, "
         f"peak memory {t['peak_memory_mb']:.0f} MiB ({t['peak_memory_kind']})")
     return {"out_dir": str(out_dir), "best_step": run.best_step, "best_score": run.best_score,
-            "metrics": test,
-            "throughput": t, "config": job.config, "model": raw_model}
+            "metrics": test, "throughput": t, "config": job.config, "model": trained}
 
 
 if __name__ == "__main__":
     try:
         main()
-    # a stop or a failure, its sentence printed: a further Ctrl-C while exiting is ignored
-    except SystemExit:
+    except SystemExit:  # a stop or a failure, its sentence printed: ignore a further Ctrl-C
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise
-    # a second Ctrl-C, or one outside the loop: locks released, files whole
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: files whole
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if int(os.environ.get("RANK", 0)) == 0:
             print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: "
-                  "run the same command "
-                  "with --resume to continue", file=sys.stderr, flush=True)
+                  "run the same command with --resume to continue", file=sys.stderr, flush=True)
         sys.exit(130)
     finally:  # also after a failure: every rank stopped at the same point (runtime.master_first)
         if dist.is_initialized():

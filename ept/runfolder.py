@@ -210,8 +210,8 @@ def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
     """config.json (rewritten; `extra`: more keys, a pack's) and log.jsonl (trimmed to the
     checkpoint on resume, then appended)."""
     run.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
-                  "n_trainable": M.count_trainable(run.raw_model),
-                  "t5_fingerprint": pretrained.t5_fingerprint(run.raw_model.t5),
+                  "n_trainable": M.count_trainable(run.net),
+                  "t5_fingerprint": pretrained.t5_fingerprint(run.net.t5),
                   "train_file": str(task.train_file),
                   "train_size": len(task.data[0]), "validation_size": len(task.val_examples),
                   "steps_per_epoch": run.steps_per_epoch, "micro_batch_size": run.micro_batch_size,
@@ -277,10 +277,8 @@ def check_resume_files(out_dir):
 
 
 def save_checkpoint(job, ranks, *names):
-    """A run's last.pt / best.pt (rank 0 writes; every rank's RNG state is in it). Weights that are
-    not finite are never saved: the caller stops such a run (train.py)."""
-    if not weights_finite(job.run.params):
-        return
+    """A run's last.pt / best.pt (rank 0 writes; every rank's RNG state is in it). The caller has
+    checked that its weights are finite (weights_finite)."""
     rngs = [runtime.rng_state()]
     if ranks.world_size > 1:
         rngs = [None] * ranks.world_size
