@@ -1,75 +1,26 @@
 """Speed benchmark: our fast paths against the reference stack's behaviour, side by side in one run.
 
-Reads data/<task>/{train,validation,test}.jsonl + meta.json (prepare_data.py) and a T5. Writes
-nothing but the optional --json file; prints two tables and the speedup ratios.
-
-Training: the real step, the one train.py's loop takes for a lone run (a multirun.Pack of one run,
-built by multirun.make_run as train.py builds it), on the same `--steps` batches of `--batch-size`
-examples drawn from train.py's epoch-0 order, same seeds. Each config has its own run (a fresh
-prompt module from the same seed, a copy of T5 for ft), its own optimizer and dropout RNG;
-`--untimed-steps` untimed steps first, then the timed steps INTERLEAVED (a, b, c, a, b, c, ...) so
-that other work on a shared machine slows the three alike. On CUDA (--warm-shapes, default there)
-every config first runs its timed batches once untimed: the first step at a new input length costs
-more on a GPU (kernels loaded and chosen on first use), a one-off per shape that a run of thousands
-of steps amortizes but that would dominate 50 steps of varying lengths; that first pass is kept as
-"cold" figures. The peak memory of each config is measured afterwards, alone (a fresh run and
-optimizer, two steps on its largest padded batch):
+Reads data/<task>/ (prepare_data.py) and a T5; prints two tables and the speedup ratios, and writes
+nothing but the optional --json file. Training: train.py's step for a lone run (a multirun.Pack of
+one) on the same batches of train.py's epoch-0 order, same seeds, the configs' timed steps
+interleaved (a, b, c, a, ...) so that other work slows them alike; then each one's peak memory
+alone:
   (a) ours: every batch padded to its own longest row
-  (b) ours + --group-by-length: the SAME examples regrouped by train.py's epoch_order (sorted
-      longest first within a mega-batch), so batches hold similar lengths
-  (c) reference stack: every input padded to --max-length (256) and every label to the longest
-      target (the pack's pad_to)
-Evaluation (the same held-out examples: validation rows, then test rows, first --eval-examples; one
-untimed warm-up on 8 examples per config, then --eval-repeats rounds over the configs, the median
-time kept):
-  (1) decoding.predict: batched greedy decoding sorted by length, max_new_tokens = meta
-      max_target_length, each row stops at </s>
-  (2) decoding.rank_classify: one encoder pass per example, every label scored in one decoder pass
-      (after a first step shared by the labels, decoding.label_nll)
-  (3) reference: batches in data order, inputs padded to --max-length, HF generate(max_length=20),
-      which stops only when every row of a batch has emitted </s> (HF's own early stop alone)
-  (3b) (3) with max_new_tokens as in (1): how much of (1)'s gain is padding and order alone. A
-      random-weight T5 almost never emits </s>, so (3) runs all 19 decoder steps; a TRAINED model
-      writes "0</s>" and HF stops after 3, like (3b). (3b) is the honest figure for trained models.
+  (b) ours + --group-by-length: the SAME examples regrouped by train.py's epoch_order
+  (c) reference stack: every input padded to --max-length (256), every label to the longest target
+Evaluation, the same held-out examples (validation, then test rows), --eval-repeats rounds:
+  (1) decoding.predict: batched greedy decoding sorted by length, max_new_tokens = the longest label
+  (2) decoding.rank_classify: every label scored after one encoder pass per example
+  (3) reference: data order, inputs padded to --max-length, HF generate(max_length=20)
+  (3b) (3) with max_new_tokens as in (1): the honest figure for trained models, which stop early
+docs/speed.md ("What bench.py measures") says what each figure means (tokens, peak memory, the FLOP
+formula, --warm-shapes) and has the commands behind its figures, e.g. on a CPU:
 
-Examples/s counts examples; real tokens = source + target ids of each example (</s> included,
-prompt rows excluded); padded tokens = the input and label tensors' sizes (prompt rows excluded, the
-same n everywhere). Peak memory: CUDA torch.cuda.max_memory_allocated over the config (model,
-optimizer state and activations included); CPU the peak resident set size over the config minus the
-RSS before it (sampled every 5 ms after gc + malloc_trim), i.e. what the config adds on top of the
-loaded model. The 1-minute load average is recorded at the start, after training and at the end:
-on a shared machine it says how busy the cores were.
-
-FLOPs (training, per example; S = encoder tokens incl. the prompt, T = decoder tokens, 2 FLOPs per
-MAC; ept/costs.py):
-  linear    = 2 * [S * L_enc * (4 d i + F) + T * L_dec * (4 d i + 2 d i + F) + S * L_dec * 2 d i
-                   + T * d V]
-              (i = heads * d_kv; F = 2 d d_ff, 3 d d_ff gated; cross-attn K/V on encoder tokens)
-  attention = 4 i * (L_enc S^2 + L_dec (T^2 + T S))           (QK^T and AV)
-  step      = 3 * linear + 3 * attention   for ft (backward = activation + weight grads = 2x
-                                           forward)
-            = 2 * linear + 3 * attention   for prompt methods (frozen T5: activation grads only,
-                                           no weight grads: the linear layers' backward is 1x
-                                           forward)
-"useful" TFLOP/s counts real tokens (MFU), "hardware" TFLOP/s padded ones (what the chip computed).
-The fraction of peak uses --peak-tflops, else the card's dense bf16 peak from PEAK_BF16_TFLOPS
-(CUDA + bf16).
-
-    # CPU, as docs/speed.md was measured (2 shared cores: --threads 1; 10-15 minutes per run there)
-    python prepare_data.py --source ../shared/data/raw --tasks rte sst2 --out /tmp/benchdata \\
-        --tokenizer ../shared/data/t5
     python scripts/bench.py --method ept --model ../shared/data/t5/t5-small --random-init \\
-        --tokenizer ../shared/data/t5 --task rte --data-dir /tmp/benchdata --steps 20 --threads 1 \\
-        --json bench_rte_ept.json
-    # one GPU: t5-base with bf16 autocast (and optionally --compile); ept against ft for peak memory
-    python scripts/bench.py --method ept --model ../shared/data/t5/t5-base --random-init \\
-        --tokenizer ../shared/data/t5 --task rte --data-dir /tmp/benchdata --steps 50 \\
-        --untimed-steps 5 --dtype bf16
-    python scripts/bench.py --method ft  --model ../shared/data/t5/t5-base --random-init \\
-        --tokenizer ../shared/data/t5 --task rte --data-dir /tmp/benchdata --steps 50 \\
-        --untimed-steps 5 --dtype bf16 --skip-eval
+        --tokenizer ../shared/data/t5 --task rte --data-dir /tmp/benchdata --steps 20 --threads 1
 """
 import argparse
+import contextlib
 import copy
 import ctypes
 import dataclasses
@@ -80,6 +31,7 @@ import platform
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -92,21 +44,17 @@ from ept import batching, cli, costs, decoding, errors, files, multirun, pretrai
 from ept import runtime  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-# data
 group = parser.add_argument_group("data")
 group.add_argument("--task", required=True,
                    help="task name: data/<task>/ written by prepare_data.py")
 group.add_argument("--data-dir", default="data",
                    help="folder holding <task>/meta.json and the split files")
-group.add_argument("--max-length", type=int, default=None,
-                   help="max input tokens (default: meta.json's, 256)")
+group.add_argument("--max-length", type=int, help="max input tokens (default: meta.json's, 256)")
 group.add_argument("--eval-examples", type=int, default=256,
                    help="held-out examples to decode (validation, then test)")
-# model
 group = parser.add_argument_group("model")
 group.add_argument("--model", default="t5-base", help="Hub name or local folder of the T5")
-group.add_argument("--tokenizer", default=None,
-                   help="Hub name or folder of the tokenizer (default: --model)")
+group.add_argument("--tokenizer", help="Hub name or folder of the tokenizer (default: --model)")
 group.add_argument("--random-init", action="store_true",
                    help="random T5 weights from the config (speed only)")
 group.add_argument("--method", default="ept", choices=M.METHODS,
@@ -115,7 +63,6 @@ group.add_argument("--prompt-length", type=int, default=10,
                    help="prompt rows n for pt/ptuning/resprompt")
 group.add_argument("--reparam", default="mlp", choices=M.REPARAMS,
                    help="ptuning's reparameterization network")
-# optimisation
 group = parser.add_argument_group("optimisation")
 group.add_argument("--batch-size", type=int, default=16,
                    help="examples per optimizer step (the paper's 16)")
@@ -123,25 +70,23 @@ group.add_argument("--steps", type=int, default=20,
                    help="timed optimizer steps per training config")
 group.add_argument("--untimed-steps", type=int, default=2,
                    help="untimed steps per training config first (allocator, compile)")
-group.add_argument("--warm-shapes", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the timed batches once untimed first (default: on CUDA only; see the "
-                        "docstring)")
-group.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
+group.add_argument("--warm-shapes", action=argparse.BooleanOptionalAction,
+                   help="run the timed batches once untimed first (default: on CUDA only; "
+                        "docs/speed.md)")
+group.add_argument("--lr", type=float, help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
 group.add_argument("--seed", type=int, default=0,
                    help="seeds the T5 weights, the prompt, the data order and dropout")
 group.add_argument("--dtype", default="fp32", choices=runtime.DTYPES,
                    help="as train.py --dtype: fp32 (the paper's), tf32, bf16")
 group.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward, as train.py --compile")
-group.add_argument("--threads", type=int, default=None,
+group.add_argument("--threads", type=int,
                    help="CPU intra-op threads (default: torch's, one per core); 1 on cores shared "
                         "with other jobs, where threads waiting for each other at every op swamp "
                         "small batches (docs/speed.md)")
-group.add_argument("--dropout", type=float, default=None,
+group.add_argument("--dropout", type=float,
                    help="override T5's dropout (default: the config's 0.1); with 0, (a) and (c) "
                         "must give the same losses")
-# evaluation
 group = parser.add_argument_group("evaluation")
 group.add_argument("--eval-batch-size", type=int, default=64,
                    help="examples per decoding batch, every eval config")
@@ -151,16 +96,16 @@ group.add_argument("--eval-repeats", type=int, default=3,
                    help="rounds over the evaluation configs; the median is kept")
 group.add_argument("--skip-train", action="store_true", help="only the evaluation configs")
 group.add_argument("--skip-eval", action="store_true", help="only the training configs")
-# output
 group = parser.add_argument_group("output")
-group.add_argument("--peak-tflops", type=float, default=None,
+group.add_argument("--peak-tflops", type=float,
                    help="the device's peak TFLOP/s for the fraction (default: table)")
-group.add_argument("--json", default=None, help="also write every figure to this JSON file")
+group.add_argument("--json", help="also write every figure to this JSON file")
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets; the first match of the
 # device name wins.
 PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
                     ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
+forward_flops, train_flops = costs.forward_flops, costs.train_flops  # one home: the cost model's
 
 
 def peak_tflops(device, dtype, override=None):
@@ -188,62 +133,62 @@ def machine(device):
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-# --- FLOPs (module docstring) -------------------------------------------------------------------
+# --- timing and memory ---------------------------------------------------------------------------
 
-forward_flops, train_flops = costs.forward_flops, costs.train_flops  # one home: the cost model's
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
-# --- memory --------------------------------------------------------------------------------------
+def timed(device, fn, *args):
+    """(seconds, fn(*args)), the device synchronized before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    sync(device)
+    return time.perf_counter() - t0, out
+
 
 def _rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class PeakMemory:
-    """CUDA: max_memory_allocated over the block. CPU: peak RSS over the block minus RSS at its
-    start."""
+@contextlib.contextmanager
+def peak_memory(device):
+    """The block's peak memory, `mem.mib` after it (`mem.kind` says which): CUDA
+    max_memory_allocated over the block; CPU the peak RSS over the block (sampled every 5 ms) minus
+    the RSS at its start."""
+    cuda = device.startswith("cuda")
+    mem = SimpleNamespace(kind="cuda_max_memory_allocated" if cuda else "cpu_peak_rss_delta")
+    gc.collect()
+    if cuda:
+        sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        yield mem
+        sync(device)
+        mem.mib = torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    try:  # hand freed heap back to the OS so the baseline is what is really live
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    base = peak = _rss()
+    stop = threading.Event()
 
-    def __init__(self, device):
-        self.cuda = device.startswith("cuda")
-        self.device = device
-        self.kind = "cuda_max_memory_allocated" if self.cuda else "cpu_peak_rss_delta"
-
-    def __enter__(self):
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        try:  # hand freed heap back to the OS so the baseline is what is really live
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.wait(0.005):
-                self.peak = max(self.peak, _rss())
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.mib = (max(self.peak, _rss()) - self.base) / 2**20
-        return False
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
+    def sample():
+        nonlocal peak
+        while not stop.wait(0.005):
+            peak = max(peak, _rss())
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield mem
+    finally:
+        stop.set()
+        thread.join()
+    mem.mib = (max(peak, _rss()) - base) / 2**20
 
 
 # --- training: train.py's step -------------------------------------------------------------------
@@ -262,10 +207,9 @@ class FedRun(multirun.Run):
 
 
 def lone_pack(t5, ctx, pad_to):
-    """train.py's step for one run: a fresh run (multirun.make_run, as train.py builds it: the
-    prompt module, or T5 itself for ft, and its AdamW + schedule) in a multirun.Pack of one, every
-    batch padded to `pad_to` ((None, None): to its own longest row), compiled as train.py
-    --compile compiles it."""
+    """train.py's step for one run: a fresh run (multirun.make_run: the prompt module, or T5 itself
+    for ft, and its AdamW + schedule) in a multirun.Pack of one, every batch padded to `pad_to`
+    ((None, None): to its own longest row), compiled as train.py --compile compiles it."""
     run = multirun.make_run(t5, ctx.method, seed=ctx.seed, lr=ctx.lr, batch_size=ctx.batch_size,
                             max_steps=30000, **ctx.module_options)
     return multirun.Pack(t5, [FedRun.of(run)], ctx.data, amp=ctx.amp, pad_to=pad_to,
@@ -291,58 +235,51 @@ class TrainConfig:
     def __init__(self, name, label, batches, pad_to, t5, ctx):
         self.name, self.label, self.batches, self.pad_to = name, label, batches, pad_to
         self.pack = lone_pack(copy.deepcopy(t5) if ctx.full else t5, ctx, pad_to)
-        gen = torch.Generator().manual_seed(ctx.seed)  # every config: the same dropout stream
-        cuda = ctx.device.startswith("cuda")
-        self.rng = (gen.get_state(), torch.cuda.get_rng_state(ctx.device) if cuda else None)
+        self.cuda = ctx.device.startswith("cuda")  # every config: the same dropout stream
+        self.rng = (torch.Generator().manual_seed(ctx.seed).get_state(),
+                    torch.cuda.get_rng_state(ctx.device) if self.cuda else None)
         self.seconds, self.losses, self.padded, self.cold_seconds = [], [], 0, []
 
-    def step(self, idx, device, timed, cold=False):
+    def step(self, idx, device, timed_step, cold=False):
         torch.set_rng_state(self.rng[0])
-        if self.rng[1] is not None:
+        if self.cuda:
             torch.cuda.set_rng_state(self.rng[1])
-        sync(device)
-        t0 = time.perf_counter()
-        loss, padded = feed_step(self.pack, idx)
-        sync(device)
-        seconds = time.perf_counter() - t0
+        seconds, (loss, padded) = timed(device, feed_step, self.pack, idx)
         if cold:
             self.cold_seconds.append(seconds)
-        if timed:
+        if timed_step:
             self.seconds.append(seconds)
             self.losses.append(loss)
             self.padded += padded
-        self.rng = (torch.get_rng_state(),
-                    torch.cuda.get_rng_state(device) if self.rng[1] is not None else None)
+        self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if self.cuda else None)
+
+
+def padded_lengths(b, src, tgt, pad_to):
+    """(input, label) lengths of batch `b` padded to `pad_to` (None: to its own longest row)."""
+    return (max(pad_to[0] or 0, *(len(src[i]) for i in b)),
+            max(pad_to[1] or 0, *(len(tgt[i]) for i in b)))
 
 
 def measure_train_memory(batches, pad_to, t5, ctx):
     """Peak memory of one config alone: a fresh run and optimizer, two steps on its largest padded
     batch (the optimizer state appears at the first step, the steady peak at the second), on the
     shared T5 itself (ft trains it, so its weights are put back afterwards)."""
-    src, tgt = ctx.data[:2]
-    big = max(batches, key=lambda b: len(b) * (max(pad_to[0] or 0, max(len(src[i]) for i in b))
-                                                + max(pad_to[1] or 0, max(len(tgt[i]) for i in b))))
-    start = None
-    if ctx.full:
-        start = {k: v.detach().to("cpu", copy=True) for k, v in t5.state_dict().items()}
-    with PeakMemory(ctx.device) as mem:
+    big = max(batches, key=lambda b: len(b) * sum(padded_lengths(b, *ctx.data[:2], pad_to)))
+    start = ctx.full and {k: v.detach().to("cpu", copy=True) for k, v in t5.state_dict().items()}
+    with peak_memory(ctx.device) as mem:
         pack = lone_pack(t5, ctx, pad_to)
         for _ in range(2):
             feed_step(pack, big)
         del pack
-    if start is not None:
+    if start:
         t5.load_state_dict(start)
     return mem.mib, mem.kind
 
 
-def padding_fraction(batches, source_ids, target_ids, pad_to):
+def padding_fraction(batches, src, tgt, pad_to):
     """Share of the input + label tensor elements that are padding, over `batches`."""
-    real = padded = 0
-    for b in batches:
-        real += sum(len(source_ids[i]) + len(target_ids[i]) for i in b)
-        padded += len(b) * (max(pad_to[0] or 0, max(len(source_ids[i]) for i in b))
-                            + max(pad_to[1] or 0, max(len(target_ids[i]) for i in b)))
-    return 1 - real / padded
+    real = sum(len(src[i]) + len(tgt[i]) for b in batches for i in b)
+    return 1 - real / sum(len(b) * sum(padded_lengths(b, src, tgt, pad_to)) for b in batches)
 
 
 def flop_ceiling(t5_config, source_ids, target_ids, n_prompt, full, pad_to):
@@ -355,25 +292,21 @@ def flop_ceiling(t5_config, source_ids, target_ids, n_prompt, full, pad_to):
 
 def train_row(cfg, ctx, t5_config):
     """Figures of one timed config: examples, real and padded tokens, useful and hardware FLOP/s."""
-    src, tgt = ctx.data[:2]
-    n_prompt, full = ctx.n_prompt, ctx.full
-    seconds = sum(cfg.seconds)
-    examples = sum(len(b) for b in cfg.batches)
+    (src, tgt, _), n_prompt, full = ctx.data, ctx.n_prompt, ctx.full
+    seconds, examples = sum(cfg.seconds), sum(len(b) for b in cfg.batches)
     real = sum(len(src[i]) + len(tgt[i]) for b in cfg.batches for i in b)
     useful = hardware = 0
     for b in cfg.batches:  # FLOPs: real lengths per example, and the padded shapes computed
-        S_pad = max(cfg.pad_to[0] or 0, max(len(src[i]) for i in b)) + n_prompt
-        T_pad = max(cfg.pad_to[1] or 0, max(len(tgt[i]) for i in b))
+        S_pad, T_pad = padded_lengths(b, src, tgt, cfg.pad_to)
         useful += sum(train_flops(t5_config, len(src[i]) + n_prompt, len(tgt[i]), full) for i in b)
-        hardware += len(b) * train_flops(t5_config, S_pad, T_pad, full)
+        hardware += len(b) * train_flops(t5_config, S_pad + n_prompt, T_pad, full)
     return {"config": cfg.name, "label": cfg.label, "steps": len(cfg.batches), "examples": examples,
             "seconds": seconds, "examples_per_s": examples / seconds,
             "real_tokens_per_s": real / seconds, "padded_tokens_per_s": cfg.padded / seconds,
             "padding_fraction": 1 - real / cfg.padded,
             "useful_tflops": useful / seconds / 1e12, "hardware_tflops": hardware / seconds / 1e12,
             "mean_loss": float(np.mean(cfg.losses)), "losses": cfg.losses,
-            "step_seconds": cfg.seconds,
-            "cold_step_seconds": cfg.cold_seconds,
+            "step_seconds": cfg.seconds, "cold_step_seconds": cfg.cold_seconds,
             "cold_examples_per_s": examples / sum(cfg.cold_seconds) if cfg.cold_seconds else None}
 
 
@@ -381,65 +314,56 @@ def as_batches(order, bs):
     return [order[i:i + bs].tolist() for i in range(0, len(order), bs)]
 
 
-def train_orders(args, ctx):
-    """(warm-up, timed, timed regrouped by length) example orders, from train.py's epoch-0 order."""
+def train_batches(args, ctx):
+    """(warm-up, timed, timed regrouped by length) batches, from train.py's epoch-0 order."""
     bs, n_timed = args.batch_size, args.steps * args.batch_size
     order = batching.epoch_order(len(ctx.data[0]), args.seed, 0, bs)
     order = np.resize(order, n_timed + args.untimed_steps * bs)  # a tiny train file wraps around
-    timed, warm = order[:n_timed], order[n_timed:]
-    by_length = batching.epoch_order(len(timed), args.seed, 0, bs, [ctx.lengths[i] for i in timed])
-    return warm, timed, timed[by_length]  # (b): the same examples as (a) and (c), regrouped
+    timed_order = order[:n_timed]
+    lengths = [ctx.lengths[i] for i in timed_order]  # (b): (a)'s and (c)'s examples, regrouped
+    grouped = timed_order[batching.epoch_order(n_timed, args.seed, 0, bs, lengths)]
+    return [as_batches(o, bs) for o in (order[n_timed:], timed_order, grouped)]
 
 
 def time_configs(configs, warm, args, device, warm_shapes):
     """Warm-up steps, the --warm-shapes pass, then the timed steps, interleaved config by config."""
     for idx in warm:  # warm-up: allocator, compile, lazy init
         for cfg in configs:
-            cfg.step(idx, device, timed=False)
+            cfg.step(idx, device, False)
     if warm_shapes:  # each timed batch's shapes once, untimed: first-use costs a long run amortizes
         print("bench: --warm-shapes: one untimed pass over the timed batches first", flush=True)
         for j in range(args.steps):
             for cfg in configs:
-                cfg.step(cfg.batches[j], device, timed=False, cold=True)
+                cfg.step(cfg.batches[j], device, False, cold=True)
     for j in range(args.steps):  # interleaved: a load spike hits every config alike
         for cfg in configs:
-            cfg.step(cfg.batches[j], device, timed=True)
+            cfg.step(cfg.batches[j], device, True)
 
 
 def bench_train(args, ctx, t5, result):
-    """The training configs (a), (b), (c) timed interleaved, then each one's peak memory alone."""
-    warm, timed, grouped = train_orders(args, ctx)
-    bs = args.batch_size
-    specs = (("own_longest", "(a) pad to batch's longest", as_batches(timed, bs), (None, None)),
-             ("group_by_length", "(b) (a) + --group-by-length", as_batches(grouped, bs),
-              (None, None)),
-             ("pad_to_max_length", f"(c) reference: pad to {ctx.max_length}", as_batches(timed, bs),
-              ctx.pad_max))
-    configs = [TrainConfig(*spec, t5, ctx) for spec in specs]
+    """The training configs (a), (b), (c) timed interleaved, then each one's peak memory alone;
+    the padding of the whole epoch 0 as train.py orders it (is the timed sample representative?),
+    the FLOP ceiling, the training speedups and the dropout-0 loss check."""
+    (warm, timed_batches, grouped), free = train_batches(args, ctx), (None, None)
+    src, tgt, bs, n = *ctx.data[:2], args.batch_size, len(ctx.data[0])
+    plain = batching.epoch_order(n, args.seed, 0, bs)
+    specs = (("own_longest", "(a) pad to batch's longest", timed_batches, free, plain),
+             ("group_by_length", "(b) (a) + --group-by-length", grouped, free,
+              batching.epoch_order(n, args.seed, 0, bs, ctx.lengths)),
+             ("pad_to_max_length", f"(c) reference: pad to {ctx.max_length}", timed_batches,
+              ctx.pad_max, plain))
+    configs = [TrainConfig(*spec[:4], t5, ctx) for spec in specs]
     print(f"bench: training, {args.untimed_steps} warm-up + {args.steps} timed steps per config, "
           "interleaved step by step", flush=True)
-    time_configs(configs, as_batches(warm, bs), args, ctx.device, ctx.warm_shapes)
-    rows = [train_row(cfg, ctx, t5.config) for cfg in configs]
+    time_configs(configs, warm, args, ctx.device, ctx.warm_shapes)
+    rows = result["train"] = [train_row(cfg, ctx, t5.config) for cfg in configs]
     del configs  # free the copies (and optimizer state) before measuring memory config by config
-    for row, (_, _, batches, pad_to) in zip(rows, specs):
+    for row, (_, _, batches, pad_to, epoch) in zip(rows, specs):
         print(f"bench: peak memory of {row['label']} ...", flush=True)
-        memory = measure_train_memory(batches, pad_to, t5, ctx)
-        row["peak_memory_mib"], row["peak_memory_kind"] = memory
-    result["train"] = rows
-    summarize_train(result, args, ctx, t5.config)
-
-
-def summarize_train(result, args, ctx, t5_config):
-    """Whole-epoch padding, the FLOP ceiling, the training speedups and the dropout-0 loss check."""
-    rows, (src, tgt, _), bs = result["train"], ctx.data, args.batch_size
-    n = len(src)  # the whole epoch 0 as train.py orders it: is the timed sample representative?
-    plain = batching.epoch_order(n, args.seed, 0, bs)
-    for row, order, pad_to in ((rows[0], plain, (None, None)),
-                               (rows[1], batching.epoch_order(n, args.seed, 0, bs, ctx.lengths),
-                                (None, None)),
-                               (rows[2], plain, ctx.pad_max)):
-        row["epoch_padding_fraction"] = padding_fraction(as_batches(order, bs), src, tgt, pad_to)
-    result["train_flop_ceiling"] = flop_ceiling(t5_config, src, tgt, ctx.n_prompt, ctx.full,
+        row["peak_memory_mib"], row["peak_memory_kind"] = measure_train_memory(batches, pad_to, t5,
+                                                                               ctx)
+        row["epoch_padding_fraction"] = padding_fraction(as_batches(epoch, bs), src, tgt, pad_to)
+    result["train_flop_ceiling"] = flop_ceiling(t5.config, src, tgt, ctx.n_prompt, ctx.full,
                                                 ctx.pad_max)
     ref = rows[-1]
     for row in rows[:-1]:
@@ -460,12 +384,11 @@ def reference_predict(model, tokenizer, ids, *, batch_size, pad_length, device, 
     generate with max_length (HF default 20), which stops early only when every row of the batch has
     emitted </s>."""
     limit = {"max_new_tokens": max_new_tokens} if max_new_tokens else {"max_length": max_length}
-    out = []
-    was_training = model.training
+    out, was_training = [], model.training
     model.eval()
     for start in range(0, len(ids), batch_size):
-        batch = ids[start:start + batch_size]
-        input_ids, mask = batching.pad(batch, tokenizer.pad_token_id, pad_length)
+        input_ids, mask = batching.pad(ids[start:start + batch_size], tokenizer.pad_token_id,
+                                       pad_length)
         with runtime.autocast(device, dtype):
             gen = model.generate(input_ids.to(device), mask.to(device), do_sample=False,
                                  num_beams=1, **limit)
@@ -491,23 +414,20 @@ def eval_configs(args, ctx, net):
     """(name, label, predict(ids)) of the evaluation configs (1), (2) if the task has labels, (3)
     and (3b)."""
     tokenizer, meta, max_length = ctx.tokenizer, ctx.meta, ctx.max_length
-    new_tokens = meta["max_target_length"]
+    new_tokens, ref = meta["max_target_length"], args.reference_max_length
     kw = dict(batch_size=args.eval_batch_size, device=ctx.device, dtype=args.dtype)
+    ours, theirs = dict(kw, max_length=max_length), dict(kw, pad_length=max_length)
     configs = [("generate_sorted", f"(1) batched greedy, sorted, max_new_tokens={new_tokens}",
-                lambda x: decoding.predict(net, tokenizer, x, max_new_tokens=new_tokens,
-                                           max_length=max_length, **kw))]
+                partial(decoding.predict, net, tokenizer, max_new_tokens=new_tokens, **ours))]
     if meta.get("labels"):
         configs.append(("rank", "(2) rank classification",
-                        lambda x: decoding.rank_classify(net, tokenizer, x, meta["labels"],
-                                                         max_length=max_length, **kw)))
-    ref = args.reference_max_length
+                        partial(decoding.rank_classify, net, tokenizer, labels=meta["labels"],
+                                **ours)))
     return configs + [
         ("reference", f"(3) reference: data order, pad {max_length}, max_length {ref}",
-         lambda x: reference_predict(net, tokenizer, x, pad_length=max_length, max_length=ref,
-                                     **kw)),
+         partial(reference_predict, net, tokenizer, max_length=ref, **theirs)),
         ("reference_short", f"(3b) reference padding+order, max_new_tokens={new_tokens}",
-         lambda x: reference_predict(net, tokenizer, x, pad_length=max_length,
-                                     max_new_tokens=new_tokens, **kw))]
+         partial(reference_predict, net, tokenizer, max_new_tokens=new_tokens, **theirs))]
 
 
 def held_out_ids(args, ctx):
@@ -533,23 +453,19 @@ def bench_eval(args, ctx, net, result):
     for _ in range(args.eval_repeats):  # rounds: a load spike hits every config alike
         for name, _, fn in configs:
             steps.clear()
-            with PeakMemory(ctx.device) as mem:
-                sync(ctx.device)
-                t0 = time.perf_counter()
-                preds[name] = fn(ids)
-                sync(ctx.device)
-                seconds = time.perf_counter() - t0
+            with peak_memory(ctx.device) as mem:
+                seconds, preds[name] = timed(ctx.device, fn, ids)
             runs[name].append((seconds, mem.mib, float(np.mean(steps)) if steps else None))
     for name, label, _ in configs:
-        seconds = float(np.median([r[0] for r in runs[name]]))
+        seconds, mib, decode_steps = zip(*runs[name])
         same = None
         if name == "reference_short":  # the same decoding length as (1): the same predictions?
             same = float(np.mean([p == q for p, q in zip(preds[name], preds["generate_sorted"])]))
+        median = float(np.median(seconds))
         result["eval"].append({
-            "config": name, "label": label, "examples": len(ids), "seconds": seconds,
-            "examples_per_s": len(ids) / seconds, "round_seconds": [r[0] for r in runs[name]],
-            "decode_steps_per_batch": runs[name][0][2],
-            "peak_memory_mib": max(r[1] for r in runs[name]),
+            "config": name, "label": label, "examples": len(ids), "seconds": median,
+            "examples_per_s": len(ids) / median, "round_seconds": list(seconds),
+            "decode_steps_per_batch": decode_steps[0], "peak_memory_mib": max(mib),
             "peak_memory_kind": mem.kind, "agreement_with_1": same})
     ref = next(r for r in result["eval"] if r["config"] == "reference")["examples_per_s"]
     for row in result["eval"]:
@@ -563,8 +479,7 @@ def print_tables(result):
     a, m = result["args"], result["machine"]
     print(f"\nbench: {a['method']} on {a['task']}, {Path(a['model']).name}"
           f"{' (random init)' if a['random_init'] else ''}, {result['dtype']}, "
-          f"{m['gpu'] or m['cpu']} "
-          f"({m['torch_threads']} threads), torch {m['torch']}")
+          f"{m['gpu'] or m['cpu']} ({m['torch_threads']} threads), torch {m['torch']}")
     if result["train"]:
         print_train_table(result)
     if result["eval"]:
@@ -578,11 +493,9 @@ def print_train_table(result):
     a, rows, peak = result["args"], result["train"], result["peak_tflops"]
     print(f"\ntraining: batch {a['batch_size']}, {a['steps']} timed steps per config after "
           f"{a['untimed_steps']} warm-up, interleaved; {result['n_trainable']:,} trainable "
-          f"parameters; "
-          f"memory = {rows[0]['peak_memory_kind']}")
-    head = (f"{'config':<30}{'ex/s':>8}{'real tok/s':>11}{'pad tok/s':>10}{'pad %':>6}"
-            f"{'peak MiB':>9}{'TFLOP/s':>9}")
-    print(head + (f"{'MFU %':>7}{'HFU %':>7}" if peak else "") + f"{'x (c)':>7}")
+          f"parameters; memory = {rows[0]['peak_memory_kind']}")
+    print(f"{'config':<30}{'ex/s':>8}{'real tok/s':>11}{'pad tok/s':>10}{'pad %':>6}{'peak MiB':>9}"
+          f"{'TFLOP/s':>9}" + (f"{'MFU %':>7}{'HFU %':>7}" if peak else "") + f"{'x (c)':>7}")
     ref = rows[-1]["examples_per_s"]
     for r in rows:
         line = (f"{r['label']:<30}{r['examples_per_s']:>8.2f}{r['real_tokens_per_s']:>11.0f}"
