@@ -217,8 +217,7 @@ def lone_pack(t5, ctx, pad_to):
 
 
 def feed_step(pack, idx):
-    """One step of the pack's lone run on the examples `idx`: (loss, padded input + label
-    tokens)."""
+    """One step of the pack's lone run on the examples `idx`: (loss, padded tokens)."""
     run = pack.runs[0]
     run.batch = idx
     record = pack.step()[run.name]
@@ -398,8 +397,8 @@ def reference_predict(model, tokenizer, ids, *, batch_size, pad_length, device, 
 
 
 def count_decode_steps(net):
-    """Wrap net.generate to record the new tokens of every batch (the output has the start token
-    first)."""
+    """Wrap net.generate to record each batch's new tokens (its output starts with the start
+    token)."""
     steps, generate = [], net.generate
 
     def counted(*args, **kwargs):
@@ -411,8 +410,7 @@ def count_decode_steps(net):
 
 
 def eval_configs(args, ctx, net):
-    """(name, label, predict(ids)) of the evaluation configs (1), (2) if the task has labels, (3)
-    and (3b)."""
+    """(name, label, predict(ids)) of the configs (1), (2) if the task has labels, (3), (3b)."""
     tokenizer, meta, max_length = ctx.tokenizer, ctx.meta, ctx.max_length
     new_tokens, ref = meta["max_target_length"], args.reference_max_length
     kw = dict(batch_size=args.eval_batch_size, device=ctx.device, dtype=args.dtype)
@@ -539,9 +537,8 @@ def print_eval_table(result):
 # --- the benchmark -------------------------------------------------------------------------------
 
 def setup(args):
-    """What both benchmarks share (ctx): device, precision, the task's training split tokenized as
-    train.py does, the run's options, and the T5 as train.py builds it (training mode, dropout
-    on)."""
+    """What both benchmarks share (ctx): device, precision, the training split tokenized as train.py
+    does, the run's options, and the T5 as train.py builds it (training mode, dropout on)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = files.load_meta(args.data_dir, args.task)
     max_length = args.max_length or meta["max_length"]

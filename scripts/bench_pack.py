@@ -21,18 +21,62 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
-from ept import cli, costs, errors, runtime  # noqa: E402
+from ept import cli, costs, errors, pretrained, runtime  # noqa: E402
 from ept.multirun import Pack, clip_runs, make_run, step_runs  # noqa: E402
 
-# --- the benchmark -------------------------------------------------------------------------------
+METHOD_MIXES = (("mixed", ("pt", "ept", "ept_star", "ptuning", "resprompt")),
+                ("small", ("pt", "ept")))
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+parser.add_argument("--config",
+                    default=str(Path(__file__).resolve().parents[2] / "shared/data/t5/t5-small"),
+                    help="T5 config folder (random weights are built from it; default "
+                         "../shared/data/t5/t5-small)")
+parser.add_argument("--runs", type=int, nargs="+", default=[1, 4, 16, 32],
+                    help="pack sizes R to time")
+parser.add_argument("--batch-size", type=int, default=16, help="examples per run per step")
+parser.add_argument("--length", type=int, default=82,
+                    help="input ids per example, </s> included (82 + 2 target ids = RTE's mean "
+                         "of 84 real tokens)")
+parser.add_argument("--target-length", type=int, default=2,
+                    help="target ids per example (</s> included)")
+parser.add_argument("--methods", nargs="+", default=["ept"],
+                    help="the runs cycle through these methods")
+parser.add_argument("--steps", type=int, default=1, help="timed steps per R")
+parser.add_argument("--warmup", type=int, default=0,
+                    help="untimed steps per R (a 1-run step always comes first)")
+parser.add_argument("--max-rows", type=int, default=16,
+                    help="examples per forward pass (default 16, one solo batch; 0: every run's "
+                         "batch in one pass)")
+parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU session)")
+parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                    help="fp32: train.py's default and the paper's; bf16: autocast, as train.py "
+                         "--dtype bf16")
+parser.add_argument("--update-runs", type=int, default=32,
+                    help="R for the update-overhead measurement (0: skip)")
+parser.add_argument("--peak-tflops", type=float,
+                    help="the device's peak for the MFU column (default: an H200's, on cuda: 989 "
+                         "bf16, 67 fp32)")
+parser.add_argument("--json", help="also write the figures here")
+
 
 def synthetic(n, length, target_length, vocab, seed=0):
     """n random examples: `length` input and `target_length` target ids, each ending in </s> (1)."""
     g = torch.Generator().manual_seed(seed)
-    src = [torch.randint(3, vocab, (length - 1,), generator=g).tolist() + [1] for _ in range(n)]
-    tgt = [torch.randint(3, vocab, (target_length - 1,), generator=g).tolist() + [1]
-           for _ in range(n)]
-    return src, tgt
+    return [[torch.randint(3, vocab, (k - 1,), generator=g).tolist() + [1] for _ in range(n)]
+            for k in (length, target_length)]
+
+
+def random_t5(config=None):
+    """A T5 with random weights (seed 0) in training mode, its dropout on as in train.py: built from
+    the config folder `config`, or (None) pretrained.TINY's shape with T5's vocabulary."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    config = T5Config.from_pretrained(config) if config else T5Config(
+        vocab_size=32128, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1, **pretrained.TINY)
+    return T5ForConditionalGeneration(config).train()
 
 
 def _load():
@@ -41,18 +85,15 @@ def _load():
 
 def bench(config, runs=(1, 4, 16, 32), batch_size=16, length=82, target_length=2, methods=("ept",),
           steps=1, warmup=0, threads=1, max_rows=None, lr=0.3, device="cpu", dtype="fp32"):
-    """Time packed steps for each R in `runs`: a random-weight T5 built from `config` (training
-    mode, its dropout on), synthetic inputs of `length` ids and targets of `target_length` ids
-    (</s> included; no padding), `batch_size` examples per run, the runs cycling through `methods`
-    with seeds 0..R-1. One untimed step of a 1-run pack first (first-use costs), then one timed
-    solo step, then per R `warmup` untimed and `steps` timed steps. `max_rows`: examples per
-    forward pass (None: every run's batch in one pass). `device`/`dtype` (fp32 or bf16 autocast)
-    for a GPU; the step ends with a host sync, so wall times are complete. One dict per R, each
-    against the solo step."""
-    from transformers import T5Config, T5ForConditionalGeneration
+    """Time packed steps for each R in `runs`: a random-weight T5 built from `config`, synthetic
+    inputs of `length` ids and targets of `target_length` ids (</s> included; no padding),
+    `batch_size` examples per run, the runs cycling through `methods` with seeds 0..R-1. One untimed
+    step of a 1-run pack first (first-use costs), then one timed solo step, then per R `warmup`
+    untimed and `steps` timed steps. `max_rows`: examples per forward pass (None: every run's batch
+    in one pass). `device`/`dtype` (fp32 or bf16 autocast) for a GPU; the step ends with a host
+    sync, so wall times are complete. One dict per R, each against the solo step."""
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    t5 = T5ForConditionalGeneration(T5Config.from_pretrained(config)).to(device).train()
+    t5 = random_t5(config).to(device)
     amp = runtime.autocast(device, dtype)
     src, tgt = synthetic(max(runs) * batch_size * (steps + warmup + 1), length, target_length,
                          t5.config.vocab_size)
@@ -67,12 +108,13 @@ def bench(config, runs=(1, 4, 16, 32), batch_size=16, length=82, target_length=2
     flops_per_example = costs.train_flops(t5.config, length + prompt_rows, target_length, False)
     rows = []
     for r in runs:
-        rows.append(bench_size(pack_of, r, steps, warmup, device))
-        if rows[-1].get("oom"):  # R until memory: the first R that does not fit ends the sweep
+        row = bench_size(pack_of, r, steps, warmup, device)
+        rows.append(row)
+        if row.get("oom"):  # R until memory: the first R that does not fit ends the sweep
             break
-        row = rows[-1]
-        row["tflops"] = r * batch_size * flops_per_example / row["step_s"] / 1e12
-        row.update(examples_per_step=r * batch_size, examples_per_s=r * batch_size / row["step_s"],
+        examples = r * batch_size
+        row.update(tflops=examples * flops_per_example / row["step_s"] / 1e12,
+                   examples_per_step=examples, examples_per_s=examples / row["step_s"],
                    solo_step_s=solo[0], solo_cpu_s=solo[1], step_vs_solo=row["step_s"] / solo[0],
                    cpu_vs_solo=row["cpu_s"] / solo[1], speedup_vs_solo=r * solo[0] / row["step_s"],
                    cpu_speedup_vs_solo=r * solo[1] / row["cpu_s"])  # CPU: less hit by other jobs
@@ -81,7 +123,7 @@ def bench(config, runs=(1, 4, 16, 32), batch_size=16, length=82, target_length=2
 
 def timed_steps(pack, steps):
     """(wall s, process CPU s, update s) per step, the mean of `steps` steps of `pack`."""
-    seconds, cpu, update = 0.0, 0.0, 0.0
+    seconds = cpu = update = 0.0
     for _ in range(steps):
         t0, c0 = time.perf_counter(), time.process_time()
         pack.step()
@@ -114,62 +156,21 @@ def bench_size(pack_of, r, steps, warmup, device):
             "forward_passes": passes, "load_before": load, "load_after": _load()}
 
 
-def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprompt"), repeats=20,
-                 fused=None):
+def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprompt"), repeats=20):
     """What the per-run update costs for `r` runs, without any forward: the pack's own clipping,
     AdamW, schedule, zeroing and mu_t (Pack.step's update) on random gradients; the median of
     `repeats`, in ms."""
-    runs = [make_run(t5, methods[i % len(methods)], seed=i, max_steps=1000, fused=fused)
-            for i in range(r)]
+    runs = [make_run(t5, methods[i % len(methods)], seed=i, max_steps=1000) for i in range(r)]
     times = []
     for k in range(repeats + 1):  # the first: the optimizers' lazy state
-        for x in runs:
-            for p in x.params:
-                p.grad = torch.randn_like(p) * 1e-2
+        for p in (p for x in runs for p in x.params):
+            p.grad = torch.randn_like(p) * 1e-2
         t0 = time.perf_counter()
         clip_runs(runs).tolist()  # the host sync Pack.step makes
         step_runs(runs, runs)
         if k:
             times.append(time.perf_counter() - t0)
     return 1e3 * sorted(times)[len(times) // 2]
-
-
-PEAK_TFLOPS = {("cuda", "bf16"): 989.0, ("cuda", "fp32"): 67.0}  # H200 dense (fp32: no TF32)
-METHOD_MIXES = (("mixed", ("pt", "ept", "ept_star", "ptuning", "resprompt")),
-                ("small", ("pt", "ept")))
-
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-parser.add_argument("--config",
-                    default=str(Path(__file__).resolve().parents[2] / "shared/data/t5/t5-small"),
-                    help="T5 config folder (random weights are built from it; default "
-                         "../shared/data/t5/t5-small)")
-parser.add_argument("--runs", type=int, nargs="+", default=[1, 4, 16, 32],
-                    help="pack sizes R to time")
-parser.add_argument("--batch-size", type=int, default=16, help="examples per run per step")
-parser.add_argument("--length", type=int, default=82,
-                    help="input ids per example, </s> included (82 + 2 target ids = RTE's mean "
-                         "of 84 real tokens)")
-parser.add_argument("--target-length", type=int, default=2,
-                    help="target ids per example (</s> included)")
-parser.add_argument("--methods", nargs="+", default=["ept"],
-                    help="the runs cycle through these methods")
-parser.add_argument("--steps", type=int, default=1, help="timed steps per R")
-parser.add_argument("--warmup", type=int, default=0,
-                    help="untimed steps per R (a 1-run step always comes first)")
-parser.add_argument("--max-rows", type=int, default=16,
-                    help="examples per forward pass (default 16, one solo batch; 0: every run's "
-                         "batch in one pass)")
-parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
-parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU session)")
-parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
-                    help="fp32: train.py's default and the paper's; bf16: autocast, as train.py "
-                         "--dtype bf16")
-parser.add_argument("--update-runs", type=int, default=32,
-                    help="R for the update-overhead measurement (0: skip)")
-parser.add_argument("--peak-tflops", type=float, default=None,
-                    help="the device's peak for the MFU column (default: an H200's, on cuda: 989 "
-                         "bf16, 67 fp32)")
-parser.add_argument("--json", default=None, help="also write the figures here")
 
 
 def print_rows(args, rows):
@@ -183,7 +184,8 @@ def print_rows(args, rows):
     print(f"{'R':>4} {'examples':>9} {'passes':>7} {'step s':>8} {'ex/s':>7} {'step/solo':>10} "
           f"{'R solo/pack':>12} {'CPU s':>7} {'CPU/solo':>9} {'R solo/pack CPU':>16} "
           f"{'update ms':>10} {'load':>11} {'TFLOP/s':>7} {'MFU':>6} {'peak MiB':>8}")
-    peak = args.peak_tflops or PEAK_TFLOPS.get((args.device.split(":")[0], args.dtype))
+    cuda_peak = costs.PEAK_TFLOPS[args.dtype] if args.device.startswith("cuda") else None
+    peak = args.peak_tflops or cuda_peak  # costs.PEAK_TFLOPS: an H200's dense peaks
     for row in rows:
         if row.get("oom"):
             print(f"{row['runs']:>4}  out of memory")
@@ -209,11 +211,9 @@ def main(argv=None):
     print_rows(args, rows)
     result = {"steps": rows, "args": vars(args), "torch": torch.__version__}
     if args.update_runs:
-        from transformers import T5Config, T5ForConditionalGeneration
-        t5 = T5ForConditionalGeneration(T5Config.from_pretrained(args.config)).to(args.device)
+        t5 = random_t5(args.config).to(args.device)
         for label, methods in METHOD_MIXES:
-            update = bench_update(t5, args.update_runs, methods)
-            result[f"update_ms_{label}"] = update
+            update = result[f"update_ms_{label}"] = bench_update(t5, args.update_runs, methods)
             print(f"update of {args.update_runs} runs ({'/'.join(methods)} cycled: clip + AdamW + "
                   f"schedule + zero + mu_t, no forward): {update:.2f} ms")
     result["total_s"] = time.time() - t_start

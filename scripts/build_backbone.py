@@ -1,15 +1,15 @@
-"""The steerable backbone: a small T5 trained offline on toy tasks over shipped sentences, each task selected
-by a prefix, so that a prompt on the frozen model has to learn to select one (docs/experiments.md, "The
-steering benchmark").
+"""The steerable backbone: a small T5 trained offline on toy tasks over shipped sentences, each task
+selected by a prefix, so that a prompt on the frozen model has to learn to select one
+(docs/experiments.md, "The steering benchmark").
 
     python scripts/build_backbone.py --out steer/backbone          # ~2 minutes on one CPU thread
-    python scripts/build_backbone.py --write-sentences tests/fixtures/steer   # regenerate the sentences
+    python scripts/build_backbone.py --write-sentences tests/fixtures/steer   # regenerate them
 
-The tasks are registry.STEER_RULES over the sentences in <source>/sentences/{train,dev}.tsv: trained on
-train.tsv as "<task>: <sentence>" and, for STEER_DEFAULT, also as the bare sentence. The folder holds the
-config, weights and tokenizer (`--model DIR` reads it like any other) and backbone.json: the settings and
-the accuracy on the dev sentences of each task with its prefix and without (the floor a prompt starts from).
-Deterministic from --seed on one machine (one thread).
+The tasks are registry.STEER_RULES over the sentences in <source>/sentences/{train,dev}.tsv: trained
+on train.tsv as "<task>: <sentence>" and, for STEER_DEFAULT, also as the bare sentence. The folder
+holds the config, weights and tokenizer (`--model DIR` reads it like any other) and backbone.json:
+the settings and the accuracy on the dev sentences of each task with its prefix and without (the
+floor a prompt starts from). Deterministic from --seed on one machine (one thread).
 """
 import argparse
 import json
@@ -27,11 +27,13 @@ from ept import batching, cli, decoding, errors, files, optim, registry  # noqa:
 SIZE = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=3, num_decoder_layers=2,
             relative_attention_num_buckets=16, relative_attention_max_distance=32)
 
-# --- the sentences: a small grammar, length and comma drawn independently -----------------------------
+# --- the sentences: a small grammar, length and comma drawn independently ------------------------
 NAMES = "anna ben carla david ines jonas kofi lena farid grace hiro maya".split()
-VERBS = "painted visited crossed repaired described followed praised saw found cleaned watched moved".split()
+VERBS = ("painted visited crossed repaired described followed praised saw found cleaned watched "
+         "moved").split()
 ADJS = "old red quiet small busy green cold bright narrow famous empty wooden".split()
-NOUNS = "bridge kite garden museum bakery storm farmer teacher senator river tower market boat letter".split()
+NOUNS = ("bridge kite garden museum bakery storm farmer teacher senator river tower market boat "
+         "letter").split()
 PREPS = "near by at behind under beside across".split()
 PLACES = "lake coast station harbour square village forest hill".split()
 TAILS = ["after lunch", "in the morning", "during the festival", "last week", "again", "slowly"]
@@ -40,7 +42,9 @@ TAILS = ["after lunch", "in the morning", "during the festival", "last week", "a
 def sentence(rng, long, comma):
     """One sentence with 8+ words iff `long`, a comma iff `comma` (a comma is not a word)."""
     while True:
-        words = [rng.choice(NAMES), rng.choice(VERBS), "the"] + ([rng.choice(ADJS)] if rng.random() < 0.5 else [])
+        words = [rng.choice(NAMES), rng.choice(VERBS), "the"]
+        if rng.random() < 0.5:
+            words.append(rng.choice(ADJS))
         words.append(rng.choice(NOUNS))
         if rng.random() < 0.6:
             words += [rng.choice(PREPS), "the", rng.choice(PLACES)]
@@ -54,7 +58,8 @@ def sentence(rng, long, comma):
 
 
 def write_sentences(root, n_train=4000, n_dev=400, seed=0):
-    """<root>/sentences/{train,dev}.tsv: one `sentence` column, the four (long, comma) cells equally often."""
+    """<root>/sentences/{train,dev}.tsv: one `sentence` column, the four (long, comma) cells equally
+    often."""
     rng = random.Random(seed)
     folder = files.make_dir(Path(root) / "sentences", "sentence folder")
     for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
@@ -66,17 +71,20 @@ def write_sentences(root, n_train=4000, n_dev=400, seed=0):
 
 def read_sentences(path):
     if not Path(path).is_file():
-        raise errors.Failure(f"build_backbone: no {path}; pass --source DIR holding sentences/train.tsv and dev.tsv "
-                         f"(shipped in {registry.STEER_SOURCE}, or written by --write-sentences DIR)")
-    rows = [r["sentence"] for r in registry.read(Path(path), lambda r, n: [{"sentence": r["sentence"].strip()}], "tsv")]
+        raise errors.Failure(f"build_backbone: no {path}; pass --source DIR holding "
+                             f"sentences/train.tsv and dev.tsv (shipped in {registry.STEER_SOURCE},"
+                             " or written by --write-sentences DIR)")
+    rows = [r["sentence"] for r in registry.read(
+        Path(path), lambda r, n: [{"sentence": r["sentence"].strip()}], "tsv")]
     if not rows:
         raise errors.Failure(f"build_backbone: {path} holds no sentences")
     return rows
 
 
 def word_tokenizer(corpus):
-    """A T5-style tokenizer with one token per whitespace-separated word of `corpus` (pad 0, eos 1, unk 2,
-    appends </s>): on a grammar of ~100 words a subword vocabulary only makes the inputs longer."""
+    """A T5-style tokenizer with one token per whitespace-separated word of `corpus` (pad 0, eos 1,
+    unk 2, appends </s>): on a grammar of ~100 words a subword vocabulary only makes the inputs
+    longer."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     words = sorted({w for line in corpus for w in line.split()})
@@ -86,25 +94,27 @@ def word_tokenizer(corpus):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
 
 
 def examples(sentences, task, prefix=True):
-    """(source, target) pairs of one task: "<task>: <sentence>" -> "0"/"1" (the bare sentence without prefix)."""
+    """(source, target) pairs of one task: "<task>: <sentence>" -> "0"/"1" (the bare sentence
+    without prefix)."""
     rule = registry.STEER_RULES[task]
     return [(f"{task}: {s}" if prefix else s, str(rule(s))) for s in sentences]
 
 
-def accuracy(t5, tokenizer, pairs):
-    import model as M
-    preds = decoding.predict(M.PromptedT5(t5, None), tokenizer, [s for s, _ in pairs], max_new_tokens=3)
-    return 100.0 * sum(p == y for p, (_, y) in zip(preds, pairs)) / len(pairs)
-
-
 def scores(t5, tokenizer, sentences):
     """Accuracy (%) of each task on `sentences` with its prefix and on the bare sentence."""
-    return {task: {"with_prefix": round(accuracy(t5, tokenizer, examples(sentences, task)), 2),
-                   "without_prefix": round(accuracy(t5, tokenizer, examples(sentences, task, False)), 2)}
+    import model as M
+    net = M.PromptedT5(t5, None)
+
+    def accuracy(pairs):
+        preds = decoding.predict(net, tokenizer, [s for s, _ in pairs], max_new_tokens=3)
+        return round(100.0 * sum(p == y for p, (_, y) in zip(preds, pairs)) / len(pairs), 2)
+    return {task: {"with_prefix": accuracy(examples(sentences, task)),
+                   "without_prefix": accuracy(examples(sentences, task, False))}
             for task in registry.STEER_RULES}
 
 
@@ -115,14 +125,16 @@ def build(out, source=registry.STEER_SOURCE, seed=0, steps=1500, batch_size=32, 
     torch.manual_seed(seed)
     train, dev = (read_sentences(Path(source) / "sentences" / f) for f in ("train.tsv", "dev.tsv"))
     tokenizer = word_tokenizer(train + [f"{t}:" for t in registry.STEER_RULES] + ["0 1"])
-    config = T5Config(vocab_size=len(tokenizer), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-                      dropout_rate=0.1, **SIZE)
+    config = T5Config(vocab_size=len(tokenizer), decoder_start_token_id=0, pad_token_id=0,
+                      eos_token_id=1, dropout_rate=0.1, **SIZE)
     t5 = T5ForConditionalGeneration(config)
-    pairs = [p for task in registry.STEER_RULES for p in examples(train, task)] + examples(train, registry.STEER_DEFAULT, False)
+    pairs = [p for task in registry.STEER_RULES for p in examples(train, task)]
+    pairs += examples(train, registry.STEER_DEFAULT, False)
     src = batching.encode(tokenizer, [s for s, _ in pairs], 64)
     tgt = batching.encode(tokenizer, [y for _, y in pairs], 4)
     params = list(t5.parameters())
-    optimizer, scheduler = optim.make_optimizer(params, lr, 0.01, False, steps, warmup_steps=steps // 20)
+    optimizer, scheduler = optim.make_optimizer(params, lr, 0.01, False, steps,
+                                                warmup_steps=steps // 20)
     rng = random.Random(seed)
     t5.train()
     t0 = time.time()
@@ -139,8 +151,9 @@ def build(out, source=registry.STEER_SOURCE, seed=0, steps=1500, batch_size=32, 
             say(f"step {step}/{steps}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
     t5.eval()
     result = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "size": SIZE,
-              "vocab_size": len(tokenizer), "default_task": registry.STEER_DEFAULT, "tasks": list(registry.STEER_RULES),
-              "train_sentences": len(train), "dev_sentences": len(dev), "seconds": round(time.time() - t0, 1),
+              "vocab_size": len(tokenizer), "default_task": registry.STEER_DEFAULT,
+              "tasks": list(registry.STEER_RULES), "train_sentences": len(train),
+              "dev_sentences": len(dev), "seconds": round(time.time() - t0, 1),
               "dev_accuracy": scores(t5, tokenizer, dev)}
 
     def fill(tmp):
@@ -153,13 +166,18 @@ def build(out, source=registry.STEER_SOURCE, seed=0, steps=1500, batch_size=32, 
 
 @errors.script
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", metavar="DIR", help="write the backbone model folder here")
     parser.add_argument("--source", default=str(registry.STEER_SOURCE), metavar="DIR",
-                        help="folder holding sentences/{train,dev}.tsv (default: the shipped tests/fixtures/steer)")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0, help="weights, sentence order and dropout")
-    parser.add_argument("--steps", type=cli.positive_int, default=1500, help="optimizer steps (batch 32)")
-    parser.add_argument("--write-sentences", metavar="DIR", help="(re)write DIR/sentences/{train,dev}.tsv and stop")
+                        help="folder holding sentences/{train,dev}.tsv (default: the shipped "
+                             "tests/fixtures/steer)")
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0,
+                        help="weights, sentence order and dropout")
+    parser.add_argument("--steps", type=cli.positive_int, default=1500,
+                        help="optimizer steps (batch 32)")
+    parser.add_argument("--write-sentences", metavar="DIR",
+                        help="(re)write DIR/sentences/{train,dev}.tsv and stop")
     args = parser.parse_args(argv)
     if args.write_sentences:
         print(f"wrote {write_sentences(args.write_sentences)}")
@@ -167,9 +185,11 @@ def main(argv=None):
     if not args.out:
         parser.error("pass --out DIR (or --write-sentences DIR)")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "backbone.json").exists()):
-        raise errors.Failure(f"build_backbone: {out} exists and is not a backbone folder this script wrote; "
-                         "choose another --out (the folder is replaced as a whole)")
+    if out.exists() and (not out.is_dir()
+                         or any(out.iterdir()) and not (out / "backbone.json").exists()):
+        raise errors.Failure(f"build_backbone: {out} exists and is not a backbone folder this "
+                             "script wrote; choose another --out (the folder is replaced as a "
+                             "whole)")
     torch.set_num_threads(1)  # deterministic, and a model this small gains nothing from more
     result = build(args.out, args.source, args.seed, args.steps)
     print(json.dumps(result["dev_accuracy"]))

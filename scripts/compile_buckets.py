@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 from bench import FedRun  # noqa: E402
-from bench_pack import synthetic  # noqa: E402
-from ept import cli, multirun, pretrained  # noqa: E402
+from bench_pack import random_t5, synthetic  # noqa: E402
+from ept import cli, multirun  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 B, N = 2, 50  # batch size; examples per length bucket
@@ -34,12 +34,8 @@ def steps(pack, n):
 
 def main():
     parser.parse_args()  # --help; no options
-    from transformers import T5Config, T5ForConditionalGeneration
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=32128, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0,
-                   eos_token_id=1, **pretrained.TINY)
-    t5 = T5ForConditionalGeneration(cfg).train()
+    t5 = random_t5()
     short, long = synthetic(N, 16, 2, 32128), synthetic(N, 32, 2, 32128)
     data = (short[0] + long[0], short[1] + long[1], 0)  # bucket 0: ids 0..N-1, bucket 1: N..2N-1
     run = FedRun.of(multirun.make_run(t5, "ept", seed=0, lr=0.3, batch_size=B, max_steps=100000))

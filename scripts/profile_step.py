@@ -17,8 +17,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the stages and ept/
-from bench_pack import synthetic  # noqa: E402
-from ept import cli, multirun, pretrained  # noqa: E402
+from bench_pack import random_t5, synthetic  # noqa: E402
+from ept import cli, multirun  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("steps", nargs="?", type=cli.positive_int, default=300, help="timed steps")
@@ -40,22 +40,17 @@ def group_of(file):
     """The share of time `file` counts under (the first GROUPS entry its path contains)."""
     if file == "~":
         return "C builtins / torch ops called from Python"
-    other = "other Python (transformers utils, torch misc)"
-    return next((g for key, g in GROUPS if key in file), other)
+    return next((g for key, g in GROUPS if key in file),
+                "other Python (transformers utils, torch misc)")
 
 
 def main():
     args = parser.parse_args()
-    from transformers import T5Config, T5ForConditionalGeneration
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=32128, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0,
-                   eos_token_id=1, **pretrained.TINY)
-    t5 = T5ForConditionalGeneration(cfg).train()
+    t5 = random_t5()
     B, L, N = args.batch, args.length, args.steps
-    src, tgt = synthetic(B * 400, L, 2, 32128)
     run = multirun.make_run(t5, "ept", seed=0, lr=0.3, batch_size=B, max_steps=100000)
-    pack = multirun.Pack(t5, [run], (src, tgt, 0))
+    pack = multirun.Pack(t5, [run], (*synthetic(B * 400, L, 2, 32128), 0))
     for _ in range(20):
         pack.step()
     t0 = time.perf_counter()
