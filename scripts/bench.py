@@ -70,9 +70,8 @@ group.add_argument("--steps", type=int, default=20,
                    help="timed optimizer steps per training config")
 group.add_argument("--untimed-steps", type=int, default=2,
                    help="untimed steps per training config first (allocator, compile)")
-group.add_argument("--warm-shapes", action=argparse.BooleanOptionalAction,
-                   help="run the timed batches once untimed first (default: on CUDA only; "
-                        "docs/speed.md)")
+group.add_argument("--warm-shapes", action=argparse.BooleanOptionalAction, help="run the timed "
+                   "batches once untimed first (default: on CUDA only; docs/speed.md)")
 group.add_argument("--lr", type=float, help="peak learning rate (default: 0.3 prompts, 1e-5 ft)")
 group.add_argument("--seed", type=int, default=0,
                    help="seeds the T5 weights, the prompt, the data order and dropout")
@@ -80,13 +79,11 @@ group.add_argument("--dtype", default="fp32", choices=runtime.DTYPES,
                    help="as train.py --dtype: fp32 (the paper's), tf32, bf16")
 group.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward, as train.py --compile")
-group.add_argument("--threads", type=int,
-                   help="CPU intra-op threads (default: torch's, one per core); 1 on cores shared "
-                        "with other jobs, where threads waiting for each other at every op swamp "
-                        "small batches (docs/speed.md)")
-group.add_argument("--dropout", type=float,
-                   help="override T5's dropout (default: the config's 0.1); with 0, (a) and (c) "
-                        "must give the same losses")
+group.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's, one per "
+                   "core); 1 on cores shared with other jobs, where threads waiting for each other "
+                   "at every op swamp small batches (docs/speed.md)")
+group.add_argument("--dropout", type=float, help="override T5's dropout (default: the config's "
+                   "0.1); with 0, (a) and (c) must give the same losses")
 group = parser.add_argument_group("evaluation")
 group.add_argument("--eval-batch-size", type=int, default=64,
                    help="examples per decoding batch, every eval config")

@@ -35,9 +35,8 @@ parser.add_argument("--config",
 parser.add_argument("--runs", type=int, nargs="+", default=[1, 4, 16, 32],
                     help="pack sizes R to time")
 parser.add_argument("--batch-size", type=int, default=16, help="examples per run per step")
-parser.add_argument("--length", type=int, default=82,
-                    help="input ids per example, </s> included (82 + 2 target ids = RTE's mean "
-                         "of 84 real tokens)")
+parser.add_argument("--length", type=int, default=82, help="input ids per example, </s> included "
+                    "(82 + 2 target ids = RTE's mean of 84 real tokens)")
 parser.add_argument("--target-length", type=int, default=2,
                     help="target ids per example (</s> included)")
 parser.add_argument("--methods", nargs="+", default=["ept"],
@@ -45,19 +44,16 @@ parser.add_argument("--methods", nargs="+", default=["ept"],
 parser.add_argument("--steps", type=int, default=1, help="timed steps per R")
 parser.add_argument("--warmup", type=int, default=0,
                     help="untimed steps per R (a 1-run step always comes first)")
-parser.add_argument("--max-rows", type=int, default=16,
-                    help="examples per forward pass (default 16, one solo batch; 0: every run's "
-                         "batch in one pass)")
+parser.add_argument("--max-rows", type=int, default=16, help="examples per forward pass (default "
+                    "16, one solo batch; 0: every run's batch in one pass)")
 parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
 parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU session)")
-parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
-                    help="fp32: train.py's default and the paper's; bf16: autocast, as train.py "
-                         "--dtype bf16")
+parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="fp32: train.py's "
+                    "default and the paper's; bf16: autocast, as train.py --dtype bf16")
 parser.add_argument("--update-runs", type=int, default=32,
                     help="R for the update-overhead measurement (0: skip)")
-parser.add_argument("--peak-tflops", type=float,
-                    help="the device's peak for the MFU column (default: an H200's, on cuda: 989 "
-                         "bf16, 67 fp32)")
+parser.add_argument("--peak-tflops", type=float, help="the device's peak for the MFU column "
+                    "(default: an H200's, on cuda: 989 bf16, 67 fp32)")
 parser.add_argument("--json", help="also write the figures here")
 
 
