@@ -58,8 +58,7 @@ def sentence(rng, long, comma):
 
 
 def write_sentences(root, n_train=4000, n_dev=400, seed=0):
-    """<root>/sentences/{train,dev}.tsv: one `sentence` column, the four (long, comma) cells equally
-    often."""
+    """<root>/sentences/{train,dev}.tsv, a `sentence` column: each (long, comma) cell as often."""
     rng = random.Random(seed)
     folder = files.make_dir(Path(root) / "sentences", "sentence folder")
     for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
@@ -82,9 +81,8 @@ def read_sentences(path):
 
 
 def word_tokenizer(corpus):
-    """A T5-style tokenizer with one token per whitespace-separated word of `corpus` (pad 0, eos 1,
-    unk 2, appends </s>): on a grammar of ~100 words a subword vocabulary only makes the inputs
-    longer."""
+    """A T5-style tokenizer, one token per whitespace-separated word of `corpus` (pad 0, eos 1,
+    unk 2, appends </s>): on a grammar of ~100 words subwords would only make inputs longer."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     words = sorted({w for line in corpus for w in line.split()})
@@ -99,8 +97,7 @@ def word_tokenizer(corpus):
 
 
 def examples(sentences, task, prefix=True):
-    """(source, target) pairs of one task: "<task>: <sentence>" -> "0"/"1" (the bare sentence
-    without prefix)."""
+    """(source, target) pairs of a task: "<task>: <sentence>" (bare if not `prefix`) -> "0"/"1"."""
     rule = registry.STEER_RULES[task]
     return [(f"{task}: {s}" if prefix else s, str(rule(s))) for s in sentences]
 
