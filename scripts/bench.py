@@ -341,11 +341,11 @@ def bench_train(args, ctx, t5, result):
     the padding of the whole epoch 0 as train.py orders it (is the timed sample representative?),
     the FLOP ceiling, the training speedups and the dropout-0 loss check."""
     (warm, timed_batches, grouped), free = train_batches(args, ctx), (None, None)
-    src, tgt, bs, n = *ctx.data[:2], args.batch_size, len(ctx.data[0])
-    plain = batching.epoch_order(n, args.seed, 0, bs)
+    (src, tgt, _), bs = ctx.data, args.batch_size
+    plain = batching.epoch_order(len(src), args.seed, 0, bs)  # the whole epoch 0, as train.py's
     specs = (("own_longest", "(a) pad to batch's longest", timed_batches, free, plain),
              ("group_by_length", "(b) (a) + --group-by-length", grouped, free,
-              batching.epoch_order(n, args.seed, 0, bs, ctx.lengths)),
+              batching.epoch_order(len(src), args.seed, 0, bs, ctx.lengths)),
              ("pad_to_max_length", f"(c) reference: pad to {ctx.max_length}", timed_batches,
               ctx.pad_max, plain))
     configs = [TrainConfig(*spec[:4], t5, ctx) for spec in specs]
