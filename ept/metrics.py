@@ -1,8 +1,8 @@
-"""Every metric of the paper, scored in [0, 100] as the paper prints them (docs/DESIGN.md lists the
-names).
+"""Every metric of the paper (docs/DESIGN.md lists the names), in [0, 100] as the paper prints them.
 
 Every metric takes (predictions, examples, labels); an empty input scores 0.0 (never NaN in JSON).
 """
+import bisect
 import collections
 import math
 import re
@@ -82,18 +82,10 @@ def _pearson(x, y):
 
 
 def _ranks(x):
-    """1-based ranks, ties get their average rank (scipy.stats.rankdata 'average')."""
-    order = sorted(range(len(x)), key=x.__getitem__)
-    ranks = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    """1-based ranks, ties get their average rank (scipy.stats.rankdata 'average'): a value's ties
+    sit at sorted positions first..last, so its rank is (first + last) / 2 + 1."""
+    s = sorted(x)
+    return [(bisect.bisect_left(s, v) + bisect.bisect_right(s, v) + 1) / 2 for v in x]
 
 
 def pearson(preds, targets):
@@ -161,13 +153,11 @@ METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
 
 
 def check_metrics(meta, path):
-    """meta.json names only metrics this file computes (an edited one would fail after the whole
-    run)."""
+    """meta.json names only metrics this file computes (an edited one would fail after the run)."""
     unknown = [m for m in meta["metrics"] if m not in METRICS]
     if unknown:
-        raise files.FileFault(f"{path} names unknown metrics {unknown}; "
-                              f"known: {', '.join(METRICS)}. "
-                              "Rebuild the task with prepare_data.py --overwrite")
+        raise files.FileFault(f"{path} names unknown metrics {unknown}; known: {', '.join(METRICS)}"
+                              ". Rebuild the task with prepare_data.py --overwrite")
 
 
 def compute_metrics(meta, predictions, examples):
@@ -178,6 +168,5 @@ def compute_metrics(meta, predictions, examples):
     out["score"] = sum(out[name] for name in meta["score"]) / len(meta["score"])
     out["n"] = len(examples)
     if labels:
-        # predictions outside the label set
-        out["invalid"] = sum(p not in labels for p in predictions)
+        out["invalid"] = sum(p not in labels for p in predictions)  # outside the label set
     return out

@@ -17,9 +17,8 @@ from pathlib import Path
 import model as M
 from ept import errors, files
 
-# A run folder's name, for a solo run, a pack's runs and the drivers' alike:
-# <task>_<method>_<model>[_<options that differ from train.py's defaults and apply to the
-# method>]_s<seed>.
+# A run folder's name, for a solo run, a pack's runs and the drivers' alike: <task>_<method>_<model>
+# [_<options that differ from train.py's defaults and apply to the method>]_s<seed>.
 NAME_TAGS = [("prompt_length", "n"), ("reparam", ""), ("hidden_size", "h"), ("broadcast", "b"),
              ("depth", "d"), ("extra_layer", "x1"), ("init", "init-"), ("layer_norm", "ln"),
              ("residual", "res"), ("activation", ""), ("lr", "lr"), ("max_steps", "steps"),
@@ -45,24 +44,19 @@ def run_name(spec, defaults):
                      f"s{spec['seed']}"])
 
 
-FAILED_NAME = "failed.txt"
+FAILED_NAME, LOCK_NAME = "failed.txt", "run.lock"
 RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "metrics.json",
              FAILED_NAME)
-LOCK_NAME = "run.lock"
-
-
 CONFIG_KEYS = ("task", "method", "model", "tokenizer", "random_init", "seed", "data_dir",
                "max_length", "meta")
 
 
 def read_config(run_dir, keys=CONFIG_KEYS):
-    """A run's config.json holding `keys` (what the later stages rebuild the run from); one sentence
-    if not."""
+    """A run's config.json; one sentence if it lacks `keys` (what later stages rebuild it from)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise files.FileFault(f"no run folder {run_dir} "
-                              f"({'a file' if run_dir.exists() else 'it does not exist'}); "
-                              "pass a folder train.py wrote")
+        what = "a file" if run_dir.exists() else "it does not exist"
+        raise files.FileFault(f"no run folder {run_dir} ({what}); pass a folder train.py wrote")
     if not (run_dir / "config.json").exists():
         raise files.FileFault(f"{run_dir} is not a run folder (no config.json); pass a folder "
                               "train.py wrote")
@@ -89,8 +83,7 @@ def status(run_dir):
 
 
 def failure(run_dir):
-    """Why the run failed (failed.txt's sentence), or None: it did not fail, or it was started again
-    since."""
+    """Why the run failed (failed.txt's sentence), or None: it did not, or was restarted since."""
     try:
         return ((Path(run_dir) / FAILED_NAME).read_text(encoding="utf-8", errors="replace").strip()
                 or "failed")
@@ -101,8 +94,7 @@ def failure(run_dir):
 
 
 def is_run_folder(run_dir):
-    """True for an empty folder or one whose config.json train.py wrote (what --overwrite may
-    clear)."""
+    """True for an empty folder or one train.py wrote (config.json): what --overwrite may clear."""
     config = Path(run_dir) / "config.json"
     if not config.exists():
         return not any(p.name not in (*RUN_FILES, "eval")
@@ -172,8 +164,8 @@ class Owner:
         self.host, self.pid, self.job = (text.split() + ["?", "?", "-"])[:3]
 
     def __str__(self):
-        return f"pid {self.pid} on {self.host}" + (f" (SLURM job {self.job})"
-                                                   if self.job != "-" else "")
+        job = f" (SLURM job {self.job})" if self.job != "-" else ""
+        return f"pid {self.pid} on {self.host}{job}"
 
     def stale(self):
         """True when the writer is gone (see above)."""
@@ -191,12 +183,6 @@ def read_owner(path):
         return None
     except OSError as err:
         raise files.FileFault(f"cannot read the lock {path}: {files.why(err)}") from None
-
-
-def holder(run_dir):
-    """The live Owner of run_dir's lock, or None when the folder is free."""
-    owner = read_owner(Path(run_dir) / LOCK_NAME)
-    return owner if owner is not None and not owner.stale() else None
 
 
 class Lock:
