@@ -26,8 +26,7 @@ parser.add_argument("--split", default="test", choices=("test", "validation", "t
                     help="which split to score")
 parser.add_argument("--task", default=None, type=cli.name,
                     help="evaluate on another task (zero-shot transfer); default: the run's")
-parser.add_argument("--data-dir", default=None,
-                    help="data folder (default: the run's config.json data_dir)")
+parser.add_argument("--data-dir", help="data folder (default: the run's config.json data_dir)")
 parser.add_argument("--max-eval-examples", type=cli.positive_int, default=None,
                     help="score only the first N examples (default: all)")
 # model
@@ -40,18 +39,14 @@ parser.add_argument("--eval-mode", default="generate", choices=("generate", "ran
 parser.add_argument("--eval-batch-size", type=cli.positive_int, default=64,
                     help="examples per forward pass")
 # new inputs
-parser.add_argument("--input", default=None,
-                    help="jsonl with a 'source' field, or .txt with one input per line")
-parser.add_argument("--output", default=None, help="with --input: where the predictions go (jsonl)")
-
-
-TEXT_SUFFIXES = ("", ".txt", ".text", ".tsv", ".csv", ".md")  # read as one input a line
+parser.add_argument("--input", help="jsonl with a 'source' field, or .txt with one input per line")
+parser.add_argument("--output", help="with --input: where the predictions go (jsonl)")
 
 
 def read_inputs(path):
     """New inputs: a .jsonl of rows with a 'source' string, or a text file with one input a line."""
     path = Path(path)
-    if path.suffix not in (".jsonl", *TEXT_SUFFIXES):
+    if path.suffix not in (".jsonl", "", ".txt", ".text", ".tsv", ".csv", ".md"):
         raise files.FileFault(f"--input {path}: a {path.suffix} file is neither a .jsonl of "
                               "{\"source\": ...} rows nor a text file with one input a line; "
                               "convert it to one of those")

@@ -57,11 +57,9 @@ def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_len
 @torch.no_grad()
 def label_nll(model, input_ids, mask, label_ids):
     """(B, L) summed NLL (incl. `</s>`) of each of the L label sequences `label_ids` (L, T; -100 =
-    padding) for each of the B inputs. The encoder runs once per input; the decoder's first step
-    (the start token, shared by every label) runs once per input too and fills the cache,
-    cross-attention keys and values included, which is then repeated for the L labels: the label
-    tokens are scored in one more decoder pass without recomputing cross-attention over the input
-    for every label."""
+    padding) for each of the B inputs. The encoder and the decoder's first step (the start token,
+    shared by every label) run once per input; the cache they fill, cross-attention keys and values
+    included, is repeated for the L labels, whose tokens are scored in one more decoder pass."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
     t5, n_labels = model.t5, label_ids.size(0)
     embeds, mask = model.embed(input_ids, mask)  # (B, n+S, d), prompt included
@@ -224,7 +222,6 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     return result
 
 
-@torch.no_grad()
 def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None):
     """The frozen T5 `model` alone, no prompt and no run folder (the steering benchmark's floor):
     its metrics on `split` of `task` (greedy decoding, fp32)."""
@@ -241,14 +238,12 @@ def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None)
             **metrics.compute_metrics(meta, preds, examples)}
 
 
-@torch.no_grad()
-def score_split(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batch_size,
-                max_length, dtype):
-    """Scores of `net` on a split. Every rank decodes a strided shard; predictions are gathered so
-    each rank scores the whole split (never an average of per-rank scores)."""
+def score_split(net, tokenizer, meta, examples, source_ids, ranks, **options):
+    """Scores of `net` on a split, decoded as `options` (decode_options) say. Every rank decodes a
+    strided shard; predictions are gathered so each rank scores the whole split (never an average
+    of per-rank scores)."""
     preds = run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], meta,
-                            mode=mode, max_length=max_length, batch_size=batch_size,
-                            device=ranks.device, dtype=dtype)
+                            device=ranks.device, **options)
     if ranks.world_size > 1:
         shards = [None] * ranks.world_size
         dist.all_gather_object(shards, preds)

@@ -1,14 +1,6 @@
-"""A run folder (train.py writes it, every later stage reads it): its files, lock and status.
+"""A run folder (train.py writes it, every later stage reads it): its name, files, status and lock.
 
-    config.json   every setting of the run, resolved
-    log.jsonl     one JSON object per event (train/eval/end)
-    best.pt       trainable state at the best validation
-    last.pt       the latest state (resume)
-    prompt.pt     the folded P' of best.pt
-    metrics.json  test metrics of best.pt
-    run.lock      "<host> <pid> <SLURM job>" of the one process writing the folder (one host)
-    failed.txt    why the run stopped for good (a non-finite loss, gradient, prompt or weights): one
-                  sentence; removed when the run starts again (--resume, --overwrite)
+docs/training.md lists the files ("The run folder") and the lock's rules ("Run lock").
 """
 import os
 import socket
@@ -120,13 +112,11 @@ def finished(run_dir):
     return bool(no_test and events and events[-1].get("event") == "end")
 
 
-# --- the lock: one writer per run folder, on one host ---------------------------------------------
-# run.lock holds "<host> <pid> <job>": the process writing the folder, and the engine's id of the
-# unit it runs (SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID or SLURM_JOB_ID; "-" outside SLURM). Units
-# are handed out by one launcher or by an engine (docs/experiments.md), so the lock only guards
-# against starting the same run twice by hand. It is free when absent, when its pid is gone on this
-# host, or when it names this process's own SLURM job (a requeued task whose first run died with its
-# node: SLURM runs a task once at a time).
+# --- the lock: one writer per run folder, on one host (docs/training.md, "Run lock") -------------
+# run.lock holds "<host> <pid> <job>", job being engine_job() ("-" outside SLURM). Units are handed
+# out by one launcher or an engine, so the lock only guards against starting a run twice by hand. It
+# is free when absent, when its pid is gone on this host, or when it names this process's own SLURM
+# job (a requeued task whose first run died with its node: SLURM runs a task once at a time).
 
 
 def _alive(pid):
