@@ -23,7 +23,7 @@ def _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, d
     (inside train.py's own bar); TQDM_DISABLE=1 turns it off."""
     ids = (batching.encode(tokenizer, sources, max_length)
            if sources and isinstance(sources[0], str) else sources)
-    out = [""] * len(ids)
+    out = {}
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(ids), desc=progress, unit="ex", dynamic_ncols=True,
@@ -32,20 +32,17 @@ def _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, d
                                             token_budget=not str(device).startswith("cuda")):
         input_ids, mask = batching.pad([ids[i] for i in batch], tokenizer.pad_token_id)
         with runtime.autocast(device, dtype):
-            rows = step(input_ids.to(device), mask.to(device))
-        for i, row in zip(batch, rows):
-            out[i] = row
+            out.update(zip(batch, step(input_ids.to(device), mask.to(device))))
         bar.update(len(batch))
     bar.close()
     model.train(was_training)
-    return out
+    return [out[i] for i in range(len(ids))]
 
 
 def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_length=256,
             device="cpu", dtype="fp32", sort_by_length=True, progress=None):
     """Greedy decoding of `sources` (strings or token-id lists): batched, sorted by length, at most
-    `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped.
-    `progress`: the label of a progress bar (None: no bar)."""
+    `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped."""
     def step(input_ids, mask):
         gen = model.generate(input_ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
                              num_beams=1)
@@ -113,38 +110,34 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
             raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); "
                                   "was it pruned?")
         load_state(t5, files.load_torch(state_path), state_path)
-        net = M.PromptedT5(t5, None)
-    else:
-        if (config.get("t5_fingerprint")
-                and pretrained.t5_fingerprint(t5) != config["t5_fingerprint"]):
-            raise errors.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one "
-                                 f"{run_dir} was trained with (fingerprint mismatch); restore that "
-                                 "model or retrain the run")
-        if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
-            prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
-        elif prompt is None:  # fold P' from the checkpoint's reparameterization network, once
-            if not state_path.exists():
-                raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; "
-                                      "the run has not finished a validation yet")
-            try:
-                module = M.build_prompt_module(config["method"], t5.config.d_model,
-                                               **M.prompt_options(config))
-            except ValueError as err:
-                raise files.FileFault(f"{run_dir / 'config.json'} has a wrong prompt option "
-                                      f"({err})") from None
-            load_state(module, files.load_torch(state_path), state_path)
-            with torch.no_grad():
-                prompt = module().detach()
-        prompt = torch.as_tensor(prompt, dtype=torch.float32)
-        if not torch.isfinite(prompt).all():
-            raise errors.Failure(f"the prompt of {run_dir} holds NaN or inf values; "
-                                 "retrain the run")
-        if prompt.dim() != 2 or prompt.size(1) != t5.config.d_model:
-            raise errors.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but "
-                                 f"{config['model']} needs (n, {t5.config.d_model}); it belongs "
-                                 "to another model")
-        net = M.PromptedT5(t5, M.FoldedPrompt(prompt))
-    return net.to(device).eval(), tokenizer, config
+        return M.PromptedT5(t5, None).to(device).eval(), tokenizer, config
+    if config.get("t5_fingerprint") and pretrained.t5_fingerprint(t5) != config["t5_fingerprint"]:
+        raise errors.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one "
+                             f"{run_dir} was trained with (fingerprint mismatch); restore that "
+                             "model or retrain the run")
+    if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
+        prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
+    elif prompt is None:  # fold P' from the checkpoint's reparameterization network, once
+        if not state_path.exists():
+            raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; "
+                                  "the run has not finished a validation yet")
+        try:
+            module = M.build_prompt_module(config["method"], t5.config.d_model,
+                                           **M.prompt_options(config))
+        except ValueError as err:
+            raise files.FileFault(f"{run_dir / 'config.json'} has a wrong prompt option "
+                                  f"({err})") from None
+        load_state(module, files.load_torch(state_path), state_path)
+        with torch.no_grad():
+            prompt = module().detach()
+    prompt = torch.as_tensor(prompt, dtype=torch.float32)
+    if not torch.isfinite(prompt).all():
+        raise errors.Failure(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
+    if prompt.dim() != 2 or prompt.size(1) != t5.config.d_model:
+        raise errors.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but "
+                             f"{config['model']} needs (n, {t5.config.d_model}); it belongs to "
+                             "another model")
+    return M.PromptedT5(t5, M.FoldedPrompt(prompt)).to(device).eval(), tokenizer, config
 
 
 def load_state(module, checkpoint, path):
@@ -161,12 +154,10 @@ def run_dtype(config, device):
     return config.get("dtype", "fp32") if torch.device(device).type == "cuda" else "fp32"
 
 
-def run_predictions(net, tokenizer, sources, meta, *, mode, max_length, batch_size, device, dtype,
-                    progress=None):
+def run_predictions(net, tokenizer, sources, meta, *, mode, **options):
     """Predictions by greedy decoding (at most meta's max_target_length tokens) or, for tasks with a
-    label set (meta's labels), rank classification."""
-    options = dict(batch_size=batch_size, max_length=max_length, device=device, dtype=dtype,
-                   progress=progress)
+    label set (meta's labels), rank classification; `options`: batch_size, max_length, device,
+    dtype and progress, as predict takes them."""
     if mode != "rank":
         return predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"], **options)
     if not meta.get("labels"):
