@@ -174,7 +174,6 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     say = (lambda *a: None) if quiet else print
     net, tokenizer, config = load_run(run_dir, checkpoint, prompt, device)
     device = device or runtime.default_device()
-    dtype = run_dtype(config, device)
     task = task or config["task"]
     data_dir = str(data_dir or config["data_dir"])
     if data_dir != config["data_dir"]:
@@ -193,7 +192,7 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     batching.check_split(meta, split, examples, split_file, max_examples is not None)
     t0 = time.time()
     preds = run_predictions(net, tokenizer, source_ids, meta, mode=mode, max_length=max_length,
-                            batch_size=batch_size, device=device, dtype=dtype,
+                            batch_size=batch_size, device=device, dtype=run_dtype(config, device),
                             progress=None if quiet else f"evaluate {task} {split}")
     seconds = time.time() - t0
     result = {"task": task, "split": split, "mode": mode, "checkpoint": checkpoint,

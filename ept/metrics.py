@@ -27,8 +27,7 @@ def binary_f1(preds, targets, labels=("0", "1"), positive="1"):
     for p, t in zip(preds, targets):
         pp, tt = _binary(p, t, labels or ("0", "1"), positive)
         tp, fp, fn = tp + (pp and tt), fp + (pp and not tt), fn + (tt and not pp)
-    # no positives anywhere: 0, as sklearn
-    return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0  # no positives: 0 (sklearn)
 
 
 def macro_f1(preds, targets, labels=None):
@@ -133,10 +132,6 @@ def squad_f1(preds, answers):
     return 100.0 * sum(scores) / len(scores) if scores else 0.0
 
 
-def _answers(ex):
-    return ex.get("answers") or [ex["target"]]  # MRQA rows carry every gold answer
-
-
 METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
     "acc": lambda p, ex, lab: accuracy(p, [e["target"] for e in ex]),
     "f1": lambda p, ex, lab: binary_f1(p, [e["target"] for e in ex], lab),
@@ -147,8 +142,9 @@ METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
     "f1a": lambda p, ex, lab: binary_f1(p, [e["target"] for e in ex], lab),
     "em": lambda p, ex, lab: multirc_em(p, [e["target"] for e in ex],
                                         [e["question_id"] for e in ex]),
-    "squad_em": lambda p, ex, lab: squad_em(p, [_answers(e) for e in ex]),
-    "squad_f1": lambda p, ex, lab: squad_f1(p, [_answers(e) for e in ex]),
+    # MRQA rows carry every gold answer
+    "squad_em": lambda p, ex, lab: squad_em(p, [e.get("answers") or [e["target"]] for e in ex]),
+    "squad_f1": lambda p, ex, lab: squad_f1(p, [e.get("answers") or [e["target"]] for e in ex]),
 }
 
 
