@@ -11,8 +11,7 @@ RUN_DIR/eval/<task>_<split>.metrics.json and .predictions.jsonl (atomically) and
     python evaluate.py runs/rte_ept_t5-base_s0 --task cb       # zero-shot transfer (Figure 10)
     python evaluate.py runs/rte_ept_t5-base_s0 --input new.jsonl --output preds.jsonl   # new inputs
 
-train.py validates with `run_predictions` and `compute_metrics` from here; the drivers and analyses
-call `decoding.evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None)`.
+What the other stages call (load_run, evaluate_run, score_split) lives in ept/decoding.py.
 """
 import argparse
 import json
@@ -27,8 +26,7 @@ parser.add_argument("--split", default="test", choices=("test", "validation", "t
                     help="which split to score")
 parser.add_argument("--task", default=None, type=cli.name,
                     help="evaluate on another task (zero-shot transfer); default: the run's")
-parser.add_argument("--data-dir", default=None,
-                    help="data folder (default: the run's config.json data_dir)")
+parser.add_argument("--data-dir", help="data folder (default: the run's config.json data_dir)")
 parser.add_argument("--max-eval-examples", type=cli.positive_int, default=None,
                     help="score only the first N examples (default: all)")
 # model
@@ -41,19 +39,14 @@ parser.add_argument("--eval-mode", default="generate", choices=("generate", "ran
 parser.add_argument("--eval-batch-size", type=cli.positive_int, default=64,
                     help="examples per forward pass")
 # new inputs
-parser.add_argument("--input", default=None,
-                    help="jsonl with a 'source' field, or .txt with one input per line")
-parser.add_argument("--output", default=None, help="with --input: where the predictions go (jsonl)")
-
-
-TEXT_SUFFIXES = ("", ".txt", ".text", ".tsv", ".csv", ".md")  # read as one input a line
+parser.add_argument("--input", help="jsonl with a 'source' field, or .txt with one input per line")
+parser.add_argument("--output", help="with --input: where the predictions go (jsonl)")
 
 
 def read_inputs(path):
-    """New inputs: a .jsonl of objects with a 'source' string, or a text file with one input a
-    line."""
+    """New inputs: a .jsonl of rows with a 'source' string, or a text file with one input a line."""
     path = Path(path)
-    if path.suffix not in (".jsonl", *TEXT_SUFFIXES):
+    if path.suffix not in (".jsonl", "", ".txt", ".text", ".tsv", ".csv", ".md"):
         raise files.FileFault(f"--input {path}: a {path.suffix} file is neither a .jsonl of "
                               "{\"source\": ...} rows nor a text file with one input a line; "
                               "convert it to one of those")
@@ -72,20 +65,17 @@ def read_inputs(path):
 
 def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="generate",
                  batch_size=64, device=None):
-    """Run the trained prompt on new inputs: jsonl rows with 'source', or a .txt with one input a
-    line."""
+    """Run the trained prompt on new inputs (read_inputs); the predictions go to `output_path`."""
     rows = read_inputs(input_path)
     if Path(output_path).resolve() == Path(input_path).resolve():
         raise errors.Failure(f"--output {output_path} is the input file; name another file")
     net, tokenizer, config = decoding.load_run(run_dir, checkpoint, None, device)
     device = device or runtime.default_device()
-    meta = config["meta"]  # train.py keeps the task's labels and lengths in config.json
-    preds = decoding.run_predictions(net, tokenizer, [r["source"] for r in rows], mode=mode,
-                                     labels=meta.get("labels"),
-                                     max_new_tokens=meta["max_target_length"],
-                                     max_length=config["max_length"], batch_size=batch_size,
-                                     device=device, dtype=decoding.run_dtype(config, device),
-                                     progress="predict")
+    # config.json keeps the task's meta.json (labels, lengths)
+    preds = decoding.run_predictions(net, tokenizer, [r["source"] for r in rows], config["meta"],
+                                     mode=mode, max_length=config["max_length"],
+                                     batch_size=batch_size, device=device,
+                                     dtype=decoding.run_dtype(config, device), progress="predict")
     files.write_jsonl(output_path, [{**r, "prediction": p} for r, p in zip(rows, preds)])
     return preds
 
@@ -96,8 +86,7 @@ def main(argv=None):
     if args.input:
         out = args.output or f"{Path(args.input).with_suffix('')}.predictions.jsonl"
         preds = predict_file(args.run_dir, args.input, out, checkpoint=args.checkpoint,
-                             mode=args.eval_mode,
-                             batch_size=args.eval_batch_size)
+                             mode=args.eval_mode, batch_size=args.eval_batch_size)
         print(f"evaluate: {len(preds)} predictions -> {out}")
         return preds
     metrics = decoding.evaluate_run(args.run_dir, args.task, args.split, args.eval_mode,

@@ -8,8 +8,7 @@ prompt and trains all of T5. After training only P' is needed: `save_folded_prom
     python model.py --count                       # the paper's Param column, all sizes
     python model.py --count --configs DIR         # from local t5-small/base/large config folders
 
-Loading T5 and its tokenizer (Hub or folder) and the tiny random T5 of the tests live in
-ept/pretrained.py.
+ept/pretrained.py loads T5 and its tokenizer (Hub or folder) and builds the tests' tiny random T5.
 """
 import argparse
 import json
@@ -30,12 +29,9 @@ INITS = ("uniform", "vocab", "label")
 # ids: after pad 0, eos 1, unk 2, and far below the 100 sentinels (32,000+) and the 28 unused rows
 # past 32,100.
 VOCAB_FIRST_PIECE, VOCAB_SAMPLE_SIZE = 3, 5000
-DEFAULTS = {  # the main setting (docs/paper.md, "Methods")
-    "prompt_length": 10,
-    "hidden_size": {"resprompt": 400, "ept": 1, "ept_star": 1},
-    "broadcast": {"ept": 1, "ept_star": 10},
-    "lr": {"ft": 1e-5, "prompt": 0.3},  # Appendix B.2
-}
+# the main setting (docs/paper.md, "Methods"); the learning rates: Appendix B.2
+DEFAULTS = {"prompt_length": 10, "hidden_size": {"resprompt": 400, "ept": 1, "ept_star": 1},
+            "broadcast": {"ept": 1, "ept_star": 10}, "lr": {"ft": 1e-5, "prompt": 0.3}}
 
 
 def default_lr(method):
@@ -55,10 +51,8 @@ def init_prompt(rows, d_model, init="uniform", embedding=None, label_ids=None, g
     if embedding is None:
         raise ValueError(f"init {init!r} needs the frozen embedding matrix")
     embedding = embedding.detach().float().cpu()
-    # rows of the embedding matrix at ids drawn from the 5,000 most frequent pieces
-    if init == "vocab":
-        # a tiny vocabulary: all of it
-        high = min(VOCAB_FIRST_PIECE + VOCAB_SAMPLE_SIZE, embedding.size(0))
+    if init == "vocab":  # rows of the embedding matrix at ids from the 5,000 most frequent pieces
+        high = min(VOCAB_FIRST_PIECE + VOCAB_SAMPLE_SIZE, embedding.size(0))  # tiny vocab: all
         ids = torch.randint(VOCAB_FIRST_PIECE, high, (rows,), generator=generator)
         return embedding[ids].clone()
     if not label_ids:
@@ -91,8 +85,7 @@ class PTuning(nn.Module):
         if reparam == "mlp":  # PEFT default: 3 Linear layers with bias, ReLU between
             self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(),
                                      nn.Linear(d, d))
-        # PEFT LSTM variant: 2-layer biLSTM (hidden d), then Linear(2d,2d) -> ReLU -> Linear(2d,d)
-        else:
+        else:  # PEFT's LSTM: 2-layer biLSTM (hidden d), then Linear(2d,2d) -> ReLU -> Linear(2d,d)
             self.lstm = nn.LSTM(d, d, num_layers=2, bidirectional=True, batch_first=True)
             self.mlp = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
 
@@ -124,8 +117,7 @@ class EPTBlock(nn.Module):
     """One bias-free down-up map d -> h -> d, with the Figure 9 ablation switches.
 
     `extra_layer` puts one bias-free h -> h layer between down and up (d -> 1 -> 1 -> d): Table 4's
-    "additional MLP layer" (§5.4), whose Param cell (2.3K on t5-base) is the main count + h*h =
-    2,305."""
+    "additional MLP layer" (§5.4), Param 2.3K on t5-base: the main count + h*h = 2,305."""
 
     def __init__(self, d_model, hidden_size=1, layer_norm=False, residual=False, activation="none",
                  extra_layer=False):
@@ -146,8 +138,7 @@ class EPTBlock(nn.Module):
 class EPT(nn.Module):
     """This paper: one vector P1 (1, d) through `depth` down-up blocks, broadcast n times.
 
-    `ept` uses n = 1; `ept_star` (EPT*) repeats the same row n = 10 times (Figure 7).
-    """
+    `ept` uses n = 1; `ept_star` (EPT*) repeats the same row n = 10 times (Figure 7)."""
 
     def __init__(self, vector, hidden_size=1, broadcast=1, depth=1, **switches):
         super().__init__()
@@ -218,8 +209,7 @@ class PromptedT5(nn.Module):
         """Encoder inputs: prompt rows first, the mask extended to match. The one place P' enters.
 
         `prompt`: P' (n, d) for every example (default: this model's), or (B, n, d), one per example
-        (a pack's runs). `prompt_mask` (B, n): 0 on padding rows of a shorter prompt; default all
-        1."""
+        (a pack's runs). `prompt_mask` (B, n; default all 1): 0 on a shorter prompt's pad rows."""
         x = self.t5.get_input_embeddings()(input_ids)  # (B, L, d)
         p = self.prompt() if prompt is None else prompt
         if p is None:
@@ -279,10 +269,8 @@ PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, 
                   "layer_norm": False, "residual": False, "activation": "none", "depth": 1,
                   "extra_layer": False}
 
-
-# The options each method's prompt module takes (build_prompt_module); the others do not change the
-# run, so they neither multiply a sweep's runs nor appear in its name (options.sweep,
-# runs.run_name).
+# The options each method's prompt module takes (build_prompt_module). Others leave the run as it
+# is, so they neither multiply a sweep's runs nor appear in its name (options.sweep, runs.run_name).
 EPT_OPTIONS = ("hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth",
                "extra_layer", "init")
 APPLIES = {"ft": (), "pt": ("prompt_length", "init"),
@@ -307,7 +295,6 @@ def prompt_options(config):
 
 
 # --- the paper's Param column ---------------------------------------------------------------------
-
 # The real configs' dimensions, for when neither a config folder nor the Hub is at hand.
 SIZES = {"t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8),
          "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12),
@@ -334,17 +321,15 @@ def size_config(size, configs_dir=None):
 
 
 def parameter_table(configs_dir=None, variants=None):
-    """{size: {method label: trainable parameters}}; models are built on the meta device (no
-    memory)."""
+    """{size: {method label: trainable parameters}}; models built on the meta device (no memory)."""
     from transformers import T5ForConditionalGeneration
     variants = VARIANTS if variants is None else variants
     table = {}
     for size in SIZES:
         config = size_config(size, configs_dir)
         with torch.device("meta"):
-            table[size] = {variant_label(m, o): count_trainable(
-                PromptedT5(T5ForConditionalGeneration(config),
-                           build_prompt_module(m, config.d_model, **o)))
+            table[size] = {variant_label(m, o): count_trainable(PromptedT5(
+                T5ForConditionalGeneration(config), build_prompt_module(m, config.d_model, **o)))
                 for m, o in variants}
     return table
 
@@ -354,9 +339,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--count", action="store_true", required=True,
                         help="print the trainable-parameter table")
-    parser.add_argument("--configs", default=None,
-                        help="folder with t5-small/, t5-base/, t5-large/ config folders "
-                             "(default: the real configs' dimensions)")
+    parser.add_argument("--configs", help="folder with t5-small/, t5-base/, t5-large/ config "
+                        "folders (default: the real configs' dimensions)")
     args = parser.parse_args(argv)
     variants = VARIANTS + TABLE4_VARIANTS
     table = parameter_table(args.configs, variants)

@@ -1,8 +1,6 @@
 """Decoding a prompted T5 and scoring it: greedy generation, rank classification, a run rebuilt from
-its folder.
-
-train.py validates with `run_predictions` + `metrics.compute_metrics`; evaluate.py, the analyses and
-the drivers call `evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None)`.
+its folder. train.py validates with `score_split`; evaluate.py, the analyses and the drivers call
+`evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None)`.
 """
 import inspect
 import time
@@ -18,54 +16,54 @@ from ept import batching, errors, files, metrics, pretrained, runs, runtime
 
 
 @torch.no_grad()
-def progress_bar(n, desc):
-    """A bar over `n` examples on stderr, or none when `desc` is None (inside train.py's own bar);
-    TQDM_DISABLE=1 turns it off."""
-    return tqdm(total=n, desc=desc, unit="ex", dynamic_ncols=True,
-                **({"disable": True} if desc is None else {}))
+def _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, dtype, sort,
+              progress):
+    """[step(input_ids, mask) for each batch of `sources` (strings or token-id lists)], in the
+    order of `sources`, the model in eval mode. `progress` labels a bar on stderr; None: no bar
+    (inside train.py's own bar); TQDM_DISABLE=1 turns it off."""
+    ids = (batching.encode(tokenizer, sources, max_length)
+           if sources and isinstance(sources[0], str) else sources)
+    out = {}
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(ids), desc=progress, unit="ex", dynamic_ncols=True,
+               **({"disable": True} if progress is None else {}))
+    for batch in batching.batches_by_length(ids, batch_size, sort,
+                                            token_budget=not str(device).startswith("cuda")):
+        input_ids, mask = batching.pad([ids[i] for i in batch], tokenizer.pad_token_id)
+        with runtime.autocast(device, dtype):
+            out.update(zip(batch, step(input_ids.to(device), mask.to(device))))
+        bar.update(len(batch))
+    bar.close()
+    model.train(was_training)
+    return [out[i] for i in range(len(ids))]
 
 
 def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_length=256,
             device="cpu", dtype="fp32", sort_by_length=True, progress=None):
     """Greedy decoding of `sources` (strings or token-id lists): batched, sorted by length, at most
-    `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped.
-    `progress`: the label of a progress bar (None: no bar)."""
-    ids = (batching.encode(tokenizer, sources, max_length)
-           if sources and isinstance(sources[0], str) else sources)
-    out = [""] * len(ids)
-    was_training = model.training
-    model.eval()
-    bar = progress_bar(len(ids), progress)
-    for batch in batching.batches_by_length(ids, batch_size, sort_by_length,
-                                            token_budget=not str(device).startswith("cuda")):
-        input_ids, mask = batching.pad([ids[i] for i in batch], tokenizer.pad_token_id)
-        with runtime.autocast(device, dtype):
-            gen = model.generate(input_ids.to(device), mask.to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        for i, text in zip(batch, tokenizer.batch_decode(gen, skip_special_tokens=True)):
-            out[i] = text.strip()
-        bar.update(len(batch))
-    bar.close()
-    model.train(was_training)
-    return out
+    `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped."""
+    def step(input_ids, mask):
+        gen = model.generate(input_ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=1)
+        return [text.strip() for text in tokenizer.batch_decode(gen, skip_special_tokens=True)]
+    return _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, dtype,
+                     sort_by_length, progress)
 
 
 @torch.no_grad()
 def label_nll(model, input_ids, mask, label_ids):
     """(B, L) summed NLL (incl. `</s>`) of each of the L label sequences `label_ids` (L, T; -100 =
-    padding) for each of the B inputs. The encoder runs once per input; the decoder's first step
-    (the start token, shared by every label) runs once per input too and fills the cache,
-    cross-attention keys and values included, which is then repeated for the L labels: the label
-    tokens are scored in one more decoder pass without recomputing cross-attention over the input
-    for every label."""
+    padding) for each of the B inputs. The encoder and the decoder's first step (the start token,
+    shared by every label) run once per input; the cache they fill, cross-attention keys and values
+    included, is repeated for the L labels, whose tokens are scored in one more decoder pass."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
     t5, n_labels = model.t5, label_ids.size(0)
     embeds, mask = model.embed(input_ids, mask)  # (B, n+S, d), prompt included
     hidden = t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     start = torch.full((len(input_ids), 1), t5.config.decoder_start_token_id,
                        device=input_ids.device)
-    # renamed in 5.2x
-    cache_arg = ("cache" if "cache" in inspect.signature(t5.forward).parameters
+    cache_arg = ("cache" if "cache" in inspect.signature(t5.forward).parameters  # renamed in 5.2x
                  else "past_key_values")
     first = t5(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=start,
                use_cache=True, **{cache_arg: EncoderDecoderCache(DynamicCache(), DynamicCache())})
@@ -85,35 +83,21 @@ def label_nll(model, input_ids, mask, label_ids):
     return nll.sum(1).view(len(input_ids), n_labels)
 
 
-@torch.no_grad()
 def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_length=256,
                   device="cpu", dtype="fp32", progress=None):
     """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5,
     scored by `label_nll` for a batch of inputs at a time; never an invalid prediction."""
-    ids = (batching.encode(tokenizer, sources, max_length)
-           if sources and isinstance(sources[0], str) else sources)
-    # (L, T), -100 = no loss
-    label_ids, _ = batching.pad(batching.encode(tokenizer, labels, max_length), -100)
-    out = [""] * len(ids)
-    was_training = model.training
-    model.eval()
-    bar = progress_bar(len(ids), progress)
-    for batch in batching.batches_by_length(ids, max(1, batch_size // len(labels)), True,
-                                            not str(device).startswith("cuda")):
-        input_ids, mask = batching.pad([ids[i] for i in batch], tokenizer.pad_token_id)
-        with runtime.autocast(device, dtype):
-            nll = label_nll(model, input_ids.to(device), mask.to(device), label_ids.to(device))
-        for i, k in zip(batch, nll.argmin(1).tolist()):
-            out[i] = labels[k]
-        bar.update(len(batch))
-    bar.close()
-    model.train(was_training)
-    return out
+    label_ids, _ = batching.pad(batching.encode(tokenizer, labels, max_length), -100)  # (L, T)
+
+    def step(input_ids, mask):
+        nll = label_nll(model, input_ids, mask, label_ids.to(device))
+        return [labels[k] for k in nll.argmin(1).tolist()]
+    return _by_batch(model, tokenizer, sources, step, max(1, batch_size // len(labels)),
+                     max_length, device, dtype, True, progress)
 
 
 def load_run(run_dir, checkpoint="best", prompt=None, device=None):
-    """(PromptedT5 with a FoldedPrompt (or fine-tuned T5), tokenizer, config) from a run folder
-    alone."""
+    """(PromptedT5 with a FoldedPrompt or a fine-tuned T5, tokenizer, config) from a run folder."""
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
     device = device or runtime.default_device()
@@ -126,38 +110,34 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
             raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); "
                                   "was it pruned?")
         load_state(t5, files.load_torch(state_path), state_path)
-        net = M.PromptedT5(t5, None)
-    else:
-        if (config.get("t5_fingerprint")
-                and pretrained.t5_fingerprint(t5) != config["t5_fingerprint"]):
-            raise errors.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one "
-                                 f"{run_dir} was trained with (fingerprint mismatch); restore that "
-                                 "model or retrain the run")
-        if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
-            prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
-        elif prompt is None:  # fold P' from the checkpoint's reparameterization network, once
-            if not state_path.exists():
-                raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; "
-                                      "the run has not finished a validation yet")
-            try:
-                module = M.build_prompt_module(config["method"], t5.config.d_model,
-                                               **M.prompt_options(config))
-            except ValueError as err:
-                raise files.FileFault(f"{run_dir / 'config.json'} has a wrong prompt option "
-                                      f"({err})") from None
-            load_state(module, files.load_torch(state_path), state_path)
-            with torch.no_grad():
-                prompt = module().detach()
-        prompt = torch.as_tensor(prompt, dtype=torch.float32)
-        if not torch.isfinite(prompt).all():
-            raise errors.Failure(f"the prompt of {run_dir} holds NaN or inf values; "
-                                 "retrain the run")
-        if prompt.dim() != 2 or prompt.size(1) != t5.config.d_model:
-            raise errors.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but "
-                                 f"{config['model']} needs (n, {t5.config.d_model}); it belongs "
-                                 "to another model")
-        net = M.PromptedT5(t5, M.FoldedPrompt(prompt))
-    return net.to(device).eval(), tokenizer, config
+        return M.PromptedT5(t5, None).to(device).eval(), tokenizer, config
+    if config.get("t5_fingerprint") and pretrained.t5_fingerprint(t5) != config["t5_fingerprint"]:
+        raise errors.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one "
+                             f"{run_dir} was trained with (fingerprint mismatch); restore that "
+                             "model or retrain the run")
+    if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
+        prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
+    elif prompt is None:  # fold P' from the checkpoint's reparameterization network, once
+        if not state_path.exists():
+            raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; "
+                                  "the run has not finished a validation yet")
+        try:
+            module = M.build_prompt_module(config["method"], t5.config.d_model,
+                                           **M.prompt_options(config))
+        except ValueError as err:
+            raise files.FileFault(f"{run_dir / 'config.json'} has a wrong prompt option "
+                                  f"({err})") from None
+        load_state(module, files.load_torch(state_path), state_path)
+        with torch.no_grad():
+            prompt = module().detach()
+    prompt = torch.as_tensor(prompt, dtype=torch.float32)
+    if not torch.isfinite(prompt).all():
+        raise errors.Failure(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
+    if prompt.dim() != 2 or prompt.size(1) != t5.config.d_model:
+        raise errors.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but "
+                             f"{config['model']} needs (n, {t5.config.d_model}); it belongs to "
+                             "another model")
+    return M.PromptedT5(t5, M.FoldedPrompt(prompt)).to(device).eval(), tokenizer, config
 
 
 def load_state(module, checkpoint, path):
@@ -171,33 +151,29 @@ def load_state(module, checkpoint, path):
 
 def run_dtype(config, device):
     """The precision a run was trained in (config.json), on this device: bf16 needs CUDA."""
-    dtype = config.get("dtype", "fp32")
-    return dtype if torch.device(device).type == "cuda" else "fp32"
+    return config.get("dtype", "fp32") if torch.device(device).type == "cuda" else "fp32"
 
 
-def run_predictions(net, tokenizer, sources, *, mode, labels, max_new_tokens, max_length,
-                    batch_size, device, dtype, progress=None):
-    """Predictions by greedy decoding or, for tasks with a label set, rank classification."""
-    if mode == "rank":
-        if not labels:
-            raise errors.Failure("--eval-mode rank needs a task with a label set "
-                                 "(meta.json 'labels')")
-        return rank_classify(net, tokenizer, sources, labels, batch_size=batch_size,
-                             max_length=max_length, device=device, dtype=dtype, progress=progress)
-    return predict(net, tokenizer, sources, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                   max_length=max_length, device=device, dtype=dtype, progress=progress)
+def run_predictions(net, tokenizer, sources, meta, *, mode, **options):
+    """Predictions by greedy decoding (at most meta's max_target_length tokens) or, for tasks with a
+    label set (meta's labels), rank classification; `options`: batch_size, max_length, device,
+    dtype and progress, as predict takes them."""
+    if mode != "rank":
+        return predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"], **options)
+    if not meta.get("labels"):
+        raise errors.Failure("--eval-mode rank needs a task with a label set (meta.json 'labels')")
+    return rank_classify(net, tokenizer, sources, meta["labels"], **options)
 
 
 def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None, *,
                  checkpoint="best", data_dir=None, batch_size=64, max_examples=None, device=None,
                  write=True, tag=None, quiet=False):
     """Score a run on `split` of `task` (default: the run's own). `prompt` (l, d) overrides P'
-    (Figure 4); files go to RUN_DIR/eval/<task>_<split>[.<tag>].{result.json,predictions.jsonl}; tag
-    defaults to 'rank' in rank mode. Returns the result dict (with 'score')."""
+    (Figure 4); files go to RUN_DIR/eval/<task>_<split>[.<tag>].{metrics.json,predictions.jsonl};
+    tag defaults to 'rank' in rank mode. Returns the result dict (with 'score')."""
     say = (lambda *a: None) if quiet else print
     net, tokenizer, config = load_run(run_dir, checkpoint, prompt, device)
     device = device or runtime.default_device()
-    dtype = run_dtype(config, device)
     task = task or config["task"]
     data_dir = str(data_dir or config["data_dir"])
     if data_dir != config["data_dir"]:
@@ -215,9 +191,8 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     examples, source_ids, _ = batching.load_split(split_file, tokenizer, max_length, max_examples)
     batching.check_split(meta, split, examples, split_file, max_examples is not None)
     t0 = time.time()
-    preds = run_predictions(net, tokenizer, source_ids, mode=mode, labels=meta.get("labels"),
-                            max_new_tokens=meta["max_target_length"], max_length=max_length,
-                            batch_size=batch_size, device=device, dtype=dtype,
+    preds = run_predictions(net, tokenizer, source_ids, meta, mode=mode, max_length=max_length,
+                            batch_size=batch_size, device=device, dtype=run_dtype(config, device),
                             progress=None if quiet else f"evaluate {task} {split}")
     seconds = time.time() - t0
     result = {"task": task, "split": split, "mode": mode, "checkpoint": checkpoint,
@@ -237,7 +212,6 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     return result
 
 
-@torch.no_grad()
 def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None):
     """The frozen T5 `model` alone, no prompt and no run folder (the steering benchmark's floor):
     its metrics on `split` of `task` (greedy decoding, fp32)."""
@@ -248,22 +222,18 @@ def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None)
     split_file = Path(data_dir) / task / f"{split}.jsonl"
     examples, source_ids, _ = batching.load_split(split_file, tokenizer, meta["max_length"])
     batching.check_split(meta, split, examples, split_file, False)
-    preds = run_predictions(net, tokenizer, source_ids, mode="generate", labels=meta.get("labels"),
-                            max_new_tokens=meta["max_target_length"], max_length=meta["max_length"],
-                            batch_size=batch_size, device=device, dtype="fp32")
+    preds = run_predictions(net, tokenizer, source_ids, meta, mode="generate", device=device,
+                            max_length=meta["max_length"], batch_size=batch_size, dtype="fp32")
     return {"task": task, "split": split, "model": str(model),
             **metrics.compute_metrics(meta, preds, examples)}
 
 
-@torch.no_grad()
-def score_split(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batch_size,
-                max_length, dtype):
-    """Scores of `net` on a split. Every rank decodes a strided shard; predictions are gathered so
-    each rank scores the whole split (never an average of per-rank scores)."""
-    preds = run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], mode=mode,
-                            labels=meta.get("labels"), max_new_tokens=meta["max_target_length"],
-                            max_length=max_length, batch_size=batch_size, device=ranks.device,
-                            dtype=dtype)
+def score_split(net, tokenizer, meta, examples, source_ids, ranks, **options):
+    """Scores of `net` on a split, decoded as `options` (decode_options) say. Every rank decodes a
+    strided shard; predictions are gathered so each rank scores the whole split (never an average
+    of per-rank scores)."""
+    preds = run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], meta,
+                            device=ranks.device, **options)
     if ranks.world_size > 1:
         shards = [None] * ranks.world_size
         dist.all_gather_object(shards, preds)
@@ -274,7 +244,6 @@ def score_split(net, tokenizer, meta, examples, source_ids, ranks, *, mode, batc
 
 
 def decode_options(args):
-    """How validation and test decode: the run's eval mode, batch size, input length and
-    precision."""
+    """How validation and test decode: the run's eval mode, batch size, input length, precision."""
     return {"mode": args.eval_mode, "batch_size": args.eval_batch_size,
             "max_length": args.max_length, "dtype": args.dtype}

@@ -1,8 +1,8 @@
-"""Every metric of the paper, scored in [0, 100] as the paper prints them (docs/DESIGN.md lists the
-names).
+"""Every metric of the paper (docs/DESIGN.md lists the names), in [0, 100] as the paper prints them.
 
 Every metric takes (predictions, examples, labels); an empty input scores 0.0 (never NaN in JSON).
 """
+import bisect
 import collections
 import math
 import re
@@ -27,8 +27,7 @@ def binary_f1(preds, targets, labels=("0", "1"), positive="1"):
     for p, t in zip(preds, targets):
         pp, tt = _binary(p, t, labels or ("0", "1"), positive)
         tp, fp, fn = tp + (pp and tt), fp + (pp and not tt), fn + (tt and not pp)
-    # no positives anywhere: 0, as sklearn
-    return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0  # no positives: 0 (sklearn)
 
 
 def macro_f1(preds, targets, labels=None):
@@ -82,18 +81,10 @@ def _pearson(x, y):
 
 
 def _ranks(x):
-    """1-based ranks, ties get their average rank (scipy.stats.rankdata 'average')."""
-    order = sorted(range(len(x)), key=x.__getitem__)
-    ranks = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    """1-based ranks, ties get their average rank (scipy.stats.rankdata 'average'): a value's ties
+    sit at sorted positions first..last, so its rank is (first + last) / 2 + 1."""
+    s = sorted(x)
+    return [(bisect.bisect_left(s, v) + bisect.bisect_right(s, v) + 1) / 2 for v in x]
 
 
 def pearson(preds, targets):
@@ -141,10 +132,6 @@ def squad_f1(preds, answers):
     return 100.0 * sum(scores) / len(scores) if scores else 0.0
 
 
-def _answers(ex):
-    return ex.get("answers") or [ex["target"]]  # MRQA rows carry every gold answer
-
-
 METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
     "acc": lambda p, ex, lab: accuracy(p, [e["target"] for e in ex]),
     "f1": lambda p, ex, lab: binary_f1(p, [e["target"] for e in ex], lab),
@@ -155,19 +142,18 @@ METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
     "f1a": lambda p, ex, lab: binary_f1(p, [e["target"] for e in ex], lab),
     "em": lambda p, ex, lab: multirc_em(p, [e["target"] for e in ex],
                                         [e["question_id"] for e in ex]),
-    "squad_em": lambda p, ex, lab: squad_em(p, [_answers(e) for e in ex]),
-    "squad_f1": lambda p, ex, lab: squad_f1(p, [_answers(e) for e in ex]),
+    # MRQA rows carry every gold answer
+    "squad_em": lambda p, ex, lab: squad_em(p, [e.get("answers") or [e["target"]] for e in ex]),
+    "squad_f1": lambda p, ex, lab: squad_f1(p, [e.get("answers") or [e["target"]] for e in ex]),
 }
 
 
 def check_metrics(meta, path):
-    """meta.json names only metrics this file computes (an edited one would fail after the whole
-    run)."""
+    """meta.json names only metrics this file computes (an edited one would fail after the run)."""
     unknown = [m for m in meta["metrics"] if m not in METRICS]
     if unknown:
-        raise files.FileFault(f"{path} names unknown metrics {unknown}; "
-                              f"known: {', '.join(METRICS)}. "
-                              "Rebuild the task with prepare_data.py --overwrite")
+        raise files.FileFault(f"{path} names unknown metrics {unknown}; known: {', '.join(METRICS)}"
+                              ". Rebuild the task with prepare_data.py --overwrite")
 
 
 def compute_metrics(meta, predictions, examples):
@@ -178,6 +164,5 @@ def compute_metrics(meta, predictions, examples):
     out["score"] = sum(out[name] for name in meta["score"]) / len(meta["score"])
     out["n"] = len(examples)
     if labels:
-        # predictions outside the label set
-        out["invalid"] = sum(p not in labels for p in predictions)
+        out["invalid"] = sum(p not in labels for p in predictions)  # outside the label set
     return out

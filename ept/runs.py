@@ -1,14 +1,6 @@
-"""A run folder (train.py writes it, every later stage reads it): its files, lock and status.
+"""A run folder (train.py writes it, every later stage reads it): its name, files, status and lock.
 
-    config.json   every setting of the run, resolved
-    log.jsonl     one JSON object per event (train/eval/end)
-    best.pt       trainable state at the best validation
-    last.pt       the latest state (resume)
-    prompt.pt     the folded P' of best.pt
-    metrics.json  test metrics of best.pt
-    run.lock      "<host> <pid> <SLURM job>" of the one process writing the folder (one host)
-    failed.txt    why the run stopped for good (a non-finite loss, gradient, prompt or weights): one
-                  sentence; removed when the run starts again (--resume, --overwrite)
+docs/training.md lists the files ("The run folder") and the lock's rules ("Run lock").
 """
 import os
 import socket
@@ -17,9 +9,8 @@ from pathlib import Path
 import model as M
 from ept import errors, files
 
-# A run folder's name, for a solo run, a pack's runs and the drivers' alike:
-# <task>_<method>_<model>[_<options that differ from train.py's defaults and apply to the
-# method>]_s<seed>.
+# A run folder's name, for a solo run, a pack's runs and the drivers' alike: <task>_<method>_<model>
+# [_<options that differ from train.py's defaults and apply to the method>]_s<seed>.
 NAME_TAGS = [("prompt_length", "n"), ("reparam", ""), ("hidden_size", "h"), ("broadcast", "b"),
              ("depth", "d"), ("extra_layer", "x1"), ("init", "init-"), ("layer_norm", "ln"),
              ("residual", "res"), ("activation", ""), ("lr", "lr"), ("max_steps", "steps"),
@@ -45,24 +36,19 @@ def run_name(spec, defaults):
                      f"s{spec['seed']}"])
 
 
-FAILED_NAME = "failed.txt"
+FAILED_NAME, LOCK_NAME = "failed.txt", "run.lock"
 RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "metrics.json",
              FAILED_NAME)
-LOCK_NAME = "run.lock"
-
-
 CONFIG_KEYS = ("task", "method", "model", "tokenizer", "random_init", "seed", "data_dir",
                "max_length", "meta")
 
 
 def read_config(run_dir, keys=CONFIG_KEYS):
-    """A run's config.json holding `keys` (what the later stages rebuild the run from); one sentence
-    if not."""
+    """A run's config.json; one sentence if it lacks `keys` (what later stages rebuild it from)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise files.FileFault(f"no run folder {run_dir} "
-                              f"({'a file' if run_dir.exists() else 'it does not exist'}); "
-                              "pass a folder train.py wrote")
+        what = "a file" if run_dir.exists() else "it does not exist"
+        raise files.FileFault(f"no run folder {run_dir} ({what}); pass a folder train.py wrote")
     if not (run_dir / "config.json").exists():
         raise files.FileFault(f"{run_dir} is not a run folder (no config.json); pass a folder "
                               "train.py wrote")
@@ -89,8 +75,7 @@ def status(run_dir):
 
 
 def failure(run_dir):
-    """Why the run failed (failed.txt's sentence), or None: it did not fail, or it was started again
-    since."""
+    """Why the run failed (failed.txt's sentence), or None: it did not, or was restarted since."""
     try:
         return ((Path(run_dir) / FAILED_NAME).read_text(encoding="utf-8", errors="replace").strip()
                 or "failed")
@@ -101,8 +86,7 @@ def failure(run_dir):
 
 
 def is_run_folder(run_dir):
-    """True for an empty folder or one whose config.json train.py wrote (what --overwrite may
-    clear)."""
+    """True for an empty folder or one train.py wrote (config.json): what --overwrite may clear."""
     config = Path(run_dir) / "config.json"
     if not config.exists():
         return not any(p.name not in (*RUN_FILES, "eval")
@@ -128,13 +112,11 @@ def finished(run_dir):
     return bool(no_test and events and events[-1].get("event") == "end")
 
 
-# --- the lock: one writer per run folder, on one host ---------------------------------------------
-# run.lock holds "<host> <pid> <job>": the process writing the folder, and the engine's id of the
-# unit it runs (SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID or SLURM_JOB_ID; "-" outside SLURM). Units
-# are handed out by one launcher or by an engine (docs/experiments.md), so the lock only guards
-# against starting the same run twice by hand. It is free when absent, when its pid is gone on this
-# host, or when it names this process's own SLURM job (a requeued task whose first run died with its
-# node: SLURM runs a task once at a time).
+# --- the lock: one writer per run folder, on one host (docs/training.md, "Run lock") -------------
+# run.lock holds "<host> <pid> <job>", job being engine_job() ("-" outside SLURM). Units are handed
+# out by one launcher or an engine, so the lock only guards against starting a run twice by hand. It
+# is free when absent, when its pid is gone on this host, or when it names this process's own SLURM
+# job (a requeued task whose first run died with its node: SLURM runs a task once at a time).
 
 
 def _alive(pid):
@@ -172,8 +154,8 @@ class Owner:
         self.host, self.pid, self.job = (text.split() + ["?", "?", "-"])[:3]
 
     def __str__(self):
-        return f"pid {self.pid} on {self.host}" + (f" (SLURM job {self.job})"
-                                                   if self.job != "-" else "")
+        job = f" (SLURM job {self.job})" if self.job != "-" else ""
+        return f"pid {self.pid} on {self.host}{job}"
 
     def stale(self):
         """True when the writer is gone (see above)."""
@@ -191,12 +173,6 @@ def read_owner(path):
         return None
     except OSError as err:
         raise files.FileFault(f"cannot read the lock {path}: {files.why(err)}") from None
-
-
-def holder(run_dir):
-    """The live Owner of run_dir's lock, or None when the folder is free."""
-    owner = read_owner(Path(run_dir) / LOCK_NAME)
-    return owner if owner is not None and not owner.stale() else None
 
 
 class Lock:
