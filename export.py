@@ -85,12 +85,10 @@ def check_out_dir(out_dir, overwrite):
     if out_dir.exists() and not out_dir.is_dir():
         raise errors.Failure(f"export: {out_dir} is a file; name a folder for the adapter")
     present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    if not present:
-        return
-    if ADAPTER_CONFIG not in present or not set(present) <= set(ADAPTER_FILES):
+    if present and (ADAPTER_CONFIG not in present or not set(present) <= set(ADAPTER_FILES)):
         raise errors.Failure(f"export: {out_dir} already holds {', '.join(present[:5])}, "
                              "not an adapter export; name a new or empty folder")
-    if not overwrite:
+    if present and not overwrite:
         raise errors.Failure(f"export: {out_dir} already holds an adapter; "
                              "pass --overwrite to replace it or name another folder")
 

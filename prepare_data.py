@@ -31,7 +31,6 @@ from ept import cli, errors, files, registry
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=cli.HelpFormatter)
-# data
 g = parser.add_argument_group("data")
 g.add_argument("--tasks", nargs="+", default=["all"],
                help="task names, group names (glue, superglue, mrqa, others) or 'all'")
@@ -41,13 +40,11 @@ g.add_argument("--data-seed", type=cli.nonnegative_int, default=42,
                help="seed of the validation/test draws (Appendix B.1)")
 g.add_argument("--tokenizer", default="t5-base", metavar="NAME_OR_DIR",
                help="T5 tokenizer for token-length statistics and max_target_length")
-# few-shot (Table 3)
 g = parser.add_argument_group("few-shot (Table 3)")
 g.add_argument("--fewshot", nargs="*", type=cli.positive_int, default=[], metavar="K",
                help="examples in all, the classes balanced (Table 3); none by default")
 g.add_argument("--fewshot-seeds", nargs="+", type=cli.nonnegative_int, default=[0, 1, 2, 3, 4, 5],
                metavar="S", help="one few-shot set per seed and K")
-# output
 g = parser.add_argument_group("output")
 g.add_argument("--out", default="data", help="output folder; one sub-folder per task")
 g.add_argument("--overwrite", action="store_true",
@@ -267,15 +264,6 @@ def jsonl(records):
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def write_task(out, name, texts):
-    """Write every file into a temporary folder beside out/<name>, then swap it in: a failure at any
-    point (a full disk included) leaves the previous out/<name> as it was."""
-    def fill(tmp):
-        for fname, text in texts.items():  # meta.json last: its presence marks a finished task
-            (tmp / fname).write_text(text, encoding="utf-8")
-    files.write_folder(out / name, fill)
-
-
 def prepare(task, args, out):
     if args.source or task.benchmark == "steer":  # the steering sentences ship with the repository
         train_rows, held_rows, source = load_local(task, Path(args.source or registry.STEER_SOURCE))
@@ -314,7 +302,13 @@ def prepare(task, args, out):
                               "classes": dict(sorted(Counter(r["target"] for r in records).items()))
                               if task.labels else None} for key, records in shots.items()}}
     texts["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    write_task(out, task.name, texts)
+
+    # a temporary folder beside out/<task>, then swapped in: a failure at any point (a full disk
+    # included) leaves the previous out/<task> as it was
+    def fill(tmp):
+        for fname, text in texts.items():  # meta.json last: its presence marks a finished task
+            (tmp / fname).write_text(text, encoding="utf-8")
+    files.write_folder(out / task.name, fill)
 
     for name, records in splits.items():
         s, counts = stats[name], Counter(r["target"] for r in records)

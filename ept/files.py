@@ -154,7 +154,8 @@ def write_with(path, save):
         save(tmp)
         os.replace(tmp, path)
     except BaseException as err:
-        _remove(tmp)
+        with contextlib.suppress(OSError):  # a read-only folder: nothing was left in it either
+            tmp.unlink(missing_ok=True)
         if not isinstance(err, OSError):
             raise
         reason = why(err)
@@ -162,11 +163,6 @@ def write_with(path, save):
             reason = f"the folder {path.parent} does not exist"
         raise FileFault(f"cannot write {path}: {reason}") from None
     return path
-
-
-def _remove(path):
-    with contextlib.suppress(OSError):  # a read-only folder: nothing was left in it either
-        path.unlink(missing_ok=True)
 
 
 def write_text(path, text):
@@ -218,19 +214,15 @@ def write_folder(path, fill):
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-    except BaseException as err:
-        _restore(path, tmp, old)
+    except BaseException as err:  # the old folder back in its place
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(err, OSError):
             raise
         raise FileFault(f"cannot write {path}: {why(err)}") from None
     shutil.rmtree(old, ignore_errors=True)
     return path
-
-
-def _restore(path, tmp, old):
-    if old.exists() and not path.exists():
-        os.replace(old, path)
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -53,12 +53,9 @@ def wsc(row, i):
             "idx": row["idx"]}
 
 
-def remove_markup(text):
-    return re.sub(r"</?b>", "", text.replace("<br>", " "))  # T5's MultiRC remove_markup
-
-
 def multirc(row, i):
-    q, a, p = (remove_markup(row[k]) for k in ("question", "answer", "paragraph"))
+    q, a, p = (re.sub(r"</?b>", "", row[k].replace("<br>", " "))  # T5's MultiRC remove_markup
+               for k in ("question", "answer", "paragraph"))
     return {"source": f"question: {q} answer: {a} paragraph: {p}", "target": str(row["label"]),
             "label": row["label"], "idx": row["idx"]["answer"],
             "question_id": row["idx"]["question"]}
@@ -383,12 +380,9 @@ GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b]
 # sentence and asks for another task: a prompt has to learn to select it (docs/experiments.md, "The
 # steering benchmark"). Not one of the paper's 21 tasks: not in TASKS.
 
-def steer_words(sentence):
-    return [w for w in sentence.split() if any(c.isalnum() for c in w)]
-
-
-STEER_RULES = {"long": lambda s: int(len(steer_words(s)) >= 8),  # 8 words or more
-               "comma": lambda s: int("," in s)}                   # contains a comma
+# long: 8 words or more (a word: letters or digits between spaces); comma: contains a comma
+STEER_RULES = {"long": lambda s: int(sum(any(c.isalnum() for c in w) for w in s.split()) >= 8),
+               "comma": lambda s: int("," in s)}
 STEER_DEFAULT = "long"  # what the backbone does without a prefix
 STEER_SOURCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "steer"
 
