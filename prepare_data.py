@@ -1,21 +1,19 @@
 """Turn the 21 tasks of the EPT paper into text-to-text JSONL files with the paper's splits.
 
-Reads the Hugging Face Hub datasets of docs/paper.md ("Tasks") (`datasets.load_dataset`), or, with
-`--source DIR`, a folder of the official distribution files (one sub-folder per task; the file
-names are in docs/data.md). Writes, per task:
+Reads the Hugging Face Hub datasets of docs/paper.md ("Tasks"), or, with `--source DIR`, a folder of
+the official files (one sub-folder per task, named in docs/data.md). Writes, per task:
 
     data/<task>/train.jsonl, validation.jsonl, test.jsonl   {"source", "target", "label", "idx"}
     data/<task>/train_k{K}_seed{S}.jsonl                    few-shot sets (Table 3), with --fewshot
     data/<task>/meta.json                                   origin, sizes, labels, metrics, lengths
 
-Splits follow Appendix B.1 from a fixed data seed (separate from the training seed).
+Splits follow Appendix B.1 from a fixed data seed (separate from the training seed). A task whose
+meta.json exists is skipped unless --overwrite; a failed run leaves it untouched.
 
     python prepare_data.py --tasks rte cb                      # from the Hub
     python prepare_data.py --tasks all --source raw/ --tokenizer t5-base
     python prepare_data.py --tasks superglue glue --fewshot 4 16 32 --fewshot-seeds 0 1 2 3 4 5
     python prepare_data.py --source tests/fixtures/raw --tasks all --out smoke/data   # CPU smoke
-
-A task whose meta.json exists is skipped unless --overwrite; a failed run leaves it untouched.
 """
 import argparse
 import functools

@@ -1,9 +1,8 @@
 """The project's files on disk: one reader and one writer per kind of file, shared by every stage.
 
-Every writer is atomic: it writes a temporary file beside the target and renames it over the target
-(`os.replace`), so a file is either its old self or wholly new, even under SIGKILL or a full disk.
-Every reader fails with one sentence naming the file and what is wrong with it (missing, not JSON,
-truncated, not UTF-8, unreadable), never with a traceback. The kinds:
+Every writer is atomic (a temporary file beside the target, then `os.replace`): a file is its old
+self or wholly new, even under SIGKILL or a full disk. Every reader fails with one sentence naming
+the file and what is wrong (missing, not JSON, truncated, not UTF-8, unreadable). The kinds:
 
     folder          data/<task>/, an exported adapter: filled beside, then swapped in whole
     JSON            config.json, meta.json, metrics.json, results/analysis/*.json
