@@ -136,7 +136,7 @@ def _has_vocabulary(folder):
     return (folder / "tokenizer.json").exists() or (folder / "spiece.model").exists()
 
 
-def load_tokenizer(name_or_dir, fix=None):
+def load_tokenizer(name_or_dir, say=print, fix=None):
     """The T5 tokenizer of a Hub name or a folder. A folder without a vocabulary (a bare config, as
     in ../shared/data/t5/t5-small) takes its parent's, and says so; with neither, it is an error."""
     from transformers import AutoTokenizer
@@ -147,8 +147,8 @@ def load_tokenizer(name_or_dir, fix=None):
             raise errors.Failure(f"{name_or_dir} holds no tokenizer (no tokenizer.json or "
                                  "spiece.model); pass --tokenizer DIR with the T5 tokenizer")
         candidate = str(folder.parent)
-        print(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} "
-              "(--tokenizer to choose)")
+        say(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} "
+            "(--tokenizer to choose)")
     if folder is None:
         hub_reachable()  # unreachable: the cache only, no retries
     try:
