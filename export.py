@@ -13,9 +13,8 @@ broadcast P' is stored as the n rows that enter the encoder (docs/experiments.md
 
 The folder is written beside and swapped in whole, so an old adapter is never left half-replaced;
 an existing adapter is replaced only with --overwrite, and a folder that holds other files than an
-adapter's is never written into. With PEFT installed, the adapter loads as
-    model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained("t5-base"),
-    "exports/rte_ept_star")
+adapter's is never written into. With PEFT installed, `PeftModel.from_pretrained(t5, OUT_DIR)` loads
+the adapter.
 """
 import argparse
 import json

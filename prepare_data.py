@@ -200,7 +200,6 @@ def split(train, held, seed):
 
 def fewshot(task, train, k, seed):
     """Table 3 (§5.2): k examples in all from the train split, classes balanced, fixed per seed.
-
     Each class gets k // C rows; the k % C left over go one each to the first classes of an order
     the seed shuffles (so over the seeds no class is favoured). A class with too few rows gives all
     it has and its share passes on round-robin to the others. Open targets (STS-B, MRQA): k drawn

@@ -97,9 +97,8 @@ def load_split(path, tokenizer, max_length, limit=None):
 
 
 def check_split(meta, name, examples, path, limited):
-    """A split file must still match its meta.json: rows present, the row count (unless `limited`),
-    targets in the label set. An edited or half-copied split is one sentence, never a silent change
-    of the experiment."""
+    """A split file must still match its meta.json (rows present, the row count unless `limited`,
+    targets in the label set): an edited or half-copied split is one sentence, not a silent edit."""
     fix = "rebuild the task with prepare_data.py --overwrite"
     if not examples:
         why = "; the best checkpoint would be chosen by chance" if name == "validation" else ""

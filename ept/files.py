@@ -198,9 +198,8 @@ def save_torch(path, obj):
 
 
 def write_folder(path, fill):
-    """A whole folder at once: `fill(tmp)` writes the files into a temporary folder beside `path`,
-    which then takes the place of the old folder. Any failure (a full disk, a bad value) leaves the
-    old folder as it was."""
+    """A whole folder at once: `fill(tmp)` fills a temporary folder beside `path`, which then takes
+    the place of the old one; any failure (a full disk, a bad value) leaves the old one intact."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileFault(f"cannot write the folder {path}: a file of that name is in the way")
