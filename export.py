@@ -3,30 +3,18 @@
 Reads RUN_DIR/config.json and the folded P' (prompt.pt, the best checkpoint; or last.pt folded once)
 and writes OUT_DIR/adapter_model.safetensors ({"prompt_embeddings": P' (n, d) float32}) and
 OUT_DIR/adapter_config.json (a PromptTuningConfig), the two files PEFT's save_pretrained writes and
-PeftModel.from_pretrained reads, plus a README.md saying where the prompt came from. The folder is
-written beside and swapped in whole, so an old adapter is never left half-replaced. The format
-followed is PEFT 0.17 (see docs/experiments.md):
-
-- num_transformer_submodules is written as 1. PEFT fills in 2 for SEQ_2_SEQ_LM only when the field
-  is null, and then expects a table of 2n rows: recent PEFT (the 0.15-0.17 sources read) uses only
-  the first n for PROMPT_TUNING, older PEFT (e.g. 0.5) prepended the second n to the *decoder*
-  inputs in forward() (generate() always used the first n only). Our prompt enters the encoder
-  alone, which is what every version does with 1, in forward() and in generate(); the table then
-  holds exactly our n rows and loads with strict=True.
-- EPT's P' is the same row broadcast n times (n = 1 for EPT, 10 for EPT*): the adapter stores the n
-  rows as they enter the encoder; PEFT has no notion of a broadcast.
+PeftModel.from_pretrained reads, plus a README.md saying where the prompt came from. The format is
+PEFT 0.17's with num_transformer_submodules 1, as our prompt enters the encoder alone; EPT's
+broadcast P' is stored as the n rows that enter the encoder (docs/experiments.md, "PEFT export").
 
     python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star
     python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star --checkpoint last
-    # replace an old export:
-    python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star --overwrite
+    python export.py runs/rte_ept_star_t5-base_s0 exports/rte_ept_star --overwrite  # replace it
 
-An existing adapter folder is left alone unless --overwrite; a folder that holds other files than an
-adapter's is never written into.
-
-With PEFT installed, the adapter loads as
-    model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained("t5-base"),
-    "exports/rte_ept_star")
+The folder is written beside and swapped in whole, so an old adapter is never left half-replaced;
+an existing adapter is replaced only with --overwrite, and a folder that holds other files than an
+adapter's is never written into. With PEFT installed, `PeftModel.from_pretrained(t5, OUT_DIR)` loads
+the adapter.
 """
 import argparse
 import json
@@ -54,8 +42,7 @@ parser.add_argument("--overwrite", action="store_true",
 
 
 def t5_dimensions(name_or_dir):
-    """(num_layers, num_heads) of the base T5: its config file if reachable, else the known
-    sizes."""
+    """(num_layers, num_heads) of the base T5: its config's if reachable, else the known sizes."""
     from transformers import T5Config
     try:
         config = T5Config.from_pretrained(name_or_dir)
@@ -78,43 +65,29 @@ def folded_prompt(run_dir, checkpoint="best"):
 
 
 def adapter_config(prompt, base_model, num_layers, num_heads):
-    """PEFT's PromptTuningConfig.to_dict() fields (PEFT 0.17; every field also known to PEFT >=
-    0.7)."""
-    return {
-        "auto_mapping": None,
-        "base_model_name_or_path": base_model,
-        "inference_mode": True,  # save_pretrained always writes True
-        "num_attention_heads": num_heads,
-        "num_layers": num_layers,
-        "num_transformer_submodules": 1,  # encoder only: see the module docstring
-        "num_virtual_tokens": prompt.size(0),
-        "peft_type": "PROMPT_TUNING",
-        # how PEFT would initialise it; irrelevant once weights load
-        "prompt_tuning_init": "RANDOM",
-        "prompt_tuning_init_text": None,
-        "revision": None,
-        "task_type": "SEQ_2_SEQ_LM",
-        "token_dim": prompt.size(1),
-        "tokenizer_kwargs": None,
-        "tokenizer_name_or_path": None,
-    }
+    """PEFT's PromptTuningConfig.to_dict() fields (PEFT 0.17; every one known to PEFT >= 0.7)."""
+    return {"auto_mapping": None, "base_model_name_or_path": base_model,
+            "inference_mode": True,  # save_pretrained always writes True
+            "num_attention_heads": num_heads, "num_layers": num_layers,
+            "num_transformer_submodules": 1,  # encoder only: see the module docstring
+            "num_virtual_tokens": prompt.size(0), "peft_type": "PROMPT_TUNING",
+            "prompt_tuning_init": "RANDOM",  # how PEFT would initialise it; moot once loaded
+            "prompt_tuning_init_text": None, "revision": None, "task_type": "SEQ_2_SEQ_LM",
+            "token_dim": prompt.size(1), "tokenizer_kwargs": None, "tokenizer_name_or_path": None}
 
 
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md")
 
 
 def check_out_dir(out_dir, overwrite):
-    """The adapter folder may be new or empty; an existing adapter only with --overwrite; else
-    refused."""
+    """The adapter folder may be new or empty, or an existing adapter with --overwrite."""
     if out_dir.exists() and not out_dir.is_dir():
         raise errors.Failure(f"export: {out_dir} is a file; name a folder for the adapter")
     present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    if not present:
-        return
-    if ADAPTER_CONFIG not in present or not set(present) <= set(ADAPTER_FILES):
+    if present and (ADAPTER_CONFIG not in present or not set(present) <= set(ADAPTER_FILES)):
         raise errors.Failure(f"export: {out_dir} already holds {', '.join(present[:5])}, "
                              "not an adapter export; name a new or empty folder")
-    if not overwrite:
+    if present and not overwrite:
         raise errors.Failure(f"export: {out_dir} already holds an adapter; "
                              "pass --overwrite to replace it or name another folder")
 
@@ -128,21 +101,17 @@ def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False
         raise errors.Failure(f"export: {run_dir} is full fine-tuning: there is no prompt to export")
     prompt = folded_prompt(run_dir, checkpoint).contiguous()  # (n, d)
     base_model = base_model or config["model"]
-    num_layers, num_heads = t5_dimensions(base_model)
-    peft_config = adapter_config(prompt, base_model, num_layers, num_heads)
-    metrics = {}
-    if (run_dir / "metrics.json").exists():
-        metrics = files.read_json(run_dir / "metrics.json", "test metrics")
-        metrics = metrics if isinstance(metrics, dict) else {}
+    peft_config = adapter_config(prompt, base_model, *t5_dimensions(base_model))
+    metrics_path = run_dir / "metrics.json"
+    metrics = files.read_json(metrics_path, "test metrics") if metrics_path.exists() else {}
+    score = metrics.get("score", "n/a") if isinstance(metrics, dict) else "n/a"
     readme = (f"# {config['method']} prompt for {config['task']}\n\n"
-              f"Exported from `{run_dir}` ({checkpoint} checkpoint) by export.py: "
-              f"a PEFT PROMPT_TUNING adapter for `{base_model}`, {prompt.size(0)} virtual "
-              f"token(s) of dimension {prompt.size(1)}, "
-              f"encoder only (num_transformer_submodules 1).\n\n"
-              f"Test score of the run: {metrics.get('score', 'n/a')}. "
-              f"Training method: {config['method']}, "
-              f"{config.get('n_trainable', '?')} trainable parameters; "
-              f"only the folded prompt P' is kept.\n")
+              f"Exported from `{run_dir}` ({checkpoint} checkpoint) by export.py: a PEFT "
+              f"PROMPT_TUNING adapter for `{base_model}`, {prompt.size(0)} virtual token(s) of "
+              f"dimension {prompt.size(1)}, encoder only (num_transformer_submodules 1).\n\n"
+              f"Test score of the run: {score}. Training method: {config['method']}, "
+              f"{config.get('n_trainable', '?')} trainable parameters; only the folded prompt P' "
+              "is kept.\n")
 
     # the whole folder is swapped in at once: an old adapter stays whole if anything fails
     def fill(tmp):

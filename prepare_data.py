@@ -1,21 +1,19 @@
 """Turn the 21 tasks of the EPT paper into text-to-text JSONL files with the paper's splits.
 
-Reads the Hugging Face Hub datasets of docs/paper.md ("Tasks") (`datasets.load_dataset`), or, with
-`--source DIR`, a folder of the official distribution files (one sub-folder per task; the file
-names are in docs/data.md). Writes, per task:
+Reads the Hugging Face Hub datasets of docs/paper.md ("Tasks"), or, with `--source DIR`, a folder of
+the official files (one sub-folder per task, named in docs/data.md). Writes, per task:
 
     data/<task>/train.jsonl, validation.jsonl, test.jsonl   {"source", "target", "label", "idx"}
     data/<task>/train_k{K}_seed{S}.jsonl                    few-shot sets (Table 3), with --fewshot
     data/<task>/meta.json                                   origin, sizes, labels, metrics, lengths
 
-Splits follow Appendix B.1 from a fixed data seed (separate from the training seed).
+Splits follow Appendix B.1 from a fixed data seed (separate from the training seed). A task whose
+meta.json exists is skipped unless --overwrite; a failed run leaves it untouched.
 
     python prepare_data.py --tasks rte cb                      # from the Hub
     python prepare_data.py --tasks all --source raw/ --tokenizer t5-base
     python prepare_data.py --tasks superglue glue --fewshot 4 16 32 --fewshot-seeds 0 1 2 3 4 5
     python prepare_data.py --source tests/fixtures/raw --tasks all --out smoke/data   # CPU smoke
-
-A task whose meta.json exists is skipped unless --overwrite; a failed run leaves it untouched.
 """
 import argparse
 import functools
@@ -31,24 +29,20 @@ from ept import cli, errors, files, registry
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=cli.HelpFormatter)
-# data
 g = parser.add_argument_group("data")
 g.add_argument("--tasks", nargs="+", default=["all"],
                help="task names, group names (glue, superglue, mrqa, others) or 'all'")
-g.add_argument("--source", default=None, metavar="DIR",
-               help="folder of official files, one sub-folder per task (docs/data.md); "
-                    "default: the Hub")
+g.add_argument("--source", default=None, metavar="DIR", help="folder of official files, one "
+               "sub-folder per task (docs/data.md); default: the Hub")
 g.add_argument("--data-seed", type=cli.nonnegative_int, default=42,
                help="seed of the validation/test draws (Appendix B.1)")
 g.add_argument("--tokenizer", default="t5-base", metavar="NAME_OR_DIR",
                help="T5 tokenizer for token-length statistics and max_target_length")
-# few-shot (Table 3)
 g = parser.add_argument_group("few-shot (Table 3)")
 g.add_argument("--fewshot", nargs="*", type=cli.positive_int, default=[], metavar="K",
                help="examples in all, the classes balanced (Table 3); none by default")
 g.add_argument("--fewshot-seeds", nargs="+", type=cli.nonnegative_int, default=[0, 1, 2, 3, 4, 5],
                metavar="S", help="one few-shot set per seed and K")
-# output
 g = parser.add_argument_group("output")
 g.add_argument("--out", default="data", help="output folder; one sub-folder per task")
 g.add_argument("--overwrite", action="store_true",
@@ -62,12 +56,11 @@ SAMPLE_FOLDER = re.compile(r"(?i)(k-?shot|few-?shot|\d+-shot|^\d+-\d+$)")
 
 
 def find_files(task, root):
-    """The first folder (shallowest first) under root/<task folder> that holds one accepted file per
-    role. Few-shot sample folders (k-shot-16-42/, 16-42/) and several candidate folders at one depth
-    are refused: they are subsets, not the official distribution, and would build a train split of a
-    few dozen rows."""
-    folder, need = (root / task.folder,
-                    " + ".join(" or ".join(names) for names in task.files.values()))
+    """The first folder (shallowest first) under root/<task folder> with one accepted file per role.
+    Few-shot sample folders (k-shot-16-42/, 16-42/) and several candidates at one depth are refused:
+    they are subsets, not the official distribution (a train split of a few dozen rows)."""
+    folder = root / task.folder
+    need = " + ".join(" or ".join(names) for names in task.files.values())
     if not folder.is_dir():
         raise errors.Failure(f"prepare_data: {task.name}: missing folder {folder} "
                              f"(expected {need} in it; see docs/data.md)")
@@ -79,7 +72,6 @@ def find_files(task, root):
         if all(found.values()) and (not candidates or len(d.parts) == len(candidates[0][0].parts)):
             candidates.append((d, found))
     if candidates:
-        d, found = candidates[0]
         samples = [c for c, _ in candidates
                    if any(SAMPLE_FOLDER.search(part) for part in c.relative_to(root).parts)]
         if len(candidates) > 1 or samples:
@@ -90,7 +82,7 @@ def find_files(task, root):
                                  f"{folder} ({names}), expected the official full distribution in "
                                  "one folder; pass --source DIR with the official files "
                                  "(docs/data.md)")
-        return found
+        return candidates[0][1]
     absent = [names for names in task.files.values()
               if not any(any(folder.rglob(Path(f).name)) for f in names)]
     what = f"missing {' or '.join(absent[0])}" if absent else "no one folder holds all of the files"
@@ -131,10 +123,9 @@ def load_hub(task):
     import datasets
     print(f"{task.name}: loading {task.hub_id} ({task.hub_config}) from the Hugging Face Hub")
     ds = error = None
+    # datasets >= 4 refuses repos that still carry a loading script: then their parquet conversion
     for revision, kwargs in (("main", {"name": task.hub_config}),
                              ("refs/convert/parquet", {"data_dir": task.hub_config})):
-        # datasets >= 4 refuses repos that still carry a loading script: then their parquet
-        # conversion
         try:
             ds = datasets.load_dataset(task.hub_id, revision=revision, **kwargs)
             break
@@ -160,16 +151,14 @@ BAR_ROWS = 20000  # fewer rows take well under a few seconds: no progress bar
 
 
 def progress(items, desc, unit="rows", rows=None):
-    """`items` with a progress bar on stderr when they stand for many rows (TQDM_DISABLE=1 turns it
-    off)."""
+    """`items` with a progress bar on stderr when they are many rows (TQDM_DISABLE=1: none)."""
     from tqdm import tqdm
     many = (len(items) if rows is None else rows) >= BAR_ROWS
     return tqdm(items, desc=desc, unit=unit, dynamic_ncols=True, leave=False) if many else items
 
 
 def to_records(task, rows, where):
-    """The one code path from Hub-schema rows (either source) to records; bad rows name their
-    origin."""
+    """The one path from Hub-schema rows (either source) to records; a bad row names its origin."""
     records = []
     for i, row in enumerate(progress(rows, f"{task.name}: {where}")):
         try:
@@ -186,8 +175,7 @@ def to_records(task, rows, where):
 
 
 def draw(records, n, rng):
-    """Shuffle and cut: (about n records, the rest). MultiRC draws whole questions (all their
-    answers)."""
+    """Shuffle and cut: (about n records, the rest). MultiRC draws whole questions (all answers)."""
     groups = {}
     for i, r in enumerate(records):
         groups.setdefault(r.get("question_id", i), []).append(r)
@@ -200,24 +188,18 @@ def draw(records, n, rng):
 
 
 def split(train, held, seed):
-    """Appendix B.1: (train, validation, test) from the original train and labelled held-out
-    split."""
+    """Appendix B.1: (train, validation, test) from the original train and labelled held-out split.
+    Small tasks: the original validation, shuffled and halved, gives validation and test; larger
+    ones: validation is drawn from train and test = the original validation."""
     rng = random.Random(seed)
-    # small: the original validation, shuffled and halved, gives validation and test
     if len(train) < 10_000:
-        validation, test = draw(held, len(held) // 2, rng)
-        return train, validation, test
-    # test = original validation
+        return (train, *draw(held, len(held) // 2, rng))
     validation, train = draw(train, 1_000 if len(train) < 100_000 else 10_000, rng)
     return train, validation, held
 
 
-
-
 def fewshot(task, train, k, seed):
-    """Table 3 (§5.2): k examples in all from the training split, the classes balanced, fixed per
-    seed.
-
+    """Table 3 (§5.2): k examples in all from the train split, classes balanced, fixed per seed.
     Each class gets k // C rows; the k % C left over go one each to the first classes of an order
     the seed shuffles (so over the seeds no class is favoured). A class with too few rows gives all
     it has and its share passes on round-robin to the others. Open targets (STS-B, MRQA): k drawn
@@ -237,7 +219,6 @@ def fewshot(task, train, k, seed):
     picked = [r for label in task.labels for r in rng.sample(pools[label], quota[label])]
     rng.shuffle(picked)
     return picked
-
 
 
 # --- tokens and files -----------------------------------------------------------------------------
@@ -263,15 +244,13 @@ def source_lengths(tokenizer, texts):
     special = len(tokenizer("")["input_ids"])
     lengths = {t: special + sum(size[w] for w in t.split()) for t in texts}
     if any(lengths[t] != n for t, n in whole(texts[::max(1, len(texts) // 200)])):
-        lengths = {t: n for i in progress(range(0, len(texts), 4096), "token lengths", "chunks",
-                                          len(texts))
-                   for t, n in whole(texts[i:i + 4096])}
+        chunks = progress(range(0, len(texts), 4096), "token lengths", "chunks", len(texts))
+        lengths = {t: n for i in chunks for t, n in whole(texts[i:i + 4096])}
     return lengths
 
 
 def token_stats(lengths, max_length):
-    """p50/p95/max of the source length in tokens (before the prompt) and how many exceed
-    max_length."""
+    """p50/p95/max of the source length in tokens (before the prompt); how many pass max_length."""
     lengths = sorted(lengths)
     rank = lambda q: lengths[max(0, -(-len(lengths) * q // 100) - 1)]  # nearest-rank percentile
     return {"p50": rank(50), "p95": rank(95), "max": lengths[-1],
@@ -280,15 +259,6 @@ def token_stats(lengths, max_length):
 
 def jsonl(records):
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
-def write_task(out, name, texts):
-    """Write every file into a temporary folder beside out/<name>, then swap it in: a failure at any
-    point (a full disk included) leaves the previous out/<name> as it was."""
-    def fill(tmp):
-        for fname, text in texts.items():  # meta.json last: its presence marks a finished task
-            (tmp / fname).write_text(text, encoding="utf-8")
-    files.write_folder(out / name, fill)
 
 
 def prepare(task, args, out):
@@ -308,11 +278,11 @@ def prepare(task, args, out):
              for k in args.fewshot for s in args.fewshot_seeds}
 
     tokenizer = load_tokenizer(args.tokenizer)
-    length = source_lengths(tokenizer,
-                            {r["source"] for records in splits.values() for r in records})
+    rows = [r for records in splits.values() for r in records]
+    length = source_lengths(tokenizer, {r["source"] for r in rows})
     stats = {name: token_stats([length[r["source"]] for r in records], task.max_length)
              for name, records in splits.items()}
-    targets = sorted({r["target"] for records in splits.values() for r in records})
+    targets = sorted({r["target"] for r in rows})
     max_target_length = max(len(ids) for ids in tokenizer(targets)["input_ids"])
 
     texts = {f"{name}.jsonl": jsonl(records) for name, records in splits.items()}
@@ -322,20 +292,25 @@ def prepare(task, args, out):
             "splits": {name: len(records) for name, records in splits.items()},
             "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
             "score": list(task.score), "max_length": task.max_length,
-            "max_target_length": max_target_length,
-            "data_seed": args.data_seed, "token_stats": stats,
+            "max_target_length": max_target_length, "data_seed": args.data_seed,
+            "token_stats": stats,
             "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records),
                               "rule": registry.FEWSHOT_RULE,
                               "classes": dict(sorted(Counter(r["target"] for r in records).items()))
                               if task.labels else None} for key, records in shots.items()}}
     texts["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    write_task(out, task.name, texts)
+
+    # a temporary folder beside out/<task>, then swapped in: a failure at any point (a full disk
+    # included) leaves the previous out/<task> as it was
+    def fill(tmp):
+        for fname, text in texts.items():  # meta.json last: its presence marks a finished task
+            (tmp / fname).write_text(text, encoding="utf-8")
+    files.write_folder(out / task.name, fill)
 
     for name, records in splits.items():
-        s = stats[name]
-        labels = (" ".join(f"{y}:{c}"
-                           for y, c in sorted(Counter(r["target"] for r in records).items()))
-                  if task.labels else f"{len({r['target'] for r in records})} distinct targets")
+        s, counts = stats[name], Counter(r["target"] for r in records)
+        labels = (" ".join(f"{y}:{c}" for y, c in sorted(counts.items())) if task.labels
+                  else f"{len(counts)} distinct targets")
         print(f"  {name:<10} {len(records):>7}  {labels}  tokens p50/p95/max "
               f"{s['p50']}/{s['p95']}/{s['max']}, {s['truncated']} over {task.max_length}")
     if shots:
@@ -348,8 +323,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     names = []
     for name in args.tasks:
-        expanded = list(registry.TASKS) if name == "all" else registry.GROUPS.get(name, [name])
-        for t in expanded:
+        for t in list(registry.TASKS) if name == "all" else registry.GROUPS.get(name, [name]):
             if not registry.known(t):
                 parser.error(f"unknown task {t!r}; valid: {', '.join(registry.TASKS)} "
                              f"(or all, {', '.join(registry.GROUPS)}; "

@@ -3,6 +3,7 @@
 Inputs are truncated on the right to max_length and end with `</s>` (the T5 tokenizer appends it);
 a batch is padded to its own longest row, never to max_length; label padding is -100 (no loss).
 """
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -48,8 +49,7 @@ def _cache_rows(state, key):
 
 def tokenize_file(path, tokenizer, max_length):
     """Token ids of a split's sources and targets, cached in memory and in <data>/<task>/cache/,
-    keyed by the file's content, the tokenizer and max_length. A damaged cache file is rebuilt,
-    never trusted."""
+    keyed by content, tokenizer and max_length; a damaged cache file is rebuilt, never trusted."""
     path = Path(path)
     try:
         digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
@@ -66,7 +66,7 @@ def tokenize_file(path, tokenizer, max_length):
         try:
             state = files.load_torch(cache, "tokenization cache")
             ids = (_cache_rows(state, "source"), _cache_rows(state, "target"))
-            if len(ids[0]) != len(rows) or len(ids[1]) != len(rows):
+            if any(len(seqs) != len(rows) for seqs in ids):
                 ids = None
         except (errors.Failure, KeyError, RuntimeError, AttributeError, TypeError):
             ids = None
@@ -78,11 +78,9 @@ def tokenize_file(path, tokenizer, max_length):
         state = {f"{k}_{what}": torch.tensor([x for s in seqs for x in s] if what == "ids"
                                              else [len(s) for s in seqs], dtype=torch.int32)
                  for k, seqs in zip(("source", "target"), ids) for what in ("ids", "lengths")}
-        try:  # a read-only data folder just means no disk cache
+        with contextlib.suppress(OSError, errors.Failure):  # a read-only data folder: no disk cache
             cache.parent.mkdir(exist_ok=True)
             files.save_torch(cache, state)
-        except (OSError, errors.Failure):
-            pass
     _TOKENIZED[key] = ids
     return ids
 
@@ -99,9 +97,8 @@ def load_split(path, tokenizer, max_length, limit=None):
 
 
 def check_split(meta, name, examples, path, limited):
-    """A split file must still match its meta.json: rows present, the row count (unless `limited`),
-    targets in the label set. An edited or half-copied split is one sentence, never a silent change
-    of the experiment."""
+    """A split file must still match its meta.json (rows present, the row count unless `limited`,
+    targets in the label set): an edited or half-copied split is one sentence, not a silent edit."""
     fix = "rebuild the task with prepare_data.py --overwrite"
     if not examples:
         why = "; the best checkpoint would be chosen by chance" if name == "validation" else ""
@@ -119,13 +116,6 @@ def check_split(meta, name, examples, path, limited):
                               f"{labels}: {fix}")
 
 
-def label_token_ids(tokenizer, labels):
-    """Token ids of the label words for --init label (the bare '▁' piece of '▁', '0' dropped)."""
-    ids = [i for seq in tokenizer(list(labels), add_special_tokens=False)["input_ids"] for i in seq
-           if tokenizer.decode([i]).strip()]
-    return list(dict.fromkeys(ids))
-
-
 # --- orders ---------------------------------------------------------------------------------------
 
 def epoch_order(n, seed, epoch, batch_size, lengths=None):
@@ -141,17 +131,13 @@ def epoch_order(n, seed, epoch, batch_size, lengths=None):
 
 
 def batches_by_length(ids, batch_size, sort, token_budget=False):
-    """Index batches of at most `batch_size` rows for decoding. Sorted: longest first, so each batch
+    """Index batches of at most `batch_size` rows for decoding; `sort`: longest first, so each batch
     pads little. With `token_budget` a batch also closes before its rows x its longest row would
     pass batch_size x the median length, so the few long inputs come in smaller batches (never under
-    a quarter of batch_size rows) instead of padding a full batch to their length. That helps where
-    time follows the tokens computed (a CPU); where it follows the number of batches (a GPU) it does
-    not, so the callers use it off CUDA only (docs/speed.md has the measurements)."""
-    if not sort:
-        return [list(range(i, min(i + batch_size, len(ids))))
-                for i in range(0, len(ids), batch_size)]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    if not token_budget:
+    a quarter of batch_size rows): that helps where time follows the tokens computed (a CPU), not
+    the number of batches (a GPU), so callers use it off CUDA only (docs/speed.md measures it)."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort else list(range(len(ids)))
+    if not (sort and token_budget):
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     budget = batch_size * (sorted(map(len, ids))[len(ids) // 2] if ids else 0)
     min_rows = max(1, batch_size // 4)
@@ -166,9 +152,14 @@ def batches_by_length(ids, batch_size, sort, token_budget=False):
 
 
 def label_ids(tokenizer, meta, init, task):
-    """The label tokens `--init label` starts from (None without a label set)."""
+    """The distinct token ids of the label words, which `--init label` starts from (the bare '▁'
+    piece of '▁', '0' dropped); None without a label set."""
     labels = meta.get("labels")
     if init == "label" and not labels:
         raise errors.Failure(f"train: --init label needs a task with a label set; {task} has none")
-    return label_token_ids(tokenizer, labels) if labels else None
+    if not labels:
+        return None
+    ids = [i for seq in tokenizer(list(labels), add_special_tokens=False)["input_ids"] for i in seq
+           if tokenizer.decode([i]).strip()]
+    return list(dict.fromkeys(ids))
 

@@ -1,16 +1,14 @@
 """The project's files on disk: one reader and one writer per kind of file, shared by every stage.
 
-Every writer is atomic: it writes a temporary file beside the target and renames it over the target
-(`os.replace`), so a file is either its old self or wholly new, even under SIGKILL or a full disk.
-Every reader fails with one sentence naming the file and what is wrong with it (missing, not JSON,
-truncated, not UTF-8, unreadable), never with a traceback. The kinds:
+Every writer is atomic (a temporary file beside the target, then `os.replace`): a file is its old
+self or wholly new, even under SIGKILL or a full disk. Every reader fails with one sentence naming
+the file and what is wrong (missing, not JSON, truncated, not UTF-8, unreadable). The kinds:
 
     folder          data/<task>/, an exported adapter: filled beside, then swapped in whole
     JSON            config.json, meta.json, metrics.json, results/analysis/*.json
     JSONL           data splits, log.jsonl, results/*.jsonl, predictions
     torch           best.pt, last.pt, prompt.pt, the tokenization cache (weights_only-loadable)
-    appended JSONL  results/*.jsonl: whole lines appended under a lock (two appenders never tear
-                    a row)
+    appended JSONL  results/*.jsonl: whole lines appended under a lock (never a torn row)
 """
 import contextlib
 import errno
@@ -31,24 +29,19 @@ class FileFault(errors.Failure):
     """A file that is missing, damaged or cannot be written: one sentence, exit status 1."""
 
 
+# why(err)'s words: by the kind of OSError, else by its errno
+WHY = {FileNotFoundError: "it does not exist", IsADirectoryError: "it is a folder, not a file",
+       NotADirectoryError: "a part of the path is a file, not a folder",
+       FileExistsError: "a file of that name is in the way", PermissionError: "permission denied"}
+WHY_ERRNO = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only"}
+
+
 def why(err):
-    if isinstance(err, FileNotFoundError):
-        return "it does not exist"
-    if isinstance(err, IsADirectoryError):
-        return "it is a folder, not a file"
-    if isinstance(err, NotADirectoryError):
-        return "a part of the path is a file, not a folder"
-    if isinstance(err, FileExistsError):
-        return "a file of that name is in the way"
-    if isinstance(err, PermissionError):
-        return "permission denied"
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return "the disk is full"
-    if isinstance(err, OSError) and err.errno == errno.EROFS:
-        return "the file system is read-only"
-    if isinstance(err, OSError):
-        return err.strerror or type(err).__name__
-    return str(err)
+    """What went wrong, in a few words, for a one-sentence message."""
+    if not isinstance(err, OSError):
+        return str(err)
+    kind = next((WHY[k] for k in type(err).__mro__ if k in WHY), None)
+    return kind or WHY_ERRNO.get(err.errno) or err.strerror or type(err).__name__
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -79,17 +72,14 @@ def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_
     fix = f"; {fix}" if fix else ""
     if missing_ok and not Path(path).exists():
         return []
-    text = read_text(path, what)
-    rows = []
-    lines = text.split("\n")
+    rows, lines = [], read_text(path, what).split("\n")
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            # no newline after it: the writer was killed mid-line
-            if torn_tail_ok and number == len(lines):
+            if torn_tail_ok and number == len(lines):  # no newline: the writer died mid-line
                 break
             cut = " (the last line, without its newline: cut short)" if number == len(lines) else ""
             raise FileFault(f"the {what} {path} is damaged: line {number}{cut} is not valid JSON "
@@ -109,13 +99,11 @@ def load_torch(path, what="checkpoint", fix=None):
     fix = f"; {fix}" if fix else ""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as err:
-        if err.errno not in (None, errno.EINVAL):  # EINVAL: torch seeking in a truncated archive
-            raise FileFault(f"cannot read the {what} {path}: {why(err)}") from None
-        raise FileFault(f"the {what} {path} is damaged (truncated or not a checkpoint of this "
-                        f"project: {type(err).__name__}){fix}") from None
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
             KeyError) as err:
+        # EINVAL: torch seeking in a truncated archive
+        if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL):
+            raise FileFault(f"cannot read the {what} {path}: {why(err)}") from None
         raise FileFault(f"the {what} {path} is damaged (truncated or not a checkpoint of this "
                         f"project: {type(err).__name__}){fix}") from None
 
@@ -135,8 +123,8 @@ def load_meta(data_dir, task):
     meta = meta if isinstance(meta, dict) else {}
     bad = [k for k, kind in META_KEYS.items() if k not in meta or not isinstance(meta[k], kind)]
     bad += [k for k in ("max_length", "max_target_length") if k not in bad and meta[k] < 1]
-    bad += ([] if bad or (meta["score"] and set(meta["score"]) <= set(meta["metrics"]))
-            else ["score"])
+    if not bad and not (meta["score"] and set(meta["score"]) <= set(meta["metrics"])):
+        bad = ["score"]
     if bad:
         raise FileFault(f"the task description {path} has a missing or wrong {', '.join(bad)}; "
                         f"rebuild it with `python prepare_data.py --tasks {task} --out {data_dir} "
@@ -149,9 +137,6 @@ def make_dir(path, what="folder"):
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise FileFault(f"cannot create the {what} {path}: "
-                        "a file of that name is in the way") from None
     except OSError as err:
         raise FileFault(f"cannot create the {what} {path}: {why(err)}") from None
     return path
@@ -167,23 +152,16 @@ def write_with(path, save):
     try:
         save(tmp)
         os.replace(tmp, path)
-    except OSError as err:
-        _remove(tmp)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # a read-only folder: nothing was left in it either
+            tmp.unlink(missing_ok=True)
+        if not isinstance(err, OSError):
+            raise
         reason = why(err)
         if isinstance(err, FileNotFoundError) and not path.parent.is_dir():
             reason = f"the folder {path.parent} does not exist"
         raise FileFault(f"cannot write {path}: {reason}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
     return path
-
-
-def _remove(path):
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:  # a read-only folder: nothing was left in it either
-        pass
 
 
 def write_text(path, text):
@@ -220,14 +198,12 @@ def save_torch(path, obj):
 
 
 def write_folder(path, fill):
-    """A whole folder at once: `fill(tmp)` writes the files into a temporary folder beside `path`,
-    which then takes the place of the old folder. Any failure (a full disk, a bad value) leaves the
-    old folder as it was."""
+    """A whole folder at once: `fill(tmp)` fills a temporary folder beside `path`, which then takes
+    the place of the old one; any failure (a full disk, a bad value) leaves the old one intact."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileFault(f"cannot write the folder {path}: a file of that name is in the way")
-    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.tmp"),
-                path.with_name(f".{path.name}.{os.getpid()}.old"))
+    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{end}") for end in ("tmp", "old"))
     try:
         for p in (tmp, old):
             shutil.rmtree(p, ignore_errors=True)  # left by a killed run
@@ -236,20 +212,15 @@ def write_folder(path, fill):
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-    except OSError as err:
-        _restore(path, tmp, old)
+    except BaseException as err:  # the old folder back in its place
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, OSError):
+            raise
         raise FileFault(f"cannot write {path}: {why(err)}") from None
-    except BaseException:
-        _restore(path, tmp, old)
-        raise
     shutil.rmtree(old, ignore_errors=True)
     return path
-
-
-def _restore(path, tmp, old):
-    if old.exists() and not path.exists():
-        os.replace(old, path)
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

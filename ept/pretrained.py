@@ -1,12 +1,8 @@
 """T5 and its tokenizer: from the Hugging Face Hub or a local folder, and a tiny random one for
-tests.
+tests. Every loader fails with one sentence when the Hub is unreachable or a folder lacks a file.
 
-    # a random tiny T5 + a tokenizer trained offline
-    python -m ept.pretrained --make-tiny smoke/tiny-t5
-    # ... with the real T5 vocabulary
-    python -m ept.pretrained --make-tiny DIR --tokenizer ../shared/data/t5
-
-Every loader fails with one sentence when the Hub is unreachable or a folder lacks what it needs.
+    python -m ept.pretrained --make-tiny smoke/tiny-t5   # a tokenizer trained offline
+    python -m ept.pretrained --make-tiny DIR --tokenizer ../shared/data/t5   # T5's vocabulary
 """
 import argparse
 import functools
@@ -39,17 +35,15 @@ def hub_reachable():
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         offline_reason = "HF_HUB_OFFLINE is set"
         return False
-    target = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-              or os.environ.get("ALL_PROXY") or os.environ.get("HF_ENDPOINT")
-              or "https://huggingface.co")
+    target = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "HF_ENDPOINT")
+                   if os.environ.get(k)), "https://huggingface.co")
     url = urllib.parse.urlparse(target if "://" in target else f"http://{target}")
     answered = []
 
     def probe():  # in a thread: a DNS lookup has no timeout of its own
         try:
-            socket.create_connection(
-                (url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                timeout=PROBE_SECONDS).close()
+            port = url.port or (443 if url.scheme == "https" else 80)
+            socket.create_connection((url.hostname, port), timeout=PROBE_SECONDS).close()
             answered.append(True)
         except (OSError, ValueError):
             pass
@@ -60,10 +54,9 @@ def hub_reachable():
         offline_reason = f"the Hugging Face Hub ({url.hostname}) cannot be reached"
         # for the Hub libraries imported from now on, and those already loaded:
         os.environ["HF_HUB_OFFLINE"] = "1"
-        for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"),
-                             ("datasets.config", "HF_HUB_OFFLINE")):
+        for module in ("huggingface_hub.constants", "datasets.config"):
             if module in sys.modules:
-                setattr(sys.modules[module], name, True)
+                setattr(sys.modules[module], "HF_HUB_OFFLINE", True)
     return bool(answered)
 
 
@@ -181,8 +174,7 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
 
 
 def t5_fingerprint(t5):
-    """A cheap hash of the frozen weights, to check that evaluate.py rebuilt the T5 that train.py
-    used."""
+    """A cheap hash of the frozen weights: evaluate.py checks it rebuilt the T5 train.py used."""
     h = hashlib.sha1()
     for name, p in sorted(t5.state_dict().items()):
         h.update(name.encode())
@@ -198,6 +190,25 @@ def tokenizer_fingerprint(tokenizer):
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+def set_dropout(t5, rate):
+    """T5's dropout rate everywhere: nn.Dropout modules and the float rate HF's attention keeps."""
+    t5.config.dropout_rate = rate
+    for module in t5.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = rate
+
+
+def check_vocab(tokenizer, t5, dropout=None):
+    """A T5 checked against the tokenizer it will read, its dropout rate set (None: config's)."""
+    if len(tokenizer) > t5.config.vocab_size:
+        raise errors.Failure(f"train: the tokenizer has {len(tokenizer)} tokens, the model "
+                             f"{t5.config.vocab_size}")
+    if dropout is not None:
+        set_dropout(t5, dropout)
+
+
 # --- a tiny random T5 for tests and the SMOKE recipe ----------------------------------------------
 
 TINY = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
@@ -205,19 +216,11 @@ TINY = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_
 
 
 def offline_tokenizer(corpus, vocab_size=600):
-    """A T5-style unigram tokenizer trained offline on `corpus` (pad 0, eos 1, unk 2, appends
-    </s>)."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    """A T5-style unigram tokenizer trained on `corpus` offline (pad 0, eos 1, unk 2, adds </s>)."""
+    import tokenizers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.Unigram())
+    tok = tokenizers.Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
@@ -240,18 +243,17 @@ def _fixture_corpus(root):
     return lines + [str(i) for i in range(10)] + ["0.0 0.2 0.4 0.6 0.8 1.0 2.0 3.0 4.0 5.0"]
 
 
-def make_tiny(out_dir, tokenizer=None, corpus_dir=None, seed=0, **overrides):
+def make_tiny(out_dir, tokenizer=None, corpus_dir=None):
     """Save a random-weight tiny T5 and a tokenizer in `out_dir` (a folder load_t5 can read)."""
     from transformers import T5Config, T5ForConditionalGeneration
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     else:
-        corpus_dir = (corpus_dir
-                      or Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "raw")
-        tok = offline_tokenizer(_fixture_corpus(corpus_dir))
+        root = Path(__file__).resolve().parents[1]
+        tok = offline_tokenizer(_fixture_corpus(corpus_dir or root / "tests" / "fixtures" / "raw"))
     config = T5Config(vocab_size=len(tok), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-                      dropout_rate=0.1, **{**TINY, **overrides})
-    torch.manual_seed(seed)
+                      dropout_rate=0.1, **TINY)
+    torch.manual_seed(0)
     t5 = T5ForConditionalGeneration(config)
     out = files.make_dir(out_dir, "model folder")
     try:
@@ -268,34 +270,11 @@ def main(argv=None):
                                      formatter_class=cli.HelpFormatter)
     parser.add_argument("--make-tiny", metavar="DIR", required=True,
                         help="write a random-weight tiny T5 + tokenizer to DIR")
-    parser.add_argument("--tokenizer", default=None,
-                        help="copy this tokenizer "
-                             "(default: train one offline on the test fixtures)")
+    parser.add_argument("--tokenizer", default=None, help="copy this tokenizer (default: train "
+                        "one offline on the test fixtures)")
     args = parser.parse_args(argv)
     print(f"wrote {make_tiny(args.make_tiny, tokenizer=args.tokenizer)}")
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def set_dropout(t5, rate):
-    """T5's dropout rate everywhere: the nn.Dropout modules and the float rate HF's attention
-    keeps."""
-    t5.config.dropout_rate = rate
-    for module in t5.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = rate
-        elif isinstance(getattr(module, "dropout", None), float):
-            module.dropout = rate
-
-
-def check_vocab(tokenizer, t5, dropout=None):
-    """A T5 checked against the tokenizer it will read, its dropout rate set (None: the
-    config's)."""
-    if len(tokenizer) > t5.config.vocab_size:
-        raise errors.Failure(f"train: the tokenizer has {len(tokenizer)} tokens, the model "
-                             f"{t5.config.vocab_size}")
-    if dropout is not None:
-        set_dropout(t5, dropout)
-

@@ -37,8 +37,7 @@ def stsb(row, i):
     if not 0 <= y <= 5:
         raise ValueError(f"label {y} is outside the STS-B range 0..5")
     return {"source": f"sentence1: {row['sentence1']} sentence2: {row['sentence2']}",
-            # the 0.2 grid, as T5
-            "target": f"{round(y * 5) / 5:.1f}", "label": y, "idx": row["idx"]}
+            "target": f"{round(y * 5) / 5:.1f}", "label": y, "idx": row["idx"]}  # T5's 0.2 grid
 
 
 def mark_span(text, span, index, mark):
@@ -54,12 +53,9 @@ def wsc(row, i):
             "idx": row["idx"]}
 
 
-def remove_markup(text):
-    return re.sub(r"</?b>", "", text.replace("<br>", " "))  # T5's MultiRC remove_markup
-
-
 def multirc(row, i):
-    q, a, p = (remove_markup(row[k]) for k in ("question", "answer", "paragraph"))
+    q, a, p = (re.sub(r"</?b>", "", row[k].replace("<br>", " "))  # T5's MultiRC remove_markup
+               for k in ("question", "answer", "paragraph"))
     return {"source": f"question: {q} answer: {a} paragraph: {p}", "target": str(row["label"]),
             "label": row["label"], "idx": row["idx"]["answer"],
             "question_id": row["idx"]["question"]}
@@ -81,8 +77,7 @@ def _punctuation():
 
 
 def pad_punctuation(text):
-    """T5's MRQA pad_punctuation: spaces around every punctuation character, whitespace
-    collapsed."""
+    """T5's MRQA pad_punctuation: spaces around each punctuation character, whitespace collapsed."""
     return re.sub(r"\s+", " ", _punctuation().sub(r" \1 ", text)).strip()
 
 
@@ -110,12 +105,8 @@ SCITAIL = {"entailment": 0, "neutral": 1}
 
 def read(path, parse, fmt="json", names=None):
     """Parse `path` line by line (every official format here keeps one record per line) into Hub
-    rows.
-
-    fmt: json | tsv (read as HF does: tab, csv.QUOTE_NONE) | csv; names: columns of a header-less
-    file. parse(record, n) returns a list of rows, n = the record's position. Errors name file and
-    line.
-    """
+    rows: parse(record, n) returns a list of rows, n = the record's position. fmt: json | tsv (read
+    as HF does: tab, csv.QUOTE_NONE) | csv; names: columns of a header-less file."""
     rows, n = [], 0
     for lineno, line in _lines(path):
         if not line.strip():
@@ -124,9 +115,9 @@ def read(path, parse, fmt="json", names=None):
             if fmt == "json":
                 rec = json.loads(line)
             else:
-                fields = next(csv.reader(
-                    [line], delimiter="\t" if fmt == "tsv" else ",",
-                    quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL))
+                tsv = fmt == "tsv"
+                fields = next(csv.reader([line], delimiter="\t" if tsv else ",",
+                                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
                 if names is None:
                     names = fields  # header line
                     continue
@@ -150,8 +141,7 @@ def _opener(path):
 
 def _lines(path):
     """(line number, text) of an official file, gzip or not. Bytes that are not UTF-8, a truncated
-    .gz or an unreadable file are one sentence naming the file (and the line and byte), never a
-    traceback."""
+    .gz or an unreadable file are one sentence naming the file (and the line and byte)."""
     lineno = 0
     try:
         with _opener(path)(path, "rt", encoding="utf-8-sig") as f:
@@ -168,8 +158,7 @@ def _lines(path):
 
 
 def _first_bad_byte(path):
-    """'line L, byte B (0xXX)' of the first byte of `path` that is not UTF-8 (B counts from the
-    file's start)."""
+    """'line L, byte B (0xXX)' of the first non-UTF-8 byte in `path` (B from the file's start)."""
     offset = 0
     with _opener(path)(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -188,15 +177,13 @@ def per_split(parse, fmt="json", names=None):
 
 
 def by_suffix(**parsers):
-    """Reader for tasks whose files come in two formats, told apart by suffix: {suffix: (parse, fmt,
-    names)}."""
+    """Reader for files in two formats, told apart by suffix: {suffix: (parse, fmt, names)}."""
     one = lambda p: read(p, *parsers[p.suffix.lstrip(".")])
     return lambda found: (one(found["train"]), one(found["eval"]))
 
 
 def read_mrpc(found):
-    """As HF: train and validation both from msr_paraphrase_train.txt, validation = the pairs in
-    dev_ids.tsv."""
+    """As HF: train and validation from msr_paraphrase_train.txt; validation: dev_ids.tsv's."""
     dev = {(r["id1"], r["id2"])
            for r in read(found["dev_ids"], lambda r, n: [dict(r)], "tsv", ("id1", "id2"))}
     rows = read(found["train"], lambda r, n: [{
@@ -241,7 +228,7 @@ def read_mrqa(r, n):
 
 
 def glue_row(*cols, label, col="label"):
-    """GLUE tsv record -> Hub row: columns (Hub name, or (Hub name, tsv name)), label mapped; idx =
+    """GLUE tsv record -> Hub row: columns (Hub name, or (Hub name, tsv name)), label mapped, idx =
     row number (HF)."""
     cols = [c if isinstance(c, tuple) else (c, c) for c in cols]
     return lambda r, n: [{**{hub: r[raw] for hub, raw in cols}, "label": label(r[col]), "idx": n}]
@@ -267,17 +254,13 @@ class Task:
     hub_id: str
     hub_config: str | None
     convert: Callable                  # (Hub row, position in its split) -> record
-    # found files -> (train rows, held-out rows) in the Hub schema
-    read_local: Callable
-    # role -> accepted file names, relative to one folder of --source
-    files: dict
+    read_local: Callable               # found files -> (train, held-out) rows in the Hub schema
+    files: dict                        # role -> accepted file names, in one folder of --source
     labels: tuple | None = ("0", "1")  # target strings; None for open targets (STS-B, MRQA)
     metrics: tuple = ("acc",)          # every metric evaluate.py reports
-    # the table score: mean of these (Table 1 caption); default: metrics
-    score: tuple = ()
+    score: tuple = ()                  # the table score: mean of these (Table 1); default: metrics
     folder: str = ""                   # sub-folder of --source; default: the name
-    # the labelled Hub split that is halved or becomes test (Appendix B.1)
-    eval_split: str = "validation"
+    eval_split: str = "validation"     # the labelled Hub split halved or made test (Appendix B.1)
     max_length: int = 256              # input tokens incl. </s>, before the prompt (Appendix B.2)
     subset: str | None = None          # MRQA: the `subset` value to keep
 
@@ -299,17 +282,15 @@ entail, boolean = functools.partial(label_of, ENTAIL), functools.partial(label_o
 MRQA_SUBSETS = {"nq": "NaturalQuestionsShort", "hotpotqa": "HotpotQA", "searchqa": "SearchQA",
                 "newsqa": "NewsQA"}
 
+# MRPC, QQP: Table 1's header reads "Acc" (the score); F1 is still reported
 _TASKS = [
-    Task("cola", "glue", GLUE, "cola", pairs("sentence"),
-         # train/dev have no header
+    Task("cola", "glue", GLUE, "cola", pairs("sentence"),  # train/dev have no header
          per_split(glue_row("sentence", label=int), "tsv", ("code", "label", "mark", "sentence")),
          GLUE_FILES, metrics=("mcc",)),
     Task("mrpc", "glue", GLUE, "mrpc", pairs("sentence1", "sentence2"), read_mrpc,
          {"train": ("msr_paraphrase_train.txt",), "dev_ids": ("dev_ids.tsv",)},
-         # Table 1's header reads "MRPC Acc"; F1 is still reported
          metrics=("acc", "f1"), score=("acc",)),
-    # GLUE tsv or SuperGLUE jsonl, per file
-    Task("rte", "glue", GLUE, "rte", pairs("sentence1", "sentence2"),
+    Task("rte", "glue", GLUE, "rte", pairs("sentence1", "sentence2"),  # GLUE tsv or SuperGLUE jsonl
          by_suffix(tsv=(glue_row("sentence1", "sentence2", label=entail), "tsv"),
                    jsonl=(superglue_rte, "json")),
          {"train": ("train.tsv", "train.jsonl"), "eval": ("dev.tsv", "val.jsonl")}),
@@ -325,7 +306,6 @@ _TASKS = [
          per_split(glue_row("question", "sentence", label=entail), "tsv"), GLUE_FILES),
     Task("qqp", "glue", GLUE, "qqp", pairs("question1", "question2"),
          per_split(glue_row("question1", "question2", label=int, col="is_duplicate"), "tsv"),
-         # Table 1's header reads "QQP Acc"; F1 is still reported
          GLUE_FILES, metrics=("acc", "f1"), score=("acc",)),
     Task("sst2", "glue", GLUE, "sst2", pairs("sentence"),
          per_split(glue_row("sentence", label=int), "tsv"), GLUE_FILES),
@@ -347,17 +327,14 @@ _TASKS = [
            labels=None, metrics=("squad_f1", "squad_em"), score=("squad_f1",),
            folder=f"mrqa/{name}", max_length=512, subset=sub)
       for name, sub in MRQA_SUBSETS.items()),
-    Task("winogrande", "others", "allenai/winogrande", "winogrande_xl",
-         # both options shown (docs/paper.md)
+    Task("winogrande", "others", "allenai/winogrande", "winogrande_xl",  # both options shown
          pairs("sentence", ("option0", "option1"), ("option1", "option2"),
-               # target = answer - 1
-               label=lambda r: label_of({"1": 0, "2": 1}, r["answer"]), idx=None),
+               label=lambda r: label_of({"1": 0, "2": 1}, r["answer"]), idx=None),  # answer - 1
          per_split(jsonl_row("sentence", "option1", "option2", "answer")),
          {"train": ("train_xl.jsonl",), "eval": ("dev.jsonl",)}),
     Task("yelp", "others", "fancyzhx/yelp_polarity", "plain_text",
          pairs(("sentence", "text"), idx=None),
-         # HF keeps the "" escapes
-         per_split(lambda r, n: [{"text": r["text"].replace('"', '""').strip(),
+         per_split(lambda r, n: [{"text": r["text"].replace('"', '""').strip(),  # as HF: "" kept
                                   "label": label_of({"1": 0, "2": 1}, r["label"])}],
                    "csv", ("label", "text")),
          {"train": ("train.csv",), "eval": ("test.csv",)}, folder="yelp_polarity",
@@ -380,9 +357,9 @@ _TASKS = [
          {"train": ("final/train.tsv",), "eval": ("final/dev.tsv",)}),
 ]
 TASKS = {t.name: t for t in _TASKS}
-# The split sizes (train, validation, test) Appendix B.1 gives (docs/paper.md): the GPU-hour
-# estimate uses them before a task is prepared; tests/test_prepare_data.py checks the prepared files
-# against its own copy.
+# The split sizes (train, validation, test) Appendix B.1 gives (docs/paper.md), in the paper's
+# column order (Tables 1 and 2: drivers and report follow it). The GPU-hour estimate uses them
+# before a task is prepared; tests/test_prepare_data.py checks prepared files against its own copy.
 PAPER_SPLITS = {"cola": (8551, 521, 522), "sst2": (66349, 1000, 872), "mrpc": (3668, 204, 204),
                 "qqp": (353846, 10000, 40430), "stsb": (5749, 750, 750),
                 "mnli": (382702, 10000, 9815), "qnli": (94743, 10000, 5463),
@@ -391,7 +368,6 @@ PAPER_SPLITS = {"cola": (8551, 521, 522), "sst2": (66349, 1000, 872), "mrpc": (3
                 "nq": (94071, 10000, 12836), "newsqa": (73160, 1000, 4212),
                 "searchqa": (107384, 10000, 16980), "hotpotqa": (71928, 1000, 5901),
                 "winogrande": (39398, 1000, 1267), "yelp": (550000, 10000, 38000),
-                # in the paper's column order (Tables 1 and 2): drivers and report follow it
                 "scitail": (22596, 1000, 1304), "paws": (48401, 1000, 8000)}
 GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b]
           for b in ("glue", "superglue", "mrqa", "others")}
@@ -404,14 +380,10 @@ GROUPS = {b: [t.name for t in TASKS.values() if t.benchmark == b]
 # sentence and asks for another task: a prompt has to learn to select it (docs/experiments.md, "The
 # steering benchmark"). Not one of the paper's 21 tasks: not in TASKS.
 
-def steer_words(sentence):
-    return [w for w in sentence.split() if any(c.isalnum() for c in w)]
-
-
-STEER_RULES = {"long": lambda s: int(len(steer_words(s)) >= 8),  # 8 words or more
-               "comma": lambda s: int("," in s)}                   # contains a comma
+# long: 8 words or more (a word: letters or digits between spaces); comma: contains a comma
+STEER_RULES = {"long": lambda s: int(sum(any(c.isalnum() for c in w) for w in s.split()) >= 8),
+               "comma": lambda s: int("," in s)}
 STEER_DEFAULT = "long"  # what the backbone does without a prefix
-# the shipped sentences
 STEER_SOURCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "steer"
 
 
@@ -443,8 +415,7 @@ FEWSHOT_RULE = "k in all, classes balanced"
 
 
 def old_fewshot_sets(meta):
-    """The few-shot sets of a meta.json drawn with the old rule (k per class), which Table 3 does
-    not use."""
+    """The few-shot sets of a meta.json drawn with the old rule (k per class), not Table 3's."""
     sets = meta.get("fewshot") if isinstance(meta, dict) else None
     return sorted(key for key, entry in (sets if isinstance(sets, dict) else {}).items()
                   if not isinstance(entry, dict) or entry.get("rule") != FEWSHOT_RULE)
