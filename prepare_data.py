@@ -346,7 +346,7 @@ def main(argv=None):
                                  "project; pass --overwrite to rebuild it")
         if meta.get("data_seed") != args.data_seed or not keys <= set(meta["fewshot"]):
             raise errors.Failure(f"prepare_data: {out / name} was prepared with data seed "
-                                 f"{meta['data_seed']} and few-shot sets "
+                                 f"{meta.get('data_seed')} and few-shot sets "
                                  f"{sorted(meta['fewshot']) or 'none'}; pass --overwrite to "
                                  "rebuild it")
         print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")
@@ -354,13 +354,14 @@ def main(argv=None):
     if warning := registry.old_fewshot_warning(out, old):  # one line for all of them
         print(f"prepare_data: {warning}", file=sys.stderr)
     # a missing file or a few-shot folder: refused before any work
-    for name in todo if args.source else []:
-        find_files(registry.TASKS[name], Path(args.source))
+    tasks = [registry.TASKS.get(name) or registry.STEER_TASKS[name] for name in todo]
+    for task in tasks if args.source else []:
+        find_files(task, Path(args.source))
     if todo:
         load_tokenizer(args.tokenizer)  # fail before any download
         out = files.make_dir(out, "output folder")
-    for name in todo:
-        prepare(registry.TASKS.get(name) or registry.STEER_TASKS[name], args, out)
+    for task in tasks:
+        prepare(task, args, out)
 
 
 if __name__ == "__main__":

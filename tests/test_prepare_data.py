@@ -390,6 +390,23 @@ def test_prepared_tasks_are_skipped_unless_overwrite(tmp_path, capsys):
     assert json.loads((tmp_path / "cb/meta.json").read_text())["data_seed"] == 1
 
 
+def test_prepared_task_without_a_data_seed_is_refused_in_one_sentence(tmp_path):
+    run("--tasks", "cb", "--out", tmp_path)
+    meta = json.loads((tmp_path / "cb/meta.json").read_text())
+    del meta["data_seed"]
+    (tmp_path / "cb/meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="prepared with data seed None"):
+        run("--tasks", "cb", "--out", tmp_path)
+
+
+def test_steering_task_from_a_source_folder(tmp_path):
+    steer = Path(registry.STEER_SOURCE)
+    run("--tasks", "steer_comma", "--out", tmp_path / "out", source=steer)
+    assert read(tmp_path / "out", "steer_comma")
+    with pytest.raises(SystemExit, match="steer_comma: missing folder"):  # one sentence, no KeyError
+        run("--tasks", "steer_comma", "--out", tmp_path / "out2", source=tmp_path)
+
+
 def test_unknown_task_lists_valid_names(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run("--tasks", "rte", "copa", "--out", tmp_path)
