@@ -3,17 +3,14 @@
 Reads the run folders listed in results/table1.jsonl and results/table2.jsonl (ablate.py; the main
 runs at the paper's default lr, seed 0 unless --seed) and writes results/analysis/<name>.json:
 
-    norms       Figures 2, 11  mu_t (Eq. 4) every step and the validation score every eval
-                               (log.jsonl), mean over the seeds present
+    norms       Figures 2, 11  mu_t (Eq. 4) per step, validation score per eval; mean over seeds
     cosine      Figure 3       cosine similarity between the n rows of P' (prompt.pt)
-    subset      Figure 4       one trained row P'_i repeated l = 1..10 times, scored on test
-                               without retraining
+    subset      Figure 4       row P'_i repeated l = 1..10 times, scored on test, no retraining
     transfer    Figure 10      cosine similarity between tasks' EPT* prompts, and task A's prompt
                                scored on task B (zero-shot) as a ratio of B's own score
     neighbours  Appendix A.1   nearest vocabulary tokens (cosine) of every distinct prompt row
     directions  Appendix A.1   P-Tuning's rows in two directions (spherical 2-means): each group's
-                               cosine to the label words' embeddings, and the test score of each
-                               group alone
+                               cosine to the label words' embeddings, its test score alone
 
     python analyze.py all                                  # everything, t5-base runs
     python analyze.py norms --tasks boolq rte              # one analysis
@@ -69,7 +66,7 @@ parser.add_argument("--top-k", type=cli.positive_int, default=5,
                     help="neighbours: tokens per prompt row")
 
 
-# --- run selection -------------------------------------------------------------------------------
+# --- run selection --------------------------------------------------------------------------------
 
 # what a results row must hold to be analysed
 ROW_KEYS = ("run", "task", "method", "seed", "model_tag", "lr")
@@ -163,7 +160,7 @@ def norm_curves(rows, tasks, methods):
     return out
 
 
-# --- Figure 3: cosine similarity between prompt rows ----------------------------------------------
+# --- Figures 3, 4, 10: the rows of P', one row broadcast, prompts across tasks --------------------
 
 def cosine_matrix(prompt):
     """(n, n) cosine similarities between the rows of P' (n, d)."""
@@ -180,8 +177,6 @@ def prompt_cosines(rows, tasks, methods, seed):
     return out
 
 
-# --- Figure 4: one row broadcast l times, no retraining -------------------------------------------
-
 def subset_broadcast(rows, tasks, methods, seed, row_index, lengths, score):
     out = {}
     for task, method, row in each_run(rows, tasks, methods, seed):
@@ -196,8 +191,6 @@ def subset_broadcast(rows, tasks, methods, seed, row_index, lengths, score):
               + f" (full prompt {original:.1f})")
     return out
 
-
-# --- Figure 10: cross-task similarity and zero-shot transfer --------------------------------------
 
 def task_transfer(rows, tasks, seed, score, method="ept_star"):
     """Cosine between tasks' EPT* rows (one each); score(A's prompt on B) / score(B's own)."""
@@ -221,7 +214,7 @@ def task_transfer(rows, tasks, seed, score, method="ept_star"):
             "note": "row = prompt's task A, column = evaluated task B"}
 
 
-# --- Appendix A.1: nearest vocabulary neighbours --------------------------------------------------
+# --- Appendix A.1: nearest vocabulary neighbours, P-Tuning's two directions -----------------------
 
 def nearest_tokens(prompt, embedding, tokenizer, k=5):
     """Per row of P': the k tokens whose embeddings are nearest (cosine): [(token, cosine), ...]."""
@@ -261,11 +254,9 @@ def neighbours(rows, tasks, methods, seed, k=5):
     return out
 
 
-# --- Appendix A.1 (second half): P-Tuning's two directions ----------------------------------------
 # "In P-Tuning ... two distinct directions of prompt vectors were identified: one closely aligned
 # with output labels (positive prompts contribute significantly to performance) and the other not
 # closely aligned with output labels (negative prompts do not contribute to performance)."
-
 def two_directions(prompt, iterations=100):
     """Group the rows of P' (n, d) by direction: spherical 2-means (k-means on unit vectors,
     cosine), started from the two least similar rows. -> [0 or 1 per row]; all 0 when every row

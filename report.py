@@ -330,8 +330,6 @@ def neighbours_md(results, out):
     return ["neighbours.md"]
 
 
-# --- Figure 1: SuperGLUE average across sizes and against trainable parameters --------------------
-
 def superglue_averages(rows):
     """{(model tag, method): (SuperGLUE Avg as in Table 1, complete?, trainable parameters)}."""
     out = {}
@@ -381,6 +379,50 @@ def fig1(results, out):
                   "Figure 1: EPT / EPT* against PT, ResPrompt, P-Tuning and FT on SuperGLUE")]
 
 
+def directions(results, out):
+    """directions.md and a figure: per run, P-Tuning's rows in two direction groups, each group's
+    cosine to the label words, and each group's test score alone against the whole prompt's."""
+    data = load_analysis(results, "directions")
+    runs = [(task, method, d) for task, methods in data.items() for method, d in methods.items()]
+    if not runs:
+        raise Missing("analysis/directions.json holds no run")
+    header = ["Task", "Method", "Prompt", "Rows", "Mean cosine (within group; full: between "
+              "groups)", "Cosine to label words (per label)", "Max label cosine", "Test score"]
+    body = []
+    colors = {"positive": "tab:red", "negative": "tab:blue"}
+    fig, axes = _plt().subplots(len(runs), 2, figsize=(10, 3.3 * len(runs)), squeeze=False)
+    for (task, method, d), (left, right) in zip(runs, axes):
+        who = [task_label(task), tables.LABELS.get(method, method)]
+        name = ", ".join(who)
+        body.append([*who, "full prompt", len(d["assign"]),
+                     tables.DASH if d["between_cosine"] is None else f"{d['between_cosine']:.2f}",
+                     tables.DASH, tables.DASH, f"{d['full_score']:.1f}"])
+        body += [[*who, g["name"], " ".join(map(str, g["rows"])), f"{g['within_cosine']:.2f}",
+                  ", ".join(f"{_token(lab)} {c:.2f}" for lab, c in g["label_cosine"].items()),
+                  f"{g['label_cosine_max']:.2f}", f"{g['score']:.1f}"] for g in d["groups"]]
+        group_of = {r: g["name"] for g in d["groups"] for r in g["rows"]}
+        left.bar(range(len(d["assign"])), d["row_label_cosine"],
+                 color=[colors.get(group_of[r], "tab:gray") for r in range(len(d["assign"]))])
+        left.axhline(0, color="k", lw=0.5)
+        left.set(xlabel="prompt row i (red: positive group, blue: negative)",
+                 ylabel="max cosine to a label word")
+        left.set_title(f"{name}: rows by direction", fontsize=9)
+        bars = ["full"] + [g["name"] for g in d["groups"]]
+        right.bar(bars, [d["full_score"]] + [g["score"] for g in d["groups"]],
+                  color=[colors.get(b, "tab:gray") for b in bars])
+        right.set_ylabel("test score")
+        right.set_title(f"{name}: each group alone (no retraining)", fontsize=9)
+    note = ("Groups: spherical 2-means on the rows of P' (cosine), started from the two least "
+            "similar rows; the group with the higher mean of its rows' best label-word cosine is "
+            "*positive*. Each group is scored alone (its rows, in order, as the whole prompt), "
+            "without retraining." + (" Random-weight T5: the numbers are noise."
+                                     if any(d.get("random_init") for _, _, d in runs) else ""))
+    files.write_text(Path(out) / "directions.md", "# Appendix A.1: P-Tuning's positive and "
+                     f"negative prompts\n\n{note}\n\n" + tables.markdown(header, body))
+    title = "Appendix A.1: P-Tuning's two prompt directions (spherical 2-means)"
+    return [_save(fig, out, "figA1_directions.png", title), "directions.md"]
+
+
 # --- Table 5: task details from each task's meta.json ---------------------------------------------
 
 METRIC_NAMES = {"acc": "Acc", "f1": "F1", "mcc": "Matthews corr.", "pearson": "Pearson",
@@ -428,59 +470,11 @@ def table5_md(results, out):
             long.append({"benchmark": bench, "task": t, "type": m.get("task_type"),
                          "train": sizes[0], "validation": sizes[1], "test": sizes[2],
                          "score": "+".join(m["score"]), "metrics": "+".join(m["metrics"])})
-    md = tables.markdown(header, body) + (
-        "\nNLI: natural language inference; coref.: coreference resolution; common.: commonsense; "
-        "QA: question answering; WSD: word sense disambiguation. Sizes are this preparation's "
-        "(Appendix B.1 split rule).\n")
+    md = tables.markdown(header, body) + ("\nNLI: natural language inference; coref.: coreference "
+          "resolution; common.: commonsense; QA: question answering; WSD: word sense "
+          "disambiguation. Sizes are this preparation's (Appendix B.1 split rule).\n")
     write_table(out, "table5", "Table 5: task details", md, long)
     return ["table5.md"]
-
-
-# --- Appendix A.1, second half: P-Tuning's positive and negative prompts --------------------------
-
-def directions(results, out):
-    """directions.md and a figure: per run, P-Tuning's rows in two direction groups, each group's
-    cosine to the label words, and each group's test score alone against the whole prompt's."""
-    data = load_analysis(results, "directions")
-    runs = [(task, method, d) for task, methods in data.items() for method, d in methods.items()]
-    if not runs:
-        raise Missing("analysis/directions.json holds no run")
-    header = ["Task", "Method", "Prompt", "Rows", "Mean cosine (within group; full: between "
-              "groups)", "Cosine to label words (per label)", "Max label cosine", "Test score"]
-    body = []
-    colors = {"positive": "tab:red", "negative": "tab:blue"}
-    fig, axes = _plt().subplots(len(runs), 2, figsize=(10, 3.3 * len(runs)), squeeze=False)
-    for (task, method, d), (left, right) in zip(runs, axes):
-        who = [task_label(task), tables.LABELS.get(method, method)]
-        name = ", ".join(who)
-        body.append([*who, "full prompt", len(d["assign"]),
-                     tables.DASH if d["between_cosine"] is None else f"{d['between_cosine']:.2f}",
-                     tables.DASH, tables.DASH, f"{d['full_score']:.1f}"])
-        body += [[*who, g["name"], " ".join(map(str, g["rows"])), f"{g['within_cosine']:.2f}",
-                  ", ".join(f"{_token(lab)} {c:.2f}" for lab, c in g["label_cosine"].items()),
-                  f"{g['label_cosine_max']:.2f}", f"{g['score']:.1f}"] for g in d["groups"]]
-        group_of = {r: g["name"] for g in d["groups"] for r in g["rows"]}
-        left.bar(range(len(d["assign"])), d["row_label_cosine"],
-                 color=[colors.get(group_of[r], "tab:gray") for r in range(len(d["assign"]))])
-        left.axhline(0, color="k", lw=0.5)
-        left.set(xlabel="prompt row i (red: positive group, blue: negative)",
-                 ylabel="max cosine to a label word")
-        left.set_title(f"{name}: rows by direction", fontsize=9)
-        bars = ["full"] + [g["name"] for g in d["groups"]]
-        right.bar(bars, [d["full_score"]] + [g["score"] for g in d["groups"]],
-                  color=[colors.get(b, "tab:gray") for b in bars])
-        right.set_ylabel("test score")
-        right.set_title(f"{name}: each group alone (no retraining)", fontsize=9)
-    note = ("Groups: spherical 2-means on the rows of P' (cosine), started from the two least "
-            "similar rows; the group with the higher mean of its rows' best label-word cosine is "
-            "*positive*. Each group is scored alone (its rows, in order, as the whole prompt), "
-            "without retraining." + (" Random-weight T5: the numbers are noise."
-                                     if any(d.get("random_init") for _, _, d in runs) else ""))
-    files.write_text(Path(out) / "directions.md", "# Appendix A.1: P-Tuning's positive and "
-                     f"negative prompts\n\n{note}\n\n" + tables.markdown(header, body))
-    return [_save(fig, out, "figA1_directions.png",
-                  "Appendix A.1: P-Tuning's two prompt directions (spherical 2-means)"),
-            "directions.md"]
 
 
 # --- the steering benchmark (ablate.py steer; docs/experiments.md): Table 1 and Figure 2 in small
@@ -506,9 +500,8 @@ def steer_section(results, out):
           f"model; it does not reproduce the paper's numbers (docs/experiments.md).*\n\n{md}")
     write_table(out, "steer", tables.STEER_TITLE, md, long)
     fig, (top, bottom) = _plt().subplots(1, 2, figsize=(11, 4))
-    for r in sorted(rows, key=lambda r: (tables.METHOD_ORDER.index(r["method"])
-                                         if r["method"] in tables.METHOD_ORDER else -1,
-                                         r.get("lr") or 0)):
+    rank = {m: i for i, m in enumerate(tables.METHOD_ORDER)}  # the floor first, then by lr
+    for r in sorted(rows, key=lambda r: (rank.get(r["method"], -1), r.get("lr") or 0)):
         if r["method"] == "none":
             bottom.axhline(r["val_score"], color="black", ls="--", lw=1, label="no prompt")
             continue

@@ -406,15 +406,14 @@ def steer_table(rows):
             (val_mean, val_std, _), (test_mean, test_std, _) = mean_std(val), mean_std(test)
             norm = mean_std([r.get("final_prompt_norm") for r in mine])[0]
             steps = sorted({r.get("max_steps") for r in mine} - {None})
-            n_trainable = max((r.get("n_trainable") or 0) for r in mine)
+            params = max((r.get("n_trainable") or 0) for r in mine)
             body.append([LABELS[method], f"{lr:g}" if lr else DASH,
-                         "/".join(map(str, steps)) or DASH, human(n_trainable), cell(val),
+                         "/".join(map(str, steps)) or DASH, human(params), cell(val),
                          cell(test), f"{norm:.3g}" if norm is not None else DASH, len(mine)])
-            long.append({"method": method, "lr": lr, "n_trainable": n_trainable,
+            long.append({"method": method, "lr": lr, "n_trainable": params,
                          "val_mean": val_mean, "val_std": val_std, "test_mean": test_mean,
                          "test_std": test_std, "final_prompt_norm": norm, "seeds": len(mine)})
     return markdown(header, body), long
 
 
-EXPERIMENT_TABLE = {"table1": table1, "table2": table2, "fewshot": table3, "table4": table4,
-                    "init": table6, "steer": steer_table}
+EXPERIMENT_TABLE = {exp: build for _, exp, build in TABLES.values()} | {"steer": steer_table}
