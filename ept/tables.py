@@ -213,10 +213,10 @@ def param_table():
 
 def markdown(header, body):
     """A GFM table; a '|' in a cell (Table 5's |Train|, a vocabulary piece) is escaped."""
-    esc = lambda c: str(c).replace("|", "\\|")
-    lines = ["| " + " | ".join(map(esc, header)) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(map(esc, row)) + " |" for row in body]) + "\n"
+    lines = ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+             for row in [header, *body]]
+    lines.insert(1, "|" + "|".join("---" for _ in header) + "|")  # under the header
+    return "\n".join(lines) + "\n"
 
 
 def task_average(rows, tasks, **where):
