@@ -68,8 +68,7 @@ parser.add_argument("--top-k", type=cli.positive_int, default=5,
 
 # --- run selection --------------------------------------------------------------------------------
 
-# what a results row must hold to be analysed
-ROW_KEYS = ("run", "task", "method", "seed", "model_tag", "lr")
+ROW_KEYS = ("run", "task", "method", "seed", "model_tag", "lr")  # what a row needs to be analysed
 
 
 def main_grid(results_dir):
@@ -284,13 +283,10 @@ def two_directions(prompt, iterations=100):
 
 def label_vectors(labels, embedding, tokenizer):
     """A vector per label word: its pieces' mean embedding, bare '▁' dropped (as --init label)."""
-    out = {}
-    for label in labels:
-        ids = [i for i in tokenizer(label, add_special_tokens=False)["input_ids"]
-               if tokenizer.decode([i]).strip()]
-        if ids:
-            out[label] = embedding[torch.tensor(ids)].float().mean(0)  # (d,)
-    return out
+    pieces = {label: [i for i in tokenizer(label, add_special_tokens=False)["input_ids"]
+                      if tokenizer.decode([i]).strip()] for label in labels}
+    return {label: embedding[torch.tensor(ids)].float().mean(0)  # (d,)
+            for label, ids in pieces.items() if ids}
 
 
 def prompt_directions(rows, tasks, methods, seed, score):
@@ -349,7 +345,6 @@ def main(argv=None):
     # the main runs: the paper's default lr, one model tag
     rows = [r for r in grid if r["model_tag"] == args.model
             and r["lr"] == options.defaults(r["method"])["lr"]]
-    out_dir = Path(args.results_dir) / "analysis"
     if not rows:
         tags = sorted({r["model_tag"] for r in grid})
         raise errors.Failure(f"analyze: no main-grid rows for model {args.model!r} in "
@@ -380,8 +375,8 @@ def main(argv=None):
             continue
         written[name] = result
     for name, result in written.items():
-        path = out_dir / f"{name}.json"
-        files.make_dir(out_dir, "analysis folder")
+        path = Path(args.results_dir) / "analysis" / f"{name}.json"
+        files.make_dir(path.parent, "analysis folder")
         files.write_json(path, {"model": args.model, "seed": args.seed, name: result})
         print(f"analyze: wrote {path}")
     return written

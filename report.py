@@ -600,8 +600,7 @@ def write_tables(results, out, index):
     missing = []
     for key, (title, experiment, build) in tables.TABLES.items():
         rows = tables.read_rows(results, experiment)
-        # no rows: the general wording
-        title = tables.title_for(title, rows or [{"seed": 0}, {"seed": 1}])
+        title = tables.title_for(title, rows or [{"seed": 0}, {"seed": 1}])  # no rows: generic
         index.append(f"\n## {title}\n")
         if not rows:
             missing.append(f"{title}: no {results / experiment}.jsonl")

@@ -76,16 +76,14 @@ PAPER_TABLE4 = [("PT", "77K/-", "56.5 61.9 48.1 62.2 50.0 55.7"),
                 ("EPT*", "2.3K/768", "73.3 76.7 65.2 62.2 67.9 69.1")]
 PAPER_TABLE6 = [("uniform", "75.7 72.5 70.5 65.4 71.0"), ("vocab", "75.4 77.6 69.8 63.5 71.6"),
                 ("label", "75.1 75.5 67.6 63.5 70.4")]
-# Figure 9's order
 STRUCTURE_LABELS = {"none": "None", "layernorm": "LayerNorm", "residual": "Residual",
-                    "relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}
+                    "relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}  # Figure 9's order
 INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)",
                "label": "Label (label words)"}
 
 # --- reading the results rows ---------------------------------------------------------------------
 
-# every results row (plans.result_row)
-ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")
+ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")  # every row (plans.result_row)
 EXPERIMENT_KEYS = {"table1": ("lr",), "fewshot": ("fewshot_k",),
                    "table4": ("n_trainable", "n_inference", "prompt_length", "depth"),
                    "init": ("init",), "hidden": ("variant",), "broadcast": ("variant",),
