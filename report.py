@@ -27,6 +27,7 @@ parser.add_argument("--out", default="report", help="report folder to write")
 parser.add_argument("--smoke", action="store_true", help="mark the report as a SMOKE report "
                     "(numbers are noise); also done when the runs used a random-weight or tiny T5")
 
+
 def write_table(out, name, title, md, long):
     """out/<name>.md: the table under its title; out/<name>.csv: its long-form rows."""
     files.write_text(Path(out) / f"{name}.md", f"# {title}\n\n{md}")
@@ -72,8 +73,8 @@ def _save(fig, out, name, title=None, tight=True):
     if tight:
         fig.tight_layout()
     try:
-        files.write_with(Path(out) / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110,
-                                                                   bbox_inches="tight"))
+        files.write_with(Path(out) / name,
+                         lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
         _plt().close(fig)
     return name
