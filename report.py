@@ -1,13 +1,11 @@
-"""Every result -> the paper's tables (markdown + CSV) and figures (PNG) in one folder with an
-index.
+"""Every result -> the paper's tables (markdown + CSV) and figures (PNG), one folder, one index.
 
-Reads results/<experiment>.jsonl (ablate.py, fewshot.py: one row per run),
-results/analysis/<name>.json (analyze.py) and the tasks' meta.json (Table 5; the data folder is the
-one the Table 1/2 runs were trained on, from their config.json). Writes report/: table1..table6 as
-.md and .csv (mean ± std over seeds, the Avg column, trainable parameters per task), fig1..fig12 as
-.png, the Appendix A.1 neighbours and P-Tuning directions as .md (+ a figure), and index.md linking
-(and showing) all of it. A table cell without results reads "–"; a figure without results is
-skipped with a note in index.md, never a crash. Runs the drivers' collect step found failed
+Reads results/<experiment>.jsonl (ablate.py, fewshot.py: one row per run), results/analysis/*.json
+(analyze.py) and the tasks' meta.json (Table 5: from the data folder the Table 1/2 runs used).
+Writes report/: table1..table6 as .md and .csv (mean ± std over seeds, the Avg column, trainable
+parameters per task), fig1..fig12 as .png, Appendix A.1's neighbours and P-Tuning directions as .md
+(+ a figure), and index.md showing all of it. A cell without results reads "–"; a figure without
+results is a note in index.md, never a crash. Runs a driver's collect step found failed
 (results/<experiment>.failed.json) are listed with the reason under "Runs that failed".
 
     python report.py                                        # results/ -> report/
@@ -20,34 +18,39 @@ import json
 import math
 from pathlib import Path
 
-import model as M
 from ept import cli, errors, files, registry, tables
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("--results", default="results",
                     help="folder of <experiment>.jsonl and analysis/")
 parser.add_argument("--out", default="report", help="report folder to write")
-parser.add_argument("--smoke", action="store_true",
-                    help="mark the report as a SMOKE report (numbers are noise); "
-                         "also done when the runs used a random-weight or tiny T5")
+parser.add_argument("--smoke", action="store_true", help="mark the report as a SMOKE report "
+                    "(numbers are noise); also done when the runs used a random-weight or tiny T5")
 
-def write_csv(path, long):
+
+def write_table(out, name, title, md, long):
+    """out/<name>.md: the table under its title; out/<name>.csv: its long-form rows."""
+    files.write_text(Path(out) / f"{name}.md", f"# {title}\n\n{md}")
     buf = io.StringIO()
     if long:
         writer = csv.DictWriter(buf, fieldnames=list(long[0]))
         writer.writeheader()
         writer.writerows(long)
-    write_text(path, buf.getvalue())
+    files.write_text(Path(out) / f"{name}.csv", buf.getvalue())
 
 
-def write_text(path, text):
-    files.write_text(path, text)
+def task_label(task):
+    return tables.TASK_LABELS.get(task, task)
 
 
 # --- figures: each returns a list of written file names, or raises Missing ------------------------
 
 class Missing(Exception):
     """A figure's results are not there: index.md says so, nothing else happens."""
+
+
+STEP = "training step t"
+MU = "μ_t (mean L2 norm of P' rows, log)"
 
 
 def _plt():
@@ -63,10 +66,15 @@ def _integer_ticks(ax):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _save(fig, out, name):
+def _save(fig, out, name, title=None, tight=True):
+    """The figure, titled `title` above all its panels, as out/name (PNG, atomically), closed."""
+    if title:
+        fig.suptitle(title)
+    if tight:
+        fig.tight_layout()
     try:
-        files.write_with(Path(out) / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110,
-                                                                   bbox_inches="tight"))
+        files.write_with(Path(out) / name,
+                         lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
         _plt().close(fig)
     return name
@@ -89,35 +97,30 @@ def fig_norms(results, out, tasks, name, title):
     tasks = [t for t in tasks if t in curves]
     if not tasks:
         raise Missing("no norm curves for these tasks in analysis/norms.json")
-    plt = _plt()
     cols = min(4, len(tasks))  # at most 4 tasks side by side: (a) norms above (b) scores
     groups = math.ceil(len(tasks) / cols)
-    fig, axes = plt.subplots(2 * groups, cols, figsize=(4 * cols, 3.3 * 2 * groups), squeeze=False)
-    for k in range(len(tasks), groups * cols):  # the last group's empty places
-        axes[2 * (k // cols), k % cols].axis("off")
-        axes[2 * (k // cols) + 1, k % cols].axis("off")
-    for k, task in enumerate(tasks):
-        top, bottom = axes[2 * (k // cols), k % cols], axes[2 * (k // cols) + 1, k % cols]
+    fig, axes = _plt().subplots(2 * groups, cols, figsize=(4 * cols, 3.3 * 2 * groups),
+                                squeeze=False)
+    pairs = list(zip(axes[0::2].flat, axes[1::2].flat))  # (norms, scores) of each place
+    for top, bottom in pairs[len(tasks):]:  # the last group's empty places
+        top.axis("off")
+        bottom.axis("off")
+    for (top, bottom), task in zip(pairs, tasks):
         for method in tables.ordered(set(curves[task]), tables.METHOD_ORDER):
-            c = curves[task][method]
-            top.plot(c["step"], c["prompt_norm"], color=tables.COLORS.get(method),
-                     label=tables.LABELS[method])
-            bottom.plot(c["eval_step"], c["score"], color=tables.COLORS.get(method), marker="o",
-                        ms=3, label=tables.LABELS[method])
-        top.set_yscale("log")
-        _integer_ticks(top)
-        _integer_ticks(bottom)
-        top.set_title(f"{tables.TASK_LABELS.get(task, task)}: (a) prompt norm")
-        top.set_xlabel("training step t")
-        top.set_ylabel("μ_t (mean L2 norm of P' rows, log)")
-        bottom.set_title(f"{tables.TASK_LABELS.get(task, task)}: (b) validation score")
-        bottom.set_xlabel("training step t")
-        bottom.set_ylabel("validation score")
-        top.legend(fontsize=8)
-        bottom.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return [_save(fig, out, name)]
+            c, style = curves[task][method], _style(method)
+            top.plot(c["step"], c["prompt_norm"], **style)
+            bottom.plot(c["eval_step"], c["score"], marker="o", ms=3, **style)
+        top.set(yscale="log", title=f"{task_label(task)}: (a) prompt norm", xlabel=STEP, ylabel=MU)
+        bottom.set(title=f"{task_label(task)}: (b) validation score", xlabel=STEP,
+                   ylabel="validation score")
+        for ax in (top, bottom):
+            _integer_ticks(ax)
+            ax.legend(fontsize=8)
+    return [_save(fig, out, name, title)]
+
+
+def _style(method):
+    return {"color": tables.COLORS.get(method), "label": tables.LABELS[method]}
 
 
 def fig3(results, out):
@@ -125,8 +128,7 @@ def fig3(results, out):
     data = load_analysis(results, "cosine")
     task = "boolq" if "boolq" in data else next(iter(data))
     methods = tables.ordered(set(data[task]), tables.METHOD_ORDER)
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 4), squeeze=False)
+    fig, axes = _plt().subplots(1, len(methods), figsize=(4.2 * len(methods), 4), squeeze=False)
     for ax, method in zip(axes[0], methods):
         m = data[task][method]["cosine"]
         im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
@@ -134,32 +136,26 @@ def fig3(results, out):
             for i, row in enumerate(m):
                 for j, v in enumerate(row):
                     ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6)
-        ax.set_title(f"{tables.LABELS[method]} ({tables.TASK_LABELS.get(task, task)})")
-        ax.set_xlabel("prompt row j")
-        ax.set_ylabel("prompt row i")
+        ax.set(title=f"{tables.LABELS[method]} ({task_label(task)})", xlabel="prompt row j",
+               ylabel="prompt row i")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
-    return [_save(fig, out, "fig3_prompt_cosine.png")]
+    return [_save(fig, out, "fig3_prompt_cosine.png", tight=False)]
 
 
 def fig4(results, out):
     """Figure 4: one row P'_i repeated l times (solid) vs the whole prompt (dotted), per method."""
     data = load_analysis(results, "subset")
     tasks = tables.ordered(set(data), ["boolq", "rte"])
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    fig, axes = _plt().subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method in tables.ordered(set(data[task]), tables.METHOD_ORDER):
-            d = data[task][method]
-            ax.plot(d["lengths"], d["score"], color=tables.COLORS.get(method), marker="o", ms=3,
-                    label=f"{tables.LABELS[method]}: P'_{d['row']} × l")
-            ax.axhline(d["original"], color=tables.COLORS.get(method), ls=":",
-                       label=f"{tables.LABELS[method]}: full prompt")
-        ax.set_title(tables.TASK_LABELS.get(task, task))
+            d, color, label = data[task][method], tables.COLORS.get(method), tables.LABELS[method]
+            ax.plot(d["lengths"], d["score"], color=color, marker="o", ms=3,
+                    label=f"{label}: P'_{d['row']} × l")
+            ax.axhline(d["original"], color=color, ls=":", label=f"{label}: full prompt")
+        ax.set(title=task_label(task), xlabel="concatenated length l", ylabel="test score")
         _integer_ticks(ax)
-        ax.set_xlabel("concatenated length l")
-        ax.set_ylabel("test score")
         ax.legend(fontsize=7)
-    fig.tight_layout()
     return [_save(fig, out, "fig4_subset_broadcast.png")]
 
 
@@ -171,70 +167,51 @@ def _sweep_rows(results, experiment):
     return rows
 
 
-def _sweep_axes(rows, tasks, name, xlabel, logx, title, methods=None, band=True):
-    """One subplot per task (+ the average): mean over seeds per swept value, ± std band, a line
-    per method."""
-    tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
-    if not tasks:
-        raise Missing(f"no rows for {name}")
+def _present(rows, tasks):
+    return [t for t in tasks if any(r["task"] == t for r in rows)]
+
+
+def _sweep_figure(blocks, tasks, xlabel, logx, wide=4, height=3.6, band=True):
+    """A block of panels per (title prefix, rows): one panel per task (+ the average), the mean over
+    seeds per swept value (± std band), a line per method; up to `wide` panels a row, else 3."""
     panels = tasks + (["Avg"] if len(tasks) > 1 else [])
-    plt = _plt()
-    cols = len(panels) if len(panels) <= 4 else 3
-    nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.8 * cols, 3.6 * nrows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    _sweep_panels(list(axes.flat), rows, tasks, panels, xlabel, logx, methods, band)
-    fig.suptitle(title)
-    fig.tight_layout()
+    cols = len(panels) if len(panels) <= wide else 3
+    per_block = math.ceil(len(panels) / cols)
+    fig, axes = _plt().subplots(per_block * len(blocks), cols, squeeze=False,
+                                figsize=(3.8 * cols, height * per_block * len(blocks)))
+    for k, (prefix, rows) in enumerate(blocks):
+        mine = list(axes[k * per_block:(k + 1) * per_block].flat)
+        for ax in mine[len(panels):]:
+            ax.axis("off")
+        methods = tables.ordered({r["method"] for r in rows}, tables.METHOD_ORDER)
+        for ax, task in zip(mine, panels):
+            for method in methods:
+                xs = sorted({r["variant"] for r in rows if r["method"] == method})
+                avgs = [tables.task_average(rows, tasks if task == "Avg" else [task],
+                                            method=method, variant=x) for x in xs]
+                ys = [mean if complete else float("nan") for mean, complete in avgs]
+                ax.plot(xs, ys, marker="o", ms=3, **_style(method))
+                if band and task != "Avg":
+                    sds = [tables.mean_std(tables.scores(rows, method=method, variant=x,
+                                                         task=task))[1] or 0.0 for x in xs]
+                    lo, hi = [y - s for y, s in zip(ys, sds)], [y + s for y, s in zip(ys, sds)]
+                    ax.fill_between(xs, lo, hi, color=tables.COLORS.get(method), alpha=0.2)
+            if logx:
+                ax.set_xscale("log")
+            ax.set(title=prefix + (task_label(task) if task != "Avg" else "Average"),
+                   xlabel=xlabel, ylabel="test score")
+            ax.legend(fontsize=7)
     return fig
-
-
-def _sweep_panels(axes, rows, tasks, panels, xlabel, logx, methods=None, band=True, prefix=""):
-    """Draw one panel per task (or "Avg") into `axes`."""
-    methods = methods or tables.ordered({r["method"] for r in rows}, tables.METHOD_ORDER)
-    for ax, task in zip(axes, panels):
-        for method in methods:
-            xs = sorted({r["variant"] for r in rows if r["method"] == method})
-            ys, sds = [], []
-            for x in xs:
-                if task == "Avg":  # mean over tasks of the per-task mean
-                    means = [tables.mean_std(tables.scores(rows, method=method, variant=x,
-                                                           task=t))[0] for t in tasks]
-                    ys.append(sum(means) / len(means) if None not in means else float("nan"))
-                    sds.append(0.0)
-                else:
-                    m, sd, _ = tables.mean_std(tables.scores(rows, method=method, variant=x,
-                                                             task=task))
-                    ys.append(float("nan") if m is None else m)
-                    sds.append(sd or 0.0)
-            ax.plot(xs, ys, marker="o", ms=3, color=tables.COLORS.get(method),
-                    label=tables.LABELS[method])
-            if band and task != "Avg":
-                ax.fill_between(xs, [y - s for y, s in zip(ys, sds)],
-                                [y + s for y, s in zip(ys, sds)],
-                                color=tables.COLORS.get(method), alpha=0.2)
-        if logx:
-            ax.set_xscale("log")
-        ax.set_title(prefix + (tables.TASK_LABELS.get(task, task) if task != "Avg" else "Average"))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test score")
-        ax.legend(fontsize=7)
 
 
 def fig5_12(results, out):
     rows = _sweep_rows(results, "hidden")
     names = []
-    spread = tables.spread(rows)
-    for tasks, name, title in ((["boolq", "rte"], "fig5_hidden_size.png",
-                                f"Figure 5: EPT hidden size h ({spread})"),
-                               (["wsc", "cb", "wic"], "fig12_hidden_size.png",
-                                f"Figure 12: EPT hidden size h ({spread})")):
-        try:
-            names.append(_save(_sweep_axes(rows, tasks, name, "hidden size h", True, title), out,
-                               name))
-        except Missing:
-            pass
+    for number, tasks in ((5, ["boolq", "rte"]), (12, ["wsc", "cb", "wic"])):
+        if _present(rows, tasks):
+            fig = _sweep_figure([("", rows)], _present(rows, tasks), "hidden size h", logx=True)
+            names.append(_save(fig, out, f"fig{number}_hidden_size.png",
+                               f"Figure {number}: EPT hidden size h ({tables.spread(rows)})"))
     if not names:
         raise Missing("hidden.jsonl has none of the Figure 5/12 tasks")
     return names
@@ -242,47 +219,36 @@ def fig5_12(results, out):
 
 def fig7(results, out):
     rows = _sweep_rows(results, "broadcast")
-    fig = _sweep_axes(rows, ["multirc", "cola"], "broadcast", "broadcast length n", False,
-                      f"Figure 7: EPT* broadcast length ({tables.spread(rows)})")
+    tasks = _present(rows, ["multirc", "cola"])
+    if not tasks:
+        raise Missing("no rows for broadcast")
+    fig = _sweep_figure([("", rows)], tasks, "broadcast length n", logx=False)
     for ax in fig.axes:
         _integer_ticks(ax)
-    return [_save(fig, out, "fig7_broadcast.png")]
+    return [_save(fig, out, "fig7_broadcast.png",
+                  f"Figure 7: EPT* broadcast length ({tables.spread(rows)})")]
 
 
 def fig8(results, out):
-    """Figure 8: one row of panels (5 SuperGLUE tasks + average) per T5 size; §5.3 reads both
-    t5-base and t5-large."""
+    """Figure 8: a row of panels (SuperGLUE tasks + Avg) per T5 size: §5.3 reads base and large."""
     rows = _sweep_rows(results, "lr")
     tags = tables.ordered({r.get("model_tag") for r in rows}, tables.MODEL_ORDER)
-    tasks = [t for t in tables.SUPERGLUE if any(r["task"] == t for r in rows)]
+    tasks = _present(rows, tables.SUPERGLUE)
     if not tasks:
         raise Missing("lr.jsonl has none of the 5 SuperGLUE tasks")
-    panels = tasks + (["Avg"] if len(tasks) > 1 else [])
-    plt = _plt()
     # a grid, not six panels in a row: each size takes ceil(panels / 3) rows
-    cols = min(3, len(panels))
-    per_tag = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(per_tag * len(tags), cols,
-                             figsize=(3.8 * cols, 3.4 * per_tag * len(tags)), squeeze=False)
-    for k, tag in enumerate(tags):
-        mine = list(axes[k * per_tag:(k + 1) * per_tag].flat)
-        for ax in mine[len(panels):]:
-            ax.axis("off")
-        _sweep_panels(mine, [r for r in rows if r.get("model_tag") == tag], tasks, panels,
-                      "learning rate", True, band=False, prefix=f"{tag}: ")
-    fig.suptitle("Figure 8: learning rate (" + ", ".join(tags) + ")")
-    fig.tight_layout()
-    return [_save(fig, out, "fig8_learning_rate.png")]
+    blocks = [(f"{tag}: ", [r for r in rows if r.get("model_tag") == tag]) for tag in tags]
+    fig = _sweep_figure(blocks, tasks, "learning rate", logx=True, wide=3, height=3.4, band=False)
+    return [_save(fig, out, "fig8_learning_rate.png",
+                  "Figure 8: learning rate (" + ", ".join(tags) + ")")]
 
 
 def fig9(results, out):
-    """Figure 9: (left) score per added structure on the SuperGLUE tasks; (right) norm vs score on
-    BoolQ."""
+    """Figure 9: (left) score per added structure on SuperGLUE; (right) norm vs score on BoolQ."""
     rows = _sweep_rows(results, "structure")
     names = tables.ordered({r["variant"] for r in rows}, list(tables.STRUCTURE_LABELS))
-    tasks = [t for t in tables.SUPERGLUE if any(r["task"] == t for r in rows)]
-    plt = _plt()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    tasks = _present(rows, tables.SUPERGLUE)
+    fig, (left, right) = _plt().subplots(1, 2, figsize=(12, 4))
     width = 0.8 / len(names)
     panels = tasks + ["Avg"]
     for i, name in enumerate(names):
@@ -292,10 +258,9 @@ def fig9(results, out):
         left.bar([p + i * width for p in range(len(panels))], ys, width,
                  label=tables.STRUCTURE_LABELS.get(name, name))
     left.set_xticks([p + width * (len(names) - 1) / 2 for p in range(len(panels))],
-                    [tables.TASK_LABELS.get(t, t) for t in panels])
-    left.set_ylabel("test score")
-    left.set_title("EPT + one structure "
-                   f"({'mean over seeds' if tables.over_seeds(rows) != '1 seed' else '1 seed'})")
+                    [task_label(t) for t in panels])
+    left.set(ylabel="test score", title="EPT + one structure "
+             f"({'mean over seeds' if tables.over_seeds(rows) != '1 seed' else '1 seed'})")
     left.legend(fontsize=7, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     task = "boolq" if "boolq" in tasks else tasks[0]
     for i, name in enumerate(names):
@@ -306,30 +271,25 @@ def fig9(results, out):
             label = tables.STRUCTURE_LABELS.get(name, name)
             right.scatter([x], [y], s=40, color=f"C{i}", label=label)
             right.annotate(label, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    right.set_yscale("log")
-    right.set_xlabel(f"test score ({tables.TASK_LABELS.get(task, task)})")
-    right.set_ylabel("final prompt norm μ_T (log)")
-    right.set_title(f"norm vs score on {tables.TASK_LABELS.get(task, task)}")
+    right.set(yscale="log", xlabel=f"test score ({task_label(task)})",
+              ylabel="final prompt norm μ_T (log)", title=f"norm vs score on {task_label(task)}")
     right.legend(fontsize=7)
-    fig.suptitle("Figure 9: EPT structure ablation")
-    fig.tight_layout()
-    return [_save(fig, out, "fig9_structure.png")]
+    return [_save(fig, out, "fig9_structure.png", "Figure 9: EPT structure ablation")]
 
 
 def fig10(results, out):
     data = load_analysis(results, "transfer")
-    labels = [tables.TASK_LABELS.get(t, t) for t in data["tasks"]]
-    plt = _plt()
+    labels = [task_label(t) for t in data["tasks"]]
     n = len(labels)
+    plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 0.9 * n + 4), max(4.5, 0.45 * n + 2)))
     ratio = [[float("nan") if v is None else min(max(v, 0.0), 1.0) for v in row]
              for row in data["ratio"]]
+    ratio_title = ("zero-shot score ratio (A's prompt on B / B's own), clipped to [0, 1];\n"
+                   "gray: undefined (B's own score <= 0)")
     for ax, matrix, title, vmin in ((left, data["cosine"], "cosine similarity of EPT* prompts", -1),
-                                    (right, ratio, "zero-shot score ratio (A's prompt on B / "
-                                     "B's own), clipped to [0, 1];\n"
-                                     "gray: undefined (B's own score <= 0)", 0)):
-        # ratio undefined: B's own score <= 0
-        cmap = _plt().get_cmap("viridis").with_extremes(bad="lightgray")
+                                    (right, ratio, ratio_title, 0)):
+        cmap = plt.get_cmap("viridis").with_extremes(bad="lightgray")
         im = ax.imshow(matrix, vmin=vmin, vmax=1, cmap=cmap)
         ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(n), labels, fontsize=7)
@@ -341,19 +301,14 @@ def fig10(results, out):
                         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5,
                                 color="w" if v < 0.5 else "k")
         fig.colorbar(im, ax=ax, shrink=0.8)
-    left.set_xlabel("task")
-    left.set_ylabel("task")
-    right.set_xlabel("evaluated task B")
-    right.set_ylabel("prompt's task A")
-    fig.suptitle("Figure 10: cross-task prompt similarity and zero-shot transfer")
-    fig.tight_layout()
-    return [_save(fig, out, "fig10_transfer.png")]
+    left.set(xlabel="task", ylabel="task")
+    right.set(xlabel="evaluated task B", ylabel="prompt's task A")
+    return [_save(fig, out, "fig10_transfer.png",
+                  "Figure 10: cross-task prompt similarity and zero-shot transfer")]
 
 
 def _token(tok):
-    """A vocabulary piece as markdown-safe code: escapes (tabs, newlines) visible, no table-breaking
-    pipes."""
-    # markdown() escapes '|'
+    """A vocabulary piece as markdown code, escapes (tab, newline) shown; markdown() escapes '|'."""
     return "`" + json.dumps(tok, ensure_ascii=False)[1:-1].replace("`", "'") + "`"
 
 
@@ -365,37 +320,25 @@ def neighbours_md(results, out):
             d = methods[method]
             labels = set(d.get("labels") or [])
             note = " (random-weight T5: neighbours are meaningless)" if d.get("random_init") else ""
-            lines.append(f"\n## {tables.TASK_LABELS.get(task, task)}, "
-                         f"{tables.LABELS[method]}{note}\n")
+            lines.append(f"\n## {task_label(task)}, {tables.LABELS[method]}{note}\n")
             body = [[r["row"], f"{r['norm']:.3g}",
                      ", ".join(f"**{_token(tok)}**" if tok.replace("▁", "") in labels
                                else _token(tok) for tok, _ in r["neighbours"]),
                      ", ".join(f"{c:.2f}" for _, c in r["neighbours"])] for r in d["rows"]]
-            lines.append(tables.markdown(["row", "norm", "nearest tokens (label words in bold)",
-                                          "cosine"], body))
-    write_text(Path(out) / "neighbours.md", "\n".join(lines))
+            header = ["row", "norm", "nearest tokens (label words in bold)", "cosine"]
+            lines.append(tables.markdown(header, body))
+    files.write_text(Path(out) / "neighbours.md", "\n".join(lines))
     return ["neighbours.md"]
 
 
-# --- Figure 1: SuperGLUE average across sizes and against trainable parameters --------------------
-
 def superglue_averages(rows):
-    """{(model tag, method): (SuperGLUE Avg as Table 1 computes it, complete?, trainable
-    parameters)}."""
+    """{(model tag, method): (SuperGLUE Avg as in Table 1, complete?, trainable parameters)}."""
     out = {}
     for tag in {r["model_tag"] for r in rows}:
         for method in {r["method"] for r in rows if r["model_tag"] == tag}:
-            means = [tables.mean_std(tables.scores(rows, model_tag=tag, method=method, task=t))[0]
-                     for t in tables.SUPERGLUE]
-            present = [m for m in means if m is not None]
-            if present:
-                counts = [r["n_trainable"] for r in rows
-                          if r["model_tag"] == tag and r["method"] == method
-                          and r.get("n_trainable")]
-                params = max(counts) if counts else (tables.param_table()[tag].get(method)
-                                                     if tag in M.SIZES else None)
-                out[(tag, method)] = (sum(present) / len(present), len(present) == len(means),
-                                      params)
+            avg, full = tables.task_average(rows, tables.SUPERGLUE, model_tag=tag, method=method)
+            if avg is not None:
+                out[(tag, method)] = (avg, full, tables.n_trainable(rows, tag, method))
     return out
 
 
@@ -410,9 +353,8 @@ def fig1(results, out):
                       "(run `python ablate.py table1`)")
     tags = tables.ordered({t for t, _ in avgs}, tables.MODEL_ORDER)
     methods = tables.ordered({m for _, m in avgs}, tables.METHOD_ORDER)
-    plt = _plt()
-    fig, (top, bottom) = plt.subplots(2, 1,
-                                      figsize=(max(6.5, 1.6 * len(tags) * len(methods) / 3), 8))
+    fig, (top, bottom) = _plt().subplots(
+        2, 1, figsize=(max(6.5, 1.6 * len(tags) * len(methods) / 3), 8))
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
         xs = [k + i * width for k, tag in enumerate(tags) if (tag, method) in avgs]
@@ -430,14 +372,56 @@ def fig1(results, out):
         if params:
             bottom.scatter([params], [avg], color=tables.COLORS.get(method), marker=markers[tag],
                            s=45, label=f"{tables.LABELS[method]} ({tag})")
-    bottom.set_xscale("log")
-    bottom.set_xlabel("trainable parameters (log)")
-    bottom.set_ylabel("SuperGLUE average (test)")
+    bottom.set(xscale="log", xlabel="trainable parameters (log)",
+               ylabel="SuperGLUE average (test)")
     bottom.set_title("score vs trainable parameters", fontsize=9)
     bottom.legend(fontsize=6, ncol=3)
-    fig.suptitle("Figure 1: EPT / EPT* against PT, ResPrompt, P-Tuning and FT on SuperGLUE")
-    fig.tight_layout()
-    return [_save(fig, out, "fig1_superglue.png")]
+    return [_save(fig, out, "fig1_superglue.png",
+                  "Figure 1: EPT / EPT* against PT, ResPrompt, P-Tuning and FT on SuperGLUE")]
+
+
+def directions(results, out):
+    """directions.md and a figure: per run, P-Tuning's rows in two direction groups, each group's
+    cosine to the label words, and each group's test score alone against the whole prompt's."""
+    data = load_analysis(results, "directions")
+    runs = [(task, method, d) for task, methods in data.items() for method, d in methods.items()]
+    if not runs:
+        raise Missing("analysis/directions.json holds no run")
+    header = ["Task", "Method", "Prompt", "Rows", "Mean cosine (within group; full: between "
+              "groups)", "Cosine to label words (per label)", "Max label cosine", "Test score"]
+    body = []
+    colors = {"positive": "tab:red", "negative": "tab:blue"}
+    fig, axes = _plt().subplots(len(runs), 2, figsize=(10, 3.3 * len(runs)), squeeze=False)
+    for (task, method, d), (left, right) in zip(runs, axes):
+        who = [task_label(task), tables.LABELS.get(method, method)]
+        name = ", ".join(who)
+        body.append([*who, "full prompt", len(d["assign"]),
+                     tables.DASH if d["between_cosine"] is None else f"{d['between_cosine']:.2f}",
+                     tables.DASH, tables.DASH, f"{d['full_score']:.1f}"])
+        body += [[*who, g["name"], " ".join(map(str, g["rows"])), f"{g['within_cosine']:.2f}",
+                  ", ".join(f"{_token(lab)} {c:.2f}" for lab, c in g["label_cosine"].items()),
+                  f"{g['label_cosine_max']:.2f}", f"{g['score']:.1f}"] for g in d["groups"]]
+        group_of = {r: g["name"] for g in d["groups"] for r in g["rows"]}
+        left.bar(range(len(d["assign"])), d["row_label_cosine"],
+                 color=[colors.get(group_of[r], "tab:gray") for r in range(len(d["assign"]))])
+        left.axhline(0, color="k", lw=0.5)
+        left.set(xlabel="prompt row i (red: positive group, blue: negative)",
+                 ylabel="max cosine to a label word")
+        left.set_title(f"{name}: rows by direction", fontsize=9)
+        bars = ["full"] + [g["name"] for g in d["groups"]]
+        right.bar(bars, [d["full_score"]] + [g["score"] for g in d["groups"]],
+                  color=[colors.get(b, "tab:gray") for b in bars])
+        right.set_ylabel("test score")
+        right.set_title(f"{name}: each group alone (no retraining)", fontsize=9)
+    note = ("Groups: spherical 2-means on the rows of P' (cosine), started from the two least "
+            "similar rows; the group with the higher mean of its rows' best label-word cosine is "
+            "*positive*. Each group is scored alone (its rows, in order, as the whole prompt), "
+            "without retraining." + (" Random-weight T5: the numbers are noise."
+                                     if any(d.get("random_init") for _, _, d in runs) else ""))
+    files.write_text(Path(out) / "directions.md", "# Appendix A.1: P-Tuning's positive and "
+                     f"negative prompts\n\n{note}\n\n" + tables.markdown(header, body))
+    title = "Appendix A.1: P-Tuning's two prompt directions (spherical 2-means)"
+    return [_save(fig, out, "figA1_directions.png", title), "directions.md"]
 
 
 # --- Table 5: task details from each task's meta.json ---------------------------------------------
@@ -449,8 +433,7 @@ BENCHMARK_LABELS = {"superglue": "SuperGLUE", "glue": "GLUE", "mrqa": "MRQA", "o
 
 
 def data_dirs(results):
-    """The data folders the Table 1/2 runs were trained on (their config.json), then
-    <results>/../data."""
+    """The data folders the Table 1/2 runs used (their config.json), then <results>/../data."""
     found = []
     for experiment in ("table1", "table2"):
         for row in files.read_jsonl(Path(results) / f"{experiment}.jsonl", what="results file",
@@ -464,99 +447,83 @@ def data_dirs(results):
 def table5_md(results, out):
     """Table 5 in the paper's layout: per benchmark, each task's type, split sizes and metric
     (selection metric first; the others are reported too), read from data/<task>/meta.json."""
-    metas = {}
-    for task in list(registry.TASKS):
-        for folder in data_dirs(results):
-            path = Path(folder) / task / "meta.json"
-            if path.exists():
-                metas[task] = files.read_json(path, "task description")
-                break
+    folders, metas = data_dirs(results), {}
+    for task in registry.TASKS:
+        found = [Path(f) / task / "meta.json" for f in folders
+                 if (Path(f) / task / "meta.json").exists()]
+        if found:
+            metas[task] = files.read_json(found[0], "task description")
     if not metas:
         raise Missing("no data/<task>/meta.json next to the results or in the runs' data folders "
                       "(run `python prepare_data.py`)")
     header = ["Benchmark", "Dataset", "Type", "|Train|", "|Valid|", "|Test|", "Metric"]
     body, long = [], []
-    for bench, tasks in (("superglue", tables.SUPERGLUE), ("glue", tables.GLUE),
-                         ("mrqa", tables.MRQA), ("others", tables.OTHERS)):
-        for t in (t for t in tasks if t in metas):
+    for bench, label in BENCHMARK_LABELS.items():
+        for t in (t for t in registry.GROUPS[bench] if t in metas):
             m = metas[t]
             score = [METRIC_NAMES.get(x, x) for x in m["score"]]
             other = [METRIC_NAMES.get(x, x) for x in m["metrics"] if x not in m["score"]]
             metric = (" / ".join(score) + (" (mean)" if len(score) > 1 else "")
                       + (f"; also {', '.join(other)}" if other else ""))
             sizes = [m["splits"].get(s) for s in ("train", "validation", "test")]
-            body.append([BENCHMARK_LABELS[bench], tables.TASK_LABELS[t],
+            body.append([label, tables.TASK_LABELS[t],
                          m.get("task_type", tables.DASH), *[f"{n:,}" for n in sizes], metric])
             long.append({"benchmark": bench, "task": t, "type": m.get("task_type"),
                          "train": sizes[0], "validation": sizes[1], "test": sizes[2],
                          "score": "+".join(m["score"]), "metrics": "+".join(m["metrics"])})
-    md = tables.markdown(header, body) + ("\nNLI: natural language inference; "
-                                          "coref.: coreference resolution; common.: "
-                                          "commonsense; QA: question answering; "
-                                          "WSD: word sense disambiguation. Sizes are "
-                                          "this preparation's (Appendix B.1 split rule).\n")
-    write_text(Path(out) / "table5.md", "# Table 5: task details\n\n" + md)
-    write_csv(Path(out) / "table5.csv", long)
+    md = tables.markdown(header, body) + ("\nNLI: natural language inference; coref.: coreference "
+          "resolution; common.: commonsense; QA: question answering; WSD: word sense "
+          "disambiguation. Sizes are this preparation's (Appendix B.1 split rule).\n")
+    write_table(out, "table5", "Table 5: task details", md, long)
     return ["table5.md"]
 
 
-# --- Appendix A.1, second half: P-Tuning's positive and negative prompts --------------------------
+# --- the steering benchmark (ablate.py steer; docs/experiments.md): Table 1 and Figure 2 in small
 
-def directions(results, out):
-    """A table (directions.md) and a figure: per run, the two direction groups of P-Tuning's rows,
-    each group's cosine to the label words, and the test score of each group alone against the whole
-    prompt."""
-    data = load_analysis(results, "directions")
-    runs = [(task, method, d) for task, methods in data.items() for method, d in methods.items()]
-    if not runs:
-        raise Missing("analysis/directions.json holds no run")
-    header = ["Task", "Method", "Prompt", "Rows",
-              "Mean cosine (within group; full: between groups)",
-              "Cosine to label words (per label)", "Max label cosine", "Test score"]
-    body = []
-    plt = _plt()
-    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.3 * len(runs)), squeeze=False)
-    for (task, method, d), (left, right) in zip(runs, axes):
-        name = f"{tables.TASK_LABELS.get(task, task)}, {tables.LABELS.get(method, method)}"
-        body.append([tables.TASK_LABELS.get(task, task), tables.LABELS.get(method, method),
-                     "full prompt", len(d["assign"]),
-                     tables.DASH if d["between_cosine"] is None else f"{d['between_cosine']:.2f}",
-                     tables.DASH, tables.DASH, f"{d['full_score']:.1f}"])
-        for g in d["groups"]:
-            body.append([tables.TASK_LABELS.get(task, task), tables.LABELS.get(method, method),
-                         g["name"], " ".join(map(str, g["rows"])), f"{g['within_cosine']:.2f}",
-                         ", ".join(f"{_token(lab)} {c:.2f}"
-                                   for lab, c in g["label_cosine"].items()),
-                         f"{g['label_cosine_max']:.2f}", f"{g['score']:.1f}"])
-        group_of = {r: g["name"] for g in d["groups"] for r in g["rows"]}
-        colors = {"positive": "tab:red", "negative": "tab:blue"}
-        left.bar(range(len(d["assign"])), d["row_label_cosine"],
-                 color=[colors.get(group_of[r], "tab:gray") for r in range(len(d["assign"]))])
-        left.axhline(0, color="k", lw=0.5)
-        left.set_xlabel("prompt row i (red: positive group, blue: negative)")
-        left.set_ylabel("max cosine to a label word")
-        left.set_title(f"{name}: rows by direction", fontsize=9)
-        bars = [("full", d["full_score"], "tab:gray")] + [(g["name"], g["score"],
-                                                            colors.get(g["name"], "tab:gray"))
-                                                           for g in d["groups"]]
-        right.bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
-        right.set_ylabel("test score")
-        right.set_title(f"{name}: each group alone (no retraining)", fontsize=9)
-    fig.suptitle("Appendix A.1: P-Tuning's two prompt directions (spherical 2-means)")
-    fig.tight_layout()
-    note = ("Groups: spherical 2-means on the rows of P' (cosine), started from the two least "
-            "similar rows; the group with the higher mean of its rows' best label-word cosine is "
-            "*positive*. Each group is scored "
-            "alone (its rows, in order, as the whole prompt), without retraining."
-            + (" Random-weight T5: the numbers are noise."
-               if any(d.get("random_init") for _, _, d in runs) else ""))
-    write_text(Path(out) / "directions.md",
-               "# Appendix A.1: P-Tuning's positive and negative prompts\n\n"
-               + note + "\n\n" + tables.markdown(header, body))
-    return [_save(fig, out, "figA1_directions.png"), "directions.md"]
+def _steer_curves(run):
+    """(steps, μ_t) and (eval steps, validation scores) of one run folder's log.jsonl."""
+    log = files.read_jsonl(Path(run) / "log.jsonl", what="run log", torn_tail_ok=True,
+                           missing_ok=True)
+    train = [e for e in log if e.get("event") == "train" and e.get("prompt_norm") is not None]
+    evals = [e for e in log if e.get("event") == "eval" and e.get("score") is not None]
+    return (([e["step"] for e in train], [e["prompt_norm"] for e in train]),
+            ([e["step"] for e in evals], [e["score"] for e in evals]))
 
 
-INLINE = {"table5.md", "directions.md"}  # short tables shown in index.md, not only linked
+def steer_section(results, out):
+    """steer.md (+ csv) and steer_fig2.png: μ_t and validation score over steps, seed 0 of each
+    method and lr (default lr solid, lower dashed, higher dotted), the no-prompt floor in black."""
+    rows = _sweep_rows(results, "steer")
+    md, long = tables.steer_table(rows)
+    tags = sorted({r.get("model_tag", "?") for r in rows})
+    md = (f"*Backbone: {', '.join(tags)}; task: {', '.join(sorted({r['task'] for r in rows}))}; "
+          f"{len(rows)} rows. Accuracy in %. A toy check that each method learns to steer a frozen "
+          f"model; it does not reproduce the paper's numbers (docs/experiments.md).*\n\n{md}")
+    write_table(out, "steer", tables.STEER_TITLE, md, long)
+    fig, (top, bottom) = _plt().subplots(1, 2, figsize=(11, 4))
+    rank = {m: i for i, m in enumerate(tables.METHOD_ORDER)}  # the floor first, then by lr
+    for r in sorted(rows, key=lambda r: (rank.get(r["method"], -1), r.get("lr") or 0)):
+        if r["method"] == "none":
+            bottom.axhline(r["val_score"], color="black", ls="--", lw=1, label="no prompt")
+            continue
+        if r.get("seed") != 0:
+            continue
+        usual, lr = {"ft": 1e-3}.get(r["method"], 0.3), r.get("lr") or 0.0  # the benchmark's lr
+        (steps, norm), (eval_steps, score) = _steer_curves(r["run"])
+        style = dict(color=tables.COLORS.get(r["method"]),
+                     ls="-" if lr == usual else "--" if lr < usual else ":",
+                     lw=1.5 if lr == usual else 1, label=f"{tables.LABELS[r['method']]} lr {lr:g}")
+        if norm:
+            top.plot(steps, norm, **style)
+        bottom.plot(eval_steps, score, marker="o", ms=3, **style)
+    top.set(yscale="log", title="(a) prompt norm μ_t (seed 0)", xlabel=STEP, ylabel=MU)
+    bottom.set(title="(b) validation accuracy (seed 0)", xlabel=STEP, ylabel="accuracy (%)")
+    bottom.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return ["steer.md", _save(fig, out, "steer_fig2.png",
+                              "Steering benchmark: prompts on a frozen toy backbone")]
+
+
+INLINE = {"table5.md", "directions.md", "steer.md"}  # shown in index.md, not only linked
 
 FIGURES = [("Figure 1: SuperGLUE average across T5 sizes and against trainable parameters", fig1),
            ("Figure 2: prompt norm μ_t and validation score over steps (BoolQ, RTE)",
@@ -571,83 +538,18 @@ FIGURES = [("Figure 1: SuperGLUE average across T5 sizes and against trainable p
            ("Figure 10: cross-task similarity and zero-shot transfer", fig10),
            ("Figure 11: prompt norm and score on GLUE + WiC",
             lambda r, o: fig_norms(r, o, ["cola", "mrpc", "stsb", "mnli", "qnli", "qqp", "sst2",
-                                          "wic"],
-                                   "fig11_norms.png", "Figure 11: prompt norm and score")),
+                                          "wic"], "fig11_norms.png",
+                                   "Figure 11: prompt norm and score")),
            ("Appendix A.1: nearest vocabulary neighbours", neighbours_md),
            ("Appendix A.1: P-Tuning's positive and negative prompts", directions),
-           ("Table 5: task details", table5_md)]
-
-
-# --- the steering benchmark (ablate.py steer; docs/experiments.md): Table 1 and Figure 2 in small
-
-
-def _steer_curves(run):
-    """(steps, μ_t) and (eval steps, validation scores) of one run folder's log.jsonl."""
-    norm, score = ([], []), ([], [])
-    for e in files.read_jsonl(Path(run) / "log.jsonl", what="run log", torn_tail_ok=True,
-                              missing_ok=True):
-        if e.get("event") == "train" and e.get("prompt_norm") is not None:
-            norm[0].append(e["step"])
-            norm[1].append(e["prompt_norm"])
-        elif e.get("event") == "eval" and e.get("score") is not None:
-            score[0].append(e["step"])
-            score[1].append(e["score"])
-    return norm, score
-
-
-def steer_section(results, out):
-    """steer.md (+ csv) and steer_fig2.png: μ_t and the validation score over steps, seed 0 of each
-    method at each lr (the default lr solid, a lower one dashed, a higher one dotted), the no-prompt
-    floor in black."""
-    rows = tables.read_rows(results, "steer")
-    if not rows:
-        raise Missing(f"no {Path(results) / 'steer'}.jsonl (run `python ablate.py steer`)")
-    md, long = tables.steer_table(rows)
-    tags = sorted({r.get("model_tag", "?") for r in rows})
-    md = (f"*Backbone: {', '.join(tags)}; task: {', '.join(sorted({r['task'] for r in rows}))}; "
-          f"{len(tables.dedupe(rows))} rows. Accuracy in %. "
-          "A toy check that each method learns to steer a frozen model; "
-          "it does not reproduce the paper's numbers (docs/experiments.md).*\n\n" + md)
-    write_text(Path(out) / "steer.md", f"# {tables.STEER_TITLE}\n\n{md}")
-    write_csv(Path(out) / "steer.csv", long)
-    plt = _plt()
-    fig, (top, bottom) = plt.subplots(1, 2, figsize=(11, 4))
-    defaults = {m: lr for m, lr in (("ft", 1e-3),)}
-    for r in sorted(tables.dedupe(rows),
-                    key=lambda r: (tables.METHOD_ORDER.index(r["method"])
-                                   if r["method"] in tables.METHOD_ORDER else -1,
-                                   r.get("lr") or 0)):
-        if r["method"] == "none":
-            bottom.axhline(r["val_score"], color="black", ls="--", lw=1, label="no prompt")
-            continue
-        if r.get("seed") != 0:
-            continue
-        main, lr = defaults.get(r["method"], 0.3), r.get("lr") or 0.0
-        (steps, norm), (eval_steps, score) = _steer_curves(r["run"])
-        style = dict(color=tables.COLORS.get(r["method"]),
-                     ls="-" if lr == main else "--" if lr < main else ":",
-                     lw=1.5 if lr == main else 1, label=f"{tables.LABELS[r['method']]} lr {lr:g}")
-        if norm:
-            top.plot(steps, norm, **style)
-        bottom.plot(eval_steps, score, marker="o", ms=3, **style)
-    top.set_yscale("log")
-    top.set_title("(a) prompt norm μ_t (seed 0)")
-    top.set_xlabel("training step t")
-    top.set_ylabel("μ_t (mean L2 norm of P' rows, log)")
-    bottom.set_title("(b) validation accuracy (seed 0)")
-    bottom.set_xlabel("training step t")
-    bottom.set_ylabel("accuracy (%)")
-    bottom.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle("Steering benchmark: prompts on a frozen toy backbone")
-    fig.tight_layout()
-    return ["steer.md", _save(fig, out, "steer_fig2.png")]
-
-
-FIGURES.append((tables.STEER_TITLE, steer_section))
-INLINE.add("steer.md")
+           ("Table 5: task details", table5_md),
+           (tables.STEER_TITLE, steer_section)]
 
 
 # --- the report -----------------------------------------------------------------------------------
+
+SWEEPS = ("hidden", "broadcast", "lr", "structure")  # the numbers behind Figures 5/12, 7, 8, 9
+
 
 @errors.script
 def main(argv=None):
@@ -657,9 +559,9 @@ def main(argv=None):
         raise errors.Failure(f"report: --results {results} is a file; "
                              "pass the folder of <experiment>.jsonl files")
     if not results.exists():
-        raise files.FileFault(f"report: there is no results folder {results}; "
-                              "run the experiments first (run_all.sh, ablate.py, fewshot.py) "
-                              "or pass --results DIR with their results")
+        raise files.FileFault(f"report: there is no results folder {results}; run the "
+                              "experiments first (run_all.sh, ablate.py, fewshot.py) or pass "
+                              "--results DIR with their results")
     files.make_dir(out, "report folder")
     index = ["# EPT reproduction: report\n"]
     noise = tables.smoke_reason(results, args.smoke)
@@ -670,12 +572,11 @@ def main(argv=None):
                      "Scores of 0.0 (and CoLA's -100, a constant prediction) are expected.\n")
     index.append(f"Generated by `python report.py --results {results} --out {out}` "
                  "from the results rows of ablate.py / fewshot.py and the analyses of analyze.py. "
-                 "Scores in [0, 100]; '–' = no result; "
-                 "'†' = average over the tasks present only.\n")
+                 "Scores in [0, 100]; '–' = no result; '†' = average over the tasks present "
+                 "only.\n")
     missing = write_tables(results, out, index)
     missing += write_figures(results, out, index)
-    sweeps = [f"[sweep_{e}.md](sweep_{e}.md)" for e in ("hidden", "broadcast", "lr", "structure")
-              if (out / f"sweep_{e}.md").exists()]
+    sweeps = [f"[sweep_{e}.md](sweep_{e}.md)" for e in SWEEPS if (out / f"sweep_{e}.md").exists()]
     if sweeps:
         index.append("\n## Numbers behind the sweep figures\n\n" + " · ".join(sweeps) + "\n")
     failed = failed_runs(results)
@@ -684,7 +585,7 @@ def main(argv=None):
                      "(its folder's failed.txt says why; train it again, e.g. with other "
                      "settings, and rerun the experiment's driver).\n")
         index += [f"- {experiment}: `{run}`: {why}" for experiment, run, why in failed]
-    write_text(out / "index.md", "\n".join(index))
+    files.write_text(out / "index.md", "\n".join(index))
     print(f"report: wrote {out}/index.md" + (f"; missing: {len(missing)}" if missing else "")
           + (f"; failed runs: {len(failed)}" if failed else ""))
     for m in missing:
@@ -700,8 +601,7 @@ def write_tables(results, out, index):
     missing = []
     for key, (title, experiment, build) in tables.TABLES.items():
         rows = tables.read_rows(results, experiment)
-        # no rows: the general wording
-        title = tables.title_for(title, rows or [{"seed": 0}, {"seed": 1}])
+        title = tables.title_for(title, rows or [{"seed": 0}, {"seed": 1}])  # no rows: generic
         index.append(f"\n## {title}\n")
         if not rows:
             missing.append(f"{title}: no {results / experiment}.jsonl")
@@ -710,23 +610,19 @@ def write_tables(results, out, index):
         md, long = build(rows)
         tags = sorted({r.get("model_tag", "?") for r in rows})
         md = f"*Model: {', '.join(tags)}; {len(tables.dedupe(rows))} runs.*\n\n{md}"
-        write_text(out / f"{key}.md", f"# {title}\n\n{md}")
-        write_csv(out / f"{key}.csv", long)
+        write_table(out, key, title, md, long)
         index.append(f"[{key}.md]({key}.md) · [{key}.csv]({key}.csv)\n\n{md}")
-    # the numbers behind Figures 5/12, 7, 8, 9
-    for experiment in ("hidden", "broadcast", "lr", "structure"):
+    for experiment in SWEEPS:
         rows = tables.read_rows(results, experiment)
         if rows:
             md, long = tables.sweep_table(rows)
-            write_text(out / f"sweep_{experiment}.md",
-                       f"# {experiment} sweep ({tables.over_seeds(rows)})\n\n{md}")
-            write_csv(out / f"sweep_{experiment}.csv", long)
+            write_table(out, f"sweep_{experiment}",
+                        f"{experiment} sweep ({tables.over_seeds(rows)})", md, long)
     return missing
 
 
 def write_figures(results, out, index):
-    """Every figure (a missing one is noted, never a crash), each section appended to `index`.
-    Returns what is missing."""
+    """Every figure, its section appended to `index` (missing: a note, never a crash) -> missing."""
     missing = []
     for title, build in FIGURES:
         index.append(f"\n## {title}\n")
@@ -744,8 +640,7 @@ def write_figures(results, out, index):
 
 
 def failed_runs(results):
-    """(experiment, run folder, why) of every run a driver's collect step found failed
-    (<experiment>.failed.json, rewritten by each collect)."""
+    """(experiment, run folder, why) of every run in <experiment>.failed.json (each collect's)."""
     return [(path.name[:-len(".failed.json")], run, why)
             for path in sorted(Path(results).glob("*.failed.json"))
             for run, why in files.read_json(path, "failed-runs list").items()]

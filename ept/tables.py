@@ -1,9 +1,7 @@
-"""The paper's tables from the results rows (one row per run, ept/drivers.py): markdown and
-long-form rows.
-
-report.py writes them to report/ (with the figures); a driver prints its experiment's table when its
-runs are collected (`experiment_table`).
-"""
+"""The paper's tables from the results rows (one row per run, ept/drivers.py), as markdown and
+long-form rows. report.py writes them to report/ (with the figures); a driver prints its
+experiment's table when its runs are collected (`experiment_table`)."""
+import functools
 import math
 from pathlib import Path
 
@@ -37,52 +35,36 @@ TABLE4_QUOTED = [("Fine-tuning", "220M/-", 73.9, 81.5, 70.8, 62.2, 75.0, 72.7),
                  ("ATTEMPT", "232K/-", 72.9, 77.0, 66.9, 52.5, 72.6, 68.4),
                  ("SPoT", "77K/-", 73.0, 77.4, 58.4, 61.5, 36.9, 61.4)]
 TABLE4_TASKS = ["multirc", "boolq", "wic", "wsc", "cb"]
-# The paper's own numbers, printed under each table for comparison: (model, method, Param, scores in
-# our column order; "?" where the extracted paper text lost the number).
-PAPER_TABLE1 = [
-    ("t5-large", "ft", "770M",
-     "61.7 89.4 88.5 91.9 89.7 94.4 91.4 95.9 87.9 85.8 88.6 71.9 85.3 79.9 82.3"),
-    ("t5-large", "ptuning", "3.1M",
-     "58.0 88.1 85.4 91.2 88.2 94.1 90.9 95.2 86.4 82.9 87.0 68.8 60.9 79.1 75.7"),
-    ("t5-large", "resprompt", "832K",
-     "54.8 88.2 85.9 91.5 66.1 93.8 90.8 95.0 83.2 82.1 51.2 69.2 61.5 78.2 68.4"),
-    ("t5-large", "pt", "10K",
-     "0.7 74.9 50.8 91.2 35.7 89.7 88.5 87.4 64.9 62.9 58.6 55.7 60.9 59.8 59.6"),
-    ("t5-large", "ept", "3K",
-     "56.8 87.9 85.1 91.1 84.4 93.6 91.0 95.4 85.7 82.2 89.1 67.2 61.5 78.7 75.7"),
-    ("t5-large", "ept_star", "3K",
-     "54.3 87.9 85.4 91.2 87.2 93.8 91.0 95.3 85.8 82.4 95.4 69.1 62.2 79.1 77.6"),
-    ("t5-base", "ft", "220M",
-     "59.8 87.9 81.8 90.6 85.9 93.1 90.4 94.2 85.5 82.8 87.6 67.9 61.5 74.9 75.0"),
-    ("t5-base", "ptuning", "1.7M",
-     "47.2 85.7 76.3 89.7 83.0 92.8 90.3 93.5 82.3 78.8 88.3 67.0 60.3 73.6 73.6"),
-    ("t5-base", "resprompt", "624K",
-     "34.1 85.8 65.7 90.3 72.6 92.6 89.4 90.3 77.6 76.0 64.2 65.1 61.5 66.4 66.7"),
-    ("t5-base", "pt", "7.6K",
-     "0.0 67.6 56.6 90.2 48.8 69.7 65.9 84.7 60.4 62.1 59.2 53.0 61.5 59.6 59.1"),
-    ("t5-base", "ept", "2.3K",
-     "0.0 82.9 68.8 89.7 69.3 92.7 90.2 93.0 73.3 75.5 73.1 65.6 62.2 59.7 67.2"),
-    ("t5-base", "ept_star", "2.3K",
-     "41.0 85.0 75.8 89.7 76.1 92.6 90.4 93.8 80.5 77.0 82.7 65.3 58.3 72.4 71.1"),
-    ("t5-small", "ft", "60M",
-     "36.3 85.9 67.9 88.8 78.8 90.4 88.1 91.1 78.4 76.5 77.8 66.6 51.3 68.4 68.1"),
-    ("t5-small", "ptuning", "793K",
-     "0.0 84.2 65.0 86.6 75.5 89.4 88.3 89.1 72.3 71.1 64.5 65.6 59.6 65.7 65.3"),
-    ("t5-small", "resprompt", "416K",
-     "0.0 80.9 61.4 85.9 62.1 88.9 88.2 88.1 69.4 61.9 58.4 50.6 59.0 59.3 57.8"),
-    ("t5-small", "pt", "5.1K",
-     "2.8 75.6 52.3 85.6 41.5 87.2 85.8 82.0 64.1 61.8 55.2 48.7 62.2 60.0 57.6"),
-    ("t5-small", "ept", "1.5K",
-     "0.8 78.0 57.6 85.6 62.7 87.7 87.8 83.4 68.0 61.9 59.1 51.8 59.6 63.7 59.2"),
-    ("t5-small", "ept_star", "1.5K",
-     "0.0 82.8 65.9 86.3 68.7 89.0 88.2 88.8 71.2 68.0 59.2 60.4 60.3 65.5 62.7")]
-PAPER_TABLE2 = [("t5-base", "ft", "220M", "75.0 78.7 80.2 66.7 75.1 59.1 97.0 94.9 94.2 86.3"),
-                ("t5-base", "ptuning", "1.7M", "66.1 72.9 71.3 61.8 68.0 48.6 95.8 91.3 89.0 81.2"),
-                ("t5-base", "resprompt", "624K",
-                 "64.9 72.7 67.5 60.3 66.3 48.9 95.1 88.4 74.6 76.7"),
-                ("t5-base", "pt", "7.6K", "64.7 71.6 66.7 60.4 65.8 48.5 93.7 68.0 55.7 66.5"),
-                ("t5-base", "ept", "2.3K", "64.4 72.3 68.2 60.2 66.3 48.9 93.8 89.0 77.2 77.3"),
-                ("t5-base", "ept_star", "2.3K", "? ? ? ? ? ? ? 90.1 84.8 79.6")]
+# The paper's own numbers, printed under each table for comparison, in our column order ("?" where
+# the extracted paper text lost the number). Tables 1 and 2: model, method, Param, the scores.
+PAPER_TABLE1 = """
+t5-large ft        770M 61.7 89.4 88.5 91.9 89.7 94.4 91.4 95.9 87.9 85.8 88.6 71.9 85.3 79.9 82.3
+t5-large ptuning   3.1M 58.0 88.1 85.4 91.2 88.2 94.1 90.9 95.2 86.4 82.9 87.0 68.8 60.9 79.1 75.7
+t5-large resprompt 832K 54.8 88.2 85.9 91.5 66.1 93.8 90.8 95.0 83.2 82.1 51.2 69.2 61.5 78.2 68.4
+t5-large pt        10K   0.7 74.9 50.8 91.2 35.7 89.7 88.5 87.4 64.9 62.9 58.6 55.7 60.9 59.8 59.6
+t5-large ept       3K   56.8 87.9 85.1 91.1 84.4 93.6 91.0 95.4 85.7 82.2 89.1 67.2 61.5 78.7 75.7
+t5-large ept_star  3K   54.3 87.9 85.4 91.2 87.2 93.8 91.0 95.3 85.8 82.4 95.4 69.1 62.2 79.1 77.6
+t5-base  ft        220M 59.8 87.9 81.8 90.6 85.9 93.1 90.4 94.2 85.5 82.8 87.6 67.9 61.5 74.9 75.0
+t5-base  ptuning   1.7M 47.2 85.7 76.3 89.7 83.0 92.8 90.3 93.5 82.3 78.8 88.3 67.0 60.3 73.6 73.6
+t5-base  resprompt 624K 34.1 85.8 65.7 90.3 72.6 92.6 89.4 90.3 77.6 76.0 64.2 65.1 61.5 66.4 66.7
+t5-base  pt        7.6K  0.0 67.6 56.6 90.2 48.8 69.7 65.9 84.7 60.4 62.1 59.2 53.0 61.5 59.6 59.1
+t5-base  ept       2.3K  0.0 82.9 68.8 89.7 69.3 92.7 90.2 93.0 73.3 75.5 73.1 65.6 62.2 59.7 67.2
+t5-base  ept_star  2.3K 41.0 85.0 75.8 89.7 76.1 92.6 90.4 93.8 80.5 77.0 82.7 65.3 58.3 72.4 71.1
+t5-small ft        60M  36.3 85.9 67.9 88.8 78.8 90.4 88.1 91.1 78.4 76.5 77.8 66.6 51.3 68.4 68.1
+t5-small ptuning   793K  0.0 84.2 65.0 86.6 75.5 89.4 88.3 89.1 72.3 71.1 64.5 65.6 59.6 65.7 65.3
+t5-small resprompt 416K  0.0 80.9 61.4 85.9 62.1 88.9 88.2 88.1 69.4 61.9 58.4 50.6 59.0 59.3 57.8
+t5-small pt        5.1K  2.8 75.6 52.3 85.6 41.5 87.2 85.8 82.0 64.1 61.8 55.2 48.7 62.2 60.0 57.6
+t5-small ept       1.5K  0.8 78.0 57.6 85.6 62.7 87.7 87.8 83.4 68.0 61.9 59.1 51.8 59.6 63.7 59.2
+t5-small ept_star  1.5K  0.0 82.8 65.9 86.3 68.7 89.0 88.2 88.8 71.2 68.0 59.2 60.4 60.3 65.5 62.7
+"""
+PAPER_TABLE2 = """
+t5-base ft        220M 75.0 78.7 80.2 66.7 75.1 59.1 97.0 94.9 94.2 86.3
+t5-base ptuning   1.7M 66.1 72.9 71.3 61.8 68.0 48.6 95.8 91.3 89.0 81.2
+t5-base resprompt 624K 64.9 72.7 67.5 60.3 66.3 48.9 95.1 88.4 74.6 76.7
+t5-base pt        7.6K 64.7 71.6 66.7 60.4 65.8 48.5 93.7 68.0 55.7 66.5
+t5-base ept       2.3K 64.4 72.3 68.2 60.2 66.3 48.9 93.8 89.0 77.2 77.3
+t5-base ept_star  2.3K    ?    ?    ?    ?    ?    ?    ? 90.1 84.8 79.6
+"""
 PAPER_TABLE3 = [("SuperGLUE", 4, "53.1 56.3 53.0 53.9 55.8 54.3"),
                 ("SuperGLUE", 16, "56.8 60.2 51.2 54.2 57.9 57.1"),
                 ("SuperGLUE", 32, "58.5 59.9 54.0 52.9 58.2 59.3"),
@@ -94,16 +76,14 @@ PAPER_TABLE4 = [("PT", "77K/-", "56.5 61.9 48.1 62.2 50.0 55.7"),
                 ("EPT*", "2.3K/768", "73.3 76.7 65.2 62.2 67.9 69.1")]
 PAPER_TABLE6 = [("uniform", "75.7 72.5 70.5 65.4 71.0"), ("vocab", "75.4 77.6 69.8 63.5 71.6"),
                 ("label", "75.1 75.5 67.6 63.5 70.4")]
-# Figure 9's order
 STRUCTURE_LABELS = {"none": "None", "layernorm": "LayerNorm", "residual": "Residual",
-                    "relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}
+                    "relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}  # Figure 9's order
 INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)",
                "label": "Label (label words)"}
 
 # --- reading the results rows ---------------------------------------------------------------------
 
-# every results row (plans.result_row)
-ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")
+ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")  # every row (plans.result_row)
 EXPERIMENT_KEYS = {"table1": ("lr",), "fewshot": ("fewshot_k",),
                    "table4": ("n_trainable", "n_inference", "prompt_length", "depth"),
                    "init": ("init",), "hidden": ("variant",), "broadcast": ("variant",),
@@ -112,8 +92,7 @@ EXPERIMENT_KEYS = {"table1": ("lr",), "fewshot": ("fewshot_k",),
 
 def read_rows(results, experiment):
     """results/<experiment>.jsonl ([] when absent), each row holding what the tables read: a
-    hand-edited or foreign row is one sentence naming its line, never a KeyError in the middle of a
-    table."""
+    hand-edited or foreign row is one sentence naming its line, never a KeyError mid-table."""
     path = Path(results) / f"{experiment}.jsonl"
     rows = files.read_jsonl(path, what="results file", missing_ok=True, fix=files.RESULTS_FIX)
     for number, row in enumerate(rows, 1):
@@ -124,15 +103,13 @@ def read_rows(results, experiment):
             raise files.FileFault(
                 f"the results file {path} is damaged: row {number} has "
                 f"{'no ' + ', '.join(missing) if missing else f'the score {score!r}'}; delete that "
-                f"line and rerun the experiment's driver (ablate.py / fewshot.py) "
-                f"to write it again")
+                "line and rerun the experiment's driver (ablate.py / fewshot.py) to write it again")
     return rows
 
 
 def smoke_reason(results, forced=False):
-    """What makes this report's numbers noise ('a random-weight tiny T5', ...), or None for a real
-    report: the runs' config.json says random_init, or their T5 folder is far below t5-small
-    (d_model under 256)."""
+    """What makes this report's numbers noise ('a random-weight tiny T5', ...), or None: the runs'
+    config.json says random_init, or their T5 is far below t5-small (d_model under 256)."""
     seen = set()
     for experiment in EXPERIMENT_KEYS:
         for row in read_rows(results, experiment):
@@ -162,22 +139,20 @@ def mean_std(values):
 
 
 def over_seeds(rows):
-    """How a heading names its cells: "mean ± std over seeds" only where there are several seeds to
-    spread."""
+    """How a heading names its cells: "mean ± std over seeds" only with several seeds to spread."""
     return "mean ± std over seeds" if len({r.get("seed") for r in rows}) > 1 else "1 seed"
 
 
 def spread(rows):
-    """A figure title's short form of over_seeds: the band is a std only where there are several
-    seeds."""
+    """over_seeds for a figure title: the band is a std only where there are several seeds."""
     return "mean ± std" if over_seeds(rows) != "1 seed" else "1 seed"
 
 
-def cell(values, std=True):
+def cell(values):
     mean, sd, n = mean_std(values)
     if mean is None:
         return DASH
-    return f"{mean:.1f} ± {sd:.1f}" if std and n > 1 else f"{mean:.1f}"
+    return f"{mean:.1f} ± {sd:.1f}" if n > 1 else f"{mean:.1f}"
 
 
 def human(n):
@@ -201,8 +176,7 @@ def scores(rows, **where):
 
 
 def select_best_lr(rows):
-    """Appendix B.2's lr search: per (model, task, method) keep the lr with the best mean validation
-    score."""
+    """Appendix B.2's lr search: per (model, task, method), the lr of best mean validation score."""
     groups = {}
     for r in rows:
         groups.setdefault((r["model_tag"], r["task"], r["method"]), {}).setdefault(
@@ -219,87 +193,82 @@ def ordered(values, order):
     return [v for v in order if v in values] + sorted(v for v in values if v not in order)
 
 
-def params_of(rows, model_tag, method):
-    """Trainable parameters per task: the runs' n_trainable, else model.parameter_table for a known
-    size."""
-    counts = {r["n_trainable"] for r in rows
-              if r["model_tag"] == model_tag and r["method"] == method and r.get("n_trainable")}
+def n_trainable(rows, model_tag, method):
+    """Trainable parameters per task: the runs' n_trainable, else parameter_table()'s, or None."""
+    counts = [r["n_trainable"] for r in rows
+              if r["model_tag"] == model_tag and r["method"] == method and r.get("n_trainable")]
     if counts:
-        return human(max(counts))
-    if model_tag in M.SIZES:
-        return human(param_table()[model_tag].get(method))
-    return DASH
+        return max(counts)
+    return param_table()[model_tag].get(method) if model_tag in M.SIZES else None
 
 
-_PARAMS = {}
-
-
+@functools.cache
 def param_table():
-    if not _PARAMS:
-        _PARAMS.update(M.parameter_table())
-    return _PARAMS
+    return M.parameter_table()
 
 
 # --- tables: each returns (markdown, csv rows) ----------------------------------------------------
 
 def markdown(header, body):
-    """A GFM table; a '|' inside a cell is escaped (Table 5's |Train|, a vocabulary piece) so it
-    splits no cell."""
-    esc = lambda c: str(c).replace("|", "\\|")
-    lines = ["| " + " | ".join(map(esc, header)) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(map(esc, row)) + " |" for row in body]) + "\n"
+    """A GFM table; a '|' in a cell (Table 5's |Train|, a vocabulary piece) is escaped."""
+    lines = ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+             for row in [header, *body]]
+    lines.insert(1, "|" + "|".join("---" for _ in header) + "|")  # under the header
+    return "\n".join(lines) + "\n"
+
+
+def task_average(rows, tasks, **where):
+    """The Avg column: (the mean over tasks of the per-task mean over seeds or None, complete?)."""
+    means = [mean_std(scores(rows, task=t, **where))[0] for t in tasks]
+    present = [m for m in means if m is not None]
+    return (sum(present) / len(present) if present else None), len(present) == len(tasks)
 
 
 def avg_cell(rows, tasks, **where):
-    """Mean over tasks of the per-task mean over seeds; '†' when some task has no result."""
-    means = [mean_std(scores(rows, task=t, **where))[0] for t in tasks]
-    present = [m for m in means if m is not None]
-    if not present:
-        return DASH
-    return f"{sum(present) / len(present):.1f}" + ("" if len(present) == len(tasks) else "†")
+    """task_average as a cell: '†' when some task has no result."""
+    mean, complete = task_average(rows, tasks, **where)
+    return DASH if mean is None else f"{mean:.1f}" + ("" if complete else "†")
 
 
-def grid_table(rows, groups, title_cols=("Model", "Method", "Param")):
-    """Tables 1 and 2: one row per (model, method), per-task mean ± std, an Avg per task group."""
-    rows = dedupe(rows)
-    header = list(title_cols)
-    for name, tasks in groups:
-        header += ([f"{TASK_LABELS[t]} ({METRIC_LABELS.get(t, 'Acc')})" for t in tasks]
-                   + [f"{name} Avg"])
-    body, long = [], []
-    for tag in ordered({r["model_tag"] for r in rows}, SIZE_ORDER):
-        for method in ordered({r["method"] for r in rows if r["model_tag"] == tag}, METHOD_ORDER):
-            line = [tag, LABELS.get(method, method), params_of(rows, tag, method)]
-            for _, tasks in groups:
-                for t in tasks:
-                    values = scores(rows, model_tag=tag, method=method, task=t)
-                    line.append(cell(values))
-                    mean, sd, n = mean_std(values)
-                    long.append({"model": tag, "method": method, "task": t, "mean": mean,
-                                 "std": sd, "seeds": n})
-                line.append(avg_cell(rows, tasks, model_tag=tag, method=method))
-            body.append(line)
-    return markdown(header, body), long
+def stats(values):
+    """A long-form row's numbers: mean, std and count over seeds."""
+    return dict(zip(("mean", "std", "seeds"), mean_std(values)))
 
 
 def paper_block(header, body):
     return "\nThe paper's numbers, for comparison:\n\n" + markdown(header, body)
 
 
+def grid_table(rows, groups, paper):
+    """Tables 1 and 2: one row per (model, method), per-task mean ± std, an Avg per task group,
+    then the paper's numbers (`paper`: PAPER_TABLE1's text layout)."""
+    rows = dedupe(rows)
+    header = ["Model", "Method", "Param"]
+    for name, tasks in groups:
+        header += [f"{TASK_LABELS[t]} ({METRIC_LABELS.get(t, 'Acc')})" for t in tasks]
+        header.append(f"{name} Avg")
+    body, long = [], []
+    for tag in ordered({r["model_tag"] for r in rows}, SIZE_ORDER):
+        for method in ordered({r["method"] for r in rows if r["model_tag"] == tag}, METHOD_ORDER):
+            line = [tag, LABELS.get(method, method), human(n_trainable(rows, tag, method))]
+            for _, tasks in groups:
+                for t in tasks:
+                    values = scores(rows, model_tag=tag, method=method, task=t)
+                    line.append(cell(values))
+                    long.append({"model": tag, "method": method, "task": t, **stats(values)})
+                line.append(avg_cell(rows, tasks, model_tag=tag, method=method))
+            body.append(line)
+    quoted = [[m, LABELS[k], *rest] for m, k, *rest in map(str.split, paper.strip().splitlines())]
+    return markdown(header, body) + paper_block(header, quoted), long
+
+
 def table1(rows):
-    rows = select_best_lr(dedupe(rows))
-    md, long = grid_table(rows, [("GLUE", GLUE), ("SuperGLUE", SUPERGLUE)])
-    header = md.splitlines()[0].strip("| ").split(" | ")
-    return md + paper_block(header, [[m, LABELS[k], p, *v.split()]
-                                     for m, k, p, v in PAPER_TABLE1]), long
+    return grid_table(select_best_lr(dedupe(rows)), [("GLUE", GLUE), ("SuperGLUE", SUPERGLUE)],
+                      PAPER_TABLE1)
 
 
 def table2(rows):
-    md, long = grid_table(rows, [("MRQA", MRQA), ("Others", OTHERS)])
-    header = md.splitlines()[0].strip("| ").split(" | ")
-    return md + paper_block(header, [[m, LABELS[k], p, *v.split()]
-                                     for m, k, p, v in PAPER_TABLE2]), long
+    return grid_table(rows, [("MRQA", MRQA), ("Others", OTHERS)], PAPER_TABLE2)
 
 
 def table3(rows):
@@ -307,27 +276,21 @@ def table3(rows):
     the per-task mean over seeds (the paper's layout), then a per-task detail table."""
     rows = dedupe(rows)
     methods = ordered({r["method"] for r in rows}, METHOD_ORDER)
-    header = ["Benchmark", "k-shot", *[LABELS[m] for m in methods]]
-    body, long = [], []
-    for name, tasks in (("SuperGLUE", SUPERGLUE), ("GLUE", GLUE)):
-        for k in sorted({r["fewshot_k"] for r in rows}):
-            body.append([name, k, *[avg_cell(rows, tasks, method=m, fewshot_k=k) for m in methods]])
-    detail_header = ["k", "Task", *[LABELS[m] for m in methods]]
-    detail = []
-    for k in sorted({r["fewshot_k"] for r in rows}):
+    shots = sorted({r["fewshot_k"] for r in rows})
+    body = [[name, k, *[avg_cell(rows, tasks, method=m, fewshot_k=k) for m in methods]]
+            for name, tasks in (("SuperGLUE", SUPERGLUE), ("GLUE", GLUE)) for k in shots]
+    detail, long = [], []
+    for k in shots:
         for t in SUPERGLUE + GLUE:
             if any(r["task"] == t and r["fewshot_k"] == k for r in rows):
-                detail.append([k, TASK_LABELS[t],
-                               *[cell(scores(rows, method=m, task=t, fewshot_k=k))
-                                 for m in methods]])
-                for m in methods:
-                    mean, sd, n = mean_std(scores(rows, method=m, task=t, fewshot_k=k))
-                    long.append({"k": k, "task": t, "method": m, "mean": mean, "std": sd,
-                                 "seeds": n})
+                values = {m: scores(rows, method=m, task=t, fewshot_k=k) for m in methods}
+                detail.append([k, TASK_LABELS[t], *[cell(values[m]) for m in methods]])
+                long += [{"k": k, "task": t, "method": m, **stats(values[m])} for m in methods]
     paper = paper_block(["Benchmark", "k-shot", *[LABELS[m] for m in METHOD_ORDER]],
                         [[b, k, *v.split()] for b, k, v in PAPER_TABLE3])
-    return (markdown(header, body) + paper + f"\nPer task ({over_seeds(rows)}):\n\n"
-            + markdown(detail_header, detail)), long
+    labels = [LABELS[m] for m in methods]
+    return (markdown(["Benchmark", "k-shot", *labels], body) + paper + f"\nPer task "
+            f"({over_seeds(rows)}):\n\n" + markdown(["k", "Task", *labels], detail)), long
 
 
 def table4(rows):
@@ -341,12 +304,10 @@ def table4(rows):
         label = LABELS[method] + (f" (n={mine[0]['prompt_length']})" if method == "pt" else
                                   f" ({_ept_structure(mine[0])})" if method in ("ept", "ept_star")
                                   else "")
-        line = [label, f"{human(n_train)}/{human(n_inf)}"]
-        for t in TABLE4_TASKS:
-            line.append(cell(scores(mine, task=t)))
-            mean, sd, n = mean_std(scores(mine, task=t))
-            long.append({"method": method, "task": t, "mean": mean, "std": sd, "seeds": n})
-        body.append(line + [avg_cell(mine, TABLE4_TASKS)])
+        per_task = {t: scores(mine, task=t) for t in TABLE4_TASKS}
+        body.append([label, f"{human(n_train)}/{human(n_inf)}", *map(cell, per_task.values()),
+                     avg_cell(mine, TABLE4_TASKS)])
+        long += [{"method": method, "task": t, **stats(v)} for t, v in per_task.items()]
     quoted = markdown(header, [[m, p, *[f"{v:.1f}" for v in vals]]
                                for m, p, *vals in TABLE4_QUOTED])
     return (markdown(header, body)
@@ -356,8 +317,7 @@ def table4(rows):
 
 
 def _ept_structure(row):
-    """Table 4's EPT/EPT* structure as run: the extra 1x1 layer (§5.4) and/or whole stacked
-    blocks."""
+    """Table 4's EPT/EPT* structure as run: the extra 1x1 layer (§5.4), whole stacked blocks."""
     parts = ((["+1x1 layer"] if row.get("extra_layer") else [])
              + ([f"depth {row['depth']}"] if row.get("depth", 1) != 1 else []))
     return ", ".join(parts) or "main structure"
@@ -369,12 +329,10 @@ def table6(rows):
     header = ["Init. / Task", *[TASK_LABELS[t] for t in tasks], "Avg"]
     body, long = [], []
     for kind in ordered({r["init"] for r in rows}, list(INIT_LABELS)):
-        body.append([INIT_LABELS.get(kind, kind),
-                     *[cell(scores(rows, init=kind, task=t)) for t in tasks],
+        per_task = {t: scores(rows, init=kind, task=t) for t in tasks}
+        body.append([INIT_LABELS.get(kind, kind), *map(cell, per_task.values()),
                      avg_cell(rows, tasks, init=kind)])
-        long += [{"init": kind, "task": t,
-                  **dict(zip(("mean", "std", "seeds"), mean_std(scores(rows, init=kind, task=t))))}
-                 for t in tasks]
+        long += [{"init": kind, "task": t, **stats(v)} for t, v in per_task.items()]
     return markdown(header, body) + paper_block(header, [[INIT_LABELS[k], *v.split()]
                                                          for k, v in PAPER_TABLE6]), long
 
@@ -393,15 +351,11 @@ def sweep_table(rows):
         for method in ordered({r["method"] for r in mine}, METHOD_ORDER):
             values = {r["variant"] for r in mine if r["method"] == method}
             for v in sorted(values, key=lambda x: (isinstance(x, str), x)):
-                body.append([tag] * several + [LABELS[method], v,
-                                               *[cell(scores(mine, method=method, variant=v,
-                                                             task=t)) for t in tasks],
+                per_task = {t: scores(mine, method=method, variant=v, task=t) for t in tasks}
+                body.append([tag] * several + [LABELS[method], v, *map(cell, per_task.values()),
                                                avg_cell(mine, tasks, method=method, variant=v)])
                 long += [{**({"model": tag} if several else {}), "method": method, "value": v,
-                          "task": t,
-                          **dict(zip(("mean", "std", "seeds"),
-                                     mean_std(scores(mine, method=method, variant=v, task=t))))}
-                         for t in tasks]
+                          "task": t, **stats(per_task[t])} for t in tasks]
     return markdown(header, body), long
 
 
@@ -418,8 +372,6 @@ def title_for(title, rows):
     several = over_seeds(rows) != "1 seed"
     return title.format(seeds=over_seeds(rows),
                         fewshot_seeds=" of the mean over seeds" if several else "; 1 seed")
-EXPERIMENT_TABLE = {"table1": table1, "table2": table2, "fewshot": table3, "table4": table4,
-                    "init": table6}
 
 
 def experiment_table(experiment, rows):
@@ -432,9 +384,8 @@ STEER_TITLE = ("Steering benchmark (toy backbone, not the paper's numbers): "
 
 
 def steer_table(rows):
-    """Per (method, lr): parameters, validation and test accuracy (mean ± std over seeds), final
-    μ_t; the no-prompt floor first. Validation is the best checkpoint's, test is scored at that
-    checkpoint."""
+    """Per (method, lr): parameters, validation and test accuracy (mean ± std over seeds; both at
+    the best checkpoint), final μ_t; the no-prompt floor first."""
     rows = dedupe(rows)
     header = ["Method", "lr", "Steps", "Params", "Valid acc", "Test acc", "final μ_t", "Seeds"]
     body, long = [], []
@@ -449,21 +400,18 @@ def steer_table(rows):
         for lr in sorted({r.get("lr") for r in trained if r["method"] == method},
                          key=lambda v: (v is None, v or 0)):
             mine = [r for r in trained if r["method"] == method and r.get("lr") == lr]
-            val, test = (mean_std([r.get("val_score") for r in mine]),
-                         mean_std([r["score"] for r in mine]))
+            val, test = [r.get("val_score") for r in mine], [r["score"] for r in mine]
+            (val_mean, val_std, _), (test_mean, test_std, _) = mean_std(val), mean_std(test)
             norm = mean_std([r.get("final_prompt_norm") for r in mine])[0]
             steps = sorted({r.get("max_steps") for r in mine} - {None})
+            params = max((r.get("n_trainable") or 0) for r in mine)
             body.append([LABELS[method], f"{lr:g}" if lr else DASH,
-                         "/".join(map(str, steps)) or DASH,
-                         human(max((r.get("n_trainable") or 0) for r in mine)),
-                         cell([r.get("val_score") for r in mine]), cell([r["score"] for r in mine]),
-                         f"{norm:.3g}" if norm is not None else DASH, len(mine)])
-            long.append({"method": method, "lr": lr,
-                         "n_trainable": max((r.get("n_trainable") or 0) for r in mine),
-                         "val_mean": val[0], "val_std": val[1], "test_mean": test[0],
-                         "test_std": test[1],
-                         "final_prompt_norm": norm, "seeds": len(mine)})
+                         "/".join(map(str, steps)) or DASH, human(params), cell(val),
+                         cell(test), f"{norm:.3g}" if norm is not None else DASH, len(mine)])
+            long.append({"method": method, "lr": lr, "n_trainable": params,
+                         "val_mean": val_mean, "val_std": val_std, "test_mean": test_mean,
+                         "test_std": test_std, "final_prompt_norm": norm, "seeds": len(mine)})
     return markdown(header, body), long
 
 
-EXPERIMENT_TABLE["steer"] = steer_table
+EXPERIMENT_TABLE = {exp: build for _, exp, build in TABLES.values()} | {"steer": steer_table}
