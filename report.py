@@ -248,6 +248,8 @@ def fig9(results, out):
     rows = _sweep_rows(results, "structure")
     names = tables.ordered({r["variant"] for r in rows}, list(tables.STRUCTURE_LABELS))
     tasks = _present(rows, tables.SUPERGLUE)
+    if not tasks:
+        raise Missing(f"no SuperGLUE rows in {Path(results) / 'structure.jsonl'}")
     fig, (left, right) = _plt().subplots(1, 2, figsize=(12, 4))
     width = 0.8 / len(names)
     panels = tasks + ["Avg"]
@@ -334,8 +336,9 @@ def neighbours_md(results, out):
 def superglue_averages(rows):
     """{(model tag, method): (SuperGLUE Avg as in Table 1, complete?, trainable parameters)}."""
     out = {}
-    for tag in {r["model_tag"] for r in rows}:
-        for method in {r["method"] for r in rows if r["model_tag"] == tag}:
+    for tag in tables.ordered({r["model_tag"] for r in rows}, tables.MODEL_ORDER):  # fixed order:
+        methods = {r["method"] for r in rows if r["model_tag"] == tag}  # the same PNG every time
+        for method in tables.ordered(methods, tables.METHOD_ORDER):
             avg, full = tables.task_average(rows, tables.SUPERGLUE, model_tag=tag, method=method)
             if avg is not None:
                 out[(tag, method)] = (avg, full, tables.n_trainable(rows, tag, method))

@@ -394,6 +394,19 @@ def test_report_tables_and_figures_from_rows(tmp_path):
     assert tables.human(2304) == "2.3K" and tables.human(1779456) == "1.7M" and tables.human(624784) == "624K"
 
 
+def test_figure1_points_in_a_fixed_order_and_figure9_without_superglue_is_skipped(tmp_path):
+    tags, methods = ["t5-large", "t5-small", "t5-base"], ["ept", "ft", "pt", "ept_star"]
+    rows = [fake_row("table1", "cb", m, 0, 50.0, model_tag=t, run=f"r/{t}{m}") for t in tags for m in methods]
+    keys = list(report.superglue_averages(rows))  # Figure 1 draws its points in this order
+    assert keys == [(t, m) for t in tables.MODEL_ORDER if t in tags for m in tables.METHOD_ORDER if m in methods]
+    results = tmp_path / "results"  # structure rows on a GLUE task only: a note in index.md, no crash
+    files.append_jsonl(results / "structure.jsonl",
+                       [fake_row("structure", "rte", "ept", 0, 60.0, variant=v, run=f"r/{v}") for v in ablate.STRUCTURES])
+    missing = report.main(["--results", str(results), "--out", str(tmp_path / "report")])
+    assert any("no SuperGLUE rows" in m for m in missing)
+    assert not (tmp_path / "report" / "fig9_structure.png").exists()
+
+
 def test_report_draws_analysis_figures(grid, tmp_path, tiny_model_dir):
     tag = Path(tiny_model_dir).name
     analyze.main(["norms", "--model", tag, "--results-dir", str(grid / "results"), "--tasks", "rte", "cb"])
