@@ -28,10 +28,8 @@ step trains them all on one frozen T5 (a lone run is a pack of one; `ft` trains 
 alone).
 """
 import contextlib
-import functools
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -58,8 +56,7 @@ class NonFiniteError(errors.Failure):
 
 @errors.script
 def main(argv=None):
-    """Parse; claim and check every run's folder; load the task and build the runs; train; finish
-    each."""
+    """Parse; claim and check every run's folder; load the task; build the runs; train them."""
     rank = int(os.environ.get("RANK", 0))
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
         args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
@@ -100,14 +97,13 @@ def main(argv=None):
 
 def train(jobs, task, pack, ranks, say):
     """The paper's loop for every run of the pack: at the top of each step a run validates and saves
-    as its --eval-every / --save-every say (so its last step always is), and finishes at its last
-    step; then one pack step trains every run still training. A non-finite run stops alone; the
-    others go on."""
+    as its --eval-every / --save-every say (its last step always), and finishes at its last step;
+    then one pack step trains every run still training. A non-finite run stops alone."""
     restore_rng(jobs, ranks)
     live, results, faults = list(jobs), {}, []
-    desc = jobs[0].out_dir.name if len(jobs) == 1 else f"pack of {len(jobs)}"
     bar = tqdm(total=max(j.args.max_steps for j in jobs), initial=min(j.run.step for j in jobs),
-               desc=desc, dynamic_ncols=True,  # rank 0 only; TQDM_DISABLE=1 still works
+               desc=jobs[0].out_dir.name if len(jobs) == 1 else f"pack of {len(jobs)}",
+               dynamic_ncols=True,  # rank 0 only; TQDM_DISABLE=1 still works
                **({} if ranks.master else {"disable": True}))
 
     def drop(job, what, lr):  # a non-finite run stops alone
@@ -119,10 +115,9 @@ def train(jobs, task, pack, ranks, say):
 
     while live:
         for job in list(live):
-            run = job.run
             if not validate_and_save(job, task, ranks, bar):
-                drop(job, ["weights"], run.scheduler.get_last_lr()[0])
-            elif run.step == job.args.max_steps:
+                drop(job, ["weights"], job.run.scheduler.get_last_lr()[0])
+            elif job.run.step == job.args.max_steps:
                 live.remove(job)
                 results[str(job.out_dir)] = finish(job, task, ranks, say)
                 runfolder.close(job)
@@ -193,9 +188,8 @@ def validate_and_log(job, task, ranks):
 
 def train_event(r, seconds):
     """The "train" log event of one optimizer step (r: the run's record of the pack step)."""
-    return {"event": "train", "step": r["step"], "loss": r["loss"], "lr": r["lr"],
-            "grad_norm": r["grad_norm"], "prompt_norm": r["prompt_norm"], "epoch": r["epoch"],
-            "examples_per_s": r["examples"] / seconds,
+    keys = ("step", "loss", "lr", "grad_norm", "prompt_norm", "epoch")
+    return {"event": "train", **{k: r[k] for k in keys}, "examples_per_s": r["examples"] / seconds,
             "tokens_per_s": r["tokens"] / seconds}
 
 
@@ -327,27 +321,20 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
             label_ids=batching.label_ids(task.tokenizer, task.meta, a.init, a.task),
             name=str(job.out_dir), **M.prompt_options(vars(a)))
         job.net = job.run.prompted(t5)  # what validation, start_log and finish take
-        job.rng = None
-        if job.resume_path:
-            ckpt = runfolder.read_checkpoint(job.resume_path, a.max_steps)
-            load = functools.partial(job.run.load_checkpoint_state, ckpt)
-            runfolder.restore(load, job.resume_path, job.run.params)
-            job.rng = runfolder.rank_rng(ckpt, ranks, say)
-            if ranks.master:
-                runfolder.check_resume_files(job.out_dir)
+        job.rng = runfolder.resume(job, ranks, say) if job.resume_path else None
         job.step = job.start_step = job.run.step
         job.meter = runtime.Throughput(warm=2 if a.max_steps - job.start_step >= 10 else 0)
     names = [j.out_dir.name for j in jobs]
     extra = {"pack": {"size": len(jobs), "runs": names}} if packed else None
     for job in jobs:  # every run checked: only now does any run's folder change
-        job.log = runfolder.start_log(job.args, job.out_dir, job, task, ranks, job.resume_path, say,
-                                      extra=extra)
-    compiled = torch.compile if first.compile else (lambda m: m)
-    wrap = compiled
-    if ranks.world_size > 1:  # no buffer sync before each forward: T5's buffers never change
-        wrap = lambda net: DDP(compiled(net), forward_sync_buffers=False,  # noqa: E731
-                               device_ids=[ranks.local_rank] if ranks.device.startswith("cuda")
-                               else None)
+        job.log = runfolder.start_log(job, task, ranks, say, extra)
+
+    def wrap(net):  # under DDP no buffer sync before each forward: T5's buffers never change
+        net = torch.compile(net) if first.compile else net
+        if ranks.world_size == 1:
+            return net
+        cuda = ranks.device.startswith("cuda")
+        return DDP(net, forward_sync_buffers=False, device_ids=[ranks.local_rank] if cuda else None)
     return multirun.Pack(t5, [job.run for job in jobs], task.data, device=ranks.device,
                          amp=runtime.set_precision(first.dtype, ranks.device), rank=ranks.rank,
                          world_size=ranks.world_size, max_rows=max_rows, wrap=wrap)
@@ -367,11 +354,10 @@ def restore_rng(jobs, ranks):
 def finish(job, task, ranks, say):
     """The end of a run: the best checkpoint folded into P' (prompt.pt) and scored on test
     (metrics.json)."""
-    args, out_dir, run, log = job.args, job.out_dir, job.run, job.log
-    job.throughput = job.meter.summary(ranks.device)
+    args, out_dir, run, trained = job.args, job.out_dir, job.run, job.net
+    t = job.meter.summary(ranks.device)
     if ranks.world_size > 1:
         dist.barrier()  # best.pt is complete on disk
-    trained = job.net
     trained.load_trainable_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
     with torch.no_grad():
         prompt = trained.prompt()
@@ -384,8 +370,7 @@ def finish(job, task, ranks, say):
                 "score": run.best_score})
     test = None
     if not args.no_test:
-        test_file = task.folder / "test.jsonl"
-        limit = args.max_eval_examples
+        test_file, limit = task.folder / "test.jsonl", args.max_eval_examples
         examples, source_ids, _ = batching.load_split(test_file, task.tokenizer, args.max_length,
                                                       limit)
         batching.check_split(task.meta, "test", examples, test_file, limit is not None)
@@ -395,10 +380,8 @@ def finish(job, task, ranks, say):
                 "best_step": run.best_step, "validation_score": run.best_score, **scores}
         if ranks.master:
             files.write_json(out_dir / "metrics.json", test)
-    t = job.throughput
-    log({"event": "end", "step": run.step, **t, "best_step": run.best_step,
-         "best_score": run.best_score,
-         "test_score": test["score"] if test else None})
+    job.log({"event": "end", "step": run.step, **t, "best_step": run.best_step,
+             "best_score": run.best_score, "test_score": test["score"] if test else None})
     say(f"train: done {out_dir.name}: best validation {run.best_score:.2f} at step {run.best_step}"
         + (f", test {test['score']:.2f}" if test else "")
         + f"; {t['train_examples_per_s']:.1f} examples/s, {t['train_tokens_per_s']:.0f} tokens/s, "
@@ -408,17 +391,4 @@ def finish(job, task, ranks, say):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit:  # a stop or a failure, its sentence printed: ignore a further Ctrl-C
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: files whole
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: "
-                  "run the same command with --resume to continue", file=sys.stderr, flush=True)
-        sys.exit(130)
-    finally:  # also after a failure: every rank stopped at the same point (runtime.master_first)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    signals.run(main)  # Ctrl-C outside the loop: exit 130, files whole; the process group ended

@@ -58,14 +58,10 @@ def refuse_more_steps(out_dir, args):
                                  "another --out-dir)")
 
 
-def trim_log(path, step):
-    """On resume: keep the events up to the checkpoint's step; what a killed run logged after it is
-    redone (a half-written last line included)."""
-    if path.exists():
-        keep = [e for e in files.read_jsonl(path, what="run log", torn_tail_ok=True,
-                                            fix="repair or delete that line, then --resume again")
-                if e.get("step", 0) <= step and e.get("event") != "end"]
-        files.write_jsonl(path, keep)
+def read_log(path):
+    """A run's log.jsonl, to resume it: its events (a half-written last line dropped)."""
+    return files.read_jsonl(path, what="run log", torn_tail_ok=True,
+                            fix="repair or delete that line, then --resume again")
 
 
 def open_log(path, trackers):
@@ -139,22 +135,6 @@ def weights_finite(params):
             if params else True)
 
 
-def new_folders(out_dir):
-    """The folders that creating `out_dir` makes, deepest first (what a failed start takes away
-    again)."""
-    return [p for p in (out_dir, *out_dir.parents) if not p.exists()]
-
-
-def remove_if_empty(folders):
-    """A start that failed before writing anything (offline, bad input) leaves no empty folder
-    behind."""
-    for folder in folders:
-        try:
-            folder.rmdir()  # only an empty folder: a run's files, or another process's, keep it
-        except OSError:
-            return
-
-
 def claim_folder(out_dir, say):
     """Create the run folder and take its lock (runs.Busy, one sentence, when a live process holds
     it)."""
@@ -181,72 +161,78 @@ def read_checkpoint(resume_path, max_steps):
     return ckpt
 
 
-def restore(load, resume_path, params):
-    """load() the checkpoint's trainable state, optimizer and schedule; one sentence when they do
-    not fit."""
+def resume(job, ranks, say):
+    """Load a run's last.pt (read_checkpoint) into it: trainable state, optimizer, schedule, data
+    position; one sentence when they do not fit or are not finite. Rank 0 also reads the run's
+    config.json and log.jsonl now, so a damaged one stops a pack before any run's files change.
+    Returns this rank's RNG state, or None (reseed) when another number of ranks wrote it."""
+    path = job.resume_path
+    ckpt = read_checkpoint(path, job.args.max_steps)
     try:
-        load()
+        job.run.load_checkpoint_state(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise errors.Failure(f"train: {resume_path} holds another model or optimizer than these "
+        raise errors.Failure(f"train: {path} holds another model or optimizer than these "
                              f"settings build ({type(err).__name__}); resume with the run's own "
                              "--method and prompt options (its config.json), or --overwrite to "
                              "start over") from None
-    if not weights_finite(params):
-        raise errors.Failure(f"train: {resume_path} holds NaN or inf weights; --overwrite to "
-                             "start over")
+    if not weights_finite(job.run.params):
+        raise errors.Failure(f"train: {path} holds NaN or inf weights; --overwrite to start over")
+    rng = ckpt["rng"][ranks.rank] if len(ckpt["rng"]) == ranks.world_size else None
+    if rng is None:
+        say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: "
+            "RNG reseeded")
+    if ranks.master and (job.out_dir / "config.json").exists():
+        files.read_json(job.out_dir / "config.json", "run configuration")
+    if ranks.master and (job.out_dir / "log.jsonl").exists():
+        read_log(job.out_dir / "log.jsonl")
+    return rng
 
 
-def rank_rng(ckpt, ranks, say):
-    """This rank's RNG state in a checkpoint, or None (reseed) when another number of ranks wrote
-    it."""
-    if len(ckpt["rng"]) == ranks.world_size:
-        return ckpt["rng"][ranks.rank]
-    say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: "
-        "RNG reseeded")
-    return None
-
-
-def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
-    """config.json (rewritten; `extra`: more keys, a pack's) and log.jsonl (trimmed to the
-    checkpoint on resume, then appended)."""
-    run.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
-                  "n_trainable": M.count_trainable(run.net),
-                  "t5_fingerprint": pretrained.t5_fingerprint(run.net.t5),
+def start_log(job, task, ranks, say, extra=None):
+    """The run's config.json (rewritten; `extra`: more keys, a pack's) and log.jsonl (on resume
+    trimmed to the checkpoint's step: what a killed run logged after it is redone); returns its
+    log(event)."""
+    args, out_dir, resumed = job.args, job.out_dir, job.resume_path is not None
+    job.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
+                  "n_trainable": M.count_trainable(job.net),
+                  "t5_fingerprint": pretrained.t5_fingerprint(job.net.t5),
                   "train_file": str(task.train_file),
                   "train_size": len(task.data[0]), "validation_size": len(task.val_examples),
-                  "steps_per_epoch": run.steps_per_epoch, "micro_batch_size": run.micro_batch_size,
-                  "grad_accum_steps": run.grad_accum_steps,
+                  "steps_per_epoch": job.steps_per_epoch, "micro_batch_size": job.micro_batch_size,
+                  "grad_accum_steps": job.grad_accum_steps,
                   "meta": {k: task.meta.get(k) for k in ("labels", "metrics", "score",
                                                          "max_length", "max_target_length")},
                   "torch": torch.__version__, **(extra or {})}
     log = open_log(None, [])
     if ranks.master:
-        if resume_path and (out_dir / "config.json").exists():
+        if resumed and (out_dir / "config.json").exists():
             before = files.read_json(out_dir / "config.json", "run configuration")
             before = before if isinstance(before, dict) else {}
-            changed = {k: (before.get(k), v) for k, v in run.config.items()
+            changed = {k: (before.get(k), v) for k, v in job.config.items()
                        if before.get(k) != v and k != "resume"}
             if changed:
                 say(f"train: resuming with changed settings (was, now): {changed}")
-        trackers = open_trackers(args, out_dir, run.config)
+        trackers = open_trackers(args, out_dir, job.config)
         # temporary files of a writer killed mid-save (files.write_with); we hold the lock
         for name in runs.RUN_FILES:
             for tmp in out_dir.glob(f".{name}.tmp*"):
                 tmp.unlink(missing_ok=True)
-        # started again: its last failure is history
-        (out_dir / runs.FAILED_NAME).unlink(missing_ok=True)
-        if resume_path:  # the log first: a damaged one stops the resume before config.json changes
-            trim_log(out_dir / "log.jsonl", run.step)
-        else:  # a fresh start: the log of a run killed before its first checkpoint goes only now
-            clear_run_files(out_dir, args.overwrite, say)
-        files.write_json(out_dir / "config.json", run.config)
-        log = open_log(out_dir / "log.jsonl", trackers)
-    log({"event": "resume" if resume_path else "setup", "step": run.step, "device": ranks.device,
+        (out_dir / runs.FAILED_NAME).unlink(missing_ok=True)  # its last failure is history
+        log_file = out_dir / "log.jsonl"
+        if resumed and log_file.exists():  # before config.json changes: a damaged log stops it
+            step, events = job.step, read_log(log_file)
+            files.write_jsonl(log_file, [e for e in events
+                                         if e.get("step", 0) <= step and e.get("event") != "end"])
+        elif not resumed:  # a fresh start: the log of a run killed before its first checkpoint
+            clear_run_files(out_dir, args.overwrite, say)  # goes only now
+        files.write_json(out_dir / "config.json", job.config)
+        log = open_log(log_file, trackers)
+    log({"event": "resume" if resumed else "setup", "step": job.step, "device": ranks.device,
          "world_size": ranks.world_size, "dtype": args.dtype,
-         "n_trainable": run.config["n_trainable"], "train_size": len(task.data[0]),
-         "steps_per_epoch": run.steps_per_epoch, "max_steps": args.max_steps,
-         "grad_accum_steps": run.grad_accum_steps})
-    say(f"train: {args.method} on {args.task}, {run.config['n_trainable']:,} trainable parameters, "
+         "n_trainable": job.config["n_trainable"], "train_size": len(task.data[0]),
+         "steps_per_epoch": job.steps_per_epoch, "max_steps": args.max_steps,
+         "grad_accum_steps": job.grad_accum_steps})
+    say(f"train: {args.method} on {args.task}, {job.config['n_trainable']:,} trainable parameters, "
         f"{len(task.data[0])} examples, {args.max_steps} steps, {ranks.world_size} rank(s) on "
         f"{ranks.device}, {args.dtype} -> {out_dir}")
     return log
@@ -264,16 +250,6 @@ def clear_run_files(out_dir, overwrite, say):
             (out_dir / f).unlink()
         shutil.rmtree(out_dir / "eval", ignore_errors=True)
     (out_dir / "log.jsonl").unlink(missing_ok=True)
-
-
-def check_resume_files(out_dir):
-    """What start_log reads of a resumed run (config.json, log.jsonl), read now: a pack refuses a
-    damaged one before any of its runs' files change."""
-    if (out_dir / "config.json").exists():
-        files.read_json(out_dir / "config.json", "run configuration")
-    if (out_dir / "log.jsonl").exists():
-        files.read_jsonl(out_dir / "log.jsonl", what="run log", torn_tail_ok=True,
-                         fix="repair or delete that line, then --resume again")
 
 
 def save_checkpoint(job, ranks, *names):
@@ -304,13 +280,16 @@ def cleanup(out_dirs, jobs, master):
     """Whatever happens inside: every job closed at the end, and (rank 0) the folders this command
     created that are still empty removed, so a start that failed (offline, bad input) leaves nothing
     behind."""
-    created = sorted({f for d in out_dirs for f in new_folders(Path(d))},
-                     key=lambda f: -len(f.parts))
+    created = sorted({f for d in out_dirs for f in (Path(d), *Path(d).parents) if not f.exists()},
+                     key=lambda f: -len(f.parts))  # deepest first
     try:
         yield
     finally:
         for job in jobs:
             close(job)
         for folder in created if master else []:
-            remove_if_empty([folder])
+            try:
+                folder.rmdir()  # only an empty folder: a run's files, or another process's, keep it
+            except OSError:
+                pass
 

@@ -20,11 +20,7 @@ class Stopped(errors.Failure):
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
 _stop_signal = []  # the signal received, set by the handler, read at each step boundary
-
-
 # set once the run stops (Stopped raised, or a second Ctrl-C): later signals wait for the cleanup
 _stopping = []
 
@@ -72,8 +68,7 @@ def stop_requested(ranks):
     None."""
     sig = _stop_signal[0] if _stop_signal else 0
     if ranks.world_size > 1:
-        box = torch.tensor([int(sig)],
-                           device=ranks.device if ranks.device.startswith("cuda") else "cpu")
+        box = torch.tensor([int(sig)], device=ranks.device)
         dist.all_reduce(box, op=dist.ReduceOp.MAX)
         sig = int(box.item())
     return sig or None
@@ -87,5 +82,24 @@ def stopped(sig, step, folders):
     said = int(os.environ.get("RANK", 0)) == 0  # once under torchrun
     return Stopped(f"train: {name} received: stopped at step {step}, last.pt written in "
                    f"{folders}; run the same command with --resume to continue (exit status "
-                   f"{128 + sig})" if said else "",
-                   status=128 + sig)
+                   f"{128 + sig})" if said else "", status=128 + sig)
+
+
+def run(main):
+    """Run train.py's main(): after a stop or a failure (its sentence printed) a further Ctrl-C is
+    ignored; a second Ctrl-C, or one outside the loop, exits 130 with every file whole. Every rank
+    ends the process group, after a failure too (all stopped at one point: runtime.master_first)."""
+    try:
+        main()
+    except SystemExit:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: "
+                  "run the same command with --resume to continue", file=sys.stderr, flush=True)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
