@@ -50,8 +50,7 @@ options.parser.description = __doc__
 
 
 class NonFiniteError(errors.Failure):
-    """A NaN/inf loss, gradient, prompt or weight: the run stops (exit status 1) with best.pt and
-    the log intact."""
+    """A NaN/inf loss, gradient, prompt or weight: the run stops (exit 1), best.pt and log whole."""
 
 
 @errors.script
@@ -154,8 +153,7 @@ def train(jobs, task, pack, ranks, say):
 def validate_and_save(job, task, ranks, bar):
     """The top of a run's step: validate (then best.pt if improved, and last.pt) every --eval-every
     steps and at the last, or save last.pt every --save-every steps; a resumed step was validated
-    before the kill. False when the run's weights are not finite: it must stop (never a NaN/inf
-    state on disk)."""
+    before the kill. False when the weights are not finite: the run stops (no NaN/inf on disk)."""
     args, run = job.args, job.run
     due = run.step > job.start_step or (run.step > 0 and not job.resumed)
     evaluate = due and (run.step % args.eval_every == 0 or run.step == args.max_steps)
@@ -237,9 +235,6 @@ def open_folders(args, specs, packed, jobs, left_out, say):
             runfolder.close(jobs.pop())
     return [(job.index, job.resume_path) for job in jobs]
 
-
-# --- the task -------------------------------------------------------------------------------------
-
 def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
     """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command (the Hub,
     or --source DIR): stages link by files on disk."""
@@ -315,11 +310,10 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
             a, len(task.data[0]), ranks.world_size)
         job.run = multirun.make_run(
             t5, a.method, seed=a.seed, lr=a.lr, max_steps=a.max_steps, batch_size=a.batch_size,
-            micro_batch_size=job.micro_batch_size, weight_decay=a.weight_decay,
-            warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm,
-            group_by_length=a.group_by_length, init=a.init,
-            label_ids=batching.label_ids(task.tokenizer, task.meta, a.init, a.task),
-            name=str(job.out_dir), **M.prompt_options(vars(a)))
+            micro_batch_size=job.micro_batch_size, weight_decay=a.weight_decay, init=a.init,
+            warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, name=str(job.out_dir),
+            group_by_length=a.group_by_length, **M.prompt_options(vars(a)),
+            label_ids=batching.label_ids(task.tokenizer, task.meta, a.init, a.task))
         job.net = job.run.prompted(t5)  # what validation, start_log and finish take
         job.rng = runfolder.resume(job, ranks, say) if job.resume_path else None
         job.step = job.start_step = job.run.step

@@ -3,7 +3,6 @@ FILE), and each run's folder name. The drivers plan their runs by the same rules
 one home.
 """
 import argparse
-import functools
 import itertools
 import math
 from pathlib import Path
@@ -129,8 +128,6 @@ PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "war
                    "max_grad_norm", "max_steps", "epochs", "eval_every", "save_every", "resume")
 
 
-
-
 def resolve(args):
     """Fill the defaults that depend on the method (the one place they live; plans.run_name names
     runs by them)."""
@@ -144,16 +141,11 @@ def resolve(args):
     return args
 
 
-@functools.cache
-def _defaults(method):
-    args = resolve(parser.parse_args(["--method", method]))
-    return {**{key: getattr(args, key) for key, _ in runs.NAME_TAGS}, "fewshot_seed": None}
-
-
 def defaults(method):
     """train.py's defaults for `method`, read from its own parser and resolve(): what a run name
     leaves out. The few-shot sample always shows in a name (no default)."""
-    return dict(_defaults(method))
+    args = resolve(parser.parse_args(["--method", method]))
+    return {**{key: getattr(args, key) for key, _ in runs.NAME_TAGS}, "fewshot_seed": None}
 
 
 def run_name(args):
@@ -182,17 +174,22 @@ def per_run_value(key, value):
     return value
 
 
+def method_defaults(spec):
+    """`spec` (a dict) with the options that do not apply to its method at their defaults, as on
+    the command line (a pass-through --prompt-length is no EPT setting): a run's config.json is the
+    same in a pack or alone."""
+    return {**spec, **{k: parser.get_default(k) for k in M.METHOD_OPTIONS
+                       if not M.applies(k, spec["method"])}}
+
+
 def sweep(args, runs_file=None):
     """The runs asked for, unresolved: the product of the sweep options' values (the last varies
     fastest), or --runs FILE's list, each dict over the command line's options."""
     if runs_file is None:
         lists = [[v] if not isinstance(v := getattr(args, k), list) else v for k in SWEEP]
         specs = {}
-        for combo in itertools.product(*lists):
-            # --out-dir: the parent
-            spec = {**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None}
-            spec.update({k: parser.get_default(k) for k in M.METHOD_OPTIONS
-                         if not M.applies(k, spec["method"])})
+        for combo in itertools.product(*lists):  # --out-dir: the parent
+            spec = method_defaults({**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None})
             # EPT x 2 lengths: once
             specs.setdefault(tuple(map(repr, spec.values())), argparse.Namespace(**spec))
         return list(specs.values())
@@ -223,18 +220,12 @@ def sweep(args, runs_file=None):
                 raise errors.Failure(f"train: --runs: unknown option {key!r} (train.py's option "
                                      "names, with underscores)")
         spec.out_dir = row.get("out_dir")
-        # as on the command line: an option that does not apply to the run's method keeps its
-        # default (a pass-through --prompt-length is no EPT setting), so a run's config.json is the
-        # same in a pack or alone
-        vars(spec).update({k: parser.get_default(k) for k in M.METHOD_OPTIONS
-                           if not M.applies(k, spec.method)})
-        specs.append(spec)
+        specs.append(argparse.Namespace(**method_defaults(vars(spec))))
     return specs
 
 
 def resolve_pack(args, specs):
-    """The pack's runs resolved, each with its own folder: its "out_dir", or <--out-dir>/<run
-    name>."""
+    """The pack's runs resolved, each with its folder: its "out_dir", or <--out-dir>/<run name>."""
     parent = Path(args.out_dir or "runs")
     for spec in specs:
         if spec.method == "ft":
@@ -272,8 +263,7 @@ def resolve_runs(args, specs, packed):
 def batch_plan(args, n_train, world_size):
     """(steps per epoch, micro-batch size, accumulation steps) of a run; --epochs becomes
     args.max_steps."""
-    # the last batch of an epoch may be partial
-    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last batch may be partial
     if args.epochs is not None:
         args.max_steps = math.ceil(args.epochs * steps_per_epoch)
     per_rank = math.ceil(args.batch_size / world_size)

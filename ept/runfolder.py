@@ -4,6 +4,7 @@
 The files themselves are ept/runs.py's (names, status, lock); train.py calls these in order.
 """
 import contextlib
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -27,16 +28,15 @@ def open_run_folder(out_dir, resume, overwrite, say):
         return None  # start_log deletes them, once every check of every run has passed
     if existing and not resume:
         raise errors.Failure(f"train: {out_dir} already holds {', '.join(existing)}; "
-                         "pass --resume to continue it or --overwrite to start over")
+                             "pass --resume to continue it or --overwrite to start over")
     if resume and runs.finished(out_dir):
         return "finished"
     if resume and (out_dir / "last.pt").exists():
         return out_dir / "last.pt"
     if resume and {"best.pt", "prompt.pt", "metrics.json"} & set(existing):
         raise errors.Failure(f"train: {out_dir} has results but no last.pt to resume from; "
-                         "pass --overwrite to train it again")
-    if resume and existing:  # killed before its first checkpoint: nothing to continue
-        # start_log replaces them
+                             "pass --overwrite to train it again")
+    if resume and existing:  # killed before its first checkpoint: start_log replaces its files
         say(f"train: --resume, but {out_dir} has no last.pt yet: starting from scratch")
     return None
 
@@ -97,24 +97,21 @@ def open_trackers(args, out_dir, config):
     """Live curves in TensorBoard and/or Weights & Biases, off unless asked; log.jsonl stays the
     record. Every package is checked and W&B started before TensorBoard writes its file: a failed
     start leaves none."""
-    trackers = []
+    trackers, package = [], {}
     numbers = lambda e: {f"{e['event']}/{k}": v for k, v in e.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-    if args.tensorboard is not None:
+    for flag, module in (("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")):
+        if getattr(args, flag) is None:
+            continue
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            package[flag] = importlib.import_module(module)
         except ImportError:
-            raise errors.Failure("train: --tensorboard needs the tensorboard package: "
-                                 "pip install tensorboard") from None
+            raise errors.Failure(f"train: --{flag} needs the {flag} package: "
+                                 f"pip install {flag}") from None
     if args.wandb is not None:
         try:
-            import wandb
-        except ImportError:
-            raise errors.Failure("train: --wandb needs the wandb package: "
-                                 "pip install wandb") from None
-        try:
-            wandb_run = wandb.init(project=args.wandb, name=out_dir.name, config=config,
-                                   dir=str(out_dir))
+            wandb_run = package["wandb"].init(project=args.wandb, name=out_dir.name, config=config,
+                                              dir=str(out_dir))
         # wandb's many error types (no login, no network), at its one boundary
         except Exception as err:
             raise errors.Failure(f"train: --wandb could not start a Weights & Biases run "
@@ -122,7 +119,8 @@ def open_trackers(args, out_dir, config):
                                  "`wandb login`, or WANDB_MODE=offline") from None
         trackers.append(lambda e: wandb_run.log(numbers(e), step=e.get("step", 0)))
     if args.tensorboard is not None:
-        writer = SummaryWriter(args.tensorboard or str(out_dir / "tensorboard"))
+        folder = args.tensorboard or str(out_dir / "tensorboard")
+        writer = package["tensorboard"].SummaryWriter(folder)
         trackers.append(lambda e: [writer.add_scalar(k, v, e.get("step", 0))
                                    for k, v in numbers(e).items()])
     return trackers

@@ -22,8 +22,10 @@ from ept import errors
 DTYPES = ("fp32", "tf32", "bf16")
 
 
-def setup_distributed():
-    """(rank, local_rank, world_size, device) from the torchrun environment; safe to call again."""
+def ranks():
+    """This process's place under torchrun (the process group joined; safe to call again): rank,
+    local_rank, world_size, device, master, and first(check, everyone=False): master_first on these
+    ranks."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -31,13 +33,6 @@ def setup_distributed():
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, local_rank, world_size, device
-
-
-def ranks():
-    """This process's place under torchrun: rank, local_rank, world_size, device, master, and
-    first(check, everyone=False): master_first on these ranks."""
-    rank, local_rank, world_size, device = setup_distributed()
     return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
                            master=rank == 0,
                            first=functools.partial(master_first, rank=rank, world_size=world_size))
@@ -64,8 +59,7 @@ def master_first(fn, rank, world_size, everyone=False):
         return fn() if everyone else result
     failed, result = True, None
     try:
-        result = fn()
-        failed = False
+        result, failed = fn(), False
         return result
     finally:  # a failure on rank 0 (its sentence, or a bug's traceback) still answers the others
         dist.broadcast_object_list([(failed, None if everyone or failed else result)], src=0)
@@ -82,8 +76,7 @@ def default_device():
 
 
 def set_precision(dtype, device):
-    """Apply `dtype` to the process (TF32 switches); returns the autocast context of the forward
-    passes."""
+    """Apply `dtype` to the process (TF32 switches); returns the forwards' autocast context."""
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
         torch.backends.cudnn.allow_tf32 = dtype == "tf32"
@@ -135,8 +128,9 @@ class Throughput:
     def add(self, examples, tokens, seconds):
         self.steps += 1
         if self.steps > self.warm:
-            self.examples, self.tokens, self.seconds = (
-                self.examples + examples, self.tokens + tokens, self.seconds + seconds)
+            self.examples += examples
+            self.tokens += tokens
+            self.seconds += seconds
 
     def summary(self, device):
         if device.startswith("cuda"):
