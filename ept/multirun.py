@@ -1,21 +1,18 @@
 """Runs on one frozen T5: one pack step is one optimizer step of every run. train.py trains every
 run this way, a lone run as a pack of one (`ft` too: its Run's module is T5 itself, never shared).
 
-Each run keeps what a run alone has: its prompt module (any method and prompt length), data order
-(batching.epoch_order, its own seed), batch and micro-batch sizes, AdamW + linear schedule
-(optim.make_optimizer, stepped run after run, so their state_dicts are a solo run's), clipping on
-its own gradient norm, mu_t, non-finite guard and checkpoint. The runs share the frozen T5 and so
-the forward and backward passes: their global batches are concatenated, example i carrying its
-run's prompt, LEFT-padded with masked zero rows (T5 has relative positions only), and the objective
-sum_r (run r's summed target NLL / run r's target tokens) gives each run exactly its solo gradient.
-With dropout 0 in fp32 a packed run equals its solo run within float rounding
-(tests/test_packing.py); with dropout on they differ in the dropout random numbers only (one shared
-stream). Why this is exact, why not one AdamW for all, and speed (scripts/bench_pack.py):
-docs/packing.md.
+Each run keeps what a run alone has: its prompt module (any method and length), data order, batch
+and micro-batch sizes, AdamW + linear schedule (stepped run after run: its state_dicts are a solo
+run's), clipping on its own gradient norm, mu_t, non-finite guard and checkpoint. The runs share
+the frozen T5 and so the forward and backward passes: their batches are concatenated, example i
+carrying its run's prompt, left-padded with masked zero rows (T5 has relative positions only), and
+the objective sum_r (run r's summed target NLL / run r's target tokens) gives each run exactly its
+solo gradient. With dropout 0 in fp32 a packed run equals its solo run within float rounding
+(tests/test_packing.py); with dropout on, in its dropout random numbers only (one shared stream).
+Why, why not one AdamW for all, and speed (scripts/bench_pack.py): docs/packing.md.
 
-API: make_run(t5, method, ...) -> Run; Pack(t5, runs, data, ...).step() -> {run name: step record};
-Run.checkpoint_state(rng, world_size) / Run.load_checkpoint_state(state); PackedT5 (the shared
-forward).
+API: make_run(t5, method, ...) -> Run; Pack(t5, runs, data, ...).step() -> {run name: record};
+Run.checkpoint_state(rng, world_size) / .load_checkpoint_state(state); PackedT5, the shared forward.
 """
 import math
 import time
@@ -148,19 +145,16 @@ def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, mic
 # --- the shared forward ---------------------------------------------------------------------------
 
 class PackedT5(nn.Module):
-    """One frozen T5 and R prompt modules; example i of a batch gets the prompt of run `run_ids[i]`.
-
-    P'_r (n_r, d) are stacked LEFT-padded to the longest n with zero rows whose attention mask is 0,
-    so example i's encoder input is [0 ... 0; P'_r; embed(x_i)] with mask [0 ... 0; 1 ... 1;
-    mask_i]. Only the `active` runs' prompts are computed (all of them in every forward: under DDP
-    every trainable parameter of an active run then gets a gradient, zero when none of its examples
+    """One frozen T5 and R prompt modules; example i of a batch gets the prompt of run `run_ids[i]`:
+    its encoder input is [0 ... 0; P'_r; embed(x_i)] with mask [0 ... 0; 1 ... 1; mask_i] (LEFT
+    padding to the longest prompt). Every forward computes all `active` runs' prompts: under DDP
+    every trainable parameter of an active run then gets a gradient (zero if none of its examples
     is in this micro-batch)."""
 
     def __init__(self, t5, modules):
         super().__init__()
-        # A PromptedT5 whose prompt module is the list of the runs' modules: it freezes T5, and its
-        # embed prepends the per-example prompts built here, so a pack and a solo run share one
-        # prepend. No modules: full fine-tuning, T5 trains and there is no prompt.
+        # PromptedT5 freezes T5 and its embed prepends the per-example prompts built here: a pack
+        # and a solo run share one prepend. No modules: full fine-tuning, T5 trains, no prompt.
         self.prompted = M.PromptedT5(t5, nn.ModuleList(modules) if modules else None)
         self.active = list(range(len(modules)))
 
@@ -175,11 +169,7 @@ class PackedT5(nn.Module):
         outs = [self.prompted.prompt_module[i]() for i in self.active]
         lengths = [p.size(0) for p in outs]
         n_max = max(lengths)
-        if min(lengths) == n_max:
-            return torch.stack(outs), torch.ones(len(outs), n_max, dtype=torch.long,
-                                                 device=outs[0].device)
-        # rows first: left pad
-        stacked = torch.stack([F.pad(p, (0, 0, n_max - p.size(0), 0)) for p in outs])
+        stacked = torch.stack([F.pad(p, (0, 0, n_max - p.size(0), 0)) for p in outs])  # left pad
         pad = torch.tensor([n_max - n for n in lengths], device=outs[0].device)
         mask = (torch.arange(n_max, device=pad.device)[None, :] >= pad[:, None]).long()
         return stacked, mask
@@ -194,10 +184,9 @@ class PackedT5(nn.Module):
             raise ValueError(f"packing: examples of runs that are not active: {inactive}")
         return slots
 
-    def embed(self, input_ids, attention_mask, run_ids, prompts=None):
-        """Encoder inputs: each example's run prompt first (left-padded), the mask extended to
-        match."""
-        prompts = self.prompts() if prompts is None else prompts
+    def embed(self, input_ids, attention_mask, run_ids):
+        """Encoder inputs: each example's run prompt first (left-padded), the mask extended."""
+        prompts = self.prompts()
         if prompts is None:
             return self.prompted.embed(input_ids, attention_mask)
         stacked, pmask = prompts
@@ -205,15 +194,9 @@ class PackedT5(nn.Module):
         return self.prompted.embed(input_ids, attention_mask, stacked.index_select(0, slots),
                                    pmask.index_select(0, slots))  # (B, n_max, d), (B, n_max)
 
-    def forward(self, input_ids, attention_mask, run_ids, labels=None, **kwargs):
+    def forward(self, input_ids, attention_mask, run_ids, **kwargs):
         inputs_embeds, mask = self.embed(input_ids, attention_mask, run_ids)
-        return self.prompted.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels,
-                                **kwargs)
-
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask, run_ids, **kwargs):
-        inputs_embeds, mask = self.embed(input_ids, attention_mask, run_ids)
-        return self.prompted.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
+        return self.prompted.t5(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
 
 # --- the per-run update ---------------------------------------------------------------------------
@@ -244,14 +227,13 @@ def step_runs(runs, stepping):
 class Pack:
     """R runs training together on one frozen T5 and one training split.
 
-    data = (source ids, target ids, pad id) of the training split: lists of token-id lists.
-    `wrap(packed)` returns the module that runs the forward (PackedT5 itself by default; DDP and/or
-    torch.compile around it), again whenever the set of training runs changes: DDP must not hold
-    parameters that stop receiving gradients. `amp`: the autocast context (runtime.autocast).
-    Forward passes: packed micro-batch m is every run's m-th micro-batch (each rank its shard); with
-    `max_rows`, the rank's examples of all runs are sorted longest first (`sort_by_length`) and cut
-    into passes of at most `max_rows` examples: much less padding when lengths vary, the same
-    gradient (a sum of per-example losses does not depend on how the examples are grouped)."""
+    data = (source ids, target ids, pad id): lists of token-id lists. `wrap(packed)`: the module
+    that runs the forward (PackedT5, or DDP and/or torch.compile around it), made again whenever
+    the set of training runs changes (DDP must not hold parameters that get no gradient). `amp`:
+    the autocast context. Forward pass m takes every run's m-th micro-batch (each rank its shard);
+    with `max_rows`, the rank's examples of all runs sorted longest first (`sort_by_length`) and
+    cut into passes of at most `max_rows`: less padding, the same gradient (a sum of per-example
+    losses does not depend on how the examples are grouped)."""
 
     def __init__(self, t5, runs, data, *, device=None, amp=None, rank=0, world_size=1,
                  pad_to=(None, None), max_rows=None, sort_by_length=True, wrap=None):

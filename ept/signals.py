@@ -15,8 +15,7 @@ from ept import errors
 
 
 class Stopped(errors.Failure):
-    """SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) arrived: last.pt was written at a step boundary; exit
-    status 128 + the signal (130 for Ctrl-C)."""
+    """A stop signal arrived: last.pt was written at a step boundary; exit 128 + the signal."""
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -40,10 +39,8 @@ def _on_signal(sig, _):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGTERM / SIGUSR1 / SIGINT ask the loop to checkpoint and stop at its next step boundary; a
-    second Ctrl-C stops at once (KeyboardInterrupt: every file is written atomically, so last.pt is
-    the previous one, whole). Main thread only: a thread cannot install handlers, and then the
-    caller's handlers stay."""
+    """The handlers installed while the loop runs (above; a second Ctrl-C is a KeyboardInterrupt).
+    Main thread only: a thread cannot install handlers, and then the caller's handlers stay."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -75,8 +72,7 @@ def stop_requested(ranks):
 
 
 def stopped(sig, step, folders):
-    """The Stopped to raise: rank 0 says why and how to resume; every rank exits 128 + the
-    signal."""
+    """The Stopped to raise: rank 0 says why and how to resume; each rank exits 128 + the signal."""
     _stopping.append(sig)
     name = signal.Signals(sig).name
     said = int(os.environ.get("RANK", 0)) == 0  # once under torchrun
