@@ -208,10 +208,9 @@ def nonfinite_stop(job, what, lr, master=True):
 # --- the runs: folders, task, model ---------------------------------------------------------------
 
 def open_folders(args, specs, packed, jobs, left_out, say):
-    """Each run's folder claimed and checked (runfolder.open_run_folder); appends the runs to train
-    to `jobs` (with .lock and .resume_path); returns their (index, resume path). A lone run another
-    live process holds is refused (runs.Busy); a pack leaves it out (`left_out`) and skips its
-    finished runs. --resume, or a run's own "resume": true, resumes the runs that have a last.pt."""
+    """Each run's folder claimed and checked; the runs to train appended to `jobs`, and their
+    (index, resume path) returned. A lone run another live process holds is refused (runs.Busy); a
+    pack leaves it out (`left_out`) and skips its finished runs."""
     for i, spec in enumerate(specs):
         out_dir, resume = Path(spec.out_dir), args.resume or spec.resume
         try:
@@ -256,8 +255,7 @@ def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
 
 def load_task(args, ranks, say):
     """The task's meta.json, tokenizer, training split (token ids) and validation split, checked.
-    Under torchrun rank 0 runs it first (runtime.master_first), so the data is prepared before the
-    other ranks read it."""
+    Rank 0 runs it first (ranks.first): the data is prepared before the other ranks read it."""
     tokenizer = pretrained.load_tokenizer(args.tokenizer, say)
     if ranks.master:
         prepare_if_missing(args.data_dir, args.task, args.tokenizer, say, args.source)
@@ -294,10 +292,8 @@ def load_task(args, ranks, say):
 
 
 def build(jobs, task, ranks, say, packed, max_rows=None):
-    """The T5 the runs share and each run (multirun.make_run: its prompt module, or T5 itself for
-    ft, its AdamW and schedule), fresh or from its own last.pt; each run's config.json and log.jsonl
-    are written only once every run's checks have passed (a refusal for one run changes no run's
-    files)."""
+    """The T5 the runs share and each run (multirun.make_run), fresh or from its last.pt; only once
+    every run's checks have passed are their config.json and log.jsonl written (start_log)."""
     first = jobs[0].args
     t5 = pretrained.load_t5(first.model, random_init=first.random_init, seed=first.seed)
     pretrained.check_vocab(task.tokenizer, t5, first.dropout)
@@ -335,8 +331,7 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
 
 
 def restore_rng(jobs, ranks):
-    """One RNG for the pack (dropout): that of the run furthest behind, or seed + rank for a fresh
-    start."""
+    """One RNG for the pack (dropout): the run furthest behind's, or seed + rank when fresh."""
     rngs = [job.rng for job in sorted(jobs, key=lambda j: j.run.step) if job.rng is not None]
     if rngs:
         runtime.set_rng_state(rngs[0])
@@ -346,8 +341,7 @@ def restore_rng(jobs, ranks):
 
 
 def finish(job, task, ranks, say):
-    """The end of a run: the best checkpoint folded into P' (prompt.pt) and scored on test
-    (metrics.json)."""
+    """The end of a run: best.pt folded into P' (prompt.pt) and scored on test (metrics.json)."""
     args, out_dir, run, trained = job.args, job.out_dir, job.run, job.net
     t = job.meter.summary(ranks.device)
     if ranks.world_size > 1:

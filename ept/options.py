@@ -129,8 +129,7 @@ PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "war
 
 
 def resolve(args):
-    """Fill the defaults that depend on the method (the one place they live; plans.run_name names
-    runs by them)."""
+    """Fill the defaults that depend on the method (their one home; run names leave them out)."""
     if args.lr is None:
         args.lr = M.default_lr(args.method)
     if args.hidden_size is None:
@@ -155,8 +154,7 @@ def run_name(args):
 
 
 def per_run_value(key, value):
-    """A --runs FILE value checked and converted as the command line would take it; one sentence if
-    not."""
+    """A --runs FILE value checked and converted as the command line would take it."""
     action = next(a for a in parser._actions if a.dest == key)
     if action.nargs == 0:  # a flag (store_true)
         if not isinstance(value, bool):
@@ -261,8 +259,7 @@ def resolve_runs(args, specs, packed):
 
 
 def batch_plan(args, n_train, world_size):
-    """(steps per epoch, micro-batch size, accumulation steps) of a run; --epochs becomes
-    args.max_steps."""
+    """(steps per epoch, micro-batch size, accumulation steps); --epochs becomes args.max_steps."""
     steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last batch may be partial
     if args.epochs is not None:
         args.max_steps = math.ceil(args.epochs * steps_per_epoch)

@@ -17,9 +17,8 @@ from ept import errors, files, multirun, pretrained, runs, runtime
 
 
 def open_run_folder(out_dir, resume, overwrite, say):
-    """Decide what happens to an existing folder; nothing is written or deleted here (start_log does
-    that, after every check). Returns the checkpoint to resume from, or None for a fresh start;
-    'finished' when a resumed run has already ended."""
+    """The checkpoint to resume from, None for a fresh start, or 'finished' (resumed, ended).
+    Nothing is written or deleted here: start_log does that, after every check."""
     existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
     if overwrite and existing:
         if not runs.is_run_folder(out_dir):
@@ -94,9 +93,8 @@ def open_log(path, trackers):
 
 
 def open_trackers(args, out_dir, config):
-    """Live curves in TensorBoard and/or Weights & Biases, off unless asked; log.jsonl stays the
-    record. Every package is checked and W&B started before TensorBoard writes its file: a failed
-    start leaves none."""
+    """Live curves in TensorBoard and/or W&B when asked (log.jsonl stays the record). Both packages
+    are checked and W&B started before TensorBoard writes its file: a failed start leaves none."""
     trackers, package = [], {}
     numbers = lambda e: {f"{e['event']}/{k}": v for k, v in e.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
@@ -127,15 +125,13 @@ def open_trackers(args, out_dir, config):
 
 
 def weights_finite(params):
-    """All trainable weights finite (full fine-tuning can blow up with a finite loss): one
-    reduction."""
+    """All trainable weights finite (ft can blow up with a finite loss): one reduction."""
     return (bool(torch.stack([n.float() for n in torch._foreach_norm(params)]).isfinite().all())
             if params else True)
 
 
 def claim_folder(out_dir, say):
-    """Create the run folder and take its lock (runs.Busy, one sentence, when a live process holds
-    it)."""
+    """Create the run folder and take its lock (runs.Busy when a live process holds it)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -144,8 +140,7 @@ def claim_folder(out_dir, say):
 
 
 def read_checkpoint(resume_path, max_steps):
-    """A last.pt read whole and checked (its keys, its step) before anything in the run folder
-    changes."""
+    """A last.pt read whole and checked (its keys, its step) before the run folder changes."""
     ckpt = files.load_torch(resume_path, fix="pass --overwrite to start over")
     # the keys Run.checkpoint_state writes (multirun.py, the format's home)
     missing = set(multirun.CHECKPOINT_KEYS) - set(ckpt if isinstance(ckpt, dict) else ())
@@ -187,9 +182,8 @@ def resume(job, ranks, say):
 
 
 def start_log(job, task, ranks, say, extra=None):
-    """The run's config.json (rewritten; `extra`: more keys, a pack's) and log.jsonl (on resume
-    trimmed to the checkpoint's step: what a killed run logged after it is redone); returns its
-    log(event)."""
+    """The run's config.json (`extra`: a pack's keys) and its log(event) on log.jsonl, which on
+    resume is trimmed to the checkpoint's step (what a killed run logged after it is redone)."""
     args, out_dir, resumed = job.args, job.out_dir, job.resume_path is not None
     job.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
                   "n_trainable": M.count_trainable(job.net),
@@ -237,9 +231,8 @@ def start_log(job, task, ranks, say, extra=None):
 
 
 def clear_run_files(out_dir, overwrite, say):
-    """A fresh start, after every check passed: --overwrite deletes the old run's files
-    (open_run_folder checked that train.py wrote them); otherwise only the log of a run killed
-    before its first checkpoint is left."""
+    """A fresh start, every check passed: --overwrite deletes the old run's files (open_run_folder
+    checked train.py wrote them); else only a log, of a run killed before its first checkpoint."""
     existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
     if overwrite and (existing or (out_dir / "eval").exists()):
         say(f"train: --overwrite: deleting "
@@ -251,8 +244,7 @@ def clear_run_files(out_dir, overwrite, say):
 
 
 def save_checkpoint(job, ranks, *names):
-    """A run's last.pt / best.pt (rank 0 writes; every rank's RNG state is in it). The caller has
-    checked that its weights are finite (weights_finite)."""
+    """A run's last.pt / best.pt, its weights checked finite (rank 0 writes every rank's RNG)."""
     rngs = [runtime.rng_state()]
     if ranks.world_size > 1:
         rngs = [None] * ranks.world_size
@@ -275,9 +267,8 @@ def close(job):
 
 @contextlib.contextmanager
 def cleanup(out_dirs, jobs, master):
-    """Whatever happens inside: every job closed at the end, and (rank 0) the folders this command
-    created that are still empty removed, so a start that failed (offline, bad input) leaves nothing
-    behind."""
+    """Every job closed at the end, and (rank 0) the folders this command created that are still
+    empty removed: a start that failed (offline, bad input) leaves nothing behind."""
     created = sorted({f for d in out_dirs for f in (Path(d), *Path(d).parents) if not f.exists()},
                      key=lambda f: -len(f.parts))  # deepest first
     try:

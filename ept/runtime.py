@@ -23,9 +23,8 @@ DTYPES = ("fp32", "tf32", "bf16")
 
 
 def ranks():
-    """This process's place under torchrun (the process group joined; safe to call again): rank,
-    local_rank, world_size, device, master, and first(check, everyone=False): master_first on these
-    ranks."""
+    """This process's place under torchrun (the group joined; safe to call again): rank, local_rank,
+    world_size, device, master, and first(check, everyone=False): master_first on these ranks."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -119,8 +118,7 @@ def seed_everything(seed):
 
 
 class Throughput:
-    """Examples and tokens per second over the steady-state steps (the first `warm` steps are
-    skipped)."""
+    """Examples and tokens per second over the steady-state steps (after the first `warm`)."""
 
     def __init__(self, warm):
         self.warm, self.steps, self.examples, self.tokens, self.seconds = warm, 0, 0, 0, 0.0
