@@ -98,9 +98,8 @@ class Run:
         return M.PromptedT5(t5, None if self.full else self.module)
 
     def checkpoint_state(self, rng=None, world_size=1):
-        """This run's last.pt / best.pt, in train.py's format (weights_only-loadable). `rng`: the
-        list of per-rank RNG states (runtime.rng_state(), gathered under DDP); a pack has one RNG,
-        shared by its runs."""
+        """This run's last.pt / best.pt (weights_only-loadable). `rng`: the per-rank RNG states
+        (runtime.rng_state(), gathered under DDP; a pack's runs share one RNG)."""
         return {"step": self.step,
                 "trainable": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -122,9 +121,8 @@ class Run:
 def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, micro_batch_size=None,
              weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0, group_by_length=False,
              init="uniform", label_ids=None, fused=None, name=None, **module_options):
-    """A Run: torch.manual_seed(seed), then the prompt module with a generator seeded by `seed`, on
-    T5's device (ft: T5 itself, unfrozen); AdamW + schedule from optim.make_optimizer (fused on
-    CUDA). `module_options`: model.build_prompt_module's (the keys of model.PROMPT_OPTIONS)."""
+    """A Run: its prompt module seeded by `seed` on T5's device (ft: T5 itself, unfrozen), AdamW +
+    schedule (optim.make_optimizer, fused on CUDA); `module_options`: model.PROMPT_OPTIONS' keys."""
     device = t5.get_input_embeddings().weight.device
     lr = M.default_lr(method) if lr is None else lr
     torch.manual_seed(seed)  # default-initialised layers (Linear, LSTM) are seeded too
@@ -162,8 +160,7 @@ class PackedT5(nn.Module):
         self.active = list(run_ids)
 
     def prompts(self):
-        """(P (A, n_max, d) fp32, mask (A, n_max) long) of the active runs, in `active` order; None
-        without prompts (ft)."""
+        """(P (A, n_max, d) fp32, mask (A, n_max) long) of the active runs; None for ft."""
         if self.prompted.prompt_module is None:
             return None
         outs = [self.prompted.prompt_module[i]() for i in self.active]
@@ -202,8 +199,7 @@ class PackedT5(nn.Module):
 # --- the per-run update ---------------------------------------------------------------------------
 
 def clip_runs(runs):
-    """Clip each run's gradients at its own max_grad_norm (0 = off), as the reference one-run step
-    does; (R,) norms before clipping."""
+    """Clip each run's gradients at its own max_grad_norm (0 = off); (R,) norms before clipping."""
     return torch.stack([torch.nn.utils.clip_grad_norm_(
         r.params, r.max_grad_norm if r.max_grad_norm > 0 else math.inf).float() for r in runs])
 

@@ -42,11 +42,10 @@ class PeerStopped(errors.Failure):
 
 
 def master_first(fn, rank, world_size, everyone=False):
-    """fn() on rank 0, then (everyone) on the other ranks, or (not everyone) its result sent to
-    them. Rank 0 tells the others whether it got through before they go on: a check that fails fails
-    on rank 0 first, it prints the one sentence, and every other rank exits 1 quietly (PeerStopped)
-    instead of waiting on a collective rank 0 never joins (gloo's "Connection closed by peer"
-    tracebacks). One rank: just fn()."""
+    """fn() on rank 0, then on the other ranks (everyone) or its result sent to them. Rank 0 tells
+    the others whether it got through: a failing check prints its one sentence from rank 0, and
+    every other rank exits 1 quietly (PeerStopped) instead of waiting on a collective rank 0 never
+    joins (gloo's "Connection closed by peer" tracebacks)."""
     if world_size == 1:
         return fn()
     if rank != 0:

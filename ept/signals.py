@@ -61,8 +61,7 @@ def received():
 
 
 def stop_requested(ranks):
-    """The signal to stop on, agreed by every rank (one may have received it a step later), or
-    None."""
+    """The signal to stop on (or None), agreed by every rank: one may receive it a step later."""
     sig = _stop_signal[0] if _stop_signal else 0
     if ranks.world_size > 1:
         box = torch.tensor([int(sig)], device=ranks.device)
