@@ -146,7 +146,8 @@ def train(jobs, task, pack, ranks, say):
         message = faults[0] if len(jobs) == 1 else (
             f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others "
             "finished. " + " ".join(faults))
-        raise runtime.quiet_unless_master(NonFiniteError(message), ranks.rank)
+        # every rank meets it alike (all-reduced): rank 0 says why, the others exit 1 quietly
+        raise NonFiniteError(message) if ranks.master else runtime.PeerStopped()
     return results
 
 
@@ -163,25 +164,19 @@ def validate_and_save(job, task, ranks, bar):
         return False
     improved = False
     if evaluate:
-        score = validate_and_log(job, task, ranks)["score"]
-        bar.set_postfix(score=f"{score:.2f}")
-        improved = score > run.best_score
+        t0 = time.time()
+        scores = decoding.score_split(job.net, task.tokenizer, task.meta, task.val_examples,
+                                      task.val_src, ranks, **decoding.decode_options(args))
+        seconds = time.time() - t0
+        job.log({"event": "eval", "step": run.step, "split": "validation", **scores,
+                 "eval_time_s": seconds,
+                 "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
+        bar.set_postfix(score=f"{scores['score']:.2f}")
+        improved = scores["score"] > run.best_score
         if improved:
-            run.best_score, run.best_step = score, run.step
+            run.best_score, run.best_step = scores["score"], run.step
     runfolder.save_checkpoint(job, ranks, *(["best.pt"] if improved else []), "last.pt")
     return True
-
-
-def validate_and_log(job, task, ranks):
-    """Score the run on the validation split and log the "eval" event; returns the metrics."""
-    t0 = time.time()
-    scores = decoding.score_split(job.net, task.tokenizer, task.meta, task.val_examples,
-                                  task.val_src, ranks, **decoding.decode_options(job.args))
-    seconds = time.time() - t0
-    job.log({"event": "eval", "step": job.run.step, "split": "validation", **scores,
-             "eval_time_s": seconds,
-             "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
-    return scores
 
 
 def train_event(r, seconds):

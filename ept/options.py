@@ -132,10 +132,9 @@ def resolve(args):
     """Fill the defaults that depend on the method (their one home; run names leave them out)."""
     if args.lr is None:
         args.lr = M.default_lr(args.method)
-    if args.hidden_size is None:
-        args.hidden_size = M.DEFAULTS["hidden_size"].get(args.method)
-    if args.broadcast is None:
-        args.broadcast = M.DEFAULTS["broadcast"].get(args.method)
+    for key in ("hidden_size", "broadcast"):
+        if getattr(args, key) is None:
+            setattr(args, key, M.DEFAULTS[key].get(args.method))
     args.tokenizer = args.tokenizer or args.model
     return args
 
@@ -222,8 +221,16 @@ def sweep(args, runs_file=None):
     return specs
 
 
-def resolve_pack(args, specs):
-    """The pack's runs resolved, each with its folder: its "out_dir", or <--out-dir>/<run name>."""
+def resolve_runs(args, specs, packed):
+    """The runs of a command line, resolved, each with its folder: a lone run's is --out-dir or
+    runs/<run name>; a pack's are each entry's "out_dir", or <--out-dir or runs>/<run name>."""
+    if not packed:
+        run = resolve(argparse.Namespace(**{**vars(specs[0]), "out_dir": args.out_dir}))
+        # one naming rule, alone or in a pack
+        run.out_dir = run.out_dir or str(Path("runs") / run_name(run))
+        if problem := cli.run_folder_problem(run.out_dir):
+            raise errors.Failure(f"train: --out-dir {problem}")
+        return [run]
     parent = Path(args.out_dir or "runs")
     for spec in specs:
         if spec.method == "ft":
@@ -243,19 +250,6 @@ def resolve_pack(args, specs):
         raise errors.Failure("train: --random-init builds T5's weights from the seed, and a pack "
                              "shares one T5: one seed per pack, or real weights")
     return specs
-
-
-def resolve_runs(args, specs, packed):
-    """The runs of a command line, resolved, each with its folder: a lone run's is --out-dir or
-    runs/<run name>; a pack's are each entry's "out_dir", or <--out-dir or runs>/<run name>."""
-    if packed:
-        return resolve_pack(args, specs)
-    run = resolve(argparse.Namespace(**{**vars(specs[0]), "out_dir": args.out_dir}))
-    # one naming rule, alone or in a pack
-    run.out_dir = run.out_dir or str(Path("runs") / run_name(run))
-    if problem := cli.run_folder_problem(run.out_dir):
-        raise errors.Failure(f"train: --out-dir {problem}")
-    return [run]
 
 
 def batch_plan(args, n_train, world_size):

@@ -63,12 +63,6 @@ def master_first(fn, rank, world_size, everyone=False):
         dist.broadcast_object_list([(failed, None if everyone or failed else result)], src=0)
 
 
-def quiet_unless_master(err, rank):
-    """The error to raise for a failure every rank meets alike (a non-finite loss, all-reduced):
-    rank 0's sentence, the other ranks' exit 1 without it."""
-    return err if rank == 0 else PeerStopped()
-
-
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
