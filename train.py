@@ -126,8 +126,7 @@ def train(jobs, task, pack, ranks, say):
             for job in live:  # never a NaN/inf state on disk
                 if runfolder.weights_finite(job.run.params):
                     runfolder.save_checkpoint(job, ranks, "last.pt")
-            folders = " ".join(str(j.out_dir) for j in live)
-            raise signals.stopped(sig, min(j.run.step for j in live), folders)
+            raise signals.stopped(sig, live)
         t0 = time.time()
         records = pack.step()  # one optimizer step of every live run
         seconds = time.time() - t0
@@ -142,12 +141,10 @@ def train(jobs, task, pack, ranks, say):
             norm = r["prompt_norm"]
             bar.set_postfix(loss=f"{r['loss']:.4f}", norm="-" if norm is None else f"{norm:.3g}")
     bar.close()
-    if faults:
-        message = faults[0] if len(jobs) == 1 else (
-            f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others "
-            "finished. " + " ".join(faults))
-        # every rank meets it alike (all-reduced): rank 0 says why, the others exit 1 quietly
-        raise NonFiniteError(message) if ranks.master else runtime.PeerStopped()
+    if faults:  # all-reduced, so every rank meets them: rank 0 says why, the others exit 1 quietly
+        head = (f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others "
+                "finished. ") if len(jobs) > 1 else ""
+        raise NonFiniteError(head + " ".join(faults)) if ranks.master else runtime.PeerStopped()
     return results
 
 

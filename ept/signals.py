@@ -70,10 +70,12 @@ def stop_requested(ranks):
     return sig or None
 
 
-def stopped(sig, step, folders):
-    """The Stopped to raise: rank 0 says why and how to resume; each rank exits 128 + the signal."""
+def stopped(sig, jobs):
+    """The Stopped to raise once the runs `jobs` wrote last.pt: rank 0 says why and how to resume;
+    each rank exits 128 + the signal."""
     _stopping.append(sig)
-    name = signal.Signals(sig).name
+    name, step = signal.Signals(sig).name, min(job.run.step for job in jobs)
+    folders = " ".join(str(job.out_dir) for job in jobs)
     said = int(os.environ.get("RANK", 0)) == 0  # once under torchrun
     return Stopped(f"train: {name} received: stopped at step {step}, last.pt written in "
                    f"{folders}; run the same command with --resume to continue (exit status "
