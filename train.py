@@ -226,6 +226,7 @@ def open_folders(args, specs, packed, jobs, left_out, say):
             runfolder.close(jobs.pop())
     return [(job.index, job.resume_path) for job in jobs]
 
+
 def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
     """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command (the Hub,
     or --source DIR): stages link by files on disk."""

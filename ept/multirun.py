@@ -69,17 +69,14 @@ class Run:
     def training(self):
         return self.stopped is None and self.step < self.max_steps
 
-    def order(self, n_train, lengths=None):
-        """This epoch's example order (batching.epoch_order; `lengths` for group_by_length)."""
+    def next_batch(self, n_train, lengths=None):
+        """The global batch of the next step: [index:index + batch_size] of this epoch's order
+        (batching.epoch_order, cached; `lengths` for group_by_length)."""
         if self._order[0] != self.epoch:
             self._order = (self.epoch, batching.epoch_order(
                 n_train, self.seed, self.epoch, self.batch_size,
                 lengths if self.group_by_length else None))
-        return self._order[1]
-
-    def next_batch(self, n_train, lengths=None):
-        """The global batch of the next step: order[index:index + batch_size]."""
-        return self.order(n_train, lengths)[self.index:self.index + self.batch_size].tolist()
+        return self._order[1][self.index:self.index + self.batch_size].tolist()
 
     def advance(self, n_examples, n_train):
         """After a step: the next data position (a fresh epoch once the split is used up)."""

@@ -236,16 +236,13 @@ def resolve_runs(args, specs, packed):
         if spec.method == "ft":
             raise errors.Failure("train: ft trains T5 itself and cannot share it with other runs "
                                  "in a pack; train it alone (one --method ft run)")
-        named = spec.out_dir is not None
         resolve(spec)
-        if not named:
+        if spec.out_dir is None:
             spec.out_dir = str(parent / run_name(spec))
     folders = [str(Path(s.out_dir).resolve()) for s in specs]
-    if len(set(folders)) < len(folders):
-        raise errors.Failure(
-            "train: two runs of the pack share a folder "
-            f"({', '.join(sorted({f for f in folders if folders.count(f) > 1}))}); "
-            "give them different options or out_dir")
+    if shared := sorted({f for f in folders if folders.count(f) > 1}):
+        raise errors.Failure(f"train: two runs of the pack share a folder ({', '.join(shared)}); "
+                             "give them different options or out_dir")
     if args.random_init and len({s.seed for s in specs}) > 1:
         raise errors.Failure("train: --random-init builds T5's weights from the seed, and a pack "
                              "shares one T5: one seed per pack, or real weights")

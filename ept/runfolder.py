@@ -140,9 +140,9 @@ def claim_folder(out_dir, say):
 
 
 def read_checkpoint(resume_path, max_steps):
-    """A last.pt read whole and checked (its keys, its step) before the run folder changes."""
+    """A last.pt read whole and checked (its keys: multirun.CHECKPOINT_KEYS; its step) before the
+    run folder changes."""
     ckpt = files.load_torch(resume_path, fix="pass --overwrite to start over")
-    # the keys Run.checkpoint_state writes (multirun.py, the format's home)
     missing = set(multirun.CHECKPOINT_KEYS) - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise files.FileFault(f"train: {resume_path} is not a training checkpoint (it lacks "
