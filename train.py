@@ -60,8 +60,7 @@ def main(argv=None):
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
         args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
     runs_file, max_rows = (vars(args).pop(k) for k in options.PACK_OPTIONS)
-    # ranks.first(check): rank 0 first, so a failure is one sentence from rank 0
-    ranks = runtime.ranks()
+    ranks = runtime.ranks()  # ranks.first(check): rank 0 first, so a failure is one sentence
     say = print if ranks.master else (lambda *a, **k: None)
     specs = ranks.first(lambda: options.sweep(args, runs_file), everyone=True)
     packed = runs_file is not None or len(specs) > 1
@@ -290,8 +289,7 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
     first = jobs[0].args
     t5 = pretrained.load_t5(first.model, random_init=first.random_init, seed=first.seed)
     pretrained.check_vocab(task.tokenizer, t5, first.dropout)
-    t5 = t5.to(ranks.device)
-    t5.train()  # T5's dropout stays active though frozen, as under the HF Trainer (docs/paper.md)
+    t5 = t5.to(ranks.device).train()  # dropout on though frozen, as under the HF Trainer (paper.md)
     for job in jobs:
         a, job.resumed = job.args, job.resume_path is not None
         a.max_length = first.max_length
@@ -307,10 +305,9 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
         job.rng = runfolder.resume(job, ranks, say) if job.resume_path else None
         job.step = job.start_step = job.run.step
         job.meter = runtime.Throughput(warm=2 if a.max_steps - job.start_step >= 10 else 0)
-    names = [j.out_dir.name for j in jobs]
-    extra = {"pack": {"size": len(jobs), "runs": names}} if packed else None
+    extra = {"pack": {"size": len(jobs), "runs": [j.out_dir.name for j in jobs]}} if packed else {}
     for job in jobs:  # every run checked: only now does any run's folder change
-        job.log = runfolder.start_log(job, task, ranks, say, extra)
+        job.log = runfolder.start_log(job, task, ranks, say, **extra)
 
     def wrap(net):  # under DDP no buffer sync before each forward: T5's buffers never change
         net = torch.compile(net) if first.compile else net

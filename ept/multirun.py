@@ -257,17 +257,6 @@ class Pack:
         run.stopped = reason
         run.module.requires_grad_(False)
 
-    def _sync(self, runs):
-        ids = [self.runs.index(r) for r in runs]
-        if ids != self._wrapped_for:  # the set of training runs changed: DDP sees only live ones
-            for r in self.runs:
-                if not r.training:
-                    r.module.requires_grad_(False)
-            self.packed.set_active(ids)
-            self.model = self.wrap(self.packed)
-            self._wrapped_for = ids
-        return ids
-
     def step(self):
         """One optimizer step of every training run on its own next global batch. Returns {run
         name: {"step", "loss", "lr" (of this step), "grad_norm" (before clipping), "prompt_norm"
@@ -277,7 +266,13 @@ class Pack:
         runs = self.training
         if not runs:
             return {}
-        ids = self._sync(runs)
+        ids = [self.runs.index(r) for r in runs]
+        if ids != self._wrapped_for:  # the set of training runs changed: DDP sees only live ones
+            for r in self.runs:
+                if not r.training:
+                    r.module.requires_grad_(False)
+            self.packed.set_active(ids)
+            self.model, self._wrapped_for = self.wrap(self.packed), ids
         batches = [r.next_batch(self.n_train, self.lengths) for r in runs]
         stats = self._step(runs, ids, batches)
         records = {}

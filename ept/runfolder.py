@@ -75,8 +75,7 @@ def open_log(path, trackers):
         if f:
             try:
                 f.write(json.dumps(event) + "\n")
-            # a full disk mid-run: one sentence; a torn last line is dropped on --resume
-            except OSError as err:
+            except OSError as err:  # a full disk: one sentence; a torn last line goes on --resume
                 raise files.FileFault(f"train: cannot write {path}: {files.why(err)}; free space, "
                                       "then --resume") from None
         for track in trackers:
@@ -181,7 +180,7 @@ def resume(job, ranks, say):
     return rng
 
 
-def start_log(job, task, ranks, say, extra=None):
+def start_log(job, task, ranks, say, **extra):
     """The run's config.json (`extra`: a pack's keys) and its log(event) on log.jsonl, which on
     resume is trimmed to the checkpoint's step (what a killed run logged after it is redone)."""
     args, out_dir, resumed = job.args, job.out_dir, job.resume_path is not None
@@ -194,7 +193,7 @@ def start_log(job, task, ranks, say, extra=None):
                   "grad_accum_steps": job.grad_accum_steps,
                   "meta": {k: task.meta.get(k) for k in ("labels", "metrics", "score",
                                                          "max_length", "max_target_length")},
-                  "torch": torch.__version__, **(extra or {})}
+                  "torch": torch.__version__, **extra}
     log = open_log(None, [])
     if ranks.master:
         if resumed and (out_dir / "config.json").exists():

@@ -119,9 +119,8 @@ class Throughput:
     def add(self, examples, tokens, seconds):
         self.steps += 1
         if self.steps > self.warm:
-            self.examples += examples
-            self.tokens += tokens
-            self.seconds += seconds
+            self.examples, self.tokens, self.seconds = (
+                self.examples + examples, self.tokens + tokens, self.seconds + seconds)
 
     def summary(self, device):
         if device.startswith("cuda"):

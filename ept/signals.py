@@ -20,15 +20,13 @@ class Stopped(errors.Failure):
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _stop_signal = []  # the signal received, set by the handler, read at each step boundary
-# set once the run stops (Stopped raised, or a second Ctrl-C): later signals wait for the cleanup
-_stopping = []
+_stopping = []  # set once the run stops (Stopped, a second Ctrl-C): later signals wait for cleanup
 
 
 def _on_signal(sig, _):
     if _stopping:  # the locks are being released and the files closed: let that finish
         return
-    # Ctrl-C twice: stop now (files stay whole)
-    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:
+    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:  # twice: stop now (files stay whole)
         _stopping.append(sig)
         raise KeyboardInterrupt
     if sig == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:
