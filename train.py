@@ -95,8 +95,7 @@ def main(argv=None):
 
 def train(jobs, task, pack, ranks, say):
     """The paper's loop for every run of the pack: at the top of each step a run validates and saves
-    as its --eval-every / --save-every say (its last step always), and finishes at its last step;
-    then one pack step trains every run still training. A non-finite run stops alone."""
+    when due (validate_and_save) and finishes at its last; then one pack step trains the others."""
     restore_rng(jobs, ranks)
     live, results, faults = list(jobs), {}, []
     bar = tqdm(total=max(j.args.max_steps for j in jobs), initial=min(j.run.step for j in jobs),
@@ -227,8 +226,7 @@ def open_folders(args, specs, packed, jobs, left_out, say):
 
 
 def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
-    """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command (the Hub,
-    or --source DIR): stages link by files on disk."""
+    """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command."""
     folder = Path(data_dir) / task
     if (folder / "meta.json").exists():
         return
@@ -331,7 +329,7 @@ def restore_rng(jobs, ranks):
 
 
 def finish(job, task, ranks, say):
-    """The end of a run: best.pt folded into P' (prompt.pt) and scored on test (metrics.json)."""
+    """The end of a run: best.pt folded into P' (prompt.pt), the test split scored with P' alone."""
     args, out_dir, run, trained = job.args, job.out_dir, job.run, job.net
     t = job.meter.summary(ranks.device)
     if ranks.world_size > 1:
@@ -339,13 +337,10 @@ def finish(job, task, ranks, say):
     trained.load_trainable_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
     with torch.no_grad():
         prompt = trained.prompt()
-    net = trained
-    if prompt is not None:
-        net = M.PromptedT5(trained.t5, M.FoldedPrompt(prompt.float()))  # inference needs only P'
-        if ranks.master:
-            M.save_folded_prompt(out_dir / "prompt.pt", prompt, {
-                "task": args.task, "method": args.method, "step": run.best_step,
-                "score": run.best_score})
+    net = trained if prompt is None else M.PromptedT5(trained.t5, M.FoldedPrompt(prompt.float()))
+    if prompt is not None and ranks.master:
+        M.save_folded_prompt(out_dir / "prompt.pt", prompt, {
+            "task": args.task, "method": args.method, "step": run.best_step, "score": run.best_score})
     test = None
     if not args.no_test:
         test_file, limit = task.folder / "test.jsonl", args.max_eval_examples

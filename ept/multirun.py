@@ -9,10 +9,7 @@ carrying its run's prompt, left-padded with masked zero rows (T5 has relative po
 the objective sum_r (run r's summed target NLL / run r's target tokens) gives each run exactly its
 solo gradient. With dropout 0 in fp32 a packed run equals its solo run within float rounding
 (tests/test_packing.py); with dropout on, in its dropout random numbers only (one shared stream).
-Why, why not one AdamW for all, and speed (scripts/bench_pack.py): docs/packing.md.
-
-API: make_run(t5, method, ...) -> Run; Pack(t5, runs, data, ...).step() -> {run name: record};
-Run.checkpoint_state(rng, world_size) / .load_checkpoint_state(state); PackedT5, the shared forward.
+Why, why not one AdamW for all, the API and speed (scripts/bench_pack.py): docs/packing.md.
 """
 import math
 import time
@@ -36,10 +33,9 @@ CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data",
 
 @dataclass(eq=False)
 class Run:
-    """One run of train.py: its module (its prompt module; for `full` fine-tuning T5 itself, alone
-    in its pack), optimizer, schedule, data position (`epoch`, `index` into that epoch's order) and
-    bookkeeping. `stopped`: None while the run trains, "nonfinite" once its guard fired (it left
-    the pack), "done" at max_steps. `config`: its method, seed, lr and prompt options."""
+    """One run: its module (prompt module; for `full` fine-tuning T5 itself), optimizer, schedule,
+    data position (`epoch`, `index` into its order) and bookkeeping. `stopped`: None while it
+    trains, "nonfinite" (left the pack) or "done"; `config`: method, seed, lr, prompt options."""
     name: str
     module: nn.Module
     optimizer: torch.optim.Optimizer
@@ -140,11 +136,10 @@ def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, mic
 # --- the shared forward ---------------------------------------------------------------------------
 
 class PackedT5(nn.Module):
-    """One frozen T5 and R prompt modules; example i of a batch gets the prompt of run `run_ids[i]`:
-    its encoder input is [0 ... 0; P'_r; embed(x_i)] with mask [0 ... 0; 1 ... 1; mask_i] (LEFT
-    padding to the longest prompt). Every forward computes all `active` runs' prompts: under DDP
-    every trainable parameter of an active run then gets a gradient (zero if none of its examples
-    is in this micro-batch)."""
+    """One frozen T5 and R prompt modules; example i gets the prompt of run `run_ids[i]`: its input
+    is [0 ... 0; P'_r; embed(x_i)], mask [0 ... 0; 1 ... 1; mask_i] (LEFT padding). Every forward
+    computes all `active` runs' prompts: under DDP every trainable parameter of an active run then
+    gets a gradient (zero if none of its examples is in this micro-batch)."""
 
     def __init__(self, t5, modules):
         super().__init__()
@@ -218,15 +213,13 @@ def step_runs(runs, stepping):
 # --- the pack -------------------------------------------------------------------------------------
 
 class Pack:
-    """R runs training together on one frozen T5 and one training split.
-
-    data = (source ids, target ids, pad id): lists of token-id lists. `wrap(packed)`: the module
-    that runs the forward (PackedT5, or DDP and/or torch.compile around it), made again whenever
-    the set of training runs changes (DDP must not hold parameters that get no gradient). `amp`:
-    the autocast context. Forward pass m takes every run's m-th micro-batch (each rank its shard);
-    with `max_rows`, the rank's examples of all runs sorted longest first (`sort_by_length`) and
-    cut into passes of at most `max_rows`: less padding, the same gradient (a sum of per-example
-    losses does not depend on how the examples are grouped)."""
+    """R runs training together on one frozen T5 and one training split, `data` = (source ids,
+    target ids, pad id). `wrap(packed)`: the module that runs the forward (PackedT5, or DDP and/or
+    torch.compile around it), made again whenever the set of training runs changes (DDP must not
+    hold parameters that get no gradient). `amp`: the autocast context. Forward pass m takes every
+    run's m-th micro-batch (each rank its shard); with `max_rows`, the rank's examples of all runs
+    sorted longest first (`sort_by_length`) and cut into passes of at most `max_rows`: less
+    padding, the same gradient (a sum of per-example losses does not depend on their grouping)."""
 
     def __init__(self, t5, runs, data, *, device=None, amp=None, rank=0, world_size=1,
                  pad_to=(None, None), max_rows=None, sort_by_length=True, wrap=None):
@@ -261,8 +254,8 @@ class Pack:
         """One optimizer step of every training run on its own next global batch. Returns {run
         name: {"step", "loss", "lr" (of this step), "grad_norm" (before clipping), "prompt_norm"
         (mu_t after the step), "epoch", "examples", "tokens", "nonfinite" (names of the non-finite
-        values)}}. A run with a non-finite loss or gradient norm is not updated and, like one with
-        a non-finite mu_t, leaves the pack ("nonfinite"); at max_steps a run leaves ("done")."""
+        values)}}. A run with a non-finite loss or gradient norm is not updated; it, or one with a
+        non-finite mu_t, leaves the pack ("nonfinite"), as one at max_steps does ("done")."""
         runs = self.training
         if not runs:
             return {}
@@ -290,9 +283,8 @@ class Pack:
         return records
 
     def _plan(self, runs, batches):
-        """This rank's forward passes: lists of (slot, example index, weight). Their number is the
-        same on every rank (DDP: one synchronised backward, the last); a pass without an example of
-        this rank is a zero-weight stand-in (DDP needs every rank in every pass)."""
+        """This rank's forward passes, lists of (slot, example index, weight), as many on every rank
+        (DDP: every rank in every pass); a pass with no example here is a zero-weight stand-in."""
         ws, rank = self.world_size, self.rank
         if self.max_rows:
             def entries(k):

@@ -1,6 +1,5 @@
 """train.py's options: its flags and defaults, the runs a command line asks for (a sweep or --runs
-FILE), and each run's folder name. The drivers plan their runs by the same rules, so this is their
-one home.
+FILE) and each run's folder name; the drivers plan their runs by these same rules.
 """
 import argparse
 import itertools
@@ -173,8 +172,7 @@ def per_run_value(key, value):
 
 def method_defaults(spec):
     """`spec` (a dict) with the options that do not apply to its method at their defaults, as on
-    the command line (a pass-through --prompt-length is no EPT setting): a run's config.json is the
-    same in a pack or alone."""
+    the command line: a run's config.json is the same in a pack or alone."""
     return {**spec, **{k: parser.get_default(k) for k in M.METHOD_OPTIONS
                        if not M.applies(k, spec["method"])}}
 
@@ -207,15 +205,13 @@ def sweep(args, runs_file=None):
                     raise errors.Failure(f"train: --runs {runs_file}: out_dir {problem}")
             elif key in PER_RUN:
                 setattr(spec, key, per_run_value(key, value))
-            elif key in vars(args) and per_run_value(key, value) == getattr(args, key):
-                pass  # a shared option, the same as the command line's
-            elif key in vars(args):
+            elif key not in vars(args):
+                raise errors.Failure(f"train: --runs: unknown option {key!r} (train.py's option "
+                                     "names, with underscores)")
+            elif per_run_value(key, value) != getattr(args, key):  # the same as the command line's
                 raise errors.Failure(f"train: --runs: {key} is shared by the runs of a pack "
                                      "(one task, data and T5): give it once on the command line, "
                                      f"not {value!r} for one run")
-            else:
-                raise errors.Failure(f"train: --runs: unknown option {key!r} (train.py's option "
-                                     "names, with underscores)")
         spec.out_dir = row.get("out_dir")
         specs.append(argparse.Namespace(**method_defaults(vars(spec))))
     return specs

@@ -1,6 +1,5 @@
 """A run folder over its life: claimed (one writer), checked before anything in it changes, started
 (config.json, log.jsonl), resumed from last.pt, and left without an empty folder when a start fails.
-
 The files themselves are ept/runs.py's (names, status, lock); train.py calls these in order.
 """
 import contextlib
@@ -154,10 +153,9 @@ def read_checkpoint(resume_path, max_steps):
 
 
 def resume(job, ranks, say):
-    """Load a run's last.pt (read_checkpoint) into it: trainable state, optimizer, schedule, data
-    position; one sentence when they do not fit or are not finite. Rank 0 also reads the run's
-    config.json and log.jsonl now, so a damaged one stops a pack before any run's files change.
-    Returns this rank's RNG state, or None (reseed) when another number of ranks wrote it."""
+    """Load a run's last.pt into it (refused when it does not fit or is not finite), and on rank 0
+    read its config.json and log.jsonl now: a damaged one stops a pack before any run's files
+    change. Returns this rank's RNG state; None (reseed) when another number of ranks wrote it."""
     path = job.resume_path
     ckpt = read_checkpoint(path, job.args.max_steps)
     try:

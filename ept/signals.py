@@ -53,8 +53,7 @@ def stop_on_signals():
 
 
 def received():
-    """The stop signal received during the last run (None: none): a run that finished its last steps
-    after it still stops the caller (a driver) before its next run."""
+    """The stop signal of the last run, or None: a driver stops before its next run even so."""
     return _stop_signal[0] if _stop_signal else None
 
 
@@ -81,9 +80,8 @@ def stopped(sig, jobs):
 
 
 def run(main):
-    """Run train.py's main(): after a stop or a failure (its sentence printed) a further Ctrl-C is
-    ignored; a second Ctrl-C, or one outside the loop, exits 130 with every file whole. Every rank
-    ends the process group, after a failure too (all stopped at one point: runtime.master_first)."""
+    """train.py's main(): a Ctrl-C after a stop or failure is ignored; a second one, or one outside
+    the loop, exits 130 (files whole). Every rank ends the process group (runtime.master_first)."""
     try:
         main()
     except SystemExit:
