@@ -340,7 +340,8 @@ def finish(job, task, ranks, say):
     net = trained if prompt is None else M.PromptedT5(trained.t5, M.FoldedPrompt(prompt.float()))
     if prompt is not None and ranks.master:
         M.save_folded_prompt(out_dir / "prompt.pt", prompt, {
-            "task": args.task, "method": args.method, "step": run.best_step, "score": run.best_score})
+            "task": args.task, "method": args.method, "step": run.best_step,
+            "score": run.best_score})
     test = None
     if not args.no_test:
         test_file, limit = task.folder / "test.jsonl", args.max_eval_examples

@@ -235,9 +235,8 @@ class Pack:
         if any(r.full for r in self.runs) and len(self.runs) > 1:
             raise ValueError("packing: ft trains T5 itself and cannot share it with other runs")
         self.packed = PackedT5(t5, [r.module for r in self.runs if not r.full])
-        source_ids, target_ids, _ = data
-        self.n_train = len(source_ids)
-        self.lengths = [len(s) + len(t) for s, t in zip(source_ids, target_ids)]  # group_by_length
+        self.n_train = len(data[0])
+        self.lengths = [len(s) + len(t) for s, t in zip(data[0], data[1])]  # group_by_length
         self.model, self._wrapped_for, self.timings = None, None, {}
 
     @property

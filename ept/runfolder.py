@@ -203,9 +203,8 @@ def start_log(job, task, ranks, say, **extra):
                 say(f"train: resuming with changed settings (was, now): {changed}")
         trackers = open_trackers(args, out_dir, job.config)
         # temporary files of a writer killed mid-save (files.write_with); we hold the lock
-        for name in runs.RUN_FILES:
-            for tmp in out_dir.glob(f".{name}.tmp*"):
-                tmp.unlink(missing_ok=True)
+        for tmp in [t for name in runs.RUN_FILES for t in out_dir.glob(f".{name}.tmp*")]:
+            tmp.unlink(missing_ok=True)
         (out_dir / runs.FAILED_NAME).unlink(missing_ok=True)  # its last failure is history
         log_file = out_dir / "log.jsonl"
         if resumed and log_file.exists():  # before config.json changes: a damaged log stops it
