@@ -91,110 +91,6 @@ def main(argv=None):
     return {"runs": results, **({} if jobs else {"finished": True})}
 
 
-# --- the loop -------------------------------------------------------------------------------------
-
-def train(jobs, task, pack, ranks, say):
-    """The paper's loop for every run of the pack: at the top of each step a run validates and saves
-    when due (validate_and_save) and finishes at its last; then one pack step trains the others."""
-    restore_rng(jobs, ranks)
-    live, results, faults = list(jobs), {}, []
-    bar = tqdm(total=max(j.args.max_steps for j in jobs), initial=min(j.run.step for j in jobs),
-               desc=jobs[0].out_dir.name if len(jobs) == 1 else f"pack of {len(jobs)}",
-               dynamic_ncols=True,  # rank 0 only; TQDM_DISABLE=1 still works
-               **({} if ranks.master else {"disable": True}))
-
-    def drop(job, what, lr):  # a non-finite run stops alone
-        pack.stop(job.run, "nonfinite")
-        faults.append(str(nonfinite_stop(job, what, lr, ranks.master)))
-        live.remove(job)
-        results[str(job.out_dir)] = {"out_dir": str(job.out_dir), "stopped": "nonfinite"}
-        runfolder.close(job)
-
-    while live:
-        for job in list(live):
-            if not validate_and_save(job, task, ranks, bar):
-                drop(job, ["weights"], job.run.scheduler.get_last_lr()[0])
-            elif job.run.step == job.args.max_steps:
-                live.remove(job)
-                results[str(job.out_dir)] = finish(job, task, ranks, say)
-                runfolder.close(job)
-        if not live:
-            break
-        if sig := signals.stop_requested(ranks):  # preempted or cancelled: every live run's last.pt
-            for job in live:  # never a NaN/inf state on disk
-                if runfolder.weights_finite(job.run.params):
-                    runfolder.save_checkpoint(job, ranks, "last.pt")
-            raise signals.stopped(sig, live)
-        t0 = time.time()
-        records = pack.step()  # one optimizer step of every live run
-        seconds = time.time() - t0
-        for job in list(live):
-            r = records[job.run.name]
-            job.meter.add(r["examples"], r["tokens"], seconds)
-            job.log(train_event(r, seconds))
-            if r["nonfinite"]:
-                drop(job, r["nonfinite"], r["lr"])
-        bar.update(1)
-        if len(jobs) == 1 and live:
-            norm = r["prompt_norm"]
-            bar.set_postfix(loss=f"{r['loss']:.4f}", norm="-" if norm is None else f"{norm:.3g}")
-    bar.close()
-    if faults:  # all-reduced, so every rank meets them: rank 0 says why, the others exit 1 quietly
-        head = (f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others "
-                "finished. ") if len(jobs) > 1 else ""
-        raise NonFiniteError(head + " ".join(faults)) if ranks.master else runtime.PeerStopped()
-    return results
-
-
-def validate_and_save(job, task, ranks, bar):
-    """The top of a run's step: validate (then best.pt if improved, and last.pt) every --eval-every
-    steps and at the last, or save last.pt every --save-every steps; a resumed step was validated
-    before the kill. False when the weights are not finite: the run stops (no NaN/inf on disk)."""
-    args, run = job.args, job.run
-    due = run.step > job.start_step or (run.step > 0 and not job.resumed)
-    evaluate = due and (run.step % args.eval_every == 0 or run.step == args.max_steps)
-    if not (evaluate or due and run.step % (args.save_every or args.eval_every) == 0):
-        return True
-    if not runfolder.weights_finite(run.params):
-        return False
-    improved = False
-    if evaluate:
-        t0 = time.time()
-        scores = decoding.score_split(job.net, task.tokenizer, task.meta, task.val_examples,
-                                      task.val_src, ranks, **decoding.decode_options(args))
-        seconds = time.time() - t0
-        job.log({"event": "eval", "step": run.step, "split": "validation", **scores,
-                 "eval_time_s": seconds,
-                 "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
-        bar.set_postfix(score=f"{scores['score']:.2f}")
-        improved = scores["score"] > run.best_score
-        if improved:
-            run.best_score, run.best_step = scores["score"], run.step
-    runfolder.save_checkpoint(job, ranks, *(["best.pt"] if improved else []), "last.pt")
-    return True
-
-
-def train_event(r, seconds):
-    """The "train" log event of one optimizer step (r: the run's record of the pack step)."""
-    keys = ("step", "loss", "lr", "grad_norm", "prompt_norm", "epoch")
-    return {"event": "train", **{k: r[k] for k in keys}, "examples_per_s": r["examples"] / seconds,
-            "tokens_per_s": r["tokens"] / seconds}
-
-
-def nonfinite_stop(job, what, lr, master=True):
-    """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0;
-    start_log removes it when the run starts again); returns the NonFiniteError that says why."""
-    step, best_step, out_dir = job.run.step, job.run.best_step, job.out_dir
-    job.log({"event": "nonfinite", "step": step, "what": what})
-    kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
-            f"no checkpoint was saved; log.jsonl in {out_dir} records it")
-    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); "
-                         f"stopped. {kept}")
-    if master:
-        files.write_text(out_dir / runs.FAILED_NAME, f"{err}\n")
-    return err
-
-
 # --- the runs: folders, task, model ---------------------------------------------------------------
 
 def open_folders(args, specs, packed, jobs, left_out, say):
@@ -318,6 +214,61 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
                          world_size=ranks.world_size, max_rows=max_rows, wrap=wrap)
 
 
+# --- the loop -------------------------------------------------------------------------------------
+
+def train(jobs, task, pack, ranks, say):
+    """The paper's loop for every run of the pack: at the top of each step a run validates and saves
+    when due (validate_and_save) and finishes at its last; then one pack step trains the others."""
+    restore_rng(jobs, ranks)
+    live, results, faults = list(jobs), {}, []
+    bar = tqdm(total=max(j.args.max_steps for j in jobs), initial=min(j.run.step for j in jobs),
+               desc=jobs[0].out_dir.name if len(jobs) == 1 else f"pack of {len(jobs)}",
+               dynamic_ncols=True,  # rank 0 only; TQDM_DISABLE=1 still works
+               **({} if ranks.master else {"disable": True}))
+
+    def drop(job, what, lr):  # a non-finite run stops alone
+        pack.stop(job.run, "nonfinite")
+        faults.append(str(nonfinite_stop(job, what, lr, ranks.master)))
+        live.remove(job)
+        results[str(job.out_dir)] = {"out_dir": str(job.out_dir), "stopped": "nonfinite"}
+        runfolder.close(job)
+
+    while live:
+        for job in list(live):
+            if not validate_and_save(job, task, ranks, bar):
+                drop(job, ["weights"], job.run.scheduler.get_last_lr()[0])
+            elif job.run.step == job.args.max_steps:
+                live.remove(job)
+                results[str(job.out_dir)] = finish(job, task, ranks, say)
+                runfolder.close(job)
+        if not live:
+            break
+        if sig := signals.stop_requested(ranks):  # preempted or cancelled: every live run's last.pt
+            for job in live:  # never a NaN/inf state on disk
+                if runfolder.weights_finite(job.run.params):
+                    runfolder.save_checkpoint(job, ranks, "last.pt")
+            raise signals.stopped(sig, live)
+        t0 = time.time()
+        records = pack.step()  # one optimizer step of every live run
+        seconds = time.time() - t0
+        for job in list(live):
+            r = records[job.run.name]
+            job.meter.add(r["examples"], r["tokens"], seconds)
+            job.log(train_event(r, seconds))
+            if r["nonfinite"]:
+                drop(job, r["nonfinite"], r["lr"])
+        bar.update(1)
+        if len(jobs) == 1 and live:
+            norm = r["prompt_norm"]
+            bar.set_postfix(loss=f"{r['loss']:.4f}", norm="-" if norm is None else f"{norm:.3g}")
+    bar.close()
+    if faults:  # all-reduced, so every rank meets them: rank 0 says why, the others exit 1 quietly
+        head = (f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others "
+                "finished. ") if len(jobs) > 1 else ""
+        raise NonFiniteError(head + " ".join(faults)) if ranks.master else runtime.PeerStopped()
+    return results
+
+
 def restore_rng(jobs, ranks):
     """One RNG for the pack (dropout): the run furthest behind's, or seed + rank when fresh."""
     rngs = [job.rng for job in sorted(jobs, key=lambda j: j.run.step) if job.rng is not None]
@@ -326,6 +277,55 @@ def restore_rng(jobs, ranks):
     else:
         step = min(j.run.step for j in jobs)
         runtime.seed_everything(jobs[0].args.seed + ranks.rank + 1_000_003 * step)
+
+
+def validate_and_save(job, task, ranks, bar):
+    """The top of a run's step: validate (then best.pt if improved, and last.pt) every --eval-every
+    steps and at the last, or save last.pt every --save-every steps; a resumed step was validated
+    before the kill. False when the weights are not finite: the run stops (no NaN/inf on disk)."""
+    args, run = job.args, job.run
+    due = run.step > job.start_step or (run.step > 0 and not job.resumed)
+    evaluate = due and (run.step % args.eval_every == 0 or run.step == args.max_steps)
+    if not (evaluate or due and run.step % (args.save_every or args.eval_every) == 0):
+        return True
+    if not runfolder.weights_finite(run.params):
+        return False
+    improved = False
+    if evaluate:
+        t0 = time.time()
+        scores = decoding.score_split(job.net, task.tokenizer, task.meta, task.val_examples,
+                                      task.val_src, ranks, **decoding.decode_options(args))
+        seconds = time.time() - t0
+        job.log({"event": "eval", "step": run.step, "split": "validation", **scores,
+                 "eval_time_s": seconds,
+                 "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
+        bar.set_postfix(score=f"{scores['score']:.2f}")
+        improved = scores["score"] > run.best_score
+        if improved:
+            run.best_score, run.best_step = scores["score"], run.step
+    runfolder.save_checkpoint(job, ranks, *(["best.pt"] if improved else []), "last.pt")
+    return True
+
+
+def train_event(r, seconds):
+    """The "train" log event of one optimizer step (r: the run's record of the pack step)."""
+    keys = ("step", "loss", "lr", "grad_norm", "prompt_norm", "epoch")
+    return {"event": "train", **{k: r[k] for k in keys}, "examples_per_s": r["examples"] / seconds,
+            "tokens_per_s": r["tokens"] / seconds}
+
+
+def nonfinite_stop(job, what, lr, master=True):
+    """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0;
+    start_log removes it when the run starts again); returns the NonFiniteError that says why."""
+    step, best_step, out_dir = job.run.step, job.run.best_step, job.out_dir
+    job.log({"event": "nonfinite", "step": step, "what": what})
+    kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
+            f"no checkpoint was saved; log.jsonl in {out_dir} records it")
+    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); "
+                         f"stopped. {kept}")
+    if master:
+        files.write_text(out_dir / runs.FAILED_NAME, f"{err}\n")
+    return err
 
 
 def finish(job, task, ranks, say):
