@@ -28,10 +28,8 @@ step trains them all on one frozen T5 (a lone run is a pack of one; `ft` trains 
 alone).
 """
 import contextlib
-import functools
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -52,20 +50,17 @@ options.parser.description = __doc__
 
 
 class NonFiniteError(errors.Failure):
-    """A NaN/inf loss, gradient, prompt or weight: the run stops (exit status 1) with best.pt and
-    the log intact."""
+    """A NaN/inf loss, gradient, prompt or weight: the run stops (exit 1), best.pt and log whole."""
 
 
 @errors.script
 def main(argv=None):
-    """Parse; claim and check every run's folder; load the task and build the runs; train; finish
-    each."""
+    """Parse; claim and check every run's folder; load the task; build the runs; train them."""
     rank = int(os.environ.get("RANK", 0))
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
         args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
     runs_file, max_rows = (vars(args).pop(k) for k in options.PACK_OPTIONS)
-    # ranks.first(check): rank 0 first, so a failure is one sentence from rank 0
-    ranks = runtime.ranks()
+    ranks = runtime.ranks()  # ranks.first(check): rank 0 first, so a failure is one sentence
     say = print if ranks.master else (lambda *a, **k: None)
     specs = ranks.first(lambda: options.sweep(args, runs_file), everyone=True)
     packed = runs_file is not None or len(specs) > 1
@@ -96,130 +91,12 @@ def main(argv=None):
     return {"runs": results, **({} if jobs else {"finished": True})}
 
 
-# --- the loop -------------------------------------------------------------------------------------
-
-def train(jobs, task, pack, ranks, say):
-    """The paper's loop for every run of the pack: at the top of each step a run validates and saves
-    as its --eval-every / --save-every say (so its last step always is), and finishes at its last
-    step; then one pack step trains every run still training. A non-finite run stops alone; the
-    others go on."""
-    restore_rng(jobs, ranks)
-    live, results, faults = list(jobs), {}, []
-    desc = jobs[0].out_dir.name if len(jobs) == 1 else f"pack of {len(jobs)}"
-    bar = tqdm(total=max(j.args.max_steps for j in jobs), initial=min(j.run.step for j in jobs),
-               desc=desc, dynamic_ncols=True,  # rank 0 only; TQDM_DISABLE=1 still works
-               **({} if ranks.master else {"disable": True}))
-
-    def drop(job, what, lr):  # a non-finite run stops alone
-        pack.stop(job.run, "nonfinite")
-        faults.append(str(nonfinite_stop(job, what, lr, ranks.master)))
-        live.remove(job)
-        results[str(job.out_dir)] = {"out_dir": str(job.out_dir), "stopped": "nonfinite"}
-        runfolder.close(job)
-
-    while live:
-        for job in list(live):
-            run = job.run
-            if not validate_and_save(job, task, ranks, bar):
-                drop(job, ["weights"], run.scheduler.get_last_lr()[0])
-            elif run.step == job.args.max_steps:
-                live.remove(job)
-                results[str(job.out_dir)] = finish(job, task, ranks, say)
-                runfolder.close(job)
-        if not live:
-            break
-        if sig := signals.stop_requested(ranks):  # preempted or cancelled: every live run's last.pt
-            for job in live:  # never a NaN/inf state on disk
-                if runfolder.weights_finite(job.run.params):
-                    runfolder.save_checkpoint(job, ranks, "last.pt")
-            folders = " ".join(str(j.out_dir) for j in live)
-            raise signals.stopped(sig, min(j.run.step for j in live), folders)
-        t0 = time.time()
-        records = pack.step()  # one optimizer step of every live run
-        seconds = time.time() - t0
-        for job in list(live):
-            r = records[job.run.name]
-            job.meter.add(r["examples"], r["tokens"], seconds)
-            job.log(train_event(r, seconds))
-            if r["nonfinite"]:
-                drop(job, r["nonfinite"], r["lr"])
-        bar.update(1)
-        if len(jobs) == 1 and live:
-            norm = r["prompt_norm"]
-            bar.set_postfix(loss=f"{r['loss']:.4f}", norm="-" if norm is None else f"{norm:.3g}")
-    bar.close()
-    if faults:
-        message = faults[0] if len(jobs) == 1 else (
-            f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others "
-            "finished. " + " ".join(faults))
-        raise runtime.quiet_unless_master(NonFiniteError(message), ranks.rank)
-    return results
-
-
-def validate_and_save(job, task, ranks, bar):
-    """The top of a run's step: validate (then best.pt if improved, and last.pt) every --eval-every
-    steps and at the last, or save last.pt every --save-every steps; a resumed step was validated
-    before the kill. False when the run's weights are not finite: it must stop (never a NaN/inf
-    state on disk)."""
-    args, run = job.args, job.run
-    due = run.step > job.start_step or (run.step > 0 and not job.resumed)
-    evaluate = due and (run.step % args.eval_every == 0 or run.step == args.max_steps)
-    if not (evaluate or due and run.step % (args.save_every or args.eval_every) == 0):
-        return True
-    if not runfolder.weights_finite(run.params):
-        return False
-    improved = False
-    if evaluate:
-        score = validate_and_log(job, task, ranks)["score"]
-        bar.set_postfix(score=f"{score:.2f}")
-        improved = score > run.best_score
-        if improved:
-            run.best_score, run.best_step = score, run.step
-    runfolder.save_checkpoint(job, ranks, *(["best.pt"] if improved else []), "last.pt")
-    return True
-
-
-def validate_and_log(job, task, ranks):
-    """Score the run on the validation split and log the "eval" event; returns the metrics."""
-    t0 = time.time()
-    scores = decoding.score_split(job.net, task.tokenizer, task.meta, task.val_examples,
-                                  task.val_src, ranks, **decoding.decode_options(job.args))
-    seconds = time.time() - t0
-    job.log({"event": "eval", "step": job.run.step, "split": "validation", **scores,
-             "eval_time_s": seconds,
-             "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
-    return scores
-
-
-def train_event(r, seconds):
-    """The "train" log event of one optimizer step (r: the run's record of the pack step)."""
-    return {"event": "train", "step": r["step"], "loss": r["loss"], "lr": r["lr"],
-            "grad_norm": r["grad_norm"], "prompt_norm": r["prompt_norm"], "epoch": r["epoch"],
-            "examples_per_s": r["examples"] / seconds,
-            "tokens_per_s": r["tokens"] / seconds}
-
-
-def nonfinite_stop(job, what, lr, master=True):
-    """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0;
-    start_log removes it when the run starts again); returns the NonFiniteError that says why."""
-    step, best_step, out_dir = job.run.step, job.run.best_step, job.out_dir
-    job.log({"event": "nonfinite", "step": step, "what": what})
-    kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
-            f"no checkpoint was saved; log.jsonl in {out_dir} records it")
-    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); "
-                         f"stopped. {kept}")
-    if master:
-        files.write_text(out_dir / runs.FAILED_NAME, f"{err}\n")
-    return err
-
-
 # --- the runs: folders, task, model ---------------------------------------------------------------
 
 def open_folders(args, specs, packed, jobs, left_out, say):
-    """Each run's folder claimed and checked (runfolder.open_run_folder); appends the runs to train
-    to `jobs` (with .lock and .resume_path); returns their (index, resume path). A lone run another
-    live process holds is refused (runs.Busy); a pack leaves it out (`left_out`) and skips its
-    finished runs. --resume, or a run's own "resume": true, resumes the runs that have a last.pt."""
+    """Each run's folder claimed and checked; the runs to train appended to `jobs`, and their
+    (index, resume path) returned. A lone run another live process holds is refused (runs.Busy); a
+    pack leaves it out (`left_out`) and skips its finished runs."""
     for i, spec in enumerate(specs):
         out_dir, resume = Path(spec.out_dir), args.resume or spec.resume
         try:
@@ -244,11 +121,8 @@ def open_folders(args, specs, packed, jobs, left_out, say):
     return [(job.index, job.resume_path) for job in jobs]
 
 
-# --- the task -------------------------------------------------------------------------------------
-
 def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
-    """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command (the Hub,
-    or --source DIR): stages link by files on disk."""
+    """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command."""
     folder = Path(data_dir) / task
     if (folder / "meta.json").exists():
         return
@@ -267,8 +141,7 @@ def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
 
 def load_task(args, ranks, say):
     """The task's meta.json, tokenizer, training split (token ids) and validation split, checked.
-    Under torchrun rank 0 runs it first (runtime.master_first), so the data is prepared before the
-    other ranks read it."""
+    Rank 0 runs it first (ranks.first): the data is prepared before the other ranks read it."""
     tokenizer = pretrained.load_tokenizer(args.tokenizer, say)
     if ranks.master:
         prepare_if_missing(args.data_dir, args.task, args.tokenizer, say, args.source)
@@ -305,15 +178,12 @@ def load_task(args, ranks, say):
 
 
 def build(jobs, task, ranks, say, packed, max_rows=None):
-    """The T5 the runs share and each run (multirun.make_run: its prompt module, or T5 itself for
-    ft, its AdamW and schedule), fresh or from its own last.pt; each run's config.json and log.jsonl
-    are written only once every run's checks have passed (a refusal for one run changes no run's
-    files)."""
+    """The T5 the runs share and each run (multirun.make_run), fresh or from its last.pt; only once
+    every run's checks have passed are their config.json and log.jsonl written (start_log)."""
     first = jobs[0].args
     t5 = pretrained.load_t5(first.model, random_init=first.random_init, seed=first.seed)
     pretrained.check_vocab(task.tokenizer, t5, first.dropout)
-    t5 = t5.to(ranks.device)
-    t5.train()  # T5's dropout stays active though frozen, as under the HF Trainer (docs/paper.md)
+    t5 = t5.to(ranks.device).train()  # dropout on though frozen, as under the HF Trainer (paper.md)
     for job in jobs:
         a, job.resumed = job.args, job.resume_path is not None
         a.max_length = first.max_length
@@ -321,41 +191,86 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
             a, len(task.data[0]), ranks.world_size)
         job.run = multirun.make_run(
             t5, a.method, seed=a.seed, lr=a.lr, max_steps=a.max_steps, batch_size=a.batch_size,
-            micro_batch_size=job.micro_batch_size, weight_decay=a.weight_decay,
-            warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm,
-            group_by_length=a.group_by_length, init=a.init,
-            label_ids=batching.label_ids(task.tokenizer, task.meta, a.init, a.task),
-            name=str(job.out_dir), **M.prompt_options(vars(a)))
+            micro_batch_size=job.micro_batch_size, weight_decay=a.weight_decay, init=a.init,
+            warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, name=str(job.out_dir),
+            group_by_length=a.group_by_length, **M.prompt_options(vars(a)),
+            label_ids=batching.label_ids(task.tokenizer, task.meta, a.init, a.task))
         job.net = job.run.prompted(t5)  # what validation, start_log and finish take
-        job.rng = None
-        if job.resume_path:
-            ckpt = runfolder.read_checkpoint(job.resume_path, a.max_steps)
-            load = functools.partial(job.run.load_checkpoint_state, ckpt)
-            runfolder.restore(load, job.resume_path, job.run.params)
-            job.rng = runfolder.rank_rng(ckpt, ranks, say)
-            if ranks.master:
-                runfolder.check_resume_files(job.out_dir)
+        job.rng = runfolder.resume(job, ranks, say) if job.resume_path else None
         job.step = job.start_step = job.run.step
         job.meter = runtime.Throughput(warm=2 if a.max_steps - job.start_step >= 10 else 0)
-    names = [j.out_dir.name for j in jobs]
-    extra = {"pack": {"size": len(jobs), "runs": names}} if packed else None
+    extra = {"pack": {"size": len(jobs), "runs": [j.out_dir.name for j in jobs]}} if packed else {}
     for job in jobs:  # every run checked: only now does any run's folder change
-        job.log = runfolder.start_log(job.args, job.out_dir, job, task, ranks, job.resume_path, say,
-                                      extra=extra)
-    compiled = torch.compile if first.compile else (lambda m: m)
-    wrap = compiled
-    if ranks.world_size > 1:  # no buffer sync before each forward: T5's buffers never change
-        wrap = lambda net: DDP(compiled(net), forward_sync_buffers=False,  # noqa: E731
-                               device_ids=[ranks.local_rank] if ranks.device.startswith("cuda")
-                               else None)
+        job.log = runfolder.start_log(job, task, ranks, say, **extra)
+
+    def wrap(net):  # under DDP no buffer sync before each forward: T5's buffers never change
+        net = torch.compile(net) if first.compile else net
+        if ranks.world_size == 1:
+            return net
+        cuda = ranks.device.startswith("cuda")
+        return DDP(net, forward_sync_buffers=False, device_ids=[ranks.local_rank] if cuda else None)
     return multirun.Pack(t5, [job.run for job in jobs], task.data, device=ranks.device,
                          amp=runtime.set_precision(first.dtype, ranks.device), rank=ranks.rank,
                          world_size=ranks.world_size, max_rows=max_rows, wrap=wrap)
 
 
+# --- the loop -------------------------------------------------------------------------------------
+
+def train(jobs, task, pack, ranks, say):
+    """The paper's loop for every run of the pack: at the top of each step a run validates and saves
+    when due (validate_and_save) and finishes at its last; then one pack step trains the others."""
+    restore_rng(jobs, ranks)
+    live, results, faults = list(jobs), {}, []
+    bar = tqdm(total=max(j.args.max_steps for j in jobs), initial=min(j.run.step for j in jobs),
+               desc=jobs[0].out_dir.name if len(jobs) == 1 else f"pack of {len(jobs)}",
+               dynamic_ncols=True,  # rank 0 only; TQDM_DISABLE=1 still works
+               **({} if ranks.master else {"disable": True}))
+
+    def drop(job, what, lr):  # a non-finite run stops alone
+        pack.stop(job.run, "nonfinite")
+        faults.append(str(nonfinite_stop(job, what, lr, ranks.master)))
+        live.remove(job)
+        results[str(job.out_dir)] = {"out_dir": str(job.out_dir), "stopped": "nonfinite"}
+        runfolder.close(job)
+
+    while live:
+        for job in list(live):
+            if not validate_and_save(job, task, ranks, bar):
+                drop(job, ["weights"], job.run.scheduler.get_last_lr()[0])
+            elif job.run.step == job.args.max_steps:
+                live.remove(job)
+                results[str(job.out_dir)] = finish(job, task, ranks, say)
+                runfolder.close(job)
+        if not live:
+            break
+        if sig := signals.stop_requested(ranks):  # preempted or cancelled: every live run's last.pt
+            for job in live:  # never a NaN/inf state on disk
+                if runfolder.weights_finite(job.run.params):
+                    runfolder.save_checkpoint(job, ranks, "last.pt")
+            raise signals.stopped(sig, live)
+        t0 = time.time()
+        records = pack.step()  # one optimizer step of every live run
+        seconds = time.time() - t0
+        for job in list(live):
+            r = records[job.run.name]
+            job.meter.add(r["examples"], r["tokens"], seconds)
+            job.log(train_event(r, seconds))
+            if r["nonfinite"]:
+                drop(job, r["nonfinite"], r["lr"])
+        bar.update(1)
+        if len(jobs) == 1 and live:
+            norm = r["prompt_norm"]
+            bar.set_postfix(loss=f"{r['loss']:.4f}", norm="-" if norm is None else f"{norm:.3g}")
+    bar.close()
+    if faults:  # all-reduced, so every rank meets them: rank 0 says why, the others exit 1 quietly
+        head = (f"train: {len(faults)} of the {len(jobs)} runs of the pack stopped; the others "
+                "finished. ") if len(jobs) > 1 else ""
+        raise NonFiniteError(head + " ".join(faults)) if ranks.master else runtime.PeerStopped()
+    return results
+
+
 def restore_rng(jobs, ranks):
-    """One RNG for the pack (dropout): that of the run furthest behind, or seed + rank for a fresh
-    start."""
+    """One RNG for the pack (dropout): the run furthest behind's, or seed + rank when fresh."""
     rngs = [job.rng for job in sorted(jobs, key=lambda j: j.run.step) if job.rng is not None]
     if rngs:
         runtime.set_rng_state(rngs[0])
@@ -364,28 +279,72 @@ def restore_rng(jobs, ranks):
         runtime.seed_everything(jobs[0].args.seed + ranks.rank + 1_000_003 * step)
 
 
+def validate_and_save(job, task, ranks, bar):
+    """The top of a run's step: validate (then best.pt if improved, and last.pt) every --eval-every
+    steps and at the last, or save last.pt every --save-every steps; a resumed step was validated
+    before the kill. False when the weights are not finite: the run stops (no NaN/inf on disk)."""
+    args, run = job.args, job.run
+    due = run.step > job.start_step or (run.step > 0 and not job.resumed)
+    evaluate = due and (run.step % args.eval_every == 0 or run.step == args.max_steps)
+    if not (evaluate or due and run.step % (args.save_every or args.eval_every) == 0):
+        return True
+    if not runfolder.weights_finite(run.params):
+        return False
+    improved = False
+    if evaluate:
+        t0 = time.time()
+        scores = decoding.score_split(job.net, task.tokenizer, task.meta, task.val_examples,
+                                      task.val_src, ranks, **decoding.decode_options(args))
+        seconds = time.time() - t0
+        job.log({"event": "eval", "step": run.step, "split": "validation", **scores,
+                 "eval_time_s": seconds,
+                 "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
+        bar.set_postfix(score=f"{scores['score']:.2f}")
+        improved = scores["score"] > run.best_score
+        if improved:
+            run.best_score, run.best_step = scores["score"], run.step
+    runfolder.save_checkpoint(job, ranks, *(["best.pt"] if improved else []), "last.pt")
+    return True
+
+
+def train_event(r, seconds):
+    """The "train" log event of one optimizer step (r: the run's record of the pack step)."""
+    keys = ("step", "loss", "lr", "grad_norm", "prompt_norm", "epoch")
+    return {"event": "train", **{k: r[k] for k in keys}, "examples_per_s": r["examples"] / seconds,
+            "tokens_per_s": r["tokens"] / seconds}
+
+
+def nonfinite_stop(job, what, lr, master=True):
+    """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0;
+    start_log removes it when the run starts again); returns the NonFiniteError that says why."""
+    step, best_step, out_dir = job.run.step, job.run.best_step, job.out_dir
+    job.log({"event": "nonfinite", "step": step, "what": what})
+    kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
+            f"no checkpoint was saved; log.jsonl in {out_dir} records it")
+    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); "
+                         f"stopped. {kept}")
+    if master:
+        files.write_text(out_dir / runs.FAILED_NAME, f"{err}\n")
+    return err
+
+
 def finish(job, task, ranks, say):
-    """The end of a run: the best checkpoint folded into P' (prompt.pt) and scored on test
-    (metrics.json)."""
-    args, out_dir, run, log = job.args, job.out_dir, job.run, job.log
-    job.throughput = job.meter.summary(ranks.device)
+    """The end of a run: best.pt folded into P' (prompt.pt), the test split scored with P' alone."""
+    args, out_dir, run, trained = job.args, job.out_dir, job.run, job.net
+    t = job.meter.summary(ranks.device)
     if ranks.world_size > 1:
         dist.barrier()  # best.pt is complete on disk
-    trained = job.net
     trained.load_trainable_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
     with torch.no_grad():
         prompt = trained.prompt()
-    net = trained
-    if prompt is not None:
-        net = M.PromptedT5(trained.t5, M.FoldedPrompt(prompt.float()))  # inference needs only P'
-        if ranks.master:
-            M.save_folded_prompt(out_dir / "prompt.pt", prompt, {
-                "task": args.task, "method": args.method, "step": run.best_step,
-                "score": run.best_score})
+    net = trained if prompt is None else M.PromptedT5(trained.t5, M.FoldedPrompt(prompt.float()))
+    if prompt is not None and ranks.master:
+        M.save_folded_prompt(out_dir / "prompt.pt", prompt, {
+            "task": args.task, "method": args.method, "step": run.best_step,
+            "score": run.best_score})
     test = None
     if not args.no_test:
-        test_file = task.folder / "test.jsonl"
-        limit = args.max_eval_examples
+        test_file, limit = task.folder / "test.jsonl", args.max_eval_examples
         examples, source_ids, _ = batching.load_split(test_file, task.tokenizer, args.max_length,
                                                       limit)
         batching.check_split(task.meta, "test", examples, test_file, limit is not None)
@@ -395,10 +354,8 @@ def finish(job, task, ranks, say):
                 "best_step": run.best_step, "validation_score": run.best_score, **scores}
         if ranks.master:
             files.write_json(out_dir / "metrics.json", test)
-    t = job.throughput
-    log({"event": "end", "step": run.step, **t, "best_step": run.best_step,
-         "best_score": run.best_score,
-         "test_score": test["score"] if test else None})
+    job.log({"event": "end", "step": run.step, **t, "best_step": run.best_step,
+             "best_score": run.best_score, "test_score": test["score"] if test else None})
     say(f"train: done {out_dir.name}: best validation {run.best_score:.2f} at step {run.best_step}"
         + (f", test {test['score']:.2f}" if test else "")
         + f"; {t['train_examples_per_s']:.1f} examples/s, {t['train_tokens_per_s']:.0f} tokens/s, "
@@ -408,17 +365,4 @@ def finish(job, task, ranks, say):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit:  # a stop or a failure, its sentence printed: ignore a further Ctrl-C
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop: files whole
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: "
-                  "run the same command with --resume to continue", file=sys.stderr, flush=True)
-        sys.exit(130)
-    finally:  # also after a failure: every rank stopped at the same point (runtime.master_first)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    signals.run(main)  # Ctrl-C outside the loop: exit 130, files whole; the process group ended

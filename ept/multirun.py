@@ -1,37 +1,15 @@
 """Runs on one frozen T5: one pack step is one optimizer step of every run. train.py trains every
 run this way, a lone run as a pack of one (`ft` too: its Run's module is T5 itself, never shared).
 
-R prompt runs on one task and one T5 (any mix of pt / ptuning / resprompt / ept / ept_star, any
-prompt lengths). Each run keeps everything a run alone has: its prompt module, its own data order
-(batching.epoch_order with its own seed), its own batch and micro-batch sizes, its own AdamW +
-linear schedule (optim.make_optimizer), its own clipping at 1.0 on its own gradient norm, its own
-prompt norm mu_t, its own non-finite guard and its own checkpoint (the keys of train.py's last.pt /
-best.pt). What the runs share is the frozen T5 and therefore the forward and backward passes: every
-run's global batch is concatenated, and example i carries the prompt of its run.
-
-Why this is exact (docs/packing.md has the long form):
-  * prompts of different lengths are LEFT-padded with zero rows whose attention mask is 0. T5 has no
-    absolute positions (relative buckets only), so shifting the real rows of an example by k
-    positions changes nothing, and masked keys get exactly zero attention weight (T5's additive mask
-    is the dtype's minimum), in the encoder and in the decoder's cross-attention alike;
-  * T5 treats the examples of a batch independently, so the per-example summed target NLL is the
-    same in a pack as alone, and the objective sum_r (sum of run r's target NLL / run r's target
-    tokens) has, for the parameters of run r (disjoint from the others'), exactly run r's solo
-    gradient;
-  * clipping (clip_grad_norm_), AdamW, the schedule and mu_t are per run (tests/reference.py).
-With dropout 0 in fp32 a packed run equals the same run alone within float rounding
-(tests/test_packing.py). With dropout on, the runs of a pack draw their masks from one shared
-stream, so they differ from their solo runs in the dropout random numbers only.
-
-Each run keeps its own torch.optim.AdamW and LambdaLR, stepped one run after another: its optimizer
-and scheduler state_dicts are then a solo run's (a pack run resumes solo and back), and one AdamW
-with a group per run would batch nothing, since torch's AdamW steps one parameter group at a time.
-
-    python scripts/bench_pack.py  # CPU: one packed step for R = 1, 4, 16, 32 (t5-small, random)
-
-API: make_run(t5, method, ...) -> Run; Pack(t5, runs, data, ...).step() -> {run name: step record};
-Run.checkpoint_state(rng, world_size) / Run.load_checkpoint_state(state); PackedT5 (the shared
-forward).
+Each run keeps what a run alone has: its prompt module (any method and length), data order, batch
+and micro-batch sizes, AdamW + linear schedule (stepped run after run: its state_dicts are a solo
+run's), clipping on its own gradient norm, mu_t, non-finite guard and checkpoint. The runs share
+the frozen T5 and so the forward and backward passes: their batches are concatenated, example i
+carrying its run's prompt, left-padded with masked zero rows (T5 has relative positions only), and
+the objective sum_r (run r's summed target NLL / run r's target tokens) gives each run exactly its
+solo gradient. With dropout 0 in fp32 a packed run equals its solo run within float rounding
+(tests/test_packing.py); with dropout on, in its dropout random numbers only (one shared stream).
+Why, why not one AdamW for all, the API and speed (scripts/bench_pack.py): docs/packing.md.
 """
 import math
 import time
@@ -46,8 +24,7 @@ import torch.nn.functional as F
 import model as M
 from ept import batching, optim
 
-# train.py's last.pt / best.pt, as Run.checkpoint_state writes them (runfolder.read_checkpoint
-# checks them on --resume)
+# train.py's last.pt / best.pt, as Run.checkpoint_state writes them (checked on --resume)
 CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score",
                    "best_step", "world_size")
 
@@ -56,13 +33,9 @@ CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data",
 
 @dataclass(eq=False)
 class Run:
-    """One run of train.py: its module, optimizer, schedule, data position and bookkeeping. A prompt
-    run's module is its prompt module; full fine-tuning's (`full`) is T5 itself, alone in its pack.
-
-    `step`, `epoch`, `index` (into that epoch's order), `best_score` and `best_step` mean what they
-    mean in train.py. `stopped` is None while the run trains, "nonfinite" once its guard fired (it
-    left the pack), or "done" at max_steps. `config` is free for the caller (its run spec, written
-    to config.json)."""
+    """One run: its module (prompt module; for `full` fine-tuning T5 itself), optimizer, schedule,
+    data position (`epoch`, `index` into its order) and bookkeeping. `stopped`: None while it
+    trains, "nonfinite" (left the pack) or "done"; `config`: method, seed, lr, prompt options."""
     name: str
     module: nn.Module
     optimizer: torch.optim.Optimizer
@@ -70,8 +43,7 @@ class Run:
     seed: int = 0
     batch_size: int = 16
     max_steps: int = 30000
-    # examples per forward pass on one rank (None: the rank's whole shard)
-    micro_batch_size: int | None = None
+    micro_batch_size: int | None = None  # examples per forward pass on one rank (None: all)
     max_grad_norm: float = 1.0  # 0 = no clipping
     group_by_length: bool = False
     config: dict = field(default_factory=dict)
@@ -93,23 +65,17 @@ class Run:
     def training(self):
         return self.stopped is None and self.step < self.max_steps
 
-    def order(self, n_train, lengths=None):
-        """This epoch's example order: batching.epoch_order(n, seed, epoch, batch_size[,
-        lengths])."""
-        if self._order[0] != self.epoch:
-            self._order = (self.epoch,
-                           batching.epoch_order(n_train, self.seed, self.epoch, self.batch_size,
-                                                lengths if self.group_by_length else None))
-        return self._order[1]
-
     def next_batch(self, n_train, lengths=None):
-        """The global batch of the next step: order[index:index + batch_size], as train.py's loop
-        takes it."""
-        return self.order(n_train, lengths)[self.index:self.index + self.batch_size].tolist()
+        """The global batch of the next step: [index:index + batch_size] of this epoch's order
+        (batching.epoch_order, cached; `lengths` for group_by_length)."""
+        if self._order[0] != self.epoch:
+            self._order = (self.epoch, batching.epoch_order(
+                n_train, self.seed, self.epoch, self.batch_size,
+                lengths if self.group_by_length else None))
+        return self._order[1][self.index:self.index + self.batch_size].tolist()
 
     def advance(self, n_examples, n_train):
-        """After a step: move the data position as train.py does (a fresh epoch once the split is
-        used up)."""
+        """After a step: the next data position (a fresh epoch once the split is used up)."""
         self.step += 1
         self.index += n_examples
         if self.index >= n_train:
@@ -121,14 +87,12 @@ class Run:
         return None if self.full else self.module().detach().float().clone()
 
     def prompted(self, t5):
-        """A PromptedT5 of this run on the shared T5 (for validation, generation, saving
-        prompt.pt)."""
+        """A PromptedT5 of this run on the shared T5 (validation, generation, prompt.pt)."""
         return M.PromptedT5(t5, None if self.full else self.module)
 
     def checkpoint_state(self, rng=None, world_size=1):
-        """This run's last.pt / best.pt, in train.py's format (weights_only-loadable). `rng`: the
-        list of per-rank RNG states (runtime.rng_state(), gathered under DDP); a pack has one RNG,
-        shared by its runs."""
+        """This run's last.pt / best.pt (weights_only-loadable). `rng`: the per-rank RNG states
+        (runtime.rng_state(), gathered under DDP; a pack's runs share one RNG)."""
         return {"step": self.step,
                 "trainable": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -149,10 +113,9 @@ class Run:
 
 def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, micro_batch_size=None,
              weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0, group_by_length=False,
-             init="uniform", label_ids=None, fused=None, name=None, config=None, **module_options):
-    """A Run: torch.manual_seed(seed), then the prompt module with a generator seeded by `seed`, on
-    T5's device (ft: T5 itself, unfrozen); AdamW + schedule from optim.make_optimizer (fused on
-    CUDA). `module_options`: model.build_prompt_module's (the keys of model.PROMPT_OPTIONS)."""
+             init="uniform", label_ids=None, fused=None, name=None, **module_options):
+    """A Run: its prompt module seeded by `seed` on T5's device (ft: T5 itself, unfrozen), AdamW +
+    schedule (optim.make_optimizer, fused on CUDA); `module_options`: model.PROMPT_OPTIONS' keys."""
     device = t5.get_input_embeddings().weight.device
     lr = M.default_lr(method) if lr is None else lr
     torch.manual_seed(seed)  # default-initialised layers (Linear, LSTM) are seeded too
@@ -167,25 +130,21 @@ def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, mic
     return Run(name, module, optimizer, scheduler, seed=seed, batch_size=batch_size,
                max_steps=max_steps, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm,
                group_by_length=group_by_length, full=method == "ft",
-               config=dict(config or {}, method=method, seed=seed, lr=lr, **module_options))
+               config=dict(method=method, seed=seed, lr=lr, **module_options))
 
 
 # --- the shared forward ---------------------------------------------------------------------------
 
 class PackedT5(nn.Module):
-    """One frozen T5 and R prompt modules; example i of a batch gets the prompt of run `run_ids[i]`.
-
-    P'_r (n_r, d) are stacked LEFT-padded to the longest n with zero rows whose attention mask is 0,
-    so example i's encoder input is [0 ... 0; P'_r; embed(x_i)] with mask [0 ... 0; 1 ... 1;
-    mask_i]. Only the `active` runs' prompts are computed (all of them in every forward: under DDP
-    every trainable parameter of an active run then gets a gradient, zero when none of its examples
-    is in this micro-batch)."""
+    """One frozen T5 and R prompt modules; example i gets the prompt of run `run_ids[i]`: its input
+    is [0 ... 0; P'_r; embed(x_i)], mask [0 ... 0; 1 ... 1; mask_i] (LEFT padding). Every forward
+    computes all `active` runs' prompts: under DDP every trainable parameter of an active run then
+    gets a gradient (zero if none of its examples is in this micro-batch)."""
 
     def __init__(self, t5, modules):
         super().__init__()
-        # A PromptedT5 whose prompt module is the list of the runs' modules: it freezes T5, and its
-        # embed prepends the per-example prompts built here, so a pack and a solo run share one
-        # prepend. No modules: full fine-tuning, T5 trains and there is no prompt.
+        # PromptedT5 freezes T5 and its embed prepends the per-example prompts built here: a pack
+        # and a solo run share one prepend. No modules: full fine-tuning, T5 trains, no prompt.
         self.prompted = M.PromptedT5(t5, nn.ModuleList(modules) if modules else None)
         self.active = list(range(len(modules)))
 
@@ -193,18 +152,13 @@ class PackedT5(nn.Module):
         self.active = list(run_ids)
 
     def prompts(self):
-        """(P (A, n_max, d) fp32, mask (A, n_max) long) of the active runs, in `active` order; None
-        without prompts (ft)."""
+        """(P (A, n_max, d) fp32, mask (A, n_max) long) of the active runs; None for ft."""
         if self.prompted.prompt_module is None:
             return None
         outs = [self.prompted.prompt_module[i]() for i in self.active]
         lengths = [p.size(0) for p in outs]
         n_max = max(lengths)
-        if min(lengths) == n_max:
-            return torch.stack(outs), torch.ones(len(outs), n_max, dtype=torch.long,
-                                                 device=outs[0].device)
-        # rows first: left pad
-        stacked = torch.stack([F.pad(p, (0, 0, n_max - p.size(0), 0)) for p in outs])
+        stacked = torch.stack([F.pad(p, (0, 0, n_max - p.size(0), 0)) for p in outs])  # left pad
         pad = torch.tensor([n_max - n for n in lengths], device=outs[0].device)
         mask = (torch.arange(n_max, device=pad.device)[None, :] >= pad[:, None]).long()
         return stacked, mask
@@ -219,10 +173,9 @@ class PackedT5(nn.Module):
             raise ValueError(f"packing: examples of runs that are not active: {inactive}")
         return slots
 
-    def embed(self, input_ids, attention_mask, run_ids, prompts=None):
-        """Encoder inputs: each example's run prompt first (left-padded), the mask extended to
-        match."""
-        prompts = self.prompts() if prompts is None else prompts
+    def embed(self, input_ids, attention_mask, run_ids):
+        """Encoder inputs: each example's run prompt first (left-padded), the mask extended."""
+        prompts = self.prompts()
         if prompts is None:
             return self.prompted.embed(input_ids, attention_mask)
         stacked, pmask = prompts
@@ -230,22 +183,15 @@ class PackedT5(nn.Module):
         return self.prompted.embed(input_ids, attention_mask, stacked.index_select(0, slots),
                                    pmask.index_select(0, slots))  # (B, n_max, d), (B, n_max)
 
-    def forward(self, input_ids, attention_mask, run_ids, labels=None, **kwargs):
+    def forward(self, input_ids, attention_mask, run_ids, **kwargs):
         inputs_embeds, mask = self.embed(input_ids, attention_mask, run_ids)
-        return self.prompted.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels,
-                                **kwargs)
-
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask, run_ids, **kwargs):
-        inputs_embeds, mask = self.embed(input_ids, attention_mask, run_ids)
-        return self.prompted.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
+        return self.prompted.t5(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
 
 # --- the per-run update ---------------------------------------------------------------------------
 
 def clip_runs(runs):
-    """Clip each run's gradients at its own max_grad_norm (0 = off), as the reference one-run step
-    does; (R,) norms before clipping."""
+    """Clip each run's gradients at its own max_grad_norm (0 = off); (R,) norms before clipping."""
     return torch.stack([torch.nn.utils.clip_grad_norm_(
         r.params, r.max_grad_norm if r.max_grad_norm > 0 else math.inf).float() for r in runs])
 
@@ -267,19 +213,13 @@ def step_runs(runs, stepping):
 # --- the pack -------------------------------------------------------------------------------------
 
 class Pack:
-    """R runs training together on one frozen T5 and one training split.
-
-    data = (source ids, target ids, pad id) of the training split: lists of token-id lists, as
-    train.py holds them. `wrap(packed)` returns the module that runs the forward (PackedT5 itself by
-    default; DDP and/or torch.compile around it); it is called again whenever the set of training
-    runs changes, because DDP must not hold parameters that stop receiving gradients (the leaving
-    run's parameters are set requires_grad=False first). `amp`: the autocast context (train.py:
-    runtime.autocast(device, dtype)). Forward passes: by default packed micro-batch m is every run's
-    m-th micro-batch (its own micro_batch_size, each rank taking its shard); with `max_rows`,
-    the rank's examples of all runs are instead sorted longest first (`sort_by_length`, default on)
-    and cut into forward passes of at most `max_rows` examples, which pads much less when lengths
-    vary and keeps every run's data order (the gradient of a sum of per-example losses does not
-    depend on how the examples are grouped)."""
+    """R runs training together on one frozen T5 and one training split, `data` = (source ids,
+    target ids, pad id). `wrap(packed)`: the module that runs the forward (PackedT5, or DDP and/or
+    torch.compile around it), made again whenever the set of training runs changes (DDP must not
+    hold parameters that get no gradient). `amp`: the autocast context. Forward pass m takes every
+    run's m-th micro-batch (each rank its shard); with `max_rows`, the rank's examples of all runs
+    sorted longest first (`sort_by_length`) and cut into passes of at most `max_rows`: less
+    padding, the same gradient (a sum of per-example losses does not depend on their grouping)."""
 
     def __init__(self, t5, runs, data, *, device=None, amp=None, rank=0, world_size=1,
                  pad_to=(None, None), max_rows=None, sort_by_length=True, wrap=None):
@@ -295,13 +235,9 @@ class Pack:
         if any(r.full for r in self.runs) and len(self.runs) > 1:
             raise ValueError("packing: ft trains T5 itself and cannot share it with other runs")
         self.packed = PackedT5(t5, [r.module for r in self.runs if not r.full])
-        source_ids, target_ids, _ = data
-        self.n_train = len(source_ids)
-        # as train.py (group_by_length)
-        self.lengths = [len(s) + len(t) for s, t in zip(source_ids, target_ids)]
-        self.model = None
-        self._wrapped_for = None
-        self.timings = {}
+        self.n_train = len(data[0])
+        self.lengths = [len(s) + len(t) for s, t in zip(data[0], data[1])]  # group_by_length
+        self.model, self._wrapped_for, self.timings = None, None, {}
 
     @property
     def training(self):
@@ -313,41 +249,32 @@ class Pack:
         run.stopped = reason
         run.module.requires_grad_(False)
 
-    def _sync(self, runs):
+    def step(self):
+        """One optimizer step of every training run on its own next global batch. Returns {run
+        name: {"step", "loss", "lr" (of this step), "grad_norm" (before clipping), "prompt_norm"
+        (mu_t after the step), "epoch", "examples", "tokens", "nonfinite" (names of the non-finite
+        values)}}. A run with a non-finite loss or gradient norm is not updated; it, or one with a
+        non-finite mu_t, leaves the pack ("nonfinite"), as one at max_steps does ("done")."""
+        runs = self.training
+        if not runs:
+            return {}
         ids = [self.runs.index(r) for r in runs]
-        # the set of training runs changed: DDP must see only the live ones
-        if ids != self._wrapped_for:
+        if ids != self._wrapped_for:  # the set of training runs changed: DDP sees only live ones
             for r in self.runs:
                 if not r.training:
                     r.module.requires_grad_(False)
             self.packed.set_active(ids)
-            self.model = self.wrap(self.packed)
-            self._wrapped_for = ids
-        return ids
-
-    def step(self):
-        """One optimizer step of every training run on its own next global batch. Returns {run name:
-        record} with record = {"step", "loss", "lr" (of this step), "grad_norm" (before clipping),
-        "prompt_norm" (mu_t after the step), "epoch", "examples", "tokens", "nonfinite" (names of
-        the non-finite values, [] when all are finite)}, the fields of train.py's "train" and
-        "nonfinite" log events. A run with a non-finite loss or gradient norm is not updated and,
-        like one with a non-finite mu_t, leaves the pack (stopped = "nonfinite"); a run reaching
-        max_steps leaves it as "done"."""
-        runs = self.training
-        if not runs:
-            return {}
-        ids = self._sync(runs)
+            self.model, self._wrapped_for = self.wrap(self.packed), ids
         batches = [r.next_batch(self.n_train, self.lengths) for r in runs]
         stats = self._step(runs, ids, batches)
         records = {}
         for r, batch, (loss, grad_norm, lr, prompt_norm) in zip(runs, batches, stats):
             r.advance(len(batch), self.n_train)
-            bad = [k for k, v in (("loss", loss), ("grad_norm", grad_norm),
-                                  ("prompt_norm", prompt_norm))
-                   if v is not None and not math.isfinite(v)]
-            records[r.name] = {"step": r.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                               "prompt_norm": prompt_norm, "epoch": r.epoch, "examples": len(batch),
-                               "tokens": sum(self.lengths[i] for i in batch), "nonfinite": bad}
+            values = {"loss": loss, "grad_norm": grad_norm, "prompt_norm": prompt_norm}
+            bad = [k for k, v in values.items() if v is not None and not math.isfinite(v)]
+            records[r.name] = {"step": r.step, **values, "lr": lr, "epoch": r.epoch,
+                               "examples": len(batch), "nonfinite": bad,
+                               "tokens": sum(self.lengths[i] for i in batch)}
             if bad:
                 self.stop(r, "nonfinite")
             elif r.step >= r.max_steps:
@@ -355,15 +282,13 @@ class Pack:
         return records
 
     def _plan(self, runs, batches):
-        """This rank's forward passes: lists of (slot, example index, weight). Their number is the
-        same on every rank (DDP: one synchronised backward, the last); a pass without an example of
-        this rank is a zero-weight stand-in (DDP needs every rank in every pass)."""
+        """This rank's forward passes, lists of (slot, example index, weight), as many on every rank
+        (DDP: every rank in every pass); a pass with no example here is a zero-weight stand-in."""
         ws, rank = self.world_size, self.rank
         if self.max_rows:
             def entries(k):
                 out = [(s, i) for s, b in enumerate(batches) for i in b[k::ws]]
-                if self.sort_by_length:
-                    # stable: ties keep run, then data order
+                if self.sort_by_length:  # stable: ties keep run, then data order
                     out.sort(key=lambda e: -self.lengths[e[1]])
                 return out
             mine = entries(rank)
@@ -386,12 +311,9 @@ class Pack:
         # per-run global target tokens (every rank holds the data, so every rank knows them)
         n_tokens = torch.tensor([sum(len(target_ids[i]) for i in b) for b in batches],
                                 dtype=torch.float32, device=device)
-        # DDP averages over ranks: x world_size gives the sum, / tokens the token mean
-        scale = ws / n_tokens
+        scale = ws / n_tokens  # DDP averages over ranks: x world_size, the sum; / tokens, the mean
         loss_sums = torch.zeros(len(runs), device=device)
-        plan = self._plan(runs, batches)
-        shift_right = self.t5._shift_right
-        padded = 0
+        plan, padded = self._plan(runs, batches), 0
         for k, chunk in enumerate(plan):
             slots = torch.tensor([s for s, _, _ in chunk], device=device)
             weight = torch.tensor([w for _, _, w in chunk], device=device)
@@ -404,18 +326,16 @@ class Pack:
             labels = labels.to(device)
             with self.amp:
                 logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                    run_ids=run_ids, decoder_input_ids=shift_right(labels),
+                                    run_ids=run_ids, decoder_input_ids=self.t5._shift_right(labels),
                                     use_cache=False).logits
             nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                  # (B,) per example
-                                  reduction="none").view(labels.shape).sum(1) * weight
+                                  reduction="none").view(labels.shape).sum(1) * weight  # (B,)
             (nll * scale.index_select(0, slots)).sum().backward()
             loss_sums.index_add_(0, slots, nll.detach())
         if ws > 1:
             dist.all_reduce(loss_sums)
         t1 = time.perf_counter()
-        grad_norms = clip_runs(runs)
-        # one host sync
+        grad_norms = clip_runs(runs)  # then one host sync:
         losses, norms = torch.stack([loss_sums / n_tokens, grad_norms.to(device)]).tolist()
         lrs = [r.scheduler.get_last_lr()[0] for r in runs]
         finite = [math.isfinite(a) and math.isfinite(b) for a, b in zip(losses, norms)]

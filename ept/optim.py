@@ -1,8 +1,5 @@
 """The optimizer and schedule of the paper's training, as the HF Trainer sets them up
-(docs/paper.md, "Training").
-
-Used by train.py (one run), packing.py (each run of a pack) and bench.py.
-"""
+(docs/paper.md, "Training"): each run's own (multirun.make_run)."""
 import torch
 
 

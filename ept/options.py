@@ -1,9 +1,7 @@
 """train.py's options: its flags and defaults, the runs a command line asks for (a sweep or --runs
-FILE), and each run's folder name. The drivers plan their runs by the same rules, so this is their
-one home.
+FILE) and each run's folder name; the drivers plan their runs by these same rules.
 """
 import argparse
-import functools
 import itertools
 import math
 from pathlib import Path
@@ -129,31 +127,22 @@ PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "war
                    "max_grad_norm", "max_steps", "epochs", "eval_every", "save_every", "resume")
 
 
-
-
 def resolve(args):
-    """Fill the defaults that depend on the method (the one place they live; plans.run_name names
-    runs by them)."""
+    """Fill the defaults that depend on the method (their one home; run names leave them out)."""
     if args.lr is None:
         args.lr = M.default_lr(args.method)
-    if args.hidden_size is None:
-        args.hidden_size = M.DEFAULTS["hidden_size"].get(args.method)
-    if args.broadcast is None:
-        args.broadcast = M.DEFAULTS["broadcast"].get(args.method)
+    for key in ("hidden_size", "broadcast"):
+        if getattr(args, key) is None:
+            setattr(args, key, M.DEFAULTS[key].get(args.method))
     args.tokenizer = args.tokenizer or args.model
     return args
-
-
-@functools.cache
-def _defaults(method):
-    args = resolve(parser.parse_args(["--method", method]))
-    return {**{key: getattr(args, key) for key, _ in runs.NAME_TAGS}, "fewshot_seed": None}
 
 
 def defaults(method):
     """train.py's defaults for `method`, read from its own parser and resolve(): what a run name
     leaves out. The few-shot sample always shows in a name (no default)."""
-    return dict(_defaults(method))
+    args = resolve(parser.parse_args(["--method", method]))
+    return {**{key: getattr(args, key) for key, _ in runs.NAME_TAGS}, "fewshot_seed": None}
 
 
 def run_name(args):
@@ -163,8 +152,7 @@ def run_name(args):
 
 
 def per_run_value(key, value):
-    """A --runs FILE value checked and converted as the command line would take it; one sentence if
-    not."""
+    """A --runs FILE value checked and converted as the command line would take it."""
     action = next(a for a in parser._actions if a.dest == key)
     if action.nargs == 0:  # a flag (store_true)
         if not isinstance(value, bool):
@@ -182,17 +170,21 @@ def per_run_value(key, value):
     return value
 
 
+def method_defaults(spec):
+    """`spec` (a dict) with the options that do not apply to its method at their defaults, as on
+    the command line: a run's config.json is the same in a pack or alone."""
+    return {**spec, **{k: parser.get_default(k) for k in M.METHOD_OPTIONS
+                       if not M.applies(k, spec["method"])}}
+
+
 def sweep(args, runs_file=None):
     """The runs asked for, unresolved: the product of the sweep options' values (the last varies
     fastest), or --runs FILE's list, each dict over the command line's options."""
     if runs_file is None:
         lists = [[v] if not isinstance(v := getattr(args, k), list) else v for k in SWEEP]
         specs = {}
-        for combo in itertools.product(*lists):
-            # --out-dir: the parent
-            spec = {**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None}
-            spec.update({k: parser.get_default(k) for k in M.METHOD_OPTIONS
-                         if not M.applies(k, spec["method"])})
+        for combo in itertools.product(*lists):  # --out-dir: the parent
+            spec = method_defaults({**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None})
             # EPT x 2 lengths: once
             specs.setdefault(tuple(map(repr, spec.values())), argparse.Namespace(**spec))
         return list(specs.values())
@@ -213,67 +205,49 @@ def sweep(args, runs_file=None):
                     raise errors.Failure(f"train: --runs {runs_file}: out_dir {problem}")
             elif key in PER_RUN:
                 setattr(spec, key, per_run_value(key, value))
-            elif key in vars(args) and per_run_value(key, value) == getattr(args, key):
-                pass  # a shared option, the same as the command line's
-            elif key in vars(args):
+            elif key not in vars(args):
+                raise errors.Failure(f"train: --runs: unknown option {key!r} (train.py's option "
+                                     "names, with underscores)")
+            elif per_run_value(key, value) != getattr(args, key):  # the same as the command line's
                 raise errors.Failure(f"train: --runs: {key} is shared by the runs of a pack "
                                      "(one task, data and T5): give it once on the command line, "
                                      f"not {value!r} for one run")
-            else:
-                raise errors.Failure(f"train: --runs: unknown option {key!r} (train.py's option "
-                                     "names, with underscores)")
         spec.out_dir = row.get("out_dir")
-        # as on the command line: an option that does not apply to the run's method keeps its
-        # default (a pass-through --prompt-length is no EPT setting), so a run's config.json is the
-        # same in a pack or alone
-        vars(spec).update({k: parser.get_default(k) for k in M.METHOD_OPTIONS
-                           if not M.applies(k, spec.method)})
-        specs.append(spec)
-    return specs
-
-
-def resolve_pack(args, specs):
-    """The pack's runs resolved, each with its own folder: its "out_dir", or <--out-dir>/<run
-    name>."""
-    parent = Path(args.out_dir or "runs")
-    for spec in specs:
-        if spec.method == "ft":
-            raise errors.Failure("train: ft trains T5 itself and cannot share it with other runs "
-                                 "in a pack; train it alone (one --method ft run)")
-        named = spec.out_dir is not None
-        resolve(spec)
-        if not named:
-            spec.out_dir = str(parent / run_name(spec))
-    folders = [str(Path(s.out_dir).resolve()) for s in specs]
-    if len(set(folders)) < len(folders):
-        raise errors.Failure(
-            "train: two runs of the pack share a folder "
-            f"({', '.join(sorted({f for f in folders if folders.count(f) > 1}))}); "
-            "give them different options or out_dir")
-    if args.random_init and len({s.seed for s in specs}) > 1:
-        raise errors.Failure("train: --random-init builds T5's weights from the seed, and a pack "
-                             "shares one T5: one seed per pack, or real weights")
+        specs.append(argparse.Namespace(**method_defaults(vars(spec))))
     return specs
 
 
 def resolve_runs(args, specs, packed):
     """The runs of a command line, resolved, each with its folder: a lone run's is --out-dir or
     runs/<run name>; a pack's are each entry's "out_dir", or <--out-dir or runs>/<run name>."""
-    if packed:
-        return resolve_pack(args, specs)
-    run = resolve(argparse.Namespace(**{**vars(specs[0]), "out_dir": args.out_dir}))
-    # one naming rule, alone or in a pack
-    run.out_dir = run.out_dir or str(Path("runs") / run_name(run))
-    if problem := cli.run_folder_problem(run.out_dir):
-        raise errors.Failure(f"train: --out-dir {problem}")
-    return [run]
+    if not packed:
+        run = resolve(argparse.Namespace(**{**vars(specs[0]), "out_dir": args.out_dir}))
+        # one naming rule, alone or in a pack
+        run.out_dir = run.out_dir or str(Path("runs") / run_name(run))
+        if problem := cli.run_folder_problem(run.out_dir):
+            raise errors.Failure(f"train: --out-dir {problem}")
+        return [run]
+    parent = Path(args.out_dir or "runs")
+    for spec in specs:
+        if spec.method == "ft":
+            raise errors.Failure("train: ft trains T5 itself and cannot share it with other runs "
+                                 "in a pack; train it alone (one --method ft run)")
+        resolve(spec)
+        if spec.out_dir is None:
+            spec.out_dir = str(parent / run_name(spec))
+    folders = [str(Path(s.out_dir).resolve()) for s in specs]
+    if shared := sorted({f for f in folders if folders.count(f) > 1}):
+        raise errors.Failure(f"train: two runs of the pack share a folder ({', '.join(shared)}); "
+                             "give them different options or out_dir")
+    if args.random_init and len({s.seed for s in specs}) > 1:
+        raise errors.Failure("train: --random-init builds T5's weights from the seed, and a pack "
+                             "shares one T5: one seed per pack, or real weights")
+    return specs
 
 
 def batch_plan(args, n_train, world_size):
-    """(steps per epoch, micro-batch size, accumulation steps) of a run; --epochs becomes
-    args.max_steps."""
-    # the last batch of an epoch may be partial
-    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    """(steps per epoch, micro-batch size, accumulation steps); --epochs becomes args.max_steps."""
+    steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last batch may be partial
     if args.epochs is not None:
         args.max_steps = math.ceil(args.epochs * steps_per_epoch)
     per_rank = math.ceil(args.batch_size / world_size)

@@ -1,9 +1,9 @@
 """A run folder over its life: claimed (one writer), checked before anything in it changes, started
 (config.json, log.jsonl), resumed from last.pt, and left without an empty folder when a start fails.
-
 The files themselves are ept/runs.py's (names, status, lock); train.py calls these in order.
 """
 import contextlib
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -16,9 +16,8 @@ from ept import errors, files, multirun, pretrained, runs, runtime
 
 
 def open_run_folder(out_dir, resume, overwrite, say):
-    """Decide what happens to an existing folder; nothing is written or deleted here (start_log does
-    that, after every check). Returns the checkpoint to resume from, or None for a fresh start;
-    'finished' when a resumed run has already ended."""
+    """The checkpoint to resume from, None for a fresh start, or 'finished' (resumed, ended).
+    Nothing is written or deleted here: start_log does that, after every check."""
     existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
     if overwrite and existing:
         if not runs.is_run_folder(out_dir):
@@ -27,16 +26,15 @@ def open_run_folder(out_dir, resume, overwrite, say):
         return None  # start_log deletes them, once every check of every run has passed
     if existing and not resume:
         raise errors.Failure(f"train: {out_dir} already holds {', '.join(existing)}; "
-                         "pass --resume to continue it or --overwrite to start over")
+                             "pass --resume to continue it or --overwrite to start over")
     if resume and runs.finished(out_dir):
         return "finished"
     if resume and (out_dir / "last.pt").exists():
         return out_dir / "last.pt"
     if resume and {"best.pt", "prompt.pt", "metrics.json"} & set(existing):
         raise errors.Failure(f"train: {out_dir} has results but no last.pt to resume from; "
-                         "pass --overwrite to train it again")
-    if resume and existing:  # killed before its first checkpoint: nothing to continue
-        # start_log replaces them
+                             "pass --overwrite to train it again")
+    if resume and existing:  # killed before its first checkpoint: start_log replaces its files
         say(f"train: --resume, but {out_dir} has no last.pt yet: starting from scratch")
     return None
 
@@ -58,14 +56,10 @@ def refuse_more_steps(out_dir, args):
                                  "another --out-dir)")
 
 
-def trim_log(path, step):
-    """On resume: keep the events up to the checkpoint's step; what a killed run logged after it is
-    redone (a half-written last line included)."""
-    if path.exists():
-        keep = [e for e in files.read_jsonl(path, what="run log", torn_tail_ok=True,
-                                            fix="repair or delete that line, then --resume again")
-                if e.get("step", 0) <= step and e.get("event") != "end"]
-        files.write_jsonl(path, keep)
+def read_log(path):
+    """A run's log.jsonl, to resume it: its events (a half-written last line dropped)."""
+    return files.read_jsonl(path, what="run log", torn_tail_ok=True,
+                            fix="repair or delete that line, then --resume again")
 
 
 def open_log(path, trackers):
@@ -80,8 +74,7 @@ def open_log(path, trackers):
         if f:
             try:
                 f.write(json.dumps(event) + "\n")
-            # a full disk mid-run: one sentence; a torn last line is dropped on --resume
-            except OSError as err:
+            except OSError as err:  # a full disk: one sentence; a torn last line goes on --resume
                 raise files.FileFault(f"train: cannot write {path}: {files.why(err)}; free space, "
                                       "then --resume") from None
         for track in trackers:
@@ -98,27 +91,23 @@ def open_log(path, trackers):
 
 
 def open_trackers(args, out_dir, config):
-    """Live curves in TensorBoard and/or Weights & Biases, off unless asked; log.jsonl stays the
-    record. Every package is checked and W&B started before TensorBoard writes its file: a failed
-    start leaves none."""
-    trackers = []
+    """Live curves in TensorBoard and/or W&B when asked (log.jsonl stays the record). Both packages
+    are checked and W&B started before TensorBoard writes its file: a failed start leaves none."""
+    trackers, package = [], {}
     numbers = lambda e: {f"{e['event']}/{k}": v for k, v in e.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-    if args.tensorboard is not None:
+    for flag, module in (("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")):
+        if getattr(args, flag) is None:
+            continue
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            package[flag] = importlib.import_module(module)
         except ImportError:
-            raise errors.Failure("train: --tensorboard needs the tensorboard package: "
-                                 "pip install tensorboard") from None
+            raise errors.Failure(f"train: --{flag} needs the {flag} package: "
+                                 f"pip install {flag}") from None
     if args.wandb is not None:
         try:
-            import wandb
-        except ImportError:
-            raise errors.Failure("train: --wandb needs the wandb package: "
-                                 "pip install wandb") from None
-        try:
-            wandb_run = wandb.init(project=args.wandb, name=out_dir.name, config=config,
-                                   dir=str(out_dir))
+            wandb_run = package["wandb"].init(project=args.wandb, name=out_dir.name, config=config,
+                                              dir=str(out_dir))
         # wandb's many error types (no login, no network), at its one boundary
         except Exception as err:
             raise errors.Failure(f"train: --wandb could not start a Weights & Biases run "
@@ -126,38 +115,21 @@ def open_trackers(args, out_dir, config):
                                  "`wandb login`, or WANDB_MODE=offline") from None
         trackers.append(lambda e: wandb_run.log(numbers(e), step=e.get("step", 0)))
     if args.tensorboard is not None:
-        writer = SummaryWriter(args.tensorboard or str(out_dir / "tensorboard"))
+        folder = args.tensorboard or str(out_dir / "tensorboard")
+        writer = package["tensorboard"].SummaryWriter(folder)
         trackers.append(lambda e: [writer.add_scalar(k, v, e.get("step", 0))
                                    for k, v in numbers(e).items()])
     return trackers
 
 
 def weights_finite(params):
-    """All trainable weights finite (full fine-tuning can blow up with a finite loss): one
-    reduction."""
+    """All trainable weights finite (ft can blow up with a finite loss): one reduction."""
     return (bool(torch.stack([n.float() for n in torch._foreach_norm(params)]).isfinite().all())
             if params else True)
 
 
-def new_folders(out_dir):
-    """The folders that creating `out_dir` makes, deepest first (what a failed start takes away
-    again)."""
-    return [p for p in (out_dir, *out_dir.parents) if not p.exists()]
-
-
-def remove_if_empty(folders):
-    """A start that failed before writing anything (offline, bad input) leaves no empty folder
-    behind."""
-    for folder in folders:
-        try:
-            folder.rmdir()  # only an empty folder: a run's files, or another process's, keep it
-        except OSError:
-            return
-
-
 def claim_folder(out_dir, say):
-    """Create the run folder and take its lock (runs.Busy, one sentence, when a live process holds
-    it)."""
+    """Create the run folder and take its lock (runs.Busy when a live process holds it)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -166,10 +138,9 @@ def claim_folder(out_dir, say):
 
 
 def read_checkpoint(resume_path, max_steps):
-    """A last.pt read whole and checked (its keys, its step) before anything in the run folder
-    changes."""
+    """A last.pt read whole and checked (its keys: multirun.CHECKPOINT_KEYS; its step) before the
+    run folder changes."""
     ckpt = files.load_torch(resume_path, fix="pass --overwrite to start over")
-    # the keys Run.checkpoint_state writes (multirun.py, the format's home)
     missing = set(multirun.CHECKPOINT_KEYS) - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise files.FileFault(f"train: {resume_path} is not a training checkpoint (it lacks "
@@ -181,81 +152,83 @@ def read_checkpoint(resume_path, max_steps):
     return ckpt
 
 
-def restore(load, resume_path, params):
-    """load() the checkpoint's trainable state, optimizer and schedule; one sentence when they do
-    not fit."""
+def resume(job, ranks, say):
+    """Load a run's last.pt into it (refused when it does not fit or is not finite), and on rank 0
+    read its config.json and log.jsonl now: a damaged one stops a pack before any run's files
+    change. Returns this rank's RNG state; None (reseed) when another number of ranks wrote it."""
+    path = job.resume_path
+    ckpt = read_checkpoint(path, job.args.max_steps)
     try:
-        load()
+        job.run.load_checkpoint_state(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise errors.Failure(f"train: {resume_path} holds another model or optimizer than these "
+        raise errors.Failure(f"train: {path} holds another model or optimizer than these "
                              f"settings build ({type(err).__name__}); resume with the run's own "
                              "--method and prompt options (its config.json), or --overwrite to "
                              "start over") from None
-    if not weights_finite(params):
-        raise errors.Failure(f"train: {resume_path} holds NaN or inf weights; --overwrite to "
-                             "start over")
+    if not weights_finite(job.run.params):
+        raise errors.Failure(f"train: {path} holds NaN or inf weights; --overwrite to start over")
+    rng = ckpt["rng"][ranks.rank] if len(ckpt["rng"]) == ranks.world_size else None
+    if rng is None:
+        say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: "
+            "RNG reseeded")
+    if ranks.master and (job.out_dir / "config.json").exists():
+        files.read_json(job.out_dir / "config.json", "run configuration")
+    if ranks.master and (job.out_dir / "log.jsonl").exists():
+        read_log(job.out_dir / "log.jsonl")
+    return rng
 
 
-def rank_rng(ckpt, ranks, say):
-    """This rank's RNG state in a checkpoint, or None (reseed) when another number of ranks wrote
-    it."""
-    if len(ckpt["rng"]) == ranks.world_size:
-        return ckpt["rng"][ranks.rank]
-    say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: "
-        "RNG reseeded")
-    return None
-
-
-def start_log(args, out_dir, run, task, ranks, resume_path, say, extra=None):
-    """config.json (rewritten; `extra`: more keys, a pack's) and log.jsonl (trimmed to the
-    checkpoint on resume, then appended)."""
-    run.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
-                  "n_trainable": M.count_trainable(run.net),
-                  "t5_fingerprint": pretrained.t5_fingerprint(run.net.t5),
+def start_log(job, task, ranks, say, **extra):
+    """The run's config.json (`extra`: a pack's keys) and its log(event) on log.jsonl, which on
+    resume is trimmed to the checkpoint's step (what a killed run logged after it is redone)."""
+    args, out_dir, resumed = job.args, job.out_dir, job.resume_path is not None
+    job.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
+                  "n_trainable": M.count_trainable(job.net),
+                  "t5_fingerprint": pretrained.t5_fingerprint(job.net.t5),
                   "train_file": str(task.train_file),
                   "train_size": len(task.data[0]), "validation_size": len(task.val_examples),
-                  "steps_per_epoch": run.steps_per_epoch, "micro_batch_size": run.micro_batch_size,
-                  "grad_accum_steps": run.grad_accum_steps,
+                  "steps_per_epoch": job.steps_per_epoch, "micro_batch_size": job.micro_batch_size,
+                  "grad_accum_steps": job.grad_accum_steps,
                   "meta": {k: task.meta.get(k) for k in ("labels", "metrics", "score",
                                                          "max_length", "max_target_length")},
-                  "torch": torch.__version__, **(extra or {})}
+                  "torch": torch.__version__, **extra}
     log = open_log(None, [])
     if ranks.master:
-        if resume_path and (out_dir / "config.json").exists():
+        if resumed and (out_dir / "config.json").exists():
             before = files.read_json(out_dir / "config.json", "run configuration")
             before = before if isinstance(before, dict) else {}
-            changed = {k: (before.get(k), v) for k, v in run.config.items()
+            changed = {k: (before.get(k), v) for k, v in job.config.items()
                        if before.get(k) != v and k != "resume"}
             if changed:
                 say(f"train: resuming with changed settings (was, now): {changed}")
-        trackers = open_trackers(args, out_dir, run.config)
+        trackers = open_trackers(args, out_dir, job.config)
         # temporary files of a writer killed mid-save (files.write_with); we hold the lock
-        for name in runs.RUN_FILES:
-            for tmp in out_dir.glob(f".{name}.tmp*"):
-                tmp.unlink(missing_ok=True)
-        # started again: its last failure is history
-        (out_dir / runs.FAILED_NAME).unlink(missing_ok=True)
-        if resume_path:  # the log first: a damaged one stops the resume before config.json changes
-            trim_log(out_dir / "log.jsonl", run.step)
-        else:  # a fresh start: the log of a run killed before its first checkpoint goes only now
-            clear_run_files(out_dir, args.overwrite, say)
-        files.write_json(out_dir / "config.json", run.config)
-        log = open_log(out_dir / "log.jsonl", trackers)
-    log({"event": "resume" if resume_path else "setup", "step": run.step, "device": ranks.device,
+        for tmp in [t for name in runs.RUN_FILES for t in out_dir.glob(f".{name}.tmp*")]:
+            tmp.unlink(missing_ok=True)
+        (out_dir / runs.FAILED_NAME).unlink(missing_ok=True)  # its last failure is history
+        log_file = out_dir / "log.jsonl"
+        if resumed and log_file.exists():  # before config.json changes: a damaged log stops it
+            step, events = job.step, read_log(log_file)
+            files.write_jsonl(log_file, [e for e in events
+                                         if e.get("step", 0) <= step and e.get("event") != "end"])
+        elif not resumed:  # a fresh start: the log of a run killed before its first checkpoint
+            clear_run_files(out_dir, args.overwrite, say)  # goes only now
+        files.write_json(out_dir / "config.json", job.config)
+        log = open_log(log_file, trackers)
+    log({"event": "resume" if resumed else "setup", "step": job.step, "device": ranks.device,
          "world_size": ranks.world_size, "dtype": args.dtype,
-         "n_trainable": run.config["n_trainable"], "train_size": len(task.data[0]),
-         "steps_per_epoch": run.steps_per_epoch, "max_steps": args.max_steps,
-         "grad_accum_steps": run.grad_accum_steps})
-    say(f"train: {args.method} on {args.task}, {run.config['n_trainable']:,} trainable parameters, "
+         "n_trainable": job.config["n_trainable"], "train_size": len(task.data[0]),
+         "steps_per_epoch": job.steps_per_epoch, "max_steps": args.max_steps,
+         "grad_accum_steps": job.grad_accum_steps})
+    say(f"train: {args.method} on {args.task}, {job.config['n_trainable']:,} trainable parameters, "
         f"{len(task.data[0])} examples, {args.max_steps} steps, {ranks.world_size} rank(s) on "
         f"{ranks.device}, {args.dtype} -> {out_dir}")
     return log
 
 
 def clear_run_files(out_dir, overwrite, say):
-    """A fresh start, after every check passed: --overwrite deletes the old run's files
-    (open_run_folder checked that train.py wrote them); otherwise only the log of a run killed
-    before its first checkpoint is left."""
+    """A fresh start, every check passed: --overwrite deletes the old run's files (open_run_folder
+    checked train.py wrote them); else only a log, of a run killed before its first checkpoint."""
     existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
     if overwrite and (existing or (out_dir / "eval").exists()):
         say(f"train: --overwrite: deleting "
@@ -266,19 +239,8 @@ def clear_run_files(out_dir, overwrite, say):
     (out_dir / "log.jsonl").unlink(missing_ok=True)
 
 
-def check_resume_files(out_dir):
-    """What start_log reads of a resumed run (config.json, log.jsonl), read now: a pack refuses a
-    damaged one before any of its runs' files change."""
-    if (out_dir / "config.json").exists():
-        files.read_json(out_dir / "config.json", "run configuration")
-    if (out_dir / "log.jsonl").exists():
-        files.read_jsonl(out_dir / "log.jsonl", what="run log", torn_tail_ok=True,
-                         fix="repair or delete that line, then --resume again")
-
-
 def save_checkpoint(job, ranks, *names):
-    """A run's last.pt / best.pt (rank 0 writes; every rank's RNG state is in it). The caller has
-    checked that its weights are finite (weights_finite)."""
+    """A run's last.pt / best.pt, its weights checked finite (rank 0 writes every rank's RNG)."""
     rngs = [runtime.rng_state()]
     if ranks.world_size > 1:
         rngs = [None] * ranks.world_size
@@ -301,16 +263,18 @@ def close(job):
 
 @contextlib.contextmanager
 def cleanup(out_dirs, jobs, master):
-    """Whatever happens inside: every job closed at the end, and (rank 0) the folders this command
-    created that are still empty removed, so a start that failed (offline, bad input) leaves nothing
-    behind."""
-    created = sorted({f for d in out_dirs for f in new_folders(Path(d))},
-                     key=lambda f: -len(f.parts))
+    """Every job closed at the end, and (rank 0) the folders this command created that are still
+    empty removed: a start that failed (offline, bad input) leaves nothing behind."""
+    created = sorted({f for d in out_dirs for f in (Path(d), *Path(d).parents) if not f.exists()},
+                     key=lambda f: -len(f.parts))  # deepest first
     try:
         yield
     finally:
         for job in jobs:
             close(job)
         for folder in created if master else []:
-            remove_if_empty([folder])
+            try:
+                folder.rmdir()  # only an empty folder: a run's files, or another process's, keep it
+            except OSError:
+                pass
 

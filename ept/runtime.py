@@ -22,8 +22,9 @@ from ept import errors
 DTYPES = ("fp32", "tf32", "bf16")
 
 
-def setup_distributed():
-    """(rank, local_rank, world_size, device) from the torchrun environment; safe to call again."""
+def ranks():
+    """This process's place under torchrun (the group joined; safe to call again): rank, local_rank,
+    world_size, device, master, and first(check, everyone=False): master_first on these ranks."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -31,13 +32,6 @@ def setup_distributed():
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, local_rank, world_size, device
-
-
-def ranks():
-    """This process's place under torchrun: rank, local_rank, world_size, device, master, and
-    first(check, everyone=False): master_first on these ranks."""
-    rank, local_rank, world_size, device = setup_distributed()
     return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
                            master=rank == 0,
                            first=functools.partial(master_first, rank=rank, world_size=world_size))
@@ -48,11 +42,10 @@ class PeerStopped(errors.Failure):
 
 
 def master_first(fn, rank, world_size, everyone=False):
-    """fn() on rank 0, then (everyone) on the other ranks, or (not everyone) its result sent to
-    them. Rank 0 tells the others whether it got through before they go on: a check that fails fails
-    on rank 0 first, it prints the one sentence, and every other rank exits 1 quietly (PeerStopped)
-    instead of waiting on a collective rank 0 never joins (gloo's "Connection closed by peer"
-    tracebacks). One rank: just fn()."""
+    """fn() on rank 0, then on the other ranks (everyone) or its result sent to them. Rank 0 tells
+    the others whether it got through: a failing check prints its one sentence from rank 0, and
+    every other rank exits 1 quietly (PeerStopped) instead of waiting on a collective rank 0 never
+    joins (gloo's "Connection closed by peer" tracebacks)."""
     if world_size == 1:
         return fn()
     if rank != 0:
@@ -64,17 +57,10 @@ def master_first(fn, rank, world_size, everyone=False):
         return fn() if everyone else result
     failed, result = True, None
     try:
-        result = fn()
-        failed = False
+        result, failed = fn(), False
         return result
     finally:  # a failure on rank 0 (its sentence, or a bug's traceback) still answers the others
         dist.broadcast_object_list([(failed, None if everyone or failed else result)], src=0)
-
-
-def quiet_unless_master(err, rank):
-    """The error to raise for a failure every rank meets alike (a non-finite loss, all-reduced):
-    rank 0's sentence, the other ranks' exit 1 without it."""
-    return err if rank == 0 else PeerStopped()
 
 
 def default_device():
@@ -82,8 +68,7 @@ def default_device():
 
 
 def set_precision(dtype, device):
-    """Apply `dtype` to the process (TF32 switches); returns the autocast context of the forward
-    passes."""
+    """Apply `dtype` to the process (TF32 switches); returns the forwards' autocast context."""
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
         torch.backends.cudnn.allow_tf32 = dtype == "tf32"
@@ -126,8 +111,7 @@ def seed_everything(seed):
 
 
 class Throughput:
-    """Examples and tokens per second over the steady-state steps (the first `warm` steps are
-    skipped)."""
+    """Examples and tokens per second over the steady-state steps (after the first `warm`)."""
 
     def __init__(self, warm):
         self.warm, self.steps, self.examples, self.tokens, self.seconds = warm, 0, 0, 0, 0.0

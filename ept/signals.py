@@ -15,25 +15,18 @@ from ept import errors
 
 
 class Stopped(errors.Failure):
-    """SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) arrived: last.pt was written at a step boundary; exit
-    status 128 + the signal (130 for Ctrl-C)."""
+    """A stop signal arrived: last.pt was written at a step boundary; exit 128 + the signal."""
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
 _stop_signal = []  # the signal received, set by the handler, read at each step boundary
-
-
-# set once the run stops (Stopped raised, or a second Ctrl-C): later signals wait for the cleanup
-_stopping = []
+_stopping = []  # set once the run stops (Stopped, a second Ctrl-C): later signals wait for cleanup
 
 
 def _on_signal(sig, _):
     if _stopping:  # the locks are being released and the files closed: let that finish
         return
-    # Ctrl-C twice: stop now (files stay whole)
-    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:
+    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:  # twice: stop now (files stay whole)
         _stopping.append(sig)
         raise KeyboardInterrupt
     if sig == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:
@@ -44,10 +37,8 @@ def _on_signal(sig, _):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGTERM / SIGUSR1 / SIGINT ask the loop to checkpoint and stop at its next step boundary; a
-    second Ctrl-C stops at once (KeyboardInterrupt: every file is written atomically, so last.pt is
-    the previous one, whole). Main thread only: a thread cannot install handlers, and then the
-    caller's handlers stay."""
+    """The handlers installed while the loop runs (above; a second Ctrl-C is a KeyboardInterrupt).
+    Main thread only: a thread cannot install handlers, and then the caller's handlers stay."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -62,30 +53,46 @@ def stop_on_signals():
 
 
 def received():
-    """The stop signal received during the last run (None: none): a run that finished its last steps
-    after it still stops the caller (a driver) before its next run."""
+    """The stop signal of the last run, or None: a driver stops before its next run even so."""
     return _stop_signal[0] if _stop_signal else None
 
 
 def stop_requested(ranks):
-    """The signal to stop on, agreed by every rank (one may have received it a step later), or
-    None."""
+    """The signal to stop on (or None), agreed by every rank: one may receive it a step later."""
     sig = _stop_signal[0] if _stop_signal else 0
     if ranks.world_size > 1:
-        box = torch.tensor([int(sig)],
-                           device=ranks.device if ranks.device.startswith("cuda") else "cpu")
+        box = torch.tensor([int(sig)], device=ranks.device)
         dist.all_reduce(box, op=dist.ReduceOp.MAX)
         sig = int(box.item())
     return sig or None
 
 
-def stopped(sig, step, folders):
-    """The Stopped to raise: rank 0 says why and how to resume; every rank exits 128 + the
-    signal."""
+def stopped(sig, jobs):
+    """The Stopped to raise once the runs `jobs` wrote last.pt: rank 0 says why and how to resume;
+    each rank exits 128 + the signal."""
     _stopping.append(sig)
-    name = signal.Signals(sig).name
+    name, step = signal.Signals(sig).name, min(job.run.step for job in jobs)
+    folders = " ".join(str(job.out_dir) for job in jobs)
     said = int(os.environ.get("RANK", 0)) == 0  # once under torchrun
     return Stopped(f"train: {name} received: stopped at step {step}, last.pt written in "
                    f"{folders}; run the same command with --resume to continue (exit status "
-                   f"{128 + sig})" if said else "",
-                   status=128 + sig)
+                   f"{128 + sig})" if said else "", status=128 + sig)
+
+
+def run(main):
+    """train.py's main(): a Ctrl-C after a stop or failure is ignored; a second one, or one outside
+    the loop, exits 130 (files whole). Every rank ends the process group (runtime.master_first)."""
+    try:
+        main()
+    except SystemExit:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: "
+                  "run the same command with --resume to continue", file=sys.stderr, flush=True)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
