@@ -67,20 +67,14 @@ spec = plans.spec
 
 
 def table1(args):
-    """Table 1: GLUE + SuperGLUE x every method x every size; --lr-search adds the SuperGLUE
-    lrs."""
-    specs = []
-    for model in args.models or SIZES:
-        for task in args.tasks or GLUE + SUPERGLUE:
-            for method in args.methods or M.METHODS:
-                lrs = [None]
-                if args.lr_search and task in SUPERGLUE:  # Appendix B.2: searched for SuperGLUE
-                    lrs = LR_GRID["ft" if method == "ft" else "prompt"]
-                for value in lrs:
-                    for seed in args.seeds or SEEDS:
-                        lr_option = {"lr": value} if value else {}
-                        specs.append(spec(task, method, model, seed, **lr_option))
-    return specs
+    """Table 1: GLUE + SuperGLUE x every method x size; --lr-search adds the SuperGLUE lrs."""
+    def lrs(task, method):  # Appendix B.2: the lr is searched for SuperGLUE only
+        if args.lr_search and task in SUPERGLUE:
+            return [{"lr": value} for value in LR_GRID["ft" if method == "ft" else "prompt"]]
+        return [{}]
+    return [spec(task, method, model, seed, **lr) for model in args.models or SIZES
+            for task in args.tasks or GLUE + SUPERGLUE for method in args.methods or M.METHODS
+            for lr in lrs(task, method) for seed in args.seeds or SEEDS]
 
 
 def table2(args):
@@ -118,8 +112,7 @@ def table4(args):
 
 
 def init(args):
-    """Table 6: EPT's P1 initialised uniform / from random vocabulary rows / from the label
-    words."""
+    """Table 6: EPT's P1 initialised uniform / from random vocabulary rows / from label words."""
     return [spec(task, method, args.model, seed, init=kind, _row={"variant": kind})
             for task in args.tasks or ["boolq", "cb", "rte", "wsc"]
             for method in args.methods or ["ept"]
@@ -143,8 +136,7 @@ def broadcast(args):
 
 def lr(args):
     """Figure 8: learning-rate robustness of PT, ResPrompt, EPT, EPT* on the 5 SuperGLUE tasks, on
-    t5-base and t5-large (§5.3). These are the runs of Table 1's SuperGLUE lr search (same names):
-    trained once."""
+    t5-base and t5-large (§5.3): the runs of Table 1's SuperGLUE lr search (same names, once)."""
     given = args.model != parser.get_default("model")
     models = args.models or ([args.model] if given else FIG8_SIZES)
     return [spec(task, method, model, seed, lr=value, _row={"variant": value}) for model in models
@@ -154,8 +146,7 @@ def lr(args):
 
 
 def structure(args):
-    """Figure 9: EPT with LayerNorm / residual / a non-linearity added, on the 5 SuperGLUE
-    tasks."""
+    """Figure 9: EPT with LayerNorm / residual / a non-linearity added, on the 5 SuperGLUE tasks."""
     return [spec(task, "ept", args.model, seed, **STRUCTURES[name], _row={"variant": name})
             for task in args.tasks or SUPERGLUE for name in args.values or STRUCTURES
             for seed in args.seeds or SEEDS]
@@ -179,8 +170,7 @@ def steer_model(args):
 
 
 def steer(args):
-    """The steering benchmark: every method x seed at its default lr (ft: 1e-3), plus the lr
-    sweep."""
+    """The steering benchmark: every method x seed at its default lr (ft: 1e-3), + the lr sweep."""
     model, seeds, specs = steer_model(args), args.seeds or SEEDS, []
     for task in args.tasks or [STEER_TASK]:
         for method in args.methods or M.METHODS:
@@ -209,8 +199,7 @@ def steer_prepare(args):
 
 def steer_floor(args):
     """The no-prompt floor: the frozen backbone on the steering task's validation and test splits,
-    one row (method "none") per model and task in results/steer.jsonl, written once; returns
-    them."""
+    one row (method "none") per model and task, written once to results/steer.jsonl; the rows."""
     model, results = steer_model(args), Path(args.results_dir) / "steer.jsonl"
     written = files.read_jsonl(results, what="results file", missing_ok=True)
     done = {r.get("run"): r for r in written}
@@ -231,41 +220,37 @@ def steer_floor(args):
     return rows
 
 
-EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": init,
-               "hidden": hidden,
+EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": init, "hidden": hidden,
                "broadcast": broadcast, "lr": lr, "structure": structure, "steer": steer}
 
 
 # --- command line -----------------------------------------------------------------------------
 
 # no abbreviations: --lr (train.py's, passed through) must not be read as --lr-search, nor --seed
-# as
-# --seeds
+# as --seeds
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter,
                                  allow_abbrev=False)
 parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which table or figure's grid")
 # data
-parser.add_argument("--tasks", nargs="+", type=cli.name, default=None,
+parser.add_argument("--tasks", nargs="+", type=cli.name,
                     help="subset of the experiment's tasks (default: the paper's)")
 parser.add_argument("--data-dir", default="data", help="prepare_data.py output folder")
 # model
 parser.add_argument("--model", default="t5-base",
                     help="T5 for the single-size experiments (name or folder)")
-parser.add_argument("--models", nargs="+", default=None,
+parser.add_argument("--models", nargs="+",
                     help="table1/table2/lr: T5 sizes (default: t5-small t5-base t5-large / "
                          "t5-base / t5-base t5-large, or --model when given)")
-parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS,
-                    help="subset of the methods")
+parser.add_argument("--methods", nargs="+", choices=M.METHODS, help="subset of the methods")
 # sweep
-parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=None,
+parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int,
                     help="training seeds (default: 0 1 2)")
-parser.add_argument("--values", nargs="+", default=None,
-                    help="subset of the swept values (hidden sizes, broadcast lengths, lrs, "
-                         "structure names)")
+parser.add_argument("--values", nargs="+", help="subset of the swept values (hidden sizes, "
+                    "broadcast lengths, lrs, structure names)")
 parser.add_argument("--lr-search", action="store_true",
                     help="table1: every lr of the Appendix B.2 grid on SuperGLUE (report keeps "
                          "the best by validation)")
-parser.add_argument("--epochs", type=cli.positive_int, default=None,
+parser.add_argument("--epochs", type=cli.positive_int,
                     help="table4: epochs for every task (default: ATTEMPT's 20/10); the other "
                          "experiments pass it to train.py as every run's --epochs")
 drivers.add_execution_args(parser)

@@ -66,8 +66,7 @@ def specs(args):
 
 def check_samples(args):
     """Every k-shot sample this grid trains on is prepared (else each of its runs would fail
-    alike); samples drawn with the old rule (k per class) are used as they are, with a warning that
-    names the rebuild."""
+    alike); samples of the old rule (k per class) are used, with a warning naming the rebuild."""
     tasks = args.tasks or TASKS
     samples = [Path(args.data_dir) / t / f"train_k{k}_seed{s}.jsonl"
                for t in tasks for k in args.shots for s in args.seeds]
@@ -85,8 +84,7 @@ def check_samples(args):
 
 
 def _meta(folder):
-    """A task folder's meta.json as prepare_data wrote it ({} when absent or unreadable: train.py
-    says why)."""
+    """A task folder's meta.json ({} when absent or unreadable: train.py says why)."""
     try:
         return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -49,10 +49,7 @@ def run_steps(spec, data_dir, batch_size=16):
 
 def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=None):
     """GPU-hours of one run from the measured step times above (ideal scaling: the same on 1 or N
-    GPUs).
-
-    Validations: every `eval_every` steps (default: the run's own, e.g. once per epoch in Table
-    4)."""
+    GPUs), validating every `eval_every` steps (default: the run's own, each epoch in Table 4)."""
     default = options.defaults(spec["method"])["eval_every"]
     eval_every = eval_every or spec.get("eval_every") or default
     scale = LAYER_SCALE[size_key(spec["model"])]
@@ -78,8 +75,7 @@ def plan_hours(plan, data_dir, extra):
 
 
 def extra_value(extra, flag, default, cast):
-    """The last value of `flag` among the flags passed through to train.py (`--flag VALUE`), or
-    default."""
+    """The last value of `flag` among the pass-through flags (`--flag VALUE`), or default."""
     extra = list(extra)
     values = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == flag]
     return cast(values[-1]) if values else default
@@ -146,8 +142,7 @@ def step_seconds(spec, precision, runs=1, batch_size=16):
 
 def pack_hours(plan, pack, hours, data_dir, extra, precision):
     """{run: (unpacked GPU-hours, its share of the pack's GPU-hours = the pack's / R)} at
-    `precision`; `hours`: plan_hours (the measured estimate, whose validation part is kept as it
-    is, per run)."""
+    `precision`; `hours`: plan_hours (the measured estimate; its validation part kept, per run)."""
     batch = extra_value(extra, "--batch-size", 16, int)
     max_steps = extra_value(extra, "--max-steps", None, int)
     unpacked, eval_h, steps = {}, {}, {}
@@ -196,8 +191,7 @@ def memory_pack_size(model, gpu_gb):
 
 def pack_size(args, model, device=None):
     """--pack-size, else: on CUDA the memory rule for this machine's GPU 0; on a CPU 1 (no packing:
-    a CPU is FLOP-bound, a pack of R costs R solo steps; docs/packing.md). `device` "dry": the
-    assumed H200."""
+    a CPU is FLOP-bound, a pack of R costs R solo steps; docs/packing.md); "dry": the H200."""
     if getattr(args, "pack_size", None):
         return args.pack_size
     if device == "dry":
@@ -210,8 +204,7 @@ def pack_size(args, model, device=None):
 
 def make_packs(plan, names, size_of):
     """The runs `names` (in that order) grouped into packs: runs of one pack_key, at most
-    size_of(model) per pack, each pack in the order of its first run; `ft` and size 1 give packs of
-    one."""
+    size_of(model) per pack, in the order of their first runs; `ft` and size 1: packs of one."""
     packs, open_packs = [], {}
     for name in names:
         spec = plan[name][0]

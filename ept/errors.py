@@ -10,8 +10,7 @@ import sys
 
 
 class Failure(Exception):
-    """A problem the user can fix: one sentence; `status` is the exit status the script ends
-    with."""
+    """A problem the user can fix: one sentence; `status`: the exit status the script ends with."""
 
     status = 1
 

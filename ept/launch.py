@@ -1,13 +1,11 @@
 """Running a plan's units: one after another here, or on a local pool of child processes (--gpus).
 
-A unit is a shell command (`python train.py ...`, plans.Unit), and it runs as that command: as a
-child process (--subprocess, --nproc > 1 through torchrun, every pool child), or by default in this
-process with runpy (train.py executed as `__main__` with sys.argv set, its exit status read from
-SystemExit). In this process the imports (torch, transformers: several seconds a process on a small
-CPU) are paid once per grid rather than once per unit, which is what keeps a CPU grid of many short
-runs (SMOKE) fast; a child frees GPU memory and cached data between runs, which is what run_all.sh
-wants on GPUs. Either way the driver imports no stage: train.py is a file it runs, as any engine
-would.
+A unit (plans.Unit: `python train.py ...`) runs as that command in a child process (--subprocess,
+--nproc > 1 through torchrun, every pool child), or by default in this process with runpy (train.py
+as `__main__` with sys.argv set, its exit status read from SystemExit): the imports (torch,
+transformers: seconds a process on a small CPU) are paid once per grid, which keeps a CPU grid of
+many short runs (SMOKE) fast; a child frees GPU memory and cached data between runs, which is what
+run_all.sh wants on GPUs. Either way the driver imports no stage: train.py is a file it runs.
 """
 import contextlib
 import os
@@ -45,8 +43,7 @@ def run_in_process(argv):
 
 def run_unit(experiment, unit, args, i, n):
     """One unit, in this process or as a child (--subprocess, torchrun); its runs not finished. A
-    signal that stops train.py (SIGTERM, SIGUSR1, Ctrl-C) stops the driver with train.py's
-    status."""
+    signal that stops train.py (SIGTERM, SIGUSR1, Ctrl-C) stops the driver with its status."""
     t0 = time.time()
     names = " ".join(unit.names)
     what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
@@ -115,9 +112,8 @@ def pool_devices(args):
     if args.gpus % nproc:
         raise errors.Failure(f"--gpus {args.gpus} is not a multiple of --nproc {nproc} "
                              "(GPUs per run)")
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-    visible = [d.strip() for d in listed if d.strip()]
-    visible = visible or [str(i) for i in range(args.gpus)]
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    visible = [d for d in listed if d] or [str(i) for i in range(args.gpus)]
     if len(visible) < args.gpus:
         raise errors.Failure(f"--gpus {args.gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: "
                              f"{','.join(visible)}")
@@ -131,8 +127,7 @@ class Pool:
     def __init__(self, experiment, devices):
         self.experiment, self.devices = experiment, devices
         self.running = {}  # slot -> (process, unit, the thread that copies its output)
-        self.env = {**os.environ}
-        self.env.setdefault("TQDM_DISABLE", "1")  # G progress bars on one terminal are noise
+        self.env = {"TQDM_DISABLE": "1", **os.environ}  # G progress bars on one terminal: noise
         self.out_lock = threading.Lock()
 
     def free_slots(self):
@@ -144,8 +139,8 @@ class Pool:
         proc = subprocess.Popen(unit.command, env={**self.env, "CUDA_VISIBLE_DEVICES": gpus},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 bufsize=1, start_new_session=True)
-        thread = threading.Thread(target=self._pump, args=(proc, f"[u{unit.index} gpu {gpus}] "),
-                                  daemon=True)
+        prefix = f"[u{unit.index} gpu {gpus}] "
+        thread = threading.Thread(target=self._pump, args=(proc, prefix), daemon=True)
         thread.start()
         self.running[slot] = (proc, unit, thread)
         print(f"{self.experiment}: unit {unit.index} ({' '.join(unit.names)}) -> GPU {gpus}",
@@ -168,8 +163,7 @@ class Pool:
         return done
 
     def stop_all(self):
-        """SIGTERM to every child's group; returns once each (torchrun's ranks too) wrote
-        last.pt."""
+        """SIGTERM to every child's group; back once each (torchrun's ranks too) wrote last.pt."""
         for proc, _, _ in self.running.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -189,8 +183,7 @@ def group_gone(pgid):
 
 
 def run_pool(experiment, units, devices):
-    """Run `units` (longest first) on len(devices) children; the runs of units that failed
-    twice."""
+    """Run `units` (longest first) on len(devices) children; the runs of units that failed twice."""
     print(f"{experiment}: {len(units)} unit(s) on {len(devices)} child process(es), GPUs "
           f"{' | '.join(devices)}", flush=True)
     pool, queue, retried, failed = Pool(experiment, devices), list(units), set(), []

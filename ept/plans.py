@@ -24,8 +24,7 @@ PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed")  # as flags; the re
 
 
 def spec(task, method, model, seed, _row=None, **settings):
-    """One run of a grid: train.py options, and `_row`, extra result columns that are not
-    options."""
+    """One run of a grid: train.py options, and `_row`, extra result columns (not options)."""
     return {"task": task, "method": method, "model": model, "seed": seed, **settings,
             **({"_row": _row} if _row else {})}
 
@@ -39,8 +38,7 @@ def run_name(settings):
 # --- train.py's command lines --------------------------------------------------------------------
 
 def train_argv(settings, out_dir, data_dir=None, extra=()):
-    """train.py's command line for one run: its options as flags (one name per concept), then
-    `extra`."""
+    """train.py's command line for one run: its options as flags (one name per concept), extra."""
     argv = []
     for key, value in settings.items():
         if value is None or value is False:
@@ -82,8 +80,7 @@ def passed_through(extra):
 
 def plan_runs(specs, args, extra=()):
     """{run name: (train.py options, extra result columns, run folder)}: the pass-through flags
-    that name runs win over the experiment's values, and the same configuration twice is one
-    run."""
+    that name runs win over the experiment's values; the same configuration twice is one run."""
     plan, through = {}, passed_through(extra)
     for s in specs:
         settings = {k: v for k, v in s.items() if k != "_row"}
@@ -146,8 +143,7 @@ def plan_path(args, experiment):
 
 def write_plan(path, units):
     """The plan file, written once: a rerun of the same grid finds the same lines; another grid in
-    the same results folder is refused (line i of a plan must keep its meaning for an engine's
-    index)."""
+    the same results folder is refused (line i must keep its meaning for an engine's index)."""
     text = "".join(unit.line + "\n" for unit in units)
     if path.exists():
         old = path.read_text(encoding="utf-8")
@@ -168,8 +164,7 @@ def write_plan(path, units):
 
 
 def collect_command(args):
-    """The shell line that appends every finished run's row once (and prints the experiment's
-    table)."""
+    """The shell line that appends every finished run's row once (and prints the table)."""
     return f"cd {shlex.quote(os.getcwd())} && {shlex.join([*args.command, '--collect'])}"
 
 
@@ -225,8 +220,7 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
 
 def append_row_once(results, row):
     """Append `row` to the results file unless a row of its run folder is there: checked and
-    written under the file's lock, so two collect steps at once never double a row (one write per
-    row)."""
+    written (one write) under the file's lock, so two collect steps at once never double a row."""
     with files.locked(results):
         rows = files.read_jsonl(results, what="results file", missing_ok=True,
                                 fix=files.RESULTS_FIX)

@@ -24,8 +24,7 @@ SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write la
 
 
 def time_seconds(text):
-    """A SLURM time limit ('90', '4:00:00', '1-12', '2-00:30:00', ...) in seconds; None for
-    unlimited."""
+    """A SLURM time limit ('90', '4:00:00', '1-12', '2-00:30:00', ...) in seconds; None: none."""
     if text.upper() in ("INFINITE", "UNLIMITED", "0"):  # SLURM: a limit of 0 is no limit
         return None
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
@@ -161,8 +160,8 @@ def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, 
 
 
 def _sbatch(text, path, what):
-    """Submit a script (on sbatch's stdin), then write it to `path`; its job id, or one sentence and
-    nothing written."""
+    """Submit a script (on stdin), then write it to `path`; its job id, or one sentence, nothing
+    written."""
     if shutil.which("sbatch") is None:
         raise errors.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
                              "here (a test cluster on this machine, as root: "
