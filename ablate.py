@@ -35,7 +35,6 @@ or a solo run) a line, each a complete shell command that any engine may run, th
 (here, on a local pool with --gpus, or on SLURM with --slurm) and appends each finished run's row
 once. Ctrl-C stops everything (exit 130); the same command again resumes.
 """
-import argparse
 import math
 import subprocess
 import sys
@@ -226,10 +225,7 @@ EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": ini
 
 # --- command line -----------------------------------------------------------------------------
 
-# no abbreviations: --lr (train.py's, passed through) must not be read as --lr-search, nor --seed
-# as --seeds
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter,
-                                 allow_abbrev=False)
+parser = drivers.make_parser(__doc__)
 parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which table or figure's grid")
 # data
 parser.add_argument("--tasks", nargs="+", type=cli.name,

@@ -17,6 +17,13 @@ from pathlib import Path
 from ept import cli, costs, files, launch, options, plans, registry, runs, tables
 
 
+def make_parser(doc):
+    """A driver's parser: `doc` as --help, and no abbreviations (--lr, train.py's, passed through,
+    must not be read as --lr-search, nor --seed as --seeds)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=cli.HelpFormatter,
+                                   allow_abbrev=False)
+
+
 def add_execution_args(parser):
     """The flags every driver shares: how runs are launched and where their files go."""
     group = parser.add_argument_group("execution and output")
