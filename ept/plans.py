@@ -1,13 +1,11 @@
-"""A grid as a plan of units, and its result rows.
+"""A grid as a plan of units, and its result rows (docs/experiments.md, "The plan").
 
 A grid is a list of specs (train.py options per run, plus "_row": extra result columns such as the
-swept value). The plan maps each run's name to (options, extra columns, run folder); the same
-configuration twice (a shared default) is one run. A unit is a pack of prompt runs or a solo run,
-and one complete shell line of the plan file <results-dir>/<experiment>.plan (docs/experiments.md,
-"The plan"): `cd <cwd> && python train.py ... --resume`, which is idempotent (a finished run exits
-at once, a half-done one resumes from last.pt, a fresh one starts; a pack's --runs file is named by
-its content). Units train; they write no result rows: the collect step appends every finished run's
-row once, under the results file's lock.
+swept value); the plan maps each run's name to (options, extra columns, run folder), the same
+configuration twice (a shared default) being one run. A unit, a pack of prompt runs or a solo run,
+is one line of <results-dir>/<experiment>.plan: `cd <cwd> && python train.py ... --resume`, which
+is idempotent (a finished run exits at once, a half-done one resumes from last.pt, a fresh one
+starts). Units write no result rows: the collect step appends every finished run's row once.
 """
 import hashlib
 import json
@@ -92,16 +90,14 @@ def plan_runs(specs, args, extra=()):
 
 
 class Unit:
-    """One line of the plan: its runs (names and folders), train.py's argv, how long it takes, its
-    shell line, and its index (its line in the plan file, 0-based: an array task's index)."""
+    """One line of the plan: its index (its line in the plan file, 0-based: an array task's index),
+    its runs (names and folders), train.py's argv and the shell line."""
 
-    def __init__(self, names, dirs, argv, hours, nproc, runs_file=None, runs_text=None):
-        self.names, self.dirs, self.argv, self.hours = names, dirs, argv, hours
+    def __init__(self, index, names, dirs, argv, nproc, runs_file=None, runs_text=None):
+        self.index, self.names, self.dirs, self.argv = index, names, dirs, argv
         self.runs_file, self.runs_text = runs_file, runs_text  # a pack's --runs file (write_plan)
-        self.index = None
         torchrun = ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
-        launcher = [sys.executable] if nproc == 1 else torchrun
-        self.command = [*launcher, str(TRAIN_SCRIPT), *argv]
+        self.command = [*([sys.executable] if nproc == 1 else torchrun), str(TRAIN_SCRIPT), *argv]
         self.line = f"cd {shlex.quote(os.getcwd())} && {shlex.join(self.command)}"
 
     def finished(self):
@@ -114,26 +110,22 @@ class Unit:
 def make_units(plan, args, extra):
     """The plan's units, longest first (a pack lasts as long as its longest run): packs of the runs
     of one pack_key (pack_size on this machine), made over every run, finished or not, so that the
-    same grid always gives the same units; each pack's --runs file named by its content (write_plan
-    writes it)."""
+    same grid always gives the same units; each pack's --runs file named by its content."""
     hours = costs.plan_hours(plan, args.data_dir, extra)
     order = sorted(plan, key=lambda name: -hours[name])
-    units = []
+    units, extra = [], [*extra, "--resume"]
     for names in costs.make_packs(plan, order, lambda model: costs.pack_size(args, model)):
         specs, dirs = [plan[n][0] for n in names], [plan[n][2] for n in names]
-        longest = max(hours[n] for n in names)
         if len(names) == 1:
-            argv = train_argv(specs[0], dirs[0], args.data_dir, [*extra, "--resume"])
-            unit = Unit(names, dirs, argv, longest, args.nproc)
-        else:
-            argv, entries = pack_argv(specs, dirs, args.data_dir, [*extra, "--resume"], Path("-"))
-            text = json.dumps(entries, indent=1) + "\n"
-            digest = hashlib.sha1(text.encode()).hexdigest()[:16]
-            runs_file = Path(args.results_dir) / "packs" / f"{digest}.json"
-            argv[argv.index("--runs") + 1] = str(runs_file)
-            unit = Unit(names, dirs, argv, longest, args.nproc, runs_file, text)
-        unit.index = len(units)
-        units.append(unit)
+            argv = train_argv(specs[0], dirs[0], args.data_dir, extra)
+            units.append(Unit(len(units), names, dirs, argv, args.nproc))
+            continue
+        argv, entries = pack_argv(specs, dirs, args.data_dir, extra, Path("-"))
+        text = json.dumps(entries, indent=1) + "\n"
+        digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+        runs_file = Path(args.results_dir) / "packs" / f"{digest}.json"
+        argv[argv.index("--runs") + 1] = str(runs_file)
+        units.append(Unit(len(units), names, dirs, argv, args.nproc, runs_file, text))
     return units
 
 
@@ -145,21 +137,19 @@ def write_plan(path, units):
     """The plan file, written once: a rerun of the same grid finds the same lines; another grid in
     the same results folder is refused (line i must keep its meaning for an engine's index)."""
     text = "".join(unit.line + "\n" for unit in units)
-    if path.exists():
-        old = path.read_text(encoding="utf-8")
-        if old != text:
-            lines = old.splitlines()
-            pairs = enumerate(zip(lines, text.splitlines()))
-            i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
-            raise errors.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
-                                 f"flags, pack size or folder); delete it to plan again, or pass "
-                                 f"another --results-dir")
+    if path.exists() and (old := path.read_text(encoding="utf-8")) != text:
+        lines = old.splitlines()
+        pairs = enumerate(zip(lines, text.splitlines()))
+        i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
+        raise errors.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
+                             f"flags, pack size or folder); delete it to plan again, or pass "
+                             f"another --results-dir")
     for unit in units:  # the packs' runs files first: a plan line never names a missing file
         if unit.runs_file is not None and not unit.runs_file.exists():
-            unit.runs_file.parent.mkdir(parents=True, exist_ok=True)
+            files.make_dir(unit.runs_file.parent, "packs folder")
             files.write_text(unit.runs_file, unit.runs_text)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        files.make_dir(path.parent, "results folder")
         files.write_text(path, text)
 
 
