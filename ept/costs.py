@@ -47,11 +47,10 @@ def run_steps(spec, data_dir, batch_size=16):
     return spec.get("max_steps") or options.defaults(spec["method"])["max_steps"]
 
 
-def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=None):
+def estimate_hours(spec, data_dir=None, batch_size=16):
     """GPU-hours of one run from the measured step times above (ideal scaling: the same on 1 or N
-    GPUs), validating every `eval_every` steps (default: the run's own, each epoch in Table 4)."""
-    default = options.defaults(spec["method"])["eval_every"]
-    eval_every = eval_every or spec.get("eval_every") or default
+    GPUs), validating every spec["eval_every"] steps (else the method's default)."""
+    eval_every = spec.get("eval_every") or options.defaults(spec["method"])["eval_every"]
     scale = LAYER_SCALE[size_key(spec["model"])]
     _, val, test = split_sizes(spec["task"], data_dir)
     steps = run_steps(spec, data_dir, batch_size)
@@ -61,17 +60,10 @@ def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=None):
 
 
 def plan_hours(plan, data_dir, extra):
-    """{run: estimated GPU-hours} of a plan ({name: (spec, ...)}), with the pass-through
-    --max-steps, --batch-size and --eval-every."""
+    """{run: estimated GPU-hours} of a plan ({name: (spec, ...)}) at the pass-through --batch-size
+    (the pass-through --max-steps and --eval-every are in the specs: plans.plan_runs)."""
     batch = extra_value(extra, "--batch-size", 16, int)
-    eval_every = extra_value(extra, "--eval-every", None, int)  # None: each run's own (Table 4's)
-    max_steps = extra_value(extra, "--max-steps", None, int)
-    hours = {}
-    for name, (spec, *_) in plan.items():
-        if max_steps and not spec.get("epochs"):
-            spec = {**spec, "max_steps": max_steps}
-        hours[name] = estimate_hours(spec, data_dir, batch, eval_every)
-    return hours
+    return {name: estimate_hours(spec, data_dir, batch) for name, (spec, *_) in plan.items()}
 
 
 def extra_value(extra, flag, default, cast):
@@ -144,12 +136,10 @@ def pack_hours(plan, pack, hours, data_dir, extra, precision):
     """{run: (unpacked GPU-hours, its share of the pack's GPU-hours = the pack's / R)} at
     `precision`; `hours`: plan_hours (the measured estimate; its validation part kept, per run)."""
     batch = extra_value(extra, "--batch-size", 16, int)
-    max_steps = extra_value(extra, "--max-steps", None, int)
     unpacked, eval_h, steps = {}, {}, {}
     for name in pack:
         spec = plan[name][0]
-        steps[name] = run_steps({**spec, **({"max_steps": max_steps} if max_steps else {})},
-                                data_dir, batch)
+        steps[name] = run_steps(spec, data_dir, batch)
         eval_h[name] = hours[name] - steps[name] * floor_seconds(spec, batch) / 3600
         train_h = steps[name] * step_seconds(spec, precision, 1, batch) / 3600
         unpacked[name] = train_h + eval_h[name]
@@ -213,8 +203,7 @@ def make_packs(plan, names, size_of):
             packs.append([name])
             continue
         if key not in open_packs:
-            open_packs[key] = []
-            packs.append(open_packs[key])
+            packs.append(open_packs.setdefault(key, []))
         open_packs[key].append(name)
         if len(open_packs[key]) >= limit:
             del open_packs[key]
