@@ -1,5 +1,4 @@
-"""Value types for the stages' command lines: a wrong value is one argparse error, before any
-work."""
+"""Value types for the stages' command lines: a wrong value is one argparse error, before work."""
 import argparse
 import math
 import re

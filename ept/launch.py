@@ -108,16 +108,15 @@ def run_command(command):
 
 def pool_devices(args):
     """One entry per child: the CUDA_VISIBLE_DEVICES it gets ("0", or "2,3" with --nproc 2)."""
-    nproc = args.nproc
-    if args.gpus % nproc:
-        raise errors.Failure(f"--gpus {args.gpus} is not a multiple of --nproc {nproc} "
-                             "(GPUs per run)")
+    gpus, nproc = args.gpus, args.nproc
+    if gpus % nproc:
+        raise errors.Failure(f"--gpus {gpus} is not a multiple of --nproc {nproc} (GPUs per run)")
     listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
-    visible = [d for d in listed if d] or [str(i) for i in range(args.gpus)]
-    if len(visible) < args.gpus:
-        raise errors.Failure(f"--gpus {args.gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: "
+    visible = [d for d in listed if d] or [str(i) for i in range(gpus)]
+    if len(visible) < gpus:
+        raise errors.Failure(f"--gpus {gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: "
                              f"{','.join(visible)}")
-    return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(args.gpus // nproc)]
+    return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(gpus // nproc)]
 
 
 class Pool:
@@ -170,16 +169,12 @@ class Pool:
         for proc, _, thread in self.running.values():
             proc.wait()
             thread.join()
-            while not group_gone(proc.pid):
+            while True:  # until its whole group (torchrun's ranks too) is gone
+                try:
+                    os.killpg(proc.pid, 0)
+                except ProcessLookupError:
+                    break
                 time.sleep(0.1)
-
-
-def group_gone(pgid):
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def run_pool(experiment, units, devices):
