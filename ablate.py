@@ -83,16 +83,6 @@ def table2(args):
             for seed in args.seeds or SEEDS]
 
 
-def attempt_epochs(task, data_dir):
-    """ATTEMPT (Asai et al. 2022): 20 epochs for training sets under 10K examples, else 10."""
-    return 20 if costs.split_sizes(task, data_dir)[0] < 10000 else 10
-
-
-def steps_per_epoch(task, data_dir, batch_size=BATCH_SIZE):
-    """Optimizer steps in one pass over the training split (meta.json; train.py counts alike)."""
-    return math.ceil(costs.split_sizes(task, data_dir)[0] / batch_size)
-
-
 def table4(args):
     """Table 4, ATTEMPT setting: epochs instead of steps, validated every epoch (the best epoch is
     kept, as ATTEMPT does); PT with 100 tokens; EPT/EPT* with one extra 1x1 layer. §5.4: "an
@@ -101,12 +91,13 @@ def table4(args):
     per_method = {"pt": {"prompt_length": 100}, "ept": {"extra_layer": True},
                   "ept_star": {"extra_layer": True}}
     batch = getattr(args, "batch_size", None) or BATCH_SIZE
-    return [spec(task, method, args.model, seed,
-                 epochs=args.epochs or attempt_epochs(task, args.data_dir),
-                 eval_every=steps_per_epoch(task, args.data_dir, batch),
-                 **per_method.get(method, {}))
-            for task in args.tasks or ["multirc", "boolq", "wic", "wsc", "cb"]
-            for method in args.methods or ["pt", "ept", "ept_star"]
+    tasks = args.tasks or ["multirc", "boolq", "wic", "wsc", "cb"]
+    n_train = {task: costs.split_sizes(task, args.data_dir)[0] for task in tasks}  # as train.py
+    # ATTEMPT (Asai et al. 2022): 20 epochs for training sets under 10K examples, else 10
+    epochs = {task: args.epochs or (20 if n < 10000 else 10) for task, n in n_train.items()}
+    return [spec(task, method, args.model, seed, epochs=epochs[task],
+                 eval_every=math.ceil(n_train[task] / batch), **per_method.get(method, {}))
+            for task in tasks for method in args.methods or ["pt", "ept", "ept_star"]
             for seed in args.seeds or SEEDS]
 
 

@@ -217,7 +217,12 @@ def dry_run(experiment, plan, args, extra):
     states = {name: runs.status(run_dir) for name, (_, _, run_dir) in plan.items()}
     todo = sorted((n for n in plan if states[n] != "done"), key=lambda n: -hours[n])  # as units go
     packs = costs.make_packs(plan, todo, lambda model: costs.pack_size(args, model, "dry"))
-    figures = packed_figures(plan, packs, hours, args, extra)
+    # {run: {precision: (unpacked GPU-hours, its share of its pack's)}}; a finished run: hours twice
+    figures = {name: {p: (hours[name], hours[name]) for p in costs.PEAK_TFLOPS} for name in plan}
+    for pack in packs:
+        for p in costs.PEAK_TFLOPS:
+            for name, pair in costs.pack_hours(plan, pack, hours, args.data_dir, extra, p).items():
+                figures[name][p] = pair
     pack_of = {name: i for i, pack in enumerate(packs) for name in pack}
     lines = []
     for name in plan:
@@ -230,17 +235,6 @@ def dry_run(experiment, plan, args, extra):
     files.append_lines(Path(args.results_dir) / "dry_run.tsv", lines)  # run_all.sh sums it
     print_dry_summary(experiment, args, extra, hours, todo, packs, figures)
     return [], []
-
-
-def packed_figures(plan, packs, hours, args, extra):
-    """{run: {precision: (unpacked GPU-hours, packed share)}}; finished runs: the estimate twice."""
-    figures = {name: {p: (hours[name], hours[name]) for p in costs.PEAK_TFLOPS} for name in plan}
-    for pack in packs:
-        for precision in costs.PEAK_TFLOPS:
-            pairs = costs.pack_hours(plan, pack, hours, args.data_dir, extra, precision)
-            for name, pair in pairs.items():
-                figures[name][precision] = pair
-    return figures
 
 
 def print_dry_summary(experiment, args, extra, hours, todo, packs, figures):
