@@ -173,9 +173,8 @@ def steer(args):
 
 
 def steer_prepare(args):
-    """The steering task's data, prepared once before any worker starts (train.py would prepare it
-    on first use, but several workers at once would race), with the backbone's tokenizer, by the
-    prepare_data.py stage run as a command."""
+    """The steering task's data, prepared once before any unit runs (train.py would prepare it on
+    first use, and several units at once would race), by prepare_data.py with the backbone's."""
     for task in args.tasks or [STEER_TASK]:
         if (Path(args.data_dir) / task / "meta.json").exists():
             continue
@@ -218,18 +217,15 @@ EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": ini
 
 parser = drivers.make_parser(__doc__)
 parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which table or figure's grid")
-# data
 parser.add_argument("--tasks", nargs="+", type=cli.name,
                     help="subset of the experiment's tasks (default: the paper's)")
 parser.add_argument("--data-dir", default="data", help="prepare_data.py output folder")
-# model
 parser.add_argument("--model", default="t5-base",
                     help="T5 for the single-size experiments (name or folder)")
 parser.add_argument("--models", nargs="+",
                     help="table1/table2/lr: T5 sizes (default: t5-small t5-base t5-large / "
                          "t5-base / t5-base t5-large, or --model when given)")
 parser.add_argument("--methods", nargs="+", choices=M.METHODS, help="subset of the methods")
-# sweep
 parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int,
                     help="training seeds (default: 0 1 2)")
 parser.add_argument("--values", nargs="+", help="subset of the swept values (hidden sizes, "
@@ -257,7 +253,7 @@ def main(argv=None):
     args.batch_size = costs.extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4's epochs
     steering = args.experiment == "steer" and not args.dry_run
     if steering:
-        steer_prepare(args)  # once, before any unit: several at once would race to prepare it
+        steer_prepare(args)
     submit_only = args.slurm and not args.collect  # --slurm submits; its collect job adds it
     floor = steer_floor if steering and not submit_only else None
     specs = EXPERIMENTS[args.experiment](args)

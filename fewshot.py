@@ -29,17 +29,14 @@ STEPS = 10000
 LR = {"ft": 1e-3, "prompt": 0.3}
 
 parser = drivers.make_parser(__doc__)
-# data
 parser.add_argument("--tasks", nargs="+", type=cli.name,
                     help="subset of the 13 tasks (default: all)")
 parser.add_argument("--shots", nargs="+", type=cli.positive_int, default=SHOTS,
                     help="k examples in all, the classes balanced (prepare_data.py)")
 parser.add_argument("--data-dir", default="data",
                     help="prepare_data.py output (with --fewshot files)")
-# model
 parser.add_argument("--model", default="t5-base", help="T5 name or folder")
 parser.add_argument("--methods", nargs="+", choices=M.METHODS, help="subset of the methods")
-# sweep
 parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=SEEDS,
                     help="few-shot sample and training seeds")
 parser.add_argument("--steps", type=cli.positive_int, default=STEPS,

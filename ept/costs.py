@@ -74,9 +74,8 @@ def extra_value(extra, flag, default, cast):
 
 
 def wall_hours(gpu_hours, longest, gpus, nproc):
-    """Wall time of units totalling `gpu_hours` on `gpus` GPUs, `nproc` per unit: at least
-    max(gpu_hours / gpus, the longest unit), and, each free slot taking the next unit, at most
-    gpu_hours / gpus + the longest."""
+    """(low, high) wall time of units of `gpu_hours` on `gpus` GPUs, `nproc` per unit: at least
+    max(gpu_hours / gpus, the longest), at most that + the longest (a free slot takes the next)."""
     return max(gpu_hours / gpus, longest / nproc), gpu_hours / gpus + longest / nproc
 
 

@@ -210,9 +210,8 @@ def submit_slurm(experiment, path, args):
 # --- the dry run ---------------------------------------------------------------------------------
 
 def dry_run(experiment, plan, args, extra):
-    """List every run with its status and estimated GPU-hours, the packs the runs still to do would
-    be trained in, then parseable summary lines: the wall time on the GPUs given (--gpus), and the
-    GPU-hours unpacked and packed at fp32 and bf16 (packed: a model, see costs.PEAK_TFLOPS)."""
+    """Every run with its status, estimated GPU-hours and the pack it would train in (a row each in
+    dry_run.tsv), then the summary lines (wall time; GPU-hours unpacked, packed; fp32, bf16)."""
     hours = costs.plan_hours(plan, args.data_dir, extra)
     states = {name: runs.status(run_dir) for name, (_, _, run_dir) in plan.items()}
     todo = sorted((n for n in plan if states[n] != "done"), key=lambda n: -hours[n])  # as units go

@@ -62,10 +62,9 @@ def pack_argv(specs, run_dirs, data_dir, extra, runs_file):
 
 
 def passed_through(extra):
-    """The per-run options among the pass-through flags (--max-steps 6, --eval-every 3, ...: the
-    run-name options and whatever a --runs entry may set), typed as train.py takes them: they win
-    over the experiment's own values, so a run's name and its --runs entry say what it trains, at
-    any pack size (a SMOKE few-shot run of 6 steps is ..._steps6_..., not the driver's 10,000)."""
+    """The per-run options among the pass-through flags (--max-steps 6, ...: run-name options and
+    what a --runs entry may set), typed: they win over the experiment's values, so a run's name and
+    --runs entry say what it trains (a SMOKE few-shot run of 6 steps: ..._steps6_...)."""
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
     keys = dict.fromkeys([key for key, _ in runs.NAME_TAGS]
@@ -108,9 +107,8 @@ class Unit:
 
 
 def make_units(plan, args, extra):
-    """The plan's units, longest first (a pack lasts as long as its longest run): packs of the runs
-    of one pack_key (pack_size on this machine), made over every run, finished or not, so that the
-    same grid always gives the same units; each pack's --runs file named by its content."""
+    """The plan's units, longest first: packs (costs.make_packs, pack_size on this machine) made
+    over every run, finished or not, so the same grid always gives the same units and runs files."""
     hours = costs.plan_hours(plan, args.data_dir, extra)
     order = sorted(plan, key=lambda name: -hours[name])
     units, extra = [], [*extra, "--resume"]

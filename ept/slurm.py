@@ -61,8 +61,7 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
                   gpus_per_task=1, max_parallel=None, extra=(), cpus_per_task=None,
                   signal_s=SIGNAL_S, workdir=None, after=()):
     """The job array's sbatch script: task i runs line i+1 of the plan. gpus_per_task=0: no GPU
-    line. after: job ids the array waits for (afterany: until each ended, however), e.g. an earlier
-    plan that shares runs with this one."""
+    line. after: job ids the array waits for (afterany), e.g. an earlier plan's that shares runs."""
     if n_units < 1:
         raise errors.Failure(f"the plan {plan_path} has no units: nothing to submit")
     limit = time_seconds(time) if time else None
@@ -176,8 +175,7 @@ def _sbatch(text, path, what):
 
 def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
     """Submit the plan as one job array, then the collect job after it (afterany); write both
-    scripts beside the plan (<plan>.sbatch, <plan>.collect.sbatch); print the job ids and how to
-    follow them. Returns (array_id, collect_id)."""
+    scripts beside the plan (<plan>.sbatch, <plan>.collect.sbatch); print and return the job ids."""
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):
