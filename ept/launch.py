@@ -1,11 +1,10 @@
 """Running a plan's units: one after another here, or on a local pool of child processes (--gpus).
 
-A unit (plans.Unit: `python train.py ...`) runs as that command in a child process (--subprocess,
---nproc > 1 through torchrun, every pool child), or by default in this process with runpy (train.py
-as `__main__` with sys.argv set, its exit status read from SystemExit): the imports (torch,
-transformers: seconds a process on a small CPU) are paid once per grid, which keeps a CPU grid of
-many short runs (SMOKE) fast; a child frees GPU memory and cached data between runs, which is what
-run_all.sh wants on GPUs. Either way the driver imports no stage: train.py is a file it runs.
+A unit (plans.Unit: `python train.py ...`) runs as a child (--subprocess, --nproc > 1 through
+torchrun, every pool child), which frees GPU memory and cached data between runs, or by default in
+this process with runpy (train.py as `__main__`, its status read from SystemExit), which pays the
+imports (seconds on a small CPU) once per grid: a CPU grid of many short runs (SMOKE) stays fast.
+Either way the driver imports no stage: train.py is a file it runs, as any engine would.
 """
 import contextlib
 import os
@@ -186,9 +185,8 @@ def run_pool(experiment, units, devices):
     old_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main else None
     try:
         while queue or pool.running:
-            for slot in pool.free_slots():
-                if queue:
-                    pool.start(slot, queue.pop(0))
+            for slot in pool.free_slots()[:len(queue)]:
+                pool.start(slot, queue.pop(0))
             for unit, status in pool.ended():
                 if status == 0 and unit.finished():
                     print(f"{experiment}: unit {unit.index} done", flush=True)
