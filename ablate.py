@@ -222,17 +222,15 @@ parser.add_argument("--tasks", nargs="+", type=cli.name,
 parser.add_argument("--data-dir", default="data", help="prepare_data.py output folder")
 parser.add_argument("--model", default="t5-base",
                     help="T5 for the single-size experiments (name or folder)")
-parser.add_argument("--models", nargs="+",
-                    help="table1/table2/lr: T5 sizes (default: t5-small t5-base t5-large / "
-                         "t5-base / t5-base t5-large, or --model when given)")
+parser.add_argument("--models", nargs="+", help="table1/table2/lr: T5 sizes (default: t5-small "
+                    "t5-base t5-large / t5-base / t5-base t5-large, or --model when given)")
 parser.add_argument("--methods", nargs="+", choices=M.METHODS, help="subset of the methods")
 parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int,
                     help="training seeds (default: 0 1 2)")
 parser.add_argument("--values", nargs="+", help="subset of the swept values (hidden sizes, "
                     "broadcast lengths, lrs, structure names)")
-parser.add_argument("--lr-search", action="store_true",
-                    help="table1: every lr of the Appendix B.2 grid on SuperGLUE (report keeps "
-                         "the best by validation)")
+parser.add_argument("--lr-search", action="store_true", help="table1: every lr of the Appendix "
+                    "B.2 grid on SuperGLUE (report keeps the best by validation)")
 parser.add_argument("--epochs", type=cli.positive_int,
                     help="table4: epochs for every task (default: ATTEMPT's 20/10); the other "
                          "experiments pass it to train.py as every run's --epochs")

@@ -62,15 +62,13 @@ def add_execution_args(parser):
     group.add_argument("--slurm-option", action="append", default=[], metavar="OPT",
                        help="--slurm: an extra #SBATCH option, e.g. --slurm-option=--account=nlp "
                             "(repeatable)")
-    group.add_argument("--collect", action="store_true",
-                       help="train nothing: append every finished run's row once to "
-                            "<results-dir>/<experiment>.jsonl and print the table (an engine's "
-                            "last job); exit 1 while runs are not finished")
-    group.add_argument("--pack-size", type=cli.positive_int,
-                       help="prompt runs trained together on one frozen T5 (one train.py --runs "
-                            "call; same task, model, data, schedule; never ft); default: on CUDA "
-                            "as many as fit the GPU's memory (16 for t5-small/base, 8 for t5-large "
-                            "at 80 GB), on a CPU 1 (no packing)")
+    group.add_argument("--collect", action="store_true", help="train nothing: append every "
+                       "finished run's row once to <results-dir>/<experiment>.jsonl and print the "
+                       "table (an engine's last job); exit 1 while runs are not finished")
+    group.add_argument("--pack-size", type=cli.positive_int, help="prompt runs trained together "
+                       "on one frozen T5 (one train.py --runs call; same task, model, data, "
+                       "schedule; never ft); default: on CUDA as many as fit the GPU's memory (16 "
+                       "for t5-small/base, 8 for t5-large at 80 GB), on a CPU 1 (no packing)")
 
 
 def parse(parser, argv, script):
@@ -203,8 +201,7 @@ def submit_slurm(experiment, path, args):
     gpus = args.nproc if args.slurm_gpus is None else args.slurm_gpus
     slurm.submit(path, plans.collect_command(args), job_name=f"ept-{experiment}",
                  partition=args.slurm_partition, time=args.slurm_time, gpus_per_task=gpus,
-                 max_parallel=args.slurm_max_tasks, extra=args.slurm_option,
-                 after=args.slurm_after)
+                 max_parallel=args.slurm_max_tasks, extra=args.slurm_option, after=args.slurm_after)
 
 
 # --- the dry run ---------------------------------------------------------------------------------

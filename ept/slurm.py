@@ -224,9 +224,8 @@ parser.add_argument("--gpus-per-task", type=cli.nonnegative_int, default=1,
                     help="GPUs per unit (--gres=gpu:N; 0: no GPU line)")
 parser.add_argument("--cpus-per-task", type=cli.positive_int)
 parser.add_argument("--max-parallel", type=cli.positive_int, help="tasks at once (--array=...%%M)")
-parser.add_argument("--signal-s", type=cli.positive_int, default=SIGNAL_S,
-                    help="USR1 this many seconds before the time limit: the unit checkpoints, the "
-                         "task requeues")
+parser.add_argument("--signal-s", type=cli.positive_int, default=SIGNAL_S, help="USR1 this many "
+                    "seconds before the time limit: the unit checkpoints, the task requeues")
 parser.add_argument("--after", action="append", default=[], metavar="JOBID",
                     help="start the array once this job ended (afterany), e.g. an earlier plan's "
                          "array that shares runs with this one (repeatable)")
