@@ -58,9 +58,7 @@ STRUCTURES = {"none": {}, "layernorm": {"layer_norm": True}, "residual": {"resid
               "sigmoid": {"activation": "sigmoid"}}  # Figure 9 (the public EPT code's three)
 
 
-# --- the experiments ----------------------------------------------------------------------------
-# Each returns a list of specs: train.py options, plus "_row" (extra result columns, e.g. the swept
-# value under the name "variant") that is not a train.py option.
+# --- the experiments: each a list of specs (plans.spec; a swept value is the row's "variant") -----
 
 spec = plans.spec
 

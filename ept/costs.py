@@ -14,9 +14,8 @@ from ept import files, options, registry, runs
 # Seconds per optimizer step at batch 16, measured by bench.py on one NVIDIA H200
 # (docs/gpu/run2_*.json: random-weight t5-base, bf16 autocast, after an untimed pass over the same
 # shapes). The GPU waits on the host at this batch size, so a step costs about the same at any
-# input length (RTE 0.0746 s, SST-2 0.0687 s): prompt methods 16 / 214.5 ex/s (RTE, ept); ft 16 /
-# 132.3 ex/s (RTE, ft). t5-small and t5-large were not measured: host-bound time follows the number
-# of layers (6, 12, 24 per stack), so they are t5-base's scaled by 0.5 and 2.
+# input length (RTE 0.0746 s, SST-2 0.0687 s). t5-small and t5-large were not measured: host-bound
+# time follows the number of layers (6, 12, 24 per stack), so they are t5-base's scaled by 0.5, 2.
 # tests/test_experiments.py checks these numbers against the JSON files.
 MEASURED_STEP_S = {"prompt": 16 / 214.49, "ft": 16 / 132.27}  # t5-base, H200: run2_rte_{ept,ft}
 LAYER_SCALE = {"t5-small": 0.5, "t5-base": 1.0, "t5-large": 2.0, "other": 1.0}
@@ -152,7 +151,6 @@ def pack_hours(plan, pack, hours, data_dir, extra, precision):
 # and the same schedule; every other option (method, seed, lr, prompt length, hidden size, ...) is
 # per run. The driver's data dir, max length and pass-through train.py flags are the same for every
 # run of one call, so they are shared by construction. `ft` trains T5 itself and is never packed.
-
 PACK_KEYS = ("task", "model", "fewshot_k", "fewshot_seed", "epochs", "max_steps", "eval_every",
              "batch_size")
 MAX_PACK = 16  # a pack's step is R x 16 examples: past 16 runs a GPU is compute-bound (see above)
