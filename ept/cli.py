@@ -71,8 +71,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     names it already or there is none to show (a flag, or None: the help says what is used)."""
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
+        text, default = action.help or "", action.default
         if ("default" in text or default is None or default is False or default is argparse.SUPPRESS
                 or action.nargs == 0):
             return text

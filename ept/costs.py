@@ -139,8 +139,7 @@ def pack_hours(plan, pack, hours, data_dir, extra, precision):
         spec = plan[name][0]
         steps[name] = run_steps(spec, data_dir, batch)
         eval_h[name] = hours[name] - steps[name] * floor_seconds(spec, batch) / 3600
-        train_h = steps[name] * step_seconds(spec, precision, 1, batch) / 3600
-        unpacked[name] = train_h + eval_h[name]
+        unpacked[name] = steps[name] * step_seconds(spec, precision, 1, batch) / 3600 + eval_h[name]
     pack_step = step_seconds(plan[pack[0]][0], precision, len(pack), batch)
     share = (max(steps.values()) * pack_step / 3600 + sum(eval_h.values())) / len(pack)
     return {name: (unpacked[name], share) for name in pack}
