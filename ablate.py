@@ -35,7 +35,6 @@ or a solo run) a line, each a complete shell command that any engine may run, th
 (here, on a local pool with --gpus, or on SLURM with --slurm) and appends each finished run's row
 once. Ctrl-C stops everything (exit 130); the same command again resumes.
 """
-import argparse
 import math
 import subprocess
 import sys
@@ -59,28 +58,20 @@ STRUCTURES = {"none": {}, "layernorm": {"layer_norm": True}, "residual": {"resid
               "sigmoid": {"activation": "sigmoid"}}  # Figure 9 (the public EPT code's three)
 
 
-# --- the experiments ----------------------------------------------------------------------------
-# Each returns a list of specs: train.py options, plus "_row" (extra result columns, e.g. the swept
-# value under the name "variant") that is not a train.py option.
+# --- the experiments: each a list of specs (plans.spec; a swept value is the row's "variant") -----
 
 spec = plans.spec
 
 
 def table1(args):
-    """Table 1: GLUE + SuperGLUE x every method x every size; --lr-search adds the SuperGLUE
-    lrs."""
-    specs = []
-    for model in args.models or SIZES:
-        for task in args.tasks or GLUE + SUPERGLUE:
-            for method in args.methods or M.METHODS:
-                lrs = [None]
-                if args.lr_search and task in SUPERGLUE:  # Appendix B.2: searched for SuperGLUE
-                    lrs = LR_GRID["ft" if method == "ft" else "prompt"]
-                for value in lrs:
-                    for seed in args.seeds or SEEDS:
-                        lr_option = {"lr": value} if value else {}
-                        specs.append(spec(task, method, model, seed, **lr_option))
-    return specs
+    """Table 1: GLUE + SuperGLUE x every method x size; --lr-search adds the SuperGLUE lrs."""
+    def lrs(task, method):  # Appendix B.2: the lr is searched for SuperGLUE only
+        if args.lr_search and task in SUPERGLUE:
+            return [{"lr": value} for value in LR_GRID["ft" if method == "ft" else "prompt"]]
+        return [{}]
+    return [spec(task, method, model, seed, **lr) for model in args.models or SIZES
+            for task in args.tasks or GLUE + SUPERGLUE for method in args.methods or M.METHODS
+            for lr in lrs(task, method) for seed in args.seeds or SEEDS]
 
 
 def table2(args):
@@ -88,16 +79,6 @@ def table2(args):
     return [spec(task, method, model, seed) for model in args.models or [args.model]
             for task in args.tasks or MRQA + OTHERS for method in args.methods or M.METHODS
             for seed in args.seeds or SEEDS]
-
-
-def attempt_epochs(task, data_dir):
-    """ATTEMPT (Asai et al. 2022): 20 epochs for training sets under 10K examples, else 10."""
-    return 20 if costs.split_sizes(task, data_dir)[0] < 10000 else 10
-
-
-def steps_per_epoch(task, data_dir, batch_size=BATCH_SIZE):
-    """Optimizer steps in one pass over the training split (meta.json; train.py counts alike)."""
-    return math.ceil(costs.split_sizes(task, data_dir)[0] / batch_size)
 
 
 def table4(args):
@@ -108,18 +89,18 @@ def table4(args):
     per_method = {"pt": {"prompt_length": 100}, "ept": {"extra_layer": True},
                   "ept_star": {"extra_layer": True}}
     batch = getattr(args, "batch_size", None) or BATCH_SIZE
-    return [spec(task, method, args.model, seed,
-                 epochs=args.epochs or attempt_epochs(task, args.data_dir),
-                 eval_every=steps_per_epoch(task, args.data_dir, batch),
-                 **per_method.get(method, {}))
-            for task in args.tasks or ["multirc", "boolq", "wic", "wsc", "cb"]
-            for method in args.methods or ["pt", "ept", "ept_star"]
+    tasks = args.tasks or ["multirc", "boolq", "wic", "wsc", "cb"]
+    n_train = {task: costs.split_sizes(task, args.data_dir)[0] for task in tasks}  # as train.py
+    # ATTEMPT (Asai et al. 2022): 20 epochs for training sets under 10K examples, else 10
+    epochs = {task: args.epochs or (20 if n < 10000 else 10) for task, n in n_train.items()}
+    return [spec(task, method, args.model, seed, epochs=epochs[task],
+                 eval_every=math.ceil(n_train[task] / batch), **per_method.get(method, {}))
+            for task in tasks for method in args.methods or ["pt", "ept", "ept_star"]
             for seed in args.seeds or SEEDS]
 
 
 def init(args):
-    """Table 6: EPT's P1 initialised uniform / from random vocabulary rows / from the label
-    words."""
+    """Table 6: EPT's P1 initialised uniform / from random vocabulary rows / from label words."""
     return [spec(task, method, args.model, seed, init=kind, _row={"variant": kind})
             for task in args.tasks or ["boolq", "cb", "rte", "wsc"]
             for method in args.methods or ["ept"]
@@ -143,8 +124,7 @@ def broadcast(args):
 
 def lr(args):
     """Figure 8: learning-rate robustness of PT, ResPrompt, EPT, EPT* on the 5 SuperGLUE tasks, on
-    t5-base and t5-large (§5.3). These are the runs of Table 1's SuperGLUE lr search (same names):
-    trained once."""
+    t5-base and t5-large (§5.3): the runs of Table 1's SuperGLUE lr search (same names, once)."""
     given = args.model != parser.get_default("model")
     models = args.models or ([args.model] if given else FIG8_SIZES)
     return [spec(task, method, model, seed, lr=value, _row={"variant": value}) for model in models
@@ -154,8 +134,7 @@ def lr(args):
 
 
 def structure(args):
-    """Figure 9: EPT with LayerNorm / residual / a non-linearity added, on the 5 SuperGLUE
-    tasks."""
+    """Figure 9: EPT with LayerNorm / residual / a non-linearity added, on the 5 SuperGLUE tasks."""
     return [spec(task, "ept", args.model, seed, **STRUCTURES[name], _row={"variant": name})
             for task in args.tasks or SUPERGLUE for name in args.values or STRUCTURES
             for seed in args.seeds or SEEDS]
@@ -179,8 +158,7 @@ def steer_model(args):
 
 
 def steer(args):
-    """The steering benchmark: every method x seed at its default lr (ft: 1e-3), plus the lr
-    sweep."""
+    """The steering benchmark: every method x seed at its default lr (ft: 1e-3), + the lr sweep."""
     model, seeds, specs = steer_model(args), args.seeds or SEEDS, []
     for task in args.tasks or [STEER_TASK]:
         for method in args.methods or M.METHODS:
@@ -193,9 +171,8 @@ def steer(args):
 
 
 def steer_prepare(args):
-    """The steering task's data, prepared once before any worker starts (train.py would prepare it
-    on first use, but several workers at once would race), with the backbone's tokenizer, by the
-    prepare_data.py stage run as a command."""
+    """The steering task's data, prepared once before any unit runs (train.py would prepare it on
+    first use, and several units at once would race), by prepare_data.py with the backbone's."""
     for task in args.tasks or [STEER_TASK]:
         if (Path(args.data_dir) / task / "meta.json").exists():
             continue
@@ -209,8 +186,7 @@ def steer_prepare(args):
 
 def steer_floor(args):
     """The no-prompt floor: the frozen backbone on the steering task's validation and test splits,
-    one row (method "none") per model and task in results/steer.jsonl, written once; returns
-    them."""
+    one row (method "none") per model and task, written once to results/steer.jsonl; the rows."""
     model, results = steer_model(args), Path(args.results_dir) / "steer.jsonl"
     written = files.read_jsonl(results, what="results file", missing_ok=True)
     done = {r.get("run"): r for r in written}
@@ -231,41 +207,29 @@ def steer_floor(args):
     return rows
 
 
-EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": init,
-               "hidden": hidden,
+EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": init, "hidden": hidden,
                "broadcast": broadcast, "lr": lr, "structure": structure, "steer": steer}
 
 
 # --- command line -----------------------------------------------------------------------------
 
-# no abbreviations: --lr (train.py's, passed through) must not be read as --lr-search, nor --seed
-# as
-# --seeds
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter,
-                                 allow_abbrev=False)
+parser = drivers.make_parser(__doc__)
 parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which table or figure's grid")
-# data
-parser.add_argument("--tasks", nargs="+", type=cli.name, default=None,
+parser.add_argument("--tasks", nargs="+", type=cli.name,
                     help="subset of the experiment's tasks (default: the paper's)")
 parser.add_argument("--data-dir", default="data", help="prepare_data.py output folder")
-# model
 parser.add_argument("--model", default="t5-base",
                     help="T5 for the single-size experiments (name or folder)")
-parser.add_argument("--models", nargs="+", default=None,
-                    help="table1/table2/lr: T5 sizes (default: t5-small t5-base t5-large / "
-                         "t5-base / t5-base t5-large, or --model when given)")
-parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS,
-                    help="subset of the methods")
-# sweep
-parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=None,
+parser.add_argument("--models", nargs="+", help="table1/table2/lr: T5 sizes (default: t5-small "
+                    "t5-base t5-large / t5-base / t5-base t5-large, or --model when given)")
+parser.add_argument("--methods", nargs="+", choices=M.METHODS, help="subset of the methods")
+parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int,
                     help="training seeds (default: 0 1 2)")
-parser.add_argument("--values", nargs="+", default=None,
-                    help="subset of the swept values (hidden sizes, broadcast lengths, lrs, "
-                         "structure names)")
-parser.add_argument("--lr-search", action="store_true",
-                    help="table1: every lr of the Appendix B.2 grid on SuperGLUE (report keeps "
-                         "the best by validation)")
-parser.add_argument("--epochs", type=cli.positive_int, default=None,
+parser.add_argument("--values", nargs="+", help="subset of the swept values (hidden sizes, "
+                    "broadcast lengths, lrs, structure names)")
+parser.add_argument("--lr-search", action="store_true", help="table1: every lr of the Appendix "
+                    "B.2 grid on SuperGLUE (report keeps the best by validation)")
+parser.add_argument("--epochs", type=cli.positive_int,
                     help="table4: epochs for every task (default: ATTEMPT's 20/10); the other "
                          "experiments pass it to train.py as every run's --epochs")
 drivers.add_execution_args(parser)
@@ -285,7 +249,7 @@ def main(argv=None):
     args.batch_size = costs.extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4's epochs
     steering = args.experiment == "steer" and not args.dry_run
     if steering:
-        steer_prepare(args)  # once, before any unit: several at once would race to prepare it
+        steer_prepare(args)
     submit_only = args.slurm and not args.collect  # --slurm submits; its collect job adds it
     floor = steer_floor if steering and not submit_only else None
     specs = EXPERIMENTS[args.experiment](args)

@@ -15,7 +15,6 @@ skipped; one row per run goes to results/fewshot.jsonl.
 
 Unknown flags go to train.py unchanged (after this script's, so they win).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,30 +28,19 @@ SEEDS = [0, 1, 2, 3, 4, 5]  # "averaged over 6 runs" (Table 3)
 STEPS = 10000
 LR = {"ft": 1e-3, "prompt": 0.3}
 
-# no abbreviations: --lr (train.py's, passed through) must not be read as --lr-search, nor --seed
-# as --seeds
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter,
-                                 allow_abbrev=False)
-# data
-parser.add_argument("--tasks", nargs="+", type=cli.name, default=None, help="subset of the 13 "
-                                                                            "tasks (default: "
-                                                                            "all)")
+parser = drivers.make_parser(__doc__)
+parser.add_argument("--tasks", nargs="+", type=cli.name,
+                    help="subset of the 13 tasks (default: all)")
 parser.add_argument("--shots", nargs="+", type=cli.positive_int, default=SHOTS,
                     help="k examples in all, the classes balanced (prepare_data.py)")
-parser.add_argument("--data-dir", default="data", help="prepare_data.py output (with --fewshot "
-                                                       "files)")
-# model
+parser.add_argument("--data-dir", default="data",
+                    help="prepare_data.py output (with --fewshot files)")
 parser.add_argument("--model", default="t5-base", help="T5 name or folder")
-parser.add_argument("--methods", nargs="+", default=None, choices=M.METHODS, help="subset of the "
-                                                                                  "methods")
-# sweep
-parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=SEEDS, help="few-shot "
-                                                                                        "sample "
-                                                                                        "and "
-                                                                                        "training "
-                                                                                        "seeds")
-parser.add_argument("--steps", type=cli.positive_int, default=STEPS, help="training steps "
-                                                                          "(paper: 10,000)")
+parser.add_argument("--methods", nargs="+", choices=M.METHODS, help="subset of the methods")
+parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=SEEDS,
+                    help="few-shot sample and training seeds")
+parser.add_argument("--steps", type=cli.positive_int, default=STEPS,
+                    help="training steps (paper: 10,000)")
 drivers.add_execution_args(parser)  # --nproc, --gpus, --collect, --runs-dir, --dry-run, ...
 
 
@@ -66,8 +54,7 @@ def specs(args):
 
 def check_samples(args):
     """Every k-shot sample this grid trains on is prepared (else each of its runs would fail
-    alike); samples drawn with the old rule (k per class) are used as they are, with a warning that
-    names the rebuild."""
+    alike); samples of the old rule (k per class) are used, with a warning naming the rebuild."""
     tasks = args.tasks or TASKS
     samples = [Path(args.data_dir) / t / f"train_k{k}_seed{s}.jsonl"
                for t in tasks for k in args.shots for s in args.seeds]
@@ -85,8 +72,7 @@ def check_samples(args):
 
 
 def _meta(folder):
-    """A task folder's meta.json as prepare_data wrote it ({} when absent or unreadable: train.py
-    says why)."""
+    """A task folder's meta.json ({} when absent or unreadable: train.py says why)."""
     try:
         return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

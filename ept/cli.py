@@ -1,5 +1,4 @@
-"""Value types for the stages' command lines: a wrong value is one argparse error, before any
-work."""
+"""Value types for the stages' command lines: a wrong value is one argparse error, before work."""
 import argparse
 import math
 import re
@@ -31,8 +30,7 @@ probability = _number(float, 0.0, 1.0, name="probability in [0, 1]")
 
 
 def name(text):
-    """A task or run name: letters, digits, '_', '-', '.'; never a path (it becomes part of file
-    paths)."""
+    """A task or run name: letters, digits, '_', '-', '.'; never a path (it goes into paths)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text) or ".." in text:
         raise argparse.ArgumentTypeError(f"{text!r} is not a task name (a name like rte or boolq, "
                                          "not a path)")
@@ -62,8 +60,7 @@ def run_folder_problem(value):
 
 class Sweep(argparse.Action):
     """An option that takes one value or several (nargs="+"): one value is stored as itself (a solo
-    run, the option as it always was), several as a list (train.py: one run per value, the runs
-    their product)."""
+    run), several as a list (train.py: one run per value, the runs their product)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
@@ -71,12 +68,10 @@ class Sweep(argparse.Action):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help keeps the module docstring's layout and shows every option's default, unless its help
-    names it already or there is none to show (a flag, or None: the help says what is used
-    instead)."""
+    names it already or there is none to show (a flag, or None: the help says what is used)."""
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
+        text, default = action.help or "", action.default
         if ("default" in text or default is None or default is False or default is argparse.SUPPRESS
                 or action.nargs == 0):
             return text

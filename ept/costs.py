@@ -14,9 +14,8 @@ from ept import files, options, registry, runs
 # Seconds per optimizer step at batch 16, measured by bench.py on one NVIDIA H200
 # (docs/gpu/run2_*.json: random-weight t5-base, bf16 autocast, after an untimed pass over the same
 # shapes). The GPU waits on the host at this batch size, so a step costs about the same at any
-# input length (RTE 0.0746 s, SST-2 0.0687 s): prompt methods 16 / 214.5 ex/s (RTE, ept); ft 16 /
-# 132.3 ex/s (RTE, ft). t5-small and t5-large were not measured: host-bound time follows the number
-# of layers (6, 12, 24 per stack), so they are t5-base's scaled by 0.5 and 2.
+# input length (RTE 0.0746 s, SST-2 0.0687 s). t5-small and t5-large were not measured: host-bound
+# time follows the number of layers (6, 12, 24 per stack), so they are t5-base's scaled by 0.5, 2.
 # tests/test_experiments.py checks these numbers against the JSON files.
 MEASURED_STEP_S = {"prompt": 16 / 214.49, "ft": 16 / 132.27}  # t5-base, H200: run2_rte_{ept,ft}
 LAYER_SCALE = {"t5-small": 0.5, "t5-base": 1.0, "t5-large": 2.0, "other": 1.0}
@@ -47,14 +46,10 @@ def run_steps(spec, data_dir, batch_size=16):
     return spec.get("max_steps") or options.defaults(spec["method"])["max_steps"]
 
 
-def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=None):
+def estimate_hours(spec, data_dir=None, batch_size=16):
     """GPU-hours of one run from the measured step times above (ideal scaling: the same on 1 or N
-    GPUs).
-
-    Validations: every `eval_every` steps (default: the run's own, e.g. once per epoch in Table
-    4)."""
-    default = options.defaults(spec["method"])["eval_every"]
-    eval_every = eval_every or spec.get("eval_every") or default
+    GPUs), validating every spec["eval_every"] steps (else the method's default)."""
+    eval_every = spec.get("eval_every") or options.defaults(spec["method"])["eval_every"]
     scale = LAYER_SCALE[size_key(spec["model"])]
     _, val, test = split_sizes(spec["task"], data_dir)
     steps = run_steps(spec, data_dir, batch_size)
@@ -64,31 +59,22 @@ def estimate_hours(spec, data_dir=None, batch_size=16, eval_every=None):
 
 
 def plan_hours(plan, data_dir, extra):
-    """{run: estimated GPU-hours} of a plan ({name: (spec, ...)}), with the pass-through
-    --max-steps, --batch-size and --eval-every."""
+    """{run: estimated GPU-hours} of a plan ({name: (spec, ...)}) at the pass-through --batch-size
+    (the pass-through --max-steps and --eval-every are in the specs: plans.plan_runs)."""
     batch = extra_value(extra, "--batch-size", 16, int)
-    eval_every = extra_value(extra, "--eval-every", None, int)  # None: each run's own (Table 4's)
-    max_steps = extra_value(extra, "--max-steps", None, int)
-    hours = {}
-    for name, (spec, *_) in plan.items():
-        if max_steps and not spec.get("epochs"):
-            spec = {**spec, "max_steps": max_steps}
-        hours[name] = estimate_hours(spec, data_dir, batch, eval_every)
-    return hours
+    return {name: estimate_hours(spec, data_dir, batch) for name, (spec, *_) in plan.items()}
 
 
 def extra_value(extra, flag, default, cast):
-    """The last value of `flag` among the flags passed through to train.py (`--flag VALUE`), or
-    default."""
+    """The last value of `flag` among the pass-through flags (`--flag VALUE`), or default."""
     extra = list(extra)
     values = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == flag]
     return cast(values[-1]) if values else default
 
 
 def wall_hours(gpu_hours, longest, gpus, nproc):
-    """Wall time of units totalling `gpu_hours` on `gpus` GPUs, `nproc` per unit: at least
-    max(gpu_hours / gpus, the longest unit), and, each free slot taking the next unit, at most
-    gpu_hours / gpus + the longest."""
+    """(low, high) wall time of units of `gpu_hours` on `gpus` GPUs, `nproc` per unit: at least
+    max(gpu_hours / gpus, the longest), at most that + the longest (a free slot takes the next)."""
     return max(gpu_hours / gpus, longest / nproc), gpu_hours / gpus + longest / nproc
 
 
@@ -146,18 +132,14 @@ def step_seconds(spec, precision, runs=1, batch_size=16):
 
 def pack_hours(plan, pack, hours, data_dir, extra, precision):
     """{run: (unpacked GPU-hours, its share of the pack's GPU-hours = the pack's / R)} at
-    `precision`; `hours`: plan_hours (the measured estimate, whose validation part is kept as it
-    is, per run)."""
+    `precision`; `hours`: plan_hours (the measured estimate; its validation part kept, per run)."""
     batch = extra_value(extra, "--batch-size", 16, int)
-    max_steps = extra_value(extra, "--max-steps", None, int)
     unpacked, eval_h, steps = {}, {}, {}
     for name in pack:
         spec = plan[name][0]
-        steps[name] = run_steps({**spec, **({"max_steps": max_steps} if max_steps else {})},
-                                data_dir, batch)
+        steps[name] = run_steps(spec, data_dir, batch)
         eval_h[name] = hours[name] - steps[name] * floor_seconds(spec, batch) / 3600
-        train_h = steps[name] * step_seconds(spec, precision, 1, batch) / 3600
-        unpacked[name] = train_h + eval_h[name]
+        unpacked[name] = steps[name] * step_seconds(spec, precision, 1, batch) / 3600 + eval_h[name]
     pack_step = step_seconds(plan[pack[0]][0], precision, len(pack), batch)
     share = (max(steps.values()) * pack_step / 3600 + sum(eval_h.values())) / len(pack)
     return {name: (unpacked[name], share) for name in pack}
@@ -168,7 +150,6 @@ def pack_hours(plan, pack, hours, data_dir, extra, precision):
 # and the same schedule; every other option (method, seed, lr, prompt length, hidden size, ...) is
 # per run. The driver's data dir, max length and pass-through train.py flags are the same for every
 # run of one call, so they are shared by construction. `ft` trains T5 itself and is never packed.
-
 PACK_KEYS = ("task", "model", "fewshot_k", "fewshot_seed", "epochs", "max_steps", "eval_every",
              "batch_size")
 MAX_PACK = 16  # a pack's step is R x 16 examples: past 16 runs a GPU is compute-bound (see above)
@@ -196,8 +177,7 @@ def memory_pack_size(model, gpu_gb):
 
 def pack_size(args, model, device=None):
     """--pack-size, else: on CUDA the memory rule for this machine's GPU 0; on a CPU 1 (no packing:
-    a CPU is FLOP-bound, a pack of R costs R solo steps; docs/packing.md). `device` "dry": the
-    assumed H200."""
+    a CPU is FLOP-bound, a pack of R costs R solo steps; docs/packing.md); "dry": the H200."""
     if getattr(args, "pack_size", None):
         return args.pack_size
     if device == "dry":
@@ -210,8 +190,7 @@ def pack_size(args, model, device=None):
 
 def make_packs(plan, names, size_of):
     """The runs `names` (in that order) grouped into packs: runs of one pack_key, at most
-    size_of(model) per pack, each pack in the order of its first run; `ft` and size 1 give packs of
-    one."""
+    size_of(model) per pack, in the order of their first runs; `ft` and size 1: packs of one."""
     packs, open_packs = [], {}
     for name in names:
         spec = plan[name][0]
@@ -220,8 +199,7 @@ def make_packs(plan, names, size_of):
             packs.append([name])
             continue
         if key not in open_packs:
-            open_packs[key] = []
-            packs.append(open_packs[key])
+            packs.append(open_packs.setdefault(key, []))
         open_packs[key].append(name)
         if len(open_packs[key]) >= limit:
             del open_packs[key]

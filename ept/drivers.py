@@ -1,10 +1,6 @@
-"""The skeleton every experiment driver shares (ablate.py's grids, fewshot.py's Table 3).
-
-A driver turns its command line into a grid (a list of specs, plans.spec) and hands it to
-run_driver: the plan (plans.py) is written and its units run here, on a local pool (--gpus) or by
-SLURM (launch.py, slurm.py); the collect step appends every finished run's row once; the
-experiment's table is printed; the exit status says whether every run finished (1 if not, 130 on
-Ctrl-C). --dry-run prints the runs, packs and GPU-hours (costs.py) instead.
+"""The skeleton every experiment driver shares (ablate.py's grids, fewshot.py's Table 3): its
+command line becomes a grid (a list of specs, plans.spec) that run_driver plans, runs, collects and
+reports (--dry-run: estimates instead).
 
     args, extra = drivers.parse(parser, argv, __file__)    # its own flags; the rest: train.py's
     drivers.check_args(parser, args, extra)                # before any run: one argparse error
@@ -21,56 +17,44 @@ from pathlib import Path
 from ept import cli, costs, files, launch, options, plans, registry, runs, tables
 
 
+def make_parser(doc):
+    """A driver's parser: `doc` as --help, and no abbreviations (--lr, train.py's, passed through,
+    must not be read as --lr-search, nor --seed as --seeds)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=cli.HelpFormatter,
+                                   allow_abbrev=False)
+
+
 def add_execution_args(parser):
     """The flags every driver shares: how runs are launched and where their files go."""
     group = parser.add_argument_group("execution and output")
     group.add_argument("--nproc", type=cli.positive_int, default=1,
                        help="GPUs per run; > 1 launches train.py with torchrun")
-    group.add_argument("--subprocess", action="store_true",
-                       help="run each train.py in a fresh process (default: train.py in this "
-                            "process)")
+    group.add_argument("--subprocess", action="store_true", help="run each train.py in a fresh "
+                       "process (default: train.py in this process)")
     group.add_argument("--runs-dir", type=cli.folder, default="runs", help="where run folders go")
     group.add_argument("--results-dir", type=cli.folder, default="results",
                        help="where <experiment>.jsonl goes")
     group.add_argument("--prune-ft-checkpoints", action="store_true",
-                       help="delete best.pt/last.pt of finished ft runs once their row is "
-                            "written (weights + AdamW state: ~2.7 GB each for t5-base, ~9 GB for "
-                            "t5-large)")
-    group.add_argument("--dry-run", action="store_true",
-                       help="list the runs, the GPU-hour estimate and the wall time on the GPUs "
-                            "given (also appended to <results-dir>/dry_run.tsv)")
-    group.add_argument("--gpus", type=cli.positive_int, default=None,
+                       help="delete best.pt/last.pt of finished ft runs once their row is written "
+                            "(weights + AdamW state: ~2.7 GB each for t5-base, ~9 GB for t5-large)")
+    group.add_argument("--dry-run", action="store_true", help="list the runs, the GPU-hour "
+                       "estimate and the wall time on the GPUs given (also appended to "
+                       "<results-dir>/dry_run.tsv)")
+    group.add_argument("--gpus", type=cli.positive_int,
                        help="a local pool: G / --nproc child processes, each pinned to its own "
                             "GPUs (the first G of CUDA_VISIBLE_DEVICES), take the plan's units "
                             "longest first; then this process collects")
-    add_slurm_args(group)
-    group.add_argument("--collect", action="store_true",
-                       help="train nothing: append every finished run's row once to "
-                            "<results-dir>/<experiment>.jsonl and print the table (an engine's "
-                            "last job); exit 1 while runs are not finished")
-    group.add_argument("--pack-size", type=cli.positive_int, default=None,
-                       help="prompt runs trained together on one frozen T5 (one train.py --runs "
-                            "call; same task, model, data, schedule; never ft); default: on CUDA "
-                            "as many as fit the GPU's memory (16 for t5-small/base, 8 for "
-                            "t5-large at 80 GB), on a CPU 1 (no packing)")
-
-
-def add_slurm_args(group):
     group.add_argument("--slurm", action="store_true",
                        help="write the plan and submit it to SLURM: one job array (task i runs "
                             "line i, one unit each, requeued on preemption) and the collect step "
                             "as a job after it; prints the job ids and how to follow them")
-    group.add_argument("--slurm-partition", default=None,
-                       help="--slurm: the partition (default: the cluster's)")
-    group.add_argument("--slurm-time", default=None, metavar="LIMIT",
-                       help="--slurm: each task's time limit (4:00:00, 1-12, ...); a unit "
-                            "checkpoints before it")
-    group.add_argument("--slurm-gpus", type=cli.nonnegative_int, default=None, metavar="N",
-                       help="--slurm: GPUs per task (default: --nproc; 0: no GPU request, a CPU "
-                            "cluster)")
-    group.add_argument("--slurm-max-tasks", type=cli.positive_int, default=None, metavar="M",
-                       help="--slurm: array tasks at once (--array=0-(N-1)%%M); --dry-run: the "
-                            "wall time for M")
+    group.add_argument("--slurm-partition", help="--slurm: the partition (default: the cluster's)")
+    group.add_argument("--slurm-time", metavar="LIMIT", help="--slurm: each task's time limit "
+                       "(4:00:00, 1-12, ...); a unit checkpoints before it")
+    group.add_argument("--slurm-gpus", type=cli.nonnegative_int, metavar="N", help="--slurm: GPUs "
+                       "per task (default: --nproc; 0: no GPU request, a CPU cluster)")
+    group.add_argument("--slurm-max-tasks", type=cli.positive_int, metavar="M", help="--slurm: "
+                       "array tasks at once (--array=0-(N-1)%%M); --dry-run: the wall time for M")
     group.add_argument("--slurm-after", action="append", default=[], metavar="JOBID",
                        help="--slurm: start the array once this job ended (afterany), e.g. an "
                             "earlier section's array that trains runs this grid shares "
@@ -78,6 +62,13 @@ def add_slurm_args(group):
     group.add_argument("--slurm-option", action="append", default=[], metavar="OPT",
                        help="--slurm: an extra #SBATCH option, e.g. --slurm-option=--account=nlp "
                             "(repeatable)")
+    group.add_argument("--collect", action="store_true", help="train nothing: append every "
+                       "finished run's row once to <results-dir>/<experiment>.jsonl and print the "
+                       "table (an engine's last job); exit 1 while runs are not finished")
+    group.add_argument("--pack-size", type=cli.positive_int, help="prompt runs trained together "
+                       "on one frozen T5 (one train.py --runs call; same task, model, data, "
+                       "schedule; never ft); default: on CUDA as many as fit the GPU's memory (16 "
+                       "for t5-small/base, 8 for t5-large at 80 GB), on a CPU 1 (no packing)")
 
 
 def parse(parser, argv, script):
@@ -122,10 +113,9 @@ def check_args(parser, args, extra):
         parser.error("--slurm hands each unit to its own array task; --gpus is for one node "
                      "without SLURM: pass one")
     own = {"--task": "--tasks", "--method": "--methods", "--seed": "--seeds"}
-    given = [a.split("=")[0] for a in extra if a.split("=")[0] in own]
+    given = next((a.split("=")[0] for a in extra if a.split("=")[0] in own), None)
     if given:  # train.py would train every run of the grid with it, under the grid's names
-        parser.error(f"{given[0]} is the grid's own: pass {own[given[0]]} (this script's flag) "
-                     "instead")
+        parser.error(f"{given} is the grid's own: pass {own[given]} (this script's flag) instead")
     swept = [k for k in options.SWEEP if isinstance(getattr(flags, k), list)]
     if swept:  # train.py would train a pack of them inside each run's folder
         flag = "--" + swept[0].replace("_", "-")
@@ -211,21 +201,24 @@ def submit_slurm(experiment, path, args):
     gpus = args.nproc if args.slurm_gpus is None else args.slurm_gpus
     slurm.submit(path, plans.collect_command(args), job_name=f"ept-{experiment}",
                  partition=args.slurm_partition, time=args.slurm_time, gpus_per_task=gpus,
-                 max_parallel=args.slurm_max_tasks, extra=args.slurm_option,
-                 after=args.slurm_after)
+                 max_parallel=args.slurm_max_tasks, extra=args.slurm_option, after=args.slurm_after)
 
 
 # --- the dry run ---------------------------------------------------------------------------------
 
 def dry_run(experiment, plan, args, extra):
-    """List every run with its status and estimated GPU-hours, the packs the runs still to do would
-    be trained in, then parseable summary lines: the wall time on the GPUs given (--gpus), and the
-    GPU-hours unpacked and packed at fp32 and bf16 (packed: a model, see costs.PEAK_TFLOPS)."""
+    """Every run with its status, estimated GPU-hours and the pack it would train in (a row each in
+    dry_run.tsv), then the summary lines (wall time; GPU-hours unpacked, packed; fp32, bf16)."""
     hours = costs.plan_hours(plan, args.data_dir, extra)
     states = {name: runs.status(run_dir) for name, (_, _, run_dir) in plan.items()}
     todo = sorted((n for n in plan if states[n] != "done"), key=lambda n: -hours[n])  # as units go
     packs = costs.make_packs(plan, todo, lambda model: costs.pack_size(args, model, "dry"))
-    figures = packed_figures(plan, packs, hours, args, extra)
+    # {run: {precision: (unpacked GPU-hours, its share of its pack's)}}; a finished run: hours twice
+    figures = {name: {p: (hours[name], hours[name]) for p in costs.PEAK_TFLOPS} for name in plan}
+    for pack in packs:
+        for p in costs.PEAK_TFLOPS:
+            for name, pair in costs.pack_hours(plan, pack, hours, args.data_dir, extra, p).items():
+                figures[name][p] = pair
     pack_of = {name: i for i, pack in enumerate(packs) for name in pack}
     lines = []
     for name in plan:
@@ -240,32 +233,18 @@ def dry_run(experiment, plan, args, extra):
     return [], []
 
 
-def packed_figures(plan, packs, hours, args, extra):
-    """{run: {precision: (unpacked GPU-hours, packed share)}}; finished runs: the estimate,
-    twice."""
-    figures = {name: {p: (hours[name], hours[name]) for p in costs.PEAK_TFLOPS} for name in plan}
-    for pack in packs:
-        for precision in costs.PEAK_TFLOPS:
-            pairs = costs.pack_hours(plan, pack, hours, args.data_dir, extra, precision)
-            for name, pair in pairs.items():
-                figures[name][precision] = pair
-    return figures
-
-
 def print_dry_summary(experiment, args, extra, hours, todo, packs, figures):
     """The DRY-RUN and DRY-RUN-PACKS lines run_all.sh parses."""
     sums = {p: [sum(figures[n][p][k] for n in todo) for k in (0, 1)] for p in costs.PEAK_TFLOPS}
-    # the headline: the precision this call trains at (train.py's default fp32 unless --dtype
-    # bf16), packed as this call packs (GPU-hours of a unit: its runs' shares; a pack of one is a
-    # solo run)
+    # the headline: the precision this call trains at (train.py's default fp32 unless --dtype bf16),
+    # packed as this call packs (GPU-hours of a unit: its runs' shares; a pack of one: a solo run)
     precision = "bf16" if costs.extra_value(extra, "--dtype", "fp32", str) == "bf16" else "fp32"
-    packed = any(len(p) > 1 for p in packs)
+    packing = "packed" if any(len(p) > 1 for p in packs) else "unpacked"
     units = [sum(figures[n][precision][1] for n in pack) for pack in packs]
     todo_h, longest = sum(units), max(units, default=0.0)
     slots = args.slurm_max_tasks or (args.gpus or args.nproc) // args.nproc
     low, high = costs.wall_hours(todo_h, longest, slots * args.nproc, args.nproc)
     measured = sum(hours[n] for n in todo)
-    packing = "packed" if packed else "unpacked"
     print(f"DRY-RUN {experiment} runs={len(hours)} to_train={len(todo)} gpu_hours={todo_h:.1f} "
           f"at {precision} ({packing}; measured bf16 unpacked: {measured:.1f}, all runs: "
           f"{sum(hours.values()):.1f}); wall ~{low:.1f}-{high:.1f} h with {slots} unit(s) at once "

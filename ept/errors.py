@@ -1,17 +1,13 @@
-"""What goes wrong in a way the user can fix, and the one place a script turns it into its exit.
-
-The support code raises `Failure` (bad input, a missing, damaged, busy or unwritable file, a run
-that stopped): an ordinary exception whose message is one sentence. A stage's `main` is wrapped in
-`script`, which prints that sentence on stderr and exits non-zero, so `python train.py ...` fails in
-one line and a caller of `train.main(argv)` sees the usual SystemExit.
+"""What goes wrong in a way the user can fix (`Failure`: bad input, a missing, damaged, busy or
+unwritable file, a run that stopped; its message is one sentence), and `script`, the one place a
+stage's `main` turns it into that sentence on stderr and a non-zero exit (SystemExit to a caller).
 """
 import functools
 import sys
 
 
 class Failure(Exception):
-    """A problem the user can fix: one sentence; `status` is the exit status the script ends
-    with."""
+    """A problem the user can fix: one sentence; `status`: the exit status the script ends with."""
 
     status = 1
 

@@ -1,13 +1,10 @@
 """Running a plan's units: one after another here, or on a local pool of child processes (--gpus).
 
-A unit is a shell command (`python train.py ...`, plans.Unit), and it runs as that command: as a
-child process (--subprocess, --nproc > 1 through torchrun, every pool child), or by default in this
-process with runpy (train.py executed as `__main__` with sys.argv set, its exit status read from
-SystemExit). In this process the imports (torch, transformers: several seconds a process on a small
-CPU) are paid once per grid rather than once per unit, which is what keeps a CPU grid of many short
-runs (SMOKE) fast; a child frees GPU memory and cached data between runs, which is what run_all.sh
-wants on GPUs. Either way the driver imports no stage: train.py is a file it runs, as any engine
-would.
+A unit (plans.Unit: `python train.py ...`) runs as a child (--subprocess, --nproc > 1 through
+torchrun, every pool child), which frees GPU memory and cached data between runs, or by default in
+this process with runpy (train.py as `__main__`, its status read from SystemExit), which pays the
+imports (seconds on a small CPU) once per grid: a CPU grid of many short runs (SMOKE) stays fast.
+Either way the driver imports no stage: train.py is a file it runs, as any engine would.
 """
 import contextlib
 import os
@@ -45,8 +42,7 @@ def run_in_process(argv):
 
 def run_unit(experiment, unit, args, i, n):
     """One unit, in this process or as a child (--subprocess, torchrun); its runs not finished. A
-    signal that stops train.py (SIGTERM, SIGUSR1, Ctrl-C) stops the driver with train.py's
-    status."""
+    signal that stops train.py (SIGTERM, SIGUSR1, Ctrl-C) stops the driver with its status."""
     t0 = time.time()
     names = " ".join(unit.names)
     what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
@@ -111,17 +107,15 @@ def run_command(command):
 
 def pool_devices(args):
     """One entry per child: the CUDA_VISIBLE_DEVICES it gets ("0", or "2,3" with --nproc 2)."""
-    nproc = args.nproc
-    if args.gpus % nproc:
-        raise errors.Failure(f"--gpus {args.gpus} is not a multiple of --nproc {nproc} "
-                             "(GPUs per run)")
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-    visible = [d.strip() for d in listed if d.strip()]
-    visible = visible or [str(i) for i in range(args.gpus)]
-    if len(visible) < args.gpus:
-        raise errors.Failure(f"--gpus {args.gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: "
+    gpus, nproc = args.gpus, args.nproc
+    if gpus % nproc:
+        raise errors.Failure(f"--gpus {gpus} is not a multiple of --nproc {nproc} (GPUs per run)")
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    visible = [d for d in listed if d] or [str(i) for i in range(gpus)]
+    if len(visible) < gpus:
+        raise errors.Failure(f"--gpus {gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: "
                              f"{','.join(visible)}")
-    return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(args.gpus // nproc)]
+    return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(gpus // nproc)]
 
 
 class Pool:
@@ -131,8 +125,7 @@ class Pool:
     def __init__(self, experiment, devices):
         self.experiment, self.devices = experiment, devices
         self.running = {}  # slot -> (process, unit, the thread that copies its output)
-        self.env = {**os.environ}
-        self.env.setdefault("TQDM_DISABLE", "1")  # G progress bars on one terminal are noise
+        self.env = {"TQDM_DISABLE": "1", **os.environ}  # G progress bars on one terminal: noise
         self.out_lock = threading.Lock()
 
     def free_slots(self):
@@ -144,8 +137,8 @@ class Pool:
         proc = subprocess.Popen(unit.command, env={**self.env, "CUDA_VISIBLE_DEVICES": gpus},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 bufsize=1, start_new_session=True)
-        thread = threading.Thread(target=self._pump, args=(proc, f"[u{unit.index} gpu {gpus}] "),
-                                  daemon=True)
+        prefix = f"[u{unit.index} gpu {gpus}] "
+        thread = threading.Thread(target=self._pump, args=(proc, prefix), daemon=True)
         thread.start()
         self.running[slot] = (proc, unit, thread)
         print(f"{self.experiment}: unit {unit.index} ({' '.join(unit.names)}) -> GPU {gpus}",
@@ -168,29 +161,23 @@ class Pool:
         return done
 
     def stop_all(self):
-        """SIGTERM to every child's group; returns once each (torchrun's ranks too) wrote
-        last.pt."""
+        """SIGTERM to every child's group; back once each (torchrun's ranks too) wrote last.pt."""
         for proc, _, _ in self.running.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc, _, thread in self.running.values():
             proc.wait()
             thread.join()
-            while not group_gone(proc.pid):
+            while True:  # until its whole group (torchrun's ranks too) is gone
+                try:
+                    os.killpg(proc.pid, 0)
+                except ProcessLookupError:
+                    break
                 time.sleep(0.1)
 
 
-def group_gone(pgid):
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def run_pool(experiment, units, devices):
-    """Run `units` (longest first) on len(devices) children; the runs of units that failed
-    twice."""
+    """Run `units` (longest first) on len(devices) children; the runs of units that failed twice."""
     print(f"{experiment}: {len(units)} unit(s) on {len(devices)} child process(es), GPUs "
           f"{' | '.join(devices)}", flush=True)
     pool, queue, retried, failed = Pool(experiment, devices), list(units), set(), []
@@ -198,9 +185,8 @@ def run_pool(experiment, units, devices):
     old_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main else None
     try:
         while queue or pool.running:
-            for slot in pool.free_slots():
-                if queue:
-                    pool.start(slot, queue.pop(0))
+            for slot in pool.free_slots()[:len(queue)]:
+                pool.start(slot, queue.pop(0))
             for unit, status in pool.ended():
                 if status == 0 and unit.finished():
                     print(f"{experiment}: unit {unit.index} done", flush=True)

@@ -1,13 +1,11 @@
-"""A grid as a plan of units, and its result rows.
+"""A grid as a plan of units, and its result rows (docs/experiments.md, "The plan").
 
 A grid is a list of specs (train.py options per run, plus "_row": extra result columns such as the
-swept value). The plan maps each run's name to (options, extra columns, run folder); the same
-configuration twice (a shared default) is one run. A unit is a pack of prompt runs or a solo run,
-and one complete shell line of the plan file <results-dir>/<experiment>.plan (docs/experiments.md,
-"The plan"): `cd <cwd> && python train.py ... --resume`, which is idempotent (a finished run exits
-at once, a half-done one resumes from last.pt, a fresh one starts; a pack's --runs file is named by
-its content). Units train; they write no result rows: the collect step appends every finished run's
-row once, under the results file's lock.
+swept value); the plan maps each run's name to (options, extra columns, run folder), the same
+configuration twice (a shared default) being one run. A unit, a pack of prompt runs or a solo run,
+is one line of <results-dir>/<experiment>.plan: `cd <cwd> && python train.py ... --resume`, which
+is idempotent (a finished run exits at once, a half-done one resumes from last.pt, a fresh one
+starts). Units write no result rows: the collect step appends every finished run's row once.
 """
 import hashlib
 import json
@@ -24,8 +22,7 @@ PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed")  # as flags; the re
 
 
 def spec(task, method, model, seed, _row=None, **settings):
-    """One run of a grid: train.py options, and `_row`, extra result columns that are not
-    options."""
+    """One run of a grid: train.py options, and `_row`, extra result columns (not options)."""
     return {"task": task, "method": method, "model": model, "seed": seed, **settings,
             **({"_row": _row} if _row else {})}
 
@@ -39,8 +36,7 @@ def run_name(settings):
 # --- train.py's command lines --------------------------------------------------------------------
 
 def train_argv(settings, out_dir, data_dir=None, extra=()):
-    """train.py's command line for one run: its options as flags (one name per concept), then
-    `extra`."""
+    """train.py's command line for one run: its options as flags (one name per concept), extra."""
     argv = []
     for key, value in settings.items():
         if value is None or value is False:
@@ -66,10 +62,9 @@ def pack_argv(specs, run_dirs, data_dir, extra, runs_file):
 
 
 def passed_through(extra):
-    """The per-run options among the pass-through flags (--max-steps 6, --eval-every 3, ...: the
-    run-name options and whatever a --runs entry may set), typed as train.py takes them: they win
-    over the experiment's own values, so a run's name and its --runs entry say what it trains, at
-    any pack size (a SMOKE few-shot run of 6 steps is ..._steps6_..., not the driver's 10,000)."""
+    """The per-run options among the pass-through flags (--max-steps 6, ...: run-name options and
+    what a --runs entry may set), typed: they win over the experiment's values, so a run's name and
+    --runs entry say what it trains (a SMOKE few-shot run of 6 steps: ..._steps6_...)."""
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
     keys = dict.fromkeys([key for key, _ in runs.NAME_TAGS]
@@ -82,8 +77,7 @@ def passed_through(extra):
 
 def plan_runs(specs, args, extra=()):
     """{run name: (train.py options, extra result columns, run folder)}: the pass-through flags
-    that name runs win over the experiment's values, and the same configuration twice is one
-    run."""
+    that name runs win over the experiment's values; the same configuration twice is one run."""
     plan, through = {}, passed_through(extra)
     for s in specs:
         settings = {k: v for k, v in s.items() if k != "_row"}
@@ -95,16 +89,14 @@ def plan_runs(specs, args, extra=()):
 
 
 class Unit:
-    """One line of the plan: its runs (names and folders), train.py's argv, how long it takes, its
-    shell line, and its index (its line in the plan file, 0-based: an array task's index)."""
+    """One line of the plan: its index (its line in the plan file, 0-based: an array task's index),
+    its runs (names and folders), train.py's argv and the shell line."""
 
-    def __init__(self, names, dirs, argv, hours, nproc, runs_file=None, runs_text=None):
-        self.names, self.dirs, self.argv, self.hours = names, dirs, argv, hours
+    def __init__(self, index, names, dirs, argv, nproc, runs_file=None, runs_text=None):
+        self.index, self.names, self.dirs, self.argv = index, names, dirs, argv
         self.runs_file, self.runs_text = runs_file, runs_text  # a pack's --runs file (write_plan)
-        self.index = None
         torchrun = ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
-        launcher = [sys.executable] if nproc == 1 else torchrun
-        self.command = [*launcher, str(TRAIN_SCRIPT), *argv]
+        self.command = [*([sys.executable] if nproc == 1 else torchrun), str(TRAIN_SCRIPT), *argv]
         self.line = f"cd {shlex.quote(os.getcwd())} && {shlex.join(self.command)}"
 
     def finished(self):
@@ -115,28 +107,23 @@ class Unit:
 
 
 def make_units(plan, args, extra):
-    """The plan's units, longest first (a pack lasts as long as its longest run): packs of the runs
-    of one pack_key (pack_size on this machine), made over every run, finished or not, so that the
-    same grid always gives the same units; each pack's --runs file named by its content (write_plan
-    writes it)."""
+    """The plan's units, longest first: packs (costs.make_packs, pack_size on this machine) made
+    over every run, finished or not, so the same grid always gives the same units and runs files."""
     hours = costs.plan_hours(plan, args.data_dir, extra)
     order = sorted(plan, key=lambda name: -hours[name])
-    units = []
+    units, extra = [], [*extra, "--resume"]
     for names in costs.make_packs(plan, order, lambda model: costs.pack_size(args, model)):
         specs, dirs = [plan[n][0] for n in names], [plan[n][2] for n in names]
-        longest = max(hours[n] for n in names)
         if len(names) == 1:
-            argv = train_argv(specs[0], dirs[0], args.data_dir, [*extra, "--resume"])
-            unit = Unit(names, dirs, argv, longest, args.nproc)
-        else:
-            argv, entries = pack_argv(specs, dirs, args.data_dir, [*extra, "--resume"], Path("-"))
-            text = json.dumps(entries, indent=1) + "\n"
-            digest = hashlib.sha1(text.encode()).hexdigest()[:16]
-            runs_file = Path(args.results_dir) / "packs" / f"{digest}.json"
-            argv[argv.index("--runs") + 1] = str(runs_file)
-            unit = Unit(names, dirs, argv, longest, args.nproc, runs_file, text)
-        unit.index = len(units)
-        units.append(unit)
+            argv = train_argv(specs[0], dirs[0], args.data_dir, extra)
+            units.append(Unit(len(units), names, dirs, argv, args.nproc))
+            continue
+        argv, entries = pack_argv(specs, dirs, args.data_dir, extra, Path("-"))
+        text = json.dumps(entries, indent=1) + "\n"
+        digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+        runs_file = Path(args.results_dir) / "packs" / f"{digest}.json"
+        argv[argv.index("--runs") + 1] = str(runs_file)
+        units.append(Unit(len(units), names, dirs, argv, args.nproc, runs_file, text))
     return units
 
 
@@ -146,30 +133,26 @@ def plan_path(args, experiment):
 
 def write_plan(path, units):
     """The plan file, written once: a rerun of the same grid finds the same lines; another grid in
-    the same results folder is refused (line i of a plan must keep its meaning for an engine's
-    index)."""
+    the same results folder is refused (line i must keep its meaning for an engine's index)."""
     text = "".join(unit.line + "\n" for unit in units)
-    if path.exists():
-        old = path.read_text(encoding="utf-8")
-        if old != text:
-            lines = old.splitlines()
-            pairs = enumerate(zip(lines, text.splitlines()))
-            i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
-            raise errors.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
-                                 f"flags, pack size or folder); delete it to plan again, or pass "
-                                 f"another --results-dir")
+    if path.exists() and (old := path.read_text(encoding="utf-8")) != text:
+        lines = old.splitlines()
+        pairs = enumerate(zip(lines, text.splitlines()))
+        i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
+        raise errors.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
+                             f"flags, pack size or folder); delete it to plan again, or pass "
+                             f"another --results-dir")
     for unit in units:  # the packs' runs files first: a plan line never names a missing file
         if unit.runs_file is not None and not unit.runs_file.exists():
-            unit.runs_file.parent.mkdir(parents=True, exist_ok=True)
+            files.make_dir(unit.runs_file.parent, "packs folder")
             files.write_text(unit.runs_file, unit.runs_text)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        files.make_dir(path.parent, "results folder")
         files.write_text(path, text)
 
 
 def collect_command(args):
-    """The shell line that appends every finished run's row once (and prints the experiment's
-    table)."""
+    """The shell line that appends every finished run's row once (and prints the table)."""
     return f"cd {shlex.quote(os.getcwd())} && {shlex.join([*args.command, '--collect'])}"
 
 
@@ -225,8 +208,7 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
 
 def append_row_once(results, row):
     """Append `row` to the results file unless a row of its run folder is there: checked and
-    written under the file's lock, so two collect steps at once never double a row (one write per
-    row)."""
+    written (one write) under the file's lock, so two collect steps at once never double a row."""
     with files.locked(results):
         rows = files.read_jsonl(results, what="results file", missing_ok=True,
                                 fix=files.RESULTS_FIX)

@@ -1,31 +1,15 @@
 """A plan file on SLURM: one job array (one unit, i.e. one line of the plan, per array task) and a
-collect job that runs after every task ended.
+collect job that runs after every task ended (afterany); docs/experiments.md, "SLURM", reads the
+scripts line by line.
 
 A plan is a UTF-8 text file, one unit a line, each a complete bash command that can run from any
 folder. A unit is idempotent: it exits 0 when its unit is finished (or was finished already),
 non-zero when it failed, and on SIGTERM it checkpoints and exits non-zero, so that running it again
 resumes it. The collect command (a shell line) appends every finished run's row once and reports.
 
-    python -m ept.slurm results/table1.plan \
-        --collect "python ablate.py table1 --lr-search --collect" \
+    python -m ept.slurm results/table1.plan --collect "python ablate.py table1 --collect" \
         --time 12:00:00 --max-parallel 16              # writes results/table1.sbatch, submits it
     slurm.submit("results/table1.plan", collect_cmd, time="12:00:00", max_parallel=16)   # the same
-    # again by hand: sbatch results/table1.sbatch;
-    # one unit without SLURM: SLURM_ARRAY_TASK_ID=3 bash ...
-
-What the array script does (the text `sbatch_script` writes is meant to be read):
-- `--array=0-(N-1)%M`: task i runs line i+1 of the plan (`sed -n`), at most M at once;
-- one GPU per task (`--gres=gpu:1`, SLURM sets CUDA_VISIBLE_DEVICES to it);
-- `--requeue`, and `--signal=B:USR1@S`: S seconds before the time limit SLURM sends USR1 to the
-  batch shell only; the shell forwards SIGTERM to the unit, waits for its checkpoint, and requeues
-  its own task (`scontrol requeue <array>_<task>`), which starts again from the plan line and
-  resumes;
-- on SIGTERM (scancel, preemption, scontrol requeue) the shell forwards SIGTERM the same way; SLURM
-  allows KillWait seconds (30 by default) before SIGKILL.
-The collect job is submitted with `--dependency=afterany:<array>`: it runs when every task ended,
-whether it finished, failed or was cancelled. `after=[ids]` (--after) makes the array itself wait
-until those jobs ended (afterany), e.g. an earlier section's array that trains runs this plan
-shares.
 """
 import argparse
 import re
@@ -40,8 +24,7 @@ SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write la
 
 
 def time_seconds(text):
-    """A SLURM time limit ('90', '4:00:00', '1-12', '2-00:30:00', ...) in seconds; None for
-    unlimited."""
+    """A SLURM time limit ('90', '4:00:00', '1-12', '2-00:30:00', ...) in seconds; None: none."""
     if text.upper() in ("INFINITE", "UNLIMITED", "0"):  # SLURM: a limit of 0 is no limit
         return None
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
@@ -78,8 +61,7 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
                   gpus_per_task=1, max_parallel=None, extra=(), cpus_per_task=None,
                   signal_s=SIGNAL_S, workdir=None, after=()):
     """The job array's sbatch script: task i runs line i+1 of the plan. gpus_per_task=0: no GPU
-    line. after: job ids the array waits for (afterany: until each ended, however), e.g. an earlier
-    plan that shares runs with this one."""
+    line. after: job ids the array waits for (afterany), e.g. an earlier plan's that shares runs."""
     if n_units < 1:
         raise errors.Failure(f"the plan {plan_path} has no units: nothing to submit")
     limit = time_seconds(time) if time else None
@@ -90,37 +72,24 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
     workdir = Path(workdir or Path.cwd()).resolve()
     name = _option(job_name, "job name")
     array = f"0-{n_units - 1}" + (f"%{max_parallel}" if max_parallel else "")
-    lines = [
-        "#!/bin/bash",
-        f"# {name}: the {_units(n_units)} of {plan}, one SLURM array task each "
-        "(task i runs line i+1).",
-        "# Written by ept/slurm.py. Submit again with `sbatch <this file>`: a finished unit exits "
-        "at once,",
-        "# an interrupted one resumes. One unit without SLURM: SLURM_ARRAY_TASK_ID=i "
-        "bash <this file>.",
-        f"#SBATCH --job-name={name}",
-        f"#SBATCH --array={array}",
-        "#SBATCH --ntasks=1",
-    ]
-    if after:
-        lines.append(f"#SBATCH --dependency=afterany:{':'.join(_job_id(j) for j in after)}")
-    if cpus_per_task:
-        lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
-    if gpus_per_task:
-        lines.append(f"#SBATCH --gres=gpu:{gpus_per_task}")
-    if partition:
-        lines.append(f"#SBATCH --partition={_option(partition, 'partition')}")
-    if time:
-        lines.append(f"#SBATCH --time={_option(time, 'time limit')}")
-    lines += [
-        "#SBATCH --requeue",
-        f"#SBATCH --signal=B:USR1@{signal_s}",
-        f"#SBATCH --chdir={_option(workdir, 'working folder')}",
-        f"#SBATCH --output={_option(logs, 'log folder')}/{name}-%A_%a.log",
-        "#SBATCH --open-mode=append",  # a requeued task adds to its log instead of replacing it
-    ]
-    for option in extra:
-        lines.append(f"#SBATCH {_option(option, 'sbatch option')}")
+    lines = ["#!/bin/bash",
+             f"# {name}: the {_units(n_units)} of {plan}, one SLURM array task each (task i runs "
+             "line i+1).",
+             "# Written by ept/slurm.py. Submit again with `sbatch <this file>`: a finished unit "
+             "exits at once,",
+             "# an interrupted one resumes. One unit without SLURM: SLURM_ARRAY_TASK_ID=i bash "
+             "<this file>.",
+             f"#SBATCH --job-name={name}", f"#SBATCH --array={array}", "#SBATCH --ntasks=1"]
+    optional = {"dependency": after and "afterany:" + ":".join(map(_job_id, after)),
+                "cpus-per-task": cpus_per_task, "gres": gpus_per_task and f"gpu:{gpus_per_task}",
+                "partition": partition and _option(partition, "partition"),
+                "time": time and _option(time, "time limit")}
+    lines += [f"#SBATCH --{key}={value}" for key, value in optional.items() if value]
+    lines += ["#SBATCH --requeue", f"#SBATCH --signal=B:USR1@{signal_s}",
+              f"#SBATCH --chdir={_option(workdir, 'working folder')}",
+              f"#SBATCH --output={_option(logs, 'log folder')}/{name}-%A_%a.log",
+              "#SBATCH --open-mode=append"]  # a requeued task adds to its log, not a new one
+    lines += [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra]
     lines.append(_BODY.replace("PLAN", shlex.quote(str(plan))))
     return "\n".join(lines) + "\n"
 
@@ -171,33 +140,27 @@ def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, 
     logs = Path(log_dir).resolve()
     workdir = Path(workdir or Path.cwd()).resolve()
     name = _option(job_name, "job name")
-    lines = [
-        "#!/bin/bash",
-        f"# {name}: collect and report once every task of array {array_id} ended (afterany:",
-        "# finished, failed or cancelled). Written by ept/slurm.py.",
-        f"#SBATCH --job-name={name}-collect",
-        f"#SBATCH --dependency=afterany:{array_id}",
-        "#SBATCH --ntasks=1",
-    ]
+    lines = ["#!/bin/bash",
+             f"# {name}: collect and report once every task of array {array_id} ended (afterany:",
+             "# finished, failed or cancelled). Written by ept/slurm.py.",
+             f"#SBATCH --job-name={name}-collect", f"#SBATCH --dependency=afterany:{array_id}",
+             "#SBATCH --ntasks=1"]
     if partition:
         lines.append(f"#SBATCH --partition={_option(partition, 'partition')}")
     lines += [f"#SBATCH --chdir={_option(workdir, 'working folder')}",
               f"#SBATCH --output={_option(logs, 'log folder')}/{name}-collect-%j.log"]
     lines += [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra
               if not option.startswith(("--gres", "--gpus", "--array", "--signal"))]
-    lines += [
-        "",
-        f"echo \"== array {array_id}: task states (as long as SLURM keeps them, MinJobAge)\"",
-        f"squeue --noheader --states=all --jobs={array_id} --format='task %K: %T' | sort -V",
-        "echo \"== $(date -Is) collect\"",
-        collect_cmd,
-    ]
+    lines += ["", f"echo \"== array {array_id}: task states (as long as SLURM keeps them, "
+              "MinJobAge)\"",
+              f"squeue --noheader --states=all --jobs={array_id} --format='task %K: %T' | sort -V",
+              "echo \"== $(date -Is) collect\"", collect_cmd]
     return "\n".join(lines) + "\n"
 
 
 def _sbatch(text, path, what):
-    """Submit a script (on sbatch's stdin), then write it to `path`; its job id, or one sentence and
-    nothing written."""
+    """Submit a script (on stdin), then write it to `path`; its job id, or one sentence, nothing
+    written."""
     if shutil.which("sbatch") is None:
         raise errors.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
                              "here (a test cluster on this machine, as root: "
@@ -212,8 +175,7 @@ def _sbatch(text, path, what):
 
 def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
     """Submit the plan as one job array, then the collect job after it (afterany); write both
-    scripts beside the plan (<plan>.sbatch, <plan>.collect.sbatch); print the job ids and how to
-    follow them. Returns (array_id, collect_id)."""
+    scripts beside the plan (<plan>.sbatch, <plan>.collect.sbatch); print and return the job ids."""
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):
@@ -230,11 +192,10 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
             logs.rmdir()
         raise
     shared = {k: opts[k] for k in ("partition", "extra", "workdir") if k in opts}
+    collect_text = collect_script(collect_cmd, array_id, job_name=job_name, log_dir=logs, **shared)
     try:
-        collect_text = collect_script(collect_cmd, array_id, job_name=job_name, log_dir=logs,
-                                      **shared)
-        collect_file = plan.with_name(plan.stem + ".collect.sbatch")
-        collect_id = _sbatch(collect_text, collect_file, "the collect job")
+        collect_id = _sbatch(collect_text, plan.with_name(plan.stem + ".collect.sbatch"),
+                             "the collect job")
     except errors.Failure as err:
         raise errors.Failure(f"{err} (the array {array_id} was submitted and runs without it: "
                          f"scancel {array_id}, or collect by hand later: {collect_cmd})") from None
@@ -250,9 +211,8 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
     return array_id, collect_id
 
 
-parser = argparse.ArgumentParser(
-    prog="python -m ept.slurm",
-    description="Submit a plan file to SLURM: one job array, then the collect job after it.")
+parser = argparse.ArgumentParser(prog="python -m ept.slurm", description="Submit a plan file to "
+                                 "SLURM: one job array, then the collect job after it.")
 parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
 parser.add_argument("--collect", required=True, metavar="CMD",
                     help="the shell line that collects and reports after every task ended")
@@ -264,24 +224,20 @@ parser.add_argument("--gpus-per-task", type=cli.nonnegative_int, default=1,
                     help="GPUs per unit (--gres=gpu:N; 0: no GPU line)")
 parser.add_argument("--cpus-per-task", type=cli.positive_int)
 parser.add_argument("--max-parallel", type=cli.positive_int, help="tasks at once (--array=...%%M)")
-parser.add_argument("--signal-s", type=cli.positive_int, default=SIGNAL_S,
-                    help="USR1 this many seconds before the time limit: the unit checkpoints, "
-                         "the task requeues")
+parser.add_argument("--signal-s", type=cli.positive_int, default=SIGNAL_S, help="USR1 this many "
+                    "seconds before the time limit: the unit checkpoints, the task requeues")
 parser.add_argument("--after", action="append", default=[], metavar="JOBID",
                     help="start the array once this job ended (afterany), e.g. an earlier plan's "
                          "array that shares runs with this one (repeatable)")
-parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
+parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPT", dest="extra",
                     help="an #SBATCH line of both jobs, e.g. --sbatch-option=--account=nlp "
                          "(repeatable)")
 
 
 @errors.script
 def main(argv=None):
-    args = parser.parse_args(argv)
-    submit(args.plan, args.collect, job_name=args.job_name, log_dir=args.log_dir,
-           partition=args.partition, time=args.time, gpus_per_task=args.gpus_per_task,
-           cpus_per_task=args.cpus_per_task, max_parallel=args.max_parallel,
-           signal_s=args.signal_s, extra=args.sbatch_option, after=args.after)
+    args = vars(parser.parse_args(argv))  # the other options are submit's keywords, by name
+    submit(args.pop("plan"), args.pop("collect"), **args)
 
 
 if __name__ == "__main__":
