@@ -159,22 +159,18 @@ def load_task(args, ranks, say):
                              f"--tasks {args.task} --out {args.data_dir} --overwrite --fewshot "
                              f"{args.fewshot_k} --fewshot-seeds {args.fewshot_seed}`")
     limit, eval_limit = args.max_train_examples, args.max_eval_examples
-    train_examples, train_src, train_tgt = batching.load_split(train_file, tokenizer,
-                                                               args.max_length, limit)
-    batching.check_split(meta, split, train_examples, train_file, limit is not None)
+    _, train_src, train_tgt = batching.read_split(meta, split, train_file, tokenizer,
+                                                  args.max_length, limit)
     if args.fewshot_k and ranks.master:
         old = [split] if split in registry.old_fewshot_sets(meta) else []
         if warning := registry.old_fewshot_warning(args.data_dir, {args.task: old}):
             say(f"train: {warning}")
-    val_file = folder / "validation.jsonl"
-    val_examples, val_src, _ = batching.load_split(val_file, tokenizer, args.max_length, eval_limit)
-    batching.check_split(meta, "validation", val_examples, val_file, eval_limit is not None)
-    if not args.no_test:  # checked now, not after hours of training
-        test_rows = files.read_jsonl(folder / "test.jsonl", eval_limit, what="split file")
-        batching.check_split(meta, "test", test_rows, folder / "test.jsonl", eval_limit is not None)
+    val = batching.read_split(meta, "validation", folder / "validation.jsonl", tokenizer,
+                              args.max_length, eval_limit)[:2]
+    test = None if args.no_test else batching.read_split(  # checked now, not after training
+        meta, "test", folder / "test.jsonl", tokenizer, args.max_length, eval_limit)[:2]
     return SimpleNamespace(tokenizer=tokenizer, meta=meta, folder=folder, train_file=train_file,
-                           data=(train_src, train_tgt, tokenizer.pad_token_id),
-                           val_examples=val_examples, val_src=val_src)
+                           data=(train_src, train_tgt, tokenizer.pad_token_id), val=val, test=test)
 
 
 def build(jobs, task, ranks, say, packed, max_rows=None):
@@ -293,12 +289,12 @@ def validate_and_save(job, task, ranks, bar):
     improved = False
     if evaluate:
         t0 = time.time()
-        scores = decoding.score_split(job.net, task.tokenizer, task.meta, task.val_examples,
-                                      task.val_src, ranks, **decoding.decode_options(args))
+        scores = decoding.score_split(job.net, task.tokenizer, task.meta, *task.val, ranks,
+                                      **decoding.decode_options(args))
         seconds = time.time() - t0
         job.log({"event": "eval", "step": run.step, "split": "validation", **scores,
                  "eval_time_s": seconds,
-                 "eval_examples_per_s": len(task.val_examples) / max(seconds, 1e-9)})
+                 "eval_examples_per_s": len(task.val[0]) / max(seconds, 1e-9)})
         bar.set_postfix(score=f"{scores['score']:.2f}")
         improved = scores["score"] > run.best_score
         if improved:
@@ -344,11 +340,7 @@ def finish(job, task, ranks, say):
             "score": run.best_score})
     test = None
     if not args.no_test:
-        test_file, limit = task.folder / "test.jsonl", args.max_eval_examples
-        examples, source_ids, _ = batching.load_split(test_file, task.tokenizer, args.max_length,
-                                                      limit)
-        batching.check_split(task.meta, "test", examples, test_file, limit is not None)
-        scores = decoding.score_split(net, task.tokenizer, task.meta, examples, source_ids, ranks,
+        scores = decoding.score_split(net, task.tokenizer, task.meta, *task.test, ranks,
                                       **decoding.decode_options(args))
         test = {"task": args.task, "split": "test", "mode": args.eval_mode, "checkpoint": "best",
                 "best_step": run.best_step, "validation_score": run.best_score, **scores}

@@ -96,6 +96,14 @@ def load_split(path, tokenizer, max_length, limit=None):
     return examples, source_ids[:len(examples)], target_ids[:len(examples)]
 
 
+def read_split(meta, name, path, tokenizer, max_length, limit=None):
+    """load_split, then check_split: (examples, source ids, target ids) of a split that matches
+    its meta.json."""
+    examples, source_ids, target_ids = load_split(path, tokenizer, max_length, limit)
+    check_split(meta, name, examples, path, limit is not None)
+    return examples, source_ids, target_ids
+
+
 def check_split(meta, name, examples, path, limited):
     """A split file must still match its meta.json (rows present, the row count unless `limited`,
     targets in the label set): an edited or half-copied split is one sentence, not a silent edit."""

@@ -188,8 +188,8 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
         say(f"evaluate: zero-shot transfer of {config['task']}'s prompt to {task} "
             f"(max_length {max_length})")
     split_file = Path(data_dir) / task / f"{split}.jsonl"
-    examples, source_ids, _ = batching.load_split(split_file, tokenizer, max_length, max_examples)
-    batching.check_split(meta, split, examples, split_file, max_examples is not None)
+    examples, source_ids, _ = batching.read_split(meta, split, split_file, tokenizer, max_length,
+                                                  max_examples)
     t0 = time.time()
     preds = run_predictions(net, tokenizer, source_ids, meta, mode=mode, max_length=max_length,
                             batch_size=batch_size, device=device, dtype=run_dtype(config, device),
@@ -220,8 +220,8 @@ def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None)
     tokenizer = pretrained.load_tokenizer(model)
     meta = files.load_meta(data_dir, task)
     split_file = Path(data_dir) / task / f"{split}.jsonl"
-    examples, source_ids, _ = batching.load_split(split_file, tokenizer, meta["max_length"])
-    batching.check_split(meta, split, examples, split_file, False)
+    examples, source_ids, _ = batching.read_split(meta, split, split_file, tokenizer,
+                                                  meta["max_length"])
     preds = run_predictions(net, tokenizer, source_ids, meta, mode="generate", device=device,
                             max_length=meta["max_length"], batch_size=batch_size, dtype="fp32")
     return {"task": task, "split": split, "model": str(model),

@@ -186,7 +186,7 @@ def start_log(job, task, ranks, say, **extra):
                   "n_trainable": M.count_trainable(job.net),
                   "t5_fingerprint": pretrained.t5_fingerprint(job.net.t5),
                   "train_file": str(task.train_file),
-                  "train_size": len(task.data[0]), "validation_size": len(task.val_examples),
+                  "train_size": len(task.data[0]), "validation_size": len(task.val[0]),
                   "steps_per_epoch": job.steps_per_epoch, "micro_batch_size": job.micro_batch_size,
                   "grad_accum_steps": job.grad_accum_steps,
                   "meta": {k: task.meta.get(k) for k in ("labels", "metrics", "score",
