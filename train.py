@@ -178,7 +178,8 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
     every run's checks have passed are their config.json and log.jsonl written (start_log)."""
     first = jobs[0].args
     t5 = pretrained.load_t5(first.model, random_init=first.random_init, seed=first.seed)
-    pretrained.check_vocab(task.tokenizer, t5, first.dropout)
+    pretrained.check_vocab(task.tokenizer, t5)
+    pretrained.set_dropout(t5, first.dropout)
     t5 = t5.to(ranks.device).train()  # dropout on though frozen, as under the HF Trainer (paper.md)
     for job in jobs:
         a, job.resumed = job.args, job.resume_path is not None

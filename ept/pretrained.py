@@ -191,7 +191,10 @@ def tokenizer_fingerprint(tokenizer):
 
 
 def set_dropout(t5, rate):
-    """T5's dropout rate everywhere: nn.Dropout modules and the float rate HF's attention keeps."""
+    """T5's dropout rate everywhere: nn.Dropout modules and the float rate HF's attention keeps
+    (None: the config's, unchanged)."""
+    if rate is None:
+        return
     t5.config.dropout_rate = rate
     for module in t5.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -200,13 +203,11 @@ def set_dropout(t5, rate):
             module.dropout = rate
 
 
-def check_vocab(tokenizer, t5, dropout=None):
-    """A T5 checked against the tokenizer it will read, its dropout rate set (None: config's)."""
+def check_vocab(tokenizer, t5):
+    """A T5 must have an embedding for every token of the tokenizer it will read."""
     if len(tokenizer) > t5.config.vocab_size:
         raise errors.Failure(f"train: the tokenizer has {len(tokenizer)} tokens, the model "
                              f"{t5.config.vocab_size}")
-    if dropout is not None:
-        set_dropout(t5, dropout)
 
 
 # --- a tiny random T5 for tests and the SMOKE recipe ----------------------------------------------

@@ -553,8 +553,7 @@ def setup(args):
         compile=args.compile, full=args.method == "ft",
         warm_shapes=device == "cuda" if args.warm_shapes is None else args.warm_shapes)
     t5 = pretrained.load_t5(args.model, random_init=args.random_init, seed=args.seed).to(device)
-    if args.dropout is not None:  # as train.py --dropout
-        pretrained.set_dropout(t5, args.dropout)
+    pretrained.set_dropout(t5, args.dropout)  # as train.py --dropout
     t5.train()  # T5's dropout active, as in train.py
     return ctx, t5
 
