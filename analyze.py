@@ -116,16 +116,6 @@ def scorer(data_dir=None, max_examples=None, batch_size=64):
 
 # --- Figures 2, 11: mu_t and validation score over steps ------------------------------------------
 
-def read_curves(run_dir):
-    """(steps, mu_t per step, eval steps, validation scores) from one run's log.jsonl."""
-    log = files.read_jsonl(Path(run_dir) / "log.jsonl", what="run log", torn_tail_ok=True)
-    train = [e for e in log if e.get("event") == "train" and e.get("prompt_norm") is not None]
-    evals = [e for e in log
-             if e.get("event") == "eval" and e.get("split", "validation") == "validation"]
-    return ([e["step"] for e in train], [e["prompt_norm"] for e in train],
-            [e["step"] for e in evals], [e["score"] for e in evals])
-
-
 def _mean_by_step(series):
     """Mean over runs at each step that every run logged (a resumed run logs each step once)."""
     maps = [dict(zip(s, v)) for s, v in series if s]
@@ -147,15 +137,15 @@ def norm_curves(rows, tasks, methods):
     out = {}
     for task in tasks:
         for method in methods:
-            runs = pick(rows, task, method)
-            if not runs:
+            picked = pick(rows, task, method)
+            if not picked:
                 continue
-            curves = [read_curves(r["run"]) for r in runs]
+            curves = [runs.curves(r["run"]) for r in picked]
             steps, norms = downsample(*_mean_by_step([(c[0], c[1]) for c in curves]))
             eval_steps, scores = _mean_by_step([(c[2], c[3]) for c in curves])
             out.setdefault(task, {})[method] = {"step": steps, "prompt_norm": norms,
                                                 "eval_step": eval_steps, "score": scores,
-                                                "seeds": sorted(r["seed"] for r in runs)}
+                                                "seeds": sorted(r["seed"] for r in picked)}
     return out
 
 

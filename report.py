@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from ept import cli, errors, files, registry, tables
+from ept import cli, errors, files, registry, runs, tables
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("--results", default="results",
@@ -387,15 +387,15 @@ def directions(results, out):
     """directions.md and a figure: per run, P-Tuning's rows in two direction groups, each group's
     cosine to the label words, and each group's test score alone against the whole prompt's."""
     data = load_analysis(results, "directions")
-    runs = [(task, method, d) for task, methods in data.items() for method, d in methods.items()]
-    if not runs:
+    entries = [(task, method, d) for task, methods in data.items() for method, d in methods.items()]
+    if not entries:
         raise Missing("analysis/directions.json holds no run")
     header = ["Task", "Method", "Prompt", "Rows", "Mean cosine (within group; full: between "
               "groups)", "Cosine to label words (per label)", "Max label cosine", "Test score"]
     body = []
     colors = {"positive": "tab:red", "negative": "tab:blue"}
-    fig, axes = _plt().subplots(len(runs), 2, figsize=(10, 3.3 * len(runs)), squeeze=False)
-    for (task, method, d), (left, right) in zip(runs, axes):
+    fig, axes = _plt().subplots(len(entries), 2, figsize=(10, 3.3 * len(entries)), squeeze=False)
+    for (task, method, d), (left, right) in zip(entries, axes):
         who = [task_label(task), tables.LABELS.get(method, method)]
         name = ", ".join(who)
         body.append([*who, "full prompt", len(d["assign"]),
@@ -420,7 +420,7 @@ def directions(results, out):
             "similar rows; the group with the higher mean of its rows' best label-word cosine is "
             "*positive*. Each group is scored alone (its rows, in order, as the whole prompt), "
             "without retraining." + (" Random-weight T5: the numbers are noise."
-                                     if any(d.get("random_init") for _, _, d in runs) else ""))
+                                     if any(d.get("random_init") for _, _, d in entries) else ""))
     files.write_text(Path(out) / "directions.md", "# Appendix A.1: P-Tuning's positive and "
                      f"negative prompts\n\n{note}\n\n" + tables.markdown(header, body))
     title = "Appendix A.1: P-Tuning's two prompt directions (spherical 2-means)"
@@ -483,16 +483,6 @@ def table5_md(results, out):
 
 # --- the steering benchmark (ablate.py steer; docs/experiments.md): Table 1 and Figure 2 in small
 
-def _steer_curves(run):
-    """(steps, μ_t) and (eval steps, validation scores) of one run folder's log.jsonl."""
-    log = files.read_jsonl(Path(run) / "log.jsonl", what="run log", torn_tail_ok=True,
-                           missing_ok=True)
-    train = [e for e in log if e.get("event") == "train" and e.get("prompt_norm") is not None]
-    evals = [e for e in log if e.get("event") == "eval" and e.get("score") is not None]
-    return (([e["step"] for e in train], [e["prompt_norm"] for e in train]),
-            ([e["step"] for e in evals], [e["score"] for e in evals]))
-
-
 def steer_section(results, out):
     """steer.md (+ csv) and steer_fig2.png: μ_t and validation score over steps, seed 0 of each
     method and lr (default lr solid, lower dashed, higher dotted), the no-prompt floor in black."""
@@ -512,7 +502,7 @@ def steer_section(results, out):
         if r.get("seed") != 0:
             continue
         usual, lr = {"ft": 1e-3}.get(r["method"], 0.3), r.get("lr") or 0.0  # the benchmark's lr
-        (steps, norm), (eval_steps, score) = _steer_curves(r["run"])
+        steps, norm, eval_steps, score = runs.curves(r["run"], missing_ok=True)
         style = dict(color=tables.COLORS.get(r["method"]),
                      ls="-" if lr == usual else "--" if lr < usual else ":",
                      lw=1.5 if lr == usual else 1, label=f"{tables.LABELS[r['method']]} lr {lr:g}")

@@ -215,3 +215,14 @@ def acquire_lock(run_dir, say=print):
             f.write(text)
         return Lock(path, text)
     raise Busy(f"train: {run_dir}: another process took {path} meanwhile; try again")
+
+
+def curves(run_dir, missing_ok=False):
+    """(steps, μ_t per step, eval steps, validation scores) from one run's log.jsonl."""
+    log = files.read_jsonl(Path(run_dir) / "log.jsonl", what="run log", torn_tail_ok=True,
+                           missing_ok=missing_ok)
+    train = [e for e in log if e.get("event") == "train" and e.get("prompt_norm") is not None]
+    evals = [e for e in log if e.get("event") == "eval" and e.get("score") is not None
+             and e.get("split", "validation") == "validation"]
+    return ([e["step"] for e in train], [e["prompt_norm"] for e in train],
+            [e["step"] for e in evals], [e["score"] for e in evals])

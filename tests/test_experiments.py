@@ -25,6 +25,7 @@ import fewshot
 import model as M
 import report
 from ept import costs, decoding, errors, files, launch, options, plans, pretrained, tables
+from ept import runs as ept_runs
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -250,7 +251,7 @@ def test_cosine_of_identical_rows_is_one_and_norm_curves_read_the_log(tmp_path):
         events.append({"event": "end", "step": 4})
         (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
         runs.append({"run": str(run), "task": "rte", "method": "pt", "seed": seed})
-    steps, norms, eval_steps, scores = analyze.read_curves(runs[0]["run"])
+    steps, norms, eval_steps, scores = ept_runs.curves(runs[0]["run"])
     assert steps == [1, 2, 3, 4] and norms == [1.0, 2.0, 3.0, 4.0] and eval_steps == [2, 4] and scores == [20, 40]
     curves = analyze.norm_curves(runs, ["rte"], ["pt"])["rte"]["pt"]
     assert curves["prompt_norm"] == [2.0, 4.0, 6.0, 8.0] and curves["score"] == [40.0, 80.0]
