@@ -240,7 +240,8 @@ def clear_run_files(out_dir, overwrite, say):
 
 
 def save_checkpoint(job, ranks, *names):
-    """A run's last.pt / best.pt, its weights checked finite (rank 0 writes every rank's RNG)."""
+    """A run's last.pt / best.pt (rank 0 writes every rank's RNG). The caller has checked the
+    weights finite (weights_finite): no NaN/inf state is ever saved."""
     rngs = [runtime.rng_state()]
     if ranks.world_size > 1:
         rngs = [None] * ranks.world_size
