@@ -66,13 +66,15 @@ def synthetic(n, length, target_length, vocab, seed=0):
 
 def random_t5(config=None):
     """A T5 with random weights (seed 0) in training mode, its dropout on as in train.py: built from
-    the config folder `config`, or (None) pretrained.TINY's shape with T5's vocabulary."""
+    the config folder `config` (pretrained.load_t5), or (None) pretrained.TINY's shape with T5's
+    vocabulary."""
+    if config:
+        return pretrained.load_t5(config, random_init=True).train()
     from transformers import T5Config, T5ForConditionalGeneration
     torch.manual_seed(0)
-    config = T5Config.from_pretrained(config) if config else T5Config(
+    return T5ForConditionalGeneration(T5Config(
         vocab_size=32128, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0,
-        eos_token_id=1, **pretrained.TINY)
-    return T5ForConditionalGeneration(config).train()
+        eos_token_id=1, **pretrained.TINY)).train()
 
 
 def _load():
@@ -99,8 +101,9 @@ def bench(config, runs=(1, 4, 16, 32), batch_size=16, length=82, target_length=2
                          max_steps=1000) for i in range(r)]
         return Pack(t5, runs, (src, tgt, 0), max_rows=max_rows, amp=amp)
     pack_of(1).step()
-    solo = timed_steps(pack_of(1, max_rows=None), 1)  # train.py's lone run: its batch in one pass
-    prompt_rows = max(x.prompt().shape[0] for x in pack_of(1).runs)
+    solo_pack = pack_of(1, max_rows=None)  # train.py's lone run: its batch in one pass
+    solo = timed_steps(solo_pack, 1)
+    prompt_rows = solo_pack.runs[0].prompt().shape[0]
     flops_per_example = costs.train_flops(t5.config, length + prompt_rows, target_length, False)
     rows = []
     for r in runs:
