@@ -169,17 +169,11 @@ def prompt_stats(run_dir):
 
 
 def log_stats(run_dir):
-    """Best validation score and its step, and the last logged prompt norm μ_t, from log.jsonl."""
-    best, best_step, last_norm = None, None, None
-    log = files.read_jsonl(Path(run_dir) / "log.jsonl", what="run log", torn_tail_ok=True,
-                           missing_ok=True)
-    for event in log:
-        if event.get("event") == "eval" and event.get("score") is not None:
-            if best is None or event["score"] > best:
-                best, best_step = event["score"], event.get("step")
-        elif event.get("event") == "train" and event.get("prompt_norm") is not None:
-            last_norm = event["prompt_norm"]
-    return best, best_step, last_norm
+    """Best validation score and its step (the first of equal ones), and the last logged prompt
+    norm μ_t, from log.jsonl (runs.curves)."""
+    _, norms, steps, scores = runs.curves(run_dir, missing_ok=True)
+    best = max(zip(scores, steps), key=lambda pair: pair[0], default=(None, None))
+    return (*best, norms[-1] if norms else None)
 
 
 def result_row(experiment, settings, run_dir, extra_fields=None):
