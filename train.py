@@ -181,8 +181,12 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
     pretrained.check_vocab(task.tokenizer, t5)
     pretrained.set_dropout(t5, first.dropout)
     t5 = t5.to(ranks.device).train()  # dropout on though frozen, as under the HF Trainer (paper.md)
+    label_ids = batching.label_ids(task.tokenizer, task.meta.get("labels"))  # for --init label
     for job in jobs:
         a, job.resumed = job.args, job.resume_path is not None
+        if a.init == "label" and label_ids is None:
+            raise errors.Failure(f"train: --init label needs a task with a label set; {a.task} "
+                                 "has none")
         a.max_length = first.max_length
         job.steps_per_epoch, job.micro_batch_size, job.grad_accum_steps = options.batch_plan(
             a, len(task.data[0]), ranks.world_size)
@@ -191,7 +195,7 @@ def build(jobs, task, ranks, say, packed, max_rows=None):
             micro_batch_size=job.micro_batch_size, weight_decay=a.weight_decay, init=a.init,
             warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, name=str(job.out_dir),
             group_by_length=a.group_by_length, **M.prompt_options(vars(a)),
-            label_ids=batching.label_ids(task.tokenizer, task.meta, a.init, a.task))
+            label_ids=label_ids)
         job.net = job.run.prompted(t5)  # what validation, start_log and finish take
         job.rng = runfolder.resume(job, ranks, say) if job.resume_path else None
         job.step = job.start_step = job.run.step

@@ -159,12 +159,9 @@ def batches_by_length(ids, batch_size, sort, token_budget=False):
     return batches + [batch] if batch else batches
 
 
-def label_ids(tokenizer, meta, init, task):
+def label_ids(tokenizer, labels):
     """The distinct token ids of the label words, which `--init label` starts from (the bare '▁'
     piece of '▁', '0' dropped); None without a label set."""
-    labels = meta.get("labels")
-    if init == "label" and not labels:
-        raise errors.Failure(f"train: --init label needs a task with a label set; {task} has none")
     if not labels:
         return None
     ids = [i for seq in tokenizer(list(labels), add_special_tokens=False)["input_ids"] for i in seq

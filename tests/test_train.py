@@ -220,6 +220,18 @@ def test_run_folder_lock_and_refusals(data_dir, tiny_model_dir, tmp_path):
         train.main(argv(data_dir, tiny_model_dir, run, "--max-steps", 2))
 
 
+def test_init_label_without_a_label_set_is_refused_before_any_file(data_dir, tiny_model_dir, tmp_path):
+    write_task(tmp_path / "data", "open")
+    meta_path = tmp_path / "data" / "open" / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "labels": None}))
+    for methods, inits in ((["ept"], ["label"]), (["ept", "pt"], ["uniform", "label"])):  # alone, a pack
+        out = tmp_path / "runs" / "_".join(methods)
+        with pytest.raises(SystemExit, match="--init label needs a task with a label set; open has none"):
+            train.main(["--task", "open", "--data-dir", str(tmp_path / "data"), "--model", str(tiny_model_dir),
+                        "--out-dir", str(out), "--method", *methods, "--init", *inits])
+        assert not (tmp_path / "runs").exists()  # nothing written, the folders it made removed
+
+
 def test_nonfinite_guard_stops_on_a_real_overflow(data_dir, tiny_model_dir, tmp_path):
     """lr 1e30 (warm-up: step 1 has lr 0, so one validation writes best.pt first): P' overflows fp32."""
     run = tmp_path / "run"
