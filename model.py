@@ -21,7 +21,7 @@ from ept import cli, errors, files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
 REPARAMS = ("mlp", "lstm")
-# Figure 9's three
+# §5.5 names ReLU only; Tanh and Sigmoid are the public EPT code's (our reading: its three)
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 INITS = ("uniform", "vocab", "label")
 # "vocab" init (Table 6) follows Lester et al. 2021: token ids drawn from the 5,000 most frequent
@@ -166,7 +166,9 @@ def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", h
                          broadcast=None, layer_norm=False, residual=False, activation="none",
                          depth=1, extra_layer=False, init="uniform", embedding=None,
                          label_ids=None, generator=None):
-    """The trainable prompt module of `method`; None for full fine-tuning."""
+    """The trainable prompt module of `method`; None for full fine-tuning. The prompt table is
+    drawn first (from `generator`, else the global stream), then the layers from the global stream:
+    with no `generator` that is one stream in sequence, so P and the layers are independent."""
     _check("method", method, METHODS)
     _check("reparam", reparam, REPARAMS)
     _check("activation", activation, ACTIVATIONS)

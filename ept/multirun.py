@@ -118,10 +118,11 @@ def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, mic
     schedule (optim.make_optimizer, fused on CUDA); `module_options`: model.PROMPT_OPTIONS' keys."""
     device = t5.get_input_embeddings().weight.device
     lr = M.default_lr(method) if lr is None else lr
-    torch.manual_seed(seed)  # default-initialised layers (Linear, LSTM) are seeded too
+    # one stream, used in sequence as the public EPT code does: the prompt table first, then the
+    # default-initialised layers (Linear, LSTM); a second stream seeded alike would repeat P in them
+    torch.manual_seed(seed)
     module = M.build_prompt_module(method, t5.config.d_model, **module_options, init=init,
-                                   embedding=t5.get_input_embeddings().weight, label_ids=label_ids,
-                                   generator=torch.Generator().manual_seed(seed))
+                                   embedding=t5.get_input_embeddings().weight, label_ids=label_ids)
     module = t5.requires_grad_(True) if module is None else module.to(device)
     fused = device.type == "cuda" if fused is None else fused
     optimizer, scheduler = optim.make_optimizer([p for p in module.parameters() if p.requires_grad],

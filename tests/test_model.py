@@ -245,3 +245,26 @@ def test_old_run_configs_name_the_reparameterization_encoder():
     assert model.prompt_options({"method": "ptuning", "reparam": "lstm"})["reparam"] == "lstm"
     assert model.prompt_options({"method": "ptuning", "reparam": "lstm"})["reparam"] == "lstm"
     assert model.prompt_options({"method": "ept"})["extra_layer"] is False  # a key older runs lack: its default
+
+
+@pytest.mark.parametrize("method,options", [("ept", {}), ("ept_star", {}), ("ptuning", {"reparam": "mlp"}),
+                                            ("ptuning", {"reparam": "lstm"}), ("resprompt", {})])
+def test_prompt_and_its_layers_are_drawn_independently(method, options):
+    """Issue 27: the prompt table and the first layer once read the same seeded numbers
+    (W_down = (2/sqrt(d)) P1 exactly, |cos| = 1). Independent draws in d = 64 give |cos| ~ 0.1."""
+    from ept import multirun
+    config = T5Config(vocab_size=64, d_model=64, d_ff=32, d_kv=16, num_heads=4, num_layers=1,
+                      num_decoder_layers=1, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    for seed in range(4):
+        module = multirun.make_run(T5ForConditionalGeneration(config), method, seed=seed, max_steps=1,
+                                   **options).module
+        table = module.prompt.detach()
+        first = {"ept": lambda: module.blocks[0].down.weight, "ept_star": lambda: module.blocks[0].down.weight,
+                 "resprompt": lambda: module.down.weight}.get(
+            method, lambda: module.mlp[0].weight if options["reparam"] == "mlp" else module.lstm.weight_ih_l0)()
+        rows = first.detach()[:table.size(0)]
+        cos = torch.nn.functional.cosine_similarity(table, rows, dim=1).abs()
+        assert cos.max() < 0.6, (method, seed, cos.max().item())
+        again = multirun.make_run(T5ForConditionalGeneration(config), method, seed=seed, max_steps=1,
+                                  **options).module
+        assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), again.state_dict().values()))
