@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from ept import cli, decoding, errors, files, options, pretrained, registry, runs
+from ept import cli, errors, evaluation, files, options, pretrained, runs
+from ept.tasks import TASKS
 
 FIG2_TASKS = ["boolq", "rte"]
 # GLUE 7 + WiC (Appendix C)
@@ -109,7 +110,7 @@ def load_prompt(row):
 def scorer(data_dir=None, max_examples=None, batch_size=64):
     """score(run, ...): a run's test score with its own prompt or `prompt=`, on its task or `task=`,
     nothing written; the analyses that evaluate take one."""
-    return lambda run, **kw: decoding.evaluate_run(
+    return lambda run, **kw: evaluation.evaluate_run(
         run, split="test", data_dir=data_dir, max_examples=max_examples, batch_size=batch_size,
         write=False, quiet=True, **kw)["score"]
 
@@ -350,7 +351,7 @@ def main(argv=None):
                                          methods or NORM_METHODS + ["ept_star"], seed),
         "subset": lambda: subset_broadcast(rows, tasks or FIG2_TASKS, methods or NORM_METHODS,
                                            seed, args.row, args.lengths, score),
-        "transfer": lambda: task_transfer(rows, tasks or list(registry.TASKS), seed, score),
+        "transfer": lambda: task_transfer(rows, tasks or list(TASKS), seed, score),
         "neighbours": lambda: neighbours(rows, tasks or ["boolq"], methods or NEIGHBOUR_METHODS,
                                          seed, args.top_k),
         "directions": lambda: prompt_directions(rows, tasks or ["boolq"], methods or ["ptuning"],

@@ -11,13 +11,13 @@ RUN_DIR/eval/<task>_<split>.metrics.json and .predictions.jsonl (atomically) and
     python evaluate.py runs/rte_ept_t5-base_s0 --task cb       # zero-shot transfer (Figure 10)
     python evaluate.py runs/rte_ept_t5-base_s0 --input new.jsonl --output preds.jsonl   # new inputs
 
-What the other stages call (load_run, evaluate_run, score_split) lives in ept/decoding.py.
+What the other stages call (load_run, evaluate_run, score_split) lives in ept/evaluation.py.
 """
 import argparse
 import json
 from pathlib import Path
 
-from ept import cli, decoding, errors, files, runtime
+from ept import cli, errors, evaluation, files, runtime
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("run_dir", help="a run folder written by train.py")
@@ -69,13 +69,13 @@ def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="g
     rows = read_inputs(input_path)
     if Path(output_path).resolve() == Path(input_path).resolve():
         raise errors.Failure(f"--output {output_path} is the input file; name another file")
-    net, tokenizer, config = decoding.load_run(run_dir, checkpoint, None, device)
+    net, tokenizer, config = evaluation.load_run(run_dir, checkpoint, None, device)
     device = device or runtime.default_device()
     # config.json keeps the task's meta.json (labels, lengths)
-    preds = decoding.run_predictions(net, tokenizer, [r["source"] for r in rows], config["meta"],
+    preds = evaluation.run_predictions(net, tokenizer, [r["source"] for r in rows], config["meta"],
                                      mode=mode, max_length=config["max_length"],
                                      batch_size=batch_size, device=device,
-                                     dtype=decoding.run_dtype(config, device), progress="predict")
+                                     dtype=evaluation.run_dtype(config, device), progress="predict")
     files.write_jsonl(output_path, [{**r, "prediction": p} for r, p in zip(rows, preds)])
     return preds
 
@@ -89,7 +89,7 @@ def main(argv=None):
                              mode=args.eval_mode, batch_size=args.eval_batch_size)
         print(f"evaluate: {len(preds)} predictions -> {out}")
         return preds
-    metrics = decoding.evaluate_run(args.run_dir, args.task, args.split, args.eval_mode,
+    metrics = evaluation.evaluate_run(args.run_dir, args.task, args.split, args.eval_mode,
                                     checkpoint=args.checkpoint, data_dir=args.data_dir,
                                     batch_size=args.eval_batch_size,
                                     max_examples=args.max_eval_examples)

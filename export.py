@@ -23,7 +23,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 import model as M
-from ept import cli, decoding, errors, files, runs
+from ept import cli, errors, evaluation, files, runs
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME
@@ -60,7 +60,7 @@ def folded_prompt(run_dir, checkpoint="best"):
             raise errors.Failure(f"export: {run_dir} has no prompt.pt "
                                  "(an ft run, or training did not finish)")
         return M.load_folded_prompt(run_dir / "prompt.pt")[0].float()
-    net, _, _ = decoding.load_run(run_dir, "last", device="cpu")
+    net, _, _ = evaluation.load_run(run_dir, "last", device="cpu")
     return net.prompt().detach().float().cpu()
 
 

@@ -19,13 +19,14 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import random
 import re
 import sys
 from collections import Counter
 from pathlib import Path
 
-from ept import cli, errors, files, registry
+from ept import cli, errors, files, tasks
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=cli.HelpFormatter)
@@ -202,9 +203,11 @@ def fewshot(task, train, k, seed):
     """Table 3 (§5.2): k examples in all from the train split, classes balanced, fixed per seed.
     Each class gets k // C rows; the k % C left over go one each to the first classes of an order
     the seed shuffles (so over the seeds no class is favoured). A class with too few rows gives all
-    it has and its share passes on round-robin to the others. Open targets (STS-B, MRQA): k drawn
-    from the whole split."""
+    it has and its share passes on round-robin to the others. STS-B: the public EPT code's rule
+    (`stsb_fewshot`). MRQA (open targets): k drawn from the whole split."""
     rng = random.Random(seed)
+    if task.name == "stsb":
+        return stsb_fewshot(train, k, rng)
     if task.labels is None:
         return rng.sample(train, min(k, len(train)))
     pools = {label: [r for r in train if r["target"] == label] for label in task.labels}
@@ -218,6 +221,19 @@ def fewshot(task, train, k, seed):
                 left -= 1
     picked = [r for label in task.labels for r in rng.sample(pools[label], quota[label])]
     rng.shuffle(picked)
+    return picked
+
+
+def stsb_fewshot(train, k, rng):
+    """The public EPT code's STS-B sample: a score <= 2.5 is class 0, else 1; from the training
+    set shuffled by the seed, first-come, at most ceil(k/2) of each class, k in all."""
+    order, taken, picked = list(train), [0, 0], []
+    rng.shuffle(order)
+    for r in order:
+        c = int(r["label"] > 2.5)
+        if taken[c] < math.ceil(k / 2) and len(picked) < k:
+            taken[c] += 1
+            picked.append(r)
     return picked
 
 
@@ -263,7 +279,7 @@ def jsonl(records):
 
 def prepare(task, args, out):
     if args.source or task.benchmark == "steer":  # the steering sentences ship with the repository
-        train_rows, held_rows, source = load_local(task, Path(args.source or registry.STEER_SOURCE))
+        train_rows, held_rows, source = load_local(task, Path(args.source or tasks.STEER_SOURCE))
     else:
         train_rows, held_rows, source = load_hub(task)
     where = f"{task.hub_id} {task.hub_config}"
@@ -288,14 +304,14 @@ def prepare(task, args, out):
     texts = {f"{name}.jsonl": jsonl(records) for name, records in splits.items()}
     texts.update({f"train_{key}.jsonl": jsonl(records) for key, records in shots.items()})
     meta = {"task": task.name, "benchmark": task.benchmark,
-            "task_type": registry.TASK_TYPES[task.name], "source": source,
+            "task_type": tasks.TASK_TYPES[task.name], "source": source,
             "splits": {name: len(records) for name, records in splits.items()},
             "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
             "score": list(task.score), "max_length": task.max_length,
             "max_target_length": max_target_length, "data_seed": args.data_seed,
             "token_stats": stats,
             "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records),
-                              "rule": registry.FEWSHOT_RULE,
+                              "rule": tasks.fewshot_rule(task.name),
                               "classes": dict(sorted(Counter(r["target"] for r in records).items()))
                               if task.labels else None} for key, records in shots.items()}}
     texts["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
@@ -323,11 +339,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     names = []
     for name in args.tasks:
-        for t in list(registry.TASKS) if name == "all" else registry.GROUPS.get(name, [name]):
-            if not registry.known(t):
-                parser.error(f"unknown task {t!r}; valid: {', '.join(registry.TASKS)} "
-                             f"(or all, {', '.join(registry.GROUPS)}; "
-                             f"the steering benchmark: {', '.join(registry.STEER_TASKS)})")
+        for t in list(tasks.TASKS) if name == "all" else tasks.GROUPS.get(name, [name]):
+            if not tasks.known(t):
+                parser.error(f"unknown task {t!r}; valid: {', '.join(tasks.TASKS)} "
+                             f"(or all, {', '.join(tasks.GROUPS)}; "
+                             f"the steering benchmark: {', '.join(tasks.STEER_TASKS)})")
             if t not in names:
                 names.append(t)
     # created once the tokenizer has loaded: a failed start leaves nothing behind
@@ -350,17 +366,17 @@ def main(argv=None):
                                  f"{sorted(meta['fewshot']) or 'none'}; pass --overwrite to "
                                  "rebuild it")
         print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")
-        old[name] = registry.old_fewshot_sets(meta)
-    if warning := registry.old_fewshot_warning(out, old):  # one line for all of them
+        old[name] = tasks.old_fewshot_sets(meta)
+    if warning := tasks.old_fewshot_warning(out, old):  # one line for all of them
         print(f"prepare_data: {warning}", file=sys.stderr)
     # a missing file or a few-shot folder: refused before any work
-    tasks = [registry.TASKS.get(name) or registry.STEER_TASKS[name] for name in todo]
-    for task in tasks if args.source else []:
+    todo = [tasks.TASKS.get(name) or tasks.STEER_TASKS[name] for name in todo]
+    for task in todo if args.source else []:
         find_files(task, Path(args.source))
     if todo:
         load_tokenizer(args.tokenizer)  # fail before any download
         out = files.make_dir(out, "output folder")
-    for task in tasks:
+    for task in todo:
         prepare(task, args, out)
 
 

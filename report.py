@@ -18,7 +18,9 @@ import json
 import math
 from pathlib import Path
 
-from ept import cli, errors, files, registry, runs, tables
+import tables
+from ept import cli, errors, files, runs
+from ept.tasks import GROUPS, TASKS, load_meta
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("--results", default="results",
@@ -451,18 +453,16 @@ def table5_md(results, out):
     """Table 5 in the paper's layout: per benchmark, each task's type, split sizes and metric
     (selection metric first; the others are reported too), read from data/<task>/meta.json."""
     folders, metas = data_dirs(results), {}
-    for task in registry.TASKS:
-        found = [Path(f) / task / "meta.json" for f in folders
-                 if (Path(f) / task / "meta.json").exists()]
-        if found:
-            metas[task] = files.read_json(found[0], "task description")
+    for task in TASKS:
+        if found := [m for f in folders if (m := load_meta(f, task, strict=False)) is not None]:
+            metas[task] = found[0]
     if not metas:
         raise Missing("no data/<task>/meta.json next to the results or in the runs' data folders "
                       "(run `python prepare_data.py`)")
     header = ["Benchmark", "Dataset", "Type", "|Train|", "|Valid|", "|Test|", "Metric"]
     body, long = [], []
     for bench, label in BENCHMARK_LABELS.items():
-        for t in (t for t in registry.GROUPS[bench] if t in metas):
+        for t in (t for t in GROUPS[bench] if t in metas):
             m = metas[t]
             score = [METRIC_NAMES.get(x, x) for x in m["score"]]
             other = [METRIC_NAMES.get(x, x) for x in m["metrics"] if x not in m["score"]]

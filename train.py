@@ -42,8 +42,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
-from ept import batching, decoding, errors, files, metrics, multirun, options  # noqa: I001
-from ept import pretrained, registry, runfolder, runs, runtime, signals
+from ept import batching, errors, files, multirun, options  # noqa: I001
+from ept import evaluation as decoding, evaluation as metrics, tasks as registry  # eval's rename
+from ept import pretrained, runfolder, runs, runtime, signals
 
 # the flags live in ept/options.py: the drivers plan runs by them
 options.parser.description = __doc__

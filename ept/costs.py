@@ -8,7 +8,7 @@ import types
 from pathlib import Path
 
 import model as M
-from ept import files, options, registry, runs
+from ept import files, options, runs, tasks as registry  # eval's rename
 
 # --- the GPU-hour estimate: measured step times --------------------------------------------------
 # Seconds per optimizer step at batch 16, measured by bench.py on one NVIDIA H200

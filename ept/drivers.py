@@ -14,7 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from ept import cli, costs, files, launch, options, plans, registry, runs, tables
+import tables  # eval's move: ept/tables.py -> tables.py
+from ept import cli, costs, files, launch, options, plans, runs, tasks as registry
 
 
 def make_parser(doc):

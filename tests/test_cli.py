@@ -87,7 +87,7 @@ def offline_env():
 def test_offline_hub_fails_fast_with_the_flag(tmp_path):
     """A Hub name for the model, the tokenizer or a dataset, with no Hub: the one sentence naming the flag
     (--model DIR, --tokenizer DIR, --source DIR) in under 5 s of loading, and no "Retrying in" lines."""
-    code = ("import sys, time, datasets, prepare_data; from ept import errors, pretrained, registry\n"  # imported first: the time is the load's
+    code = ("import sys, time, datasets, prepare_data; from ept import errors, pretrained, tasks as registry\n"  # imported first: the time is the load's
             "from transformers import AutoTokenizer, T5ForConditionalGeneration\n"
             "for what, call in (('model', lambda: pretrained.load_t5('t5-small')),\n"
             "                   ('tokenizer', lambda: pretrained.load_tokenizer('t5-small')),\n"
@@ -277,7 +277,7 @@ def test_driver_names_say_what_runs(tmp_path, capsys):
 def test_progress_bars_for_long_work_and_tqdm_disable(tiny_model_dir):
     """evaluate.py's decoding and prepare_data's row conversion draw a bar on stderr (none inside train.py's
     validation, none for a few rows), and TQDM_DISABLE=1 (read when tqdm is imported) turns them off."""
-    code = ("import model, prepare_data as P; from ept import decoding, pretrained, registry\n"
+    code = ("import model, prepare_data as P; from ept import evaluation as decoding, pretrained, tasks as registry\n"
             f"net = model.PromptedT5(pretrained.load_t5({str(tiny_model_dir)!r}))\n"
             f"tok = pretrained.load_tokenizer({str(tiny_model_dir)!r})\n"
             "rows = [dict(sentence1='a b', sentence2='c', label=0, idx=i) for i in range(P.BAR_ROWS)]\n"
@@ -291,7 +291,7 @@ def test_progress_bars_for_long_work_and_tqdm_disable(tiny_model_dir):
     assert done.returncode == 0, err[-3000:]
     assert "evaluate toy test" in err and "rte: train" in err and "rte: small" not in err, err
     assert err.count("evaluate") == err.count("evaluate toy test")
-    code = ("import prepare_data as P; from ept import registry\n"
+    code = ("import prepare_data as P; from ept import tasks as registry\n"
             "P.to_records(registry.TASKS['rte'], [dict(sentence1='a', sentence2='b', label=0, idx=i) for i in range(P.BAR_ROWS)], 'train')")
     out = subprocess.run([sys.executable, "-c", code], env={**offline_env(), "TQDM_DISABLE": "1"}, capture_output=True,
                          text=True, timeout=120)

@@ -24,7 +24,8 @@ import export
 import fewshot
 import model as M
 import report
-from ept import costs, decoding, errors, files, launch, options, plans, pretrained, tables
+import tables
+from ept import costs, errors, evaluation, files, launch, options, plans, pretrained
 from ept import runs as ept_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,8 +289,8 @@ def test_subset_broadcast_of_identical_rows_reproduces_the_whole_prompt(grid, ti
     """EPT*'s P' is one row x 10: repeating row 0 ten times is the same prompt, hence the same predictions."""
     run = grid / "runs" / f"rte_ept_star_{Path(tiny_model_dir).name}_steps3_ev2_s0"
     prompt, _ = M.load_folded_prompt(run / "prompt.pt")
-    whole = decoding.evaluate_run(run, split="test", write=False, quiet=True, max_examples=6)
-    again = decoding.evaluate_run(run, split="test", prompt=prompt[0].expand(10, -1).clone(), write=False,
+    whole = evaluation.evaluate_run(run, split="test", write=False, quiet=True, max_examples=6)
+    again = evaluation.evaluate_run(run, split="test", prompt=prompt[0].expand(10, -1).clone(), write=False,
                                   quiet=True, max_examples=6)
     assert whole["score"] == again["score"]
 

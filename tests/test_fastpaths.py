@@ -24,7 +24,8 @@ import torch.nn.functional as F
 import bench
 import model as M
 import reference
-from ept import batching, decoding, pretrained, runtime
+from ept import batching, pretrained, runtime
+from ept import evaluation as decoding  # eval's rename
 
 WORDS = "good bad fine awful great poor nice sad happy dull the movie plot was not very".split()
 MAX_LENGTH = 40

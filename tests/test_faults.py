@@ -32,7 +32,7 @@ import model as M
 import prepare_data
 import report
 import train
-from ept import errors, files, plans, pretrained, registry
+from ept import errors, files, plans, pretrained, tasks as registry  # eval's rename
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "raw"

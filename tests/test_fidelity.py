@@ -21,7 +21,9 @@ import analyze
 import model as M
 import prepare_data
 import report
-from ept import costs, decoding, files, metrics, options, plans, pretrained, registry, tables
+import tables  # eval's move
+from ept import costs, files, options, plans, pretrained
+from ept import evaluation as decoding, evaluation as metrics, tasks as registry  # eval's rename
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",

@@ -10,6 +10,8 @@ import csv
 import errno
 import gzip
 import json
+import math
+import random
 import shutil
 import sys
 from pathlib import Path
@@ -19,8 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prepare_data  # noqa: E402
-from ept import errors, files, registry  # noqa: E402
-from ept.registry import GROUPS, TASKS, pad_punctuation  # noqa: E402
+from ept import errors, files, tasks  # noqa: E402
+from ept.tasks import GROUPS, TASKS, pad_punctuation  # noqa: E402
 from prepare_data import main, to_records  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "raw"
@@ -150,10 +152,31 @@ def test_extra_fields(fixture_data):
     assert rte_dev[0]["source"] == 'sentence1: Dana said "hello" to Ben. sentence2: Dana greeted Ben.'  # QUOTE_NONE
 
 
-def test_stsb_rounds_to_the_point_two_grid_like_t5(fixture_data):
+def test_stsb_targets_follow_the_public_code_s_point_one_grid(fixture_data):
     targets = {r["idx"]: (r["label"], r["target"]) for r in read(fixture_data, "stsb")}
-    # 2.5 and 4.9 sit halfway between grid points: round half to even, as T5's tf.round
-    assert [targets[i] for i in range(4)] == [(3.8, "3.8"), (2.5, "2.4"), (0.636, "0.6"), (4.9, "4.8")]
+    # the public EPT code's np.round((label * 5) / 5, decimals=1): the 0.1 grid (T5's 0.2 grid would
+    # give "2.4" and "4.8" for 2.5 and 4.9)
+    assert [targets[i] for i in range(4)] == [(3.8, "3.8"), (2.5, "2.5"), (0.636, "0.6"), (4.9, "4.9")]
+    row = lambda y: {"label": y, "sentence1": "a", "sentence2": "b", "idx": 0}
+    assert [tasks.stsb(row(y), 0)["target"] for y in (2.25, 3.14159, 0.04, 5.0)] == ["2.2", "3.1", "0.0", "5.0"]
+
+
+def test_stsb_fewshot_follows_the_public_code():
+    """A score <= 2.5 is class 0, else 1; at most ceil(k/2) of each, first-come, from the training set
+    shuffled by the seed: a scarce class gives what it has, and the sample is then smaller than k."""
+    train = [{"source": f"s{i}", "target": "x", "label": 2.5 if i < 5 else 4.0, "idx": i} for i in range(100)]
+    for seed in range(4):
+        shots = prepare_data.fewshot(TASKS["stsb"], train, 16, seed)
+        assert sorted(r["label"] for r in shots) == [2.5] * 5 + [4.0] * 8  # 2.5 itself is class 0
+        order = list(train)
+        random.Random(seed).shuffle(order)
+        assert shots == [r for r in order if r["label"] == 2.5 or r in shots]  # first-come, in the shuffle
+        assert [r for r in shots if r["label"] == 4.0] == [r for r in order if r["label"] == 4.0][:8]
+    balanced = [{"source": f"s{i}", "target": "x", "label": i % 26 / 5, "idx": i} for i in range(100)]
+    for k in (4, 5, 16):
+        shots = prepare_data.fewshot(TASKS["stsb"], balanced, k, 0)
+        low = sum(r["label"] <= 2.5 for r in shots)
+        assert len(shots) == k and max(low, k - low) == math.ceil(k / 2)
 
 
 def test_pad_punctuation_keeps_letters_numbers_marks_underscore():
@@ -171,7 +194,7 @@ def test_meta(fixture_data):
         assert set(meta["token_stats"]) == {"train", "validation", "test"} and meta["data_seed"] == 42
         for key, entry in meta["fewshot"].items():  # k = 4 in all (§5.2) on every fixture
             shots = read(fixture_data, name, f"train_{key}")
-            assert entry["size"] == len(shots) == 4 and entry["rule"] == registry.FEWSHOT_RULE
+            assert entry["size"] == len(shots) == 4 and entry["rule"] == tasks.fewshot_rule(name)
             assert entry["classes"] == ({y: sum(r["target"] == y for r in shots) for y in sorted(task.labels)
                                          if any(r["target"] == y for r in shots)} if task.labels else None)
     meta = lambda t: json.loads((fixture_data / t / "meta.json").read_text())
@@ -357,7 +380,7 @@ def test_fewshot_class_too_small_passes_its_share_on():
 def test_fewshot_files_of_the_old_rule_are_kept_with_a_warning(tmp_path, capsys):
     run("--tasks", "cb", "--out", tmp_path, "--fewshot", 4, "--fewshot-seeds", 0)
     meta = json.loads((tmp_path / "cb/meta.json").read_text())
-    assert meta["fewshot"]["k4_seed0"]["rule"] == registry.FEWSHOT_RULE
+    assert meta["fewshot"]["k4_seed0"]["rule"] == tasks.FEWSHOT_RULE
     assert sum(meta["fewshot"]["k4_seed0"]["classes"].values()) == 4
     del meta["fewshot"]["k4_seed0"]["rule"]  # as prepare_data.py wrote it before the rule was recorded
     (tmp_path / "cb/meta.json").write_text(json.dumps(meta))
@@ -368,8 +391,8 @@ def test_fewshot_files_of_the_old_rule_are_kept_with_a_warning(tmp_path, capsys)
     assert "k examples per class" in err and "only with --overwrite" in err and err.count("warning") == 1
     assert f"--tasks cb --out {tmp_path} --fewshot 4 --fewshot-seeds 0 --overwrite" in err
     assert snapshot(tmp_path) == before  # kept as they are
-    assert registry.old_fewshot_sets(meta) == ["k4_seed0"]
-    assert registry.old_fewshot_warning(tmp_path, {"cb": [], "rte": []}) is None
+    assert tasks.old_fewshot_sets(meta) == ["k4_seed0"]
+    assert tasks.old_fewshot_warning(tmp_path, {"cb": [], "rte": []}) is None
     run("--tasks", "cb", "--out", tmp_path, "--fewshot", 4, "--fewshot-seeds", 0, "--overwrite")
     assert "per class" not in capsys.readouterr().err
     run("--tasks", "cb", "--out", tmp_path, "--fewshot", 4, "--fewshot-seeds", 0)
@@ -400,7 +423,7 @@ def test_prepared_task_without_a_data_seed_is_refused_in_one_sentence(tmp_path):
 
 
 def test_steering_task_from_a_source_folder(tmp_path):
-    steer = Path(registry.STEER_SOURCE)
+    steer = Path(tasks.STEER_SOURCE)
     run("--tasks", "steer_comma", "--out", tmp_path / "out", source=steer)
     assert read(tmp_path / "out", "steer_comma")
     with pytest.raises(SystemExit, match="steer_comma: missing folder"):  # one sentence, no KeyError

@@ -13,7 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepare_data  # noqa: E402
 import train  # noqa: E402
-from ept import decoding, pretrained, registry  # noqa: E402
+from ept import pretrained  # noqa: E402
+from ept import evaluation as decoding, tasks as registry  # noqa: E402 eval's rename
 
 BACKBONE = Path(__file__).resolve().parent / "fixtures" / "steer" / "backbone"
 TASK = "steer_comma"

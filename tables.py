@@ -6,9 +6,10 @@ import math
 from pathlib import Path
 
 import model as M
-from ept import files, registry
+from ept import files
+from ept.tasks import GROUPS, TASKS
 
-GLUE, SUPERGLUE, MRQA, OTHERS = (registry.GROUPS[g]
+GLUE, SUPERGLUE, MRQA, OTHERS = (GROUPS[g]
                                  for g in ("glue", "superglue", "mrqa", "others"))
 
 LABELS = {"ft": "FT", "ptuning": "P-Tuning", "resprompt": "ResPrompt", "pt": "PT", "ept": "EPT",
@@ -340,7 +341,7 @@ def table6(rows):
 def sweep_table(rows):
     """Ablation sweeps (Figures 5, 7, 8, 9): rows (method, swept value), a column per task."""
     rows = dedupe(rows)
-    tasks = ordered({r["task"] for r in rows}, list(registry.TASKS))
+    tasks = ordered({r["task"] for r in rows}, list(TASKS))
     tags = ordered({r.get("model_tag") for r in rows}, MODEL_ORDER)
     several = len(tags) > 1  # Figure 8: t5-base and t5-large, never averaged together
     header = ["Model"] * several + ["Method", "Value", *[TASK_LABELS.get(t, t) for t in tasks],

@@ -1,0 +1,398 @@
+"""Evaluation: greedy decoding and rank classification of a prompted T5, a run rebuilt from its
+folder, a split scored across ranks, and every metric of the paper (docs/DESIGN.md lists the names)
+in [0, 100] as the paper prints them. train.py validates with `score_split`; evaluate.py, the
+analyses and the drivers call `evaluate_run(run_dir, task=None, split="test", mode="generate")`.
+"""
+import bisect
+import collections
+import inspect
+import math
+import re
+import string
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import model as M
+from ept import batching, errors, files, pretrained, runs, runtime, tasks
+
+# --- metrics: f(predictions, targets, ...); an empty input scores 0.0 (never NaN in JSON) ---------
+
+
+def accuracy(preds, targets):
+    return 100.0 * sum(p == t for p, t in zip(preds, targets)) / len(targets) if targets else 0.0
+
+
+def binary_f1(preds, targets, labels=("0", "1"), positive="1"):
+    """F1 of `positive`; a prediction outside the label set is always wrong (docs/paper.md)."""
+    tp = fp = fn = 0
+    for p, t in zip(preds, targets):
+        truth = t == positive
+        pp = (p == positive) if p in (labels or ("0", "1")) else not truth
+        tp, fp, fn = tp + (pp and truth), fp + (pp and not truth), fn + (truth and not pp)
+    return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0  # no positives: 0 (sklearn)
+
+
+def macro_f1(preds, targets, labels=None):
+    """Mean per-class F1 over the label-set classes that occur in targets or valid predictions; an
+    invalid prediction is a false negative of its target class and a false positive of none."""
+    labels = list(labels) if labels else sorted(set(targets))
+    f1s = []
+    for c in (c for c in labels if c in set(targets) or c in set(preds)):
+        tp = sum(p == c and t == c for p, t in zip(preds, targets))
+        wrong = sum((p == c) != (t == c) for p, t in zip(preds, targets))  # fp + fn
+        f1s.append(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
+    return 100.0 * sum(f1s) / len(f1s) if f1s else 0.0
+
+
+def matthews_corr(preds, targets, labels=None):
+    """Matthews correlation (Gorodkin's K-class form); an invalid prediction is always wrong."""
+    labels = list(labels) if labels else sorted(set(targets))
+    if len(labels) == 2:
+        preds = [p if p in labels else labels[1 - labels.index(t)] if t in labels else p
+                 for p, t in zip(preds, targets)]
+    s, c = len(targets), sum(p == t for p, t in zip(preds, targets))
+    pk, tk = collections.Counter(preds), collections.Counter(targets)
+    cov_pt = c * s - sum(pk[k] * tk[k] for k in tk)
+    den = math.sqrt((s * s - sum(v * v for v in pk.values()))
+                    * (s * s - sum(v * v for v in tk.values())))
+    return 100.0 * cov_pt / den if den else 0.0  # a constant prediction or target: 0, as sklearn
+
+
+def to_float(text, default=-1.0):
+    """STS-B predictions as numbers; a non-numeric one is -1.0, as T5's `string_to_float`."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return default
+    return value if math.isfinite(value) else default
+
+
+def _pearson(x, y):
+    n = len(x)
+    if n < 2:
+        return 0.0
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0  # constant input: 0, not NaN
+
+
+def _ranks(x):
+    """1-based ranks, ties get their average rank (scipy.stats.rankdata 'average')."""
+    s = sorted(x)
+    return [(bisect.bisect_left(s, v) + bisect.bisect_right(s, v) + 1) / 2 for v in x]
+
+
+def pearson(preds, targets):
+    return 100.0 * _pearson([to_float(p) for p in preds], [float(t) for t in targets])
+
+
+def spearman(preds, targets):
+    return 100.0 * _pearson(_ranks([to_float(p) for p in preds]),
+                            _ranks([float(t) for t in targets]))
+
+
+def multirc_em(preds, targets, question_ids):
+    """Exact match per question: all of a question's answers right (MultiRC; invalid = wrong)."""
+    right = collections.defaultdict(lambda: True)
+    for p, t, q in zip(preds, targets, question_ids):
+        right[q] = right[q] and p == t
+    return 100.0 * sum(right.values()) / len(right) if right else 0.0
+
+
+def normalize_answer(text):
+    """SQuAD v1.1 normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def _squad_f1(pred, gold):
+    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum((collections.Counter(p) & collections.Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_em(preds, answers, match=lambda p, a: float(normalize_answer(p) == normalize_answer(a))):
+    scores = [max(match(p, a) for a in golds) for p, golds in zip(preds, answers)]
+    return 100.0 * sum(scores) / len(scores) if scores else 0.0
+
+
+def squad_f1(preds, answers):
+    return squad_em(preds, answers, _squad_f1)
+
+
+_T = lambda ex: [e["target"] for e in ex]  # noqa: E731
+_GOLDS = lambda ex: [e.get("answers") or [e["target"]] for e in ex]  # noqa: E731 MRQA: every gold
+METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
+    "acc": lambda p, ex, lab: accuracy(p, _T(ex)),
+    "f1": lambda p, ex, lab: binary_f1(p, _T(ex), lab),
+    "macro_f1": lambda p, ex, lab: macro_f1(p, _T(ex), lab),
+    "mcc": lambda p, ex, lab: matthews_corr(p, _T(ex), lab),
+    "pearson": lambda p, ex, lab: pearson(p, _T(ex)),
+    "spearman": lambda p, ex, lab: spearman(p, _T(ex)),
+    "f1a": lambda p, ex, lab: binary_f1(p, _T(ex), lab),
+    "em": lambda p, ex, lab: multirc_em(p, _T(ex), [e["question_id"] for e in ex]),
+    "squad_em": lambda p, ex, lab: squad_em(p, _GOLDS(ex)),
+    "squad_f1": lambda p, ex, lab: squad_f1(p, _GOLDS(ex)),
+}
+
+
+def check_metrics(meta, path):
+    """meta.json names only metrics this file computes (an edited one would fail after the run)."""
+    if unknown := [m for m in meta["metrics"] if m not in METRICS]:
+        raise files.FileFault(f"{path} names unknown metrics {unknown}; known: {', '.join(METRICS)}"
+                              ". Rebuild the task with prepare_data.py --overwrite")
+
+
+def compute_metrics(meta, predictions, examples):
+    """{metric: value for meta['metrics']} + 'score' (mean of meta['score']) + counts."""
+    assert len(predictions) == len(examples), (len(predictions), len(examples))
+    labels = meta.get("labels")
+    out = {name: METRICS[name](predictions, examples, labels) for name in meta["metrics"]}
+    out["score"] = sum(out[name] for name in meta["score"]) / len(meta["score"])
+    out["n"] = len(examples)
+    if labels:
+        out["invalid"] = sum(p not in labels for p in predictions)  # outside the label set
+    return out
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, dtype, sort,
+              progress):
+    """[step(input_ids, mask) per batch of `sources` (strings or token-id lists)] in their order,
+    in eval mode; `progress` labels a bar on stderr (None: no bar; TQDM_DISABLE=1: none)."""
+    ids = (batching.encode(tokenizer, sources, max_length)
+           if sources and isinstance(sources[0], str) else sources)
+    out, was_training = {}, model.training
+    model.eval()
+    bar = tqdm(total=len(ids), desc=progress, unit="ex", dynamic_ncols=True,
+               **({"disable": True} if progress is None else {}))
+    for batch in batching.batches_by_length(ids, batch_size, sort,
+                                            token_budget=not str(device).startswith("cuda")):
+        input_ids, mask = batching.pad([ids[i] for i in batch], tokenizer.pad_token_id)
+        with runtime.autocast(device, dtype):
+            out.update(zip(batch, step(input_ids.to(device), mask.to(device))))
+        bar.update(len(batch))
+    bar.close()
+    model.train(was_training)
+    return [out[i] for i in range(len(ids))]
+
+
+def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_length=256,
+            device="cpu", dtype="fp32", sort_by_length=True, progress=None):
+    """Greedy decoding of `sources` (strings or token-id lists): batched, sorted by length, at most
+    `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped."""
+    def step(input_ids, mask):
+        gen = model.generate(input_ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=1)
+        return [text.strip() for text in tokenizer.batch_decode(gen, skip_special_tokens=True)]
+    return _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, dtype,
+                     sort_by_length, progress)
+
+
+@torch.no_grad()
+def label_nll(model, input_ids, mask, label_ids):
+    """(B, L) summed NLL (incl. `</s>`) of the L label sequences `label_ids` (L, T; -100 = padding)
+    for each of the B inputs: the encoder and the decoder's first step run once per input, their
+    cache is repeated for the L labels, whose tokens are scored in one more decoder pass."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    t5, n_labels = model.t5, label_ids.size(0)
+    embeds, mask = model.embed(input_ids, mask)  # (B, n+S, d), prompt included
+    hidden = t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    start = torch.full((len(input_ids), 1), t5.config.decoder_start_token_id,
+                       device=input_ids.device)
+    cache_arg = ("cache" if "cache" in inspect.signature(t5.forward).parameters  # renamed in 5.2x
+                 else "past_key_values")
+    first = t5(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=start,
+               use_cache=True, **{cache_arg: EncoderDecoderCache(DynamicCache(), DynamicCache())})
+    logits = first.logits.repeat_interleave(n_labels, 0)  # (B*L, 1, V): example-major
+    target = label_ids.repeat(len(input_ids), 1)  # (B*L, T)
+    if target.size(1) > 1:
+        cache = getattr(first, cache_arg)
+        cache.batch_repeat_interleave(n_labels)
+        rest = t5(encoder_outputs=(hidden.repeat_interleave(n_labels, 0),),
+                  attention_mask=mask.repeat_interleave(n_labels, 0),
+                  decoder_input_ids=target[:, :-1].masked_fill(target[:, :-1] == -100,
+                                                               t5.config.pad_token_id),
+                  use_cache=True, **{cache_arg: cache})
+        logits = torch.cat([logits, rest.logits], 1)  # (B*L, T, V)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100,
+                          reduction="none")
+    return nll.sum(1).view(len(input_ids), n_labels)
+
+
+def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_length=256,
+                  device="cpu", dtype="fp32", progress=None):
+    """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5,
+    scored by `label_nll` for a batch of inputs at a time; never an invalid prediction."""
+    label_ids, _ = batching.pad(batching.encode(tokenizer, labels, max_length), -100)  # (L, T)
+
+    def step(input_ids, mask):
+        nll = label_nll(model, input_ids, mask, label_ids.to(device))
+        return [labels[k] for k in nll.argmin(1).tolist()]
+    return _by_batch(model, tokenizer, sources, step, max(1, batch_size // len(labels)),
+                     max_length, device, dtype, True, progress)
+
+
+def run_predictions(net, tokenizer, sources, meta, *, mode, **options):
+    """Greedy decoding (at most meta's max_target_length tokens) or, for tasks with a label set,
+    rank classification; `options`: batch_size, max_length, device, dtype, progress."""
+    if mode != "rank":
+        return predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"], **options)
+    if not meta.get("labels"):
+        raise errors.Failure("--eval-mode rank needs a task with a label set (meta.json 'labels')")
+    return rank_classify(net, tokenizer, sources, meta["labels"], **options)
+
+
+def score_split(net, tokenizer, meta, examples, source_ids, ranks, **options):
+    """Scores of `net` on a split, decoded as `options` (decode_options) say: each rank decodes a
+    strided shard, and scores the whole split's gathered predictions."""
+    preds = run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], meta,
+                            device=ranks.device, **options)
+    if ranks.world_size > 1:
+        shards = [None] * ranks.world_size
+        dist.all_gather_object(shards, preds)
+        preds = [None] * len(examples)
+        for r, part in enumerate(shards):
+            preds[r::ranks.world_size] = part
+    return compute_metrics(meta, preds, examples)
+
+
+def decode_options(args):
+    """How validation and test decode: the run's eval mode, batch size, input length, precision."""
+    return {"mode": args.eval_mode, "batch_size": args.eval_batch_size,
+            "max_length": args.max_length, "dtype": args.dtype}
+
+
+# --- a run rebuilt from its folder, scored -------------------------------------------------------
+
+def load_run(run_dir, checkpoint="best", prompt=None, device=None):
+    """(PromptedT5 with a FoldedPrompt or a fine-tuned T5, tokenizer, config) from a run folder."""
+    run_dir = Path(run_dir)
+    config = runs.read_config(run_dir)
+    device = device or runtime.default_device()
+    t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
+                            fix=pretrained.RUN_FIX)
+    tokenizer = pretrained.load_tokenizer(config["tokenizer"], fix=pretrained.RUN_FIX)
+    state_path = run_dir / f"{checkpoint}.pt"
+    if config["method"] == "ft":  # the checkpoint holds all of T5
+        if not state_path.exists():
+            raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); "
+                                  "was it pruned?")
+        load_state(t5, files.load_torch(state_path), state_path)
+        return M.PromptedT5(t5, None).to(device).eval(), tokenizer, config
+    if config.get("t5_fingerprint") and pretrained.t5_fingerprint(t5) != config["t5_fingerprint"]:
+        raise errors.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one "
+                             f"{run_dir} was trained with (fingerprint mismatch); restore that "
+                             "model or retrain the run")
+    if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
+        prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
+    elif prompt is None:  # fold P' from the checkpoint's reparameterization network, once
+        if not state_path.exists():
+            raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; "
+                                  "the run has not finished a validation yet")
+        try:
+            module = M.build_prompt_module(config["method"], t5.config.d_model,
+                                           **M.prompt_options(config))
+        except ValueError as err:
+            raise files.FileFault(f"{run_dir / 'config.json'} has a wrong prompt option "
+                                  f"({err})") from None
+        load_state(module, files.load_torch(state_path), state_path)
+        with torch.no_grad():
+            prompt = module().detach()
+    prompt = torch.as_tensor(prompt, dtype=torch.float32)
+    if not torch.isfinite(prompt).all():
+        raise errors.Failure(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
+    if prompt.dim() != 2 or prompt.size(1) != t5.config.d_model:
+        raise errors.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but "
+                             f"{config['model']} needs (n, {t5.config.d_model}); it belongs to "
+                             "another model")
+    return M.PromptedT5(t5, M.FoldedPrompt(prompt)).to(device).eval(), tokenizer, config
+
+
+def load_state(module, checkpoint, path):
+    """A checkpoint's trainable state into `module`; another model's checkpoint is one sentence."""
+    try:
+        module.load_state_dict(checkpoint["trainable"])
+    except (RuntimeError, KeyError, TypeError, IndexError) as err:
+        raise files.FileFault(f"{path} does not fit the model its config.json builds "
+                              f"({type(err).__name__}); it belongs to another run") from None
+
+
+def run_dtype(config, device):
+    """The precision a run was trained in (config.json), on this device: bf16 needs CUDA."""
+    return config.get("dtype", "fp32") if torch.device(device).type == "cuda" else "fp32"
+
+
+def _score(net, tokenizer, data_dir, task, split, max_length, max_examples=None, **options):
+    """(examples, predictions, metrics, seconds decoding) of `net` on data/<task>/<split>.jsonl."""
+    meta = tasks.load_meta(data_dir, task)
+    check_metrics(meta, Path(data_dir) / task / "meta.json")
+    if options.get("mode") == "rank" and not meta.get("labels"):
+        raise errors.Failure(f"evaluate: --eval-mode rank needs a task with a label set; {task} "
+                             "has open targets")
+    max_length = max_length or meta["max_length"]
+    examples, source_ids, _ = batching.read_split(meta, split, Path(data_dir) / task /
+                                                  f"{split}.jsonl", tokenizer, max_length,
+                                                  max_examples)
+    t0 = time.time()
+    preds = run_predictions(net, tokenizer, source_ids, meta, max_length=max_length, **options)
+    return examples, preds, compute_metrics(meta, preds, examples), time.time() - t0
+
+
+def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None, *,
+                 checkpoint="best", data_dir=None, batch_size=64, max_examples=None, device=None,
+                 write=True, tag=None, quiet=False):
+    """Score a run on `split` of `task` (default: the run's own). `prompt` (l, d) overrides P'
+    (Figure 4); files go to RUN_DIR/eval/<task>_<split>[.<tag>].{metrics.json,predictions.jsonl};
+    tag defaults to 'rank' in rank mode. Returns the result dict (with 'score')."""
+    say = (lambda *a: None) if quiet else print
+    net, tokenizer, config = load_run(run_dir, checkpoint, prompt, device)
+    device, task = device or runtime.default_device(), task or config["task"]
+    data_dir = str(data_dir or config["data_dir"])
+    if data_dir != config["data_dir"]:
+        say(f"evaluate: --data-dir {data_dir} overrides the run's {config['data_dir']}")
+    own = task == config["task"]
+    if not own:
+        say(f"evaluate: zero-shot transfer of {config['task']}'s prompt to {task} (max_length "
+            f"{tasks.load_meta(data_dir, task)['max_length']})")
+    examples, preds, scores, seconds = _score(
+        net, tokenizer, data_dir, task, split, config["max_length"] if own else None, max_examples,
+        mode=mode, batch_size=batch_size, device=device, dtype=run_dtype(config, device),
+        progress=None if quiet else f"evaluate {task} {split}")
+    result = {"task": task, "split": split, "mode": mode, "checkpoint": checkpoint,
+              "run": str(run_dir), "train_task": config["task"],
+              "prompt_override": prompt is not None, **scores,
+              "eval_examples_per_s": len(examples) / max(seconds, 1e-9)}
+    if write:
+        tag = tag or ("rank" if mode == "rank" else None)
+        stem = Path(run_dir) / "eval" / (f"{task}_{split}" + (f".{tag}" if tag else ""))
+        files.make_dir(stem.parent, "evaluation folder")
+        files.write_jsonl(f"{stem}.predictions.jsonl", [
+            {"idx": e.get("idx"), "source": e["source"], "target": e["target"], "prediction": p,
+             "correct": p == e["target"]} for e, p in zip(examples, preds)])
+        files.write_json(f"{stem}.metrics.json", result)
+        say(f"evaluate: wrote {stem}.metrics.json and .predictions.jsonl")
+    return result
+
+
+def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None):
+    """The frozen T5 `model` alone, no prompt and no run folder (the steering benchmark's floor):
+    its metrics on `split` of `task` (greedy decoding, fp32)."""
+    device = device or runtime.default_device()
+    net = M.PromptedT5(pretrained.load_t5(model), None).to(device).eval()
+    _, _, scores, _ = _score(net, pretrained.load_tokenizer(model), data_dir, task, split, None,
+                          mode="generate", device=device, batch_size=batch_size, dtype="fp32")
+    return {"task": task, "split": split, "model": str(model), **scores}
