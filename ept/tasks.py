@@ -478,7 +478,8 @@ def old_fewshot_warning(data_dir, old):
     named = [re.fullmatch(r"k(\d+)_seed(\d+)", key) for keys in old.values() for key in keys]
     ks, seeds = (sorted({int(m[i]) for m in named if m}) for i in (1, 2))
     return (f"warning: the few-shot files of {', '.join(old)} in {data_dir} were drawn with an "
-            "older rule, k examples per class, where the paper's Table 3 uses k in all, classes "
-            "balanced; prepared files are rebuilt only with --overwrite: python prepare_data.py "
+            "older rule, k examples per class (STS-B: k from the whole split), where we read "
+            "Table 3 as k in all (the public EPT code takes k in total), classes balanced; "
+            "prepared files are rebuilt only with --overwrite: python prepare_data.py "
             f"--tasks {' '.join(old)} --out {data_dir} --fewshot {' '.join(map(str, ks))} "
             f"--fewshot-seeds {' '.join(map(str, seeds))} --overwrite")
