@@ -373,11 +373,18 @@ def main(argv=None):
     todo = [tasks.TASKS.get(name) or tasks.STEER_TASKS[name] for name in todo]
     for task in todo if args.source else []:
         find_files(task, Path(args.source))
-    if todo:
-        load_tokenizer(args.tokenizer)  # fail before any download
-        out = files.make_dir(out, "output folder")
-    for task in todo:
-        prepare(task, args, out)
+    if not todo:
+        return
+    load_tokenizer(args.tokenizer)  # fail before any download
+    made = not out.exists()
+    out = files.make_dir(out, "output folder")
+    try:
+        for task in todo:
+            prepare(task, args, out)
+    except BaseException:
+        if made and not any(out.iterdir()):  # a failed first task leaves no empty --out behind
+            out.rmdir()
+        raise
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import tables
@@ -169,6 +170,15 @@ def _sweep_rows(results, experiment):
     return rows
 
 
+def _scored_rows(results, experiment):
+    """A sweep's rows with a test score: --no-test rows (score None) have nothing to plot."""
+    rows = [r for r in _sweep_rows(results, experiment) if r["score"] is not None]
+    if not rows:
+        raise Missing(f"no test score in {Path(results) / experiment}.jsonl (its runs were "
+                      "trained with --no-test)")
+    return rows
+
+
 def _present(rows, tasks):
     return [t for t in tasks if any(r["task"] == t for r in rows)]
 
@@ -207,7 +217,7 @@ def _sweep_figure(blocks, tasks, xlabel, logx, wide=4, height=3.6, band=True):
 
 
 def fig5_12(results, out):
-    rows = _sweep_rows(results, "hidden")
+    rows = _scored_rows(results, "hidden")
     names = []
     for number, tasks in ((5, ["boolq", "rte"]), (12, ["wsc", "cb", "wic"])):
         if _present(rows, tasks):
@@ -220,7 +230,7 @@ def fig5_12(results, out):
 
 
 def fig7(results, out):
-    rows = _sweep_rows(results, "broadcast")
+    rows = _scored_rows(results, "broadcast")
     tasks = _present(rows, ["multirc", "cola"])
     if not tasks:
         raise Missing("no rows for broadcast")
@@ -233,7 +243,7 @@ def fig7(results, out):
 
 def fig8(results, out):
     """Figure 8: a row of panels (SuperGLUE tasks + Avg) per T5 size: §5.3 reads base and large."""
-    rows = _sweep_rows(results, "lr")
+    rows = _scored_rows(results, "lr")
     tags = tables.ordered({r.get("model_tag") for r in rows}, tables.MODEL_ORDER)
     tasks = _present(rows, tables.SUPERGLUE)
     if not tasks:
@@ -247,7 +257,7 @@ def fig8(results, out):
 
 def fig9(results, out):
     """Figure 9: (left) score per added structure on SuperGLUE; (right) norm vs score on BoolQ."""
-    rows = _sweep_rows(results, "structure")
+    rows = _scored_rows(results, "structure")
     names = tables.ordered({r["variant"] for r in rows}, list(tables.STRUCTURE_LABELS))
     tasks = _present(rows, tables.SUPERGLUE)
     if not tasks:
@@ -555,9 +565,20 @@ def main(argv=None):
         raise files.FileFault(f"report: there is no results folder {results}; run the "
                               "experiments first (run_all.sh, ablate.py, fewshot.py) or pass "
                               "--results DIR with their results")
+    made = not out.exists()
     files.make_dir(out, "report folder")
+    try:
+        return write_report(results, out, args.smoke)
+    except BaseException:
+        if made:  # a failed report leaves no folder it made (a half-written one included)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def write_report(results, out, smoke):
+    """The tables, the figures and index.md into `out` -> the missing items."""
     index = ["# EPT reproduction: report\n"]
-    noise = tables.smoke_reason(results, args.smoke)
+    noise = tables.smoke_reason(results, smoke)
     if noise:
         index.append(f"> **SMOKE report: the numbers are noise.** These runs used {noise}, "
                      "trained for a few steps on the test fixtures: the report shows that every "

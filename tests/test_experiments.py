@@ -396,6 +396,42 @@ def test_report_tables_and_figures_from_rows(tmp_path):
     assert tables.human(2304) == "2.3K" and tables.human(1779456) == "1.7M" and tables.human(624784) == "624K"
 
 
+def test_a_failed_report_leaves_no_folder(tmp_path):
+    results = tmp_path / "results"
+    files.append_jsonl(results / "table1.jsonl", [fake_row("table1", "rte", "ept", 0, 70.0)])
+    with (results / "hidden.jsonl").open("w") as f:  # a damaged row: report.py fails in one sentence
+        f.write(json.dumps({"task": "rte"}) + "\n")
+    with pytest.raises(SystemExit, match="is damaged"):
+        report.main(["--results", str(results), "--out", str(tmp_path / "report")])
+    assert not (tmp_path / "report").exists()
+    (tmp_path / "old").mkdir()  # a folder that was there stays
+    with pytest.raises(SystemExit):
+        report.main(["--results", str(results), "--out", str(tmp_path / "old")])
+    assert (tmp_path / "old").is_dir()
+
+
+def test_report_skips_figures_of_untested_rows_with_a_note(tmp_path):
+    """--no-test rows (score None) in every sweep: each figure without a score is skipped with a note
+    (the hidden-size sweep's log axis crashed the report: "Data cannot be log-scaled")."""
+    results = tmp_path / "results"
+    untested = dict(tested=False, test=None)
+    rows = {"hidden": [fake_row("hidden", t, "ept", 0, None, variant=h, hidden_size=h, run=f"r/{t}{h}", **untested)
+                       for t in ("rte", "wsc") for h in (1, 5)],
+            "broadcast": [fake_row("broadcast", "cola", "ept_star", 0, None, variant=n, run=f"r/b{n}", **untested)
+                          for n in (1, 2)],
+            "lr": [fake_row("lr", "cb", "ept", 0, None, variant=lr, lr=lr, run=f"r/lr{lr}", **untested)
+                   for lr in (0.01, 0.3)],
+            "structure": [fake_row("structure", "boolq", "ept", 0, None, variant=v, run=f"r/s{v}", **untested)
+                          for v in ablate.STRUCTURES]}
+    for experiment, mine in rows.items():
+        files.append_jsonl(results / f"{experiment}.jsonl", mine)
+    missing = report.main(["--results", str(results), "--out", str(tmp_path / "report")])
+    index = (tmp_path / "report" / "index.md").read_text()
+    for figure in ("Figures 5 and 12", "Figure 7", "Figure 8", "Figure 9"):
+        assert any(figure in m and "no test score" in m for m in missing), figure
+    assert "no test score" in index and not list((tmp_path / "report").glob("fig*.png"))
+
+
 def test_figure1_points_in_a_fixed_order_and_figure9_without_superglue_is_skipped(tmp_path):
     tags, methods = ["t5-large", "t5-small", "t5-base"], ["ept", "ft", "pt", "ept_star"]
     rows = [fake_row("table1", "cb", m, 0, 50.0, model_tag=t, run=f"r/{t}{m}") for t in tags for m in methods]

@@ -468,6 +468,7 @@ def test_bad_rows_name_file_and_line(broken, tmp_path, task, line, bad, message)
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(SystemExit, match=rf"^prepare_data: .*{path}:{line}: .*{message}"):
         run("--tasks", task, "--out", tmp_path / "out", source=broken)
+    assert not (tmp_path / "out").exists()  # a failed prepare leaves no empty --out folder
 
 
 def test_failed_run_leaves_prepared_data_intact(broken, tmp_path, monkeypatch):
