@@ -104,7 +104,8 @@ def load_local(task, root):
     print(f"{task.name}: local files {', '.join(map(str, found.values()))}")
     train, held = task.read_local(found)
     source = {"kind": "local", "hub_id": task.hub_id, "config": task.hub_config, "revision": None,
-              "commit": None, "files": [str(p) for p in found.values()],
+              "commit": None, "root": str(Path(root).resolve()),  # --source, for prepare_command
+              "files": [str(p) for p in found.values()],
               "sha256": {str(p): sha256(p) for p in found.values()}}
     return train, held, source
 
@@ -237,7 +238,25 @@ def stsb_fewshot(train, k, rng):
     return picked
 
 
+def fewshot_sets(args, folder):
+    """{key: (k, seed)}: the requested sets, and those a task prepared before in `folder` holds
+    (meta.json): --overwrite --fewshot K redraws them too, so it drops no set."""
+    sets = {f"k{k}_seed{s}": (k, s) for k in args.fewshot for s in args.fewshot_seeds}
+    meta = tasks.load_meta(folder.parent, folder.name, strict=False) or {}
+    kept = [m for key in (meta.get("fewshot") if isinstance(meta.get("fewshot"), dict) else {})
+            if (m := re.fullmatch(r"k(\d+)_seed(\d+)", key)) and key not in sets]
+    if kept:
+        print(f"{folder.name}: redrawing the few-shot sets it held too: "
+              f"{', '.join(m[0] for m in kept)}")
+    return sets | {m[0]: (int(m[1]), int(m[2])) for m in kept}
+
+
 # --- tokens and files -----------------------------------------------------------------------------
+
+def tokenizer_name(name):
+    """The --tokenizer for meta.json: a local folder as an absolute path, else the Hub name."""
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
 
 @functools.cache
 def load_tokenizer(name):
@@ -282,16 +301,19 @@ def prepare(task, args, out):
         train_rows, held_rows, source = load_local(task, Path(args.source or tasks.STEER_SOURCE))
     else:
         train_rows, held_rows, source = load_hub(task)
-    where = f"{task.hub_id} {task.hub_config}"
-    train = to_records(task, train_rows, f"{where} train")
-    held = to_records(task, held_rows, f"{where} {task.eval_split}")
+    if source["kind"] == "local":  # the bar and the messages name the file read
+        found = dict(zip(task.files, source["files"]))
+        where = (found["train"], found.get("eval", found["train"]))  # MRPC: both from train
+    else:
+        where = (f"{task.hub_id} {task.hub_config} {s}" for s in ("train", task.eval_split))
+    train, held = (to_records(task, rows, w) for rows, w in zip((train_rows, held_rows), where))
     splits = dict(zip(("train", "validation", "test"), split(train, held, args.data_seed)))
     for name, records in splits.items():
         if not records:
             raise errors.Failure(f"prepare_data: {task.name}: the {name} split is empty; "
                                  "the source has too few rows")
-    shots = {f"k{k}_seed{s}": fewshot(task, splits["train"], k, s)
-             for k in args.fewshot for s in args.fewshot_seeds}
+    shots = {key: fewshot(task, splits["train"], k, s)
+             for key, (k, s) in fewshot_sets(args, out / task.name).items()}
 
     tokenizer = load_tokenizer(args.tokenizer)
     rows = [r for records in splits.values() for r in records]
@@ -309,6 +331,7 @@ def prepare(task, args, out):
             "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
             "score": list(task.score), "max_length": task.max_length,
             "max_target_length": max_target_length, "data_seed": args.data_seed,
+            "tokenizer": tokenizer_name(args.tokenizer),
             "token_stats": stats,
             "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records),
                               "rule": tasks.fewshot_rule(task.name),

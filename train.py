@@ -156,9 +156,8 @@ def load_task(args, ranks, say):
     split = f"k{args.fewshot_k}_seed{args.fewshot_seed}" if args.fewshot_k else "train"
     train_file = folder / (f"train_{split}.jsonl" if args.fewshot_k else "train.jsonl")
     if not train_file.exists():
-        raise errors.Failure(f"train: no {train_file}; prepare it with `python prepare_data.py "
-                             f"--tasks {args.task} --out {args.data_dir} --overwrite --fewshot "
-                             f"{args.fewshot_k} --fewshot-seeds {args.fewshot_seed}`")
+        raise errors.Failure(f"train: no {train_file}; prepare it with `" + registry.prepare_command(
+            args.data_dir, [args.task], [args.fewshot_k], [args.fewshot_seed], overwrite=True) + "`")
     limit, eval_limit = args.max_train_examples, args.max_eval_examples
     _, train_src, train_tgt = batching.read_split(meta, split, train_file, tokenizer,
                                                   args.max_length, limit)

@@ -150,8 +150,10 @@ METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
 def check_metrics(meta, path):
     """meta.json names only metrics this file computes (an edited one would fail after the run)."""
     if unknown := [m for m in meta["metrics"] if m not in METRICS]:
+        command = tasks.prepare_command(Path(path).parent.parent, [Path(path).parent.name],
+                                        overwrite=True)
         raise files.FileFault(f"{path} names unknown metrics {unknown}; known: {', '.join(METRICS)}"
-                              ". Rebuild the task with prepare_data.py --overwrite")
+                              f". Rebuild the task with `{command}`")
 
 
 def compute_metrics(meta, predictions, examples):

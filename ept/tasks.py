@@ -10,6 +10,7 @@ import functools
 import gzip
 import json
 import re
+import shlex
 import sys
 import unicodedata
 from dataclasses import dataclass
@@ -393,9 +394,11 @@ def load_meta(data_dir, task, strict=True):
     path = Path(data_dir) / task / "meta.json"
     if not path.exists() and not strict:
         return None
+    if not path.exists() and not known(task):
+        raise files.FileFault(f"unknown task {task!r} (no {path}); the tasks: {', '.join(TASKS)}; "
+                              f"the steering benchmark's: {', '.join(STEER_TASKS)}")
     if not path.exists():
-        raise files.FileFault(f"no {path}; run `python prepare_data.py --tasks {task} --out "
-                              f"{data_dir}` first")
+        raise files.FileFault(f"no {path}; run `{prepare_command(data_dir, [task])}` first")
     meta = files.read_json(path, "task description")
     meta = meta if isinstance(meta, dict) else {}
     if not strict:
@@ -406,9 +409,42 @@ def load_meta(data_dir, task, strict=True):
         bad = ["score"]
     if bad:
         raise files.FileFault(f"the task description {path} has a missing or wrong "
-                              f"{', '.join(bad)}; rebuild it with `python prepare_data.py --tasks "
-                              f"{task} --out {data_dir} --overwrite`")
+                              f"{', '.join(bad)}; rebuild it with "
+                              f"`{prepare_command(data_dir, [task], overwrite=True)}`")
     return meta
+
+
+def prepare_command(data_dir, names, fewshot=(), seeds=(), overwrite=False):
+    """The prepare_data.py command, as one shell line, that prepares `names` into `data_dir` the
+    way they were prepared: with the --tokenizer and --source folder their meta.json records (a
+    task not prepared yet: those of one prepared beside it), so it runs as printed offline too;
+    few-shot sets: each k of `fewshot` with each seed of `seeds`."""
+    metas = [load_meta(data_dir, name, strict=False) for name in names]
+    metas += [load_meta(data_dir, p.parent.name, strict=False)
+              for p in sorted(Path(data_dir).glob("*/meta.json")) if p.parent.name not in names]
+    steer = all(name in STEER_TASKS for name in names)  # their source is no other task's
+    origin = next((m for m in metas if m and (m.get("benchmark") == "steer") == steer), {})
+    words = ["python", "prepare_data.py", "--tasks", *names, "--out", str(data_dir)]
+    if isinstance(origin.get("tokenizer"), str):
+        words += ["--tokenizer", origin["tokenizer"]]
+    if root := _source_root(origin):
+        words += ["--source", root]
+    if fewshot:
+        words += ["--fewshot", *map(str, fewshot), "--fewshot-seeds", *map(str, seeds)]
+    return shlex.join(words + ["--overwrite"] * overwrite)
+
+
+def _source_root(meta):
+    """The --source folder a task was prepared from: meta.json's source root, or (recorded before
+    the root was) the folder above the task's sub-folder in its first file's path; None: the Hub."""
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    if source.get("kind") != "local" or source.get("root"):
+        return source.get("root")
+    task = TASKS.get(meta.get("task")) or STEER_TASKS.get(meta.get("task"))
+    if not task or not source.get("files"):
+        return None
+    first = Path(str(source["files"][0]))
+    return next((str(p) for p in first.parents if first.is_relative_to(p / task.folder)), None)
 
 # --- the steering benchmark -----------------------------------------------------------------------
 # Toy tasks over shipped sentences (tests/fixtures/steer/sentences, written by
@@ -477,9 +513,8 @@ def old_fewshot_warning(data_dir, old):
         return None
     named = [re.fullmatch(r"k(\d+)_seed(\d+)", key) for keys in old.values() for key in keys]
     ks, seeds = (sorted({int(m[i]) for m in named if m}) for i in (1, 2))
+    command = prepare_command(data_dir, list(old), ks, seeds, overwrite=True)
     return (f"warning: the few-shot files of {', '.join(old)} in {data_dir} were drawn with an "
             "older rule, k examples per class (STS-B: k from the whole split), where we read "
             "Table 3 as k in all (the public EPT code takes k in total), classes balanced; "
-            "prepared files are rebuilt only with --overwrite: python prepare_data.py "
-            f"--tasks {' '.join(old)} --out {data_dir} --fewshot {' '.join(map(str, ks))} "
-            f"--fewshot-seeds {' '.join(map(str, seeds))} --overwrite")
+            f"prepared files are rebuilt only with --overwrite: {command}")

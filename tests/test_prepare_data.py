@@ -11,8 +11,11 @@ import errno
 import gzip
 import json
 import math
+import os
+import re
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -188,7 +191,7 @@ def test_meta(fixture_data):
     for name, task in TASKS.items():
         meta = json.loads((fixture_data / name / "meta.json").read_text())
         assert set(meta) == {"task", "benchmark", "task_type", "source", "splits", "labels", "metrics", "score",
-                             "max_length", "max_target_length", "data_seed", "token_stats", "fewshot"}
+                             "max_length", "max_target_length", "data_seed", "token_stats", "fewshot", "tokenizer"}
         assert meta["splits"] == {s: len(read(fixture_data, name, s)) for s in ("train", "validation", "test")}
         assert meta["source"]["kind"] == "local" and len(meta["source"]["sha256"]) == len(meta["source"]["files"])
         assert set(meta["token_stats"]) == {"train", "validation", "test"} and meta["data_seed"] == 42
@@ -389,7 +392,7 @@ def test_fewshot_files_of_the_old_rule_are_kept_with_a_warning(tmp_path, capsys)
     run("--tasks", "cb", "--out", tmp_path, "--fewshot", 4, "--fewshot-seeds", 0)
     err = capsys.readouterr().err
     assert "k examples per class" in err and "only with --overwrite" in err and err.count("warning") == 1
-    assert f"--tasks cb --out {tmp_path} --fewshot 4 --fewshot-seeds 0 --overwrite" in err
+    assert f"--tasks cb --out {tmp_path} --tokenizer {T5} --source {FIXTURES} --fewshot 4 --fewshot-seeds 0 --overwrite" in err
     assert snapshot(tmp_path) == before  # kept as they are
     assert tasks.old_fewshot_sets(meta) == ["k4_seed0"]
     assert tasks.old_fewshot_warning(tmp_path, {"cb": [], "rte": []}) is None
@@ -488,6 +491,65 @@ def test_failed_run_leaves_prepared_data_intact(broken, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"cannot write .*cb: the disk is full"):
         run("--tasks", "cb", "--out", out, "--overwrite", "--data-seed", 3, source=broken)
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["cb"]
+
+
+def suggested(text):
+    """The prepare_data command a message suggests (in backticks, or ending the message)."""
+    found = re.search(r"`?(python prepare_data\.py [^`\n]*)", text)
+    assert found, text
+    return found[1]
+
+
+def run_offline(command):
+    """A suggested command, run as printed in a shell at the repository root, the Hub unreachable."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"
+
+
+def test_suggested_prepare_commands_run_offline_as_printed(tmp_path, tiny_model_dir):
+    """Each message that suggests a prepare_data command carries the tokenizer and the --source folder
+    meta.json recorded, and the command works as printed offline; --overwrite --fewshot keeps the task's
+    other few-shot sets (it redraws them)."""
+    data = tmp_path / "data"
+    run("--tasks", "rte", "--out", data, "--fewshot", 4, "--fewshot-seeds", 0)
+    before = snapshot(data / "rte")
+    meta = json.loads((data / "rte" / "meta.json").read_text())
+    assert meta["tokenizer"] == str(T5) and meta["source"]["root"] == str(FIXTURES)
+    train = subprocess.run([sys.executable, "train.py", "--task", "rte", "--data-dir", str(data), "--method", "pt",
+                            "--model", str(tiny_model_dir), "--out-dir", str(tmp_path / "run"), "--fewshot-k", "16",
+                            "--fewshot-seed", "0", "--max-steps", "1"],
+                           cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert train.returncode != 0 and "train_k16_seed0.jsonl" in train.stderr + train.stdout
+    run_offline(suggested(train.stderr + train.stdout))
+    after = snapshot(data / "rte")
+    assert "train_k16_seed0.jsonl" in after and after["train_k4_seed0.jsonl"] == before["train_k4_seed0.jsonl"]
+    assert after["train.jsonl"] == before["train.jsonl"] and after["test.jsonl"] == before["test.jsonl"]
+    with pytest.raises(errors.Failure) as unprepared:  # evaluate.py --task cb, train.py, ...
+        tasks.load_meta(data, "cb")
+    run_offline(suggested(str(unprepared.value)))
+    assert (data / "cb" / "meta.json").exists()
+    meta = json.loads((data / "cb" / "meta.json").read_text())
+    meta["fewshot"] = {"k4_seed1": {"file": "x"}}  # a set of the old rule
+    warning = tasks.old_fewshot_warning(data, {"cb": tasks.old_fewshot_sets(meta)})
+    run_offline(suggested(warning))
+    assert (data / "cb" / "train_k4_seed1.jsonl").exists()
+
+
+def test_the_bar_of_a_local_source_names_the_file(tmp_path, monkeypatch):
+    labels = []
+    monkeypatch.setattr(prepare_data, "progress", lambda items, desc, *a, **k: labels.append(desc) or items)
+    run("--tasks", "rte", "mrpc", "--out", tmp_path / "out")
+    rte, mrpc = ([label for label in labels if label.startswith(f"{t}: ")] for t in ("rte", "mrpc"))
+    assert rte[0] == f"rte: {FIXTURES / 'rte' / 'train.jsonl'}" and rte[1] == f"rte: {FIXTURES / 'rte' / 'dev.tsv'}"
+    assert all(label.endswith("msr_paraphrase_train.txt") for label in mrpc)  # MRPC: both splits from train
+    assert not any("nyu-mll/glue" in label for label in labels)
+
+
+def test_an_unknown_task_lists_the_known_ones_and_suggests_no_prepare(tmp_path):
+    with pytest.raises(errors.Failure, match=r"unknown task 'nosuch'.*rte, boolq|unknown task 'nosuch'.*cola") as e:
+        tasks.load_meta(tmp_path, "nosuch")  # evaluate.py --task nosuch
+    assert "prepare_data" not in str(e.value)
 
 
 def test_missing_tokenizer_is_one_clear_message(tmp_path):
