@@ -236,13 +236,13 @@ def stats(values):
     return dict(zip(("mean", "std", "seeds"), mean_std(values)))
 
 
-def paper_block(header, body):
-    return "\nThe paper's numbers, for comparison:\n\n" + markdown(header, body)
+def paper_block(header, body, note=""):
+    return "\nThe paper's numbers, for comparison:\n\n" + markdown(header, body) + note
 
 
-def grid_table(rows, groups, paper):
+def grid_table(rows, groups, paper, note=""):
     """Tables 1 and 2: one row per (model, method), per-task mean ± std, an Avg per task group,
-    then the paper's numbers (`paper`: PAPER_TABLE1's text layout)."""
+    then the paper's numbers (`paper`: PAPER_TABLE1's text layout) and `note` under them."""
     rows = dedupe(rows)
     header = ["Model", "Method", "Param"]
     for name, tasks in groups:
@@ -260,7 +260,7 @@ def grid_table(rows, groups, paper):
                 line.append(avg_cell(rows, tasks, model_tag=tag, method=method))
             body.append(line)
     quoted = [[m, LABELS[k], *rest] for m, k, *rest in map(str.split, paper.strip().splitlines())]
-    return markdown(header, body) + paper_block(header, quoted), long
+    return markdown(header, body) + paper_block(header, quoted, note), long
 
 
 def table1(rows):
@@ -269,7 +269,9 @@ def table1(rows):
 
 
 def table2(rows):
-    return grid_table(rows, [("MRQA", MRQA), ("Others", OTHERS)], PAPER_TABLE2)
+    return grid_table(rows, [("MRQA", MRQA), ("Others", OTHERS)], PAPER_TABLE2,
+                      "\n`?`: the paper's text lost these cells of its EPT* row (only the row's "
+                      "last three numbers survive in it): not a zero, and not a number of ours.\n")
 
 
 def table3(rows):

@@ -432,6 +432,33 @@ def test_report_skips_figures_of_untested_rows_with_a_note(tmp_path):
     assert "no test score" in index and not list((tmp_path / "report").glob("fig*.png"))
 
 
+def red_corner(png):
+    """Reddish pixels in the lower right corner of a PNG (where a SMOKE stamp goes)."""
+    from PIL import Image
+    image = Image.open(png).convert("RGB")
+    w, h = image.size
+    r, g, b = torch.tensor(list(image.crop((int(w * 0.75), int(h * 0.93), w, h)).tobytes())).view(-1, 3).T
+    return int(((r > 150) & (g < 120) & (b < 120)).sum())
+
+
+def test_smoke_report_stamps_its_figures_and_says_what_is_not_noise(tmp_path):
+    results = tmp_path / "results"
+    rows = [fake_row("table1", t, m, 0, 0.0, run=f"r/{t}{m}") for t in tables.SUPERGLUE for m in ("ept", "ept_star")]
+    files.append_jsonl(results / "table1.jsonl", rows)
+    files.append_jsonl(results / "table2.jsonl", [fake_row("table2", "nq", "ept_star", 0, 0.0)])
+    files.append_jsonl(results / "hidden.jsonl", [fake_row("hidden", "rte", "ept", 0, 1.0 + h, variant=h, run=f"r/{h}")
+                                                  for h in (1, 5)])
+    report.main(["--results", str(results), "--out", str(tmp_path / "smoke"), "--smoke"])
+    report.main(["--results", str(results), "--out", str(tmp_path / "real")])
+    index = (tmp_path / "smoke" / "index.md").read_text()
+    assert "the numbers are noise** (the steering benchmark's section aside)" in index
+    assert "steering benchmark's section is not noise" in index and "noise" not in (tmp_path / "real" / "index.md").read_text()
+    for png in ("fig1_superglue.png", "fig5_hidden_size.png"):
+        assert red_corner(tmp_path / "smoke" / png) > 50 and red_corner(tmp_path / "real" / png) == 0, png
+    assert report.STAMP["text"] is None  # nothing left for the next report in this process
+    assert "the paper's text lost these cells of its EPT* row" in (tmp_path / "real" / "table2.md").read_text()
+
+
 def test_figure1_points_in_a_fixed_order_and_figure9_without_superglue_is_skipped(tmp_path):
     tags, methods = ["t5-large", "t5-small", "t5-base"], ["ept", "ft", "pt", "ept_star"]
     rows = [fake_row("table1", "cb", m, 0, 50.0, model_tag=t, run=f"r/{t}{m}") for t in tags for m in methods]
