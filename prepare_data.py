@@ -379,8 +379,8 @@ def main(argv=None):
         if args.overwrite or not meta_path.exists():
             todo.append(name)
             continue
-        meta = files.read_json(meta_path, "task description")
-        if not isinstance(meta, dict) or not isinstance(meta.get("fewshot"), dict):
+        meta = tasks.load_meta(out, name, strict=False)
+        if not isinstance(meta.get("fewshot"), dict):
             raise errors.Failure(f"prepare_data: {meta_path} is not a task description of this "
                                  "project; pass --overwrite to rebuild it")
         if meta.get("data_seed") != args.data_seed or not keys <= set(meta["fewshot"]):

@@ -1,6 +1,7 @@
 """The paper's tables from the results rows (one row per run, ept/drivers.py), as markdown and
-long-form rows. report.py writes them to report/ (with the figures); a driver prints its
-experiment's table when its runs are collected (`experiment_table`)."""
+long-form rows: a library beside report.py, not a stage. report.py writes them to report/ (with
+the figures); a driver prints its experiment's table when its runs are collected
+(`tables.experiment_table`)."""
 import functools
 import math
 from pathlib import Path

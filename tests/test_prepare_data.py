@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prepare_data  # noqa: E402
-from ept import errors, files, tasks  # noqa: E402
+from ept import errors, evaluation, files, tasks  # noqa: E402
 from ept.tasks import GROUPS, TASKS, pad_punctuation  # noqa: E402
 from prepare_data import main, to_records  # noqa: E402
 
@@ -534,6 +534,10 @@ def test_suggested_prepare_commands_run_offline_as_printed(tmp_path, tiny_model_
     warning = tasks.old_fewshot_warning(data, {"cb": tasks.old_fewshot_sets(meta)})
     run_offline(suggested(warning))
     assert (data / "cb" / "train_k4_seed1.jsonl").exists()
+    meta = json.loads((data / "cb" / "meta.json").read_text())
+    with pytest.raises(errors.Failure) as edited:  # a meta.json naming a metric no code computes
+        evaluation.check_metrics({**meta, "metrics": ["acc", "bleu"]}, data / "cb" / "meta.json")
+    run_offline(suggested(str(edited.value)))
 
 
 def test_the_bar_of_a_local_source_names_the_file(tmp_path, monkeypatch):
