@@ -72,10 +72,10 @@ def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="g
     net, tokenizer, config = evaluation.load_run(run_dir, checkpoint, None, device)
     device = device or runtime.default_device()
     # config.json keeps the task's meta.json (labels, lengths)
-    preds = evaluation.run_predictions(net, tokenizer, [r["source"] for r in rows], config["meta"],
-                                     mode=mode, max_length=config["max_length"],
-                                     batch_size=batch_size, device=device,
-                                     dtype=evaluation.run_dtype(config, device), progress="predict")
+    preds = evaluation.run_predictions(
+        net, tokenizer, [r["source"] for r in rows], config["meta"], mode=mode,
+        max_length=config["max_length"], batch_size=batch_size, device=device,
+        dtype=evaluation.run_dtype(config, device), progress="predict")
     files.write_jsonl(output_path, [{**r, "prediction": p} for r, p in zip(rows, preds)])
     return preds
 
@@ -90,9 +90,9 @@ def main(argv=None):
         print(f"evaluate: {len(preds)} predictions -> {out}")
         return preds
     metrics = evaluation.evaluate_run(args.run_dir, args.task, args.split, args.eval_mode,
-                                    checkpoint=args.checkpoint, data_dir=args.data_dir,
-                                    batch_size=args.eval_batch_size,
-                                    max_examples=args.max_eval_examples)
+                                      checkpoint=args.checkpoint, data_dir=args.data_dir,
+                                      batch_size=args.eval_batch_size,
+                                      max_examples=args.max_eval_examples)
     print(json.dumps(metrics, indent=1))
     return metrics
 

@@ -393,8 +393,8 @@ def main(argv=None):
     if warning := tasks.old_fewshot_warning(out, old):  # one line for all of them
         print(f"prepare_data: {warning}", file=sys.stderr)
     # a missing file or a few-shot folder: refused before any work
-    todo = [tasks.TASKS.get(name) or tasks.STEER_TASKS[name] for name in todo]
-    for task in todo if args.source else []:
+    chosen = [tasks.TASKS.get(name) or tasks.STEER_TASKS[name] for name in todo]
+    for task in chosen if args.source else []:
         find_files(task, Path(args.source))
     if not todo:
         return
@@ -402,7 +402,7 @@ def main(argv=None):
     made = not out.exists()
     out = files.make_dir(out, "output folder")
     try:
-        for task in todo:
+        for task in chosen:
             prepare(task, args, out)
     except BaseException:
         if made and not any(out.iterdir()):  # a failed first task leaves no empty --out behind
