@@ -484,14 +484,24 @@ def table5_md(results, out):
 # --- the steering benchmark (ablate.py steer; docs/experiments.md): Table 1 and Figure 2 in small
 
 def steer_section(results, out):
-    """steer.md (+ csv) and steer_fig2.png: μ_t and validation score over steps, seed 0 of each
-    method and lr (default lr solid, lower dashed, higher dotted), the no-prompt floor in black."""
+    """steer.md (+ csv): the table, each method's chosen lr and EPT's s_t zero crossings;
+    steer_fig2.png: μ_t and validation score over steps, seed 0 of each method and lr (default
+    lr solid, lower dashed, higher dotted), the no-prompt floor in black; steer_failure.png: EPT's
+    failure mode (steer_failure)."""
     rows = _sweep_rows(results, "steer")
     md, long = tables.steer_table(rows)
     tags = sorted({r.get("model_tag", "?") for r in rows})
+    chosen = tables.steer_chosen(tables.dedupe(rows))
+    picks = "; ".join(f"{tables.LABELS[m]} {lr:g}" for m, lr in sorted(chosen.items()))
     md = (f"*Backbone: {', '.join(tags)}; task: {', '.join(sorted({r['task'] for r in rows}))}; "
           f"{len(rows)} rows. Accuracy in %. A toy check that each method learns to steer a frozen "
-          f"model; it does not reproduce the paper's numbers (docs/experiments.md).*\n\n{md}")
+          f"model; it does not reproduce the paper's numbers (docs/experiments.md).*\n\n{md}\n"
+          f"Steered: the seeds whose test accuracy reached {registry.STEER_SUCCESS:g} %. The lr "
+          "(Appendix B.2's protocol): the best mean validation score over seeds "
+          f"{', '.join(map(str, registry.STEER_SEARCH_SEEDS))}, chosen: {picks or tables.DASH}. "
+          "† lies outside the paper's grid {0.003 .. 0.3}; 0.3 is the paper's default."
+          f"{steer_seeds_note(rows)}\n"
+          + "".join(f"\n{line}" for line in steer_crossings(rows)))
     write_table(out, "steer", tables.STEER_TITLE, md, long)
     fig, (top, bottom) = _plt().subplots(1, 2, figsize=(11, 4))
     rank = {m: i for i, m in enumerate(tables.METHOD_ORDER)}  # the floor first, then by lr
@@ -512,8 +522,71 @@ def steer_section(results, out):
     top.set(yscale="log", title="(a) prompt norm μ_t (seed 0)", xlabel=STEP, ylabel=MU)
     bottom.set(title="(b) validation accuracy (seed 0)", xlabel=STEP, ylabel="accuracy (%)")
     bottom.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return ["steer.md", _save(fig, out, "steer_fig2.png",
-                              "Steering benchmark: prompts on a frozen toy backbone")]
+    names = ["steer.md", _save(fig, out, "steer_fig2.png",
+                               "Steering benchmark: prompts on a frozen toy backbone")]
+    return names + [name for name in [steer_failure(rows, out)] if name]
+
+
+def steer_seeds_note(rows):
+    """A sentence when the rows hold fewer seeds than the benchmark's 10 (ablate.STEER_SEEDS)."""
+    seeds = {r.get("seed") for r in rows if r["method"] != "none"}
+    return (f" Only {len(seeds)} seed(s) here, not the benchmark's 10 (SMOKE runs seeds 0-2): "
+            "the counts are over those." if len(seeds) < 10 else "")
+
+
+def ept_s(run_dir):
+    """(steps, s_t) of one run's log.jsonl: EPT's s_t = P1 . W_down ("ept_s"; h > 1: a norm)."""
+    log = files.read_jsonl(Path(run_dir) / "log.jsonl", what="run log", torn_tail_ok=True,
+                           missing_ok=True)
+    train = [e for e in log if e.get("event") == "train" and e.get("ept_s") is not None]
+    return [e["step"] for e in train], [e["ept_s"] for e in train]
+
+
+def crosses_zero(s):
+    return any(a * b < 0 for a, b in zip(s, s[1:]))
+
+
+def steer_crossings(rows):
+    """One line per EPT/EPT* lr: of the seeds that did not steer, how many had a zero crossing of
+    s_t (its sign changed between two steps), and of those that did."""
+    lines = []
+    for method in ("ept", "ept_star"):
+        for lr in sorted({r.get("lr") for r in rows if r["method"] == method and r.get("lr")}):
+            found = [(r["score"] >= registry.STEER_SUCCESS, crosses_zero(ept_s(r["run"])[1]))
+                     for r in rows if r["method"] == method and r.get("lr") == lr]
+            fail = [c for ok, c in found if not ok]
+            good = [c for ok, c in found if ok]
+            lines.append(f"- {tables.LABELS[method]} lr {lr:g}: s_t crossed zero in {sum(fail)} "
+                         f"of the {len(fail)} seeds that did not steer and in {sum(good)} of the "
+                         f"{len(good)} that did.")
+    return lines
+
+
+def steer_failure(rows, out):
+    """steer_failure.png, "EPT's failure mode": s_t of every EPT seed over the steps at lr 0.3
+    and 3 (symmetric log scale), steered seeds in green, the others in red, beside μ_t; None when
+    no EPT run logged s_t."""
+    lrs = [lr for lr in (0.3, 3.0)
+           if any(r["method"] == "ept" and r.get("lr") == lr for r in rows)]
+    curves = {lr: [(r["score"] >= registry.STEER_SUCCESS, ept_s(r["run"]),
+                    runs.curves(r["run"], missing_ok=True)[:2])
+                   for r in rows if r["method"] == "ept" and r.get("lr") == lr] for lr in lrs}
+    if not any(s for found in curves.values() for _, (_, s), _ in found):
+        return None
+    fig, axes = _plt().subplots(1, len(lrs) + 1, figsize=(5 * (len(lrs) + 1), 3.8))
+    for k, lr in enumerate(lrs):
+        n_ok = sum(ok for ok, _, _ in curves[lr])
+        for ok, (steps, s), (norm_steps, norm) in curves[lr]:
+            style = dict(color="tab:green" if ok else "tab:red", lw=1, alpha=0.8)
+            axes[k].plot(steps, s, **style)
+            axes[-1].plot(norm_steps, norm, ls="-" if lr == 0.3 else ":", **style)
+        axes[k].axhline(0, color="black", lw=0.8)
+        axes[k].set(yscale="symlog", xlabel=STEP, ylabel="s_t = P1 · W_down (symlog)",
+                    title=f"({'ab'[k]}) EPT lr {lr:g}: {n_ok}/{len(curves[lr])} steered "
+                          "(green)")
+    axes[-1].set(yscale="log", xlabel=STEP, ylabel=MU,
+                 title=f"({'abc'[len(lrs)]}) μ_t (lr 0.3 solid, 3 dotted)")
+    return _save(fig, out, "steer_failure.png", "EPT's failure mode: the sign of s_t")
 
 
 INLINE = {"table5.md", "directions.md", "steer.md"}  # shown in index.md, not only linked
