@@ -546,47 +546,63 @@ def crosses_zero(s):
     return any(a * b < 0 for a, b in zip(s, s[1:]))
 
 
+def steer_fate(row):
+    """(steered: the tested best checkpoint >= STEER_SUCCESS, lost: the last validation score
+    below it, crossed: s_t changed sign between two steps, (steps, s_t), (steps, μ_t))."""
+    steps, norm, _, scores = runs.curves(row["run"], missing_ok=True)
+    s = ept_s(row["run"])
+    return (row["score"] >= registry.STEER_SUCCESS,
+            bool(scores) and scores[-1] < registry.STEER_SUCCESS, crosses_zero(s[1]), s,
+            (steps, norm))
+
+
 def steer_crossings(rows):
-    """One line per EPT/EPT* lr: of the seeds that did not steer, how many had a zero crossing of
-    s_t (its sign changed between two steps), and of those that did."""
-    lines = []
+    """One line per EPT/EPT* lr: the seeds whose s_t crossed zero, how many of them and of the
+    others ended below STEER_SUCCESS at the last validation (after steering, or never steered)."""
+    lines, bar = [], f"{registry.STEER_SUCCESS:g}"
     for method in ("ept", "ept_star"):
         for lr in sorted({r.get("lr") for r in rows if r["method"] == method and r.get("lr")}):
-            found = [(r["score"] >= registry.STEER_SUCCESS, crosses_zero(ept_s(r["run"])[1]))
-                     for r in rows if r["method"] == method and r.get("lr") == lr]
-            fail = [c for ok, c in found if not ok]
-            good = [c for ok, c in found if ok]
-            lines.append(f"- {tables.LABELS[method]} lr {lr:g}: s_t crossed zero in {sum(fail)} "
-                         f"of the {len(fail)} seeds that did not steer and in {sum(good)} of the "
-                         f"{len(good)} that did.")
+            fates = [steer_fate(r) for r in rows if r["method"] == method and r.get("lr") == lr]
+            crossed = [(ok, lost) for ok, lost, c, _, _ in fates if c]
+            others = [(ok, lost) for ok, lost, c, _, _ in fates if not c]
+            lines.append(
+                f"- {tables.LABELS[method]} lr {lr:g}: s_t crossed zero on {len(crossed)} of "
+                f"{len(fates)} seeds; {sum(lost for _, lost in crossed)} of them ended below {bar} "
+                f"at the last validation ({sum(ok and lost for ok, lost in crossed)} after "
+                f"steering: the tested checkpoint is the best), as did "
+                f"{sum(lost for _, lost in others)} of the {len(others)} others.")
     return lines
 
 
 def steer_failure(rows, out):
     """steer_failure.png, "EPT's failure mode": s_t of every EPT seed over the steps at lr 0.3
-    and 3 (symmetric log scale), steered seeds in green, the others in red, beside μ_t; None when
-    no EPT run logged s_t."""
+    and 3 (symmetric log scale), beside μ_t: green, steered and still steering at the last
+    validation; orange, steered, then lost it; red, never steered. None when no s_t was logged."""
     lrs = [lr for lr in (0.3, 3.0)
            if any(r["method"] == "ept" and r.get("lr") == lr for r in rows)]
-    curves = {lr: [(r["score"] >= registry.STEER_SUCCESS, ept_s(r["run"]),
-                    runs.curves(r["run"], missing_ok=True)[:2])
-                   for r in rows if r["method"] == "ept" and r.get("lr") == lr] for lr in lrs}
-    if not any(s for found in curves.values() for _, (_, s), _ in found):
+    fates = {lr: [steer_fate(r) for r in rows if r["method"] == "ept" and r.get("lr") == lr]
+             for lr in lrs}
+    if not any(s for found in fates.values() for _, _, _, (_, s), _ in found):
         return None
     fig, axes = _plt().subplots(1, len(lrs) + 1, figsize=(5 * (len(lrs) + 1), 3.8))
     for k, lr in enumerate(lrs):
-        n_ok = sum(ok for ok, _, _ in curves[lr])
-        for ok, (steps, s), (norm_steps, norm) in curves[lr]:
-            style = dict(color="tab:green" if ok else "tab:red", lw=1, alpha=0.8)
-            axes[k].plot(steps, s, **style)
-            axes[-1].plot(norm_steps, norm, ls="-" if lr == 0.3 else ":", **style)
+        for ok, lost, _, (steps, s), (norm_steps, norm) in fates[lr]:
+            color = "tab:red" if not ok else "tab:orange" if lost else "tab:green"
+            axes[k].plot(steps, s, color=color, lw=1, alpha=0.8)
+            axes[-1].plot(norm_steps, norm, color=color, lw=1, alpha=0.8,
+                          ls="-" if lr == 0.3 else ":")
         axes[k].axhline(0, color="black", lw=0.8)
+        counts = [sum(ok and not lost for ok, lost, *_ in fates[lr]),
+                  sum(ok and lost for ok, lost, *_ in fates[lr]),
+                  sum(not ok for ok, *_ in fates[lr])]
         axes[k].set(yscale="symlog", xlabel=STEP, ylabel="s_t = P1 · W_down (symlog)",
-                    title=f"({'ab'[k]}) EPT lr {lr:g}: {n_ok}/{len(curves[lr])} steered "
-                          "(green)")
+                    title=f"({'ab'[k]}) EPT lr {lr:g}: {counts[0]} kept / {counts[1]} lost / "
+                          f"{counts[2]} never")
     axes[-1].set(yscale="log", xlabel=STEP, ylabel=MU,
                  title=f"({'abc'[len(lrs)]}) μ_t (lr 0.3 solid, 3 dotted)")
-    return _save(fig, out, "steer_failure.png", "EPT's failure mode: the sign of s_t")
+    return _save(fig, out, "steer_failure.png",
+                 "EPT's failure mode: s_t (green: steered, kept; orange: steered, then lost; "
+                 "red: never)")
 
 
 INLINE = {"table5.md", "directions.md", "steer.md"}  # shown in index.md, not only linked

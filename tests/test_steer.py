@@ -160,7 +160,7 @@ def test_ablate_steer_writes_the_floor_and_the_report(data, tmp_path):
     assert all((tmp_path / "report" / name).stat().st_size > 0 for name in names[1:])
     md = (tmp_path / "report" / "steer.md").read_text()
     assert "no prompt" in md and "| PT | 0.3" in md and "| PT | 3 †" in md and "Steered (≥ 90)" in md
-    assert "EPT lr 3: s_t crossed zero in" in md and "chosen: EPT " in md
+    assert "EPT lr 3: s_t crossed zero on" in md and "chosen: EPT " in md
 
 
 def test_the_floor_row_is_written_once_when_collects_race(data, tmp_path, monkeypatch):
