@@ -505,14 +505,24 @@ def table5_md(results, out):
 # --- the steering benchmark (ablate.py steer; docs/experiments.md): Table 1 and Figure 2 in small
 
 def steer_section(results, out):
-    """steer.md (+ csv) and steer_fig2.png: μ_t and validation score over steps, seed 0 of each
-    method and lr (default lr solid, lower dashed, higher dotted), the no-prompt floor in black."""
+    """steer.md (+ csv): the table, each method's chosen lr and EPT's s_t zero crossings;
+    steer_fig2.png: μ_t and validation score over steps, seed 0 of each method and lr (default
+    lr solid, lower dashed, higher dotted), the no-prompt floor in black; steer_failure.png: EPT's
+    failure mode (steer_failure)."""
     rows = _sweep_rows(results, "steer")
     md, long = tables.steer_table(rows)
     tags = sorted({r.get("model_tag", "?") for r in rows})
+    chosen = tables.steer_chosen(tables.dedupe(rows))
+    picks = "; ".join(f"{tables.LABELS[m]} {lr:g}" for m, lr in sorted(chosen.items()))
     md = (f"*Backbone: {', '.join(tags)}; task: {', '.join(sorted({r['task'] for r in rows}))}; "
           f"{len(rows)} rows. Accuracy in %. A toy check that each method learns to steer a frozen "
-          f"model; it does not reproduce the paper's numbers (docs/experiments.md).*\n\n{md}")
+          f"model; it does not reproduce the paper's numbers (docs/experiments.md).*\n\n{md}\n"
+          f"Steered: the seeds whose test accuracy reached {registry.STEER_SUCCESS:g} %. The lr "
+          "(Appendix B.2's protocol): the best mean validation score over seeds "
+          f"{', '.join(map(str, registry.STEER_SEARCH_SEEDS))}, chosen: {picks or tables.DASH}. "
+          "† lies outside the paper's grid {0.003 .. 0.3}; 0.3 is the paper's default."
+          f"{steer_seeds_note(rows)}\n"
+          + "".join(f"\n{line}" for line in steer_crossings(rows)))
     write_table(out, "steer", tables.STEER_TITLE, md, long)
     fig, (top, bottom) = _plt().subplots(1, 2, figsize=(11, 4))
     rank = {m: i for i, m in enumerate(tables.METHOD_ORDER)}  # the floor first, then by lr
@@ -533,8 +543,87 @@ def steer_section(results, out):
     top.set(yscale="log", title="(a) prompt norm μ_t (seed 0)", xlabel=STEP, ylabel=MU)
     bottom.set(title="(b) validation accuracy (seed 0)", xlabel=STEP, ylabel="accuracy (%)")
     bottom.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return ["steer.md", _save(fig, out, "steer_fig2.png",
-                              "Steering benchmark: prompts on a frozen toy backbone")]
+    names = ["steer.md", _save(fig, out, "steer_fig2.png",
+                               "Steering benchmark: prompts on a frozen toy backbone")]
+    return names + [name for name in [steer_failure(rows, out)] if name]
+
+
+def steer_seeds_note(rows):
+    """A sentence when the rows hold fewer seeds than the benchmark's 10 (ablate.STEER_SEEDS)."""
+    seeds = {r.get("seed") for r in rows if r["method"] != "none"}
+    return (f" Only {len(seeds)} seed(s) here, not the benchmark's 10 (SMOKE runs seeds 0-2): "
+            "the counts are over those." if len(seeds) < 10 else "")
+
+
+def ept_s(run_dir):
+    """(steps, s_t) of one run's log.jsonl: EPT's s_t = P1 . W_down ("ept_s"; h > 1: a norm)."""
+    log = files.read_jsonl(Path(run_dir) / "log.jsonl", what="run log", torn_tail_ok=True,
+                           missing_ok=True)
+    train = [e for e in log if e.get("event") == "train" and e.get("ept_s") is not None]
+    return [e["step"] for e in train], [e["ept_s"] for e in train]
+
+
+def crosses_zero(s):
+    return any(a * b < 0 for a, b in zip(s, s[1:]))
+
+
+def steer_fate(row):
+    """(steered: the tested best checkpoint >= STEER_SUCCESS, lost: the last validation score
+    below it, crossed: s_t changed sign between two steps, (steps, s_t), (steps, μ_t))."""
+    steps, norm, _, scores = runs.curves(row["run"], missing_ok=True)
+    s = ept_s(row["run"])
+    return (row["score"] >= registry.STEER_SUCCESS,
+            bool(scores) and scores[-1] < registry.STEER_SUCCESS, crosses_zero(s[1]), s,
+            (steps, norm))
+
+
+def steer_crossings(rows):
+    """One line per EPT/EPT* lr: the seeds whose s_t crossed zero, how many of them and of the
+    others ended below STEER_SUCCESS at the last validation (after steering, or never steered)."""
+    lines, bar = [], f"{registry.STEER_SUCCESS:g}"
+    for method in ("ept", "ept_star"):
+        for lr in sorted({r.get("lr") for r in rows if r["method"] == method and r.get("lr")}):
+            fates = [steer_fate(r) for r in rows if r["method"] == method and r.get("lr") == lr]
+            crossed = [(ok, lost) for ok, lost, c, _, _ in fates if c]
+            others = [(ok, lost) for ok, lost, c, _, _ in fates if not c]
+            lines.append(
+                f"- {tables.LABELS[method]} lr {lr:g}: s_t crossed zero on {len(crossed)} of "
+                f"{len(fates)} seeds; {sum(lost for _, lost in crossed)} of them ended below {bar} "
+                f"at the last validation ({sum(ok and lost for ok, lost in crossed)} after "
+                f"steering: the tested checkpoint is the best), as did "
+                f"{sum(lost for _, lost in others)} of the {len(others)} others.")
+    return lines
+
+
+def steer_failure(rows, out):
+    """steer_failure.png, "EPT's failure mode": s_t of every EPT seed over the steps at lr 0.3
+    and 3 (symmetric log scale), beside μ_t: green, steered and still steering at the last
+    validation; orange, steered, then lost it; red, never steered. None when no s_t was logged."""
+    lrs = [lr for lr in (0.3, 3.0)
+           if any(r["method"] == "ept" and r.get("lr") == lr for r in rows)]
+    fates = {lr: [steer_fate(r) for r in rows if r["method"] == "ept" and r.get("lr") == lr]
+             for lr in lrs}
+    if not any(s for found in fates.values() for _, _, _, (_, s), _ in found):
+        return None
+    fig, axes = _plt().subplots(1, len(lrs) + 1, figsize=(5 * (len(lrs) + 1), 3.8))
+    for k, lr in enumerate(lrs):
+        for ok, lost, _, (steps, s), (norm_steps, norm) in fates[lr]:
+            color = "tab:red" if not ok else "tab:orange" if lost else "tab:green"
+            axes[k].plot(steps, s, color=color, lw=1, alpha=0.8)
+            axes[-1].plot(norm_steps, norm, color=color, lw=1, alpha=0.8,
+                          ls="-" if lr == 0.3 else ":")
+        axes[k].axhline(0, color="black", lw=0.8)
+        counts = [sum(ok and not lost for ok, lost, *_ in fates[lr]),
+                  sum(ok and lost for ok, lost, *_ in fates[lr]),
+                  sum(not ok for ok, *_ in fates[lr])]
+        axes[k].set(yscale="symlog", xlabel=STEP, ylabel="s_t = P1 · W_down (symlog)",
+                    title=f"({'ab'[k]}) EPT lr {lr:g}: {counts[0]} kept / {counts[1]} lost / "
+                          f"{counts[2]} never")
+    axes[-1].set(yscale="log", xlabel=STEP, ylabel=MU,
+                 title=f"({'abc'[len(lrs)]}) μ_t (lr 0.3 solid, 3 dotted)")
+    return _save(fig, out, "steer_failure.png",
+                 "EPT's failure mode: s_t (green: steered, kept; orange: steered, then lost; "
+                 "red: never)")
 
 
 INLINE = {"table5.md", "directions.md", "steer.md"}  # shown in index.md, not only linked

@@ -387,18 +387,41 @@ STEER_TITLE = ("Steering benchmark (toy backbone, not the paper's numbers): "
                "Table 1 and Figure 2 in small")
 
 
+def steer_chosen(rows):
+    """{method: lr} for each method run at several lrs: the highest mean validation score over the
+    search seeds (registry.STEER_SEARCH_SEEDS; all seeds if none of them ran), Appendix B.2's
+    protocol; a tie goes to the paper's default 0.3, then to the lower lr."""
+    chosen = {}
+    for method in {r["method"] for r in rows if r["method"] != "none"}:
+        mine = [r for r in rows if r["method"] == method and r.get("lr")]
+        search = [r for r in mine if r.get("seed") in registry.STEER_SEARCH_SEEDS] or mine
+        means = {lr: mean_std([r.get("val_score") for r in search if r["lr"] == lr])[0]
+                 for lr in {r["lr"] for r in search}}
+        means = {lr: m for lr, m in means.items() if m is not None}
+        if len({r["lr"] for r in mine}) > 1 and means:
+            chosen[method] = max(means, key=lambda lr: (round(means[lr], 6), lr == 0.3, -lr))
+    return chosen
+
+
+def steered(rows):
+    """The count "k/n": the rows whose test score reached registry.STEER_SUCCESS, of n."""
+    return f"{sum(r['score'] >= registry.STEER_SUCCESS for r in rows)}/{len(rows)}"
+
+
 def steer_table(rows):
     """Per (method, lr): parameters, validation and test accuracy (mean ± std over seeds; both at
-    the best checkpoint), final μ_t; the no-prompt floor first."""
-    rows = dedupe(rows)
-    header = ["Method", "lr", "Steps", "Params", "Valid acc", "Test acc", "final μ_t", "Seeds"]
+    the best checkpoint), the seeds that steered (test >= registry.STEER_SUCCESS), final μ_t; the
+    no-prompt floor first. lr: "chosen" marks steer_chosen's, † one outside the paper's grid."""
+    rows, chosen = dedupe(rows), steer_chosen(dedupe(rows))
+    header = ["Method", "lr", "Steps", "Params", "Valid acc", "Test acc",
+              f"Steered (≥ {registry.STEER_SUCCESS:g})", "final μ_t", "Seeds"]
     body, long = [], []
     for r in (r for r in rows if r["method"] == "none"):
         body.append(["no prompt (frozen backbone's default)", DASH, 0, 0, f"{r['val_score']:.1f}",
-                     f"{r['score']:.1f}", DASH, DASH])
+                     f"{r['score']:.1f}", DASH, DASH, DASH])
         long.append({"method": "none", "lr": None, "n_trainable": 0, "val_mean": r["val_score"],
-                     "val_std": None, "test_mean": r["score"], "test_std": None,
-                     "final_prompt_norm": None, "seeds": None})
+                     "val_std": None, "test_mean": r["score"], "test_std": None, "steered": None,
+                     "chosen": None, "final_prompt_norm": None, "seeds": None})
     trained = [r for r in rows if r["method"] != "none"]
     for method in ordered({r["method"] for r in trained}, METHOD_ORDER):
         for lr in sorted({r.get("lr") for r in trained if r["method"] == method},
@@ -409,12 +432,17 @@ def steer_table(rows):
             norm = mean_std([r.get("final_prompt_norm") for r in mine])[0]
             steps = sorted({r.get("max_steps") for r in mine} - {None})
             params = max((r.get("n_trainable") or 0) for r in mine)
-            body.append([LABELS[method], f"{lr:g}" if lr else DASH,
+            mark = (" †" if lr and lr > 0.3 and method != "ft" else "") + (
+                " (chosen)" if chosen.get(method) == lr else "")
+            body.append([LABELS[method], f"{lr:g}{mark}" if lr else DASH,
                          "/".join(map(str, steps)) or DASH, human(params), cell(val),
-                         cell(test), f"{norm:.3g}" if norm is not None else DASH, len(mine)])
+                         cell(test), steered(mine), f"{norm:.3g}" if norm is not None else DASH,
+                         len(mine)])
             long.append({"method": method, "lr": lr, "n_trainable": params,
                          "val_mean": val_mean, "val_std": val_std, "test_mean": test_mean,
-                         "test_std": test_std, "final_prompt_norm": norm, "seeds": len(mine)})
+                         "test_std": test_std, "steered": steered(mine),
+                         "chosen": chosen.get(method) == lr, "final_prompt_norm": norm,
+                         "seeds": len(mine)})
     return markdown(header, body), long
 
 

@@ -312,7 +312,8 @@ def train_event(r, seconds):
     """The "train" log event of one optimizer step (r: the run's record of the pack step)."""
     keys = ("step", "loss", "lr", "grad_norm", "prompt_norm", "epoch")
     return {"event": "train", **{k: r[k] for k in keys}, "examples_per_s": r["examples"] / seconds,
-            "tokens_per_s": r["tokens"] / seconds}
+            "tokens_per_s": r["tokens"] / seconds,
+            **({"ept_s": r["ept_s"]} if r.get("ept_s") is not None else {})}
 
 
 def nonfinite_stop(job, what, lr, master=True):

@@ -211,6 +211,15 @@ def step_runs(runs, stepping):
         return [None if r.full else next(norms) for r in runs]
 
 
+def ept_s(module):
+    """EPT's s_t = P1 . W_down (h = 1; for h > 1 the norm of that hidden vector); None else."""
+    if not isinstance(module, M.EPT):
+        return None
+    with torch.no_grad():
+        s = module.blocks[0].down(module.prompt).float()
+    return s.item() if s.numel() == 1 else s.norm().item()
+
+
 # --- the pack -------------------------------------------------------------------------------------
 
 class Pack:
@@ -275,7 +284,8 @@ class Pack:
             bad = [k for k, v in values.items() if v is not None and not math.isfinite(v)]
             records[r.name] = {"step": r.step, **values, "lr": lr, "epoch": r.epoch,
                                "examples": len(batch), "nonfinite": bad,
-                               "tokens": sum(self.lengths[i] for i in batch)}
+                               "tokens": sum(self.lengths[i] for i in batch),
+                               "ept_s": ept_s(r.module)}
             if bad:
                 self.stop(r, "nonfinite")
             elif r.step >= r.max_steps:

@@ -18,7 +18,7 @@ import model as M
 from ept import costs, errors, files, options, runs
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
-PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed")  # as flags; the rest per run
+PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed", "batch_size")  # flags; others per run
 
 
 def spec(task, method, model, seed, _row=None, **settings):

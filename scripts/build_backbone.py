@@ -3,7 +3,7 @@ selected by a prefix, so that a prompt on the frozen model has to learn to selec
 (docs/experiments.md, "The steering benchmark").
 
     python scripts/build_backbone.py --out steer/backbone          # ~2 minutes on one CPU thread
-    python scripts/build_backbone.py --write-sentences tests/fixtures/steer   # regenerate them
+    python scripts/build_backbone.py --write-sentences assets/steer   # regenerate them
 
 The tasks are registry.STEER_RULES over the sentences in <source>/sentences/{train,dev}.tsv: trained
 on train.tsv as "<task>: <sentence>" and, for STEER_DEFAULT, also as the bare sentence. The folder
@@ -169,7 +169,7 @@ def main(argv=None):
     parser.add_argument("--out", metavar="DIR", help="write the backbone model folder here")
     parser.add_argument("--source", default=str(registry.STEER_SOURCE), metavar="DIR",
                         help="folder holding sentences/{train,dev}.tsv (default: the shipped "
-                             "tests/fixtures/steer)")
+                             "assets/steer)")
     parser.add_argument("--seed", type=cli.nonnegative_int, default=0,
                         help="weights, sentence order and dropout")
     parser.add_argument("--steps", type=cli.positive_int, default=1500,
