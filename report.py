@@ -21,7 +21,7 @@ from pathlib import Path
 
 import tables
 from ept import cli, errors, files, runs
-from ept.tasks import GROUPS, TASKS, load_meta
+from ept.tasks import GROUPS, STEER_SEARCH_SEEDS, STEER_SUCCESS, TASKS, load_meta
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("--results", default="results",
@@ -517,9 +517,9 @@ def steer_section(results, out):
     md = (f"*Backbone: {', '.join(tags)}; task: {', '.join(sorted({r['task'] for r in rows}))}; "
           f"{len(rows)} rows. Accuracy in %. A toy check that each method learns to steer a frozen "
           f"model; it does not reproduce the paper's numbers (docs/experiments.md).*\n\n{md}\n"
-          f"Steered: the seeds whose test accuracy reached {registry.STEER_SUCCESS:g} %. The lr "
+          f"Steered: the seeds whose test accuracy reached {STEER_SUCCESS:g} %. The lr "
           "(Appendix B.2's protocol): the best mean validation score over seeds "
-          f"{', '.join(map(str, registry.STEER_SEARCH_SEEDS))}, chosen: {picks or tables.DASH}. "
+          f"{', '.join(map(str, STEER_SEARCH_SEEDS))}, chosen: {picks or tables.DASH}. "
           "† lies outside the paper's grid {0.003 .. 0.3}; 0.3 is the paper's default."
           f"{steer_seeds_note(rows)}\n"
           + "".join(f"\n{line}" for line in steer_crossings(rows)))
@@ -572,15 +572,15 @@ def steer_fate(row):
     below it, crossed: s_t changed sign between two steps, (steps, s_t), (steps, μ_t))."""
     steps, norm, _, scores = runs.curves(row["run"], missing_ok=True)
     s = ept_s(row["run"])
-    return (row["score"] >= registry.STEER_SUCCESS,
-            bool(scores) and scores[-1] < registry.STEER_SUCCESS, crosses_zero(s[1]), s,
+    return (row["score"] >= STEER_SUCCESS,
+            bool(scores) and scores[-1] < STEER_SUCCESS, crosses_zero(s[1]), s,
             (steps, norm))
 
 
 def steer_crossings(rows):
     """One line per EPT/EPT* lr: the seeds whose s_t crossed zero, how many of them and of the
     others ended below STEER_SUCCESS at the last validation (after steering, or never steered)."""
-    lines, bar = [], f"{registry.STEER_SUCCESS:g}"
+    lines, bar = [], f"{STEER_SUCCESS:g}"
     for method in ("ept", "ept_star"):
         for lr in sorted({r.get("lr") for r in rows if r["method"] == method and r.get("lr")}):
             fates = [steer_fate(r) for r in rows if r["method"] == method and r.get("lr") == lr]

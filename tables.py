@@ -8,7 +8,7 @@ from pathlib import Path
 
 import model as M
 from ept import files
-from ept.tasks import GROUPS, TASKS
+from ept.tasks import GROUPS, STEER_SEARCH_SEEDS, STEER_SUCCESS, TASKS
 
 GLUE, SUPERGLUE, MRQA, OTHERS = (GROUPS[g]
                                  for g in ("glue", "superglue", "mrqa", "others"))
@@ -389,12 +389,12 @@ STEER_TITLE = ("Steering benchmark (toy backbone, not the paper's numbers): "
 
 def steer_chosen(rows):
     """{method: lr} for each method run at several lrs: the highest mean validation score over the
-    search seeds (registry.STEER_SEARCH_SEEDS; all seeds if none of them ran), Appendix B.2's
+    search seeds (STEER_SEARCH_SEEDS; all seeds if none of them ran), Appendix B.2's
     protocol; a tie goes to the paper's default 0.3, then to the lower lr."""
     chosen = {}
     for method in {r["method"] for r in rows if r["method"] != "none"}:
         mine = [r for r in rows if r["method"] == method and r.get("lr")]
-        search = [r for r in mine if r.get("seed") in registry.STEER_SEARCH_SEEDS] or mine
+        search = [r for r in mine if r.get("seed") in STEER_SEARCH_SEEDS] or mine
         means = {lr: mean_std([r.get("val_score") for r in search if r["lr"] == lr])[0]
                  for lr in {r["lr"] for r in search}}
         means = {lr: m for lr, m in means.items() if m is not None}
@@ -404,17 +404,17 @@ def steer_chosen(rows):
 
 
 def steered(rows):
-    """The count "k/n": the rows whose test score reached registry.STEER_SUCCESS, of n."""
-    return f"{sum(r['score'] >= registry.STEER_SUCCESS for r in rows)}/{len(rows)}"
+    """The count "k/n": the rows whose test score reached STEER_SUCCESS, of n."""
+    return f"{sum(r['score'] >= STEER_SUCCESS for r in rows)}/{len(rows)}"
 
 
 def steer_table(rows):
     """Per (method, lr): parameters, validation and test accuracy (mean ± std over seeds; both at
-    the best checkpoint), the seeds that steered (test >= registry.STEER_SUCCESS), final μ_t; the
+    the best checkpoint), the seeds that steered (test >= STEER_SUCCESS), final μ_t; the
     no-prompt floor first. lr: "chosen" marks steer_chosen's, † one outside the paper's grid."""
     rows, chosen = dedupe(rows), steer_chosen(dedupe(rows))
     header = ["Method", "lr", "Steps", "Params", "Valid acc", "Test acc",
-              f"Steered (≥ {registry.STEER_SUCCESS:g})", "final μ_t", "Seeds"]
+              f"Steered (≥ {STEER_SUCCESS:g})", "final μ_t", "Seeds"]
     body, long = [], []
     for r in (r for r in rows if r["method"] == "none"):
         body.append(["no prompt (frozen backbone's default)", DASH, 0, 0, f"{r['val_score']:.1f}",

@@ -198,7 +198,7 @@ def test_the_floor_row_is_written_once_when_collects_race(data, tmp_path, monkey
 def test_the_lr_is_chosen_on_the_search_seeds_validation():
     """Appendix B.2's protocol: the best mean validation score over registry.STEER_SEARCH_SEEDS
     (a later seed does not count), a tie to the paper's 0.3; a method with one lr has no choice."""
-    from ept import tables
+    import tables
 
     def row(method, lr, seed, val):
         return {"run": f"{method}{lr}{seed}", "method": method, "lr": lr, "seed": seed,
