@@ -682,7 +682,7 @@ def write_report(results, out, smoke):
     noise = tables.smoke_reason(results, smoke)
     if noise:
         index.append(f"> **SMOKE report: the numbers are noise** (the steering benchmark's "
-                     "section aside). These runs used {noise}, trained for a few steps on the "
+                     f"section aside). These runs used {noise}, trained for a few steps on the "
                      "test fixtures: the report shows that every table and figure of the recipe "
                      "is drawn, not what EPT scores; their figures are stamped \"SMOKE: noise\". "
                      "Scores of 0.0 (and CoLA's -100, a constant prediction) are expected. The "

@@ -452,6 +452,7 @@ def test_smoke_report_stamps_its_figures_and_says_what_is_not_noise(tmp_path):
     report.main(["--results", str(results), "--out", str(tmp_path / "real")])
     index = (tmp_path / "smoke" / "index.md").read_text()
     assert "the numbers are noise** (the steering benchmark's section aside)" in index
+    assert "These runs used a random-weight tiny T5, trained" in index
     assert "steering benchmark's section is not noise" in index and "noise" not in (tmp_path / "real" / "index.md").read_text()
     for png in ("fig1_superglue.png", "fig5_hidden_size.png"):
         assert red_corner(tmp_path / "smoke" / png) > 50 and red_corner(tmp_path / "real" / png) == 0, png
