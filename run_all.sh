@@ -151,10 +151,10 @@ section structure python ablate.py structure --model $MODEL $SEEDS $COMMON $TRAI
 # --- The steering benchmark (not in the paper; docs/experiments.md): every method on a small frozen backbone
 #     that prompts can steer (tests/fixtures/steer/backbone), 3 seeds + an lr sweep + the no-prompt floor, at its
 #     own 100-step schedule (not $TRAIN's), in SMOKE too: there it is the one table whose numbers mean something.
-#     About 3 minutes on 2 CPU cores (SMOKE: a pool of 2 processes, --gpus 2, which on a CPU uses no GPU);
+#     SMOKE: a pool of 2 CPU processes (--slots 2; timing: docs/experiments.md);
 #     report.py draws its table and mu_t figure. Left out of the dry run, whose counts are the paper's grid
 [[ -n "$DRY" ]] || section steer python ablate.py steer $COMMON \
-  $([[ "${SMOKE:-0}" == 1 && -z "$GPUS" && $SLURM != 1 ]] && echo --gpus 2)
+  $([[ "${SMOKE:-0}" == 1 && -z "$GPUS" && $SLURM != 1 ]] && echo --slots 2)
 fi
 
 if [[ -n "$DRY" ]]; then  # every run once, in the first section that lists it (the one that trains it)

@@ -21,7 +21,7 @@ import analyze
 import model as M
 import prepare_data
 import report
-from ept import costs, decoding, files, metrics, options, plans, pretrained, registry, tables
+from ept import decoding, files, grid, metrics, options, pretrained, registry, tables
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -97,8 +97,8 @@ def test_table4_specs_use_the_extra_layer():
     specs = ablate.table4(args)
     ept = [s for s in specs if s["method"] in ("ept", "ept_star")]
     assert len(specs) == 45 and ept and all(s.get("extra_layer") is True and "depth" not in s for s in ept)
-    assert plans.run_name(ept[0]) == "multirc_ept_t5-base_x1_ep10_ev1641_s0"
-    argv = plans.train_argv({k: v for k, v in ept[0].items()}, "runs/x")
+    assert grid.run_name(ept[0]) == "multirc_ept_t5-base_x1_ep10_ev1641_s0"
+    argv = grid.train_argv({k: v for k, v in ept[0].items()}, "runs/x")
     assert "--extra-layer" in argv and options.parser.parse_args(argv).extra_layer  # a flag train.py knows
 
 
@@ -107,7 +107,7 @@ def test_result_rows_of_old_runs_default_the_new_options(tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"task": "cb", "method": "ept", "depth": 1, "n_trainable": 2304}))
     (run / "metrics.json").write_text(json.dumps({"score": 50.0}))
-    row = plans.result_row("table1", plans.spec("cb", "ept", "t5-base", 0), run)
+    row = grid.result_row("table1", grid.spec("cb", "ept", "t5-base", 0), run)
     assert row["extra_layer"] is False and row["eval_every"] == 1000
 
 
@@ -121,9 +121,9 @@ def test_table4_validates_every_epoch_from_meta_sizes(root):
     multirc = [s for s in ablate.table4(args) if s["task"] == "multirc"]  # no meta.json there: the paper's sizes (registry.PAPER_SPLITS)
     assert {(s["eval_every"], s["epochs"]) for s in multirc} == {(math.ceil(26243 / 16), 10)}
     # the GPU-hour estimate counts the 20 validations (was: one, at the last step)
-    spec = plans.spec("wsc", "pt", "t5-base", 0, epochs=20, eval_every=35)
-    extra = (20 - 1) * 52 * costs.MEASURED_EVAL_S * costs.LAYER_SCALE["t5-base"] / 3600
-    assert costs.estimate_hours(spec) - costs.estimate_hours({**spec, "eval_every": 1000}) == pytest.approx(extra)
+    spec = grid.spec("wsc", "pt", "t5-base", 0, epochs=20, eval_every=35)
+    extra = (20 - 1) * 52 * grid.MEASURED_EVAL_S * grid.LAYER_SCALE["t5-base"] / 3600
+    assert grid.estimate_hours(spec) - grid.estimate_hours({**spec, "eval_every": 1000}) == pytest.approx(extra)
 
 
 def test_table4_run_validates_at_each_epoch_end_and_keeps_the_best(root, tiny_model_dir):
@@ -142,9 +142,9 @@ def test_table4_run_validates_at_each_epoch_end_and_keeps_the_best(root, tiny_mo
 
 def test_figure8_grid_has_both_sizes_and_shares_table1_runs(tmp_path, capsys):
     lr_specs = ablate.lr(ablate.parser.parse_args(["lr"]))
-    names = {plans.run_name({k: v for k, v in s.items() if k != "_row"}) for s in lr_specs}
+    names = {grid.run_name({k: v for k, v in s.items() if k != "_row"}) for s in lr_specs}
     assert len(names) == 600 and {s["model"] for s in lr_specs} == {"t5-base", "t5-large"}
-    table1 = {plans.run_name(s) for s in ablate.table1(ablate.parser.parse_args(["table1", "--lr-search"]))}
+    table1 = {grid.run_name(s) for s in ablate.table1(ablate.parser.parse_args(["table1", "--lr-search"]))}
     assert names <= table1  # every Figure 8 run is a Table 1 lr-search run: nothing new to train
     assert {s["model"] for s in ablate.lr(ablate.parser.parse_args(["lr", "--model", "x/t5-small"]))} == {"x/t5-small"}
     ablate.main(["lr", "--dry-run", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
