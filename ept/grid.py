@@ -300,8 +300,8 @@ def plan_hours(plan, data_dir, extra):
 # never packed. The --pack-size rule on CUDA: runs that fit in 80 % of the card's memory after T5's
 # weights, at one prompt run's memory at batch 16 (docs/speed.md: ept on t5-base, 3.0 GB), at most
 # MAX_PACK (past 16 runs a GPU is compute-bound): 16 for t5-small/base, 8 for t5-large at 80 GB.
-PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed")  # as flags; the rest per run
-PACK_KEYS = (*PACK_SHARED, "epochs", "max_steps", "eval_every", "batch_size")
+PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed", "batch_size")  # flags; per run: the rest
+PACK_KEYS = (*PACK_SHARED, "epochs", "max_steps", "eval_every")
 MAX_PACK = 16
 RUN_GB = {"t5-small": 1.5, "t5-base": 3.0, "t5-large": 7.0, "other": 3.0}
 WEIGHTS_GB = {"t5-small": 0.25, "t5-base": 0.9, "t5-large": 3.0, "other": 1.0}

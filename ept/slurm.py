@@ -248,6 +248,7 @@ def _after(text, array_id, after):
 
 
 def print_submitted(job_name, arrays, collect_id, n_units, logs, opts):
+    array = arrays[0] if len(arrays) == 1 else "<array>"
     at_once = f", {opts['max_parallel']} at once" if opts.get("max_parallel") else ""
     after = f", after job {' '.join(opts['after'])}" if opts.get("after") else ""
     several = (f" in {len(arrays)} arrays, each after the one before (MaxArraySize): "
@@ -256,7 +257,7 @@ def print_submitted(job_name, arrays, collect_id, n_units, logs, opts):
     print(f"submitted {job_name}: array job {arrays[-1]} ({_units(n_units)}{several}{at_once}"
           f"{after}), collect job {collect_id} after it\n"
           f"  follow:  squeue -j {ids}\n"
-          f"  logs:    {logs}/{job_name}-{arrays[-1]}_<task>.log, "
+          f"  logs:    {logs}/{job_name}-{array}_<task>.log, "
           f"{logs}/{job_name}-collect-{collect_id}.log\n"
           f"  stop:    scancel {ids.replace(',', ' ')}   (running units checkpoint; "
           f"submitting the same plan again finishes what is left)", flush=True)

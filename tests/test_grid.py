@@ -169,6 +169,21 @@ def test_a_truncated_pack_runs_file_is_rewritten(tmp_path):
     assert runs_file.read_text() == whole
 
 
+# --- found by SLURM=1 SMOKE=1 PACK_SIZE=8: a pack's --runs entries hold per-run options only ---
+
+def test_a_pack_of_the_steering_grid_passes_its_batch_size_as_a_flag(tmp_path):
+    """The steering grid sets batch_size 32 per spec; train.py refuses it in a --runs entry (one
+    batch for a pack), so a pack gives it once on the command line."""
+    from ept import options
+    args = ablate.parser.parse_args(["steer", "--pack-size", "4", *folders(tmp_path)])
+    units = grid.make_units(grid.plan_runs(ablate.steer(args), args), args, [])
+    packs = [u for u in units if u.runs_text]
+    assert packs and all(u.argv[u.argv.index("--batch-size") + 1] == "32" for u in packs)
+    for unit in packs:
+        for entry in json.loads(unit.runs_text):
+            assert set(entry) - {"out_dir"} <= set(options.PER_RUN), entry
+
+
 # --- 5. a plan larger than MaxArraySize: several arrays, one after another, then collect ----------
 
 def fake_slurm(tmp_path, max_array):
