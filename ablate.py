@@ -6,8 +6,8 @@ is not trained again (an unfinished folder is resumed with --resume), and one ro
 results/<experiment>.jsonl, which report.py turns into the paper's tables and figures. Run folders
 are named by configuration alone, runs/<task>_<method>_<model>[_<options>]_s<seed>, so a run two
 experiments share (EPT with h = 1 on BoolQ is a Table 1 cell and a Figure 5 point) is trained once.
-Table 3 (few-shot) is fewshot.py. Both share the driver in ept/drivers.py: the plan, the units, the
-pool, the collect step and the GPU-hour estimate live there (docs/experiments.md).
+Table 3 (few-shot) is fewshot.py. Both share the grid in ept/grid.py: the plan, the units, the pool
+and the collect step live there (docs/experiments.md); the dry run's cost model is scripts/costs.py.
 
     python ablate.py table1 --dry-run       # every run, its status, count and GPU-hour estimate
     python ablate.py table1                 # Table 1: 13 tasks x 6 methods x 3 sizes x 3 seeds
@@ -41,12 +41,12 @@ import sys
 from pathlib import Path
 
 import model as M
-from ept import cli, costs, drivers, errors, files, plans, runs
-from ept import evaluation as decoding, tasks as registry  # eval's rename
+from ept import cli, errors, evaluation, files, grid, runs
+from ept.tasks import GROUPS
 
 # --- the paper's task groups (the registry, in the paper's column order) and grids ---------------
 
-GLUE, SUPERGLUE, MRQA, OTHERS = (registry.GROUPS[g]
+GLUE, SUPERGLUE, MRQA, OTHERS = (GROUPS[g]
                                  for g in ("glue", "superglue", "mrqa", "others"))
 SIZES = ["t5-small", "t5-base", "t5-large"]
 SEEDS = [0, 1, 2]  # 3 runs per main result (Table 1 caption)
@@ -59,9 +59,9 @@ STRUCTURES = {"none": {}, "layernorm": {"layer_norm": True}, "residual": {"resid
               "sigmoid": {"activation": "sigmoid"}}  # Figure 9 (the public EPT code's three)
 
 
-# --- the experiments: each a list of specs (plans.spec; a swept value is the row's "variant") -----
+# --- the experiments: each a list of specs (grid.spec; a swept value is the row's "variant") -----
 
-spec = plans.spec
+spec = grid.spec
 
 
 def table1(args):
@@ -91,7 +91,7 @@ def table4(args):
                   "ept_star": {"extra_layer": True}}
     batch = getattr(args, "batch_size", None) or BATCH_SIZE
     tasks = args.tasks or ["multirc", "boolq", "wic", "wsc", "cb"]
-    n_train = {task: costs.split_sizes(task, args.data_dir)[0] for task in tasks}  # as train.py
+    n_train = {task: grid.split_sizes(task, args.data_dir)[0] for task in tasks}  # as train.py
     # ATTEMPT (Asai et al. 2022): 20 epochs for training sets under 10K examples, else 10
     epochs = {task: args.epochs or (20 if n < 10000 else 10) for task, n in n_train.items()}
     return [spec(task, method, args.model, seed, epochs=epochs[task],
@@ -143,11 +143,11 @@ def structure(args):
 
 # The steering benchmark (docs/experiments.md): every method on a small frozen backbone that knows
 # two toy tasks and does one by default (scripts/build_backbone.py); the task asks for the other
-# one. Its own short schedule, 10 seeds (success: >= registry.STEER_SUCCESS on test, counted over
+# one. Its own short schedule, 10 seeds (success: >= ept.tasks.STEER_SUCCESS on test, counted over
 # seeds). Prompts at the paper's lr 0.3, ft at 1e-3 (1e-5, the paper's, barely moves a model trained
 # from scratch in 100 steps). PT, EPT and EPT* also on the lr grid STEER_LRS (--values: another),
 # every seed, so that the plan does not wait on results: report.py chooses each method's lr on the
-# mean validation score of the search seeds (registry.STEER_SEARCH_SEEDS, Appendix B.2's protocol)
+# mean validation score of the search seeds (ept.tasks.STEER_SEARCH_SEEDS, Appendix B.2's protocol)
 # and reports the 10 seeds at the chosen lr beside those at 0.3. The prompt runs train in packs of
 # STEER_PACK (one frozen T5, one process each) unless --pack-size says otherwise.
 STEER_BACKBONE = str(Path(__file__).resolve().parent / "assets" / "steer" / "backbone")
@@ -202,13 +202,13 @@ def steer_floor(args):
         key = f"{model}#no-prompt#{task}"
         row = steer_floor_row(results, key)
         if row is None:
-            val, test = (decoding.evaluate_frozen(model, task, split, args.data_dir)
+            val, test = (evaluation.evaluate_frozen(model, task, split, args.data_dir)
                          for split in ("validation", "test"))
             row = {"experiment": "steer", "run": key, "task": task, "method": "none",
                    "seed": None, "model": model, "model_tag": runs.model_tag(model),
                    "score": test["score"], "test": test, "val_score": val["score"],
                    "n_trainable": 0, "n_inference": 0}
-            if not plans.append_row_once(results, row):  # another collect wrote it meanwhile
+            if not grid.append_row_once(results, row):  # another collect wrote it meanwhile
                 row = steer_floor_row(results, key)
         rows.append(row)
         print(f"steer: no-prompt floor on {task}: validation {row['val_score']:.1f}, "
@@ -227,7 +227,7 @@ EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": ini
 
 # --- command line -----------------------------------------------------------------------------
 
-parser = drivers.make_parser(__doc__)
+parser = grid.make_parser(__doc__)
 parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which table or figure's grid")
 parser.add_argument("--tasks", nargs="+", type=cli.name,
                     help="subset of the experiment's tasks (default: the paper's)")
@@ -246,21 +246,21 @@ parser.add_argument("--lr-search", action="store_true", help="table1: every lr o
 parser.add_argument("--epochs", type=cli.positive_int,
                     help="table4: epochs for every task (default: ATTEMPT's 20/10); the other "
                          "experiments pass it to train.py as every run's --epochs")
-drivers.add_execution_args(parser)
+grid.add_execution_args(parser)
 
 VALUE_TYPES = {"hidden": cli.positive_int, "broadcast": cli.positive_int, "lr": cli.positive_float,
-               "steer": cli.positive_float, "init": drivers.one_of(M.INITS),
-               "structure": drivers.one_of(list(STRUCTURES))}  # what --values sweeps
+               "steer": cli.positive_float, "init": grid.one_of(M.INITS),
+               "structure": grid.one_of(list(STRUCTURES))}  # what --values sweeps
 
 
 @errors.script
 def main(argv=None):
-    args, extra = drivers.parse(parser, argv, __file__)
-    args.values = drivers.parse_values(parser, VALUE_TYPES, args.experiment, args.values)
+    args, extra = grid.parse(parser, argv, __file__)
+    args.values = grid.parse_values(parser, VALUE_TYPES, args.experiment, args.values)
     if args.epochs is not None and args.experiment != "table4":  # train.py's --epochs for the rest
         extra = [*extra, "--epochs", str(args.epochs)]
-    drivers.check_args(parser, args, extra)
-    args.batch_size = costs.extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4's epochs
+    grid.check_args(parser, args, extra)
+    args.batch_size = grid.extra_value(extra, "--batch-size", BATCH_SIZE, int)  # Table 4's epochs
     steering = args.experiment == "steer" and not args.dry_run
     if args.experiment == "steer":  # packs on a CPU too: a tiny model's step is mostly overhead
         args.pack_size = args.pack_size or STEER_PACK
@@ -269,8 +269,8 @@ def main(argv=None):
     submit_only = args.slurm and not args.collect  # --slurm submits; its collect job adds it
     floor = steer_floor if steering and not submit_only else None
     specs = EXPERIMENTS[args.experiment](args)
-    return drivers.run_driver(args.experiment, specs, args, extra, floor)
+    return grid.run_driver(args.experiment, specs, args, extra, floor)
 
 
 if __name__ == "__main__":
-    drivers.run_cli(main, "ablate")
+    grid.run_cli(main, "ablate")

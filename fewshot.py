@@ -1,6 +1,6 @@
 """Table 3: few-shot adaptation on the 13 GLUE + SuperGLUE tasks, k in {4, 16, 32} examples in all.
 
-A thin driver over train.py (the machinery is ept/drivers.py's, as for ablate.py): every method on
+A thin driver over train.py (the machinery is ept/grid.py's, as for ablate.py): every method on
 t5-base, six seeds (the k-shot sample `train_k{K}_seed{S}.jsonl` of prepare_data.py, classes
 balanced, and the training seed are both S), 10,000 steps, lr 0.3 for prompts and 1e-3 for
 fine-tuning (Appendix B.2); validation and test as in the full-data setting. Finished runs are
@@ -15,20 +15,19 @@ skipped; one row per run goes to results/fewshot.jsonl.
 
 Unknown flags go to train.py unchanged (after this script's, so they win).
 """
-import json
 import sys
 from pathlib import Path
 
 import model as M
-from ept import cli, drivers, errors, plans, tasks as registry  # eval's rename
+from ept import cli, errors, grid, tasks
 
-TASKS = registry.GROUPS["glue"] + registry.GROUPS["superglue"]  # the 13 of Table 1
+TASKS = tasks.GROUPS["glue"] + tasks.GROUPS["superglue"]  # the 13 of Table 1
 SHOTS = [4, 16, 32]
 SEEDS = [0, 1, 2, 3, 4, 5]  # "averaged over 6 runs" (Table 3)
 STEPS = 10000
 LR = {"ft": 1e-3, "prompt": 0.3}
 
-parser = drivers.make_parser(__doc__)
+parser = grid.make_parser(__doc__)
 parser.add_argument("--tasks", nargs="+", type=cli.name,
                     help="subset of the 13 tasks (default: all)")
 parser.add_argument("--shots", nargs="+", type=cli.positive_int, default=SHOTS,
@@ -41,11 +40,11 @@ parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int, default=SEED
                     help="few-shot sample and training seeds")
 parser.add_argument("--steps", type=cli.positive_int, default=STEPS,
                     help="training steps (paper: 10,000)")
-drivers.add_execution_args(parser)  # --nproc, --gpus, --collect, --runs-dir, --dry-run, ...
+grid.add_execution_args(parser)  # --nproc, --gpus, --collect, --runs-dir, --dry-run, ...
 
 
 def specs(args):
-    return [plans.spec(task, method, args.model, seed, fewshot_k=k, fewshot_seed=seed,
+    return [grid.spec(task, method, args.model, seed, fewshot_k=k, fewshot_seed=seed,
                        max_steps=args.steps, lr=LR["ft" if method == "ft" else "prompt"],
                        _row={"variant": k})
             for k in args.shots for task in args.tasks or TASKS
@@ -55,38 +54,29 @@ def specs(args):
 def check_samples(args):
     """Every k-shot sample this grid trains on is prepared (else each of its runs would fail
     alike); samples of the old rule (k per class) are used, with a warning naming the rebuild."""
-    tasks = args.tasks or TASKS
+    names = args.tasks or TASKS
     samples = [Path(args.data_dir) / t / f"train_k{k}_seed{s}.jsonl"
-               for t in tasks for k in args.shots for s in args.seeds]
+               for t in names for k in args.shots for s in args.seeds]
     missing = [path for path in samples if not path.exists()]
     if missing:
         parser.error(f"no {missing[0]} ({len(missing)} samples missing); prepare them first: "
-                     f"python prepare_data.py --tasks {' '.join(tasks)} --out {args.data_dir} "
-                     f"--fewshot {' '.join(map(str, args.shots))} "
-                     f"--fewshot-seeds {' '.join(map(str, args.seeds))} --overwrite")
+                     + tasks.prepare_command(args.data_dir, names, args.shots, args.seeds,
+                                             overwrite=True))
     wanted = {f"k{k}_seed{s}" for k in args.shots for s in args.seeds}
-    old = {t: sorted(set(registry.old_fewshot_sets(_meta(Path(args.data_dir) / t))) & wanted)
-           for t in tasks}
-    if warning := registry.old_fewshot_warning(args.data_dir, old):
+    old = {t: sorted(set(tasks.old_fewshot_sets(tasks.load_meta(args.data_dir, t, strict=False)))
+                     & wanted) for t in names}
+    if warning := tasks.old_fewshot_warning(args.data_dir, old):
         print(f"fewshot: {warning}", file=sys.stderr)
-
-
-def _meta(folder):
-    """A task folder's meta.json ({} when absent or unreadable: train.py says why)."""
-    try:
-        return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 @errors.script
 def main(argv=None):
-    args, extra = drivers.parse(parser, argv, __file__)
-    drivers.check_args(parser, args, extra)
+    args, extra = grid.parse(parser, argv, __file__)
+    grid.check_args(parser, args, extra)
     if not args.dry_run and not args.collect:
         check_samples(args)
-    return drivers.run_driver("fewshot", specs(args), args, extra)
+    return grid.run_driver("fewshot", specs(args), args, extra)
 
 
 if __name__ == "__main__":
-    drivers.run_cli(main, "fewshot")
+    grid.run_cli(main, "fewshot")

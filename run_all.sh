@@ -151,11 +151,11 @@ section structure python ablate.py structure --model $MODEL $SEEDS $COMMON $TRAI
 # --- The steering benchmark (not in the paper; docs/experiments.md): every method on a small frozen backbone
 #     that prompts can steer (assets/steer/backbone), 10 seeds, PT/EPT/EPT* on the lr grid 0.03 / 0.3 / 3 (the
 #     lr chosen on validation, Appendix B.2), the no-prompt floor, its own 100-step schedule (not $TRAIN's), the
-#     prompt runs in packs of 10. In SMOKE too, with seeds 0-2 only (~4 minutes on 2 CPU cores, a pool of 2
-#     processes: --gpus 2 uses no GPU on a CPU): there it is the one table whose numbers mean something.
+#     prompt runs in packs of 10. In SMOKE too, with seeds 0-2 only and a pool of 2 CPU processes (--slots 2):
+#     there it is the one table whose numbers mean something.
 #     report.py draws its table, mu_t figure and EPT's s_t. Left out of the dry run (its counts: the paper's grid)
 [[ -n "$DRY" ]] || section steer python ablate.py steer $COMMON \
-  $([[ "${SMOKE:-0}" == 1 && -z "$GPUS" && $SLURM != 1 ]] && echo --gpus 2) $([[ "${SMOKE:-0}" == 1 ]] && echo --seeds 0 1 2)
+  $([[ "${SMOKE:-0}" == 1 && -z "$GPUS" && $SLURM != 1 ]] && echo --slots 2) $([[ "${SMOKE:-0}" == 1 ]] && echo --seeds 0 1 2)
 fi
 
 if [[ -n "$DRY" ]]; then  # every run once, in the first section that lists it (the one that trains it)

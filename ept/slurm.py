@@ -59,9 +59,10 @@ def _units(n):
 
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
                   gpus_per_task=1, max_parallel=None, extra=(), cpus_per_task=None,
-                  signal_s=SIGNAL_S, workdir=None, after=()):
-    """The job array's sbatch script: task i runs line i+1 of the plan. gpus_per_task=0: no GPU
-    line. after: job ids the array waits for (afterany), e.g. an earlier plan's that shares runs."""
+                  signal_s=SIGNAL_S, workdir=None, after=(), first=0):
+    """The job array's sbatch script: task i runs line first+i+1 of the plan (first: the lines
+    earlier arrays run, past MaxArraySize). gpus_per_task=0: no GPU line. after: job ids the
+    array waits for (afterany), e.g. an earlier plan's that shares runs."""
     if n_units < 1:
         raise errors.Failure(f"the plan {plan_path} has no units: nothing to submit")
     limit = time_seconds(time) if time else None
@@ -74,7 +75,8 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
     array = f"0-{n_units - 1}" + (f"%{max_parallel}" if max_parallel else "")
     lines = ["#!/bin/bash",
              f"# {name}: the {_units(n_units)} of {plan}, one SLURM array task each (task i runs "
-             "line i+1).",
+             "line i+1)." if not first else f"# {name}: lines {first + 1}-{first + n_units} of "
+             f"{plan}, one SLURM array task each (task i runs line {first}+i+1).",
              "# Written by ept/slurm.py. Submit again with `sbatch <this file>`: a finished unit "
              "exits at once,",
              "# an interrupted one resumes. One unit without SLURM: SLURM_ARRAY_TASK_ID=i bash "
@@ -90,7 +92,8 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
               f"#SBATCH --output={_option(logs, 'log folder')}/{name}-%A_%a.log",
               "#SBATCH --open-mode=append"]  # a requeued task adds to its log, not a new one
     lines += [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra]
-    lines.append(_BODY.replace("PLAN", shlex.quote(str(plan))))
+    body = _BODY.replace("PLAN", shlex.quote(str(plan)))
+    lines.append(body.replace("$((task + 1))", f"$((task + {first + 1}))") if first else body)
     return "\n".join(lines) + "\n"
 
 
@@ -153,18 +156,34 @@ def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, 
               if not option.startswith(("--gres", "--gpus", "--array", "--signal"))]
     lines += ["", f"echo \"== array {array_id}: task states (as long as SLURM keeps them, "
               "MinJobAge)\"",
-              f"squeue --noheader --states=all --jobs={array_id} --format='task %K: %T' | sort -V",
+              f"squeue --noheader --states=all --jobs={array_id.replace(':', ',')} "
+              "--format='task %K: %T' | sort -V",
               "echo \"== $(date -Is) collect\"", collect_cmd]
     return "\n".join(lines) + "\n"
+
+
+DEFAULT_MAX_ARRAY = 1001  # SLURM's MaxArraySize when the cluster does not set it
+
+
+def check():
+    """Before anything is written: sbatch is here; the cluster's MaxArraySize (array indices go
+    up to it, exclusive: a larger plan is submitted as several arrays, one after another)."""
+    if shutil.which("sbatch") is None:
+        raise errors.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
+                             "here (a test cluster on this machine, as root: "
+                             "bash scripts/slurm_cluster.sh start)")
+    try:
+        shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                               timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        shown = ""
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", shown, re.MULTILINE)
+    return int(found.group(1)) if found else DEFAULT_MAX_ARRAY
 
 
 def _sbatch(text, path, what):
     """Submit a script (on stdin), then write it to `path`; its job id, or one sentence, nothing
     written."""
-    if shutil.which("sbatch") is None:
-        raise errors.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
-                             "here (a test cluster on this machine, as root: "
-                             "bash scripts/slurm_cluster.sh start)")
     done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
@@ -173,42 +192,75 @@ def _sbatch(text, path, what):
     return done.stdout.strip().split(";")[0]  # --parsable: "<id>" or "<id>;<cluster>"
 
 
-def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, **opts):
-    """Submit the plan as one job array, then the collect job after it (afterany); write both
-    scripts beside the plan (<plan>.sbatch, <plan>.collect.sbatch); print and return the job ids."""
+def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, max_array=None, **opts):
+    """Submit the plan as a job array (past the cluster's MaxArraySize, `max_array`: several, each
+    after the one before), then the collect job after them (afterany); write the scripts beside
+    the plan (<plan>.sbatch or <plan>.<k>.sbatch, <plan>.collect.sbatch); print and return the
+    job ids (the last array's: it ends last)."""
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):
         raise errors.Failure(f"the plan {plan} has an empty line: every line must be a unit")
+    max_array = max_array or check()
     job_name = job_name or plan.stem
     logs = Path(log_dir or plan.parent / "slurm-logs").resolve()
-    array_text = sbatch_script(plan, len(units), job_name=job_name, log_dir=logs, **opts)
+    starts = range(0, max(len(units), 1), max_array)
+    texts = [sbatch_script(plan, min(max_array, len(units) - first), job_name=job_name,
+                           log_dir=logs, first=first, **opts) for first in starts]
     fresh = not logs.exists()
     files.make_dir(logs, "log folder")  # SLURM does not create the folder of --output
-    try:
-        array_id = _sbatch(array_text, plan.with_name(plan.stem + ".sbatch"), "the job array")
-    except errors.Failure:
-        if fresh:
-            logs.rmdir()
-        raise
+    arrays = []
+    for k, text in enumerate(texts):
+        if arrays:  # the next array starts once the one before ended
+            text = _after(text, arrays[-1], opts.get("after"))
+        name = plan.stem + (f".{k}" if len(texts) > 1 else "") + ".sbatch"
+        try:
+            arrays.append(_sbatch(text, plan.with_name(name), "the job array"))
+        except errors.Failure as err:
+            if fresh and not arrays:
+                logs.rmdir()
+            if not arrays:
+                raise
+            raise errors.Failure(f"{err} (arrays {' '.join(arrays)} were submitted: scancel "
+                                 f"them, then submit again)") from None
+    array_id = arrays[-1]
     shared = {k: opts[k] for k in ("partition", "extra", "workdir") if k in opts}
-    collect_text = collect_script(collect_cmd, array_id, job_name=job_name, log_dir=logs, **shared)
+    collect_text = collect_script(collect_cmd, ":".join(arrays), job_name=job_name, log_dir=logs,
+                                  **shared)
     try:
         collect_id = _sbatch(collect_text, plan.with_name(plan.stem + ".collect.sbatch"),
                              "the collect job")
     except errors.Failure as err:
-        raise errors.Failure(f"{err} (the array {array_id} was submitted and runs without it: "
-                         f"scancel {array_id}, or collect by hand later: {collect_cmd})") from None
+        raise errors.Failure(f"{err} (the array {' '.join(arrays)} was submitted and runs without "
+                             f"it: scancel {' '.join(arrays)}, or collect by hand later: "
+                             f"{collect_cmd})") from None
+    print_submitted(job_name, arrays, collect_id, len(units), logs, opts)
+    return array_id, collect_id
+
+
+def _after(text, array_id, after):
+    """An array script made to wait for the array before it (and not for `after` any more)."""
+    line = next((ln for ln in text.splitlines() if ln.startswith("#SBATCH --dependency=")), None)
+    wait = f"#SBATCH --dependency=afterany:{array_id}"
+    if line:
+        return text.replace(line + "\n", wait + "\n", 1)
+    return text.replace("#SBATCH --ntasks=1\n", f"#SBATCH --ntasks=1\n{wait}\n", 1)
+
+
+def print_submitted(job_name, arrays, collect_id, n_units, logs, opts):
+    array = arrays[0] if len(arrays) == 1 else "<array>"
     at_once = f", {opts['max_parallel']} at once" if opts.get("max_parallel") else ""
     after = f", after job {' '.join(opts['after'])}" if opts.get("after") else ""
-    print(f"submitted {job_name}: array job {array_id} ({_units(len(units))}{at_once}{after}), "
-          f"collect job {collect_id} after it\n"
-          f"  follow:  squeue -j {array_id},{collect_id}\n"
-          f"  logs:    {logs}/{job_name}-{array_id}_<task>.log, "
+    several = (f" in {len(arrays)} arrays, each after the one before (MaxArraySize): "
+               f"{' '.join(arrays)}" if len(arrays) > 1 else "")
+    ids = ",".join([*arrays, collect_id])
+    print(f"submitted {job_name}: array job {arrays[-1]} ({_units(n_units)}{several}{at_once}"
+          f"{after}), collect job {collect_id} after it\n"
+          f"  follow:  squeue -j {ids}\n"
+          f"  logs:    {logs}/{job_name}-{array}_<task>.log, "
           f"{logs}/{job_name}-collect-{collect_id}.log\n"
-          f"  stop:    scancel {array_id} {collect_id}   (running units checkpoint; "
+          f"  stop:    scancel {ids.replace(',', ' ')}   (running units checkpoint; "
           f"submitting the same plan again finishes what is left)", flush=True)
-    return array_id, collect_id
 
 
 parser = argparse.ArgumentParser(prog="python -m ept.slurm", description="Submit a plan file to "

@@ -9,8 +9,8 @@ alone:
   (b) ours + --group-by-length: the SAME examples regrouped by train.py's epoch_order
   (c) reference stack: every input padded to --max-length (256), every label to the longest target
 Evaluation, the same held-out examples (validation, then test rows), --eval-repeats rounds:
-  (1) decoding.predict: batched greedy decoding sorted by length, max_new_tokens = the longest label
-  (2) decoding.rank_classify: every label scored after one encoder pass per example
+  (1) evaluation.predict: batched greedy decoding sorted by length, max_new_tokens = the longest label
+  (2) evaluation.rank_classify: every label scored after one encoder pass per example
   (3) reference: data order, inputs padded to --max-length, HF generate(max_length=20)
   (3b) (3) with max_new_tokens as in (1): the honest figure for trained models, which stop early
 docs/speed.md ("What bench.py measures") says what each figure means (tokens, peak memory, the FLOP
@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import model as M  # noqa: E402
-from ept import batching, cli, costs, errors, files, multirun, pretrained  # noqa: E402
-from ept import evaluation as decoding  # noqa: E402 eval's rename
+import costs  # noqa: E402  (scripts/costs.py)
+from ept import batching, cli, errors, evaluation, files, multirun, pretrained  # noqa: E402
 from ept import runtime  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
@@ -414,10 +414,10 @@ def eval_configs(args, ctx, net):
     kw = dict(batch_size=args.eval_batch_size, device=ctx.device, dtype=args.dtype)
     ours, theirs = dict(kw, max_length=max_length), dict(kw, pad_length=max_length)
     configs = [("generate_sorted", f"(1) batched greedy, sorted, max_new_tokens={new_tokens}",
-                partial(decoding.predict, net, tokenizer, max_new_tokens=new_tokens, **ours))]
+                partial(evaluation.predict, net, tokenizer, max_new_tokens=new_tokens, **ours))]
     if meta.get("labels"):
         configs.append(("rank", "(2) rank classification",
-                        partial(decoding.rank_classify, net, tokenizer, labels=meta["labels"],
+                        partial(evaluation.rank_classify, net, tokenizer, labels=meta["labels"],
                                 **ours)))
     return configs + [
         ("reference", f"(3) reference: data order, pad {max_length}, max_length {ref}",

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
-from ept import cli, costs, errors, pretrained, runtime  # noqa: E402
+import costs  # noqa: E402  (scripts/costs.py)
+from ept import cli, errors, pretrained, runtime  # noqa: E402
 from ept.multirun import Pack, clip_runs, make_run, step_runs  # noqa: E402
 
 METHOD_MIXES = (("mixed", ("pt", "ept", "ept_star", "ptuning", "resprompt")),

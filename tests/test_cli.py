@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_train import argv, data_dir  # noqa: F401 (data_dir is a fixture shared with test_train)
 
-from ept import options, plans
+from ept import grid, options
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("ablate", "analyze", "bench", "bench_pack", "evaluate", "export", "fewshot", "model", "prepare_data",
@@ -262,7 +262,7 @@ def test_driver_names_say_what_runs(tmp_path, capsys):
     """A pass-through --max-steps / --eval-every wins over the driver's own value, in the name too: a SMOKE
     few-shot run of 6 steps is ..._steps6_ev3_k4_fs0_s0, not ..._steps10000_..."""
     import fewshot
-    assert plans.passed_through(["--max-steps", "6", "--eval-every=3", "--dtype", "bf16"]) == \
+    assert grid.passed_through(["--max-steps", "6", "--eval-every=3", "--dtype", "bf16"]) == \
         {"max_steps": 6, "eval_every": 3}
     fewshot.main(["--dry-run", "--tasks", "cb", "--shots", "4", "--seeds", "0", "--methods", "ept", "--model", "t5-base",
                   "--data-dir", str(tmp_path / "d"), "--runs-dir", str(tmp_path / "runs"), "--results-dir",

@@ -25,7 +25,8 @@ import fewshot
 import model as M
 import report
 import tables
-from ept import costs, errors, evaluation, files, launch, options, plans, pretrained
+from ept import errors, evaluation, files, options, pretrained
+from ept import grid as ept_grid
 from ept import runs as ept_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,29 +69,29 @@ def grid(tmp_path_factory, tiny_model_dir, data_dir):
 
 def count_training(monkeypatch):
     calls = []
-    real = launch.run_in_process
-    monkeypatch.setattr(launch, "run_in_process", lambda argv: calls.append(list(argv)) or real(argv))
+    real = ept_grid.run_in_process
+    monkeypatch.setattr(ept_grid, "run_in_process", lambda argv: calls.append(list(argv)) or real(argv))
     return calls
 
 
 # --- enumeration, names, dry run ---------------------------------------------------------------
 
 def test_run_names_share_defaults_and_argv_is_train_py_s():
-    main = plans.run_name(plans.spec("boolq", "ept", "t5-base", 0))
+    main = ept_grid.run_name(ept_grid.spec("boolq", "ept", "t5-base", 0))
     assert main == "boolq_ept_t5-base_s0"
-    assert plans.run_name(plans.spec("boolq", "ept", "t5-base", 0, hidden_size=1, lr=0.3, init="uniform")) == main
-    assert plans.run_name(plans.spec("boolq", "ept", "t5-base", 1, hidden_size=50)) == "boolq_ept_t5-base_h50_s1"
-    assert plans.run_name(plans.spec("cb", "ft", "x/t5-small", 0, lr=1e-3, fewshot_k=16, fewshot_seed=2,
+    assert ept_grid.run_name(ept_grid.spec("boolq", "ept", "t5-base", 0, hidden_size=1, lr=0.3, init="uniform")) == main
+    assert ept_grid.run_name(ept_grid.spec("boolq", "ept", "t5-base", 1, hidden_size=50)) == "boolq_ept_t5-base_h50_s1"
+    assert ept_grid.run_name(ept_grid.spec("cb", "ft", "x/t5-small", 0, lr=1e-3, fewshot_k=16, fewshot_seed=2,
                                        max_steps=10000)) == "cb_ft_t5-small_lr0.001_steps10000_k16_fs2_s0"
-    assert plans.run_name(plans.spec("cola", "ept_star", "t5-base", 0, broadcast=10)) == "cola_ept_star_t5-base_s0"
-    assert [plans.run_name(plans.spec("boolq", "ept", "t5-base", 0, **ablate.STRUCTURES[v]))
+    assert ept_grid.run_name(ept_grid.spec("cola", "ept_star", "t5-base", 0, broadcast=10)) == "cola_ept_star_t5-base_s0"
+    assert [ept_grid.run_name(ept_grid.spec("boolq", "ept", "t5-base", 0, **ablate.STRUCTURES[v]))
             for v in ("relu", "tanh", "sigmoid")] == [f"boolq_ept_t5-base_{a}_s0" for a in ("relu", "tanh", "sigmoid")]
     # every experiment's every run is a valid train.py command line (no flag train.py does not know)
     for name, build in ablate.EXPERIMENTS.items():
         args = ablate.parser.parse_args([name, "--lr-search"])
         for spec in build(args) + fewshot.specs(fewshot.parser.parse_args([])):
             settings = {k: v for k, v in spec.items() if k != "_row"}
-            parsed, unknown = options.parser.parse_known_args(plans.train_argv(settings, "runs/x", "data"))
+            parsed, unknown = options.parser.parse_known_args(ept_grid.train_argv(settings, "runs/x", "data"))
             assert not unknown, unknown
             assert parsed.task == spec["task"] and parsed.method == spec["method"] and parsed.seed == spec["seed"]
 
@@ -508,10 +509,10 @@ def test_smoke_recipe_produces_every_table_and_figure():
 
 
 def test_gpu_hour_estimate_rests_on_the_measured_step_times():
-    """costs.MEASURED_STEP_S / MEASURED_EVAL_S are the figures bench.py measured on the H200 (docs/gpu)."""
+    """ept_grid.MEASURED_STEP_S / MEASURED_EVAL_S are the figures bench.py measured on the H200 (docs/gpu)."""
     docs = Path(__file__).resolve().parents[1] / "docs" / "gpu"
     ept, ft = (json.loads((docs / f"run2_rte_{m}.json").read_text()) for m in ("ept", "ft"))
     assert "H200" in json.dumps(ept["machine"]) and ept["args"]["batch_size"] == 16
-    assert costs.MEASURED_STEP_S["prompt"] == pytest.approx(16 / ept["train"][0]["examples_per_s"], rel=1e-3)
-    assert costs.MEASURED_STEP_S["ft"] == pytest.approx(16 / ft["train"][0]["examples_per_s"], rel=1e-3)
-    assert costs.MEASURED_EVAL_S == pytest.approx(1 / ept["eval"][0]["examples_per_s"], rel=1e-3)
+    assert ept_grid.MEASURED_STEP_S["prompt"] == pytest.approx(16 / ept["train"][0]["examples_per_s"], rel=1e-3)
+    assert ept_grid.MEASURED_STEP_S["ft"] == pytest.approx(16 / ft["train"][0]["examples_per_s"], rel=1e-3)
+    assert ept_grid.MEASURED_EVAL_S == pytest.approx(1 / ept["eval"][0]["examples_per_s"], rel=1e-3)

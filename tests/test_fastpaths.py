@@ -25,7 +25,7 @@ import bench
 import model as M
 import reference
 from ept import batching, pretrained, runtime
-from ept import evaluation as decoding  # eval's rename
+from ept import evaluation
 
 WORDS = "good bad fine awful great poor nice sad happy dull the movie plot was not very".split()
 MAX_LENGTH = 40
@@ -174,11 +174,11 @@ def decoder_net(tiny_model_dir):
 
 def test_batched_sorted_greedy_equals_one_at_a_time(decoder_net):
     net, tok, ids = decoder_net
-    single = [decoding.predict(net, tok, [i], max_new_tokens=5, batch_size=1)[0] for i in ids]
+    single = [evaluation.predict(net, tok, [i], max_new_tokens=5, batch_size=1)[0] for i in ids]
     assert "" in single and any(len(tok(p, add_special_tokens=False)["input_ids"]) >= 4 for p in single), \
         "the fixture should give rows that stop at once and rows that run to max_new_tokens"
     steps = bench.count_decode_steps(net)
-    batched = decoding.predict(net, tok, ids, max_new_tokens=5, batch_size=6)  # sorted, budgeted, mixed stops
+    batched = evaluation.predict(net, tok, ids, max_new_tokens=5, batch_size=6)  # sorted, budgeted, mixed stops
     assert batched == single
     assert max(steps) == 5 and all(s <= 5 for s in steps)
     # the reference's decoding (data order, padded to the max length) gives the same strings too
@@ -214,9 +214,9 @@ def test_eval_batches_sorted_within_a_token_budget():
 def test_early_stop_when_every_row_is_done(decoder_net):
     """A batch whose rows all emit </s> first stops after one step, whatever max_new_tokens allows."""
     net, tok, ids = decoder_net
-    done = [i for i in ids if decoding.predict(net, tok, [i], max_new_tokens=5, batch_size=1)[0] == ""]
+    done = [i for i in ids if evaluation.predict(net, tok, [i], max_new_tokens=5, batch_size=1)[0] == ""]
     steps = bench.count_decode_steps(net)
-    assert decoding.predict(net, tok, done, max_new_tokens=5, batch_size=64) == [""] * len(done)
+    assert evaluation.predict(net, tok, done, max_new_tokens=5, batch_size=64) == [""] * len(done)
     assert steps == [1]
     net.generate = type(net).generate.__get__(net)
 
@@ -225,7 +225,7 @@ def test_early_stop_when_every_row_is_done(decoder_net):
 def test_rank_classify_picks_the_lowest_loss_label(decoder_net, labels):
     """Labels of different token lengths (padded with -100 in the batched pass), several batches."""
     net, tok, ids = decoder_net
-    got = decoding.rank_classify(net, tok, ids, labels, batch_size=5)
+    got = evaluation.rank_classify(net, tok, ids, labels, batch_size=5)
     assert set(got) <= set(labels)  # never invalid
     for source, pred in zip(ids, got):  # brute force: one unpadded forward per (example, label)
         x, mask = batching.pad([source], tok.pad_token_id)
@@ -249,7 +249,7 @@ def test_label_nll_equals_one_forward_per_label(decoder_net):
     assert len(set((label_ids != -100).sum(1).tolist())) > 1  # different lengths: padding inside the label batch
     batch = ids[:5]
     input_ids, mask = batching.pad(batch, tok.pad_token_id)
-    got = decoding.label_nll(net, input_ids, mask, label_ids)
+    got = evaluation.label_nll(net, input_ids, mask, label_ids)
     for b, source in enumerate(batch):
         for k, label in enumerate(batching.encode(tok, labels, MAX_LENGTH)):
             with torch.no_grad():

@@ -32,7 +32,7 @@ import model as M
 import prepare_data
 import report
 import train
-from ept import errors, files, plans, pretrained, tasks as registry  # eval's rename
+from ept import errors, files, grid, pretrained, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "raw"
@@ -365,7 +365,7 @@ def test_raw_files_that_are_not_utf8_or_json(tmp_path, tiny_model_dir):
     with gzip.open(gz, "wb") as f:
         f.write(text)
     gz.write_bytes(gz.read_bytes()[:60])  # truncated download
-    fails(lambda: list(registry._lines(gz)), match=r"cannot read .*train\.jsonl\.gz.*(truncated|fetch it again)")
+    fails(lambda: list(tasks._lines(gz)), match=r"cannot read .*train\.jsonl\.gz.*(truncated|fetch it again)")
 
 
 # --- edited data: the split files no longer match meta.json ------------------------------------------
@@ -494,12 +494,12 @@ def test_a_row_appended_after_a_last_line_without_newline_starts_a_fresh_line(tm
     results = tmp_path / "results" / "init.jsonl"
     results.parent.mkdir()
     results.write_text('{"run": "a", "score": 1}\n{"run": "b", "score": 2}')  # the last newline lost
-    assert plans.append_row_once(results, {"run": "c", "score": 3})
+    assert grid.append_row_once(results, {"run": "c", "score": 3})
     files.append_jsonl(results, [{"run": "d", "score": 4}])
     files.append_lines(tmp_path / "new.tsv", ["x\n"])  # an empty or new file gets no leading newline
     assert (tmp_path / "new.tsv").read_text() == "x\n"
     assert [json.loads(line)["run"] for line in results.read_text().splitlines()] == ["a", "b", "c", "d"]
-    assert not plans.append_row_once(results, {"run": "b", "score": 2})  # once per run, as before
+    assert not grid.append_row_once(results, {"run": "b", "score": 2})  # once per run, as before
 
 
 def test_a_results_file_cut_short_is_one_sentence_naming_the_line_and_the_way_out(tmp_path):
@@ -510,7 +510,7 @@ def test_a_results_file_cut_short_is_one_sentence_naming_the_line_and_the_way_ou
     row = {"run": "r", "task": "rte", "method": "ept", "seed": 0, "score": 1.0, "model_tag": "t5-base", "init": "vocab"}
     text = json.dumps(row) + "\n" + json.dumps({**row, "run": "s"})[:30]
     (results / "init.jsonl").write_text(text)
-    for call in (lambda: plans.append_row_once(results / "init.jsonl", {**row, "run": "t"}),
+    for call in (lambda: grid.append_row_once(results / "init.jsonl", {**row, "run": "t"}),
                  lambda: report.main(["--results", str(results), "--out", str(tmp_path / "report")])):
         fails(call, match=r"init\.jsonl is damaged: line 2 \(the last line, without its newline: cut short\) is "
                           r"not valid JSON .*delete that line and rerun the experiment's driver")

@@ -21,9 +21,8 @@ import analyze
 import model as M
 import prepare_data
 import report
-import tables  # eval's move
-from ept import costs, files, options, plans, pretrained
-from ept import evaluation as decoding, evaluation as metrics, tasks as registry  # eval's rename
+import tables
+from ept import evaluation, files, grid, options, pretrained, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -53,10 +52,10 @@ def test_mrpc_and_qqp_score_is_accuracy_and_f1_is_still_reported(root):
         meta = json.loads((root / "data" / task / "meta.json").read_text())
         assert meta["score"] == ["acc"] and meta["metrics"] == ["acc", "f1"]
         # 3 of 4 right, F1 of the positive class 2/3: the score is the accuracy, not their mean
-        scores = metrics.compute_metrics(meta, ["1", "0", "0", "0"], [{"target": t} for t in ("1", "1", "0", "0")])
+        scores = evaluation.compute_metrics(meta, ["1", "0", "0", "0"], [{"target": t} for t in ("1", "1", "0", "0")])
         assert scores["score"] == pytest.approx(75.0) and scores["acc"] == pytest.approx(75.0)
         assert scores["f1"] == pytest.approx(200 / 3)
-    assert registry.TASKS["cb"].score == ("acc", "macro_f1")  # only CB is "F1/Acc"
+    assert tasks.TASKS["cb"].score == ("acc", "macro_f1")  # only CB is "F1/Acc"
 
 
 # --- 2. Table 4's extra layer: d -> 1 -> 1 -> d, 2,305 parameters on t5-base --------------------------
@@ -99,8 +98,8 @@ def test_table4_specs_use_the_extra_layer():
     specs = ablate.table4(args)
     ept = [s for s in specs if s["method"] in ("ept", "ept_star")]
     assert len(specs) == 45 and ept and all(s.get("extra_layer") is True and "depth" not in s for s in ept)
-    assert plans.run_name(ept[0]) == "multirc_ept_t5-base_x1_ep10_ev1641_s0"
-    argv = plans.train_argv({k: v for k, v in ept[0].items()}, "runs/x")
+    assert grid.run_name(ept[0]) == "multirc_ept_t5-base_x1_ep10_ev1641_s0"
+    argv = grid.train_argv({k: v for k, v in ept[0].items()}, "runs/x")
     assert "--extra-layer" in argv and options.parser.parse_args(argv).extra_layer  # a flag train.py knows
 
 
@@ -109,7 +108,7 @@ def test_result_rows_of_old_runs_default_the_new_options(tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"task": "cb", "method": "ept", "depth": 1, "n_trainable": 2304}))
     (run / "metrics.json").write_text(json.dumps({"score": 50.0}))
-    row = plans.result_row("table1", plans.spec("cb", "ept", "t5-base", 0), run)
+    row = grid.result_row("table1", grid.spec("cb", "ept", "t5-base", 0), run)
     assert row["extra_layer"] is False and row["eval_every"] == 1000
 
 
@@ -120,12 +119,12 @@ def test_table4_validates_every_epoch_from_meta_sizes(root):
     cb = [s for s in ablate.table4(args) if s["task"] == "cb"]
     n_train = json.loads((root / "data" / "cb" / "meta.json").read_text())["splits"]["train"]
     assert {s["eval_every"] for s in cb} == {math.ceil(n_train / 16)} and {s["epochs"] for s in cb} == {20}
-    multirc = [s for s in ablate.table4(args) if s["task"] == "multirc"]  # no meta.json there: the paper's sizes (registry.PAPER_SPLITS)
+    multirc = [s for s in ablate.table4(args) if s["task"] == "multirc"]  # no meta.json there: the paper's sizes (tasks.PAPER_SPLITS)
     assert {(s["eval_every"], s["epochs"]) for s in multirc} == {(math.ceil(26243 / 16), 10)}
     # the GPU-hour estimate counts the 20 validations (was: one, at the last step)
-    spec = plans.spec("wsc", "pt", "t5-base", 0, epochs=20, eval_every=35)
-    extra = (20 - 1) * 52 * costs.MEASURED_EVAL_S * costs.LAYER_SCALE["t5-base"] / 3600
-    assert costs.estimate_hours(spec) - costs.estimate_hours({**spec, "eval_every": 1000}) == pytest.approx(extra)
+    spec = grid.spec("wsc", "pt", "t5-base", 0, epochs=20, eval_every=35)
+    extra = (20 - 1) * 52 * grid.MEASURED_EVAL_S * grid.LAYER_SCALE["t5-base"] / 3600
+    assert grid.estimate_hours(spec) - grid.estimate_hours({**spec, "eval_every": 1000}) == pytest.approx(extra)
 
 
 def test_table4_run_validates_at_each_epoch_end_and_keeps_the_best(root, tiny_model_dir):
@@ -144,9 +143,9 @@ def test_table4_run_validates_at_each_epoch_end_and_keeps_the_best(root, tiny_mo
 
 def test_figure8_grid_has_both_sizes_and_shares_table1_runs(tmp_path, capsys):
     lr_specs = ablate.lr(ablate.parser.parse_args(["lr"]))
-    names = {plans.run_name({k: v for k, v in s.items() if k != "_row"}) for s in lr_specs}
+    names = {grid.run_name({k: v for k, v in s.items() if k != "_row"}) for s in lr_specs}
     assert len(names) == 600 and {s["model"] for s in lr_specs} == {"t5-base", "t5-large"}
-    table1 = {plans.run_name(s) for s in ablate.table1(ablate.parser.parse_args(["table1", "--lr-search"]))}
+    table1 = {grid.run_name(s) for s in ablate.table1(ablate.parser.parse_args(["table1", "--lr-search"]))}
     assert names <= table1  # every Figure 8 run is a Table 1 lr-search run: nothing new to train
     assert {s["model"] for s in ablate.lr(ablate.parser.parse_args(["lr", "--model", "x/t5-small"]))} == {"x/t5-small"}
     ablate.main(["lr", "--dry-run", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
@@ -250,9 +249,9 @@ def test_directions_analysis_names_the_label_aligned_group_and_scores_each_alone
     assert negative["name"] == "negative" and negative["rows"] == [0, 2, 3, 5, 6, 8, 9]
     assert positive["label_cosine"]["1"] == pytest.approx(1.0, abs=1e-5)
     assert positive["label_cosine_max"] > negative["label_cosine_max"]
-    alone = decoding.evaluate_run(row["run"], split="test", prompt=prompt[[1, 4, 7]], max_examples=6, batch_size=8,
+    alone = evaluation.evaluate_run(row["run"], split="test", prompt=prompt[[1, 4, 7]], max_examples=6, batch_size=8,
                                   write=False, quiet=True)["score"]
-    full = decoding.evaluate_run(row["run"], split="test", max_examples=6, batch_size=8, write=False, quiet=True)
+    full = evaluation.evaluate_run(row["run"], split="test", max_examples=6, batch_size=8, write=False, quiet=True)
     assert positive["score"] == alone and out["full_score"] == full["score"]
     report.main(["--results", str(root / "results"), "--out", str(tmp_path / "report")])
     index = (tmp_path / "report" / "index.md").read_text()

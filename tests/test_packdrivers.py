@@ -20,7 +20,9 @@ import torch
 
 import ablate
 import fewshot
-from ept import costs, files, launch, options, plans, runs
+import costs  # scripts/costs.py
+from ept import files, options, runs
+from ept import grid as ept_grid
 
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
          "--batch-size", "4", "--dropout", "0"]
@@ -40,7 +42,7 @@ def plan_of(specs, runs_dir=Path("runs")):
     plan = {}
     for s in specs:
         settings = {k: v for k, v in s.items() if k != "_row"}
-        plan.setdefault(plans.run_name(settings), (settings, s.get("_row"), runs_dir / plans.run_name(settings)))
+        plan.setdefault(ept_grid.run_name(settings), (settings, s.get("_row"), runs_dir / ept_grid.run_name(settings)))
     return plan
 
 
@@ -50,7 +52,7 @@ def test_packs_share_task_model_and_data_never_ft_and_respect_the_size():
     args = ablate.parser.parse_args(["table1", "--models", "t5-base", "t5-large", "--tasks", "rte", "cb",
                                      "--seeds", "0", "1", "2"])
     plan = plan_of(ablate.table1(args))
-    packs = costs.make_packs(plan, list(plan), lambda model: 4)
+    packs = ept_grid.make_packs(plan, list(plan), lambda model: 4)
     assert sorted(n for p in packs for n in p) == sorted(plan)  # every run once
     for pack in packs:
         specs = [plan[n][0] for n in pack]
@@ -63,17 +65,17 @@ def test_packs_share_task_model_and_data_never_ft_and_respect_the_size():
     # 5 prompt methods x 3 seeds = 15 runs per (task, model): packs of 4, 4, 4, 3
     assert sorted(len(p) for p in packs if p not in ft) == [3] * 4 + [4] * 12
     # size 1 (a CPU): no packing at all; a bigger size: one pack per (task, model)
-    assert all(len(p) == 1 for p in costs.make_packs(plan, list(plan), lambda model: 1))
-    assert sorted(len(p) for p in costs.make_packs(plan, list(plan), lambda m: 16) if len(p) > 1) == [15] * 4
+    assert all(len(p) == 1 for p in ept_grid.make_packs(plan, list(plan), lambda model: 1))
+    assert sorted(len(p) for p in ept_grid.make_packs(plan, list(plan), lambda m: 16) if len(p) > 1) == [15] * 4
     # a per-model size: t5-large packs smaller
-    sized = costs.make_packs(plan, list(plan), lambda m: 2 if m == "t5-large" else 16)
+    sized = ept_grid.make_packs(plan, list(plan), lambda m: 2 if m == "t5-large" else 16)
     assert max(len(p) for p in sized if plan[p[0]][0]["model"] == "t5-large") == 2
 
 
 def test_few_shot_files_are_kept_apart():
     args = fewshot.parser.parse_args(["--tasks", "rte", "--shots", "4", "16", "--seeds", "0", "1"])
     plan = plan_of(fewshot.specs(args))
-    packs = costs.make_packs(plan, list(plan), lambda model: 16)
+    packs = ept_grid.make_packs(plan, list(plan), lambda model: 16)
     for pack in packs:
         assert len({(plan[n][0]["fewshot_k"], plan[n][0]["fewshot_seed"]) for n in pack}) == 1
     # 2 shots x 2 samples, each: one pack of the 5 prompt methods and one ft run
@@ -81,30 +83,30 @@ def test_few_shot_files_are_kept_apart():
 
 
 def test_schedule_keeps_runs_apart():
-    a = plans.spec("multirc", "ept", "t5-base", 0, epochs=20, eval_every=100)
-    b = plans.spec("multirc", "pt", "t5-base", 0, epochs=10, eval_every=100)
-    c = plans.spec("multirc", "pt", "t5-base", 1, epochs=20, eval_every=100)
+    a = ept_grid.spec("multirc", "ept", "t5-base", 0, epochs=20, eval_every=100)
+    b = ept_grid.spec("multirc", "pt", "t5-base", 0, epochs=10, eval_every=100)
+    c = ept_grid.spec("multirc", "pt", "t5-base", 1, epochs=20, eval_every=100)
     plan = plan_of([a, b, c])
-    assert sorted(map(len, costs.make_packs(plan, list(plan), lambda m: 8))) == [1, 2]
+    assert sorted(map(len, ept_grid.make_packs(plan, list(plan), lambda m: 8))) == [1, 2]
 
 
 def test_pack_size_rule():
-    assert costs.memory_pack_size("t5-small", 80) == costs.memory_pack_size("t5-base", 80) == 16
-    assert costs.memory_pack_size("t5-large", 80) == 8
-    assert costs.memory_pack_size("t5-base", 24) == 6 and costs.memory_pack_size("t5-large", 16) == 1
+    assert ept_grid.memory_pack_size("t5-small", 80) == ept_grid.memory_pack_size("t5-base", 80) == 16
+    assert ept_grid.memory_pack_size("t5-large", 80) == 8
+    assert ept_grid.memory_pack_size("t5-base", 24) == 6 and ept_grid.memory_pack_size("t5-large", 16) == 1
     args = ablate.parser.parse_args(["init"])
-    assert costs.pack_size(args, "t5-large", "dry") == costs.memory_pack_size("t5-large", costs.ASSUMED_GPU_GB)
+    assert ept_grid.pack_size(args, "t5-large", "dry") == ept_grid.memory_pack_size("t5-large", ept_grid.ASSUMED_GPU_GB)
     if not torch.cuda.is_available():
-        assert costs.pack_size(args, "t5-base") == 1  # a CPU: no packing
+        assert ept_grid.pack_size(args, "t5-base") == 1  # a CPU: no packing
     args = ablate.parser.parse_args(["init", "--pack-size", "3"])
-    assert costs.pack_size(args, "t5-base") == costs.pack_size(args, "t5-large", "dry") == 3
+    assert ept_grid.pack_size(args, "t5-base") == ept_grid.pack_size(args, "t5-large", "dry") == 3
 
 
 def test_pack_argv_shares_the_data_and_gives_each_run_its_folder(tmp_path):
-    specs = [plans.spec("cb", "ept", "t5-base", 0, fewshot_k=4, fewshot_seed=0, max_steps=10000, lr=0.3),
-             plans.spec("cb", "pt", "t5-base", 0, fewshot_k=4, fewshot_seed=0, max_steps=10000, lr=0.3)]
-    dirs = [tmp_path / plans.run_name(s) for s in specs]
-    argv, entries = plans.pack_argv(specs, dirs, "data", ["--dtype", "bf16"], tmp_path / "p.json")
+    specs = [ept_grid.spec("cb", "ept", "t5-base", 0, fewshot_k=4, fewshot_seed=0, max_steps=10000, lr=0.3),
+             ept_grid.spec("cb", "pt", "t5-base", 0, fewshot_k=4, fewshot_seed=0, max_steps=10000, lr=0.3)]
+    dirs = [tmp_path / ept_grid.run_name(s) for s in specs]
+    argv, entries = ept_grid.pack_argv(specs, dirs, "data", ["--dtype", "bf16"], tmp_path / "p.json")
     assert "--out-dir" not in argv and argv[-2:] == ["--runs", str(tmp_path / "p.json")]
     assert argv[argv.index("--fewshot-k") + 1] == "4" and argv[argv.index("--task") + 1] == "cb"
     assert "--dtype" in argv and "--method" not in argv and "--seed" not in argv
@@ -157,7 +159,7 @@ def test_dry_run_packed_hours_are_the_model(tmp_path, capsys):
 def test_dry_run_packs_only_what_is_left(tmp_path, capsys):
     common = ["--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
     args = ablate.parser.parse_args(["init", "--tasks", "rte", "--seeds", "0"])
-    done = plans.run_name({k: v for k, v in ablate.init(args)[0].items() if k != "_row"})
+    done = ept_grid.run_name({k: v for k, v in ablate.init(args)[0].items() if k != "_row"})
     (tmp_path / "runs" / done).mkdir(parents=True)
     (tmp_path / "runs" / done / "metrics.json").write_text("{}")
     if runs.status(tmp_path / "runs" / done) != "done":
@@ -176,7 +178,7 @@ def data_dir(rte_data_dir):
 
 def fake_pack_cli(calls):
     """A stand-in for train.py --runs FILE: each entry trained alone by train.py (shared flags + its own)."""
-    real = launch.run_in_process
+    real = ept_grid.run_in_process
 
     def run(argv):
         argv = list(argv)
@@ -187,13 +189,15 @@ def fake_pack_cli(calls):
         entries = json.loads(Path(argv[i + 1]).read_text())
         shared = argv[:i] + argv[i + 2:]
         calls.append(("pack", [Path(e["out_dir"]).name for e in entries]))
-        return max(real(plans.train_argv({k: v for k, v in entry.items() if k != "out_dir"}, entry["out_dir"],
+        return max(real(ept_grid.train_argv({k: v for k, v in entry.items() if k != "out_dir"}, entry["out_dir"],
                                          None, shared)) for entry in entries)
     return run
 
 
 def rows_without_paths(rows):
-    return sorted((json.dumps({k: v for k, v in r.items() if k != "run"}, sort_keys=True, default=str) for r in rows))
+    """The rows' results: not the folder, nor its config.json (a pack's runs record their pack) and its hash."""
+    return sorted((json.dumps({k: v for k, v in r.items() if k not in ("run", "config", "training")}, sort_keys=True,
+                              default=str) for r in rows))
 
 
 def test_driver_trains_in_packs_and_writes_the_same_rows(tiny_model_dir, data_dir, tmp_path, monkeypatch):
@@ -205,7 +209,7 @@ def test_driver_trains_in_packs_and_writes_the_same_rows(tiny_model_dir, data_di
 
     root = tmp_path / "b"
     calls = []
-    monkeypatch.setattr(launch, "run_in_process", fake_pack_cli(calls))
+    monkeypatch.setattr(ept_grid, "run_in_process", fake_pack_cli(calls))
     packed = ablate.main([*grid, "--runs-dir", str(root / "runs"), "--results-dir", str(root / "res"),
                           "--pack-size", "2", *TRAIN])
     assert [kind for kind, _ in calls] == ["pack", "pack"] and sorted(n for _, p in calls for n in p) == \

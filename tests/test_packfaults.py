@@ -27,7 +27,7 @@ from test_train import argv, write_task
 
 import ablate
 import train
-from ept import files, plans, runfolder, runs
+from ept import files, grid, runfolder, runs
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
@@ -233,11 +233,11 @@ def test_every_pass_through_flag_means_the_same_at_any_pack_size(flags, rte, tin
 def test_a_driver_grid_trains_a_run_once_whatever_options_do_not_apply(tmp_path):
     args = ablate.parser.parse_args(["table1", "--models", "t5-base", "--tasks", "rte", "--methods", "pt", "ept",
                                      "ept_star", "--seeds", "0", "--runs-dir", str(tmp_path)])
-    plan = plans.plan_runs(ablate.table1(args), args, ["--prompt-length", "5", "--hidden-size", "7"])
+    plan = grid.plan_runs(ablate.table1(args), args, ["--prompt-length", "5", "--hidden-size", "7"])
     assert sorted(plan) == ["rte_ept_star_t5-base_h7_s0", "rte_ept_t5-base_h7_s0", "rte_pt_t5-base_n5_s0"]
     args = ablate.parser.parse_args(["hidden", "--model", "t5-base", "--tasks", "rte", "--methods", "pt", "ept",
                                      "--values", "1", "5", "--seeds", "0"])
-    plan = plans.plan_runs(ablate.hidden(args), args)
+    plan = grid.plan_runs(ablate.hidden(args), args)
     pt = [name for name in plan if name.startswith("rte_pt_")]
     assert len(plan) == 3 and pt == ["rte_pt_t5-base_s0"]  # PT has no h: one PT run, not two
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ablate
-from ept import drivers, errors, files, launch, plans, runs, slurm
+from ept import errors, files, grid, runs, slurm
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -96,8 +96,8 @@ def test_plan_lines_run_by_hand_from_anywhere_idempotent_and_collected_once(tiny
     """One line per unit, written once; a line run twice (from another folder) trains nothing twice; --collect
     appends each finished run's row once; another grid in the same results folder is refused."""
     argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--pack-size", "2")
-    units = plans.make_units(*_plan(argv))
-    plans.write_plan(tmp_path / "results" / "init.plan", units)
+    units = grid.make_units(*_plan(argv))
+    grid.write_plan(tmp_path / "results" / "init.plan", units)
     lines = (tmp_path / "results" / "init.plan").read_text().splitlines()
     assert len(lines) == 2 and sorted(len(u.names) for u in units) == [1, 2]  # a pack of 2 and a solo run
     for line in [*lines, lines[0]]:  # each by hand from /, the first twice
@@ -117,8 +117,8 @@ def test_plan_lines_run_by_hand_from_anywhere_idempotent_and_collected_once(tiny
 
 def _plan(argv):
     args, extra = ablate.parser.parse_known_args(argv)
-    args.values = drivers.parse_values(ablate.parser, ablate.VALUE_TYPES, args.experiment, args.values)
-    return plans.plan_runs(ablate.init(args), args, extra), args, extra
+    args.values = grid.parse_values(ablate.parser, ablate.VALUE_TYPES, args.experiment, args.values)
+    return grid.plan_runs(ablate.init(args), args, extra), args, extra
 
 
 def test_slurm_submits_the_plan_and_the_collect_line(tiny_model_dir, data_dir, tmp_path, monkeypatch):
@@ -126,6 +126,7 @@ def test_slurm_submits_the_plan_and_the_collect_line(tiny_model_dir, data_dir, t
     the array on a real SLURM)."""
     calls = []
     monkeypatch.setattr(slurm, "submit", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(slurm, "check", lambda: 1001)  # sbatch here, SLURM's default MaxArraySize
     argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--slurm", "--slurm-time", "1:00:00", "--slurm-max-tasks", 2)
     assert ablate.main(argv) == []
     (plan, collect), options = calls[0]
@@ -140,11 +141,12 @@ def test_slurm_submits_the_plan_and_the_collect_line(tiny_model_dir, data_dir, t
 # --- the pool -----------------------------------------------------------------------------------------
 
 def test_two_children_equal_the_in_process_run(in_process, tiny_model_dir, data_dir, tmp_path):
-    """--gpus 2 on a CPU: 2 children pinned to "GPUs" 0 and 1 (CUDA_VISIBLE_DEVICES means nothing here)."""
-    out = finish(driver(*plan_argv(tiny_model_dir, data_dir, tmp_path, "--gpus", 2)))
-    assert "3 unit(s) on 2 child process(es), GPUs 0 | 1" in out and "resuming it once" not in out
-    assert {line.split()[1] for line in out.splitlines() if line.startswith("[u")} == {"gpu"}
+    """--slots 2: 2 CPU children (--gpus 2 on a machine without a GPU says "slot" alike)."""
+    out = finish(driver(*plan_argv(tiny_model_dir, data_dir, tmp_path, "--slots", 2)))
+    assert "3 unit(s) on 2 child process(es): slot 0 | slot 1" in out and "resuming it once" not in out
+    assert {line.split()[1] for line in out.splitlines() if line.startswith("[u")} == {"slot"}
     assert {line.split()[2] for line in out.splitlines() if line.startswith("[u")} == {"0]", "1]"}
+    assert "-> GPU" not in out
     assert_steps_once(tmp_path, 3)
     assert results(tmp_path) == in_process  # same scores, norms and steps as one process
     assert "init: 3 runs, 3 finished (3 rows added now), 0 not finished" in out
@@ -154,7 +156,7 @@ def test_each_child_a_torchrun_group(tiny_model_dir, data_dir, tmp_path):
     """--gpus 4 --nproc 2: 2 children, each unit a 2-rank torchrun group (gloo here)."""
     argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--gpus", 4, "--nproc", 2, "--values", "uniform", "vocab")
     out = finish(driver(*argv))
-    assert "2 unit(s) on 2 child process(es), GPUs 0,1 | 2,3" in out and "resuming it once" not in out
+    assert "2 unit(s) on 2 child process(es): slot 0 | slot 1" in out and "resuming it once" not in out  # no GPU here
     assert "torchrun --standalone --nproc_per_node=2" in (tmp_path / "results" / "init.plan").read_text()
     for run in (tmp_path / "runs").iterdir():
         assert json.loads((run / "config.json").read_text())["world_size"] == 2
@@ -186,7 +188,7 @@ def test_sigint_stops_every_child_and_a_rerun_resumes(tiny_model_dir, data_dir, 
     pids = [int(runs.read_owner(p.parent / runs.LOCK_NAME).pid) for p in held]
     launcher.send_signal(signal.SIGINT)
     out = finish(launcher, status=130)
-    assert "stopped; every child wrote last.pt. Run the same command again to resume." in out
+    assert "SIGINT received: every child wrote last.pt and stopped. Run the same command again to resume." in out
     assert not any(runs._alive(pid) for pid in pids)  # every child ended before the launcher
     stopped = [p.parent for p in held]
     assert all((run / "last.pt").exists() and not (run / runs.LOCK_NAME).exists() for run in stopped)
@@ -251,7 +253,7 @@ def test_a_run_started_twice_gets_one_sentence_and_a_dead_holder_is_taken_over(t
     said = []
     runs.acquire_lock(tmp_path, say=said.append).release()
     assert said and "took over the stale lock" in said[0]
-    (tmp_path / runs.LOCK_NAME).write_text(f"another-host 1 -\n")  # another host's lock: not ours to judge
+    (tmp_path / runs.LOCK_NAME).write_text("another-host 1 -\n")  # another host's lock: not ours to judge
     with pytest.raises(runs.Busy):
         runs.acquire_lock(tmp_path, say=said.append)
 
@@ -260,12 +262,12 @@ def test_pool_devices():
     args = ablate.parser.parse_args(["init", "--gpus", "4", "--nproc", "2"])
     os.environ["CUDA_VISIBLE_DEVICES"] = "4,5,6,7"
     try:
-        assert launch.pool_devices(args) == ["4,5", "6,7"]  # each child a 2-GPU torchrun group
+        assert grid.pool_devices(args) == ["4,5", "6,7"]  # each child a 2-GPU torchrun group
     finally:
         del os.environ["CUDA_VISIBLE_DEVICES"]
-    assert launch.pool_devices(ablate.parser.parse_args(["init", "--gpus", "3"])) == ["0", "1", "2"]
+    assert grid.pool_devices(ablate.parser.parse_args(["init", "--gpus", "3"])) == ["0", "1", "2"]
     with pytest.raises(errors.Failure, match="not a multiple"):
-        launch.pool_devices(ablate.parser.parse_args(["init", "--gpus", "3", "--nproc", "2"]))
+        grid.pool_devices(ablate.parser.parse_args(["init", "--gpus", "3", "--nproc", "2"]))
 
 
 # --- a failed run says why in its folder ------------------------------------------------------------

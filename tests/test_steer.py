@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepare_data  # noqa: E402
 import train  # noqa: E402
 from ept import pretrained  # noqa: E402
-from ept import evaluation as decoding, tasks as registry  # noqa: E402 eval's rename
+from ept import evaluation, tasks  # noqa: E402
 
 BACKBONE = Path(__file__).resolve().parents[1] / "assets" / "steer" / "backbone"
 TASK = "steer_comma"
@@ -83,13 +83,13 @@ def test_shipped_backbone_states_its_accuracy():
     with one."""
     meta = train.files.read_json(BACKBONE / "backbone.json", "backbone description")
     acc = meta["dev_accuracy"]
-    assert meta["default_task"] == registry.STEER_DEFAULT
+    assert meta["default_task"] == tasks.STEER_DEFAULT
     assert acc["comma"]["with_prefix"] >= 95 and acc["comma"]["without_prefix"] <= 60
     assert acc["long"]["with_prefix"] >= 85 and acc["long"]["without_prefix"] >= 85
 
 
 def test_prompts_steer_the_frozen_backbone(data, tmp_path, captured):
-    floor = decoding.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
+    floor = evaluation.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
     assert floor <= FLOOR_MAX, \
         f"the backbone already does the steering task without a prompt ({floor:.1f})"
     run(data, tmp_path / "pt", "pt")
@@ -125,7 +125,7 @@ def test_ept_steers_at_its_chosen_lr(data, tmp_path, captured):
     (seed 4 at 45.5). Its s_t is logged at every step and takes both signs over the seeds (measured
     at step 1: 3 of 10 negative; on the correlated init all 10 were positive, 0.8 to 14.3)."""
     found = pack(data, tmp_path / "ept", "ept", range(10), EPT_LR)
-    steered = [seed for seed, (test, _) in found.items() if test >= registry.STEER_SUCCESS]
+    steered = [seed for seed, (test, _) in found.items() if test >= tasks.STEER_SUCCESS]
     print(f"steer: EPT lr {EPT_LR}: {len(steered)}/10 steered: {found}")
     assert len(steered) >= EPT_STEERED, f"EPT steered on {len(steered)} of 10 seeds: {steered}"
     s = [found[seed][1] for seed in found]
@@ -139,7 +139,7 @@ def test_pt_steers_on_every_seed(data, tmp_path):
     """PT at its chosen lr (0.3; 100 on validation at every lr of the grid), 5 seeds as one pack:
     measured 100.0 on each (and 10 of 10 in the benchmark's unit)."""
     found = pack(data, tmp_path / "pt", "pt", range(5), PT_LR)
-    assert all(test >= registry.STEER_SUCCESS for test, _ in found.values()), found
+    assert all(test >= tasks.STEER_SUCCESS for test, _ in found.values()), found
 
 
 def test_ablate_steer_writes_the_floor_and_the_report(data, tmp_path):
@@ -157,7 +157,7 @@ def test_ablate_steer_writes_the_floor_and_the_report(data, tmp_path):
     assert [(r["method"], r.get("lr")) for r in rows] == [("none", None), ("pt", 0.3), ("pt", 3.0),
                                                           ("ept", 0.3), ("ept", 3.0)]
     floor = rows[0]
-    frozen = decoding.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
+    frozen = evaluation.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
     assert floor["n_trainable"] == 0 and floor["score"] == frozen
     log = train.files.read_jsonl(Path(rows[3]["run"]) / "log.jsonl", what="log")
     assert [type(e.get("ept_s")) for e in log if e["event"] == "train"] == [float, float]
@@ -181,14 +181,14 @@ def test_the_floor_row_is_written_once_when_collects_race(data, tmp_path, monkey
     import ablate
     args = ablate.parser.parse_args(["steer", "--data-dir", str(data),
                                      "--results-dir", str(tmp_path)])
-    results, evaluate, raced = tmp_path / "steer.jsonl", decoding.evaluate_frozen, []
+    results, evaluate, raced = tmp_path / "steer.jsonl", evaluation.evaluate_frozen, []
 
     def racing(model, task, split, data_dir):
         if not raced:  # the other collect starts now and finishes first
             raced.append(split)
             ablate.steer_floor(args)
         return evaluate(model, task, split, data_dir)
-    monkeypatch.setattr(decoding, "evaluate_frozen", racing)
+    monkeypatch.setattr(evaluation, "evaluate_frozen", racing)
     rows = ablate.steer_floor(args)
     lines = results.read_text().splitlines()
     assert len(lines) == 1 and [r["method"] for r in rows] == ["none"]
@@ -196,7 +196,7 @@ def test_the_floor_row_is_written_once_when_collects_race(data, tmp_path, monkey
 
 
 def test_the_lr_is_chosen_on_the_search_seeds_validation():
-    """Appendix B.2's protocol: the best mean validation score over registry.STEER_SEARCH_SEEDS
+    """Appendix B.2's protocol: the best mean validation score over tasks.STEER_SEARCH_SEEDS
     (a later seed does not count), a tie to the paper's 0.3; a method with one lr has no choice."""
     import tables
 
@@ -207,7 +207,7 @@ def test_the_lr_is_chosen_on_the_search_seeds_validation():
             + [row("ept", 3.0, s, v) for s, v in enumerate([100, 100, 100, 0])]
             + [row("pt", lr, s, 100) for lr in (0.03, 0.3, 3.0) for s in range(3)]
             + [row("ft", 1e-3, 0, 100)])
-    assert registry.STEER_SEARCH_SEEDS == (0, 1, 2)
+    assert tasks.STEER_SEARCH_SEEDS == (0, 1, 2)
     assert tables.steer_chosen(rows) == {"ept": 3.0, "pt": 0.3}
     md, long = tables.steer_table(rows)
     assert "| EPT | 3 † (chosen) |" in md and "| 3/4 |" in md and "| PT | 0.3 (chosen) |" in md

@@ -1,0 +1,884 @@
+"""The experiment grid (ablate.py's, fewshot.py's): specs -> plan -> units -> pool -> collect.
+
+A grid is a list of specs (train.py options per run, plus "_row": extra result columns such as the
+swept value). The plan maps each run's name to (options, extra columns, run folder): the same
+configuration twice is one run. A unit, a pack of prompt runs on one frozen T5 or a solo run, is one
+line of <results-dir>/<experiment>.plan, `cd <cwd> && python train.py ... --resume`, idempotent:
+a finished run exits at once, a half-done one resumes. Units run here (in this process by runpy,
+or as children), on a local pool (--gpus) or as a SLURM array (ept/slurm.py); they write no
+rows: collect appends every finished run's row once (docs/experiments.md, "The plan").
+
+    args, extra = grid.parse(parser, argv, __file__)    # a driver's flags; the rest: train.py's
+    grid.check_args(parser, args, extra)                # before anything runs or is written
+    return grid.run_driver("fewshot", specs(args), args, extra)
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import runpy
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import model as M
+import tables  # beside report.py
+from ept import cli, errors, files, options, runs, signals, tasks
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "train.py"
+
+
+# --- a driver's command line ---------------------------------------------------------------------
+
+def make_parser(doc):
+    """A driver's parser: `doc` as --help, and no abbreviations (--lr, train.py's, passed through,
+    must not be read as --lr-search, nor --seed as --seeds)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=cli.HelpFormatter,
+                                   allow_abbrev=False)
+
+
+EXECUTION_FLAGS = [  # (flags, keywords): how runs are launched and where their files go
+    (["--nproc"], dict(type=cli.positive_int, default=1,
+                       help="GPUs per run; > 1 launches train.py with torchrun")),
+    (["--subprocess"], dict(action="store_true", help="run each train.py in a fresh process "
+                            "(default: train.py in this process)")),
+    (["--runs-dir"], dict(type=cli.folder, default="runs", help="where run folders go")),
+    (["--results-dir"], dict(type=cli.folder, default="results",
+                             help="where <experiment>.jsonl goes")),
+    (["--prune-ft-checkpoints"], dict(action="store_true", help="delete best.pt/last.pt of "
+                                      "finished ft runs once their row is written (weights + AdamW "
+                                      "state: ~2.7 GB each for t5-base, ~9 GB for t5-large)")),
+    (["--dry-run"], dict(action="store_true", help="list the runs, the GPU-hour estimate and the "
+                         "wall time on the GPUs given (also appended to "
+                         "<results-dir>/dry_run.tsv; scripts/costs.py)")),
+    (["--gpus"], dict(type=cli.positive_int, help="a local pool: G / --nproc child processes, each "
+                      "pinned to its own GPUs (the first G of CUDA_VISIBLE_DEVICES), take the "
+                      "plan's units longest first; then this process collects")),
+    (["--slots"], dict(type=cli.positive_int, metavar="N", help="a local pool of N child "
+                       "processes on this machine's CPU cores, no GPU (about one per core); "
+                       "--gpus on a GPU machine")),
+    (["--slurm"], dict(action="store_true", help="write the plan and submit it to SLURM: a job "
+                       "array (task i runs line i, one unit each, requeued on preemption; past "
+                       "MaxArraySize several, one after another) and the collect step as a job "
+                       "after it; prints the job ids and how to follow them")),
+    (["--slurm-partition"], dict(help="--slurm: the partition (default: the cluster's)")),
+    (["--slurm-time"], dict(metavar="LIMIT", help="--slurm: each task's time limit (4:00:00, "
+                            "1-12, ...); a unit checkpoints before it")),
+    (["--slurm-gpus"], dict(type=cli.nonnegative_int, metavar="N", help="--slurm: GPUs per task "
+                            "(default: --nproc; 0: no GPU request, a CPU cluster)")),
+    (["--slurm-max-tasks"], dict(type=cli.positive_int, metavar="M", help="--slurm: array tasks "
+                                 "at once (--array=0-(N-1)%%M); --dry-run: the wall time for M")),
+    (["--slurm-after"], dict(action="append", default=[], metavar="JOBID", help="--slurm: start "
+                             "the array once this job ended (afterany), e.g. an earlier section's "
+                             "array that trains runs this grid shares (repeatable)")),
+    (["--slurm-option"], dict(action="append", default=[], metavar="OPT", help="--slurm: an extra "
+                              "#SBATCH option, e.g. --slurm-option=--account=nlp (repeatable)")),
+    (["--collect"], dict(action="store_true", help="train nothing: append every finished run's "
+                         "row once to <results-dir>/<experiment>.jsonl and print the table (an "
+                         "engine's last job); exit 1 while runs are not finished")),
+    (["--pack-size"], dict(type=cli.positive_int, help="prompt runs trained together on one "
+                           "frozen T5 (one train.py --runs call; same task, model, data, "
+                           "schedule; never ft); default: on CUDA as many as fit the GPU's "
+                           "memory (16 for t5-small/base, 8 for t5-large at 80 GB), on a CPU 1")),
+]
+
+
+def add_execution_args(parser):
+    group = parser.add_argument_group("execution and output")
+    for flags, keywords in EXECUTION_FLAGS:
+        group.add_argument(*flags, **keywords)
+
+
+def parse(parser, argv, script):
+    """(the driver's arguments, the flags passed through to train.py); args.command is the driver's
+    own command line (the collect step reruns it with --collect)."""
+    args, extra = parser.parse_known_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    args.command = [sys.executable, str(Path(script).resolve()), *given]
+    return args, extra
+
+
+def one_of(valid):
+    """An argparse type: one of `valid`."""
+    def parse_one(text):
+        if text not in valid:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(valid)}")
+        return text
+    return parse_one
+
+
+def parse_values(parser, types, experiment, values):
+    """--values as the experiment's swept type (`types`: {experiment: argparse type}), each
+    checked: a wrong one is one argparse error."""
+    if values is None:
+        return None
+    if experiment not in types:
+        parser.error(f"--values sweeps {', '.join(types)} only; {experiment} has no swept value")
+    try:
+        return [types[experiment](v) for v in values]
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"argument --values: {err}")
+
+
+def check_args(parser, args, extra):
+    """Before any run: the tasks exist and the flags passed through to train.py are train.py's,
+    with valid values (else every run of the grid would fail the same way, one after another)."""
+    check_flag_names(parser, extra)
+    flags, unknown = options.parser.parse_known_args(list(extra))  # a bad value: train.py's error
+    if unknown:
+        parser.error(f"unrecognized arguments (neither this script's nor train.py's): "
+                     f"{' '.join(unknown)}")
+    pools = [flag for flag in ("--slurm", "--gpus", "--slots") if getattr(args, flag[2:])]
+    if len(pools) > 1:
+        parser.error(f"{' and '.join(pools)}: pass one (--slurm hands each unit to its own array "
+                     "task; --gpus and --slots are pools on this machine, of GPUs or CPU cores)")
+    own = {"--task": "--tasks", "--method": "--methods", "--seed": "--seeds"}
+    given = next((a.split("=")[0] for a in extra if a.split("=")[0] in own), None)
+    if given:  # train.py would train every run of the grid with it, under the grid's names
+        parser.error(f"{given} is the grid's own: pass {own[given]} (this script's flag) instead")
+    swept = [k for k in options.SWEEP if isinstance(getattr(flags, k), list)]
+    if swept:  # train.py would train a pack of them inside each run's folder
+        flag = "--" + swept[0].replace("_", "-")
+        values = " ".join(map(str, getattr(flags, swept[0])))
+        parser.error(f"{flag} {values}: a driver passes one value to every run; the experiment "
+                     f"sweeps its own values (--values, --seeds, --methods), or run train.py "
+                     f"{flag} with several values yourself")
+    if "--overwrite" in extra:
+        parser.error("--overwrite would start every run of the plan over at each rerun; delete "
+                     "the run folders to train them again")
+    for task in args.tasks or []:
+        if not tasks.known(task) and not (Path(args.data_dir) / task / "meta.json").exists():
+            parser.error(f"unknown task {task!r} (not one of the paper's and no "
+                         f"{Path(args.data_dir) / task}/meta.json); tasks: "
+                         f"{', '.join(tasks.TASKS)}")
+
+
+GRID_OWNED = {"--out-dir": "each run's folder is the grid's: pass --runs-dir",
+              "--runs": "the grid makes its own packs: pass --pack-size"}
+
+
+def check_flag_names(parser, extra):
+    """Every pass-through flag is one of train.py's, spelt out: an abbreviation (--max-step) would
+    train what the run's name does not say, and naming and packing read the exact spelling."""
+    known = options.parser._option_string_actions  # every spelling train.py's parser accepts
+    for flag in (a.split("=")[0] for a in extra if a.startswith("--") and a != "--"):
+        if flag in GRID_OWNED:
+            parser.error(f"{flag} cannot be passed to train.py through a driver: "
+                         f"{GRID_OWNED[flag]}")
+        if flag not in known:
+            full = [f for f in known if f.startswith(flag)]
+            hint = f" (spell out {' or '.join(full)})" if full else ""
+            parser.error(f"{flag} is neither this script's flag nor train.py's; abbreviations "
+                         f"are refused{hint}")
+
+
+def extra_value(extra, flag, default, cast):
+    """The last value of `flag` among the pass-through flags (`--flag VALUE`), or default."""
+    extra = list(extra)
+    values = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == flag]
+    return cast(values[-1]) if values else default
+
+
+# --- specs, run names and train.py's command lines -----------------------------------------------
+
+def spec(task, method, model, seed, _row=None, **settings):
+    """One run of a grid: train.py options, and `_row`, extra result columns (not options)."""
+    return {"task": task, "method": method, "model": model, "seed": seed, **settings,
+            **({"_row": _row} if _row else {})}
+
+
+def run_name(settings):
+    """<task>_<method>_<model>[_<non-default options>]_s<seed>, e.g. boolq_ept_t5-base_h50_s1
+    (runs.run_name against train.py's defaults for the method)."""
+    return runs.run_name(settings, options.defaults(settings["method"]))
+
+
+def train_argv(settings, out_dir, data_dir=None, extra=()):
+    """train.py's command line for one run: its options as flags (one name per concept), extra."""
+    argv = []
+    for key, value in settings.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        argv += [flag] if value is True else [flag, text]
+    if data_dir:
+        argv += ["--data-dir", str(data_dir)]
+    return argv + ["--out-dir", str(out_dir), *extra]
+
+
+def pack_argv(specs, run_dirs, data_dir, extra, runs_file):
+    """train.py's command line for a pack, and the --runs FILE content: the shared options as
+    flags, per run its other options (train.py's option names) and out_dir."""
+    shared = {k: specs[0][k] for k in PACK_SHARED if specs[0].get(k) is not None}
+    entries = [{**{k: v for k, v in s.items()
+                   if k not in shared and v is not None and v is not False},
+                "out_dir": str(run_dir)} for s, run_dir in zip(specs, run_dirs)]
+    argv = train_argv(shared, "-", data_dir, [*extra, "--runs", str(runs_file)])
+    i = argv.index("--out-dir")
+    return argv[:i] + argv[i + 2:], entries
+
+
+def passed_through(extra):
+    """The per-run options among the pass-through flags (--max-steps 6, ...: run-name options and
+    what a --runs entry may set), typed: they win over the experiment's values, so a run's name and
+    --runs entry say what it trains (a SMOKE few-shot run of 6 steps: ..._steps6_...)."""
+    flags = {a.split("=")[0] for a in extra if a.startswith("--")}
+    values = vars(options.parser.parse_known_args(list(extra))[0])
+    keys = dict.fromkeys([key for key, _ in runs.NAME_TAGS]
+                         + [k for k in options.PER_RUN if k != "resume"])
+    return {key: values[key] for key in keys
+            if key in values and "--" + key.replace("_", "-") in flags}
+
+
+# --- longest first: a run's GPU-hours from measured step times -----------------------------------
+# Seconds per optimizer step at batch 16, measured by bench.py on one NVIDIA H200 (docs/gpu/
+# run2_*.json: random-weight t5-base, bf16, host-bound: RTE 0.0746 s, SST-2 0.0687 s). t5-small and
+# t5-large are t5-base's scaled by their layers (0.5, 2). The FLOP model, packed hours and wall time
+# of a --dry-run are scripts/costs.py's; tests/test_experiments.py checks these against the JSON.
+MEASURED_STEP_S = {"prompt": 16 / 214.49, "ft": 16 / 132.27}  # t5-base, H200: run2_rte_{ept,ft}
+LAYER_SCALE = {"t5-small": 0.5, "t5-base": 1.0, "t5-large": 2.0, "other": 1.0}
+MEASURED_EVAL_S = 1 / 733.1  # greedy decoding, batch 64, t5-base RTE, per example (run2_rte_ept)
+QA_DECODE_FACTOR = 5  # assumed: MRQA answers are many tokens long, classification targets 1 or 2
+DEFAULT_SPLITS = (10000, 1000, 1000)  # a task neither prepared nor the paper's: a guess
+
+
+def size_key(model_name):
+    """t5-small / t5-base / t5-large when the model's name says so, else "other"."""
+    tag = runs.model_tag(model_name)
+    return next((size for size in M.SIZES if size in tag), "other")
+
+
+def split_sizes(task, data_dir):
+    """(train, validation, test) examples: the prepared meta.json, else the paper's Table 5."""
+    if (Path(data_dir or "data") / task / "meta.json").exists():
+        splits = tasks.load_meta(data_dir or "data", task)["splits"]
+        return splits.get("train", 0), splits.get("validation", 0), splits.get("test", 0)
+    return tasks.PAPER_SPLITS.get(task, DEFAULT_SPLITS)
+
+
+def run_steps(spec, data_dir, batch_size=16):
+    """Optimizer steps of one run: its epochs over the training split, else its --max-steps."""
+    if spec.get("epochs"):
+        return spec["epochs"] * math.ceil(split_sizes(spec["task"], data_dir)[0] / batch_size)
+    return spec.get("max_steps") or options.defaults(spec["method"])["max_steps"]
+
+
+def floor_seconds(spec, batch_size=16):
+    """The measured (host-bound, bf16) seconds of one solo step."""
+    measured = MEASURED_STEP_S["ft" if spec["method"] == "ft" else "prompt"]
+    return measured * LAYER_SCALE[size_key(spec["model"])] * batch_size / 16
+
+
+def estimate_hours(spec, data_dir=None, batch_size=16):
+    """GPU-hours of one run from the measured step times (the same on 1 or N GPUs), validating
+    every spec["eval_every"] steps (else the method's default)."""
+    eval_every = spec.get("eval_every") or options.defaults(spec["method"])["eval_every"]
+    _, val, test = split_sizes(spec["task"], data_dir)
+    steps = run_steps(spec, data_dir, batch_size)
+    decode = QA_DECODE_FACTOR if spec["task"] in tasks.GROUPS["mrqa"] else 1
+    eval_s = ((math.ceil(steps / eval_every) * val + test) * MEASURED_EVAL_S
+              * LAYER_SCALE[size_key(spec["model"])] * decode)
+    return (steps * floor_seconds(spec, batch_size) + eval_s) / 3600
+
+
+def plan_hours(plan, data_dir, extra):
+    """{run: estimated GPU-hours} of a plan at the pass-through --batch-size."""
+    batch = extra_value(extra, "--batch-size", 16, int)
+    return {name: estimate_hours(spec, data_dir, batch) for name, (spec, *_) in plan.items()}
+
+
+# --- packs: prompt runs of one task, T5, data and schedule in one train.py call ------------------
+# Every other option (method, seed, lr, prompt length, ...) is per run; `ft` trains T5 itself and is
+# never packed. The --pack-size rule on CUDA: runs that fit in 80 % of the card's memory after T5's
+# weights, at one prompt run's memory at batch 16 (docs/speed.md: ept on t5-base, 3.0 GB), at most
+# MAX_PACK (past 16 runs a GPU is compute-bound): 16 for t5-small/base, 8 for t5-large at 80 GB.
+PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed", "batch_size")  # flags; per run: the rest
+PACK_KEYS = (*PACK_SHARED, "epochs", "max_steps", "eval_every")
+MAX_PACK = 16
+RUN_GB = {"t5-small": 1.5, "t5-base": 3.0, "t5-large": 7.0, "other": 3.0}
+WEIGHTS_GB = {"t5-small": 0.25, "t5-base": 0.9, "t5-large": 3.0, "other": 1.0}
+ASSUMED_GPU_GB = 141  # the H200 the step times were measured on: what a dry run sizes packs for
+
+
+def pack_key(spec):
+    """What runs of one pack must share (None: `ft`, never packed)."""
+    return None if spec["method"] == "ft" else tuple((k, spec.get(k)) for k in PACK_KEYS)
+
+
+def memory_pack_size(model, gpu_gb):
+    """Runs per pack that fit a GPU of `gpu_gb` GB (the rule above); at least 1."""
+    size = size_key(model)
+    return max(1, min(MAX_PACK, int(0.8 * (gpu_gb - WEIGHTS_GB[size]) / RUN_GB[size])))
+
+
+def pack_size(args, model, device=None):
+    """--pack-size, else: on CUDA the memory rule for this machine's GPU 0; on a CPU 1 (no packing:
+    a CPU is FLOP-bound, a pack of R costs R solo steps; docs/packing.md); "dry": the H200."""
+    if getattr(args, "pack_size", None):
+        return args.pack_size
+    if device == "dry":
+        return memory_pack_size(model, ASSUMED_GPU_GB)
+    import torch
+    if torch.cuda.is_available():
+        return memory_pack_size(model, torch.cuda.get_device_properties(0).total_memory / 1e9)
+    return 1
+
+
+def make_packs(plan, names, size_of):
+    """The runs `names` (in that order) grouped into packs: runs of one pack_key, at most
+    size_of(model) per pack, in the order of their first runs; `ft` and size 1: packs of one."""
+    packs, open_packs = [], {}
+    for name in names:
+        settings = plan[name][0]
+        key, limit = pack_key(settings), size_of(settings["model"])
+        if key is None or limit <= 1:
+            packs.append([name])
+            continue
+        if key not in open_packs:
+            packs.append(open_packs.setdefault(key, []))
+        open_packs[key].append(name)
+        if len(open_packs[key]) >= limit:
+            del open_packs[key]
+    return packs
+
+
+# --- the plan: {run name: (options, extra result columns, run folder)} and its units -------------
+
+def plan_runs(specs, args, extra=()):
+    """{run name: (train.py options, extra result columns, run folder)}: the pass-through flags
+    that name runs win over the experiment's values; the same configuration twice is one run."""
+    plan, through = {}, passed_through(extra)
+    for s in specs:
+        settings = {k: v for k, v in s.items() if k != "_row"}
+        settings.update({k: v for k, v in through.items()
+                         if not (k == "max_steps" and settings.get("epochs"))})
+        name = run_name(settings)
+        plan.setdefault(name, (settings, s.get("_row"), Path(args.runs_dir) / name))
+    return plan
+
+
+class Unit:
+    """One line of the plan: its index (its line in the plan file, 0-based: an array task's index),
+    its runs (names and folders), train.py's argv and the shell line."""
+
+    def __init__(self, index, names, dirs, argv, nproc, runs_file=None, runs_text=None):
+        self.index, self.names, self.dirs, self.argv = index, names, dirs, argv
+        self.runs_file, self.runs_text = runs_file, runs_text  # a pack's --runs file (write_plan)
+        torchrun = ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
+        self.command = [*([sys.executable] if nproc == 1 else torchrun), str(TRAIN_SCRIPT), *argv]
+        self.line = f"cd {shlex.quote(os.getcwd())} && {shlex.join(self.command)}"
+
+    def finished(self):
+        return all(runs.finished(run_dir) for run_dir in self.dirs)
+
+    def unfinished_runs(self):
+        return [name for name, run_dir in zip(self.names, self.dirs) if not runs.finished(run_dir)]
+
+
+def make_units(plan, args, extra):
+    """The plan's units, longest first: packs (pack_size on this machine) made over every run,
+    finished or not, so the same grid always gives the same units and runs files."""
+    hours = plan_hours(plan, args.data_dir, extra)
+    order = sorted(plan, key=lambda name: -hours[name])
+    units, extra = [], [*extra, "--resume"]
+    for names in make_packs(plan, order, lambda model: pack_size(args, model)):
+        specs, dirs = [plan[n][0] for n in names], [plan[n][2] for n in names]
+        if len(names) == 1:
+            argv = train_argv(specs[0], dirs[0], args.data_dir, extra)
+            units.append(Unit(len(units), names, dirs, argv, args.nproc))
+            continue
+        argv, entries = pack_argv(specs, dirs, args.data_dir, extra, Path("-"))
+        text = json.dumps(entries, indent=1) + "\n"
+        digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+        runs_file = Path(args.results_dir) / "packs" / f"{digest}.json"
+        argv[argv.index("--runs") + 1] = str(runs_file)
+        units.append(Unit(len(units), names, dirs, argv, args.nproc, runs_file, text))
+    return units
+
+
+def plan_path(args, experiment):
+    return Path(args.results_dir) / f"{experiment}.plan"
+
+
+def write_plan(path, units):
+    """The plan file, written once: a rerun of the same grid finds the same lines; another grid in
+    the same results folder is refused (line i must keep its meaning for an engine's index)."""
+    text = "".join(unit.line + "\n" for unit in units)
+    if path.exists() and (old := path.read_text(encoding="utf-8")) != text:
+        lines = old.splitlines()
+        pairs = enumerate(zip(lines, text.splitlines()))
+        i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
+        raise errors.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
+                             f"flags, pack size or folder); delete it to plan again, or pass "
+                             f"another --results-dir")
+    for unit in units:  # the packs' runs files first: a plan line never names a missing file
+        if unit.runs_file is not None and read_or_none(unit.runs_file) != unit.runs_text:
+            files.make_dir(unit.runs_file.parent, "packs folder")  # absent, or cut by a crash
+            files.write_text(unit.runs_file, unit.runs_text)
+    if not path.exists():
+        files.make_dir(path.parent, "results folder")
+        files.write_text(path, text)
+
+
+def read_or_none(path):
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def collect_command(args):
+    """The shell line that appends every finished run's row once (and prints the table)."""
+    return f"cd {shlex.quote(os.getcwd())} && {shlex.join([*args.command, '--collect'])}"
+
+
+# --- running units: here (in this process by runpy, or a child) ----------------------------------
+# In this process (the default), train.py runs as `__main__` and its status is read from
+# SystemExit: the imports are paid once per grid. As a child (--subprocess, --nproc > 1, every pool
+# child), GPU memory and cached data are freed between units.
+STOP_STATUSES = (128 + signal.SIGTERM, 128 + signal.SIGUSR1)  # train.py stopped, last.pt written
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def run_in_process(argv):
+    """`python train.py ARGV` run in this process: its exit status (0, or its SystemExit's code; a
+    sentence is printed on stderr as Python would, and is status 1)."""
+    saved_argv, saved_sigint = sys.argv, signal.getsignal(signal.SIGINT)
+    sys.argv = [str(TRAIN_SCRIPT), *argv]
+    try:
+        runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
+        return 0
+    except SystemExit as err:
+        if isinstance(err.code, str):
+            print(err.code, file=sys.stderr, flush=True)
+            return 1
+        return err.code or 0
+    finally:  # train.py's __main__ ignores Ctrl-C while it exits: the driver's handler comes back
+        sys.argv = saved_argv
+        signal.signal(signal.SIGINT, saved_sigint)
+
+
+def run_unit(experiment, unit, args, i, n):
+    """One unit, in this process or as a child (--subprocess, torchrun); its runs not finished. A
+    signal that stops train.py (SIGTERM, SIGUSR1, Ctrl-C) stops the driver with its status."""
+    t0 = time.time()
+    names = " ".join(unit.names)
+    what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
+    print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
+    if args.nproc > 1 or args.subprocess:
+        status, interrupted = run_command(unit.command)
+        if interrupted:  # Ctrl-C: the child was asked to checkpoint (SIGTERM) and has stopped
+            stop(experiment, unit, signal.SIGINT)
+        if status in STOP_STATUSES or -status in FORWARDED:  # train.py said why and how to resume
+            raise SystemExit(status if status > 0 else 128 - status)
+    else:
+        try:
+            status = run_in_process(unit.argv)
+        except Exception:  # one broken unit does not stop the grid; reported at the end
+            traceback.print_exc()
+            status = 1
+        if status == 0 and signals.received():  # it came in the unit's last steps, which finished
+            status = 128 + signals.received()
+        if status in (*STOP_STATUSES, 128 + signal.SIGINT):
+            stop(experiment, unit, status - 128)
+    if status:  # train.py printed its error
+        print(f"[{experiment} {i}/{n}] unit {unit.index} failed (exit status {status})",
+              file=sys.stderr)
+    print(f"[{experiment} {i}/{n}] {time.time() - t0:.1f}s", flush=True)
+    return unit.unfinished_runs()
+
+
+def stop(experiment, unit, sig):
+    """The driver stops as train.py did: 128 + the signal, once the unit wrote last.pt."""
+    name = signal.Signals(sig).name
+    print(f"{experiment}: {name} received: unit {unit.index} stopped at a step boundary, last.pt "
+          "written; run the same command again to resume", file=sys.stderr, flush=True)
+    raise SystemExit(128 + sig)
+
+
+def run_command(command):
+    """A unit's command as a child process; SIGTERM/SIGUSR1/SIGINT to this driver are passed on to
+    it (it checkpoints and stops); (its exit status, whether Ctrl-C stopped it)."""
+    proc = subprocess.Popen(command, start_new_session=True)
+    got = []
+
+    def forward_signal(sig, _):
+        got.append(sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+    forward = {}
+    if threading.current_thread() is threading.main_thread():
+        forward = {sig: signal.signal(sig, forward_signal) for sig in FORWARDED}
+    try:
+        return proc.wait(), signal.SIGINT in got
+    finally:
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
+
+
+# --- the local pool (--gpus G) -------------------------------------------------------------------
+# This process hands the units, longest first, to G / --nproc children, each pinned to its own GPUs
+# (CUDA_VISIBLE_DEVICES); only it hands out work, so the children need no locks. A child that dies
+# has its unit started once more (it resumes from last.pt); Ctrl-C or SIGTERM stops every child,
+# which checkpoints; the same command again resumes what was left.
+
+def pool_devices(args):
+    """One entry per child: the CUDA_VISIBLE_DEVICES it gets ("0", or "2,3" with --nproc 2; --slots:
+    "", no GPU)."""
+    if getattr(args, "slots", None):
+        return [""] * args.slots
+    gpus, nproc = args.gpus, args.nproc
+    if gpus % nproc:
+        raise errors.Failure(f"--gpus {gpus} is not a multiple of --nproc {nproc} (GPUs per run)")
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    visible = [d for d in listed if d] or [str(i) for i in range(gpus)]
+    if len(visible) < gpus:
+        raise errors.Failure(f"--gpus {gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: "
+                             f"{','.join(visible)}")
+    return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(gpus // nproc)]
+
+
+class Pool:
+    """Child processes, one per device slot, each running one unit; their output, line by line, on
+    this process's stdout with the unit and GPU as prefix."""
+
+    def __init__(self, experiment, devices):
+        self.experiment, self.devices = experiment, devices
+        self.labels = [self.label(slot, gpus) for slot, gpus in enumerate(devices)]
+        self.running = {}  # slot -> (process, unit, the thread that copies its output)
+        self.env = {"TQDM_DISABLE": "1", **os.environ}  # G progress bars on one terminal: noise
+        self.out_lock = threading.Lock()
+
+    @staticmethod
+    def label(slot, gpus):
+        """"GPU 0" (or "GPU 2,3"); a CPU slot (--slots, or --gpus without a GPU): "slot 0"."""
+        import torch
+        return f"GPU {gpus}" if gpus and torch.cuda.is_available() else f"slot {slot}"
+
+    def free_slots(self):
+        return [slot for slot in range(len(self.devices)) if slot not in self.running]
+
+    def start(self, slot, unit):
+        gpus = self.devices[slot]
+        # its own session: Ctrl-C reaches it through this process only
+        proc = subprocess.Popen(unit.command, env={**self.env, "CUDA_VISIBLE_DEVICES": gpus},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, start_new_session=True)
+        prefix = f"[u{unit.index} {self.labels[slot].lower()}] "
+        thread = threading.Thread(target=self._pump, args=(proc, prefix), daemon=True)
+        thread.start()
+        self.running[slot] = (proc, unit, thread)
+        print(f"{self.experiment}: unit {unit.index} ({' '.join(unit.names)}) -> "
+              f"{self.labels[slot]}", flush=True)
+
+    def _pump(self, proc, prefix):
+        for line in proc.stdout:
+            with self.out_lock:
+                sys.stdout.write(prefix + line)
+                sys.stdout.flush()
+
+    def ended(self):
+        """[(unit, exit status)] of the children that ended since the last call."""
+        done = []
+        for slot, (proc, unit, thread) in list(self.running.items()):
+            if proc.poll() is not None:
+                thread.join()
+                del self.running[slot]
+                done.append((unit, proc.returncode))
+        return done
+
+    def stop_all(self, sig=signal.SIGTERM):
+        """`sig` (Ctrl-C: SIGTERM) to every child's group; back once each (torchrun's ranks too)
+        wrote last.pt."""
+        for proc, _, _ in self.running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+        for proc, _, thread in self.running.values():
+            proc.wait()
+            thread.join()
+            while True:  # until its whole group (torchrun's ranks too) is gone
+                try:
+                    os.killpg(proc.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+
+
+def run_pool(experiment, units, devices):
+    """Run `units` (longest first) on len(devices) children; a unit whose child ended before its
+    runs finished is started once more (it resumes), unless what is left failed for good
+    (failed.txt: a non-finite loss fails the same way again). SIGUSR1 reaches every child, as
+    SIGTERM and Ctrl-C do: each writes last.pt and stops, then this process exits."""
+    pool, queue, retried = Pool(experiment, devices), list(units), set()
+    print(f"{experiment}: {len(units)} unit(s) on {len(devices)} child process(es): "
+          f"{' | '.join(pool.labels)}", flush=True)
+    in_main = threading.current_thread() is threading.main_thread()
+    old = {sig: signal.signal(sig, stop_signal) for sig in POOL_STOPS} if in_main else {}
+    try:
+        while queue or pool.running:
+            for slot in pool.free_slots()[:len(queue)]:
+                pool.start(slot, queue.pop(0))
+            for unit, status in pool.ended():
+                left = [d for d in unit.dirs if not runs.finished(d)]
+                if not left:
+                    print(f"{experiment}: unit {unit.index} done", flush=True)
+                elif unit.index not in retried and any(runs.failure(d) is None for d in left):
+                    retried.add(unit.index)
+                    print(f"{experiment}: unit {unit.index} ended with status {status}; "
+                          "resuming it once", flush=True)
+                    queue.insert(0, unit)
+                else:
+                    again = "failed for good" if unit.index not in retried else "failed again"
+                    print(f"{experiment}: unit {unit.index} {again} (status {status}): "
+                          f"{' '.join(unit.names)}", file=sys.stderr, flush=True)
+            time.sleep(0.2)
+    except Stopped as stopped:  # every child checkpoints and stops
+        pool.stop_all(stopped.sig)
+        name = signal.Signals(stopped.sig).name
+        print(f"{experiment}: {name} received: every child wrote last.pt and stopped. Run the "
+              "same command again to resume.", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stopped.sig) from None
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal that stops the pool (a KeyboardInterrupt: the driver's Ctrl-C paths apply)."""
+
+    def __init__(self, sig):
+        super().__init__(sig)
+        self.sig = sig
+
+
+POOL_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def stop_signal(sig, _):
+    raise Stopped(sig)
+
+
+# --- a driver's run: plan, train what is missing, collect -----------------------------------------
+
+def run_driver(experiment, specs, args, extra, floor=None):
+    """run_experiment, then the experiment's table (after the rows of `floor(args)`, a baseline
+    that is not a run); exit 1 when runs are not finished, 130 on Ctrl-C."""
+    try:
+        rows, failed = run_experiment(experiment, specs, args, extra)
+    except KeyboardInterrupt:
+        print(f"{experiment}: interrupted; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    if floor:
+        rows = floor(args) + rows
+    if rows and not args.dry_run:
+        print(tables.experiment_table(experiment, rows))  # the table report.py writes
+    if failed:
+        sys.exit(1)
+    return rows
+
+
+def run_cli(main, name):
+    """A driver's entry point: Ctrl-C outside a unit (planning, collecting) leaves nothing
+    half-written, so it is one line and exit 130."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (Ctrl-C); run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    finally:  # a further Ctrl-C while exiting: no traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def cost_model():
+    """scripts/costs.py (the dry run's FLOP model and wall time), imported when a dry run asks."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import costs
+    return costs
+
+
+def run_experiment(experiment, specs, args, extra=()):
+    """Train what is missing (units here, by a pool of --gpus, or submitted to SLURM), then
+    collect: (rows, runs not finished). --collect only collects; --dry-run only estimates."""
+    plan = plan_runs(specs, args, extra)
+    if args.dry_run:
+        return cost_model().dry_run(experiment, plan, args, extra)
+    if not args.collect:
+        units = make_units(plan, args, extra)
+        path = plan_path(args, experiment)
+        devices = pool_devices(args) if args.gpus or args.slots else None  # checks, then the plan
+        submit = slurm_submission(experiment, path, args, len(units)) if args.slurm else None
+        write_plan(path, units)
+        if submit:
+            submit()
+            return [], []
+        todo = [unit for unit in units if not unit.finished()]
+        print(f"{experiment}: plan {path}: {len(units)} unit(s), {len(todo)} to run", flush=True)
+        if devices:
+            run_pool(experiment, todo, devices)
+        else:
+            for i, unit in enumerate(todo):
+                run_unit(experiment, unit, args, i + 1, len(todo))
+    # what is not finished now (a unit that failed here may have been finished by another driver)
+    return collect(experiment, plan, args)
+
+
+def slurm_submission(experiment, path, args, n_units):
+    """--slurm, checked before the plan is written (sbatch here, MaxArraySize, the options as
+    #SBATCH lines): a call that submits the plan as job arrays, task i running line i, and the
+    collect command as a job after them (slurm.py writes the sbatch scripts beside the plan)."""
+    from ept import slurm
+    opts = dict(job_name=f"ept-{experiment}", partition=args.slurm_partition,
+                time=args.slurm_time, max_parallel=args.slurm_max_tasks, extra=args.slurm_option,
+                gpus_per_task=args.nproc if args.slurm_gpus is None else args.slurm_gpus,
+                after=args.slurm_after, max_array=slurm.check())
+    slurm.sbatch_script(path, n_units, log_dir=path.parent, **{k: v for k, v in opts.items()
+                                                                if k != "max_array"})
+
+    def submit():
+        if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU
+            print(f"{experiment}: note: this machine has no GPU, so each unit is one run; pass "
+                  "--pack-size N (PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit on the "
+                  "cluster's GPUs", flush=True)
+        slurm.submit(path, collect_command(args), **opts)
+    return submit
+
+
+# --- result rows ---------------------------------------------------------------------------------
+
+def prompt_stats(run_dir):
+    """(mean row norm of the saved P' (Eq. 4 on the best checkpoint's prompt), parameters kept for
+    inference = distinct rows x d: one row for EPT/EPT*, whose rows are copies)."""
+    path = Path(run_dir) / "prompt.pt"
+    if not path.exists():
+        return None, None
+    prompt, _ = M.load_folded_prompt(path)
+    return prompt.norm(dim=1).mean().item(), int(prompt.unique(dim=0).numel())
+
+
+def log_stats(run_dir):
+    """Best validation score and its step (the first of equal ones), and the last logged prompt
+    norm μ_t, from log.jsonl (runs.curves)."""
+    _, norms, steps, scores = runs.curves(run_dir, missing_ok=True)
+    best = max(zip(scores, steps), key=lambda pair: pair[0], default=(None, None))
+    return (*best, norms[-1] if norms else None)
+
+
+def result_row(experiment, settings, run_dir, extra_fields=None):
+    """One results row: the full configuration, the test metrics, parameters and prompt norms. A
+    --no-test run is a finished run too: its row has "tested": false and no score (None)."""
+    run_dir = Path(run_dir)
+    raw_config = files.read_json(run_dir / "config.json", "run configuration")
+    config = {**raw_config, **M.prompt_options(raw_config)}  # older runs' option names, defaults
+    tested = not config.get("no_test")
+    metrics = files.read_json(run_dir / "metrics.json", "test metrics") if tested else {}
+    norm, n_inference = prompt_stats(run_dir)
+    val_score, best_step, last_norm = log_stats(run_dir)
+    ran = {**options.defaults(settings["method"]), **settings}
+    for key in ran:  # what train.py ran with (pass-through flags included) wins over the spec
+        if config.get(key) is not None:
+            ran[key] = config[key]
+    if not ran["fewshot_k"]:
+        ran["fewshot_seed"] = None
+    return {"experiment": experiment, "run": str(run_dir), **ran,
+            "model_tag": runs.model_tag(settings["model"]), **(extra_fields or {}),
+            "score": metrics.get("score"), "test": metrics if tested else None, "tested": tested,
+            "val_score": val_score, "best_step": best_step,
+            "n_trainable": config.get("n_trainable"), "n_inference": n_inference,
+            "prompt_norm": norm, "final_prompt_norm": last_norm,
+            "training": training_id(run_dir), "config": raw_config}
+
+
+def training_id(run_dir):
+    """Which training a row came from: a hash of the run's config.json and metrics.json (a --no-test
+    run: its log.jsonl), so a run trained again with other options or results gets another."""
+    run_dir, digest = Path(run_dir), hashlib.sha1()
+    scores = "metrics.json" if (run_dir / "metrics.json").exists() else "log.jsonl"
+    for name in ("config.json", scores):
+        digest.update((name + files.read_text(run_dir / name, "run file")).encode())
+    return digest.hexdigest()[:16]
+
+
+def append_row_once(results, row):
+    """Append `row` to the results file unless a row of its run folder and training is there; a
+    row of its folder from another training (the run was deleted and trained again) is replaced.
+    Checked and written under the file's lock: two collect steps at once never double a row.
+    Returns "added", "replaced" or None (there already)."""
+    with files.locked(results):
+        rows = files.read_jsonl(results, what="results file", missing_ok=True,
+                                fix=files.RESULTS_FIX)
+        same = [r for r in rows if r.get("run") == row["run"]]
+        if not same:
+            files.append_jsonl(results, [row])
+            return "added"
+        if all(r.get("training") == row.get("training") for r in same):
+            return None
+        files.write_jsonl(results, [row if r is same[0] else r for r in rows if
+                                    r.get("run") != row["run"] or r is same[0]])
+        return "replaced"
+
+
+def collect(experiment, plan, args):
+    """Every finished run's row appended once to results/<experiment>.jsonl (ft checkpoints pruned
+    with --prune-ft-checkpoints); (rows in plan order, runs not finished)."""
+    results = Path(args.results_dir) / f"{experiment}.jsonl"
+    rows, missing, done = [], [], []
+    for name, (settings, fields, run_dir) in plan.items():
+        if runs.status(run_dir) != "done":
+            missing.append(name)
+            continue
+        row = result_row(experiment, settings, run_dir, fields)
+        done.append(append_row_once(results, row))
+        rows.append(row)
+        if args.prune_ft_checkpoints and settings["method"] == "ft":  # T5 + AdamW state, twice
+            prune_checkpoints(run_dir)
+    failed = {name: runs.failure(plan[name][2]) for name in missing
+              if runs.status(plan[name][2]) == "failed"}
+    failures = f" ({len(failed)} failed)" if failed else ""
+    replaced = (f", {done.count('replaced')} replaced: their run was trained again"
+                if "replaced" in done else "")
+    print(f"{experiment}: {len(plan)} runs, {len(rows)} finished ({done.count('added')} rows "
+          f"added now{replaced}), {len(missing)} not finished{failures} -> {results}", flush=True)
+    for name, why in failed.items():  # stopped for good: running the unit again fails the same way
+        print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
+    write_failures(Path(args.results_dir) / f"{experiment}.failed.json", plan, failed)
+    if len(missing) > len(failed):
+        print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): "
+              f"{' '.join(n for n in missing if n not in failed)}", file=sys.stderr)
+    return rows, missing
+
+
+def write_failures(path, plan, failed):
+    """{run folder: why} of the runs that failed for good (report.py lists them): this plan's
+    entries replaced, other runs' (a larger grid's, collected before) kept."""
+    with files.locked(path) if path.exists() or failed else contextlib.nullcontext():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        except (OSError, ValueError):
+            old = {}  # unreadable: rewritten from what this plan knows
+        ours = {str(run_dir) for _, _, run_dir in plan.values()}
+        kept = {k: v for k, v in (old if isinstance(old, dict) else {}).items() if k not in ours}
+        now = {**kept, **{str(plan[name][2]): why for name, why in failed.items()}}
+        if now:
+            files.write_json(path, now)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def prune_checkpoints(run_dir):
+    for file in ("best.pt", "last.pt"):
+        try:
+            (run_dir / file).unlink(missing_ok=True)
+        except OSError as err:  # a read-only runs folder: the row is written, the checkpoint stays
+            raise files.FileFault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}: "
+                                  f"{files.why(err)}; its row is written, rerun without the "
+                                  "flag") from None
