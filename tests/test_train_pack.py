@@ -39,7 +39,8 @@ def assert_same_run(a, b):
     ea, eb = events(a, "train"), events(b, "train")
     assert [e["step"] for e in ea] == [e["step"] for e in eb]
     for key in ("loss", "grad_norm", "prompt_norm", "lr"):
-        assert [e[key] for e in ea] == pytest.approx([e[key] for e in eb], rel=1e-5, abs=1e-7), key
+        # rel 1e-4: train.py's step and the pack's sum the same terms in another order (float rounding)
+        assert [e[key] for e in ea] == pytest.approx([e[key] for e in eb], rel=1e-4, abs=1e-6), key
     assert [(e["step"], e["score"]) for e in events(a, "eval")] == [(e["step"], e["score"]) for e in events(b, "eval")]
     pa, pb = M.load_folded_prompt(a / "prompt.pt")[0], M.load_folded_prompt(b / "prompt.pt")[0]
     assert torch.allclose(pa, pb, rtol=1e-4, atol=1e-6)
