@@ -74,6 +74,21 @@ def test_pack_equals_each_run_alone(data_dir, tiny_model_dir, tmp_path):
             {k: v for k, v in solo_config.items() if k != "out_dir"}
 
 
+def test_pack_equals_the_run_alone_with_dropout_on(data_dir, tiny_model_dir, tmp_path):
+    """T5's dropout on (the config's 0.1, the paper's setting): a run's masks are its own examples' (stateless),
+    so a packed run still equals its solo run; and dropout does act (the losses differ from dropout 0)."""
+    on = ("--max-steps", 4, "--eval-every", 2)
+    out = tmp_path / "pack"
+    train.main(argv(data_dir, tiny_model_dir, out, *on, "--method", "ept", "pt", "--seed", 1))
+    name = f"toy_pt_{tiny_model_dir.name}_steps4_ev2_s1"
+    alone = tmp_path / "alone" / name
+    train.main(argv(data_dir, tiny_model_dir, alone, *on, "--method", "pt", "--seed", 1))
+    assert_same_run(out / name, alone)
+    off = tmp_path / "off" / name
+    train.main(argv(data_dir, tiny_model_dir, off, *COMMON, "--method", "pt", "--seed", 1))
+    assert losses(off) != pytest.approx(losses(alone), rel=1e-4)
+
+
 def test_runs_file_faults_skips_and_refusals(data_dir, tiny_model_dir, tmp_path):
     """--runs FILE: run "bad" overflows (lr 1e30 after a warm-up step of lr 0) and stops alone at step 2."""
     out = tmp_path / "pack"
