@@ -10,7 +10,9 @@ import model as M
 from ept import cli, errors, files, runs, runtime
 
 # train.py sets its text
-parser = argparse.ArgumentParser(prog="train.py", formatter_class=cli.HelpFormatter)
+# no abbreviations: `--max-step 3` or `--eval 5` is an error, never a guess (issue 28)
+parser = argparse.ArgumentParser(prog="train.py", formatter_class=cli.HelpFormatter,
+                                 allow_abbrev=False)
 group = parser.add_argument_group("data")
 group.add_argument("--task", default="rte", type=cli.name,
                    help="task name (default: rte, the paper's running example); data/<task>/ is "

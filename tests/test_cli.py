@@ -84,6 +84,15 @@ def offline_env():
             "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+def test_train_flags_are_never_abbreviated(capsys):
+    """Issue 28: a prefix of a flag (`--max-step`, `--eval`) is a usage error, not a guess at one of its flags."""
+    for flags in (["--max-step", "3"], ["--eval", "5"]):
+        with pytest.raises(SystemExit) as err:
+            options.parser.parse_args(flags)
+        assert err.value.code == 2 and flags[0] in capsys.readouterr().err
+    assert options.parser.parse_args(["--max-steps", "3"]).max_steps == 3
+
+
 def test_offline_hub_fails_fast_with_the_flag(tmp_path):
     """A Hub name for the model, the tokenizer or a dataset, with no Hub: the one sentence naming the flag
     (--model DIR, --tokenizer DIR, --source DIR) in under 5 s of loading, and no "Retrying in" lines."""
