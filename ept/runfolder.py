@@ -161,6 +161,8 @@ def resume(run, path, ranks, say):
     0 read its config.json and log.jsonl now: a damaged one stops a pack before any run's files
     change. run.rng: this rank's RNG state; None (reseed) when another number of ranks wrote it."""
     ckpt = read_checkpoint(path, run.args.max_steps)
+    if ranks.master:
+        check_schedule(run.out_dir, run.args)
     try:
         run.load_state(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
@@ -174,11 +176,31 @@ def resume(run, path, ranks, say):
     if rng is None:
         say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: "
             "RNG reseeded")
-    if ranks.master and (run.out_dir / "config.json").exists():
-        files.read_json(run.out_dir / "config.json", "run configuration")
     if ranks.master and (run.out_dir / "log.jsonl").exists():
         read_log(run.out_dir / "log.jsonl")
     run.rng = rng
+
+
+# the options that shape last.pt's optimizer and lr schedule: --resume must keep them (issue 28)
+SCHEDULE_KEYS = ("lr", "weight_decay", "warmup_steps", "max_steps", "batch_size", "max_grad_norm")
+
+
+def check_schedule(out_dir, args):
+    """--resume continues last.pt's AdamW and lr schedule, so the options that shape them must be
+    the run's own (its config.json): another --lr or --max-steps would be recorded but not used."""
+    path = out_dir / "config.json"
+    if not path.exists():  # killed before it was written
+        return
+    config = files.read_json(path, "run configuration")
+    if not isinstance(config, dict):
+        raise files.FileFault(f"train: {path} is valid JSON but not a run configuration (a JSON "
+                              "object); restore it, or --overwrite to start over")
+    changed = [f"--{k.replace('_', '-')} {config[k]} (now {getattr(args, k)})"
+               for k in SCHEDULE_KEYS if k in config and config[k] != getattr(args, k)]
+    if changed:
+        raise errors.Failure(f"train: {out_dir} was trained with {', '.join(changed)}; --resume "
+                             "continues its optimizer and lr schedule, so pass the run's own values "
+                             "(its config.json), or --overwrite to start over")
 
 
 def start_log(run, task, ranks, say, **extra):
