@@ -11,6 +11,7 @@ prompt and trains all of T5. After training only P' is needed: `save_folded_prom
 ept/pretrained.py loads T5 and its tokenizer (Hub or folder) and builds the tests' tiny random T5.
 """
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -223,23 +224,126 @@ class PromptedT5(nn.Module):
         mask = torch.cat([prompt_mask.to(attention_mask.dtype), attention_mask], dim=1)
         return torch.cat([p, x], dim=1), mask
 
-    def forward(self, input_ids, attention_mask, labels=None, **kwargs):
+    def forward(self, input_ids, attention_mask, **kwargs):
         inputs_embeds, mask = self.embed(input_ids, attention_mask)
-        return self.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels, **kwargs)
+        return self.t5(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, **kwargs):
         inputs_embeds, mask = self.embed(input_ids, attention_mask)
         return self.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
-    def trainable_state_dict(self):
-        """What a checkpoint needs: the prompt module, or all of T5 for `ft`."""
-        module = self.t5 if self.prompt_module is None else self.prompt_module
-        return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
     def load_trainable_state_dict(self, state):
         module = self.t5 if self.prompt_module is None else self.prompt_module
         module.load_state_dict(state)
+
+
+# --- stateless dropout: each example's mask a hash of the example, not of a random stream ---------
+# T5's dropout sites (transformers' T5: the nn.Dropout after the embeddings, each attention and
+# feed-forward sublayer, inside the feed-forward between wi and wo, on the stack's output; and the
+# functional dropout on the attention weights) draw their masks from a counter-based hash of (run
+# seed, step, the example's dataset index, the site, the position relative to the example's own
+# tokens, the feature), folded in turn as JAX folds keys: one vectorised op per site. A run's masks
+# then depend on its own data only: alone or packed (left-padded prompts), on any number of ranks,
+# resumed or not. `dropout_keys` sets the examples' keys around a forward pass.
+STATELESS = "ept_stateless"
+_context = []  # while a forward runs: [keys (B,), encoder offsets (B,), {site: calls so far}]
+
+
+def _mix(x):
+    """A 32-bit integer hash, elementwise, on int64 tensors holding values in [0, 2^32)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def example_keys(seeds, steps, indices, device=None):
+    """(B,) keys of the examples: their run's seed and step, their index in the training split."""
+    fold = lambda h, v: _mix(h ^ (torch.as_tensor(v, dtype=torch.long) & 0xFFFFFFFF))
+    return fold(fold(_mix(torch.as_tensor(seeds, dtype=torch.long) & 0xFFFFFFFF), steps),
+                indices).to(device)
+
+
+@contextlib.contextmanager
+def dropout_keys(keys, encoder_offset=None):
+    """The examples' keys (B,) for the forward passes inside; `encoder_offset` (B,): rows before
+    each example's own encoder input (a pack's prompt padding), so positions count from its own."""
+    offset = torch.zeros_like(keys) if encoder_offset is None else encoder_offset.to(keys.device)
+    _context.append([keys, offset, {}])
+    try:
+        yield
+    finally:
+        _context.pop()
+
+
+def _uniform(site, sides, shape, device):
+    """U[0, 1) of `shape` (B, ...) from the examples' keys, folding in the site, then each axis's
+    index: an "encoder" axis counts from the example's own first row, "decoder" and None from 0."""
+    keys, offset, calls = _context[-1]
+    call = calls[site] = calls.get(site, -1) + 1  # T5Stack.dropout serves twice per forward
+    b, dims = shape[0], len(shape) - 1
+    h = _mix(keys ^ (site * 16 + call)).view(b, *[1] * dims)
+    for k, (size, side) in enumerate(zip(shape[1:], sides), 1):
+        index = torch.arange(size, device=device).view([size if j == k else 1
+                                                        for j in range(dims + 1)])
+        if side == "encoder":
+            index = (index - offset.view(b, *[1] * dims)) & 0xFFFFFFFF
+        h = _mix(h ^ index)
+    return (h >> 8).float() * 2.0 ** -24
+
+
+def _drop(x, p, site, sides):
+    if p == 0:
+        return x
+    if not _context:
+        raise RuntimeError("stateless dropout in training mode needs model.dropout_keys(...)")
+    keep = _uniform(site, sides, x.shape, x.device) >= p
+    return x * keep.to(x.dtype) / (1 - p)
+
+
+class StatelessDropout(nn.Dropout):
+    """T5's nn.Dropout at one site, its mask from the examples' keys (above)."""
+
+    def __init__(self, p, site, side):
+        super().__init__(p)
+        self.site, self.side = site, side
+
+    def forward(self, x):  # (B, L, D): the positions of `side`, then features
+        return _drop(x, self.p, self.site, (self.side, None)) if self.training else x
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+               position_bias=None, **kwargs):
+    """transformers' T5 eager attention, its weights' dropout stateless (heads, query, key)."""
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if position_bias is not None:
+        scores = scores + position_bias
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1)
+    if module.training and dropout > 0:  # (B, H, L_query, L_key)
+        weights = _drop(weights, dropout, module.ept_site, (None, *module.ept_sides))
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def stateless_dropout(t5):
+    """Give every dropout site of `t5` a stateless mask (above); returns t5."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    AttentionInterface.register(STATELESS, _attention)
+    AttentionMaskInterface.register(STATELESS, eager_mask)
+    for site, (name, module) in enumerate(list(t5.named_modules())):
+        side = "decoder" if name.startswith("decoder") else "encoder"
+        if type(module) is nn.Dropout:
+            parent, _, attr = name.rpartition(".")
+            setattr(t5.get_submodule(parent), attr, StatelessDropout(module.p, site, side))
+        elif hasattr(module, "relative_attention_num_buckets"):  # T5Attention
+            module.ept_site = site
+            module.ept_sides = (side, "encoder" if name.endswith("EncDecAttention") else side)
+    for config in {id(m.config): m.config for m in t5.modules() if hasattr(m, "config")}.values():
+        config._attn_implementation = STATELESS
+    return t5
 
 
 def count_trainable(module):

@@ -1,16 +1,20 @@
-"""From a split file to padded tensors: tokenization (cached), the data order, and padding.
+"""From a split file to padded tensors: train.py's task (load_task), tokenization (cached), the
+data order, and padding.
 
 Inputs are truncated on the right to max_length and end with `</s>` (the T5 tokenizer appends it);
 a batch is padded to its own longest row, never to max_length; label padding is -100 (no loss).
 """
 import contextlib
 import hashlib
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ept import errors, files, pretrained
+from ept import errors, evaluation, files, pretrained, tasks
 
 
 def encode(tokenizer, texts, max_length):
@@ -168,3 +172,67 @@ def label_ids(tokenizer, labels):
            if tokenizer.decode([i]).strip()]
     return list(dict.fromkeys(ids))
 
+
+# --- train.py's task -----------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    """A task's data as train.py uses it: `data` = (train source ids, target ids, pad id); `val`,
+    `test` = (examples, source ids) (test None with --no-test)."""
+    tokenizer: object
+    meta: dict
+    train_file: Path
+    data: tuple
+    val: tuple
+    test: tuple | None
+
+
+def load_task(args, ranks, say):
+    """The task's meta.json, tokenizer, training split (token ids) and validation split, checked.
+    Rank 0 runs it first (ranks.first): the data is prepared before the other ranks read it."""
+    tokenizer = pretrained.load_tokenizer(args.tokenizer, say)
+    if ranks.master:
+        prepare_if_missing(args.data_dir, args.task, args.tokenizer, say, args.source)
+    meta = tasks.load_meta(args.data_dir, args.task)
+    evaluation.check_metrics(meta, Path(args.data_dir) / args.task / "meta.json")
+    if args.eval_mode == "rank" and not meta.get("labels"):
+        raise errors.Failure(f"train: --eval-mode rank needs a label set; {args.task} has open "
+                             "targets")
+    args.max_length = args.max_length or meta["max_length"]
+    folder = Path(args.data_dir) / args.task
+    split = f"k{args.fewshot_k}_seed{args.fewshot_seed}" if args.fewshot_k else "train"
+    train_file = folder / (f"train_{split}.jsonl" if args.fewshot_k else "train.jsonl")
+    if not train_file.exists():
+        raise errors.Failure(f"train: no {train_file}; prepare it with `" + tasks.prepare_command(
+            args.data_dir, [args.task], [args.fewshot_k], [args.fewshot_seed], overwrite=True) + "`")
+    limit, eval_limit = args.max_train_examples, args.max_eval_examples
+    _, train_src, train_tgt = read_split(meta, split, train_file, tokenizer, args.max_length, limit)
+    if args.fewshot_k and ranks.master:
+        old = [split] if split in tasks.old_fewshot_sets(meta) else []
+        if warning := tasks.old_fewshot_warning(args.data_dir, {args.task: old}):
+            say(f"train: {warning}")
+    val = read_split(meta, "validation", folder / "validation.jsonl", tokenizer, args.max_length,
+                     eval_limit)[:2]
+    test = None if args.no_test else read_split(  # checked now, not after training
+        meta, "test", folder / "test.jsonl", tokenizer, args.max_length, eval_limit)[:2]
+    return Task(tokenizer, meta, train_file, (train_src, train_tgt, tokenizer.pad_token_id), val,
+                test)
+
+
+def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
+    """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command (stages
+    link by files: train.py does not import prepare_data.py)."""
+    folder = Path(data_dir) / task
+    if (folder / "meta.json").exists():
+        return
+    if not tasks.known(task):
+        raise errors.Failure(f"train: unknown task {task!r} and no {folder / 'meta.json'}; "
+                             f"tasks: {', '.join(tasks.TASKS)}")
+    command = ["--tasks", task, "--out", str(data_dir), "--tokenizer", tokenizer,
+               *(["--source", source] if source else [])]
+    say(f"train: {folder} is not prepared yet; preparing it now (python prepare_data.py "
+        f"{' '.join(command)})", flush=True)
+    script = Path(__file__).resolve().parents[1] / "prepare_data.py"
+    if subprocess.run([sys.executable, str(script), *command]).returncode:
+        raise errors.Failure(f"train: {folder} could not be prepared "
+                             "(prepare_data.py said why above)")

@@ -108,30 +108,6 @@ def load_torch(path, what="checkpoint", fix=None):
                         f"project: {type(err).__name__}){fix}") from None
 
 
-# what the later stages read from meta.json
-META_KEYS = {"splits": dict, "labels": (list, type(None)), "metrics": list, "score": list,
-             "max_length": int, "max_target_length": int}
-
-
-def load_meta(data_dir, task):
-    """data/<task>/meta.json, written by prepare_data.py, with the keys the later stages read."""
-    path = Path(data_dir) / task / "meta.json"
-    if not path.exists():
-        raise FileFault(f"no {path}; run `python prepare_data.py --tasks {task} --out {data_dir}` "
-                        "first")
-    meta = read_json(path, "task description")
-    meta = meta if isinstance(meta, dict) else {}
-    bad = [k for k, kind in META_KEYS.items() if k not in meta or not isinstance(meta[k], kind)]
-    bad += [k for k in ("max_length", "max_target_length") if k not in bad and meta[k] < 1]
-    if not bad and not (meta["score"] and set(meta["score"]) <= set(meta["metrics"])):
-        bad = ["score"]
-    if bad:
-        raise FileFault(f"the task description {path} has a missing or wrong {', '.join(bad)}; "
-                        f"rebuild it with `python prepare_data.py --tasks {task} --out {data_dir} "
-                        "--overwrite`")
-    return meta
-
-
 def make_dir(path, what="folder"):
     """mkdir -p with one sentence when it cannot be made (read-only disk, a file in the way)."""
     path = Path(path)

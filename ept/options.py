@@ -10,7 +10,9 @@ import model as M
 from ept import cli, errors, files, runs, runtime
 
 # train.py sets its text
-parser = argparse.ArgumentParser(prog="train.py", formatter_class=cli.HelpFormatter)
+# no abbreviations: `--max-step 3` or `--eval 5` is an error, never a guess (issue 28)
+parser = argparse.ArgumentParser(prog="train.py", formatter_class=cli.HelpFormatter,
+                                 allow_abbrev=False)
 group = parser.add_argument_group("data")
 group.add_argument("--task", default="rte", type=cli.name,
                    help="task name (default: rte, the paper's running example); data/<task>/ is "
@@ -246,10 +248,11 @@ def resolve_runs(args, specs, packed):
 
 
 def batch_plan(args, n_train, world_size):
-    """(steps per epoch, micro-batch size, accumulation steps); --epochs becomes args.max_steps."""
-    steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last batch may be partial
+    """Fill args.steps_per_epoch, .micro_batch_size (resolved: examples per forward pass on one
+    rank) and .grad_accum_steps; --epochs becomes args.max_steps."""
+    args.steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last batch may be partial
     if args.epochs is not None:
-        args.max_steps = math.ceil(args.epochs * steps_per_epoch)
+        args.max_steps = math.ceil(args.epochs * args.steps_per_epoch)
     per_rank = math.ceil(args.batch_size / world_size)
-    micro_batch_size = min(args.micro_batch_size or per_rank, per_rank)
-    return steps_per_epoch, micro_batch_size, math.ceil(per_rank / micro_batch_size)
+    args.micro_batch_size = min(args.micro_batch_size or per_rank, per_rank)
+    args.grad_accum_steps = math.ceil(per_rank / args.micro_batch_size)

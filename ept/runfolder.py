@@ -12,7 +12,11 @@ import torch
 import torch.distributed as dist
 
 import model as M
-from ept import errors, files, multirun, pretrained, runs, runtime
+from ept import errors, files, pretrained, runs, runtime
+
+# last.pt / best.pt, as train.Run.state writes them (checked on --resume)
+CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score",
+                   "best_step", "world_size")
 
 
 def open_run_folder(out_dir, resume, overwrite, say):
@@ -138,10 +142,10 @@ def claim_folder(out_dir, say):
 
 
 def read_checkpoint(resume_path, max_steps):
-    """A last.pt read whole and checked (its keys: multirun.CHECKPOINT_KEYS; its step) before the
-    run folder changes."""
+    """A last.pt read whole and checked (its keys: CHECKPOINT_KEYS; its step) before the run folder
+    changes."""
     ckpt = files.load_torch(resume_path, fix="pass --overwrite to start over")
-    missing = set(multirun.CHECKPOINT_KEYS) - set(ckpt if isinstance(ckpt, dict) else ())
+    missing = set(CHECKPOINT_KEYS) - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise files.FileFault(f"train: {resume_path} is not a training checkpoint (it lacks "
                               f"{', '.join(sorted(missing))}); pass --overwrite to start over")
@@ -152,43 +156,62 @@ def read_checkpoint(resume_path, max_steps):
     return ckpt
 
 
-def resume(job, ranks, say):
-    """Load a run's last.pt into it (refused when it does not fit or is not finite), and on rank 0
-    read its config.json and log.jsonl now: a damaged one stops a pack before any run's files
-    change. Returns this rank's RNG state; None (reseed) when another number of ranks wrote it."""
-    path = job.resume_path
-    ckpt = read_checkpoint(path, job.args.max_steps)
+def resume(run, path, ranks, say):
+    """Load last.pt (`path`) into `run` (refused when it does not fit or is not finite), and on rank
+    0 read its config.json and log.jsonl now: a damaged one stops a pack before any run's files
+    change. run.rng: this rank's RNG state; None (reseed) when another number of ranks wrote it."""
+    ckpt = read_checkpoint(path, run.args.max_steps)
+    if ranks.master:
+        check_schedule(run.out_dir, run.args)
     try:
-        job.run.load_checkpoint_state(ckpt)
+        run.load_state(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise errors.Failure(f"train: {path} holds another model or optimizer than these "
                              f"settings build ({type(err).__name__}); resume with the run's own "
                              "--method and prompt options (its config.json), or --overwrite to "
                              "start over") from None
-    if not weights_finite(job.run.params):
+    if not weights_finite(run.params):
         raise errors.Failure(f"train: {path} holds NaN or inf weights; --overwrite to start over")
     rng = ckpt["rng"][ranks.rank] if len(ckpt["rng"]) == ranks.world_size else None
     if rng is None:
         say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: "
             "RNG reseeded")
-    if ranks.master and (job.out_dir / "config.json").exists():
-        files.read_json(job.out_dir / "config.json", "run configuration")
-    if ranks.master and (job.out_dir / "log.jsonl").exists():
-        read_log(job.out_dir / "log.jsonl")
-    return rng
+    if ranks.master and (run.out_dir / "log.jsonl").exists():
+        read_log(run.out_dir / "log.jsonl")
+    run.rng = rng
 
 
-def start_log(job, task, ranks, say, **extra):
+# the options that shape last.pt's optimizer and lr schedule: --resume must keep them (issue 28)
+SCHEDULE_KEYS = ("lr", "weight_decay", "warmup_steps", "max_steps", "batch_size", "max_grad_norm")
+
+
+def check_schedule(out_dir, args):
+    """--resume continues last.pt's AdamW and lr schedule, so the options that shape them must be
+    the run's own (its config.json): another --lr or --max-steps would be recorded but not used."""
+    path = out_dir / "config.json"
+    if not path.exists():  # killed before it was written
+        return
+    config = files.read_json(path, "run configuration")
+    if not isinstance(config, dict):
+        raise files.FileFault(f"train: {path} is valid JSON but not a run configuration (a JSON "
+                              "object); restore it, or --overwrite to start over")
+    changed = [f"--{k.replace('_', '-')} {config[k]} (now {getattr(args, k)})"
+               for k in SCHEDULE_KEYS if k in config and config[k] != getattr(args, k)]
+    if changed:
+        raise errors.Failure(f"train: {out_dir} was trained with {', '.join(changed)}; --resume "
+                             "continues its optimizer and lr schedule, so pass the run's own values "
+                             "(its config.json), or --overwrite to start over")
+
+
+def start_log(run, task, ranks, say, **extra):
     """The run's config.json (`extra`: a pack's keys) and its log(event) on log.jsonl, which on
     resume is trimmed to the checkpoint's step (what a killed run logged after it is redone)."""
-    args, out_dir, resumed = job.args, job.out_dir, job.resume_path is not None
-    job.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
-                  "n_trainable": M.count_trainable(job.net),
-                  "t5_fingerprint": pretrained.t5_fingerprint(job.net.t5),
+    args, out_dir, resumed = run.args, run.out_dir, run.resumed
+    run.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
+                  "n_trainable": M.count_trainable(run.net),
+                  "t5_fingerprint": pretrained.t5_fingerprint(run.net.t5),
                   "train_file": str(task.train_file),
                   "train_size": len(task.data[0]), "validation_size": len(task.val[0]),
-                  "steps_per_epoch": job.steps_per_epoch, "micro_batch_size": job.micro_batch_size,
-                  "grad_accum_steps": job.grad_accum_steps,
                   "meta": {k: task.meta.get(k) for k in ("labels", "metrics", "score",
                                                          "max_length", "max_target_length")},
                   "torch": torch.__version__, **extra}
@@ -197,30 +220,30 @@ def start_log(job, task, ranks, say, **extra):
         if resumed and (out_dir / "config.json").exists():
             before = files.read_json(out_dir / "config.json", "run configuration")
             before = before if isinstance(before, dict) else {}
-            changed = {k: (before.get(k), v) for k, v in job.config.items()
+            changed = {k: (before.get(k), v) for k, v in run.config.items()
                        if before.get(k) != v and k != "resume"}
             if changed:
                 say(f"train: resuming with changed settings (was, now): {changed}")
-        trackers = open_trackers(args, out_dir, job.config)
+        trackers = open_trackers(args, out_dir, run.config)
         # temporary files of a writer killed mid-save (files.write_with); we hold the lock
         for tmp in [t for name in runs.RUN_FILES for t in out_dir.glob(f".{name}.tmp*")]:
             tmp.unlink(missing_ok=True)
         (out_dir / runs.FAILED_NAME).unlink(missing_ok=True)  # its last failure is history
         log_file = out_dir / "log.jsonl"
         if resumed and log_file.exists():  # before config.json changes: a damaged log stops it
-            step, events = job.step, read_log(log_file)
+            step, events = run.step, read_log(log_file)
             files.write_jsonl(log_file, [e for e in events
                                          if e.get("step", 0) <= step and e.get("event") != "end"])
         elif not resumed:  # a fresh start: the log of a run killed before its first checkpoint
             clear_run_files(out_dir, args.overwrite, say)  # goes only now
-        files.write_json(out_dir / "config.json", job.config)
+        files.write_json(out_dir / "config.json", run.config)
         log = open_log(log_file, trackers)
-    log({"event": "resume" if resumed else "setup", "step": job.step, "device": ranks.device,
+    log({"event": "resume" if resumed else "setup", "step": run.step, "device": ranks.device,
          "world_size": ranks.world_size, "dtype": args.dtype,
-         "n_trainable": job.config["n_trainable"], "train_size": len(task.data[0]),
-         "steps_per_epoch": job.steps_per_epoch, "max_steps": args.max_steps,
-         "grad_accum_steps": job.grad_accum_steps})
-    say(f"train: {args.method} on {args.task}, {job.config['n_trainable']:,} trainable parameters, "
+         "n_trainable": run.config["n_trainable"], "train_size": len(task.data[0]),
+         "steps_per_epoch": args.steps_per_epoch, "max_steps": args.max_steps,
+         "grad_accum_steps": args.grad_accum_steps})
+    say(f"train: {args.method} on {args.task}, {run.config['n_trainable']:,} trainable parameters, "
         f"{len(task.data[0])} examples, {args.max_steps} steps, {ranks.world_size} rank(s) on "
         f"{ranks.device}, {args.dtype} -> {out_dir}")
     return log
@@ -239,40 +262,44 @@ def clear_run_files(out_dir, overwrite, say):
     (out_dir / "log.jsonl").unlink(missing_ok=True)
 
 
-def save_checkpoint(job, ranks, *names):
+def save_checkpoint(run, ranks, *names):
     """A run's last.pt / best.pt (rank 0 writes every rank's RNG). The caller has checked the
     weights finite (weights_finite): no NaN/inf state is ever saved."""
     rngs = [runtime.rng_state()]
     if ranks.world_size > 1:
         rngs = [None] * ranks.world_size
         dist.all_gather_object(rngs, runtime.rng_state())
-    state = job.run.checkpoint_state(rngs, ranks.world_size)
+    state = run.state(rngs, ranks.world_size)
     if ranks.master:
         for name in names:
-            files.save_torch(job.out_dir / name, state)
+            files.save_torch(run.out_dir / name, state)
 
 
-def close(job):
-    """A run that left the loop: its log closed and its folder's lock released (once)."""
-    if getattr(job, "log", None):
-        job.log.close()
-        job.log = None
-    if job.lock:
-        job.lock.release()
-        job.lock = None
+def close(held):
+    """A run folder's lock (runs.Lock) released, or a run that left the loop: its log closed and its
+    lock released (once)."""
+    if isinstance(held, runs.Lock):
+        held.release()
+        return
+    if held.log:
+        held.log.close()
+        held.log = None
+    if held.lock:
+        held.lock.release()
+        held.lock = None
 
 
 @contextlib.contextmanager
-def cleanup(out_dirs, jobs, master):
-    """Every job closed at the end, and (rank 0) the folders this command created that are still
-    empty removed: a start that failed (offline, bad input) leaves nothing behind."""
+def cleanup(out_dirs, held, master):
+    """Every lock and run in `held` closed at the end, and (rank 0) the folders this command created
+    that are still empty removed: a start that failed (offline, bad input) leaves nothing behind."""
     created = sorted({f for d in out_dirs for f in (Path(d), *Path(d).parents) if not f.exists()},
                      key=lambda f: -len(f.parts))  # deepest first
     try:
         yield
     finally:
-        for job in jobs:
-            close(job)
+        for item in held:
+            close(item)
         for folder in created if master else []:
             try:
                 folder.rmdir()  # only an empty folder: a run's files, or another process's, keep it

@@ -67,12 +67,12 @@ def stop_requested(ranks):
     return sig or None
 
 
-def stopped(sig, jobs):
-    """The Stopped to raise once the runs `jobs` wrote last.pt: rank 0 says why and how to resume;
-    each rank exits 128 + the signal."""
+def stopped(sig, runs):
+    """The Stopped to raise once the runs (train.Run) wrote last.pt: rank 0 says why and how to
+    resume; each rank exits 128 + the signal."""
     _stopping.append(sig)
-    name, step = signal.Signals(sig).name, min(job.run.step for job in jobs)
-    folders = " ".join(str(job.out_dir) for job in jobs)
+    name, step = signal.Signals(sig).name, min(run.step for run in runs)
+    folders = " ".join(str(run.out_dir) for run in runs)
     said = int(os.environ.get("RANK", 0)) == 0  # once under torchrun
     return Stopped(f"train: {name} received: stopped at step {step}, last.pt written in "
                    f"{folders}; run the same command with --resume to continue (exit status "

@@ -1,7 +1,7 @@
 """Speed benchmark: our fast paths against the reference stack's behaviour, side by side in one run.
 
 Reads data/<task>/ (prepare_data.py) and a T5; prints two tables and the speedup ratios, and writes
-nothing but the optional --json file. Training: train.py's step for a lone run (a multirun.Pack of
+nothing but the optional --json file. Training: train.py's step for a lone run (a pack.Pack of
 one) on the same batches of train.py's epoch-0 order, same seeds, the configs' timed steps
 interleaved (a, b, c, a, ...) so that other work slows them alike; then each one's peak memory
 alone:
@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import copy
 import ctypes
-import dataclasses
 import gc
 import json
 import os
@@ -41,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import model as M  # noqa: E402
 import costs  # noqa: E402  (scripts/costs.py)
-from ept import batching, cli, errors, evaluation, files, multirun, pretrained  # noqa: E402
+from ept import batching, cli, errors, evaluation, files, pack, pretrained, tasks  # noqa: E402
 from ept import runtime  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
@@ -191,38 +190,25 @@ def peak_memory(device):
 
 # --- training: train.py's step -------------------------------------------------------------------
 
-class FedRun(multirun.Run):
-    """A multirun.Run whose next batch is the one the benchmark hands it (`batch`), not its own
-    epoch order: the three configs then train on the same examples, in the orders bench.py sets."""
-    batch = None
-
-    @classmethod
-    def of(cls, run):
-        return cls(**{f.name: getattr(run, f.name) for f in dataclasses.fields(run)})
-
-    def next_batch(self, n_train, lengths=None):
-        return self.batch
-
-
 def lone_pack(t5, ctx, pad_to):
-    """train.py's step for one run: a fresh run (multirun.make_run: the prompt module, or T5 itself
-    for ft, and its AdamW + schedule) in a multirun.Pack of one, every batch padded to `pad_to`
-    ((None, None): to its own longest row), compiled as train.py --compile compiles it."""
-    run = multirun.make_run(t5, ctx.method, seed=ctx.seed, lr=ctx.lr, batch_size=ctx.batch_size,
-                            max_steps=30000, **ctx.module_options)
-    return multirun.Pack(t5, [FedRun.of(run)], ctx.data, amp=ctx.amp, pad_to=pad_to,
-                         wrap=torch.compile if ctx.compile else None)
+    """train.py's step for one run: a fresh run (pack.make_run: the prompt module, or T5 itself
+    for ft, and its AdamW + schedule) in a pack.Pack of one, every batch padded to `pad_to`
+    ((None, None): to its own longest row), compiled as train.py --compile compiles it. Its
+    batches are the ones the benchmark hands it (feed_step), not its own epoch order."""
+    run = pack.make_run(t5, ctx.method, seed=ctx.seed, lr=ctx.lr, batch_size=ctx.batch_size,
+                        max_steps=30000, **ctx.module_options)
+    return pack.Pack(t5, [run], ctx.data, amp=ctx.amp, pad_to=pad_to,
+                     wrap=torch.compile if ctx.compile else None)
 
 
-def feed_step(pack, idx):
+def feed_step(lone, idx):
     """One step of the pack's lone run on the examples `idx`: (loss, padded tokens)."""
-    run = pack.runs[0]
-    run.batch = idx
-    record = pack.step()[run.name]
+    run = lone.runs[0]
+    record = lone.step([idx])[run.name]
     if record["nonfinite"]:
         raise errors.Failure(f"bench: non-finite {' and '.join(record['nonfinite'])} at step "
                              f"{record['step']}; try a smaller --lr")
-    return record["loss"], pack.timings["padded_tokens"]
+    return record["loss"], lone.timings["padded_tokens"]
 
 
 class TrainConfig:
@@ -538,7 +524,7 @@ def setup(args):
     """What both benchmarks share (ctx): device, precision, the training split tokenized as train.py
     does, the run's options, and the T5 as train.py builds it (training mode, dropout on)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    meta = files.load_meta(args.data_dir, args.task)
+    meta = tasks.load_meta(args.data_dir, args.task)
     max_length = args.max_length or meta["max_length"]
     tokenizer = pretrained.load_tokenizer(args.tokenizer or args.model)
     folder = Path(args.data_dir) / args.task
@@ -565,8 +551,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx, t5 = setup(args)
-    start = multirun.make_run(t5, args.method, seed=args.seed, lr=args.lr, **ctx.module_options)
-    ctx.n_prompt = 0 if start.full else start.prompt().size(0)
+    start = pack.make_run(t5, args.method, seed=args.seed, lr=args.lr, **ctx.module_options)
+    ctx.n_prompt = 0 if ctx.full else start.net.prompt().size(0)
     peak, peak_source = peak_tflops(ctx.device, args.dtype, args.peak_tflops)
     result = {"args": vars(args), "machine": machine(ctx.device), "dtype": args.dtype,
               "n_trainable": M.count_trainable(start.module), "n_prompt": ctx.n_prompt,
@@ -579,7 +565,7 @@ def main(argv=None):
         bench_train(args, ctx, t5, result)
     result["load_average"]["after_train"] = os.getloadavg()
     if not args.skip_eval:  # the initial prompt, folded: inference needs only P'
-        net = start.prompted(t5) if start.full else M.PromptedT5(t5, M.FoldedPrompt(start.prompt()))
+        net = start.net if ctx.full else M.PromptedT5(t5, M.FoldedPrompt(start.net.prompt()))
         bench_eval(args, ctx, net, result)
     result["load_average"]["end"] = os.getloadavg()
     print_tables(result)

@@ -1,6 +1,6 @@
 """The packing benchmark: packed steps of R prompt runs on one frozen T5 against R solo steps.
 
-The solo step is the step train.py takes for one run: a multirun.Pack of that one run, its whole
+The solo step is the step train.py takes for one run: a pack.Pack of that one run (train.train_step's arithmetic), its whole
 batch in one forward pass (train.py without --pack-max-rows). "R solo / pack" = R x that step's
 time / the packed step's time: above 1, a pack of R trains faster than R lone runs.
 
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import costs  # noqa: E402  (scripts/costs.py)
 from ept import cli, errors, pretrained, runtime  # noqa: E402
-from ept.multirun import Pack, clip_runs, make_run, step_runs  # noqa: E402
+from ept.pack import Pack, make_run, update  # noqa: E402
 
 METHOD_MIXES = (("mixed", ("pt", "ept", "ept_star", "ptuning", "resprompt")),
                 ("small", ("pt", "ept")))
@@ -104,7 +104,7 @@ def bench(config, runs=(1, 4, 16, 32), batch_size=16, length=82, target_length=2
     pack_of(1).step()
     solo_pack = pack_of(1, max_rows=None)  # train.py's lone run: its batch in one pass
     solo = timed_steps(solo_pack, 1)
-    prompt_rows = solo_pack.runs[0].prompt().shape[0]
+    prompt_rows = solo_pack.runs[0].net.prompt().shape[0]
     flops_per_example = costs.train_flops(t5.config, length + prompt_rows, target_length, False)
     rows = []
     for r in runs:
@@ -166,8 +166,7 @@ def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprom
         for p in (p for x in runs for p in x.params):
             p.grad = torch.randn_like(p) * 1e-2
         t0 = time.perf_counter()
-        clip_runs(runs).tolist()  # the host sync Pack.step makes
-        step_runs(runs, runs)
+        update(runs, torch.zeros(len(runs)))  # clip, the host sync, AdamW, schedule, mu_t
         if k:
             times.append(time.perf_counter() - t0)
     return 1e3 * sorted(times)[len(times) // 2]

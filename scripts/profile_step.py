@@ -1,12 +1,13 @@
 """Host overhead of a tiny T5 training step on the CPU: where N steps spend their time.
 
-The step is train.py's for one run: a multirun.Pack of one `ept` run (a lone run is a pack of one),
-its whole batch in one forward pass.
+The step is train.py's own (train.train_step) for one `ept` run, its whole batch in one forward
+pass.
 
     python scripts/profile_step.py 300 16 82   # steps, batch, input length (docs/speed.md)
 """
 import argparse
 import collections
+import contextlib
 import cProfile
 import pstats
 import sys
@@ -18,7 +19,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the stages and ept/
 from bench_pack import random_t5, synthetic  # noqa: E402
-from ept import cli, multirun  # noqa: E402
+import train  # noqa: E402
+from ept import cli, pack, runtime  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("steps", nargs="?", type=cli.positive_int, default=300, help="timed steps")
@@ -33,7 +35,7 @@ GROUPS = (("transformers/models/t5", "HF T5 modeling (Python)"),
           ("torch/autograd", "autograd (backward incl. kernels)"),
           ("torch/_tensor", "autograd (backward incl. kernels)"),
           ("torch/optim", "torch.optim (AdamW, schedule)"),
-          (str(REPO), "project code (model.py, ept/: multirun, batching)"))
+          (str(REPO), "project code (train.py, model.py, ept/: batching)"))
 
 
 def group_of(file):
@@ -49,18 +51,23 @@ def main():
     torch.set_num_threads(1)
     t5 = random_t5()
     B, L, N = args.batch, args.length, args.steps
-    run = multirun.make_run(t5, "ept", seed=0, lr=0.3, batch_size=B, max_steps=100000)
-    pack = multirun.Pack(t5, [run], (*synthetic(B * 400, L, 2, 32128), 0))
+    run = pack.make_run(t5, "ept", seed=0, lr=0.3, batch_size=B, max_steps=100000)
+    data, ranks = (*synthetic(B * 400, L, 2, 32128), 0), runtime.ranks()
+
+    def step():
+        batch = train.next_batch(run, len(data[0]))
+        train.train_step(run.net, run, batch, data, contextlib.nullcontext(), ranks)
+        run.advance(len(batch), len(data[0]))
     for _ in range(20):
-        pack.step()
+        step()
     t0 = time.perf_counter()
     for _ in range(N):
-        pack.step()
+        step()
     plain = (time.perf_counter() - t0) / N
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(N):
-        pack.step()
+        step()
     prof.disable()
     st = pstats.Stats(prof)
     total = sum(v[2] for v in st.stats.values())  # tottime

@@ -84,6 +84,15 @@ def offline_env():
             "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+def test_train_flags_are_never_abbreviated(capsys):
+    """Issue 28: a prefix of a flag (`--max-step`, `--eval`) is a usage error, not a guess at one of its flags."""
+    for flags in (["--max-step", "3"], ["--eval", "5"]):
+        with pytest.raises(SystemExit) as err:
+            options.parser.parse_args(flags)
+        assert err.value.code == 2 and flags[0] in capsys.readouterr().err
+    assert options.parser.parse_args(["--max-steps", "3"]).max_steps == 3
+
+
 def test_offline_hub_fails_fast_with_the_flag(tmp_path):
     """A Hub name for the model, the tokenizer or a dataset, with no Hub: the one sentence naming the flag
     (--model DIR, --tokenizer DIR, --source DIR) in under 5 s of loading, and no "Retrying in" lines."""
@@ -203,6 +212,30 @@ def test_train_first_use_preparation_takes_source(tmp_path, tiny_model_dir):
 
 def folder_bytes(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_resume_with_another_lr_or_schedule_is_refused(tmp_path, data_dir, tiny_model_dir, one_thread):
+    """Issue 28 item 7: an unfinished run resumed with another --lr or a smaller --max-steps would continue
+    last.pt's schedule while config.json recorded the new value: one sentence naming both values, nothing
+    changed; with its own values it resumes."""
+    import train
+    out = tmp_path / "run"
+    flags = ("--max-steps", 4, "--eval-every", 2, "--max-eval-examples", 4, "--no-test")
+    train.main(argv(data_dir, tiny_model_dir, out, *flags))
+    log = out / "log.jsonl"  # unfinished: its log cut back to step 2, last.pt at step 4
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if '"end"' not in line))
+    before = folder_bytes(out)
+    for change, said in ((("--lr", 0.01), r"--lr 0\.3 \(now 0\.01\)"), (("--max-steps", 5), r"--max-steps 4 \(now 5\)")):
+        with pytest.raises(SystemExit, match=said + r".*--overwrite"):
+            train.main(argv(data_dir, tiny_model_dir, out, *flags, "--resume", *change))
+        assert folder_bytes(out) == before
+    config = (out / "config.json").read_text()
+    (out / "config.json").write_text("[1, 2]\n")  # issue 28: valid JSON, not an object: refused, not rewritten
+    with pytest.raises(SystemExit, match=r"config\.json is valid JSON but not a run configuration"):
+        train.main(argv(data_dir, tiny_model_dir, out, *flags, "--resume"))
+    assert (out / "config.json").read_text() == "[1, 2]\n"
+    (out / "config.json").write_text(config)
+    assert train.main(argv(data_dir, tiny_model_dir, out, *flags, "--resume"))["best_step"] in (2, 4)
 
 
 def test_resume_finished_run_with_more_steps_is_refused(tmp_path, data_dir, tiny_model_dir, one_thread):

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import bench
+from test_train import token_nll
 import model as M
-import reference
-from ept import batching, pretrained, runtime
-from ept import evaluation
+from ept import batching, evaluation, pretrained, runtime
 
 WORDS = "good bad fine awful great poor nice sad happy dull the movie plot was not very".split()
 MAX_LENGTH = 40
@@ -90,7 +89,7 @@ def test_pad_to_longest_gives_the_pad_to_max_loss_and_gradients(toy, tiny_model_
     def loss_and_grads(pad_to):
         net.zero_grad(set_to_none=True)
         batch = batching.collate(idx, src, tgt, tok.pad_token_id, pad_to)
-        nll = reference.token_nll(net, net.t5._shift_right, *batch, nullcontext())
+        nll = token_nll(net, net.t5._shift_right, *batch, nullcontext())
         nll.backward()
         return nll.item(), [p.grad.clone() for p in params]
 
@@ -104,7 +103,7 @@ def test_pad_to_longest_gives_the_pad_to_max_loss_and_gradients(toy, tiny_model_
 
 @pytest.mark.parametrize("method,tol", [("pt", 1e-4), ("ept_star", 1e-3)])
 def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_dir, method, tol):
-    """bench.py's training step (train.py's: a multirun.Pack of one run) for 4 steps at lr 0.3:
+    """bench.py's training step (train.py's arithmetic: a pack.Pack of one run) for 4 steps at lr 0.3:
     own-longest and pad-to-max give the same losses and reach the same prompt. The prompt tolerance
     is relative to its scale: Adam divides by sqrt(v), so rounding-level gradient differences grow
     with each step, more through EPT's product P1 W_down W_up."""
@@ -115,11 +114,11 @@ def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_di
     prompts, losses, padded = [], [], []
     for pad_to in ((None, None), (MAX_LENGTH, 6)):
         pack = bench.lone_pack(t5, ctx, pad_to)
-        initial = pack.runs[0].prompt()
+        initial = pack.runs[0].net.prompt().detach().clone()
         steps = [bench.feed_step(pack, list(range(8 * k, 8 * k + 8))) for k in range(4)]
         losses.append([loss for loss, _ in steps])
         padded.append(sum(n for _, n in steps))
-        prompts.append(pack.runs[0].prompt())
+        prompts.append(pack.runs[0].net.prompt())
     assert padded[1] == 4 * 8 * (MAX_LENGTH + 6) > padded[0]  # (c) really ran padded batches
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert (prompts[0] - prompts[1]).abs().max() <= tol * prompts[0].abs().max()
@@ -141,7 +140,7 @@ def test_group_by_length_only_reorders(toy, tiny_model_dir):
     net = prompted(tiny_model_dir, "pt").eval()
     plain, grouped = batching.epoch_order(n, 7, 0, bs), batching.epoch_order(n, 7, 0, bs, lengths)
     with torch.no_grad():
-        total = [sum(reference.token_nll(net, net.t5._shift_right, *batching.collate(order[k:k + bs].tolist(), src, tgt,
+        total = [sum(token_nll(net, net.t5._shift_right, *batching.collate(order[k:k + bs].tolist(), src, tgt,
                                                                               tok.pad_token_id), nullcontext()).item()
                      for k in range(0, n, bs)) for order in (plain, grouped)]
     assert total[1] == pytest.approx(total[0], rel=1e-5)
@@ -294,8 +293,8 @@ def test_bf16_autocast_loss_close_to_fp32(toy, tiny_model_dir):
     net = prompted(tiny_model_dir, "ept").cuda()
     batch = [t.cuda() for t in batching.collate(list(range(8)), src, tgt, tok.pad_token_id)]
     with torch.no_grad():
-        fp32 = reference.token_nll(net, net.t5._shift_right, *batch, nullcontext()).item()
-        bf16 = reference.token_nll(net, net.t5._shift_right, *batch, runtime.autocast("cuda", "bf16")).item()
+        fp32 = token_nll(net, net.t5._shift_right, *batch, nullcontext()).item()
+        bf16 = token_nll(net, net.t5._shift_right, *batch, runtime.autocast("cuda", "bf16")).item()
     assert bf16 == pytest.approx(fp32, rel=2e-2)
 
 
@@ -312,7 +311,7 @@ def test_compile_gives_the_eager_loss_and_gradients(toy, tiny_model_dir):
             for idx in (list(range(8)), list(range(8, 16))):
                 net.zero_grad(set_to_none=True)
                 batch = [t.cuda() for t in batching.collate(idx, src, tgt, tok.pad_token_id)]
-                nll = reference.token_nll(model, net.t5._shift_right, *batch, nullcontext())
+                nll = token_nll(model, net.t5._shift_right, *batch, nullcontext())
                 nll.backward()
                 out.append((nll.item(), net.prompt_module.prompt.grad.clone()))
         for k in range(2, len(out)):

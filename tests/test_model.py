@@ -137,7 +137,7 @@ def test_folded_prompt_reproduces_outputs_exactly(tmp_path):
 
 def test_trainable_state_roundtrip_is_bitwise(tmp_path):
     a = PromptedT5(tiny_t5(), build_prompt_module("ptuning", TINY.d_model, reparam="lstm"))
-    torch.save(a.trainable_state_dict(), tmp_path / "s.pt")
+    torch.save(a.prompt_module.state_dict(), tmp_path / "s.pt")  # what best.pt's "trainable" holds
     b = PromptedT5(tiny_t5(), build_prompt_module("ptuning", TINY.d_model, reparam="lstm",
                                                    generator=torch.Generator().manual_seed(7)))
     b.load_trainable_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
@@ -252,11 +252,11 @@ def test_old_run_configs_name_the_reparameterization_encoder():
 def test_prompt_and_its_layers_are_drawn_independently(method, options):
     """Issue 27: the prompt table and the first layer once read the same seeded numbers
     (W_down = (2/sqrt(d)) P1 exactly, |cos| = 1). Independent draws in d = 64 give |cos| ~ 0.1."""
-    from ept import multirun
+    from ept import pack
     config = T5Config(vocab_size=64, d_model=64, d_ff=32, d_kv=16, num_heads=4, num_layers=1,
                       num_decoder_layers=1, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     for seed in range(4):
-        module = multirun.make_run(T5ForConditionalGeneration(config), method, seed=seed, max_steps=1,
+        module = pack.make_run(T5ForConditionalGeneration(config), method, seed=seed, max_steps=1,
                                    **options).module
         table = module.prompt.detach()
         first = {"ept": lambda: module.blocks[0].down.weight, "ept_star": lambda: module.blocks[0].down.weight,
@@ -265,6 +265,6 @@ def test_prompt_and_its_layers_are_drawn_independently(method, options):
         rows = first.detach()[:table.size(0)]
         cos = torch.nn.functional.cosine_similarity(table, rows, dim=1).abs()
         assert cos.max() < 0.6, (method, seed, cos.max().item())
-        again = multirun.make_run(T5ForConditionalGeneration(config), method, seed=seed, max_steps=1,
+        again = pack.make_run(T5ForConditionalGeneration(config), method, seed=seed, max_steps=1,
                                   **options).module
         assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), again.state_dict().values()))

@@ -1,10 +1,10 @@
-"""multirun.py: many prompt runs on one frozen T5 give, run by run, what each run gives alone.
+"""ept/pack.py: many prompt runs on one frozen T5 give, run by run, what each run gives alone.
 
     python -m pytest -q tests/test_packing.py          # ~1 minute on 2 CPU cores (torchrun test included)
 
 Covers: left-padded prompts of different lengths == each prompt alone (and the padding rows must be masked:
 a negative control), a pack of 4 runs (pt n=10, ept n=1, ptuning, resprompt; different seeds, lrs, batch and micro-batch
-sizes, a warm-up, clipping engaged) == each run trained alone by reference.train_step for 5 steps, a non-finite
+sizes, a warm-up, clipping engaged) == each run trained alone by train.train_step (train.py's step) for 5 steps, a non-finite
 run leaving the pack while the others go on unchanged, per-run checkpoints (train.py's keys) and resume,
 a pack run == the same run trained by train.py's CLI, DDP on 2 processes (gloo) == 1 process, the benchmark.
 """
@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 import bench_pack
 import model as M
-import reference
-from ept import batching, multirun, pretrained, runtime
+import train
+from ept import batching, pretrained, runfolder, runtime
+from ept import pack as packing
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -36,7 +37,7 @@ SPECS = [dict(method="pt", seed=0, lr=0.3, batch_size=4, prompt_length=10),
          dict(method="resprompt", seed=3, lr=0.3, batch_size=5, prompt_length=5, warmup_steps=2)]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # multirun.bench sets the thread count; restored after
+pytestmark = pytest.mark.usefixtures("one_thread")  # bench_pack sets the thread count; restored after
 
 
 def tiny_t5(dropout=0.0):
@@ -68,26 +69,22 @@ def data():
 
 
 def solo_run(t5, data, spec, steps=STEPS, poison_at=None, fused=None):
-    """The run trained alone: PromptedT5 + reference.train_step, batches as train.py's loop takes them."""
-    run = multirun.make_run(t5, max_steps=steps + 1, fused=fused, **spec)
-    net = M.PromptedT5(t5, run.module)
-    per_rank = run.batch_size
+    """The run trained alone by train.py's own step (train.train_step), batches as train.py's loop takes them."""
+    run = packing.make_run(t5, max_steps=steps + 1, fused=fused, **spec)
     records = []
     for step in range(1, steps + 1):
         if step == poison_at:
             poison(run)
-        batch = run.next_batch(len(data[0]))
-        loss, grad_norm, lr, mu = reference.train_step(
-            net, net, run.optimizer, run.scheduler, batch, reference.TrainData(*data), amp=nullcontext(), device="cpu",
-            micro_batch_size=min(run.micro_batch_size or per_rank, per_rank), max_grad_norm=run.max_grad_norm)
+        batch = train.next_batch(run, len(data[0]))
+        record = train.train_step(run.net, run, batch, data, nullcontext(), runtime.ranks())
         run.advance(len(batch), len(data[0]))
-        records.append({"loss": loss, "grad_norm": grad_norm, "lr": lr, "prompt_norm": mu, "epoch": run.epoch})
+        records.append({**record, "epoch": run.epoch})
     return records, run
 
 
 def checkpoint_states(pack, rng=None):
     """{run name: that run's last.pt state} for every run of `pack` (train.py's keys)."""
-    return {r.name: r.checkpoint_state(rng, pack.world_size) for r in pack.runs}
+    return {r.name: r.state(rng, pack.world_size) for r in pack.runs}
 
 
 def poison(run):
@@ -101,7 +98,10 @@ def close(a, b):
 
 def assert_same_records(got, want, what):
     for step, (g, w) in enumerate(zip(got, want), 1):
-        for key in ("loss", "grad_norm", "lr", "prompt_norm"):
+        for key in ("loss", "grad_norm", "lr", "prompt_norm", "ept_s"):
+            if w.get(key) is None:
+                assert g.get(key) is None, (what, key)
+                continue
             assert close(g[key], w[key]), f"{what} step {step} {key}: pack {g[key]} solo {w[key]}"
         assert g["epoch"] == w["epoch"]
 
@@ -115,7 +115,7 @@ def per_example_nll(logits, labels):
 
 def packed_losses_and_grads(t5, runs, data, per_run=2, unmask_padding=False):
     src, tgt, pad = data
-    packed = multirun.PackedT5(t5, [r.module for r in runs])
+    packed = packing.PackedT5(t5, [r.module for r in runs])
     if unmask_padding:  # the negative control: padding rows attended to
         prompts = packed.prompts
         packed.prompts = lambda: (prompts()[0], torch.ones_like(prompts()[1]))
@@ -138,7 +138,7 @@ def test_left_padded_prompts_equal_each_prompt_alone(t5, data):
     specs = [dict(method="ept", seed=1), dict(method="pt", seed=0, prompt_length=10),
              dict(method="ptuning", seed=2, prompt_length=3), dict(method="resprompt", seed=3, prompt_length=5),
              dict(method="ept_star", seed=4)]
-    runs = [multirun.make_run(t5, **s) for s in specs]
+    runs = [packing.make_run(t5, **s) for s in specs]
     nll, grads = packed_losses_and_grads(t5, runs, data)
     for k, run in enumerate(runs):
         net = M.PromptedT5(t5, run.module)
@@ -147,9 +147,9 @@ def test_left_padded_prompts_equal_each_prompt_alone(t5, data):
         logits = net(input_ids, mask, decoder_input_ids=t5._shift_right(labels), use_cache=False).logits
         solo = per_example_nll(logits, labels)
         solo.sum().backward()
-        assert torch.allclose(nll[k], solo.detach(), **TOL), (run.config["method"], nll[k], solo)
+        assert torch.allclose(nll[k], solo.detach(), **TOL), (run.args.method, nll[k], solo)
         for g, p in zip(grads[k], run.params):
-            assert torch.allclose(g, p.grad, **TOL), run.config["method"]
+            assert torch.allclose(g, p.grad, **TOL), run.args.method
         run.optimizer.zero_grad(set_to_none=True)
     bad, _ = packed_losses_and_grads(t5, runs, data, unmask_padding=True)
     assert not torch.allclose(bad[0], nll[0], atol=1e-3), "padding rows attended to must change the 1-row prompt's loss"
@@ -157,8 +157,8 @@ def test_left_padded_prompts_equal_each_prompt_alone(t5, data):
 
 
 def test_packed_model_rejects_examples_of_inactive_runs(t5, data):
-    runs = [multirun.make_run(t5, "ept", seed=s) for s in (0, 1)]
-    packed = multirun.PackedT5(t5, [r.module for r in runs])
+    runs = [packing.make_run(t5, "ept", seed=s) for s in (0, 1)]
+    packed = packing.PackedT5(t5, [r.module for r in runs])
     packed.set_active([1])
     input_ids, mask, _ = batching.collate([0], *data)
     with pytest.raises(ValueError, match="not active"):
@@ -171,9 +171,9 @@ def test_packed_model_rejects_examples_of_inactive_runs(t5, data):
                          ids=["micro-batches", "sorted-rows", "fused-adamw"])
 def test_pack_equals_each_run_alone(t5, data, max_rows, fused):
     """4 runs for 5 steps (11 examples: every run crosses an epoch boundary) == each run alone."""
-    runs = [multirun.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", fused=fused, **s)
+    runs = [packing.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", fused=fused, **s)
             for k, s in enumerate(SPECS)]
-    pack = multirun.Pack(t5, runs, data, max_rows=max_rows)
+    pack = packing.Pack(t5, runs, data, max_rows=max_rows)
     steps = [pack.step() for _ in range(STEPS)]
     assert all(len(s) == len(SPECS) for s in steps)
     for k, spec in enumerate(SPECS):
@@ -182,7 +182,7 @@ def test_pack_equals_each_run_alone(t5, data, max_rows, fused):
         assert_same_records(got, want, spec["method"])
         assert [g["step"] for g in got] == list(range(1, STEPS + 1))
         assert all(not g["nonfinite"] for g in got)
-        assert torch.allclose(runs[k].prompt(), alone.prompt(), **TOL), spec["method"]
+        assert torch.allclose(runs[k].net.prompt(), alone.net.prompt(), **TOL), spec["method"]
         for key, value in alone.module.state_dict().items():  # the reparameterization weights too; atol 1e-4:
             # AdamW divides each element's update by its own gradient scale, so an element of a 400 x 32
             # matrix with a near-zero gradient turns float rounding (1e-7 relative) into a few 1e-5
@@ -194,15 +194,32 @@ def test_pack_equals_each_run_alone(t5, data, max_rows, fused):
     ept = [s["r1"] for s in steps]
     assert min(r["grad_norm"] for r in ept) > SPECS[1]["max_grad_norm"]
     assert len({steps[1][f"r{k}"]["lr"] for k in range(4)}) == 4
-    fresh = multirun.make_run(t5, **SPECS[0])
-    assert not torch.allclose(runs[0].prompt(), fresh.prompt(), atol=1e-3)
+    fresh = packing.make_run(t5, **SPECS[0])
+    assert not torch.allclose(runs[0].net.prompt(), fresh.net.prompt(), atol=1e-3)
+
+
+@pytest.mark.parametrize("max_rows", [None, 3], ids=["micro-batches", "sorted-rows"])
+def test_pack_equals_each_run_alone_with_dropout_on(data, max_rows):
+    """Dropout 0.1 (T5's default), stateless masks (model.stateless_dropout): a run's masks depend on its own
+    seed, step and examples only, so each packed run still equals its train.py run, whatever the pack cuts."""
+    t5 = M.stateless_dropout(tiny_t5(dropout=0.1))
+    runs = [packing.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", **s) for k, s in enumerate(SPECS)]
+    pack = packing.Pack(t5, runs, data, max_rows=max_rows)
+    steps = [pack.step() for _ in range(STEPS)]
+    for k, spec in enumerate(SPECS):
+        want, alone = solo_run(t5, data, spec)
+        assert_same_records([s[f"r{k}"] for s in steps], want, spec["method"])
+        assert torch.allclose(runs[k].net.prompt(), alone.net.prompt(), **TOL), spec["method"]
+    plain = tiny_t5(dropout=0.0)  # the test can fail: dropout changes the losses
+    want, _ = solo_run(plain, data, SPECS[0])
+    assert not close(want[0]["loss"], steps[0]["r0"]["loss"])
 
 
 def test_nonfinite_run_leaves_the_pack_and_the_others_go_on(t5, data):
     """A NaN put into run 2's prompt before step 3: that step's loss/grad norm are NaN, the run is not updated
     and leaves the pack; the other three are still equal to their solo runs through step 5."""
-    runs = [multirun.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", **s) for k, s in enumerate(SPECS)]
-    pack = multirun.Pack(t5, runs, data)
+    runs = [packing.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", **s) for k, s in enumerate(SPECS)]
+    pack = packing.Pack(t5, runs, data)
     steps = []
     for step in range(1, STEPS + 1):
         if step == 3:
@@ -219,14 +236,14 @@ def test_nonfinite_run_leaves_the_pack_and_the_others_go_on(t5, data):
     for k in (0, 1, 3):
         want, alone = solo_run(t5, data, SPECS[k])
         assert_same_records([s[f"r{k}"] for s in steps], want, SPECS[k]["method"])
-        assert torch.allclose(runs[k].prompt(), alone.prompt(), **TOL)
+        assert torch.allclose(runs[k].net.prompt(), alone.net.prompt(), **TOL)
     want, _ = solo_run(t5, data, SPECS[2], poison_at=3)  # alone, train_step reports the same non-finite step
     assert not torch.isfinite(torch.tensor(want[2]["loss"])) and not torch.isfinite(torch.tensor(want[2]["grad_norm"]))
 
 
 def test_runs_finish_at_their_own_max_steps(t5, data):
-    runs = [multirun.make_run(t5, "ept", seed=0, max_steps=2, name="short"), multirun.make_run(t5, "pt", seed=1, max_steps=4, name="long")]
-    pack = multirun.Pack(t5, runs, data)
+    runs = [packing.make_run(t5, "ept", seed=0, max_steps=2, name="short"), packing.make_run(t5, "pt", seed=1, max_steps=4, name="long")]
+    pack = packing.Pack(t5, runs, data)
     seen = [sorted(pack.step()) for _ in range(5)]
     assert seen == [["long", "short"], ["long", "short"], ["long"], ["long"], []]
     assert runs[0].stopped == "done" and runs[1].stopped == "done"
@@ -238,28 +255,28 @@ def test_runs_finish_at_their_own_max_steps(t5, data):
 def test_checkpoints_have_train_py_keys_and_resume_exactly(t5, data, tmp_path):
     """4 steps straight == 2 steps, every run to its own last.pt (weights_only), a fresh pack from them, 2 more."""
     def fresh():
-        return [multirun.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", **s) for k, s in enumerate(SPECS)]
+        return [packing.make_run(t5, max_steps=STEPS + 1, name=f"r{k}", **s) for k, s in enumerate(SPECS)]
     straight = fresh()
-    pack = multirun.Pack(t5, straight, data)
+    pack = packing.Pack(t5, straight, data)
     want = [pack.step() for _ in range(4)]
 
     first = fresh()
-    pack = multirun.Pack(t5, first, data)
+    pack = packing.Pack(t5, first, data)
     got = [pack.step() for _ in range(2)]
     rng = [runtime.rng_state()] if hasattr(runtime, "rng_state") else []
     for name, state in checkpoint_states(pack, rng).items():
-        assert tuple(state) == multirun.CHECKPOINT_KEYS
+        assert tuple(state) == runfolder.CHECKPOINT_KEYS
         (tmp_path / name).mkdir()
         torch.save(state, tmp_path / name / "last.pt")
     resumed = fresh()
     for run in resumed:
-        run.load_checkpoint_state(torch.load(tmp_path / run.name / "last.pt", weights_only=True))
+        run.load_state(torch.load(tmp_path / run.name / "last.pt", weights_only=True))
     assert [r.step for r in resumed] == [2] * 4
-    pack = multirun.Pack(t5, resumed, data)
+    pack = packing.Pack(t5, resumed, data)
     got += [pack.step() for _ in range(2)]
     for k in range(4):
         assert_same_records([s[f"r{k}"] for s in got], [s[f"r{k}"] for s in want], f"r{k}")
-        assert torch.allclose(resumed[k].prompt(), straight[k].prompt(), **TOL)
+        assert torch.allclose(resumed[k].net.prompt(), straight[k].net.prompt(), **TOL)
 
 
 def write_task(root, n=(12, 6, 6)):
@@ -309,12 +326,12 @@ def test_pack_run_equals_train_py_run_and_its_checkpoint(tiny_model_dir, tmp_pat
     rows = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines()]
     src = tokenizer([r["source"] for r in rows], truncation=True, max_length=32)["input_ids"]
     tgt = tokenizer([r["target"] for r in rows])["input_ids"]
-    runs = [multirun.make_run(t5, "ept", seed=3, lr=0.1, batch_size=5, max_steps=3, name="ept"),
-            multirun.make_run(t5, "pt", seed=0, lr=0.3, batch_size=4, max_steps=3, name="pt")]
-    pack = multirun.Pack(t5, runs, (src, tgt, tokenizer.pad_token_id))
+    runs = [packing.make_run(t5, "ept", seed=3, lr=0.1, batch_size=5, max_steps=3, name="ept"),
+            packing.make_run(t5, "pt", seed=0, lr=0.3, batch_size=4, max_steps=3, name="pt")]
+    pack = packing.Pack(t5, runs, (src, tgt, tokenizer.pad_token_id))
     got = [pack.step()["ept"] for _ in range(3)]
     assert_same_records(got, solo_log, "ept vs train.py")
-    state = runs[0].checkpoint_state([runtime.rng_state()] if hasattr(runtime, "rng_state") else [])
+    state = runs[0].state([runtime.rng_state()] if hasattr(runtime, "rng_state") else [])
     assert set(state) == set(solo_ckpt)
     for key, value in solo_ckpt["trainable"].items():
         assert torch.allclose(state["trainable"][key], value, **TOL), key
@@ -325,18 +342,20 @@ def test_pack_run_equals_train_py_run_and_its_checkpoint(tiny_model_dir, tmp_pat
         assert set(state["optimizer"]["state"][k]) == set(s)
         for key in s:
             assert torch.allclose(state["optimizer"]["state"][k][key], s[key], **TOL), key
-    other = multirun.make_run(t5, "ept", seed=9, lr=0.1, batch_size=5, max_steps=3)
-    other.load_checkpoint_state(solo_ckpt)  # a solo checkpoint continues in a pack
-    assert torch.allclose(other.prompt(), runs[0].prompt(), **TOL) and other.step == 3
+    other = packing.make_run(t5, "ept", seed=9, lr=0.1, batch_size=5, max_steps=3)
+    other.load_state(solo_ckpt)  # a solo checkpoint continues in a pack
+    assert torch.allclose(other.net.prompt(), runs[0].net.prompt(), **TOL) and other.step == 3
 
 
 # --- DDP, the benchmark, small things -------------------------------------------------------------
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("dropout", ["0", "0.1"])
+def test_ddp_two_processes_equal_one(tmp_path, dropout):
     """torchrun with 2 gloo ranks (run a's batch of 5 splits unevenly; run c in micro-batches of 1) == one
-    process; run b turns NaN at step 3 and leaves the pack on both ranks (DDP rebuilt without it)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process; run b turns NaN at step 3 and leaves the pack on both ranks (DDP rebuilt without it). With
+    dropout 0.1 too: the stateless masks do not depend on which rank holds an example."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EPT_TEST_DROPOUT": dropout}
     worker = str(REPO / "tests" / "packing_ddp_worker.py")
     one = subprocess.run([sys.executable, worker, str(tmp_path / "one.pt")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -367,10 +386,33 @@ def test_bench_runs(tiny_model_dir):
     assert update > 0
 
 
+@pytest.mark.parametrize("method,hidden", [("ept", 1), ("ept_star", 1), ("ept", 3), ("pt", None)])
+def test_ept_s_is_the_first_hidden_activation(t5, data, method, hidden):
+    """Issue 27 section 3: each step logs s_t = P1 . W_down (h = 1: the scalar, may be negative), the norm of
+    W_down P1 (h > 1), nothing for other methods; the pack reports the same number as train.py's step."""
+    options = {} if hidden is None else {"hidden_size": hidden}
+    run = packing.make_run(t5, method, seed=3, lr=0.3, batch_size=4, max_steps=5, **options)
+    batch = train.next_batch(run, len(data[0]))
+    record = train.train_step(run.net, run, batch, data, nullcontext(), runtime.ranks())
+    if hidden is None:
+        assert record["ept_s"] is None and run.net.prompt() is not None
+        return
+    module = run.module
+    down = module.blocks[0].down.weight.detach()  # (h, d), after the step
+    p1 = module.prompt.detach()  # (1, d)
+    want = (p1 @ down.T).flatten()
+    want = want[0].item() if hidden == 1 else want.norm().item()
+    assert record["ept_s"] == pytest.approx(want, rel=1e-5)
+    assert record["ept_s"] != pytest.approx(record["prompt_norm"])  # not mu_t under another name
+    twin = packing.make_run(t5, method, seed=3, lr=0.3, batch_size=4, max_steps=5, name="twin", **options)
+    packed = packing.Pack(t5, [twin], data).step()["twin"]
+    assert packed["ept_s"] == pytest.approx(record["ept_s"], rel=1e-4)
+
+
 def test_ft_cannot_be_packed():
     """ft is a Run whose module is T5 itself: alone it is a pack of one, beside another run refused."""
     t5 = tiny_t5()
-    ft = multirun.make_run(t5, "ft", name="ft")
-    assert ft.full and ft.prompt() is None and ft.module is t5
+    ft = packing.make_run(t5, "ft", name="ft")
+    assert ft.net.prompt_module is None and ft.net.prompt() is None and ft.module is t5
     with pytest.raises(ValueError, match="ft"):
-        multirun.Pack(t5, [ft, multirun.make_run(t5, "ept", name="ept")], ([[3, 1]], [[1]], 0))
+        packing.Pack(t5, [ft, packing.make_run(t5, "ept", name="ept")], ([[3, 1]], [[1]], 0))

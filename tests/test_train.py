@@ -22,12 +22,21 @@ from pathlib import Path
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 import model as M
-import reference
 import train
 from ept import batching, pretrained
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def token_nll(model, shift_right, input_ids, mask, labels, amp):
+    """Summed cross-entropy over the non-pad target tokens (fp32), as train.train_step sums it."""
+    with amp:
+        logits = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=shift_right(labels),
+                       use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 WORDS = "good bad fine awful great poor nice sad happy dull".split()
 POSITIVE = {"good", "fine", "great", "nice", "happy"}
 
@@ -92,7 +101,7 @@ def test_end_to_end_train_then_evaluate(data_dir, tiny_model_dir, tmp_path):
     train_events = events(run, "train")
     assert [e["step"] for e in train_events] == list(range(1, 21))
     for e in train_events:
-        assert {"loss", "lr", "grad_norm", "prompt_norm", "examples_per_s", "tokens_per_s"} <= set(e)
+        assert {"loss", "lr", "grad_norm", "prompt_norm", "ept_s", "examples_per_s", "tokens_per_s"} <= set(e)
     assert train_events[0]["lr"] == pytest.approx(0.3) and train_events[-1]["lr"] == pytest.approx(0.3 / 20)
     evals = events(run, "eval")
     assert [e["step"] for e in evals] == [10, 20] and all({"acc", "f1", "score"} <= set(e) for e in evals)
@@ -172,9 +181,9 @@ def test_loss_independent_of_padding(data_dir, tiny_model_dir):
     _, src, tgt = batching.load_split(data_dir / "toy" / "train.jsonl", tok, 32)
     idx = list(range(8))
     shift = net.t5._shift_right
-    own = reference.token_nll(net, shift, *batching.collate(idx, src, tgt, tok.pad_token_id), nullcontext())
-    padded = reference.token_nll(net, shift, *batching.collate(idx, src, tgt, tok.pad_token_id, (32, 7)), nullcontext())
-    alone = sum(reference.token_nll(net, shift, *batching.collate([i], src, tgt, tok.pad_token_id), nullcontext())
+    own = token_nll(net, shift, *batching.collate(idx, src, tgt, tok.pad_token_id), nullcontext())
+    padded = token_nll(net, shift, *batching.collate(idx, src, tgt, tok.pad_token_id, (32, 7)), nullcontext())
+    alone = sum(token_nll(net, shift, *batching.collate([i], src, tgt, tok.pad_token_id), nullcontext())
                 for i in idx)
     assert max(map(len, (src[i] for i in idx))) < 32  # the padded batch really is longer
     assert padded.item() == pytest.approx(own.item(), rel=1e-5)

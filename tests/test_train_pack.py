@@ -39,7 +39,8 @@ def assert_same_run(a, b):
     ea, eb = events(a, "train"), events(b, "train")
     assert [e["step"] for e in ea] == [e["step"] for e in eb]
     for key in ("loss", "grad_norm", "prompt_norm", "lr"):
-        assert [e[key] for e in ea] == pytest.approx([e[key] for e in eb], rel=1e-5, abs=1e-7), key
+        # rel 1e-4: train.py's step and the pack's sum the same terms in another order (float rounding)
+        assert [e[key] for e in ea] == pytest.approx([e[key] for e in eb], rel=1e-4, abs=1e-6), key
     assert [(e["step"], e["score"]) for e in events(a, "eval")] == [(e["step"], e["score"]) for e in events(b, "eval")]
     pa, pb = M.load_folded_prompt(a / "prompt.pt")[0], M.load_folded_prompt(b / "prompt.pt")[0]
     assert torch.allclose(pa, pb, rtol=1e-4, atol=1e-6)
@@ -71,6 +72,21 @@ def test_pack_equals_each_run_alone(data_dir, tiny_model_dir, tmp_path):
         solo_config = json.loads((alone / "config.json").read_text())
         assert {k: v for k, v in config.items() if k not in ("pack", "out_dir")} == \
             {k: v for k, v in solo_config.items() if k != "out_dir"}
+
+
+def test_pack_equals_the_run_alone_with_dropout_on(data_dir, tiny_model_dir, tmp_path):
+    """T5's dropout on (the config's 0.1, the paper's setting): a run's masks are its own examples' (stateless),
+    so a packed run still equals its solo run; and dropout does act (the losses differ from dropout 0)."""
+    on = ("--max-steps", 4, "--eval-every", 2)
+    out = tmp_path / "pack"
+    train.main(argv(data_dir, tiny_model_dir, out, *on, "--method", "ept", "pt", "--seed", 1))
+    name = f"toy_pt_{tiny_model_dir.name}_steps4_ev2_s1"
+    alone = tmp_path / "alone" / name
+    train.main(argv(data_dir, tiny_model_dir, alone, *on, "--method", "pt", "--seed", 1))
+    assert_same_run(out / name, alone)
+    off = tmp_path / "off" / name
+    train.main(argv(data_dir, tiny_model_dir, off, *COMMON, "--method", "pt", "--seed", 1))
+    assert losses(off) != pytest.approx(losses(alone), rel=1e-4)
 
 
 def test_runs_file_faults_skips_and_refusals(data_dir, tiny_model_dir, tmp_path):

@@ -1,137 +1,156 @@
-"""Runs on one frozen T5: one pack step is one optimizer step of every run. train.py trains every
-run this way, a lone run as a pack of one (`ft` too: its Run's module is T5 itself, never shared).
+"""A pack: R prompt runs on one frozen T5, an accelerator beneath train.py (a sweep or --runs FILE).
 
-Each run keeps what a run alone has: its prompt module (any method and length), data order, batch
-and micro-batch sizes, AdamW + linear schedule (stepped run after run: its state_dicts are a solo
-run's), clipping on its own gradient norm, mu_t, non-finite guard and checkpoint. The runs share
-the frozen T5 and so the forward and backward passes: their batches are concatenated, example i
-carrying its run's prompt, left-padded with masked zero rows (T5 has relative positions only), and
-the objective sum_r (run r's summed target NLL / run r's target tokens) gives each run exactly its
-solo gradient. With dropout 0 in fp32 a packed run equals its solo run within float rounding
-(tests/test_packing.py); with dropout on, in its dropout random numbers only (one shared stream).
-Why, why not one AdamW for all, the API and speed (scripts/bench_pack.py): docs/packing.md.
+Each run is a train.Run, built, validated, checkpointed and finished by train.py's own functions;
+only the step is shared: the runs' batches are concatenated, example i carrying its run's prompt,
+left-padded with masked zero rows (T5 has relative positions only), and the objective sum_r (run
+r's summed target NLL / run r's target tokens) gives each run exactly its train.py gradient. Then
+each run clips its own gradient and steps its own AdamW and schedule. With dropout 0 in fp32 a
+packed run equals its solo run within float rounding (tests/test_packing.py). Why, and the speed
+(scripts/bench_pack.py): docs/packing.md.
 """
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import model as M
-from ept import batching, optim
-
-# train.py's last.pt / best.pt, as Run.checkpoint_state writes them (checked on --resume)
-CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score",
-                   "best_step", "world_size")
+import train
+from ept import batching, options, runfolder, runs, runtime, signals
 
 
-# --- one run of a pack ----------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class Run:
-    """One run: its module (prompt module; for `full` fine-tuning T5 itself), optimizer, schedule,
-    data position (`epoch`, `index` into its order) and bookkeeping. `stopped`: None while it
-    trains, "nonfinite" (left the pack) or "done"; `config`: method, seed, lr, prompt options."""
-    name: str
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    seed: int = 0
-    batch_size: int = 16
-    max_steps: int = 30000
-    micro_batch_size: int | None = None  # examples per forward pass on one rank (None: all)
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    group_by_length: bool = False
-    config: dict = field(default_factory=dict)
-    step: int = 0
-    epoch: int = 0
-    index: int = 0
-    best_score: float = -math.inf
-    best_step: int | None = None
-    stopped: str | None = None
-    full: bool = False  # ft: `module` is T5, there is no prompt
-    _order: tuple = field(default=(None, None), repr=False)  # (epoch, order) cache
-
-    @property
-    def params(self):
-        """The trainable parameters in the optimizer's order (what clip_runs clips)."""
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    @property
-    def training(self):
-        return self.stopped is None and self.step < self.max_steps
-
-    def next_batch(self, n_train, lengths=None):
-        """The global batch of the next step: [index:index + batch_size] of this epoch's order
-        (batching.epoch_order, cached; `lengths` for group_by_length)."""
-        if self._order[0] != self.epoch:
-            self._order = (self.epoch, batching.epoch_order(
-                n_train, self.seed, self.epoch, self.batch_size,
-                lengths if self.group_by_length else None))
-        return self._order[1][self.index:self.index + self.batch_size].tolist()
-
-    def advance(self, n_examples, n_train):
-        """After a step: the next data position (a fresh epoch once the split is used up)."""
-        self.step += 1
-        self.index += n_examples
-        if self.index >= n_train:
-            self.epoch, self.index = self.epoch + 1, 0
-
-    @torch.no_grad()
-    def prompt(self):
-        """P' (n, d) now: a detached fp32 copy (None for ft)."""
-        return None if self.full else self.module().detach().float().clone()
-
-    def prompted(self, t5):
-        """A PromptedT5 of this run on the shared T5 (validation, generation, prompt.pt)."""
-        return M.PromptedT5(t5, None if self.full else self.module)
-
-    def checkpoint_state(self, rng=None, world_size=1):
-        """This run's last.pt / best.pt (weights_only-loadable). `rng`: the per-rank RNG states
-        (runtime.rng_state(), gathered under DDP; a pack's runs share one RNG)."""
-        return {"step": self.step,
-                "trainable": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": list(rng or []), "data": {"epoch": self.epoch, "index": self.index},
-                "best_score": self.best_score, "best_step": self.best_step,
-                "world_size": world_size}
-
-    def load_checkpoint_state(self, state):
-        """Continue from a checkpoint of this run (from a pack or from a solo train.py run)."""
-        self.module.load_state_dict(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.index = (state["step"], state["data"]["epoch"],
-                                             state["data"]["index"])
-        self.best_score, self.best_step = state["best_score"], state["best_step"]
-        self._order = (None, None)
+def main(args, specs, ranks, max_rows=None):
+    """train.py's main for several runs: every folder claimed and checked (a busy one left out, a
+    finished one skipped), one T5 loaded, every run built, then trained together."""
+    specs = ranks.first(lambda: options.resolve_runs(args, specs, True), everyone=True)
+    say = print if ranks.master else (lambda *a, **k: None)
+    held, left_out = [], []
+    with signals.stop_on_signals(), runfolder.cleanup([s.out_dir for s in specs], held,
+                                                      ranks.master):
+        todo = ranks.first(lambda: open_folders(specs, held, left_out, say))
+        if todo:
+            task = ranks.first(lambda: batching.load_task(todo[0][0], ranks, say), everyone=True)
+            t5 = ranks.first(lambda: train.load_t5(todo[0][0], task, ranks), everyone=True)
+            team = ranks.first(lambda: start(t5, todo, task, ranks, held, say), everyone=True)
+            results = train_pack(team, task, t5, ranks, say, max_rows)
+        else:
+            say(f"train: nothing left to train of the {len(specs)} runs")
+    if left_out:  # the pack is not finished: its command must not read as done
+        raise runs.Busy(f"train: {len(left_out)} run(s) of the pack were left out, held by "
+                        f"another process: {' '.join(left_out)}; run the same command again "
+                        "once it is done")
+    return {"runs": results} if todo else {"runs": {}, "finished": True}
 
 
-def make_run(t5, method, *, seed=0, lr=None, max_steps=30000, batch_size=16, micro_batch_size=None,
-             weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0, group_by_length=False,
-             init="uniform", label_ids=None, fused=None, name=None, **module_options):
-    """A Run: its prompt module seeded by `seed` on T5's device (ft: T5 itself, unfrozen), AdamW +
-    schedule (optim.make_optimizer, fused on CUDA); `module_options`: model.PROMPT_OPTIONS' keys."""
-    device = t5.get_input_embeddings().weight.device
-    lr = M.default_lr(method) if lr is None else lr
-    # one stream, used in sequence as the public EPT code does: the prompt table first, then the
-    # default-initialised layers (Linear, LSTM); a second stream seeded alike would repeat P in them
-    torch.manual_seed(seed)
-    module = M.build_prompt_module(method, t5.config.d_model, **module_options, init=init,
-                                   embedding=t5.get_input_embeddings().weight, label_ids=label_ids)
-    module = t5.requires_grad_(True) if module is None else module.to(device)
-    fused = device.type == "cuda" if fused is None else fused
-    optimizer, scheduler = optim.make_optimizer([p for p in module.parameters() if p.requires_grad],
-                                                lr, weight_decay, fused, max_steps, warmup_steps)
-    name = name or f"{method}_s{seed}_lr{lr:g}"
-    return Run(name, module, optimizer, scheduler, seed=seed, batch_size=batch_size,
-               max_steps=max_steps, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm,
-               group_by_length=group_by_length, full=method == "ft",
-               config=dict(method=method, seed=seed, lr=lr, **module_options))
+def open_folders(specs, held, left_out, say):
+    """train.open_folder for each run: [(spec, resume path)] of those to train."""
+    todo = []
+    for spec in specs:
+        out_dir = Path(spec.out_dir)
+        try:
+            resume_path = train.open_folder(spec, out_dir, held, say, packed=True)
+        except runs.Busy as err:
+            say(f"train: left out of the pack: {err}")
+            left_out.append(str(out_dir))
+            continue
+        if resume_path != "finished":
+            todo.append((spec, resume_path))
+    return todo
+
+
+def start(t5, todo, task, ranks, held, say):
+    """Every run built (train.new_run) and checked; only then config.json and log.jsonl written."""
+    max_length, team = todo[0][0].max_length, []
+    locks = {str(lock.path.parent): lock for lock in held if isinstance(lock, runs.Lock)}
+    for spec, resume_path in todo:
+        spec.max_length = max_length
+        out_dir = Path(spec.out_dir)
+        run = train.new_run(t5, spec, task, ranks, out_dir=out_dir, resume_path=resume_path,
+                            say=say)
+        run.lock = locks.pop(str(out_dir), None)  # the run releases its own when it leaves
+        team.append(run)
+    held[:] = [*locks.values(), *team]
+    extra = {"pack": {"size": len(team), "runs": [r.out_dir.name for r in team]}}
+    for run in team:  # every run checked: only now does any run's folder change
+        run.log = runfolder.start_log(run, task, ranks, say, **extra)
+    return team
+
+
+def train_pack(team, task, t5, ranks, say, max_rows=None):
+    """train.train for R runs: at the top of each step a run validates and saves when due and
+    finishes at its last (train.py's functions); then one pack step trains the others."""
+    train.restore_rng(team, ranks)
+    args = team[0].args
+    pack = Pack(t5, team, task.data, device=ranks.device, rank=ranks.rank,
+                amp=runtime.set_precision(args.dtype, ranks.device), world_size=ranks.world_size,
+                max_rows=max_rows, wrap=lambda net: train.wrap(net, args, ranks))
+    meters = {r.name: runtime.Throughput(warm=2 if r.args.max_steps - r.step >= 10 else 0)
+              for r in team}
+    live, results, faults = list(team), {}, []
+    bar = tqdm(total=max(r.args.max_steps for r in team), initial=min(r.step for r in team),
+               desc=f"pack of {len(team)}", dynamic_ncols=True,
+               **({} if ranks.master else {"disable": True}))
+
+    def leave(run, result):
+        live.remove(run)
+        results[str(run.out_dir)] = result
+        runfolder.close(run)
+
+    def drop(run, what, lr):  # a non-finite run stops alone
+        pack.stop(run, "nonfinite")
+        faults.append(str(train.nonfinite_stop(run, what, lr, True)))
+        leave(run, {"out_dir": str(run.out_dir), "stopped": "nonfinite"})
+
+    while live:
+        for run in list(live):
+            if not train.validate_and_save(run, task, ranks):
+                drop(run, ["weights"], run.scheduler.get_last_lr()[0])
+            elif run.step == run.args.max_steps:
+                leave(run, train.finish(run, task, ranks, say, meters[run.name]))
+        if not live:
+            break
+        if sig := signals.stop_requested(ranks):  # every live run's last.pt, then exit
+            for run in live:
+                if runfolder.weights_finite(run.params):
+                    runfolder.save_checkpoint(run, ranks, "last.pt")
+            raise signals.stopped(sig, live)
+        t0 = time.time()
+        records = pack.step()  # one optimizer step of every live run
+        seconds = time.time() - t0
+        for run in list(live):
+            r = records[run.name]
+            meters[run.name].add(r["examples"], r["tokens"], seconds)
+            run.log(train.train_event(run, r, r["examples"], r["tokens"], seconds))
+            if r["nonfinite"]:
+                drop(run, r["nonfinite"], r["lr"])
+        bar.update(1)
+    bar.close()
+    if faults:  # all-reduced, so every rank meets them: rank 0 says why, the others exit 1 quietly
+        head = (f"train: {len(faults)} of the {len(team)} runs of the pack stopped; the others "
+                "finished. ") if len(team) > 1 else ""
+        if not ranks.master:
+            raise runtime.PeerStopped()
+        raise train.NonFiniteError(head + " ".join(faults))
+    return results
+
+
+def make_run(t5, method, *, name=None, label_ids=None, fused=None, world_size=1, **overrides):
+    """A train.Run of `method` on `t5` without a task or folder (tests, benchmarks): train.py's
+    defaults with `overrides` (its option names: seed, lr, batch_size, prompt_length, ...)."""
+    args = options.parser.parse_args(["--method", method])
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise TypeError(f"make_run: train.py has no option {key!r}")
+        setattr(args, key, value)
+    args = options.resolve(args)
+    options.batch_plan(args, 1, world_size)  # the micro-batch size
+    return train.new_run(t5, args, label_ids=label_ids, name=name or f"{method}_s{args.seed}",
+                         fused=fused)
 
 
 # --- the shared forward ---------------------------------------------------------------------------
@@ -189,37 +208,6 @@ class PackedT5(nn.Module):
         return self.prompted.t5(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
 
-# --- the per-run update ---------------------------------------------------------------------------
-
-def clip_runs(runs):
-    """Clip each run's gradients at its own max_grad_norm (0 = off); (R,) norms before clipping."""
-    return torch.stack([torch.nn.utils.clip_grad_norm_(
-        r.params, r.max_grad_norm if r.max_grad_norm > 0 else math.inf).float() for r in runs])
-
-
-def step_runs(runs, stepping):
-    """AdamW and the schedule for the runs in `stepping` (those whose loss and gradient are finite),
-    every run's gradients dropped, and mu_t (Eq. 4) of each run: the mean row norm of its P'."""
-    for r in stepping:
-        r.optimizer.step()
-        r.scheduler.step()
-    for r in runs:
-        r.optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        norms = [r.module().float().norm(dim=1).mean() for r in runs if not r.full]
-        norms = iter(torch.stack(norms).tolist() if norms else [])  # one host sync
-        return [None if r.full else next(norms) for r in runs]
-
-
-def ept_s(module):
-    """EPT's s_t = P1 . W_down (h = 1; for h > 1 the norm of that hidden vector); None else."""
-    if not isinstance(module, M.EPT):
-        return None
-    with torch.no_grad():
-        s = module.blocks[0].down(module.prompt).float()
-    return s.item() if s.numel() == 1 else s.norm().item()
-
-
 # --- the pack -------------------------------------------------------------------------------------
 
 class Pack:
@@ -242,24 +230,27 @@ class Pack:
         self.rank, self.world_size, self.pad_to = rank, world_size, pad_to
         self.max_rows, self.sort_by_length = max_rows, sort_by_length
         self.wrap = wrap or (lambda packed: packed)
-        if any(r.full for r in self.runs) and len(self.runs) > 1:
+        full = [r for r in self.runs if r.net.prompt_module is None]
+        if full and len(self.runs) > 1:
             raise ValueError("packing: ft trains T5 itself and cannot share it with other runs")
-        self.packed = PackedT5(t5, [r.module for r in self.runs if not r.full])
+        self.packed = PackedT5(t5, [] if full else [r.module for r in self.runs])
         self.n_train = len(data[0])
         self.lengths = [len(s) + len(t) for s, t in zip(data[0], data[1])]  # group_by_length
         self.model, self._wrapped_for, self.timings = None, None, {}
+        with torch.no_grad():  # prompt rows per run: an example's offset behind its left padding
+            self.rows = [0 if full else r.net.prompt().size(0) for r in self.runs]
 
     @property
     def training(self):
         """The runs that take part in the next step (not stopped, below their max_steps)."""
-        return [r for r in self.runs if r.training]
+        return [r for r in self.runs if r.stopped is None and r.step < r.args.max_steps]
 
     def stop(self, run, reason):
         """Take `run` out of the pack (its parameters freeze; the others go on)."""
         run.stopped = reason
         run.module.requires_grad_(False)
 
-    def step(self):
+    def step(self, batches=None):
         """One optimizer step of every training run on its own next global batch. Returns {run
         name: {"step", "loss", "lr" (of this step), "grad_norm" (before clipping), "prompt_norm"
         (mu_t after the step), "epoch", "examples", "tokens", "nonfinite" (names of the non-finite
@@ -271,24 +262,23 @@ class Pack:
         ids = [self.runs.index(r) for r in runs]
         if ids != self._wrapped_for:  # the set of training runs changed: DDP sees only live ones
             for r in self.runs:
-                if not r.training:
+                if r not in runs:
                     r.module.requires_grad_(False)
             self.packed.set_active(ids)
             self.model, self._wrapped_for = self.wrap(self.packed), ids
-        batches = [r.next_batch(self.n_train, self.lengths) for r in runs]
+        batches = batches or [train.next_batch(r, self.n_train, self.lengths) for r in runs]
         stats = self._step(runs, ids, batches)
         records = {}
-        for r, batch, (loss, grad_norm, lr, prompt_norm) in zip(runs, batches, stats):
+        for r, batch, (loss, grad_norm, lr, (prompt_norm, s)) in zip(runs, batches, stats):
             r.advance(len(batch), self.n_train)
             values = {"loss": loss, "grad_norm": grad_norm, "prompt_norm": prompt_norm}
             bad = [k for k, v in values.items() if v is not None and not math.isfinite(v)]
-            records[r.name] = {"step": r.step, **values, "lr": lr, "epoch": r.epoch,
+            records[r.name] = {"step": r.step, **values, "ept_s": s, "lr": lr, "epoch": r.epoch,
                                "examples": len(batch), "nonfinite": bad,
-                               "tokens": sum(self.lengths[i] for i in batch),
-                               "ept_s": ept_s(r.module)}
+                               "tokens": sum(self.lengths[i] for i in batch)}
             if bad:
                 self.stop(r, "nonfinite")
-            elif r.step >= r.max_steps:
+            elif r.step >= r.args.max_steps:
                 r.stopped = "done"
         return records
 
@@ -306,8 +296,8 @@ class Pack:
             n_passes = max(math.ceil(len(entries(k)) / self.max_rows) for k in range(ws))
             chunks = [mine[k * self.max_rows:(k + 1) * self.max_rows] for k in range(n_passes)]
         else:
-            micro = [min(r.micro_batch_size or math.ceil(r.batch_size / ws),
-                         math.ceil(r.batch_size / ws)) for r in runs]
+            micro = [min(r.args.micro_batch_size or math.ceil(r.args.batch_size / ws),
+                         math.ceil(r.args.batch_size / ws)) for r in runs]
             n_passes = max(math.ceil(math.ceil(len(b) / ws) / mb) for b, mb in zip(batches, micro))
             shards = [b[rank::ws] for b in batches]
             chunks = [[(s, i) for s, (shard, mb) in enumerate(zip(shards, micro))
@@ -325,6 +315,7 @@ class Pack:
         scale = ws / n_tokens  # DDP averages over ranks: x world_size, the sum; / tokens, the mean
         loss_sums = torch.zeros(len(runs), device=device)
         plan, padded = self._plan(runs, batches), 0
+        n_max = max(self.rows[i] for i in ids)  # the prompts' left padding: PackedT5.prompts
         for k, chunk in enumerate(plan):
             slots = torch.tensor([s for s, _, _ in chunk], device=device)
             weight = torch.tensor([w for _, _, w in chunk], device=device)
@@ -335,7 +326,11 @@ class Pack:
             if ws > 1:
                 self.model.require_backward_grad_sync = k == len(plan) - 1
             labels = labels.to(device)
-            with self.amp:
+            keys = M.example_keys([runs[s].args.seed for s, _, _ in chunk],  # dropout's, as alone
+                                  [runs[s].step for s, _, _ in chunk], [i for _, i, _ in chunk],
+                                  device)
+            offset = torch.tensor([n_max - self.rows[ids[s]] for s, _, _ in chunk], device=device)
+            with self.amp, M.dropout_keys(keys, offset):
                 logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                     run_ids=run_ids, decoder_input_ids=self.t5._shift_right(labels),
                                     use_cache=False).logits
@@ -346,12 +341,25 @@ class Pack:
         if ws > 1:
             dist.all_reduce(loss_sums)
         t1 = time.perf_counter()
-        grad_norms = clip_runs(runs)  # then one host sync:
-        losses, norms = torch.stack([loss_sums / n_tokens, grad_norms.to(device)]).tolist()
-        lrs = [r.scheduler.get_last_lr()[0] for r in runs]
-        finite = [math.isfinite(a) and math.isfinite(b) for a, b in zip(losses, norms)]
-        mu = step_runs(runs, [r for r, ok in zip(runs, finite) if ok])
+        losses, norms, lrs, mu = update(runs, loss_sums / n_tokens)
         t2 = time.perf_counter()
         self.timings = {"forward_backward_s": t1 - t0, "update_s": t2 - t1,
                         "forward_passes": len(plan), "padded_tokens": padded}
         return list(zip(losses, norms, lrs, mu))
+
+
+def update(runs, losses):
+    """train.train_step's update, run by run: clip each run's gradient at its own max_grad_norm,
+    one host sync, AdamW and schedule where loss and gradient norm are finite, gradients dropped,
+    (mu_t, s_t). Returns (losses, grad norms, lrs of this step, [(mu_t, s_t)])."""
+    grad_norms = torch.stack([torch.nn.utils.clip_grad_norm_(
+        r.params, r.args.max_grad_norm if r.args.max_grad_norm > 0 else math.inf).float()
+        for r in runs])
+    losses, norms = torch.stack([losses, grad_norms.to(losses.device)]).tolist()
+    lrs = [r.scheduler.get_last_lr()[0] for r in runs]
+    for r, loss, norm in zip(runs, losses, norms):
+        if math.isfinite(loss) and math.isfinite(norm):
+            r.optimizer.step()
+            r.scheduler.step()
+        r.optimizer.zero_grad(set_to_none=True)
+    return losses, norms, lrs, [train.prompt_stats(r.net.prompt_module) for r in runs]
