@@ -16,12 +16,14 @@ import json
 import random
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ept import batching, cli, errors, files, optim  # noqa: E402
+from train import make_optimizer  # noqa: E402  (train.py's AdamW and schedule)
+from ept import batching, cli, errors, files  # noqa: E402
 from ept import evaluation, tasks  # noqa: E402
 
 # A model small enough to ship as a test fixture (~1 MB) and to build in about a minute.
@@ -131,8 +133,8 @@ def build(out, source=tasks.STEER_SOURCE, seed=0, steps=1500, batch_size=32, lr=
     src = batching.encode(tokenizer, [s for s, _ in pairs], 64)
     tgt = batching.encode(tokenizer, [y for _, y in pairs], 4)
     params = list(t5.parameters())
-    optimizer, scheduler = optim.make_optimizer(params, lr, 0.01, False, steps,
-                                                warmup_steps=steps // 20)
+    optimizer, scheduler = make_optimizer(params, types.SimpleNamespace(
+        lr=lr, weight_decay=0.01, warmup_steps=steps // 20, max_steps=steps), fused=False)
     rng = random.Random(seed)
     t5.train()
     t0 = time.time()
