@@ -15,7 +15,7 @@
 #   NPROC=4 bash run_all.sh          # one run at a time, on 4 GPUs through torchrun
 #   DRY_RUN=1 GPUS=8 bash run_all.sh # every run with its status, counts, GPU-hours and the wall time on 8 GPUs
 #   PART=setup|train|report bash run_all.sh   # one part: data; the training sections; analyses + report
-#   DTYPE=bf16 bash run_all.sh       # bf16 autocast: faster, not the paper's precision (fp32, the default)
+#   DTYPE=bf16 bash run_all.sh       # bf16 autocast: faster, not our fp32 reading (the default; the paper names no precision)
 #   SMOKE=1 bash run_all.sh          # the whole recipe tiny on a CPU in a few minutes -> smoke/report/
 #   SECTIONS="init hidden" bash run_all.sh   # only these training sections (names: see `section` below)
 #   SLURM=1 SLURM_PARTITION=gpu SLURM_TIME=12:00:00 SLURM_MAX_TASKS=32 SLURM_OPTS="--account=nlp" \
@@ -77,7 +77,7 @@ else
   LAUNCH="--subprocess --prune-ft-checkpoints"  # a fresh process per run frees GPU memory and cached data
   REPORT_FLAGS="" NAMED=""
 fi
-TRAIN="$TRAIN ${DTYPE:+--dtype $DTYPE}"  # DTYPE=bf16|tf32: faster, not the paper's fp32 (the default)
+TRAIN="$TRAIN ${DTYPE:+--dtype $DTYPE}"  # DTYPE=bf16|tf32: faster, not our fp32 reading (the default)
 DATA=$ROOT/data RUNS=$ROOT/runs RESULTS=$ROOT/results REPORT=$ROOT/report
 COMMON="--data-dir $DATA --runs-dir $RUNS --results-dir $RESULTS --nproc $NPROC ${GPUS:+--gpus $GPUS} $LAUNCH $DRY"
 COMMON="$COMMON ${PACK_SIZE:+--pack-size $PACK_SIZE} ${SLURM_MAX_TASKS:+--slurm-max-tasks $SLURM_MAX_TASKS}"

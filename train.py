@@ -9,7 +9,7 @@ folded P' of the best checkpoint) and metrics.json (test metrics of the best che
     python train.py --method ept                  # EPT on RTE, t5-base: the paper's setting
     # 4 GPUs, global batch 16
     torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star
-    python train.py --task rte --method ept --dtype bf16   # bf16 autocast: not the paper's fp32
+    python train.py --task rte --method ept --dtype bf16   # bf16 autocast: not our fp32 reading
     python train.py --task rte --method ept --resume        # continue a killed run from its last.pt
     # SIGTERM / SIGUSR1 (preemption, scancel, SLURM's warning): last.pt at the next step boundary,
     # then exit 143 / 138 (128 + the signal); --resume continues from there, no step logged twice

@@ -82,8 +82,8 @@ group.add_argument("--epochs", type=cli.positive_float, default=None,
 group.add_argument("--seed", type=cli.nonnegative_int, default=0, nargs="+", action=cli.Sweep,
                    help="seeds prompt init, data order, dropout (and random T5 weights)")
 group.add_argument("--dtype", default="fp32", choices=runtime.DTYPES,
-                   help="fp32 (the paper's), tf32 or bf16 autocast "
-                        "(speed; not the paper's setting)")
+                   help="fp32 (our reading: the paper names none; the HF "
+                        "Trainer's), tf32 or bf16 autocast (speed)")
 group.add_argument("--compile", action="store_true", help="torch.compile the training forward")
 group.add_argument("--group-by-length", action="store_true",
                    help="batch similar lengths together within shuffled mega-batches of 50 batches "

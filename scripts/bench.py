@@ -76,7 +76,7 @@ group.add_argument("--lr", type=float, help="peak learning rate (default: 0.3 pr
 group.add_argument("--seed", type=int, default=0,
                    help="seeds the T5 weights, the prompt, the data order and dropout")
 group.add_argument("--dtype", default="fp32", choices=runtime.DTYPES,
-                   help="as train.py --dtype: fp32 (the paper's), tf32, bf16")
+                   help="as train.py --dtype: fp32 (our reading; the paper names none), tf32, bf16")
 group.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward, as train.py --compile")
 group.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's, one per "
