@@ -38,6 +38,7 @@ def main(args, specs, ranks, max_rows=None):
             t5 = ranks.first(lambda: train.load_t5(todo[0][0], task, ranks), everyone=True)
             team = ranks.first(lambda: start(t5, todo, task, ranks, held, say), everyone=True)
             results = train_pack(team, task, t5, ranks, say, max_rows)
+            say(table(team, results))
         else:
             say(f"train: nothing left to train of the {len(specs)} runs")
     if left_out:  # the pack is not finished: its command must not read as done
@@ -45,6 +46,22 @@ def main(args, specs, ranks, max_rows=None):
                         f"another process: {' '.join(left_out)}; run the same command again "
                         "once it is done")
     return {"runs": results} if todo else {"runs": {}, "finished": True}
+
+
+def table(team, results):
+    """The sweep's runs at the end (issue 29): name, best validation score and step, test score,
+    mu_t at the last step ("-" where there is none)."""
+    def cell(v):
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+    rows = [("run", "best val", "step", "test", "mu_t end")]
+    for run in team:
+        r = results.get(str(run.out_dir), {})
+        test = (r.get("metrics") or {}).get("score")
+        end = f"stopped: {r['stopped']}" if r.get("stopped") else cell(r.get("mu_t_end"))
+        rows.append((run.out_dir.name, cell(r.get("best_score")), cell(r.get("best_step")),
+                     cell(test), end))
+    widths = [max(len(row[k]) for row in rows) for k in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def open_folders(specs, held, left_out, say):
@@ -91,14 +108,14 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
                 max_rows=max_rows, wrap=lambda net: train.wrap(net, args, ranks))
     meters = {r.name: runtime.Throughput(warm=2 if r.args.max_steps - r.step >= 10 else 0)
               for r in team}
-    live, results, faults = list(team), {}, []
+    live, results, faults, mu = list(team), {}, [], {}  # mu: each run's last mu_t
     bar = tqdm(total=max(r.args.max_steps for r in team), initial=min(r.step for r in team),
                desc=f"pack of {len(team)}", dynamic_ncols=True,
                **({} if ranks.master else {"disable": True}))
 
     def leave(run, result):
         live.remove(run)
-        results[str(run.out_dir)] = result
+        results[str(run.out_dir)] = {**result, "mu_t_end": mu.get(run.name)}
         runfolder.close(run)
 
     def drop(run, what, lr):  # a non-finite run stops alone
@@ -125,6 +142,7 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
         for run in list(live):
             r = records[run.name]
             meters[run.name].add(r["examples"], r["tokens"], seconds)
+            mu[run.name] = r["prompt_norm"]
             run.log(train.train_event(run, r, r["examples"], r["tokens"], seconds))
             if r["nonfinite"]:
                 drop(run, r["nonfinite"], r["lr"])

@@ -74,13 +74,19 @@ def test_pack_equals_each_run_alone(data_dir, tiny_model_dir, tmp_path):
             {k: v for k, v in solo_config.items() if k != "out_dir"}
 
 
-def test_pack_equals_the_run_alone_with_dropout_on(data_dir, tiny_model_dir, tmp_path):
+def test_pack_equals_the_run_alone_with_dropout_on(data_dir, tiny_model_dir, tmp_path, capsys):
     """T5's dropout on (the config's 0.1, the paper's setting): a run's masks are its own examples' (stateless),
     so a packed run still equals its solo run; and dropout does act (the losses differ from dropout 0)."""
     on = ("--max-steps", 4, "--eval-every", 2)
     out = tmp_path / "pack"
     train.main(argv(data_dir, tiny_model_dir, out, *on, "--method", "ept", "pt", "--seed", 1))
     name = f"toy_pt_{tiny_model_dir.name}_steps4_ev2_s1"
+    table = capsys.readouterr().out.splitlines()[-3:]  # issue 29: the sweep ends with its runs' table
+    assert table[0].split() == ["run", "best", "val", "step", "test", "mu_t", "end"]
+    row = table[2].split()
+    metrics = json.loads((out / name / "metrics.json").read_text())
+    assert row[0] == name and float(row[3]) == pytest.approx(metrics["score"], abs=0.01)
+    assert float(row[4]) == pytest.approx(events(out / name, "train")[-1]["prompt_norm"], abs=0.01)
     alone = tmp_path / "alone" / name
     train.main(argv(data_dir, tiny_model_dir, alone, *on, "--method", "pt", "--seed", 1))
     assert_same_run(out / name, alone)
