@@ -115,12 +115,15 @@ def finished(run_dir):
 # --- the lock: one writer per run folder, on one host (docs/training.md, "Run lock") -------------
 # run.lock holds "<host> <pid> <job>", job being engine_job() ("-" outside SLURM). Units are handed
 # out by one launcher or an engine, so the lock only guards against starting a run twice by hand. It
-# is free when absent, when its pid is gone on this host, or when it names this process's own SLURM
-# job (a requeued task whose first run died with its node: SLURM runs a task once at a time).
+# is free when absent; on this host, when its pid is gone (or a newer process reuses the pid: it
+# started after the lock was written), whatever the SLURM job, since two processes of one job can
+# share a host; on another host, when it names this process's own SLURM job (a requeued task whose
+# first run died with its node: SLURM runs a task once at a time).
 
 
-def _alive(pid):
-    """The process exists and is not a zombie (a dead child its parent has not reaped yet)."""
+def _alive(pid, since=None):
+    """The process exists, is not a zombie (a dead child its parent has not reaped yet) and, with
+    `since` (a time.time()), had started by then: a later start is another process on the pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -129,8 +132,15 @@ def _alive(pid):
         pass
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X"):
+            return False
+        if since is None:
+            return True
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK") <= since + 1.0
+    except (OSError, IndexError, ValueError, StopIteration):
         return True  # no /proc (not Linux): existing is alive
 
 
@@ -149,8 +159,8 @@ class Busy(errors.Failure):
 class Owner:
     """What run.lock says: host, pid and engine job of its writer."""
 
-    def __init__(self, text):
-        self.text = text
+    def __init__(self, text, written=None):
+        self.text, self.written = text, written  # written: the lock file's mtime
         self.host, self.pid, self.job = (text.split() + ["?", "?", "-"])[:3]
 
     def __str__(self):
@@ -158,17 +168,17 @@ class Owner:
         return f"pid {self.pid} on {self.host}{job}"
 
     def stale(self):
-        """True when the writer is gone (see above)."""
-        if self.job != "-" and self.job == engine_job():
-            return True
-        return (self.host == socket.gethostname() and self.pid.isdigit()
-                and not _alive(int(self.pid)))
+        """True when the writer is gone (see above): on this host the pid decides."""
+        if self.host == socket.gethostname() and self.pid.isdigit():
+            return not _alive(int(self.pid), self.written)
+        return self.job != "-" and self.job == engine_job()
 
 
 def read_owner(path):
     """The Owner of the lock file `path`, or None when there is none."""
     try:
-        return Owner(Path(path).read_text(encoding="utf-8", errors="replace"))
+        path = Path(path)
+        return Owner(path.read_text(encoding="utf-8", errors="replace"), path.stat().st_mtime)
     except FileNotFoundError:
         return None
     except OSError as err:

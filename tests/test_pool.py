@@ -258,6 +258,28 @@ def test_a_run_started_twice_gets_one_sentence_and_a_dead_holder_is_taken_over(t
         runs.acquire_lock(tmp_path, say=said.append)
 
 
+def test_the_pid_decides_on_this_host_even_within_one_slurm_job(tmp_path, monkeypatch):
+    """Issue 28 item 3: a lock of this host named this process's SLURM job and was taken as stale
+    even while its pid trained on (two `SLURM_JOB_ID=999 train.py` both trained the folder)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "999")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = tmp_path / runs.LOCK_NAME
+        lock.write_text(f"{os.uname().nodename} {holder.pid} 999\n")
+        with pytest.raises(runs.Busy, match=f"pid {holder.pid} .*SLURM job 999"):
+            runs.acquire_lock(tmp_path, say=lambda m: None)
+        old = time.time() - 3600  # written before the holder started: its pid was reused since
+        os.utime(lock, (old, old))
+        said = []
+        runs.acquire_lock(tmp_path, say=said.append).release()
+        assert said and "took over the stale lock" in said[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    (tmp_path / runs.LOCK_NAME).write_text("another-host 1 999\n")  # a requeue onto another node
+    runs.acquire_lock(tmp_path, say=lambda m: None).release()
+
+
 def test_pool_devices():
     args = ablate.parser.parse_args(["init", "--gpus", "4", "--nproc", "2"])
     os.environ["CUDA_VISIBLE_DEVICES"] = "4,5,6,7"
