@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import model as M
 from ept import batching, errors, evaluation, files, options, pretrained, runfolder  # noqa: I001
-from ept import runs, runtime, signals
+from ept import runs, runtime, signals, tasks
 
 options.parser.description = __doc__  # the flags live in ept/options.py: the drivers plan by them
 
@@ -62,6 +62,7 @@ def main(argv=None):
     runs_file, max_rows = (vars(args).pop(k) for k in options.PACK_OPTIONS)
     ranks = runtime.ranks()  # DDP: the process group joined; ranks.first: rank 0 checks first
     specs = ranks.first(lambda: options.sweep(args, runs_file), everyone=True)
+    ranks.first(lambda: check_offline(args))  # offline: all that is missing in one sentence
     if runs_file is not None or len(specs) > 1:
         sys.modules.setdefault("train", sys.modules[__name__])  # one copy of this module
         from ept import pack
@@ -83,6 +84,14 @@ def main(argv=None):
             return run
         run = ranks.first(start, everyone=True)
         return train(run, task, wrap(run.net, args, ranks), ranks, say)
+
+
+def check_offline(args):
+    """Every Hub-bound input (tokenizer, data, model) checked before the first loads (issue 29)."""
+    prepared = (Path(args.data_dir) / args.task / "meta.json").exists()
+    hub_id = None if prepared or args.source or not tasks.known(args.task) else tasks.TASKS.get(
+        args.task, tasks.STEER_TASKS.get(args.task)).hub_id
+    pretrained.check_offline(args.model, args.tokenizer or args.model, hub_id or None)
 
 
 def train(run, task, model, ranks, say):

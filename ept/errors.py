@@ -3,6 +3,7 @@ unwritable file, a run that stopped; its message is one sentence), and `script`,
 stage's `main` turns it into that sentence on stderr and a non-zero exit (SystemExit to a caller).
 """
 import functools
+import os
 import sys
 
 
@@ -25,6 +26,9 @@ def script(main):
         try:
             return main(*args, **kwargs)
         except Failure as err:
+            if str(err) and os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun, as its
+                from torch.distributed.elastic.multiprocessing.errors import ErrorHandler  # @record
+                ErrorHandler().record_exception(err)  # does: its summary names this root cause
             if str(err) and err.status == 1:
                 raise SystemExit(str(err)) from None  # Python prints it: the sentence and status 1
             if str(err):

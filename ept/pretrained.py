@@ -92,6 +92,34 @@ def local_folder(name_or_dir, what="model"):
     return None
 
 
+def _cached(name, filenames, kind="model"):
+    """A Hub name whose files are in the local Hugging Face cache (what an offline load reads)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    if kind == "dataset":
+        roots = (Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}",
+                 Path(os.environ.get("HF_DATASETS_CACHE", Path(constants.HF_HOME) / "datasets"))
+                 / name.replace("/", "___"))
+        return any(root.is_dir() for root in roots)
+    return any(isinstance(try_to_load_from_cache(name, f), str) for f in filenames)
+
+
+def check_offline(model, tokenizer, dataset=None):
+    """Before anything loads: with the Hub out of reach, every Hub-bound input that is neither a
+    local folder nor in the local cache, named in ONE sentence with its local alternative (not one
+    failure after another). `dataset`: the Hub id a missing data/<task>/ would be prepared from."""
+    if hub_reachable():
+        return
+    wanted = [("tokenizer", tokenizer, ("tokenizer.json", "spiece.model")),
+              ("model", model, ("config.json",))]
+    missing = [f"the {what} {name!r} (pass {FLAGS[what]})" for what, name, filenames in wanted
+               if local_folder(name, what) is None and not _cached(name, filenames)]
+    if dataset and not _cached(dataset, (), "dataset"):
+        missing.insert(1, f"the dataset {dataset} (pass {FLAGS['dataset']})")
+    if missing:
+        raise errors.Failure(f"{offline_reason} and these are not in the local cache: "
+                             f"{'; '.join(missing)}")
+
+
 def _first_line(err):
     return (str(err).strip().splitlines() or [""])[0][:200]
 

@@ -10,6 +10,7 @@ import functools
 import os
 import random
 import resource
+import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -52,7 +53,8 @@ def master_first(fn, rank, world_size, everyone=False):
         box = [None]
         dist.broadcast_object_list(box, src=0)
         failed, result = box[0]
-        if failed:
+        if failed:  # under torchrun rank 0 exits first: its summary names rank 0's sentence
+            time.sleep(2 if os.environ.get("TORCHELASTIC_ERROR_FILE") else 0)
             raise PeerStopped()
         return fn() if everyone else result
     failed, result = True, None

@@ -133,6 +133,21 @@ def test_offline_cli_one_sentence_nothing_written(tmp_path):
         assert list(tmp_path.iterdir()) == [], f"{argv[0]} left {list(tmp_path.iterdir())}"
 
 
+def test_offline_train_names_every_missing_input_in_one_sentence(tmp_path, tiny_model_dir):
+    """Issue 29: offline, train.py names the tokenizer, the data and the model that are neither local nor
+    cached in ONE sentence, each with its local flag (not one per round trip); a local one is not named."""
+    run = [sys.executable, str(REPO / "train.py"), "--task", "rte", "--data-dir", "d", "--out-dir", "runs/x"]
+    for extra, named, absent in (([], ("--tokenizer DIR", "--source DIR", "--model DIR"), ()),
+                                 (["--tokenizer", str(tiny_model_dir)], ("--source DIR", "--model DIR"),
+                                  ("--tokenizer DIR",))):
+        out = subprocess.run(run + extra, cwd=tmp_path, env={**offline_env(), "HF_HUB_OFFLINE": "1"},
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert all(flag in out.stderr for flag in named), out.stderr
+        assert not any(flag in out.stderr for flag in absent), out.stderr
+        assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
 # --- a failed start leaves nothing behind --------------------------------------------------------------
 
 def test_failed_start_leaves_no_folder(tmp_path, data_dir, tiny_model_dir):
@@ -173,7 +188,8 @@ def test_failed_wandb_leaves_no_folder(tmp_path, data_dir, tiny_model_dir):
 
 def test_torchrun_failure_is_one_sentence(tmp_path, data_dir, tiny_model_dir):
     """2 gloo ranks: a check only rank 0 makes (the run folder holds files), one every rank makes (an offline
-    --model) and a pack's: the sentence once, no rank's traceback, nothing but torchrun's own summary after."""
+    --model) and a pack's: the sentence once, no rank's traceback, then torchrun's own summary, whose root
+    cause is rank 0 with that sentence (issue 29: the entry point records it, as torch's @record does)."""
     (tmp_path / "runs" / "held").mkdir(parents=True)
     (tmp_path / "runs" / "held" / "log.jsonl").write_text("{}\n")
     offline = ["--model", "t5-small", "--tokenizer", str(tiny_model_dir)]
@@ -187,7 +203,9 @@ def test_torchrun_failure_is_one_sentence(tmp_path, data_dir, tiny_model_dir):
         assert proc.returncode != 0
         text = proc.stdout + proc.stderr
         ours = re.split(r"^[EW]\d{4} .*failed \(exitcode", proc.stderr, maxsplit=1, flags=re.M)[0]
-        assert text.count(sentence) == 1, text
+        assert ours.count(sentence) == 1, text
+        cause = proc.stderr.split("Root Cause (first observed failure):", 1)[-1]
+        assert re.search(r"rank\s*: 0 ", cause) and sentence in cause and "PeerStopped" not in text, text
         assert "Traceback" not in ours and "Connection closed" not in text, ours
         assert [line for line in ours.splitlines() if line.strip() and not re.match(r"[EWI]\d{4} ", line)] == \
             [line for line in ours.splitlines() if sentence in line], ours
