@@ -77,3 +77,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         return f"{text} (default: {shown})"
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage error is two lines, the short usage and the error (not the long usage of every flag
+    before the one line that matters); --help still lists them all."""
+
+    def error(self, message):
+        self.exit(2, f"usage: {self.prog} [flags]  (--help lists them)\n{self.prog}: error: {message}\n")

@@ -41,8 +41,7 @@ TRAIN_SCRIPT = REPO / "train.py"
 def make_parser(doc):
     """A driver's parser: `doc` as --help, and no abbreviations (--lr, train.py's, passed through,
     must not be read as --lr-search, nor --seed as --seeds)."""
-    return argparse.ArgumentParser(description=doc, formatter_class=cli.HelpFormatter,
-                                   allow_abbrev=False)
+    return cli.Parser(description=doc, formatter_class=cli.HelpFormatter, allow_abbrev=False)
 
 
 EXECUTION_FLAGS = [  # (flags, keywords): how runs are launched and where their files go

@@ -11,8 +11,7 @@ from ept import cli, errors, files, runs, runtime
 
 # train.py sets its text
 # no abbreviations: `--max-step 3` or `--eval 5` is an error, never a guess (issue 28)
-parser = argparse.ArgumentParser(prog="train.py", formatter_class=cli.HelpFormatter,
-                                 allow_abbrev=False)
+parser = cli.Parser(prog="train.py", formatter_class=cli.HelpFormatter, allow_abbrev=False)
 group = parser.add_argument_group("data")
 group.add_argument("--task", default="rte", type=cli.name,
                    help="task name (default: rte, the paper's running example); data/<task>/ is "

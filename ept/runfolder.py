@@ -207,7 +207,8 @@ def start_log(run, task, ranks, say, **extra):
     """The run's config.json (`extra`: a pack's keys) and its log(event) on log.jsonl, which on
     resume is trimmed to the checkpoint's step (what a killed run logged after it is redone)."""
     args, out_dir, resumed = run.args, run.out_dir, run.resumed
-    run.config = {**vars(args), "world_size": ranks.world_size, "device": ranks.device,
+    own = {k: v for k, v in vars(args).items() if M.applies(k, args.method)}  # EPT: no prompt_length
+    run.config = {**own, "world_size": ranks.world_size, "device": ranks.device,
                   "n_trainable": M.count_trainable(run.net),
                   "t5_fingerprint": pretrained.t5_fingerprint(run.net.t5),
                   "train_file": str(task.train_file),

@@ -93,6 +93,16 @@ def test_train_flags_are_never_abbreviated(capsys):
     assert options.parser.parse_args(["--max-steps", "3"]).max_steps == 3
 
 
+def test_a_mistyped_choice_is_a_two_line_usage_error():
+    """Issue 29: a mistyped --method printed train.py's 24-line usage before the one useful line."""
+    for script, args in (("train.py", ["--method", "eptt"]), ("ablate.py", ["nosuch"])):
+        out = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
+                             timeout=120)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 2 and "--help" in lines[0], out.stderr
+        assert "invalid choice" in lines[1] and args[-1] in lines[1], out.stderr
+
+
 def test_offline_hub_fails_fast_with_the_flag(tmp_path):
     """A Hub name for the model, the tokenizer or a dataset, with no Hub: the one sentence naming the flag
     (--model DIR, --tokenizer DIR, --source DIR) in under 5 s of loading, and no "Retrying in" lines."""

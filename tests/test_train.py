@@ -98,6 +98,9 @@ def test_end_to_end_train_then_evaluate(data_dir, tiny_model_dir, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == "ept" and config["lr"] == 0.3 and config["dtype"] == "fp32" and config["world_size"] == 1
     assert config["n_trainable"] == 2 * 32 + 32  # P1 (1, d) + down (d -> 1) + up (1 -> d), d = 32
+    # only the options EPT takes (issue 29): no prompt_length, no reparam; its own are there
+    assert "prompt_length" not in config and "reparam" not in config, config
+    assert config["hidden_size"] == 1 and config["broadcast"] == 1 and config["init"] == "uniform"
     train_events = events(run, "train")
     assert [e["step"] for e in train_events] == list(range(1, 21))
     for e in train_events:
