@@ -151,7 +151,7 @@ def read_checkpoint(resume_path, max_steps):
                               f"{', '.join(sorted(missing))}); pass --overwrite to start over")
     if ckpt["step"] > max_steps:
         raise errors.Failure(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps "
-                             f"{max_steps}; resume with the same or a larger --max-steps, or "
+                             f"{max_steps}; resume with the run's own --max-steps, or "
                              "--overwrite to start over")
     return ckpt
 
