@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ept import errors, evaluation, files, pretrained, tasks
+from ept import errors, files, pretrained, tasks
 
 
 def encode(tokenizer, texts, max_length):
@@ -194,7 +194,6 @@ def load_task(args, ranks, say):
     if ranks.master:
         prepare_if_missing(args.data_dir, args.task, args.tokenizer, say, args.source)
     meta = tasks.load_meta(args.data_dir, args.task)
-    evaluation.check_metrics(meta, Path(args.data_dir) / args.task / "meta.json")
     if args.eval_mode == "rank" and not meta.get("labels"):
         raise errors.Failure(f"train: --eval-mode rank needs a label set; {args.task} has open "
                              "targets")

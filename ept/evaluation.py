@@ -147,15 +147,6 @@ METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
 }
 
 
-def check_metrics(meta, path):
-    """meta.json names only metrics this file computes (an edited one would fail after the run)."""
-    if unknown := [m for m in meta["metrics"] if m not in METRICS]:
-        command = tasks.prepare_command(Path(path).parent.parent, [Path(path).parent.name],
-                                        overwrite=True)
-        raise files.FileFault(f"{path} names unknown metrics {unknown}; known: {', '.join(METRICS)}"
-                              f". Rebuild the task with `{command}`")
-
-
 def compute_metrics(meta, predictions, examples):
     """{metric: value for meta['metrics']} + 'score' (mean of meta['score']) + counts."""
     assert len(predictions) == len(examples), (len(predictions), len(examples))
@@ -341,7 +332,6 @@ def run_dtype(config, device):
 def _score(net, tokenizer, data_dir, task, split, max_length, max_examples=None, **options):
     """(examples, predictions, metrics, seconds decoding) of `net` on data/<task>/<split>.jsonl."""
     meta = tasks.load_meta(data_dir, task)
-    check_metrics(meta, Path(data_dir) / task / "meta.json")
     if options.get("mode") == "rank" and not meta.get("labels"):
         raise errors.Failure(f"evaluate: --eval-mode rank needs a task with a label set; {task} "
                              "has open targets")

@@ -387,6 +387,11 @@ META_KEYS = {"splits": dict, "labels": (list, type(None)), "metrics": list, "sco
              "max_length": int, "max_target_length": int}
 
 
+# every metric evaluation.METRICS computes (a test holds the two equal)
+METRIC_NAMES = ("acc", "f1", "macro_f1", "mcc", "pearson", "spearman", "f1a", "em", "squad_em",
+                "squad_f1")
+
+
 def load_meta(data_dir, task, strict=True):
     """data/<task>/meta.json, the one reader of it: strict, with the keys the later stages read
     (absent or wrong: one sentence naming the prepare_data command); else as it is ({} when not
@@ -410,6 +415,10 @@ def load_meta(data_dir, task, strict=True):
     if bad:
         raise files.FileFault(f"the task description {path} has a missing or wrong "
                               f"{', '.join(bad)}; rebuild it with "
+                              f"`{prepare_command(data_dir, [task], overwrite=True)}`")
+    if unknown := [m for m in meta["metrics"] if m not in METRIC_NAMES]:  # an edited meta.json
+        raise files.FileFault(f"{path} names unknown metrics {unknown}; known: "  # fails now, not
+                              f"{', '.join(METRIC_NAMES)}. Rebuild the task with "  # after a run
                               f"`{prepare_command(data_dir, [task], overwrite=True)}`")
     return meta
 

@@ -535,9 +535,12 @@ def test_suggested_prepare_commands_run_offline_as_printed(tmp_path, tiny_model_
     run_offline(suggested(warning))
     assert (data / "cb" / "train_k4_seed1.jsonl").exists()
     meta = json.loads((data / "cb" / "meta.json").read_text())
+    (data / "cb" / "meta.json").write_text(json.dumps({**meta, "metrics": ["acc", "bleu"]}))
     with pytest.raises(errors.Failure) as edited:  # a meta.json naming a metric no code computes
-        evaluation.check_metrics({**meta, "metrics": ["acc", "bleu"]}, data / "cb" / "meta.json")
+        tasks.load_meta(data, "cb")
     run_offline(suggested(str(edited.value)))
+    assert tasks.load_meta(data, "cb")["metrics"] == meta["metrics"]  # the rebuild restored it
+    assert set(tasks.METRIC_NAMES) == set(evaluation.METRICS)
 
 
 def test_the_bar_of_a_local_source_names_the_file(tmp_path, monkeypatch):
