@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import model as M  # noqa: E402
 import costs  # noqa: E402  (scripts/costs.py)
-from ept import batching, cli, errors, evaluation, files, pack, pretrained, tasks  # noqa: E402
+from ept import batching, cli, errors, evaluation, pack, pretrained, tasks  # noqa: E402
 from ept import runtime  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)

@@ -24,12 +24,15 @@ from ept import evaluation, tasks  # noqa: E402
 BACKBONE = Path(__file__).resolve().parents[1] / "assets" / "steer" / "backbone"
 TASK = "steer_comma"
 STEPS = 30
-# Measured (2-core VM, 30 steps, batch 32, lr 0.3, seed 0, solo): floor 45.5, PT 100.0, EPT 97.5
-# (test accuracy, %; docs/experiments.md). The margins leave room for another CPU's rounding.
-PT_MIN, EPT_MIN, FLOOR_MAX = 85.0, 70.0, 60.0
+# Measured (2-core VM, 30 steps, batch 32, lr 0.3, seed 0, solo): floor 45.5, PT 100.0 (test
+# accuracy, %; docs/experiments.md). The margins leave room for another CPU's rounding. One EPT seed
+# is a lottery (its failure mode: 6 of seeds 0-9 reach 90 after 30 steps, seed 0 not, measured with
+# the per-run dropout), so EPT is held to a count over 10 seeds below.
+PT_MIN, FLOOR_MAX = 85.0, 60.0
 # The lrs the benchmark chose (report.py, steer.md: the best mean validation score over seeds 0-2)
-# and the seeds EPT's 10-seed unit must steer (test >= 90): measured 9 of 10; the margin one seed.
-PT_LR, EPT_LR, EPT_STEERED = 0.3, 0.3, 8
+# and the seeds EPT's 10-seed unit must steer (test >= 90): measured 8 of 10 with the per-run
+# (stateless) dropout, 9 of 10 before it; the margin one seed.
+PT_LR, EPT_LR, EPT_STEERED = 0.3, 0.3, 7
 
 
 @pytest.fixture(scope="module")
@@ -93,18 +96,16 @@ def test_prompts_steer_the_frozen_backbone(data, tmp_path, captured):
     assert floor <= FLOOR_MAX, \
         f"the backbone already does the steering task without a prompt ({floor:.1f})"
     run(data, tmp_path / "pt", "pt")
-    run(data, tmp_path / "ept", "ept")
-    pt, ept = score(tmp_path / "pt"), score(tmp_path / "ept")
-    print(f"steer: floor {floor:.1f}, pt {pt:.1f}, ept {ept:.1f} after {STEPS} steps")
+    pt = score(tmp_path / "pt")
+    print(f"steer: floor {floor:.1f}, pt {pt:.1f} after {STEPS} steps")
     assert pt >= PT_MIN and pt >= floor + 25, f"PT did not steer: {pt:.1f} (floor {floor:.1f})"
-    assert ept >= EPT_MIN and ept >= floor + 10, f"EPT stayed at the floor: {ept:.1f} ({floor:.1f})"
     assert_frozen(captured)
 
 
 def pack(data, out, method, seeds, lr):
-    """One pack as the benchmark trains it (ablate.py steer: one method and lr, its seeds in
-    order; a packed run's dropout masks depend on its pack mates, so the test's pack is the
-    benchmark's unit), on the benchmark's schedule; {seed: (test score, s_t per step)}."""
+    """One pack as the benchmark trains it (ablate.py steer: one method and lr, its seeds; each
+    run equals its solo run, dropout included), on the benchmark's schedule; {seed: (test score,
+    s_t per step)}."""
     train.main(["--task", TASK, "--model", str(BACKBONE), "--data-dir", str(data),
                 "--method", method, "--seed", *map(str, seeds), "--lr", str(lr),
                 "--max-steps", "100", "--eval-every", "10", "--batch-size", "32",
@@ -121,8 +122,8 @@ def pack(data, out, method, seeds, lr):
 
 def test_ept_steers_at_its_chosen_lr(data, tmp_path, captured):
     """EPT at the lr the benchmark chose for it (0.3: seeds 0-2 reach 100 on validation at 0.03, 0.3
-    and 3 alike; a tie goes to the paper's default), its 10-seed unit: measured 9 of 10 steered
-    (seed 4 at 45.5). Its s_t is logged at every step and takes both signs over the seeds (measured
+    and 3 alike; a tie goes to the paper's default), its 10-seed unit: measured 8 of 10 steered
+    (seeds 0 and 4 at 45.5; a seed's result no longer depends on its pack mates). Its s_t is logged at every step and takes both signs over the seeds (measured
     at step 1: 3 of 10 negative; on the correlated init all 10 were positive, 0.8 to 14.3)."""
     found = pack(data, tmp_path / "ept", "ept", range(10), EPT_LR)
     steered = [seed for seed, (test, _) in found.items() if test >= tasks.STEER_SUCCESS]
