@@ -23,7 +23,25 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer integration test")
 
 
+# The slowest integration tests (15-45 s each on 2 cores): out of the default suite (pytest.ini:
+# -m "not slow"), run by .ci/run after it (`python -m pytest -q -rs -m slow tests`).
+SLOW = {"test_sigkill_then_resume_equals_uninterrupted", "test_grid_on_slurm_equals_in_process_with_a_requeue_and_a_failed_unit",
+        "test_sigkill_of_a_pack_then_resume_equals_uninterrupted", "test_ept_steers_at_its_chosen_lr",
+        "test_two_children_equal_the_in_process_run", "test_prepare_data_then_train_then_evaluate_multirc_fewshot",
+        "test_torchrun_failure_is_one_sentence", "test_sigterm_checkpoints_at_a_step_boundary_and_resume_logs_each_step_once",
+        "test_a_sigkilled_child_is_resumed_nothing_lost_or_doubled", "test_torchrun_pack_two_processes_equal_one",
+        "test_cancelled_array_then_the_same_command_finishes_what_was_left", "test_each_child_a_torchrun_group",
+        "test_pt_steers_on_every_seed", "test_ddp_two_processes_equal_one", "test_failed_start_leaves_no_folder",
+        "test_sigusr1_stops_a_pack_with_status_138_and_resume_continues_every_run",
+        "test_plan_lines_run_by_hand_from_anywhere_idempotent_and_collected_once", "test_torchrun_two_processes_equal_one",
+        "test_train_first_use_preparation_takes_source", "test_a_lock_held_by_a_live_process_that_is_not_ours",
+        "test_every_pass_through_flag_means_the_same_at_any_pack_size", "test_sigint_stops_every_child_and_a_rerun_resumes"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.originalname in SLOW:
+            item.add_marker(pytest.mark.slow)
     import torch
     if not torch.cuda.is_available():
         for item in items:

@@ -123,8 +123,9 @@ def pack(data, out, method, seeds, lr):
 def test_ept_steers_at_its_chosen_lr(data, tmp_path, captured):
     """EPT at the lr the benchmark chose for it (0.3: seeds 0-2 reach 100 on validation at 0.03, 0.3
     and 3 alike; a tie goes to the paper's default), its 10-seed unit: measured 8 of 10 steered
-    (seeds 0 and 4 at 45.5; a seed's result no longer depends on its pack mates). Its s_t is logged at every step and takes both signs over the seeds (measured
-    at step 1: 3 of 10 negative; on the correlated init all 10 were positive, 0.8 to 14.3)."""
+    (seeds 0 and 4 at 45.5; a seed's result no longer depends on its pack mates). Its s_t is
+    logged at every step and takes both signs over the seeds (at step 1, measured before the
+    per-run dropout: 3 of 10 negative; on the correlated init all 10 were positive, 0.8 to 14.3)."""
     found = pack(data, tmp_path / "ept", "ept", range(10), EPT_LR)
     steered = [seed for seed, (test, _) in found.items() if test >= tasks.STEER_SUCCESS]
     print(f"steer: EPT lr {EPT_LR}: {len(steered)}/10 steered: {found}")
