@@ -87,7 +87,9 @@ def main(argv=None):
 
 
 def check_offline(args):
-    """Every Hub-bound input (tokenizer, data, model) checked before the first loads (issue 29)."""
+    """Every Hub-bound input (tokenizer, data, model) checked before the first loads (issue 29);
+    a mistyped --model path is named as the model's (the tokenizer defaults to it)."""
+    pretrained.local_folder(args.model)
     prepared = (Path(args.data_dir) / args.task / "meta.json").exists()
     hub_id = None if prepared or args.source or not tasks.known(args.task) else tasks.TASKS.get(
         args.task, tasks.STEER_TASKS.get(args.task)).hub_id

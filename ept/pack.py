@@ -149,8 +149,9 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
         bar.update(1)
     bar.close()
     if faults:  # all-reduced, so every rank meets them: rank 0 says why, the others exit 1 quietly
-        head = (f"train: {len(faults)} of the {len(team)} runs of the pack stopped; the others "
-                "finished. ") if len(team) > 1 else ""
+        head = ("" if len(team) == 1 else f"train: all {len(team)} runs of the pack stopped. "
+                if len(faults) == len(team) else f"train: {len(faults)} of the {len(team)} runs "
+                "of the pack stopped; the others finished. ")
         if not ranks.master:
             raise runtime.PeerStopped()
         raise train.NonFiniteError(head + " ".join(faults))

@@ -54,10 +54,12 @@ def refuse_more_steps(out_dir, args):
         if key == "max_steps" and (args.epochs is not None or config.get("epochs") is not None):
             continue  # an epoch count decides the steps
         if now is not None and (was is None or now > was):
-            raise errors.Failure(f"train: {out_dir} finished with {flag} {was}; {flag} {now} asks "
-                                 f"for more, but its lr schedule ended at 0 there: keep {flag} "
-                                 f"{was}, or --overwrite to train {flag} {now} from scratch (or "
-                                 "another --out-dir)")
+            ran = (f"with {flag} {was:g}" if was is not None else
+                   f"without {flag} (--max-steps {config.get('max_steps')})")
+            keep = f"keep {flag} {was:g}" if was is not None else f"drop {flag}"
+            raise errors.Failure(f"train: {out_dir} finished {ran}; {flag} {now:g} asks for more, "
+                                 f"but its lr schedule ended at 0 there: {keep}, or --overwrite to "
+                                 f"train {flag} {now:g} from scratch (or another --out-dir)")
 
 
 def read_log(path):

@@ -276,6 +276,9 @@ def test_resume_finished_run_with_more_steps_is_refused(tmp_path, data_dir, tiny
     before = folder_bytes(out)
     with pytest.raises(SystemExit, match=r"finished with --max-steps 2; --max-steps 4 asks for more.*--overwrite"):
         train.main(argv(data_dir, tiny_model_dir, out, *flags, "--resume", "--max-steps", 4))
+    with pytest.raises(SystemExit, match=r"finished without --epochs \(--max-steps 2\); --epochs 3 asks for more.*"
+                                         r"drop --epochs, or --overwrite"):  # issue 28: was "keep --epochs None"
+        train.main(argv(data_dir, tiny_model_dir, out, *flags, "--resume", "--epochs", 3))
     assert train.main(argv(data_dir, tiny_model_dir, out, *flags, "--resume"))["finished"]
     runs_file = tmp_path / "runs.json"
     runs_file.write_text('[{"method": "ept", "out_dir": "%s"}, {"method": "pt", "out_dir": "%s"}]'

@@ -236,7 +236,7 @@ def test_stages_given_the_wrong_folder(done_run, tiny_model_dir, data_dir, tmp_p
     assert snapshot(tiny_model_dir) == before and (other / "log.jsonl").read_text() == "mine\n"
     fails(train.main, argv(data_dir, tiny_model_dir, tmp_path / "r", "--task", "nosuch"), match="unknown task 'nosuch'")
     fails(train.main, argv(data_dir, tiny_model_dir, tmp_path / "r", "--model", tmp_path / "nomodel"),
-          match="no tokenizer folder")
+          match="no model folder")
     fails(report.main, ["--results", str(tmp_path), "--out", str(tiny_model_dir / "config.json")],
           match="cannot create the report folder .*a file of that name is in the way")
     fails(analyze.main, ["all", "--results-dir", str(tmp_path / "none")], match="no results folder")

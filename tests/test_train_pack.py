@@ -95,6 +95,15 @@ def test_pack_equals_the_run_alone_with_dropout_on(data_dir, tiny_model_dir, tmp
     assert losses(off) != pytest.approx(losses(alone), rel=1e-4)
 
 
+def test_a_pack_whose_every_run_stopped_says_all(data_dir, tiny_model_dir, tmp_path):
+    """Issue 28: "4 of the 4 runs stopped; the others finished" named others that did not exist."""
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps([{"method": "ept", "lr": 1e30, "warmup_steps": 1000, "seed": s} for s in (0, 1)]))
+    with pytest.raises(SystemExit, match=r"all 2 runs of the pack stopped\. ") as err:
+        train.main(argv(data_dir, tiny_model_dir, tmp_path / "pack", "--max-steps", 3, "--eval-every", 1, "--runs", spec))
+    assert "the others" not in str(err.value)
+
+
 def test_runs_file_faults_skips_and_refusals(data_dir, tiny_model_dir, tmp_path):
     """--runs FILE: run "bad" overflows (lr 1e30 after a warm-up step of lr 0) and stops alone at step 2."""
     out = tmp_path / "pack"
