@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 
 import model as M
-from ept import cli, errors, evaluation, files, grid, runs
+from ept import cli, evaluation, files, grid, runfolder
 from ept.tasks import GROUPS
 
 # --- the paper's task groups (the registry, in the paper's column order) and grids ---------------
@@ -188,7 +188,7 @@ def steer_prepare(args):
         command = [sys.executable, str(script), "--tasks", task, "--out", str(args.data_dir),
                    "--tokenizer", steer_model(args)]
         if subprocess.run(command).returncode:
-            raise errors.Failure(f"steer: {Path(args.data_dir) / task} could not be prepared "
+            raise cli.Failure(f"steer: {Path(args.data_dir) / task} could not be prepared "
                                  "(prepare_data.py said why above)")
 
 
@@ -205,7 +205,7 @@ def steer_floor(args):
             val, test = (evaluation.evaluate_frozen(model, task, split, args.data_dir)
                          for split in ("validation", "test"))
             row = {"experiment": "steer", "run": key, "task": task, "method": "none",
-                   "seed": None, "model": model, "model_tag": runs.model_tag(model),
+                   "seed": None, "model": model, "model_tag": runfolder.model_tag(model),
                    "score": test["score"], "test": test, "val_score": val["score"],
                    "n_trainable": 0, "n_inference": 0}
             if not grid.append_row_once(results, row):  # another collect wrote it meanwhile
@@ -253,7 +253,7 @@ VALUE_TYPES = {"hidden": cli.positive_int, "broadcast": cli.positive_int, "lr": 
                "structure": grid.one_of(list(STRUCTURES))}  # what --values sweeps
 
 
-@errors.script
+@cli.script
 def main(argv=None):
     args, extra = grid.parse(parser, argv, __file__)
     args.values = grid.parse_values(parser, VALUE_TYPES, args.experiment, args.values)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from ept import cli, errors, evaluation, files, options, pretrained, runs
+from ept import cli, evaluation, files, options, runfolder, runtime
 from ept.tasks import TASKS
 
 FIG2_TASKS = ["boolq", "rte"]
@@ -141,7 +141,7 @@ def norm_curves(rows, tasks, methods):
             picked = pick(rows, task, method)
             if not picked:
                 continue
-            curves = [runs.curves(r["run"]) for r in picked]
+            curves = [runfolder.curves(r["run"]) for r in picked]
             steps, norms = downsample(*_mean_by_step([(c[0], c[1]) for c in curves]))
             eval_steps, scores = _mean_by_step([(c[2], c[3]) for c in curves])
             out.setdefault(task, {})[method] = {"step": steps, "prompt_norm": norms,
@@ -217,13 +217,13 @@ def nearest_tokens(prompt, embedding, tokenizer, k=5):
 
 def frozen_embedding(run_dir, cache):
     """(run config, the frozen embedding matrix P' was trained against, its tokenizer), cached."""
-    config = runs.read_config(run_dir)
+    config = runfolder.read_config(run_dir)
     key = (config["model"], config["random_init"],
            config["seed"] if config["random_init"] else None)
     if key not in cache:
-        t5 = pretrained.load_t5(config["model"], random_init=config["random_init"],
-                                seed=config["seed"], fix=pretrained.RUN_FIX)
-        tokenizer = pretrained.load_tokenizer(config["tokenizer"], fix=pretrained.RUN_FIX)
+        t5 = runtime.load_t5(config["model"], random_init=config["random_init"],
+                                seed=config["seed"], fix=runtime.RUN_FIX)
+        tokenizer = runtime.load_tokenizer(config["tokenizer"], fix=runtime.RUN_FIX)
         cache[key] = (t5.get_input_embeddings().weight.detach(), tokenizer)
     return (config, *cache[key])
 
@@ -326,11 +326,11 @@ def prompt_directions(rows, tasks, methods, seed, score):
 
 # --- command line ---------------------------------------------------------------------------------
 
-@errors.script
+@cli.script
 def main(argv=None):
     args = parser.parse_args(argv)
     if not Path(args.results_dir).is_dir():
-        raise errors.Failure(f"analyze: no results folder {args.results_dir}; "
+        raise cli.Failure(f"analyze: no results folder {args.results_dir}; "
                              "run ablate.py first or pass --results-dir")
     grid = main_grid(args.results_dir)
     # the main runs: the paper's default lr, one model tag
@@ -338,7 +338,7 @@ def main(argv=None):
             and r["lr"] == options.defaults(r["method"])["lr"]]
     if not rows:
         tags = sorted({r["model_tag"] for r in grid})
-        raise errors.Failure(f"analyze: no main-grid rows for model {args.model!r} in "
+        raise cli.Failure(f"analyze: no main-grid rows for model {args.model!r} in "
                              f"{args.results_dir}/table1.jsonl, table2.jsonl; "
                              + (f"the rows there are for {', '.join(tags)}: pass --model" if tags
                                 else "run `python ablate.py table1` (or table2) first"))

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ept import cli, errors, evaluation, files, runtime
+from ept import cli, evaluation, files, runtime
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("run_dir", help="a run folder written by train.py")
@@ -68,7 +68,7 @@ def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="g
     """Run the trained prompt on new inputs (read_inputs); the predictions go to `output_path`."""
     rows = read_inputs(input_path)
     if Path(output_path).resolve() == Path(input_path).resolve():
-        raise errors.Failure(f"--output {output_path} is the input file; name another file")
+        raise cli.Failure(f"--output {output_path} is the input file; name another file")
     net, tokenizer, config = evaluation.load_run(run_dir, checkpoint, None, device)
     device = device or runtime.default_device()
     # config.json keeps the task's meta.json (labels, lengths)
@@ -80,7 +80,7 @@ def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="g
     return preds
 
 
-@errors.script
+@cli.script
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.input:

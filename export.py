@@ -23,7 +23,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 import model as M
-from ept import cli, errors, evaluation, files, runs
+from ept import cli, evaluation, files, runfolder
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME
@@ -57,7 +57,7 @@ def folded_prompt(run_dir, checkpoint="best"):
     run_dir = Path(run_dir)
     if checkpoint == "best":
         if not (run_dir / "prompt.pt").exists():
-            raise errors.Failure(f"export: {run_dir} has no prompt.pt "
+            raise cli.Failure(f"export: {run_dir} has no prompt.pt "
                                  "(an ft run, or training did not finish)")
         return M.load_folded_prompt(run_dir / "prompt.pt")[0].float()
     net, _, _ = evaluation.load_run(run_dir, "last", device="cpu")
@@ -82,23 +82,23 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md")
 def check_out_dir(out_dir, overwrite):
     """The adapter folder may be new or empty, or an existing adapter with --overwrite."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise errors.Failure(f"export: {out_dir} is a file; name a folder for the adapter")
+        raise cli.Failure(f"export: {out_dir} is a file; name a folder for the adapter")
     present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     if present and (ADAPTER_CONFIG not in present or not set(present) <= set(ADAPTER_FILES)):
-        raise errors.Failure(f"export: {out_dir} already holds {', '.join(present[:5])}, "
+        raise cli.Failure(f"export: {out_dir} already holds {', '.join(present[:5])}, "
                              "not an adapter export; name a new or empty folder")
     if present and not overwrite:
-        raise errors.Failure(f"export: {out_dir} already holds an adapter; "
+        raise cli.Failure(f"export: {out_dir} already holds an adapter; "
                              "pass --overwrite to replace it or name another folder")
 
 
 def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False):
     """Write the adapter folder; returns (config dict, prompt tensor)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    config = runs.read_config(run_dir, ("task", "method", "model"))
+    config = runfolder.read_config(run_dir, ("task", "method", "model"))
     check_out_dir(out_dir, overwrite)
     if config["method"] == "ft":
-        raise errors.Failure(f"export: {run_dir} is full fine-tuning: there is no prompt to export")
+        raise cli.Failure(f"export: {run_dir} is full fine-tuning: there is no prompt to export")
     prompt = folded_prompt(run_dir, checkpoint).contiguous()  # (n, d)
     base_model = base_model or config["model"]
     peft_config = adapter_config(prompt, base_model, *t5_dimensions(base_model))
@@ -131,7 +131,7 @@ def load_adapter(out_dir):
             load_file(str(out_dir / ADAPTER_WEIGHTS))[PROMPT_KEY])
 
 
-@errors.script
+@cli.script
 def main(argv=None):
     args = parser.parse_args(argv)
     peft_config, prompt = export(args.run_dir, args.out_dir, args.checkpoint, args.base_model,

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import model as M
-from ept import cli, errors, grid, tasks
+from ept import cli, grid, tasks
 
 TASKS = tasks.GROUPS["glue"] + tasks.GROUPS["superglue"]  # the 13 of Table 1
 SHOTS = [4, 16, 32]
@@ -69,7 +69,7 @@ def check_samples(args):
         print(f"fewshot: {warning}", file=sys.stderr)
 
 
-@errors.script
+@cli.script
 def main(argv=None):
     args, extra = grid.parse(parser, argv, __file__)
     grid.check_args(parser, args, extra)

@@ -8,7 +8,7 @@ prompt and trains all of T5. After training only P' is needed: `save_folded_prom
     python model.py --count                       # the paper's Param column, all sizes
     python model.py --count --configs DIR         # from local t5-small/base/large config folders
 
-ept/pretrained.py loads T5 and its tokenizer (Hub or folder) and builds the tests' tiny random T5.
+ept/runtime.py loads T5 and its tokenizer (Hub or folder) and builds the tests' tiny random T5.
 """
 import argparse
 import contextlib
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ept import cli, errors, files
+from ept import cli, files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
 REPARAMS = ("mlp", "lstm")
@@ -376,7 +376,7 @@ PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, 
                   "extra_layer": False}
 
 # The options each method's prompt module takes (build_prompt_module). Others leave the run as it
-# is, so they neither multiply a sweep's runs nor appear in its name (options.sweep, runs.run_name).
+# is, so they neither multiply a sweep's runs nor appear in its name (options.sweep, runfolder.run_name).
 EPT_OPTIONS = ("hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth",
                "extra_layer", "init")
 APPLIES = {"ft": (), "pt": ("prompt_length", "init"),
@@ -440,7 +440,7 @@ def parameter_table(configs_dir=None, variants=None):
     return table
 
 
-@errors.script
+@cli.script
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--count", action="store_true", required=True,

@@ -26,7 +26,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ept import cli, errors, files, tasks
+from ept import cli, files, tasks
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=cli.HelpFormatter)
@@ -63,7 +63,7 @@ def find_files(task, root):
     folder = root / task.folder
     need = " + ".join(" or ".join(names) for names in task.files.values())
     if not folder.is_dir():
-        raise errors.Failure(f"prepare_data: {task.name}: missing folder {folder} "
+        raise cli.Failure(f"prepare_data: {task.name}: missing folder {folder} "
                              f"(expected {need} in it; see docs/data.md)")
     candidates = []
     for d in sorted([folder, *(p for p in folder.rglob("*") if p.is_dir())],
@@ -78,7 +78,7 @@ def find_files(task, root):
         if len(candidates) > 1 or samples:
             names = (", ".join(str(c.relative_to(folder)) for c, _ in candidates[:4])
                      + (", ..." if len(candidates) > 4 else ""))
-            raise errors.Failure(f"prepare_data: {task.name}: found {need} in "
+            raise cli.Failure(f"prepare_data: {task.name}: found {need} in "
                                  f"{'few-shot sample' if samples else 'several'} folders under "
                                  f"{folder} ({names}), expected the official full distribution in "
                                  "one folder; pass --source DIR with the official files "
@@ -87,7 +87,7 @@ def find_files(task, root):
     absent = [names for names in task.files.values()
               if not any(any(folder.rglob(Path(f).name)) for f in names)]
     what = f"missing {' or '.join(absent[0])}" if absent else "no one folder holds all of the files"
-    raise errors.Failure(f"prepare_data: {task.name}: {what} under {folder} "
+    raise cli.Failure(f"prepare_data: {task.name}: {what} under {folder} "
                          f"(expected {need}; see docs/data.md)")
 
 
@@ -120,8 +120,8 @@ def hub_commit(hub_id, revision):
 
 
 def load_hub(task):
-    from ept import pretrained
-    pretrained.hub_reachable()  # unreachable: the local cache only, no retries
+    from ept import runtime
+    runtime.hub_reachable()  # unreachable: the local cache only, no retries
     import datasets
     print(f"{task.name}: loading {task.hub_id} ({task.hub_config}) from the Hugging Face Hub")
     ds = error = None
@@ -137,8 +137,8 @@ def load_hub(task):
                 break
     # pretrained's sentence: why, and --source DIR (the official files, docs/data.md)
     if ds is None:
-        why = pretrained.offline_error("dataset", f"{task.hub_id} ({task.hub_config})", error)
-        raise errors.Failure(f"prepare_data: {why}")
+        why = runtime.offline_error("dataset", f"{task.hub_id} ({task.hub_config})", error)
+        raise cli.Failure(f"prepare_data: {why}")
     splits = [ds["train"], ds[task.eval_split]]
     if task.subset:  # MRQA: one dataset holds all subsets
         splits = [s.filter(lambda v: v == task.subset, input_columns="subset") for s in splits]
@@ -170,7 +170,7 @@ def to_records(task, rows, where):
                                  f"{', '.join(task.labels)}")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             at = row.get("_at", f"{where} row {i}")  # file:line for local rows
-            raise errors.Failure(f"prepare_data: {task.name}: {at}: bad row "
+            raise cli.Failure(f"prepare_data: {task.name}: {at}: bad row "
                                  f"({type(e).__name__}: {e})") from None
         records.append(rec)
     return records
@@ -260,11 +260,11 @@ def tokenizer_name(name):
 
 @functools.cache
 def load_tokenizer(name):
-    from ept import pretrained
+    from ept import runtime
     try:
-        return pretrained.load_tokenizer(name)
-    except errors.Failure as e:  # pretrained's sentence names the flag (--tokenizer DIR)
-        raise errors.Failure(f"prepare_data: {e}") from None
+        return runtime.load_tokenizer(name)
+    except cli.Failure as e:  # pretrained's sentence names the flag (--tokenizer DIR)
+        raise cli.Failure(f"prepare_data: {e}") from None
 
 
 def source_lengths(tokenizer, texts):
@@ -310,7 +310,7 @@ def prepare(task, args, out):
     splits = dict(zip(("train", "validation", "test"), split(train, held, args.data_seed)))
     for name, records in splits.items():
         if not records:
-            raise errors.Failure(f"prepare_data: {task.name}: the {name} split is empty; "
+            raise cli.Failure(f"prepare_data: {task.name}: the {name} split is empty; "
                                  "the source has too few rows")
     shots = {key: fewshot(task, splits["train"], k, s)
              for key, (k, s) in fewshot_sets(args, out / task.name).items()}
@@ -357,7 +357,7 @@ def prepare(task, args, out):
     print(f"  -> {out / task.name}  (max_target_length {max_target_length})")
 
 
-@errors.script
+@cli.script
 def main(argv=None):
     args = parser.parse_args(argv)
     names = []
@@ -381,10 +381,10 @@ def main(argv=None):
             continue
         meta = tasks.load_meta(out, name, strict=False)
         if not isinstance(meta.get("fewshot"), dict):
-            raise errors.Failure(f"prepare_data: {meta_path} is not a task description of this "
+            raise cli.Failure(f"prepare_data: {meta_path} is not a task description of this "
                                  "project; pass --overwrite to rebuild it")
         if meta.get("data_seed") != args.data_seed or not keys <= set(meta["fewshot"]):
-            raise errors.Failure(f"prepare_data: {out / name} was prepared with data seed "
+            raise cli.Failure(f"prepare_data: {out / name} was prepared with data seed "
                                  f"{meta.get('data_seed')} and few-shot sets "
                                  f"{sorted(meta['fewshot']) or 'none'}; pass --overwrite to "
                                  "rebuild it")

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 import tables
-from ept import cli, errors, files, runs
+from ept import cli, files, runfolder
 from ept.tasks import GROUPS, STEER_SEARCH_SEEDS, STEER_SUCCESS, TASKS, load_meta
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
@@ -533,7 +533,7 @@ def steer_section(results, out):
         if r.get("seed") != 0:
             continue
         usual, lr = {"ft": 1e-3}.get(r["method"], 0.3), r.get("lr") or 0.0  # the benchmark's lr
-        steps, norm, eval_steps, score = runs.curves(r["run"], missing_ok=True)
+        steps, norm, eval_steps, score = runfolder.curves(r["run"], missing_ok=True)
         style = dict(color=tables.COLORS.get(r["method"]),
                      ls="-" if lr == usual else "--" if lr < usual else ":",
                      lw=1.5 if lr == usual else 1, label=f"{tables.LABELS[r['method']]} lr {lr:g}")
@@ -570,7 +570,7 @@ def crosses_zero(s):
 def steer_fate(row):
     """(steered: the tested best checkpoint >= STEER_SUCCESS, lost: the last validation score
     below it, crossed: s_t changed sign between two steps, (steps, s_t), (steps, μ_t))."""
-    steps, norm, _, scores = runs.curves(row["run"], missing_ok=True)
+    steps, norm, _, scores = runfolder.curves(row["run"], missing_ok=True)
     s = ept_s(row["run"])
     return (row["score"] >= STEER_SUCCESS,
             bool(scores) and scores[-1] < STEER_SUCCESS, crosses_zero(s[1]), s,
@@ -654,12 +654,12 @@ FIGURES = [("Figure 1: SuperGLUE average across T5 sizes and against trainable p
 SWEEPS = ("hidden", "broadcast", "lr", "structure")  # the numbers behind Figures 5/12, 7, 8, 9
 
 
-@errors.script
+@cli.script
 def main(argv=None):
     args = parser.parse_args(argv)
     results, out = Path(args.results), Path(args.out)
     if results.exists() and not results.is_dir():
-        raise errors.Failure(f"report: --results {results} is a file; "
+        raise cli.Failure(f"report: --results {results} is a file; "
                              "pass the folder of <experiment>.jsonl files")
     if not results.exists():
         raise files.FileFault(f"report: there is no results folder {results}; run the "

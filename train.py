@@ -1,7 +1,7 @@
 """Train one method on one task: the paper's loop (docs/paper.md, "Training"), CPU, one GPU or many.
 
 Reads data/<task>/ (prepare_data.py; prepared on first use when missing) and a T5 (Hub name or local
-folder). Writes the run folder (ept/runs.py): config.json, log.jsonl (every step's loss, lr, grad
+folder). Writes the run folder (ept/runfolder.py): config.json, log.jsonl (every step's loss, lr, grad
 norm, prompt norm mu_t of Eq. 4 and throughput; every validation; the end), best.pt and last.pt
 (trainable state, optimizer, scheduler, RNG, data position; weights_only-loadable), prompt.pt (the
 folded P' of the best checkpoint) and metrics.json (test metrics of the best checkpoint).
@@ -42,17 +42,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
-from ept import batching, errors, evaluation, files, options, pretrained, runfolder  # noqa: I001
-from ept import runs, runtime, signals, tasks
+from ept import cli, evaluation, files, options, runfolder, runtime, tasks
 
 options.parser.description = __doc__  # the flags live in ept/options.py: the drivers plan by them
 
 
-class NonFiniteError(errors.Failure):
+class NonFiniteError(cli.Failure):
     """A NaN/inf loss, gradient, prompt or weight: the run stops (exit 1), best.pt and log whole."""
 
 
-@errors.script
+@cli.script
 def main(argv=None):
     """Flags; setup; claim and check the run folder; data; model; train; finish. Several runs (a
     sweep, --runs FILE) train as a pack on one T5: ept/pack.py, the same run, R at once."""
@@ -70,11 +69,11 @@ def main(argv=None):
     args = ranks.first(lambda: options.resolve_runs(args, specs, False)[0], everyone=True)
     say = print if ranks.master else (lambda *a, **k: None)
     out_dir, held = Path(args.out_dir), []
-    with signals.stop_on_signals(), runfolder.cleanup([out_dir], held, ranks.master):
+    with runfolder.stop_on_signals(), runfolder.cleanup([out_dir], held, ranks.master):
         resume_path = ranks.first(lambda: open_folder(args, out_dir, held, say))
         if resume_path == "finished":
             return {"out_dir": str(out_dir), "finished": True}
-        task = ranks.first(lambda: batching.load_task(args, ranks, say), everyone=True)
+        task = ranks.first(lambda: tasks.load_task(args, ranks, say), everyone=True)
         t5 = ranks.first(lambda: load_t5(args, task, ranks), everyone=True)
 
         def start():
@@ -89,11 +88,11 @@ def main(argv=None):
 def check_offline(args):
     """Every Hub-bound input (tokenizer, data, model) checked before the first loads (issue 29);
     a mistyped --model path is named as the model's (the tokenizer defaults to it)."""
-    pretrained.local_folder(args.model)
+    runtime.local_folder(args.model)
     prepared = (Path(args.data_dir) / args.task / "meta.json").exists()
     hub_id = None if prepared or args.source or not tasks.known(args.task) else tasks.TASKS.get(
         args.task, tasks.STEER_TASKS.get(args.task)).hub_id
-    pretrained.check_offline(args.model, args.tokenizer or args.model, hub_id or None)
+    runtime.check_offline(args.model, args.tokenizer or args.model, hub_id or None)
 
 
 def train(run, task, model, ranks, say):
@@ -111,10 +110,10 @@ def train(run, task, model, ranks, say):
             raise nonfinite_stop(run, ["weights"], run.scheduler.get_last_lr()[0], ranks.master)
         if run.step == args.max_steps:
             break
-        if sig := signals.stop_requested(ranks):  # preempted or cancelled: last.pt, then exit
+        if sig := runfolder.stop_requested(ranks):  # preempted or cancelled: last.pt, then exit
             if runfolder.weights_finite(run.params):  # never a NaN/inf state on disk
                 runfolder.save_checkpoint(run, ranks, "last.pt")
-            raise signals.stopped(sig, [run])
+            raise runfolder.stopped(sig, [run])
         batch = next_batch(run, n_train, lengths)
         t0 = time.time()
         record = train_step(model, run, batch, task.data, amp, ranks)
@@ -150,7 +149,7 @@ def train_step(model, run, batch, data, amp, ranks):
     for m in range(n_micro):
         idx = shard[m * micro:(m + 1) * micro]
         weight = 1.0 if idx else 0.0  # a rank short of examples still joins DDP's all-reduce
-        input_ids, mask, labels = (t.to(device) for t in batching.collate(
+        input_ids, mask, labels = (t.to(device) for t in tasks.collate(
             idx or batch[:1], source_ids, target_ids, pad_id))
         if ws > 1:
             model.require_backward_grad_sync = m == n_micro - 1
@@ -267,10 +266,10 @@ class Run:
 
 def next_batch(run, n_train, lengths=None):
     """The global batch of the run's next step: [index:index + batch_size] of its epoch's order
-    (batching.epoch_order, a pure function of seed and epoch; `lengths`: --group-by-length)."""
+    (tasks.epoch_order, a pure function of seed and epoch; `lengths`: --group-by-length)."""
     args = run.args
     if run.order[0] != run.epoch:
-        run.order = (run.epoch, batching.epoch_order(
+        run.order = (run.epoch, tasks.epoch_order(
             n_train, args.seed, run.epoch, args.batch_size,
             lengths if args.group_by_length else None))
     return run.order[1][run.index:run.index + args.batch_size].tolist()
@@ -297,9 +296,9 @@ def new_run(t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None, 
     (options.batch_plan: --epochs, the micro-batch size) fills args."""
     if task is not None:
         options.batch_plan(args, len(task.data[0]), ranks.world_size)
-        label_ids = batching.label_ids(task.tokenizer, task.meta.get("labels"))
+        label_ids = tasks.label_ids(task.tokenizer, task.meta.get("labels"))
         if args.init == "label" and label_ids is None:
-            raise errors.Failure(f"train: --init label needs a task with a label set; {args.task} "
+            raise cli.Failure(f"train: --init label needs a task with a label set; {args.task} "
                                  "has none")
     # one stream, used in sequence as the public EPT code does: the prompt table first, then the
     # default-initialised layers (Linear, LSTM): P and the layers are independent
@@ -321,9 +320,9 @@ def new_run(t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None, 
 def load_t5(args, task, ranks):
     """The frozen T5 (dropout on though frozen, as under the HF Trainer: docs/paper.md), each
     example's dropout masks a function of (seed, step, example): model.stateless_dropout."""
-    t5 = pretrained.load_t5(args.model, random_init=args.random_init, seed=args.seed)
-    pretrained.check_vocab(task.tokenizer, t5)
-    pretrained.set_dropout(t5, args.dropout)
+    t5 = runtime.load_t5(args.model, random_init=args.random_init, seed=args.seed)
+    runtime.check_vocab(task.tokenizer, t5)
+    runtime.set_dropout(t5, args.dropout)
     return M.stateless_dropout(t5).to(ranks.device).train()
 
 
@@ -389,7 +388,7 @@ def nonfinite_stop(run, what, lr, master=True):
     err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); "
                          f"stopped. {kept}")
     if master:
-        files.write_text(out_dir / runs.FAILED_NAME, f"{err}\n")
+        files.write_text(out_dir / runfolder.FAILED_NAME, f"{err}\n")
     return err if master else runtime.PeerStopped()
 
 
@@ -433,7 +432,7 @@ def open_folder(args, out_dir, held, say, packed=False):
     lock = runfolder.claim_folder(out_dir, say)
     held.append(lock)
     resume = args.resume
-    finished = packed and not args.overwrite and runs.finished(out_dir)
+    finished = packed and not args.overwrite and runfolder.finished(out_dir)
     resume_path = ("finished" if finished else
                    runfolder.open_run_folder(out_dir, resume, args.overwrite, say))
     if resume_path == "finished":
@@ -446,4 +445,4 @@ def open_folder(args, out_dir, held, say, packed=False):
 
 
 if __name__ == "__main__":
-    signals.run(main)  # Ctrl-C outside the loop: exit 130, files whole; the process group ended
+    runfolder.run(main)  # Ctrl-C outside the loop: exit 130, files whole; the process group ended

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
-from ept import batching, errors, files, pretrained, runs, runtime, tasks
+from ept import cli, files, runfolder, runtime, tasks
 
 # --- metrics: f(predictions, targets, ...); an empty input scores 0.0 (never NaN in JSON) ---------
 
@@ -166,15 +166,15 @@ def _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, d
               progress):
     """[step(input_ids, mask) per batch of `sources` (strings or token-id lists)] in their order,
     in eval mode; `progress` labels a bar on stderr (None: no bar; TQDM_DISABLE=1: none)."""
-    ids = (batching.encode(tokenizer, sources, max_length)
+    ids = (tasks.encode(tokenizer, sources, max_length)
            if sources and isinstance(sources[0], str) else sources)
     out, was_training = {}, model.training
     model.eval()
     bar = tqdm(total=len(ids), desc=progress, unit="ex", dynamic_ncols=True,
                **({"disable": True} if progress is None else {}))
-    for batch in batching.batches_by_length(ids, batch_size, sort,
+    for batch in tasks.batches_by_length(ids, batch_size, sort,
                                             token_budget=not str(device).startswith("cuda")):
-        input_ids, mask = batching.pad([ids[i] for i in batch], tokenizer.pad_token_id)
+        input_ids, mask = tasks.pad([ids[i] for i in batch], tokenizer.pad_token_id)
         with runtime.autocast(device, dtype):
             out.update(zip(batch, step(input_ids.to(device), mask.to(device))))
         bar.update(len(batch))
@@ -230,7 +230,7 @@ def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_lengt
                   device="cpu", dtype="fp32", progress=None):
     """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5,
     scored by `label_nll` for a batch of inputs at a time; never an invalid prediction."""
-    label_ids, _ = batching.pad(batching.encode(tokenizer, labels, max_length), -100)  # (L, T)
+    label_ids, _ = tasks.pad(tasks.encode(tokenizer, labels, max_length), -100)  # (L, T)
 
     def step(input_ids, mask):
         nll = label_nll(model, input_ids, mask, label_ids.to(device))
@@ -245,7 +245,7 @@ def run_predictions(net, tokenizer, sources, meta, *, mode, **options):
     if mode != "rank":
         return predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"], **options)
     if not meta.get("labels"):
-        raise errors.Failure("--eval-mode rank needs a task with a label set (meta.json 'labels')")
+        raise cli.Failure("--eval-mode rank needs a task with a label set (meta.json 'labels')")
     return rank_classify(net, tokenizer, sources, meta["labels"], **options)
 
 
@@ -274,11 +274,11 @@ def decode_options(args):
 def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     """(PromptedT5 with a FoldedPrompt or a fine-tuned T5, tokenizer, config) from a run folder."""
     run_dir = Path(run_dir)
-    config = runs.read_config(run_dir)
+    config = runfolder.read_config(run_dir)
     device = device or runtime.default_device()
-    t5 = pretrained.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
-                            fix=pretrained.RUN_FIX)
-    tokenizer = pretrained.load_tokenizer(config["tokenizer"], fix=pretrained.RUN_FIX)
+    t5 = runtime.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
+                            fix=runtime.RUN_FIX)
+    tokenizer = runtime.load_tokenizer(config["tokenizer"], fix=runtime.RUN_FIX)
     state_path = run_dir / f"{checkpoint}.pt"
     if config["method"] == "ft":  # the checkpoint holds all of T5
         if not state_path.exists():
@@ -286,8 +286,8 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
                                   "was it pruned?")
         load_state(t5, files.load_torch(state_path), state_path)
         return M.PromptedT5(t5, None).to(device).eval(), tokenizer, config
-    if config.get("t5_fingerprint") and pretrained.t5_fingerprint(t5) != config["t5_fingerprint"]:
-        raise errors.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one "
+    if config.get("t5_fingerprint") and runtime.t5_fingerprint(t5) != config["t5_fingerprint"]:
+        raise cli.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one "
                              f"{run_dir} was trained with (fingerprint mismatch); restore that "
                              "model or retrain the run")
     if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
@@ -307,9 +307,9 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
             prompt = module().detach()
     prompt = torch.as_tensor(prompt, dtype=torch.float32)
     if not torch.isfinite(prompt).all():
-        raise errors.Failure(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
+        raise cli.Failure(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
     if prompt.dim() != 2 or prompt.size(1) != t5.config.d_model:
-        raise errors.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but "
+        raise cli.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but "
                              f"{config['model']} needs (n, {t5.config.d_model}); it belongs to "
                              "another model")
     return M.PromptedT5(t5, M.FoldedPrompt(prompt)).to(device).eval(), tokenizer, config
@@ -333,10 +333,10 @@ def _score(net, tokenizer, data_dir, task, split, max_length, max_examples=None,
     """(examples, predictions, metrics, seconds decoding) of `net` on data/<task>/<split>.jsonl."""
     meta = tasks.load_meta(data_dir, task)
     if options.get("mode") == "rank" and not meta.get("labels"):
-        raise errors.Failure(f"evaluate: --eval-mode rank needs a task with a label set; {task} "
+        raise cli.Failure(f"evaluate: --eval-mode rank needs a task with a label set; {task} "
                              "has open targets")
     max_length = max_length or meta["max_length"]
-    examples, source_ids, _ = batching.read_split(meta, split, Path(data_dir) / task /
+    examples, source_ids, _ = tasks.read_split(meta, split, Path(data_dir) / task /
                                                   f"{split}.jsonl", tokenizer, max_length,
                                                   max_examples)
     t0 = time.time()
@@ -384,7 +384,7 @@ def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None)
     """The frozen T5 `model` alone, no prompt and no run folder (the steering benchmark's floor):
     its metrics on `split` of `task` (greedy decoding, fp32)."""
     device = device or runtime.default_device()
-    net = M.PromptedT5(pretrained.load_t5(model), None).to(device).eval()
-    _, _, scores, _ = _score(net, pretrained.load_tokenizer(model), data_dir, task, split, None,
+    net = M.PromptedT5(runtime.load_t5(model), None).to(device).eval()
+    _, _, scores, _ = _score(net, runtime.load_tokenizer(model), data_dir, task, split, None,
                           mode="generate", device=device, batch_size=batch_size, dtype="fp32")
     return {"task": task, "split": split, "model": str(model), **scores}

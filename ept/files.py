@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ept import errors
+from ept import cli
 
 
-class FileFault(errors.Failure):
+class FileFault(cli.Failure):
     """A file that is missing, damaged or cannot be written: one sentence, exit status 1."""
 
 

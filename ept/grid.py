@@ -1,16 +1,23 @@
-"""The experiment grid (ablate.py's, fewshot.py's): specs -> plan -> units -> pool -> collect.
+"""The experiment grid (ablate.py's, fewshot.py's): specs -> plan -> units -> pool -> collect, and
+the plan on SLURM.
 
 A grid is a list of specs (train.py options per run, plus "_row": extra result columns such as the
 swept value). The plan maps each run's name to (options, extra columns, run folder): the same
 configuration twice is one run. A unit, a pack of prompt runs on one frozen T5 or a solo run, is one
 line of <results-dir>/<experiment>.plan, `cd <cwd> && python train.py ... --resume`, idempotent:
-a finished run exits at once, a half-done one resumes. Units run here (in this process by runpy,
-or as children), on a local pool (--gpus) or as a SLURM array (ept/slurm.py); they write no
-rows: collect appends every finished run's row once (docs/experiments.md, "The plan").
+a finished run exits at once, a half-done one resumes, and on SIGTERM it checkpoints and exits
+non-zero, so running it again resumes it. Units run here (in this process by runpy, or as children),
+on a local pool (--gpus) or as a SLURM job array (one unit per array task) with a collect job after
+every task ended (afterany). Units write no rows: collect appends every finished run's row once
+(docs/experiments.md, "The plan" and "SLURM").
 
     args, extra = grid.parse(parser, argv, __file__)    # a driver's flags; the rest: train.py's
     grid.check_args(parser, args, extra)                # before anything runs or is written
     return grid.run_driver("fewshot", specs(args), args, extra)
+
+    python -m ept.grid results/table1.plan --collect "python ablate.py table1 --collect" \
+        --time 12:00:00 --max-parallel 16              # writes results/table1.sbatch, submits it
+    grid.submit("results/table1.plan", collect_cmd, time="12:00:00", max_parallel=16)  # the same
 """
 import argparse
 import contextlib
@@ -18,8 +25,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import runpy
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,8 +38,9 @@ import traceback
 from pathlib import Path
 
 import model as M
-import tables  # beside report.py
-from ept import cli, errors, files, options, runs, signals, tasks
+import tables
+from ept import cli, files, options, runfolder, tasks
+
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train.py"
@@ -196,8 +206,8 @@ def spec(task, method, model, seed, _row=None, **settings):
 
 def run_name(settings):
     """<task>_<method>_<model>[_<non-default options>]_s<seed>, e.g. boolq_ept_t5-base_h50_s1
-    (runs.run_name against train.py's defaults for the method)."""
-    return runs.run_name(settings, options.defaults(settings["method"]))
+    (runfolder.run_name against train.py's defaults for the method)."""
+    return runfolder.run_name(settings, options.defaults(settings["method"]))
 
 
 def train_argv(settings, out_dir, data_dir=None, extra=()):
@@ -232,7 +242,7 @@ def passed_through(extra):
     --runs entry say what it trains (a SMOKE few-shot run of 6 steps: ..._steps6_...)."""
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
-    keys = dict.fromkeys([key for key, _ in runs.NAME_TAGS]
+    keys = dict.fromkeys([key for key, _ in runfolder.NAME_TAGS]
                          + [k for k in options.PER_RUN if k != "resume"])
     return {key: values[key] for key in keys
             if key in values and "--" + key.replace("_", "-") in flags}
@@ -252,7 +262,7 @@ DEFAULT_SPLITS = (10000, 1000, 1000)  # a task neither prepared nor the paper's:
 
 def size_key(model_name):
     """t5-small / t5-base / t5-large when the model's name says so, else "other"."""
-    tag = runs.model_tag(model_name)
+    tag = runfolder.model_tag(model_name)
     return next((size for size in M.SIZES if size in tag), "other")
 
 
@@ -377,10 +387,10 @@ class Unit:
         self.line = f"cd {shlex.quote(os.getcwd())} && {shlex.join(self.command)}"
 
     def finished(self):
-        return all(runs.finished(run_dir) for run_dir in self.dirs)
+        return all(runfolder.finished(run_dir) for run_dir in self.dirs)
 
     def unfinished_runs(self):
-        return [name for name, run_dir in zip(self.names, self.dirs) if not runs.finished(run_dir)]
+        return [name for name, run_dir in zip(self.names, self.dirs) if not runfolder.finished(run_dir)]
 
 
 def make_units(plan, args, extra):
@@ -416,7 +426,7 @@ def write_plan(path, units):
         lines = old.splitlines()
         pairs = enumerate(zip(lines, text.splitlines()))
         i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
-        raise errors.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
+        raise cli.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
                              f"flags, pack size or folder); delete it to plan again, or pass "
                              f"another --results-dir")
     for unit in units:  # the packs' runs files first: a plan line never names a missing file
@@ -485,8 +495,8 @@ def run_unit(experiment, unit, args, i, n):
         except Exception:  # one broken unit does not stop the grid; reported at the end
             traceback.print_exc()
             status = 1
-        if status == 0 and signals.received():  # it came in the unit's last steps, which finished
-            status = 128 + signals.received()
+        if status == 0 and runfolder.received():  # it came in the unit's last steps, which finished
+            status = 128 + runfolder.received()
         if status in (*STOP_STATUSES, 128 + signal.SIGINT):
             stop(experiment, unit, status - 128)
     if status:  # train.py printed its error
@@ -537,11 +547,11 @@ def pool_devices(args):
         return [""] * args.slots
     gpus, nproc = args.gpus, args.nproc
     if gpus % nproc:
-        raise errors.Failure(f"--gpus {gpus} is not a multiple of --nproc {nproc} (GPUs per run)")
+        raise cli.Failure(f"--gpus {gpus} is not a multiple of --nproc {nproc} (GPUs per run)")
     listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
     visible = [d for d in listed if d] or [str(i) for i in range(gpus)]
     if len(visible) < gpus:
-        raise errors.Failure(f"--gpus {gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: "
+        raise cli.Failure(f"--gpus {gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: "
                              f"{','.join(visible)}")
     return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(gpus // nproc)]
 
@@ -627,10 +637,10 @@ def run_pool(experiment, units, devices):
             for slot in pool.free_slots()[:len(queue)]:
                 pool.start(slot, queue.pop(0))
             for unit, status in pool.ended():
-                left = [d for d in unit.dirs if not runs.finished(d)]
+                left = [d for d in unit.dirs if not runfolder.finished(d)]
                 if not left:
                     print(f"{experiment}: unit {unit.index} done", flush=True)
-                elif unit.index not in retried and any(runs.failure(d) is None for d in left):
+                elif unit.index not in retried and any(runfolder.failure(d) is None for d in left):
                     retried.add(unit.index)
                     print(f"{experiment}: unit {unit.index} ended with status {status}; "
                           "resuming it once", flush=True)
@@ -734,22 +744,21 @@ def run_experiment(experiment, specs, args, extra=()):
 def slurm_submission(experiment, path, args, n_units):
     """--slurm, checked before the plan is written (sbatch here, MaxArraySize, the options as
     #SBATCH lines): a call that submits the plan as job arrays, task i running line i, and the
-    collect command as a job after them (slurm.py writes the sbatch scripts beside the plan)."""
-    from ept import slurm
+    collect command as a job after them (sbatch_script writes them beside the plan)."""
     opts = dict(job_name=f"ept-{experiment}", partition=args.slurm_partition,
                 time=args.slurm_time, max_parallel=args.slurm_max_tasks, extra=args.slurm_option,
                 gpus_per_task=args.nproc if args.slurm_gpus is None else args.slurm_gpus,
-                after=args.slurm_after, max_array=slurm.check())
-    slurm.sbatch_script(path, n_units, log_dir=path.parent, **{k: v for k, v in opts.items()
+                after=args.slurm_after, max_array=check())
+    sbatch_script(path, n_units, log_dir=path.parent, **{k: v for k, v in opts.items()
                                                                 if k != "max_array"})
 
-    def submit():
+    def go():
         if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU
             print(f"{experiment}: note: this machine has no GPU, so each unit is one run; pass "
                   "--pack-size N (PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit on the "
                   "cluster's GPUs", flush=True)
-        slurm.submit(path, collect_command(args), **opts)
-    return submit
+        submit(path, collect_command(args), **opts)
+    return go
 
 
 # --- result rows ---------------------------------------------------------------------------------
@@ -766,8 +775,8 @@ def prompt_stats(run_dir):
 
 def log_stats(run_dir):
     """Best validation score and its step (the first of equal ones), and the last logged prompt
-    norm μ_t, from log.jsonl (runs.curves)."""
-    _, norms, steps, scores = runs.curves(run_dir, missing_ok=True)
+    norm μ_t, from log.jsonl (runfolder.curves)."""
+    _, norms, steps, scores = runfolder.curves(run_dir, missing_ok=True)
     best = max(zip(scores, steps), key=lambda pair: pair[0], default=(None, None))
     return (*best, norms[-1] if norms else None)
 
@@ -789,7 +798,7 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
     if not ran["fewshot_k"]:
         ran["fewshot_seed"] = None
     return {"experiment": experiment, "run": str(run_dir), **ran,
-            "model_tag": runs.model_tag(settings["model"]), **(extra_fields or {}),
+            "model_tag": runfolder.model_tag(settings["model"]), **(extra_fields or {}),
             "score": metrics.get("score"), "test": metrics if tested else None, "tested": tested,
             "val_score": val_score, "best_step": best_step,
             "n_trainable": config.get("n_trainable"), "n_inference": n_inference,
@@ -832,7 +841,7 @@ def collect(experiment, plan, args):
     results = Path(args.results_dir) / f"{experiment}.jsonl"
     rows, missing, done = [], [], []
     for name, (settings, fields, run_dir) in plan.items():
-        if runs.status(run_dir) != "done":
+        if runfolder.status(run_dir) != "done":
             missing.append(name)
             continue
         row = result_row(experiment, settings, run_dir, fields)
@@ -840,8 +849,8 @@ def collect(experiment, plan, args):
         rows.append(row)
         if args.prune_ft_checkpoints and settings["method"] == "ft":  # T5 + AdamW state, twice
             prune_checkpoints(run_dir)
-    failed = {name: runs.failure(plan[name][2]) for name in missing
-              if runs.status(plan[name][2]) == "failed"}
+    failed = {name: runfolder.failure(plan[name][2]) for name in missing
+              if runfolder.status(plan[name][2]) == "failed"}
     failures = f" ({len(failed)} failed)" if failed else ""
     replaced = (f", {done.count('replaced')} replaced: their run was trained again"
                 if "replaced" in done else "")
@@ -881,3 +890,281 @@ def prune_checkpoints(run_dir):
             raise files.FileFault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}: "
                                   f"{files.why(err)}; its row is written, rerun without the "
                                   "flag") from None
+
+
+# --- the plan on SLURM: sbatch scripts, submission -----------------------------------------------
+
+SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write last.pt and exit
+
+
+def time_seconds(text):
+    """A SLURM time limit ('90', '4:00:00', '1-12', '2-00:30:00', ...) in seconds; None: none."""
+    if text.upper() in ("INFINITE", "UNLIMITED", "0"):  # SLURM: a limit of 0 is no limit
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not m:
+        raise cli.Failure(f"{text!r} is not a SLURM time limit (minutes, H:MM:SS or D-HH:MM:SS)")
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        return ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    if c is not None:  # hours:minutes:seconds
+        return (a * 60 + b) * 60 + c
+    return a * 60 + (b or 0)  # minutes[:seconds]
+
+
+def _option(value, what):
+    """A value for an #SBATCH line: sbatch splits those lines at spaces and reads one line each."""
+    text = str(value)
+    if not text or re.search(r"\s", text):
+        raise cli.Failure(f"the {what} {text!r} cannot go on an #SBATCH line (it is empty or "
+                             "has spaces)")
+    return text
+
+
+def _job_id(text):
+    if not re.fullmatch(r"\d+(_\d+)?", str(text)):
+        raise cli.Failure(f"{text!r} is not a SLURM job id (a number, as sbatch prints it)")
+    return str(text)
+
+
+def _units(n):
+    return f"{n} unit{'s' if n != 1 else ''}"
+
+
+def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
+                  gpus_per_task=1, max_parallel=None, extra=(), cpus_per_task=None,
+                  signal_s=SIGNAL_S, workdir=None, after=(), first=0):
+    """The job array's sbatch script: task i runs line first+i+1 of the plan (first: the lines
+    earlier arrays run, past MaxArraySize). gpus_per_task=0: no GPU line. after: job ids the
+    array waits for (afterany), e.g. an earlier plan's that shares runs."""
+    if n_units < 1:
+        raise cli.Failure(f"the plan {plan_path} has no units: nothing to submit")
+    limit = time_seconds(time) if time else None
+    if limit is not None and limit <= signal_s:
+        raise cli.Failure(f"the time limit {time} is not longer than the {signal_s} s the unit "
+                             f"gets to checkpoint before it (signal_s)")
+    plan, logs = Path(plan_path).resolve(), Path(log_dir).resolve()
+    workdir = Path(workdir or Path.cwd()).resolve()
+    name = _option(job_name, "job name")
+    array = f"0-{n_units - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    lines = ["#!/bin/bash",
+             f"# {name}: the {_units(n_units)} of {plan}, one SLURM array task each (task i runs "
+             "line i+1)." if not first else f"# {name}: lines {first + 1}-{first + n_units} of "
+             f"{plan}, one SLURM array task each (task i runs line {first}+i+1).",
+             "# Written by ept/grid.py. Submit again with `sbatch <this file>`: a finished unit "
+             "exits at once,",
+             "# an interrupted one resumes. One unit without SLURM: SLURM_ARRAY_TASK_ID=i bash "
+             "<this file>.",
+             f"#SBATCH --job-name={name}", f"#SBATCH --array={array}", "#SBATCH --ntasks=1"]
+    optional = {"dependency": after and "afterany:" + ":".join(map(_job_id, after)),
+                "cpus-per-task": cpus_per_task, "gres": gpus_per_task and f"gpu:{gpus_per_task}",
+                "partition": partition and _option(partition, "partition"),
+                "time": time and _option(time, "time limit")}
+    lines += [f"#SBATCH --{key}={value}" for key, value in optional.items() if value]
+    lines += ["#SBATCH --requeue", f"#SBATCH --signal=B:USR1@{signal_s}",
+              f"#SBATCH --chdir={_option(workdir, 'working folder')}",
+              f"#SBATCH --output={_option(logs, 'log folder')}/{name}-%A_%a.log",
+              "#SBATCH --open-mode=append"]  # a requeued task adds to its log, not a new one
+    lines += [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra]
+    body = _BODY.replace("PLAN", shlex.quote(str(plan)))
+    lines.append(body.replace("$((task + 1))", f"$((task + {first + 1}))") if first else body)
+    return "\n".join(lines) + "\n"
+
+
+_BODY = r"""
+plan=PLAN
+task=${SLURM_ARRAY_TASK_ID:?"run under sbatch, or set SLURM_ARRAY_TASK_ID=i for line i+1"}
+unit=$(sed -n "$((task + 1))p" "$plan")
+[ -n "$unit" ] || { echo "no line $((task + 1)) in $plan" >&2; exit 2; }
+echo "== $(date -Is) task $task of ${SLURM_ARRAY_JOB_ID:-(no job)}," \
+     "start $((${SLURM_RESTART_COUNT:-0} + 1)), on $(hostname): $unit"
+
+# USR1: the time limit is near (--signal); TERM: scancel, preemption or scontrol requeue; INT:
+# Ctrl-C when run by hand. Each sends SIGTERM to every process of the unit: train.py writes its
+# checkpoint and exits, and this shell waits for it (the unit runs in the background: bash runs a
+# trap only between commands). setsid gives the unit its own process group, so the signal reaches
+# train.py behind a `cd ... &&`; the unit's bash outlives SIGTERM (trap :) until train.py exits.
+got= n=0
+stop() { got=$1 n=$((n + 1)); kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; }
+trap 'stop USR1' USR1
+trap 'stop TERM' TERM
+trap 'stop INT' INT
+setsid bash -c "trap : TERM; $unit" &
+pid=$!
+while :; do
+  seen=$n; wait "$pid"; rc=$?
+  if [ "$rc" -le 128 ] || [ "$n" = "$seen" ]; then break; fi  # the unit's status, not a trap's
+done
+
+if [ "$rc" -eq 0 ]; then
+  echo "== $(date -Is) unit finished"
+elif [ "$got" = USR1 ] && [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
+  echo "== $(date -Is) time limit near: unit stopped (exit $rc); requeueing this task to resume it"
+  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${task}"
+elif [ -n "$got" ]; then
+  echo "== $(date -Is) unit stopped by SIG$got (exit $rc); it resumes when run again"
+else
+  echo "== $(date -Is) unit failed (exit $rc): $unit"
+fi
+exit "$rc"
+"""
+
+
+def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, extra=(),
+                   workdir=None):
+    """The collect job's sbatch script: after every task of the array ended (afterany), the task
+    states SLURM still holds, then the collect command."""
+    logs = Path(log_dir).resolve()
+    workdir = Path(workdir or Path.cwd()).resolve()
+    name = _option(job_name, "job name")
+    lines = ["#!/bin/bash",
+             f"# {name}: collect and report once every task of array {array_id} ended (afterany:",
+             "# finished, failed or cancelled). Written by ept/grid.py.",
+             f"#SBATCH --job-name={name}-collect", f"#SBATCH --dependency=afterany:{array_id}",
+             "#SBATCH --ntasks=1"]
+    if partition:
+        lines.append(f"#SBATCH --partition={_option(partition, 'partition')}")
+    lines += [f"#SBATCH --chdir={_option(workdir, 'working folder')}",
+              f"#SBATCH --output={_option(logs, 'log folder')}/{name}-collect-%j.log"]
+    lines += [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra
+              if not option.startswith(("--gres", "--gpus", "--array", "--signal"))]
+    lines += ["", f"echo \"== array {array_id}: task states (as long as SLURM keeps them, "
+              "MinJobAge)\"",
+              f"squeue --noheader --states=all --jobs={array_id.replace(':', ',')} "
+              "--format='task %K: %T' | sort -V",
+              "echo \"== $(date -Is) collect\"", collect_cmd]
+    return "\n".join(lines) + "\n"
+
+
+DEFAULT_MAX_ARRAY = 1001  # SLURM's MaxArraySize when the cluster does not set it
+
+
+def check():
+    """Before anything is written: sbatch is here; the cluster's MaxArraySize (array indices go
+    up to it, exclusive: a larger plan is submitted as several arrays, one after another)."""
+    if shutil.which("sbatch") is None:
+        raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
+                             "here (a test cluster on this machine, as root: "
+                             "bash scripts/slurm_cluster.sh start)")
+    try:
+        shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                               timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        shown = ""
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", shown, re.MULTILINE)
+    return int(found.group(1)) if found else DEFAULT_MAX_ARRAY
+
+
+def _sbatch(text, path, what):
+    """Submit a script (on stdin), then write it to `path`; its job id, or one sentence, nothing
+    written."""
+    done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise cli.Failure(f"sbatch refused {what} ({path.name}): {reason}")
+    files.write_text(path, text)
+    return done.stdout.strip().split(";")[0]  # --parsable: "<id>" or "<id>;<cluster>"
+
+
+def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, max_array=None, **opts):
+    """Submit the plan as a job array (past the cluster's MaxArraySize, `max_array`: several, each
+    after the one before), then the collect job after them (afterany); write the scripts beside
+    the plan (<plan>.sbatch or <plan>.<k>.sbatch, <plan>.collect.sbatch); print and return the
+    job ids (the last array's: it ends last)."""
+    plan = Path(plan_path).resolve()
+    units = files.read_text(plan, "plan").splitlines()
+    if any(not line.strip() for line in units):
+        raise cli.Failure(f"the plan {plan} has an empty line: every line must be a unit")
+    max_array = max_array or check()
+    job_name = job_name or plan.stem
+    logs = Path(log_dir or plan.parent / "slurm-logs").resolve()
+    starts = range(0, max(len(units), 1), max_array)
+    texts = [sbatch_script(plan, min(max_array, len(units) - first), job_name=job_name,
+                           log_dir=logs, first=first, **opts) for first in starts]
+    fresh = not logs.exists()
+    files.make_dir(logs, "log folder")  # SLURM does not create the folder of --output
+    arrays = []
+    for k, text in enumerate(texts):
+        if arrays:  # the next array starts once the one before ended
+            text = _after(text, arrays[-1], opts.get("after"))
+        name = plan.stem + (f".{k}" if len(texts) > 1 else "") + ".sbatch"
+        try:
+            arrays.append(_sbatch(text, plan.with_name(name), "the job array"))
+        except cli.Failure as err:
+            if fresh and not arrays:
+                logs.rmdir()
+            if not arrays:
+                raise
+            raise cli.Failure(f"{err} (arrays {' '.join(arrays)} were submitted: scancel "
+                                 f"them, then submit again)") from None
+    array_id = arrays[-1]
+    shared = {k: opts[k] for k in ("partition", "extra", "workdir") if k in opts}
+    collect_text = collect_script(collect_cmd, ":".join(arrays), job_name=job_name, log_dir=logs,
+                                  **shared)
+    try:
+        collect_id = _sbatch(collect_text, plan.with_name(plan.stem + ".collect.sbatch"),
+                             "the collect job")
+    except cli.Failure as err:
+        raise cli.Failure(f"{err} (the array {' '.join(arrays)} was submitted and runs without "
+                             f"it: scancel {' '.join(arrays)}, or collect by hand later: "
+                             f"{collect_cmd})") from None
+    print_submitted(job_name, arrays, collect_id, len(units), logs, opts)
+    return array_id, collect_id
+
+
+def _after(text, array_id, after):
+    """An array script made to wait for the array before it (and not for `after` any more)."""
+    line = next((ln for ln in text.splitlines() if ln.startswith("#SBATCH --dependency=")), None)
+    wait = f"#SBATCH --dependency=afterany:{array_id}"
+    if line:
+        return text.replace(line + "\n", wait + "\n", 1)
+    return text.replace("#SBATCH --ntasks=1\n", f"#SBATCH --ntasks=1\n{wait}\n", 1)
+
+
+def print_submitted(job_name, arrays, collect_id, n_units, logs, opts):
+    array = arrays[0] if len(arrays) == 1 else "<array>"
+    at_once = f", {opts['max_parallel']} at once" if opts.get("max_parallel") else ""
+    after = f", after job {' '.join(opts['after'])}" if opts.get("after") else ""
+    several = (f" in {len(arrays)} arrays, each after the one before (MaxArraySize): "
+               f"{' '.join(arrays)}" if len(arrays) > 1 else "")
+    ids = ",".join([*arrays, collect_id])
+    print(f"submitted {job_name}: array job {arrays[-1]} ({_units(n_units)}{several}{at_once}"
+          f"{after}), collect job {collect_id} after it\n"
+          f"  follow:  squeue -j {ids}\n"
+          f"  logs:    {logs}/{job_name}-{array}_<task>.log, "
+          f"{logs}/{job_name}-collect-{collect_id}.log\n"
+          f"  stop:    scancel {ids.replace(',', ' ')}   (running units checkpoint; "
+          f"submitting the same plan again finishes what is left)", flush=True)
+
+
+submit_parser = argparse.ArgumentParser(prog="python -m ept.grid", description="Submit a plan file to "
+                                 "SLURM: one job array, then the collect job after it.")
+submit_parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
+submit_parser.add_argument("--collect", required=True, metavar="CMD",
+                    help="the shell line that collects and reports after every task ended")
+submit_parser.add_argument("--job-name", help="default: the plan's name without .plan")
+submit_parser.add_argument("--log-dir", help="the tasks' logs (default: slurm-logs/ beside the plan)")
+submit_parser.add_argument("--partition", help="default: the cluster's default partition")
+submit_parser.add_argument("--time", help="each task's time limit (SLURM's format: 4:00:00, 1-12, ...)")
+submit_parser.add_argument("--gpus-per-task", type=cli.nonnegative_int, default=1,
+                    help="GPUs per unit (--gres=gpu:N; 0: no GPU line)")
+submit_parser.add_argument("--cpus-per-task", type=cli.positive_int)
+submit_parser.add_argument("--max-parallel", type=cli.positive_int, help="tasks at once (--array=...%%M)")
+submit_parser.add_argument("--signal-s", type=cli.positive_int, default=SIGNAL_S, help="USR1 this many "
+                    "seconds before the time limit: the unit checkpoints, the task requeues")
+submit_parser.add_argument("--after", action="append", default=[], metavar="JOBID",
+                    help="start the array once this job ended (afterany), e.g. an earlier plan's "
+                         "array that shares runs with this one (repeatable)")
+submit_parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPT", dest="extra",
+                    help="an #SBATCH line of both jobs, e.g. --sbatch-option=--account=nlp "
+                         "(repeatable)")
+
+
+@cli.script
+def main(argv=None):
+    args = vars(submit_parser.parse_args(argv))  # the other options are submit's keywords, by name
+    submit(args.pop("plan"), args.pop("collect"), **args)
+
+
+if __name__ == "__main__":
+    main()

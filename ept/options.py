@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import model as M
-from ept import cli, errors, files, runs, runtime
+from ept import cli, files, runfolder, runtime
 
 # train.py sets its text
 # no abbreviations: `--max-step 3` or `--eval 5` is an error, never a guess (issue 28)
@@ -143,13 +143,13 @@ def defaults(method):
     """train.py's defaults for `method`, read from its own parser and resolve(): what a run name
     leaves out. The few-shot sample always shows in a name (no default)."""
     args = resolve(parser.parse_args(["--method", method]))
-    return {**{key: getattr(args, key) for key, _ in runs.NAME_TAGS}, "fewshot_seed": None}
+    return {**{key: getattr(args, key) for key, _ in runfolder.NAME_TAGS}, "fewshot_seed": None}
 
 
 def run_name(args):
-    """The folder name of a resolved run of a pack (runs.run_name against defaults(method))."""
+    """The folder name of a resolved run of a pack (runfolder.run_name against defaults(method))."""
     spec = {k: v for k, v in vars(args).items() if args.fewshot_k or k != "fewshot_seed"}
-    return runs.run_name(spec, defaults(args.method))
+    return runfolder.run_name(spec, defaults(args.method))
 
 
 def per_run_value(key, value):
@@ -157,16 +157,16 @@ def per_run_value(key, value):
     action = next(a for a in parser._actions if a.dest == key)
     if action.nargs == 0:  # a flag (store_true)
         if not isinstance(value, bool):
-            raise errors.Failure(f"train: --runs: {key} must be true or false, not {value!r}")
+            raise cli.Failure(f"train: --runs: {key} must be true or false, not {value!r}")
         return value
     if value is None:
         return None
     try:
         value = action.type(str(value)) if action.type else value
     except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
-        raise errors.Failure(f"train: --runs: {key}: {err}") from None
+        raise cli.Failure(f"train: --runs: {key}: {err}") from None
     if action.choices is not None and value not in action.choices:
-        raise errors.Failure(f"train: --runs: {key} {value!r} is not one of "
+        raise cli.Failure(f"train: --runs: {key} {value!r} is not one of "
                              f"{', '.join(map(str, action.choices))}")
     return value
 
@@ -191,11 +191,11 @@ def sweep(args, runs_file=None):
         return list(specs.values())
     rows = files.read_json(Path(runs_file), "run list")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise errors.Failure(f"train: --runs {runs_file} must hold a non-empty JSON list of "
+        raise cli.Failure(f"train: --runs {runs_file} must hold a non-empty JSON list of "
                              "option dicts")
     swept = [k for k in SWEEP if isinstance(getattr(args, k), list)]
     if swept:
-        raise errors.Failure("train: --runs gives the runs; the flags give only what they share: "
+        raise cli.Failure("train: --runs gives the runs; the flags give only what they share: "
                              f"one value for --{', --'.join(k.replace('_', '-') for k in swept)}")
     specs = []
     for row in rows:
@@ -203,14 +203,14 @@ def sweep(args, runs_file=None):
         for key, value in row.items():
             if key == "out_dir":
                 if problem := cli.run_folder_problem(value):
-                    raise errors.Failure(f"train: --runs {runs_file}: out_dir {problem}")
+                    raise cli.Failure(f"train: --runs {runs_file}: out_dir {problem}")
             elif key in PER_RUN:
                 setattr(spec, key, per_run_value(key, value))
             elif key not in vars(args):
-                raise errors.Failure(f"train: --runs: unknown option {key!r} (train.py's option "
+                raise cli.Failure(f"train: --runs: unknown option {key!r} (train.py's option "
                                      "names, with underscores)")
             elif per_run_value(key, value) != getattr(args, key):  # the same as the command line's
-                raise errors.Failure(f"train: --runs: {key} is shared by the runs of a pack "
+                raise cli.Failure(f"train: --runs: {key} is shared by the runs of a pack "
                                      "(one task, data and T5): give it once on the command line, "
                                      f"not {value!r} for one run")
         spec.out_dir = row.get("out_dir")
@@ -226,22 +226,22 @@ def resolve_runs(args, specs, packed):
         # one naming rule, alone or in a pack
         run.out_dir = run.out_dir or str(Path("runs") / run_name(run))
         if problem := cli.run_folder_problem(run.out_dir):
-            raise errors.Failure(f"train: --out-dir {problem}")
+            raise cli.Failure(f"train: --out-dir {problem}")
         return [run]
     parent = Path(args.out_dir or "runs")
     for spec in specs:
         if spec.method == "ft":
-            raise errors.Failure("train: ft trains T5 itself and cannot share it with other runs "
+            raise cli.Failure("train: ft trains T5 itself and cannot share it with other runs "
                                  "in a pack; train it alone (one --method ft run)")
         resolve(spec)
         if spec.out_dir is None:
             spec.out_dir = str(parent / run_name(spec))
     folders = [str(Path(s.out_dir).resolve()) for s in specs]
     if shared := sorted({f for f in folders if folders.count(f) > 1}):
-        raise errors.Failure(f"train: two runs of the pack share a folder ({', '.join(shared)}); "
+        raise cli.Failure(f"train: two runs of the pack share a folder ({', '.join(shared)}); "
                              "give them different options or out_dir")
     if args.random_init and len({s.seed for s in specs}) > 1:
-        raise errors.Failure("train: --random-init builds T5's weights from the seed, and a pack "
+        raise cli.Failure("train: --random-init builds T5's weights from the seed, and a pack "
                              "shares one T5: one seed per pack, or real weights")
     return specs
 

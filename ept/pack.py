@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import model as M
 import train
-from ept import batching, options, runfolder, runs, runtime, signals
+from ept import options, runfolder, runtime, tasks
 
 
 def main(args, specs, ranks, max_rows=None):
@@ -30,11 +30,11 @@ def main(args, specs, ranks, max_rows=None):
     specs = ranks.first(lambda: options.resolve_runs(args, specs, True), everyone=True)
     say = print if ranks.master else (lambda *a, **k: None)
     held, left_out = [], []
-    with signals.stop_on_signals(), runfolder.cleanup([s.out_dir for s in specs], held,
+    with runfolder.stop_on_signals(), runfolder.cleanup([s.out_dir for s in specs], held,
                                                       ranks.master):
         todo = ranks.first(lambda: open_folders(specs, held, left_out, say))
         if todo:
-            task = ranks.first(lambda: batching.load_task(todo[0][0], ranks, say), everyone=True)
+            task = ranks.first(lambda: tasks.load_task(todo[0][0], ranks, say), everyone=True)
             t5 = ranks.first(lambda: train.load_t5(todo[0][0], task, ranks), everyone=True)
             team = ranks.first(lambda: start(t5, todo, task, ranks, held, say), everyone=True)
             results = train_pack(team, task, t5, ranks, say, max_rows)
@@ -42,7 +42,7 @@ def main(args, specs, ranks, max_rows=None):
         else:
             say(f"train: nothing left to train of the {len(specs)} runs")
     if left_out:  # the pack is not finished: its command must not read as done
-        raise runs.Busy(f"train: {len(left_out)} run(s) of the pack were left out, held by "
+        raise runfolder.Busy(f"train: {len(left_out)} run(s) of the pack were left out, held by "
                         f"another process: {' '.join(left_out)}; run the same command again "
                         "once it is done")
     return {"runs": results} if todo else {"runs": {}, "finished": True}
@@ -71,7 +71,7 @@ def open_folders(specs, held, left_out, say):
         out_dir = Path(spec.out_dir)
         try:
             resume_path = train.open_folder(spec, out_dir, held, say, packed=True)
-        except runs.Busy as err:
+        except runfolder.Busy as err:
             say(f"train: left out of the pack: {err}")
             left_out.append(str(out_dir))
             continue
@@ -83,7 +83,7 @@ def open_folders(specs, held, left_out, say):
 def start(t5, todo, task, ranks, held, say):
     """Every run built (train.new_run) and checked; only then config.json and log.jsonl written."""
     max_length, team = todo[0][0].max_length, []
-    locks = {str(lock.path.parent): lock for lock in held if isinstance(lock, runs.Lock)}
+    locks = {str(lock.path.parent): lock for lock in held if isinstance(lock, runfolder.Lock)}
     for spec, resume_path in todo:
         spec.max_length = max_length
         out_dir = Path(spec.out_dir)
@@ -131,11 +131,11 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
                 leave(run, train.finish(run, task, ranks, say, meters[run.name]))
         if not live:
             break
-        if sig := signals.stop_requested(ranks):  # every live run's last.pt, then exit
+        if sig := runfolder.stop_requested(ranks):  # every live run's last.pt, then exit
             for run in live:
                 if runfolder.weights_finite(run.params):
                     runfolder.save_checkpoint(run, ranks, "last.pt")
-            raise signals.stopped(sig, live)
+            raise runfolder.stopped(sig, live)
         t0 = time.time()
         records = pack.step()  # one optimizer step of every live run
         seconds = time.time() - t0
@@ -338,7 +338,7 @@ class Pack:
         for k, chunk in enumerate(plan):
             slots = torch.tensor([s for s, _, _ in chunk], device=device)
             weight = torch.tensor([w for _, _, w in chunk], device=device)
-            input_ids, mask, labels = batching.collate([i for _, i, _ in chunk], source_ids,
+            input_ids, mask, labels = tasks.collate([i for _, i, _ in chunk], source_ids,
                                                        target_ids, pad_id, self.pad_to)
             padded += input_ids.numel() + labels.numel()
             run_ids = torch.tensor([ids[s] for s, _, _ in chunk])

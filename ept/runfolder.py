@@ -1,18 +1,28 @@
-"""A run folder over its life: claimed (one writer), checked before anything in it changes, started
-(config.json, log.jsonl), resumed from last.pt, and left without an empty folder when a start fails.
-The files themselves are ept/runs.py's (names, status, lock); train.py calls these in order.
+"""A run folder (train.py writes it, every later stage reads it) over its life: its name, files and
+status; its lock (one writer); claimed, checked before anything in it changes, started (config.json,
+log.jsonl), checkpointed, resumed from last.pt, left without an empty folder when a start fails; and
+stopped cleanly: SIGTERM, SIGUSR1 (preemption, scancel, SLURM's warning) and Ctrl-C ask the loop to
+write last.pt at its next step boundary and stop; a second Ctrl-C stops at once (every file is
+written atomically, so the last checkpoint stays whole). train.py calls these in order;
+docs/training.md lists the files ("The run folder") and the lock's rules ("Run lock").
 """
 import contextlib
 import importlib
 import json
+import os
 import shutil
+import signal
+import socket
+import sys
+import threading
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import model as M
-from ept import errors, files, pretrained, runs, runtime
+from ept import cli, files, runtime
+
 
 # last.pt / best.pt, as train.Run.state writes them (checked on --resume)
 CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score",
@@ -22,21 +32,21 @@ CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data",
 def open_run_folder(out_dir, resume, overwrite, say):
     """The checkpoint to resume from, None for a fresh start, or 'finished' (resumed, ended).
     Nothing is written or deleted here: start_log does that, after every check."""
-    existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
+    existing = [f for f in RUN_FILES if (out_dir / f).exists()]
     if overwrite and existing:
-        if not runs.is_run_folder(out_dir):
-            raise errors.Failure(f"train: {out_dir} is not a run folder written by train.py; "
+        if not is_run_folder(out_dir):
+            raise cli.Failure(f"train: {out_dir} is not a run folder written by train.py; "
                                  "--overwrite deletes only run folders: choose another --out-dir")
         return None  # start_log deletes them, once every check of every run has passed
     if existing and not resume:
-        raise errors.Failure(f"train: {out_dir} already holds {', '.join(existing)}; "
+        raise cli.Failure(f"train: {out_dir} already holds {', '.join(existing)}; "
                              "pass --resume to continue it or --overwrite to start over")
-    if resume and runs.finished(out_dir):
+    if resume and finished(out_dir):
         return "finished"
     if resume and (out_dir / "last.pt").exists():
         return out_dir / "last.pt"
     if resume and {"best.pt", "prompt.pt", "metrics.json"} & set(existing):
-        raise errors.Failure(f"train: {out_dir} has results but no last.pt to resume from; "
+        raise cli.Failure(f"train: {out_dir} has results but no last.pt to resume from; "
                              "pass --overwrite to train it again")
     if resume and existing:  # killed before its first checkpoint: start_log replaces its files
         say(f"train: --resume, but {out_dir} has no last.pt yet: starting from scratch")
@@ -57,7 +67,7 @@ def refuse_more_steps(out_dir, args):
             ran = (f"with {flag} {was:g}" if was is not None else
                    f"without {flag} (--max-steps {config.get('max_steps')})")
             keep = f"keep {flag} {was:g}" if was is not None else f"drop {flag}"
-            raise errors.Failure(f"train: {out_dir} finished {ran}; {flag} {now:g} asks for more, "
+            raise cli.Failure(f"train: {out_dir} finished {ran}; {flag} {now:g} asks for more, "
                                  f"but its lr schedule ended at 0 there: {keep}, or --overwrite to "
                                  f"train {flag} {now:g} from scratch (or another --out-dir)")
 
@@ -108,7 +118,7 @@ def open_trackers(args, out_dir, config):
         try:
             package[flag] = importlib.import_module(module)
         except ImportError:
-            raise errors.Failure(f"train: --{flag} needs the {flag} package: "
+            raise cli.Failure(f"train: --{flag} needs the {flag} package: "
                                  f"pip install {flag}") from None
     if args.wandb is not None:
         try:
@@ -116,8 +126,8 @@ def open_trackers(args, out_dir, config):
                                               dir=str(out_dir))
         # wandb's many error types (no login, no network), at its one boundary
         except Exception as err:
-            raise errors.Failure(f"train: --wandb could not start a Weights & Biases run "
-                                 f"({type(err).__name__}: {pretrained._first_line(err)}); run "
+            raise cli.Failure(f"train: --wandb could not start a Weights & Biases run "
+                                 f"({type(err).__name__}: {runtime._first_line(err)}); run "
                                  "`wandb login`, or WANDB_MODE=offline") from None
         trackers.append(lambda e: wandb_run.log(numbers(e), step=e.get("step", 0)))
     if args.tensorboard is not None:
@@ -135,12 +145,12 @@ def weights_finite(params):
 
 
 def claim_folder(out_dir, say):
-    """Create the run folder and take its lock (runs.Busy when a live process holds it)."""
+    """Create the run folder and take its lock (Busy when a live process holds it)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise files.FileFault(f"train: cannot create {out_dir}: {files.why(err)}") from None
-    return runs.acquire_lock(out_dir, say)
+    return acquire_lock(out_dir, say)
 
 
 def read_checkpoint(resume_path, max_steps):
@@ -152,7 +162,7 @@ def read_checkpoint(resume_path, max_steps):
         raise files.FileFault(f"train: {resume_path} is not a training checkpoint (it lacks "
                               f"{', '.join(sorted(missing))}); pass --overwrite to start over")
     if ckpt["step"] > max_steps:
-        raise errors.Failure(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps "
+        raise cli.Failure(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps "
                              f"{max_steps}; resume with the run's own --max-steps, or "
                              "--overwrite to start over")
     return ckpt
@@ -168,12 +178,12 @@ def resume(run, path, ranks, say):
     try:
         run.load_state(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise errors.Failure(f"train: {path} holds another model or optimizer than these "
+        raise cli.Failure(f"train: {path} holds another model or optimizer than these "
                              f"settings build ({type(err).__name__}); resume with the run's own "
                              "--method and prompt options (its config.json), or --overwrite to "
                              "start over") from None
     if not weights_finite(run.params):
-        raise errors.Failure(f"train: {path} holds NaN or inf weights; --overwrite to start over")
+        raise cli.Failure(f"train: {path} holds NaN or inf weights; --overwrite to start over")
     rng = ckpt["rng"][ranks.rank] if len(ckpt["rng"]) == ranks.world_size else None
     if rng is None:
         say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: "
@@ -200,7 +210,7 @@ def check_schedule(out_dir, args):
     changed = [f"--{k.replace('_', '-')} {config[k]} (now {getattr(args, k)})"
                for k in SCHEDULE_KEYS if k in config and config[k] != getattr(args, k)]
     if changed:
-        raise errors.Failure(f"train: {out_dir} was trained with {', '.join(changed)}; --resume "
+        raise cli.Failure(f"train: {out_dir} was trained with {', '.join(changed)}; --resume "
                              "continues its optimizer and lr schedule, so pass the run's own values "
                              "(its config.json), or --overwrite to start over")
 
@@ -212,7 +222,7 @@ def start_log(run, task, ranks, say, **extra):
     own = {k: v for k, v in vars(args).items() if M.applies(k, args.method)}  # EPT: no prompt_length
     run.config = {**own, "world_size": ranks.world_size, "device": ranks.device,
                   "n_trainable": M.count_trainable(run.net),
-                  "t5_fingerprint": pretrained.t5_fingerprint(run.net.t5),
+                  "t5_fingerprint": runtime.t5_fingerprint(run.net.t5),
                   "train_file": str(task.train_file),
                   "train_size": len(task.data[0]), "validation_size": len(task.val[0]),
                   "meta": {k: task.meta.get(k) for k in ("labels", "metrics", "score",
@@ -229,9 +239,9 @@ def start_log(run, task, ranks, say, **extra):
                 say(f"train: resuming with changed settings (was, now): {changed}")
         trackers = open_trackers(args, out_dir, run.config)
         # temporary files of a writer killed mid-save (files.write_with); we hold the lock
-        for tmp in [t for name in runs.RUN_FILES for t in out_dir.glob(f".{name}.tmp*")]:
+        for tmp in [t for name in RUN_FILES for t in out_dir.glob(f".{name}.tmp*")]:
             tmp.unlink(missing_ok=True)
-        (out_dir / runs.FAILED_NAME).unlink(missing_ok=True)  # its last failure is history
+        (out_dir / FAILED_NAME).unlink(missing_ok=True)  # its last failure is history
         log_file = out_dir / "log.jsonl"
         if resumed and log_file.exists():  # before config.json changes: a damaged log stops it
             step, events = run.step, read_log(log_file)
@@ -255,7 +265,7 @@ def start_log(run, task, ranks, say, **extra):
 def clear_run_files(out_dir, overwrite, say):
     """A fresh start, every check passed: --overwrite deletes the old run's files (open_run_folder
     checked train.py wrote them); else only a log, of a run killed before its first checkpoint."""
-    existing = [f for f in runs.RUN_FILES if (out_dir / f).exists()]
+    existing = [f for f in RUN_FILES if (out_dir / f).exists()]
     if overwrite and (existing or (out_dir / "eval").exists()):
         say(f"train: --overwrite: deleting "
             f"{', '.join(existing + ['eval/'] * (out_dir / 'eval').exists())} in {out_dir}")
@@ -279,9 +289,9 @@ def save_checkpoint(run, ranks, *names):
 
 
 def close(held):
-    """A run folder's lock (runs.Lock) released, or a run that left the loop: its log closed and its
+    """A run folder's lock (Lock) released, or a run that left the loop: its log closed and its
     lock released (once)."""
-    if isinstance(held, runs.Lock):
+    if isinstance(held, Lock):
         held.release()
         return
     if held.log:
@@ -309,3 +319,319 @@ def cleanup(out_dirs, held, master):
             except OSError:
                 pass
 
+
+# --- over its life: claim, check, start, checkpoint, resume, clean up ------------------------------
+
+# A run folder's name, for a solo run, a pack's runs and the drivers' alike: <task>_<method>_<model>
+# [_<options that differ from train.py's defaults and apply to the method>]_s<seed>.
+NAME_TAGS = [("prompt_length", "n"), ("reparam", ""), ("hidden_size", "h"), ("broadcast", "b"),
+             ("depth", "d"), ("extra_layer", "x1"), ("init", "init-"), ("layer_norm", "ln"),
+             ("residual", "res"), ("activation", ""), ("lr", "lr"), ("max_steps", "steps"),
+             ("epochs", "ep"), ("eval_every", "ev"), ("fewshot_k", "k"), ("fewshot_seed", "fs")]
+
+
+def model_tag(model_name):
+    return Path(str(model_name).rstrip("/")).name  # "t5-base", "smoke/tiny-t5" -> "tiny-t5"
+
+
+def run_name(spec, defaults):
+    """The folder name of the run `spec` (task, method, model, seed + options); `defaults`:
+    train.py's defaults for its method (options.defaults), which the name leaves out, e.g.
+    boolq_ept_t5-base_h50_s1."""
+    tags = []
+    for key, tag in NAME_TAGS:
+        value = spec.get(key, defaults[key])
+        if value is None or value == defaults[key] or not M.applies(key, spec["method"]):
+            continue
+        tags.append(tag if value is True else f"{tag}{value:g}" if isinstance(value, float)
+                    else f"{tag}{value}")
+    return "_".join([spec["task"], spec["method"], model_tag(spec["model"]), *tags,
+                     f"s{spec['seed']}"])
+
+
+FAILED_NAME, LOCK_NAME = "failed.txt", "run.lock"
+RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "metrics.json",
+             FAILED_NAME)
+CONFIG_KEYS = ("task", "method", "model", "tokenizer", "random_init", "seed", "data_dir",
+               "max_length", "meta")
+
+
+def read_config(run_dir, keys=CONFIG_KEYS):
+    """A run's config.json; one sentence if it lacks `keys` (what later stages rebuild it from)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "a file" if run_dir.exists() else "it does not exist"
+        raise files.FileFault(f"no run folder {run_dir} ({what}); pass a folder train.py wrote")
+    if not (run_dir / "config.json").exists():
+        raise files.FileFault(f"{run_dir} is not a run folder (no config.json); pass a folder "
+                              "train.py wrote")
+    config = files.read_json(run_dir / "config.json", "run configuration")
+    missing = [k for k in keys if not isinstance(config, dict) or k not in config]
+    if {"task", "method"} <= set(missing):
+        raise files.FileFault(f"{run_dir} is not a run folder (its config.json is not train.py's, "
+                              "a model's perhaps); pass a folder train.py wrote")
+    if missing:
+        raise files.FileFault(f"{run_dir / 'config.json'} is not a train.py run configuration (no "
+                              f"{', '.join(missing)}); pass a folder train.py wrote")
+    return config
+
+
+def status(run_dir):
+    """'done' (finished: metrics.json written, or its --no-test log ended), 'failed' (failed.txt:
+    stopped for good), 'partial' (started: config.json) or 'todo'."""
+    run_dir = Path(run_dir)
+    if finished(run_dir):
+        return "done"
+    if (run_dir / FAILED_NAME).exists():
+        return "failed"
+    return "partial" if (run_dir / "config.json").exists() else "todo"
+
+
+def failure(run_dir):
+    """Why the run failed (failed.txt's sentence), or None: it did not, or was restarted since."""
+    try:
+        return ((Path(run_dir) / FAILED_NAME).read_text(encoding="utf-8", errors="replace").strip()
+                or "failed")
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        return f"failed ({FAILED_NAME} unreadable: {files.why(err)})"
+
+
+def is_run_folder(run_dir):
+    """True for an empty folder or one train.py wrote (config.json): what --overwrite may clear."""
+    config = Path(run_dir) / "config.json"
+    if not config.exists():
+        return not any(p.name not in (*RUN_FILES, "eval")
+                       and not p.name.lstrip(".").startswith(LOCK_NAME)
+                       for p in Path(run_dir).iterdir())
+    try:
+        keys = files.read_json(config)
+    except cli.Failure:
+        return False
+    return isinstance(keys, dict) and {"task", "method", "n_trainable"} <= set(keys)
+
+
+def finished(run_dir):
+    """The run ended: metrics.json is written, or (with --no-test) its log's last event is 'end'."""
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.json").exists():
+        return True
+    if not (run_dir / "log.jsonl").exists() or not (run_dir / "config.json").exists():
+        return False
+    events = files.read_jsonl(run_dir / "log.jsonl", what="run log", torn_tail_ok=True)
+    config = files.read_json(run_dir / "config.json", "run configuration")
+    no_test = isinstance(config, dict) and config.get("no_test")
+    return bool(no_test and events and events[-1].get("event") == "end")
+
+
+# --- the lock: one writer per run folder, on one host (docs/training.md, "Run lock") -------------
+# run.lock holds "<host> <pid> <job>", job being engine_job() ("-" outside SLURM). Units are handed
+# out by one launcher or an engine, so the lock only guards against starting a run twice by hand. It
+# is free when absent; on this host, when its pid is gone (or a newer process reuses the pid: it
+# started after the lock was written), whatever the SLURM job, since two processes of one job can
+# share a host; on another host, when it names this process's own SLURM job (a requeued task whose
+# first run died with its node: SLURM runs a task once at a time).
+
+
+def _alive(pid, since=None):
+    """The process exists, is not a zombie (a dead child its parent has not reaped yet) and, with
+    `since` (a time.time()), had started by then: a later start is another process on the pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X"):
+            return False
+        if since is None:
+            return True
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK") <= since + 1.0
+    except (OSError, IndexError, ValueError, StopIteration):
+        return True  # no /proc (not Linux): existing is alive
+
+
+def engine_job():
+    """This process's unit id under SLURM (stable across a requeue), or "-"."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or "-"
+
+
+class Busy(cli.Failure):
+    """Another live process holds the run folder."""
+
+
+class Owner:
+    """What run.lock says: host, pid and engine job of its writer."""
+
+    def __init__(self, text, written=None):
+        self.text, self.written = text, written  # written: the lock file's mtime
+        self.host, self.pid, self.job = (text.split() + ["?", "?", "-"])[:3]
+
+    def __str__(self):
+        job = f" (SLURM job {self.job})" if self.job != "-" else ""
+        return f"pid {self.pid} on {self.host}{job}"
+
+    def stale(self):
+        """True when the writer is gone (see above): on this host the pid decides."""
+        if self.host == socket.gethostname() and self.pid.isdigit():
+            return not _alive(int(self.pid), self.written)
+        return self.job != "-" and self.job == engine_job()
+
+
+def read_owner(path):
+    """The Owner of the lock file `path`, or None when there is none."""
+    try:
+        path = Path(path)
+        return Owner(path.read_text(encoding="utf-8", errors="replace"), path.stat().st_mtime)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise files.FileFault(f"cannot read the lock {path}: {files.why(err)}") from None
+
+
+class Lock:
+    """A held run.lock; release() deletes it if it is still this process's."""
+
+    def __init__(self, path, text):
+        self.path, self.text = Path(path), text
+
+    def release(self):
+        try:
+            owner = read_owner(self.path)
+            if owner is not None and owner.text == self.text:
+                self.path.unlink(missing_ok=True)
+        except (OSError, files.FileFault):
+            pass
+
+
+def acquire_lock(run_dir, say=print):
+    """Take run_dir/run.lock (O_EXCL); a stale one is replaced with a line saying so. Raises Busy
+    (one sentence naming the folder and the holder) when a live process holds it."""
+    path = Path(run_dir) / LOCK_NAME
+    text = f"{socket.gethostname()} {os.getpid()} {engine_job()}\n"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = read_owner(path)
+            if owner is None:
+                continue  # released just now
+            if not owner.stale():
+                raise Busy(f"train: {run_dir} is being written by {owner}; wait for it, or, if "
+                           f"that process is gone (another host's lock cannot be checked from "
+                           f"here), delete {path}")
+            say(f"train: {run_dir}: took over the stale lock of {owner}")
+            path.unlink(missing_ok=True)
+            continue
+        except OSError as err:
+            raise files.FileFault(f"cannot write in {run_dir}: {files.why(err)}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return Lock(path, text)
+    raise Busy(f"train: {run_dir}: another process took {path} meanwhile; try again")
+
+
+def curves(run_dir, missing_ok=False):
+    """(steps, μ_t per step, eval steps, validation scores) from one run's log.jsonl."""
+    log = files.read_jsonl(Path(run_dir) / "log.jsonl", what="run log", torn_tail_ok=True,
+                           missing_ok=missing_ok)
+    train = [e for e in log if e.get("event") == "train" and e.get("prompt_norm") is not None]
+    evals = [e for e in log if e.get("event") == "eval" and e.get("score") is not None
+             and e.get("split", "validation") == "validation"]
+    return ([e["step"] for e in train], [e["prompt_norm"] for e in train],
+            [e["step"] for e in evals], [e["score"] for e in evals])
+
+
+# --- stopping cleanly on a signal ---------------------------------------------------------------
+
+class Stopped(cli.Failure):
+    """A stop signal arrived: last.pt was written at a step boundary; exit 128 + the signal."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_stop_signal = []  # the signal received, set by the handler, read at each step boundary
+_stopping = []  # set once the run stops (Stopped, a second Ctrl-C): later signals wait for cleanup
+
+
+def _on_signal(sig, _):
+    if _stopping:  # the locks are being released and the files closed: let that finish
+        return
+    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:  # twice: stop now (files stay whole)
+        _stopping.append(sig)
+        raise KeyboardInterrupt
+    if sig == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:
+        print("train: Ctrl-C: stopping at the next step boundary, after writing last.pt (Ctrl-C "
+              "again to stop at once)", file=sys.stderr, flush=True)
+    _stop_signal.append(sig)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """The handlers installed while the loop runs (above; a second Ctrl-C is a KeyboardInterrupt).
+    Main thread only: a thread cannot install handlers, and then the caller's handlers stay."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _stop_signal.clear()
+    _stopping.clear()
+    before = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def received():
+    """The stop signal of the last run, or None: a driver stops before its next run even so."""
+    return _stop_signal[0] if _stop_signal else None
+
+
+def stop_requested(ranks):
+    """The signal to stop on (or None), agreed by every rank: one may receive it a step later."""
+    sig = _stop_signal[0] if _stop_signal else 0
+    if ranks.world_size > 1:
+        box = torch.tensor([int(sig)], device=ranks.device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        sig = int(box.item())
+    return sig or None
+
+
+def stopped(sig, runs):
+    """The Stopped to raise once the runs (train.Run) wrote last.pt: rank 0 says why and how to
+    resume; each rank exits 128 + the signal."""
+    _stopping.append(sig)
+    name, step = signal.Signals(sig).name, min(run.step for run in runs)
+    folders = " ".join(str(run.out_dir) for run in runs)
+    said = int(os.environ.get("RANK", 0)) == 0  # once under torchrun
+    return Stopped(f"train: {name} received: stopped at step {step}, last.pt written in "
+                   f"{folders}; run the same command with --resume to continue (exit status "
+                   f"{128 + sig})" if said else "", status=128 + sig)
+
+
+def run(main):
+    """train.py's main(): a Ctrl-C after a stop or failure is ignored; a second one, or one outside
+    the loop, exits 130 (files whole). Every rank ends the process group (runtime.master_first)."""
+    try:
+        main()
+    except SystemExit:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: "
+                  "run the same command with --resume to continue", file=sys.stderr, flush=True)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -40,8 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import model as M  # noqa: E402
 import costs  # noqa: E402  (scripts/costs.py)
-from ept import batching, cli, errors, evaluation, pack, pretrained, tasks  # noqa: E402
-from ept import runtime  # noqa: E402
+from ept import cli, evaluation, pack, runtime, tasks  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 group = parser.add_argument_group("data")
@@ -206,7 +205,7 @@ def feed_step(lone, idx):
     run = lone.runs[0]
     record = lone.step([idx])[run.name]
     if record["nonfinite"]:
-        raise errors.Failure(f"bench: non-finite {' and '.join(record['nonfinite'])} at step "
+        raise cli.Failure(f"bench: non-finite {' and '.join(record['nonfinite'])} at step "
                              f"{record['step']}; try a smaller --lr")
     return record["loss"], lone.timings["padded_tokens"]
 
@@ -300,11 +299,11 @@ def as_batches(order, bs):
 def train_batches(args, ctx):
     """(warm-up, timed, timed regrouped by length) batches, from train.py's epoch-0 order."""
     bs, n_timed = args.batch_size, args.steps * args.batch_size
-    order = batching.epoch_order(len(ctx.data[0]), args.seed, 0, bs)
+    order = tasks.epoch_order(len(ctx.data[0]), args.seed, 0, bs)
     order = np.resize(order, n_timed + args.untimed_steps * bs)  # a tiny train file wraps around
     timed_order = order[:n_timed]
     lengths = [ctx.lengths[i] for i in timed_order]  # (b): (a)'s and (c)'s examples, regrouped
-    grouped = timed_order[batching.epoch_order(n_timed, args.seed, 0, bs, lengths)]
+    grouped = timed_order[tasks.epoch_order(n_timed, args.seed, 0, bs, lengths)]
     return [as_batches(o, bs) for o in (order[n_timed:], timed_order, grouped)]
 
 
@@ -329,10 +328,10 @@ def bench_train(args, ctx, t5, result):
     the FLOP ceiling, the training speedups and the dropout-0 loss check."""
     (warm, timed_batches, grouped), free = train_batches(args, ctx), (None, None)
     (src, tgt, _), bs = ctx.data, args.batch_size
-    plain = batching.epoch_order(len(src), args.seed, 0, bs)  # the whole epoch 0, as train.py's
+    plain = tasks.epoch_order(len(src), args.seed, 0, bs)  # the whole epoch 0, as train.py's
     specs = (("own_longest", "(a) pad to batch's longest", timed_batches, free, plain),
              ("group_by_length", "(b) (a) + --group-by-length", grouped, free,
-              batching.epoch_order(len(src), args.seed, 0, bs, ctx.lengths)),
+              tasks.epoch_order(len(src), args.seed, 0, bs, ctx.lengths)),
              ("pad_to_max_length", f"(c) reference: pad to {ctx.max_length}", timed_batches,
               ctx.pad_max, plain))
     configs = [TrainConfig(*spec[:4], t5, ctx) for spec in specs]
@@ -370,7 +369,7 @@ def reference_predict(model, tokenizer, ids, *, batch_size, pad_length, device, 
     out, was_training = [], model.training
     model.eval()
     for start in range(0, len(ids), batch_size):
-        input_ids, mask = batching.pad(ids[start:start + batch_size], tokenizer.pad_token_id,
+        input_ids, mask = tasks.pad(ids[start:start + batch_size], tokenizer.pad_token_id,
                                        pad_length)
         with runtime.autocast(device, dtype):
             gen = model.generate(input_ids.to(device), mask.to(device), do_sample=False,
@@ -418,7 +417,7 @@ def held_out_ids(args, ctx):
     for split in ("validation", "test"):
         path = ctx.folder / f"{split}.jsonl"
         if len(ids) < args.eval_examples and path.exists():
-            ids += batching.load_split(path, ctx.tokenizer, ctx.max_length)[1]
+            ids += tasks.load_split(path, ctx.tokenizer, ctx.max_length)[1]
     return ids[:args.eval_examples]
 
 
@@ -526,9 +525,9 @@ def setup(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = tasks.load_meta(args.data_dir, args.task)
     max_length = args.max_length or meta["max_length"]
-    tokenizer = pretrained.load_tokenizer(args.tokenizer or args.model)
+    tokenizer = runtime.load_tokenizer(args.tokenizer or args.model)
     folder = Path(args.data_dir) / args.task
-    _, src, tgt = batching.load_split(folder / "train.jsonl", tokenizer, max_length)
+    _, src, tgt = tasks.load_split(folder / "train.jsonl", tokenizer, max_length)
     ctx = SimpleNamespace(
         device=device, amp=runtime.set_precision(args.dtype, device), meta=meta,
         tokenizer=tokenizer, max_length=max_length, folder=folder,
@@ -539,13 +538,13 @@ def setup(args):
         module_options={"prompt_length": args.prompt_length, "reparam": args.reparam},
         compile=args.compile, full=args.method == "ft",
         warm_shapes=device == "cuda" if args.warm_shapes is None else args.warm_shapes)
-    t5 = pretrained.load_t5(args.model, random_init=args.random_init, seed=args.seed).to(device)
-    pretrained.set_dropout(t5, args.dropout)  # as train.py --dropout
+    t5 = runtime.load_t5(args.model, random_init=args.random_init, seed=args.seed).to(device)
+    runtime.set_dropout(t5, args.dropout)  # as train.py --dropout
     t5.train()  # T5's dropout active, as in train.py
     return ctx, t5
 
 
-@errors.script
+@cli.script
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:

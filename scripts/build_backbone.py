@@ -23,8 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train import make_optimizer  # noqa: E402  (train.py's AdamW and schedule)
-from ept import batching, cli, errors, files  # noqa: E402
-from ept import evaluation, tasks  # noqa: E402
+from ept import cli, evaluation, files, tasks  # noqa: E402
 
 # A model small enough to ship as a test fixture (~1 MB) and to build in about a minute.
 SIZE = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=3, num_decoder_layers=2,
@@ -73,13 +72,13 @@ def write_sentences(root, n_train=4000, n_dev=400, seed=0):
 
 def read_sentences(path):
     if not Path(path).is_file():
-        raise errors.Failure(f"build_backbone: no {path}; pass --source DIR holding "
+        raise cli.Failure(f"build_backbone: no {path}; pass --source DIR holding "
                              f"sentences/train.tsv and dev.tsv (shipped in {tasks.STEER_SOURCE},"
                              " or written by --write-sentences DIR)")
     rows = [r["sentence"] for r in tasks.read(
         Path(path), lambda r, n: [{"sentence": r["sentence"].strip()}], "tsv")]
     if not rows:
-        raise errors.Failure(f"build_backbone: {path} holds no sentences")
+        raise cli.Failure(f"build_backbone: {path} holds no sentences")
     return rows
 
 
@@ -130,8 +129,8 @@ def build(out, source=tasks.STEER_SOURCE, seed=0, steps=1500, batch_size=32, lr=
     t5 = T5ForConditionalGeneration(config)
     pairs = [p for task in tasks.STEER_RULES for p in examples(train, task)]
     pairs += examples(train, tasks.STEER_DEFAULT, False)
-    src = batching.encode(tokenizer, [s for s, _ in pairs], 64)
-    tgt = batching.encode(tokenizer, [y for _, y in pairs], 4)
+    src = tasks.encode(tokenizer, [s for s, _ in pairs], 64)
+    tgt = tasks.encode(tokenizer, [y for _, y in pairs], 4)
     params = list(t5.parameters())
     optimizer, scheduler = make_optimizer(params, types.SimpleNamespace(
         lr=lr, weight_decay=0.01, warmup_steps=steps // 20, max_steps=steps), fused=False)
@@ -140,7 +139,7 @@ def build(out, source=tasks.STEER_SOURCE, seed=0, steps=1500, batch_size=32, lr=
     t0 = time.time()
     for step in range(1, steps + 1):
         idx = rng.sample(range(len(pairs)), batch_size)
-        input_ids, mask, labels = batching.collate(idx, src, tgt, tokenizer.pad_token_id)
+        input_ids, mask, labels = tasks.collate(idx, src, tgt, tokenizer.pad_token_id)
         loss = t5(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -164,7 +163,7 @@ def build(out, source=tasks.STEER_SOURCE, seed=0, steps=1500, batch_size=32, lr=
     return result
 
 
-@errors.script
+@cli.script
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,7 +186,7 @@ def main(argv=None):
     out = Path(args.out)
     if out.exists() and (not out.is_dir()
                          or any(out.iterdir()) and not (out / "backbone.json").exists()):
-        raise errors.Failure(f"build_backbone: {out} exists and is not a backbone folder this "
+        raise cli.Failure(f"build_backbone: {out} exists and is not a backbone folder this "
                              "script wrote; choose another --out (the folder is replaced as a "
                              "whole)")
     torch.set_num_threads(1)  # deterministic, and a model this small gains nothing from more

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import model as M  # noqa: E402
-from ept import files, grid, runs  # noqa: E402
+from ept import files, grid, runfolder# noqa: E402
 from ept.grid import floor_seconds, size_key  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def dry_run(experiment, plan, args, extra):
     """Every run with its status, estimated GPU-hours and the pack it would train in (a row each in
     dry_run.tsv), then the summary lines (wall time; GPU-hours unpacked, packed; fp32, bf16)."""
     hours = grid.plan_hours(plan, args.data_dir, extra)
-    states = {name: runs.status(run_dir) for name, (_, _, run_dir) in plan.items()}
+    states = {name: runfolder.status(run_dir) for name, (_, _, run_dir) in plan.items()}
     todo = sorted((n for n in plan if states[n] != "done"), key=lambda n: -hours[n])  # as units go
     packs = grid.make_packs(plan, todo, lambda model: grid.pack_size(args, model, "dry"))
     # {run: {precision: (unpacked GPU-hours, its share of its pack's)}}; a finished run: hours twice

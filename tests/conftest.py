@@ -15,7 +15,7 @@ SHARED = REPO.parent / "shared"  # ../shared beside the checkout (CI lays a copy
 CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))  # the benchmarks, tested like the stages
-from ept import pretrained  # noqa: E402
+from ept import runtime# noqa: E402
 
 
 def pytest_configure(config):
@@ -66,7 +66,7 @@ def tokenizer_dir(shared_dir):
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """A random-weight tiny T5 + tokenizer (the real one when present, else trained offline)."""
     out = tmp_path_factory.mktemp("tiny-t5")
-    return pretrained.make_tiny(out, tokenizer=str(tokenizer_dir) if tokenizer_dir else None)
+    return runtime.make_tiny(out, tokenizer=str(tokenizer_dir) if tokenizer_dir else None)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from ept import grid, options
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("ablate", "analyze", "bench", "bench_pack", "evaluate", "export", "fewshot", "model", "prepare_data",
-           "ept.pretrained", "report", "train")
+           "ept.runtime", "report", "train")
 
 
 def help_parser(module_name):
@@ -106,16 +106,16 @@ def test_a_mistyped_choice_is_a_two_line_usage_error():
 def test_offline_hub_fails_fast_with_the_flag(tmp_path):
     """A Hub name for the model, the tokenizer or a dataset, with no Hub: the one sentence naming the flag
     (--model DIR, --tokenizer DIR, --source DIR) in under 5 s of loading, and no "Retrying in" lines."""
-    code = ("import sys, time, datasets, prepare_data; from ept import errors, pretrained, tasks as registry\n"  # imported first: the time is the load's
+    code = ("import sys, time, datasets, prepare_data; from ept import cli, runtime, tasks as registry\n"  # imported first: the time is the load's
             "from transformers import AutoTokenizer, T5ForConditionalGeneration\n"
-            "for what, call in (('model', lambda: pretrained.load_t5('t5-small')),\n"
-            "                   ('tokenizer', lambda: pretrained.load_tokenizer('t5-small')),\n"
+            "for what, call in (('model', lambda: runtime.load_t5('t5-small')),\n"
+            "                   ('tokenizer', lambda: runtime.load_tokenizer('t5-small')),\n"
             "                   ('dataset', lambda: prepare_data.load_hub(registry.TASKS['rte'])),\n"
-            "                   ('run', lambda: pretrained.load_t5('t5-small', fix=pretrained.RUN_FIX))):\n"
+            "                   ('run', lambda: runtime.load_t5('t5-small', fix=runtime.RUN_FIX))):\n"
             "    t0 = time.time()\n"
             "    try:\n"
             "        call()\n"
-            "    except errors.Failure as err:\n"
+            "    except cli.Failure as err:\n"
             "        print(what, f'{time.time() - t0:.2f}', err, sep='\\t')\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=offline_env(), capture_output=True,
                          text=True, timeout=300)
@@ -342,8 +342,8 @@ def test_progress_bars_for_long_work_and_tqdm_disable(tiny_model_dir):
     """evaluate.py's decoding and prepare_data's row conversion draw a bar on stderr (none inside train.py's
     validation, none for a few rows), and TQDM_DISABLE=1 (read when tqdm is imported) turns them off."""
     code = ("import model, prepare_data as P; from ept import evaluation as decoding, pretrained, tasks as registry\n"
-            f"net = model.PromptedT5(pretrained.load_t5({str(tiny_model_dir)!r}))\n"
-            f"tok = pretrained.load_tokenizer({str(tiny_model_dir)!r})\n"
+            f"net = model.PromptedT5(runtime.load_t5({str(tiny_model_dir)!r}))\n"
+            f"tok = runtime.load_tokenizer({str(tiny_model_dir)!r})\n"
             "rows = [dict(sentence1='a b', sentence2='c', label=0, idx=i) for i in range(P.BAR_ROWS)]\n"
             "decoding.predict(net, tok, ['one two', 'three'], max_new_tokens=2, progress='evaluate toy test')\n"
             "P.to_records(registry.TASKS['rte'], rows, 'train')\n"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import model as M
-from ept import evaluation, pretrained
+from ept import evaluation, runtime
 
 # --- metrics ---------------------------------------------------------------------------------------
 
@@ -97,8 +97,8 @@ def test_compute_metrics_score_is_the_mean_of_the_score_metrics():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    t5 = pretrained.load_t5(str(tiny_model_dir))
-    tok = pretrained.load_tokenizer(str(tiny_model_dir))
+    t5 = runtime.load_t5(str(tiny_model_dir))
+    tok = runtime.load_tokenizer(str(tiny_model_dir))
     prompt = torch.randn(3, t5.config.d_model, generator=torch.Generator().manual_seed(0)) * 5
     return M.PromptedT5(t5, M.FoldedPrompt(prompt)).eval(), tok
 

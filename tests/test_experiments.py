@@ -25,7 +25,7 @@ import fewshot
 import model as M
 import report
 import tables
-from ept import errors, evaluation, files, options, pretrained
+from ept import cli, evaluation, files, options, runtime
 from ept import grid as ept_grid
 from ept import runs as ept_runs
 
@@ -208,7 +208,7 @@ def test_export_writes_what_peft_loads(grid, tiny_model_dir, tmp_path):
     assert torch.equal(weights, weights[:1].expand(10, -1))  # EPT*: one row broadcast
 
     # PEFT's forward on the exported files == our PromptedT5 with the folded prompt
-    t5 = pretrained.load_t5(str(tiny_model_dir)).eval()
+    t5 = runtime.load_t5(str(tiny_model_dir)).eval()
     ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
     mask = (ids != 0).long()
     labels = torch.tensor([[10, 1], [11, 1]])
@@ -223,7 +223,7 @@ def test_export_writes_what_peft_loads(grid, tiny_model_dir, tmp_path):
 
 def test_export_refuses_full_fine_tuning(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"method": "ft", "model": "t5-base", "task": "rte"}))
-    with pytest.raises(errors.Failure, match="no prompt"):
+    with pytest.raises(cli.Failure, match="no prompt"):
         export.export(tmp_path, tmp_path / "out")
 
 

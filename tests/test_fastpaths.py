@@ -24,14 +24,14 @@ import torch.nn.functional as F
 import bench
 from test_train import token_nll
 import model as M
-from ept import batching, evaluation, pretrained, runtime
+from ept import evaluation, runtime, tasks
 
 WORDS = "good bad fine awful great poor nice sad happy dull the movie plot was not very".split()
 MAX_LENGTH = 40
 
 
 def no_dropout(t5):
-    pretrained.set_dropout(t5, 0.0)  # as train.py --dropout 0 (nn.Dropout and the float rate HF's attention keeps)
+    runtime.set_dropout(t5, 0.0)  # as train.py --dropout 0 (nn.Dropout and the float rate HF's attention keeps)
     return t5
 
 
@@ -63,13 +63,13 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def toy(data_dir, tiny_model_dir):
     """(tokenizer, source ids, target ids, lengths) of the toy training split, via train.py's cached tokenizer."""
-    tok = pretrained.load_tokenizer(str(tiny_model_dir))
-    _, src, tgt = batching.load_split(data_dir / "toy" / "train.jsonl", tok, MAX_LENGTH)
+    tok = runtime.load_tokenizer(str(tiny_model_dir))
+    _, src, tgt = tasks.load_split(data_dir / "toy" / "train.jsonl", tok, MAX_LENGTH)
     return tok, src, tgt, [len(s) + len(t) for s, t in zip(src, tgt)]
 
 
 def prompted(tiny_model_dir, method, seed=0):
-    t5 = no_dropout(pretrained.load_t5(str(tiny_model_dir)))
+    t5 = no_dropout(runtime.load_t5(str(tiny_model_dir)))
     torch.manual_seed(seed)
     module = M.build_prompt_module(method, t5.config.d_model, generator=torch.Generator().manual_seed(seed))
     return M.PromptedT5(t5, module).train()  # train mode, as train.py: only the dropout rate is 0
@@ -88,7 +88,7 @@ def test_pad_to_longest_gives_the_pad_to_max_loss_and_gradients(toy, tiny_model_
 
     def loss_and_grads(pad_to):
         net.zero_grad(set_to_none=True)
-        batch = batching.collate(idx, src, tgt, tok.pad_token_id, pad_to)
+        batch = tasks.collate(idx, src, tgt, tok.pad_token_id, pad_to)
         nll = token_nll(net, net.t5._shift_right, *batch, nullcontext())
         nll.backward()
         return nll.item(), [p.grad.clone() for p in params]
@@ -108,7 +108,7 @@ def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_di
     is relative to its scale: Adam divides by sqrt(v), so rounding-level gradient differences grow
     with each step, more through EPT's product P1 W_down W_up."""
     tok, src, tgt, _ = toy
-    t5 = no_dropout(pretrained.load_t5(str(tiny_model_dir))).train()
+    t5 = no_dropout(runtime.load_t5(str(tiny_model_dir))).train()
     ctx = SimpleNamespace(method=method, seed=0, lr=0.3, batch_size=8, module_options={},
                           data=(src, tgt, tok.pad_token_id), amp=nullcontext(), compile=False)
     prompts, losses, padded = [], [], []
@@ -131,22 +131,22 @@ def test_group_by_length_only_reorders(toy, tiny_model_dir):
     tok, src, tgt, lengths = toy
     n, bs = len(src), 4  # mega-batch = 50 * 4 = 200 > 48 rows: one mega-batch, and with bs 1: 50-row ones
     for epoch in range(3):
-        plain = batching.epoch_order(n, 7, epoch, bs)
-        grouped = batching.epoch_order(n, 7, epoch, bs, lengths)
+        plain = tasks.epoch_order(n, 7, epoch, bs)
+        grouped = tasks.epoch_order(n, 7, epoch, bs, lengths)
         assert sorted(grouped.tolist()) == list(range(n))
         assert [lengths[i] for i in grouped] == sorted((lengths[i] for i in plain), reverse=True)
-    small = batching.epoch_order(n, 7, 0, 1, lengths)  # mega-batches of 50 rows: the last one is partial
+    small = tasks.epoch_order(n, 7, 0, 1, lengths)  # mega-batches of 50 rows: the last one is partial
     assert sorted(small.tolist()) == list(range(n))
     net = prompted(tiny_model_dir, "pt").eval()
-    plain, grouped = batching.epoch_order(n, 7, 0, bs), batching.epoch_order(n, 7, 0, bs, lengths)
+    plain, grouped = tasks.epoch_order(n, 7, 0, bs), tasks.epoch_order(n, 7, 0, bs, lengths)
     with torch.no_grad():
-        total = [sum(token_nll(net, net.t5._shift_right, *batching.collate(order[k:k + bs].tolist(), src, tgt,
+        total = [sum(token_nll(net, net.t5._shift_right, *tasks.collate(order[k:k + bs].tolist(), src, tgt,
                                                                               tok.pad_token_id), nullcontext()).item()
                      for k in range(0, n, bs)) for order in (plain, grouped)]
     assert total[1] == pytest.approx(total[0], rel=1e-5)
     # bench.py's (b) regroups the timed examples the same way: the same multiset as (a) and (c)
     timed = plain[:32]
-    regrouped = timed[batching.epoch_order(len(timed), 0, 0, bs, [lengths[i] for i in timed])]
+    regrouped = timed[tasks.epoch_order(len(timed), 0, 0, bs, [lengths[i] for i in timed])]
     assert sorted(regrouped.tolist()) == sorted(timed.tolist())
 
 
@@ -156,16 +156,16 @@ def test_group_by_length_only_reorders(toy, tiny_model_dir):
 def decoder_net(tiny_model_dir):
     """A prompted tiny T5 whose </s> output row copies (x1.01) the row of the token it most often starts
     with: those rows stop after one step, the others run to max_new_tokens. A random T5 alone never stops."""
-    t5 = pretrained.load_t5(str(tiny_model_dir))
+    t5 = runtime.load_t5(str(tiny_model_dir))
     t5.lm_head.weight = torch.nn.Parameter(t5.lm_head.weight.detach().clone())  # untie: inputs stay the same
     prompt = torch.randn(3, t5.config.d_model, generator=torch.Generator().manual_seed(0)) * 5
     net = M.PromptedT5(t5, M.FoldedPrompt(prompt)).eval()
-    tok = pretrained.load_tokenizer(str(tiny_model_dir))
+    tok = runtime.load_tokenizer(str(tiny_model_dir))
     rng = random.Random(1)
     sources = ["sentence: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(20)]
-    ids = batching.encode(tok, sources, MAX_LENGTH)
+    ids = tasks.encode(tok, sources, MAX_LENGTH)
     with torch.no_grad():
-        first = [net.generate(*batching.pad([i], tok.pad_token_id), max_new_tokens=1, do_sample=False)[0, 1].item() for i in ids]
+        first = [net.generate(*tasks.pad([i], tok.pad_token_id), max_new_tokens=1, do_sample=False)[0, 1].item() for i in ids]
         common = max(set(first), key=first.count)
         t5.lm_head.weight[tok.eos_token_id] = 1.01 * t5.lm_head.weight[common]
     return net, tok, ids
@@ -194,8 +194,8 @@ def test_eval_batches_sorted_within_a_token_budget():
     ids = [[5] * rng.choice([3, 8, 20, 200]) for _ in range(101)]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # sorted() is stable: ties keep data order
     for bs in (1, 4, 16, 64):
-        assert batching.batches_by_length(ids, bs, True) == [order[i:i + bs] for i in range(0, len(ids), bs)]
-        batches = batching.batches_by_length(ids, bs, True, token_budget=True)
+        assert tasks.batches_by_length(ids, bs, True) == [order[i:i + bs] for i in range(0, len(ids), bs)]
+        batches = tasks.batches_by_length(ids, bs, True, token_budget=True)
         flat = [i for b in batches for i in b]
         assert sorted(flat) == list(range(len(ids)))
         assert [len(ids[i]) for i in flat] == sorted(map(len, ids), reverse=True)
@@ -206,8 +206,8 @@ def test_eval_batches_sorted_within_a_token_budget():
         long = [b for b in batches if len(ids[b[0]]) == 200]
         if bs >= 16:  # the long tail in smaller batches than the short rows: the point of the budget
             assert max(map(len, long)) < max(map(len, batches))
-    assert batching.batches_by_length(ids, 16, False) == [list(range(i, min(i + 16, 101))) for i in range(0, 101, 16)]
-    assert batching.batches_by_length([], 16, True) == batching.batches_by_length([], 16, True, True) == []
+    assert tasks.batches_by_length(ids, 16, False) == [list(range(i, min(i + 16, 101))) for i in range(0, 101, 16)]
+    assert tasks.batches_by_length([], 16, True) == tasks.batches_by_length([], 16, True, True) == []
 
 
 def test_early_stop_when_every_row_is_done(decoder_net):
@@ -227,7 +227,7 @@ def test_rank_classify_picks_the_lowest_loss_label(decoder_net, labels):
     got = evaluation.rank_classify(net, tok, ids, labels, batch_size=5)
     assert set(got) <= set(labels)  # never invalid
     for source, pred in zip(ids, got):  # brute force: one unpadded forward per (example, label)
-        x, mask = batching.pad([source], tok.pad_token_id)
+        x, mask = tasks.pad([source], tok.pad_token_id)
         losses = []
         for label in labels:
             y = torch.tensor([tok(label)["input_ids"]])
@@ -244,13 +244,13 @@ def test_label_nll_equals_one_forward_per_label(decoder_net):
     summed NLL as a plain teacher-forced forward does, for labels of different token lengths."""
     net, tok, ids = decoder_net
     labels = ["0", "1", "not entailment", "2.4"]
-    label_ids, _ = batching.pad(batching.encode(tok, labels, MAX_LENGTH), -100)
+    label_ids, _ = tasks.pad(tasks.encode(tok, labels, MAX_LENGTH), -100)
     assert len(set((label_ids != -100).sum(1).tolist())) > 1  # different lengths: padding inside the label batch
     batch = ids[:5]
-    input_ids, mask = batching.pad(batch, tok.pad_token_id)
+    input_ids, mask = tasks.pad(batch, tok.pad_token_id)
     got = evaluation.label_nll(net, input_ids, mask, label_ids)
     for b, source in enumerate(batch):
-        for k, label in enumerate(batching.encode(tok, labels, MAX_LENGTH)):
+        for k, label in enumerate(tasks.encode(tok, labels, MAX_LENGTH)):
             with torch.no_grad():
                 out = net(torch.tensor([source]), torch.ones(1, len(source), dtype=torch.long), labels=torch.tensor([label]))
             assert got[b, k].item() == pytest.approx(out.loss.item() * len(label), rel=1e-4, abs=1e-4)
@@ -258,7 +258,7 @@ def test_label_nll_equals_one_forward_per_label(decoder_net):
 
 def test_flop_formula_counts_every_linear_weight_once(tiny_model_dir):
     """One encoder and one decoder token: the linear FLOPs are 2 x every nn.Linear weight of T5 (lm_head too)."""
-    t5 = pretrained.load_t5(str(tiny_model_dir))
+    t5 = runtime.load_t5(str(tiny_model_dir))
     weights = sum(m.weight.numel() for m in t5.modules() if isinstance(m, torch.nn.Linear))
     linear, _ = bench.forward_flops(t5.config, 1, 1)
     assert linear == 2 * weights
@@ -291,7 +291,7 @@ def test_bench_end_to_end(data_dir, tiny_model_dir, tmp_path):
 def test_bf16_autocast_loss_close_to_fp32(toy, tiny_model_dir):
     tok, src, tgt, _ = toy
     net = prompted(tiny_model_dir, "ept").cuda()
-    batch = [t.cuda() for t in batching.collate(list(range(8)), src, tgt, tok.pad_token_id)]
+    batch = [t.cuda() for t in tasks.collate(list(range(8)), src, tgt, tok.pad_token_id)]
     with torch.no_grad():
         fp32 = token_nll(net, net.t5._shift_right, *batch, nullcontext()).item()
         bf16 = token_nll(net, net.t5._shift_right, *batch, runtime.autocast("cuda", "bf16")).item()
@@ -310,7 +310,7 @@ def test_compile_gives_the_eager_loss_and_gradients(toy, tiny_model_dir):
         for model in (net, compiled, compiled):  # compiled twice: two shapes, the dynamic-shape recompile too
             for idx in (list(range(8)), list(range(8, 16))):
                 net.zero_grad(set_to_none=True)
-                batch = [t.cuda() for t in batching.collate(idx, src, tgt, tok.pad_token_id)]
+                batch = [t.cuda() for t in tasks.collate(idx, src, tgt, tok.pad_token_id)]
                 nll = token_nll(model, net.t5._shift_right, *batch, nullcontext())
                 nll.backward()
                 out.append((nll.item(), net.prompt_module.prompt.grad.clone()))

@@ -32,7 +32,7 @@ import model as M
 import prepare_data
 import report
 import train
-from ept import errors, files, grid, pretrained, tasks
+from ept import cli, files, grid, runtime, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "raw"
@@ -43,7 +43,7 @@ STEPS = ("--max-steps", 4, "--eval-every", 2)
 
 def fails(call, *args, match, code=None, **kwargs):
     """`call` ends with SystemExit: one line, matching `match`, a non-zero status. Returns the message."""
-    with pytest.raises((SystemExit, errors.Failure)) as exc:  # a script's main, or the code beneath it
+    with pytest.raises((SystemExit, cli.Failure)) as exc:  # a script's main, or the code beneath it
         call(*args, **kwargs)
     status = exc.value.code if isinstance(exc.value, SystemExit) else str(exc.value)
     if code is not None:
@@ -183,29 +183,29 @@ def test_zero_is_never_the_default_in_the_prompt_builder():
 # --- paths: missing, wrong kind, not what the stage expects ----------------------------------------
 
 def test_model_and_tokenizer_paths(tmp_path, tiny_model_dir, capsys):
-    fails(pretrained.load_t5, tmp_path / "nope", match=r"no model folder .*nope \(it does not exist\)")
-    fails(pretrained.load_t5, tiny_model_dir / "config.json", match="is a file; pass the model folder")
-    fails(pretrained.load_t5, tmp_path, match="holds no config.json: it is not a T5 model folder")
+    fails(runtime.load_t5, tmp_path / "nope", match=r"no model folder .*nope \(it does not exist\)")
+    fails(runtime.load_t5, tiny_model_dir / "config.json", match="is a file; pass the model folder")
+    fails(runtime.load_t5, tmp_path, match="holds no config.json: it is not a T5 model folder")
     damaged = tmp_path / "damaged"
     shutil.copytree(tiny_model_dir, damaged)
     (damaged / "config.json").write_text('{"d_model": ')  # half-written
-    fails(pretrained.load_t5, damaged, match=r"config.json is not valid JSON")
+    fails(runtime.load_t5, damaged, match=r"config.json is not valid JSON")
     shutil.copy(tiny_model_dir / "config.json", damaged / "config.json")
     weights = damaged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
-    fails(pretrained.load_t5, damaged, match=r"the model in .*damaged cannot be loaded, its files are damaged")
+    fails(runtime.load_t5, damaged, match=r"the model in .*damaged cannot be loaded, its files are damaged")
     (damaged / "tokenizer.json").write_text("{bad")
-    fails(pretrained.load_tokenizer, damaged, match=r"the tokenizer in .* cannot be loaded.*pass --tokenizer DIR")
+    fails(runtime.load_tokenizer, damaged, match=r"the tokenizer in .* cannot be loaded.*pass --tokenizer DIR")
     # a model folder without a vocabulary: the parent's, said aloud; with none there, an error
     parent = tmp_path / "models"
     bare = parent / "t5"
     bare.mkdir(parents=True)
     shutil.copy(tiny_model_dir / "config.json", bare)
-    fails(pretrained.load_tokenizer, bare, match="holds no tokenizer.*pass --tokenizer DIR")
+    fails(runtime.load_tokenizer, bare, match="holds no tokenizer.*pass --tokenizer DIR")
     shutil.copy(tiny_model_dir / "tokenizer.json", parent)
     shutil.copy(tiny_model_dir / "tokenizer_config.json", parent)
     capsys.readouterr()
-    assert pretrained.load_tokenizer(bare)("good")["input_ids"]
+    assert runtime.load_tokenizer(bare)("good")["input_ids"]
     assert f"holds no vocabulary; using the one in {parent}" in capsys.readouterr().out
 
 
@@ -216,7 +216,7 @@ def test_a_tokenizer_that_maps_text_to_unk_is_refused(tmp_path):
                                                                               unk_token="<unk>")),
                                   pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     tok.save_pretrained(tmp_path)  # a vocabulary of special tokens only: every word is <unk>
-    fails(pretrained.load_tokenizer, tmp_path, match="maps plain English to <unk>")
+    fails(runtime.load_tokenizer, tmp_path, match="maps plain English to <unk>")
 
 
 def test_stages_given_the_wrong_folder(done_run, tiny_model_dir, data_dir, tmp_path):
@@ -329,20 +329,20 @@ def test_a_half_written_last_log_line_does_not_block_resume(done_run, data_dir, 
 
 def test_a_damaged_tokenization_cache_is_rebuilt(data_dir, tiny_model_dir, tmp_path, capsys):
     data = copy_data(data_dir, tmp_path)
-    from ept import batching
-    tok = pretrained.load_tokenizer(tiny_model_dir)
+    from ept import tasks
+    tok = runtime.load_tokenizer(tiny_model_dir)
     path = data / "toy" / "validation.jsonl"
-    good = batching.tokenize_file(path, tok, 32)
-    batching._TOKENIZED.clear()
+    good = tasks.tokenize_file(path, tok, 32)
+    tasks._TOKENIZED.clear()
     (cache,) = (data / "toy" / "cache").glob("validation.*.pt")
     for damage in (cache.read_bytes()[:100], b"", b"not a checkpoint"):
         cache.write_bytes(damage)
         capsys.readouterr()
-        assert batching.tokenize_file(path, tok, 32) == good
+        assert tasks.tokenize_file(path, tok, 32) == good
         assert "is damaged; tokenizing validation.jsonl again" in capsys.readouterr().out
-        batching._TOKENIZED.clear()
+        tasks._TOKENIZED.clear()
     torch.save({"source_ids": torch.zeros(3, dtype=torch.int32)}, cache)  # a valid file, the wrong content
-    assert batching.tokenize_file(path, tok, 32) == good
+    assert tasks.tokenize_file(path, tok, 32) == good
 
 
 def test_raw_files_that_are_not_utf8_or_json(tmp_path, tiny_model_dir):

@@ -22,7 +22,7 @@ import model as M
 import prepare_data
 import report
 import tables
-from ept import evaluation, files, grid, options, pretrained, tasks
+from ept import evaluation, files, grid, options, runtime, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -178,7 +178,7 @@ def test_vocab_init_samples_the_first_5000_ordinary_pieces():
 def test_vocab_range_is_t5s_ordinary_pieces(tokenizer_dir):
     if tokenizer_dir is None:
         pytest.skip("needs ../shared/data/t5")
-    tok = pretrained.load_tokenizer(tokenizer_dir)
+    tok = runtime.load_tokenizer(tokenizer_dir)
     first, last = M.VOCAB_FIRST_PIECE, M.VOCAB_FIRST_PIECE + M.VOCAB_SAMPLE_SIZE - 1
     assert tok.convert_ids_to_tokens(list(range(first))) == ["<pad>", "</s>", "<unk>"]
     assert not any(t.startswith("<extra_id") for t in tok.convert_ids_to_tokens(list(range(first, last + 1))))

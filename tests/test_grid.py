@@ -16,7 +16,7 @@ import pytest
 
 import ablate
 import fewshot
-from ept import errors, files, grid, runs, slurm
+from ept import cli, files, grid, runfolder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_a_sub_grid_collect_keeps_the_other_runs_failures(tmp_path, capsys):
     vocab = tmp_path / "runs" / "rte_ept_t5-base_init-vocab_s0"
     vocab.mkdir(parents=True)
     (vocab / "config.json").write_text("{}")
-    (vocab / runs.FAILED_NAME).write_text("non-finite prompt_norm at step 1")
+    (vocab / runfolder.FAILED_NAME).write_text("non-finite prompt_norm at step 1")
     fake_run(tmp_path / "runs" / "rte_ept_t5-base_s0", 50.0)
     collect(tmp_path, capsys, ("uniform", "vocab"))
     failed = tmp_path / "results" / "init.failed.json"
@@ -132,7 +132,7 @@ def test_a_unit_another_driver_finished_is_not_a_failure(tmp_path, capsys, monke
 def test_a_failed_pool_check_writes_no_plan(tmp_path, monkeypatch, argv, visible, message):
     if visible:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    with pytest.raises(errors.Failure, match=message):
+    with pytest.raises(cli.Failure, match=message):
         ablate.main.__wrapped__(["init", "--tasks", "rte", "--seeds", "0", "--model", "t5-base",
                                  *folders(tmp_path), *argv])
     assert not (tmp_path / "results" / "init.plan").exists()
@@ -140,7 +140,7 @@ def test_a_failed_pool_check_writes_no_plan(tmp_path, monkeypatch, argv, visible
 
 def test_slurm_without_sbatch_writes_no_plan(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "nobin"))
-    with pytest.raises(errors.Failure, match="sbatch is not on PATH"):
+    with pytest.raises(cli.Failure, match="sbatch is not on PATH"):
         ablate.main.__wrapped__(["init", "--tasks", "rte", "--seeds", "0", "--model", "t5-base",
                                  "--slurm", *folders(tmp_path)])
     assert not (tmp_path / "results").exists()
@@ -148,7 +148,7 @@ def test_slurm_without_sbatch_writes_no_plan(tmp_path, monkeypatch):
 
 def test_a_bad_slurm_option_writes_no_plan(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{fake_slurm(tmp_path, 1001)}:{os.environ['PATH']}")
-    with pytest.raises(errors.Failure, match="time limit 4 is not longer than the 300 s"):
+    with pytest.raises(cli.Failure, match="time limit 4 is not longer than the 300 s"):
         ablate.main.__wrapped__(["init", "--tasks", "rte", "--seeds", "0", "--model", "t5-base",
                                  "--slurm", "--slurm-time", "4", *folders(tmp_path)])
     assert not (tmp_path / "results").exists() and not (tmp_path / "n").exists()
@@ -204,7 +204,7 @@ def test_a_plan_past_max_array_size_is_several_arrays_in_a_row(tmp_path, monkeyp
     monkeypatch.setenv("PATH", f"{fake_slurm(tmp_path, 3)}:{os.environ['PATH']}")
     plan = tmp_path / "p.plan"
     plan.write_text("".join(f"echo unit {i}\n" for i in range(7)))
-    array, collect_id = slurm.submit(plan, "echo collect", gpus_per_task=0, after=["42"])
+    array, collect_id = grid.submit(plan, "echo collect", gpus_per_task=0, after=["42"])
     scripts = [(tmp_path / f"script.{n}").read_text() for n in range(100, 104)]
     assert [s.count("#SBATCH --array=") for s in scripts[:3]] == [1, 1, 1]
     assert "#SBATCH --array=0-2\n" in scripts[0] and "#SBATCH --array=0-0\n" in scripts[2]

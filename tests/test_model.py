@@ -7,7 +7,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 import model
-from ept import errors, pretrained
+from ept import cli, runtime
 from model import METHODS, FoldedPrompt, PromptedT5, build_prompt_module, count_trainable
 
 # docs/paper.md, "Methods": the paper's Param column, reproduced exactly.
@@ -197,7 +197,7 @@ def test_vocab_init_without_embedding_is_a_clear_error():
 
 
 def test_tiny_model_folder_loads(tiny_model_dir):
-    t5, tok = pretrained.load_t5(tiny_model_dir), pretrained.load_tokenizer(tiny_model_dir)
+    t5, tok = runtime.load_t5(tiny_model_dir), runtime.load_tokenizer(tiny_model_dir)
     enc = tok(["sentence: a good movie"], return_tensors="pt")
     assert enc.input_ids[0, -1].item() == tok.eos_token_id == 1 and tok.pad_token_id == 0
     m = PromptedT5(t5, build_prompt_module("ept_star", t5.config.d_model))
@@ -207,24 +207,24 @@ def test_tiny_model_folder_loads(tiny_model_dir):
 def test_offline_tokenizer_when_no_real_one(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "a.tsv").write_text("the quick brown fox\tjumps over the lazy dog\n" * 20)
-    out = pretrained.make_tiny(tmp_path / "tiny", corpus_dir=tmp_path / "raw")
-    tok = pretrained.load_tokenizer(out)
+    out = runtime.make_tiny(tmp_path / "tiny", corpus_dir=tmp_path / "raw")
+    tok = runtime.load_tokenizer(out)
     ids = tok("the lazy fox").input_ids
     assert ids[-1] == 1 and tok.decode(ids, skip_special_tokens=True) == "the lazy fox"
 
 
 def test_config_folder_without_weights_says_random_init(tmp_path):
     TINY.save_pretrained(tmp_path)
-    with pytest.raises(errors.Failure, match="--random-init"):
-        pretrained.load_t5(tmp_path)
-    assert pretrained.load_t5(tmp_path, random_init=True).config.d_model == 16
+    with pytest.raises(cli.Failure, match="--random-init"):
+        runtime.load_t5(tmp_path)
+    assert runtime.load_t5(tmp_path, random_init=True).config.d_model == 16
 
 
 def test_unreachable_hub_is_one_sentence(monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait in tests
-    with pytest.raises(errors.Failure, match=r"^could not load the model .*; pass --model DIR"):
-        pretrained.load_t5("no-such-org/no-such-t5")
+    with pytest.raises(cli.Failure, match=r"^could not load the model .*; pass --model DIR"):
+        runtime.load_t5("no-such-org/no-such-t5")
 
 
 def test_count_cli(capsys):
@@ -236,7 +236,7 @@ def test_count_cli(capsys):
 def test_config_only_folder_borrows_the_parent_tokenizer(tokenizer_dir):
     if tokenizer_dir is None:
         pytest.skip("needs ../shared/data/t5")
-    tok = pretrained.load_tokenizer(tokenizer_dir / "t5-small")  # config + tokenizer_config, no vocabulary
+    tok = runtime.load_tokenizer(tokenizer_dir / "t5-small")  # config + tokenizer_config, no vocabulary
     assert len(tok) == 32100 and tok("hello world").input_ids == [21820, 296, 1]
 
 

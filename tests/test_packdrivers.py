@@ -21,7 +21,7 @@ import torch
 import ablate
 import fewshot
 import costs  # scripts/costs.py
-from ept import files, options, runs
+from ept import files, options, runfolder
 from ept import grid as ept_grid
 
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -162,7 +162,7 @@ def test_dry_run_packs_only_what_is_left(tmp_path, capsys):
     done = ept_grid.run_name({k: v for k, v in ablate.init(args)[0].items() if k != "_row"})
     (tmp_path / "runs" / done).mkdir(parents=True)
     (tmp_path / "runs" / done / "metrics.json").write_text("{}")
-    if runs.status(tmp_path / "runs" / done) != "done":
+    if runfolder.status(tmp_path / "runs" / done) != "done":
         pytest.skip("runs.status needs more than metrics.json for 'done'")
     ablate.main(["init", "--tasks", "rte", "--seeds", "0", "--dry-run", "--pack-size", "8", *common])
     out = capsys.readouterr().out
@@ -216,7 +216,7 @@ def test_driver_trains_in_packs_and_writes_the_same_rows(tiny_model_dir, data_di
         sorted(Path(r["run"]).name for r in solo)
     assert rows_without_paths(packed) == rows_without_paths(solo)
     assert len((root / "res" / "hidden.jsonl").read_text().splitlines()) == 4  # one row per run
-    assert not list((root / "runs").glob(f"*/{runs.LOCK_NAME}"))  # every lock released
+    assert not list((root / "runs").glob(f"*/{runfolder.LOCK_NAME}"))  # every lock released
 
     calls.clear()  # a second call trains nothing
     again = ablate.main([*grid, "--runs-dir", str(root / "runs"), "--results-dir", str(root / "res"),
@@ -248,7 +248,7 @@ def test_a_driver_killed_mid_pack_resumes_through_the_same_command(tiny_model_di
     assert rows_without_paths(again) == rows_without_paths(whole)
     for run in (tmp_path / "b" / "runs").iterdir():
         steps = [e["step"] for e in files.read_jsonl(run / "log.jsonl") if e["event"] == "train"]
-        assert steps == list(range(1, 41)) and not (run / runs.LOCK_NAME).exists()
+        assert steps == list(range(1, 41)) and not (run / runfolder.LOCK_NAME).exists()
 
 
 @pytest.mark.skipif(not HAS_RUNS, reason="train.py --runs lands with the pack CLI")

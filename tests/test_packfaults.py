@@ -27,7 +27,7 @@ from test_train import argv, write_task
 
 import ablate
 import train
-from ept import files, grid, runfolder, runs
+from ept import files, grid, runfolder
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
@@ -110,7 +110,7 @@ def test_a_pack_resume_refused_for_one_run_changes_no_run(case, pack, toy, tiny_
     runs_file = write_runs(tmp_path / "runs.json", entries)
     fails(train.main, [*argv(toy, tiny_model_dir, root, *STEPS), "--runs", str(runs_file), flag], match=message)
     assert tree(root) == before  # a's config.json, log.jsonl, last.pt: as they were
-    assert not list(root.glob(f"*/{runs.LOCK_NAME}"))
+    assert not list(root.glob(f"*/{runfolder.LOCK_NAME}"))
 
 
 def test_a_pack_asked_for_more_steps_of_a_finished_run_changes_no_run(pack, toy, tiny_model_dir, tmp_path):
@@ -169,7 +169,7 @@ def test_a_pack_overwrite_that_passes_deletes_eval_too(pack, toy, tiny_model_dir
                                                     {"method": "pt", "out_dir": str(root / "b")}])
     train.main([*argv(toy, tiny_model_dir, root, *STEPS), "--runs", str(runs_file), "--overwrite", "--no-test"])
     assert "deleting" in capsys.readouterr().out and not (root / "a" / "eval").exists()
-    assert not (root / "a" / "metrics.json").exists() and runs.finished(root / "a")
+    assert not (root / "a" / "metrics.json").exists() and runfolder.finished(root / "a")
 
 
 # --- 2. a pass-through flag means the same whatever the pack size -------------------------------------------
@@ -298,7 +298,7 @@ def test_no_test_runs_are_finished_runs_with_a_row(rte, tiny_model_dir, tmp_path
     assert "NOT FINISHED" not in out.err and "1 finished (1 rows added now)" in out.out
     row, = files.read_jsonl(tmp_path / "res" / "init.jsonl")
     assert row["tested"] is False and row["score"] is None and row["test"] is None and row["val_score"] is not None
-    assert rows[0]["run"] == row["run"] and runs.status(row["run"]) == "done"
+    assert rows[0]["run"] == row["run"] and runfolder.status(row["run"]) == "done"
     assert ablate.main([*grid, "--collect"]) and len(files.read_jsonl(tmp_path / "res" / "init.jsonl")) == 1
     ablate.main([*grid, "--dry-run"])
     assert "  done  " in capsys.readouterr().out
@@ -330,28 +330,28 @@ def test_a_lock_held_by_a_live_process_that_is_not_ours(toy, rte, tiny_model_dir
         host = os.uname().nodename
         run = tmp_path / "run"
         run.mkdir()
-        (run / runs.LOCK_NAME).write_text(f"{host} {sleeper.pid} -\n")
+        (run / runfolder.LOCK_NAME).write_text(f"{host} {sleeper.pid} -\n")
         t0 = time.time()
         proc = subprocess.run([sys.executable, "train.py", *argv(toy, tiny_model_dir, run, *STEPS)], cwd=REPO,
                               env=ENV, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr and time.time() - t0 < 60
         line = proc.stderr.strip()
-        assert f"is being written by pid {sleeper.pid} on {host}" in line and f"delete {run / runs.LOCK_NAME}" in line
+        assert f"is being written by pid {sleeper.pid} on {host}" in line and f"delete {run / runfolder.LOCK_NAME}" in line
         runs_file = write_runs(tmp_path / "runs.json", [{"method": "pt", "out_dir": str(tmp_path / "other")},
                                                         {"method": "ept", "out_dir": str(run)}])
         proc = subprocess.run([sys.executable, "train.py", *argv(toy, tiny_model_dir, tmp_path, *STEPS), "--runs",
                                str(runs_file)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
-        assert f"pid {sleeper.pid}" in proc.stdout and str(run / runs.LOCK_NAME) in proc.stdout
+        assert f"pid {sleeper.pid}" in proc.stdout and str(run / runfolder.LOCK_NAME) in proc.stdout
         assert "left out" in proc.stderr and "run the same command again once it is done" in proc.stderr
-        assert runs.finished(tmp_path / "other") and not (run / "config.json").exists()
+        assert runfolder.finished(tmp_path / "other") and not (run / "config.json").exists()
         # a driver: the same sentence for that unit, the others trained, exit 1 naming it
         args = ["init", "--model", str(tiny_model_dir), "--tasks", "rte", "--seeds", "0", "--values", "uniform",
                 "vocab", "--data-dir", str(rte), "--runs-dir", str(tmp_path / "druns"), "--results-dir",
                 str(tmp_path / "dres"), "--max-steps", "2", "--eval-every", "2", "--max-eval-examples", "6"]
         held = tmp_path / "druns" / "rte_ept_tiny-t50_init-vocab_steps2_ev2_s0"
         held.mkdir(parents=True)
-        (held / runs.LOCK_NAME).write_text(f"{host} {sleeper.pid} -\n")
+        (held / runfolder.LOCK_NAME).write_text(f"{host} {sleeper.pid} -\n")
         proc = subprocess.run([sys.executable, "ablate.py", *args], cwd=REPO, env=ENV, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -401,7 +401,7 @@ def test_ctrl_c_of_train_py(kind, toy, tiny_model_dir, tmp_path):
     assert status == 130 and "Traceback" not in out, out[-3000:]
     assert "run the same command with --resume" in out
     for run in folders():
-        assert not (run / runs.LOCK_NAME).exists() and not list(run.glob(".*.tmp*"))
+        assert not (run / runfolder.LOCK_NAME).exists() and not list(run.glob(".*.tmp*"))
         step = runfolder.read_checkpoint(run / "last.pt", 400)["step"]  # whole, a checkpoint --resume takes
         assert step >= 5
         if "twice" not in kind:
@@ -418,7 +418,7 @@ def test_ctrl_c_of_a_driver(how, rte, tiny_model_dir, tmp_path):
     status, out = interrupt(proc, lambda: any(len(train_steps(f)) >= 7 for f in (tmp_path / "runs").glob("*")))
     assert status == 130 and "Traceback" not in out, out[-3000:]
     assert "run the same command again to resume" in out.lower()
-    assert not list((tmp_path / "runs").glob(f"*/{runs.LOCK_NAME}"))
+    assert not list((tmp_path / "runs").glob(f"*/{runfolder.LOCK_NAME}"))
     saved = list((tmp_path / "runs").glob("*/last.pt"))
     assert saved and all(runfolder.read_checkpoint(p, 400)["step"] >= 0 for p in saved)  # whole checkpoints
     assert max(runfolder.read_checkpoint(p, 400)["step"] for p in saved) >= 7

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import bench_pack
 import model as M
 import train
-from ept import batching, pretrained, runfolder, runtime
+from ept import runfolder, runtime, tasks
 from ept import pack as packing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def tiny_t5(dropout=0.0):
     from transformers import T5Config, T5ForConditionalGeneration
     torch.manual_seed(0)
     config = T5Config(vocab_size=64, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=dropout,
-                      **pretrained.TINY)
+                      **runtime.TINY)
     return T5ForConditionalGeneration(config).train()  # training mode, as train.py (dropout 0: deterministic)
 
 
@@ -121,7 +121,7 @@ def packed_losses_and_grads(t5, runs, data, per_run=2, unmask_padding=False):
         packed.prompts = lambda: (prompts()[0], torch.ones_like(prompts()[1]))
     idx = list(range(per_run * len(runs)))
     run_ids = torch.tensor([k // per_run for k in idx])
-    input_ids, mask, labels = batching.collate(idx, src, tgt, pad)
+    input_ids, mask, labels = tasks.collate(idx, src, tgt, pad)
     logits = packed(input_ids, mask, run_ids, decoder_input_ids=t5._shift_right(labels), use_cache=False).logits
     nll = per_example_nll(logits, labels)
     nll.sum().backward()
@@ -143,7 +143,7 @@ def test_left_padded_prompts_equal_each_prompt_alone(t5, data):
     for k, run in enumerate(runs):
         net = M.PromptedT5(t5, run.module)
         idx = [2 * k, 2 * k + 1]
-        input_ids, mask, labels = batching.collate(idx, src, tgt, pad)
+        input_ids, mask, labels = tasks.collate(idx, src, tgt, pad)
         logits = net(input_ids, mask, decoder_input_ids=t5._shift_right(labels), use_cache=False).logits
         solo = per_example_nll(logits, labels)
         solo.sum().backward()
@@ -160,7 +160,7 @@ def test_packed_model_rejects_examples_of_inactive_runs(t5, data):
     runs = [packing.make_run(t5, "ept", seed=s) for s in (0, 1)]
     packed = packing.PackedT5(t5, [r.module for r in runs])
     packed.set_active([1])
-    input_ids, mask, _ = batching.collate([0], *data)
+    input_ids, mask, _ = tasks.collate([0], *data)
     with pytest.raises(ValueError, match="not active"):
         packed.embed(input_ids, mask, torch.tensor([0]))
 
@@ -314,7 +314,7 @@ def test_pack_run_equals_train_py_run_and_its_checkpoint(tiny_model_dir, tmp_pat
     solo_log = [e for e in solo_log if e["event"] == "train"]
     solo_ckpt = torch.load(out / "last.pt", weights_only=True)
 
-    t5 = pretrained.load_t5(str(tiny_model_dir))
+    t5 = runtime.load_t5(str(tiny_model_dir))
     t5.config.dropout_rate = 0.0  # --dropout 0: the nn.Dropout modules and the attention's float rate
     for module in t5.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -322,7 +322,7 @@ def test_pack_run_equals_train_py_run_and_its_checkpoint(tiny_model_dir, tmp_pat
         elif isinstance(getattr(module, "dropout", None), float):
             module.dropout = 0.0
     t5.train()
-    tokenizer = pretrained.load_tokenizer(str(tiny_model_dir))
+    tokenizer = runtime.load_tokenizer(str(tiny_model_dir))
     rows = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines()]
     src = tokenizer([r["source"] for r in rows], truncation=True, max_length=32)["input_ids"]
     tgt = tokenizer([r["target"] for r in rows])["input_ids"]
@@ -382,7 +382,7 @@ def test_bench_runs(tiny_model_dir):
     assert [r["runs"] for r in rows] == [1, 2] and rows[0]["solo_step_s"] > 0
     assert [r["forward_passes"] for r in rows] == [1, 2]  # 2 and 4 examples, at most 3 per forward pass
     assert all(r["examples_per_s"] > 0 and r["step_s"] > 0 for r in rows)
-    update = bench_pack.bench_update(pretrained.load_t5(str(tiny_model_dir)), r=3, repeats=2)
+    update = bench_pack.bench_update(runtime.load_t5(str(tiny_model_dir)), r=3, repeats=2)
     assert update > 0
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ablate
-from ept import errors, files, grid, runs, slurm
+from ept import cli, files, grid, runfolder
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -66,9 +66,9 @@ def assert_steps_once(root, n, steps=3):
     folders = sorted((root / "runs").iterdir())
     assert len(folders) == n
     for run in folders:
-        assert runs.status(run) == "done"
+        assert runfolder.status(run) == "done"
         assert [e["step"] for e in events(run, "train")] == list(range(1, steps + 1)), run.name  # no step twice
-        assert not (run / runs.LOCK_NAME).exists()
+        assert not (run / runfolder.LOCK_NAME).exists()
 
 
 def wait_for(predicate, proc, timeout=180):
@@ -122,11 +122,11 @@ def _plan(argv):
 
 
 def test_slurm_submits_the_plan_and_the_collect_line(tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    """--slurm calls slurm.submit(plan, collect line, ...) and trains nothing here (slurm.py's own tests run
+    """--slurm calls grid.submit(plan, collect line, ...) and trains nothing here (slurm.py's own tests run
     the array on a real SLURM)."""
     calls = []
-    monkeypatch.setattr(slurm, "submit", lambda *a, **k: calls.append((a, k)))
-    monkeypatch.setattr(slurm, "check", lambda: 1001)  # sbatch here, SLURM's default MaxArraySize
+    monkeypatch.setattr(grid, "submit", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(grid, "check", lambda: 1001)  # sbatch here, SLURM's default MaxArraySize
     argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--slurm", "--slurm-time", "1:00:00", "--slurm-max-tasks", 2)
     assert ablate.main(argv) == []
     (plan, collect), options = calls[0]
@@ -168,7 +168,7 @@ def test_a_sigkilled_child_is_resumed_nothing_lost_or_doubled(tiny_model_dir, da
                      "--eval-every", 20)
     launcher = driver(*argv)
     target = wait_for(lambda: next((p.parent for p in (tmp_path / "runs").glob("*/last.pt")), None), launcher)
-    pid = int(runs.read_owner(target / runs.LOCK_NAME).pid)  # the child's train.py
+    pid = int(runfolder.read_owner(target / runfolder.LOCK_NAME).pid)  # the child's train.py
     os.kill(pid, signal.SIGKILL)
     out = finish(launcher)
     assert out.count("resuming it once") == 1 and "took over the stale lock" in out
@@ -183,15 +183,15 @@ def test_sigint_stops_every_child_and_a_rerun_resumes(tiny_model_dir, data_dir, 
                      "--eval-every", 400)
     launcher = driver(*argv)
     held = wait_for(lambda: [p for p in (tmp_path / "runs").glob("*/log.jsonl")
-                             if p.stat().st_size and (p.parent / runs.LOCK_NAME).exists()][:2]
+                             if p.stat().st_size and (p.parent / runfolder.LOCK_NAME).exists()][:2]
                     if len(list((tmp_path / "runs").glob("*/log.jsonl"))) >= 2 else None, launcher)
-    pids = [int(runs.read_owner(p.parent / runs.LOCK_NAME).pid) for p in held]
+    pids = [int(runfolder.read_owner(p.parent / runfolder.LOCK_NAME).pid) for p in held]
     launcher.send_signal(signal.SIGINT)
     out = finish(launcher, status=130)
     assert "SIGINT received: every child wrote last.pt and stopped. Run the same command again to resume." in out
-    assert not any(runs._alive(pid) for pid in pids)  # every child ended before the launcher
+    assert not any(runfolder._alive(pid) for pid in pids)  # every child ended before the launcher
     stopped = [p.parent for p in held]
-    assert all((run / "last.pt").exists() and not (run / runs.LOCK_NAME).exists() for run in stopped)
+    assert all((run / "last.pt").exists() and not (run / runfolder.LOCK_NAME).exists() for run in stopped)
     assert "SIGTERM received: stopped at step" in out
 
 
@@ -212,7 +212,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resume_logs_each_step_once(t
     step = torch.load(cut / "last.pt", weights_only=True)["step"]
     assert f"SIGTERM received: stopped at step {step}, last.pt written in {cut}" in out and 0 < step < 60
     assert [e["step"] for e in events(cut, "train")] == list(range(1, step + 1))  # the step boundary
-    assert not (cut / runs.LOCK_NAME).exists() and not (cut / "metrics.json").exists()
+    assert not (cut / runfolder.LOCK_NAME).exists() and not (cut / "metrics.json").exists()
     subprocess.run([sys.executable, "train.py", *common, "--out-dir", str(cut), "--resume"], cwd=REPO, env=ENV,
                    check=True, capture_output=True)
     assert [e["step"] for e in events(cut, "train")] == [e["step"] for e in events(whole, "train")]
@@ -231,31 +231,31 @@ def test_sigusr1_stops_a_pack_with_status_138_and_resume_continues_every_run(tin
     out = finish(proc, status=138)
     assert "SIGUSR1 received: stopped at step" in out and "(exit status 138)" in out
     folders = sorted(tmp_path.iterdir())
-    assert len(folders) == 2 and not list(tmp_path.glob(f"*/{runs.LOCK_NAME}"))
+    assert len(folders) == 2 and not list(tmp_path.glob(f"*/{runfolder.LOCK_NAME}"))
     steps = {torch.load(f / "last.pt", weights_only=True)["step"] for f in folders}
     assert len(steps) == 1 and 0 < steps.pop() < 40  # every live run saved at the same step boundary
     subprocess.run([*command, "--resume"], cwd=REPO, env=ENV, check=True, capture_output=True)
     for run in folders:
-        assert [e["step"] for e in events(run, "train")] == list(range(1, 41)) and runs.finished(run)
+        assert [e["step"] for e in events(run, "train")] == list(range(1, 41)) and runfolder.finished(run)
 
 
 # --- the one-host lock ------------------------------------------------------------------------------
 
 def test_a_run_started_twice_gets_one_sentence_and_a_dead_holder_is_taken_over(tmp_path):
-    lock = runs.acquire_lock(tmp_path, say=lambda m: None)
-    with pytest.raises(runs.Busy, match=f"{tmp_path} is being written by pid {os.getpid()} on .*delete "):
-        runs.acquire_lock(tmp_path, say=lambda m: None)
+    lock = runfolder.acquire_lock(tmp_path, say=lambda m: None)
+    with pytest.raises(runfolder.Busy, match=f"{tmp_path} is being written by pid {os.getpid()} on .*delete "):
+        runfolder.acquire_lock(tmp_path, say=lambda m: None)
     lock.release()
-    assert not (tmp_path / runs.LOCK_NAME).exists()
+    assert not (tmp_path / runfolder.LOCK_NAME).exists()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / runs.LOCK_NAME).write_text(f"{os.uname().nodename} {dead.pid} -\n")
+    (tmp_path / runfolder.LOCK_NAME).write_text(f"{os.uname().nodename} {dead.pid} -\n")
     said = []
-    runs.acquire_lock(tmp_path, say=said.append).release()
+    runfolder.acquire_lock(tmp_path, say=said.append).release()
     assert said and "took over the stale lock" in said[0]
-    (tmp_path / runs.LOCK_NAME).write_text("another-host 1 -\n")  # another host's lock: not ours to judge
-    with pytest.raises(runs.Busy):
-        runs.acquire_lock(tmp_path, say=said.append)
+    (tmp_path / runfolder.LOCK_NAME).write_text("another-host 1 -\n")  # another host's lock: not ours to judge
+    with pytest.raises(runfolder.Busy):
+        runfolder.acquire_lock(tmp_path, say=said.append)
 
 
 def test_the_pid_decides_on_this_host_even_within_one_slurm_job(tmp_path, monkeypatch):
@@ -264,20 +264,20 @@ def test_the_pid_decides_on_this_host_even_within_one_slurm_job(tmp_path, monkey
     monkeypatch.setenv("SLURM_JOB_ID", "999")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        lock = tmp_path / runs.LOCK_NAME
+        lock = tmp_path / runfolder.LOCK_NAME
         lock.write_text(f"{os.uname().nodename} {holder.pid} 999\n")
-        with pytest.raises(runs.Busy, match=f"pid {holder.pid} .*SLURM job 999"):
-            runs.acquire_lock(tmp_path, say=lambda m: None)
+        with pytest.raises(runfolder.Busy, match=f"pid {holder.pid} .*SLURM job 999"):
+            runfolder.acquire_lock(tmp_path, say=lambda m: None)
         old = time.time() - 3600  # written before the holder started: its pid was reused since
         os.utime(lock, (old, old))
         said = []
-        runs.acquire_lock(tmp_path, say=said.append).release()
+        runfolder.acquire_lock(tmp_path, say=said.append).release()
         assert said and "took over the stale lock" in said[0]
     finally:
         holder.kill()
         holder.wait()
-    (tmp_path / runs.LOCK_NAME).write_text("another-host 1 999\n")  # a requeue onto another node
-    runs.acquire_lock(tmp_path, say=lambda m: None).release()
+    (tmp_path / runfolder.LOCK_NAME).write_text("another-host 1 999\n")  # a requeue onto another node
+    runfolder.acquire_lock(tmp_path, say=lambda m: None).release()
 
 
 def test_pool_devices():
@@ -288,14 +288,14 @@ def test_pool_devices():
     finally:
         del os.environ["CUDA_VISIBLE_DEVICES"]
     assert grid.pool_devices(ablate.parser.parse_args(["init", "--gpus", "3"])) == ["0", "1", "2"]
-    with pytest.raises(errors.Failure, match="not a multiple"):
+    with pytest.raises(cli.Failure, match="not a multiple"):
         grid.pool_devices(ablate.parser.parse_args(["init", "--gpus", "3", "--nproc", "2"]))
 
 
 # --- a failed run says why in its folder ------------------------------------------------------------
 
 def test_a_nonfinite_run_writes_failed_txt_and_a_new_start_clears_it(tiny_model_dir, data_dir, tmp_path):
-    """lr 1e30: a non-finite prompt norm at step 1; failed.txt holds train.py's sentence and runs.status says
+    """lr 1e30: a non-finite prompt norm at step 1; failed.txt holds train.py's sentence and runfolder.status says
     'failed' (test_slurm_grid.py: the collect step names it); started again (--resume), the marker goes."""
     import train
     run = tmp_path / "run"
@@ -303,7 +303,7 @@ def test_a_nonfinite_run_writes_failed_txt_and_a_new_start_clears_it(tiny_model_
               "--out-dir", str(run), *TRAIN]
     with pytest.raises(SystemExit) as err:  # train.NonFiniteError, as its script's one sentence
         train.main([*common, "--lr", "1e30"])
-    assert runs.status(run) == "failed" and runs.failure(run) == err.value.code
-    assert "non-finite prompt_norm at step 1" in runs.failure(run)
+    assert runfolder.status(run) == "failed" and runfolder.failure(run) == err.value.code
+    assert "non-finite prompt_norm at step 1" in runfolder.failure(run)
     train.main([*common, "--lr", "0.3", "--resume"])  # no last.pt: it starts over, and finishes
-    assert runs.status(run) == "done" and runs.failure(run) is None and not (run / runs.FAILED_NAME).exists()
+    assert runfolder.status(run) == "done" and runfolder.failure(run) is None and not (run / runfolder.FAILED_NAME).exists()

@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prepare_data  # noqa: E402
-from ept import errors, evaluation, files, tasks  # noqa: E402
+from ept import cli, evaluation, files, tasks# noqa: E402
 from ept.tasks import GROUPS, TASKS, pad_punctuation  # noqa: E402
 from prepare_data import main, to_records  # noqa: E402
 
@@ -320,7 +320,7 @@ def test_unreachable_hub_says_pass_source(monkeypatch, tmp_path):
 
 
 def test_hub_label_outside_the_label_set():
-    with pytest.raises(errors.Failure, match=r"cb: hub row 1: .*label 3 is outside the label set 0, 1, 2"):
+    with pytest.raises(cli.Failure, match=r"cb: hub row 1: .*label 3 is outside the label set 0, 1, 2"):
         to_records(TASKS["cb"], [CASES["cb"][3], {**CASES["cb"][3], "label": 3}], "hub")
 
 
@@ -525,7 +525,7 @@ def test_suggested_prepare_commands_run_offline_as_printed(tmp_path, tiny_model_
     after = snapshot(data / "rte")
     assert "train_k16_seed0.jsonl" in after and after["train_k4_seed0.jsonl"] == before["train_k4_seed0.jsonl"]
     assert after["train.jsonl"] == before["train.jsonl"] and after["test.jsonl"] == before["test.jsonl"]
-    with pytest.raises(errors.Failure) as unprepared:  # evaluate.py --task cb, train.py, ...
+    with pytest.raises(cli.Failure) as unprepared:  # evaluate.py --task cb, train.py, ...
         tasks.load_meta(data, "cb")
     run_offline(suggested(str(unprepared.value)))
     assert (data / "cb" / "meta.json").exists()
@@ -536,7 +536,7 @@ def test_suggested_prepare_commands_run_offline_as_printed(tmp_path, tiny_model_
     assert (data / "cb" / "train_k4_seed1.jsonl").exists()
     meta = json.loads((data / "cb" / "meta.json").read_text())
     (data / "cb" / "meta.json").write_text(json.dumps({**meta, "metrics": ["acc", "bleu"]}))
-    with pytest.raises(errors.Failure) as edited:  # a meta.json naming a metric no code computes
+    with pytest.raises(cli.Failure) as edited:  # a meta.json naming a metric no code computes
         tasks.load_meta(data, "cb")
     run_offline(suggested(str(edited.value)))
     assert tasks.load_meta(data, "cb")["metrics"] == meta["metrics"]  # the rebuild restored it
@@ -554,7 +554,7 @@ def test_the_bar_of_a_local_source_names_the_file(tmp_path, monkeypatch):
 
 
 def test_an_unknown_task_lists_the_known_ones_and_suggests_no_prepare(tmp_path):
-    with pytest.raises(errors.Failure, match=r"unknown task 'nosuch'.*rte, boolq|unknown task 'nosuch'.*cola") as e:
+    with pytest.raises(cli.Failure, match=r"unknown task 'nosuch'.*rte, boolq|unknown task 'nosuch'.*cola") as e:
         tasks.load_meta(tmp_path, "nosuch")  # evaluate.py --task nosuch
     assert "prepare_data" not in str(e.value)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ept import errors, slurm
+from ept import cli, grid
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = Path(__file__).resolve().with_name("fake_unit.py")
@@ -39,7 +39,7 @@ def write_plan(path, lines):
 # --- the script's text: no cluster needed ----------------------------------------------------------
 
 def test_sbatch_script_text(tmp_path):
-    text = slurm.sbatch_script(tmp_path / "t.plan", 12, job_name="table1", log_dir=tmp_path / "logs",
+    text = grid.sbatch_script(tmp_path / "t.plan", 12, job_name="table1", log_dir=tmp_path / "logs",
                                partition="gpu", time="4:00:00", max_parallel=4,
                                extra=["--account=nlp"], cpus_per_task=2)
     lines = text.splitlines()
@@ -52,13 +52,13 @@ def test_sbatch_script_text(tmp_path):
     assert 'unit=$(sed -n "$((task + 1))p" "$plan")' in lines  # task i runs line i+1
     assert 'scontrol requeue "${SLURM_ARRAY_JOB_ID}_${task}"' in text
     # no GPU, no limit on tasks at once, no partition or time: no such lines
-    bare = slurm.sbatch_script(tmp_path / "t.plan", 3, job_name="x", log_dir=tmp_path, gpus_per_task=0)
+    bare = grid.sbatch_script(tmp_path / "t.plan", 3, job_name="x", log_dir=tmp_path, gpus_per_task=0)
     assert "#SBATCH --array=0-2\n" in bare
     assert not any(k in bare for k in ("--gres", "--gpus", "--partition", "--time", "--cpus"))
-    assert "--gres=gpu:2" in slurm.sbatch_script(tmp_path / "t", 1, job_name="x", log_dir=tmp_path,
+    assert "--gres=gpu:2" in grid.sbatch_script(tmp_path / "t", 1, job_name="x", log_dir=tmp_path,
                                                  gpus_per_task=2)
     assert "--dependency" not in bare  # after=: an earlier plan's array, each ended however it ended
-    assert "#SBATCH --dependency=afterany:7:9_2\n" in slurm.sbatch_script(
+    assert "#SBATCH --dependency=afterany:7:9_2\n" in grid.sbatch_script(
         tmp_path / "t", 1, job_name="x", log_dir=tmp_path, after=["7", "9_2"])
 
 
@@ -66,7 +66,7 @@ def test_sbatch_script_text(tmp_path):
                                            ("1-12", 129600), ("2-00:30:00", 174600),
                                            ("UNLIMITED", None), ("0", None)])
 def test_time_seconds(text, seconds):
-    assert slurm.time_seconds(text) == seconds
+    assert grid.time_seconds(text) == seconds
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -77,24 +77,24 @@ def test_time_seconds(text, seconds):
     ({"after": ["7 --x"]}, "not a SLURM job id"),
 ])
 def test_sbatch_script_refuses(tmp_path, kw, message):
-    with pytest.raises(errors.Failure, match=message):
-        slurm.sbatch_script(tmp_path / "t.plan", 2, job_name="x", log_dir=tmp_path, **kw)
+    with pytest.raises(cli.Failure, match=message):
+        grid.sbatch_script(tmp_path / "t.plan", 2, job_name="x", log_dir=tmp_path, **kw)
 
 
 def test_submit_one_sentence_errors(tmp_path, monkeypatch):
     plan = write_plan(tmp_path / "p.plan", ["true", "", "true"])
-    with pytest.raises(errors.Failure, match="has an empty line"):
-        slurm.submit(plan, "true", gpus_per_task=0)
+    with pytest.raises(cli.Failure, match="has an empty line"):
+        grid.submit(plan, "true", gpus_per_task=0)
     plan = write_plan(tmp_path / "p.plan", ["true"])
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no sbatch
-    with pytest.raises(errors.Failure, match="sbatch is not on PATH"):
-        slurm.submit(plan, "true", gpus_per_task=0)
+    with pytest.raises(cli.Failure, match="sbatch is not on PATH"):
+        grid.submit(plan, "true", gpus_per_task=0)
     (tmp_path / "bin").mkdir()
     sbatch = tmp_path / "bin" / "sbatch"
     sbatch.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpu' >&2\nexit 1\n")
     sbatch.chmod(0o755)
-    with pytest.raises(errors.Failure, match=r"sbatch refused the job array \(p.sbatch\): sbatch: error: invalid"):
-        slurm.submit(plan, "true", gpus_per_task=0)
+    with pytest.raises(cli.Failure, match=r"sbatch refused the job array \(p.sbatch\): sbatch: error: invalid"):
+        grid.submit(plan, "true", gpus_per_task=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "p.plan"]  # nothing written
 
 
@@ -108,7 +108,7 @@ def test_submit_writes_both_scripts_and_says_how_to_follow(tmp_path, monkeypatch
     sbatch.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     plan = write_plan(tmp_path / "table1.plan", ["true", "false"])
-    slurm.main([str(plan), "--collect", "echo collected", "--gpus-per-task", "0", "--max-parallel", "1",
+    grid.main([str(plan), "--collect", "echo collected", "--gpus-per-task", "0", "--max-parallel", "1",
                 "--sbatch-option=--account=nlp", "--after", "39"])
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls == ["--parsable", "--parsable"]  # each script on stdin, written once submitted
@@ -130,7 +130,7 @@ def test_script_forwards_sigterm_without_slurm(tmp_path):
     checkpoints; the shell waits for it and exits with the unit's status; a rerun resumes it."""
     plan = write_plan(tmp_path / "p.plan", [fake(tmp_path, "u0", 1), fake(tmp_path, "u1", 200)])
     script = tmp_path / "p.sbatch"
-    script.write_text(slurm.sbatch_script(plan, 2, job_name="p", log_dir=tmp_path, gpus_per_task=0))
+    script.write_text(grid.sbatch_script(plan, 2, job_name="p", log_dir=tmp_path, gpus_per_task=0))
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1"}
     shell = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
     steps = tmp_path / "u1" / "steps.log"
@@ -182,7 +182,7 @@ def test_four_tasks_run_at_once(cluster, tmp_path):
     line = (f"touch {flags}/$SLURM_ARRAY_TASK_ID; for i in $(seq 100); do "
             f"[ $(ls {flags} | wc -l) -ge 4 ] && exit 0; sleep 0.1; done; exit 1")
     plan = write_plan(tmp_path / "p.plan", [line] * 4)
-    array, collect = slurm.submit(plan, "true", gpus_per_task=0)
+    array, collect = grid.submit(plan, "true", gpus_per_task=0)
     wait_gone(array, collect)
     logs = sorted((tmp_path / "slurm-logs").glob(f"p-{array}_*.log"))
     assert len(logs) == 4
@@ -196,7 +196,7 @@ def test_plan_finishes_and_collect_runs_after(cluster, tmp_path):
     root = tmp_path / "units"
     plan = write_plan(tmp_path / "p.plan", [fake(root, "u0", 5), fake(root, "u1", 5, "--fail"),
                                             fake(root, "u2", 10)])
-    array, collect = slurm.submit(plan, f"{sys.executable} {FAKE} --collect {root}", gpus_per_task=0,
+    array, collect = grid.submit(plan, f"{sys.executable} {FAKE} --collect {root}", gpus_per_task=0,
                                   max_parallel=2)
     assert (tmp_path / "p.sbatch").exists() and (tmp_path / "p.collect.sbatch").exists()
     wait_gone(array, collect)
@@ -230,7 +230,7 @@ def test_requeued_task_resumes(cluster, tmp_path, how):
     the task runs again and resumes; no step is done twice and the row is appended once."""
     root = tmp_path / "units"
     plan = write_plan(tmp_path / "p.plan", [fake(root, "u0", 3), fake(root, "u1", 25)])
-    array, collect = slurm.submit(plan, f"{sys.executable} {FAKE} --collect {root}", gpus_per_task=0)
+    array, collect = grid.submit(plan, f"{sys.executable} {FAKE} --collect {root}", gpus_per_task=0)
     steps = root / "u1" / "steps.log"
     wait_for(lambda: steps.exists() and len(steps.read_text().split()) >= 3, 30, "steps of unit 1")
     if how == "USR1":
@@ -254,14 +254,14 @@ def test_cancelled_plan_finishes_when_submitted_again(cluster, tmp_path):
     plan = write_plan(tmp_path / "p.plan",
                       [fake(root, "u0", 2), fake(root, "u1", 60), fake(root, "u2", 60)])
     collect_cmd = f"{sys.executable} {FAKE} --collect {root}"
-    array, collect = slurm.submit(plan, collect_cmd, gpus_per_task=0, max_parallel=2)
+    array, collect = grid.submit(plan, collect_cmd, gpus_per_task=0, max_parallel=2)
     steps = root / "u1" / "steps.log"
     wait_for(lambda: steps.exists() and len(steps.read_text().split()) >= 3, 30, "steps of unit 1")
     subprocess.run(["scancel", array, collect], check=True)
     wait_gone(array, collect)
     assert not (root / "u1" / "result.json").exists()  # it was stopped, not finished
     assert not (root / "collected.json").exists()
-    array2, collect2 = slurm.submit(plan, collect_cmd, gpus_per_task=0, max_parallel=2)
+    array2, collect2 = grid.submit(plan, collect_cmd, gpus_per_task=0, max_parallel=2)
     wait_gone(array2, collect2)
     check_resumed(root, "u1", 60, starts=2)
     for name in ("u0", "u2"):  # u0 finished in the first array; u2 started in either
@@ -278,7 +278,7 @@ def test_time_limit_signal_requeues_and_resumes(cluster, tmp_path):
     may send up to 60 s early): the task requeues itself and its unit resumes until it finishes."""
     root = tmp_path / "units"
     plan = write_plan(tmp_path / "p.plan", [fake(root, "u0", 600)])  # 60 s of steps: over one start
-    array, collect = slurm.submit(plan, f"{sys.executable} {FAKE} --collect {root}", gpus_per_task=0,
+    array, collect = grid.submit(plan, f"{sys.executable} {FAKE} --collect {root}", gpus_per_task=0,
                                   time="2", signal_s=60)
     wait_gone(array, collect, timeout=300)
     starts = len((root / "u0" / "starts.log").read_text().splitlines())

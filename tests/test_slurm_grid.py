@@ -19,7 +19,7 @@ import pytest
 from test_slurm import squeue, wait_for, wait_gone
 
 import ablate
-from ept import files, runs
+from ept import files, runfolder
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-eval-examples", "6", "--eval-batch-size", "8", "--batch-size", "4", "--dropout", "0"]
@@ -117,7 +117,7 @@ def test_grid_on_slurm_equals_in_process_with_a_requeue_and_a_failed_unit(
     log = (logs / f"ept-lr-{array}_{i}.log").read_text()
     assert "start 2" in log and "unit stopped by SIGTERM" in log and log.rstrip().endswith("unit finished"), log
     # the failed unit: FAILED in SLURM and in its log, its folder says why, the collect job names it
-    assert runs.status(bad) == "failed" and "non-finite prompt_norm at step 1" in runs.failure(bad)
+    assert runfolder.status(bad) == "failed" and "non-finite prompt_norm at step 1" in runfolder.failure(bad)
     j = task_of(there, "lr", bad)
     assert "unit failed (exit 1)" in (logs / f"ept-lr-{array}_{j}.log").read_text()
     report = (logs / f"ept-lr-collect-{collect}.log").read_text()
@@ -125,11 +125,11 @@ def test_grid_on_slurm_equals_in_process_with_a_requeue_and_a_failed_unit(
     assert states == {f"task {k}": "FAILED" if k == j else "COMPLETED" for k in range(3)}, report  # all ended
     assert "lr: 3 runs, 2 finished (2 rows added now), 1 not finished (1 failed)" in report, report
     assert f"lr: FAILED {bad.name}: train: non-finite prompt_norm at step 1" in report
-    assert files.read_json(there / "results" / "lr.failed.json") == {str(bad): runs.failure(bad)}
+    assert files.read_json(there / "results" / "lr.failed.json") == {str(bad): runfolder.failure(bad)}
     import report  # which lists it in index.md (test_experiments.py)
-    assert report.failed_runs(there / "results") == [("lr", str(bad), runs.failure(bad))]
+    assert report.failed_runs(there / "results") == [("lr", str(bad), runfolder.failure(bad))]
     for run in (there / "runs").iterdir():
-        assert not (run / runs.LOCK_NAME).exists()
+        assert not (run / runfolder.LOCK_NAME).exists()
 
 
 def test_cancelled_array_then_the_same_command_finishes_what_was_left(
@@ -145,7 +145,7 @@ def test_cancelled_array_then_the_same_command_finishes_what_was_left(
     finally:
         subprocess.run(["scancel", array, collect], check=True)
     wait_gone(array, collect)
-    stopped = [f for f in folders if not runs.finished(f)]
+    stopped = [f for f in folders if not runfolder.finished(f)]
     assert stopped and all((f / "last.pt").exists() for f in stopped)
     assert not (tmp_path / "results" / "init.jsonl").exists()  # the collect job was cancelled too
     plan = (tmp_path / "results" / "init.plan").read_text()
@@ -153,7 +153,7 @@ def test_cancelled_array_then_the_same_command_finishes_what_was_left(
     assert array2 != array and (tmp_path / "results" / "init.plan").read_text() == plan
     wait_gone(array2, collect2, timeout=120)
     for run in folders:
-        assert runs.finished(run) and train_steps(run) == list(range(1, steps + 1)), run.name  # no step twice
+        assert runfolder.finished(run) and train_steps(run) == list(range(1, steps + 1)), run.name  # no step twice
         resumed = [e for e in files.read_jsonl(run / "log.jsonl") if e["event"] == "resume"]
         assert len(resumed) == (run in stopped)
     assert len(rows(tmp_path, "init")) == 2  # one row each

@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepare_data  # noqa: E402
 import train  # noqa: E402
-from ept import pretrained  # noqa: E402
-from ept import evaluation, tasks  # noqa: E402
+from ept import runtime# noqa: E402
+from ept import evaluation, tasks# noqa: E402
 
 BACKBONE = Path(__file__).resolve().parents[1] / "assets" / "steer" / "backbone"
 TASK = "steer_comma"
@@ -49,14 +49,14 @@ def weights(t5):
 
 @pytest.fixture
 def captured(monkeypatch):
-    """Every T5 that pretrained.load_t5 builds during the test (the frozen backbone train.py
+    """Every T5 that runtime.load_t5 builds during the test (the frozen backbone train.py
     trains on)."""
-    built, load = [], pretrained.load_t5
+    built, load = [], runtime.load_t5
 
     def spy(*args, **kwargs):
         built.append(load(*args, **kwargs))
         return built[-1]
-    monkeypatch.setattr(pretrained, "load_t5", spy)
+    monkeypatch.setattr(runtime, "load_t5", spy)
     return built
 
 
@@ -72,7 +72,7 @@ def score(run_dir):
 
 
 def assert_frozen(captured):
-    fresh = weights(pretrained.load_t5(str(BACKBONE)))
+    fresh = weights(runtime.load_t5(str(BACKBONE)))
     assert captured, "train.py built no T5"
     for t5 in captured:
         now = weights(t5)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import model as M
 import train
-from ept import batching, pretrained
+from ept import runtime, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ def test_prepare_data_then_train_then_evaluate_multirc_fewshot(tiny_model_dir, t
 def test_frozen_t5_unchanged_and_prompt_trained(data_dir, tiny_model_dir, tmp_path):
     out = train.main(argv(data_dir, tiny_model_dir, tmp_path / "run", "--method", "pt", "--max-steps", 5,
                           "--eval-every", 5, "--no-test"))
-    fresh = pretrained.load_t5(str(tiny_model_dir))
+    fresh = runtime.load_t5(str(tiny_model_dir))
     trained = out["model"].t5.state_dict()
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, trained[name]), name  # bitwise
@@ -179,14 +179,14 @@ def test_frozen_t5_unchanged_and_prompt_trained(data_dir, tiny_model_dir, tmp_pa
 
 
 def test_loss_independent_of_padding(data_dir, tiny_model_dir):
-    tok = pretrained.load_tokenizer(str(tiny_model_dir))
-    net = M.PromptedT5(pretrained.load_t5(str(tiny_model_dir)), M.build_prompt_module("ept_star", 32)).eval()
-    _, src, tgt = batching.load_split(data_dir / "toy" / "train.jsonl", tok, 32)
+    tok = runtime.load_tokenizer(str(tiny_model_dir))
+    net = M.PromptedT5(runtime.load_t5(str(tiny_model_dir)), M.build_prompt_module("ept_star", 32)).eval()
+    _, src, tgt = tasks.load_split(data_dir / "toy" / "train.jsonl", tok, 32)
     idx = list(range(8))
     shift = net.t5._shift_right
-    own = token_nll(net, shift, *batching.collate(idx, src, tgt, tok.pad_token_id), nullcontext())
-    padded = token_nll(net, shift, *batching.collate(idx, src, tgt, tok.pad_token_id, (32, 7)), nullcontext())
-    alone = sum(token_nll(net, shift, *batching.collate([i], src, tgt, tok.pad_token_id), nullcontext())
+    own = token_nll(net, shift, *tasks.collate(idx, src, tgt, tok.pad_token_id), nullcontext())
+    padded = token_nll(net, shift, *tasks.collate(idx, src, tgt, tok.pad_token_id, (32, 7)), nullcontext())
+    alone = sum(token_nll(net, shift, *tasks.collate([i], src, tgt, tok.pad_token_id), nullcontext())
                 for i in idx)
     assert max(map(len, (src[i] for i in idx))) < 32  # the padded batch really is longer
     assert padded.item() == pytest.approx(own.item(), rel=1e-5)
@@ -207,13 +207,13 @@ def test_fast_paths_give_the_plain_losses(data_dir, tiny_model_dir, tmp_path):
 
 
 def test_tokenized_splits_are_cached(data_dir, tiny_model_dir):
-    tok = pretrained.load_tokenizer(str(tiny_model_dir))
+    tok = runtime.load_tokenizer(str(tiny_model_dir))
     path = data_dir / "toy" / "validation.jsonl"
-    first = batching.tokenize_file(path, tok, 16)
-    assert batching.tokenize_file(path, tok, 16) is first  # memory
-    batching._TOKENIZED.clear()
+    first = tasks.tokenize_file(path, tok, 16)
+    assert tasks.tokenize_file(path, tok, 16) is first  # memory
+    tasks._TOKENIZED.clear()
     assert list((data_dir / "toy" / "cache").glob("validation.*.L16.pt"))
-    assert batching.tokenize_file(path, tok, 16) == first  # disk
+    assert tasks.tokenize_file(path, tok, 16) == first  # disk
     assert all(len(s) <= 16 and s[-1] == tok.eos_token_id for s in first[0])
 
 
