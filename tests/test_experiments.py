@@ -27,7 +27,7 @@ import report
 import tables
 from ept import cli, evaluation, files, options, runtime
 from ept import grid as ept_grid
-from ept import runs as ept_runs
+from ept import runfolder as ept_runs
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
