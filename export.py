@@ -23,6 +23,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 import model as M
+import tables
 from ept import cli, evaluation, files, runfolder
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
@@ -48,7 +49,7 @@ def t5_dimensions(name_or_dir):
         config = T5Config.from_pretrained(name_or_dir)
         return config.num_layers, config.num_heads
     except (OSError, ValueError):
-        size = M.SIZES.get(Path(str(name_or_dir)).name)
+        size = tables.SIZES.get(Path(str(name_or_dir)).name)
         return (size["num_layers"], size["num_heads"]) if size else (None, None)
 
 

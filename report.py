@@ -10,6 +10,8 @@ results is a note in index.md, never a crash. Runs a driver's collect step found
 
     python report.py                                        # results/ -> report/
     python report.py --results smoke/results --out smoke/report
+    python report.py --count                                # the Param column, all sizes
+    python report.py --count --configs DIR     # from local t5-small/base/large config folders
 """
 import argparse
 import csv
@@ -29,6 +31,10 @@ parser.add_argument("--results", default="results",
 parser.add_argument("--out", default="report", help="report folder to write")
 parser.add_argument("--smoke", action="store_true", help="mark the report as a SMOKE report "
                     "(numbers are noise); also done when the runs used a random-weight or tiny T5")
+parser.add_argument("--count", action="store_true", help="print the trainable-parameter table "
+                    "(the paper's Param column, meta-device models, no memory) and exit")
+parser.add_argument("--configs", help="with --count: folder with t5-small/, t5-base/, t5-large/ "
+                    "config folders (default: the real configs' dimensions)")
 
 
 def write_table(out, name, title, md, long):
@@ -657,6 +663,9 @@ SWEEPS = ("hidden", "broadcast", "lr", "structure")  # the numbers behind Figure
 @cli.script
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.count:
+        print("\n".join(tables.count_lines(args.configs)))
+        return []
     results, out = Path(args.results), Path(args.out)
     if results.exists() and not results.is_dir():
         raise cli.Failure(f"report: --results {results} is a file; "
