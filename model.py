@@ -369,7 +369,7 @@ PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, 
                   "extra_layer": False}
 
 # The options each method's prompt module takes (build_prompt_module). Others leave the run as it
-# is, so they neither multiply a sweep's runs nor appear in its name (options.sweep, runfolder.run_name).
+# is: they neither multiply a sweep's runs nor appear in its name (options, runfolder.run_name).
 EPT_OPTIONS = ("hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth",
                "extra_layer", "init")
 APPLIES = {"ft": (), "pt": ("prompt_length", "init"),
@@ -381,7 +381,7 @@ METHOD_OPTIONS = (*PROMPT_OPTIONS, "init")
 
 
 def applies(option, method):
-    """False for a prompt option `method` ignores (EPT has no --prompt-length, PT no --hidden-size)."""
+    """False for a prompt option `method` ignores (EPT: no --prompt-length; PT: no --hidden-size)"""
     return option not in METHOD_OPTIONS or option in APPLIES[method]
 
 

@@ -210,7 +210,7 @@ def param_table():
     return parameter_table()
 
 
-# --- the paper's Param column (report.py --count) ---------------------------------------------------
+# --- the paper's Param column (report.py --count) ----------------------------------------------
 # The real configs' dimensions, for when neither a config folder nor the Hub is at hand.
 SIZES = {"t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8),
          "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12),
