@@ -27,7 +27,7 @@ import report
 import tables
 from ept import cli, evaluation, files, options, runtime
 from ept import grid as ept_grid
-from ept import runs as ept_runs
+from ept import runfolder
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -253,7 +253,7 @@ def test_cosine_of_identical_rows_is_one_and_norm_curves_read_the_log(tmp_path):
         events.append({"event": "end", "step": 4})
         (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
         runs.append({"run": str(run), "task": "rte", "method": "pt", "seed": seed})
-    steps, norms, eval_steps, scores = ept_runs.curves(runs[0]["run"])
+    steps, norms, eval_steps, scores = runfolder.curves(runs[0]["run"])
     assert steps == [1, 2, 3, 4] and norms == [1.0, 2.0, 3.0, 4.0] and eval_steps == [2, 4] and scores == [20, 40]
     curves = analyze.norm_curves(runs, ["rte"], ["pt"])["rte"]["pt"]
     assert curves["prompt_norm"] == [2.0, 4.0, 6.0, 8.0] and curves["score"] == [40.0, 80.0]
