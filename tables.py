@@ -110,25 +110,6 @@ def read_rows(results, experiment):
     return rows
 
 
-def smoke_reason(results, forced=False):
-    """What makes this report's numbers noise ('a random-weight tiny T5', ...), or None: the runs'
-    config.json says random_init, or their T5 is far below t5-small (d_model under 256)."""
-    seen = set()
-    for experiment in EXPERIMENT_KEYS:
-        for row in read_rows(results, experiment):
-            config_path = Path(row["run"]) / "config.json"
-            if row["model_tag"] in seen or not config_path.exists():
-                continue
-            seen.add(row["model_tag"])
-            config = files.read_json(config_path, "run configuration")
-            model_config = Path(str(config.get("model"))) / "config.json"
-            d_model = files.read_json(model_config, "model configuration").get("d_model", 512) \
-                if model_config.is_file() else 512
-            if config.get("random_init") or d_model < 256:
-                return f"a random-weight {'tiny ' if d_model < 256 else ''}T5 ({row['model_tag']})"
-    return "a random-weight tiny T5" if forced else None
-
-
 # --- numbers --------------------------------------------------------------------------------------
 
 def mean_std(values):
