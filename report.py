@@ -657,6 +657,10 @@ SWEEPS = ("hidden", "broadcast", "lr", "structure")  # the numbers behind Figure
 @cli.script
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.configs and not (args.count and Path(args.configs).is_dir()):
+        raise cli.Failure(f"report: --configs {args.configs} " + (
+            "is not a folder; pass the folder holding t5-small/, t5-base/, t5-large/"
+            if args.count else "goes with --count"))
     if args.count:
         print("\n".join(tables.count_lines(args.configs)))
         return []

@@ -233,6 +233,10 @@ def test_count_cli(capsys):
     report.main(["--count"])
     out = capsys.readouterr().out
     assert "60,506,624" in out and "2,304" in out and "48,280,576" in out and "3,073" in out
+    for argv, message in ((["--count", "--configs", "no-such-dir"], "no-such-dir is not a folder"),
+                          (["--configs", "."], "--configs . goes with --count")):
+        with pytest.raises(SystemExit, match=message):
+            report.main(argv)
 
 
 def test_config_only_folder_borrows_the_parent_tokenizer(tokenizer_dir):
