@@ -1,7 +1,7 @@
-"""The paper's tables from the results rows (one row per run, ept/drivers.py), as markdown and
+"""The paper's tables from the results rows (one row per run, ept/grid.py), as markdown and
 long-form rows: a library beside report.py, not a stage. report.py writes them to report/ (with
 the figures); a driver prints its experiment's table when its runs are collected
-(`tables.experiment_table`)."""
+(`tables.experiment_table`). Also the Param column, from the configs (`report.py --count`)."""
 import functools
 import json
 import math
@@ -86,7 +86,7 @@ INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)
 
 # --- reading the results rows ---------------------------------------------------------------------
 
-ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")  # every row (plans.result_row)
+ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")  # every row (grid.result_row)
 EXPERIMENT_KEYS = {"table1": ("lr",), "fewshot": ("fewshot_k",),
                    "table4": ("n_trainable", "n_inference", "prompt_length", "depth"),
                    "init": ("init",), "hidden": ("variant",), "broadcast": ("variant",),
