@@ -9,7 +9,7 @@ alone:
   (b) ours + --group-by-length: the SAME examples regrouped by train.py's epoch_order
   (c) reference stack: every input padded to --max-length (256), every label to the longest target
 Evaluation, the same held-out examples (validation, then test rows), --eval-repeats rounds:
-  (1) evaluation.predict: batched greedy decoding sorted by length, max_new_tokens = the longest label
+  (1) evaluation.predict: batched greedy decoding sorted by length, max_new_tokens = longest label
   (2) evaluation.rank_classify: every label scored after one encoder pass per example
   (3) reference: data order, inputs padded to --max-length, HF generate(max_length=20)
   (3b) (3) with max_new_tokens as in (1): the honest figure for trained models, which stop early
