@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import model as M
 import tables
@@ -123,13 +123,6 @@ def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False
     files.make_dir(out_dir.parent, "folder")
     files.write_folder(out_dir, fill)
     return peft_config, prompt
-
-
-def load_adapter(out_dir):
-    """(adapter_config dict, prompt_embeddings tensor): what PEFT's loader reads from the folder."""
-    out_dir = Path(out_dir)
-    return (json.loads((out_dir / ADAPTER_CONFIG).read_text()),
-            load_file(str(out_dir / ADAPTER_WEIGHTS))[PROMPT_KEY])
 
 
 @cli.script
