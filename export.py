@@ -20,9 +20,10 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import model as M
+import tables
 from ept import cli, evaluation, files, runfolder
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
@@ -48,7 +49,7 @@ def t5_dimensions(name_or_dir):
         config = T5Config.from_pretrained(name_or_dir)
         return config.num_layers, config.num_heads
     except (OSError, ValueError):
-        size = M.SIZES.get(Path(str(name_or_dir)).name)
+        size = tables.SIZES.get(Path(str(name_or_dir)).name)
         return (size["num_layers"], size["num_heads"]) if size else (None, None)
 
 
@@ -122,13 +123,6 @@ def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False
     files.make_dir(out_dir.parent, "folder")
     files.write_folder(out_dir, fill)
     return peft_config, prompt
-
-
-def load_adapter(out_dir):
-    """(adapter_config dict, prompt_embeddings tensor): what PEFT's loader reads from the folder."""
-    out_dir = Path(out_dir)
-    return (json.loads((out_dir / ADAPTER_CONFIG).read_text()),
-            load_file(str(out_dir / ADAPTER_WEIGHTS))[PROMPT_KEY])
 
 
 @cli.script

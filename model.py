@@ -4,21 +4,14 @@ A prompt method builds a matrix P' (n, d) from its trainable parameters; `Prompt
 prepends it to T5's encoder input embeddings and extends the attention mask with n ones.
 Nothing else in T5 changes (relative position buckets: no positions to shift). `ft` has no
 prompt and trains all of T5. After training only P' is needed: `save_folded_prompt` stores it.
-
-    python model.py --count                       # the paper's Param column, all sizes
-    python model.py --count --configs DIR         # from local t5-small/base/large config folders
-
-ept/runtime.py loads T5 and its tokenizer (Hub or folder) and builds the tests' tiny random T5.
+The paper's Param column: `python report.py --count` (tables.parameter_table).
 """
-import argparse
 import contextlib
-import json
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ept import cli, files
+from ept import files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
 REPARAMS = ("mlp", "lstm")
@@ -376,7 +369,7 @@ PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, 
                   "extra_layer": False}
 
 # The options each method's prompt module takes (build_prompt_module). Others leave the run as it
-# is, so they neither multiply a sweep's runs nor appear in its name (options.sweep, runfolder.run_name).
+# is: they neither multiply a sweep's runs nor appear in its name (options, runfolder.run_name).
 EPT_OPTIONS = ("hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth",
                "extra_layer", "init")
 APPLIES = {"ft": (), "pt": ("prompt_length", "init"),
@@ -388,73 +381,10 @@ METHOD_OPTIONS = (*PROMPT_OPTIONS, "init")
 
 
 def applies(option, method):
-    """False for a prompt option `method` ignores (EPT has no --prompt-length, PT no
-    --hidden-size)."""
+    """False for a prompt option `method` ignores (EPT: no --prompt-length; PT: no --hidden-size)"""
     return option not in METHOD_OPTIONS or option in APPLIES[method]
 
 
 def prompt_options(config):
-    """The build_prompt_module options recorded in a run's config.json. Run folders written before
-    the P-Tuning network was called `reparam` name it `encoder`."""
-    config = {"reparam": config["encoder"], **config} if "encoder" in config else config
+    """The build_prompt_module options recorded in a run's config.json (train.py's flags)."""
     return {k: config.get(k, default) for k, default in PROMPT_OPTIONS.items()}
-
-
-# --- the paper's Param column ---------------------------------------------------------------------
-# The real configs' dimensions, for when neither a config folder nor the Hub is at hand.
-SIZES = {"t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8),
-         "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12),
-         "t5-large": dict(d_model=1024, d_ff=4096, num_layers=24, num_heads=16)}
-VARIANTS = [("ft", {}), ("ptuning", {}), ("ptuning", {"reparam": "lstm"}), ("resprompt", {}),
-            ("pt", {}), ("ept", {}), ("ept_star", {})]
-# Table 4's EPT/EPT*: one extra 1x1 layer (§5.4), 2.3K on base
-TABLE4_VARIANTS = [("ept", {"extra_layer": True})]
-
-
-def variant_label(method, options):
-    return (method + ("-lstm" if options.get("reparam") == "lstm" else "")
-            + ("+layer" if options.get("extra_layer") else ""))
-
-
-def size_config(size, configs_dir=None):
-    """The config of t5-small/base/large: a local folder, else T5Config with the same dimensions."""
-    from transformers import T5Config
-    folder = Path(configs_dir or "") / size
-    if configs_dir and (folder / "config.json").exists():
-        files.read_json(folder / "config.json", "model configuration")  # damaged JSON: one sentence
-        return T5Config.from_pretrained(folder)
-    return T5Config(vocab_size=32128, d_kv=64, **SIZES[size])
-
-
-def parameter_table(configs_dir=None, variants=None):
-    """{size: {method label: trainable parameters}}; models built on the meta device (no memory)."""
-    from transformers import T5ForConditionalGeneration
-    variants = VARIANTS if variants is None else variants
-    table = {}
-    for size in SIZES:
-        config = size_config(size, configs_dir)
-        with torch.device("meta"):
-            table[size] = {variant_label(m, o): count_trainable(PromptedT5(
-                T5ForConditionalGeneration(config), build_prompt_module(m, config.d_model, **o)))
-                for m, o in variants}
-    return table
-
-
-@cli.script
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    parser.add_argument("--count", action="store_true", required=True,
-                        help="print the trainable-parameter table")
-    parser.add_argument("--configs", help="folder with t5-small/, t5-base/, t5-large/ config "
-                        "folders (default: the real configs' dimensions)")
-    args = parser.parse_args(argv)
-    variants = VARIANTS + TABLE4_VARIANTS
-    table = parameter_table(args.configs, variants)
-    print(f"{'method':<14}" + "".join(f"{s:>14}" for s in table))
-    for label in [variant_label(m, o) for m, o in variants]:
-        print(f"{label:<14}" + "".join(f"{table[s][label]:>14,}" for s in table))
-    print(json.dumps(table))
-
-
-if __name__ == "__main__":
-    main()

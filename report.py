@@ -10,6 +10,8 @@ results is a note in index.md, never a crash. Runs a driver's collect step found
 
     python report.py                                        # results/ -> report/
     python report.py --results smoke/results --out smoke/report
+    python report.py --count                                # the Param column, all sizes
+    python report.py --count --configs DIR     # from local t5-small/base/large config folders
 """
 import argparse
 import csv
@@ -29,6 +31,10 @@ parser.add_argument("--results", default="results",
 parser.add_argument("--out", default="report", help="report folder to write")
 parser.add_argument("--smoke", action="store_true", help="mark the report as a SMOKE report "
                     "(numbers are noise); also done when the runs used a random-weight or tiny T5")
+parser.add_argument("--count", action="store_true", help="print the trainable-parameter table "
+                    "(the paper's Param column, meta-device models, no memory) and exit")
+parser.add_argument("--configs", help="with --count: folder with t5-small/, t5-base/, t5-large/ "
+                    "config folders (default: the real configs' dimensions)")
 
 
 def write_table(out, name, title, md, long):
@@ -367,8 +373,7 @@ def superglue_averages(rows):
 def fig1(results, out):
     """Figure 1 from Table 1's runs (best lr by validation, as Table 1): (top) SuperGLUE average per
     method across T5 sizes; (bottom) the same scores against trainable parameters, log scale."""
-    rows = tables.select_best_lr(tables.dedupe(files.read_jsonl(
-        Path(results) / "table1.jsonl", what="results file", missing_ok=True)))
+    rows = tables.select_best_lr(tables.dedupe(tables.read_rows(results, "table1")))
     avgs = superglue_averages(rows)
     if not avgs:
         raise Missing(f"no SuperGLUE rows in {Path(results) / 'table1.jsonl'} "
@@ -563,18 +568,13 @@ def ept_s(run_dir):
     return [e["step"] for e in train], [e["ept_s"] for e in train]
 
 
-def crosses_zero(s):
-    return any(a * b < 0 for a, b in zip(s, s[1:]))
-
-
 def steer_fate(row):
     """(steered: the tested best checkpoint >= STEER_SUCCESS, lost: the last validation score
     below it, crossed: s_t changed sign between two steps, (steps, s_t), (steps, μ_t))."""
     steps, norm, _, scores = runfolder.curves(row["run"], missing_ok=True)
     s = ept_s(row["run"])
-    return (row["score"] >= STEER_SUCCESS,
-            bool(scores) and scores[-1] < STEER_SUCCESS, crosses_zero(s[1]), s,
-            (steps, norm))
+    return (row["score"] >= STEER_SUCCESS, bool(scores) and scores[-1] < STEER_SUCCESS,
+            any(a * b < 0 for a, b in zip(s[1], s[1][1:])), s, (steps, norm))
 
 
 def steer_crossings(rows):
@@ -657,6 +657,13 @@ SWEEPS = ("hidden", "broadcast", "lr", "structure")  # the numbers behind Figure
 @cli.script
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.configs and not (args.count and Path(args.configs).is_dir()):
+        raise cli.Failure(f"report: --configs {args.configs} " + (
+            "is not a folder; pass the folder holding t5-small/, t5-base/, t5-large/"
+            if args.count else "goes with --count"))
+    if args.count:
+        print("\n".join(tables.count_lines(args.configs)))
+        return []
     results, out = Path(args.results), Path(args.out)
     if results.exists() and not results.is_dir():
         raise cli.Failure(f"report: --results {results} is a file; "
@@ -676,10 +683,29 @@ def main(argv=None):
         raise
 
 
+def smoke_reason(results, forced=False):
+    """What makes this report's numbers noise ('a random-weight tiny T5', ...), or None: the runs'
+    config.json says random_init, or their T5 is far below t5-small (d_model under 256)."""
+    seen = set()
+    for experiment in tables.EXPERIMENT_KEYS:
+        for row in tables.read_rows(results, experiment):
+            config_path = Path(row["run"]) / "config.json"
+            if row["model_tag"] in seen or not config_path.exists():
+                continue
+            seen.add(row["model_tag"])
+            config = files.read_json(config_path, "run configuration")
+            model_config = Path(str(config.get("model"))) / "config.json"
+            d_model = files.read_json(model_config, "model configuration").get("d_model", 512) \
+                if model_config.is_file() else 512
+            if config.get("random_init") or d_model < 256:
+                return f"a random-weight {'tiny ' if d_model < 256 else ''}T5 ({row['model_tag']})"
+    return "a random-weight tiny T5" if forced else None
+
+
 def write_report(results, out, smoke):
     """The tables, the figures and index.md into `out` -> the missing items."""
     index = ["# EPT reproduction: report\n"]
-    noise = tables.smoke_reason(results, smoke)
+    noise = smoke_reason(results, smoke)
     if noise:
         index.append(f"> **SMOKE report: the numbers are noise** (the steering benchmark's "
                      f"section aside). These runs used {noise}, trained for a few steps on the "

@@ -1,8 +1,9 @@
-"""The paper's tables from the results rows (one row per run, ept/drivers.py), as markdown and
+"""The paper's tables from the results rows (one row per run, ept/grid.py), as markdown and
 long-form rows: a library beside report.py, not a stage. report.py writes them to report/ (with
 the figures); a driver prints its experiment's table when its runs are collected
-(`tables.experiment_table`)."""
+(`tables.experiment_table`). Also the Param column, from the configs (`report.py --count`)."""
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -85,7 +86,7 @@ INIT_LABELS = {"uniform": "Random (U[-0.5, 0.5])", "vocab": "Sample (vocabulary)
 
 # --- reading the results rows ---------------------------------------------------------------------
 
-ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")  # every row (plans.result_row)
+ROW_KEYS = ("run", "task", "method", "seed", "score", "model_tag")  # every row (grid.result_row)
 EXPERIMENT_KEYS = {"table1": ("lr",), "fewshot": ("fewshot_k",),
                    "table4": ("n_trainable", "n_inference", "prompt_length", "depth"),
                    "init": ("init",), "hidden": ("variant",), "broadcast": ("variant",),
@@ -107,25 +108,6 @@ def read_rows(results, experiment):
                 f"{'no ' + ', '.join(missing) if missing else f'the score {score!r}'}; delete that "
                 "line and rerun the experiment's driver (ablate.py / fewshot.py) to write it again")
     return rows
-
-
-def smoke_reason(results, forced=False):
-    """What makes this report's numbers noise ('a random-weight tiny T5', ...), or None: the runs'
-    config.json says random_init, or their T5 is far below t5-small (d_model under 256)."""
-    seen = set()
-    for experiment in EXPERIMENT_KEYS:
-        for row in read_rows(results, experiment):
-            config_path = Path(row["run"]) / "config.json"
-            if row["model_tag"] in seen or not config_path.exists():
-                continue
-            seen.add(row["model_tag"])
-            config = files.read_json(config_path, "run configuration")
-            model_config = Path(str(config.get("model"))) / "config.json"
-            d_model = files.read_json(model_config, "model configuration").get("d_model", 512) \
-                if model_config.is_file() else 512
-            if config.get("random_init") or d_model < 256:
-                return f"a random-weight {'tiny ' if d_model < 256 else ''}T5 ({row['model_tag']})"
-    return "a random-weight tiny T5" if forced else None
 
 
 # --- numbers --------------------------------------------------------------------------------------
@@ -201,12 +183,62 @@ def n_trainable(rows, model_tag, method):
               if r["model_tag"] == model_tag and r["method"] == method and r.get("n_trainable")]
     if counts:
         return max(counts)
-    return param_table()[model_tag].get(method) if model_tag in M.SIZES else None
+    return param_table()[model_tag].get(method) if model_tag in SIZES else None
 
 
 @functools.cache
 def param_table():
-    return M.parameter_table()
+    return parameter_table()
+
+
+# --- the paper's Param column (report.py --count) ----------------------------------------------
+# The real configs' dimensions, for when neither a config folder nor the Hub is at hand.
+SIZES = {"t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8),
+         "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12),
+         "t5-large": dict(d_model=1024, d_ff=4096, num_layers=24, num_heads=16)}
+VARIANTS = [("ft", {}), ("ptuning", {}), ("ptuning", {"reparam": "lstm"}), ("resprompt", {}),
+            ("pt", {}), ("ept", {}), ("ept_star", {})]
+TABLE4_VARIANTS = [("ept", {"extra_layer": True})]  # Table 4's one extra 1x1 layer (§5.4), 2.3K
+
+
+def variant_label(method, options):
+    return (method + ("-lstm" if options.get("reparam") == "lstm" else "")
+            + ("+layer" if options.get("extra_layer") else ""))
+
+
+def size_config(size, configs_dir=None):
+    """The config of t5-small/base/large: a local folder, else T5Config with the same dimensions."""
+    from transformers import T5Config
+    folder = Path(configs_dir or "") / size
+    if configs_dir and (folder / "config.json").exists():
+        files.read_json(folder / "config.json", "model configuration")  # damaged JSON: one sentence
+        return T5Config.from_pretrained(folder)
+    return T5Config(vocab_size=32128, d_kv=64, **SIZES[size])
+
+
+def parameter_table(configs_dir=None, variants=VARIANTS):
+    """{size: {method label: trainable parameters}}; models built on the meta device (no memory)."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+    table = {}
+    for size in SIZES:
+        config = size_config(size, configs_dir)
+        with torch.device("meta"):
+            table[size] = {variant_label(m, o): M.count_trainable(M.PromptedT5(
+                T5ForConditionalGeneration(config), M.build_prompt_module(m, config.d_model, **o)))
+                for m, o in variants}
+    return table
+
+
+def count_lines(configs_dir=None):
+    """`report.py --count`: the Param column of every method (Table 4's extra layer too) per T5
+    size, as a table, then as JSON."""
+    variants = VARIANTS + TABLE4_VARIANTS
+    table = parameter_table(configs_dir, variants)
+    return ([f"{'method':<14}" + "".join(f"{s:>14}" for s in table)]
+            + [f"{label:<14}" + "".join(f"{table[s][label]:>14,}" for s in table)
+               for label in [variant_label(m, o) for m, o in variants]]
+            + [json.dumps(table)])
 
 
 # --- tables: each returns (markdown, csv rows) ----------------------------------------------------

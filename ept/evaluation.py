@@ -173,7 +173,7 @@ def _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, d
     bar = tqdm(total=len(ids), desc=progress, unit="ex", dynamic_ncols=True,
                **({"disable": True} if progress is None else {}))
     for batch in tasks.batches_by_length(ids, batch_size, sort,
-                                            token_budget=not str(device).startswith("cuda")):
+                                         token_budget=not str(device).startswith("cuda")):
         input_ids, mask = tasks.pad([ids[i] for i in batch], tokenizer.pad_token_id)
         with runtime.autocast(device, dtype):
             out.update(zip(batch, step(input_ids.to(device), mask.to(device))))
@@ -245,7 +245,8 @@ def run_predictions(net, tokenizer, sources, meta, *, mode, **options):
     if mode != "rank":
         return predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"], **options)
     if not meta.get("labels"):
-        raise cli.Failure("--eval-mode rank needs a task with a label set (meta.json 'labels')")
+        raise cli.Failure(f"--eval-mode rank needs a task with a label set; "
+                          f"{meta.get('task', 'this task')} has open targets")
     return rank_classify(net, tokenizer, sources, meta["labels"], **options)
 
 
@@ -277,19 +278,18 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     config = runfolder.read_config(run_dir)
     device = device or runtime.default_device()
     t5 = runtime.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
-                            fix=runtime.RUN_FIX)
+                         fix=runtime.RUN_FIX)
     tokenizer = runtime.load_tokenizer(config["tokenizer"], fix=runtime.RUN_FIX)
     state_path = run_dir / f"{checkpoint}.pt"
     if config["method"] == "ft":  # the checkpoint holds all of T5
         if not state_path.exists():
             raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); "
                                   "was it pruned?")
-        load_state(t5, files.load_torch(state_path), state_path)
-        return M.PromptedT5(t5, None).to(device).eval(), tokenizer, config
+        return M.PromptedT5(load_state(t5, state_path), None).to(device).eval(), tokenizer, config
     if config.get("t5_fingerprint") and runtime.t5_fingerprint(t5) != config["t5_fingerprint"]:
         raise cli.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one "
-                             f"{run_dir} was trained with (fingerprint mismatch); restore that "
-                             "model or retrain the run")
+                          f"{run_dir} was trained with (fingerprint mismatch); restore that "
+                          "model or retrain the run")
     if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
         prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
     elif prompt is None:  # fold P' from the checkpoint's reparameterization network, once
@@ -302,26 +302,27 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
         except ValueError as err:
             raise files.FileFault(f"{run_dir / 'config.json'} has a wrong prompt option "
                                   f"({err})") from None
-        load_state(module, files.load_torch(state_path), state_path)
         with torch.no_grad():
-            prompt = module().detach()
+            prompt = load_state(module, state_path)().detach()
     prompt = torch.as_tensor(prompt, dtype=torch.float32)
     if not torch.isfinite(prompt).all():
         raise cli.Failure(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
     if prompt.dim() != 2 or prompt.size(1) != t5.config.d_model:
         raise cli.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but "
-                             f"{config['model']} needs (n, {t5.config.d_model}); it belongs to "
-                             "another model")
+                          f"{config['model']} needs (n, {t5.config.d_model}); it belongs to "
+                          "another model")
     return M.PromptedT5(t5, M.FoldedPrompt(prompt)).to(device).eval(), tokenizer, config
 
 
-def load_state(module, checkpoint, path):
-    """A checkpoint's trainable state into `module`; another model's checkpoint is one sentence."""
+def load_state(module, path):
+    """`module` with the trainable state of checkpoint `path`; another model's: one sentence."""
+    checkpoint = files.load_torch(path)
     try:
         module.load_state_dict(checkpoint["trainable"])
     except (RuntimeError, KeyError, TypeError, IndexError) as err:
         raise files.FileFault(f"{path} does not fit the model its config.json builds "
                               f"({type(err).__name__}); it belongs to another run") from None
+    return module
 
 
 def run_dtype(config, device):
@@ -332,13 +333,10 @@ def run_dtype(config, device):
 def _score(net, tokenizer, data_dir, task, split, max_length, max_examples=None, **options):
     """(examples, predictions, metrics, seconds decoding) of `net` on data/<task>/<split>.jsonl."""
     meta = tasks.load_meta(data_dir, task)
-    if options.get("mode") == "rank" and not meta.get("labels"):
-        raise cli.Failure(f"evaluate: --eval-mode rank needs a task with a label set; {task} "
-                             "has open targets")
     max_length = max_length or meta["max_length"]
-    examples, source_ids, _ = tasks.read_split(meta, split, Path(data_dir) / task /
-                                                  f"{split}.jsonl", tokenizer, max_length,
-                                                  max_examples)
+    path = Path(data_dir) / task / f"{split}.jsonl"
+    examples, source_ids, _ = tasks.read_split(meta, split, path, tokenizer, max_length,
+                                               max_examples)
     t0 = time.time()
     preds = run_predictions(net, tokenizer, source_ids, meta, max_length=max_length, **options)
     return examples, preds, compute_metrics(meta, preds, examples), time.time() - t0
@@ -386,5 +384,5 @@ def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None)
     device = device or runtime.default_device()
     net = M.PromptedT5(runtime.load_t5(model), None).to(device).eval()
     _, _, scores, _ = _score(net, runtime.load_tokenizer(model), data_dir, task, split, None,
-                          mode="generate", device=device, batch_size=batch_size, dtype="fp32")
+                             mode="generate", device=device, batch_size=batch_size, dtype="fp32")
     return {"task": task, "split": split, "model": str(model), **scores}

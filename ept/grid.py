@@ -263,7 +263,7 @@ DEFAULT_SPLITS = (10000, 1000, 1000)  # a task neither prepared nor the paper's:
 def size_key(model_name):
     """t5-small / t5-base / t5-large when the model's name says so, else "other"."""
     tag = runfolder.model_tag(model_name)
-    return next((size for size in M.SIZES if size in tag), "other")
+    return next((size for size in tables.SIZES if size in tag), "other")
 
 
 def split_sizes(task, data_dir):

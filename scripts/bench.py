@@ -9,7 +9,7 @@ alone:
   (b) ours + --group-by-length: the SAME examples regrouped by train.py's epoch_order
   (c) reference stack: every input padded to --max-length (256), every label to the longest target
 Evaluation, the same held-out examples (validation, then test rows), --eval-repeats rounds:
-  (1) evaluation.predict: batched greedy decoding sorted by length, max_new_tokens = the longest label
+  (1) evaluation.predict: batched greedy decoding sorted by length, max_new_tokens = longest label
   (2) evaluation.rank_classify: every label scored after one encoder pass per example
   (3) reference: data order, inputs padded to --max-length, HF generate(max_length=20)
   (3b) (3) with max_new_tokens as in (1): the honest figure for trained models, which stop early
@@ -211,21 +211,16 @@ def feed_step(lone, idx):
 
 
 class TrainConfig:
-    """One training config: its own run (fresh prompt module, or a copy of T5 for ft), optimizer,
-    schedule and dropout RNG, all from the same start, stepped as train.py steps a lone run."""
+    """One training config: its own run (fresh prompt module, or a copy of T5 for ft), optimizer
+    and schedule, all from the same start, stepped as train.py steps a lone run. Dropout masks are
+    each example's own (model.stateless_dropout), the same in every config."""
 
     def __init__(self, name, label, batches, pad_to, t5, ctx):
         self.name, self.label, self.batches, self.pad_to = name, label, batches, pad_to
         self.pack = lone_pack(copy.deepcopy(t5) if ctx.full else t5, ctx, pad_to)
-        self.cuda = ctx.device.startswith("cuda")  # every config: the same dropout stream
-        self.rng = (torch.Generator().manual_seed(ctx.seed).get_state(),
-                    torch.cuda.get_rng_state(ctx.device) if self.cuda else None)
         self.seconds, self.losses, self.padded, self.cold_seconds = [], [], 0, []
 
     def step(self, idx, device, timed_step, cold=False):
-        torch.set_rng_state(self.rng[0])
-        if self.cuda:
-            torch.cuda.set_rng_state(self.rng[1])
         seconds, (loss, padded) = timed(device, feed_step, self.pack, idx)
         if cold:
             self.cold_seconds.append(seconds)
@@ -233,7 +228,6 @@ class TrainConfig:
             self.seconds.append(seconds)
             self.losses.append(loss)
             self.padded += padded
-        self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if self.cuda else None)
 
 
 def padded_lengths(b, src, tgt, pad_to):
@@ -540,8 +534,7 @@ def setup(args):
         warm_shapes=device == "cuda" if args.warm_shapes is None else args.warm_shapes)
     t5 = runtime.load_t5(args.model, random_init=args.random_init, seed=args.seed).to(device)
     runtime.set_dropout(t5, args.dropout)  # as train.py --dropout
-    t5.train()  # T5's dropout active, as in train.py
-    return ctx, t5
+    return ctx, M.stateless_dropout(t5).train()  # T5's dropout active, as in train.py
 
 
 @cli.script

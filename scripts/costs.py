@@ -9,7 +9,7 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
-import model as M  # noqa: E402
+import tables  # noqa: E402
 from ept import files, grid, runfolder# noqa: E402
 from ept.grid import floor_seconds, size_key  # noqa: E402
 
@@ -53,7 +53,7 @@ ASSUMED_TOKENS = (200, 3)  # per example: source (RTE padded to the batch's long
 @functools.cache
 def step_flops(size, full, batch_size=16):
     """FLOPs of one training step of `batch_size` examples (`full`: ft's weight gradients)."""
-    shape = M.SIZES.get(size, M.SIZES["t5-base"])
+    shape = tables.SIZES.get(size, tables.SIZES["t5-base"])
     cfg = types.SimpleNamespace(**shape, d_kv=64, vocab_size=32128, is_gated_act=False,
                                 num_decoder_layers=shape["num_layers"])
     return train_flops(cfg, *ASSUMED_TOKENS, full) * batch_size

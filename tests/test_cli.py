@@ -17,7 +17,7 @@ from test_train import argv, data_dir  # noqa: F401 (data_dir is a fixture share
 from ept import grid, options
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("ablate", "analyze", "bench", "bench_pack", "evaluate", "export", "fewshot", "model", "prepare_data",
+SCRIPTS = ("ablate", "analyze", "bench", "bench_pack", "evaluate", "export", "fewshot", "prepare_data",
            "ept.runtime", "report", "train")
 
 

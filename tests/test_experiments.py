@@ -27,7 +27,7 @@ import report
 import tables
 from ept import cli, evaluation, files, options, runtime
 from ept import grid as ept_grid
-from ept import runfolder as ept_runs
+from ept import runfolder
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -187,12 +187,19 @@ def peft_forward(t5, peft_config, prompt_embeddings, input_ids, attention_mask, 
     return t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels)
 
 
+def load_adapter(out_dir):
+    """(adapter_config dict, prompt_embeddings tensor): what PEFT's loader reads from the folder."""
+    from safetensors.torch import load_file
+    return (json.loads((out_dir / export.ADAPTER_CONFIG).read_text()),
+            load_file(str(out_dir / export.ADAPTER_WEIGHTS))[export.PROMPT_KEY])
+
+
 def test_export_writes_what_peft_loads(grid, tiny_model_dir, tmp_path):
     run = grid / "runs" / f"rte_ept_star_{Path(tiny_model_dir).name}_steps3_ev2_s0"
     out = tmp_path / "adapter"
     export.main([str(run), str(out)])
     assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
-    config, weights = export.load_adapter(out)
+    config, weights = load_adapter(out)
     assert set(config) <= PEFT_PROMPT_TUNING_FIELDS
     assert config["peft_type"] == "PROMPT_TUNING" and config["task_type"] == "SEQ_2_SEQ_LM"
     assert config["num_virtual_tokens"] == 10 and config["token_dim"] == 32 and config["inference_mode"] is True
@@ -218,7 +225,7 @@ def test_export_writes_what_peft_loads(grid, tiny_model_dir, tmp_path):
 
     last = tmp_path / "adapter_last"
     export.main([str(run), str(last), "--checkpoint", "last"])  # folds last.pt's prompt module once
-    assert export.load_adapter(last)[1].shape == (10, 32)
+    assert load_adapter(last)[1].shape == (10, 32)
 
 
 def test_export_refuses_full_fine_tuning(tmp_path):
@@ -253,7 +260,7 @@ def test_cosine_of_identical_rows_is_one_and_norm_curves_read_the_log(tmp_path):
         events.append({"event": "end", "step": 4})
         (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
         runs.append({"run": str(run), "task": "rte", "method": "pt", "seed": seed})
-    steps, norms, eval_steps, scores = ept_runs.curves(runs[0]["run"])
+    steps, norms, eval_steps, scores = runfolder.curves(runs[0]["run"])
     assert steps == [1, 2, 3, 4] and norms == [1.0, 2.0, 3.0, 4.0] and eval_steps == [2, 4] and scores == [20, 40]
     curves = analyze.norm_curves(runs, ["rte"], ["pt"])["rte"]["pt"]
     assert curves["prompt_norm"] == [2.0, 4.0, 6.0, 8.0] and curves["score"] == [40.0, 80.0]

@@ -61,7 +61,7 @@ def test_mrpc_and_qqp_score_is_accuracy_and_f1_is_still_reported(root):
 # --- 2. Table 4's extra layer: d -> 1 -> 1 -> d, 2,305 parameters on t5-base --------------------------
 
 def test_table4_extra_layer_counts_the_papers_2_3k():
-    table = M.parameter_table(None, M.TABLE4_VARIANTS)
+    table = tables.parameter_table(None, tables.TABLE4_VARIANTS)
     assert {size: table[size]["ept+layer"] for size in table} == {"t5-small": 1537, "t5-base": 2305, "t5-large": 3073}
     for method in ("ept", "ept_star"):
         enc = M.build_prompt_module(method, 768, extra_layer=True)

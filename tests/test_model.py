@@ -7,6 +7,8 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 import model
+import report
+import tables
 from ept import cli, runtime
 from model import METHODS, FoldedPrompt, PromptedT5, build_prompt_module, count_trainable
 
@@ -39,11 +41,11 @@ def batch(seed=1):
 
 def test_parameter_counts_match_the_paper(shared_dir):
     configs = shared_dir / "data" / "t5" if shared_dir else None  # T5Config with the same dims otherwise
-    assert model.parameter_table(configs) == EXPECTED
+    assert tables.parameter_table(configs) == EXPECTED
 
 
 def test_parameter_counts_without_config_folders():
-    assert model.parameter_table(None) == EXPECTED
+    assert tables.parameter_table(None) == EXPECTED
 
 
 @pytest.mark.parametrize("method", METHODS[1:])
@@ -228,9 +230,13 @@ def test_unreachable_hub_is_one_sentence(monkeypatch):
 
 
 def test_count_cli(capsys):
-    model.main(["--count"])
+    report.main(["--count"])
     out = capsys.readouterr().out
-    assert "60,506,624" in out and "2,304" in out and "48,280,576" in out
+    assert "60,506,624" in out and "2,304" in out and "48,280,576" in out and "3,073" in out
+    for argv, message in ((["--count", "--configs", "no-such-dir"], "no-such-dir is not a folder"),
+                          (["--configs", "."], "--configs . goes with --count")):
+        with pytest.raises(SystemExit, match=message):
+            report.main(argv)
 
 
 def test_config_only_folder_borrows_the_parent_tokenizer(tokenizer_dir):
@@ -240,9 +246,8 @@ def test_config_only_folder_borrows_the_parent_tokenizer(tokenizer_dir):
     assert len(tok) == 32100 and tok("hello world").input_ids == [21820, 296, 1]
 
 
-def test_old_run_configs_name_the_reparameterization_encoder():
-    """Run folders written before `--reparam` (then `--reparam`) rebuild with the same network."""
-    assert model.prompt_options({"method": "ptuning", "reparam": "lstm"})["reparam"] == "lstm"
+def test_prompt_options_read_from_a_run_config():
+    """A run's config.json rebuilds the same network; a key it lacks takes the option's default."""
     assert model.prompt_options({"method": "ptuning", "reparam": "lstm"})["reparam"] == "lstm"
     assert model.prompt_options({"method": "ept"})["extra_layer"] is False  # a key older runs lack: its default
 
