@@ -1,6 +1,5 @@
-"""Where and how the model runs: T5 and its tokenizer (a Hub name or a local folder; a name that
-cannot be loaded, or a folder that lacks a file, is one sentence), the device, the ranks of a
-torchrun group, and the precision.
+"""Where and how the model runs: T5 and its tokenizer (a Hub name or a folder; one sentence when
+either cannot be loaded), the device, the ranks of a torchrun group, and the precision.
 
 Precision (one name everywhere: --dtype, config.json "dtype"):
     fp32  our reading (the paper names none; the HF Trainer's: fp32, TF32 off as PyTorch leaves it)
@@ -47,10 +46,9 @@ class PeerStopped(cli.Failure):
 
 
 def master_first(fn, rank, world_size, everyone=False):
-    """fn() on rank 0, then on the other ranks (everyone) or its result sent to them. Rank 0 tells
-    the others whether it got through: a failing check prints its one sentence from rank 0, and
-    every other rank exits 1 quietly (PeerStopped) instead of waiting on a collective rank 0 never
-    joins (gloo's "Connection closed by peer" tracebacks)."""
+    """fn() on rank 0, then on the other ranks (everyone) or its result sent to them. A failure on
+    rank 0 is its one sentence there, and every other rank exits 1 quietly (PeerStopped) instead of
+    waiting on a collective rank 0 never joins (gloo's "Connection closed by peer" tracebacks)."""
     if world_size == 1:
         return fn()
     if rank != 0:
@@ -198,8 +196,8 @@ def offline_error(what, name, err=None, fix=None):
     if not offline and cause is None:
         why = "the Hub has no such name, or refused it" + (f" ({type(err).__name__})" if err else "")
         return cli.Failure(f"could not load the {what} {name!r}: {why}; {fix}")
-    reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
-    hint = "" if offline else " (without a network, export HF_HUB_OFFLINE=1: no retries)"
+    reason, hint = ("HF_HUB_OFFLINE is set", "") if offline else (
+        "the Hugging Face Hub cannot be reached", " (without a network, export HF_HUB_OFFLINE=1)")
     if (what, name) in wanted and len(missing := _missing()) > 1:
         return cli.Failure(f"{reason} and these are not in the local cache: "
                            f"{'; '.join(missing)}{hint}")
@@ -229,8 +227,7 @@ def _first_line(err):
 def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
     """T5ForConditionalGeneration from the Hub or a folder; `random_init` builds it from the config.
     `fix`: the way out an offline failure names (default: --model DIR)."""
-    from transformers import T5Config, T5ForConditionalGeneration
-    from transformers.utils import logging
+    from transformers import T5Config, T5ForConditionalGeneration, logging
     logging.disable_progress_bar()  # one bar per shard is noise in every log
     folder = local_folder(name_or_dir)
     if folder is not None:
@@ -248,9 +245,9 @@ def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
         if isinstance(err, ValueError):  # a config.json that is not a T5's
             raise cli.Failure(f"{name_or_dir} does not hold a T5 model "
                               f"({_first_line(err)})") from None
+        if folder is None and isinstance(err, OSError):
+            raise offline_error("model", name_or_dir, err, fix) from None
         if folder is None:
-            if isinstance(err, OSError):
-                raise offline_error("model", name_or_dir, err, fix) from None
             raise
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise cli.Failure(f"{name_or_dir} has a config but no weights; pass --random-init "
@@ -296,9 +293,8 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
 def t5_fingerprint(t5):
     """A cheap hash of the frozen weights: evaluate.py checks it rebuilt the T5 train.py used."""
     h = hashlib.sha1()
-    for name, p in sorted(t5.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    for name, p in sorted(t5.state_dict().items()):  # the name, then the first 256 values
+        h.update(name.encode() + p.detach().flatten()[:256].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
