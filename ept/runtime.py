@@ -143,6 +143,7 @@ FLAGS = {"model": "--model DIR, a local T5 folder",
          "tokenizer": "--tokenizer DIR, a folder with the T5 tokenizer",
          "dataset": "--source DIR, a folder of the official files (docs/data.md)"}
 VOCABULARY = ("tokenizer.json", "spiece.model")
+TOKENIZER_FIX = "pass --tokenizer DIR with the T5 tokenizer"
 RUN_FIX = ("a run trained on a Hub name needs it in the local Hugging Face cache (HF_HOME): "
            "load it once online")
 wanted = []  # train.py's Hub-bound inputs (check_offline): a failed load names every missing one
@@ -194,8 +195,9 @@ def offline_error(what, name, err=None, fix=None):
     while cause is not None and not isinstance(cause, (LocalEntryNotFoundError, ConnectionError)):
         cause = cause.__cause__ or cause.__context__  # the client's "no connection, not cached"
     if not offline and cause is None:
-        why = "the Hub has no such name, or refused it" + (f" ({type(err).__name__})" if err else "")
-        return cli.Failure(f"could not load the {what} {name!r}: {why}; {fix}")
+        why = f" ({type(err).__name__})" if err is not None else ""
+        return cli.Failure(f"could not load the {what} {name!r}: the Hub has no such name, or "
+                           f"refused it{why}; {fix}")
     reason, hint = ("HF_HUB_OFFLINE is set", "") if offline else (
         "the Hugging Face Hub cannot be reached", " (without a network, export HF_HUB_OFFLINE=1)")
     if (what, name) in wanted and len(missing := _missing()) > 1:
@@ -261,32 +263,30 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
     """The T5 tokenizer of a Hub name or a folder. A folder without a vocabulary (a bare config, as
     in ../shared/data/t5/t5-small) takes its parent's, and says so; with neither, it is an error."""
     from transformers import AutoTokenizer
-    folder = local_folder(name_or_dir, "tokenizer")
-    candidate = name_or_dir
+    folder, candidate = local_folder(name_or_dir, "tokenizer"), name_or_dir
     if folder is not None and not any((folder / f).exists() for f in VOCABULARY):
         if not any((folder.parent / f).exists() for f in VOCABULARY):
             raise cli.Failure(f"{name_or_dir} holds no tokenizer (no tokenizer.json or "
-                              "spiece.model); pass --tokenizer DIR with the T5 tokenizer")
+                              f"spiece.model); {TOKENIZER_FIX}")
         candidate = str(folder.parent)
         say(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} "
             "(--tokenizer to choose)")
     try:
         tok = AutoTokenizer.from_pretrained(candidate)
     except Exception as err:  # as in load_t5: the library's error types, at the boundary
+        if folder is None and isinstance(err, (OSError, ValueError, TypeError)):
+            raise offline_error("tokenizer", name_or_dir, err, fix) from None
         if folder is None:
-            if isinstance(err, (OSError, ValueError, TypeError)):
-                raise offline_error("tokenizer", name_or_dir, err, fix) from None
             raise
-        raise cli.Failure(f"the tokenizer in {candidate} cannot be loaded, its files are "
-                          f"damaged or not a tokenizer's ({type(err).__name__}: "
-                          f"{_first_line(err)}); pass --tokenizer DIR with the T5 "
-                          "tokenizer") from None
+        raise cli.Failure(f"the tokenizer in {candidate} cannot be loaded, its files are damaged "
+                          f"or not a tokenizer's ({type(err).__name__}: {_first_line(err)}); "
+                          f"{TOKENIZER_FIX}") from None
     for role, token in (("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
-        if getattr(tok, role) is None:  # a bare tokenizer.json names no special tokens; T5's are fixed
+        if getattr(tok, role) is None:  # a bare tokenizer.json names none; T5's are fixed
             setattr(tok, role, token)
     if all(i == tok.unk_token_id for i in tok("the cat sat on the mat")["input_ids"][:-1]):
         raise cli.Failure(f"the tokenizer from {name_or_dir!r} maps plain English to <unk>; "
-                          "pass --tokenizer DIR with the T5 tokenizer")
+                          f"{TOKENIZER_FIX}")
     return tok
 
 

@@ -1,8 +1,8 @@
 """A random-weight tiny T5 and its tokenizer in one folder, for the tests and the SMOKE recipe
 (run_all.sh). The tokenizer is trained offline on the test fixtures unless --tokenizer names one.
 
-    python scripts/make_tiny.py smoke/tiny-t5                             # a tokenizer trained offline
-    python scripts/make_tiny.py DIR --tokenizer ../shared/data/t5         # T5's vocabulary
+    python scripts/make_tiny.py smoke/tiny-t5                       # a tokenizer trained offline
+    python scripts/make_tiny.py DIR --tokenizer ../shared/data/t5   # T5's vocabulary
 """
 import argparse
 import sys
