@@ -139,7 +139,8 @@ def test_hub_failure_without_hf_hub_offline_is_one_sentence(monkeypatch):
     the flag and HF_HUB_OFFLINE=1; with the inputs train.py checked, every missing one; a refused name says so."""
     from huggingface_hub.errors import LocalEntryNotFoundError
     from ept import runtime
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(runtime, "wanted", [])
     try:
         raise OSError("We couldn't connect to the Hub") from LocalEntryNotFoundError("no connection")
