@@ -111,7 +111,7 @@ TAG=$(basename "$MODEL")
 
 # --- Setup: the T5 (SMOKE: a tiny random one) and the 21 tasks' data (+ few-shot samples)
 if part setup && [[ -z "$DRY" && "${SMOKE:-0}" == 1 ]]; then
-  [[ -f $MODEL/config.json ]] || python -m ept.runtime --make-tiny $MODEL ${SMOKE_TOKENIZER:+--tokenizer $SMOKE_TOKENIZER}
+  [[ -f $MODEL/config.json ]] || python scripts/make_tiny.py $MODEL ${SMOKE_TOKENIZER:+--tokenizer $SMOKE_TOKENIZER}
   python prepare_data.py --source tests/fixtures/raw --tasks all --out $DATA --tokenizer $MODEL --fewshot 4 --fewshot-seeds 0 1
 elif part setup && [[ -z "$DRY" ]]; then
   python prepare_data.py --tasks all --out $DATA --tokenizer t5-base --fewshot 4 16 32 --fewshot-seeds 0 1 2 3 4 5

@@ -1,9 +1,7 @@
 """The stages' command lines: value types (a wrong value is one argparse error, before any work),
---help with every default, two-line usage errors; and what goes wrong in a way the user can fix
-(`Failure`: bad input, a missing, damaged, busy or unwritable file, a run that stopped; its message
-is one sentence), with `script`, the one place a stage's `main` turns it into that sentence on
-stderr and a non-zero exit (SystemExit to a caller).
-"""
+--help with every default, two-line usage errors; and `Failure`, what the user can fix (bad input,
+a missing, damaged, busy or unwritable file, a stopped run): `script` makes it one sentence on
+stderr and a non-zero exit (SystemExit to a caller)."""
 import argparse
 import functools
 import math
@@ -54,8 +52,8 @@ def folder(text):
 
 
 def run_folder_problem(value):
-    """Why `value` cannot be a run folder (not a string, empty, or no folder name of its own: '.',
-    '/', 'x/..'), or None. A run's files would otherwise land in the current folder or a parent."""
+    """Why `value` cannot be a run folder (not a string, empty, or no name of its own: '.', '/',
+    'x/..'), or None: a run's files would otherwise land in the current folder or a parent."""
     if not isinstance(value, str):
         return f"must be a folder path (a string), not {value!r}"
     if not value.strip():
@@ -67,8 +65,8 @@ def run_folder_problem(value):
 
 
 class Sweep(argparse.Action):
-    """An option that takes one value or several (nargs="+"): one value is stored as itself (a solo
-    run), several as a list (train.py: one run per value, the runs their product)."""
+    """nargs="+", one value stored as itself (a solo run), several as a list (train.py: one run
+    per value, the runs their product)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
@@ -88,24 +86,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """A usage error is two lines, the short usage and the error (not the long usage of every flag
-    before the one line that matters); --help still lists them all."""
+    """A usage error is two lines, the short usage and the error; --help lists every flag."""
 
     def error(self, message):
-        self.exit(2, f"usage: {self.prog} [flags]  (--help lists them)\n{self.prog}: error: {message}\n")
+        self.exit(2, f"usage: {self.prog} [flags]  (--help lists them)\n"
+                     f"{self.prog}: error: {message}\n")
 
-
-# --- errors: one sentence and an exit status ----------------------------------------------------
 
 class Failure(Exception):
     """A problem the user can fix: one sentence; `status`: the exit status the script ends with."""
 
-    status = 1
-
-    def __init__(self, message="", status=None):
+    def __init__(self, message="", status=1):
         super().__init__(message)
-        if status is not None:
-            self.status = status
+        self.status = status
 
 
 def script(main):
@@ -116,7 +109,7 @@ def script(main):
         try:
             return main(*args, **kwargs)
         except Failure as err:
-            if str(err) and os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun, as its
+            if str(err) and os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun, as
                 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler  # @record
                 ErrorHandler().record_exception(err)  # does: its summary names this root cause
             if str(err) and err.status == 1:

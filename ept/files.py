@@ -1,14 +1,13 @@
 """The project's files on disk: one reader and one writer per kind of file, shared by every stage.
-
 Every writer is atomic (a temporary file beside the target, then `os.replace`): a file is its old
 self or wholly new, even under SIGKILL or a full disk. Every reader fails with one sentence naming
 the file and what is wrong (missing, not JSON, truncated, not UTF-8, unreadable). The kinds:
 
     folder          data/<task>/, an exported adapter: filled beside, then swapped in whole
     JSON            config.json, meta.json, metrics.json, results/analysis/*.json
-    JSONL           data splits, log.jsonl, results/*.jsonl, predictions
+    JSONL           data splits, log.jsonl, predictions; results/*.jsonl, whole lines appended
+                    under a lock (never a torn row)
     torch           best.pt, last.pt, prompt.pt, the tokenization cache (weights_only-loadable)
-    appended JSONL  results/*.jsonl: whole lines appended under a lock (never a torn row)
 """
 import contextlib
 import errno
@@ -29,7 +28,6 @@ class FileFault(cli.Failure):
     """A file that is missing, damaged or cannot be written: one sentence, exit status 1."""
 
 
-# why(err)'s words: by the kind of OSError, else by its errno
 WHY = {FileNotFoundError: "it does not exist", IsADirectoryError: "it is a folder, not a file",
        NotADirectoryError: "a part of the path is a file, not a folder",
        FileExistsError: "a file of that name is in the way", PermissionError: "permission denied"}
@@ -56,9 +54,8 @@ def read_text(path, what="file"):
 
 
 def read_json(path, what="JSON file"):
-    text = read_text(path, what)
     try:
-        return json.loads(text)
+        return json.loads(read_text(path, what))
     except json.JSONDecodeError as err:
         raise FileFault(f"the {what} {path} is not valid JSON (line {err.lineno}: {err.msg}); "
                         "restore or regenerate it") from None
@@ -94,8 +91,7 @@ def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_
 
 
 def load_torch(path, what="checkpoint", fix=None):
-    """torch.load(weights_only=True) on the CPU; a truncated or foreign file is one sentence (`fix`:
-    the way out)."""
+    """torch.load(weights_only=True) on the CPU; a truncated or foreign file is one sentence."""
     fix = f"; {fix}" if fix else ""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -133,9 +129,8 @@ def write_with(path, save):
             tmp.unlink(missing_ok=True)
         if not isinstance(err, OSError):
             raise
-        reason = why(err)
-        if isinstance(err, FileNotFoundError) and not path.parent.is_dir():
-            reason = f"the folder {path.parent} does not exist"
+        gone = isinstance(err, FileNotFoundError) and not path.parent.is_dir()
+        reason = f"the folder {path.parent} does not exist" if gone else why(err)
         raise FileFault(f"cannot write {path}: {reason}") from None
     return path
 
@@ -201,20 +196,16 @@ def write_folder(path, fill):
 
 @contextlib.contextmanager
 def locked(path):
-    """An exclusive lock on `path`.lock (flock) for a read-check-append sequence of several
-    processes."""
+    """An exclusive lock (flock) on `path`.lock for several processes' read-check-append."""
     lock_path = Path(f"{path}.lock")
     make_dir(lock_path.parent)
     try:
         f = open(lock_path, "a")
     except OSError as err:
         raise FileFault(f"cannot write {lock_path}: {why(err)}") from None
-    with f:
+    with f:  # closing the file releases the lock
         fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
 
 
 def append_lines(path, lines):

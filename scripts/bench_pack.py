@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import costs  # noqa: E402  (scripts/costs.py)
 from ept import cli, runtime# noqa: E402
+from make_tiny import TINY  # noqa: E402
 from ept.pack import Pack, make_run, update  # noqa: E402
 
 METHOD_MIXES = (("mixed", ("pt", "ept", "ept_star", "ptuning", "resprompt")),
@@ -67,7 +68,7 @@ def synthetic(n, length, target_length, vocab, seed=0):
 
 def random_t5(config=None):
     """A T5 with random weights (seed 0) in training mode, its dropout on as in train.py: built from
-    the config folder `config` (runtime.load_t5), or (None) runtime.TINY's shape with T5's
+    the config folder `config` (runtime.load_t5), or (None) make_tiny.TINY's shape with T5's
     vocabulary."""
     if config:
         return runtime.load_t5(config, random_init=True).train()
@@ -75,7 +76,7 @@ def random_t5(config=None):
     torch.manual_seed(0)
     return T5ForConditionalGeneration(T5Config(
         vocab_size=32128, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0,
-        eos_token_id=1, **runtime.TINY)).train()
+        eos_token_id=1, **TINY)).train()
 
 
 def _load():

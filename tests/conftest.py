@@ -14,8 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # ../shared beside the checkout (CI lays a copy there)
 CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
 sys.path.insert(0, str(REPO))
+# The suite is offline: the Hub client reads its local cache only, so a Hub name not in it fails at
+# once (unset, with no network, the client retries ~25 s first). Set before anything imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(REPO / "scripts"))  # the benchmarks, tested like the stages
-from ept import runtime# noqa: E402
+from make_tiny import make_tiny  # noqa: E402
 
 
 def pytest_configure(config):
@@ -66,7 +69,7 @@ def tokenizer_dir(shared_dir):
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """A random-weight tiny T5 + tokenizer (the real one when present, else trained offline)."""
     out = tmp_path_factory.mktemp("tiny-t5")
-    return runtime.make_tiny(out, tokenizer=str(tokenizer_dir) if tokenizer_dir else None)
+    return make_tiny(out, tokenizer=str(tokenizer_dir) if tokenizer_dir else None)
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import model as M  # noqa: E402
-from ept import pack as packing, runtime# noqa: E402
+from ept import pack as packing  # noqa: E402
+from make_tiny import TINY  # noqa: E402
 
 SPECS = [dict(name="a", method="pt", seed=0, lr=0.3, batch_size=5, prompt_length=6),  # 5 over 2 ranks: uneven
          dict(name="b", method="ept", seed=1, lr=0.1, batch_size=4),
@@ -31,7 +33,7 @@ def tiny_t5(dropout=0.0):
     from transformers import T5Config, T5ForConditionalGeneration
     torch.manual_seed(0)
     config = T5Config(vocab_size=64, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=dropout,
-                      **runtime.TINY)
+                      **TINY)
     return M.stateless_dropout(T5ForConditionalGeneration(config)).train()
 
 

@@ -17,8 +17,8 @@ from test_train import argv, data_dir  # noqa: F401 (data_dir is a fixture share
 from ept import grid, options
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("ablate", "analyze", "bench", "bench_pack", "evaluate", "export", "fewshot", "prepare_data",
-           "ept.runtime", "report", "train")
+SCRIPTS = ("ablate", "analyze", "bench", "bench_pack", "evaluate", "export", "fewshot", "make_tiny",
+           "prepare_data", "report", "train")
 
 
 def help_parser(module_name):
@@ -74,14 +74,16 @@ def test_helper_scripts_help(script):
         assert "(default: 300)" in out.stdout
 
 
-# --- offline: one quick probe, one sentence naming the flag, no retries ----------------------------------
+# --- offline: one sentence naming the flag, no retries -----------------------------------------------------
 
 def offline_env():
-    """No route to the Hub whatever this machine's network: an endpoint nothing listens on, no proxy."""
-    env = {k: v for k, v in os.environ.items() if k.upper() not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                                                                   "HTTPS_PROXY", "ALL_PROXY", "HTTP_PROXY")}
-    return {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": os.environ.get("HF_HOME_EMPTY", "/nonexistent-hf-home"),
-            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    """Offline as a user without a network is told to be (HF_HUB_OFFLINE=1), an empty Hub cache, and no route
+    to the Hub should the client try one anyway: an endpoint nothing listens on, no proxy."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in ("TRANSFORMERS_OFFLINE", "HTTPS_PROXY",
+                                                                   "ALL_PROXY", "HTTP_PROXY")}
+    return {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9",
+            "HF_HOME": os.environ.get("HF_HOME_EMPTY", "/nonexistent-hf-home"), "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1"}
 
 
 def test_train_flags_are_never_abbreviated(capsys):
@@ -104,8 +106,8 @@ def test_a_mistyped_choice_is_a_two_line_usage_error():
 
 
 def test_offline_hub_fails_fast_with_the_flag(tmp_path):
-    """A Hub name for the model, the tokenizer or a dataset, with no Hub: the one sentence naming the flag
-    (--model DIR, --tokenizer DIR, --source DIR) in under 5 s of loading, and no "Retrying in" lines."""
+    """A Hub name for the model, the tokenizer or a dataset, with HF_HUB_OFFLINE=1: the one sentence naming the
+    flag (--model DIR, --tokenizer DIR, --source DIR) in under 5 s of loading, and no "Retrying in" lines."""
     code = ("import sys, time, datasets, prepare_data; from ept import cli, runtime, tasks as registry\n"  # imported first: the time is the load's
             "from transformers import AutoTokenizer, T5ForConditionalGeneration\n"
             "for what, call in (('model', lambda: runtime.load_t5('t5-small')),\n"
@@ -128,7 +130,36 @@ def test_offline_hub_fails_fast_with_the_flag(tmp_path):
                        ("run", "HF_HOME")):
         seconds, message = lines[what]
         assert seconds < 5, f"{what}: {seconds} s offline"
-        assert flag in message and "cannot be reached" in message and message.count("could not") == 1, message
+        assert flag in message and "HF_HUB_OFFLINE is set" in message and message.count("could not") == 1, message
+
+
+def test_hub_failure_without_hf_hub_offline_is_one_sentence(monkeypatch):
+    """HF_HUB_OFFLINE unset: the client's own failure (after its retries, ~25 s without a network: too slow to
+    wait for here, so its errors are built as it raises them) is still the one sentence. No connection names
+    the flag and HF_HUB_OFFLINE=1; with the inputs train.py checked, every missing one; a refused name says so."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from ept import runtime
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(runtime, "wanted", [])
+    try:
+        raise OSError("We couldn't connect to the Hub") from LocalEntryNotFoundError("no connection")
+    except OSError as err:
+        no_connection = err
+    for what, err, flag in (("model", no_connection, "--model DIR"), ("tokenizer", no_connection, "--tokenizer DIR"),
+                            ("dataset", ConnectionError("Couldn't reach 'nyu-mll/glue'"), "--source DIR")):
+        message = str(runtime.offline_error(what, "no-such-org/x", err))
+        assert message.startswith(f"could not load the {what} 'no-such-org/x': the Hugging Face Hub cannot be "
+                                  f"reached and it is not in the local cache; pass {flag}"), message
+        assert "export HF_HUB_OFFLINE=1" in message, message
+    runtime.check_offline("no-such-org/m", "no-such-org/t", "no-such-org/d")  # unset: nothing decided yet
+    message = str(runtime.offline_error("tokenizer", "no-such-org/t", no_connection))
+    assert message.startswith("the Hugging Face Hub cannot be reached and these are not in the local cache: the "
+                              "tokenizer 'no-such-org/t' (pass --tokenizer DIR"), message
+    assert "the dataset no-such-org/d (pass --source DIR" in message and "the model 'no-such-org/m'" in message
+    message = str(runtime.offline_error("model", "no-such-org/m", OSError("404 Repository Not Found")))
+    assert message == ("could not load the model 'no-such-org/m': the Hub has no such name, or refused it "
+                       "(OSError); pass --model DIR, a local T5 folder"), message
 
 
 def test_offline_cli_one_sentence_nothing_written(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
+import make_tiny
 import model
 import report
 import tables
@@ -209,7 +210,7 @@ def test_tiny_model_folder_loads(tiny_model_dir):
 def test_offline_tokenizer_when_no_real_one(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "a.tsv").write_text("the quick brown fox\tjumps over the lazy dog\n" * 20)
-    out = runtime.make_tiny(tmp_path / "tiny", corpus_dir=tmp_path / "raw")
+    out = make_tiny.make_tiny(tmp_path / "tiny", corpus_dir=tmp_path / "raw")
     tok = runtime.load_tokenizer(out)
     ids = tok("the lazy fox").input_ids
     assert ids[-1] == 1 and tok.decode(ids, skip_special_tokens=True) == "the lazy fox"

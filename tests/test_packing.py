@@ -44,7 +44,7 @@ def tiny_t5(dropout=0.0):
     from transformers import T5Config, T5ForConditionalGeneration
     torch.manual_seed(0)
     config = T5Config(vocab_size=64, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=dropout,
-                      **runtime.TINY)
+                      **bench_pack.TINY)
     return T5ForConditionalGeneration(config).train()  # training mode, as train.py (dropout 0: deterministic)
 
 
