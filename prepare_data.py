@@ -134,7 +134,7 @@ def load_hub(task):
             error = e
             if isinstance(e, ConnectionError):  # no network: the fallback would fail the same way
                 break
-    # pretrained's sentence: why, and --source DIR (the official files, docs/data.md)
+    # runtime's sentence: why, and --source DIR (the official files, docs/data.md)
     if ds is None:
         why = runtime.offline_error("dataset", f"{task.hub_id} ({task.hub_config})", error)
         raise cli.Failure(f"prepare_data: {why}")
@@ -262,7 +262,7 @@ def load_tokenizer(name):
     from ept import runtime
     try:
         return runtime.load_tokenizer(name)
-    except cli.Failure as e:  # pretrained's sentence names the flag (--tokenizer DIR)
+    except cli.Failure as e:  # runtime's sentence names the flag (--tokenizer DIR)
         raise cli.Failure(f"prepare_data: {e}") from None
 
 
