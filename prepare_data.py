@@ -56,7 +56,7 @@ g.add_argument("--overwrite", action="store_true",
                help="rebuild tasks that already have a meta.json")
 
 
-# --- templates: a Hub row -> a record {source, target, label, idx} ----------------------------------
+# --- templates: a Hub row -> a record {source, target, label, idx} -------------------------------
 
 def pairs(*cols, label=lambda r: r["label"], idx="idx"):
     """Classification: source = `name: value` joined by spaces, target = str(label id)."""

@@ -1,12 +1,7 @@
-"""The tasks: the paper's 21 (benchmark, Hub id, labels, metrics, Table 5's type, Appendix B's split
-sizes and input length) and the steering benchmark's toy tasks; a prepared task's meta.json
-(`load_meta`, `prepare_command`); the few-shot rule; and train.py's data path, from a split file to
-padded tensors (`load_task`; tokenization, cached on disk; the data order; padding).
-
-prepare_data.py holds how each task is read and templated (its RECIPES) and writes data/<task>/;
-train.py, the drivers and report.py read the facts here. Inputs are truncated on the right to
-max_length and end with `</s>` (the T5 tokenizer appends it); a batch is padded to its own longest
-row, never to max_length; label padding is -100 (no loss).
+"""The paper's 21 tasks and the steering benchmark's toy tasks (how prepare_data.py reads and
+templates each: its RECIPES); a prepared task's meta.json; the few-shot rule; and train.py's data
+path (`load_task`): inputs truncated on the right to max_length, ending with `</s>`; a batch padded
+to its own longest row, labels with -100 (no loss); tokenization cached on disk.
 """
 import contextlib
 import hashlib
@@ -85,16 +80,34 @@ _TASKS = [
 ]
 TASKS = {t.name: t for t in _TASKS}
 PAPER_SPLITS = {t.name: t.paper_splits for t in _TASKS}  # the cost estimate reads them unprepared
-GROUPS = {b: [t.name for t in _TASKS if t.benchmark == b] for b in ("glue", "superglue", "mrqa",
-                                                                     "others")}
+GROUPS = {b: [t.name for t in _TASKS if t.benchmark == b]
+          for b in ("glue", "superglue", "mrqa", "others")}
+
+# --- the steering benchmark (docs/experiments.md): not the paper's, not in TASKS -----------------
+# A small backbone trained on the shipped sentences (assets/steer/sentences) does each rule after
+# its prefix ("comma: <sentence>") and STEER_DEFAULT on a bare sentence: a prompt must select
+# another. long: 8 words or more (a word: letters or digits between spaces); comma: has a comma
+STEER_RULES = {"long": lambda s: int(sum(any(c.isalnum() for c in w) for w in s.split()) >= 8),
+               "comma": lambda s: int("," in s)}
+STEER_DEFAULT = "long"  # what the backbone does without a prefix
+STEER_SUCCESS = 90.0  # test accuracy (%) from which a run counts as steered (issue 27)
+STEER_SEARCH_SEEDS = (0, 1, 2)  # their mean validation score chooses a method's lr
+STEER_SOURCE = Path(__file__).resolve().parents[1] / "assets" / "steer"
+STEER_TASKS = {f"steer_{rule}": Task(f"steer_{rule}", "steer", "", None, "steering (toy)", None,
+                                     folder="sentences")
+               for rule in STEER_RULES if rule != STEER_DEFAULT}
+
+
+def known(task):
+    """One of the paper's 21 tasks or a steering task: prepare_data.py can prepare it."""
+    return task in TASKS or task in STEER_TASKS
+
 
 # --- a prepared task: data/<task>/meta.json (prepare_data.py writes it) --------------------------
-# what the later stages read from meta.json
+# what the later stages read from meta.json; every metric evaluation.METRICS computes (a test holds
+# the two equal)
 META_KEYS = {"splits": dict, "labels": (list, type(None)), "metrics": list, "score": list,
              "max_length": int, "max_target_length": int}
-
-
-# every metric evaluation.METRICS computes (a test holds the two equal)
 METRIC_NAMES = ("acc", "f1", "macro_f1", "mcc", "pearson", "spearman", "f1a", "em", "squad_em",
                 "squad_f1")
 
@@ -131,10 +144,9 @@ def load_meta(data_dir, task, strict=True):
 
 
 def prepare_command(data_dir, names, fewshot=(), seeds=(), overwrite=False):
-    """The prepare_data.py command, as one shell line, that prepares `names` into `data_dir` the
-    way they were prepared: with the --tokenizer and --source folder their meta.json records (a
-    task not prepared yet: those of one prepared beside it), so it runs as printed offline too;
-    few-shot sets: each k of `fewshot` with each seed of `seeds`."""
+    """The prepare_data.py command line that prepares `names` (and each k of `fewshot` with each
+    seed of `seeds`) into `data_dir` with the --tokenizer and --source their meta.json records (not
+    prepared yet: those of a task beside it), so that it runs as printed offline too."""
     metas = [load_meta(data_dir, name, strict=False) for name in names]
     metas += [load_meta(data_dir, p.parent.name, strict=False)
               for p in sorted(Path(data_dir).glob("*/meta.json")) if p.parent.name not in names]
@@ -162,38 +174,11 @@ def _source_root(meta):
     first = Path(str(source["files"][0]))
     return next((str(p) for p in first.parents if first.is_relative_to(p / task.folder)), None)
 
-# --- the steering benchmark -----------------------------------------------------------------------
-# Toy tasks over shipped sentences (assets/steer/sentences, written by
-# scripts/build_backbone.py): a small backbone is trained on all of them, each selected by a prefix
-# ("comma: <sentence>"), and does STEER_DEFAULT on a bare sentence. A steering task gives the bare
-# sentence and asks for another task: a prompt has to learn to select it (docs/experiments.md, "The
-# steering benchmark"). Not one of the paper's 21 tasks: not in TASKS.
-
-# long: 8 words or more (a word: letters or digits between spaces); comma: contains a comma
-STEER_RULES = {"long": lambda s: int(sum(any(c.isalnum() for c in w) for w in s.split()) >= 8),
-               "comma": lambda s: int("," in s)}
-STEER_DEFAULT = "long"  # what the backbone does without a prefix
-STEER_SUCCESS = 90.0  # test accuracy (%) from which a run counts as steered (issue 27)
-STEER_SEARCH_SEEDS = (0, 1, 2)  # their mean validation score chooses a method's lr
-STEER_SOURCE = Path(__file__).resolve().parents[1] / "assets" / "steer"
-
-
-STEER_TASKS = {f"steer_{rule}": Task(f"steer_{rule}", "steer", "", None, "steering (toy)", None,
-                                     folder="sentences")
-               for rule in STEER_RULES if rule != STEER_DEFAULT}
-
-
-def known(task):
-    """One of the paper's 21 tasks or a steering task: prepare_data.py can prepare it."""
-    return task in TASKS or task in STEER_TASKS
-
 
 # --- the few-shot rule ----------------------------------------------------------------------------
 # meta.json's "rule" of each few-shot set; absent: the old k per class. Table 3 (§5.2) is ambiguous
 # ("k randomly selected samples, with the number of classes sampled consistently"): k in all is our
-# reading, because the public EPT code takes k in total. STS-B follows the public code's GLUE class:
-# a score <= 2.5 is class "0", else "1"; at most ceil(k/2) of each, first-come, from the training
-# set shuffled by the seed (k in all).
+# reading, as the public EPT code takes k in total; STS-B follows that code (docs/data.md).
 FEWSHOT_RULE = "k in all, classes balanced"
 STSB_FEWSHOT_RULE = "k in all, at most ceil(k/2) each of score <= 2.5 and > 2.5, first-come"
 
@@ -205,8 +190,8 @@ def fewshot_rule(task):
 def old_fewshot_sets(meta):
     """The few-shot sets of a meta.json drawn with an older rule (k per class; STS-B: k from the
     whole split), not Table 3's."""
-    sets = meta.get("fewshot") if isinstance(meta, dict) else None
-    rule = fewshot_rule(meta.get("task") if isinstance(meta, dict) else None)
+    meta = meta if isinstance(meta, dict) else {}
+    sets, rule = meta.get("fewshot"), fewshot_rule(meta.get("task"))
     return sorted(key for key, entry in (sets if isinstance(sets, dict) else {}).items()
                   if not isinstance(entry, dict) or entry.get("rule") != rule)
 
@@ -258,13 +243,10 @@ def collate(idx, source_ids, target_ids, pad_id, pad_to=(None, None)):
 _TOKENIZED = {}  # (file, content, tokenizer, max_length) -> (source ids, target ids)
 
 
-def _cache_rows(state, key):
-    return [t.tolist() for t in torch.split(state[f"{key}_ids"], state[f"{key}_lengths"].tolist())]
-
-
 def tokenize_file(path, tokenizer, max_length):
     """Token ids of a split's sources and targets, cached in memory and in <data>/<task>/cache/,
-    keyed by content, tokenizer and max_length; a damaged cache file is rebuilt, never trusted."""
+    keyed by content, tokenizer and max_length; a damaged cache file is rebuilt, never trusted. It
+    pays: MultiRC's train split takes ~30 s to tokenize on 2 cores, ~1 s to load (docs/data.md)."""
     path = Path(path)
     try:
         digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
@@ -278,15 +260,14 @@ def tokenize_file(path, tokenizer, max_length):
     cache = path.parent / "cache" / f"{path.stem}.{digest}.{key[2]}.L{max_length}.pt"
     ids = None
     if cache.exists():
-        try:
+        with contextlib.suppress(cli.Failure, KeyError, RuntimeError, AttributeError, TypeError):
             state = files.load_torch(cache, "tokenization cache")
-            ids = (_cache_rows(state, "source"), _cache_rows(state, "target"))
-            if any(len(seqs) != len(rows) for seqs in ids):
-                ids = None
-        except (cli.Failure, KeyError, RuntimeError, AttributeError, TypeError):
-            ids = None
-        if ids is None:
+            ids = tuple([t.tolist() for t in torch.split(state[f"{k}_ids"],
+                                                         state[f"{k}_lengths"].tolist())]
+                        for k in ("source", "target"))
+        if ids is None or any(len(seqs) != len(rows) for seqs in ids):
             print(f"batching: {cache} is damaged; tokenizing {path.name} again")
+            ids = None
     if ids is None:
         ids = (encode(tokenizer, [r["source"] for r in rows], max_length),
                tokenizer([r["target"] for r in rows])["input_ids"] if rows else [])
@@ -312,31 +293,23 @@ def load_split(path, tokenizer, max_length, limit=None):
 
 
 def read_split(meta, name, path, tokenizer, max_length, limit=None):
-    """load_split, then check_split: (examples, source ids, target ids) of a split that matches
-    its meta.json."""
+    """load_split of a split that must still match its meta.json (rows present, the row count
+    unless `limit`, targets in the label set): an edited or half-copied split is one sentence."""
     examples, source_ids, target_ids = load_split(path, tokenizer, max_length, limit)
-    check_split(meta, name, examples, path, limit is not None)
-    return examples, source_ids, target_ids
-
-
-def check_split(meta, name, examples, path, limited):
-    """A split file must still match its meta.json (rows present, the row count unless `limited`,
-    targets in the label set): an edited or half-copied split is one sentence, not a silent edit."""
     fix = "rebuild the task with prepare_data.py --overwrite"
     if not examples:
         why = "; the best checkpoint would be chosen by chance" if name == "validation" else ""
         raise files.FileFault(f"{path} holds no rows{why}: {fix}")
-    sizes = meta.get("splits") if name in ("train", "validation", "test") else \
-        {name: (meta.get("fewshot") or {}).get(name, {}).get("size")}
-    expected = (sizes or {}).get(name)
-    if not limited and expected is not None and expected != len(examples):
+    expected = ((meta.get("splits") or {}).get(name) if name in ("train", "validation", "test")
+                else (meta.get("fewshot") or {}).get(name, {}).get("size"))
+    if limit is None and expected is not None and expected != len(examples):
         raise files.FileFault(f"{path} has {len(examples)} rows but meta.json says {expected}; "
                               f"the data was edited or half-copied: {fix}")
     labels = meta.get("labels")
-    bad = [e.get("target") for e in examples if labels and e.get("target") not in labels]
-    if bad:
+    if bad := [e.get("target") for e in examples if labels and e.get("target") not in labels]:
         raise files.FileFault(f"{path} has the target {bad[0]!r}, outside the task's labels "
                               f"{labels}: {fix}")
+    return examples, source_ids, target_ids
 
 
 # --- orders ---------------------------------------------------------------------------------------
@@ -407,26 +380,26 @@ def load_task(args, ranks, say):
     meta = load_meta(args.data_dir, args.task)
     if args.eval_mode == "rank" and not meta.get("labels"):
         raise cli.Failure(f"train: --eval-mode rank needs a label set; {args.task} has open "
-                             "targets")
+                          "targets")
     args.max_length = args.max_length or meta["max_length"]
     folder = Path(args.data_dir) / args.task
     split = f"k{args.fewshot_k}_seed{args.fewshot_seed}" if args.fewshot_k else "train"
     train_file = folder / (f"train_{split}.jsonl" if args.fewshot_k else "train.jsonl")
     if not train_file.exists():
-        raise cli.Failure(f"train: no {train_file}; prepare it with `" + prepare_command(
-            args.data_dir, [args.task], [args.fewshot_k], [args.fewshot_seed], overwrite=True) + "`")
-    limit, eval_limit = args.max_train_examples, args.max_eval_examples
-    _, train_src, train_tgt = read_split(meta, split, train_file, tokenizer, args.max_length, limit)
+        command = prepare_command(args.data_dir, [args.task], [args.fewshot_k],
+                                  [args.fewshot_seed], overwrite=True)
+        raise cli.Failure(f"train: no {train_file}; prepare it with `{command}`")
+    read = lambda name, path, limit: read_split(meta, name, path, tokenizer, args.max_length, limit)
+    _, train_src, train_tgt = read(split, train_file, args.max_train_examples)
     if args.fewshot_k and ranks.master:
         old = [split] if split in old_fewshot_sets(meta) else []
         if warning := old_fewshot_warning(args.data_dir, {args.task: old}):
             say(f"train: {warning}")
-    val = read_split(meta, "validation", folder / "validation.jsonl", tokenizer, args.max_length,
-                     eval_limit)[:2]
-    test = None if args.no_test else read_split(  # checked now, not after training
-        meta, "test", folder / "test.jsonl", tokenizer, args.max_length, eval_limit)[:2]
-    return TaskData(tokenizer, meta, train_file, (train_src, train_tgt, tokenizer.pad_token_id), val,
-                test)
+    val = read("validation", folder / "validation.jsonl", args.max_eval_examples)[:2]
+    test = None if args.no_test else read(  # checked now, not after training
+        "test", folder / "test.jsonl", args.max_eval_examples)[:2]
+    return TaskData(tokenizer, meta, train_file, (train_src, train_tgt, tokenizer.pad_token_id),
+                    val, test)
 
 
 def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
@@ -437,12 +410,11 @@ def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
         return
     if not known(task):
         raise cli.Failure(f"train: unknown task {task!r} and no {folder / 'meta.json'}; "
-                             f"tasks: {', '.join(TASKS)}")
+                          f"tasks: {', '.join(TASKS)}")
     command = ["--tasks", task, "--out", str(data_dir), "--tokenizer", tokenizer,
                *(["--source", source] if source else [])]
     say(f"train: {folder} is not prepared yet; preparing it now (python prepare_data.py "
         f"{' '.join(command)})", flush=True)
     script = Path(__file__).resolve().parents[1] / "prepare_data.py"
     if subprocess.run([sys.executable, str(script), *command]).returncode:
-        raise cli.Failure(f"train: {folder} could not be prepared "
-                             "(prepare_data.py said why above)")
+        raise cli.Failure(f"train: {folder} could not be prepared (prepare_data.py said why above)")
