@@ -167,7 +167,7 @@ def read(path, parse, fmt="json", names=None):
             new = parse(rec, n)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, csv.Error) as e:
             raise cli.Failure(f"prepare_data: {path}:{lineno}: bad row "
-                                 f"({type(e).__name__}: {e})") from None
+                              f"({type(e).__name__}: {e})") from None
         for row in new:
             row["_at"] = f"{path}:{lineno}"  # for error messages further down
         rows += new
@@ -189,12 +189,12 @@ def _lines(path):
                 yield lineno, line
     except UnicodeDecodeError:
         raise cli.Failure(f"prepare_data: {path}: {_first_bad_byte(path)} is not UTF-8; the "
-                             "file is damaged or in another encoding: convert it to UTF-8 or fetch "
-                             "it again") from None
+                          "file is damaged or in another encoding: convert it to UTF-8 or fetch "
+                          "it again") from None
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; EOFError: a truncated .gz
         reason = "it is truncated" if isinstance(e, EOFError) else files.why(e)
         raise cli.Failure(f"prepare_data: cannot read {path} (after line {lineno}): {reason}; "
-                             "fetch it again") from None
+                          "fetch it again") from None
 
 
 def _first_bad_byte(path):
@@ -393,7 +393,7 @@ def find_files(task, root):
     need = " + ".join(" or ".join(names) for names in accepted.values())
     if not folder.is_dir():
         raise cli.Failure(f"prepare_data: {task.name}: missing folder {folder} "
-                             f"(expected {need} in it; see docs/data.md)")
+                          f"(expected {need} in it; see docs/data.md)")
     candidates = []
     for d in sorted([folder, *(p for p in folder.rglob("*") if p.is_dir())],
                     key=lambda p: (len(p.parts), str(p))):
@@ -408,16 +408,16 @@ def find_files(task, root):
             names = (", ".join(str(c.relative_to(folder)) for c, _ in candidates[:4])
                      + (", ..." if len(candidates) > 4 else ""))
             raise cli.Failure(f"prepare_data: {task.name}: found {need} in "
-                                 f"{'few-shot sample' if samples else 'several'} folders under "
-                                 f"{folder} ({names}), expected the official full distribution in "
-                                 "one folder; pass --source DIR with the official files "
-                                 "(docs/data.md)")
+                              f"{'few-shot sample' if samples else 'several'} folders under "
+                              f"{folder} ({names}), expected the official full distribution in "
+                              "one folder; pass --source DIR with the official files "
+                              "(docs/data.md)")
         return candidates[0][1]
     absent = [names for names in accepted.values()
               if not any(any(folder.rglob(Path(f).name)) for f in names)]
     what = f"missing {' or '.join(absent[0])}" if absent else "no one folder holds all of the files"
     raise cli.Failure(f"prepare_data: {task.name}: {what} under {folder} "
-                         f"(expected {need}; see docs/data.md)")
+                      f"(expected {need}; see docs/data.md)")
 
 
 def sha256(path):
@@ -500,7 +500,7 @@ def to_records(task, rows, where):
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             at = row.get("_at", f"{where} row {i}")  # file:line for local rows
             raise cli.Failure(f"prepare_data: {task.name}: {at}: bad row "
-                                 f"({type(e).__name__}: {e})") from None
+                              f"({type(e).__name__}: {e})") from None
         records.append(rec)
     return records
 
@@ -640,7 +640,7 @@ def prepare(task, args, out):
     for name, records in splits.items():
         if not records:
             raise cli.Failure(f"prepare_data: {task.name}: the {name} split is empty; "
-                                 "the source has too few rows")
+                              "the source has too few rows")
     shots = {key: fewshot(task, splits["train"], k, s)
              for key, (k, s) in fewshot_sets(args, out / task.name).items()}
 
@@ -711,12 +711,12 @@ def main(argv=None):
         meta = tasks.load_meta(out, name, strict=False)
         if not isinstance(meta.get("fewshot"), dict):
             raise cli.Failure(f"prepare_data: {meta_path} is not a task description of this "
-                                 "project; pass --overwrite to rebuild it")
+                              "project; pass --overwrite to rebuild it")
         if meta.get("data_seed") != args.data_seed or not keys <= set(meta["fewshot"]):
             raise cli.Failure(f"prepare_data: {out / name} was prepared with data seed "
-                                 f"{meta.get('data_seed')} and few-shot sets "
-                                 f"{sorted(meta['fewshot']) or 'none'}; pass --overwrite to "
-                                 "rebuild it")
+                              f"{meta.get('data_seed')} and few-shot sets "
+                              f"{sorted(meta['fewshot']) or 'none'}; pass --overwrite to "
+                              "rebuild it")
         print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")
         old[name] = tasks.old_fewshot_sets(meta)
     if warning := tasks.old_fewshot_warning(out, old):  # one line for all of them
