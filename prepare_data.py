@@ -16,15 +16,21 @@ meta.json exists is skipped unless --overwrite; a failed run leaves it untouched
     python prepare_data.py --source tests/fixtures/raw --tasks all --out smoke/data   # CPU smoke
 """
 import argparse
+import csv
 import functools
+import gzip
 import hashlib
 import json
 import math
 import random
 import re
 import sys
+import unicodedata
 from collections import Counter
 from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
 
 from ept import cli, files, tasks
 
@@ -50,6 +56,329 @@ g.add_argument("--overwrite", action="store_true",
                help="rebuild tasks that already have a meta.json")
 
 
+# --- templates: a Hub row -> a record {source, target, label, idx} -------------------------------
+
+def pairs(*cols, label=lambda r: r["label"], idx="idx"):
+    """Classification: source = `name: value` joined by spaces, target = str(label id)."""
+    cols = [c if isinstance(c, tuple) else (c, c) for c in cols]  # (template name, Hub column)
+
+    def convert(row, i):
+        y = label(row)
+        return {"source": " ".join(f"{name}: {row[col]}" for name, col in cols), "target": str(y),
+                "label": y, "idx": row[idx] if idx else i}  # tasks without an id column: position
+    return convert
+
+
+def stsb(row, i):
+    """The target: the score on the 0.1 grid, one decimal, as the public EPT code's
+    `round_stsb_target` computes it, `np.round((label * 5) / 5, decimals=1)` (its docstring
+    promises T5's 0.2 grid; the paper's STS-B numbers came from this expression: docs/paper.md)."""
+    y = round(float(row["label"]), 5)  # the Hub stores float32: 3.8 -> 3.7999999523
+    if not 0 <= y <= 5:
+        raise ValueError(f"label {y} is outside the STS-B range 0..5")
+    return {"source": f"sentence1: {row['sentence1']} sentence2: {row['sentence2']}",
+            "target": f"{np.round((y * 5) / 5, decimals=1):.1f}", "label": y, "idx": row["idx"]}
+
+
+def mark_span(text, span, index, mark):
+    """T5's WSC marking: `mark span mark` around the span starting at word `index`."""
+    return re.sub(rf"^((?:\S+\s){{{index}}})({re.escape(span)})", rf"\1{mark} \2 {mark}", text)
+
+
+def wsc(row, i):
+    text = mark_span(row["text"], row["span1_text"], row["span1_index"], "*")
+    span2 = row["span2_index"] + 2 * (row["span1_index"] < row["span2_index"])  # the two '*' words
+    text = mark_span(text, row["span2_text"], span2, "#")
+    return {"source": f"text: {text}", "target": str(row["label"]), "label": row["label"],
+            "idx": row["idx"]}
+
+
+def multirc(row, i):
+    q, a, p = (re.sub(r"</?b>", "", row[k].replace("<br>", " "))  # T5's MultiRC remove_markup
+               for k in ("question", "answer", "paragraph"))
+    return {"source": f"question: {q} answer: {a} paragraph: {p}", "target": str(row["label"]),
+            "label": row["label"], "idx": row["idx"]["answer"],
+            "question_id": row["idx"]["question"]}
+
+
+@functools.cache
+def _punctuation():
+    """T5's [^_\\s\\p{N}\\p{L}\\p{M}] spelled out for Python's re (it has no \\p{..} classes)."""
+    keep = lambda c: c == "_" or c.isspace() or unicodedata.category(c)[0] in "LNM"
+    ranges, start = [], None
+    for cp in range(sys.maxunicode + 2):
+        pad = cp <= sys.maxunicode and not keep(chr(cp))
+        if pad and start is None:
+            start = cp
+        elif not pad and start is not None:
+            ranges.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
+            start = None
+    return re.compile(f"([{''.join(ranges)}])")
+
+
+def pad_punctuation(text):
+    """T5's MRQA pad_punctuation: spaces around each punctuation character, whitespace collapsed."""
+    return re.sub(r"\s+", " ", _punctuation().sub(r" \1 ", text)).strip()
+
+
+def mrqa(row, i):
+    answers = [pad_punctuation(a) for a in row["answers"]]
+    return {"source": f"question: {pad_punctuation(row['question'])} "
+                      f"context: {pad_punctuation(row['context'])}",
+            "target": answers[0], "label": row["answers"][0], "idx": row["qid"], "answers": answers}
+
+
+def label_of(mapping, value):
+    if value not in mapping:
+        raise ValueError(f"label {value!r} is not one of {', '.join(map(repr, mapping))}")
+    return mapping[value]
+
+
+ENTAIL = {"entailment": 0, "not_entailment": 1}
+MNLI = {"entailment": 0, "neutral": 1, "contradiction": 2}
+CB = {"entailment": 0, "contradiction": 1, "neutral": 2}
+BOOL = {False: 0, True: 1}
+SCITAIL = {"entailment": 0, "neutral": 1}
+
+
+# --- official files -> Hub rows -------------------------------------------------------------------
+
+def read(path, parse, fmt="json", names=None):
+    """Parse `path` line by line (every official format here keeps one record per line) into Hub
+    rows: parse(record, n) returns a list of rows, n = the record's position. fmt: json | tsv (read
+    as HF does: tab, csv.QUOTE_NONE) | csv; names: columns of a header-less file."""
+    rows, n = [], 0
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            if fmt == "json":
+                rec = json.loads(line)
+            else:
+                tsv = fmt == "tsv"
+                fields = next(csv.reader([line], delimiter="\t" if tsv else ",",
+                                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
+                if names is None:
+                    names = fields  # header line
+                    continue
+                if len(fields) < len(names):
+                    raise ValueError(f"{len(fields)} columns, expected {len(names)}")
+                rec = dict(zip(names, fields))
+            new = parse(rec, n)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, csv.Error) as e:
+            raise cli.Failure(f"prepare_data: {path}:{lineno}: bad row "
+                              f"({type(e).__name__}: {e})") from None
+        for row in new:
+            row["_at"] = f"{path}:{lineno}"  # for error messages further down
+        rows += new
+        n += 1
+    return rows
+
+
+def _opener(path):
+    return gzip.open if path.name.endswith(".gz") else open
+
+
+def _lines(path):
+    """(line number, text) of an official file, gzip or not. Bytes that are not UTF-8, a truncated
+    .gz or an unreadable file are one sentence naming the file (and the line and byte)."""
+    lineno = 0
+    try:
+        with _opener(path)(path, "rt", encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                yield lineno, line
+    except UnicodeDecodeError:
+        raise cli.Failure(f"prepare_data: {path}: {_first_bad_byte(path)} is not UTF-8; the "
+                          "file is damaged or in another encoding: convert it to UTF-8 or fetch "
+                          "it again") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; EOFError: a truncated .gz
+        reason = "it is truncated" if isinstance(e, EOFError) else files.why(e)
+        raise cli.Failure(f"prepare_data: cannot read {path} (after line {lineno}): {reason}; "
+                          "fetch it again") from None
+
+
+def _first_bad_byte(path):
+    """'line L, byte B (0xXX)' of the first non-UTF-8 byte in `path` (B from the file's start)."""
+    offset = 0
+    with _opener(path)(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {lineno}, byte {offset + e.start} (0x{raw[e.start]:02x})"
+            offset += len(raw)
+    return "a byte"
+
+
+def per_split(parse, fmt="json", names=None):
+    """Reader for tasks with one train file and one labelled held-out file."""
+    return lambda found: (read(found["train"], parse, fmt, names),
+                          read(found["eval"], parse, fmt, names))
+
+
+def by_suffix(**parsers):
+    """Reader for files in two formats, told apart by suffix: {suffix: (parse, fmt, names)}."""
+    one = lambda p: read(p, *parsers[p.suffix.lstrip(".")])
+    return lambda found: (one(found["train"]), one(found["eval"]))
+
+
+def read_mrpc(found):
+    """As HF: train and validation from msr_paraphrase_train.txt; validation: dev_ids.tsv's."""
+    dev = {(r["id1"], r["id2"])
+           for r in read(found["dev_ids"], lambda r, n: [dict(r)], "tsv", ("id1", "id2"))}
+    rows = read(found["train"], lambda r, n: [{
+        "sentence1": r["#1 String"], "sentence2": r["#2 String"], "label": int(r["Quality"]),
+        "idx": n, "dev": (r["#1 ID"], r["#2 ID"]) in dev}], "tsv")
+    return [r for r in rows if not r["dev"]], [r for r in rows if r["dev"]]
+
+
+def read_wsc(r, n):
+    ex = {"text": r["text"],
+          **{k: r["target"][k] for k in ("span1_index", "span2_index", "span1_text", "span2_text")}}
+    return [{**fix_wst(ex), "idx": r["idx"], "label": label_of(BOOL, r["label"])}]
+
+
+def fix_wst(ex):
+    """HF super_glue `_fix_wst` (the wsc.fixed config): make span texts substrings of the text."""
+    for k in ("span1", "span2"):
+        text, index = ex[k + "_text"], ex[k + "_index"]
+        if text in ex["text"] or text in ("Kamenev and Zinoviev", "Kamenev, Zinoviev, and Stalin"):
+            continue  # fine already, or not fixable (intervening words)
+        if "theyscold" in text:
+            ex["span2_index"] = 10  # as HF (its text.replace there is a no-op)
+        first_word = ex["text"].split()[index]
+        text = (text[0].lower() if first_word[0].islower() else text[0].upper()) + text[1:]
+        ex[k + "_text"] = text.rstrip(".").replace("\n", " ")
+    return ex
+
+
+def read_multirc(r, n):
+    """One row per answer option, flattened passage -> question -> answer in file order (as HF)."""
+    return [{"paragraph": r["passage"]["text"], "question": q["question"], "answer": a["text"],
+             "label": label_of(BOOL, bool(a["label"])),
+             "idx": {"paragraph": r["idx"], "question": q["idx"], "answer": a["idx"]}}
+            for q in r["passage"]["questions"] for a in q["answers"]]
+
+
+def read_mrqa(r, n):
+    if "header" in r:
+        return []  # MRQA files open with {"header": {"dataset", "split"}}
+    return [{"context": r["context"].strip(), "qid": qa["qid"], "question": qa["question"].strip(),
+             "answers": qa["answers"]} for qa in r["qas"]]
+
+
+def glue_row(*cols, label, col="label"):
+    """GLUE tsv record -> Hub row: columns (Hub name, or (Hub name, tsv name)), label mapped, idx =
+    row number (HF)."""
+    cols = [c if isinstance(c, tuple) else (c, c) for c in cols]
+    return lambda r, n: [{**{hub: r[raw] for hub, raw in cols}, "label": label(r[col]), "idx": n}]
+
+
+def jsonl_row(*keys, label=None):
+    """jsonl record -> Hub row: keys copied, the label mapped by `label` (when given)."""
+    return lambda r, n: [{**{k: r[k] for k in keys},
+                          **({"label": label(r["label"])} if label else {})}]
+
+
+def superglue_rte(r, n):
+    return [{"sentence1": r["premise"], "sentence2": r["hypothesis"],
+             "label": label_of(ENTAIL, r["label"]), "idx": r["idx"]}]
+
+
+
+# --- the registry's recipes: how each task's data is read and turned into records -----------------
+
+class Recipe(NamedTuple):
+    convert: Callable  # (Hub row, position in its split) -> record
+    read: Callable     # found files -> (train, held-out) rows in the Hub schema
+    files: dict        # role -> accepted file names, in the task's folder of --source
+
+
+GLUE_FILES = {"train": ("train.tsv",), "eval": ("dev.tsv",)}
+SUPERGLUE_FILES = {"train": ("train.jsonl",), "eval": ("val.jsonl",)}
+entail, boolean = functools.partial(label_of, ENTAIL), functools.partial(label_of, BOOL)
+
+
+def steer_row(rule):
+    return lambda r, n: [{"sentence": r["sentence"].strip(),
+                          "label": tasks.STEER_RULES[rule](r["sentence"]), "idx": n}]
+
+
+def steer_record(row, i):
+    return {"source": row["sentence"], "target": str(row["label"]), "label": row["label"],
+            "idx": row["idx"]}
+
+
+# one per task of tasks.TASKS and tasks.STEER_TASKS, in their order (a test holds them equal)
+RECIPES = {
+    "cola": Recipe(pairs("sentence"),  # train/dev have no header
+                   per_split(glue_row("sentence", label=int), "tsv",
+                             ("code", "label", "mark", "sentence")), GLUE_FILES),
+    "mrpc": Recipe(pairs("sentence1", "sentence2"), read_mrpc,
+                   {"train": ("msr_paraphrase_train.txt",), "dev_ids": ("dev_ids.tsv",)}),
+    "rte": Recipe(pairs("sentence1", "sentence2"),  # GLUE tsv or SuperGLUE jsonl
+                  by_suffix(tsv=(glue_row("sentence1", "sentence2", label=entail), "tsv"),
+                            jsonl=(superglue_rte, "json")),
+                  {"train": ("train.tsv", "train.jsonl"), "eval": ("dev.tsv", "val.jsonl")}),
+    "stsb": Recipe(stsb, per_split(glue_row("sentence1", "sentence2", label=float, col="score"),
+                                   "tsv"), GLUE_FILES),
+    "mnli": Recipe(pairs("premise", "hypothesis"),
+                   per_split(glue_row(("premise", "sentence1"), ("hypothesis", "sentence2"),
+                                      label=functools.partial(label_of, MNLI), col="gold_label"),
+                             "tsv"),
+                   {"train": ("train.tsv",), "eval": ("dev_matched.tsv",)}),
+    "qnli": Recipe(pairs("question", "sentence"),
+                   per_split(glue_row("question", "sentence", label=entail), "tsv"), GLUE_FILES),
+    "qqp": Recipe(pairs("question1", "question2"),
+                  per_split(glue_row("question1", "question2", label=int, col="is_duplicate"),
+                            "tsv"), GLUE_FILES),
+    "sst2": Recipe(pairs("sentence"), per_split(glue_row("sentence", label=int), "tsv"),
+                   GLUE_FILES),
+    "boolq": Recipe(pairs("question", "passage"),
+                    per_split(jsonl_row("question", "passage", "idx", label=boolean)),
+                    SUPERGLUE_FILES),
+    "cb": Recipe(pairs("premise", "hypothesis"),
+                 per_split(jsonl_row("premise", "hypothesis", "idx",
+                                     label=functools.partial(label_of, CB))), SUPERGLUE_FILES),
+    "wic": Recipe(pairs("sentence1", "sentence2", "word"),
+                  per_split(jsonl_row("word", "sentence1", "sentence2", "start1", "start2", "end1",
+                                      "end2", "idx", label=boolean)), SUPERGLUE_FILES),
+    "wsc": Recipe(wsc, per_split(read_wsc), SUPERGLUE_FILES),
+    "multirc": Recipe(multirc, per_split(read_multirc), SUPERGLUE_FILES),
+    **{name: Recipe(mrqa, per_split(read_mrqa),
+                    {"train": (f"train/{sub}.jsonl.gz", f"train/{sub}.jsonl"),
+                     "eval": (f"dev/{sub}.jsonl.gz", f"dev/{sub}.jsonl")})
+       for name, sub in ((t.name, t.subset) for t in tasks.TASKS.values() if t.subset)},
+    "winogrande": Recipe(pairs("sentence", ("option0", "option1"), ("option1", "option2"),
+                               label=lambda r: label_of({"1": 0, "2": 1}, r["answer"]),  # - 1
+                               idx=None),  # both options shown
+                         per_split(jsonl_row("sentence", "option1", "option2", "answer")),
+                         {"train": ("train_xl.jsonl",), "eval": ("dev.jsonl",)}),
+    "yelp": Recipe(pairs(("sentence", "text"), idx=None),
+                   per_split(lambda r, n: [{"text": r["text"].replace('"', '""').strip(),  # as HF
+                                            "label": label_of({"1": 0, "2": 1}, r["label"])}],
+                             "csv", ("label", "text")),
+                   {"train": ("train.csv",), "eval": ("test.csv",)}),
+    "scitail": Recipe(
+        pairs(("premise", "sentence1"), ("hypothesis", "sentence2"),
+              label=lambda r: label_of(SCITAIL, r["gold_label"]), idx=None),
+        by_suffix(txt=(jsonl_row("sentence1", "sentence2", "gold_label"), "json"),
+                  tsv=(lambda r, n: [{"sentence1": r["premise"], "sentence2": r["hypothesis"],
+                                      "gold_label": label_of({"entails": "entailment",
+                                                              "neutral": "neutral"}, r["label"])}],
+                       "tsv", ("premise", "hypothesis", "label"))),
+        {"train": ("snli_format/scitail_1.0_train.txt", "tsv_format/scitail_1.0_train.tsv"),
+         "eval": ("snli_format/scitail_1.0_dev.txt", "tsv_format/scitail_1.0_dev.tsv")}),
+    "paws": Recipe(pairs("sentence1", "sentence2", idx="id"),
+                   per_split(lambda r, n: [{"id": int(r["id"]), "sentence1": r["sentence1"],
+                                            "sentence2": r["sentence2"], "label": int(r["label"])}],
+                             "tsv"),
+                   {"train": ("final/train.tsv",), "eval": ("final/dev.tsv",)}),
+    **{name: Recipe(steer_record, per_split(steer_row(name.removeprefix("steer_")), "tsv"),
+                    GLUE_FILES) for name in tasks.STEER_TASKS},
+}
+
+
 # --- loading --------------------------------------------------------------------------------------
 
 # LM-BFF's k-shot/<TASK>/16-42/, ...
@@ -60,16 +389,16 @@ def find_files(task, root):
     """The first folder (shallowest first) under root/<task folder> with one accepted file per role.
     Few-shot sample folders (k-shot-16-42/, 16-42/) and several candidates at one depth are refused:
     they are subsets, not the official distribution (a train split of a few dozen rows)."""
-    folder = root / task.folder
-    need = " + ".join(" or ".join(names) for names in task.files.values())
+    folder, accepted = root / task.folder, RECIPES[task.name].files
+    need = " + ".join(" or ".join(names) for names in accepted.values())
     if not folder.is_dir():
         raise cli.Failure(f"prepare_data: {task.name}: missing folder {folder} "
-                             f"(expected {need} in it; see docs/data.md)")
+                          f"(expected {need} in it; see docs/data.md)")
     candidates = []
     for d in sorted([folder, *(p for p in folder.rglob("*") if p.is_dir())],
                     key=lambda p: (len(p.parts), str(p))):
         found = {role: next((d / f for f in names if (d / f).is_file()), None)
-                 for role, names in task.files.items()}
+                 for role, names in accepted.items()}
         if all(found.values()) and (not candidates or len(d.parts) == len(candidates[0][0].parts)):
             candidates.append((d, found))
     if candidates:
@@ -79,16 +408,16 @@ def find_files(task, root):
             names = (", ".join(str(c.relative_to(folder)) for c, _ in candidates[:4])
                      + (", ..." if len(candidates) > 4 else ""))
             raise cli.Failure(f"prepare_data: {task.name}: found {need} in "
-                                 f"{'few-shot sample' if samples else 'several'} folders under "
-                                 f"{folder} ({names}), expected the official full distribution in "
-                                 "one folder; pass --source DIR with the official files "
-                                 "(docs/data.md)")
+                              f"{'few-shot sample' if samples else 'several'} folders under "
+                              f"{folder} ({names}), expected the official full distribution in "
+                              "one folder; pass --source DIR with the official files "
+                              "(docs/data.md)")
         return candidates[0][1]
-    absent = [names for names in task.files.values()
+    absent = [names for names in accepted.values()
               if not any(any(folder.rglob(Path(f).name)) for f in names)]
     what = f"missing {' or '.join(absent[0])}" if absent else "no one folder holds all of the files"
     raise cli.Failure(f"prepare_data: {task.name}: {what} under {folder} "
-                         f"(expected {need}; see docs/data.md)")
+                      f"(expected {need}; see docs/data.md)")
 
 
 def sha256(path):
@@ -102,7 +431,7 @@ def sha256(path):
 def load_local(task, root):
     found = find_files(task, root)
     print(f"{task.name}: local files {', '.join(map(str, found.values()))}")
-    train, held = task.read_local(found)
+    train, held = RECIPES[task.name].read(found)
     source = {"kind": "local", "hub_id": task.hub_id, "config": task.hub_config, "revision": None,
               "commit": None, "root": str(Path(root).resolve()),  # --source, for prepare_command
               "files": [str(p) for p in found.values()],
@@ -163,14 +492,14 @@ def to_records(task, rows, where):
     records = []
     for i, row in enumerate(progress(rows, f"{task.name}: {where}")):
         try:
-            rec = task.convert(row, i)
+            rec = RECIPES[task.name].convert(row, i)
             if task.labels and rec["target"] not in task.labels:
                 raise ValueError(f"label {rec['label']!r} is outside the label set "
                                  f"{', '.join(task.labels)}")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             at = row.get("_at", f"{where} row {i}")  # file:line for local rows
             raise cli.Failure(f"prepare_data: {task.name}: {at}: bad row "
-                                 f"({type(e).__name__}: {e})") from None
+                              f"({type(e).__name__}: {e})") from None
         records.append(rec)
     return records
 
@@ -301,7 +630,7 @@ def prepare(task, args, out):
     else:
         train_rows, held_rows, source = load_hub(task)
     if source["kind"] == "local":  # the bar and the messages name the file read
-        found = dict(zip(task.files, source["files"]))
+        found = dict(zip(RECIPES[task.name].files, source["files"]))
         where = (found["train"], found.get("eval", found["train"]))  # MRPC: both from train
     else:
         where = (f"{task.hub_id} {task.hub_config} {s}" for s in ("train", task.eval_split))
@@ -310,7 +639,7 @@ def prepare(task, args, out):
     for name, records in splits.items():
         if not records:
             raise cli.Failure(f"prepare_data: {task.name}: the {name} split is empty; "
-                                 "the source has too few rows")
+                              "the source has too few rows")
     shots = {key: fewshot(task, splits["train"], k, s)
              for key, (k, s) in fewshot_sets(args, out / task.name).items()}
 
@@ -325,7 +654,7 @@ def prepare(task, args, out):
     texts = {f"{name}.jsonl": jsonl(records) for name, records in splits.items()}
     texts.update({f"train_{key}.jsonl": jsonl(records) for key, records in shots.items()})
     meta = {"task": task.name, "benchmark": task.benchmark,
-            "task_type": tasks.TASK_TYPES[task.name], "source": source,
+            "task_type": task.type, "source": source,
             "splits": {name: len(records) for name, records in splits.items()},
             "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
             "score": list(task.score), "max_length": task.max_length,
@@ -381,12 +710,12 @@ def main(argv=None):
         meta = tasks.load_meta(out, name, strict=False)
         if not isinstance(meta.get("fewshot"), dict):
             raise cli.Failure(f"prepare_data: {meta_path} is not a task description of this "
-                                 "project; pass --overwrite to rebuild it")
+                              "project; pass --overwrite to rebuild it")
         if meta.get("data_seed") != args.data_seed or not keys <= set(meta["fewshot"]):
             raise cli.Failure(f"prepare_data: {out / name} was prepared with data seed "
-                                 f"{meta.get('data_seed')} and few-shot sets "
-                                 f"{sorted(meta['fewshot']) or 'none'}; pass --overwrite to "
-                                 "rebuild it")
+                              f"{meta.get('data_seed')} and few-shot sets "
+                              f"{sorted(meta['fewshot']) or 'none'}; pass --overwrite to "
+                              "rebuild it")
         print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")
         old[name] = tasks.old_fewshot_sets(meta)
     if warning := tasks.old_fewshot_warning(out, old):  # one line for all of them

@@ -73,10 +73,10 @@ def write_sentences(root, n_train=4000, n_dev=400, seed=0):
 def read_sentences(path):
     if not Path(path).is_file():
         raise cli.Failure(f"build_backbone: no {path}; pass --source DIR holding "
-                             f"sentences/train.tsv and dev.tsv (shipped in {tasks.STEER_SOURCE},"
-                             " or written by --write-sentences DIR)")
-    rows = [r["sentence"] for r in tasks.read(
-        Path(path), lambda r, n: [{"sentence": r["sentence"].strip()}], "tsv")]
+                          f"sentences/train.tsv and dev.tsv (shipped in {tasks.STEER_SOURCE},"
+                          " or written by --write-sentences DIR)")
+    lines = files.read_text(path, "sentence file").splitlines()[1:]  # a `sentence` header
+    rows = [s for line in lines if (s := line.split("\t")[0].strip())]
     if not rows:
         raise cli.Failure(f"build_backbone: {path} holds no sentences")
     return rows
@@ -187,8 +187,8 @@ def main(argv=None):
     if out.exists() and (not out.is_dir()
                          or any(out.iterdir()) and not (out / "backbone.json").exists()):
         raise cli.Failure(f"build_backbone: {out} exists and is not a backbone folder this "
-                             "script wrote; choose another --out (the folder is replaced as a "
-                             "whole)")
+                          "script wrote; choose another --out (the folder is replaced as a "
+                          "whole)")
     torch.set_num_threads(1)  # deterministic, and a model this small gains nothing from more
     result = build(args.out, args.source, args.seed, args.steps)
     print(json.dumps(result["dev_accuracy"]))

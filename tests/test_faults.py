@@ -365,7 +365,7 @@ def test_raw_files_that_are_not_utf8_or_json(tmp_path, tiny_model_dir):
     with gzip.open(gz, "wb") as f:
         f.write(text)
     gz.write_bytes(gz.read_bytes()[:60])  # truncated download
-    fails(lambda: list(tasks._lines(gz)), match=r"cannot read .*train\.jsonl\.gz.*(truncated|fetch it again)")
+    fails(lambda: list(prepare_data._lines(gz)), match=r"cannot read .*train\.jsonl\.gz.*(truncated|fetch it again)")
 
 
 # --- edited data: the split files no longer match meta.json ------------------------------------------

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prepare_data  # noqa: E402
 from ept import cli, evaluation, files, tasks# noqa: E402
-from ept.tasks import GROUPS, TASKS, pad_punctuation  # noqa: E402
-from prepare_data import main, to_records  # noqa: E402
+from ept.tasks import GROUPS, TASKS  # noqa: E402
+from prepare_data import main, pad_punctuation, to_records  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "raw"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -129,6 +129,8 @@ def test_registry():
     assert list(TASKS) == ["cola", "mrpc", "rte", "stsb", "mnli", "qnli", "qqp", "sst2", "boolq", "cb", "wic", "wsc",
                            "multirc", "nq", "hotpotqa", "searchqa", "newsqa", "winogrande", "yelp", "scitail", "paws"]
     assert {b: len(names) for b, names in GROUPS.items()} == {"glue": 8, "superglue": 5, "mrqa": 4, "others": 4}
+    # one list of tasks: prepare_data.py's recipes are those of ept/tasks.py's tasks, in their order
+    assert list(prepare_data.RECIPES) == [*TASKS, *tasks.STEER_TASKS]
 
 
 @pytest.mark.parametrize("task", list(CASES))
@@ -161,7 +163,7 @@ def test_stsb_targets_follow_the_public_code_s_point_one_grid(fixture_data):
     # give "2.4" and "4.8" for 2.5 and 4.9)
     assert [targets[i] for i in range(4)] == [(3.8, "3.8"), (2.5, "2.5"), (0.636, "0.6"), (4.9, "4.9")]
     row = lambda y: {"label": y, "sentence1": "a", "sentence2": "b", "idx": 0}
-    assert [tasks.stsb(row(y), 0)["target"] for y in (2.25, 3.14159, 0.04, 5.0)] == ["2.2", "3.1", "0.0", "5.0"]
+    assert [prepare_data.stsb(row(y), 0)["target"] for y in (2.25, 3.14159, 0.04, 5.0)] == ["2.2", "3.1", "0.0", "5.0"]
 
 
 def test_stsb_fewshot_follows_the_public_code():
