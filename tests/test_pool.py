@@ -117,7 +117,7 @@ def test_plan_lines_run_by_hand_from_anywhere_idempotent_and_collected_once(tiny
 
 def _plan(argv):
     args, extra = ablate.parser.parse_known_args(argv)
-    args.values = grid.parse_values(ablate.parser, ablate.VALUE_TYPES, args.experiment, args.values)
+    args.values = ablate.parse_values(args)
     return grid.plan_runs(ablate.init(args), args, extra), args, extra
 
 
