@@ -5,9 +5,9 @@ A spec is one run's train.py options, plus "_row": extra result columns (the swe
 maps each run's name to (options, extra columns, run folder): the same configuration twice is one
 run. A unit, a pack of prompt runs on one frozen T5 or a solo run, is one line of
 <results-dir>/<experiment>.plan, `cd <cwd> && python train.py ... --resume`, idempotent: a finished
-run exits at once, a stopped one resumes. Units run here (in this process by runpy, or as
-children), on a local pool (--gpus, --slots) or as a SLURM job array with a collect job after it
-(afterany). Units write no rows: collect appends every finished run's row once.
+run exits at once, a stopped one resumes. Units run here (in this process, or as children), on a
+local pool (--gpus, --slots) or as a SLURM job array with a collect job after it (afterany). Units
+write no rows: collect appends every finished run's row once.
 
     python -m ept.grid results/table1.plan --collect "python ablate.py table1 --collect" \
         --slurm-time 12:00:00 --slurm-max-tasks 16     # writes results/table1.sbatch, submits it
@@ -45,51 +45,45 @@ def make_parser(doc):
     return cli.Parser(description=doc, formatter_class=cli.HelpFormatter, allow_abbrev=False)
 
 
-EXECUTION_FLAGS = [  # (flags, keywords): how runs are launched and where their files go
-    (["--nproc"], dict(type=cli.positive_int, default=1,
-                       help="GPUs per run; > 1 launches train.py with torchrun")),
-    (["--subprocess"], dict(action="store_true", help="run each train.py in a fresh process "
-                            "(default: train.py in this process)")),
-    (["--runs-dir"], dict(type=cli.folder, default="runs", help="where run folders go")),
-    (["--results-dir"], dict(type=cli.folder, default="results",
-                             help="where <experiment>.plan and .jsonl go")),
-    (["--prune-ft-checkpoints"], dict(action="store_true", help="delete best.pt/last.pt of "
-                                      "finished ft runs once their row is written (~2.7 GB each "
-                                      "for t5-base, ~9 GB for t5-large)")),
-    (["--dry-run"], dict(action="store_true", help="list the runs, the GPU-hour estimate and the "
-                         "wall time (also in <results-dir>/dry_run.tsv; scripts/costs.py)")),
-    (["--gpus"], dict(type=cli.positive_int, help="a local pool: G / --nproc children, each on "
-                      "its own GPUs (of CUDA_VISIBLE_DEVICES), take the units longest first")),
-    (["--slots"], dict(type=cli.positive_int, metavar="N", help="a local pool of N children on "
-                       "this machine's CPU cores (about one per core)")),
-    (["--slurm"], dict(action="store_true", help="submit the plan to SLURM: a job array (one "
-                       "unit a task, requeued on preemption; past MaxArraySize several) and the "
-                       "collect step as a job after it")),
-    (["--slurm-partition"], dict(help="--slurm: the partition (default: the cluster's)")),
-    (["--slurm-time"], dict(metavar="LIMIT", help="--slurm: each task's time limit (4:00:00, "
-                            "1-12, ...); a unit checkpoints before it")),
-    (["--slurm-gpus"], dict(type=cli.nonnegative_int, metavar="N", help="--slurm: GPUs per task "
-                            "(default: --nproc; 0: no GPU request, a CPU cluster)")),
-    (["--slurm-max-tasks"], dict(type=cli.positive_int, metavar="M", help="--slurm: array tasks "
-                                 "at once; --dry-run: the wall time for M")),
-    (["--slurm-after"], dict(action="append", default=[], metavar="JOBID", help="--slurm: start "
-                             "once this job ended (afterany; repeatable)")),
-    (["--slurm-option"], dict(action="append", default=[], metavar="OPT", help="--slurm: an extra "
-                              "#SBATCH option, e.g. --slurm-option=--account=nlp (repeatable)")),
-    (["--collect"], dict(action="store_true", help="train nothing: append every finished run's "
-                         "row once, print the table; exit 1 while runs are not finished")),
-    (["--pack-size"], dict(type=cli.positive_int, help="prompt runs trained together on one "
-                           "frozen T5 (default: on CUDA as many as fit, 16 for t5-base at 80 GB; "
-                           "on a CPU 1)")),
+EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/experiments.md)
+    ("--nproc", dict(type=cli.positive_int, default=1, help="GPUs per run (> 1: torchrun)")),
+    ("--subprocess", dict(action="store_true", help="each train.py in a fresh process")),
+    ("--runs-dir", dict(type=cli.folder, default="runs", help="where run folders go")),
+    ("--results-dir", dict(type=cli.folder, default="results",
+                           help="where <experiment>.plan and .jsonl go")),
+    ("--prune-ft-checkpoints", dict(action="store_true", help="delete finished ft runs' "
+                                    "best.pt/last.pt once their row is written")),
+    ("--dry-run", dict(action="store_true", help="the runs, GPU-hours and wall time, also in "
+                       "<results-dir>/dry_run.tsv; train nothing")),
+    ("--gpus", dict(type=cli.positive_int, help="a local pool of G / --nproc children, each on "
+                    "its own GPUs (of CUDA_VISIBLE_DEVICES)")),
+    ("--slots", dict(type=cli.positive_int, metavar="N", help="a local pool of N children on "
+                     "CPU cores")),
+    ("--slurm", dict(action="store_true", help="submit the plan to SLURM: job arrays (a unit a "
+                     "task, requeued when preempted), then the collect job")),
+    ("--slurm-partition", dict(help="--slurm: the partition (default: the cluster's)")),
+    ("--slurm-time", dict(metavar="LIMIT", help="--slurm: each task's time limit (4:00:00, 1-12)")),
+    ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N",
+                          help="--slurm: GPUs per task (default: --nproc; 0: none)")),
+    ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M", help="--slurm: array tasks at "
+                               "once; --dry-run: the wall time for M")),
+    ("--slurm-after", dict(action="append", default=[], metavar="JOBID",
+                           help="--slurm: start once this job ended (repeatable)")),
+    ("--slurm-option", dict(action="append", default=[], metavar="OPT",
+                            help="--slurm: an #SBATCH option, e.g. --slurm-option=--account=nlp")),
+    ("--collect", dict(action="store_true", help="train nothing: append the finished runs' rows "
+                       "once, print the table (exit 1 while runs are not finished)")),
+    ("--pack-size", dict(type=cli.positive_int, help="prompt runs trained together on one frozen "
+                         "T5 (default: on CUDA as many as fit the GPU, on a CPU 1)")),
 ]
 
 
 def add_execution_args(parser, prefix="--"):
     """The flags above (python -m ept.grid: the --slurm-* ones)."""
     group = parser.add_argument_group("execution and output")
-    for flags, keywords in EXECUTION_FLAGS:
-        if flags[0].startswith(prefix):
-            group.add_argument(*flags, **keywords)
+    for flag, keywords in EXECUTION_FLAGS:
+        if flag.startswith(prefix):
+            group.add_argument(flag, **keywords)
 
 
 def parse(parser, argv, script):
@@ -176,11 +170,9 @@ def train_argv(settings, out_dir, data_dir=None, extra=()):
     """train.py's command line for one run (out_dir None: a pack's, whose runs file names them)."""
     argv = []
     for key, value in settings.items():
-        if value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        argv += [flag] if value is True else [flag, f"{value:g}" if isinstance(value, float)
-                                              else str(value)]
+        if value is not None and value is not False:
+            argv += ["--" + key.replace("_", "-")] + ([] if value is True else [
+                f"{value:g}" if isinstance(value, float) else str(value)])
     argv += ["--data-dir", str(data_dir)] if data_dir else []
     return argv + (["--out-dir", str(out_dir)] if out_dir is not None else []) + [*extra]
 
@@ -283,8 +275,8 @@ def memory_pack_size(model, gpu_gb):
 
 
 def pack_size(args, model, device=None):
-    """--pack-size, else: on CUDA the memory rule for this machine's GPU 0; on a CPU 1 (no packing:
-    a CPU is FLOP-bound, a pack of R costs R solo steps; docs/packing.md); "dry": the H200."""
+    """--pack-size, else: on CUDA the memory rule for GPU 0; "dry": the H200; on a CPU 1 (a CPU is
+    FLOP-bound: a pack of R costs R solo steps; docs/packing.md)."""
     if getattr(args, "pack_size", None):
         return args.pack_size
     if device == "dry":
@@ -329,8 +321,8 @@ def plan_runs(specs, args, extra=()):
 
 
 class Unit:
-    """One line of the plan (`index`: its line, 0-based, an array task's index): its runs' names
-    and folders, train.py's argv, the command and the shell line; a pack's --runs file and text."""
+    """One line of the plan (`index`, 0-based: an array task's): its runs' names and folders,
+    train.py's argv, command and shell line; a pack's --runs file and its text."""
 
     def __init__(self, index, names, dirs, argv, nproc, runs_file=None, runs_text=None):
         self.index, self.names, self.dirs, self.argv = index, names, dirs, argv
@@ -339,8 +331,7 @@ class Unit:
         self.command = [*([sys.executable] if nproc == 1 else torchrun), str(TRAIN_SCRIPT), *argv]
         self.line = f"cd {shlex.quote(os.getcwd())} && {shlex.join(self.command)}"
 
-    def left(self):
-        """The folders of its runs not finished."""
+    def left(self):  # its runs' folders not finished
         return [run_dir for run_dir in self.dirs if not runfolder.finished(run_dir)]
 
 
@@ -401,8 +392,8 @@ STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # train.py checkpoints,
 
 
 def run_in_process(argv):
-    """`python train.py ARGV` run in this process: its exit status (0, or its SystemExit's code; a
-    sentence is printed on stderr as Python would, and is status 1)."""
+    """`python train.py ARGV` in this process: its exit status (a SystemExit's sentence is printed
+    on stderr, as Python would, and is status 1)."""
     saved_argv, saved_sigint = sys.argv, signal.getsignal(signal.SIGINT)
     sys.argv = [str(TRAIN_SCRIPT), *argv]
     try:
@@ -421,8 +412,7 @@ def run_in_process(argv):
 def run_unit(experiment, unit, args, i, n):
     """One unit, in this process or as a child (--subprocess, torchrun). A signal that stops
     train.py (SIGTERM, SIGUSR1, Ctrl-C) stops the driver with its status."""
-    t0 = time.time()
-    names = " ".join(unit.names)
+    t0, names = time.time(), " ".join(unit.names)
     what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
     if args.nproc > 1 or args.subprocess:
@@ -474,8 +464,8 @@ def handling(handler):
 
 
 def run_command(command):
-    """A unit's command as a child process, in its own session; SIGTERM/SIGUSR1/SIGINT to this
-    driver are passed on to it (it checkpoints and stops); (its exit status, whether Ctrl-C came)."""
+    """A unit as a child in its own session, this driver's stop signals passed on to it (it
+    checkpoints and stops): (its exit status, whether Ctrl-C came)."""
     proc, got = subprocess.Popen(command, start_new_session=True), []
 
     def forward(sig, _):
@@ -492,8 +482,7 @@ def run_command(command):
 # child, which checkpoints; the same command again resumes what was left.
 
 def pool_devices(args):
-    """One entry per child: the CUDA_VISIBLE_DEVICES it gets ("0", or "2,3" with --nproc 2; --slots:
-    "", no GPU)."""
+    """Each child's CUDA_VISIBLE_DEVICES ("0", or "2,3" with --nproc 2; --slots: "", no GPU)."""
     if getattr(args, "slots", None):
         return [""] * args.slots
     gpus, nproc = args.gpus, args.nproc
@@ -507,62 +496,6 @@ def pool_devices(args):
     return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(gpus // nproc)]
 
 
-class Pool:
-    """Child processes, one per device slot, each running one unit; their output, line by line, on
-    this process's stdout with the unit and GPU ("slot" on a CPU) as prefix."""
-
-    def __init__(self, experiment, devices):
-        import torch
-        self.experiment, self.devices = experiment, devices
-        self.labels = [f"GPU {gpus}" if gpus and torch.cuda.is_available() else f"slot {slot}"
-                       for slot, gpus in enumerate(devices)]
-        self.running = {}  # slot -> (process, unit, the thread that copies its output)
-        self.env = {"TQDM_DISABLE": "1", **os.environ}  # G progress bars on one terminal: noise
-        self.out_lock = threading.Lock()
-
-    def start(self, slot, unit):
-        proc = subprocess.Popen(  # its own session: Ctrl-C reaches it through this process only
-            unit.command, env={**self.env, "CUDA_VISIBLE_DEVICES": self.devices[slot]},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            start_new_session=True)
-        prefix = f"[u{unit.index} {self.labels[slot].lower()}] "
-        thread = threading.Thread(target=self._pump, args=(proc, prefix), daemon=True)
-        thread.start()
-        self.running[slot] = (proc, unit, thread)
-        print(f"{self.experiment}: unit {unit.index} ({' '.join(unit.names)}) -> "
-              f"{self.labels[slot]}", flush=True)
-
-    def _pump(self, proc, prefix):
-        for line in proc.stdout:
-            with self.out_lock:
-                sys.stdout.write(prefix + line)
-                sys.stdout.flush()
-
-    def ended(self):
-        """[(unit, exit status)] of the children that ended since the last call."""
-        done = []
-        for slot, (proc, unit, thread) in list(self.running.items()):
-            if proc.poll() is not None:
-                thread.join()
-                del self.running[slot]
-                done.append((unit, proc.returncode))
-        return done
-
-    def stop_all(self, sig):
-        """`sig` to every child's group; back once each, its whole group too, wrote last.pt."""
-        for proc, _, _ in self.running.values():
-            signal_group(proc, sig)
-        for proc, _, thread in self.running.values():
-            proc.wait()
-            thread.join()
-            while True:  # until its whole group (torchrun's ranks too) is gone
-                try:
-                    os.killpg(proc.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.1)
-
-
 class Stopped(KeyboardInterrupt):
     """A signal that stops the pool."""
 
@@ -572,33 +505,76 @@ def stop_pool(sig, _):
 
 
 def run_pool(experiment, units, devices):
-    """Run `units` (longest first) on len(devices) children; a unit whose child ended before its
-    runs finished is started once more (it resumes), unless what is left failed for good
-    (failed.txt: a non-finite loss fails the same way again)."""
-    pool, queue, retried = Pool(experiment, devices), list(units), set()
+    """Run `units` (longest first) on len(devices) children, each one's output line by line here,
+    prefixed; a unit whose child ended early is started once more (see `retry`)."""
+    import torch
+    labels = [f"GPU {gpus}" if gpus and torch.cuda.is_available() else f"slot {slot}"
+              for slot, gpus in enumerate(devices)]
+    running, queue, retried = {}, list(units), set()  # slot -> (process, unit, output thread)
     print(f"{experiment}: {len(units)} unit(s) on {len(devices)} child process(es): "
-          f"{' | '.join(pool.labels)}", flush=True)
+          f"{' | '.join(labels)}", flush=True)
     with handling(stop_pool):
         try:
-            while queue or pool.running:
-                for slot in [s for s in range(len(devices)) if s not in pool.running][:len(queue)]:
-                    pool.start(slot, queue.pop(0))
-                for unit, status in pool.ended():
-                    if retry(experiment, unit, status, retried):
-                        queue.insert(0, unit)
+            while queue or running:
+                for slot in [s for s in range(len(devices)) if s not in running][:len(queue)]:
+                    unit = queue.pop(0)
+                    running[slot] = start_child(unit, devices[slot], labels[slot].lower())
+                    print(f"{experiment}: unit {unit.index} ({' '.join(unit.names)}) -> "
+                          f"{labels[slot]}", flush=True)
+                for slot, (proc, unit, thread) in list(running.items()):
+                    if proc.poll() is not None:
+                        thread.join()
+                        del running[slot]
+                        if retry(experiment, unit, proc.returncode, retried):
+                            queue.insert(0, unit)
                 time.sleep(0.2)
         except Stopped as stopped:  # every child checkpoints and stops
             sig = stopped.args[0]
-            pool.stop_all(sig)
+            stop_children(running.values(), sig)
             print(f"{experiment}: {signal.Signals(sig).name} received: every child wrote last.pt "
                   "and stopped. Run the same command again to resume.", file=sys.stderr,
                   flush=True)
             raise SystemExit(128 + sig) from None
 
 
+OUTPUT_LOCK = threading.Lock()
+
+
+def start_child(unit, gpus, label):
+    """A unit as a child on `gpus`, in its own session (Ctrl-C reaches it through this process
+    only), its output copied here line by line: (process, unit, the copying thread)."""
+    env = {"TQDM_DISABLE": "1", **os.environ, "CUDA_VISIBLE_DEVICES": gpus}  # G bars: noise
+    proc = subprocess.Popen(unit.command, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+
+    def copy():
+        for line in proc.stdout:
+            with OUTPUT_LOCK:
+                sys.stdout.write(f"[u{unit.index} {label}] {line}")
+                sys.stdout.flush()
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return proc, unit, thread
+
+
+def stop_children(children, sig):
+    """`sig` to every child's group; back once each, its whole group too, wrote last.pt."""
+    for proc, _, _ in children:
+        signal_group(proc, sig)
+    for proc, _, thread in children:
+        proc.wait()
+        thread.join()
+        while True:  # until its whole group (torchrun's ranks too) is gone
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+
+
 def retry(experiment, unit, status, retried):
     """Whether a unit whose child ended is started again: once, unless it is done or what is left
-    failed for good."""
+    failed for good (failed.txt: a non-finite loss fails the same way again)."""
     left = unit.left()
     if not left:
         print(f"{experiment}: unit {unit.index} done", flush=True)
@@ -809,6 +785,7 @@ def prune_checkpoints(run_dir):
 
 SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write last.pt and exit
 DEFAULT_MAX_ARRAY = 1001  # SLURM's MaxArraySize when the cluster does not set it
+TASK_SHELL = Path(__file__).with_name("slurm_task.sh")  # an array task's shell, after the #SBATCH
 
 
 def time_seconds(text):
@@ -845,6 +822,17 @@ def _units(n):
     return f"{n} unit{'s' if n != 1 else ''}"
 
 
+def _sbatch_lines(options, log_dir, log_name, extra, skip=()):
+    """#SBATCH lines: the options with a value (True: a flag alone), the working folder (this one),
+    the log file, the extra options (but those that start with `skip`), each checked."""
+    return ([f"#SBATCH --{key}" + ("" if value is True else f"={value}")
+             for key, value in options.items() if value]
+            + [f"#SBATCH --chdir={_option(Path.cwd().resolve(), 'working folder')}",
+               f"#SBATCH --output={_option(Path(log_dir).resolve(), 'log folder')}/{log_name}"]
+            + [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra
+               if not option.startswith(skip)])
+
+
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
                   gpus_per_task=1, max_parallel=None, extra=(), signal_s=SIGNAL_S, after=(),
                   first=0):
@@ -858,95 +846,37 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
         raise cli.Failure(f"the time limit {time} is not longer than the {signal_s} s the unit "
                           f"gets to checkpoint before it (signal_s)")
     plan, name = Path(plan_path).resolve(), _option(job_name, "job name")
-    array = f"0-{n_units - 1}" + (f"%{max_parallel}" if max_parallel else "")
     head = (f"the {_units(n_units)} of {plan}, one SLURM array task each (task i runs line i+1)."
             if not first else f"lines {first + 1}-{first + n_units} of {plan}, one SLURM array "
             f"task each (task i runs line {first}+i+1).")
+    options = {"job-name": name, "array": f"0-{n_units - 1}" + (f"%{max_parallel}" if
+                                                                  max_parallel else ""),
+               "ntasks": 1, "dependency": after and "afterany:" + ":".join(map(_job_id, after)),
+               "gres": gpus_per_task and f"gpu:{gpus_per_task}",
+               "partition": partition and _option(partition, "partition"),
+               "time": time and _option(time, "time limit"), "requeue": True,
+               "signal": f"B:USR1@{signal_s}"}
     lines = ["#!/bin/bash", f"# {name}: {head}",
              "# Written by ept/grid.py. Submit again with `sbatch <this file>`: a finished unit "
-             "exits at once,",
-             "# an interrupted one resumes. One unit without SLURM: SLURM_ARRAY_TASK_ID=i bash "
-             "<this file>.",
-             *_lines({"job-name": name, "array": array, "ntasks": 1,
-                      "dependency": after and "afterany:" + ":".join(map(_job_id, after)),
-                      "gres": gpus_per_task and f"gpu:{gpus_per_task}",
-                      "partition": partition and _option(partition, "partition"),
-                      "time": time and _option(time, "time limit"), "requeue": True,
-                      "signal": f"B:USR1@{signal_s}"}),
-             *_where(log_dir, f"{name}-%A_%a.log"),
-             "#SBATCH --open-mode=append",  # a requeued task adds to its log, not a new one
-             *_extra(extra)]
-    body = _BODY.replace("PLAN", shlex.quote(str(plan)))
-    return "\n".join([*lines, body.replace("$((task + 1))", f"$((task + {first + 1}))")]) + "\n"
-
-
-def _lines(options):
-    """#SBATCH lines of the options with a value (True: a flag alone)."""
-    return [f"#SBATCH --{key}" + ("" if value is True else f"={value}")
-            for key, value in options.items() if value]
-
-
-def _where(log_dir, log_name):
-    """The working folder (the one submitted from) and the log file, as #SBATCH lines."""
-    return [f"#SBATCH --chdir={_option(Path.cwd().resolve(), 'working folder')}",
-            f"#SBATCH --output={_option(Path(log_dir).resolve(), 'log folder')}/{log_name}"]
-
-
-def _extra(extra, skip=()):
-    return [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra
-            if not option.startswith(skip)]
-
-
-_BODY = r"""
-plan=PLAN
-task=${SLURM_ARRAY_TASK_ID:?"run under sbatch, or set SLURM_ARRAY_TASK_ID=i for line i+1"}
-unit=$(sed -n "$((task + 1))p" "$plan")
-[ -n "$unit" ] || { echo "no line $((task + 1)) in $plan" >&2; exit 2; }
-echo "== $(date -Is) task $task of ${SLURM_ARRAY_JOB_ID:-(no job)}," \
-     "start $((${SLURM_RESTART_COUNT:-0} + 1)), on $(hostname): $unit"
-
-# USR1: the time limit is near (--signal); TERM: scancel, preemption or scontrol requeue; INT:
-# Ctrl-C when run by hand. Each sends SIGTERM to every process of the unit: train.py writes its
-# checkpoint and exits, and this shell waits for it (the unit runs in the background: bash runs a
-# trap only between commands). setsid gives the unit its own process group, so the signal reaches
-# train.py behind a `cd ... &&`; the unit's bash outlives SIGTERM (trap :) until train.py exits.
-got= n=0
-stop() { got=$1 n=$((n + 1)); kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; }
-trap 'stop USR1' USR1
-trap 'stop TERM' TERM
-trap 'stop INT' INT
-setsid bash -c "trap : TERM; $unit" &
-pid=$!
-while :; do
-  seen=$n; wait "$pid"; rc=$?
-  if [ "$rc" -le 128 ] || [ "$n" = "$seen" ]; then break; fi  # the unit's status, not a trap's
-done
-
-if [ "$rc" -eq 0 ]; then
-  echo "== $(date -Is) unit finished"
-elif [ "$got" = USR1 ] && [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
-  echo "== $(date -Is) time limit near: unit stopped (exit $rc); requeueing this task to resume it"
-  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${task}"
-elif [ -n "$got" ]; then
-  echo "== $(date -Is) unit stopped by SIG$got (exit $rc); it resumes when run again"
-else
-  echo "== $(date -Is) unit failed (exit $rc): $unit"
-fi
-exit "$rc"
-"""
+             "exits at once,", "# an interrupted one resumes. One unit without SLURM: "
+             "SLURM_ARRAY_TASK_ID=i bash <this file>.",
+             *_sbatch_lines(options, log_dir, f"{name}-%A_%a.log", ["--open-mode=append", *extra]),
+             "", f"plan={shlex.quote(str(plan))}",
+             TASK_SHELL.read_text().replace("$((task + 1))", f"$((task + {first + 1}))")]
+    return "\n".join(lines) + "\n"
 
 
 def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, extra=()):
     """The collect job's sbatch script: after every task of the arrays ended (afterany), the task
     states SLURM still holds, then the collect command."""
     name = _option(job_name, "job name")
+    options = {"job-name": f"{name}-collect", "dependency": f"afterany:{array_id}", "ntasks": 1,
+               "partition": partition and _option(partition, "partition")}
     lines = ["#!/bin/bash",
              f"# {name}: collect and report once every task of array {array_id} ended (afterany:",
              "# finished, failed or cancelled). Written by ept/grid.py.",
-             *_lines({"job-name": f"{name}-collect", "dependency": f"afterany:{array_id}",
-                      "ntasks": 1, "partition": partition and _option(partition, "partition")}),
-             *_where(log_dir, f"{name}-collect-%j.log"),
-             *_extra(extra, skip=("--gres", "--gpus", "--array", "--signal")), "",
+             *_sbatch_lines(options, log_dir, f"{name}-collect-%j.log", extra,
+                            skip=("--gres", "--gpus", "--array", "--signal")), "",
              f"echo \"== array {array_id}: task states (as long as SLURM keeps them, MinJobAge)\"",
              f"squeue --noheader --states=all --jobs={array_id.replace(':', ',')} "
              "--format='task %K: %T' | sort -V", "echo \"== $(date -Is) collect\"", collect_cmd]
@@ -970,7 +900,7 @@ def check():
 
 
 def _sbatch(text, path, what):
-    """Submit a script (on stdin), then write it to `path`; its job id, or one sentence, nothing
+    """Submit a script (on stdin), then write it to `path`: its job id, or one sentence, nothing
     written."""
     done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
     if done.returncode != 0:
@@ -983,8 +913,8 @@ def _sbatch(text, path, what):
 def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
     """Submit the plan as a job array (past the cluster's MaxArraySize, `max_array`: several, each
     after the one before), then the collect job after them (afterany); write the scripts beside
-    the plan (<plan>.sbatch or <plan>.<k>.sbatch, <plan>.collect.sbatch); print and return the
-    job ids (the last array's: it ends last). Logs: slurm-logs/ beside the plan."""
+    the plan (<plan>.sbatch or <plan>.<k>.sbatch, <plan>.collect.sbatch), the logs in slurm-logs/
+    there; print and return the job ids (the last array's: it ends last)."""
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):
@@ -999,8 +929,8 @@ def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
     fresh = not logs.exists()
     files.make_dir(logs, "log folder")  # SLURM does not create the folder of --output
     arrays = []
-    for k, first in enumerate(starts):  # each array after the one before
-        text = script(first, after=arrays[-1:]) if arrays else texts[0]
+    for k, first in enumerate(starts):
+        text = script(first, after=arrays[-1:]) if arrays else texts[0]  # after the one before
         name = plan.stem + (f".{k}" if len(texts) > 1 else "") + ".sbatch"
         try:
             arrays.append(_sbatch(text, plan.with_name(name), "the job array"))
@@ -1042,7 +972,7 @@ def print_submitted(job_name, arrays, collect_id, n_units, logs, opts):
 
 @cli.script
 def main(argv=None):
-    """python -m ept.grid PLAN --collect CMD [--slurm-* flags, as the drivers take them]."""
+    """python -m ept.grid PLAN --collect CMD [the drivers' --slurm-* flags]."""
     parser = argparse.ArgumentParser(prog="python -m ept.grid", description="Submit a plan file "
                                      "to SLURM: job arrays, then the collect job after them.")
     parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
