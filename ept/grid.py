@@ -1,13 +1,11 @@
-"""The experiment grid ablate.py and fewshot.py share: specs -> plan -> units -> pool -> collect,
-and the plan on SLURM (docs/experiments.md, "The plan" and "SLURM").
+"""The grid ablate.py and fewshot.py share: specs -> plan -> units -> pool -> collect, and the plan
+on SLURM (docs/experiments.md, "The plan" and "SLURM").
 
-A spec is one run's train.py options, plus "_row": extra result columns (the swept value). The plan
-maps each run's name to (options, extra columns, run folder): the same configuration twice is one
-run. A unit, a pack of prompt runs on one frozen T5 or a solo run, is one line of
-<results-dir>/<experiment>.plan, `cd <cwd> && python train.py ... --resume`, idempotent: a finished
-run exits at once, a stopped one resumes. Units run here (in this process, or as children), on a
-local pool (--gpus, --slots) or as a SLURM job array with a collect job after it (afterany). Units
-write no rows: collect appends every finished run's row once.
+A spec is one run's train.py options (+ "_row": extra result columns); the plan maps each run's
+name to (options, extra columns, run folder). A unit, a pack of prompt runs on one frozen T5 or a
+solo run, is one line of <results-dir>/<experiment>.plan, `cd <cwd> && python train.py ...
+--resume`, idempotent. Units run here, on a local pool (--gpus, --slots) or as a SLURM job array
+with a collect job after it. Units write no rows: collect appends every finished run's row once.
 
     python -m ept.grid results/table1.plan --collect "python ablate.py table1 --collect" \
         --slurm-time 12:00:00 --slurm-max-tasks 16     # writes results/table1.sbatch, submits it
@@ -41,7 +39,7 @@ TRAIN_SCRIPT = REPO / "train.py"
 # --- a driver's command line ---------------------------------------------------------------------
 
 def make_parser(doc):
-    """No abbreviations: --lr, train.py's, passed through, is not --lr-search, nor --seed --seeds."""
+    """No abbreviations: --lr, train.py's, passed through, is not --lr-search."""
     return cli.Parser(description=doc, formatter_class=cli.HelpFormatter, allow_abbrev=False)
 
 
@@ -78,8 +76,7 @@ EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/expe
 ]
 
 
-def add_execution_args(parser, prefix="--"):
-    """The flags above (python -m ept.grid: the --slurm-* ones)."""
+def add_execution_args(parser, prefix="--"):  # python -m ept.grid: the --slurm-* ones
     group = parser.add_argument_group("execution and output")
     for flag, keywords in EXECUTION_FLAGS:
         if flag.startswith(prefix):
@@ -87,18 +84,31 @@ def add_execution_args(parser, prefix="--"):
 
 
 def parse(parser, argv, script):
-    """(the driver's arguments, the flags passed through to train.py); args.command is the driver's
-    own command line (the collect step reruns it with --collect)."""
+    """(the driver's arguments, train.py's flags); args.command: the driver's command line."""
     args, extra = parser.parse_known_args(argv)
     args.command = [sys.executable, str(Path(script).resolve()),
                     *(sys.argv[1:] if argv is None else argv)]
     return args, extra
 
 
+GRID_OWNED = {"--out-dir": "each run's folder is the grid's: pass --runs-dir",
+              "--runs": "the grid makes its own packs: pass --pack-size"}
+
+
 def check_args(parser, args, extra):
     """Before any run: the tasks exist and the flags passed through to train.py are train.py's,
-    with valid values (else every run of the grid would fail the same way, one after another)."""
-    check_flag_names(parser, extra)
+    with valid values (else every run of the grid would fail the same way, one after another).
+    Spelt out: an abbreviation (--max-step) would train what the run's name does not say."""
+    known = options.parser._option_string_actions  # every spelling train.py's parser accepts
+    for flag in (a.split("=")[0] for a in extra if a.startswith("--") and a != "--"):
+        if flag in GRID_OWNED:
+            parser.error(f"{flag} cannot be passed to train.py through a driver: "
+                         f"{GRID_OWNED[flag]}")
+        if flag not in known:
+            full = [f for f in known if f.startswith(flag)]
+            hint = f" (spell out {' or '.join(full)})" if full else ""
+            parser.error(f"{flag} is neither this script's flag nor train.py's; abbreviations "
+                         f"are refused{hint}")
     flags, unknown = options.parser.parse_known_args(list(extra))  # a bad value: train.py's error
     if unknown:
         parser.error(f"unrecognized arguments (neither this script's nor train.py's): "
@@ -128,35 +138,14 @@ def check_args(parser, args, extra):
                          f"{', '.join(tasks.TASKS)}")
 
 
-GRID_OWNED = {"--out-dir": "each run's folder is the grid's: pass --runs-dir",
-              "--runs": "the grid makes its own packs: pass --pack-size"}
-
-
-def check_flag_names(parser, extra):
-    """Every pass-through flag is train.py's, spelt out: an abbreviation (--max-step) would train
-    what the run's name does not say, and naming and packing read the exact spelling."""
-    known = options.parser._option_string_actions  # every spelling train.py's parser accepts
-    for flag in (a.split("=")[0] for a in extra if a.startswith("--") and a != "--"):
-        if flag in GRID_OWNED:
-            parser.error(f"{flag} cannot be passed to train.py through a driver: "
-                         f"{GRID_OWNED[flag]}")
-        if flag not in known:
-            full = [f for f in known if f.startswith(flag)]
-            hint = f" (spell out {' or '.join(full)})" if full else ""
-            parser.error(f"{flag} is neither this script's flag nor train.py's; abbreviations "
-                         f"are refused{hint}")
-
-
-def extra_value(extra, flag, default, cast):
-    """The last value of `flag` among the pass-through flags (`--flag VALUE`), or default."""
+def extra_value(extra, flag, default, cast):  # the last `--flag VALUE` passed through
     values = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == flag]
     return cast(values[-1]) if values else default
 
 
 # --- specs, run names and train.py's command lines -----------------------------------------------
 
-def spec(task, method, model, seed, _row=None, **settings):
-    """One run of a grid: train.py options, and `_row`, extra result columns (not options)."""
+def spec(task, method, model, seed, _row=None, **settings):  # _row: extra result columns
     return {"task": task, "method": method, "model": model, "seed": seed, **settings,
             **({"_row": _row} if _row else {})}
 
@@ -178,8 +167,7 @@ def train_argv(settings, out_dir, data_dir=None, extra=()):
 
 
 def pack_argv(specs, run_dirs, data_dir, extra, runs_file):
-    """train.py's command line for a pack, and the --runs FILE content: the shared options as
-    flags, per run its other options (train.py's option names) and out_dir."""
+    """A pack's train.py command line (the shared options), and its --runs entries (the rest)."""
     shared = {k: specs[0][k] for k in PACK_SHARED if specs[0].get(k) is not None}
     entries = [{**{k: v for k, v in s.items()
                    if k not in shared and v is not None and v is not False},
@@ -211,29 +199,24 @@ QA_DECODE_FACTOR = 5  # assumed: MRQA answers are many tokens long, classificati
 DEFAULT_SPLITS = (10000, 1000, 1000)  # a task neither prepared nor the paper's: a guess
 
 
-def size_key(model_name):
-    """t5-small / t5-base / t5-large when the model's name says so, else "other"."""
-    tag = runfolder.model_tag(model_name)
-    return next((size for size in M.SIZES if size in tag), "other")
+def size_key(model_name):  # t5-small / t5-base / t5-large when the name says so, else "other"
+    return next((size for size in M.SIZES if size in runfolder.model_tag(model_name)), "other")
 
 
-def split_sizes(task, data_dir):
-    """(train, validation, test) examples: the prepared meta.json, else the paper's Table 5."""
+def split_sizes(task, data_dir):  # (train, validation, test): meta.json, else the paper's
     if (Path(data_dir or "data") / task / "meta.json").exists():
         splits = tasks.load_meta(data_dir or "data", task)["splits"]
         return splits.get("train", 0), splits.get("validation", 0), splits.get("test", 0)
     return tasks.PAPER_SPLITS.get(task, DEFAULT_SPLITS)
 
 
-def run_steps(spec, data_dir, batch_size=16):
-    """Optimizer steps of one run: its epochs over the training split, else its --max-steps."""
+def run_steps(spec, data_dir, batch_size=16):  # its epochs over the train split, or max_steps
     if spec.get("epochs"):
         return spec["epochs"] * math.ceil(split_sizes(spec["task"], data_dir)[0] / batch_size)
     return spec.get("max_steps") or options.defaults(spec["method"])["max_steps"]
 
 
-def floor_seconds(spec, batch_size=16):
-    """The measured (host-bound, bf16) seconds of one solo step."""
+def floor_seconds(spec, batch_size=16):  # the measured (host-bound, bf16) solo step
     measured = MEASURED_STEP_S["ft" if spec["method"] == "ft" else "prompt"]
     return measured * LAYER_SCALE[size_key(spec["model"])] * batch_size / 16
 
@@ -249,8 +232,7 @@ def estimate_hours(spec, data_dir=None, batch_size=16):
     return (steps * floor_seconds(spec, batch_size) + eval_s) / 3600
 
 
-def plan_hours(plan, data_dir, extra):
-    """{run: estimated GPU-hours} of a plan at the pass-through --batch-size."""
+def plan_hours(plan, data_dir, extra):  # {run: GPU-hours} at the pass-through --batch-size
     batch = extra_value(extra, "--batch-size", 16, int)
     return {name: estimate_hours(spec, data_dir, batch) for name, (spec, *_) in plan.items()}
 
@@ -260,7 +242,7 @@ def plan_hours(plan, data_dir, extra):
 # never packed. The --pack-size rule on CUDA: runs that fit in 80 % of the card's memory after T5's
 # weights, at one prompt run's memory at batch 16 (docs/speed.md: ept on t5-base, 3.0 GB), at most
 # MAX_PACK (past 16 runs a GPU is compute-bound): 16 for t5-small/base, 8 for t5-large at 80 GB.
-PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed", "batch_size")  # flags; per run: the rest
+PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed", "batch_size")  # a pack's flags
 PACK_KEYS = (*PACK_SHARED, "epochs", "max_steps", "eval_every")
 MAX_PACK = 16
 RUN_GB = {"t5-small": 1.5, "t5-base": 3.0, "t5-large": 7.0, "other": 3.0}
@@ -268,8 +250,7 @@ WEIGHTS_GB = {"t5-small": 0.25, "t5-base": 0.9, "t5-large": 3.0, "other": 1.0}
 ASSUMED_GPU_GB = 141  # the H200 the step times were measured on: what a dry run sizes packs for
 
 
-def memory_pack_size(model, gpu_gb):
-    """Runs per pack that fit a GPU of `gpu_gb` GB (the rule above); at least 1."""
+def memory_pack_size(model, gpu_gb):  # the rule above; at least 1
     size = size_key(model)
     return max(1, min(MAX_PACK, int(0.8 * (gpu_gb - WEIGHTS_GB[size]) / RUN_GB[size])))
 
@@ -288,8 +269,7 @@ def pack_size(args, model, device=None):
 
 
 def make_packs(plan, names, size_of):
-    """The runs `names` (in that order) grouped into packs: runs of one PACK_KEYS, at most
-    size_of(model) per pack, in the order of their first runs; `ft` and size 1: packs of one."""
+    """`names` in packs of equal PACK_KEYS, at most size_of(model) each; `ft` alone, in order."""
     packs, open_packs = [], {}
     for name in names:
         settings = plan[name][0]
@@ -410,8 +390,7 @@ def run_in_process(argv):
 
 
 def run_unit(experiment, unit, args, i, n):
-    """One unit, in this process or as a child (--subprocess, torchrun). A signal that stops
-    train.py (SIGTERM, SIGUSR1, Ctrl-C) stops the driver with its status."""
+    """One unit, here or as a child; a signal that stops train.py stops the driver alike."""
     t0, names = time.time(), " ".join(unit.names)
     what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
@@ -437,23 +416,20 @@ def run_unit(experiment, unit, args, i, n):
     print(f"[{experiment} {i}/{n}] {time.time() - t0:.1f}s", flush=True)
 
 
-def stop(experiment, unit, sig):
-    """The driver stops as train.py did: 128 + the signal, once the unit wrote last.pt."""
+def stop(experiment, unit, sig):  # the driver stops as train.py did, once it wrote last.pt
     print(f"{experiment}: {signal.Signals(sig).name} received: unit {unit.index} stopped at a step "
           "boundary, last.pt written; run the same command again to resume", file=sys.stderr,
           flush=True)
     raise SystemExit(128 + sig)
 
 
-def signal_group(proc, sig):
-    """`sig` to a child's process group (torchrun's ranks too); Ctrl-C: SIGTERM, a checkpoint."""
+def signal_group(proc, sig):  # to a child's group (torchrun's ranks too); Ctrl-C: SIGTERM
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT else sig)
 
 
 @contextlib.contextmanager
-def handling(handler):
-    """`handler` for SIGTERM, SIGUSR1 and SIGINT while the block runs (in the main thread only)."""
+def handling(handler):  # for SIGTERM, SIGUSR1 and SIGINT while the block runs (main thread)
     main = threading.current_thread() is threading.main_thread()
     old = {sig: signal.signal(sig, handler) for sig in STOPS} if main else {}
     try:
@@ -481,8 +457,7 @@ def run_command(command):
 # has its unit started once more (it resumes from last.pt); Ctrl-C, SIGTERM or SIGUSR1 stops every
 # child, which checkpoints; the same command again resumes what was left.
 
-def pool_devices(args):
-    """Each child's CUDA_VISIBLE_DEVICES ("0", or "2,3" with --nproc 2; --slots: "", no GPU)."""
+def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--nproc 2); --slots ""
     if getattr(args, "slots", None):
         return [""] * args.slots
     gpus, nproc = args.gpus, args.nproc
@@ -496,8 +471,8 @@ def pool_devices(args):
     return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(gpus // nproc)]
 
 
-class Stopped(KeyboardInterrupt):
-    """A signal that stops the pool."""
+class Stopped(KeyboardInterrupt):  # a signal that stops the pool
+    pass
 
 
 def stop_pool(sig, _):
@@ -593,8 +568,7 @@ def retry(experiment, unit, status, retried):
 # --- a driver's run: plan, train what is missing, collect -----------------------------------------
 
 def run_cli(main, name):
-    """A driver's entry point: Ctrl-C outside a unit (planning, collecting) leaves nothing
-    half-written, so it is one line and exit 130."""
+    """A driver's entry point: Ctrl-C leaves nothing half-written, so it is one line, exit 130."""
     try:
         main()
     except KeyboardInterrupt:
@@ -638,8 +612,7 @@ def run_driver(experiment, specs, args, extra, floor=None):
     return rows
 
 
-def slurm_options(args):
-    """submit's keywords from the --slurm-* flags (GPUs per task: --nproc unless given)."""
+def slurm_options(args):  # submit's keywords from the --slurm-* flags
     return dict(partition=args.slurm_partition, time=args.slurm_time,
                 max_parallel=args.slurm_max_tasks, extra=args.slurm_option,
                 gpus_per_task=getattr(args, "nproc", 1) if args.slurm_gpus is None
@@ -788,23 +761,19 @@ DEFAULT_MAX_ARRAY = 1001  # SLURM's MaxArraySize when the cluster does not set i
 TASK_SHELL = Path(__file__).with_name("slurm_task.sh")  # an array task's shell, after the #SBATCH
 
 
-def time_seconds(text):
-    """A SLURM time limit ('90', '4:00:00', '1-12', '2-00:30:00', ...) in seconds; None: none."""
+def time_seconds(text):  # a SLURM time limit ('90', '4:00:00', '1-12', ...) in s; None: none
     if text.upper() in ("INFINITE", "UNLIMITED", "0"):  # SLURM: a limit of 0 is no limit
         return None
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
     if not m:
         raise cli.Failure(f"{text!r} is not a SLURM time limit (minutes, H:MM:SS or D-HH:MM:SS)")
-    days, a, b, c = (int(g) if g else None for g in m.groups())
-    if days is not None:  # days-hours[:minutes[:seconds]]
-        return ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
-    if c is not None:  # hours:minutes:seconds
-        return (a * 60 + b) * 60 + c
-    return a * 60 + (b or 0)  # minutes[:seconds]
+    days, *parts = m.groups()  # days-hours[:minutes[:seconds]]; minutes[:seconds]; h:m:s
+    parts = [int(p) for p in parts if p]
+    units = (3600, 60, 1) if days else [(60,), (60, 1), (3600, 60, 1)][len(parts) - 1]
+    return int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units))
 
 
-def _option(value, what):
-    """A value for an #SBATCH line: sbatch splits those lines at spaces and reads one line each."""
+def _option(value, what):  # sbatch splits an #SBATCH line at spaces and reads one line each
     text = str(value)
     if not text or re.search(r"\s", text):
         raise cli.Failure(f"the {what} {text!r} cannot go on an #SBATCH line (it is empty or "
@@ -818,13 +787,12 @@ def _job_id(text):
     return str(text)
 
 
-def _units(n):
+def _units(n):  # "1 unit", "2 units"
     return f"{n} unit{'s' if n != 1 else ''}"
 
 
 def _sbatch_lines(options, log_dir, log_name, extra, skip=()):
-    """#SBATCH lines: the options with a value (True: a flag alone), the working folder (this one),
-    the log file, the extra options (but those that start with `skip`), each checked."""
+    """#SBATCH lines, checked: the options (True: a flag alone), here, the log file, `extra`."""
     return ([f"#SBATCH --{key}" + ("" if value is True else f"={value}")
              for key, value in options.items() if value]
             + [f"#SBATCH --chdir={_option(Path.cwd().resolve(), 'working folder')}",
@@ -900,8 +868,7 @@ def check():
 
 
 def _sbatch(text, path, what):
-    """Submit a script (on stdin), then write it to `path`: its job id, or one sentence, nothing
-    written."""
+    """Submit a script, then write it to `path`: its job id, or one sentence, nothing written."""
     done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
@@ -919,7 +886,8 @@ def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):
         raise cli.Failure(f"the plan {plan} has an empty line: every line must be a unit")
-    max_array, job_name, logs = max_array or check(), job_name or plan.stem, plan.parent / "slurm-logs"
+    max_array, job_name = max_array or check(), job_name or plan.stem
+    logs = plan.parent / "slurm-logs"
 
     def script(first, **wait):
         return sbatch_script(plan, min(max_array, len(units) - first), job_name=job_name,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import model as M  # noqa: E402
-from ept import files, grid, runfolder# noqa: E402
+from ept import files, grid, runfolder  # noqa: E402
 from ept.grid import floor_seconds, size_key  # noqa: E402
 
 

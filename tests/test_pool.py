@@ -122,7 +122,7 @@ def _plan(argv):
 
 
 def test_slurm_submits_the_plan_and_the_collect_line(tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    """--slurm calls grid.submit(plan, collect line, ...) and trains nothing here (slurm.py's own tests run
+    """--slurm calls grid.submit(plan, collect line, ...) and trains nothing here (test_slurm.py runs
     the array on a real SLURM)."""
     calls = []
     monkeypatch.setattr(grid, "submit", lambda *a, **k: calls.append((a, k)))

@@ -1,4 +1,4 @@
-"""slurm.py: the sbatch scripts' text (always), and a plan of fake units on a real one-node SLURM cluster
+"""ept/grid.py on SLURM: the sbatch scripts' text (always), and a plan of fake units on a real one-node SLURM cluster
 (scripts/slurm_cluster.sh; skipped with the reason where it cannot start).
 
     python -m pytest -q tests/test_slurm.py                       # the cluster tests need root or a running cluster
