@@ -471,8 +471,8 @@ def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--npro
     return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(gpus // nproc)]
 
 
-class Stopped(KeyboardInterrupt):  # a signal that stops the pool
-    pass
+class Stopped(KeyboardInterrupt):
+    """A signal that stops the pool (args[0])."""
 
 
 def stop_pool(sig, _):
