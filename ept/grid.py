@@ -255,13 +255,11 @@ def memory_pack_size(model, gpu_gb):  # the rule above; at least 1
     return max(1, min(MAX_PACK, int(0.8 * (gpu_gb - WEIGHTS_GB[size]) / RUN_GB[size])))
 
 
-def pack_size(args, model, device=None):
-    """--pack-size, else: on CUDA the memory rule for GPU 0; "dry": the H200; on a CPU 1 (a CPU is
-    FLOP-bound: a pack of R costs R solo steps; docs/packing.md)."""
+def pack_size(args, model):
+    """--pack-size, else: on CUDA the memory rule for GPU 0; on a CPU 1 (a CPU is FLOP-bound: a
+    pack of R costs R solo steps; docs/packing.md)."""
     if getattr(args, "pack_size", None):
         return args.pack_size
-    if device == "dry":
-        return memory_pack_size(model, ASSUMED_GPU_GB)
     import torch
     if torch.cuda.is_available():
         return memory_pack_size(model, torch.cuda.get_device_properties(0).total_memory / 1e9)
