@@ -62,7 +62,7 @@ EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/expe
     ("--slurm-partition", dict(help="--slurm: the partition (default: the cluster's)")),
     ("--slurm-time", dict(metavar="LIMIT", help="--slurm: each task's time limit (4:00:00, 1-12)")),
     ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N",
-                          help="--slurm: GPUs per task (default: --nproc; 0: none)")),
+                          help="--slurm: GPUs per task (default: --nproc or 1; 0: none)")),
     ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M", help="--slurm: array tasks at "
                                "once; --dry-run: the wall time for M")),
     ("--slurm-after", dict(action="append", default=[], metavar="JOBID",
