@@ -35,6 +35,7 @@ or a solo run) a line, each a complete shell command that any engine may run, th
 (here, on a local pool with --gpus, or on SLURM with --slurm) and appends each finished run's row
 once. Ctrl-C stops everything (exit 130); the same command again resumes.
 """
+import argparse
 import math
 import subprocess
 import sys
@@ -248,15 +249,38 @@ parser.add_argument("--epochs", type=cli.positive_int,
                          "experiments pass it to train.py as every run's --epochs")
 grid.add_execution_args(parser)
 
+
+
+def one_of(valid):
+    def parse_one(text):
+        if text not in valid:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(valid)}")
+        return text
+    return parse_one
+
+
 VALUE_TYPES = {"hidden": cli.positive_int, "broadcast": cli.positive_int, "lr": cli.positive_float,
-               "steer": cli.positive_float, "init": grid.one_of(M.INITS),
-               "structure": grid.one_of(list(STRUCTURES))}  # what --values sweeps
+               "steer": cli.positive_float, "init": one_of(M.INITS),
+               "structure": one_of(list(STRUCTURES))}  # what --values sweeps
+
+
+def parse_values(args):
+    """--values as the experiment's swept type, each checked: a wrong one is one argparse error."""
+    if args.values is None:
+        return None
+    if args.experiment not in VALUE_TYPES:
+        parser.error(f"--values sweeps {', '.join(VALUE_TYPES)} only; {args.experiment} has no "
+                     "swept value")
+    try:
+        return [VALUE_TYPES[args.experiment](v) for v in args.values]
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"argument --values: {err}")
 
 
 @cli.script
 def main(argv=None):
     args, extra = grid.parse(parser, argv, __file__)
-    args.values = grid.parse_values(parser, VALUE_TYPES, args.experiment, args.values)
+    args.values = parse_values(args)
     if args.epochs is not None and args.experiment != "table4":  # train.py's --epochs for the rest
         extra = [*extra, "--epochs", str(args.epochs)]
     grid.check_args(parser, args, extra)

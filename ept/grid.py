@@ -1,23 +1,14 @@
-"""The experiment grid (ablate.py's, fewshot.py's): specs -> plan -> units -> pool -> collect, and
-the plan on SLURM.
+"""The grid ablate.py and fewshot.py share: specs -> plan -> units -> pool -> collect, and the plan
+on SLURM (docs/experiments.md, "The plan" and "SLURM").
 
-A grid is a list of specs (train.py options per run, plus "_row": extra result columns such as the
-swept value). The plan maps each run's name to (options, extra columns, run folder): the same
-configuration twice is one run. A unit, a pack of prompt runs on one frozen T5 or a solo run, is one
-line of <results-dir>/<experiment>.plan, `cd <cwd> && python train.py ... --resume`, idempotent:
-a finished run exits at once, a half-done one resumes, and on SIGTERM it checkpoints and exits
-non-zero, so running it again resumes it. Units run here (in this process by runpy, or as children),
-on a local pool (--gpus) or as a SLURM job array (one unit per array task) with a collect job after
-every task ended (afterany). Units write no rows: collect appends every finished run's row once
-(docs/experiments.md, "The plan" and "SLURM").
-
-    args, extra = grid.parse(parser, argv, __file__)    # a driver's flags; the rest: train.py's
-    grid.check_args(parser, args, extra)                # before anything runs or is written
-    return grid.run_driver("fewshot", specs(args), args, extra)
+A spec is one run's train.py options (+ "_row": extra result columns); the plan maps each run's
+name to (options, extra columns, run folder). A unit, a pack of prompt runs on one frozen T5 or a
+solo run, is one line of <results-dir>/<experiment>.plan, `cd <cwd> && python train.py ...
+--resume`, idempotent. Units run here, on a local pool (--gpus, --slots) or as a SLURM job array
+with a collect job after it. Units write no rows: collect appends every finished run's row once.
 
     python -m ept.grid results/table1.plan --collect "python ablate.py table1 --collect" \
-        --time 12:00:00 --max-parallel 16              # writes results/table1.sbatch, submits it
-    grid.submit("results/table1.plan", collect_cmd, time="12:00:00", max_parallel=16)  # the same
+        --slurm-time 12:00:00 --slurm-max-tasks 16     # writes results/table1.sbatch, submits it
 """
 import argparse
 import contextlib
@@ -41,7 +32,6 @@ import model as M
 import tables
 from ept import cli, files, options, runfolder, tasks
 
-
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train.py"
 
@@ -49,98 +39,76 @@ TRAIN_SCRIPT = REPO / "train.py"
 # --- a driver's command line ---------------------------------------------------------------------
 
 def make_parser(doc):
-    """A driver's parser: `doc` as --help, and no abbreviations (--lr, train.py's, passed through,
-    must not be read as --lr-search, nor --seed as --seeds)."""
+    """No abbreviations: --lr, train.py's, passed through, is not --lr-search."""
     return cli.Parser(description=doc, formatter_class=cli.HelpFormatter, allow_abbrev=False)
 
 
-EXECUTION_FLAGS = [  # (flags, keywords): how runs are launched and where their files go
-    (["--nproc"], dict(type=cli.positive_int, default=1,
-                       help="GPUs per run; > 1 launches train.py with torchrun")),
-    (["--subprocess"], dict(action="store_true", help="run each train.py in a fresh process "
-                            "(default: train.py in this process)")),
-    (["--runs-dir"], dict(type=cli.folder, default="runs", help="where run folders go")),
-    (["--results-dir"], dict(type=cli.folder, default="results",
-                             help="where <experiment>.jsonl goes")),
-    (["--prune-ft-checkpoints"], dict(action="store_true", help="delete best.pt/last.pt of "
-                                      "finished ft runs once their row is written (weights + AdamW "
-                                      "state: ~2.7 GB each for t5-base, ~9 GB for t5-large)")),
-    (["--dry-run"], dict(action="store_true", help="list the runs, the GPU-hour estimate and the "
-                         "wall time on the GPUs given (also appended to "
-                         "<results-dir>/dry_run.tsv; scripts/costs.py)")),
-    (["--gpus"], dict(type=cli.positive_int, help="a local pool: G / --nproc child processes, each "
-                      "pinned to its own GPUs (the first G of CUDA_VISIBLE_DEVICES), take the "
-                      "plan's units longest first; then this process collects")),
-    (["--slots"], dict(type=cli.positive_int, metavar="N", help="a local pool of N child "
-                       "processes on this machine's CPU cores, no GPU (about one per core); "
-                       "--gpus on a GPU machine")),
-    (["--slurm"], dict(action="store_true", help="write the plan and submit it to SLURM: a job "
-                       "array (task i runs line i, one unit each, requeued on preemption; past "
-                       "MaxArraySize several, one after another) and the collect step as a job "
-                       "after it; prints the job ids and how to follow them")),
-    (["--slurm-partition"], dict(help="--slurm: the partition (default: the cluster's)")),
-    (["--slurm-time"], dict(metavar="LIMIT", help="--slurm: each task's time limit (4:00:00, "
-                            "1-12, ...); a unit checkpoints before it")),
-    (["--slurm-gpus"], dict(type=cli.nonnegative_int, metavar="N", help="--slurm: GPUs per task "
-                            "(default: --nproc; 0: no GPU request, a CPU cluster)")),
-    (["--slurm-max-tasks"], dict(type=cli.positive_int, metavar="M", help="--slurm: array tasks "
-                                 "at once (--array=0-(N-1)%%M); --dry-run: the wall time for M")),
-    (["--slurm-after"], dict(action="append", default=[], metavar="JOBID", help="--slurm: start "
-                             "the array once this job ended (afterany), e.g. an earlier section's "
-                             "array that trains runs this grid shares (repeatable)")),
-    (["--slurm-option"], dict(action="append", default=[], metavar="OPT", help="--slurm: an extra "
-                              "#SBATCH option, e.g. --slurm-option=--account=nlp (repeatable)")),
-    (["--collect"], dict(action="store_true", help="train nothing: append every finished run's "
-                         "row once to <results-dir>/<experiment>.jsonl and print the table (an "
-                         "engine's last job); exit 1 while runs are not finished")),
-    (["--pack-size"], dict(type=cli.positive_int, help="prompt runs trained together on one "
-                           "frozen T5 (one train.py --runs call; same task, model, data, "
-                           "schedule; never ft); default: on CUDA as many as fit the GPU's "
-                           "memory (16 for t5-small/base, 8 for t5-large at 80 GB), on a CPU 1")),
+EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/experiments.md)
+    ("--nproc", dict(type=cli.positive_int, default=1, help="GPUs per run (> 1: torchrun)")),
+    ("--subprocess", dict(action="store_true", help="each train.py in a fresh process")),
+    ("--runs-dir", dict(type=cli.folder, default="runs", help="where run folders go")),
+    ("--results-dir", dict(type=cli.folder, default="results",
+                           help="where <experiment>.plan and .jsonl go")),
+    ("--prune-ft-checkpoints", dict(action="store_true", help="delete finished ft runs' "
+                                    "best.pt/last.pt once their row is written")),
+    ("--dry-run", dict(action="store_true", help="the runs, GPU-hours and wall time, also in "
+                       "<results-dir>/dry_run.tsv; train nothing")),
+    ("--gpus", dict(type=cli.positive_int, help="a local pool of G / --nproc children, each on "
+                    "its own GPUs (of CUDA_VISIBLE_DEVICES)")),
+    ("--slots", dict(type=cli.positive_int, metavar="N", help="a local pool of N children on "
+                     "CPU cores")),
+    ("--slurm", dict(action="store_true", help="submit the plan to SLURM: job arrays (a unit a "
+                     "task, requeued when preempted), then the collect job")),
+    ("--slurm-partition", dict(help="--slurm: the partition (default: the cluster's)")),
+    ("--slurm-time", dict(metavar="LIMIT", help="--slurm: each task's time limit (4:00:00, 1-12)")),
+    ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N",
+                          help="--slurm: GPUs per task (default: --nproc or 1; 0: none)")),
+    ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M", help="--slurm: array tasks at "
+                               "once; --dry-run: the wall time for M")),
+    ("--slurm-after", dict(action="append", default=[], metavar="JOBID",
+                           help="--slurm: start once this job ended (repeatable)")),
+    ("--slurm-option", dict(action="append", default=[], metavar="OPT",
+                            help="--slurm: an #SBATCH option, e.g. --slurm-option=--account=nlp")),
+    ("--collect", dict(action="store_true", help="train nothing: append the finished runs' rows "
+                       "once, print the table (exit 1 while runs are not finished)")),
+    ("--pack-size", dict(type=cli.positive_int, help="prompt runs trained together on one frozen "
+                         "T5 (default: on CUDA as many as fit the GPU, on a CPU 1)")),
 ]
 
 
-def add_execution_args(parser):
+def add_execution_args(parser, prefix="--"):  # python -m ept.grid: the --slurm-* ones
     group = parser.add_argument_group("execution and output")
-    for flags, keywords in EXECUTION_FLAGS:
-        group.add_argument(*flags, **keywords)
+    for flag, keywords in EXECUTION_FLAGS:
+        if flag.startswith(prefix):
+            group.add_argument(flag, **keywords)
 
 
 def parse(parser, argv, script):
-    """(the driver's arguments, the flags passed through to train.py); args.command is the driver's
-    own command line (the collect step reruns it with --collect)."""
+    """(the driver's arguments, train.py's flags); args.command: the driver's command line."""
     args, extra = parser.parse_known_args(argv)
-    given = sys.argv[1:] if argv is None else list(argv)
-    args.command = [sys.executable, str(Path(script).resolve()), *given]
+    args.command = [sys.executable, str(Path(script).resolve()),
+                    *(sys.argv[1:] if argv is None else argv)]
     return args, extra
 
 
-def one_of(valid):
-    """An argparse type: one of `valid`."""
-    def parse_one(text):
-        if text not in valid:
-            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(valid)}")
-        return text
-    return parse_one
-
-
-def parse_values(parser, types, experiment, values):
-    """--values as the experiment's swept type (`types`: {experiment: argparse type}), each
-    checked: a wrong one is one argparse error."""
-    if values is None:
-        return None
-    if experiment not in types:
-        parser.error(f"--values sweeps {', '.join(types)} only; {experiment} has no swept value")
-    try:
-        return [types[experiment](v) for v in values]
-    except argparse.ArgumentTypeError as err:
-        parser.error(f"argument --values: {err}")
+GRID_OWNED = {"--out-dir": "each run's folder is the grid's: pass --runs-dir",
+              "--runs": "the grid makes its own packs: pass --pack-size"}
 
 
 def check_args(parser, args, extra):
     """Before any run: the tasks exist and the flags passed through to train.py are train.py's,
-    with valid values (else every run of the grid would fail the same way, one after another)."""
-    check_flag_names(parser, extra)
+    with valid values (else every run of the grid would fail the same way, one after another).
+    Spelt out: an abbreviation (--max-step) would train what the run's name does not say."""
+    known = options.parser._option_string_actions  # every spelling train.py's parser accepts
+    for flag in (a.split("=")[0] for a in extra if a.startswith("--") and a != "--"):
+        if flag in GRID_OWNED:
+            parser.error(f"{flag} cannot be passed to train.py through a driver: "
+                         f"{GRID_OWNED[flag]}")
+        if flag not in known:
+            full = [f for f in known if f.startswith(flag)]
+            hint = f" (spell out {' or '.join(full)})" if full else ""
+            parser.error(f"{flag} is neither this script's flag nor train.py's; abbreviations "
+                         f"are refused{hint}")
     flags, unknown = options.parser.parse_known_args(list(extra))  # a bad value: train.py's error
     if unknown:
         parser.error(f"unrecognized arguments (neither this script's nor train.py's): "
@@ -170,75 +138,46 @@ def check_args(parser, args, extra):
                          f"{', '.join(tasks.TASKS)}")
 
 
-GRID_OWNED = {"--out-dir": "each run's folder is the grid's: pass --runs-dir",
-              "--runs": "the grid makes its own packs: pass --pack-size"}
-
-
-def check_flag_names(parser, extra):
-    """Every pass-through flag is one of train.py's, spelt out: an abbreviation (--max-step) would
-    train what the run's name does not say, and naming and packing read the exact spelling."""
-    known = options.parser._option_string_actions  # every spelling train.py's parser accepts
-    for flag in (a.split("=")[0] for a in extra if a.startswith("--") and a != "--"):
-        if flag in GRID_OWNED:
-            parser.error(f"{flag} cannot be passed to train.py through a driver: "
-                         f"{GRID_OWNED[flag]}")
-        if flag not in known:
-            full = [f for f in known if f.startswith(flag)]
-            hint = f" (spell out {' or '.join(full)})" if full else ""
-            parser.error(f"{flag} is neither this script's flag nor train.py's; abbreviations "
-                         f"are refused{hint}")
-
-
-def extra_value(extra, flag, default, cast):
-    """The last value of `flag` among the pass-through flags (`--flag VALUE`), or default."""
-    extra = list(extra)
+def extra_value(extra, flag, default, cast):  # the last `--flag VALUE` passed through
     values = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == flag]
     return cast(values[-1]) if values else default
 
 
 # --- specs, run names and train.py's command lines -----------------------------------------------
 
-def spec(task, method, model, seed, _row=None, **settings):
-    """One run of a grid: train.py options, and `_row`, extra result columns (not options)."""
+def spec(task, method, model, seed, _row=None, **settings):  # _row: extra result columns
     return {"task": task, "method": method, "model": model, "seed": seed, **settings,
             **({"_row": _row} if _row else {})}
 
 
 def run_name(settings):
-    """<task>_<method>_<model>[_<non-default options>]_s<seed>, e.g. boolq_ept_t5-base_h50_s1
-    (runfolder.run_name against train.py's defaults for the method)."""
+    """<task>_<method>_<model>[_<non-default options>]_s<seed>, e.g. boolq_ept_t5-base_h50_s1."""
     return runfolder.run_name(settings, options.defaults(settings["method"]))
 
 
 def train_argv(settings, out_dir, data_dir=None, extra=()):
-    """train.py's command line for one run: its options as flags (one name per concept), extra."""
+    """train.py's command line for one run (out_dir None: a pack's, whose runs file names them)."""
     argv = []
     for key, value in settings.items():
-        if value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        text = f"{value:g}" if isinstance(value, float) else str(value)
-        argv += [flag] if value is True else [flag, text]
-    if data_dir:
-        argv += ["--data-dir", str(data_dir)]
-    return argv + ["--out-dir", str(out_dir), *extra]
+        if value is not None and value is not False:
+            argv += ["--" + key.replace("_", "-")] + ([] if value is True else [
+                f"{value:g}" if isinstance(value, float) else str(value)])
+    argv += ["--data-dir", str(data_dir)] if data_dir else []
+    return argv + (["--out-dir", str(out_dir)] if out_dir is not None else []) + [*extra]
 
 
 def pack_argv(specs, run_dirs, data_dir, extra, runs_file):
-    """train.py's command line for a pack, and the --runs FILE content: the shared options as
-    flags, per run its other options (train.py's option names) and out_dir."""
+    """A pack's train.py command line (the shared options), and its --runs entries (the rest)."""
     shared = {k: specs[0][k] for k in PACK_SHARED if specs[0].get(k) is not None}
     entries = [{**{k: v for k, v in s.items()
                    if k not in shared and v is not None and v is not False},
                 "out_dir": str(run_dir)} for s, run_dir in zip(specs, run_dirs)]
-    argv = train_argv(shared, "-", data_dir, [*extra, "--runs", str(runs_file)])
-    i = argv.index("--out-dir")
-    return argv[:i] + argv[i + 2:], entries
+    return train_argv(shared, None, data_dir, [*extra, "--runs", str(runs_file)]), entries
 
 
 def passed_through(extra):
-    """The per-run options among the pass-through flags (--max-steps 6, ...: run-name options and
-    what a --runs entry may set), typed: they win over the experiment's values, so a run's name and
+    """The per-run options among the pass-through flags (--max-steps 6: run-name options and what
+    a --runs entry may set), typed: they win over the experiment's values, so a run's name and
     --runs entry say what it trains (a SMOKE few-shot run of 6 steps: ..._steps6_...)."""
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
@@ -248,11 +187,11 @@ def passed_through(extra):
             if key in values and "--" + key.replace("_", "-") in flags}
 
 
-# --- longest first: a run's GPU-hours from measured step times -----------------------------------
+# --- a run's GPU-hours from measured step times: the plan runs its units longest first -----------
 # Seconds per optimizer step at batch 16, measured by bench.py on one NVIDIA H200 (docs/gpu/
 # run2_*.json: random-weight t5-base, bf16, host-bound: RTE 0.0746 s, SST-2 0.0687 s). t5-small and
-# t5-large are t5-base's scaled by their layers (0.5, 2). The FLOP model, packed hours and wall time
-# of a --dry-run are scripts/costs.py's; tests/test_experiments.py checks these against the JSON.
+# t5-large are t5-base's scaled by their layers (0.5, 2). The dry run's FLOP model and packed hours
+# are scripts/costs.py's; tests/test_experiments.py checks these against the JSON.
 MEASURED_STEP_S = {"prompt": 16 / 214.49, "ft": 16 / 132.27}  # t5-base, H200: run2_rte_{ept,ft}
 LAYER_SCALE = {"t5-small": 0.5, "t5-base": 1.0, "t5-large": 2.0, "other": 1.0}
 MEASURED_EVAL_S = 1 / 733.1  # greedy decoding, batch 64, t5-base RTE, per example (run2_rte_ept)
@@ -260,36 +199,30 @@ QA_DECODE_FACTOR = 5  # assumed: MRQA answers are many tokens long, classificati
 DEFAULT_SPLITS = (10000, 1000, 1000)  # a task neither prepared nor the paper's: a guess
 
 
-def size_key(model_name):
-    """t5-small / t5-base / t5-large when the model's name says so, else "other"."""
-    tag = runfolder.model_tag(model_name)
-    return next((size for size in tables.SIZES if size in tag), "other")
+def size_key(model_name):  # t5-small / t5-base / t5-large when the name says so, else "other"
+    return next((size for size in tables.SIZES if size in runfolder.model_tag(model_name)), "other")
 
 
-def split_sizes(task, data_dir):
-    """(train, validation, test) examples: the prepared meta.json, else the paper's Table 5."""
+def split_sizes(task, data_dir):  # (train, validation, test): meta.json, else the paper's
     if (Path(data_dir or "data") / task / "meta.json").exists():
         splits = tasks.load_meta(data_dir or "data", task)["splits"]
         return splits.get("train", 0), splits.get("validation", 0), splits.get("test", 0)
     return tasks.PAPER_SPLITS.get(task, DEFAULT_SPLITS)
 
 
-def run_steps(spec, data_dir, batch_size=16):
-    """Optimizer steps of one run: its epochs over the training split, else its --max-steps."""
+def run_steps(spec, data_dir, batch_size=16):  # its epochs over the train split, or max_steps
     if spec.get("epochs"):
         return spec["epochs"] * math.ceil(split_sizes(spec["task"], data_dir)[0] / batch_size)
     return spec.get("max_steps") or options.defaults(spec["method"])["max_steps"]
 
 
-def floor_seconds(spec, batch_size=16):
-    """The measured (host-bound, bf16) seconds of one solo step."""
+def floor_seconds(spec, batch_size=16):  # the measured (host-bound, bf16) solo step
     measured = MEASURED_STEP_S["ft" if spec["method"] == "ft" else "prompt"]
     return measured * LAYER_SCALE[size_key(spec["model"])] * batch_size / 16
 
 
 def estimate_hours(spec, data_dir=None, batch_size=16):
-    """GPU-hours of one run from the measured step times (the same on 1 or N GPUs), validating
-    every spec["eval_every"] steps (else the method's default)."""
+    """GPU-hours of one run (the same on 1 or N GPUs), validating every spec["eval_every"] steps."""
     eval_every = spec.get("eval_every") or options.defaults(spec["method"])["eval_every"]
     _, val, test = split_sizes(spec["task"], data_dir)
     steps = run_steps(spec, data_dir, batch_size)
@@ -299,8 +232,7 @@ def estimate_hours(spec, data_dir=None, batch_size=16):
     return (steps * floor_seconds(spec, batch_size) + eval_s) / 3600
 
 
-def plan_hours(plan, data_dir, extra):
-    """{run: estimated GPU-hours} of a plan at the pass-through --batch-size."""
+def plan_hours(plan, data_dir, extra):  # {run: GPU-hours} at the pass-through --batch-size
     batch = extra_value(extra, "--batch-size", 16, int)
     return {name: estimate_hours(spec, data_dir, batch) for name, (spec, *_) in plan.items()}
 
@@ -310,7 +242,7 @@ def plan_hours(plan, data_dir, extra):
 # never packed. The --pack-size rule on CUDA: runs that fit in 80 % of the card's memory after T5's
 # weights, at one prompt run's memory at batch 16 (docs/speed.md: ept on t5-base, 3.0 GB), at most
 # MAX_PACK (past 16 runs a GPU is compute-bound): 16 for t5-small/base, 8 for t5-large at 80 GB.
-PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed", "batch_size")  # flags; per run: the rest
+PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed", "batch_size")  # a pack's flags
 PACK_KEYS = (*PACK_SHARED, "epochs", "max_steps", "eval_every")
 MAX_PACK = 16
 RUN_GB = {"t5-small": 1.5, "t5-base": 3.0, "t5-large": 7.0, "other": 3.0}
@@ -318,24 +250,16 @@ WEIGHTS_GB = {"t5-small": 0.25, "t5-base": 0.9, "t5-large": 3.0, "other": 1.0}
 ASSUMED_GPU_GB = 141  # the H200 the step times were measured on: what a dry run sizes packs for
 
 
-def pack_key(spec):
-    """What runs of one pack must share (None: `ft`, never packed)."""
-    return None if spec["method"] == "ft" else tuple((k, spec.get(k)) for k in PACK_KEYS)
-
-
-def memory_pack_size(model, gpu_gb):
-    """Runs per pack that fit a GPU of `gpu_gb` GB (the rule above); at least 1."""
+def memory_pack_size(model, gpu_gb):  # the rule above; at least 1
     size = size_key(model)
     return max(1, min(MAX_PACK, int(0.8 * (gpu_gb - WEIGHTS_GB[size]) / RUN_GB[size])))
 
 
-def pack_size(args, model, device=None):
-    """--pack-size, else: on CUDA the memory rule for this machine's GPU 0; on a CPU 1 (no packing:
-    a CPU is FLOP-bound, a pack of R costs R solo steps; docs/packing.md); "dry": the H200."""
+def pack_size(args, model):
+    """--pack-size, else: on CUDA the memory rule for GPU 0; on a CPU 1 (a CPU is FLOP-bound: a
+    pack of R costs R solo steps; docs/packing.md)."""
     if getattr(args, "pack_size", None):
         return args.pack_size
-    if device == "dry":
-        return memory_pack_size(model, ASSUMED_GPU_GB)
     import torch
     if torch.cuda.is_available():
         return memory_pack_size(model, torch.cuda.get_device_properties(0).total_memory / 1e9)
@@ -343,13 +267,12 @@ def pack_size(args, model, device=None):
 
 
 def make_packs(plan, names, size_of):
-    """The runs `names` (in that order) grouped into packs: runs of one pack_key, at most
-    size_of(model) per pack, in the order of their first runs; `ft` and size 1: packs of one."""
+    """`names` in packs of equal PACK_KEYS, at most size_of(model) each; `ft` alone, in order."""
     packs, open_packs = [], {}
     for name in names:
         settings = plan[name][0]
-        key, limit = pack_key(settings), size_of(settings["model"])
-        if key is None or limit <= 1:
+        key, limit = tuple(settings.get(k) for k in PACK_KEYS), size_of(settings["model"])
+        if settings["method"] == "ft" or limit <= 1:
             packs.append([name])
             continue
         if key not in open_packs:
@@ -376,40 +299,37 @@ def plan_runs(specs, args, extra=()):
 
 
 class Unit:
-    """One line of the plan: its index (its line in the plan file, 0-based: an array task's index),
-    its runs (names and folders), train.py's argv and the shell line."""
+    """One line of the plan (`index`, 0-based: an array task's): its runs' names and folders,
+    train.py's argv, command and shell line; a pack's --runs file and its text."""
 
     def __init__(self, index, names, dirs, argv, nproc, runs_file=None, runs_text=None):
         self.index, self.names, self.dirs, self.argv = index, names, dirs, argv
-        self.runs_file, self.runs_text = runs_file, runs_text  # a pack's --runs file (write_plan)
+        self.runs_file, self.runs_text = runs_file, runs_text
         torchrun = ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
         self.command = [*([sys.executable] if nproc == 1 else torchrun), str(TRAIN_SCRIPT), *argv]
         self.line = f"cd {shlex.quote(os.getcwd())} && {shlex.join(self.command)}"
 
-    def finished(self):
-        return all(runfolder.finished(run_dir) for run_dir in self.dirs)
-
-    def unfinished_runs(self):
-        return [name for name, run_dir in zip(self.names, self.dirs) if not runfolder.finished(run_dir)]
+    def left(self):  # its runs' folders not finished
+        return [run_dir for run_dir in self.dirs if not runfolder.finished(run_dir)]
 
 
 def make_units(plan, args, extra):
     """The plan's units, longest first: packs (pack_size on this machine) made over every run,
     finished or not, so the same grid always gives the same units and runs files."""
     hours = plan_hours(plan, args.data_dir, extra)
-    order = sorted(plan, key=lambda name: -hours[name])
     units, extra = [], [*extra, "--resume"]
-    for names in make_packs(plan, order, lambda model: pack_size(args, model)):
+    for names in make_packs(plan, sorted(plan, key=lambda n: -hours[n]),
+                            lambda model: pack_size(args, model)):
         specs, dirs = [plan[n][0] for n in names], [plan[n][2] for n in names]
         if len(names) == 1:
             argv = train_argv(specs[0], dirs[0], args.data_dir, extra)
             units.append(Unit(len(units), names, dirs, argv, args.nproc))
             continue
-        argv, entries = pack_argv(specs, dirs, args.data_dir, extra, Path("-"))
+        _, entries = pack_argv(specs, dirs, args.data_dir, extra, "-")
         text = json.dumps(entries, indent=1) + "\n"
-        digest = hashlib.sha1(text.encode()).hexdigest()[:16]
-        runs_file = Path(args.results_dir) / "packs" / f"{digest}.json"
-        argv[argv.index("--runs") + 1] = str(runs_file)
+        runs_file = (Path(args.results_dir) / "packs"
+                     / f"{hashlib.sha1(text.encode()).hexdigest()[:16]}.json")
+        argv = pack_argv(specs, dirs, args.data_dir, extra, runs_file)[0]
         units.append(Unit(len(units), names, dirs, argv, args.nproc, runs_file, text))
     return units
 
@@ -427,40 +347,31 @@ def write_plan(path, units):
         pairs = enumerate(zip(lines, text.splitlines()))
         i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
         raise cli.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
-                             f"flags, pack size or folder); delete it to plan again, or pass "
-                             f"another --results-dir")
+                          f"flags, pack size or folder); delete it to plan again, or pass "
+                          f"another --results-dir")
     for unit in units:  # the packs' runs files first: a plan line never names a missing file
-        if unit.runs_file is not None and read_or_none(unit.runs_file) != unit.runs_text:
-            files.make_dir(unit.runs_file.parent, "packs folder")  # absent, or cut by a crash
-            files.write_text(unit.runs_file, unit.runs_text)
+        if unit.runs_file is None:
+            continue
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if unit.runs_file.read_text(encoding="utf-8") == unit.runs_text:
+                continue
+        files.make_dir(unit.runs_file.parent, "packs folder")  # absent, or cut by a crash
+        files.write_text(unit.runs_file, unit.runs_text)
     if not path.exists():
         files.make_dir(path.parent, "results folder")
         files.write_text(path, text)
-
-
-def read_or_none(path):
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def collect_command(args):
-    """The shell line that appends every finished run's row once (and prints the table)."""
-    return f"cd {shlex.quote(os.getcwd())} && {shlex.join([*args.command, '--collect'])}"
 
 
 # --- running units: here (in this process by runpy, or a child) ----------------------------------
 # In this process (the default), train.py runs as `__main__` and its status is read from
 # SystemExit: the imports are paid once per grid. As a child (--subprocess, --nproc > 1, every pool
 # child), GPU memory and cached data are freed between units.
-STOP_STATUSES = (128 + signal.SIGTERM, 128 + signal.SIGUSR1)  # train.py stopped, last.pt written
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # train.py checkpoints, exits 128 + sig
 
 
 def run_in_process(argv):
-    """`python train.py ARGV` run in this process: its exit status (0, or its SystemExit's code; a
-    sentence is printed on stderr as Python would, and is status 1)."""
+    """`python train.py ARGV` in this process: its exit status (a SystemExit's sentence is printed
+    on stderr, as Python would, and is status 1)."""
     saved_argv, saved_sigint = sys.argv, signal.getsignal(signal.SIGINT)
     sys.argv = [str(TRAIN_SCRIPT), *argv]
     try:
@@ -477,18 +388,16 @@ def run_in_process(argv):
 
 
 def run_unit(experiment, unit, args, i, n):
-    """One unit, in this process or as a child (--subprocess, torchrun); its runs not finished. A
-    signal that stops train.py (SIGTERM, SIGUSR1, Ctrl-C) stops the driver with its status."""
-    t0 = time.time()
-    names = " ".join(unit.names)
+    """One unit, here or as a child; a signal that stops train.py stops the driver alike."""
+    t0, names = time.time(), " ".join(unit.names)
     what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
     if args.nproc > 1 or args.subprocess:
         status, interrupted = run_command(unit.command)
         if interrupted:  # Ctrl-C: the child was asked to checkpoint (SIGTERM) and has stopped
             stop(experiment, unit, signal.SIGINT)
-        if status in STOP_STATUSES or -status in FORWARDED:  # train.py said why and how to resume
-            raise SystemExit(status if status > 0 else 128 - status)
+        if status in (128 + signal.SIGTERM, 128 + signal.SIGUSR1) or -status in STOPS:
+            raise SystemExit(status if status > 0 else 128 - status)  # train.py said how to resume
     else:
         try:
             status = run_in_process(unit.argv)
@@ -497,52 +406,56 @@ def run_unit(experiment, unit, args, i, n):
             status = 1
         if status == 0 and runfolder.received():  # it came in the unit's last steps, which finished
             status = 128 + runfolder.received()
-        if status in (*STOP_STATUSES, 128 + signal.SIGINT):
+        if status - 128 in STOPS:
             stop(experiment, unit, status - 128)
     if status:  # train.py printed its error
         print(f"[{experiment} {i}/{n}] unit {unit.index} failed (exit status {status})",
               file=sys.stderr)
     print(f"[{experiment} {i}/{n}] {time.time() - t0:.1f}s", flush=True)
-    return unit.unfinished_runs()
 
 
-def stop(experiment, unit, sig):
-    """The driver stops as train.py did: 128 + the signal, once the unit wrote last.pt."""
-    name = signal.Signals(sig).name
-    print(f"{experiment}: {name} received: unit {unit.index} stopped at a step boundary, last.pt "
-          "written; run the same command again to resume", file=sys.stderr, flush=True)
+def stop(experiment, unit, sig):  # the driver stops as train.py did, once it wrote last.pt
+    print(f"{experiment}: {signal.Signals(sig).name} received: unit {unit.index} stopped at a step "
+          "boundary, last.pt written; run the same command again to resume", file=sys.stderr,
+          flush=True)
     raise SystemExit(128 + sig)
 
 
-def run_command(command):
-    """A unit's command as a child process; SIGTERM/SIGUSR1/SIGINT to this driver are passed on to
-    it (it checkpoints and stops); (its exit status, whether Ctrl-C stopped it)."""
-    proc = subprocess.Popen(command, start_new_session=True)
-    got = []
+def signal_group(proc, sig):  # to a child's group (torchrun's ranks too); Ctrl-C: SIGTERM
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT else sig)
 
-    def forward_signal(sig, _):
-        got.append(sig)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT else sig)
-    forward = {}
-    if threading.current_thread() is threading.main_thread():
-        forward = {sig: signal.signal(sig, forward_signal) for sig in FORWARDED}
+
+@contextlib.contextmanager
+def handling(handler):  # for SIGTERM, SIGUSR1 and SIGINT while the block runs (main thread)
+    main = threading.current_thread() is threading.main_thread()
+    old = {sig: signal.signal(sig, handler) for sig in STOPS} if main else {}
     try:
-        return proc.wait(), signal.SIGINT in got
+        yield
     finally:
-        for sig, handler in forward.items():
-            signal.signal(sig, handler)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
-# --- the local pool (--gpus G) -------------------------------------------------------------------
+def run_command(command):
+    """A unit as a child in its own session, this driver's stop signals passed on to it (it
+    checkpoints and stops): (its exit status, whether Ctrl-C came)."""
+    proc, got = subprocess.Popen(command, start_new_session=True), []
+
+    def forward(sig, _):
+        got.append(sig)
+        signal_group(proc, sig)
+    with handling(forward):
+        return proc.wait(), signal.SIGINT in got
+
+
+# --- the local pool (--gpus G, --slots N) --------------------------------------------------------
 # This process hands the units, longest first, to G / --nproc children, each pinned to its own GPUs
 # (CUDA_VISIBLE_DEVICES); only it hands out work, so the children need no locks. A child that dies
-# has its unit started once more (it resumes from last.pt); Ctrl-C or SIGTERM stops every child,
-# which checkpoints; the same command again resumes what was left.
+# has its unit started once more (it resumes from last.pt); Ctrl-C, SIGTERM or SIGUSR1 stops every
+# child, which checkpoints; the same command again resumes what was left.
 
-def pool_devices(args):
-    """One entry per child: the CUDA_VISIBLE_DEVICES it gets ("0", or "2,3" with --nproc 2; --slots:
-    "", no GPU)."""
+def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--nproc 2); --slots ""
     if getattr(args, "slots", None):
         return [""] * args.slots
     gpus, nproc = args.gpus, args.nproc
@@ -552,152 +465,108 @@ def pool_devices(args):
     visible = [d for d in listed if d] or [str(i) for i in range(gpus)]
     if len(visible) < gpus:
         raise cli.Failure(f"--gpus {gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: "
-                             f"{','.join(visible)}")
+                          f"{','.join(visible)}")
     return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(gpus // nproc)]
 
 
-class Pool:
-    """Child processes, one per device slot, each running one unit; their output, line by line, on
-    this process's stdout with the unit and GPU as prefix."""
+class Stopped(KeyboardInterrupt):
+    """A signal that stops the pool (args[0])."""
 
-    def __init__(self, experiment, devices):
-        self.experiment, self.devices = experiment, devices
-        self.labels = [self.label(slot, gpus) for slot, gpus in enumerate(devices)]
-        self.running = {}  # slot -> (process, unit, the thread that copies its output)
-        self.env = {"TQDM_DISABLE": "1", **os.environ}  # G progress bars on one terminal: noise
-        self.out_lock = threading.Lock()
 
-    @staticmethod
-    def label(slot, gpus):
-        """"GPU 0" (or "GPU 2,3"); a CPU slot (--slots, or --gpus without a GPU): "slot 0"."""
-        import torch
-        return f"GPU {gpus}" if gpus and torch.cuda.is_available() else f"slot {slot}"
-
-    def free_slots(self):
-        return [slot for slot in range(len(self.devices)) if slot not in self.running]
-
-    def start(self, slot, unit):
-        gpus = self.devices[slot]
-        # its own session: Ctrl-C reaches it through this process only
-        proc = subprocess.Popen(unit.command, env={**self.env, "CUDA_VISIBLE_DEVICES": gpus},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1, start_new_session=True)
-        prefix = f"[u{unit.index} {self.labels[slot].lower()}] "
-        thread = threading.Thread(target=self._pump, args=(proc, prefix), daemon=True)
-        thread.start()
-        self.running[slot] = (proc, unit, thread)
-        print(f"{self.experiment}: unit {unit.index} ({' '.join(unit.names)}) -> "
-              f"{self.labels[slot]}", flush=True)
-
-    def _pump(self, proc, prefix):
-        for line in proc.stdout:
-            with self.out_lock:
-                sys.stdout.write(prefix + line)
-                sys.stdout.flush()
-
-    def ended(self):
-        """[(unit, exit status)] of the children that ended since the last call."""
-        done = []
-        for slot, (proc, unit, thread) in list(self.running.items()):
-            if proc.poll() is not None:
-                thread.join()
-                del self.running[slot]
-                done.append((unit, proc.returncode))
-        return done
-
-    def stop_all(self, sig=signal.SIGTERM):
-        """`sig` (Ctrl-C: SIGTERM) to every child's group; back once each (torchrun's ranks too)
-        wrote last.pt."""
-        for proc, _, _ in self.running.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT else sig)
-        for proc, _, thread in self.running.values():
-            proc.wait()
-            thread.join()
-            while True:  # until its whole group (torchrun's ranks too) is gone
-                try:
-                    os.killpg(proc.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.1)
+def stop_pool(sig, _):
+    raise Stopped(sig)
 
 
 def run_pool(experiment, units, devices):
-    """Run `units` (longest first) on len(devices) children; a unit whose child ended before its
-    runs finished is started once more (it resumes), unless what is left failed for good
-    (failed.txt: a non-finite loss fails the same way again). SIGUSR1 reaches every child, as
-    SIGTERM and Ctrl-C do: each writes last.pt and stops, then this process exits."""
-    pool, queue, retried = Pool(experiment, devices), list(units), set()
+    """Run `units` (longest first) on len(devices) children, each one's output line by line here,
+    prefixed; a unit whose child ended early is started once more (see `retry`)."""
+    import torch
+    labels = [f"GPU {gpus}" if gpus and torch.cuda.is_available() else f"slot {slot}"
+              for slot, gpus in enumerate(devices)]
+    running, queue, retried = {}, list(units), set()  # slot -> (process, unit, output thread)
     print(f"{experiment}: {len(units)} unit(s) on {len(devices)} child process(es): "
-          f"{' | '.join(pool.labels)}", flush=True)
-    in_main = threading.current_thread() is threading.main_thread()
-    old = {sig: signal.signal(sig, stop_signal) for sig in POOL_STOPS} if in_main else {}
-    try:
-        while queue or pool.running:
-            for slot in pool.free_slots()[:len(queue)]:
-                pool.start(slot, queue.pop(0))
-            for unit, status in pool.ended():
-                left = [d for d in unit.dirs if not runfolder.finished(d)]
-                if not left:
-                    print(f"{experiment}: unit {unit.index} done", flush=True)
-                elif unit.index not in retried and any(runfolder.failure(d) is None for d in left):
-                    retried.add(unit.index)
-                    print(f"{experiment}: unit {unit.index} ended with status {status}; "
-                          "resuming it once", flush=True)
-                    queue.insert(0, unit)
-                else:
-                    again = "failed for good" if unit.index not in retried else "failed again"
-                    print(f"{experiment}: unit {unit.index} {again} (status {status}): "
-                          f"{' '.join(unit.names)}", file=sys.stderr, flush=True)
-            time.sleep(0.2)
-    except Stopped as stopped:  # every child checkpoints and stops
-        pool.stop_all(stopped.sig)
-        name = signal.Signals(stopped.sig).name
-        print(f"{experiment}: {name} received: every child wrote last.pt and stopped. Run the "
-              "same command again to resume.", file=sys.stderr, flush=True)
-        raise SystemExit(128 + stopped.sig) from None
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+          f"{' | '.join(labels)}", flush=True)
+    with handling(stop_pool):
+        try:
+            while queue or running:
+                for slot in [s for s in range(len(devices)) if s not in running][:len(queue)]:
+                    unit = queue.pop(0)
+                    running[slot] = start_child(unit, devices[slot], labels[slot].lower())
+                    print(f"{experiment}: unit {unit.index} ({' '.join(unit.names)}) -> "
+                          f"{labels[slot]}", flush=True)
+                for slot, (proc, unit, thread) in list(running.items()):
+                    if proc.poll() is not None:
+                        thread.join()
+                        del running[slot]
+                        if retry(experiment, unit, proc.returncode, retried):
+                            queue.insert(0, unit)
+                time.sleep(0.2)
+        except Stopped as stopped:  # every child checkpoints and stops
+            sig = stopped.args[0]
+            stop_children(running.values(), sig)
+            print(f"{experiment}: {signal.Signals(sig).name} received: every child wrote last.pt "
+                  "and stopped. Run the same command again to resume.", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(128 + sig) from None
 
 
-class Stopped(KeyboardInterrupt):
-    """A signal that stops the pool (a KeyboardInterrupt: the driver's Ctrl-C paths apply)."""
-
-    def __init__(self, sig):
-        super().__init__(sig)
-        self.sig = sig
+OUTPUT_LOCK = threading.Lock()
 
 
-POOL_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+def start_child(unit, gpus, label):
+    """A unit as a child on `gpus`, in its own session (Ctrl-C reaches it through this process
+    only), its output copied here line by line: (process, unit, the copying thread)."""
+    env = {"TQDM_DISABLE": "1", **os.environ, "CUDA_VISIBLE_DEVICES": gpus}  # G bars: noise
+    proc = subprocess.Popen(unit.command, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+
+    def copy():
+        for line in proc.stdout:
+            with OUTPUT_LOCK:
+                sys.stdout.write(f"[u{unit.index} {label}] {line}")
+                sys.stdout.flush()
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return proc, unit, thread
 
 
-def stop_signal(sig, _):
-    raise Stopped(sig)
+def stop_children(children, sig):
+    """`sig` to every child's group; back once each, its whole group too, wrote last.pt."""
+    for proc, _, _ in children:
+        signal_group(proc, sig)
+    for proc, _, thread in children:
+        proc.wait()
+        thread.join()
+        while True:  # until its whole group (torchrun's ranks too) is gone
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+
+
+def retry(experiment, unit, status, retried):
+    """Whether a unit whose child ended is started again: once, unless it is done or what is left
+    failed for good (failed.txt: a non-finite loss fails the same way again)."""
+    left = unit.left()
+    if not left:
+        print(f"{experiment}: unit {unit.index} done", flush=True)
+    elif unit.index not in retried and any(runfolder.failure(d) is None for d in left):
+        retried.add(unit.index)
+        print(f"{experiment}: unit {unit.index} ended with status {status}; resuming it once",
+              flush=True)
+        return True
+    else:
+        again = "failed for good" if unit.index not in retried else "failed again"
+        print(f"{experiment}: unit {unit.index} {again} (status {status}): "
+              f"{' '.join(unit.names)}", file=sys.stderr, flush=True)
+    return False
 
 
 # --- a driver's run: plan, train what is missing, collect -----------------------------------------
 
-def run_driver(experiment, specs, args, extra, floor=None):
-    """run_experiment, then the experiment's table (after the rows of `floor(args)`, a baseline
-    that is not a run); exit 1 when runs are not finished, 130 on Ctrl-C."""
-    try:
-        rows, failed = run_experiment(experiment, specs, args, extra)
-    except KeyboardInterrupt:
-        print(f"{experiment}: interrupted; run the same command again to resume", file=sys.stderr)
-        raise SystemExit(130) from None
-    if floor:
-        rows = floor(args) + rows
-    if rows and not args.dry_run:
-        print(tables.experiment_table(experiment, rows))  # the table report.py writes
-    if failed:
-        sys.exit(1)
-    return rows
-
-
 def run_cli(main, name):
-    """A driver's entry point: Ctrl-C outside a unit (planning, collecting) leaves nothing
-    half-written, so it is one line and exit 130."""
+    """A driver's entry point: Ctrl-C leaves nothing half-written, so it is one line, exit 130."""
     try:
         main()
     except KeyboardInterrupt:
@@ -708,78 +577,65 @@ def run_cli(main, name):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def cost_model():
-    """scripts/costs.py (the dry run's FLOP model and wall time), imported when a dry run asks."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import costs
-    return costs
-
-
-def run_experiment(experiment, specs, args, extra=()):
-    """Train what is missing (units here, by a pool of --gpus, or submitted to SLURM), then
-    collect: (rows, runs not finished). --collect only collects; --dry-run only estimates."""
+def run_driver(experiment, specs, args, extra, floor=None):
+    """Train what is missing (units here, by a pool, or submitted to SLURM), then collect and print
+    the experiment's table (after the rows of `floor(args)`, a baseline that is not a run); exit 1
+    when runs are not finished. --collect only collects; --dry-run only estimates."""
     plan = plan_runs(specs, args, extra)
     if args.dry_run:
-        return cost_model().dry_run(experiment, plan, args, extra)
+        sys.path.insert(0, str(REPO / "scripts"))
+        import costs  # the dry run's FLOP model and wall time, off every other path
+        return costs.dry_run(experiment, plan, args, extra)[0]
     if not args.collect:
         units = make_units(plan, args, extra)
         path = plan_path(args, experiment)
         devices = pool_devices(args) if args.gpus or args.slots else None  # checks, then the plan
-        submit = slurm_submission(experiment, path, args, len(units)) if args.slurm else None
+        submit_plan = slurm_submission(experiment, path, args, len(units)) if args.slurm else None
         write_plan(path, units)
-        if submit:
-            submit()
-            return [], []
-        todo = [unit for unit in units if not unit.finished()]
+        if submit_plan:
+            return submit_plan()
+        todo = [unit for unit in units if unit.left()]
         print(f"{experiment}: plan {path}: {len(units)} unit(s), {len(todo)} to run", flush=True)
         if devices:
             run_pool(experiment, todo, devices)
-        else:
-            for i, unit in enumerate(todo):
-                run_unit(experiment, unit, args, i + 1, len(todo))
+        for i, unit in enumerate([] if devices else todo):
+            run_unit(experiment, unit, args, i + 1, len(todo))
     # what is not finished now (a unit that failed here may have been finished by another driver)
-    return collect(experiment, plan, args)
+    rows, missing = collect(experiment, plan, args)
+    rows = (floor(args) if floor else []) + rows
+    if rows:
+        print(tables.experiment_table(experiment, rows))  # the table report.py writes
+    if missing:
+        sys.exit(1)
+    return rows
+
+
+def slurm_options(args):  # submit's keywords from the --slurm-* flags
+    return dict(partition=args.slurm_partition, time=args.slurm_time,
+                max_parallel=args.slurm_max_tasks, extra=args.slurm_option,
+                gpus_per_task=getattr(args, "nproc", 1) if args.slurm_gpus is None
+                else args.slurm_gpus, after=args.slurm_after)
 
 
 def slurm_submission(experiment, path, args, n_units):
     """--slurm, checked before the plan is written (sbatch here, MaxArraySize, the options as
-    #SBATCH lines): a call that submits the plan as job arrays, task i running line i, and the
-    collect command as a job after them (sbatch_script writes them beside the plan)."""
-    opts = dict(job_name=f"ept-{experiment}", partition=args.slurm_partition,
-                time=args.slurm_time, max_parallel=args.slurm_max_tasks, extra=args.slurm_option,
-                gpus_per_task=args.nproc if args.slurm_gpus is None else args.slurm_gpus,
-                after=args.slurm_after, max_array=check())
-    sbatch_script(path, n_units, log_dir=path.parent, **{k: v for k, v in opts.items()
-                                                                if k != "max_array"})
+    #SBATCH lines): a call that submits the plan as job arrays and the collect job after them."""
+    max_array, opts = check(), dict(slurm_options(args), job_name=f"ept-{experiment}")
+    sbatch_script(path, n_units, log_dir=path.parent, **opts)
 
     def go():
         if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU
             print(f"{experiment}: note: this machine has no GPU, so each unit is one run; pass "
                   "--pack-size N (PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit on the "
                   "cluster's GPUs", flush=True)
-        submit(path, collect_command(args), **opts)
+        collect_cmd = shlex.join([*args.command, "--collect"])
+        submit(path, f"cd {shlex.quote(os.getcwd())} && {collect_cmd}", max_array=max_array,
+               **opts)
+        return []
     return go
 
 
 # --- result rows ---------------------------------------------------------------------------------
-
-def prompt_stats(run_dir):
-    """(mean row norm of the saved P' (Eq. 4 on the best checkpoint's prompt), parameters kept for
-    inference = distinct rows x d: one row for EPT/EPT*, whose rows are copies)."""
-    path = Path(run_dir) / "prompt.pt"
-    if not path.exists():
-        return None, None
-    prompt, _ = M.load_folded_prompt(path)
-    return prompt.norm(dim=1).mean().item(), int(prompt.unique(dim=0).numel())
-
-
-def log_stats(run_dir):
-    """Best validation score and its step (the first of equal ones), and the last logged prompt
-    norm μ_t, from log.jsonl (runfolder.curves)."""
-    _, norms, steps, scores = runfolder.curves(run_dir, missing_ok=True)
-    best = max(zip(scores, steps), key=lambda pair: pair[0], default=(None, None))
-    return (*best, norms[-1] if norms else None)
-
 
 def result_row(experiment, settings, run_dir, extra_fields=None):
     """One results row: the full configuration, the test metrics, parameters and prompt norms. A
@@ -789,8 +645,12 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
     config = {**raw_config, **M.prompt_options(raw_config)}  # older runs' option names, defaults
     tested = not config.get("no_test")
     metrics = files.read_json(run_dir / "metrics.json", "test metrics") if tested else {}
-    norm, n_inference = prompt_stats(run_dir)
-    val_score, best_step, last_norm = log_stats(run_dir)
+    norm = n_inference = None
+    if (run_dir / "prompt.pt").exists():  # Eq. 4 on the best checkpoint's P'; inference keeps
+        prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")  # its distinct rows (EPT: one)
+        norm, n_inference = prompt.norm(dim=1).mean().item(), int(prompt.unique(dim=0).numel())
+    _, norms, steps, scores = runfolder.curves(run_dir, missing_ok=True)  # from log.jsonl
+    val_score, best_step = max(zip(scores, steps), key=lambda pair: pair[0], default=(None, None))
     ran = {**options.defaults(settings["method"]), **settings}
     for key in ran:  # what train.py ran with (pass-through flags included) wins over the spec
         if config.get(key) is not None:
@@ -802,14 +662,14 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
             "score": metrics.get("score"), "test": metrics if tested else None, "tested": tested,
             "val_score": val_score, "best_step": best_step,
             "n_trainable": config.get("n_trainable"), "n_inference": n_inference,
-            "prompt_norm": norm, "final_prompt_norm": last_norm,
+            "prompt_norm": norm, "final_prompt_norm": norms[-1] if norms else None,
             "training": training_id(run_dir), "config": raw_config}
 
 
 def training_id(run_dir):
     """Which training a row came from: a hash of the run's config.json and metrics.json (a --no-test
     run: its log.jsonl), so a run trained again with other options or results gets another."""
-    run_dir, digest = Path(run_dir), hashlib.sha1()
+    digest = hashlib.sha1()
     scores = "metrics.json" if (run_dir / "metrics.json").exists() else "log.jsonl"
     for name in ("config.json", scores):
         digest.update((name + files.read_text(run_dir / name, "run file")).encode())
@@ -819,8 +679,8 @@ def training_id(run_dir):
 def append_row_once(results, row):
     """Append `row` to the results file unless a row of its run folder and training is there; a
     row of its folder from another training (the run was deleted and trained again) is replaced.
-    Checked and written under the file's lock: two collect steps at once never double a row.
-    Returns "added", "replaced" or None (there already)."""
+    Under the file's lock: two collect steps at once never double a row. "added", "replaced" or
+    None (there already)."""
     with files.locked(results):
         rows = files.read_jsonl(results, what="results file", missing_ok=True,
                                 fix=files.RESULTS_FIX)
@@ -895,29 +755,27 @@ def prune_checkpoints(run_dir):
 # --- the plan on SLURM: sbatch scripts, submission -----------------------------------------------
 
 SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write last.pt and exit
+DEFAULT_MAX_ARRAY = 1001  # SLURM's MaxArraySize when the cluster does not set it
+TASK_SHELL = Path(__file__).with_name("slurm_task.sh")  # an array task's shell, after the #SBATCH
 
 
-def time_seconds(text):
-    """A SLURM time limit ('90', '4:00:00', '1-12', '2-00:30:00', ...) in seconds; None: none."""
+def time_seconds(text):  # a SLURM time limit ('90', '4:00:00', '1-12', ...) in s; None: none
     if text.upper() in ("INFINITE", "UNLIMITED", "0"):  # SLURM: a limit of 0 is no limit
         return None
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
     if not m:
         raise cli.Failure(f"{text!r} is not a SLURM time limit (minutes, H:MM:SS or D-HH:MM:SS)")
-    days, a, b, c = (int(g) if g else None for g in m.groups())
-    if days is not None:  # days-hours[:minutes[:seconds]]
-        return ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
-    if c is not None:  # hours:minutes:seconds
-        return (a * 60 + b) * 60 + c
-    return a * 60 + (b or 0)  # minutes[:seconds]
+    days, *parts = m.groups()  # days-hours[:minutes[:seconds]]; minutes[:seconds]; h:m:s
+    parts = [int(p) for p in parts if p]
+    units = (3600, 60, 1) if days else [(60,), (60, 1), (3600, 60, 1)][len(parts) - 1]
+    return int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units))
 
 
-def _option(value, what):
-    """A value for an #SBATCH line: sbatch splits those lines at spaces and reads one line each."""
+def _option(value, what):  # sbatch splits an #SBATCH line at spaces and reads one line each
     text = str(value)
     if not text or re.search(r"\s", text):
         raise cli.Failure(f"the {what} {text!r} cannot go on an #SBATCH line (it is empty or "
-                             "has spaces)")
+                          "has spaces)")
     return text
 
 
@@ -927,13 +785,23 @@ def _job_id(text):
     return str(text)
 
 
-def _units(n):
+def _units(n):  # "1 unit", "2 units"
     return f"{n} unit{'s' if n != 1 else ''}"
 
 
+def _sbatch_lines(options, log_dir, log_name, extra, skip=()):
+    """#SBATCH lines, checked: the options (True: a flag alone), here, the log file, `extra`."""
+    return ([f"#SBATCH --{key}" + ("" if value is True else f"={value}")
+             for key, value in options.items() if value]
+            + [f"#SBATCH --chdir={_option(Path.cwd().resolve(), 'working folder')}",
+               f"#SBATCH --output={_option(Path(log_dir).resolve(), 'log folder')}/{log_name}"]
+            + [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra
+               if not option.startswith(skip)])
+
+
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
-                  gpus_per_task=1, max_parallel=None, extra=(), cpus_per_task=None,
-                  signal_s=SIGNAL_S, workdir=None, after=(), first=0):
+                  gpus_per_task=1, max_parallel=None, extra=(), signal_s=SIGNAL_S, after=(),
+                  first=0):
     """The job array's sbatch script: task i runs line first+i+1 of the plan (first: the lines
     earlier arrays run, past MaxArraySize). gpus_per_task=0: no GPU line. after: job ids the
     array waits for (afterany), e.g. an earlier plan's that shares runs."""
@@ -942,101 +810,43 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
     limit = time_seconds(time) if time else None
     if limit is not None and limit <= signal_s:
         raise cli.Failure(f"the time limit {time} is not longer than the {signal_s} s the unit "
-                             f"gets to checkpoint before it (signal_s)")
-    plan, logs = Path(plan_path).resolve(), Path(log_dir).resolve()
-    workdir = Path(workdir or Path.cwd()).resolve()
-    name = _option(job_name, "job name")
-    array = f"0-{n_units - 1}" + (f"%{max_parallel}" if max_parallel else "")
-    lines = ["#!/bin/bash",
-             f"# {name}: the {_units(n_units)} of {plan}, one SLURM array task each (task i runs "
-             "line i+1)." if not first else f"# {name}: lines {first + 1}-{first + n_units} of "
-             f"{plan}, one SLURM array task each (task i runs line {first}+i+1).",
+                          f"gets to checkpoint before it (signal_s)")
+    plan, name = Path(plan_path).resolve(), _option(job_name, "job name")
+    head = (f"the {_units(n_units)} of {plan}, one SLURM array task each (task i runs line i+1)."
+            if not first else f"lines {first + 1}-{first + n_units} of {plan}, one SLURM array "
+            f"task each (task i runs line {first}+i+1).")
+    options = {"job-name": name, "array": f"0-{n_units - 1}" + (f"%{max_parallel}" if
+                                                                  max_parallel else ""),
+               "ntasks": 1, "dependency": after and "afterany:" + ":".join(map(_job_id, after)),
+               "gres": gpus_per_task and f"gpu:{gpus_per_task}",
+               "partition": partition and _option(partition, "partition"),
+               "time": time and _option(time, "time limit"), "requeue": True,
+               "signal": f"B:USR1@{signal_s}"}
+    lines = ["#!/bin/bash", f"# {name}: {head}",
              "# Written by ept/grid.py. Submit again with `sbatch <this file>`: a finished unit "
-             "exits at once,",
-             "# an interrupted one resumes. One unit without SLURM: SLURM_ARRAY_TASK_ID=i bash "
-             "<this file>.",
-             f"#SBATCH --job-name={name}", f"#SBATCH --array={array}", "#SBATCH --ntasks=1"]
-    optional = {"dependency": after and "afterany:" + ":".join(map(_job_id, after)),
-                "cpus-per-task": cpus_per_task, "gres": gpus_per_task and f"gpu:{gpus_per_task}",
-                "partition": partition and _option(partition, "partition"),
-                "time": time and _option(time, "time limit")}
-    lines += [f"#SBATCH --{key}={value}" for key, value in optional.items() if value]
-    lines += ["#SBATCH --requeue", f"#SBATCH --signal=B:USR1@{signal_s}",
-              f"#SBATCH --chdir={_option(workdir, 'working folder')}",
-              f"#SBATCH --output={_option(logs, 'log folder')}/{name}-%A_%a.log",
-              "#SBATCH --open-mode=append"]  # a requeued task adds to its log, not a new one
-    lines += [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra]
-    body = _BODY.replace("PLAN", shlex.quote(str(plan)))
-    lines.append(body.replace("$((task + 1))", f"$((task + {first + 1}))") if first else body)
+             "exits at once,", "# an interrupted one resumes. One unit without SLURM: "
+             "SLURM_ARRAY_TASK_ID=i bash <this file>.",
+             *_sbatch_lines(options, log_dir, f"{name}-%A_%a.log", ["--open-mode=append", *extra]),
+             "", f"plan={shlex.quote(str(plan))}",
+             TASK_SHELL.read_text().replace("$((task + 1))", f"$((task + {first + 1}))")]
     return "\n".join(lines) + "\n"
 
 
-_BODY = r"""
-plan=PLAN
-task=${SLURM_ARRAY_TASK_ID:?"run under sbatch, or set SLURM_ARRAY_TASK_ID=i for line i+1"}
-unit=$(sed -n "$((task + 1))p" "$plan")
-[ -n "$unit" ] || { echo "no line $((task + 1)) in $plan" >&2; exit 2; }
-echo "== $(date -Is) task $task of ${SLURM_ARRAY_JOB_ID:-(no job)}," \
-     "start $((${SLURM_RESTART_COUNT:-0} + 1)), on $(hostname): $unit"
-
-# USR1: the time limit is near (--signal); TERM: scancel, preemption or scontrol requeue; INT:
-# Ctrl-C when run by hand. Each sends SIGTERM to every process of the unit: train.py writes its
-# checkpoint and exits, and this shell waits for it (the unit runs in the background: bash runs a
-# trap only between commands). setsid gives the unit its own process group, so the signal reaches
-# train.py behind a `cd ... &&`; the unit's bash outlives SIGTERM (trap :) until train.py exits.
-got= n=0
-stop() { got=$1 n=$((n + 1)); kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; }
-trap 'stop USR1' USR1
-trap 'stop TERM' TERM
-trap 'stop INT' INT
-setsid bash -c "trap : TERM; $unit" &
-pid=$!
-while :; do
-  seen=$n; wait "$pid"; rc=$?
-  if [ "$rc" -le 128 ] || [ "$n" = "$seen" ]; then break; fi  # the unit's status, not a trap's
-done
-
-if [ "$rc" -eq 0 ]; then
-  echo "== $(date -Is) unit finished"
-elif [ "$got" = USR1 ] && [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
-  echo "== $(date -Is) time limit near: unit stopped (exit $rc); requeueing this task to resume it"
-  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${task}"
-elif [ -n "$got" ]; then
-  echo "== $(date -Is) unit stopped by SIG$got (exit $rc); it resumes when run again"
-else
-  echo "== $(date -Is) unit failed (exit $rc): $unit"
-fi
-exit "$rc"
-"""
-
-
-def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, extra=(),
-                   workdir=None):
-    """The collect job's sbatch script: after every task of the array ended (afterany), the task
+def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, extra=()):
+    """The collect job's sbatch script: after every task of the arrays ended (afterany), the task
     states SLURM still holds, then the collect command."""
-    logs = Path(log_dir).resolve()
-    workdir = Path(workdir or Path.cwd()).resolve()
     name = _option(job_name, "job name")
+    options = {"job-name": f"{name}-collect", "dependency": f"afterany:{array_id}", "ntasks": 1,
+               "partition": partition and _option(partition, "partition")}
     lines = ["#!/bin/bash",
              f"# {name}: collect and report once every task of array {array_id} ended (afterany:",
              "# finished, failed or cancelled). Written by ept/grid.py.",
-             f"#SBATCH --job-name={name}-collect", f"#SBATCH --dependency=afterany:{array_id}",
-             "#SBATCH --ntasks=1"]
-    if partition:
-        lines.append(f"#SBATCH --partition={_option(partition, 'partition')}")
-    lines += [f"#SBATCH --chdir={_option(workdir, 'working folder')}",
-              f"#SBATCH --output={_option(logs, 'log folder')}/{name}-collect-%j.log"]
-    lines += [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra
-              if not option.startswith(("--gres", "--gpus", "--array", "--signal"))]
-    lines += ["", f"echo \"== array {array_id}: task states (as long as SLURM keeps them, "
-              "MinJobAge)\"",
-              f"squeue --noheader --states=all --jobs={array_id.replace(':', ',')} "
-              "--format='task %K: %T' | sort -V",
-              "echo \"== $(date -Is) collect\"", collect_cmd]
+             *_sbatch_lines(options, log_dir, f"{name}-collect-%j.log", extra,
+                            skip=("--gres", "--gpus", "--array", "--signal")), "",
+             f"echo \"== array {array_id}: task states (as long as SLURM keeps them, MinJobAge)\"",
+             f"squeue --noheader --states=all --jobs={array_id.replace(':', ',')} "
+             "--format='task %K: %T' | sort -V", "echo \"== $(date -Is) collect\"", collect_cmd]
     return "\n".join(lines) + "\n"
-
-
-DEFAULT_MAX_ARRAY = 1001  # SLURM's MaxArraySize when the cluster does not set it
 
 
 def check():
@@ -1044,8 +854,8 @@ def check():
     up to it, exclusive: a larger plan is submitted as several arrays, one after another)."""
     if shutil.which("sbatch") is None:
         raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
-                             "here (a test cluster on this machine, as root: "
-                             "bash scripts/slurm_cluster.sh start)")
+                          "here (a test cluster on this machine, as root: "
+                          "bash scripts/slurm_cluster.sh start)")
     try:
         shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
                                timeout=60).stdout
@@ -1056,8 +866,7 @@ def check():
 
 
 def _sbatch(text, path, what):
-    """Submit a script (on stdin), then write it to `path`; its job id, or one sentence, nothing
-    written."""
+    """Submit a script, then write it to `path`: its job id, or one sentence, nothing written."""
     done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
@@ -1066,27 +875,28 @@ def _sbatch(text, path, what):
     return done.stdout.strip().split(";")[0]  # --parsable: "<id>" or "<id>;<cluster>"
 
 
-def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, max_array=None, **opts):
+def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
     """Submit the plan as a job array (past the cluster's MaxArraySize, `max_array`: several, each
     after the one before), then the collect job after them (afterany); write the scripts beside
-    the plan (<plan>.sbatch or <plan>.<k>.sbatch, <plan>.collect.sbatch); print and return the
-    job ids (the last array's: it ends last)."""
+    the plan (<plan>.sbatch or <plan>.<k>.sbatch, <plan>.collect.sbatch), the logs in slurm-logs/
+    there; print and return the job ids (the last array's: it ends last)."""
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):
         raise cli.Failure(f"the plan {plan} has an empty line: every line must be a unit")
-    max_array = max_array or check()
-    job_name = job_name or plan.stem
-    logs = Path(log_dir or plan.parent / "slurm-logs").resolve()
+    max_array, job_name = max_array or check(), job_name or plan.stem
+    logs = plan.parent / "slurm-logs"
+
+    def script(first, **wait):
+        return sbatch_script(plan, min(max_array, len(units) - first), job_name=job_name,
+                             log_dir=logs, first=first, **{**opts, **wait})
     starts = range(0, max(len(units), 1), max_array)
-    texts = [sbatch_script(plan, min(max_array, len(units) - first), job_name=job_name,
-                           log_dir=logs, first=first, **opts) for first in starts]
+    texts = [script(first) for first in starts]  # every check before anything is submitted
     fresh = not logs.exists()
     files.make_dir(logs, "log folder")  # SLURM does not create the folder of --output
     arrays = []
-    for k, text in enumerate(texts):
-        if arrays:  # the next array starts once the one before ended
-            text = _after(text, arrays[-1], opts.get("after"))
+    for k, first in enumerate(starts):
+        text = script(first, after=arrays[-1:]) if arrays else texts[0]  # after the one before
         name = plan.stem + (f".{k}" if len(texts) > 1 else "") + ".sbatch"
         try:
             arrays.append(_sbatch(text, plan.with_name(name), "the job array"))
@@ -1096,29 +906,18 @@ def submit(plan_path, collect_cmd, *, job_name=None, log_dir=None, max_array=Non
             if not arrays:
                 raise
             raise cli.Failure(f"{err} (arrays {' '.join(arrays)} were submitted: scancel "
-                                 f"them, then submit again)") from None
-    array_id = arrays[-1]
-    shared = {k: opts[k] for k in ("partition", "extra", "workdir") if k in opts}
-    collect_text = collect_script(collect_cmd, ":".join(arrays), job_name=job_name, log_dir=logs,
-                                  **shared)
+                              f"them, then submit again)") from None
+    text = collect_script(collect_cmd, ":".join(arrays), job_name=job_name, log_dir=logs,
+                          partition=opts.get("partition"), extra=opts.get("extra", ()))
     try:
-        collect_id = _sbatch(collect_text, plan.with_name(plan.stem + ".collect.sbatch"),
+        collect_id = _sbatch(text, plan.with_name(plan.stem + ".collect.sbatch"),
                              "the collect job")
     except cli.Failure as err:
         raise cli.Failure(f"{err} (the array {' '.join(arrays)} was submitted and runs without "
-                             f"it: scancel {' '.join(arrays)}, or collect by hand later: "
-                             f"{collect_cmd})") from None
+                          f"it: scancel {' '.join(arrays)}, or collect by hand later: "
+                          f"{collect_cmd})") from None
     print_submitted(job_name, arrays, collect_id, len(units), logs, opts)
-    return array_id, collect_id
-
-
-def _after(text, array_id, after):
-    """An array script made to wait for the array before it (and not for `after` any more)."""
-    line = next((ln for ln in text.splitlines() if ln.startswith("#SBATCH --dependency=")), None)
-    wait = f"#SBATCH --dependency=afterany:{array_id}"
-    if line:
-        return text.replace(line + "\n", wait + "\n", 1)
-    return text.replace("#SBATCH --ntasks=1\n", f"#SBATCH --ntasks=1\n{wait}\n", 1)
+    return arrays[-1], collect_id
 
 
 def print_submitted(job_name, arrays, collect_id, n_units, logs, opts):
@@ -1137,33 +936,17 @@ def print_submitted(job_name, arrays, collect_id, n_units, logs, opts):
           f"submitting the same plan again finishes what is left)", flush=True)
 
 
-submit_parser = argparse.ArgumentParser(prog="python -m ept.grid", description="Submit a plan file to "
-                                 "SLURM: one job array, then the collect job after it.")
-submit_parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
-submit_parser.add_argument("--collect", required=True, metavar="CMD",
-                    help="the shell line that collects and reports after every task ended")
-submit_parser.add_argument("--job-name", help="default: the plan's name without .plan")
-submit_parser.add_argument("--log-dir", help="the tasks' logs (default: slurm-logs/ beside the plan)")
-submit_parser.add_argument("--partition", help="default: the cluster's default partition")
-submit_parser.add_argument("--time", help="each task's time limit (SLURM's format: 4:00:00, 1-12, ...)")
-submit_parser.add_argument("--gpus-per-task", type=cli.nonnegative_int, default=1,
-                    help="GPUs per unit (--gres=gpu:N; 0: no GPU line)")
-submit_parser.add_argument("--cpus-per-task", type=cli.positive_int)
-submit_parser.add_argument("--max-parallel", type=cli.positive_int, help="tasks at once (--array=...%%M)")
-submit_parser.add_argument("--signal-s", type=cli.positive_int, default=SIGNAL_S, help="USR1 this many "
-                    "seconds before the time limit: the unit checkpoints, the task requeues")
-submit_parser.add_argument("--after", action="append", default=[], metavar="JOBID",
-                    help="start the array once this job ended (afterany), e.g. an earlier plan's "
-                         "array that shares runs with this one (repeatable)")
-submit_parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPT", dest="extra",
-                    help="an #SBATCH line of both jobs, e.g. --sbatch-option=--account=nlp "
-                         "(repeatable)")
-
-
 @cli.script
 def main(argv=None):
-    args = vars(submit_parser.parse_args(argv))  # the other options are submit's keywords, by name
-    submit(args.pop("plan"), args.pop("collect"), **args)
+    """python -m ept.grid PLAN --collect CMD [the drivers' --slurm-* flags]."""
+    parser = argparse.ArgumentParser(prog="python -m ept.grid", description="Submit a plan file "
+                                     "to SLURM: job arrays, then the collect job after them.")
+    parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
+    parser.add_argument("--collect", required=True, metavar="CMD",
+                        help="the shell line that collects and reports after every task ended")
+    add_execution_args(parser, "--slurm-")
+    args = parser.parse_args(argv)
+    submit(args.plan, args.collect, **slurm_options(args))
 
 
 if __name__ == "__main__":

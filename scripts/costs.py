@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import tables  # noqa: E402
-from ept import files, grid, runfolder# noqa: E402
+from ept import files, grid, runfolder  # noqa: E402
 from ept.grid import floor_seconds, size_key  # noqa: E402
 
 
@@ -83,13 +83,17 @@ def pack_hours(plan, pack, hours, data_dir, extra, precision):
 
 # --- the dry run ---------------------------------------------------------------------------------
 
+def dry_pack_size(args, model):  # --pack-size, else the memory rule for the H200 measured on
+    return args.pack_size or grid.memory_pack_size(model, grid.ASSUMED_GPU_GB)
+
+
 def dry_run(experiment, plan, args, extra):
     """Every run with its status, estimated GPU-hours and the pack it would train in (a row each in
     dry_run.tsv), then the summary lines (wall time; GPU-hours unpacked, packed; fp32, bf16)."""
     hours = grid.plan_hours(plan, args.data_dir, extra)
     states = {name: runfolder.status(run_dir) for name, (_, _, run_dir) in plan.items()}
     todo = sorted((n for n in plan if states[n] != "done"), key=lambda n: -hours[n])  # as units go
-    packs = grid.make_packs(plan, todo, lambda model: grid.pack_size(args, model, "dry"))
+    packs = grid.make_packs(plan, todo, lambda model: dry_pack_size(args, model))
     # {run: {precision: (unpacked GPU-hours, its share of its pack's)}}; a finished run: hours twice
     figures = {name: {p: (hours[name], hours[name]) for p in PEAK_TFLOPS} for name in plan}
     for pack in packs:

@@ -95,11 +95,11 @@ def test_pack_size_rule():
     assert ept_grid.memory_pack_size("t5-large", 80) == 8
     assert ept_grid.memory_pack_size("t5-base", 24) == 6 and ept_grid.memory_pack_size("t5-large", 16) == 1
     args = ablate.parser.parse_args(["init"])
-    assert ept_grid.pack_size(args, "t5-large", "dry") == ept_grid.memory_pack_size("t5-large", ept_grid.ASSUMED_GPU_GB)
+    assert costs.dry_pack_size(args, "t5-large") == ept_grid.memory_pack_size("t5-large", ept_grid.ASSUMED_GPU_GB)
     if not torch.cuda.is_available():
         assert ept_grid.pack_size(args, "t5-base") == 1  # a CPU: no packing
     args = ablate.parser.parse_args(["init", "--pack-size", "3"])
-    assert ept_grid.pack_size(args, "t5-base") == ept_grid.pack_size(args, "t5-large", "dry") == 3
+    assert ept_grid.pack_size(args, "t5-base") == costs.dry_pack_size(args, "t5-large") == 3
 
 
 def test_pack_argv_shares_the_data_and_gives_each_run_its_folder(tmp_path):

@@ -117,12 +117,12 @@ def test_plan_lines_run_by_hand_from_anywhere_idempotent_and_collected_once(tiny
 
 def _plan(argv):
     args, extra = ablate.parser.parse_known_args(argv)
-    args.values = grid.parse_values(ablate.parser, ablate.VALUE_TYPES, args.experiment, args.values)
+    args.values = ablate.parse_values(args)
     return grid.plan_runs(ablate.init(args), args, extra), args, extra
 
 
 def test_slurm_submits_the_plan_and_the_collect_line(tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    """--slurm calls grid.submit(plan, collect line, ...) and trains nothing here (slurm.py's own tests run
+    """--slurm calls grid.submit(plan, collect line, ...) and trains nothing here (test_slurm.py runs
     the array on a real SLURM)."""
     calls = []
     monkeypatch.setattr(grid, "submit", lambda *a, **k: calls.append((a, k)))

@@ -1,4 +1,4 @@
-"""slurm.py: the sbatch scripts' text (always), and a plan of fake units on a real one-node SLURM cluster
+"""ept/grid.py on SLURM: the sbatch scripts' text (always), and a plan of fake units on a real one-node SLURM cluster
 (scripts/slurm_cluster.sh; skipped with the reason where it cannot start).
 
     python -m pytest -q tests/test_slurm.py                       # the cluster tests need root or a running cluster
@@ -41,7 +41,7 @@ def write_plan(path, lines):
 def test_sbatch_script_text(tmp_path):
     text = grid.sbatch_script(tmp_path / "t.plan", 12, job_name="table1", log_dir=tmp_path / "logs",
                                partition="gpu", time="4:00:00", max_parallel=4,
-                               extra=["--account=nlp"], cpus_per_task=2)
+                               extra=["--account=nlp", "--cpus-per-task=2"])
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
     for want in ["--job-name=table1", "--array=0-11%4", "--gres=gpu:1", "--partition=gpu",
@@ -108,8 +108,8 @@ def test_submit_writes_both_scripts_and_says_how_to_follow(tmp_path, monkeypatch
     sbatch.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     plan = write_plan(tmp_path / "table1.plan", ["true", "false"])
-    grid.main([str(plan), "--collect", "echo collected", "--gpus-per-task", "0", "--max-parallel", "1",
-                "--sbatch-option=--account=nlp", "--after", "39"])
+    grid.main([str(plan), "--collect", "echo collected", "--slurm-gpus", "0", "--slurm-max-tasks", "1",
+               "--slurm-option=--account=nlp", "--slurm-after", "39"])
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls == ["--parsable", "--parsable"]  # each script on stdin, written once submitted
     out = capsys.readouterr().out
