@@ -1,12 +1,9 @@
 """Where and how the model runs: T5 and its tokenizer (a Hub name or a folder; one sentence when
-either cannot be loaded), the device, the ranks of a torchrun group, and the precision.
-
-Precision (one name everywhere: --dtype, config.json "dtype"):
+either cannot be loaded), the ranks of a torchrun group, and the precision (--dtype, config.json):
     fp32  our reading (the paper names none; the HF Trainer's: fp32, TF32 off as PyTorch leaves it)
     tf32  fp32 weights and activations, matmuls on TF32 tensor cores (CUDA; on a CPU it is fp32)
-    bf16  bf16 autocast around the forward passes, trainable parameters and loss in fp32 (CUDA; T5
-          overflows in fp16). A speed option, not the paper's setting.
-"""
+    bf16  bf16 autocast around the forwards, trainable parameters and loss in fp32 (CUDA; T5
+          overflows in fp16). A speed option, not the paper's setting."""
 import functools
 import hashlib
 import os
@@ -67,10 +64,6 @@ def master_first(fn, rank, world_size, everyone=False):
         dist.broadcast_object_list([(failed, None if everyone or failed else result)], src=0)
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def set_precision(dtype, device):
     """Apply `dtype` to the process (TF32 switches); returns the forwards' autocast context."""
     if torch.device(device).type == "cuda":
@@ -80,9 +73,8 @@ def set_precision(dtype, device):
 
 def autocast(device, dtype):
     """bf16 autocast when asked, else nothing (fp32 / tf32)."""
-    if dtype == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
+    bf16 = dtype == "bf16"
+    return torch.autocast(torch.device(device).type, torch.bfloat16) if bf16 else nullcontext()
 
 
 # --- the process's random state: saved in checkpoints, restored on resume -------------------------
@@ -175,10 +167,9 @@ def _missing():
 
 
 def check_offline(model, tokenizer, dataset=None):
-    """train.py, before anything loads (issue 29): every Hub-bound input that is neither a local
-    folder nor in the local cache, named in ONE sentence with its local alternative, not one
-    failure after another; with HF_HUB_OFFLINE set, here, else when the first load finds the Hub
-    out of reach. `dataset`: the Hub id a missing data/<task>/ would be prepared from."""
+    """train.py, before anything loads: every Hub-bound input neither a folder nor cached, in ONE
+    sentence (here if HF_HUB_OFFLINE is set, else when the first load finds the Hub out of reach).
+    `dataset`: the Hub id a missing data/<task>/ would be prepared from."""
     wanted[:] = [("tokenizer", tokenizer), *([("dataset", dataset)] if dataset else []),
                  ("model", model)]
     if hub_offline() and (missing := _missing()):
@@ -187,9 +178,8 @@ def check_offline(model, tokenizer, dataset=None):
 
 
 def offline_error(what, name, err=None, fix=None):
-    """The one sentence for a Hub name that could not be loaded: why, and the way out (by default
-    the flag that takes a folder; `fix` where there is no such flag: a run folder's config.json
-    names the model)."""
+    """The one sentence for a Hub name that could not be loaded: why, and the way out (`fix`, by
+    default the flag that takes a folder)."""
     from huggingface_hub.errors import LocalEntryNotFoundError
     cause, offline, fix = err, hub_offline(), fix or f"pass {FLAGS[what]}"
     while cause is not None and not isinstance(cause, (LocalEntryNotFoundError, ConnectionError)):
