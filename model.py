@@ -223,13 +223,11 @@ class PromptedT5(nn.Module):
 
 
 # --- stateless dropout: each example's mask a hash of the example, not of a random stream ---------
-# T5's dropout sites (transformers' T5: the nn.Dropout after the embeddings, each attention and
-# feed-forward sublayer, inside the feed-forward between wi and wo, on the stack's output; and the
-# functional dropout on the attention weights) draw their masks from a counter-based hash of (run
-# seed, step, the example's dataset index, the site, the position relative to the example's own
-# tokens, the feature), folded in turn as JAX folds keys: one vectorised op per site. A run's masks
-# then depend on its own data only: alone or packed (left-padded prompts), on any number of ranks,
-# resumed or not. `dropout_keys` sets the examples' keys around a forward pass.
+# Every dropout site of T5 (each nn.Dropout, and the functional dropout on the attention weights)
+# draws its mask from a counter-based hash of (run seed, step, the example's dataset index, the
+# site, the position relative to the example's own tokens, the feature), folded in turn as JAX folds
+# keys: one vectorised op per site. A run's masks then depend on its own data only: alone or packed
+# (left-padded prompts), on any number of ranks, resumed or not. `dropout_keys` sets the keys.
 STATELESS = "ept_stateless"
 _context = []  # while a forward runs: [keys (B,), encoder offsets (B,), {site: calls so far}]
 

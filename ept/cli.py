@@ -1,7 +1,6 @@
 """The stages' command lines: value types (a wrong value is one argparse error, before any work),
---help with every default, two-line usage errors; and `Failure`, what the user can fix (bad input,
-a missing, damaged, busy or unwritable file, a stopped run): `script` makes it one sentence on
-stderr and a non-zero exit (SystemExit to a caller)."""
+--help with every default, two-line usage errors; `Failure`, what the user can fix (bad input, a
+bad file, a stopped run), which `script` makes one sentence on stderr and a non-zero exit."""
 import argparse
 import functools
 import math

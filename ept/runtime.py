@@ -141,8 +141,7 @@ RUN_FIX = ("a run trained on a Hub name needs it in the local Hugging Face cache
 wanted = []  # train.py's Hub-bound inputs (check_offline): a failed load names every missing one
 
 
-def hub_offline():
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set, as the Hub client reads it."""
+def hub_offline():  # HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set, as the Hub client reads it
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return value.upper() in ("1", "ON", "YES", "TRUE")
 
@@ -177,7 +176,7 @@ def check_offline(model, tokenizer, dataset=None):
                           f"{'; '.join(missing)}")
 
 
-def offline_error(what, name, err=None, fix=None):
+def offline_error(what, name, err, fix=None):
     """The one sentence for a Hub name that could not be loaded: why, and the way out (`fix`, by
     default the flag that takes a folder)."""
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -185,9 +184,8 @@ def offline_error(what, name, err=None, fix=None):
     while cause is not None and not isinstance(cause, (LocalEntryNotFoundError, ConnectionError)):
         cause = cause.__cause__ or cause.__context__  # the client's "no connection, not cached"
     if not offline and cause is None:
-        why = f" ({type(err).__name__})" if err is not None else ""
         return cli.Failure(f"could not load the {what} {name!r}: the Hub has no such name, or "
-                           f"refused it{why}; {fix}")
+                           f"refused it ({type(err).__name__}); {fix}")
     reason, hint = ("HF_HUB_OFFLINE is set", "") if offline else (
         "the Hugging Face Hub cannot be reached", " (without a network, export HF_HUB_OFFLINE=1)")
     if (what, name) in wanted and len(missing := _missing()) > 1:
@@ -198,9 +196,8 @@ def offline_error(what, name, err=None, fix=None):
 
 
 def local_folder(name_or_dir, what="model"):
-    """The folder `name_or_dir` names, or None for a Hub name. A file, or a path that does not exist
-    (absolute, relative with ./ or ../, or deeper than a Hub 'org/name'), is one sentence here, not
-    a Hub lookup."""
+    """The folder `name_or_dir` names, or None for a Hub name. A file, or a missing path that is no
+    Hub 'org/name' (absolute, ./, ../, ~, deeper), is one sentence here, not a Hub lookup."""
     path = Path(name_or_dir)
     if path.is_dir():
         return path
