@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 
-def _number(cast, low=None, high=None, low_open=False, name="value"):
+def _number(cast, low, high=None, low_open=False, name="value"):
     def parse(text):
         try:
             value = cast(text)
@@ -18,7 +18,7 @@ def _number(cast, low=None, high=None, low_open=False, name="value"):
             raise argparse.ArgumentTypeError(f"{text!r} is not a {name}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if low is not None and (value <= low if low_open else value < low):
+        if value <= low if low_open else value < low:
             raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low}")
         if high is not None and value > high:
             raise argparse.ArgumentTypeError(f"{text} must be <= {high}")
