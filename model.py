@@ -15,10 +15,9 @@ REPARAMS = ("mlp", "lstm")
 # §5.5 names ReLU only; Tanh and Sigmoid are the public EPT code's (our reading: its three)
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 INITS = ("uniform", "vocab", "label")
-# "vocab" init (Table 6) follows Lester et al. 2021: token ids drawn from the 5,000 most frequent
-# pieces. T5's SentencePiece ids are ordered by piece score, so those are the first 5,000 ordinary
-# ids: after pad 0, eos 1, unk 2, and far below the 100 sentinels (32,000+) and the 28 unused rows
-# past 32,100.
+# "vocab" init (Table 6) follows Lester et al. 2021: ids drawn from the 5,000 most frequent pieces.
+# T5's SentencePiece ids are ordered by piece score: the first 5,000 ordinary ids (after pad 0, eos
+# 1, unk 2; far below the 100 sentinels at 32,000+ and the 28 unused rows past 32,100).
 VOCAB_FIRST_PIECE, VOCAB_SAMPLE_SIZE = 3, 5000
 # the main setting (docs/paper.md, "Methods"); the learning rates: Appendix B.2
 DEFAULTS = {"prompt_length": 10, "hidden_size": {"resprompt": 400, "ept": 1, "ept_star": 1},
