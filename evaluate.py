@@ -70,7 +70,7 @@ def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="g
     if Path(output_path).resolve() == Path(input_path).resolve():
         raise cli.Failure(f"--output {output_path} is the input file; name another file")
     net, tokenizer, config = evaluation.load_run(run_dir, checkpoint, None, device)
-    device = device or runtime.default_device()
+    device = device or runtime.ranks().device
     # config.json keeps the task's meta.json (labels, lengths)
     preds = evaluation.run_predictions(
         net, tokenizer, [r["source"] for r in rows], config["meta"], mode=mode,

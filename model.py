@@ -1,11 +1,8 @@
-"""Every method of the paper as a prompt module in front of a frozen Hugging Face T5.
-
-A prompt method builds a matrix P' (n, d) from its trainable parameters; `PromptedT5.embed`
-prepends it to T5's encoder input embeddings and extends the attention mask with n ones.
-Nothing else in T5 changes (relative position buckets: no positions to shift). `ft` has no
-prompt and trains all of T5. After training only P' is needed: `save_folded_prompt` stores it.
-The paper's Param column: `python report.py --count` (tables.parameter_table).
-"""
+"""Every method of the paper as a prompt module in front of a frozen Hugging Face T5: a matrix P'
+(n, d) built from the method's trainable parameters, which `PromptedT5.embed` prepends to T5's
+encoder input embeddings (the attention mask extended with n ones). Nothing else in T5 changes
+(relative position buckets: no positions to shift). `ft` has no prompt and trains all of T5. After
+training only P' is needed: `save_folded_prompt` stores it."""
 import contextlib
 
 import torch
@@ -18,10 +15,9 @@ REPARAMS = ("mlp", "lstm")
 # §5.5 names ReLU only; Tanh and Sigmoid are the public EPT code's (our reading: its three)
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 INITS = ("uniform", "vocab", "label")
-# "vocab" init (Table 6) follows Lester et al. 2021: token ids drawn from the 5,000 most frequent
-# pieces. T5's SentencePiece ids are ordered by piece score, so those are the first 5,000 ordinary
-# ids: after pad 0, eos 1, unk 2, and far below the 100 sentinels (32,000+) and the 28 unused rows
-# past 32,100.
+# "vocab" init (Table 6) follows Lester et al. 2021: ids drawn from the 5,000 most frequent pieces.
+# T5's SentencePiece ids are ordered by piece score: the first 5,000 ordinary ids (after pad 0, eos
+# 1, unk 2; far below the 100 sentinels at 32,000+ and the 28 unused rows past 32,100).
 VOCAB_FIRST_PIECE, VOCAB_SAMPLE_SIZE = 3, 5000
 # the main setting (docs/paper.md, "Methods"); the learning rates: Appendix B.2
 DEFAULTS = {"prompt_length": 10, "hidden_size": {"resprompt": 400, "ept": 1, "ept_star": 1},
@@ -108,10 +104,9 @@ class ResPrompt(nn.Module):
 
 
 class EPTBlock(nn.Module):
-    """One bias-free down-up map d -> h -> d, with the Figure 9 ablation switches.
-
-    `extra_layer` puts one bias-free h -> h layer between down and up (d -> 1 -> 1 -> d): Table 4's
-    "additional MLP layer" (§5.4), Param 2.3K on t5-base: the main count + h*h = 2,305."""
+    """One bias-free down-up map d -> h -> d, with the Figure 9 ablation switches. `extra_layer`
+    puts one bias-free h -> h layer between down and up (d -> 1 -> 1 -> d): Table 4's "additional
+    MLP layer" (§5.4), Param 2.3K on t5-base: the main count + h*h = 2,305."""
 
     def __init__(self, d_model, hidden_size=1, layer_norm=False, residual=False, activation="none",
                  extra_layer=False):
@@ -130,9 +125,8 @@ class EPTBlock(nn.Module):
 
 
 class EPT(nn.Module):
-    """This paper: one vector P1 (1, d) through `depth` down-up blocks, broadcast n times.
-
-    `ept` uses n = 1; `ept_star` (EPT*) repeats the same row n = 10 times (Figure 7)."""
+    """This paper: one vector P1 (1, d) through `depth` down-up blocks, broadcast n times: `ept`
+    uses n = 1; `ept_star` (EPT*) repeats the same row n = 10 times (Figure 7)."""
 
     def __init__(self, vector, hidden_size=1, broadcast=1, depth=1, **switches):
         super().__init__()
@@ -168,15 +162,12 @@ def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", h
     _check("activation", activation, ACTIVATIONS)
     if method == "ft":
         return None
-    # None = default; 0 is an error
     n = DEFAULTS["prompt_length"] if prompt_length is None else prompt_length
     h = DEFAULTS["hidden_size"].get(method) if hidden_size is None else hidden_size
     b = DEFAULTS["broadcast"].get(method) if broadcast is None else broadcast
-    for name, value in (("prompt_length", n), ("hidden_size", h), ("broadcast", b),
-                        ("depth", depth)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for key, value in zip(("prompt_length", "hidden_size", "broadcast", "depth"), (n, h, b, depth)):
+        if value is not None and (type(value) is not int or value < 1):  # None: the default
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
     if method in ("ept", "ept_star"):
         vector = init_prompt(1, d_model, init, embedding, label_ids, generator)
         return EPT(vector, h, b, depth, layer_norm=layer_norm, residual=residual,
@@ -227,18 +218,15 @@ class PromptedT5(nn.Module):
         return self.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
     def load_trainable_state_dict(self, state):
-        module = self.t5 if self.prompt_module is None else self.prompt_module
-        module.load_state_dict(state)
+        (self.t5 if self.prompt_module is None else self.prompt_module).load_state_dict(state)
 
 
 # --- stateless dropout: each example's mask a hash of the example, not of a random stream ---------
-# T5's dropout sites (transformers' T5: the nn.Dropout after the embeddings, each attention and
-# feed-forward sublayer, inside the feed-forward between wi and wo, on the stack's output; and the
-# functional dropout on the attention weights) draw their masks from a counter-based hash of (run
-# seed, step, the example's dataset index, the site, the position relative to the example's own
-# tokens, the feature), folded in turn as JAX folds keys: one vectorised op per site. A run's masks
-# then depend on its own data only: alone or packed (left-padded prompts), on any number of ranks,
-# resumed or not. `dropout_keys` sets the examples' keys around a forward pass.
+# Every dropout site of T5 (each nn.Dropout, and the functional dropout on the attention weights)
+# draws its mask from a counter-based hash of (run seed, step, the example's dataset index, the
+# site, the position relative to the example's own tokens, the feature), folded in turn as JAX folds
+# keys: one vectorised op per site. A run's masks then depend on its own data only: alone or packed
+# (left-padded prompts), on any number of ranks, resumed or not. `dropout_keys` sets the keys.
 STATELESS = "ept_stateless"
 _context = []  # while a forward runs: [keys (B,), encoder offsets (B,), {site: calls so far}]
 
@@ -341,8 +329,8 @@ def stateless_dropout(t5):
 
 def count_trainable(module):
     """Trainable parameters, each shared tensor once (T5's tied embedding counts once)."""
-    return sum(p.numel()
-               for p in {id(p): p for p in module.parameters() if p.requires_grad}.values())
+    unique = {id(p): p for p in module.parameters() if p.requires_grad}
+    return sum(p.numel() for p in unique.values())
 
 
 def save_folded_prompt(path, prompt, meta=None):
@@ -362,26 +350,25 @@ def load_folded_prompt(path):
     return state["prompt"], state.get("meta", {})
 
 
-# The options of build_prompt_module, named as train.py's flags and config.json's keys, with their
-# defaults: a run folder written before an option existed is rebuilt with the option's default.
+# build_prompt_module's options (train.py's flags, config.json's keys) and their defaults: a run
+# folder written before an option existed is rebuilt with the option's default.
 PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, "broadcast": None,
                   "layer_norm": False, "residual": False, "activation": "none", "depth": 1,
                   "extra_layer": False}
 
-# The options each method's prompt module takes (build_prompt_module). Others leave the run as it
-# is: they neither multiply a sweep's runs nor appear in its name (options, runfolder.run_name).
+# The options each method takes; others neither multiply a sweep's runs nor appear in its name.
 EPT_OPTIONS = ("hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth",
                "extra_layer", "init")
 APPLIES = {"ft": (), "pt": ("prompt_length", "init"),
            "ptuning": ("prompt_length", "reparam", "init"),
            "resprompt": ("prompt_length", "hidden_size", "init"),
            "ept": EPT_OPTIONS, "ept_star": EPT_OPTIONS}
-# what APPLIES decides about; training options apply to every method
 METHOD_OPTIONS = (*PROMPT_OPTIONS, "init")
 
 
 def applies(option, method):
-    """False for a prompt option `method` ignores (EPT: no --prompt-length; PT: no --hidden-size)"""
+    """False for a prompt option `method` ignores (EPT: no --prompt-length; PT: no --hidden-size);
+    training options (not in METHOD_OPTIONS) apply to every method."""
     return option not in METHOD_OPTIONS or option in APPLIES[method]
 
 

@@ -1,7 +1,6 @@
 """The stages' command lines: value types (a wrong value is one argparse error, before any work),
---help with every default, two-line usage errors; and `Failure`, what the user can fix (bad input,
-a missing, damaged, busy or unwritable file, a stopped run): `script` makes it one sentence on
-stderr and a non-zero exit (SystemExit to a caller)."""
+--help with every default, two-line usage errors; `Failure`, what the user can fix (bad input, a
+bad file, a stopped run), which `script` makes one sentence on stderr and a non-zero exit."""
 import argparse
 import functools
 import math
@@ -11,7 +10,7 @@ import sys
 from pathlib import Path
 
 
-def _number(cast, low=None, high=None, low_open=False, name="value"):
+def _number(cast, low, high=None, low_open=False, name="value"):
     def parse(text):
         try:
             value = cast(text)
@@ -19,7 +18,7 @@ def _number(cast, low=None, high=None, low_open=False, name="value"):
             raise argparse.ArgumentTypeError(f"{text!r} is not a {name}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if low is not None and (value <= low if low_open else value < low):
+        if value <= low if low_open else value < low:
             raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low}")
         if high is not None and value > high:
             raise argparse.ArgumentTypeError(f"{text} must be <= {high}")

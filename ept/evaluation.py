@@ -276,7 +276,7 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     """(PromptedT5 with a FoldedPrompt or a fine-tuned T5, tokenizer, config) from a run folder."""
     run_dir = Path(run_dir)
     config = runfolder.read_config(run_dir)
-    device = device or runtime.default_device()
+    device = device or runtime.ranks().device
     t5 = runtime.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
                          fix=runtime.RUN_FIX)
     tokenizer = runtime.load_tokenizer(config["tokenizer"], fix=runtime.RUN_FIX)
@@ -350,7 +350,7 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     tag defaults to 'rank' in rank mode. Returns the result dict (with 'score')."""
     say = (lambda *a: None) if quiet else print
     net, tokenizer, config = load_run(run_dir, checkpoint, prompt, device)
-    device, task = device or runtime.default_device(), task or config["task"]
+    device, task = device or runtime.ranks().device, task or config["task"]
     data_dir = str(data_dir or config["data_dir"])
     if data_dir != config["data_dir"]:
         say(f"evaluate: --data-dir {data_dir} overrides the run's {config['data_dir']}")
@@ -381,7 +381,7 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
 def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None):
     """The frozen T5 `model` alone, no prompt and no run folder (the steering benchmark's floor):
     its metrics on `split` of `task` (greedy decoding, fp32)."""
-    device = device or runtime.default_device()
+    device = device or runtime.ranks().device
     net = M.PromptedT5(runtime.load_t5(model), None).to(device).eval()
     _, _, scores, _ = _score(net, runtime.load_tokenizer(model), data_dir, task, split, None,
                              mode="generate", device=device, batch_size=batch_size, dtype="fp32")

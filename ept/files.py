@@ -1,14 +1,9 @@
-"""The project's files on disk: one reader and one writer per kind of file, shared by every stage.
-Every writer is atomic (a temporary file beside the target, then `os.replace`): a file is its old
-self or wholly new, even under SIGKILL or a full disk. Every reader fails with one sentence naming
-the file and what is wrong (missing, not JSON, truncated, not UTF-8, unreadable). The kinds:
-
-    folder          data/<task>/, an exported adapter: filled beside, then swapped in whole
-    JSON            config.json, meta.json, metrics.json, results/analysis/*.json
-    JSONL           data splits, log.jsonl, predictions; results/*.jsonl, whole lines appended
-                    under a lock (never a torn row)
-    torch           best.pt, last.pt, prompt.pt, the tokenization cache (weights_only-loadable)
-"""
+"""The project's files: one reader and one writer per kind (folders: data/<task>/, an exported
+adapter; JSON; JSONL: data splits, logs, predictions, results/*.jsonl appended line by line under a
+lock; torch: checkpoints, prompt.pt, the tokenization cache, weights_only-loadable). Every writer is
+atomic (a temporary file beside the target, then `os.replace`): a file is its old self or wholly
+new, even under SIGKILL or a full disk. Every reader fails with one sentence naming the file and
+what is wrong (missing, not JSON, truncated, not UTF-8, unreadable)."""
 import contextlib
 import errno
 import fcntl
@@ -42,8 +37,6 @@ def why(err):
     return kind or WHY_ERRNO.get(err.errno) or err.strerror or type(err).__name__
 
 
-# --- reading -------------------------------------------------------------------------------------
-
 def read_text(path, what="file"):
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -63,9 +56,8 @@ def read_json(path, what="JSON file"):
 
 def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_ok=False, fix=None):
     """The rows of a JSONL file (the first `limit`). `torn_tail_ok`: a last line without its newline
-    that is not valid JSON is the half-written line of a killed writer, and is dropped (log.jsonl).
-    `missing_ok`: a file that does not exist yet has no rows (results files). `fix`: the way out,
-    named in the message when a line is damaged."""
+    that is not JSON, a killed writer's, is dropped (log.jsonl). `missing_ok`: no file, no rows.
+    `fix`: the way out a damaged line's message names."""
     fix = f"; {fix}" if fix else ""
     if missing_ok and not Path(path).exists():
         return []
@@ -97,8 +89,7 @@ def load_torch(path, what="checkpoint", fix=None):
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
             KeyError) as err:
-        # EINVAL: torch seeking in a truncated archive
-        if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL):
+        if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL):  # EINVAL: truncated
             raise FileFault(f"cannot read the {what} {path}: {why(err)}") from None
         raise FileFault(f"the {what} {path} is damaged (truncated or not a checkpoint of this "
                         f"project: {type(err).__name__}){fix}") from None
@@ -113,8 +104,6 @@ def make_dir(path, what="folder"):
         raise FileFault(f"cannot create the {what} {path}: {why(err)}") from None
     return path
 
-
-# --- writing -------------------------------------------------------------------------------------
 
 def write_with(path, save):
     """Atomic write through `save(tmp_path)` (torch.save, savefig, safetensors, ...); a failure
@@ -154,17 +143,15 @@ def write_jsonl(path, rows):
 
 def save_torch(path, obj):
     def save(tmp):
-        failure = None
         try:
-            torch.save(obj, tmp)
+            return torch.save(obj, tmp)
         except RuntimeError as err:  # torch's zip writer reports a full disk as a RuntimeError
             failure = (str(err).splitlines() or [""])[0]
         # raised outside the except: its traceback would keep the writer's file open
-        if failure is not None:
-            space = os.statvfs(tmp.parent)
-            full = space.f_bavail * space.f_frsize < 2**20
-            raise OSError(errno.ENOSPC if full else errno.EIO,
-                          "No space left on device" if full else f"torch.save failed: {failure}")
+        space = os.statvfs(tmp.parent)
+        full = space.f_bavail * space.f_frsize < 2**20
+        raise OSError(errno.ENOSPC if full else errno.EIO,
+                      "No space left on device" if full else f"torch.save failed: {failure}")
     return write_with(path, save)
 
 
@@ -197,8 +184,7 @@ def write_folder(path, fill):
 @contextlib.contextmanager
 def locked(path):
     """An exclusive lock (flock) on `path`.lock for several processes' read-check-append."""
-    lock_path = Path(f"{path}.lock")
-    make_dir(lock_path.parent)
+    lock_path = make_dir(Path(path).parent) / f"{Path(path).name}.lock"
     try:
         f = open(lock_path, "a")
     except OSError as err:

@@ -1,12 +1,9 @@
 """Where and how the model runs: T5 and its tokenizer (a Hub name or a folder; one sentence when
-either cannot be loaded), the device, the ranks of a torchrun group, and the precision.
-
-Precision (one name everywhere: --dtype, config.json "dtype"):
+either cannot be loaded), the ranks of a torchrun group, and the precision (--dtype, config.json):
     fp32  our reading (the paper names none; the HF Trainer's: fp32, TF32 off as PyTorch leaves it)
     tf32  fp32 weights and activations, matmuls on TF32 tensor cores (CUDA; on a CPU it is fp32)
-    bf16  bf16 autocast around the forward passes, trainable parameters and loss in fp32 (CUDA; T5
-          overflows in fp16). A speed option, not the paper's setting.
-"""
+    bf16  bf16 autocast around the forwards, trainable parameters and loss in fp32 (CUDA; T5
+          overflows in fp16). A speed option, not the paper's setting."""
 import functools
 import hashlib
 import os
@@ -67,10 +64,6 @@ def master_first(fn, rank, world_size, everyone=False):
         dist.broadcast_object_list([(failed, None if everyone or failed else result)], src=0)
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def set_precision(dtype, device):
     """Apply `dtype` to the process (TF32 switches); returns the forwards' autocast context."""
     if torch.device(device).type == "cuda":
@@ -80,9 +73,8 @@ def set_precision(dtype, device):
 
 def autocast(device, dtype):
     """bf16 autocast when asked, else nothing (fp32 / tf32)."""
-    if dtype == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
+    bf16 = dtype == "bf16"
+    return torch.autocast(torch.device(device).type, torch.bfloat16) if bf16 else nullcontext()
 
 
 # --- the process's random state: saved in checkpoints, restored on resume -------------------------
@@ -149,8 +141,7 @@ RUN_FIX = ("a run trained on a Hub name needs it in the local Hugging Face cache
 wanted = []  # train.py's Hub-bound inputs (check_offline): a failed load names every missing one
 
 
-def hub_offline():
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set, as the Hub client reads it."""
+def hub_offline():  # HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set, as the Hub client reads it
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return value.upper() in ("1", "ON", "YES", "TRUE")
 
@@ -175,10 +166,9 @@ def _missing():
 
 
 def check_offline(model, tokenizer, dataset=None):
-    """train.py, before anything loads (issue 29): every Hub-bound input that is neither a local
-    folder nor in the local cache, named in ONE sentence with its local alternative, not one
-    failure after another; with HF_HUB_OFFLINE set, here, else when the first load finds the Hub
-    out of reach. `dataset`: the Hub id a missing data/<task>/ would be prepared from."""
+    """train.py, before anything loads: every Hub-bound input neither a folder nor cached, in ONE
+    sentence (here if HF_HUB_OFFLINE is set, else when the first load finds the Hub out of reach).
+    `dataset`: the Hub id a missing data/<task>/ would be prepared from."""
     wanted[:] = [("tokenizer", tokenizer), *([("dataset", dataset)] if dataset else []),
                  ("model", model)]
     if hub_offline() and (missing := _missing()):
@@ -186,18 +176,16 @@ def check_offline(model, tokenizer, dataset=None):
                           f"{'; '.join(missing)}")
 
 
-def offline_error(what, name, err=None, fix=None):
-    """The one sentence for a Hub name that could not be loaded: why, and the way out (by default
-    the flag that takes a folder; `fix` where there is no such flag: a run folder's config.json
-    names the model)."""
+def offline_error(what, name, err, fix=None):
+    """The one sentence for a Hub name that could not be loaded: why, and the way out (`fix`, by
+    default the flag that takes a folder)."""
     from huggingface_hub.errors import LocalEntryNotFoundError
     cause, offline, fix = err, hub_offline(), fix or f"pass {FLAGS[what]}"
     while cause is not None and not isinstance(cause, (LocalEntryNotFoundError, ConnectionError)):
         cause = cause.__cause__ or cause.__context__  # the client's "no connection, not cached"
     if not offline and cause is None:
-        why = f" ({type(err).__name__})" if err is not None else ""
         return cli.Failure(f"could not load the {what} {name!r}: the Hub has no such name, or "
-                           f"refused it{why}; {fix}")
+                           f"refused it ({type(err).__name__}); {fix}")
     reason, hint = ("HF_HUB_OFFLINE is set", "") if offline else (
         "the Hugging Face Hub cannot be reached", " (without a network, export HF_HUB_OFFLINE=1)")
     if (what, name) in wanted and len(missing := _missing()) > 1:
@@ -208,9 +196,8 @@ def offline_error(what, name, err=None, fix=None):
 
 
 def local_folder(name_or_dir, what="model"):
-    """The folder `name_or_dir` names, or None for a Hub name. A file, or a path that does not exist
-    (absolute, relative with ./ or ../, or deeper than a Hub 'org/name'), is one sentence here, not
-    a Hub lookup."""
+    """The folder `name_or_dir` names, or None for a Hub name. A file, or a missing path that is no
+    Hub 'org/name' (absolute, ./, ../, ~, deeper), is one sentence here, not a Hub lookup."""
     path = Path(name_or_dir)
     if path.is_dir():
         return path
