@@ -3,7 +3,7 @@
 Reads data/<task>/ (prepare_data.py; prepared on first use when missing) and a T5 (Hub name or local
 folder). Writes the run folder (ept/runfolder.py): config.json, log.jsonl (every step's loss, lr, grad
 norm, prompt norm mu_t of Eq. 4 and throughput; every validation; the end), best.pt and last.pt
-(trainable state, optimizer, scheduler, RNG, data position; weights_only-loadable), prompt.pt (the
+(trainable state, optimizer, scheduler, data position; weights_only-loadable), prompt.pt (the
 folded P' of the best checkpoint) and metrics.json (test metrics of the best checkpoint).
 
     python train.py --method ept                  # EPT on RTE, t5-base: the paper's setting
@@ -100,7 +100,6 @@ def train(run, task, model, ranks, say):
     signal write last.pt and exit; else one optimizer step (train_step) and its log line."""
     args, n_train = run.args, len(task.data[0])
     lengths = [len(s) + len(t) for s, t in zip(*task.data[:2])]  # tokens/s, --group-by-length
-    restore_rng([run], ranks)
     amp = runtime.set_precision(args.dtype, ranks.device)
     meter = runtime.Throughput(warm=2 if args.max_steps - run.step >= 10 else 0)
     bar = tqdm(total=args.max_steps, initial=run.step, desc=run.out_dir.name, dynamic_ncols=True,
@@ -223,7 +222,6 @@ class Run:
     lock: object = None
     log: object = None
     config: dict | None = None
-    rng: dict | None = None  # this rank's RNG state from last.pt (None: reseed)
     order: tuple = field(default=(None, None), repr=False)  # (epoch, that epoch's order)
 
     @property
@@ -243,15 +241,14 @@ class Run:
         if self.index >= n_train:
             self.epoch, self.index = self.epoch + 1, 0
 
-    def state(self, rngs=None, world_size=1):
-        """last.pt / best.pt (runfolder.CHECKPOINT_KEYS; weights_only-loadable). `rngs`: every
-        rank's RNG states (runtime.rng_state())."""
+    def state(self):
+        """last.pt / best.pt (runfolder.CHECKPOINT_KEYS; weights_only-loadable). No RNG state:
+        dropout masks and the data order are functions of (seed, step, example)."""
         return {"step": self.step,
                 "trainable": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": list(rngs or []), "data": {"epoch": self.epoch, "index": self.index},
-                "best_score": self.best_score, "best_step": self.best_step,
-                "world_size": world_size}
+                "data": {"epoch": self.epoch, "index": self.index},
+                "best_score": self.best_score, "best_step": self.best_step}
 
     def load_state(self, state):
         """Continue from a checkpoint of this run (written alone or in a pack)."""
@@ -312,7 +309,7 @@ def new_run(t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None, 
     run = Run(args, net, *make_optimizer(trainable, args, fused), name=name or str(out_dir),
               out_dir=out_dir, resumed=resume_path is not None)
     if resume_path is not None:
-        runfolder.resume(run, resume_path, ranks, say)
+        runfolder.resume(run, resume_path, ranks)
     run.start_step = run.step
     return run
 
@@ -334,16 +331,6 @@ def wrap(net, args, ranks):
         return net
     cuda = ranks.device.startswith("cuda")
     return DDP(net, forward_sync_buffers=False, device_ids=[ranks.local_rank] if cuda else None)
-
-
-def restore_rng(runs_, ranks):
-    """The RNG (dropout) of the run furthest behind from its last.pt, or seed + rank when fresh or
-    when another number of ranks wrote it."""
-    behind = min(runs_, key=lambda r: r.step)
-    if behind.rng is not None:
-        runtime.set_rng_state(behind.rng)
-    else:
-        runtime.seed_everything(runs_[0].args.seed + ranks.rank + 1_000_003 * behind.step)
 
 
 # --- validation, checkpoints, the end -------------------------------------------------------------

@@ -101,7 +101,6 @@ def start(t5, todo, task, ranks, held, say):
 def train_pack(team, task, t5, ranks, say, max_rows=None):
     """train.train for R runs: at the top of each step a run validates and saves when due and
     finishes at its last (train.py's functions); then one pack step trains the others."""
-    train.restore_rng(team, ranks)
     args = team[0].args
     pack = Pack(t5, team, task.data, device=ranks.device, rank=ranks.rank,
                 amp=runtime.set_precision(args.dtype, ranks.device), world_size=ranks.world_size,

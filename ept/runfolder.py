@@ -24,9 +24,9 @@ import model as M
 from ept import cli, files, runtime
 
 
-# last.pt / best.pt, as train.Run.state writes them (checked on --resume)
-CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "rng", "data", "best_score",
-                   "best_step", "world_size")
+# last.pt / best.pt, as train.Run.state writes them (checked on --resume; older ones also hold
+# "rng" and "world_size", unused since dropout is stateless)
+CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "data", "best_score", "best_step")
 
 
 def open_run_folder(out_dir, resume, overwrite, say):
@@ -168,10 +168,10 @@ def read_checkpoint(resume_path, max_steps):
     return ckpt
 
 
-def resume(run, path, ranks, say):
+def resume(run, path, ranks):
     """Load last.pt (`path`) into `run` (refused when it does not fit or is not finite), and on rank
     0 read its config.json and log.jsonl now: a damaged one stops a pack before any run's files
-    change. run.rng: this rank's RNG state; None (reseed) when another number of ranks wrote it."""
+    change."""
     ckpt = read_checkpoint(path, run.args.max_steps)
     if ranks.master:
         check_schedule(run.out_dir, run.args)
@@ -184,13 +184,8 @@ def resume(run, path, ranks, say):
                              "start over") from None
     if not weights_finite(run.params):
         raise cli.Failure(f"train: {path} holds NaN or inf weights; --overwrite to start over")
-    rng = ckpt["rng"][ranks.rank] if len(ckpt["rng"]) == ranks.world_size else None
-    if rng is None:
-        say(f"train: last.pt was written by {len(ckpt['rng'])} ranks, now {ranks.world_size}: "
-            "RNG reseeded")
     if ranks.master and (run.out_dir / "log.jsonl").exists():
         read_log(run.out_dir / "log.jsonl")
-    run.rng = rng
 
 
 # the options that shape last.pt's optimizer and lr schedule: --resume must keep them (issue 28)
@@ -276,14 +271,10 @@ def clear_run_files(out_dir, overwrite, say):
 
 
 def save_checkpoint(run, ranks, *names):
-    """A run's last.pt / best.pt (rank 0 writes every rank's RNG). The caller has checked the
-    weights finite (weights_finite): no NaN/inf state is ever saved."""
-    rngs = [runtime.rng_state()]
-    if ranks.world_size > 1:
-        rngs = [None] * ranks.world_size
-        dist.all_gather_object(rngs, runtime.rng_state())
-    state = run.state(rngs, ranks.world_size)
+    """A run's last.pt / best.pt, written by rank 0. The caller has checked the weights finite
+    (weights_finite): no NaN/inf state is ever saved."""
     if ranks.master:
+        state = run.state()
         for name in names:
             files.save_torch(run.out_dir / name, state)
 

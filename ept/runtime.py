@@ -15,7 +15,6 @@ import argparse
 import functools
 import hashlib
 import os
-import random
 import resource
 import socket
 import sys
@@ -26,7 +25,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -95,34 +93,6 @@ def autocast(device, dtype):
     if dtype == "bf16":
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-# --- the process's random state: saved in checkpoints, restored on resume -------------------------
-
-def rng_state():
-    """Every RNG as tensors and plain values (weights_only-loadable)."""
-    version, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(mt), gauss],
-            "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 class Throughput:
