@@ -1,5 +1,5 @@
 """train.py's options: its flags and defaults, the runs a command line asks for (a sweep or --runs
-FILE) and each run's folder name; the drivers plan their runs by these same rules.
+FILE) and each run's folder name (run_name); the drivers plan their runs by these same rules.
 """
 import argparse
 import itertools
@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import model as M
-from ept import cli, files, runfolder, runtime
+from ept import cli, files, runtime
 
 # train.py sets its text
 # no abbreviations: `--max-step 3` or `--eval 5` is an error, never a guess (issue 28)
@@ -139,17 +139,39 @@ def resolve(args):
     return args
 
 
+# A run folder's name, for a solo run, a pack's runs and the drivers' alike: <task>_<method>_<model>
+# [_<options that differ from train.py's defaults and apply to the method>]_s<seed>.
+NAME_TAGS = [("prompt_length", "n"), ("reparam", ""), ("hidden_size", "h"), ("broadcast", "b"),
+             ("depth", "d"), ("extra_layer", "x1"), ("init", "init-"), ("layer_norm", "ln"),
+             ("residual", "res"), ("activation", ""), ("lr", "lr"), ("max_steps", "steps"),
+             ("epochs", "ep"), ("eval_every", "ev"), ("fewshot_k", "k"), ("fewshot_seed", "fs")]
+
+
 def defaults(method):
     """train.py's defaults for `method`, read from its own parser and resolve(): what a run name
     leaves out. The few-shot sample always shows in a name (no default)."""
     args = resolve(parser.parse_args(["--method", method]))
-    return {**{key: getattr(args, key) for key, _ in runfolder.NAME_TAGS}, "fewshot_seed": None}
+    return {**{key: getattr(args, key) for key, _ in NAME_TAGS}, "fewshot_seed": None}
 
 
-def run_name(args):
-    """The folder name of a resolved run of a pack (runfolder.run_name against defaults(method))."""
-    spec = {k: v for k, v in vars(args).items() if args.fewshot_k or k != "fewshot_seed"}
-    return runfolder.run_name(spec, defaults(args.method))
+def model_tag(model_name):
+    return Path(str(model_name).rstrip("/")).name  # "t5-base", "smoke/tiny-t5" -> "tiny-t5"
+
+
+def run_name(spec):
+    """The folder name of the run `spec` (a dict or Namespace of train.py's options: task, method,
+    model, seed, ...), e.g. boolq_ept_t5-base_h50_s1; the few-shot sample only with --fewshot-k."""
+    spec = spec if isinstance(spec, dict) else vars(spec)
+    default, tags = defaults(spec["method"]), []
+    for key, tag in NAME_TAGS:
+        value = spec.get(key, default[key])
+        if (value is None or value == default[key] or not M.applies(key, spec["method"])
+                or key == "fewshot_seed" and not spec.get("fewshot_k")):
+            continue
+        tags.append(tag if value is True else f"{tag}{value:g}" if isinstance(value, float)
+                    else f"{tag}{value}")
+    return "_".join([spec["task"], spec["method"], model_tag(spec["model"]), *tags,
+                     f"s{spec['seed']}"])
 
 
 def per_run_value(key, value):

@@ -313,33 +313,6 @@ def cleanup(out_dirs, held, master):
 
 # --- over its life: claim, check, start, checkpoint, resume, clean up ------------------------------
 
-# A run folder's name, for a solo run, a pack's runs and the drivers' alike: <task>_<method>_<model>
-# [_<options that differ from train.py's defaults and apply to the method>]_s<seed>.
-NAME_TAGS = [("prompt_length", "n"), ("reparam", ""), ("hidden_size", "h"), ("broadcast", "b"),
-             ("depth", "d"), ("extra_layer", "x1"), ("init", "init-"), ("layer_norm", "ln"),
-             ("residual", "res"), ("activation", ""), ("lr", "lr"), ("max_steps", "steps"),
-             ("epochs", "ep"), ("eval_every", "ev"), ("fewshot_k", "k"), ("fewshot_seed", "fs")]
-
-
-def model_tag(model_name):
-    return Path(str(model_name).rstrip("/")).name  # "t5-base", "smoke/tiny-t5" -> "tiny-t5"
-
-
-def run_name(spec, defaults):
-    """The folder name of the run `spec` (task, method, model, seed + options); `defaults`:
-    train.py's defaults for its method (options.defaults), which the name leaves out, e.g.
-    boolq_ept_t5-base_h50_s1."""
-    tags = []
-    for key, tag in NAME_TAGS:
-        value = spec.get(key, defaults[key])
-        if value is None or value == defaults[key] or not M.applies(key, spec["method"]):
-            continue
-        tags.append(tag if value is True else f"{tag}{value:g}" if isinstance(value, float)
-                    else f"{tag}{value}")
-    return "_".join([spec["task"], spec["method"], model_tag(spec["model"]), *tags,
-                     f"s{spec['seed']}"])
-
-
 FAILED_NAME, LOCK_NAME = "failed.txt", "run.lock"
 RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "metrics.json",
              FAILED_NAME)
