@@ -65,12 +65,12 @@ def table(team, results):
 
 
 def open_folders(specs, held, left_out, say):
-    """train.open_folder for each run: [(spec, resume path)] of those to train."""
+    """runfolder.open_folder for each run: [(spec, resume path)] of those to train."""
     todo = []
     for spec in specs:
         out_dir = Path(spec.out_dir)
         try:
-            resume_path = train.open_folder(spec, out_dir, held, say, packed=True)
+            resume_path = runfolder.open_folder(spec, out_dir, held, say, packed=True)
         except runfolder.Busy as err:
             say(f"train: left out of the pack: {err}")
             left_out.append(str(out_dir))
@@ -87,8 +87,7 @@ def start(t5, todo, task, ranks, held, say):
     for spec, resume_path in todo:
         spec.max_length = max_length
         out_dir = Path(spec.out_dir)
-        run = train.new_run(t5, spec, task, ranks, out_dir=out_dir, resume_path=resume_path,
-                            say=say)
+        run = train.new_run(t5, spec, task, ranks, out_dir=out_dir, resume_path=resume_path)
         run.lock = locks.pop(str(out_dir), None)  # the run releases its own when it leaves
         team.append(run)
     held[:] = [*locks.values(), *team]
