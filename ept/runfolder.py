@@ -233,7 +233,7 @@ def check_schedule(out_dir, args):
 
 
 def read_log(path):
-    """A run's log.jsonl, to resume it: its events (a half-written last line dropped)."""
+    """A run's log.jsonl to resume: its events (a half-written last line dropped)."""
     return files.read_jsonl(path, what="run log", torn_tail_ok=True,
                             fix="repair or delete that line, then --resume again")
 
@@ -362,8 +362,7 @@ def weights_finite(params):
 
 
 def save_checkpoint(run, ranks, *names):
-    """A run's last.pt / best.pt, written by rank 0; the caller checked weights_finite: no NaN/inf
-    state is ever saved."""
+    """A run's last.pt / best.pt, written by rank 0 (the caller checked weights_finite)."""
     if ranks.master:
         state = run.state()
         for name in names:
@@ -515,7 +514,6 @@ class Stopped(cli.Failure):
     """A stop signal arrived: last.pt was written at a step boundary; exit 128 + the signal."""
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _stop_signal = []  # the signal received, set by the handler, read at each step boundary
 _stopping = []  # set once the run stops (Stopped, a second Ctrl-C): later signals wait for cleanup
 
@@ -541,7 +539,8 @@ def stop_on_signals():
         return
     _stop_signal.clear()
     _stopping.clear()
-    before = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
+    before = {sig: signal.signal(sig, _on_signal)
+              for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         yield
     finally:
