@@ -285,6 +285,17 @@ def test_sigkill_then_resume_equals_uninterrupted(data_dir, tiny_model_dir, tmp_
     assert [e["step"] for e in events(broken, "resume")] == [killed_at]
 
 
+def stop_at(monkeypatch, at):
+    """train.py stops at step `at` as on a real SIGUSR1 (sent during the step before): last.pt, exit 138."""
+    step = train.train_step
+
+    def interrupted(model, run, *rest):
+        if run.step == at - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(model, run, *rest)
+    monkeypatch.setattr(train, "train_step", interrupted)
+
+
 def test_stop_then_resume_of_an_old_checkpoint_equals_uninterrupted(data_dir, tiny_model_dir, tmp_path,
                                                                     monkeypatch):
     """Dropout on (0.1): a real SIGUSR1 during step 2 stops the run at step 2 with last.pt (exit 138); that
@@ -293,17 +304,11 @@ def test_stop_then_resume_of_an_old_checkpoint_equals_uninterrupted(data_dir, ti
     flags = ("--max-steps", 4, "--eval-every", 2, "--method", "ptuning", "--no-test")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     want = train.main(argv(data_dir, tiny_model_dir, whole, *flags))
-    step = train.train_step
-
-    def interrupted(model, run, *rest):
-        if run.step == 1:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return step(model, run, *rest)
-    monkeypatch.setattr(train, "train_step", interrupted)
-    with pytest.raises(SystemExit) as stop:
-        train.main(argv(data_dir, tiny_model_dir, broken, *flags))
+    with monkeypatch.context() as patch:
+        stop_at(patch, 2)
+        with pytest.raises(SystemExit) as stop:
+            train.main(argv(data_dir, tiny_model_dir, broken, *flags))
     assert stop.value.code == 138
-    monkeypatch.setattr(train, "train_step", step)
     last = torch.load(broken / "last.pt", weights_only=True)
     assert last["step"] == 2 and "rng" not in last
     torch.save({**last, "rng": [{"torch": torch.get_rng_state()}], "world_size": 1}, broken / "last.pt")
@@ -315,9 +320,10 @@ def test_stop_then_resume_of_an_old_checkpoint_equals_uninterrupted(data_dir, ti
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one(data_dir, tiny_model_dir, tmp_path):
+def test_torchrun_two_processes_equal_one(data_dir, tiny_model_dir, tmp_path, monkeypatch):
     """Global batch 8: 2 ranks x 4 (gloo) vs 1 process x 8, dropout on (0.1: an example's masks do not depend
-    on its rank). 20 training rows: the third batch of each epoch is partial (4 rows, 2 per rank)."""
+    on its rank). 20 training rows: the third batch of each epoch is partial (4 rows, 2 per rank). A run
+    stopped at step 3 in one process and resumed on 2 ranks is the same run too (last.pt has no RNG state)."""
     flags = ("--max-steps", 6, "--eval-every", 3, "--method", "resprompt", "--eval-mode", "rank")
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli("train.py", argv(data_dir, tiny_model_dir, one, *flags))
@@ -335,6 +341,18 @@ def test_torchrun_two_processes_equal_one(data_dir, tiny_model_dir, tmp_path):
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
     assert ma == mb and ma["n"] == 12  # predictions gathered from both ranks, never per-rank averages
     assert [e["score"] for e in events(one, "eval")] == [e["score"] for e in events(two, "eval")]
+    half = tmp_path / "half"
+    stop_at(monkeypatch, 3)
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv(data_dir, tiny_model_dir, half, *flags))
+    assert stop.value.code == 138 and torch.load(half / "last.pt", weights_only=True)["step"] == 3
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "train.py"), *argv(data_dir, tiny_model_dir, half, *flags, "--resume")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [e["loss"] for e in events(half, "train")] == pytest.approx([e["loss"] for e in a], rel=1e-5)
+    assert torch.allclose(M.load_folded_prompt(one / "prompt.pt")[0], M.load_folded_prompt(half / "prompt.pt")[0],
+                          rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu
