@@ -50,16 +50,14 @@ def main(args, specs, ranks, max_rows=None):
 def table(team, results):
     """The sweep's runs at the end (issue 29): name, best validation score and step, test score,
     mu_t at the last step ("-" where there is none)."""
-
     def cell(v):
         return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
     rows = [("run", "best val", "step", "test", "mu_t end")]
     for run in team:
         r = results.get(str(run.out_dir), {})
-        test = (r.get("metrics") or {}).get("score")
         end = f"stopped: {r['stopped']}" if r.get("stopped") else cell(r.get("mu_t_end"))
         rows.append((run.out_dir.name, cell(r.get("best_score")), cell(r.get("best_step")),
-                     cell(test), end))
+                     cell((r.get("metrics") or {}).get("score")), end))
     widths = [max(len(row[k]) for row in rows) for k in range(5)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 

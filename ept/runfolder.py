@@ -166,7 +166,8 @@ def old_config(out_dir):
 
 def refuse_more_steps(out_dir, args):
     """A finished run asked for more training (--resume with a larger --max-steps or --epochs) is
-    refused: its lr decayed linearly to 0 at its last step (docs/training.md, "Resume")."""
+    refused: its lr decayed linearly to 0 at its last step, and training on would need a schedule
+    that is neither the old run's nor a fresh run of the new length (docs/training.md, "Resume")."""
     config = old_config(out_dir)
     for flag, key in (("--epochs", "epochs"), ("--max-steps", "max_steps")):
         was, now = config.get(key), getattr(args, key)
