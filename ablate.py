@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 
 import model as M
-from ept import cli, evaluation, files, grid, runfolder
+from ept import cli, evaluation, files, grid, options
 from ept.tasks import GROUPS
 
 # --- the paper's task groups (the registry, in the paper's column order) and grids ---------------
@@ -206,7 +206,7 @@ def steer_floor(args):
             val, test = (evaluation.evaluate_frozen(model, task, split, args.data_dir)
                          for split in ("validation", "test"))
             row = {"experiment": "steer", "run": key, "task": task, "method": "none",
-                   "seed": None, "model": model, "model_tag": runfolder.model_tag(model),
+                   "seed": None, "model": model, "model_tag": options.model_tag(model),
                    "score": test["score"], "test": test, "val_score": val["score"],
                    "n_trainable": 0, "n_inference": 0}
             if not grid.append_row_once(results, row):  # another collect wrote it meanwhile

@@ -1,29 +1,25 @@
 """Train one method on one task: the paper's loop (docs/paper.md, "Training"), CPU, one GPU or many.
 
 Reads data/<task>/ (prepare_data.py; prepared on first use when missing) and a T5 (Hub name or local
-folder). Writes the run folder (ept/runfolder.py): config.json, log.jsonl (every step's loss, lr, grad
-norm, prompt norm mu_t of Eq. 4 and throughput; every validation; the end), best.pt and last.pt
-(trainable state, optimizer, scheduler, RNG, data position; weights_only-loadable), prompt.pt (the
-folded P' of the best checkpoint) and metrics.json (test metrics of the best checkpoint).
+folder). Writes the run folder (ept/runfolder.py): config.json, log.jsonl (every step's loss, lr,
+grad norm, prompt norm mu_t of Eq. 4 and throughput; every validation; the end), best.pt and last.pt
+(trainable state, optimizer, scheduler, data position), prompt.pt (the folded P' of the best
+checkpoint) and metrics.json (test metrics of the best checkpoint).
 
     python train.py --method ept                  # EPT on RTE, t5-base: the paper's setting
-    # 4 GPUs, global batch 16
-    torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star
+    torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star  # 4 GPUs
     python train.py --task rte --method ept --dtype bf16   # bf16 autocast: not our fp32 reading
     python train.py --task rte --method ept --resume        # continue a killed run from its last.pt
     # SIGTERM / SIGUSR1 (preemption, scancel, SLURM's warning): last.pt at the next step boundary,
-    # then exit 143 / 138 (128 + the signal); --resume continues from there, no step logged twice
-    # a pack: 3 x 3 x 2 = 18 prompt runs sharing one T5, a folder each under --out-dir
-    # (ept/pack.py, docs/training.md)
-    python train.py --task rte --method pt ept ept_star --seed 0 1 2 --lr 0.3 0.1 \\
-        --out-dir runs/sweep
+    # then exit 143 / 138; --resume continues from there, no step logged twice
+    # a pack: 3 x 3 x 2 = 18 prompt runs sharing one T5, a folder each under runs/ (ept/pack.py)
+    python train.py --task rte --method pt ept ept_star --seed 0 1 2 --lr 0.3 0.1
     # CPU smoke run: random-weight t5-small from the real config, 30 steps
     python train.py --method ept --model ../shared/data/t5/t5-small --random-init \\
         --tokenizer ../shared/data/t5 --max-steps 30 --eval-every 30 --max-eval-examples 32
 
-The step (train_step) is this file's: the global batch in micro-batches, the prompt prepended
-(model.PromptedT5), loss = the summed NLL of the global batch's target tokens / their count (the
-same for any number of ranks or micro-batches), backward, clip, AdamW, schedule, mu_t.
+The step (train_step) is this file's: micro-batches, the prompt prepended (model.PromptedT5), the
+token-mean NLL of the global batch (any number of ranks), backward, clip, AdamW, schedule, mu_t.
 """
 import argparse
 import contextlib
@@ -53,8 +49,8 @@ class NonFiniteError(cli.Failure):
 
 @cli.script
 def main(argv=None):
-    """Flags; setup; claim and check the run folder; data; model; train; finish. Several runs (a
-    sweep, --runs FILE) train as a pack on one T5: ept/pack.py, the same run, R at once."""
+    """Flags; setup; the run folder claimed and checked; data; model; train; finish. Several runs
+    (a sweep, --runs FILE) train as a pack on one T5 (ept/pack.py)."""
     rank = int(os.environ.get("RANK", 0))
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
         args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
@@ -70,14 +66,14 @@ def main(argv=None):
     say = print if ranks.master else (lambda *a, **k: None)
     out_dir, held = Path(args.out_dir), []
     with runfolder.stop_on_signals(), runfolder.cleanup([out_dir], held, ranks.master):
-        resume_path = ranks.first(lambda: open_folder(args, out_dir, held, say))
+        resume_path = ranks.first(lambda: runfolder.open_folder(args, out_dir, held, say))
         if resume_path == "finished":
             return {"out_dir": str(out_dir), "finished": True}
         task = ranks.first(lambda: tasks.load_task(args, ranks, say), everyone=True)
         t5 = ranks.first(lambda: load_t5(args, task, ranks), everyone=True)
 
         def start():
-            run = new_run(t5, args, task, ranks, out_dir=out_dir, resume_path=resume_path, say=say)
+            run = new_run(t5, args, task, ranks, out_dir=out_dir, resume_path=resume_path)
             held.append(run)
             run.log = runfolder.start_log(run, task, ranks, say)
             return run
@@ -100,7 +96,6 @@ def train(run, task, model, ranks, say):
     signal write last.pt and exit; else one optimizer step (train_step) and its log line."""
     args, n_train = run.args, len(task.data[0])
     lengths = [len(s) + len(t) for s, t in zip(*task.data[:2])]  # tokens/s, --group-by-length
-    restore_rng([run], ranks)
     amp = runtime.set_precision(args.dtype, ranks.device)
     meter = runtime.Throughput(warm=2 if args.max_steps - run.step >= 10 else 0)
     bar = tqdm(total=args.max_steps, initial=run.step, desc=run.out_dir.name, dynamic_ncols=True,
@@ -134,12 +129,10 @@ def train(run, task, model, ranks, say):
 
 def train_step(model, run, batch, data, amp, ranks):
     """One optimizer step of `run` on the global `batch` (indices into `data` = (source ids, target
-    ids, pad id)). This rank takes batch[rank::world_size] in micro-batches (gradient accumulation);
-    each micro-batch's summed target NLL is scaled by world_size / (the global batch's target
-    tokens), so DDP's mean over ranks gives the token mean of the whole batch. A non-finite loss or
-    gradient norm skips the update (the loop stops the run). `model` runs the forward (run.net, or
-    DDP / torch.compile around it). Returns loss, grad_norm, lr (of this step), prompt_norm (mu_t
-    after the step) and ept_s (EPT's first hidden unit; see prompt_stats)."""
+    ids, pad id)) through `model` (run.net, or DDP / torch.compile around it). This rank takes
+    batch[rank::world_size] in micro-batches; each one's summed target NLL is scaled by world_size /
+    (the global batch's target tokens): DDP's mean over ranks is then the token mean of the batch.
+    A non-finite loss or gradient norm skips the update (the loop stops the run)."""
     source_ids, target_ids, pad_id = data
     rank, ws, device = ranks.rank, ranks.world_size, ranks.device
     n_tokens = sum(len(target_ids[i]) for i in batch)  # every rank holds the data: it knows them
@@ -177,9 +170,8 @@ def train_step(model, run, batch, data, amp, ranks):
 
 @torch.no_grad()
 def prompt_stats(module):
-    """(mu_t, s_t) after a step: mu_t (Eq. 4) the mean row norm of P'; s_t, for EPT and EPT*, the
-    first block's hidden activation W_down P1 (issue 27): the scalar itself for h = 1, its norm for
-    h > 1 (None for other methods). One host sync; (None, None) for ft."""
+    """(mu_t, s_t): mu_t (Eq. 4) the mean row norm of P'; s_t, for EPT and EPT*, the first block's
+    hidden activation W_down P1 (issue 27), or its norm for h > 1. One host sync."""
     if module is None:
         return None, None
     values = [module().float().norm(dim=1).mean()]
@@ -192,20 +184,18 @@ def prompt_stats(module):
 
 def train_event(run, record, examples, tokens, seconds):
     """The "train" log event of one optimizer step."""
-    s = {} if record["ept_s"] is None else {"ept_s": record["ept_s"]}
-    return {"event": "train", "step": run.step, "loss": record["loss"], "lr": record["lr"],
-            "grad_norm": record["grad_norm"], "prompt_norm": record["prompt_norm"], **s,
-            "epoch": run.epoch, "examples_per_s": examples / seconds,
-            "tokens_per_s": tokens / seconds}
+    kept = {k: record[k] for k in ("loss", "lr", "grad_norm", "prompt_norm", "ept_s")
+            if k != "ept_s" or record[k] is not None}
+    return {"event": "train", "step": run.step, **kept, "epoch": run.epoch,
+            "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds}
 
 
 # --- the run: its model, AdamW and schedule, data position ----------------------------------------
 
 @dataclass(eq=False)
 class Run:
-    """One training run: its options (args: a resolved train.py command line), PromptedT5 (`net`;
-    its prompt module, or T5 itself for ft, is what trains), AdamW + schedule, data position (epoch,
-    index into its order), best validation, and its folder's lock and log (none in tests)."""
+    """One training run: its options (a resolved train.py command line), PromptedT5 (`net`), AdamW
+    + schedule, data position (epoch, index into its order), best validation, folder, lock, log."""
     args: argparse.Namespace
     net: M.PromptedT5
     optimizer: torch.optim.Optimizer
@@ -223,7 +213,6 @@ class Run:
     lock: object = None
     log: object = None
     config: dict | None = None
-    rng: dict | None = None  # this rank's RNG state from last.pt (None: reseed)
     order: tuple = field(default=(None, None), repr=False)  # (epoch, that epoch's order)
 
     @property
@@ -243,25 +232,23 @@ class Run:
         if self.index >= n_train:
             self.epoch, self.index = self.epoch + 1, 0
 
-    def state(self, rngs=None, world_size=1):
-        """last.pt / best.pt (runfolder.CHECKPOINT_KEYS; weights_only-loadable). `rngs`: every
-        rank's RNG states (runtime.rng_state())."""
+    def state(self):
+        """last.pt / best.pt (runfolder.CHECKPOINT_KEYS; weights_only-loadable). No RNG state:
+        dropout masks and the data order are functions of (seed, step, example)."""
         return {"step": self.step,
                 "trainable": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": list(rngs or []), "data": {"epoch": self.epoch, "index": self.index},
-                "best_score": self.best_score, "best_step": self.best_step,
-                "world_size": world_size}
+                "data": {"epoch": self.epoch, "index": self.index},
+                "best_score": self.best_score, "best_step": self.best_step}
 
     def load_state(self, state):
         """Continue from a checkpoint of this run (written alone or in a pack)."""
         self.module.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.index = (state["step"], state["data"]["epoch"],
-                                             state["data"]["index"])
+        self.step, self.order = state["step"], (None, None)
+        self.epoch, self.index = state["data"]["epoch"], state["data"]["index"]
         self.best_score, self.best_step = state["best_score"], state["best_step"]
-        self.order = (None, None)
 
 
 def next_batch(run, n_train, lengths=None):
@@ -269,9 +256,8 @@ def next_batch(run, n_train, lengths=None):
     (tasks.epoch_order, a pure function of seed and epoch; `lengths`: --group-by-length)."""
     args = run.args
     if run.order[0] != run.epoch:
-        run.order = (run.epoch, tasks.epoch_order(
-            n_train, args.seed, run.epoch, args.batch_size,
-            lengths if args.group_by_length else None))
+        run.order = (run.epoch, tasks.epoch_order(n_train, args.seed, run.epoch, args.batch_size,
+                                                  lengths if args.group_by_length else None))
     return run.order[1][run.index:run.index + args.batch_size].tolist()
 
 
@@ -289,30 +275,28 @@ def make_optimizer(params, args, fused=None):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 
-def new_run(t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None, say=print,
-            label_ids=None, name=None, fused=None):
-    """A Run of `args` on the shared T5: its prompt module seeded by --seed (ft: T5 itself), AdamW
-    and schedule; resumed from `resume_path` (last.pt) when given. With `task`, the batch plan
-    (options.batch_plan: --epochs, the micro-batch size) fills args."""
+def new_run(t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None, label_ids=None,
+            name=None, fused=None):
+    """A Run of `args` on the shared T5: its prompt module seeded by --seed, AdamW and schedule,
+    resumed from `resume_path` (last.pt); with `task`, options.batch_plan fills args."""
     if task is not None:
         options.batch_plan(args, len(task.data[0]), ranks.world_size)
         label_ids = tasks.label_ids(task.tokenizer, task.meta.get("labels"))
         if args.init == "label" and label_ids is None:
             raise cli.Failure(f"train: --init label needs a task with a label set; {args.task} "
-                                 "has none")
+                              "has none")
     # one stream, used in sequence as the public EPT code does: the prompt table first, then the
     # default-initialised layers (Linear, LSTM): P and the layers are independent
     torch.manual_seed(args.seed)
-    device = t5.get_input_embeddings().weight.device
     module = M.build_prompt_module(args.method, t5.config.d_model, **M.prompt_options(vars(args)),
                                    init=args.init, embedding=t5.get_input_embeddings().weight,
                                    label_ids=label_ids)
-    net = M.PromptedT5(t5, None if module is None else module.to(device))  # ft: T5 trains
+    net = M.PromptedT5(t5, None if module is None else module.to(t5.device))  # ft: T5 trains
     trainable = [p for p in (module or t5).parameters() if p.requires_grad]
     run = Run(args, net, *make_optimizer(trainable, args, fused), name=name or str(out_dir),
               out_dir=out_dir, resumed=resume_path is not None)
     if resume_path is not None:
-        runfolder.resume(run, resume_path, ranks, say)
+        runfolder.resume(run, resume_path, ranks)
     run.start_step = run.step
     return run
 
@@ -332,18 +316,8 @@ def wrap(net, args, ranks):
     net = torch.compile(net) if args.compile else net
     if ranks.world_size == 1:
         return net
-    cuda = ranks.device.startswith("cuda")
-    return DDP(net, forward_sync_buffers=False, device_ids=[ranks.local_rank] if cuda else None)
-
-
-def restore_rng(runs_, ranks):
-    """The RNG (dropout) of the run furthest behind from its last.pt, or seed + rank when fresh or
-    when another number of ranks wrote it."""
-    behind = min(runs_, key=lambda r: r.step)
-    if behind.rng is not None:
-        runtime.set_rng_state(behind.rng)
-    else:
-        runtime.seed_everything(runs_[0].args.seed + ranks.rank + 1_000_003 * behind.step)
+    return DDP(net, forward_sync_buffers=False,
+               device_ids=[ranks.local_rank] if ranks.device.startswith("cuda") else None)
 
 
 # --- validation, checkpoints, the end -------------------------------------------------------------
@@ -363,24 +337,22 @@ def validate_and_save(run, task, ranks, bar=None):
     if evaluate:
         t0 = time.time()
         scores = evaluation.score_split(run.net, task.tokenizer, task.meta, *task.val, ranks,
-                                      **evaluation.decode_options(args))
+                                        **evaluation.decode_options(args))
         seconds = time.time() - t0
         run.log({"event": "eval", "step": run.step, "split": "validation", **scores,
                  "eval_time_s": seconds,
                  "eval_examples_per_s": len(task.val[0]) / max(seconds, 1e-9)})
         if bar is not None:
             bar.set_postfix(score=f"{scores['score']:.2f}")
-        improved = scores["score"] > run.best_score
-        if improved:
+        if improved := scores["score"] > run.best_score:
             run.best_score, run.best_step = scores["score"], run.step
     runfolder.save_checkpoint(run, ranks, *(["best.pt"] if improved else []), "last.pt")
     return True
 
 
 def nonfinite_stop(run, what, lr, master=True):
-    """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0;
-    start_log removes it when the run starts again); returns the error to raise: the sentence on
-    rank 0, a quiet exit 1 on the others."""
+    """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0);
+    returns the error to raise: the sentence on rank 0, a quiet exit 1 on the others."""
     step, best_step, out_dir = run.step, run.best_step, run.out_dir
     run.log({"event": "nonfinite", "step": step, "what": what})
     kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
@@ -409,7 +381,7 @@ def finish(run, task, ranks, say, meter):
     test = None
     if not args.no_test:
         scores = evaluation.score_split(net, task.tokenizer, task.meta, *task.test, ranks,
-                                      **evaluation.decode_options(args))
+                                        **evaluation.decode_options(args))
         test = {"task": args.task, "split": "test", "mode": args.eval_mode, "checkpoint": "best",
                 "best_step": run.best_step, "validation_score": run.best_score, **scores}
         if ranks.master:
@@ -422,26 +394,6 @@ def finish(run, task, ranks, say, meter):
         f"peak memory {t['peak_memory_mb']:.0f} MiB ({t['peak_memory_kind']})")
     return {"out_dir": str(out_dir), "best_step": run.best_step, "best_score": run.best_score,
             "metrics": test, "throughput": t, "config": run.config, "model": trained}
-
-
-# --- the run folder -------------------------------------------------------------------------------
-
-def open_folder(args, out_dir, held, say, packed=False):
-    """Claim the run folder (its lock, appended to `held`) and check it: the last.pt to resume from,
-    None for a fresh start, or "finished" (the lock then released). Writes nothing."""
-    lock = runfolder.claim_folder(out_dir, say)
-    held.append(lock)
-    resume = args.resume
-    finished = packed and not args.overwrite and runfolder.finished(out_dir)
-    resume_path = ("finished" if finished else
-                   runfolder.open_run_folder(out_dir, resume, args.overwrite, say))
-    if resume_path == "finished":
-        if resume:
-            runfolder.refuse_more_steps(out_dir, args)
-        say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); "
-            + ("skipped" if packed else "nothing to do"))
-        runfolder.close(held.pop())
-    return resume_path
 
 
 if __name__ == "__main__":

@@ -151,8 +151,9 @@ def spec(task, method, model, seed, _row=None, **settings):  # _row: extra resul
 
 
 def run_name(settings):
-    """<task>_<method>_<model>[_<non-default options>]_s<seed>, e.g. boolq_ept_t5-base_h50_s1."""
-    return runfolder.run_name(settings, options.defaults(settings["method"]))
+    """<task>_<method>_<model>[_<non-default options>]_s<seed>, e.g. boolq_ept_t5-base_h50_s1
+    (options.run_name against train.py's defaults for the method)."""
+    return options.run_name(settings)
 
 
 def train_argv(settings, out_dir, data_dir=None, extra=()):
@@ -181,7 +182,7 @@ def passed_through(extra):
     --runs entry say what it trains (a SMOKE few-shot run of 6 steps: ..._steps6_...)."""
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
-    keys = dict.fromkeys([key for key, _ in runfolder.NAME_TAGS]
+    keys = dict.fromkeys([key for key, _ in options.NAME_TAGS]
                          + [k for k in options.PER_RUN if k != "resume"])
     return {key: values[key] for key in keys
             if key in values and "--" + key.replace("_", "-") in flags}
@@ -200,7 +201,7 @@ DEFAULT_SPLITS = (10000, 1000, 1000)  # a task neither prepared nor the paper's:
 
 
 def size_key(model_name):  # t5-small / t5-base / t5-large when the name says so, else "other"
-    return next((size for size in tables.SIZES if size in runfolder.model_tag(model_name)), "other")
+    return next((size for size in tables.SIZES if size in options.model_tag(model_name)), "other")
 
 
 def split_sizes(task, data_dir):  # (train, validation, test): meta.json, else the paper's
@@ -658,7 +659,7 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
     if not ran["fewshot_k"]:
         ran["fewshot_seed"] = None
     return {"experiment": experiment, "run": str(run_dir), **ran,
-            "model_tag": runfolder.model_tag(settings["model"]), **(extra_fields or {}),
+            "model_tag": options.model_tag(settings["model"]), **(extra_fields or {}),
             "score": metrics.get("score"), "test": metrics if tested else None, "tested": tested,
             "val_score": val_score, "best_step": best_step,
             "n_trainable": config.get("n_trainable"), "n_inference": n_inference,

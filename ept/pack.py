@@ -3,10 +3,9 @@
 Each run is a train.Run, built, validated, checkpointed and finished by train.py's own functions;
 only the step is shared: the runs' batches are concatenated, example i carrying its run's prompt,
 left-padded with masked zero rows (T5 has relative positions only), and the objective sum_r (run
-r's summed target NLL / run r's target tokens) gives each run exactly its train.py gradient. Then
-each run clips its own gradient and steps its own AdamW and schedule. With dropout 0 in fp32 a
-packed run equals its solo run within float rounding (tests/test_packing.py). Why, and the speed
-(scripts/bench_pack.py): docs/packing.md.
+r's summed target NLL / run r's target tokens) gives each run exactly its train.py gradient; each
+run clips and steps its own AdamW and schedule. A packed run equals its solo run within float
+rounding, dropout on or off (tests/test_packing.py). Why, and the speed: docs/packing.md.
 """
 import math
 import time
@@ -43,8 +42,8 @@ def main(args, specs, ranks, max_rows=None):
             say(f"train: nothing left to train of the {len(specs)} runs")
     if left_out:  # the pack is not finished: its command must not read as done
         raise runfolder.Busy(f"train: {len(left_out)} run(s) of the pack were left out, held by "
-                        f"another process: {' '.join(left_out)}; run the same command again "
-                        "once it is done")
+                             f"another process: {' '.join(left_out)}; run the same command again "
+                             "once it is done")
     return {"runs": results} if todo else {"runs": {}, "finished": True}
 
 
@@ -56,21 +55,20 @@ def table(team, results):
     rows = [("run", "best val", "step", "test", "mu_t end")]
     for run in team:
         r = results.get(str(run.out_dir), {})
-        test = (r.get("metrics") or {}).get("score")
         end = f"stopped: {r['stopped']}" if r.get("stopped") else cell(r.get("mu_t_end"))
         rows.append((run.out_dir.name, cell(r.get("best_score")), cell(r.get("best_step")),
-                     cell(test), end))
+                     cell((r.get("metrics") or {}).get("score")), end))
     widths = [max(len(row[k]) for row in rows) for k in range(5)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def open_folders(specs, held, left_out, say):
-    """train.open_folder for each run: [(spec, resume path)] of those to train."""
+    """runfolder.open_folder for each run: [(spec, resume path)] of those to train."""
     todo = []
     for spec in specs:
         out_dir = Path(spec.out_dir)
         try:
-            resume_path = train.open_folder(spec, out_dir, held, say, packed=True)
+            resume_path = runfolder.open_folder(spec, out_dir, held, say, packed=True)
         except runfolder.Busy as err:
             say(f"train: left out of the pack: {err}")
             left_out.append(str(out_dir))
@@ -82,14 +80,13 @@ def open_folders(specs, held, left_out, say):
 
 def start(t5, todo, task, ranks, held, say):
     """Every run built (train.new_run) and checked; only then config.json and log.jsonl written."""
-    max_length, team = todo[0][0].max_length, []
+    team = []
     locks = {str(lock.path.parent): lock for lock in held if isinstance(lock, runfolder.Lock)}
     for spec, resume_path in todo:
-        spec.max_length = max_length
-        out_dir = Path(spec.out_dir)
-        run = train.new_run(t5, spec, task, ranks, out_dir=out_dir, resume_path=resume_path,
-                            say=say)
-        run.lock = locks.pop(str(out_dir), None)  # the run releases its own when it leaves
+        spec.max_length = todo[0][0].max_length  # the task's, as load_task resolved it
+        run = train.new_run(t5, spec, task, ranks, out_dir=Path(spec.out_dir),
+                            resume_path=resume_path)
+        run.lock = locks.pop(str(run.out_dir), None)  # the run releases its own when it leaves
         team.append(run)
     held[:] = [*locks.values(), *team]
     extra = {"pack": {"size": len(team), "runs": [r.out_dir.name for r in team]}}
@@ -101,7 +98,6 @@ def start(t5, todo, task, ranks, held, say):
 def train_pack(team, task, t5, ranks, say, max_rows=None):
     """train.train for R runs: at the top of each step a run validates and saves when due and
     finishes at its last (train.py's functions); then one pack step trains the others."""
-    train.restore_rng(team, ranks)
     args = team[0].args
     pack = Pack(t5, team, task.data, device=ranks.device, rank=ranks.rank,
                 amp=runtime.set_precision(args.dtype, ranks.device), world_size=ranks.world_size,
@@ -195,10 +191,9 @@ class PackedT5(nn.Module):
         if self.prompted.prompt_module is None:
             return None
         outs = [self.prompted.prompt_module[i]() for i in self.active]
-        lengths = [p.size(0) for p in outs]
-        n_max = max(lengths)
+        n_max = max(p.size(0) for p in outs)
         stacked = torch.stack([F.pad(p, (0, 0, n_max - p.size(0), 0)) for p in outs])  # left pad
-        pad = torch.tensor([n_max - n for n in lengths], device=outs[0].device)
+        pad = torch.tensor([n_max - p.size(0) for p in outs], device=stacked.device)
         mask = (torch.arange(n_max, device=pad.device)[None, :] >= pad[:, None]).long()
         return stacked, mask
 
@@ -231,15 +226,14 @@ class PackedT5(nn.Module):
 
 class Pack:
     """R runs training together on one frozen T5 and one training split, `data` = (source ids,
-    target ids, pad id). `wrap(packed)`: the module that runs the forward (PackedT5, or DDP and/or
-    torch.compile around it), made again whenever the set of training runs changes (DDP must not
-    hold parameters that get no gradient). `amp`: the autocast context. Forward pass m takes every
-    run's m-th micro-batch (each rank its shard); with `max_rows`, the rank's examples of all runs
-    sorted longest first (`sort_by_length`) and cut into passes of at most `max_rows`: less
-    padding, the same gradient (a sum of per-example losses does not depend on their grouping)."""
+    target ids, pad id). `wrap(packed)`: what runs the forward (PackedT5, or DDP / torch.compile
+    around it), made again whenever the set of training runs changes (DDP must not hold parameters
+    that get no gradient). Forward pass m takes every run's m-th micro-batch (each rank its shard);
+    with `max_rows`, the rank's examples of all runs sorted longest first and cut into passes of at
+    most `max_rows`: less padding, the same gradient (a sum of per-example losses)."""
 
     def __init__(self, t5, runs, data, *, device=None, amp=None, rank=0, world_size=1,
-                 pad_to=(None, None), max_rows=None, sort_by_length=True, wrap=None):
+                 pad_to=(None, None), max_rows=None, wrap=None):
         names = [r.name for r in runs]
         if len(set(names)) != len(names):
             raise ValueError(f"packing: run names must be unique: {names}")
@@ -247,7 +241,7 @@ class Pack:
         self.device = device or t5.get_input_embeddings().weight.device
         self.amp = amp or nullcontext()
         self.rank, self.world_size, self.pad_to = rank, world_size, pad_to
-        self.max_rows, self.sort_by_length = max_rows, sort_by_length
+        self.max_rows = max_rows
         self.wrap = wrap or (lambda packed: packed)
         full = [r for r in self.runs if r.net.prompt_module is None]
         if full and len(self.runs) > 1:
@@ -270,11 +264,9 @@ class Pack:
         run.module.requires_grad_(False)
 
     def step(self, batches=None):
-        """One optimizer step of every training run on its own next global batch. Returns {run
-        name: {"step", "loss", "lr" (of this step), "grad_norm" (before clipping), "prompt_norm"
-        (mu_t after the step), "epoch", "examples", "tokens", "nonfinite" (names of the non-finite
-        values)}}. A run with a non-finite loss or gradient norm is not updated; it, or one with a
-        non-finite mu_t, leaves the pack ("nonfinite"), as one at max_steps does ("done")."""
+        """One optimizer step of every training run on its own next global batch: {run name:
+        train.train_step's record + "step", "epoch", "examples", "tokens", "nonfinite" (the names
+        of the non-finite values: the run leaves the pack, as one at max_steps does)}."""
         runs = self.training
         if not runs:
             return {}
@@ -308,9 +300,7 @@ class Pack:
         if self.max_rows:
             def entries(k):
                 out = [(s, i) for s, b in enumerate(batches) for i in b[k::ws]]
-                if self.sort_by_length:  # stable: ties keep run, then data order
-                    out.sort(key=lambda e: -self.lengths[e[1]])
-                return out
+                return sorted(out, key=lambda e: -self.lengths[e[1]])  # stable: ties keep order
             mine = entries(rank)
             n_passes = max(math.ceil(len(entries(k)) / self.max_rows) for k in range(ws))
             chunks = [mine[k * self.max_rows:(k + 1) * self.max_rows] for k in range(n_passes)]
@@ -336,19 +326,18 @@ class Pack:
         plan, padded = self._plan(runs, batches), 0
         n_max = max(self.rows[i] for i in ids)  # the prompts' left padding: PackedT5.prompts
         for k, chunk in enumerate(plan):
-            slots = torch.tensor([s for s, _, _ in chunk], device=device)
-            weight = torch.tensor([w for _, _, w in chunk], device=device)
-            input_ids, mask, labels = tasks.collate([i for _, i, _ in chunk], source_ids,
-                                                       target_ids, pad_id, self.pad_to)
+            in_slots, idx, weights = zip(*chunk)
+            slots, weight = (torch.tensor(v, device=device) for v in (in_slots, weights))
+            input_ids, mask, labels = tasks.collate(list(idx), source_ids, target_ids, pad_id,
+                                                    self.pad_to)
             padded += input_ids.numel() + labels.numel()
-            run_ids = torch.tensor([ids[s] for s, _, _ in chunk])
+            run_ids = torch.tensor([ids[s] for s in in_slots])
             if ws > 1:
                 self.model.require_backward_grad_sync = k == len(plan) - 1
             labels = labels.to(device)
-            keys = M.example_keys([runs[s].args.seed for s, _, _ in chunk],  # dropout's, as alone
-                                  [runs[s].step for s, _, _ in chunk], [i for _, i, _ in chunk],
-                                  device)
-            offset = torch.tensor([n_max - self.rows[ids[s]] for s, _, _ in chunk], device=device)
+            keys = M.example_keys([runs[s].args.seed for s in in_slots],  # dropout's, as alone
+                                  [runs[s].step for s in in_slots], list(idx), device)
+            offset = torch.tensor([n_max - self.rows[ids[s]] for s in in_slots], device=device)
             with self.amp, M.dropout_keys(keys, offset):
                 logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                     run_ids=run_ids, decoder_input_ids=self.t5._shift_right(labels),
@@ -368,9 +357,8 @@ class Pack:
 
 
 def update(runs, losses):
-    """train.train_step's update, run by run: clip each run's gradient at its own max_grad_norm,
-    one host sync, AdamW and schedule where loss and gradient norm are finite, gradients dropped,
-    (mu_t, s_t). Returns (losses, grad norms, lrs of this step, [(mu_t, s_t)])."""
+    """train.train_step's update, run by run, with one host sync for all: returns (losses, grad
+    norms, lrs of this step, [(mu_t, s_t)])."""
     grad_norms = torch.stack([torch.nn.utils.clip_grad_norm_(
         r.params, r.args.max_grad_norm if r.args.max_grad_norm > 0 else math.inf).float()
         for r in runs])

@@ -7,14 +7,12 @@ either cannot be loaded), the ranks of a torchrun group, and the precision (--dt
 import functools
 import hashlib
 import os
-import random
 import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -75,34 +73,6 @@ def autocast(device, dtype):
     """bf16 autocast when asked, else nothing (fp32 / tf32)."""
     bf16 = dtype == "bf16"
     return torch.autocast(torch.device(device).type, torch.bfloat16) if bf16 else nullcontext()
-
-
-# --- the process's random state: saved in checkpoints, restored on resume -------------------------
-
-def rng_state():
-    """Every RNG as tensors and plain values (weights_only-loadable)."""
-    version, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(mt), gauss],
-            "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 class Throughput:

@@ -329,7 +329,6 @@ def test_a_half_written_last_log_line_does_not_block_resume(done_run, data_dir, 
 
 def test_a_damaged_tokenization_cache_is_rebuilt(data_dir, tiny_model_dir, tmp_path, capsys):
     data = copy_data(data_dir, tmp_path)
-    from ept import tasks
     tok = runtime.load_tokenizer(tiny_model_dir)
     path = data / "toy" / "validation.jsonl"
     good = tasks.tokenize_file(path, tok, 32)

@@ -82,9 +82,9 @@ def solo_run(t5, data, spec, steps=STEPS, poison_at=None, fused=None):
     return records, run
 
 
-def checkpoint_states(pack, rng=None):
+def checkpoint_states(pack):
     """{run name: that run's last.pt state} for every run of `pack` (train.py's keys)."""
-    return {r.name: r.state(rng, pack.world_size) for r in pack.runs}
+    return {r.name: r.state() for r in pack.runs}
 
 
 def poison(run):
@@ -263,8 +263,7 @@ def test_checkpoints_have_train_py_keys_and_resume_exactly(t5, data, tmp_path):
     first = fresh()
     pack = packing.Pack(t5, first, data)
     got = [pack.step() for _ in range(2)]
-    rng = [runtime.rng_state()] if hasattr(runtime, "rng_state") else []
-    for name, state in checkpoint_states(pack, rng).items():
+    for name, state in checkpoint_states(pack).items():
         assert tuple(state) == runfolder.CHECKPOINT_KEYS
         (tmp_path / name).mkdir()
         torch.save(state, tmp_path / name / "last.pt")
@@ -331,7 +330,7 @@ def test_pack_run_equals_train_py_run_and_its_checkpoint(tiny_model_dir, tmp_pat
     pack = packing.Pack(t5, runs, (src, tgt, tokenizer.pad_token_id))
     got = [pack.step()["ept"] for _ in range(3)]
     assert_same_records(got, solo_log, "ept vs train.py")
-    state = runs[0].state([runtime.rng_state()] if hasattr(runtime, "rng_state") else [])
+    state = runs[0].state()
     assert set(state) == set(solo_ckpt)
     for key, value in solo_ckpt["trainable"].items():
         assert torch.allclose(state["trainable"][key], value, **TOL), key

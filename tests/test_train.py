@@ -112,7 +112,7 @@ def test_end_to_end_train_then_evaluate(data_dir, tiny_model_dir, tmp_path):
     assert end["train_examples_per_s"] > 0 and end["train_tokens_per_s"] > 0 and end["peak_memory_mb"] > 0
     for name in ("best.pt", "last.pt"):
         state = torch.load(run / name, weights_only=True)
-        assert {"trainable", "optimizer", "scheduler", "rng", "data", "best_score", "step"} <= set(state)
+        assert {"trainable", "optimizer", "scheduler", "data", "best_score", "step"} <= set(state)
         assert set(state["trainable"]) == {"prompt", "blocks.0.down.weight", "blocks.0.up.weight"}  # small: no T5
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 20
     prompt, meta = M.load_folded_prompt(run / "prompt.pt")
@@ -261,7 +261,7 @@ def test_nonfinite_guard_stops_on_a_real_overflow(data_dir, tiny_model_dir, tmp_
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(data_dir, tiny_model_dir, tmp_path):
-    """Dropout stays on (0.1): the RNG state must be restored exactly, not just the prompt."""
+    """Dropout stays on (0.1): its masks are functions of (seed, step, example), so last.pt needs no RNG state."""
     flags = ("--max-steps", 300, "--eval-every", 100, "--save-every", 2, "--method", "ptuning")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run_cli("train.py", argv(data_dir, tiny_model_dir, whole, *flags))
@@ -285,11 +285,46 @@ def test_sigkill_then_resume_equals_uninterrupted(data_dir, tiny_model_dir, tmp_
     assert [e["step"] for e in events(broken, "resume")] == [killed_at]
 
 
+def stop_at(monkeypatch, at):
+    """train.py stops at step `at` as on a real SIGUSR1 (sent during the step before): last.pt, exit 138."""
+    step = train.train_step
+
+    def interrupted(model, run, *rest):
+        if run.step == at - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(model, run, *rest)
+    monkeypatch.setattr(train, "train_step", interrupted)
+
+
+def test_stop_then_resume_of_an_old_checkpoint_equals_uninterrupted(data_dir, tiny_model_dir, tmp_path,
+                                                                    monkeypatch):
+    """Dropout on (0.1): a real SIGUSR1 during step 2 stops the run at step 2 with last.pt (exit 138); that
+    last.pt, given the "rng" and "world_size" entries checkpoints had before dropout was stateless, resumes to
+    the uninterrupted run's losses, mu_t and P' bitwise: nothing of the run is drawn from a global RNG."""
+    flags = ("--max-steps", 4, "--eval-every", 2, "--method", "ptuning", "--no-test")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    want = train.main(argv(data_dir, tiny_model_dir, whole, *flags))
+    with monkeypatch.context() as patch:
+        stop_at(patch, 2)
+        with pytest.raises(SystemExit) as stop:
+            train.main(argv(data_dir, tiny_model_dir, broken, *flags))
+    assert stop.value.code == 138
+    last = torch.load(broken / "last.pt", weights_only=True)
+    assert last["step"] == 2 and "rng" not in last
+    torch.save({**last, "rng": [{"torch": torch.get_rng_state()}], "world_size": 1}, broken / "last.pt")
+    torch.manual_seed(12345)  # the global RNG is in another state: it must not matter
+    got = train.main(argv(data_dir, tiny_model_dir, broken, *flags, "--resume"))
+    trace = lambda run: [(e["step"], e["loss"], e["prompt_norm"]) for e in events(run, "train")]  # noqa: E731
+    assert trace(broken) == trace(whole) and [e["step"] for e in events(broken, "resume")] == [2]
+    assert torch.equal(got["model"].prompt(), want["model"].prompt())
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one(data_dir, tiny_model_dir, tmp_path):
-    """Global batch 8: 2 ranks x 4 (gloo) vs 1 process x 8, dropout off (masks differ per rank by design).
-    20 training rows: the third batch of each epoch is partial (4 rows, 2 per rank)."""
-    flags = ("--max-steps", 6, "--eval-every", 3, "--dropout", 0, "--method", "resprompt", "--eval-mode", "rank")
+def test_torchrun_two_processes_equal_one(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """Global batch 8: 2 ranks x 4 (gloo) vs 1 process x 8, dropout on (0.1: an example's masks do not depend
+    on its rank). 20 training rows: the third batch of each epoch is partial (4 rows, 2 per rank). A run
+    stopped at step 3 in one process and resumed on 2 ranks is the same run too (last.pt has no RNG state)."""
+    flags = ("--max-steps", 6, "--eval-every", 3, "--method", "resprompt", "--eval-mode", "rank")
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli("train.py", argv(data_dir, tiny_model_dir, one, *flags))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -306,6 +341,18 @@ def test_torchrun_two_processes_equal_one(data_dir, tiny_model_dir, tmp_path):
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
     assert ma == mb and ma["n"] == 12  # predictions gathered from both ranks, never per-rank averages
     assert [e["score"] for e in events(one, "eval")] == [e["score"] for e in events(two, "eval")]
+    half = tmp_path / "half"
+    stop_at(monkeypatch, 3)
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv(data_dir, tiny_model_dir, half, *flags))
+    assert stop.value.code == 138 and torch.load(half / "last.pt", weights_only=True)["step"] == 3
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "train.py"), *argv(data_dir, tiny_model_dir, half, *flags, "--resume")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [e["loss"] for e in events(half, "train")] == pytest.approx([e["loss"] for e in a], rel=1e-5)
+    assert torch.allclose(M.load_folded_prompt(one / "prompt.pt")[0], M.load_folded_prompt(half / "prompt.pt")[0],
+                          rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu
