@@ -161,6 +161,27 @@ def compute_metrics(meta, predictions, examples):
 
 # --- decoding ------------------------------------------------------------------------------------
 
+def batches_by_length(ids, batch_size, sort, token_budget=False):
+    """Index batches of at most `batch_size` rows for decoding; `sort`: longest first, so each batch
+    pads little. With `token_budget` a batch also closes before its rows x its longest row would
+    pass batch_size x the median length, so the few long inputs come in smaller batches (never under
+    a quarter of batch_size rows): that helps where time follows the tokens computed (a CPU), not
+    the number of batches (a GPU), so callers use it off CUDA only (docs/speed.md measures it)."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort else list(range(len(ids)))
+    if not (sort and token_budget):
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    budget = batch_size * (sorted(map(len, ids))[len(ids) // 2] if ids else 0)
+    min_rows = max(1, batch_size // 4)
+    batches, batch = [], []
+    for i in order:
+        if len(batch) == batch_size or (len(batch) >= min_rows
+                                        and (len(batch) + 1) * len(ids[batch[0]]) > budget):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches
+
+
 @torch.no_grad()
 def _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, dtype, sort,
               progress):
@@ -172,8 +193,8 @@ def _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, d
     model.eval()
     bar = tqdm(total=len(ids), desc=progress, unit="ex", dynamic_ncols=True,
                **({"disable": True} if progress is None else {}))
-    for batch in tasks.batches_by_length(ids, batch_size, sort,
-                                         token_budget=not str(device).startswith("cuda")):
+    for batch in batches_by_length(ids, batch_size, sort,
+                                   token_budget=not str(device).startswith("cuda")):
         input_ids, mask = tasks.pad([ids[i] for i in batch], tokenizer.pad_token_id)
         with runtime.autocast(device, dtype):
             out.update(zip(batch, step(input_ids.to(device), mask.to(device))))
