@@ -452,8 +452,7 @@ def load_hub(task):
             error = e
             if isinstance(e, ConnectionError):  # no network: the fallback would fail the same way
                 break
-    # runtime's sentence: why, and --source DIR (the official files, docs/data.md)
-    if ds is None:
+    if ds is None:  # runtime's sentence: why, and --source DIR (the official files, docs/data.md)
         why = runtime.offline_error("dataset", f"{task.hub_id} ({task.hub_config})", error)
         raise cli.Failure(f"prepare_data: {why}")
     splits = [ds["train"], ds[task.eval_split]]
@@ -642,23 +641,19 @@ def prepare(task, args, out):
 
     texts = {f"{name}.jsonl": jsonl(records) for name, records in splits.items()}
     texts.update({f"train_{key}.jsonl": jsonl(records) for key, records in shots.items()})
-    meta = {"task": task.name, "benchmark": task.benchmark,
-            "task_type": task.type, "source": source,
-            "splits": {name: len(records) for name, records in splits.items()},
+    meta = {"task": task.name, "benchmark": task.benchmark, "task_type": task.type,
+            "source": source, "splits": {name: len(records) for name, records in splits.items()},
             "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
             "score": list(task.score), "max_length": task.max_length,
             "max_target_length": max_target_length, "data_seed": args.data_seed,
-            "tokenizer": tokenizer_name(args.tokenizer),
-            "token_stats": stats,
+            "tokenizer": tokenizer_name(args.tokenizer), "token_stats": stats,
             "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records),
                               "rule": tasks.fewshot_rule(task.name),
                               "classes": dict(sorted(Counter(r["target"] for r in records).items()))
                               if task.labels else None} for key, records in shots.items()}}
     texts["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
 
-    # a temporary folder beside out/<task>, then swapped in: a failure at any point (a full disk
-    # included) leaves the previous out/<task> as it was
-    def fill(tmp):
+    def fill(tmp):  # files.write_folder: a failure leaves out/<task> as it was
         for fname, text in texts.items():  # meta.json last: its presence marks a finished task
             (tmp / fname).write_text(text, encoding="utf-8")
     files.write_folder(out / task.name, fill)
@@ -686,8 +681,7 @@ def main(argv=None):
                              f"the steering benchmark: {', '.join(tasks.STEER_TASKS)})")
             if t not in names:
                 names.append(t)
-    # created once the tokenizer has loaded: a failed start leaves nothing behind
-    out = Path(args.out)
+    out = Path(args.out)  # created once the tokenizer has loaded: a failed start leaves nothing
     keys = {f"k{k}_seed{s}" for k in args.fewshot for s in args.fewshot_seeds}
     todo, old = [], {}
     # decide every skip before any work, so a clash stops the run before it writes
