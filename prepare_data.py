@@ -267,23 +267,18 @@ def read_mrqa(r, n):
              "answers": qa["answers"]} for qa in r["qas"]]
 
 
-def glue_row(*cols, label, col="label"):
-    """GLUE tsv record -> Hub row: columns (Hub name, or (Hub name, tsv name)), label mapped, idx =
-    row number (HF)."""
+def hub_row(*cols, label=None, col="label", number=False):
+    """A record -> a Hub row: columns (Hub name, or (Hub name, file name)) copied, the label mapped
+    by `label` from column `col`, and with `number` idx = the record's position (HF's GLUE)."""
     cols = [c if isinstance(c, tuple) else (c, c) for c in cols]
-    return lambda r, n: [{**{hub: r[raw] for hub, raw in cols}, "label": label(r[col]), "idx": n}]
+    return lambda r, n: [{**{hub: r[raw] for hub, raw in cols},
+                          **({"label": label(r[col])} if label else {}),
+                          **({"idx": n} if number else {})}]
 
 
-def jsonl_row(*keys, label=None):
-    """jsonl record -> Hub row: keys copied, the label mapped by `label` (when given)."""
-    return lambda r, n: [{**{k: r[k] for k in keys},
-                          **({"label": label(r["label"])} if label else {})}]
-
-
-def superglue_rte(r, n):
-    return [{"sentence1": r["premise"], "sentence2": r["hypothesis"],
-             "label": label_of(ENTAIL, r["label"]), "idx": r["idx"]}]
-
+def glue(*cols, label=int, col="label", names=None):
+    """Reader of a GLUE task's train and dev tsv files."""
+    return per_split(hub_row(*cols, label=label, col=col, number=True), "tsv", names)
 
 
 # --- the registry's recipes: how each task's data is read and turned into records -----------------
@@ -312,37 +307,34 @@ def steer_record(row, i):
 # one per task of tasks.TASKS and tasks.STEER_TASKS, in their order (a test holds them equal)
 RECIPES = {
     "cola": Recipe(pairs("sentence"),  # train/dev have no header
-                   per_split(glue_row("sentence", label=int), "tsv",
-                             ("code", "label", "mark", "sentence")), GLUE_FILES),
+                   glue("sentence", names=("code", "label", "mark", "sentence")), GLUE_FILES),
     "mrpc": Recipe(pairs("sentence1", "sentence2"), read_mrpc,
                    {"train": ("msr_paraphrase_train.txt",), "dev_ids": ("dev_ids.tsv",)}),
     "rte": Recipe(pairs("sentence1", "sentence2"),  # GLUE tsv or SuperGLUE jsonl
-                  by_suffix(tsv=(glue_row("sentence1", "sentence2", label=entail), "tsv"),
-                            jsonl=(superglue_rte, "json")),
+                  by_suffix(tsv=(hub_row("sentence1", "sentence2", label=entail, number=True),
+                                 "tsv"),
+                            jsonl=(hub_row(("sentence1", "premise"), ("sentence2", "hypothesis"),
+                                           "idx", label=entail), "json")),
                   {"train": ("train.tsv", "train.jsonl"), "eval": ("dev.tsv", "val.jsonl")}),
-    "stsb": Recipe(stsb, per_split(glue_row("sentence1", "sentence2", label=float, col="score"),
-                                   "tsv"), GLUE_FILES),
+    "stsb": Recipe(stsb, glue("sentence1", "sentence2", label=float, col="score"), GLUE_FILES),
     "mnli": Recipe(pairs("premise", "hypothesis"),
-                   per_split(glue_row(("premise", "sentence1"), ("hypothesis", "sentence2"),
-                                      label=functools.partial(label_of, MNLI), col="gold_label"),
-                             "tsv"),
+                   glue(("premise", "sentence1"), ("hypothesis", "sentence2"),
+                        label=functools.partial(label_of, MNLI), col="gold_label"),
                    {"train": ("train.tsv",), "eval": ("dev_matched.tsv",)}),
-    "qnli": Recipe(pairs("question", "sentence"),
-                   per_split(glue_row("question", "sentence", label=entail), "tsv"), GLUE_FILES),
-    "qqp": Recipe(pairs("question1", "question2"),
-                  per_split(glue_row("question1", "question2", label=int, col="is_duplicate"),
-                            "tsv"), GLUE_FILES),
-    "sst2": Recipe(pairs("sentence"), per_split(glue_row("sentence", label=int), "tsv"),
+    "qnli": Recipe(pairs("question", "sentence"), glue("question", "sentence", label=entail),
                    GLUE_FILES),
+    "qqp": Recipe(pairs("question1", "question2"),
+                  glue("question1", "question2", col="is_duplicate"), GLUE_FILES),
+    "sst2": Recipe(pairs("sentence"), glue("sentence"), GLUE_FILES),
     "boolq": Recipe(pairs("question", "passage"),
-                    per_split(jsonl_row("question", "passage", "idx", label=boolean)),
+                    per_split(hub_row("question", "passage", "idx", label=boolean)),
                     SUPERGLUE_FILES),
     "cb": Recipe(pairs("premise", "hypothesis"),
-                 per_split(jsonl_row("premise", "hypothesis", "idx",
-                                     label=functools.partial(label_of, CB))), SUPERGLUE_FILES),
+                 per_split(hub_row("premise", "hypothesis", "idx",
+                                   label=functools.partial(label_of, CB))), SUPERGLUE_FILES),
     "wic": Recipe(pairs("sentence1", "sentence2", "word"),
-                  per_split(jsonl_row("word", "sentence1", "sentence2", "start1", "start2", "end1",
-                                      "end2", "idx", label=boolean)), SUPERGLUE_FILES),
+                  per_split(hub_row("word", "sentence1", "sentence2", "start1", "start2", "end1",
+                                    "end2", "idx", label=boolean)), SUPERGLUE_FILES),
     "wsc": Recipe(wsc, per_split(read_wsc), SUPERGLUE_FILES),
     "multirc": Recipe(multirc, per_split(read_multirc), SUPERGLUE_FILES),
     **{name: Recipe(mrqa, per_split(read_mrqa),
@@ -352,7 +344,7 @@ RECIPES = {
     "winogrande": Recipe(pairs("sentence", ("option0", "option1"), ("option1", "option2"),
                                label=lambda r: label_of({"1": 0, "2": 1}, r["answer"]),  # - 1
                                idx=None),  # both options shown
-                         per_split(jsonl_row("sentence", "option1", "option2", "answer")),
+                         per_split(hub_row("sentence", "option1", "option2", "answer")),
                          {"train": ("train_xl.jsonl",), "eval": ("dev.jsonl",)}),
     "yelp": Recipe(pairs(("sentence", "text"), idx=None),
                    per_split(lambda r, n: [{"text": r["text"].replace('"', '""').strip(),  # as HF
@@ -362,7 +354,7 @@ RECIPES = {
     "scitail": Recipe(
         pairs(("premise", "sentence1"), ("hypothesis", "sentence2"),
               label=lambda r: label_of(SCITAIL, r["gold_label"]), idx=None),
-        by_suffix(txt=(jsonl_row("sentence1", "sentence2", "gold_label"), "json"),
+        by_suffix(txt=(hub_row("sentence1", "sentence2", "gold_label"), "json"),
                   tsv=(lambda r, n: [{"sentence1": r["premise"], "sentence2": r["hypothesis"],
                                       "gold_label": label_of({"entails": "entailment",
                                                               "neutral": "neutral"}, r["label"])}],
@@ -421,11 +413,8 @@ def find_files(task, root):
 
 
 def sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_local(task, root):
@@ -463,8 +452,7 @@ def load_hub(task):
             error = e
             if isinstance(e, ConnectionError):  # no network: the fallback would fail the same way
                 break
-    # runtime's sentence: why, and --source DIR (the official files, docs/data.md)
-    if ds is None:
+    if ds is None:  # runtime's sentence: why, and --source DIR (the official files, docs/data.md)
         why = runtime.offline_error("dataset", f"{task.hub_id} ({task.hub_config})", error)
         raise cli.Failure(f"prepare_data: {why}")
     splits = [ds["train"], ds[task.eval_split]]
@@ -653,23 +641,19 @@ def prepare(task, args, out):
 
     texts = {f"{name}.jsonl": jsonl(records) for name, records in splits.items()}
     texts.update({f"train_{key}.jsonl": jsonl(records) for key, records in shots.items()})
-    meta = {"task": task.name, "benchmark": task.benchmark,
-            "task_type": task.type, "source": source,
-            "splits": {name: len(records) for name, records in splits.items()},
+    meta = {"task": task.name, "benchmark": task.benchmark, "task_type": task.type,
+            "source": source, "splits": {name: len(records) for name, records in splits.items()},
             "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
             "score": list(task.score), "max_length": task.max_length,
             "max_target_length": max_target_length, "data_seed": args.data_seed,
-            "tokenizer": tokenizer_name(args.tokenizer),
-            "token_stats": stats,
+            "tokenizer": tokenizer_name(args.tokenizer), "token_stats": stats,
             "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records),
                               "rule": tasks.fewshot_rule(task.name),
                               "classes": dict(sorted(Counter(r["target"] for r in records).items()))
                               if task.labels else None} for key, records in shots.items()}}
     texts["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
 
-    # a temporary folder beside out/<task>, then swapped in: a failure at any point (a full disk
-    # included) leaves the previous out/<task> as it was
-    def fill(tmp):
+    def fill(tmp):  # files.write_folder: a failure leaves out/<task> as it was
         for fname, text in texts.items():  # meta.json last: its presence marks a finished task
             (tmp / fname).write_text(text, encoding="utf-8")
     files.write_folder(out / task.name, fill)
@@ -697,8 +681,7 @@ def main(argv=None):
                              f"the steering benchmark: {', '.join(tasks.STEER_TASKS)})")
             if t not in names:
                 names.append(t)
-    # created once the tokenizer has loaded: a failed start leaves nothing behind
-    out = Path(args.out)
+    out = Path(args.out)  # created once the tokenizer has loaded: a failed start leaves nothing
     keys = {f"k{k}_seed{s}" for k in args.fewshot for s in args.fewshot_seeds}
     todo, old = [], {}
     # decide every skip before any work, so a clash stops the run before it writes

@@ -1,7 +1,6 @@
-"""Evaluation: greedy decoding and rank classification of a prompted T5, a run rebuilt from its
-folder, a split scored across ranks, and every metric of the paper (docs/DESIGN.md lists the names)
-in [0, 100] as the paper prints them. train.py validates with `score_split`; evaluate.py, the
-analyses and the drivers call `evaluate_run(run_dir, task=None, split="test", mode="generate")`.
+"""Evaluation: every metric of the paper in [0, 100] as it prints them, greedy decoding and rank
+classification of a prompted T5, a split scored across ranks (train.py's `score_split`), and a run
+rebuilt from its folder and scored (`evaluate_run`: evaluate.py, the analyses, the drivers).
 """
 import bisect
 import collections
@@ -161,19 +160,38 @@ def compute_metrics(meta, predictions, examples):
 
 # --- decoding ------------------------------------------------------------------------------------
 
+def batches_by_length(ids, batch_size, sort, token_budget=False):
+    """Index batches of at most `batch_size` rows; `sort`: longest first, so each pads little. With
+    `token_budget` a batch also closes before rows x longest row passes batch_size x the median
+    length (at least batch_size // 4 rows): it helps where time follows tokens (a CPU, not CUDA)."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort else list(range(len(ids)))
+    if not (sort and token_budget):
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    budget = batch_size * (sorted(map(len, ids))[len(ids) // 2] if ids else 0)
+    min_rows = max(1, batch_size // 4)
+    batches, batch = [], []
+    for i in order:
+        if len(batch) == batch_size or (len(batch) >= min_rows
+                                        and (len(batch) + 1) * len(ids[batch[0]]) > budget):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches
+
+
 @torch.no_grad()
 def _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, dtype, sort,
               progress):
     """[step(input_ids, mask) per batch of `sources` (strings or token-id lists)] in their order,
-    in eval mode; `progress` labels a bar on stderr (None: no bar; TQDM_DISABLE=1: none)."""
+    in eval mode; `progress` labels a bar on stderr (None or TQDM_DISABLE=1: none)."""
     ids = (tasks.encode(tokenizer, sources, max_length)
            if sources and isinstance(sources[0], str) else sources)
     out, was_training = {}, model.training
     model.eval()
     bar = tqdm(total=len(ids), desc=progress, unit="ex", dynamic_ncols=True,
                **({"disable": True} if progress is None else {}))
-    for batch in tasks.batches_by_length(ids, batch_size, sort,
-                                         token_budget=not str(device).startswith("cuda")):
+    for batch in batches_by_length(ids, batch_size, sort,
+                                   token_budget=not str(device).startswith("cuda")):
         input_ids, mask = tasks.pad([ids[i] for i in batch], tokenizer.pad_token_id)
         with runtime.autocast(device, dtype):
             out.update(zip(batch, step(input_ids.to(device), mask.to(device))))
@@ -344,10 +362,9 @@ def _score(net, tokenizer, data_dir, task, split, max_length, max_examples=None,
 
 def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None, *,
                  checkpoint="best", data_dir=None, batch_size=64, max_examples=None, device=None,
-                 write=True, tag=None, quiet=False):
-    """Score a run on `split` of `task` (default: the run's own). `prompt` (l, d) overrides P'
-    (Figure 4); files go to RUN_DIR/eval/<task>_<split>[.<tag>].{metrics.json,predictions.jsonl};
-    tag defaults to 'rank' in rank mode. Returns the result dict (with 'score')."""
+                 write=True, quiet=False):
+    """Score a run on `split` of `task` (default: the run's own); `prompt` (l, d) overrides P'
+    (Figure 4). Writes RUN_DIR/eval/<task>_<split>[.rank].{metrics.json,predictions.jsonl}."""
     say = (lambda *a: None) if quiet else print
     net, tokenizer, config = load_run(run_dir, checkpoint, prompt, device)
     device, task = device or runtime.ranks().device, task or config["task"]
@@ -367,8 +384,7 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
               "prompt_override": prompt is not None, **scores,
               "eval_examples_per_s": len(examples) / max(seconds, 1e-9)}
     if write:
-        tag = tag or ("rank" if mode == "rank" else None)
-        stem = Path(run_dir) / "eval" / (f"{task}_{split}" + (f".{tag}" if tag else ""))
+        stem = Path(run_dir) / "eval" / (f"{task}_{split}" + (".rank" if mode == "rank" else ""))
         files.make_dir(stem.parent, "evaluation folder")
         files.write_jsonl(f"{stem}.predictions.jsonl", [
             {"idx": e.get("idx"), "source": e["source"], "target": e["target"], "prediction": p,
@@ -379,8 +395,8 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
 
 
 def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None):
-    """The frozen T5 `model` alone, no prompt and no run folder (the steering benchmark's floor):
-    its metrics on `split` of `task` (greedy decoding, fp32)."""
+    """Metrics of the frozen T5 `model` alone on `split` of `task`, greedy, fp32 (the steering
+    benchmark's floor)."""
     device = device or runtime.ranks().device
     net = M.PromptedT5(runtime.load_t5(model), None).to(device).eval()
     _, _, scores, _ = _score(net, runtime.load_tokenizer(model), data_dir, task, split, None,

@@ -40,10 +40,8 @@ class Task:
 
 GLUE, SUPERGLUE = "nyu-mll/glue", "aps/super_glue"
 ACC_F1 = dict(metrics=("acc", "f1"), score=("acc",))
-# In the paper's column order (Tables 1 and 2: the drivers and the report follow it). Types in Table
-# 5's caption's words: NLI natural language inference, coref. coreference resolution, common.
-# commonsense, QA question answering, WSD word sense disambiguation. The split sizes are Appendix
-# B.1's (docs/paper.md); tests/test_prepare_data.py checks prepared files against its own copy.
+# In the paper's column order (Tables 1, 2), types in Table 5's words (coref. coreference, common.
+# commonsense, WSD word sense disambiguation), split sizes Appendix B.1's (docs/paper.md).
 # MRPC, QQP: Table 1's header reads "Acc" (the score); F1 is still reported.
 _TASKS = [
     Task("cola", "glue", GLUE, "cola", "acceptability", (8551, 521, 522), metrics=("mcc",)),
@@ -98,14 +96,12 @@ STEER_TASKS = {f"steer_{rule}": Task(f"steer_{rule}", "steer", "", None, "steeri
                for rule in STEER_RULES if rule != STEER_DEFAULT}
 
 
-def known(task):
-    """One of the paper's 21 tasks or a steering task: prepare_data.py can prepare it."""
+def known(task):  # prepare_data.py can prepare it
     return task in TASKS or task in STEER_TASKS
 
 
 # --- a prepared task: data/<task>/meta.json (prepare_data.py writes it) --------------------------
-# what the later stages read from meta.json; every metric evaluation.METRICS computes (a test holds
-# the two equal)
+# what the later stages read from meta.json; every metric evaluation.METRICS computes (tested)
 META_KEYS = {"splits": dict, "labels": (list, type(None)), "metrics": list, "score": list,
              "max_length": int, "max_target_length": int}
 METRIC_NAMES = ("acc", "f1", "macro_f1", "mcc", "pearson", "spearman", "f1a", "em", "squad_em",
@@ -113,16 +109,16 @@ METRIC_NAMES = ("acc", "f1", "macro_f1", "mcc", "pearson", "spearman", "f1a", "e
 
 
 def load_meta(data_dir, task, strict=True):
-    """data/<task>/meta.json, the one reader of it: strict, with the keys the later stages read
-    (absent or wrong: one sentence naming the prepare_data command); else as it is ({} when not
-    an object; None when absent: the report and the cost estimate read what is there)."""
+    """data/<task>/meta.json, its one reader: strict, with the keys the later stages read (else
+    one sentence naming the prepare_data command); or as it is ({}: not an object, None: absent)."""
     path = Path(data_dir) / task / "meta.json"
-    if not path.exists() and not strict:
-        return None
-    if not path.exists() and not known(task):
-        raise files.FileFault(f"unknown task {task!r} (no {path}); the tasks: {', '.join(TASKS)}; "
-                              f"the steering benchmark's: {', '.join(STEER_TASKS)}")
     if not path.exists():
+        if not strict:
+            return None
+        if not known(task):
+            raise files.FileFault(f"unknown task {task!r} (no {path}); the tasks: "
+                                  f"{', '.join(TASKS)}; the steering benchmark's: "
+                                  f"{', '.join(STEER_TASKS)}")
         raise files.FileFault(f"no {path}; run `{prepare_command(data_dir, [task])}` first")
     meta = files.read_json(path, "task description")
     meta = meta if isinstance(meta, dict) else {}
@@ -136,17 +132,16 @@ def load_meta(data_dir, task, strict=True):
         raise files.FileFault(f"the task description {path} has a missing or wrong "
                               f"{', '.join(bad)}; rebuild it with "
                               f"`{prepare_command(data_dir, [task], overwrite=True)}`")
-    if unknown := [m for m in meta["metrics"] if m not in METRIC_NAMES]:  # an edited meta.json
-        raise files.FileFault(f"{path} names unknown metrics {unknown}; known: "  # fails now, not
-                              f"{', '.join(METRIC_NAMES)}. Rebuild the task with "  # after a run
+    if unknown := [m for m in meta["metrics"] if m not in METRIC_NAMES]:  # edited: fails now, not
+        raise files.FileFault(f"{path} names unknown metrics {unknown}; known: "  # after a run
+                              f"{', '.join(METRIC_NAMES)}. Rebuild the task with "
                               f"`{prepare_command(data_dir, [task], overwrite=True)}`")
     return meta
 
 
 def prepare_command(data_dir, names, fewshot=(), seeds=(), overwrite=False):
-    """The prepare_data.py command line that prepares `names` (and each k of `fewshot` with each
-    seed of `seeds`) into `data_dir` with the --tokenizer and --source their meta.json records (not
-    prepared yet: those of a task beside it), so that it runs as printed offline too."""
+    """The prepare_data.py command for `names` (and the `fewshot` k x `seeds` sets) into `data_dir`,
+    with the --tokenizer and --source meta.json records (else a neighbour's): it runs offline."""
     metas = [load_meta(data_dir, name, strict=False) for name in names]
     metas += [load_meta(data_dir, p.parent.name, strict=False)
               for p in sorted(Path(data_dir).glob("*/meta.json")) if p.parent.name not in names]
@@ -188,8 +183,7 @@ def fewshot_rule(task):
 
 
 def old_fewshot_sets(meta):
-    """The few-shot sets of a meta.json drawn with an older rule (k per class; STS-B: k from the
-    whole split), not Table 3's."""
+    """meta.json's few-shot sets of an older rule (k per class; STS-B: k from the whole split)."""
     meta = meta if isinstance(meta, dict) else {}
     sets, rule = meta.get("fewshot"), fewshot_rule(meta.get("task"))
     return sorted(key for key, entry in (sets if isinstance(sets, dict) else {}).items()
@@ -215,9 +209,8 @@ def old_fewshot_warning(data_dir, old):
 
 def encode(tokenizer, texts, max_length):
     """Token ids per text, truncated on the right, `</s>` appended by the T5 tokenizer."""
-    if not texts:
-        return []
-    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return (tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+            if texts else [])
 
 
 def pad(seqs, pad_value, length=None):
@@ -326,27 +319,6 @@ def epoch_order(n, seed, epoch, batch_size, lengths=None):
                            for i in range(0, n, mega)])
 
 
-def batches_by_length(ids, batch_size, sort, token_budget=False):
-    """Index batches of at most `batch_size` rows for decoding; `sort`: longest first, so each batch
-    pads little. With `token_budget` a batch also closes before its rows x its longest row would
-    pass batch_size x the median length, so the few long inputs come in smaller batches (never under
-    a quarter of batch_size rows): that helps where time follows the tokens computed (a CPU), not
-    the number of batches (a GPU), so callers use it off CUDA only (docs/speed.md measures it)."""
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort else list(range(len(ids)))
-    if not (sort and token_budget):
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    budget = batch_size * (sorted(map(len, ids))[len(ids) // 2] if ids else 0)
-    min_rows = max(1, batch_size // 4)
-    batches, batch = [], []
-    for i in order:
-        if len(batch) == batch_size or (len(batch) >= min_rows
-                                        and (len(batch) + 1) * len(ids[batch[0]]) > budget):
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    return batches + [batch] if batch else batches
-
-
 def label_ids(tokenizer, labels):
     """The distinct token ids of the label words, which `--init label` starts from (the bare '▁'
     piece of '▁', '0' dropped); None without a label set."""
@@ -361,8 +333,7 @@ def label_ids(tokenizer, labels):
 
 @dataclass
 class TaskData:
-    """A task's data as train.py uses it: `data` = (train source ids, target ids, pad id); `val`,
-    `test` = (examples, source ids) (test None with --no-test)."""
+    """`data` = (train source ids, target ids, pad id); `val`, `test` = (examples, source ids)."""
     tokenizer: object
     meta: dict
     train_file: Path
@@ -403,8 +374,7 @@ def load_task(args, ranks, say):
 
 
 def prepare_if_missing(data_dir, task, tokenizer, say, source=None):
-    """data/<task>/ prepared on first use by the prepare_data.py stage, run as a command (stages
-    link by files: train.py does not import prepare_data.py)."""
+    """data/<task>/ prepared on first use by prepare_data.py as a command (stages link by files)."""
     folder = Path(data_dir) / task
     if (folder / "meta.json").exists():
         return

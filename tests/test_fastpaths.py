@@ -194,8 +194,8 @@ def test_eval_batches_sorted_within_a_token_budget():
     ids = [[5] * rng.choice([3, 8, 20, 200]) for _ in range(101)]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # sorted() is stable: ties keep data order
     for bs in (1, 4, 16, 64):
-        assert tasks.batches_by_length(ids, bs, True) == [order[i:i + bs] for i in range(0, len(ids), bs)]
-        batches = tasks.batches_by_length(ids, bs, True, token_budget=True)
+        assert evaluation.batches_by_length(ids, bs, True) == [order[i:i + bs] for i in range(0, len(ids), bs)]
+        batches = evaluation.batches_by_length(ids, bs, True, token_budget=True)
         flat = [i for b in batches for i in b]
         assert sorted(flat) == list(range(len(ids)))
         assert [len(ids[i]) for i in flat] == sorted(map(len, ids), reverse=True)
@@ -206,8 +206,8 @@ def test_eval_batches_sorted_within_a_token_budget():
         long = [b for b in batches if len(ids[b[0]]) == 200]
         if bs >= 16:  # the long tail in smaller batches than the short rows: the point of the budget
             assert max(map(len, long)) < max(map(len, batches))
-    assert tasks.batches_by_length(ids, 16, False) == [list(range(i, min(i + 16, 101))) for i in range(0, 101, 16)]
-    assert tasks.batches_by_length([], 16, True) == tasks.batches_by_length([], 16, True, True) == []
+    assert evaluation.batches_by_length(ids, 16, False) == [list(range(i, min(i + 16, 101))) for i in range(0, 101, 16)]
+    assert evaluation.batches_by_length([], 16, True) == evaluation.batches_by_length([], 16, True, True) == []
 
 
 def test_early_stop_when_every_row_is_done(decoder_net):
