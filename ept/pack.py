@@ -29,7 +29,7 @@ def main(args, specs, ranks, max_rows=None):
     specs = ranks.first(lambda: options.resolve_runs(args, specs, True), everyone=True)
     say = print if ranks.master else (lambda *a, **k: None)
     held, left_out = [], []
-    with runfolder.stop_on_signals(), runfolder.cleanup([s.out_dir for s in specs], held,
+    with runtime.stop_on_signals(), runfolder.cleanup([s.out_dir for s in specs], held,
                                                       ranks.master):
         todo = ranks.first(lambda: open_folders(specs, held, left_out, say))
         if todo:
@@ -127,11 +127,11 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
                 leave(run, train.finish(run, task, ranks, say, meters[run.name]))
         if not live:
             break
-        if sig := runfolder.stop_requested(ranks):  # every live run's last.pt, then exit
+        if sig := runtime.stop_requested(ranks):  # every live run's last.pt, then exit
             for run in live:
                 if runfolder.weights_finite(run.params):
                     runfolder.save_checkpoint(run, ranks, "last.pt")
-            raise runfolder.stopped(sig, live)
+            raise runtime.stopped(sig, live)
         t0 = time.time()
         records = pack.step()  # one optimizer step of every live run
         seconds = time.time() - t0
@@ -349,24 +349,8 @@ class Pack:
         if ws > 1:
             dist.all_reduce(loss_sums)
         t1 = time.perf_counter()
-        losses, norms, lrs, mu = update(runs, loss_sums / n_tokens)
-        t2 = time.perf_counter()
-        self.timings = {"forward_backward_s": t1 - t0, "update_s": t2 - t1,
+        stats = train.update(runs, loss_sums / n_tokens)
+        self.timings = {"forward_backward_s": t1 - t0, "update_s": time.perf_counter() - t1,
                         "forward_passes": len(plan), "padded_tokens": padded}
-        return list(zip(losses, norms, lrs, mu))
+        return stats
 
-
-def update(runs, losses):
-    """train.train_step's update, run by run, with one host sync for all: returns (losses, grad
-    norms, lrs of this step, [(mu_t, s_t)])."""
-    grad_norms = torch.stack([torch.nn.utils.clip_grad_norm_(
-        r.params, r.args.max_grad_norm if r.args.max_grad_norm > 0 else math.inf).float()
-        for r in runs])
-    losses, norms = torch.stack([losses, grad_norms.to(losses.device)]).tolist()
-    lrs = [r.scheduler.get_last_lr()[0] for r in runs]
-    for r, loss, norm in zip(runs, losses, norms):
-        if math.isfinite(loss) and math.isfinite(norm):
-            r.optimizer.step()
-            r.scheduler.step()
-        r.optimizer.zero_grad(set_to_none=True)
-    return losses, norms, lrs, [train.prompt_stats(r.net.prompt_module) for r in runs]

@@ -1,22 +1,17 @@
 """A run folder (train.py writes it, every later stage reads it): its files and status; its lock
 (one writer); claimed and checked before anything in it changes, started (config.json, log.jsonl),
-checkpointed, resumed, and removed again when a start failed and left it empty; and the stop signals
-(SIGTERM, SIGUSR1, Ctrl-C: last.pt at the next step boundary, then exit). docs/training.md lists
-the files ("The run folder") and the lock's rules ("Run lock").
+checkpointed, resumed, and removed again when a start failed and left it empty. docs/training.md
+lists the files ("The run folder") and the lock's rules ("Run lock").
 """
 import contextlib
 import importlib
 import json
 import os
 import shutil
-import signal
 import socket
-import sys
-import threading
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import model as M
 from ept import cli, files, runtime
@@ -159,9 +154,13 @@ def is_run_folder(run_dir):
 
 
 def old_config(out_dir):
-    """The run's config.json as a dict ({} when it is another JSON value)."""
+    """The run's config.json, refused unless a JSON object."""
     config = files.read_json(out_dir / "config.json", "run configuration")
-    return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        raise files.FileFault(f"train: {out_dir / 'config.json'} is valid JSON but not a run "
+                              "configuration (a JSON object); restore it, or --overwrite to start "
+                              "over")
+    return config
 
 
 def refuse_more_steps(out_dir, args):
@@ -218,13 +217,9 @@ def resume(run, path, ranks):
 def check_schedule(out_dir, args):
     """--resume continues last.pt's AdamW and lr schedule: the options that shape them must be the
     run's own (its config.json), or another --lr would be recorded but not used."""
-    path = out_dir / "config.json"
-    if not path.exists():  # killed before it was written
+    if not (out_dir / "config.json").exists():  # killed before it was written
         return
-    config = files.read_json(path, "run configuration")
-    if not isinstance(config, dict):
-        raise files.FileFault(f"train: {path} is valid JSON but not a run configuration (a JSON "
-                              "object); restore it, or --overwrite to start over")
+    config = old_config(out_dir)
     changed = [f"--{k.replace('_', '-')} {config[k]} (now {getattr(args, k)})"
                for k in SCHEDULE_KEYS if k in config and config[k] != getattr(args, k)]
     if changed:
@@ -507,89 +502,3 @@ def acquire_lock(run_dir, say=print):
             f.write(text)
         return Lock(path, text)
     raise Busy(f"train: {run_dir}: another process took {path} meanwhile; try again")
-
-
-# --- stopping cleanly on a signal ---------------------------------------------------------------
-
-class Stopped(cli.Failure):
-    """A stop signal arrived: last.pt was written at a step boundary; exit 128 + the signal."""
-
-
-_stop_signal = []  # the signal received, set by the handler, read at each step boundary
-_stopping = []  # set once the run stops (Stopped, a second Ctrl-C): later signals wait for cleanup
-
-
-def _on_signal(sig, _):
-    if _stopping:  # the locks are being released and the files closed: let that finish
-        return
-    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:  # twice: stop now (files stay whole)
-        _stopping.append(sig)
-        raise KeyboardInterrupt
-    if sig == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:
-        print("train: Ctrl-C: stopping at the next step boundary, after writing last.pt (Ctrl-C "
-              "again to stop at once)", file=sys.stderr, flush=True)
-    _stop_signal.append(sig)
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """The handlers above while the loop runs. Main thread only: a thread cannot install handlers,
-    and then the caller's stay."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _stop_signal.clear()
-    _stopping.clear()
-    before = {sig: signal.signal(sig, _on_signal)
-              for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-
-
-def received():
-    """The stop signal of the last run, or None: a driver stops before its next run even so."""
-    return _stop_signal[0] if _stop_signal else None
-
-
-def stop_requested(ranks):
-    """The signal to stop on (or None), agreed by every rank: one may receive it a step later."""
-    sig = received() or 0
-    if ranks.world_size > 1:
-        box = torch.tensor([int(sig)], device=ranks.device)
-        dist.all_reduce(box, op=dist.ReduceOp.MAX)
-        sig = int(box.item())
-    return sig or None
-
-
-def stopped(sig, runs):
-    """The Stopped to raise once the runs wrote last.pt: rank 0 says why and how to resume; each
-    rank exits 128 + the signal."""
-    _stopping.append(sig)
-    name, step = signal.Signals(sig).name, min(run.step for run in runs)
-    folders = " ".join(str(run.out_dir) for run in runs)
-    said = int(os.environ.get("RANK", 0)) == 0  # once under torchrun
-    return Stopped(f"train: {name} received: stopped at step {step}, last.pt written in "
-                   f"{folders}; run the same command with --resume to continue (exit status "
-                   f"{128 + sig})" if said else "", status=128 + sig)
-
-
-def run(main):
-    """train.py's main(): a Ctrl-C after a stop or failure is ignored; a second one, or one outside
-    the loop, exits 130 (files whole). Every rank ends the process group."""
-    try:
-        main()
-    except SystemExit:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: "
-                  "run the same command with --resume to continue", file=sys.stderr, flush=True)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
