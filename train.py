@@ -56,12 +56,12 @@ def main(argv=None):
         args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
     runs_file, max_rows = (vars(args).pop(k) for k in options.PACK_OPTIONS)
     ranks = runtime.ranks()  # DDP: the process group joined; ranks.first: rank 0 checks first
-    specs = ranks.first(lambda: options.sweep(args, runs_file), everyone=True)
-    ranks.first(lambda: check_offline(args))  # offline: all that is missing in one sentence
-    if runs_file is not None or len(specs) > 1:
+    specs = runs_file is None and ranks.first(lambda: options.sweep(args), everyone=True)
+    if not specs or len(specs) > 1:  # several runs, or --runs FILE: a pack
         sys.modules.setdefault("train", sys.modules[__name__])  # one copy of this module
         from ept import pack
-        return pack.main(args, specs, ranks, max_rows)
+        return pack.main(args, specs, ranks, max_rows, runs_file)
+    ranks.first(lambda: check_offline(args))  # offline: all that is missing in one sentence
     args = ranks.first(lambda: options.resolve_runs(args, specs, False)[0], everyone=True)
     say = print if ranks.master else (lambda *a, **k: None)
     out_dir, held = Path(args.out_dir), []

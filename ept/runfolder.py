@@ -21,8 +21,7 @@ RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "met
              FAILED_NAME)
 CONFIG_KEYS = ("task", "method", "model", "tokenizer", "random_init", "seed", "data_dir",
                "max_length", "meta")
-# last.pt / best.pt, as train.Run.state writes them (checked on --resume; older ones also hold
-# "rng" and "world_size", unused since dropout is stateless)
+# train.Run.state's keys, checked on --resume (an older last.pt also has unused "rng", "world_size")
 CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "data", "best_score", "best_step")
 # the options that shape last.pt's optimizer and lr schedule: --resume must keep them (issue 28)
 SCHEDULE_KEYS = ("lr", "weight_decay", "warmup_steps", "max_steps", "batch_size", "max_grad_norm")
@@ -153,8 +152,7 @@ def is_run_folder(run_dir):
     return isinstance(keys, dict) and {"task", "method", "n_trainable"} <= set(keys)
 
 
-def old_config(out_dir):
-    """The run's config.json, refused unless a JSON object."""
+def old_config(out_dir):  # the run's config.json, refused unless a JSON object
     config = files.read_json(out_dir / "config.json", "run configuration")
     if not isinstance(config, dict):
         raise files.FileFault(f"train: {out_dir / 'config.json'} is valid JSON but not a run "
@@ -199,8 +197,8 @@ def resume(run, path, ranks):
     """Load last.pt (`path`) into `run`, refused when it does not fit or is not finite; rank 0 reads
     config.json and log.jsonl now: a damaged one stops a pack before any run's files change."""
     ckpt = read_checkpoint(path, run.args.max_steps)
-    if ranks.master:
-        check_schedule(run.out_dir, run.args)
+    if ranks.master:  # start_log compares the config.json read here with the new one
+        run.config = check_schedule(run.out_dir, run.args)
     try:
         run.load_state(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
@@ -216,9 +214,9 @@ def resume(run, path, ranks):
 
 def check_schedule(out_dir, args):
     """--resume continues last.pt's AdamW and lr schedule: the options that shape them must be the
-    run's own (its config.json), or another --lr would be recorded but not used."""
+    run's own (its config.json), or another --lr would be recorded but not used. Returns it."""
     if not (out_dir / "config.json").exists():  # killed before it was written
-        return
+        return None
     config = old_config(out_dir)
     changed = [f"--{k.replace('_', '-')} {config[k]} (now {getattr(args, k)})"
                for k in SCHEDULE_KEYS if k in config and config[k] != getattr(args, k)]
@@ -226,6 +224,7 @@ def check_schedule(out_dir, args):
         raise cli.Failure(f"train: {out_dir} was trained with {', '.join(changed)}; --resume "
                           "continues its optimizer and lr schedule, so pass the run's own values "
                           "(its config.json), or --overwrite to start over")
+    return config
 
 
 def read_log(path):
@@ -237,7 +236,7 @@ def read_log(path):
 def start_log(run, task, ranks, say, **extra):
     """Every check passed: the run's config.json (`extra`: a pack's keys) and its log(event) on
     log.jsonl, which on resume is cut back to the checkpoint's step (what came after is redone)."""
-    args, out_dir, resumed = run.args, run.out_dir, run.resumed
+    args, out_dir, resumed, before = run.args, run.out_dir, run.resumed, run.config
     own = {k: v for k, v in vars(args).items() if M.applies(k, args.method)}  # its own only
     run.config = {**own, "world_size": ranks.world_size, "device": ranks.device,
                   "n_trainable": M.count_trainable(run.net),
@@ -249,8 +248,7 @@ def start_log(run, task, ranks, say, **extra):
                   "torch": torch.__version__, **extra}
     log = Log(None, [])
     if ranks.master:
-        if resumed and (out_dir / "config.json").exists():
-            before = old_config(out_dir)
+        if resumed and before is not None:  # resume read it
             changed = {k: (before.get(k), v) for k, v in run.config.items()
                        if before.get(k) != v and k != "resume"}
             if changed:
@@ -283,9 +281,8 @@ def clear_run_files(out_dir, overwrite, say):
     """A fresh start: --overwrite deletes the old run's files (check_folder checked train.py wrote
     them); else only the log of a run killed before its first checkpoint goes."""
     existing = [f for f in RUN_FILES if (out_dir / f).exists()]
-    if overwrite and (existing or (out_dir / "eval").exists()):
-        say(f"train: --overwrite: deleting "
-            f"{', '.join(existing + ['eval/'] * (out_dir / 'eval').exists())} in {out_dir}")
+    if overwrite and (gone := existing + ["eval/"] * (out_dir / "eval").exists()):
+        say(f"train: --overwrite: deleting {', '.join(gone)} in {out_dir}")
         for f in existing:
             (out_dir / f).unlink()
         shutil.rmtree(out_dir / "eval", ignore_errors=True)
@@ -454,7 +451,6 @@ class Owner:
 
 
 def read_owner(path):
-    """The Owner of the lock file `path`, or None when there is none."""
     try:
         path = Path(path)
         return Owner(path.read_text(encoding="utf-8", errors="replace"), path.stat().st_mtime)
