@@ -56,16 +56,16 @@ def main(argv=None):
         args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
     runs_file, max_rows = (vars(args).pop(k) for k in options.PACK_OPTIONS)
     ranks = runtime.ranks()  # DDP: the process group joined; ranks.first: rank 0 checks first
-    specs = ranks.first(lambda: options.sweep(args, runs_file), everyone=True)
-    ranks.first(lambda: check_offline(args))  # offline: all that is missing in one sentence
-    if runs_file is not None or len(specs) > 1:
+    specs = runs_file is None and ranks.first(lambda: options.sweep(args), everyone=True)
+    if not specs or len(specs) > 1:  # several runs, or --runs FILE: a pack
         sys.modules.setdefault("train", sys.modules[__name__])  # one copy of this module
         from ept import pack
-        return pack.main(args, specs, ranks, max_rows)
+        return pack.main(args, specs, ranks, max_rows, runs_file)
+    ranks.first(lambda: check_offline(args))  # offline: all that is missing in one sentence
     args = ranks.first(lambda: options.resolve_runs(args, specs, False)[0], everyone=True)
     say = print if ranks.master else (lambda *a, **k: None)
     out_dir, held = Path(args.out_dir), []
-    with runfolder.stop_on_signals(), runfolder.cleanup([out_dir], held, ranks.master):
+    with runtime.stop_on_signals(), runfolder.cleanup([out_dir], held, ranks.master):
         resume_path = ranks.first(lambda: runfolder.open_folder(args, out_dir, held, say))
         if resume_path == "finished":
             return {"out_dir": str(out_dir), "finished": True}
@@ -105,10 +105,10 @@ def train(run, task, model, ranks, say):
             raise nonfinite_stop(run, ["weights"], run.scheduler.get_last_lr()[0], ranks.master)
         if run.step == args.max_steps:
             break
-        if sig := runfolder.stop_requested(ranks):  # preempted or cancelled: last.pt, then exit
+        if sig := runtime.stop_requested(ranks):  # preempted or cancelled: last.pt, then exit
             if runfolder.weights_finite(run.params):  # never a NaN/inf state on disk
                 runfolder.save_checkpoint(run, ranks, "last.pt")
-            raise runfolder.stopped(sig, [run])
+            raise runtime.stopped(sig, [run])
         batch = next_batch(run, n_train, lengths)
         t0 = time.time()
         record = train_step(model, run, batch, task.data, amp, ranks)
@@ -131,8 +131,7 @@ def train_step(model, run, batch, data, amp, ranks):
     """One optimizer step of `run` on the global `batch` (indices into `data` = (source ids, target
     ids, pad id)) through `model` (run.net, or DDP / torch.compile around it). This rank takes
     batch[rank::world_size] in micro-batches; each one's summed target NLL is scaled by world_size /
-    (the global batch's target tokens): DDP's mean over ranks is then the token mean of the batch.
-    A non-finite loss or gradient norm skips the update (the loop stops the run)."""
+    (the global batch's target tokens): DDP's mean over ranks is then the batch's token mean."""
     source_ids, target_ids, pad_id = data
     rank, ws, device = ranks.rank, ranks.world_size, ranks.device
     n_tokens = sum(len(target_ids[i]) for i in batch)  # every rank holds the data: it knows them
@@ -156,16 +155,24 @@ def train_step(model, run, batch, data, amp, ranks):
         loss_sum += nll.detach()
     if ws > 1:
         dist.all_reduce(loss_sum)
-    clip = run.args.max_grad_norm if run.args.max_grad_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, clip)
-    loss, grad_norm = torch.stack([loss_sum / n_tokens, grad_norm.float()]).tolist()  # one sync
-    lr = run.scheduler.get_last_lr()[0]
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        run.optimizer.step()
-        run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    mu, s = prompt_stats(run.net.prompt_module)
+    [(loss, grad_norm, lr, (mu, s))] = update([run], (loss_sum / n_tokens)[None])
     return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "prompt_norm": mu, "ept_s": s}
+
+
+def update(runs, losses):
+    """Each run's clip, AdamW and schedule step (skipped for a non-finite loss or gradient norm),
+    one host sync for all (a pack's runs too): [(loss, grad norm, lr of this step, (mu_t, s_t))]."""
+    grad_norms = torch.stack([torch.nn.utils.clip_grad_norm_(
+        r.params, r.args.max_grad_norm if r.args.max_grad_norm > 0 else math.inf).float()
+        for r in runs])
+    losses, norms = torch.stack([losses, grad_norms.to(losses.device)]).tolist()
+    lrs = [r.scheduler.get_last_lr()[0] for r in runs]
+    for r, loss, norm in zip(runs, losses, norms):
+        if math.isfinite(loss) and math.isfinite(norm):
+            r.optimizer.step()
+            r.scheduler.step()
+        r.optimizer.zero_grad(set_to_none=True)
+    return list(zip(losses, norms, lrs, [prompt_stats(r.net.prompt_module) for r in runs]))
 
 
 @torch.no_grad()
@@ -178,12 +185,10 @@ def prompt_stats(module):
     if isinstance(module, M.EPT):
         hidden = module.blocks[0].down(module.prompt).float().flatten()
         values.append(hidden[0] if hidden.numel() == 1 else hidden.norm())
-    values = torch.stack(values).tolist()
-    return values[0], (values[1] if len(values) > 1 else None)
+    return (*torch.stack(values).tolist(), None)[:2]
 
 
 def train_event(run, record, examples, tokens, seconds):
-    """The "train" log event of one optimizer step."""
     kept = {k: record[k] for k in ("loss", "lr", "grad_norm", "prompt_norm", "ept_s")
             if k != "ept_s" or record[k] is not None}
     return {"event": "train", "step": run.step, **kept, "epoch": run.epoch,
@@ -217,7 +222,6 @@ class Run:
 
     @property
     def module(self):
-        """What trains: the prompt module, or T5 for ft."""
         return self.net.t5 if self.net.prompt_module is None else self.net.prompt_module
 
     @property
@@ -226,7 +230,6 @@ class Run:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def advance(self, n_examples, n_train):
-        """After a step: the next data position (a fresh epoch once the split is used up)."""
         self.step += 1
         self.index += n_examples
         if self.index >= n_train:
@@ -269,10 +272,8 @@ def make_optimizer(params, args, fused=None):
     fused = params[0].device.type == "cuda" if fused is None else fused
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, fused=fused)
     warmup, total = args.warmup_steps, args.max_steps
-
-    def lr_lambda(s):
-        return s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
+        s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))))
 
 
 def new_run(t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None, label_ids=None,
@@ -311,8 +312,7 @@ def load_t5(args, task, ranks):
 
 
 def wrap(net, args, ranks):
-    """What runs the forward: `net`, compiled (--compile) and under DDP (no buffer sync before each
-    forward: T5's buffers never change)."""
+    """What runs the forward: `net`, compiled (--compile), under DDP (T5's buffers never change)."""
     net = torch.compile(net) if args.compile else net
     if ranks.world_size == 1:
         return net
@@ -397,4 +397,4 @@ def finish(run, task, ranks, say, meter):
 
 
 if __name__ == "__main__":
-    runfolder.run(main)  # Ctrl-C outside the loop: exit 130, files whole; the process group ended
+    runtime.run(main)  # Ctrl-C outside the loop: exit 130, files whole; the process group ended

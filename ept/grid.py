@@ -30,7 +30,7 @@ from pathlib import Path
 
 import model as M
 import tables
-from ept import cli, files, options, runfolder, tasks
+from ept import cli, files, options, runfolder, runtime, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train.py"
@@ -405,8 +405,8 @@ def run_unit(experiment, unit, args, i, n):
         except Exception:  # one broken unit does not stop the grid; reported at the end
             traceback.print_exc()
             status = 1
-        if status == 0 and runfolder.received():  # it came in the unit's last steps, which finished
-            status = 128 + runfolder.received()
+        if status == 0 and runtime.received():  # it came in the unit's last steps, which finished
+            status = 128 + runtime.received()
         if status - 128 in STOPS:
             stop(experiment, unit, status - 128)
     if status:  # train.py printed its error

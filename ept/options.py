@@ -1,5 +1,6 @@
-"""train.py's options: its flags and defaults, the runs a command line asks for (a sweep or --runs
-FILE) and each run's folder name (run_name); the drivers plan their runs by these same rules.
+"""train.py's options: its flags and defaults, the runs a command line asks for (a sweep; --runs
+FILE is ept/pack.py's read_runs) and each run's folder name (run_name); the drivers plan their runs
+by these same rules.
 """
 import argparse
 import itertools
@@ -7,7 +8,7 @@ import math
 from pathlib import Path
 
 import model as M
-from ept import cli, files, runtime
+from ept import cli, runtime
 
 # train.py sets its text; no abbreviations: `--max-step 3` or `--eval 5` is an error, never a guess
 parser = cli.Parser(prog="train.py", formatter_class=cli.HelpFormatter, allow_abbrev=False)
@@ -154,23 +155,6 @@ def run_name(spec):
                      f"s{spec['seed']}"])
 
 
-def per_run_value(key, value):
-    """A --runs FILE value checked and converted as the command line would take it."""
-    action = next(a for a in parser._actions if a.dest == key)
-    if action.nargs == 0 and not isinstance(value, bool):  # a flag (store_true)
-        raise cli.Failure(f"train: --runs: {key} must be true or false, not {value!r}")
-    if action.nargs == 0 or value is None:
-        return value
-    try:
-        value = action.type(str(value)) if action.type else value
-    except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
-        raise cli.Failure(f"train: --runs: {key}: {err}") from None
-    if action.choices is not None and value not in action.choices:
-        raise cli.Failure(f"train: --runs: {key} {value!r} is not one of "
-                          f"{', '.join(map(str, action.choices))}")
-    return value
-
-
 def method_defaults(spec):
     """`spec` (a dict) with the options that do not apply to its method at their defaults, as on
     the command line: a run's config.json is the same in a pack or alone."""
@@ -178,59 +162,29 @@ def method_defaults(spec):
                        if not M.applies(k, spec["method"])}}
 
 
-def sweep(args, runs_file=None):
+def sweep(args):
     """The runs asked for, unresolved: the product of the sweep options' values (the last varies
-    fastest; EPT x 2 prompt lengths is one run), or --runs FILE's list over the flags' options."""
-    if runs_file is None:
-        lists = [v if isinstance(v := getattr(args, k), list) else [v] for k in SWEEP]
-        specs = {}
-        for combo in itertools.product(*lists):  # --out-dir: the parent
-            spec = method_defaults({**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None})
-            specs.setdefault(tuple(map(repr, spec.values())), argparse.Namespace(**spec))
-        return list(specs.values())
-    rows = files.read_json(Path(runs_file), "run list")
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise cli.Failure(f"train: --runs {runs_file} must hold a non-empty JSON list of "
-                          "option dicts")
-    if swept := [k for k in SWEEP if isinstance(getattr(args, k), list)]:
-        raise cli.Failure("train: --runs gives the runs; the flags give only what they share: "
-                          f"one value for --{', --'.join(k.replace('_', '-') for k in swept)}")
-    specs = []
-    for row in rows:
-        spec = argparse.Namespace(**vars(args))
-        for key, value in row.items():
-            if key == "out_dir":
-                if problem := cli.run_folder_problem(value):
-                    raise cli.Failure(f"train: --runs {runs_file}: out_dir {problem}")
-            elif key in PER_RUN:
-                setattr(spec, key, per_run_value(key, value))
-            elif key not in vars(args):
-                raise cli.Failure(f"train: --runs: unknown option {key!r} (train.py's option "
-                                  "names, with underscores)")
-            elif per_run_value(key, value) != getattr(args, key):  # the same as the command line's
-                raise cli.Failure(f"train: --runs: {key} is shared by the runs of a pack (one "
-                                  "task, data and T5): give it once on the command line, not "
-                                  f"{value!r} for one run")
-        spec.out_dir = row.get("out_dir")
-        specs.append(argparse.Namespace(**method_defaults(vars(spec))))
-    return specs
+    fastest; EPT x 2 prompt lengths is one run); --runs FILE's list is ept/pack.py's read_runs."""
+    lists = [v if isinstance(v := getattr(args, k), list) else [v] for k in SWEEP]
+    specs = {}
+    for combo in itertools.product(*lists):  # --out-dir: the parent
+        spec = method_defaults({**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None})
+        specs.setdefault(tuple(map(repr, spec.values())), argparse.Namespace(**spec))
+    return list(specs.values())
 
 
 def resolve_runs(args, specs, packed):
     """The runs of a command line, resolved, each with its folder (one naming rule): a lone run's
     is --out-dir or runs/<name>; a pack's each entry's "out_dir", or <--out-dir or runs>/<name>."""
-    if not packed:
-        run = resolve(argparse.Namespace(**{**vars(specs[0]), "out_dir": args.out_dir}))
-        run.out_dir = run.out_dir or str(Path("runs") / run_name(run))
-        if problem := cli.run_folder_problem(run.out_dir):
-            raise cli.Failure(f"train: --out-dir {problem}")
-        return [run]
     for spec in specs:
-        if spec.method == "ft":
+        if packed and spec.method == "ft":
             raise cli.Failure("train: ft trains T5 itself and cannot share it with other runs in "
                               "a pack; train it alone (one --method ft run)")
         resolve(spec)
-        spec.out_dir = spec.out_dir or str(Path(args.out_dir or "runs") / run_name(spec))
+        spec.out_dir = ((spec.out_dir if packed else args.out_dir)
+                        or str(Path(packed and args.out_dir or "runs") / run_name(spec)))
+    if not packed and (problem := cli.run_folder_problem(specs[0].out_dir)):
+        raise cli.Failure(f"train: --out-dir {problem}")
     folders = [str(Path(s.out_dir).resolve()) for s in specs]
     if shared := sorted({f for f in folders if folders.count(f) > 1}):
         raise cli.Failure(f"train: two runs of the pack share a folder ({', '.join(shared)}); "

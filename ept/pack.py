@@ -7,6 +7,7 @@ r's summed target NLL / run r's target tokens) gives each run exactly its train.
 run clips and steps its own AdamW and schedule. A packed run equals its solo run within float
 rounding, dropout on or off (tests/test_packing.py). Why, and the speed: docs/packing.md.
 """
+import argparse
 import math
 import time
 from contextlib import nullcontext
@@ -20,16 +21,19 @@ from tqdm import tqdm
 
 import model as M
 import train
-from ept import options, runfolder, runtime, tasks
+from ept import cli, files, options, runfolder, runtime, tasks
 
 
-def main(args, specs, ranks, max_rows=None):
-    """train.py's main for several runs: every folder claimed and checked (a busy one left out, a
-    finished one skipped), one T5 loaded, every run built, then trained together."""
+def main(args, specs, ranks, max_rows=None, runs_file=None):
+    """train.py's main for several runs (a sweep's `specs`, or --runs FILE's): every folder checked
+    (a busy one left out, a finished one skipped), one T5 loaded, every run built, then trained."""
+    if runs_file is not None:
+        specs = ranks.first(lambda: read_runs(args, runs_file), everyone=True)
+    ranks.first(lambda: train.check_offline(args))  # offline: all that is missing in one sentence
     specs = ranks.first(lambda: options.resolve_runs(args, specs, True), everyone=True)
     say = print if ranks.master else (lambda *a, **k: None)
     held, left_out = [], []
-    with runfolder.stop_on_signals(), runfolder.cleanup([s.out_dir for s in specs], held,
+    with runtime.stop_on_signals(), runfolder.cleanup([s.out_dir for s in specs], held,
                                                       ranks.master):
         todo = ranks.first(lambda: open_folders(specs, held, left_out, say))
         if todo:
@@ -45,6 +49,52 @@ def main(args, specs, ranks, max_rows=None):
                              f"another process: {' '.join(left_out)}; run the same command again "
                              "once it is done")
     return {"runs": results} if todo else {"runs": {}, "finished": True}
+
+
+def read_runs(args, runs_file):
+    """--runs FILE's runs, unresolved: its list of option dicts over the flags' options."""
+    rows = files.read_json(Path(runs_file), "run list")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise cli.Failure(f"train: --runs {runs_file} must hold a non-empty JSON list of "
+                          "option dicts")
+    if swept := [k for k in options.SWEEP if isinstance(getattr(args, k), list)]:
+        raise cli.Failure("train: --runs gives the runs; the flags give only what they share: "
+                          f"one value for --{', --'.join(k.replace('_', '-') for k in swept)}")
+    specs = []
+    for row in rows:
+        spec = dict(vars(args), out_dir=row.get("out_dir"))
+        for key, value in row.items():
+            if key == "out_dir":
+                if problem := cli.run_folder_problem(value):
+                    raise cli.Failure(f"train: --runs {runs_file}: out_dir {problem}")
+            elif key in options.PER_RUN:
+                spec[key] = per_run_value(key, value)
+            elif key not in vars(args):
+                raise cli.Failure(f"train: --runs: unknown option {key!r} (train.py's option "
+                                  "names, with underscores)")
+            elif per_run_value(key, value) != getattr(args, key):  # the same as the command line's
+                raise cli.Failure(f"train: --runs: {key} is shared by the runs of a pack (one "
+                                  "task, data and T5): give it once on the command line, not "
+                                  f"{value!r} for one run")
+        specs.append(argparse.Namespace(**options.method_defaults(spec)))
+    return specs
+
+
+def per_run_value(key, value):
+    """A --runs FILE value checked and converted as the command line would take it."""
+    action = next(a for a in options.parser._actions if a.dest == key)
+    if action.nargs == 0 and not isinstance(value, bool):  # a flag (store_true)
+        raise cli.Failure(f"train: --runs: {key} must be true or false, not {value!r}")
+    if action.nargs == 0 or value is None:
+        return value
+    try:
+        value = action.type(str(value)) if action.type else value
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+        raise cli.Failure(f"train: --runs: {key}: {err}") from None
+    if action.choices is not None and value not in action.choices:
+        raise cli.Failure(f"train: --runs: {key} {value!r} is not one of "
+                          f"{', '.join(map(str, action.choices))}")
+    return value
 
 
 def table(team, results):
@@ -127,11 +177,11 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
                 leave(run, train.finish(run, task, ranks, say, meters[run.name]))
         if not live:
             break
-        if sig := runfolder.stop_requested(ranks):  # every live run's last.pt, then exit
+        if sig := runtime.stop_requested(ranks):  # every live run's last.pt, then exit
             for run in live:
                 if runfolder.weights_finite(run.params):
                     runfolder.save_checkpoint(run, ranks, "last.pt")
-            raise runfolder.stopped(sig, live)
+            raise runtime.stopped(sig, live)
         t0 = time.time()
         records = pack.step()  # one optimizer step of every live run
         seconds = time.time() - t0
@@ -183,9 +233,6 @@ class PackedT5(nn.Module):
         self.prompted = M.PromptedT5(t5, nn.ModuleList(modules) if modules else None)
         self.active = list(range(len(modules)))
 
-    def set_active(self, run_ids):
-        self.active = list(run_ids)
-
     def prompts(self):
         """(P (A, n_max, d) fp32, mask (A, n_max) long) of the active runs; None for ft."""
         if self.prompted.prompt_module is None:
@@ -197,23 +244,16 @@ class PackedT5(nn.Module):
         mask = (torch.arange(n_max, device=pad.device)[None, :] >= pad[:, None]).long()
         return stacked, mask
 
-    def slots(self, run_ids):
-        """Positions in `active` of the runs `run_ids` (LongTensor (B,) of run ids)."""
-        lookup = torch.full((len(self.prompted.prompt_module),), -1, dtype=torch.long)
-        lookup[torch.tensor(self.active, dtype=torch.long)] = torch.arange(len(self.active))
-        slots = lookup[run_ids.cpu()]
-        if (slots < 0).any():
-            inactive = sorted(set(run_ids[slots < 0].tolist()))
-            raise ValueError(f"packing: examples of runs that are not active: {inactive}")
-        return slots
-
     def embed(self, input_ids, attention_mask, run_ids):
         """Encoder inputs: each example's run prompt first (left-padded), the mask extended."""
         prompts = self.prompts()
         if prompts is None:
             return self.prompted.embed(input_ids, attention_mask)
         stacked, pmask = prompts
-        slots = self.slots(run_ids).to(stacked.device)
+        if inactive := sorted(set(run_ids.tolist()) - set(self.active)):
+            raise ValueError(f"packing: examples of runs that are not active: {inactive}")
+        slots = torch.tensor([self.active.index(i) for i in run_ids.tolist()],
+                             device=stacked.device)  # positions in `active`
         return self.prompted.embed(input_ids, attention_mask, stacked.index_select(0, slots),
                                    pmask.index_select(0, slots))  # (B, n_max, d), (B, n_max)
 
@@ -240,8 +280,7 @@ class Pack:
         self.t5, self.runs, self.data = t5, list(runs), data
         self.device = device or t5.get_input_embeddings().weight.device
         self.amp = amp or nullcontext()
-        self.rank, self.world_size, self.pad_to = rank, world_size, pad_to
-        self.max_rows = max_rows
+        self.rank, self.world_size, self.pad_to, self.max_rows = rank, world_size, pad_to, max_rows
         self.wrap = wrap or (lambda packed: packed)
         full = [r for r in self.runs if r.net.prompt_module is None]
         if full and len(self.runs) > 1:
@@ -275,7 +314,7 @@ class Pack:
             for r in self.runs:
                 if r not in runs:
                     r.module.requires_grad_(False)
-            self.packed.set_active(ids)
+            self.packed.active = ids
             self.model, self._wrapped_for = self.wrap(self.packed), ids
         batches = batches or [train.next_batch(r, self.n_train, self.lengths) for r in runs]
         stats = self._step(runs, ids, batches)
@@ -349,24 +388,8 @@ class Pack:
         if ws > 1:
             dist.all_reduce(loss_sums)
         t1 = time.perf_counter()
-        losses, norms, lrs, mu = update(runs, loss_sums / n_tokens)
-        t2 = time.perf_counter()
-        self.timings = {"forward_backward_s": t1 - t0, "update_s": t2 - t1,
+        stats = train.update(runs, loss_sums / n_tokens)
+        self.timings = {"forward_backward_s": t1 - t0, "update_s": time.perf_counter() - t1,
                         "forward_passes": len(plan), "padded_tokens": padded}
-        return list(zip(losses, norms, lrs, mu))
+        return stats
 
-
-def update(runs, losses):
-    """train.train_step's update, run by run, with one host sync for all: returns (losses, grad
-    norms, lrs of this step, [(mu_t, s_t)])."""
-    grad_norms = torch.stack([torch.nn.utils.clip_grad_norm_(
-        r.params, r.args.max_grad_norm if r.args.max_grad_norm > 0 else math.inf).float()
-        for r in runs])
-    losses, norms = torch.stack([losses, grad_norms.to(losses.device)]).tolist()
-    lrs = [r.scheduler.get_last_lr()[0] for r in runs]
-    for r, loss, norm in zip(runs, losses, norms):
-        if math.isfinite(loss) and math.isfinite(norm):
-            r.optimizer.step()
-            r.scheduler.step()
-        r.optimizer.zero_grad(set_to_none=True)
-    return losses, norms, lrs, [train.prompt_stats(r.net.prompt_module) for r in runs]

@@ -1,22 +1,17 @@
 """A run folder (train.py writes it, every later stage reads it): its files and status; its lock
 (one writer); claimed and checked before anything in it changes, started (config.json, log.jsonl),
-checkpointed, resumed, and removed again when a start failed and left it empty; and the stop signals
-(SIGTERM, SIGUSR1, Ctrl-C: last.pt at the next step boundary, then exit). docs/training.md lists
-the files ("The run folder") and the lock's rules ("Run lock").
+checkpointed, resumed, and removed again when a start failed and left it empty. docs/training.md
+lists the files ("The run folder") and the lock's rules ("Run lock").
 """
 import contextlib
 import importlib
 import json
 import os
 import shutil
-import signal
 import socket
-import sys
-import threading
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import model as M
 from ept import cli, files, runtime
@@ -26,8 +21,7 @@ RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "met
              FAILED_NAME)
 CONFIG_KEYS = ("task", "method", "model", "tokenizer", "random_init", "seed", "data_dir",
                "max_length", "meta")
-# last.pt / best.pt, as train.Run.state writes them (checked on --resume; older ones also hold
-# "rng" and "world_size", unused since dropout is stateless)
+# train.Run.state's keys, checked on --resume (an older last.pt also has unused "rng", "world_size")
 CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "data", "best_score", "best_step")
 # the options that shape last.pt's optimizer and lr schedule: --resume must keep them (issue 28)
 SCHEDULE_KEYS = ("lr", "weight_decay", "warmup_steps", "max_steps", "batch_size", "max_grad_norm")
@@ -158,10 +152,13 @@ def is_run_folder(run_dir):
     return isinstance(keys, dict) and {"task", "method", "n_trainable"} <= set(keys)
 
 
-def old_config(out_dir):
-    """The run's config.json as a dict ({} when it is another JSON value)."""
+def old_config(out_dir):  # the run's config.json, refused unless a JSON object
     config = files.read_json(out_dir / "config.json", "run configuration")
-    return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        raise files.FileFault(f"train: {out_dir / 'config.json'} is valid JSON but not a run "
+                              "configuration (a JSON object); restore it, or --overwrite to start "
+                              "over")
+    return config
 
 
 def refuse_more_steps(out_dir, args):
@@ -200,8 +197,8 @@ def resume(run, path, ranks):
     """Load last.pt (`path`) into `run`, refused when it does not fit or is not finite; rank 0 reads
     config.json and log.jsonl now: a damaged one stops a pack before any run's files change."""
     ckpt = read_checkpoint(path, run.args.max_steps)
-    if ranks.master:
-        check_schedule(run.out_dir, run.args)
+    if ranks.master:  # start_log compares the config.json read here with the new one
+        run.config = check_schedule(run.out_dir, run.args)
     try:
         run.load_state(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
@@ -217,20 +214,17 @@ def resume(run, path, ranks):
 
 def check_schedule(out_dir, args):
     """--resume continues last.pt's AdamW and lr schedule: the options that shape them must be the
-    run's own (its config.json), or another --lr would be recorded but not used."""
-    path = out_dir / "config.json"
-    if not path.exists():  # killed before it was written
-        return
-    config = files.read_json(path, "run configuration")
-    if not isinstance(config, dict):
-        raise files.FileFault(f"train: {path} is valid JSON but not a run configuration (a JSON "
-                              "object); restore it, or --overwrite to start over")
+    run's own (its config.json), or another --lr would be recorded but not used. Returns it."""
+    if not (out_dir / "config.json").exists():  # killed before it was written
+        return None
+    config = old_config(out_dir)
     changed = [f"--{k.replace('_', '-')} {config[k]} (now {getattr(args, k)})"
                for k in SCHEDULE_KEYS if k in config and config[k] != getattr(args, k)]
     if changed:
         raise cli.Failure(f"train: {out_dir} was trained with {', '.join(changed)}; --resume "
                           "continues its optimizer and lr schedule, so pass the run's own values "
                           "(its config.json), or --overwrite to start over")
+    return config
 
 
 def read_log(path):
@@ -242,7 +236,7 @@ def read_log(path):
 def start_log(run, task, ranks, say, **extra):
     """Every check passed: the run's config.json (`extra`: a pack's keys) and its log(event) on
     log.jsonl, which on resume is cut back to the checkpoint's step (what came after is redone)."""
-    args, out_dir, resumed = run.args, run.out_dir, run.resumed
+    args, out_dir, resumed, before = run.args, run.out_dir, run.resumed, run.config
     own = {k: v for k, v in vars(args).items() if M.applies(k, args.method)}  # its own only
     run.config = {**own, "world_size": ranks.world_size, "device": ranks.device,
                   "n_trainable": M.count_trainable(run.net),
@@ -254,8 +248,7 @@ def start_log(run, task, ranks, say, **extra):
                   "torch": torch.__version__, **extra}
     log = Log(None, [])
     if ranks.master:
-        if resumed and (out_dir / "config.json").exists():
-            before = old_config(out_dir)
+        if resumed and before is not None:  # resume read it
             changed = {k: (before.get(k), v) for k, v in run.config.items()
                        if before.get(k) != v and k != "resume"}
             if changed:
@@ -288,9 +281,8 @@ def clear_run_files(out_dir, overwrite, say):
     """A fresh start: --overwrite deletes the old run's files (check_folder checked train.py wrote
     them); else only the log of a run killed before its first checkpoint goes."""
     existing = [f for f in RUN_FILES if (out_dir / f).exists()]
-    if overwrite and (existing or (out_dir / "eval").exists()):
-        say(f"train: --overwrite: deleting "
-            f"{', '.join(existing + ['eval/'] * (out_dir / 'eval').exists())} in {out_dir}")
+    if overwrite and (gone := existing + ["eval/"] * (out_dir / "eval").exists()):
+        say(f"train: --overwrite: deleting {', '.join(gone)} in {out_dir}")
         for f in existing:
             (out_dir / f).unlink()
         shutil.rmtree(out_dir / "eval", ignore_errors=True)
@@ -459,7 +451,6 @@ class Owner:
 
 
 def read_owner(path):
-    """The Owner of the lock file `path`, or None when there is none."""
     try:
         path = Path(path)
         return Owner(path.read_text(encoding="utf-8", errors="replace"), path.stat().st_mtime)
@@ -507,89 +498,3 @@ def acquire_lock(run_dir, say=print):
             f.write(text)
         return Lock(path, text)
     raise Busy(f"train: {run_dir}: another process took {path} meanwhile; try again")
-
-
-# --- stopping cleanly on a signal ---------------------------------------------------------------
-
-class Stopped(cli.Failure):
-    """A stop signal arrived: last.pt was written at a step boundary; exit 128 + the signal."""
-
-
-_stop_signal = []  # the signal received, set by the handler, read at each step boundary
-_stopping = []  # set once the run stops (Stopped, a second Ctrl-C): later signals wait for cleanup
-
-
-def _on_signal(sig, _):
-    if _stopping:  # the locks are being released and the files closed: let that finish
-        return
-    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:  # twice: stop now (files stay whole)
-        _stopping.append(sig)
-        raise KeyboardInterrupt
-    if sig == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:
-        print("train: Ctrl-C: stopping at the next step boundary, after writing last.pt (Ctrl-C "
-              "again to stop at once)", file=sys.stderr, flush=True)
-    _stop_signal.append(sig)
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """The handlers above while the loop runs. Main thread only: a thread cannot install handlers,
-    and then the caller's stay."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _stop_signal.clear()
-    _stopping.clear()
-    before = {sig: signal.signal(sig, _on_signal)
-              for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-
-
-def received():
-    """The stop signal of the last run, or None: a driver stops before its next run even so."""
-    return _stop_signal[0] if _stop_signal else None
-
-
-def stop_requested(ranks):
-    """The signal to stop on (or None), agreed by every rank: one may receive it a step later."""
-    sig = received() or 0
-    if ranks.world_size > 1:
-        box = torch.tensor([int(sig)], device=ranks.device)
-        dist.all_reduce(box, op=dist.ReduceOp.MAX)
-        sig = int(box.item())
-    return sig or None
-
-
-def stopped(sig, runs):
-    """The Stopped to raise once the runs wrote last.pt: rank 0 says why and how to resume; each
-    rank exits 128 + the signal."""
-    _stopping.append(sig)
-    name, step = signal.Signals(sig).name, min(run.step for run in runs)
-    folders = " ".join(str(run.out_dir) for run in runs)
-    said = int(os.environ.get("RANK", 0)) == 0  # once under torchrun
-    return Stopped(f"train: {name} received: stopped at step {step}, last.pt written in "
-                   f"{folders}; run the same command with --resume to continue (exit status "
-                   f"{128 + sig})" if said else "", status=128 + sig)
-
-
-def run(main):
-    """train.py's main(): a Ctrl-C after a stop or failure is ignored; a second one, or one outside
-    the loop, exits 130 (files whole). Every rank ends the process group."""
-    try:
-        main()
-    except SystemExit:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: "
-                  "run the same command with --resume to continue", file=sys.stderr, flush=True)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and e
 import costs  # noqa: E402  (scripts/costs.py)
 from ept import cli, runtime# noqa: E402
 from make_tiny import TINY  # noqa: E402
-from ept.pack import Pack, make_run, update  # noqa: E402
+from ept.pack import Pack, make_run  # noqa: E402
+from train import update  # noqa: E402
 
 METHOD_MIXES = (("mixed", ("pt", "ept", "ept_star", "ptuning", "resprompt")),
                 ("small", ("pt", "ept")))
@@ -159,7 +160,7 @@ def bench_size(pack_of, r, steps, warmup, device):
 
 def bench_update(t5, r=32, methods=("pt", "ept", "ept_star", "ptuning", "resprompt"), repeats=20):
     """What the per-run update costs for `r` runs, without any forward: the pack's own clipping,
-    AdamW, schedule, zeroing and mu_t (Pack.step's update) on random gradients; the median of
+    AdamW, schedule, zeroing and mu_t (train.update) on random gradients; the median of
     `repeats`, in ms."""
     runs = [make_run(t5, methods[i % len(methods)], seed=i, max_steps=1000) for i in range(r)]
     times = []

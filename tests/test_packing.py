@@ -159,7 +159,7 @@ def test_left_padded_prompts_equal_each_prompt_alone(t5, data):
 def test_packed_model_rejects_examples_of_inactive_runs(t5, data):
     runs = [packing.make_run(t5, "ept", seed=s) for s in (0, 1)]
     packed = packing.PackedT5(t5, [r.module for r in runs])
-    packed.set_active([1])
+    packed.active = [1]
     input_ids, mask, _ = tasks.collate([0], *data)
     with pytest.raises(ValueError, match="not active"):
         packed.embed(input_ids, mask, torch.tensor([0]))
