@@ -1,11 +1,7 @@
 """The grid ablate.py and fewshot.py share: specs -> plan -> units -> pool -> collect, and the plan
-on SLURM (docs/experiments.md, "The plan" and "SLURM").
-
-A spec is one run's train.py options (+ "_row": extra result columns); the plan maps each run's
-name to (options, extra columns, run folder). A unit, a pack of prompt runs on one frozen T5 or a
-solo run, is one line of <results-dir>/<experiment>.plan, `cd <cwd> && python train.py ...
---resume`, idempotent. Units run here, on a local pool (--gpus, --slots) or as a SLURM job array
-with a collect job after it. Units write no rows: collect appends every finished run's row once.
+on SLURM (docs/experiments.md, "The plan" and "SLURM"). A unit (a pack of prompt runs on one
+frozen T5, or a solo run) is one idempotent plan line; units write no rows: collect appends each
+finished run's row once.
 
     python -m ept.grid results/table1.plan --collect "python ablate.py table1 --collect" \
         --slurm-time 12:00:00 --slurm-max-tasks 16     # writes results/table1.sbatch, submits it
@@ -150,14 +146,10 @@ def spec(task, method, model, seed, _row=None, **settings):  # _row: extra resul
             **({"_row": _row} if _row else {})}
 
 
-def run_name(settings):
-    """<task>_<method>_<model>[_<non-default options>]_s<seed>, e.g. boolq_ept_t5-base_h50_s1
-    (options.run_name against train.py's defaults for the method)."""
-    return options.run_name(settings)
+run_name = options.run_name  # <task>_<method>_<model>[_<non-default options>]_s<seed>
 
 
-def train_argv(settings, out_dir, data_dir=None, extra=()):
-    """train.py's command line for one run (out_dir None: a pack's, whose runs file names them)."""
+def train_argv(settings, out_dir, data_dir=None, extra=()):  # out_dir None: a pack's
     argv = []
     for key, value in settings.items():
         if value is not None and value is not False:
@@ -167,8 +159,7 @@ def train_argv(settings, out_dir, data_dir=None, extra=()):
     return argv + (["--out-dir", str(out_dir)] if out_dir is not None else []) + [*extra]
 
 
-def pack_argv(specs, run_dirs, data_dir, extra, runs_file):
-    """A pack's train.py command line (the shared options), and its --runs entries (the rest)."""
+def pack_argv(specs, run_dirs, data_dir, extra, runs_file):  # (argv, its --runs entries)
     shared = {k: specs[0][k] for k in PACK_SHARED if specs[0].get(k) is not None}
     entries = [{**{k: v for k, v in s.items()
                    if k not in shared and v is not None and v is not False},
@@ -222,8 +213,7 @@ def floor_seconds(spec, batch_size=16):  # the measured (host-bound, bf16) solo 
     return measured * LAYER_SCALE[size_key(spec["model"])] * batch_size / 16
 
 
-def estimate_hours(spec, data_dir=None, batch_size=16):
-    """GPU-hours of one run (the same on 1 or N GPUs), validating every spec["eval_every"] steps."""
+def estimate_hours(spec, data_dir=None, batch_size=16):  # one run's, on 1 or N GPUs
     eval_every = spec.get("eval_every") or options.defaults(spec["method"])["eval_every"]
     _, val, test = split_sizes(spec["task"], data_dir)
     steps = run_steps(spec, data_dir, batch_size)
@@ -256,9 +246,7 @@ def memory_pack_size(model, gpu_gb):  # the rule above; at least 1
     return max(1, min(MAX_PACK, int(0.8 * (gpu_gb - WEIGHTS_GB[size]) / RUN_GB[size])))
 
 
-def pack_size(args, model):
-    """--pack-size, else: on CUDA the memory rule for GPU 0; on a CPU 1 (a CPU is FLOP-bound: a
-    pack of R costs R solo steps; docs/packing.md)."""
+def pack_size(args, model):  # on a CPU 1: FLOP-bound, a pack of R costs R steps (docs/packing.md)
     if getattr(args, "pack_size", None):
         return args.pack_size
     import torch
@@ -267,8 +255,7 @@ def pack_size(args, model):
     return 1
 
 
-def make_packs(plan, names, size_of):
-    """`names` in packs of equal PACK_KEYS, at most size_of(model) each; `ft` alone, in order."""
+def make_packs(plan, names, size_of):  # packs of equal PACK_KEYS, <= size_of(model); ft alone
     packs, open_packs = [], {}
     for name in names:
         settings = plan[name][0]
@@ -287,8 +274,8 @@ def make_packs(plan, names, size_of):
 # --- the plan: {run name: (options, extra result columns, run folder)} and its units -------------
 
 def plan_runs(specs, args, extra=()):
-    """{run name: (train.py options, extra result columns, run folder)}: the pass-through flags
-    that name runs win over the experiment's values; the same configuration twice is one run."""
+    """The pass-through flags that name runs win over the experiment's values; the same
+    configuration twice is one run."""
     plan, through = {}, passed_through(extra)
     for s in specs:
         settings = {k: v for k, v in s.items() if k != "_row"}
@@ -299,9 +286,7 @@ def plan_runs(specs, args, extra=()):
     return plan
 
 
-class Unit:
-    """One line of the plan (`index`, 0-based: an array task's): its runs' names and folders,
-    train.py's argv, command and shell line; a pack's --runs file and its text."""
+class Unit:  # one plan line (index: an array task's); a pack's --runs file and its text
 
     def __init__(self, index, names, dirs, argv, nproc, runs_file=None, runs_text=None):
         self.index, self.names, self.dirs, self.argv = index, names, dirs, argv
@@ -364,15 +349,14 @@ def write_plan(path, units):
 
 
 # --- running units: here (in this process by runpy, or a child) ----------------------------------
-# In this process (the default), train.py runs as `__main__` and its status is read from
-# SystemExit: the imports are paid once per grid. As a child (--subprocess, --nproc > 1, every pool
-# child), GPU memory and cached data are freed between units.
+# In this process (the default) the imports are paid once per grid; as a child (--subprocess,
+# --nproc > 1, every pool child) GPU memory and cached data are freed between units.
 STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # train.py checkpoints, exits 128 + sig
 
 
 def run_in_process(argv):
-    """`python train.py ARGV` in this process: its exit status (a SystemExit's sentence is printed
-    on stderr, as Python would, and is status 1)."""
+    """`python train.py ARGV` as __main__ here: its exit status (a SystemExit's sentence is
+    printed on stderr, as Python would, and is status 1)."""
     saved_argv, saved_sigint = sys.argv, signal.getsignal(signal.SIGINT)
     sys.argv = [str(TRAIN_SCRIPT), *argv]
     try:
@@ -393,9 +377,11 @@ def run_unit(experiment, unit, args, i, n):
     t0, names = time.time(), " ".join(unit.names)
     what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
-    if args.nproc > 1 or args.subprocess:
-        status, interrupted = run_command(unit.command)
-        if interrupted:  # Ctrl-C: the child was asked to checkpoint (SIGTERM) and has stopped
+    if args.nproc > 1 or args.subprocess:  # a child in its own session, our stop signals passed on
+        proc, got = subprocess.Popen(unit.command, start_new_session=True), []
+        with handling(lambda sig, _: (got.append(sig), signal_group(proc, sig))):
+            status = proc.wait()
+        if signal.SIGINT in got:  # Ctrl-C: the child was asked to checkpoint (SIGTERM), stopped
             stop(experiment, unit, signal.SIGINT)
         if status in (128 + signal.SIGTERM, 128 + signal.SIGUSR1) or -status in STOPS:
             raise SystemExit(status if status > 0 else 128 - status)  # train.py said how to resume
@@ -423,8 +409,11 @@ def stop(experiment, unit, sig):  # the driver stops as train.py did, once it wr
 
 
 def signal_group(proc, sig):  # to a child's group (torchrun's ranks too); Ctrl-C: SIGTERM
-    with contextlib.suppress(ProcessLookupError):
+    try:
         os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+        return True
+    except ProcessLookupError:  # the whole group is gone
+        return False
 
 
 @contextlib.contextmanager
@@ -438,23 +427,10 @@ def handling(handler):  # for SIGTERM, SIGUSR1 and SIGINT while the block runs (
             signal.signal(sig, previous)
 
 
-def run_command(command):
-    """A unit as a child in its own session, this driver's stop signals passed on to it (it
-    checkpoints and stops): (its exit status, whether Ctrl-C came)."""
-    proc, got = subprocess.Popen(command, start_new_session=True), []
-
-    def forward(sig, _):
-        got.append(sig)
-        signal_group(proc, sig)
-    with handling(forward):
-        return proc.wait(), signal.SIGINT in got
-
-
 # --- the local pool (--gpus G, --slots N) --------------------------------------------------------
-# This process hands the units, longest first, to G / --nproc children, each pinned to its own GPUs
-# (CUDA_VISIBLE_DEVICES); only it hands out work, so the children need no locks. A child that dies
-# has its unit started once more (it resumes from last.pt); Ctrl-C, SIGTERM or SIGUSR1 stops every
-# child, which checkpoints; the same command again resumes what was left.
+# Only this process hands out units (longest first), so the children need no locks. A child that
+# dies has its unit started once more (it resumes from last.pt); Ctrl-C, SIGTERM or SIGUSR1 stops
+# every child, which checkpoints; the same command again resumes what was left.
 
 def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--nproc 2); --slots ""
     if getattr(args, "slots", None):
@@ -470,45 +446,40 @@ def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--npro
     return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(gpus // nproc)]
 
 
-class Stopped(KeyboardInterrupt):
-    """A signal that stops the pool (args[0])."""
-
-
-def stop_pool(sig, _):
-    raise Stopped(sig)
-
-
 def run_pool(experiment, units, devices):
-    """Run `units` (longest first) on len(devices) children, each one's output line by line here,
-    prefixed; a unit whose child ended early is started once more (see `retry`)."""
+    """Run `units` on len(devices) children, each one's output copied here line by line."""
     import torch
     labels = [f"GPU {gpus}" if gpus and torch.cuda.is_available() else f"slot {slot}"
               for slot, gpus in enumerate(devices)]
-    running, queue, retried = {}, list(units), set()  # slot -> (process, unit, output thread)
+    running, queue, retried, got = {}, list(units), set(), []  # slot -> (process, unit, thread)
     print(f"{experiment}: {len(units)} unit(s) on {len(devices)} child process(es): "
           f"{' | '.join(labels)}", flush=True)
-    with handling(stop_pool):
-        try:
-            while queue or running:
-                for slot in [s for s in range(len(devices)) if s not in running][:len(queue)]:
-                    unit = queue.pop(0)
-                    running[slot] = start_child(unit, devices[slot], labels[slot].lower())
-                    print(f"{experiment}: unit {unit.index} ({' '.join(unit.names)}) -> "
-                          f"{labels[slot]}", flush=True)
-                for slot, (proc, unit, thread) in list(running.items()):
-                    if proc.poll() is not None:
-                        thread.join()
-                        del running[slot]
-                        if retry(experiment, unit, proc.returncode, retried):
-                            queue.insert(0, unit)
-                time.sleep(0.2)
-        except Stopped as stopped:  # every child checkpoints and stops
-            sig = stopped.args[0]
-            stop_children(running.values(), sig)
-            print(f"{experiment}: {signal.Signals(sig).name} received: every child wrote last.pt "
-                  "and stopped. Run the same command again to resume.", file=sys.stderr,
+    with handling(lambda sig, _: got.append(sig)):
+        while (queue or running) and not got:
+            for slot in [s for s in range(len(devices)) if s not in running][:len(queue)]:
+                unit = queue.pop(0)
+                running[slot] = start_child(unit, devices[slot], labels[slot].lower())
+                print(f"{experiment}: unit {unit.index} ({' '.join(unit.names)}) -> "
+                      f"{labels[slot]}", flush=True)
+            for slot, (proc, unit, thread) in list(running.items()):
+                if proc.poll() is not None:
+                    thread.join()
+                    del running[slot]
+                    if retry(experiment, unit, proc.returncode, retried):
+                        queue.insert(0, unit)
+            time.sleep(0.2)
+        if got:  # every child checkpoints and stops; back once each, its whole group too, is gone
+            for proc, _, _ in running.values():
+                signal_group(proc, got[0])
+            for proc, _, thread in running.values():
+                proc.wait()
+                thread.join()
+                while signal_group(proc, 0):  # torchrun's ranks too
+                    time.sleep(0.1)
+            print(f"{experiment}: {signal.Signals(got[0]).name} received: every child wrote "
+                  "last.pt and stopped. Run the same command again to resume.", file=sys.stderr,
                   flush=True)
-            raise SystemExit(128 + sig) from None
+            raise SystemExit(128 + got[0])
 
 
 OUTPUT_LOCK = threading.Lock()
@@ -529,21 +500,6 @@ def start_child(unit, gpus, label):
     thread = threading.Thread(target=copy, daemon=True)
     thread.start()
     return proc, unit, thread
-
-
-def stop_children(children, sig):
-    """`sig` to every child's group; back once each, its whole group too, wrote last.pt."""
-    for proc, _, _ in children:
-        signal_group(proc, sig)
-    for proc, _, thread in children:
-        proc.wait()
-        thread.join()
-        while True:  # until its whole group (torchrun's ranks too) is gone
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
 
 
 def retry(experiment, unit, status, retried):
@@ -591,10 +547,19 @@ def run_driver(experiment, specs, args, extra, floor=None):
         units = make_units(plan, args, extra)
         path = plan_path(args, experiment)
         devices = pool_devices(args) if args.gpus or args.slots else None  # checks, then the plan
-        submit_plan = slurm_submission(experiment, path, args, len(units)) if args.slurm else None
+        if args.slurm:  # sbatch here, MaxArraySize, the #SBATCH lines: checked before the plan
+            max_array, opts = check(), dict(slurm_options(args), job_name=f"ept-{experiment}")
+            sbatch_script(path, len(units), log_dir=path.parent, **opts)
         write_plan(path, units)
-        if submit_plan:
-            return submit_plan()
+        if args.slurm:
+            if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU
+                print(f"{experiment}: note: this machine has no GPU, so each unit is one run; pass "
+                      "--pack-size N (PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit on "
+                      "the cluster's GPUs", flush=True)
+            collect_cmd = shlex.join([*args.command, "--collect"])
+            submit(path, f"cd {shlex.quote(os.getcwd())} && {collect_cmd}", max_array=max_array,
+                   **opts)
+            return []
         todo = [unit for unit in units if unit.left()]
         print(f"{experiment}: plan {path}: {len(units)} unit(s), {len(todo)} to run", flush=True)
         if devices:
@@ -616,24 +581,6 @@ def slurm_options(args):  # submit's keywords from the --slurm-* flags
                 max_parallel=args.slurm_max_tasks, extra=args.slurm_option,
                 gpus_per_task=getattr(args, "nproc", 1) if args.slurm_gpus is None
                 else args.slurm_gpus, after=args.slurm_after)
-
-
-def slurm_submission(experiment, path, args, n_units):
-    """--slurm, checked before the plan is written (sbatch here, MaxArraySize, the options as
-    #SBATCH lines): a call that submits the plan as job arrays and the collect job after them."""
-    max_array, opts = check(), dict(slurm_options(args), job_name=f"ept-{experiment}")
-    sbatch_script(path, n_units, log_dir=path.parent, **opts)
-
-    def go():
-        if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU
-            print(f"{experiment}: note: this machine has no GPU, so each unit is one run; pass "
-                  "--pack-size N (PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit on the "
-                  "cluster's GPUs", flush=True)
-        collect_cmd = shlex.join([*args.command, "--collect"])
-        submit(path, f"cd {shlex.quote(os.getcwd())} && {collect_cmd}", max_array=max_array,
-               **opts)
-        return []
-    return go
 
 
 # --- result rows ---------------------------------------------------------------------------------
@@ -667,9 +614,7 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
             "training": training_id(run_dir), "config": raw_config}
 
 
-def training_id(run_dir):
-    """Which training a row came from: a hash of the run's config.json and metrics.json (a --no-test
-    run: its log.jsonl), so a run trained again with other options or results gets another."""
+def training_id(run_dir):  # config.json + metrics.json (--no-test: log.jsonl): a run trained again
     digest = hashlib.sha1()
     scores = "metrics.json" if (run_dir / "metrics.json").exists() else "log.jsonl"
     for name in ("config.json", scores):
@@ -678,10 +623,8 @@ def training_id(run_dir):
 
 
 def append_row_once(results, row):
-    """Append `row` to the results file unless a row of its run folder and training is there; a
-    row of its folder from another training (the run was deleted and trained again) is replaced.
-    Under the file's lock: two collect steps at once never double a row. "added", "replaced" or
-    None (there already)."""
+    """"added", "replaced" (a row of its folder from another training) or None (there already);
+    under the file's lock: two collect steps at once never double a row."""
     with files.locked(results):
         rows = files.read_jsonl(results, what="results file", missing_ok=True,
                                 fix=files.RESULTS_FIX)
@@ -697,8 +640,7 @@ def append_row_once(results, row):
 
 
 def collect(experiment, plan, args):
-    """Every finished run's row appended once to results/<experiment>.jsonl (ft checkpoints pruned
-    with --prune-ft-checkpoints); (rows in plan order, runs not finished)."""
+    """Every finished run's row appended once to results/<experiment>.jsonl: (rows, unfinished)."""
     results = Path(args.results_dir) / f"{experiment}.jsonl"
     rows, missing, done = [], [], []
     for name, (settings, fields, run_dir) in plan.items():
@@ -708,8 +650,14 @@ def collect(experiment, plan, args):
         row = result_row(experiment, settings, run_dir, fields)
         done.append(append_row_once(results, row))
         rows.append(row)
-        if args.prune_ft_checkpoints and settings["method"] == "ft":  # T5 + AdamW state, twice
-            prune_checkpoints(run_dir)
+        prune = args.prune_ft_checkpoints and settings["method"] == "ft"  # T5 + AdamW state, twice
+        for file in ("best.pt", "last.pt") if prune else ():
+            try:
+                (run_dir / file).unlink(missing_ok=True)
+            except OSError as err:  # a read-only runs folder: the row is written, the file stays
+                raise files.FileFault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}: "
+                                      f"{files.why(err)}; its row is written, rerun without the "
+                                      "flag") from None
     failed = {name: runfolder.failure(plan[name][2]) for name in missing
               if runfolder.status(plan[name][2]) == "failed"}
     failures = f" ({len(failed)} failed)" if failed else ""
@@ -727,8 +675,7 @@ def collect(experiment, plan, args):
 
 
 def write_failures(path, plan, failed):
-    """{run folder: why} of the runs that failed for good (report.py lists them): this plan's
-    entries replaced, other runs' (a larger grid's, collected before) kept."""
+    """{run folder: why} for report.py: this plan's entries replaced, other grids' kept."""
     with files.locked(path) if path.exists() or failed else contextlib.nullcontext():
         try:
             old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -741,16 +688,6 @@ def write_failures(path, plan, failed):
             files.write_json(path, now)
         else:
             path.unlink(missing_ok=True)
-
-
-def prune_checkpoints(run_dir):
-    for file in ("best.pt", "last.pt"):
-        try:
-            (run_dir / file).unlink(missing_ok=True)
-        except OSError as err:  # a read-only runs folder: the row is written, the checkpoint stays
-            raise files.FileFault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}: "
-                                  f"{files.why(err)}; its row is written, rerun without the "
-                                  "flag") from None
 
 
 # --- the plan on SLURM: sbatch scripts, submission -----------------------------------------------
@@ -774,24 +711,19 @@ def time_seconds(text):  # a SLURM time limit ('90', '4:00:00', '1-12', ...) in 
 
 def _option(value, what):  # sbatch splits an #SBATCH line at spaces and reads one line each
     text = str(value)
+    if what == "job id" and not re.fullmatch(r"\d+(_\d+)?", text):
+        raise cli.Failure(f"{text!r} is not a SLURM job id (a number, as sbatch prints it)")
     if not text or re.search(r"\s", text):
         raise cli.Failure(f"the {what} {text!r} cannot go on an #SBATCH line (it is empty or "
                           "has spaces)")
     return text
 
 
-def _job_id(text):
-    if not re.fullmatch(r"\d+(_\d+)?", str(text)):
-        raise cli.Failure(f"{text!r} is not a SLURM job id (a number, as sbatch prints it)")
-    return str(text)
-
-
 def _units(n):  # "1 unit", "2 units"
     return f"{n} unit{'s' if n != 1 else ''}"
 
 
-def _sbatch_lines(options, log_dir, log_name, extra, skip=()):
-    """#SBATCH lines, checked: the options (True: a flag alone), here, the log file, `extra`."""
+def _sbatch_lines(options, log_dir, log_name, extra, skip=()):  # True: a flag alone
     return ([f"#SBATCH --{key}" + ("" if value is True else f"={value}")
              for key, value in options.items() if value]
             + [f"#SBATCH --chdir={_option(Path.cwd().resolve(), 'working folder')}",
@@ -801,16 +733,14 @@ def _sbatch_lines(options, log_dir, log_name, extra, skip=()):
 
 
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
-                  gpus_per_task=1, max_parallel=None, extra=(), signal_s=SIGNAL_S, after=(),
-                  first=0):
+                  gpus_per_task=1, max_parallel=None, extra=(), after=(), first=0):
     """The job array's sbatch script: task i runs line first+i+1 of the plan (first: the lines
-    earlier arrays run, past MaxArraySize). gpus_per_task=0: no GPU line. after: job ids the
-    array waits for (afterany), e.g. an earlier plan's that shares runs."""
+    earlier arrays run, past MaxArraySize); after: job ids it waits for (afterany)."""
     if n_units < 1:
         raise cli.Failure(f"the plan {plan_path} has no units: nothing to submit")
     limit = time_seconds(time) if time else None
-    if limit is not None and limit <= signal_s:
-        raise cli.Failure(f"the time limit {time} is not longer than the {signal_s} s the unit "
+    if limit is not None and limit <= SIGNAL_S:
+        raise cli.Failure(f"the time limit {time} is not longer than the {SIGNAL_S} s the unit "
                           f"gets to checkpoint before it (signal_s)")
     plan, name = Path(plan_path).resolve(), _option(job_name, "job name")
     head = (f"the {_units(n_units)} of {plan}, one SLURM array task each (task i runs line i+1)."
@@ -818,11 +748,11 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
             f"task each (task i runs line {first}+i+1).")
     options = {"job-name": name, "array": f"0-{n_units - 1}" + (f"%{max_parallel}" if
                                                                   max_parallel else ""),
-               "ntasks": 1, "dependency": after and "afterany:" + ":".join(map(_job_id, after)),
+               "ntasks": 1, "dependency": after and "afterany:" + ":".join(_option(a, "job id") for a in after),
                "gres": gpus_per_task and f"gpu:{gpus_per_task}",
                "partition": partition and _option(partition, "partition"),
                "time": time and _option(time, "time limit"), "requeue": True,
-               "signal": f"B:USR1@{signal_s}"}
+               "signal": f"B:USR1@{SIGNAL_S}"}
     lines = ["#!/bin/bash", f"# {name}: {head}",
              "# Written by ept/grid.py. Submit again with `sbatch <this file>`: a finished unit "
              "exits at once,", "# an interrupted one resumes. One unit without SLURM: "
@@ -834,8 +764,7 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
 
 
 def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, extra=()):
-    """The collect job's sbatch script: after every task of the arrays ended (afterany), the task
-    states SLURM still holds, then the collect command."""
+    """The collect job's: once every task of the arrays ended (afterany), their states, collect."""
     name = _option(job_name, "job name")
     options = {"job-name": f"{name}-collect", "dependency": f"afterany:{array_id}", "ntasks": 1,
                "partition": partition and _option(partition, "partition")}
@@ -851,8 +780,8 @@ def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, 
 
 
 def check():
-    """Before anything is written: sbatch is here; the cluster's MaxArraySize (array indices go
-    up to it, exclusive: a larger plan is submitted as several arrays, one after another)."""
+    """Before anything is written: sbatch is here; the cluster's MaxArraySize (array indices stay
+    below it: a larger plan is submitted as several arrays, one after another)."""
     if shutil.which("sbatch") is None:
         raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
                           "here (a test cluster on this machine, as root: "
@@ -867,7 +796,7 @@ def check():
 
 
 def _sbatch(text, path, what):
-    """Submit a script, then write it to `path`: its job id, or one sentence, nothing written."""
+    """Submit a script, then write it to `path`: its job id (or one sentence, nothing written)."""
     done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
@@ -877,10 +806,9 @@ def _sbatch(text, path, what):
 
 
 def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
-    """Submit the plan as a job array (past the cluster's MaxArraySize, `max_array`: several, each
-    after the one before), then the collect job after them (afterany); write the scripts beside
-    the plan (<plan>.sbatch or <plan>.<k>.sbatch, <plan>.collect.sbatch), the logs in slurm-logs/
-    there; print and return the job ids (the last array's: it ends last)."""
+    """The plan as job arrays (several past MaxArraySize, each after the one before), then the
+    collect job after them; scripts beside the plan, logs in slurm-logs/ there: the last array's
+    job id (it ends last) and the collect job's."""
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):
