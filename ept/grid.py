@@ -43,32 +43,27 @@ EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/expe
     ("--nproc", dict(type=cli.positive_int, default=1, help="GPUs per run (> 1: torchrun)")),
     ("--subprocess", dict(action="store_true", help="each train.py in a fresh process")),
     ("--runs-dir", dict(type=cli.folder, default="runs", help="where run folders go")),
-    ("--results-dir", dict(type=cli.folder, default="results",
-                           help="where <experiment>.plan and .jsonl go")),
-    ("--prune-ft-checkpoints", dict(action="store_true", help="delete finished ft runs' "
-                                    "best.pt/last.pt once their row is written")),
-    ("--dry-run", dict(action="store_true", help="the runs, GPU-hours and wall time, also in "
-                       "<results-dir>/dry_run.tsv; train nothing")),
-    ("--gpus", dict(type=cli.positive_int, help="a local pool of G / --nproc children, each on "
-                    "its own GPUs (of CUDA_VISIBLE_DEVICES)")),
-    ("--slots", dict(type=cli.positive_int, metavar="N", help="a local pool of N children on "
-                     "CPU cores")),
-    ("--slurm", dict(action="store_true", help="submit the plan to SLURM: job arrays (a unit a "
-                     "task, requeued when preempted), then the collect job")),
+    ("--results-dir", dict(type=cli.folder, default="results", help="<experiment>.plan, .jsonl")),
+    ("--prune-ft-checkpoints", dict(action="store_true", help="delete ft runs' checkpoints once "
+                                    "their row is written")),
+    ("--dry-run", dict(action="store_true", help="runs, GPU-hours, wall time; train nothing")),
+    ("--gpus", dict(type=cli.positive_int, help="a local pool of G / --nproc children")),
+    ("--slots", dict(type=cli.positive_int, metavar="N", help="a local pool of N CPU children")),
+    ("--slurm", dict(action="store_true", help="submit the plan as SLURM job arrays + collect")),
     ("--slurm-partition", dict(help="--slurm: the partition (default: the cluster's)")),
     ("--slurm-time", dict(metavar="LIMIT", help="--slurm: each task's time limit (4:00:00, 1-12)")),
     ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N",
                           help="--slurm: GPUs per task (default: --nproc or 1; 0: none)")),
-    ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M", help="--slurm: array tasks at "
-                               "once; --dry-run: the wall time for M")),
+    ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M",
+                               help="array tasks at once (--slurm, --dry-run)")),
     ("--slurm-after", dict(action="append", default=[], metavar="JOBID",
                            help="--slurm: start once this job ended (repeatable)")),
     ("--slurm-option", dict(action="append", default=[], metavar="OPT",
                             help="--slurm: an #SBATCH option, e.g. --slurm-option=--account=nlp")),
-    ("--collect", dict(action="store_true", help="train nothing: append the finished runs' rows "
-                       "once, print the table (exit 1 while runs are not finished)")),
-    ("--pack-size", dict(type=cli.positive_int, help="prompt runs trained together on one frozen "
-                         "T5 (default: on CUDA as many as fit the GPU, on a CPU 1)")),
+    ("--collect", dict(action="store_true", help="train nothing: add finished runs' rows, print "
+                       "the table (exit 1 while runs are unfinished)")),
+    ("--pack-size", dict(type=cli.positive_int, help="prompt runs a pack (default: CUDA: as many "
+                         "as fit, CPU: 1)")),
 ]
 
 
@@ -92,9 +87,8 @@ GRID_OWNED = {"--out-dir": "each run's folder is the grid's: pass --runs-dir",
 
 
 def check_args(parser, args, extra):
-    """Before any run: the tasks exist and the flags passed through to train.py are train.py's,
-    with valid values (else every run of the grid would fail the same way, one after another).
-    Spelt out: an abbreviation (--max-step) would train what the run's name does not say."""
+    """Before any run (else every run would fail alike): the tasks exist, the pass-through flags
+    are train.py's, spelt out (--max-step would train what the run's name does not say), valid."""
     known = options.parser._option_string_actions  # every spelling train.py's parser accepts
     for flag in (a.split("=")[0] for a in extra if a.startswith("--") and a != "--"):
         if flag in GRID_OWNED:
@@ -168,9 +162,8 @@ def pack_argv(specs, run_dirs, data_dir, extra, runs_file):  # (argv, its --runs
 
 
 def passed_through(extra):
-    """The per-run options among the pass-through flags (--max-steps 6: run-name options and what
-    a --runs entry may set), typed: they win over the experiment's values, so a run's name and
-    --runs entry say what it trains (a SMOKE few-shot run of 6 steps: ..._steps6_...)."""
+    """The per-run options among the pass-through flags, typed: they win over the experiment's
+    values, so a run's name and --runs entry say what it trains (--max-steps 6: ..._steps6_...)."""
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
     keys = dict.fromkeys([key for key, _ in options.NAME_TAGS]
@@ -180,10 +173,8 @@ def passed_through(extra):
 
 
 # --- a run's GPU-hours from measured step times: the plan runs its units longest first -----------
-# Seconds per optimizer step at batch 16, measured by bench.py on one NVIDIA H200 (docs/gpu/
-# run2_*.json: random-weight t5-base, bf16, host-bound: RTE 0.0746 s, SST-2 0.0687 s). t5-small and
-# t5-large are t5-base's scaled by their layers (0.5, 2). The dry run's FLOP model and packed hours
-# are scripts/costs.py's; tests/test_experiments.py checks these against the JSON.
+# Seconds per step at batch 16, measured by bench.py on one H200 (docs/gpu/run2_*.json: t5-base,
+# random weights, bf16, host-bound; test_experiments.py checks them); t5-small/large: by layers.
 MEASURED_STEP_S = {"prompt": 16 / 214.49, "ft": 16 / 132.27}  # t5-base, H200: run2_rte_{ept,ft}
 LAYER_SCALE = {"t5-small": 0.5, "t5-base": 1.0, "t5-large": 2.0, "other": 1.0}
 MEASURED_EVAL_S = 1 / 733.1  # greedy decoding, batch 64, t5-base RTE, per example (run2_rte_ept)
@@ -229,10 +220,9 @@ def plan_hours(plan, data_dir, extra):  # {run: GPU-hours} at the pass-through -
 
 
 # --- packs: prompt runs of one task, T5, data and schedule in one train.py call ------------------
-# Every other option (method, seed, lr, prompt length, ...) is per run; `ft` trains T5 itself and is
-# never packed. The --pack-size rule on CUDA: runs that fit in 80 % of the card's memory after T5's
-# weights, at one prompt run's memory at batch 16 (docs/speed.md: ept on t5-base, 3.0 GB), at most
-# MAX_PACK (past 16 runs a GPU is compute-bound): 16 for t5-small/base, 8 for t5-large at 80 GB.
+# The rest is per run; ft trains T5 itself: never packed. On CUDA: the runs that fit in 80 % of the
+# card after T5's weights (a prompt run at batch 16: docs/speed.md), at most MAX_PACK (past 16 a GPU
+# is compute-bound).
 PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed", "batch_size")  # a pack's flags
 PACK_KEYS = (*PACK_SHARED, "epochs", "max_steps", "eval_every")
 MAX_PACK = 16
@@ -330,16 +320,14 @@ def write_plan(path, units):
     text = "".join(unit.line + "\n" for unit in units)
     if path.exists() and (old := path.read_text(encoding="utf-8")) != text:
         lines = old.splitlines()
-        pairs = enumerate(zip(lines, text.splitlines()))
-        i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
+        i = next((i for i, (a, b) in enumerate(zip(lines, text.splitlines())) if a != b),
+                 min(len(lines), len(units)))
         raise cli.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
                           f"flags, pack size or folder); delete it to plan again, or pass "
                           f"another --results-dir")
     for unit in units:  # the packs' runs files first: a plan line never names a missing file
-        if unit.runs_file is None:
-            continue
         with contextlib.suppress(OSError, UnicodeDecodeError):
-            if unit.runs_file.read_text(encoding="utf-8") == unit.runs_text:
+            if not unit.runs_file or unit.runs_file.read_text(encoding="utf-8") == unit.runs_text:
                 continue
         files.make_dir(unit.runs_file.parent, "packs folder")  # absent, or cut by a crash
         files.write_text(unit.runs_file, unit.runs_text)
@@ -599,10 +587,8 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
         norm, n_inference = prompt.norm(dim=1).mean().item(), int(prompt.unique(dim=0).numel())
     _, norms, steps, scores = runfolder.curves(run_dir, missing_ok=True)  # from log.jsonl
     val_score, best_step = max(zip(scores, steps), key=lambda pair: pair[0], default=(None, None))
-    ran = {**options.defaults(settings["method"]), **settings}
-    for key in ran:  # what train.py ran with (pass-through flags included) wins over the spec
-        if config.get(key) is not None:
-            ran[key] = config[key]
+    ran = {key: value if config.get(key) is None else config[key]  # what train.py ran with wins
+           for key, value in {**options.defaults(settings["method"]), **settings}.items()}
     if not ran["fewshot_k"]:
         ran["fewshot_seed"] = None
     return {"experiment": experiment, "run": str(run_dir), **ran,
@@ -746,9 +732,10 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
     head = (f"the {_units(n_units)} of {plan}, one SLURM array task each (task i runs line i+1)."
             if not first else f"lines {first + 1}-{first + n_units} of {plan}, one SLURM array "
             f"task each (task i runs line {first}+i+1).")
-    options = {"job-name": name, "array": f"0-{n_units - 1}" + (f"%{max_parallel}" if
-                                                                  max_parallel else ""),
-               "ntasks": 1, "dependency": after and "afterany:" + ":".join(_option(a, "job id") for a in after),
+    after = ":".join(_option(job, "job id") for job in after)
+    options = {"job-name": name, "array": f"0-{n_units - 1}"
+               + (f"%{max_parallel}" if max_parallel else ""),
+               "ntasks": 1, "dependency": after and f"afterany:{after}",
                "gres": gpus_per_task and f"gpu:{gpus_per_task}",
                "partition": partition and _option(partition, "partition"),
                "time": time and _option(time, "time limit"), "requeue": True,
@@ -814,16 +801,14 @@ def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
     if any(not line.strip() for line in units):
         raise cli.Failure(f"the plan {plan} has an empty line: every line must be a unit")
     max_array, job_name = max_array or check(), job_name or plan.stem
-    logs = plan.parent / "slurm-logs"
+    logs, arrays, starts = plan.parent / "slurm-logs", [], range(0, max(len(units), 1), max_array)
 
     def script(first, **wait):
         return sbatch_script(plan, min(max_array, len(units) - first), job_name=job_name,
                              log_dir=logs, first=first, **{**opts, **wait})
-    starts = range(0, max(len(units), 1), max_array)
     texts = [script(first) for first in starts]  # every check before anything is submitted
     fresh = not logs.exists()
     files.make_dir(logs, "log folder")  # SLURM does not create the folder of --output
-    arrays = []
     for k, first in enumerate(starts):
         text = script(first, after=arrays[-1:]) if arrays else texts[0]  # after the one before
         name = plan.stem + (f".{k}" if len(texts) > 1 else "") + ".sbatch"
@@ -845,24 +830,18 @@ def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
         raise cli.Failure(f"{err} (the array {' '.join(arrays)} was submitted and runs without "
                           f"it: scancel {' '.join(arrays)}, or collect by hand later: "
                           f"{collect_cmd})") from None
-    print_submitted(job_name, arrays, collect_id, len(units), logs, opts)
-    return arrays[-1], collect_id
-
-
-def print_submitted(job_name, arrays, collect_id, n_units, logs, opts):
-    array = arrays[0] if len(arrays) == 1 else "<array>"
     at_once = f", {opts['max_parallel']} at once" if opts.get("max_parallel") else ""
     after = f", after job {' '.join(opts['after'])}" if opts.get("after") else ""
     several = (f" in {len(arrays)} arrays, each after the one before (MaxArraySize): "
                f"{' '.join(arrays)}" if len(arrays) > 1 else "")
-    ids = ",".join([*arrays, collect_id])
-    print(f"submitted {job_name}: array job {arrays[-1]} ({_units(n_units)}{several}{at_once}"
-          f"{after}), collect job {collect_id} after it\n"
-          f"  follow:  squeue -j {ids}\n"
+    ids, array = ",".join([*arrays, collect_id]), arrays[0] if len(arrays) == 1 else "<array>"
+    print(f"submitted {job_name}: array job {arrays[-1]} ({_units(len(units))}{several}{at_once}"
+          f"{after}), collect job {collect_id} after it\n  follow:  squeue -j {ids}\n"
           f"  logs:    {logs}/{job_name}-{array}_<task>.log, "
           f"{logs}/{job_name}-collect-{collect_id}.log\n"
           f"  stop:    scancel {ids.replace(',', ' ')}   (running units checkpoint; "
           f"submitting the same plan again finishes what is left)", flush=True)
+    return arrays[-1], collect_id
 
 
 @cli.script
