@@ -24,6 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
 import model as M
 import tables
 from ept import cli, files, options, runfolder, tasks
@@ -82,8 +84,15 @@ def parse(parser, argv, script):
     return args, extra
 
 
-GRID_OWNED = {"--out-dir": "each run's folder is the grid's: pass --runs-dir",
-              "--runs": "the grid makes its own packs: pass --pack-size"}
+REFUSED = {  # train.py's flags a driver does not pass through: why, what instead
+    "--out-dir": "cannot be passed to train.py through a driver: each run's folder is the grid's: "
+                 "pass --runs-dir",
+    "--runs": "cannot be passed to train.py through a driver: the grid makes its own packs: pass "
+              "--pack-size",
+    **{f"--{own}": f"is the grid's own: pass --{own}s (this script's flag) instead"
+       for own in ("task", "method", "seed")},  # else every run would train the same one
+    "--overwrite": "would start every run of the plan over at each rerun; delete the run folders "
+                   "to train them again"}
 
 
 def check_args(parser, args, extra):
@@ -91,9 +100,8 @@ def check_args(parser, args, extra):
     are train.py's, spelt out (--max-step would train what the run's name does not say), valid."""
     known = options.parser._option_string_actions  # every spelling train.py's parser accepts
     for flag in (a.split("=")[0] for a in extra if a.startswith("--") and a != "--"):
-        if flag in GRID_OWNED:
-            parser.error(f"{flag} cannot be passed to train.py through a driver: "
-                         f"{GRID_OWNED[flag]}")
+        if flag in REFUSED:
+            parser.error(f"{flag} {REFUSED[flag]}")
         if flag not in known:
             full = [f for f in known if f.startswith(flag)]
             hint = f" (spell out {' or '.join(full)})" if full else ""
@@ -107,10 +115,6 @@ def check_args(parser, args, extra):
     if len(pools) > 1:
         parser.error(f"{' and '.join(pools)}: pass one (--slurm hands each unit to its own array "
                      "task; --gpus and --slots are pools on this machine, of GPUs or CPU cores)")
-    own = {"--task": "--tasks", "--method": "--methods", "--seed": "--seeds"}
-    given = next((a.split("=")[0] for a in extra if a.split("=")[0] in own), None)
-    if given:  # train.py would train every run of the grid with it, under the grid's names
-        parser.error(f"{given} is the grid's own: pass {own[given]} (this script's flag) instead")
     swept = [k for k in options.SWEEP if isinstance(getattr(flags, k), list)]
     if swept:  # train.py would train a pack of them inside each run's folder
         flag = "--" + swept[0].replace("_", "-")
@@ -118,9 +122,6 @@ def check_args(parser, args, extra):
         parser.error(f"{flag} {values}: a driver passes one value to every run; the experiment "
                      f"sweeps its own values (--values, --seeds, --methods), or run train.py "
                      f"{flag} with several values yourself")
-    if "--overwrite" in extra:
-        parser.error("--overwrite would start every run of the plan over at each rerun; delete "
-                     "the run folders to train them again")
     for task in args.tasks or []:
         if not tasks.known(task) and not (Path(args.data_dir) / task / "meta.json").exists():
             parser.error(f"unknown task {task!r} (not one of the paper's and no "
@@ -237,12 +238,9 @@ def memory_pack_size(model, gpu_gb):  # the rule above; at least 1
 
 
 def pack_size(args, model):  # on a CPU 1: FLOP-bound, a pack of R costs R steps (docs/packing.md)
-    if getattr(args, "pack_size", None):
-        return args.pack_size
-    import torch
-    if torch.cuda.is_available():
-        return memory_pack_size(model, torch.cuda.get_device_properties(0).total_memory / 1e9)
-    return 1
+    if getattr(args, "pack_size", None) or not torch.cuda.is_available():
+        return getattr(args, "pack_size", None) or 1
+    return memory_pack_size(model, torch.cuda.get_device_properties(0).total_memory / 1e9)
 
 
 def make_packs(plan, names, size_of):  # packs of equal PACK_KEYS, <= size_of(model); ft alone
@@ -297,15 +295,12 @@ def make_units(plan, args, extra):
     for names in make_packs(plan, sorted(plan, key=lambda n: -hours[n]),
                             lambda model: pack_size(args, model)):
         specs, dirs = [plan[n][0] for n in names], [plan[n][2] for n in names]
-        if len(names) == 1:
-            argv = train_argv(specs[0], dirs[0], args.data_dir, extra)
-            units.append(Unit(len(units), names, dirs, argv, args.nproc))
-            continue
-        _, entries = pack_argv(specs, dirs, args.data_dir, extra, "-")
-        text = json.dumps(entries, indent=1) + "\n"
-        runs_file = (Path(args.results_dir) / "packs"
-                     / f"{hashlib.sha1(text.encode()).hexdigest()[:16]}.json")
-        argv = pack_argv(specs, dirs, args.data_dir, extra, runs_file)[0]
+        argv, runs_file, text = train_argv(specs[0], dirs[0], args.data_dir, extra), None, None
+        if len(names) > 1:  # a pack: its runs file is named by its text
+            text = json.dumps(pack_argv(specs, dirs, args.data_dir, extra, "-")[1], indent=1) + "\n"
+            name = hashlib.sha1(text.encode()).hexdigest()[:16]
+            runs_file = Path(args.results_dir) / "packs" / f"{name}.json"
+            argv = pack_argv(specs, dirs, args.data_dir, extra, runs_file)[0]
         units.append(Unit(len(units), names, dirs, argv, args.nproc, runs_file, text))
     return units
 
@@ -369,9 +364,9 @@ def run_unit(experiment, unit, args, i, n):
         proc, got = subprocess.Popen(unit.command, start_new_session=True), []
         with handling(lambda sig, _: (got.append(sig), signal_group(proc, sig))):
             status = proc.wait()
-        if signal.SIGINT in got:  # Ctrl-C: the child was asked to checkpoint (SIGTERM), stopped
-            stop(experiment, unit, signal.SIGINT)
-        if status in (128 + signal.SIGTERM, 128 + signal.SIGUSR1) or -status in STOPS:
+        stopped = signal.SIGINT in got and signal.SIGINT  # Ctrl-C: the child checkpointed, stopped
+        if not stopped and (status in (128 + signal.SIGTERM, 128 + signal.SIGUSR1)
+                            or -status in STOPS):
             raise SystemExit(status if status > 0 else 128 - status)  # train.py said how to resume
     else:
         try:
@@ -381,19 +376,16 @@ def run_unit(experiment, unit, args, i, n):
             status = 1
         if status == 0 and runfolder.received():  # it came in the unit's last steps, which finished
             status = 128 + runfolder.received()
-        if status - 128 in STOPS:
-            stop(experiment, unit, status - 128)
+        stopped = status - 128 in STOPS and status - 128
+    if stopped:  # the driver stops as train.py did, once it wrote last.pt
+        print(f"{experiment}: {signal.Signals(stopped).name} received: unit {unit.index} stopped "
+              "at a step boundary, last.pt written; run the same command again to resume",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + stopped)
     if status:  # train.py printed its error
         print(f"[{experiment} {i}/{n}] unit {unit.index} failed (exit status {status})",
               file=sys.stderr)
     print(f"[{experiment} {i}/{n}] {time.time() - t0:.1f}s", flush=True)
-
-
-def stop(experiment, unit, sig):  # the driver stops as train.py did, once it wrote last.pt
-    print(f"{experiment}: {signal.Signals(sig).name} received: unit {unit.index} stopped at a step "
-          "boundary, last.pt written; run the same command again to resume", file=sys.stderr,
-          flush=True)
-    raise SystemExit(128 + sig)
 
 
 def signal_group(proc, sig):  # to a child's group (torchrun's ranks too); Ctrl-C: SIGTERM
@@ -436,7 +428,6 @@ def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--npro
 
 def run_pool(experiment, units, devices):
     """Run `units` on len(devices) children, each one's output copied here line by line."""
-    import torch
     labels = [f"GPU {gpus}" if gpus and torch.cuda.is_available() else f"slot {slot}"
               for slot, gpus in enumerate(devices)]
     running, queue, retried, got = {}, list(units), set(), []  # slot -> (process, unit, thread)
@@ -474,8 +465,7 @@ OUTPUT_LOCK = threading.Lock()
 
 
 def start_child(unit, gpus, label):
-    """A unit as a child on `gpus`, in its own session (Ctrl-C reaches it through this process
-    only), its output copied here line by line: (process, unit, the copying thread)."""
+    """A unit as a child on `gpus` in its own session (Ctrl-C reaches it through us only)."""
     env = {"TQDM_DISABLE": "1", **os.environ, "CUDA_VISIBLE_DEVICES": gpus}  # G bars: noise
     proc = subprocess.Popen(unit.command, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
@@ -574,8 +564,7 @@ def slurm_options(args):  # submit's keywords from the --slurm-* flags
 # --- result rows ---------------------------------------------------------------------------------
 
 def result_row(experiment, settings, run_dir, extra_fields=None):
-    """One results row: the full configuration, the test metrics, parameters and prompt norms. A
-    --no-test run is a finished run too: its row has "tested": false and no score (None)."""
+    """One results row (a --no-test run's: "tested": false, score None)."""
     run_dir = Path(run_dir)
     raw_config = files.read_json(run_dir / "config.json", "run configuration")
     config = {**raw_config, **M.prompt_options(raw_config)}  # older runs' option names, defaults
@@ -591,21 +580,16 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
            for key, value in {**options.defaults(settings["method"]), **settings}.items()}
     if not ran["fewshot_k"]:
         ran["fewshot_seed"] = None
+    digest, scores = hashlib.sha1(), run_dir / "metrics.json"  # which training: trained again,
+    for file in (run_dir / "config.json", scores if scores.exists() else run_dir / "log.jsonl"):
+        digest.update((file.name + files.read_text(file, "run file")).encode())  # another id
     return {"experiment": experiment, "run": str(run_dir), **ran,
             "model_tag": options.model_tag(settings["model"]), **(extra_fields or {}),
             "score": metrics.get("score"), "test": metrics if tested else None, "tested": tested,
             "val_score": val_score, "best_step": best_step,
             "n_trainable": config.get("n_trainable"), "n_inference": n_inference,
             "prompt_norm": norm, "final_prompt_norm": norms[-1] if norms else None,
-            "training": training_id(run_dir), "config": raw_config}
-
-
-def training_id(run_dir):  # config.json + metrics.json (--no-test: log.jsonl): a run trained again
-    digest = hashlib.sha1()
-    scores = "metrics.json" if (run_dir / "metrics.json").exists() else "log.jsonl"
-    for name in ("config.json", scores):
-        digest.update((name + files.read_text(run_dir / name, "run file")).encode())
-    return digest.hexdigest()[:16]
+            "training": digest.hexdigest()[:16], "config": raw_config}
 
 
 def append_row_once(results, row):
@@ -653,34 +637,28 @@ def collect(experiment, plan, args):
           f"added now{replaced}), {len(missing)} not finished{failures} -> {results}", flush=True)
     for name, why in failed.items():  # stopped for good: running the unit again fails the same way
         print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
-    write_failures(Path(args.results_dir) / f"{experiment}.failed.json", plan, failed)
-    if len(missing) > len(failed):
-        print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): "
-              f"{' '.join(n for n in missing if n not in failed)}", file=sys.stderr)
-    return rows, missing
-
-
-def write_failures(path, plan, failed):
-    """{run folder: why} for report.py: this plan's entries replaced, other grids' kept."""
+    path = Path(args.results_dir) / f"{experiment}.failed.json"  # {run folder: why}, report.py's
     with files.locked(path) if path.exists() or failed else contextlib.nullcontext():
         try:
             old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         except (OSError, ValueError):
             old = {}  # unreadable: rewritten from what this plan knows
-        ours = {str(run_dir) for _, _, run_dir in plan.values()}
+        ours = {str(run_dir) for _, _, run_dir in plan.values()}  # other grids' entries are kept
         kept = {k: v for k, v in (old if isinstance(old, dict) else {}).items() if k not in ours}
         now = {**kept, **{str(plan[name][2]): why for name, why in failed.items()}}
         if now:
             files.write_json(path, now)
         else:
             path.unlink(missing_ok=True)
+    if len(missing) > len(failed):
+        print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): "
+              f"{' '.join(n for n in missing if n not in failed)}", file=sys.stderr)
+    return rows, missing
 
 
 # --- the plan on SLURM: sbatch scripts, submission -----------------------------------------------
 
 SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write last.pt and exit
-DEFAULT_MAX_ARRAY = 1001  # SLURM's MaxArraySize when the cluster does not set it
-TASK_SHELL = Path(__file__).with_name("slurm_task.sh")  # an array task's shell, after the #SBATCH
 
 
 def time_seconds(text):  # a SLURM time limit ('90', '4:00:00', '1-12', ...) in s; None: none
@@ -705,10 +683,6 @@ def _option(value, what):  # sbatch splits an #SBATCH line at spaces and reads o
     return text
 
 
-def _units(n):  # "1 unit", "2 units"
-    return f"{n} unit{'s' if n != 1 else ''}"
-
-
 def _sbatch_lines(options, log_dir, log_name, extra, skip=()):  # True: a flag alone
     return ([f"#SBATCH --{key}" + ("" if value is True else f"={value}")
              for key, value in options.items() if value]
@@ -729,7 +703,8 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
         raise cli.Failure(f"the time limit {time} is not longer than the {SIGNAL_S} s the unit "
                           f"gets to checkpoint before it (signal_s)")
     plan, name = Path(plan_path).resolve(), _option(job_name, "job name")
-    head = (f"the {_units(n_units)} of {plan}, one SLURM array task each (task i runs line i+1)."
+    units = f"{n_units} unit{'s' * (n_units != 1)}"
+    head = (f"the {units} of {plan}, one SLURM array task each (task i runs line i+1)."
             if not first else f"lines {first + 1}-{first + n_units} of {plan}, one SLURM array "
             f"task each (task i runs line {first}+i+1).")
     after = ":".join(_option(job, "job id") for job in after)
@@ -746,7 +721,8 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
              "SLURM_ARRAY_TASK_ID=i bash <this file>.",
              *_sbatch_lines(options, log_dir, f"{name}-%A_%a.log", ["--open-mode=append", *extra]),
              "", f"plan={shlex.quote(str(plan))}",
-             TASK_SHELL.read_text().replace("$((task + 1))", f"$((task + {first + 1}))")]
+             Path(__file__).with_name("slurm_task.sh").read_text()  # after the #SBATCH lines
+             .replace("$((task + 1))", f"$((task + {first + 1}))")]
     return "\n".join(lines) + "\n"
 
 
@@ -767,8 +743,7 @@ def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, 
 
 
 def check():
-    """Before anything is written: sbatch is here; the cluster's MaxArraySize (array indices stay
-    below it: a larger plan is submitted as several arrays, one after another)."""
+    """Before anything is written: sbatch is here; the cluster's MaxArraySize (indices < it)."""
     if shutil.which("sbatch") is None:
         raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
                           "here (a test cluster on this machine, as root: "
@@ -779,7 +754,7 @@ def check():
     except (OSError, subprocess.TimeoutExpired):
         shown = ""
     found = re.search(r"^MaxArraySize\s*=\s*(\d+)", shown, re.MULTILINE)
-    return int(found.group(1)) if found else DEFAULT_MAX_ARRAY
+    return int(found.group(1)) if found else 1001  # SLURM's default
 
 
 def _sbatch(text, path, what):
@@ -835,7 +810,8 @@ def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
     several = (f" in {len(arrays)} arrays, each after the one before (MaxArraySize): "
                f"{' '.join(arrays)}" if len(arrays) > 1 else "")
     ids, array = ",".join([*arrays, collect_id]), arrays[0] if len(arrays) == 1 else "<array>"
-    print(f"submitted {job_name}: array job {arrays[-1]} ({_units(len(units))}{several}{at_once}"
+    units = f"{len(units)} unit{'s' * (len(units) != 1)}"
+    print(f"submitted {job_name}: array job {arrays[-1]} ({units}{several}{at_once}"
           f"{after}), collect job {collect_id} after it\n  follow:  squeue -j {ids}\n"
           f"  logs:    {logs}/{job_name}-{array}_<task>.log, "
           f"{logs}/{job_name}-collect-{collect_id}.log\n"
