@@ -36,8 +36,7 @@ TRAIN_SCRIPT = REPO / "train.py"
 
 # --- a driver's command line ---------------------------------------------------------------------
 
-def make_parser(doc):
-    """No abbreviations: --lr, train.py's, passed through, is not --lr-search."""
+def make_parser(doc):  # no abbreviations: --lr, train.py's, passed through, is not --lr-search
     return cli.Parser(description=doc, formatter_class=cli.HelpFormatter, allow_abbrev=False)
 
 
@@ -275,7 +274,6 @@ def plan_runs(specs, args, extra=()):
 
 
 class Unit:  # one plan line (index: an array task's); a pack's --runs file and its text
-
     def __init__(self, index, names, dirs, argv, nproc, runs_file=None, runs_text=None):
         self.index, self.names, self.dirs, self.argv = index, names, dirs, argv
         self.runs_file, self.runs_text = runs_file, runs_text
@@ -441,11 +439,22 @@ def run_pool(experiment, units, devices):
                 print(f"{experiment}: unit {unit.index} ({' '.join(unit.names)}) -> "
                       f"{labels[slot]}", flush=True)
             for slot, (proc, unit, thread) in list(running.items()):
-                if proc.poll() is not None:
-                    thread.join()
-                    del running[slot]
-                    if retry(experiment, unit, proc.returncode, retried):
-                        queue.insert(0, unit)
+                if proc.poll() is None:
+                    continue
+                thread.join()
+                del running[slot]
+                left, status, again = unit.left(), proc.returncode, unit.index in retried
+                if not left:
+                    print(f"{experiment}: unit {unit.index} done", flush=True)
+                elif not again and any(runfolder.failure(d) is None for d in left):  # once; not
+                    retried.add(unit.index)  # failed.txt: a non-finite loss fails the same again
+                    queue.insert(0, unit)
+                    print(f"{experiment}: unit {unit.index} ended with status {status}; "
+                          "resuming it once", flush=True)
+                else:
+                    print(f"{experiment}: unit {unit.index} failed "
+                          f"{'again' if again else 'for good'} (status {status}): "
+                          f"{' '.join(unit.names)}", file=sys.stderr, flush=True)
             time.sleep(0.2)
         if got:  # every child checkpoints and stops; back once each, its whole group too, is gone
             for proc, _, _ in running.values():
@@ -478,24 +487,6 @@ def start_child(unit, gpus, label):
     thread = threading.Thread(target=copy, daemon=True)
     thread.start()
     return proc, unit, thread
-
-
-def retry(experiment, unit, status, retried):
-    """Whether a unit whose child ended is started again: once, unless it is done or what is left
-    failed for good (failed.txt: a non-finite loss fails the same way again)."""
-    left = unit.left()
-    if not left:
-        print(f"{experiment}: unit {unit.index} done", flush=True)
-    elif unit.index not in retried and any(runfolder.failure(d) is None for d in left):
-        retried.add(unit.index)
-        print(f"{experiment}: unit {unit.index} ended with status {status}; resuming it once",
-              flush=True)
-        return True
-    else:
-        again = "failed for good" if unit.index not in retried else "failed again"
-        print(f"{experiment}: unit {unit.index} {again} (status {status}): "
-              f"{' '.join(unit.names)}", file=sys.stderr, flush=True)
-    return False
 
 
 # --- a driver's run: plan, train what is missing, collect -----------------------------------------
