@@ -47,8 +47,10 @@ EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/expe
     ("--results-dir", dict(type=cli.folder, default="results", help="<experiment>.plan, .jsonl")),
     ("--prune-ft-checkpoints", dict(action="store_true", help="delete ft runs' checkpoints once "
                                     "their row is written")),
-    ("--dry-run", dict(action="store_true", help="runs, GPU-hours, wall time; train nothing")),
-    ("--gpus", dict(type=cli.positive_int, help="a local pool of G / --nproc children")),
+    ("--dry-run", dict(action="store_true", help="runs, GPU-hours, wall time (dry_run.tsv too); "
+                       "train nothing")),
+    ("--gpus", dict(type=cli.positive_int, help="a local pool of G / --nproc children, each on "
+                    "its own GPUs of CUDA_VISIBLE_DEVICES")),
     ("--slots", dict(type=cli.positive_int, metavar="N", help="a local pool of N CPU children")),
     ("--slurm", dict(action="store_true", help="submit the plan as SLURM job arrays + collect")),
     ("--slurm-partition", dict(help="--slurm: the partition (default: the cluster's)")),
@@ -303,10 +305,6 @@ def make_units(plan, args, extra):
     return units
 
 
-def plan_path(args, experiment):
-    return Path(args.results_dir) / f"{experiment}.plan"
-
-
 def write_plan(path, units):
     """The plan file, written once: a rerun of the same grid finds the same lines; another grid in
     the same results folder is refused (line i must keep its meaning for an engine's index)."""
@@ -514,7 +512,7 @@ def run_driver(experiment, specs, args, extra, floor=None):
         return costs.dry_run(experiment, plan, args, extra)[0]
     if not args.collect:
         units = make_units(plan, args, extra)
-        path = plan_path(args, experiment)
+        path = Path(args.results_dir) / f"{experiment}.plan"
         devices = pool_devices(args) if args.gpus or args.slots else None  # checks, then the plan
         if args.slurm:  # sbatch here, MaxArraySize, the #SBATCH lines: checked before the plan
             max_array, opts = check(), dict(slurm_options(args), job_name=f"ept-{experiment}")
@@ -684,14 +682,15 @@ def _sbatch_lines(options, log_dir, log_name, extra, skip=()):  # True: a flag a
 
 
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
-                  gpus_per_task=1, max_parallel=None, extra=(), after=(), first=0):
+                  gpus_per_task=1, max_parallel=None, extra=(), after=(), first=0,
+                  signal_s=SIGNAL_S):
     """The job array's sbatch script: task i runs line first+i+1 of the plan (first: the lines
     earlier arrays run, past MaxArraySize); after: job ids it waits for (afterany)."""
     if n_units < 1:
         raise cli.Failure(f"the plan {plan_path} has no units: nothing to submit")
     limit = time_seconds(time) if time else None
-    if limit is not None and limit <= SIGNAL_S:
-        raise cli.Failure(f"the time limit {time} is not longer than the {SIGNAL_S} s the unit "
+    if limit is not None and limit <= signal_s:
+        raise cli.Failure(f"the time limit {time} is not longer than the {signal_s} s the unit "
                           f"gets to checkpoint before it (signal_s)")
     plan, name = Path(plan_path).resolve(), _option(job_name, "job name")
     units = f"{n_units} unit{'s' * (n_units != 1)}"
@@ -705,7 +704,7 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
                "gres": gpus_per_task and f"gpu:{gpus_per_task}",
                "partition": partition and _option(partition, "partition"),
                "time": time and _option(time, "time limit"), "requeue": True,
-               "signal": f"B:USR1@{SIGNAL_S}"}
+               "signal": f"B:USR1@{signal_s}"}
     lines = ["#!/bin/bash", f"# {name}: {head}",
              "# Written by ept/grid.py. Submit again with `sbatch <this file>`: a finished unit "
              "exits at once,", "# an interrupted one resumes. One unit without SLURM: "
