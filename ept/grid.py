@@ -1,11 +1,7 @@
 """The grid ablate.py and fewshot.py share: specs -> plan -> units -> pool -> collect, and the plan
-on SLURM (docs/experiments.md, "The plan" and "SLURM").
-
-A spec is one run's train.py options (+ "_row": extra result columns); the plan maps each run's
-name to (options, extra columns, run folder). A unit, a pack of prompt runs on one frozen T5 or a
-solo run, is one line of <results-dir>/<experiment>.plan, `cd <cwd> && python train.py ...
---resume`, idempotent. Units run here, on a local pool (--gpus, --slots) or as a SLURM job array
-with a collect job after it. Units write no rows: collect appends every finished run's row once.
+on SLURM (docs/experiments.md, "The plan" and "SLURM"). A unit (a pack of prompt runs on one
+frozen T5, or a solo run) is one idempotent plan line; units write no rows: collect appends each
+finished run's row once.
 
     python -m ept.grid results/table1.plan --collect "python ablate.py table1 --collect" \
         --slurm-time 12:00:00 --slurm-max-tasks 16     # writes results/table1.sbatch, submits it
@@ -28,6 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
 import model as M
 import tables
 from ept import cli, files, options, runfolder, runtime, tasks
@@ -38,8 +36,7 @@ TRAIN_SCRIPT = REPO / "train.py"
 
 # --- a driver's command line ---------------------------------------------------------------------
 
-def make_parser(doc):
-    """No abbreviations: --lr, train.py's, passed through, is not --lr-search."""
+def make_parser(doc):  # no abbreviations: --lr, train.py's, passed through, is not --lr-search
     return cli.Parser(description=doc, formatter_class=cli.HelpFormatter, allow_abbrev=False)
 
 
@@ -47,32 +44,29 @@ EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/expe
     ("--nproc", dict(type=cli.positive_int, default=1, help="GPUs per run (> 1: torchrun)")),
     ("--subprocess", dict(action="store_true", help="each train.py in a fresh process")),
     ("--runs-dir", dict(type=cli.folder, default="runs", help="where run folders go")),
-    ("--results-dir", dict(type=cli.folder, default="results",
-                           help="where <experiment>.plan and .jsonl go")),
-    ("--prune-ft-checkpoints", dict(action="store_true", help="delete finished ft runs' "
-                                    "best.pt/last.pt once their row is written")),
-    ("--dry-run", dict(action="store_true", help="the runs, GPU-hours and wall time, also in "
-                       "<results-dir>/dry_run.tsv; train nothing")),
+    ("--results-dir", dict(type=cli.folder, default="results", help="<experiment>.plan, .jsonl")),
+    ("--prune-ft-checkpoints", dict(action="store_true", help="delete ft runs' checkpoints once "
+                                    "their row is written")),
+    ("--dry-run", dict(action="store_true", help="runs, GPU-hours, wall time (dry_run.tsv too); "
+                       "train nothing")),
     ("--gpus", dict(type=cli.positive_int, help="a local pool of G / --nproc children, each on "
-                    "its own GPUs (of CUDA_VISIBLE_DEVICES)")),
-    ("--slots", dict(type=cli.positive_int, metavar="N", help="a local pool of N children on "
-                     "CPU cores")),
-    ("--slurm", dict(action="store_true", help="submit the plan to SLURM: job arrays (a unit a "
-                     "task, requeued when preempted), then the collect job")),
+                    "its own GPUs of CUDA_VISIBLE_DEVICES")),
+    ("--slots", dict(type=cli.positive_int, metavar="N", help="a local pool of N CPU children")),
+    ("--slurm", dict(action="store_true", help="submit the plan as SLURM job arrays + collect")),
     ("--slurm-partition", dict(help="--slurm: the partition (default: the cluster's)")),
     ("--slurm-time", dict(metavar="LIMIT", help="--slurm: each task's time limit (4:00:00, 1-12)")),
     ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N",
                           help="--slurm: GPUs per task (default: --nproc or 1; 0: none)")),
-    ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M", help="--slurm: array tasks at "
-                               "once; --dry-run: the wall time for M")),
+    ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M",
+                               help="array tasks at once (--slurm, --dry-run)")),
     ("--slurm-after", dict(action="append", default=[], metavar="JOBID",
                            help="--slurm: start once this job ended (repeatable)")),
     ("--slurm-option", dict(action="append", default=[], metavar="OPT",
                             help="--slurm: an #SBATCH option, e.g. --slurm-option=--account=nlp")),
-    ("--collect", dict(action="store_true", help="train nothing: append the finished runs' rows "
-                       "once, print the table (exit 1 while runs are not finished)")),
-    ("--pack-size", dict(type=cli.positive_int, help="prompt runs trained together on one frozen "
-                         "T5 (default: on CUDA as many as fit the GPU, on a CPU 1)")),
+    ("--collect", dict(action="store_true", help="train nothing: add finished runs' rows, print "
+                       "the table (exit 1 while runs are unfinished)")),
+    ("--pack-size", dict(type=cli.positive_int, help="prompt runs a pack (default: CUDA: as many "
+                         "as fit, CPU: 1)")),
 ]
 
 
@@ -91,19 +85,24 @@ def parse(parser, argv, script):
     return args, extra
 
 
-GRID_OWNED = {"--out-dir": "each run's folder is the grid's: pass --runs-dir",
-              "--runs": "the grid makes its own packs: pass --pack-size"}
+REFUSED = {  # train.py's flags a driver does not pass through: why, what instead
+    "--out-dir": "cannot be passed to train.py through a driver: each run's folder is the grid's: "
+                 "pass --runs-dir",
+    "--runs": "cannot be passed to train.py through a driver: the grid makes its own packs: pass "
+              "--pack-size",
+    **{f"--{own}": f"is the grid's own: pass --{own}s (this script's flag) instead"
+       for own in ("task", "method", "seed")},  # else every run would train the same one
+    "--overwrite": "would start every run of the plan over at each rerun; delete the run folders "
+                   "to train them again"}
 
 
 def check_args(parser, args, extra):
-    """Before any run: the tasks exist and the flags passed through to train.py are train.py's,
-    with valid values (else every run of the grid would fail the same way, one after another).
-    Spelt out: an abbreviation (--max-step) would train what the run's name does not say."""
+    """Before any run (else every run would fail alike): the tasks exist, the pass-through flags
+    are train.py's, spelt out (--max-step would train what the run's name does not say), valid."""
     known = options.parser._option_string_actions  # every spelling train.py's parser accepts
     for flag in (a.split("=")[0] for a in extra if a.startswith("--") and a != "--"):
-        if flag in GRID_OWNED:
-            parser.error(f"{flag} cannot be passed to train.py through a driver: "
-                         f"{GRID_OWNED[flag]}")
+        if flag in REFUSED:
+            parser.error(f"{flag} {REFUSED[flag]}")
         if flag not in known:
             full = [f for f in known if f.startswith(flag)]
             hint = f" (spell out {' or '.join(full)})" if full else ""
@@ -117,10 +116,6 @@ def check_args(parser, args, extra):
     if len(pools) > 1:
         parser.error(f"{' and '.join(pools)}: pass one (--slurm hands each unit to its own array "
                      "task; --gpus and --slots are pools on this machine, of GPUs or CPU cores)")
-    own = {"--task": "--tasks", "--method": "--methods", "--seed": "--seeds"}
-    given = next((a.split("=")[0] for a in extra if a.split("=")[0] in own), None)
-    if given:  # train.py would train every run of the grid with it, under the grid's names
-        parser.error(f"{given} is the grid's own: pass {own[given]} (this script's flag) instead")
     swept = [k for k in options.SWEEP if isinstance(getattr(flags, k), list)]
     if swept:  # train.py would train a pack of them inside each run's folder
         flag = "--" + swept[0].replace("_", "-")
@@ -128,9 +123,6 @@ def check_args(parser, args, extra):
         parser.error(f"{flag} {values}: a driver passes one value to every run; the experiment "
                      f"sweeps its own values (--values, --seeds, --methods), or run train.py "
                      f"{flag} with several values yourself")
-    if "--overwrite" in extra:
-        parser.error("--overwrite would start every run of the plan over at each rerun; delete "
-                     "the run folders to train them again")
     for task in args.tasks or []:
         if not tasks.known(task) and not (Path(args.data_dir) / task / "meta.json").exists():
             parser.error(f"unknown task {task!r} (not one of the paper's and no "
@@ -150,14 +142,10 @@ def spec(task, method, model, seed, _row=None, **settings):  # _row: extra resul
             **({"_row": _row} if _row else {})}
 
 
-def run_name(settings):
-    """<task>_<method>_<model>[_<non-default options>]_s<seed>, e.g. boolq_ept_t5-base_h50_s1
-    (options.run_name against train.py's defaults for the method)."""
-    return options.run_name(settings)
+run_name = options.run_name  # <task>_<method>_<model>[_<non-default options>]_s<seed>
 
 
-def train_argv(settings, out_dir, data_dir=None, extra=()):
-    """train.py's command line for one run (out_dir None: a pack's, whose runs file names them)."""
+def train_argv(settings, out_dir, data_dir=None, extra=()):  # out_dir None: a pack's
     argv = []
     for key, value in settings.items():
         if value is not None and value is not False:
@@ -167,8 +155,7 @@ def train_argv(settings, out_dir, data_dir=None, extra=()):
     return argv + (["--out-dir", str(out_dir)] if out_dir is not None else []) + [*extra]
 
 
-def pack_argv(specs, run_dirs, data_dir, extra, runs_file):
-    """A pack's train.py command line (the shared options), and its --runs entries (the rest)."""
+def pack_argv(specs, run_dirs, data_dir, extra, runs_file):  # (argv, its --runs entries)
     shared = {k: specs[0][k] for k in PACK_SHARED if specs[0].get(k) is not None}
     entries = [{**{k: v for k, v in s.items()
                    if k not in shared and v is not None and v is not False},
@@ -177,9 +164,8 @@ def pack_argv(specs, run_dirs, data_dir, extra, runs_file):
 
 
 def passed_through(extra):
-    """The per-run options among the pass-through flags (--max-steps 6: run-name options and what
-    a --runs entry may set), typed: they win over the experiment's values, so a run's name and
-    --runs entry say what it trains (a SMOKE few-shot run of 6 steps: ..._steps6_...)."""
+    """The per-run options among the pass-through flags, typed: they win over the experiment's
+    values, so a run's name and --runs entry say what it trains (--max-steps 6: ..._steps6_...)."""
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
     keys = dict.fromkeys([key for key, _ in options.NAME_TAGS]
@@ -189,10 +175,8 @@ def passed_through(extra):
 
 
 # --- a run's GPU-hours from measured step times: the plan runs its units longest first -----------
-# Seconds per optimizer step at batch 16, measured by bench.py on one NVIDIA H200 (docs/gpu/
-# run2_*.json: random-weight t5-base, bf16, host-bound: RTE 0.0746 s, SST-2 0.0687 s). t5-small and
-# t5-large are t5-base's scaled by their layers (0.5, 2). The dry run's FLOP model and packed hours
-# are scripts/costs.py's; tests/test_experiments.py checks these against the JSON.
+# Seconds per step at batch 16, measured by bench.py on one H200 (docs/gpu/run2_*.json: t5-base,
+# random weights, bf16, host-bound; test_experiments.py checks them); t5-small/large: by layers.
 MEASURED_STEP_S = {"prompt": 16 / 214.49, "ft": 16 / 132.27}  # t5-base, H200: run2_rte_{ept,ft}
 LAYER_SCALE = {"t5-small": 0.5, "t5-base": 1.0, "t5-large": 2.0, "other": 1.0}
 MEASURED_EVAL_S = 1 / 733.1  # greedy decoding, batch 64, t5-base RTE, per example (run2_rte_ept)
@@ -222,8 +206,7 @@ def floor_seconds(spec, batch_size=16):  # the measured (host-bound, bf16) solo 
     return measured * LAYER_SCALE[size_key(spec["model"])] * batch_size / 16
 
 
-def estimate_hours(spec, data_dir=None, batch_size=16):
-    """GPU-hours of one run (the same on 1 or N GPUs), validating every spec["eval_every"] steps."""
+def estimate_hours(spec, data_dir=None, batch_size=16):  # one run's, on 1 or N GPUs
     eval_every = spec.get("eval_every") or options.defaults(spec["method"])["eval_every"]
     _, val, test = split_sizes(spec["task"], data_dir)
     steps = run_steps(spec, data_dir, batch_size)
@@ -239,10 +222,9 @@ def plan_hours(plan, data_dir, extra):  # {run: GPU-hours} at the pass-through -
 
 
 # --- packs: prompt runs of one task, T5, data and schedule in one train.py call ------------------
-# Every other option (method, seed, lr, prompt length, ...) is per run; `ft` trains T5 itself and is
-# never packed. The --pack-size rule on CUDA: runs that fit in 80 % of the card's memory after T5's
-# weights, at one prompt run's memory at batch 16 (docs/speed.md: ept on t5-base, 3.0 GB), at most
-# MAX_PACK (past 16 runs a GPU is compute-bound): 16 for t5-small/base, 8 for t5-large at 80 GB.
+# The rest is per run; ft trains T5 itself: never packed. On CUDA: the runs that fit in 80 % of the
+# card after T5's weights (a prompt run at batch 16: docs/speed.md), at most MAX_PACK (past 16 a GPU
+# is compute-bound).
 PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed", "batch_size")  # a pack's flags
 PACK_KEYS = (*PACK_SHARED, "epochs", "max_steps", "eval_every")
 MAX_PACK = 16
@@ -256,19 +238,13 @@ def memory_pack_size(model, gpu_gb):  # the rule above; at least 1
     return max(1, min(MAX_PACK, int(0.8 * (gpu_gb - WEIGHTS_GB[size]) / RUN_GB[size])))
 
 
-def pack_size(args, model):
-    """--pack-size, else: on CUDA the memory rule for GPU 0; on a CPU 1 (a CPU is FLOP-bound: a
-    pack of R costs R solo steps; docs/packing.md)."""
-    if getattr(args, "pack_size", None):
-        return args.pack_size
-    import torch
-    if torch.cuda.is_available():
-        return memory_pack_size(model, torch.cuda.get_device_properties(0).total_memory / 1e9)
-    return 1
+def pack_size(args, model):  # on a CPU 1: FLOP-bound, a pack of R costs R steps (docs/packing.md)
+    if getattr(args, "pack_size", None) or not torch.cuda.is_available():
+        return getattr(args, "pack_size", None) or 1
+    return memory_pack_size(model, torch.cuda.get_device_properties(0).total_memory / 1e9)
 
 
-def make_packs(plan, names, size_of):
-    """`names` in packs of equal PACK_KEYS, at most size_of(model) each; `ft` alone, in order."""
+def make_packs(plan, names, size_of):  # packs of equal PACK_KEYS, <= size_of(model); ft alone
     packs, open_packs = [], {}
     for name in names:
         settings = plan[name][0]
@@ -287,8 +263,8 @@ def make_packs(plan, names, size_of):
 # --- the plan: {run name: (options, extra result columns, run folder)} and its units -------------
 
 def plan_runs(specs, args, extra=()):
-    """{run name: (train.py options, extra result columns, run folder)}: the pass-through flags
-    that name runs win over the experiment's values; the same configuration twice is one run."""
+    """The pass-through flags that name runs win over the experiment's values; the same
+    configuration twice is one run."""
     plan, through = {}, passed_through(extra)
     for s in specs:
         settings = {k: v for k, v in s.items() if k != "_row"}
@@ -299,10 +275,7 @@ def plan_runs(specs, args, extra=()):
     return plan
 
 
-class Unit:
-    """One line of the plan (`index`, 0-based: an array task's): its runs' names and folders,
-    train.py's argv, command and shell line; a pack's --runs file and its text."""
-
+class Unit:  # one plan line (index: an array task's); a pack's --runs file and its text
     def __init__(self, index, names, dirs, argv, nproc, runs_file=None, runs_text=None):
         self.index, self.names, self.dirs, self.argv = index, names, dirs, argv
         self.runs_file, self.runs_text = runs_file, runs_text
@@ -322,21 +295,14 @@ def make_units(plan, args, extra):
     for names in make_packs(plan, sorted(plan, key=lambda n: -hours[n]),
                             lambda model: pack_size(args, model)):
         specs, dirs = [plan[n][0] for n in names], [plan[n][2] for n in names]
-        if len(names) == 1:
-            argv = train_argv(specs[0], dirs[0], args.data_dir, extra)
-            units.append(Unit(len(units), names, dirs, argv, args.nproc))
-            continue
-        _, entries = pack_argv(specs, dirs, args.data_dir, extra, "-")
-        text = json.dumps(entries, indent=1) + "\n"
-        runs_file = (Path(args.results_dir) / "packs"
-                     / f"{hashlib.sha1(text.encode()).hexdigest()[:16]}.json")
-        argv = pack_argv(specs, dirs, args.data_dir, extra, runs_file)[0]
+        argv, runs_file, text = train_argv(specs[0], dirs[0], args.data_dir, extra), None, None
+        if len(names) > 1:  # a pack: its runs file is named by its text
+            text = json.dumps(pack_argv(specs, dirs, args.data_dir, extra, "-")[1], indent=1) + "\n"
+            name = hashlib.sha1(text.encode()).hexdigest()[:16]
+            runs_file = Path(args.results_dir) / "packs" / f"{name}.json"
+            argv = pack_argv(specs, dirs, args.data_dir, extra, runs_file)[0]
         units.append(Unit(len(units), names, dirs, argv, args.nproc, runs_file, text))
     return units
-
-
-def plan_path(args, experiment):
-    return Path(args.results_dir) / f"{experiment}.plan"
 
 
 def write_plan(path, units):
@@ -345,16 +311,14 @@ def write_plan(path, units):
     text = "".join(unit.line + "\n" for unit in units)
     if path.exists() and (old := path.read_text(encoding="utf-8")) != text:
         lines = old.splitlines()
-        pairs = enumerate(zip(lines, text.splitlines()))
-        i = next((i for i, (a, b) in pairs if a != b), min(len(lines), len(units)))
+        i = next((i for i, (a, b) in enumerate(zip(lines, text.splitlines())) if a != b),
+                 min(len(lines), len(units)))
         raise cli.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
                           f"flags, pack size or folder); delete it to plan again, or pass "
                           f"another --results-dir")
     for unit in units:  # the packs' runs files first: a plan line never names a missing file
-        if unit.runs_file is None:
-            continue
         with contextlib.suppress(OSError, UnicodeDecodeError):
-            if unit.runs_file.read_text(encoding="utf-8") == unit.runs_text:
+            if not unit.runs_file or unit.runs_file.read_text(encoding="utf-8") == unit.runs_text:
                 continue
         files.make_dir(unit.runs_file.parent, "packs folder")  # absent, or cut by a crash
         files.write_text(unit.runs_file, unit.runs_text)
@@ -364,15 +328,14 @@ def write_plan(path, units):
 
 
 # --- running units: here (in this process by runpy, or a child) ----------------------------------
-# In this process (the default), train.py runs as `__main__` and its status is read from
-# SystemExit: the imports are paid once per grid. As a child (--subprocess, --nproc > 1, every pool
-# child), GPU memory and cached data are freed between units.
+# In this process (the default) the imports are paid once per grid; as a child (--subprocess,
+# --nproc > 1, every pool child) GPU memory and cached data are freed between units.
 STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # train.py checkpoints, exits 128 + sig
 
 
 def run_in_process(argv):
-    """`python train.py ARGV` in this process: its exit status (a SystemExit's sentence is printed
-    on stderr, as Python would, and is status 1)."""
+    """`python train.py ARGV` as __main__ here: its exit status (a SystemExit's sentence is
+    printed on stderr, as Python would, and is status 1)."""
     saved_argv, saved_sigint = sys.argv, signal.getsignal(signal.SIGINT)
     sys.argv = [str(TRAIN_SCRIPT), *argv]
     try:
@@ -393,11 +356,13 @@ def run_unit(experiment, unit, args, i, n):
     t0, names = time.time(), " ".join(unit.names)
     what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
-    if args.nproc > 1 or args.subprocess:
-        status, interrupted = run_command(unit.command)
-        if interrupted:  # Ctrl-C: the child was asked to checkpoint (SIGTERM) and has stopped
-            stop(experiment, unit, signal.SIGINT)
-        if status in (128 + signal.SIGTERM, 128 + signal.SIGUSR1) or -status in STOPS:
+    if args.nproc > 1 or args.subprocess:  # a child in its own session, our stop signals passed on
+        proc, got = subprocess.Popen(unit.command, start_new_session=True), []
+        with handling(lambda sig, _: (got.append(sig), signal_group(proc, sig))):
+            status = proc.wait()
+        stopped = signal.SIGINT in got and signal.SIGINT  # Ctrl-C: the child checkpointed, stopped
+        if not stopped and (status in (128 + signal.SIGTERM, 128 + signal.SIGUSR1)
+                            or -status in STOPS):
             raise SystemExit(status if status > 0 else 128 - status)  # train.py said how to resume
     else:
         try:
@@ -407,24 +372,24 @@ def run_unit(experiment, unit, args, i, n):
             status = 1
         if status == 0 and runtime.received():  # it came in the unit's last steps, which finished
             status = 128 + runtime.received()
-        if status - 128 in STOPS:
-            stop(experiment, unit, status - 128)
+        stopped = status - 128 in STOPS and status - 128
+    if stopped:  # the driver stops as train.py did, once it wrote last.pt
+        print(f"{experiment}: {signal.Signals(stopped).name} received: unit {unit.index} stopped "
+              "at a step boundary, last.pt written; run the same command again to resume",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + stopped)
     if status:  # train.py printed its error
         print(f"[{experiment} {i}/{n}] unit {unit.index} failed (exit status {status})",
               file=sys.stderr)
     print(f"[{experiment} {i}/{n}] {time.time() - t0:.1f}s", flush=True)
 
 
-def stop(experiment, unit, sig):  # the driver stops as train.py did, once it wrote last.pt
-    print(f"{experiment}: {signal.Signals(sig).name} received: unit {unit.index} stopped at a step "
-          "boundary, last.pt written; run the same command again to resume", file=sys.stderr,
-          flush=True)
-    raise SystemExit(128 + sig)
-
-
 def signal_group(proc, sig):  # to a child's group (torchrun's ranks too); Ctrl-C: SIGTERM
-    with contextlib.suppress(ProcessLookupError):
+    try:
         os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+        return True
+    except ProcessLookupError:  # the whole group is gone
+        return False
 
 
 @contextlib.contextmanager
@@ -438,23 +403,10 @@ def handling(handler):  # for SIGTERM, SIGUSR1 and SIGINT while the block runs (
             signal.signal(sig, previous)
 
 
-def run_command(command):
-    """A unit as a child in its own session, this driver's stop signals passed on to it (it
-    checkpoints and stops): (its exit status, whether Ctrl-C came)."""
-    proc, got = subprocess.Popen(command, start_new_session=True), []
-
-    def forward(sig, _):
-        got.append(sig)
-        signal_group(proc, sig)
-    with handling(forward):
-        return proc.wait(), signal.SIGINT in got
-
-
 # --- the local pool (--gpus G, --slots N) --------------------------------------------------------
-# This process hands the units, longest first, to G / --nproc children, each pinned to its own GPUs
-# (CUDA_VISIBLE_DEVICES); only it hands out work, so the children need no locks. A child that dies
-# has its unit started once more (it resumes from last.pt); Ctrl-C, SIGTERM or SIGUSR1 stops every
-# child, which checkpoints; the same command again resumes what was left.
+# Only this process hands out units (longest first), so the children need no locks. A child that
+# dies has its unit started once more (it resumes from last.pt); Ctrl-C, SIGTERM or SIGUSR1 stops
+# every child, which checkpoints; the same command again resumes what was left.
 
 def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--nproc 2); --slots ""
     if getattr(args, "slots", None):
@@ -470,53 +422,57 @@ def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--npro
     return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(gpus // nproc)]
 
 
-class Stopped(KeyboardInterrupt):
-    """A signal that stops the pool (args[0])."""
-
-
-def stop_pool(sig, _):
-    raise Stopped(sig)
-
-
 def run_pool(experiment, units, devices):
-    """Run `units` (longest first) on len(devices) children, each one's output line by line here,
-    prefixed; a unit whose child ended early is started once more (see `retry`)."""
-    import torch
+    """Run `units` on len(devices) children, each one's output copied here line by line."""
     labels = [f"GPU {gpus}" if gpus and torch.cuda.is_available() else f"slot {slot}"
               for slot, gpus in enumerate(devices)]
-    running, queue, retried = {}, list(units), set()  # slot -> (process, unit, output thread)
+    running, queue, retried, got = {}, list(units), set(), []  # slot -> (process, unit, thread)
     print(f"{experiment}: {len(units)} unit(s) on {len(devices)} child process(es): "
           f"{' | '.join(labels)}", flush=True)
-    with handling(stop_pool):
-        try:
-            while queue or running:
-                for slot in [s for s in range(len(devices)) if s not in running][:len(queue)]:
-                    unit = queue.pop(0)
-                    running[slot] = start_child(unit, devices[slot], labels[slot].lower())
-                    print(f"{experiment}: unit {unit.index} ({' '.join(unit.names)}) -> "
-                          f"{labels[slot]}", flush=True)
-                for slot, (proc, unit, thread) in list(running.items()):
-                    if proc.poll() is not None:
-                        thread.join()
-                        del running[slot]
-                        if retry(experiment, unit, proc.returncode, retried):
-                            queue.insert(0, unit)
-                time.sleep(0.2)
-        except Stopped as stopped:  # every child checkpoints and stops
-            sig = stopped.args[0]
-            stop_children(running.values(), sig)
-            print(f"{experiment}: {signal.Signals(sig).name} received: every child wrote last.pt "
-                  "and stopped. Run the same command again to resume.", file=sys.stderr,
+    with handling(lambda sig, _: got.append(sig)):
+        while (queue or running) and not got:
+            for slot in [s for s in range(len(devices)) if s not in running][:len(queue)]:
+                unit = queue.pop(0)
+                running[slot] = start_child(unit, devices[slot], labels[slot].lower())
+                print(f"{experiment}: unit {unit.index} ({' '.join(unit.names)}) -> "
+                      f"{labels[slot]}", flush=True)
+            for slot, (proc, unit, thread) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                thread.join()
+                del running[slot]
+                left, status, again = unit.left(), proc.returncode, unit.index in retried
+                if not left:
+                    print(f"{experiment}: unit {unit.index} done", flush=True)
+                elif not again and any(runfolder.failure(d) is None for d in left):  # once; not
+                    retried.add(unit.index)  # failed.txt: a non-finite loss fails the same again
+                    queue.insert(0, unit)
+                    print(f"{experiment}: unit {unit.index} ended with status {status}; "
+                          "resuming it once", flush=True)
+                else:
+                    print(f"{experiment}: unit {unit.index} failed "
+                          f"{'again' if again else 'for good'} (status {status}): "
+                          f"{' '.join(unit.names)}", file=sys.stderr, flush=True)
+            time.sleep(0.2)
+        if got:  # every child checkpoints and stops; back once each, its whole group too, is gone
+            for proc, _, _ in running.values():
+                signal_group(proc, got[0])
+            for proc, _, thread in running.values():
+                proc.wait()
+                thread.join()
+                while signal_group(proc, 0):  # torchrun's ranks too
+                    time.sleep(0.1)
+            print(f"{experiment}: {signal.Signals(got[0]).name} received: every child wrote "
+                  "last.pt and stopped. Run the same command again to resume.", file=sys.stderr,
                   flush=True)
-            raise SystemExit(128 + sig) from None
+            raise SystemExit(128 + got[0])
 
 
 OUTPUT_LOCK = threading.Lock()
 
 
 def start_child(unit, gpus, label):
-    """A unit as a child on `gpus`, in its own session (Ctrl-C reaches it through this process
-    only), its output copied here line by line: (process, unit, the copying thread)."""
+    """A unit as a child on `gpus` in its own session (Ctrl-C reaches it through us only)."""
     env = {"TQDM_DISABLE": "1", **os.environ, "CUDA_VISIBLE_DEVICES": gpus}  # G bars: noise
     proc = subprocess.Popen(unit.command, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
@@ -529,39 +485,6 @@ def start_child(unit, gpus, label):
     thread = threading.Thread(target=copy, daemon=True)
     thread.start()
     return proc, unit, thread
-
-
-def stop_children(children, sig):
-    """`sig` to every child's group; back once each, its whole group too, wrote last.pt."""
-    for proc, _, _ in children:
-        signal_group(proc, sig)
-    for proc, _, thread in children:
-        proc.wait()
-        thread.join()
-        while True:  # until its whole group (torchrun's ranks too) is gone
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-
-
-def retry(experiment, unit, status, retried):
-    """Whether a unit whose child ended is started again: once, unless it is done or what is left
-    failed for good (failed.txt: a non-finite loss fails the same way again)."""
-    left = unit.left()
-    if not left:
-        print(f"{experiment}: unit {unit.index} done", flush=True)
-    elif unit.index not in retried and any(runfolder.failure(d) is None for d in left):
-        retried.add(unit.index)
-        print(f"{experiment}: unit {unit.index} ended with status {status}; resuming it once",
-              flush=True)
-        return True
-    else:
-        again = "failed for good" if unit.index not in retried else "failed again"
-        print(f"{experiment}: unit {unit.index} {again} (status {status}): "
-              f"{' '.join(unit.names)}", file=sys.stderr, flush=True)
-    return False
 
 
 # --- a driver's run: plan, train what is missing, collect -----------------------------------------
@@ -589,12 +512,21 @@ def run_driver(experiment, specs, args, extra, floor=None):
         return costs.dry_run(experiment, plan, args, extra)[0]
     if not args.collect:
         units = make_units(plan, args, extra)
-        path = plan_path(args, experiment)
+        path = Path(args.results_dir) / f"{experiment}.plan"
         devices = pool_devices(args) if args.gpus or args.slots else None  # checks, then the plan
-        submit_plan = slurm_submission(experiment, path, args, len(units)) if args.slurm else None
+        if args.slurm:  # sbatch here, MaxArraySize, the #SBATCH lines: checked before the plan
+            max_array, opts = check(), dict(slurm_options(args), job_name=f"ept-{experiment}")
+            sbatch_script(path, len(units), log_dir=path.parent, **opts)
         write_plan(path, units)
-        if submit_plan:
-            return submit_plan()
+        if args.slurm:
+            if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU
+                print(f"{experiment}: note: this machine has no GPU, so each unit is one run; pass "
+                      "--pack-size N (PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit on "
+                      "the cluster's GPUs", flush=True)
+            collect_cmd = shlex.join([*args.command, "--collect"])
+            submit(path, f"cd {shlex.quote(os.getcwd())} && {collect_cmd}", max_array=max_array,
+                   **opts)
+            return []
         todo = [unit for unit in units if unit.left()]
         print(f"{experiment}: plan {path}: {len(units)} unit(s), {len(todo)} to run", flush=True)
         if devices:
@@ -618,29 +550,10 @@ def slurm_options(args):  # submit's keywords from the --slurm-* flags
                 else args.slurm_gpus, after=args.slurm_after)
 
 
-def slurm_submission(experiment, path, args, n_units):
-    """--slurm, checked before the plan is written (sbatch here, MaxArraySize, the options as
-    #SBATCH lines): a call that submits the plan as job arrays and the collect job after them."""
-    max_array, opts = check(), dict(slurm_options(args), job_name=f"ept-{experiment}")
-    sbatch_script(path, n_units, log_dir=path.parent, **opts)
-
-    def go():
-        if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU
-            print(f"{experiment}: note: this machine has no GPU, so each unit is one run; pass "
-                  "--pack-size N (PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit on the "
-                  "cluster's GPUs", flush=True)
-        collect_cmd = shlex.join([*args.command, "--collect"])
-        submit(path, f"cd {shlex.quote(os.getcwd())} && {collect_cmd}", max_array=max_array,
-               **opts)
-        return []
-    return go
-
-
 # --- result rows ---------------------------------------------------------------------------------
 
 def result_row(experiment, settings, run_dir, extra_fields=None):
-    """One results row: the full configuration, the test metrics, parameters and prompt norms. A
-    --no-test run is a finished run too: its row has "tested": false and no score (None)."""
+    """One results row (a --no-test run's: "tested": false, score None)."""
     run_dir = Path(run_dir)
     raw_config = files.read_json(run_dir / "config.json", "run configuration")
     config = {**raw_config, **M.prompt_options(raw_config)}  # older runs' option names, defaults
@@ -652,36 +565,25 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
         norm, n_inference = prompt.norm(dim=1).mean().item(), int(prompt.unique(dim=0).numel())
     _, norms, steps, scores = runfolder.curves(run_dir, missing_ok=True)  # from log.jsonl
     val_score, best_step = max(zip(scores, steps), key=lambda pair: pair[0], default=(None, None))
-    ran = {**options.defaults(settings["method"]), **settings}
-    for key in ran:  # what train.py ran with (pass-through flags included) wins over the spec
-        if config.get(key) is not None:
-            ran[key] = config[key]
+    ran = {key: value if config.get(key) is None else config[key]  # what train.py ran with wins
+           for key, value in {**options.defaults(settings["method"]), **settings}.items()}
     if not ran["fewshot_k"]:
         ran["fewshot_seed"] = None
+    digest, scores = hashlib.sha1(), run_dir / "metrics.json"  # which training: trained again,
+    for file in (run_dir / "config.json", scores if scores.exists() else run_dir / "log.jsonl"):
+        digest.update((file.name + files.read_text(file, "run file")).encode())  # another id
     return {"experiment": experiment, "run": str(run_dir), **ran,
             "model_tag": options.model_tag(settings["model"]), **(extra_fields or {}),
             "score": metrics.get("score"), "test": metrics if tested else None, "tested": tested,
             "val_score": val_score, "best_step": best_step,
             "n_trainable": config.get("n_trainable"), "n_inference": n_inference,
             "prompt_norm": norm, "final_prompt_norm": norms[-1] if norms else None,
-            "training": training_id(run_dir), "config": raw_config}
-
-
-def training_id(run_dir):
-    """Which training a row came from: a hash of the run's config.json and metrics.json (a --no-test
-    run: its log.jsonl), so a run trained again with other options or results gets another."""
-    digest = hashlib.sha1()
-    scores = "metrics.json" if (run_dir / "metrics.json").exists() else "log.jsonl"
-    for name in ("config.json", scores):
-        digest.update((name + files.read_text(run_dir / name, "run file")).encode())
-    return digest.hexdigest()[:16]
+            "training": digest.hexdigest()[:16], "config": raw_config}
 
 
 def append_row_once(results, row):
-    """Append `row` to the results file unless a row of its run folder and training is there; a
-    row of its folder from another training (the run was deleted and trained again) is replaced.
-    Under the file's lock: two collect steps at once never double a row. "added", "replaced" or
-    None (there already)."""
+    """"added", "replaced" (a row of its folder from another training) or None (there already);
+    under the file's lock: two collect steps at once never double a row."""
     with files.locked(results):
         rows = files.read_jsonl(results, what="results file", missing_ok=True,
                                 fix=files.RESULTS_FIX)
@@ -697,8 +599,7 @@ def append_row_once(results, row):
 
 
 def collect(experiment, plan, args):
-    """Every finished run's row appended once to results/<experiment>.jsonl (ft checkpoints pruned
-    with --prune-ft-checkpoints); (rows in plan order, runs not finished)."""
+    """Every finished run's row appended once to results/<experiment>.jsonl: (rows, unfinished)."""
     results = Path(args.results_dir) / f"{experiment}.jsonl"
     rows, missing, done = [], [], []
     for name, (settings, fields, run_dir) in plan.items():
@@ -708,8 +609,14 @@ def collect(experiment, plan, args):
         row = result_row(experiment, settings, run_dir, fields)
         done.append(append_row_once(results, row))
         rows.append(row)
-        if args.prune_ft_checkpoints and settings["method"] == "ft":  # T5 + AdamW state, twice
-            prune_checkpoints(run_dir)
+        prune = args.prune_ft_checkpoints and settings["method"] == "ft"  # T5 + AdamW state, twice
+        for file in ("best.pt", "last.pt") if prune else ():
+            try:
+                (run_dir / file).unlink(missing_ok=True)
+            except OSError as err:  # a read-only runs folder: the row is written, the file stays
+                raise files.FileFault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}: "
+                                      f"{files.why(err)}; its row is written, rerun without the "
+                                      "flag") from None
     failed = {name: runfolder.failure(plan[name][2]) for name in missing
               if runfolder.status(plan[name][2]) == "failed"}
     failures = f" ({len(failed)} failed)" if failed else ""
@@ -719,45 +626,28 @@ def collect(experiment, plan, args):
           f"added now{replaced}), {len(missing)} not finished{failures} -> {results}", flush=True)
     for name, why in failed.items():  # stopped for good: running the unit again fails the same way
         print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
-    write_failures(Path(args.results_dir) / f"{experiment}.failed.json", plan, failed)
-    if len(missing) > len(failed):
-        print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): "
-              f"{' '.join(n for n in missing if n not in failed)}", file=sys.stderr)
-    return rows, missing
-
-
-def write_failures(path, plan, failed):
-    """{run folder: why} of the runs that failed for good (report.py lists them): this plan's
-    entries replaced, other runs' (a larger grid's, collected before) kept."""
+    path = Path(args.results_dir) / f"{experiment}.failed.json"  # {run folder: why}, report.py's
     with files.locked(path) if path.exists() or failed else contextlib.nullcontext():
         try:
             old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         except (OSError, ValueError):
             old = {}  # unreadable: rewritten from what this plan knows
-        ours = {str(run_dir) for _, _, run_dir in plan.values()}
+        ours = {str(run_dir) for _, _, run_dir in plan.values()}  # other grids' entries are kept
         kept = {k: v for k, v in (old if isinstance(old, dict) else {}).items() if k not in ours}
         now = {**kept, **{str(plan[name][2]): why for name, why in failed.items()}}
         if now:
             files.write_json(path, now)
         else:
             path.unlink(missing_ok=True)
-
-
-def prune_checkpoints(run_dir):
-    for file in ("best.pt", "last.pt"):
-        try:
-            (run_dir / file).unlink(missing_ok=True)
-        except OSError as err:  # a read-only runs folder: the row is written, the checkpoint stays
-            raise files.FileFault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}: "
-                                  f"{files.why(err)}; its row is written, rerun without the "
-                                  "flag") from None
+    if len(missing) > len(failed):
+        print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): "
+              f"{' '.join(n for n in missing if n not in failed)}", file=sys.stderr)
+    return rows, missing
 
 
 # --- the plan on SLURM: sbatch scripts, submission -----------------------------------------------
 
 SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write last.pt and exit
-DEFAULT_MAX_ARRAY = 1001  # SLURM's MaxArraySize when the cluster does not set it
-TASK_SHELL = Path(__file__).with_name("slurm_task.sh")  # an array task's shell, after the #SBATCH
 
 
 def time_seconds(text):  # a SLURM time limit ('90', '4:00:00', '1-12', ...) in s; None: none
@@ -774,24 +664,15 @@ def time_seconds(text):  # a SLURM time limit ('90', '4:00:00', '1-12', ...) in 
 
 def _option(value, what):  # sbatch splits an #SBATCH line at spaces and reads one line each
     text = str(value)
+    if what == "job id" and not re.fullmatch(r"\d+(_\d+)?", text):
+        raise cli.Failure(f"{text!r} is not a SLURM job id (a number, as sbatch prints it)")
     if not text or re.search(r"\s", text):
         raise cli.Failure(f"the {what} {text!r} cannot go on an #SBATCH line (it is empty or "
                           "has spaces)")
     return text
 
 
-def _job_id(text):
-    if not re.fullmatch(r"\d+(_\d+)?", str(text)):
-        raise cli.Failure(f"{text!r} is not a SLURM job id (a number, as sbatch prints it)")
-    return str(text)
-
-
-def _units(n):  # "1 unit", "2 units"
-    return f"{n} unit{'s' if n != 1 else ''}"
-
-
-def _sbatch_lines(options, log_dir, log_name, extra, skip=()):
-    """#SBATCH lines, checked: the options (True: a flag alone), here, the log file, `extra`."""
+def _sbatch_lines(options, log_dir, log_name, extra, skip=()):  # True: a flag alone
     return ([f"#SBATCH --{key}" + ("" if value is True else f"={value}")
              for key, value in options.items() if value]
             + [f"#SBATCH --chdir={_option(Path.cwd().resolve(), 'working folder')}",
@@ -801,11 +682,10 @@ def _sbatch_lines(options, log_dir, log_name, extra, skip=()):
 
 
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
-                  gpus_per_task=1, max_parallel=None, extra=(), signal_s=SIGNAL_S, after=(),
-                  first=0):
+                  gpus_per_task=1, max_parallel=None, extra=(), after=(), first=0,
+                  signal_s=SIGNAL_S):
     """The job array's sbatch script: task i runs line first+i+1 of the plan (first: the lines
-    earlier arrays run, past MaxArraySize). gpus_per_task=0: no GPU line. after: job ids the
-    array waits for (afterany), e.g. an earlier plan's that shares runs."""
+    earlier arrays run, past MaxArraySize); after: job ids it waits for (afterany)."""
     if n_units < 1:
         raise cli.Failure(f"the plan {plan_path} has no units: nothing to submit")
     limit = time_seconds(time) if time else None
@@ -813,12 +693,14 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
         raise cli.Failure(f"the time limit {time} is not longer than the {signal_s} s the unit "
                           f"gets to checkpoint before it (signal_s)")
     plan, name = Path(plan_path).resolve(), _option(job_name, "job name")
-    head = (f"the {_units(n_units)} of {plan}, one SLURM array task each (task i runs line i+1)."
+    units = f"{n_units} unit{'s' * (n_units != 1)}"
+    head = (f"the {units} of {plan}, one SLURM array task each (task i runs line i+1)."
             if not first else f"lines {first + 1}-{first + n_units} of {plan}, one SLURM array "
             f"task each (task i runs line {first}+i+1).")
-    options = {"job-name": name, "array": f"0-{n_units - 1}" + (f"%{max_parallel}" if
-                                                                  max_parallel else ""),
-               "ntasks": 1, "dependency": after and "afterany:" + ":".join(map(_job_id, after)),
+    after = ":".join(_option(job, "job id") for job in after)
+    options = {"job-name": name, "array": f"0-{n_units - 1}"
+               + (f"%{max_parallel}" if max_parallel else ""),
+               "ntasks": 1, "dependency": after and f"afterany:{after}",
                "gres": gpus_per_task and f"gpu:{gpus_per_task}",
                "partition": partition and _option(partition, "partition"),
                "time": time and _option(time, "time limit"), "requeue": True,
@@ -829,13 +711,13 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
              "SLURM_ARRAY_TASK_ID=i bash <this file>.",
              *_sbatch_lines(options, log_dir, f"{name}-%A_%a.log", ["--open-mode=append", *extra]),
              "", f"plan={shlex.quote(str(plan))}",
-             TASK_SHELL.read_text().replace("$((task + 1))", f"$((task + {first + 1}))")]
+             Path(__file__).with_name("slurm_task.sh").read_text()  # after the #SBATCH lines
+             .replace("$((task + 1))", f"$((task + {first + 1}))")]
     return "\n".join(lines) + "\n"
 
 
 def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, extra=()):
-    """The collect job's sbatch script: after every task of the arrays ended (afterany), the task
-    states SLURM still holds, then the collect command."""
+    """The collect job's: once every task of the arrays ended (afterany), their states, collect."""
     name = _option(job_name, "job name")
     options = {"job-name": f"{name}-collect", "dependency": f"afterany:{array_id}", "ntasks": 1,
                "partition": partition and _option(partition, "partition")}
@@ -851,8 +733,7 @@ def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, 
 
 
 def check():
-    """Before anything is written: sbatch is here; the cluster's MaxArraySize (array indices go
-    up to it, exclusive: a larger plan is submitted as several arrays, one after another)."""
+    """Before anything is written: sbatch is here; the cluster's MaxArraySize (indices < it)."""
     if shutil.which("sbatch") is None:
         raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
                           "here (a test cluster on this machine, as root: "
@@ -863,11 +744,11 @@ def check():
     except (OSError, subprocess.TimeoutExpired):
         shown = ""
     found = re.search(r"^MaxArraySize\s*=\s*(\d+)", shown, re.MULTILINE)
-    return int(found.group(1)) if found else DEFAULT_MAX_ARRAY
+    return int(found.group(1)) if found else 1001  # SLURM's default
 
 
 def _sbatch(text, path, what):
-    """Submit a script, then write it to `path`: its job id, or one sentence, nothing written."""
+    """Submit a script, then write it to `path`: its job id (or one sentence, nothing written)."""
     done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
@@ -877,25 +758,22 @@ def _sbatch(text, path, what):
 
 
 def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
-    """Submit the plan as a job array (past the cluster's MaxArraySize, `max_array`: several, each
-    after the one before), then the collect job after them (afterany); write the scripts beside
-    the plan (<plan>.sbatch or <plan>.<k>.sbatch, <plan>.collect.sbatch), the logs in slurm-logs/
-    there; print and return the job ids (the last array's: it ends last)."""
+    """The plan as job arrays (several past MaxArraySize, each after the one before), then the
+    collect job after them; scripts beside the plan, logs in slurm-logs/ there: the last array's
+    job id (it ends last) and the collect job's."""
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):
         raise cli.Failure(f"the plan {plan} has an empty line: every line must be a unit")
     max_array, job_name = max_array or check(), job_name or plan.stem
-    logs = plan.parent / "slurm-logs"
+    logs, arrays, starts = plan.parent / "slurm-logs", [], range(0, max(len(units), 1), max_array)
 
     def script(first, **wait):
         return sbatch_script(plan, min(max_array, len(units) - first), job_name=job_name,
                              log_dir=logs, first=first, **{**opts, **wait})
-    starts = range(0, max(len(units), 1), max_array)
     texts = [script(first) for first in starts]  # every check before anything is submitted
     fresh = not logs.exists()
     files.make_dir(logs, "log folder")  # SLURM does not create the folder of --output
-    arrays = []
     for k, first in enumerate(starts):
         text = script(first, after=arrays[-1:]) if arrays else texts[0]  # after the one before
         name = plan.stem + (f".{k}" if len(texts) > 1 else "") + ".sbatch"
@@ -917,24 +795,19 @@ def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
         raise cli.Failure(f"{err} (the array {' '.join(arrays)} was submitted and runs without "
                           f"it: scancel {' '.join(arrays)}, or collect by hand later: "
                           f"{collect_cmd})") from None
-    print_submitted(job_name, arrays, collect_id, len(units), logs, opts)
-    return arrays[-1], collect_id
-
-
-def print_submitted(job_name, arrays, collect_id, n_units, logs, opts):
-    array = arrays[0] if len(arrays) == 1 else "<array>"
     at_once = f", {opts['max_parallel']} at once" if opts.get("max_parallel") else ""
     after = f", after job {' '.join(opts['after'])}" if opts.get("after") else ""
     several = (f" in {len(arrays)} arrays, each after the one before (MaxArraySize): "
                f"{' '.join(arrays)}" if len(arrays) > 1 else "")
-    ids = ",".join([*arrays, collect_id])
-    print(f"submitted {job_name}: array job {arrays[-1]} ({_units(n_units)}{several}{at_once}"
-          f"{after}), collect job {collect_id} after it\n"
-          f"  follow:  squeue -j {ids}\n"
+    ids, array = ",".join([*arrays, collect_id]), arrays[0] if len(arrays) == 1 else "<array>"
+    units = f"{len(units)} unit{'s' * (len(units) != 1)}"
+    print(f"submitted {job_name}: array job {arrays[-1]} ({units}{several}{at_once}"
+          f"{after}), collect job {collect_id} after it\n  follow:  squeue -j {ids}\n"
           f"  logs:    {logs}/{job_name}-{array}_<task>.log, "
           f"{logs}/{job_name}-collect-{collect_id}.log\n"
           f"  stop:    scancel {ids.replace(',', ' ')}   (running units checkpoint; "
           f"submitting the same plan again finishes what is left)", flush=True)
+    return arrays[-1], collect_id
 
 
 @cli.script

@@ -160,7 +160,7 @@ def test_a_truncated_pack_runs_file_is_rewritten(tmp_path):
     args = ablate.parser.parse_args(["init", "--tasks", "rte", "--seeds", "0", "--model",
                                      "t5-base", "--pack-size", "3", *folders(tmp_path)])
     units = grid.make_units(grid.plan_runs(ablate.init(args), args), args, [])
-    path = grid.plan_path(args, "init")
+    path = Path(args.results_dir) / "init.plan"
     grid.write_plan(path, units)
     runs_file = units[0].runs_file
     whole = runs_file.read_text()
