@@ -163,7 +163,7 @@ def test_dry_run_packs_only_what_is_left(tmp_path, capsys):
     (tmp_path / "runs" / done).mkdir(parents=True)
     (tmp_path / "runs" / done / "metrics.json").write_text("{}")
     if runfolder.status(tmp_path / "runs" / done) != "done":
-        pytest.skip("runs.status needs more than metrics.json for 'done'")
+        pytest.skip("runfolder.status needs more than metrics.json for 'done'")
     ablate.main(["init", "--tasks", "rte", "--seeds", "0", "--dry-run", "--pack-size", "8", *common])
     out = capsys.readouterr().out
     assert "to_train=2 packs=1 (sizes 2;" in out
