@@ -394,7 +394,7 @@ def test_fewshot_files_of_the_old_rule_are_kept_with_a_warning(tmp_path, capsys)
     run("--tasks", "cb", "--out", tmp_path, "--fewshot", 4, "--fewshot-seeds", 0)
     err = capsys.readouterr().err
     assert "k examples per class" in err and "only with --overwrite" in err and err.count("warning") == 1
-    assert f"--tasks cb --out {tmp_path} --tokenizer {T5} --source {FIXTURES} --fewshot 4 --fewshot-seeds 0 --overwrite" in err
+    assert f"--tasks cb --out {tmp_path} --tokenizer {T5.resolve()} --source {FIXTURES} --fewshot 4 --fewshot-seeds 0 --overwrite" in err
     assert snapshot(tmp_path) == before  # kept as they are
     assert tasks.old_fewshot_sets(meta) == ["k4_seed0"]
     assert tasks.old_fewshot_warning(tmp_path, {"cb": [], "rte": []}) is None
@@ -517,7 +517,7 @@ def test_suggested_prepare_commands_run_offline_as_printed(tmp_path, tiny_model_
     run("--tasks", "rte", "--out", data, "--fewshot", 4, "--fewshot-seeds", 0)
     before = snapshot(data / "rte")
     meta = json.loads((data / "rte" / "meta.json").read_text())
-    assert meta["tokenizer"] == str(T5) and meta["source"]["root"] == str(FIXTURES)
+    assert meta["tokenizer"] == str(T5.resolve()) and meta["source"]["root"] == str(FIXTURES)
     train = subprocess.run([sys.executable, "train.py", "--task", "rte", "--data-dir", str(data), "--method", "pt",
                             "--model", str(tiny_model_dir), "--out-dir", str(tmp_path / "run"), "--fewshot-k", "16",
                             "--fewshot-seed", "0", "--max-steps", "1"],
