@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 
 import model as M
-from ept import cli, evaluation, files, grid, options
+from ept import cli, files, grid, options, outputs
 from ept.tasks import GROUPS
 
 # --- the paper's task groups (the registry, in the paper's column order) and grids ---------------
@@ -203,7 +203,7 @@ def steer_floor(args):
         key = f"{model}#no-prompt#{task}"
         row = steer_floor_row(results, key)
         if row is None:
-            val, test = (evaluation.evaluate_frozen(model, task, split, args.data_dir)
+            val, test = (outputs.evaluate_frozen(model, task, split, args.data_dir)
                          for split in ("validation", "test"))
             row = {"experiment": "steer", "run": key, "task": task, "method": "none",
                    "seed": None, "model": model, "model_tag": options.model_tag(model),

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from ept import cli, evaluation, files, runfolder, runtime
+from ept import cli, files, outputs, runtime
 from ept.tasks import TASKS
 
 FIG2_TASKS = ["boolq", "rte"]
@@ -78,7 +78,7 @@ def main_grid(results_dir):
     for experiment in ("table1", "table2"):
         path = Path(results_dir) / f"{experiment}.jsonl"
         for number, row in enumerate(files.read_jsonl(path, what="results file", missing_ok=True,
-                                                      fix=files.RESULTS_FIX), 1):
+                                                      fix=outputs.RESULTS_FIX), 1):
             missing = [k for k in ROW_KEYS if k not in row]
             if missing or row["method"] not in M.METHODS:
                 raise files.FileFault(
@@ -110,7 +110,7 @@ def load_prompt(row):
 def scorer(data_dir=None, max_examples=None, batch_size=64):
     """score(run, ...): a run's test score with its own prompt or `prompt=`, on its task or `task=`,
     nothing written; the analyses that evaluate take one."""
-    return lambda run, **kw: evaluation.evaluate_run(
+    return lambda run, **kw: outputs.evaluate_run(
         run, split="test", data_dir=data_dir, max_examples=max_examples, batch_size=batch_size,
         write=False, quiet=True, **kw)["score"]
 
@@ -141,7 +141,7 @@ def norm_curves(rows, tasks, methods):
             picked = pick(rows, task, method)
             if not picked:
                 continue
-            curves = [runfolder.curves(r["run"]) for r in picked]
+            curves = [outputs.curves(r["run"]) for r in picked]
             steps, norms = downsample(*_mean_by_step([(c[0], c[1]) for c in curves]))
             eval_steps, scores = _mean_by_step([(c[2], c[3]) for c in curves])
             out.setdefault(task, {})[method] = {"step": steps, "prompt_norm": norms,
@@ -217,7 +217,7 @@ def nearest_tokens(prompt, embedding, tokenizer, k=5):
 
 def frozen_embedding(run_dir, cache):
     """(run config, the frozen embedding matrix P' was trained against, its tokenizer), cached."""
-    config = runfolder.read_config(run_dir)
+    config = outputs.read_config(run_dir)
     key = (config["model"], config["random_init"],
            config["seed"] if config["random_init"] else None)
     if key not in cache:

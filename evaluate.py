@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ept import cli, evaluation, files, runtime
+from ept import cli, evaluation, files, outputs, runtime
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("run_dir", help="a run folder written by train.py")
@@ -69,13 +69,13 @@ def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="g
     rows = read_inputs(input_path)
     if Path(output_path).resolve() == Path(input_path).resolve():
         raise cli.Failure(f"--output {output_path} is the input file; name another file")
-    net, tokenizer, config = evaluation.load_run(run_dir, checkpoint, None, device)
+    net, tokenizer, config = outputs.load_run(run_dir, checkpoint, None, device)
     device = device or runtime.ranks().device
     # config.json keeps the task's meta.json (labels, lengths)
     preds = evaluation.run_predictions(
         net, tokenizer, [r["source"] for r in rows], config["meta"], mode=mode,
         max_length=config["max_length"], batch_size=batch_size, device=device,
-        dtype=evaluation.run_dtype(config, device), progress="predict")
+        dtype=outputs.run_dtype(config, device), progress="predict")
     files.write_jsonl(output_path, [{**r, "prediction": p} for r, p in zip(rows, preds)])
     return preds
 
@@ -89,7 +89,7 @@ def main(argv=None):
                              mode=args.eval_mode, batch_size=args.eval_batch_size)
         print(f"evaluate: {len(preds)} predictions -> {out}")
         return preds
-    metrics = evaluation.evaluate_run(args.run_dir, args.task, args.split, args.eval_mode,
+    metrics = outputs.evaluate_run(args.run_dir, args.task, args.split, args.eval_mode,
                                       checkpoint=args.checkpoint, data_dir=args.data_dir,
                                       batch_size=args.eval_batch_size,
                                       max_examples=args.max_eval_examples)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import model as M
 import tables
-from ept import cli, evaluation, files, runfolder
+from ept import cli, files, outputs
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME
@@ -61,7 +61,7 @@ def folded_prompt(run_dir, checkpoint="best"):
             raise cli.Failure(f"export: {run_dir} has no prompt.pt "
                                  "(an ft run, or training did not finish)")
         return M.load_folded_prompt(run_dir / "prompt.pt")[0].float()
-    net, _, _ = evaluation.load_run(run_dir, "last", device="cpu")
+    net, _, _ = outputs.load_run(run_dir, "last", device="cpu")
     return net.prompt().detach().float().cpu()
 
 
@@ -96,7 +96,7 @@ def check_out_dir(out_dir, overwrite):
 def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False):
     """Write the adapter folder; returns (config dict, prompt tensor)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    config = runfolder.read_config(run_dir, ("task", "method", "model"))
+    config = outputs.read_config(run_dir, ("task", "method", "model"))
     check_out_dir(out_dir, overwrite)
     if config["method"] == "ft":
         raise cli.Failure(f"export: {run_dir} is full fine-tuning: there is no prompt to export")
@@ -121,7 +121,7 @@ def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False
         # as PEFT writes it
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
     files.make_dir(out_dir.parent, "folder")
-    files.write_folder(out_dir, fill)
+    outputs.write_folder(out_dir, fill)
     return peft_config, prompt
 
 

@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from ept import cli, files, tasks
+from ept import cli, files, outputs, tasks
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=cli.HelpFormatter)
@@ -653,10 +653,10 @@ def prepare(task, args, out):
                               if task.labels else None} for key, records in shots.items()}}
     texts["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
 
-    def fill(tmp):  # files.write_folder: a failure leaves out/<task> as it was
+    def fill(tmp):  # outputs.write_folder: a failure leaves out/<task> as it was
         for fname, text in texts.items():  # meta.json last: its presence marks a finished task
             (tmp / fname).write_text(text, encoding="utf-8")
-    files.write_folder(out / task.name, fill)
+    outputs.write_folder(out / task.name, fill)
 
     for name, records in splits.items():
         s, counts = stats[name], Counter(r["target"] for r in records)

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 import tables
-from ept import cli, files, runfolder
+from ept import cli, files, outputs
 from ept.tasks import GROUPS, STEER_SEARCH_SEEDS, STEER_SUCCESS, TASKS, load_meta
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
@@ -538,7 +538,7 @@ def steer_section(results, out):
         if r.get("seed") != 0:
             continue
         usual, lr = {"ft": 1e-3}.get(r["method"], 0.3), r.get("lr") or 0.0  # the benchmark's lr
-        steps, norm, eval_steps, score = runfolder.curves(r["run"], missing_ok=True)
+        steps, norm, eval_steps, score = outputs.curves(r["run"], missing_ok=True)
         style = dict(color=tables.COLORS.get(r["method"]),
                      ls="-" if lr == usual else "--" if lr < usual else ":",
                      lw=1.5 if lr == usual else 1, label=f"{tables.LABELS[r['method']]} lr {lr:g}")
@@ -571,7 +571,7 @@ def ept_s(run_dir):
 def steer_fate(row):
     """(steered: the tested best checkpoint >= STEER_SUCCESS, lost: the last validation score
     below it, crossed: s_t changed sign between two steps, (steps, s_t), (steps, μ_t))."""
-    steps, norm, _, scores = runfolder.curves(row["run"], missing_ok=True)
+    steps, norm, _, scores = outputs.curves(row["run"], missing_ok=True)
     s = ept_s(row["run"])
     return (row["score"] >= STEER_SUCCESS, bool(scores) and scores[-1] < STEER_SUCCESS,
             any(a * b < 0 for a, b in zip(s[1], s[1][1:])), s, (steps, norm))

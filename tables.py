@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import model as M
-from ept import files
+from ept import files, outputs
 from ept.tasks import GROUPS, STEER_SEARCH_SEEDS, STEER_SUCCESS, TASKS
 
 GLUE, SUPERGLUE, MRQA, OTHERS = (GROUPS[g]
@@ -97,7 +97,7 @@ def read_rows(results, experiment):
     """results/<experiment>.jsonl ([] when absent), each row holding what the tables read: a
     hand-edited or foreign row is one sentence naming its line, never a KeyError mid-table."""
     path = Path(results) / f"{experiment}.jsonl"
-    rows = files.read_jsonl(path, what="results file", missing_ok=True, fix=files.RESULTS_FIX)
+    rows = files.read_jsonl(path, what="results file", missing_ok=True, fix=outputs.RESULTS_FIX)
     for number, row in enumerate(rows, 1):
         missing = [k for k in (*ROW_KEYS, *EXPERIMENT_KEYS.get(experiment, ())) if k not in row]
         score = row.get("score")

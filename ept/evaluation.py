@@ -8,16 +8,13 @@ import inspect
 import math
 import re
 import string
-import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import model as M
-from ept import cli, files, runfolder, runtime, tasks
+from ept import cli, runtime, tasks
 
 # --- metrics: f(predictions, targets, ...); an empty input scores 0.0 (never NaN in JSON) ---------
 
@@ -289,116 +286,3 @@ def decode_options(args):
 
 
 # --- a run rebuilt from its folder, scored -------------------------------------------------------
-
-def load_run(run_dir, checkpoint="best", prompt=None, device=None):
-    """(PromptedT5 with a FoldedPrompt or a fine-tuned T5, tokenizer, config) from a run folder."""
-    run_dir = Path(run_dir)
-    config = runfolder.read_config(run_dir)
-    device = device or runtime.ranks().device
-    t5 = runtime.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
-                         fix=runtime.RUN_FIX)
-    tokenizer = runtime.load_tokenizer(config["tokenizer"], fix=runtime.RUN_FIX)
-    state_path = run_dir / f"{checkpoint}.pt"
-    if config["method"] == "ft":  # the checkpoint holds all of T5
-        if not state_path.exists():
-            raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); "
-                                  "was it pruned?")
-        return M.PromptedT5(load_state(t5, state_path), None).to(device).eval(), tokenizer, config
-    if config.get("t5_fingerprint") and runtime.t5_fingerprint(t5) != config["t5_fingerprint"]:
-        raise cli.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one "
-                          f"{run_dir} was trained with (fingerprint mismatch); restore that "
-                          "model or retrain the run")
-    if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
-        prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
-    elif prompt is None:  # fold P' from the checkpoint's reparameterization network, once
-        if not state_path.exists():
-            raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; "
-                                  "the run has not finished a validation yet")
-        try:
-            module = M.build_prompt_module(config["method"], t5.config.d_model,
-                                           **M.prompt_options(config))
-        except ValueError as err:
-            raise files.FileFault(f"{run_dir / 'config.json'} has a wrong prompt option "
-                                  f"({err})") from None
-        with torch.no_grad():
-            prompt = load_state(module, state_path)().detach()
-    prompt = torch.as_tensor(prompt, dtype=torch.float32)
-    if not torch.isfinite(prompt).all():
-        raise cli.Failure(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
-    if prompt.dim() != 2 or prompt.size(1) != t5.config.d_model:
-        raise cli.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but "
-                          f"{config['model']} needs (n, {t5.config.d_model}); it belongs to "
-                          "another model")
-    return M.PromptedT5(t5, M.FoldedPrompt(prompt)).to(device).eval(), tokenizer, config
-
-
-def load_state(module, path):
-    """`module` with the trainable state of checkpoint `path`; another model's: one sentence."""
-    checkpoint = files.load_torch(path)
-    try:
-        module.load_state_dict(checkpoint["trainable"])
-    except (RuntimeError, KeyError, TypeError, IndexError) as err:
-        raise files.FileFault(f"{path} does not fit the model its config.json builds "
-                              f"({type(err).__name__}); it belongs to another run") from None
-    return module
-
-
-def run_dtype(config, device):
-    """The precision a run was trained in (config.json), on this device: bf16 needs CUDA."""
-    return config.get("dtype", "fp32") if torch.device(device).type == "cuda" else "fp32"
-
-
-def _score(net, tokenizer, data_dir, task, split, max_length, max_examples=None, **options):
-    """(examples, predictions, metrics, seconds decoding) of `net` on data/<task>/<split>.jsonl."""
-    meta = tasks.load_meta(data_dir, task)
-    max_length = max_length or meta["max_length"]
-    path = Path(data_dir) / task / f"{split}.jsonl"
-    examples, source_ids, _ = tasks.read_split(meta, split, path, tokenizer, max_length,
-                                               max_examples)
-    t0 = time.time()
-    preds = run_predictions(net, tokenizer, source_ids, meta, max_length=max_length, **options)
-    return examples, preds, compute_metrics(meta, preds, examples), time.time() - t0
-
-
-def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None, *,
-                 checkpoint="best", data_dir=None, batch_size=64, max_examples=None, device=None,
-                 write=True, quiet=False):
-    """Score a run on `split` of `task` (default: the run's own); `prompt` (l, d) overrides P'
-    (Figure 4). Writes RUN_DIR/eval/<task>_<split>[.rank].{metrics.json,predictions.jsonl}."""
-    say = (lambda *a: None) if quiet else print
-    net, tokenizer, config = load_run(run_dir, checkpoint, prompt, device)
-    device, task = device or runtime.ranks().device, task or config["task"]
-    data_dir = str(data_dir or config["data_dir"])
-    if data_dir != config["data_dir"]:
-        say(f"evaluate: --data-dir {data_dir} overrides the run's {config['data_dir']}")
-    own = task == config["task"]
-    if not own:
-        say(f"evaluate: zero-shot transfer of {config['task']}'s prompt to {task} (max_length "
-            f"{tasks.load_meta(data_dir, task)['max_length']})")
-    examples, preds, scores, seconds = _score(
-        net, tokenizer, data_dir, task, split, config["max_length"] if own else None, max_examples,
-        mode=mode, batch_size=batch_size, device=device, dtype=run_dtype(config, device),
-        progress=None if quiet else f"evaluate {task} {split}")
-    result = {"task": task, "split": split, "mode": mode, "checkpoint": checkpoint,
-              "run": str(run_dir), "train_task": config["task"],
-              "prompt_override": prompt is not None, **scores,
-              "eval_examples_per_s": len(examples) / max(seconds, 1e-9)}
-    if write:
-        stem = Path(run_dir) / "eval" / (f"{task}_{split}" + (".rank" if mode == "rank" else ""))
-        files.make_dir(stem.parent, "evaluation folder")
-        files.write_jsonl(f"{stem}.predictions.jsonl", [
-            {"idx": e.get("idx"), "source": e["source"], "target": e["target"], "prediction": p,
-             "correct": p == e["target"]} for e, p in zip(examples, preds)])
-        files.write_json(f"{stem}.metrics.json", result)
-        say(f"evaluate: wrote {stem}.metrics.json and .predictions.jsonl")
-    return result
-
-
-def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None):
-    """Metrics of the frozen T5 `model` alone on `split` of `task`, greedy, fp32 (the steering
-    benchmark's floor)."""
-    device = device or runtime.ranks().device
-    net = M.PromptedT5(runtime.load_t5(model), None).to(device).eval()
-    _, _, scores, _ = _score(net, runtime.load_tokenizer(model), data_dir, task, split, None,
-                             mode="generate", device=device, batch_size=batch_size, dtype="fp32")
-    return {"task": task, "split": split, "model": str(model), **scores}

@@ -6,11 +6,9 @@ new, even under SIGKILL or a full disk. Every reader fails with one sentence nam
 what is wrong (missing, not JSON, truncated, not UTF-8, unreadable)."""
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import pickle
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -153,71 +151,3 @@ def save_torch(path, obj):
         raise OSError(errno.ENOSPC if full else errno.EIO,
                       "No space left on device" if full else f"torch.save failed: {failure}")
     return write_with(path, save)
-
-
-def write_folder(path, fill):
-    """A whole folder at once: `fill(tmp)` fills a temporary folder beside `path`, which then takes
-    the place of the old one; any failure (a full disk, a bad value) leaves the old one intact."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileFault(f"cannot write the folder {path}: a file of that name is in the way")
-    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{end}") for end in ("tmp", "old"))
-    try:
-        for p in (tmp, old):
-            shutil.rmtree(p, ignore_errors=True)  # left by a killed run
-        tmp.mkdir()
-        fill(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException as err:  # the old folder back in its place
-        if old.exists() and not path.exists():
-            os.replace(old, path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(err, OSError):
-            raise
-        raise FileFault(f"cannot write {path}: {why(err)}") from None
-    shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-@contextlib.contextmanager
-def locked(path):
-    """An exclusive lock (flock) on `path`.lock for several processes' read-check-append."""
-    lock_path = make_dir(Path(path).parent) / f"{Path(path).name}.lock"
-    try:
-        f = open(lock_path, "a")
-    except OSError as err:
-        raise FileFault(f"cannot write {lock_path}: {why(err)}") from None
-    with f:  # closing the file releases the lock
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def append_lines(path, lines):
-    """Append whole lines in one write (O_APPEND, flushed to disk): a crash never leaves half a
-    line, and concurrent appenders never interleave inside a line. A file whose last line lost its
-    newline (an editor, a copy) gets one first, so the new line never glues onto it."""
-    if not lines:
-        return
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            fresh = "\n" if size and os.pread(fd, 1, size - 1) != b"\n" else ""
-            os.write(fd, (fresh + "".join(lines)).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as err:
-        raise FileFault(f"cannot append to {path}: {why(err)}") from None
-
-
-RESULTS_FIX = ("delete that line and rerun the experiment's driver (ablate.py / fewshot.py): it "
-               "writes the row of each finished run that has none")
-
-
-def append_jsonl(path, rows):
-    append_lines(path, [json.dumps(r, ensure_ascii=False) + "\n" for r in rows])

@@ -28,7 +28,7 @@ import torch
 
 import model as M
 import tables
-from ept import cli, files, options, runfolder, runtime, tasks
+from ept import cli, files, options, outputs, runfolder, runtime, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train.py"
@@ -444,7 +444,7 @@ def run_pool(experiment, units, devices):
                 left, status, again = unit.left(), proc.returncode, unit.index in retried
                 if not left:
                     print(f"{experiment}: unit {unit.index} done", flush=True)
-                elif not again and any(runfolder.failure(d) is None for d in left):  # once; not
+                elif not again and any(outputs.failure(d) is None for d in left):  # once; not
                     retried.add(unit.index)  # failed.txt: a non-finite loss fails the same again
                     queue.insert(0, unit)
                     print(f"{experiment}: unit {unit.index} ended with status {status}; "
@@ -563,7 +563,7 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
     if (run_dir / "prompt.pt").exists():  # Eq. 4 on the best checkpoint's P'; inference keeps
         prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")  # its distinct rows (EPT: one)
         norm, n_inference = prompt.norm(dim=1).mean().item(), int(prompt.unique(dim=0).numel())
-    _, norms, steps, scores = runfolder.curves(run_dir, missing_ok=True)  # from log.jsonl
+    _, norms, steps, scores = outputs.curves(run_dir, missing_ok=True)  # from log.jsonl
     val_score, best_step = max(zip(scores, steps), key=lambda pair: pair[0], default=(None, None))
     ran = {key: value if config.get(key) is None else config[key]  # what train.py ran with wins
            for key, value in {**options.defaults(settings["method"]), **settings}.items()}
@@ -584,12 +584,12 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
 def append_row_once(results, row):
     """"added", "replaced" (a row of its folder from another training) or None (there already);
     under the file's lock: two collect steps at once never double a row."""
-    with files.locked(results):
+    with outputs.locked(results):
         rows = files.read_jsonl(results, what="results file", missing_ok=True,
-                                fix=files.RESULTS_FIX)
+                                fix=outputs.RESULTS_FIX)
         same = [r for r in rows if r.get("run") == row["run"]]
         if not same:
-            files.append_jsonl(results, [row])
+            outputs.append_jsonl(results, [row])
             return "added"
         if all(r.get("training") == row.get("training") for r in same):
             return None
@@ -603,7 +603,7 @@ def collect(experiment, plan, args):
     results = Path(args.results_dir) / f"{experiment}.jsonl"
     rows, missing, done = [], [], []
     for name, (settings, fields, run_dir) in plan.items():
-        if runfolder.status(run_dir) != "done":
+        if outputs.status(run_dir) != "done":
             missing.append(name)
             continue
         row = result_row(experiment, settings, run_dir, fields)
@@ -617,8 +617,8 @@ def collect(experiment, plan, args):
                 raise files.FileFault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}: "
                                       f"{files.why(err)}; its row is written, rerun without the "
                                       "flag") from None
-    failed = {name: runfolder.failure(plan[name][2]) for name in missing
-              if runfolder.status(plan[name][2]) == "failed"}
+    failed = {name: outputs.failure(plan[name][2]) for name in missing
+              if outputs.status(plan[name][2]) == "failed"}
     failures = f" ({len(failed)} failed)" if failed else ""
     replaced = (f", {done.count('replaced')} replaced: their run was trained again"
                 if "replaced" in done else "")
@@ -627,7 +627,7 @@ def collect(experiment, plan, args):
     for name, why in failed.items():  # stopped for good: running the unit again fails the same way
         print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
     path = Path(args.results_dir) / f"{experiment}.failed.json"  # {run folder: why}, report.py's
-    with files.locked(path) if path.exists() or failed else contextlib.nullcontext():
+    with outputs.locked(path) if path.exists() or failed else contextlib.nullcontext():
         try:
             old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         except (OSError, ValueError):

@@ -29,46 +29,6 @@ SCHEDULE_KEYS = ("lr", "weight_decay", "warmup_steps", "max_steps", "batch_size"
 
 # --- what the later stages read ------------------------------------------------------------------
 
-def read_config(run_dir, keys=CONFIG_KEYS):
-    """A run's config.json; one sentence if it lacks `keys` (what later stages rebuild it from)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        what = "a file" if run_dir.exists() else "it does not exist"
-        raise files.FileFault(f"no run folder {run_dir} ({what}); pass a folder train.py wrote")
-    if not (run_dir / "config.json").exists():
-        raise files.FileFault(f"{run_dir} is not a run folder (no config.json); pass a folder "
-                              "train.py wrote")
-    config = files.read_json(run_dir / "config.json", "run configuration")
-    missing = [k for k in keys if not isinstance(config, dict) or k not in config]
-    if {"task", "method"} <= set(missing):
-        raise files.FileFault(f"{run_dir} is not a run folder (its config.json is not train.py's, "
-                              "a model's perhaps); pass a folder train.py wrote")
-    if missing:
-        raise files.FileFault(f"{run_dir / 'config.json'} is not a train.py run configuration (no "
-                              f"{', '.join(missing)}); pass a folder train.py wrote")
-    return config
-
-
-def status(run_dir):
-    """'done' (finished), 'failed' (failed.txt), 'partial' (config.json) or 'todo'."""
-    run_dir = Path(run_dir)
-    if finished(run_dir):
-        return "done"
-    if (run_dir / FAILED_NAME).exists():
-        return "failed"
-    return "partial" if (run_dir / "config.json").exists() else "todo"
-
-
-def failure(run_dir):
-    """Why the run failed (failed.txt's sentence), or None: it did not, or was restarted since."""
-    try:
-        return ((Path(run_dir) / FAILED_NAME).read_text(encoding="utf-8", errors="replace").strip()
-                or "failed")
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        return f"failed ({FAILED_NAME} unreadable: {files.why(err)})"
-
 
 def finished(run_dir):
     """The run ended: metrics.json is written, or (with --no-test) its log's last event is 'end'."""
@@ -81,17 +41,6 @@ def finished(run_dir):
     config = files.read_json(run_dir / "config.json", "run configuration")
     no_test = isinstance(config, dict) and config.get("no_test")
     return bool(no_test and events and events[-1].get("event") == "end")
-
-
-def curves(run_dir, missing_ok=False):
-    """(steps, μ_t per step, eval steps, validation scores) from one run's log.jsonl."""
-    log = files.read_jsonl(Path(run_dir) / "log.jsonl", what="run log", torn_tail_ok=True,
-                           missing_ok=missing_ok)
-    train = [e for e in log if e.get("event") == "train" and e.get("prompt_norm") is not None]
-    evals = [e for e in log if e.get("event") == "eval" and e.get("score") is not None
-             and e.get("split", "validation") == "validation"]
-    return ([e["step"] for e in train], [e["prompt_norm"] for e in train],
-            [e["step"] for e in evals], [e["score"] for e in evals])
 
 
 # --- claim and check (nothing written), start, checkpoint, resume, close ------------------------

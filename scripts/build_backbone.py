@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train import make_optimizer  # noqa: E402  (train.py's AdamW and schedule)
-from ept import cli, evaluation, files, tasks  # noqa: E402
+from ept import cli, evaluation, files, outputs, tasks  # noqa: E402
 
 # A model small enough to ship as a test fixture (~1 MB) and to build in about a minute.
 SIZE = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=3, num_decoder_layers=2,
@@ -159,7 +159,7 @@ def build(out, source=tasks.STEER_SOURCE, seed=0, steps=1500, batch_size=32, lr=
         t5.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "backbone.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    files.write_folder(out, fill)
+    outputs.write_folder(out, fill)
     return result
 
 

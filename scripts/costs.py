@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import tables  # noqa: E402
-from ept import files, grid, runfolder  # noqa: E402
+from ept import grid, outputs  # noqa: E402
 from ept.grid import floor_seconds, size_key  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def dry_run(experiment, plan, args, extra):
     """Every run with its status, estimated GPU-hours and the pack it would train in (a row each in
     dry_run.tsv), then the summary lines (wall time; GPU-hours unpacked, packed; fp32, bf16)."""
     hours = grid.plan_hours(plan, args.data_dir, extra)
-    states = {name: runfolder.status(run_dir) for name, (_, _, run_dir) in plan.items()}
+    states = {name: outputs.status(run_dir) for name, (_, _, run_dir) in plan.items()}
     todo = sorted((n for n in plan if states[n] != "done"), key=lambda n: -hours[n])  # as units go
     packs = grid.make_packs(plan, todo, lambda model: dry_pack_size(args, model))
     # {run: {precision: (unpacked GPU-hours, its share of its pack's)}}; a finished run: hours twice
@@ -109,7 +109,7 @@ def dry_run(experiment, plan, args, extra):
         f32, b16 = figures[name]["fp32"], figures[name]["bf16"]
         lines.append(f"{experiment}\t{states[name]}\t{hours[name]:.4f}\t{name}\t{f32[0]:.4f}\t"
                      f"{f32[1]:.4f}\t{b16[0]:.4f}\t{b16[1]:.4f}\t{pack_of.get(name, '')}\n")
-    files.append_lines(Path(args.results_dir) / "dry_run.tsv", lines)  # run_all.sh sums it
+    outputs.append_lines(Path(args.results_dir) / "dry_run.tsv", lines)  # run_all.sh sums it
     print_dry_summary(experiment, args, extra, hours, todo, packs, figures)
     return [], []
 

@@ -25,9 +25,8 @@ import fewshot
 import model as M
 import report
 import tables
-from ept import cli, evaluation, files, options, runtime
+from ept import cli, options, outputs, runtime
 from ept import grid as ept_grid
-from ept import runfolder
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -260,7 +259,7 @@ def test_cosine_of_identical_rows_is_one_and_norm_curves_read_the_log(tmp_path):
         events.append({"event": "end", "step": 4})
         (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
         runs.append({"run": str(run), "task": "rte", "method": "pt", "seed": seed})
-    steps, norms, eval_steps, scores = runfolder.curves(runs[0]["run"])
+    steps, norms, eval_steps, scores = outputs.curves(runs[0]["run"])
     assert steps == [1, 2, 3, 4] and norms == [1.0, 2.0, 3.0, 4.0] and eval_steps == [2, 4] and scores == [20, 40]
     curves = analyze.norm_curves(runs, ["rte"], ["pt"])["rte"]["pt"]
     assert curves["prompt_norm"] == [2.0, 4.0, 6.0, 8.0] and curves["score"] == [40.0, 80.0]
@@ -297,8 +296,8 @@ def test_subset_broadcast_of_identical_rows_reproduces_the_whole_prompt(grid, ti
     """EPT*'s P' is one row x 10: repeating row 0 ten times is the same prompt, hence the same predictions."""
     run = grid / "runs" / f"rte_ept_star_{Path(tiny_model_dir).name}_steps3_ev2_s0"
     prompt, _ = M.load_folded_prompt(run / "prompt.pt")
-    whole = evaluation.evaluate_run(run, split="test", write=False, quiet=True, max_examples=6)
-    again = evaluation.evaluate_run(run, split="test", prompt=prompt[0].expand(10, -1).clone(), write=False,
+    whole = outputs.evaluate_run(run, split="test", write=False, quiet=True, max_examples=6)
+    again = outputs.evaluate_run(run, split="test", prompt=prompt[0].expand(10, -1).clone(), write=False,
                                   quiet=True, max_examples=6)
     assert whole["score"] == again["score"]
 
@@ -378,7 +377,7 @@ def test_report_tables_and_figures_from_rows(tmp_path):
              for t in ("boolq", "cb", "wic", "wsc", "multirc") for m in ("pt", "ept")
              for i, lr in enumerate((0.01, 0.3))]
     for experiment in ("table1", "hidden", "structure", "lr"):
-        files.append_jsonl(results / f"{experiment}.jsonl", [r for r in rows if r["experiment"] == experiment])
+        outputs.append_jsonl(results / f"{experiment}.jsonl", [r for r in rows if r["experiment"] == experiment])
     for task, sizes in (("rte", (2490, 138, 139)), ("cb", (250, 28, 28))):  # Table 5 reads <results>/../data
         meta = {"splits": dict(zip(("train", "validation", "test"), sizes)), "score": ["acc"], "metrics": ["acc"],
                 "task_type": "NLI"}
@@ -406,7 +405,7 @@ def test_report_tables_and_figures_from_rows(tmp_path):
 
 def test_a_failed_report_leaves_no_folder(tmp_path):
     results = tmp_path / "results"
-    files.append_jsonl(results / "table1.jsonl", [fake_row("table1", "rte", "ept", 0, 70.0)])
+    outputs.append_jsonl(results / "table1.jsonl", [fake_row("table1", "rte", "ept", 0, 70.0)])
     with (results / "hidden.jsonl").open("w") as f:  # a damaged row: report.py fails in one sentence
         f.write(json.dumps({"task": "rte"}) + "\n")
     with pytest.raises(SystemExit, match="is damaged"):
@@ -432,7 +431,7 @@ def test_report_skips_figures_of_untested_rows_with_a_note(tmp_path):
             "structure": [fake_row("structure", "boolq", "ept", 0, None, variant=v, run=f"r/s{v}", **untested)
                           for v in ablate.STRUCTURES]}
     for experiment, mine in rows.items():
-        files.append_jsonl(results / f"{experiment}.jsonl", mine)
+        outputs.append_jsonl(results / f"{experiment}.jsonl", mine)
     missing = report.main(["--results", str(results), "--out", str(tmp_path / "report")])
     index = (tmp_path / "report" / "index.md").read_text()
     for figure in ("Figures 5 and 12", "Figure 7", "Figure 8", "Figure 9"):
@@ -452,9 +451,9 @@ def red_corner(png):
 def test_smoke_report_stamps_its_figures_and_says_what_is_not_noise(tmp_path):
     results = tmp_path / "results"
     rows = [fake_row("table1", t, m, 0, 0.0, run=f"r/{t}{m}") for t in tables.SUPERGLUE for m in ("ept", "ept_star")]
-    files.append_jsonl(results / "table1.jsonl", rows)
-    files.append_jsonl(results / "table2.jsonl", [fake_row("table2", "nq", "ept_star", 0, 0.0)])
-    files.append_jsonl(results / "hidden.jsonl", [fake_row("hidden", "rte", "ept", 0, 1.0 + h, variant=h, run=f"r/{h}")
+    outputs.append_jsonl(results / "table1.jsonl", rows)
+    outputs.append_jsonl(results / "table2.jsonl", [fake_row("table2", "nq", "ept_star", 0, 0.0)])
+    outputs.append_jsonl(results / "hidden.jsonl", [fake_row("hidden", "rte", "ept", 0, 1.0 + h, variant=h, run=f"r/{h}")
                                                   for h in (1, 5)])
     report.main(["--results", str(results), "--out", str(tmp_path / "smoke"), "--smoke"])
     report.main(["--results", str(results), "--out", str(tmp_path / "real")])
@@ -474,7 +473,7 @@ def test_figure1_points_in_a_fixed_order_and_figure9_without_superglue_is_skippe
     keys = list(report.superglue_averages(rows))  # Figure 1 draws its points in this order
     assert keys == [(t, m) for t in tables.MODEL_ORDER if t in tags for m in tables.METHOD_ORDER if m in methods]
     results = tmp_path / "results"  # structure rows on a GLUE task only: a note in index.md, no crash
-    files.append_jsonl(results / "structure.jsonl",
+    outputs.append_jsonl(results / "structure.jsonl",
                        [fake_row("structure", "rte", "ept", 0, 60.0, variant=v, run=f"r/{v}") for v in ablate.STRUCTURES])
     missing = report.main(["--results", str(results), "--out", str(tmp_path / "report")])
     assert any("no SuperGLUE rows" in m for m in missing)

@@ -32,7 +32,7 @@ import model as M
 import prepare_data
 import report
 import train
-from ept import cli, files, grid, runtime, tasks
+from ept import cli, grid, outputs, runtime, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "raw"
@@ -494,8 +494,8 @@ def test_a_row_appended_after_a_last_line_without_newline_starts_a_fresh_line(tm
     results.parent.mkdir()
     results.write_text('{"run": "a", "score": 1}\n{"run": "b", "score": 2}')  # the last newline lost
     assert grid.append_row_once(results, {"run": "c", "score": 3})
-    files.append_jsonl(results, [{"run": "d", "score": 4}])
-    files.append_lines(tmp_path / "new.tsv", ["x\n"])  # an empty or new file gets no leading newline
+    outputs.append_jsonl(results, [{"run": "d", "score": 4}])
+    outputs.append_lines(tmp_path / "new.tsv", ["x\n"])  # an empty or new file gets no leading newline
     assert (tmp_path / "new.tsv").read_text() == "x\n"
     assert [json.loads(line)["run"] for line in results.read_text().splitlines()] == ["a", "b", "c", "d"]
     assert not grid.append_row_once(results, {"run": "b", "score": 2})  # once per run, as before

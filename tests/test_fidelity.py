@@ -22,7 +22,7 @@ import model as M
 import prepare_data
 import report
 import tables
-from ept import evaluation, files, grid, options, runtime, tasks
+from ept import evaluation, files, grid, options, outputs, runtime, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -156,7 +156,7 @@ def test_figure8_draws_one_row_per_size_and_never_mixes_them(tmp_path):
     rows = [{"experiment": "lr", "run": f"r/{tag}{t}{m}{v}", "task": t, "method": m, "seed": 0, "variant": v,
              "score": (80.0 if tag == "t5-large" else 60.0) + v, "model_tag": tag, "lr": v}
             for tag in ("t5-base", "t5-large") for t in ablate.SUPERGLUE for m in ("pt", "ept") for v in (0.01, 0.3)]
-    files.append_jsonl(tmp_path / "results" / "lr.jsonl", rows)
+    outputs.append_jsonl(tmp_path / "results" / "lr.jsonl", rows)
     report.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "report")])
     assert (tmp_path / "report" / "fig8_learning_rate.png").stat().st_size > 10_000
     sweep = (tmp_path / "report" / "sweep_lr.md").read_text()
@@ -194,7 +194,7 @@ def test_figure1_superglue_averages_per_size_and_parameters(tmp_path):
     rows.append({**rows[0], "run": "r/cola", "task": "cola", "score": 0.0})  # GLUE: not in the SuperGLUE average
     avgs = report.superglue_averages(rows)
     assert avgs[("t5-base", "ept")] == (62.0, True, 2304) and avgs[("t5-large", "pt")] == (72.0, True, 7680)
-    files.append_jsonl(tmp_path / "results" / "table1.jsonl", rows)
+    outputs.append_jsonl(tmp_path / "results" / "table1.jsonl", rows)
     report.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "report")])
     assert (tmp_path / "report" / "fig1_superglue.png").stat().st_size > 10_000
     assert "fig1_superglue.png" in (tmp_path / "report" / "index.md").read_text()
@@ -249,9 +249,9 @@ def test_directions_analysis_names_the_label_aligned_group_and_scores_each_alone
     assert negative["name"] == "negative" and negative["rows"] == [0, 2, 3, 5, 6, 8, 9]
     assert positive["label_cosine"]["1"] == pytest.approx(1.0, abs=1e-5)
     assert positive["label_cosine_max"] > negative["label_cosine_max"]
-    alone = evaluation.evaluate_run(row["run"], split="test", prompt=prompt[[1, 4, 7]], max_examples=6, batch_size=8,
+    alone = outputs.evaluate_run(row["run"], split="test", prompt=prompt[[1, 4, 7]], max_examples=6, batch_size=8,
                                   write=False, quiet=True)["score"]
-    full = evaluation.evaluate_run(row["run"], split="test", max_examples=6, batch_size=8, write=False, quiet=True)
+    full = outputs.evaluate_run(row["run"], split="test", max_examples=6, batch_size=8, write=False, quiet=True)
     assert positive["score"] == alone and out["full_score"] == full["score"]
     report.main(["--results", str(root / "results"), "--out", str(tmp_path / "report")])
     index = (tmp_path / "report" / "index.md").read_text()

@@ -21,7 +21,7 @@ import torch
 import ablate
 import fewshot
 import costs  # scripts/costs.py
-from ept import files, options, runfolder
+from ept import files, options, outputs, runfolder
 from ept import grid as ept_grid
 
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -162,8 +162,8 @@ def test_dry_run_packs_only_what_is_left(tmp_path, capsys):
     done = ept_grid.run_name({k: v for k, v in ablate.init(args)[0].items() if k != "_row"})
     (tmp_path / "runs" / done).mkdir(parents=True)
     (tmp_path / "runs" / done / "metrics.json").write_text("{}")
-    if runfolder.status(tmp_path / "runs" / done) != "done":
-        pytest.skip("runfolder.status needs more than metrics.json for 'done'")
+    if outputs.status(tmp_path / "runs" / done) != "done":
+        pytest.skip("outputs.status needs more than metrics.json for 'done'")
     ablate.main(["init", "--tasks", "rte", "--seeds", "0", "--dry-run", "--pack-size", "8", *common])
     out = capsys.readouterr().out
     assert "to_train=2 packs=1 (sizes 2;" in out

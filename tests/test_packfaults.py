@@ -27,7 +27,7 @@ from test_train import argv, write_task
 
 import ablate
 import train
-from ept import files, grid, runfolder
+from ept import files, grid, outputs, runfolder
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
@@ -298,7 +298,7 @@ def test_no_test_runs_are_finished_runs_with_a_row(rte, tiny_model_dir, tmp_path
     assert "NOT FINISHED" not in out.err and "1 finished (1 rows added now)" in out.out
     row, = files.read_jsonl(tmp_path / "res" / "init.jsonl")
     assert row["tested"] is False and row["score"] is None and row["test"] is None and row["val_score"] is not None
-    assert rows[0]["run"] == row["run"] and runfolder.status(row["run"]) == "done"
+    assert rows[0]["run"] == row["run"] and outputs.status(row["run"]) == "done"
     assert ablate.main([*grid, "--collect"]) and len(files.read_jsonl(tmp_path / "res" / "init.jsonl")) == 1
     ablate.main([*grid, "--dry-run"])
     assert "  done  " in capsys.readouterr().out

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ablate
-from ept import cli, files, grid, runfolder
+from ept import cli, files, grid, outputs, runfolder
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -66,7 +66,7 @@ def assert_steps_once(root, n, steps=3):
     folders = sorted((root / "runs").iterdir())
     assert len(folders) == n
     for run in folders:
-        assert runfolder.status(run) == "done"
+        assert outputs.status(run) == "done"
         assert [e["step"] for e in events(run, "train")] == list(range(1, steps + 1)), run.name  # no step twice
         assert not (run / runfolder.LOCK_NAME).exists()
 
@@ -295,7 +295,7 @@ def test_pool_devices():
 # --- a failed run says why in its folder ------------------------------------------------------------
 
 def test_a_nonfinite_run_writes_failed_txt_and_a_new_start_clears_it(tiny_model_dir, data_dir, tmp_path):
-    """lr 1e30: a non-finite prompt norm at step 1; failed.txt holds train.py's sentence and runfolder.status says
+    """lr 1e30: a non-finite prompt norm at step 1; failed.txt holds train.py's sentence and outputs.status says
     'failed' (test_slurm_grid.py: the collect step names it); started again (--resume), the marker goes."""
     import train
     run = tmp_path / "run"
@@ -303,7 +303,7 @@ def test_a_nonfinite_run_writes_failed_txt_and_a_new_start_clears_it(tiny_model_
               "--out-dir", str(run), *TRAIN]
     with pytest.raises(SystemExit) as err:  # train.NonFiniteError, as its script's one sentence
         train.main([*common, "--lr", "1e30"])
-    assert runfolder.status(run) == "failed" and runfolder.failure(run) == err.value.code
-    assert "non-finite prompt_norm at step 1" in runfolder.failure(run)
+    assert outputs.status(run) == "failed" and outputs.failure(run) == err.value.code
+    assert "non-finite prompt_norm at step 1" in outputs.failure(run)
     train.main([*common, "--lr", "0.3", "--resume"])  # no last.pt: it starts over, and finishes
-    assert runfolder.status(run) == "done" and runfolder.failure(run) is None and not (run / runfolder.FAILED_NAME).exists()
+    assert outputs.status(run) == "done" and outputs.failure(run) is None and not (run / runfolder.FAILED_NAME).exists()

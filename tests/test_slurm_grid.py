@@ -19,7 +19,7 @@ import pytest
 from test_slurm import squeue, wait_for, wait_gone
 
 import ablate
-from ept import files, runfolder
+from ept import files, outputs, runfolder
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-eval-examples", "6", "--eval-batch-size", "8", "--batch-size", "4", "--dropout", "0"]
@@ -117,7 +117,7 @@ def test_grid_on_slurm_equals_in_process_with_a_requeue_and_a_failed_unit(
     log = (logs / f"ept-lr-{array}_{i}.log").read_text()
     assert "start 2" in log and "unit stopped by SIGTERM" in log and log.rstrip().endswith("unit finished"), log
     # the failed unit: FAILED in SLURM and in its log, its folder says why, the collect job names it
-    assert runfolder.status(bad) == "failed" and "non-finite prompt_norm at step 1" in runfolder.failure(bad)
+    assert outputs.status(bad) == "failed" and "non-finite prompt_norm at step 1" in outputs.failure(bad)
     j = task_of(there, "lr", bad)
     assert "unit failed (exit 1)" in (logs / f"ept-lr-{array}_{j}.log").read_text()
     report = (logs / f"ept-lr-collect-{collect}.log").read_text()
@@ -125,9 +125,9 @@ def test_grid_on_slurm_equals_in_process_with_a_requeue_and_a_failed_unit(
     assert states == {f"task {k}": "FAILED" if k == j else "COMPLETED" for k in range(3)}, report  # all ended
     assert "lr: 3 runs, 2 finished (2 rows added now), 1 not finished (1 failed)" in report, report
     assert f"lr: FAILED {bad.name}: train: non-finite prompt_norm at step 1" in report
-    assert files.read_json(there / "results" / "lr.failed.json") == {str(bad): runfolder.failure(bad)}
+    assert files.read_json(there / "results" / "lr.failed.json") == {str(bad): outputs.failure(bad)}
     import report  # which lists it in index.md (test_experiments.py)
-    assert report.failed_runs(there / "results") == [("lr", str(bad), runfolder.failure(bad))]
+    assert report.failed_runs(there / "results") == [("lr", str(bad), outputs.failure(bad))]
     for run in (there / "runs").iterdir():
         assert not (run / runfolder.LOCK_NAME).exists()
 
