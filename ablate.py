@@ -144,11 +144,11 @@ def structure(args):
 
 # The steering benchmark (docs/experiments.md): every method on a small frozen backbone that knows
 # two toy tasks and does one by default (scripts/build_backbone.py); the task asks for the other
-# one. Its own short schedule, 10 seeds (success: >= ept.tasks.STEER_SUCCESS on test, counted over
+# one. Its own short schedule, 10 seeds (success: >= tables.STEER_SUCCESS on test, counted over
 # seeds). Prompts at the paper's lr 0.3, ft at 1e-3 (1e-5, the paper's, barely moves a model trained
 # from scratch in 100 steps). PT, EPT and EPT* also on the lr grid STEER_LRS (--values: another),
 # every seed, so that the plan does not wait on results: report.py chooses each method's lr on the
-# mean validation score of the search seeds (ept.tasks.STEER_SEARCH_SEEDS, Appendix B.2's protocol)
+# mean validation score of the search seeds (tables.STEER_SEARCH_SEEDS, Appendix B.2's protocol)
 # and reports the 10 seeds at the chosen lr beside those at 0.3. The prompt runs train in packs of
 # STEER_PACK (one frozen T5, one process each) unless --pack-size says otherwise.
 STEER_BACKBONE = str(Path(__file__).resolve().parent / "assets" / "steer" / "backbone")

@@ -27,6 +27,7 @@ import re
 import sys
 import unicodedata
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -54,6 +55,66 @@ g = parser.add_argument_group("output")
 g.add_argument("--out", default="data", help="output folder; one sub-folder per task")
 g.add_argument("--overwrite", action="store_true",
                help="rebuild tasks that already have a meta.json")
+
+
+# --- the tasks (tasks.TASKS, tasks.STEER_TASKS): what meta.json records of each ------------------
+
+@dataclass
+class Task:
+    name: str
+    hub_config: str | None
+    type: str                          # Table 5's "Type" column
+    labels: tuple | None = ("0", "1")  # target strings; None for open targets (STS-B, MRQA)
+    metrics: tuple = ("acc",)          # every metric evaluate.py reports
+    score: tuple = ()                  # the table score: mean of these (Table 1); default: metrics
+    folder: str = ""                   # sub-folder of --source; default: the name
+    eval_split: str = "validation"     # the labelled Hub split halved or made test (Appendix B.1)
+    max_length: int = 256              # input tokens incl. </s>, before the prompt (Appendix B.2)
+    subset: str | None = None          # MRQA: the `subset` value to keep
+
+    def __post_init__(self):
+        self.score, self.folder = self.score or self.metrics, self.folder or self.name
+        self.hub_id = tasks.TASKS.get(self.name, "")
+        self.benchmark = next((b for b, names in tasks.GROUPS.items() if self.name in names),
+                              "steer")
+
+
+ACC_F1 = dict(metrics=("acc", "f1"), score=("acc",))
+# In tasks.TASKS's order, types in Table 5's words (coref. coreference, common. commonsense, WSD
+# word sense disambiguation). MRPC, QQP: Table 1's header reads "Acc" (the score); F1 is reported.
+TASKS = {t.name: t for t in [
+    Task("cola", "cola", "acceptability", metrics=("mcc",)),
+    Task("mrpc", "mrpc", "paraphrase", **ACC_F1),
+    Task("rte", "rte", "NLI"),
+    Task("stsb", "stsb", "sentence similarity", labels=None, metrics=("pearson", "spearman"),
+         score=("pearson",)),
+    Task("mnli", "mnli", "NLI", labels=("0", "1", "2"), eval_split="validation_matched"),
+    Task("qnli", "qnli", "NLI"),
+    Task("qqp", "qqp", "paraphrase", **ACC_F1),
+    Task("sst2", "sst2", "sentiment"),
+    Task("boolq", "boolq", "QA"),
+    Task("cb", "cb", "NLI", labels=("0", "1", "2"), metrics=("acc", "macro_f1")),
+    Task("wic", "wic", "WSD"),
+    Task("wsc", "wsc.fixed", "coref./common."),
+    Task("multirc", "multirc", "QA", metrics=("f1a", "em"), score=("f1a",), max_length=348),
+    *(Task(name, "plain_text", "QA", labels=None, metrics=("squad_f1", "squad_em"),
+           score=("squad_f1",), folder=f"mrqa/{name}", max_length=512, subset=subset)
+      for name, subset in (("nq", "NaturalQuestionsShort"), ("hotpotqa", "HotpotQA"),
+                           ("searchqa", "SearchQA"), ("newsqa", "NewsQA"))),
+    Task("winogrande", "winogrande_xl", "common."),
+    Task("yelp", "plain_text", "sentiment", folder="yelp_polarity", eval_split="test"),
+    Task("scitail", "snli_format", "NLI"),
+    Task("paws", "labeled_final", "paraphrase"),
+    *(Task(name, None, "steering (toy)", folder="sentences") for name in tasks.STEER_TASKS)]}
+
+# The steering benchmark (docs/experiments.md): a small backbone trained on the shipped sentences
+# does each rule after its prefix ("comma: <sentence>") and STEER_DEFAULT on a bare sentence: a
+# prompt must select another (tasks.STEER_TASKS, a test holds them equal). long: 8 words or more
+# (a word: letters or digits between spaces); comma: has a comma
+STEER_RULES = {"long": lambda s: int(sum(any(c.isalnum() for c in w) for w in s.split()) >= 8),
+               "comma": lambda s: int("," in s)}
+STEER_DEFAULT = "long"  # what the backbone does without a prefix
+STEER_SOURCE = Path(__file__).resolve().parent / "assets" / "steer"
 
 
 # --- templates: a Hub row -> a record {source, target, label, idx} -------------------------------
@@ -296,7 +357,7 @@ entail, boolean = functools.partial(label_of, ENTAIL), functools.partial(label_o
 
 def steer_row(rule):
     return lambda r, n: [{"sentence": r["sentence"].strip(),
-                          "label": tasks.STEER_RULES[rule](r["sentence"]), "idx": n}]
+                          "label": STEER_RULES[rule](r["sentence"]), "idx": n}]
 
 
 def steer_record(row, i):
@@ -304,7 +365,7 @@ def steer_record(row, i):
             "idx": row["idx"]}
 
 
-# one per task of tasks.TASKS and tasks.STEER_TASKS, in their order (a test holds them equal)
+# one per task of TASKS, in its order (a test holds them equal)
 RECIPES = {
     "cola": Recipe(pairs("sentence"),  # train/dev have no header
                    glue("sentence", names=("code", "label", "mark", "sentence")), GLUE_FILES),
@@ -340,7 +401,7 @@ RECIPES = {
     **{name: Recipe(mrqa, per_split(read_mrqa),
                     {"train": (f"train/{sub}.jsonl.gz", f"train/{sub}.jsonl"),
                      "eval": (f"dev/{sub}.jsonl.gz", f"dev/{sub}.jsonl")})
-       for name, sub in ((t.name, t.subset) for t in tasks.TASKS.values() if t.subset)},
+       for name, sub in ((t.name, t.subset) for t in TASKS.values() if t.subset)},
     "winogrande": Recipe(pairs("sentence", ("option0", "option1"), ("option1", "option2"),
                                label=lambda r: label_of({"1": 0, "2": 1}, r["answer"]),  # - 1
                                idx=None),  # both options shown
@@ -614,7 +675,7 @@ def jsonl(records):
 
 def prepare(task, args, out):
     if args.source or task.benchmark == "steer":  # the steering sentences ship with the repository
-        train_rows, held_rows, source = load_local(task, Path(args.source or tasks.STEER_SOURCE))
+        train_rows, held_rows, source = load_local(task, Path(args.source or STEER_SOURCE))
     else:
         train_rows, held_rows, source = load_hub(task)
     if source["kind"] == "local":  # the bar and the messages name the file read
@@ -675,7 +736,7 @@ def main(argv=None):
     names = []
     for name in args.tasks:
         for t in list(tasks.TASKS) if name == "all" else tasks.GROUPS.get(name, [name]):
-            if not tasks.known(t):
+            if t not in TASKS:
                 parser.error(f"unknown task {t!r}; valid: {', '.join(tasks.TASKS)} "
                              f"(or all, {', '.join(tasks.GROUPS)}; "
                              f"the steering benchmark: {', '.join(tasks.STEER_TASKS)})")
@@ -704,7 +765,7 @@ def main(argv=None):
     if warning := tasks.old_fewshot_warning(out, old):  # one line for all of them
         print(f"prepare_data: {warning}", file=sys.stderr)
     # a missing file or a few-shot folder: refused before any work
-    chosen = [tasks.TASKS.get(name) or tasks.STEER_TASKS[name] for name in todo]
+    chosen = [TASKS[name] for name in todo]
     for task in chosen if args.source else []:
         find_files(task, Path(args.source))
     if not todo:

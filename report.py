@@ -23,7 +23,8 @@ from pathlib import Path
 
 import tables
 from ept import cli, files, outputs
-from ept.tasks import GROUPS, STEER_SEARCH_SEEDS, STEER_SUCCESS, TASKS, load_meta
+from ept.tasks import GROUPS, TASKS, load_meta
+from tables import STEER_SEARCH_SEEDS, STEER_SUCCESS
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("--results", default="results",

@@ -86,8 +86,7 @@ def check_offline(args):
     a mistyped --model path is named as the model's (the tokenizer defaults to it)."""
     runtime.local_folder(args.model)
     prepared = (Path(args.data_dir) / args.task / "meta.json").exists()
-    hub_id = None if prepared or args.source or not tasks.known(args.task) else tasks.TASKS.get(
-        args.task, tasks.STEER_TASKS.get(args.task)).hub_id
+    hub_id = None if prepared or args.source else tasks.TASKS.get(args.task)
     runtime.check_offline(args.model, args.tokenizer or args.model, hub_id or None)
 
 

@@ -182,6 +182,15 @@ LAYER_SCALE = {"t5-small": 0.5, "t5-base": 1.0, "t5-large": 2.0, "other": 1.0}
 MEASURED_EVAL_S = 1 / 733.1  # greedy decoding, batch 64, t5-base RTE, per example (run2_rte_ept)
 QA_DECODE_FACTOR = 5  # assumed: MRQA answers are many tokens long, classification targets 1 or 2
 DEFAULT_SPLITS = (10000, 1000, 1000)  # a task neither prepared nor the paper's: a guess
+PAPER_SPLITS = {  # Appendix B.1's (train, validation, test) sizes, for a task not prepared yet
+    "cola": (8551, 521, 522), "mrpc": (3668, 204, 204), "rte": (2490, 138, 139),
+    "stsb": (5749, 750, 750), "mnli": (382702, 10000, 9815), "qnli": (94743, 10000, 5463),
+    "qqp": (353846, 10000, 40430), "sst2": (66349, 1000, 872), "boolq": (9427, 1635, 1635),
+    "cb": (250, 28, 28), "wic": (5428, 319, 319), "wsc": (554, 52, 52),
+    "multirc": (26243, 1000, 4848), "nq": (94071, 10000, 12836), "hotpotqa": (71928, 1000, 5901),
+    "searchqa": (107384, 10000, 16980), "newsqa": (73160, 1000, 4212),
+    "winogrande": (39398, 1000, 1267), "yelp": (550000, 10000, 38000),
+    "scitail": (22596, 1000, 1304), "paws": (48401, 1000, 8000)}
 
 
 def size_key(model_name):  # t5-small / t5-base / t5-large when the name says so, else "other"
@@ -192,7 +201,7 @@ def split_sizes(task, data_dir):  # (train, validation, test): meta.json, else t
     if (Path(data_dir or "data") / task / "meta.json").exists():
         splits = tasks.load_meta(data_dir or "data", task)["splits"]
         return splits.get("train", 0), splits.get("validation", 0), splits.get("test", 0)
-    return tasks.PAPER_SPLITS.get(task, DEFAULT_SPLITS)
+    return PAPER_SPLITS.get(task, DEFAULT_SPLITS)
 
 
 def run_steps(spec, data_dir, batch_size=16):  # its epochs over the train split, or max_steps

@@ -5,11 +5,11 @@ selected by a prefix, so that a prompt on the frozen model has to learn to selec
     python scripts/build_backbone.py --out steer/backbone          # ~2 minutes on one CPU thread
     python scripts/build_backbone.py --write-sentences assets/steer   # regenerate them
 
-The tasks are tasks.STEER_RULES over the sentences in <source>/sentences/{train,dev}.tsv: trained
-on train.tsv as "<task>: <sentence>" and, for STEER_DEFAULT, also as the bare sentence. The folder
-holds the config, weights and tokenizer (`--model DIR` reads it like any other) and backbone.json:
-the settings and the accuracy on the dev sentences of each task with its prefix and without (the
-floor a prompt starts from). Deterministic from --seed on one machine (one thread).
+The tasks are prepare_data.STEER_RULES over the sentences in <source>/sentences/{train,dev}.tsv:
+trained on train.tsv as "<task>: <sentence>" and, for STEER_DEFAULT, also as the bare sentence. The
+folder holds the config, weights and tokenizer (`--model DIR` reads it like any other) and
+backbone.json: the settings and the accuracy on the dev sentences of each task with its prefix and
+without (the floor a prompt starts from). Deterministic from --seed on one machine (one thread).
 """
 import argparse
 import json
@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train import make_optimizer  # noqa: E402  (train.py's AdamW and schedule)
 from ept import cli, evaluation, files, outputs, tasks  # noqa: E402
+from prepare_data import STEER_DEFAULT, STEER_RULES, STEER_SOURCE  # noqa: E402
 
 # A model small enough to ship as a test fixture (~1 MB) and to build in about a minute.
 SIZE = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=3, num_decoder_layers=2,
@@ -73,7 +74,7 @@ def write_sentences(root, n_train=4000, n_dev=400, seed=0):
 def read_sentences(path):
     if not Path(path).is_file():
         raise cli.Failure(f"build_backbone: no {path}; pass --source DIR holding "
-                          f"sentences/train.tsv and dev.tsv (shipped in {tasks.STEER_SOURCE},"
+                          f"sentences/train.tsv and dev.tsv (shipped in {STEER_SOURCE},"
                           " or written by --write-sentences DIR)")
     lines = files.read_text(path, "sentence file").splitlines()[1:]  # a `sentence` header
     rows = [s for line in lines if (s := line.split("\t")[0].strip())]
@@ -100,7 +101,7 @@ def word_tokenizer(corpus):
 
 def examples(sentences, task, prefix=True):
     """(source, target) pairs of a task: "<task>: <sentence>" (bare if not `prefix`) -> "0"/"1"."""
-    rule = tasks.STEER_RULES[task]
+    rule = STEER_RULES[task]
     return [(f"{task}: {s}" if prefix else s, str(rule(s))) for s in sentences]
 
 
@@ -114,21 +115,21 @@ def scores(t5, tokenizer, sentences):
         return round(100.0 * sum(p == y for p, (_, y) in zip(preds, pairs)) / len(pairs), 2)
     return {task: {"with_prefix": accuracy(examples(sentences, task)),
                    "without_prefix": accuracy(examples(sentences, task, False))}
-            for task in tasks.STEER_RULES}
+            for task in STEER_RULES}
 
 
-def build(out, source=tasks.STEER_SOURCE, seed=0, steps=1500, batch_size=32, lr=1e-3, say=print):
+def build(out, source=STEER_SOURCE, seed=0, steps=1500, batch_size=32, lr=1e-3, say=print):
     from transformers import T5Config, T5ForConditionalGeneration
     from transformers.utils import logging
     logging.disable_progress_bar()
     torch.manual_seed(seed)
     train, dev = (read_sentences(Path(source) / "sentences" / f) for f in ("train.tsv", "dev.tsv"))
-    tokenizer = word_tokenizer(train + [f"{t}:" for t in tasks.STEER_RULES] + ["0 1"])
+    tokenizer = word_tokenizer(train + [f"{t}:" for t in STEER_RULES] + ["0 1"])
     config = T5Config(vocab_size=len(tokenizer), decoder_start_token_id=0, pad_token_id=0,
                       eos_token_id=1, dropout_rate=0.1, **SIZE)
     t5 = T5ForConditionalGeneration(config)
-    pairs = [p for task in tasks.STEER_RULES for p in examples(train, task)]
-    pairs += examples(train, tasks.STEER_DEFAULT, False)
+    pairs = [p for task in STEER_RULES for p in examples(train, task)]
+    pairs += examples(train, STEER_DEFAULT, False)
     src = tasks.encode(tokenizer, [s for s, _ in pairs], 64)
     tgt = tasks.encode(tokenizer, [y for _, y in pairs], 4)
     params = list(t5.parameters())
@@ -150,8 +151,8 @@ def build(out, source=tasks.STEER_SOURCE, seed=0, steps=1500, batch_size=32, lr=
             say(f"step {step}/{steps}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
     t5.eval()
     result = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "size": SIZE,
-              "vocab_size": len(tokenizer), "default_task": tasks.STEER_DEFAULT,
-              "tasks": list(tasks.STEER_RULES), "train_sentences": len(train),
+              "vocab_size": len(tokenizer), "default_task": STEER_DEFAULT,
+              "tasks": list(STEER_RULES), "train_sentences": len(train),
               "dev_sentences": len(dev), "seconds": round(time.time() - t0, 1),
               "dev_accuracy": scores(t5, tokenizer, dev)}
 
@@ -168,7 +169,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", metavar="DIR", help="write the backbone model folder here")
-    parser.add_argument("--source", default=str(tasks.STEER_SOURCE), metavar="DIR",
+    parser.add_argument("--source", default=str(STEER_SOURCE), metavar="DIR",
                         help="folder holding sentences/{train,dev}.tsv (default: the shipped "
                              "assets/steer)")
     parser.add_argument("--seed", type=cli.nonnegative_int, default=0,

@@ -112,7 +112,7 @@ def test_offline_hub_fails_fast_with_the_flag(tmp_path):
             "from transformers import AutoTokenizer, T5ForConditionalGeneration\n"
             "for what, call in (('model', lambda: runtime.load_t5('t5-small')),\n"
             "                   ('tokenizer', lambda: runtime.load_tokenizer('t5-small')),\n"
-            "                   ('dataset', lambda: prepare_data.load_hub(registry.TASKS['rte'])),\n"
+            "                   ('dataset', lambda: prepare_data.load_hub(prepare_data.TASKS['rte'])),\n"
             "                   ('run', lambda: runtime.load_t5('t5-small', fix=runtime.RUN_FIX))):\n"
             "    t0 = time.time()\n"
             "    try:\n"
@@ -377,8 +377,8 @@ def test_progress_bars_for_long_work_and_tqdm_disable(tiny_model_dir):
             f"tok = runtime.load_tokenizer({str(tiny_model_dir)!r})\n"
             "rows = [dict(sentence1='a b', sentence2='c', label=0, idx=i) for i in range(P.BAR_ROWS)]\n"
             "decoding.predict(net, tok, ['one two', 'three'], max_new_tokens=2, progress='evaluate toy test')\n"
-            "P.to_records(registry.TASKS['rte'], rows, 'train')\n"
-            "P.to_records(registry.TASKS['rte'], rows[:10], 'small')\n"
+            "P.to_records(P.TASKS['rte'], rows, 'train')\n"
+            "P.to_records(P.TASKS['rte'], rows[:10], 'small')\n"
             "decoding.predict(net, tok, ['one two', 'three'], max_new_tokens=2)  # train.py's validation: no bar\n")
     env = {k: v for k, v in offline_env().items() if k != "TQDM_DISABLE"}  # a bar whatever the caller's env
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -387,7 +387,7 @@ def test_progress_bars_for_long_work_and_tqdm_disable(tiny_model_dir):
     assert "evaluate toy test" in err and "rte: train" in err and "rte: small" not in err, err
     assert err.count("evaluate") == err.count("evaluate toy test")
     code = ("import prepare_data as P; from ept import tasks as registry\n"
-            "P.to_records(registry.TASKS['rte'], [dict(sentence1='a', sentence2='b', label=0, idx=i) for i in range(P.BAR_ROWS)], 'train')")
+            "P.to_records(P.TASKS['rte'], [dict(sentence1='a', sentence2='b', label=0, idx=i) for i in range(P.BAR_ROWS)], 'train')")
     out = subprocess.run([sys.executable, "-c", code], env={**offline_env(), "TQDM_DISABLE": "1"}, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "rte: train" not in out.stderr, out.stderr

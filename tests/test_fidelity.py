@@ -22,7 +22,7 @@ import model as M
 import prepare_data
 import report
 import tables
-from ept import evaluation, files, grid, options, outputs, runtime, tasks
+from ept import evaluation, files, grid, options, outputs, runtime
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -55,7 +55,7 @@ def test_mrpc_and_qqp_score_is_accuracy_and_f1_is_still_reported(root):
         scores = evaluation.compute_metrics(meta, ["1", "0", "0", "0"], [{"target": t} for t in ("1", "1", "0", "0")])
         assert scores["score"] == pytest.approx(75.0) and scores["acc"] == pytest.approx(75.0)
         assert scores["f1"] == pytest.approx(200 / 3)
-    assert tasks.TASKS["cb"].score == ("acc", "macro_f1")  # only CB is "F1/Acc"
+    assert prepare_data.TASKS["cb"].score == ("acc", "macro_f1")  # only CB is "F1/Acc"
 
 
 # --- 2. Table 4's extra layer: d -> 1 -> 1 -> d, 2,305 parameters on t5-base --------------------------
@@ -119,7 +119,7 @@ def test_table4_validates_every_epoch_from_meta_sizes(root):
     cb = [s for s in ablate.table4(args) if s["task"] == "cb"]
     n_train = json.loads((root / "data" / "cb" / "meta.json").read_text())["splits"]["train"]
     assert {s["eval_every"] for s in cb} == {math.ceil(n_train / 16)} and {s["epochs"] for s in cb} == {20}
-    multirc = [s for s in ablate.table4(args) if s["task"] == "multirc"]  # no meta.json there: the paper's sizes (tasks.PAPER_SPLITS)
+    multirc = [s for s in ablate.table4(args) if s["task"] == "multirc"]  # no meta.json there: the paper's sizes (grid.PAPER_SPLITS)
     assert {(s["eval_every"], s["epochs"]) for s in multirc} == {(math.ceil(26243 / 16), 10)}
     # the GPU-hour estimate counts the 20 validations (was: one, at the last step)
     spec = grid.spec("wsc", "pt", "t5-base", 0, epochs=20, eval_every=35)

@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prepare_data  # noqa: E402
 from ept import cli, evaluation, files, tasks# noqa: E402
-from ept.tasks import GROUPS, TASKS  # noqa: E402
+from ept.tasks import GROUPS  # noqa: E402
 from prepare_data import main, pad_punctuation, to_records  # noqa: E402
+
+TASKS = {name: prepare_data.TASKS[name] for name in tasks.TASKS}  # the paper's 21
 
 FIXTURES = ROOT / "tests" / "fixtures" / "raw"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -129,8 +131,10 @@ def test_registry():
     assert list(TASKS) == ["cola", "mrpc", "rte", "stsb", "mnli", "qnli", "qqp", "sst2", "boolq", "cb", "wic", "wsc",
                            "multirc", "nq", "hotpotqa", "searchqa", "newsqa", "winogrande", "yelp", "scitail", "paws"]
     assert {b: len(names) for b, names in GROUPS.items()} == {"glue": 8, "superglue": 5, "mrqa": 4, "others": 4}
-    # one list of tasks: prepare_data.py's recipes are those of ept/tasks.py's tasks, in their order
-    assert list(prepare_data.RECIPES) == [*TASKS, *tasks.STEER_TASKS]
+    # one list of tasks: prepare_data.py's tasks and recipes are those of ept/tasks.py, in their order
+    assert list(prepare_data.TASKS) == list(prepare_data.RECIPES) == [*tasks.TASKS, *tasks.STEER_TASKS]
+    assert tasks.TASKS["cb"] == "aps/super_glue" and prepare_data.TASKS["yelp"].benchmark == "others"
+    assert tasks.STEER_TASKS == [f"steer_{r}" for r in prepare_data.STEER_RULES if r != prepare_data.STEER_DEFAULT]
 
 
 @pytest.mark.parametrize("task", list(CASES))
@@ -428,7 +432,7 @@ def test_prepared_task_without_a_data_seed_is_refused_in_one_sentence(tmp_path):
 
 
 def test_steering_task_from_a_source_folder(tmp_path):
-    steer = Path(tasks.STEER_SOURCE)
+    steer = Path(prepare_data.STEER_SOURCE)
     run("--tasks", "steer_comma", "--out", tmp_path / "out", source=steer)
     assert read(tmp_path / "out", "steer_comma")
     with pytest.raises(SystemExit, match="steer_comma: missing folder"):  # one sentence, no KeyError

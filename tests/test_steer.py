@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import prepare_data  # noqa: E402
 import train  # noqa: E402
 from ept import runtime# noqa: E402
-from ept import outputs, tasks  # noqa: E402
+import tables  # noqa: E402
+from ept import outputs  # noqa: E402
 
 BACKBONE = Path(__file__).resolve().parents[1] / "assets" / "steer" / "backbone"
 TASK = "steer_comma"
@@ -86,7 +87,7 @@ def test_shipped_backbone_states_its_accuracy():
     with one."""
     meta = train.files.read_json(BACKBONE / "backbone.json", "backbone description")
     acc = meta["dev_accuracy"]
-    assert meta["default_task"] == tasks.STEER_DEFAULT
+    assert meta["default_task"] == prepare_data.STEER_DEFAULT
     assert acc["comma"]["with_prefix"] >= 95 and acc["comma"]["without_prefix"] <= 60
     assert acc["long"]["with_prefix"] >= 85 and acc["long"]["without_prefix"] >= 85
 
@@ -127,7 +128,7 @@ def test_ept_steers_at_its_chosen_lr(data, tmp_path, captured):
     logged at every step and takes both signs over the seeds (at step 1, measured before the
     per-run dropout: 3 of 10 negative; on the correlated init all 10 were positive, 0.8 to 14.3)."""
     found = pack(data, tmp_path / "ept", "ept", range(10), EPT_LR)
-    steered = [seed for seed, (test, _) in found.items() if test >= tasks.STEER_SUCCESS]
+    steered = [seed for seed, (test, _) in found.items() if test >= tables.STEER_SUCCESS]
     print(f"steer: EPT lr {EPT_LR}: {len(steered)}/10 steered: {found}")
     assert len(steered) >= EPT_STEERED, f"EPT steered on {len(steered)} of 10 seeds: {steered}"
     s = [found[seed][1] for seed in found]
@@ -141,7 +142,7 @@ def test_pt_steers_on_every_seed(data, tmp_path):
     """PT at its chosen lr (0.3; 100 on validation at every lr of the grid), 5 seeds as one pack:
     measured 100.0 on each (and 10 of 10 in the benchmark's unit)."""
     found = pack(data, tmp_path / "pt", "pt", range(5), PT_LR)
-    assert all(test >= tasks.STEER_SUCCESS for test, _ in found.values()), found
+    assert all(test >= tables.STEER_SUCCESS for test, _ in found.values()), found
 
 
 def test_ablate_steer_writes_the_floor_and_the_report(data, tmp_path):
@@ -198,7 +199,7 @@ def test_the_floor_row_is_written_once_when_collects_race(data, tmp_path, monkey
 
 
 def test_the_lr_is_chosen_on_the_search_seeds_validation():
-    """Appendix B.2's protocol: the best mean validation score over tasks.STEER_SEARCH_SEEDS
+    """Appendix B.2's protocol: the best mean validation score over tables.STEER_SEARCH_SEEDS
     (a later seed does not count), a tie to the paper's 0.3; a method with one lr has no choice."""
     import tables
 
@@ -209,7 +210,7 @@ def test_the_lr_is_chosen_on_the_search_seeds_validation():
             + [row("ept", 3.0, s, v) for s, v in enumerate([100, 100, 100, 0])]
             + [row("pt", lr, s, 100) for lr in (0.03, 0.3, 3.0) for s in range(3)]
             + [row("ft", 1e-3, 0, 100)])
-    assert tasks.STEER_SEARCH_SEEDS == (0, 1, 2)
+    assert tables.STEER_SEARCH_SEEDS == (0, 1, 2)
     assert tables.steer_chosen(rows) == {"ept": 3.0, "pt": 0.3}
     md, long = tables.steer_table(rows)
     assert "| EPT | 3 † (chosen) |" in md and "| 3/4 |" in md and "| PT | 0.3 (chosen) |" in md
