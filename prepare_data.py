@@ -709,7 +709,7 @@ def prepare(task, args, out):
             "max_target_length": max_target_length, "data_seed": args.data_seed,
             "tokenizer": tokenizer_name(args.tokenizer), "token_stats": stats,
             "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records),
-                              "rule": tasks.fewshot_rule(task.name),
+                              "rule": tasks.FEWSHOT_RULES.get(task.name, tasks.FEWSHOT_RULE),
                               "classes": dict(sorted(Counter(r["target"] for r in records).items()))
                               if task.labels else None} for key, records in shots.items()}}
     texts["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"

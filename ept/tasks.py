@@ -1,6 +1,5 @@
-"""The task names, a prepared task's meta.json and train.py's data (`load_task`): inputs cut on the
-right to max_length, ending with `</s>`; batches padded to their own longest row, labels with -100
-(no loss); tokenization cached on disk. How each task is read and scored: prepare_data.py."""
+"""The task names, a prepared task's meta.json (prepare_data.py writes it) and train.py's data
+(`load_task`): inputs cut to max_length, ending in `</s>`; batches padded to their longest row."""
 import contextlib
 import hashlib
 import re
@@ -38,8 +37,7 @@ METRIC_NAMES = "acc f1 macro_f1 mcc pearson spearman f1a em squad_em squad_f1".s
 
 
 def load_meta(data_dir, task, strict=True):
-    """data/<task>/meta.json, its one reader: strict, the keys above checked (else one sentence with
-    the prepare_data command), or as it is ({}: not an object, None: absent)."""
+    """data/<task>/meta.json, its one reader: strict (checked), or as it is ({}, None: absent)."""
     path = Path(data_dir) / task / "meta.json"
     if strict and not path.exists():
         raise files.FileFault(f"no {path}; run `{prepare_command(data_dir, [task])}` first"
@@ -63,8 +61,8 @@ def load_meta(data_dir, task, strict=True):
 
 
 def prepare_command(data_dir, names, fewshot=(), seeds=(), overwrite=False):
-    """The prepare_data.py command for `names` (and the `fewshot` k x `seeds` sets) into `data_dir`,
-    with the --tokenizer and --source meta.json records (else a neighbour's): it runs offline."""
+    """The prepare_data.py command, with the --tokenizer and --source of a task's meta.json (else a
+    neighbour's): it runs offline as printed."""
     steer = all(name in STEER_TASKS for name in names)  # their source is no other task's
     others = sorted(p.parent.name for p in Path(data_dir).glob("*/meta.json"))
     metas = (load_meta(data_dir, name, strict=False) for name in [*names, *others])
@@ -82,31 +80,25 @@ def prepare_command(data_dir, names, fewshot=(), seeds=(), overwrite=False):
 # ("k randomly selected samples, with the number of classes sampled consistently"): k in all is our
 # reading, as the public EPT code takes k in total; STS-B follows that code (docs/data.md).
 FEWSHOT_RULE = "k in all, classes balanced"
-STSB_FEWSHOT_RULE = "k in all, at most ceil(k/2) each of score <= 2.5 and > 2.5, first-come"
-
-
-def fewshot_rule(task):
-    return STSB_FEWSHOT_RULE if task == "stsb" else FEWSHOT_RULE
+FEWSHOT_RULES = {"stsb": "k in all, at most ceil(k/2) each of score <= 2.5 and > 2.5, first-come"}
 
 
 def old_fewshot_sets(meta):
     """meta.json's few-shot sets of an older rule (k per class; STS-B: k from the whole split)."""
-    sets = meta.get("fewshot") if isinstance(meta, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    sets, rule = meta.get("fewshot"), FEWSHOT_RULES.get(meta.get("task"), FEWSHOT_RULE)
     return sorted(key for key, entry in (sets if isinstance(sets, dict) else {}).items()
-                  if not isinstance(entry, dict) or entry.get("rule") != fewshot_rule(meta.get("task")))
+                  if not isinstance(entry, dict) or entry.get("rule") != rule)
 
 
 def old_fewshot_warning(data_dir, old):
-    """One line for the sets `old` = {task: [set keys]} under `data_dir` drawn k per class, with the
-    command that redraws them (None when there are none)."""
+    """One line for the sets `old` = {task: [keys]} drawn k per class, or None: none."""
     old = {task: keys for task, keys in old.items() if keys}
     named = [re.fullmatch(r"k(\d+)_seed(\d+)", key) for keys in old.values() for key in keys]
     ks, seeds = (sorted({int(m[i]) for m in named if m}) for i in (1, 2))
     return (f"warning: the few-shot files of {', '.join(old)} in {data_dir} were drawn with an "
-            "older rule, k examples per class (STS-B: k from the whole split), where we read "
-            "Table 3 as k in all (the public EPT code takes k in total), classes balanced; "
-            "prepared files are rebuilt only with --overwrite: "
-            f"{prepare_command(data_dir, list(old), ks, seeds, overwrite=True)}") if old else None
+            "older rule, k examples per class (docs/data.md); prepared files are rebuilt only with "
+            f"--overwrite: {prepare_command(data_dir, [*old], ks, seeds, True)}") if old else None
 
 
 def encode(tokenizer, texts, max_length):
@@ -135,8 +127,7 @@ _TOKENIZED = {}  # (file, content, tokenizer, max_length) -> (source ids, target
 
 def tokenize_file(path, tokenizer, max_length):
     """A split's (source ids, target ids), cached in memory and in <task>/cache/ by content,
-    tokenizer and max_length; a damaged cache file is rebuilt. It pays: MultiRC's train split takes
-    ~30 s to tokenize on 2 cores, ~1 s to load (docs/data.md)."""
+    tokenizer and max_length (MultiRC's train split: 30 s to tokenize on 2 cores, 1 s to load)."""
     path, text = Path(path), files.read_text(path, "split file")
     digest = hashlib.sha1(text.encode()).hexdigest()[:12]
     key = (str(path.resolve()), digest, runtime.tokenizer_fingerprint(tokenizer), max_length)
@@ -146,8 +137,7 @@ def tokenize_file(path, tokenizer, max_length):
     rows, ids = sum(bool(line.strip()) for line in text.split("\n")), None
     with contextlib.suppress(cli.Failure, KeyError, RuntimeError, AttributeError, TypeError):
         state = files.load_torch(cache, "tokenization cache") if cache.exists() else {}
-        ids = tuple([t.tolist() for t in torch.split(state[f"{k}_ids"],
-                                                     state[f"{k}_lengths"].tolist())]
+        ids = tuple([t.tolist() for t in state[f"{k}_ids"].split(state[f"{k}_lengths"].tolist())]
                     for k in ("source", "target"))
     if ids is None or any(len(seqs) != rows for seqs in ids):
         if cache.exists():
@@ -166,8 +156,7 @@ def tokenize_file(path, tokenizer, max_length):
 
 
 def read_split(meta, name, path, tokenizer, max_length, limit=None):
-    """(examples, source ids, target ids) of a split file's first `limit` rows, which must still
-    match its meta.json (the row count unless `limit`, the labels): else one sentence."""
+    """(examples, source ids, target ids) of a split's first `limit` rows, checked against meta."""
     examples = files.read_jsonl(path, limit, what="split file")
     expected = ((meta.get("splits") or {}).get(name) if name in ("train", "validation", "test")
                 else (meta.get("fewshot") or {}).get(name, {}).get("size"))
@@ -187,13 +176,9 @@ def read_split(meta, name, path, tokenizer, max_length, limit=None):
     return examples, source_ids[:len(examples)], target_ids[:len(examples)]
 
 
-def load_split(path, tokenizer, max_length, limit=None):  # a split file without its meta.json
-    return read_split({}, None, path, tokenizer, max_length, limit)
-
-
 def epoch_order(n, seed, epoch, batch_size, lengths=None):
-    """One epoch's example order, a pure function of (seed, epoch): a resumed run sees the same
-    data; with `lengths`, each mega-batch of 50 batches longest first (HF group_by_length)."""
+    """A pure function of (seed, epoch), so a resumed run sees the same data; with `lengths`, each
+    mega-batch of 50 batches longest first (HF group_by_length)."""
     order, mega = np.random.default_rng([seed, epoch]).permutation(n), 50 * batch_size
     return order if lengths is None else np.concatenate(
         [sorted(order[i:i + mega], key=lambda j: -lengths[j]) for i in range(0, n, mega)])
@@ -211,8 +196,7 @@ TaskData = namedtuple("TaskData", "tokenizer meta train_file data val test")
 
 
 def load_task(args, ranks, say):
-    """train.py's task: tokenizer, meta.json and its splits, checked. Rank 0 runs it first
-    (ranks.first) and prepares a missing task by prepare_data.py (the stages link by files)."""
+    """train.py's task, checked; rank 0 first (ranks.first) prepares it by prepare_data.py."""
     tokenizer = runtime.load_tokenizer(args.tokenizer, say)
     folder, k = Path(args.data_dir) / args.task, args.fewshot_k
     if ranks.master and known(args.task) and not (folder / "meta.json").exists():

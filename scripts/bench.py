@@ -411,7 +411,7 @@ def held_out_ids(args, ctx):
     for split in ("validation", "test"):
         path = ctx.folder / f"{split}.jsonl"
         if len(ids) < args.eval_examples and path.exists():
-            ids += tasks.load_split(path, ctx.tokenizer, ctx.max_length)[1]
+            ids += tasks.read_split({}, split, path, ctx.tokenizer, ctx.max_length)[1]
     return ids[:args.eval_examples]
 
 
@@ -521,7 +521,7 @@ def setup(args):
     max_length = args.max_length or meta["max_length"]
     tokenizer = runtime.load_tokenizer(args.tokenizer or args.model)
     folder = Path(args.data_dir) / args.task
-    _, src, tgt = tasks.load_split(folder / "train.jsonl", tokenizer, max_length)
+    _, src, tgt = tasks.read_split({}, "train", folder / "train.jsonl", tokenizer, max_length)
     ctx = SimpleNamespace(
         device=device, amp=runtime.set_precision(args.dtype, device), meta=meta,
         tokenizer=tokenizer, max_length=max_length, folder=folder,

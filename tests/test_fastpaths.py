@@ -64,7 +64,7 @@ def data_dir(tmp_path_factory):
 def toy(data_dir, tiny_model_dir):
     """(tokenizer, source ids, target ids, lengths) of the toy training split, via train.py's cached tokenizer."""
     tok = runtime.load_tokenizer(str(tiny_model_dir))
-    _, src, tgt = tasks.load_split(data_dir / "toy" / "train.jsonl", tok, MAX_LENGTH)
+    _, src, tgt = tasks.read_split({}, "train", data_dir / "toy" / "train.jsonl", tok, MAX_LENGTH)
     return tok, src, tgt, [len(s) + len(t) for s, t in zip(src, tgt)]
 
 

@@ -203,7 +203,7 @@ def test_meta(fixture_data):
         assert set(meta["token_stats"]) == {"train", "validation", "test"} and meta["data_seed"] == 42
         for key, entry in meta["fewshot"].items():  # k = 4 in all (§5.2) on every fixture
             shots = read(fixture_data, name, f"train_{key}")
-            assert entry["size"] == len(shots) == 4 and entry["rule"] == tasks.fewshot_rule(name)
+            assert entry["size"] == len(shots) == 4 and entry["rule"] == tasks.FEWSHOT_RULES.get(name, tasks.FEWSHOT_RULE)
             assert entry["classes"] == ({y: sum(r["target"] == y for r in shots) for y in sorted(task.labels)
                                          if any(r["target"] == y for r in shots)} if task.labels else None)
     meta = lambda t: json.loads((fixture_data / t / "meta.json").read_text())

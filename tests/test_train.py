@@ -181,7 +181,7 @@ def test_frozen_t5_unchanged_and_prompt_trained(data_dir, tiny_model_dir, tmp_pa
 def test_loss_independent_of_padding(data_dir, tiny_model_dir):
     tok = runtime.load_tokenizer(str(tiny_model_dir))
     net = M.PromptedT5(runtime.load_t5(str(tiny_model_dir)), M.build_prompt_module("ept_star", 32)).eval()
-    _, src, tgt = tasks.load_split(data_dir / "toy" / "train.jsonl", tok, 32)
+    _, src, tgt = tasks.read_split({}, "train", data_dir / "toy" / "train.jsonl", tok, 32)
     idx = list(range(8))
     shift = net.t5._shift_right
     own = token_nll(net, shift, *tasks.collate(idx, src, tgt, tok.pad_token_id), nullcontext())
