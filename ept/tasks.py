@@ -186,9 +186,10 @@ def epoch_order(n, seed, epoch, batch_size, lengths=None):
 
 def label_ids(tokenizer, labels):
     """The label words' distinct token ids, `--init label`'s start (the bare '▁' piece dropped)."""
-    ids = [i for seq in tokenizer(list(labels or []), add_special_tokens=False)["input_ids"]
-           for i in seq if tokenizer.decode([i]).strip()]
-    return list(dict.fromkeys(ids)) if labels else None
+    if not labels:
+        return None
+    ids = tokenizer(list(labels), add_special_tokens=False)["input_ids"]
+    return list(dict.fromkeys(i for seq in ids for i in seq if tokenizer.decode([i]).strip()))
 
 
 # data = (train source ids, target ids, pad id); val, test = (examples, source ids)
