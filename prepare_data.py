@@ -733,15 +733,12 @@ def prepare(task, args, out):
 @cli.script
 def main(argv=None):
     args = parser.parse_args(argv)
-    names = []
-    for name in args.tasks:
-        for t in list(tasks.TASKS) if name == "all" else tasks.GROUPS.get(name, [name]):
-            if t not in TASKS:
-                parser.error(f"unknown task {t!r}; valid: {', '.join(tasks.TASKS)} "
-                             f"(or all, {', '.join(tasks.GROUPS)}; "
-                             f"the steering benchmark: {', '.join(tasks.STEER_TASKS)})")
-            if t not in names:
-                names.append(t)
+    names = list(dict.fromkeys(t for name in args.tasks for t in (
+        list(tasks.TASKS) if name == "all" else tasks.GROUPS.get(name, [name]))))
+    if unknown := [t for t in names if t not in TASKS]:
+        parser.error(f"unknown task {unknown[0]!r}; valid: {', '.join(tasks.TASKS)} (or all, "
+                     f"{', '.join(tasks.GROUPS)}; the steering benchmark: "
+                     f"{', '.join(tasks.STEER_TASKS)})")
     out = Path(args.out)  # created once the tokenizer has loaded: a failed start leaves nothing
     keys = {f"k{k}_seed{s}" for k in args.fewshot for s in args.fewshot_seeds}
     todo, old = [], {}
