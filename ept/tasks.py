@@ -134,12 +134,12 @@ def tokenize_file(path, tokenizer, max_length):
     cache = path.parent / "cache" / f"{path.stem}.{digest}.{key[2]}.L{max_length}.pt"
     if key in _TOKENIZED:
         return _TOKENIZED[key]
-    rows, ids = sum(bool(line.strip()) for line in text.split("\n")), None
+    n, ids = sum(bool(line.strip()) for line in text.split("\n")), None  # n: its rows
     with contextlib.suppress(cli.Failure, KeyError, RuntimeError, AttributeError, TypeError):
         state = files.load_torch(cache, "tokenization cache") if cache.exists() else {}
         ids = tuple([t.tolist() for t in state[f"{k}_ids"].split(state[f"{k}_lengths"].tolist())]
                     for k in ("source", "target"))
-    if ids is None or any(len(seqs) != rows for seqs in ids):
+    if ids is None or any(len(seqs) != n for seqs in ids):
         if cache.exists():
             print(f"batching: {cache} is damaged; tokenizing {path.name} again")
         rows = files.read_jsonl(path, what="split file")
