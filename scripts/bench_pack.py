@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages and ept/
 import costs  # noqa: E402  (scripts/costs.py)
-from ept import cli, runtime# noqa: E402
+from ept import cli, runtime  # noqa: E402
 from make_tiny import TINY  # noqa: E402
 from ept.pack import Pack, make_run  # noqa: E402
 from train import update  # noqa: E402

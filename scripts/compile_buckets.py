@@ -18,7 +18,7 @@ from contextlib import nullcontext  # noqa: E402
 
 import train  # noqa: E402
 from bench_pack import random_t5, synthetic  # noqa: E402
-from ept import cli, pack, runtime# noqa: E402
+from ept import cli, pack, runtime  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 B, N = 2, 50  # batch size; examples per length bucket

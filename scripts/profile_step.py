@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the stages and ept/
 from bench_pack import random_t5, synthetic  # noqa: E402
 import train  # noqa: E402
-from ept import cli, pack, runtime# noqa: E402
+from ept import cli, pack, runtime  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("steps", nargs="?", type=cli.positive_int, default=300, help="timed steps")
