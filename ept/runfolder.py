@@ -18,8 +18,6 @@ from ept import cli, files, runtime
 FAILED_NAME, LOCK_NAME = "failed.txt", "run.lock"
 RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "metrics.json",
              FAILED_NAME)
-CONFIG_KEYS = ("task", "method", "model", "tokenizer", "random_init", "seed", "data_dir",
-               "max_length", "meta")
 # train.Run.state's keys, checked on --resume (an older last.pt also has unused "rng", "world_size")
 CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "data", "best_score", "best_step")
 # the options that shape last.pt's optimizer and lr schedule: --resume must keep them
@@ -72,8 +70,7 @@ def open_folder(args, out_dir, held, say, packed=False):
 def is_run_folder(run_dir):
     """True for an empty folder or one train.py wrote (config.json): what --overwrite may clear."""
     if not (Path(run_dir) / "config.json").exists():
-        return all(p.name in (*RUN_FILES, "eval") or p.name.lstrip(".").startswith(LOCK_NAME)
-                   for p in Path(run_dir).iterdir())
+        return all(p.name in (*RUN_FILES, "eval", LOCK_NAME) for p in Path(run_dir).iterdir())
     with contextlib.suppress(cli.Failure):
         keys = files.read_json(Path(run_dir) / "config.json")
         return isinstance(keys, dict) and {"task", "method", "n_trainable"} <= set(keys)
@@ -81,11 +78,10 @@ def is_run_folder(run_dir):
 
 
 def old_config(out_dir):  # the run's config.json, refused unless a JSON object
-    config = files.read_json(out_dir / "config.json", "run configuration")
+    config = files.read_json(path := out_dir / "config.json", "run configuration")
     if not isinstance(config, dict):
-        raise files.FileFault(f"train: {out_dir / 'config.json'} is valid JSON but not a run "
-                              "configuration (a JSON object); restore it, or --overwrite to start "
-                              "over")
+        raise files.FileFault(f"train: {path} is valid JSON but not a run configuration (a JSON "
+                              "object); restore it, or --overwrite to start over")
     return config
 
 
@@ -96,9 +92,8 @@ def refuse_more_steps(out_dir, args):
     key = "epochs" if args.epochs is not None or config.get("epochs") is not None else "max_steps"
     flag, was, now = "--" + key.replace("_", "-"), config.get(key), getattr(args, key)
     if now is not None and (was is None or now > was):
-        ran = (f"with {flag} {was:g}" if was is not None else
-               f"without {flag} (--max-steps {config.get('max_steps')})")
-        keep = f"keep {flag} {was:g}" if was is not None else f"drop {flag}"
+        ran, keep = ((f"with {flag} {was:g}", f"keep {flag} {was:g}") if was is not None else
+                     (f"without {flag} (--max-steps {config.get('max_steps')})", f"drop {flag}"))
         raise cli.Failure(f"train: {out_dir} finished {ran}; {flag} {now:g} asks for more, but "
                           f"its lr schedule ended at 0 there: {keep}, or --overwrite to train "
                           f"{flag} {now:g} from scratch (or another --out-dir)")
@@ -112,8 +107,8 @@ def read_checkpoint(resume_path, max_steps):
                               f"{', '.join(sorted(missing))}); pass --overwrite to start over")
     if ckpt["step"] > max_steps:
         raise cli.Failure(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps "
-                          f"{max_steps}; resume with the run's own --max-steps, or "
-                          "--overwrite to start over")
+                          f"{max_steps}; resume with the run's own --max-steps, or --overwrite "
+                          "to start over")
     return ckpt
 
 
@@ -131,10 +126,10 @@ def resume(run, path, ranks):
     try:
         run.load_state(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise cli.Failure(f"train: {path} holds another model or optimizer than these "
-                          f"settings build ({type(err).__name__}); resume with the run's own "
-                          "--method and prompt options (its config.json), or --overwrite to "
-                          "start over") from None
+        raise cli.Failure(f"train: {path} holds another model or optimizer than these settings "
+                          f"build ({type(err).__name__}); resume with the run's own --method and "
+                          "prompt options (its config.json), or --overwrite to start over"
+                          ) from None
     if not weights_finite(run.params):
         raise cli.Failure(f"train: {path} holds NaN or inf weights; --overwrite to start over")
     if ranks.master and (run.out_dir / "log.jsonl").exists():
@@ -184,11 +179,9 @@ def start_log(run, task, ranks, say, **extra):
             log_file.unlink(missing_ok=True)  # a run killed before its first checkpoint
         files.write_json(out_dir / "config.json", run.config)
         log = Log(log_file, trackers)
-    log({"event": "resume" if resumed else "setup", "step": run.step, "device": ranks.device,
-         "world_size": ranks.world_size, "dtype": args.dtype,
-         "n_trainable": run.config["n_trainable"], "train_size": len(task.data[0]),
-         "steps_per_epoch": args.steps_per_epoch, "max_steps": args.max_steps,
-         "grad_accum_steps": args.grad_accum_steps})
+    log({"event": "resume" if resumed else "setup", "step": run.step, **{k: run.config[k] for k in (
+        "device", "world_size", "dtype", "n_trainable", "train_size", "steps_per_epoch",
+        "max_steps", "grad_accum_steps")}})
     say(f"train: {args.method} on {args.task}, {run.config['n_trainable']:,} trainable parameters, "
         f"{len(task.data[0])} examples, {args.max_steps} steps, {ranks.world_size} rank(s) on "
         f"{ranks.device}, {args.dtype} -> {out_dir}")
@@ -207,11 +200,13 @@ class Log:
         try:
             return do()
         except OSError as err:
-            raise files.FileFault(f"train: cannot write {self.path}: {files.why(err)}{fix}") from None
+            raise files.FileFault(f"train: cannot write {self.path}: {files.why(err)}{fix}"
+                                  ) from None
 
     def __call__(self, event):
-        if self.file:
-            self.io(lambda: self.file.write(json.dumps(event) + "\n"), "; free space, then --resume")
+        if self.file:  # a torn last line goes on --resume
+            self.io(lambda: self.file.write(json.dumps(event) + "\n"),
+                    "; free space, then --resume")
         for track in self.trackers:
             track(event)
 
@@ -230,8 +225,8 @@ def open_trackers(args, out_dir, config):
         try:
             package[flag] = getattr(args, flag) is not None and importlib.import_module(module)
         except ImportError:
-            raise cli.Failure(f"train: --{flag} needs the {flag} package: "
-                              f"pip install {flag}") from None
+            raise cli.Failure(f"train: --{flag} needs the {flag} package: pip install {flag}"
+                              ) from None
     trackers = []
     if package["wandb"]:
         try:
@@ -243,7 +238,8 @@ def open_trackers(args, out_dir, config):
                               "`wandb login`, or WANDB_MODE=offline") from None
         trackers.append(lambda e: wandb_run.log(numbers(e), step=e.get("step", 0)))
     if package["tensorboard"]:
-        writer = package["tensorboard"].SummaryWriter(args.tensorboard or str(out_dir / "tensorboard"))
+        writer = package["tensorboard"].SummaryWriter(args.tensorboard
+                                                      or str(out_dir / "tensorboard"))
         trackers.append(lambda e: [writer.add_scalar(k, v, e.get("step", 0))
                                    for k, v in numbers(e).items()])
     return trackers
@@ -251,8 +247,8 @@ def open_trackers(args, out_dir, config):
 
 def weights_finite(params):
     """All trainable weights finite (ft can blow up with a finite loss): one reduction."""
-    return (bool(torch.stack([n.float() for n in torch._foreach_norm(params)]).isfinite().all())
-            if params else True)
+    return not params or bool(torch.stack([n.float() for n in torch._foreach_norm(params)])
+                              .isfinite().all())
 
 
 def save_checkpoint(run, ranks, *names):
@@ -291,13 +287,10 @@ def cleanup(out_dirs, held, master):
                 folder.rmdir()  # only an empty folder: a run's files, or another process's, keep it
 
 
-# --- the lock: one writer per run folder (docs/training.md, "Run lock") --------------------------
-# run.lock is flock'ed for the writer's life (the kernel frees it however the process dies) and
-# says "<host> <pid> <job>", job being this SLURM unit (stable across a requeue) or "-". A lock
-# that is not flock'ed, left by a process of this host, is stale. Another host's lock cannot be
-# judged from here (its file system may not share flocks), unless it names this process's own
-# SLURM unit: a requeued task whose first node died (SLURM runs a task once at a time), taken even
-# while that node's flock lingers (an NFS lease).
+# --- the lock (docs/training.md, "Run lock"): run.lock, flock'ed for its writer's life (the kernel
+# frees it however the process dies), says "<host> <pid> <SLURM unit or ->". Another host's lock
+# cannot be judged here (flocks may not cross hosts), unless it names this process's SLURM unit: a
+# requeued task whose node died (SLURM runs a task once at a time), even while its NFS lease lasts.
 
 class Busy(cli.Failure):
     """Another live process holds the run folder."""
@@ -305,17 +298,15 @@ class Busy(cli.Failure):
 
 class Owner(collections.namedtuple("Owner", "host pid job")):
     def __str__(self):
-        return f"pid {self.pid} on {self.host}" + (f" (SLURM job {self.job})" if self.job != "-" else "")
-
-    @classmethod
-    def parse(cls, text):  # run.lock's bytes: an Owner, or None when empty
-        return cls(*(text.decode(errors="replace").split() + ["?", "?", "-"])[:3]) if text else None
+        return f"pid {self.pid} on {self.host}" + ("" if self.job == "-" else
+                                                    f" (SLURM job {self.job})")
 
 
 def read_owner(path):
-    """What run.lock says, or None when there is none."""
+    """What run.lock says (an Owner), or None: no lock, or an empty one."""
     with contextlib.suppress(FileNotFoundError):
-        return Owner.parse(Path(path).read_bytes())
+        said = Path(path).read_text(encoding="utf-8", errors="replace").split()
+        return Owner(*(said + ["?", "?", "-"])[:3]) if said else None
 
 
 def engine_job():
@@ -325,7 +316,7 @@ def engine_job():
 
 
 class Lock:
-    """A held run.lock: the open file `fd` flock'ed; release() removes the file and lets go (once)."""
+    """A held run.lock: the open file `fd`, flock'ed; release() removes it and lets go (once)."""
 
     def __init__(self, path, fd):
         self.path, self.fd = path, fd
@@ -347,7 +338,8 @@ class Lock:
 def acquire_lock(run_dir, say=print):
     """Take run_dir/run.lock, a stale one with a line saying so; raises Busy (one sentence naming
     the folder, the holder and the way out) when a live process or another host holds it."""
-    path, me = Path(run_dir) / LOCK_NAME, Owner(socket.gethostname(), str(os.getpid()), engine_job())
+    path = Path(run_dir) / LOCK_NAME
+    me = Owner(socket.gethostname(), str(os.getpid()), engine_job())
     for _ in range(3):
         try:
             lock = Lock(path, os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
@@ -357,7 +349,7 @@ def acquire_lock(run_dir, say=print):
             held = True
         except OSError as err:
             raise files.FileFault(f"cannot lock {path}: {files.why(err)}") from None
-        owner = Owner.parse(os.pread(lock.fd, 1000, 0))
+        owner = read_owner(path)
         requeue = owner is not None and owner.host != me.host and owner.job == me.job != "-"
         if not requeue and (held or owner is not None and owner.host != me.host):
             os.close(lock.fd)
@@ -370,6 +362,6 @@ def acquire_lock(run_dir, say=print):
             lock.release()
             continue
         os.ftruncate(lock.fd, 0)
-        os.pwrite(lock.fd, f"{me.host} {me.pid} {me.job}\n".encode(), 0)
+        os.pwrite(lock.fd, f"{' '.join(me)}\n".encode(), 0)
         return lock
     raise Busy(f"train: {run_dir}: another process took {path} meanwhile; try again")
