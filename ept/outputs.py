@@ -16,7 +16,8 @@ import model as M
 from ept import cli, evaluation, files, runfolder, runtime, tasks
 
 
-def read_config(run_dir, keys=runfolder.CONFIG_KEYS):
+def read_config(run_dir, keys=("task", "method", "model", "tokenizer", "random_init", "seed",
+                               "data_dir", "max_length", "meta")):
     """A run's config.json; one sentence if it lacks `keys` (what later stages rebuild it from)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

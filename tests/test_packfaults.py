@@ -323,14 +323,16 @@ def test_collecting_from_a_read_only_runs_folder(rte, tiny_model_dir, tmp_path, 
 
 
 def test_a_lock_held_by_a_live_process_that_is_not_ours(toy, rte, tiny_model_dir, tmp_path):
-    """A pid reused by a live process (here a sleeping child): one sentence naming the lock file, the holder and
+    """A live process holding the lock (here a sleeping child): one sentence naming the lock file, the holder and
     the way out, at once (no wait), from train.py alone, a pack and a driver."""
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    run, held = tmp_path / "run", tmp_path / "druns" / "rte_ept_tiny-t50_init-vocab_steps2_ev2_s0"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ept import files, runfolder\n"
+                                "locks = [runfolder.acquire_lock(files.make_dir(d)) for d in sys.argv[1:]]\n"
+                                "print(flush=True)\ntime.sleep(120)", str(run), str(held)], cwd=REPO,
+                               stdout=subprocess.PIPE)
+    sleeper.stdout.readline()  # it holds both folders' run.lock
     try:
         host = os.uname().nodename
-        run = tmp_path / "run"
-        run.mkdir()
-        (run / runfolder.LOCK_NAME).write_text(f"{host} {sleeper.pid} -\n")
         t0 = time.time()
         proc = subprocess.run([sys.executable, "train.py", *argv(toy, tiny_model_dir, run, *STEPS)], cwd=REPO,
                               env=ENV, capture_output=True, text=True, timeout=120)
@@ -349,9 +351,6 @@ def test_a_lock_held_by_a_live_process_that_is_not_ours(toy, rte, tiny_model_dir
         args = ["init", "--model", str(tiny_model_dir), "--tasks", "rte", "--seeds", "0", "--values", "uniform",
                 "vocab", "--data-dir", str(rte), "--runs-dir", str(tmp_path / "druns"), "--results-dir",
                 str(tmp_path / "dres"), "--max-steps", "2", "--eval-every", "2", "--max-eval-examples", "6"]
-        held = tmp_path / "druns" / "rte_ept_tiny-t50_init-vocab_steps2_ev2_s0"
-        held.mkdir(parents=True)
-        (held / runfolder.LOCK_NAME).write_text(f"{host} {sleeper.pid} -\n")
         proc = subprocess.run([sys.executable, "ablate.py", *args], cwd=REPO, env=ENV, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr

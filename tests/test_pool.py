@@ -189,7 +189,7 @@ def test_sigint_stops_every_child_and_a_rerun_resumes(tiny_model_dir, data_dir, 
     launcher.send_signal(signal.SIGINT)
     out = finish(launcher, status=130)
     assert "SIGINT received: every child wrote last.pt and stopped. Run the same command again to resume." in out
-    assert not any(runfolder._alive(pid) for pid in pids)  # every child ended before the launcher
+    assert not any(_alive(pid) for pid in pids)  # every child ended before the launcher
     stopped = [p.parent for p in held]
     assert all((run / "last.pt").exists() and not (run / runfolder.LOCK_NAME).exists() for run in stopped)
     assert "SIGTERM received: stopped at step" in out
@@ -239,7 +239,32 @@ def test_sigusr1_stops_a_pack_with_status_138_and_resume_continues_every_run(tin
         assert [e["step"] for e in events(run, "train")] == list(range(1, 41)) and runfolder.finished(run)
 
 
-# --- the one-host lock ------------------------------------------------------------------------------
+# --- the run lock ----------------------------------------------------------------------------------
+
+HOLD = "\n".join(["import fcntl, os, sys, time", "f = open(sys.argv[1], 'w')", "fcntl.flock(f, fcntl.LOCK_EX)",
+                  "f.write(sys.argv[2].replace('PID', str(os.getpid())))", "f.flush()", "print(flush=True)",
+                  "time.sleep(120)"])
+
+
+def hold_lock(folder, text):
+    """A live process (not this one) that holds `folder`'s run.lock, saying `text` (PID: its pid)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder / runfolder.LOCK_NAME), text],
+                            stdout=subprocess.PIPE)
+    proc.stdout.readline()  # it holds the lock now
+    return proc
+
+
+def _alive(pid):
+    """The process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+
 
 def test_a_run_started_twice_gets_one_sentence_and_a_dead_holder_is_taken_over(tmp_path):
     lock = runfolder.acquire_lock(tmp_path, say=lambda m: None)
@@ -253,31 +278,52 @@ def test_a_run_started_twice_gets_one_sentence_and_a_dead_holder_is_taken_over(t
     said = []
     runfolder.acquire_lock(tmp_path, say=said.append).release()
     assert said and "took over the stale lock" in said[0]
+    (tmp_path / runfolder.LOCK_NAME).write_text(f"{os.uname().nodename} {os.getpid()} -\n")  # a reused pid
+    said = []
+    runfolder.acquire_lock(tmp_path, say=said.append).release()  # a live pid that does not hold it
+    assert said and "took over the stale lock" in said[0]
     (tmp_path / runfolder.LOCK_NAME).write_text("another-host 1 -\n")  # another host's lock: not ours to judge
     with pytest.raises(runfolder.Busy):
         runfolder.acquire_lock(tmp_path, say=said.append)
 
 
-def test_the_pid_decides_on_this_host_even_within_one_slurm_job(tmp_path, monkeypatch):
-    """Issue 28 item 3: a lock of this host named this process's SLURM job and was taken as stale
-    even while its pid trained on (two `SLURM_JOB_ID=999 train.py` both trained the folder)."""
+def test_a_live_holder_keeps_the_lock_even_within_one_slurm_job(tmp_path, monkeypatch):
+    """Two `SLURM_JOB_ID=999 train.py` on one host never both train a folder; killed, the lock is taken."""
     monkeypatch.setenv("SLURM_JOB_ID", "999")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = hold_lock(tmp_path, f"{os.uname().nodename} PID 999\n")
     try:
-        lock = tmp_path / runfolder.LOCK_NAME
-        lock.write_text(f"{os.uname().nodename} {holder.pid} 999\n")
         with pytest.raises(runfolder.Busy, match=f"pid {holder.pid} .*SLURM job 999"):
             runfolder.acquire_lock(tmp_path, say=lambda m: None)
-        old = time.time() - 3600  # written before the holder started: its pid was reused since
-        os.utime(lock, (old, old))
-        said = []
-        runfolder.acquire_lock(tmp_path, say=said.append).release()
-        assert said and "took over the stale lock" in said[0]
+        assert runfolder.read_owner(tmp_path / runfolder.LOCK_NAME).pid == str(holder.pid)
     finally:
         holder.kill()
         holder.wait()
-    (tmp_path / runfolder.LOCK_NAME).write_text("another-host 1 999\n")  # a requeue onto another node
+    said = []
+    runfolder.acquire_lock(tmp_path, say=said.append).release()  # SIGKILLed: the kernel freed its flock
+    assert said and "took over the stale lock" in said[0]
+
+
+def test_a_slurm_requeue_on_another_node_takes_its_own_lock(tmp_path, monkeypatch):
+    """Another node's lock naming this process's SLURM job (a requeue: its node died) is taken, even
+    while that node's flock lingers (an NFS lease, here a live holder); another job's stays."""
+    monkeypatch.setenv("SLURM_JOB_ID", "999")
+    (tmp_path / runfolder.LOCK_NAME).write_text("another-host 1 999\n")
     runfolder.acquire_lock(tmp_path, say=lambda m: None).release()
+    for job, taken in (("998", False), ("999", True)):
+        holder = hold_lock(tmp_path, f"another-host 1 {job}\n")
+        try:
+            if taken:
+                said = []
+                lock = runfolder.acquire_lock(tmp_path, say=said.append)
+                assert "took over the stale lock of pid 1 on another-host (SLURM job 999)" in said[0]
+                assert runfolder.read_owner(lock.path).pid == str(os.getpid())
+                lock.release()
+            else:
+                with pytest.raises(runfolder.Busy, match="pid 1 on another-host .*SLURM job 998"):
+                    runfolder.acquire_lock(tmp_path, say=lambda m: None)
+        finally:
+            holder.kill()
+            holder.wait()
 
 
 def test_pool_devices():

@@ -220,9 +220,10 @@ def test_tokenized_splits_are_cached(data_dir, tiny_model_dir):
 def test_run_folder_lock_and_refusals(data_dir, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live writer: this process
+    lock = train.runfolder.acquire_lock(run)  # a live writer: this process
     with pytest.raises(SystemExit, match="being written"):
         train.main(argv(data_dir, tiny_model_dir, run, "--max-steps", 1))
+    lock.release()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (run / "run.lock").write_text(f"{socket.gethostname()} {dead.pid}\n")  # stale: its process is gone

@@ -10,7 +10,6 @@ left out, nothing left = exit 0; ft refused; SIGKILL of a pack + --resume == uni
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -125,12 +124,12 @@ def test_runs_file_faults_skips_and_refusals(data_dir, tiny_model_dir, tmp_path)
 
     # again with --resume: the finished runs are skipped, one held by a live process is left out, and the
     # command fails (its unit is not finished) naming the held folder
-    (out / "bad" / "run.lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    lock = train.runfolder.acquire_lock(out / "bad")  # a live writer: this process
     proc = run_cli("train.py", argv(data_dir, tiny_model_dir, out, *flags, "--resume"), check=False)
     assert proc.stdout.count("skipped") == 2 and "left out of the pack" in proc.stdout
     assert "nothing left to train" in proc.stdout and proc.returncode == 1
     assert f"1 run(s) of the pack were left out, held by another process: {out / 'bad'}" in proc.stderr
-    (out / "bad" / "run.lock").unlink()
+    lock.release()
     resumed = tmp_path / "resume.json"  # a run's own "resume": true (the drivers once wrote it; now accepted)
     resumed.write_text(json.dumps([{"method": "ept", "seed": 2, "hidden_size": 2, "resume": True}]))
     proc = run_cli("train.py", argv(data_dir, tiny_model_dir, out, "--max-steps", 3, "--eval-every", 1,
