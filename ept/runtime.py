@@ -1,9 +1,6 @@
 """Where and how the model runs: the ranks of a torchrun group; stop signals (SIGTERM, SIGUSR1,
-Ctrl-C: last.pt at the next step boundary, then exit 128 + the signal, every rank together); T5 and
-its tokenizer from a folder or the Hub (offline: one sentence naming the flag that takes a folder);
-and the precision, --dtype: fp32 (our reading: the paper names none; the HF Trainer's default), tf32
-(matmuls on TF32 tensor cores; CUDA) or bf16 (autocast around the forwards, trainable parameters and
-loss in fp32; CUDA, a speed option; T5 overflows in fp16)."""
+Ctrl-C: last.pt at the next step boundary, then exit 128 + the signal); T5 and its tokenizer from a
+folder or the Hub (offline: one sentence naming the flag that takes a folder); the precision."""
 import functools
 import hashlib
 import os
@@ -21,12 +18,15 @@ import torch.distributed as dist
 
 from ept import cli, files
 
+# --dtype: fp32 is our reading (the paper names none; the HF Trainer's default); tf32: matmuls on
+# TF32 tensor cores; bf16: autocast around the forwards, trainable parameters and loss in fp32 (a
+# speed option; T5 overflows in fp16). tf32 and bf16 act on CUDA only.
 DTYPES = ("fp32", "tf32", "bf16")
 
 
 def ranks():
-    """This process under torchrun (the group joined; safe to call again): rank, local_rank,
-    world_size, device, master, and first(fn, everyone=False): master_first on these ranks."""
+    """This process under torchrun (the group joined; safe to call again), with first(fn,
+    everyone=False): fn on rank 0 first (master_first)."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -34,9 +34,9 @@ def ranks():
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="gloo" if device == "cpu" else "nccl")
+    first = functools.partial(master_first, rank=rank, world_size=world_size)
     return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
-                           master=rank == 0, first=functools.partial(master_first, rank=rank,
-                                                                     world_size=world_size))
+                           master=rank == 0, first=first)
 
 
 class PeerStopped(cli.Failure):
@@ -45,7 +45,7 @@ class PeerStopped(cli.Failure):
 
 def master_first(fn, rank, world_size, everyone=False):
     """fn() on rank 0, then on the others (everyone) or its result sent to them. A failure on rank 0
-    is its sentence there, and the other ranks exit quietly (PeerStopped) instead of waiting on a
+    is its sentence there, and the others exit quietly (PeerStopped) instead of waiting on a
     collective rank 0 never joins (gloo's "Connection closed by peer" tracebacks)."""
     if world_size == 1:
         return fn()
@@ -101,10 +101,6 @@ class Throughput:
 
 # --- stopping cleanly on a signal ---------------------------------------------------------------
 
-class Stopped(cli.Failure):
-    """A stop signal arrived: last.pt was written at a step boundary; exit 128 + the signal."""
-
-
 _received, _stopping = [], []  # the signal (read at each step boundary); set once the run stops
 
 
@@ -121,12 +117,11 @@ def _on_signal(sig, _):
 def stop_on_signals():
     """The handler above while the loop runs; in the main thread only (a thread cannot install
     one, and then the caller's stays)."""
-    before = {}
-    if threading.current_thread() is threading.main_thread():
-        _received.clear()
-        _stopping.clear()
-        before = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1,
-                                                            signal.SIGINT)}
+    main = threading.current_thread() is threading.main_thread()
+    for state in (_received, _stopping) if main else ():
+        state.clear()
+    stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT) if main else ()
+    before = {sig: signal.signal(sig, _on_signal) for sig in stops}
     try:
         yield
     finally:
@@ -148,13 +143,13 @@ def stop_requested(ranks):
 
 
 def stopped(sig, runs):
-    """The Stopped to raise once the runs wrote last.pt: rank 0 says why and how to resume."""
+    """The Failure to raise once the runs wrote last.pt: exit 128 + the signal, rank 0 says why."""
     _stopping.append(sig)
     folders = " ".join(str(run.out_dir) for run in runs)
-    return Stopped(f"train: {signal.Signals(sig).name} received: stopped at step "
-                   f"{min(run.step for run in runs)}, last.pt written in {folders}; run the same "
-                   f"command with --resume to continue (exit status {128 + sig})"
-                   if int(os.environ.get("RANK", 0)) == 0 else "", status=128 + sig)
+    return cli.Failure(f"train: {signal.Signals(sig).name} received: stopped at step "
+                       f"{min(run.step for run in runs)}, last.pt written in {folders}; run the "
+                       f"same command with --resume to continue (exit status {128 + sig})"
+                       if int(os.environ.get("RANK", 0)) == 0 else "", status=128 + sig)
 
 
 def run(main):
@@ -185,7 +180,6 @@ FLAGS = {"model": "--model DIR, a local T5 folder",
 RUN_FIX = ("a run trained on a Hub name needs it in the local Hugging Face cache (HF_HOME): "
            "load it once online")
 VOCABULARY = ("tokenizer.json", "spiece.model")
-TOKENIZER_FIX = "pass --tokenizer DIR with the T5 tokenizer"
 
 
 def _cached(what, name):
@@ -205,8 +199,8 @@ def check_offline(model, tokenizer, dataset=None):
     from huggingface_hub import constants
     missing = [f"the {what} {name if what == 'dataset' else repr(name)} (pass {FLAGS[what]})"
                for what, name in (("tokenizer", tokenizer), ("dataset", dataset), ("model", model))
-               if constants.HF_HUB_OFFLINE and name
-               and (what == "dataset" or local_folder(name, what) is None) and not _cached(what, name)]
+               if constants.HF_HUB_OFFLINE and name and (what == "dataset" or not local_folder(
+                   name, what)) and not _cached(what, name)]
     if missing:
         raise cli.Failure(f"HF_HUB_OFFLINE is set and these are not in the local cache: "
                           f"{'; '.join(missing)}")
@@ -220,27 +214,25 @@ def offline_error(what, name, err, fix=None):
     cause, fix = err, fix or f"pass {FLAGS[what]}"
     while cause is not None and not isinstance(cause, (LocalEntryNotFoundError, ConnectionError)):
         cause = cause.__cause__ or cause.__context__  # the client's "no connection, not cached"
-    why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
-           "the Hugging Face Hub cannot be reached" if cause else None)
-    if why is None:
-        return cli.Failure(f"could not load the {what} {name!r}: the Hub has no such name, or "
-                           f"refused it ({type(err).__name__}); {fix}")
-    hint = "" if constants.HF_HUB_OFFLINE else " (without a network, export HF_HUB_OFFLINE=1)"
-    return cli.Failure(f"could not load the {what} {name!r}: {why} and it is not in the local "
-                       f"cache; {fix}{hint}")
+    why = (f"the Hub has no such name, or refused it ({type(err).__name__})" if not cause else
+           "the Hugging Face Hub cannot be reached and it is not in the local cache")
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache"
+    elif cause:
+        fix += " (without a network, export HF_HUB_OFFLINE=1)"
+    return cli.Failure(f"could not load the {what} {name!r}: {why}; {fix}")
 
 
 def local_folder(name_or_dir, what="model"):
     """The folder `name_or_dir` names, or None for a Hub name. A file, or a missing path that is no
     Hub 'org/name' (absolute, ./, ../, ~, deeper), is one sentence here, not a Hub lookup."""
     path, text = Path(name_or_dir), str(name_or_dir)
-    if path.is_dir():
-        return path
-    if path.exists():
+    if path.exists() and not path.is_dir():
         raise cli.Failure(f"{name_or_dir} is a file; pass the {what} folder that holds it")
-    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+    if not path.exists() and (path.is_absolute() or text.startswith((".", "~"))
+                              or text.count("/") > 1):
         raise cli.Failure(f"no {what} folder {name_or_dir} (it does not exist); check the path")
-    return None
+    return path if path.is_dir() else None
 
 
 def _first_line(err):
@@ -264,19 +256,18 @@ def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
         torch.manual_seed(seed)  # random weights are reproducible
         return T5ForConditionalGeneration(config)
     except Exception as err:  # the library's many error types, at the one boundary
-        if isinstance(err, ValueError):  # a config.json that is not a T5's
-            raise cli.Failure(f"{name_or_dir} does not hold a T5 model "
-                              f"({_first_line(err)})") from None
         if folder is None and isinstance(err, OSError):
             raise offline_error("model", name_or_dir, err, fix) from None
-        if folder is None:
+        if folder is None and not isinstance(err, ValueError):
             raise
-        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-            raise cli.Failure(f"{name_or_dir} has a config but no weights; pass --random-init "
-                              "to build random weights from it (tests, speed only)") from None
-        raise cli.Failure(f"the model in {name_or_dir} cannot be loaded, its files are damaged "
-                          f"or not a T5's ({type(err).__name__}: {_first_line(err)}); "
-                          "restore the folder") from None
+        weights = folder is None or any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+        raise cli.Failure(
+            f"{name_or_dir} does not hold a T5 model ({_first_line(err)})"
+            if isinstance(err, ValueError) else  # a config.json that is not a T5's
+            f"{name_or_dir} has a config but no weights; pass --random-init to build random "
+            "weights from it (tests, speed only)" if not weights else
+            f"the model in {name_or_dir} cannot be loaded, its files are damaged or not a T5's "
+            f"({type(err).__name__}: {_first_line(err)}); restore the folder") from None
 
 
 def load_tokenizer(name_or_dir, say=print, fix=None):
@@ -284,10 +275,11 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
     ../shared/data/t5/t5-small) takes its parent's, and says so."""
     from transformers import AutoTokenizer
     folder, candidate = local_folder(name_or_dir, "tokenizer"), name_or_dir
+    how = "pass --tokenizer DIR with the T5 tokenizer"
     if folder is not None and not any((folder / f).exists() for f in VOCABULARY):
         if not any((folder.parent / f).exists() for f in VOCABULARY):
             raise cli.Failure(f"{name_or_dir} holds no tokenizer (no tokenizer.json or "
-                              f"spiece.model); {TOKENIZER_FIX}")
+                              f"spiece.model); {how}")
         candidate = str(folder.parent)
         say(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} "
             "(--tokenizer to choose)")
@@ -300,13 +292,12 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
             raise
         raise cli.Failure(f"the tokenizer in {candidate} cannot be loaded, its files are damaged "
                           f"or not a tokenizer's ({type(err).__name__}: {_first_line(err)}); "
-                          f"{TOKENIZER_FIX}") from None
+                          f"{how}") from None
     for role, token in (("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
         if getattr(tok, role) is None:  # a bare tokenizer.json names none; T5's are fixed
             setattr(tok, role, token)
     if all(i == tok.unk_token_id for i in tok("the cat sat on the mat")["input_ids"][:-1]):
-        raise cli.Failure(f"the tokenizer from {name_or_dir!r} maps plain English to <unk>; "
-                          f"{TOKENIZER_FIX}")
+        raise cli.Failure(f"the tokenizer from {name_or_dir!r} maps plain English to <unk>; {how}")
     return tok
 
 
@@ -327,8 +318,8 @@ def tokenizer_fingerprint(tokenizer):
 
 
 def set_dropout(t5, rate):
-    """T5's dropout rate everywhere: nn.Dropout modules and the float rate HF's attention keeps
-    (None: the config's, unchanged)."""
+    """T5's dropout rate everywhere (None: the config's): nn.Dropout modules and the float rate HF's
+    attention keeps."""
     if rate is None:
         return
     t5.config.dropout_rate = rate
