@@ -45,9 +45,11 @@ def folder(text):
 
 def run_folder_problem(value):
     """Why `value` cannot be a run folder ('', '.', '/', 'x/..': the current folder or a parent)."""
-    if not isinstance(value, str) or not value.strip() or Path(value).name in ("", ".", ".."):
-        return (f"must be a folder path (a string), not {value!r}" if not isinstance(value, str)
-                else f"{value!r} is empty or names no folder of its own; name the run's own folder")
+    if not isinstance(value, str):
+        return f"must be a folder path (a string), not {value!r}"
+    if not value.strip() or Path(value).name in ("", ".", ".."):
+        return f"{value!r} is empty or names no folder of its own; name the run's own folder"
+    return None
 
 
 class Sweep(argparse.Action):

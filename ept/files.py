@@ -19,9 +19,9 @@ class FileFault(cli.Failure):
 
 
 WHY = {FileNotFoundError: "it does not exist", IsADirectoryError: "it is a folder, not a file",
-       NotADirectoryError: "a part of the path is a file, not a folder", errno.EROFS:
-       "the file system is read-only", FileExistsError: "a file of that name is in the way",
-       PermissionError: "permission denied", errno.ENOSPC: "the disk is full"}
+       NotADirectoryError: "a part of the path is a file, not a folder",
+       FileExistsError: "a file of that name is in the way", PermissionError: "permission denied",
+       errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only"}
 
 
 def why(err):

@@ -25,8 +25,7 @@ DTYPES = ("fp32", "tf32", "bf16")
 
 
 def ranks():
-    """This process under torchrun (the group joined; safe to call again), with first(fn,
-    everyone=False): fn on rank 0 first (master_first)."""
+    """This process under torchrun (the group joined; safe to call again); first: master_first."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -115,11 +114,10 @@ def _on_signal(sig, _):
 
 @contextmanager
 def stop_on_signals():
-    """The handler above while the loop runs; in the main thread only (a thread cannot install
-    one, and then the caller's stays)."""
+    """The handler above while the loop runs (main thread only: a thread cannot install one)."""
     main = threading.current_thread() is threading.main_thread()
-    for state in (_received, _stopping) if main else ():
-        state.clear()
+    if main:  # a new run: nothing received yet
+        del _received[:], _stopping[:]
     stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT) if main else ()
     before = {sig: signal.signal(sig, _on_signal) for sig in stops}
     try:
@@ -207,8 +205,7 @@ def check_offline(model, tokenizer, dataset=None):
 
 
 def offline_error(what, name, err, fix=None):
-    """The one sentence for a Hub name that could not be loaded: why, and the way out (`fix`, by
-    default the flag that takes a folder)."""
+    """The one sentence for a Hub name not loaded: why, and `fix` (default: the folder's flag)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
     cause, fix = err, fix or f"pass {FLAGS[what]}"
@@ -240,8 +237,7 @@ def _first_line(err):
 
 
 def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
-    """T5ForConditionalGeneration from a folder or the Hub; `random_init`: seeded random weights
-    from the config. `fix`: the way out an offline failure names (default: --model DIR)."""
+    """T5 from a folder or the Hub (`random_init`: seeded random weights); `fix`: offline_error's."""
     from transformers import T5Config, T5ForConditionalGeneration, logging
     logging.disable_progress_bar()  # one bar per shard is noise in every log
     folder = local_folder(name_or_dir)
@@ -258,16 +254,12 @@ def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
     except Exception as err:  # the library's many error types, at the one boundary
         if folder is None and isinstance(err, OSError):
             raise offline_error("model", name_or_dir, err, fix) from None
-        if folder is None and not isinstance(err, ValueError):
+        if folder is None:
             raise
-        weights = folder is None or any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-        raise cli.Failure(
-            f"{name_or_dir} does not hold a T5 model ({_first_line(err)})"
-            if isinstance(err, ValueError) else  # a config.json that is not a T5's
-            f"{name_or_dir} has a config but no weights; pass --random-init to build random "
-            "weights from it (tests, speed only)" if not weights else
-            f"the model in {name_or_dir} cannot be loaded, its files are damaged or not a T5's "
-            f"({type(err).__name__}: {_first_line(err)}); restore the folder") from None
+        raise cli.Failure(f"the model in {name_or_dir} cannot be loaded, its files are damaged, "
+                          f"missing or not a T5's ({type(err).__name__}: {_first_line(err)}); "
+                          "restore the folder (--random-init: random weights from its config)"
+                          ) from None
 
 
 def load_tokenizer(name_or_dir, say=print, fix=None):
@@ -318,8 +310,7 @@ def tokenizer_fingerprint(tokenizer):
 
 
 def set_dropout(t5, rate):
-    """T5's dropout rate everywhere (None: the config's): nn.Dropout modules and the float rate HF's
-    attention keeps."""
+    """T5's dropout rate (None: the config's) in nn.Dropout and the float HF's attention keeps."""
     if rate is None:
         return
     t5.config.dropout_rate = rate
