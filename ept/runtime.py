@@ -134,9 +134,10 @@ def received():
 
 def stop_requested(ranks):
     """The signal to stop on (or None), agreed by every rank: one may receive it a step later."""
+    if ranks.world_size == 1:  # no tensor, no sync with the GPU
+        return received()
     sig = torch.tensor([received() or 0], device=ranks.device)
-    if ranks.world_size > 1:
-        dist.all_reduce(sig, op=dist.ReduceOp.MAX)
+    dist.all_reduce(sig, op=dist.ReduceOp.MAX)
     return int(sig.item()) or None
 
 
