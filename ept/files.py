@@ -101,14 +101,13 @@ def write_with(path, save):
         save(tmp)
         os.replace(tmp, path)
         return path
-    except BaseException as err:
-        with contextlib.suppress(OSError):  # a read-only folder: nothing was left in it either
-            tmp.unlink(missing_ok=True)
-        if not isinstance(err, OSError):
-            raise
+    except OSError as err:
         gone = isinstance(err, FileNotFoundError) and not path.parent.is_dir()
         reason = f"the folder {path.parent} does not exist" if gone else why(err)
         raise FileFault(f"cannot write {path}: {reason}") from None
+    finally:  # after any failure, Ctrl-C included, no temporary file is left
+        with contextlib.suppress(OSError):  # a read-only folder: none was made
+            tmp.unlink(missing_ok=True)
 
 
 def write_text(path, text):
