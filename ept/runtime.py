@@ -18,9 +18,8 @@ import torch.distributed as dist
 
 from ept import cli, files
 
-# --dtype: fp32 is our reading (the paper names none; the HF Trainer's default); tf32: matmuls on
-# TF32 tensor cores; bf16: autocast around the forwards, trainable parameters and loss in fp32 (a
-# speed option; T5 overflows in fp16). tf32 and bf16 act on CUDA only.
+# --dtype on CUDA: tf32 matmuls on tensor cores; bf16 autocast around the forwards, trainable
+# parameters and loss in fp32 (speed; T5 overflows in fp16). fp32: the HF Trainer's, our reading.
 DTYPES = ("fp32", "tf32", "bf16")
 
 
