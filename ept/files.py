@@ -1,9 +1,6 @@
-"""The project's files: one reader and one writer per kind (folders: data/<task>/, an exported
-adapter; JSON; JSONL: data splits, logs, predictions, results/*.jsonl appended line by line under a
-lock; torch: checkpoints, prompt.pt, the tokenization cache, weights_only-loadable). Every writer is
-atomic (a temporary file beside the target, then `os.replace`): a file is its old self or wholly
-new, even under SIGKILL or a full disk. Every reader fails with one sentence naming the file and
-what is wrong (missing, not JSON, truncated, not UTF-8, unreadable)."""
+"""The project's files (JSON, JSONL, torch checkpoints). Every reader fails with one sentence naming
+the file and what is wrong; every writer is atomic (a temporary file beside the target, then
+os.replace): a file is its old self or wholly new, even under SIGKILL or a full disk."""
 import contextlib
 import errno
 import json
@@ -23,25 +20,22 @@ class FileFault(cli.Failure):
 
 WHY = {FileNotFoundError: "it does not exist", IsADirectoryError: "it is a folder, not a file",
        NotADirectoryError: "a part of the path is a file, not a folder",
-       FileExistsError: "a file of that name is in the way", PermissionError: "permission denied"}
-WHY_ERRNO = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only"}
+       FileExistsError: "a file of that name is in the way", PermissionError: "permission denied",
+       errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only"}
 
 
 def why(err):
     """What went wrong, in a few words, for a one-sentence message."""
-    if not isinstance(err, OSError):
-        return str(err)
-    kind = next((WHY[k] for k in type(err).__mro__ if k in WHY), None)
-    return kind or WHY_ERRNO.get(err.errno) or err.strerror or type(err).__name__
+    return next((WHY[k] for k in (*type(err).__mro__, err.errno) if k in WHY),
+                err.strerror or type(err).__name__) if isinstance(err, OSError) else str(err)
 
 
 def read_text(path, what="file"):
     try:
         return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise FileFault(f"cannot read the {what} {path}: byte {err.start} is not UTF-8") from None
-    except OSError as err:
-        raise FileFault(f"cannot read the {what} {path}: {why(err)}") from None
+    except (UnicodeDecodeError, OSError) as err:
+        bad = isinstance(err, UnicodeDecodeError) and f"byte {err.start} is not UTF-8"
+        raise FileFault(f"cannot read the {what} {path}: {bad or why(err)}") from None
 
 
 def read_json(path, what="JSON file"):
@@ -53,10 +47,8 @@ def read_json(path, what="JSON file"):
 
 
 def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_ok=False, fix=None):
-    """The rows of a JSONL file (the first `limit`). `torn_tail_ok`: a last line without its newline
-    that is not JSON, a killed writer's, is dropped (log.jsonl). `missing_ok`: no file, no rows.
-    `fix`: the way out a damaged line's message names."""
-    fix = f"; {fix}" if fix else ""
+    """The rows (the first `limit`). `torn_tail_ok`: a last line without its newline that is not
+    JSON, a killed writer's, is dropped (log.jsonl). `missing_ok`: no file, no rows."""
     if missing_ok and not Path(path).exists():
         return []
     rows, lines = [], read_text(path, what).split("\n")
@@ -65,15 +57,14 @@ def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_
             continue
         try:
             row = json.loads(line)
+            bad = not isinstance(row, dict) and f"line {number} is not a JSON object"
         except json.JSONDecodeError as err:
             if torn_tail_ok and number == len(lines):  # no newline: the writer died mid-line
                 break
             cut = " (the last line, without its newline: cut short)" if number == len(lines) else ""
-            raise FileFault(f"the {what} {path} is damaged: line {number}{cut} is not valid JSON "
-                            f"({err.msg}){fix}") from None
-        if not isinstance(row, dict):
-            raise FileFault(f"the {what} {path} is damaged: line {number} is not a JSON "
-                            f"object{fix}")
+            bad = f"line {number}{cut} is not valid JSON ({err.msg})"
+        if bad:
+            raise FileFault(f"the {what} {path} is damaged: {bad}{f'; {fix}' if fix else ''}")
         rows.append(row)
         if limit is not None and len(rows) >= limit:
             break
@@ -82,7 +73,6 @@ def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_
 
 def load_torch(path, what="checkpoint", fix=None):
     """torch.load(weights_only=True) on the CPU; a truncated or foreign file is one sentence."""
-    fix = f"; {fix}" if fix else ""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
@@ -90,36 +80,34 @@ def load_torch(path, what="checkpoint", fix=None):
         if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL):  # EINVAL: truncated
             raise FileFault(f"cannot read the {what} {path}: {why(err)}") from None
         raise FileFault(f"the {what} {path} is damaged (truncated or not a checkpoint of this "
-                        f"project: {type(err).__name__}){fix}") from None
+                        f"project: {type(err).__name__}){f'; {fix}' if fix else ''}") from None
 
 
 def make_dir(path, what="folder"):
-    """mkdir -p with one sentence when it cannot be made (read-only disk, a file in the way)."""
-    path = Path(path)
+    """mkdir -p, or one sentence when it cannot be made (read-only disk, a file in the way)."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return Path(path)
     except OSError as err:
         raise FileFault(f"cannot create the {what} {path}: {why(err)}") from None
-    return path
 
 
 def write_with(path, save):
-    """Atomic write through `save(tmp_path)` (torch.save, savefig, safetensors, ...); a failure
-    leaves the old file as it was, removes the temporary one, and is one sentence."""
+    """Atomic write through `save(tmp_path)` (torch.save, savefig, ...); a failure leaves the old
+    file as it was, removes the temporary one, and is one sentence."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save(tmp)
         os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):  # a read-only folder: nothing was left in it either
-            tmp.unlink(missing_ok=True)
-        if not isinstance(err, OSError):
-            raise
+        return path
+    except OSError as err:
         gone = isinstance(err, FileNotFoundError) and not path.parent.is_dir()
         reason = f"the folder {path.parent} does not exist" if gone else why(err)
         raise FileFault(f"cannot write {path}: {reason}") from None
-    return path
+    finally:  # after any failure, Ctrl-C included, no temporary file is left
+        with contextlib.suppress(OSError):  # a read-only folder: none was made
+            tmp.unlink(missing_ok=True)
 
 
 def write_text(path, text):

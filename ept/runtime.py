@@ -1,10 +1,6 @@
-"""Where and how the model runs: T5 and its tokenizer (a Hub name or a folder; one sentence when
-either cannot be loaded), the ranks of a torchrun group (stopped together on a signal: SIGTERM,
-SIGUSR1, Ctrl-C; last.pt at the next step boundary, then exit), and the precision (--dtype):
-    fp32  our reading (the paper names none; the HF Trainer's: fp32, TF32 off as PyTorch leaves it)
-    tf32  fp32 weights and activations, matmuls on TF32 tensor cores (CUDA; on a CPU it is fp32)
-    bf16  bf16 autocast around the forwards, trainable parameters and loss in fp32 (CUDA; T5
-          overflows in fp16). A speed option, not the paper's setting."""
+"""Where and how the model runs: the ranks of a torchrun group; stop signals (SIGTERM, SIGUSR1,
+Ctrl-C: last.pt at the next step boundary, then exit 128 + the signal); T5 and its tokenizer from a
+folder or the Hub (offline: one sentence naming the flag that takes a folder); the precision."""
 import functools
 import hashlib
 import os
@@ -22,42 +18,42 @@ import torch.distributed as dist
 
 from ept import cli, files
 
+# --dtype on CUDA: tf32 matmuls on tensor cores; bf16 autocast around the forwards, trainable
+# parameters and loss in fp32 (speed; T5 overflows in fp16). fp32: the HF Trainer's, our reading.
 DTYPES = ("fp32", "tf32", "bf16")
 
 
 def ranks():
-    """This process's place under torchrun (the group joined; safe to call again): rank, local_rank,
-    world_size, device, master, and first(check, everyone=False): master_first on these ranks."""
+    """This process under torchrun (the group joined; safe to call again); first: master_first."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
+    if device != "cpu":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend="gloo" if device == "cpu" else "nccl")
+    first = functools.partial(master_first, rank=rank, world_size=world_size)
     return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
-                           master=rank == 0,
-                           first=functools.partial(master_first, rank=rank, world_size=world_size))
+                           master=rank == 0, first=first)
 
 
 class PeerStopped(cli.Failure):
-    """Rank 0 stopped the run and printed why; this rank exits 1 without repeating the sentence."""
+    """Rank 0 stopped the run and said why; this rank exits 1 without repeating the sentence."""
 
 
 def master_first(fn, rank, world_size, everyone=False):
-    """fn() on rank 0, then on the other ranks (everyone) or its result sent to them. A failure on
-    rank 0 is its one sentence there, and every other rank exits 1 quietly (PeerStopped) instead of
-    waiting on a collective rank 0 never joins (gloo's "Connection closed by peer" tracebacks)."""
+    """fn() on rank 0, then on the others (everyone) or its result sent to them. A failure on rank 0
+    is its sentence there, and the others exit quietly (PeerStopped) instead of waiting on a
+    collective rank 0 never joins (gloo's "Connection closed by peer" tracebacks)."""
     if world_size == 1:
         return fn()
     if rank != 0:
         box = [None]
         dist.broadcast_object_list(box, src=0)
-        failed, result = box[0]
-        if failed:  # under torchrun rank 0 exits first: its summary names rank 0's sentence
+        if box[0][0]:  # failed: under torchrun rank 0 exits first, so its summary names rank 0
             time.sleep(2 if os.environ.get("TORCHELASTIC_ERROR_FILE") else 0)
             raise PeerStopped()
-        return fn() if everyone else result
+        return fn() if everyone else box[0][1]
     failed, result = True, None
     try:
         result, failed = fn(), False
@@ -66,17 +62,17 @@ def master_first(fn, rank, world_size, everyone=False):
         dist.broadcast_object_list([(failed, None if everyone or failed else result)], src=0)
 
 
+def autocast(device, dtype):
+    """bf16 autocast when asked, else nothing (fp32 / tf32)."""
+    bf16 = dtype == "bf16"
+    return torch.autocast(torch.device(device).type, torch.bfloat16) if bf16 else nullcontext()
+
+
 def set_precision(dtype, device):
     """Apply `dtype` to the process (TF32 switches); returns the forwards' autocast context."""
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
     return autocast(device, dtype)
-
-
-def autocast(device, dtype):
-    """bf16 autocast when asked, else nothing (fp32 / tf32)."""
-    bf16 = dtype == "bf16"
-    return torch.autocast(torch.device(device).type, torch.bfloat16) if bf16 else nullcontext()
 
 
 class Throughput:
@@ -103,37 +99,26 @@ class Throughput:
 
 # --- stopping cleanly on a signal ---------------------------------------------------------------
 
-class Stopped(cli.Failure):
-    """A stop signal arrived: last.pt was written at a step boundary; exit 128 + the signal."""
-
-
-_stop_signal = []  # the signal received, set by the handler, read at each step boundary
-_stopping = []  # set once the run stops (Stopped, a second Ctrl-C): later signals wait for cleanup
+_received, _stopping = [], []  # the signal (read at each step boundary); set once the run stops
 
 
 def _on_signal(sig, _):
     if _stopping:  # the locks are being released and the files closed: let that finish
         return
-    if sig == signal.SIGINT and signal.SIGINT in _stop_signal:  # twice: stop now (files stay whole)
+    if sig == signal.SIGINT and sig in _received:  # Ctrl-C twice: stop now (files stay whole)
         _stopping.append(sig)
         raise KeyboardInterrupt
-    if sig == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:
-        print("train: Ctrl-C: stopping at the next step boundary, after writing last.pt (Ctrl-C "
-              "again to stop at once)", file=sys.stderr, flush=True)
-    _stop_signal.append(sig)
+    _received.append(sig)
 
 
 @contextmanager
 def stop_on_signals():
-    """The handlers above while the loop runs. Main thread only: a thread cannot install handlers,
-    and then the caller's stay."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _stop_signal.clear()
-    _stopping.clear()
-    before = {sig: signal.signal(sig, _on_signal)
-              for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    """The handler above while the loop runs (main thread only: a thread cannot install one)."""
+    main = threading.current_thread() is threading.main_thread()
+    if main:  # a new run: nothing received yet
+        del _received[:], _stopping[:]
+    stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT) if main else ()
+    before = {sig: signal.signal(sig, _on_signal) for sig in stops}
     try:
         yield
     finally:
@@ -143,41 +128,37 @@ def stop_on_signals():
 
 def received():
     """The stop signal of the last run, or None: a driver stops before its next run even so."""
-    return _stop_signal[0] if _stop_signal else None
+    return _received[0] if _received else None
 
 
 def stop_requested(ranks):
     """The signal to stop on (or None), agreed by every rank: one may receive it a step later."""
-    sig = received() or 0
-    if ranks.world_size > 1:
-        box = torch.tensor([int(sig)], device=ranks.device)
-        dist.all_reduce(box, op=dist.ReduceOp.MAX)
-        sig = int(box.item())
-    return sig or None
+    if ranks.world_size == 1:  # no tensor, no sync with the GPU
+        return received()
+    sig = torch.tensor([received() or 0], device=ranks.device)
+    dist.all_reduce(sig, op=dist.ReduceOp.MAX)
+    return int(sig.item()) or None
 
 
 def stopped(sig, runs):
-    """The Stopped to raise once the runs wrote last.pt: rank 0 says why and how to resume; each
-    rank exits 128 + the signal."""
+    """The Failure to raise once the runs wrote last.pt: exit 128 + the signal, rank 0 says why."""
     _stopping.append(sig)
-    name, step = signal.Signals(sig).name, min(run.step for run in runs)
     folders = " ".join(str(run.out_dir) for run in runs)
-    said = int(os.environ.get("RANK", 0)) == 0  # once under torchrun
-    return Stopped(f"train: {name} received: stopped at step {step}, last.pt written in "
-                   f"{folders}; run the same command with --resume to continue (exit status "
-                   f"{128 + sig})" if said else "", status=128 + sig)
+    return cli.Failure(f"train: {signal.Signals(sig).name} received: stopped at step "
+                       f"{min(run.step for run in runs)}, last.pt written in {folders}; run the "
+                       f"same command with --resume to continue (exit status {128 + sig})"
+                       if int(os.environ.get("RANK", 0)) == 0 else "", status=128 + sig)
 
 
 def run(main):
-    """train.py's main(): a Ctrl-C after a stop or failure is ignored; a second one, or one outside
-    the loop, exits 130 (files whole). Every rank ends the process group."""
+    """train.py's main(): a Ctrl-C after a stop or a failure is ignored; one outside the loop, or a
+    second one, exits 130 (files whole). Every rank ends the process group."""
     try:
         main()
-    except SystemExit:
+    except (SystemExit, KeyboardInterrupt) as err:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if isinstance(err, SystemExit):
+            raise
         if int(os.environ.get("RANK", 0)) == 0:
             print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: "
                   "run the same command with --resume to continue", file=sys.stderr, flush=True)
@@ -187,86 +168,68 @@ def run(main):
             dist.destroy_process_group()
 
 
-# --- T5 and its tokenizer: the Hub or a folder ---------------------------------------------------
+# --- T5 and its tokenizer: a folder or a Hub name ------------------------------------------------
 # Without a network, HF_HUB_OFFLINE=1: the Hub client reads its local cache only, and a name missing
 # there fails at once (unset, the client retries for ~25 s first).
 
 FLAGS = {"model": "--model DIR, a local T5 folder",
          "tokenizer": "--tokenizer DIR, a folder with the T5 tokenizer",
          "dataset": "--source DIR, a folder of the official files (docs/data.md)"}
-VOCABULARY = ("tokenizer.json", "spiece.model")
-TOKENIZER_FIX = "pass --tokenizer DIR with the T5 tokenizer"
 RUN_FIX = ("a run trained on a Hub name needs it in the local Hugging Face cache (HF_HOME): "
            "load it once online")
-wanted = []  # train.py's Hub-bound inputs (check_offline): a failed load names every missing one
-
-
-def hub_offline():  # HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set, as the Hub client reads it
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.upper() in ("1", "ON", "YES", "TRUE")
+VOCABULARY = ("tokenizer.json", "spiece.model")
 
 
 def _cached(what, name):
     """A Hub name whose files are in the local Hugging Face cache (what an offline load reads)."""
     from huggingface_hub import constants, try_to_load_from_cache
-    if what == "dataset":
-        roots = (Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}",
-                 Path(os.environ.get("HF_DATASETS_CACHE", Path(constants.HF_HOME) / "datasets"))
-                 / name.replace("/", "___"))
-        return any(root.is_dir() for root in roots)
-    return any(isinstance(try_to_load_from_cache(name, f), str)
-               for f in (VOCABULARY if what == "tokenizer" else ("config.json",)))
-
-
-def _missing():
-    """Each of `wanted` that is neither a local folder nor in the local cache, with its flag."""
-    return [f"the {what} {name if what == 'dataset' else repr(name)} (pass {FLAGS[what]})"
-            for what, name in wanted
-            if (what == "dataset" or local_folder(name, what) is None) and not _cached(what, name)]
+    if what != "dataset":
+        return any(isinstance(try_to_load_from_cache(name, f), str)
+                   for f in (VOCABULARY if what == "tokenizer" else ("config.json",)))
+    datasets = Path(os.environ.get("HF_DATASETS_CACHE", Path(constants.HF_HOME) / "datasets"))
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"
+    return hub.is_dir() or (datasets / name.replace("/", "___")).is_dir()
 
 
 def check_offline(model, tokenizer, dataset=None):
-    """train.py, before anything loads: every Hub-bound input neither a folder nor cached, in ONE
-    sentence (here if HF_HUB_OFFLINE is set, else when the first load finds the Hub out of reach).
-    `dataset`: the Hub id a missing data/<task>/ would be prepared from."""
-    wanted[:] = [("tokenizer", tokenizer), *([("dataset", dataset)] if dataset else []),
-                 ("model", model)]
-    if hub_offline() and (missing := _missing()):
+    """train.py, before anything loads, with HF_HUB_OFFLINE set: every Hub name neither a folder nor
+    cached, in ONE sentence. `dataset`: the Hub id a missing data/<task>/ is prepared from."""
+    from huggingface_hub import constants
+    missing = [f"the {what} {name if what == 'dataset' else repr(name)} (pass {FLAGS[what]})"
+               for what, name in (("tokenizer", tokenizer), ("dataset", dataset), ("model", model))
+               if constants.HF_HUB_OFFLINE and name and (what == "dataset" or not local_folder(
+                   name, what)) and not _cached(what, name)]
+    if missing:
         raise cli.Failure(f"HF_HUB_OFFLINE is set and these are not in the local cache: "
                           f"{'; '.join(missing)}")
 
 
 def offline_error(what, name, err, fix=None):
-    """The one sentence for a Hub name that could not be loaded: why, and the way out (`fix`, by
-    default the flag that takes a folder)."""
+    """The one sentence for a Hub name not loaded: why, and `fix` (default: the folder's flag)."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
-    cause, offline, fix = err, hub_offline(), fix or f"pass {FLAGS[what]}"
+    cause, fix = err, fix or f"pass {FLAGS[what]}"
     while cause is not None and not isinstance(cause, (LocalEntryNotFoundError, ConnectionError)):
         cause = cause.__cause__ or cause.__context__  # the client's "no connection, not cached"
-    if not offline and cause is None:
-        return cli.Failure(f"could not load the {what} {name!r}: the Hub has no such name, or "
-                           f"refused it ({type(err).__name__}); {fix}")
-    reason, hint = ("HF_HUB_OFFLINE is set", "") if offline else (
-        "the Hugging Face Hub cannot be reached", " (without a network, export HF_HUB_OFFLINE=1)")
-    if (what, name) in wanted and len(missing := _missing()) > 1:
-        return cli.Failure(f"{reason} and these are not in the local cache: "
-                           f"{'; '.join(missing)}{hint}")
-    return cli.Failure(f"could not load the {what} {name!r}: {reason} and it is not in the local "
-                       f"cache; {fix}{hint}")
+    why = (f"the Hub has no such name, or refused it ({type(err).__name__})" if not cause else
+           "the Hugging Face Hub cannot be reached and it is not in the local cache")
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache"
+    elif cause:
+        fix += " (without a network, export HF_HUB_OFFLINE=1)"
+    return cli.Failure(f"could not load the {what} {name!r}: {why}; {fix}")
 
 
 def local_folder(name_or_dir, what="model"):
     """The folder `name_or_dir` names, or None for a Hub name. A file, or a missing path that is no
     Hub 'org/name' (absolute, ./, ../, ~, deeper), is one sentence here, not a Hub lookup."""
-    path = Path(name_or_dir)
-    if path.is_dir():
-        return path
-    if path.exists():
+    path, text = Path(name_or_dir), str(name_or_dir)
+    if path.exists() and not path.is_dir():
         raise cli.Failure(f"{name_or_dir} is a file; pass the {what} folder that holds it")
-    text = str(name_or_dir)
-    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+    if not path.exists() and (path.is_absolute() or text.startswith((".", "~"))
+                              or text.count("/") > 1):
         raise cli.Failure(f"no {what} folder {name_or_dir} (it does not exist); check the path")
-    return None
+    return path if path.is_dir() else None
 
 
 def _first_line(err):
@@ -274,47 +237,41 @@ def _first_line(err):
 
 
 def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
-    """T5ForConditionalGeneration from the Hub or a folder; `random_init` builds it from the config.
-    `fix`: the way out an offline failure names (default: --model DIR)."""
+    """T5 from a folder or the Hub (`random_init`: seeded random weights); `fix`: offline_error's."""
     from transformers import T5Config, T5ForConditionalGeneration, logging
     logging.disable_progress_bar()  # one bar per shard is noise in every log
     folder = local_folder(name_or_dir)
+    if folder is not None and not (folder / "config.json").exists():
+        raise cli.Failure(f"{name_or_dir} holds no config.json: it is not a T5 model folder")
     if folder is not None:
-        if not (folder / "config.json").exists():
-            raise cli.Failure(f"{name_or_dir} holds no config.json: it is not a T5 model folder")
         files.read_json(folder / "config.json", "model configuration")  # damaged JSON: one sentence
     try:
-        if random_init:
-            config = T5Config.from_pretrained(name_or_dir)
-            torch.manual_seed(seed)  # random weights are reproducible
-            return T5ForConditionalGeneration(config)
-        return T5ForConditionalGeneration.from_pretrained(name_or_dir)
-    # the library's many error types, at the one boundary where files become a model
-    except Exception as err:
-        if isinstance(err, ValueError):  # a config.json that is not a T5's
-            raise cli.Failure(f"{name_or_dir} does not hold a T5 model "
-                              f"({_first_line(err)})") from None
+        if not random_init:
+            return T5ForConditionalGeneration.from_pretrained(name_or_dir)
+        config = T5Config.from_pretrained(name_or_dir)
+        torch.manual_seed(seed)  # random weights are reproducible
+        return T5ForConditionalGeneration(config)
+    except Exception as err:  # the library's many error types, at the one boundary
         if folder is None and isinstance(err, OSError):
             raise offline_error("model", name_or_dir, err, fix) from None
         if folder is None:
             raise
-        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-            raise cli.Failure(f"{name_or_dir} has a config but no weights; pass --random-init "
-                              "to build random weights from it (tests, speed only)")
-        raise cli.Failure(f"the model in {name_or_dir} cannot be loaded, its files are damaged "
-                          f"or not a T5's ({type(err).__name__}: {_first_line(err)}); "
-                          "restore the folder") from None
+        raise cli.Failure(f"the model in {name_or_dir} cannot be loaded, its files are damaged, "
+                          f"missing or not a T5's ({type(err).__name__}: {_first_line(err)}); "
+                          "restore the folder (--random-init: random weights from its config)"
+                          ) from None
 
 
 def load_tokenizer(name_or_dir, say=print, fix=None):
-    """The T5 tokenizer of a Hub name or a folder. A folder without a vocabulary (a bare config, as
-    in ../shared/data/t5/t5-small) takes its parent's, and says so; with neither, it is an error."""
+    """The T5 tokenizer of a folder or a Hub name. A folder without a vocabulary (a bare config, as
+    ../shared/data/t5/t5-small) takes its parent's, and says so."""
     from transformers import AutoTokenizer
     folder, candidate = local_folder(name_or_dir, "tokenizer"), name_or_dir
+    how = "pass --tokenizer DIR with the T5 tokenizer"
     if folder is not None and not any((folder / f).exists() for f in VOCABULARY):
         if not any((folder.parent / f).exists() for f in VOCABULARY):
             raise cli.Failure(f"{name_or_dir} holds no tokenizer (no tokenizer.json or "
-                              f"spiece.model); {TOKENIZER_FIX}")
+                              f"spiece.model); {how}")
         candidate = str(folder.parent)
         say(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} "
             "(--tokenizer to choose)")
@@ -327,13 +284,12 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
             raise
         raise cli.Failure(f"the tokenizer in {candidate} cannot be loaded, its files are damaged "
                           f"or not a tokenizer's ({type(err).__name__}: {_first_line(err)}); "
-                          f"{TOKENIZER_FIX}") from None
+                          f"{how}") from None
     for role, token in (("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
         if getattr(tok, role) is None:  # a bare tokenizer.json names none; T5's are fixed
             setattr(tok, role, token)
     if all(i == tok.unk_token_id for i in tok("the cat sat on the mat")["input_ids"][:-1]):
-        raise cli.Failure(f"the tokenizer from {name_or_dir!r} maps plain English to <unk>; "
-                          f"{TOKENIZER_FIX}")
+        raise cli.Failure(f"the tokenizer from {name_or_dir!r} maps plain English to <unk>; {how}")
     return tok
 
 
@@ -354,8 +310,7 @@ def tokenizer_fingerprint(tokenizer):
 
 
 def set_dropout(t5, rate):
-    """T5's dropout rate everywhere: nn.Dropout modules and the float rate HF's attention keeps
-    (None: the config's, unchanged)."""
+    """T5's dropout rate (None: the config's) in nn.Dropout and the float HF's attention keeps."""
     if rate is None:
         return
     t5.config.dropout_rate = rate
