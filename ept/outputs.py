@@ -64,17 +64,16 @@ def curves(run_dir, missing_ok=False):
 
 def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     """(PromptedT5 with a FoldedPrompt or a fine-tuned T5, tokenizer, config) from a run folder."""
-    run_dir, config = Path(run_dir), read_config(run_dir)
+    run_dir, config, device = Path(run_dir), read_config(run_dir), device or runtime.ranks().device
     t5 = runtime.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
                          fix=runtime.RUN_FIX)
     tokenizer = runtime.load_tokenizer(config["tokenizer"], fix=runtime.RUN_FIX)
     state_path, d = run_dir / f"{checkpoint}.pt", t5.config.d_model
-    if config["method"] == "ft" and not state_path.exists():  # the checkpoint holds all of T5
-        raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); was it "
-                              "pruned?")
-    if config["method"] == "ft":
-        net = M.PromptedT5(load_state(t5, state_path), None)
-        return net.to(device or runtime.ranks().device).eval(), tokenizer, config
+    if config["method"] == "ft":  # the checkpoint holds all of T5
+        if not state_path.exists():
+            raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); was "
+                                  "it pruned?")
+        return M.PromptedT5(load_state(t5, state_path), None).to(device).eval(), tokenizer, config
     if config.get("t5_fingerprint") and runtime.t5_fingerprint(t5) != config["t5_fingerprint"]:
         raise cli.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one "
                           f"{run_dir} was trained with (fingerprint mismatch); restore that "
@@ -98,8 +97,7 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     if prompt.dim() != 2 or prompt.size(1) != d:
         raise cli.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but "
                           f"{config['model']} needs (n, {d}); it belongs to another model")
-    net = M.PromptedT5(t5, M.FoldedPrompt(prompt))
-    return net.to(device or runtime.ranks().device).eval(), tokenizer, config
+    return M.PromptedT5(t5, M.FoldedPrompt(prompt)).to(device).eval(), tokenizer, config
 
 
 def load_state(module, path):
