@@ -339,6 +339,9 @@ def run_in_process(argv):
         if isinstance(err.code, str):
             print(err.code, file=sys.stderr, flush=True)
         return 1 if isinstance(err.code, str) else err.code or 0
+    except Exception:  # one broken unit does not stop the grid; reported at the end
+        traceback.print_exc()
+        return 1
     finally:  # train.py's __main__ ignores Ctrl-C while it exits: the driver's handler comes back
         sys.argv = saved_argv
         signal.signal(signal.SIGINT, saved_sigint)
@@ -358,11 +361,7 @@ def run_unit(experiment, unit, args, i, n):
                             or -status in STOPS):
             raise SystemExit(status if status > 0 else 128 - status)  # train.py said how to resume
     else:
-        try:
-            status = run_in_process(unit.argv)
-        except Exception:  # one broken unit does not stop the grid; reported at the end
-            traceback.print_exc()
-            status = 1
+        status = run_in_process(unit.argv)
         if status == 0 and runtime.received():  # it came in the unit's last steps, which finished
             status = 128 + runtime.received()
         stopped = status - 128 in STOPS and status - 128
@@ -595,9 +594,8 @@ def collect(experiment, plan, args):
         if outputs.status(run_dir) != "done":
             missing.append(name)
             continue
-        row = result_row(experiment, settings, run_dir, fields)
-        done.append(append_row_once(results, row))
-        rows.append(row)
+        rows.append(result_row(experiment, settings, run_dir, fields))
+        done.append(append_row_once(results, rows[-1]))
         prune = args.prune_ft_checkpoints and settings["method"] == "ft"  # T5 + AdamW state, twice
         for file in ("best.pt", "last.pt") if prune else ():
             try:
