@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 
 import model as M
-from ept import cli, files, grid, options, outputs
+from ept import cli, files, grid, options, outputs, runtime
 from ept.tasks import GROUPS
 
 # --- the paper's task groups (the registry, in the paper's column order) and grids ---------------
@@ -203,7 +203,7 @@ def steer_floor(args):
         key = f"{model}#no-prompt#{task}"
         row = steer_floor_row(results, key)
         if row is None:
-            val, test = (outputs.evaluate_frozen(model, task, split, args.data_dir)
+            val, test = (evaluate_frozen(model, task, split, args.data_dir)
                          for split in ("validation", "test"))
             row = {"experiment": "steer", "run": key, "task": task, "method": "none",
                    "seed": None, "model": model, "model_tag": options.model_tag(model),
@@ -215,6 +215,15 @@ def steer_floor(args):
         print(f"steer: no-prompt floor on {task}: validation {row['val_score']:.1f}, "
               f"test {row['score']:.1f}")
     return rows
+
+
+def evaluate_frozen(model, task, split, data_dir):
+    """The frozen T5 `model` alone, greedy, fp32: the no-prompt floor's scores."""
+    device = runtime.ranks().device
+    net = M.PromptedT5(runtime.load_t5(model), None).to(device).eval()
+    _, _, scores, _ = outputs.score(net, runtime.load_tokenizer(model), data_dir, task, split, None,
+                                    mode="generate", device=device, batch_size=64, dtype="fp32")
+    return {"task": task, "split": split, "model": str(model), **scores}
 
 
 def steer_floor_row(results, key):

@@ -1,7 +1,6 @@
 """The grid ablate.py and fewshot.py share: specs -> plan -> units -> pool -> collect, and the plan
-on SLURM (docs/experiments.md, "The plan" and "SLURM"). A unit (a pack of prompt runs on one
-frozen T5, or a solo run) is one idempotent plan line; units write no rows: collect appends each
-finished run's row once.
+on SLURM (docs/experiments.md). A unit (a pack of prompt runs on one frozen T5, or a solo run) is
+one idempotent plan line; collect appends each finished run's row once.
 
     python -m ept.grid results/table1.plan --collect "python ablate.py table1 --collect" \
         --slurm-time 12:00:00 --slurm-max-tasks 16     # writes results/table1.sbatch, submits it
@@ -72,9 +71,8 @@ EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/expe
 
 def add_execution_args(parser, prefix="--"):  # python -m ept.grid: the --slurm-* ones
     group = parser.add_argument_group("execution and output")
-    for flag, keywords in EXECUTION_FLAGS:
-        if flag.startswith(prefix):
-            group.add_argument(flag, **keywords)
+    for flag, keywords in (f for f in EXECUTION_FLAGS if f[0].startswith(prefix)):
+        group.add_argument(flag, **keywords)
 
 
 def parse(parser, argv, script):
@@ -116,17 +114,15 @@ def check_args(parser, args, extra):
     if len(pools) > 1:
         parser.error(f"{' and '.join(pools)}: pass one (--slurm hands each unit to its own array "
                      "task; --gpus and --slots are pools on this machine, of GPUs or CPU cores)")
-    swept = [k for k in options.SWEEP if isinstance(getattr(flags, k), list)]
-    if swept:  # train.py would train a pack of them inside each run's folder
-        flag = "--" + swept[0].replace("_", "-")
-        values = " ".join(map(str, getattr(flags, swept[0])))
-        parser.error(f"{flag} {values}: a driver passes one value to every run; the experiment "
-                     f"sweeps its own values (--values, --seeds, --methods), or run train.py "
-                     f"{flag} with several values yourself")
+    for key in (k for k in options.SWEEP if isinstance(getattr(flags, k), list)):
+        flag = "--" + key.replace("_", "-")  # train.py would pack them inside each run's folder
+        parser.error(f"{flag} {' '.join(map(str, getattr(flags, key)))}: a driver passes one value "
+                     "to every run; the experiment sweeps its own values (--values, --seeds, "
+                     f"--methods), or run train.py {flag} with several values yourself")
     for task in args.tasks or []:
-        if not tasks.known(task) and not (Path(args.data_dir) / task / "meta.json").exists():
-            parser.error(f"unknown task {task!r} (not one of the paper's and no "
-                         f"{Path(args.data_dir) / task}/meta.json); tasks: "
+        meta = Path(args.data_dir) / task / "meta.json"
+        if not tasks.known(task) and not meta.exists():
+            parser.error(f"unknown task {task!r} (not one of the paper's and no {meta}); tasks: "
                          f"{', '.join(tasks.TASKS)}")
 
 
@@ -200,7 +196,7 @@ def size_key(model_name):  # t5-small / t5-base / t5-large when the name says so
 def split_sizes(task, data_dir):  # (train, validation, test): meta.json, else the paper's
     if (Path(data_dir or "data") / task / "meta.json").exists():
         splits = tasks.load_meta(data_dir or "data", task)["splits"]
-        return splits.get("train", 0), splits.get("validation", 0), splits.get("test", 0)
+        return tuple(splits.get(split, 0) for split in ("train", "validation", "test"))
     return PAPER_SPLITS.get(task, DEFAULT_SPLITS)
 
 
@@ -248,8 +244,8 @@ def memory_pack_size(model, gpu_gb):  # the rule above; at least 1
 
 
 def pack_size(args, model):  # on a CPU 1: FLOP-bound, a pack of R costs R steps (docs/packing.md)
-    if getattr(args, "pack_size", None) or not torch.cuda.is_available():
-        return getattr(args, "pack_size", None) or 1
+    if (size := getattr(args, "pack_size", None)) or not torch.cuda.is_available():
+        return size or 1
     return memory_pack_size(model, torch.cuda.get_device_properties(0).total_memory / 1e9)
 
 
@@ -272,8 +268,7 @@ def make_packs(plan, names, size_of):  # packs of equal PACK_KEYS, <= size_of(mo
 # --- the plan: {run name: (options, extra result columns, run folder)} and its units -------------
 
 def plan_runs(specs, args, extra=()):
-    """The pass-through flags that name runs win over the experiment's values; the same
-    configuration twice is one run."""
+    """{run name: (options, extra columns, folder)}; the same configuration twice is one run."""
     plan, through = {}, passed_through(extra)
     for s in specs:
         settings = {k: v for k, v in s.items() if k != "_row"}
@@ -343,8 +338,7 @@ STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # train.py checkpoints,
 
 
 def run_in_process(argv):
-    """`python train.py ARGV` as __main__ here: its exit status (a SystemExit's sentence is
-    printed on stderr, as Python would, and is status 1)."""
+    """`python train.py ARGV` as __main__ here: its exit status (a sentence: stderr, 1)."""
     saved_argv, saved_sigint = sys.argv, signal.getsignal(signal.SIGINT)
     sys.argv = [str(TRAIN_SCRIPT), *argv]
     try:
@@ -353,8 +347,10 @@ def run_in_process(argv):
     except SystemExit as err:
         if isinstance(err.code, str):
             print(err.code, file=sys.stderr, flush=True)
-            return 1
-        return err.code or 0
+        return 1 if isinstance(err.code, str) else err.code or 0
+    except Exception:  # one broken unit does not stop the grid; reported at the end
+        traceback.print_exc()
+        return 1
     finally:  # train.py's __main__ ignores Ctrl-C while it exits: the driver's handler comes back
         sys.argv = saved_argv
         signal.signal(signal.SIGINT, saved_sigint)
@@ -374,11 +370,7 @@ def run_unit(experiment, unit, args, i, n):
                             or -status in STOPS):
             raise SystemExit(status if status > 0 else 128 - status)  # train.py said how to resume
     else:
-        try:
-            status = run_in_process(unit.argv)
-        except Exception:  # one broken unit does not stop the grid; reported at the end
-            traceback.print_exc()
-            status = 1
+        status = run_in_process(unit.argv)
         if status == 0 and runtime.received():  # it came in the unit's last steps, which finished
             status = 128 + runtime.received()
         stopped = status - 128 in STOPS and status - 128
@@ -445,11 +437,9 @@ def run_pool(experiment, units, devices):
                 running[slot] = start_child(unit, devices[slot], labels[slot].lower())
                 print(f"{experiment}: unit {unit.index} ({' '.join(unit.names)}) -> "
                       f"{labels[slot]}", flush=True)
-            for slot, (proc, unit, thread) in list(running.items()):
-                if proc.poll() is None:
-                    continue
+            for slot in [s for s, (proc, _, _) in running.items() if proc.poll() is not None]:
+                proc, unit, thread = running.pop(slot)
                 thread.join()
-                del running[slot]
                 left, status, again = unit.left(), proc.returncode, unit.index in retried
                 if not left:
                     print(f"{experiment}: unit {unit.index} done", flush=True)
@@ -489,8 +479,7 @@ def start_child(unit, gpus, label):
     def copy():
         for line in proc.stdout:
             with OUTPUT_LOCK:
-                sys.stdout.write(f"[u{unit.index} {label}] {line}")
-                sys.stdout.flush()
+                print(f"[u{unit.index} {label}] {line}", end="", flush=True)
     thread = threading.Thread(target=copy, daemon=True)
     thread.start()
     return proc, unit, thread
@@ -511,9 +500,8 @@ def run_cli(main, name):
 
 
 def run_driver(experiment, specs, args, extra, floor=None):
-    """Train what is missing (units here, by a pool, or submitted to SLURM), then collect and print
-    the experiment's table (after the rows of `floor(args)`, a baseline that is not a run); exit 1
-    when runs are not finished. --collect only collects; --dry-run only estimates."""
+    """Train what is missing (here, a pool or SLURM), collect, print the table (`floor(args)`'s
+    rows first: a baseline, not a run); exit 1 while runs are unfinished."""
     plan = plan_runs(specs, args, extra)
     if args.dry_run:
         sys.path.insert(0, str(REPO / "scripts"))
@@ -615,9 +603,8 @@ def collect(experiment, plan, args):
         if outputs.status(run_dir) != "done":
             missing.append(name)
             continue
-        row = result_row(experiment, settings, run_dir, fields)
-        done.append(append_row_once(results, row))
-        rows.append(row)
+        rows.append(result_row(experiment, settings, run_dir, fields))
+        done.append(append_row_once(results, rows[-1]))
         prune = args.prune_ft_checkpoints and settings["method"] == "ft"  # T5 + AdamW state, twice
         for file in ("best.pt", "last.pt") if prune else ():
             try:
@@ -642,8 +629,8 @@ def collect(experiment, plan, args):
         except (OSError, ValueError):
             old = {}  # unreadable: rewritten from what this plan knows
         ours = {str(run_dir) for _, _, run_dir in plan.values()}  # other grids' entries are kept
-        kept = {k: v for k, v in (old if isinstance(old, dict) else {}).items() if k not in ours}
-        now = {**kept, **{str(plan[name][2]): why for name, why in failed.items()}}
+        now = {k: v for k, v in (old if isinstance(old, dict) else {}).items() if k not in ours}
+        now.update({str(plan[name][2]): why for name, why in failed.items()})
         if now:
             files.write_json(path, now)
         else:
@@ -767,9 +754,8 @@ def _sbatch(text, path, what):
 
 
 def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
-    """The plan as job arrays (several past MaxArraySize, each after the one before), then the
-    collect job after them; scripts beside the plan, logs in slurm-logs/ there: the last array's
-    job id (it ends last) and the collect job's."""
+    """The plan as job arrays (several past MaxArraySize, one after another), then the collect
+    job: (the last array's job id, the collect job's); scripts beside the plan."""
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):

@@ -1,7 +1,5 @@
-"""A run folder read back by the later stages (report, analyses, evaluate.py, the drivers): its
-config, status and curves; the run rebuilt and scored; the experiments' shared results files.
-train.py never imports this module.
-"""
+"""A run folder read back by the later stages (report, analyses, evaluate.py, the drivers), and
+the experiments' shared results files. train.py never imports this module."""
 import contextlib
 import fcntl
 import json
@@ -19,39 +17,35 @@ from ept import cli, evaluation, files, runfolder, runtime, tasks
 def read_config(run_dir, keys=("task", "method", "model", "tokenizer", "random_init", "seed",
                                "data_dir", "max_length", "meta")):
     """A run's config.json; one sentence if it lacks `keys` (what later stages rebuild it from)."""
-    run_dir = Path(run_dir)
+    run_dir, fix = Path(run_dir), "; pass a folder train.py wrote"
     if not run_dir.is_dir():
         what = "a file" if run_dir.exists() else "it does not exist"
-        raise files.FileFault(f"no run folder {run_dir} ({what}); pass a folder train.py wrote")
+        raise files.FileFault(f"no run folder {run_dir} ({what}){fix}")
     if not (run_dir / "config.json").exists():
-        raise files.FileFault(f"{run_dir} is not a run folder (no config.json); pass a folder "
-                              "train.py wrote")
+        raise files.FileFault(f"{run_dir} is not a run folder (no config.json){fix}")
     config = files.read_json(run_dir / "config.json", "run configuration")
     missing = [k for k in keys if not isinstance(config, dict) or k not in config]
-    if {"task", "method"} <= set(missing):
-        raise files.FileFault(f"{run_dir} is not a run folder (its config.json is not train.py's, "
-                              "a model's perhaps); pass a folder train.py wrote")
     if missing:
-        raise files.FileFault(f"{run_dir / 'config.json'} is not a train.py run configuration (no "
-                              f"{', '.join(missing)}); pass a folder train.py wrote")
+        raise files.FileFault((
+            f"{run_dir} is not a run folder (its config.json is not train.py's, a model's perhaps)"
+            if {"task", "method"} <= set(missing) else f"{run_dir / 'config.json'} is not a "
+            f"train.py run configuration (no {', '.join(missing)})") + fix)
     return config
 
 
 def status(run_dir):
     """'done' (runfolder.finished), 'failed' (failed.txt), 'partial' (config.json) or 'todo'."""
     run_dir = Path(run_dir)
-    if runfolder.finished(run_dir):
-        return "done"
-    if (run_dir / runfolder.FAILED_NAME).exists():
-        return "failed"
-    return "partial" if (run_dir / "config.json").exists() else "todo"
+    return ("done" if runfolder.finished(run_dir) else "failed"
+            if (run_dir / runfolder.FAILED_NAME).exists() else "partial"
+            if (run_dir / "config.json").exists() else "todo")
 
 
 def failure(run_dir):
     """Why the run failed (failed.txt's sentence), or None: it did not, or was restarted since."""
     try:
-        return ((Path(run_dir) / runfolder.FAILED_NAME).read_text(encoding="utf-8", errors="replace").strip()
-                or "failed")
+        path = Path(run_dir) / runfolder.FAILED_NAME
+        return path.read_text(encoding="utf-8", errors="replace").strip() or "failed"
     except FileNotFoundError:
         return None
     except OSError as err:
@@ -71,17 +65,15 @@ def curves(run_dir, missing_ok=False):
 
 def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     """(PromptedT5 with a FoldedPrompt or a fine-tuned T5, tokenizer, config) from a run folder."""
-    run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    device = device or runtime.ranks().device
+    run_dir, config, device = Path(run_dir), read_config(run_dir), device or runtime.ranks().device
     t5 = runtime.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
                          fix=runtime.RUN_FIX)
     tokenizer = runtime.load_tokenizer(config["tokenizer"], fix=runtime.RUN_FIX)
-    state_path = run_dir / f"{checkpoint}.pt"
+    state_path, d = run_dir / f"{checkpoint}.pt", t5.config.d_model
     if config["method"] == "ft":  # the checkpoint holds all of T5
         if not state_path.exists():
-            raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); "
-                                  "was it pruned?")
+            raise files.FileFault(f"{run_dir} has no {checkpoint}.pt (fine-tuned weights); was "
+                                  "it pruned?")
         return M.PromptedT5(load_state(t5, state_path), None).to(device).eval(), tokenizer, config
     if config.get("t5_fingerprint") and runtime.t5_fingerprint(t5) != config["t5_fingerprint"]:
         raise cli.Failure(f"the T5 rebuilt from {config['model']!r} differs from the one "
@@ -94,8 +86,7 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
             raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; "
                                   "the run has not finished a validation yet")
         try:
-            module = M.build_prompt_module(config["method"], t5.config.d_model,
-                                           **M.prompt_options(config))
+            module = M.build_prompt_module(config["method"], d, **M.prompt_options(config))
         except ValueError as err:
             raise files.FileFault(f"{run_dir / 'config.json'} has a wrong prompt option "
                                   f"({err})") from None
@@ -104,38 +95,34 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     prompt = torch.as_tensor(prompt, dtype=torch.float32)
     if not torch.isfinite(prompt).all():
         raise cli.Failure(f"the prompt of {run_dir} holds NaN or inf values; retrain the run")
-    if prompt.dim() != 2 or prompt.size(1) != t5.config.d_model:
+    if prompt.dim() != 2 or prompt.size(1) != d:
         raise cli.Failure(f"the prompt of {run_dir} has shape {tuple(prompt.shape)}, but "
-                          f"{config['model']} needs (n, {t5.config.d_model}); it belongs to "
-                          "another model")
+                          f"{config['model']} needs (n, {d}); it belongs to another model")
     return M.PromptedT5(t5, M.FoldedPrompt(prompt)).to(device).eval(), tokenizer, config
 
 
 def load_state(module, path):
     """`module` with the trainable state of checkpoint `path`; another model's: one sentence."""
-    checkpoint = files.load_torch(path)
     try:
-        module.load_state_dict(checkpoint["trainable"])
+        module.load_state_dict(files.load_torch(path)["trainable"])
     except (RuntimeError, KeyError, TypeError, IndexError) as err:
         raise files.FileFault(f"{path} does not fit the model its config.json builds "
                               f"({type(err).__name__}); it belongs to another run") from None
     return module
 
 
-def run_dtype(config, device):
-    """The precision a run was trained in (config.json), on this device: bf16 needs CUDA."""
+def run_dtype(config, device):  # the precision a run was trained in, on this device (bf16: CUDA)
     return config.get("dtype", "fp32") if torch.device(device).type == "cuda" else "fp32"
 
 
-def _score(net, tokenizer, data_dir, task, split, max_length, max_examples=None, **options):
+def score(net, tokenizer, data_dir, task, split, max_length, max_examples=None, **options):
     """(examples, predictions, metrics, seconds decoding) of `net` on data/<task>/<split>.jsonl."""
     meta = tasks.load_meta(data_dir, task)
     max_length = max_length or meta["max_length"]
     path = Path(data_dir) / task / f"{split}.jsonl"
-    examples, source_ids, _ = tasks.read_split(meta, split, path, tokenizer, max_length,
-                                               max_examples)
+    examples, ids, _ = tasks.read_split(meta, split, path, tokenizer, max_length, max_examples)
     t0 = time.time()
-    preds = evaluation.run_predictions(net, tokenizer, source_ids, meta, max_length=max_length, **options)
+    preds = evaluation.run_predictions(net, tokenizer, ids, meta, max_length=max_length, **options)
     return examples, preds, evaluation.compute_metrics(meta, preds, examples), time.time() - t0
 
 
@@ -147,14 +134,13 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
     say = (lambda *a: None) if quiet else print
     net, tokenizer, config = load_run(run_dir, checkpoint, prompt, device)
     device, task = device or runtime.ranks().device, task or config["task"]
-    data_dir = str(data_dir or config["data_dir"])
+    data_dir, own = str(data_dir or config["data_dir"]), task == config["task"]
     if data_dir != config["data_dir"]:
         say(f"evaluate: --data-dir {data_dir} overrides the run's {config['data_dir']}")
-    own = task == config["task"]
     if not own:
         say(f"evaluate: zero-shot transfer of {config['task']}'s prompt to {task} (max_length "
             f"{tasks.load_meta(data_dir, task)['max_length']})")
-    examples, preds, scores, seconds = _score(
+    examples, preds, scores, seconds = score(
         net, tokenizer, data_dir, task, split, config["max_length"] if own else None, max_examples,
         mode=mode, batch_size=batch_size, device=device, dtype=run_dtype(config, device),
         progress=None if quiet else f"evaluate {task} {split}")
@@ -171,16 +157,6 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
         files.write_json(f"{stem}.metrics.json", result)
         say(f"evaluate: wrote {stem}.metrics.json and .predictions.jsonl")
     return result
-
-
-def evaluate_frozen(model, task, split, data_dir, *, batch_size=64, device=None):
-    """Metrics of the frozen T5 `model` alone on `split` of `task`, greedy, fp32 (the steering
-    benchmark's floor)."""
-    device = device or runtime.ranks().device
-    net = M.PromptedT5(runtime.load_t5(model), None).to(device).eval()
-    _, _, scores, _ = _score(net, runtime.load_tokenizer(model), data_dir, task, split, None,
-                             mode="generate", device=device, batch_size=batch_size, dtype="fp32")
-    return {"task": task, "split": split, "model": str(model), **scores}
 
 
 def write_folder(path, fill):
@@ -223,14 +199,12 @@ def locked(path):
 
 
 def append_lines(path, lines):
-    """Append whole lines in one write (O_APPEND, flushed to disk): a crash never leaves half a
-    line, and concurrent appenders never interleave inside a line. A file whose last line lost its
-    newline (an editor, a copy) gets one first, so the new line never glues onto it."""
+    """Whole lines in one O_APPEND write, fsynced: no half line after a crash, none interleaved;
+    a last line without its newline (an editor's) gets one first, so no line glues onto it."""
     if not lines:
         return
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             size = os.fstat(fd).st_size

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ablate  # noqa: E402
 import prepare_data  # noqa: E402
 import train  # noqa: E402
 from ept import runtime# noqa: E402
 import tables  # noqa: E402
-from ept import outputs  # noqa: E402
 
 BACKBONE = Path(__file__).resolve().parents[1] / "assets" / "steer" / "backbone"
 TASK = "steer_comma"
@@ -93,7 +93,7 @@ def test_shipped_backbone_states_its_accuracy():
 
 
 def test_prompts_steer_the_frozen_backbone(data, tmp_path, captured):
-    floor = outputs.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
+    floor = ablate.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
     assert floor <= FLOOR_MAX, \
         f"the backbone already does the steering task without a prompt ({floor:.1f})"
     run(data, tmp_path / "pt", "pt")
@@ -150,7 +150,6 @@ def test_ablate_steer_writes_the_floor_and_the_report(data, tmp_path):
     no-prompt floor row, report.py's table (steered counts, the chosen lr, s_t's zero crossings)
     and figures (s_t from log.jsonl); a second call trains nothing and writes no second floor
     row."""
-    import ablate
     import report
     argv = ["steer", "--methods", "pt", "ept", "--seeds", "0", "--values", "3",
             "--data-dir", str(data),
@@ -160,7 +159,7 @@ def test_ablate_steer_writes_the_floor_and_the_report(data, tmp_path):
     assert [(r["method"], r.get("lr")) for r in rows] == [("none", None), ("pt", 0.3), ("pt", 3.0),
                                                           ("ept", 0.3), ("ept", 3.0)]
     floor = rows[0]
-    frozen = outputs.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
+    frozen = ablate.evaluate_frozen(str(BACKBONE), TASK, "test", data)["score"]
     assert floor["n_trainable"] == 0 and floor["score"] == frozen
     log = train.files.read_jsonl(Path(rows[3]["run"]) / "log.jsonl", what="log")
     assert [type(e.get("ept_s")) for e in log if e["event"] == "train"] == [float, float]
@@ -181,17 +180,16 @@ def test_the_floor_row_is_written_once_when_collects_race(data, tmp_path, monkey
     """Three collects at once wrote the floor row three times (issue 28): it is checked and appended
     under the results file's lock, as every row. Here another collect writes it while this one is
     evaluating the backbone; the file still holds it once."""
-    import ablate
     args = ablate.parser.parse_args(["steer", "--data-dir", str(data),
                                      "--results-dir", str(tmp_path)])
-    results, evaluate, raced = tmp_path / "steer.jsonl", outputs.evaluate_frozen, []
+    results, evaluate, raced = tmp_path / "steer.jsonl", ablate.evaluate_frozen, []
 
     def racing(model, task, split, data_dir):
         if not raced:  # the other collect starts now and finishes first
             raced.append(split)
             ablate.steer_floor(args)
         return evaluate(model, task, split, data_dir)
-    monkeypatch.setattr(outputs, "evaluate_frozen", racing)
+    monkeypatch.setattr(ablate, "evaluate_frozen", racing)
     rows = ablate.steer_floor(args)
     lines = results.read_text().splitlines()
     assert len(lines) == 1 and [r["method"] for r in rows] == ["none"]
