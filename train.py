@@ -370,7 +370,7 @@ def finish(run, task, ranks, say, meter):
     t = meter.summary(ranks.device)
     if ranks.world_size > 1:
         dist.barrier()  # best.pt is complete on disk
-    trained.load_trainable_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
+    trained.trainable.load_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
     with torch.no_grad():
         prompt = trained.prompt()
     net = trained if prompt is None else M.PromptedT5(trained.t5, M.FoldedPrompt(prompt.float()))

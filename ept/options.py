@@ -112,7 +112,7 @@ PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "war
 def resolve(args):
     """Fill the defaults that depend on the method (their one home; run names leave them out)."""
     if args.lr is None:
-        args.lr = M.default_lr(args.method)
+        args.lr = M.DEFAULTS["lr"][args.method]
     for key in ("hidden_size", "broadcast"):
         if getattr(args, key) is None:
             setattr(args, key, M.DEFAULTS[key].get(args.method))
