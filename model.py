@@ -178,10 +178,8 @@ class PromptedT5(nn.Module):
         self.t5, self.prompt_module = t5, prompt_module
         t5.requires_grad_(prompt_module is None)  # `ft` trains T5; prompt methods freeze it
 
-    @property
-    def trainable(self):
-        """What trains, and what a checkpoint's "trainable" holds: the prompt module, or T5 (ft)."""
-        return self.t5 if self.prompt_module is None else self.prompt_module
+    # what trains, and what a checkpoint's "trainable" holds: the prompt module, or T5 (ft)
+    trainable = property(lambda self: self.t5 if self.prompt_module is None else self.prompt_module)
 
     def prompt(self):
         return None if self.prompt_module is None else self.prompt_module()  # (n, d)
@@ -275,18 +273,13 @@ class StatelessDropout(nn.Dropout):
         return _drop(x, self.p, self.site, (self.side, None)) if self.training else x
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-               position_bias=None, **kwargs):
-    """transformers' T5 eager attention, its weights' dropout stateless (heads, query, key)."""
-    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if position_bias is not None:
-        scores = scores + position_bias
+def _attention(module, query, key, value, attention_mask, scaling, dropout, position_bias, **kw):
+    """transformers' T5 eager attention (T5 passes all three), its weights' dropout stateless."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling + position_bias
     if attention_mask is not None:
         scores = scores + attention_mask
-    weights = torch.softmax(scores, dim=-1)
-    if module.training and dropout > 0:  # (B, H, L_query, L_key)
-        weights = _drop(weights, dropout, module.ept_site, (None, *module.ept_sides))
+    weights = torch.softmax(scores, dim=-1)  # (B, H, L_query, L_key); dropout 0.0 when not training
+    weights = _drop(weights, dropout, module.ept_site, (None, *module.ept_sides))
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
