@@ -26,8 +26,7 @@ add("--model", default="t5-base", help="Hub name or local folder of the (frozen)
 add("--tokenizer", help="Hub name or folder of the tokenizer (default: --model)")
 add("--random-init", action="store_true", help="random T5 weights from the config (tests, speed)")
 add("--method", default="ept", choices=M.METHODS, **several, help="ft = full fine-tuning")
-add("--prompt-length", type=pos, default=M.DEFAULTS["prompt_length"], **several,
-    help="prompt rows n for pt/ptuning/resprompt")
+add("--prompt-length", type=pos, default=M.DEFAULTS["prompt_length"], **several, help="n (not EPT)")
 add("--reparam", default="mlp", choices=M.REPARAMS, **several, help="ptuning's network")
 add("--hidden-size", type=pos, **several, help="EPT h / ResPrompt bottleneck (default: 1 / 400)")
 add("--broadcast", type=pos, **several, help="EPT rows n (default: 1 ept, 10 ept_star)")
@@ -57,16 +56,14 @@ add("--eval-batch-size", type=pos, default=64, help="examples per decoding batch
 add("--eval-mode", default="generate", choices=("generate", "rank"), help="or rank the labels")
 add("--no-test", action="store_true", help="skip the final test evaluation")
 add = parser.add_argument_group("output").add_argument
-add("--out-dir", type=cli.folder, help="run folder (default: runs/<run name>); a pack's: the "
-    "parent (default: runs) of a folder per run")
+add("--out-dir", type=cli.folder, help="run folder (default: runs/<name>); a pack's: the parent")
 add("--save-every", type=pos, help="also write last.pt every N steps (default: --eval-every)")
 add("--resume", action="store_true", help="continue from out-dir/last.pt")
 add("--overwrite", action="store_true", help="delete an existing run folder's files first")
 add("--tensorboard", nargs="?", const="", metavar="DIR", help="also log to TensorBoard "
     "(default DIR: <out-dir>/tensorboard)")
 add("--wandb", metavar="PROJECT", help="also log to Weights & Biases")
-add = parser.add_argument_group("packs: several prompt runs on one T5 (docs/training.md)")
-add = add.add_argument
+add = parser.add_argument_group("packs: several prompt runs on one T5").add_argument
 add("--runs", metavar="FILE", help="a JSON list of per-run option dicts; the flags: all runs'")
 add("--pack-max-rows", type=pos, metavar="K", help="examples per forward (default: all the runs')")
 PACK_OPTIONS = ("runs", "pack_max_rows")  # not options of a run: never in its config.json
