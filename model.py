@@ -253,8 +253,7 @@ def _drop(x, p, site, sides):
     b, dims = x.size(0), x.dim() - 1
     h = _mix(keys ^ (site * 16 + call)).view(b, *[1] * dims)
     for k, (size, side) in enumerate(zip(x.shape[1:], sides), 1):
-        index = torch.arange(size, device=x.device).view([size if j == k else 1
-                                                          for j in range(dims + 1)])
+        index = torch.arange(size, device=x.device).view(-1, *[1] * (dims - k))  # at axis k
         if side == "encoder":
             index = (index - offset.view(b, *[1] * dims)) & 0xFFFFFFFF
         h = _mix(h ^ index)

@@ -42,12 +42,11 @@ class NonFiniteError(cli.Failure):
 
 @cli.script
 def main(argv=None):
-    """Flags; setup; the run folder; data; model; train; finish. Several runs (a sweep, --runs
-    FILE) train as a pack on one T5 (ept/pack.py)."""
+    """Flags; setup; the run folder; data; model; train; finish. Several runs: ept/pack.py."""
     rank = int(os.environ.get("RANK", 0))
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
         args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
-    runs_file, max_rows = (vars(args).pop(k) for k in options.PACK_OPTIONS)
+    runs_file, max_rows = vars(args).pop("runs"), vars(args).pop("pack_max_rows")  # not a run's
     ranks = runtime.ranks()  # DDP: the process group joined; ranks.first: rank 0 checks first
     specs = runs_file is None and ranks.first(lambda: options.sweep(args), everyone=True)
     if not specs or len(specs) > 1:  # several runs, or --runs FILE: a pack
@@ -122,17 +121,15 @@ def train(run, task, model, ranks, say):
 def train_step(model, run, batch, data, amp, ranks):
     """One optimizer step of `run` on the global `batch` (indices into `data`) through `model`
     (run.net, or DDP / torch.compile around it): the token-mean NLL over the whole batch."""
-    source_ids, target_ids, pad_id = data
     rank, ws, device = ranks.rank, ranks.world_size, ranks.device
-    n_tokens = sum(len(target_ids[i]) for i in batch)  # every rank holds the data: it knows them
+    n_tokens = sum(len(data[1][i]) for i in batch)  # target tokens: every rank holds the data
     shard, micro = batch[rank::ws], run.args.micro_batch_size  # this rank's, in micro-batches
     n_micro = math.ceil(math.ceil(len(batch) / ws) / micro)  # the same on every rank
     loss_sum = torch.zeros((), device=device)
     for m in range(n_micro):
         idx = shard[m * micro:(m + 1) * micro]
         weight = 1.0 if idx else 0.0  # a rank short of examples still joins DDP's all-reduce
-        input_ids, mask, labels = (t.to(device) for t in tasks.collate(
-            idx or batch[:1], source_ids, target_ids, pad_id))
+        input_ids, mask, labels = (t.to(device) for t in tasks.collate(idx or batch[:1], *data))
         if ws > 1:
             model.require_backward_grad_sync = m == n_micro - 1
         keys = M.example_keys(run.args.seed, run.step, idx or batch[:1], device)  # dropout's

@@ -66,7 +66,6 @@ add("--wandb", metavar="PROJECT", help="also log to Weights & Biases")
 add = parser.add_argument_group("packs: several prompt runs on one T5").add_argument
 add("--runs", metavar="FILE", help="a JSON list of per-run option dicts; the flags: all runs'")
 add("--pack-max-rows", type=pos, metavar="K", help="examples per forward (default: all the runs')")
-PACK_OPTIONS = ("runs", "pack_max_rows")  # not options of a run: never in its config.json
 # SWEEP: the options that take several values; PER_RUN: what --runs FILE may set per run
 SWEEP = ("method", "seed", "lr", "prompt_length", "hidden_size", "broadcast", "init", "reparam",
          "activation", "depth")
