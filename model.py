@@ -33,8 +33,7 @@ APPLIES = {"ft": (), "pt": ("prompt_length", "init"),
 
 
 def applies(option, method):
-    """False for a prompt option `method` ignores (EPT: no --prompt-length; PT: no --hidden-size);
-    training options (not in METHOD_OPTIONS) apply to every method."""
+    """False for a prompt option `method` ignores (EPT: --prompt-length); others apply to all."""
     return option not in METHOD_OPTIONS or option in APPLIES[method]
 
 
@@ -123,8 +122,7 @@ class EPTBlock(nn.Module):
 
 
 class EPT(PromptTuning):
-    """This paper: one vector P1 (1, d) through `depth` down-up blocks, broadcast n times: `ept`
-    uses n = 1; `ept_star` (EPT*) repeats the same row n = 10 times (Figure 7)."""
+    """This paper: P1 (1, d) through `depth` down-up blocks, the row repeated n times (Figure 7)."""
 
     def __init__(self, vector, hidden_size=1, broadcast=1, depth=1, **switches):
         super().__init__(vector)  # (1, d)

@@ -185,8 +185,7 @@ def train_event(run, record, examples, tokens, seconds):
 # --- the run: its model, AdamW and schedule, data position ----------------------------------------
 
 class Run:
-    """One training run: its options (a resolved train.py command line), PromptedT5 (`net`), AdamW
-    + schedule, data position (epoch, index into its order), best validation, folder, lock, log."""
+    """One run: its resolved options, PromptedT5 (`net`), AdamW + schedule, data position, best."""
     module = property(lambda self: self.net.trainable)  # what trains: prompt module, or T5 (ft)
     # the trainable parameters in the optimizer's order (what is clipped)
     params = property(lambda self: [p for g in self.optimizer.param_groups for p in g["params"]])
@@ -224,8 +223,7 @@ class Run:
 
 
 def next_batch(run, n_train, lengths=None):
-    """The global batch of the run's next step: [index:index + batch_size] of its epoch's order
-    (tasks.epoch_order, a pure function of seed and epoch; `lengths`: --group-by-length)."""
+    """The next global batch: [index:index + batch_size] of its epoch's order (seed, epoch)."""
     args = run.args
     if run.order[0] != run.epoch:
         run.order = (run.epoch, tasks.epoch_order(n_train, args.seed, run.epoch, args.batch_size,
@@ -271,8 +269,7 @@ def new_run(t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None, 
 
 
 def load_t5(args, task, ranks):
-    """The frozen T5 (dropout on though frozen, as under the HF Trainer: docs/paper.md), each
-    example's dropout masks a function of (seed, step, example): model.stateless_dropout."""
+    """The frozen T5, its dropout on as under the HF Trainer (docs/paper.md) and stateless."""
     t5 = runtime.load_t5(args.model, random_init=args.random_init, seed=args.seed)
     runtime.check_vocab(task.tokenizer, t5)
     runtime.set_dropout(t5, args.dropout)
@@ -289,9 +286,8 @@ def wrap(net, args, ranks):
 # --- validation, checkpoints, the end -------------------------------------------------------------
 
 def validate_and_save(run, task, ranks, bar=None):
-    """The top of a step: validate (then best.pt if improved, and last.pt) every --eval-every steps
-    and at the last, or save last.pt every --save-every steps; a resumed step was validated before
-    the kill. False when the weights are not finite: the run stops (no NaN/inf on disk)."""
+    """The top of a step: validate (then best.pt if improved, last.pt) every --eval-every steps and
+    at the last, or last.pt every --save-every steps. False: weights not finite (nothing saved)."""
     args = run.args
     due = run.step > run.start_step or (run.step > 0 and not run.resumed)
     evaluate = due and (run.step % args.eval_every == 0 or run.step == args.max_steps)
