@@ -335,7 +335,7 @@ def main(argv=None):
     grid = main_grid(args.results_dir)
     # the main runs: the paper's default lr, one model tag
     rows = [r for r in grid if r["model_tag"] == args.model
-            and r["lr"] == M.default_lr(r["method"])]
+            and r["lr"] == M.DEFAULTS["lr"][r["method"]]]
     if not rows:
         tags = sorted({r["model_tag"] for r in grid})
         raise cli.Failure(f"analyze: no main-grid rows for model {args.model!r} in "

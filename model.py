@@ -1,8 +1,5 @@
-"""Every method of the paper as a prompt module in front of a frozen Hugging Face T5: a matrix P'
-(n, d) built from the method's trainable parameters, which `PromptedT5.embed` prepends to T5's
-encoder input embeddings (the attention mask extended with n ones). Nothing else in T5 changes
-(relative position buckets: no positions to shift). `ft` has no prompt and trains all of T5. After
-training only P' is needed: `save_folded_prompt` stores it."""
+"""Every method of the paper as a prompt module P' (n, d) prepended to a frozen T5's encoder input
+embeddings (relative position buckets: no positions to shift); `ft` has no prompt and trains T5."""
 import contextlib
 
 import torch
@@ -15,42 +12,50 @@ REPARAMS = ("mlp", "lstm")
 # §5.5 names ReLU only; Tanh and Sigmoid are the public EPT code's (our reading: its three)
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 INITS = ("uniform", "vocab", "label")
-# "vocab" init (Table 6) follows Lester et al. 2021: ids drawn from the 5,000 most frequent pieces.
-# T5's SentencePiece ids are ordered by piece score: the first 5,000 ordinary ids (after pad 0, eos
-# 1, unk 2; far below the 100 sentinels at 32,000+ and the 28 unused rows past 32,100).
+# "vocab" init (Table 6), Lester et al. 2021: the 5,000 most frequent pieces. T5's ids are ordered
+# by piece score: ids 3..5002 (after pad, eos, unk; far below the sentinels at 32,000+).
 VOCAB_FIRST_PIECE, VOCAB_SAMPLE_SIZE = 3, 5000
 # the main setting (docs/paper.md, "Methods"); the learning rates: Appendix B.2
 DEFAULTS = {"prompt_length": 10, "hidden_size": {"resprompt": 400, "ept": 1, "ept_star": 1},
-            "broadcast": {"ept": 1, "ept_star": 10}, "lr": {"ft": 1e-5, "prompt": 0.3}}
+            "broadcast": {"ept": 1, "ept_star": 10},
+            "lr": {**dict.fromkeys(METHODS, 0.3), "ft": 1e-5}}
+# build_prompt_module's options (train.py's flags, config.json's keys) and their defaults (None:
+# DEFAULTS'): a run folder written before an option existed is rebuilt with the option's default.
+PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, "broadcast": None,
+                  "layer_norm": False, "residual": False, "activation": "none", "depth": 1,
+                  "extra_layer": False}
+METHOD_OPTIONS = (*PROMPT_OPTIONS, "init")
+# The options each method takes (EPT: all but the first two); no other sweeps or names its runs
+APPLIES = {"ft": (), "pt": ("prompt_length", "init"),
+           "ptuning": ("prompt_length", "reparam", "init"),
+           "resprompt": ("prompt_length", "hidden_size", "init"),
+           "ept": METHOD_OPTIONS[2:], "ept_star": METHOD_OPTIONS[2:]}
 
 
-def default_lr(method):
-    return DEFAULTS["lr"]["ft" if method == "ft" else "prompt"]
+def applies(option, method):
+    """False for a prompt option `method` ignores (EPT: --prompt-length); others apply to all."""
+    return option not in METHOD_OPTIONS or option in APPLIES[method]
 
 
-def _check(name, value, valid):
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, valid))}")
+def prompt_options(config):
+    """The build_prompt_module options recorded in a run's config.json (train.py's flags)."""
+    return {k: config.get(k, default) for k, default in PROMPT_OPTIONS.items()}
 
 
 def init_prompt(rows, d_model, init="uniform", embedding=None, label_ids=None, generator=None):
     """Initial prompt table (rows, d): Appendix B.4 / Table 6."""
-    _check("init", init, INITS)
     if init == "uniform":  # U[-0.5, 0.5], Lester et al. 2021
         return torch.rand(rows, d_model, generator=generator) - 0.5
-    if embedding is None:
-        raise ValueError(f"init {init!r} needs the frozen embedding matrix")
+    if embedding is None or init == "label" and not label_ids:
+        raise ValueError(f"init {init!r} needs the frozen embedding matrix"
+                         + (" and the task's label token ids" if init == "label" else ""))
     embedding = embedding.detach().float().cpu()
     if init == "vocab":  # rows of the embedding matrix at ids from the 5,000 most frequent pieces
         high = min(VOCAB_FIRST_PIECE + VOCAB_SAMPLE_SIZE, embedding.size(0))  # tiny vocab: all
-        ids = torch.randint(VOCAB_FIRST_PIECE, high, (rows,), generator=generator)
-        return embedding[ids].clone()
-    if not label_ids:
-        raise ValueError("init 'label' needs the task's label token ids")
-    label_rows = embedding[torch.tensor(label_ids)]  # (k, d)
-    if rows == 1:  # EPT's single vector: the mean of the label words
-        return label_rows.mean(0, keepdim=True)
-    return label_rows[torch.arange(rows) % len(label_ids)].clone()  # cycle the label words
+        return embedding[torch.randint(VOCAB_FIRST_PIECE, high, (rows,), generator=generator)]
+    label_rows = embedding[torch.tensor(label_ids)]  # (k, d); EPT's one vector: their mean
+    return (label_rows.mean(0, keepdim=True) if rows == 1
+            else label_rows[torch.arange(rows) % len(label_ids)])  # else cycle the label words
 
 
 class PromptTuning(nn.Module):
@@ -64,14 +69,12 @@ class PromptTuning(nn.Module):
         return self.prompt
 
 
-class PTuning(nn.Module):
+class PTuning(PromptTuning):
     """Liu et al. 2021 as in HF PEFT: P' = MLP(P) per token, or an LSTM-then-MLP head."""
 
     def __init__(self, table, reparam="mlp"):
-        super().__init__()
-        d = table.size(1)
-        self.prompt = nn.Parameter(table)  # (n, d)
-        self.reparam = reparam
+        super().__init__(table)
+        d, self.reparam = table.size(1), reparam
         if reparam == "mlp":  # PEFT default: 3 Linear layers with bias, ReLU between
             self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(),
                                      nn.Linear(d, d))
@@ -79,34 +82,28 @@ class PTuning(nn.Module):
             self.lstm = nn.LSTM(d, d, num_layers=2, bidirectional=True, batch_first=True)
             self.mlp = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
 
-    def forward(self):
-        if self.reparam == "mlp":
-            return self.mlp(self.prompt)
-        return self.mlp(self.lstm(self.prompt.unsqueeze(0))[0].squeeze(0))  # (n, 2d) -> (n, d)
+    def forward(self):  # LSTM: (n, d) -> (n, 2d), then the MLP -> (n, d)
+        lstm = self.reparam == "lstm"
+        return self.mlp(self.lstm(self.prompt[None])[0][0] if lstm else self.prompt)
 
 
-class ResPrompt(nn.Module):
+class ResPrompt(PromptTuning):
     """Razdaibiedina et al. 2023: one shared bottleneck MLP f, applied twice (tied), one skip."""
 
     def __init__(self, table, hidden_size=400):
-        super().__init__()
+        super().__init__(table)
         d = table.size(1)
-        self.prompt = nn.Parameter(table)  # (n, d)
-        self.down = nn.Linear(d, hidden_size)
-        self.up = nn.Linear(hidden_size, d)
+        self.down, self.up = nn.Linear(d, hidden_size), nn.Linear(hidden_size, d)
         self.norm = nn.LayerNorm(d)
 
-    def f(self, x):
-        return self.norm(self.up(torch.relu(self.down(x))))
-
     def forward(self):
-        return self.f(self.f(self.prompt)) + self.prompt  # P' = f(f(P)) + P
+        f = lambda x: self.norm(self.up(torch.relu(self.down(x))))
+        return f(f(self.prompt)) + self.prompt  # P' = f(f(P)) + P
 
 
 class EPTBlock(nn.Module):
-    """One bias-free down-up map d -> h -> d, with the Figure 9 ablation switches. `extra_layer`
-    puts one bias-free h -> h layer between down and up (d -> 1 -> 1 -> d): Table 4's "additional
-    MLP layer" (§5.4), Param 2.3K on t5-base: the main count + h*h = 2,305."""
+    """One bias-free down-up map d -> h -> d, with the Figure 9 ablation switches. `extra_layer`: a
+    bias-free h -> h layer between (Table 4's "additional MLP layer", §5.4: 2.3K on t5-base)."""
 
     def __init__(self, d_model, hidden_size=1, layer_norm=False, residual=False, activation="none",
                  extra_layer=False):
@@ -124,42 +121,36 @@ class EPTBlock(nn.Module):
         return y + x if self.residual else y
 
 
-class EPT(nn.Module):
-    """This paper: one vector P1 (1, d) through `depth` down-up blocks, broadcast n times: `ept`
-    uses n = 1; `ept_star` (EPT*) repeats the same row n = 10 times (Figure 7)."""
+class EPT(PromptTuning):
+    """This paper: P1 (1, d) through `depth` down-up blocks, the row repeated n times (Figure 7)."""
 
     def __init__(self, vector, hidden_size=1, broadcast=1, depth=1, **switches):
-        super().__init__()
-        d = vector.size(1)
-        self.prompt = nn.Parameter(vector)  # (1, d)
+        super().__init__(vector)  # (1, d)
+        d, self.broadcast = vector.size(1), broadcast
         self.blocks = nn.Sequential(*[EPTBlock(d, hidden_size, **switches) for _ in range(depth)])
-        self.broadcast = broadcast
 
     def forward(self):
         return self.blocks(self.prompt).expand(self.broadcast, -1)  # (1, d) -> (n, d)
 
 
-class FoldedPrompt(nn.Module):
+class FoldedPrompt(PromptTuning):
     """A fixed P' (n, d): what inference uses once the reparameterization is discarded."""
 
     def __init__(self, prompt):
-        super().__init__()
-        self.register_buffer("folded", prompt.detach().clone())
-
-    def forward(self):
-        return self.folded
+        super().__init__(prompt.detach().clone())
+        self.requires_grad_(False)
 
 
 def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", hidden_size=None,
                          broadcast=None, layer_norm=False, residual=False, activation="none",
                          depth=1, extra_layer=False, init="uniform", embedding=None,
                          label_ids=None, generator=None):
-    """The trainable prompt module of `method`; None for full fine-tuning. The prompt table is
-    drawn first (from `generator`, else the global stream), then the layers from the global stream:
-    with no `generator` that is one stream in sequence, so P and the layers are independent."""
-    _check("method", method, METHODS)
-    _check("reparam", reparam, REPARAMS)
-    _check("activation", activation, ACTIVATIONS)
+    """The trainable prompt module of `method` (None for ft). P is drawn first (from `generator`,
+    else the global stream), then the layers from the global stream: P and layers independent."""
+    for name, value, valid in (("method", method, METHODS), ("reparam", reparam, REPARAMS),
+                               ("activation", activation, ACTIVATIONS), ("init", init, INITS)):
+        if value not in valid:
+            raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, valid))}")
     if method == "ft":
         return None
     n = DEFAULTS["prompt_length"] if prompt_length is None else prompt_length
@@ -168,16 +159,13 @@ def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", h
     for key, value in zip(("prompt_length", "hidden_size", "broadcast", "depth"), (n, h, b, depth)):
         if value is not None and (type(value) is not int or value < 1):  # None: the default
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    table = init_prompt(1 if method in ("ept", "ept_star") else n, d_model, init, embedding,
+                        label_ids, generator)
     if method in ("ept", "ept_star"):
-        vector = init_prompt(1, d_model, init, embedding, label_ids, generator)
-        return EPT(vector, h, b, depth, layer_norm=layer_norm, residual=residual,
+        return EPT(table, h, b, depth, layer_norm=layer_norm, residual=residual,
                    activation=activation, extra_layer=bool(extra_layer))
-    table = init_prompt(n, d_model, init, embedding, label_ids, generator)
-    if method == "pt":
-        return PromptTuning(table)
-    if method == "ptuning":
-        return PTuning(table, reparam)
-    return ResPrompt(table, h)
+    return {"pt": PromptTuning, "ptuning": lambda t: PTuning(t, reparam),
+            "resprompt": lambda t: ResPrompt(t, h)}[method](table)
 
 
 class PromptedT5(nn.Module):
@@ -185,28 +173,26 @@ class PromptedT5(nn.Module):
 
     def __init__(self, t5, prompt_module=None):
         super().__init__()
-        self.t5 = t5
-        self.prompt_module = prompt_module
+        self.t5, self.prompt_module = t5, prompt_module
         t5.requires_grad_(prompt_module is None)  # `ft` trains T5; prompt methods freeze it
+
+    # what trains, and what a checkpoint's "trainable" holds: the prompt module, or T5 (ft)
+    trainable = property(lambda self: self.t5 if self.prompt_module is None else self.prompt_module)
 
     def prompt(self):
         return None if self.prompt_module is None else self.prompt_module()  # (n, d)
 
     def embed(self, input_ids, attention_mask, prompt=None, prompt_mask=None):
-        """Encoder inputs: prompt rows first, the mask extended to match. The one place P' enters.
-
-        `prompt`: P' (n, d) for every example (default: this model's), or (B, n, d), one per example
-        (a pack's runs). `prompt_mask` (B, n; default all 1): 0 on a shorter prompt's pad rows."""
+        """Encoder inputs, prompt rows first: the one place P' enters. `prompt`: (n, d) (default:
+        this model's) or (B, n, d) (a pack's runs); `prompt_mask` (B, n): 0 on a pad row."""
         x = self.t5.get_input_embeddings()(input_ids)  # (B, L, d)
         p = self.prompt() if prompt is None else prompt
         if p is None:
             return x, attention_mask
-        b = input_ids.size(0)
-        p = p.to(x.dtype).expand(b, -1, -1)  # (n, d) or (B, n, d) -> (B, n, d); params stay fp32
-        if prompt_mask is None:
-            prompt_mask = attention_mask.new_ones(b, p.size(1))
-        mask = torch.cat([prompt_mask.to(attention_mask.dtype), attention_mask], dim=1)
-        return torch.cat([p, x], dim=1), mask
+        p = p.to(x.dtype).expand(x.size(0), -1, -1)  # (n or B, n, d) -> (B, n, d); params stay fp32
+        ones = attention_mask.new_ones(p.shape[:2])
+        mask = ones if prompt_mask is None else prompt_mask.to(attention_mask.dtype)
+        return torch.cat([p, x], dim=1), torch.cat([mask, attention_mask], dim=1)
 
     def forward(self, input_ids, attention_mask, **kwargs):
         inputs_embeds, mask = self.embed(input_ids, attention_mask)
@@ -217,16 +203,12 @@ class PromptedT5(nn.Module):
         inputs_embeds, mask = self.embed(input_ids, attention_mask)
         return self.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
-    def load_trainable_state_dict(self, state):
-        (self.t5 if self.prompt_module is None else self.prompt_module).load_state_dict(state)
-
 
 # --- stateless dropout: each example's mask a hash of the example, not of a random stream ---------
-# Every dropout site of T5 (each nn.Dropout, and the functional dropout on the attention weights)
-# draws its mask from a counter-based hash of (run seed, step, the example's dataset index, the
-# site, the position relative to the example's own tokens, the feature), folded in turn as JAX folds
-# keys: one vectorised op per site. A run's masks then depend on its own data only: alone or packed
-# (left-padded prompts), on any number of ranks, resumed or not. `dropout_keys` sets the keys.
+# Every dropout site of T5 (nn.Dropout, and on the attention weights) draws its mask from a hash of
+# (run seed, step, example index, site, position from the example's own first token, feature),
+# folded as JAX folds keys. A run's masks then depend on its own data only: alone or packed, on any
+# number of ranks, resumed or not. `dropout_keys` sets the keys.
 STATELESS = "ept_stateless"
 _context = []  # while a forward runs: [keys (B,), encoder offsets (B,), {site: calls so far}]
 
@@ -257,28 +239,23 @@ def dropout_keys(keys, encoder_offset=None):
         _context.pop()
 
 
-def _uniform(site, sides, shape, device):
-    """U[0, 1) of `shape` (B, ...) from the examples' keys, folding in the site, then each axis's
-    index: an "encoder" axis counts from the example's own first row, "decoder" and None from 0."""
-    keys, offset, calls = _context[-1]
-    call = calls[site] = calls.get(site, -1) + 1  # T5Stack.dropout serves twice per forward
-    b, dims = shape[0], len(shape) - 1
-    h = _mix(keys ^ (site * 16 + call)).view(b, *[1] * dims)
-    for k, (size, side) in enumerate(zip(shape[1:], sides), 1):
-        index = torch.arange(size, device=device).view([size if j == k else 1
-                                                        for j in range(dims + 1)])
-        if side == "encoder":
-            index = (index - offset.view(b, *[1] * dims)) & 0xFFFFFFFF
-        h = _mix(h ^ index)
-    return (h >> 8).float() * 2.0 ** -24
-
-
 def _drop(x, p, site, sides):
+    """x with a stateless dropout mask: U[0, 1) of x's shape (B, ...) from the examples' keys,
+    folding in the site, then each axis's index ("encoder": from the example's own first row)."""
     if p == 0:
         return x
     if not _context:
         raise RuntimeError("stateless dropout in training mode needs model.dropout_keys(...)")
-    keep = _uniform(site, sides, x.shape, x.device) >= p
+    keys, offset, calls = _context[-1]
+    call = calls[site] = calls.get(site, -1) + 1  # T5Stack.dropout serves twice per forward
+    b, dims = x.size(0), x.dim() - 1
+    h = _mix(keys ^ (site * 16 + call)).view(b, *[1] * dims)
+    for k, (size, side) in enumerate(zip(x.shape[1:], sides), 1):
+        index = torch.arange(size, device=x.device).view(-1, *[1] * (dims - k))  # at axis k
+        if side == "encoder":
+            index = (index - offset.view(b, *[1] * dims)) & 0xFFFFFFFF
+        h = _mix(h ^ index)
+    keep = (h >> 8).float() * 2.0 ** -24 >= p
     return x * keep.to(x.dtype) / (1 - p)
 
 
@@ -293,18 +270,13 @@ class StatelessDropout(nn.Dropout):
         return _drop(x, self.p, self.site, (self.side, None)) if self.training else x
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-               position_bias=None, **kwargs):
-    """transformers' T5 eager attention, its weights' dropout stateless (heads, query, key)."""
-    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if position_bias is not None:
-        scores = scores + position_bias
+def _attention(module, query, key, value, attention_mask, scaling, dropout, position_bias, **kw):
+    """transformers' T5 eager attention (T5 passes all three), its weights' dropout stateless."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling + position_bias
     if attention_mask is not None:
         scores = scores + attention_mask
-    weights = torch.softmax(scores, dim=-1)
-    if module.training and dropout > 0:  # (B, H, L_query, L_key)
-        weights = _drop(weights, dropout, module.ept_site, (None, *module.ept_sides))
+    weights = torch.softmax(scores, dim=-1)  # (B, H, L_query, L_key); dropout 0.0 when not training
+    weights = _drop(weights, dropout, module.ept_site, (None, *module.ept_sides))
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
@@ -328,9 +300,8 @@ def stateless_dropout(t5):
 
 
 def count_trainable(module):
-    """Trainable parameters, each shared tensor once (T5's tied embedding counts once)."""
-    unique = {id(p): p for p in module.parameters() if p.requires_grad}
-    return sum(p.numel() for p in unique.values())
+    """Trainable parameters; parameters() yields a shared tensor (T5's tied embedding) once."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def save_folded_prompt(path, prompt, meta=None):
@@ -341,37 +312,10 @@ def save_folded_prompt(path, prompt, meta=None):
 
 def load_folded_prompt(path):
     state = files.load_torch(path, "folded prompt")
-    if (not isinstance(state, dict) or not torch.is_tensor(state.get("prompt"))
-            or state["prompt"].dim() != 2):
-        raise files.FileFault(f"{path} is not a folded prompt "
-                              "(a dict with an (n, d) 'prompt' tensor)")
-    if not torch.isfinite(state["prompt"]).all():
+    prompt = state.get("prompt") if isinstance(state, dict) else None
+    if not torch.is_tensor(prompt) or prompt.dim() != 2:
+        raise files.FileFault(f"{path} is not a folded prompt (a dict with an (n, d) 'prompt' "
+                              "tensor)")
+    if not torch.isfinite(prompt).all():
         raise files.FileFault(f"the prompt in {path} holds NaN or inf values; retrain the run")
-    return state["prompt"], state.get("meta", {})
-
-
-# build_prompt_module's options (train.py's flags, config.json's keys) and their defaults: a run
-# folder written before an option existed is rebuilt with the option's default.
-PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, "broadcast": None,
-                  "layer_norm": False, "residual": False, "activation": "none", "depth": 1,
-                  "extra_layer": False}
-
-# The options each method takes; others neither multiply a sweep's runs nor appear in its name.
-EPT_OPTIONS = ("hidden_size", "broadcast", "layer_norm", "residual", "activation", "depth",
-               "extra_layer", "init")
-APPLIES = {"ft": (), "pt": ("prompt_length", "init"),
-           "ptuning": ("prompt_length", "reparam", "init"),
-           "resprompt": ("prompt_length", "hidden_size", "init"),
-           "ept": EPT_OPTIONS, "ept_star": EPT_OPTIONS}
-METHOD_OPTIONS = (*PROMPT_OPTIONS, "init")
-
-
-def applies(option, method):
-    """False for a prompt option `method` ignores (EPT: no --prompt-length; PT: no --hidden-size);
-    training options (not in METHOD_OPTIONS) apply to every method."""
-    return option not in METHOD_OPTIONS or option in APPLIES[method]
-
-
-def prompt_options(config):
-    """The build_prompt_module options recorded in a run's config.json (train.py's flags)."""
-    return {k: config.get(k, default) for k, default in PROMPT_OPTIONS.items()}
+    return prompt, state.get("meta", {})

@@ -1,34 +1,27 @@
 """Train one method on one task: the paper's loop (docs/paper.md, "Training"), CPU, one GPU or many.
 
 Reads data/<task>/ (prepare_data.py; prepared on first use when missing) and a T5 (Hub name or local
-folder). Writes the run folder (ept/runfolder.py): config.json, log.jsonl (every step's loss, lr,
-grad norm, prompt norm mu_t of Eq. 4 and throughput; every validation; the end), best.pt and last.pt
-(trainable state, optimizer, scheduler, data position), prompt.pt (the folded P' of the best
-checkpoint) and metrics.json (test metrics of the best checkpoint).
+folder). Writes the run folder (ept/runfolder.py): config.json, log.jsonl (each step's loss, lr,
+grad norm, mu_t of Eq. 4 and throughput; each validation; the end), best.pt and last.pt, prompt.pt
+(the best checkpoint's folded P') and metrics.json (its test metrics).
 
     python train.py --method ept                  # EPT on RTE, t5-base: the paper's setting
     torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star  # 4 GPUs
     python train.py --task rte --method ept --dtype bf16   # bf16 autocast: not our fp32 reading
     python train.py --task rte --method ept --resume        # continue a killed run from its last.pt
-    # SIGTERM / SIGUSR1 (preemption, scancel, SLURM's warning): last.pt at the next step boundary,
-    # then exit 143 / 138; --resume continues from there, no step logged twice
+    # SIGTERM / SIGUSR1 / Ctrl-C: last.pt at the next step boundary, exit 143 / 138 / 130
     # a pack: 3 x 3 x 2 = 18 prompt runs sharing one T5, a folder each under runs/ (ept/pack.py)
     python train.py --task rte --method pt ept ept_star --seed 0 1 2 --lr 0.3 0.1
     # CPU smoke run: random-weight t5-small from the real config, 30 steps
     python train.py --method ept --model ../shared/data/t5/t5-small --random-init \\
         --tokenizer ../shared/data/t5 --max-steps 30 --eval-every 30 --max-eval-examples 32
-
-The step (train_step) is this file's: micro-batches, the prompt prepended (model.PromptedT5), the
-token-mean NLL of the global batch (any number of ranks), backward, clip, AdamW, schedule, mu_t.
 """
-import argparse
 import contextlib
 import io
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,12 +42,11 @@ class NonFiniteError(cli.Failure):
 
 @cli.script
 def main(argv=None):
-    """Flags; setup; the run folder claimed and checked; data; model; train; finish. Several runs
-    (a sweep, --runs FILE) train as a pack on one T5 (ept/pack.py)."""
+    """Flags; setup; the run folder; data; model; train; finish. Several runs: ept/pack.py."""
     rank = int(os.environ.get("RANK", 0))
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
         args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
-    runs_file, max_rows = (vars(args).pop(k) for k in options.PACK_OPTIONS)
+    runs_file, max_rows = vars(args).pop("runs"), vars(args).pop("pack_max_rows")  # not a run's
     ranks = runtime.ranks()  # DDP: the process group joined; ranks.first: rank 0 checks first
     specs = runs_file is None and ranks.first(lambda: options.sweep(args), everyone=True)
     if not specs or len(specs) > 1:  # several runs, or --runs FILE: a pack
@@ -82,9 +74,8 @@ def main(argv=None):
 
 
 def check_offline(args):
-    """Every Hub-bound input (tokenizer, data, model) checked before the first loads (issue 29);
-    a mistyped --model path is named as the model's (the tokenizer defaults to it)."""
-    runtime.local_folder(args.model)
+    """Every Hub-bound input (tokenizer, data, model) checked before the first loads."""
+    runtime.local_folder(args.model)  # a mistyped --model path is named as the model's
     prepared = (Path(args.data_dir) / args.task / "meta.json").exists()
     hub_id = None if prepared or args.source else tasks.TASKS.get(args.task)
     runtime.check_offline(args.model, args.tokenizer or args.model, hub_id or None)
@@ -127,30 +118,26 @@ def train(run, task, model, ranks, say):
 
 
 def train_step(model, run, batch, data, amp, ranks):
-    """One optimizer step of `run` on the global `batch` (indices into `data` = (source ids, target
-    ids, pad id)) through `model` (run.net, or DDP / torch.compile around it). This rank takes
-    batch[rank::world_size] in micro-batches; each one's summed target NLL is scaled by world_size /
-    (the global batch's target tokens): DDP's mean over ranks is then the batch's token mean."""
-    source_ids, target_ids, pad_id = data
+    """One optimizer step of `run` on the global `batch` (indices into `data`) through `model`
+    (run.net, or DDP / torch.compile around it): the token-mean NLL over the whole batch."""
     rank, ws, device = ranks.rank, ranks.world_size, ranks.device
-    n_tokens = sum(len(target_ids[i]) for i in batch)  # every rank holds the data: it knows them
-    shard, micro = batch[rank::ws], run.args.micro_batch_size
+    n_tokens = sum(len(data[1][i]) for i in batch)  # target tokens: every rank holds the data
+    shard, micro = batch[rank::ws], run.args.micro_batch_size  # this rank's, in micro-batches
     n_micro = math.ceil(math.ceil(len(batch) / ws) / micro)  # the same on every rank
     loss_sum = torch.zeros((), device=device)
     for m in range(n_micro):
         idx = shard[m * micro:(m + 1) * micro]
         weight = 1.0 if idx else 0.0  # a rank short of examples still joins DDP's all-reduce
-        input_ids, mask, labels = (t.to(device) for t in tasks.collate(
-            idx or batch[:1], source_ids, target_ids, pad_id))
+        input_ids, mask, labels = (t.to(device) for t in tasks.collate(idx or batch[:1], *data))
         if ws > 1:
             model.require_backward_grad_sync = m == n_micro - 1
         keys = M.example_keys(run.args.seed, run.step, idx or batch[:1], device)  # dropout's
-        with amp, M.dropout_keys(keys):
+        with amp, M.dropout_keys(keys):  # forward with the prompt prepended (PromptedT5.embed)
             logits = model(input_ids, mask, decoder_input_ids=run.net.t5._shift_right(labels),
                            use_cache=False).logits
         nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                               reduction="sum") * weight
-        (nll * (ws / n_tokens)).backward()
+        (nll * (ws / n_tokens)).backward()  # DDP's mean over ranks: the batch's token mean
         loss_sum += nll.detach()
     if ws > 1:
         dist.all_reduce(loss_sum)
@@ -177,7 +164,7 @@ def update(runs, losses):
 @torch.no_grad()
 def prompt_stats(module):
     """(mu_t, s_t): mu_t (Eq. 4) the mean row norm of P'; s_t, for EPT and EPT*, the first block's
-    hidden activation W_down P1 (issue 27), or its norm for h > 1. One host sync."""
+    hidden activation W_down P1, or its norm for h > 1. One host sync."""
     if module is None:
         return None, None
     values = [module().float().norm(dim=1).mean()]
@@ -196,41 +183,22 @@ def train_event(run, record, examples, tokens, seconds):
 
 # --- the run: its model, AdamW and schedule, data position ----------------------------------------
 
-@dataclass(eq=False)
 class Run:
-    """One training run: its options (a resolved train.py command line), PromptedT5 (`net`), AdamW
-    + schedule, data position (epoch, index into its order), best validation, folder, lock, log."""
-    args: argparse.Namespace
-    net: M.PromptedT5
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    name: str = ""
-    out_dir: Path | None = None
-    step: int = 0
-    epoch: int = 0
-    index: int = 0
-    best_score: float = -math.inf
-    best_step: int | None = None
-    start_step: int = 0  # the step it started or resumed at
-    resumed: bool = False
-    stopped: str | None = None  # a pack's: "nonfinite" or "done" once it left the pack
-    lock: object = None
-    log: object = None
-    config: dict | None = None
-    order: tuple = field(default=(None, None), repr=False)  # (epoch, that epoch's order)
+    """One run: its resolved options, PromptedT5 (`net`), AdamW + schedule, data position, best."""
+    module = property(lambda self: self.net.trainable)  # what trains: prompt module, or T5 (ft)
+    # the trainable parameters in the optimizer's order (what is clipped)
+    params = property(lambda self: [p for g in self.optimizer.param_groups for p in g["params"]])
 
-    @property
-    def module(self):
-        return self.net.t5 if self.net.prompt_module is None else self.net.prompt_module
-
-    @property
-    def params(self):
-        """The trainable parameters in the optimizer's order (what is clipped)."""
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+    def __init__(self, args, net, optimizer, scheduler, name="", out_dir=None, resumed=False):
+        self.args, self.net, self.optimizer, self.scheduler = args, net, optimizer, scheduler
+        self.name, self.out_dir, self.resumed = name, out_dir, resumed
+        self.step = self.epoch = self.index = self.start_step = 0  # start_step: started/resumed at
+        self.best_score, self.best_step = -math.inf, None
+        self.stopped = self.lock = self.log = self.config = None  # stopped: a pack's, once it left
+        self.order = (None, None)  # (epoch, that epoch's order)
 
     def advance(self, n_examples, n_train):
-        self.step += 1
-        self.index += n_examples
+        self.step, self.index = self.step + 1, self.index + n_examples
         if self.index >= n_train:
             self.epoch, self.index = self.epoch + 1, 0
 
@@ -248,14 +216,13 @@ class Run:
         self.module.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.order = state["step"], (None, None)
+        self.step, self.best_score, self.best_step, self.order = (
+            state["step"], state["best_score"], state["best_step"], (None, None))
         self.epoch, self.index = state["data"]["epoch"], state["data"]["index"]
-        self.best_score, self.best_step = state["best_score"], state["best_step"]
 
 
 def next_batch(run, n_train, lengths=None):
-    """The global batch of the run's next step: [index:index + batch_size] of its epoch's order
-    (tasks.epoch_order, a pure function of seed and epoch; `lengths`: --group-by-length)."""
+    """The next global batch: [index:index + batch_size] of its epoch's order (seed, epoch)."""
     args = run.args
     if run.order[0] != run.epoch:
         run.order = (run.epoch, tasks.epoch_order(n_train, args.seed, run.epoch, args.batch_size,
@@ -285,14 +252,13 @@ def new_run(t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None, 
         if args.init == "label" and label_ids is None:
             raise cli.Failure(f"train: --init label needs a task with a label set; {args.task} "
                               "has none")
-    # one stream, used in sequence as the public EPT code does: the prompt table first, then the
-    # default-initialised layers (Linear, LSTM): P and the layers are independent
+    # one stream in sequence, as the public EPT code: P first, then the layers (independent)
     torch.manual_seed(args.seed)
     module = M.build_prompt_module(args.method, t5.config.d_model, **M.prompt_options(vars(args)),
                                    init=args.init, embedding=t5.get_input_embeddings().weight,
                                    label_ids=label_ids)
     net = M.PromptedT5(t5, None if module is None else module.to(t5.device))  # ft: T5 trains
-    trainable = [p for p in (module or t5).parameters() if p.requires_grad]
+    trainable = [p for p in net.trainable.parameters() if p.requires_grad]
     run = Run(args, net, *make_optimizer(trainable, args, fused), name=name or str(out_dir),
               out_dir=out_dir, resumed=resume_path is not None)
     if resume_path is not None:
@@ -302,8 +268,7 @@ def new_run(t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None, 
 
 
 def load_t5(args, task, ranks):
-    """The frozen T5 (dropout on though frozen, as under the HF Trainer: docs/paper.md), each
-    example's dropout masks a function of (seed, step, example): model.stateless_dropout."""
+    """The frozen T5, its dropout on as under the HF Trainer (docs/paper.md) and stateless."""
     t5 = runtime.load_t5(args.model, random_init=args.random_init, seed=args.seed)
     runtime.check_vocab(task.tokenizer, t5)
     runtime.set_dropout(t5, args.dropout)
@@ -313,18 +278,15 @@ def load_t5(args, task, ranks):
 def wrap(net, args, ranks):
     """What runs the forward: `net`, compiled (--compile), under DDP (T5's buffers never change)."""
     net = torch.compile(net) if args.compile else net
-    if ranks.world_size == 1:
-        return net
-    return DDP(net, forward_sync_buffers=False,
-               device_ids=[ranks.local_rank] if ranks.device.startswith("cuda") else None)
+    return net if ranks.world_size == 1 else DDP(net, forward_sync_buffers=False, device_ids=(
+        [ranks.local_rank] if ranks.device.startswith("cuda") else None))
 
 
 # --- validation, checkpoints, the end -------------------------------------------------------------
 
 def validate_and_save(run, task, ranks, bar=None):
-    """The top of a step: validate (then best.pt if improved, and last.pt) every --eval-every steps
-    and at the last, or save last.pt every --save-every steps; a resumed step was validated before
-    the kill. False when the weights are not finite: the run stops (no NaN/inf on disk)."""
+    """The top of a step: validate (then best.pt if improved, last.pt) every --eval-every steps and
+    at the last, or last.pt every --save-every steps. False: weights not finite (nothing saved)."""
     args = run.args
     due = run.step > run.start_step or (run.step > 0 and not run.resumed)
     evaluate = due and (run.step % args.eval_every == 0 or run.step == args.max_steps)
@@ -363,20 +325,19 @@ def nonfinite_stop(run, what, lr, master=True):
     return err if master else runtime.PeerStopped()
 
 
+@torch.no_grad()
 def finish(run, task, ranks, say, meter):
     """The end: best.pt folded into P' (prompt.pt), the test split scored with P' alone."""
     args, out_dir, trained = run.args, run.out_dir, run.net
     t = meter.summary(ranks.device)
     if ranks.world_size > 1:
         dist.barrier()  # best.pt is complete on disk
-    trained.load_trainable_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
-    with torch.no_grad():
-        prompt = trained.prompt()
+    trained.trainable.load_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
+    prompt = trained.prompt()
     net = trained if prompt is None else M.PromptedT5(trained.t5, M.FoldedPrompt(prompt.float()))
     if prompt is not None and ranks.master:
-        M.save_folded_prompt(out_dir / "prompt.pt", prompt, {
-            "task": args.task, "method": args.method, "step": run.best_step,
-            "score": run.best_score})
+        M.save_folded_prompt(out_dir / "prompt.pt", prompt, dict(
+            task=args.task, method=args.method, step=run.best_step, score=run.best_score))
     test = None
     if not args.no_test:
         scores = evaluation.score_split(net, task.tokenizer, task.meta, *task.test, ranks,

@@ -143,7 +143,7 @@ def test_trainable_state_roundtrip_is_bitwise(tmp_path):
     torch.save(a.prompt_module.state_dict(), tmp_path / "s.pt")  # what best.pt's "trainable" holds
     b = PromptedT5(tiny_t5(), build_prompt_module("ptuning", TINY.d_model, reparam="lstm",
                                                    generator=torch.Generator().manual_seed(7)))
-    b.load_trainable_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    b.trainable.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert torch.equal(a.prompt(), b.prompt())
 
 
