@@ -125,7 +125,7 @@ def test_predict_stops_at_max_new_tokens(tiny):
 def test_rank_classify_picks_the_lowest_loss_label(tiny):
     net, tok = tiny
     labels = ["0", "1", "2.4"]
-    got = evaluation.rank_classify(net, tok, SOURCES, labels, batch_size=4)
+    got = evaluation.predict(net, tok, SOURCES, labels=labels, batch_size=4)
     for source, pred in zip(SOURCES, got):  # brute force: one full forward per (example, label)
         enc = tok([source], return_tensors="pt")
         losses = []
