@@ -22,27 +22,22 @@ def accuracy(preds, targets):
     return 100.0 * sum(p == t for p, t in zip(preds, targets)) / len(targets) if targets else 0.0
 
 
-def _tp_wrong(preds, targets, c):
-    """(true positives, false positives + false negatives) of class `c`."""
-    hits = [(p == c, t == c) for p, t in zip(preds, targets)]
-    return sum(p and t for p, t in hits), sum(p != t for p, t in hits)
-
-
-def binary_f1(preds, targets, labels=("0", "1"), positive="1"):
-    """F1 of `positive`; a prediction outside the label set is always wrong (docs/paper.md)."""
-    preds = [p if p in (labels or ("0", "1")) else None if t == positive else positive
-             for p, t in zip(preds, targets)]
-    tp, wrong = _tp_wrong(preds, targets, positive)
-    return 100.0 * 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0  # no positives: 0 (sklearn)
-
-
-def macro_f1(preds, targets, labels=None):
-    """Mean per-class F1 over the label-set classes that occur in targets or valid predictions; an
-    invalid prediction is a false negative of its target class and a false positive of none."""
+def f1(preds, targets, labels=None, positive=None):
+    """F1 of class `positive`, a prediction outside the label set counting as the opposite of its
+    target (docs/paper.md); or (macro) the mean F1 over the label-set classes seen in targets or
+    valid predictions, an invalid prediction a false negative of its target class only."""
+    if positive:
+        preds = [p if p in (labels or ("0", "1")) else None if t == positive else positive
+                 for p, t in zip(preds, targets)]
     seen = {*targets, *preds}
-    f1s = [2 * tp / (2 * tp + wrong) for tp, wrong in (  # tp + wrong > 0: c was seen
-        _tp_wrong(preds, targets, c) for c in labels or sorted(set(targets)) if c in seen)]
-    return 100.0 * sum(f1s) / len(f1s) if f1s else 0.0
+    counts = [(sum(p == c == t for p, t in zip(preds, targets)),  # (tp, fp + fn): tp + fn + fp > 0
+               sum((p == c) != (t == c) for p, t in zip(preds, targets)))
+              for c in ([positive] if positive else labels or sorted(set(targets))) if c in seen]
+    if not counts:
+        return 0.0  # no positives: 0 (sklearn)
+    if positive:
+        return 100.0 * 2 * counts[0][0] / (2 * counts[0][0] + counts[0][1])
+    return 100.0 * sum(2 * tp / (2 * tp + wrong) for tp, wrong in counts) / len(counts)
 
 
 def matthews_corr(preds, targets, labels=None):
@@ -73,16 +68,12 @@ def _ranks(x):
 
 
 def pearson(preds, targets, rank=list):
-    """Pearson's r of the predictions as numbers and the targets (Spearman's with `rank=_ranks`)."""
+    """Pearson's r of the predictions as numbers and the targets; Spearman's with `rank=_ranks`."""
     x, y = rank([to_float(p) for p in preds]), rank([float(t) for t in targets])
     mx, my = sum(x) / max(len(x), 1), sum(y) / max(len(y), 1)
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
     sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
     return 100.0 * (sxy / math.sqrt(sxx * syy)) if sxx > 0 and syy > 0 else 0.0  # constant: 0
-
-
-def spearman(preds, targets):
-    return pearson(preds, targets, _ranks)
 
 
 def multirc_em(preds, targets, question_ids):
@@ -98,35 +89,30 @@ def normalize_answer(text):
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
-def _squad_f1(pred, gold):
-    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
-    common = sum((collections.Counter(p) & collections.Counter(g)).values())
-    precision, recall = common / max(len(p), 1), common / max(len(g), 1)
-    return 2 * precision * recall / (precision + recall) if common else float(p == g)
-
-
-def squad_em(preds, answers, match=lambda p, a: float(normalize_answer(p) == normalize_answer(a))):
-    scores = [max(match(p, a) for a in golds) for p, golds in zip(preds, answers)]
+def squad(preds, answers, token_f1=False):
+    """SQuAD v1.1 exact match (or token F1) of each prediction against its best gold answer."""
+    def score(pred, gold):
+        p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+        common = sum((collections.Counter(p) & collections.Counter(g)).values())
+        precision, recall = common / max(len(p), 1), common / max(len(g), 1)
+        return 2 * precision * recall / (precision + recall) if token_f1 and common else float(p == g)
+    scores = [max(score(p, a) for a in golds) for p, golds in zip(preds, answers)]
     return 100.0 * sum(scores) / len(scores) if scores else 0.0
-
-
-def squad_f1(preds, answers):
-    return squad_em(preds, answers, _squad_f1)
 
 
 _T = lambda ex: [e["target"] for e in ex]  # noqa: E731
 _GOLDS = lambda ex: [e.get("answers") or [e["target"]] for e in ex]  # noqa: E731 MRQA: every gold
 METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
     "acc": lambda p, ex, lab: accuracy(p, _T(ex)),
-    "f1": lambda p, ex, lab: binary_f1(p, _T(ex), lab),
-    "macro_f1": lambda p, ex, lab: macro_f1(p, _T(ex), lab),
+    "f1": lambda p, ex, lab: f1(p, _T(ex), lab, positive="1"),
+    "macro_f1": lambda p, ex, lab: f1(p, _T(ex), lab),
     "mcc": lambda p, ex, lab: matthews_corr(p, _T(ex), lab),
     "pearson": lambda p, ex, lab: pearson(p, _T(ex)),
-    "spearman": lambda p, ex, lab: spearman(p, _T(ex)),
-    "f1a": lambda p, ex, lab: binary_f1(p, _T(ex), lab),
+    "spearman": lambda p, ex, lab: pearson(p, _T(ex), rank=_ranks),
+    "f1a": lambda p, ex, lab: f1(p, _T(ex), lab, positive="1"),
     "em": lambda p, ex, lab: multirc_em(p, _T(ex), [e["question_id"] for e in ex]),
-    "squad_em": lambda p, ex, lab: squad_em(p, _GOLDS(ex)),
-    "squad_f1": lambda p, ex, lab: squad_f1(p, _GOLDS(ex)),
+    "squad_em": lambda p, ex, lab: squad(p, _GOLDS(ex)),
+    "squad_f1": lambda p, ex, lab: squad(p, _GOLDS(ex), token_f1=True),
 }
 
 
