@@ -94,8 +94,8 @@ def squad(preds, answers, token_f1=False):
     def score(pred, gold):
         p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
         common = sum((collections.Counter(p) & collections.Counter(g)).values())
-        precision, recall = common / max(len(p), 1), common / max(len(g), 1)
-        return 2 * precision * recall / (precision + recall) if token_f1 and common else float(p == g)
+        prec, rec = common / max(len(p), 1), common / max(len(g), 1)  # precision, recall
+        return 2 * prec * rec / (prec + rec) if token_f1 and common else float(p == g)
     scores = [max(score(p, a) for a in golds) for p, golds in zip(preds, answers)]
     return 100.0 * sum(scores) / len(scores) if scores else 0.0
 
@@ -206,8 +206,7 @@ def label_nll(model, input_ids, mask, label_ids):
 
 
 def run_predictions(net, tokenizer, sources, meta, *, mode, **options):
-    """Greedy decoding (at most meta's max_target_length tokens) or, for tasks with a label set,
-    rank classification; `options`: batch_size, max_length, device, dtype, progress."""
+    """`predict` as the task's meta.json says: greedy (mode 'generate') or over its labels."""
     if mode == "rank" and not meta.get("labels"):
         raise cli.Failure(f"--eval-mode rank needs a task with a label set; "
                           f"{meta.get('task', 'this task')} has open targets")
