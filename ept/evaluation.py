@@ -17,7 +17,6 @@ from ept import cli, runtime, tasks
 
 # --- metrics: f(predictions, targets, ...); an empty input scores 0.0 (never NaN in JSON) ---------
 
-
 def accuracy(preds, targets):
     return 100.0 * sum(p == t for p, t in zip(preds, targets)) / len(targets) if targets else 0.0
 
