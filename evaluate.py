@@ -11,7 +11,7 @@ RUN_DIR/eval/<task>_<split>.metrics.json and .predictions.jsonl (atomically) and
     python evaluate.py runs/rte_ept_t5-base_s0 --task cb       # zero-shot transfer (Figure 10)
     python evaluate.py runs/rte_ept_t5-base_s0 --input new.jsonl --output preds.jsonl   # new inputs
 
-What the other stages call (load_run, evaluate_run, score_split) lives in ept/evaluation.py.
+What the other stages call lives in ept/outputs.py (load_run, evaluate_run) and ept/evaluation.py.
 """
 import argparse
 import json

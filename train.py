@@ -297,8 +297,7 @@ def validate_and_save(run, task, ranks, bar=None):
     improved = False
     if evaluate:
         t0 = time.time()
-        scores = evaluation.score_split(run.net, task.tokenizer, task.meta, *task.val, ranks,
-                                        **evaluation.decode_options(args))
+        scores = evaluation.score_split(run.net, task.tokenizer, task.meta, *task.val, ranks, args)
         seconds = time.time() - t0
         run.log({"event": "eval", "step": run.step, "split": "validation", **scores,
                  "eval_time_s": seconds,
@@ -340,8 +339,7 @@ def finish(run, task, ranks, say, meter):
             task=args.task, method=args.method, step=run.best_step, score=run.best_score))
     test = None
     if not args.no_test:
-        scores = evaluation.score_split(net, task.tokenizer, task.meta, *task.test, ranks,
-                                        **evaluation.decode_options(args))
+        scores = evaluation.score_split(net, task.tokenizer, task.meta, *task.test, ranks, args)
         test = {"task": args.task, "split": "test", "mode": args.eval_mode, "checkpoint": "best",
                 "best_step": run.best_step, "validation_score": run.best_score, **scores}
         if ranks.master:

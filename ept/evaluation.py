@@ -1,7 +1,5 @@
 """Evaluation: every metric of the paper in [0, 100] as it prints them, greedy decoding and rank
-classification of a prompted T5, a split scored across ranks (train.py's `score_split`), and a run
-rebuilt from its folder and scored (`evaluate_run`: evaluate.py, the analyses, the drivers).
-"""
+classification of a prompted T5, and a split scored across ranks (train.py's `score_split`)."""
 import bisect
 import collections
 import inspect
@@ -13,69 +11,53 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from ept import cli, runtime, tasks
 
 # --- metrics: f(predictions, targets, ...); an empty input scores 0.0 (never NaN in JSON) ---------
 
-
 def accuracy(preds, targets):
     return 100.0 * sum(p == t for p, t in zip(preds, targets)) / len(targets) if targets else 0.0
 
 
-def binary_f1(preds, targets, labels=("0", "1"), positive="1"):
-    """F1 of `positive`; a prediction outside the label set is always wrong (docs/paper.md)."""
-    tp = fp = fn = 0
-    for p, t in zip(preds, targets):
-        truth = t == positive
-        pp = (p == positive) if p in (labels or ("0", "1")) else not truth
-        tp, fp, fn = tp + (pp and truth), fp + (pp and not truth), fn + (truth and not pp)
-    return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0  # no positives: 0 (sklearn)
-
-
-def macro_f1(preds, targets, labels=None):
-    """Mean per-class F1 over the label-set classes that occur in targets or valid predictions; an
-    invalid prediction is a false negative of its target class and a false positive of none."""
-    labels = list(labels) if labels else sorted(set(targets))
-    f1s = []
-    for c in (c for c in labels if c in set(targets) or c in set(preds)):
-        tp = sum(p == c and t == c for p, t in zip(preds, targets))
-        wrong = sum((p == c) != (t == c) for p, t in zip(preds, targets))  # fp + fn
-        f1s.append(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
-    return 100.0 * sum(f1s) / len(f1s) if f1s else 0.0
+def f1(preds, targets, labels=None, positive=None):
+    """F1 of class `positive`, a prediction outside the label set counting as the opposite of its
+    target (docs/paper.md); or (macro) the mean F1 over the label-set classes seen in targets or
+    valid predictions, an invalid prediction a false negative of its target class only."""
+    if positive:
+        preds = [p if p in (labels or ("0", "1")) else None if t == positive else positive
+                 for p, t in zip(preds, targets)]
+    seen = {*targets, *preds}
+    counts = [(sum(p == c == t for p, t in zip(preds, targets)),  # (tp, fp + fn): tp + fn + fp > 0
+               sum((p == c) != (t == c) for p, t in zip(preds, targets)))
+              for c in ([positive] if positive else labels or sorted(set(targets))) if c in seen]
+    if not counts:
+        return 0.0  # no positives: 0 (sklearn)
+    if positive:
+        return 100.0 * 2 * counts[0][0] / (2 * counts[0][0] + counts[0][1])
+    return 100.0 * sum(2 * tp / (2 * tp + wrong) for tp, wrong in counts) / len(counts)
 
 
 def matthews_corr(preds, targets, labels=None):
     """Matthews correlation (Gorodkin's K-class form); an invalid prediction is always wrong."""
     labels = list(labels) if labels else sorted(set(targets))
-    if len(labels) == 2:
+    if len(labels) == 2:  # binary: an invalid prediction is the other label
         preds = [p if p in labels else labels[1 - labels.index(t)] if t in labels else p
                  for p, t in zip(preds, targets)]
     s, c = len(targets), sum(p == t for p, t in zip(preds, targets))
     pk, tk = collections.Counter(preds), collections.Counter(targets)
-    cov_pt = c * s - sum(pk[k] * tk[k] for k in tk)
     den = math.sqrt((s * s - sum(v * v for v in pk.values()))
                     * (s * s - sum(v * v for v in tk.values())))
-    return 100.0 * cov_pt / den if den else 0.0  # a constant prediction or target: 0, as sklearn
+    return 100.0 * (c * s - sum(pk[k] * tk[k] for k in tk)) / den if den else 0.0  # as sklearn
 
 
 def to_float(text, default=-1.0):
     """STS-B predictions as numbers; a non-numeric one is -1.0, as T5's `string_to_float`."""
     try:
-        value = float(text)
+        return float(text) if math.isfinite(float(text)) else default
     except (TypeError, ValueError):
         return default
-    return value if math.isfinite(value) else default
-
-
-def _pearson(x, y):
-    n = len(x)
-    if n < 2:
-        return 0.0
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0  # constant input: 0, not NaN
 
 
 def _ranks(x):
@@ -84,62 +66,52 @@ def _ranks(x):
     return [(bisect.bisect_left(s, v) + bisect.bisect_right(s, v) + 1) / 2 for v in x]
 
 
-def pearson(preds, targets):
-    return 100.0 * _pearson([to_float(p) for p in preds], [float(t) for t in targets])
-
-
-def spearman(preds, targets):
-    return 100.0 * _pearson(_ranks([to_float(p) for p in preds]),
-                            _ranks([float(t) for t in targets]))
+def pearson(preds, targets, rank=list):
+    """Pearson's r of the predictions as numbers and the targets; Spearman's with `rank=_ranks`."""
+    x, y = rank([to_float(p) for p in preds]), rank([float(t) for t in targets])
+    mx, my = sum(x) / max(len(x), 1), sum(y) / max(len(y), 1)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return 100.0 * (sxy / math.sqrt(sxx * syy)) if sxx > 0 and syy > 0 else 0.0  # constant: 0
 
 
 def multirc_em(preds, targets, question_ids):
     """Exact match per question: all of a question's answers right (MultiRC; invalid = wrong)."""
-    right = collections.defaultdict(lambda: True)
-    for p, t, q in zip(preds, targets, question_ids):
-        right[q] = right[q] and p == t
-    return 100.0 * sum(right.values()) / len(right) if right else 0.0
+    wrong = {q for p, t, q in zip(preds, targets, question_ids) if p != t}
+    questions = set(question_ids)
+    return 100.0 * (len(questions) - len(wrong)) / len(questions) if questions else 0.0
 
 
 def normalize_answer(text):
     """SQuAD v1.1 normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
-def _squad_f1(pred, gold):
-    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
-    if not p or not g:
-        return float(p == g)
-    common = sum((collections.Counter(p) & collections.Counter(g)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(g)
-    return 2 * precision * recall / (precision + recall)
-
-
-def squad_em(preds, answers, match=lambda p, a: float(normalize_answer(p) == normalize_answer(a))):
-    scores = [max(match(p, a) for a in golds) for p, golds in zip(preds, answers)]
+def squad(preds, answers, token_f1=False):
+    """SQuAD v1.1 exact match (or token F1) of each prediction against its best gold answer."""
+    def score(pred, gold):
+        p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+        common = sum((collections.Counter(p) & collections.Counter(g)).values())
+        prec, rec = common / max(len(p), 1), common / max(len(g), 1)  # precision, recall
+        return 2 * prec * rec / (prec + rec) if token_f1 and common else float(p == g)
+    scores = [max(score(p, a) for a in golds) for p, golds in zip(preds, answers)]
     return 100.0 * sum(scores) / len(scores) if scores else 0.0
-
-
-def squad_f1(preds, answers):
-    return squad_em(preds, answers, _squad_f1)
 
 
 _T = lambda ex: [e["target"] for e in ex]  # noqa: E731
 _GOLDS = lambda ex: [e.get("answers") or [e["target"]] for e in ex]  # noqa: E731 MRQA: every gold
 METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
     "acc": lambda p, ex, lab: accuracy(p, _T(ex)),
-    "f1": lambda p, ex, lab: binary_f1(p, _T(ex), lab),
-    "macro_f1": lambda p, ex, lab: macro_f1(p, _T(ex), lab),
+    "f1": lambda p, ex, lab: f1(p, _T(ex), lab, positive="1"),
+    "macro_f1": lambda p, ex, lab: f1(p, _T(ex), lab),
     "mcc": lambda p, ex, lab: matthews_corr(p, _T(ex), lab),
     "pearson": lambda p, ex, lab: pearson(p, _T(ex)),
-    "spearman": lambda p, ex, lab: spearman(p, _T(ex)),
-    "f1a": lambda p, ex, lab: binary_f1(p, _T(ex), lab),
+    "spearman": lambda p, ex, lab: pearson(p, _T(ex), rank=_ranks),
+    "f1a": lambda p, ex, lab: f1(p, _T(ex), lab, positive="1"),
     "em": lambda p, ex, lab: multirc_em(p, _T(ex), [e["question_id"] for e in ex]),
-    "squad_em": lambda p, ex, lab: squad_em(p, _GOLDS(ex)),
-    "squad_f1": lambda p, ex, lab: squad_f1(p, _GOLDS(ex)),
+    "squad_em": lambda p, ex, lab: squad(p, _GOLDS(ex)),
+    "squad_f1": lambda p, ex, lab: squad(p, _GOLDS(ex), token_f1=True),
 }
 
 
@@ -148,8 +120,7 @@ def compute_metrics(meta, predictions, examples):
     assert len(predictions) == len(examples), (len(predictions), len(examples))
     labels = meta.get("labels")
     out = {name: METRICS[name](predictions, examples, labels) for name in meta["metrics"]}
-    out["score"] = sum(out[name] for name in meta["score"]) / len(meta["score"])
-    out["n"] = len(examples)
+    out.update(score=sum(out[k] for k in meta["score"]) / len(meta["score"]), n=len(examples))
     if labels:
         out["invalid"] = sum(p not in labels for p in predictions)  # outside the label set
     return out
@@ -164,50 +135,46 @@ def batches_by_length(ids, batch_size, sort, token_budget=False):
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort else list(range(len(ids)))
     if not (sort and token_budget):
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    budget = batch_size * (sorted(map(len, ids))[len(ids) // 2] if ids else 0)
-    min_rows = max(1, batch_size // 4)
-    batches, batch = [], []
+    budget, batches = batch_size * (sorted(map(len, ids))[len(ids) // 2] if ids else 0), [[]]
     for i in order:
-        if len(batch) == batch_size or (len(batch) >= min_rows
-                                        and (len(batch) + 1) * len(ids[batch[0]]) > budget):
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    return batches + [batch] if batch else batches
+        b = batches[-1]
+        if len(b) == batch_size or (len(b) >= max(1, batch_size // 4)
+                                    and (len(b) + 1) * len(ids[b[0]]) > budget):
+            batches.append([])
+        batches[-1].append(i)
+    return [b for b in batches if b]
 
 
 @torch.no_grad()
-def _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, dtype, sort,
-              progress):
-    """[step(input_ids, mask) per batch of `sources` (strings or token-id lists)] in their order,
-    in eval mode; `progress` labels a bar on stderr (None or TQDM_DISABLE=1: none)."""
+def predict(model, tokenizer, sources, *, max_new_tokens=None, labels=None, batch_size=64,
+            max_length=256, device="cpu", dtype="fp32", sort_by_length=True, progress=None):
+    """Greedy decoding of `sources` (strings or token-id lists): at most `max_new_tokens` new
+    tokens, each row stops at `</s>`, special tokens skipped, stripped. With `labels`, rank
+    classification: the label of lowest summed NLL (`label_nll`), never invalid; `progress`: bar."""
     ids = (tasks.encode(tokenizer, sources, max_length)
            if sources and isinstance(sources[0], str) else sources)
+    if labels:  # an input's L labels are scored in one batch: L decoder rows per input
+        label_ids = tasks.pad(tasks.encode(tokenizer, labels, max_length), -100)[0].to(device)
+        batch_size = max(1, batch_size // len(labels))
     out, was_training = {}, model.training
     model.eval()
     bar = tqdm(total=len(ids), desc=progress, unit="ex", dynamic_ncols=True,
-               **({"disable": True} if progress is None else {}))
-    for batch in batches_by_length(ids, batch_size, sort,
+               **({"disable": True} if progress is None else {}))  # TQDM_DISABLE=1 hides it
+    for batch in batches_by_length(ids, batch_size, sort_by_length,
                                    token_budget=not str(device).startswith("cuda")):
-        input_ids, mask = tasks.pad([ids[i] for i in batch], tokenizer.pad_token_id)
+        x, mask = (t.to(device) for t in tasks.pad([ids[i] for i in batch], tokenizer.pad_token_id))
         with runtime.autocast(device, dtype):
-            out.update(zip(batch, step(input_ids.to(device), mask.to(device))))
+            if labels:
+                preds = [labels[k] for k in label_nll(model, x, mask, label_ids).argmin(1).tolist()]
+            else:
+                preds = [p.strip() for p in tokenizer.batch_decode(model.generate(
+                    x, mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1),
+                    skip_special_tokens=True)]
+        out.update(zip(batch, preds))
         bar.update(len(batch))
     bar.close()
     model.train(was_training)
     return [out[i] for i in range(len(ids))]
-
-
-def predict(model, tokenizer, sources, *, max_new_tokens, batch_size=64, max_length=256,
-            device="cpu", dtype="fp32", sort_by_length=True, progress=None):
-    """Greedy decoding of `sources` (strings or token-id lists): batched, sorted by length, at most
-    `max_new_tokens` new tokens, each row stops at `</s>`; special tokens skipped, stripped."""
-    def step(input_ids, mask):
-        gen = model.generate(input_ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             num_beams=1)
-        return [text.strip() for text in tokenizer.batch_decode(gen, skip_special_tokens=True)]
-    return _by_batch(model, tokenizer, sources, step, batch_size, max_length, device, dtype,
-                     sort_by_length, progress)
 
 
 @torch.no_grad()
@@ -215,74 +182,45 @@ def label_nll(model, input_ids, mask, label_ids):
     """(B, L) summed NLL (incl. `</s>`) of the L label sequences `label_ids` (L, T; -100 = padding)
     for each of the B inputs: the encoder and the decoder's first step run once per input, their
     cache is repeated for the L labels, whose tokens are scored in one more decoder pass."""
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-    t5, n_labels = model.t5, label_ids.size(0)
+    t5, n_inputs, n_labels = model.t5, len(input_ids), label_ids.size(0)
     embeds, mask = model.embed(input_ids, mask)  # (B, n+S, d), prompt included
     hidden = t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    start = torch.full((len(input_ids), 1), t5.config.decoder_start_token_id,
-                       device=input_ids.device)
+    start = torch.full((n_inputs, 1), t5.config.decoder_start_token_id, device=input_ids.device)
     cache_arg = ("cache" if "cache" in inspect.signature(t5.forward).parameters  # renamed in 5.2x
                  else "past_key_values")
     first = t5(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=start,
                use_cache=True, **{cache_arg: EncoderDecoderCache(DynamicCache(), DynamicCache())})
     logits = first.logits.repeat_interleave(n_labels, 0)  # (B*L, 1, V): example-major
-    target = label_ids.repeat(len(input_ids), 1)  # (B*L, T)
+    target = label_ids.repeat(n_inputs, 1)  # (B*L, T)
     if target.size(1) > 1:
-        cache = getattr(first, cache_arg)
-        cache.batch_repeat_interleave(n_labels)
+        getattr(first, cache_arg).batch_repeat_interleave(n_labels)  # in place: once per label
         rest = t5(encoder_outputs=(hidden.repeat_interleave(n_labels, 0),),
-                  attention_mask=mask.repeat_interleave(n_labels, 0),
+                  attention_mask=mask.repeat_interleave(n_labels, 0), use_cache=True,
                   decoder_input_ids=target[:, :-1].masked_fill(target[:, :-1] == -100,
                                                                t5.config.pad_token_id),
-                  use_cache=True, **{cache_arg: cache})
+                  **{cache_arg: getattr(first, cache_arg)})
         logits = torch.cat([logits, rest.logits], 1)  # (B*L, T, V)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100,
-                          reduction="none")
-    return nll.sum(1).view(len(input_ids), n_labels)
-
-
-def rank_classify(model, tokenizer, sources, labels, *, batch_size=64, max_length=256,
-                  device="cpu", dtype="fp32", progress=None):
-    """Rank classification: the label string with the lowest summed NLL (incl. `</s>`) under T5,
-    scored by `label_nll` for a batch of inputs at a time; never an invalid prediction."""
-    label_ids, _ = tasks.pad(tasks.encode(tokenizer, labels, max_length), -100)  # (L, T)
-
-    def step(input_ids, mask):
-        nll = label_nll(model, input_ids, mask, label_ids.to(device))
-        return [labels[k] for k in nll.argmin(1).tolist()]
-    return _by_batch(model, tokenizer, sources, step, max(1, batch_size // len(labels)),
-                     max_length, device, dtype, True, progress)
+    return F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100,
+                           reduction="none").sum(1).view(n_inputs, n_labels)
 
 
 def run_predictions(net, tokenizer, sources, meta, *, mode, **options):
-    """Greedy decoding (at most meta's max_target_length tokens) or, for tasks with a label set,
-    rank classification; `options`: batch_size, max_length, device, dtype, progress."""
-    if mode != "rank":
-        return predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"], **options)
-    if not meta.get("labels"):
+    """`predict` as the task's meta.json says: greedy (mode 'generate') or over its labels."""
+    if mode == "rank" and not meta.get("labels"):
         raise cli.Failure(f"--eval-mode rank needs a task with a label set; "
                           f"{meta.get('task', 'this task')} has open targets")
-    return rank_classify(net, tokenizer, sources, meta["labels"], **options)
+    return predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"],
+                   labels=meta["labels"] if mode == "rank" else None, **options)
 
 
-def score_split(net, tokenizer, meta, examples, source_ids, ranks, **options):
-    """Scores of `net` on a split, decoded as `options` (decode_options) say: each rank decodes a
-    strided shard, and scores the whole split's gathered predictions."""
+def score_split(net, tokenizer, meta, examples, source_ids, ranks, args):
+    """Scores of `net` on a split decoded as the run's args say (eval mode, batch size, input
+    length, precision): each rank decodes a strided shard, all score the gathered predictions."""
     preds = run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], meta,
-                            device=ranks.device, **options)
+                            mode=args.eval_mode, batch_size=args.eval_batch_size,
+                            max_length=args.max_length, dtype=args.dtype, device=ranks.device)
     if ranks.world_size > 1:
         shards = [None] * ranks.world_size
         dist.all_gather_object(shards, preds)
-        preds = [None] * len(examples)
-        for r, part in enumerate(shards):
-            preds[r::ranks.world_size] = part
+        preds = [shards[i % ranks.world_size][i // ranks.world_size] for i in range(len(examples))]
     return compute_metrics(meta, preds, examples)
-
-
-def decode_options(args):
-    """How validation and test decode: the run's eval mode, batch size, input length, precision."""
-    return {"mode": args.eval_mode, "batch_size": args.eval_batch_size,
-            "max_length": args.max_length, "dtype": args.dtype}
-
-
-# --- a run rebuilt from its folder, scored -------------------------------------------------------

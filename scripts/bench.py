@@ -10,7 +10,7 @@ alone:
   (c) reference stack: every input padded to --max-length (256), every label to the longest target
 Evaluation, the same held-out examples (validation, then test rows), --eval-repeats rounds:
   (1) evaluation.predict: batched greedy decoding sorted by length, max_new_tokens = longest label
-  (2) evaluation.rank_classify: every label scored after one encoder pass per example
+  (2) evaluation.predict(labels=...): every label scored after one encoder pass per example
   (3) reference: data order, inputs padded to --max-length, HF generate(max_length=20)
   (3b) (3) with max_new_tokens as in (1): the honest figure for trained models, which stop early
 docs/speed.md ("What bench.py measures") says what each figure means (tokens, peak memory, the FLOP
@@ -396,7 +396,7 @@ def eval_configs(args, ctx, net):
                 partial(evaluation.predict, net, tokenizer, max_new_tokens=new_tokens, **ours))]
     if meta.get("labels"):
         configs.append(("rank", "(2) rank classification",
-                        partial(evaluation.rank_classify, net, tokenizer, labels=meta["labels"],
+                        partial(evaluation.predict, net, tokenizer, labels=meta["labels"],
                                 **ours)))
     return configs + [
         ("reference", f"(3) reference: data order, pad {max_length}, max_length {ref}",

@@ -3,6 +3,7 @@
     python -m pytest -q tests/test_evaluate.py
 """
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -16,18 +17,18 @@ def test_accuracy_counts_invalid_as_wrong():
     assert evaluation.accuracy(["1", "0", "maybe"], ["1", "1", "0"]) == pytest.approx(100 / 3)
 
 
-def test_binary_f1_invalid_is_the_opposite_of_its_target():
+def test_f1_binary_invalid_is_the_opposite_of_its_target():
     # p/t: 1/1 TP; x/1 -> 0: FN; 0/0 TN; x/0 -> 1: FP; 1/0 FP  => tp 1, fp 2, fn 1: F1 = 2/5
-    assert evaluation.binary_f1(["1", "x", "0", "x", "1"], ["1", "1", "0", "0", "0"]) == pytest.approx(40.0)
-    assert evaluation.binary_f1(["0", "0"], ["0", "0"]) == 0.0  # no positive anywhere: 0 (sklearn's convention)
+    assert evaluation.f1(["1", "x", "0", "x", "1"], ["1", "1", "0", "0", "0"], positive="1") == pytest.approx(40.0)
+    assert evaluation.f1(["0", "0"], ["0", "0"], positive="1") == 0.0  # no positive anywhere: 0 (sklearn's convention)
 
 
-def test_macro_f1_over_the_label_set():
+def test_f1_macro_over_the_label_set():
     preds, targets = ["0", "1", "2", "x", "0"], ["0", "1", "1", "2", "2"]
     # class 0: tp1 fp1 fn0 -> 2/3; class 1: tp1 fp0 fn1 -> 2/3; class 2: tp0 fp1 fn2 -> 0
-    assert evaluation.macro_f1(preds, targets, ["0", "1", "2"]) == pytest.approx(100 * (4 / 3) / 3)
+    assert evaluation.f1(preds, targets, ["0", "1", "2"]) == pytest.approx(100 * (4 / 3) / 3)
     # a label never seen in targets or valid predictions is not averaged in
-    assert evaluation.macro_f1(["0", "1"], ["0", "1"], ["0", "1", "2"]) == pytest.approx(100.0)
+    assert evaluation.f1(["0", "1"], ["0", "1"], ["0", "1", "2"]) == pytest.approx(100.0)
 
 
 def test_matthews_corr_binary_and_degenerate():
@@ -50,7 +51,7 @@ def test_pearson_spearman_non_numeric_is_minus_one():
     # x = [1, 2, 3, -1]: sxy = -2.5, sxx = 8.75, syy = 5
     assert evaluation.pearson(preds, targets) == pytest.approx(100 * -2.5 / math.sqrt(8.75 * 5))
     # ranks x = [2, 3, 4, 1], y = [1, 2, 3, 4]: r = -1/5
-    assert evaluation.spearman(preds, targets) == pytest.approx(-20.0)
+    assert evaluation.pearson(preds, targets, rank=evaluation._ranks) == pytest.approx(-20.0)
     assert evaluation.pearson(["2.0", "2.0", "2.0"], ["1.0", "2.0", "3.0"]) == 0.0  # constant: 0, not NaN
     assert evaluation.to_float("nan") == -1.0 and evaluation.to_float("3.8") == 3.8
 
@@ -62,21 +63,22 @@ def test_ranks_average_ties():
 def test_multirc_em_per_question_and_f1a():
     preds, targets, qids = ["1", "0", "1", "x", "0"], ["1", "0", "1", "1", "1"], ["a", "a", "b", "b", "c"]
     assert evaluation.multirc_em(preds, targets, qids) == pytest.approx(100 / 3)  # only question a is all right
-    assert evaluation.binary_f1(preds, targets) == pytest.approx(100 * 4 / 6)  # tp 2, fp 0, fn 2
+    assert evaluation.f1(preds, targets, positive="1") == pytest.approx(100 * 4 / 6)  # tp 2, fp 0, fn 2
 
 
 def test_squad_normalisation_and_max_over_golds():
     assert evaluation.normalize_answer("The  Cat!") == "cat"
-    assert evaluation.squad_em(["the cat"], [["A cat", "dog"]]) == 100.0
+    assert evaluation.squad(["the cat"], [["A cat", "dog"]]) == 100.0
     # vs "cat": P 1/3 R 1 -> 0.5; vs "a black dog": P 1/3 R 1/2 -> 0.4; max 0.5
-    assert evaluation.squad_f1(["black cat sat"], [["cat", "a black dog"]]) == pytest.approx(50.0)
-    assert evaluation.squad_f1([""], [["cat"]]) == 0.0
+    assert evaluation.squad(["black cat sat"], [["cat", "a black dog"]], token_f1=True) == pytest.approx(50.0)
+    assert evaluation.squad([""], [["cat"]], token_f1=True) == 0.0
 
 
 def test_empty_inputs_score_zero():
-    for fn in (evaluation.accuracy, evaluation.binary_f1, evaluation.macro_f1, evaluation.matthews_corr, evaluation.pearson, evaluation.spearman):
+    spearman = partial(evaluation.pearson, rank=evaluation._ranks)
+    for fn in (evaluation.accuracy, evaluation.f1, partial(evaluation.f1, positive="1"), evaluation.matthews_corr, evaluation.pearson, spearman):
         assert fn([], []) == 0.0
-    assert evaluation.multirc_em([], [], []) == 0.0 and evaluation.squad_em([], []) == 0.0 and evaluation.squad_f1([], []) == 0.0
+    assert evaluation.multirc_em([], [], []) == 0.0 and evaluation.squad([], []) == 0.0 and evaluation.squad([], [], token_f1=True) == 0.0
     meta = {"labels": ["0", "1"], "metrics": ["acc", "f1", "mcc"], "score": ["acc"]}
     assert evaluation.compute_metrics(meta, [], [])["score"] == 0.0
 
@@ -122,10 +124,10 @@ def test_predict_stops_at_max_new_tokens(tiny):
     assert all(isinstance(p, str) and p == p.strip() for p in evaluation.predict(net, tok, SOURCES, max_new_tokens=5))
 
 
-def test_rank_classify_picks_the_lowest_loss_label(tiny):
+def test_rank_classification_picks_the_lowest_loss_label(tiny):
     net, tok = tiny
     labels = ["0", "1", "2.4"]
-    got = evaluation.rank_classify(net, tok, SOURCES, labels, batch_size=4)
+    got = evaluation.predict(net, tok, SOURCES, labels=labels, batch_size=4)
     for source, pred in zip(SOURCES, got):  # brute force: one full forward per (example, label)
         enc = tok([source], return_tensors="pt")
         losses = []

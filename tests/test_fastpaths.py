@@ -221,10 +221,10 @@ def test_early_stop_when_every_row_is_done(decoder_net):
 
 
 @pytest.mark.parametrize("labels", [["0", "1"], ["0", "1", "2"], ["entailment", "not entailment", "1"]])
-def test_rank_classify_picks_the_lowest_loss_label(decoder_net, labels):
+def test_rank_classification_picks_the_lowest_loss_label(decoder_net, labels):
     """Labels of different token lengths (padded with -100 in the batched pass), several batches."""
     net, tok, ids = decoder_net
-    got = evaluation.rank_classify(net, tok, ids, labels, batch_size=5)
+    got = evaluation.predict(net, tok, ids, labels=labels, batch_size=5)
     assert set(got) <= set(labels)  # never invalid
     for source, pred in zip(ids, got):  # brute force: one unpadded forward per (example, label)
         x, mask = tasks.pad([source], tok.pad_token_id)
