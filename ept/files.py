@@ -1,8 +1,8 @@
-"""The project's files (JSON, JSONL, torch checkpoints). Every reader fails with one sentence naming
-the file and what is wrong; every writer is atomic (a temporary file beside the target, then
-os.replace): a file is its old self or wholly new, even under SIGKILL or a full disk."""
+"""The project's files: each reader fails in one sentence naming the file and the fault; each
+writer is atomic (a temporary file, then os.replace), even under SIGKILL or on a full disk."""
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import pickle
@@ -26,16 +26,24 @@ WHY = {FileNotFoundError: "it does not exist", IsADirectoryError: "it is a folde
 
 def why(err):
     """What went wrong, in a few words, for a one-sentence message."""
+    if isinstance(err, UnicodeDecodeError):
+        return f"byte {err.start} is not UTF-8"
     return next((WHY[k] for k in (*type(err).__mro__, err.errno) if k in WHY),
                 err.strerror or type(err).__name__) if isinstance(err, OSError) else str(err)
 
 
-def read_text(path, what="file"):
+@contextlib.contextmanager
+def fault(doing, *kinds, fix=""):
+    """An OSError (or one of `kinds`) in the block as one sentence: "<doing>: <why><fix>"."""
     try:
+        yield
+    except (OSError, *kinds) as err:
+        raise FileFault(f"{doing}: {why(err)}{fix}") from None
+
+
+def read_text(path, what="file"):
+    with fault(f"cannot read the {what} {path}", UnicodeDecodeError):
         return Path(path).read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError) as err:
-        bad = isinstance(err, UnicodeDecodeError) and f"byte {err.start} is not UTF-8"
-        raise FileFault(f"cannot read the {what} {path}: {bad or why(err)}") from None
 
 
 def read_json(path, what="JSON file"):
@@ -51,23 +59,20 @@ def read_jsonl(path, limit=None, what="JSONL file", torn_tail_ok=False, missing_
     JSON, a killed writer's, is dropped (log.jsonl). `missing_ok`: no file, no rows."""
     if missing_ok and not Path(path).exists():
         return []
-    rows, lines = [], read_text(path, what).split("\n")
+    rows, lines, end = [], read_text(path, what).split("\n"), f"; {fix}" if fix else ""
     for number, line in enumerate(lines, 1):
-        if not line.strip():
+        if not line.strip() or limit is not None and len(rows) >= limit:
             continue
         try:
-            row = json.loads(line)
-            bad = not isinstance(row, dict) and f"line {number} is not a JSON object"
+            rows.append(json.loads(line))
+            bad = not isinstance(rows[-1], dict) and f"line {number} is not a JSON object"
         except json.JSONDecodeError as err:
-            if torn_tail_ok and number == len(lines):  # no newline: the writer died mid-line
+            if (last := number == len(lines)) and torn_tail_ok:  # the writer died mid-line
                 break
-            cut = " (the last line, without its newline: cut short)" if number == len(lines) else ""
+            cut = " (the last line, without its newline: cut short)" * last
             bad = f"line {number}{cut} is not valid JSON ({err.msg})"
         if bad:
-            raise FileFault(f"the {what} {path} is damaged: {bad}{f'; {fix}' if fix else ''}")
-        rows.append(row)
-        if limit is not None and len(rows) >= limit:
-            break
+            raise FileFault(f"the {what} {path} is damaged: {bad}{end}")
     return rows
 
 
@@ -85,11 +90,27 @@ def load_torch(path, what="checkpoint", fix=None):
 
 def make_dir(path, what="folder"):
     """mkdir -p, or one sentence when it cannot be made (read-only disk, a file in the way)."""
-    try:
+    with fault(f"cannot create the {what} {path}"):
         Path(path).mkdir(parents=True, exist_ok=True)
-        return Path(path)
-    except OSError as err:
-        raise FileFault(f"cannot create the {what} {path}: {why(err)}") from None
+    return Path(path)
+
+
+def flock(path, wait=True):
+    """(fd, taken): `path` opened (made if need be) and flock'ed, unless another holds it and not
+    `wait`. The project's one lock: the kernel frees it however its process dies."""
+    with fault(f"cannot lock {path}"):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with contextlib.suppress(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            return fd, True
+        return fd, False
+
+
+@contextlib.contextmanager
+def locked(path):
+    """`path`.lock held while several processes read, check and append to `path`."""
+    with open(flock(make_dir(Path(path).parent) / f"{Path(path).name}.lock")[0]):  # close: unlock
+        yield
 
 
 def write_with(path, save):
@@ -133,9 +154,7 @@ def save_torch(path, obj):
             return torch.save(obj, tmp)
         except RuntimeError as err:  # torch's zip writer reports a full disk as a RuntimeError
             failure = (str(err).splitlines() or [""])[0]
-        # raised outside the except: its traceback would keep the writer's file open
-        space = os.statvfs(tmp.parent)
+        space = os.statvfs(tmp.parent)  # raised outside the except: its traceback keeps tmp open
         full = space.f_bavail * space.f_frsize < 2**20
-        raise OSError(errno.ENOSPC if full else errno.EIO,
-                      "No space left on device" if full else f"torch.save failed: {failure}")
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"torch.save failed: {failure}")
     return write_with(path, save)

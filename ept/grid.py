@@ -581,7 +581,7 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
 def append_row_once(results, row):
     """"added", "replaced" (a row of its folder from another training) or None (there already);
     under the file's lock: two collect steps at once never double a row."""
-    with outputs.locked(results):
+    with files.locked(results):
         rows = files.read_jsonl(results, what="results file", missing_ok=True,
                                 fix=outputs.RESULTS_FIX)
         same = [r for r in rows if r.get("run") == row["run"]]
@@ -623,7 +623,7 @@ def collect(experiment, plan, args):
     for name, why in failed.items():  # stopped for good: running the unit again fails the same way
         print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
     path = Path(args.results_dir) / f"{experiment}.failed.json"  # {run folder: why}, report.py's
-    with outputs.locked(path) if path.exists() or failed else contextlib.nullcontext():
+    with files.locked(path) if path.exists() or failed else contextlib.nullcontext():
         try:
             old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         except (OSError, ValueError):

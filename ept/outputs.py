@@ -1,7 +1,5 @@
 """A run folder read back by the later stages (report, analyses, evaluate.py, the drivers), and
 the experiments' shared results files. train.py never imports this module."""
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -183,19 +181,6 @@ def write_folder(path, fill):
         raise files.FileFault(f"cannot write {path}: {files.why(err)}") from None
     shutil.rmtree(old, ignore_errors=True)
     return path
-
-
-@contextlib.contextmanager
-def locked(path):
-    """An exclusive lock (flock) on `path`.lock for several processes' read-check-append."""
-    lock_path = files.make_dir(Path(path).parent) / f"{Path(path).name}.lock"
-    try:
-        f = open(lock_path, "a")
-    except OSError as err:
-        raise files.FileFault(f"cannot write {lock_path}: {files.why(err)}") from None
-    with f:  # closing the file releases the lock
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def append_lines(path, lines):

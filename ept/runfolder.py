@@ -2,7 +2,6 @@
 changes, started, checkpointed, resumed, closed (docs/training.md: "The run folder", "Run lock")."""
 import collections
 import contextlib
-import fcntl
 import importlib
 import json
 import os
@@ -22,6 +21,12 @@ RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "met
 CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "data", "best_score", "best_step")
 # the options that shape last.pt's optimizer and lr schedule: --resume must keep them
 SCHEDULE_KEYS = ("lr", "weight_decay", "warmup_steps", "max_steps", "batch_size", "max_grad_norm")
+OVERWRITE = "--overwrite to start over"
+
+
+def refuse(what, problem, way=OVERWRITE, fault=cli.Failure):
+    """A refusal, one sentence: what is wrong with `what` and the way out (nothing written)."""
+    raise fault(f"train: {what} {problem}; {way}") from None
 
 
 def finished(run_dir):
@@ -35,11 +40,8 @@ def finished(run_dir):
                 and events[-1].get("event") == "end")
 
 
-# --- claim and check (nothing written), start, checkpoint, resume, close ------------------------
-
 def open_folder(args, out_dir, held, say, packed=False):
-    """Create, lock (the Lock appended to `held`) and check the run folder: the last.pt to resume
-    from, None for a fresh start, or "finished" (its lock released again)."""
+    """Lock (into `held`) and check the run folder: last.pt to resume, None, or "finished"."""
     held.append(acquire_lock(files.make_dir(out_dir, "run folder"), say))
     existing = [f for f in RUN_FILES if (out_dir / f).exists()]
     if not args.overwrite and (args.resume or packed) and finished(out_dir):
@@ -50,18 +52,18 @@ def open_folder(args, out_dir, held, say, packed=False):
         close(held.pop())
         return "finished"
     if args.overwrite and existing and not is_run_folder(out_dir):
-        raise cli.Failure(f"train: {out_dir} is not a run folder written by train.py; "
-                          "--overwrite deletes only run folders: choose another --out-dir")
+        refuse(out_dir, "is not a run folder written by train.py",
+               "--overwrite deletes only run folders: choose another --out-dir")
     if existing and not (args.resume or args.overwrite):
-        raise cli.Failure(f"train: {out_dir} already holds {', '.join(existing)}; "
-                          "pass --resume to continue it or --overwrite to start over")
+        refuse(out_dir, f"already holds {', '.join(existing)}",
+               "pass --resume to continue it or --overwrite to start over")
     if args.overwrite or not args.resume:  # start_log deletes what goes, after every check
         return None
     if (out_dir / "last.pt").exists():
         return out_dir / "last.pt"
     if {"best.pt", "prompt.pt", "metrics.json"} & set(existing):
-        raise cli.Failure(f"train: {out_dir} has results but no last.pt to resume from; "
-                          "pass --overwrite to train it again")
+        refuse(out_dir, "has results but no last.pt to resume from",
+               "pass --overwrite to train it again")
     if existing:  # killed before its first checkpoint: start_log replaces its files
         say(f"train: --resume, but {out_dir} has no last.pt yet: starting from scratch")
     return None
@@ -78,72 +80,66 @@ def is_run_folder(run_dir):
 
 
 def old_config(out_dir):  # the run's config.json, refused unless a JSON object
-    config = files.read_json(path := out_dir / "config.json", "run configuration")
-    if not isinstance(config, dict):
-        raise files.FileFault(f"train: {path} is valid JSON but not a run configuration (a JSON "
-                              "object); restore it, or --overwrite to start over")
-    return config
+    if isinstance(config := files.read_json(out_dir / "config.json", "run configuration"), dict):
+        return config
+    refuse(out_dir / "config.json", "is valid JSON but not a run configuration (a JSON object)",
+           "restore it, or " + OVERWRITE, files.FileFault)
 
 
 def refuse_more_steps(out_dir, args):
-    """A finished run asked for more steps is refused: its lr decayed linearly to 0 at its last
-    step, and training on would follow neither its schedule nor a fresh run's (docs/training.md)."""
+    """More steps for a finished run: refused, its lr decayed to 0 there (docs/training.md)."""
     config = old_config(out_dir)
     key = "epochs" if args.epochs is not None or config.get("epochs") is not None else "max_steps"
     flag, was, now = "--" + key.replace("_", "-"), config.get(key), getattr(args, key)
     if now is not None and (was is None or now > was):
         ran, keep = ((f"with {flag} {was:g}", f"keep {flag} {was:g}") if was is not None else
                      (f"without {flag} (--max-steps {config.get('max_steps')})", f"drop {flag}"))
-        raise cli.Failure(f"train: {out_dir} finished {ran}; {flag} {now:g} asks for more, but "
-                          f"its lr schedule ended at 0 there: {keep}, or --overwrite to train "
-                          f"{flag} {now:g} from scratch (or another --out-dir)")
+        refuse(out_dir, f"finished {ran}", f"{flag} {now:g} asks for more, but its lr schedule "
+               f"ended at 0 there: {keep}, or --overwrite to train {flag} {now:g} from scratch "
+               "(or another --out-dir)")
 
 
 def read_checkpoint(resume_path, max_steps):
     """A last.pt read whole and checked (its keys, its step) before the run folder changes."""
-    ckpt = files.load_torch(resume_path, fix="pass --overwrite to start over")
+    ckpt = files.load_torch(resume_path, fix="pass " + OVERWRITE)
     if missing := set(CHECKPOINT_KEYS) - set(ckpt if isinstance(ckpt, dict) else ()):
-        raise files.FileFault(f"train: {resume_path} is not a training checkpoint (it lacks "
-                              f"{', '.join(sorted(missing))}); pass --overwrite to start over")
+        refuse(resume_path, f"is not a training checkpoint (it lacks {', '.join(sorted(missing))})",
+               "pass " + OVERWRITE, files.FileFault)
     if ckpt["step"] > max_steps:
-        raise cli.Failure(f"train: {resume_path} is at step {ckpt['step']}, past --max-steps "
-                          f"{max_steps}; resume with the run's own --max-steps, or --overwrite "
-                          "to start over")
+        refuse(resume_path, f"is at step {ckpt['step']}, past --max-steps {max_steps}",
+               "resume with the run's own --max-steps, or " + OVERWRITE)
     return ckpt
 
 
 def resume(run, path, ranks):
-    """Load last.pt (`path`) into `run`, refused when it does not fit or is not finite; rank 0 reads
-    config.json and log.jsonl now: a damaged one stops a pack before any run's files change."""
+    """last.pt into `run`, refused unless it fits; a damaged log stops a pack before any write."""
     ckpt = read_checkpoint(path, run.args.max_steps)
     if ranks.master and (run.out_dir / "config.json").exists():  # start_log compares it
         run.config = config = old_config(run.out_dir)  # its schedule continues: the same options
         if changed := [f"--{k.replace('_', '-')} {config[k]} (now {getattr(run.args, k)})"
                        for k in SCHEDULE_KEYS if k in config and config[k] != getattr(run.args, k)]:
-            raise cli.Failure(f"train: {run.out_dir} was trained with {', '.join(changed)}; "
-                              "--resume continues its optimizer and lr schedule, so pass the run's "
-                              "own values (its config.json), or --overwrite to start over")
+            refuse(run.out_dir, f"was trained with {', '.join(changed)}", "--resume continues its "
+                   "optimizer and lr schedule, so pass the run's own values (its config.json), or "
+                   + OVERWRITE)
     try:
         run.load_state(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise cli.Failure(f"train: {path} holds another model or optimizer than these settings "
-                          f"build ({type(err).__name__}); resume with the run's own --method and "
-                          "prompt options (its config.json), or --overwrite to start over"
-                          ) from None
+        refuse(path, f"holds another model or optimizer than these settings build "
+               f"({type(err).__name__})", "resume with the run's own --method and prompt options "
+               "(its config.json), or " + OVERWRITE)
     if not weights_finite(run.params):
-        raise cli.Failure(f"train: {path} holds NaN or inf weights; --overwrite to start over")
+        refuse(path, "holds NaN or inf weights")
     if ranks.master and (run.out_dir / "log.jsonl").exists():
         read_log(run.out_dir / "log.jsonl")
 
 
-def read_log(path):  # a run's log.jsonl to resume: its events (a half-written last line dropped)
+def read_log(path):  # a run's log.jsonl: its events (a half-written last line dropped)
     return files.read_jsonl(path, what="run log", torn_tail_ok=True,
                             fix="repair or delete that line, then --resume again")
 
 
 def start_log(run, task, ranks, say, **extra):
-    """Every check passed: the run's config.json (`extra`: a pack's keys) and its log(event) on
-    log.jsonl, which on resume is cut back to the checkpoint's step (what came after is redone)."""
+    """config.json (`extra`: a pack's keys) and log(event); a resumed log cut back to its step."""
     args, out_dir, resumed, before = run.args, run.out_dir, run.resumed, run.config
     own = {k: v for k, v in vars(args).items() if M.applies(k, args.method)}  # its own only
     run.config = {**own, "world_size": ranks.world_size, "device": ranks.device,
@@ -154,13 +150,12 @@ def start_log(run, task, ranks, say, **extra):
                   "meta": {k: task.meta.get(k) for k in ("labels", "metrics", "score",
                                                          "max_length", "max_target_length")},
                   "torch": torch.__version__, **extra}
-    log = Log(None, [])
+    log = open_log(ranks.master and out_dir / "log.jsonl", args, run.config)
     if ranks.master:
         if resumed and before is not None and (changed := {
                 k: (before.get(k), v) for k, v in run.config.items()
                 if before.get(k) != v and k != "resume"}):
             say(f"train: resuming with changed settings (was, now): {changed}")
-        trackers = open_trackers(args, out_dir, run.config)
         # temporary files of a writer killed mid-save (files.write_with); we hold the lock
         for tmp in [t for name in RUN_FILES for t in out_dir.glob(f".{name}.tmp*")]:
             tmp.unlink(missing_ok=True)
@@ -178,7 +173,6 @@ def start_log(run, task, ranks, say, **extra):
                 shutil.rmtree(out_dir / "eval", ignore_errors=True)
             log_file.unlink(missing_ok=True)  # a run killed before its first checkpoint
         files.write_json(out_dir / "config.json", run.config)
-        log = Log(log_file, trackers)
     log({"event": "resume" if resumed else "setup", "step": run.step, **{k: run.config[k] for k in (
         "device", "world_size", "dtype", "n_trainable", "train_size", "steps_per_epoch",
         "max_steps", "grad_accum_steps")}})
@@ -188,61 +182,38 @@ def start_log(run, task, ranks, say, **extra):
     return log
 
 
-class Log:
-    """log(event): one JSON line per event on `path` (none on ranks > 0), flushed, and the event to
-    each tracker. A full disk is one sentence (a torn last line goes on --resume)."""
-
-    def __init__(self, path, trackers):
-        self.path, self.trackers = path, trackers
-        self.file = path and self.io(lambda: open(path, "a", buffering=1))
-
-    def io(self, do, fix=""):
-        try:
-            return do()
-        except OSError as err:
-            raise files.FileFault(f"train: cannot write {self.path}: {files.why(err)}{fix}"
-                                  ) from None
-
-    def __call__(self, event):
-        if self.file:  # a torn last line goes on --resume
-            self.io(lambda: self.file.write(json.dumps(event) + "\n"),
-                    "; free space, then --resume")
-        for track in self.trackers:
-            track(event)
-
-    def close(self):
-        if self.file:
-            self.io(self.file.close)
-
-
-def open_trackers(args, out_dir, config):
-    """Live curves in TensorBoard and/or W&B when asked (log.jsonl stays the record). Both packages
-    are imported and W&B started before TensorBoard writes its file: a failed start leaves none."""
-    numbers = lambda e: {f"{e['event']}/{k}": v for k, v in e.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-    package = {}
+def open_log(path, args, config):
+    """log(event): a JSON line appended to `path` (None: ranks > 0) and its numbers to W&B and/or
+    TensorBoard when asked. W&B starts before TensorBoard writes: a failed start leaves nothing."""
+    use = {}
     for flag, module in (("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")):
         try:
-            package[flag] = getattr(args, flag) is not None and importlib.import_module(module)
+            use[flag] = path and getattr(args, flag) is not None and importlib.import_module(module)
         except ImportError:
-            raise cli.Failure(f"train: --{flag} needs the {flag} package: pip install {flag}"
-                              ) from None
-    trackers = []
-    if package["wandb"]:
+            refuse(f"--{flag}", f"needs the {flag} package", f"pip install {flag}")
+    if use["wandb"]:
         try:
-            wandb_run = package["wandb"].init(project=args.wandb, name=out_dir.name, config=config,
-                                              dir=str(out_dir))
+            use["wandb"] = use["wandb"].init(project=args.wandb, name=path.parent.name,
+                                             config=config, dir=str(path.parent))
         except Exception as err:  # wandb's many error types (no login, no network)
-            raise cli.Failure(f"train: --wandb could not start a Weights & Biases run "
-                              f"({type(err).__name__}: {runtime._first_line(err)}); run "
-                              "`wandb login`, or WANDB_MODE=offline") from None
-        trackers.append(lambda e: wandb_run.log(numbers(e), step=e.get("step", 0)))
-    if package["tensorboard"]:
-        writer = package["tensorboard"].SummaryWriter(args.tensorboard
-                                                      or str(out_dir / "tensorboard"))
-        trackers.append(lambda e: [writer.add_scalar(k, v, e.get("step", 0))
-                                   for k, v in numbers(e).items()])
-    return trackers
+            refuse("--wandb", f"could not start a Weights & Biases run ({type(err).__name__}: "
+                   f"{runtime._first_line(err)})", "run `wandb login`, or WANDB_MODE=offline")
+    if use["tensorboard"]:
+        use["tensorboard"] = use["tensorboard"].SummaryWriter(
+            args.tensorboard or str(path.parent / "tensorboard"))
+
+    def log(event):
+        if path:  # a torn last line goes on --resume
+            with files.fault(f"train: cannot write {path}", fix="; free space, then --resume"):
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(event) + "\n")
+        numbers = {f"{event['event']}/{k}": v for k, v in event.items() if k != "step"
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if use["wandb"]:
+            use["wandb"].log(numbers, step=event.get("step", 0))
+        for k, v in numbers.items() if use["tensorboard"] else ():
+            use["tensorboard"].add_scalar(k, v, event.get("step", 0))
+    return log
 
 
 def weights_finite(params):
@@ -259,22 +230,14 @@ def save_checkpoint(run, ranks, *names):
 
 
 def close(held):
-    """A Lock released, or a run that left the loop: its log closed and its lock released (once)."""
-    if isinstance(held, Lock):
-        return held.release()
-    try:
-        if held.log:
-            held.log.close()
-    finally:
-        held.log = None
-        if held.lock:
-            held.lock.release()
+    """A Lock, or the lock of a run that left the loop, released (once)."""
+    if lock := held if isinstance(held, Lock) else held.lock:
+        lock.release()
 
 
 @contextlib.contextmanager
 def cleanup(out_dirs, held, master):
-    """Every lock and run in `held` closed at the end, and (rank 0) the folders this command created
-    that are still empty removed: a start that failed (offline, bad input) leaves nothing behind."""
+    """`held` closed at the end; (rank 0) the folders made and still empty removed: no trace."""
     created = sorted({f for d in out_dirs for f in (Path(d), *Path(d).parents) if not f.exists()},
                      key=lambda f: -len(f.parts))  # deepest first
     try:
@@ -287,10 +250,9 @@ def cleanup(out_dirs, held, master):
                 folder.rmdir()  # only an empty folder: a run's files, or another process's, keep it
 
 
-# --- the lock (docs/training.md, "Run lock"): run.lock, flock'ed for its writer's life (the kernel
-# frees it however the process dies), says "<host> <pid> <SLURM unit or ->". Another host's lock
-# cannot be judged here (flocks may not cross hosts), unless it names this process's SLURM unit: a
-# requeued task whose node died (SLURM runs a task once at a time), even while its NFS lease lasts.
+# --- the lock (docs/training.md, "Run lock"): run.lock, flock'ed for its writer's life, says
+# "<host> <pid> <SLURM unit or ->". Another host's lock cannot be judged here, unless it names this
+# SLURM unit: a requeued task whose node died (SLURM runs it once at a time; its NFS lease lasts).
 
 class Busy(cli.Failure):
     """Another live process holds the run folder."""
@@ -298,8 +260,7 @@ class Busy(cli.Failure):
 
 class Owner(collections.namedtuple("Owner", "host pid job")):
     def __str__(self):
-        return f"pid {self.pid} on {self.host}" + ("" if self.job == "-" else
-                                                    f" (SLURM job {self.job})")
+        return f"pid {self.pid} on {self.host}" + f" (SLURM job {self.job})" * (self.job != "-")
 
 
 def read_owner(path):
@@ -309,14 +270,8 @@ def read_owner(path):
         return Owner(*(said + ["?", "?", "-"])[:3]) if said else None
 
 
-def engine_job():
-    """This process's unit under SLURM (array job_task, or job: stable across a requeue), or "-"."""
-    job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"{job}_{task}" if job and task else os.environ.get("SLURM_JOB_ID") or "-"
-
-
 class Lock:
-    """A held run.lock: the open file `fd`, flock'ed; release() removes it and lets go (once)."""
+    """A run.lock opened (`fd`) and flock'ed; release() removes it and lets go (once)."""
 
     def __init__(self, path, fd):
         self.path, self.fd = path, fd
@@ -336,32 +291,26 @@ class Lock:
 
 
 def acquire_lock(run_dir, say=print):
-    """Take run_dir/run.lock, a stale one with a line saying so; raises Busy (one sentence naming
-    the folder, the holder and the way out) when a live process or another host holds it."""
+    """run_dir/run.lock taken (a stale one said); Busy if a live process or another host has it."""
     path = Path(run_dir) / LOCK_NAME
-    me = Owner(socket.gethostname(), str(os.getpid()), engine_job())
+    job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    unit = f"{job}_{task}" if job and task else os.environ.get("SLURM_JOB_ID") or "-"  # stable
+    me = Owner(socket.gethostname(), str(os.getpid()), unit)
     for _ in range(3):
-        try:
-            lock = Lock(path, os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
-            fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = False
-        except BlockingIOError:
-            held = True
-        except OSError as err:
-            raise files.FileFault(f"cannot lock {path}: {files.why(err)}") from None
-        owner = read_owner(path)
-        requeue = owner is not None and owner.host != me.host and owner.job == me.job != "-"
-        if not requeue and (held or owner is not None and owner.host != me.host):
-            os.close(lock.fd)
-            raise Busy(f"train: {run_dir} is being written by {owner or 'another process'}; wait "
-                       "for it, or, if that process is gone (another host's lock cannot be checked "
-                       f"from here), delete {path}")
+        fd, taken = files.flock(path, wait=False)
+        lock, owner = Lock(path, fd), read_owner(path)
+        here = owner is None or owner.host == me.host  # another host's lock: not ours to judge
+        if not (taken and here or not here and owner.job == me.job != "-"):  # a requeue's: taken
+            os.close(fd)
+            refuse(run_dir, f"is being written by {owner or 'another process'}", "wait for it, or, "
+                   "if that process is gone (another host's lock cannot be checked from here), "
+                   f"delete {path}", Busy)
         if owner is not None and lock.current():
             say(f"train: {run_dir}: took over the stale lock of {owner}")
-        if held or not lock.current():  # a requeue: a new file; or released meanwhile: again
+        if not taken or not lock.current():  # a requeue: a new file; or released meanwhile
             lock.release()
             continue
         os.ftruncate(lock.fd, 0)
         os.pwrite(lock.fd, f"{' '.join(me)}\n".encode(), 0)
         return lock
-    raise Busy(f"train: {run_dir}: another process took {path} meanwhile; try again")
+    refuse(f"{run_dir}:", f"another process took {path} meanwhile", "try again", Busy)
