@@ -152,9 +152,8 @@ def start_log(run, task, ranks, say, **extra):
                   "torch": torch.__version__, **extra}
     log = open_log(ranks.master and out_dir / "log.jsonl", args, run.config)
     if ranks.master:
-        if resumed and before is not None and (changed := {
-                k: (before.get(k), v) for k, v in run.config.items()
-                if before.get(k) != v and k != "resume"}):
+        if before and (changed := {k: (before.get(k), v) for k, v in run.config.items()
+                                   if before.get(k) != v and k != "resume"}):
             say(f"train: resuming with changed settings (was, now): {changed}")
         # temporary files of a writer killed mid-save (files.write_with); we hold the lock
         for tmp in [t for name in RUN_FILES for t in out_dir.glob(f".{name}.tmp*")]:
