@@ -96,8 +96,7 @@ def make_dir(path, what="folder"):
 
 
 def flock(path, wait=True):
-    """(fd, taken): `path` opened (made if need be) and flock'ed, unless another holds it and not
-    `wait`. The project's one lock: the kernel frees it however its process dies."""
+    """(fd, taken): `path` opened and flock'ed (the kernel frees it however its process dies)."""
     with fault(f"cannot lock {path}"):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         with contextlib.suppress(BlockingIOError):
@@ -114,8 +113,7 @@ def locked(path):
 
 
 def write_with(path, save):
-    """Atomic write through `save(tmp_path)` (torch.save, savefig, ...); a failure leaves the old
-    file as it was, removes the temporary one, and is one sentence."""
+    """Atomic write through `save(tmp_path)`; a failure: the old file as it was, one sentence."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:

@@ -71,11 +71,10 @@ def open_folder(args, out_dir, held, say, packed=False):
 
 def is_run_folder(run_dir):
     """True for an empty folder or one train.py wrote (config.json): what --overwrite may clear."""
-    if not (Path(run_dir) / "config.json").exists():
-        return all(p.name in (*RUN_FILES, "eval", LOCK_NAME) for p in Path(run_dir).iterdir())
+    if "config.json" not in (names := {p.name for p in Path(run_dir).iterdir()}):
+        return names <= {*RUN_FILES, "eval", LOCK_NAME}
     with contextlib.suppress(cli.Failure):
-        keys = files.read_json(Path(run_dir) / "config.json")
-        return isinstance(keys, dict) and {"task", "method", "n_trainable"} <= set(keys)
+        return {"task", "method", "n_trainable"} <= set(old_config(Path(run_dir)))
     return False
 
 
@@ -155,22 +154,20 @@ def start_log(run, task, ranks, say, **extra):
         if before and (changed := {k: (before.get(k), v) for k, v in run.config.items()
                                    if before.get(k) != v and k != "resume"}):
             say(f"train: resuming with changed settings (was, now): {changed}")
-        # temporary files of a writer killed mid-save (files.write_with); we hold the lock
-        for tmp in [t for name in RUN_FILES for t in out_dir.glob(f".{name}.tmp*")]:
-            tmp.unlink(missing_ok=True)
-        (out_dir / FAILED_NAME).unlink(missing_ok=True)  # its last failure is history
+        # its last failure is history; temporary files: a writer killed mid-save (write_with)
+        for t in [FAILED_NAME, *(t.name for n in RUN_FILES for t in out_dir.glob(f".{n}.tmp*"))]:
+            (out_dir / t).unlink(missing_ok=True)
         log_file = out_dir / "log.jsonl"
         if resumed and log_file.exists():  # before config.json changes: a damaged log stops it
             files.write_jsonl(log_file, [e for e in read_log(log_file) if e.get("step", 0)
                                          <= run.step and e.get("event") != "end"])
         elif not resumed:  # --overwrite deletes the old run's files (open_folder checked them)
-            existing = [f for f in RUN_FILES if (out_dir / f).exists()]
-            if args.overwrite and (gone := existing + ["eval/"] * (out_dir / "eval").exists()):
+            gone = [f for f in (*RUN_FILES, "eval/") if (out_dir / f).exists()]
+            if args.overwrite and gone:
                 say(f"train: --overwrite: deleting {', '.join(gone)} in {out_dir}")
-                for f in existing:
-                    (out_dir / f).unlink()
                 shutil.rmtree(out_dir / "eval", ignore_errors=True)
-            log_file.unlink(missing_ok=True)  # a run killed before its first checkpoint
+            for f in RUN_FILES if args.overwrite else ["log.jsonl"]:  # or killed before last.pt
+                (out_dir / f).unlink(missing_ok=True)
         files.write_json(out_dir / "config.json", run.config)
     log({"event": "resume" if resumed else "setup", "step": run.step, **{k: run.config[k] for k in (
         "device", "world_size", "dtype", "n_trainable", "train_size", "steps_per_epoch",
@@ -182,8 +179,7 @@ def start_log(run, task, ranks, say, **extra):
 
 
 def open_log(path, args, config):
-    """log(event): a JSON line appended to `path` (None: ranks > 0) and its numbers to W&B and/or
-    TensorBoard when asked. W&B starts before TensorBoard writes: a failed start leaves nothing."""
+    """log(event): a line on `path` (None: ranks > 0); numbers to W&B (started first), TB."""
     use = {}
     for flag, module in (("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")):
         try:
