@@ -45,8 +45,16 @@ def open_folder(args, out_dir, held, say, packed=False):
     held.append(acquire_lock(files.make_dir(out_dir, "run folder"), say))
     existing = [f for f in RUN_FILES if (out_dir / f).exists()]
     if not args.overwrite and (args.resume or packed) and finished(out_dir):
-        if args.resume:
-            refuse_more_steps(out_dir, args)
+        config = old_config(out_dir) if args.resume else {}  # more steps: refused, its lr is 0
+        key = "max_steps" if args.epochs is None and config.get("epochs") is None else "epochs"
+        flag, was, now = "--" + key.replace("_", "-"), config.get(key), getattr(args, key)
+        if args.resume and now is not None and (was is None or now > was):
+            ran, keep = ((f"with {flag} {was:g}", f"keep {flag} {was:g}") if was is not None else
+                         (f"without {flag} (--max-steps {config.get('max_steps')})",
+                          f"drop {flag}"))
+            refuse(out_dir, f"finished {ran}", f"{flag} {now:g} asks for more, but its lr "
+                   f"schedule ended at 0 there: {keep}, or --overwrite to train {flag} {now:g} "
+                   "from scratch (or another --out-dir)")
         say(f"train: {out_dir} has finished already (see its metrics.json and log.jsonl); "
             + ("skipped" if packed else "nothing to do"))
         close(held.pop())
@@ -83,19 +91,6 @@ def old_config(out_dir):  # the run's config.json, refused unless a JSON object
         return config
     refuse(out_dir / "config.json", "is valid JSON but not a run configuration (a JSON object)",
            "restore it, or " + OVERWRITE, files.FileFault)
-
-
-def refuse_more_steps(out_dir, args):
-    """More steps for a finished run: refused, its lr decayed to 0 there (docs/training.md)."""
-    config = old_config(out_dir)
-    key = "epochs" if args.epochs is not None or config.get("epochs") is not None else "max_steps"
-    flag, was, now = "--" + key.replace("_", "-"), config.get(key), getattr(args, key)
-    if now is not None and (was is None or now > was):
-        ran, keep = ((f"with {flag} {was:g}", f"keep {flag} {was:g}") if was is not None else
-                     (f"without {flag} (--max-steps {config.get('max_steps')})", f"drop {flag}"))
-        refuse(out_dir, f"finished {ran}", f"{flag} {now:g} asks for more, but its lr schedule "
-               f"ended at 0 there: {keep}, or --overwrite to train {flag} {now:g} from scratch "
-               "(or another --out-dir)")
 
 
 def read_checkpoint(resume_path, max_steps):
@@ -245,9 +240,8 @@ def cleanup(out_dirs, held, master):
                 folder.rmdir()  # only an empty folder: a run's files, or another process's, keep it
 
 
-# --- the lock (docs/training.md, "Run lock"): run.lock, flock'ed for its writer's life, says
-# "<host> <pid> <SLURM unit or ->". Another host's lock cannot be judged here, unless it names this
-# SLURM unit: a requeued task whose node died (SLURM runs it once at a time; its NFS lease lasts).
+# --- the run lock: run.lock, flock'ed while its writer lives, says "<host> <pid> <SLURM unit or ->"
+# (docs/training.md, "Run lock": another host's, and a SLURM requeue's)
 
 class Busy(cli.Failure):
     """Another live process holds the run folder."""
@@ -266,10 +260,10 @@ def read_owner(path):
 
 
 class Lock:
-    """A run.lock opened (`fd`) and flock'ed; release() removes it and lets go (once)."""
+    """run.lock opened (`fd`), flock'ed if free (`taken`); release() removes it, lets go (once)."""
 
-    def __init__(self, path, fd):
-        self.path, self.fd = path, fd
+    def __init__(self, path):
+        self.path, (self.fd, self.taken) = path, files.flock(path, wait=False)
 
     def current(self):  # the path still names this file (not removed and made again meanwhile)
         with contextlib.suppress(OSError):
@@ -292,17 +286,16 @@ def acquire_lock(run_dir, say=print):
     unit = f"{job}_{task}" if job and task else os.environ.get("SLURM_JOB_ID") or "-"  # stable
     me = Owner(socket.gethostname(), str(os.getpid()), unit)
     for _ in range(3):
-        fd, taken = files.flock(path, wait=False)
-        lock, owner = Lock(path, fd), read_owner(path)
+        lock, owner = Lock(path), read_owner(path)
         here = owner is None or owner.host == me.host  # another host's lock: not ours to judge
-        if not (taken and here or not here and owner.job == me.job != "-"):  # a requeue's: taken
-            os.close(fd)
+        if not (lock.taken and here or not here and owner.job == me.job != "-"):  # a requeue's
+            os.close(lock.fd)
             refuse(run_dir, f"is being written by {owner or 'another process'}", "wait for it, or, "
                    "if that process is gone (another host's lock cannot be checked from here), "
                    f"delete {path}", Busy)
         if owner is not None and lock.current():
             say(f"train: {run_dir}: took over the stale lock of {owner}")
-        if not taken or not lock.current():  # a requeue: a new file; or released meanwhile
+        if not lock.taken or not lock.current():  # a requeue: a new file; or released meanwhile
             lock.release()
             continue
         os.ftruncate(lock.fd, 0)
