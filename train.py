@@ -171,6 +171,7 @@ def prompt_stats(module):
 
 
 def train_event(run, record, examples, tokens, seconds):
+    """A step's log line: loss, lr, grad norm, mu_t (s_t for EPT), epoch and throughput."""
     kept = {k: record[k] for k in ("loss", "lr", "grad_norm", "prompt_norm", "ept_s")
             if k != "ept_s" or record[k] is not None}
     return {"event": "train", "step": run.step, **kept, "epoch": run.epoch,
@@ -230,8 +231,8 @@ def make_optimizer(params, args, fused=None):
     get_linear_schedule_with_warmup: linear warm-up over --warmup-steps, then linear decay to 0."""
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = params[0].device.type == "cuda" if fused is None else fused
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, fused=fused)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, fused=(
+        params[0].device.type == "cuda" if fused is None else fused))
     warmup, total = args.warmup_steps, args.max_steps
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
         s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))))
@@ -293,9 +294,8 @@ def validate_and_save(run, task, ranks, bar=None):
         t0 = time.time()
         scores = evaluation.score_split(run.net, task.tokenizer, task.meta, *task.val, ranks, args)
         seconds = time.time() - t0
-        run.log({"event": "eval", "step": run.step, "split": "validation", **scores,
-                 "eval_time_s": seconds,
-                 "eval_examples_per_s": len(task.val[0]) / max(seconds, 1e-9)})
+        run.log({"event": "eval", "step": run.step, "split": "validation", **scores, "eval_time_s":
+                 seconds, "eval_examples_per_s": len(task.val[0]) / max(seconds, 1e-9)})
         if bar is not None:
             bar.set_postfix(score=f"{scores['score']:.2f}")
         if improved := scores["score"] > run.best_score:
