@@ -19,27 +19,23 @@ VOCAB_FIRST_PIECE, VOCAB_SAMPLE_SIZE = 3, 5000
 DEFAULTS = {"prompt_length": 10, "hidden_size": {"resprompt": 400, "ept": 1, "ept_star": 1},
             "broadcast": {"ept": 1, "ept_star": 10},
             "lr": {**dict.fromkeys(METHODS, 0.3), "ft": 1e-5}}
-# build_prompt_module's options (train.py's flags, config.json's keys) and their defaults (None:
-# DEFAULTS'): a run folder written before an option existed is rebuilt with the option's default.
-PROMPT_OPTIONS = {"prompt_length": None, "reparam": "mlp", "hidden_size": None, "broadcast": None,
-                  "layer_norm": False, "residual": False, "activation": "none", "depth": 1,
-                  "extra_layer": False}
-METHOD_OPTIONS = (*PROMPT_OPTIONS, "init")
-# The options each method takes (EPT: all but the first two); no other sweeps or names its runs
-APPLIES = {"ft": (), "pt": ("prompt_length", "init"),
-           "ptuning": ("prompt_length", "reparam", "init"),
-           "resprompt": ("prompt_length", "hidden_size", "init"),
-           "ept": METHOD_OPTIONS[2:], "ept_star": METHOD_OPTIONS[2:]}
+# The prompt options (train.py's flags, config.json's keys): {name: (default (None: DEFAULTS'; also
+# an older run folder's missing key), the methods that take it: no other sweeps or names its runs)}
+EPTS = ("ept", "ept_star")
+OPTIONS = {"prompt_length": (None, METHODS[1:4]), "reparam": ("mlp", ("ptuning",)),
+           "hidden_size": (None, ("resprompt", *EPTS)), "broadcast": (None, EPTS),
+           "layer_norm": (False, EPTS), "residual": (False, EPTS), "activation": ("none", EPTS),
+           "depth": (1, EPTS), "extra_layer": (False, EPTS), "init": ("uniform", METHODS[1:])}
 
 
 def applies(option, method):
     """False for a prompt option `method` ignores (EPT: --prompt-length); others apply to all."""
-    return option not in METHOD_OPTIONS or option in APPLIES[method]
+    return method in OPTIONS.get(option, (None, METHODS))[1]
 
 
 def prompt_options(config):
-    """The build_prompt_module options recorded in a run's config.json (train.py's flags)."""
-    return {k: config.get(k, default) for k, default in PROMPT_OPTIONS.items()}
+    """build_prompt_module's options (all but init) as a run's config.json records them."""
+    return {k: config.get(k, default) for k, (default, _) in OPTIONS.items() if k != "init"}
 
 
 def init_prompt(rows, d_model, init="uniform", embedding=None, label_ids=None, generator=None):
@@ -74,7 +70,7 @@ class PTuning(PromptTuning):
 
     def __init__(self, table, reparam="mlp"):
         super().__init__(table)
-        d, self.reparam = table.size(1), reparam
+        d = table.size(1)
         if reparam == "mlp":  # PEFT default: 3 Linear layers with bias, ReLU between
             self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(),
                                      nn.Linear(d, d))
@@ -83,8 +79,8 @@ class PTuning(PromptTuning):
             self.mlp = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
 
     def forward(self):  # LSTM: (n, d) -> (n, 2d), then the MLP -> (n, d)
-        lstm = self.reparam == "lstm"
-        return self.mlp(self.lstm(self.prompt[None])[0][0] if lstm else self.prompt)
+        x = self.prompt
+        return self.mlp(self.lstm(x[None])[0][0] if hasattr(self, "lstm") else x)
 
 
 class ResPrompt(PromptTuning):
@@ -105,16 +101,13 @@ class EPTBlock(nn.Module):
     """One bias-free down-up map d -> h -> d, with the Figure 9 ablation switches. `extra_layer`: a
     bias-free h -> h layer between (Table 4's "additional MLP layer", §5.4: 2.3K on t5-base)."""
 
-    def __init__(self, d_model, hidden_size=1, layer_norm=False, residual=False, activation="none",
-                 extra_layer=False):
+    def __init__(self, d, h=1, layer_norm=False, residual=False, activation="none",
+                 extra_layer=False):  # parameters drawn in this order: down, extra, up
         super().__init__()
-        self.down = nn.Linear(d_model, hidden_size, bias=False)
-        self.extra = (nn.Linear(hidden_size, hidden_size, bias=False) if extra_layer
-                      else nn.Identity())
-        self.act = ACTIVATIONS[activation]()
-        self.up = nn.Linear(hidden_size, d_model, bias=False)
-        self.norm = nn.LayerNorm(d_model) if layer_norm else nn.Identity()
-        self.residual = residual
+        self.down = nn.Linear(d, h, bias=False)
+        self.extra = nn.Linear(h, h, bias=False) if extra_layer else nn.Identity()
+        self.act, self.up = ACTIVATIONS[activation](), nn.Linear(h, d, bias=False)
+        self.norm, self.residual = nn.LayerNorm(d) if layer_norm else nn.Identity(), residual
 
     def forward(self, x):
         y = self.norm(self.up(self.act(self.extra(self.down(x)))))
@@ -159,9 +152,8 @@ def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", h
     for key, value in zip(("prompt_length", "hidden_size", "broadcast", "depth"), (n, h, b, depth)):
         if value is not None and (type(value) is not int or value < 1):  # None: the default
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-    table = init_prompt(1 if method in ("ept", "ept_star") else n, d_model, init, embedding,
-                        label_ids, generator)
-    if method in ("ept", "ept_star"):
+    table = init_prompt(1 if method in EPTS else n, d_model, init, embedding, label_ids, generator)
+    if method in EPTS:
         return EPT(table, h, b, depth, layer_norm=layer_norm, residual=residual,
                    activation=activation, extra_layer=bool(extra_layer))
     return {"pt": PromptTuning, "ptuning": lambda t: PTuning(t, reparam),

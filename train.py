@@ -63,13 +63,10 @@ def main(argv=None):
             return {"out_dir": str(out_dir), "finished": True}
         task = ranks.first(lambda: tasks.load_task(args, ranks, say), everyone=True)
         t5 = ranks.first(lambda: load_t5(args, task, ranks), everyone=True)
-
-        def start():
-            run = new_run(t5, args, task, ranks, out_dir=out_dir, resume_path=resume_path)
-            held.append(run)
-            run.log = runfolder.start_log(run, task, ranks, say)
-            return run
-        run = ranks.first(start, everyone=True)
+        run = ranks.first(lambda: new_run(t5, args, task, ranks, out_dir=out_dir,
+                                          resume_path=resume_path), everyone=True)
+        held.append(run)
+        run.log = ranks.first(lambda: runfolder.start_log(run, task, ranks, say), everyone=True)
         return train(run, task, wrap(run.net, args, ranks), ranks, say)
 
 
@@ -148,9 +145,8 @@ def train_step(model, run, batch, data, amp, ranks):
 def update(runs, losses):
     """Each run's clip, AdamW and schedule step (skipped for a non-finite loss or gradient norm),
     one host sync for all (a pack's runs too): [(loss, grad norm, lr of this step, (mu_t, s_t))]."""
-    grad_norms = torch.stack([torch.nn.utils.clip_grad_norm_(
-        r.params, r.args.max_grad_norm if r.args.max_grad_norm > 0 else math.inf).float()
-        for r in runs])
+    grad_norms = torch.stack([torch.nn.utils.clip_grad_norm_(r.params, r.args.max_grad_norm
+                                                             or math.inf).float() for r in runs])
     losses, norms = torch.stack([losses, grad_norms.to(losses.device)]).tolist()
     lrs = [r.scheduler.get_last_lr()[0] for r in runs]
     for r, loss, norm in zip(runs, losses, norms):
@@ -175,6 +171,7 @@ def prompt_stats(module):
 
 
 def train_event(run, record, examples, tokens, seconds):
+    """A step's log line: loss, lr, grad norm, mu_t (s_t for EPT), epoch and throughput."""
     kept = {k: record[k] for k in ("loss", "lr", "grad_norm", "prompt_norm", "ept_s")
             if k != "ept_s" or record[k] is not None}
     return {"event": "train", "step": run.step, **kept, "epoch": run.epoch,
@@ -193,9 +190,8 @@ class Run:
         self.args, self.net, self.optimizer, self.scheduler = args, net, optimizer, scheduler
         self.name, self.out_dir, self.resumed = name, out_dir, resumed
         self.step = self.epoch = self.index = self.start_step = 0  # start_step: started/resumed at
-        self.best_score, self.best_step = -math.inf, None
+        self.best_score, self.best_step, self.order = -math.inf, None, (None, None)  # (epoch, ids)
         self.stopped = self.lock = self.log = self.config = None  # stopped: a pack's, once it left
-        self.order = (None, None)  # (epoch, that epoch's order)
 
     def advance(self, n_examples, n_train):
         self.step, self.index = self.step + 1, self.index + n_examples
@@ -216,8 +212,8 @@ class Run:
         self.module.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.best_score, self.best_step, self.order = (
-            state["step"], state["best_score"], state["best_step"], (None, None))
+        self.step = self.start_step = state["step"]
+        self.best_score, self.best_step = state["best_score"], state["best_step"]
         self.epoch, self.index = state["data"]["epoch"], state["data"]["index"]
 
 
@@ -235,8 +231,8 @@ def make_optimizer(params, args, fused=None):
     get_linear_schedule_with_warmup: linear warm-up over --warmup-steps, then linear decay to 0."""
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = params[0].device.type == "cuda" if fused is None else fused
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, fused=fused)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, fused=(
+        params[0].device.type == "cuda" if fused is None else fused))
     warmup, total = args.warmup_steps, args.max_steps
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
         s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))))
@@ -263,7 +259,6 @@ def new_run(t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None, 
               out_dir=out_dir, resumed=resume_path is not None)
     if resume_path is not None:
         runfolder.resume(run, resume_path, ranks)
-    run.start_step = run.step
     return run
 
 
@@ -299,9 +294,8 @@ def validate_and_save(run, task, ranks, bar=None):
         t0 = time.time()
         scores = evaluation.score_split(run.net, task.tokenizer, task.meta, *task.val, ranks, args)
         seconds = time.time() - t0
-        run.log({"event": "eval", "step": run.step, "split": "validation", **scores,
-                 "eval_time_s": seconds,
-                 "eval_examples_per_s": len(task.val[0]) / max(seconds, 1e-9)})
+        run.log({"event": "eval", "step": run.step, "split": "validation", **scores, "eval_time_s":
+                 seconds, "eval_examples_per_s": len(task.val[0]) / max(seconds, 1e-9)})
         if bar is not None:
             bar.set_postfix(score=f"{scores['score']:.2f}")
         if improved := scores["score"] > run.best_score:
@@ -313,14 +307,13 @@ def validate_and_save(run, task, ranks, bar=None):
 def nonfinite_stop(run, what, lr, master=True):
     """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0);
     returns the error to raise: the sentence on rank 0, a quiet exit 1 on the others."""
-    step, best_step, out_dir = run.step, run.best_step, run.out_dir
-    run.log({"event": "nonfinite", "step": step, "what": what})
-    kept = (f"best.pt (step {best_step}) and log.jsonl in {out_dir} are intact" if best_step else
-            f"no checkpoint was saved; log.jsonl in {out_dir} records it")
-    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {step} (lr {lr:g}); "
+    run.log({"event": "nonfinite", "step": run.step, "what": what})
+    kept = (f"best.pt (step {run.best_step}) and log.jsonl in {run.out_dir} are intact"
+            if run.best_step else f"no checkpoint was saved; log.jsonl in {run.out_dir} records it")
+    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {run.step} (lr {lr:g}); "
                          f"stopped. {kept}")
     if master:
-        files.write_text(out_dir / runfolder.FAILED_NAME, f"{err}\n")
+        files.write_text(run.out_dir / runfolder.FAILED_NAME, f"{err}\n")
     return err if master else runtime.PeerStopped()
 
 

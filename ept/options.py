@@ -112,7 +112,7 @@ def run_name(spec):
 
 def method_defaults(spec):
     """`spec` (a dict) with the options its method ignores at their defaults: one config.json."""
-    return {**spec, **{k: parser.get_default(k) for k in M.METHOD_OPTIONS
+    return {**spec, **{k: parser.get_default(k) for k in M.OPTIONS
                        if not M.applies(k, spec["method"])}}
 
 

@@ -339,7 +339,7 @@ def test_solo_and_sweep_runs_are_named_by_one_rule(tmp_path, data_dir, tiny_mode
 
 def test_options_that_do_not_apply_neither_multiply_nor_name_runs():
     """--method pt ept --prompt-length 5 10: PT twice (n5 and the default n10), EPT once (it has no prompt
-    length); --hidden-size does not name a PT run; model.APPLIES decides."""
+    length); --hidden-size does not name a PT run; model.OPTIONS decides."""
     import model as M
     args = options.parser.parse_args(["--task", "rte", "--method", "pt", "ept", "--prompt-length", "5", "10",
                                     "--model", "t5-base"])
