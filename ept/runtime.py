@@ -99,22 +99,21 @@ class Throughput:
 _received, _stopping = [], []  # the signal (read at each step boundary); set once the run stops
 
 
-def _on_signal(sig, _):  # once stopping (locks released, files closed) a signal is only noted
-    if sig == signal.SIGINT and sig in _received and not _stopping:  # Ctrl-C twice: stop now
-        _stopping.append(sig)
-        raise KeyboardInterrupt
-    _received.append(sig)
-
-
 @contextmanager
 def stop_on_signals():
-    """The handler above while the loop runs (main thread only: a thread cannot install one)."""
+    """While the loop runs, a stop signal is noted, read at each step boundary; Ctrl-C twice stops
+    at once, files whole (main thread only: a thread cannot install a handler)."""
+    def note(sig, _):  # once stopping (locks released, files closed) a signal is only noted
+        if sig == signal.SIGINT and sig in _received and not _stopping:
+            _stopping.append(sig)
+            raise KeyboardInterrupt
+        _received.append(sig)
     main = threading.current_thread() is threading.main_thread()
     if main:  # a new run: nothing received yet
         del _received[:], _stopping[:]
     with ExitStack() as restore:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT) if main else ():
-            restore.callback(signal.signal, sig, signal.signal(sig, _on_signal))
+            restore.callback(signal.signal, sig, signal.signal(sig, note))
         yield
 
 
@@ -182,8 +181,7 @@ def _cached(what, name):
 
 
 def check_offline(model, tokenizer, dataset=None):
-    """Offline, before anything loads: every Hub name (`dataset`: the one a missing data/<task>/ is
-    prepared from) neither a folder nor cached, in ONE sentence."""
+    """Offline, before any load: every Hub name neither a folder nor cached, in ONE sentence."""
     from huggingface_hub import constants
     missing = constants.HF_HUB_OFFLINE and [
         f"the {what} {name if what == 'dataset' else repr(name)} (pass {FLAGS[what]})"
@@ -194,32 +192,27 @@ def check_offline(model, tokenizer, dataset=None):
                           + "; ".join(missing))
 
 
-def offline_error(what, name, err, fix=None):
-    """The one sentence for a Hub name not loaded: why, and `fix` (default: the folder's flag)."""
+def load(what, name, loader, fix=None, folder=None):
+    """loader(), the library's many error types at one boundary: a local `folder` that fails is its
+    error and `fix`; a Hub `name`, why (offline, unreachable, refused) and `fix` (else the flag)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
-    cause, offline = err, constants.HF_HUB_OFFLINE
-    while cause is not None and not isinstance(cause, (LocalEntryNotFoundError, ConnectionError)):
-        cause = cause.__cause__ or cause.__context__  # the client's "no connection, not cached"
-    why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline else
-           "the Hugging Face Hub cannot be reached and it is not in the local cache" if cause else
-           f"the Hub has no such name, or refused it ({type(err).__name__})")
-    hint = " (without a network, export HF_HUB_OFFLINE=1)" if cause and not offline else ""
-    return cli.Failure(f"could not load the {what} {name!r}: {why}; {fix or 'pass ' + FLAGS[what]}"
-                       + hint)
-
-
-def load(what, name, loader, fix=None, folder=None):
-    """loader(), the library's many error types at one boundary: a Hub `name` that fails is
-    offline_error's sentence; a local `folder`, its error and `fix`."""
     try:
         return loader()
     except Exception as err:
-        if folder is None:
-            raise offline_error(what, name, err, fix) from None
-        raise cli.Failure(f"the {what} in {folder} cannot be loaded, its files are damaged, "
-                          f"missing or not a T5's ({type(err).__name__}: {_first_line(err)}); "
-                          f"{fix}") from None
+        if folder is not None:
+            raise cli.Failure(f"the {what} in {folder} cannot be loaded, its files are damaged, "
+                              f"missing or not a T5's ({type(err).__name__}: {_first_line(err)}); "
+                              f"{fix}") from None
+        cause, offline = err, constants.HF_HUB_OFFLINE
+        while cause and not isinstance(cause, (LocalEntryNotFoundError, ConnectionError)):
+            cause = cause.__cause__ or cause.__context__  # the client's "no connection, not cached"
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline else
+               "the Hugging Face Hub cannot be reached and it is not in the local cache" if cause
+               else f"the Hub has no such name, or refused it ({type(err).__name__})")
+        hint = " (without a network, export HF_HUB_OFFLINE=1)" if cause and not offline else ""
+        raise cli.Failure(f"could not load the {what} {name!r}: {why}; "
+                          f"{fix or 'pass ' + FLAGS[what]}{hint}") from None
 
 
 def local_folder(name_or_dir, what="model"):
@@ -256,8 +249,7 @@ def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
 
 
 def load_tokenizer(name_or_dir, say=print, fix=None):
-    """The T5 tokenizer of a folder or a Hub name; a folder without a vocabulary (a bare config, as
-    ../shared/data/t5/t5-small) takes its parent's, and says so."""
+    """The T5 tokenizer of a Hub name or a folder (one without a vocabulary: its parent's, said)."""
     from transformers import AutoTokenizer
     folder, candidate = local_folder(name_or_dir, "tokenizer"), name_or_dir
     how = "pass --tokenizer DIR with the T5 tokenizer"
@@ -293,14 +285,13 @@ def tokenizer_fingerprint(tokenizer):
 
 def set_dropout(t5, rate):
     """T5's dropout rate (None: the config's) in nn.Dropout and the float HF's attention keeps."""
-    if rate is None:
-        return
-    t5.config.dropout_rate = rate
-    for module in t5.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = rate
-        elif isinstance(getattr(module, "dropout", None), float):
-            module.dropout = rate
+    if rate is not None:
+        t5.config.dropout_rate = rate
+        for module in t5.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = rate
+            elif isinstance(getattr(module, "dropout", None), float):
+                module.dropout = rate
 
 
 def check_vocab(tokenizer, t5):
