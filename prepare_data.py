@@ -502,20 +502,17 @@ def load_hub(task):
     from ept import runtime
     import datasets
     print(f"{task.name}: loading {task.hub_id} ({task.hub_config}) from the Hugging Face Hub")
-    ds = error = None
-    # datasets >= 4 refuses repos that still carry a loading script: then their parquet conversion
-    for revision, kwargs in (("main", {"name": task.hub_config}),
-                             ("refs/convert/parquet", {"data_dir": task.hub_config})):
-        try:
-            ds = datasets.load_dataset(task.hub_id, revision=revision, **kwargs)
-            break
-        except Exception as e:
-            error = e
-            if isinstance(e, ConnectionError):  # no network: the fallback would fail the same way
-                break
-    if ds is None:  # runtime's sentence: why, and --source DIR (the official files, docs/data.md)
-        why = runtime.offline_error("dataset", f"{task.hub_id} ({task.hub_config})", error)
-        raise cli.Failure(f"prepare_data: {why}")
+
+    def load():  # datasets >= 4 refuses a repo with a loading script: then its parquet conversion
+        for revision, kwargs in (("main", {"name": task.hub_config}),
+                                 ("refs/convert/parquet", {"data_dir": task.hub_config})):
+            try:
+                return datasets.load_dataset(task.hub_id, revision=revision, **kwargs), revision
+            except Exception as e:  # no network (ConnectionError): the fallback would fail alike
+                if isinstance(e, ConnectionError) or revision != "main":
+                    raise
+    # a failure: runtime's sentence, why and --source DIR (the official files, docs/data.md)
+    ds, revision = runtime.load("dataset", f"{task.hub_id} ({task.hub_config})", load)
     splits = [ds["train"], ds[task.eval_split]]
     if task.subset:  # MRQA: one dataset holds all subsets
         splits = [s.filter(lambda v: v == task.subset, input_columns="subset") for s in splits]

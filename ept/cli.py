@@ -1,55 +1,40 @@
-"""The stages' command lines: value types (a wrong value is one argparse error, before any work),
---help with every default, two-line usage errors, and `Failure`: one sentence, a non-zero exit."""
+"""The stages' command lines: value types, --help with defaults, two-line usage errors, Failure."""
 import argparse
+import contextlib
 import functools
-import math
 import os
 import re
 import sys
 from pathlib import Path
 
 
-def _number(cast, name, low, high=math.inf, low_open=False):
+def _type(ok, why, cast=str):
+    """An argparse type: cast(text) where ok(value), else one error, `why` with the text for {}."""
     def parse(text):
-        try:
-            value = cast(text)
-            if math.isfinite(value) and low <= value <= high and not (low_open and value == low):
+        with contextlib.suppress(ValueError):
+            if ok(value := cast(text)):
                 return value
-        except ValueError:
-            pass
-        raise argparse.ArgumentTypeError(f"{text!r} is not a {name}")
-    parse.__name__ = name  # argparse names the type in its messages
+        raise argparse.ArgumentTypeError(why.replace("{}", repr(text)))
     return parse
 
 
-positive_int = _number(int, "positive integer", 1)
-nonnegative_int = _number(int, "non-negative integer", 0)
-positive_float = _number(float, "positive number", 0.0, low_open=True)
-nonnegative_float = _number(float, "non-negative number", 0.0)
-probability = _number(float, "probability in [0, 1]", 0.0, 1.0)
-
-
-def name(text):
-    """A task or run name: letters, digits, '_', '-', '.'; never a path (it goes into paths)."""
-    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text) and ".." not in text:
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r} is not a task name (a name like rte, not a path)")
-
-
-def folder(text):
-    """A folder path, never empty ('' would silently mean the current folder)."""
-    if text.strip():
-        return text
-    raise argparse.ArgumentTypeError("an empty path would mean the current folder; name a folder")
+positive_int = _type(lambda v: v >= 1, "{} is not a positive integer", int)
+nonnegative_int = _type(lambda v: v >= 0, "{} is not a non-negative integer", int)
+positive_float = _type(lambda v: 0 < v < float("inf"), "{} is not a positive number", float)
+nonnegative_float = _type(lambda v: 0 <= v < float("inf"), "{} is not a non-negative number", float)
+probability = _type(lambda v: 0 <= v <= 1, "{} is not a probability in [0, 1]", float)
+# a task or run name goes into paths, so is never one; a folder is never '' (the current folder)
+name = _type(lambda t: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t) and ".." not in t,
+             "{} is not a task name (a name like rte, not a path)")
+folder = _type(str.strip, "an empty path would mean the current folder; name a folder")
 
 
 def run_folder_problem(value):
-    """Why `value` cannot be a run folder ('', '.', '/', 'x/..': the current folder or a parent)."""
+    """Why `value` cannot be a run folder (not a string; '', '.', '/', 'x/..'), or None."""
     if not isinstance(value, str):
         return f"must be a folder path (a string), not {value!r}"
     if not value.strip() or Path(value).name in ("", ".", ".."):
         return f"{value!r} is empty or names no folder of its own; name the run's own folder"
-    return None
 
 
 class Sweep(argparse.Action):
@@ -64,10 +49,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text, value = action.help or "", action.default
-        if "default" in text or action.nargs == 0 or value in (None, argparse.SUPPRESS):
-            return text
         shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-        return f"{text} (default: {shown})"
+        hidden = "default" in text or action.nargs == 0 or value in (None, argparse.SUPPRESS)
+        return text if hidden else f"{text} (default: {shown})"
 
 
 class Parser(argparse.ArgumentParser):

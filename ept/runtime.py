@@ -1,6 +1,5 @@
-"""Where and how the model runs: the ranks of a torchrun group; stop signals (SIGTERM, SIGUSR1,
-Ctrl-C: last.pt at the next step boundary, then exit 128 + the signal); T5 and its tokenizer from a
-folder or the Hub (offline: one sentence naming the flag that takes a folder); the precision."""
+"""Where and how the model runs: torchrun ranks; stop signals (last.pt at a step boundary, exit
+128 + the signal); T5 and its tokenizer from a folder or the Hub (offline: one sentence)."""
 import functools
 import hashlib
 import os
@@ -9,7 +8,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,8 +42,7 @@ class PeerStopped(cli.Failure):
 
 def master_first(fn, rank, world_size, everyone=False):
     """fn() on rank 0, then on the others (everyone) or its result sent to them. A failure on rank 0
-    is its sentence there, and the others exit quietly (PeerStopped) instead of waiting on a
-    collective rank 0 never joins (gloo's "Connection closed by peer" tracebacks)."""
+    is its sentence; the others exit quietly (PeerStopped), not hang on a collective it skips."""
     if world_size == 1:
         return fn()
     if rank != 0:
@@ -76,23 +74,22 @@ def set_precision(dtype, device):
 
 
 class Throughput:
-    """Examples and tokens per second over the steady-state steps (after the first `warm`)."""
+    """Examples, tokens and seconds summed over the steady-state steps (after the first `warm`)."""
 
     def __init__(self, warm):
-        self.warm, self.steps, self.examples, self.tokens, self.seconds = warm, 0, 0, 0, 0.0
+        self.warm, self.steps, self.sums = warm, 0, (0, 0, 0.0)
 
     def add(self, examples, tokens, seconds):
         self.steps += 1
         if self.steps > self.warm:
-            self.examples, self.tokens, self.seconds = (
-                self.examples + examples, self.tokens + tokens, self.seconds + seconds)
+            self.sums = tuple(map(sum, zip(self.sums, (examples, tokens, seconds))))
 
     def summary(self, device):
-        cuda, seconds = device.startswith("cuda"), max(self.seconds, 1e-9)
+        (examples, tokens, time_s), cuda = self.sums, device.startswith("cuda")
         peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        return {"train_examples_per_s": self.examples / seconds,
-                "train_tokens_per_s": self.tokens / seconds, "train_time_s": self.seconds,
+        return {"train_examples_per_s": examples / max(time_s, 1e-9),
+                "train_tokens_per_s": tokens / max(time_s, 1e-9), "train_time_s": time_s,
                 "timed_steps": max(0, self.steps - self.warm), "peak_memory_mb": peak_mb,
                 "peak_memory_kind": "cuda_max_memory_allocated" if cuda else "cpu_max_rss"}
 
@@ -102,28 +99,22 @@ class Throughput:
 _received, _stopping = [], []  # the signal (read at each step boundary); set once the run stops
 
 
-def _on_signal(sig, _):
-    if _stopping:  # the locks are being released and the files closed: let that finish
-        return
-    if sig == signal.SIGINT and sig in _received:  # Ctrl-C twice: stop now (files stay whole)
-        _stopping.append(sig)
-        raise KeyboardInterrupt
-    _received.append(sig)
-
-
 @contextmanager
 def stop_on_signals():
-    """The handler above while the loop runs (main thread only: a thread cannot install one)."""
+    """While the loop runs, a stop signal is noted, read at each step boundary; Ctrl-C twice stops
+    at once, files whole (main thread only: a thread cannot install a handler)."""
+    def note(sig, _):  # once stopping (locks released, files closed) a signal is only noted
+        if sig == signal.SIGINT and sig in _received and not _stopping:
+            _stopping.append(sig)
+            raise KeyboardInterrupt
+        _received.append(sig)
     main = threading.current_thread() is threading.main_thread()
     if main:  # a new run: nothing received yet
         del _received[:], _stopping[:]
-    stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT) if main else ()
-    before = {sig: signal.signal(sig, _on_signal) for sig in stops}
-    try:
+    with ExitStack() as restore:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT) if main else ():
+            restore.callback(signal.signal, sig, signal.signal(sig, note))
         yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
 
 
 def received():
@@ -151,18 +142,16 @@ def stopped(sig, runs):
 
 
 def run(main):
-    """train.py's main(): a Ctrl-C after a stop or a failure is ignored; one outside the loop, or a
-    second one, exits 130 (files whole). Every rank ends the process group."""
+    """train.py's main(): Ctrl-C outside the loop, or twice, exits 130 (files whole), after a stop
+    or a failure it is ignored; every rank ends the process group."""
     try:
         main()
     except (SystemExit, KeyboardInterrupt) as err:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if isinstance(err, SystemExit):
-            raise
-        if int(os.environ.get("RANK", 0)) == 0:
+        if isinstance(err, KeyboardInterrupt) and int(os.environ.get("RANK", 0)) == 0:
             print("train: interrupted (Ctrl-C); last.pt, if any, is the last checkpoint, whole: "
                   "run the same command with --resume to continue", file=sys.stderr, flush=True)
-        sys.exit(130)
+        raise err if isinstance(err, SystemExit) else SystemExit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -192,32 +181,38 @@ def _cached(what, name):
 
 
 def check_offline(model, tokenizer, dataset=None):
-    """train.py, before anything loads, with HF_HUB_OFFLINE set: every Hub name neither a folder nor
-    cached, in ONE sentence. `dataset`: the Hub id a missing data/<task>/ is prepared from."""
+    """Offline, before any load: every Hub name neither a folder nor cached, in ONE sentence."""
     from huggingface_hub import constants
-    missing = [f"the {what} {name if what == 'dataset' else repr(name)} (pass {FLAGS[what]})"
-               for what, name in (("tokenizer", tokenizer), ("dataset", dataset), ("model", model))
-               if constants.HF_HUB_OFFLINE and name and (what == "dataset" or not local_folder(
-                   name, what)) and not _cached(what, name)]
+    missing = constants.HF_HUB_OFFLINE and [
+        f"the {what} {name if what == 'dataset' else repr(name)} (pass {FLAGS[what]})"
+        for what, name in (("tokenizer", tokenizer), ("dataset", dataset), ("model", model))
+        if name and (what == "dataset" or not local_folder(name, what)) and not _cached(what, name)]
     if missing:
-        raise cli.Failure(f"HF_HUB_OFFLINE is set and these are not in the local cache: "
-                          f"{'; '.join(missing)}")
+        raise cli.Failure("HF_HUB_OFFLINE is set and these are not in the local cache: "
+                          + "; ".join(missing))
 
 
-def offline_error(what, name, err, fix=None):
-    """The one sentence for a Hub name not loaded: why, and `fix` (default: the folder's flag)."""
+def load(what, name, loader, fix=None, folder=None):
+    """loader(), the library's many error types at one boundary: a local `folder` that fails is its
+    error and `fix`; a Hub `name`, why (offline, unreachable, refused) and `fix` (else the flag)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
-    cause, fix = err, fix or f"pass {FLAGS[what]}"
-    while cause is not None and not isinstance(cause, (LocalEntryNotFoundError, ConnectionError)):
-        cause = cause.__cause__ or cause.__context__  # the client's "no connection, not cached"
-    why = (f"the Hub has no such name, or refused it ({type(err).__name__})" if not cause else
-           "the Hugging Face Hub cannot be reached and it is not in the local cache")
-    if constants.HF_HUB_OFFLINE:
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache"
-    elif cause:
-        fix += " (without a network, export HF_HUB_OFFLINE=1)"
-    return cli.Failure(f"could not load the {what} {name!r}: {why}; {fix}")
+    try:
+        return loader()
+    except Exception as err:
+        if folder is not None:
+            raise cli.Failure(f"the {what} in {folder} cannot be loaded, its files are damaged, "
+                              f"missing or not a T5's ({type(err).__name__}: {_first_line(err)}); "
+                              f"{fix}") from None
+        cause, offline = err, constants.HF_HUB_OFFLINE
+        while cause and not isinstance(cause, (LocalEntryNotFoundError, ConnectionError)):
+            cause = cause.__cause__ or cause.__context__  # the client's "no connection, not cached"
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline else
+               "the Hugging Face Hub cannot be reached and it is not in the local cache" if cause
+               else f"the Hub has no such name, or refused it ({type(err).__name__})")
+        hint = " (without a network, export HF_HUB_OFFLINE=1)" if cause and not offline else ""
+        raise cli.Failure(f"could not load the {what} {name!r}: {why}; "
+                          f"{fix or 'pass ' + FLAGS[what]}{hint}") from None
 
 
 def local_folder(name_or_dir, what="model"):
@@ -237,34 +232,24 @@ def _first_line(err):
 
 
 def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
-    """T5 from a folder or the Hub (`random_init`: seeded random weights); `fix`: offline_error's."""
-    from transformers import T5Config, T5ForConditionalGeneration, logging
+    """T5 from a folder or the Hub (`random_init`: seeded random weights); `fix`: load's."""
+    from transformers import T5Config, T5ForConditionalGeneration as T5, logging
     logging.disable_progress_bar()  # one bar per shard is noise in every log
     folder = local_folder(name_or_dir)
     if folder is not None and not (folder / "config.json").exists():
         raise cli.Failure(f"{name_or_dir} holds no config.json: it is not a T5 model folder")
     if folder is not None:
         files.read_json(folder / "config.json", "model configuration")  # damaged JSON: one sentence
-    try:
-        if not random_init:
-            return T5ForConditionalGeneration.from_pretrained(name_or_dir)
-        config = T5Config.from_pretrained(name_or_dir)
+    if random_init:
         torch.manual_seed(seed)  # random weights are reproducible
-        return T5ForConditionalGeneration(config)
-    except Exception as err:  # the library's many error types, at the one boundary
-        if folder is None and isinstance(err, OSError):
-            raise offline_error("model", name_or_dir, err, fix) from None
-        if folder is None:
-            raise
-        raise cli.Failure(f"the model in {name_or_dir} cannot be loaded, its files are damaged, "
-                          f"missing or not a T5's ({type(err).__name__}: {_first_line(err)}); "
-                          "restore the folder (--random-init: random weights from its config)"
-                          ) from None
+    build = ((lambda: T5(T5Config.from_pretrained(name_or_dir))) if random_init
+             else functools.partial(T5.from_pretrained, name_or_dir))
+    return load("model", name_or_dir, build, fix if folder is None else
+                "restore the folder (--random-init: random weights from its config)", folder)
 
 
 def load_tokenizer(name_or_dir, say=print, fix=None):
-    """The T5 tokenizer of a folder or a Hub name. A folder without a vocabulary (a bare config, as
-    ../shared/data/t5/t5-small) takes its parent's, and says so."""
+    """The T5 tokenizer of a Hub name or a folder (one without a vocabulary: its parent's, said)."""
     from transformers import AutoTokenizer
     folder, candidate = local_folder(name_or_dir, "tokenizer"), name_or_dir
     how = "pass --tokenizer DIR with the T5 tokenizer"
@@ -272,19 +257,11 @@ def load_tokenizer(name_or_dir, say=print, fix=None):
         if not any((folder.parent / f).exists() for f in VOCABULARY):
             raise cli.Failure(f"{name_or_dir} holds no tokenizer (no tokenizer.json or "
                               f"spiece.model); {how}")
-        candidate = str(folder.parent)
+        candidate = folder = folder.parent
         say(f"tokenizer: {name_or_dir} holds no vocabulary; using the one in {candidate} "
             "(--tokenizer to choose)")
-    try:
-        tok = AutoTokenizer.from_pretrained(candidate)
-    except Exception as err:  # as in load_t5: the library's error types, at the boundary
-        if folder is None and isinstance(err, (OSError, ValueError, TypeError)):
-            raise offline_error("tokenizer", name_or_dir, err, fix) from None
-        if folder is None:
-            raise
-        raise cli.Failure(f"the tokenizer in {candidate} cannot be loaded, its files are damaged "
-                          f"or not a tokenizer's ({type(err).__name__}: {_first_line(err)}); "
-                          f"{how}") from None
+    tok = load("tokenizer", name_or_dir, lambda: AutoTokenizer.from_pretrained(str(candidate)),
+               fix if folder is None else how, folder)
     for role, token in (("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
         if getattr(tok, role) is None:  # a bare tokenizer.json names none; T5's are fixed
             setattr(tok, role, token)
@@ -303,22 +280,18 @@ def t5_fingerprint(t5):
 
 def tokenizer_fingerprint(tokenizer):
     """A hash of the tokenizer's whole definition: the key of the tokenization cache."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = (backend.to_str() if backend is not None
-            else f"{type(tokenizer).__name__} {len(tokenizer)} {tokenizer.name_or_path}")
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+    return hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:12]
 
 
 def set_dropout(t5, rate):
     """T5's dropout rate (None: the config's) in nn.Dropout and the float HF's attention keeps."""
-    if rate is None:
-        return
-    t5.config.dropout_rate = rate
-    for module in t5.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = rate
-        elif isinstance(getattr(module, "dropout", None), float):
-            module.dropout = rate
+    if rate is not None:
+        t5.config.dropout_rate = rate
+        for module in t5.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = rate
+            elif isinstance(getattr(module, "dropout", None), float):
+                module.dropout = rate
 
 
 def check_vocab(tokenizer, t5):

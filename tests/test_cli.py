@@ -133,6 +133,17 @@ def test_offline_hub_fails_fast_with_the_flag(tmp_path):
         assert flag in message and "HF_HUB_OFFLINE is set" in message and message.count("could not") == 1, message
 
 
+def hub_failure(what, name, err):
+    """The one sentence runtime.load makes of `err`, a failed load of the Hub name `name`."""
+    from ept import cli, runtime
+
+    def fail():
+        raise err
+    with pytest.raises(cli.Failure) as caught:
+        runtime.load(what, name, fail)
+    return str(caught.value)
+
+
 def test_hub_failure_without_hf_hub_offline_is_one_sentence(monkeypatch):
     """HF_HUB_OFFLINE unset: the client's own failure (after its retries, ~25 s without a network: too slow to
     wait for here, so its errors are built as it raises them) is still the one sentence. No connection names
@@ -147,12 +158,12 @@ def test_hub_failure_without_hf_hub_offline_is_one_sentence(monkeypatch):
         no_connection = err
     for what, err, flag in (("model", no_connection, "--model DIR"), ("tokenizer", no_connection, "--tokenizer DIR"),
                             ("dataset", ConnectionError("Couldn't reach 'nyu-mll/glue'"), "--source DIR")):
-        message = str(runtime.offline_error(what, "no-such-org/x", err))
+        message = hub_failure(what, "no-such-org/x", err)
         assert message.startswith(f"could not load the {what} 'no-such-org/x': the Hugging Face Hub cannot be "
                                   f"reached and it is not in the local cache; pass {flag}"), message
         assert "export HF_HUB_OFFLINE=1" in message, message
     runtime.check_offline("no-such-org/m", "no-such-org/t", "no-such-org/d")  # unset: the loads decide
-    message = str(runtime.offline_error("model", "no-such-org/m", OSError("404 Repository Not Found")))
+    message = hub_failure("model", "no-such-org/m", OSError("404 Repository Not Found"))
     assert message == ("could not load the model 'no-such-org/m': the Hub has no such name, or refused it "
                        "(OSError); pass --model DIR, a local T5 folder"), message
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

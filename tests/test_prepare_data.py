@@ -319,7 +319,7 @@ def test_unreachable_hub_says_pass_source(monkeypatch, tmp_path):
         calls.append(kwargs)
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    with pytest.raises(SystemExit, match=r"^prepare_data: could not load the dataset 'nyu-mll/glue \(rte\)'.*pass "
+    with pytest.raises(SystemExit, match=r"^could not load the dataset 'nyu-mll/glue \(rte\)'.*pass "
                                          r"--source DIR") as e:
         run("--tasks", "rte", "--out", tmp_path, source=None)
     assert "\n" not in str(e.value) and len(calls) == 1 and not (tmp_path / "rte").exists()
