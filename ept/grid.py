@@ -331,9 +331,9 @@ def write_plan(path, units):
         files.write_text(path, text)
 
 
-# --- running units: here (in this process by runpy, or a child) ----------------------------------
+# --- running units: here (in this process by runpy) or as children (the pool) --------------------
 # In this process (the default) the imports are paid once per grid; as a child (--subprocess,
-# --nproc > 1, every pool child) GPU memory and cached data are freed between units.
+# --nproc > 1: a pool of one; --gpus, --slots) GPU memory and cached data are freed between units.
 STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # train.py checkpoints, exits 128 + sig
 
 
@@ -357,28 +357,18 @@ def run_in_process(argv):
 
 
 def run_unit(experiment, unit, args, i, n):
-    """One unit, here or as a child; a signal that stops train.py stops the driver alike."""
+    """One unit in this process; a signal that stops train.py stops the driver alike."""
     t0, names = time.time(), " ".join(unit.names)
     what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
-    if args.nproc > 1 or args.subprocess:  # a child in its own session, our stop signals passed on
-        proc, got = subprocess.Popen(unit.command, start_new_session=True), []
-        with handling(lambda sig, _: (got.append(sig), signal_group(proc, sig))):
-            status = proc.wait()
-        stopped = signal.SIGINT in got and signal.SIGINT  # Ctrl-C: the child checkpointed, stopped
-        if not stopped and (status in (128 + signal.SIGTERM, 128 + signal.SIGUSR1)
-                            or -status in STOPS):
-            raise SystemExit(status if status > 0 else 128 - status)  # train.py said how to resume
-    else:
-        status = run_in_process(unit.argv)
-        if status == 0 and runtime.received():  # it came in the unit's last steps, which finished
-            status = 128 + runtime.received()
-        stopped = status - 128 in STOPS and status - 128
-    if stopped:  # the driver stops as train.py did, once it wrote last.pt
-        print(f"{experiment}: {signal.Signals(stopped).name} received: unit {unit.index} stopped "
-              "at a step boundary, last.pt written; run the same command again to resume",
+    status = run_in_process(unit.argv)
+    if status == 0 and runtime.received():  # it came in the unit's last steps, which finished
+        status = 128 + runtime.received()
+    if status - 128 in STOPS:  # the driver stops as train.py did, once it wrote last.pt
+        print(f"{experiment}: {signal.Signals(status - 128).name} received: unit {unit.index} "
+              "stopped at a step boundary, last.pt written; run the same command again to resume",
               file=sys.stderr, flush=True)
-        raise SystemExit(128 + stopped)
+        raise SystemExit(status)
     if status:  # train.py printed its error
         print(f"[{experiment} {i}/{n}] unit {unit.index} failed (exit status {status})",
               file=sys.stderr)
@@ -391,17 +381,6 @@ def signal_group(proc, sig):  # to a child's group (torchrun's ranks too); Ctrl-
         return True
     except ProcessLookupError:  # the whole group is gone
         return False
-
-
-@contextlib.contextmanager
-def handling(handler):  # for SIGTERM, SIGUSR1 and SIGINT while the block runs (main thread)
-    main = threading.current_thread() is threading.main_thread()
-    old = {sig: signal.signal(sig, handler) for sig in STOPS} if main else {}
-    try:
-        yield
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
 
 
 # --- the local pool (--gpus G, --slots N) --------------------------------------------------------
@@ -430,7 +409,9 @@ def run_pool(experiment, units, devices):
     running, queue, retried, got = {}, list(units), set(), []  # slot -> (process, unit, thread)
     print(f"{experiment}: {len(units)} unit(s) on {len(devices)} child process(es): "
           f"{' | '.join(labels)}", flush=True)
-    with handling(lambda sig, _: got.append(sig)):
+    main = threading.current_thread() is threading.main_thread()  # signals: the main thread's
+    old = {sig: signal.signal(sig, lambda sig, _: got.append(sig)) for sig in STOPS} if main else {}
+    try:
         while (queue or running) and not got:
             for slot in [s for s in range(len(devices)) if s not in running][:len(queue)]:
                 unit = queue.pop(0)
@@ -465,14 +446,18 @@ def run_pool(experiment, units, devices):
                   "last.pt and stopped. Run the same command again to resume.", file=sys.stderr,
                   flush=True)
             raise SystemExit(128 + got[0])
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 OUTPUT_LOCK = threading.Lock()
 
 
 def start_child(unit, gpus, label):
-    """A unit as a child on `gpus` in its own session (Ctrl-C reaches it through us only)."""
-    env = {"TQDM_DISABLE": "1", **os.environ, "CUDA_VISIBLE_DEVICES": gpus}  # G bars: noise
+    """A unit as a child on `gpus` (None: ours) in its own session (Ctrl-C: through us only)."""
+    env = {"TQDM_DISABLE": "1", **os.environ,  # G progress bars: noise
+           **({} if gpus is None else {"CUDA_VISIBLE_DEVICES": gpus})}
     proc = subprocess.Popen(unit.command, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
 
@@ -510,7 +495,8 @@ def run_driver(experiment, specs, args, extra, floor=None):
     if not args.collect:
         units = make_units(plan, args, extra)
         path = Path(args.results_dir) / f"{experiment}.plan"
-        devices = pool_devices(args) if args.gpus or args.slots else None  # checks, then the plan
+        devices = (pool_devices(args) if args.gpus or args.slots  # checked before the plan
+                   else [None] if args.subprocess or args.nproc > 1 else None)  # one child
         if args.slurm:  # sbatch here, MaxArraySize, the #SBATCH lines: checked before the plan
             max_array, opts = check(), dict(slurm_options(args), job_name=f"ept-{experiment}")
             sbatch_script(path, len(units), log_dir=path.parent, **opts)
