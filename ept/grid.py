@@ -1,10 +1,6 @@
 """The grid ablate.py and fewshot.py share: specs -> plan -> units -> pool -> collect, and the plan
 on SLURM (docs/experiments.md). A unit (a pack of prompt runs on one frozen T5, or a solo run) is
-one idempotent plan line; collect appends each finished run's row once.
-
-    python -m ept.grid results/table1.plan --collect "python ablate.py table1 --collect" \
-        --slurm-time 12:00:00 --slurm-max-tasks 16     # writes results/table1.sbatch, submits it
-"""
+one idempotent plan line; collect appends each finished run's row once."""
 import argparse
 import contextlib
 import hashlib
@@ -44,29 +40,24 @@ EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/expe
     ("--subprocess", dict(action="store_true", help="each train.py in a fresh process")),
     ("--runs-dir", dict(type=cli.folder, default="runs", help="where run folders go")),
     ("--results-dir", dict(type=cli.folder, default="results", help="<experiment>.plan, .jsonl")),
-    ("--prune-ft-checkpoints", dict(action="store_true", help="delete ft runs' checkpoints once "
-                                    "their row is written")),
-    ("--dry-run", dict(action="store_true", help="runs, GPU-hours, wall time (dry_run.tsv too); "
-                       "train nothing")),
-    ("--gpus", dict(type=cli.positive_int, help="a local pool of G / --nproc children, each on "
-                    "its own GPUs of CUDA_VISIBLE_DEVICES")),
+    ("--prune-ft-checkpoints", dict(action="store_true", help="delete ft runs' .pt at collect")),
+    ("--dry-run", dict(action="store_true", help="runs, GPU-hours, wall time, dry_run.tsv only")),
+    ("--gpus", dict(type=cli.positive_int, help="a pool of G / --nproc children, own GPUs each")),
     ("--slots", dict(type=cli.positive_int, metavar="N", help="a local pool of N CPU children")),
     ("--slurm", dict(action="store_true", help="submit the plan as SLURM job arrays + collect")),
     ("--slurm-partition", dict(help="--slurm: the partition (default: the cluster's)")),
     ("--slurm-time", dict(metavar="LIMIT", help="--slurm: each task's time limit (4:00:00, 1-12)")),
-    ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N",
-                          help="--slurm: GPUs per task (default: --nproc or 1; 0: none)")),
-    ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M",
-                               help="array tasks at once (--slurm, --dry-run)")),
-    ("--slurm-after", dict(action="append", default=[], metavar="JOBID",
-                           help="--slurm: start once this job ended (repeatable)")),
-    ("--slurm-option", dict(action="append", default=[], metavar="OPT",
-                            help="--slurm: an #SBATCH option, e.g. --slurm-option=--account=nlp")),
+    ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N", help="--slurm: GPUs per task "
+                          "(default: --nproc or 1; 0: none)")),
+    ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M", help="array tasks at once")),
+    ("--slurm-after", dict(action="append", default=[], metavar="JOBID", help="--slurm: start "
+                           "once this job ended (repeatable)")),
+    ("--slurm-option", dict(action="append", default=[], metavar="OPT", help="--slurm: an "
+                            "#SBATCH option, e.g. --slurm-option=--account=nlp")),
     ("--collect", dict(action="store_true", help="train nothing: add finished runs' rows, print "
                        "the table (exit 1 while runs are unfinished)")),
     ("--pack-size", dict(type=cli.positive_int, help="prompt runs a pack (default: CUDA: as many "
-                         "as fit, CPU: 1)")),
-]
+                         "as fit, CPU: 1)"))]
 
 
 def add_execution_args(parser, prefix="--"):  # python -m ept.grid: the --slurm-* ones
@@ -83,11 +74,10 @@ def parse(parser, argv, script):
     return args, extra
 
 
+NOT_THROUGH = "cannot be passed to train.py through a driver: "
 REFUSED = {  # train.py's flags a driver does not pass through: why, what instead
-    "--out-dir": "cannot be passed to train.py through a driver: each run's folder is the grid's: "
-                 "pass --runs-dir",
-    "--runs": "cannot be passed to train.py through a driver: the grid makes its own packs: pass "
-              "--pack-size",
+    "--out-dir": NOT_THROUGH + "each run's folder is the grid's: pass --runs-dir",
+    "--runs": NOT_THROUGH + "the grid makes its own packs: pass --pack-size",
     **{f"--{own}": f"is the grid's own: pass --{own}s (this script's flag) instead"
        for own in ("task", "method", "seed")},  # else every run would train the same one
     "--overwrite": "would start every run of the plan over at each rerun; delete the run folders "
@@ -95,8 +85,7 @@ REFUSED = {  # train.py's flags a driver does not pass through: why, what instea
 
 
 def check_args(parser, args, extra):
-    """Before any run (else every run would fail alike): the tasks exist, the pass-through flags
-    are train.py's, spelt out (--max-step would train what the run's name does not say), valid."""
+    """Before any run: the tasks exist; pass-through flags are train.py's, spelt out, valid."""
     known = options.parser._option_string_actions  # every spelling train.py's parser accepts
     for flag in (a.split("=")[0] for a in extra if a.startswith("--") and a != "--"):
         if flag in REFUSED:
@@ -160,8 +149,7 @@ def pack_argv(specs, run_dirs, data_dir, extra, runs_file):  # (argv, its --runs
 
 
 def passed_through(extra):
-    """The per-run options among the pass-through flags, typed: they win over the experiment's
-    values, so a run's name and --runs entry say what it trains (--max-steps 6: ..._steps6_...)."""
+    """The per-run pass-through options, typed: they win, so the run's name says them."""
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
     keys = dict.fromkeys([key for key, _ in options.NAME_TAGS]
@@ -182,11 +170,11 @@ PAPER_SPLITS = {  # Appendix B.1's (train, validation, test) sizes, for a task n
     "cola": (8551, 521, 522), "mrpc": (3668, 204, 204), "rte": (2490, 138, 139),
     "stsb": (5749, 750, 750), "mnli": (382702, 10000, 9815), "qnli": (94743, 10000, 5463),
     "qqp": (353846, 10000, 40430), "sst2": (66349, 1000, 872), "boolq": (9427, 1635, 1635),
-    "cb": (250, 28, 28), "wic": (5428, 319, 319), "wsc": (554, 52, 52),
-    "multirc": (26243, 1000, 4848), "nq": (94071, 10000, 12836), "hotpotqa": (71928, 1000, 5901),
+    "wic": (5428, 319, 319), "wsc": (554, 52, 52), "multirc": (26243, 1000, 4848),
+    "nq": (94071, 10000, 12836), "hotpotqa": (71928, 1000, 5901), "paws": (48401, 1000, 8000),
     "searchqa": (107384, 10000, 16980), "newsqa": (73160, 1000, 4212),
     "winogrande": (39398, 1000, 1267), "yelp": (550000, 10000, 38000),
-    "scitail": (22596, 1000, 1304), "paws": (48401, 1000, 8000)}
+    "scitail": (22596, 1000, 1304), "cb": (250, 28, 28)}
 
 
 def size_key(model_name):  # t5-small / t5-base / t5-large when the name says so, else "other"
@@ -292,8 +280,7 @@ class Unit:  # one plan line (index: an array task's); a pack's --runs file and 
 
 
 def make_units(plan, args, extra):
-    """The plan's units, longest first: packs (pack_size on this machine) made over every run,
-    finished or not, so the same grid always gives the same units and runs files."""
+    """The units, longest first, packed over every run, finished or not: always the same ones."""
     hours = plan_hours(plan, args.data_dir, extra)
     units, extra = [], [*extra, "--resume"]
     for names in make_packs(plan, sorted(plan, key=lambda n: -hours[n]),
@@ -310,8 +297,7 @@ def make_units(plan, args, extra):
 
 
 def write_plan(path, units):
-    """The plan file, written once: a rerun of the same grid finds the same lines; another grid in
-    the same results folder is refused (line i must keep its meaning for an engine's index)."""
+    """The plan file, written once; another grid's is refused (line i keeps its meaning)."""
     text = "".join(unit.line + "\n" for unit in units)
     if path.exists() and (old := path.read_text(encoding="utf-8")) != text:
         lines = old.splitlines()
@@ -486,7 +472,7 @@ def run_cli(main, name):
 
 def run_driver(experiment, specs, args, extra, floor=None):
     """Train what is missing (here, a pool or SLURM), collect, print the table (`floor(args)`'s
-    rows first: a baseline, not a run); exit 1 while runs are unfinished."""
+    rows first: a baseline); exit 1 while runs are unfinished."""
     plan = plan_runs(specs, args, extra)
     if args.dry_run:
         sys.path.insert(0, str(REPO / "scripts"))
@@ -565,8 +551,7 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
 
 
 def append_row_once(results, row):
-    """"added", "replaced" (a row of its folder from another training) or None (there already);
-    under the file's lock: two collect steps at once never double a row."""
+    """"added", "replaced" (its folder was trained again) or None, under the file's lock."""
     with outputs.locked(results):
         rows = files.read_jsonl(results, what="results file", missing_ok=True,
                                 fix=outputs.RESULTS_FIX)
@@ -654,20 +639,21 @@ def _option(value, what):  # sbatch splits an #SBATCH line at spaces and reads o
     return text
 
 
-def _sbatch_lines(options, log_dir, log_name, extra, skip=()):  # True: a flag alone
-    return ([f"#SBATCH --{key}" + ("" if value is True else f"={value}")
-             for key, value in options.items() if value]
-            + [f"#SBATCH --chdir={_option(Path.cwd().resolve(), 'working folder')}",
-               f"#SBATCH --output={_option(Path(log_dir).resolve(), 'log folder')}/{log_name}"]
-            + [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra
-               if not option.startswith(skip)])
+def _script(comments, options, log_dir, log_name, extra, body, skip=()):
+    """An sbatch script: comments, #SBATCH lines (a value True: the flag alone), the body."""
+    return "\n".join([
+        "#!/bin/bash", *comments, *[f"#SBATCH --{key}" + ("" if value is True else f"={value}")
+                                    for key, value in options.items() if value],
+        f"#SBATCH --chdir={_option(Path.cwd().resolve(), 'working folder')}",
+        f"#SBATCH --output={_option(Path(log_dir).resolve(), 'log folder')}/{log_name}",
+        *[f"#SBATCH {_option(opt, 'sbatch option')}" for opt in extra if not opt.startswith(skip)],
+        "", *body]) + "\n"
 
 
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
                   gpus_per_task=1, max_parallel=None, extra=(), after=(), first=0,
                   signal_s=SIGNAL_S):
-    """The job array's sbatch script: task i runs line first+i+1 of the plan (first: the lines
-    earlier arrays run, past MaxArraySize); after: job ids it waits for (afterany)."""
+    """The job array's script: task i runs plan line first+i+1; after: job ids (afterany)."""
     if n_units < 1:
         raise cli.Failure(f"the plan {plan_path} has no units: nothing to submit")
     limit = time_seconds(time) if time else None
@@ -687,15 +673,13 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
                "partition": partition and _option(partition, "partition"),
                "time": time and _option(time, "time limit"), "requeue": True,
                "signal": f"B:USR1@{signal_s}"}
-    lines = ["#!/bin/bash", f"# {name}: {head}",
-             "# Written by ept/grid.py. Submit again with `sbatch <this file>`: a finished unit "
-             "exits at once,", "# an interrupted one resumes. One unit without SLURM: "
-             "SLURM_ARRAY_TASK_ID=i bash <this file>.",
-             *_sbatch_lines(options, log_dir, f"{name}-%A_%a.log", ["--open-mode=append", *extra]),
-             "", f"plan={shlex.quote(str(plan))}",
-             Path(__file__).with_name("slurm_task.sh").read_text()  # after the #SBATCH lines
-             .replace("$((task + 1))", f"$((task + {first + 1}))")]
-    return "\n".join(lines) + "\n"
+    comments = [f"# {name}: {head}", "# Written by ept/grid.py. Submit again with `sbatch <this "
+                "file>`: a finished unit exits at once,", "# an interrupted one resumes. One unit "
+                "without SLURM: SLURM_ARRAY_TASK_ID=i bash <this file>."]
+    task = Path(__file__).with_name("slurm_task.sh").read_text()  # after the #SBATCH lines
+    return _script(comments, options, log_dir, f"{name}-%A_%a.log", ["--open-mode=append", *extra],
+                   [f"plan={shlex.quote(str(plan))}",
+                    task.replace("$((task + 1))", f"$((task + {first + 1}))")])
 
 
 def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, extra=()):
@@ -703,15 +687,13 @@ def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, 
     name = _option(job_name, "job name")
     options = {"job-name": f"{name}-collect", "dependency": f"afterany:{array_id}", "ntasks": 1,
                "partition": partition and _option(partition, "partition")}
-    lines = ["#!/bin/bash",
-             f"# {name}: collect and report once every task of array {array_id} ended (afterany:",
-             "# finished, failed or cancelled). Written by ept/grid.py.",
-             *_sbatch_lines(options, log_dir, f"{name}-collect-%j.log", extra,
-                            skip=("--gres", "--gpus", "--array", "--signal")), "",
-             f"echo \"== array {array_id}: task states (as long as SLURM keeps them, MinJobAge)\"",
-             f"squeue --noheader --states=all --jobs={array_id.replace(':', ',')} "
-             "--format='task %K: %T' | sort -V", "echo \"== $(date -Is) collect\"", collect_cmd]
-    return "\n".join(lines) + "\n"
+    comments = [f"# {name}: collect and report once every task of array {array_id} ended "
+                "(afterany:", "# finished, failed or cancelled). Written by ept/grid.py."]
+    return _script(comments, options, log_dir, f"{name}-collect-%j.log", extra, [
+        f"echo \"== array {array_id}: task states (as long as SLURM keeps them, MinJobAge)\"",
+        f"squeue --noheader --states=all --jobs={array_id.replace(':', ',')} "
+        "--format='task %K: %T' | sort -V", "echo \"== $(date -Is) collect\"", collect_cmd],
+        skip=("--gres", "--gpus", "--array", "--signal"))
 
 
 def check():
@@ -740,8 +722,7 @@ def _sbatch(text, path, what):
 
 
 def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
-    """The plan as job arrays (several past MaxArraySize, one after another), then the collect
-    job: (the last array's job id, the collect job's); scripts beside the plan."""
+    """The plan as job arrays (one after another past MaxArraySize), then the collect job."""
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):
