@@ -66,8 +66,7 @@ def add_execution_args(parser, prefix="--"):  # python -m ept.grid: the --slurm-
         group.add_argument(flag, **keywords)
 
 
-def parse(parser, argv, script):
-    """(the driver's arguments, train.py's flags); args.command: the driver's command line."""
+def parse(parser, argv, script):  # (the driver's arguments, train.py's); args.command
     args, extra = parser.parse_known_args(argv)
     args.command = [sys.executable, str(Path(script).resolve()),
                     *(sys.argv[1:] if argv is None else argv)]
@@ -255,8 +254,7 @@ def make_packs(plan, names, size_of):  # packs of equal PACK_KEYS, <= size_of(mo
 
 # --- the plan: {run name: (options, extra result columns, run folder)} and its units -------------
 
-def plan_runs(specs, args, extra=()):
-    """{run name: (options, extra columns, folder)}; the same configuration twice is one run."""
+def plan_runs(specs, args, extra=()):  # the same configuration twice is one run
     plan, through = {}, passed_through(extra)
     for s in specs:
         settings = {k: v for k, v in s.items() if k != "_row"}
@@ -323,8 +321,7 @@ def write_plan(path, units):
 STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # train.py checkpoints, exits 128 + sig
 
 
-def run_in_process(argv):
-    """`python train.py ARGV` as __main__ here: its exit status (a sentence: stderr, 1)."""
+def run_in_process(argv):  # `python train.py ARGV` as __main__ here: its exit status
     saved_argv, saved_sigint = sys.argv, signal.getsignal(signal.SIGINT)
     sys.argv = [str(TRAIN_SCRIPT), *argv]
     try:
@@ -342,8 +339,7 @@ def run_in_process(argv):
         signal.signal(signal.SIGINT, saved_sigint)
 
 
-def run_unit(experiment, unit, args, i, n):
-    """One unit in this process; a signal that stops train.py stops the driver alike."""
+def run_unit(experiment, unit, args, i, n):  # here; a signal that stops train.py stops us too
     t0, names = time.time(), " ".join(unit.names)
     what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
@@ -388,8 +384,7 @@ def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--npro
     return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(gpus // nproc)]
 
 
-def run_pool(experiment, units, devices):
-    """Run `units` on len(devices) children, each one's output copied here line by line."""
+def run_pool(experiment, units, devices):  # len(devices) children, their output copied here
     labels = [f"GPU {gpus}" if gpus and torch.cuda.is_available() else f"slot {slot}"
               for slot, gpus in enumerate(devices)]
     running, queue, retried, got = {}, list(units), set(), []  # slot -> (process, unit, thread)
@@ -440,8 +435,7 @@ def run_pool(experiment, units, devices):
 OUTPUT_LOCK = threading.Lock()
 
 
-def start_child(unit, gpus, label):
-    """A unit as a child on `gpus` (None: ours) in its own session (Ctrl-C: through us only)."""
+def start_child(unit, gpus, label):  # on `gpus` (None: ours), in its own session
     env = {"TQDM_DISABLE": "1", **os.environ,  # G progress bars: noise
            **({} if gpus is None else {"CUDA_VISIBLE_DEVICES": gpus})}
     proc = subprocess.Popen(unit.command, env=env, stdout=subprocess.PIPE,
@@ -458,8 +452,7 @@ def start_child(unit, gpus, label):
 
 # --- a driver's run: plan, train what is missing, collect -----------------------------------------
 
-def run_cli(main, name):
-    """A driver's entry point: Ctrl-C leaves nothing half-written, so it is one line, exit 130."""
+def run_cli(main, name):  # Ctrl-C leaves nothing half-written: one line, exit 130
     try:
         main()
     except KeyboardInterrupt:
@@ -521,8 +514,7 @@ def slurm_options(args):  # submit's keywords from the --slurm-* flags
 
 # --- result rows ---------------------------------------------------------------------------------
 
-def result_row(experiment, settings, run_dir, extra_fields=None):
-    """One results row (a --no-test run's: "tested": false, score None)."""
+def result_row(experiment, settings, run_dir, extra_fields=None):  # --no-test: score None
     run_dir = Path(run_dir)
     raw_config = files.read_json(run_dir / "config.json", "run configuration")
     config = {**raw_config, **M.prompt_options(raw_config)}  # older runs' option names, defaults
@@ -566,8 +558,7 @@ def append_row_once(results, row):
         return "replaced"
 
 
-def collect(experiment, plan, args):
-    """Every finished run's row appended once to results/<experiment>.jsonl: (rows, unfinished)."""
+def collect(experiment, plan, args):  # each finished run's row once in the results: (rows, todo)
     results = Path(args.results_dir) / f"{experiment}.jsonl"
     rows, missing, done = [], [], []
     for name, (settings, fields, run_dir) in plan.items():
@@ -586,11 +577,11 @@ def collect(experiment, plan, args):
                                       "flag") from None
     failed = {name: outputs.failure(plan[name][2]) for name in missing
               if outputs.status(plan[name][2]) == "failed"}
-    failures = f" ({len(failed)} failed)" if failed else ""
-    replaced = (f", {done.count('replaced')} replaced: their run was trained again"
-                if "replaced" in done else "")
+    replaced = f", {done.count('replaced')} replaced: their run was trained again" * (
+        "replaced" in done)
     print(f"{experiment}: {len(plan)} runs, {len(rows)} finished ({done.count('added')} rows "
-          f"added now{replaced}), {len(missing)} not finished{failures} -> {results}", flush=True)
+          f"added now{replaced}), {len(missing)} not finished"
+          f"{f' ({len(failed)} failed)' * bool(failed)} -> {results}", flush=True)
     for name, why in failed.items():  # stopped for good: running the unit again fails the same way
         print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
     path = Path(args.results_dir) / f"{experiment}.failed.json"  # {run folder: why}, report.py's
@@ -683,7 +674,7 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
 
 
 def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, extra=()):
-    """The collect job's: once every task of the arrays ended (afterany), their states, collect."""
+    """The collect job's script: after every task of the arrays (afterany), collect."""
     name = _option(job_name, "job name")
     options = {"job-name": f"{name}-collect", "dependency": f"afterany:{array_id}", "ntasks": 1,
                "partition": partition and _option(partition, "partition")}
@@ -696,8 +687,7 @@ def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, 
         skip=("--gres", "--gpus", "--array", "--signal"))
 
 
-def check():
-    """Before anything is written: sbatch is here; the cluster's MaxArraySize (indices < it)."""
+def check():  # before anything is written: sbatch is here; the cluster's MaxArraySize
     if shutil.which("sbatch") is None:
         raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
                           "here (a test cluster on this machine, as root: "
@@ -711,8 +701,7 @@ def check():
     return int(found.group(1)) if found else 1001  # SLURM's default
 
 
-def _sbatch(text, path, what):
-    """Submit a script, then write it to `path`: its job id (or one sentence, nothing written)."""
+def _sbatch(text, path, what):  # submit, then write it to `path`: its job id
     done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
@@ -773,8 +762,7 @@ def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
 
 
 @cli.script
-def main(argv=None):
-    """python -m ept.grid PLAN --collect CMD [the drivers' --slurm-* flags]."""
+def main(argv=None):  # python -m ept.grid PLAN --collect CMD [the drivers' --slurm-* flags]
     parser = argparse.ArgumentParser(prog="python -m ept.grid", description="Submit a plan file "
                                      "to SLURM: job arrays, then the collect job after them.")
     parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
