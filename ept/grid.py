@@ -1,10 +1,6 @@
 """The grid ablate.py and fewshot.py share: specs -> plan -> units -> pool -> collect, and the plan
 on SLURM (docs/experiments.md). A unit (a pack of prompt runs on one frozen T5, or a solo run) is
-one idempotent plan line; collect appends each finished run's row once.
-
-    python -m ept.grid results/table1.plan --collect "python ablate.py table1 --collect" \
-        --slurm-time 12:00:00 --slurm-max-tasks 16     # writes results/table1.sbatch, submits it
-"""
+one idempotent plan line; collect appends each finished run's row once."""
 import argparse
 import contextlib
 import hashlib
@@ -44,29 +40,24 @@ EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/expe
     ("--subprocess", dict(action="store_true", help="each train.py in a fresh process")),
     ("--runs-dir", dict(type=cli.folder, default="runs", help="where run folders go")),
     ("--results-dir", dict(type=cli.folder, default="results", help="<experiment>.plan, .jsonl")),
-    ("--prune-ft-checkpoints", dict(action="store_true", help="delete ft runs' checkpoints once "
-                                    "their row is written")),
-    ("--dry-run", dict(action="store_true", help="runs, GPU-hours, wall time (dry_run.tsv too); "
-                       "train nothing")),
-    ("--gpus", dict(type=cli.positive_int, help="a local pool of G / --nproc children, each on "
-                    "its own GPUs of CUDA_VISIBLE_DEVICES")),
+    ("--prune-ft-checkpoints", dict(action="store_true", help="delete ft runs' .pt at collect")),
+    ("--dry-run", dict(action="store_true", help="runs, GPU-hours, wall time, dry_run.tsv only")),
+    ("--gpus", dict(type=cli.positive_int, help="a pool of G / --nproc children, own GPUs each")),
     ("--slots", dict(type=cli.positive_int, metavar="N", help="a local pool of N CPU children")),
     ("--slurm", dict(action="store_true", help="submit the plan as SLURM job arrays + collect")),
     ("--slurm-partition", dict(help="--slurm: the partition (default: the cluster's)")),
     ("--slurm-time", dict(metavar="LIMIT", help="--slurm: each task's time limit (4:00:00, 1-12)")),
-    ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N",
-                          help="--slurm: GPUs per task (default: --nproc or 1; 0: none)")),
-    ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M",
-                               help="array tasks at once (--slurm, --dry-run)")),
-    ("--slurm-after", dict(action="append", default=[], metavar="JOBID",
-                           help="--slurm: start once this job ended (repeatable)")),
-    ("--slurm-option", dict(action="append", default=[], metavar="OPT",
-                            help="--slurm: an #SBATCH option, e.g. --slurm-option=--account=nlp")),
+    ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N", help="--slurm: GPUs per task "
+                          "(default: --nproc or 1; 0: none)")),
+    ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M", help="array tasks at once")),
+    ("--slurm-after", dict(action="append", default=[], metavar="JOBID", help="--slurm: start "
+                           "once this job ended (repeatable)")),
+    ("--slurm-option", dict(action="append", default=[], metavar="OPT", help="--slurm: an "
+                            "#SBATCH option, e.g. --slurm-option=--account=nlp")),
     ("--collect", dict(action="store_true", help="train nothing: add finished runs' rows, print "
                        "the table (exit 1 while runs are unfinished)")),
     ("--pack-size", dict(type=cli.positive_int, help="prompt runs a pack (default: CUDA: as many "
-                         "as fit, CPU: 1)")),
-]
+                         "as fit, CPU: 1)"))]
 
 
 def add_execution_args(parser, prefix="--"):  # python -m ept.grid: the --slurm-* ones
@@ -75,19 +66,17 @@ def add_execution_args(parser, prefix="--"):  # python -m ept.grid: the --slurm-
         group.add_argument(flag, **keywords)
 
 
-def parse(parser, argv, script):
-    """(the driver's arguments, train.py's flags); args.command: the driver's command line."""
+def parse(parser, argv, script):  # (the driver's arguments, train.py's); args.command
     args, extra = parser.parse_known_args(argv)
     args.command = [sys.executable, str(Path(script).resolve()),
                     *(sys.argv[1:] if argv is None else argv)]
     return args, extra
 
 
+NOT_THROUGH = "cannot be passed to train.py through a driver: "
 REFUSED = {  # train.py's flags a driver does not pass through: why, what instead
-    "--out-dir": "cannot be passed to train.py through a driver: each run's folder is the grid's: "
-                 "pass --runs-dir",
-    "--runs": "cannot be passed to train.py through a driver: the grid makes its own packs: pass "
-              "--pack-size",
+    "--out-dir": NOT_THROUGH + "each run's folder is the grid's: pass --runs-dir",
+    "--runs": NOT_THROUGH + "the grid makes its own packs: pass --pack-size",
     **{f"--{own}": f"is the grid's own: pass --{own}s (this script's flag) instead"
        for own in ("task", "method", "seed")},  # else every run would train the same one
     "--overwrite": "would start every run of the plan over at each rerun; delete the run folders "
@@ -95,8 +84,7 @@ REFUSED = {  # train.py's flags a driver does not pass through: why, what instea
 
 
 def check_args(parser, args, extra):
-    """Before any run (else every run would fail alike): the tasks exist, the pass-through flags
-    are train.py's, spelt out (--max-step would train what the run's name does not say), valid."""
+    """Before any run: the tasks exist; pass-through flags are train.py's, spelt out, valid."""
     known = options.parser._option_string_actions  # every spelling train.py's parser accepts
     for flag in (a.split("=")[0] for a in extra if a.startswith("--") and a != "--"):
         if flag in REFUSED:
@@ -160,8 +148,7 @@ def pack_argv(specs, run_dirs, data_dir, extra, runs_file):  # (argv, its --runs
 
 
 def passed_through(extra):
-    """The per-run options among the pass-through flags, typed: they win over the experiment's
-    values, so a run's name and --runs entry say what it trains (--max-steps 6: ..._steps6_...)."""
+    """The per-run pass-through options, typed: they win, so the run's name says them."""
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
     keys = dict.fromkeys([key for key, _ in options.NAME_TAGS]
@@ -182,11 +169,11 @@ PAPER_SPLITS = {  # Appendix B.1's (train, validation, test) sizes, for a task n
     "cola": (8551, 521, 522), "mrpc": (3668, 204, 204), "rte": (2490, 138, 139),
     "stsb": (5749, 750, 750), "mnli": (382702, 10000, 9815), "qnli": (94743, 10000, 5463),
     "qqp": (353846, 10000, 40430), "sst2": (66349, 1000, 872), "boolq": (9427, 1635, 1635),
-    "cb": (250, 28, 28), "wic": (5428, 319, 319), "wsc": (554, 52, 52),
-    "multirc": (26243, 1000, 4848), "nq": (94071, 10000, 12836), "hotpotqa": (71928, 1000, 5901),
+    "wic": (5428, 319, 319), "wsc": (554, 52, 52), "multirc": (26243, 1000, 4848),
+    "nq": (94071, 10000, 12836), "hotpotqa": (71928, 1000, 5901), "paws": (48401, 1000, 8000),
     "searchqa": (107384, 10000, 16980), "newsqa": (73160, 1000, 4212),
     "winogrande": (39398, 1000, 1267), "yelp": (550000, 10000, 38000),
-    "scitail": (22596, 1000, 1304), "paws": (48401, 1000, 8000)}
+    "scitail": (22596, 1000, 1304), "cb": (250, 28, 28)}
 
 
 def size_key(model_name):  # t5-small / t5-base / t5-large when the name says so, else "other"
@@ -267,8 +254,7 @@ def make_packs(plan, names, size_of):  # packs of equal PACK_KEYS, <= size_of(mo
 
 # --- the plan: {run name: (options, extra result columns, run folder)} and its units -------------
 
-def plan_runs(specs, args, extra=()):
-    """{run name: (options, extra columns, folder)}; the same configuration twice is one run."""
+def plan_runs(specs, args, extra=()):  # the same configuration twice is one run
     plan, through = {}, passed_through(extra)
     for s in specs:
         settings = {k: v for k, v in s.items() if k != "_row"}
@@ -292,8 +278,7 @@ class Unit:  # one plan line (index: an array task's); a pack's --runs file and 
 
 
 def make_units(plan, args, extra):
-    """The plan's units, longest first: packs (pack_size on this machine) made over every run,
-    finished or not, so the same grid always gives the same units and runs files."""
+    """The units, longest first, packed over every run, finished or not: always the same ones."""
     hours = plan_hours(plan, args.data_dir, extra)
     units, extra = [], [*extra, "--resume"]
     for names in make_packs(plan, sorted(plan, key=lambda n: -hours[n]),
@@ -310,8 +295,7 @@ def make_units(plan, args, extra):
 
 
 def write_plan(path, units):
-    """The plan file, written once: a rerun of the same grid finds the same lines; another grid in
-    the same results folder is refused (line i must keep its meaning for an engine's index)."""
+    """The plan file, written once; another grid's is refused (line i keeps its meaning)."""
     text = "".join(unit.line + "\n" for unit in units)
     if path.exists() and (old := path.read_text(encoding="utf-8")) != text:
         lines = old.splitlines()
@@ -331,14 +315,13 @@ def write_plan(path, units):
         files.write_text(path, text)
 
 
-# --- running units: here (in this process by runpy, or a child) ----------------------------------
+# --- running units: here (in this process by runpy) or as children (the pool) --------------------
 # In this process (the default) the imports are paid once per grid; as a child (--subprocess,
-# --nproc > 1, every pool child) GPU memory and cached data are freed between units.
+# --nproc > 1: a pool of one; --gpus, --slots) GPU memory and cached data are freed between units.
 STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # train.py checkpoints, exits 128 + sig
 
 
-def run_in_process(argv):
-    """`python train.py ARGV` as __main__ here: its exit status (a sentence: stderr, 1)."""
+def run_in_process(argv):  # `python train.py ARGV` as __main__ here: its exit status
     saved_argv, saved_sigint = sys.argv, signal.getsignal(signal.SIGINT)
     sys.argv = [str(TRAIN_SCRIPT), *argv]
     try:
@@ -356,29 +339,18 @@ def run_in_process(argv):
         signal.signal(signal.SIGINT, saved_sigint)
 
 
-def run_unit(experiment, unit, args, i, n):
-    """One unit, here or as a child; a signal that stops train.py stops the driver alike."""
+def run_unit(experiment, unit, args, i, n):  # here; a signal that stops train.py stops us too
     t0, names = time.time(), " ".join(unit.names)
     what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
-    if args.nproc > 1 or args.subprocess:  # a child in its own session, our stop signals passed on
-        proc, got = subprocess.Popen(unit.command, start_new_session=True), []
-        with handling(lambda sig, _: (got.append(sig), signal_group(proc, sig))):
-            status = proc.wait()
-        stopped = signal.SIGINT in got and signal.SIGINT  # Ctrl-C: the child checkpointed, stopped
-        if not stopped and (status in (128 + signal.SIGTERM, 128 + signal.SIGUSR1)
-                            or -status in STOPS):
-            raise SystemExit(status if status > 0 else 128 - status)  # train.py said how to resume
-    else:
-        status = run_in_process(unit.argv)
-        if status == 0 and runtime.received():  # it came in the unit's last steps, which finished
-            status = 128 + runtime.received()
-        stopped = status - 128 in STOPS and status - 128
-    if stopped:  # the driver stops as train.py did, once it wrote last.pt
-        print(f"{experiment}: {signal.Signals(stopped).name} received: unit {unit.index} stopped "
-              "at a step boundary, last.pt written; run the same command again to resume",
+    status = run_in_process(unit.argv)
+    if status == 0 and runtime.received():  # it came in the unit's last steps, which finished
+        status = 128 + runtime.received()
+    if status - 128 in STOPS:  # the driver stops as train.py did, once it wrote last.pt
+        print(f"{experiment}: {signal.Signals(status - 128).name} received: unit {unit.index} "
+              "stopped at a step boundary, last.pt written; run the same command again to resume",
               file=sys.stderr, flush=True)
-        raise SystemExit(128 + stopped)
+        raise SystemExit(status)
     if status:  # train.py printed its error
         print(f"[{experiment} {i}/{n}] unit {unit.index} failed (exit status {status})",
               file=sys.stderr)
@@ -391,17 +363,6 @@ def signal_group(proc, sig):  # to a child's group (torchrun's ranks too); Ctrl-
         return True
     except ProcessLookupError:  # the whole group is gone
         return False
-
-
-@contextlib.contextmanager
-def handling(handler):  # for SIGTERM, SIGUSR1 and SIGINT while the block runs (main thread)
-    main = threading.current_thread() is threading.main_thread()
-    old = {sig: signal.signal(sig, handler) for sig in STOPS} if main else {}
-    try:
-        yield
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
 
 
 # --- the local pool (--gpus G, --slots N) --------------------------------------------------------
@@ -423,14 +384,15 @@ def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--npro
     return [",".join(visible[i * nproc:(i + 1) * nproc]) for i in range(gpus // nproc)]
 
 
-def run_pool(experiment, units, devices):
-    """Run `units` on len(devices) children, each one's output copied here line by line."""
+def run_pool(experiment, units, devices):  # len(devices) children, their output copied here
     labels = [f"GPU {gpus}" if gpus and torch.cuda.is_available() else f"slot {slot}"
               for slot, gpus in enumerate(devices)]
     running, queue, retried, got = {}, list(units), set(), []  # slot -> (process, unit, thread)
     print(f"{experiment}: {len(units)} unit(s) on {len(devices)} child process(es): "
           f"{' | '.join(labels)}", flush=True)
-    with handling(lambda sig, _: got.append(sig)):
+    main = threading.current_thread() is threading.main_thread()  # signals: the main thread's
+    old = {sig: signal.signal(sig, lambda sig, _: got.append(sig)) for sig in STOPS} if main else {}
+    try:
         while (queue or running) and not got:
             for slot in [s for s in range(len(devices)) if s not in running][:len(queue)]:
                 unit = queue.pop(0)
@@ -465,14 +427,17 @@ def run_pool(experiment, units, devices):
                   "last.pt and stopped. Run the same command again to resume.", file=sys.stderr,
                   flush=True)
             raise SystemExit(128 + got[0])
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 OUTPUT_LOCK = threading.Lock()
 
 
-def start_child(unit, gpus, label):
-    """A unit as a child on `gpus` in its own session (Ctrl-C reaches it through us only)."""
-    env = {"TQDM_DISABLE": "1", **os.environ, "CUDA_VISIBLE_DEVICES": gpus}  # G bars: noise
+def start_child(unit, gpus, label):  # on `gpus` (None: ours), in its own session
+    env = {"TQDM_DISABLE": "1", **os.environ,  # G progress bars: noise
+           **({} if gpus is None else {"CUDA_VISIBLE_DEVICES": gpus})}
     proc = subprocess.Popen(unit.command, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
 
@@ -487,8 +452,7 @@ def start_child(unit, gpus, label):
 
 # --- a driver's run: plan, train what is missing, collect -----------------------------------------
 
-def run_cli(main, name):
-    """A driver's entry point: Ctrl-C leaves nothing half-written, so it is one line, exit 130."""
+def run_cli(main, name):  # Ctrl-C leaves nothing half-written: one line, exit 130
     try:
         main()
     except KeyboardInterrupt:
@@ -501,7 +465,7 @@ def run_cli(main, name):
 
 def run_driver(experiment, specs, args, extra, floor=None):
     """Train what is missing (here, a pool or SLURM), collect, print the table (`floor(args)`'s
-    rows first: a baseline, not a run); exit 1 while runs are unfinished."""
+    rows first: a baseline); exit 1 while runs are unfinished."""
     plan = plan_runs(specs, args, extra)
     if args.dry_run:
         sys.path.insert(0, str(REPO / "scripts"))
@@ -510,7 +474,8 @@ def run_driver(experiment, specs, args, extra, floor=None):
     if not args.collect:
         units = make_units(plan, args, extra)
         path = Path(args.results_dir) / f"{experiment}.plan"
-        devices = pool_devices(args) if args.gpus or args.slots else None  # checks, then the plan
+        devices = (pool_devices(args) if args.gpus or args.slots  # checked before the plan
+                   else [None] if args.subprocess or args.nproc > 1 else None)  # one child
         if args.slurm:  # sbatch here, MaxArraySize, the #SBATCH lines: checked before the plan
             max_array, opts = check(), dict(slurm_options(args), job_name=f"ept-{experiment}")
             sbatch_script(path, len(units), log_dir=path.parent, **opts)
@@ -549,8 +514,7 @@ def slurm_options(args):  # submit's keywords from the --slurm-* flags
 
 # --- result rows ---------------------------------------------------------------------------------
 
-def result_row(experiment, settings, run_dir, extra_fields=None):
-    """One results row (a --no-test run's: "tested": false, score None)."""
+def result_row(experiment, settings, run_dir, extra_fields=None):  # --no-test: score None
     run_dir = Path(run_dir)
     raw_config = files.read_json(run_dir / "config.json", "run configuration")
     config = {**raw_config, **M.prompt_options(raw_config)}  # older runs' option names, defaults
@@ -579,8 +543,7 @@ def result_row(experiment, settings, run_dir, extra_fields=None):
 
 
 def append_row_once(results, row):
-    """"added", "replaced" (a row of its folder from another training) or None (there already);
-    under the file's lock: two collect steps at once never double a row."""
+    """"added", "replaced" (its folder was trained again) or None, under the file's lock."""
     with files.locked(results):
         rows = files.read_jsonl(results, what="results file", missing_ok=True,
                                 fix=outputs.RESULTS_FIX)
@@ -595,8 +558,7 @@ def append_row_once(results, row):
         return "replaced"
 
 
-def collect(experiment, plan, args):
-    """Every finished run's row appended once to results/<experiment>.jsonl: (rows, unfinished)."""
+def collect(experiment, plan, args):  # each finished run's row once in the results: (rows, todo)
     results = Path(args.results_dir) / f"{experiment}.jsonl"
     rows, missing, done = [], [], []
     for name, (settings, fields, run_dir) in plan.items():
@@ -615,11 +577,11 @@ def collect(experiment, plan, args):
                                       "flag") from None
     failed = {name: outputs.failure(plan[name][2]) for name in missing
               if outputs.status(plan[name][2]) == "failed"}
-    failures = f" ({len(failed)} failed)" if failed else ""
-    replaced = (f", {done.count('replaced')} replaced: their run was trained again"
-                if "replaced" in done else "")
+    replaced = f", {done.count('replaced')} replaced: their run was trained again" * (
+        "replaced" in done)
     print(f"{experiment}: {len(plan)} runs, {len(rows)} finished ({done.count('added')} rows "
-          f"added now{replaced}), {len(missing)} not finished{failures} -> {results}", flush=True)
+          f"added now{replaced}), {len(missing)} not finished"
+          f"{f' ({len(failed)} failed)' * bool(failed)} -> {results}", flush=True)
     for name, why in failed.items():  # stopped for good: running the unit again fails the same way
         print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
     path = Path(args.results_dir) / f"{experiment}.failed.json"  # {run folder: why}, report.py's
@@ -668,20 +630,21 @@ def _option(value, what):  # sbatch splits an #SBATCH line at spaces and reads o
     return text
 
 
-def _sbatch_lines(options, log_dir, log_name, extra, skip=()):  # True: a flag alone
-    return ([f"#SBATCH --{key}" + ("" if value is True else f"={value}")
-             for key, value in options.items() if value]
-            + [f"#SBATCH --chdir={_option(Path.cwd().resolve(), 'working folder')}",
-               f"#SBATCH --output={_option(Path(log_dir).resolve(), 'log folder')}/{log_name}"]
-            + [f"#SBATCH {_option(option, 'sbatch option')}" for option in extra
-               if not option.startswith(skip)])
+def _script(comments, options, log_dir, log_name, extra, body, skip=()):
+    """An sbatch script: comments, #SBATCH lines (a value True: the flag alone), the body."""
+    return "\n".join([
+        "#!/bin/bash", *comments, *[f"#SBATCH --{key}" + ("" if value is True else f"={value}")
+                                    for key, value in options.items() if value],
+        f"#SBATCH --chdir={_option(Path.cwd().resolve(), 'working folder')}",
+        f"#SBATCH --output={_option(Path(log_dir).resolve(), 'log folder')}/{log_name}",
+        *[f"#SBATCH {_option(opt, 'sbatch option')}" for opt in extra if not opt.startswith(skip)],
+        "", *body]) + "\n"
 
 
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
                   gpus_per_task=1, max_parallel=None, extra=(), after=(), first=0,
                   signal_s=SIGNAL_S):
-    """The job array's sbatch script: task i runs line first+i+1 of the plan (first: the lines
-    earlier arrays run, past MaxArraySize); after: job ids it waits for (afterany)."""
+    """The job array's script: task i runs plan line first+i+1; after: job ids (afterany)."""
     if n_units < 1:
         raise cli.Failure(f"the plan {plan_path} has no units: nothing to submit")
     limit = time_seconds(time) if time else None
@@ -701,35 +664,30 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
                "partition": partition and _option(partition, "partition"),
                "time": time and _option(time, "time limit"), "requeue": True,
                "signal": f"B:USR1@{signal_s}"}
-    lines = ["#!/bin/bash", f"# {name}: {head}",
-             "# Written by ept/grid.py. Submit again with `sbatch <this file>`: a finished unit "
-             "exits at once,", "# an interrupted one resumes. One unit without SLURM: "
-             "SLURM_ARRAY_TASK_ID=i bash <this file>.",
-             *_sbatch_lines(options, log_dir, f"{name}-%A_%a.log", ["--open-mode=append", *extra]),
-             "", f"plan={shlex.quote(str(plan))}",
-             Path(__file__).with_name("slurm_task.sh").read_text()  # after the #SBATCH lines
-             .replace("$((task + 1))", f"$((task + {first + 1}))")]
-    return "\n".join(lines) + "\n"
+    comments = [f"# {name}: {head}", "# Written by ept/grid.py. Submit again with `sbatch <this "
+                "file>`: a finished unit exits at once,", "# an interrupted one resumes. One unit "
+                "without SLURM: SLURM_ARRAY_TASK_ID=i bash <this file>."]
+    task = Path(__file__).with_name("slurm_task.sh").read_text()  # after the #SBATCH lines
+    return _script(comments, options, log_dir, f"{name}-%A_%a.log", ["--open-mode=append", *extra],
+                   [f"plan={shlex.quote(str(plan))}",
+                    task.replace("$((task + 1))", f"$((task + {first + 1}))")])
 
 
 def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, extra=()):
-    """The collect job's: once every task of the arrays ended (afterany), their states, collect."""
+    """The collect job's script: after every task of the arrays (afterany), collect."""
     name = _option(job_name, "job name")
     options = {"job-name": f"{name}-collect", "dependency": f"afterany:{array_id}", "ntasks": 1,
                "partition": partition and _option(partition, "partition")}
-    lines = ["#!/bin/bash",
-             f"# {name}: collect and report once every task of array {array_id} ended (afterany:",
-             "# finished, failed or cancelled). Written by ept/grid.py.",
-             *_sbatch_lines(options, log_dir, f"{name}-collect-%j.log", extra,
-                            skip=("--gres", "--gpus", "--array", "--signal")), "",
-             f"echo \"== array {array_id}: task states (as long as SLURM keeps them, MinJobAge)\"",
-             f"squeue --noheader --states=all --jobs={array_id.replace(':', ',')} "
-             "--format='task %K: %T' | sort -V", "echo \"== $(date -Is) collect\"", collect_cmd]
-    return "\n".join(lines) + "\n"
+    comments = [f"# {name}: collect and report once every task of array {array_id} ended "
+                "(afterany:", "# finished, failed or cancelled). Written by ept/grid.py."]
+    return _script(comments, options, log_dir, f"{name}-collect-%j.log", extra, [
+        f"echo \"== array {array_id}: task states (as long as SLURM keeps them, MinJobAge)\"",
+        f"squeue --noheader --states=all --jobs={array_id.replace(':', ',')} "
+        "--format='task %K: %T' | sort -V", "echo \"== $(date -Is) collect\"", collect_cmd],
+        skip=("--gres", "--gpus", "--array", "--signal"))
 
 
-def check():
-    """Before anything is written: sbatch is here; the cluster's MaxArraySize (indices < it)."""
+def check():  # before anything is written: sbatch is here; the cluster's MaxArraySize
     if shutil.which("sbatch") is None:
         raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
                           "here (a test cluster on this machine, as root: "
@@ -743,8 +701,7 @@ def check():
     return int(found.group(1)) if found else 1001  # SLURM's default
 
 
-def _sbatch(text, path, what):
-    """Submit a script, then write it to `path`: its job id (or one sentence, nothing written)."""
+def _sbatch(text, path, what):  # submit, then write it to `path`: its job id
     done = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
@@ -754,8 +711,7 @@ def _sbatch(text, path, what):
 
 
 def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
-    """The plan as job arrays (several past MaxArraySize, one after another), then the collect
-    job: (the last array's job id, the collect job's); scripts beside the plan."""
+    """The plan as job arrays (one after another past MaxArraySize), then the collect job."""
     plan = Path(plan_path).resolve()
     units = files.read_text(plan, "plan").splitlines()
     if any(not line.strip() for line in units):
@@ -806,8 +762,7 @@ def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
 
 
 @cli.script
-def main(argv=None):
-    """python -m ept.grid PLAN --collect CMD [the drivers' --slurm-* flags]."""
+def main(argv=None):  # python -m ept.grid PLAN --collect CMD [the drivers' --slurm-* flags]
     parser = argparse.ArgumentParser(prog="python -m ept.grid", description="Submit a plan file "
                                      "to SLURM: job arrays, then the collect job after them.")
     parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")

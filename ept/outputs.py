@@ -1,5 +1,4 @@
-"""A run folder read back by the later stages (report, analyses, evaluate.py, the drivers), and
-the experiments' shared results files. train.py never imports this module."""
+"""Run folders read back by the later stages, and the shared results files (not train.py's)."""
 import json
 import os
 import shutil
@@ -17,8 +16,8 @@ def read_config(run_dir, keys=("task", "method", "model", "tokenizer", "random_i
     """A run's config.json; one sentence if it lacks `keys` (what later stages rebuild it from)."""
     run_dir, fix = Path(run_dir), "; pass a folder train.py wrote"
     if not run_dir.is_dir():
-        what = "a file" if run_dir.exists() else "it does not exist"
-        raise files.FileFault(f"no run folder {run_dir} ({what}){fix}")
+        raise files.FileFault(f"no run folder {run_dir} "
+                              f"({'a file' if run_dir.exists() else 'it does not exist'}){fix}")
     if not (run_dir / "config.json").exists():
         raise files.FileFault(f"{run_dir} is not a run folder (no config.json){fix}")
     config = files.read_json(run_dir / "config.json", "run configuration")
@@ -41,8 +40,8 @@ def status(run_dir):
 
 def failure(run_dir):
     """Why the run failed (failed.txt's sentence), or None: it did not, or was restarted since."""
+    path = Path(run_dir) / runfolder.FAILED_NAME
     try:
-        path = Path(run_dir) / runfolder.FAILED_NAME
         return path.read_text(encoding="utf-8", errors="replace").strip() or "failed"
     except FileNotFoundError:
         return None
@@ -158,8 +157,7 @@ def evaluate_run(run_dir, task=None, split="test", mode="generate", prompt=None,
 
 
 def write_folder(path, fill):
-    """A whole folder at once: `fill(tmp)` fills a temporary folder beside `path`, which then takes
-    the place of the old one; any failure (a full disk, a bad value) leaves the old one intact."""
+    """A whole folder at once: `fill(tmp)` fills a folder beside `path`, then swapped in whole."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise files.FileFault(f"cannot write the folder {path}: a file of that name is in the way")
@@ -184,8 +182,7 @@ def write_folder(path, fill):
 
 
 def append_lines(path, lines):
-    """Whole lines in one O_APPEND write, fsynced: no half line after a crash, none interleaved;
-    a last line without its newline (an editor's) gets one first, so no line glues onto it."""
+    """Whole lines in one fsynced O_APPEND write (none torn or interleaved), after a newline."""
     if not lines:
         return
     try:
@@ -193,7 +190,7 @@ def append_lines(path, lines):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             size = os.fstat(fd).st_size
-            fresh = "\n" if size and os.pread(fd, 1, size - 1) != b"\n" else ""
+            fresh = "\n" if size and os.pread(fd, 1, size - 1) != b"\n" else ""  # an editor's
             os.write(fd, (fresh + "".join(lines)).encode())
             os.fsync(fd)
         finally:

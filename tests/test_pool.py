@@ -195,6 +195,20 @@ def test_sigint_stops_every_child_and_a_rerun_resumes(tiny_model_dir, data_dir, 
     assert "SIGTERM received: stopped at step" in out
 
 
+def test_subprocess_is_a_pool_of_one_child_and_sigterm_stops_it(tiny_model_dir, data_dir, tmp_path):
+    """--subprocess (or --nproc > 1 without --gpus/--slots): units one at a time, each a child."""
+    argv = plan_argv(tiny_model_dir, data_dir, tmp_path, "--subprocess", "--max-steps", 400, "--save-every", 50,
+                     "--eval-every", 400)
+    launcher = driver(*argv)
+    held = wait_for(lambda: next((p.parent for p in (tmp_path / "runs").glob("*/log.jsonl")
+                                  if p.stat().st_size and (p.parent / runfolder.LOCK_NAME).exists()), None), launcher)
+    launcher.send_signal(signal.SIGTERM)
+    out = finish(launcher, status=143)
+    assert "3 unit(s) on 1 child process(es): slot 0" in out and "[u0 slot 0]" in out
+    assert "SIGTERM received: every child wrote last.pt and stopped." in out
+    assert (held / "last.pt").exists() and not (held / runfolder.LOCK_NAME).exists()
+
+
 # --- train.py on SIGTERM --------------------------------------------------------------------------------
 
 def test_sigterm_checkpoints_at_a_step_boundary_and_resume_logs_each_step_once(tiny_model_dir, data_dir, tmp_path):
