@@ -203,8 +203,7 @@ def label_nll(model, input_ids, mask, label_ids):
 def run_predictions(net, tokenizer, sources, meta, *, mode, **options):
     """`predict` as the task's meta.json says: greedy (mode 'generate') or over its labels."""
     if mode == "rank" and not meta.get("labels"):
-        raise cli.Failure(f"--eval-mode rank needs a task with a label set; "
-                          f"{meta.get('task', 'this task')} has open targets")
+        raise cli.Failure(f"--eval-mode rank needs a label set; {meta.get('task')} has none")
     return predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"],
                    labels=meta["labels"] if mode == "rank" else None, **options)
 

@@ -24,10 +24,7 @@ HUB = {"glue": "nyu-mll/glue", "superglue": "aps/super_glue", "mrqa": "mrqa-work
        "scitail": "allenai/scitail", "paws": "google-research-datasets/paws"}
 TASKS = {name: HUB.get(name, HUB.get(group)) for group, names in GROUPS.items() for name in names}
 STEER_TASKS = ["steer_comma"]  # the steering benchmark's (docs/experiments.md): in no group
-
-
-def known(task):  # prepare_data.py can prepare it
-    return task in TASKS or task in STEER_TASKS
+KNOWN = [*TASKS, *STEER_TASKS]  # what prepare_data.py can prepare
 
 
 # data/<task>/meta.json: what the later stages read of it; every metric evaluation.METRICS computes
@@ -41,9 +38,8 @@ def load_meta(data_dir, task, strict=True):
     path = Path(data_dir) / task / "meta.json"
     if strict and not path.exists():
         raise files.FileFault(f"no {path}; run `{prepare_command(data_dir, [task])}` first"
-                              if known(task) else f"unknown task {task!r} (no {path}); the tasks: "
-                              f"{', '.join(TASKS)}; the steering benchmark's: "
-                              f"{', '.join(STEER_TASKS)}")
+                              if task in KNOWN else f"unknown task {task!r} (no {path}); the "
+                              f"tasks: {', '.join(KNOWN)}")
     meta = files.read_json(path, "task description") if path.exists() else None
     meta = meta if isinstance(meta, dict) or meta is None else {}
     if not strict:
@@ -170,8 +166,7 @@ def read_split(meta, name, path, tokenizer, max_length, limit=None):
            f"has the target {bad[0]!r}, outside the task's labels {labels}" if bad else None)
     if why:
         raise files.FileFault(f"{path} {why}: rebuild the task with prepare_data.py --overwrite")
-    source_ids, target_ids = tokenize_file(path, tokenizer, max_length)
-    return examples, source_ids[:len(examples)], target_ids[:len(examples)]
+    return examples, *(ids[:len(examples)] for ids in tokenize_file(path, tokenizer, max_length))
 
 
 def epoch_order(n, seed, epoch, batch_size, lengths=None):
@@ -198,7 +193,7 @@ def load_task(args, ranks, say):
     """train.py's task, checked; rank 0 first (ranks.first) prepares it by prepare_data.py."""
     tokenizer = runtime.load_tokenizer(args.tokenizer, say)
     folder, k = Path(args.data_dir) / args.task, args.fewshot_k
-    if ranks.master and known(args.task) and not (folder / "meta.json").exists():
+    if ranks.master and args.task in KNOWN and not (folder / "meta.json").exists():
         words = ["--tasks", args.task, "--out", str(args.data_dir), "--tokenizer", args.tokenizer,
                  *(["--source", args.source] if args.source else [])]
         say(f"train: {folder} is not prepared yet; preparing it now (python prepare_data.py "
