@@ -161,12 +161,10 @@ def predict(model, tokenizer, sources, *, max_new_tokens=None, labels=None, batc
                                    token_budget=not str(device).startswith("cuda")):
         x, mask = (t.to(device) for t in tasks.pad([ids[i] for i in batch], tokenizer.pad_token_id))
         with runtime.autocast(device, dtype):
-            if labels:
-                preds = [labels[k] for k in label_nll(model, x, mask, label_ids).argmin(1).tolist()]
-            else:
-                preds = [p.strip() for p in tokenizer.batch_decode(model.generate(
-                    x, mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1),
-                    skip_special_tokens=True)]
+            preds = ([labels[k] for k in label_nll(model, x, mask, label_ids).argmin(1).tolist()]
+                     if labels else [p.strip() for p in tokenizer.batch_decode(model.generate(
+                         x, mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1),
+                         skip_special_tokens=True)])
         out.update(zip(batch, preds))
         bar.update(len(batch))
     bar.close()

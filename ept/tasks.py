@@ -56,8 +56,7 @@ def load_meta(data_dir, task, strict=True):
 
 
 def prepare_command(data_dir, names, fewshot=(), seeds=(), overwrite=False):
-    """The prepare_data.py command, with the --tokenizer and --source of a task's meta.json (else a
-    neighbour's): it runs offline as printed."""
+    """The prepare_data.py command, with a task's (else a neighbour's) --tokenizer and --source."""
     steer = all(name in STEER_TASKS for name in names)  # their source is no other task's
     others = sorted(p.parent.name for p in Path(data_dir).glob("*/meta.json"))
     metas = (load_meta(data_dir, name, strict=False) for name in [*names, *others])
