@@ -58,8 +58,8 @@ def folded_prompt(run_dir, checkpoint="best"):
     run_dir = Path(run_dir)
     if checkpoint == "best":
         if not (run_dir / "prompt.pt").exists():
-            raise cli.Failure(f"export: {run_dir} has no prompt.pt "
-                                 "(an ft run, or training did not finish)")
+            raise cli.Failure(f"export: {run_dir} has no prompt.pt (an ft run, or training did "
+                              "not finish)")
         return M.load_folded_prompt(run_dir / "prompt.pt")[0].float()
     net, _, _ = outputs.load_run(run_dir, "last", device="cpu")
     return net.prompt().detach().float().cpu()
@@ -87,10 +87,10 @@ def check_out_dir(out_dir, overwrite):
     present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     if present and (ADAPTER_CONFIG not in present or not set(present) <= set(ADAPTER_FILES)):
         raise cli.Failure(f"export: {out_dir} already holds {', '.join(present[:5])}, "
-                             "not an adapter export; name a new or empty folder")
+                          "not an adapter export; name a new or empty folder")
     if present and not overwrite:
-        raise cli.Failure(f"export: {out_dir} already holds an adapter; "
-                             "pass --overwrite to replace it or name another folder")
+        raise cli.Failure(f"export: {out_dir} already holds an adapter; pass --overwrite to "
+                          "replace it or name another folder")
 
 
 def export(run_dir, out_dir, checkpoint="best", base_model=None, overwrite=False):
@@ -130,9 +130,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     peft_config, prompt = export(args.run_dir, args.out_dir, args.checkpoint, args.base_model,
                                  args.overwrite)
-    print(f"export: {args.out_dir}/{ADAPTER_WEIGHTS} ({PROMPT_KEY} {tuple(prompt.shape)}) "
-          f"and {ADAPTER_CONFIG} "
-          f"(PROMPT_TUNING, SEQ_2_SEQ_LM, {peft_config['num_virtual_tokens']} virtual tokens)")
+    print(f"export: {args.out_dir}/{ADAPTER_WEIGHTS} ({PROMPT_KEY} {tuple(prompt.shape)}) and "
+          f"{ADAPTER_CONFIG} (PROMPT_TUNING, SEQ_2_SEQ_LM, {peft_config['num_virtual_tokens']} "
+          "virtual tokens)")
     return peft_config
 
 

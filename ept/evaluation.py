@@ -22,9 +22,8 @@ def accuracy(preds, targets):
 
 
 def f1(preds, targets, labels=None, positive=None):
-    """F1 of class `positive`, a prediction outside the label set counting as the opposite of its
-    target (docs/paper.md); or (macro) the mean F1 over the label-set classes seen in targets or
-    valid predictions, an invalid prediction a false negative of its target class only."""
+    """F1 of class `positive`, an invalid prediction the opposite of its target (docs/paper.md); or
+    the mean over the seen classes, an invalid prediction a false negative of its target only."""
     if positive:
         preds = [p if p in (labels or ("0", "1")) else None if t == positive else positive
                  for p, t in zip(preds, targets)]
@@ -129,27 +128,25 @@ def compute_metrics(meta, predictions, examples):
 # --- decoding ------------------------------------------------------------------------------------
 
 def batches_by_length(ids, batch_size, sort, token_budget=False):
-    """Index batches of at most `batch_size` rows; `sort`: longest first, so each pads little. With
-    `token_budget` a batch also closes before rows x longest row passes batch_size x the median
-    length (at least batch_size // 4 rows): it helps where time follows tokens (a CPU, not CUDA)."""
+    """Index batches of at most `batch_size` rows, `sort`: longest first; `token_budget` (a CPU:
+    time follows tokens): at most batch_size x median length tokens, yet batch_size // 4 rows."""
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort else list(range(len(ids)))
-    if not (sort and token_budget):
+    if not (sort and token_budget and ids):
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    budget, batches = batch_size * (sorted(map(len, ids))[len(ids) // 2] if ids else 0), [[]]
+    budget, batches = batch_size * sorted(map(len, ids))[len(ids) // 2], [[]]
     for i in order:
-        b = batches[-1]
+        b = batches[-1]  # closes before rows x its longest row would pass the budget
         if len(b) == batch_size or (len(b) >= max(1, batch_size // 4)
                                     and (len(b) + 1) * len(ids[b[0]]) > budget):
             batches.append([])
         batches[-1].append(i)
-    return [b for b in batches if b]
+    return batches
 
 
 @torch.no_grad()
 def predict(model, tokenizer, sources, *, max_new_tokens=None, labels=None, batch_size=64,
             max_length=256, device="cpu", dtype="fp32", sort_by_length=True, progress=None):
-    """Greedy decoding of `sources` (strings or token-id lists): at most `max_new_tokens` new
-    tokens, each row stops at `</s>`, special tokens skipped, stripped. With `labels`, rank
+    """Greedy decoding of `sources` (strings or id lists) to stripped text, or with `labels` rank
     classification: the label of lowest summed NLL (`label_nll`), never invalid; `progress`: bar."""
     ids = (tasks.encode(tokenizer, sources, max_length)
            if sources and isinstance(sources[0], str) else sources)
@@ -164,12 +161,10 @@ def predict(model, tokenizer, sources, *, max_new_tokens=None, labels=None, batc
                                    token_budget=not str(device).startswith("cuda")):
         x, mask = (t.to(device) for t in tasks.pad([ids[i] for i in batch], tokenizer.pad_token_id))
         with runtime.autocast(device, dtype):
-            if labels:
-                preds = [labels[k] for k in label_nll(model, x, mask, label_ids).argmin(1).tolist()]
-            else:
-                preds = [p.strip() for p in tokenizer.batch_decode(model.generate(
-                    x, mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1),
-                    skip_special_tokens=True)]
+            preds = ([labels[k] for k in label_nll(model, x, mask, label_ids).argmin(1).tolist()]
+                     if labels else [p.strip() for p in tokenizer.batch_decode(model.generate(
+                         x, mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1),
+                         skip_special_tokens=True)])
         out.update(zip(batch, preds))
         bar.update(len(batch))
     bar.close()
@@ -179,9 +174,8 @@ def predict(model, tokenizer, sources, *, max_new_tokens=None, labels=None, batc
 
 @torch.no_grad()
 def label_nll(model, input_ids, mask, label_ids):
-    """(B, L) summed NLL (incl. `</s>`) of the L label sequences `label_ids` (L, T; -100 = padding)
-    for each of the B inputs: the encoder and the decoder's first step run once per input, their
-    cache is repeated for the L labels, whose tokens are scored in one more decoder pass."""
+    """(B, L) summed NLL (incl. `</s>`) of the L labels `label_ids` (L, T; -100 pads) per input: the
+    encoder and first decoder step run once per input, their cache repeated for the L labels."""
     t5, n_inputs, n_labels = model.t5, len(input_ids), label_ids.size(0)
     embeds, mask = model.embed(input_ids, mask)  # (B, n+S, d), prompt included
     hidden = t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
@@ -207,8 +201,7 @@ def label_nll(model, input_ids, mask, label_ids):
 def run_predictions(net, tokenizer, sources, meta, *, mode, **options):
     """`predict` as the task's meta.json says: greedy (mode 'generate') or over its labels."""
     if mode == "rank" and not meta.get("labels"):
-        raise cli.Failure(f"--eval-mode rank needs a task with a label set; "
-                          f"{meta.get('task', 'this task')} has open targets")
+        raise cli.Failure(f"--eval-mode rank needs a label set; {meta.get('task')} has none")
     return predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"],
                    labels=meta["labels"] if mode == "rank" else None, **options)
 

@@ -109,7 +109,7 @@ def check_args(parser, args, extra):
                      f"--methods), or run train.py {flag} with several values yourself")
     for task in args.tasks or []:
         meta = Path(args.data_dir) / task / "meta.json"
-        if not tasks.known(task) and not meta.exists():
+        if task not in tasks.KNOWN and not meta.exists():
             parser.error(f"unknown task {task!r} (not one of the paper's and no {meta}); tasks: "
                          f"{', '.join(tasks.TASKS)}")
 

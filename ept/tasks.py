@@ -24,10 +24,7 @@ HUB = {"glue": "nyu-mll/glue", "superglue": "aps/super_glue", "mrqa": "mrqa-work
        "scitail": "allenai/scitail", "paws": "google-research-datasets/paws"}
 TASKS = {name: HUB.get(name, HUB.get(group)) for group, names in GROUPS.items() for name in names}
 STEER_TASKS = ["steer_comma"]  # the steering benchmark's (docs/experiments.md): in no group
-
-
-def known(task):  # prepare_data.py can prepare it
-    return task in TASKS or task in STEER_TASKS
+KNOWN = [*TASKS, *STEER_TASKS]  # what prepare_data.py can prepare
 
 
 # data/<task>/meta.json: what the later stages read of it; every metric evaluation.METRICS computes
@@ -41,28 +38,25 @@ def load_meta(data_dir, task, strict=True):
     path = Path(data_dir) / task / "meta.json"
     if strict and not path.exists():
         raise files.FileFault(f"no {path}; run `{prepare_command(data_dir, [task])}` first"
-                              if known(task) else f"unknown task {task!r} (no {path}); the tasks: "
-                              f"{', '.join(TASKS)}; the steering benchmark's: "
-                              f"{', '.join(STEER_TASKS)}")
+                              if task in KNOWN else f"unknown task {task!r} (no {path}); the "
+                              f"tasks: {', '.join(KNOWN)}")
     meta = files.read_json(path, "task description") if path.exists() else None
     meta = meta if isinstance(meta, dict) or meta is None else {}
     if not strict:
         return meta
     bad = [k for k, kind in META_KEYS.items()
            if not isinstance(meta.get(k, ...), kind) or kind is int and meta[k] < 1]
-    bad = bad or ([] if meta["score"] and {*meta["score"]} <= {*meta["metrics"]} else ["score"])
-    unknown = [] if bad else [m for m in meta["metrics"] if m not in METRIC_NAMES]
-    if bad or unknown:  # an edited meta.json fails now, not after a run
-        why = (f"the task description {path} has a missing or wrong {', '.join(bad)}" if bad else
-               f"{path} names unknown metrics {unknown}; known: {', '.join(METRIC_NAMES)}")
-        raise files.FileFault(f"{why}; rebuild it with "
+    bad = bad or [k for k, names in (("score", meta["metrics"]), ("metrics", METRIC_NAMES))
+                  if not meta[k] or not {*meta[k]} <= {*names}]  # a metric evaluation can't compute
+    if bad:  # an edited meta.json fails now, not after a run
+        raise files.FileFault(f"the task description {path} has a missing or wrong "
+                              f"{', '.join(bad)}; rebuild it with "
                               f"`{prepare_command(data_dir, [task], overwrite=True)}`")
     return meta
 
 
 def prepare_command(data_dir, names, fewshot=(), seeds=(), overwrite=False):
-    """The prepare_data.py command, with the --tokenizer and --source of a task's meta.json (else a
-    neighbour's): it runs offline as printed."""
+    """The prepare_data.py command, with a task's (else a neighbour's) --tokenizer and --source."""
     steer = all(name in STEER_TASKS for name in names)  # their source is no other task's
     others = sorted(p.parent.name for p in Path(data_dir).glob("*/meta.json"))
     metas = (load_meta(data_dir, name, strict=False) for name in [*names, *others])
@@ -129,40 +123,39 @@ def tokenize_file(path, tokenizer, max_length):
     """A split's (source ids, target ids), cached in memory and in <task>/cache/ by content,
     tokenizer and max_length (MultiRC's train split: 30 s to tokenize on 2 cores, 1 s to load)."""
     path, text = Path(path), files.read_text(path, "split file")
-    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
-    key = (str(path.resolve()), digest, runtime.tokenizer_fingerprint(tokenizer), max_length)
-    cache = path.parent / "cache" / f"{path.stem}.{digest}.{key[2]}.L{max_length}.pt"
-    if key in _TOKENIZED:
-        return _TOKENIZED[key]
-    n, ids = sum(bool(line.strip()) for line in text.split("\n")), None  # n: its rows
-    with contextlib.suppress(cli.Failure, KeyError, RuntimeError, AttributeError, TypeError):
-        state = files.load_torch(cache, "tokenization cache") if cache.exists() else {}
-        ids = tuple([t.tolist() for t in state[f"{k}_ids"].split(state[f"{k}_lengths"].tolist())]
-                    for k in ("source", "target"))
-    if ids is None or any(len(seqs) != n for seqs in ids):
-        if cache.exists():
+    key = (str(path.resolve()), hashlib.sha1(text.encode()).hexdigest()[:12],
+           runtime.tokenizer_fingerprint(tokenizer), max_length)
+    cache = path.parent / "cache" / f"{path.stem}.{key[1]}.{key[2]}.L{max_length}.pt"
+    n, ids = sum(bool(line.strip()) for line in text.split("\n")), _TOKENIZED.get(key)  # n: rows
+    if ids is None and cache.exists():
+        with contextlib.suppress(cli.Failure, KeyError, RuntimeError, AttributeError, TypeError):
+            state = files.load_torch(cache, "tokenization cache")  # flat int32 ids + row lengths
+            ids = tuple([t.tolist() for t in state[f"{k}_ids"].split(
+                state[f"{k}_lengths"].tolist())] for k in ("source", "target"))
+            ids = ids if all(len(seqs) == n for seqs in ids) else None
+        if ids is None:
             print(f"batching: {cache} is damaged; tokenizing {path.name} again")
+    if ids is None:
         rows = files.read_jsonl(path, what="split file")
         ids = (encode(tokenizer, [r["source"] for r in rows], max_length),
                tokenizer([r["target"] for r in rows])["input_ids"] if rows else [])
-        state = {f"{k}_{what}": torch.tensor([x for s in seqs for x in s] if what == "ids"
-                                             else [len(s) for s in seqs], dtype=torch.int32)
-                 for k, seqs in zip(("source", "target"), ids) for what in ("ids", "lengths")}
         with contextlib.suppress(OSError, cli.Failure):  # a read-only data folder: no disk cache
             cache.parent.mkdir(exist_ok=True)
-            files.save_torch(cache, state)
+            files.save_torch(cache, {f"{k}_{what}": torch.tensor(
+                [x for s in seqs for x in s] if what == "ids" else [*map(len, seqs)],
+                dtype=torch.int32) for k, seqs in zip(("source", "target"), ids)
+                for what in ("ids", "lengths")})
     _TOKENIZED[key] = ids
     return ids
 
 
 def read_split(meta, name, path, tokenizer, max_length, limit=None):
     """(examples, source ids, target ids) of a split's first `limit` rows, checked against meta."""
-    examples = files.read_jsonl(path, limit, what="split file")
+    examples, labels = files.read_jsonl(path, limit, what="split file"), meta.get("labels")
     expected = ((meta.get("splits") or {}).get(name) if name in ("train", "validation", "test")
                 else (meta.get("fewshot") or {}).get(name, {}).get("size"))
     lacking = [n for n, e in enumerate(examples, 1)
                if not (isinstance(e.get("source"), str) and isinstance(e.get("target"), str))]
-    labels = meta.get("labels")
     bad = [e.get("target") for e in examples if labels and e.get("target") not in labels]
     why = (f"row {lacking[0]} lacks a 'source' or 'target' string" if lacking else
            "holds no rows" + ("; the best checkpoint would be chosen by chance"
@@ -172,8 +165,7 @@ def read_split(meta, name, path, tokenizer, max_length, limit=None):
            f"has the target {bad[0]!r}, outside the task's labels {labels}" if bad else None)
     if why:
         raise files.FileFault(f"{path} {why}: rebuild the task with prepare_data.py --overwrite")
-    source_ids, target_ids = tokenize_file(path, tokenizer, max_length)
-    return examples, source_ids[:len(examples)], target_ids[:len(examples)]
+    return examples, *(ids[:len(examples)] for ids in tokenize_file(path, tokenizer, max_length))
 
 
 def epoch_order(n, seed, epoch, batch_size, lengths=None):
@@ -200,7 +192,7 @@ def load_task(args, ranks, say):
     """train.py's task, checked; rank 0 first (ranks.first) prepares it by prepare_data.py."""
     tokenizer = runtime.load_tokenizer(args.tokenizer, say)
     folder, k = Path(args.data_dir) / args.task, args.fewshot_k
-    if ranks.master and known(args.task) and not (folder / "meta.json").exists():
+    if ranks.master and args.task in KNOWN and not (folder / "meta.json").exists():
         words = ["--tasks", args.task, "--out", str(args.data_dir), "--tokenizer", args.tokenizer,
                  *(["--source", args.source] if args.source else [])]
         say(f"train: {folder} is not prepared yet; preparing it now (python prepare_data.py "
@@ -210,8 +202,7 @@ def load_task(args, ranks, say):
             raise cli.Failure(f"train: {folder} could not be prepared (prepare_data.py said why)")
     meta = load_meta(args.data_dir, args.task)
     if args.eval_mode == "rank" and not meta.get("labels"):
-        raise cli.Failure(f"train: --eval-mode rank needs a label set; {args.task} has open "
-                          "targets")
+        raise cli.Failure(f"train: --eval-mode rank needs a label set; {args.task} has none")
     args.max_length = args.max_length or meta["max_length"]
     split = f"k{k}_seed{args.fewshot_seed}" if k else "train"
     train_file = folder / (f"train_{split}.jsonl" if k else "train.jsonl")
@@ -222,8 +213,7 @@ def load_task(args, ranks, say):
     _, train_src, train_tgt = read(split, train_file, args.max_train_examples)
     if k and ranks.master and split in old_fewshot_sets(meta):
         say(f"train: {old_fewshot_warning(args.data_dir, {args.task: [split]})}")
-    val = read("validation", folder / "validation.jsonl", args.max_eval_examples)[:2]
-    test = None if args.no_test else read(  # checked now, not after training
-        "test", folder / "test.jsonl", args.max_eval_examples)[:2]
+    val, test = (s and read(s, folder / f"{s}.jsonl", args.max_eval_examples)[:2]  # test: read now,
+                 for s in ("validation", None if args.no_test else "test"))  # not after training
     return TaskData(tokenizer, meta, train_file, (train_src, train_tgt, tokenizer.pad_token_id),
                     val, test)
