@@ -50,7 +50,7 @@ def load_meta(data_dir, task, strict=True):
                   if not meta[k] or not {*meta[k]} <= {*names}]  # a metric evaluation can't compute
     if bad:  # an edited meta.json fails now, not after a run
         raise files.FileFault(f"the task description {path} has a missing or wrong "
-                              f"{', '.join(bad)}; rebuild it with "
+                              f"{', '.join(bad)} entry; rebuild it with "
                               f"`{prepare_command(data_dir, [task], overwrite=True)}`")
     return meta
 
