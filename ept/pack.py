@@ -176,8 +176,7 @@ class PackedT5(torch.nn.Module):
     Every forward computes all `active` runs' prompts: under DDP each gets a gradient (maybe 0)."""
 
     def __init__(self, t5, modules):
-        super().__init__()
-        # PromptedT5.embed prepends the prompts, as for a solo run; no modules: ft, T5 trains
+        super().__init__()  # PromptedT5.embed prepends the prompts, as for a solo run
         self.prompted = M.PromptedT5(t5, torch.nn.ModuleList(modules) if modules else None)
         self.active = list(range(len(modules)))
 
@@ -190,7 +189,7 @@ class PackedT5(torch.nn.Module):
 
     def embed(self, input_ids, attention_mask, run_ids):
         """Encoder inputs: each example's run prompt first (left-padded), the mask extended."""
-        if self.prompted.prompt_module is None:  # ft
+        if self.prompted.prompt_module is None:  # ft: no prompt, T5 trains
             return self.prompted.embed(input_ids, attention_mask)
         slot_of = run_ids.new_full((len(self.prompted.prompt_module),), -1)  # run -> its slot
         slot_of[self.active] = torch.arange(len(self.active), device=run_ids.device)
@@ -222,8 +221,7 @@ class Pack:
         self.packed = PackedT5(t5, [] if full else [r.module for r in runs])
         self.lengths = [len(s) + len(t) for s, t in zip(data[0], data[1])]  # group_by_length
         self.model, self.timings = None, {}
-        # prompt rows per run: an example's offset behind its left padding
-        self.rows = [0 if full else len(r.net.prompt().detach()) for r in runs]
+        self.rows = [0 if full else len(r.net.prompt().detach()) for r in runs]  # prompt rows
 
     def step(self, batches=None):
         """One optimizer step of every training run: {run name: train.train_step's record + step,
@@ -272,13 +270,12 @@ class Pack:
             weight = 1.0 if chunk else 0.0  # a rank short of examples still joins the all-reduce
             slots, idx = (list(v) for v in zip(*chunk or [(0, batches[0][0])]))
             seeds, steps, offset, run_ids = table[slots].T
-            input_ids, mask, labels = (t.to(device) for t in tasks.collate(
-                idx, *self.data, self.pad_to))
-            padded += input_ids.numel() + labels.numel()
+            x, mask, labels = (t.to(device) for t in tasks.collate(idx, *self.data, self.pad_to))
+            padded += x.numel() + labels.numel()
             if ws > 1:
                 self.model.require_backward_grad_sync = k == len(plan) - 1
             with self.amp, M.dropout_keys(M.example_keys(seeds, steps, idx, device), offset):
-                logits = self.model(input_ids, mask, run_ids, use_cache=False,
+                logits = self.model(x, mask, run_ids, use_cache=False,
                                     decoder_input_ids=self.t5._shift_right(labels)).logits
             nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                   reduction="none").view(labels.shape).sum(1) * weight  # (B,)
