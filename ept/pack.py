@@ -206,7 +206,6 @@ class PackedT5(torch.nn.Module):
 class Pack:
     """R runs on one frozen T5 and split `data` (source ids, target ids, pad id); `wrap(PackedT5)`
     runs the forward (DDP, torch.compile), made again whenever the set of training runs changes."""
-    # the runs that take part in the next step (not stopped, below their max_steps)
     training = property(lambda self: [r for r in self.runs
                                       if r.stopped is None and r.step < r.args.max_steps])
 
@@ -224,8 +223,7 @@ class Pack:
         self.rows = [0 if full else len(r.net.prompt().detach()) for r in runs]  # prompt rows
 
     def step(self, batches=None):
-        """One optimizer step of every training run: {run name: train.train_step's record + step,
-        epoch, examples, tokens, nonfinite (the non-finite values' names: the run leaves)}."""
+        """One optimizer step of every training run: {run name: its record (docs/packing.md)}."""
         if not (runs := self.training):
             return {}
         ids, n_train, records = [self.runs.index(r) for r in runs], len(self.lengths), {}
@@ -249,10 +247,9 @@ class Pack:
     def _step(self, runs, batches):
         """Every pass's forward and backward, then train.update on each run's token-mean loss."""
         device, ws, ids = self.device, self.world_size, self.packed.active
-        # the passes, as many on every rank (DDP), each a list of (slot, example): pass m holds
-        # each group's m-th cut: a run's shard in micro-batches, or all runs' sorted, in max_rows
+        # passes of (slot, example), as many on each rank (DDP): pass m, each run's m-th micro-batch
         groups = [[[(s, i) for i in b[k::ws]] for s, b in enumerate(batches)] for k in range(ws)]
-        if self.max_rows:  # less padding, the same gradient (a sum of per-example losses)
+        if self.max_rows:  # or all sorted by length, max_rows a pass: less padding, same gradient
             groups = [[sorted(sum(g, []), key=lambda e: -self.lengths[e[1]])] for g in groups]
         cuts = [self.max_rows] if self.max_rows else [min(
             r.args.micro_batch_size or math.inf, math.ceil(r.args.batch_size / ws)) for r in runs]
