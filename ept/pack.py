@@ -126,16 +126,18 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
         live.remove(run)
         results[str(run.out_dir)] = {**result, "mu_t_end": last.get(run, {}).get("prompt_norm")}
         runfolder.close(run)
+
+    def drop(run, what, lr):  # a non-finite run leaves the pack; the others go on
+        run.stopped = "nonfinite"
+        faults.append(str(train.nonfinite_stop(run, what, lr, ranks.master)))
+        leave(run, {"out_dir": str(run.out_dir), "stopped": "nonfinite"})
     with tqdm(total=max(r.args.max_steps for r in team), initial=min(r.step for r in team),
               desc=f"pack of {len(team)}", dynamic_ncols=True,
               **({} if ranks.master else {"disable": True})) as bar:
         while live:
-            for run in list(live):  # non-finite (a step, or the weights): it alone leaves
-                if run.stopped == "nonfinite" or not train.validate_and_save(run, task, ranks):
-                    what = last.get(run, {}).get("nonfinite") or ["weights"]
-                    run.stopped, lr = "nonfinite", run.scheduler.get_last_lr()[0]  # not stepped
-                    faults.append(str(train.nonfinite_stop(run, what, lr, ranks.master)))
-                    leave(run, {"out_dir": str(run.out_dir), "stopped": "nonfinite"})
+            for run in list(live):
+                if not train.validate_and_save(run, task, ranks):
+                    drop(run, ["weights"], run.scheduler.get_last_lr()[0])
                 elif run.step == run.args.max_steps:
                     leave(run, train.finish(run, task, ranks, say, meters[run]))
             if not live:
@@ -147,10 +149,12 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
             t0 = time.time()
             records = pack.step()  # one optimizer step of every live run
             seconds = time.time() - t0
-            for run in live:
+            for run in list(live):
                 last[run] = r = records[run.name]
                 meters[run].add(r["examples"], r["tokens"], seconds)
                 run.log(train.train_event(run, r, r["examples"], r["tokens"], seconds))
+                if r["nonfinite"]:
+                    drop(run, r["nonfinite"], r["lr"])
             bar.update(1)
     if faults:  # all-reduced, so every rank meets them: rank 0 says why, the others exit 1 quietly
         n, size = len(faults), len(team)
