@@ -1,7 +1,6 @@
 """A pack: R prompt runs (train.Run) on one frozen T5 beneath train.py (a sweep, --runs FILE). Only
 the step is shared: each example with its run's prompt (left-padded, masked: T5 has relative
-positions only), each run's loss its own token mean: its train.py gradient. docs/packing.md.
-"""
+positions only), each run's loss its own token mean: its train.py gradient. docs/packing.md."""
 import argparse
 import math
 import time
@@ -9,8 +8,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -21,17 +18,40 @@ from ept import cli, files, options, runfolder, runtime, tasks
 
 def main(args, specs, ranks, max_rows=None, runs_file=None):
     """train.py's main for several runs: folders checked, one T5 loaded, runs built, trained."""
-    if runs_file is not None:
-        specs = ranks.first(lambda: read_runs(args, runs_file), everyone=True)
+    specs = ranks.first(lambda: options.resolve_runs(
+        args, specs or read_runs(args, runs_file), True), everyone=True)
     ranks.first(lambda: train.check_offline(args))  # offline: all that is missing in one sentence
-    specs = ranks.first(lambda: options.resolve_runs(args, specs, True), everyone=True)
     say, held, left_out = print if ranks.master else (lambda *a, **k: None), [], []
+
+    def open_folders():  # each run's folder claimed and checked: [(spec, resume path)] to train
+        todo = []
+        for spec in specs:
+            try:
+                todo.append((spec, runfolder.open_folder(spec, Path(spec.out_dir), held, say,
+                                                         packed=True)))
+            except runfolder.Busy as err:
+                say(f"train: left out of the pack: {err}")
+                left_out.append(str(Path(spec.out_dir)))
+        return [(spec, resume_path) for spec, resume_path in todo if resume_path != "finished"]
+
+    def start():  # every run built and checked; only then config.json and log.jsonl written
+        for spec, _ in todo:
+            spec.max_length = todo[0][0].max_length  # the task's, as load_task resolved it
+        team = [train.new_run(t5, spec, task, ranks, out_dir=Path(spec.out_dir),
+                              resume_path=resume_path) for spec, resume_path in todo]
+        for run, lock in zip(team, held):  # held (rank 0 only): the locks of `todo`, in order
+            run.lock = lock  # released when the run leaves the pack
+        held[:] = team
+        extra = {"pack": {"size": len(team), "runs": [r.out_dir.name for r in team]}}
+        for run in team:
+            run.log = runfolder.start_log(run, task, ranks, say, **extra)
+        return team
     with runtime.stop_on_signals(), runfolder.cleanup([s.out_dir for s in specs], held,
                                                       ranks.master):
-        if todo := ranks.first(lambda: open_folders(specs, held, left_out, say)):
+        if todo := ranks.first(open_folders):
             task = ranks.first(lambda: tasks.load_task(todo[0][0], ranks, say), everyone=True)
             t5 = ranks.first(lambda: train.load_t5(todo[0][0], task, ranks), everyone=True)
-            team = ranks.first(lambda: start(t5, todo, task, ranks, held, say), everyone=True)
+            team = ranks.first(start, everyone=True)
             results = train_pack(team, task, t5, ranks, say, max_rows)
             say(table(team, results))
         else:
@@ -55,74 +75,42 @@ def read_runs(args, runs_file):
     for row in rows:
         if "out_dir" in row and (problem := cli.run_folder_problem(row["out_dir"])):
             raise cli.Failure(f"train: --runs {runs_file}: out_dir {problem}")
-        if unknown := [key for key in row if key not in vars(args)]:
-            raise cli.Failure(f"train: --runs: unknown option {unknown[0]!r} (train.py's option "
-                              "names, with underscores)")
-        values = {k: per_run_value(k, v) for k, v in row.items() if k != "out_dir"}
-        if shared := [k for k in values if k not in options.PER_RUN and values[k] != vars(args)[k]]:
-            raise cli.Failure(f"train: --runs: {shared[0]} is shared by the runs of a pack (one "
-                              "task, data and T5): give it once on the command line, not "
-                              f"{row[shared[0]]!r} for one run")
+        values = {k: per_run_value(args, k, v) for k, v in row.items() if k != "out_dir"}
         specs.append(argparse.Namespace(**options.method_defaults(
             {**vars(args), "out_dir": row.get("out_dir"), **values})))
     return specs
 
 
-def per_run_value(key, value):
+def per_run_value(args, key, value):
     """A --runs FILE value checked and converted as the command line would take it."""
+    if key not in vars(args):
+        raise cli.Failure(f"train: --runs: unknown option {key!r} (train.py's option names, with "
+                          "underscores)")
     action = next(a for a in options.parser._actions if a.dest == key)
-    if action.nargs == 0 and not isinstance(value, bool):  # a flag (store_true)
-        raise cli.Failure(f"train: --runs: {key} must be true or false, not {value!r}")
     try:
+        if action.nargs == 0 and not isinstance(value, bool):  # a flag (store_true)
+            raise ValueError(f"must be true or false, not {value!r}")
         value = value if value is None or action.type is None else action.type(str(value))
         if value is not None and value not in (action.choices or [value]):
             raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
     except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
         raise cli.Failure(f"train: --runs: {key}: {err}") from None
+    if key not in options.PER_RUN and value != vars(args)[key]:  # one task, data and T5
+        raise cli.Failure(f"train: --runs: {key} is shared by the runs of a pack: give it once on "
+                          f"the command line, not {value!r} for one run")
     return value
 
 
 def table(team, results):
     """The runs at the end: name, best validation score and step, test score, last mu_t or "-"."""
     cell = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-    rows = [("run", "best val", "step", "test", "mu_t end")]
-    for run in team:
-        r = results.get(str(run.out_dir), {})
-        rows.append((run.out_dir.name, cell(r.get("best_score")), cell(r.get("best_step")),
-                     cell((r.get("metrics") or {}).get("score")),
-                     f"stopped: {r['stopped']}" if r.get("stopped") else cell(r.get("mu_t_end"))))
+    rows = [("run", "best val", "step", "test", "mu_t end")] + [
+        (run.out_dir.name, *map(cell, (r.get("best_score"), r.get("best_step"),
+                                       (r.get("metrics") or {}).get("score"))),
+         f"stopped: {r['stopped']}" if r.get("stopped") else cell(r.get("mu_t_end")))
+        for run in team for r in [results.get(str(run.out_dir), {})]]
     widths = [max(map(len, column)) for column in zip(*rows)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
-
-
-def open_folders(specs, held, left_out, say):
-    """runfolder.open_folder for each run: [(spec, resume path)] of those to train."""
-    todo = []
-    for spec in specs:
-        try:
-            resume_path = runfolder.open_folder(spec, Path(spec.out_dir), held, say, packed=True)
-        except runfolder.Busy as err:
-            say(f"train: left out of the pack: {err}")
-            left_out.append(str(Path(spec.out_dir)))
-            continue
-        todo += [] if resume_path == "finished" else [(spec, resume_path)]
-    return todo
-
-
-def start(t5, todo, task, ranks, held, say):
-    """Every run built (train.new_run) and checked; only then config.json and log.jsonl written."""
-    team = []
-    locks = {str(lock.path.parent): lock for lock in held if isinstance(lock, runfolder.Lock)}
-    for spec, resume_path in todo:
-        spec.max_length = todo[0][0].max_length  # the task's, as load_task resolved it
-        team.append(train.new_run(t5, spec, task, ranks, out_dir=Path(spec.out_dir),
-                                  resume_path=resume_path))
-        team[-1].lock = locks.pop(str(team[-1].out_dir), None)  # released when the run leaves
-    held[:] = [*locks.values(), *team]
-    extra = {"pack": {"size": len(team), "runs": [r.out_dir.name for r in team]}}
-    for run in team:  # every run checked: only now does any run's folder change
-        run.log = runfolder.start_log(run, task, ranks, say, **extra)
-    return team
 
 
 def train_pack(team, task, t5, ranks, say, max_rows=None):
@@ -132,18 +120,17 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
                 amp=runtime.set_precision(args.dtype, ranks.device), world_size=ranks.world_size,
                 max_rows=max_rows, wrap=lambda net: train.wrap(net, args, ranks))
     meters = {r: runtime.Throughput(warm=2 if r.args.max_steps - r.step >= 10 else 0) for r in team}
-    live, results, faults, mu = list(team), {}, [], {}  # mu: each run's last mu_t
+    live, results, faults, last = list(team), {}, [], {}  # last: each run's last step record
 
     def leave(run, result):
         live.remove(run)
-        results[str(run.out_dir)] = {**result, "mu_t_end": mu.get(run.name)}
+        results[str(run.out_dir)] = {**result, "mu_t_end": last.get(run, {}).get("prompt_norm")}
         runfolder.close(run)
 
     def drop(run, what, lr):  # a non-finite run leaves the pack; the others go on
         run.stopped = "nonfinite"
-        faults.append(str(train.nonfinite_stop(run, what, lr, True)))
+        faults.append(str(train.nonfinite_stop(run, what, lr, ranks.master)))
         leave(run, {"out_dir": str(run.out_dir), "stopped": "nonfinite"})
-
     with tqdm(total=max(r.args.max_steps for r in team), initial=min(r.step for r in team),
               desc=f"pack of {len(team)}", dynamic_ncols=True,
               **({} if ranks.master else {"disable": True})) as bar:
@@ -163,7 +150,7 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
             records = pack.step()  # one optimizer step of every live run
             seconds = time.time() - t0
             for run in list(live):
-                r, mu[run.name] = records[run.name], records[run.name]["prompt_norm"]
+                last[run] = r = records[run.name]
                 meters[run].add(r["examples"], r["tokens"], seconds)
                 run.log(train.train_event(run, r, r["examples"], r["tokens"], seconds))
                 if r["nonfinite"]:
@@ -173,31 +160,28 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
         n, size = len(faults), len(team)
         head = ("" if size == 1 else f"train: all {size} runs of the pack stopped. " if n == size
                 else f"train: {n} of the {size} runs of the pack stopped; the others finished. ")
-        if not ranks.master:
-            raise runtime.PeerStopped()
-        raise train.NonFiniteError(head + " ".join(faults))
+        raise (train.NonFiniteError(head + " ".join(faults)) if ranks.master
+               else runtime.PeerStopped())
     return results
 
 
-def make_run(t5, method, *, name=None, label_ids=None, fused=None, world_size=1, **overrides):
+def make_run(t5, method, *, name=None, fused=None, **overrides):
     """A train.Run of `method` on `t5` with train.py's defaults and `overrides` (tests, benches)."""
     args = options.parser.parse_args(["--method", method])
     if unknown := [key for key in overrides if not hasattr(args, key)]:
         raise TypeError(f"make_run: train.py has no option {unknown[0]!r}")
     args = options.resolve(argparse.Namespace(**{**vars(args), **overrides}))
-    options.batch_plan(args, 1, world_size)  # the micro-batch size
-    return train.new_run(t5, args, label_ids=label_ids, name=name or f"{method}_s{args.seed}",
-                         fused=fused)
+    options.batch_plan(args, 1, 1)  # the micro-batch size
+    return train.new_run(t5, args, name=name or f"{method}_s{args.seed}", fused=fused)
 
 
-class PackedT5(nn.Module):
+class PackedT5(torch.nn.Module):
     """One frozen T5 and R prompt modules; example i gets run `run_ids[i]`'s prompt, LEFT-padded.
     Every forward computes all `active` runs' prompts: under DDP each gets a gradient (maybe 0)."""
 
     def __init__(self, t5, modules):
-        super().__init__()
-        # PromptedT5.embed prepends the prompts, as for a solo run; no modules: ft, T5 trains
-        self.prompted = M.PromptedT5(t5, nn.ModuleList(modules) if modules else None)
+        super().__init__()  # PromptedT5.embed prepends the prompts, as for a solo run
+        self.prompted = M.PromptedT5(t5, torch.nn.ModuleList(modules) if modules else None)
         self.active = list(range(len(modules)))
 
     def prompts(self):
@@ -209,7 +193,7 @@ class PackedT5(nn.Module):
 
     def embed(self, input_ids, attention_mask, run_ids):
         """Encoder inputs: each example's run prompt first (left-padded), the mask extended."""
-        if self.prompted.prompt_module is None:  # ft
+        if self.prompted.prompt_module is None:  # ft: no prompt, T5 trains
             return self.prompted.embed(input_ids, attention_mask)
         slot_of = run_ids.new_full((len(self.prompted.prompt_module),), -1)  # run -> its slot
         slot_of[self.active] = torch.arange(len(self.active), device=run_ids.device)
@@ -226,6 +210,8 @@ class PackedT5(nn.Module):
 class Pack:
     """R runs on one frozen T5 and split `data` (source ids, target ids, pad id); `wrap(PackedT5)`
     runs the forward (DDP, torch.compile), made again whenever the set of training runs changes."""
+    training = property(lambda self: [r for r in self.runs
+                                      if r.stopped is None and r.step < r.args.max_steps])
 
     def __init__(self, t5, runs, data, *, device=None, amp=None, rank=0, world_size=1,
                  pad_to=(None, None), max_rows=None, wrap=None):
@@ -238,17 +224,10 @@ class Pack:
         self.packed = PackedT5(t5, [] if full else [r.module for r in runs])
         self.lengths = [len(s) + len(t) for s, t in zip(data[0], data[1])]  # group_by_length
         self.model, self.timings = None, {}
-        with torch.no_grad():  # prompt rows per run: an example's offset behind its left padding
-            self.rows = [0 if full else r.net.prompt().size(0) for r in runs]
-
-    @property
-    def training(self):
-        """The runs that take part in the next step (not stopped, below their max_steps)."""
-        return [r for r in self.runs if r.stopped is None and r.step < r.args.max_steps]
+        self.rows = [0 if full else len(r.net.prompt().detach()) for r in runs]  # prompt rows
 
     def step(self, batches=None):
-        """One optimizer step of every training run: {run name: train.train_step's record + step,
-        epoch, examples, tokens, nonfinite (the non-finite values' names: the run leaves)}."""
+        """One optimizer step of every training run: {run name: its record (docs/packing.md)}."""
         if not (runs := self.training):
             return {}
         ids, n_train, records = [self.runs.index(r) for r in runs], len(self.lengths), {}
@@ -269,27 +248,22 @@ class Pack:
                 r.stopped = "nonfinite" if bad else "done"
         return records
 
-    def _plan(self, runs, batches):
-        """This rank's passes, lists of (slot, example), as many on every rank (DDP): pass m, each
-        group's m-th cut: a run's shard in micro-batches, or all runs' sorted, in `max_rows`."""
-        ws = self.world_size
+    def _step(self, runs, batches):
+        """Every pass's forward and backward, then train.update on each run's token-mean loss."""
+        device, ws, ids = self.device, self.world_size, self.packed.active
+        # passes of (slot, example), as many on each rank (DDP): pass m, each run's m-th micro-batch
         groups = [[[(s, i) for i in b[k::ws]] for s, b in enumerate(batches)] for k in range(ws)]
-        if self.max_rows:  # less padding, the same gradient (a sum of per-example losses)
+        if self.max_rows:  # or all sorted by length, max_rows a pass: less padding, same gradient
             groups = [[sorted(sum(g, []), key=lambda e: -self.lengths[e[1]])] for g in groups]
         cuts = [self.max_rows] if self.max_rows else [min(
             r.args.micro_batch_size or math.inf, math.ceil(r.args.batch_size / ws)) for r in runs]
         n = max(math.ceil(len(g) / c) for rank in groups for g, c in zip(rank, cuts))
-        return [[e for g, c in zip(groups[self.rank], cuts) for e in g[m * c:(m + 1) * c]]
+        plan = [[e for g, c in zip(groups[self.rank], cuts) for e in g[m * c:(m + 1) * c]]
                 for m in range(n)]
-
-    def _step(self, runs, batches):
-        """Every pass's forward and backward, then train.update on each run's token-mean loss."""
-        (source_ids, target_ids, pad_id), device, ws = self.data, self.device, self.world_size
-        ids, plan, padded = self.packed.active, self._plan(runs, batches), 0
-        n_tokens = torch.tensor([sum(len(target_ids[i]) for i in b) for b in batches],
+        n_tokens = torch.tensor([sum(len(self.data[1][i]) for i in b) for b in batches],
                                 dtype=torch.float32, device=device)
-        scale = ws / n_tokens  # DDP's mean over ranks x world_size: the sum; / tokens: the mean
-        loss_sums, n_max = torch.zeros(len(runs), device=device), max(self.rows[i] for i in ids)
+        loss_sums, padded = torch.zeros(len(runs), device=device), 0
+        n_max = max(self.rows[i] for i in ids)
         # per slot: its run's seed and step (dropout's keys, as alone), prompt padding rows, run id
         table = torch.tensor([(r.args.seed, r.step, n_max - self.rows[i], i)
                               for r, i in zip(runs, ids)])
@@ -297,22 +271,21 @@ class Pack:
             weight = 1.0 if chunk else 0.0  # a rank short of examples still joins the all-reduce
             slots, idx = (list(v) for v in zip(*chunk or [(0, batches[0][0])]))
             seeds, steps, offset, run_ids = table[slots].T
-            input_ids, mask, labels = (t.to(device) for t in tasks.collate(
-                idx, source_ids, target_ids, pad_id, self.pad_to))
-            padded += input_ids.numel() + labels.numel()
+            x, mask, labels = (t.to(device) for t in tasks.collate(idx, *self.data, self.pad_to))
+            padded += x.numel() + labels.numel()
             if ws > 1:
                 self.model.require_backward_grad_sync = k == len(plan) - 1
             with self.amp, M.dropout_keys(M.example_keys(seeds, steps, idx, device), offset):
-                logits = self.model(input_ids=input_ids, attention_mask=mask, run_ids=run_ids,
-                                    decoder_input_ids=self.t5._shift_right(labels),
-                                    use_cache=False).logits
+                logits = self.model(x, mask, run_ids, use_cache=False,
+                                    decoder_input_ids=self.t5._shift_right(labels)).logits
             nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                   reduction="none").view(labels.shape).sum(1) * weight  # (B,)
             slots = torch.tensor(slots, device=device)
-            (nll * scale[slots]).sum().backward()
+            # DDP's mean over ranks x world_size: the sum; / tokens: each run's token mean
+            (nll * (ws / n_tokens)[slots]).sum().backward()
             loss_sums.index_add_(0, slots, nll.detach())
         if ws > 1:
-            dist.all_reduce(loss_sums)
+            torch.distributed.all_reduce(loss_sums)
         t0 = time.perf_counter()
         stats = train.update(runs, loss_sums / n_tokens)  # each run's token mean
         self.timings = {"update_s": time.perf_counter() - t0, "forward_passes": len(plan),
