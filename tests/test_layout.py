@@ -87,3 +87,21 @@ def test_the_checks_can_fail(tmp_path):
     script = tmp_path / "x.py"
     script.write_text("import train\nfrom ept import files, tables\n\ndef f():\n    import evaluate\n")
     assert imports(script) == {"train", "ept.files", "ept.tables", "evaluate"}
+
+
+def long_functions(path, limit=60):
+    """(name, lines) of every function in `path` longer than `limit` lines (nested ones too)."""
+    return [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > limit]
+
+
+def test_ept_is_at_most_ten_modules_and_no_function_is_over_60_lines(tmp_path):
+    """Issue 26's shape: ept/ holds at most ten modules; a function fits a screen (60 lines)."""
+    modules = [p for p in (REPO / "ept").glob("*.py") if p.stem != "__init__"]
+    assert 0 < len(modules) <= 10, sorted(p.stem for p in modules)
+    code = [*REPO.glob("*.py"), *modules, *(REPO / "scripts").glob("*.py")]
+    assert {str(p.relative_to(REPO)): f for p in code if (f := long_functions(p))} == {}
+    script = tmp_path / "long.py"  # the check can fail
+    script.write_text("def f():\n" + "    x = 1\n" * 60 + "\n\ndef g():\n    pass\n")
+    assert long_functions(script) == [("f", 61)]
