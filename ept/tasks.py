@@ -49,8 +49,8 @@ def load_meta(data_dir, task, strict=True):
     bad = bad or [k for k, names in (("score", meta["metrics"]), ("metrics", METRIC_NAMES))
                   if not meta[k] or not {*meta[k]} <= {*names}]  # a metric evaluation can't compute
     if bad:  # an edited meta.json fails now, not after a run
-        raise files.FileFault(f"the task description {path} has a missing or wrong "
-                              f"{', '.join(bad)} entry; rebuild it with "
+        raise files.FileFault(f"the task description {path} has missing or wrong "
+                              f"entries ({', '.join(bad)}); rebuild it with "
                               f"`{prepare_command(data_dir, [task], overwrite=True)}`")
     return meta
 
