@@ -1,34 +1,24 @@
 """Train one method on one task: the paper's loop (docs/paper.md, "Training"), CPU, one GPU or many.
-
-Reads data/<task>/ (prepare_data.py; prepared on first use when missing) and a T5 (Hub name or local
-folder). Writes the run folder (ept/runfolder.py): config.json, log.jsonl (each step's loss, lr,
-grad norm, mu_t of Eq. 4 and throughput; each validation; the end), best.pt and last.pt, prompt.pt
-(the best checkpoint's folded P') and metrics.json (its test metrics).
+Writes the run folder: config.json, log.jsonl, best.pt, last.pt, prompt.pt (the best checkpoint's
+folded P') and metrics.json (its test scores). SIGTERM/SIGUSR1/Ctrl-C: last.pt, exit 143/138/130.
 
     python train.py --method ept                  # EPT on RTE, t5-base: the paper's setting
     torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star  # 4 GPUs
-    python train.py --task rte --method ept --dtype bf16   # bf16 autocast: not our fp32 reading
     python train.py --task rte --method ept --resume        # continue a killed run from its last.pt
-    # SIGTERM / SIGUSR1 / Ctrl-C: last.pt at the next step boundary, exit 143 / 138 / 130
-    # a pack: 3 x 3 x 2 = 18 prompt runs sharing one T5, a folder each under runs/ (ept/pack.py)
-    python train.py --task rte --method pt ept ept_star --seed 0 1 2 --lr 0.3 0.1
-    # CPU smoke run: random-weight t5-small from the real config, 30 steps
-    python train.py --method ept --model ../shared/data/t5/t5-small --random-init \\
-        --tokenizer ../shared/data/t5 --max-steps 30 --eval-every 30 --max-eval-examples 32
+    python train.py --method pt ept --seed 0 1  # a pack: 4 prompt runs on one T5 (ept/pack.py)
+    python train.py --method ept --model ../shared/data/t5/t5-small --random-init --max-steps 30 \\
+        --tokenizer ../shared/data/t5 --eval-every 30 --max-eval-examples 32  # a CPU smoke run
 """
-import contextlib
-import io
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 import model as M
 from ept import cli, evaluation, files, options, runfolder, runtime, tasks
@@ -36,25 +26,19 @@ from ept import cli, evaluation, files, options, runfolder, runtime, tasks
 options.parser.description = __doc__  # the flags live in ept/options.py: the drivers plan by them
 
 
-class NonFiniteError(cli.Failure):
-    """A NaN/inf loss, gradient, prompt or weight: the run stops (exit 1), best.pt and log whole."""
-
-
 @cli.script
 def main(argv=None):
     """Flags; setup; the run folder; data; model; train; finish. Several runs: ept/pack.py."""
-    rank = int(os.environ.get("RANK", 0))
-    with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
-        args = options.parser.parse_args(argv)  # a usage error: rank 0's message only
-    runs_file, max_rows = vars(args).pop("runs"), vars(args).pop("pack_max_rows")  # not a run's
     ranks = runtime.ranks()  # DDP: the process group joined; ranks.first: rank 0 checks first
-    specs = runs_file is None and ranks.first(lambda: options.sweep(args), everyone=True)
-    if not specs or len(specs) > 1:  # several runs, or --runs FILE: a pack
+    args = ranks.first(lambda: options.parser.parse_args(argv), everyone=True)  # usage: rank 0's
+    runs_file, max_rows = vars(args).pop("runs"), vars(args).pop("pack_max_rows")  # not a run's
+    if runs_file or any(isinstance(getattr(args, k), list) for k in options.SWEEP):
         sys.modules.setdefault("train", sys.modules[__name__])  # one copy of this module
         from ept import pack
-        return pack.main(args, specs, ranks, max_rows, runs_file)
-    ranks.first(lambda: check_offline(args))  # offline: all that is missing in one sentence
-    args = ranks.first(lambda: options.resolve_runs(args, specs, False)[0], everyone=True)
+        return pack.main(args, ranks, max_rows, runs_file)
+    args = options.resolve(args)  # the method's defaults
+    args.out_dir = args.out_dir or str(Path("runs") / options.run_name(vars(args)))
+    ranks.first(lambda: check(args, args.out_dir))
     say = print if ranks.master else (lambda *a, **k: None)
     out_dir, held = Path(args.out_dir), []
     with runtime.stop_on_signals(), runfolder.cleanup([out_dir], held, ranks.master):
@@ -63,24 +47,25 @@ def main(argv=None):
             return {"out_dir": str(out_dir), "finished": True}
         task = ranks.first(lambda: tasks.load_task(args, ranks, say), everyone=True)
         t5 = ranks.first(lambda: load_t5(args, task, ranks), everyone=True)
-        run = ranks.first(lambda: new_run(t5, args, task, ranks, out_dir=out_dir,
-                                          resume_path=resume_path), everyone=True)
+        run = ranks.first(lambda: Run(t5, args, task, ranks, out_dir=out_dir,
+                                      resume_path=resume_path), everyone=True)
         held.append(run)
         run.log = ranks.first(lambda: runfolder.start_log(run, task, ranks, say), everyone=True)
         return train(run, task, wrap(run.net, args, ranks), ranks, say)
 
 
-def check_offline(args):
-    """Every Hub-bound input (tokenizer, data, model) checked before the first loads."""
+def check(args, out_dir=None):
+    """One sentence before anything loads: offline, every Hub-bound input missing; a bad folder."""
     runtime.local_folder(args.model)  # a mistyped --model path is named as the model's
     prepared = (Path(args.data_dir) / args.task / "meta.json").exists()
     hub_id = None if prepared or args.source else tasks.TASKS.get(args.task)
     runtime.check_offline(args.model, args.tokenizer or args.model, hub_id or None)
+    if out_dir and (problem := cli.run_folder_problem(out_dir)):
+        raise cli.Failure(f"train: --out-dir {problem}")
 
 
 def train(run, task, model, ranks, say):
-    """The loop: at the top of each step validate and save when due; at max_steps finish; on a stop
-    signal write last.pt and exit; else one optimizer step (train_step) and its log line."""
+    """The loop: validate/save when due; stop at max_steps or on a signal; else one step, logged."""
     args, n_train = run.args, len(task.data[0])
     lengths = [len(s) + len(t) for s, t in zip(*task.data[:2])]  # tokens/s, --group-by-length
     amp = runtime.set_precision(args.dtype, ranks.device)
@@ -88,7 +73,7 @@ def train(run, task, model, ranks, say):
     bar = tqdm(total=args.max_steps, initial=run.step, desc=run.out_dir.name, dynamic_ncols=True,
                **({} if ranks.master else {"disable": True}))  # TQDM_DISABLE=1 still works
     while True:
-        if not validate_and_save(run, task, ranks, bar):
+        if not validate_and_save(run, task, ranks):
             raise nonfinite_stop(run, ["weights"], run.scheduler.get_last_lr()[0], ranks.master)
         if run.step == args.max_steps:
             break
@@ -96,27 +81,24 @@ def train(run, task, model, ranks, say):
             if runfolder.weights_finite(run.params):  # never a NaN/inf state on disk
                 runfolder.save_checkpoint(run, ranks, "last.pt")
             raise runtime.stopped(sig, [run])
-        batch = next_batch(run, n_train, lengths)
-        t0 = time.time()
+        batch, t0 = next_batch(run, n_train, lengths), time.time()
         record = train_step(model, run, batch, task.data, amp, ranks)
-        seconds = time.time() - t0
+        seconds, tokens = time.time() - t0, sum(lengths[i] for i in batch)
         run.advance(len(batch), n_train)
-        tokens = sum(lengths[i] for i in batch)
         meter.add(len(batch), tokens, seconds)
         run.log(train_event(run, record, len(batch), tokens, seconds))
         if bad := [k for k in ("loss", "grad_norm", "prompt_norm")
                    if record[k] is not None and not math.isfinite(record[k])]:
             raise nonfinite_stop(run, bad, record["lr"], ranks.master)
-        bar.update(1)
         mu = record["prompt_norm"]
+        bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", norm="-" if mu is None else f"{mu:.3g}")
     bar.close()
     return finish(run, task, ranks, say, meter)
 
 
 def train_step(model, run, batch, data, amp, ranks):
-    """One optimizer step of `run` on the global `batch` (indices into `data`) through `model`
-    (run.net, or DDP / torch.compile around it): the token-mean NLL over the whole batch."""
+    """One optimizer step of `run` through `model` (net, DDP, compiled): the token-mean NLL."""
     rank, ws, device = ranks.rank, ranks.world_size, ranks.device
     n_tokens = sum(len(data[1][i]) for i in batch)  # target tokens: every rank holds the data
     shard, micro = batch[rank::ws], run.args.micro_batch_size  # this rank's, in micro-batches
@@ -137,14 +119,13 @@ def train_step(model, run, batch, data, amp, ranks):
         (nll * (ws / n_tokens)).backward()  # DDP's mean over ranks: the batch's token mean
         loss_sum += nll.detach()
     if ws > 1:
-        dist.all_reduce(loss_sum)
+        torch.distributed.all_reduce(loss_sum)
     [(loss, grad_norm, lr, (mu, s))] = update([run], (loss_sum / n_tokens)[None])
     return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "prompt_norm": mu, "ept_s": s}
 
 
 def update(runs, losses):
-    """Each run's clip, AdamW and schedule step (skipped for a non-finite loss or gradient norm),
-    one host sync for all (a pack's runs too): [(loss, grad norm, lr of this step, (mu_t, s_t))]."""
+    """Clip, AdamW, schedule step (not when non-finite), one sync: [(loss, norm, lr, (mu_t, s_t))]."""
     grad_norms = torch.stack([torch.nn.utils.clip_grad_norm_(r.params, r.args.max_grad_norm
                                                              or math.inf).float() for r in runs])
     losses, norms = torch.stack([losses, grad_norms.to(losses.device)]).tolist()
@@ -159,8 +140,7 @@ def update(runs, losses):
 
 @torch.no_grad()
 def prompt_stats(module):
-    """(mu_t, s_t): mu_t (Eq. 4) the mean row norm of P'; s_t, for EPT and EPT*, the first block's
-    hidden activation W_down P1, or its norm for h > 1. One host sync."""
+    """mu_t (Eq. 4: P's mean row norm) and, for EPT, s_t: W_down P1 (h = 1), else its norm."""
     if module is None:
         return None, None
     values = [module().float().norm(dim=1).mean()]
@@ -178,20 +158,34 @@ def train_event(run, record, examples, tokens, seconds):
             "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds}
 
 
-# --- the run: its model, AdamW and schedule, data position ----------------------------------------
-
 class Run:
-    """One run: its resolved options, PromptedT5 (`net`), AdamW + schedule, data position, best."""
+    """One run on the shared T5: its options, PromptedT5 (`net`) with the prompt module seeded by
+    --seed, AdamW + schedule, data position, best; from last.pt (`resume_path`) if given."""
     module = property(lambda self: self.net.trainable)  # what trains: prompt module, or T5 (ft)
-    # the trainable parameters in the optimizer's order (what is clipped)
     params = property(lambda self: [p for g in self.optimizer.param_groups for p in g["params"]])
 
-    def __init__(self, args, net, optimizer, scheduler, name="", out_dir=None, resumed=False):
-        self.args, self.net, self.optimizer, self.scheduler = args, net, optimizer, scheduler
-        self.name, self.out_dir, self.resumed = name, out_dir, resumed
+    def __init__(self, t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None,
+                 name=None, fused=None):
+        label_ids = task and tasks.label_ids(task.tokenizer, task.meta.get("labels"))
+        if task is not None:  # batch_plan fills args: steps per epoch, micro-batch
+            options.batch_plan(args, len(task.data[0]), ranks.world_size)
+            if args.init == "label" and label_ids is None:
+                raise cli.Failure(f"train: --init label needs a task with a label set; {args.task} "
+                                  "has none")
+        torch.manual_seed(args.seed)  # one stream, as the public EPT code: P, then the layers
+        module = M.build_prompt_module(args.method, t5.config.d_model, init=args.init,
+                                       **M.prompt_options(vars(args)), label_ids=label_ids,
+                                       embedding=t5.get_input_embeddings().weight)
+        self.net = M.PromptedT5(t5, None if module is None else module.to(t5.device))  # ft: T5
+        self.optimizer, self.scheduler = make_optimizer(
+            [p for p in self.net.trainable.parameters() if p.requires_grad], args, fused)
+        self.args, self.name, self.out_dir = args, name or str(out_dir), out_dir
+        self.resumed = resume_path is not None
         self.step = self.epoch = self.index = self.start_step = 0  # start_step: started/resumed at
         self.best_score, self.best_step, self.order = -math.inf, None, (None, None)  # (epoch, ids)
         self.stopped = self.lock = self.log = self.config = None  # stopped: a pack's, once it left
+        if self.resumed:
+            runfolder.resume(self, resume_path, ranks)
 
     def advance(self, n_examples, n_train):
         self.step, self.index = self.step + 1, self.index + n_examples
@@ -199,8 +193,7 @@ class Run:
             self.epoch, self.index = self.epoch + 1, 0
 
     def state(self):
-        """last.pt / best.pt (runfolder.CHECKPOINT_KEYS; weights_only-loadable). No RNG state:
-        dropout masks and the data order are functions of (seed, step, example)."""
+        """last.pt / best.pt (weights_only); no RNG: dropout, data order: (seed, step, example)."""
         return {"step": self.step,
                 "trainable": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -227,39 +220,12 @@ def next_batch(run, n_train, lengths=None):
 
 
 def make_optimizer(params, args, fused=None):
-    """AdamW (weight decay not on biases/norms, as the HF Trainer; fused on CUDA) and HF's
-    get_linear_schedule_with_warmup: linear warm-up over --warmup-steps, then linear decay to 0."""
+    """AdamW (no decay on biases/norms; fused on CUDA), linear warm-up and decay: HF Trainer's."""
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, fused=(
         params[0].device.type == "cuda" if fused is None else fused))
-    warmup, total = args.warmup_steps, args.max_steps
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
-        s / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))))
-
-
-def new_run(t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None, label_ids=None,
-            name=None, fused=None):
-    """A Run of `args` on the shared T5: its prompt module seeded by --seed, AdamW and schedule,
-    resumed from `resume_path` (last.pt); with `task`, options.batch_plan fills args."""
-    if task is not None:
-        options.batch_plan(args, len(task.data[0]), ranks.world_size)
-        label_ids = tasks.label_ids(task.tokenizer, task.meta.get("labels"))
-        if args.init == "label" and label_ids is None:
-            raise cli.Failure(f"train: --init label needs a task with a label set; {args.task} "
-                              "has none")
-    # one stream in sequence, as the public EPT code: P first, then the layers (independent)
-    torch.manual_seed(args.seed)
-    module = M.build_prompt_module(args.method, t5.config.d_model, **M.prompt_options(vars(args)),
-                                   init=args.init, embedding=t5.get_input_embeddings().weight,
-                                   label_ids=label_ids)
-    net = M.PromptedT5(t5, None if module is None else module.to(t5.device))  # ft: T5 trains
-    trainable = [p for p in net.trainable.parameters() if p.requires_grad]
-    run = Run(args, net, *make_optimizer(trainable, args, fused), name=name or str(out_dir),
-              out_dir=out_dir, resumed=resume_path is not None)
-    if resume_path is not None:
-        runfolder.resume(run, resume_path, ranks)
-    return run
+    return optimizer, get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
 
 
 def load_t5(args, task, ranks):
@@ -277,9 +243,7 @@ def wrap(net, args, ranks):
         [ranks.local_rank] if ranks.device.startswith("cuda") else None))
 
 
-# --- validation, checkpoints, the end -------------------------------------------------------------
-
-def validate_and_save(run, task, ranks, bar=None):
+def validate_and_save(run, task, ranks):
     """The top of a step: validate (then best.pt if improved, last.pt) every --eval-every steps and
     at the last, or last.pt every --save-every steps. False: weights not finite (nothing saved)."""
     args = run.args
@@ -289,29 +253,25 @@ def validate_and_save(run, task, ranks, bar=None):
         return True
     if not runfolder.weights_finite(run.params):
         return False
-    improved = False
     if evaluate:
         t0 = time.time()
         scores = evaluation.score_split(run.net, task.tokenizer, task.meta, *task.val, ranks, args)
         seconds = time.time() - t0
         run.log({"event": "eval", "step": run.step, "split": "validation", **scores, "eval_time_s":
                  seconds, "eval_examples_per_s": len(task.val[0]) / max(seconds, 1e-9)})
-        if bar is not None:
-            bar.set_postfix(score=f"{scores['score']:.2f}")
-        if improved := scores["score"] > run.best_score:
-            run.best_score, run.best_step = scores["score"], run.step
+    if improved := evaluate and scores["score"] > run.best_score:
+        run.best_score, run.best_step = scores["score"], run.step
     runfolder.save_checkpoint(run, ranks, *(["best.pt"] if improved else []), "last.pt")
     return True
 
 
 def nonfinite_stop(run, what, lr, master=True):
-    """Log the "nonfinite" event of a run that must stop and say why in its failed.txt (rank 0);
-    returns the error to raise: the sentence on rank 0, a quiet exit 1 on the others."""
+    """The error to raise for a NaN/inf, logged and (rank 0) in failed.txt; others: a quiet exit 1."""
     run.log({"event": "nonfinite", "step": run.step, "what": what})
     kept = (f"best.pt (step {run.best_step}) and log.jsonl in {run.out_dir} are intact"
             if run.best_step else f"no checkpoint was saved; log.jsonl in {run.out_dir} records it")
-    err = NonFiniteError(f"train: non-finite {' and '.join(what)} at step {run.step} (lr {lr:g}); "
-                         f"stopped. {kept}")
+    err = cli.Failure(f"train: non-finite {' and '.join(what)} at step {run.step} (lr {lr:g}); "
+                      f"stopped. {kept}")
     if master:
         files.write_text(run.out_dir / runfolder.FAILED_NAME, f"{err}\n")
     return err if master else runtime.PeerStopped()
@@ -320,23 +280,21 @@ def nonfinite_stop(run, what, lr, master=True):
 @torch.no_grad()
 def finish(run, task, ranks, say, meter):
     """The end: best.pt folded into P' (prompt.pt), the test split scored with P' alone."""
-    args, out_dir, trained = run.args, run.out_dir, run.net
-    t = meter.summary(ranks.device)
+    args, out_dir, trained, t = run.args, run.out_dir, run.net, meter.summary(ranks.device)
     if ranks.world_size > 1:
-        dist.barrier()  # best.pt is complete on disk
+        torch.distributed.barrier()  # best.pt is complete on disk
     trained.trainable.load_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
     prompt = trained.prompt()
     net = trained if prompt is None else M.PromptedT5(trained.t5, M.FoldedPrompt(prompt.float()))
     if prompt is not None and ranks.master:
         M.save_folded_prompt(out_dir / "prompt.pt", prompt, dict(
             task=args.task, method=args.method, step=run.best_step, score=run.best_score))
-    test = None
-    if not args.no_test:
-        scores = evaluation.score_split(net, task.tokenizer, task.meta, *task.test, ranks, args)
-        test = {"task": args.task, "split": "test", "mode": args.eval_mode, "checkpoint": "best",
-                "best_step": run.best_step, "validation_score": run.best_score, **scores}
-        if ranks.master:
-            files.write_json(out_dir / "metrics.json", test)
+    test = None if args.no_test else {
+        "task": args.task, "split": "test", "mode": args.eval_mode, "checkpoint": "best",
+        "best_step": run.best_step, "validation_score": run.best_score,
+        **evaluation.score_split(net, task.tokenizer, task.meta, *task.test, ranks, args)}
+    if test and ranks.master:
+        files.write_json(out_dir / "metrics.json", test)
     run.log({"event": "end", "step": run.step, **t, "best_step": run.best_step,
              "best_score": run.best_score, "test_score": test["score"] if test else None})
     say(f"train: done {out_dir.name}: best validation {run.best_score:.2f} at step {run.best_step}"

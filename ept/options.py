@@ -1,7 +1,4 @@
-"""train.py's flags and the rules the drivers plan by: a command line's runs (a sweep), their
-method defaults (resolve), their folder names (run_name) and batch plan."""
-import argparse
-import itertools
+"""train.py's flags and the rules the drivers plan by: method defaults, run names, batch plan."""
 import math
 from pathlib import Path
 
@@ -10,8 +7,7 @@ from ept import cli, runtime
 
 # train.py sets its text; no abbreviations: `--max-step 3` or `--eval 5` is an error, never a guess
 parser = cli.Parser(prog="train.py", formatter_class=cli.HelpFormatter, allow_abbrev=False)
-several = dict(nargs="+", action=cli.Sweep)  # several values: a sweep, trained as a pack
-pos, nonneg = cli.positive_int, cli.nonnegative_int
+several, pos, nonneg = dict(nargs="+", action=cli.Sweep), cli.positive_int, cli.nonnegative_int
 add = parser.add_argument_group("data").add_argument
 add("--task", default="rte", type=cli.name, help="task; data/<task>/ is prepared if missing")
 add("--data-dir", default="data", help="folder holding <task>/meta.json and the split files")
@@ -66,7 +62,7 @@ add("--wandb", metavar="PROJECT", help="also log to Weights & Biases")
 add = parser.add_argument_group("packs: several prompt runs on one T5").add_argument
 add("--runs", metavar="FILE", help="a JSON list of per-run option dicts; the flags: all runs'")
 add("--pack-max-rows", type=pos, metavar="K", help="examples per forward (default: all the runs')")
-# SWEEP: the options that take several values; PER_RUN: what --runs FILE may set per run
+# SWEEP: the options that take several values (a sweep: a pack); PER_RUN: what --runs FILE may set
 SWEEP = ("method", "seed", "lr", "prompt_length", "hidden_size", "broadcast", "init", "reparam",
          "activation", "depth")
 PER_RUN = SWEEP + ("layer_norm", "residual", "extra_layer", "weight_decay", "warmup_steps",
@@ -79,11 +75,11 @@ NAME_TAGS = [("prompt_length", "n"), ("reparam", ""), ("hidden_size", "h"), ("br
 
 
 def resolve(args):
-    """Fill the defaults that depend on the method (their one home; run names leave them out)."""
-    for key in ("lr", "hidden_size", "broadcast"):
-        if getattr(args, key) is None:
-            setattr(args, key, M.DEFAULTS[key].get(args.method))
-    args.tokenizer = args.tokenizer or args.model
+    """The method's defaults (their one home), the options it ignores at theirs (sweep once)."""
+    method, tokenizer = args.method, args.tokenizer or args.model
+    vars(args).update({k: parser.get_default(k) for k in M.OPTIONS if not M.applies(k, method)})
+    vars(args).update({k: M.DEFAULTS[k].get(method) for k in ("lr", "hidden_size", "broadcast")
+                       if getattr(args, k) is None}, tokenizer=tokenizer)
     return args
 
 
@@ -93,62 +89,22 @@ def defaults(method):
     return {**{key: getattr(args, key) for key, _ in NAME_TAGS}, "fewshot_seed": None}
 
 
-def model_tag(model_name):
-    return Path(str(model_name).rstrip("/")).name  # "t5-base", "smoke/tiny-t5" -> "tiny-t5"
+model_tag = lambda model: Path(str(model).rstrip("/")).name  # noqa: E731 "smoke/tiny-t5": tiny-t5
 
 
 def run_name(spec):
-    """<task>_<method>_<model>[_<tags>]_s<seed> (e.g. boolq_ept_t5-base_h50_s1) of a run `spec`
-    (dict or Namespace): one rule for a solo run, a pack's and the drivers'."""
-    spec = spec if isinstance(spec, dict) else vars(spec)
-    default = defaults(spec["method"])
+    """A run's name, <task>_<method>_<model>[_<tags>]_s<seed> (boolq_ept_t5-base_h50_s1)."""
+    base, method = defaults(spec["method"]), spec["method"]
     tags = [tag if v is True else f"{tag}{v:g}" if isinstance(v, float) else f"{tag}{v}"
-            for key, tag in NAME_TAGS if (v := spec.get(key, default[key])) is not None
-            and v != default[key] and M.applies(key, spec["method"])
-            and (key != "fewshot_seed" or spec.get("fewshot_k"))]
-    return "_".join([spec["task"], spec["method"], model_tag(spec["model"]), *tags,
-                     f"s{spec['seed']}"])
-
-
-def method_defaults(spec):
-    """`spec` (a dict) with the options its method ignores at their defaults: one config.json."""
-    return {**spec, **{k: parser.get_default(k) for k in M.OPTIONS
-                       if not M.applies(k, spec["method"])}}
-
-
-def sweep(args):
-    """The runs of a sweep, unresolved: the product of its values (EPT x 2 prompt lengths: one)."""
-    specs = {}
-    for combo in itertools.product(*[v if isinstance(v := getattr(args, k), list) else [v]
-                                     for k in SWEEP]):
-        spec = method_defaults({**vars(args), **dict(zip(SWEEP, combo)), "out_dir": None})
-        specs.setdefault(tuple(map(repr, spec.values())), argparse.Namespace(**spec))
-    return list(specs.values())
-
-
-def resolve_runs(args, specs, packed):
-    """The runs resolved, each with its folder: --out-dir or runs/<name>; packed, <that>/<name>."""
-    for spec in specs:
-        if packed and spec.method == "ft":
-            raise cli.Failure("train: ft trains T5 itself: train it alone, not in a pack")
-        resolve(spec)
-        spec.out_dir = ((spec.out_dir if packed else args.out_dir)
-                        or str(Path(packed and args.out_dir or "runs") / run_name(spec)))
-    if not packed and (problem := cli.run_folder_problem(specs[0].out_dir)):
-        raise cli.Failure(f"train: --out-dir {problem}")
-    folders = [str(Path(s.out_dir).resolve()) for s in specs]
-    if shared := sorted({f for f in folders if folders.count(f) > 1}):
-        raise cli.Failure(f"train: two runs of the pack share a folder: {', '.join(shared)}")
-    if args.random_init and len({s.seed for s in specs}) > 1:
-        raise cli.Failure("train: --random-init builds the pack's one T5 from one seed")
-    return specs
+            for key, tag in NAME_TAGS if (v := spec.get(key, base[key])) not in (None, base[key])
+            and M.applies(key, method) and (key != "fewshot_seed" or spec.get("fewshot_k"))]
+    return "_".join([spec["task"], method, model_tag(spec["model"]), *tags, f"s{spec['seed']}"])
 
 
 def batch_plan(args, n_train, world_size):
     """Fill args.steps_per_epoch, .micro_batch_size (one rank's forward), .grad_accum_steps."""
-    args.steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last batch may be partial
-    if args.epochs is not None:  # --epochs sets max_steps
-        args.max_steps = math.ceil(args.epochs * args.steps_per_epoch)
+    per_epoch = args.steps_per_epoch = math.ceil(n_train / args.batch_size)  # the last: partial
+    args.max_steps = math.ceil(args.epochs * per_epoch) if args.epochs else args.max_steps
     per_rank = math.ceil(args.batch_size / world_size)
     args.micro_batch_size = min(args.micro_batch_size or per_rank, per_rank)
     args.grad_accum_steps = math.ceil(per_rank / args.micro_batch_size)

@@ -2,6 +2,7 @@
 the step is shared: each example with its run's prompt (left-padded, masked: T5 has relative
 positions only), each run's loss its own token mean: its train.py gradient. docs/packing.md."""
 import argparse
+import itertools
 import math
 import time
 from contextlib import nullcontext
@@ -16,11 +17,11 @@ import train
 from ept import cli, files, options, runfolder, runtime, tasks
 
 
-def main(args, specs, ranks, max_rows=None, runs_file=None):
+def main(args, ranks, max_rows=None, runs_file=None):
     """train.py's main for several runs: folders checked, one T5 loaded, runs built, trained."""
-    specs = ranks.first(lambda: options.resolve_runs(
-        args, specs or read_runs(args, runs_file), True), everyone=True)
-    ranks.first(lambda: train.check_offline(args))  # offline: all that is missing in one sentence
+    specs = ranks.first(lambda: checked(args, read_runs(args, runs_file) if runs_file
+                                        else sweep(args)), everyone=True)
+    ranks.first(lambda: train.check(args))  # offline: all that is missing in one sentence
     say, held, left_out = print if ranks.master else (lambda *a, **k: None), [], []
 
     def open_folders():  # each run's folder claimed and checked: [(spec, resume path)] to train
@@ -37,8 +38,8 @@ def main(args, specs, ranks, max_rows=None, runs_file=None):
     def start():  # every run built and checked; only then config.json and log.jsonl written
         for spec, _ in todo:
             spec.max_length = todo[0][0].max_length  # the task's, as load_task resolved it
-        team = [train.new_run(t5, spec, task, ranks, out_dir=Path(spec.out_dir),
-                              resume_path=resume_path) for spec, resume_path in todo]
+        team = [train.Run(t5, spec, task, ranks, out_dir=Path(spec.out_dir),
+                          resume_path=resume_path) for spec, resume_path in todo]
         for run, lock in zip(team, held):  # held (rank 0 only): the locks of `todo`, in order
             run.lock = lock  # released when the run leaves the pack
         held[:] = team
@@ -63,6 +64,33 @@ def main(args, specs, ranks, max_rows=None, runs_file=None):
     return {"runs": results} if todo else {"runs": {}, "finished": True}
 
 
+def sweep(args):
+    """The runs of a sweep: the product of its values (EPT x 2 prompt lengths: one run)."""
+    values = [v if isinstance(v := getattr(args, k), list) else [v] for k in options.SWEEP]
+    specs = [run_spec(args, dict(zip(options.SWEEP, c))) for c in itertools.product(*values)]
+    return list({repr(vars(s)): s for s in specs}.values())
+
+
+def run_spec(args, values, out_dir=None):
+    """A run of the pack: the flags and its `values`, resolved; its folder `out_dir` or
+    <--out-dir or runs>/<its name>."""
+    spec = options.resolve(argparse.Namespace(**{**vars(args), **values}))
+    spec.out_dir = out_dir or str(Path(args.out_dir or "runs") / options.run_name(vars(spec)))
+    return spec
+
+
+def checked(args, specs):
+    """`specs` if they can share one T5: no ft, a folder each, one seed for --random-init."""
+    if any(s.method == "ft" for s in specs):
+        raise cli.Failure("train: ft trains T5 itself: train it alone, not in a pack")
+    folders = [str(Path(s.out_dir).resolve()) for s in specs]
+    if shared := sorted({f for f in folders if folders.count(f) > 1}):
+        raise cli.Failure(f"train: two runs of the pack share a folder: {', '.join(shared)}")
+    if args.random_init and len({s.seed for s in specs}) > 1:
+        raise cli.Failure("train: --random-init builds the pack's one T5 from one seed")
+    return specs
+
+
 def read_runs(args, runs_file):
     """--runs FILE's runs, unresolved: its list of option dicts over the flags' options."""
     rows = files.read_json(Path(runs_file), "run list")
@@ -76,8 +104,7 @@ def read_runs(args, runs_file):
         if "out_dir" in row and (problem := cli.run_folder_problem(row["out_dir"])):
             raise cli.Failure(f"train: --runs {runs_file}: out_dir {problem}")
         values = {k: per_run_value(args, k, v) for k, v in row.items() if k != "out_dir"}
-        specs.append(argparse.Namespace(**options.method_defaults(
-            {**vars(args), "out_dir": row.get("out_dir"), **values})))
+        specs.append(run_spec(args, values, row.get("out_dir")))
     return specs
 
 
@@ -160,8 +187,7 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
         n, size = len(faults), len(team)
         head = ("" if size == 1 else f"train: all {size} runs of the pack stopped. " if n == size
                 else f"train: {n} of the {size} runs of the pack stopped; the others finished. ")
-        raise (train.NonFiniteError(head + " ".join(faults)) if ranks.master
-               else runtime.PeerStopped())
+        raise cli.Failure(head + " ".join(faults)) if ranks.master else runtime.PeerStopped()
     return results
 
 
@@ -172,7 +198,7 @@ def make_run(t5, method, *, name=None, fused=None, **overrides):
         raise TypeError(f"make_run: train.py has no option {unknown[0]!r}")
     args = options.resolve(argparse.Namespace(**{**vars(args), **overrides}))
     options.batch_plan(args, 1, 1)  # the micro-batch size
-    return train.new_run(t5, args, name=name or f"{method}_s{args.seed}", fused=fused)
+    return train.Run(t5, args, name=name or f"{method}_s{args.seed}", fused=fused)
 
 
 class PackedT5(torch.nn.Module):

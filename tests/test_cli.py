@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_train import argv, data_dir  # noqa: F401 (data_dir is a fixture shared with test_train)
 
-from ept import grid, options
+from ept import grid, options, pack
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("ablate", "analyze", "bench", "bench_pack", "evaluate", "export", "fewshot", "make_tiny",
@@ -354,11 +354,11 @@ def test_options_that_do_not_apply_neither_multiply_nor_name_runs():
     import model as M
     args = options.parser.parse_args(["--task", "rte", "--method", "pt", "ept", "--prompt-length", "5", "10",
                                     "--model", "t5-base"])
-    specs = options.resolve_runs(args, options.sweep(args), packed=True)
+    specs = pack.sweep(args)
     assert [Path(s.out_dir).name for s in specs] == ["rte_pt_t5-base_n5_s0", "rte_pt_t5-base_s0", "rte_ept_t5-base_s0"]
     args = options.parser.parse_args(["--method", "pt", "ept", "ptuning", "--hidden-size", "1", "5", "--reparam",
                                     "mlp", "lstm"])
-    names = [Path(s.out_dir).name for s in options.resolve_runs(args, options.sweep(args), True)]
+    names = [Path(s.out_dir).name for s in pack.sweep(args)]
     assert names == ["rte_pt_t5-base_s0", "rte_ept_t5-base_s0", "rte_ept_t5-base_h5_s0", "rte_ptuning_t5-base_s0",
                      "rte_ptuning_t5-base_lstm_s0"]
     assert all(M.applies(k, "ept") for k in ("hidden_size", "broadcast", "depth")) and not M.applies("prompt_length", "ept")
