@@ -1,21 +1,18 @@
 """Train one method on one task: the paper's loop (docs/paper.md, "Training"), CPU, one GPU or many.
 Writes the run folder: config.json, log.jsonl, best.pt, last.pt, prompt.pt (the best checkpoint's
-folded P') and metrics.json (its test scores). SIGTERM/SIGUSR1/Ctrl-C: last.pt, exit 143/138/130.
+folded P') and metrics.json. SIGTERM/SIGUSR1/Ctrl-C: last.pt, exit 143/138/130; then --resume.
 
     python train.py --method ept                  # EPT on RTE, t5-base: the paper's setting
     torchrun --standalone --nproc_per_node=4 train.py --task boolq --method ept_star  # 4 GPUs
-    python train.py --task rte --method ept --resume        # continue a killed run from its last.pt
     python train.py --method pt ept --seed 0 1  # a pack: 4 prompt runs on one T5 (ept/pack.py)
     python train.py --method ept --model ../shared/data/t5/t5-small --random-init --max-steps 30 \\
         --tokenizer ../shared/data/t5 --eval-every 30 --max-eval-examples 32  # a CPU smoke run
 """
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -33,14 +30,12 @@ def main(argv=None):
     args = ranks.first(lambda: options.parser.parse_args(argv), everyone=True)  # usage: rank 0's
     runs_file, max_rows = vars(args).pop("runs"), vars(args).pop("pack_max_rows")  # not a run's
     if runs_file or any(isinstance(getattr(args, k), list) for k in options.SWEEP):
-        sys.modules.setdefault("train", sys.modules[__name__])  # one copy of this module
         from ept import pack
         return pack.main(args, ranks, max_rows, runs_file)
     args = options.resolve(args)  # the method's defaults
     args.out_dir = args.out_dir or str(Path("runs") / options.run_name(vars(args)))
     ranks.first(lambda: check(args, args.out_dir))
-    say = print if ranks.master else (lambda *a, **k: None)
-    out_dir, held = Path(args.out_dir), []
+    say, out_dir, held = print if ranks.master else (lambda *a, **k: None), Path(args.out_dir), []
     with runtime.stop_on_signals(), runfolder.cleanup([out_dir], held, ranks.master):
         resume_path = ranks.first(lambda: runfolder.open_folder(args, out_dir, held, say))
         if resume_path == "finished":
@@ -49,7 +44,6 @@ def main(argv=None):
         t5 = ranks.first(lambda: load_t5(args, task, ranks), everyone=True)
         run = ranks.first(lambda: Run(t5, args, task, ranks, out_dir=out_dir,
                                       resume_path=resume_path), everyone=True)
-        held.append(run)
         run.log = ranks.first(lambda: runfolder.start_log(run, task, ranks, say), everyone=True)
         return train(run, task, wrap(run.net, args, ranks), ranks, say)
 
@@ -70,30 +64,29 @@ def train(run, task, model, ranks, say):
     lengths = [len(s) + len(t) for s, t in zip(*task.data[:2])]  # tokens/s, --group-by-length
     amp = runtime.set_precision(args.dtype, ranks.device)
     meter = runtime.Throughput(warm=2 if args.max_steps - run.step >= 10 else 0)
-    bar = tqdm(total=args.max_steps, initial=run.step, desc=run.out_dir.name, dynamic_ncols=True,
-               **({} if ranks.master else {"disable": True}))  # TQDM_DISABLE=1 still works
-    while True:
-        if not validate_and_save(run, task, ranks):
-            raise nonfinite_stop(run, ["weights"], run.scheduler.get_last_lr()[0], ranks.master)
-        if run.step == args.max_steps:
-            break
-        if sig := runtime.stop_requested(ranks):  # preempted or cancelled: last.pt, then exit
-            if runfolder.weights_finite(run.params):  # never a NaN/inf state on disk
-                runfolder.save_checkpoint(run, ranks, "last.pt")
-            raise runtime.stopped(sig, [run])
-        batch, t0 = next_batch(run, n_train, lengths), time.time()
-        record = train_step(model, run, batch, task.data, amp, ranks)
-        seconds, tokens = time.time() - t0, sum(lengths[i] for i in batch)
-        run.advance(len(batch), n_train)
-        meter.add(len(batch), tokens, seconds)
-        run.log(train_event(run, record, len(batch), tokens, seconds))
-        if bad := [k for k in ("loss", "grad_norm", "prompt_norm")
-                   if record[k] is not None and not math.isfinite(record[k])]:
-            raise nonfinite_stop(run, bad, record["lr"], ranks.master)
-        mu = record["prompt_norm"]
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", norm="-" if mu is None else f"{mu:.3g}")
-    bar.close()
+    with tqdm(total=args.max_steps, initial=run.step, desc=run.out_dir.name, dynamic_ncols=True,
+              **({} if ranks.master else {"disable": True})) as bar:  # TQDM_DISABLE=1 still works
+        while True:
+            if not validate_and_save(run, task, ranks):
+                raise nonfinite_stop(run, ["weights"], run.scheduler.get_last_lr()[0], ranks.master)
+            if run.step == args.max_steps:
+                break
+            if sig := runtime.stop_requested(ranks):  # preempted or cancelled: last.pt, then exit
+                if runfolder.weights_finite(run.params):  # never a NaN/inf state on disk
+                    runfolder.save_checkpoint(run, ranks, "last.pt")
+                raise runtime.stopped(sig, [run])
+            batch, t0 = next_batch(run, n_train, lengths), time.time()
+            record = train_step(model, run, batch, task.data, amp, ranks)
+            seconds, tokens = time.time() - t0, sum(lengths[i] for i in batch)
+            run.advance(len(batch), n_train)
+            meter.add(len(batch), tokens, seconds)
+            run.log(train_event(run, record, len(batch), tokens, seconds))
+            if bad := [k for k in ("loss", "grad_norm", "prompt_norm")
+                       if record[k] is not None and not math.isfinite(record[k])]:
+                raise nonfinite_stop(run, bad, record["lr"], ranks.master)
+            mu = record["prompt_norm"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", norm="-" if mu is None else f"{mu:.3g}")
     return finish(run, task, ranks, say, meter)
 
 
@@ -102,20 +95,18 @@ def train_step(model, run, batch, data, amp, ranks):
     rank, ws, device = ranks.rank, ranks.world_size, ranks.device
     n_tokens = sum(len(data[1][i]) for i in batch)  # target tokens: every rank holds the data
     shard, micro = batch[rank::ws], run.args.micro_batch_size  # this rank's, in micro-batches
-    n_micro = math.ceil(math.ceil(len(batch) / ws) / micro)  # the same on every rank
-    loss_sum = torch.zeros((), device=device)
+    n_micro, loss_sum = math.ceil(len(batch[::ws]) / micro), torch.zeros((), device=device)
     for m in range(n_micro):
         idx = shard[m * micro:(m + 1) * micro]
         weight = 1.0 if idx else 0.0  # a rank short of examples still joins DDP's all-reduce
         input_ids, mask, labels = (t.to(device) for t in tasks.collate(idx or batch[:1], *data))
         if ws > 1:
-            model.require_backward_grad_sync = m == n_micro - 1
-        keys = M.example_keys(run.args.seed, run.step, idx or batch[:1], device)  # dropout's
-        with amp, M.dropout_keys(keys):  # forward with the prompt prepended (PromptedT5.embed)
+            model.require_backward_grad_sync = m == n_micro - 1  # n_micro: rank 0's, on all ranks
+        with amp, M.dropout_keys(M.example_keys(run.args.seed, run.step, idx or batch[:1], device)):
             logits = model(input_ids, mask, decoder_input_ids=run.net.t5._shift_right(labels),
-                           use_cache=False).logits
-        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                              reduction="sum") * weight
+                           use_cache=False).logits  # the prompt prepended (PromptedT5.embed)
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                ignore_index=-100, reduction="sum") * weight
         (nll * (ws / n_tokens)).backward()  # DDP's mean over ranks: the batch's token mean
         loss_sum += nll.detach()
     if ws > 1:
@@ -125,7 +116,7 @@ def train_step(model, run, batch, data, amp, ranks):
 
 
 def update(runs, losses):
-    """Clip, AdamW, schedule step (not when non-finite), one sync: [(loss, norm, lr, (mu_t, s_t))]."""
+    """Clip, AdamW, schedule (not if non-finite), one sync: [(loss, norm, lr, (mu_t, s_t))]."""
     grad_norms = torch.stack([torch.nn.utils.clip_grad_norm_(r.params, r.args.max_grad_norm
                                                              or math.inf).float() for r in runs])
     losses, norms = torch.stack([losses, grad_norms.to(losses.device)]).tolist()
@@ -151,7 +142,6 @@ def prompt_stats(module):
 
 
 def train_event(run, record, examples, tokens, seconds):
-    """A step's log line: loss, lr, grad norm, mu_t (s_t for EPT), epoch and throughput."""
     kept = {k: record[k] for k in ("loss", "lr", "grad_norm", "prompt_norm", "ept_s")
             if k != "ept_s" or record[k] is not None}
     return {"event": "train", "step": run.step, **kept, "epoch": run.epoch,
@@ -159,8 +149,7 @@ def train_event(run, record, examples, tokens, seconds):
 
 
 class Run:
-    """One run on the shared T5: its options, PromptedT5 (`net`) with the prompt module seeded by
-    --seed, AdamW + schedule, data position, best; from last.pt (`resume_path`) if given."""
+    """One run: options, PromptedT5 (`net`), AdamW + schedule, data position, best; or last.pt's."""
     module = property(lambda self: self.net.trainable)  # what trains: prompt module, or T5 (ft)
     params = property(lambda self: [p for g in self.optimizer.param_groups for p in g["params"]])
 
@@ -201,7 +190,6 @@ class Run:
                 "best_score": self.best_score, "best_step": self.best_step}
 
     def load_state(self, state):
-        """Continue from a checkpoint of this run (written alone or in a pack)."""
         self.module.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -212,11 +200,10 @@ class Run:
 
 def next_batch(run, n_train, lengths=None):
     """The next global batch: [index:index + batch_size] of its epoch's order (seed, epoch)."""
-    args = run.args
     if run.order[0] != run.epoch:
-        run.order = (run.epoch, tasks.epoch_order(n_train, args.seed, run.epoch, args.batch_size,
-                                                  lengths if args.group_by_length else None))
-    return run.order[1][run.index:run.index + args.batch_size].tolist()
+        run.order = (run.epoch, tasks.epoch_order(n_train, run.args.seed, run.epoch,
+                     run.args.batch_size, lengths if run.args.group_by_length else None))
+    return run.order[1][run.index:run.index + run.args.batch_size].tolist()
 
 
 def make_optimizer(params, args, fused=None):
@@ -244,21 +231,17 @@ def wrap(net, args, ranks):
 
 
 def validate_and_save(run, task, ranks):
-    """The top of a step: validate (then best.pt if improved, last.pt) every --eval-every steps and
-    at the last, or last.pt every --save-every steps. False: weights not finite (nothing saved)."""
-    args = run.args
-    due = run.step > run.start_step or (run.step > 0 and not run.resumed)
+    """When due, validate (best.pt if improved) and save last.pt. False: weights not finite."""
+    args, due = run.args, run.step > run.start_step  # not at the step it started or resumed at
     evaluate = due and (run.step % args.eval_every == 0 or run.step == args.max_steps)
-    if not (evaluate or due and run.step % (args.save_every or args.eval_every) == 0):
-        return True
-    if not runfolder.weights_finite(run.params):
-        return False
+    save = evaluate or due and run.step % (args.save_every or args.eval_every) == 0
+    if not save or not runfolder.weights_finite(run.params):
+        return not save  # nothing due: True; due but the weights are not finite: False
     if evaluate:
         t0 = time.time()
         scores = evaluation.score_split(run.net, task.tokenizer, task.meta, *task.val, ranks, args)
-        seconds = time.time() - t0
         run.log({"event": "eval", "step": run.step, "split": "validation", **scores, "eval_time_s":
-                 seconds, "eval_examples_per_s": len(task.val[0]) / max(seconds, 1e-9)})
+                 (s := time.time() - t0), "eval_examples_per_s": len(task.val[0]) / max(s, 1e-9)})
     if improved := evaluate and scores["score"] > run.best_score:
         run.best_score, run.best_step = scores["score"], run.step
     runfolder.save_checkpoint(run, ranks, *(["best.pt"] if improved else []), "last.pt")
@@ -266,7 +249,7 @@ def validate_and_save(run, task, ranks):
 
 
 def nonfinite_stop(run, what, lr, master=True):
-    """The error to raise for a NaN/inf, logged and (rank 0) in failed.txt; others: a quiet exit 1."""
+    """The error for a NaN/inf: logged, in failed.txt (rank 0); the other ranks: quiet exit 1."""
     run.log({"event": "nonfinite", "step": run.step, "what": what})
     kept = (f"best.pt (step {run.best_step}) and log.jsonl in {run.out_dir} are intact"
             if run.best_step else f"no checkpoint was saved; log.jsonl in {run.out_dir} records it")
@@ -281,8 +264,7 @@ def nonfinite_stop(run, what, lr, master=True):
 def finish(run, task, ranks, say, meter):
     """The end: best.pt folded into P' (prompt.pt), the test split scored with P' alone."""
     args, out_dir, trained, t = run.args, run.out_dir, run.net, meter.summary(ranks.device)
-    if ranks.world_size > 1:
-        torch.distributed.barrier()  # best.pt is complete on disk
+    ranks.first(lambda: None)  # a barrier: rank 0 wrote best.pt
     trained.trainable.load_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
     prompt = trained.prompt()
     net = trained if prompt is None else M.PromptedT5(trained.t5, M.FoldedPrompt(prompt.float()))
@@ -298,9 +280,8 @@ def finish(run, task, ranks, say, meter):
     run.log({"event": "end", "step": run.step, **t, "best_step": run.best_step,
              "best_score": run.best_score, "test_score": test["score"] if test else None})
     say(f"train: done {out_dir.name}: best validation {run.best_score:.2f} at step {run.best_step}"
-        + (f", test {test['score']:.2f}" if test else "")
-        + f"; {t['train_examples_per_s']:.1f} examples/s, {t['train_tokens_per_s']:.0f} tokens/s, "
-        f"peak memory {t['peak_memory_mb']:.0f} MiB ({t['peak_memory_kind']})")
+        + (f", test {test['score']:.2f}" if test else "") + f"; {t['train_examples_per_s']:.1f} "
+        f"examples/s, {t['train_tokens_per_s']:.0f} tokens/s, peak {t['peak_memory_mb']:.0f} MiB")
     return {"out_dir": str(out_dir), "best_step": run.best_step, "best_score": run.best_score,
             "metrics": test, "throughput": t, "config": run.config, "model": trained}
 

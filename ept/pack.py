@@ -1,6 +1,5 @@
-"""A pack: R prompt runs (train.Run) on one frozen T5 beneath train.py (a sweep, --runs FILE). Only
-the step is shared: each example with its run's prompt (left-padded, masked: T5 has relative
-positions only), each run's loss its own token mean: its train.py gradient. docs/packing.md."""
+"""A pack: R prompt runs (train.Run) on one frozen T5 beneath train.py (a sweep, --runs FILE); each
+example with its run's prompt (left-padded), each run's loss its own token mean. docs/packing.md."""
 import argparse
 import itertools
 import math
@@ -19,21 +18,18 @@ from ept import cli, files, options, runfolder, runtime, tasks
 
 def main(args, ranks, max_rows=None, runs_file=None):
     """train.py's main for several runs: folders checked, one T5 loaded, runs built, trained."""
-    specs = ranks.first(lambda: checked(args, read_runs(args, runs_file) if runs_file
-                                        else sweep(args)), everyone=True)
+    specs = ranks.first(lambda: resolve_runs(args, runs_file), everyone=True)
     ranks.first(lambda: train.check(args))  # offline: all that is missing in one sentence
-    say, held, left_out = print if ranks.master else (lambda *a, **k: None), [], []
+    say, held, left_out, found = print if ranks.master else (lambda *a, **k: None), [], [], []
 
     def open_folders():  # each run's folder claimed and checked: [(spec, resume path)] to train
-        todo = []
-        for spec in specs:
+        for s in specs:
             try:
-                todo.append((spec, runfolder.open_folder(spec, Path(spec.out_dir), held, say,
-                                                         packed=True)))
+                found.append((s, runfolder.open_folder(s, Path(s.out_dir), held, say, packed=True)))
             except runfolder.Busy as err:
                 say(f"train: left out of the pack: {err}")
-                left_out.append(str(Path(spec.out_dir)))
-        return [(spec, resume_path) for spec, resume_path in todo if resume_path != "finished"]
+                left_out.append(str(Path(s.out_dir)))
+        return [(spec, resume_path) for spec, resume_path in found if resume_path != "finished"]
 
     def start():  # every run built and checked; only then config.json and log.jsonl written
         for spec, _ in todo:
@@ -53,14 +49,12 @@ def main(args, ranks, max_rows=None, runs_file=None):
             task = ranks.first(lambda: tasks.load_task(todo[0][0], ranks, say), everyone=True)
             t5 = ranks.first(lambda: train.load_t5(todo[0][0], task, ranks), everyone=True)
             team = ranks.first(start, everyone=True)
-            results = train_pack(team, task, t5, ranks, say, max_rows)
-            say(table(team, results))
+            say(table(team, results := train_pack(team, task, t5, ranks, say, max_rows)))
         else:
             say(f"train: nothing left to train of the {len(specs)} runs")
     if left_out:  # the pack is not finished: its command must not read as done
         raise runfolder.Busy(f"train: {len(left_out)} run(s) of the pack were left out, held by "
-                             f"another process: {' '.join(left_out)}; run the same command again "
-                             "once it is done")
+                             f"another process: {' '.join(left_out)}; run the command again later")
     return {"runs": results} if todo else {"runs": {}, "finished": True}
 
 
@@ -72,15 +66,15 @@ def sweep(args):
 
 
 def run_spec(args, values, out_dir=None):
-    """A run of the pack: the flags and its `values`, resolved; its folder `out_dir` or
-    <--out-dir or runs>/<its name>."""
+    """The flags and a run's `values`, resolved; its folder: out_dir or <--out-dir or runs>/name."""
     spec = options.resolve(argparse.Namespace(**{**vars(args), **values}))
     spec.out_dir = out_dir or str(Path(args.out_dir or "runs") / options.run_name(vars(spec)))
     return spec
 
 
-def checked(args, specs):
-    """`specs` if they can share one T5: no ft, a folder each, one seed for --random-init."""
+def resolve_runs(args, runs_file=None):
+    """The runs (--runs FILE's, or the sweep's) if they can share one T5 and each has its folder."""
+    specs = read_runs(args, runs_file) if runs_file else sweep(args)
     if any(s.method == "ft" for s in specs):
         raise cli.Failure("train: ft trains T5 itself: train it alone, not in a pack")
     folders = [str(Path(s.out_dir).resolve()) for s in specs]
@@ -92,27 +86,23 @@ def checked(args, specs):
 
 
 def read_runs(args, runs_file):
-    """--runs FILE's runs, unresolved: its list of option dicts over the flags' options."""
+    """--runs FILE's runs: its list of option dicts over the flags' options."""
     rows = files.read_json(Path(runs_file), "run list")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise cli.Failure(f"train: --runs {runs_file} must be a non-empty list of option dicts")
     if swept := [k for k in options.SWEEP if isinstance(getattr(args, k), list)]:
         raise cli.Failure("train: --runs gives the runs; the flags give only what they share: "
                           f"one value for --{', --'.join(k.replace('_', '-') for k in swept)}")
-    specs = []
-    for row in rows:
-        if "out_dir" in row and (problem := cli.run_folder_problem(row["out_dir"])):
-            raise cli.Failure(f"train: --runs {runs_file}: out_dir {problem}")
-        values = {k: per_run_value(args, k, v) for k, v in row.items() if k != "out_dir"}
-        specs.append(run_spec(args, values, row.get("out_dir")))
-    return specs
+    if bad := [p for r in rows if "out_dir" in r and (p := cli.run_folder_problem(r["out_dir"]))]:
+        raise cli.Failure(f"train: --runs {runs_file}: out_dir {bad[0]}")
+    return [run_spec(args, {k: per_run_value(args, k, v) for k, v in row.items() if k != "out_dir"},
+                     row.get("out_dir")) for row in rows]
 
 
 def per_run_value(args, key, value):
     """A --runs FILE value checked and converted as the command line would take it."""
     if key not in vars(args):
-        raise cli.Failure(f"train: --runs: unknown option {key!r} (train.py's option names, with "
-                          "underscores)")
+        raise cli.Failure(f"train: --runs: unknown option {key!r} (train.py's, with underscores)")
     action = next(a for a in options.parser._actions if a.dest == key)
     try:
         if action.nargs == 0 and not isinstance(value, bool):  # a flag (store_true)
@@ -123,8 +113,7 @@ def per_run_value(args, key, value):
     except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
         raise cli.Failure(f"train: --runs: {key}: {err}") from None
     if key not in options.PER_RUN and value != vars(args)[key]:  # one task, data and T5
-        raise cli.Failure(f"train: --runs: {key} is shared by the runs of a pack: give it once on "
-                          f"the command line, not {value!r} for one run")
+        raise cli.Failure(f"train: --runs: {key} is shared by the runs of a pack: give it once")
     return value
 
 
@@ -142,10 +131,9 @@ def table(team, results):
 
 def train_pack(team, task, t5, ranks, say, max_rows=None):
     """train.train for R runs: each validates, saves and finishes by train.py's functions."""
-    args = team[0].args
-    pack = Pack(t5, team, task.data, device=ranks.device, rank=ranks.rank,
-                amp=runtime.set_precision(args.dtype, ranks.device), world_size=ranks.world_size,
-                max_rows=max_rows, wrap=lambda net: train.wrap(net, args, ranks))
+    pack = Pack(t5, team, task.data, device=ranks.device, rank=ranks.rank, max_rows=max_rows,
+                amp=runtime.set_precision(team[0].args.dtype, ranks.device),
+                world_size=ranks.world_size, wrap=lambda net: train.wrap(net, team[0].args, ranks))
     meters = {r: runtime.Throughput(warm=2 if r.args.max_steps - r.step >= 10 else 0) for r in team}
     live, results, faults, last = list(team), {}, [], {}  # last: each run's last step record
 
@@ -173,8 +161,7 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
                 for run in (run for run in live if runfolder.weights_finite(run.params)):
                     runfolder.save_checkpoint(run, ranks, "last.pt")
                 raise runtime.stopped(sig, live)
-            t0 = time.time()
-            records = pack.step()  # one optimizer step of every live run
+            t0, records = time.time(), pack.step()  # one optimizer step of every live run
             seconds = time.time() - t0
             for run in list(live):
                 last[run] = r = records[run.name]
@@ -202,8 +189,7 @@ def make_run(t5, method, *, name=None, fused=None, **overrides):
 
 
 class PackedT5(torch.nn.Module):
-    """One frozen T5 and R prompt modules; example i gets run `run_ids[i]`'s prompt, LEFT-padded.
-    Every forward computes all `active` runs' prompts: under DDP each gets a gradient (maybe 0)."""
+    """T5, R prompts: example i gets run_ids[i]'s (LEFT-padded); each pass runs all `active`."""
 
     def __init__(self, t5, modules):
         super().__init__()  # PromptedT5.embed prepends the prompts, as for a solo run
@@ -234,9 +220,8 @@ class PackedT5(torch.nn.Module):
 
 
 class Pack:
-    """R runs on one frozen T5 and split `data` (source ids, target ids, pad id); `wrap(PackedT5)`
-    runs the forward (DDP, torch.compile), made again whenever the set of training runs changes."""
-    training = property(lambda self: [r for r in self.runs
+    """R runs on one frozen T5 and split `data`; wrap(PackedT5): DDP/compile, per set of runs."""
+    training = property(lambda self: [r for r in self.runs  # a stopped run: frozen at the next step
                                       if r.stopped is None and r.step < r.args.max_steps])
 
     def __init__(self, t5, runs, data, *, device=None, amp=None, rank=0, world_size=1,
@@ -245,11 +230,10 @@ class Pack:
             raise ValueError("packing: ft trains T5 itself and cannot share it with other runs")
         self.t5, self.runs, self.data = t5, list(runs), data
         self.rank, self.world_size, self.pad_to, self.max_rows = rank, world_size, pad_to, max_rows
-        self.device = device or t5.get_input_embeddings().weight.device
+        self.device, self.model = device or t5.get_input_embeddings().weight.device, None
         self.amp, self.wrap = amp or nullcontext(), wrap or (lambda packed: packed)
         self.packed = PackedT5(t5, [] if full else [r.module for r in runs])
-        self.lengths = [len(s) + len(t) for s, t in zip(data[0], data[1])]  # group_by_length
-        self.model, self.timings = None, {}
+        self.lengths, self.timings = [len(s) + len(t) for s, t in zip(*data[:2])], {}
         self.rows = [0 if full else len(r.net.prompt().detach()) for r in runs]  # prompt rows
 
     def step(self, batches=None):
@@ -260,8 +244,7 @@ class Pack:
         if self.model is None or ids != self.packed.active:  # DDP must see only the live runs
             for r in (r for r in self.runs if r not in runs):
                 r.module.requires_grad_(False)
-            self.packed.active = ids
-            self.model = self.wrap(self.packed)
+            self.packed.active, self.model = ids, self.wrap(self.packed)
         batches = batches or [train.next_batch(r, n_train, self.lengths) for r in runs]
         for r, batch, (loss, norm, lr, (mu, s)) in zip(runs, batches, self._step(runs, batches)):
             r.advance(len(batch), n_train)
@@ -270,8 +253,7 @@ class Pack:
             records[r.name] = {"step": r.step, **values, "ept_s": s, "lr": lr, "epoch": r.epoch,
                                "examples": len(batch), "nonfinite": bad,
                                "tokens": sum(self.lengths[i] for i in batch)}
-            if bad or r.step >= r.args.max_steps:  # it leaves the pack; frozen at the next step
-                r.stopped = "nonfinite" if bad else "done"
+            r.stopped = "nonfinite" if bad else "done" if r.step >= r.args.max_steps else None
         return records
 
     def _step(self, runs, batches):
@@ -312,8 +294,7 @@ class Pack:
             loss_sums.index_add_(0, slots, nll.detach())
         if ws > 1:
             torch.distributed.all_reduce(loss_sums)
-        t0 = time.perf_counter()
-        stats = train.update(runs, loss_sums / n_tokens)  # each run's token mean
+        t0, stats = time.perf_counter(), train.update(runs, loss_sums / n_tokens)  # token means
         self.timings = {"update_s": time.perf_counter() - t0, "forward_passes": len(plan),
                         "padded_tokens": padded}
         return stats
