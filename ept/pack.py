@@ -54,7 +54,8 @@ def main(args, ranks, max_rows=None, runs_file=None):
             say(f"train: nothing left to train of the {len(specs)} runs")
     if left_out:  # the pack is not finished: its command must not read as done
         raise runfolder.Busy(f"train: {len(left_out)} run(s) of the pack were left out, held by "
-                             f"another process: {' '.join(left_out)}; run the command again later")
+                             f"another process: {' '.join(left_out)}; run the same command again "
+                             "once it is done")
     return {"runs": results} if todo else {"runs": {}, "finished": True}
 
 
@@ -147,8 +148,7 @@ def train_pack(team, task, t5, ranks, say, max_rows=None):
         faults.append(str(train.nonfinite_stop(run, what, lr, ranks.master)))
         leave(run, {"out_dir": str(run.out_dir), "stopped": "nonfinite"})
     with tqdm(total=max(r.args.max_steps for r in team), initial=min(r.step for r in team),
-              desc=f"pack of {len(team)}", dynamic_ncols=True,
-              **({} if ranks.master else {"disable": True})) as bar:
+              desc=f"pack of {len(team)}", **({} if ranks.master else {"disable": True})) as bar:
         while live:
             for run in list(live):
                 if not train.validate_and_save(run, task, ranks):
