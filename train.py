@@ -244,7 +244,7 @@ def new_run(t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None, 
     resumed from `resume_path` (last.pt); with `task`, options.batch_plan fills args."""
     if task is not None:
         options.batch_plan(args, len(task.data[0]), ranks.world_size)
-        label_ids = tasks.label_ids(task.tokenizer, task.meta.get("labels"))
+        label_ids = task.label_ids
         if args.init == "label" and label_ids is None:
             raise cli.Failure(f"train: --init label needs a task with a label set; {args.task} "
                               "has none")
