@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import model as M
-from ept import cli, grid, tasks
+from ept import cli, grid, outputs, tasks
 
 TASKS = tasks.GROUPS["glue"] + tasks.GROUPS["superglue"]  # the 13 of Table 1
 SHOTS = [4, 16, 32]
@@ -63,9 +63,9 @@ def check_samples(args):
                      + tasks.prepare_command(args.data_dir, names, args.shots, args.seeds,
                                              overwrite=True))
     wanted = {f"k{k}_seed{s}" for k in args.shots for s in args.seeds}
-    old = {t: sorted(set(tasks.old_fewshot_sets(tasks.load_meta(args.data_dir, t, strict=False)))
+    old = {t: sorted(set(outputs.old_fewshot_sets(tasks.load_meta(args.data_dir, t, strict=False)))
                      & wanted) for t in names}
-    if warning := tasks.old_fewshot_warning(args.data_dir, old):
+    if warning := outputs.old_fewshot_warning(args.data_dir, old):
         print(f"fewshot: {warning}", file=sys.stderr)
 
 

@@ -706,7 +706,7 @@ def prepare(task, args, out):
             "max_target_length": max_target_length, "data_seed": args.data_seed,
             "tokenizer": tokenizer_name(args.tokenizer), "token_stats": stats,
             "fewshot": {key: {"file": f"train_{key}.jsonl", "size": len(records),
-                              "rule": tasks.FEWSHOT_RULES.get(task.name, tasks.FEWSHOT_RULE),
+                              "rule": outputs.FEWSHOT_RULES.get(task.name, outputs.FEWSHOT_RULE),
                               "classes": dict(sorted(Counter(r["target"] for r in records).items()))
                               if task.labels else None} for key, records in shots.items()}}
     texts["meta.json"] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
@@ -755,8 +755,8 @@ def main(argv=None):
                               f"{sorted(meta['fewshot']) or 'none'}; pass --overwrite to "
                               "rebuild it")
         print(f"{name}: already prepared in {out / name}, skipped (--overwrite to rebuild)")
-        old[name] = tasks.old_fewshot_sets(meta)
-    if warning := tasks.old_fewshot_warning(out, old):  # one line for all of them
+        old[name] = outputs.old_fewshot_sets(meta)
+    if warning := outputs.old_fewshot_warning(out, old):  # one line for all of them
         print(f"prepare_data: {warning}", file=sys.stderr)
     # a missing file or a few-shot folder: refused before any work
     chosen = [TASKS[name] for name in todo]

@@ -155,7 +155,7 @@ class Run:
 
     def __init__(self, t5, args, task=None, ranks=None, *, out_dir=None, resume_path=None,
                  name=None, fused=None):
-        label_ids = task and tasks.label_ids(task.tokenizer, task.meta.get("labels"))
+        label_ids = task and task.label_ids
         if task is not None:  # batch_plan fills args: steps per epoch, micro-batch
             options.batch_plan(args, len(task.data[0]), ranks.world_size)
             if args.init == "label" and label_ids is None:

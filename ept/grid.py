@@ -542,9 +542,16 @@ def result_row(experiment, settings, run_dir, extra_fields=None):  # --no-test: 
             "training": digest.hexdigest()[:16], "config": raw_config}
 
 
+@contextlib.contextmanager
+def locked(path):
+    """`path`.lock held while several processes read, check and append to `path`."""
+    with open(files.flock(files.make_dir(Path(path).parent) / f"{Path(path).name}.lock")[0]):
+        yield  # closing the file unlocks it
+
+
 def append_row_once(results, row):
     """"added", "replaced" (its folder was trained again) or None, under the file's lock."""
-    with files.locked(results):
+    with locked(results):
         rows = files.read_jsonl(results, what="results file", missing_ok=True,
                                 fix=outputs.RESULTS_FIX)
         same = [r for r in rows if r.get("run") == row["run"]]
@@ -585,7 +592,7 @@ def collect(experiment, plan, args):  # each finished run's row once in the resu
     for name, why in failed.items():  # stopped for good: running the unit again fails the same way
         print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
     path = Path(args.results_dir) / f"{experiment}.failed.json"  # {run folder: why}, report.py's
-    with files.locked(path) if path.exists() or failed else contextlib.nullcontext():
+    with locked(path) if path.exists() or failed else contextlib.nullcontext():
         try:
             old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         except (OSError, ValueError):

@@ -1,6 +1,7 @@
 """Run folders read back by the later stages, and the shared results files (not train.py's)."""
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -9,6 +10,31 @@ import torch
 
 import model as M
 from ept import cli, evaluation, files, runfolder, runtime, tasks
+
+# meta.json's "rule" of each few-shot set; absent: the old k per class. Table 3 (§5.2) is ambiguous
+# ("k randomly selected samples, with the number of classes sampled consistently"): k in all is our
+# reading, as the public EPT code takes k in total; STS-B follows that code (docs/data.md).
+FEWSHOT_RULE = "k in all, classes balanced"
+FEWSHOT_RULES = {"stsb": "k in all, at most ceil(k/2) each of score <= 2.5 and > 2.5, first-come"}
+
+
+def old_fewshot_sets(meta):
+    """meta.json's few-shot sets of an older rule (k per class; STS-B: k from the whole split)."""
+    meta = meta if isinstance(meta, dict) else {}
+    sets, rule = meta.get("fewshot"), FEWSHOT_RULES.get(meta.get("task"), FEWSHOT_RULE)
+    return sorted(key for key, entry in (sets if isinstance(sets, dict) else {}).items()
+                  if not isinstance(entry, dict) or entry.get("rule") != rule)
+
+
+def old_fewshot_warning(data_dir, old):
+    """One line for the sets `old` = {task: [keys]} drawn k per class, or None: none."""
+    old = {task: keys for task, keys in old.items() if keys}
+    named = [re.fullmatch(r"k(\d+)_seed(\d+)", key) for keys in old.values() for key in keys]
+    ks, seeds = (sorted({int(m[i]) for m in named if m}) for i in (1, 2))
+    return old and (f"warning: the few-shot files of {', '.join(old)} in {data_dir} were drawn "
+                    "with an older rule, k examples per class (docs/data.md); prepared files are "
+                    "rebuilt only with --overwrite: "
+                    f"{tasks.prepare_command(data_dir, [*old], ks, seeds, True)}") or None
 
 
 def read_config(run_dir, keys=("task", "method", "model", "tokenizer", "random_init", "seed",

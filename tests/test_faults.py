@@ -331,17 +331,18 @@ def test_a_damaged_tokenization_cache_is_rebuilt(data_dir, tiny_model_dir, tmp_p
     data = copy_data(data_dir, tmp_path)
     tok = runtime.load_tokenizer(tiny_model_dir)
     path = data / "toy" / "validation.jsonl"
-    good = tasks.tokenize_file(path, tok, 32)
+    tokenize = lambda: tasks.read_split({}, "validation", path, tok, 32)[1:]  # noqa: E731
+    good = tokenize()
     tasks._TOKENIZED.clear()
     (cache,) = (data / "toy" / "cache").glob("validation.*.pt")
     for damage in (cache.read_bytes()[:100], b"", b"not a checkpoint"):
         cache.write_bytes(damage)
         capsys.readouterr()
-        assert tasks.tokenize_file(path, tok, 32) == good
+        assert tokenize() == good
         assert "is damaged; tokenizing validation.jsonl again" in capsys.readouterr().out
         tasks._TOKENIZED.clear()
     torch.save({"source_ids": torch.zeros(3, dtype=torch.int32)}, cache)  # a valid file, the wrong content
-    assert tasks.tokenize_file(path, tok, 32) == good
+    assert tokenize() == good
 
 
 def test_raw_files_that_are_not_utf8_or_json(tmp_path, tiny_model_dir):

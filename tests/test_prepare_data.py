@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import prepare_data  # noqa: E402
-from ept import cli, evaluation, files, tasks# noqa: E402
+from ept import cli, evaluation, files, outputs, tasks  # noqa: E402
 from ept.tasks import GROUPS  # noqa: E402
 from prepare_data import main, pad_punctuation, to_records  # noqa: E402
 
@@ -203,7 +203,7 @@ def test_meta(fixture_data):
         assert set(meta["token_stats"]) == {"train", "validation", "test"} and meta["data_seed"] == 42
         for key, entry in meta["fewshot"].items():  # k = 4 in all (§5.2) on every fixture
             shots = read(fixture_data, name, f"train_{key}")
-            assert entry["size"] == len(shots) == 4 and entry["rule"] == tasks.FEWSHOT_RULES.get(name, tasks.FEWSHOT_RULE)
+            assert entry["size"] == len(shots) == 4 and entry["rule"] == outputs.FEWSHOT_RULES.get(name, outputs.FEWSHOT_RULE)
             assert entry["classes"] == ({y: sum(r["target"] == y for r in shots) for y in sorted(task.labels)
                                          if any(r["target"] == y for r in shots)} if task.labels else None)
     meta = lambda t: json.loads((fixture_data / t / "meta.json").read_text())
@@ -389,7 +389,7 @@ def test_fewshot_class_too_small_passes_its_share_on():
 def test_fewshot_files_of_the_old_rule_are_kept_with_a_warning(tmp_path, capsys):
     run("--tasks", "cb", "--out", tmp_path, "--fewshot", 4, "--fewshot-seeds", 0)
     meta = json.loads((tmp_path / "cb/meta.json").read_text())
-    assert meta["fewshot"]["k4_seed0"]["rule"] == tasks.FEWSHOT_RULE
+    assert meta["fewshot"]["k4_seed0"]["rule"] == outputs.FEWSHOT_RULE
     assert sum(meta["fewshot"]["k4_seed0"]["classes"].values()) == 4
     del meta["fewshot"]["k4_seed0"]["rule"]  # as prepare_data.py wrote it before the rule was recorded
     (tmp_path / "cb/meta.json").write_text(json.dumps(meta))
@@ -400,8 +400,8 @@ def test_fewshot_files_of_the_old_rule_are_kept_with_a_warning(tmp_path, capsys)
     assert "k examples per class" in err and "only with --overwrite" in err and err.count("warning") == 1
     assert f"--tasks cb --out {tmp_path} --tokenizer {T5.resolve()} --source {FIXTURES} --fewshot 4 --fewshot-seeds 0 --overwrite" in err
     assert snapshot(tmp_path) == before  # kept as they are
-    assert tasks.old_fewshot_sets(meta) == ["k4_seed0"]
-    assert tasks.old_fewshot_warning(tmp_path, {"cb": [], "rte": []}) is None
+    assert outputs.old_fewshot_sets(meta) == ["k4_seed0"]
+    assert outputs.old_fewshot_warning(tmp_path, {"cb": [], "rte": []}) is None
     run("--tasks", "cb", "--out", tmp_path, "--fewshot", 4, "--fewshot-seeds", 0, "--overwrite")
     assert "per class" not in capsys.readouterr().err
     run("--tasks", "cb", "--out", tmp_path, "--fewshot", 4, "--fewshot-seeds", 0)
@@ -537,7 +537,7 @@ def test_suggested_prepare_commands_run_offline_as_printed(tmp_path, tiny_model_
     assert (data / "cb" / "meta.json").exists()
     meta = json.loads((data / "cb" / "meta.json").read_text())
     meta["fewshot"] = {"k4_seed1": {"file": "x"}}  # a set of the old rule
-    warning = tasks.old_fewshot_warning(data, {"cb": tasks.old_fewshot_sets(meta)})
+    warning = outputs.old_fewshot_warning(data, {"cb": outputs.old_fewshot_sets(meta)})
     run_offline(suggested(warning))
     assert (data / "cb" / "train_k4_seed1.jsonl").exists()
     meta = json.loads((data / "cb" / "meta.json").read_text())
