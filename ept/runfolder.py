@@ -72,8 +72,7 @@ def open_folder(args, out_dir, held, say, packed=False):
     if args.overwrite or not args.resume or "last.pt" in has:  # start_log deletes what goes
         return out_dir / "last.pt" if args.resume and not args.overwrite else None
     if {"best.pt", "prompt.pt", "metrics.json"} & set(has):
-        refuse(out_dir, "has results but no last.pt to resume from", "pass --overwrite to train "
-               "it again")
+        refuse(out_dir, "has results but no last.pt to resume from", "pass " + OVERWRITE)
     if has:  # killed before its first checkpoint: start_log replaces its files
         say(f"train: --resume, but {out_dir} has no last.pt yet: starting from scratch")
 
@@ -95,13 +94,12 @@ def resume(run, path, ranks):
     if ckpt["step"] > args.max_steps:
         refuse(path, f"is at step {ckpt['step']}, past --max-steps {args.max_steps}",
                "resume with the run's own --max-steps, or " + OVERWRITE)
-    if ranks.master and (run.out_dir / "config.json").exists():  # start_log compares it
-        run.config = was = old_config(run.out_dir)  # its schedule continues: the same options
+    if ranks.master and (run.out_dir / "config.json").exists():  # its lr schedule continues:
+        was = old_config(run.out_dir)  # the options that shape it must stay
         if changed := [f"--{k.replace('_', '-')} {was[k]} (now {getattr(args, k)})"
                        for k in SCHEDULE_KEYS if k in was and was[k] != getattr(args, k)]:
-            refuse(run.out_dir, f"was trained with {', '.join(changed)}", "--resume continues its "
-                   "optimizer and lr schedule, so pass the run's own values (its config.json), or "
-                   + OVERWRITE)
+            refuse(run.out_dir, f"was trained with {', '.join(changed)}", "pass the run's own "
+                   "values (its config.json) to continue its lr schedule, or " + OVERWRITE)
     try:
         run.load_state(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
@@ -116,7 +114,7 @@ def resume(run, path, ranks):
 
 def start_log(run, task, ranks, say, **extra):
     """config.json (`extra`: a pack's keys) and log(event); a resumed log cut back to its step."""
-    args, out_dir, was, path = run.args, run.out_dir, run.config, run.out_dir / "log.jsonl"
+    args, out_dir, path = run.args, run.out_dir, run.out_dir / "log.jsonl"
     run.config = dict({k: v for k, v in vars(args).items() if M.applies(k, args.method)},
                       world_size=ranks.world_size, device=ranks.device,
                       n_trainable=M.count_trainable(run.net),
@@ -127,9 +125,6 @@ def start_log(run, task, ranks, say, **extra):
                       torch=torch.__version__, **extra)
     log = open_log(ranks.master and path, args, run.config)
     if ranks.master:
-        if was and (changed := {k: (was.get(k), v) for k, v in run.config.items()
-                                if was.get(k) != v and k != "resume"}):
-            say(f"train: resuming with changed settings (was, now): {changed}")
         if run.resumed and path.exists():  # before any file changes: a damaged log stops it
             files.write_jsonl(path, [e for e in read_log(path)
                                      if e.get("step", 0) <= run.step and e.get("event") != "end"])
@@ -222,8 +217,7 @@ class Busy(cli.Failure):
 
 
 class Lock:
-    """run_dir/run.lock, flock'ed, saying "<host> <pid> <SLURM unit or ->"; Busy while another
-    holds it (docs/training.md, "Run lock"). release() removes it (unless a new taker's), once."""
+    """run_dir/run.lock, flock'ed, saying "<host> <pid> <SLURM unit or ->" (docs/training.md)."""
 
     def __init__(self, run_dir, say=print):
         self.path, host = Path(run_dir) / LOCK_NAME, os.uname().nodename
@@ -253,7 +247,7 @@ class Lock:
         with contextlib.suppress(OSError):
             return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
 
-    def release(self):
+    def release(self):  # once; the file removed unless a new taker's by now
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 if self.current():
