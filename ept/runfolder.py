@@ -20,8 +20,8 @@ RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt", "prompt.pt", "met
 CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "scheduler", "data", "best_score", "best_step")
 SCHEDULE_KEYS = ("lr", "weight_decay", "warmup_steps", "max_steps", "batch_size", "max_grad_norm")
 OVERWRITE = "--overwrite to start over"
-read_log = functools.partial(files.read_jsonl, what="run log", torn_tail_ok=True,  # a killed
-                             fix="repair or delete that line, then --resume again")  # writer's
+read_log = functools.partial(files.read_jsonl, what="run log", torn_tail_ok=True,
+                             fix="repair or delete that line, then --resume again")
 
 
 def refuse(what, problem, way=OVERWRITE, fault=cli.Failure):
@@ -94,12 +94,11 @@ def resume(run, path, ranks):
     if ckpt["step"] > args.max_steps:
         refuse(path, f"is at step {ckpt['step']}, past --max-steps {args.max_steps}",
                "resume with the run's own --max-steps, or " + OVERWRITE)
-    if ranks.master and (run.out_dir / "config.json").exists():  # its lr schedule continues:
-        was = old_config(run.out_dir)  # the options that shape it must stay
-        if changed := [f"--{k.replace('_', '-')} {was[k]} (now {getattr(args, k)})"
-                       for k in SCHEDULE_KEYS if k in was and was[k] != getattr(args, k)]:
-            refuse(run.out_dir, f"was trained with {', '.join(changed)}", "pass the run's own "
-                   "values (its config.json) to continue its lr schedule, or " + OVERWRITE)
+    was = old_config(run.out_dir) if ranks.master and (run.out_dir / "config.json").exists() else {}
+    if changed := [f"--{k.replace('_', '-')} {was[k]} (now {getattr(args, k)})"
+                   for k in SCHEDULE_KEYS if k in was and was[k] != getattr(args, k)]:
+        refuse(run.out_dir, f"was trained with {', '.join(changed)}", "pass the run's own values "
+               "(its config.json) to continue its lr schedule, or " + OVERWRITE)
     try:
         run.load_state(ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
