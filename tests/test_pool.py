@@ -168,7 +168,7 @@ def test_a_sigkilled_child_is_resumed_nothing_lost_or_doubled(tiny_model_dir, da
                      "--eval-every", 20)
     launcher = driver(*argv)
     target = wait_for(lambda: next((p.parent for p in (tmp_path / "runs").glob("*/last.pt")), None), launcher)
-    pid = int(runfolder.read_owner(target / runfolder.LOCK_NAME).pid)  # the child's train.py
+    pid = lock_pid(target)  # the child's train.py
     os.kill(pid, signal.SIGKILL)
     out = finish(launcher)
     assert out.count("resuming it once") == 1 and "took over the stale lock" in out
@@ -185,7 +185,7 @@ def test_sigint_stops_every_child_and_a_rerun_resumes(tiny_model_dir, data_dir, 
     held = wait_for(lambda: [p for p in (tmp_path / "runs").glob("*/log.jsonl")
                              if p.stat().st_size and (p.parent / runfolder.LOCK_NAME).exists()][:2]
                     if len(list((tmp_path / "runs").glob("*/log.jsonl"))) >= 2 else None, launcher)
-    pids = [int(runfolder.read_owner(p.parent / runfolder.LOCK_NAME).pid) for p in held]
+    pids = [lock_pid(p.parent) for p in held]
     launcher.send_signal(signal.SIGINT)
     out = finish(launcher, status=130)
     assert "SIGINT received: every child wrote last.pt and stopped. Run the same command again to resume." in out
@@ -268,6 +268,11 @@ def hold_lock(folder, text):
     return proc
 
 
+def lock_pid(folder):
+    """The pid its run.lock names ("<host> <pid> <SLURM unit or ->")."""
+    return int((folder / runfolder.LOCK_NAME).read_text().split()[1])
+
+
 def _alive(pid):
     """The process exists and is not a zombie."""
     try:
@@ -281,24 +286,24 @@ def _alive(pid):
 
 
 def test_a_run_started_twice_gets_one_sentence_and_a_dead_holder_is_taken_over(tmp_path):
-    lock = runfolder.acquire_lock(tmp_path, say=lambda m: None)
+    lock = runfolder.Lock(tmp_path, say=lambda m: None)
     with pytest.raises(runfolder.Busy, match=f"{tmp_path} is being written by pid {os.getpid()} on .*delete "):
-        runfolder.acquire_lock(tmp_path, say=lambda m: None)
+        runfolder.Lock(tmp_path, say=lambda m: None)
     lock.release()
     assert not (tmp_path / runfolder.LOCK_NAME).exists()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / runfolder.LOCK_NAME).write_text(f"{os.uname().nodename} {dead.pid} -\n")
     said = []
-    runfolder.acquire_lock(tmp_path, say=said.append).release()
+    runfolder.Lock(tmp_path, say=said.append).release()
     assert said and "took over the stale lock" in said[0]
     (tmp_path / runfolder.LOCK_NAME).write_text(f"{os.uname().nodename} {os.getpid()} -\n")  # a reused pid
     said = []
-    runfolder.acquire_lock(tmp_path, say=said.append).release()  # a live pid that does not hold it
+    runfolder.Lock(tmp_path, say=said.append).release()  # a live pid that does not hold it
     assert said and "took over the stale lock" in said[0]
     (tmp_path / runfolder.LOCK_NAME).write_text("another-host 1 -\n")  # another host's lock: not ours to judge
     with pytest.raises(runfolder.Busy):
-        runfolder.acquire_lock(tmp_path, say=said.append)
+        runfolder.Lock(tmp_path, say=said.append)
 
 
 def test_a_live_holder_keeps_the_lock_even_within_one_slurm_job(tmp_path, monkeypatch):
@@ -307,13 +312,13 @@ def test_a_live_holder_keeps_the_lock_even_within_one_slurm_job(tmp_path, monkey
     holder = hold_lock(tmp_path, f"{os.uname().nodename} PID 999\n")
     try:
         with pytest.raises(runfolder.Busy, match=f"pid {holder.pid} .*SLURM job 999"):
-            runfolder.acquire_lock(tmp_path, say=lambda m: None)
-        assert runfolder.read_owner(tmp_path / runfolder.LOCK_NAME).pid == str(holder.pid)
+            runfolder.Lock(tmp_path, say=lambda m: None)
+        assert lock_pid(tmp_path) == holder.pid
     finally:
         holder.kill()
         holder.wait()
     said = []
-    runfolder.acquire_lock(tmp_path, say=said.append).release()  # SIGKILLed: the kernel freed its flock
+    runfolder.Lock(tmp_path, say=said.append).release()  # SIGKILLed: the kernel freed its flock
     assert said and "took over the stale lock" in said[0]
 
 
@@ -322,19 +327,19 @@ def test_a_slurm_requeue_on_another_node_takes_its_own_lock(tmp_path, monkeypatc
     while that node's flock lingers (an NFS lease, here a live holder); another job's stays."""
     monkeypatch.setenv("SLURM_JOB_ID", "999")
     (tmp_path / runfolder.LOCK_NAME).write_text("another-host 1 999\n")
-    runfolder.acquire_lock(tmp_path, say=lambda m: None).release()
+    runfolder.Lock(tmp_path, say=lambda m: None).release()
     for job, taken in (("998", False), ("999", True)):
         holder = hold_lock(tmp_path, f"another-host 1 {job}\n")
         try:
             if taken:
                 said = []
-                lock = runfolder.acquire_lock(tmp_path, say=said.append)
+                lock = runfolder.Lock(tmp_path, say=said.append)
                 assert "took over the stale lock of pid 1 on another-host (SLURM job 999)" in said[0]
-                assert runfolder.read_owner(lock.path).pid == str(os.getpid())
+                assert lock_pid(tmp_path) == os.getpid()
                 lock.release()
             else:
                 with pytest.raises(runfolder.Busy, match="pid 1 on another-host .*SLURM job 998"):
-                    runfolder.acquire_lock(tmp_path, say=lambda m: None)
+                    runfolder.Lock(tmp_path, say=lambda m: None)
         finally:
             holder.kill()
             holder.wait()

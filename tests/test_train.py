@@ -219,7 +219,7 @@ def test_tokenized_splits_are_cached(data_dir, tiny_model_dir, monkeypatch):
 def test_run_folder_lock_and_refusals(data_dir, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    lock = train.runfolder.acquire_lock(run)  # a live writer: this process
+    lock = train.runfolder.Lock(run)  # a live writer: this process
     with pytest.raises(SystemExit, match="being written"):
         train.main(argv(data_dir, tiny_model_dir, run, "--max-steps", 1))
     lock.release()

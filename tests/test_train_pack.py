@@ -124,7 +124,7 @@ def test_runs_file_faults_skips_and_refusals(data_dir, tiny_model_dir, tmp_path)
 
     # again with --resume: the finished runs are skipped, one held by a live process is left out, and the
     # command fails (its unit is not finished) naming the held folder
-    lock = train.runfolder.acquire_lock(out / "bad")  # a live writer: this process
+    lock = train.runfolder.Lock(out / "bad")  # a live writer: this process
     proc = run_cli("train.py", argv(data_dir, tiny_model_dir, out, *flags, "--resume"), check=False)
     assert proc.stdout.count("skipped") == 2 and "left out of the pack" in proc.stdout
     assert "nothing left to train" in proc.stdout and proc.returncode == 1
