@@ -61,25 +61,21 @@ class Parser(argparse.ArgumentParser):
 
 
 class Failure(Exception):
-    """A problem the user can fix: one sentence; `status`: the exit status the script ends with."""
-
-    def __init__(self, message="", status=1):
-        super().__init__(message)
-        self.status = status
+    """A problem the user can fix: one sentence (none: another rank said why); `status`: the exit."""
+    status = 1
 
 
 def script(main):
-    """`main(argv=None)` whose Failure is its sentence on stderr (none: another rank said why) and
-    its status; under torchrun recorded as @record does, so the summary names it."""
+    """`main(argv=None)` whose Failure is its sentence on stderr and its status (torchrun: @record's)."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except Failure as err:
-            if str(err) and os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            if str(err) and os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's summary names it
                 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
                 ErrorHandler().record_exception(err)
             if str(err) and err.status != 1:
                 print(err, file=sys.stderr, flush=True)
-            raise SystemExit(str(err) if str(err) and err.status == 1 else err.status) from None
+            raise SystemExit(err.status if err.status != 1 or not str(err) else str(err)) from None
     return run

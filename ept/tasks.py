@@ -124,7 +124,7 @@ def tokenize_file(path, tokenizer, max_length):
     tokenizer and max_length (MultiRC's train split: 30 s to tokenize on 2 cores, 1 s to load)."""
     path, text = Path(path), files.read_text(path, "split file")
     key = (str(path.resolve()), hashlib.sha1(text.encode()).hexdigest()[:12],
-           runtime.tokenizer_fingerprint(tokenizer), max_length)
+           hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:12], max_length)
     cache = path.parent / "cache" / f"{path.stem}.{key[1]}.{key[2]}.L{max_length}.pt"
     n, ids = sum(bool(line.strip()) for line in text.split("\n")), _TOKENIZED.get(key)  # n: rows
     if ids is None and cache.exists():
