@@ -1,5 +1,4 @@
-"""Where and how the model runs: torchrun ranks; stop signals (last.pt at a step boundary, exit
-128 + the signal); T5 and its tokenizer from a folder or the Hub (offline: one sentence)."""
+"""Where and how the model runs: torchrun ranks, precision, stop signals, T5 and its tokenizer."""
 import functools
 import hashlib
 import os
@@ -25,8 +24,8 @@ PeerStopped = cli.Failure  # PeerStopped(): rank 0 said why; this rank exits 1 w
 
 def ranks():
     """This process under torchrun (the group joined; safe to call again); first: master_first."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if device != "cpu":
         torch.cuda.set_device(device)
@@ -38,18 +37,17 @@ def ranks():
 
 
 def master_first(fn, rank, world_size, everyone=False):
-    """fn() on rank 0, then on the others (everyone) or its result sent to them; a failure on rank
-    0 is its sentence, the others exit quietly (PeerStopped), not hang on a collective it skips."""
+    """fn() on rank 0, then on the others (everyone) or its result sent to them; if rank 0 fails
+    (its sentence), the others exit quietly (PeerStopped), not hang on a collective it skips."""
     if world_size == 1:
         return fn()
     box = [(True, None)]  # (failed, result)
     if rank == 0:
         try:
-            result = fn()
-            box = [(False, None if everyone else result)]
-            return result
+            box = [(False, fn())]
         finally:  # a failure on rank 0 (its sentence, or a bug's traceback) still answers the others
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list([(box[0][0], None if everyone else box[0][1])], src=0)
+        return box[0][1]
     dist.broadcast_object_list(box, src=0)
     if box[0][0]:  # failed: under torchrun rank 0 exits first, so its summary names rank 0
         time.sleep(2 if os.environ.get("TORCHELASTIC_ERROR_FILE") else 0)
@@ -88,9 +86,9 @@ class Throughput:
                 "peak_memory_kind": "cuda_max_memory_allocated" if cuda else "cpu_max_rss"}
 
 
-# --- stopping cleanly on a signal ---------------------------------------------------------------
+# --- stopping cleanly: a signal is read at the next step boundary, last.pt, exit 128 + signal ----
 
-_received, _stopping = [], []  # the stop signals noted, read at each step boundary; stopping
+_received, _stopping = [], []  # the stop signals noted; set once the run stops
 
 
 @contextmanager
@@ -109,16 +107,13 @@ def stop_on_signals():
         yield
 
 
-def received():
-    """The stop signal of the last run, or None: a driver stops before its next run even so."""
-    return _received[0] if _received else None
-
-
-def stop_requested(ranks):
-    """The signal to stop on (or None), agreed by every rank: one may receive it a step later."""
-    if ranks.world_size == 1:  # no tensor, no sync with the GPU
-        return received()
-    sig = torch.tensor([received() or 0], device=ranks.device)
+def stop_requested(ranks=None):
+    """The stop signal (or None), agreed by every rank (one may get it a step later); no `ranks`:
+    this process's, of its last run (a driver stops before its next run even so)."""
+    sig = _received[0] if _received else None
+    if ranks is None or ranks.world_size == 1:  # no tensor, no sync with the GPU
+        return sig
+    sig = torch.tensor([sig or 0], device=ranks.device)
     dist.all_reduce(sig, op=dist.ReduceOp.MAX)
     return int(sig.item()) or None
 
@@ -150,16 +145,15 @@ def run(main):
             dist.destroy_process_group()
 
 
-# --- T5 and its tokenizer: a folder or a Hub name ------------------------------------------------
-# Without a network, HF_HUB_OFFLINE=1: the Hub client reads its cache only, and a name missing there
-# fails at once (unset, the client retries for ~25 s first).
+# --- T5 and its tokenizer: a folder or a Hub name (HF_HUB_OFFLINE=1 without a network: the client
+# reads its cache only, and a name missing there fails at once; unset, it retries for ~25 s first)
 
 FLAGS = {"model": "--model DIR, a local T5 folder",
          "tokenizer": "--tokenizer DIR, a folder with the T5 tokenizer",
          "dataset": "--source DIR, a folder of the official files (docs/data.md)"}
 RUN_FIX = ("a run trained on a Hub name needs it in the local Hugging Face cache (HF_HOME): "
            "load it once online")
-NEEDS = {"model": ("config.json",), "tokenizer": ("tokenizer.json", "spiece.model")}  # a vocabulary
+NEEDS = {"model": ("config.json",), "tokenizer": ("tokenizer.json", "spiece.model")}
 
 
 def check_offline(model, tokenizer, dataset=None):
@@ -179,8 +173,7 @@ def check_offline(model, tokenizer, dataset=None):
 
 
 def load(what, name, loader, fix=None, folder=None):
-    """loader(), the library's errors as one sentence: why a `folder` or a Hub `name` failed (offline,
-    unreachable, refused), then `fix` (for a Hub name, by default the flag)."""
+    """loader(); its error as one sentence: a `folder`'s, or why a Hub `name` failed, then `fix`."""
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
     try:
@@ -206,12 +199,11 @@ def _first_line(err):
 
 
 def local_folder(name_or_dir, what="model"):
-    """The folder `name_or_dir` names, or None for a Hub name; a file, or a missing path that is no
-    Hub 'org/name' (absolute, ./, ../, ~, deeper), is one sentence here, not a Hub lookup."""
+    """The folder named, or None for a Hub name; a file, or a missing path no Hub name could be."""
     path, text = Path(name_or_dir), str(name_or_dir)
     if path.exists() and not path.is_dir():
         raise cli.Failure(f"{name_or_dir} is a file; pass the {what} folder that holds it")
-    if not path.exists() and (text[:1] in ("/", ".", "~") or text.count("/") > 1):
+    if not path.exists() and (text[:1] in ("/", ".", "~") or text.count("/") > 1):  # not org/name
         raise cli.Failure(f"no {what} folder {name_or_dir} (it does not exist); check the path")
     return path if path.is_dir() else None
 
