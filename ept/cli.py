@@ -23,7 +23,6 @@ nonnegative_int = _type(lambda v: v >= 0, "{} is not a non-negative integer", in
 positive_float = _type(lambda v: 0 < v < float("inf"), "{} is not a positive number", float)
 nonnegative_float = _type(lambda v: 0 <= v < float("inf"), "{} is not a non-negative number", float)
 probability = _type(lambda v: 0 <= v <= 1, "{} is not a probability in [0, 1]", float)
-# a task or run name goes into paths, so is never one; a folder is never '' (the current folder)
 name = _type(lambda t: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t) and ".." not in t,
              "{} is not a task name (a name like rte, not a path)")
 folder = _type(str.strip, "an empty path would mean the current folder; name a folder")
