@@ -60,21 +60,21 @@ class Parser(argparse.ArgumentParser):
 
 
 class Failure(Exception):
-    """A problem the user can fix: one sentence (none: another rank said why); `status`: the exit."""
+    """A problem the user can fix: one sentence (none: another rank said why), exit `status`."""
     status = 1
 
 
 def script(main):
-    """`main(argv=None)` whose Failure is its sentence on stderr and its status (torchrun: @record's)."""
+    """`main(argv=None)` whose Failure is its sentence on stderr and its exit status."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except Failure as err:
-            if str(err) and os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's summary names it
+            if str(err) and os.environ.get("TORCHELASTIC_ERROR_FILE"):  # as torchrun's @record
                 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
                 ErrorHandler().record_exception(err)
             if str(err) and err.status != 1:
                 print(err, file=sys.stderr, flush=True)
-            raise SystemExit(err.status if err.status != 1 or not str(err) else str(err)) from None
+            raise SystemExit(str(err) if str(err) and err.status == 1 else err.status) from None
     return run

@@ -45,7 +45,7 @@ def master_first(fn, rank, world_size, everyone=False):
     if rank == 0:
         try:
             box = [(False, fn())]
-        finally:  # a failure on rank 0 (its sentence, or a bug's traceback) still answers the others
+        finally:  # rank 0's failure (its sentence, or a bug's traceback) still answers the others
             dist.broadcast_object_list([(box[0][0], None if everyone else box[0][1])], src=0)
         return box[0][1]
     dist.broadcast_object_list(box, src=0)
@@ -93,7 +93,7 @@ _received, _stopping = [], []  # the stop signals noted; set once the run stops
 
 @contextmanager
 def stop_on_signals():
-    """A stop signal is noted for the next step boundary; Ctrl-C twice stops at once, files whole."""
+    """A stop signal is noted for the next step boundary; Ctrl-C twice stops now, files whole."""
     def note(sig, _):  # once stopping (locks released, files closed) a signal is only noted
         if sig == signal.SIGINT and sig in _received and not _stopping:
             _stopping.append(sig)
@@ -158,15 +158,18 @@ NEEDS = {"model": ("config.json",), "tokenizer": ("tokenizer.json", "spiece.mode
 
 def check_offline(model, tokenizer, dataset=None):
     """Offline, before any load: every Hub name neither a folder nor cached, in ONE sentence."""
-    from huggingface_hub import constants as hub, try_to_load_from_cache as cached
-    data = Path(os.environ.get("HF_DATASETS_CACHE", Path(hub.HF_HOME) / "datasets"))
-    missing = hub.HF_HUB_OFFLINE and [  # what an offline load reads: files, a dataset's folders
+    from huggingface_hub import constants as hub, try_to_load_from_cache
+
+    def cached(what, name):  # what an offline load reads
+        if what != "dataset":
+            return any(isinstance(try_to_load_from_cache(name, f), str) for f in NEEDS[what])
+        datasets = Path(os.environ.get("HF_DATASETS_CACHE", Path(hub.HF_HOME) / "datasets"))
+        return any(path.is_dir() for path in (datasets / name.replace("/", "___"),  # its library's
+                   Path(hub.HF_HUB_CACHE, f"datasets--{name.replace('/', '--')}")))  # Hub files
+    missing = hub.HF_HUB_OFFLINE and [
         f"the {what} {name if what == 'dataset' else repr(name)} (pass {FLAGS[what]})"
         for what, name in (("tokenizer", tokenizer), ("dataset", dataset), ("model", model))
-        if name and not (local_folder(name, what) or any(
-            isinstance(cached(name, f), str) for f in NEEDS[what]) if what in NEEDS else
-            Path(hub.HF_HUB_CACHE, f"datasets--{name.replace('/', '--')}").is_dir()
-            or (data / name.replace("/", "___")).is_dir())]
+        if name and (what == "dataset" or not local_folder(name, what)) and not cached(what, name)]
     if missing:
         raise cli.Failure("HF_HUB_OFFLINE is set and these are not in the local cache: "
                           + "; ".join(missing))
@@ -226,7 +229,8 @@ def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
 def load_tokenizer(name_or_dir, say=print, fix=None):
     """The T5 tokenizer of a Hub name or a folder (one without a vocabulary: its parent's, said)."""
     from transformers import AutoTokenizer
-    folder, how = local_folder(name_or_dir, "tokenizer"), "pass --tokenizer DIR with the T5 tokenizer"
+    folder = local_folder(name_or_dir, "tokenizer")
+    how = "pass --tokenizer DIR with the T5 tokenizer"
     if folder and not any((folder / f).exists() for f in NEEDS["tokenizer"]):
         if not any(((folder := folder.parent) / f).exists() for f in NEEDS["tokenizer"]):
             raise cli.Failure(f"{name_or_dir} holds no tokenizer (no tokenizer.json or "
