@@ -23,7 +23,6 @@ nonnegative_int = _type(lambda v: v >= 0, "{} is not a non-negative integer", in
 positive_float = _type(lambda v: 0 < v < float("inf"), "{} is not a positive number", float)
 nonnegative_float = _type(lambda v: 0 <= v < float("inf"), "{} is not a non-negative number", float)
 probability = _type(lambda v: 0 <= v <= 1, "{} is not a probability in [0, 1]", float)
-# a task or run name goes into paths, so is never one; a folder is never '' (the current folder)
 name = _type(lambda t: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t) and ".." not in t,
              "{} is not a task name (a name like rte, not a path)")
 folder = _type(str.strip, "an empty path would mean the current folder; name a folder")
@@ -61,22 +60,18 @@ class Parser(argparse.ArgumentParser):
 
 
 class Failure(Exception):
-    """A problem the user can fix: one sentence; `status`: the exit status the script ends with."""
-
-    def __init__(self, message="", status=1):
-        super().__init__(message)
-        self.status = status
+    """A problem the user can fix: one sentence (none: another rank said why), exit `status`."""
+    status = 1
 
 
 def script(main):
-    """`main(argv=None)` whose Failure is its sentence on stderr (none: another rank said why) and
-    its status; under torchrun recorded as @record does, so the summary names it."""
+    """`main(argv=None)` whose Failure is its sentence on stderr and its exit status."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except Failure as err:
-            if str(err) and os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            if str(err) and os.environ.get("TORCHELASTIC_ERROR_FILE"):  # as torchrun's @record
                 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
                 ErrorHandler().record_exception(err)
             if str(err) and err.status != 1:

@@ -344,8 +344,8 @@ def run_unit(experiment, unit, args, i, n):  # here; a signal that stops train.p
     what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
     status = run_in_process(unit.argv)
-    if status == 0 and runtime.received():  # it came in the unit's last steps, which finished
-        status = 128 + runtime.received()
+    if status == 0 and runtime.stop_requested():  # it came in the unit's last steps, which finished
+        status = 128 + runtime.stop_requested()
     if status - 128 in STOPS:  # the driver stops as train.py did, once it wrote last.pt
         print(f"{experiment}: {signal.Signals(status - 128).name} received: unit {unit.index} "
               "stopped at a step boundary, last.pt written; run the same command again to resume",

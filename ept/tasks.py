@@ -97,7 +97,7 @@ def read_split(meta, name, path, tokenizer, max_length, limit=None):
                "data was edited or half-copied" if expected not in (None, len(rows)) else
                f"has the target {bad[0]!r}, outside the task's labels {labels}" if bad else None):
         raise files.FileFault(f"{path} {why}: rebuild the task with prepare_data.py --overwrite")
-    blob = f"{runtime.tokenizer_fingerprint(tokenizer)} {max_length} ".encode() + path.read_bytes()
+    blob = f"{tokenizer.backend_tokenizer.to_str()} {max_length} ".encode() + path.read_bytes()
     cache = path.parent / "cache" / f"{path.stem}.{hashlib.sha1(blob).hexdigest()[:16]}.pt"
     if (key := cache.resolve()) not in _TOKENIZED and cache.exists():  # MultiRC: 30 s, or 1 s
         try:  # per side (source, target): the flat int32 ids and the row lengths
