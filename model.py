@@ -126,12 +126,9 @@ class EPT(PromptTuning):
         return self.blocks(self.prompt).expand(self.broadcast, -1)  # (1, d) -> (n, d)
 
 
-class FoldedPrompt(PromptTuning):
+def FoldedPrompt(prompt):  # noqa: N802 (a module, as the classes above)
     """A fixed P' (n, d): what inference uses once the reparameterization is discarded."""
-
-    def __init__(self, prompt):
-        super().__init__(prompt.detach().clone())
-        self.requires_grad_(False)
+    return PromptTuning(prompt.detach().clone()).requires_grad_(False)
 
 
 def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", hidden_size=None,
@@ -199,8 +196,8 @@ class PromptedT5(nn.Module):
 # --- stateless dropout: each example's mask a hash of the example, not of a random stream ---------
 # Every dropout site of T5 (nn.Dropout, and on the attention weights) draws its mask from a hash of
 # (run seed, step, example index, site, position from the example's own first token, feature),
-# folded as JAX folds keys. A run's masks then depend on its own data only: alone or packed, on any
-# number of ranks, resumed or not. `dropout_keys` sets the keys.
+# folded as JAX folds keys: a run's masks depend on its own data only, alone or packed, on any
+# number of ranks, resumed or not.
 STATELESS = "ept_stateless"
 _context = []  # while a forward runs: [keys (B,), encoder offsets (B,), {site: calls so far}]
 
@@ -215,8 +212,7 @@ def _mix(x):
 def example_keys(seeds, steps, indices, device=None):
     """(B,) keys of the examples: their run's seed and step, their index in the training split."""
     fold = lambda h, v: _mix(h ^ (torch.as_tensor(v, dtype=torch.long) & 0xFFFFFFFF))
-    return fold(fold(_mix(torch.as_tensor(seeds, dtype=torch.long) & 0xFFFFFFFF), steps),
-                indices).to(device)
+    return fold(fold(fold(0, seeds), steps), indices).to(device)
 
 
 @contextlib.contextmanager
@@ -232,8 +228,8 @@ def dropout_keys(keys, encoder_offset=None):
 
 
 def _drop(x, p, site, sides):
-    """x with a stateless dropout mask: U[0, 1) of x's shape (B, ...) from the examples' keys,
-    folding in the site, then each axis's index ("encoder": from the example's own first row)."""
+    """x (B, ...) times a stateless dropout mask: U[0, 1) from the examples' keys, folding in the
+    site, then each axis's index (on the "encoder" side: from the example's own first row)."""
     if p == 0:
         return x
     if not _context:
@@ -252,23 +248,19 @@ def _drop(x, p, site, sides):
 
 
 class StatelessDropout(nn.Dropout):
-    """T5's nn.Dropout at one site, its mask from the examples' keys (above)."""
+    """T5's nn.Dropout, its mask from the examples' keys; stateless_dropout sets site and sides."""
 
-    def __init__(self, p, site, side):
-        super().__init__(p)
-        self.site, self.side = site, side
-
-    def forward(self, x):  # (B, L, D): the positions of `side`, then features
-        return _drop(x, self.p, self.site, (self.side, None)) if self.training else x
+    def forward(self, x):
+        return _drop(x, self.p, self.ept_site, self.ept_sides) if self.training else x
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout, position_bias, **kw):
-    """transformers' T5 eager attention (T5 passes all three), its weights' dropout stateless."""
+    """transformers' T5 eager attention (T5 passes all three; `dropout` 0.0 when not training), its
+    weights' dropout stateless: (B, H, L_query, L_key)."""
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling + position_bias
     if attention_mask is not None:
         scores = scores + attention_mask
-    weights = torch.softmax(scores, dim=-1)  # (B, H, L_query, L_key); dropout 0.0 when not training
-    weights = _drop(weights, dropout, module.ept_site, (None, *module.ept_sides))
+    weights = _drop(torch.softmax(scores, dim=-1), dropout, module.ept_site, module.ept_sides)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
@@ -280,12 +272,12 @@ def stateless_dropout(t5):
     AttentionMaskInterface.register(STATELESS, eager_mask)
     for site, (name, module) in enumerate(list(t5.named_modules())):
         side = "decoder" if name.startswith("decoder") else "encoder"
-        if type(module) is nn.Dropout:
-            parent, _, attr = name.rpartition(".")
-            setattr(t5.get_submodule(parent), attr, StatelessDropout(module.p, site, side))
-        elif hasattr(module, "relative_attention_num_buckets"):  # T5Attention
-            module.ept_site = site
-            module.ept_sides = (side, "encoder" if name.endswith("EncDecAttention") else side)
+        if type(module) is nn.Dropout:  # (B, L, D): the positions of `side`, then features
+            module.__class__ = StatelessDropout  # the same module, its forward stateless
+            module.ept_site, module.ept_sides = site, (side, None)
+        elif hasattr(module, "relative_attention_num_buckets"):  # T5Attention: (B, H, L_q, L_k)
+            key_side = "encoder" if name.endswith("EncDecAttention") else side
+            module.ept_site, module.ept_sides = site, (None, side, key_side)
     for config in {id(m.config): m.config for m in t5.modules() if hasattr(m, "config")}.values():
         config._attn_implementation = STATELESS
     return t5
@@ -301,13 +293,3 @@ def save_folded_prompt(path, prompt, meta=None):
     files.save_torch(path, {"prompt": prompt.detach().float().cpu().contiguous(),
                             "meta": dict(meta or {})})
 
-
-def load_folded_prompt(path):
-    state = files.load_torch(path, "folded prompt")
-    prompt = state.get("prompt") if isinstance(state, dict) else None
-    if not torch.is_tensor(prompt) or prompt.dim() != 2:
-        raise files.FileFault(f"{path} is not a folded prompt (a dict with an (n, d) 'prompt' "
-                              "tensor)")
-    if not torch.isfinite(prompt).all():
-        raise files.FileFault(f"the prompt in {path} holds NaN or inf values; retrain the run")
-    return prompt, state.get("meta", {})
