@@ -67,7 +67,6 @@ class PromptTuning(nn.Module):
 
 class PTuning(PromptTuning):
     """Liu et al. 2021 as in HF PEFT: P' = MLP(P) per token, or an LSTM-then-MLP head."""
-
     def __init__(self, table, reparam="mlp"):
         super().__init__(table)
         d = table.size(1)
@@ -100,7 +99,6 @@ class ResPrompt(PromptTuning):
 class EPTBlock(nn.Module):
     """One bias-free down-up map d -> h -> d, with the Figure 9 ablation switches. `extra_layer`: a
     bias-free h -> h layer between (Table 4's "additional MLP layer", §5.4: 2.3K on t5-base)."""
-
     def __init__(self, d, h=1, layer_norm=False, residual=False, activation="none",
                  extra_layer=False):  # parameters drawn in this order: down, extra, up
         super().__init__()
@@ -159,7 +157,6 @@ def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", h
 
 class PromptedT5(nn.Module):
     """A T5 whose encoder input is [P'; embed(input_ids)]; frozen unless there is no prompt."""
-
     def __init__(self, t5, prompt_module=None):
         super().__init__()
         self.t5, self.prompt_module = t5, prompt_module
@@ -179,9 +176,8 @@ class PromptedT5(nn.Module):
         if p is None:
             return x, attention_mask
         p = p.to(x.dtype).expand(x.size(0), -1, -1)  # (n or B, n, d) -> (B, n, d); params stay fp32
-        ones = attention_mask.new_ones(p.shape[:2])
-        mask = ones if prompt_mask is None else prompt_mask.to(attention_mask.dtype)
-        return torch.cat([p, x], dim=1), torch.cat([mask, attention_mask], dim=1)
+        mask = attention_mask.new_ones(p.shape[:2]) if prompt_mask is None else prompt_mask
+        return torch.cat([p, x], 1), torch.cat([mask.to(attention_mask.dtype), attention_mask], 1)
 
     def forward(self, input_ids, attention_mask, **kwargs):
         inputs_embeds, mask = self.embed(input_ids, attention_mask)
@@ -219,8 +215,7 @@ def example_keys(seeds, steps, indices, device=None):
 def dropout_keys(keys, encoder_offset=None):
     """The examples' keys (B,) for the forward passes inside; `encoder_offset` (B,): rows before
     each example's own encoder input (a pack's prompt padding), so positions count from its own."""
-    offset = torch.zeros_like(keys) if encoder_offset is None else encoder_offset.to(keys.device)
-    _context.append([keys, offset, {}])
+    _context.append([keys, encoder_offset, {}])
     try:
         yield
     finally:
@@ -240,8 +235,8 @@ def _drop(x, p, site, sides):
     h = _mix(keys ^ (site * 16 + call)).view(b, *[1] * dims)
     for k, (size, side) in enumerate(zip(x.shape[1:], sides), 1):
         index = torch.arange(size, device=x.device).view(-1, *[1] * (dims - k))  # at axis k
-        if side == "encoder":
-            index = (index - offset.view(b, *[1] * dims)) & 0xFFFFFFFF
+        if side == "encoder" and offset is not None:
+            index = (index - offset.to(x.device).view(b, *[1] * dims)) & 0xFFFFFFFF
         h = _mix(h ^ index)
     keep = (h >> 8).float() * 2.0 ** -24 >= p
     return x * keep.to(x.dtype) / (1 - p)
@@ -249,7 +244,6 @@ def _drop(x, p, site, sides):
 
 class StatelessDropout(nn.Dropout):
     """T5's nn.Dropout, its mask from the examples' keys; stateless_dropout sets site and sides."""
-
     def forward(self, x):
         return _drop(x, self.p, self.ept_site, self.ept_sides) if self.training else x
 
@@ -278,8 +272,7 @@ def stateless_dropout(t5):
         elif hasattr(module, "relative_attention_num_buckets"):  # T5Attention: (B, H, L_q, L_k)
             key_side = "encoder" if name.endswith("EncDecAttention") else side
             module.ept_site, module.ept_sides = site, (None, side, key_side)
-    for config in {id(m.config): m.config for m in t5.modules() if hasattr(m, "config")}.values():
-        config._attn_implementation = STATELESS
+    t5.set_attn_implementation(STATELESS)  # the encoder's and decoder's configs too
     return t5
 
 

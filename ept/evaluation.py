@@ -31,9 +31,8 @@ def f1(preds, targets, labels=None, positive=None):
     counts = [(sum(p == c == t for p, t in pairs), sum((p == c) != (t == c) for p, t in pairs))
               for c in ([positive] if positive else labels or sorted(set(targets)))
               if c in {*targets, *preds}] or [(0, 1)]  # (tp, fp + fn); none seen: 0 (sklearn)
-    if positive:
-        return 100.0 * 2 * counts[0][0] / (2 * counts[0][0] + counts[0][1])
-    return 100.0 * sum(2 * tp / (2 * tp + wrong) for tp, wrong in counts) / len(counts)
+    return (100.0 * 2 * counts[0][0] / (2 * counts[0][0] + counts[0][1]) if positive
+            else 100.0 * sum(2 * tp / (2 * tp + wrong) for tp, wrong in counts) / len(counts))
 
 
 def matthews_corr(preds, targets, labels=None):
@@ -98,16 +97,13 @@ def squad(preds, answers, token_f1=False):
 
 _GOLDS = lambda ex: [e.get("answers") or [e["target"]] for e in ex]  # noqa: E731 MRQA: every gold
 METRICS = {  # DESIGN.md metric names -> f(predictions, targets, labels, examples)
-    "acc": lambda p, t, lab, ex: accuracy(p, t),
-    "f1": lambda p, t, lab, ex: f1(p, t, lab, positive="1"),
-    "macro_f1": lambda p, t, lab, ex: f1(p, t, lab),
-    "mcc": lambda p, t, lab, ex: matthews_corr(p, t, lab),
-    "pearson": lambda p, t, lab, ex: pearson(p, t),
-    "spearman": lambda p, t, lab, ex: pearson(p, t, rank=_ranks),
-    "f1a": lambda p, t, lab, ex: f1(p, t, lab, positive="1"),
-    "em": lambda p, t, lab, ex: multirc_em(p, t, [e["question_id"] for e in ex]),
-    "squad_em": lambda p, t, lab, ex: squad(p, _GOLDS(ex)),
-    "squad_f1": lambda p, t, lab, ex: squad(p, _GOLDS(ex), token_f1=True),
+    "acc": lambda p, t, *_: accuracy(p, t), "mcc": lambda p, t, k, _: matthews_corr(p, t, k),
+    "f1": lambda p, t, k, _: f1(p, t, k, positive="1"), "macro_f1": lambda p, t, k, _: f1(p, t, k),
+    "f1a": lambda p, t, k, _: f1(p, t, k, positive="1"),  # MultiRC: F1 over all answer options
+    "pearson": lambda p, t, *_: pearson(p, t), "spearman": lambda p, t, *_: pearson(p, t, _ranks),
+    "em": lambda p, t, k, ex: multirc_em(p, t, [e["question_id"] for e in ex]),
+    "squad_em": lambda p, t, k, ex: squad(p, _GOLDS(ex)),
+    "squad_f1": lambda p, t, k, ex: squad(p, _GOLDS(ex), token_f1=True),
 }
 
 
@@ -176,7 +172,7 @@ def label_nll(model, input_ids, mask, label_ids):
     embeds, mask = model.embed(input_ids, mask)  # (B, n+S, d), prompt included
     hidden = t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     start = torch.full((n_inputs, 1), t5.config.decoder_start_token_id, device=input_ids.device)
-    kv = EncoderDecoderCache(DynamicCache(), DynamicCache())  # T5 fills it in place
+    kv = EncoderDecoderCache(DynamicCache(), DynamicCache())  # T5 fills it; `cache=` from 5.2x
     arg = "cache" if "cache" in inspect.signature(t5.forward).parameters else "past_key_values"
     logits = t5(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=start,
                 use_cache=True, **{arg: kv}).logits.repeat_interleave(n_labels, 0)  # (B*L, 1, V)
@@ -185,16 +181,14 @@ def label_nll(model, input_ids, mask, label_ids):
         kv.batch_repeat_interleave(n_labels)  # in place: once per label
         rest = t5(encoder_outputs=(hidden.repeat_interleave(n_labels, 0),), use_cache=True,
                   attention_mask=mask.repeat_interleave(n_labels, 0), **{arg: kv},
-                  decoder_input_ids=target[:, :-1].masked_fill(target[:, :-1] == -100,
-                                                               t5.config.pad_token_id))
+                  decoder_input_ids=target[:, :-1].clamp(min=0))  # -100: feeds only ignored steps
         logits = torch.cat([logits, rest.logits], 1)  # (B*L, T, V)
     return F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100,
                            reduction="none").sum(1).view(n_inputs, n_labels)
 
 
 def score_split(net, tokenizer, meta, examples, source_ids, ranks, args):
-    """Scores of `net` on a split decoded as the run's args say (eval mode, batch size, input
-    length, precision): each rank decodes a strided shard, all score the gathered predictions."""
+    """Metrics of `net` on a split decoded as `args` say, each rank decoding a strided shard."""
     preds = predict(net, tokenizer, source_ids[ranks.rank::ranks.world_size],
                     max_new_tokens=meta["max_target_length"], batch_size=args.eval_batch_size,
                     labels=meta["labels"] if args.eval_mode == "rank" else None,
