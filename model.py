@@ -8,19 +8,16 @@ import torch.nn as nn
 from ept import files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
-REPARAMS = ("mlp", "lstm")
+REPARAMS, INITS = ("mlp", "lstm"), ("uniform", "vocab", "label")  # P-Tuning's; Table 6's
 # §5.5 names ReLU only; Tanh and Sigmoid are the public EPT code's (our reading: its three)
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
-INITS = ("uniform", "vocab", "label")
-# "vocab" init (Table 6), Lester et al. 2021: the 5,000 most frequent pieces. T5's ids are ordered
-# by piece score: ids 3..5002 (after pad, eos, unk; far below the sentinels at 32,000+).
+# Table 6's "vocab" init (Lester et al. 2021): the 5,000 most frequent pieces, T5's ids 3..5002
 VOCAB_FIRST_PIECE, VOCAB_SAMPLE_SIZE = 3, 5000
 # the main setting (docs/paper.md, "Methods"); the learning rates: Appendix B.2
 DEFAULTS = {"prompt_length": 10, "hidden_size": {"resprompt": 400, "ept": 1, "ept_star": 1},
             "broadcast": {"ept": 1, "ept_star": 10},
             "lr": {**dict.fromkeys(METHODS, 0.3), "ft": 1e-5}}
-# The prompt options (train.py's flags, config.json's keys): {name: (default (None: DEFAULTS'; also
-# an older run folder's missing key), the methods that take it: no other sweeps or names its runs)}
+# prompt options (train.py's flags, config.json's keys): {name: (default, the methods that take it)}
 EPTS = ("ept", "ept_star")
 OPTIONS = {"prompt_length": (None, METHODS[1:4]), "reparam": ("mlp", ("ptuning",)),
            "hidden_size": (None, ("resprompt", *EPTS)), "broadcast": (None, EPTS),
@@ -29,12 +26,12 @@ OPTIONS = {"prompt_length": (None, METHODS[1:4]), "reparam": ("mlp", ("ptuning",
 
 
 def applies(option, method):
-    """False for a prompt option `method` ignores (EPT: --prompt-length); others apply to all."""
+    """False for an option `method` ignores (EPT: --prompt-length): its sweeps and names skip it."""
     return method in OPTIONS.get(option, (None, METHODS))[1]
 
 
 def prompt_options(config):
-    """build_prompt_module's options (all but init) as a run's config.json records them."""
+    """build_prompt_module's options (not init) in config.json; a missing one: its default."""
     return {k: config.get(k, default) for k, (default, _) in OPTIONS.items() if k != "init"}
 
 
@@ -56,7 +53,6 @@ def init_prompt(rows, d_model, init="uniform", embedding=None, label_ids=None, g
 
 class PromptTuning(nn.Module):
     """Lester et al. 2021: the prompt table itself, P' = P."""
-
     def __init__(self, table):
         super().__init__()
         self.prompt = nn.Parameter(table)  # (n, d)
@@ -71,20 +67,18 @@ class PTuning(PromptTuning):
         super().__init__(table)
         d = table.size(1)
         if reparam == "mlp":  # PEFT default: 3 Linear layers with bias, ReLU between
-            self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(),
-                                     nn.Linear(d, d))
+            self.lstm, self.mlp = None, nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d),
+                                                      nn.ReLU(), nn.Linear(d, d))
         else:  # PEFT's LSTM: 2-layer biLSTM (hidden d), then Linear(2d,2d) -> ReLU -> Linear(2d,d)
             self.lstm = nn.LSTM(d, d, num_layers=2, bidirectional=True, batch_first=True)
             self.mlp = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
 
     def forward(self):  # LSTM: (n, d) -> (n, 2d), then the MLP -> (n, d)
-        x = self.prompt
-        return self.mlp(self.lstm(x[None])[0][0] if hasattr(self, "lstm") else x)
+        return self.mlp(self.lstm(self.prompt[None])[0][0] if self.lstm else self.prompt)
 
 
 class ResPrompt(PromptTuning):
     """Razdaibiedina et al. 2023: one shared bottleneck MLP f, applied twice (tied), one skip."""
-
     def __init__(self, table, hidden_size=400):
         super().__init__(table)
         d = table.size(1)
@@ -114,7 +108,6 @@ class EPTBlock(nn.Module):
 
 class EPT(PromptTuning):
     """This paper: P1 (1, d) through `depth` down-up blocks, the row repeated n times (Figure 7)."""
-
     def __init__(self, vector, hidden_size=1, broadcast=1, depth=1, **switches):
         super().__init__(vector)  # (1, d)
         d, self.broadcast = vector.size(1), broadcast
@@ -189,13 +182,12 @@ class PromptedT5(nn.Module):
         return self.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
 
-# --- stateless dropout: each example's mask a hash of the example, not of a random stream ---------
-# Every dropout site of T5 (nn.Dropout, and on the attention weights) draws its mask from a hash of
-# (run seed, step, example index, site, position from the example's own first token, feature),
-# folded as JAX folds keys: a run's masks depend on its own data only, alone or packed, on any
-# number of ranks, resumed or not.
+# --- stateless dropout: every dropout site of T5 (nn.Dropout, the attention weights') draws its ---
+# mask from a hash of (run seed, step, example index, site, position from the example's own first
+# token, feature), folded as JAX folds keys: a run's masks depend on its own data only, alone or
+# packed, on any number of ranks, resumed or not.
 STATELESS = "ept_stateless"
-_context = []  # while a forward runs: [keys (B,), encoder offsets (B,), {site: calls so far}]
+_context = []  # while a forward runs: [keys (B,), encoder offsets (B,) or None, {site: calls}]
 
 
 def _mix(x):
@@ -213,8 +205,7 @@ def example_keys(seeds, steps, indices, device=None):
 
 @contextlib.contextmanager
 def dropout_keys(keys, encoder_offset=None):
-    """The examples' keys (B,) for the forward passes inside; `encoder_offset` (B,): rows before
-    each example's own encoder input (a pack's prompt padding), so positions count from its own."""
+    """The examples' keys (B,) for the forwards inside; `encoder_offset` (B,): a pack's pad rows."""
     _context.append([keys, encoder_offset, {}])
     try:
         yield
@@ -223,10 +214,7 @@ def dropout_keys(keys, encoder_offset=None):
 
 
 def _drop(x, p, site, sides):
-    """x (B, ...) times a stateless dropout mask: U[0, 1) from the examples' keys, folding in the
-    site, then each axis's index (on the "encoder" side: from the example's own first row)."""
-    if p == 0:
-        return x
+    """x (B, ...) times a mask: U[0, 1) hashed from the keys, site, call, each axis's index."""
     if not _context:
         raise RuntimeError("stateless dropout in training mode needs model.dropout_keys(...)")
     keys, offset, calls = _context[-1]
@@ -238,23 +226,22 @@ def _drop(x, p, site, sides):
         if side == "encoder" and offset is not None:
             index = (index - offset.to(x.device).view(b, *[1] * dims)) & 0xFFFFFFFF
         h = _mix(h ^ index)
-    keep = (h >> 8).float() * 2.0 ** -24 >= p
-    return x * keep.to(x.dtype) / (1 - p)
+    return x * ((h >> 8).float() * 2.0 ** -24 >= p).to(x.dtype) / (1 - p)  # kept: U >= p
 
 
 class StatelessDropout(nn.Dropout):
     """T5's nn.Dropout, its mask from the examples' keys; stateless_dropout sets site and sides."""
     def forward(self, x):
-        return _drop(x, self.p, self.ept_site, self.ept_sides) if self.training else x
+        return _drop(x, self.p, self.ept_site, self.ept_sides) if self.training and self.p else x
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout, position_bias, **kw):
-    """transformers' T5 eager attention (T5 passes all three; `dropout` 0.0 when not training), its
-    weights' dropout stateless: (B, H, L_query, L_key)."""
+    """transformers' T5 eager attention (T5 passes all three), its weights' dropout stateless."""
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling + position_bias
     if attention_mask is not None:
         scores = scores + attention_mask
-    weights = _drop(torch.softmax(scores, dim=-1), dropout, module.ept_site, module.ept_sides)
+    weights = torch.softmax(scores, dim=-1)  # (B, H, L_query, L_key); dropout 0.0 when not training
+    weights = _drop(weights, dropout, module.ept_site, module.ept_sides) if dropout else weights
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
