@@ -10,7 +10,6 @@ import string
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from ept import runtime, tasks
@@ -43,8 +42,7 @@ def matthews_corr(preds, targets, labels=None):
                  for p, t in zip(preds, targets)]
     s, c = len(targets), sum(p == t for p, t in zip(preds, targets))
     pk, tk = collections.Counter(preds), collections.Counter(targets)
-    den = math.sqrt((s * s - sum(v * v for v in pk.values()))
-                    * (s * s - sum(v * v for v in tk.values())))
+    den = math.sqrt(math.prod(s * s - sum(v * v for v in k.values()) for k in (pk, tk)))
     return 100.0 * (c * s - sum(pk[k] * tk[k] for k in tk)) / den if den else 0.0  # as sklearn
 
 
@@ -137,9 +135,9 @@ def batches_by_length(ids, batch_size, sort, token_budget=False):
 
 @torch.no_grad()
 def predict(model, tokenizer, sources, *, max_new_tokens=None, labels=None, batch_size=64,
-            max_length=256, device="cpu", dtype="fp32", sort_by_length=True, progress=None):
+            max_length=256, device="cpu", dtype="fp32", sort_by_length=True, progress=iter):
     """Greedy decoding of `sources` (strings or id lists) to stripped text, or with `labels` rank
-    classification: the label of lowest summed NLL (`label_nll`), never invalid; `progress`: bar."""
+    classification: the label of least summed NLL (never invalid); `progress` wraps the batches."""
     ids = (tasks.encode(tokenizer, sources, max_length)
            if sources and isinstance(sources[0], str) else sources)
     if labels:  # an input's L labels are scored in one batch: L decoder rows per input
@@ -147,10 +145,8 @@ def predict(model, tokenizer, sources, *, max_new_tokens=None, labels=None, batc
         batch_size = max(1, batch_size // len(labels))
     out, was_training = {}, model.training
     model.eval()
-    bar = tqdm(total=len(ids), desc=progress, unit="ex", dynamic_ncols=True,
-               **({"disable": True} if progress is None else {}))  # TQDM_DISABLE=1 hides it
-    for batch in batches_by_length(ids, batch_size, sort_by_length,
-                                   token_budget=not str(device).startswith("cuda")):
+    for batch in progress(batches_by_length(ids, batch_size, sort_by_length,
+                                            token_budget=not str(device).startswith("cuda"))):
         x, mask = (t.to(device) for t in tasks.pad([ids[i] for i in batch], tokenizer.pad_token_id))
         with runtime.autocast(device, dtype):
             preds = ([labels[k] for k in label_nll(model, x, mask, label_ids).argmin(1).tolist()]
@@ -158,8 +154,6 @@ def predict(model, tokenizer, sources, *, max_new_tokens=None, labels=None, batc
                          x, mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1),
                          skip_special_tokens=True)])
         out.update(zip(batch, preds))
-        bar.update(len(batch))
-    bar.close()
     model.train(was_training)
     return [out[i] for i in range(len(ids))]
 

@@ -1,4 +1,5 @@
 """Run folders read back by the later stages, and the shared results files (not train.py's)."""
+import functools
 import json
 import os
 import shutil
@@ -6,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import model as M
 from ept import cli, evaluation, files, runfolder, runtime, tasks
@@ -219,10 +221,14 @@ def load_folded_prompt(path):
     return prompt, state.get("meta", {})
 
 
-def run_predictions(net, tokenizer, sources, meta, *, mode, **options):
+def run_predictions(net, tokenizer, sources, meta, *, mode, progress=None, **options):
     """`evaluation.predict` as the task's meta.json says: greedy (mode 'generate') or over its
-    labels (mode 'rank'; train.py refuses a task without labels before it trains)."""
+    labels (mode 'rank'; train.py refuses a task without labels before it trains); `progress`: a
+    bar's label (TQDM_DISABLE=1 hides it)."""
     if mode == "rank" and not meta.get("labels"):
         raise cli.Failure(f"--eval-mode rank needs a label set; {meta.get('task')} has none")
+    bar = iter if progress is None else functools.partial(tqdm, desc=progress, unit="batch",
+                                                          dynamic_ncols=True)
     return evaluation.predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"],
-                              labels=meta["labels"] if mode == "rank" else None, **options)
+                              labels=meta["labels"] if mode == "rank" else None, progress=bar,
+                              **options)
