@@ -106,17 +106,14 @@ METRICS = {  # DESIGN.md metric names -> f(predictions, targets, labels, example
 
 
 def compute_metrics(meta, predictions, examples):
-    """{metric: value for meta['metrics']} + 'score' (mean of meta['score']) + counts."""
+    """{metric: value} of meta['metrics'], 'score' (their mean over meta['score']), n, invalid."""
     assert len(predictions) == len(examples), (len(predictions), len(examples))
     labels, targets = meta.get("labels"), [e["target"] for e in examples]
     out = {k: METRICS[k](predictions, targets, labels, examples) for k in meta["metrics"]}
     out.update(score=sum(out[k] for k in meta["score"]) / len(meta["score"]), n=len(examples))
-    if labels:
-        out["invalid"] = sum(p not in labels for p in predictions)  # outside the label set
-    return out
+    return {**out, **({"invalid": sum(p not in labels for p in predictions)} if labels else {})}
 
 
-# --- decoding ------------------------------------------------------------------------------------
 def batches_by_length(ids, batch_size, sort, token_budget=False):
     """Index batches of at most `batch_size` rows, `sort`: longest first; `token_budget` (a CPU:
     time follows tokens): at most batch_size x median length tokens, yet batch_size // 4 rows."""
