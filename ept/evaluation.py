@@ -1,5 +1,4 @@
-"""Evaluation: every metric of the paper in [0, 100] as it prints them, greedy decoding and rank
-classification of a prompted T5, and a split scored across ranks (train.py's `score_split`)."""
+"""The paper's metrics in [0, 100]; a prompted T5's greedy or rank-classification decoding."""
 import bisect
 import collections
 import inspect
