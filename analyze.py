@@ -104,7 +104,7 @@ def each_run(rows, tasks, methods, seed):
 
 
 def load_prompt(row):
-    return M.load_folded_prompt(Path(row["run"]) / "prompt.pt")[0]  # P' (n, d)
+    return outputs.load_folded_prompt(Path(row["run"]) / "prompt.pt")[0]  # P' (n, d)
 
 
 def scorer(data_dir=None, max_examples=None, batch_size=64):

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ept import cli, evaluation, files, outputs, runtime
+from ept import cli, files, outputs, runtime
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
 parser.add_argument("run_dir", help="a run folder written by train.py")
@@ -72,7 +72,7 @@ def predict_file(run_dir, input_path, output_path, *, checkpoint="best", mode="g
     net, tokenizer, config = outputs.load_run(run_dir, checkpoint, None, device)
     device = device or runtime.ranks().device
     # config.json keeps the task's meta.json (labels, lengths)
-    preds = evaluation.run_predictions(
+    preds = outputs.run_predictions(
         net, tokenizer, [r["source"] for r in rows], config["meta"], mode=mode,
         max_length=config["max_length"], batch_size=batch_size, device=device,
         dtype=outputs.run_dtype(config, device), progress="predict")

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import model as M
 import tables
 from ept import cli, files, outputs
 
@@ -60,7 +59,7 @@ def folded_prompt(run_dir, checkpoint="best"):
         if not (run_dir / "prompt.pt").exists():
             raise cli.Failure(f"export: {run_dir} has no prompt.pt (an ft run, or training did "
                               "not finish)")
-        return M.load_folded_prompt(run_dir / "prompt.pt")[0].float()
+        return outputs.load_folded_prompt(run_dir / "prompt.pt")[0].float()
     net, _, _ = outputs.load_run(run_dir, "last", device="cpu")
     return net.prompt().detach().float().cpu()
 

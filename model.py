@@ -8,19 +8,16 @@ import torch.nn as nn
 from ept import files
 
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
-REPARAMS = ("mlp", "lstm")
+REPARAMS, INITS = ("mlp", "lstm"), ("uniform", "vocab", "label")  # P-Tuning's; Table 6's
 # §5.5 names ReLU only; Tanh and Sigmoid are the public EPT code's (our reading: its three)
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
-INITS = ("uniform", "vocab", "label")
-# "vocab" init (Table 6), Lester et al. 2021: the 5,000 most frequent pieces. T5's ids are ordered
-# by piece score: ids 3..5002 (after pad, eos, unk; far below the sentinels at 32,000+).
+# Table 6's "vocab" init (Lester et al. 2021): the 5,000 most frequent pieces, T5's ids 3..5002
 VOCAB_FIRST_PIECE, VOCAB_SAMPLE_SIZE = 3, 5000
 # the main setting (docs/paper.md, "Methods"); the learning rates: Appendix B.2
 DEFAULTS = {"prompt_length": 10, "hidden_size": {"resprompt": 400, "ept": 1, "ept_star": 1},
             "broadcast": {"ept": 1, "ept_star": 10},
             "lr": {**dict.fromkeys(METHODS, 0.3), "ft": 1e-5}}
-# The prompt options (train.py's flags, config.json's keys): {name: (default (None: DEFAULTS'; also
-# an older run folder's missing key), the methods that take it: no other sweeps or names its runs)}
+# prompt options (train.py's flags, config.json's keys): {name: (default, the methods that take it)}
 EPTS = ("ept", "ept_star")
 OPTIONS = {"prompt_length": (None, METHODS[1:4]), "reparam": ("mlp", ("ptuning",)),
            "hidden_size": (None, ("resprompt", *EPTS)), "broadcast": (None, EPTS),
@@ -29,12 +26,12 @@ OPTIONS = {"prompt_length": (None, METHODS[1:4]), "reparam": ("mlp", ("ptuning",
 
 
 def applies(option, method):
-    """False for a prompt option `method` ignores (EPT: --prompt-length); others apply to all."""
+    """False for an option `method` ignores (EPT: --prompt-length): its sweeps and names skip it."""
     return method in OPTIONS.get(option, (None, METHODS))[1]
 
 
 def prompt_options(config):
-    """build_prompt_module's options (all but init) as a run's config.json records them."""
+    """build_prompt_module's options (not init) in config.json; a missing one: its default."""
     return {k: config.get(k, default) for k, (default, _) in OPTIONS.items() if k != "init"}
 
 
@@ -56,7 +53,6 @@ def init_prompt(rows, d_model, init="uniform", embedding=None, label_ids=None, g
 
 class PromptTuning(nn.Module):
     """Lester et al. 2021: the prompt table itself, P' = P."""
-
     def __init__(self, table):
         super().__init__()
         self.prompt = nn.Parameter(table)  # (n, d)
@@ -67,25 +63,22 @@ class PromptTuning(nn.Module):
 
 class PTuning(PromptTuning):
     """Liu et al. 2021 as in HF PEFT: P' = MLP(P) per token, or an LSTM-then-MLP head."""
-
     def __init__(self, table, reparam="mlp"):
         super().__init__(table)
         d = table.size(1)
         if reparam == "mlp":  # PEFT default: 3 Linear layers with bias, ReLU between
-            self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(),
-                                     nn.Linear(d, d))
+            self.lstm, self.mlp = None, nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d),
+                                                      nn.ReLU(), nn.Linear(d, d))
         else:  # PEFT's LSTM: 2-layer biLSTM (hidden d), then Linear(2d,2d) -> ReLU -> Linear(2d,d)
             self.lstm = nn.LSTM(d, d, num_layers=2, bidirectional=True, batch_first=True)
             self.mlp = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
 
     def forward(self):  # LSTM: (n, d) -> (n, 2d), then the MLP -> (n, d)
-        x = self.prompt
-        return self.mlp(self.lstm(x[None])[0][0] if hasattr(self, "lstm") else x)
+        return self.mlp(self.lstm(self.prompt[None])[0][0] if self.lstm else self.prompt)
 
 
 class ResPrompt(PromptTuning):
     """Razdaibiedina et al. 2023: one shared bottleneck MLP f, applied twice (tied), one skip."""
-
     def __init__(self, table, hidden_size=400):
         super().__init__(table)
         d = table.size(1)
@@ -100,7 +93,6 @@ class ResPrompt(PromptTuning):
 class EPTBlock(nn.Module):
     """One bias-free down-up map d -> h -> d, with the Figure 9 ablation switches. `extra_layer`: a
     bias-free h -> h layer between (Table 4's "additional MLP layer", §5.4: 2.3K on t5-base)."""
-
     def __init__(self, d, h=1, layer_norm=False, residual=False, activation="none",
                  extra_layer=False):  # parameters drawn in this order: down, extra, up
         super().__init__()
@@ -116,7 +108,6 @@ class EPTBlock(nn.Module):
 
 class EPT(PromptTuning):
     """This paper: P1 (1, d) through `depth` down-up blocks, the row repeated n times (Figure 7)."""
-
     def __init__(self, vector, hidden_size=1, broadcast=1, depth=1, **switches):
         super().__init__(vector)  # (1, d)
         d, self.broadcast = vector.size(1), broadcast
@@ -126,12 +117,9 @@ class EPT(PromptTuning):
         return self.blocks(self.prompt).expand(self.broadcast, -1)  # (1, d) -> (n, d)
 
 
-class FoldedPrompt(PromptTuning):
+def FoldedPrompt(prompt):  # noqa: N802 (a module, as the classes above)
     """A fixed P' (n, d): what inference uses once the reparameterization is discarded."""
-
-    def __init__(self, prompt):
-        super().__init__(prompt.detach().clone())
-        self.requires_grad_(False)
+    return PromptTuning(prompt.detach().clone()).requires_grad_(False)
 
 
 def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", hidden_size=None,
@@ -162,7 +150,6 @@ def build_prompt_module(method, d_model, *, prompt_length=None, reparam="mlp", h
 
 class PromptedT5(nn.Module):
     """A T5 whose encoder input is [P'; embed(input_ids)]; frozen unless there is no prompt."""
-
     def __init__(self, t5, prompt_module=None):
         super().__init__()
         self.t5, self.prompt_module = t5, prompt_module
@@ -182,9 +169,8 @@ class PromptedT5(nn.Module):
         if p is None:
             return x, attention_mask
         p = p.to(x.dtype).expand(x.size(0), -1, -1)  # (n or B, n, d) -> (B, n, d); params stay fp32
-        ones = attention_mask.new_ones(p.shape[:2])
-        mask = ones if prompt_mask is None else prompt_mask.to(attention_mask.dtype)
-        return torch.cat([p, x], dim=1), torch.cat([mask, attention_mask], dim=1)
+        mask = attention_mask.new_ones(p.shape[:2]) if prompt_mask is None else prompt_mask
+        return torch.cat([p, x], 1), torch.cat([mask.to(attention_mask.dtype), attention_mask], 1)
 
     def forward(self, input_ids, attention_mask, **kwargs):
         inputs_embeds, mask = self.embed(input_ids, attention_mask)
@@ -196,13 +182,12 @@ class PromptedT5(nn.Module):
         return self.t5.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
 
 
-# --- stateless dropout: each example's mask a hash of the example, not of a random stream ---------
-# Every dropout site of T5 (nn.Dropout, and on the attention weights) draws its mask from a hash of
-# (run seed, step, example index, site, position from the example's own first token, feature),
-# folded as JAX folds keys. A run's masks then depend on its own data only: alone or packed, on any
-# number of ranks, resumed or not. `dropout_keys` sets the keys.
+# --- stateless dropout: every dropout site of T5 (nn.Dropout, the attention weights') draws its ---
+# mask from a hash of (run seed, step, example index, site, position from the example's own first
+# token, feature), folded as JAX folds keys: a run's masks depend on its own data only, alone or
+# packed, on any number of ranks, resumed or not.
 STATELESS = "ept_stateless"
-_context = []  # while a forward runs: [keys (B,), encoder offsets (B,), {site: calls so far}]
+_context = []  # while a forward runs: [keys (B,), encoder offsets (B,) or None, {site: calls}]
 
 
 def _mix(x):
@@ -215,16 +200,13 @@ def _mix(x):
 def example_keys(seeds, steps, indices, device=None):
     """(B,) keys of the examples: their run's seed and step, their index in the training split."""
     fold = lambda h, v: _mix(h ^ (torch.as_tensor(v, dtype=torch.long) & 0xFFFFFFFF))
-    return fold(fold(_mix(torch.as_tensor(seeds, dtype=torch.long) & 0xFFFFFFFF), steps),
-                indices).to(device)
+    return fold(fold(fold(0, seeds), steps), indices).to(device)
 
 
 @contextlib.contextmanager
 def dropout_keys(keys, encoder_offset=None):
-    """The examples' keys (B,) for the forward passes inside; `encoder_offset` (B,): rows before
-    each example's own encoder input (a pack's prompt padding), so positions count from its own."""
-    offset = torch.zeros_like(keys) if encoder_offset is None else encoder_offset.to(keys.device)
-    _context.append([keys, offset, {}])
+    """The examples' keys (B,) for the forwards inside; `encoder_offset` (B,): a pack's pad rows."""
+    _context.append([keys, encoder_offset, {}])
     try:
         yield
     finally:
@@ -232,10 +214,7 @@ def dropout_keys(keys, encoder_offset=None):
 
 
 def _drop(x, p, site, sides):
-    """x with a stateless dropout mask: U[0, 1) of x's shape (B, ...) from the examples' keys,
-    folding in the site, then each axis's index ("encoder": from the example's own first row)."""
-    if p == 0:
-        return x
+    """x (B, ...) times a mask: U[0, 1) hashed from the keys, site, call, each axis's index."""
     if not _context:
         raise RuntimeError("stateless dropout in training mode needs model.dropout_keys(...)")
     keys, offset, calls = _context[-1]
@@ -244,22 +223,16 @@ def _drop(x, p, site, sides):
     h = _mix(keys ^ (site * 16 + call)).view(b, *[1] * dims)
     for k, (size, side) in enumerate(zip(x.shape[1:], sides), 1):
         index = torch.arange(size, device=x.device).view(-1, *[1] * (dims - k))  # at axis k
-        if side == "encoder":
-            index = (index - offset.view(b, *[1] * dims)) & 0xFFFFFFFF
+        if side == "encoder" and offset is not None:
+            index = (index - offset.to(x.device).view(b, *[1] * dims)) & 0xFFFFFFFF
         h = _mix(h ^ index)
-    keep = (h >> 8).float() * 2.0 ** -24 >= p
-    return x * keep.to(x.dtype) / (1 - p)
+    return x * ((h >> 8).float() * 2.0 ** -24 >= p).to(x.dtype) / (1 - p)  # kept: U >= p
 
 
 class StatelessDropout(nn.Dropout):
-    """T5's nn.Dropout at one site, its mask from the examples' keys (above)."""
-
-    def __init__(self, p, site, side):
-        super().__init__(p)
-        self.site, self.side = site, side
-
-    def forward(self, x):  # (B, L, D): the positions of `side`, then features
-        return _drop(x, self.p, self.site, (self.side, None)) if self.training else x
+    """T5's nn.Dropout, its mask from the examples' keys; stateless_dropout sets site and sides."""
+    def forward(self, x):
+        return _drop(x, self.p, self.ept_site, self.ept_sides) if self.training and self.p else x
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout, position_bias, **kw):
@@ -268,7 +241,7 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout, posi
     if attention_mask is not None:
         scores = scores + attention_mask
     weights = torch.softmax(scores, dim=-1)  # (B, H, L_query, L_key); dropout 0.0 when not training
-    weights = _drop(weights, dropout, module.ept_site, (None, *module.ept_sides))
+    weights = _drop(weights, dropout, module.ept_site, module.ept_sides) if dropout else weights
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
@@ -280,14 +253,13 @@ def stateless_dropout(t5):
     AttentionMaskInterface.register(STATELESS, eager_mask)
     for site, (name, module) in enumerate(list(t5.named_modules())):
         side = "decoder" if name.startswith("decoder") else "encoder"
-        if type(module) is nn.Dropout:
-            parent, _, attr = name.rpartition(".")
-            setattr(t5.get_submodule(parent), attr, StatelessDropout(module.p, site, side))
-        elif hasattr(module, "relative_attention_num_buckets"):  # T5Attention
-            module.ept_site = site
-            module.ept_sides = (side, "encoder" if name.endswith("EncDecAttention") else side)
-    for config in {id(m.config): m.config for m in t5.modules() if hasattr(m, "config")}.values():
-        config._attn_implementation = STATELESS
+        if type(module) is nn.Dropout:  # (B, L, D): the positions of `side`, then features
+            module.__class__ = StatelessDropout  # the same module, its forward stateless
+            module.ept_site, module.ept_sides = site, (side, None)
+        elif hasattr(module, "relative_attention_num_buckets"):  # T5Attention: (B, H, L_q, L_k)
+            key_side = "encoder" if name.endswith("EncDecAttention") else side
+            module.ept_site, module.ept_sides = site, (None, side, key_side)
+    t5.set_attn_implementation(STATELESS)  # the encoder's and decoder's configs too
     return t5
 
 
@@ -301,13 +273,3 @@ def save_folded_prompt(path, prompt, meta=None):
     files.save_torch(path, {"prompt": prompt.detach().float().cpu().contiguous(),
                             "meta": dict(meta or {})})
 
-
-def load_folded_prompt(path):
-    state = files.load_torch(path, "folded prompt")
-    prompt = state.get("prompt") if isinstance(state, dict) else None
-    if not torch.is_tensor(prompt) or prompt.dim() != 2:
-        raise files.FileFault(f"{path} is not a folded prompt (a dict with an (n, d) 'prompt' "
-                              "tensor)")
-    if not torch.isfinite(prompt).all():
-        raise files.FileFault(f"the prompt in {path} holds NaN or inf values; retrain the run")
-    return prompt, state.get("meta", {})

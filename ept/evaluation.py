@@ -1,5 +1,4 @@
-"""Evaluation: every metric of the paper in [0, 100] as it prints them, greedy decoding and rank
-classification of a prompted T5, and a split scored across ranks (train.py's `score_split`)."""
+"""The paper's metrics in [0, 100]; a prompted T5's greedy or rank-classification decoding."""
 import bisect
 import collections
 import inspect
@@ -10,13 +9,12 @@ import string
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from ept import cli, runtime, tasks
+from ept import runtime, tasks
+
 
 # --- metrics: f(predictions, targets, ...); an empty input scores 0.0 (never NaN in JSON) ---------
-
 def accuracy(preds, targets):
     return 100.0 * sum(p == t for p, t in zip(preds, targets)) / len(targets) if targets else 0.0
 
@@ -27,15 +25,12 @@ def f1(preds, targets, labels=None, positive=None):
     if positive:
         preds = [p if p in (labels or ("0", "1")) else None if t == positive else positive
                  for p, t in zip(preds, targets)]
-    seen = {*targets, *preds}
-    counts = [(sum(p == c == t for p, t in zip(preds, targets)),  # (tp, fp + fn): tp + fn + fp > 0
-               sum((p == c) != (t == c) for p, t in zip(preds, targets)))
-              for c in ([positive] if positive else labels or sorted(set(targets))) if c in seen]
-    if not counts:
-        return 0.0  # no positives: 0 (sklearn)
-    if positive:
-        return 100.0 * 2 * counts[0][0] / (2 * counts[0][0] + counts[0][1])
-    return 100.0 * sum(2 * tp / (2 * tp + wrong) for tp, wrong in counts) / len(counts)
+    pairs = list(zip(preds, targets))
+    counts = [(sum(p == c == t for p, t in pairs), sum((p == c) != (t == c) for p, t in pairs))
+              for c in ([positive] if positive else labels or sorted(set(targets)))
+              if c in {*targets, *preds}] or [(0, 1)]  # (tp, fp + fn); none seen: 0 (sklearn)
+    return (100.0 * 2 * counts[0][0] / (2 * counts[0][0] + counts[0][1]) if positive
+            else 100.0 * sum(2 * tp / (2 * tp + wrong) for tp, wrong in counts) / len(counts))
 
 
 def matthews_corr(preds, targets, labels=None):
@@ -46,8 +41,7 @@ def matthews_corr(preds, targets, labels=None):
                  for p, t in zip(preds, targets)]
     s, c = len(targets), sum(p == t for p, t in zip(preds, targets))
     pk, tk = collections.Counter(preds), collections.Counter(targets)
-    den = math.sqrt((s * s - sum(v * v for v in pk.values()))
-                    * (s * s - sum(v * v for v in tk.values())))
+    den = math.sqrt(math.prod(s * s - sum(v * v for v in k.values()) for k in (pk, tk)))
     return 100.0 * (c * s - sum(pk[k] * tk[k] for k in tk)) / den if den else 0.0  # as sklearn
 
 
@@ -98,34 +92,26 @@ def squad(preds, answers, token_f1=False):
     return 100.0 * sum(scores) / len(scores) if scores else 0.0
 
 
-_T = lambda ex: [e["target"] for e in ex]  # noqa: E731
 _GOLDS = lambda ex: [e.get("answers") or [e["target"]] for e in ex]  # noqa: E731 MRQA: every gold
-METRICS = {  # DESIGN.md metric names -> f(predictions, examples, labels)
-    "acc": lambda p, ex, lab: accuracy(p, _T(ex)),
-    "f1": lambda p, ex, lab: f1(p, _T(ex), lab, positive="1"),
-    "macro_f1": lambda p, ex, lab: f1(p, _T(ex), lab),
-    "mcc": lambda p, ex, lab: matthews_corr(p, _T(ex), lab),
-    "pearson": lambda p, ex, lab: pearson(p, _T(ex)),
-    "spearman": lambda p, ex, lab: pearson(p, _T(ex), rank=_ranks),
-    "f1a": lambda p, ex, lab: f1(p, _T(ex), lab, positive="1"),
-    "em": lambda p, ex, lab: multirc_em(p, _T(ex), [e["question_id"] for e in ex]),
-    "squad_em": lambda p, ex, lab: squad(p, _GOLDS(ex)),
-    "squad_f1": lambda p, ex, lab: squad(p, _GOLDS(ex), token_f1=True),
+METRICS = {  # DESIGN.md metric names -> f(predictions, targets, labels, examples)
+    "acc": lambda p, t, *_: accuracy(p, t), "mcc": lambda p, t, k, _: matthews_corr(p, t, k),
+    "f1": lambda p, t, k, _: f1(p, t, k, positive="1"), "macro_f1": lambda p, t, k, _: f1(p, t, k),
+    "f1a": lambda p, t, k, _: f1(p, t, k, positive="1"),  # MultiRC: F1 over all answer options
+    "pearson": lambda p, t, *_: pearson(p, t), "spearman": lambda p, t, *_: pearson(p, t, _ranks),
+    "em": lambda p, t, k, ex: multirc_em(p, t, [e["question_id"] for e in ex]),
+    "squad_em": lambda p, t, k, ex: squad(p, _GOLDS(ex)),
+    "squad_f1": lambda p, t, k, ex: squad(p, _GOLDS(ex), token_f1=True),
 }
 
 
 def compute_metrics(meta, predictions, examples):
-    """{metric: value for meta['metrics']} + 'score' (mean of meta['score']) + counts."""
+    """{metric: value} of meta['metrics'], 'score' (their mean over meta['score']), n, invalid."""
     assert len(predictions) == len(examples), (len(predictions), len(examples))
-    labels = meta.get("labels")
-    out = {name: METRICS[name](predictions, examples, labels) for name in meta["metrics"]}
+    labels, targets = meta.get("labels"), [e["target"] for e in examples]
+    out = {k: METRICS[k](predictions, targets, labels, examples) for k in meta["metrics"]}
     out.update(score=sum(out[k] for k in meta["score"]) / len(meta["score"]), n=len(examples))
-    if labels:
-        out["invalid"] = sum(p not in labels for p in predictions)  # outside the label set
-    return out
+    return {**out, **({"invalid": sum(p not in labels for p in predictions)} if labels else {})}
 
-
-# --- decoding ------------------------------------------------------------------------------------
 
 def batches_by_length(ids, batch_size, sort, token_budget=False):
     """Index batches of at most `batch_size` rows, `sort`: longest first; `token_budget` (a CPU:
@@ -145,9 +131,9 @@ def batches_by_length(ids, batch_size, sort, token_budget=False):
 
 @torch.no_grad()
 def predict(model, tokenizer, sources, *, max_new_tokens=None, labels=None, batch_size=64,
-            max_length=256, device="cpu", dtype="fp32", sort_by_length=True, progress=None):
+            max_length=256, device="cpu", dtype="fp32", sort_by_length=True, progress=iter):
     """Greedy decoding of `sources` (strings or id lists) to stripped text, or with `labels` rank
-    classification: the label of lowest summed NLL (`label_nll`), never invalid; `progress`: bar."""
+    classification: the label of least summed NLL (never invalid); `progress` wraps the batches."""
     ids = (tasks.encode(tokenizer, sources, max_length)
            if sources and isinstance(sources[0], str) else sources)
     if labels:  # an input's L labels are scored in one batch: L decoder rows per input
@@ -155,10 +141,8 @@ def predict(model, tokenizer, sources, *, max_new_tokens=None, labels=None, batc
         batch_size = max(1, batch_size // len(labels))
     out, was_training = {}, model.training
     model.eval()
-    bar = tqdm(total=len(ids), desc=progress, unit="ex", dynamic_ncols=True,
-               **({"disable": True} if progress is None else {}))  # TQDM_DISABLE=1 hides it
-    for batch in batches_by_length(ids, batch_size, sort_by_length,
-                                   token_budget=not str(device).startswith("cuda")):
+    for batch in progress(batches_by_length(ids, batch_size, sort_by_length,
+                                            token_budget=not str(device).startswith("cuda"))):
         x, mask = (t.to(device) for t in tasks.pad([ids[i] for i in batch], tokenizer.pad_token_id))
         with runtime.autocast(device, dtype):
             preds = ([labels[k] for k in label_nll(model, x, mask, label_ids).argmin(1).tolist()]
@@ -166,8 +150,6 @@ def predict(model, tokenizer, sources, *, max_new_tokens=None, labels=None, batc
                          x, mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1),
                          skip_special_tokens=True)])
         out.update(zip(batch, preds))
-        bar.update(len(batch))
-    bar.close()
     model.train(was_training)
     return [out[i] for i in range(len(ids))]
 
@@ -180,38 +162,27 @@ def label_nll(model, input_ids, mask, label_ids):
     embeds, mask = model.embed(input_ids, mask)  # (B, n+S, d), prompt included
     hidden = t5.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     start = torch.full((n_inputs, 1), t5.config.decoder_start_token_id, device=input_ids.device)
-    cache_arg = ("cache" if "cache" in inspect.signature(t5.forward).parameters  # renamed in 5.2x
-                 else "past_key_values")
-    first = t5(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=start,
-               use_cache=True, **{cache_arg: EncoderDecoderCache(DynamicCache(), DynamicCache())})
-    logits = first.logits.repeat_interleave(n_labels, 0)  # (B*L, 1, V): example-major
-    target = label_ids.repeat(n_inputs, 1)  # (B*L, T)
+    kv = EncoderDecoderCache(DynamicCache(), DynamicCache())  # T5 fills it; `cache=` from 5.2x
+    arg = "cache" if "cache" in inspect.signature(t5.forward).parameters else "past_key_values"
+    logits = t5(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=start,
+                use_cache=True, **{arg: kv}).logits.repeat_interleave(n_labels, 0)  # (B*L, 1, V)
+    target = label_ids.repeat(n_inputs, 1)  # (B*L, T), example-major
     if target.size(1) > 1:
-        getattr(first, cache_arg).batch_repeat_interleave(n_labels)  # in place: once per label
-        rest = t5(encoder_outputs=(hidden.repeat_interleave(n_labels, 0),),
-                  attention_mask=mask.repeat_interleave(n_labels, 0), use_cache=True,
-                  decoder_input_ids=target[:, :-1].masked_fill(target[:, :-1] == -100,
-                                                               t5.config.pad_token_id),
-                  **{cache_arg: getattr(first, cache_arg)})
+        kv.batch_repeat_interleave(n_labels)  # in place: once per label
+        rest = t5(encoder_outputs=(hidden.repeat_interleave(n_labels, 0),), use_cache=True,
+                  attention_mask=mask.repeat_interleave(n_labels, 0), **{arg: kv},
+                  decoder_input_ids=target[:, :-1].clamp(min=0))  # -100: feeds only ignored steps
         logits = torch.cat([logits, rest.logits], 1)  # (B*L, T, V)
     return F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100,
                            reduction="none").sum(1).view(n_inputs, n_labels)
 
 
-def run_predictions(net, tokenizer, sources, meta, *, mode, **options):
-    """`predict` as the task's meta.json says: greedy (mode 'generate') or over its labels."""
-    if mode == "rank" and not meta.get("labels"):
-        raise cli.Failure(f"--eval-mode rank needs a label set; {meta.get('task')} has none")
-    return predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"],
-                   labels=meta["labels"] if mode == "rank" else None, **options)
-
-
 def score_split(net, tokenizer, meta, examples, source_ids, ranks, args):
-    """Scores of `net` on a split decoded as the run's args say (eval mode, batch size, input
-    length, precision): each rank decodes a strided shard, all score the gathered predictions."""
-    preds = run_predictions(net, tokenizer, source_ids[ranks.rank::ranks.world_size], meta,
-                            mode=args.eval_mode, batch_size=args.eval_batch_size,
-                            max_length=args.max_length, dtype=args.dtype, device=ranks.device)
+    """Metrics of `net` on a split decoded as `args` say, each rank decoding a strided shard."""
+    preds = predict(net, tokenizer, source_ids[ranks.rank::ranks.world_size],
+                    max_new_tokens=meta["max_target_length"], batch_size=args.eval_batch_size,
+                    labels=meta["labels"] if args.eval_mode == "rank" else None,
+                    max_length=args.max_length, dtype=args.dtype, device=ranks.device)
     if ranks.world_size > 1:
         shards = [None] * ranks.world_size
         dist.all_gather_object(shards, preds)

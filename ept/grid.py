@@ -522,7 +522,7 @@ def result_row(experiment, settings, run_dir, extra_fields=None):  # --no-test: 
     metrics = files.read_json(run_dir / "metrics.json", "test metrics") if tested else {}
     norm = n_inference = None
     if (run_dir / "prompt.pt").exists():  # Eq. 4 on the best checkpoint's P'; inference keeps
-        prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")  # its distinct rows (EPT: one)
+        prompt, _ = outputs.load_folded_prompt(run_dir / "prompt.pt")  # its distinct rows (EPT: one)
         norm, n_inference = prompt.norm(dim=1).mean().item(), int(prompt.unique(dim=0).numel())
     _, norms, steps, scores = outputs.curves(run_dir, missing_ok=True)  # from log.jsonl
     val_score, best_step = max(zip(scores, steps), key=lambda pair: pair[0], default=(None, None))

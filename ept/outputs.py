@@ -1,4 +1,5 @@
 """Run folders read back by the later stages, and the shared results files (not train.py's)."""
+import functools
 import json
 import os
 import re
@@ -7,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import model as M
 from ept import cli, evaluation, files, runfolder, runtime, tasks
@@ -103,7 +105,7 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
                           f"{run_dir} was trained with (fingerprint mismatch); restore that "
                           "model or retrain the run")
     if prompt is None and checkpoint == "best" and (run_dir / "prompt.pt").exists():
-        prompt, _ = M.load_folded_prompt(run_dir / "prompt.pt")
+        prompt, _ = load_folded_prompt(run_dir / "prompt.pt")
     elif prompt is None:  # fold P' from the checkpoint's reparameterization network, once
         if not state_path.exists():
             raise files.FileFault(f"{run_dir} has neither prompt.pt nor {checkpoint}.pt; "
@@ -145,7 +147,7 @@ def score(net, tokenizer, data_dir, task, split, max_length, max_examples=None, 
     path = Path(data_dir) / task / f"{split}.jsonl"
     examples, ids, _ = tasks.read_split(meta, split, path, tokenizer, max_length, max_examples)
     t0 = time.time()
-    preds = evaluation.run_predictions(net, tokenizer, ids, meta, max_length=max_length, **options)
+    preds = run_predictions(net, tokenizer, ids, meta, max_length=max_length, **options)
     return examples, preds, evaluation.compute_metrics(meta, preds, examples), time.time() - t0
 
 
@@ -231,3 +233,28 @@ RESULTS_FIX = ("delete that line and rerun the experiment's driver (ablate.py / 
 
 def append_jsonl(path, rows):
     append_lines(path, [json.dumps(r, ensure_ascii=False) + "\n" for r in rows])
+
+
+def load_folded_prompt(path):
+    """(P' (n, d), meta) of a run's prompt.pt (model.save_folded_prompt); a NaN prompt refused."""
+    state = files.load_torch(path, "folded prompt")
+    prompt = state.get("prompt") if isinstance(state, dict) else None
+    if not torch.is_tensor(prompt) or prompt.dim() != 2:
+        raise files.FileFault(f"{path} is not a folded prompt (a dict with an (n, d) 'prompt' "
+                              "tensor)")
+    if not torch.isfinite(prompt).all():
+        raise files.FileFault(f"the prompt in {path} holds NaN or inf values; retrain the run")
+    return prompt, state.get("meta", {})
+
+
+def run_predictions(net, tokenizer, sources, meta, *, mode, progress=None, **options):
+    """`evaluation.predict` as the task's meta.json says: greedy (mode 'generate') or over its
+    labels (mode 'rank'; train.py refuses a task without labels before it trains); `progress`: a
+    bar's label (TQDM_DISABLE=1 hides it)."""
+    if mode == "rank" and not meta.get("labels"):
+        raise cli.Failure(f"--eval-mode rank needs a label set; {meta.get('task')} has none")
+    bar = iter if progress is None else functools.partial(tqdm, desc=progress, unit="batch",
+                                                          dynamic_ncols=True)
+    return evaluation.predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"],
+                              labels=meta["labels"] if mode == "rank" else None, progress=bar,
+                              **options)

@@ -383,11 +383,12 @@ def test_driver_names_say_what_runs(tmp_path, capsys):
 def test_progress_bars_for_long_work_and_tqdm_disable(tiny_model_dir):
     """evaluate.py's decoding and prepare_data's row conversion draw a bar on stderr (none inside train.py's
     validation, none for a few rows), and TQDM_DISABLE=1 (read when tqdm is imported) turns them off."""
-    code = ("import model, prepare_data as P; from ept import evaluation as decoding, runtime, tasks as registry\n"
+    code = ("import model, prepare_data as P; from ept import evaluation as decoding, outputs, runtime\n"
             f"net = model.PromptedT5(runtime.load_t5({str(tiny_model_dir)!r}))\n"
             f"tok = runtime.load_tokenizer({str(tiny_model_dir)!r})\n"
             "rows = [dict(sentence1='a b', sentence2='c', label=0, idx=i) for i in range(P.BAR_ROWS)]\n"
-            "decoding.predict(net, tok, ['one two', 'three'], max_new_tokens=2, progress='evaluate toy test')\n"
+            "outputs.run_predictions(net, tok, ['one two', 'three'], {'max_target_length': 2, 'labels': None},\n"
+            "                        mode='generate', progress='evaluate toy test')\n"
             "P.to_records(P.TASKS['rte'], rows, 'train')\n"
             "P.to_records(P.TASKS['rte'], rows[:10], 'small')\n"
             "decoding.predict(net, tok, ['one two', 'three'], max_new_tokens=2)  # train.py's validation: no bar\n")

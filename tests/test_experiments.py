@@ -208,7 +208,7 @@ def test_export_writes_what_peft_loads(grid, tiny_model_dir, tmp_path):
     from safetensors import safe_open
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         assert list(f.keys()) == ["prompt_embeddings"] and f.metadata() == {"format": "pt"}
-    prompt, _ = M.load_folded_prompt(run / "prompt.pt")
+    prompt, _ = outputs.load_folded_prompt(run / "prompt.pt")
     assert weights.dtype == torch.float32 and weights.shape == (10, 32)
     assert torch.equal(weights, prompt)  # bitwise the folded P'
     assert torch.equal(weights, weights[:1].expand(10, -1))  # EPT*: one row broadcast
@@ -295,7 +295,7 @@ def test_analyses_of_trained_runs(grid, tiny_model_dir, data_dir):
 def test_subset_broadcast_of_identical_rows_reproduces_the_whole_prompt(grid, tiny_model_dir):
     """EPT*'s P' is one row x 10: repeating row 0 ten times is the same prompt, hence the same predictions."""
     run = grid / "runs" / f"rte_ept_star_{Path(tiny_model_dir).name}_steps3_ev2_s0"
-    prompt, _ = M.load_folded_prompt(run / "prompt.pt")
+    prompt, _ = outputs.load_folded_prompt(run / "prompt.pt")
     whole = outputs.evaluate_run(run, split="test", write=False, quiet=True, max_examples=6)
     again = outputs.evaluate_run(run, split="test", prompt=prompt[0].expand(10, -1).clone(), write=False,
                                   quiet=True, max_examples=6)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import model as M
 import train
-from ept import runtime, tasks
+from ept import outputs, runtime, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_end_to_end_train_then_evaluate(data_dir, tiny_model_dir, tmp_path):
         assert {"trainable", "optimizer", "scheduler", "data", "best_score", "step"} <= set(state)
         assert set(state["trainable"]) == {"prompt", "blocks.0.down.weight", "blocks.0.up.weight"}  # small: no T5
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 20
-    prompt, meta = M.load_folded_prompt(run / "prompt.pt")
+    prompt, meta = outputs.load_folded_prompt(run / "prompt.pt")
     assert prompt.shape == (1, 32) and meta["step"] == end["best_step"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["n"] == 12 and {"acc", "f1", "score"} <= set(metrics)
@@ -278,7 +278,7 @@ def test_sigkill_then_resume_equals_uninterrupted(data_dir, tiny_model_dir, tmp_
     killed_at = torch.load(broken / "last.pt", weights_only=True)["step"]
     assert 0 < killed_at < 300 and (broken / "run.lock").exists()  # SIGKILL leaves a stale lock
     run_cli("train.py", argv(data_dir, tiny_model_dir, broken, *flags, "--resume"))
-    assert torch.equal(M.load_folded_prompt(whole / "prompt.pt")[0], M.load_folded_prompt(broken / "prompt.pt")[0])
+    assert torch.equal(outputs.load_folded_prompt(whole / "prompt.pt")[0], outputs.load_folded_prompt(broken / "prompt.pt")[0])
     assert json.loads((whole / "metrics.json").read_text()) == json.loads((broken / "metrics.json").read_text())
     losses = lambda run: [(e["step"], e["loss"], e["prompt_norm"]) for e in events(run, "train")]  # noqa: E731
     assert losses(whole) == losses(broken)  # the log was trimmed to the checkpoint and continued exactly
@@ -336,7 +336,7 @@ def test_torchrun_two_processes_equal_one(data_dir, tiny_model_dir, tmp_path, mo
     a, b = events(one, "train"), events(two, "train")
     assert [e["loss"] for e in a] == pytest.approx([e["loss"] for e in b], rel=1e-5)
     assert [e["grad_norm"] for e in a] == pytest.approx([e["grad_norm"] for e in b], rel=1e-4)
-    assert torch.allclose(M.load_folded_prompt(one / "prompt.pt")[0], M.load_folded_prompt(two / "prompt.pt")[0],
+    assert torch.allclose(outputs.load_folded_prompt(one / "prompt.pt")[0], outputs.load_folded_prompt(two / "prompt.pt")[0],
                           rtol=1e-4, atol=1e-5)
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
     assert ma == mb and ma["n"] == 12  # predictions gathered from both ranks, never per-rank averages
@@ -351,7 +351,7 @@ def test_torchrun_two_processes_equal_one(data_dir, tiny_model_dir, tmp_path, mo
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [e["loss"] for e in events(half, "train")] == pytest.approx([e["loss"] for e in a], rel=1e-5)
-    assert torch.allclose(M.load_folded_prompt(one / "prompt.pt")[0], M.load_folded_prompt(half / "prompt.pt")[0],
+    assert torch.allclose(outputs.load_folded_prompt(one / "prompt.pt")[0], outputs.load_folded_prompt(half / "prompt.pt")[0],
                           rtol=1e-4, atol=1e-5)
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from test_train import REPO, argv, events, run_cli, write_task
 
-import model as M
 import train
+from ept import outputs
 
 COMMON = ("--max-steps", 4, "--eval-every", 2, "--dropout", 0)
 
@@ -41,7 +41,7 @@ def assert_same_run(a, b):
         # rel 1e-4: train.py's step and the pack's sum the same terms in another order (float rounding)
         assert [e[key] for e in ea] == pytest.approx([e[key] for e in eb], rel=1e-4, abs=1e-6), key
     assert [(e["step"], e["score"]) for e in events(a, "eval")] == [(e["step"], e["score"]) for e in events(b, "eval")]
-    pa, pb = M.load_folded_prompt(a / "prompt.pt")[0], M.load_folded_prompt(b / "prompt.pt")[0]
+    pa, pb = outputs.load_folded_prompt(a / "prompt.pt")[0], outputs.load_folded_prompt(b / "prompt.pt")[0]
     assert torch.allclose(pa, pb, rtol=1e-4, atol=1e-6)
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
     assert ma.keys() == mb.keys() and all(ma[k] == pytest.approx(mb[k]) for k in ma)
@@ -176,8 +176,8 @@ def test_sigkill_of_a_pack_then_resume_equals_uninterrupted(data_dir, tiny_model
         assert losses(whole / n) == losses(broken / n)
         assert [e["prompt_norm"] for e in events(whole / n, "train")] == \
             [e["prompt_norm"] for e in events(broken / n, "train")]
-        assert torch.equal(M.load_folded_prompt(whole / n / "prompt.pt")[0],
-                           M.load_folded_prompt(broken / n / "prompt.pt")[0])
+        assert torch.equal(outputs.load_folded_prompt(whole / n / "prompt.pt")[0],
+                           outputs.load_folded_prompt(broken / n / "prompt.pt")[0])
         assert not (broken / n / "run.lock").exists()
 
 
