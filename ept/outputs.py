@@ -1,5 +1,4 @@
 """Run folders read back by the later stages, and the shared results files (not train.py's)."""
-import functools
 import json
 import os
 import re
@@ -253,8 +252,8 @@ def run_predictions(net, tokenizer, sources, meta, *, mode, progress=None, **opt
     bar's label (TQDM_DISABLE=1 hides it)."""
     if mode == "rank" and not meta.get("labels"):
         raise cli.Failure(f"--eval-mode rank needs a label set; {meta.get('task')} has none")
-    bar = iter if progress is None else functools.partial(tqdm, desc=progress, unit="batch",
-                                                          dynamic_ncols=True)
+    bar = iter if progress is None else lambda batches: tqdm(batches, desc=progress, unit="batch",
+                                                             dynamic_ncols=True)
     return evaluation.predict(net, tokenizer, sources, max_new_tokens=meta["max_target_length"],
                               labels=meta["labels"] if mode == "rank" else None, progress=bar,
                               **options)
