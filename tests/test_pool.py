@@ -366,7 +366,7 @@ def test_a_nonfinite_run_writes_failed_txt_and_a_new_start_clears_it(tiny_model_
     run = tmp_path / "run"
     common = ["--task", "rte", "--method", "ept", "--model", str(tiny_model_dir), "--data-dir", str(data_dir),
               "--out-dir", str(run), *TRAIN]
-    with pytest.raises(SystemExit) as err:  # train.NonFiniteError, as its script's one sentence
+    with pytest.raises(SystemExit) as err:  # the non-finite Failure, as its script's one sentence
         train.main([*common, "--lr", "1e30"])
     assert outputs.status(run) == "failed" and outputs.failure(run) == err.value.code
     assert "non-finite prompt_norm at step 1" in outputs.failure(run)
