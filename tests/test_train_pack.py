@@ -171,13 +171,19 @@ def test_sigkill_of_a_pack_then_resume_equals_uninterrupted(data_dir, tiny_model
     assert all(0 < s < 120 for s in killed_at.values()), killed_at
     assert all((broken / n / "run.lock").exists() for n in names)  # SIGKILL leaves stale locks
     run_cli("train.py", argv(data_dir, tiny_model_dir, broken, *flags, "--resume"))
+    # Killed between two runs' last.pt writes, the runs resume at different steps: their batches then share
+    # a forward with other mates' rows, padded to another length, which moves the float rounding (~1e-7,
+    # README: the pack equals the solo step within rounding). In step, the resumed pack is bitwise the same.
+    same = (lambda a, b: a == b) if len(set(killed_at.values())) == 1 else \
+        (lambda a, b: a == pytest.approx(b, rel=1e-5, abs=1e-6))
     for n in names:
         assert [e["step"] for e in events(broken / n, "resume")] == [killed_at[n]]
-        assert losses(whole / n) == losses(broken / n)
-        assert [e["prompt_norm"] for e in events(whole / n, "train")] == \
-            [e["prompt_norm"] for e in events(broken / n, "train")]
-        assert torch.equal(outputs.load_folded_prompt(whole / n / "prompt.pt")[0],
-                           outputs.load_folded_prompt(broken / n / "prompt.pt")[0])
+        assert [s for s, _ in losses(whole / n)] == [s for s, _ in losses(broken / n)]
+        assert same([v for _, v in losses(broken / n)], [v for _, v in losses(whole / n)]), killed_at
+        assert same([e["prompt_norm"] for e in events(broken / n, "train")],
+                    [e["prompt_norm"] for e in events(whole / n, "train")]), killed_at
+        assert same(outputs.load_folded_prompt(broken / n / "prompt.pt")[0].flatten().tolist(),
+                    outputs.load_folded_prompt(whole / n / "prompt.pt")[0].flatten().tolist()), killed_at
         assert not (broken / n / "run.lock").exists()
 
 
