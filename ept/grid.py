@@ -31,10 +31,6 @@ TRAIN_SCRIPT = REPO / "train.py"
 
 # --- a driver's command line ---------------------------------------------------------------------
 
-def make_parser(doc):  # no abbreviations: --lr, train.py's, passed through, is not --lr-search
-    return cli.Parser(description=doc, formatter_class=cli.HelpFormatter, allow_abbrev=False)
-
-
 EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/experiments.md)
     ("--nproc", dict(type=cli.positive_int, default=1, help="GPUs per run (> 1: torchrun)")),
     ("--subprocess", dict(action="store_true", help="each train.py in a fresh process")),
@@ -47,17 +43,12 @@ EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/expe
     ("--slurm", dict(action="store_true", help="submit the plan as SLURM job arrays + collect")),
     ("--slurm-partition", dict(help="--slurm: the partition (default: the cluster's)")),
     ("--slurm-time", dict(metavar="LIMIT", help="--slurm: each task's time limit (4:00:00, 1-12)")),
-    ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N", help="--slurm: GPUs per task "
-                          "(default: --nproc or 1; 0: none)")),
+    ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N", help="GPUs per task (--nproc)")),
     ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M", help="array tasks at once")),
-    ("--slurm-after", dict(action="append", default=[], metavar="JOBID", help="--slurm: start "
-                           "once this job ended (repeatable)")),
-    ("--slurm-option", dict(action="append", default=[], metavar="OPT", help="--slurm: an "
-                            "#SBATCH option, e.g. --slurm-option=--account=nlp")),
-    ("--collect", dict(action="store_true", help="train nothing: add finished runs' rows, print "
-                       "the table (exit 1 while runs are unfinished)")),
-    ("--pack-size", dict(type=cli.positive_int, help="prompt runs a pack (default: CUDA: as many "
-                         "as fit, CPU: 1)"))]
+    ("--slurm-after", dict(action="append", default=[], metavar="JOBID", help="after this job")),
+    ("--slurm-option", dict(action="append", default=[], metavar="OPT", help="an #SBATCH option")),
+    ("--collect", dict(action="store_true", help="train nothing: rows of finished runs, table")),
+    ("--pack-size", dict(type=cli.positive_int, help="prompt runs a pack (CUDA: what fits)"))]
 
 
 def add_execution_args(parser, prefix="--"):  # python -m ept.grid: the --slurm-* ones
@@ -83,8 +74,7 @@ REFUSED = {  # train.py's flags a driver does not pass through: why, what instea
                    "to train them again"}
 
 
-def check_args(parser, args, extra):
-    """Before any run: the tasks exist; pass-through flags are train.py's, spelt out, valid."""
+def check_args(parser, args, extra):  # before any run: tasks exist; train.py's flags, spelt out
     known = options.parser._option_string_actions  # every spelling train.py's parser accepts
     for flag in (a.split("=")[0] for a in extra if a.startswith("--") and a != "--"):
         if flag in REFUSED:
@@ -126,9 +116,6 @@ def spec(task, method, model, seed, _row=None, **settings):  # _row: extra resul
             **({"_row": _row} if _row else {})}
 
 
-run_name = options.run_name  # <task>_<method>_<model>[_<non-default options>]_s<seed>
-
-
 def train_argv(settings, out_dir, data_dir=None, extra=()):  # out_dir None: a pack's
     argv = []
     for key, value in settings.items():
@@ -147,8 +134,7 @@ def pack_argv(specs, run_dirs, data_dir, extra, runs_file):  # (argv, its --runs
     return train_argv(shared, None, data_dir, [*extra, "--runs", str(runs_file)]), entries
 
 
-def passed_through(extra):
-    """The per-run pass-through options, typed: they win, so the run's name says them."""
+def passed_through(extra):  # per-run pass-through options, typed: they win, the run's name says so
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
     keys = dict.fromkeys([key for key, _ in options.NAME_TAGS]
@@ -194,8 +180,8 @@ def run_steps(spec, data_dir, batch_size=16):  # its epochs over the train split
 
 
 def floor_seconds(spec, batch_size=16):  # the measured (host-bound, bf16) solo step
-    measured = MEASURED_STEP_S["ft" if spec["method"] == "ft" else "prompt"]
-    return measured * LAYER_SCALE[size_key(spec["model"])] * batch_size / 16
+    return (MEASURED_STEP_S["ft" if spec["method"] == "ft" else "prompt"]
+            * LAYER_SCALE[size_key(spec["model"])] * batch_size / 16)
 
 
 def estimate_hours(spec, data_dir=None, batch_size=16):  # one run's, on 1 or N GPUs
@@ -241,9 +227,7 @@ def make_packs(plan, names, size_of):  # packs of equal PACK_KEYS, <= size_of(mo
     for name in names:
         settings = plan[name][0]
         key, limit = tuple(settings.get(k) for k in PACK_KEYS), size_of(settings["model"])
-        if settings["method"] == "ft" or limit <= 1:
-            packs.append([name])
-            continue
+        key = (name,) if settings["method"] == "ft" or limit <= 1 else key  # alone
         if key not in open_packs:
             packs.append(open_packs.setdefault(key, []))
         open_packs[key].append(name)
@@ -260,7 +244,7 @@ def plan_runs(specs, args, extra=()):  # the same configuration twice is one run
         settings = {k: v for k, v in s.items() if k != "_row"}
         settings.update({k: v for k, v in through.items()
                          if not (k == "max_steps" and settings.get("epochs"))})
-        name = run_name(settings)
+        name = options.run_name(settings)
         plan.setdefault(name, (settings, s.get("_row"), Path(args.runs_dir) / name))
     return plan
 
@@ -277,8 +261,7 @@ class Unit:  # one plan line (index: an array task's); a pack's --runs file and 
         return [run_dir for run_dir in self.dirs if not runfolder.finished(run_dir)]
 
 
-def make_units(plan, args, extra):
-    """The units, longest first, packed over every run, finished or not: always the same ones."""
+def make_units(plan, args, extra):  # longest first, packed over every run, finished or not
     hours = plan_hours(plan, args.data_dir, extra)
     units, extra = [], [*extra, "--resume"]
     for names in make_packs(plan, sorted(plan, key=lambda n: -hours[n]),
@@ -294,8 +277,7 @@ def make_units(plan, args, extra):
     return units
 
 
-def write_plan(path, units):
-    """The plan file, written once; another grid's is refused (line i keeps its meaning)."""
+def write_plan(path, units):  # written once; another grid's is refused (line i keeps its meaning)
     text = "".join(unit.line + "\n" for unit in units)
     if path.exists() and (old := path.read_text(encoding="utf-8")) != text:
         lines = old.splitlines()
@@ -319,6 +301,7 @@ def write_plan(path, units):
 # In this process (the default) the imports are paid once per grid; as a child (--subprocess,
 # --nproc > 1: a pool of one; --gpus, --slots) GPU memory and cached data are freed between units.
 STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # train.py checkpoints, exits 128 + sig
+OUTPUT_LOCK = threading.Lock()  # the pool's children's lines, whole
 
 
 def run_in_process(argv):  # `python train.py ARGV` as __main__ here: its exit status
@@ -432,9 +415,6 @@ def run_pool(experiment, units, devices):  # len(devices) children, their output
             signal.signal(sig, previous)
 
 
-OUTPUT_LOCK = threading.Lock()
-
-
 def start_child(unit, gpus, label):  # on `gpus` (None: ours), in its own session
     env = {"TQDM_DISABLE": "1", **os.environ,  # G progress bars: noise
            **({} if gpus is None else {"CUDA_VISIBLE_DEVICES": gpus})}
@@ -464,8 +444,8 @@ def run_cli(main, name):  # Ctrl-C leaves nothing half-written: one line, exit 1
 
 
 def run_driver(experiment, specs, args, extra, floor=None):
-    """Train what is missing (here, a pool or SLURM), collect, print the table (`floor(args)`'s
-    rows first: a baseline); exit 1 while runs are unfinished."""
+    """Train what is missing (here, a pool, SLURM), collect, print the table (`floor(args)`: a
+    baseline's rows first); exit 1 while runs are unfinished."""
     plan = plan_runs(specs, args, extra)
     if args.dry_run:
         sys.path.insert(0, str(REPO / "scripts"))
@@ -485,9 +465,8 @@ def run_driver(experiment, specs, args, extra, floor=None):
                 print(f"{experiment}: note: this machine has no GPU, so each unit is one run; pass "
                       "--pack-size N (PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit on "
                       "the cluster's GPUs", flush=True)
-            collect_cmd = shlex.join([*args.command, "--collect"])
-            submit(path, f"cd {shlex.quote(os.getcwd())} && {collect_cmd}", max_array=max_array,
-                   **opts)
+            collect_cmd = f"cd {shlex.quote(os.getcwd())} && {shlex.join(args.command)} --collect"
+            submit(path, collect_cmd, max_array=max_array, **opts)
             return []
         todo = [unit for unit in units if unit.left()]
         print(f"{experiment}: plan {path}: {len(units)} unit(s), {len(todo)} to run", flush=True)
@@ -521,15 +500,14 @@ def result_row(experiment, settings, run_dir, extra_fields=None):  # --no-test: 
     tested = not config.get("no_test")
     metrics = files.read_json(run_dir / "metrics.json", "test metrics") if tested else {}
     norm = n_inference = None
-    if (run_dir / "prompt.pt").exists():  # Eq. 4 on the best checkpoint's P'; inference keeps
-        prompt, _ = outputs.load_folded_prompt(run_dir / "prompt.pt")  # its distinct rows (EPT: one)
+    if (run_dir / "prompt.pt").exists():  # Eq. 4 on the best checkpoint's P'; inference keeps its
+        prompt, _ = outputs.load_folded_prompt(run_dir / "prompt.pt")  # distinct rows (EPT: one)
         norm, n_inference = prompt.norm(dim=1).mean().item(), int(prompt.unique(dim=0).numel())
     _, norms, steps, scores = outputs.curves(run_dir, missing_ok=True)  # from log.jsonl
     val_score, best_step = max(zip(scores, steps), key=lambda pair: pair[0], default=(None, None))
     ran = {key: value if config.get(key) is None else config[key]  # what train.py ran with wins
            for key, value in {**options.defaults(settings["method"]), **settings}.items()}
-    if not ran["fewshot_k"]:
-        ran["fewshot_seed"] = None
+    ran["fewshot_seed"] = ran["fewshot_seed"] if ran["fewshot_k"] else None
     digest, scores = hashlib.sha1(), run_dir / "metrics.json"  # which training: trained again,
     for file in (run_dir / "config.json", scores if scores.exists() else run_dir / "log.jsonl"):
         digest.update((file.name + files.read_text(file, "run file")).encode())  # another id
@@ -542,15 +520,11 @@ def result_row(experiment, settings, run_dir, extra_fields=None):  # --no-test: 
             "training": digest.hexdigest()[:16], "config": raw_config}
 
 
-@contextlib.contextmanager
-def locked(path):
-    """`path`.lock held while several processes read, check and append to `path`."""
-    with open(files.flock(files.make_dir(Path(path).parent) / f"{Path(path).name}.lock")[0]):
-        yield  # closing the file unlocks it
+def locked(path):  # `path`.lock, flock'ed until the file returned is closed: one writer at once
+    return open(files.flock(files.make_dir(Path(path).parent) / f"{Path(path).name}.lock")[0])
 
 
-def append_row_once(results, row):
-    """"added", "replaced" (its folder was trained again) or None, under the file's lock."""
+def append_row_once(results, row):  # "added", "replaced" (trained again) or None, under a lock
     with locked(results):
         rows = files.read_jsonl(results, what="results file", missing_ok=True,
                                 fix=outputs.RESULTS_FIX)
@@ -576,12 +550,9 @@ def collect(experiment, plan, args):  # each finished run's row once in the resu
         done.append(append_row_once(results, rows[-1]))
         prune = args.prune_ft_checkpoints and settings["method"] == "ft"  # T5 + AdamW state, twice
         for file in ("best.pt", "last.pt") if prune else ():
-            try:
+            with files.fault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}",
+                             fix="; its row is written, rerun without the flag"):  # read-only
                 (run_dir / file).unlink(missing_ok=True)
-            except OSError as err:  # a read-only runs folder: the row is written, the file stays
-                raise files.FileFault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}: "
-                                      f"{files.why(err)}; its row is written, rerun without the "
-                                      "flag") from None
     failed = {name: outputs.failure(plan[name][2]) for name in missing
               if outputs.status(plan[name][2]) == "failed"}
     replaced = f", {done.count('replaced')} replaced: their run was trained again" * (
@@ -593,17 +564,13 @@ def collect(experiment, plan, args):  # each finished run's row once in the resu
         print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
     path = Path(args.results_dir) / f"{experiment}.failed.json"  # {run folder: why}, report.py's
     with locked(path) if path.exists() or failed else contextlib.nullcontext():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        except (OSError, ValueError):
-            old = {}  # unreadable: rewritten from what this plan knows
+        old = {}  # absent or unreadable: rewritten from what this plan knows
+        with contextlib.suppress(OSError, ValueError):
+            old = json.loads(path.read_text(encoding="utf-8"))
         ours = {str(run_dir) for _, _, run_dir in plan.values()}  # other grids' entries are kept
         now = {k: v for k, v in (old if isinstance(old, dict) else {}).items() if k not in ours}
         now.update({str(plan[name][2]): why for name, why in failed.items()})
-        if now:
-            files.write_json(path, now)
-        else:
-            path.unlink(missing_ok=True)
+        files.write_json(path, now) if now else path.unlink(missing_ok=True)
     if len(missing) > len(failed):
         print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): "
               f"{' '.join(n for n in missing if n not in failed)}", file=sys.stderr)
@@ -637,8 +604,7 @@ def _option(value, what):  # sbatch splits an #SBATCH line at spaces and reads o
     return text
 
 
-def _script(comments, options, log_dir, log_name, extra, body, skip=()):
-    """An sbatch script: comments, #SBATCH lines (a value True: the flag alone), the body."""
+def _script(comments, options, log_dir, log_name, extra, body, skip=()):  # an sbatch script
     return "\n".join([
         "#!/bin/bash", *comments, *[f"#SBATCH --{key}" + ("" if value is True else f"={value}")
                                     for key, value in options.items() if value],
@@ -650,12 +616,10 @@ def _script(comments, options, log_dir, log_name, extra, body, skip=()):
 
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
                   gpus_per_task=1, max_parallel=None, extra=(), after=(), first=0,
-                  signal_s=SIGNAL_S):
-    """The job array's script: task i runs plan line first+i+1; after: job ids (afterany)."""
+                  signal_s=SIGNAL_S):  # the job array's: task i runs plan line first+i+1
     if n_units < 1:
         raise cli.Failure(f"the plan {plan_path} has no units: nothing to submit")
-    limit = time_seconds(time) if time else None
-    if limit is not None and limit <= signal_s:
+    if time and (time_seconds(time) or math.inf) <= signal_s:  # None: no limit
         raise cli.Failure(f"the time limit {time} is not longer than the {signal_s} s the unit "
                           f"gets to checkpoint before it (signal_s)")
     plan, name = Path(plan_path).resolve(), _option(job_name, "job name")
@@ -699,13 +663,11 @@ def check():  # before anything is written: sbatch is here; the cluster's MaxArr
         raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
                           "here (a test cluster on this machine, as root: "
                           "bash scripts/slurm_cluster.sh start)")
-    try:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired, AttributeError):  # none found
         shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
                                timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        shown = ""
-    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", shown, re.MULTILINE)
-    return int(found.group(1)) if found else 1001  # SLURM's default
+        return int(re.search(r"^MaxArraySize\s*=\s*(\d+)", shown, re.MULTILINE).group(1))
+    return 1001  # SLURM's default
 
 
 def _sbatch(text, path, what):  # submit, then write it to `path`: its job id
