@@ -1,6 +1,5 @@
-"""The grid ablate.py and fewshot.py share: specs -> plan -> units -> pool -> collect, and the plan
-on SLURM (docs/experiments.md). A unit (a pack of prompt runs on one frozen T5, or a solo run) is
-one idempotent plan line; collect appends each finished run's row once."""
+"""The drivers' grid (docs/experiments.md): specs -> plan -> units -> here, a pool or SLURM ->
+collect. A unit (a pack of prompt runs on one frozen T5, or a solo run) is one plan line."""
 import argparse
 import contextlib
 import hashlib
@@ -150,7 +149,6 @@ MEASURED_STEP_S = {"prompt": 16 / 214.49, "ft": 16 / 132.27}  # t5-base, H200: r
 LAYER_SCALE = {"t5-small": 0.5, "t5-base": 1.0, "t5-large": 2.0, "other": 1.0}
 MEASURED_EVAL_S = 1 / 733.1  # greedy decoding, batch 64, t5-base RTE, per example (run2_rte_ept)
 QA_DECODE_FACTOR = 5  # assumed: MRQA answers are many tokens long, classification targets 1 or 2
-DEFAULT_SPLITS = (10000, 1000, 1000)  # a task neither prepared nor the paper's: a guess
 PAPER_SPLITS = {  # Appendix B.1's (train, validation, test) sizes, for a task not prepared yet
     "cola": (8551, 521, 522), "mrpc": (3668, 204, 204), "rte": (2490, 138, 139),
     "stsb": (5749, 750, 750), "mnli": (382702, 10000, 9815), "qnli": (94743, 10000, 5463),
@@ -170,7 +168,7 @@ def split_sizes(task, data_dir):  # (train, validation, test): meta.json, else t
     if (Path(data_dir or "data") / task / "meta.json").exists():
         splits = tasks.load_meta(data_dir or "data", task)["splits"]
         return tuple(splits.get(split, 0) for split in ("train", "validation", "test"))
-    return PAPER_SPLITS.get(task, DEFAULT_SPLITS)
+    return PAPER_SPLITS.get(task, (10000, 1000, 1000))  # neither prepared nor the paper's: a guess
 
 
 def run_steps(spec, data_dir, batch_size=16):  # its epochs over the train split, or max_steps
@@ -194,15 +192,9 @@ def estimate_hours(spec, data_dir=None, batch_size=16):  # one run's, on 1 or N 
     return (steps * floor_seconds(spec, batch_size) + eval_s) / 3600
 
 
-def plan_hours(plan, data_dir, extra):  # {run: GPU-hours} at the pass-through --batch-size
-    batch = extra_value(extra, "--batch-size", 16, int)
-    return {name: estimate_hours(spec, data_dir, batch) for name, (spec, *_) in plan.items()}
-
-
-# --- packs: prompt runs of one task, T5, data and schedule in one train.py call ------------------
-# The rest is per run; ft trains T5 itself: never packed. On CUDA: the runs that fit in 80 % of the
-# card after T5's weights (a prompt run at batch 16: docs/speed.md), at most MAX_PACK (past 16 a GPU
-# is compute-bound).
+# --- packs: prompt runs of one task, T5, data and schedule in one train.py call; ft: never -------
+# On CUDA: the runs that fit in 80 % of the card after T5's weights (a prompt run at batch 16:
+# docs/speed.md), at most MAX_PACK (past 16 a GPU is compute-bound).
 PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed", "batch_size")  # a pack's flags
 PACK_KEYS = (*PACK_SHARED, "epochs", "max_steps", "eval_every")
 MAX_PACK = 16
@@ -262,7 +254,8 @@ class Unit:  # one plan line (index: an array task's); a pack's --runs file and 
 
 
 def make_units(plan, args, extra):  # longest first, packed over every run, finished or not
-    hours = plan_hours(plan, args.data_dir, extra)
+    batch = extra_value(extra, "--batch-size", 16, int)  # GPU-hours at the pass-through batch
+    hours = {name: estimate_hours(spec, args.data_dir, batch) for name, (spec, *_) in plan.items()}
     units, extra = [], [*extra, "--resume"]
     for names in make_packs(plan, sorted(plan, key=lambda n: -hours[n]),
                             lambda model: pack_size(args, model)):
@@ -280,9 +273,7 @@ def make_units(plan, args, extra):  # longest first, packed over every run, fini
 def write_plan(path, units):  # written once; another grid's is refused (line i keeps its meaning)
     text = "".join(unit.line + "\n" for unit in units)
     if path.exists() and (old := path.read_text(encoding="utf-8")) != text:
-        lines = old.splitlines()
-        i = next((i for i, (a, b) in enumerate(zip(lines, text.splitlines())) if a != b),
-                 min(len(lines), len(units)))
+        i = len(os.path.commonprefix([old.splitlines(), text.splitlines()]))  # lines the same
         raise cli.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
                           f"flags, pack size or folder); delete it to plan again, or pass "
                           f"another --results-dir")
@@ -323,7 +314,7 @@ def run_in_process(argv):  # `python train.py ARGV` as __main__ here: its exit s
 
 
 def run_unit(experiment, unit, args, i, n):  # here; a signal that stops train.py stops us too
-    t0, names = time.time(), " ".join(unit.names)
+    names = " ".join(unit.names)
     what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
     status = run_in_process(unit.argv)
@@ -337,15 +328,6 @@ def run_unit(experiment, unit, args, i, n):  # here; a signal that stops train.p
     if status:  # train.py printed its error
         print(f"[{experiment} {i}/{n}] unit {unit.index} failed (exit status {status})",
               file=sys.stderr)
-    print(f"[{experiment} {i}/{n}] {time.time() - t0:.1f}s", flush=True)
-
-
-def signal_group(proc, sig):  # to a child's group (torchrun's ranks too); Ctrl-C: SIGTERM
-    try:
-        os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT else sig)
-        return True
-    except ProcessLookupError:  # the whole group is gone
-        return False
 
 
 # --- the local pool (--gpus G, --slots N) --------------------------------------------------------
@@ -359,8 +341,8 @@ def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--npro
     gpus, nproc = args.gpus, args.nproc
     if gpus % nproc:
         raise cli.Failure(f"--gpus {gpus} is not a multiple of --nproc {nproc} (GPUs per run)")
-    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
-    visible = [d for d in listed if d] or [str(i) for i in range(gpus)]
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    visible = [d.strip() for d in listed if d.strip()] or [str(i) for i in range(gpus)]
     if len(visible) < gpus:
         raise cli.Failure(f"--gpus {gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: "
                           f"{','.join(visible)}")
@@ -399,13 +381,15 @@ def run_pool(experiment, units, devices):  # len(devices) children, their output
                           f"{' '.join(unit.names)}", file=sys.stderr, flush=True)
             time.sleep(0.2)
         if got:  # every child checkpoints and stops; back once each, its whole group too, is gone
-            for proc, _, _ in running.values():
-                signal_group(proc, got[0])
+            for proc, _, _ in running.values():  # to its group, torchrun's ranks too (Ctrl-C: TERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM if got[0] == signal.SIGINT else got[0])
             for proc, _, thread in running.values():
                 proc.wait()
                 thread.join()
-                while signal_group(proc, 0):  # torchrun's ranks too
-                    time.sleep(0.1)
+                with contextlib.suppress(ProcessLookupError):  # until the whole group is gone
+                    while not os.killpg(proc.pid, 0):
+                        time.sleep(0.1)
             print(f"{experiment}: {signal.Signals(got[0]).name} received: every child wrote "
                   "last.pt and stopped. Run the same command again to resume.", file=sys.stderr,
                   flush=True)
@@ -425,8 +409,7 @@ def start_child(unit, gpus, label):  # on `gpus` (None: ours), in its own sessio
         for line in proc.stdout:
             with OUTPUT_LOCK:
                 print(f"[u{unit.index} {label}] {line}", end="", flush=True)
-    thread = threading.Thread(target=copy, daemon=True)
-    thread.start()
+    (thread := threading.Thread(target=copy, daemon=True)).start()
     return proc, unit, thread
 
 
@@ -462,9 +445,8 @@ def run_driver(experiment, specs, args, extra, floor=None):
         write_plan(path, units)
         if args.slurm:
             if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU
-                print(f"{experiment}: note: this machine has no GPU, so each unit is one run; pass "
-                      "--pack-size N (PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit on "
-                      "the cluster's GPUs", flush=True)
+                print(f"{experiment}: note: no GPU here, so a unit is one run: pass --pack-size N "
+                      "(PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit", flush=True)
             collect_cmd = f"cd {shlex.quote(os.getcwd())} && {shlex.join(args.command)} --collect"
             submit(path, collect_cmd, max_array=max_array, **opts)
             return []
