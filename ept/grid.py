@@ -79,10 +79,9 @@ def check_args(parser, args, extra):  # before any run: tasks exist; train.py's 
         if flag in REFUSED:
             parser.error(f"{flag} {REFUSED[flag]}")
         if flag not in known:
-            full = [f for f in known if f.startswith(flag)]
-            hint = f" (spell out {' or '.join(full)})" if full else ""
+            full = " or ".join(f for f in known if f.startswith(flag))
             parser.error(f"{flag} is neither this script's flag nor train.py's; abbreviations "
-                         f"are refused{hint}")
+                         f"are refused{f' (spell out {full})' * bool(full)}")
     flags, unknown = options.parser.parse_known_args(list(extra))  # a bad value: train.py's error
     if unknown:
         parser.error(f"unrecognized arguments (neither this script's nor train.py's): "
@@ -338,8 +337,7 @@ def run_unit(experiment, unit, args, i, n):  # here; a signal that stops train.p
 def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--nproc 2); --slots ""
     if getattr(args, "slots", None):
         return [""] * args.slots
-    gpus, nproc = args.gpus, args.nproc
-    if gpus % nproc:
+    if (gpus := args.gpus) % (nproc := args.nproc):
         raise cli.Failure(f"--gpus {gpus} is not a multiple of --nproc {nproc} (GPUs per run)")
     listed = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
     visible = [d.strip() for d in listed if d.strip()] or [str(i) for i in range(gpus)]
@@ -626,20 +624,6 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
                     task.replace("$((task + 1))", f"$((task + {first + 1}))")])
 
 
-def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, extra=()):
-    """The collect job's script: after every task of the arrays (afterany), collect."""
-    name = _option(job_name, "job name")
-    options = {"job-name": f"{name}-collect", "dependency": f"afterany:{array_id}", "ntasks": 1,
-               "partition": partition and _option(partition, "partition")}
-    comments = [f"# {name}: collect and report once every task of array {array_id} ended "
-                "(afterany:", "# finished, failed or cancelled). Written by ept/grid.py."]
-    return _script(comments, options, log_dir, f"{name}-collect-%j.log", extra, [
-        f"echo \"== array {array_id}: task states (as long as SLURM keeps them, MinJobAge)\"",
-        f"squeue --noheader --states=all --jobs={array_id.replace(':', ',')} "
-        "--format='task %K: %T' | sort -V", "echo \"== $(date -Is) collect\"", collect_cmd],
-        skip=("--gres", "--gpus", "--array", "--signal"))
-
-
 def check():  # before anything is written: sbatch is here; the cluster's MaxArraySize
     if shutil.which("sbatch") is None:
         raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
@@ -688,8 +672,16 @@ def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
                 raise
             raise cli.Failure(f"{err} (arrays {' '.join(arrays)} were submitted: scancel "
                               f"them, then submit again)") from None
-    text = collect_script(collect_cmd, ":".join(arrays), job_name=job_name, log_dir=logs,
-                          partition=opts.get("partition"), extra=opts.get("extra", ()))
+    ids, name = ":".join(arrays), _option(job_name, "job name")  # the collect job: after them all
+    text = _script([f"# {name}: collect and report once every task of array {ids} ended (afterany:",
+                    "# finished, failed or cancelled). Written by ept/grid.py."],
+                   {"job-name": f"{name}-collect", "dependency": f"afterany:{ids}", "ntasks": 1,
+                    "partition": opts.get("partition") and _option(opts["partition"], "partition")},
+                   logs, f"{name}-collect-%j.log", opts.get("extra", ()), [
+        f"echo \"== array {ids}: task states (as long as SLURM keeps them, MinJobAge)\"",
+        f"squeue --noheader --states=all --jobs={ids.replace(':', ',')} "
+        "--format='task %K: %T' | sort -V", "echo \"== $(date -Is) collect\"", collect_cmd],
+        skip=("--gres", "--gpus", "--array", "--signal"))
     try:
         collect_id = _sbatch(text, plan.with_name(plan.stem + ".collect.sbatch"),
                              "the collect job")
@@ -717,8 +709,7 @@ def main(argv=None):  # python -m ept.grid PLAN --collect CMD [the drivers' --sl
     parser = argparse.ArgumentParser(prog="python -m ept.grid", description="Submit a plan file "
                                      "to SLURM: job arrays, then the collect job after them.")
     parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
-    parser.add_argument("--collect", required=True, metavar="CMD",
-                        help="the shell line that collects and reports after every task ended")
+    parser.add_argument("--collect", required=True, metavar="CMD", help="the collect job's line")
     add_execution_args(parser, "--slurm-")
     args = parser.parse_args(argv)
     submit(args.plan, args.collect, **slurm_options(args))
