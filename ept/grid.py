@@ -24,12 +24,10 @@ import model as M
 import tables
 from ept import cli, files, options, outputs, runfolder, runtime, tasks
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 
 
 # --- a driver's command line ---------------------------------------------------------------------
-
 EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/experiments.md)
     ("--nproc", dict(type=cli.positive_int, default=1, help="GPUs per run (> 1: torchrun)")),
     ("--subprocess", dict(action="store_true", help="each train.py in a fresh process")),
@@ -108,7 +106,6 @@ def extra_value(extra, flag, default, cast):  # the last `--flag VALUE` passed t
 
 
 # --- specs, run names and train.py's command lines -----------------------------------------------
-
 def spec(task, method, model, seed, _row=None, **settings):  # _row: extra result columns
     return {"task": task, "method": method, "model": model, "seed": seed, **settings,
             **({"_row": _row} if _row else {})}
@@ -116,10 +113,9 @@ def spec(task, method, model, seed, _row=None, **settings):  # _row: extra resul
 
 def train_argv(settings, out_dir, data_dir=None, extra=()):  # out_dir None: a pack's
     argv = []
-    for key, value in settings.items():
-        if value is not None and value is not False:
-            argv += ["--" + key.replace("_", "-")] + ([] if value is True else [
-                f"{value:g}" if isinstance(value, float) else str(value)])
+    for key, value in ((k, v) for k, v in settings.items() if v is not None and v is not False):
+        argv += ["--" + key.replace("_", "-")] + ([] if value is True else [
+            f"{value:g}" if isinstance(value, float) else str(value)])
     argv += ["--data-dir", str(data_dir)] if data_dir else []
     return argv + (["--out-dir", str(out_dir)] if out_dir is not None else []) + [*extra]
 
@@ -135,10 +131,8 @@ def pack_argv(specs, run_dirs, data_dir, extra, runs_file):  # (argv, its --runs
 def passed_through(extra):  # per-run pass-through options, typed: they win, the run's name says so
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
-    keys = dict.fromkeys([key for key, _ in options.NAME_TAGS]
-                         + [k for k in options.PER_RUN if k != "resume"])
-    return {key: values[key] for key in keys
-            if key in values and "--" + key.replace("_", "-") in flags}
+    keys = [key for key, _ in options.NAME_TAGS] + [k for k in options.PER_RUN if k != "resume"]
+    return {k: values[k] for k in keys if k in values and "--" + k.replace("_", "-") in flags}
 
 
 # --- a run's GPU-hours from measured step times: the plan runs its units longest first -----------
@@ -193,10 +187,9 @@ def estimate_hours(spec, data_dir=None, batch_size=16):  # one run's, on 1 or N 
 
 # --- packs: prompt runs of one task, T5, data and schedule in one train.py call; ft: never -------
 # On CUDA: the runs that fit in 80 % of the card after T5's weights (a prompt run at batch 16:
-# docs/speed.md), at most MAX_PACK (past 16 a GPU is compute-bound).
+# docs/speed.md), at most 16 (past 16 a GPU is compute-bound).
 PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed", "batch_size")  # a pack's flags
 PACK_KEYS = (*PACK_SHARED, "epochs", "max_steps", "eval_every")
-MAX_PACK = 16
 RUN_GB = {"t5-small": 1.5, "t5-base": 3.0, "t5-large": 7.0, "other": 3.0}
 WEIGHTS_GB = {"t5-small": 0.25, "t5-base": 0.9, "t5-large": 3.0, "other": 1.0}
 ASSUMED_GPU_GB = 141  # the H200 the step times were measured on: what a dry run sizes packs for
@@ -204,7 +197,7 @@ ASSUMED_GPU_GB = 141  # the H200 the step times were measured on: what a dry run
 
 def memory_pack_size(model, gpu_gb):  # the rule above; at least 1
     size = size_key(model)
-    return max(1, min(MAX_PACK, int(0.8 * (gpu_gb - WEIGHTS_GB[size]) / RUN_GB[size])))
+    return max(1, min(16, int(0.8 * (gpu_gb - WEIGHTS_GB[size]) / RUN_GB[size])))
 
 
 def pack_size(args, model):  # on a CPU 1: FLOP-bound, a pack of R costs R steps (docs/packing.md)
@@ -228,7 +221,6 @@ def make_packs(plan, names, size_of):  # packs of equal PACK_KEYS, <= size_of(mo
 
 
 # --- the plan: {run name: (options, extra result columns, run folder)} and its units -------------
-
 def plan_runs(specs, args, extra=()):  # the same configuration twice is one run
     plan, through = {}, passed_through(extra)
     for s in specs:
@@ -313,8 +305,7 @@ def run_in_process(argv):  # `python train.py ARGV` as __main__ here: its exit s
 
 
 def run_unit(experiment, unit, args, i, n):  # here; a signal that stops train.py stops us too
-    names = " ".join(unit.names)
-    what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
+    what = f"a pack of {len(unit.names)}: " * (len(unit.names) > 1) + " ".join(unit.names)
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
     status = run_in_process(unit.argv)
     if status == 0 and runtime.stop_requested():  # it came in the unit's last steps, which finished
@@ -329,10 +320,9 @@ def run_unit(experiment, unit, args, i, n):  # here; a signal that stops train.p
               file=sys.stderr)
 
 
-# --- the local pool (--gpus G, --slots N) --------------------------------------------------------
-# Only this process hands out units (longest first), so the children need no locks. A child that
-# dies has its unit started once more (it resumes from last.pt); Ctrl-C, SIGTERM or SIGUSR1 stops
-# every child, which checkpoints; the same command again resumes what was left.
+# --- the local pool (--gpus G, --slots N): only this process hands out units (longest first) ----
+# A child that dies has its unit started once more (it resumes from last.pt); Ctrl-C, SIGTERM or
+# SIGUSR1 stops every child, which checkpoints; the same command again resumes what was left.
 
 def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--nproc 2); --slots ""
     if getattr(args, "slots", None):
@@ -412,7 +402,6 @@ def start_child(unit, gpus, label):  # on `gpus` (None: ours), in its own sessio
 
 
 # --- a driver's run: plan, train what is missing, collect -----------------------------------------
-
 def run_cli(main, name):  # Ctrl-C leaves nothing half-written: one line, exit 130
     try:
         main()
@@ -429,7 +418,7 @@ def run_driver(experiment, specs, args, extra, floor=None):
     baseline's rows first); exit 1 while runs are unfinished."""
     plan = plan_runs(specs, args, extra)
     if args.dry_run:
-        sys.path.insert(0, str(REPO / "scripts"))
+        sys.path.insert(0, str(TRAIN_SCRIPT.with_name("scripts")))
         import costs  # the dry run's FLOP model and wall time, off every other path
         return costs.dry_run(experiment, plan, args, extra)[0]
     if not args.collect:
@@ -472,10 +461,8 @@ def slurm_options(args):  # submit's keywords from the --slurm-* flags
 
 
 # --- result rows ---------------------------------------------------------------------------------
-
 def result_row(experiment, settings, run_dir, extra_fields=None):  # --no-test: score None
-    run_dir = Path(run_dir)
-    raw_config = files.read_json(run_dir / "config.json", "run configuration")
+    raw_config = files.read_json((run_dir := Path(run_dir)) / "config.json", "run configuration")
     config = {**raw_config, **M.prompt_options(raw_config)}  # older runs' option names, defaults
     tested = not config.get("no_test")
     metrics = files.read_json(run_dir / "metrics.json", "test metrics") if tested else {}
@@ -558,15 +545,13 @@ def collect(experiment, plan, args):  # each finished run's row once in the resu
 
 
 # --- the plan on SLURM: sbatch scripts, submission -----------------------------------------------
-
 SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write last.pt and exit
 
 
 def time_seconds(text):  # a SLURM time limit ('90', '4:00:00', '1-12', ...) in s; None: none
     if text.upper() in ("INFINITE", "UNLIMITED", "0"):  # SLURM: a limit of 0 is no limit
         return None
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
-    if not m:
+    if not (m := re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)):
         raise cli.Failure(f"{text!r} is not a SLURM time limit (minutes, H:MM:SS or D-HH:MM:SS)")
     days, *parts = m.groups()  # days-hours[:minutes[:seconds]]; minutes[:seconds]; h:m:s
     parts = [int(p) for p in parts if p]
