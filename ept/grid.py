@@ -1,6 +1,5 @@
 """The drivers' grid (docs/experiments.md): specs -> plan -> units -> here, a pool or SLURM ->
 collect. A unit (a pack of prompt runs on one frozen T5, or a solo run) is one plan line."""
-import argparse
 import contextlib
 import hashlib
 import json
@@ -82,8 +81,7 @@ def check_args(parser, args, extra):  # before any run: tasks exist; train.py's 
                          f"are refused{f' (spell out {full})' * bool(full)}")
     flags, unknown = options.parser.parse_known_args(list(extra))  # a bad value: train.py's error
     if unknown:
-        parser.error(f"unrecognized arguments (neither this script's nor train.py's): "
-                     f"{' '.join(unknown)}")
+        parser.error(f"unrecognized arguments (not train.py's either): {' '.join(unknown)}")
     pools = [flag for flag in ("--slurm", "--gpus", "--slots") if getattr(args, flag[2:])]
     if len(pools) > 1:
         parser.error(f"{' and '.join(pools)}: pass one (--slurm hands each unit to its own array "
@@ -275,8 +273,7 @@ def write_plan(path, units):  # written once; another grid's is refused (line i 
         files.make_dir(unit.runs_file.parent, "packs folder")  # absent, or cut by a crash
         files.write_text(unit.runs_file, unit.runs_text)
     if not path.exists():
-        files.make_dir(path.parent, "results folder")
-        files.write_text(path, text)
+        files.write_text(files.make_dir(path.parent, "results folder") / path.name, text)
 
 
 # --- running units: here (in this process by runpy) or as children (the pool) --------------------
@@ -493,8 +490,7 @@ def locked(path):  # `path`.lock, flock'ed until the file returned is closed: on
 
 def append_row_once(results, row):  # "added", "replaced" (trained again) or None, under a lock
     with locked(results):
-        rows = files.read_jsonl(results, what="results file", missing_ok=True,
-                                fix=outputs.RESULTS_FIX)
+        rows = files.read_jsonl(results, "results file", missing_ok=True, fix=outputs.RESULTS_FIX)
         same = [r for r in rows if r.get("run") == row["run"]]
         if not same:
             outputs.append_jsonl(results, [row])
@@ -522,10 +518,10 @@ def collect(experiment, plan, args):  # each finished run's row once in the resu
                 (run_dir / file).unlink(missing_ok=True)
     failed = {name: outputs.failure(plan[name][2]) for name in missing
               if outputs.status(plan[name][2]) == "failed"}
-    replaced = f", {done.count('replaced')} replaced: their run was trained again" * (
+    again = f", {done.count('replaced')} replaced: their run was trained again" * (
         "replaced" in done)
     print(f"{experiment}: {len(plan)} runs, {len(rows)} finished ({done.count('added')} rows "
-          f"added now{replaced}), {len(missing)} not finished"
+          f"added now{again}), {len(missing)} not finished"
           f"{f' ({len(failed)} failed)' * bool(failed)} -> {results}", flush=True)
     for name, why in failed.items():  # stopped for good: running the unit again fails the same way
         print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
@@ -553,8 +549,7 @@ def time_seconds(text):  # a SLURM time limit ('90', '4:00:00', '1-12', ...) in 
         return None
     if not (m := re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)):
         raise cli.Failure(f"{text!r} is not a SLURM time limit (minutes, H:MM:SS or D-HH:MM:SS)")
-    days, *parts = m.groups()  # days-hours[:minutes[:seconds]]; minutes[:seconds]; h:m:s
-    parts = [int(p) for p in parts if p]
+    days, parts = m[1], [int(p) for p in m.groups()[1:] if p]  # d-h[:m[:s]]; m[:s]; h:m:s
     units = (3600, 60, 1) if days else [(60,), (60, 1), (3600, 60, 1)][len(parts) - 1]
     return int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units))
 
@@ -588,10 +583,9 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
         raise cli.Failure(f"the time limit {time} is not longer than the {signal_s} s the unit "
                           f"gets to checkpoint before it (signal_s)")
     plan, name = Path(plan_path).resolve(), _option(job_name, "job name")
-    units = f"{n_units} unit{'s' * (n_units != 1)}"
-    head = (f"the {units} of {plan}, one SLURM array task each (task i runs line i+1)."
-            if not first else f"lines {first + 1}-{first + n_units} of {plan}, one SLURM array "
-            f"task each (task i runs line {first}+i+1).")
+    head = (f"the {n_units} unit{'s' * (n_units != 1)} of {plan}, one SLURM array task each "
+            "(task i runs line i+1)." if not first else f"lines {first + 1}-{first + n_units} of "
+            f"{plan}, one SLURM array task each (task i runs line {first}+i+1).")
     after = ":".join(_option(job, "job id") for job in after)
     options = {"job-name": name, "array": f"0-{n_units - 1}"
                + (f"%{max_parallel}" if max_parallel else ""),
@@ -691,8 +685,8 @@ def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
 
 @cli.script
 def main(argv=None):  # python -m ept.grid PLAN --collect CMD [the drivers' --slurm-* flags]
-    parser = argparse.ArgumentParser(prog="python -m ept.grid", description="Submit a plan file "
-                                     "to SLURM: job arrays, then the collect job after them.")
+    parser = cli.Parser(prog="python -m ept.grid", description="Submit a plan file to SLURM: job "
+                        "arrays, then the collect job after them.")
     parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
     parser.add_argument("--collect", required=True, metavar="CMD", help="the collect job's line")
     add_execution_args(parser, "--slurm-")
