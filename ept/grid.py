@@ -66,8 +66,7 @@ REFUSED = {  # train.py's flags a driver does not pass through: why, what instea
     "--runs": NOT_THROUGH + "the grid makes its own packs: pass --pack-size",
     **{f"--{own}": f"is the grid's own: pass --{own}s (this script's flag) instead"
        for own in ("task", "method", "seed")},  # else every run would train the same one
-    "--overwrite": "would start every run of the plan over at each rerun; delete the run folders "
-                   "to train them again"}
+    "--overwrite": "would start every run over at each rerun: delete its folder to train it again"}
 
 
 def check_args(parser, args, extra):  # before any run: tasks exist; train.py's flags, spelt out
@@ -429,8 +428,7 @@ def run_driver(experiment, specs, args, extra, floor=None):
         write_plan(path, units)
         if args.slurm:
             if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU
-                print(f"{experiment}: note: no GPU here, so a unit is one run: pass --pack-size N "
-                      "(PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit", flush=True)
+                print(f"{experiment}: no GPU here, so one run a unit: pass --pack-size N to pack N")
             collect_cmd = f"cd {shlex.quote(os.getcwd())} && {shlex.join(args.command)} --collect"
             submit(path, collect_cmd, max_array=max_array, **opts)
             return []
@@ -516,8 +514,7 @@ def collect(experiment, plan, args):  # each finished run's row once in the resu
             with files.fault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}",
                              fix="; its row is written, rerun without the flag"):  # read-only
                 (run_dir / file).unlink(missing_ok=True)
-    failed = {name: outputs.failure(plan[name][2]) for name in missing
-              if outputs.status(plan[name][2]) == "failed"}
+    failed = {n: outputs.failure(d) for n in missing if outputs.status(d := plan[n][2]) == "failed"}
     again = f", {done.count('replaced')} replaced: their run was trained again" * (
         "replaced" in done)
     print(f"{experiment}: {len(plan)} runs, {len(rows)} finished ({done.count('added')} rows "
@@ -541,9 +538,6 @@ def collect(experiment, plan, args):  # each finished run's row once in the resu
 
 
 # --- the plan on SLURM: sbatch scripts, submission -----------------------------------------------
-SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write last.pt and exit
-
-
 def time_seconds(text):  # a SLURM time limit ('90', '4:00:00', '1-12', ...) in s; None: none
     if text.upper() in ("INFINITE", "UNLIMITED", "0"):  # SLURM: a limit of 0 is no limit
         return None
@@ -559,8 +553,7 @@ def _option(value, what):  # sbatch splits an #SBATCH line at spaces and reads o
     if what == "job id" and not re.fullmatch(r"\d+(_\d+)?", text):
         raise cli.Failure(f"{text!r} is not a SLURM job id (a number, as sbatch prints it)")
     if not text or re.search(r"\s", text):
-        raise cli.Failure(f"the {what} {text!r} cannot go on an #SBATCH line (it is empty or "
-                          "has spaces)")
+        raise cli.Failure(f"the {what} {text!r} cannot go on an #SBATCH line (empty, or spaces)")
     return text
 
 
@@ -576,7 +569,7 @@ def _script(comments, options, log_dir, log_name, extra, body, skip=()):  # an s
 
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
                   gpus_per_task=1, max_parallel=None, extra=(), after=(), first=0,
-                  signal_s=SIGNAL_S):  # the job array's: task i runs plan line first+i+1
+                  signal_s=300):  # task i runs plan line first+i+1; USR1 signal_s before the limit
     if n_units < 1:
         raise cli.Failure(f"the plan {plan_path} has no units: nothing to submit")
     if time and (time_seconds(time) or math.inf) <= signal_s:  # None: no limit
@@ -605,9 +598,8 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
 
 def check():  # before anything is written: sbatch is here; the cluster's MaxArraySize
     if shutil.which("sbatch") is None:
-        raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
-                          "here (a test cluster on this machine, as root: "
-                          "bash scripts/slurm_cluster.sh start)")
+        raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands here "
+                          "(a test cluster here, as root: bash scripts/slurm_cluster.sh start)")
     with contextlib.suppress(OSError, subprocess.TimeoutExpired, AttributeError):  # none found
         shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
                                timeout=60).stdout
