@@ -237,7 +237,7 @@ EXPERIMENTS = {"table1": table1, "table2": table2, "table4": table4, "init": ini
 
 # --- command line -----------------------------------------------------------------------------
 
-parser = grid.make_parser(__doc__)
+parser = cli.Parser(description=__doc__, formatter_class=cli.HelpFormatter, allow_abbrev=False)
 parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which table or figure's grid")
 parser.add_argument("--tasks", nargs="+", type=cli.name,
                     help="subset of the experiment's tasks (default: the paper's)")

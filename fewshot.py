@@ -27,7 +27,7 @@ SEEDS = [0, 1, 2, 3, 4, 5]  # "averaged over 6 runs" (Table 3)
 STEPS = 10000
 LR = {"ft": 1e-3, "prompt": 0.3}
 
-parser = grid.make_parser(__doc__)
+parser = cli.Parser(description=__doc__, formatter_class=cli.HelpFormatter, allow_abbrev=False)
 parser.add_argument("--tasks", nargs="+", type=cli.name,
                     help="subset of the 13 tasks (default: all)")
 parser.add_argument("--shots", nargs="+", type=cli.positive_int, default=SHOTS,

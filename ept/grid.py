@@ -1,7 +1,5 @@
-"""The grid ablate.py and fewshot.py share: specs -> plan -> units -> pool -> collect, and the plan
-on SLURM (docs/experiments.md). A unit (a pack of prompt runs on one frozen T5, or a solo run) is
-one idempotent plan line; collect appends each finished run's row once."""
-import argparse
+"""The drivers' grid (docs/experiments.md): specs -> plan -> units -> here, a pool or SLURM ->
+collect. A unit (a pack of prompt runs on one frozen T5, or a solo run) is one plan line."""
 import contextlib
 import hashlib
 import json
@@ -25,16 +23,10 @@ import model as M
 import tables
 from ept import cli, files, options, outputs, runfolder, runtime, tasks
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 
 
 # --- a driver's command line ---------------------------------------------------------------------
-
-def make_parser(doc):  # no abbreviations: --lr, train.py's, passed through, is not --lr-search
-    return cli.Parser(description=doc, formatter_class=cli.HelpFormatter, allow_abbrev=False)
-
-
 EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/experiments.md)
     ("--nproc", dict(type=cli.positive_int, default=1, help="GPUs per run (> 1: torchrun)")),
     ("--subprocess", dict(action="store_true", help="each train.py in a fresh process")),
@@ -47,17 +39,12 @@ EXECUTION_FLAGS = [  # how runs are launched and where their files go (docs/expe
     ("--slurm", dict(action="store_true", help="submit the plan as SLURM job arrays + collect")),
     ("--slurm-partition", dict(help="--slurm: the partition (default: the cluster's)")),
     ("--slurm-time", dict(metavar="LIMIT", help="--slurm: each task's time limit (4:00:00, 1-12)")),
-    ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N", help="--slurm: GPUs per task "
-                          "(default: --nproc or 1; 0: none)")),
+    ("--slurm-gpus", dict(type=cli.nonnegative_int, metavar="N", help="GPUs per task (--nproc)")),
     ("--slurm-max-tasks", dict(type=cli.positive_int, metavar="M", help="array tasks at once")),
-    ("--slurm-after", dict(action="append", default=[], metavar="JOBID", help="--slurm: start "
-                           "once this job ended (repeatable)")),
-    ("--slurm-option", dict(action="append", default=[], metavar="OPT", help="--slurm: an "
-                            "#SBATCH option, e.g. --slurm-option=--account=nlp")),
-    ("--collect", dict(action="store_true", help="train nothing: add finished runs' rows, print "
-                       "the table (exit 1 while runs are unfinished)")),
-    ("--pack-size", dict(type=cli.positive_int, help="prompt runs a pack (default: CUDA: as many "
-                         "as fit, CPU: 1)"))]
+    ("--slurm-after", dict(action="append", default=[], metavar="JOBID", help="after this job")),
+    ("--slurm-option", dict(action="append", default=[], metavar="OPT", help="an #SBATCH option")),
+    ("--collect", dict(action="store_true", help="train nothing: rows of finished runs, table")),
+    ("--pack-size", dict(type=cli.positive_int, help="prompt runs a pack (CUDA: what fits)"))]
 
 
 def add_execution_args(parser, prefix="--"):  # python -m ept.grid: the --slurm-* ones
@@ -79,25 +66,21 @@ REFUSED = {  # train.py's flags a driver does not pass through: why, what instea
     "--runs": NOT_THROUGH + "the grid makes its own packs: pass --pack-size",
     **{f"--{own}": f"is the grid's own: pass --{own}s (this script's flag) instead"
        for own in ("task", "method", "seed")},  # else every run would train the same one
-    "--overwrite": "would start every run of the plan over at each rerun; delete the run folders "
-                   "to train them again"}
+    "--overwrite": "would start every run over at each rerun: delete its folder to train it again"}
 
 
-def check_args(parser, args, extra):
-    """Before any run: the tasks exist; pass-through flags are train.py's, spelt out, valid."""
+def check_args(parser, args, extra):  # before any run: tasks exist; train.py's flags, spelt out
     known = options.parser._option_string_actions  # every spelling train.py's parser accepts
     for flag in (a.split("=")[0] for a in extra if a.startswith("--") and a != "--"):
         if flag in REFUSED:
             parser.error(f"{flag} {REFUSED[flag]}")
         if flag not in known:
-            full = [f for f in known if f.startswith(flag)]
-            hint = f" (spell out {' or '.join(full)})" if full else ""
+            full = " or ".join(f for f in known if f.startswith(flag))
             parser.error(f"{flag} is neither this script's flag nor train.py's; abbreviations "
-                         f"are refused{hint}")
+                         f"are refused{f' (spell out {full})' * bool(full)}")
     flags, unknown = options.parser.parse_known_args(list(extra))  # a bad value: train.py's error
     if unknown:
-        parser.error(f"unrecognized arguments (neither this script's nor train.py's): "
-                     f"{' '.join(unknown)}")
+        parser.error(f"unrecognized arguments (not train.py's either): {' '.join(unknown)}")
     pools = [flag for flag in ("--slurm", "--gpus", "--slots") if getattr(args, flag[2:])]
     if len(pools) > 1:
         parser.error(f"{' and '.join(pools)}: pass one (--slurm hands each unit to its own array "
@@ -120,21 +103,16 @@ def extra_value(extra, flag, default, cast):  # the last `--flag VALUE` passed t
 
 
 # --- specs, run names and train.py's command lines -----------------------------------------------
-
 def spec(task, method, model, seed, _row=None, **settings):  # _row: extra result columns
     return {"task": task, "method": method, "model": model, "seed": seed, **settings,
             **({"_row": _row} if _row else {})}
 
 
-run_name = options.run_name  # <task>_<method>_<model>[_<non-default options>]_s<seed>
-
-
 def train_argv(settings, out_dir, data_dir=None, extra=()):  # out_dir None: a pack's
     argv = []
-    for key, value in settings.items():
-        if value is not None and value is not False:
-            argv += ["--" + key.replace("_", "-")] + ([] if value is True else [
-                f"{value:g}" if isinstance(value, float) else str(value)])
+    for key, value in ((k, v) for k, v in settings.items() if v is not None and v is not False):
+        argv += ["--" + key.replace("_", "-")] + ([] if value is True else [
+            f"{value:g}" if isinstance(value, float) else str(value)])
     argv += ["--data-dir", str(data_dir)] if data_dir else []
     return argv + (["--out-dir", str(out_dir)] if out_dir is not None else []) + [*extra]
 
@@ -147,14 +125,11 @@ def pack_argv(specs, run_dirs, data_dir, extra, runs_file):  # (argv, its --runs
     return train_argv(shared, None, data_dir, [*extra, "--runs", str(runs_file)]), entries
 
 
-def passed_through(extra):
-    """The per-run pass-through options, typed: they win, so the run's name says them."""
+def passed_through(extra):  # per-run pass-through options, typed: they win, the run's name says so
     flags = {a.split("=")[0] for a in extra if a.startswith("--")}
     values = vars(options.parser.parse_known_args(list(extra))[0])
-    keys = dict.fromkeys([key for key, _ in options.NAME_TAGS]
-                         + [k for k in options.PER_RUN if k != "resume"])
-    return {key: values[key] for key in keys
-            if key in values and "--" + key.replace("_", "-") in flags}
+    keys = [key for key, _ in options.NAME_TAGS] + [k for k in options.PER_RUN if k != "resume"]
+    return {k: values[k] for k in keys if k in values and "--" + k.replace("_", "-") in flags}
 
 
 # --- a run's GPU-hours from measured step times: the plan runs its units longest first -----------
@@ -164,7 +139,6 @@ MEASURED_STEP_S = {"prompt": 16 / 214.49, "ft": 16 / 132.27}  # t5-base, H200: r
 LAYER_SCALE = {"t5-small": 0.5, "t5-base": 1.0, "t5-large": 2.0, "other": 1.0}
 MEASURED_EVAL_S = 1 / 733.1  # greedy decoding, batch 64, t5-base RTE, per example (run2_rte_ept)
 QA_DECODE_FACTOR = 5  # assumed: MRQA answers are many tokens long, classification targets 1 or 2
-DEFAULT_SPLITS = (10000, 1000, 1000)  # a task neither prepared nor the paper's: a guess
 PAPER_SPLITS = {  # Appendix B.1's (train, validation, test) sizes, for a task not prepared yet
     "cola": (8551, 521, 522), "mrpc": (3668, 204, 204), "rte": (2490, 138, 139),
     "stsb": (5749, 750, 750), "mnli": (382702, 10000, 9815), "qnli": (94743, 10000, 5463),
@@ -184,7 +158,7 @@ def split_sizes(task, data_dir):  # (train, validation, test): meta.json, else t
     if (Path(data_dir or "data") / task / "meta.json").exists():
         splits = tasks.load_meta(data_dir or "data", task)["splits"]
         return tuple(splits.get(split, 0) for split in ("train", "validation", "test"))
-    return PAPER_SPLITS.get(task, DEFAULT_SPLITS)
+    return PAPER_SPLITS.get(task, (10000, 1000, 1000))  # neither prepared nor the paper's: a guess
 
 
 def run_steps(spec, data_dir, batch_size=16):  # its epochs over the train split, or max_steps
@@ -194,8 +168,8 @@ def run_steps(spec, data_dir, batch_size=16):  # its epochs over the train split
 
 
 def floor_seconds(spec, batch_size=16):  # the measured (host-bound, bf16) solo step
-    measured = MEASURED_STEP_S["ft" if spec["method"] == "ft" else "prompt"]
-    return measured * LAYER_SCALE[size_key(spec["model"])] * batch_size / 16
+    return (MEASURED_STEP_S["ft" if spec["method"] == "ft" else "prompt"]
+            * LAYER_SCALE[size_key(spec["model"])] * batch_size / 16)
 
 
 def estimate_hours(spec, data_dir=None, batch_size=16):  # one run's, on 1 or N GPUs
@@ -208,18 +182,11 @@ def estimate_hours(spec, data_dir=None, batch_size=16):  # one run's, on 1 or N 
     return (steps * floor_seconds(spec, batch_size) + eval_s) / 3600
 
 
-def plan_hours(plan, data_dir, extra):  # {run: GPU-hours} at the pass-through --batch-size
-    batch = extra_value(extra, "--batch-size", 16, int)
-    return {name: estimate_hours(spec, data_dir, batch) for name, (spec, *_) in plan.items()}
-
-
-# --- packs: prompt runs of one task, T5, data and schedule in one train.py call ------------------
-# The rest is per run; ft trains T5 itself: never packed. On CUDA: the runs that fit in 80 % of the
-# card after T5's weights (a prompt run at batch 16: docs/speed.md), at most MAX_PACK (past 16 a GPU
-# is compute-bound).
+# --- packs: prompt runs of one task, T5, data and schedule in one train.py call; ft: never -------
+# On CUDA: the runs that fit in 80 % of the card after T5's weights (a prompt run at batch 16:
+# docs/speed.md), at most 16 (past 16 a GPU is compute-bound).
 PACK_SHARED = ("task", "model", "fewshot_k", "fewshot_seed", "batch_size")  # a pack's flags
 PACK_KEYS = (*PACK_SHARED, "epochs", "max_steps", "eval_every")
-MAX_PACK = 16
 RUN_GB = {"t5-small": 1.5, "t5-base": 3.0, "t5-large": 7.0, "other": 3.0}
 WEIGHTS_GB = {"t5-small": 0.25, "t5-base": 0.9, "t5-large": 3.0, "other": 1.0}
 ASSUMED_GPU_GB = 141  # the H200 the step times were measured on: what a dry run sizes packs for
@@ -227,7 +194,7 @@ ASSUMED_GPU_GB = 141  # the H200 the step times were measured on: what a dry run
 
 def memory_pack_size(model, gpu_gb):  # the rule above; at least 1
     size = size_key(model)
-    return max(1, min(MAX_PACK, int(0.8 * (gpu_gb - WEIGHTS_GB[size]) / RUN_GB[size])))
+    return max(1, min(16, int(0.8 * (gpu_gb - WEIGHTS_GB[size]) / RUN_GB[size])))
 
 
 def pack_size(args, model):  # on a CPU 1: FLOP-bound, a pack of R costs R steps (docs/packing.md)
@@ -241,9 +208,7 @@ def make_packs(plan, names, size_of):  # packs of equal PACK_KEYS, <= size_of(mo
     for name in names:
         settings = plan[name][0]
         key, limit = tuple(settings.get(k) for k in PACK_KEYS), size_of(settings["model"])
-        if settings["method"] == "ft" or limit <= 1:
-            packs.append([name])
-            continue
+        key = (name,) if settings["method"] == "ft" or limit <= 1 else key  # alone
         if key not in open_packs:
             packs.append(open_packs.setdefault(key, []))
         open_packs[key].append(name)
@@ -253,14 +218,13 @@ def make_packs(plan, names, size_of):  # packs of equal PACK_KEYS, <= size_of(mo
 
 
 # --- the plan: {run name: (options, extra result columns, run folder)} and its units -------------
-
 def plan_runs(specs, args, extra=()):  # the same configuration twice is one run
     plan, through = {}, passed_through(extra)
     for s in specs:
         settings = {k: v for k, v in s.items() if k != "_row"}
         settings.update({k: v for k, v in through.items()
                          if not (k == "max_steps" and settings.get("epochs"))})
-        name = run_name(settings)
+        name = options.run_name(settings)
         plan.setdefault(name, (settings, s.get("_row"), Path(args.runs_dir) / name))
     return plan
 
@@ -277,9 +241,9 @@ class Unit:  # one plan line (index: an array task's); a pack's --runs file and 
         return [run_dir for run_dir in self.dirs if not runfolder.finished(run_dir)]
 
 
-def make_units(plan, args, extra):
-    """The units, longest first, packed over every run, finished or not: always the same ones."""
-    hours = plan_hours(plan, args.data_dir, extra)
+def make_units(plan, args, extra):  # longest first, packed over every run, finished or not
+    batch = extra_value(extra, "--batch-size", 16, int)  # GPU-hours at the pass-through batch
+    hours = {name: estimate_hours(spec, args.data_dir, batch) for name, (spec, *_) in plan.items()}
     units, extra = [], [*extra, "--resume"]
     for names in make_packs(plan, sorted(plan, key=lambda n: -hours[n]),
                             lambda model: pack_size(args, model)):
@@ -294,13 +258,10 @@ def make_units(plan, args, extra):
     return units
 
 
-def write_plan(path, units):
-    """The plan file, written once; another grid's is refused (line i keeps its meaning)."""
+def write_plan(path, units):  # written once; another grid's is refused (line i keeps its meaning)
     text = "".join(unit.line + "\n" for unit in units)
     if path.exists() and (old := path.read_text(encoding="utf-8")) != text:
-        lines = old.splitlines()
-        i = next((i for i, (a, b) in enumerate(zip(lines, text.splitlines())) if a != b),
-                 min(len(lines), len(units)))
+        i = len(os.path.commonprefix([old.splitlines(), text.splitlines()]))  # lines the same
         raise cli.Failure(f"{path} holds another plan (line {i + 1} differs: another grid, "
                           f"flags, pack size or folder); delete it to plan again, or pass "
                           f"another --results-dir")
@@ -311,14 +272,14 @@ def write_plan(path, units):
         files.make_dir(unit.runs_file.parent, "packs folder")  # absent, or cut by a crash
         files.write_text(unit.runs_file, unit.runs_text)
     if not path.exists():
-        files.make_dir(path.parent, "results folder")
-        files.write_text(path, text)
+        files.write_text(files.make_dir(path.parent, "results folder") / path.name, text)
 
 
 # --- running units: here (in this process by runpy) or as children (the pool) --------------------
 # In this process (the default) the imports are paid once per grid; as a child (--subprocess,
 # --nproc > 1: a pool of one; --gpus, --slots) GPU memory and cached data are freed between units.
 STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # train.py checkpoints, exits 128 + sig
+OUTPUT_LOCK = threading.Lock()  # the pool's children's lines, whole
 
 
 def run_in_process(argv):  # `python train.py ARGV` as __main__ here: its exit status
@@ -340,8 +301,7 @@ def run_in_process(argv):  # `python train.py ARGV` as __main__ here: its exit s
 
 
 def run_unit(experiment, unit, args, i, n):  # here; a signal that stops train.py stops us too
-    t0, names = time.time(), " ".join(unit.names)
-    what = f"a pack of {len(unit.names)}: {names}" if len(unit.names) > 1 else names
+    what = f"a pack of {len(unit.names)}: " * (len(unit.names) > 1) + " ".join(unit.names)
     print(f"[{experiment} {i}/{n}] unit {unit.index}: train {what}", flush=True)
     status = run_in_process(unit.argv)
     if status == 0 and runtime.stop_requested():  # it came in the unit's last steps, which finished
@@ -354,30 +314,19 @@ def run_unit(experiment, unit, args, i, n):  # here; a signal that stops train.p
     if status:  # train.py printed its error
         print(f"[{experiment} {i}/{n}] unit {unit.index} failed (exit status {status})",
               file=sys.stderr)
-    print(f"[{experiment} {i}/{n}] {time.time() - t0:.1f}s", flush=True)
 
 
-def signal_group(proc, sig):  # to a child's group (torchrun's ranks too); Ctrl-C: SIGTERM
-    try:
-        os.killpg(proc.pid, signal.SIGTERM if sig == signal.SIGINT else sig)
-        return True
-    except ProcessLookupError:  # the whole group is gone
-        return False
-
-
-# --- the local pool (--gpus G, --slots N) --------------------------------------------------------
-# Only this process hands out units (longest first), so the children need no locks. A child that
-# dies has its unit started once more (it resumes from last.pt); Ctrl-C, SIGTERM or SIGUSR1 stops
-# every child, which checkpoints; the same command again resumes what was left.
+# --- the local pool (--gpus G, --slots N): only this process hands out units (longest first) ----
+# A child that dies has its unit started once more (it resumes from last.pt); Ctrl-C, SIGTERM or
+# SIGUSR1 stops every child, which checkpoints; the same command again resumes what was left.
 
 def pool_devices(args):  # each child's CUDA_VISIBLE_DEVICES: "0", "2,3" (--nproc 2); --slots ""
     if getattr(args, "slots", None):
         return [""] * args.slots
-    gpus, nproc = args.gpus, args.nproc
-    if gpus % nproc:
+    if (gpus := args.gpus) % (nproc := args.nproc):
         raise cli.Failure(f"--gpus {gpus} is not a multiple of --nproc {nproc} (GPUs per run)")
-    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
-    visible = [d for d in listed if d] or [str(i) for i in range(gpus)]
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    visible = [d.strip() for d in listed if d.strip()] or [str(i) for i in range(gpus)]
     if len(visible) < gpus:
         raise cli.Failure(f"--gpus {gpus}, but CUDA_VISIBLE_DEVICES lists {len(visible)}: "
                           f"{','.join(visible)}")
@@ -416,13 +365,15 @@ def run_pool(experiment, units, devices):  # len(devices) children, their output
                           f"{' '.join(unit.names)}", file=sys.stderr, flush=True)
             time.sleep(0.2)
         if got:  # every child checkpoints and stops; back once each, its whole group too, is gone
-            for proc, _, _ in running.values():
-                signal_group(proc, got[0])
+            for proc, _, _ in running.values():  # to its group, torchrun's ranks too (Ctrl-C: TERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM if got[0] == signal.SIGINT else got[0])
             for proc, _, thread in running.values():
                 proc.wait()
                 thread.join()
-                while signal_group(proc, 0):  # torchrun's ranks too
-                    time.sleep(0.1)
+                with contextlib.suppress(ProcessLookupError):  # until the whole group is gone
+                    while not os.killpg(proc.pid, 0):
+                        time.sleep(0.1)
             print(f"{experiment}: {signal.Signals(got[0]).name} received: every child wrote "
                   "last.pt and stopped. Run the same command again to resume.", file=sys.stderr,
                   flush=True)
@@ -430,9 +381,6 @@ def run_pool(experiment, units, devices):  # len(devices) children, their output
     finally:
         for sig, previous in old.items():
             signal.signal(sig, previous)
-
-
-OUTPUT_LOCK = threading.Lock()
 
 
 def start_child(unit, gpus, label):  # on `gpus` (None: ours), in its own session
@@ -445,13 +393,11 @@ def start_child(unit, gpus, label):  # on `gpus` (None: ours), in its own sessio
         for line in proc.stdout:
             with OUTPUT_LOCK:
                 print(f"[u{unit.index} {label}] {line}", end="", flush=True)
-    thread = threading.Thread(target=copy, daemon=True)
-    thread.start()
+    (thread := threading.Thread(target=copy, daemon=True)).start()
     return proc, unit, thread
 
 
 # --- a driver's run: plan, train what is missing, collect -----------------------------------------
-
 def run_cli(main, name):  # Ctrl-C leaves nothing half-written: one line, exit 130
     try:
         main()
@@ -464,11 +410,11 @@ def run_cli(main, name):  # Ctrl-C leaves nothing half-written: one line, exit 1
 
 
 def run_driver(experiment, specs, args, extra, floor=None):
-    """Train what is missing (here, a pool or SLURM), collect, print the table (`floor(args)`'s
-    rows first: a baseline); exit 1 while runs are unfinished."""
+    """Train what is missing (here, a pool, SLURM), collect, print the table (`floor(args)`: a
+    baseline's rows first); exit 1 while runs are unfinished."""
     plan = plan_runs(specs, args, extra)
     if args.dry_run:
-        sys.path.insert(0, str(REPO / "scripts"))
+        sys.path.insert(0, str(TRAIN_SCRIPT.with_name("scripts")))
         import costs  # the dry run's FLOP model and wall time, off every other path
         return costs.dry_run(experiment, plan, args, extra)[0]
     if not args.collect:
@@ -482,12 +428,9 @@ def run_driver(experiment, specs, args, extra, floor=None):
         write_plan(path, units)
         if args.slurm:
             if not args.pack_size and pack_size(args, None) == 1:  # a login node without a GPU
-                print(f"{experiment}: note: this machine has no GPU, so each unit is one run; pass "
-                      "--pack-size N (PACK_SIZE=N in run_all.sh) to pack N prompt runs a unit on "
-                      "the cluster's GPUs", flush=True)
-            collect_cmd = shlex.join([*args.command, "--collect"])
-            submit(path, f"cd {shlex.quote(os.getcwd())} && {collect_cmd}", max_array=max_array,
-                   **opts)
+                print(f"{experiment}: no GPU here, so one run a unit: pass --pack-size N to pack N")
+            collect_cmd = f"cd {shlex.quote(os.getcwd())} && {shlex.join(args.command)} --collect"
+            submit(path, collect_cmd, max_array=max_array, **opts)
             return []
         todo = [unit for unit in units if unit.left()]
         print(f"{experiment}: plan {path}: {len(units)} unit(s), {len(todo)} to run", flush=True)
@@ -513,23 +456,20 @@ def slurm_options(args):  # submit's keywords from the --slurm-* flags
 
 
 # --- result rows ---------------------------------------------------------------------------------
-
 def result_row(experiment, settings, run_dir, extra_fields=None):  # --no-test: score None
-    run_dir = Path(run_dir)
-    raw_config = files.read_json(run_dir / "config.json", "run configuration")
+    raw_config = files.read_json((run_dir := Path(run_dir)) / "config.json", "run configuration")
     config = {**raw_config, **M.prompt_options(raw_config)}  # older runs' option names, defaults
     tested = not config.get("no_test")
     metrics = files.read_json(run_dir / "metrics.json", "test metrics") if tested else {}
     norm = n_inference = None
-    if (run_dir / "prompt.pt").exists():  # Eq. 4 on the best checkpoint's P'; inference keeps
-        prompt, _ = outputs.load_folded_prompt(run_dir / "prompt.pt")  # its distinct rows (EPT: one)
+    if (run_dir / "prompt.pt").exists():  # Eq. 4 on the best checkpoint's P'; inference keeps its
+        prompt, _ = outputs.load_folded_prompt(run_dir / "prompt.pt")  # distinct rows (EPT: one)
         norm, n_inference = prompt.norm(dim=1).mean().item(), int(prompt.unique(dim=0).numel())
     _, norms, steps, scores = outputs.curves(run_dir, missing_ok=True)  # from log.jsonl
     val_score, best_step = max(zip(scores, steps), key=lambda pair: pair[0], default=(None, None))
     ran = {key: value if config.get(key) is None else config[key]  # what train.py ran with wins
            for key, value in {**options.defaults(settings["method"]), **settings}.items()}
-    if not ran["fewshot_k"]:
-        ran["fewshot_seed"] = None
+    ran["fewshot_seed"] = ran["fewshot_seed"] if ran["fewshot_k"] else None
     digest, scores = hashlib.sha1(), run_dir / "metrics.json"  # which training: trained again,
     for file in (run_dir / "config.json", scores if scores.exists() else run_dir / "log.jsonl"):
         digest.update((file.name + files.read_text(file, "run file")).encode())  # another id
@@ -542,18 +482,13 @@ def result_row(experiment, settings, run_dir, extra_fields=None):  # --no-test: 
             "training": digest.hexdigest()[:16], "config": raw_config}
 
 
-@contextlib.contextmanager
-def locked(path):
-    """`path`.lock held while several processes read, check and append to `path`."""
-    with open(files.flock(files.make_dir(Path(path).parent) / f"{Path(path).name}.lock")[0]):
-        yield  # closing the file unlocks it
+def locked(path):  # `path`.lock, flock'ed until the file returned is closed: one writer at once
+    return open(files.flock(files.make_dir(Path(path).parent) / f"{Path(path).name}.lock")[0])
 
 
-def append_row_once(results, row):
-    """"added", "replaced" (its folder was trained again) or None, under the file's lock."""
+def append_row_once(results, row):  # "added", "replaced" (trained again) or None, under a lock
     with locked(results):
-        rows = files.read_jsonl(results, what="results file", missing_ok=True,
-                                fix=outputs.RESULTS_FIX)
+        rows = files.read_jsonl(results, "results file", missing_ok=True, fix=outputs.RESULTS_FIX)
         same = [r for r in rows if r.get("run") == row["run"]]
         if not same:
             outputs.append_jsonl(results, [row])
@@ -576,34 +511,26 @@ def collect(experiment, plan, args):  # each finished run's row once in the resu
         done.append(append_row_once(results, rows[-1]))
         prune = args.prune_ft_checkpoints and settings["method"] == "ft"  # T5 + AdamW state, twice
         for file in ("best.pt", "last.pt") if prune else ():
-            try:
+            with files.fault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}",
+                             fix="; its row is written, rerun without the flag"):  # read-only
                 (run_dir / file).unlink(missing_ok=True)
-            except OSError as err:  # a read-only runs folder: the row is written, the file stays
-                raise files.FileFault(f"--prune-ft-checkpoints: cannot delete {run_dir / file}: "
-                                      f"{files.why(err)}; its row is written, rerun without the "
-                                      "flag") from None
-    failed = {name: outputs.failure(plan[name][2]) for name in missing
-              if outputs.status(plan[name][2]) == "failed"}
-    replaced = f", {done.count('replaced')} replaced: their run was trained again" * (
+    failed = {n: outputs.failure(d) for n in missing if outputs.status(d := plan[n][2]) == "failed"}
+    again = f", {done.count('replaced')} replaced: their run was trained again" * (
         "replaced" in done)
     print(f"{experiment}: {len(plan)} runs, {len(rows)} finished ({done.count('added')} rows "
-          f"added now{replaced}), {len(missing)} not finished"
+          f"added now{again}), {len(missing)} not finished"
           f"{f' ({len(failed)} failed)' * bool(failed)} -> {results}", flush=True)
     for name, why in failed.items():  # stopped for good: running the unit again fails the same way
         print(f"{experiment}: FAILED {name}: {why}", file=sys.stderr)
     path = Path(args.results_dir) / f"{experiment}.failed.json"  # {run folder: why}, report.py's
     with locked(path) if path.exists() or failed else contextlib.nullcontext():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        except (OSError, ValueError):
-            old = {}  # unreadable: rewritten from what this plan knows
+        old = {}  # absent or unreadable: rewritten from what this plan knows
+        with contextlib.suppress(OSError, ValueError):
+            old = json.loads(path.read_text(encoding="utf-8"))
         ours = {str(run_dir) for _, _, run_dir in plan.values()}  # other grids' entries are kept
         now = {k: v for k, v in (old if isinstance(old, dict) else {}).items() if k not in ours}
         now.update({str(plan[name][2]): why for name, why in failed.items()})
-        if now:
-            files.write_json(path, now)
-        else:
-            path.unlink(missing_ok=True)
+        files.write_json(path, now) if now else path.unlink(missing_ok=True)
     if len(missing) > len(failed):
         print(f"{experiment}: NOT FINISHED (see each folder's log.jsonl): "
               f"{' '.join(n for n in missing if n not in failed)}", file=sys.stderr)
@@ -611,18 +538,12 @@ def collect(experiment, plan, args):  # each finished run's row once in the resu
 
 
 # --- the plan on SLURM: sbatch scripts, submission -----------------------------------------------
-
-SIGNAL_S = 300  # USR1 this many seconds before the time limit: time to write last.pt and exit
-
-
 def time_seconds(text):  # a SLURM time limit ('90', '4:00:00', '1-12', ...) in s; None: none
     if text.upper() in ("INFINITE", "UNLIMITED", "0"):  # SLURM: a limit of 0 is no limit
         return None
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
-    if not m:
+    if not (m := re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)):
         raise cli.Failure(f"{text!r} is not a SLURM time limit (minutes, H:MM:SS or D-HH:MM:SS)")
-    days, *parts = m.groups()  # days-hours[:minutes[:seconds]]; minutes[:seconds]; h:m:s
-    parts = [int(p) for p in parts if p]
+    days, parts = m[1], [int(p) for p in m.groups()[1:] if p]  # d-h[:m[:s]]; m[:s]; h:m:s
     units = (3600, 60, 1) if days else [(60,), (60, 1), (3600, 60, 1)][len(parts) - 1]
     return int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units))
 
@@ -632,13 +553,11 @@ def _option(value, what):  # sbatch splits an #SBATCH line at spaces and reads o
     if what == "job id" and not re.fullmatch(r"\d+(_\d+)?", text):
         raise cli.Failure(f"{text!r} is not a SLURM job id (a number, as sbatch prints it)")
     if not text or re.search(r"\s", text):
-        raise cli.Failure(f"the {what} {text!r} cannot go on an #SBATCH line (it is empty or "
-                          "has spaces)")
+        raise cli.Failure(f"the {what} {text!r} cannot go on an #SBATCH line (empty, or spaces)")
     return text
 
 
-def _script(comments, options, log_dir, log_name, extra, body, skip=()):
-    """An sbatch script: comments, #SBATCH lines (a value True: the flag alone), the body."""
+def _script(comments, options, log_dir, log_name, extra, body, skip=()):  # an sbatch script
     return "\n".join([
         "#!/bin/bash", *comments, *[f"#SBATCH --{key}" + ("" if value is True else f"={value}")
                                     for key, value in options.items() if value],
@@ -650,19 +569,16 @@ def _script(comments, options, log_dir, log_name, extra, body, skip=()):
 
 def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time=None,
                   gpus_per_task=1, max_parallel=None, extra=(), after=(), first=0,
-                  signal_s=SIGNAL_S):
-    """The job array's script: task i runs plan line first+i+1; after: job ids (afterany)."""
+                  signal_s=300):  # task i runs plan line first+i+1; USR1 signal_s before the limit
     if n_units < 1:
         raise cli.Failure(f"the plan {plan_path} has no units: nothing to submit")
-    limit = time_seconds(time) if time else None
-    if limit is not None and limit <= signal_s:
+    if time and (time_seconds(time) or math.inf) <= signal_s:  # None: no limit
         raise cli.Failure(f"the time limit {time} is not longer than the {signal_s} s the unit "
                           f"gets to checkpoint before it (signal_s)")
     plan, name = Path(plan_path).resolve(), _option(job_name, "job name")
-    units = f"{n_units} unit{'s' * (n_units != 1)}"
-    head = (f"the {units} of {plan}, one SLURM array task each (task i runs line i+1)."
-            if not first else f"lines {first + 1}-{first + n_units} of {plan}, one SLURM array "
-            f"task each (task i runs line {first}+i+1).")
+    head = (f"the {n_units} unit{'s' * (n_units != 1)} of {plan}, one SLURM array task each "
+            "(task i runs line i+1)." if not first else f"lines {first + 1}-{first + n_units} of "
+            f"{plan}, one SLURM array task each (task i runs line {first}+i+1).")
     after = ":".join(_option(job, "job id") for job in after)
     options = {"job-name": name, "array": f"0-{n_units - 1}"
                + (f"%{max_parallel}" if max_parallel else ""),
@@ -680,32 +596,15 @@ def sbatch_script(plan_path, n_units, *, job_name, log_dir, partition=None, time
                     task.replace("$((task + 1))", f"$((task + {first + 1}))")])
 
 
-def collect_script(collect_cmd, array_id, *, job_name, log_dir, partition=None, extra=()):
-    """The collect job's script: after every task of the arrays (afterany), collect."""
-    name = _option(job_name, "job name")
-    options = {"job-name": f"{name}-collect", "dependency": f"afterany:{array_id}", "ntasks": 1,
-               "partition": partition and _option(partition, "partition")}
-    comments = [f"# {name}: collect and report once every task of array {array_id} ended "
-                "(afterany:", "# finished, failed or cancelled). Written by ept/grid.py."]
-    return _script(comments, options, log_dir, f"{name}-collect-%j.log", extra, [
-        f"echo \"== array {array_id}: task states (as long as SLURM keeps them, MinJobAge)\"",
-        f"squeue --noheader --states=all --jobs={array_id.replace(':', ',')} "
-        "--format='task %K: %T' | sort -V", "echo \"== $(date -Is) collect\"", collect_cmd],
-        skip=("--gres", "--gpus", "--array", "--signal"))
-
-
 def check():  # before anything is written: sbatch is here; the cluster's MaxArraySize
     if shutil.which("sbatch") is None:
-        raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands "
-                          "here (a test cluster on this machine, as root: "
-                          "bash scripts/slurm_cluster.sh start)")
-    try:
+        raise cli.Failure("sbatch is not on PATH: --slurm needs a SLURM cluster's commands here "
+                          "(a test cluster here, as root: bash scripts/slurm_cluster.sh start)")
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired, AttributeError):  # none found
         shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
                                timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        shown = ""
-    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", shown, re.MULTILINE)
-    return int(found.group(1)) if found else 1001  # SLURM's default
+        return int(re.search(r"^MaxArraySize\s*=\s*(\d+)", shown, re.MULTILINE).group(1))
+    return 1001  # SLURM's default
 
 
 def _sbatch(text, path, what):  # submit, then write it to `path`: its job id
@@ -744,8 +643,16 @@ def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
                 raise
             raise cli.Failure(f"{err} (arrays {' '.join(arrays)} were submitted: scancel "
                               f"them, then submit again)") from None
-    text = collect_script(collect_cmd, ":".join(arrays), job_name=job_name, log_dir=logs,
-                          partition=opts.get("partition"), extra=opts.get("extra", ()))
+    ids, name = ":".join(arrays), _option(job_name, "job name")  # the collect job: after them all
+    text = _script([f"# {name}: collect and report once every task of array {ids} ended (afterany:",
+                    "# finished, failed or cancelled). Written by ept/grid.py."],
+                   {"job-name": f"{name}-collect", "dependency": f"afterany:{ids}", "ntasks": 1,
+                    "partition": opts.get("partition") and _option(opts["partition"], "partition")},
+                   logs, f"{name}-collect-%j.log", opts.get("extra", ()), [
+        f"echo \"== array {ids}: task states (as long as SLURM keeps them, MinJobAge)\"",
+        f"squeue --noheader --states=all --jobs={ids.replace(':', ',')} "
+        "--format='task %K: %T' | sort -V", "echo \"== $(date -Is) collect\"", collect_cmd],
+        skip=("--gres", "--gpus", "--array", "--signal"))
     try:
         collect_id = _sbatch(text, plan.with_name(plan.stem + ".collect.sbatch"),
                              "the collect job")
@@ -770,11 +677,10 @@ def submit(plan_path, collect_cmd, *, job_name=None, max_array=None, **opts):
 
 @cli.script
 def main(argv=None):  # python -m ept.grid PLAN --collect CMD [the drivers' --slurm-* flags]
-    parser = argparse.ArgumentParser(prog="python -m ept.grid", description="Submit a plan file "
-                                     "to SLURM: job arrays, then the collect job after them.")
+    parser = cli.Parser(prog="python -m ept.grid", description="Submit a plan file to SLURM: job "
+                        "arrays, then the collect job after them.")
     parser.add_argument("plan", help="the plan file: one unit (a bash command) a line")
-    parser.add_argument("--collect", required=True, metavar="CMD",
-                        help="the shell line that collects and reports after every task ended")
+    parser.add_argument("--collect", required=True, metavar="CMD", help="the collect job's line")
     add_execution_args(parser, "--slurm-")
     args = parser.parse_args(argv)
     submit(args.plan, args.collect, **slurm_options(args))

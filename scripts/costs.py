@@ -68,7 +68,7 @@ def step_seconds(spec, precision, runs=1, batch_size=16):
 
 def pack_hours(plan, pack, hours, data_dir, extra, precision):
     """{run: (unpacked GPU-hours, its share of the pack's GPU-hours = the pack's / R)} at
-    `precision`; `hours`: plan_hours (the measured estimate; its validation part kept, per run)."""
+    `precision`; `hours`: grid.estimate_hours's (its validation part kept, per run)."""
     batch = grid.extra_value(extra, "--batch-size", 16, int)
     unpacked, eval_h, steps = {}, {}, {}
     for name in pack:
@@ -90,7 +90,8 @@ def dry_pack_size(args, model):  # --pack-size, else the memory rule for the H20
 def dry_run(experiment, plan, args, extra):
     """Every run with its status, estimated GPU-hours and the pack it would train in (a row each in
     dry_run.tsv), then the summary lines (wall time; GPU-hours unpacked, packed; fp32, bf16)."""
-    hours = grid.plan_hours(plan, args.data_dir, extra)
+    batch = grid.extra_value(extra, "--batch-size", 16, int)
+    hours = {name: grid.estimate_hours(s, args.data_dir, batch) for name, (s, *_) in plan.items()}
     states = {name: outputs.status(run_dir) for name, (_, _, run_dir) in plan.items()}
     todo = sorted((n for n in plan if states[n] != "done"), key=lambda n: -hours[n])  # as units go
     packs = grid.make_packs(plan, todo, lambda model: dry_pack_size(args, model))

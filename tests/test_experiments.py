@@ -76,14 +76,14 @@ def count_training(monkeypatch):
 # --- enumeration, names, dry run ---------------------------------------------------------------
 
 def test_run_names_share_defaults_and_argv_is_train_py_s():
-    main = ept_grid.run_name(ept_grid.spec("boolq", "ept", "t5-base", 0))
+    main = options.run_name(ept_grid.spec("boolq", "ept", "t5-base", 0))
     assert main == "boolq_ept_t5-base_s0"
-    assert ept_grid.run_name(ept_grid.spec("boolq", "ept", "t5-base", 0, hidden_size=1, lr=0.3, init="uniform")) == main
-    assert ept_grid.run_name(ept_grid.spec("boolq", "ept", "t5-base", 1, hidden_size=50)) == "boolq_ept_t5-base_h50_s1"
-    assert ept_grid.run_name(ept_grid.spec("cb", "ft", "x/t5-small", 0, lr=1e-3, fewshot_k=16, fewshot_seed=2,
+    assert options.run_name(ept_grid.spec("boolq", "ept", "t5-base", 0, hidden_size=1, lr=0.3, init="uniform")) == main
+    assert options.run_name(ept_grid.spec("boolq", "ept", "t5-base", 1, hidden_size=50)) == "boolq_ept_t5-base_h50_s1"
+    assert options.run_name(ept_grid.spec("cb", "ft", "x/t5-small", 0, lr=1e-3, fewshot_k=16, fewshot_seed=2,
                                        max_steps=10000)) == "cb_ft_t5-small_lr0.001_steps10000_k16_fs2_s0"
-    assert ept_grid.run_name(ept_grid.spec("cola", "ept_star", "t5-base", 0, broadcast=10)) == "cola_ept_star_t5-base_s0"
-    assert [ept_grid.run_name(ept_grid.spec("boolq", "ept", "t5-base", 0, **ablate.STRUCTURES[v]))
+    assert options.run_name(ept_grid.spec("cola", "ept_star", "t5-base", 0, broadcast=10)) == "cola_ept_star_t5-base_s0"
+    assert [options.run_name(ept_grid.spec("boolq", "ept", "t5-base", 0, **ablate.STRUCTURES[v]))
             for v in ("relu", "tanh", "sigmoid")] == [f"boolq_ept_t5-base_{a}_s0" for a in ("relu", "tanh", "sigmoid")]
     # every experiment's every run is a valid train.py command line (no flag train.py does not know)
     for name, build in ablate.EXPERIMENTS.items():

@@ -98,7 +98,7 @@ def test_table4_specs_use_the_extra_layer():
     specs = ablate.table4(args)
     ept = [s for s in specs if s["method"] in ("ept", "ept_star")]
     assert len(specs) == 45 and ept and all(s.get("extra_layer") is True and "depth" not in s for s in ept)
-    assert grid.run_name(ept[0]) == "multirc_ept_t5-base_x1_ep10_ev1641_s0"
+    assert options.run_name(ept[0]) == "multirc_ept_t5-base_x1_ep10_ev1641_s0"
     argv = grid.train_argv({k: v for k, v in ept[0].items()}, "runs/x")
     assert "--extra-layer" in argv and options.parser.parse_args(argv).extra_layer  # a flag train.py knows
 
@@ -143,9 +143,9 @@ def test_table4_run_validates_at_each_epoch_end_and_keeps_the_best(root, tiny_mo
 
 def test_figure8_grid_has_both_sizes_and_shares_table1_runs(tmp_path, capsys):
     lr_specs = ablate.lr(ablate.parser.parse_args(["lr"]))
-    names = {grid.run_name({k: v for k, v in s.items() if k != "_row"}) for s in lr_specs}
+    names = {options.run_name({k: v for k, v in s.items() if k != "_row"}) for s in lr_specs}
     assert len(names) == 600 and {s["model"] for s in lr_specs} == {"t5-base", "t5-large"}
-    table1 = {grid.run_name(s) for s in ablate.table1(ablate.parser.parse_args(["table1", "--lr-search"]))}
+    table1 = {options.run_name(s) for s in ablate.table1(ablate.parser.parse_args(["table1", "--lr-search"]))}
     assert names <= table1  # every Figure 8 run is a Table 1 lr-search run: nothing new to train
     assert {s["model"] for s in ablate.lr(ablate.parser.parse_args(["lr", "--model", "x/t5-small"]))} == {"x/t5-small"}
     ablate.main(["lr", "--dry-run", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])

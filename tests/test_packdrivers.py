@@ -42,7 +42,7 @@ def plan_of(specs, runs_dir=Path("runs")):
     plan = {}
     for s in specs:
         settings = {k: v for k, v in s.items() if k != "_row"}
-        plan.setdefault(ept_grid.run_name(settings), (settings, s.get("_row"), runs_dir / ept_grid.run_name(settings)))
+        plan.setdefault(options.run_name(settings), (settings, s.get("_row"), runs_dir / options.run_name(settings)))
     return plan
 
 
@@ -105,7 +105,7 @@ def test_pack_size_rule():
 def test_pack_argv_shares_the_data_and_gives_each_run_its_folder(tmp_path):
     specs = [ept_grid.spec("cb", "ept", "t5-base", 0, fewshot_k=4, fewshot_seed=0, max_steps=10000, lr=0.3),
              ept_grid.spec("cb", "pt", "t5-base", 0, fewshot_k=4, fewshot_seed=0, max_steps=10000, lr=0.3)]
-    dirs = [tmp_path / ept_grid.run_name(s) for s in specs]
+    dirs = [tmp_path / options.run_name(s) for s in specs]
     argv, entries = ept_grid.pack_argv(specs, dirs, "data", ["--dtype", "bf16"], tmp_path / "p.json")
     assert "--out-dir" not in argv and argv[-2:] == ["--runs", str(tmp_path / "p.json")]
     assert argv[argv.index("--fewshot-k") + 1] == "4" and argv[argv.index("--task") + 1] == "cb"
@@ -159,7 +159,7 @@ def test_dry_run_packed_hours_are_the_model(tmp_path, capsys):
 def test_dry_run_packs_only_what_is_left(tmp_path, capsys):
     common = ["--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
     args = ablate.parser.parse_args(["init", "--tasks", "rte", "--seeds", "0"])
-    done = ept_grid.run_name({k: v for k, v in ablate.init(args)[0].items() if k != "_row"})
+    done = options.run_name({k: v for k, v in ablate.init(args)[0].items() if k != "_row"})
     (tmp_path / "runs" / done).mkdir(parents=True)
     (tmp_path / "runs" / done / "metrics.json").write_text("{}")
     if outputs.status(tmp_path / "runs" / done) != "done":
