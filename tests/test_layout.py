@@ -96,12 +96,50 @@ def long_functions(path, limit=60):
             and n.end_lineno - n.lineno + 1 > limit]
 
 
-def test_ept_is_at_most_ten_modules_and_no_function_is_over_60_lines(tmp_path):
-    """Issue 26's shape: ept/ holds at most ten modules; a function fits a screen (60 lines)."""
+def test_ept_is_at_most_ten_modules_and_2500_lines_and_no_function_is_over_60_lines(tmp_path):
+    """Issue 26's shape: ept/ holds at most ten modules and 2,500 lines; a function fits a screen (60 lines)."""
     modules = [p for p in (REPO / "ept").glob("*.py") if p.stem != "__init__"]
     assert 0 < len(modules) <= 10, sorted(p.stem for p in modules)
+    lines = sum(len(p.read_text().splitlines()) for p in (REPO / "ept").iterdir() if p.suffix in (".py", ".sh"))
+    assert 1000 < lines <= 2500, lines  # issue 26: the support package at most 2,500 lines
     code = [*REPO.glob("*.py"), *modules, *(REPO / "scripts").glob("*.py")]
     assert {str(p.relative_to(REPO)): f for p in code if (f := long_functions(p))} == {}
     script = tmp_path / "long.py"  # the check can fail
     script.write_text("def f():\n" + "    x = 1\n" * 60 + "\n\ndef g():\n    pass\n")
     assert long_functions(script) == [("f", 61)]
+
+
+def closure(module="train"):
+    """{module: lines} of every project module `module` imports at the top level, transitively (itself too):
+    what a reader of train.py may have to open (issue 26 measures it; `python tests/test_layout.py` prints it)."""
+    paths = {p.stem: p for p in REPO.glob("*.py")}
+    paths |= {f"ept.{p.stem}": p for p in (REPO / "ept").glob("*.py") if p.stem != "__init__"}
+    seen, todo = {}, [module]
+    while todo:
+        if (name := todo.pop()) not in seen:
+            tree = ast.parse(text := paths[name].read_text())
+            seen[name] = len(text.splitlines())
+            for node in tree.body:  # top level only: the pack is imported in the branch for several runs
+                if isinstance(node, ast.Import):
+                    todo += [a.name for a in node.names if a.name in paths]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    todo += [m for m in ([f"ept.{a.name}" for a in node.names] if node.module == "ept"
+                                         else [node.module]) if m in paths]
+    return seen
+
+
+def test_train_reads_with_model_py_and_the_shared_helpers_only():
+    """train.py's closure holds model.py and the helpers the stages share, never the drivers' machinery."""
+    reached = closure("train")
+    assert {"train", "model", "ept.runfolder", "ept.evaluation"} <= set(reached)
+    assert not {"ept.grid", "ept.outputs", "ept.pack", "tables"} & set(reached), sorted(reached)
+    assert {"ept.pack", "ept.grid"} <= set(closure("ablate")) | set(closure("ept.pack"))  # the check can fail
+
+
+if __name__ == "__main__":
+    for stage in ("train", "ept.pack"):
+        counts = closure(stage)
+        print(f"{stage}: {sum(counts.values())} lines in {len(counts)} files:",
+              ", ".join(f"{m} {n}" for m, n in sorted(counts.items(), key=lambda x: -x[1])))
+    ept = [p for p in (REPO / "ept").iterdir() if p.suffix in (".py", ".sh")]
+    print(f"ept/: {sum(len(p.read_text().splitlines()) for p in ept)} lines in {len(ept)} files")
