@@ -217,9 +217,10 @@ def make_optimizer(params, args, fused=None):
 
 def load_t5(args, task, ranks):
     """The frozen T5, its dropout on as under the HF Trainer (docs/paper.md) and stateless."""
-    t5 = runtime.load_t5(args.model, random_init=args.random_init, seed=args.seed)
-    runtime.check_vocab(task.tokenizer, t5)
-    runtime.set_dropout(t5, args.dropout)
+    t5 = runtime.load_t5(args.model, args.random_init, args.seed, dropout=args.dropout)
+    if len(task.tokenizer) > t5.config.vocab_size:  # every token it will read needs an embedding
+        raise cli.Failure(f"train: the tokenizer has {len(task.tokenizer)} tokens, the model "
+                          f"{t5.config.vocab_size}")
     return M.stateless_dropout(t5).to(ranks.device).train()
 
 
