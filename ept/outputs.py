@@ -239,7 +239,7 @@ def append_jsonl(path, rows):
 
 
 def load_folded_prompt(path):
-    """(P' (n, d), meta) of a run's prompt.pt (model.save_folded_prompt); a NaN prompt refused."""
+    """(P' (n, d), meta) of a run's prompt.pt (train.finish writes it); a NaN prompt refused."""
     state = files.load_torch(path, "folded prompt")
     prompt = state.get("prompt") if isinstance(state, dict) else None
     if not torch.is_tensor(prompt) or prompt.dim() != 2:
