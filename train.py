@@ -271,8 +271,8 @@ def finish(run, task, ranks, say, meter):
     net = trained if prompt is None else M.PromptedT5(trained.t5, M.FoldedPrompt(prompt.float()))
     if prompt is not None and ranks.master:  # P' alone, fp32: it loads with weights_only=True
         meta = dict(task=args.task, method=args.method, step=run.best_step, score=run.best_score)
-        files.save_torch(out_dir / "prompt.pt", {"prompt": prompt.float().cpu().contiguous(),
-                                                 "meta": meta})
+        saved = {"prompt": prompt.detach().float().cpu().contiguous(), "meta": meta}
+        files.save_torch(out_dir / "prompt.pt", saved)
     test = None if args.no_test else {
         "task": args.task, "split": "test", "mode": args.eval_mode, "checkpoint": "best",
         "best_step": run.best_step, "validation_score": run.best_score,
