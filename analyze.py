@@ -222,8 +222,8 @@ def frozen_embedding(run_dir, cache):
            config["seed"] if config["random_init"] else None)
     if key not in cache:
         t5 = runtime.load_t5(config["model"], random_init=config["random_init"],
-                                seed=config["seed"], fix=runtime.RUN_FIX)
-        tokenizer = runtime.load_tokenizer(config["tokenizer"], fix=runtime.RUN_FIX)
+                                seed=config["seed"], fix=outputs.RUN_FIX)
+        tokenizer = runtime.load_tokenizer(config["tokenizer"], fix=outputs.RUN_FIX)
         cache[key] = (t5.get_input_embeddings().weight.detach(), tokenizer)
     return (config, *cache[key])
 

@@ -5,8 +5,6 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from ept import files
-
 METHODS = ("ft", "pt", "ptuning", "resprompt", "ept", "ept_star")
 REPARAMS, INITS = ("mlp", "lstm"), ("uniform", "vocab", "label")  # P-Tuning's; Table 6's
 # §5.5 names ReLU only; Tanh and Sigmoid are the public EPT code's (our reading: its three)
@@ -266,10 +264,4 @@ def stateless_dropout(t5):
 def count_trainable(module):
     """Trainable parameters; parameters() yields a shared tensor (T5's tied embedding) once."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def save_folded_prompt(path, prompt, meta=None):
-    """P' alone (n, d) fp32 + plain metadata, written atomically; loads with weights_only=True."""
-    files.save_torch(path, {"prompt": prompt.detach().float().cpu().contiguous(),
-                            "meta": dict(meta or {})})
 

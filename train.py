@@ -217,9 +217,10 @@ def make_optimizer(params, args, fused=None):
 
 def load_t5(args, task, ranks):
     """The frozen T5, its dropout on as under the HF Trainer (docs/paper.md) and stateless."""
-    t5 = runtime.load_t5(args.model, random_init=args.random_init, seed=args.seed)
-    runtime.check_vocab(task.tokenizer, t5)
-    runtime.set_dropout(t5, args.dropout)
+    t5 = runtime.load_t5(args.model, args.random_init, args.seed, dropout=args.dropout)
+    if len(task.tokenizer) > t5.config.vocab_size:  # every token it will read needs an embedding
+        raise cli.Failure(f"train: the tokenizer has {len(task.tokenizer)} tokens, the model "
+                          f"{t5.config.vocab_size}")
     return M.stateless_dropout(t5).to(ranks.device).train()
 
 
@@ -268,9 +269,10 @@ def finish(run, task, ranks, say, meter):
     trained.trainable.load_state_dict(files.load_torch(out_dir / "best.pt")["trainable"])
     prompt = trained.prompt()
     net = trained if prompt is None else M.PromptedT5(trained.t5, M.FoldedPrompt(prompt.float()))
-    if prompt is not None and ranks.master:
-        M.save_folded_prompt(out_dir / "prompt.pt", prompt, dict(
-            task=args.task, method=args.method, step=run.best_step, score=run.best_score))
+    if prompt is not None and ranks.master:  # P' alone, fp32: it loads with weights_only=True
+        meta = dict(task=args.task, method=args.method, step=run.best_step, score=run.best_score)
+        saved = {"prompt": prompt.detach().float().cpu().contiguous(), "meta": meta}
+        files.save_torch(out_dir / "prompt.pt", saved)
     test = None if args.no_test else {
         "task": args.task, "split": "test", "mode": args.eval_mode, "checkpoint": "best",
         "best_step": run.best_step, "validation_score": run.best_score,

@@ -12,6 +12,9 @@ from tqdm import tqdm
 import model as M
 from ept import cli, evaluation, files, runfolder, runtime, tasks
 
+# load_run's way out when a run's T5 or tokenizer (a Hub name) cannot be loaded
+RUN_FIX = ("a run trained on a Hub name needs it in the local Hugging Face cache (HF_HOME): "
+           "load it once online")
 # meta.json's "rule" of each few-shot set; absent: the old k per class. Table 3 (§5.2) is ambiguous
 # ("k randomly selected samples, with the number of classes sampled consistently"): k in all is our
 # reading, as the public EPT code takes k in total; STS-B follows that code (docs/data.md).
@@ -91,8 +94,8 @@ def load_run(run_dir, checkpoint="best", prompt=None, device=None):
     """(PromptedT5 with a FoldedPrompt or a fine-tuned T5, tokenizer, config) from a run folder."""
     run_dir, config, device = Path(run_dir), read_config(run_dir), device or runtime.ranks().device
     t5 = runtime.load_t5(config["model"], random_init=config["random_init"], seed=config["seed"],
-                         fix=runtime.RUN_FIX)
-    tokenizer = runtime.load_tokenizer(config["tokenizer"], fix=runtime.RUN_FIX)
+                         fix=RUN_FIX)
+    tokenizer = runtime.load_tokenizer(config["tokenizer"], fix=RUN_FIX)
     state_path, d = run_dir / f"{checkpoint}.pt", t5.config.d_model
     if config["method"] == "ft":  # the checkpoint holds all of T5
         if not state_path.exists():
@@ -235,7 +238,7 @@ def append_jsonl(path, rows):
 
 
 def load_folded_prompt(path):
-    """(P' (n, d), meta) of a run's prompt.pt (model.save_folded_prompt); a NaN prompt refused."""
+    """(P' (n, d), meta) of a run's prompt.pt (train.finish writes it); a NaN prompt refused."""
     state = files.load_torch(path, "folded prompt")
     prompt = state.get("prompt") if isinstance(state, dict) else None
     if not torch.is_tensor(prompt) or prompt.dim() != 2:

@@ -151,8 +151,6 @@ def run(main):
 FLAGS = {"model": "--model DIR, a local T5 folder",
          "tokenizer": "--tokenizer DIR, a folder with the T5 tokenizer",
          "dataset": "--source DIR, a folder of the official files (docs/data.md)"}
-RUN_FIX = ("a run trained on a Hub name needs it in the local Hugging Face cache (HF_HOME): "
-           "load it once online")
 NEEDS = {"model": ("config.json",), "tokenizer": ("tokenizer.json", "spiece.model")}
 
 
@@ -183,8 +181,9 @@ def load(what, name, loader, fix=None, folder=None):
         return loader()
     except Exception as err:
         if folder is not None:
+            first = (str(err).strip().splitlines() or [""])[0][:200]
             raise cli.Failure(f"the {what} in {folder} cannot be loaded, its files are damaged, "
-                              f"missing or not a T5's ({type(err).__name__}: {_first_line(err)}); "
+                              f"missing or not a T5's ({type(err).__name__}: {first}); "
                               f"{fix}") from None
         cause, offline = err, constants.HF_HUB_OFFLINE
         while cause and not isinstance(cause, (LocalEntryNotFoundError, ConnectionError)):
@@ -197,10 +196,6 @@ def load(what, name, loader, fix=None, folder=None):
                           f"{fix or 'pass ' + FLAGS[what]}{hint}") from None
 
 
-def _first_line(err):
-    return (str(err).strip().splitlines() or [""])[0][:200]
-
-
 def local_folder(name_or_dir, what="model"):
     """The folder named, or None for a Hub name; a file, or a missing path no Hub name could be."""
     path, text = Path(name_or_dir), str(name_or_dir)
@@ -211,8 +206,9 @@ def local_folder(name_or_dir, what="model"):
     return path if path.is_dir() else None
 
 
-def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
-    """T5 from a folder or the Hub (`random_init`: seeded random weights); `fix`: load's."""
+def load_t5(name_or_dir, random_init=False, seed=0, fix=None, dropout=None):
+    """T5 from a folder or the Hub (`random_init`: seeded random weights); `fix`: load's;
+    `dropout`: its rate (None: the config's), in nn.Dropout and the attention's float alike."""
     from transformers import T5Config, T5ForConditionalGeneration as T5, logging
     logging.disable_progress_bar()  # one bar per shard is noise in every log
     if (folder := local_folder(name_or_dir)) is not None:
@@ -222,8 +218,10 @@ def load_t5(name_or_dir, random_init=False, seed=0, fix=None):
         fix = "restore the folder (--random-init: random weights from its config)"
     if random_init:
         torch.manual_seed(seed)  # random weights are reproducible
-    return load("model", name_or_dir, (lambda: T5(T5Config.from_pretrained(name_or_dir)))
-                if random_init else functools.partial(T5.from_pretrained, name_or_dir), fix, folder)
+    rate = {} if dropout is None else {"dropout_rate": dropout}
+    return load("model", name_or_dir, (lambda: T5(T5Config.from_pretrained(name_or_dir, **rate)))
+                if random_init else functools.partial(T5.from_pretrained, name_or_dir, **rate),
+                fix, folder)
 
 
 def load_tokenizer(name_or_dir, say=print, fix=None):
@@ -254,20 +252,3 @@ def t5_fingerprint(t5):
         h.update(name.encode() + p.detach().flatten()[:256].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
-
-def set_dropout(t5, rate):
-    """T5's dropout rate (None: the config's) in nn.Dropout and the float HF's attention keeps."""
-    if rate is not None:
-        t5.config.dropout_rate = rate
-        for module in t5.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = rate
-            elif isinstance(getattr(module, "dropout", None), float):
-                module.dropout = rate
-
-
-def check_vocab(tokenizer, t5):
-    """A T5 must have an embedding for every token of the tokenizer it will read."""
-    if len(tokenizer) > t5.config.vocab_size:
-        raise cli.Failure(f"train: the tokenizer has {len(tokenizer)} tokens, the model "
-                          f"{t5.config.vocab_size}")

@@ -532,8 +532,8 @@ def setup(args):
         module_options={"prompt_length": args.prompt_length, "reparam": args.reparam},
         compile=args.compile, full=args.method == "ft",
         warm_shapes=device == "cuda" if args.warm_shapes is None else args.warm_shapes)
-    t5 = runtime.load_t5(args.model, random_init=args.random_init, seed=args.seed).to(device)
-    runtime.set_dropout(t5, args.dropout)  # as train.py --dropout
+    t5 = runtime.load_t5(args.model, random_init=args.random_init, seed=args.seed,
+                         dropout=args.dropout).to(device)  # as train.py --dropout
     return ctx, M.stateless_dropout(t5).train()  # T5's dropout active, as in train.py
 
 

@@ -19,6 +19,12 @@ sys.path.insert(0, str(REPO))
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(REPO / "scripts"))  # the benchmarks, tested like the stages
 from make_tiny import make_tiny  # noqa: E402
+from ept import files  # noqa: E402
+
+
+def save_folded_prompt(path, prompt, meta=None):
+    """A prompt.pt as train.finish writes it: P' (n, d) fp32 and plain metadata."""
+    files.save_torch(path, {"prompt": prompt.detach().float().cpu().contiguous(), "meta": dict(meta or {})})
 
 
 def pytest_configure(config):

@@ -108,12 +108,12 @@ def test_a_mistyped_choice_is_a_two_line_usage_error():
 def test_offline_hub_fails_fast_with_the_flag(tmp_path):
     """A Hub name for the model, the tokenizer or a dataset, with HF_HUB_OFFLINE=1: the one sentence naming the
     flag (--model DIR, --tokenizer DIR, --source DIR) in under 5 s of loading, and no "Retrying in" lines."""
-    code = ("import sys, time, datasets, prepare_data; from ept import cli, runtime, tasks as registry\n"  # imported first: the time is the load's
+    code = ("import sys, time, datasets, prepare_data; from ept import cli, outputs, runtime, tasks as registry\n"  # imported first: the time is the load's
             "from transformers import AutoTokenizer, T5ForConditionalGeneration\n"
             "for what, call in (('model', lambda: runtime.load_t5('t5-small')),\n"
             "                   ('tokenizer', lambda: runtime.load_tokenizer('t5-small')),\n"
             "                   ('dataset', lambda: prepare_data.load_hub(prepare_data.TASKS['rte'])),\n"
-            "                   ('run', lambda: runtime.load_t5('t5-small', fix=runtime.RUN_FIX))):\n"
+            "                   ('run', lambda: runtime.load_t5('t5-small', fix=outputs.RUN_FIX))):\n"
             "    t0 = time.time()\n"
             "    try:\n"
             "        call()\n"

@@ -27,6 +27,7 @@ import report
 import tables
 from ept import cli, options, outputs, runtime
 from ept import grid as ept_grid
+from conftest import save_folded_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -242,7 +243,7 @@ def test_cosine_of_identical_rows_is_one_and_norm_curves_read_the_log(tmp_path):
     torch.testing.assert_close(eye, torch.eye(4))
     handmade = tmp_path / "boolq_ept_star_s0"  # a run folder holding only prompt.pt: 10 copies of one row
     handmade.mkdir()
-    M.save_folded_prompt(handmade / "prompt.pt", row.expand(10, -1), {"task": "boolq"})
+    save_folded_prompt(handmade / "prompt.pt", row.expand(10, -1), {"task": "boolq"})
     heat = analyze.prompt_cosines([{"run": str(handmade), "task": "boolq", "method": "ept_star", "seed": 0}],
                                   ["boolq"], ["ept_star"], seed=0)["boolq"]["ept_star"]
     torch.testing.assert_close(torch.tensor(heat["cosine"]), torch.ones(10, 10))

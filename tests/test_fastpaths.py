@@ -30,11 +30,6 @@ WORDS = "good bad fine awful great poor nice sad happy dull the movie plot was n
 MAX_LENGTH = 40
 
 
-def no_dropout(t5):
-    runtime.set_dropout(t5, 0.0)  # as train.py --dropout 0 (nn.Dropout and the float rate HF's attention keeps)
-    return t5
-
-
 def write_task(root, n=(48, 16, 16), seed=0):
     """A toy binary task in prepare_data.py's format (DESIGN.md), lengths 2..30 words so padding matters."""
     rng = random.Random(seed)
@@ -69,7 +64,7 @@ def toy(data_dir, tiny_model_dir):
 
 
 def prompted(tiny_model_dir, method, seed=0):
-    t5 = no_dropout(runtime.load_t5(str(tiny_model_dir)))
+    t5 = runtime.load_t5(str(tiny_model_dir), dropout=0.0)  # as train.py --dropout 0
     torch.manual_seed(seed)
     module = M.build_prompt_module(method, t5.config.d_model, generator=torch.Generator().manual_seed(seed))
     return M.PromptedT5(t5, module).train()  # train mode, as train.py: only the dropout rate is 0
@@ -108,7 +103,7 @@ def test_bench_step_follows_the_same_trajectory_padded_or_not(toy, tiny_model_di
     is relative to its scale: Adam divides by sqrt(v), so rounding-level gradient differences grow
     with each step, more through EPT's product P1 W_down W_up."""
     tok, src, tgt, _ = toy
-    t5 = no_dropout(runtime.load_t5(str(tiny_model_dir))).train()
+    t5 = runtime.load_t5(str(tiny_model_dir), dropout=0.0).train()  # as train.py --dropout 0
     ctx = SimpleNamespace(method=method, seed=0, lr=0.3, batch_size=8, module_options={},
                           data=(src, tgt, tok.pad_token_id), amp=nullcontext(), compile=False)
     prompts, losses, padded = [], [], []

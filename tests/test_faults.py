@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_train import argv, data_dir  # noqa: F401 (data_dir is a fixture shared with test_train)
+from conftest import save_folded_prompt
 
 import ablate
 import analyze
@@ -532,7 +533,7 @@ def test_full_fine_tuning_blow_up_never_reaches_a_checkpoint(data_dir, tiny_mode
 def test_a_nan_prompt_is_never_evaluated_or_exported(done_run, tmp_path):
     run = copy_run(done_run, tmp_path)
     prompt, meta = outputs.load_folded_prompt(run / "prompt.pt")
-    M.save_folded_prompt(run / "prompt.pt", prompt * float("nan"), meta)
+    save_folded_prompt(run / "prompt.pt", prompt * float("nan"), meta)
     fails(evaluate.main, [str(run)], match="holds NaN or inf values")
     fails(export.main, [str(run), str(tmp_path / "out")], match="holds NaN or inf values")
     last = torch.load(run / "last.pt", weights_only=True)

@@ -23,6 +23,7 @@ import prepare_data
 import report
 import tables
 from ept import evaluation, files, grid, options, outputs, runtime
+from conftest import save_folded_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-steps", "3", "--eval-every", "2", "--max-eval-examples", "6", "--eval-batch-size", "8",
@@ -241,7 +242,7 @@ def test_directions_analysis_names_the_label_aligned_group_and_scores_each_alone
     # hand-made P': rows 1, 4, 7 along label "1"'s embedding, the rest along an unrelated direction
     prompt = torch.stack([labels["1"] * 3 if i in (1, 4, 7) else other + 0.05 * torch.randn_like(other)
                           for i in range(10)])
-    M.save_folded_prompt(Path(row["run"]) / "prompt.pt", prompt)
+    save_folded_prompt(Path(row["run"]) / "prompt.pt", prompt)
     out = analyze.main(["directions", "--model", Path(tiny_model_dir).name, "--results-dir", str(root / "results"),
                         "--tasks", "cb", "--max-eval-examples", "6", "--eval-batch-size", "8"])["directions"]["cb"]["ptuning"]
     positive, negative = out["groups"]

@@ -12,6 +12,7 @@ import report
 import tables
 from ept import cli, outputs, runtime
 from model import METHODS, FoldedPrompt, PromptedT5, build_prompt_module, count_trainable
+from conftest import save_folded_prompt
 
 # docs/paper.md, "Methods": the paper's Param column, reproduced exactly.
 EXPECTED = {
@@ -127,7 +128,7 @@ def test_ept_star_rows_identical_and_broadcast_length():
 def test_folded_prompt_reproduces_outputs_exactly(tmp_path):
     t5 = tiny_t5().eval()
     trained = PromptedT5(t5, build_prompt_module("resprompt", TINY.d_model)).eval()
-    model.save_folded_prompt(tmp_path / "prompt.pt", trained.prompt(), {"method": "resprompt"})
+    save_folded_prompt(tmp_path / "prompt.pt", trained.prompt(), {"method": "resprompt"})
     prompt, meta = outputs.load_folded_prompt(tmp_path / "prompt.pt")
     assert meta == {"method": "resprompt"} and prompt.dtype == torch.float32
     folded = PromptedT5(t5, FoldedPrompt(prompt)).eval()

@@ -170,6 +170,8 @@ def test_frozen_t5_unchanged_and_prompt_trained(data_dir, tiny_model_dir, tmp_pa
     assert not torch.allclose(initial, out["model"].prompt_module.prompt.detach())
     assert out["config"]["n_trainable"] == 10 * 32
     assert "metrics.json" not in os.listdir(tmp_path / "run")  # --no-test
+    saved = torch.load(tmp_path / "run" / "prompt.pt", weights_only=True)["prompt"]  # pt's P' is P:
+    assert type(saved) is torch.Tensor and not saved.requires_grad  # a plain tensor, not the Parameter
 
 
 def test_loss_independent_of_padding(data_dir, tiny_model_dir):
