@@ -102,7 +102,10 @@ def read_split(meta, name, path, tokenizer, max_length, limit=None):
     if (key := cache.resolve()) not in _TOKENIZED and cache.exists():  # MultiRC: 30 s, or 1 s
         try:  # per side (source, target): the flat int32 ids and the row lengths
             state = files.load_torch(cache, "tokenization cache")
-            _TOKENIZED[key] = tuple([t.tolist() for t in ids.split(n.tolist())] for ids, n in state)
+            ids = tuple([t.tolist() for t in flat.split(n.tolist())] for flat, n in state)
+            if any(len(side) != len(rows) for side in ids):  # a row per row, or it is not ours
+                raise ValueError(cache)
+            _TOKENIZED[key] = ids
         except (cli.Failure, KeyError, RuntimeError, AttributeError, TypeError, ValueError):
             print(f"batching: {cache} is damaged; tokenizing {path.name} again")
     if key not in _TOKENIZED:

@@ -344,6 +344,12 @@ def test_a_damaged_tokenization_cache_is_rebuilt(data_dir, tiny_model_dir, tmp_p
         tasks._TOKENIZED.clear()
     torch.save({"source_ids": torch.zeros(3, dtype=torch.int32)}, cache)  # a valid file, the wrong content
     assert tokenize() == good
+    tasks._TOKENIZED.clear()  # the right format, one row short: never a run on misaligned ids
+    short = [(torch.tensor([x for s in side[:-1] for x in s], dtype=torch.int32), torch.tensor([*map(len, side[:-1])]))
+             for side in good]
+    torch.save(short, cache)
+    capsys.readouterr()
+    assert tokenize() == good and "is damaged" in capsys.readouterr().out
 
 
 def test_raw_files_that_are_not_utf8_or_json(tmp_path, tiny_model_dir):
