@@ -228,7 +228,11 @@ def _drop(x, p, site, sides):
 
 
 class StatelessDropout(nn.Dropout):
-    """T5's nn.Dropout, its mask from the examples' keys; stateless_dropout sets site and sides."""
+    """T5's nn.Dropout at one site, its mask from the examples' keys (above)."""
+    def __init__(self, p, site, sides):
+        super().__init__(p)
+        self.ept_site, self.ept_sides = site, sides
+
     def forward(self, x):
         return _drop(x, self.p, self.ept_site, self.ept_sides) if self.training and self.p else x
 
@@ -252,8 +256,8 @@ def stateless_dropout(t5):
     for site, (name, module) in enumerate(list(t5.named_modules())):
         side = "decoder" if name.startswith("decoder") else "encoder"
         if type(module) is nn.Dropout:  # (B, L, D): the positions of `side`, then features
-            module.__class__ = StatelessDropout  # the same module, its forward stateless
-            module.ept_site, module.ept_sides = site, (side, None)
+            parent, _, attr = name.rpartition(".")
+            setattr(t5.get_submodule(parent), attr, StatelessDropout(module.p, site, (side, None)))
         elif hasattr(module, "relative_attention_num_buckets"):  # T5Attention: (B, H, L_q, L_k)
             key_side = "encoder" if name.endswith("EncDecAttention") else side
             module.ept_site, module.ept_sides = site, (None, side, key_side)
